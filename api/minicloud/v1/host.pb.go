@@ -578,8 +578,8 @@ type ReportVMStatusRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Host  string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
 	VmId  string                 `protobuf:"bytes,2,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
-	// status replaces phase, conditions, message, reason, hypervisor and
-	// observed_reboot_generation. Host, addresses and scheduling fields are
+	// status replaces phase, conditions, message, reason, hypervisor,
+	// observed_reboot_generation and observed_resource_version. Host, addresses and scheduling fields are
 	// kept from the stored status.
 	Status *VMStatus `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
 	Events []*Event  `protobuf:"bytes,4,rep,name=events,proto3" json:"events,omitempty"`

@@ -513,9 +513,13 @@ type VMStatus struct {
 	// status_version is the etcd revision of the status key.
 	StatusVersion int64 `protobuf:"varint,12,opt,name=status_version,json=statusVersion,proto3" json:"status_version,omitempty"`
 	// host_down is set when the VM's host lost its heartbeat lease.
-	HostDown      bool `protobuf:"varint,13,opt,name=host_down,json=hostDown,proto3" json:"host_down,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	HostDown bool `protobuf:"varint,13,opt,name=host_down,json=hostDown,proto3" json:"host_down,omitempty"`
+	// observed_resource_version is the spec resource_version the host last
+	// acted on. A spec write (start, stop, reboot) after a guest shut itself
+	// down is how the host knows the user asked again.
+	ObservedResourceVersion int64 `protobuf:"varint,14,opt,name=observed_resource_version,json=observedResourceVersion,proto3" json:"observed_resource_version,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
 }
 
 func (x *VMStatus) Reset() {
@@ -637,6 +641,13 @@ func (x *VMStatus) GetHostDown() bool {
 		return x.HostDown
 	}
 	return false
+}
+
+func (x *VMStatus) GetObservedResourceVersion() int64 {
+	if x != nil {
+		return x.ObservedResourceVersion
+	}
+	return 0
 }
 
 type VM struct {
@@ -1445,7 +1456,7 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\agateway\x18\x04 \x01(\tR\agateway\x12\x10\n" +
 	"\x03mac\x18\x05 \x01(\tR\x03mac\x12\x16\n" +
 	"\x06bridge\x18\x06 \x01(\tR\x06bridge\x12\x10\n" +
-	"\x03mtu\x18\a \x01(\x05R\x03mtu\"\x9a\x04\n" +
+	"\x03mtu\x18\a \x01(\x05R\x03mtu\"\xd6\x04\n" +
 	"\bVMStatus\x12+\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x15.minicloud.v1.VMPhaseR\x05phase\x12\x12\n" +
 	"\x04host\x18\x02 \x01(\tR\x04host\x125\n" +
@@ -1466,7 +1477,8 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\vupdate_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\x12%\n" +
 	"\x0estatus_version\x18\f \x01(\x03R\rstatusVersion\x12\x1b\n" +
-	"\thost_down\x18\r \x01(\bR\bhostDown\"\x8c\x01\n" +
+	"\thost_down\x18\r \x01(\bR\bhostDown\x12:\n" +
+	"\x19observed_resource_version\x18\x0e \x01(\x03R\x17observedResourceVersion\"\x8c\x01\n" +
 	"\x02VM\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.minicloud.v1.VMSpecR\x04spec\x12.\n" +
