@@ -1,0 +1,179 @@
+// Package ipam hands out the IPv4 addresses of minicloud networks. An
+// allocation is the key ipam/<network-id>/<ip> holding the VM id, written
+// in the caller's transaction under the compare "key absent", so two VMs
+// can never hold one address even with several API servers; a lost race is
+// a failed compare and the caller retries with a fresh pick.
+package ipam
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"net/netip"
+	"sync"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+// Allocator picks the lowest free address of a network. Addresses picked
+// in this process but not yet committed are reserved in memory so that
+// concurrent creates in one API server pick different addresses instead of
+// losing compares to each other.
+type Allocator struct {
+	kv       clientv3.KV
+	mu       sync.Mutex
+	reserved map[string]map[netip.Addr]struct{} // network id → addresses in flight
+}
+
+// New returns an allocator over kv.
+func New(kv clientv3.KV) *Allocator {
+	return &Allocator{kv: kv, reserved: make(map[string]map[netip.Addr]struct{})}
+}
+
+// Reservation is an address picked for a VM but not yet committed. Put its
+// Cmp and Op in the transaction that creates the VM, then call Done.
+type Reservation struct {
+	NetworkID string
+	Addr      netip.Addr
+	Prefix    netip.Prefix
+	Gateway   netip.Addr
+	a         *Allocator
+}
+
+// Key is the IPAM key of the reserved address.
+func (r *Reservation) Key() string { return store.IPAMKey(r.NetworkID, r.Addr.String()) }
+
+// Cmp holds while nobody else has committed the address.
+func (r *Reservation) Cmp() clientv3.Cmp { return store.Absent(r.Key()) }
+
+// Op records the address as vmID's.
+func (r *Reservation) Op(vmID string) clientv3.Op { return clientv3.OpPut(r.Key(), vmID) }
+
+// Done drops the in-memory reservation; call it once the transaction has
+// finished, whether it succeeded or not.
+func (r *Reservation) Done() {
+	r.a.mu.Lock()
+	defer r.a.mu.Unlock()
+	delete(r.a.reserved[r.NetworkID], r.Addr)
+	if len(r.a.reserved[r.NetworkID]) == 0 {
+		delete(r.a.reserved, r.NetworkID)
+	}
+}
+
+// Reserve picks the lowest address of network that is neither the network
+// address, the gateway nor the broadcast address, not stored in etcd and
+// not reserved in this process.
+func (a *Allocator) Reserve(ctx context.Context, network *minicloudv1.Network) (*Reservation, error) {
+	prefix, gateway, err := Parse(network)
+	if err != nil {
+		return nil, err
+	}
+	id := network.GetMeta().GetId()
+	resp, err := a.kv.Get(ctx, store.IPAMNetworkPrefix(id), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", network.GetMeta().GetName())
+	}
+	used := make(map[netip.Addr]struct{}, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		if ip, err := netip.ParseAddr(store.LastSegment(string(kv.Key))); err == nil {
+			used[ip] = struct{}{}
+		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	reserved := a.reserved[id]
+	broadcast := Broadcast(prefix)
+	for ip := prefix.Addr().Next(); ip.IsValid() && ip.Less(broadcast); ip = ip.Next() {
+		if ip == gateway {
+			continue
+		}
+		if _, ok := used[ip]; ok {
+			continue
+		}
+		if _, ok := reserved[ip]; ok {
+			continue
+		}
+		if reserved == nil {
+			reserved = make(map[netip.Addr]struct{})
+			a.reserved[id] = reserved
+		}
+		reserved[ip] = struct{}{}
+		return &Reservation{NetworkID: id, Addr: ip, Prefix: prefix, Gateway: gateway, a: a}, nil
+	}
+	return nil, errdefs.ResourceExhausted("network %s (%s) has no free address: delete VMs on it or create a larger network",
+		network.GetMeta().GetName(), prefix)
+}
+
+// maxAttempts bounds retries of lost races for one address.
+const maxAttempts = 64
+
+// Allocate reserves and commits an address for vmID in a transaction of its
+// own, retrying when another writer takes the address first. Callers that
+// create a VM put Reservation.Cmp/Op in their own transaction instead.
+func (a *Allocator) Allocate(ctx context.Context, network *minicloudv1.Network, vmID string) (netip.Addr, error) {
+	for range maxAttempts {
+		r, err := a.Reserve(ctx, network)
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		_, ok, err := store.Commit(ctx, a.kv, []clientv3.Cmp{r.Cmp()}, []clientv3.Op{r.Op(vmID)})
+		r.Done()
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		if ok {
+			return r.Addr, nil
+		}
+	}
+	return netip.Addr{}, errdefs.Conflict("allocate an address on network %s: lost %d races in a row, retry", network.GetMeta().GetName(), maxAttempts)
+}
+
+// ReleaseOp frees ip on a network.
+func ReleaseOp(networkID, ip string) clientv3.Op {
+	return clientv3.OpDelete(store.IPAMKey(networkID, ip))
+}
+
+// Release frees ip on a network in a transaction of its own.
+func Release(ctx context.Context, kv clientv3.KV, networkID, ip string) error {
+	if _, err := kv.Do(ctx, ReleaseOp(networkID, ip)); err != nil {
+		return errdefs.Wrap(errdefs.KindUnavailable, err, "release %s on network %s", ip, networkID)
+	}
+	return nil
+}
+
+// Parse returns a network's prefix and gateway.
+func Parse(network *minicloudv1.Network) (netip.Prefix, netip.Addr, error) {
+	prefix, err := netip.ParsePrefix(network.GetCidr())
+	if err != nil {
+		return netip.Prefix{}, netip.Addr{}, errdefs.Invalid("network %s: cidr %q: %v", network.GetMeta().GetName(), network.GetCidr(), err)
+	}
+	gateway, err := netip.ParseAddr(network.GetGateway())
+	if err != nil {
+		return netip.Prefix{}, netip.Addr{}, errdefs.Invalid("network %s: gateway %q: %v", network.GetMeta().GetName(), network.GetGateway(), err)
+	}
+	return prefix.Masked(), gateway, nil
+}
+
+// Broadcast is the last address of an IPv4 prefix.
+func Broadcast(p netip.Prefix) netip.Addr {
+	a := p.Masked().Addr().As4()
+	hostBits := 32 - p.Bits()
+	for i := 3; i >= 0 && hostBits > 0; i-- {
+		n := min(hostBits, 8)
+		a[i] |= byte(1<<n - 1)
+		hostBits -= n
+	}
+	return netip.AddrFrom4(a)
+}
+
+// MAC derives a stable MAC address for a VM's interface on a network, in
+// the OpenStack OUI fa:16:3e, so the same VM keeps its MAC across
+// reschedules and agent restarts.
+func MAC(vmID, networkID string) string {
+	h := sha256.Sum256([]byte(vmID + "/" + networkID))
+	return fmt.Sprintf("fa:16:3e:%02x:%02x:%02x", h[0], h[1], h[2])
+}

@@ -1,0 +1,129 @@
+package store
+
+import (
+	"context"
+	"fmt"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// Object is one decoded value with the revisions optimistic updates compare.
+type Object[T proto.Message] struct {
+	Key            string
+	Value          T
+	CreateRevision int64
+	ModRevision    int64
+}
+
+// Marshal encodes m for etcd.
+func Marshal(m proto.Message) (string, error) {
+	b, err := proto.Marshal(m)
+	if err != nil {
+		return "", fmt.Errorf("encode %T: %w", m, err)
+	}
+	return string(b), nil
+}
+
+// Decode decodes the value of kv into m.
+func Decode(kv *mvccpb.KeyValue, m proto.Message) error {
+	if err := proto.Unmarshal(kv.Value, m); err != nil {
+		return fmt.Errorf("decode %s as %T: %w", kv.Key, m, err)
+	}
+	return nil
+}
+
+// PutOp returns the op that stores m at key.
+func PutOp(key string, m proto.Message, opts ...clientv3.OpOption) (clientv3.Op, error) {
+	v, err := Marshal(m)
+	if err != nil {
+		return clientv3.Op{}, err
+	}
+	return clientv3.OpPut(key, v, opts...), nil
+}
+
+// Get reads key into m and returns its mod revision. A missing key is an
+// errdefs NotFound error naming the key; callers wrap it with the resource.
+func Get(ctx context.Context, kv clientv3.KV, key string, m proto.Message) (int64, error) {
+	resp, err := kv.Get(ctx, key)
+	if err != nil {
+		return 0, errdefs.Wrap(errdefs.KindUnavailable, err, "etcd get %s", key)
+	}
+	if len(resp.Kvs) == 0 {
+		return 0, errdefs.NotFound("%s not found", key)
+	}
+	return resp.Kvs[0].ModRevision, Decode(resp.Kvs[0], m)
+}
+
+// List decodes every value under prefix, in key order, and returns the
+// revision of the read.
+func List[T proto.Message](ctx context.Context, kv clientv3.KV, prefix string, newT func() T, opts ...clientv3.OpOption) ([]Object[T], int64, error) {
+	resp, err := kv.Get(ctx, prefix, append([]clientv3.OpOption{clientv3.WithPrefix()}, opts...)...)
+	if err != nil {
+		return nil, 0, errdefs.Wrap(errdefs.KindUnavailable, err, "etcd list %s", prefix)
+	}
+	out, err := DecodeAll(resp.Kvs, newT)
+	return out, resp.Header.Revision, err
+}
+
+// DecodeAll decodes kvs into objects.
+func DecodeAll[T proto.Message](kvs []*mvccpb.KeyValue, newT func() T) ([]Object[T], error) {
+	out := make([]Object[T], 0, len(kvs))
+	for _, kv := range kvs {
+		v := newT()
+		if err := Decode(kv, v); err != nil {
+			return nil, err
+		}
+		out = append(out, Object[T]{Key: string(kv.Key), Value: v, CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision})
+	}
+	return out, nil
+}
+
+// Absent holds when key does not exist.
+func Absent(key string) clientv3.Cmp {
+	return clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
+}
+
+// Exists holds when key exists.
+func Exists(key string) clientv3.Cmp {
+	return clientv3.Compare(clientv3.CreateRevision(key), ">", 0)
+}
+
+// Unchanged holds when key was last written at modRev; modRev 0 means the
+// key must still be absent.
+func Unchanged(key string, modRev int64) clientv3.Cmp {
+	if modRev == 0 {
+		return Absent(key)
+	}
+	return clientv3.Compare(clientv3.ModRevision(key), "=", modRev)
+}
+
+// UnchangedSince holds when no key under prefix was written after rev. A
+// delete that scanned a prefix at rev (e.g. "no VM uses this flavor") uses
+// it so that a concurrent create cannot slip in between scan and delete.
+func UnchangedSince(prefix string, rev int64) clientv3.Cmp {
+	return clientv3.Compare(clientv3.ModRevision(prefix), "<", rev+1).WithPrefix()
+}
+
+// Commit runs one transaction. ok is false when a compare failed; err is
+// only for etcd failures.
+func Commit(ctx context.Context, kv clientv3.KV, cmps []clientv3.Cmp, ops []clientv3.Op) (rev int64, ok bool, err error) {
+	resp, err := kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		return 0, false, errdefs.Wrap(errdefs.KindUnavailable, err, "etcd txn")
+	}
+	return resp.Header.Revision, resp.Succeeded, nil
+}
+
+// ReadTxn runs ops (gets) in one read-only transaction: one round trip and
+// one consistent snapshot.
+func ReadTxn(ctx context.Context, kv clientv3.KV, ops ...clientv3.Op) (*clientv3.TxnResponse, error) {
+	resp, err := kv.Txn(ctx).Then(ops...).Commit()
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "etcd read")
+	}
+	return resp, nil
+}

@@ -1,0 +1,130 @@
+package store
+
+import (
+	"context"
+	"sort"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// A VM is stored as two keys: vms/spec/<id> holds the VM with meta and spec
+// (status cleared) and vms/status/<id> holds its VMStatus. Readers merge
+// them; meta.resource_version is the spec key's mod revision and
+// status.status_version the status key's.
+
+// VMSpecOp returns the op that stores vm's meta and spec (never its status
+// or the revision fields, which etcd owns).
+func VMSpecOp(vm *minicloudv1.VM) (clientv3.Op, error) {
+	stored := &minicloudv1.VM{Meta: proto.CloneOf(vm.GetMeta()), Spec: vm.GetSpec()}
+	if stored.Meta != nil {
+		stored.Meta.ResourceVersion = 0
+	}
+	return PutOp(VMSpecKey(vm.GetMeta().GetId()), stored)
+}
+
+// VMStatusOp returns the op that stores a VM's status.
+func VMStatusOp(id string, st *minicloudv1.VMStatus) (clientv3.Op, error) {
+	stored := proto.CloneOf(st)
+	stored.StatusVersion = 0
+	return PutOp(VMStatusKey(id), stored)
+}
+
+// DecodeVM merges a spec key and a status key (status may be nil) into one
+// VM carrying both revisions.
+func DecodeVM(spec, status *mvccpb.KeyValue) (*minicloudv1.VM, error) {
+	vm := &minicloudv1.VM{}
+	if err := Decode(spec, vm); err != nil {
+		return nil, err
+	}
+	if vm.Meta == nil {
+		vm.Meta = &minicloudv1.ObjectMeta{}
+	}
+	vm.Meta.ResourceVersion = spec.ModRevision
+	vm.Status = &minicloudv1.VMStatus{}
+	if status != nil {
+		if err := Decode(status, vm.Status); err != nil {
+			return nil, err
+		}
+		vm.Status.StatusVersion = status.ModRevision
+	}
+	return vm, nil
+}
+
+// GetVM reads one VM by id (spec and status in one snapshot).
+func GetVM(ctx context.Context, kv clientv3.KV, id string) (*minicloudv1.VM, error) {
+	resp, err := ReadTxn(ctx, kv, clientv3.OpGet(VMSpecKey(id)), clientv3.OpGet(VMStatusKey(id)))
+	if err != nil {
+		return nil, err
+	}
+	specs := resp.Responses[0].GetResponseRange().Kvs
+	if len(specs) == 0 {
+		return nil, errdefs.NotFound("vm %s not found", id)
+	}
+	var status *mvccpb.KeyValue
+	if st := resp.Responses[1].GetResponseRange().Kvs; len(st) > 0 {
+		status = st[0]
+	}
+	return DecodeVM(specs[0], status)
+}
+
+// ListVMs reads every VM (spec and status in one snapshot), sorted by
+// project and name, and the revision of the snapshot. rev 0 reads the
+// current state.
+func ListVMs(ctx context.Context, kv clientv3.KV, rev int64) ([]*minicloudv1.VM, int64, error) {
+	opts := []clientv3.OpOption{clientv3.WithPrefix()}
+	if rev > 0 {
+		opts = append(opts, clientv3.WithRev(rev))
+	}
+	resp, err := ReadTxn(ctx, kv, clientv3.OpGet(VMSpecPrefix, opts...), clientv3.OpGet(VMStatusPrefix, opts...))
+	if err != nil {
+		return nil, 0, err
+	}
+	statuses := make(map[string]*mvccpb.KeyValue)
+	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+		statuses[LastSegment(string(kv.Key))] = kv
+	}
+	specs := resp.Responses[0].GetResponseRange().Kvs
+	vms := make([]*minicloudv1.VM, 0, len(specs))
+	for _, kv := range specs {
+		vm, err := DecodeVM(kv, statuses[LastSegment(string(kv.Key))])
+		if err != nil {
+			return nil, 0, err
+		}
+		vms = append(vms, vm)
+	}
+	SortVMs(vms)
+	if rev == 0 {
+		rev = resp.Header.Revision
+	}
+	return vms, rev, nil
+}
+
+// SortVMs orders VMs by project, then name.
+func SortVMs(vms []*minicloudv1.VM) {
+	sort.Slice(vms, func(i, j int) bool {
+		a, b := vms[i].GetMeta(), vms[j].GetMeta()
+		if a.GetProject() != b.GetProject() {
+			return a.GetProject() < b.GetProject()
+		}
+		return a.GetName() < b.GetName()
+	})
+}
+
+// VMKeysOps returns the ops that remove every key of a VM except IPAM and
+// claims (which the caller releases with their own compares): spec,
+// status, user-data, name index and events.
+func VMKeysOps(vm *minicloudv1.VM) []clientv3.Op {
+	id := vm.GetMeta().GetId()
+	return []clientv3.Op{
+		clientv3.OpDelete(VMSpecKey(id)),
+		clientv3.OpDelete(VMStatusKey(id)),
+		clientv3.OpDelete(VMUserDataKey(id)),
+		clientv3.OpDelete(VMNameKey(vm.GetMeta().GetProject(), vm.GetMeta().GetName())),
+		clientv3.OpDelete(VMEventsPrefix(id), clientv3.WithPrefix()),
+	}
+}
