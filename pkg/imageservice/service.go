@@ -1,0 +1,398 @@
+// Package imageservice is the server side of minicloudv1.ImageService.
+//
+// Image bytes (disk, kernel, initrd) are stored as content-addressed blobs in
+// a directory of the API server, named by their sha256; the metadata
+// (minicloudv1.Image) lives in etcd at store.ImageKey(name). Uploads are
+// untrusted: the disk format is detected from the bytes and images that
+// refer to other files are refused (see package imageformat).
+//
+// Ordering keeps the two halves consistent across crashes: a blob is
+// committed (renamed and synced) before the metadata that names it is
+// written, and metadata is deleted before its blobs. A crash can therefore
+// leave an unreferenced blob or temporary file, never metadata without a
+// blob; CollectGarbage (run by New) removes such debris.
+package imageservice
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+// DefaultMaxImageBytes bounds one upload (all parts together) when
+// Config.MaxImageBytes is zero.
+const DefaultMaxImageBytes int64 = 64 << 30
+
+// downloadChunkSize is the size of the data in each DownloadImage message.
+const downloadChunkSize = 1 << 20
+
+// cleanupTimeout bounds removing the blobs of a failed upload.
+const cleanupTimeout = 30 * time.Second
+
+// Config configures a Service.
+type Config struct {
+	Client *clientv3.Client
+	// Dir is the blob directory. It belongs to this service alone: at start
+	// the service deletes files in it that no image references.
+	Dir string
+	// InUse returns the name of a VM that uses image, or "" if none does.
+	// DeleteImage refuses to delete an image in use. Nil means never in use.
+	InUse func(ctx context.Context, image string) (string, error)
+	// MaxImageBytes bounds the total size of one upload; 0 means
+	// DefaultMaxImageBytes.
+	MaxImageBytes int64
+}
+
+// Service implements minicloudv1.ImageServiceServer.
+type Service struct {
+	minicloudv1.UnimplementedImageServiceServer
+
+	etcd     *clientv3.Client
+	blobs    blobDir
+	inUse    func(ctx context.Context, image string) (string, error)
+	maxBytes int64
+	log      *slog.Logger
+
+	// commitMu orders "commit blobs, then write metadata" against "delete
+	// metadata, then remove unreferenced blobs", so a blob is never removed
+	// between being committed and being referenced.
+	commitMu sync.Mutex
+
+	// active holds the temporary file names of uploads in progress, so
+	// garbage collection leaves them alone.
+	activeMu sync.Mutex
+	active   map[string]struct{}
+}
+
+var _ minicloudv1.ImageServiceServer = (*Service)(nil)
+
+// New returns a Service. It creates cfg.Dir if needed and removes debris a
+// crash may have left there (temporary uploads, unreferenced blobs); errors
+// doing so are logged, not fatal, and retried by the next CollectGarbage.
+func New(cfg Config) *Service {
+	s := &Service{
+		etcd:     cfg.Client,
+		blobs:    blobDir{dir: cfg.Dir},
+		inUse:    cfg.InUse,
+		maxBytes: cfg.MaxImageBytes,
+		log:      slog.Default().With("component", "imageservice"),
+		active:   map[string]struct{}{},
+	}
+	if s.maxBytes <= 0 {
+		s.maxBytes = DefaultMaxImageBytes
+	}
+	if s.inUse == nil {
+		s.inUse = func(context.Context, string) (string, error) { return "", nil }
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		s.log.Error("create image directory", "dir", cfg.Dir, "err", err)
+		return s
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.CollectGarbage(ctx); err != nil {
+		s.log.Warn("image garbage collection", "err", err)
+	}
+	return s
+}
+
+// GetImage returns one image.
+func (s *Service) GetImage(ctx context.Context, req *minicloudv1.GetImageRequest) (*minicloudv1.Image, error) {
+	if err := validateName(req.GetName()); err != nil {
+		return nil, err
+	}
+	img, _, err := s.get(ctx, req.GetName())
+	return img, err
+}
+
+// ListImages returns every image, sorted by name.
+func (s *Service) ListImages(ctx context.Context, _ *minicloudv1.ListImagesRequest) (*minicloudv1.ListImagesResponse, error) {
+	imgs, err := s.list(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &minicloudv1.ListImagesResponse{Images: imgs}, nil
+}
+
+// DeleteImage deletes an image that no VM uses, and its blobs once no other
+// image shares them.
+func (s *Service) DeleteImage(ctx context.Context, req *minicloudv1.DeleteImageRequest) (*minicloudv1.DeleteImageResponse, error) {
+	name := req.GetName()
+	if err := validateName(name); err != nil {
+		return nil, err
+	}
+	img, rev, err := s.get(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	vm, err := s.inUse(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("check whether image %s is in use: %w", name, err)
+	}
+	if vm != "" {
+		return nil, errdefs.FailedPrecondition("image %q is in use by VM %q; delete the VM first", name, vm)
+	}
+
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	key := store.ImageKey(name)
+	resp, err := s.etcd.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).
+		Then(clientv3.OpDelete(key)).
+		Commit()
+	if err != nil {
+		return nil, storeErr(err, "delete image %s", name)
+	}
+	if !resp.Succeeded {
+		return nil, errdefs.Conflict("image %q changed while being deleted; retry", name)
+	}
+	if err := s.removeUnreferenced(ctx, blobDigests(img)); err != nil {
+		// The image is gone; a leaked blob is collected at the next start.
+		s.log.Warn("remove blobs of deleted image", "image", name, "err", err)
+	}
+	return &minicloudv1.DeleteImageResponse{}, nil
+}
+
+// DownloadImage streams one part of an image in 1 MiB chunks.
+func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream minicloudv1.ImageService_DownloadImageServer) error {
+	ctx := stream.Context()
+	name := req.GetName()
+	if err := validateName(name); err != nil {
+		return err
+	}
+	img, _, err := s.get(ctx, name)
+	if err != nil {
+		return err
+	}
+	blob, err := partBlob(img, req.GetPart())
+	if err != nil {
+		return err
+	}
+	if want := req.GetSha256(); want != "" && !strings.EqualFold(want, blob.GetSha256()) {
+		return errdefs.FailedPrecondition("image %q %s has sha256 %s, not the requested %s (the image was replaced?)",
+			name, partName(req.GetPart()), blob.GetSha256(), want)
+	}
+	f, err := os.Open(s.blobs.path(blob.GetSha256()))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return errdefs.Internal("image %q %s: blob %s is missing from the image directory", name, partName(req.GetPart()), blob.GetSha256())
+		}
+		return fmt.Errorf("open blob %s: %w", blob.GetSha256(), err)
+	}
+	defer f.Close()
+	buf := make([]byte, downloadChunkSize)
+	var sent int64
+	for {
+		n, rerr := f.Read(buf)
+		if n > 0 {
+			if err := stream.Send(&minicloudv1.DownloadImageResponse{Data: buf[:n]}); err != nil {
+				return err
+			}
+			sent += int64(n)
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				break
+			}
+			return fmt.Errorf("read blob %s: %w", blob.GetSha256(), rerr)
+		}
+	}
+	if sent != blob.GetSizeBytes() {
+		return errdefs.Internal("image %q %s: blob %s has %d bytes, metadata says %d", name, partName(req.GetPart()), blob.GetSha256(), sent, blob.GetSizeBytes())
+	}
+	return nil
+}
+
+// CollectGarbage removes temporary files no upload owns and blobs no image
+// references. New runs it; running it again at any time is safe.
+func (s *Service) CollectGarbage(ctx context.Context) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	entries, err := os.ReadDir(s.blobs.dir)
+	if err != nil {
+		return fmt.Errorf("read image directory: %w", err)
+	}
+	refs, err := s.referenced(ctx)
+	if err != nil {
+		return err
+	}
+	s.activeMu.Lock()
+	defer s.activeMu.Unlock()
+	var errs []error
+	for _, e := range entries {
+		name := e.Name()
+		switch {
+		case strings.HasPrefix(name, tempPrefix):
+			if _, ok := s.active[name]; ok {
+				continue
+			}
+		case isBlobName(name):
+			if _, ok := refs[name]; ok {
+				continue
+			}
+		default:
+			continue
+		}
+		s.log.Info("removing unreferenced image file", "file", name)
+		if err := os.Remove(s.blobs.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// get reads one image and the mod revision of its key.
+func (s *Service) get(ctx context.Context, name string) (*minicloudv1.Image, int64, error) {
+	resp, err := s.etcd.Get(ctx, store.ImageKey(name))
+	if err != nil {
+		return nil, 0, storeErr(err, "get image %s", name)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, 0, errdefs.NotFound("image %q not found", name)
+	}
+	kv := resp.Kvs[0]
+	img, err := decodeImage(kv.Value, kv.ModRevision)
+	if err != nil {
+		return nil, 0, err
+	}
+	return img, kv.ModRevision, nil
+}
+
+func (s *Service) list(ctx context.Context) ([]*minicloudv1.Image, error) {
+	resp, err := s.etcd.Get(ctx, store.ImagePrefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, storeErr(err, "list images")
+	}
+	imgs := make([]*minicloudv1.Image, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		img, err := decodeImage(kv.Value, kv.ModRevision)
+		if err != nil {
+			return nil, err
+		}
+		imgs = append(imgs, img)
+	}
+	return imgs, nil
+}
+
+// referenced returns the digests of every blob some image names.
+func (s *Service) referenced(ctx context.Context) (map[string]struct{}, error) {
+	imgs, err := s.list(ctx)
+	if err != nil {
+		return nil, err
+	}
+	refs := map[string]struct{}{}
+	for _, img := range imgs {
+		for _, d := range blobDigests(img) {
+			refs[d] = struct{}{}
+		}
+	}
+	return refs, nil
+}
+
+// removeUnreferenced removes those of digests that no image references.
+// The caller holds commitMu.
+func (s *Service) removeUnreferenced(ctx context.Context, digests []string) error {
+	if len(digests) == 0 {
+		return nil
+	}
+	refs, err := s.referenced(ctx)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, d := range digests {
+		if _, ok := refs[d]; ok {
+			continue
+		}
+		errs = append(errs, s.blobs.remove(d))
+	}
+	return errors.Join(errs...)
+}
+
+func decodeImage(b []byte, modRevision int64) (*minicloudv1.Image, error) {
+	img := &minicloudv1.Image{}
+	if err := proto.Unmarshal(b, img); err != nil {
+		return nil, errdefs.Internal("decode stored image: %v", err)
+	}
+	if img.Meta == nil {
+		img.Meta = &minicloudv1.ObjectMeta{}
+	}
+	img.Meta.ResourceVersion = modRevision
+	return img, nil
+}
+
+func blobDigests(img *minicloudv1.Image) []string {
+	var ds []string
+	for _, b := range []*minicloudv1.ImageBlob{img.GetDisk(), img.GetKernel(), img.GetInitrd()} {
+		if b.GetSha256() != "" {
+			ds = append(ds, b.GetSha256())
+		}
+	}
+	return ds
+}
+
+func partBlob(img *minicloudv1.Image, part minicloudv1.ImagePart) (*minicloudv1.ImageBlob, error) {
+	var b *minicloudv1.ImageBlob
+	switch part {
+	case minicloudv1.ImagePart_IMAGE_PART_DISK:
+		b = img.GetDisk()
+	case minicloudv1.ImagePart_IMAGE_PART_KERNEL:
+		b = img.GetKernel()
+	case minicloudv1.ImagePart_IMAGE_PART_INITRD:
+		b = img.GetInitrd()
+	default:
+		return nil, errdefs.Invalid("part must be disk, kernel or initrd")
+	}
+	if b.GetSha256() == "" {
+		return nil, errdefs.NotFound("image %q has no %s", img.GetMeta().GetName(), partName(part))
+	}
+	return b, nil
+}
+
+func partName(p minicloudv1.ImagePart) string {
+	switch p {
+	case minicloudv1.ImagePart_IMAGE_PART_DISK:
+		return "disk"
+	case minicloudv1.ImagePart_IMAGE_PART_KERNEL:
+		return "kernel"
+	case minicloudv1.ImagePart_IMAGE_PART_INITRD:
+		return "initrd"
+	}
+	return "unspecified part"
+}
+
+var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+
+func validateName(name string) error {
+	if name == "" {
+		return errdefs.Invalid("image name is required")
+	}
+	if len(name) > 63 || !dnsLabel.MatchString(name) {
+		return errdefs.Invalid("image name %q must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit", name)
+	}
+	return nil
+}
+
+// storeErr classifies an etcd error: a cancelled caller stays cancelled,
+// anything else means the store is unreachable or failing.
+func storeErr(err error, format string, args ...any) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf(format+": %w", append(args, err)...)
+	}
+	return errdefs.Wrap(errdefs.KindUnavailable, err, format, args...)
+}
