@@ -1,0 +1,170 @@
+package store
+
+import (
+	"context"
+	"fmt"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// Capacity claims.
+//
+// A VM placed on a host holds a Claim at claims/<host>/<vmid>, and
+// hosts/alloc/<host> is the sum of the host's claims. Both keys change
+// together in one transaction that compares the mod revision of
+// hosts/alloc/<host> with the revision the writer read, so concurrent
+// writers (two scheduler replicas, a scheduler and the API releasing a
+// claim) serialise on the allocation key and never lose an update.
+//
+// Use ReadClaimState + AddClaimOps / ReleaseClaimOps to fold a claim change
+// into a larger transaction (the scheduler's commit, the API's delete), or
+// ReleaseClaim to release on its own.
+
+// ClaimState is a VM's claim on a host and the host's allocation, read at
+// one etcd revision. A zero mod revision means the key does not exist.
+type ClaimState struct {
+	Host, VMID       string
+	Claim            *minicloudv1.Claim
+	ClaimModRevision int64
+	Alloc            *minicloudv1.HostAllocation
+	AllocModRevision int64
+}
+
+// ReadClaimState reads claims/<host>/<vmID> and hosts/alloc/<host> in one
+// consistent read.
+func ReadClaimState(ctx context.Context, kv clientv3.KV, host, vmID string) (ClaimState, error) {
+	s := ClaimState{Host: host, VMID: vmID}
+	resp, err := kv.Txn(ctx).Then(clientv3.OpGet(ClaimKey(host, vmID)), clientv3.OpGet(HostAllocKey(host))).Commit()
+	if err != nil {
+		return s, errdefs.Wrap(errdefs.KindUnavailable, err, "read claim of vm %s on host %s", vmID, host)
+	}
+	if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+		s.Claim = &minicloudv1.Claim{}
+		if err := proto.Unmarshal(kvs[0].Value, s.Claim); err != nil {
+			return s, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
+		}
+		s.ClaimModRevision = kvs[0].ModRevision
+	}
+	if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 {
+		s.Alloc = &minicloudv1.HostAllocation{}
+		if err := proto.Unmarshal(kvs[0].Value, s.Alloc); err != nil {
+			return s, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
+		}
+		s.AllocModRevision = kvs[0].ModRevision
+	}
+	return s, nil
+}
+
+// AllocCompare guards a transaction on hosts/alloc/<host> being unchanged
+// since it was read at modRev (0: it did not exist).
+func AllocCompare(host string, modRev int64) clientv3.Cmp {
+	if modRev == 0 {
+		return clientv3.Compare(clientv3.CreateRevision(HostAllocKey(host)), "=", 0)
+	}
+	return clientv3.Compare(clientv3.ModRevision(HostAllocKey(host)), "=", modRev)
+}
+
+// AddClaimOps returns the compares and ops that add claim to its host's
+// allocation alloc (read at allocModRev; nil and 0 if absent), and the new
+// allocation. The compares also require that the VM has no claim on that
+// host yet, so a claim is never counted twice.
+func AddClaimOps(claim *minicloudv1.Claim, alloc *minicloudv1.HostAllocation, allocModRev int64) ([]clientv3.Cmp, []clientv3.Op, *minicloudv1.HostAllocation, error) {
+	if claim.GetHost() == "" || claim.GetVmId() == "" {
+		return nil, nil, nil, errdefs.Invalid("claim needs a host and a vm id")
+	}
+	next := addResources(alloc, claim.GetResources(), 1)
+	claimBytes, err := proto.Marshal(claim)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("encode claim of vm %s: %w", claim.GetVmId(), err)
+	}
+	allocBytes, err := proto.Marshal(next)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("encode allocation of host %s: %w", claim.GetHost(), err)
+	}
+	cmps := []clientv3.Cmp{
+		AllocCompare(claim.GetHost(), allocModRev),
+		clientv3.Compare(clientv3.CreateRevision(ClaimKey(claim.GetHost(), claim.GetVmId())), "=", 0),
+	}
+	ops := []clientv3.Op{
+		clientv3.OpPut(HostAllocKey(claim.GetHost()), string(allocBytes)),
+		clientv3.OpPut(ClaimKey(claim.GetHost(), claim.GetVmId()), string(claimBytes)),
+	}
+	return cmps, ops, next, nil
+}
+
+// ReleaseClaimOps returns the compares and ops that remove s's claim and
+// subtract it from the host's allocation. Fold them into your own
+// transaction; if it fails on the compares, re-read (ReadClaimState) and
+// rebuild. Without a claim there is nothing to release: the only compare
+// is that the claim still does not exist, and there are no ops.
+func ReleaseClaimOps(s ClaimState) ([]clientv3.Cmp, []clientv3.Op, error) {
+	claimKey := ClaimKey(s.Host, s.VMID)
+	if s.Claim == nil {
+		return []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(claimKey), "=", 0)}, nil, nil
+	}
+	cmps := []clientv3.Cmp{
+		clientv3.Compare(clientv3.ModRevision(claimKey), "=", s.ClaimModRevision),
+		AllocCompare(s.Host, s.AllocModRevision),
+	}
+	ops := []clientv3.Op{clientv3.OpDelete(claimKey)}
+	if s.Alloc != nil {
+		next := addResources(s.Alloc, s.Claim.GetResources(), -1)
+		b, err := proto.Marshal(next)
+		if err != nil {
+			return nil, nil, fmt.Errorf("encode allocation of host %s: %w", s.Host, err)
+		}
+		ops = append(ops, clientv3.OpPut(HostAllocKey(s.Host), string(b)))
+	}
+	return cmps, ops, nil
+}
+
+// maxReleaseAttempts bounds ReleaseClaim's retries on conflict; each
+// conflict means another writer changed the host's allocation meanwhile.
+const maxReleaseAttempts = 16
+
+// ReleaseClaim removes VM vmID's claim on host and subtracts it from the
+// host's allocation, atomically. It is idempotent: without a claim it does
+// nothing and returns nil. It retries on concurrent changes to the host's
+// allocation and returns a Conflict error if it keeps losing.
+func ReleaseClaim(ctx context.Context, kv clientv3.KV, host, vmID string) error {
+	for range maxReleaseAttempts {
+		s, err := ReadClaimState(ctx, kv, host, vmID)
+		if err != nil {
+			return err
+		}
+		if s.Claim == nil {
+			return nil
+		}
+		cmps, ops, err := ReleaseClaimOps(s)
+		if err != nil {
+			return err
+		}
+		resp, err := kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
+		if err != nil {
+			return errdefs.Wrap(errdefs.KindUnavailable, err, "release claim of vm %s on host %s", vmID, host)
+		}
+		if resp.Succeeded {
+			return nil
+		}
+	}
+	return errdefs.Conflict("release claim of vm %s on host %s: allocation kept changing, gave up after %d attempts", vmID, host, maxReleaseAttempts)
+}
+
+// addResources returns alloc + sign*r, never below zero (a negative
+// allocation would only hide an inconsistency behind free capacity).
+func addResources(alloc *minicloudv1.HostAllocation, r *minicloudv1.Resources, sign int64) *minicloudv1.HostAllocation {
+	cur := alloc.GetAllocated()
+	next := &minicloudv1.HostAllocation{
+		Allocated: &minicloudv1.Resources{
+			Vcpus:     int32(max(0, int64(cur.GetVcpus())+sign*int64(r.GetVcpus()))),
+			MemoryMib: max(0, cur.GetMemoryMib()+sign*r.GetMemoryMib()),
+			DiskGib:   max(0, cur.GetDiskGib()+sign*r.GetDiskGib()),
+		},
+		VmCount: int32(max(0, int64(alloc.GetVmCount())+sign)),
+	}
+	return next
+}

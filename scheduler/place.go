@@ -1,0 +1,293 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/store"
+	"github.com/minicloud/minicloud/scheduler/placement"
+	"github.com/minicloud/minicloud/scheduler/snapshot"
+)
+
+// Requeue delays. A busy group or in-flight host is freed by this
+// replica's own commit within a few milliseconds; a lost race is retried on
+// the refreshed view straight away.
+const (
+	busyRequeue     = 5 * time.Millisecond
+	conflictRequeue = 20 * time.Millisecond
+)
+
+// vmState is a VM's spec and status as read at one revision.
+type vmState struct {
+	id        string
+	vm        *minicloudv1.VM
+	status    *minicloudv1.VMStatus
+	statusRev int64
+}
+
+func (s *Scheduler) readVM(ctx context.Context, id string) (*vmState, error) {
+	resp, err := s.cli.Txn(ctx).Then(clientv3.OpGet(store.VMSpecKey(id)), clientv3.OpGet(store.VMStatusKey(id))).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("read vm %s: %w", id, err)
+	}
+	vm, _, okSpec, err := decodeKV(resp.Responses[0].GetResponseRange().GetKvs(), &minicloudv1.VM{})
+	if err != nil {
+		return nil, err
+	}
+	st, rev, okStatus, err := decodeKV(resp.Responses[1].GetResponseRange().GetKvs(), &minicloudv1.VMStatus{})
+	if err != nil {
+		return nil, err
+	}
+	if !okSpec || !okStatus {
+		return nil, nil // deleted meanwhile
+	}
+	return &vmState{id: id, vm: vm, status: st, statusRev: rev}, nil
+}
+
+// scheduleOne places one VM if it is PENDING.
+func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) (time.Duration, error) {
+	v, err := s.readVM(ctx, id)
+	if err != nil || v == nil {
+		return 0, err
+	}
+	if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING || v.vm.GetSpec().GetDeletionRequested() {
+		return 0, nil
+	}
+	if n := v.status.GetScheduleAttempts(); int(n) >= s.cfg.MaxAttempts {
+		return s.fail(ctx, v, ReasonMaxAttemptsExceeded, fmt.Sprintf(
+			"placed %d times (max attempts %d) and failed on hosts %s", n, s.cfg.MaxAttempts, strings.Join(v.status.GetTriedHosts(), ", ")))
+	}
+	req, err := s.request(ctx, v)
+	if err != nil {
+		var nf *groupNotFoundError
+		if errors.As(err, &nf) {
+			return s.fail(ctx, v, ReasonServerGroupNotFound, err.Error())
+		}
+		return 0, err
+	}
+
+	for range maxCommitAttempts {
+		r, err := s.snap.Reserve(req, s.cfg.Policy, rng)
+		var nvh *placement.NoValidHostError
+		switch {
+		case errors.Is(err, snapshot.ErrGroupBusy):
+			return busyRequeue, nil
+		case errors.As(err, &nvh):
+			if nvh.Retryable() {
+				s.observe(Observation{VMID: id, Outcome: "retry", DecideTime: r.DecideTime})
+				return busyRequeue, nil
+			}
+			s.observe(Observation{VMID: id, Outcome: "no-valid-host", DecideTime: r.DecideTime})
+			return s.fail(ctx, v, ReasonNoValidHost, nvh.Error())
+		case err != nil:
+			return 0, err
+		}
+		done, err := s.commit(ctx, v, req, r)
+		if err != nil || done {
+			return 0, err
+		}
+		s.observe(Observation{VMID: id, Outcome: "conflict", DecideTime: r.DecideTime})
+		if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+			return 0, nil // another replica placed it
+		}
+		req.TriedHosts = v.status.GetTriedHosts()
+	}
+	return conflictRequeue, nil
+}
+
+type groupNotFoundError struct{ group string }
+
+func (e *groupNotFoundError) Error() string {
+	return fmt.Sprintf("server group %s does not exist", e.group)
+}
+
+// request builds the placement request of v.
+func (s *Scheduler) request(ctx context.Context, v *vmState) (*placement.Request, error) {
+	spec := v.vm.GetSpec()
+	req := &placement.Request{
+		VMID:       v.id,
+		Resources:  placement.ResourcesFromProto(spec.GetResources()),
+		Zone:       spec.GetAvailabilityZone(),
+		Hypervisor: spec.GetRequiredHypervisor(),
+		TargetHost: spec.GetTargetHost(),
+		TriedHosts: v.status.GetTriedHosts(),
+	}
+	if spec.GetServerGroup() == "" {
+		return req, nil
+	}
+	project := v.vm.GetMeta().GetProject()
+	req.Group = placement.GroupKey(project, spec.GetServerGroup())
+	policy, ok := s.snap.Policy(req.Group)
+	if !ok {
+		// The watch may not have delivered a group created just before
+		// the VM: ask etcd before calling it missing.
+		resp, err := s.cli.Get(ctx, store.ServerGroupKey(project, spec.GetServerGroup()))
+		if err != nil {
+			return nil, fmt.Errorf("read server group %s: %w", req.Group, err)
+		}
+		sg, _, found, err := decodeKV(resp.Kvs, &minicloudv1.ServerGroup{})
+		if err != nil {
+			return nil, err
+		}
+		if !found {
+			return nil, &groupNotFoundError{group: req.Group}
+		}
+		policy = sg.GetPolicy()
+	}
+	req.Policy = policy
+	return req, nil
+}
+
+// commit writes the claim, the host allocation, the SCHEDULED status and
+// an event in one transaction guarded by the allocation's and the status's
+// mod revisions. It returns done=false when it lost a race; v and the
+// snapshot then hold the fresh values to decide again on.
+func (s *Scheduler) commit(ctx context.Context, v *vmState, req *placement.Request, r snapshot.Reservation) (done bool, err error) {
+	now := time.Now()
+	claim := &minicloudv1.Claim{
+		VmId: v.id, Host: r.Host, Resources: v.vm.GetSpec().GetResources(),
+		Project: v.vm.GetMeta().GetProject(), ServerGroup: v.vm.GetSpec().GetServerGroup(),
+		Time: timestamppb.New(now),
+	}
+	cmps, ops, alloc, err := store.AddClaimOps(claim, r.Alloc, r.AllocModRevision)
+	if err != nil {
+		s.snap.Abort(r)
+		return false, err
+	}
+	st := proto.Clone(v.status).(*minicloudv1.VMStatus)
+	st.Phase = minicloudv1.VMPhase_VM_PHASE_SCHEDULED
+	st.Host = r.Host
+	st.HostDown = false
+	st.ScheduleAttempts++
+	st.Reason, st.Message = "", ""
+	st.UpdateTime = timestamppb.New(now)
+	msg := fmt.Sprintf("placed on host %s (attempt %d of %d, %d candidates ranked)", r.Host, st.ScheduleAttempts, s.cfg.MaxAttempts, r.Decision.Candidates)
+	setCondition(st, &minicloudv1.Condition{
+		Type: ConditionScheduled, Status: true, Reason: ReasonScheduled, Message: msg, LastTransitionTime: timestamppb.New(now),
+	})
+	stBytes, err := proto.Marshal(st)
+	if err != nil {
+		s.snap.Abort(r)
+		return false, fmt.Errorf("encode status of vm %s: %w", v.id, err)
+	}
+	ev, err := s.eventOp(v.id, now, "Normal", ReasonScheduled, msg)
+	if err != nil {
+		s.snap.Abort(r)
+		return false, err
+	}
+	cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(store.VMStatusKey(v.id)), "=", v.statusRev))
+	ops = append(ops, clientv3.OpPut(store.VMStatusKey(v.id), string(stBytes)), ev)
+	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Else(
+		clientv3.OpGet(store.HostAllocKey(r.Host)),
+		clientv3.OpGet(store.ClaimsPrefix(r.Host), clientv3.WithPrefix()),
+		clientv3.OpGet(store.VMStatusKey(v.id)),
+	).Commit()
+	if err != nil {
+		s.snap.Abort(r)
+		return false, fmt.Errorf("commit claim of vm %s on host %s: %w", v.id, r.Host, err)
+	}
+	if resp.Succeeded {
+		s.snap.Confirm(r, alloc, claim, resp.Header.Revision)
+		s.observe(Observation{VMID: v.id, Host: r.Host, Outcome: "scheduled", DecideTime: r.DecideTime})
+		return true, nil
+	}
+	s.snap.Abort(r)
+	var allocKV = resp.Responses[0].GetResponseRange().GetKvs()
+	if len(allocKV) > 0 {
+		s.snap.RefreshHost(r.Host, allocKV[0], resp.Responses[1].GetResponseRange().GetKvs(), resp.Header.Revision)
+	} else {
+		s.snap.RefreshHost(r.Host, nil, resp.Responses[1].GetResponseRange().GetKvs(), resp.Header.Revision)
+	}
+	fresh, rev, ok, err := decodeKV(resp.Responses[2].GetResponseRange().GetKvs(), &minicloudv1.VMStatus{})
+	if err != nil {
+		return false, err
+	}
+	if !ok {
+		return true, nil // the VM is gone
+	}
+	v.status, v.statusRev = fresh, rev
+	return false, nil
+}
+
+// fail moves a PENDING VM to ERROR with reason and msg, and records an
+// event. If the status changed meanwhile the VM is looked at again.
+func (s *Scheduler) fail(ctx context.Context, v *vmState, reason, msg string) (time.Duration, error) {
+	now := time.Now()
+	st := proto.Clone(v.status).(*minicloudv1.VMStatus)
+	st.Phase = minicloudv1.VMPhase_VM_PHASE_ERROR
+	st.Reason, st.Message = reason, msg
+	st.UpdateTime = timestamppb.New(now)
+	setCondition(st, &minicloudv1.Condition{
+		Type: ConditionScheduled, Status: false, Reason: reason, Message: msg, LastTransitionTime: timestamppb.New(now),
+	})
+	b, err := proto.Marshal(st)
+	if err != nil {
+		return 0, fmt.Errorf("encode status of vm %s: %w", v.id, err)
+	}
+	ev, err := s.eventOp(v.id, now, "Warning", reason, msg)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(store.VMStatusKey(v.id)), "=", v.statusRev)).
+		Then(clientv3.OpPut(store.VMStatusKey(v.id), string(b)), ev).Commit()
+	if err != nil {
+		return 0, fmt.Errorf("record %s for vm %s: %w", reason, v.id, err)
+	}
+	if !resp.Succeeded {
+		return conflictRequeue, nil
+	}
+	s.log.Info("scheduler: vm not placed", "vm", v.id, "reason", reason, "message", msg)
+	return 0, nil
+}
+
+// reconcileHostDown makes a VM's status.host_down match its host's
+// liveness in the snapshot.
+func (s *Scheduler) reconcileHostDown(ctx context.Context, id string, _ *rand.Rand) (time.Duration, error) {
+	resp, err := s.cli.Get(ctx, store.VMStatusKey(id))
+	if err != nil {
+		return 0, fmt.Errorf("read status of vm %s: %w", id, err)
+	}
+	st, rev, ok, err := decodeKV(resp.Kvs, &minicloudv1.VMStatus{})
+	if err != nil || !ok || st.GetHost() == "" {
+		return 0, err
+	}
+	down := !s.snap.Alive(st.GetHost())
+	if st.GetHostDown() == down {
+		return 0, nil
+	}
+	now := time.Now()
+	st.HostDown = down
+	st.UpdateTime = timestamppb.New(now)
+	typ, reason, msg := "Normal", ReasonHostUp, fmt.Sprintf("host %s is up again", st.GetHost())
+	if down {
+		typ, reason, msg = "Warning", ReasonHostDown, fmt.Sprintf("host %s lost its heartbeat lease", st.GetHost())
+	}
+	b, err := proto.Marshal(st)
+	if err != nil {
+		return 0, fmt.Errorf("encode status of vm %s: %w", id, err)
+	}
+	ev, err := s.eventOp(id, now, typ, reason, msg)
+	if err != nil {
+		return 0, err
+	}
+	tr, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(store.VMStatusKey(id)), "=", rev)).
+		Then(clientv3.OpPut(store.VMStatusKey(id), string(b)), ev).Commit()
+	if err != nil {
+		return 0, fmt.Errorf("set host_down=%t on vm %s: %w", down, id, err)
+	}
+	if !tr.Succeeded {
+		return conflictRequeue, nil
+	}
+	return 0, nil
+}

@@ -1,0 +1,316 @@
+// Package scheduler is the `minicloudd scheduler` role: it assigns every
+// PENDING VM to a host and flags the VMs of hosts that lost their heartbeat.
+//
+// A decision is placement.Schedule over the watched snapshot (package
+// snapshot); it is committed as a capacity claim in one etcd transaction
+// that compares the host allocation's and the VM status's mod revisions
+// (pkg/store claims.go). Several replicas may run at once: they coordinate
+// only through those compares (optimistic concurrency, as Nomad's plan
+// applier and Omega do), so a replica that loses a race refreshes the host
+// and decides again. docs/scheduler.md explains the choice.
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/store"
+	"github.com/minicloud/minicloud/scheduler/placement"
+	"github.com/minicloud/minicloud/scheduler/snapshot"
+)
+
+// Defaults for Config.
+const (
+	DefaultMaxAttempts = 3
+	DefaultWorkers     = 16
+	// maxCommitAttempts bounds how often one pass over a VM decides again
+	// after losing a commit race; after that the VM is requeued.
+	maxCommitAttempts = 8
+	// queueWindow: see queue.
+	queueWindow = 1024
+)
+
+// Reasons written to VM status and events.
+const (
+	ReasonScheduled           = "Scheduled"
+	ReasonNoValidHost         = "NoValidHost"
+	ReasonMaxAttemptsExceeded = "MaxAttemptsExceeded"
+	ReasonServerGroupNotFound = "ServerGroupNotFound"
+	ReasonHostDown            = "HostDown"
+	ReasonHostUp              = "HostUp"
+	// ConditionScheduled is the VM condition the scheduler owns.
+	ConditionScheduled = "Scheduled"
+)
+
+// Config configures a Scheduler. The zero value of each field means its
+// default.
+type Config struct {
+	// Policy is the filter chain and weighers (default: spread).
+	Policy *placement.Policy
+	// MaxAttempts is how many hosts a VM is placed on before it goes to
+	// ERROR; a reschedule (the API sets PENDING and appends the failed host
+	// to tried_hosts) counts as a new attempt.
+	MaxAttempts int
+	// Workers is the number of VMs decided and committed concurrently. More
+	// than one lets etcd batch the commits into fewer disk syncs.
+	Workers int
+	// Source names this replica in VM events (default "scheduler").
+	Source string
+	Log    *slog.Logger
+	// Observe, if set, is called after every decision (for metrics and the
+	// benchmark harness). It must be fast and safe for concurrent use.
+	Observe func(Observation)
+}
+
+// Observation describes one decision.
+type Observation struct {
+	VMID string
+	// Host is where the VM was placed, "" if it was not.
+	Host string
+	// Outcome is "scheduled", "no-valid-host", "conflict" (commit lost a
+	// race) or "retry" (only in-flight hosts would fit).
+	Outcome string
+	// DecideTime is the duration of the pure placement.Schedule call.
+	DecideTime time.Duration
+}
+
+// Scheduler is one replica.
+type Scheduler struct {
+	cli  *clientv3.Client
+	cfg  Config
+	log  *slog.Logger
+	snap *snapshot.Snapshot
+
+	pending  *queue // VMs to place
+	hostDown *queue // VMs whose host_down may be wrong
+
+	mu  sync.Mutex
+	vms map[string]vmEntry         // VM status cache, from the status watch
+	on  map[string]map[string]bool // host -> VM ids placed there
+}
+
+type vmEntry struct {
+	phase    minicloudv1.VMPhase
+	host     string
+	hostDown bool
+}
+
+// New returns a scheduler replica; Run starts it.
+func New(cli *clientv3.Client, cfg Config) (*Scheduler, error) {
+	if cfg.Policy == nil {
+		p, err := placement.NewPolicy(placement.Spread)
+		if err != nil {
+			return nil, err
+		}
+		cfg.Policy = p
+	}
+	if cfg.MaxAttempts <= 0 {
+		cfg.MaxAttempts = DefaultMaxAttempts
+	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = DefaultWorkers
+	}
+	if cfg.Source == "" {
+		cfg.Source = "scheduler"
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	s := &Scheduler{
+		cli: cli, cfg: cfg, log: cfg.Log,
+		pending: newQueue(queueWindow), hostDown: newQueue(queueWindow),
+		vms: map[string]vmEntry{}, on: map[string]map[string]bool{},
+	}
+	s.snap = snapshot.New(cli, cfg.Log, s.hostAliveChanged)
+	return s, nil
+}
+
+// Snapshot is the replica's view (read-only use: tests, metrics).
+func (s *Scheduler) Snapshot() *snapshot.Snapshot { return s.snap }
+
+// Run schedules until ctx ends. It returns ctx's error.
+func (s *Scheduler) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer s.pending.Close()
+	defer s.hostDown.Close()
+
+	wg.Go(func() { _ = s.snap.Run(ctx) })
+	select {
+	case <-s.snap.Synced():
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	wg.Go(func() { s.watchStatuses(ctx) })
+	for range s.cfg.Workers {
+		wg.Go(func() { s.work(ctx, s.pending, s.scheduleOne) })
+	}
+	wg.Go(func() { s.work(ctx, s.hostDown, s.reconcileHostDown) })
+	s.log.Info("scheduler running", "workers", s.cfg.Workers, "max_attempts", s.cfg.MaxAttempts, "source", s.cfg.Source)
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// work runs one worker: reconcile(id) returns when to look at id again
+// (0: not until it changes) or an error (retried with backoff).
+func (s *Scheduler) work(ctx context.Context, q *queue, reconcile func(context.Context, string, *rand.Rand) (time.Duration, error)) {
+	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+	failures := map[string]int{}
+	for {
+		id, ok := q.Get()
+		if !ok {
+			return
+		}
+		after, err := reconcile(ctx, id, rng)
+		if err != nil && ctx.Err() == nil {
+			failures[id]++
+			after = min(time.Duration(1<<min(failures[id], 8))*50*time.Millisecond, 10*time.Second)
+			s.log.Warn("scheduler: will retry", "vm", id, "err", err, "after", after)
+		} else {
+			delete(failures, id)
+		}
+		q.Done(id)
+		if after > 0 && ctx.Err() == nil {
+			q.AddAfter(id, after)
+		}
+	}
+}
+
+// watchStatuses keeps the VM status cache and feeds the queues: every
+// PENDING VM to pending, every VM whose host_down disagrees with its host's
+// liveness to hostDown. It re-lists after a watch failure.
+func (s *Scheduler) watchStatuses(ctx context.Context) {
+	for ctx.Err() == nil {
+		err := s.listAndWatchStatuses(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		s.log.Warn("scheduler: status watch failed, re-listing", "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+func (s *Scheduler) listAndWatchStatuses(ctx context.Context) error {
+	resp, err := s.cli.Get(ctx, store.VMStatusPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return fmt.Errorf("list vm statuses: %w", err)
+	}
+	s.mu.Lock()
+	s.vms = map[string]vmEntry{}
+	s.on = map[string]map[string]bool{}
+	s.mu.Unlock()
+	for _, kv := range resp.Kvs {
+		s.statusChanged(mvccpb.PUT, kv)
+	}
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	for wr := range s.cli.Watch(wctx, store.VMStatusPrefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1)) {
+		if err := wr.Err(); err != nil {
+			return fmt.Errorf("watch vm statuses: %w", err)
+		}
+		for _, ev := range wr.Events {
+			s.statusChanged(ev.Type, ev.Kv)
+		}
+	}
+	return errors.New("vm status watch closed")
+}
+
+func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) {
+	id := store.LastSegment(string(kv.Key))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if old, ok := s.vms[id]; ok && old.host != "" {
+		delete(s.on[old.host], id)
+		if len(s.on[old.host]) == 0 {
+			delete(s.on, old.host)
+		}
+	}
+	if typ == mvccpb.DELETE {
+		delete(s.vms, id)
+		return
+	}
+	st := &minicloudv1.VMStatus{}
+	if err := proto.Unmarshal(kv.Value, st); err != nil {
+		s.log.Error("scheduler: undecodable vm status", "key", string(kv.Key), "err", err)
+		return
+	}
+	e := vmEntry{phase: st.GetPhase(), host: st.GetHost(), hostDown: st.GetHostDown()}
+	s.vms[id] = e
+	if e.host != "" {
+		if s.on[e.host] == nil {
+			s.on[e.host] = map[string]bool{}
+		}
+		s.on[e.host][id] = true
+		if e.hostDown == s.snap.Alive(e.host) {
+			s.hostDown.Add(id)
+		}
+	}
+	if e.phase == minicloudv1.VMPhase_VM_PHASE_PENDING {
+		s.pending.Add(id)
+	}
+}
+
+// hostAliveChanged is the snapshot's callback: every VM on host needs its
+// host_down re-checked.
+func (s *Scheduler) hostAliveChanged(host string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id := range s.on[host] {
+		s.hostDown.Add(id)
+	}
+}
+
+func (s *Scheduler) observe(o Observation) {
+	if s.cfg.Observe != nil {
+		s.cfg.Observe(o)
+	}
+}
+
+func decodeKV[T proto.Message](kvs []*mvccpb.KeyValue, m T) (T, int64, bool, error) {
+	if len(kvs) == 0 {
+		return m, 0, false, nil
+	}
+	if err := proto.Unmarshal(kvs[0].Value, m); err != nil {
+		return m, 0, false, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
+	}
+	return m, kvs[0].ModRevision, true, nil
+}
+
+func setCondition(st *minicloudv1.VMStatus, c *minicloudv1.Condition) {
+	for i, old := range st.Conditions {
+		if old.GetType() == c.GetType() {
+			if old.GetStatus() == c.GetStatus() {
+				c.LastTransitionTime = old.GetLastTransitionTime()
+			}
+			st.Conditions[i] = c
+			return
+		}
+	}
+	st.Conditions = append(st.Conditions, c)
+}
+
+func (s *Scheduler) eventOp(vmID string, now time.Time, typ, reason, msg string) (clientv3.Op, error) {
+	b, err := proto.Marshal(&minicloudv1.Event{
+		Time: timestamppb.New(now), Type: typ, Reason: reason, Message: msg, Source: s.cfg.Source,
+	})
+	if err != nil {
+		return clientv3.Op{}, fmt.Errorf("encode event: %w", err)
+	}
+	return clientv3.OpPut(store.VMEventKey(vmID, now.UnixNano(), 0), string(b)), nil
+}
