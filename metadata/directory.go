@@ -1,0 +1,173 @@
+package metadata
+
+import (
+	"fmt"
+	"net/netip"
+	"sync"
+)
+
+// Directory is the in-memory source of truth for lookups: the instances
+// running on this host, indexed by where their packets come from. The agent
+// feeds it from its assignment watch (Set after the initial list, Upsert and
+// Remove on changes); the server only reads it, so a request never waits on
+// etcd. It is safe for concurrent use.
+type Directory struct {
+	mu     sync.RWMutex
+	byID   map[string]*entry
+	byAddr map[addrKey]*entry // nil value: two instances claim the address
+}
+
+type addrKey struct {
+	iface string
+	ip    netip.Addr
+}
+
+// entry is one version of one instance. It is replaced, never mutated, when
+// the instance changes; closing changed wakes long-polls on the old version.
+type entry struct {
+	inst    *Instance
+	etag    string
+	changed chan struct{}
+
+	renderOnce sync.Once
+	rendered   *rendered
+	renderErr  error
+}
+
+// rendered holds an instance's trees, built on first use.
+type rendered struct {
+	ec2       *node
+	openstack *node
+	gce       *gnode
+}
+
+// NewDirectory returns an empty Directory.
+func NewDirectory() *Directory {
+	return &Directory{byID: map[string]*entry{}, byAddr: map[addrKey]*entry{}}
+}
+
+// Set replaces the whole content with insts (the agent's full assignment
+// list). Instances whose fingerprint did not change keep their entry, so
+// long-polls on them are not woken.
+func (d *Directory) Set(insts []*Instance) error {
+	for _, inst := range insts {
+		if err := inst.Validate(); err != nil {
+			return fmt.Errorf("metadata directory: %w", err)
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	next := make(map[string]*entry, len(insts))
+	for _, inst := range insts {
+		next[inst.ID] = d.entryFor(inst)
+	}
+	for id, old := range d.byID {
+		if next[id] != old {
+			close(old.changed)
+		}
+	}
+	d.byID = next
+	d.reindex()
+	return nil
+}
+
+// Upsert adds or replaces one instance.
+func (d *Directory) Upsert(inst *Instance) error {
+	if err := inst.Validate(); err != nil {
+		return fmt.Errorf("metadata directory: %w", err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := d.entryFor(inst)
+	if old, ok := d.byID[inst.ID]; ok {
+		if old == e {
+			return nil
+		}
+		close(old.changed)
+	}
+	d.byID[inst.ID] = e
+	d.reindex()
+	return nil
+}
+
+// Remove forgets an instance; unknown ids are ignored.
+func (d *Directory) Remove(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	old, ok := d.byID[id]
+	if !ok {
+		return
+	}
+	close(old.changed)
+	delete(d.byID, id)
+	d.reindex()
+}
+
+// entryFor returns the current entry when inst says the same thing, and a
+// new one otherwise. d.mu must be held.
+func (d *Directory) entryFor(inst *Instance) *entry {
+	etag := inst.Fingerprint()
+	if old, ok := d.byID[inst.ID]; ok && old.etag == etag {
+		return old
+	}
+	return &entry{inst: inst, etag: etag, changed: make(chan struct{})}
+}
+
+// reindex rebuilds the address index. An address claimed by two instances
+// (which IPAM never allows) maps to nobody: refusing both is safer than
+// answering one with the other's data. d.mu must be held.
+func (d *Directory) reindex() {
+	idx := make(map[addrKey]*entry, len(d.byID))
+	for _, e := range d.byID {
+		for _, nic := range e.inst.Interfaces {
+			k := addrKey{nic.Bridge, nic.Address.Addr()}
+			if prev, dup := idx[k]; dup && prev != e {
+				idx[k] = nil
+				continue
+			}
+			idx[k] = e
+		}
+	}
+	d.byAddr = idx
+}
+
+// Lookup returns the instance whose interface on bridge iface has address
+// src.
+func (d *Directory) Lookup(iface string, src netip.Addr) (*Instance, bool) {
+	e := d.lookup(iface, src)
+	if e == nil {
+		return nil, false
+	}
+	return e.inst, true
+}
+
+func (d *Directory) lookup(iface string, src netip.Addr) *entry {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.byAddr[addrKey{iface, src.Unmap()}]
+}
+
+// Get returns the instance with the given id.
+func (d *Directory) Get(id string) (*Instance, bool) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	e, ok := d.byID[id]
+	if !ok {
+		return nil, false
+	}
+	return e.inst, true
+}
+
+// current returns the entry now held for id, if any.
+func (d *Directory) current(id string) *entry {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.byID[id]
+}
+
+// Len is the number of instances.
+func (d *Directory) Len() int {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return len(d.byID)
+}

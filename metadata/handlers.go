@@ -1,0 +1,277 @@
+package metadata
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// serveEC2 answers "/" and "/<version>/...", enforcing IMDSv2.
+func (s *Server) serveEC2(req *request) {
+	r := req.r
+	segs, ok := splitPath(r.URL.Path)
+	if !ok {
+		notFound(req)
+		return
+	}
+	if len(segs) >= 3 && segs[1] == "api" && segs[2] == "token" && len(segs) == 3 && ec2VersionSet[segs[0]] {
+		if r.Method != http.MethodPut {
+			methodNotAllowed(req, http.MethodPut)
+			return
+		}
+		s.issueToken(req)
+		return
+	}
+	if !isRead(r) {
+		methodNotAllowed(req, "GET, HEAD")
+		return
+	}
+	// A token, when sent, must be valid for this very VM, whatever the
+	// VM's setting; without one, only VMs that allow IMDSv1 are answered.
+	if tok := r.Header.Get(tokenHeader); tok != "" {
+		if !s.tokens.valid(tok, req.entry.inst.ID, s.opts.Now()) {
+			writeText(req, http.StatusUnauthorized, "Unauthorized")
+			return
+		}
+	} else if req.entry.inst.TokensRequired {
+		writeText(req, http.StatusUnauthorized, "Unauthorized")
+		return
+	}
+	if len(segs) == 0 || (len(segs) == 1 && segs[0] == "") {
+		writeBody(req, http.StatusOK, "text/plain", ec2VersionListing)
+		return
+	}
+	if !ec2VersionSet[segs[0]] {
+		notFound(req)
+		return
+	}
+	writeNode(req, req.trees.ec2.walk(segs[1:]))
+}
+
+// issueToken answers PUT /latest/api/token with AWS's SSRF defences: no
+// forwarded requests, a bounded TTL, and a response that cannot be routed
+// beyond the guest (IP TTL 1, connection closed after it).
+func (s *Server) issueToken(req *request) {
+	r := req.r
+	if len(r.Header.Values("X-Forwarded-For")) > 0 {
+		writeText(req, http.StatusForbidden, "Forbidden")
+		return
+	}
+	ttl, err := parseTTL(r.Header.Get(tokenTTLHeader))
+	if err != nil {
+		writeText(req, http.StatusBadRequest, "Bad Request: "+err.Error())
+		return
+	}
+	if err := setIPTTL(req.pc.Conn, 1); err != nil {
+		// Never hand out a token that might travel further than the guest.
+		s.log.Error("refusing IMDSv2 token", "instance", req.entry.inst.ID, "err", err)
+		writeText(req, http.StatusInternalServerError, "Internal Server Error")
+		return
+	}
+	tok := s.tokens.mint(req.entry.inst.ID, s.opts.Now(), ttl)
+	s.metrics.tokensIssued.Inc()
+	req.w.Header().Set(tokenTTLHeader, strconv.Itoa(int(ttl/time.Second)))
+	// The socket keeps TTL 1 until it closes: no later response on it.
+	req.w.Header().Set("Connection", "close")
+	writeBody(req, http.StatusOK, "text/plain", []byte(tok))
+}
+
+// serveOpenStack answers /openstack and /openstack/<version>/<file>.
+func (s *Server) serveOpenStack(req *request) {
+	if !isRead(req.r) {
+		methodNotAllowed(req, "GET, HEAD")
+		return
+	}
+	segs, ok := splitPath(strings.TrimPrefix(req.r.URL.Path, "/openstack"))
+	if !ok {
+		notFound(req)
+		return
+	}
+	writeNode(req, req.trees.openstack.walk(segs))
+}
+
+const (
+	gceRoot     = "/computeMetadata"
+	gcePrefixV1 = "/computeMetadata/v1"
+)
+
+// serveGCE answers /computeMetadata/v1/... with GCE's header rules,
+// recursive/alt rendering, ETags and wait_for_change long-polls.
+func (s *Server) serveGCE(req *request) {
+	r, w := req.r, req.w
+	w.Header().Set("Metadata-Flavor", "Google")
+	if r.Header.Get("Metadata-Flavor") != "Google" && r.Header.Get("X-Google-Metadata-Request") != "True" {
+		writeText(req, http.StatusForbidden, "Missing Metadata-Flavor:Google header.")
+		return
+	}
+	if len(r.Header.Values("X-Forwarded-For")) > 0 {
+		writeText(req, http.StatusForbidden, "Forbidden")
+		return
+	}
+	if !isRead(r) {
+		methodNotAllowed(req, "GET, HEAD")
+		return
+	}
+	switch r.URL.Path {
+	case gceRoot, gceRoot + "/":
+		writeBody(req, http.StatusOK, "application/text", []byte("v1/\n"))
+		return
+	case gcePrefixV1:
+		redirectSlash(req)
+		return
+	}
+	if !strings.HasPrefix(r.URL.Path, gcePrefixV1+"/") {
+		notFound(req)
+		return
+	}
+	segs, ok := splitPath(strings.TrimPrefix(r.URL.Path, gcePrefixV1))
+	if !ok {
+		notFound(req)
+		return
+	}
+	q := r.URL.Query()
+	recursive, _ := strconv.ParseBool(q.Get("recursive"))
+	alt := q.Get("alt")
+	if alt != "" && alt != "json" && alt != "text" {
+		writeText(req, http.StatusBadRequest, "alt must be json or text")
+		return
+	}
+	wait, _ := strconv.ParseBool(q.Get("wait_for_change"))
+	if !wait {
+		s.writeGCE(req, segs, recursive, alt)
+		return
+	}
+	timeout := s.opts.MaxLongPoll
+	if t := q.Get("timeout_sec"); t != "" {
+		n, err := strconv.Atoi(t)
+		if err != nil || n < 1 {
+			writeText(req, http.StatusBadRequest, "timeout_sec must be a positive integer")
+			return
+		}
+		if d := time.Duration(n) * time.Second; d < timeout {
+			timeout = d
+		}
+	}
+	s.waitGCE(req, segs, recursive, alt, q.Get("last_etag"), timeout)
+}
+
+func redirectSlash(req *request) {
+	u := *req.r.URL
+	u.Path += "/"
+	req.w.Header().Set("Location", u.RequestURI())
+	writeText(req, http.StatusMovedPermanently, "Moved Permanently")
+}
+
+// renderGCE renders one GCE answer; code is 0 on success.
+func renderGCE(root *gnode, segs []string, recursive bool, alt string) (body []byte, contentType string, code int) {
+	n := root.walk(segs)
+	if n == nil {
+		return nil, "", http.StatusNotFound
+	}
+	trailing := len(segs) > 0 && segs[len(segs)-1] == ""
+	switch {
+	case n.dir && recursive && alt != "text":
+		b, err := json.Marshal(n.jsonValue())
+		if err != nil {
+			return nil, "", http.StatusInternalServerError
+		}
+		return b, "application/json", 0
+	case n.dir && recursive:
+		var buf bytes.Buffer
+		n.flatText("", &buf)
+		return buf.Bytes(), "application/text", 0
+	case n.dir && !trailing && len(segs) > 0:
+		return nil, "", http.StatusMovedPermanently
+	case n.dir && alt == "json":
+		names := make([]string, 0, len(n.order))
+		for _, name := range n.order {
+			if n.children[name].dir {
+				name += "/"
+			}
+			names = append(names, name)
+		}
+		b, _ := json.Marshal(names)
+		return b, "application/json", 0
+	case n.dir:
+		return n.listing, "application/text", 0
+	case alt == "json" || recursive:
+		b, _ := json.Marshal(n.value)
+		return b, "application/json", 0
+	default:
+		return n.text, "application/text", 0
+	}
+}
+
+func gceETag(body []byte) string {
+	sum := sha256.Sum256(body)
+	return hex.EncodeToString(sum[:8])
+}
+
+func (s *Server) writeGCE(req *request, segs []string, recursive bool, alt string) {
+	body, ct, code := renderGCE(req.trees.gce, segs, recursive, alt)
+	switch code {
+	case 0:
+	case http.StatusMovedPermanently:
+		redirectSlash(req)
+		return
+	case http.StatusNotFound:
+		notFound(req)
+		return
+	default:
+		writeText(req, code, http.StatusText(code))
+		return
+	}
+	req.w.Header().Set("ETag", gceETag(body))
+	writeBody(req, http.StatusOK, ct, body)
+}
+
+// waitGCE holds the request until the answer's ETag differs from lastETag
+// (or, without one, from the answer now), the timeout passes or the client
+// goes away. The Directory closes an entry's channel when the instance
+// changes, so nothing polls.
+func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastETag string, timeout time.Duration) {
+	req.longPoll = true
+	s.metrics.longPollWaiters.Inc()
+	defer s.metrics.longPollWaiters.Dec()
+	_ = http.NewResponseController(req.w).SetWriteDeadline(time.Now().Add(timeout + 10*time.Second))
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	for {
+		body, _, code := renderGCE(req.trees.gce, segs, recursive, alt)
+		etag := gceETag(body)
+		if code != 0 {
+			s.writeGCE(req, segs, recursive, alt)
+			return
+		}
+		if lastETag == "" {
+			lastETag = etag
+		}
+		if etag != lastETag {
+			s.writeGCE(req, segs, recursive, alt)
+			return
+		}
+		select {
+		case <-req.entry.changed:
+			// Re-identify: the instance may have lost this address.
+			e, err := s.dir.identify(req.peer)
+			if err != nil {
+				notFound(req)
+				return
+			}
+			if err := s.use(req, e); err != nil {
+				writeText(req, http.StatusInternalServerError, "Internal Server Error")
+				return
+			}
+		case <-timer.C:
+			s.writeGCE(req, segs, recursive, alt)
+			return
+		case <-req.r.Context().Done():
+			return
+		}
+	}
+}

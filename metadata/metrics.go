@@ -1,0 +1,54 @@
+package metadata
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the service's Prometheus collectors.
+type metrics struct {
+	requests        *prometheus.CounterVec
+	latency         *prometheus.HistogramVec
+	unknownSources  prometheus.Counter
+	tokensIssued    prometheus.Counter
+	longPollWaiters prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "minicloud_metadata_requests_total",
+			Help: "Metadata requests by tree (ec2, openstack, gce, other) and HTTP status code.",
+		}, []string{"tree", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "minicloud_metadata_request_duration_seconds",
+			Help:    "Time to answer a metadata request, identity lookup included (GCE long-polls excluded).",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1},
+		}, []string{"tree"}),
+		unknownSources: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "minicloud_metadata_unknown_source_total",
+			Help: "Requests refused because their source maps to no local instance (or its MAC disagrees).",
+		}),
+		tokensIssued: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "minicloud_metadata_imdsv2_tokens_issued_total",
+			Help: "IMDSv2 session tokens issued.",
+		}),
+		longPollWaiters: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "minicloud_metadata_gce_waiters",
+			Help: "GCE wait_for_change requests currently waiting.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.requests, m.latency, m.unknownSources, m.tokensIssued, m.longPollWaiters)
+	}
+	return m
+}
+
+func (m *metrics) observe(tree string, code int, d time.Duration, longPoll bool) {
+	m.requests.WithLabelValues(tree, strconv.Itoa(code)).Inc()
+	if !longPoll {
+		m.latency.WithLabelValues(tree).Observe(d.Seconds())
+	}
+}

@@ -1,0 +1,116 @@
+package metadata
+
+import (
+	"strings"
+)
+
+// node is one path of a rendered metadata tree: a leaf with a body, or a
+// directory whose listing is precomputed. Trees are rendered once per
+// instance version and then only read, so lookups allocate nothing.
+type node struct {
+	body        []byte // leaf body, or the directory listing
+	contentType string
+	dir         bool
+	children    map[string]*node
+}
+
+func leaf(body []byte, contentType string) *node {
+	return &node{body: body, contentType: contentType}
+}
+
+func textLeaf(s string) *node { return leaf([]byte(s), "text/plain") }
+
+func newDir() *node { return &node{dir: true, children: map[string]*node{}} }
+
+// dirBuilder assembles a directory in listing order.
+type dirBuilder struct {
+	n     *node
+	lines []string
+}
+
+func buildDir() *dirBuilder { return &dirBuilder{n: newDir()} }
+
+// add lists name (with a trailing slash for directories) and serves child
+// under it.
+func (b *dirBuilder) add(name string, child *node) *dirBuilder {
+	listed := name
+	if child.dir {
+		listed += "/"
+	}
+	return b.addListed(name, listed, child)
+}
+
+// addListed serves child under name but lists it as listed: EC2 lists
+// public keys as "0=name" while serving them under "0/".
+func (b *dirBuilder) addListed(name, listed string, child *node) *dirBuilder {
+	b.n.children[name] = child
+	b.lines = append(b.lines, listed)
+	return b
+}
+
+// done finishes the directory with EC2's listing format: one entry per line,
+// no trailing newline.
+func (b *dirBuilder) done() *node { return b.doneWith("") }
+
+// doneWith ends the listing with suffix (GCE ends every line with "\n").
+func (b *dirBuilder) doneWith(suffix string) *node {
+	b.n.body = []byte(strings.Join(b.lines, "\n") + suffix)
+	if len(b.lines) == 0 {
+		b.n.body = nil
+	}
+	b.n.contentType = "text/plain"
+	return b.n
+}
+
+// walk resolves segments under n. A trailing empty segment (a path ending in
+// "/") is only allowed on directories.
+func (n *node) walk(segs []string) *node {
+	cur := n
+	for i, s := range segs {
+		if s == "" && i == len(segs)-1 {
+			if !cur.dir {
+				return nil
+			}
+			return cur
+		}
+		if !cur.dir {
+			return nil
+		}
+		next, ok := cur.children[s]
+		if !ok {
+			return nil
+		}
+		cur = next
+	}
+	return cur
+}
+
+// splitPath splits a request path below a tree root into segments and
+// rejects anything a well-behaved client never sends: empty inner segments,
+// dot segments, control bytes and overlong paths.
+func splitPath(p string) ([]string, bool) {
+	if len(p) > maxPathLen {
+		return nil, false
+	}
+	p = strings.TrimPrefix(p, "/")
+	if p == "" {
+		return nil, true
+	}
+	segs := strings.Split(p, "/")
+	for i, s := range segs {
+		if s == "" && i != len(segs)-1 {
+			return nil, false
+		}
+		if s == "." || s == ".." {
+			return nil, false
+		}
+		for j := 0; j < len(s); j++ {
+			if c := s[j]; c < 0x21 || c == 0x7f {
+				return nil, false
+			}
+		}
+	}
+	return segs, true
+}
+
+const maxPathLen = 1024
