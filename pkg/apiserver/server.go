@@ -1,0 +1,166 @@
+// Package apiserver serves minicloud's gRPC API (VMs, flavors, networks,
+// server groups, hosts and images) over etcd. It keeps no state of its own:
+// every request reads etcd and every change is one etcd transaction, so any
+// number of API servers can run against one etcd and any of them can be
+// killed at any moment.
+package apiserver
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/imageservice"
+	"github.com/minicloud/minicloud/pkg/ipam"
+)
+
+// MaxRequestBytes is the largest request message the server accepts. It
+// leaves room for 64 KiB of user-data and for the image upload chunks
+// (1 MiB); anything larger is refused with RESOURCE_EXHAUSTED by gRPC.
+const MaxRequestBytes = 4 << 20
+
+// Host heartbeat timing, returned to agents in RegisterHostResponse.
+const (
+	HeartbeatInterval = 5 * time.Second
+	HostLeaseTTL      = 15 * time.Second
+)
+
+// Config configures a Server.
+type Config struct {
+	// Client is the etcd client; the server does not close it.
+	Client *clientv3.Client
+	// ImageDir is where the image service keeps image blobs. Empty: the
+	// image service is not served.
+	ImageDir string
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// AgentDialOptions are added when dialing an agent's AgentService (for
+	// GetConsoleLog). Default: plaintext.
+	AgentDialOptions []grpc.DialOption
+}
+
+// Server is the API server: a gRPC server with every minicloud service,
+// health and reflection, and an HTTP handler for /metrics and /healthz.
+type Server struct {
+	etcd     *clientv3.Client
+	log      *slog.Logger
+	ipam     *ipam.Allocator
+	leases   *requestLeases
+	grpc     *grpc.Server
+	health   *health.Server
+	registry *prometheus.Registry
+	agentOpt []grpc.DialOption
+}
+
+// New builds a Server; call Serve to accept connections.
+func New(cfg Config) (*Server, error) {
+	if cfg.Client == nil {
+		return nil, errors.New("apiserver: Config.Client is required")
+	}
+	s := &Server{
+		etcd:     cfg.Client,
+		log:      cfg.Logger,
+		ipam:     ipam.New(cfg.Client),
+		leases:   &requestLeases{lease: cfg.Client},
+		health:   health.NewServer(),
+		registry: prometheus.NewRegistry(),
+		agentOpt: cfg.AgentDialOptions,
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	s.log = s.log.With("component", "apiserver")
+	m := newMetrics(s.registry)
+	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	s.grpc = grpc.NewServer(
+		grpc.MaxRecvMsgSize(MaxRequestBytes),
+		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, refuseUnknownFieldsUnary),
+		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, refuseUnknownFieldsStream),
+	)
+	minicloudv1.RegisterVMServiceServer(s.grpc, &vmService{s: s})
+	minicloudv1.RegisterFlavorServiceServer(s.grpc, &flavorService{s: s})
+	minicloudv1.RegisterNetworkServiceServer(s.grpc, &networkService{s: s})
+	minicloudv1.RegisterServerGroupServiceServer(s.grpc, &serverGroupService{s: s})
+	minicloudv1.RegisterHostServiceServer(s.grpc, &hostService{s: s})
+	services := []string{
+		minicloudv1.VMService_ServiceDesc.ServiceName,
+		minicloudv1.FlavorService_ServiceDesc.ServiceName,
+		minicloudv1.NetworkService_ServiceDesc.ServiceName,
+		minicloudv1.ServerGroupService_ServiceDesc.ServiceName,
+		minicloudv1.HostService_ServiceDesc.ServiceName,
+	}
+	if cfg.ImageDir != "" {
+		minicloudv1.RegisterImageServiceServer(s.grpc, imageservice.New(imageservice.Config{
+			Client: cfg.Client,
+			Dir:    cfg.ImageDir,
+			InUse:  s.ImageInUse,
+		}))
+		services = append(services, minicloudv1.ImageService_ServiceDesc.ServiceName)
+	}
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	for _, name := range append(services, "") {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+	reflection.Register(s.grpc)
+	return s, nil
+}
+
+// GRPCServer returns the underlying gRPC server (to register more services
+// before Serve).
+func (s *Server) GRPCServer() *grpc.Server { return s.grpc }
+
+// Serve accepts gRPC connections on lis until Stop.
+func (s *Server) Serve(lis net.Listener) error {
+	s.log.Info("serving gRPC API", "addr", lis.Addr().String())
+	return s.grpc.Serve(lis)
+}
+
+// Stop marks the server NOT_SERVING, lets running calls finish until ctx
+// ends, then closes every connection (watch streams never finish by
+// themselves).
+func (s *Server) Stop(ctx context.Context) {
+	s.health.Shutdown()
+	done := make(chan struct{})
+	go func() {
+		s.grpc.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.grpc.Stop()
+		<-done
+	}
+}
+
+// MetricsHandler serves /metrics (Prometheus) and /healthz (200 when etcd
+// answers, 503 otherwise).
+func (s *Server) MetricsHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if _, err := s.etcd.Get(ctx, "health", clientv3.WithCountOnly()); err != nil {
+			http.Error(w, "etcd: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	return mux
+}

@@ -1,0 +1,242 @@
+package apiserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/ipam"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+func newID() string { return uuid.NewString() }
+
+// createRefs is what a create read in one snapshot: the objects the VM
+// refers to, with the revisions its transaction compares.
+type createRefs struct {
+	existingID  string // the VM a previous try with the same request id made
+	requestRev  int64
+	nameTaken   bool
+	image       *minicloudv1.Image
+	flavor      *minicloudv1.Flavor
+	flavorRev   int64
+	networks    []*minicloudv1.Network
+	networkRevs []int64
+}
+
+// readCreateRefs reads, in one snapshot, the request-id and name keys and
+// every object the VM refers to, and refuses references that do not exist.
+func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, spec *minicloudv1.VMSpec) (*createRefs, error) {
+	ops := []clientv3.Op{
+		clientv3.OpGet(store.VMNameKey(project, req.GetName()), clientv3.WithCountOnly()),
+		clientv3.OpGet(store.ImageKey(spec.Image)),
+		clientv3.OpGet(store.FlavorKey(spec.Flavor)),
+		clientv3.OpGet(store.ServerGroupKey(project, spec.ServerGroup), clientv3.WithCountOnly()),
+		clientv3.OpGet(store.HostSpecKey(spec.TargetHost), clientv3.WithCountOnly()),
+		clientv3.OpGet(store.VMRequestKey(project, req.GetRequestId())),
+	}
+	for _, n := range spec.Networks {
+		ops = append(ops, clientv3.OpGet(store.NetworkKey(project, n)))
+	}
+	resp, err := store.ReadTxn(ctx, s.etcd, ops...)
+	if err != nil {
+		return nil, err
+	}
+	rr := func(i int) *clientv3.GetResponse { return (*clientv3.GetResponse)(resp.Responses[i].GetResponseRange()) }
+	refs := &createRefs{}
+	if req.GetRequestId() != "" {
+		if kvs := rr(5).Kvs; len(kvs) > 0 {
+			refs.existingID, refs.requestRev = string(kvs[0].Value), kvs[0].ModRevision
+		}
+	}
+	refs.nameTaken = rr(0).Count > 0
+	if kvs := rr(1).Kvs; len(kvs) == 0 {
+		return refs, errdefs.NotFound("image %s not found (see `minicloud image list`)", spec.Image)
+	} else {
+		refs.image = &minicloudv1.Image{}
+		if err := store.Decode(kvs[0], refs.image); err != nil {
+			return nil, err
+		}
+	}
+	if kvs := rr(2).Kvs; len(kvs) == 0 {
+		return refs, flavorNotFound(spec.Flavor)
+	} else {
+		refs.flavor, refs.flavorRev = &minicloudv1.Flavor{}, kvs[0].ModRevision
+		if err := store.Decode(kvs[0], refs.flavor); err != nil {
+			return nil, err
+		}
+	}
+	if spec.ServerGroup != "" && rr(3).Count == 0 {
+		return refs, serverGroupNotFound(project, spec.ServerGroup)
+	}
+	if spec.TargetHost != "" && rr(4).Count == 0 {
+		return refs, errdefs.NotFound("target host %s is not registered (see `minicloud host list`)", spec.TargetHost)
+	}
+	for i, n := range spec.Networks {
+		kvs := rr(6 + i).Kvs
+		if len(kvs) == 0 {
+			return refs, networkNotFound(project, n)
+		}
+		nw := &minicloudv1.Network{}
+		if err := store.Decode(kvs[0], nw); err != nil {
+			return nil, err
+		}
+		refs.networks = append(refs.networks, nw)
+		refs.networkRevs = append(refs.networkRevs, kvs[0].ModRevision)
+	}
+	return refs, nil
+}
+
+// errRetry says a create lost a race and must re-read and try again.
+var errRetry = errors.New("retry")
+
+// createVM makes a VM in one etcd transaction: spec, status with
+// addresses, user-data, name index, request id and a first event, under
+// compares that keep name and addresses unique and the referenced objects
+// in place.
+func (s *Server) createVM(ctx context.Context, req *minicloudv1.CreateVMRequest) (*minicloudv1.VM, error) {
+	project, err := projectOf(req.GetProject())
+	if err != nil {
+		return nil, err
+	}
+	spec, err := validateVMCreate(req)
+	if err != nil {
+		return nil, err
+	}
+	for range maxTxnAttempts {
+		vm, err := s.tryCreateVM(ctx, project, req, spec)
+		if !errors.Is(err, errRetry) {
+			return vm, err
+		}
+	}
+	return nil, tooMuchContention("create vm " + req.GetName())
+}
+
+func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, base *minicloudv1.VMSpec) (*minicloudv1.VM, error) {
+	refs, err := s.readCreateRefs(ctx, project, req, base)
+	if refs != nil && refs.existingID != "" {
+		// A retry of a create that went through: answer with that VM, even
+		// if a referenced object has been deleted since.
+		vm, err := store.GetVM(ctx, s.etcd, refs.existingID)
+		if err == nil || !errdefs.IsNotFound(err) {
+			return vm, err
+		}
+		// That VM is gone: this request id makes a new one.
+	}
+	if err != nil {
+		return nil, err
+	}
+	if refs.nameTaken {
+		return nil, errdefs.AlreadyExists("vm %s already exists in project %s", req.GetName(), project)
+	}
+	if min := refs.image.GetMinDiskGib(); min > refs.flavor.GetDiskGib() {
+		return nil, errdefs.Invalid("image %s needs a disk of at least %d GiB; flavor %s has %d GiB: choose a larger flavor", base.Image, min, base.Flavor, refs.flavor.GetDiskGib())
+	}
+
+	now := time.Now()
+	spec := proto.CloneOf(base)
+	spec.Resources = &minicloudv1.Resources{Vcpus: refs.flavor.GetVcpus(), MemoryMib: refs.flavor.GetMemoryMib(), DiskGib: refs.flavor.GetDiskGib()}
+	spec.RequiredHypervisor = refs.image.GetRequiredHypervisor()
+	vm := &minicloudv1.VM{
+		Meta: &minicloudv1.ObjectMeta{Id: newID(), Name: req.GetName(), Project: project, CreateTime: timestamppb.New(now)},
+		Spec: spec,
+		Status: &minicloudv1.VMStatus{
+			Phase:      minicloudv1.VMPhase_VM_PHASE_PENDING,
+			Reason:     "Created",
+			Message:    "waiting for the scheduler to choose a host",
+			UpdateTime: timestamppb.New(now),
+		},
+	}
+	id := vm.Meta.Id
+
+	cmps := []clientv3.Cmp{
+		store.Absent(store.VMNameKey(project, req.GetName())),
+		store.Exists(store.ImageKey(spec.Image)),
+		store.Unchanged(store.FlavorKey(spec.Flavor), refs.flavorRev),
+	}
+	if spec.ServerGroup != "" {
+		cmps = append(cmps, store.Exists(store.ServerGroupKey(project, spec.ServerGroup)))
+	}
+	var ops []clientv3.Op
+	for i, nw := range refs.networks {
+		r, err := s.ipam.Reserve(ctx, nw)
+		if err != nil {
+			return nil, err
+		}
+		defer r.Done()
+		cmps = append(cmps, store.Unchanged(store.NetworkKey(project, nw.GetMeta().GetName()), refs.networkRevs[i]), r.Cmp())
+		ops = append(ops, r.Op(id))
+		vm.Status.Addresses = append(vm.Status.Addresses, &minicloudv1.VMAddress{
+			Network:      nw.GetMeta().GetName(),
+			Ip:           r.Addr.String(),
+			PrefixLength: int32(r.Prefix.Bits()),
+			Gateway:      r.Gateway.String(),
+			Mac:          ipam.MAC(id, nw.GetMeta().GetId()),
+			Bridge:       nw.GetBridge(),
+			Mtu:          nw.GetMtu(),
+		})
+	}
+	specOp, err := store.VMSpecOp(vm)
+	if err != nil {
+		return nil, err
+	}
+	statusOp, err := store.VMStatusOp(id, vm.Status)
+	if err != nil {
+		return nil, err
+	}
+	ops = append(ops, specOp, statusOp, clientv3.OpPut(store.VMNameKey(project, req.GetName()), id))
+	if len(req.GetUserData()) > 0 {
+		ops = append(ops, clientv3.OpPut(store.VMUserDataKey(id), string(req.GetUserData())))
+	}
+	var lease clientv3.LeaseID
+	if rid := req.GetRequestId(); rid != "" {
+		if lease, err = s.leases.get(ctx); err != nil {
+			return nil, err
+		}
+		cmps = append(cmps, store.Unchanged(store.VMRequestKey(project, rid), refs.requestRev))
+		ops = append(ops, clientv3.OpPut(store.VMRequestKey(project, rid), id, clientv3.WithLease(lease)))
+	}
+	evOps, err := store.EventOps(id, now, &minicloudv1.Event{
+		Type: "Normal", Reason: "Created", Source: "api",
+		Message: fmt.Sprintf("vm %s created with image %s, flavor %s, addresses %s", vm.Meta.Name, spec.Image, spec.Flavor, addressList(vm.Status.Addresses)),
+	})
+	if err != nil {
+		return nil, err
+	}
+	ops = append(ops, evOps...)
+
+	rev, ok, err := store.Commit(ctx, s.etcd, cmps, ops)
+	if err != nil {
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			s.leases.forget(lease)
+			return nil, errRetry
+		}
+		return nil, err
+	}
+	if !ok {
+		return nil, errRetry
+	}
+	vm.Meta.ResourceVersion, vm.Status.StatusVersion = rev, rev
+	s.log.Info("vm created", "vm", vm.Meta.Name, "project", project, "id", id, "rev", rev)
+	return vm, nil
+}
+
+func addressList(addrs []*minicloudv1.VMAddress) string {
+	out := ""
+	for i, a := range addrs {
+		if i > 0 {
+			out += ", "
+		}
+		out += a.GetIp() + " on " + a.GetNetwork()
+	}
+	return out
+}
