@@ -3,6 +3,8 @@ package store
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -123,15 +125,24 @@ func ReleaseClaimOps(s ClaimState) ([]clientv3.Cmp, []clientv3.Op, error) {
 }
 
 // maxReleaseAttempts bounds ReleaseClaim's retries on conflict; each
-// conflict means another writer changed the host's allocation meanwhile.
-const maxReleaseAttempts = 16
+// conflict means another writer changed the host's allocation meanwhile
+// (so someone made progress), and a short random pause between attempts
+// spreads out writers that collide repeatedly.
+const maxReleaseAttempts = 64
 
 // ReleaseClaim removes VM vmID's claim on host and subtracts it from the
 // host's allocation, atomically. It is idempotent: without a claim it does
 // nothing and returns nil. It retries on concurrent changes to the host's
 // allocation and returns a Conflict error if it keeps losing.
 func ReleaseClaim(ctx context.Context, kv clientv3.KV, host, vmID string) error {
-	for range maxReleaseAttempts {
+	for attempt := range maxReleaseAttempts {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return errdefs.Wrap(errdefs.KindUnavailable, ctx.Err(), "release claim of vm %s on host %s", vmID, host)
+			case <-time.After(time.Duration(rand.Int64N(int64(min(attempt, 10)) * int64(time.Millisecond)))):
+			}
+		}
 		s, err := ReadClaimState(ctx, kv, host, vmID)
 		if err != nil {
 			return err
