@@ -93,12 +93,12 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 		return nil, errdefs.Invalid("spec.flavor is required: choose one from `minicloud flavor list`")
 	}
 	for field, set := range map[string]bool{
-		"spec.has_user_data":      in.GetHasUserData(),
-		"spec.user_data_size":     in.GetUserDataSize() != 0,
-		"spec.deletion_requested": in.GetDeletionRequested(),
-		"spec.deletion_time":      in.GetDeletionTime() != nil,
-		"spec.resources":          in.GetResources() != nil,
-		"spec.reboot_generation":  in.GetRebootGeneration() != 0,
+		"spec.has_user_data":       in.GetHasUserData(),
+		"spec.user_data_size":      in.GetUserDataSize() != 0,
+		"spec.deletion_requested":  in.GetDeletionRequested(),
+		"spec.deletion_time":       in.GetDeletionTime() != nil,
+		"spec.resources":           in.GetResources() != nil,
+		"spec.reboot_generation":   in.GetRebootGeneration() != 0,
 		"spec.required_hypervisor": in.GetRequiredHypervisor() != "",
 	} {
 		if set {

@@ -51,7 +51,9 @@ func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicl
 	if err != nil {
 		return nil, err
 	}
-	rr := func(i int) *clientv3.GetResponse { return (*clientv3.GetResponse)(resp.Responses[i].GetResponseRange()) }
+	rr := func(i int) *clientv3.GetResponse {
+		return (*clientv3.GetResponse)(resp.Responses[i].GetResponseRange())
+	}
 	refs := &createRefs{}
 	if req.GetRequestId() != "" {
 		if kvs := rr(5).Kvs; len(kvs) > 0 {

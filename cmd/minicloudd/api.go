@@ -1,0 +1,103 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/minicloud/minicloud/pkg/apiserver"
+)
+
+const shutdownGrace = 10 * time.Second
+
+// apiFlags configure the API role.
+type apiFlags struct {
+	listen        string
+	metricsListen string
+	dataDir       string
+	etcd          etcdFlags
+}
+
+func (f *apiFlags) addFlags(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.listen, "listen", "127.0.0.1:8640", "gRPC API listen address")
+	cmd.Flags().StringVar(&f.metricsListen, "metrics-listen", "127.0.0.1:8641", "HTTP listen address for /metrics and /healthz (empty: off)")
+	cmd.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (images in DIR/images, embedded etcd in DIR/etcd)")
+	f.etcd.addFlags(cmd.Flags())
+}
+
+func newAPICommand() *cobra.Command {
+	var f apiFlags
+	cmd := &cobra.Command{
+		Use:   "api",
+		Short: "Run the API server against an etcd cluster",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			conn, err := f.etcd.open(cmd.Context(), f.dataDir, false)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			return runAPI(cmd.Context(), f, conn.Client, nil)
+		},
+	}
+	f.addFlags(cmd)
+	return cmd
+}
+
+// runAPI serves the API until ctx ends. ready, if set, is closed once the
+// listeners are open.
+func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- struct{}) error {
+	srv, err := apiserver.New(apiserver.Config{
+		Client:   cli,
+		ImageDir: filepath.Join(f.dataDir, "images"),
+		Logger:   slog.Default(),
+	})
+	if err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", f.listen)
+	if err != nil {
+		return fmt.Errorf("API listen on %s: %w", f.listen, err)
+	}
+	var metrics *http.Server
+	if f.metricsListen != "" {
+		mlis, err := net.Listen("tcp", f.metricsListen)
+		if err != nil {
+			lis.Close()
+			return fmt.Errorf("metrics listen on %s: %w", f.metricsListen, err)
+		}
+		metrics = &http.Server{Handler: srv.MetricsHandler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			slog.Info("serving metrics", "addr", mlis.Addr().String())
+			if err := metrics.Serve(mlis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				slog.Error("metrics server", "err", err)
+			}
+		}()
+	}
+	if ready != nil {
+		close(ready)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(lis) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("API server: %w", err)
+	case <-ctx.Done():
+	}
+	slog.Info("shutting down API server")
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if metrics != nil {
+		_ = metrics.Shutdown(sctx)
+	}
+	srv.Stop(sctx)
+	return nil
+}
