@@ -1,0 +1,181 @@
+// Package disk manages VM disks on a hypervisor host: qcow2 overlays backed
+// by an image in the image cache, so that a VM's disk is copy-on-write and a
+// create costs milliseconds, never a copy of the image.
+//
+// Every operation is idempotent and crash-safe: an overlay is created under
+// a temporary name and renamed into place, so a path either does not exist
+// or is a complete overlay; a crash leaves at most a temporary file that List
+// reports for garbage collection.
+package disk
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// tmpSuffix marks an overlay being created.
+const tmpSuffix = ".tmp"
+
+// Info is what qemu-img reports about a disk file.
+type Info struct {
+	Format        string // "qcow2", "raw"
+	VirtualSize   int64  // guest-visible bytes
+	ActualSize    int64  // bytes allocated on the host
+	BackingFile   string // absolute, "" when none
+	BackingFormat string
+}
+
+// CreateOverlay makes path a qcow2 overlay of backingPath (format
+// backingFormat: "qcow2" or "raw") with a virtual size of sizeBytes (0: the
+// backing file's size). When path already is an overlay of the same backing
+// file it is left untouched (the guest's writes live there); when it is
+// something else the call fails with errdefs.Conflict rather than destroying
+// data. A size smaller than the backing file is refused.
+func CreateOverlay(ctx context.Context, path, backingPath, backingFormat string, sizeBytes int64) error {
+	if !filepath.IsAbs(path) || !filepath.IsAbs(backingPath) {
+		return errdefs.Invalid("create overlay %s: overlay and backing paths must be absolute (backing %q)", path, backingPath)
+	}
+	if backingFormat != "qcow2" && backingFormat != "raw" {
+		return errdefs.Invalid("create overlay %s: backing format must be qcow2 or raw, got %q", path, backingFormat)
+	}
+	if sizeBytes < 0 {
+		return errdefs.Invalid("create overlay %s: negative size %d", path, sizeBytes)
+	}
+	backing, err := Inspect(ctx, backingPath)
+	if err != nil {
+		return fmt.Errorf("create overlay %s: %w", path, err)
+	}
+	if backing.Format != backingFormat {
+		return errdefs.Invalid("create overlay %s: backing file %s is %s, not %s", path, backingPath, backing.Format, backingFormat)
+	}
+	if sizeBytes != 0 && sizeBytes < backing.VirtualSize {
+		return errdefs.Invalid("create overlay %s: size %d is smaller than the image (%d bytes)", path, sizeBytes, backing.VirtualSize)
+	}
+
+	if existing, err := Inspect(ctx, path); err == nil {
+		if existing.Format == "qcow2" && existing.BackingFile == backingPath {
+			return nil
+		}
+		return errdefs.Conflict("create overlay %s: a different disk exists there (format %s, backing %q)", path, existing.Format, existing.BackingFile)
+	} else if !errdefs.IsNotFound(err) {
+		return fmt.Errorf("create overlay %s: %w", path, err)
+	}
+
+	tmp := path + tmpSuffix
+	_ = os.Remove(tmp) // left by a crash: never a finished disk
+	args := []string{"create", "-q", "-f", "qcow2", "-F", backingFormat, "-b", backingPath, tmp}
+	if sizeBytes != 0 {
+		args = append(args, fmt.Sprint(sizeBytes))
+	}
+	if out, err := exec.CommandContext(ctx, "qemu-img", args...).CombinedOutput(); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("create overlay %s: qemu-img create: %w: %s", path, err, strings.TrimSpace(string(out)))
+	}
+	if err := syncFile(tmp); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("create overlay %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("create overlay %s: %w", path, err)
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+// Remove deletes a disk (and a leftover temporary of it). Absent is fine.
+func Remove(path string) error {
+	for _, p := range []string{path + tmpSuffix, path} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove disk %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// List returns the disk files directly inside dir whose name ends in suffix
+// (e.g. ".qcow2"), plus the temporaries a crash left behind (names ending in
+// suffix+".tmp"), for the caller to compare with the VMs it should have.
+// A missing dir lists as empty.
+func List(dir, suffix string) ([]string, error) {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list disks in %s: %w", dir, err)
+	}
+	var out []string
+	for _, e := range ents {
+		n := e.Name()
+		if e.Type().IsRegular() && (strings.HasSuffix(n, suffix) || strings.HasSuffix(n, suffix+tmpSuffix)) {
+			out = append(out, filepath.Join(dir, n))
+		}
+	}
+	return out, nil
+}
+
+// Inspect reads a disk file's header with qemu-img (no backing chain is
+// opened). A missing file is errdefs.NotFound.
+func Inspect(ctx context.Context, path string) (Info, error) {
+	if _, err := os.Stat(path); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return Info{}, errdefs.NotFound("disk %s does not exist", path)
+		}
+		return Info{}, fmt.Errorf("inspect disk %s: %w", path, err)
+	}
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "--output=json", "-U", path).Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return Info{}, fmt.Errorf("inspect disk %s: qemu-img info: %w: %s", path, err, strings.TrimSpace(string(ee.Stderr)))
+		}
+		return Info{}, fmt.Errorf("inspect disk %s: qemu-img info: %w", path, err)
+	}
+	var raw struct {
+		Format                string `json:"format"`
+		VirtualSize           int64  `json:"virtual-size"`
+		ActualSize            int64  `json:"actual-size"`
+		BackingFilename       string `json:"backing-filename"`
+		FullBackingFilename   string `json:"full-backing-filename"`
+		BackingFilenameFormat string `json:"backing-filename-format"`
+	}
+	if err := json.Unmarshal(out, &raw); err != nil {
+		return Info{}, fmt.Errorf("inspect disk %s: parse qemu-img info: %w", path, err)
+	}
+	backing := raw.FullBackingFilename
+	if backing == "" {
+		backing = raw.BackingFilename
+	}
+	return Info{Format: raw.Format, VirtualSize: raw.VirtualSize, ActualSize: raw.ActualSize,
+		BackingFile: backing, BackingFormat: raw.BackingFilenameFormat}, nil
+}
+
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
+}

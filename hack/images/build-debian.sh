@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Builds the "debian" cloud image: a debootstrapped Debian 12 with the real
+# cloud-init and openssh-server, as a qcow2 disk (ext4 directly on /dev/vda,
+# no partition table) plus the kernel and initrd for direct boot:
+#
+#   images/out/debian/{disk.qcow2,vmlinuz,initrd.img,cmdline,build-hash}
+#
+# Needs root (debootstrap chroots) but no loop mount: the file system is made
+# from the directory with `mkfs.ext4 -d`. The result is cached by a hash of
+# this script, lib.sh and the package list; a second run takes a second.
+# Slow the first time (minutes): it downloads and installs ~150 packages
+# from the mirror this machine's apt already uses.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lib.sh
+source "$here/lib.sh"
+
+root_dir=$(cd "$here/../.." && pwd)
+out=${OUT:-$root_dir/images/out/debian}
+suite=bookworm
+disk_size=${DISK_SIZE:-2G}
+base_packages=(systemd-sysv udev kmod dbus iproute2 netbase ifupdown isc-dhcp-client)
+packages=(
+	linux-image-amd64 initramfs-tools
+	cloud-init cloud-guest-utils openssh-server sudo ca-certificates
+	less procps
+)
+cmdline="root=/dev/vda rw console=ttyS0"
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (debootstrap needs chroot)"
+for tool in debootstrap mkfs.ext4 qemu-img; do
+	command -v "$tool" >/dev/null || die "$tool missing: run hack/setup-host.sh"
+done
+
+hash=$(cat "$0" "$here/lib.sh" | sha256sum | cut -c1-16)
+if [[ -f $out/build-hash && $(cat "$out/build-hash") == "$hash" &&
+	-f $out/disk.qcow2 && -f $out/vmlinuz && -f $out/initrd.img ]]; then
+	log "cached ($hash): $out"
+	exit 0
+fi
+
+mirror=$(debian_mirror "$suite")
+security=$(MIRROR='' debian_mirror "$suite-security" 2>/dev/null || true)
+log "building $suite from $mirror"
+start=$(date +%s)
+
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/mc-debian.XXXXXX")
+rootfs=$work/rootfs
+unmount_rootfs() {
+	local m
+	for m in $(awk -v r="$rootfs" '$2 ~ "^"r {print $2}' /proc/mounts | sort -r); do
+		umount -l "$m" || true
+	done
+}
+cleanup() {
+	# debootstrap and we mount proc/sys/dev inside the target; never leave
+	# them behind, and never rm -rf through a live mount (it would empty the
+	# host's /dev).
+	unmount_rootfs
+	if awk -v r="$rootfs" '$2 ~ "^"r {found=1} END {exit !found}' /proc/mounts; then
+		echo "build-debian.sh: mounts remain under $rootfs; not removing $work" >&2
+		return
+	fi
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Two stages: debootstrap lays down a bootable base with few extras (its own
+# --include resolver configures packages in a poor order and fails on
+# python3-cryptography), then apt inside the chroot installs the rest.
+debootstrap --variant=minbase --components=main \
+	--include="$(
+		IFS=,
+		echo "${base_packages[*]}"
+	)" \
+	"$suite" "$rootfs" "$mirror" >"$work/build.log" 2>&1 || {
+	cp "$rootfs/debootstrap/debootstrap.log" "${TMPDIR:-/tmp}/mc-debian-debootstrap.log" 2>/dev/null || true
+	tail -n 40 "$work/build.log" >&2
+	die "debootstrap failed (log: ${TMPDIR:-/tmp}/mc-debian-debootstrap.log)"
+}
+
+# Services must not start inside the chroot, and package scripts need the
+# pseudo file systems (bind mounts, not loop devices).
+printf '#!/bin/sh\nexit 101\n' >"$rootfs/usr/sbin/policy-rc.d"
+chmod 0755 "$rootfs/usr/sbin/policy-rc.d"
+for fs in proc sys dev; do
+	mkdir -p "$rootfs/$fs"
+	mount --bind "/$fs" "$rootfs/$fs"
+done
+# Ignore the host's resolv.conf: the mirror is reached the way apt here does.
+cp /etc/resolv.conf "$rootfs/etc/resolv.conf" 2>/dev/null || true
+echo "deb $mirror $suite main" >"$rootfs/etc/apt/sources.list"
+{
+	chroot "$rootfs" apt-get update -qq &&
+		DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get install -y -qq --no-install-recommends "${packages[@]}"
+} >>"$work/build.log" 2>&1 || {
+	cp "$work/build.log" "${TMPDIR:-/tmp}/mc-debian-build.log"
+	tail -n 40 "$work/build.log" >&2
+	die "package install failed (log: ${TMPDIR:-/tmp}/mc-debian-build.log)"
+}
+rm -f "$rootfs/usr/sbin/policy-rc.d"
+
+# ---- configuration inside the image ---------------------------------------
+# apt sources: the same mirror (with updates/security), so `apt-get` inside a guest behaves like here.
+{
+	echo "deb $mirror $suite main"
+	echo "deb $mirror $suite-updates main"
+	if [[ -n $security ]]; then echo "deb $security $suite-security main"; fi
+} >"$rootfs/etc/apt/sources.list"
+
+echo "/dev/vda / ext4 defaults,errors=remount-ro 0 1" >"$rootfs/etc/fstab"
+echo "localhost" >"$rootfs/etc/hostname"
+# machine-id must be unique per VM: empty means "generate on first boot".
+: >"$rootfs/etc/machine-id"
+rm -f "$rootfs/var/lib/dbus/machine-id"
+# Host keys are per VM too: cloud-init (ssh module) generates them.
+rm -f "$rootfs"/etc/ssh/ssh_host_*
+
+# Network: DHCP on the first NIC even without metadata (cloud-init's fallback
+# does the same; this covers a VM whose metadata service is unreachable).
+cat >"$rootfs/etc/network/interfaces" <<'EOF'
+source /etc/network/interfaces.d/*
+auto lo
+iface lo inet loopback
+EOF
+mkdir -p "$rootfs/etc/network/interfaces.d"
+
+# cloud-init: look only where minicloud publishes (config drive, then the
+# metadata service at 169.254.169.254), so boot never waits on EC2/GCE probes.
+cat >"$rootfs/etc/cloud/cloud.cfg.d/90-minicloud.cfg" <<'EOF'
+datasource_list: [ ConfigDrive, OpenStack, NoCloud, None ]
+datasource:
+  OpenStack:
+    metadata_urls: [ "http://169.254.169.254" ]
+    max_wait: 30
+    timeout: 5
+    retries: 3
+    apply_network_config: true
+EOF
+# Serial console login for debugging; the kernel already logs to ttyS0.
+mkdir -p "$rootfs/etc/systemd/system/getty.target.wants"
+ln -sf /lib/systemd/system/serial-getty@.service \
+	"$rootfs/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service"
+
+# initrd with the virtio drivers (direct boot reads /dev/vda).
+cat >"$rootfs/etc/initramfs-tools/conf.d/minicloud" <<'EOF'
+MODULES=most
+EOF
+kver=$(latest_kernel "$rootfs")
+chroot "$rootfs" update-initramfs -u -k "$kver" >/dev/null
+
+# Trim what a VM never needs.
+chroot "$rootfs" apt-get clean
+rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/* "$rootfs"/var/log/*.log
+
+# ---- artifacts --------------------------------------------------------------
+mkdir -p "$out"
+install -m 0644 "$rootfs/boot/vmlinuz-$kver" "$work/vmlinuz"
+install -m 0644 "$rootfs/boot/initrd.img-$kver" "$work/initrd.img"
+unmount_rootfs
+rm -f "$rootfs/etc/resolv.conf"
+truncate -s "$disk_size" "$work/disk.raw"
+mkfs.ext4 -q -L rootfs -d "$rootfs" "$work/disk.raw"
+qemu-img convert -O qcow2 "$work/disk.raw" "$work/disk.qcow2"
+
+mv -f "$work/disk.qcow2" "$out/disk.qcow2"
+mv -f "$work/vmlinuz" "$out/vmlinuz"
+mv -f "$work/initrd.img" "$out/initrd.img"
+echo "$cmdline" >"$out/cmdline"
+echo "$hash" >"$out/build-hash"
+log "built in $(($(date +%s) - start))s: $(du -h "$out/disk.qcow2" | cut -f1) disk.qcow2 (virtual $disk_size), kernel $kver"

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Prepares a hypervisor host for minicloud: host packages, libvirtd/virtlogd
+# running, /dev/kvm usable by the QEMU user. Run as root by `make up` and by
+# CI on a fresh machine. Idempotent: every step checks before it acts, so a
+# second run changes nothing and takes well under a second.
+#
+# There is no systemd on these machines, so the daemons are started directly
+# (`libvirtd -d`, `virtlogd -d`) when they are not already running.
+set -euo pipefail
+
+log() { echo "setup-host: $*" >&2; }
+
+if [[ $(id -u) -ne 0 ]]; then
+	echo "setup-host: must run as root" >&2
+	exit 1
+fi
+
+# ---- packages -------------------------------------------------------------
+packages=(
+	libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
+	nftables iproute2 busybox-static linux-image-amd64 cpio e2fsprogs
+	debootstrap etcd-server etcd-client
+)
+missing=()
+for p in "${packages[@]}"; do
+	# "install ok installed" only: a package in "config-files" state is gone.
+	if [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) != "install ok installed" ]]; then
+		missing+=("$p")
+	fi
+done
+if ((${#missing[@]})); then
+	log "installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	# Package scripts try to start services through invoke-rc.d; without an
+	# init system that fails, so tell them not to (we start daemons below).
+	policy=/usr/sbin/policy-rc.d
+	created_policy=0
+	if [[ ! -e $policy ]]; then
+		printf '#!/bin/sh\nexit 101\n' >"$policy"
+		chmod 0755 "$policy"
+		created_policy=1
+	fi
+	apt-get install -y -qq --no-install-recommends "${missing[@]}"
+	if ((created_policy)); then rm -f "$policy"; fi
+fi
+
+# ---- /dev/kvm ---------------------------------------------------------------
+# libvirt validates its cached QEMU capabilities on every connection/domain
+# operation; part of that check is "can the QEMU user (libvirt-qemu) open
+# /dev/kvm". When the answer differs from the one recorded in the cache, the
+# cache is thrown away and QEMU is probed again, which takes tens of seconds
+# under nested virtualisation and made every create take ~45 s.
+#
+# We make /dev/kvm world read-write (0666) rather than running QEMU as root
+# (user = "root" in qemu.conf): guests are hostile tenants, so their QEMU
+# processes keep running as the unprivileged libvirt-qemu user, and a
+# read-write /dev/kvm only lets local users create their own VMs, which is the
+# default on Debian/Ubuntu desktops (udev rule 0666 in systemd >= 248 too).
+# Whether KVM actually runs guests here is a separate question, answered by the
+# agent's probe (agent/hypervisor/libvirt: KVM_RUN of a HLT), not by this file.
+if [[ ! -e /dev/kvm ]]; then
+	# No KVM module/device: libvirt will only offer TCG, which is what the
+	# agent falls back to. Nothing to fix.
+	log "/dev/kvm absent: guests will run under TCG"
+elif [[ $(stat -c %a /dev/kvm) != 666 ]]; then
+	chmod 0666 /dev/kvm
+	# A capabilities cache written while /dev/kvm was not accessible would
+	# be judged stale on the next call anyway; drop it so the first probe
+	# happens now, once, instead of in the middle of a create.
+	rm -rf /var/cache/libvirt/qemu/capabilities
+	log "/dev/kvm made 0666"
+fi
+
+# ---- daemons ----------------------------------------------------------------
+mkdir -p /var/run/libvirt /var/log/libvirt
+if ! pgrep -x virtlogd >/dev/null; then
+	log "starting virtlogd"
+	virtlogd -d
+fi
+sock=/var/run/libvirt/libvirt-sock
+if ! pgrep -x libvirtd >/dev/null; then
+	log "starting libvirtd"
+	libvirtd -d
+fi
+# Wait for the socket to accept connections, not merely to exist: a stale
+# socket file survives a killed libvirtd.
+for _ in $(seq 1 300); do
+	if [[ -S $sock ]] && virsh -c qemu:///system version >/dev/null 2>&1; then
+		break
+	fi
+	sleep 0.1
+done
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+	echo "setup-host: libvirtd did not come up on $sock" >&2
+	exit 1
+fi
+
+# Warm libvirt's QEMU capabilities cache now (one probe, a few seconds), so
+# that the first VM create does not pay for it.
+virsh -c qemu:///system domcapabilities --virttype qemu >/dev/null
+
+log "ready (libvirt $(virsh -c qemu:///system version --daemon 2>/dev/null | awk '/daemon/ {print $NF}'))"
