@@ -1,0 +1,281 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/client"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// uploadChunkSize is the data per CreateImage message (under gRPC's 4 MiB
+// default message limit).
+const uploadChunkSize = 1 << 20
+
+func (a *app) newImageCommand() *cobra.Command {
+	cmd := groupCommand(&cobra.Command{Use: "image", Short: "Manage guest images"})
+	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
+		resp, err := c.Images.ListImages(ctx, &minicloudv1.ListImagesRequest{})
+		var names []string
+		for _, i := range resp.GetImages() {
+			names = append(names, i.GetMeta().GetName())
+		}
+		return names, err
+	})
+
+	create := &cobra.Command{
+		Use:   "create NAME --file PATH [--kernel PATH --initrd PATH --cmdline S]",
+		Short: "Upload an image (qcow2 or raw, detected from the content)",
+		Args:  exactArgs("NAME"),
+	}
+	var file, kernel, initrd string
+	var hdr minicloudv1.CreateImageHeader
+	create.Flags().StringVar(&file, "file", "", "disk image (qcow2 or raw)")
+	create.Flags().StringVar(&kernel, "kernel", "", "kernel for direct boot")
+	create.Flags().StringVar(&initrd, "initrd", "", "initrd for direct boot (needs --kernel)")
+	create.Flags().StringVar(&hdr.Cmdline, "cmdline", "", "kernel command line for direct boot (needs --kernel)")
+	create.Flags().Int64Var(&hdr.MinDiskGib, "min-disk-gib", 0, "smallest root disk the image needs (default: its virtual size)")
+	create.Flags().StringVar(&hdr.RequiredHypervisor, "required-hypervisor", "", "kvm or tcg if the image only runs on one")
+	createOut := addOutputFlag(create)
+	create.RunE = func(cmd *cobra.Command, args []string) error {
+		if err := requireFlags(cmd, "file"); err != nil {
+			return err
+		}
+		if kernel == "" && (initrd != "" || hdr.Cmdline != "") {
+			return usagef("--initrd and --cmdline need --kernel")
+		}
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		hdr.Name = args[0]
+		img, err := a.uploadImage(cmd.Context(), c, &hdr, file, kernel, initrd)
+		if err != nil {
+			return err
+		}
+		return printMessage(a.out, *createOut, img, func(w io.Writer) error { return imageTable(w, []*minicloudv1.Image{img}) })
+	}
+
+	list := &cobra.Command{Use: "list", Short: "List images", Args: noArgs}
+	listOut := addOutputFlag(list)
+	list.RunE = func(cmd *cobra.Command, _ []string) error {
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		resp, err := c.Images.ListImages(cmd.Context(), &minicloudv1.ListImagesRequest{})
+		if err != nil {
+			return err
+		}
+		return printMessage(a.out, *listOut, resp, func(w io.Writer) error { return imageTable(w, resp.GetImages()) })
+	}
+
+	show := &cobra.Command{Use: "show NAME", Short: "Show an image", Args: exactArgs("NAME"), ValidArgsFunction: complete}
+	showOut := addOutputFlag(show)
+	show.RunE = func(cmd *cobra.Command, args []string) error {
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		img, err := c.Images.GetImage(cmd.Context(), &minicloudv1.GetImageRequest{Name: args[0]})
+		if err != nil {
+			return err
+		}
+		return printMessage(a.out, *showOut, img, func(w io.Writer) error { return imageDetails(w, img) })
+	}
+
+	del := &cobra.Command{Use: "delete NAME", Short: "Delete an image no VM uses", Args: exactArgs("NAME"), ValidArgsFunction: complete}
+	del.RunE = func(cmd *cobra.Command, args []string) error {
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		if _, err := c.Images.DeleteImage(cmd.Context(), &minicloudv1.DeleteImageRequest{Name: args[0]}); err != nil {
+			return err
+		}
+		fmt.Fprintf(a.out, "image %s deleted\n", args[0])
+		return nil
+	}
+	cmd.AddCommand(create, list, show, del)
+	return cmd
+}
+
+// imagePart is one file to upload.
+type imagePart struct {
+	part minicloudv1.ImagePart
+	path string
+	f    *os.File
+	size int64
+	sum  string // hex sha256, known after sending
+}
+
+// uploadImage streams the header and the parts, and checks that the server
+// stored exactly the bytes that were read (same sha256).
+func (a *app) uploadImage(ctx context.Context, c *client.Client, hdr *minicloudv1.CreateImageHeader, disk, kernel, initrd string) (*minicloudv1.Image, error) {
+	var parts []*imagePart
+	for _, p := range []imagePart{
+		{part: minicloudv1.ImagePart_IMAGE_PART_DISK, path: disk},
+		{part: minicloudv1.ImagePart_IMAGE_PART_KERNEL, path: kernel},
+		{part: minicloudv1.ImagePart_IMAGE_PART_INITRD, path: initrd},
+	} {
+		if p.path == "" {
+			continue
+		}
+		f, err := os.Open(p.path)
+		if err != nil {
+			return nil, usagef("%v", err)
+		}
+		defer f.Close()
+		st, err := f.Stat()
+		if err != nil {
+			return nil, fmt.Errorf("stat %s: %w", p.path, err)
+		}
+		if !st.Mode().IsRegular() {
+			return nil, usagef("%s is not a regular file", p.path)
+		}
+		p.f, p.size = f, st.Size()
+		parts = append(parts, &p)
+	}
+	var total int64
+	for _, p := range parts {
+		total += p.size
+		switch p.part {
+		case minicloudv1.ImagePart_IMAGE_PART_DISK:
+			hdr.DiskSizeBytes = p.size
+		case minicloudv1.ImagePart_IMAGE_PART_KERNEL:
+			hdr.KernelSizeBytes = p.size
+		case minicloudv1.ImagePart_IMAGE_PART_INITRD:
+			hdr.InitrdSizeBytes = p.size
+		}
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // on failure this tells the server to drop the upload
+	stream, err := c.Images.CreateImage(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// A failed Send means the server ended the call; CloseAndRecv says why.
+	serverErr := func() error {
+		_, err := stream.CloseAndRecv()
+		if err == nil {
+			err = errors.New("server closed the upload early")
+		}
+		return err
+	}
+	if err := stream.Send(&minicloudv1.CreateImageRequest{Msg: &minicloudv1.CreateImageRequest_Header{Header: hdr}}); err != nil {
+		return nil, serverErr()
+	}
+	prog := newProgress(a.errOut, a.errIsTerminal, hdr.Name, total)
+	buf := make([]byte, uploadChunkSize)
+	for _, p := range parts {
+		h := sha256.New()
+		for {
+			n, rerr := p.f.Read(buf)
+			if n > 0 {
+				h.Write(buf[:n])
+				msg := &minicloudv1.CreateImageRequest{Msg: &minicloudv1.CreateImageRequest_Chunk{Chunk: &minicloudv1.ImageChunk{Part: p.part, Data: buf[:n]}}}
+				if err := stream.Send(msg); err != nil {
+					return nil, serverErr()
+				}
+				prog.add(n)
+			}
+			if errors.Is(rerr, io.EOF) {
+				break
+			}
+			if rerr != nil {
+				return nil, fmt.Errorf("read %s: %w", p.path, rerr)
+			}
+		}
+		p.sum = hex.EncodeToString(h.Sum(nil))
+	}
+	img, err := stream.CloseAndRecv()
+	if err != nil {
+		return nil, err
+	}
+	prog.finish()
+	for _, p := range parts {
+		var stored *minicloudv1.ImageBlob
+		switch p.part {
+		case minicloudv1.ImagePart_IMAGE_PART_DISK:
+			stored = img.GetDisk()
+		case minicloudv1.ImagePart_IMAGE_PART_KERNEL:
+			stored = img.GetKernel()
+		case minicloudv1.ImagePart_IMAGE_PART_INITRD:
+			stored = img.GetInitrd()
+		}
+		if stored.GetSha256() != p.sum {
+			return nil, errdefs.Internal("image %s: server stored %s with sha256 %s, but %s has sha256 %s", hdr.Name, p.path, stored.GetSha256(), p.path, p.sum)
+		}
+	}
+	return img, nil
+}
+
+func imageFormat(f minicloudv1.ImageFormat) string {
+	switch f {
+	case minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2:
+		return "qcow2"
+	case minicloudv1.ImageFormat_IMAGE_FORMAT_RAW:
+		return "raw"
+	}
+	return "-"
+}
+
+func shortSum(s string) string {
+	if len(s) > 12 {
+		return s[:12]
+	}
+	return orDash(s)
+}
+
+func imageTable(w io.Writer, images []*minicloudv1.Image) error {
+	rows := make([][]string, 0, len(images))
+	for _, i := range images {
+		boot := "disk"
+		if i.GetKernel().GetSha256() != "" {
+			boot = "kernel"
+		}
+		rows = append(rows, []string{
+			i.GetMeta().GetName(),
+			imageFormat(i.GetFormat()),
+			bytesIEC(i.GetDisk().GetSizeBytes()),
+			bytesIEC(i.GetVirtualSizeBytes()),
+			strconv.FormatInt(i.GetMinDiskGib(), 10),
+			boot,
+			shortSum(i.GetDisk().GetSha256()),
+			age(i.GetMeta().GetCreateTime()),
+		})
+	}
+	return writeTable(w, []string{"NAME", "FORMAT", "SIZE", "VIRTUAL-SIZE", "MIN-DISK-GIB", "BOOT", "SHA256", "AGE"}, rows)
+}
+
+func imageDetails(w io.Writer, i *minicloudv1.Image) error {
+	blob := func(b *minicloudv1.ImageBlob) string {
+		if b.GetSha256() == "" {
+			return "-"
+		}
+		return fmt.Sprintf("%s (sha256 %s)", bytesIEC(b.GetSizeBytes()), b.GetSha256())
+	}
+	return writeFields(w, []field{
+		{"Name", i.GetMeta().GetName()},
+		{"ID", i.GetMeta().GetId()},
+		{"Format", imageFormat(i.GetFormat())},
+		{"Disk", blob(i.GetDisk())},
+		{"Virtual size", bytesIEC(i.GetVirtualSizeBytes())},
+		{"Min disk GiB", strconv.FormatInt(i.GetMinDiskGib(), 10)},
+		{"Kernel", blob(i.GetKernel())},
+		{"Initrd", blob(i.GetInitrd())},
+		{"Cmdline", orDash(i.GetCmdline())},
+		{"Required hypervisor", orDash(i.GetRequiredHypervisor())},
+		{"Created", timestamp(i.GetMeta().GetCreateTime())},
+	})
+}

@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/client"
+)
+
+func (a *app) newNetworkCommand() *cobra.Command {
+	cmd := groupCommand(&cobra.Command{Use: "network", Short: "Manage networks"})
+	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
+		resp, err := c.Networks.ListNetworks(ctx, &minicloudv1.ListNetworksRequest{Project: a.project()})
+		var names []string
+		for _, n := range resp.GetNetworks() {
+			names = append(names, n.GetMeta().GetName())
+		}
+		return names, err
+	})
+
+	create := &cobra.Command{Use: "create NAME --cidr CIDR", Short: "Create a network", Args: exactArgs("NAME")}
+	var req minicloudv1.CreateNetworkRequest
+	var noNAT bool
+	create.Flags().StringVar(&req.Cidr, "cidr", "", "IPv4 prefix, e.g. 10.88.0.0/24")
+	create.Flags().StringVar(&req.Gateway, "gateway", "", "gateway address (default: first address of the CIDR)")
+	create.Flags().Int32Var(&req.Mtu, "mtu", 0, "MTU (default: the server's)")
+	create.Flags().BoolVar(&noNAT, "no-nat", false, "do not masquerade egress traffic through the host")
+	createOut := addOutputFlag(create)
+	create.RunE = func(cmd *cobra.Command, args []string) error {
+		if err := requireFlags(cmd, "cidr"); err != nil {
+			return err
+		}
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		req.Name, req.Project, req.DisableNat = args[0], a.project(), noNAT
+		n, err := c.Networks.CreateNetwork(cmd.Context(), &req)
+		if err != nil {
+			return err
+		}
+		return printMessage(a.out, *createOut, n, func(w io.Writer) error { return networkTable(w, []*minicloudv1.Network{n}) })
+	}
+
+	list := &cobra.Command{Use: "list", Short: "List networks", Args: noArgs}
+	listOut := addOutputFlag(list)
+	list.RunE = func(cmd *cobra.Command, _ []string) error {
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		resp, err := c.Networks.ListNetworks(cmd.Context(), &minicloudv1.ListNetworksRequest{Project: a.project()})
+		if err != nil {
+			return err
+		}
+		return printMessage(a.out, *listOut, resp, func(w io.Writer) error { return networkTable(w, resp.GetNetworks()) })
+	}
+
+	show := &cobra.Command{Use: "show NAME", Short: "Show a network", Args: exactArgs("NAME"), ValidArgsFunction: complete}
+	showOut := addOutputFlag(show)
+	show.RunE = func(cmd *cobra.Command, args []string) error {
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		n, err := c.Networks.GetNetwork(cmd.Context(), &minicloudv1.GetNetworkRequest{Name: args[0], Project: a.project()})
+		if err != nil {
+			return err
+		}
+		return printMessage(a.out, *showOut, n, func(w io.Writer) error { return networkTable(w, []*minicloudv1.Network{n}) })
+	}
+
+	del := &cobra.Command{Use: "delete NAME", Short: "Delete a network no VM uses", Args: exactArgs("NAME"), ValidArgsFunction: complete}
+	del.RunE = func(cmd *cobra.Command, args []string) error {
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		if _, err := c.Networks.DeleteNetwork(cmd.Context(), &minicloudv1.DeleteNetworkRequest{Name: args[0], Project: a.project()}); err != nil {
+			return err
+		}
+		fmt.Fprintf(a.out, "network %s deleted\n", args[0])
+		return nil
+	}
+	cmd.AddCommand(create, list, show, del)
+	return cmd
+}
+
+func networkTable(w io.Writer, networks []*minicloudv1.Network) error {
+	rows := make([][]string, 0, len(networks))
+	for _, n := range networks {
+		nat := "no"
+		if n.GetNat() {
+			nat = "yes"
+		}
+		mtu := "-"
+		if n.GetMtu() != 0 {
+			mtu = strconv.Itoa(int(n.GetMtu()))
+		}
+		rows = append(rows, []string{
+			n.GetMeta().GetName(), n.GetCidr(), orDash(n.GetGateway()), mtu, nat, orDash(n.GetBridge()), age(n.GetMeta().GetCreateTime()),
+		})
+	}
+	return writeTable(w, []string{"NAME", "CIDR", "GATEWAY", "MTU", "NAT", "BRIDGE", "AGE"}, rows)
+}

@@ -1,0 +1,143 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+	"sigs.k8s.io/yaml"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+)
+
+func fixedNow(t *testing.T, at time.Time) {
+	old := now
+	now = func() time.Time { return at }
+	t.Cleanup(func() { now = old })
+}
+
+func testVMs(created time.Time) []*minicloudv1.VM {
+	return []*minicloudv1.VM{
+		{
+			Meta: &minicloudv1.ObjectMeta{Name: "web1", Project: "default", CreateTime: timestamppb.New(created)},
+			Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small"},
+			Status: &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_RUNNING, Host: "hv1",
+				Addresses: []*minicloudv1.VMAddress{{Network: "default", Ip: "10.99.0.2"}, {Network: "db", Ip: "10.100.0.9"}}},
+		},
+		{
+			Meta:   &minicloudv1.ObjectMeta{Name: "a-much-longer-name", Project: "default", CreateTime: timestamppb.New(created.Add(-3 * time.Hour))},
+			Spec:   &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny"},
+			Status: &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_PENDING},
+		},
+	}
+}
+
+func TestVMTable(t *testing.T) {
+	at := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	fixedNow(t, at.Add(90*time.Second))
+	var buf bytes.Buffer
+	if err := vmTable(&buf, testVMs(at), false); err != nil {
+		t.Fatal(err)
+	}
+	want := `NAME                 PHASE     HOST   ADDRESS                IMAGE    FLAVOR   AGE
+web1                 RUNNING   hv1    10.99.0.2,10.100.0.9   debian   small    1m
+a-much-longer-name   PENDING   -      -                      tiny     tiny     3h
+`
+	if buf.String() != want {
+		t.Fatalf("got\n%s\nwant\n%s", buf.String(), want)
+	}
+	// Every row splits into the same number of fields, so awk '{print $3}'
+	// works even for empty cells.
+	for _, line := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
+		if n := len(strings.Fields(line)); n != 7 {
+			t.Fatalf("line %q has %d fields", line, n)
+		}
+	}
+}
+
+func TestJSONAndYAMLArePROTOJSON(t *testing.T) {
+	at := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	resp := &minicloudv1.ListVMsResponse{Vms: testVMs(at), ResourceVersion: 42}
+
+	var js bytes.Buffer
+	if err := printMessage(&js, formatJSON, resp, nil); err != nil {
+		t.Fatal(err)
+	}
+	var decoded struct {
+		Vms []struct {
+			Meta   struct{ Name string }
+			Status struct{ Phase, Host string }
+		}
+		ResourceVersion string
+	}
+	if err := json.Unmarshal(js.Bytes(), &decoded); err != nil {
+		t.Fatalf("json output does not parse: %v\n%s", err, js.String())
+	}
+	if len(decoded.Vms) != 2 || decoded.Vms[0].Meta.Name != "web1" || decoded.Vms[0].Status.Phase != "VM_PHASE_RUNNING" || decoded.ResourceVersion != "42" {
+		t.Fatalf("json content: %+v", decoded)
+	}
+	if !strings.Contains(js.String(), "\n  \"vms\": [") {
+		t.Fatalf("json is not indented:\n%s", js.String())
+	}
+
+	var ys bytes.Buffer
+	if err := printMessage(&ys, formatYAML, resp, nil); err != nil {
+		t.Fatal(err)
+	}
+	fromYAML, err := yaml.YAMLToJSON(ys.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a, b any
+	json.Unmarshal(js.Bytes(), &a)
+	json.Unmarshal(fromYAML, &b)
+	ja, _ := json.Marshal(a)
+	jb, _ := json.Marshal(b)
+	if !bytes.Equal(ja, jb) {
+		t.Fatalf("yaml differs from json:\n%s\n%s", ja, jb)
+	}
+}
+
+func TestHumanUnits(t *testing.T) {
+	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1024: "1 KiB", 1536: "1.5 KiB", 2 << 30: "2 GiB", 5<<20 + 1<<19: "5.5 MiB"} {
+		if got := bytesIEC(n); got != want {
+			t.Errorf("bytesIEC(%d) = %q, want %q", n, got, want)
+		}
+	}
+	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fixedNow(t, at)
+	for d, want := range map[time.Duration]string{5 * time.Second: "5s", 61 * time.Second: "1m", 47 * time.Hour: "47h", 72 * time.Hour: "3d", -time.Second: "0s"} {
+		if got := age(timestamppb.New(at.Add(-d))); got != want {
+			t.Errorf("age(%v) = %q, want %q", d, got, want)
+		}
+	}
+	if age(nil) != "-" {
+		t.Error("age(nil)")
+	}
+}
+
+func TestProgressWithoutTerminalWritesOneLine(t *testing.T) {
+	var buf bytes.Buffer
+	p := newProgress(&buf, false, "debian", 3<<20)
+	for range 3 {
+		p.add(1 << 20)
+	}
+	if buf.Len() != 0 {
+		t.Fatalf("progress drew on a non-terminal: %q", buf.String())
+	}
+	p.finish()
+	if lines := strings.Count(buf.String(), "\n"); lines != 1 || !strings.Contains(buf.String(), "uploaded 3 MiB") {
+		t.Fatalf("summary %q", buf.String())
+	}
+
+	buf.Reset()
+	p = newProgress(&buf, true, "debian", 2<<20)
+	p.add(2 << 20)
+	p.finish()
+	if !strings.Contains(buf.String(), "\r") || !strings.Contains(buf.String(), "100%") {
+		t.Fatalf("terminal bar %q", buf.String())
+	}
+}

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+	"sigs.k8s.io/yaml"
+
+	"github.com/minicloud/minicloud/pkg/client"
+)
+
+const (
+	defaultEndpoint = "127.0.0.1:8640"
+	defaultProject  = "default"
+)
+
+// streams are the process's standard streams; tests replace them.
+type streams struct {
+	in          io.Reader
+	out, errOut io.Writer
+	// errIsTerminal says whether errOut is a terminal (progress bars).
+	errIsTerminal bool
+}
+
+func newIO(in *os.File, out, errOut *os.File) streams {
+	_, err := unix.IoctlGetTermios(int(errOut.Fd()), unix.TCGETS)
+	return streams{in: in, out: out, errOut: errOut, errIsTerminal: err == nil}
+}
+
+// app is the state shared by all commands of one invocation.
+type app struct {
+	streams
+	getenv func(string) string
+
+	endpointFlag string
+	projectFlag  string
+	root         *cobra.Command
+
+	endpoint string // resolved by connect
+	client   *client.Client
+}
+
+// run executes one command line and returns the process exit code.
+func run(ctx context.Context, args []string, s streams, getenv func(string) string) int {
+	a := &app{streams: s, getenv: getenv}
+	root := a.newRootCommand()
+	root.SetArgs(args)
+	root.SetIn(s.in)
+	root.SetOut(s.out)
+	root.SetErr(s.errOut)
+	err := root.ExecuteContext(ctx)
+	if a.client != nil {
+		a.client.Close()
+	}
+	if err != nil {
+		fmt.Fprintf(s.errOut, "minicloud: %s\n", errorMessage(err, a.endpoint))
+	}
+	return exitCode(err)
+}
+
+func (a *app) newRootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "minicloud",
+		Short: "Manage VMs, images, flavors and networks on a minicloud",
+		Long: `minicloud is the command line client of a minicloud API server.
+
+The endpoint is taken from --endpoint, else $MINICLOUD_ENDPOINT, else
+"endpoint:" in ~/.config/minicloud/config.yaml, else ` + defaultEndpoint + `.
+
+Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
+4 already exists, 5 conflict or failed precondition, 6 unavailable or timeout.`,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+	}
+	a.root = root
+	groupCommand(root)
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return usagef("%v (see '%s --help')", err, c.CommandPath())
+	})
+	root.PersistentFlags().StringVar(&a.endpointFlag, "endpoint", "", "API server address host:port (default $MINICLOUD_ENDPOINT, config file, or "+defaultEndpoint+")")
+	root.PersistentFlags().StringVar(&a.projectFlag, "project", "", "project (default $MINICLOUD_PROJECT, config file, or \""+defaultProject+"\")")
+	root.AddCommand(
+		a.newVMCommand(),
+		a.newImageCommand(),
+		a.newFlavorCommand(),
+		a.newNetworkCommand(),
+		a.newServerGroupCommand(),
+		a.newHostCommand(),
+	)
+	return root
+}
+
+// groupCommand makes a command that only holds subcommands refuse unknown
+// subcommands with a usage error (cobra would print help and exit 0).
+func groupCommand(c *cobra.Command) *cobra.Command {
+	c.Args = func(cmd *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return usagef("unknown command %q for %q (see '%s --help')", args[0], cmd.CommandPath(), cmd.CommandPath())
+		}
+		return nil
+	}
+	c.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
+	return c
+}
+
+// exactArgs requires the named positional arguments.
+func exactArgs(names ...string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != len(names) {
+			return usagef("%s takes %d argument(s): %v, got %d (see '%s --help')", cmd.CommandPath(), len(names), names, len(args), cmd.CommandPath())
+		}
+		return nil
+	}
+}
+
+// noArgs refuses positional arguments.
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usagef("%s takes no arguments, got %q", cmd.CommandPath(), args)
+	}
+	return nil
+}
+
+// config is ~/.config/minicloud/config.yaml.
+type config struct {
+	Endpoint string `json:"endpoint"`
+	Project  string `json:"project"`
+}
+
+func (a *app) configPath() string {
+	if p := a.getenv("MINICLOUD_CONFIG"); p != "" {
+		return p
+	}
+	dir := a.getenv("XDG_CONFIG_HOME")
+	if dir == "" {
+		home := a.getenv("HOME")
+		if home == "" {
+			return ""
+		}
+		dir = filepath.Join(home, ".config")
+	}
+	return filepath.Join(dir, "minicloud", "config.yaml")
+}
+
+func (a *app) loadConfig() (config, error) {
+	var c config
+	p := a.configPath()
+	if p == "" {
+		return c, nil
+	}
+	b, err := os.ReadFile(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return c, nil
+	}
+	if err != nil {
+		return c, fmt.Errorf("read config: %w", err)
+	}
+	if err := yaml.UnmarshalStrict(b, &c); err != nil {
+		return c, usagef("config file %s: %v", p, err)
+	}
+	return c, nil
+}
+
+// settings resolves endpoint and project: flag, environment, config file,
+// default, in that order.
+func (a *app) settings() (endpoint, project string, err error) {
+	cfg, err := a.loadConfig()
+	if err != nil {
+		return "", "", err
+	}
+	first := func(vals ...string) string {
+		for _, v := range vals {
+			if v != "" {
+				return v
+			}
+		}
+		return ""
+	}
+	endpoint = first(a.endpointFlag, a.getenv("MINICLOUD_ENDPOINT"), cfg.Endpoint, defaultEndpoint)
+	project = first(a.projectFlag, a.getenv("MINICLOUD_PROJECT"), cfg.Project, defaultProject)
+	return endpoint, project, nil
+}
+
+func (a *app) project() string {
+	_, p, err := a.settings()
+	if err != nil {
+		return defaultProject
+	}
+	return p
+}
+
+// connect returns the API client, dialling on first use.
+func (a *app) connect(ctx context.Context) (*client.Client, error) {
+	if a.client != nil {
+		return a.client, nil
+	}
+	endpoint, _, err := a.settings()
+	if err != nil {
+		return nil, err
+	}
+	a.endpoint = endpoint
+	c, err := client.Dial(ctx, endpoint)
+	if err != nil {
+		return nil, err
+	}
+	a.client = c
+	return c, nil
+}
