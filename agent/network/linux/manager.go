@@ -1,0 +1,630 @@
+// Package linux implements network.Manager with netlink (bridges, taps) and
+// nftables (anti-spoofing, host protection, NAT) on the local host.
+package linux
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/minicloud/minicloud/agent/network"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// Link aliases (IFLA_IFALIAS) mark what minicloud owns, so garbage
+// collection never touches an interface someone else created, and so a port
+// remembers its VM across agent restarts.
+const (
+	bridgeAlias     = "minicloud:bridge"
+	portAliasPrefix = "minicloud:port vm="
+)
+
+// Manager is the Linux network.Manager. It is safe for concurrent use; its
+// only state is the kernel's, so any number of Managers (an agent and its
+// restarted successor) can look at the same host.
+type Manager struct {
+	log *slog.Logger
+	// mu serialises read-measure-write cycles on the ruleset.
+	mu sync.Mutex
+}
+
+var _ network.Manager = (*Manager)(nil)
+
+// New returns a Manager. It changes nothing on the host until called.
+func New(log *slog.Logger) *Manager {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Manager{log: log}
+}
+
+// EnsureBridge implements network.Manager.
+func (m *Manager) EnsureBridge(ctx context.Context, spec network.BridgeSpec) error {
+	if err := spec.Validate(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	// Rules first, keyed by name: the bridge is protected from its first
+	// instant of existence.
+	if err := m.ensureBridgeRules(spec); err != nil {
+		return err
+	}
+	if err := ensureForwarding(); err != nil {
+		return err
+	}
+	return m.ensureBridgeLink(spec)
+}
+
+func (m *Manager) ensureBridgeRules(spec network.BridgeSpec) error {
+	b, err := newBatch()
+	if err != nil {
+		return err
+	}
+	if err := b.ensureBase(); err != nil {
+		return err
+	}
+	name := spec.Name
+	gw := spec.GatewayCIDR.Addr()
+	if err := b.replaceKeys(inetTable, setBridges, ifname(name), [][]byte{ifname(name)}); err != nil {
+		return err
+	}
+	if err := b.replaceKeys(inetTable, setBridgeGW, ifname(name), [][]byte{keyIfIP(name, gw)}); err != nil {
+		return err
+	}
+	gws, err := b.bridgeGateways()
+	if err != nil {
+		return err
+	}
+	gws[name] = gw
+	if err := b.setReservedTo(gws); err != nil {
+		return err
+	}
+	if err := b.convergeNAT(name, spec.GatewayCIDR.Masked(), spec.NAT); err != nil {
+		return err
+	}
+	return b.flush("ensure rules of bridge " + name)
+}
+
+// convergeNAT makes the bridge's masquerade rule exist (or not) with the
+// current CIDR.
+func (b *batch) convergeNAT(bridge string, cidr netip.Prefix, on bool) error {
+	rules, err := b.natRules()
+	if err != nil {
+		return err
+	}
+	want := ""
+	if on {
+		want = ruleGeneration + ": " + natComment(bridge, cidr)
+	}
+	found := false
+	for comment, r := range rules {
+		if !strings.HasPrefix(comment, ruleGeneration+": nat "+bridge+" ") && !strings.HasPrefix(comment, "nat "+bridge+" ") {
+			continue
+		}
+		if comment == want {
+			found = true
+			continue
+		}
+		if err := b.conn.DelRule(r); err != nil {
+			return fmt.Errorf("delete NAT rule %q: %w", comment, err)
+		}
+	}
+	if on && !found {
+		c := newChainByName(chainPostrouting)
+		b.conn.AddRule(masqueradeRule(bridge, cidr).rule(c))
+	}
+	return nil
+}
+
+func newChainByName(name string) *nftables.Chain {
+	for _, c := range newChains() {
+		if c.Name == name {
+			return c
+		}
+	}
+	panic("unknown chain " + name)
+}
+
+func (m *Manager) ensureBridgeLink(spec network.BridgeSpec) error {
+	name := spec.Name
+	mtu := spec.MTU
+	if mtu == 0 {
+		mtu = 1500
+	}
+	link, err := netlink.LinkByName(name)
+	switch {
+	case isLinkNotFound(err):
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, HardwareAddr: stableMAC(name)}}
+		if err := netlink.LinkAdd(br); err != nil {
+			return fmt.Errorf("create bridge %s: %w", name, err)
+		}
+		m.log.Info("created bridge", "bridge", name)
+		if link, err = netlink.LinkByName(name); err != nil {
+			return fmt.Errorf("look up bridge %s after creating it: %w", name, err)
+		}
+	case err != nil:
+		return fmt.Errorf("look up bridge %s: %w", name, err)
+	}
+	if _, ok := link.(*netlink.Bridge); !ok {
+		return errdefs.Conflict("interface %s exists and is a %s, not a bridge", name, link.Type())
+	}
+	if a := link.Attrs().Alias; a != bridgeAlias {
+		if a != "" {
+			return errdefs.Conflict("bridge %s exists and is not minicloud's (alias %q)", name, a)
+		}
+		if err := netlink.LinkSetAlias(link, bridgeAlias); err != nil {
+			return fmt.Errorf("mark bridge %s as minicloud's: %w", name, err)
+		}
+	}
+	if link.Attrs().MTU != mtu {
+		if err := netlink.LinkSetMTU(link, mtu); err != nil {
+			return fmt.Errorf("set MTU %d on bridge %s: %w", mtu, name, err)
+		}
+	}
+	// Guests get no IPv6 yet: keep the host off IPv6 on guest networks too
+	// (no link-local address, no router solicitations towards guests).
+	if err := writeSysctl("/proc/sys/net/ipv6/conf/"+name+"/disable_ipv6", "1"); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("disable IPv6 on bridge %s: %w", name, err)
+	}
+	// The metadata address has host scope so the kernel never picks it as
+	// the source of the host's own packets on the bridge (DHCP replies leave
+	// from the gateway); packets to it are still accepted and ARP answered.
+	if err := ensureAddrs(link, []addrSpec{
+		{prefix: spec.GatewayCIDR, scope: unix.RT_SCOPE_UNIVERSE},
+		{prefix: netip.PrefixFrom(network.MetadataAddr, 32), scope: unix.RT_SCOPE_HOST},
+	}); err != nil {
+		return fmt.Errorf("addresses of bridge %s: %w", name, err)
+	}
+	if link.Attrs().Flags&net.FlagUp == 0 {
+		if err := netlink.LinkSetUp(link); err != nil {
+			return fmt.Errorf("bring bridge %s up: %w", name, err)
+		}
+	}
+	return nil
+}
+
+type addrSpec struct {
+	prefix netip.Prefix
+	scope  int
+}
+
+// ensureAddrs converges the link's IPv4 addresses to exactly want.
+func ensureAddrs(link netlink.Link, want []addrSpec) error {
+	have, err := netlink.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return fmt.Errorf("list addresses: %w", err)
+	}
+	present := map[netip.Prefix]bool{}
+	for _, a := range have {
+		p, ok := toPrefix(a.IPNet)
+		if ok && slices.ContainsFunc(want, func(w addrSpec) bool { return w.prefix == p }) {
+			present[p] = true
+			continue
+		}
+		if err := netlink.AddrDel(link, &a); err != nil {
+			return fmt.Errorf("remove stale address %s: %w", a.IPNet, err)
+		}
+	}
+	for _, w := range want {
+		if present[w.prefix] {
+			continue
+		}
+		addr := &netlink.Addr{IPNet: toIPNet(w.prefix), Scope: w.scope}
+		if err := netlink.AddrAdd(link, addr); err != nil {
+			return fmt.Errorf("add address %s: %w", w.prefix, err)
+		}
+	}
+	return nil
+}
+
+// DeleteBridge implements network.Manager.
+func (m *Manager) DeleteBridge(ctx context.Context, name string) error {
+	if err := network.ValidateIfName("bridge", name); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	link, err := netlink.LinkByName(name)
+	switch {
+	case isLinkNotFound(err):
+	case err != nil:
+		return fmt.Errorf("look up bridge %s: %w", name, err)
+	default:
+		if !isMinicloudBridge(link) {
+			return errdefs.Conflict("interface %s is not a minicloud bridge; not deleting it", name)
+		}
+		if err := netlink.LinkDel(link); err != nil && !isLinkNotFound(err) {
+			return fmt.Errorf("delete bridge %s: %w", name, err)
+		}
+		m.log.Info("deleted bridge", "bridge", name)
+	}
+	b, err := newBatch()
+	if err != nil {
+		return err
+	}
+	if err := b.ensureBase(); err != nil {
+		return err
+	}
+	for _, t := range []struct {
+		table *nftables.Table
+		set   string
+	}{{inetTable, setBridges}, {inetTable, setBridgeGW}} {
+		if err := b.replaceKeys(t.table, t.set, ifname(name), nil); err != nil {
+			return err
+		}
+	}
+	gws, err := b.bridgeGateways()
+	if err != nil {
+		return err
+	}
+	delete(gws, name)
+	if err := b.setReservedTo(gws); err != nil {
+		return err
+	}
+	if err := b.convergeNAT(name, netip.Prefix{}, false); err != nil {
+		return err
+	}
+	return b.flush("delete rules of bridge " + name)
+}
+
+// ListBridges implements network.Manager.
+func (m *Manager) ListBridges(ctx context.Context) ([]network.BridgeSpec, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	b, err := newBatch()
+	if err != nil {
+		return nil, err
+	}
+	nat, err := b.natRules()
+	if err != nil {
+		return nil, err
+	}
+	var out []network.BridgeSpec
+	for _, l := range links {
+		if !isMinicloudBridge(l) || l.Attrs().Alias != bridgeAlias {
+			continue
+		}
+		spec := network.BridgeSpec{Name: l.Attrs().Name, MTU: l.Attrs().MTU}
+		addrs, err := netlink.AddrList(l, unix.AF_INET)
+		if err != nil {
+			return nil, fmt.Errorf("list addresses of bridge %s: %w", spec.Name, err)
+		}
+		for _, a := range addrs {
+			if p, ok := toPrefix(a.IPNet); ok && p.Addr() != network.MetadataAddr {
+				spec.GatewayCIDR = p
+				break
+			}
+		}
+		if spec.GatewayCIDR.IsValid() {
+			_, spec.NAT = nat[ruleGeneration+": "+natComment(spec.Name, spec.GatewayCIDR.Masked())]
+		}
+		out = append(out, spec)
+	}
+	return out, nil
+}
+
+// EnsurePort implements network.Manager.
+func (m *Manager) EnsurePort(ctx context.Context, spec network.PortSpec) error {
+	if err := spec.Validate(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	br, err := netlink.LinkByName(spec.Bridge)
+	switch {
+	case isLinkNotFound(err):
+		return errdefs.FailedPrecondition("port %s: bridge %s does not exist; ensure the network first", spec.TapName, spec.Bridge)
+	case err != nil:
+		return fmt.Errorf("look up bridge %s: %w", spec.Bridge, err)
+	case !isMinicloudBridge(br):
+		return errdefs.FailedPrecondition("port %s: %s is not a minicloud bridge", spec.TapName, spec.Bridge)
+	}
+	link, err := m.ensurePortLink(spec)
+	if err != nil {
+		return err
+	}
+	// The filter goes in before the port joins the bridge and comes up.
+	if err := m.ensurePortRules(spec); err != nil {
+		return err
+	}
+	mtu := spec.MTU
+	if mtu == 0 {
+		mtu = br.Attrs().MTU
+	}
+	if link.Attrs().MTU != mtu {
+		if err := netlink.LinkSetMTU(link, mtu); err != nil {
+			return fmt.Errorf("set MTU %d on port %s: %w", mtu, spec.TapName, err)
+		}
+	}
+	if link.Attrs().MasterIndex != br.Attrs().Index {
+		if err := netlink.LinkSetMasterByIndex(link, br.Attrs().Index); err != nil {
+			return fmt.Errorf("attach port %s to bridge %s: %w", spec.TapName, spec.Bridge, err)
+		}
+	}
+	if link.Attrs().Flags&net.FlagUp == 0 {
+		if err := netlink.LinkSetUp(link); err != nil {
+			return fmt.Errorf("bring port %s up: %w", spec.TapName, err)
+		}
+	}
+	return nil
+}
+
+func (m *Manager) ensurePortLink(spec network.PortSpec) (netlink.Link, error) {
+	name := spec.TapName
+	alias := portAliasPrefix + spec.VMID
+	link, err := netlink.LinkByName(name)
+	switch {
+	case isLinkNotFound(err) && spec.Existing:
+		return nil, errdefs.NotFound("port %s: interface to adopt does not exist", name)
+	case isLinkNotFound(err):
+		tap := &netlink.Tuntap{
+			LinkAttrs: netlink.LinkAttrs{Name: name},
+			Mode:      netlink.TUNTAP_MODE_TAP,
+			// No multi-queue: QEMU reattaches with the same queue mode.
+			Flags: netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR,
+			Owner: 0, Group: 0,
+		}
+		if err := netlink.LinkAdd(tap); err != nil {
+			return nil, fmt.Errorf("create tap %s: %w", name, err)
+		}
+		m.log.Info("created tap", "tap", name, "vm", spec.VMID)
+		if link, err = netlink.LinkByName(name); err != nil {
+			return nil, fmt.Errorf("look up tap %s after creating it: %w", name, err)
+		}
+	case err != nil:
+		return nil, fmt.Errorf("look up port %s: %w", name, err)
+	}
+	if !spec.Existing {
+		if t, ok := link.(*netlink.Tuntap); !ok || t.Mode != netlink.TUNTAP_MODE_TAP {
+			return nil, errdefs.Conflict("interface %s exists and is a %s, not a tap", name, link.Type())
+		}
+	}
+	switch a := link.Attrs().Alias; {
+	case a == alias:
+	case a == "" || strings.HasPrefix(a, portAliasPrefix) && spec.Existing:
+		if err := netlink.LinkSetAlias(link, alias); err != nil {
+			return nil, fmt.Errorf("mark port %s as VM %s's: %w", name, spec.VMID, err)
+		}
+	case strings.HasPrefix(a, portAliasPrefix):
+		return nil, errdefs.Conflict("port %s belongs to VM %s, not %s", name, strings.TrimPrefix(a, portAliasPrefix), spec.VMID)
+	default:
+		return nil, errdefs.Conflict("interface %s exists and is not minicloud's (alias %q)", name, a)
+	}
+	if !spec.Existing {
+		// The tap's own MAC must differ from the guest's, and starting with
+		// 0xfe keeps the bridge from ever adopting it as its own address.
+		hw := slices.Clone(spec.MAC)
+		hw[0] = 0xfe
+		if !slices.Equal(link.Attrs().HardwareAddr, hw) {
+			if err := netlink.LinkSetHardwareAddr(link, hw); err != nil {
+				return nil, fmt.Errorf("set MAC %s on tap %s: %w", hw, name, err)
+			}
+		}
+	}
+	return link, nil
+}
+
+func (m *Manager) ensurePortRules(spec network.PortSpec) error {
+	b, err := newBatch()
+	if err != nil {
+		return err
+	}
+	if err := b.ensureBase(); err != nil {
+		return err
+	}
+	if err := b.portElements(spec.TapName, spec.MAC, spec.IP); err != nil {
+		return err
+	}
+	return b.flush("ensure filter of port " + spec.TapName)
+}
+
+// portElements converges a port's set elements; a zero mac removes them.
+func (b *batch) portElements(tap string, mac net.HardwareAddr, ip netip.Addr) error {
+	var macs, ips [][]byte
+	if mac != nil {
+		macs = [][]byte{keyPortMAC(tap, mac)}
+		ips = [][]byte{keyIfIP(tap, ip)}
+	}
+	if err := b.replaceKeys(bridgeTable, setPortMAC, ifname(tap), macs); err != nil {
+		return err
+	}
+	return b.replaceKeys(bridgeTable, setPortIP4, ifname(tap), ips)
+}
+
+// DeletePort implements network.Manager.
+func (m *Manager) DeletePort(ctx context.Context, tapName string) error {
+	if err := network.ValidateIfName("port", tapName); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	link, err := netlink.LinkByName(tapName)
+	switch {
+	case isLinkNotFound(err):
+	case err != nil:
+		return fmt.Errorf("look up port %s: %w", tapName, err)
+	default:
+		if !isMinicloudPort(link) {
+			return errdefs.Conflict("interface %s is not a minicloud port; not deleting it", tapName)
+		}
+		// Down first: the port stops forwarding before its filter goes.
+		if err := netlink.LinkSetDown(link); err != nil && !isLinkNotFound(err) {
+			return fmt.Errorf("bring port %s down: %w", tapName, err)
+		}
+		if err := netlink.LinkDel(link); err != nil && !isLinkNotFound(err) {
+			return fmt.Errorf("delete port %s: %w", tapName, err)
+		}
+		m.log.Info("deleted port", "port", tapName)
+	}
+	b, err := newBatch()
+	if err != nil {
+		return err
+	}
+	if err := b.portElements(tapName, nil, netip.Addr{}); err != nil {
+		return err
+	}
+	return b.flush("delete filter of port " + tapName)
+}
+
+// ListPorts implements network.Manager. Ports whose filter is missing are
+// reported with a zero MAC and IP; filters whose interface is gone are
+// reported with an empty Bridge and VMID, so DeletePort can clear them.
+func (m *Manager) ListPorts(ctx context.Context) ([]network.PortSpec, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	b, err := newBatch()
+	if err != nil {
+		return nil, err
+	}
+	filters, err := b.portFilters()
+	if err != nil {
+		return nil, err
+	}
+	byIndex := map[int]string{}
+	for _, l := range links {
+		byIndex[l.Attrs().Index] = l.Attrs().Name
+	}
+	var out []network.PortSpec
+	for _, l := range links {
+		a := l.Attrs()
+		if !strings.HasPrefix(a.Alias, portAliasPrefix) {
+			continue
+		}
+		_, isTap := l.(*netlink.Tuntap)
+		f := filters[a.Name]
+		delete(filters, a.Name)
+		out = append(out, network.PortSpec{
+			VMID: strings.TrimPrefix(a.Alias, portAliasPrefix), TapName: a.Name,
+			Bridge: byIndex[a.MasterIndex], MAC: f.mac, IP: f.ip, MTU: a.MTU, Existing: !isTap,
+		})
+	}
+	for name, f := range filters {
+		out = append(out, network.PortSpec{TapName: name, MAC: f.mac, IP: f.ip})
+	}
+	slices.SortFunc(out, func(a, b network.PortSpec) int { return strings.Compare(a.TapName, b.TapName) })
+	return out, nil
+}
+
+// Sync implements network.Manager.
+func (m *Manager) Sync(ctx context.Context, bridges []network.BridgeSpec, ports []network.PortSpec) error {
+	var errs []error
+	wantBridge := map[string]bool{}
+	for _, b := range bridges {
+		wantBridge[b.Name] = true
+		if err := m.EnsureBridge(ctx, b); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	wantPort := map[string]bool{}
+	for _, p := range ports {
+		wantPort[p.TapName] = true
+		if err := m.EnsurePort(ctx, p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	have, err := m.ListPorts(ctx)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	for _, p := range have {
+		if !wantPort[p.TapName] {
+			if err := m.DeletePort(ctx, p.TapName); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	haveBr, err := m.ListBridges(ctx)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	for _, b := range haveBr {
+		if !wantBridge[b.Name] {
+			if err := m.DeleteBridge(ctx, b.Name); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func isLinkNotFound(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf)
+}
+
+func isMinicloudBridge(l netlink.Link) bool {
+	_, ok := l.(*netlink.Bridge)
+	return ok && (l.Attrs().Alias == bridgeAlias || l.Attrs().Alias == "")
+}
+
+// isMinicloudPort accepts a tap with no alias yet: a create interrupted
+// between the tap and its alias must still be cleaned up.
+func isMinicloudPort(l netlink.Link) bool {
+	a := l.Attrs().Alias
+	if strings.HasPrefix(a, portAliasPrefix) {
+		return true
+	}
+	_, isTap := l.(*netlink.Tuntap)
+	return isTap && a == ""
+}
+
+// stableMAC derives the bridge's MAC from its name, so it never changes as
+// ports come and go or across re-creations (guests keep a valid ARP entry for
+// the gateway).
+func stableMAC(name string) net.HardwareAddr {
+	h := fnv.New64a()
+	h.Write([]byte(name))
+	s := h.Sum(nil)
+	return net.HardwareAddr{0x02, s[0], s[1], s[2], s[3], s[4]}
+}
+
+func ensureForwarding() error {
+	return writeSysctl("/proc/sys/net/ipv4/ip_forward", "1")
+}
+
+func writeSysctl(path, value string) error {
+	cur, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	if strings.TrimSpace(string(cur)) == value {
+		return nil
+	}
+	if err := os.WriteFile(path, []byte(value), 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+func toPrefix(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP.To4())
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a, ones), true
+}
+
+func toIPNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}
+}

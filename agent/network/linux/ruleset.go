@@ -1,0 +1,317 @@
+package linux
+
+import (
+	"encoding/binary"
+	"net"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
+	"golang.org/x/sys/unix"
+
+	"github.com/minicloud/minicloud/agent/network"
+)
+
+// The whole ruleset lives in two tables of minicloud's own, so nothing here
+// ever touches another program's rules:
+//
+//	table bridge minicloud: layer-2 anti-spoofing of frames entering a
+//	  minicloud bridge from one of its ports (taps or adopted veths);
+//	table inet minicloud: host protection (what guests may reach on the host),
+//	  no routing between guest networks, and egress masquerade.
+//
+// Static rules never mention a port or a bridge: per-port and per-bridge data
+// lives in sets keyed by interface name, so adding a VM is one set-element
+// transaction and the rule list stays constant in size.
+const tableName = "minicloud"
+
+// ruleGeneration tags every static rule's comment. Bump it when a static rule
+// changes: a Manager that finds rules of another generation replaces the
+// chain's rules in one transaction (never a gap without filtering).
+const ruleGeneration = "mc1"
+
+var (
+	bridgeTable = &nftables.Table{Family: nftables.TableFamilyBridge, Name: tableName}
+	inetTable   = &nftables.Table{Family: nftables.TableFamilyINet, Name: tableName}
+)
+
+// Set names.
+const (
+	setBridges  = "bridges"      // inet: ifname of every minicloud bridge
+	setPortMAC  = "port_mac"     // bridge: ifname . ether_addr — a port and its guest MAC
+	setPortIP4  = "port_ip4"     // bridge: ifname . ipv4_addr — a port and its guest IP
+	setReserved = "reserved_ip4" // bridge: gateways and 169.254.169.254, never a guest source
+	setBridgeGW = "bridge_gw"    // inet: ifname . ipv4_addr — a bridge and its gateway
+)
+
+// Chain names.
+const (
+	chainPrerouting = "prerouting"
+	chainPortEgress = "port_egress"
+	chainPortARP    = "port_arp"
+	chainPortIP4    = "port_ip4"
+	chainInput      = "input"
+	chainGuestInput = "guest_input"
+	chainForward    = "forward"
+	chainPostrouting = "postrouting"
+)
+
+func newSets() map[*nftables.Table][]*nftables.Set {
+	ifname := nftables.TypeIFName
+	return map[*nftables.Table][]*nftables.Set{
+		bridgeTable: {
+			{Table: bridgeTable, Name: setPortMAC, KeyType: nftables.MustConcatSetType(ifname, nftables.TypeEtherAddr), Concatenation: true},
+			{Table: bridgeTable, Name: setPortIP4, KeyType: nftables.MustConcatSetType(ifname, nftables.TypeIPAddr), Concatenation: true},
+			{Table: bridgeTable, Name: setReserved, KeyType: nftables.TypeIPAddr, KeyByteOrder: binaryutil.BigEndian},
+		},
+		inetTable: {
+			{Table: inetTable, Name: setBridges, KeyType: ifname, KeyByteOrder: binaryutil.NativeEndian},
+			{Table: inetTable, Name: setBridgeGW, KeyType: nftables.MustConcatSetType(ifname, nftables.TypeIPAddr), Concatenation: true},
+		},
+	}
+}
+
+func policy(p nftables.ChainPolicy) *nftables.ChainPolicy { return &p }
+
+func newChains() []*nftables.Chain {
+	accept := nftables.ChainPolicyAccept
+	return []*nftables.Chain{
+		{Table: bridgeTable, Name: chainPrerouting, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting,
+			Priority: nftables.ChainPriorityRef(-200), Policy: policy(accept)},
+		{Table: bridgeTable, Name: chainPortEgress},
+		{Table: bridgeTable, Name: chainPortARP},
+		{Table: bridgeTable, Name: chainPortIP4},
+		{Table: inetTable, Name: chainInput, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookInput,
+			Priority: nftables.ChainPriorityFilter, Policy: policy(accept)},
+		{Table: inetTable, Name: chainGuestInput},
+		{Table: inetTable, Name: chainForward, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookForward,
+			Priority: nftables.ChainPriorityFilter, Policy: policy(accept)},
+		{Table: inetTable, Name: chainPostrouting, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting,
+			Priority: nftables.ChainPriorityNATSource, Policy: policy(accept)},
+	}
+}
+
+// staticRule is one rule of the fixed ruleset; comment identifies it.
+type staticRule struct {
+	comment string
+	exprs   []expr.Any
+}
+
+// staticRules returns the fixed rules of every chain except postrouting,
+// whose per-network masquerade rules are managed by EnsureBridge. sets gives
+// the Set objects (name and transaction id) the lookups refer to.
+func staticRules(sets map[*nftables.Table][]*nftables.Set) map[string][]staticRule {
+	bset := func(name string) *nftables.Set { return findSet(sets[bridgeTable], name) }
+	iset := func(name string) *nftables.Set { return findSet(sets[inetTable], name) }
+	return map[string][]staticRule{
+		chainPrerouting: {
+			// Ports are recognised by name (this kernel family has no
+			// "meta ibrname"): every port name starts with network.PortPrefix,
+			// which PortSpec.Validate enforces, so no port escapes the filter.
+			{"frames from minicloud ports", cat(
+				metaLoad(expr.MetaKeyIIFNAME, 1), cmp(expr.CmpOpEq, 1, []byte(network.PortPrefix)),
+				jump(chainPortEgress))},
+		},
+		chainPortEgress: {
+			{"unknown port or forged source MAC", cat(
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseLLHeader, 6, 6, regConcat+4),
+				lookup(regConcat, bset(setPortMAC), true), counter(), verdict(expr.VerdictDrop))},
+			{"ARP", cat(etherType(unix.ETH_P_ARP), jump(chainPortARP))},
+			{"IPv4", cat(etherType(unix.ETH_P_IP), jump(chainPortIP4))},
+			{"IPv6 and anything else: dropped (no IPv6 for guests yet)", cat(counter(), verdict(expr.VerdictDrop))},
+		},
+		chainPortARP: {
+			{"ARP for IPv4 over Ethernet only", cat(
+				payload(expr.PayloadBaseNetworkHeader, 0, 6, 1),
+				cmp(expr.CmpOpNeq, 1, []byte{0, 1, 8, 0, 6, 4}), counter(), verdict(expr.VerdictDrop))},
+			{"forged ARP sender MAC", cat(
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseNetworkHeader, 8, 6, regConcat+4),
+				lookup(regConcat, bset(setPortMAC), true), counter(), verdict(expr.VerdictDrop))},
+			{"ARP claiming a gateway or the metadata address", cat(
+				payload(expr.PayloadBaseNetworkHeader, 14, 4, 1), lookup(1, bset(setReserved), false),
+				counter(), verdict(expr.VerdictDrop))},
+			{"ARP probe (RFC 5227)", cat(
+				payload(expr.PayloadBaseNetworkHeader, 14, 4, 1), cmp(expr.CmpOpEq, 1, []byte{0, 0, 0, 0}),
+				verdict(expr.VerdictAccept))},
+			{"ARP from the port's own IP", cat(
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseNetworkHeader, 14, 4, regConcat+4),
+				lookup(regConcat, bset(setPortIP4), false), verdict(expr.VerdictAccept))},
+			{"forged ARP sender IP", cat(counter(), verdict(expr.VerdictDrop))},
+		},
+		chainPortIP4: {
+			{"IPv4 from a gateway or the metadata address", cat(
+				payload(expr.PayloadBaseNetworkHeader, 12, 4, 1), lookup(1, bset(setReserved), false),
+				counter(), verdict(expr.VerdictDrop))},
+			{"DHCP server reply from a guest", cat(
+				ipProto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 0, 2, 1), cmp(expr.CmpOpEq, 1, port(67)),
+				counter(), verdict(expr.VerdictDrop))},
+			{"DHCP request with another client's chaddr", cat(
+				ipProto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(67)),
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseTransportHeader, 8+28, 6, regConcat+4),
+				lookup(regConcat, bset(setPortMAC), true), counter(), verdict(expr.VerdictDrop))},
+			{"DHCP discover/request before the guest has an address", cat(
+				payload(expr.PayloadBaseNetworkHeader, 12, 8, 1), cmp(expr.CmpOpEq, 1, []byte{0, 0, 0, 0, 255, 255, 255, 255}),
+				ipProto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 0, 4, 1), cmp(expr.CmpOpEq, 1, []byte{0, 68, 0, 67}),
+				verdict(expr.VerdictAccept))},
+			{"IPv4 from the port's own IP", cat(
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseNetworkHeader, 12, 4, regConcat+4),
+				lookup(regConcat, bset(setPortIP4), false), verdict(expr.VerdictAccept))},
+			{"forged source IP", cat(counter(), verdict(expr.VerdictDrop))},
+		},
+		chainInput: {
+			{"traffic from guest networks to the host", cat(
+				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false), jump(chainGuestInput))},
+		},
+		chainGuestInput: {
+			{"replies to the host's own connections", cat(
+				&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+				&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+					Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
+					Xor:  binaryutil.NativeEndian.PutUint32(0)},
+				cmp(expr.CmpOpNeq, 1, binaryutil.NativeEndian.PutUint32(0)), verdict(expr.VerdictAccept))},
+			{"DHCP", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_UDP),
+				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(67)), verdict(expr.VerdictAccept))},
+			{"DNS over UDP on the bridge's gateway", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_UDP),
+				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(53)),
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseNetworkHeader, 16, 4, regConcat+4),
+				lookup(regConcat, iset(setBridgeGW), false), verdict(expr.VerdictAccept))},
+			{"DNS over TCP on the bridge's gateway", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_TCP),
+				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(53)),
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseNetworkHeader, 16, 4, regConcat+4),
+				lookup(regConcat, iset(setBridgeGW), false), verdict(expr.VerdictAccept))},
+			{"metadata service", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_TCP),
+				payload(expr.PayloadBaseNetworkHeader, 16, 4, 1), cmp(expr.CmpOpEq, 1, network.MetadataAddr.AsSlice()),
+				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(80)), verdict(expr.VerdictAccept))},
+			{"anything else on the host", cat(counter(), verdict(expr.VerdictDrop))},
+		},
+		chainForward: {
+			{"no routing between guest networks", cat(
+				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false),
+				metaLoad(expr.MetaKeyOIFNAME, 1), lookup(1, iset(setBridges), false),
+				counter(), verdict(expr.VerdictDrop))},
+		},
+	}
+}
+
+// masqueradeRule is the egress NAT of one network: traffic from its CIDR
+// leaving through any interface other than its bridge.
+func masqueradeRule(bridge string, cidr netip.Prefix) staticRule {
+	mask := net.CIDRMask(cidr.Bits(), 32)
+	return staticRule{
+		comment: natComment(bridge, cidr),
+		exprs: cat(nfproto(unix.NFPROTO_IPV4),
+			payload(expr.PayloadBaseNetworkHeader, 12, 4, 1),
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: []byte{0, 0, 0, 0}},
+			cmp(expr.CmpOpEq, 1, cidr.Masked().Addr().AsSlice()),
+			metaLoad(expr.MetaKeyOIFNAME, 1), cmp(expr.CmpOpNeq, 1, ifname(bridge)),
+			counter(), &expr.Masq{}),
+	}
+}
+
+func natComment(bridge string, cidr netip.Prefix) string {
+	return "nat " + bridge + " " + cidr.Masked().String()
+}
+
+func (r staticRule) rule(c *nftables.Chain) *nftables.Rule {
+	return &nftables.Rule{Table: c.Table, Chain: c, Exprs: r.exprs,
+		UserData: userdata.AppendString(nil, userdata.TypeComment, ruleGeneration+": "+r.comment)}
+}
+
+func ruleComment(r *nftables.Rule) string {
+	s, _ := userdata.GetString(r.UserData, userdata.TypeComment)
+	return s
+}
+
+// regConcat is NFT_REG32_00, the first 32-bit register: concatenated keys are
+// loaded field after field from there (an ifname fills 4 registers).
+const regConcat = 8
+
+func cat(parts ...any) []expr.Any {
+	var out []expr.Any
+	for _, p := range parts {
+		switch v := p.(type) {
+		case expr.Any:
+			out = append(out, v)
+		case []expr.Any:
+			out = append(out, v...)
+		}
+	}
+	return out
+}
+
+func metaLoad(key expr.MetaKey, reg uint32) expr.Any { return &expr.Meta{Key: key, Register: reg} }
+
+func payload(base expr.PayloadBase, off, n, reg uint32) expr.Any {
+	return &expr.Payload{OperationType: expr.PayloadLoad, Base: base, Offset: off, Len: n, DestRegister: reg}
+}
+
+func cmp(op expr.CmpOp, reg uint32, data []byte) expr.Any {
+	return &expr.Cmp{Op: op, Register: reg, Data: data}
+}
+
+func lookup(reg uint32, s *nftables.Set, invert bool) expr.Any {
+	return &expr.Lookup{SourceRegister: reg, SetName: s.Name, SetID: s.ID, Invert: invert}
+}
+
+func verdict(k expr.VerdictKind) expr.Any { return &expr.Verdict{Kind: k} }
+func jump(chain string) expr.Any          { return &expr.Verdict{Kind: expr.VerdictJump, Chain: chain} }
+func counter() expr.Any                   { return &expr.Counter{} }
+
+func etherType(t uint16) []expr.Any {
+	return []expr.Any{payload(expr.PayloadBaseLLHeader, 12, 2, 1), cmp(expr.CmpOpEq, 1, binary.BigEndian.AppendUint16(nil, t))}
+}
+
+// ipProto matches the IPv4 protocol field (the bridge family has no
+// meta l4proto for bridged frames).
+func ipProto(p byte) []expr.Any {
+	return []expr.Any{payload(expr.PayloadBaseNetworkHeader, 9, 1, 1), cmp(expr.CmpOpEq, 1, []byte{p})}
+}
+
+func nfproto(p byte) []expr.Any {
+	return []expr.Any{metaLoad(expr.MetaKeyNFPROTO, 1), cmp(expr.CmpOpEq, 1, []byte{p})}
+}
+
+func l4proto(p byte) []expr.Any {
+	return []expr.Any{metaLoad(expr.MetaKeyL4PROTO, 1), cmp(expr.CmpOpEq, 1, []byte{p})}
+}
+
+func port(p uint16) []byte { return binary.BigEndian.AppendUint16(nil, p) }
+
+// ifname is an interface name as nftables stores it: IFNAMSIZ bytes, NUL padded.
+func ifname(name string) []byte {
+	b := make([]byte, unix.IFNAMSIZ)
+	copy(b, name)
+	return b
+}
+
+func ifnameFromKey(b []byte) string {
+	if len(b) > unix.IFNAMSIZ {
+		b = b[:unix.IFNAMSIZ]
+	}
+	for i, c := range b {
+		if c == 0 {
+			return string(b[:i])
+		}
+	}
+	return string(b)
+}
+
+// Set element keys. Concatenated fields are padded to 4-byte registers.
+func keyPortMAC(tap string, mac net.HardwareAddr) []byte {
+	k := ifname(tap)
+	k = append(k, mac...)
+	return append(k, 0, 0)
+}
+
+func keyIfIP(name string, ip netip.Addr) []byte { return append(ifname(name), ip.AsSlice()...) }
+
+func findSet(sets []*nftables.Set, name string) *nftables.Set {
+	for _, s := range sets {
+		if s.Name == name {
+			return s
+		}
+	}
+	panic("unknown set " + name)
+}

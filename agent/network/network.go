@@ -1,0 +1,164 @@
+// Package network is the agent's port to host networking: the bridge of each
+// guest network and one filtered port (a tap, or an adopted veth end) per VM
+// NIC. The reconcile loop depends on the Manager interface; agent/network/linux
+// implements it with netlink and nftables, and networktest holds the
+// conformance suite every implementation must pass.
+package network
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"regexp"
+	"strings"
+
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// MetadataAddr is the link-local address of the metadata service. Every
+// minicloud bridge carries it as a /32 so the metadata service can listen on
+// it, and no guest may use it as a source address.
+var MetadataAddr = netip.MustParseAddr("169.254.169.254")
+
+// BridgeSpec is the desired state of one guest network's bridge on a host.
+type BridgeSpec struct {
+	// Name is the Linux bridge name (Network.bridge, "mc-" + 8 hex).
+	Name string
+	// GatewayCIDR is the gateway address with the network's prefix length,
+	// e.g. 10.88.0.1/24; the network's CIDR is GatewayCIDR.Masked().
+	GatewayCIDR netip.Prefix
+	// MTU of the bridge; 0 means 1500.
+	MTU int
+	// NAT masquerades traffic from the network leaving through any other
+	// interface.
+	NAT bool
+}
+
+// PortSpec is the desired state of one guest NIC's host-side port.
+type PortSpec struct {
+	// VMID owns the port; it is recorded on the link so ListPorts can report it.
+	VMID string
+	// TapName is the host interface name ("mct" + 8 hex + NIC index).
+	TapName string
+	// Bridge is the BridgeSpec.Name the port joins.
+	Bridge string
+	// MAC is the guest's MAC address: the only source MAC allowed from the port.
+	MAC net.HardwareAddr
+	// IP is the guest's IPv4 address: the only source IP allowed from the port.
+	IP netip.Addr
+	// MTU of the port; 0 means the bridge's MTU.
+	MTU int
+	// Existing adopts an interface that already exists (the host end of a veth
+	// whose peer sits in a network namespace) instead of creating a tap, so
+	// namespace test guests get exactly the filtering a VM gets.
+	Existing bool
+}
+
+// Manager creates and removes bridges and filtered ports on one host.
+//
+// Every method is idempotent and measures before it acts: calling it twice
+// changes nothing the second time. A port's filter is installed before the
+// port joins its bridge or comes up, so a port never forwards unfiltered
+// frames. Implementations never flush their filters on start: a new Manager
+// over existing kernel state keeps every filter in place and converges.
+type Manager interface {
+	// EnsureBridge creates the bridge if missing and converges its addresses
+	// (gateway and MetadataAddr/32), MTU, NAT and host-protection rules.
+	EnsureBridge(ctx context.Context, spec BridgeSpec) error
+	// DeleteBridge removes the bridge and its rules; it is a no-op when absent.
+	// Ports still attached are deleted with it.
+	DeleteBridge(ctx context.Context, name string) error
+	// ListBridges reports the minicloud bridges present on the host.
+	ListBridges(ctx context.Context) ([]BridgeSpec, error)
+
+	// EnsurePort creates the tap (persistent, owned by root) or adopts the
+	// existing interface, installs its anti-spoofing filter, then attaches it
+	// to its bridge, sets its MTU and brings it up. The bridge must exist.
+	EnsurePort(ctx context.Context, spec PortSpec) error
+	// DeletePort removes the port's filter and its interface; it is a no-op
+	// when both are absent.
+	DeletePort(ctx context.Context, tapName string) error
+	// ListPorts reports every port minicloud created or adopted on the host
+	// (including half-created ones whose filter is missing, with a zero IP),
+	// for garbage collection.
+	ListPorts(ctx context.Context) ([]PortSpec, error)
+
+	// Sync converges the host to exactly the given bridges and ports: it
+	// ensures each one and deletes every other minicloud port and bridge. It
+	// never removes a wanted port's filter, not even for an instant.
+	Sync(ctx context.Context, bridges []BridgeSpec, ports []PortSpec) error
+}
+
+// PortPrefix starts every port name. The host recognises guest ports by
+// it, so a port with any other name would escape the anti-spoofing filter:
+// PortSpec.Validate refuses such names.
+const PortPrefix = "mct"
+
+// maxIfName is IFNAMSIZ minus the terminating NUL.
+const maxIfName = 15
+
+var ifNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
+
+// ValidateIfName checks a Linux interface name.
+func ValidateIfName(what, name string) error {
+	if name == "" || len(name) > maxIfName || !ifNameRE.MatchString(name) {
+		return errdefs.Invalid("%s name %q: want 1-%d characters of [A-Za-z0-9_.-]", what, name, maxIfName)
+	}
+	return nil
+}
+
+// Validate checks a BridgeSpec before anything is created.
+func (s BridgeSpec) Validate() error {
+	if err := ValidateIfName("bridge", s.Name); err != nil {
+		return err
+	}
+	if !s.GatewayCIDR.IsValid() || !s.GatewayCIDR.Addr().Is4() {
+		return errdefs.Invalid("bridge %s: gateway %q is not an IPv4 address with prefix length", s.Name, s.GatewayCIDR)
+	}
+	if s.GatewayCIDR.Bits() < 8 || s.GatewayCIDR.Bits() > 30 {
+		return errdefs.Invalid("bridge %s: prefix length /%d out of range 8-30", s.Name, s.GatewayCIDR.Bits())
+	}
+	gw := s.GatewayCIDR.Addr()
+	if gw == s.GatewayCIDR.Masked().Addr() {
+		return errdefs.Invalid("bridge %s: gateway %s is the network address", s.Name, gw)
+	}
+	if s.MTU != 0 && (s.MTU < 576 || s.MTU > 9000) {
+		return errdefs.Invalid("bridge %s: MTU %d out of range 576-9000", s.Name, s.MTU)
+	}
+	return nil
+}
+
+// Validate checks a PortSpec before anything is created.
+func (s PortSpec) Validate() error {
+	if err := ValidateIfName("port", s.TapName); err != nil {
+		return err
+	}
+	if !strings.HasPrefix(s.TapName, PortPrefix) || len(s.TapName) == len(PortPrefix) {
+		return errdefs.Invalid("port name %q: must start with %q (the host filters ports by this prefix)", s.TapName, PortPrefix)
+	}
+	if err := ValidateIfName("bridge", s.Bridge); err != nil {
+		return err
+	}
+	if s.VMID == "" {
+		return errdefs.Invalid("port %s: VM id is empty", s.TapName)
+	}
+	if len(s.MAC) != 6 || s.MAC[0]&1 == 1 || isZero(s.MAC) {
+		return errdefs.Invalid("port %s: MAC %q is not a unicast Ethernet address", s.TapName, s.MAC)
+	}
+	if !s.IP.Is4() || s.IP.IsUnspecified() || s.IP.IsMulticast() || s.IP.IsLoopback() || s.IP == MetadataAddr {
+		return errdefs.Invalid("port %s: IP %q is not a usable IPv4 unicast address", s.TapName, s.IP)
+	}
+	if s.MTU != 0 && (s.MTU < 576 || s.MTU > 9000) {
+		return errdefs.Invalid("port %s: MTU %d out of range 576-9000", s.TapName, s.MTU)
+	}
+	return nil
+}
+
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
