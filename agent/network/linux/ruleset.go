@@ -48,13 +48,13 @@ const (
 
 // Chain names.
 const (
-	chainPrerouting = "prerouting"
-	chainPortEgress = "port_egress"
-	chainPortARP    = "port_arp"
-	chainPortIP4    = "port_ip4"
-	chainInput      = "input"
-	chainGuestInput = "guest_input"
-	chainForward    = "forward"
+	chainPrerouting  = "prerouting"
+	chainPortEgress  = "port_egress"
+	chainPortARP     = "port_arp"
+	chainPortIP4     = "port_ip4"
+	chainInput       = "input"
+	chainGuestInput  = "guest_input"
+	chainForward     = "forward"
 	chainPostrouting = "postrouting"
 )
 
