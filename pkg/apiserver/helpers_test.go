@@ -2,6 +2,7 @@ package apiserver_test
 
 import (
 	"context"
+	"log/slog"
 	"net"
 	"sort"
 	"strings"
@@ -48,7 +49,7 @@ func newEnv(t *testing.T) *env {
 // start (re)starts the API server on a fresh port and reconnects clients.
 func (e *env) start() {
 	e.t.Helper()
-	srv, err := apiserver.New(apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir()})
+	srv, err := apiserver.New(apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir(), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		e.t.Fatal(err)
 	}

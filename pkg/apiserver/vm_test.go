@@ -271,8 +271,8 @@ func TestConcurrentUpdatesWithOneVersion(t *testing.T) {
 	e.seed()
 	vm := e.createVM("web1")
 	var (
-		wg       sync.WaitGroup
-		mu       sync.Mutex
+		wg        sync.WaitGroup
+		mu        sync.Mutex
 		won, lost int
 	)
 	for range 8 {

@@ -1,0 +1,170 @@
+package apiserver_test
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+)
+
+func TestFlavors(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	c := ctx(t)
+	for _, bad := range []struct {
+		req      *minicloudv1.CreateFlavorRequest
+		fragment string
+	}{
+		{&minicloudv1.CreateFlavorRequest{Name: "x", Vcpus: 0, MemoryMib: 512, DiskGib: 1}, "vcpus 0 is out of range"},
+		{&minicloudv1.CreateFlavorRequest{Name: "x", Vcpus: 1, MemoryMib: 1, DiskGib: 1}, "memory_mib 1"},
+		{&minicloudv1.CreateFlavorRequest{Name: "x", Vcpus: 1, MemoryMib: 512}, "disk_gib 0"},
+		{&minicloudv1.CreateFlavorRequest{Name: "X", Vcpus: 1, MemoryMib: 512, DiskGib: 1}, "not a DNS label"},
+	} {
+		_, err := e.flv.CreateFlavor(c, bad.req)
+		wantCode(t, err, codes.InvalidArgument, bad.fragment)
+	}
+	_, err := e.flv.CreateFlavor(c, &minicloudv1.CreateFlavorRequest{Name: "small", Vcpus: 2, MemoryMib: 512, DiskGib: 1})
+	wantCode(t, err, codes.AlreadyExists, "flavor small already exists")
+	f, err := e.flv.GetFlavor(c, &minicloudv1.GetFlavorRequest{Name: "small"})
+	if err != nil || f.Vcpus != 1 || f.Meta.ResourceVersion == 0 {
+		t.Fatalf("get: %v %v", f, err)
+	}
+	list, err := e.flv.ListFlavors(c, &minicloudv1.ListFlavorsRequest{})
+	if err != nil || len(list.Flavors) != 2 || list.Flavors[0].Meta.Name != "small" {
+		t.Fatalf("list: %v %v", list, err)
+	}
+	e.createVM("web1")
+	_, err = e.flv.DeleteFlavor(c, &minicloudv1.DeleteFlavorRequest{Name: "small"})
+	wantCode(t, err, codes.FailedPrecondition, "flavor small is used by vm web1")
+	if _, err := e.flv.DeleteFlavor(c, &minicloudv1.DeleteFlavorRequest{Name: "tiny"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.flv.GetFlavor(c, &minicloudv1.GetFlavorRequest{Name: "tiny"})
+	wantCode(t, err, codes.NotFound, "flavor tiny not found")
+	_, err = e.flv.DeleteFlavor(c, &minicloudv1.DeleteFlavorRequest{Name: "tiny"})
+	wantCode(t, err, codes.NotFound, "flavor tiny not found")
+}
+
+func TestNetworks(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	c := ctx(t)
+	for _, bad := range []struct {
+		req      *minicloudv1.CreateNetworkRequest
+		code     codes.Code
+		fragment string
+	}{
+		{&minicloudv1.CreateNetworkRequest{Name: "n"}, codes.InvalidArgument, "cidr is required"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "fd00::/64"}, codes.InvalidArgument, "not an IPv4 prefix"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.1.0.5/24"}, codes.InvalidArgument, "did you mean 10.1.0.0/24"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.1.0.0/30"}, codes.InvalidArgument, "between /8 and /29"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.1.0.0/24", Gateway: "10.2.0.1"}, codes.InvalidArgument, "must be a host address inside"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.1.0.0/24", Mtu: 100}, codes.InvalidArgument, "mtu 100"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.99.0.128/25"}, codes.FailedPrecondition, "overlaps network default (project default, 10.99.0.0/24)"},
+		{&minicloudv1.CreateNetworkRequest{Name: "default", Cidr: "10.5.0.0/24"}, codes.AlreadyExists, "network default already exists"},
+	} {
+		_, err := e.nets.CreateNetwork(c, bad.req)
+		wantCode(t, err, bad.code, bad.fragment)
+	}
+	n, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "dmz", Project: "p2", Cidr: "10.5.0.0/24", Gateway: "10.5.0.254", DisableNat: true})
+	if err != nil || n.Gateway != "10.5.0.254" || n.Mtu != 1500 || n.Nat || len(n.Bridge) != 11 || n.Meta.Project != "p2" {
+		t.Fatalf("create: %v %v", n, err)
+	}
+	if list, _ := e.nets.ListNetworks(c, &minicloudv1.ListNetworksRequest{Project: "p2"}); len(list.Networks) != 1 {
+		t.Fatalf("list p2: %v", list)
+	}
+	e.createVM("web1")
+	_, err = e.nets.DeleteNetwork(c, &minicloudv1.DeleteNetworkRequest{Name: "default"})
+	wantCode(t, err, codes.FailedPrecondition, "network default is used by vm web1 (project default)")
+	if _, err := e.vms.DeleteVM(c, &minicloudv1.DeleteVMRequest{Name: "web1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.nets.DeleteNetwork(c, &minicloudv1.DeleteNetworkRequest{Name: "default"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.nets.GetNetwork(c, &minicloudv1.GetNetworkRequest{Name: "default"})
+	wantCode(t, err, codes.NotFound, "network default not found in project default")
+}
+
+func TestServerGroups(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	c := ctx(t)
+	_, err := e.sgs.CreateServerGroup(c, &minicloudv1.CreateServerGroupRequest{Name: "ha"})
+	wantCode(t, err, codes.InvalidArgument, "policy is required")
+	sg, err := e.sgs.CreateServerGroup(c, &minicloudv1.CreateServerGroupRequest{Name: "ha", Policy: minicloudv1.ServerGroupPolicy_SERVER_GROUP_POLICY_ANTI_AFFINITY})
+	if err != nil || sg.Meta.Project != "default" {
+		t.Fatalf("create: %v %v", sg, err)
+	}
+	_, err = e.sgs.CreateServerGroup(c, &minicloudv1.CreateServerGroupRequest{Name: "ha", Policy: minicloudv1.ServerGroupPolicy_SERVER_GROUP_POLICY_AFFINITY})
+	wantCode(t, err, codes.AlreadyExists, "already exists")
+	if got, err := e.sgs.GetServerGroup(c, &minicloudv1.GetServerGroupRequest{Name: "ha"}); err != nil || got.Policy != sg.Policy {
+		t.Fatalf("get: %v %v", got, err)
+	}
+	e.createVM("web1", func(r *minicloudv1.CreateVMRequest) { r.Spec.ServerGroup = "ha" })
+	_, err = e.sgs.DeleteServerGroup(c, &minicloudv1.DeleteServerGroupRequest{Name: "ha"})
+	wantCode(t, err, codes.FailedPrecondition, "server group ha is used by vm web1")
+	if list, _ := e.sgs.ListServerGroups(c, &minicloudv1.ListServerGroupsRequest{}); len(list.ServerGroups) != 1 {
+		t.Fatalf("list: %v", list)
+	}
+}
+
+func TestImagesAreServedAndGuardedByVMs(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	e.createVM("web1")
+	img, err := e.images.GetImage(ctx(t), &minicloudv1.GetImageRequest{Name: "debian"})
+	if err != nil || img.Meta.Name != "debian" {
+		t.Fatalf("get image through the API: %v %v", img, err)
+	}
+	_, err = e.images.DeleteImage(ctx(t), &minicloudv1.DeleteImageRequest{Name: "debian"})
+	wantCode(t, err, codes.FailedPrecondition, "web1")
+}
+
+func TestHealthReflectionAndMetrics(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	c := ctx(t)
+	for _, svc := range []string{"", "minicloud.v1.VMService", "minicloud.v1.HostService"} {
+		resp, err := healthpb.NewHealthClient(e.conn).Check(c, &healthpb.HealthCheckRequest{Service: svc})
+		if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("health %q: %v %v", svc, resp, err)
+		}
+	}
+	rs, err := reflectionpb.NewServerReflectionClient(e.conn).ServerReflectionInfo(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rs.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := rs.Recv()
+	if err != nil || !strings.Contains(fmt.Sprint(resp.GetListServicesResponse()), "minicloud.v1.VMService") {
+		t.Fatalf("reflection: %v %v", resp, err)
+	}
+	_, _ = e.vms.GetVM(c, &minicloudv1.GetVMRequest{Name: "nope"})
+	hs := httptest.NewServer(e.srv.MetricsHandler())
+	defer hs.Close()
+	for path, want := range map[string]string{
+		"/metrics": `minicloud_api_requests_total{code="NotFound",method="/minicloud.v1.VMService/GetVM"} 1`,
+		"/healthz": "ok",
+	} {
+		r, err := http.Get(hs.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(r.Body)
+		r.Body.Close()
+		if r.StatusCode != 200 || !strings.Contains(string(body), want) {
+			t.Fatalf("%s: %d, body lacks %q", path, r.StatusCode, want)
+		}
+	}
+}
