@@ -78,7 +78,7 @@ func (a *app) newVMCreateCommand() *cobra.Command {
 		}
 		ctx, cancel := context.WithTimeout(cmd.Context(), o.timeout)
 		defer cancel()
-		vm, err := createWithRetry(ctx, c, req)
+		vm, err := createWithRetry(ctx, c, req, a.errOut)
 		if err != nil {
 			return err
 		}
@@ -195,13 +195,14 @@ func readSSHKeys(path string) ([]string, error) {
 // createWithRetry sends CreateVM and retries while the API is unavailable.
 // The request id stays the same, so a create that did happen before the
 // connection broke is returned instead of made twice.
-func createWithRetry(ctx context.Context, c *client.Client, req *minicloudv1.CreateVMRequest) (*minicloudv1.VM, error) {
+func createWithRetry(ctx context.Context, c *client.Client, req *minicloudv1.CreateVMRequest, log io.Writer) (*minicloudv1.VM, error) {
 	backoff := 200 * time.Millisecond
 	for {
 		vm, err := c.VMs.CreateVM(ctx, req)
 		if err == nil || !errdefs.IsUnavailable(err) {
 			return vm, err
 		}
+		fmt.Fprintf(log, "minicloud: API unavailable, retrying create of vm %s (request id %s)\n", req.GetName(), req.GetRequestId())
 		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():

@@ -1,0 +1,485 @@
+package main
+
+// End-to-end tests: they build the real minicloud and minicloudd binaries,
+// start `minicloudd all-in-one` on a free loopback port and run the CLI
+// against it as a script would, checking stdout, stderr and exit codes.
+// The all-in-one stores its state in an embedded etcd started by the test
+// (via --etcd-endpoints), so no fixed port is shared with a running
+// `make up` and the API can be restarted on the same state.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+)
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+	buildOut  []byte
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+// binaries builds minicloud and minicloudd once per test run. It skips the
+// test if minicloudd does not build (yet).
+func binaries(t *testing.T) (cli, daemon string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("end-to-end CLI test (builds and runs the binaries); skipped with -short")
+	}
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "minicloud-e2e-bin-")
+		if buildErr != nil {
+			return
+		}
+		for _, pkg := range []string{"minicloud", "minicloudd"} {
+			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, pkg), "github.com/minicloud/minicloud/cmd/"+pkg)
+			if buildOut, buildErr = cmd.CombinedOutput(); buildErr != nil {
+				buildErr = fmt.Errorf("go build ./cmd/%s: %w", pkg, buildErr)
+				return
+			}
+		}
+	})
+	if buildErr != nil {
+		t.Skipf("cannot build the binaries, skipping the end-to-end CLI test: %v\n%s", buildErr, buildOut)
+	}
+	return filepath.Join(binDir, "minicloud"), filepath.Join(binDir, "minicloudd")
+}
+
+// cloud is one all-in-one under test.
+type cloud struct {
+	t        *testing.T
+	cli      string
+	daemon   string
+	etcdURL  string
+	dataDir  string
+	endpoint string
+	home     string
+	proc     *exec.Cmd
+	exited   chan struct{}
+	log      *bytes.Buffer
+}
+
+func startCloud(t *testing.T) *cloud {
+	t.Helper()
+	cli, daemon := binaries(t)
+	etcd, _ := etcdtest.Start(t)
+	c := &cloud{
+		t: t, cli: cli, daemon: daemon,
+		etcdURL:  "http://" + etcd.Endpoint,
+		dataDir:  t.TempDir(),
+		endpoint: freeAddr(t),
+		home:     t.TempDir(),
+	}
+	c.start()
+	t.Cleanup(c.stop)
+	return c
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// start runs the all-in-one and waits until its gRPC health service says
+// SERVING (or the process dies).
+func (c *cloud) start() {
+	t := c.t
+	t.Helper()
+	c.log = &bytes.Buffer{}
+	c.proc = exec.Command(c.daemon, "all-in-one",
+		"--data-dir", c.dataDir, "--listen", c.endpoint,
+		"--etcd-endpoints", c.etcdURL, "--metrics-listen", "")
+	c.proc.Stdout, c.proc.Stderr = c.log, c.log
+	if err := c.proc.Start(); err != nil {
+		t.Fatalf("start minicloudd: %v", err)
+	}
+	c.exited = make(chan struct{})
+	go func() { c.proc.Wait(); close(c.exited) }()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-c.exited:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	conn, err := grpc.NewClient("passthrough:///"+c.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		c.stop()
+		t.Fatalf("minicloudd all-in-one did not become healthy: %v %v\nlog:\n%s", resp, err, c.log.String())
+	}
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (c *cloud) stop() {
+	if c.proc == nil || c.proc.Process == nil {
+		return
+	}
+	select {
+	case <-c.exited:
+		return
+	default:
+	}
+	c.proc.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-c.exited:
+	case <-time.After(30 * time.Second):
+		c.proc.Process.Kill()
+		<-c.exited
+		c.t.Errorf("minicloudd did not stop within 30s of SIGTERM\nlog:\n%s", c.log.String())
+	}
+}
+
+// result is what one CLI run produced.
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+func (c *cloud) command(stdin string, args ...string) *exec.Cmd {
+	cmd := exec.Command(c.cli, args...)
+	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.endpoint, "HOME=" + c.home, "PATH=" + os.Getenv("PATH")}
+	cmd.Stdin = strings.NewReader(stdin)
+	return cmd
+}
+
+// mc runs the CLI and returns its result.
+func (c *cloud) mc(args ...string) result {
+	return c.mcIn("", args...)
+}
+
+func (c *cloud) mcIn(stdin string, args ...string) result {
+	c.t.Helper()
+	cmd := c.command(stdin, args...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		c.t.Fatalf("run minicloud %v: %v", args, err)
+	}
+	return result{code: code, stdout: out.String(), stderr: errOut.String()}
+}
+
+// ok runs the CLI and fails the test unless it exits 0.
+func (c *cloud) ok(args ...string) string {
+	c.t.Helper()
+	r := c.mc(args...)
+	if r.code != 0 {
+		c.t.Fatalf("minicloud %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+	}
+	return r.stdout
+}
+
+// fails runs the CLI and checks the exit code and the one-line error.
+func (c *cloud) fails(code int, wantInMessage string, args ...string) {
+	c.t.Helper()
+	r := c.mc(args...)
+	if r.code != code {
+		c.t.Fatalf("minicloud %s: exit %d, want %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), r.code, code, r.stdout, r.stderr)
+	}
+	if !strings.HasPrefix(r.stderr, "minicloud: ") || strings.Count(r.stderr, "\n") != 1 || strings.Contains(r.stderr, "goroutine") {
+		c.t.Fatalf("minicloud %s: stderr is not one 'minicloud: ' line: %q", strings.Join(args, " "), r.stderr)
+	}
+	if !strings.Contains(r.stderr, wantInMessage) {
+		c.t.Fatalf("minicloud %s: stderr %q does not mention %q", strings.Join(args, " "), r.stderr, wantInMessage)
+	}
+}
+
+func decodeJSON(t *testing.T, s string, v any) {
+	t.Helper()
+	if err := json.Unmarshal([]byte(s), v); err != nil {
+		t.Fatalf("output is not JSON: %v\n%s", err, s)
+	}
+}
+
+func TestE2EFlavorsNetworksServerGroups(t *testing.T) {
+	c := startCloud(t)
+
+	out := c.ok("flavor", "create", "small", "--vcpus", "1", "--memory-mib", "1024", "--disk-gib", "4")
+	if !strings.Contains(out, "small") {
+		t.Fatalf("flavor create printed %q", out)
+	}
+	c.fails(exitAlreadyExists, "small", "flavor", "create", "small", "--vcpus", "1", "--memory-mib", "1024", "--disk-gib", "4")
+	c.fails(exitUsage, "", "flavor", "create", "Bad_Name", "--vcpus", "1", "--memory-mib", "1024", "--disk-gib", "4")
+	c.fails(exitNotFound, "nope", "flavor", "show", "nope")
+
+	var flavors struct {
+		Flavors []struct {
+			Meta      struct{ Name string }
+			Vcpus     int
+			MemoryMib string
+		}
+	}
+	decodeJSON(t, c.ok("flavor", "list", "-o", "json"), &flavors)
+	if len(flavors.Flavors) != 1 || flavors.Flavors[0].Meta.Name != "small" || flavors.Flavors[0].MemoryMib != "1024" {
+		t.Fatalf("flavor list -o json: %+v", flavors)
+	}
+	if y := c.ok("flavor", "show", "small", "-o", "yaml"); !strings.Contains(y, "name: small") || !strings.Contains(y, "vcpus: 1") {
+		t.Fatalf("flavor show -o yaml:\n%s", y)
+	}
+	table := c.ok("flavor", "list")
+	if lines := strings.Split(strings.TrimSpace(table), "\n"); len(lines) != 2 || strings.Join(strings.Fields(lines[0]), " ") != "NAME VCPUS MEMORY-MIB DISK-GIB AGE" {
+		t.Fatalf("flavor list:\n%s", table)
+	}
+
+	c.ok("network", "create", "default", "--cidr", "10.99.0.0/24")
+	c.fails(exitUsage, "", "network", "create", "bad", "--cidr", "not-a-cidr")
+	if out := c.ok("network", "list"); !strings.Contains(out, "10.99.0.0/24") {
+		t.Fatalf("network list:\n%s", out)
+	}
+	// Projects scope networks.
+	if out := c.ok("--project", "other", "network", "list", "-o", "json"); strings.Contains(out, "10.99.0.0") {
+		t.Fatalf("network of project default listed in project other:\n%s", out)
+	}
+
+	c.ok("server-group", "create", "web", "--policy", "anti-affinity")
+	if out := c.ok("server-group", "list"); !strings.Contains(out, "anti-affinity") {
+		t.Fatalf("server-group list:\n%s", out)
+	}
+	c.ok("server-group", "delete", "web")
+	c.fails(exitNotFound, "web", "server-group", "show", "web")
+
+	c.ok("flavor", "delete", "small")
+	c.fails(exitNotFound, "small", "flavor", "delete", "small")
+	c.ok("host", "list")
+	c.ok("host", "list", "-o", "yaml")
+}
+
+func writeRandomFile(t *testing.T, path string, n int) string {
+	t.Helper()
+	b := make([]byte, n)
+	rand.Read(b)
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+func TestE2EImages(t *testing.T) {
+	c := startCloud(t)
+	dir := t.TempDir()
+	diskSum := writeRandomFile(t, filepath.Join(dir, "disk.img"), 5<<20+3)
+	kernelSum := writeRandomFile(t, filepath.Join(dir, "vmlinuz"), 300<<10)
+	writeRandomFile(t, filepath.Join(dir, "initrd.img"), 200<<10)
+
+	r := c.mc("image", "create", "tiny", "--file", filepath.Join(dir, "disk.img"),
+		"--kernel", filepath.Join(dir, "vmlinuz"), "--initrd", filepath.Join(dir, "initrd.img"), "--cmdline", "console=ttyS0", "-o", "json")
+	if r.code != 0 {
+		t.Fatalf("image create: exit %d: %s", r.code, r.stderr)
+	}
+	// stderr is not a terminal here: one summary line, no bar.
+	if strings.Count(r.stderr, "\n") != 1 || !strings.Contains(r.stderr, "uploaded") || strings.Contains(r.stderr, "\r") {
+		t.Fatalf("upload progress on a non-terminal: %q", r.stderr)
+	}
+	var img struct {
+		Format           string
+		Disk             struct{ Sha256, SizeBytes string }
+		Kernel           struct{ Sha256 string }
+		VirtualSizeBytes string
+		Cmdline          string
+	}
+	decodeJSON(t, r.stdout, &img)
+	if img.Format != "IMAGE_FORMAT_RAW" || img.Disk.Sha256 != diskSum || img.Kernel.Sha256 != kernelSum || img.Cmdline != "console=ttyS0" || img.VirtualSizeBytes != fmt.Sprint(5<<20+3) {
+		t.Fatalf("image create -o json: %+v", img)
+	}
+	if out := c.ok("image", "list"); !strings.Contains(out, "tiny") || !strings.Contains(out, "raw") || !strings.Contains(out, diskSum[:12]) {
+		t.Fatalf("image list:\n%s", out)
+	}
+	c.fails(exitAlreadyExists, "tiny", "image", "create", "tiny", "--file", filepath.Join(dir, "disk.img"))
+	c.fails(exitUsage, "nonexistent", "image", "create", "x", "--file", filepath.Join(dir, "nonexistent"))
+
+	if _, err := exec.LookPath("qemu-img"); err == nil {
+		run := func(args ...string) {
+			cmd := exec.Command("qemu-img", append([]string{"create", "-q"}, args...)...)
+			cmd.Dir = dir
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img %v: %v\n%s", args, err, out)
+			}
+		}
+		run("-f", "qcow2", "plain.qcow2", "1G")
+		run("-f", "qcow2", "-b", "disk.img", "-F", "raw", "backed.qcow2")
+		var q struct{ Format, VirtualSizeBytes, MinDiskGib string }
+		decodeJSON(t, c.ok("image", "create", "plain", "--file", filepath.Join(dir, "plain.qcow2"), "-o", "json"), &q)
+		if q.Format != "IMAGE_FORMAT_QCOW2" || q.VirtualSizeBytes != fmt.Sprint(1<<30) || q.MinDiskGib != "1" {
+			t.Fatalf("qcow2 image: %+v", q)
+		}
+		c.fails(exitUsage, "backing file", "image", "create", "evil", "--file", filepath.Join(dir, "backed.qcow2"))
+		c.fails(exitNotFound, "evil", "image", "show", "evil")
+	} else {
+		t.Log("qemu-img not installed: qcow2 cases skipped")
+	}
+
+	c.ok("image", "delete", "tiny")
+	c.fails(exitNotFound, "tiny", "image", "show", "tiny")
+}
+
+func TestE2EVMs(t *testing.T) {
+	c := startCloud(t)
+	dir := t.TempDir()
+	writeRandomFile(t, filepath.Join(dir, "disk.img"), 1<<20)
+	c.ok("flavor", "create", "tiny", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "1")
+	c.ok("network", "create", "default", "--cidr", "10.99.0.0/24")
+	c.ok("image", "create", "tiny", "--file", filepath.Join(dir, "disk.img"))
+	ud := filepath.Join(dir, "init.yaml")
+	os.WriteFile(ud, []byte("#cloud-config\nhostname: web1\n"), 0o644)
+
+	var vm struct {
+		Meta struct{ Name, Id string }
+		Spec struct {
+			Image, Flavor string
+			HasUserData   bool
+			Networks      []string
+		}
+		Status struct{ Phase string }
+	}
+	decodeJSON(t, c.ok("vm", "create", "web1", "--image", "tiny", "--flavor", "tiny", "--user-data", "@"+ud, "-o", "json"), &vm)
+	if vm.Meta.Name != "web1" || vm.Spec.Image != "tiny" || !vm.Spec.HasUserData {
+		t.Fatalf("vm create -o json: %+v", vm)
+	}
+	r := c.mcIn("#cloud-config\n", "vm", "create", "web2", "--image", "tiny", "--flavor", "tiny", "--user-data", "-")
+	if r.code != 0 {
+		t.Fatalf("vm create --user-data -: exit %d: %s", r.code, r.stderr)
+	}
+	c.fails(exitAlreadyExists, "web1", "vm", "create", "web1", "--image", "tiny", "--flavor", "tiny")
+	c.fails(exitNotFound, "nope", "vm", "create", "web3", "--image", "nope", "--flavor", "tiny")
+	c.fails(exitNotFound, "nope", "vm", "show", "nope")
+	c.fails(exitConflict, "in use by VM", "image", "delete", "tiny")
+
+	table := c.ok("vm", "list")
+	lines := strings.Split(strings.TrimSpace(table), "\n")
+	if len(lines) != 3 || strings.Join(strings.Fields(lines[0]), " ") != "NAME PHASE HOST ADDRESS IMAGE FLAVOR AGE" {
+		t.Fatalf("vm list:\n%s", table)
+	}
+	// Columns are aligned: every row has the header's column offsets.
+	col := strings.Index(lines[0], "PHASE")
+	for _, l := range lines[1:] {
+		if l[col-1] != ' ' || l[col] == ' ' {
+			t.Fatalf("vm list is not aligned:\n%s", table)
+		}
+	}
+	if out := c.ok("vm", "show", "web1"); !strings.Contains(out, "Phase:") || !strings.Contains(out, "tiny") {
+		t.Fatalf("vm show:\n%s", out)
+	}
+	c.ok("vm", "events", "web1")
+	c.ok("vm", "events", "web1", "-o", "json")
+
+	// No host finishes the create in time here: the wait must time out
+	// with exit 6, not hang.
+	r = c.mc("vm", "wait", "web1", "--for", "ready", "--timeout", "2s")
+	if r.code != exitUnavailable && r.code != 0 {
+		t.Fatalf("vm wait: exit %d: %s", r.code, r.stderr)
+	}
+	if r.code == exitUnavailable && !strings.Contains(r.stderr, "timed out") {
+		t.Fatalf("vm wait timeout message: %q", r.stderr)
+	}
+
+	// Delete --wait follows the VM through WatchVMs until it is gone.
+	if out := c.ok("vm", "delete", "web2", "--wait", "--timeout", "2m"); !strings.Contains(out, "deleted") {
+		t.Fatalf("vm delete --wait printed %q", out)
+	}
+	c.fails(exitNotFound, "web2", "vm", "show", "web2")
+	if out := c.ok("vm", "wait", "web2", "--for", "deleted"); !strings.Contains(out, "deleted") {
+		t.Fatalf("vm wait --for deleted on a deleted VM: %q", out)
+	}
+}
+
+// TestE2ECreateRetriesWithSameRequestID stops the API, starts a vm create
+// (which keeps retrying while the API is unavailable), brings the API back
+// on the same state and checks that exactly one VM was made.
+func TestE2ECreateRetriesWithSameRequestID(t *testing.T) {
+	c := startCloud(t)
+	dir := t.TempDir()
+	writeRandomFile(t, filepath.Join(dir, "disk.img"), 1<<20)
+	c.ok("flavor", "create", "tiny", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "1")
+	c.ok("network", "create", "default", "--cidr", "10.99.0.0/24")
+	c.ok("image", "create", "tiny", "--file", filepath.Join(dir, "disk.img"))
+	c.stop()
+
+	cmd := c.command("", "vm", "create", "retry1", "--image", "tiny", "--flavor", "tiny", "--timeout", "2m")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stdout bytes.Buffer
+	cmd.Stdout = &stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Wait for the CLI to report a failed attempt before the API returns.
+	sc := bufio.NewScanner(stderr)
+	var errLines []string
+	for sc.Scan() {
+		errLines = append(errLines, sc.Text())
+		if strings.Contains(sc.Text(), "retrying create") {
+			break
+		}
+	}
+	if len(errLines) == 0 || !strings.Contains(errLines[len(errLines)-1], "retrying create") {
+		cmd.Wait()
+		t.Fatalf("vm create did not retry: %q", errLines)
+	}
+	go io.Copy(io.Discard, stderr)
+	c.start()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("vm create across an API restart: %v\nstdout: %s", err, stdout.String())
+	}
+	var list struct {
+		Vms []struct{ Meta struct{ Name string } }
+	}
+	decodeJSON(t, c.ok("vm", "list", "-o", "json"), &list)
+	if len(list.Vms) != 1 || list.Vms[0].Meta.Name != "retry1" {
+		t.Fatalf("after the retried create: %+v", list)
+	}
+}
+
+func TestE2EUnreachableAPI(t *testing.T) {
+	cli, _ := binaries(t)
+	c := &cloud{t: t, cli: cli, endpoint: freeAddr(t), home: t.TempDir()}
+	c.fails(exitUnavailable, "cannot reach the minicloud API", "vm", "list")
+}
