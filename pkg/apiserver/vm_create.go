@@ -169,12 +169,13 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 		cmps = append(cmps, store.Exists(store.ServerGroupKey(project, spec.ServerGroup)))
 	}
 	var ops []clientv3.Op
+	var committed bool // read by the reservations' deferred Done
 	for i, nw := range refs.networks {
 		r, err := s.ipam.Reserve(ctx, nw)
 		if err != nil {
 			return nil, err
 		}
-		defer r.Done()
+		defer func() { r.Done(committed) }()
 		cmps = append(cmps, store.Unchanged(store.NetworkKey(project, nw.GetMeta().GetName()), refs.networkRevs[i]), r.Cmp())
 		ops = append(ops, r.Op(id))
 		vm.Status.Addresses = append(vm.Status.Addresses, &minicloudv1.VMAddress{
@@ -217,6 +218,7 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	ops = append(ops, evOps...)
 
 	rev, ok, err := store.Commit(ctx, s.etcd, cmps, ops)
+	committed = ok
 	if err != nil {
 		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 			s.leases.forget(lease)

@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"math"
 	"net/netip"
 	"sync"
 
@@ -20,18 +21,26 @@ import (
 )
 
 // Allocator picks the lowest free address of a network. Addresses picked
-// in this process but not yet committed are reserved in memory so that
+// in this process stay reserved in memory while their transaction runs, and
+// after it commits until no read of the addresses that began before the
+// commit is still running (such a read cannot see them in etcd), so that
 // concurrent creates in one API server pick different addresses instead of
-// losing compares to each other.
+// losing compares to each other. Across API servers the etcd compare alone
+// keeps addresses unique.
 type Allocator struct {
 	kv       clientv3.KV
 	mu       sync.Mutex
-	reserved map[string]map[netip.Addr]struct{} // network id → addresses in flight
+	gen      uint64                           // bumped by every commit
+	reading  map[uint64]int                   // generation at start of each running read → count
+	reserved map[string]map[netip.Addr]uint64 // network id → address → generation of its commit
 }
+
+// inFlight marks a reservation whose transaction has not finished.
+const inFlight = math.MaxUint64
 
 // New returns an allocator over kv.
 func New(kv clientv3.KV) *Allocator {
-	return &Allocator{kv: kv, reserved: make(map[string]map[netip.Addr]struct{})}
+	return &Allocator{kv: kv, reading: map[uint64]int{}, reserved: map[string]map[netip.Addr]uint64{}}
 }
 
 // Reservation is an address picked for a VM but not yet committed. Put its
@@ -53,14 +62,21 @@ func (r *Reservation) Cmp() clientv3.Cmp { return store.Absent(r.Key()) }
 // Op records the address as vmID's.
 func (r *Reservation) Op(vmID string) clientv3.Op { return clientv3.OpPut(r.Key(), vmID) }
 
-// Done drops the in-memory reservation; call it once the transaction has
-// finished, whether it succeeded or not.
-func (r *Reservation) Done() {
-	r.a.mu.Lock()
-	defer r.a.mu.Unlock()
-	delete(r.a.reserved[r.NetworkID], r.Addr)
-	if len(r.a.reserved[r.NetworkID]) == 0 {
-		delete(r.a.reserved, r.NetworkID)
+// Done ends the reservation once the transaction has finished, telling
+// whether it committed the address.
+func (r *Reservation) Done(committed bool) {
+	a := r.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := a.reserved[r.NetworkID]
+	if committed && m != nil {
+		m[r.Addr] = a.gen
+		a.gen++
+		return
+	}
+	delete(m, r.Addr)
+	if len(m) == 0 {
+		delete(a.reserved, r.NetworkID)
 	}
 }
 
@@ -73,7 +89,16 @@ func (a *Allocator) Reserve(ctx context.Context, network *minicloudv1.Network) (
 		return nil, err
 	}
 	id := network.GetMeta().GetId()
+	a.mu.Lock()
+	startGen := a.gen
+	a.reading[startGen]++
+	a.mu.Unlock()
 	resp, err := a.kv.Get(ctx, store.IPAMNetworkPrefix(id), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.reading[startGen]--; a.reading[startGen] == 0 {
+		delete(a.reading, startGen)
+	}
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", network.GetMeta().GetName())
 	}
@@ -83,9 +108,17 @@ func (a *Allocator) Reserve(ctx context.Context, network *minicloudv1.Network) (
 			used[ip] = struct{}{}
 		}
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
+	// Commits older than every running read are in etcd for all readers.
+	oldest := startGen
+	for g := range a.reading {
+		oldest = min(oldest, g)
+	}
 	reserved := a.reserved[id]
+	for ip, g := range reserved {
+		if g < oldest {
+			delete(reserved, ip)
+		}
+	}
 	broadcast := Broadcast(prefix)
 	for ip := prefix.Addr().Next(); ip.IsValid() && ip.Less(broadcast); ip = ip.Next() {
 		if ip == gateway {
@@ -98,10 +131,10 @@ func (a *Allocator) Reserve(ctx context.Context, network *minicloudv1.Network) (
 			continue
 		}
 		if reserved == nil {
-			reserved = make(map[netip.Addr]struct{})
+			reserved = make(map[netip.Addr]uint64)
 			a.reserved[id] = reserved
 		}
-		reserved[ip] = struct{}{}
+		reserved[ip] = inFlight
 		return &Reservation{NetworkID: id, Addr: ip, Prefix: prefix, Gateway: gateway, a: a}, nil
 	}
 	return nil, errdefs.ResourceExhausted("network %s (%s) has no free address: delete VMs on it or create a larger network",
@@ -121,7 +154,7 @@ func (a *Allocator) Allocate(ctx context.Context, network *minicloudv1.Network, 
 			return netip.Addr{}, err
 		}
 		_, ok, err := store.Commit(ctx, a.kv, []clientv3.Cmp{r.Cmp()}, []clientv3.Op{r.Op(vmID)})
-		r.Done()
+		r.Done(ok)
 		if err != nil {
 			return netip.Addr{}, err
 		}

@@ -1,0 +1,216 @@
+// Command apibench measures the API's VM create path: an embedded etcd and
+// the API server in this process, N concurrent gRPC clients creating VMs
+// for a fixed time. It reports create latency (p50/p99), creates/s and the
+// etcd work per create, and rewrites the "api" section of
+// docs/benchmarks.md.
+//
+//	go run ./hack/apibench [-clients 16] [-duration 10s] [-docs docs/benchmarks.md]
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/apiserver"
+	"github.com/minicloud/minicloud/pkg/etcdembed"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+func main() {
+	clients := flag.Int("clients", 16, "concurrent clients")
+	duration := flag.Duration("duration", 10*time.Second, "how long to create VMs")
+	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
+	flag.Parse()
+	if err := run(*clients, *duration, *docs); err != nil {
+		log.Fatal(err)
+	}
+}
+
+func run(clients int, duration time.Duration, docs string) error {
+	ctx := context.Background()
+	load := loadAverage()
+	dir, err := os.MkdirTemp("", "apibench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	etcd, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir + "/etcd", ClientAddr: "127.0.0.1:0", PeerAddr: "127.0.0.1:0", Quiet: true})
+	if err != nil {
+		return err
+	}
+	defer etcd.Close()
+	cli, err := etcd.Client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	counts := &etcdCounts{}
+	cli.KV = &countingKV{KV: cli.KV, c: counts}
+	cli.Lease = &countingLease{Lease: cli.Lease, c: counts}
+
+	srv, err := apiserver.New(apiserver.Config{Client: cli, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	go srv.Serve(lis)
+	defer srv.Stop(ctx)
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := seed(ctx, cli, conn); err != nil {
+		return err
+	}
+
+	vms := minicloudv1.NewVMServiceClient(conn)
+	startRev, err := revision(ctx, cli)
+	if err != nil {
+		return err
+	}
+	counts.reset()
+	var (
+		wg        sync.WaitGroup
+		mu        sync.Mutex
+		latencies []time.Duration
+		failed    atomic.Int64
+		seq       atomic.Int64
+	)
+	deadline := time.Now().Add(duration)
+	began := time.Now()
+	for c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var mine []time.Duration
+			for time.Now().Before(deadline) {
+				n := seq.Add(1)
+				t0 := time.Now()
+				_, err := vms.CreateVM(ctx, &minicloudv1.CreateVMRequest{
+					Name:      fmt.Sprintf("bench-%d-%d", c, n),
+					RequestId: fmt.Sprintf("bench-%d", n),
+					UserData:  []byte("#cloud-config\nhostname: bench\n"),
+					Spec:      &minicloudv1.VMSpec{Image: "bench", Flavor: "bench"},
+				})
+				if err != nil {
+					failed.Add(1)
+					log.Printf("create: %v", err)
+					continue
+				}
+				mine = append(mine, time.Since(t0))
+			}
+			mu.Lock()
+			latencies = append(latencies, mine...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(began)
+	snap := counts.snapshot()
+	endRev, err := revision(ctx, cli)
+	if err != nil {
+		return err
+	}
+	n := len(latencies)
+	if n == 0 {
+		return fmt.Errorf("no create succeeded (%d failed)", failed.Load())
+	}
+	slices.Sort(latencies)
+	pct := func(p float64) time.Duration { return latencies[min(n-1, int(float64(n)*p))] }
+	per := func(v int64) string { return fmt.Sprintf("%.2f", float64(v)/float64(n)) }
+	var b strings.Builder
+	fmt.Fprintf(&b, "`go run ./hack/apibench -clients %d -duration %s` — embedded etcd (data in %s) and the API server in one process, %d concurrent gRPC clients over loopback, GOMAXPROCS=%d, load average before the run %s, measured %s.\n\n",
+		clients, duration, os.TempDir(), clients, runtime.GOMAXPROCS(0), load, time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(&b, "| clients | creates | failed | creates/s | create p50 | create p99 | etcd revisions / create | etcd write txns / create | etcd requests / create |\n")
+	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "| %d | %d | %d | %.0f | %s | %s | %s | %s | %s |\n\n",
+		clients, n, failed.Load(), float64(n)/elapsed.Seconds(), round(pct(0.50)), round(pct(0.99)),
+		per(endRev-startRev), per(snap.writeTxns), per(snap.requests))
+	fmt.Fprintf(&b, "Revisions count committed etcd writes; a create is one transaction (spec, status, user-data, name index, request id, addresses, first event), so 1.00 is the floor. Write txns include transactions whose compares failed and were retried (%d lost races in total, %d lease grants for request ids). Requests count every etcd call of the API, reads included.\n",
+		snap.failedTxns, snap.leaseGrants)
+	fmt.Print(b.String())
+	if docs == "" {
+		return nil
+	}
+	return rewriteSection(docs, "api", b.String())
+}
+
+func round(d time.Duration) string {
+	if d < 10*time.Millisecond {
+		return d.Round(10 * time.Microsecond).String()
+	}
+	return d.Round(100 * time.Microsecond).String()
+}
+
+func revision(ctx context.Context, cli *clientv3.Client) (int64, error) {
+	resp, err := cli.Get(ctx, "revision", clientv3.WithCountOnly())
+	if err != nil {
+		return 0, err
+	}
+	return resp.Header.Revision, nil
+}
+
+// seed creates what a create refers to: a flavor and a /16 network through
+// the API, and image metadata straight in etcd (uploads are benchmarked
+// with the image service, not here).
+func seed(ctx context.Context, cli *clientv3.Client, conn *grpc.ClientConn) error {
+	if _, err := minicloudv1.NewFlavorServiceClient(conn).CreateFlavor(ctx, &minicloudv1.CreateFlavorRequest{Name: "bench", Vcpus: 1, MemoryMib: 256, DiskGib: 1}); err != nil {
+		return err
+	}
+	if _, err := minicloudv1.NewNetworkServiceClient(conn).CreateNetwork(ctx, &minicloudv1.CreateNetworkRequest{Name: "default", Cidr: "10.200.0.0/16"}); err != nil {
+		return err
+	}
+	img, err := store.Marshal(&minicloudv1.Image{Meta: &minicloudv1.ObjectMeta{Id: "bench", Name: "bench"}, Format: minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2})
+	if err != nil {
+		return err
+	}
+	_, err = cli.Put(ctx, store.ImageKey("bench"), img)
+	return err
+}
+
+// rewriteSection replaces the text between <!-- BEGIN name --> and
+// <!-- END name --> in path.
+func rewriteSection(path, name, body string) error {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	begin, end := "<!-- BEGIN "+name+" -->\n", "<!-- END "+name+" -->"
+	s := string(raw)
+	i, j := strings.Index(s, begin), strings.Index(s, end)
+	if i < 0 || j < i {
+		return fmt.Errorf("%s has no %q ... %q markers", path, strings.TrimSpace(begin), end)
+	}
+	out := s[:i+len(begin)] + body + s[j:]
+	return os.WriteFile(path, []byte(out), 0o644)
+}
+
+// loadAverage is the 1-minute load average: the machine is shared, and the
+// numbers mean little without it.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.Fields(string(b))[0]
+}
