@@ -28,9 +28,12 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
+	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 )
 
@@ -290,6 +293,18 @@ func TestE2EFlavorsNetworksServerGroups(t *testing.T) {
 	c.ok("host", "list", "-o", "yaml")
 }
 
+// seed creates what a VM needs: flavor, network and image "tiny"/"default".
+// It returns a scratch directory.
+func (c *cloud) seed() string {
+	c.t.Helper()
+	dir := c.t.TempDir()
+	writeRandomFile(c.t, filepath.Join(dir, "disk.img"), 1<<20)
+	c.ok("flavor", "create", "tiny", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "1")
+	c.ok("network", "create", "default", "--cidr", "10.99.0.0/24")
+	c.ok("image", "create", "tiny", "--file", filepath.Join(dir, "disk.img"))
+	return dir
+}
+
 func writeRandomFile(t *testing.T, path string, n int) string {
 	t.Helper()
 	b := make([]byte, n)
@@ -361,11 +376,7 @@ func TestE2EImages(t *testing.T) {
 
 func TestE2EVMs(t *testing.T) {
 	c := startCloud(t)
-	dir := t.TempDir()
-	writeRandomFile(t, filepath.Join(dir, "disk.img"), 1<<20)
-	c.ok("flavor", "create", "tiny", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "1")
-	c.ok("network", "create", "default", "--cidr", "10.99.0.0/24")
-	c.ok("image", "create", "tiny", "--file", filepath.Join(dir, "disk.img"))
+	dir := c.seed()
 	ud := filepath.Join(dir, "init.yaml")
 	os.WriteFile(ud, []byte("#cloud-config\nhostname: web1\n"), 0o644)
 
@@ -434,11 +445,7 @@ func TestE2EVMs(t *testing.T) {
 // on the same state and checks that exactly one VM was made.
 func TestE2ECreateRetriesWithSameRequestID(t *testing.T) {
 	c := startCloud(t)
-	dir := t.TempDir()
-	writeRandomFile(t, filepath.Join(dir, "disk.img"), 1<<20)
-	c.ok("flavor", "create", "tiny", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "1")
-	c.ok("network", "create", "default", "--cidr", "10.99.0.0/24")
-	c.ok("image", "create", "tiny", "--file", filepath.Join(dir, "disk.img"))
+	c.seed()
 	c.stop()
 
 	cmd := c.command("", "vm", "create", "retry1", "--image", "tiny", "--flavor", "tiny", "--timeout", "2m")
@@ -482,4 +489,47 @@ func TestE2EUnreachableAPI(t *testing.T) {
 	cli, _ := binaries(t)
 	c := &cloud{t: t, cli: cli, endpoint: freeAddr(t), home: t.TempDir()}
 	c.fails(exitUnavailable, "cannot reach the minicloud API", "vm", "list")
+}
+
+// TestE2ECreateResponseLost injects the failure a request id exists for:
+// the API creates the VM but the answer is lost (reported to the client as
+// Unavailable). The retry with the same request id must return that VM,
+// not make a second one.
+func TestE2ECreateResponseLost(t *testing.T) {
+	c := startCloud(t)
+	c.seed()
+	var calls int
+	loseFirstAnswer := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		if strings.HasSuffix(method, "/CreateVM") {
+			calls++
+			if calls == 1 && err == nil {
+				return status.Error(codes.Unavailable, "connection reset (injected after the create succeeded)")
+			}
+		}
+		return err
+	}
+	cl, err := client.Dial(context.Background(), c.endpoint, grpc.WithChainUnaryInterceptor(loseFirstAnswer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	req := createRequest(t, &app{getenv: func(string) string { return "" }}, "lost1", "--image", "tiny", "--flavor", "tiny")
+	var log bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	vm, err := createWithRetry(ctx, cl, req, &log)
+	if err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	if calls != 2 || !strings.Contains(log.String(), "retrying create") {
+		t.Fatalf("%d CreateVM calls, log %q; want one retry", calls, log.String())
+	}
+	var list struct {
+		Vms []struct{ Meta struct{ Name, Id string } }
+	}
+	decodeJSON(t, c.ok("vm", "list", "-o", "json"), &list)
+	if len(list.Vms) != 1 || list.Vms[0].Meta.Id != vm.GetMeta().GetId() {
+		t.Fatalf("after a retried create: %+v, retry returned %s", list, vm.GetMeta().GetId())
+	}
 }

@@ -120,19 +120,7 @@ func TestCreateRequestFromFlags(t *testing.T) {
 	build := func(stdin string, args ...string) *minicloudv1.CreateVMRequest {
 		t.Helper()
 		a := &app{getenv: func(string) string { return "" }, streams: streams{in: strings.NewReader(stdin)}}
-		root := a.newRootCommand() // for --project
-		cmd := &cobra.Command{Use: "create"}
-		var o vmCreateOptions
-		addVMCreateFlags(cmd, &o)
-		cmd.Flags().AddFlagSet(root.PersistentFlags())
-		if err := cmd.ParseFlags(args); err != nil {
-			t.Fatal(err)
-		}
-		req, err := a.buildCreateRequest(cmd, cmd.Flags().Arg(0), &o)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return req
+		return createRequest(t, a, args...)
 	}
 
 	req := build("", "web1", "--image", "debian", "--flavor", "small", "--network", "a", "--network", "b",
@@ -177,4 +165,22 @@ func TestCompletionScript(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "__start_minicloud") {
 		t.Fatalf("exit %d, stderr %q", code, stderr)
 	}
+}
+
+// createRequest parses vm create's arguments (NAME first) and builds the
+// request the command would send.
+func createRequest(t *testing.T, a *app, args ...string) *minicloudv1.CreateVMRequest {
+	t.Helper()
+	cmd := &cobra.Command{Use: "create"}
+	var o vmCreateOptions
+	addVMCreateFlags(cmd, &o)
+	cmd.Flags().AddFlagSet(a.newRootCommand().PersistentFlags()) // --project
+	if err := cmd.ParseFlags(args); err != nil {
+		t.Fatal(err)
+	}
+	req, err := a.buildCreateRequest(cmd, cmd.Flags().Arg(0), &o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return req
 }

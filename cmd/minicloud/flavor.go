@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"strconv"
 
@@ -45,46 +44,20 @@ func (a *app) newFlavorCommand() *cobra.Command {
 		return printMessage(a.out, *createOut, f, func(w io.Writer) error { return flavorTable(w, []*minicloudv1.Flavor{f}) })
 	}
 
-	list := &cobra.Command{Use: "list", Short: "List flavors", Args: noArgs}
-	listOut := addOutputFlag(list)
-	list.RunE = func(cmd *cobra.Command, _ []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		resp, err := c.Flavors.ListFlavors(cmd.Context(), &minicloudv1.ListFlavorsRequest{})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *listOut, resp, func(w io.Writer) error { return flavorTable(w, resp.GetFlavors()) })
-	}
-
-	show := &cobra.Command{Use: "show NAME", Short: "Show a flavor", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	showOut := addOutputFlag(show)
-	show.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		f, err := c.Flavors.GetFlavor(cmd.Context(), &minicloudv1.GetFlavorRequest{Name: args[0]})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *showOut, f, func(w io.Writer) error { return flavorTable(w, []*minicloudv1.Flavor{f}) })
-	}
-
-	del := &cobra.Command{Use: "delete NAME", Short: "Delete a flavor no VM uses", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	del.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		if _, err := c.Flavors.DeleteFlavor(cmd.Context(), &minicloudv1.DeleteFlavorRequest{Name: args[0]}); err != nil {
-			return err
-		}
-		fmt.Fprintf(a.out, "flavor %s deleted\n", args[0])
-		return nil
-	}
+	list := listCommand(a, "List flavors",
+		func(ctx context.Context, c *client.Client) (*minicloudv1.ListFlavorsResponse, error) {
+			return c.Flavors.ListFlavors(ctx, &minicloudv1.ListFlavorsRequest{})
+		},
+		func(w io.Writer, r *minicloudv1.ListFlavorsResponse) error { return flavorTable(w, r.GetFlavors()) })
+	show := showCommand(a, "Show a flavor", complete,
+		func(ctx context.Context, c *client.Client, name string) (*minicloudv1.Flavor, error) {
+			return c.Flavors.GetFlavor(ctx, &minicloudv1.GetFlavorRequest{Name: name})
+		},
+		func(w io.Writer, f *minicloudv1.Flavor) error { return flavorTable(w, []*minicloudv1.Flavor{f}) })
+	del := nameCommand(a, "delete", "Delete a flavor no VM uses", "flavor", "deleted", complete,
+		func(ctx context.Context, c *client.Client, name string) error {
+			return ignoreResult(c.Flavors.DeleteFlavor(ctx, &minicloudv1.DeleteFlavorRequest{Name: name}))
+		})
 	cmd.AddCommand(create, list, show, del)
 	return cmd
 }

@@ -24,33 +24,15 @@ func (a *app) newHostCommand() *cobra.Command {
 		return names, err
 	})
 
-	list := &cobra.Command{Use: "list", Short: "List hosts", Args: noArgs}
-	listOut := addOutputFlag(list)
-	list.RunE = func(cmd *cobra.Command, _ []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		resp, err := c.Hosts.ListHosts(cmd.Context(), &minicloudv1.ListHostsRequest{})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *listOut, resp, func(w io.Writer) error { return hostTable(w, resp.GetHosts()) })
-	}
-
-	show := &cobra.Command{Use: "show NAME", Short: "Show a host", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	showOut := addOutputFlag(show)
-	show.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		h, err := c.Hosts.GetHost(cmd.Context(), &minicloudv1.GetHostRequest{Name: args[0]})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *showOut, h, func(w io.Writer) error { return hostDetails(w, h) })
-	}
+	list := listCommand(a, "List hosts",
+		func(ctx context.Context, c *client.Client) (*minicloudv1.ListHostsResponse, error) {
+			return c.Hosts.ListHosts(ctx, &minicloudv1.ListHostsRequest{})
+		},
+		func(w io.Writer, r *minicloudv1.ListHostsResponse) error { return hostTable(w, r.GetHosts()) })
+	show := showCommand(a, "Show a host", complete,
+		func(ctx context.Context, c *client.Client, name string) (*minicloudv1.Host, error) {
+			return c.Hosts.GetHost(ctx, &minicloudv1.GetHostRequest{Name: name})
+		}, hostDetails)
 
 	disable := &cobra.Command{Use: "disable NAME [--reason TEXT]", Short: "Stop scheduling new VMs to a host", Args: exactArgs("NAME"), ValidArgsFunction: complete}
 	reason := disable.Flags().String("reason", "", "why the host is disabled (shown in host list)")
@@ -66,18 +48,10 @@ func (a *app) newHostCommand() *cobra.Command {
 		return nil
 	}
 
-	enable := &cobra.Command{Use: "enable NAME", Short: "Allow scheduling to a host again", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	enable.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		if _, err := c.Hosts.EnableHost(cmd.Context(), &minicloudv1.EnableHostRequest{Name: args[0]}); err != nil {
-			return err
-		}
-		fmt.Fprintf(a.out, "host %s enabled\n", args[0])
-		return nil
-	}
+	enable := nameCommand(a, "enable", "Allow scheduling to a host again", "host", "enabled", complete,
+		func(ctx context.Context, c *client.Client, name string) error {
+			return ignoreResult(c.Hosts.EnableHost(ctx, &minicloudv1.EnableHostRequest{Name: name}))
+		})
 	cmd.AddCommand(list, show, disable, enable)
 	return cmd
 }

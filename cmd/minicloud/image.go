@@ -65,46 +65,19 @@ func (a *app) newImageCommand() *cobra.Command {
 		return printMessage(a.out, *createOut, img, func(w io.Writer) error { return imageTable(w, []*minicloudv1.Image{img}) })
 	}
 
-	list := &cobra.Command{Use: "list", Short: "List images", Args: noArgs}
-	listOut := addOutputFlag(list)
-	list.RunE = func(cmd *cobra.Command, _ []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		resp, err := c.Images.ListImages(cmd.Context(), &minicloudv1.ListImagesRequest{})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *listOut, resp, func(w io.Writer) error { return imageTable(w, resp.GetImages()) })
-	}
-
-	show := &cobra.Command{Use: "show NAME", Short: "Show an image", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	showOut := addOutputFlag(show)
-	show.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		img, err := c.Images.GetImage(cmd.Context(), &minicloudv1.GetImageRequest{Name: args[0]})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *showOut, img, func(w io.Writer) error { return imageDetails(w, img) })
-	}
-
-	del := &cobra.Command{Use: "delete NAME", Short: "Delete an image no VM uses", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	del.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		if _, err := c.Images.DeleteImage(cmd.Context(), &minicloudv1.DeleteImageRequest{Name: args[0]}); err != nil {
-			return err
-		}
-		fmt.Fprintf(a.out, "image %s deleted\n", args[0])
-		return nil
-	}
+	list := listCommand(a, "List images",
+		func(ctx context.Context, c *client.Client) (*minicloudv1.ListImagesResponse, error) {
+			return c.Images.ListImages(ctx, &minicloudv1.ListImagesRequest{})
+		},
+		func(w io.Writer, r *minicloudv1.ListImagesResponse) error { return imageTable(w, r.GetImages()) })
+	show := showCommand(a, "Show an image", complete,
+		func(ctx context.Context, c *client.Client, name string) (*minicloudv1.Image, error) {
+			return c.Images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: name})
+		}, imageDetails)
+	del := nameCommand(a, "delete", "Delete an image no VM uses", "image", "deleted", complete,
+		func(ctx context.Context, c *client.Client, name string) error {
+			return ignoreResult(c.Images.DeleteImage(ctx, &minicloudv1.DeleteImageRequest{Name: name}))
+		})
 	cmd.AddCommand(create, list, show, del)
 	return cmd
 }

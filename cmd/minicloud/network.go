@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"strconv"
 
@@ -47,46 +46,20 @@ func (a *app) newNetworkCommand() *cobra.Command {
 		return printMessage(a.out, *createOut, n, func(w io.Writer) error { return networkTable(w, []*minicloudv1.Network{n}) })
 	}
 
-	list := &cobra.Command{Use: "list", Short: "List networks", Args: noArgs}
-	listOut := addOutputFlag(list)
-	list.RunE = func(cmd *cobra.Command, _ []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		resp, err := c.Networks.ListNetworks(cmd.Context(), &minicloudv1.ListNetworksRequest{Project: a.project()})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *listOut, resp, func(w io.Writer) error { return networkTable(w, resp.GetNetworks()) })
-	}
-
-	show := &cobra.Command{Use: "show NAME", Short: "Show a network", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	showOut := addOutputFlag(show)
-	show.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		n, err := c.Networks.GetNetwork(cmd.Context(), &minicloudv1.GetNetworkRequest{Name: args[0], Project: a.project()})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *showOut, n, func(w io.Writer) error { return networkTable(w, []*minicloudv1.Network{n}) })
-	}
-
-	del := &cobra.Command{Use: "delete NAME", Short: "Delete a network no VM uses", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	del.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		if _, err := c.Networks.DeleteNetwork(cmd.Context(), &minicloudv1.DeleteNetworkRequest{Name: args[0], Project: a.project()}); err != nil {
-			return err
-		}
-		fmt.Fprintf(a.out, "network %s deleted\n", args[0])
-		return nil
-	}
+	list := listCommand(a, "List networks",
+		func(ctx context.Context, c *client.Client) (*minicloudv1.ListNetworksResponse, error) {
+			return c.Networks.ListNetworks(ctx, &minicloudv1.ListNetworksRequest{Project: a.project()})
+		},
+		func(w io.Writer, r *minicloudv1.ListNetworksResponse) error { return networkTable(w, r.GetNetworks()) })
+	show := showCommand(a, "Show a network", complete,
+		func(ctx context.Context, c *client.Client, name string) (*minicloudv1.Network, error) {
+			return c.Networks.GetNetwork(ctx, &minicloudv1.GetNetworkRequest{Name: name, Project: a.project()})
+		},
+		func(w io.Writer, n *minicloudv1.Network) error { return networkTable(w, []*minicloudv1.Network{n}) })
+	del := nameCommand(a, "delete", "Delete a network no VM uses", "network", "deleted", complete,
+		func(ctx context.Context, c *client.Client, name string) error {
+			return ignoreResult(c.Networks.DeleteNetwork(ctx, &minicloudv1.DeleteNetworkRequest{Name: name, Project: a.project()}))
+		})
 	cmd.AddCommand(create, list, show, del)
 	return cmd
 }

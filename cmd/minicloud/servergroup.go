@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"strings"
 
@@ -61,46 +60,24 @@ func (a *app) newServerGroupCommand() *cobra.Command {
 		return printMessage(a.out, *createOut, g, func(w io.Writer) error { return serverGroupTable(w, []*minicloudv1.ServerGroup{g}) })
 	}
 
-	list := &cobra.Command{Use: "list", Short: "List server groups", Args: noArgs}
-	listOut := addOutputFlag(list)
-	list.RunE = func(cmd *cobra.Command, _ []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		resp, err := c.ServerGroups.ListServerGroups(cmd.Context(), &minicloudv1.ListServerGroupsRequest{Project: a.project()})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *listOut, resp, func(w io.Writer) error { return serverGroupTable(w, resp.GetServerGroups()) })
-	}
-
-	show := &cobra.Command{Use: "show NAME", Short: "Show a server group", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	showOut := addOutputFlag(show)
-	show.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		g, err := c.ServerGroups.GetServerGroup(cmd.Context(), &minicloudv1.GetServerGroupRequest{Name: args[0], Project: a.project()})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *showOut, g, func(w io.Writer) error { return serverGroupTable(w, []*minicloudv1.ServerGroup{g}) })
-	}
-
-	del := &cobra.Command{Use: "delete NAME", Short: "Delete a server group", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	del.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		if _, err := c.ServerGroups.DeleteServerGroup(cmd.Context(), &minicloudv1.DeleteServerGroupRequest{Name: args[0], Project: a.project()}); err != nil {
-			return err
-		}
-		fmt.Fprintf(a.out, "server-group %s deleted\n", args[0])
-		return nil
-	}
+	list := listCommand(a, "List server groups",
+		func(ctx context.Context, c *client.Client) (*minicloudv1.ListServerGroupsResponse, error) {
+			return c.ServerGroups.ListServerGroups(ctx, &minicloudv1.ListServerGroupsRequest{Project: a.project()})
+		},
+		func(w io.Writer, r *minicloudv1.ListServerGroupsResponse) error {
+			return serverGroupTable(w, r.GetServerGroups())
+		})
+	show := showCommand(a, "Show a server group", complete,
+		func(ctx context.Context, c *client.Client, name string) (*minicloudv1.ServerGroup, error) {
+			return c.ServerGroups.GetServerGroup(ctx, &minicloudv1.GetServerGroupRequest{Name: name, Project: a.project()})
+		},
+		func(w io.Writer, g *minicloudv1.ServerGroup) error {
+			return serverGroupTable(w, []*minicloudv1.ServerGroup{g})
+		})
+	del := nameCommand(a, "delete", "Delete a server group", "server-group", "deleted", complete,
+		func(ctx context.Context, c *client.Client, name string) error {
+			return ignoreResult(c.ServerGroups.DeleteServerGroup(ctx, &minicloudv1.DeleteServerGroupRequest{Name: name, Project: a.project()}))
+		})
 	cmd.AddCommand(create, list, show, del)
 	return cmd
 }

@@ -234,20 +234,10 @@ func (a *app) newVMListCommand() *cobra.Command {
 }
 
 func (a *app) newVMShowCommand(complete cobra.CompletionFunc) *cobra.Command {
-	cmd := &cobra.Command{Use: "show NAME", Short: "Show a VM: spec, phase, addresses, conditions", Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	out := addOutputFlag(cmd)
-	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		vm, err := c.VMs.GetVM(cmd.Context(), &minicloudv1.GetVMRequest{Name: args[0], Project: a.project()})
-		if err != nil {
-			return err
-		}
-		return printMessage(a.out, *out, vm, func(w io.Writer) error { return vmDetails(w, vm) })
-	}
-	return cmd
+	return showCommand(a, "Show a VM: spec, phase, addresses, conditions", complete,
+		func(ctx context.Context, c *client.Client, name string) (*minicloudv1.VM, error) {
+			return c.VMs.GetVM(ctx, &minicloudv1.GetVMRequest{Name: name, Project: a.project()})
+		}, vmDetails)
 }
 
 func (a *app) newVMDeleteCommand(complete cobra.CompletionFunc) *cobra.Command {
@@ -281,19 +271,10 @@ func (a *app) newVMDeleteCommand(complete cobra.CompletionFunc) *cobra.Command {
 type vmAction func(ctx context.Context, in *minicloudv1.VMActionRequest, opts ...grpc.CallOption) (*minicloudv1.VM, error)
 
 func (a *app) newVMActionCommand(verb, short string, complete cobra.CompletionFunc, action func(*client.Client) vmAction) *cobra.Command {
-	cmd := &cobra.Command{Use: verb + " NAME", Short: short, Args: exactArgs("NAME"), ValidArgsFunction: complete}
-	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		c, err := a.connect(cmd.Context())
-		if err != nil {
-			return err
-		}
-		if _, err := action(c)(cmd.Context(), &minicloudv1.VMActionRequest{Name: args[0], Project: a.project()}); err != nil {
-			return err
-		}
-		fmt.Fprintf(a.out, "vm %s: %s requested\n", args[0], verb)
-		return nil
-	}
-	return cmd
+	return nameCommand(a, verb, short, "vm", verb+" requested", complete,
+		func(ctx context.Context, c *client.Client, name string) error {
+			return ignoreResult(action(c)(ctx, &minicloudv1.VMActionRequest{Name: name, Project: a.project()}))
+		})
 }
 
 func (a *app) newVMConsoleLogCommand(complete cobra.CompletionFunc) *cobra.Command {
