@@ -93,7 +93,7 @@ type imagePart struct {
 
 // uploadImage streams the header and the parts, and checks that the server
 // stored exactly the bytes that were read (same sha256).
-func (a *app) uploadImage(ctx context.Context, c *client.Client, hdr *minicloudv1.CreateImageHeader, disk, kernel, initrd string) (*minicloudv1.Image, error) {
+func (a *app) uploadImage(ctx context.Context, c *client.Client, hdr *minicloudv1.CreateImageHeader, disk, kernel, initrd string) (_ *minicloudv1.Image, err error) {
 	var parts []*imagePart
 	for _, p := range []imagePart{
 		{part: minicloudv1.ImagePart_IMAGE_PART_DISK, path: disk},
@@ -149,6 +149,11 @@ func (a *app) uploadImage(ctx context.Context, c *client.Client, hdr *minicloudv
 		return nil, serverErr()
 	}
 	prog := newProgress(a.errOut, a.errIsTerminal, hdr.Name, total)
+	defer func() {
+		if err != nil {
+			prog.abandon()
+		}
+	}()
 	buf := make([]byte, uploadChunkSize)
 	for _, p := range parts {
 		h := sha256.New()

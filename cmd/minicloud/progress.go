@@ -64,3 +64,11 @@ func (p *progress) finish() {
 	fmt.Fprintf(p.w, "%s: uploaded %s in %s (%s/s)\n", p.label, bytesIEC(p.done),
 		now().Sub(p.start).Round(time.Millisecond), bytesIEC(p.rate()))
 }
+
+// abandon ends a bar that will not finish, so the error that follows
+// starts on its own line.
+func (p *progress) abandon() {
+	if p.terminal && p.done > 0 {
+		fmt.Fprintln(p.w)
+	}
+}
