@@ -83,17 +83,17 @@ func heartbeat(t *testing.T, cli *clientv3.Client, host string, ttl int64) clien
 }
 
 type simVM struct {
-	id        string
-	project   string
-	vcpus     int32
-	memMiB    int64
-	diskGiB   int64
-	zone      string
-	group     string
-	target    string
-	hv        string
-	tried     []string
-	attempts  int32
+	id       string
+	project  string
+	vcpus    int32
+	memMiB   int64
+	diskGiB  int64
+	zone     string
+	group    string
+	target   string
+	hv       string
+	tried    []string
+	attempts int32
 }
 
 // simulatedCreateOps are the writes of the simulated API's CreateVM.
