@@ -27,14 +27,17 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 var (
@@ -78,11 +81,13 @@ func binaries(t *testing.T) (cli, daemon string) {
 	return filepath.Join(binDir, "minicloud"), filepath.Join(binDir, "minicloudd")
 }
 
-// cloud is one all-in-one under test.
+// cloud is one minicloudd under test.
 type cloud struct {
 	t        *testing.T
 	cli      string
 	daemon   string
+	role     string // all-in-one or api
+	etcd     *clientv3.Client
 	etcdURL  string
 	dataDir  string
 	endpoint string
@@ -92,12 +97,16 @@ type cloud struct {
 	log      *bytes.Buffer
 }
 
-func startCloud(t *testing.T) *cloud {
+// startCloud runs `minicloudd all-in-one`.
+func startCloud(t *testing.T) *cloud { return startRole(t, "all-in-one") }
+
+// startRole runs one minicloudd role against the test's etcd.
+func startRole(t *testing.T, role string) *cloud {
 	t.Helper()
 	cli, daemon := binaries(t)
-	etcd, _ := etcdtest.Start(t)
+	etcd, etcdClient := etcdtest.Start(t)
 	c := &cloud{
-		t: t, cli: cli, daemon: daemon,
+		t: t, cli: cli, daemon: daemon, role: role, etcd: etcdClient,
 		etcdURL:  "http://" + etcd.Endpoint,
 		dataDir:  t.TempDir(),
 		endpoint: freeAddr(t),
@@ -124,7 +133,7 @@ func (c *cloud) start() {
 	t := c.t
 	t.Helper()
 	c.log = &bytes.Buffer{}
-	c.proc = exec.Command(c.daemon, "all-in-one",
+	c.proc = exec.Command(c.daemon, c.role,
 		"--data-dir", c.dataDir, "--listen", c.endpoint,
 		"--etcd-endpoints", c.etcdURL, "--metrics-listen", "")
 	c.proc.Stdout, c.proc.Stderr = c.log, c.log
@@ -151,7 +160,7 @@ func (c *cloud) start() {
 	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
 	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 		c.stop()
-		t.Fatalf("minicloudd all-in-one did not become healthy: %v %v\nlog:\n%s", resp, err, c.log.String())
+		t.Fatalf("minicloudd %s did not become healthy: %v %v\nlog:\n%s", c.role, resp, err, c.log.String())
 	}
 }
 
@@ -531,5 +540,117 @@ func TestE2ECreateResponseLost(t *testing.T) {
 	decodeJSON(t, c.ok("vm", "list", "-o", "json"), &list)
 	if len(list.Vms) != 1 || list.Vms[0].Meta.Id != vm.GetMeta().GetId() {
 		t.Fatalf("after a retried create: %+v, retry returned %s", list, vm.GetMeta().GetId())
+	}
+}
+
+// lineReader hands out the lines a process writes, as they come.
+type lineReader struct {
+	lines chan string
+}
+
+func readLines(r io.Reader) *lineReader {
+	lr := &lineReader{lines: make(chan string, 100)}
+	go func() {
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			lr.lines <- sc.Text()
+		}
+		close(lr.lines)
+	}()
+	return lr
+}
+
+// expect waits for a line containing want, failing on EOF or after a
+// minute.
+func (lr *lineReader) expect(t *testing.T, want string) {
+	t.Helper()
+	deadline := time.After(time.Minute)
+	for {
+		select {
+		case l, ok := <-lr.lines:
+			if !ok {
+				t.Fatalf("output ended before a line with %q", want)
+			}
+			if strings.Contains(l, want) {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("no line with %q within a minute", want)
+		}
+	}
+}
+
+// TestE2EWaitFollowsPhases runs the API alone and plays scheduler and
+// agent itself (a stand-in that writes VM status keys as they would), so
+// every phase change is under the test's control: vm wait must print each
+// one as it happens and return when GuestReady turns true, and fail when
+// a VM goes to ERROR.
+func TestE2EWaitFollowsPhases(t *testing.T) {
+	c := startRole(t, "api")
+	c.seed()
+	c.ok("vm", "create", "w1", "--image", "tiny", "--flavor", "tiny")
+	c.ok("vm", "create", "w2", "--image", "tiny", "--flavor", "tiny")
+	var vms struct {
+		Vms []struct{ Meta struct{ Name, Id string } }
+	}
+	decodeJSON(t, c.ok("vm", "list", "-o", "json"), &vms)
+	ids := map[string]string{}
+	for _, vm := range vms.Vms {
+		ids[vm.Meta.Name] = vm.Meta.Id
+	}
+	setStatus := func(name string, st *minicloudv1.VMStatus) {
+		t.Helper()
+		op, err := store.VMStatusOp(ids[name], st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.etcd.Do(context.Background(), op); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	cmd := c.command("", "vm", "wait", "w1", "--for", "ready", "--timeout", "2m")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stdout bytes.Buffer
+	cmd.Stdout = &stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := readLines(stderr)
+	lines.expect(t, "vm w1: PENDING")
+	for _, phase := range []minicloudv1.VMPhase{minicloudv1.VMPhase_VM_PHASE_SCHEDULED, minicloudv1.VMPhase_VM_PHASE_CREATING, minicloudv1.VMPhase_VM_PHASE_RUNNING} {
+		setStatus("w1", &minicloudv1.VMStatus{Phase: phase, Host: "hv1"})
+		lines.expect(t, "vm w1: "+enumName(phase.String(), "VM_PHASE_"))
+	}
+	setStatus("w1", &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_RUNNING, Host: "hv1",
+		Conditions: []*minicloudv1.Condition{{Type: "GuestReady", Status: true, Reason: "MetadataFetched"}}})
+	lines.expect(t, "vm w1: GuestReady")
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("vm wait --for ready: %v", err)
+	}
+	if stdout.String() != "vm w1 ready\n" {
+		t.Fatalf("vm wait printed %q", stdout.String())
+	}
+	// Already there: returns at once.
+	c.ok("vm", "wait", "w1", "--for", "running")
+
+	cmd = c.command("", "vm", "wait", "w2", "--for", "running", "--timeout", "2m")
+	if stderr, err = cmd.StderrPipe(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines = readLines(stderr)
+	lines.expect(t, "vm w2: PENDING")
+	setStatus("w2", &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_ERROR, Reason: "NoValidHost", Message: "no host has 1 vCPU free"})
+	lines.expect(t, "vm w2: ERROR")
+	lines.expect(t, "no host has 1 vCPU free")
+	err = cmd.Wait()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitGeneric {
+		t.Fatalf("vm wait on a VM that went to ERROR: %v, want exit %d", err, exitGeneric)
 	}
 }
