@@ -105,7 +105,7 @@ chmod 0755 "$rd/etc/udhcpc.script"
 echo "PWRF PWRF" >"$rd/etc/acpid.conf"
 cat >"$rd/etc/acpi/PWRF" <<'EOF'
 #!/bin/sh
-echo "MINICLOUD-GUEST-POWEROFF acpi power button"
+echo "MINICLOUD-GUEST-POWEROFF acpi power button" >/dev/console
 sync
 poweroff -f
 EOF
@@ -122,7 +122,10 @@ mount -t tmpfs tmpfs /run
 echo "MINICLOUD-TINY-INIT kernel=$(uname -r)"
 
 while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done </etc/modules
-acpid -c /etc/acpi -a /etc/acpid.conf -l /run/acpid.log
+# In the foreground (backgrounded by the shell): daemonized, busybox acpid
+# loses its working directory and never finds the action scripts.
+acpid -f -c /etc/acpi -a /etc/acpid.conf -l /run/acpid.log &
+echo "MINICLOUD-TINY-ACPI power button handled"
 
 # Config drive (OpenStack config-2 or NoCloud cidata) on a CD-ROM. The drive
 # is probed before we get here (insmod is synchronous) but its medium may need

@@ -26,12 +26,20 @@ type instanceMetadata struct {
 	Hypervisor string   `xml:"hypervisor"`
 }
 
+// parseMetadata reads the element as DomainGetMetadata returns it: libvirt
+// selects it by namespace and hands it back without one.
 func parseMetadata(s string) (instanceMetadata, error) {
-	var md instanceMetadata
-	if err := xml.Unmarshal([]byte(s), &md); err != nil {
-		return md, fmt.Errorf("parse minicloud metadata: %w", err)
+	var md struct {
+		XMLName    xml.Name `xml:"instance"`
+		VMID       string   `xml:"vm-id"`
+		Project    string   `xml:"project"`
+		Name       string   `xml:"name"`
+		Hypervisor string   `xml:"hypervisor"`
 	}
-	return md, nil
+	if err := xml.Unmarshal([]byte(s), &md); err != nil {
+		return instanceMetadata{}, fmt.Errorf("parse minicloud metadata: %w", err)
+	}
+	return instanceMetadata{VMID: md.VMID, Project: md.Project, Name: md.Name, Hypervisor: md.Hypervisor}, nil
 }
 
 // domainXML renders spec as libvirt domain XML. Everything goes through

@@ -1,0 +1,336 @@
+package libvirt_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/minicloud/minicloud/agent/disk"
+	"github.com/minicloud/minicloud/agent/hypervisor"
+	"github.com/minicloud/minicloud/agent/hypervisor/hypervisortest"
+	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
+)
+
+// These tests drive the real libvirtd on this host and boot the tiny image
+// (hack/images/build-tiny.sh) under QEMU. They need root and a running
+// libvirtd: hack/setup-host.sh provides both in CI.
+
+const (
+	bootMarker  = "MINICLOUD-TINY-INIT"
+	readyMarker = "MINICLOUD-TINY-ACPI"
+)
+
+func requireLibvirt(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (libvirt qemu:///system, taps): run as root after hack/setup-host.sh")
+	}
+	if _, err := os.Stat(libvirt.DefaultSocket); err != nil {
+		t.Skipf("libvirtd not running (%v): run hack/setup-host.sh", err)
+	}
+}
+
+var (
+	tinyOnce sync.Once
+	tinyDir  string
+	tinyErr  error
+)
+
+// tinyImage builds (or reuses the cached) tiny image and returns its dir.
+func tinyImage(t testing.TB) string {
+	t.Helper()
+	tinyOnce.Do(func() {
+		root, err := filepath.Abs("../../..")
+		if err != nil {
+			tinyErr = err
+			return
+		}
+		out, err := exec.Command(filepath.Join(root, "hack/images/build-tiny.sh")).CombinedOutput()
+		if err != nil {
+			tinyErr = fmt.Errorf("build-tiny.sh: %v: %s", err, out)
+			return
+		}
+		tinyDir = filepath.Join(root, "images/out/tiny")
+	})
+	if tinyErr != nil {
+		t.Fatal(tinyErr)
+	}
+	return tinyDir
+}
+
+var (
+	hvOnce sync.Once
+	hvKind string
+)
+
+func hypervisorKind() string {
+	hvOnce.Do(func() {
+		hvKind = hypervisor.KVM
+		if err := libvirt.ProbeKVM(2 * time.Second); err != nil {
+			hvKind = hypervisor.TCG
+		}
+	})
+	return hvKind
+}
+
+func newDriver(t *testing.T) hypervisor.Driver {
+	t.Helper()
+	requireLibvirt(t)
+	d := libvirt.New(libvirt.Options{})
+	t.Cleanup(func() { _ = d.Close() })
+	return d
+}
+
+// vmDir is a per-VM directory the unprivileged QEMU user can traverse
+// (t.TempDir() is 0700).
+func vmDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/var/tmp", "mc-hvtest-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir
+}
+
+// makeTap creates a tap device as the network adapter would (the driver
+// only attaches to existing taps) and deletes it on cleanup.
+func makeTap(t *testing.T, name string) {
+	t.Helper()
+	if out, err := exec.Command("ip", "tuntap", "add", "dev", name, "mode", "tap").CombinedOutput(); err != nil {
+		t.Fatalf("create tap %s: %v: %s", name, err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "link", "del", name).CombinedOutput(); err != nil {
+			t.Errorf("delete tap %s: %v: %s", name, err, out)
+		}
+	})
+}
+
+func tapName(vmID string) string {
+	return "mct" + strings.ReplaceAll(vmID, "-", "")[:8] + "0"
+}
+
+func newSpec(t *testing.T, vmID string) hypervisor.DomainSpec {
+	t.Helper()
+	img := tinyImage(t)
+	dir := vmDir(t)
+	diskPath := filepath.Join(dir, "disk.qcow2")
+	if err := disk.CreateOverlay(context.Background(), diskPath, filepath.Join(img, "disk.qcow2"), "qcow2", 2<<30); err != nil {
+		t.Fatal(err)
+	}
+	cmdline, err := os.ReadFile(filepath.Join(img, "cmdline"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tap := tapName(vmID)
+	makeTap(t, tap)
+	return hypervisor.DomainSpec{
+		VMID: vmID, Name: "test-" + vmID[:8], Project: "default",
+		VCPUs: 1, MemoryMiB: 128, Hypervisor: hypervisorKind(),
+		DiskPath: diskPath, DiskFormat: "qcow2",
+		KernelPath: filepath.Join(img, "vmlinuz"), InitrdPath: filepath.Join(img, "initrd.img"),
+		Cmdline:        strings.TrimSpace(string(cmdline)),
+		NICs:           []hypervisor.NIC{{MAC: "52:54:00:" + vmID[0:2] + ":" + vmID[2:4] + ":" + vmID[4:6], TapName: tap, MTU: 1500}},
+		ConsoleLogPath: filepath.Join(dir, "console.log"),
+		SMBIOS:         hypervisor.SMBIOS{Manufacturer: "minicloud", Product: "OpenStack Nova", Serial: vmID, UUID: vmID, Family: "Virtual Machine"},
+	}
+}
+
+func virsh(args ...string) (string, error) {
+	out, err := exec.Command("virsh", append([]string{"-c", "qemu:///system", "-q"}, args...)...).CombinedOutput()
+	return string(out), err
+}
+
+func observe(t *testing.T, vmID string) bool {
+	t.Helper()
+	if _, err := virsh("dominfo", hypervisor.DomainName(vmID)); err == nil {
+		return true
+	}
+	_, err := virsh("domname", vmID)
+	return err == nil
+}
+
+// defineForeign defines a domain with plain virsh and no minicloud
+// metadata, as some other tool on the host would.
+func defineForeign(t *testing.T, name string) {
+	t.Helper()
+	dom := libvirtxml.Domain{
+		Type: "qemu", Name: name,
+		Memory: &libvirtxml.DomainMemory{Value: 64, Unit: "MiB"},
+		OS:     &libvirtxml.DomainOS{Type: &libvirtxml.DomainOSType{Arch: "x86_64", Type: "hvm"}},
+	}
+	x, err := dom.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := filepath.Join(t.TempDir(), "foreign.xml")
+	if err := os.WriteFile(f, []byte(x), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := virsh("define", f); err != nil {
+		t.Fatalf("virsh define %s: %v: %s", name, err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := virsh("undefine", name); err != nil {
+			t.Errorf("virsh undefine %s: %v: %s", name, err, out)
+		}
+	})
+}
+
+func TestConformance(t *testing.T) {
+	requireLibvirt(t)
+	hypervisortest.RunConformance(t, newDriver, hypervisortest.Fixtures{
+		NewSpec:       newSpec,
+		BootMarker:    bootMarker,
+		ReadyMarker:   readyMarker,
+		Observe:       observe,
+		DefineForeign: defineForeign,
+	})
+}
+
+// TestDomainXMLAsLibvirtSeesIt checks what libvirt stored for a domain with
+// hostile names: one disk, one NIC on our tap, our metadata, SMBIOS UUID,
+// the emulator type the host supports.
+func TestDomainXMLAsLibvirtSeesIt(t *testing.T) {
+	d := newDriver(t)
+	ctx := context.Background()
+	spec := newSpec(t, uuid.NewString())
+	spec.Name = hypervisortest.HostileNames[0]
+	spec.Project = hypervisortest.HostileNames[1]
+	spec.ConfigDrivePath = filepath.Join(filepath.Dir(spec.DiskPath), "config.iso")
+	if err := os.WriteFile(spec.ConfigDrivePath, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Define(ctx, spec); err != nil {
+		t.Fatalf("Define: %v", err)
+	}
+	t.Cleanup(func() { _ = d.Undefine(ctx, spec.VMID) })
+
+	out, err := virsh("dumpxml", "--inactive", hypervisor.DomainName(spec.VMID))
+	if err != nil {
+		t.Fatalf("dumpxml: %v: %s", err, out)
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(out); err != nil {
+		t.Fatalf("parse libvirt's XML: %v", err)
+	}
+	if dom.UUID != spec.VMID || dom.Name != hypervisor.DomainName(spec.VMID) {
+		t.Errorf("uuid/name = %s/%s", dom.UUID, dom.Name)
+	}
+	wantType := map[string]string{hypervisor.KVM: "kvm", hypervisor.TCG: "qemu"}[spec.Hypervisor]
+	if dom.Type != wantType {
+		t.Errorf("domain type %q, want %q", dom.Type, wantType)
+	}
+	disks := dom.Devices.Disks
+	if len(disks) != 2 || disks[0].Source.File.File != spec.DiskPath || disks[1].Device != "cdrom" || disks[1].ReadOnly == nil {
+		t.Errorf("disks: %+v, want the overlay and a read-only cdrom", disks)
+	}
+	if n := dom.Devices.Interfaces; len(n) != 1 || n[0].Target.Dev != spec.NICs[0].TapName || n[0].Target.Managed != "no" || n[0].MAC.Address != spec.NICs[0].MAC {
+		t.Errorf("interfaces: %+v", n)
+	}
+	if dom.OS.SMBios == nil || dom.OS.SMBios.Mode != "sysinfo" || len(dom.SysInfo) != 1 {
+		t.Fatalf("smbios: %+v / %+v", dom.OS.SMBios, dom.SysInfo)
+	}
+	got := map[string]string{}
+	for _, e := range dom.SysInfo[0].SMBIOS.System.Entry {
+		got[e.Name] = e.Value
+	}
+	if got["uuid"] != spec.VMID || got["product"] != "OpenStack Nova" {
+		t.Errorf("smbios system entries %v", got)
+	}
+	if !strings.Contains(dom.Metadata.XML, libvirt.MetadataNamespace) {
+		t.Errorf("metadata %q lacks our namespace", dom.Metadata.XML)
+	}
+	if strings.Contains(out, "/etc/shadow'/>") || strings.Count(out, "<disk ") != 2 {
+		t.Errorf("hostile name injected XML:\n%s", out)
+	}
+	if len(dom.Devices.Serials) != 1 || dom.Devices.Serials[0].Source.File.Path != spec.ConsoleLogPath {
+		t.Errorf("serials: %+v", dom.Devices.Serials)
+	}
+}
+
+// TestRecoversFromLibvirtdRestart restarts libvirtd under a running domain:
+// the driver reconnects, tells its consumer to resync, and events flow again
+// on the new connection.
+func TestRecoversFromLibvirtdRestart(t *testing.T) {
+	d := newDriver(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	spec := newSpec(t, uuid.NewString())
+	if err := d.Define(ctx, spec); err != nil {
+		t.Fatalf("Define: %v", err)
+	}
+	t.Cleanup(func() { _ = d.Undefine(context.Background(), spec.VMID) })
+	if err := d.Start(ctx, spec.VMID); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+
+	restartLibvirtd(t)
+
+	waitFor(t, d, func(ev hypervisor.Event) bool { return ev.Kind == hypervisor.EventResync })
+	st, err := d.Status(ctx, spec.VMID)
+	if err != nil || !st.Running {
+		t.Fatalf("after libvirtd restart: %+v, %v; want the domain still running", st, err)
+	}
+	if err := d.Destroy(ctx, spec.VMID); err != nil {
+		t.Fatalf("Destroy after restart: %v", err)
+	}
+	waitFor(t, d, func(ev hypervisor.Event) bool {
+		return ev.VMID == spec.VMID && ev.Kind == hypervisor.EventStopped
+	})
+}
+
+func waitFor(t *testing.T, d hypervisor.Driver, match func(hypervisor.Event) bool) {
+	t.Helper()
+	deadline := time.After(time.Minute)
+	for {
+		select {
+		case ev := <-d.Events():
+			if match(ev) {
+				return
+			}
+		case <-deadline:
+			t.Fatal("expected event did not arrive within a minute")
+		}
+	}
+}
+
+// restartLibvirtd stops libvirtd by its pid file and starts it again the way
+// hack/setup-host.sh does; running domains survive (QEMU is not its child).
+func restartLibvirtd(t *testing.T) {
+	t.Helper()
+	b, err := os.ReadFile("/var/run/libvirtd.pid")
+	if err != nil {
+		t.Skipf("libvirtd pid file: %v", err)
+	}
+	pid := strings.TrimSpace(string(b))
+	if out, err := exec.Command("kill", "-TERM", pid).CombinedOutput(); err != nil {
+		t.Fatalf("kill libvirtd %s: %v: %s", pid, err, out)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat("/proc/" + pid); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("libvirtd %s did not exit", pid)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if out, err := exec.Command("libvirtd", "-d").CombinedOutput(); err != nil {
+		t.Fatalf("start libvirtd: %v: %s", err, out)
+	}
+}
