@@ -47,8 +47,15 @@ func newAllInOneCommand() *cobra.Command {
 		},
 	}
 	f.addFlags(cmd)
+	f.etcd.addEmbeddedFlags(cmd.Flags())
+	for _, hook := range allInOneFlagHooks {
+		hook(cmd)
+	}
 	return cmd
 }
+
+// allInOneFlagHooks let roles add their own flags to all-in-one.
+var allInOneFlagHooks []func(cmd *cobra.Command)
 
 func runAllInOne(ctx context.Context, f apiFlags) error {
 	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {

@@ -17,10 +17,10 @@ import (
 	"github.com/minicloud/minicloud/pkg/etcdembed"
 )
 
-// Embedded etcd addresses of the all-in-one.
+// Default embedded etcd addresses of the all-in-one.
 const (
-	embeddedClientAddr = "127.0.0.1:2389"
-	embeddedPeerAddr   = "127.0.0.1:2390"
+	defaultEmbeddedClientAddr = "127.0.0.1:2389"
+	defaultEmbeddedPeerAddr   = "127.0.0.1:2390"
 )
 
 // etcdFlags choose the store: a remote etcd cluster (--etcd-endpoints, with
@@ -31,6 +31,9 @@ type etcdFlags struct {
 	caCert    string
 	cert      string
 	key       string
+	// Where an embedded etcd listens (all-in-one only).
+	embeddedClientAddr string
+	embeddedPeerAddr   string
 }
 
 func (f *etcdFlags) addFlags(fs *pflag.FlagSet) {
@@ -38,6 +41,13 @@ func (f *etcdFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.caCert, "etcd-cacert", "", "CA bundle to verify etcd's server certificate")
 	fs.StringVar(&f.cert, "etcd-cert", "", "client certificate for etcd")
 	fs.StringVar(&f.key, "etcd-key", "", "client key for etcd")
+	f.embeddedClientAddr, f.embeddedPeerAddr = defaultEmbeddedClientAddr, defaultEmbeddedPeerAddr
+}
+
+// addEmbeddedFlags adds the embedded etcd's listen addresses.
+func (f *etcdFlags) addEmbeddedFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&f.embeddedClientAddr, "embedded-etcd-listen", defaultEmbeddedClientAddr, "client address of the embedded etcd (loopback: other hosts use --etcd-endpoints of a real cluster)")
+	fs.StringVar(&f.embeddedPeerAddr, "embedded-etcd-peer-listen", defaultEmbeddedPeerAddr, "peer address of the embedded etcd")
 }
 
 // etcdConn is an open etcd client and whatever must be closed with it.
@@ -64,8 +74,8 @@ func (f *etcdFlags) open(ctx context.Context, dataDir string, allowEmbedded bool
 			return nil, fmt.Errorf("--etcd-endpoints is required (only all-in-one embeds etcd)")
 		}
 		dir := filepath.Join(dataDir, "etcd")
-		slog.Info("starting embedded etcd", "dir", dir, "client", embeddedClientAddr)
-		srv, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientAddr: embeddedClientAddr, PeerAddr: embeddedPeerAddr, Quiet: true})
+		slog.Info("starting embedded etcd", "dir", dir, "client", f.embeddedClientAddr)
+		srv, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientAddr: f.embeddedClientAddr, PeerAddr: f.embeddedPeerAddr, Quiet: true})
 		if err != nil {
 			return nil, err
 		}

@@ -64,6 +64,11 @@ type Server struct {
 	health   *health.Server
 	registry *prometheus.Registry
 	agentOpt []grpc.DialOption
+
+	// streams ends every watch stream when the server stops, so that
+	// GracefulStop does not wait for streams that never end by themselves.
+	streams     context.Context
+	stopStreams context.CancelFunc
 }
 
 // New builds a Server; call Serve to accept connections.
@@ -83,6 +88,7 @@ func New(cfg Config) (*Server, error) {
 	if s.log == nil {
 		s.log = slog.Default()
 	}
+	s.streams, s.stopStreams = context.WithCancel(context.Background())
 	s.log = s.log.With("component", "apiserver")
 	m := newMetrics(s.registry)
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -130,11 +136,12 @@ func (s *Server) Serve(lis net.Listener) error {
 	return s.grpc.Serve(lis)
 }
 
-// Stop marks the server NOT_SERVING, lets running calls finish until ctx
-// ends, then closes every connection (watch streams never finish by
-// themselves).
+// Stop marks the server NOT_SERVING, ends watch streams (clients resume
+// elsewhere from their last resource version), lets unary calls finish
+// until ctx ends, then closes every connection.
 func (s *Server) Stop(ctx context.Context) {
 	s.health.Shutdown()
+	s.stopStreams()
 	done := make(chan struct{})
 	go func() {
 		s.grpc.GracefulStop()

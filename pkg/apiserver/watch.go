@@ -102,7 +102,9 @@ func (s *Server) watchVMs(ctx context.Context, fromRev int64, match func(*minicl
 
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
+	defer context.AfterFunc(s.streams, cancel)()
 	wch := s.etcd.Watch(wctx, store.VMSpecPrefix, clientv3.WithRange(store.PrefixEnd(store.VMStatusPrefix)), clientv3.WithRev(rev+1))
+	lastRev := rev
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
 			if errors.Is(err, rpctypes.ErrCompacted) {
@@ -131,10 +133,14 @@ func (s *Server) watchVMs(ctx context.Context, fromRev int64, match func(*minicl
 					return err
 				}
 			}
+			lastRev = evRev
 		}
 	}
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if s.streams.Err() != nil {
+		return errdefs.Unavailable("API server is shutting down: watch again from resource_version %d", lastRev)
 	}
 	return errdefs.Unavailable("watch VMs: etcd watch closed")
 }

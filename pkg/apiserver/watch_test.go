@@ -121,3 +121,24 @@ func TestWatchDeliversEveryChangeInOrder(t *testing.T) {
 	_, err = future.Recv()
 	wantCode(t, err, codes.InvalidArgument, "in the future")
 }
+
+// TestStopEndsWatchStreams: a stopping server ends its watches with
+// UNAVAILABLE (clients resume elsewhere) instead of hanging the shutdown.
+func TestStopEndsWatchStreams(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	e.createVM("web1")
+	stream, err := e.vms.WatchVMs(ctx(t), &minicloudv1.WatchVMsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvWatch(t, stream, 1)
+	stopped := make(chan struct{})
+	go func() {
+		e.srv.Stop(ctx(t)) // would wait for the stream forever without the fix
+		close(stopped)
+	}()
+	_, err = stream.Recv()
+	wantCode(t, err, codes.Unavailable, "shutting down: watch again from resource_version")
+	<-stopped
+}
