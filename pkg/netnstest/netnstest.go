@@ -334,3 +334,6 @@ func waitOperUp(ctx context.Context, ns *netns.NsHandle, name string) error {
 		}
 	}
 }
+
+// Handle is the namespace's handle, e.g. for netlink subscriptions in it.
+func (n *NS) Handle() netns.NsHandle { return n.ns }

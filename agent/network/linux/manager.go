@@ -84,6 +84,9 @@ func (m *Manager) ensureBridgeRules(spec network.BridgeSpec) error {
 	if err := b.replaceKeys(inetTable, setBridgeGW, ifname(name), [][]byte{keyIfIP(name, gw)}); err != nil {
 		return err
 	}
+	if err := b.replaceKeys(inetTable, setSameNet, ifname(name), [][]byte{append(ifname(name), ifname(name)...)}); err != nil {
+		return err
+	}
 	gws, err := b.bridgeGateways()
 	if err != nil {
 		return err
@@ -261,7 +264,7 @@ func (m *Manager) DeleteBridge(ctx context.Context, name string) error {
 	for _, t := range []struct {
 		table *nftables.Table
 		set   string
-	}{{inetTable, setBridges}, {inetTable, setBridgeGW}} {
+	}{{inetTable, setBridges}, {inetTable, setBridgeGW}, {inetTable, setSameNet}} {
 		if err := b.replaceKeys(t.table, t.set, ifname(name), nil); err != nil {
 			return err
 		}

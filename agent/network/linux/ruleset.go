@@ -44,6 +44,7 @@ const (
 	setPortIP4  = "port_ip4"     // bridge: ifname . ipv4_addr — a port and its guest IP
 	setReserved = "reserved_ip4" // bridge: gateways and 169.254.169.254, never a guest source
 	setBridgeGW = "bridge_gw"    // inet: ifname . ipv4_addr — a bridge and its gateway
+	setSameNet  = "same_net"     // inet: ifname . ifname — (bridge, bridge) for every bridge
 )
 
 // Chain names.
@@ -69,6 +70,7 @@ func newSets() map[*nftables.Table][]*nftables.Set {
 		inetTable: {
 			{Table: inetTable, Name: setBridges, KeyType: ifname, KeyByteOrder: binaryutil.NativeEndian},
 			{Table: inetTable, Name: setBridgeGW, KeyType: nftables.MustConcatSetType(ifname, nftables.TypeIPAddr), Concatenation: true},
+			{Table: inetTable, Name: setSameNet, KeyType: nftables.MustConcatSetType(ifname, ifname), Concatenation: true},
 		},
 	}
 }
@@ -187,6 +189,13 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set) map[string][]staticRu
 			{"anything else on the host", cat(counter(), verdict(expr.VerdictDrop))},
 		},
 		chainForward: {
+			// With br_netfilter (bridge-nf-call-iptables=1, common on hosts
+			// running Docker or Kubernetes) frames bridged between two guests
+			// of one network also pass this hook, with the bridge as both
+			// input and output: they must go through.
+			{"within one guest network", cat(
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), metaLoad(expr.MetaKeyOIFNAME, regConcat+4),
+				lookup(regConcat, iset(setSameNet), false), verdict(expr.VerdictAccept))},
 			{"no routing between guest networks", cat(
 				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false),
 				metaLoad(expr.MetaKeyOIFNAME, 1), lookup(1, iset(setBridges), false),
