@@ -353,7 +353,6 @@ func pending(t *testing.T, l *net.TCPListener) bool {
 	return got
 }
 
-
 func TestNATRuleForTheNetwork(t *testing.T) {
 	n := linuxtest.NewNetwork(t)
 	cidr := n.Bridge.GatewayCIDR.Masked().String()
