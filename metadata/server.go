@@ -345,7 +345,7 @@ func (s *Server) serve(req *request, tree string) {
 	req.peer = peer
 	e, err := s.dir.identify(peer)
 	if err != nil {
-		s.logUnknown("metadata request from unknown source", "interface", peer.Interface, "source", peer.Addr, "mac", peer.MAC, "err", err)
+		s.logUnknown("metadata request from unknown source", "interface", peer.Interface, "source", peer.Addr, "mac", peer.MAC.String(), "err", err)
 		notFound(req)
 		return
 	}
