@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"syscall"
 
 	"github.com/google/uuid"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -119,6 +120,9 @@ func (u *upload) receive(stream minicloudv1.ImageService_CreateImageServer) erro
 			return errdefs.ResourceExhausted("upload exceeds the limit of %d bytes", u.s.maxBytes)
 		}
 		if _, err := w.Write(chunk.GetData()); err != nil {
+			if errors.Is(err, syscall.ENOSPC) {
+				return errdefs.ResourceExhausted("the image store is out of space")
+			}
 			return errdefs.Wrap(errdefs.KindUnavailable, err, "store upload")
 		}
 	}

@@ -10,6 +10,7 @@
 package imageformat
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -89,10 +90,44 @@ func Probe(r io.ReaderAt, size int64) (Info, error) {
 	if _, err := r.ReadAt(buf, 0); err != nil && err != io.EOF {
 		return Info{}, fmt.Errorf("read image header: %w", err)
 	}
-	if len(buf) >= len(qcow2Magic) && string(buf[:len(qcow2Magic)]) == qcow2Magic {
+	if bytes.HasPrefix(buf, []byte(qcow2Magic)) {
 		return ParseQCOW2Header(buf)
 	}
+	// Raw is safe only if nothing downstream takes it for another format.
+	// Tools that probe (qemu-img info without -f) would read these as
+	// formats that can name other files, so they are refused rather than
+	// stored as "raw".
+	for _, m := range foreignMagics {
+		if bytes.HasPrefix(buf, []byte(m.magic)) {
+			return Info{}, invalid("the image looks like %s, which is not supported; convert it with qemu-img convert -O qcow2", m.format)
+		}
+	}
+	// VDI's signature follows a free-text banner.
+	if len(buf) >= vdiSignatureOffset+4 && binary.LittleEndian.Uint32(buf[vdiSignatureOffset:]) == vdiSignature {
+		return Info{}, invalid("the image looks like a VDI image, which is not supported; convert it with qemu-img convert -O qcow2")
+	}
 	return Info{Format: Raw, VirtualSize: size}, nil
+}
+
+const (
+	vdiSignatureOffset = 64
+	vdiSignature       = 0xbeda107f
+)
+
+// foreignMagics are the leading bytes of image formats other than qcow2
+// that QEMU would recognise by probing.
+var foreignMagics = []struct{ magic, format string }{
+	{"KDMV", "a VMDK sparse image"},
+	{"COWD", "a VMDK (ESX) sparse image"},
+	{"# Disk DescriptorFile", "a VMDK descriptor"},
+	{"QED\x00", "a QED image"},
+	{"vhdxfile", "a VHDX image"},
+	{"conectix", "a VHD image"},
+	{"LUKS\xba\xbe", "a LUKS volume"},
+	{"WithoutFreeSpace", "a Parallels image"},
+	{"WithouFreSpacExt", "a Parallels image"},
+	{"Bochs Virtual HD Image", "a Bochs image"},
+	{"#!/bin/sh\n#V2.0 Format", "a cloop image"},
 }
 
 // ParseQCOW2Header validates a qcow2 header given the image's leading bytes

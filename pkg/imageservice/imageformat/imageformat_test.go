@@ -136,6 +136,15 @@ func TestProbeRaw(t *testing.T) {
 	if info.Format != Raw || info.VirtualSize != int64(len(data)) {
 		t.Fatalf("got %+v", info)
 	}
+	// Leading bytes of formats that probing tools would take for something
+	// else are refused (qemu-img makes the others in TestProbeQemuImgImages).
+	for _, magic := range []string{"LUKS\xba\xbe\x00\x01", "conectix", "Bochs Virtual HD Image"} {
+		b := append([]byte(magic), make([]byte, 512)...)
+		var inv *InvalidError
+		if _, err := Probe(bytes.NewReader(b), int64(len(b))); !errors.As(err, &inv) {
+			t.Errorf("%q accepted as raw: %v", magic, err)
+		}
+	}
 	// A name or a tiny file is no reason to think it is anything but raw.
 	info, err = Probe(bytes.NewReader([]byte("QF")), 2)
 	if err != nil || info.Format != Raw {
@@ -176,7 +185,13 @@ func TestProbeQemuImgImages(t *testing.T) {
 		{"backing file", []string{"-f", "qcow2", "-b", "base.raw", "-F", "raw", "backed.qcow2"}, true, 0},
 		{"external data file", []string{"-f", "qcow2", "-o", "data_file=data.raw", "ext.qcow2", "10M"}, true, 0},
 		{"raw external data file", []string{"-f", "qcow2", "-o", "data_file=data2.raw,data_file_raw=on", "ext2.qcow2", "10M"}, true, 0},
-		{"luks encrypted", []string{"--object", "secret,id=sec0,data=123456", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0", "enc.qcow2", "10M"}, true, 0},
+		{"vmdk", []string{"-f", "vmdk", "x.vmdk", "10M"}, true, 0},
+		{"vmdk descriptor", []string{"-f", "vmdk", "-o", "subformat=monolithicFlat", "flat.vmdk", "1M"}, true, 0},
+		{"vdi", []string{"-f", "vdi", "x.vdi", "10M"}, true, 0},
+		{"vhdx", []string{"-f", "vhdx", "x.vhdx", "10M"}, true, 0},
+		{"qed", []string{"-f", "qed", "x.qed", "10M"}, true, 0},
+		{"parallels", []string{"-f", "parallels", "x.parallels", "10M"}, true, 0},
+		{"luks encrypted", []string{"--object", "secret,id=sec0,data=123456", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", "enc.qcow2", "10M"}, true, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args := tc.args
