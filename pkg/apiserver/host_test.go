@@ -126,6 +126,14 @@ func TestReportVMStatus(t *testing.T) {
 	if last := evs.Events[len(evs.Events)-1]; last.Reason != "Started" || last.Source != "agent/h1" {
 		t.Fatalf("event %v", last)
 	}
+	// Reporting the same again writes nothing (no watcher wakes up).
+	before := e.rev()
+	if _, err := e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id, Status: st}); err != nil {
+		t.Fatal(err)
+	}
+	if after := e.rev(); after != before {
+		t.Fatalf("an unchanged report wrote %d revisions", after-before)
+	}
 
 	// Reschedule: back to PENDING, host remembered as tried, claim released.
 	_, err = e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id, Reschedule: true,

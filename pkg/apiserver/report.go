@@ -56,6 +56,9 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 		if err != nil {
 			return nil, err
 		}
+		if len(ops) == 0 {
+			return &minicloudv1.ReportVMStatusResponse{}, nil
+		}
 		_, ok, err := store.Commit(ctx, h.s.etcd, cmps, ops)
 		if err != nil {
 			return nil, err
@@ -104,6 +107,11 @@ func (s *Server) reportOps(ctx context.Context, vm *minicloudv1.VM, req *miniclo
 	}
 	if vm.GetSpec().GetDeletionRequested() {
 		next.Phase = minicloudv1.VMPhase_VM_PHASE_DELETING // until the host reports deleted
+	}
+	if !req.GetReschedule() && len(events) == 0 && proto.Equal(next, vm.GetStatus()) {
+		// Nothing new: writing would only wake every watcher (and the
+		// reporting agent itself) for no change.
+		return nil, nil, nil
 	}
 	next.UpdateTime = timestamppb.New(now)
 	cmps := vmUnchanged(vm)
