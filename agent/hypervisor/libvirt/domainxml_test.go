@@ -1,0 +1,92 @@
+package libvirt
+
+import (
+	"strings"
+	"testing"
+
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/minicloud/minicloud/agent/hypervisor"
+	"github.com/minicloud/minicloud/agent/hypervisor/hypervisortest"
+)
+
+func testSpec() hypervisor.DomainSpec {
+	return hypervisor.DomainSpec{
+		VMID: "0d5c1c3e-8a52-4d39-9a7e-3a1b2c3d4e5f", Name: "web", Project: "default",
+		VCPUs: 2, MemoryMiB: 512, Hypervisor: hypervisor.TCG,
+		DiskPath: "/var/lib/minicloud/vms/x/disk.qcow2", ConsoleLogPath: "/var/lib/minicloud/vms/x/console.log",
+		NICs: []hypervisor.NIC{{MAC: "52:54:00:aa:bb:cc", TapName: "mct0d5c1c3e0", MTU: 1450}},
+	}
+}
+
+// TestDomainXMLEscapesHostileText renders hostile names and parses the
+// result back: the text comes back as text, and no element appears that the
+// spec did not ask for.
+func TestDomainXMLEscapesHostileText(t *testing.T) {
+	for _, hostile := range hypervisortest.HostileNames {
+		spec := testSpec()
+		spec.Name, spec.Project = hostile, hostile
+		spec.SMBIOS.Serial = hostile
+		x, err := domainXML(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var dom libvirtxml.Domain
+		if err := dom.Unmarshal(x); err != nil {
+			t.Fatalf("rendered XML does not parse: %v\n%s", err, x)
+		}
+		if len(dom.Devices.Disks) != 1 || len(dom.Devices.Interfaces) != 1 || dom.Name != "mc-"+spec.VMID {
+			t.Errorf("hostile text changed the structure:\n%s", x)
+		}
+		md, err := parseMetadata(stripNamespace(dom.Metadata.XML))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// encoding/xml replaces characters XML cannot carry; everything
+		// else must survive exactly.
+		if md.Name != hostile || md.Project != hostile {
+			t.Errorf("metadata round trip: got %q / %q, want %q", md.Name, md.Project, hostile)
+		}
+	}
+}
+
+// stripNamespace turns <instance xmlns="..."> into <instance>, as libvirt's
+// DomainGetMetadata returns it.
+func stripNamespace(s string) string {
+	return strings.Replace(s, ` xmlns="`+MetadataNamespace+`"`, "", 1)
+}
+
+func TestDomainXMLShape(t *testing.T) {
+	spec := testSpec()
+	spec.Hypervisor = hypervisor.KVM
+	spec.KernelPath, spec.InitrdPath, spec.Cmdline = "/k", "/i", "console=ttyS0"
+	spec.ConfigDrivePath = "/cd.iso"
+	x, err := domainXML(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(x); err != nil {
+		t.Fatal(err)
+	}
+	if dom.Type != "kvm" || dom.CPU == nil || dom.CPU.Mode != "host-passthrough" {
+		t.Errorf("kvm domain: type %q cpu %+v", dom.Type, dom.CPU)
+	}
+	if dom.OS.Kernel != "/k" || dom.OS.Initrd != "/i" || dom.OS.Cmdline != "console=ttyS0" || len(dom.OS.BootDevices) != 0 {
+		t.Errorf("direct boot: %+v", dom.OS)
+	}
+	cd := dom.Devices.Disks[1]
+	if cd.Device != "cdrom" || cd.ReadOnly == nil || cd.Source.File.File != "/cd.iso" {
+		t.Errorf("config drive: %+v", cd)
+	}
+	n := dom.Devices.Interfaces[0]
+	if n.Source.Ethernet == nil || n.Target.Managed != "no" || n.Model.Type != "virtio" || n.MTU.Size != 1450 {
+		t.Errorf("nic: %+v", n)
+	}
+	if dom.Memory.Value != 512 || dom.Memory.Unit != "MiB" || dom.VCPU.Value != 2 {
+		t.Errorf("sizing: %+v %+v", dom.Memory, dom.VCPU)
+	}
+	if dom.OnCrash != "destroy" {
+		t.Errorf("on_crash %q", dom.OnCrash)
+	}
+}
