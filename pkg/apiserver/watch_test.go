@@ -142,3 +142,21 @@ func TestStopEndsWatchStreams(t *testing.T) {
 	wantCode(t, err, codes.Unavailable, "shutting down: watch again from resource_version")
 	<-stopped
 }
+
+// TestWatchFromCompactedVersion: history etcd no longer has is ABORTED,
+// telling the client to list again (watch from 0).
+func TestWatchFromCompactedVersion(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	old := e.createVM("web1").Meta.ResourceVersion
+	e.createVM("web2")
+	if _, err := e.etcd.Compact(ctx(t), e.rev()); err != nil {
+		t.Fatal(err)
+	}
+	stream, err := e.vms.WatchVMs(ctx(t), &minicloudv1.WatchVMsRequest{ResourceVersion: old})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = stream.Recv()
+	wantCode(t, err, codes.Aborted, "too old (compacted): watch again from 0")
+}
