@@ -26,7 +26,10 @@ const (
 	conflictRequeue = 20 * time.Millisecond
 )
 
-// vmState is a VM's spec and status as read at one revision.
+// vmState is a VM's spec and status. The status and its revision come from
+// the status watch (a commit compares that revision, so a stale one only
+// costs a failed commit that returns the fresh status); the spec is read
+// when the VM is decided.
 type vmState struct {
 	id        string
 	vm        *minicloudv1.VM
@@ -34,30 +37,43 @@ type vmState struct {
 	statusRev int64
 }
 
-func (s *Scheduler) readVM(ctx context.Context, id string) (*vmState, error) {
-	resp, err := s.cli.Txn(ctx).Then(clientv3.OpGet(store.VMSpecKey(id)), clientv3.OpGet(store.VMStatusKey(id))).Commit()
+// specNotVisible is how long to wait before looking again at a VM whose
+// status is known but whose spec this etcd member has not applied yet.
+const specNotVisible = 50 * time.Millisecond
+
+// readVM returns the VM, or nil if it is gone or not ready to be read (then
+// after says when to look again).
+func (s *Scheduler) readVM(ctx context.Context, id string) (v *vmState, after time.Duration, err error) {
+	s.mu.Lock()
+	e, ok := s.vms[id]
+	s.mu.Unlock()
+	if !ok {
+		return nil, 0, nil // deleted
+	}
+	if e.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+		return nil, 0, nil
+	}
+	// Serializable: the spec was written with (or before) the status we
+	// saw, so a local read suffices; a lagging member is retried below.
+	resp, err := s.cli.Get(ctx, store.VMSpecKey(id), clientv3.WithSerializable())
 	if err != nil {
-		return nil, fmt.Errorf("read vm %s: %w", id, err)
+		return nil, 0, fmt.Errorf("read spec of vm %s: %w", id, err)
 	}
-	vm, _, okSpec, err := decodeKV(resp.Responses[0].GetResponseRange().GetKvs(), &minicloudv1.VM{})
+	vm, _, found, err := decodeKV(resp.Kvs, &minicloudv1.VM{})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	st, rev, okStatus, err := decodeKV(resp.Responses[1].GetResponseRange().GetKvs(), &minicloudv1.VMStatus{})
-	if err != nil {
-		return nil, err
+	if !found {
+		return nil, specNotVisible, nil
 	}
-	if !okSpec || !okStatus {
-		return nil, nil // deleted meanwhile
-	}
-	return &vmState{id: id, vm: vm, status: st, statusRev: rev}, nil
+	return &vmState{id: id, vm: vm, status: e.status, statusRev: e.rev}, 0, nil
 }
 
 // scheduleOne places one VM if it is PENDING.
 func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) (time.Duration, error) {
-	v, err := s.readVM(ctx, id)
+	v, after, err := s.readVM(ctx, id)
 	if err != nil || v == nil {
-		return 0, err
+		return after, err
 	}
 	if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING || v.vm.GetSpec().GetDeletionRequested() {
 		return 0, nil

@@ -100,10 +100,11 @@ type Scheduler struct {
 	on  map[string]map[string]bool // host -> VM ids placed there
 }
 
+// vmEntry is the newest status the watch delivered for a VM. The decoded
+// status is never modified (writers clone it), so it can be handed out.
 type vmEntry struct {
-	phase    minicloudv1.VMPhase
-	host     string
-	hostDown bool
+	status *minicloudv1.VMStatus
+	rev    int64
 }
 
 // New returns a scheduler replica; Run starts it.
@@ -235,10 +236,11 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 	id := store.LastSegment(string(kv.Key))
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if old, ok := s.vms[id]; ok && old.host != "" {
-		delete(s.on[old.host], id)
-		if len(s.on[old.host]) == 0 {
-			delete(s.on, old.host)
+	if old, ok := s.vms[id]; ok && old.status.GetHost() != "" {
+		oldHost := old.status.GetHost()
+		delete(s.on[oldHost], id)
+		if len(s.on[oldHost]) == 0 {
+			delete(s.on, oldHost)
 		}
 	}
 	if typ == mvccpb.DELETE {
@@ -250,18 +252,17 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 		s.log.Error("scheduler: undecodable vm status", "key", string(kv.Key), "err", err)
 		return
 	}
-	e := vmEntry{phase: st.GetPhase(), host: st.GetHost(), hostDown: st.GetHostDown()}
-	s.vms[id] = e
-	if e.host != "" {
-		if s.on[e.host] == nil {
-			s.on[e.host] = map[string]bool{}
+	s.vms[id] = vmEntry{status: st, rev: kv.ModRevision}
+	if host := st.GetHost(); host != "" {
+		if s.on[host] == nil {
+			s.on[host] = map[string]bool{}
 		}
-		s.on[e.host][id] = true
-		if e.hostDown == s.snap.Alive(e.host) {
+		s.on[host][id] = true
+		if st.GetHostDown() == s.snap.Alive(host) {
 			s.hostDown.Add(id)
 		}
 	}
-	if e.phase == minicloudv1.VMPhase_VM_PHASE_PENDING {
+	if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
 		s.pending.Add(id)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
 
@@ -258,8 +259,9 @@ func startScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
 	return s
 }
 
-// frozenScheduler returns a replica whose view was loaded once and then
-// stops following etcd: a deterministic stale view. Its workers do not run;
+// frozenScheduler returns a replica whose view (snapshot and VM statuses)
+// was loaded once and then stops following etcd: a deterministic stale
+// view. Its workers do not run;
 // tests drive scheduleOne directly.
 func frozenScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
 	t.Helper()
@@ -276,6 +278,13 @@ func frozenScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler 
 	<-s.snap.Synced()
 	cancel()
 	wg.Wait()
+	resp, err := cli.Get(context.Background(), store.VMStatusPrefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range resp.Kvs {
+		s.statusChanged(mvccpb.PUT, kv)
+	}
 	return s
 }
 
