@@ -501,4 +501,3 @@ func rewriteSection(path, name, body string) error {
 	}
 	return os.Rename(tmp, path)
 }
-
