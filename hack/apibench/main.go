@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/hack/benchdoc"
 	"github.com/minicloud/minicloud/pkg/apiserver"
 	"github.com/minicloud/minicloud/pkg/etcdembed"
 	"github.com/minicloud/minicloud/pkg/store"
@@ -152,7 +153,7 @@ func run(clients int, duration time.Duration, docs string) error {
 	if docs == "" {
 		return nil
 	}
-	return rewriteSection(docs, "api", b.String())
+	return benchdoc.RewriteSection(docs, "api", b.String())
 }
 
 func round(d time.Duration) string {
@@ -186,23 +187,6 @@ func seed(ctx context.Context, cli *clientv3.Client, conn *grpc.ClientConn) erro
 	}
 	_, err = cli.Put(ctx, store.ImageKey("bench"), img)
 	return err
-}
-
-// rewriteSection replaces the text between <!-- BEGIN name --> and
-// <!-- END name --> in path.
-func rewriteSection(path, name, body string) error {
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	begin, end := "<!-- BEGIN "+name+" -->\n", "<!-- END "+name+" -->"
-	s := string(raw)
-	i, j := strings.Index(s, begin), strings.Index(s, end)
-	if i < 0 || j < i {
-		return fmt.Errorf("%s has no %q ... %q markers", path, strings.TrimSpace(begin), end)
-	}
-	out := s[:i+len(begin)] + body + s[j:]
-	return os.WriteFile(path, []byte(out), 0o644)
 }
 
 // loadAverage is the 1-minute load average: the machine is shared, and the

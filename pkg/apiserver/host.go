@@ -46,18 +46,12 @@ func (h *hostService) RegisterHost(ctx context.Context, req *minicloudv1.Registe
 	}
 	in := req.GetHost()
 	name := in.GetMeta().GetName()
-	key := store.HostSpecKey(name)
-	for range maxTxnAttempts {
-		old := &minicloudv1.Host{}
-		modRev, err := store.Get(ctx, h.s.etcd, key, old)
-		if err != nil && !errdefs.IsNotFound(err) {
-			return nil, err
-		}
+	err := h.s.updateHost(ctx, name, func(old *minicloudv1.Host) (*minicloudv1.Host, error) {
 		host := &minicloudv1.Host{
 			Meta:             &minicloudv1.ObjectMeta{Id: old.GetMeta().GetId(), Name: name, CreateTime: old.GetMeta().GetCreateTime(), Labels: in.GetMeta().GetLabels()},
 			Address:          in.GetAddress(),
 			Capacity:         in.GetCapacity(),
-			AllocationRatios: in.GetAllocationRatios(),
+			AllocationRatios: withDefaultRatios(in.GetAllocationRatios()),
 			Hypervisors:      in.GetHypervisors(),
 			AvailabilityZone: in.GetAvailabilityZone(),
 			AgentVersion:     in.GetAgentVersion(),
@@ -68,42 +62,69 @@ func (h *hostService) RegisterHost(ctx context.Context, req *minicloudv1.Registe
 		if host.Meta.Id == "" {
 			host.Meta.Id, host.Meta.CreateTime = newID(), timestamppb.Now()
 		}
-		r := proto.CloneOf(host.GetAllocationRatios())
-		if r == nil {
-			r = &minicloudv1.AllocationRatios{}
+		return host, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	h.s.log.Info("host registered", "host", name, "address", in.GetAddress())
+	view, err := h.s.getHost(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return &minicloudv1.RegisterHostResponse{
+		Host:                     view,
+		HeartbeatIntervalSeconds: int64(HeartbeatInterval / time.Second),
+		LeaseTtlSeconds:          int64(HostLeaseTTL / time.Second),
+	}, nil
+}
+
+func withDefaultRatios(in *minicloudv1.AllocationRatios) *minicloudv1.AllocationRatios {
+	r := proto.CloneOf(in)
+	if r == nil {
+		r = &minicloudv1.AllocationRatios{}
+	}
+	if r.Cpu == 0 {
+		r.Cpu = defaultCPURatio
+	}
+	if r.Ram == 0 {
+		r.Ram = defaultRAMRatio
+	}
+	if r.Disk == 0 {
+		r.Disk = defaultDiskRatio
+	}
+	return r
+}
+
+// updateHost rewrites hosts/spec/<name> under optimistic concurrency:
+// change gets the stored host (nil if there is none) and returns the new
+// one; it runs again if another writer got in between.
+func (s *Server) updateHost(ctx context.Context, name string, change func(old *minicloudv1.Host) (*minicloudv1.Host, error)) error {
+	key := store.HostSpecKey(name)
+	for range maxTxnAttempts {
+		var old *minicloudv1.Host
+		stored := &minicloudv1.Host{}
+		modRev, err := store.Get(ctx, s.etcd, key, stored)
+		switch {
+		case err == nil:
+			old = stored
+		case !errdefs.IsNotFound(err):
+			return err
 		}
-		if r.Cpu == 0 {
-			r.Cpu = defaultCPURatio
-		}
-		if r.Ram == 0 {
-			r.Ram = defaultRAMRatio
-		}
-		if r.Disk == 0 {
-			r.Disk = defaultDiskRatio
-		}
-		host.AllocationRatios = r
-		op, err := store.PutOp(key, host)
+		next, err := change(old)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		_, ok, err := store.Commit(ctx, h.s.etcd, []clientv3.Cmp{store.Unchanged(key, modRev)}, []clientv3.Op{op})
+		op, err := store.PutOp(key, next)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if ok {
-			h.s.log.Info("host registered", "host", name, "address", host.Address)
-			view, err := h.s.getHost(ctx, name)
-			if err != nil {
-				return nil, err
-			}
-			return &minicloudv1.RegisterHostResponse{
-				Host:                     view,
-				HeartbeatIntervalSeconds: int64(HeartbeatInterval / time.Second),
-				LeaseTtlSeconds:          int64(HostLeaseTTL / time.Second),
-			}, nil
+		_, ok, err := store.Commit(ctx, s.etcd, []clientv3.Cmp{store.Unchanged(key, modRev)}, []clientv3.Op{op})
+		if err != nil || ok {
+			return err
 		}
 	}
-	return nil, tooMuchContention("register host " + name)
+	return tooMuchContention("update host " + name)
 }
 
 // Heartbeat keeps the host's lease alive, or grants a new one (and
@@ -245,31 +266,18 @@ func (h *hostService) setDisabled(ctx context.Context, name string, disabled boo
 	if len(reason) > 255 {
 		return nil, errdefs.Invalid("reason is %d characters; keep it under 256", len(reason))
 	}
-	key := store.HostSpecKey(name)
-	for range maxTxnAttempts {
-		host := &minicloudv1.Host{}
-		modRev, err := store.Get(ctx, h.s.etcd, key, host)
-		if errdefs.IsNotFound(err) {
+	err := h.s.updateHost(ctx, name, func(old *minicloudv1.Host) (*minicloudv1.Host, error) {
+		if old == nil {
 			return nil, hostNotFound(name)
 		}
-		if err != nil {
-			return nil, err
-		}
-		host.Disabled, host.DisabledReason = disabled, reason
-		op, err := store.PutOp(key, host)
-		if err != nil {
-			return nil, err
-		}
-		_, ok, err := store.Commit(ctx, h.s.etcd, []clientv3.Cmp{store.Unchanged(key, modRev)}, []clientv3.Op{op})
-		if err != nil {
-			return nil, err
-		}
-		if ok {
-			h.s.log.Info("host disabled flag set", "host", name, "disabled", disabled, "reason", reason)
-			return h.s.getHost(ctx, name)
-		}
+		old.Disabled, old.DisabledReason = disabled, reason
+		return old, nil
+	})
+	if err != nil {
+		return nil, err
 	}
-	return nil, tooMuchContention("update host " + name)
+	h.s.log.Info("host disabled flag set", "host", name, "disabled", disabled, "reason", reason)
+	return h.s.getHost(ctx, name)
 }
 
 // WatchAssignments streams the VMs whose status.host is the host: first all
