@@ -7,6 +7,7 @@ package network
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"regexp"
@@ -93,6 +94,17 @@ type Manager interface {
 // it, so a port with any other name would escape the anti-spoofing filter:
 // PortSpec.Validate refuses such names.
 const PortPrefix = "mct"
+
+// TapName is the host port name of a VM's NIC: PortPrefix, the first 8 hex
+// digits of the VM id (dashes removed) and the NIC index, e.g. "mct1a2b3c4d0".
+// It is stable across agent restarts, so the agent can find its taps again.
+func TapName(vmID string, nic int) string {
+	id := strings.ToLower(strings.ReplaceAll(vmID, "-", ""))
+	if len(id) > 8 {
+		id = id[:8]
+	}
+	return fmt.Sprintf("%s%s%d", PortPrefix, id, nic)
+}
 
 // maxIfName is IFNAMSIZ minus the terminating NUL.
 const maxIfName = 15

@@ -38,6 +38,40 @@ type Manager struct {
 	log *slog.Logger
 	// mu serialises read-measure-write cycles on the ruleset.
 	mu sync.Mutex
+	// baseOK records that this Manager verified the tables, chains, sets and
+	// static rules; port changes then skip that check (guarded by mu).
+	baseOK bool
+}
+
+// apply runs one nftables transaction built by fill. The static ruleset is
+// verified first when verify is set or not yet verified; a transaction that
+// fails on an unverified base (someone deleted our table?) is retried once
+// after verifying it.
+func (m *Manager) apply(what string, verify bool, fill func(*batch) error) error {
+	for attempt := 0; ; attempt++ {
+		b, err := newBatch()
+		if err != nil {
+			return err
+		}
+		checked := verify || !m.baseOK || attempt > 0
+		if checked {
+			if err := b.ensureBase(); err != nil {
+				return err
+			}
+		}
+		if err := fill(b); err != nil {
+			return err
+		}
+		err = b.flush(what)
+		if err == nil {
+			m.baseOK = m.baseOK || checked
+			return nil
+		}
+		m.baseOK = false
+		if checked {
+			return err
+		}
+	}
 }
 
 var _ network.Manager = (*Manager)(nil)
@@ -69,13 +103,10 @@ func (m *Manager) EnsureBridge(ctx context.Context, spec network.BridgeSpec) err
 }
 
 func (m *Manager) ensureBridgeRules(spec network.BridgeSpec) error {
-	b, err := newBatch()
-	if err != nil {
-		return err
-	}
-	if err := b.ensureBase(); err != nil {
-		return err
-	}
+	return m.apply("ensure rules of bridge "+spec.Name, true, func(b *batch) error { return bridgeElements(b, spec) })
+}
+
+func bridgeElements(b *batch, spec network.BridgeSpec) error {
 	name := spec.Name
 	gw := spec.GatewayCIDR.Addr()
 	if err := b.replaceKeys(inetTable, setBridges, ifname(name), [][]byte{ifname(name)}); err != nil {
@@ -95,10 +126,7 @@ func (m *Manager) ensureBridgeRules(spec network.BridgeSpec) error {
 	if err := b.setReservedTo(gws); err != nil {
 		return err
 	}
-	if err := b.convergeNAT(name, spec.GatewayCIDR.Masked(), spec.NAT); err != nil {
-		return err
-	}
-	return b.flush("ensure rules of bridge " + name)
+	return b.convergeNAT(name, spec.GatewayCIDR.Masked(), spec.NAT)
 }
 
 // convergeNAT makes the bridge's masquerade rule exist (or not) with the
@@ -121,12 +149,14 @@ func (b *batch) convergeNAT(bridge string, cidr netip.Prefix, on bool) error {
 			found = true
 			continue
 		}
+		b.changes++
 		if err := b.conn.DelRule(r); err != nil {
 			return fmt.Errorf("delete NAT rule %q: %w", comment, err)
 		}
 	}
 	if on && !found {
 		c := newChainByName(chainPostrouting)
+		b.changes++
 		b.conn.AddRule(masqueradeRule(bridge, cidr).rule(c))
 	}
 	return nil
@@ -254,13 +284,10 @@ func (m *Manager) DeleteBridge(ctx context.Context, name string) error {
 		}
 		m.log.Info("deleted bridge", "bridge", name)
 	}
-	b, err := newBatch()
-	if err != nil {
-		return err
-	}
-	if err := b.ensureBase(); err != nil {
-		return err
-	}
+	return m.apply("delete rules of bridge "+name, true, func(b *batch) error { return deleteBridgeElements(b, name) })
+}
+
+func deleteBridgeElements(b *batch, name string) error {
 	for _, t := range []struct {
 		table *nftables.Table
 		set   string
@@ -277,10 +304,7 @@ func (m *Manager) DeleteBridge(ctx context.Context, name string) error {
 	if err := b.setReservedTo(gws); err != nil {
 		return err
 	}
-	if err := b.convergeNAT(name, netip.Prefix{}, false); err != nil {
-		return err
-	}
-	return b.flush("delete rules of bridge " + name)
+	return b.convergeNAT(name, netip.Prefix{}, false)
 }
 
 // ListBridges implements network.Manager.
@@ -337,6 +361,9 @@ func (m *Manager) EnsurePort(ctx context.Context, spec network.PortSpec) error {
 	case !isMinicloudBridge(br):
 		return errdefs.FailedPrecondition("port %s: %s is not a minicloud bridge", spec.TapName, spec.Bridge)
 	}
+	if err := checkInNetwork(br, spec); err != nil {
+		return err
+	}
 	link, err := m.ensurePortLink(spec)
 	if err != nil {
 		return err
@@ -365,6 +392,37 @@ func (m *Manager) EnsurePort(ctx context.Context, spec network.PortSpec) error {
 		}
 	}
 	return nil
+}
+
+// checkInNetwork refuses a port address outside the bridge's network, or
+// one the host itself uses there.
+func checkInNetwork(br netlink.Link, spec network.PortSpec) error {
+	addrs, err := netlink.AddrList(br, unix.AF_INET)
+	if err != nil {
+		return fmt.Errorf("list addresses of bridge %s: %w", spec.Bridge, err)
+	}
+	for _, a := range addrs {
+		p, ok := toPrefix(a.IPNet)
+		if !ok || p.Addr() == network.MetadataAddr {
+			continue
+		}
+		switch n := p.Masked(); {
+		case !n.Contains(spec.IP):
+			return errdefs.Invalid("port %s: IP %s is outside network %s of bridge %s", spec.TapName, spec.IP, n, spec.Bridge)
+		case spec.IP == p.Addr():
+			return errdefs.Invalid("port %s: IP %s is the gateway of bridge %s", spec.TapName, spec.IP, spec.Bridge)
+		case spec.IP == n.Addr() || spec.IP == lastAddr(n):
+			return errdefs.Invalid("port %s: IP %s is the network or broadcast address of %s", spec.TapName, spec.IP, n)
+		}
+	}
+	return nil
+}
+
+func lastAddr(p netip.Prefix) netip.Addr {
+	a := p.Masked().Addr().As4()
+	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
+	v |= 1<<(32-p.Bits()) - 1
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
 func (m *Manager) ensurePortLink(spec network.PortSpec) (netlink.Link, error) {
@@ -423,17 +481,9 @@ func (m *Manager) ensurePortLink(spec network.PortSpec) (netlink.Link, error) {
 }
 
 func (m *Manager) ensurePortRules(spec network.PortSpec) error {
-	b, err := newBatch()
-	if err != nil {
-		return err
-	}
-	if err := b.ensureBase(); err != nil {
-		return err
-	}
-	if err := b.portElements(spec.TapName, spec.MAC, spec.IP); err != nil {
-		return err
-	}
-	return b.flush("ensure filter of port " + spec.TapName)
+	return m.apply("ensure filter of port "+spec.TapName, false, func(b *batch) error {
+		return b.portElements(spec.TapName, spec.MAC, spec.IP)
+	})
 }
 
 // portElements converges a port's set elements; a zero mac removes them.
@@ -474,14 +524,9 @@ func (m *Manager) DeletePort(ctx context.Context, tapName string) error {
 		}
 		m.log.Info("deleted port", "port", tapName)
 	}
-	b, err := newBatch()
-	if err != nil {
-		return err
-	}
-	if err := b.portElements(tapName, nil, netip.Addr{}); err != nil {
-		return err
-	}
-	return b.flush("delete filter of port " + tapName)
+	return m.apply("delete filter of port "+tapName, false, func(b *batch) error {
+		return b.portElements(tapName, nil, netip.Addr{})
+	})
 }
 
 // ListPorts implements network.Manager. Ports whose filter is missing are

@@ -18,6 +18,8 @@ import (
 type batch struct {
 	conn *nftables.Conn
 	sets map[*nftables.Table][]*nftables.Set
+	// changes counts queued messages: a converged state sends nothing.
+	changes int
 }
 
 func newBatch() (*batch, error) {
@@ -31,6 +33,9 @@ func newBatch() (*batch, error) {
 func (b *batch) set(t *nftables.Table, name string) *nftables.Set { return findSet(b.sets[t], name) }
 
 func (b *batch) flush(what string) error {
+	if b.changes == 0 {
+		return nil
+	}
 	if err := b.conn.Flush(); err != nil {
 		return fmt.Errorf("nftables: %s: %w", what, err)
 	}
@@ -56,6 +61,7 @@ func (b *batch) ensureBase() error {
 	for _, t := range []*nftables.Table{bridgeTable, inetTable} {
 		if !have[t.Family] {
 			fresh[t] = true
+			b.changes++
 			b.conn.AddTable(t)
 		}
 	}
@@ -74,6 +80,7 @@ func (b *batch) ensureBase() error {
 	}
 	for _, c := range chains {
 		if !existingChains[chainKey(c.Table.Family, c.Name)] {
+			b.changes++
 			b.conn.AddChain(c)
 		}
 	}
@@ -92,6 +99,7 @@ func (b *batch) ensureBase() error {
 			if t == bridgeTable && s.Name == setReserved {
 				elems = []nftables.SetElement{{Key: network.MetadataAddr.AsSlice()}}
 			}
+			b.changes++
 			if err := b.conn.AddSet(s, elems); err != nil {
 				return fmt.Errorf("add set %s: %w", s.Name, err)
 			}
@@ -113,6 +121,7 @@ func (b *batch) ensureBase() error {
 			}
 			b.conn.FlushChain(c)
 		}
+		b.changes++
 		for _, r := range rules {
 			b.conn.AddRule(r.rule(c))
 		}
@@ -179,6 +188,7 @@ func (b *batch) replaceKeys(t *nftables.Table, name string, prefix []byte, want 
 			add = append(add, nftables.SetElement{Key: k})
 		}
 	}
+	b.changes += len(del) + len(add)
 	if len(del) > 0 {
 		if err := b.conn.SetDeleteElements(s, del); err != nil {
 			return fmt.Errorf("delete from set %s: %w", name, err)

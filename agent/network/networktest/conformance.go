@@ -219,6 +219,10 @@ func testInvalidSpecs(t *testing.T, m network.Manager, _ func() network.Manager)
 		func(p *network.PortSpec) { p.IP = netip.MustParseAddr("fd00::5") },
 		func(p *network.PortSpec) { p.VMID = "" },
 		func(p *network.PortSpec) { p.TapName = "bad name" },
+		func(p *network.PortSpec) { p.TapName = "tap0" },                       // escapes the port filter
+		func(p *network.PortSpec) { p.IP = netip.MustParseAddr("10.99.0.5") },  // outside the network
+		func(p *network.PortSpec) { p.IP = netip.MustParseAddr("10.208.0.1") }, // the gateway
+		func(p *network.PortSpec) { p.IP = netip.MustParseAddr("10.208.0.255") },
 	}
 	for i, mutate := range bad {
 		p := ok
