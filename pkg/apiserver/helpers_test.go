@@ -2,6 +2,7 @@ package apiserver_test
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"sort"
@@ -134,17 +135,26 @@ func (e *env) createVM(name string, mutate ...func(*minicloudv1.CreateVMRequest)
 }
 
 // dump returns every minicloud key and value.
-func (e *env) dump() map[string]string {
-	e.t.Helper()
-	resp, err := e.etcd.Get(ctx(e.t), store.Prefix, clientv3.WithPrefix())
+func (e *env) dump(t *testing.T) map[string]string {
+	t.Helper()
+	resp, err := e.etcd.Get(ctx(t), store.Prefix, clientv3.WithPrefix())
 	if err != nil {
-		e.t.Fatal(err)
+		t.Fatal(err)
 	}
 	out := make(map[string]string, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		out[string(kv.Key)] = string(kv.Value)
 	}
 	return out
+}
+
+// wantUnchanged fails if the store differs from before.
+func (e *env) wantUnchanged(t *testing.T, before map[string]string) {
+	t.Helper()
+	after := e.dump(t)
+	if fmt.Sprint(before) != fmt.Sprint(after) {
+		t.Fatalf("store changed: keys before %v, after %v", keys(before), keys(after))
+	}
 }
 
 func (e *env) rev() int64 {
@@ -237,7 +247,7 @@ func (e *env) checkConsistent() map[string]*minicloudv1.VM {
 			ownedIPs[a.Ip] = vm.Meta.Id
 		}
 	}
-	d := e.dump()
+	d := e.dump(e.t)
 	for _, k := range keys(d) {
 		v := d[k]
 		switch {

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	"google.golang.org/protobuf/encoding/protowire"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
@@ -28,8 +29,10 @@ func TestFlavors(t *testing.T) {
 		{&minicloudv1.CreateFlavorRequest{Name: "x", Vcpus: 1, MemoryMib: 512}, "disk_gib 0"},
 		{&minicloudv1.CreateFlavorRequest{Name: "X", Vcpus: 1, MemoryMib: 512, DiskGib: 1}, "not a DNS label"},
 	} {
+		before := e.dump(t)
 		_, err := e.flv.CreateFlavor(c, bad.req)
 		wantCode(t, err, codes.InvalidArgument, bad.fragment)
+		e.wantUnchanged(t, before)
 	}
 	_, err := e.flv.CreateFlavor(c, &minicloudv1.CreateFlavorRequest{Name: "small", Vcpus: 2, MemoryMib: 512, DiskGib: 1})
 	wantCode(t, err, codes.AlreadyExists, "flavor small already exists")
@@ -71,8 +74,10 @@ func TestNetworks(t *testing.T) {
 		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.99.0.128/25"}, codes.FailedPrecondition, "overlaps network default (project default, 10.99.0.0/24)"},
 		{&minicloudv1.CreateNetworkRequest{Name: "default", Cidr: "10.5.0.0/24"}, codes.AlreadyExists, "network default already exists"},
 	} {
+		before := e.dump(t)
 		_, err := e.nets.CreateNetwork(c, bad.req)
 		wantCode(t, err, bad.code, bad.fragment)
+		e.wantUnchanged(t, before)
 	}
 	n, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "dmz", Project: "p2", Cidr: "10.5.0.0/24", Gateway: "10.5.0.254", DisableNat: true})
 	if err != nil || n.Gateway != "10.5.0.254" || n.Mtu != 1500 || n.Nat || len(n.Bridge) != 11 || n.Meta.Project != "p2" {
@@ -167,4 +172,21 @@ func TestHealthReflectionAndMetrics(t *testing.T) {
 			t.Fatalf("%s: %d, body lacks %q", path, r.StatusCode, want)
 		}
 	}
+}
+
+// TestUnknownFieldsAtAnyDepth: fields this server does not know are refused
+// wherever they hide (here inside a repeated message of a host report).
+func TestUnknownFieldsAtAnyDepth(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	e.registerHost("h1", "127.0.0.1:1")
+	vm := e.createVM("web1")
+	e.place(vm.Meta.Id, "h1")
+	ev := &minicloudv1.Event{Reason: "Started"}
+	ev.ProtoReflect().SetUnknown(protowire.AppendVarint(protowire.AppendTag(nil, 77, protowire.VarintType), 1))
+	before := e.dump(t)
+	_, err := e.hosts.ReportVMStatus(ctx(t), &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id,
+		Events: []*minicloudv1.Event{{Reason: "Fine"}, ev}})
+	wantCode(t, err, codes.InvalidArgument, "(in minicloud.v1.Event)")
+	e.wantUnchanged(t, before)
 }

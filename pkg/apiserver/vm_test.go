@@ -44,7 +44,7 @@ func TestCreateVMWritesOneTransaction(t *testing.T) {
 	if vm.Meta.ResourceVersion != before+1 || st.StatusVersion != before+1 {
 		t.Fatalf("versions %d/%d, want %d", vm.Meta.ResourceVersion, st.StatusVersion, before+1)
 	}
-	d := e.dump()
+	d := e.dump(t)
 	if d[store.VMUserDataKey(vm.Meta.Id)] != "#cloud-config\n" || d[store.VMNameKey("default", "web1")] != vm.Meta.Id {
 		t.Fatal("user-data or name index missing")
 	}
@@ -120,13 +120,10 @@ func TestCreateVMValidation(t *testing.T) {
 	}
 	for _, row := range rows {
 		t.Run(row.name, func(t *testing.T) {
-			before := e.dump()
+			before := e.dump(t)
 			_, err := e.vms.CreateVM(ctx(t), row.req)
 			wantCode(t, err, row.code, row.fragment)
-			after := e.dump()
-			if fmt.Sprint(before) != fmt.Sprint(after) {
-				t.Fatalf("store changed: keys before %v, after %v", keys(before), keys(after))
-			}
+			e.wantUnchanged(t, before)
 		})
 	}
 }
@@ -230,16 +227,14 @@ func TestPowerActionsAndStaleVersions(t *testing.T) {
 	if err != nil || stopped.Spec.PowerState != minicloudv1.PowerState_POWER_STATE_STOPPED || stopped.Meta.ResourceVersion <= rv {
 		t.Fatalf("stop: %v %v", stopped, err)
 	}
-	before := e.dump()
+	before := e.dump(t)
 	_, err = e.vms.StartVM(ctx(t), &minicloudv1.VMActionRequest{Name: "web1", ResourceVersion: rv})
 	wantCode(t, err, codes.Aborted, fmt.Sprintf("request has resource_version %d, current is %d", rv, stopped.Meta.ResourceVersion))
 	_, err = e.vms.DeleteVM(ctx(t), &minicloudv1.DeleteVMRequest{Name: "web1", ResourceVersion: rv})
 	wantCode(t, err, codes.Aborted, "read it again")
 	_, err = e.vms.RebootVM(ctx(t), &minicloudv1.VMActionRequest{Name: "web1"})
 	wantCode(t, err, codes.FailedPrecondition, "start it instead")
-	if fmt.Sprint(before) != fmt.Sprint(e.dump()) {
-		t.Fatal("refused actions changed the store")
-	}
+	e.wantUnchanged(t, before)
 	started, err := e.vms.StartVM(ctx(t), &minicloudv1.VMActionRequest{Name: "web1", ResourceVersion: stopped.Meta.ResourceVersion})
 	if err != nil || started.Spec.PowerState != minicloudv1.PowerState_POWER_STATE_RUNNING {
 		t.Fatalf("start: %v %v", started, err)
@@ -311,7 +306,7 @@ func TestTwoPhaseDelete(t *testing.T) {
 	if err != nil || !del.Spec.DeletionRequested {
 		t.Fatalf("delete pending: %v %v", del, err)
 	}
-	for k := range e.dump() {
+	for k := range e.dump(t) {
 		if strings.Contains(k, pending.Meta.Id) || strings.HasPrefix(k, store.VMNamePrefix) || strings.HasPrefix(k, store.IPAMPrefix) {
 			t.Errorf("key %s survived the delete", k)
 		}
@@ -350,7 +345,7 @@ func TestTwoPhaseDelete(t *testing.T) {
 	}
 	_, err = e.vms.GetVM(ctx(t), &minicloudv1.GetVMRequest{Name: "web1"})
 	wantCode(t, err, codes.NotFound, "not found")
-	for k, v := range e.dump() {
+	for k, v := range e.dump(t) {
 		if strings.HasPrefix(k, store.VMEventPrefix) || strings.HasPrefix(k, store.IPAMPrefix) || strings.HasPrefix(k, store.ClaimPrefix) || strings.HasPrefix(k, store.VMNamePrefix) {
 			t.Errorf("key %s survived the delete", k)
 		}
