@@ -39,28 +39,18 @@ func newRealNet(t *testing.T) *realNet {
 		t.Fatalf("create bridge: %v", err)
 	}
 	t.Cleanup(func() {
-		if err := netlink.LinkDel(br); err != nil {
+		// By name: a test may have re-created the bridge.
+		l, err := netlink.LinkByName(br.Name)
+		if err == nil {
+			err = netlink.LinkDel(l)
+		}
+		if err != nil {
 			t.Errorf("delete bridge %s: %v", br.Name, err)
 		}
 	})
-	for _, a := range []string{"169.254.169.254/32", "10.99.0.1/24"} {
-		addr, err := netlink.ParseAddr(a)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := netlink.AddrAdd(br, addr); err != nil {
-			t.Fatalf("add %s to %s: %v", a, br.Name, err)
-		}
-	}
-	if err := netlink.LinkSetUp(br); err != nil {
-		t.Fatal(err)
-	}
 	dir := NewDirectory()
 	srv, err := NewServer(dir, Options{})
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := srv.AddInterface(br.Name); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -68,7 +58,35 @@ func newRealNet(t *testing.T) *realNet {
 			t.Errorf("close server: %v", err)
 		}
 	})
+	// The listener comes first, the address after (IP_FREEBIND): the
+	// agent need not order the two.
+	if err := srv.AddInterface(br.Name); err != nil {
+		t.Fatal(err)
+	}
+	configureBridge(t, br.Name)
 	return &realNet{bridge: br.Name, srv: srv, dir: dir}
+}
+
+// configureBridge puts the metadata and gateway addresses on a bridge and
+// brings it up.
+func configureBridge(t *testing.T, name string) {
+	t.Helper()
+	br, err := netlink.LinkByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []string{"169.254.169.254/32", "10.99.0.1/24"} {
+		addr, err := netlink.ParseAddr(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := netlink.AddrAdd(br, addr); err != nil {
+			t.Fatalf("add %s to %s: %v", a, name, err)
+		}
+	}
+	if err := netlink.LinkSetUp(br); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // guest makes a namespace guest on the bridge with address ip/24.
@@ -182,6 +200,34 @@ func TestRealNetworkIdentity(t *testing.T) {
 	}
 	if code, body, err := nsDo(t, nsClient(ga), ctx, "GET", "/latest/meta-data/instance-id", nil); err != nil || body != idA {
 		t.Errorf("after AddInterface again: %d %q %v", code, body, err)
+	}
+
+	// A bridge deleted and created again under the same name has a new
+	// ifindex: SyncInterfaces must replace the listener bound to the old one.
+	old, err := netlink.LinkByName(n.bridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkDel(old); err != nil {
+		t.Fatal(err)
+	}
+	// Same MAC as before, as the network code derives it: the guest's
+	// neighbour entry for its gateway stays right.
+	if err := netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: n.bridge, HardwareAddr: old.Attrs().HardwareAddr}}); err != nil {
+		t.Fatal(err)
+	}
+	configureBridge(t, n.bridge)
+	if err := ga.AttachToBridge(n.bridge); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.srv.SyncInterfaces([]string{n.bridge}); err != nil {
+		t.Fatal(err)
+	}
+	if code, body, err := nsDo(t, nsClient(ga), ctx, "GET", "/latest/meta-data/instance-id", nil); err != nil || body != idA {
+		t.Errorf("after the bridge was re-created: %d %q %v", code, body, err)
+	}
+	if got := n.srv.Interfaces(); len(got) != 1 || got[0] != n.bridge {
+		t.Errorf("interfaces = %v", got)
 	}
 }
 

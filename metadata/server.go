@@ -67,8 +67,16 @@ type Server struct {
 
 	mu        sync.Mutex
 	closed    bool
-	listeners map[string]net.Listener
+	listeners map[string]*bridgeListener
 	wg        sync.WaitGroup
+}
+
+// bridgeListener is the listener of one bridge, remembered with the
+// bridge's ifindex: SO_BINDTODEVICE binds the index, so a bridge deleted and
+// created again under the same name needs a new socket.
+type bridgeListener struct {
+	net.Listener
+	ifindex int
 }
 
 // NewServer returns a Server over dir. It serves nothing until interfaces
@@ -107,7 +115,7 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 		metrics:    newMetrics(opts.Registerer),
 		limiters:   map[string]*rate.Limiter{},
 		unknownLog: rate.NewLimiter(1, 5),
-		listeners:  map[string]net.Listener{},
+		listeners:  map[string]*bridgeListener{},
 	}
 	s.baseCtx, s.cancelBase = context.WithCancel(context.Background())
 	s.http = &http.Server{
@@ -131,23 +139,33 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 
 // AddInterface starts answering on a bridge: a listener on 169.254.169.254:80
 // bound to the device, so only packets that arrived on it are accepted. The
-// address must already be on the bridge. Adding a served interface again is a
-// no-op.
+// bridge must exist; the address may be added to it before or after. It is
+// idempotent: calling it again for a served bridge is a no-op, unless the
+// bridge was re-created (new ifindex), in which case the listener is
+// replaced.
 func (s *Server) AddInterface(name string) error {
+	ifi, err := net.InterfaceByName(name)
+	if err != nil {
+		return fmt.Errorf("metadata: add interface %s: %w", name, err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return fmt.Errorf("metadata: add interface %s: server closed", name)
 	}
-	if _, ok := s.listeners[name]; ok {
-		return nil
+	if old, ok := s.listeners[name]; ok {
+		if old.ifindex == ifi.Index {
+			return nil
+		}
+		_ = old.Close()
+		delete(s.listeners, name)
 	}
 	l, err := listenOnDevice(context.Background(), name, s.opts.ListenAddress)
 	if err != nil {
 		return fmt.Errorf("metadata: add interface %s: %w", name, err)
 	}
 	wl := &peerListener{Listener: l, resolver: bridgeResolver{iface: name, neigh: s.opts.Neighbours}}
-	s.listeners[name] = wl
+	s.listeners[name] = &bridgeListener{Listener: wl, ifindex: ifi.Index}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -172,6 +190,26 @@ func (s *Server) RemoveInterface(name string) error {
 		return fmt.Errorf("metadata: remove interface %s: %w", name, err)
 	}
 	return nil
+}
+
+// SyncInterfaces makes the served bridges exactly names: the level-triggered
+// form of AddInterface/RemoveInterface for the agent's reconcile loop. It
+// tries every bridge and returns the errors joined.
+func (s *Server) SyncInterfaces(names []string) error {
+	want := map[string]bool{}
+	for _, n := range names {
+		want[n] = true
+	}
+	var errs []error
+	for _, n := range s.Interfaces() {
+		if !want[n] {
+			errs = append(errs, s.RemoveInterface(n))
+		}
+	}
+	for _, n := range names {
+		errs = append(errs, s.AddInterface(n))
+	}
+	return errors.Join(errs...)
 }
 
 // Interfaces lists the bridges being served.
@@ -218,7 +256,7 @@ func (s *Server) Close() error {
 		return nil
 	}
 	s.closed = true
-	s.listeners = map[string]net.Listener{}
+	s.listeners = map[string]*bridgeListener{}
 	s.mu.Unlock()
 	s.cancelBase()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

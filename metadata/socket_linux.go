@@ -22,6 +22,12 @@ func listenOnDevice(ctx context.Context, iface, addr string) (net.Listener, erro
 				if serr == nil {
 					serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
 				}
+				// Bind even before 169.254.169.254 is on the bridge: the
+				// listener starts answering as soon as the network code
+				// adds it, whatever the order of the two.
+				if serr == nil {
+					serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
+				}
 			})
 			if err != nil {
 				return err
