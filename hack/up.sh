@@ -72,7 +72,7 @@ minicloud vm wait demo --for ready --timeout 3m
 minicloud vm show demo
 
 step "what the guest read from its metadata service (serial console)"
-minicloud vm console-log demo | sed -n '/MINICLOUD-GUEST-BEGIN/,/MINICLOUD-GUEST-END/p'
+minicloud vm console-log demo | sed -n '/MINICLOUD-METADATA-BEGIN/,/MINICLOUD-GUEST-READY/p'
 
 cat <<MSG
 
