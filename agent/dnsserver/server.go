@@ -115,7 +115,8 @@ func New(log *slog.Logger, opts ...Option) *Server {
 	return s
 }
 
-// SetZone atomically replaces the zone of one network.
+// SetZone atomically replaces the zone of one network. Invalid records are
+// skipped (and reported in the error); the others are served.
 func (s *Server) SetZone(network string, z Zone) error {
 	if !z.Listen.Is4() {
 		return fmt.Errorf("zone %s: listen address %q is not IPv4", network, z.Listen)
@@ -124,10 +125,12 @@ func (s *Server) SetZone(network string, z Zone) error {
 	if z.Domain != "" {
 		c.domain = dns.Fqdn(strings.ToLower(z.Domain))
 	}
+	var errs []error
 	for name, addr := range z.Records {
 		n := strings.ToLower(strings.TrimSuffix(name, "."))
 		if _, ok := dns.IsDomainName(n); !ok || n == "" || !addr.Is4() {
-			return fmt.Errorf("zone %s: bad record %q -> %s", network, name, addr)
+			errs = append(errs, fmt.Errorf("zone %s: bad record %q -> %s", network, name, addr))
+			continue
 		}
 		c.names[n+"."] = addr
 		fq := n + "."
@@ -149,7 +152,7 @@ func (s *Server) SetZone(network string, z Zone) error {
 	s.zones[network] = c
 	s.publishLocked()
 	s.mu.Unlock()
-	return nil
+	return errors.Join(errs...)
 }
 
 // RemoveZone stops serving a network; it is a no-op for an unknown one.

@@ -180,6 +180,18 @@ func TestZoneUpdatesApply(t *testing.T) {
 	}
 }
 
+func TestBadRecordsAreSkipped(t *testing.T) {
+	f := setup(t)
+	err := f.s.SetZone(f.n.Bridge.Name, dnsserver.Zone{
+		Listen: f.n.Gateway(), Domain: "default.mc.internal",
+		Records: map[string]netip.Addr{"ok": f.n.AddrOf(3), "bad..name": f.n.AddrOf(4), "v6": netip.MustParseAddr("fd00::1")},
+	})
+	if err == nil {
+		t.Error("SetZone with bad records: want an error")
+	}
+	wantA(t, f.ask(t, "udp", "ok", dns.TypeA), f.n.AddrOf(3))
+}
+
 func TestReadResolvConf(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "resolv.conf")
 	if err := os.WriteFile(p, []byte("search example\nnameserver 127.0.0.53\nnameserver ::1\noptions edns0\n"), 0o644); err != nil {

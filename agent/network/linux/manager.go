@@ -552,7 +552,10 @@ func (m *Manager) ListPorts(ctx context.Context) ([]network.PortSpec, error) {
 	var out []network.PortSpec
 	for _, l := range links {
 		a := l.Attrs()
-		if !strings.HasPrefix(a.Alias, portAliasPrefix) {
+		// A tap without alias is a create interrupted before its alias:
+		// still ours to collect.
+		if !strings.HasPrefix(a.Alias, portAliasPrefix) &&
+			!(strings.HasPrefix(a.Name, network.PortPrefix) && isMinicloudPort(l)) {
 			continue
 		}
 		_, isTap := l.(*netlink.Tuntap)

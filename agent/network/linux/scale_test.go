@@ -156,3 +156,29 @@ func TestRecoversDeletedTables(t *testing.T) {
 		t.Error("static rules not rebuilt")
 	}
 }
+
+// TestListPortsFindsInterruptedCreates: a tap created by a crashed agent
+// before it got its alias and filter is still reported, and deletable.
+func TestListPortsFindsInterruptedCreates(t *testing.T) {
+	netnstest.Require(t)
+	ctx := context.Background()
+	br, tap := networktest.Names()
+	host := netnstest.NewNS(t, "mch-"+br)
+	m := &inNS{ns: host, m: New(nil)}
+	if out, err := host.Command(ctx, "ip", "tuntap", "add", "dev", tap(0), "mode", "tap").CombinedOutput(); err != nil {
+		t.Fatalf("ip tuntap: %v: %s", err, out)
+	}
+	ps, err := m.ListPorts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps) != 1 || ps[0].TapName != tap(0) {
+		t.Fatalf("ListPorts = %+v, want the orphan %s", ps, tap(0))
+	}
+	if err := m.Sync(ctx, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if ps, _ := m.ListPorts(ctx); len(ps) != 0 {
+		t.Fatalf("after Sync: %+v", ps)
+	}
+}
