@@ -21,6 +21,8 @@ import (
 // Address is where guests reach the metadata service.
 const Address = "169.254.169.254:80"
 
+const maxBodyBytes = 4 << 10
+
 // Options configure a Server. The zero value is usable.
 type Options struct {
 	Logger *slog.Logger
@@ -351,6 +353,8 @@ type request struct {
 // ServeHTTP identifies the guest, rate-limits it and dispatches to the tree.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
+	// No metadata request needs a body; never buffer more than a token.
+	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
 	rec := &statusRecorder{ResponseWriter: w}
 	tree := treeOf(r.URL.Path)
 	req := &request{w: rec, r: r}
