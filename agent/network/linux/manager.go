@@ -381,6 +381,11 @@ func (m *Manager) EnsurePort(ctx context.Context, spec network.PortSpec) error {
 			return fmt.Errorf("set MTU %d on port %s: %w", mtu, spec.TapName, err)
 		}
 	}
+	// The host side of a port needs no address of its own, IPv6 link-local
+	// included (it would talk to the guest directly, bypassing the bridge).
+	if err := writeSysctl("/proc/sys/net/ipv6/conf/"+spec.TapName+"/disable_ipv6", "1"); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("disable IPv6 on port %s: %w", spec.TapName, err)
+	}
 	if link.Attrs().MasterIndex != br.Attrs().Index {
 		if err := netlink.LinkSetMasterByIndex(link, br.Attrs().Index); err != nil {
 			return fmt.Errorf("attach port %s to bridge %s: %w", spec.TapName, spec.Bridge, err)
