@@ -62,7 +62,7 @@ type Server struct {
 	cancelBase context.CancelFunc
 
 	limMu    sync.Mutex
-	limiters map[string]*rate.Limiter
+	limiters map[string]*guestState
 
 	unknownLog        *rate.Limiter
 	unknownSuppressed atomic.Int64
@@ -115,7 +115,7 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 		log:        opts.Logger.With("component", "metadata"),
 		tokens:     tokens,
 		metrics:    newMetrics(opts.Registerer),
-		limiters:   map[string]*rate.Limiter{},
+		limiters:   map[string]*guestState{},
 		unknownLog: rate.NewLimiter(1, 5),
 		listeners:  map[string]*bridgeListener{},
 	}
@@ -432,10 +432,17 @@ func render(inst *Instance, signer crypto.Signer) (*rendered, error) {
 	return &rendered{ec2: ec2, openstack: os, gce: gceTree(inst)}, nil
 }
 
-// allow applies the per-VM rate limit.
+// guestState is what the server keeps per VM: its rate limiter and when it
+// was last answered.
+type guestState struct {
+	lim      *rate.Limiter
+	lastSeen atomic.Int64 // unix nanoseconds
+}
+
+// allow applies the per-VM rate limit and records the request.
 func (s *Server) allow(id string) bool {
 	s.limMu.Lock()
-	lim, ok := s.limiters[id]
+	g, ok := s.limiters[id]
 	if !ok {
 		if len(s.limiters) > 2*s.dir.Len()+64 {
 			for k := range s.limiters {
@@ -444,11 +451,32 @@ func (s *Server) allow(id string) bool {
 				}
 			}
 		}
-		lim = rate.NewLimiter(s.opts.RateLimit, s.opts.RateBurst)
-		s.limiters[id] = lim
+		g = &guestState{lim: rate.NewLimiter(s.opts.RateLimit, s.opts.RateBurst)}
+		s.limiters[id] = g
 	}
 	s.limMu.Unlock()
-	return lim.Allow()
+	if !g.lim.Allow() {
+		return false
+	}
+	g.lastSeen.Store(s.opts.Now().UnixNano())
+	return true
+}
+
+// LastSeen reports when the VM last had a request answered (not refused
+// by the rate limit) — the agent's evidence that the guest is up and
+// reading its metadata.
+func (s *Server) LastSeen(vmID string) (time.Time, bool) {
+	s.limMu.Lock()
+	g, ok := s.limiters[vmID]
+	s.limMu.Unlock()
+	if !ok {
+		return time.Time{}, false
+	}
+	ns := g.lastSeen.Load()
+	if ns == 0 {
+		return time.Time{}, false
+	}
+	return time.Unix(0, ns), true
 }
 
 // logUnknown logs refused sources at most about once a second, counting

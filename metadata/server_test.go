@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/crypto/ssh"
 	"google.golang.org/protobuf/proto"
@@ -47,6 +48,25 @@ func TestRateLimit(t *testing.T) {
 	e.expect(2, "/openstack/latest/meta_data.json", 429, "")
 	// One guest's exhaustion leaves the others alone.
 	e.expect(3, "/latest/meta-data/instance-id", 200, idB)
+}
+
+func TestLastSeen(t *testing.T) {
+	e := newTestEnv(t, nil)
+	if _, ok := e.srv.LastSeen(idA); ok {
+		t.Fatal("seen before any request")
+	}
+	before := time.Now()
+	e.expect(2, "/openstack/latest/meta_data.json", 200, "")
+	if at, ok := e.srv.LastSeen(idA); !ok || at.Before(before) {
+		t.Fatalf("LastSeen(A) = %v, %v", at, ok)
+	}
+	if _, ok := e.srv.LastSeen(idB); ok {
+		t.Fatal("B seen without a request")
+	}
+	e.expect(9, "/latest/meta-data/instance-id", 404, "")
+	if _, ok := e.srv.LastSeen(idB); ok {
+		t.Fatal("an unknown source counted as B")
+	}
 }
 
 func TestDirectory(t *testing.T) {
