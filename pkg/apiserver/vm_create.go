@@ -140,8 +140,8 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	if refs.nameTaken {
 		return nil, errdefs.AlreadyExists("vm %s already exists in project %s", req.GetName(), project)
 	}
-	if min := refs.image.GetMinDiskGib(); min > refs.flavor.GetDiskGib() {
-		return nil, errdefs.Invalid("image %s needs a disk of at least %d GiB; flavor %s has %d GiB: choose a larger flavor", base.Image, min, base.Flavor, refs.flavor.GetDiskGib())
+	if minDisk := refs.image.GetMinDiskGib(); minDisk > refs.flavor.GetDiskGib() {
+		return nil, errdefs.Invalid("image %s needs a disk of at least %d GiB; flavor %s has %d GiB: choose a larger flavor", base.Image, minDisk, base.Flavor, refs.flavor.GetDiskGib())
 	}
 
 	now := time.Now()

@@ -3,6 +3,7 @@ package apiserver
 import (
 	"context"
 	"errors"
+	"strings"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -37,7 +38,7 @@ func (v *vmView) merged(id string) *minicloudv1.VM {
 func (v *vmView) apply(ev *clientv3.Event) (string, error) {
 	key := string(ev.Kv.Key)
 	id := store.LastSegment(key)
-	isSpec := len(key) > len(store.VMSpecPrefix) && key[:len(store.VMSpecPrefix)] == store.VMSpecPrefix
+	isSpec := strings.HasPrefix(key, store.VMSpecPrefix)
 	switch {
 	case ev.Type == mvccpb.DELETE && isSpec:
 		delete(v.specs, id)
