@@ -147,26 +147,11 @@ func gceTree(inst *Instance) *gnode {
 	return gdir().add("instance", instance.done(), false).add("project", project.done(), false).done()
 }
 
-func (n *gnode) walk(segs []string) *gnode {
-	cur := n
-	for i, s := range segs {
-		if s == "" && i == len(segs)-1 {
-			if !cur.dir {
-				return nil
-			}
-			return cur
-		}
-		if !cur.dir {
-			return nil
-		}
-		next, ok := cur.children[s]
-		if !ok {
-			return nil
-		}
-		cur = next
-	}
-	return cur
-}
+func (n *gnode) walk(segs []string) *gnode { return walkTree(n, segs) }
+
+func (n *gnode) isDir() bool { return n.dir }
+
+func (n *gnode) child(name string) *gnode { return n.children[name] }
 
 // jsonValue is the recursive JSON form of n.
 func (n *gnode) jsonValue() any {

@@ -62,25 +62,32 @@ func (b *dirBuilder) doneWith(suffix string) *node {
 	return b.n
 }
 
-// walk resolves segments under n. A trailing empty segment (a path ending in
-// "/") is only allowed on directories.
-func (n *node) walk(segs []string) *node {
-	cur := n
+// walk resolves segments under n.
+func (n *node) walk(segs []string) *node { return walkTree(n, segs) }
+
+func (n *node) isDir() bool { return n.dir }
+
+func (n *node) child(name string) *node { return n.children[name] }
+
+// walkTree resolves segs below root in any of the trees. A trailing empty
+// segment (a path ending in "/") is only allowed on directories.
+func walkTree[N interface {
+	comparable
+	isDir() bool
+	child(string) N
+}](root N, segs []string) N {
+	var none N
+	cur := root
 	for i, s := range segs {
+		if !cur.isDir() {
+			return none
+		}
 		if s == "" && i == len(segs)-1 {
-			if !cur.dir {
-				return nil
-			}
 			return cur
 		}
-		if !cur.dir {
-			return nil
+		if cur = cur.child(s); cur == none {
+			return none
 		}
-		next, ok := cur.children[s]
-		if !ok {
-			return nil
-		}
-		cur = next
 	}
 	return cur
 }
