@@ -259,6 +259,11 @@ func (e *env) checkConsistent() map[string]*minicloudv1.VM {
 			if ownedIPs[store.LastSegment(k)] != v {
 				e.t.Errorf("ipam key %s says %s, but that VM does not hold the address", k, v)
 			}
+		case strings.HasPrefix(k, store.ClaimPrefix):
+			host := strings.Split(strings.TrimPrefix(k, store.ClaimPrefix), "/")[0]
+			if vm := byID[store.LastSegment(k)]; vm == nil || vm.Status.Host != host {
+				e.t.Errorf("claim %s belongs to no VM on host %s", k, host)
+			}
 		case strings.HasPrefix(k, store.VMStatusPrefix), strings.HasPrefix(k, store.VMUserDataPrefix):
 			if byID[store.LastSegment(k)] == nil {
 				e.t.Errorf("orphan key %s", k)

@@ -150,6 +150,18 @@ func TestReportVMStatus(t *testing.T) {
 	if st1.Claim != nil || st1.Alloc.GetVmCount() != 0 {
 		t.Fatalf("claim after reschedule: %v %v", st1.Claim, st1.Alloc)
 	}
+
+	// A VM being deleted that its host gives back has nowhere to go: it is
+	// removed instead of rescheduled.
+	e.place(vm.Meta.Id, "h2")
+	if _, err := e.vms.DeleteVM(c, &minicloudv1.DeleteVMRequest{Name: "web1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h2", VmId: vm.Meta.Id, Reschedule: true}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.vms.GetVM(c, &minicloudv1.GetVMRequest{Name: "web1"})
+	wantCode(t, err, codes.NotFound, "not found")
 	e.checkConsistent()
 }
 
