@@ -121,3 +121,42 @@ func TestBroadcastAndMAC(t *testing.T) {
 		t.Fatalf("MACs %s %s: want stable, distinct per network, fa:16:3e prefix", m1, m2)
 	}
 }
+
+// TestReservationsInOneProcessDoNotCollide: picks not yet committed are
+// skipped by later picks of the same allocator and freed by Done(false).
+func TestReservationsInOneProcessDoNotCollide(t *testing.T) {
+	_, cli := etcdtest.Start(t)
+	ctx := context.Background()
+	a := ipam.New(cli)
+	n := network("10.2.0.0/29", "10.2.0.1")
+	r1, err := a.Reserve(ctx, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := a.Reserve(ctx, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r1.Addr == r2.Addr {
+		t.Fatalf("two reservations of %s", r1.Addr)
+	}
+	r1.Done(false)
+	r3, err := a.Reserve(ctx, n)
+	if err != nil || r3.Addr != r1.Addr {
+		t.Fatalf("after an aborted reservation got %v, %v; want %s again", r3.Addr, err, r1.Addr)
+	}
+	// A committed reservation is found in etcd by the next read.
+	if _, ok, err := store.Commit(ctx, cli, []clientv3.Cmp{r2.Cmp()}, []clientv3.Op{r2.Op("vm-2")}); err != nil || !ok {
+		t.Fatalf("commit: %v %v", ok, err)
+	}
+	r2.Done(true)
+	r3.Done(false)
+	r4, err := a.Reserve(ctx, n)
+	if err != nil || r4.Addr != r1.Addr {
+		t.Fatalf("got %v, %v; want %s", r4.Addr, err, r1.Addr)
+	}
+	r5, err := a.Reserve(ctx, n)
+	if err != nil || r5.Addr == r2.Addr || r5.Addr == r4.Addr {
+		t.Fatalf("got %v, %v; want neither %s nor %s", r5.Addr, err, r2.Addr, r4.Addr)
+	}
+}
