@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -64,6 +65,10 @@ type Server struct {
 	health   *health.Server
 	registry *prometheus.Registry
 	agentOpt []grpc.DialOption
+
+	// networkIDs caches network key → id so a create reads a network's
+	// addresses in the same round trip as the network (see readCreateRefs).
+	networkIDs sync.Map
 
 	// streams ends every watch stream when the server stops, so that
 	// GracefulStop does not wait for streams that never end by themselves.

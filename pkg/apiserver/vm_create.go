@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -31,10 +32,15 @@ type createRefs struct {
 	flavorRev   int64
 	networks    []*minicloudv1.Network
 	networkRevs []int64
+	used        [][]*mvccpb.KeyValue // per network: the addresses in use (ipam.UsedOp)
 }
 
-// readCreateRefs reads, in one snapshot, the request-id and name keys and
-// every object the VM refers to, and refuses references that do not exist.
+// readCreateRefs reads, in one snapshot, the request-id and name keys,
+// every object the VM refers to and the addresses in use on its networks,
+// and refuses references that do not exist. The addresses are read in the
+// same round trip when the network's id is known from an earlier create
+// (the create's compare on the network key catches a network recreated
+// since), else with a read of their own.
 func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, spec *minicloudv1.VMSpec) (*createRefs, error) {
 	ops := []clientv3.Op{
 		clientv3.OpGet(store.VMNameKey(project, req.GetName()), clientv3.WithCountOnly()),
@@ -46,6 +52,15 @@ func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicl
 	}
 	for _, n := range spec.Networks {
 		ops = append(ops, clientv3.OpGet(store.NetworkKey(project, n)))
+	}
+	usedAt := make([]int, len(spec.Networks)) // index of the UsedOp in ops, or -1
+	cachedID := make([]string, len(spec.Networks))
+	for i, n := range spec.Networks {
+		usedAt[i] = -1
+		if id, ok := s.networkIDs.Load(store.NetworkKey(project, n)); ok {
+			cachedID[i], usedAt[i] = id.(string), len(ops)
+			ops = append(ops, ipam.UsedOp(cachedID[i]))
+		}
 	}
 	resp, err := store.ReadTxn(ctx, s.etcd, ops...)
 	if err != nil {
@@ -94,6 +109,17 @@ func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicl
 		}
 		refs.networks = append(refs.networks, nw)
 		refs.networkRevs = append(refs.networkRevs, kvs[0].ModRevision)
+		id := nw.GetMeta().GetId()
+		if usedAt[i] >= 0 && cachedID[i] == id {
+			refs.used = append(refs.used, rr(usedAt[i]).Kvs)
+			continue
+		}
+		used, err := s.etcd.Do(ctx, ipam.UsedOp(id))
+		if err != nil {
+			return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", n)
+		}
+		s.networkIDs.Store(store.NetworkKey(project, n), id)
+		refs.used = append(refs.used, used.Get().Kvs)
 	}
 	return refs, nil
 }
@@ -124,6 +150,8 @@ func (s *Server) createVM(ctx context.Context, req *minicloudv1.CreateVMRequest)
 }
 
 func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, base *minicloudv1.VMSpec) (*minicloudv1.VM, error) {
+	addrRead := s.ipam.BeginRead()
+	defer addrRead.End()
 	refs, err := s.readCreateRefs(ctx, project, req, base)
 	if refs != nil && refs.existingID != "" {
 		// A retry of a create that went through: answer with that VM, even
@@ -171,7 +199,7 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	var ops []clientv3.Op
 	var committed bool // read by the reservations' deferred Done
 	for i, nw := range refs.networks {
-		r, err := s.ipam.Reserve(ctx, nw)
+		r, err := addrRead.Reserve(nw, refs.used[i])
 		if err != nil {
 			return nil, err
 		}

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"sync"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
@@ -84,32 +85,70 @@ func (r *Reservation) Done(committed bool) {
 // address, the gateway nor the broadcast address, not stored in etcd and
 // not reserved in this process.
 func (a *Allocator) Reserve(ctx context.Context, network *minicloudv1.Network) (*Reservation, error) {
+	rd := a.BeginRead()
+	defer rd.End()
+	resp, err := a.kv.Do(ctx, UsedOp(network.GetMeta().GetId()))
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", network.GetMeta().GetName())
+	}
+	return rd.Reserve(network, resp.Get().Kvs)
+}
+
+// Read is a read of networks' addresses that a caller folds into its own
+// etcd read (to save a round trip): BeginRead, then the caller's read with
+// UsedOp for each network, then Reserve from what it returned, then End.
+type Read struct {
+	a        *Allocator
+	startGen uint64
+	ended    bool
+}
+
+// BeginRead starts a read; call it before the etcd read it stands for.
+func (a *Allocator) BeginRead() *Read {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.reading[a.gen]++
+	return &Read{a: a, startGen: a.gen}
+}
+
+// End finishes the read. It is safe to call twice.
+func (rd *Read) End() {
+	a := rd.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if rd.ended {
+		return
+	}
+	rd.ended = true
+	if a.reading[rd.startGen]--; a.reading[rd.startGen] == 0 {
+		delete(a.reading, rd.startGen)
+	}
+}
+
+// UsedOp reads the addresses in use on a network (keys only).
+func UsedOp(networkID string) clientv3.Op {
+	return clientv3.OpGet(store.IPAMNetworkPrefix(networkID), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+}
+
+// Reserve picks the lowest free address of network given used, the result
+// of UsedOp in the read this Read stands for.
+func (rd *Read) Reserve(network *minicloudv1.Network, used []*mvccpb.KeyValue) (*Reservation, error) {
 	prefix, gateway, err := Parse(network)
 	if err != nil {
 		return nil, err
 	}
 	id := network.GetMeta().GetId()
-	a.mu.Lock()
-	startGen := a.gen
-	a.reading[startGen]++
-	a.mu.Unlock()
-	resp, err := a.kv.Get(ctx, store.IPAMNetworkPrefix(id), clientv3.WithPrefix(), clientv3.WithKeysOnly())
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.reading[startGen]--; a.reading[startGen] == 0 {
-		delete(a.reading, startGen)
-	}
-	if err != nil {
-		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", network.GetMeta().GetName())
-	}
-	used := make(map[netip.Addr]struct{}, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
+	taken := make(map[netip.Addr]struct{}, len(used))
+	for _, kv := range used {
 		if ip, err := netip.ParseAddr(store.LastSegment(string(kv.Key))); err == nil {
-			used[ip] = struct{}{}
+			taken[ip] = struct{}{}
 		}
 	}
+	a := rd.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	// Commits older than every running read are in etcd for all readers.
-	oldest := startGen
+	oldest := rd.startGen
 	for g := range a.reading {
 		oldest = min(oldest, g)
 	}
@@ -124,7 +163,7 @@ func (a *Allocator) Reserve(ctx context.Context, network *minicloudv1.Network) (
 		if ip == gateway {
 			continue
 		}
-		if _, ok := used[ip]; ok {
+		if _, ok := taken[ip]; ok {
 			continue
 		}
 		if _, ok := reserved[ip]; ok {
