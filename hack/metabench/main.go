@@ -12,6 +12,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"flag"
@@ -56,7 +57,15 @@ func main() {
 	storm := flag.Int("storm", 50, "guests in the boot-storm run")
 	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
 	nginxBin := flag.String("nginx", "nginx", "nginx binary")
+	serve := flag.Int("serve", 0, "internal: serve this many guests in this process and print the address")
+	unlimited := flag.Bool("unlimited", false, "internal: with -serve, set the per-VM limit above any load")
 	flag.Parse()
+	if *serve > 0 {
+		if err := serveChild(*serve, *unlimited); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
 	if err := run(*duration, *warmup, *clients, *storm, *docs, *nginxBin); err != nil {
 		log.Fatal(err)
 	}
@@ -95,22 +104,61 @@ func loopbackResolver(c net.Conn) (metadata.Peer, error) {
 	return metadata.Peer{Interface: "lo", Addr: ap.Addr()}, nil
 }
 
-func startMetadata(n int, opts metadata.Options) (*metadata.Server, string, error) {
+// serveChild runs the metadata service for n guests until stdin closes,
+// after printing its address. The service runs in its own process, as
+// nginx does, so it shares no Go runtime (scheduler, GC) with the load
+// generator.
+func serveChild(n int, unlimited bool) error {
 	dir := metadata.NewDirectory()
 	if err := dir.Set(instances(n)); err != nil {
-		return nil, "", err
+		return err
 	}
-	opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	opts := metadata.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	if unlimited {
+		// The per-VM limiter stays in the path with a limit above the
+		// offered load: its cost is measured, it does not cap the run.
+		opts.RateLimit, opts.RateBurst = 1e9, 1<<30
+	}
 	srv, err := metadata.NewServer(dir, opts)
 	if err != nil {
-		return nil, "", err
+		return err
 	}
 	l, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
-		return nil, "", err
+		return err
 	}
-	go func() { _ = srv.ServeListener(l, metadata.PeerResolverFunc(loopbackResolver)) }()
-	return srv, "http://" + l.Addr().String(), nil
+	go func() { _, _ = io.Copy(io.Discard, os.Stdin); _ = srv.Close() }()
+	fmt.Println(l.Addr().String())
+	return srv.ServeListener(l, metadata.PeerResolverFunc(loopbackResolver))
+}
+
+// startMetadata starts a child process serving n guests; stop ends it.
+func startMetadata(n int, unlimited bool) (base string, stop func(), err error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", nil, err
+	}
+	cmd := exec.Command(self, "-serve", fmt.Sprint(n), fmt.Sprintf("-unlimited=%v", unlimited))
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return "", nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return "", nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return "", nil, fmt.Errorf("start metadata service: %w", err)
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { stdin.Close(); _ = cmd.Wait() }) }
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		stop()
+		return "", nil, fmt.Errorf("metadata service did not start: %w", err)
+	}
+	return "http://" + strings.TrimSpace(line), stop, nil
 }
 
 type result struct {
@@ -358,11 +406,11 @@ func crawl(c *http.Client, base string) (n, tooMany, failed int) {
 }
 
 func bootStorm(guests int) (stormResult, error) {
-	srv, base, err := startMetadata(guests, metadata.Options{})
+	base, stop, err := startMetadata(guests, false)
 	if err != nil {
 		return stormResult{}, err
 	}
-	defer srv.Close()
+	defer stop()
 	var mu sync.Mutex
 	res := stormResult{guests: guests}
 	var crawls []time.Duration
@@ -401,12 +449,11 @@ func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin stri
 		return err
 	}
 
-	// The per-VM limiter stays in the path with a limit above the offered
-	// load, so its cost is measured but it does not cap the benchmark.
-	srv, base, err := startMetadata(clients, metadata.Options{RateLimit: 1e9, RateBurst: 1 << 30})
+	base, stopMD, err := startMetadata(clients, true)
 	if err != nil {
 		return err
 	}
+	defer stopMD()
 	files, err := staticTree(base, root)
 	if err != nil {
 		return err
@@ -415,9 +462,7 @@ func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin stri
 	md := load("minicloud metadata", base, clients, warmup, duration, 0)
 	log.Printf("metadata service: %d clients at %.0f req/s, %s", clients, openRate, duration/2)
 	mdOpen := load("minicloud metadata", base, clients, warmup, duration/2, openRate)
-	if err := srv.Close(); err != nil {
-		return err
-	}
+	stopMD()
 
 	nbase, stop, err := startNginx(nginxBin, root, files)
 	if err != nil {
