@@ -87,6 +87,22 @@ func TestHostLifecycle(t *testing.T) {
 	if h, _ := e.hosts.GetHost(c, &minicloudv1.GetHostRequest{Name: "h1"}); h.VmCount != 1 || h.Allocated.GetMemoryMib() != 1024 {
 		t.Fatalf("allocation %v %d", h.Allocated, h.VmCount)
 	}
+	if _, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "default", Project: "p2", Cidr: "10.98.0.0/24"}); err != nil {
+		t.Fatal(err)
+	}
+	e.createVM("elsewhere", func(r *minicloudv1.CreateVMRequest) { r.Project = "p2" })
+	for _, q := range []struct {
+		req  *minicloudv1.ListVMsRequest
+		want int
+	}{
+		{&minicloudv1.ListVMsRequest{AllProjects: true}, 2},
+		{&minicloudv1.ListVMsRequest{AllProjects: true, Host: "h1"}, 1},
+		{&minicloudv1.ListVMsRequest{Project: "p2", Host: "h1"}, 0},
+	} {
+		if list, err := e.vms.ListVMs(c, q.req); err != nil || len(list.Vms) != q.want {
+			t.Fatalf("list %v: %v %v, want %d VMs", q.req, list, err, q.want)
+		}
+	}
 }
 
 func TestReportVMStatus(t *testing.T) {
