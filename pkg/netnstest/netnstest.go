@@ -76,6 +76,8 @@ type Guest struct {
 	*NS
 	// HostIf is the veth end left in the host namespace.
 	HostIf string
+	// host is the namespace playing the host; nil for the real one.
+	host *NS
 	// MAC is the address of the guest's eth0.
 	MAC net.HardwareAddr
 }
@@ -129,6 +131,23 @@ func NewGuest(t testing.TB, hostIf string, mac net.HardwareAddr) *Guest {
 	if err != nil {
 		t.Fatalf("set up %s in %s: %v", GuestIf, g.Name, err)
 	}
+	return g
+}
+
+// NewGuestIn is NewGuest with hostIf placed in the namespace host, which
+// plays the hypervisor host (tests that must not touch the real host's
+// ruleset).
+func NewGuestIn(t testing.TB, host *NS, hostIf string, mac net.HardwareAddr) *Guest {
+	t.Helper()
+	g := NewGuest(t, hostIf, mac)
+	l, err := netlink.LinkByName(hostIf)
+	if err != nil {
+		t.Fatalf("look up %s: %v", hostIf, err)
+	}
+	if err := netlink.LinkSetNsFd(l, int(host.ns)); err != nil {
+		t.Fatalf("move %s into %s: %v", hostIf, host.Name, err)
+	}
+	g.host = host
 	return g
 }
 
@@ -261,7 +280,7 @@ func (g *Guest) DHCP(ctx context.Context, opts ...nclient4.ClientOpt) (*nclient4
 
 // Close deletes the veth pair and the namespace; it is idempotent.
 func (g *Guest) Close() error {
-	if l, err := netlink.LinkByName(g.HostIf); err == nil && l.Type() == "veth" {
+	if l, err := netlink.LinkByName(g.HostIf); g.host == nil && err == nil && l.Type() == "veth" {
 		if err := netlink.LinkDel(l); err != nil {
 			return fmt.Errorf("delete %s: %w", g.HostIf, err)
 		}
@@ -306,7 +325,11 @@ func newNamedNS(name string) (netns.NsHandle, error) {
 // Until the kernel's link watcher has activated a device, frames sent on it
 // are dropped, so a test that sends right away would lose its first packets.
 func (g *Guest) WaitUp(ctx context.Context) error {
-	if err := waitOperUp(ctx, nil, g.HostIf); err != nil {
+	var host *netns.NsHandle
+	if g.host != nil {
+		host = &g.host.ns
+	}
+	if err := waitOperUp(ctx, host, g.HostIf); err != nil {
 		return err
 	}
 	return waitOperUp(ctx, &g.ns, GuestIf)

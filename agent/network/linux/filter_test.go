@@ -2,7 +2,6 @@ package linux_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -282,75 +281,46 @@ func TestHostServicesUnreachableFromGuests(t *testing.T) {
 	}
 	control := listen(ap(gw, 53))
 
-	// Connect to every blocked port first, then to the control port, all
-	// non-blocking from the guest: SYNs leave in this order, so once the
-	// control connection is accepted every blocked one would have been too.
-	var fds []int
-	t.Cleanup(func() {
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-	})
-	dial := func(to netip.AddrPort) error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		fds = append(fds, fd)
-		err = unix.Connect(fd, &unix.SockaddrInet4{Port: int(to.Port()), Addr: to.Addr().As4()})
-		if err != nil && !errors.Is(err, unix.EINPROGRESS) {
-			return fmt.Errorf("connect %s: %w", to, err)
-		}
-		return nil
-	}
-	if err := g.Do(func() error {
-		for _, p := range blocked {
-			if err := dial(ap(gw, p)); err != nil {
-				return err
-			}
-		}
-		return dial(ap(gw, 53))
-	}); err != nil {
-		t.Fatal(err)
-	}
 	dl, _ := ctx.Deadline()
 	_ = control.SetDeadline(dl)
+	// Warm the path first (neighbour entries): a first SYN parked behind ARP
+	// resolution could otherwise complete after the control's.
+	warm, err := g.StartConnects(ap(gw, 53))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer warm()
+	if c, err := control.Accept(); err != nil {
+		t.Fatalf("control connection to DNS on the gateway: %v", err)
+	} else {
+		c.Close()
+	}
+	// SYNs to every blocked port first, then to the control port: once the
+	// control connection is accepted, a reachable blocked port would have a
+	// connection queued too.
+	var dsts []netip.AddrPort
+	for _, p := range blocked {
+		dsts = append(dsts, ap(gw, p))
+	}
+	closeAll, err := g.StartConnects(append(dsts, ap(gw, 53))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeAll()
 	c, err := control.Accept()
 	if err != nil {
 		t.Fatalf("control connection to DNS on the gateway: %v", err)
 	}
 	c.Close()
 	for _, l := range blockedLs {
-		if pending(t, l) {
+		got, err := netnstest.Pending(l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got {
 			t.Errorf("guest reached host port %s", l.Addr())
 		}
 	}
-}
-
-// pending reports whether a connection waits in l's accept queue, without
-// blocking (the listening socket is non-blocking under Go's poller).
-func pending(t *testing.T, l *net.TCPListener) bool {
-	rc, err := l.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got bool
-	var aerr error
-	if err := rc.Control(func(fd uintptr) {
-		nfd, _, err := unix.Accept4(int(fd), unix.SOCK_CLOEXEC)
-		if err == nil {
-			unix.Close(nfd)
-			got = true
-		} else if !errors.Is(err, unix.EAGAIN) {
-			aerr = err
-		}
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if aerr != nil {
-		t.Fatalf("accept on %s: %v", l.Addr(), aerr)
-	}
-	return got
 }
 
 func TestNATRuleForTheNetwork(t *testing.T) {

@@ -37,7 +37,8 @@ const (
 type Manager struct {
 	log *slog.Logger
 	// mu serialises read-measure-write cycles on the ruleset.
-	mu sync.Mutex
+	mu        sync.Mutex
+	protected []netip.Prefix
 	// baseOK records that this Manager verified the tables, chains, sets and
 	// static rules; port changes then skip that check (guarded by mu).
 	baseOK bool
@@ -49,7 +50,7 @@ type Manager struct {
 // after verifying it.
 func (m *Manager) apply(what string, verify bool, fill func(*batch) error) error {
 	for attempt := 0; ; attempt++ {
-		b, err := newBatch()
+		b, err := newBatch(m.protected)
 		if err != nil {
 			return err
 		}
@@ -76,12 +77,26 @@ func (m *Manager) apply(what string, verify bool, fill func(*batch) error) error
 
 var _ network.Manager = (*Manager)(nil)
 
+// Option configures a Manager.
+type Option func(*Manager)
+
+// WithProtectedNets keeps guests from routing to these networks: the
+// management networks where other hypervisors' agents, etcd and the API
+// listen. (The host's own services are always closed to guests.)
+func WithProtectedNets(nets ...netip.Prefix) Option {
+	return func(m *Manager) { m.protected = append(m.protected, nets...) }
+}
+
 // New returns a Manager. It changes nothing on the host until called.
-func New(log *slog.Logger) *Manager {
+func New(log *slog.Logger, opts ...Option) *Manager {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Manager{log: log}
+	m := &Manager{log: log}
+	for _, o := range opts {
+		o(m)
+	}
+	return m
 }
 
 // EnsureBridge implements network.Manager.
@@ -313,7 +328,7 @@ func (m *Manager) ListBridges(ctx context.Context) ([]network.BridgeSpec, error)
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}
-	b, err := newBatch()
+	b, err := newBatch(nil)
 	if err != nil {
 		return nil, err
 	}
@@ -542,7 +557,7 @@ func (m *Manager) ListPorts(ctx context.Context) ([]network.PortSpec, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}
-	b, err := newBatch()
+	b, err := newBatch(nil)
 	if err != nil {
 		return nil, err
 	}

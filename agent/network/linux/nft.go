@@ -20,14 +20,16 @@ type batch struct {
 	sets map[*nftables.Table][]*nftables.Set
 	// changes counts queued messages: a converged state sends nothing.
 	changes int
+	// protected are the management networks guests may not reach.
+	protected []netip.Prefix
 }
 
-func newBatch() (*batch, error) {
+func newBatch(protected []netip.Prefix) (*batch, error) {
 	c, err := nftables.New()
 	if err != nil {
 		return nil, fmt.Errorf("open nftables: %w", err)
 	}
-	return &batch{conn: c, sets: newSets()}, nil
+	return &batch{conn: c, sets: newSets(), protected: protected}, nil
 }
 
 func (b *batch) set(t *nftables.Table, name string) *nftables.Set { return findSet(b.sets[t], name) }
@@ -105,7 +107,7 @@ func (b *batch) ensureBase() error {
 			}
 		}
 	}
-	want := staticRules(b.sets)
+	want := staticRules(b.sets, b.protected)
 	for _, c := range chains {
 		rules, ok := want[c.Name]
 		if !ok {

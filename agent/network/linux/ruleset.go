@@ -104,7 +104,7 @@ type staticRule struct {
 // staticRules returns the fixed rules of every chain except postrouting,
 // whose per-network masquerade rules are managed by EnsureBridge. sets gives
 // the Set objects (name and transaction id) the lookups refer to.
-func staticRules(sets map[*nftables.Table][]*nftables.Set) map[string][]staticRule {
+func staticRules(sets map[*nftables.Table][]*nftables.Set, protected []netip.Prefix) map[string][]staticRule {
 	bset := func(name string) *nftables.Set { return findSet(sets[bridgeTable], name) }
 	iset := func(name string) *nftables.Set { return findSet(sets[inetTable], name) }
 	return map[string][]staticRule{
@@ -188,7 +188,7 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set) map[string][]staticRu
 				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(80)), verdict(expr.VerdictAccept))},
 			{"anything else on the host", cat(counter(), verdict(expr.VerdictDrop))},
 		},
-		chainForward: {
+		chainForward: append([]staticRule{
 			// With br_netfilter (bridge-nf-call-iptables=1, common on hosts
 			// running Docker or Kubernetes) frames bridged between two guests
 			// of one network also pass this hook, with the bridge as both
@@ -200,8 +200,27 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set) map[string][]staticRu
 				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false),
 				metaLoad(expr.MetaKeyOIFNAME, 1), lookup(1, iset(setBridges), false),
 				counter(), verdict(expr.VerdictDrop))},
-		},
+		}, protectedRules(iset(setBridges), protected)...),
 	}
+}
+
+// protectedRules keep guests from routing to the management networks (other
+// hypervisors' agents, etcd, the API): the host's own ports are covered by
+// guest_input, other hosts only by these.
+func protectedRules(bridges *nftables.Set, nets []netip.Prefix) []staticRule {
+	var out []staticRule
+	for _, n := range nets {
+		if !n.Addr().Is4() {
+			continue // guests have no IPv6 at all
+		}
+		n = n.Masked()
+		out = append(out, staticRule{"guests may not reach management network " + n.String(), cat(
+			metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, bridges, false), nfproto(unix.NFPROTO_IPV4),
+			payload(expr.PayloadBaseNetworkHeader, 16, 4, 1),
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: net.CIDRMask(n.Bits(), 32), Xor: []byte{0, 0, 0, 0}},
+			cmp(expr.CmpOpEq, 1, n.Addr().AsSlice()), counter(), verdict(expr.VerdictDrop))})
+	}
+	return out
 }
 
 // masqueradeRule is the egress NAT of one network: traffic from its CIDR
