@@ -143,37 +143,67 @@ func vmUnchanged(vm *minicloudv1.VM) []clientv3.Cmp {
 func (s *Server) removeVMOps(ctx context.Context, vm *minicloudv1.VM) ([]clientv3.Cmp, []clientv3.Op, error) {
 	cmps := vmUnchanged(vm)
 	ops := store.VMKeysOps(vm)
-	id := vm.GetMeta().GetId()
-	if addrs := vm.GetStatus().GetAddresses(); len(addrs) > 0 {
-		reads := make([]clientv3.Op, 0, len(addrs))
-		for _, a := range addrs {
-			reads = append(reads, clientv3.OpGet(store.NetworkKey(vm.GetMeta().GetProject(), a.GetNetwork())))
-		}
-		resp, err := store.ReadTxn(ctx, s.etcd, reads...)
-		if err != nil {
-			return nil, nil, err
-		}
-		for i, a := range addrs {
-			kvs := resp.Responses[i].GetResponseRange().GetKvs()
-			if len(kvs) == 0 {
-				continue // the network is gone, and its addresses with it
-			}
-			nw := &minicloudv1.Network{}
-			if err := store.Decode(kvs[0], nw); err != nil {
-				return nil, nil, err
-			}
-			key := store.IPAMKey(nw.GetMeta().GetId(), a.GetIp())
-			// Free the address only if this VM holds it.
-			cmps = append(cmps, clientv3.Compare(clientv3.Value(key), "=", id))
-			ops = append(ops, clientv3.OpDelete(key))
-		}
+	addrCmps, addrOps, err := s.releaseAddressOps(ctx, vm)
+	if err != nil {
+		return nil, nil, err
 	}
+	cmps, ops = append(cmps, addrCmps...), append(ops, addrOps...)
 	if host := vm.GetStatus().GetHost(); host != "" {
-		claimCmps, claimOps, err := s.releaseClaimOps(ctx, host, id)
+		claimCmps, claimOps, err := s.releaseClaimOps(ctx, host, vm.GetMeta().GetId())
 		if err != nil {
 			return nil, nil, err
 		}
 		cmps, ops = append(cmps, claimCmps...), append(ops, claimOps...)
+	}
+	return cmps, ops, nil
+}
+
+// releaseAddressOps frees the VM's addresses: every IPAM key that still
+// names this VM is deleted, under a compare that it did not change. A key
+// that is gone or names another VM is left alone, so a damaged IPAM range
+// never makes a VM undeletable.
+func (s *Server) releaseAddressOps(ctx context.Context, vm *minicloudv1.VM) ([]clientv3.Cmp, []clientv3.Op, error) {
+	addrs := vm.GetStatus().GetAddresses()
+	if len(addrs) == 0 {
+		return nil, nil, nil
+	}
+	reads := make([]clientv3.Op, 0, len(addrs))
+	for _, a := range addrs {
+		reads = append(reads, clientv3.OpGet(store.NetworkKey(vm.GetMeta().GetProject(), a.GetNetwork())))
+	}
+	resp, err := store.ReadTxn(ctx, s.etcd, reads...)
+	if err != nil {
+		return nil, nil, err
+	}
+	var keys []clientv3.Op
+	for i, a := range addrs {
+		kvs := resp.Responses[i].GetResponseRange().GetKvs()
+		if len(kvs) == 0 {
+			continue // the network is gone, and its addresses with it
+		}
+		nw := &minicloudv1.Network{}
+		if err := store.Decode(kvs[0], nw); err != nil {
+			return nil, nil, err
+		}
+		keys = append(keys, clientv3.OpGet(store.IPAMKey(nw.GetMeta().GetId(), a.GetIp())))
+	}
+	if len(keys) == 0 {
+		return nil, nil, nil
+	}
+	if resp, err = store.ReadTxn(ctx, s.etcd, keys...); err != nil {
+		return nil, nil, err
+	}
+	var (
+		cmps []clientv3.Cmp
+		ops  []clientv3.Op
+	)
+	for _, r := range resp.Responses {
+		for _, kv := range r.GetResponseRange().GetKvs() {
+			if string(kv.Value) == vm.GetMeta().GetId() {
+				cmps = append(cmps, store.Unchanged(string(kv.Key), kv.ModRevision))
+				ops = append(ops, clientv3.OpDelete(string(kv.Key)))
+			}
+		}
 	}
 	return cmps, ops, nil
 }

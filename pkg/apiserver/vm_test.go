@@ -363,3 +363,32 @@ func TestTwoPhaseDelete(t *testing.T) {
 	wantCode(t, err, codes.FailedPrecondition, "report deleted only after DeleteVM")
 	e.checkConsistent()
 }
+
+// TestDeleteSurvivesDamagedAddressRecords: a VM whose address record was
+// lost (or taken over) can still be deleted, and the other VM's record
+// stays.
+func TestDeleteSurvivesDamagedAddressRecords(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	lost := e.createVM("lost")
+	taken := e.createVM("taken")
+	nw, err := e.nets.GetNetwork(ctx(t), &minicloudv1.GetNetworkRequest{Name: "default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.etcd.Delete(ctx(t), store.IPAMKey(nw.Meta.Id, lost.Status.Addresses[0].Ip)); err != nil {
+		t.Fatal(err)
+	}
+	takenKey := store.IPAMKey(nw.Meta.Id, taken.Status.Addresses[0].Ip)
+	if _, err := e.etcd.Put(ctx(t), takenKey, "someone-else"); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"lost", "taken"} {
+		if _, err := e.vms.DeleteVM(ctx(t), &minicloudv1.DeleteVMRequest{Name: name}); err != nil {
+			t.Fatalf("delete %s: %v", name, err)
+		}
+	}
+	if d := e.dump(t); d[takenKey] != "someone-else" {
+		t.Fatalf("deleting a VM freed an address another VM holds: %q", d[takenKey])
+	}
+}
