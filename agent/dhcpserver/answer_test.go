@@ -43,6 +43,8 @@ func TestAnswer(t *testing.T) {
 			dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.IPv4(10, 88, 0, 6)))), dhcpv4.MessageTypeNak},
 		{"request to another server", "mc-test", msg(dhcpv4.MessageTypeRequest, mac,
 			dhcpv4.WithOption(dhcpv4.OptServerIdentifier(net.IPv4(10, 88, 0, 254)))), dhcpv4.MessageTypeNone},
+		{"through a (forged) relay", "mc-test", msg(dhcpv4.MessageTypeDiscover, mac,
+			dhcpv4.WithGatewayIP(net.IPv4(10, 88, 0, 9))), dhcpv4.MessageTypeNone},
 		{"release", "mc-test", msg(dhcpv4.MessageTypeRelease, mac), dhcpv4.MessageTypeNone},
 		{"inform", "mc-test", msg(dhcpv4.MessageTypeInform, mac), dhcpv4.MessageTypeNone},
 	} {

@@ -83,6 +83,7 @@ type Server struct {
 type listener struct {
 	ifindex int
 	srv     *server4.Server
+	l2      *l2Sender
 	done    chan struct{}
 }
 
@@ -223,17 +224,24 @@ func (s *Server) reconcile() {
 		if err != nil {
 			continue // not there yet: a link event or the ticker retries
 		}
-		srv, err := server4.NewServer(bridge, nil, s.handler(bridge))
+		l2, err := newL2Sender(link.Attrs().Index)
 		if err != nil {
 			s.log.Warn("cannot listen", "bridge", bridge, "err", err)
 			continue
 		}
-		l := &listener{ifindex: link.Attrs().Index, srv: srv, done: make(chan struct{})}
+		srv, err := server4.NewServer(bridge, nil, s.handler(bridge, l2))
+		if err != nil {
+			_ = l2.close()
+			s.log.Warn("cannot listen", "bridge", bridge, "err", err)
+			continue
+		}
+		l := &listener{ifindex: link.Attrs().Index, srv: srv, l2: l2, done: make(chan struct{})}
 		s.listeners[bridge] = l
 		s.setServing(bridge, true)
 		s.log.Info("serving", "bridge", bridge)
 		go func() {
 			defer close(l.done)
+			defer l.l2.close()
 			_ = srv.Serve()
 		}()
 	}
@@ -248,13 +256,31 @@ func (s *Server) closeAll() {
 	}
 }
 
-func (s *Server) handler(bridge string) server4.Handler {
+func (s *Server) handler(bridge string, l2 *l2Sender) server4.Handler {
 	return func(conn net.PacketConn, peer net.Addr, req *dhcpv4.DHCPv4) {
 		reply := s.answer(bridge, req)
 		if reply == nil {
 			return
 		}
-		if _, err := conn.WriteTo(reply.ToBytes(), peer); err != nil {
+		var err error
+		switch {
+		case req.ClientIPAddr != nil && !req.ClientIPAddr.IsUnspecified():
+			// Renewal: the client has its address, plain unicast UDP works.
+			_, err = conn.WriteTo(reply.ToBytes(), peer)
+		default:
+			// No address yet: to its MAC; to its address, or broadcast when
+			// it asked (or for a NAK, RFC 2131 §4.1).
+			dst := netip.IPv4Unspecified()
+			if ip, ok := netip.AddrFromSlice(reply.YourIPAddr.To4()); ok {
+				dst = ip
+			}
+			if req.IsBroadcast() || reply.MessageType() == dhcpv4.MessageTypeNak || dst.IsUnspecified() {
+				dst = netip.AddrFrom4([4]byte{255, 255, 255, 255})
+			}
+			src, _ := netip.AddrFromSlice(reply.ServerIdentifier().To4())
+			err = l2.send(req.ClientHWAddr, src, dst, reply.ToBytes())
+		}
+		if err != nil {
 			s.log.Warn("send reply", "bridge", bridge, "mac", req.ClientHWAddr, "err", err)
 		}
 	}
@@ -264,6 +290,9 @@ func (s *Server) handler(bridge string) server4.Handler {
 func (s *Server) answer(bridge string, req *dhcpv4.DHCPv4) *dhcpv4.DHCPv4 {
 	if req.OpCode != dhcpv4.OpcodeBootRequest {
 		return nil
+	}
+	if req.GatewayIPAddr != nil && !req.GatewayIPAddr.IsUnspecified() {
+		return nil // minicloud bridges have no relay agents: a giaddr is forged
 	}
 	mac := req.ClientHWAddr.String()
 	lease, ok := (*s.snapshot.Load())[bridge][mac]

@@ -14,6 +14,7 @@ import (
 
 	"github.com/minicloud/minicloud/agent/dhcpserver"
 	"github.com/minicloud/minicloud/agent/network/linux/linuxtest"
+	"github.com/minicloud/minicloud/pkg/netnstest"
 )
 
 // logWatch is a slog handler that reports records to the test.
@@ -89,7 +90,14 @@ func startServer(t *testing.T, log *slog.Logger) *dhcpserver.Server {
 
 func TestGuestsGetTheirOwnAddress(t *testing.T) {
 	n := linuxtest.NewNetwork(t)
-	g1, g2 := n.AddGuest(t), n.AddGuest(t)
+	g1, g2, neighbour := n.AddGuest(t), n.AddGuest(t), n.AddGuest(t)
+	// The neighbour watches the bridge: replies go to each client's MAC,
+	// so it must never see another guest's offer or ack.
+	sniff, err := neighbour.Sniff()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sniff.Close()
 	s := startServer(t, slog.Default())
 	if err := s.SetLeases(n.Bridge.Name, []dhcpserver.Lease{leaseFor(n, g1, "web1"), leaseFor(n, g2, "web2")}); err != nil {
 		t.Fatal(err)
@@ -141,6 +149,30 @@ func TestGuestsGetTheirOwnAddress(t *testing.T) {
 			t.Errorf("%s configured %v (%v), want %s", tc.host, got, err, tc.g.Port.IP)
 		}
 	}
+	marker := []byte("marker:after-dhcp")
+	bcast := netip.MustParseAddr("255.255.255.255")
+	if err := g2.SendFrames(netnstest.UDP4(netnstest.Broadcast, g2.MAC,
+		netip.AddrPortFrom(g2.Port.IP, 4000), netip.AddrPortFrom(bcast, 9), marker)); err != nil {
+		t.Fatal(err)
+	}
+	seen, err := sniff.Until(ctx, func(f []byte) bool { return netnstest.IsUDP4(f, 9, marker) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range seen {
+		if isDHCPReply(f) {
+			t.Errorf("the neighbour saw a DHCP reply meant for another guest: % x", f[:min(len(f), 64)])
+		}
+	}
+}
+
+// isDHCPReply reports an IPv4 UDP datagram from port 67 to port 68.
+func isDHCPReply(f []byte) bool {
+	if len(f) < 14+20+8 || f[12] != 0x08 || f[13] != 0x00 || f[14+9] != 17 {
+		return false
+	}
+	udp := f[14+int(f[14]&0x0f)*4:]
+	return len(udp) >= 4 && udp[0] == 0 && udp[1] == 67 && udp[2] == 0 && udp[3] == 68
 }
 
 func TestUnknownMACGetsNothing(t *testing.T) {
