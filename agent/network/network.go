@@ -174,3 +174,25 @@ func isZero(b []byte) bool {
 	}
 	return true
 }
+
+// CheckGuestIP refuses a guest address outside the bridge's network, or one
+// the guest may not have there: the gateway, the network or broadcast address.
+func (s BridgeSpec) CheckGuestIP(ip netip.Addr) error {
+	n := s.GatewayCIDR.Masked()
+	switch {
+	case !n.Contains(ip):
+		return errdefs.Invalid("IP %s is outside network %s of bridge %s", ip, n, s.Name)
+	case ip == s.GatewayCIDR.Addr():
+		return errdefs.Invalid("IP %s is the gateway of bridge %s", ip, s.Name)
+	case ip == n.Addr() || ip == lastAddr(n):
+		return errdefs.Invalid("IP %s is the network or broadcast address of %s", ip, n)
+	}
+	return nil
+}
+
+func lastAddr(p netip.Prefix) netip.Addr {
+	a := p.Masked().Addr().As4()
+	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
+	v |= 1<<(32-p.Bits()) - 1
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}

@@ -426,23 +426,12 @@ func checkInNetwork(br netlink.Link, spec network.PortSpec) error {
 		if !ok || p.Addr() == network.MetadataAddr {
 			continue
 		}
-		switch n := p.Masked(); {
-		case !n.Contains(spec.IP):
-			return errdefs.Invalid("port %s: IP %s is outside network %s of bridge %s", spec.TapName, spec.IP, n, spec.Bridge)
-		case spec.IP == p.Addr():
-			return errdefs.Invalid("port %s: IP %s is the gateway of bridge %s", spec.TapName, spec.IP, spec.Bridge)
-		case spec.IP == n.Addr() || spec.IP == lastAddr(n):
-			return errdefs.Invalid("port %s: IP %s is the network or broadcast address of %s", spec.TapName, spec.IP, n)
+		bs := network.BridgeSpec{Name: spec.Bridge, GatewayCIDR: p}
+		if err := bs.CheckGuestIP(spec.IP); err != nil {
+			return fmt.Errorf("port %s: %w", spec.TapName, err)
 		}
 	}
 	return nil
-}
-
-func lastAddr(p netip.Prefix) netip.Addr {
-	a := p.Masked().Addr().As4()
-	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
-	v |= 1<<(32-p.Bits()) - 1
-	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
 func (m *Manager) ensurePortLink(spec network.PortSpec) (netlink.Link, error) {

@@ -1,0 +1,156 @@
+package networktest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/minicloud/minicloud/agent/network"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// FakeHost is the in-memory "kernel" of a FakeManager: share one between
+// several FakeManagers to play an agent restart.
+type FakeHost struct {
+	mu      sync.Mutex
+	bridges map[string]network.BridgeSpec
+	ports   map[string]network.PortSpec
+}
+
+// NewFakeHost returns an empty host.
+func NewFakeHost() *FakeHost {
+	return &FakeHost{bridges: map[string]network.BridgeSpec{}, ports: map[string]network.PortSpec{}}
+}
+
+// FakeManager is an in-memory network.Manager for scale tests (hundreds of
+// simulated hosts), where real bridges cannot be made. It passes
+// RunConformance; it filters no traffic.
+type FakeManager struct {
+	host *FakeHost
+}
+
+var _ network.Manager = (*FakeManager)(nil)
+
+// NewFakeManager returns a FakeManager over host.
+func NewFakeManager(host *FakeHost) *FakeManager { return &FakeManager{host: host} }
+
+// EnsureBridge implements network.Manager.
+func (f *FakeManager) EnsureBridge(_ context.Context, spec network.BridgeSpec) error {
+	if err := spec.Validate(); err != nil {
+		return err
+	}
+	if spec.MTU == 0 {
+		spec.MTU = 1500
+	}
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	f.host.bridges[spec.Name] = spec
+	return nil
+}
+
+// DeleteBridge implements network.Manager; ports stay, detached.
+func (f *FakeManager) DeleteBridge(_ context.Context, name string) error {
+	if err := network.ValidateIfName("bridge", name); err != nil {
+		return err
+	}
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	delete(f.host.bridges, name)
+	for k, p := range f.host.ports {
+		if p.Bridge == name {
+			p.Bridge = ""
+			f.host.ports[k] = p
+		}
+	}
+	return nil
+}
+
+// ListBridges implements network.Manager.
+func (f *FakeManager) ListBridges(context.Context) ([]network.BridgeSpec, error) {
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	out := make([]network.BridgeSpec, 0, len(f.host.bridges))
+	for _, b := range f.host.bridges {
+		out = append(out, b)
+	}
+	slices.SortFunc(out, func(a, b network.BridgeSpec) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
+}
+
+// EnsurePort implements network.Manager.
+func (f *FakeManager) EnsurePort(_ context.Context, spec network.PortSpec) error {
+	if err := spec.Validate(); err != nil {
+		return err
+	}
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	br, ok := f.host.bridges[spec.Bridge]
+	if !ok {
+		return errdefs.FailedPrecondition("port %s: bridge %s does not exist; ensure the network first", spec.TapName, spec.Bridge)
+	}
+	if err := br.CheckGuestIP(spec.IP); err != nil {
+		return fmt.Errorf("port %s: %w", spec.TapName, err)
+	}
+	if old, ok := f.host.ports[spec.TapName]; ok && old.VMID != spec.VMID {
+		return errdefs.Conflict("port %s belongs to VM %s, not %s", spec.TapName, old.VMID, spec.VMID)
+	}
+	if spec.MTU == 0 {
+		spec.MTU = br.MTU
+	}
+	spec.MAC = slices.Clone(spec.MAC)
+	f.host.ports[spec.TapName] = spec
+	return nil
+}
+
+// DeletePort implements network.Manager.
+func (f *FakeManager) DeletePort(_ context.Context, tapName string) error {
+	if err := network.ValidateIfName("port", tapName); err != nil {
+		return err
+	}
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	delete(f.host.ports, tapName)
+	return nil
+}
+
+// ListPorts implements network.Manager.
+func (f *FakeManager) ListPorts(context.Context) ([]network.PortSpec, error) {
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	out := make([]network.PortSpec, 0, len(f.host.ports))
+	for _, p := range f.host.ports {
+		out = append(out, p)
+	}
+	slices.SortFunc(out, func(a, b network.PortSpec) int { return strings.Compare(a.TapName, b.TapName) })
+	return out, nil
+}
+
+// Sync implements network.Manager.
+func (f *FakeManager) Sync(ctx context.Context, bridges []network.BridgeSpec, ports []network.PortSpec) error {
+	var errs []error
+	wantB, wantP := map[string]bool{}, map[string]bool{}
+	for _, b := range bridges {
+		wantB[b.Name] = true
+		errs = append(errs, f.EnsureBridge(ctx, b))
+	}
+	for _, p := range ports {
+		wantP[p.TapName] = true
+		errs = append(errs, f.EnsurePort(ctx, p))
+	}
+	have, _ := f.ListPorts(ctx)
+	for _, p := range have {
+		if !wantP[p.TapName] {
+			errs = append(errs, f.DeletePort(ctx, p.TapName))
+		}
+	}
+	haveB, _ := f.ListBridges(ctx)
+	for _, b := range haveB {
+		if !wantB[b.Name] {
+			errs = append(errs, f.DeleteBridge(ctx, b.Name))
+		}
+	}
+	return errors.Join(errs...)
+}
