@@ -145,7 +145,11 @@ func (s *Server) Run(ctx context.Context) error {
 	done := make(chan struct{})
 	defer close(done)
 	if err := netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{
-		ErrorCallback: func(err error) { s.log.Warn("link subscription", "err", err) },
+		ErrorCallback: func(err error) {
+			if ctx.Err() == nil { // closing the subscription on exit also reports an error
+				s.log.Warn("link subscription", "err", err)
+			}
+		},
 	}); err != nil {
 		return fmt.Errorf("subscribe to link changes: %w", err)
 	}
