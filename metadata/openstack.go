@@ -170,7 +170,9 @@ type osNetworkData struct {
 	Services []osService `json:"services"`
 }
 
-// openstackNetworkData describes every NIC with its fixed IPv4 address
+// openstackNetworkData describes every NIC (link type "phy": every
+// network_data.json consumer, cloud-init and glean alike, treats it as a
+// physical NIC) with its fixed IPv4 address
 // ("ipv4", static, as Nova writes for subnets it addresses itself); the
 // default route and the resolver (the gateway, where the agent answers DNS)
 // ride on the primary NIC only.
@@ -178,7 +180,7 @@ func openstackNetworkData(inst *Instance) osNetworkData {
 	nd := osNetworkData{Links: []osLink{}, Networks: []osNetwork{}, Services: []osService{}}
 	for i, nic := range inst.Interfaces {
 		link := TapName(inst.ID, i)
-		nd.Links = append(nd.Links, osLink{ID: link, VIF: link, Type: "bridge", MTU: nic.MTU, MAC: nic.MAC.String()})
+		nd.Links = append(nd.Links, osLink{ID: link, VIF: link, Type: "phy", MTU: nic.MTU, MAC: nic.MAC.String()})
 		n := osNetwork{
 			ID:        "network" + strconv.Itoa(i),
 			Type:      "ipv4",

@@ -54,7 +54,7 @@ func TestOpenStackTree(t *testing.T) {
 	if err := json.Unmarshal([]byte(got.body), &nd); err != nil {
 		t.Fatal(err)
 	}
-	if len(nd.Links) != 1 || nd.Links[0].MAC != "52:54:00:00:00:0a" || nd.Links[0].MTU != 1450 || nd.Links[0].Type != "bridge" {
+	if len(nd.Links) != 1 || nd.Links[0].MAC != "52:54:00:00:00:0a" || nd.Links[0].MTU != 1450 || nd.Links[0].Type != "phy" {
 		t.Errorf("links = %+v", nd.Links)
 	}
 	if len(nd.Networks) != 1 {
