@@ -2,12 +2,14 @@ package linux
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"slices"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 
 	"github.com/minicloud/minicloud/agent/network"
 )
@@ -155,8 +157,11 @@ func describe(t *nftables.Table) string {
 // elements reads a set; a missing table or set reads as empty.
 func (b *batch) elements(t *nftables.Table, name string) ([]nftables.SetElement, error) {
 	s, err := b.conn.GetSetByName(t, name)
+	if errors.Is(err, unix.ENOENT) {
+		return nil, nil // the set does not exist (yet): ensureBase creates it
+	}
 	if err != nil {
-		return nil, nil //nolint:nilerr // the set does not exist (yet): ensureBase creates it
+		return nil, fmt.Errorf("look up set %s: %w", name, err)
 	}
 	els, err := b.conn.GetSetElements(s)
 	if err != nil {
@@ -274,8 +279,11 @@ func (b *batch) setReservedTo(gws map[string]netip.Addr) error {
 func (b *batch) natRules() (map[string]*nftables.Rule, error) {
 	c := &nftables.Chain{Table: inetTable, Name: chainPostrouting}
 	rules, err := b.conn.GetRules(inetTable, c)
+	if errors.Is(err, unix.ENOENT) {
+		return nil, nil // no table or chain yet: no rules
+	}
 	if err != nil {
-		return nil, nil //nolint:nilerr // no chain yet: no rules
+		return nil, fmt.Errorf("list NAT rules: %w", err)
 	}
 	out := map[string]*nftables.Rule{}
 	for _, r := range rules {
