@@ -19,6 +19,7 @@
 //	hosts/alloc/<name>               HostAllocation (claims summed)         written by scheduler txn; compared by mod revision
 //	claims/<host>/<vmid>             Claim (resources of one VM)            written in the same txn as hosts/alloc
 //	ipam/<network-id>/<ip>           VM id                                  written by API in the create txn
+//	schedulers/<replica-id>          replica id (attached to its lease)     written by each scheduler replica
 //
 // Spec and status are separate keys so that users and hosts never write the
 // same key; the user-data has its own key so lists never carry it.
@@ -48,6 +49,7 @@ const (
 	HostAllocPrefix   = Prefix + "hosts/alloc/"
 	ClaimPrefix       = Prefix + "claims/"
 	IPAMPrefix        = Prefix + "ipam/"
+	SchedulerPrefix   = Prefix + "schedulers/"
 )
 
 func VMSpecKey(id string) string            { return VMSpecPrefix + id }
@@ -74,6 +76,7 @@ func ClaimsPrefix(host string) string            { return ClaimPrefix + host + "
 func ClaimKey(host, vmID string) string          { return ClaimsPrefix(host) + vmID }
 func IPAMNetworkPrefix(networkID string) string  { return IPAMPrefix + networkID + "/" }
 func IPAMKey(networkID, ip string) string        { return IPAMNetworkPrefix(networkID) + ip }
+func SchedulerKey(replicaID string) string       { return SchedulerPrefix + replicaID }
 
 // LastSegment returns what follows the last "/" of key (an id or a name).
 func LastSegment(key string) string {
