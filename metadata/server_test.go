@@ -3,6 +3,7 @@ package metadata
 import (
 	"crypto/ed25519"
 	"crypto/rand"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -182,4 +183,56 @@ func TestInstanceFromVM(t *testing.T) {
 	if other.Fingerprint() == inst.Fingerprint() {
 		t.Fatal("label change kept the fingerprint")
 	}
+}
+
+// staticNeighbours is a neighbour table given by the test (the netlink one
+// is exercised by the real-network tests).
+type staticNeighbours map[netip.Addr]net.HardwareAddr
+
+func (n staticNeighbours) LookupMAC(_ string, ip netip.Addr) (net.HardwareAddr, error) {
+	if m, ok := n[ip]; ok {
+		return m, nil
+	}
+	return nil, errNoNeighbour
+}
+
+// TestBridgeResolverFailsClosed: with the bridge resolver, a source whose
+// MAC the neighbour table does not know, or knows differently, gets nothing.
+func TestBridgeResolverFailsClosed(t *testing.T) {
+	inst := testInstance(idA, "web1", "127.0.0.2", "52:54:00:00:00:0a")
+	inst.Interfaces[0].Bridge = "lo"
+	other := testInstance(idB, "web2", "127.0.0.3", "52:54:00:00:00:0b")
+	other.Interfaces[0].Bridge = "lo"
+	third := testInstance("0c1b2c3d-0000-4000-8000-00000000000c", "web3", "127.0.0.4", "52:54:00:00:00:0c")
+	third.Interfaces[0].Bridge = "lo"
+	dir := NewDirectory()
+	if err := dir.Set([]*Instance{inst, other, third}); err != nil {
+		t.Fatal(err)
+	}
+	neigh := staticNeighbours{
+		netip.MustParseAddr("127.0.0.2"): mustMAC("52:54:00:00:00:0a"),
+		netip.MustParseAddr("127.0.0.3"): mustMAC("52:54:00:00:00:ff"),
+	}
+	srv, err := NewServer(dir, Options{Neighbours: neigh})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeListener(l, bridgeResolver{iface: "lo", neigh: neigh}) }()
+	defer func() {
+		if err := srv.Close(); err != nil {
+			t.Error(err)
+		}
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	e := &testEnv{t: t, srv: srv, dir: dir, base: "http://" + l.Addr().String()}
+	e.expect(2, "/latest/meta-data/instance-id", 200, idA) // MAC known and right
+	e.expect(3, "/latest/meta-data/instance-id", 404, "")  // MAC known and wrong
+	e.expect(4, "/latest/meta-data/instance-id", 404, "")  // no neighbour entry
 }
