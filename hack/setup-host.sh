@@ -72,8 +72,34 @@ elif [[ $(stat -c %a /dev/kvm) != 666 ]]; then
 	log "/dev/kvm made 0666"
 fi
 
+# ---- libvirtd.conf ----------------------------------------------------------
+# The agent multiplexes all its calls over one connection, and libvirtd
+# serves at most max_client_requests (default 5) calls of one client at a
+# time: ten concurrent creates queued behind five slow DomainCreate calls.
+# Raise the per-client limit (and the worker pool with it).
+conf=/etc/libvirt/libvirtd.conf
+restart_libvirtd=0
+set_conf() {
+	local key=$1 value=$2
+	if ! grep -qE "^${key} = ${value}\$" "$conf"; then
+		sed -i -E "/^#?${key} = /d" "$conf"
+		echo "${key} = ${value}" >>"$conf"
+		restart_libvirtd=1
+	fi
+}
+if [[ -f $conf ]]; then
+	set_conf max_workers 40
+	set_conf max_client_requests 32
+fi
+
 # ---- daemons ----------------------------------------------------------------
 mkdir -p /var/run/libvirt /var/log/libvirt
+if ((restart_libvirtd)) && [[ -f /var/run/libvirtd.pid ]] && pid=$(cat /var/run/libvirtd.pid) && kill -0 "$pid" 2>/dev/null; then
+	# Running domains survive a libvirtd restart (QEMU is not its child).
+	log "restarting libvirtd ($pid) for the new libvirtd.conf"
+	kill -TERM "$pid"
+	for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+fi
 if ! pgrep -x virtlogd >/dev/null; then
 	log "starting virtlogd"
 	virtlogd -d

@@ -151,7 +151,9 @@ chroot "$rootfs" update-initramfs -u -k "$kver" >/dev/null
 
 # Trim what a VM never needs.
 chroot "$rootfs" apt-get clean
-rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/* "$rootfs"/var/log/*.log
+rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/* "$rootfs"/var/log/*.log \
+	"$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
+	"$rootfs"/var/cache/debconf/*-old
 
 # ---- artifacts --------------------------------------------------------------
 mkdir -p "$out"
@@ -161,7 +163,10 @@ unmount_rootfs
 rm -f "$rootfs/etc/resolv.conf"
 truncate -s "$disk_size" "$work/disk.raw"
 mkfs.ext4 -q -L rootfs -d "$rootfs" "$work/disk.raw"
-qemu-img convert -O qcow2 "$work/disk.raw" "$work/disk.qcow2"
+# Compressed clusters: the image is uploaded to the API and downloaded by
+# every host; reads through a VM's overlay decompress transparently, and the
+# guest's own writes land uncompressed in the overlay.
+qemu-img convert -c -O qcow2 "$work/disk.raw" "$work/disk.qcow2"
 
 mv -f "$work/disk.qcow2" "$out/disk.qcow2"
 mv -f "$work/vmlinuz" "$out/vmlinuz"

@@ -42,9 +42,10 @@ func parseMetadata(s string) (instanceMetadata, error) {
 	return instanceMetadata{VMID: md.VMID, Project: md.Project, Name: md.Name, Hypervisor: md.Hypervisor}, nil
 }
 
-// domainXML renders spec as libvirt domain XML. Everything goes through
+// DomainXML renders spec as the libvirt domain XML that Define uses (exported
+// for benchmarks that compare with raw virsh). Everything goes through
 // libvirtxml's structs and encoding/xml; nothing is concatenated.
-func domainXML(spec hypervisor.DomainSpec) (string, error) {
+func DomainXML(spec hypervisor.DomainSpec) (string, error) {
 	md, err := xml.Marshal(instanceMetadata{
 		VMID: spec.VMID, Project: spec.Project, Name: spec.Name, Hypervisor: spec.Hypervisor,
 	})

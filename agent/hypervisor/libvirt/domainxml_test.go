@@ -27,7 +27,7 @@ func TestDomainXMLEscapesHostileText(t *testing.T) {
 		spec := testSpec()
 		spec.Name, spec.Project = hostile, hostile
 		spec.SMBIOS.Serial = hostile
-		x, err := domainXML(spec)
+		x, err := DomainXML(spec)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -61,7 +61,7 @@ func TestDomainXMLShape(t *testing.T) {
 	spec.Hypervisor = hypervisor.KVM
 	spec.KernelPath, spec.InitrdPath, spec.Cmdline = "/k", "/i", "console=ttyS0"
 	spec.ConfigDrivePath = "/cd.iso"
-	x, err := domainXML(spec)
+	x, err := DomainXML(spec)
 	if err != nil {
 		t.Fatal(err)
 	}

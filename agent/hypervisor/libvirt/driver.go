@@ -145,7 +145,7 @@ func (d *Driver) Define(ctx context.Context, spec hypervisor.DomainSpec) error {
 			return errdefs.FailedPrecondition("define %s: KVM cannot run guests on this host: %v", spec.VMID, err)
 		}
 	}
-	x, err := domainXML(spec)
+	x, err := DomainXML(spec)
 	if err != nil {
 		return err
 	}

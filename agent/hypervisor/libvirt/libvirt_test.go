@@ -92,7 +92,7 @@ func newDriver(t *testing.T) hypervisor.Driver {
 
 // vmDir is a per-VM directory the unprivileged QEMU user can traverse
 // (t.TempDir() is 0700).
-func vmDir(t *testing.T) string {
+func vmDir(t testing.TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("/var/tmp", "mc-hvtest-")
 	if err != nil {
@@ -107,7 +107,7 @@ func vmDir(t *testing.T) string {
 
 // makeTap creates a tap device as the network adapter would (the driver
 // only attaches to existing taps) and deletes it on cleanup.
-func makeTap(t *testing.T, name string) {
+func makeTap(t testing.TB, name string) {
 	t.Helper()
 	if out, err := exec.Command("ip", "tuntap", "add", "dev", name, "mode", "tap").CombinedOutput(); err != nil {
 		t.Fatalf("create tap %s: %v: %s", name, err, out)
@@ -123,7 +123,7 @@ func tapName(vmID string) string {
 	return "mct" + strings.ReplaceAll(vmID, "-", "")[:8] + "0"
 }
 
-func newSpec(t *testing.T, vmID string) hypervisor.DomainSpec {
+func newSpec(t testing.TB, vmID string) hypervisor.DomainSpec {
 	t.Helper()
 	img := tinyImage(t)
 	dir := vmDir(t)
@@ -192,8 +192,11 @@ func defineForeign(t *testing.T, name string) {
 
 func TestConformance(t *testing.T) {
 	requireLibvirt(t)
+	if testing.Short() {
+		t.Skip("-short: the conformance suite boots guests under QEMU (minutes under TCG)")
+	}
 	hypervisortest.RunConformance(t, newDriver, hypervisortest.Fixtures{
-		NewSpec:       newSpec,
+		NewSpec:       func(t *testing.T, id string) hypervisor.DomainSpec { return newSpec(t, id) },
 		BootMarker:    bootMarker,
 		ReadyMarker:   readyMarker,
 		Observe:       observe,
@@ -266,6 +269,9 @@ func TestDomainXMLAsLibvirtSeesIt(t *testing.T) {
 // the driver reconnects, tells its consumer to resync, and events flow again
 // on the new connection.
 func TestRecoversFromLibvirtdRestart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: restarts the host's libvirtd")
+	}
 	d := newDriver(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
