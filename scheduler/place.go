@@ -202,6 +202,16 @@ func (s *Scheduler) commit(ctx context.Context, v *vmState, req *placement.Reque
 	}
 	cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(store.VMStatusKey(v.id)), "=", v.statusRev))
 	ops = append(ops, clientv3.OpPut(store.VMStatusKey(v.id), string(stBytes)), ev)
+	if res := s.batch.submit(ctx, cmps, ops); res.err != nil {
+		s.snap.Abort(r)
+		return false, fmt.Errorf("commit claim of vm %s on host %s: %w", v.id, r.Host, res.err)
+	} else if res.committed {
+		s.snap.Confirm(r, alloc, claim, res.rev)
+		s.observe(Observation{VMID: v.id, Host: r.Host, Outcome: "scheduled", DecideTime: r.DecideTime})
+		return true, nil
+	}
+	// The folded transaction failed on someone's compare: commit alone,
+	// reading the fresh values if it is ours.
 	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Else(
 		clientv3.OpGet(store.HostAllocKey(r.Host)),
 		clientv3.OpGet(store.ClaimsPrefix(r.Host), clientv3.WithPrefix()),

@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/uuid"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -92,6 +93,8 @@ type Scheduler struct {
 	log  *slog.Logger
 	snap *snapshot.Snapshot
 
+	batch    *batcher
+	members  *members
 	pending  *queue // VMs to place
 	hostDown *queue // VMs whose host_down may be wrong
 
@@ -130,6 +133,8 @@ func New(cli *clientv3.Client, cfg Config) (*Scheduler, error) {
 	}
 	s := &Scheduler{
 		cli: cli, cfg: cfg, log: cfg.Log,
+		batch:   newBatcher(cli),
+		members: newMembers(cli, uuid.NewString()),
 		pending: newQueue(queueWindow), hostDown: newQueue(queueWindow),
 		vms: map[string]vmEntry{}, on: map[string]map[string]bool{},
 	}
@@ -150,12 +155,16 @@ func (s *Scheduler) Run(ctx context.Context) error {
 	defer s.hostDown.Close()
 
 	wg.Go(func() { _ = s.snap.Run(ctx) })
+	wg.Go(func() { s.members.run(ctx, s.log.Warn) })
 	select {
 	case <-s.snap.Synced():
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 	wg.Go(func() { s.watchStatuses(ctx) })
+	for range committers {
+		wg.Go(func() { s.batch.run(ctx) })
+	}
 	for range s.cfg.Workers {
 		wg.Go(func() { s.work(ctx, s.pending, s.scheduleOne) })
 	}
@@ -263,7 +272,11 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 		}
 	}
 	if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
-		s.pending.Add(id)
+		if s.members.owns(id) {
+			s.pending.Add(id)
+		} else {
+			s.pending.AddAfter(id, takeoverDelay)
+		}
 	}
 }
 

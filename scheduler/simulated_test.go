@@ -285,6 +285,11 @@ func frozenScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler 
 	for _, kv := range resp.Kvs {
 		s.statusChanged(mvccpb.PUT, kv)
 	}
+	// The committer runs: only the view is frozen.
+	cctx, ccancel := context.WithCancel(context.Background())
+	var cwg sync.WaitGroup
+	cwg.Go(func() { s.batch.run(cctx) })
+	t.Cleanup(func() { ccancel(); cwg.Wait() })
 	return s
 }
 
