@@ -364,15 +364,11 @@ func (s *Server) answer(z *zone, req *dns.Msg, network string) *dns.Msg {
 // forward asks the upstream resolvers, skipping any address this server
 // listens on (which would loop) and the metadata address.
 func (s *Server) forward(req *dns.Msg, network string) *dns.Msg {
-	listening := *s.byListen.Load()
 	c := &dns.Client{Net: "udp", Timeout: forwardTimeout}
 	if network == "tcp" {
 		c.Net = "tcp"
 	}
-	for _, up := range *s.ups.Load() {
-		if _, ours := listening[up.Addr()]; ours || up.Addr() == MetadataAddr || up.Addr().IsUnspecified() {
-			continue
-		}
+	for _, up := range s.forwardTargets() {
 		resp, _, err := c.Exchange(req, up.String())
 		if err != nil {
 			s.log.Debug("upstream failed", "upstream", up, "err", err)
@@ -382,6 +378,20 @@ func (s *Server) forward(req *dns.Msg, network string) *dns.Msg {
 	}
 	m := new(dns.Msg)
 	return m.SetRcode(req, dns.RcodeServerFailure)
+}
+
+// forwardTargets are the upstreams minus anything that would loop back to
+// this server (a gateway it listens on, the metadata address, 0.0.0.0).
+func (s *Server) forwardTargets() []netip.AddrPort {
+	listening := *s.byListen.Load()
+	var out []netip.AddrPort
+	for _, up := range *s.ups.Load() {
+		if _, ours := listening[up.Addr()]; ours || up.Addr() == MetadataAddr || up.Addr().IsUnspecified() {
+			continue
+		}
+		out = append(out, up)
+	}
+	return out
 }
 
 // ReadResolvConf returns the nameservers of a resolv.conf file, port 53.
