@@ -1,0 +1,119 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// metadataServer is an EC2/OpenStack-style metadata service on loopback
+// that demands an IMDSv2 token and fails the first few requests, as a
+// service that is still starting would.
+func metadataServer(t *testing.T, failFirst int32) *httptest.Server {
+	t.Helper()
+	var calls atomic.Int32
+	mux := http.NewServeMux()
+	mux.HandleFunc("PUT /latest/api/token", func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("X-aws-ec2-metadata-token-ttl-seconds") == "" {
+			http.Error(w, "ttl missing", http.StatusBadRequest)
+			return
+		}
+		w.Write([]byte("tok123"))
+	})
+	values := map[string]string{
+		"/latest/meta-data/instance-id":    "6f1c2e4a-0000-4000-8000-000000000001",
+		"/latest/meta-data/hostname":       "web1",
+		"/latest/meta-data/local-ipv4":     "10.0.0.5",
+		"/openstack/latest/meta_data.json": "{\n \"uuid\": \"6f1c2e4a-0000-4000-8000-000000000001\"\n}",
+	}
+	mux.HandleFunc("GET /", func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) <= failFirst {
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+			return
+		}
+		if r.Header.Get("X-aws-ec2-metadata-token") != "tok123" {
+			http.Error(w, "token required", http.StatusUnauthorized)
+			return
+		}
+		v, ok := values[r.URL.Path]
+		if !ok {
+			http.NotFound(w, r) // no user-data
+			return
+		}
+		w.Write([]byte(v))
+	})
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func TestProbePrintsMetadataBetweenMarkers(t *testing.T) {
+	srv := metadataServer(t, 2)
+	c := &client{base: srv.URL, attempts: 5, interval: 10 * time.Millisecond, http: srv.Client()}
+	var out bytes.Buffer
+	if err := c.run(context.Background(), &out); err != nil {
+		t.Fatalf("run: %v\n%s", err, out.String())
+	}
+	got := out.String()
+	for _, want := range []string{
+		"MINICLOUD-METADATA-BEGIN source=" + srv.URL + "\n",
+		"instance-id: 6f1c2e4a-0000-4000-8000-000000000001\n",
+		"user-data: <not found>\n",
+		`meta_data.json: {"uuid":"6f1c2e4a-0000-4000-8000-000000000001"}`,
+		"MINICLOUD-METADATA-END\n",
+		"MINICLOUD-GUEST-READY instance-id=6f1c2e4a-0000-4000-8000-000000000001 hostname=web1 local-ipv4=10.0.0.5 source=metadata\n",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("output lacks %q:\n%s", want, got)
+		}
+	}
+}
+
+func TestProbeGivesUpWithAReason(t *testing.T) {
+	srv := metadataServer(t, 1000)
+	c := &client{base: srv.URL, attempts: 3, interval: time.Millisecond, http: srv.Client()}
+	var out bytes.Buffer
+	err := c.run(context.Background(), &out)
+	if err == nil || !strings.Contains(err.Error(), "503") {
+		t.Fatalf("run = %v, want a 503 error", err)
+	}
+	if strings.Contains(out.String(), "MINICLOUD-GUEST-READY") {
+		t.Errorf("READY printed although metadata failed:\n%s", out.String())
+	}
+}
+
+func TestConfigDriveLayouts(t *testing.T) {
+	dir := t.TempDir()
+	os2 := filepath.Join(dir, "os", "openstack", "latest")
+	if err := os.MkdirAll(os2, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(os2, "meta_data.json"), []byte(`{"uuid": "abc", "name": "x"}`), 0o644)
+	os.WriteFile(filepath.Join(os2, "user_data"), []byte("#cloud-config\n"), 0o644)
+	nc := filepath.Join(dir, "nocloud")
+	os.MkdirAll(nc, 0o755)
+	os.WriteFile(filepath.Join(nc, "meta-data"), []byte("instance-id: 'def'\nlocal-hostname: y\n"), 0o644)
+
+	for path, want := range map[string]string{
+		filepath.Join(dir, "os"): "MINICLOUD-CONFIGDRIVE-READY instance-id=abc\n",
+		nc:                       "MINICLOUD-CONFIGDRIVE-READY instance-id=def\n",
+	} {
+		var out bytes.Buffer
+		if err := printConfigDrive(&out, path); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(out.String(), want) || !strings.HasPrefix(out.String(), "MINICLOUD-CONFIGDRIVE-BEGIN\n") {
+			t.Errorf("%s:\n%s", path, out.String())
+		}
+	}
+	if err := printConfigDrive(&bytes.Buffer{}, t.TempDir()); err == nil {
+		t.Error("an empty directory read as a config drive")
+	}
+}
