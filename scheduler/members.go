@@ -35,10 +35,14 @@ type members struct {
 	mu    sync.Mutex
 	ids   map[string]bool
 	ready bool
+	// joined is closed once this replica has announced itself and read
+	// the membership for the first time.
+	joined     chan struct{}
+	joinedOnce sync.Once
 }
 
 func newMembers(cli *clientv3.Client, self string) *members {
-	return &members{cli: cli, self: self, ids: map[string]bool{}}
+	return &members{cli: cli, self: self, ids: map[string]bool{}, joined: make(chan struct{})}
 }
 
 // owns reports whether this replica should decide vmID at once.
@@ -54,11 +58,21 @@ func (m *members) owns(vmID string) bool {
 		h.Write([]byte(id))
 		h.Write([]byte{0})
 		h.Write([]byte(vmID))
-		if s := h.Sum64(); best == "" || s > bestScore || (s == bestScore && id < best) {
+		if s := mix64(h.Sum64()); best == "" || s > bestScore || (s == bestScore && id < best) {
 			best, bestScore = id, s
 		}
 	}
 	return best == m.self
+}
+
+// mix64 is splitmix64's finaliser: FNV alone spreads similar keys
+// (vm-1, vm-2, ...) unevenly between replicas.
+func mix64(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	return x ^ x>>31
 }
 
 // run announces this replica and follows the membership until ctx ends.
@@ -109,6 +123,7 @@ func (m *members) session(ctx context.Context) error {
 	}
 	m.ready = true
 	m.mu.Unlock()
+	m.joinedOnce.Do(func() { close(m.joined) })
 	wch := m.cli.Watch(clientv3.WithRequireLeader(ctx), store.SchedulerPrefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
 	for {
 		select {
