@@ -32,6 +32,8 @@ type Info struct {
 	ActualSize    int64  // bytes allocated on the host
 	BackingFile   string // absolute, "" when none
 	BackingFormat string
+	// DataFile is a qcow2 external data file, "" when none.
+	DataFile string
 }
 
 // CreateOverlay makes path a qcow2 overlay of backingPath (format
@@ -56,6 +58,13 @@ func CreateOverlay(ctx context.Context, path, backingPath, backingFormat string,
 	}
 	if backing.Format != backingFormat {
 		return errdefs.Invalid("create overlay %s: backing file %s is %s, not %s", path, backingPath, backing.Format, backingFormat)
+	}
+	// An image is untrusted input: one that refers to another file would
+	// make QEMU open a file of the host's through every VM disk built on it.
+	// The image service refuses such uploads; check again at the edge.
+	if backing.BackingFile != "" || backing.DataFile != "" {
+		return errdefs.Invalid("create overlay %s: image %s refers to another file (backing %q, data file %q): refused",
+			path, backingPath, backing.BackingFile, backing.DataFile)
 	}
 	if sizeBytes != 0 && sizeBytes < backing.VirtualSize {
 		return errdefs.Invalid("create overlay %s: size %d is smaller than the image (%d bytes)", path, sizeBytes, backing.VirtualSize)
@@ -147,6 +156,11 @@ func Inspect(ctx context.Context, path string) (Info, error) {
 		BackingFilename       string `json:"backing-filename"`
 		FullBackingFilename   string `json:"full-backing-filename"`
 		BackingFilenameFormat string `json:"backing-filename-format"`
+		FormatSpecific        struct {
+			Data struct {
+				DataFile string `json:"data-file"`
+			} `json:"data"`
+		} `json:"format-specific"`
 	}
 	if err := json.Unmarshal(out, &raw); err != nil {
 		return Info{}, fmt.Errorf("inspect disk %s: parse qemu-img info: %w", path, err)
@@ -156,7 +170,7 @@ func Inspect(ctx context.Context, path string) (Info, error) {
 		backing = raw.BackingFilename
 	}
 	return Info{Format: raw.Format, VirtualSize: raw.VirtualSize, ActualSize: raw.ActualSize,
-		BackingFile: backing, BackingFormat: raw.BackingFilenameFormat}, nil
+		BackingFile: backing, BackingFormat: raw.BackingFilenameFormat, DataFile: raw.FormatSpecific.Data.DataFile}, nil
 }
 
 func syncFile(path string) error {

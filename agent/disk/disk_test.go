@@ -105,6 +105,12 @@ func TestCreateOverlayRefusals(t *testing.T) {
 	backing := base(t, dir)
 	other := filepath.Join(dir, "other.qcow2")
 	qemuImg(t, "create", "-q", "-f", "qcow2", other, "64M")
+	// Hostile images: a qcow2 whose backing file is a host file, and one
+	// with an external data file.
+	chained := filepath.Join(dir, "chained.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", chained)
+	external := filepath.Join(dir, "external.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-o", "data_file="+filepath.Join(dir, "data.raw"), external, "16M")
 
 	cases := []struct {
 		name                string
@@ -119,6 +125,8 @@ func TestCreateOverlayRefusals(t *testing.T) {
 		{"smaller than image", filepath.Join(dir, "d.qcow2"), backing, "qcow2", 1 << 20, errdefs.IsInvalid},
 		{"missing backing", filepath.Join(dir, "e.qcow2"), filepath.Join(dir, "nope.qcow2"), "qcow2", 0, errdefs.IsNotFound},
 		{"other disk in the way", other, backing, "qcow2", 0, errdefs.IsConflict},
+		{"image with a backing file", filepath.Join(dir, "f.qcow2"), chained, "qcow2", 0, errdefs.IsInvalid},
+		{"image with a data file", filepath.Join(dir, "g.qcow2"), external, "qcow2", 0, errdefs.IsInvalid},
 	}
 	for _, c := range cases {
 		err := disk.CreateOverlay(ctx, c.path, c.backing, c.fmt_, c.size)
@@ -131,8 +139,8 @@ func TestCreateOverlayRefusals(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(list) != 2 {
-		t.Errorf("disks after refusals: %v, want only base and other", list)
+	if len(list) != 4 {
+		t.Errorf("disks after refusals: %v, want only base, other, chained and external", list)
 	}
 }
 
