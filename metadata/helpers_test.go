@@ -187,3 +187,12 @@ func gaugeValue(g prometheus.Gauge) float64 {
 	}
 	return m.GetGauge().GetValue()
 }
+
+func newKeyPair(t *testing.T) (ed25519.PublicKey, ed25519.PrivateKey, error) {
+	t.Helper()
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pub, priv, nil
+}
