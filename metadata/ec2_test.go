@@ -1,6 +1,10 @@
 package metadata
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
 	"encoding/base64"
 	"encoding/json"
 	"strings"
@@ -173,4 +177,29 @@ func TestIMDSv2(t *testing.T) {
 		t.Errorf("required, with token: %d", got.code)
 	}
 	e.expect(3, "/latest/meta-data/instance-id", 200, idB)
+}
+
+func TestIdentitySignatureRSA(t *testing.T) {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := []byte(`{"instanceId":"x"}`)
+	sig, err := SignIdentityDocument(key, doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := VerifyIdentityDocument(&key.PublicKey, doc, sig); err != nil {
+		t.Fatal(err)
+	}
+	if err := VerifyIdentityDocument(&key.PublicKey, []byte(`{"instanceId":"y"}`), sig); err == nil {
+		t.Fatal("signature verified another document")
+	}
+	ec, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := SignIdentityDocument(ec, doc); err == nil {
+		t.Fatal("ECDSA key accepted: clients expect Ed25519 or RSA")
+	}
 }
