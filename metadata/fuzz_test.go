@@ -3,7 +3,6 @@ package metadata
 import (
 	"context"
 	"net"
-	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
@@ -81,9 +80,6 @@ func FuzzRouter(f *testing.F) {
 		req = req.WithContext(context.WithValue(ctx, peerConnKey{}, pc))
 		rec := httptest.NewRecorder()
 		srv.ServeHTTP(rec, req)
-		if rec.Code == 0 && rec.Body.Len() == 0 {
-			return // a cancelled long-poll writes nothing
-		}
 		if !allowed[rec.Code] {
 			t.Fatalf("%s %s: status %d", method, target, rec.Code)
 		}
@@ -110,5 +106,3 @@ func validMethod(m string) bool {
 type nopConn struct{ net.Conn }
 
 func (nopConn) RemoteAddr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)} }
-
-var _ http.ResponseWriter = httptest.NewRecorder()

@@ -19,7 +19,7 @@ func (s *Server) serveEC2(req *request) {
 		notFound(req)
 		return
 	}
-	if len(segs) >= 3 && segs[1] == "api" && segs[2] == "token" && len(segs) == 3 && ec2VersionSet[segs[0]] {
+	if len(segs) == 3 && segs[1] == "api" && segs[2] == "token" && ec2VersionSet[segs[0]] {
 		if r.Method != http.MethodPut {
 			methodNotAllowed(req, http.MethodPut)
 			return

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -167,8 +166,6 @@ func (e *testEnv) expect(from int, path string, code int, body string) {
 }
 
 func lines(xs ...string) string { return strings.Join(xs, "\n") }
-
-var _ = fmt.Sprintf
 
 func ioCopy(w io.Writer, resp *http.Response) (int64, error) { return io.Copy(w, resp.Body) }
 
