@@ -1,0 +1,249 @@
+// Package agent is the hypervisor-host component: it registers its host with
+// the API, keeps the host's heartbeat, watches the VMs assigned to the host,
+// and converges each of them (image, disk, network, metadata, domain) in a
+// level-triggered reconcile loop (reconcile.go). It reports what it observes
+// back through the API; it never talks to etcd.
+//
+// The adapters it drives (libvirt, netlink/nftables, qemu-img, DHCP, DNS,
+// metadata) are passed in as small interfaces (ports.go), so the loop can be
+// read without them and tested against the real ones.
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+)
+
+// Config is the agent's configuration; cmd/minicloudd fills it from flags.
+type Config struct {
+	// HostName is this host's name in the cloud (default: os.Hostname).
+	HostName string
+	// AdvertiseAddr is host:port where the API reaches this agent's
+	// AgentService (console logs).
+	AdvertiseAddr string
+	// StateDir holds per-VM state: StateDir/vms/<id>/{disk.qcow2,
+	// config.iso,console.log} and the image cache StateDir/images.
+	StateDir string
+	// AvailabilityZone of this host.
+	AvailabilityZone string
+	// AllocationRatios registered for this host (0: the scheduler default).
+	AllocationRatios *minicloudv1.AllocationRatios
+	// Workers is how many VMs are reconciled at once.
+	Workers int
+	// ResyncPeriod is how often every VM is reconciled even without events,
+	// to catch what events miss.
+	ResyncPeriod time.Duration
+	// ShutdownTimeout is how long an ACPI shutdown may take before the
+	// domain is destroyed.
+	ShutdownTimeout time.Duration
+	// Version is reported on the Host record.
+	Version string
+}
+
+func (c *Config) setDefaults() error {
+	if c.HostName == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return fmt.Errorf("host name: %w", err)
+		}
+		c.HostName = h
+	}
+	if c.StateDir == "" {
+		return fmt.Errorf("agent state directory is not set")
+	}
+	if c.Workers <= 0 {
+		c.Workers = 4
+	}
+	if c.ResyncPeriod <= 0 {
+		c.ResyncPeriod = time.Minute
+	}
+	if c.ShutdownTimeout <= 0 {
+		c.ShutdownTimeout = 60 * time.Second
+	}
+	return nil
+}
+
+// Agent converges the VMs assigned to one host.
+type Agent struct {
+	cfg Config
+	log *slog.Logger
+
+	hosts  minicloudv1.HostServiceClient
+	images minicloudv1.ImageServiceClient
+
+	hv    Hypervisor
+	net   Network
+	disks Disks
+	cache ImageCache
+	guest GuestServices
+
+	queue *workQueue
+
+	hypervisorKind string // "kvm" or "tcg", measured at start
+
+	mu        sync.Mutex
+	assigned  map[string]*assignment // by VM id
+	synced    bool                   // the full assignment set has been received
+	publishMu sync.Mutex             // serialises publishGuests
+}
+
+// assignment is one VM assigned to this host, as last received.
+type assignment struct {
+	vm       *minicloudv1.VM
+	userData []byte
+	seen     uint64 // stream generation that last delivered it
+}
+
+// Deps are the adapters the agent drives.
+type Deps struct {
+	API        grpc.ClientConnInterface
+	Hypervisor Hypervisor
+	Network    Network
+	Disks      Disks
+	Images     ImageCache
+	Guest      GuestServices
+	Logger     *slog.Logger
+}
+
+// New returns an agent; Run starts it.
+func New(cfg Config, d Deps) (*Agent, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	log := d.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	// 0711: QEMU runs as an unprivileged user and must traverse to the
+	// disks (libvirt hands it the files themselves).
+	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "vms"), 0o711); err != nil {
+		return nil, fmt.Errorf("create agent state directory: %w", err)
+	}
+	return &Agent{
+		cfg:      cfg,
+		log:      log.With("component", "agent", "host", cfg.HostName),
+		hosts:    minicloudv1.NewHostServiceClient(d.API),
+		images:   minicloudv1.NewImageServiceClient(d.API),
+		hv:       d.Hypervisor,
+		net:      d.Network,
+		disks:    d.Disks,
+		cache:    d.Images,
+		guest:    d.Guest,
+		queue:    newWorkQueue(time.Second, 2*time.Minute),
+		assigned: map[string]*assignment{},
+	}, nil
+}
+
+// Run registers the host and runs the loops until ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	caps, err := a.hv.Capabilities(ctx)
+	if err != nil {
+		return fmt.Errorf("measure host capabilities: %w", err)
+	}
+	a.hypervisorKind = preferredHypervisor(caps.Hypervisors)
+	a.log.Info("host capabilities", "vcpus", caps.VCPUs, "memory_mib", caps.MemoryMiB, "hypervisors", caps.Hypervisors)
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.runHostSession(ctx, caps) })
+	g.Go(func() error { return a.watchAssignments(ctx) })
+	g.Go(func() error { return a.watchDomainEvents(ctx) })
+	g.Go(func() error { return a.resyncLoop(ctx) })
+	for i := 0; i < a.cfg.Workers; i++ {
+		g.Go(func() error { a.worker(ctx); return nil })
+	}
+	g.Go(func() error {
+		<-ctx.Done()
+		a.queue.ShutDown()
+		return nil
+	})
+	err = g.Wait()
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+func preferredHypervisor(kinds []string) string {
+	for _, k := range kinds {
+		if k == "kvm" {
+			return "kvm"
+		}
+	}
+	return "tcg"
+}
+
+func (a *Agent) worker(ctx context.Context) {
+	for {
+		id, ok := a.queue.Get()
+		if !ok {
+			return
+		}
+		res, err := a.reconcile(ctx, id)
+		if err != nil && ctx.Err() == nil {
+			a.log.Warn("reconcile failed; will retry", "vm", id, "err", err, "failures", a.queue.Failures(id)+1)
+		}
+		a.queue.Done(id, err, res.RequeueAfter)
+	}
+}
+
+// resyncLoop reconciles everything periodically: the level-triggered
+// safety net for anything an event missed.
+func (a *Agent) resyncLoop(ctx context.Context) error {
+	t := time.NewTicker(a.cfg.ResyncPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			a.enqueueAll()
+		}
+	}
+}
+
+// enqueueAll queues every VM the agent knows of and every VM it holds
+// something for on the host, so orphans are cleaned up too.
+func (a *Agent) enqueueAll() {
+	a.mu.Lock()
+	for id := range a.assigned {
+		a.queue.Add(id)
+	}
+	synced := a.synced
+	a.mu.Unlock()
+	if !synced {
+		return
+	}
+	for _, id := range a.observedVMIDs() {
+		a.queue.Add(id)
+	}
+}
+
+// watchDomainEvents turns libvirt lifecycle events into reconcile requests.
+func (a *Agent) watchDomainEvents(ctx context.Context) error {
+	events := a.hv.Events()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case ev, ok := <-events:
+			if !ok {
+				return nil
+			}
+			if ev.VMID == "" { // resync after reconnecting to libvirtd
+				a.enqueueAll()
+				continue
+			}
+			a.queue.Add(ev.VMID)
+		}
+	}
+}

@@ -1,0 +1,104 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"io"
+	"time"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// watchAssignments keeps a.assigned equal to the API's set of VMs for this
+// host. Each (re)connection starts with the full set, closed by a BOOKMARK:
+// VMs not delivered again by then are no longer ours and get cleaned up.
+func (a *Agent) watchAssignments(ctx context.Context) error {
+	var generation uint64
+	backoff := time.Second
+	for ctx.Err() == nil {
+		generation++
+		err := a.streamAssignments(ctx, generation)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err != nil && !errors.Is(err, io.EOF) {
+			a.log.Warn("assignment stream broke; reconnecting", "err", errdefs.FromGRPC(err), "in", backoff)
+		}
+		if !sleepCtx(ctx, backoff) {
+			return nil
+		}
+		backoff = min(backoff*2, 10*time.Second)
+	}
+	return nil
+}
+
+func (a *Agent) streamAssignments(ctx context.Context, generation uint64) error {
+	stream, err := a.hosts.WatchAssignments(ctx, &minicloudv1.WatchAssignmentsRequest{Host: a.cfg.HostName})
+	if err != nil {
+		return err
+	}
+	for {
+		ev, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		switch ev.GetType() {
+		case minicloudv1.WatchEventType_WATCH_EVENT_TYPE_ADDED, minicloudv1.WatchEventType_WATCH_EVENT_TYPE_MODIFIED:
+			id := ev.GetVm().GetMeta().GetId()
+			a.mu.Lock()
+			userData := ev.GetUserData()
+			if prev, ok := a.assigned[id]; ok && userData == nil {
+				// User-data never changes; the API sends it with ADDED only.
+				userData = prev.userData
+			}
+			a.assigned[id] = &assignment{vm: ev.GetVm(), userData: userData, seen: generation}
+			a.mu.Unlock()
+			a.queue.Add(id)
+		case minicloudv1.WatchEventType_WATCH_EVENT_TYPE_DELETED:
+			id := ev.GetVm().GetMeta().GetId()
+			a.mu.Lock()
+			delete(a.assigned, id)
+			a.mu.Unlock()
+			a.queue.Add(id)
+			a.publishGuests(ctx)
+		case minicloudv1.WatchEventType_WATCH_EVENT_TYPE_BOOKMARK:
+			a.mu.Lock()
+			for id, as := range a.assigned {
+				if as.seen != generation {
+					delete(a.assigned, id)
+					a.queue.Add(id)
+				}
+			}
+			first := !a.synced
+			a.synced = true
+			a.mu.Unlock()
+			a.publishGuests(ctx)
+			if first {
+				a.log.Info("assignments synced; cleaning up anything else found on the host")
+			}
+			a.enqueueAll()
+		}
+	}
+}
+
+// publishGuests hands the guest services (DHCP, DNS, metadata) the current
+// set of this host's VMs.
+func (a *Agent) publishGuests(ctx context.Context) {
+	// One publisher at a time, snapshot taken under the same lock, so an
+	// older set can never overwrite a newer one.
+	a.publishMu.Lock()
+	defer a.publishMu.Unlock()
+	a.mu.Lock()
+	guests := make([]Guest, 0, len(a.assigned))
+	for _, as := range a.assigned {
+		if as.vm.GetSpec().GetDeletionRequested() {
+			continue
+		}
+		guests = append(guests, Guest{VM: as.vm, UserData: as.userData})
+	}
+	a.mu.Unlock()
+	if err := a.guest.SetGuests(ctx, guests); err != nil {
+		a.log.Warn("update guest services", "err", err)
+	}
+}

@@ -1,0 +1,161 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/minicloud/minicloud/agent/dhcpserver"
+	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/metadata"
+	"github.com/minicloud/minicloud/metadata/configdrive"
+)
+
+// HostGuestServices composes the per-host services that answer guests —
+// DHCP, DNS, and the metadata service over its in-memory directory — behind
+// the one GuestServices port the reconcile loop uses.
+type HostGuestServices struct {
+	log       *slog.Logger
+	directory *metadata.Directory
+	metadata  *metadata.Server
+	dhcp      *dhcpserver.Server
+	dns       *dnsserver.Server
+
+	mu      sync.Mutex
+	bridges map[string]bool // bridges with DHCP leases and a metadata listener
+}
+
+// NewHostGuestServices wires the services together; Run serves them.
+func NewHostGuestServices(log *slog.Logger, dir *metadata.Directory, md *metadata.Server, dhcp *dhcpserver.Server, dns *dnsserver.Server) *HostGuestServices {
+	return &HostGuestServices{log: log, directory: dir, metadata: md, dhcp: dhcp, dns: dns, bridges: map[string]bool{}}
+}
+
+// Run serves DHCP, DNS and metadata until ctx ends.
+func (h *HostGuestServices) Run(ctx context.Context) error {
+	errc := make(chan error, 3)
+	go func() { errc <- h.dhcp.Run(ctx) }()
+	go func() { errc <- h.dns.Run(ctx) }()
+	go func() { errc <- h.metadata.Serve(ctx) }()
+	err := errors.Join(<-errc, <-errc, <-errc)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+// SetGuests replaces the whole set of guests: the metadata directory, the
+// DHCP leases of every bridge, and the bridges the metadata service
+// listens on.
+func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
+	var errs []error
+	insts := make([]*metadata.Instance, 0, len(guests))
+	leases := map[string][]dhcpserver.Lease{}
+	zones := map[string]*dnsserver.Zone{} // by bridge
+	for _, g := range guests {
+		inst, err := metadata.InstanceFromVM(g.VM, g.UserData)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		insts = append(insts, inst)
+		for _, nic := range inst.Interfaces {
+			leases[nic.Bridge] = append(leases[nic.Bridge], dhcpserver.Lease{
+				MAC:      nic.MAC,
+				Address:  nic.Address,
+				Gateway:  nic.Gateway,
+				DNS:      []netip.Addr{nic.Gateway},
+				MTU:      nic.MTU,
+				Hostname: inst.Hostname,
+				Domain:   inst.Domain,
+			})
+			z := zones[nic.Bridge]
+			if z == nil {
+				z = &dnsserver.Zone{Listen: nic.Gateway, Domain: inst.Domain, Records: map[string]netip.Addr{}}
+				zones[nic.Bridge] = z
+			}
+			z.Records[inst.Hostname] = nic.Address.Addr()
+		}
+	}
+	if err := h.directory.Set(insts); err != nil {
+		errs = append(errs, fmt.Errorf("metadata directory: %w", err))
+	}
+
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for bridge, ls := range leases {
+		if err := h.dhcp.SetLeases(bridge, ls); err != nil {
+			errs = append(errs, fmt.Errorf("DHCP leases on %s: %w", bridge, err))
+		}
+		if err := h.dns.SetZone(bridge, *zones[bridge]); err != nil {
+			errs = append(errs, fmt.Errorf("DNS zone on %s: %w", bridge, err))
+		}
+		if h.bridges[bridge] {
+			continue
+		}
+		// The bridge appears in the reconcile of its first VM, which
+		// publishes again right after creating it.
+		if _, err := netlink.LinkByName(bridge); err != nil {
+			var nf netlink.LinkNotFoundError
+			if !errors.As(err, &nf) {
+				errs = append(errs, fmt.Errorf("look up bridge %s: %w", bridge, err))
+			}
+			continue
+		}
+		if err := h.metadata.AddInterface(bridge); err != nil {
+			errs = append(errs, fmt.Errorf("metadata listener on %s: %w", bridge, err))
+			continue
+		}
+		h.bridges[bridge] = true
+	}
+	for bridge := range h.bridges {
+		if _, used := leases[bridge]; used {
+			continue
+		}
+		if err := h.dhcp.SetLeases(bridge, nil); err != nil {
+			errs = append(errs, fmt.Errorf("clear DHCP leases on %s: %w", bridge, err))
+		}
+		h.dns.RemoveZone(bridge)
+		if err := h.metadata.RemoveInterface(bridge); err != nil {
+			errs = append(errs, fmt.Errorf("stop metadata on %s: %w", bridge, err))
+		}
+		delete(h.bridges, bridge)
+	}
+	return errors.Join(errs...)
+}
+
+// BuildConfigDrive writes g's config drive in the layout its spec asks for.
+func (h *HostGuestServices) BuildConfigDrive(_ context.Context, g Guest, path string) error {
+	inst, err := metadata.InstanceFromVM(g.VM, g.UserData)
+	if err != nil {
+		return err
+	}
+	layout, err := configdrive.ParseLayout(g.VM.GetSpec().GetConfigDriveFormat())
+	if err != nil {
+		return permanent("ConfigDriveInvalid", err)
+	}
+	return configdrive.WriteFile(path, inst, layout)
+}
+
+// GuestSeen reports when the guest last read its metadata.
+func (h *HostGuestServices) GuestSeen(vmID string) (time.Time, bool) {
+	return h.metadata.LastSeen(vmID)
+}
+
+// Bridges lists the bridges being served, sorted (for tests and logs).
+func (h *HostGuestServices) Bridges() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := make([]string, 0, len(h.bridges))
+	for b := range h.bridges {
+		out = append(out, b)
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,113 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"syscall"
+	"time"
+
+	"github.com/minicloud/minicloud/agent/hypervisor"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// runHostSession registers the host and keeps its heartbeat lease alive. If
+// the API forgets the host (NotFound), it registers again.
+func (a *Agent) runHostSession(ctx context.Context, caps hypervisor.HostCapabilities) error {
+	backoff := time.Second
+	for ctx.Err() == nil {
+		interval, err := a.register(ctx, caps)
+		if err != nil {
+			a.log.Warn("register host; retrying", "err", err, "in", backoff)
+			if !sleepCtx(ctx, backoff) {
+				return nil
+			}
+			backoff = min(backoff*2, 30*time.Second)
+			continue
+		}
+		backoff = time.Second
+		a.log.Info("host registered", "heartbeat_interval", interval)
+		err = a.heartbeat(ctx, interval)
+		if ctx.Err() != nil {
+			return nil
+		}
+		a.log.Warn("heartbeat stopped; registering again", "err", err)
+	}
+	return nil
+}
+
+func (a *Agent) register(ctx context.Context, caps hypervisor.HostCapabilities) (time.Duration, error) {
+	diskGiB, err := freeDiskGiB(a.cfg.StateDir)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := a.hosts.RegisterHost(ctx, &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
+		Meta:    &minicloudv1.ObjectMeta{Name: a.cfg.HostName},
+		Address: a.cfg.AdvertiseAddr,
+		Capacity: &minicloudv1.Resources{
+			Vcpus:     int32(caps.VCPUs),
+			MemoryMib: caps.MemoryMiB,
+			DiskGib:   diskGiB,
+		},
+		AllocationRatios: a.cfg.AllocationRatios,
+		Hypervisors:      caps.Hypervisors,
+		AvailabilityZone: a.cfg.AvailabilityZone,
+		AgentVersion:     a.cfg.Version,
+	}})
+	if err != nil {
+		return 0, fmt.Errorf("register host %s: %w", a.cfg.HostName, errdefs.FromGRPC(err))
+	}
+	interval := time.Duration(resp.GetHeartbeatIntervalSeconds()) * time.Second
+	if interval <= 0 {
+		interval = 5 * time.Second
+	}
+	// The first heartbeat makes the host UP at once.
+	if _, err := a.hosts.Heartbeat(ctx, &minicloudv1.HeartbeatRequest{Name: a.cfg.HostName}); err != nil {
+		return 0, fmt.Errorf("first heartbeat: %w", errdefs.FromGRPC(err))
+	}
+	return interval, nil
+}
+
+// heartbeat returns when the API says the host is unknown; transient
+// errors are retried until the lease would have expired anyway.
+func (a *Agent) heartbeat(ctx context.Context, interval time.Duration) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		hctx, cancel := context.WithTimeout(ctx, interval)
+		_, err := a.hosts.Heartbeat(hctx, &minicloudv1.HeartbeatRequest{Name: a.cfg.HostName})
+		cancel()
+		if err != nil {
+			err = errdefs.FromGRPC(err)
+			if errdefs.IsNotFound(err) {
+				return err
+			}
+			a.log.Warn("heartbeat failed", "err", err)
+		}
+	}
+}
+
+// freeDiskGiB is the capacity of the file system that holds VM disks.
+func freeDiskGiB(dir string) (int64, error) {
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &fs); err != nil {
+		return 0, fmt.Errorf("statfs %s: %w", dir, err)
+	}
+	return int64(fs.Blocks) * fs.Bsize >> 30, nil
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

@@ -1,0 +1,471 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/minicloud/minicloud/agent/hypervisor"
+	"github.com/minicloud/minicloud/agent/network"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// This file is the VM lifecycle on a host. reconcile(id) reads the desired
+// state (the assignment from the API), observes the host (libvirt, files,
+// links), converges, and reports. Every step measures before it acts, so a
+// second run changes nothing and a run interrupted anywhere (kill -9) is
+// finished by the next one.
+
+// result tells the worker when to look at a VM again without an event.
+type result struct {
+	RequeueAfter time.Duration
+}
+
+// Condition types (VMStatus.conditions).
+const (
+	condScheduled     = "Scheduled"
+	condDiskReady     = "DiskReady"
+	condNetworkReady  = "NetworkReady"
+	condDomainRunning = "DomainRunning"
+	condGuestReady    = "GuestReady"
+)
+
+// permanentError marks a failure that retrying on this host will not fix
+// (a corrupt image, a flavor too small for the image): the VM goes to ERROR
+// with reason and message the user reads in `minicloud vm show`.
+type permanentError struct {
+	reason string
+	err    error
+}
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() error { return e.err }
+
+func permanent(reason string, err error) error { return &permanentError{reason: reason, err: err} }
+
+// createAttemptsBeforeReschedule is how many times a failing create is
+// retried on this host before the host gives the VM back to the scheduler.
+const createAttemptsBeforeReschedule = 3
+
+func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
+	a.mu.Lock()
+	as, known := a.assigned[id]
+	synced := a.synced
+	var vm *minicloudv1.VM
+	var userData []byte
+	if known {
+		vm, userData = as.vm, as.userData
+	}
+	a.mu.Unlock()
+
+	if !known {
+		if !synced {
+			// Until the API has sent the full set, "unknown" may just mean
+			// "not received yet": never destroy on a partial view.
+			return result{}, nil
+		}
+		if _, err := os.Stat(a.vmDir(id)); errors.Is(err, os.ErrNotExist) {
+			// Nothing of ours (see observedVMIDs): a domain event of some
+			// other minicloud sharing this libvirt, or already cleaned up.
+			return result{}, nil
+		}
+		a.log.Info("cleaning up a VM that is not assigned to this host", "vm", id)
+		return result{}, a.teardown(ctx, id)
+	}
+	if vm.GetSpec().GetDeletionRequested() {
+		if err := a.teardown(ctx, id); err != nil {
+			return result{}, err
+		}
+		a.publishGuests(ctx)
+		return result{}, a.report(ctx, vm, nil, reportDeleted)
+	}
+	if vm.GetStatus().GetPhase() == minicloudv1.VMPhase_VM_PHASE_ERROR &&
+		vm.GetStatus().GetObservedResourceVersion() == vm.GetMeta().GetResourceVersion() {
+		// Already given up on this spec; a new spec write (start) retries.
+		return result{}, nil
+	}
+	res, err := a.converge(ctx, vm, userData)
+	var perm *permanentError
+	switch {
+	case errors.As(err, &perm):
+		a.log.Warn("VM failed permanently on this host", "vm", id, "reason", perm.reason, "err", err)
+		if terr := a.teardown(ctx, id); terr != nil {
+			return result{}, terr
+		}
+		st := statusFrom(vm)
+		st.Phase = minicloudv1.VMPhase_VM_PHASE_ERROR
+		st.Reason, st.Message = perm.reason, err.Error()
+		return result{}, a.report(ctx, vm, st, reportStatus, warning(perm.reason, err.Error()))
+	case err != nil && a.queue.Failures(id)+1 >= createAttemptsBeforeReschedule && !a.domainEverCreated(vm):
+		a.log.Warn("create keeps failing on this host; giving the VM back to the scheduler", "vm", id, "err", err)
+		if terr := a.teardown(ctx, id); terr != nil {
+			return result{}, terr
+		}
+		return result{}, a.report(ctx, vm, nil, reportReschedule, warning("CreateFailed", err.Error()))
+	}
+	return res, err
+}
+
+// domainEverCreated is true once the host reported the VM running or stopped.
+func (a *Agent) domainEverCreated(vm *minicloudv1.VM) bool {
+	switch vm.GetStatus().GetPhase() {
+	case minicloudv1.VMPhase_VM_PHASE_RUNNING, minicloudv1.VMPhase_VM_PHASE_STOPPED:
+		return true
+	}
+	return false
+}
+
+func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byte) (result, error) {
+	id := vm.GetMeta().GetId()
+	st := statusFrom(vm)
+	var events []*minicloudv1.Event
+
+	dom, err := a.hv.Status(ctx, id)
+	if err != nil {
+		return result{}, fmt.Errorf("observe domain: %w", err)
+	}
+	if !dom.Exists && a.domainEverCreated(vm) {
+		// The domain vanished behind our back. Report it; do not silently
+		// recreate a VM whose disk state the user may care about.
+		st.Phase = minicloudv1.VMPhase_VM_PHASE_ERROR
+		st.Reason, st.Message = "DomainMissing", "the domain disappeared from the hypervisor; delete the VM or start it again"
+		setCondition(st, condDomainRunning, false, "DomainMissing", st.Message)
+		st.ObservedResourceVersion = vm.GetMeta().GetResourceVersion()
+		return result{}, a.report(ctx, vm, st, reportStatus, warning("DomainMissing", st.Message))
+	}
+	if st.Phase == minicloudv1.VMPhase_VM_PHASE_SCHEDULED {
+		st.Phase = minicloudv1.VMPhase_VM_PHASE_CREATING
+		events = append(events, normal("Creating", "creating the VM on host "+a.cfg.HostName))
+		if err := a.report(ctx, vm, st, reportStatus, events...); err != nil {
+			return result{}, err
+		}
+		events = nil
+	}
+
+	// 1. Disk: the image cached by digest, the VM's overlay over it.
+	boot, err := a.ensureDisk(ctx, vm)
+	if err != nil {
+		setCondition(st, condDiskReady, false, "DiskFailed", err.Error())
+		return result{}, err
+	}
+	if setCondition(st, condDiskReady, true, "OverlayReady", "copy-on-write overlay over image "+vm.GetSpec().GetImage()) {
+		events = append(events, normal("DiskReady", "disk overlay ready"))
+	}
+
+	// 2. Network: bridges, taps with anti-spoofing, and the guest services
+	// (DHCP, DNS, metadata) told about the VM before its domain starts —
+	// cloud-init's OpenStack datasource asks only once.
+	nics, err := a.ensureNetwork(ctx, vm)
+	if err != nil {
+		setCondition(st, condNetworkReady, false, "NetworkFailed", err.Error())
+		return result{}, err
+	}
+	a.publishGuests(ctx)
+	if setCondition(st, condNetworkReady, true, "PortsReady", fmt.Sprintf("%d port(s) plugged", len(nics))) {
+		events = append(events, normal("NetworkReady", "ports plugged into their bridges"))
+	}
+
+	// 3. Config drive, when asked for.
+	configDrive := ""
+	if vm.GetSpec().GetConfigDrive() {
+		configDrive = a.configDrivePath(id)
+		if _, err := os.Stat(configDrive); errors.Is(err, os.ErrNotExist) {
+			if err := a.guest.BuildConfigDrive(ctx, Guest{VM: vm, UserData: userData}, configDrive); err != nil {
+				return result{}, fmt.Errorf("build config drive: %w", err)
+			}
+		} else if err != nil {
+			return result{}, fmt.Errorf("check config drive: %w", err)
+		}
+	}
+
+	// 4. Domain: defined (idempotent), then the power state converged.
+	spec := a.domainSpec(vm, boot, nics, configDrive)
+	if err := a.hv.Define(ctx, spec); err != nil {
+		return result{}, fmt.Errorf("define domain: %w", err)
+	}
+	res, powerEvents, err := a.convergePower(ctx, vm, st, dom)
+	if err != nil {
+		return result{}, err
+	}
+	events = append(events, powerEvents...)
+
+	// 5. Guest readiness, as seen by the metadata service.
+	if st.Phase == minicloudv1.VMPhase_VM_PHASE_RUNNING {
+		if at, ok := a.guest.GuestSeen(id); ok {
+			if setCondition(st, condGuestReady, true, "MetadataRead", "the guest read its metadata at "+at.UTC().Format(time.RFC3339)) {
+				events = append(events, normal("GuestReady", "the guest read its metadata"))
+			}
+		} else if res.RequeueAfter == 0 || res.RequeueAfter > 2*time.Second {
+			// The metadata service has no event stream of its own for
+			// this; look again shortly while the guest boots.
+			res.RequeueAfter = 2 * time.Second
+		}
+	} else {
+		setCondition(st, condGuestReady, false, "NotRunning", "")
+	}
+	st.Hypervisor = spec.Hypervisor
+	st.ObservedResourceVersion = vm.GetMeta().GetResourceVersion()
+	return res, a.report(ctx, vm, st, reportStatus, events...)
+}
+
+// convergePower starts, stops or reboots the domain as the spec asks.
+func (a *Agent) convergePower(ctx context.Context, vm *minicloudv1.VM, st *minicloudv1.VMStatus, dom hypervisor.DomainStatus) (result, []*minicloudv1.Event, error) {
+	id := vm.GetMeta().GetId()
+	spec := vm.GetSpec()
+	// acted: the host already converged this very spec version once. A
+	// domain that is down now although the spec says running was then shut
+	// down from inside (or crashed): report it, don't fight the guest.
+	acted := vm.GetStatus().GetObservedResourceVersion() == vm.GetMeta().GetResourceVersion() && a.domainEverCreated(vm)
+	var events []*minicloudv1.Event
+	running := dom.Exists && dom.Running
+
+	switch spec.GetPowerState() {
+	case minicloudv1.PowerState_POWER_STATE_STOPPED:
+		if running {
+			if err := a.hv.Shutdown(ctx, id, a.cfg.ShutdownTimeout); err != nil {
+				return result{}, nil, fmt.Errorf("shut down domain: %w", err)
+			}
+			events = append(events, normal("Stopped", "domain shut down"))
+		}
+		st.Phase = minicloudv1.VMPhase_VM_PHASE_STOPPED
+		st.Reason, st.Message = "Stopped", "stopped by request"
+		setCondition(st, condDomainRunning, false, "Stopped", "")
+		return result{}, events, nil
+	default:
+		if !running && acted {
+			st.Phase = minicloudv1.VMPhase_VM_PHASE_STOPPED
+			reason := "StoppedByGuest"
+			if dom.State == hypervisor.StateCrashed || dom.Reason == "crashed" {
+				reason = "Crashed"
+			}
+			st.Reason, st.Message = reason, "the domain stopped on its own ("+dom.State+"/"+dom.Reason+"); `minicloud vm start` starts it again"
+			if setCondition(st, condDomainRunning, false, reason, st.Message) {
+				events = append(events, warning(reason, st.Message))
+			}
+			return result{}, events, nil
+		}
+		if !running {
+			if err := a.hv.Start(ctx, id); err != nil {
+				return result{}, nil, fmt.Errorf("start domain: %w", err)
+			}
+			events = append(events, normal("Started", "domain started ("+st.GetHypervisor()+")"))
+		} else if spec.GetRebootGeneration() > vm.GetStatus().GetObservedRebootGeneration() {
+			if err := a.hv.Reboot(ctx, id); err != nil {
+				return result{}, nil, fmt.Errorf("reboot domain: %w", err)
+			}
+			events = append(events, normal("Rebooted", "domain rebooted"))
+		}
+		st.ObservedRebootGeneration = spec.GetRebootGeneration()
+		st.Phase = minicloudv1.VMPhase_VM_PHASE_RUNNING
+		st.Reason, st.Message = "Running", ""
+		setCondition(st, condDomainRunning, true, "Running", "")
+		return result{}, events, nil
+	}
+}
+
+// bootMedia is what the domain boots from.
+type bootMedia struct {
+	diskPath, diskFormat    string
+	kernel, initrd, cmdline string
+}
+
+func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, error) {
+	id := vm.GetMeta().GetId()
+	img, err := a.images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: vm.GetSpec().GetImage()})
+	if err != nil {
+		if errdefs.IsNotFound(errdefs.FromGRPC(err)) {
+			return bootMedia{}, permanent("ImageNotFound", fmt.Errorf("image %q no longer exists", vm.GetSpec().GetImage()))
+		}
+		return bootMedia{}, fmt.Errorf("get image %s: %w", vm.GetSpec().GetImage(), err)
+	}
+	fetch := func(part minicloudv1.ImagePart, blob *minicloudv1.ImageBlob) (string, error) {
+		if blob.GetSha256() == "" {
+			return "", nil
+		}
+		p, err := a.cache.Ensure(ctx, img.GetMeta().GetName(), part, blob.GetSha256())
+		if err != nil {
+			// A digest mismatch or a blob the API no longer has will not
+			// heal by retrying on this host.
+			if errdefs.IsFailedPrecondition(err) || errdefs.IsInvalid(err) || errdefs.IsNotFound(err) {
+				return "", permanent("ImageUnusable", fmt.Errorf("image %s: %w", img.GetMeta().GetName(), err))
+			}
+			return "", fmt.Errorf("fetch image %s: %w", img.GetMeta().GetName(), err)
+		}
+		return p, nil
+	}
+	var b bootMedia
+	backing, err := fetch(minicloudv1.ImagePart_IMAGE_PART_DISK, img.GetDisk())
+	if err != nil {
+		return b, err
+	}
+	if backing == "" {
+		return b, permanent("ImageInvalid", fmt.Errorf("image %s has no disk", img.GetMeta().GetName()))
+	}
+	if b.kernel, err = fetch(minicloudv1.ImagePart_IMAGE_PART_KERNEL, img.GetKernel()); err != nil {
+		return b, err
+	}
+	if b.initrd, err = fetch(minicloudv1.ImagePart_IMAGE_PART_INITRD, img.GetInitrd()); err != nil {
+		return b, err
+	}
+	b.cmdline = img.GetCmdline()
+
+	size := vm.GetSpec().GetResources().GetDiskGib() << 30
+	if virt := img.GetVirtualSizeBytes(); virt > size {
+		return b, permanent("FlavorTooSmall", fmt.Errorf("flavor %s has a %d GiB disk but image %s needs %d bytes",
+			vm.GetSpec().GetFlavor(), vm.GetSpec().GetResources().GetDiskGib(), img.GetMeta().GetName(), virt))
+	}
+	format := "raw"
+	if img.GetFormat() == minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2 {
+		format = "qcow2"
+	}
+	b.diskPath, b.diskFormat = a.diskPath(id), "qcow2"
+	if err := os.MkdirAll(a.vmDir(id), 0o711); err != nil {
+		return b, fmt.Errorf("create VM directory: %w", err)
+	}
+	if err := a.disks.CreateOverlay(ctx, b.diskPath, backing, format, size); err != nil {
+		return b, fmt.Errorf("create disk overlay: %w", err)
+	}
+	return b, nil
+}
+
+func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]hypervisor.NIC, error) {
+	var nics []hypervisor.NIC
+	for i, addr := range vm.GetStatus().GetAddresses() {
+		gw, err := netip.ParseAddr(addr.GetGateway())
+		if err != nil {
+			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: gateway %q: %w", addr.GetNetwork(), addr.GetGateway(), err))
+		}
+		ip, err := netip.ParseAddr(addr.GetIp())
+		if err != nil {
+			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: address %q: %w", addr.GetNetwork(), addr.GetIp(), err))
+		}
+		mac, err := net.ParseMAC(addr.GetMac())
+		if err != nil {
+			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: MAC %q: %w", addr.GetNetwork(), addr.GetMac(), err))
+		}
+		mtu := int(addr.GetMtu())
+		if mtu == 0 {
+			mtu = 1500
+		}
+		if err := a.net.EnsureBridge(ctx, network.BridgeSpec{
+			Name:        addr.GetBridge(),
+			GatewayCIDR: netip.PrefixFrom(gw, int(addr.GetPrefixLength())),
+			MTU:         mtu,
+			NAT:         true,
+		}); err != nil {
+			return nil, fmt.Errorf("bridge %s of network %s: %w", addr.GetBridge(), addr.GetNetwork(), err)
+		}
+		tap := tapName(vm.GetMeta().GetId(), i)
+		if err := a.net.EnsurePort(ctx, network.PortSpec{
+			VMID: vm.GetMeta().GetId(), TapName: tap, Bridge: addr.GetBridge(),
+			MAC: mac, IP: ip, MTU: mtu,
+		}); err != nil {
+			return nil, fmt.Errorf("port %s on %s: %w", tap, addr.GetBridge(), err)
+		}
+		nics = append(nics, hypervisor.NIC{MAC: addr.GetMac(), TapName: tap, MTU: mtu})
+	}
+	return nics, nil
+}
+
+func (a *Agent) domainSpec(vm *minicloudv1.VM, b bootMedia, nics []hypervisor.NIC, configDrive string) hypervisor.DomainSpec {
+	id := vm.GetMeta().GetId()
+	return hypervisor.DomainSpec{
+		VMID:            id,
+		Name:            vm.GetMeta().GetName(),
+		Project:         vm.GetMeta().GetProject(),
+		VCPUs:           int(vm.GetSpec().GetResources().GetVcpus()),
+		MemoryMiB:       vm.GetSpec().GetResources().GetMemoryMib(),
+		Hypervisor:      a.hypervisorKind,
+		DiskPath:        b.diskPath,
+		DiskFormat:      b.diskFormat,
+		KernelPath:      b.kernel,
+		InitrdPath:      b.initrd,
+		Cmdline:         b.cmdline,
+		ConfigDrivePath: configDrive,
+		NICs:            nics,
+		ConsoleLogPath:  a.consoleLogPath(id),
+		SMBIOS: hypervisor.SMBIOS{
+			// "OpenStack Nova" makes cloud-init's ds-identify pick the
+			// OpenStack datasource; the UUID is the instance id.
+			Manufacturer: "minicloud",
+			Product:      "OpenStack Nova",
+			Version:      "minicloud",
+			Serial:       id,
+			UUID:         id,
+			Family:       "Virtual Machine",
+		},
+	}
+}
+
+// teardown removes everything the host holds for a VM: domain, disk,
+// config drive, console log and taps. Each step is a no-op when already
+// done, so an interrupted teardown is finished by the next call.
+func (a *Agent) teardown(ctx context.Context, id string) error {
+	if err := a.hv.Destroy(ctx, id); err != nil {
+		return fmt.Errorf("destroy domain: %w", err)
+	}
+	if err := a.hv.Undefine(ctx, id); err != nil {
+		return fmt.Errorf("undefine domain: %w", err)
+	}
+	ports, err := a.net.ListPorts(ctx)
+	if err != nil {
+		return fmt.Errorf("list ports: %w", err)
+	}
+	prefix := tapPrefix(id)
+	for _, p := range ports {
+		if p.VMID == id || strings.HasPrefix(p.TapName, prefix) {
+			if err := a.net.DeletePort(ctx, p.TapName); err != nil {
+				return fmt.Errorf("delete port %s: %w", p.TapName, err)
+			}
+		}
+	}
+	if err := os.RemoveAll(a.vmDir(id)); err != nil {
+		return fmt.Errorf("remove VM directory: %w", err)
+	}
+	return nil
+}
+
+// observedVMIDs lists the VMs this agent holds something for on the host:
+// its VM directories. converge creates a VM's directory before its first
+// tap or domain, and teardown removes it after the last, so every domain
+// and tap this agent made is found through its directory — and a domain of
+// some other minicloud on the same libvirt (a second cloud, a test) is
+// never mistaken for an orphan of ours.
+func (a *Agent) observedVMIDs() []string {
+	entries, err := os.ReadDir(filepath.Join(a.cfg.StateDir, "vms"))
+	if err != nil {
+		a.log.Warn("list VM directories", "err", err)
+		return nil
+	}
+	ids := make([]string, 0, len(entries))
+	for _, e := range entries {
+		if e.IsDir() {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids
+}
+
+func (a *Agent) vmDir(id string) string           { return filepath.Join(a.cfg.StateDir, "vms", id) }
+func (a *Agent) diskPath(id string) string        { return filepath.Join(a.vmDir(id), "disk.qcow2") }
+func (a *Agent) configDrivePath(id string) string { return filepath.Join(a.vmDir(id), "config.iso") }
+func (a *Agent) consoleLogPath(id string) string  { return filepath.Join(a.vmDir(id), "console.log") }
+
+// tapName is "mct" + the first 8 hex digits of the VM id + the NIC index:
+// unique enough per host and within the kernel's 15-byte limit.
+func tapName(vmID string, nic int) string { return fmt.Sprintf("%s%d", tapPrefix(vmID), nic) }
+
+func tapPrefix(vmID string) string {
+	hex := strings.ReplaceAll(vmID, "-", "")
+	if len(hex) > 8 {
+		hex = hex[:8]
+	}
+	return "mct" + hex
+}

@@ -1,0 +1,109 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+type reportKind int
+
+const (
+	reportStatus reportKind = iota
+	reportDeleted
+	reportReschedule
+)
+
+// statusFrom copies the stored status so converge can edit it and compare.
+func statusFrom(vm *minicloudv1.VM) *minicloudv1.VMStatus {
+	if vm.GetStatus() == nil {
+		return &minicloudv1.VMStatus{}
+	}
+	return proto.Clone(vm.GetStatus()).(*minicloudv1.VMStatus)
+}
+
+// setCondition sets a condition and says whether it changed. The transition
+// time moves only when the status flips, as in Kubernetes.
+func setCondition(st *minicloudv1.VMStatus, typ string, status bool, reason, message string) bool {
+	for _, c := range st.Conditions {
+		if c.Type != typ {
+			continue
+		}
+		if c.Status == status && c.Reason == reason && c.Message == message {
+			return false
+		}
+		flipped := c.Status != status
+		c.Status, c.Reason, c.Message = status, reason, message
+		if flipped {
+			c.LastTransitionTime = timestamppb.Now()
+		}
+		return flipped
+	}
+	st.Conditions = append(st.Conditions, &minicloudv1.Condition{
+		Type: typ, Status: status, Reason: reason, Message: message, LastTransitionTime: timestamppb.Now(),
+	})
+	return status
+}
+
+func normal(reason, message string) *minicloudv1.Event {
+	return &minicloudv1.Event{Time: timestamppb.Now(), Type: "Normal", Reason: reason, Message: message}
+}
+
+func warning(reason, message string) *minicloudv1.Event {
+	return &minicloudv1.Event{Time: timestamppb.Now(), Type: "Warning", Reason: reason, Message: message}
+}
+
+// report sends what the host observed to the API. A status equal to the
+// stored one is not sent, so a reconcile that changes nothing writes
+// nothing — otherwise every report would trigger another reconcile.
+func (a *Agent) report(ctx context.Context, vm *minicloudv1.VM, st *minicloudv1.VMStatus, kind reportKind, events ...*minicloudv1.Event) error {
+	if kind == reportStatus && len(events) == 0 && sameObservedStatus(vm.GetStatus(), st) {
+		return nil
+	}
+	for _, e := range events {
+		e.Source = "agent/" + a.cfg.HostName
+	}
+	req := &minicloudv1.ReportVMStatusRequest{
+		Host:       a.cfg.HostName,
+		VmId:       vm.GetMeta().GetId(),
+		Status:     st,
+		Events:     events,
+		Deleted:    kind == reportDeleted,
+		Reschedule: kind == reportReschedule,
+	}
+	if _, err := a.hosts.ReportVMStatus(ctx, req); err != nil {
+		err = errdefs.FromGRPC(err)
+		if errdefs.IsNotFound(err) || errdefs.IsFailedPrecondition(err) {
+			// The VM is gone or no longer ours: the assignment stream will
+			// tell us, and the next reconcile cleans up.
+			a.log.Info("status report refused; VM no longer assigned here", "vm", req.VmId, "err", err)
+			return nil
+		}
+		return fmt.Errorf("report status of VM %s: %w", req.VmId, err)
+	}
+	return nil
+}
+
+// sameObservedStatus compares the fields the host owns.
+func sameObservedStatus(old, st *minicloudv1.VMStatus) bool {
+	if old == nil || st == nil {
+		return old == st
+	}
+	if old.Phase != st.Phase || old.Reason != st.Reason || old.Message != st.Message ||
+		old.Hypervisor != st.Hypervisor || old.ObservedRebootGeneration != st.ObservedRebootGeneration ||
+		old.ObservedResourceVersion != st.ObservedResourceVersion || len(old.Conditions) != len(st.Conditions) {
+		return false
+	}
+	for i := range old.Conditions {
+		o, n := old.Conditions[i], st.Conditions[i]
+		if o.Type != n.Type || o.Status != n.Status || o.Reason != n.Reason || o.Message != n.Message {
+			return false
+		}
+	}
+	return true
+}

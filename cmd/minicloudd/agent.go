@@ -1,0 +1,289 @@
+package main
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/minicloud/minicloud/agent"
+	"github.com/minicloud/minicloud/agent/dhcpserver"
+	"github.com/minicloud/minicloud/agent/disk"
+	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
+	"github.com/minicloud/minicloud/agent/imagecache"
+	netlinux "github.com/minicloud/minicloud/agent/network/linux"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/metadata"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// agentFlags configure the agent role (and the metadata service it runs).
+type agentFlags struct {
+	api           string
+	listen        string
+	advertise     string
+	metricsListen string
+	dataDir       string
+	hostName      string
+	zone          string
+	cpuRatio      float64
+	ramRatio      float64
+	diskRatio     float64
+	disableKVM    bool
+	identityKey   string
+}
+
+func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
+	fl := cmd.Flags()
+	if standalone {
+		fl.StringVar(&f.api, "api", "127.0.0.1:8640", "API server address")
+		fl.StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (the agent uses DIR/agent)")
+	}
+	// The all-in-one's agent is reached only by its own API, so it takes
+	// any free loopback port and keeps its metrics off unless asked: two
+	// clouds (a lab and a test run) can then share one machine.
+	listen, metrics := "127.0.0.1:0", ""
+	if standalone {
+		listen, metrics = "0.0.0.0:8642", "0.0.0.0:8643"
+	}
+	fl.StringVar(&f.listen, "agent-listen", listen, "agent gRPC listen address (console logs for the API)")
+	fl.StringVar(&f.advertise, "agent-advertise", "", "address the API uses to reach this agent (default: the address --agent-listen resolves to)")
+	fl.StringVar(&f.metricsListen, "agent-metrics-listen", metrics, "agent HTTP listen address for /metrics and /healthz (empty: off)")
+	fl.StringVar(&f.hostName, "host-name", "", "this hypervisor's name (default: the machine's host name)")
+	fl.StringVar(&f.zone, "availability-zone", "", "availability zone of this host")
+	fl.Float64Var(&f.cpuRatio, "cpu-allocation-ratio", 0, "vCPU overcommit ratio (0: the scheduler default, 4.0)")
+	fl.Float64Var(&f.ramRatio, "ram-allocation-ratio", 0, "memory overcommit ratio (0: the scheduler default, 1.0)")
+	fl.Float64Var(&f.diskRatio, "disk-allocation-ratio", 0, "disk overcommit ratio (0: the scheduler default, 1.0)")
+	fl.BoolVar(&f.disableKVM, "disable-kvm", false, "never use KVM, only TCG")
+	fl.StringVar(&f.identityKey, "identity-key", "", "PEM Ed25519 key that signs instance identity documents (default: DIR/agent/identity.pem, created if missing)")
+}
+
+var allInOneAgentFlags agentFlags
+
+func init() {
+	extraCommands = append(extraCommands, newAgentCommand)
+	allInOneRoles = append(allInOneRoles, namedRole{"agent", func(ctx context.Context, env roleEnv) error {
+		f := allInOneAgentFlags
+		f.api, f.dataDir = env.APIAddr, env.DataDir
+		return runAgent(ctx, f)
+	}})
+	allInOneFlagHooks = append(allInOneFlagHooks, func(cmd *cobra.Command) { allInOneAgentFlags.addFlags(cmd, false) })
+}
+
+func newAgentCommand() *cobra.Command {
+	var f agentFlags
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the hypervisor agent and metadata service on this host",
+		Args:  cobra.NoArgs,
+		RunE:  func(cmd *cobra.Command, _ []string) error { return runAgent(cmd.Context(), f) },
+	}
+	f.addFlags(cmd, true)
+	return cmd
+}
+
+func runAgent(ctx context.Context, f agentFlags) error {
+	log := slog.Default()
+	stateDir := filepath.Join(f.dataDir, "agent")
+	// QEMU runs as an unprivileged user: it must be able to traverse down
+	// to the disks (the files themselves are handed over by libvirt).
+	for _, d := range []string{f.dataDir, stateDir} {
+		if err := os.MkdirAll(d, 0o711); err != nil {
+			return fmt.Errorf("agent state directory: %w", err)
+		}
+		if err := os.Chmod(d, 0o711); err != nil {
+			return fmt.Errorf("agent state directory: %w", err)
+		}
+	}
+	if p := untraversableParent(stateDir); p != "" {
+		log.Warn("QEMU's unprivileged user cannot reach VM disks under this data directory; VMs will fail to start. Use a data directory whose parents are world-traversable (e.g. under /var/lib)", "dir", p)
+	}
+	key, err := loadOrCreateIdentityKey(f.identityKey, filepath.Join(stateDir, "identity.pem"))
+	if err != nil {
+		return err
+	}
+
+	conn, err := grpc.NewClient(f.api,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithChainUnaryInterceptor(errdefs.UnaryClientInterceptor))
+	if err != nil {
+		return fmt.Errorf("API client for %s: %w", f.api, err)
+	}
+	defer conn.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	hv := libvirt.New(libvirt.Options{DisableKVM: f.disableKVM, Logger: log})
+	defer hv.Close()
+	dir := metadata.NewDirectory()
+	md, err := metadata.NewServer(dir, metadata.Options{Logger: log, IdentityKey: key, Registerer: reg})
+	if err != nil {
+		return fmt.Errorf("metadata service: %w", err)
+	}
+	guests := agent.NewHostGuestServices(log, dir, md, dhcpserver.New(log), dnsserver.New(log))
+	cache, err := imagecache.New(filepath.Join(stateDir, "images"), minicloudv1.NewImageServiceClient(conn))
+	if err != nil {
+		return fmt.Errorf("image cache: %w", err)
+	}
+
+	lis, err := net.Listen("tcp", f.listen)
+	if err != nil {
+		return fmt.Errorf("agent listen on %s: %w", f.listen, err)
+	}
+	if f.advertise == "" {
+		// The resolved address, so "--agent-listen 127.0.0.1:0" works.
+		f.advertise = lis.Addr().String()
+	}
+	a, err := agent.New(agent.Config{
+		HostName:         f.hostName,
+		AdvertiseAddr:    f.advertise,
+		StateDir:         stateDir,
+		AvailabilityZone: f.zone,
+		AllocationRatios: &minicloudv1.AllocationRatios{Cpu: f.cpuRatio, Ram: f.ramRatio, Disk: f.diskRatio},
+		Version:          version,
+	}, agent.Deps{
+		API:        conn,
+		Hypervisor: hv,
+		Network:    netlinux.New(log),
+		Disks:      qemuImgDisks{},
+		Images:     cache,
+		Guest:      guests,
+		Logger:     log,
+	})
+	if err != nil {
+		lis.Close()
+		return err
+	}
+
+	gs := grpc.NewServer(grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor))
+	minicloudv1.RegisterAgentServiceServer(gs, a.Service())
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.Run(gctx) })
+	g.Go(func() error { return guests.Run(gctx) })
+	g.Go(func() error {
+		if err := gs.Serve(lis); err != nil && gctx.Err() == nil {
+			return fmt.Errorf("agent gRPC server: %w", err)
+		}
+		return nil
+	})
+	if f.metricsListen != "" {
+		g.Go(func() error { return serveMetrics(gctx, f.metricsListen, reg) })
+	}
+	g.Go(func() error {
+		<-gctx.Done()
+		gs.GracefulStop()
+		return nil
+	})
+	log.Info("agent running", "listen", f.listen, "api", f.api, "state", stateDir)
+	return g.Wait()
+}
+
+// untraversableParent returns the first directory above dir that others
+// cannot traverse (mode without o+x), or "".
+func untraversableParent(dir string) string {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return ""
+	}
+	for p := filepath.Dir(abs); ; p = filepath.Dir(p) {
+		if fi, err := os.Stat(p); err == nil && fi.Mode().Perm()&0o001 == 0 {
+			return p
+		}
+		if p == "/" {
+			return ""
+		}
+	}
+}
+
+// qemuImgDisks adapts agent/disk's functions to the agent's Disks port.
+type qemuImgDisks struct{}
+
+func (qemuImgDisks) CreateOverlay(ctx context.Context, path, backing, format string, size int64) error {
+	return disk.CreateOverlay(ctx, path, backing, format, size)
+}
+
+// serveMetrics serves /metrics and /healthz until ctx ends.
+func serveMetrics(ctx context.Context, addr string, reg *prometheus.Registry) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics listen on %s: %w", addr, err)
+	}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("metrics server: %w", err)
+	}
+	return nil
+}
+
+// loadOrCreateIdentityKey reads the key that signs instance identity
+// documents, creating one at def when no path is configured. Every host of
+// a cloud should be given the same key (--identity-key) so guests can
+// verify documents against one public key.
+func loadOrCreateIdentityKey(path, def string) (ed25519.PrivateKey, error) {
+	create := false
+	if path == "" {
+		path = def
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			create = true
+		}
+	}
+	if create {
+		_, priv, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("generate identity key: %w", err)
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(priv)
+		if err != nil {
+			return nil, fmt.Errorf("encode identity key: %w", err)
+		}
+		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+			return nil, fmt.Errorf("write identity key: %w", err)
+		}
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read identity key: %w", err)
+	}
+	block, _ := pem.Decode(data)
+	if block == nil {
+		return nil, fmt.Errorf("identity key %s: no PEM block", path)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("identity key %s: %w", path, err)
+	}
+	priv, ok := k.(ed25519.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("identity key %s: want an Ed25519 key, got %T", path, k)
+	}
+	return priv, nil
+}
