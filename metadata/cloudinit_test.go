@@ -4,38 +4,11 @@ import (
 	"encoding/json"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
-)
 
-// cloudInitPython returns a command running testdata/cloudinit_client.py
-// with real cloud-init, or skips: cloud-init's Python package must be
-// importable, installed or unpacked from Debian's cloud-init .deb with its
-// path in MINICLOUD_CLOUDINIT_PYTHONPATH (/opt/cloud-init-lib is tried too).
-func cloudInitPython(t *testing.T, script string, args ...string) *exec.Cmd {
-	t.Helper()
-	py := "/usr/bin/python3"
-	env := os.Environ()
-	pp := os.Getenv("MINICLOUD_CLOUDINIT_PYTHONPATH")
-	if pp == "" {
-		if _, err := os.Stat("/opt/cloud-init-lib/usr/lib/python3/dist-packages/cloudinit"); err == nil {
-			pp = "/opt/cloud-init-lib/usr/lib/python3/dist-packages"
-		}
-	}
-	if pp != "" {
-		env = append(env, "PYTHONPATH="+pp)
-	}
-	probe := exec.Command(py, "-c", "import cloudinit.sources.helpers.openstack, cloudinit.sources.helpers.ec2")
-	probe.Env = env
-	if out, err := probe.CombinedOutput(); err != nil {
-		t.Skipf("cloud-init's Python package is not importable (%v: %s); unpack Debian's cloud-init .deb and set MINICLOUD_CLOUDINIT_PYTHONPATH", err, strings.TrimSpace(string(out)))
-	}
-	cmd := exec.Command(py, append([]string{script}, args...)...)
-	cmd.Env = env
-	return cmd
-}
+	"github.com/minicloud/minicloud/metadata/internal/cloudinittest"
+)
 
 // TestCloudInitReadsService: cloud-init 22.4's own Ec2 (IMDSv2) and
 // OpenStack readers crawl the service and get this guest's data, and its
@@ -61,9 +34,9 @@ func TestCloudInitReadsService(t *testing.T) {
 	go func() { _ = srv.ServeListener(l, guests) }()
 	defer srv.Close()
 
-	out, err := cloudInitPython(t, "testdata/cloudinit_client.py", "service", "http://"+l.Addr().String()).Output()
+	out, err := cloudinittest.Command(t, "service", "http://"+l.Addr().String()).Output()
 	if err != nil {
-		t.Fatalf("cloud-init client: %v: %s", err, exitStderr(err))
+		t.Fatalf("cloud-init client: %v: %s", err, cloudinittest.Stderr(err))
 	}
 	var got struct {
 		EC2         map[string]any `json:"ec2"`
@@ -130,11 +103,4 @@ func checkStaticNetConfig(t *testing.T, nc map[string]any, mac, ip, gw string) {
 func asJSON(v any) string {
 	b, _ := json.Marshal(v)
 	return string(b)
-}
-
-func exitStderr(err error) string {
-	if ee, ok := err.(*exec.ExitError); ok {
-		return string(ee.Stderr)
-	}
-	return ""
 }

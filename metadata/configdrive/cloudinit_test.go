@@ -4,35 +4,12 @@ import (
 	"bytes"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-)
 
-// cloudInitPython runs ../testdata/cloudinit_client.py with real cloud-init
-// or skips (see metadata's TestCloudInitReadsService for the setup).
-func cloudInitPython(t *testing.T, args ...string) *exec.Cmd {
-	t.Helper()
-	env := os.Environ()
-	pp := os.Getenv("MINICLOUD_CLOUDINIT_PYTHONPATH")
-	if pp == "" {
-		if _, err := os.Stat("/opt/cloud-init-lib/usr/lib/python3/dist-packages/cloudinit"); err == nil {
-			pp = "/opt/cloud-init-lib/usr/lib/python3/dist-packages"
-		}
-	}
-	if pp != "" {
-		env = append(env, "PYTHONPATH="+pp)
-	}
-	probe := exec.Command("/usr/bin/python3", "-c", "import cloudinit.sources.helpers.openstack")
-	probe.Env = env
-	if out, err := probe.CombinedOutput(); err != nil {
-		t.Skipf("cloud-init's Python package is not importable (%v: %s)", err, strings.TrimSpace(string(out)))
-	}
-	cmd := exec.Command("/usr/bin/python3", append([]string{"../testdata/cloudinit_client.py"}, args...)...)
-	cmd.Env = env
-	return cmd
-}
+	"github.com/minicloud/minicloud/metadata/internal/cloudinittest"
+)
 
 // unpack writes an image's files into a directory under the names the
 // library reads back (Linux's isofs shows the same names: lower case, no
@@ -63,13 +40,9 @@ func TestCloudInitReadsDrives(t *testing.T) {
 			t.Fatal(err)
 		}
 		dir := unpack(t, buf.Bytes())
-		out, err := cloudInitPython(t, string(layout), dir).Output()
+		out, err := cloudinittest.Command(t, string(layout), dir).Output()
 		if err != nil {
-			var stderr string
-			if ee, ok := err.(*exec.ExitError); ok {
-				stderr = string(ee.Stderr)
-			}
-			t.Fatalf("%s: cloud-init: %v: %s", layout, err, stderr)
+			t.Fatalf("%s: cloud-init: %v: %s", layout, err, cloudinittest.Stderr(err))
 		}
 		var got map[string]any
 		if err := json.Unmarshal(out, &got); err != nil {

@@ -1,0 +1,54 @@
+// Package cloudinittest runs real cloud-init (Debian 12's 22.4) readers
+// against minicloud metadata in tests: cloudinit_client.py calls
+// cloud-init's own Ec2, OpenStack, ConfigDrive and NoCloud code and prints
+// what cloud-init sees as JSON.
+package cloudinittest
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+)
+
+// DefaultPath is where hosts unpack Debian's cloud-init .deb
+// (dpkg -x cloud-init_*.deb /opt/cloud-init-lib) when it is not installed.
+const DefaultPath = "/opt/cloud-init-lib/usr/lib/python3/dist-packages"
+
+// Command returns the client run with args ("service <url>", "config-2
+// <dir>", "cidata <dir>"), or skips t when cloud-init's Python package is
+// not importable (installed, at DefaultPath, or at
+// $MINICLOUD_CLOUDINIT_PYTHONPATH).
+func Command(t testing.TB, args ...string) *exec.Cmd {
+	t.Helper()
+	const py = "/usr/bin/python3" // Debian's, with the python3-* packages
+	env := os.Environ()
+	pp := os.Getenv("MINICLOUD_CLOUDINIT_PYTHONPATH")
+	if pp == "" {
+		if _, err := os.Stat(filepath.Join(DefaultPath, "cloudinit")); err == nil {
+			pp = DefaultPath
+		}
+	}
+	if pp != "" {
+		env = append(env, "PYTHONPATH="+pp)
+	}
+	probe := exec.Command(py, "-c", "import cloudinit.sources.helpers.openstack, cloudinit.sources.helpers.ec2")
+	probe.Env = env
+	if out, err := probe.CombinedOutput(); err != nil {
+		t.Skipf("cloud-init's Python package is not importable (%v: %s); see docs/metadata.md, Tests", err, strings.TrimSpace(string(out)))
+	}
+	_, self, _, _ := runtime.Caller(0)
+	cmd := exec.Command(py, append([]string{filepath.Join(filepath.Dir(self), "cloudinit_client.py")}, args...)...)
+	cmd.Env = env
+	return cmd
+}
+
+// Stderr returns what a failed command wrote to stderr.
+func Stderr(err error) string {
+	if ee, ok := err.(*exec.ExitError); ok {
+		return string(ee.Stderr)
+	}
+	return ""
+}
