@@ -1,8 +1,9 @@
 package main
 
 // End-to-end tests: they build the real minicloud and minicloudd binaries,
-// start `minicloudd all-in-one` on a free loopback port and run the CLI
-// against it as a script would, checking stdout, stderr and exit codes.
+// start `minicloudd all-in-one` (or `minicloudd api` alone, where VMs must
+// not really boot) on a free loopback port and run the CLI against it as a
+// script would, checking stdout, stderr and exit codes.
 // The all-in-one stores its state in an embedded etcd started by the test
 // (via --etcd-endpoints), so no fixed port is shared with a running
 // `make up` and the API can be restarted on the same state.
@@ -94,21 +95,43 @@ type cloud struct {
 	home     string
 	proc     *exec.Cmd
 	exited   chan struct{}
-	log      *bytes.Buffer
+	log      *syncBuffer
+}
+
+// syncBuffer is the daemon's log: written by exec's copier, read by the
+// test when something fails.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // startCloud runs `minicloudd all-in-one`.
 func startCloud(t *testing.T) *cloud { return startRole(t, "all-in-one") }
 
 // startRole runs one minicloudd role against the test's etcd.
-func startRole(t *testing.T, role string) *cloud {
+func startRole(t *testing.T, role string) *cloud { return startRoleIn(t, role, t.TempDir()) }
+
+// startRoleIn runs one minicloudd role with its data in dataDir.
+func startRoleIn(t *testing.T, role, dataDir string) *cloud {
 	t.Helper()
 	cli, daemon := binaries(t)
 	etcd, etcdClient := etcdtest.Start(t)
 	c := &cloud{
 		t: t, cli: cli, daemon: daemon, role: role, etcd: etcdClient,
 		etcdURL:  "http://" + etcd.Endpoint,
-		dataDir:  t.TempDir(),
+		dataDir:  dataDir,
 		endpoint: freeAddr(t),
 		home:     t.TempDir(),
 	}
@@ -132,7 +155,7 @@ func freeAddr(t *testing.T) string {
 func (c *cloud) start() {
 	t := c.t
 	t.Helper()
-	c.log = &bytes.Buffer{}
+	c.log = &syncBuffer{}
 	c.proc = exec.Command(c.daemon, c.role,
 		"--data-dir", c.dataDir, "--listen", c.endpoint,
 		"--etcd-endpoints", c.etcdURL, "--metrics-listen", "")
@@ -250,7 +273,7 @@ func decodeJSON(t *testing.T, s string, v any) {
 }
 
 func TestE2EFlavorsNetworksServerGroups(t *testing.T) {
-	c := startCloud(t)
+	c := startRole(t, "api") // VMs here must not boot: the API alone
 
 	out := c.ok("flavor", "create", "small", "--vcpus", "1", "--memory-mib", "1024", "--disk-gib", "4")
 	if !strings.Contains(out, "small") {
@@ -384,7 +407,7 @@ func TestE2EImages(t *testing.T) {
 }
 
 func TestE2EVMs(t *testing.T) {
-	c := startCloud(t)
+	c := startRole(t, "api") // VMs here must not boot: the API alone
 	dir := c.seed()
 	ud := filepath.Join(dir, "init.yaml")
 	os.WriteFile(ud, []byte("#cloud-config\nhostname: web1\n"), 0o644)
@@ -443,7 +466,7 @@ func TestE2EVMs(t *testing.T) {
 // (which keeps retrying while the API is unavailable), brings the API back
 // on the same state and checks that exactly one VM was made.
 func TestE2ECreateRetriesWithSameRequestID(t *testing.T) {
-	c := startCloud(t)
+	c := startRole(t, "api") // VMs here must not boot: the API alone
 	c.seed()
 	c.stop()
 
@@ -495,7 +518,7 @@ func TestE2EUnreachableAPI(t *testing.T) {
 // Unavailable). The retry with the same request id must return that VM,
 // not make a second one.
 func TestE2ECreateResponseLost(t *testing.T) {
-	c := startCloud(t)
+	c := startRole(t, "api") // VMs here must not boot: the API alone
 	c.seed()
 	var calls int
 	loseFirstAnswer := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {

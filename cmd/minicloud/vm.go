@@ -314,22 +314,24 @@ func (a *app) newVMEventsCommand(complete cobra.CompletionFunc) *cobra.Command {
 
 func (a *app) newVMWaitCommand(complete cobra.CompletionFunc) *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "wait NAME --for running|ready|deleted",
-		Short: "Wait until a VM is running, ready (guest up) or deleted",
+		Use:   "wait NAME --for running|ready|stopped|deleted",
+		Short: "Wait until a VM is running, ready (guest up), stopped or deleted",
 		Long: `Wait until a VM reaches a state, printing its phase changes on stderr.
 
   running  the VM's phase is RUNNING
   ready    the GuestReady condition is true (the guest fetched its metadata)
+  stopped  the VM's phase is STOPPED
   deleted  the VM is gone
 
-Fails (exit 1) if the VM goes to ERROR while waiting for running or ready,
+Fails (exit 1) if the VM goes to ERROR (or is deleted) while waiting for
+anything but deleted,
 and with exit 6 when --timeout runs out.`,
 		Args:              exactArgs("NAME"),
 		ValidArgsFunction: complete,
 	}
 	var target waitTarget
-	cmd.Flags().Var(&target, "for", "running, ready or deleted")
-	cmd.RegisterFlagCompletionFunc("for", cobra.FixedCompletions([]string{"running", "ready", "deleted"}, cobra.ShellCompDirectiveNoFileComp))
+	cmd.Flags().Var(&target, "for", "running, ready, stopped or deleted")
+	cmd.RegisterFlagCompletionFunc("for", cobra.FixedCompletions([]string{"running", "ready", "stopped", "deleted"}, cobra.ShellCompDirectiveNoFileComp))
 	timeout := cmd.Flags().Duration("timeout", defaultWaitTimeout, "give up after this long")
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		if err := requireFlags(cmd, "for"); err != nil {

@@ -19,17 +19,18 @@ const (
 	waitRunning waitTarget = "running"
 	waitReady   waitTarget = "ready"
 	waitDeleted waitTarget = "deleted"
+	waitStopped waitTarget = "stopped"
 )
 
 func (t *waitTarget) String() string { return string(*t) }
-func (t *waitTarget) Type() string   { return "running|ready|deleted" }
+func (t *waitTarget) Type() string   { return "running|ready|stopped|deleted" }
 func (t *waitTarget) Set(s string) error {
 	switch waitTarget(s) {
-	case waitRunning, waitReady, waitDeleted:
+	case waitRunning, waitReady, waitStopped, waitDeleted:
 		*t = waitTarget(s)
 		return nil
 	}
-	return fmt.Errorf("%q: must be running, ready or deleted", s)
+	return fmt.Errorf("%q: must be running, ready, stopped or deleted", s)
 }
 
 // conditionGuestReady is the condition "ready" waits for.
@@ -69,6 +70,8 @@ func reached(vm *minicloudv1.VM, target waitTarget) (bool, error) {
 		return phase == minicloudv1.VMPhase_VM_PHASE_RUNNING, nil
 	case waitReady:
 		return guestReady(vm), nil
+	case waitStopped:
+		return phase == minicloudv1.VMPhase_VM_PHASE_STOPPED, nil
 	}
 	return false, nil
 }
