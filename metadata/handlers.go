@@ -258,7 +258,7 @@ func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastE
 		select {
 		case <-req.entry.changed:
 			// Re-identify: the instance may have lost this address.
-			e, err := s.dir.identify(req.peer)
+			e, err := s.dir.identify(req.peer, req.mac)
 			if err != nil {
 				notFound(req)
 				return

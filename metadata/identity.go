@@ -1,6 +1,7 @@
 package metadata
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -16,9 +17,11 @@ type Peer struct {
 	// Interface is the host interface (bridge) the connection arrived on.
 	Interface string
 	Addr      netip.Addr
-	// MAC is the source's link-layer address from the host's neighbour
-	// table; nil only for resolvers that have no link layer (loopback
-	// benchmarks and unit tests), and then no MAC check is made.
+	// MAC is the source's link-layer address when the resolver knows it up
+	// front. The bridge resolver leaves it nil and looks the MAC up in the
+	// host's neighbour table only for addresses that map to an instance.
+	// Resolvers without a link layer (loopback benchmark, unit tests) leave
+	// it nil, and then no MAC check is made.
 	MAC net.HardwareAddr
 }
 
@@ -77,6 +80,14 @@ func (NetlinkNeighbours) LookupMAC(iface string, ip netip.Addr) (net.HardwareAdd
 	return nil, fmt.Errorf("%s on %s: %w", target, iface, errNoNeighbour)
 }
 
+// macResolver is implemented by resolvers that learn the source MAC
+// separately: the server asks only once the address maps to an instance
+// and that instance is within its rate limit, so a guest opening
+// connections cannot make the host dump its neighbour table at will.
+type macResolver interface {
+	resolveMAC(p Peer) (net.HardwareAddr, error)
+}
+
 // bridgeResolver identifies connections accepted on a listener bound to one
 // bridge: the bridge is the listener's, the address the TCP peer's and the
 // MAC the neighbour table's.
@@ -90,31 +101,30 @@ func (r bridgeResolver) ResolvePeer(c net.Conn) (Peer, error) {
 	if err != nil {
 		return Peer{}, fmt.Errorf("peer address %s: %w", c.RemoteAddr(), err)
 	}
-	p := Peer{Interface: r.iface, Addr: ap.Addr().Unmap()}
-	p.MAC, err = r.neigh.LookupMAC(r.iface, p.Addr)
-	if err != nil {
-		return Peer{}, err
-	}
-	return p, nil
+	return Peer{Interface: r.iface, Addr: ap.Addr().Unmap()}, nil
+}
+
+func (r bridgeResolver) resolveMAC(p Peer) (net.HardwareAddr, error) {
+	return r.neigh.LookupMAC(r.iface, p.Addr)
 }
 
 // identify maps a peer to its instance's current entry: the address must
-// belong to an instance on that very bridge, and the MAC the host saw must be
-// that interface's.
-func (d *Directory) identify(p Peer) (*entry, error) {
+// belong to an instance on that very bridge, and mac (when known: nil only
+// for resolvers without a link layer) must be that interface's.
+func (d *Directory) identify(p Peer, mac net.HardwareAddr) (*entry, error) {
 	e := d.lookup(p.Interface, p.Addr)
 	if e == nil {
 		return nil, fmt.Errorf("no instance has %s on %s", p.Addr, p.Interface)
 	}
-	if p.MAC == nil {
+	if mac == nil {
 		return e, nil
 	}
 	for _, nic := range e.inst.Interfaces {
 		if nic.Bridge == p.Interface && nic.Address.Addr() == p.Addr {
-			if nic.MAC.String() == p.MAC.String() {
+			if bytes.Equal(nic.MAC, mac) {
 				return e, nil
 			}
-			return nil, fmt.Errorf("%s on %s comes from MAC %s, instance %s has %s", p.Addr, p.Interface, p.MAC, e.inst.ID, nic.MAC)
+			return nil, fmt.Errorf("%s on %s comes from MAC %s, instance %s has %s", p.Addr, p.Interface, mac, e.inst.ID, nic.MAC)
 		}
 	}
 	return nil, fmt.Errorf("no interface for %s on %s", p.Addr, p.Interface)

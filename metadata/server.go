@@ -295,11 +295,26 @@ type peerConn struct {
 	once     sync.Once
 	peer     Peer
 	err      error
+
+	macOnce sync.Once
+	mac     net.HardwareAddr
+	macErr  error
 }
 
 func (c *peerConn) resolve() (Peer, error) {
 	c.once.Do(func() { c.peer, c.err = c.resolver.ResolvePeer(c.Conn) })
 	return c.peer, c.err
+}
+
+// sourceMAC is the peer's MAC, looked up at most once per connection.
+func (c *peerConn) sourceMAC() (net.HardwareAddr, error) {
+	c.macOnce.Do(func() {
+		c.mac = c.peer.MAC
+		if mr, ok := c.resolver.(macResolver); ok && c.mac == nil {
+			c.mac, c.macErr = mr.resolveMAC(c.peer)
+		}
+	})
+	return c.mac, c.macErr
 }
 
 type peerConnKey struct{}
@@ -343,6 +358,7 @@ type request struct {
 	r     *http.Request
 	pc    *peerConn
 	peer  Peer
+	mac   net.HardwareAddr
 	entry *entry
 	trees *rendered
 	// longPoll marks GCE waits so their duration stays out of the latency
@@ -385,9 +401,12 @@ func (s *Server) serve(req *request, tree string) {
 		return
 	}
 	req.peer = peer
-	e, err := s.dir.identify(peer)
-	if err != nil {
-		s.logUnknown("metadata request from unknown source", "interface", peer.Interface, "source", peer.Addr, "mac", peer.MAC.String(), "err", err)
+	// Cheap checks first: the address must map to an instance and that
+	// instance must be within its rate limit before the host's neighbour
+	// table is read for the MAC.
+	e := s.dir.lookup(peer.Interface, peer.Addr)
+	if e == nil {
+		s.logUnknown("metadata request from unknown source", "interface", peer.Interface, "source", peer.Addr)
 		notFound(req)
 		return
 	}
@@ -395,6 +414,17 @@ func (s *Server) serve(req *request, tree string) {
 		writeText(req, http.StatusTooManyRequests, "Too Many Requests")
 		return
 	}
+	mac, err := pc.sourceMAC()
+	if err == nil {
+		e, err = s.dir.identify(peer, mac)
+	}
+	if err != nil {
+		s.logUnknown("metadata request from unknown source", "interface", peer.Interface, "source", peer.Addr, "mac", mac.String(), "err", err)
+		notFound(req)
+		return
+	}
+	req.mac = mac
+	s.markSeen(e.inst.ID)
 	if err := s.use(req, e); err != nil {
 		s.log.Error("render metadata", "instance", e.inst.ID, "err", err)
 		writeText(req, http.StatusInternalServerError, "Internal Server Error")
@@ -439,7 +469,7 @@ type guestState struct {
 	lastSeen atomic.Int64 // unix nanoseconds
 }
 
-// allow applies the per-VM rate limit and records the request.
+// allow applies the per-VM rate limit.
 func (s *Server) allow(id string) bool {
 	s.limMu.Lock()
 	g, ok := s.limiters[id]
@@ -455,15 +485,21 @@ func (s *Server) allow(id string) bool {
 		s.limiters[id] = g
 	}
 	s.limMu.Unlock()
-	if !g.lim.Allow() {
-		return false
-	}
-	g.lastSeen.Store(s.opts.Now().UnixNano())
-	return true
+	return g.lim.Allow()
 }
 
-// LastSeen reports when the VM last had a request answered (not refused
-// by the rate limit) — the agent's evidence that the guest is up and
+// markSeen records that the VM was answered.
+func (s *Server) markSeen(id string) {
+	s.limMu.Lock()
+	g := s.limiters[id]
+	s.limMu.Unlock()
+	if g != nil {
+		g.lastSeen.Store(s.opts.Now().UnixNano())
+	}
+}
+
+// LastSeen reports when the VM last had a request identified and let
+// through the rate limit — the agent's evidence that the guest is up and
 // reading its metadata.
 func (s *Server) LastSeen(vmID string) (time.Time, bool) {
 	s.limMu.Lock()

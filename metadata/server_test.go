@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -186,11 +187,15 @@ func TestInstanceFromVM(t *testing.T) {
 }
 
 // staticNeighbours is a neighbour table given by the test (the netlink one
-// is exercised by the real-network tests).
-type staticNeighbours map[netip.Addr]net.HardwareAddr
+// is exercised by the real-network tests); it counts its lookups.
+type staticNeighbours struct {
+	macs    map[netip.Addr]net.HardwareAddr
+	lookups *atomic.Int64
+}
 
 func (n staticNeighbours) LookupMAC(_ string, ip netip.Addr) (net.HardwareAddr, error) {
-	if m, ok := n[ip]; ok {
+	n.lookups.Add(1)
+	if m, ok := n.macs[ip]; ok {
 		return m, nil
 	}
 	return nil, errNoNeighbour
@@ -209,10 +214,10 @@ func TestBridgeResolverFailsClosed(t *testing.T) {
 	if err := dir.Set([]*Instance{inst, other, third}); err != nil {
 		t.Fatal(err)
 	}
-	neigh := staticNeighbours{
+	neigh := staticNeighbours{lookups: new(atomic.Int64), macs: map[netip.Addr]net.HardwareAddr{
 		netip.MustParseAddr("127.0.0.2"): mustMAC("52:54:00:00:00:0a"),
 		netip.MustParseAddr("127.0.0.3"): mustMAC("52:54:00:00:00:ff"),
-	}
+	}}
 	srv, err := NewServer(dir, Options{Neighbours: neigh})
 	if err != nil {
 		t.Fatal(err)
@@ -235,4 +240,12 @@ func TestBridgeResolverFailsClosed(t *testing.T) {
 	e.expect(2, "/latest/meta-data/instance-id", 200, idA) // MAC known and right
 	e.expect(3, "/latest/meta-data/instance-id", 404, "")  // MAC known and wrong
 	e.expect(4, "/latest/meta-data/instance-id", 404, "")  // no neighbour entry
+	// An address that maps to no instance never costs a neighbour lookup.
+	before := neigh.lookups.Load()
+	for i := 0; i < 5; i++ {
+		e.expect(9, "/latest/meta-data/instance-id", 404, "")
+	}
+	if n := neigh.lookups.Load(); n != before {
+		t.Errorf("unknown sources caused %d neighbour lookups", n-before)
+	}
 }
