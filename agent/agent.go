@@ -92,9 +92,11 @@ type Agent struct {
 	hypervisorKind string // "kvm" or "tcg", measured at start
 
 	mu        sync.Mutex
-	assigned  map[string]*assignment // by VM id
-	synced    bool                   // the full assignment set has been received
-	publishMu sync.Mutex             // serialises publishGuests
+	assigned  map[string]*assignment           // by VM id
+	reported  map[string]*minicloudv1.VMStatus // last status this agent reported, by VM id
+	synced    bool                             // the full assignment set has been received
+	publishMu sync.Mutex                       // serialises publishGuests
+	bridgeMu  sync.Mutex                       // serialises bridge creation and collection
 }
 
 // assignment is one VM assigned to this host, as last received.
@@ -141,6 +143,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 		guest:    d.Guest,
 		queue:    newWorkQueue(time.Second, 2*time.Minute),
 		assigned: map[string]*assignment{},
+		reported: map[string]*minicloudv1.VMStatus{},
 	}, nil
 }
 

@@ -59,6 +59,7 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) error 
 			id := ev.GetVm().GetMeta().GetId()
 			a.mu.Lock()
 			delete(a.assigned, id)
+			delete(a.reported, id)
 			a.mu.Unlock()
 			a.queue.Add(id)
 			a.publishGuests(ctx)

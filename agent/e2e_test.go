@@ -263,6 +263,11 @@ func TestVMLifecycleOnRealLibvirt(t *testing.T) {
 	c.MustMC("vm", "delete", "web1")
 	waitVM(t, c, "web1", "deleted", nil)
 	assertNothingLeft(t, c, id)
+	// The network's bridge goes with its last VM on this host.
+	bridge := vm.GetStatus().GetAddresses()[0].GetBridge()
+	if out, err := exec.Command("ip", "link", "show", bridge).CombinedOutput(); err == nil {
+		t.Errorf("bridge %s still exists after its last VM was deleted:\n%s", bridge, out)
+	}
 }
 
 // TestAgentCrashDuringCreateAndDelete kills the whole all-in-one with

@@ -35,6 +35,8 @@ type Hypervisor interface {
 // Network plumbs guest ports into bridges, with anti-spoofing filters.
 type Network interface {
 	EnsureBridge(ctx context.Context, spec network.BridgeSpec) error
+	// DeleteBridge removes a bridge and its rules; absent is not an error.
+	DeleteBridge(ctx context.Context, name string) error
 	EnsurePort(ctx context.Context, spec network.PortSpec) error
 	DeletePort(ctx context.Context, tapName string) error
 	// ListPorts returns every port minicloud created, with the VM it

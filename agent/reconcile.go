@@ -77,14 +77,20 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 			return result{}, nil
 		}
 		a.log.Info("cleaning up a VM that is not assigned to this host", "vm", id)
-		return result{}, a.teardown(ctx, id)
+		if err := a.teardown(ctx, id); err != nil {
+			return result{}, err
+		}
+		return result{}, a.collectBridges(ctx)
 	}
 	if vm.GetSpec().GetDeletionRequested() {
 		if err := a.teardown(ctx, id); err != nil {
 			return result{}, err
 		}
 		a.publishGuests(ctx)
-		return result{}, a.report(ctx, vm, nil, reportDeleted)
+		if err := a.report(ctx, vm, nil, reportDeleted); err != nil {
+			return result{}, err
+		}
+		return result{}, a.collectBridges(ctx)
 	}
 	if vm.GetStatus().GetPhase() == minicloudv1.VMPhase_VM_PHASE_ERROR &&
 		vm.GetStatus().GetObservedResourceVersion() == vm.GetMeta().GetResourceVersion() {
@@ -99,7 +105,7 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		if terr := a.teardown(ctx, id); terr != nil {
 			return result{}, terr
 		}
-		st := statusFrom(vm)
+		st := a.observedStatus(vm)
 		st.Phase = minicloudv1.VMPhase_VM_PHASE_ERROR
 		st.Reason, st.Message = perm.reason, err.Error()
 		return result{}, a.report(ctx, vm, st, reportStatus, warning(perm.reason, err.Error()))
@@ -124,7 +130,7 @@ func (a *Agent) domainEverCreated(vm *minicloudv1.VM) bool {
 
 func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byte) (result, error) {
 	id := vm.GetMeta().GetId()
-	st := statusFrom(vm)
+	st := a.observedStatus(vm)
 	var events []*minicloudv1.Event
 
 	dom, err := a.hv.Status(ctx, id)
@@ -255,7 +261,7 @@ func (a *Agent) convergePower(ctx context.Context, vm *minicloudv1.VM, st *minic
 			if err := a.hv.Start(ctx, id); err != nil {
 				return result{}, nil, fmt.Errorf("start domain: %w", err)
 			}
-			events = append(events, normal("Started", "domain started ("+st.GetHypervisor()+")"))
+			events = append(events, normal("Started", "domain started under "+a.hypervisorKind))
 		} else if spec.GetRebootGeneration() > vm.GetStatus().GetObservedRebootGeneration() {
 			if err := a.hv.Reboot(ctx, id); err != nil {
 				return result{}, nil, fmt.Errorf("reboot domain: %w", err)
@@ -354,7 +360,7 @@ func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]hyperv
 		if mtu == 0 {
 			mtu = 1500
 		}
-		if err := a.net.EnsureBridge(ctx, network.BridgeSpec{
+		if err := a.ensureBridge(ctx, network.BridgeSpec{
 			Name:        addr.GetBridge(),
 			GatewayCIDR: netip.PrefixFrom(gw, int(addr.GetPrefixLength())),
 			MTU:         mtu,
@@ -402,6 +408,17 @@ func (a *Agent) domainSpec(vm *minicloudv1.VM, b bootMedia, nics []hypervisor.NI
 			Family:       "Virtual Machine",
 		},
 	}
+}
+
+// ensureBridge creates a network's bridge, recorded as this agent's, under
+// bridgeMu so that collectBridges never removes a bridge being plugged into.
+func (a *Agent) ensureBridge(ctx context.Context, spec network.BridgeSpec) error {
+	a.bridgeMu.Lock()
+	defer a.bridgeMu.Unlock()
+	if err := a.claimBridge(spec.Name); err != nil {
+		return err
+	}
+	return a.net.EnsureBridge(ctx, spec)
 }
 
 // teardown removes everything the host holds for a VM: domain, disk,

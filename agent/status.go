@@ -27,6 +27,31 @@ func statusFrom(vm *minicloudv1.VM) *minicloudv1.VMStatus {
 	return proto.Clone(vm.GetStatus()).(*minicloudv1.VMStatus)
 }
 
+// observedStatus is the status converge starts from: the stored one, with
+// the fields the host owns taken from the host's own last report when that
+// is newer than what the assignment stream has delivered so far. Without
+// it, a reconcile that runs before its own report comes back would see the
+// old conditions and report the same transitions (and events) twice.
+func (a *Agent) observedStatus(vm *minicloudv1.VM) *minicloudv1.VMStatus {
+	st := statusFrom(vm)
+	a.mu.Lock()
+	last := a.reported[vm.GetMeta().GetId()]
+	a.mu.Unlock()
+	switch {
+	case last == nil:
+	case st.Phase == minicloudv1.VMPhase_VM_PHASE_SCHEDULED, st.Phase == minicloudv1.VMPhase_VM_PHASE_DELETING:
+		// Written by the scheduler or the API after our report.
+	case last.ObservedResourceVersion < st.ObservedResourceVersion:
+	default:
+		st.Phase, st.Reason, st.Message = last.Phase, last.Reason, last.Message
+		st.Hypervisor = last.Hypervisor
+		st.ObservedRebootGeneration = last.ObservedRebootGeneration
+		st.ObservedResourceVersion = last.ObservedResourceVersion
+		st.Conditions = proto.Clone(last).(*minicloudv1.VMStatus).Conditions
+	}
+	return st
+}
+
 // setCondition sets a condition and says whether it changed. The transition
 // time moves only when the status flips, as in Kubernetes.
 func setCondition(st *minicloudv1.VMStatus, typ string, status bool, reason, message string) bool {
@@ -62,7 +87,8 @@ func warning(reason, message string) *minicloudv1.Event {
 // stored one is not sent, so a reconcile that changes nothing writes
 // nothing — otherwise every report would trigger another reconcile.
 func (a *Agent) report(ctx context.Context, vm *minicloudv1.VM, st *minicloudv1.VMStatus, kind reportKind, events ...*minicloudv1.Event) error {
-	if kind == reportStatus && len(events) == 0 && sameObservedStatus(vm.GetStatus(), st) {
+	id := vm.GetMeta().GetId()
+	if kind == reportStatus && len(events) == 0 && sameObservedStatus(a.observedStatus(vm), st) {
 		return nil
 	}
 	for _, e := range events {
@@ -86,6 +112,13 @@ func (a *Agent) report(ctx context.Context, vm *minicloudv1.VM, st *minicloudv1.
 		}
 		return fmt.Errorf("report status of VM %s: %w", req.VmId, err)
 	}
+	a.mu.Lock()
+	if kind == reportStatus && st != nil {
+		a.reported[id] = proto.Clone(st).(*minicloudv1.VMStatus)
+	} else {
+		delete(a.reported, id)
+	}
+	a.mu.Unlock()
 	return nil
 }
 

@@ -72,6 +72,12 @@ minicloud vm wait demo --for ready --timeout 3m
 minicloud vm show demo
 
 step "what the guest read from its metadata service (serial console)"
+# GuestReady means the metadata service answered the guest; the guest prints
+# what it read a moment later.
+for _ in $(seq 1 60); do
+  minicloud vm console-log demo | grep -q MINICLOUD-GUEST-READY && break
+  sleep 1
+done
 minicloud vm console-log demo | sed -n '/MINICLOUD-METADATA-BEGIN/,/MINICLOUD-GUEST-READY/p'
 
 cat <<MSG

@@ -247,14 +247,7 @@ func validDigest(d string) error {
 	return nil
 }
 
+// partName is "disk", "kernel" or "initrd" for log and error messages.
 func partName(p minicloudv1.ImagePart) string {
-	switch p {
-	case minicloudv1.ImagePart_IMAGE_PART_DISK:
-		return "disk"
-	case minicloudv1.ImagePart_IMAGE_PART_KERNEL:
-		return "kernel"
-	case minicloudv1.ImagePart_IMAGE_PART_INITRD:
-		return "initrd"
-	}
-	return p.String()
+	return strings.ToLower(strings.TrimPrefix(p.String(), "IMAGE_PART_"))
 }

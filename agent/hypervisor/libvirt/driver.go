@@ -291,6 +291,12 @@ func (d *Driver) Destroy(ctx context.Context, vmID string) error {
 	if err != nil {
 		return err
 	}
+	return destroyLive(l, dom, vmID)
+}
+
+// destroyLive cuts the power of dom; one that is not running (or vanished
+// meanwhile) is fine.
+func destroyLive(l *golibvirt.Libvirt, dom golibvirt.Domain, vmID string) error {
 	if err := l.DomainDestroyFlags(dom, 0); err != nil && !isOperationInvalid(err) && !golibvirt.IsNotFound(err) {
 		return classify(err, "destroy %s", vmID)
 	}
@@ -318,8 +324,8 @@ func (d *Driver) Undefine(ctx context.Context, vmID string) error {
 	if err != nil {
 		return err
 	}
-	if err := l.DomainDestroyFlags(dom, 0); err != nil && !isOperationInvalid(err) && !golibvirt.IsNotFound(err) {
-		return classify(err, "destroy %s", vmID)
+	if err := destroyLive(l, dom, vmID); err != nil {
+		return err
 	}
 	err = l.DomainUndefineFlags(dom, golibvirt.DomainUndefineManagedSave|golibvirt.DomainUndefineSnapshotsMetadata|golibvirt.DomainUndefineCheckpointsMetadata)
 	if err != nil && !golibvirt.IsNotFound(err) {
