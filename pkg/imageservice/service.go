@@ -136,30 +136,11 @@ func (s *Service) DeleteImage(ctx context.Context, req *minicloudv1.DeleteImageR
 	if err := validateName(name); err != nil {
 		return nil, err
 	}
-	img, rev, err := s.get(ctx, name)
-	if err != nil {
-		return nil, err
-	}
-	vm, err := s.inUse(ctx, name)
-	if err != nil {
-		return nil, fmt.Errorf("check whether image %s is in use: %w", name, err)
-	}
-	if vm != "" {
-		return nil, errdefs.FailedPrecondition("image %q is in use by VM %q; delete the VM first", name, vm)
-	}
-
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
-	key := store.ImageKey(name)
-	resp, err := s.etcd.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).
-		Then(clientv3.OpDelete(key)).
-		Commit()
+	img, err := s.deleteUnused(ctx, name)
 	if err != nil {
-		return nil, storeErr(err, "delete image %s", name)
-	}
-	if !resp.Succeeded {
-		return nil, errdefs.Conflict("image %q changed while being deleted; retry", name)
+		return nil, err
 	}
 	if err := s.removeUnreferenced(ctx, blobDigests(img)); err != nil {
 		// The image is gone; a leaked blob is collected at the next start.
@@ -216,6 +197,52 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 		return errdefs.Internal("image %q %s: blob %s has %d bytes, metadata says %d", name, partName(req.GetPart()), blob.GetSha256(), sent, blob.GetSizeBytes())
 	}
 	return nil
+}
+
+// deleteAttempts bounds how often DeleteImage retries when VMs change
+// between its in-use check and its delete.
+const deleteAttempts = 5
+
+// deleteUnused deletes the image key if no VM uses the image. A VM created
+// between the in-use check and the delete makes the transaction fail (no VM
+// spec may change after the revision the check started from), and the
+// check runs again. The caller holds commitMu.
+func (s *Service) deleteUnused(ctx context.Context, name string) (*minicloudv1.Image, error) {
+	key := store.ImageKey(name)
+	for range deleteAttempts {
+		resp, err := s.etcd.Get(ctx, key)
+		if err != nil {
+			return nil, storeErr(err, "get image %s", name)
+		}
+		if len(resp.Kvs) == 0 {
+			return nil, errdefs.NotFound("image %q not found", name)
+		}
+		kv := resp.Kvs[0]
+		img, err := decodeImage(kv.Value, kv.ModRevision)
+		if err != nil {
+			return nil, err
+		}
+		// InUse reads at or after this revision.
+		checkedAt := resp.Header.Revision
+		vm, err := s.inUse(ctx, name)
+		if err != nil {
+			return nil, fmt.Errorf("check whether image %s is in use: %w", name, err)
+		}
+		if vm != "" {
+			return nil, errdefs.FailedPrecondition("image %q is in use by VM %q; delete the VM first", name, vm)
+		}
+		txn, err := s.etcd.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision), store.UnchangedSince(store.VMSpecPrefix, checkedAt)).
+			Then(clientv3.OpDelete(key)).
+			Commit()
+		if err != nil {
+			return nil, storeErr(err, "delete image %s", name)
+		}
+		if txn.Succeeded {
+			return img, nil
+		}
+	}
+	return nil, errdefs.Conflict("image %q: VMs kept changing while it was being deleted; retry", name)
 }
 
 // CollectGarbage removes temporary files no upload owns and blobs no image

@@ -37,6 +37,8 @@ type env struct {
 	client minicloudv1.ImageServiceClient
 	svc    *Service
 	inUse  map[string]string
+	// onInUse, if set, runs inside every InUse call (to race with deletes).
+	onInUse func(image string)
 	// createDone receives the error of every CreateImage handler once it has
 	// returned, so tests can check what a failed upload left behind.
 	createDone chan error
@@ -50,7 +52,11 @@ func newEnv(t *testing.T, maxBytes int64) *env {
 		Client: etcd,
 		Dir:    e.dir,
 		InUse: func(_ context.Context, image string) (string, error) {
-			return e.inUse[image], nil
+			vm := e.inUse[image]
+			if e.onInUse != nil {
+				e.onInUse(image)
+			}
+			return vm, nil
 		},
 		MaxImageBytes: maxBytes,
 	})
@@ -310,6 +316,35 @@ func TestDeleteInUse(t *testing.T) {
 	}
 	if len(e.dirFiles(t)) != 1 {
 		t.Fatal("blob gone after refused delete")
+	}
+}
+
+// TestDeleteRacingVMCreate creates a VM (its spec key, as the API's create
+// transaction would) after the in-use check has passed and before the
+// delete commits: the delete must notice, check again and refuse.
+func TestDeleteRacingVMCreate(t *testing.T) {
+	e := newEnv(t, 0)
+	ctx := context.Background()
+	if _, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: "racy"}, parts{disk: randomBytes(t, 4096)}); err != nil {
+		t.Fatal(err)
+	}
+	checks := 0
+	e.onInUse = func(image string) {
+		checks++
+		if checks == 1 {
+			if _, err := e.etcd.Put(ctx, store.VMSpecKey("vm-1"), "spec"); err != nil {
+				t.Error(err)
+			}
+			e.inUse[image] = "web1"
+		}
+	}
+	_, err := e.client.DeleteImage(ctx, &minicloudv1.DeleteImageRequest{Name: "racy"})
+	wantCode(t, err, codes.FailedPrecondition)
+	if checks != 2 || !strings.Contains(err.Error(), "web1") {
+		t.Fatalf("%d in-use checks, error %v; want a second check that finds web1", checks, err)
+	}
+	if _, err := e.client.GetImage(ctx, &minicloudv1.GetImageRequest{Name: "racy"}); err != nil {
+		t.Fatalf("image deleted under a new VM: %v", err)
 	}
 }
 
