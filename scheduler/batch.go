@@ -3,40 +3,39 @@ package scheduler
 import (
 	"context"
 
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// Group commit. Every placement is one guarded transaction; committing each
-// on its own costs a round trip, a raft entry and a disk sync per VM. The
-// committer folds the transactions that workers submit at the same time into
-// one (all compares, all ops), as a database's group commit does. This is
-// safe because one replica never has two claims in flight on the same host
-// (placement.InFlight) or for the same VM (the queue), so the folded
-// compares are independent. If the folded transaction fails — another
-// replica or the API changed one of the keys — nothing was written and each
-// placement is retried on its own, where its Else branch reads the fresh
-// values.
+// Group commit. Every placement is one guarded transaction; sent alone, each
+// costs a round trip, a raft entry and a disk sync. The committer sends the
+// placements that workers submit at the same time as one etcd transaction
+// made of nested transactions, one per placement: each nested transaction
+// checks its own compares and runs its own Then or Else, so a placement that
+// lost a race fails alone (and its Else reads the fresh values) while the
+// others commit. Nested puts must not touch the same key; they never do,
+// because one replica never has two placements in flight on one host
+// (placement.InFlight) or for one VM (the queue).
 
-// maxBatch keeps a folded transaction under etcd's default --max-txn-ops
-// (128): a placement has 4 puts and 3 compares.
-const maxBatch = 32
+// maxBatch bounds the nested transactions per commit (etcd's default
+// --max-txn-ops, 128, applies to each level).
+const maxBatch = 64
 
-// committers is how many folded transactions may be in flight at once.
+// committers is how many batched transactions may be in flight at once.
 const committers = 4
 
 type commitRequest struct {
-	cmps []clientv3.Cmp
-	ops  []clientv3.Op
-	done chan commitResult
+	cmps         []clientv3.Cmp
+	then, orElse []clientv3.Op
+	done         chan commitResult
 }
 
 type commitResult struct {
-	// committed: the placement is in etcd at revision rev. Otherwise, if
-	// err is nil, the folded transaction failed and the caller must retry
-	// on its own.
-	committed bool
-	rev       int64
-	err       error
+	// resp is the placement's own (nested) transaction response; rev is
+	// the revision of the whole commit.
+	resp *etcdserverpb.TxnResponse
+	rev  int64
+	err  error
 }
 
 type batcher struct {
@@ -72,25 +71,24 @@ func (b *batcher) run(ctx context.Context) {
 }
 
 func (b *batcher) commit(ctx context.Context, batch []commitRequest) {
-	var cmps []clientv3.Cmp
-	var ops []clientv3.Op
-	for _, r := range batch {
-		cmps = append(cmps, r.cmps...)
-		ops = append(ops, r.ops...)
+	ops := make([]clientv3.Op, len(batch))
+	for i, r := range batch {
+		ops[i] = clientv3.OpTxn(r.cmps, r.then, r.orElse)
 	}
-	resp, err := b.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
-	res := commitResult{err: err}
-	if err == nil && resp.Succeeded {
-		res = commitResult{committed: true, rev: resp.Header.Revision}
-	}
-	for _, r := range batch {
-		r.done <- res
+	resp, err := b.kv.Txn(ctx).Then(ops...).Commit()
+	for i, r := range batch {
+		if err != nil {
+			r.done <- commitResult{err: err}
+			continue
+		}
+		r.done <- commitResult{resp: resp.Responses[i].GetResponseTxn(), rev: resp.Header.Revision}
 	}
 }
 
-// submit hands a placement's transaction to the committer and waits.
-func (b *batcher) submit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.Op) commitResult {
-	r := commitRequest{cmps: cmps, ops: ops, done: make(chan commitResult, 1)}
+// submit hands a placement's transaction to a committer and waits for its
+// outcome.
+func (b *batcher) submit(ctx context.Context, cmps []clientv3.Cmp, then, orElse []clientv3.Op) commitResult {
+	r := commitRequest{cmps: cmps, then: then, orElse: orElse, done: make(chan commitResult, 1)}
 	select {
 	case b.in <- r:
 	case <-ctx.Done():

@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -14,14 +14,19 @@ import (
 )
 
 // Work sharing between replicas. Correctness never depends on it (every
-// commit is guarded by compares), but without it every replica works on
-// every PENDING VM and most of the second replica's work ends in a lost
-// race. Each replica announces itself under schedulers/<id> on a lease and
-// watches the others; a PENDING VM is decided at once by the replica that
-// rendezvous hashing names its owner, and by every other replica only if it
-// is still PENDING takeoverDelay later (its owner died, is partitioned, or
-// is far behind). No leader, no election: a replica that disappears costs
-// at most takeoverDelay of latency for its share.
+// commit is guarded by compares), but without it replicas race: every
+// replica works on every PENDING VM, and a replica whose view lags picks
+// hosts another replica has just changed, so its commit fails. Each
+// replica announces itself under schedulers/<id> on a lease and watches the
+// others; rendezvous hashing then splits both the VMs and the hosts:
+//   - a PENDING VM is decided at once by its owner, and by every other
+//     replica only if it is still PENDING takeoverDelay later (its owner
+//     died, is partitioned, or is far behind);
+//   - a replica searches its own share of the hosts first and all hosts
+//     only when none of its own fits (placement.Cluster.Preferred).
+//
+// No leader, no election: a replica that disappears costs at most
+// takeoverDelay of latency for its share of the VMs.
 
 const (
 	memberTTL     = 10 // seconds
@@ -32,47 +37,94 @@ type members struct {
 	cli  *clientv3.Client
 	self string
 
-	mu    sync.Mutex
-	ids   map[string]bool
-	ready bool
+	mu  sync.Mutex
+	ids map[string]bool
+	// view is an immutable copy of the membership that the hot path
+	// (ownership checks during a decision) reads without locking.
+	view atomic.Pointer[shareView]
 	// joined is closed once this replica has announced itself and read
 	// the membership for the first time.
 	joined     chan struct{}
 	joinedOnce sync.Once
 }
 
+// shareView is one membership as seen by this replica.
+type shareView struct {
+	self string
+	ids  []string // empty: own everything
+	// hosts caches prefersHost per host name for this membership.
+	hosts sync.Map
+}
+
 func newMembers(cli *clientv3.Client, self string) *members {
-	return &members{cli: cli, self: self, ids: map[string]bool{}, joined: make(chan struct{})}
+	m := &members{cli: cli, self: self, ids: map[string]bool{}, joined: make(chan struct{})}
+	m.view.Store(&shareView{self: self})
+	return m
+}
+
+// publish installs a new view from m.ids (mu held); ready false means
+// "not announced": own everything.
+func (m *members) publish(ready bool) {
+	v := &shareView{self: m.self}
+	if ready && len(m.ids) >= 2 && m.ids[m.self] {
+		for id := range m.ids {
+			v.ids = append(v.ids, id)
+		}
+	}
+	m.view.Store(v)
 }
 
 // owns reports whether this replica should decide vmID at once.
-func (m *members) owns(vmID string) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if !m.ready || len(m.ids) == 0 || !m.ids[m.self] {
-		return true // alone, or not announced yet: own everything
+func (m *members) owns(vmID string) bool { return m.view.Load().ownerIsSelf("vm", vmID) }
+
+// prefersHost reports whether host is in this replica's share of the
+// hosts, searched first (placement.Cluster.Preferred).
+func (m *members) prefersHost(host string) bool {
+	v := m.view.Load()
+	if len(v.ids) == 0 {
+		return true
+	}
+	if p, ok := v.hosts.Load(host); ok {
+		return p.(bool)
+	}
+	p := v.ownerIsSelf("host", host)
+	v.hosts.Store(host, p)
+	return p
+}
+
+// ownerIsSelf: rendezvous (highest random weight) hashing of kind/key over
+// the replicas. Every replica computes the same owner from the same member
+// set, and a replica joining or leaving moves only its own share.
+func (v *shareView) ownerIsSelf(kind, key string) bool {
+	if len(v.ids) == 0 {
+		return true
 	}
 	best, bestScore := "", uint64(0)
-	for id := range m.ids {
-		h := fnv.New64a()
-		h.Write([]byte(id))
-		h.Write([]byte{0})
-		h.Write([]byte(vmID))
-		if s := mix64(h.Sum64()); best == "" || s > bestScore || (s == bestScore && id < best) {
+	for _, id := range v.ids {
+		if s := weight(id, kind, key); best == "" || s > bestScore || (s == bestScore && id < best) {
 			best, bestScore = id, s
 		}
 	}
-	return best == m.self
+	return best == v.self
 }
 
-// mix64 is splitmix64's finaliser: FNV alone spreads similar keys
-// (vm-1, vm-2, ...) unevenly between replicas.
-func mix64(x uint64) uint64 {
-	x ^= x >> 30
-	x *= 0xbf58476d1ce4e5b9
-	x ^= x >> 27
-	x *= 0x94d049bb133111eb
-	return x ^ x>>31
+// weight is FNV-1a over id, kind and key (NUL separated) with splitmix64's
+// finaliser: FNV alone spreads similar keys (vm-1, vm-2, ...) unevenly.
+func weight(id, kind, key string) uint64 {
+	const offset, prime = 14695981039346656037, 1099511628211
+	h := uint64(offset)
+	for _, s := range [3]string{id, kind, key} {
+		for i := 0; i < len(s); i++ {
+			h ^= uint64(s[i])
+			h *= prime
+		}
+		h *= prime // the NUL separator
+	}
+	h ^= h >> 30
+	h *= 0xbf58476d1ce4e5b9
+	h ^= h >> 27
+	h *= 0x94d049bb133111eb
+	return h ^ h>>31
 }
 
 // run announces this replica and follows the membership until ctx ends.
@@ -83,7 +135,7 @@ func (m *members) run(ctx context.Context, log func(msg string, args ...any)) {
 			return
 		}
 		m.mu.Lock()
-		m.ready = false
+		m.publish(false)
 		m.mu.Unlock()
 		log("scheduler membership lost, re-announcing", "err", err)
 		select {
@@ -121,7 +173,7 @@ func (m *members) session(ctx context.Context) error {
 	for _, kv := range resp.Kvs {
 		m.ids[store.LastSegment(string(kv.Key))] = true
 	}
-	m.ready = true
+	m.publish(true)
 	m.mu.Unlock()
 	m.joinedOnce.Do(func() { close(m.joined) })
 	wch := m.cli.Watch(clientv3.WithRequireLeader(ctx), store.SchedulerPrefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
@@ -149,6 +201,7 @@ func (m *members) session(ctx context.Context) error {
 					m.ids[id] = true
 				}
 			}
+			m.publish(true)
 			m.mu.Unlock()
 		}
 	}

@@ -16,7 +16,7 @@ func TestRendezvousOwnershipIsExclusive(t *testing.T) {
 	a, b := newMembers(nil, "replica-a"), newMembers(nil, "replica-b")
 	for _, m := range []*members{a, b} {
 		m.ids = map[string]bool{"replica-a": true, "replica-b": true}
-		m.ready = true
+		m.publish(true)
 	}
 	ownedByA := 0
 	for i := range 1000 {
@@ -32,8 +32,21 @@ func TestRendezvousOwnershipIsExclusive(t *testing.T) {
 		t.Fatalf("replica-a owns %d of 1000 VMs: the split is unbalanced", ownedByA)
 	}
 	alone := newMembers(nil, "replica-c")
-	if !alone.owns("vm-1") {
+	if !alone.owns("vm-1") || !alone.prefersHost("sim-1") {
 		t.Fatal("a replica that has not joined yet must own everything")
+	}
+	hostsOfA := 0
+	for i := range 1000 {
+		h := fmt.Sprintf("sim-%d", i)
+		if a.prefersHost(h) == b.prefersHost(h) {
+			t.Fatalf("%s: preferred by both or neither", h)
+		}
+		if a.prefersHost(h) {
+			hostsOfA++
+		}
+	}
+	if hostsOfA < 400 || hostsOfA > 600 {
+		t.Fatalf("replica-a prefers %d of 1000 hosts: the split is unbalanced", hostsOfA)
 	}
 }
 
@@ -58,10 +71,7 @@ func TestDeadReplicaShareIsTakenOver(t *testing.T) {
 	case <-time.After(waitTimeout):
 		t.Fatal("replica never joined")
 	}
-	s.members.mu.Lock()
-	n := len(s.members.ids)
-	s.members.mu.Unlock()
-	if n != 2 {
+	if n := len(s.members.view.Load().ids); n != 2 {
 		t.Fatalf("replica sees %d members, want itself and the dead one", n)
 	}
 	start := time.Now()

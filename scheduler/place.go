@@ -107,13 +107,20 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 		case err != nil:
 			return 0, err
 		}
+		seenRev := v.statusRev
 		done, err := s.commit(ctx, v, req, r)
 		if err != nil || done {
 			return 0, err
 		}
-		s.observe(Observation{VMID: id, Outcome: "conflict", DecideTime: r.DecideTime})
-		if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
-			return 0, nil // another replica placed it
+		if v.statusRev != seenRev {
+			// Someone else changed the VM: another replica placed it, or
+			// the API deleted or rescheduled it.
+			s.observe(Observation{VMID: id, Outcome: "vm-changed", DecideTime: r.DecideTime})
+			if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+				return 0, nil
+			}
+		} else {
+			s.observe(Observation{VMID: id, Outcome: "conflict", DecideTime: r.DecideTime})
 		}
 		req.TriedHosts = v.status.GetTriedHosts()
 	}
@@ -202,36 +209,27 @@ func (s *Scheduler) commit(ctx context.Context, v *vmState, req *placement.Reque
 	}
 	cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(store.VMStatusKey(v.id)), "=", v.statusRev))
 	ops = append(ops, clientv3.OpPut(store.VMStatusKey(v.id), string(stBytes)), ev)
-	if res := s.batch.submit(ctx, cmps, ops); res.err != nil {
-		s.snap.Abort(r)
-		return false, fmt.Errorf("commit claim of vm %s on host %s: %w", v.id, r.Host, res.err)
-	} else if res.committed {
-		s.snap.Confirm(r, alloc, claim, res.rev)
-		s.observe(Observation{VMID: v.id, Host: r.Host, Outcome: "scheduled", DecideTime: r.DecideTime})
-		return true, nil
-	}
-	// The folded transaction failed on someone's compare: commit alone,
-	// reading the fresh values if it is ours.
-	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Else(
+	res := s.batch.submit(ctx, cmps, ops, []clientv3.Op{
 		clientv3.OpGet(store.HostAllocKey(r.Host)),
 		clientv3.OpGet(store.ClaimsPrefix(r.Host), clientv3.WithPrefix()),
 		clientv3.OpGet(store.VMStatusKey(v.id)),
-	).Commit()
-	if err != nil {
+	})
+	if res.err != nil {
 		s.snap.Abort(r)
-		return false, fmt.Errorf("commit claim of vm %s on host %s: %w", v.id, r.Host, err)
+		return false, fmt.Errorf("commit claim of vm %s on host %s: %w", v.id, r.Host, res.err)
 	}
-	if resp.Succeeded {
-		s.snap.Confirm(r, alloc, claim, resp.Header.Revision)
+	resp := res.resp
+	if resp.GetSucceeded() {
+		s.snap.Confirm(r, alloc, claim, res.rev)
 		s.observe(Observation{VMID: v.id, Host: r.Host, Outcome: "scheduled", DecideTime: r.DecideTime})
 		return true, nil
 	}
 	s.snap.Abort(r)
 	var allocKV = resp.Responses[0].GetResponseRange().GetKvs()
 	if len(allocKV) > 0 {
-		s.snap.RefreshHost(r.Host, allocKV[0], resp.Responses[1].GetResponseRange().GetKvs(), resp.Header.Revision)
+		s.snap.RefreshHost(r.Host, allocKV[0], resp.Responses[1].GetResponseRange().GetKvs(), res.rev)
 	} else {
-		s.snap.RefreshHost(r.Host, nil, resp.Responses[1].GetResponseRange().GetKvs(), resp.Header.Revision)
+		s.snap.RefreshHost(r.Host, nil, resp.Responses[1].GetResponseRange().GetKvs(), res.rev)
 	}
 	fresh, rev, ok, err := decodeKV(resp.Responses[2].GetResponseRange().GetKvs(), &minicloudv1.VMStatus{})
 	if err != nil {

@@ -79,8 +79,10 @@ type Observation struct {
 	VMID string
 	// Host is where the VM was placed, "" if it was not.
 	Host string
-	// Outcome is "scheduled", "no-valid-host", "conflict" (commit lost a
-	// race) or "retry" (only in-flight hosts would fit).
+	// Outcome is "scheduled", "no-valid-host", "conflict" (the host's
+	// allocation changed since the view was taken: decide again),
+	// "vm-changed" (another replica or the API changed the VM first) or
+	// "retry" (only hosts with this replica's commits in flight would fit).
 	Outcome string
 	// DecideTime is the duration of the pure placement.Schedule call.
 	DecideTime time.Duration
@@ -139,8 +141,13 @@ func New(cli *clientv3.Client, cfg Config) (*Scheduler, error) {
 		vms: map[string]vmEntry{}, on: map[string]map[string]bool{},
 	}
 	s.snap = snapshot.New(cli, cfg.Log, s.hostAliveChanged)
+	s.snap.SetPreferred(s.members.prefersHost)
 	return s, nil
 }
+
+// Joined is closed once this replica has announced itself to the others
+// (work sharing, see members.go) and knows who they are.
+func (s *Scheduler) Joined() <-chan struct{} { return s.members.joined }
 
 // Snapshot is the replica's view (read-only use: tests, metrics).
 func (s *Scheduler) Snapshot() *snapshot.Snapshot { return s.snap }

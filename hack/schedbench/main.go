@@ -147,7 +147,7 @@ type result struct {
 	placed, noValidHost  int
 	wall                 time.Duration
 	decide, e2e          []time.Duration
-	conflicts            int64
+	conflicts, vmChanged int64
 	violations           int
 }
 
@@ -156,9 +156,9 @@ func (r result) placementsPerSec() float64 {
 }
 
 func (r result) row() string {
-	return fmt.Sprintf("| %d | %d | %d | %d | %d | %.1f | %.0f | %s | %s | %s | %s | %d | %d |",
+	return fmt.Sprintf("| %d | %d | %d | %d | %d | %.1f | %.0f | %s | %s | %s | %s | %d / %d | %d |",
 		r.hosts, r.replicas, r.vms, r.placed, r.noValidHost, r.wall.Seconds(), r.placementsPerSec(),
-		pct(r.decide, 50), pct(r.decide, 99), pct(r.e2e, 50), pct(r.e2e, 99), r.conflicts, r.violations)
+		pct(r.decide, 50), pct(r.decide, 99), pct(r.e2e, 50), pct(r.e2e, 99), r.conflicts, r.vmChanged, r.violations)
 }
 
 func pct(d []time.Duration, p int) string {
@@ -189,7 +189,7 @@ func render(rs []result, o options, quick bool, total time.Duration) string {
 	fmt.Fprintf(&b, "and simulated API load (PENDING VMs written as CreateVM writes them, bursts of %d, four flavors of 1-4 vCPUs / 0.5-8 GiB).\n", o.burst)
 	b.WriteString("Decision = the pure `placement.Schedule` call; end-to-end = PENDING written to SCHEDULED/ERROR observed by a watch (includes queueing behind the burst).\n")
 	b.WriteString("Placements/s counts every decided VM over the wall time from the first create to the last decision. Violations: `scheduler.VerifyClaims` at the end (hosts over their ratios, allocations != sum of claims).\n\n")
-	b.WriteString("| hosts | replicas | VMs | placed | no valid host | wall s | placements/s | decision p50 | decision p99 | end-to-end p50 | end-to-end p99 | commit conflicts | violations |\n")
+	b.WriteString("| hosts | replicas | VMs | placed | no valid host | wall s | placements/s | decision p50 | decision p99 | end-to-end p50 | end-to-end p99 | lost races (host / VM) | violations |\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rs {
 		b.WriteString(r.row() + "\n")
@@ -250,10 +250,13 @@ func scenario(o options, nHosts, nReplicas int) (result, error) {
 
 	// Scheduler replicas, each on its own client.
 	var mu sync.Mutex
-	var conflicts atomic.Int64
+	var conflicts, vmChanged atomic.Int64
 	observe := func(ob scheduler.Observation) {
-		if ob.Outcome == "conflict" {
+		switch ob.Outcome {
+		case "conflict":
 			conflicts.Add(1)
+		case "vm-changed":
+			vmChanged.Add(1)
 		}
 		if ob.DecideTime > 0 {
 			mu.Lock()
@@ -276,10 +279,12 @@ func scenario(o options, nHosts, nReplicas int) (result, error) {
 			return res, err
 		}
 		wg.Go(func() { _ = s.Run(ctx) })
-		select {
-		case <-s.Snapshot().Synced():
-		case <-time.After(time.Minute):
-			return res, fmt.Errorf("replica %d did not sync", i)
+		for _, ready := range []<-chan struct{}{s.Snapshot().Synced(), s.Joined()} {
+			select {
+			case <-ready:
+			case <-time.After(time.Minute):
+				return res, fmt.Errorf("replica %d did not start", i)
+			}
 		}
 	}
 
@@ -348,7 +353,7 @@ func scenario(o options, nHosts, nReplicas int) (result, error) {
 		}
 	}
 	res.wall = time.Since(begin)
-	res.conflicts = conflicts.Load()
+	res.conflicts, res.vmChanged = conflicts.Load(), vmChanged.Load()
 	violations, err := scheduler.VerifyClaims(ctx, cli)
 	if err != nil {
 		return res, err

@@ -113,7 +113,21 @@ func (e *NoValidHostError) Retryable() bool {
 // tie-break; it is not safe for concurrent use, so give each goroutine its
 // own.
 func Schedule(c *Cluster, req *Request, p *Policy, rng *rand.Rand) (Decision, error) {
+	if c.Preferred != nil {
+		d, skipped, err := schedule(c, req, p, rng, c.Preferred)
+		if err == nil || skipped == 0 {
+			return d, err
+		}
+	}
+	d, _, err := schedule(c, req, p, rng, nil)
+	return d, err
+}
+
+// schedule is one pass over the hosts; with prefer set, hosts it refuses
+// are skipped (and counted in skipped) before any filter runs.
+func schedule(c *Cluster, req *Request, p *Policy, rng *rand.Rand, prefer func(string) bool) (Decision, int, error) {
 	n := len(c.Hosts)
+	skipped := 0
 	limit := p.SampleSize
 	switch {
 	case limit == 0:
@@ -131,6 +145,10 @@ func Schedule(c *Cluster, req *Request, p *Policy, rng *rand.Rand) (Decision, er
 	scanned := 0
 	for i := 0; i < n && len(candidates) < limit; i++ {
 		h := c.Hosts[(start+i*stride)%n]
+		if prefer != nil && !prefer(h.Name) {
+			skipped++
+			continue
+		}
 		scanned++
 		ok := true
 		for fi, f := range p.Filters {
@@ -161,11 +179,11 @@ func Schedule(c *Cluster, req *Request, p *Policy, rng *rand.Rand) (Decision, er
 				e.Removed = append(e.Removed, Removal{Filter: p.Filters[fi].Name(), Count: cnt, Why: why[fi]})
 			}
 		}
-		return Decision{}, e
+		return Decision{}, skipped, e
 	}
 
 	best, score := weigh(c, req, p.Weighers, candidates, rng)
-	return Decision{Host: best, Score: score, Candidates: len(candidates), Scanned: scanned}, nil
+	return Decision{Host: best, Score: score, Candidates: len(candidates), Scanned: scanned}, skipped, nil
 }
 
 // weigh returns the candidate with the highest combined normalised weight,

@@ -114,6 +114,12 @@ type Cluster struct {
 	// claim right now. They are skipped (filter InFlight) so that one
 	// replica's concurrent decisions do not conflict with each other.
 	InFlight map[string]bool
+	// Preferred, if set, names the hosts this replica searches first: the
+	// replicas split the hosts between them (see scheduler/members.go) so
+	// that they rarely race for the same host. Hosts outside the share are
+	// searched only when none inside fits, so it never causes a
+	// NoValidHost.
+	Preferred func(host string) bool
 }
 
 // NewCluster returns an empty cluster.

@@ -78,6 +78,7 @@ func (s *Snapshot) reset() {
 	s.cluster = placement.NewCluster()
 	if in != nil {
 		s.cluster.InFlight = in.InFlight
+		s.cluster.Preferred = in.Preferred
 	}
 	s.index = map[string]int{}
 	s.alive = map[string]bool{}
@@ -372,6 +373,14 @@ func (s *Snapshot) removeClaim(host, vmID string) {
 	if len(g) == 0 {
 		delete(s.cluster.Groups, c.group)
 	}
+}
+
+// SetPreferred sets the hosts this replica searches first
+// (placement.Cluster.Preferred). prefer must be safe for concurrent use.
+func (s *Snapshot) SetPreferred(prefer func(host string) bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cluster.Preferred = prefer
 }
 
 // Policy returns the policy of server group key (placement.GroupKey).
