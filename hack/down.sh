@@ -19,9 +19,11 @@ if [ -f "$PID_FILE" ]; then
   rm -f "$PID_FILE"
 fi
 
-# Domains minicloud defined are named mc-<vm id>.
+# Domains minicloud defined are named mc-<vm id>; this cloud's are the ones
+# whose disks live under its data directory (a test cloud may share libvirt).
 if command -v virsh >/dev/null && virsh -c qemu:///system version >/dev/null 2>&1; then
   for d in $(virsh -c qemu:///system list --all --name | grep '^mc-' || true); do
+    virsh -c qemu:///system domblklist "$d" 2>/dev/null | grep -qF " $DATA_DIR/" || continue
     virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
     if $purge; then
       virsh -c qemu:///system undefine "$d" --nvram >/dev/null 2>&1 || virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true
@@ -33,12 +35,25 @@ if command -v virsh >/dev/null && virsh -c qemu:///system version >/dev/null 2>&
 fi
 
 if $purge; then
-  for l in $(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E '^(mct|mc-)' || true); do
-    ip link del "$l" 2>/dev/null && echo "removed link $l"
+  # Taps of this cloud's VMs, and the bridges its agent recorded as its own.
+  for dir in "$DATA_DIR"/agent/vms/*/; do
+    [ -d "$dir" ] || continue
+    id=$(basename "$dir"); tap="mct$(echo "$id" | tr -d - | cut -c1-8)"
+    for l in $(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^$tap" || true); do
+      ip link del "$l" 2>/dev/null && echo "removed tap $l"
+    done
   done
-  for fam in inet bridge; do
-    nft delete table "$fam" minicloud 2>/dev/null && echo "removed nftables table $fam minicloud"
+  for b in "$DATA_DIR"/agent/bridges/*; do
+    [ -e "$b" ] || continue
+    ip link del "$(basename "$b")" 2>/dev/null && echo "removed bridge $(basename "$b")"
   done
+  # The nftables tables are shared by every minicloud on this host: only
+  # remove them when no other minicloud link is left.
+  if ! ip -o link show | awk -F': ' '{print $2}' | grep -qE '^(mct|mc-)'; then
+    for fam in inet bridge; do
+      nft delete table "$fam" minicloud 2>/dev/null && echo "removed nftables table $fam minicloud"
+    done
+  fi
   rm -rf "$DATA_DIR"
   echo "removed $DATA_DIR"
 fi

@@ -8,7 +8,11 @@ PROTOC_GEN_GO_GRPC_VERSION=v1.6.0
 bin="$PWD/.bin"
 mkdir -p "$bin"
 if ! command -v protoc >/dev/null || [ ! -f /usr/include/google/protobuf/timestamp.proto ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends protobuf-compiler libprotobuf-dev >/dev/null 2>&1 || {
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends protobuf-compiler libprotobuf-dev >/dev/null
+  }
 fi
 [ -x "$bin/protoc-gen-go-$PROTOC_GEN_GO_VERSION" ] || {
   GOBIN="$bin" go install "google.golang.org/protobuf/cmd/protoc-gen-go@$PROTOC_GEN_GO_VERSION"
