@@ -55,6 +55,8 @@ type options struct {
 	workers  int
 	docs     string
 	seed     uint64
+	// loadBefore is /proc/loadavg's 1-minute figure when the run started.
+	loadBefore string
 }
 
 func main() {
@@ -90,6 +92,10 @@ func main() {
 	}
 	if *quick {
 		o.hosts, o.vms = []int{1000}, 2000
+	}
+	o.loadBefore = "unknown"
+	if raw, err := os.ReadFile("/proc/loadavg"); err == nil {
+		o.loadBefore = strings.Fields(string(raw))[0]
 	}
 	if err := run(o, *quick); err != nil {
 		pprof.StopCPUProfile()
@@ -183,7 +189,8 @@ func render(rs []result, o options, quick bool, total time.Duration) string {
 	if quick {
 		mode = " --quick"
 	}
-	fmt.Fprintf(&b, "Written by `go run ./hack/schedbench%s` on %s (%d CPUs, %s) in %.0f s.\n", mode, time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), runtime.Version(), total.Seconds())
+	fmt.Fprintf(&b, "Written by `go run ./hack/schedbench%s` on %s (%d CPUs, %s) in %.0f s; load average before the run: %s (the machine is shared, so throughput varies with it).\n",
+		mode, time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), runtime.Version(), total.Seconds(), o.loadBefore)
 	fmt.Fprintf(&b, "Real scheduler replicas (%d workers each, sample size default) and a real embedded etcd on disk in one process;\n", o.workers)
 	b.WriteString("simulated hosts (registration + heartbeat lease, no libvirt; random 8-32 vCPUs, 16-64 GiB, 2 zones, 2% down, 1% disabled)\n")
 	fmt.Fprintf(&b, "and simulated API load (PENDING VMs written as CreateVM writes them, bursts of %d, four flavors of 1-4 vCPUs / 0.5-8 GiB).\n", o.burst)
