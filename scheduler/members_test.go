@@ -18,35 +18,30 @@ func TestRendezvousOwnershipIsExclusive(t *testing.T) {
 		m.ids = map[string]bool{"replica-a": true, "replica-b": true}
 		m.publish(true)
 	}
-	ownedByA := 0
-	for i := range 1000 {
-		id := fmt.Sprintf("vm-%d", i)
-		if a.owns(id) == b.owns(id) {
-			t.Fatalf("%s: owned by both or neither", id)
-		}
-		if a.owns(id) {
-			ownedByA++
-		}
-	}
-	if ownedByA < 400 || ownedByA > 600 {
-		t.Fatalf("replica-a owns %d of 1000 VMs: the split is unbalanced", ownedByA)
-	}
+	checkSplit(t, "VMs", a.owns, b.owns)
+	checkSplit(t, "hosts", a.prefersHost, b.prefersHost)
 	alone := newMembers(nil, "replica-c")
 	if !alone.owns("vm-1") || !alone.prefersHost("sim-1") {
 		t.Fatal("a replica that has not joined yet must own everything")
 	}
-	hostsOfA := 0
+}
+
+// checkSplit checks that exactly one of two replicas owns each of 1000
+// keys, and each about half.
+func checkSplit(t *testing.T, what string, a, b func(string) bool) {
+	t.Helper()
+	ofA := 0
 	for i := range 1000 {
-		h := fmt.Sprintf("sim-%d", i)
-		if a.prefersHost(h) == b.prefersHost(h) {
-			t.Fatalf("%s: preferred by both or neither", h)
+		key := fmt.Sprintf("key-%d", i)
+		if a(key) == b(key) {
+			t.Fatalf("%s %s: owned by both or neither", what, key)
 		}
-		if a.prefersHost(h) {
-			hostsOfA++
+		if a(key) {
+			ofA++
 		}
 	}
-	if hostsOfA < 400 || hostsOfA > 600 {
-		t.Fatalf("replica-a prefers %d of 1000 hosts: the split is unbalanced", hostsOfA)
+	if ofA < 400 || ofA > 600 {
+		t.Fatalf("replica-a owns %d of 1000 %s: the split is unbalanced", ofA, what)
 	}
 }
 

@@ -232,8 +232,8 @@ func waitDecided(t *testing.T, cli *clientv3.Client, id string) *minicloudv1.VMS
 	return waitStatus(t, cli, id, "SCHEDULED or ERROR", decided)
 }
 
-// startScheduler runs a replica until the test ends.
-func startScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
+// newQuietScheduler returns a replica that logs nowhere unless cfg says.
+func newQuietScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
 	t.Helper()
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -242,6 +242,13 @@ func startScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return s
+}
+
+// startScheduler runs a replica until the test ends.
+func startScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
+	t.Helper()
+	s := newQuietScheduler(t, cli, cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()
@@ -261,17 +268,10 @@ func startScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
 
 // frozenScheduler returns a replica whose view (snapshot and VM statuses)
 // was loaded once and then stops following etcd: a deterministic stale
-// view. Its workers do not run;
-// tests drive scheduleOne directly.
+// view. Its workers do not run; tests drive scheduleOne directly.
 func frozenScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
 	t.Helper()
-	if cfg.Log == nil {
-		cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
-	}
-	s, err := New(cli, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := newQuietScheduler(t, cli, cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = s.snap.Run(ctx) })

@@ -42,6 +42,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/hack/benchdoc"
 	"github.com/minicloud/minicloud/pkg/etcdembed"
 	"github.com/minicloud/minicloud/pkg/store"
 	"github.com/minicloud/minicloud/scheduler"
@@ -134,7 +135,7 @@ func run(o options, quick bool) error {
 	if o.docs == "" {
 		return nil
 	}
-	if err := rewriteSection(o.docs, "scheduler", table); err != nil {
+	if err := benchdoc.RewriteSection(o.docs, "scheduler", table); err != nil {
 		return err
 	}
 	fmt.Println("rewrote the scheduler section of", o.docs)
@@ -202,23 +203,6 @@ func render(rs []result, o options, quick bool, total time.Duration) string {
 		b.WriteString(r.row() + "\n")
 	}
 	return b.String()
-}
-
-// rewriteSection replaces the text between <!-- BEGIN name --> and
-// <!-- END name --> in path.
-func rewriteSection(path, name, body string) error {
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	begin, end := "<!-- BEGIN "+name+" -->\n", "<!-- END "+name+" -->"
-	s := string(raw)
-	i, j := strings.Index(s, begin), strings.Index(s, end)
-	if i < 0 || j < i {
-		return fmt.Errorf("%s: no %q ... %q markers", path, strings.TrimSpace(begin), end)
-	}
-	out := s[:i+len(begin)] + body + s[j:]
-	return os.WriteFile(path, []byte(out), 0o644)
 }
 
 var flavors = []*minicloudv1.Resources{
