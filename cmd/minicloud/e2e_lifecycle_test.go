@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 )
@@ -40,29 +39,20 @@ func TestE2EVMLifecycle(t *testing.T) {
 		t.Skipf("tiny guest image not built (make images): %v", err)
 	}
 
-	// QEMU runs unprivileged: every parent of the agent's disks must be
-	// traversable, which t.TempDir (0700) is not.
-	dataDir, err := os.MkdirTemp("", "minicloud-e2e-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(dataDir, 0o711); err != nil {
-		t.Fatal(err)
-	}
+	skipShort(t)
 	var bridge string
-	// Registered first, so it runs last: after the cloud has stopped, so
-	// nothing recreates the bridge. The agent keeps bridges of networks that
-	// still exist, so the test removes the one it made.
+	// Registered before the cloud starts, so it runs after the cloud has
+	// stopped and nothing recreates the bridge. The agent keeps the bridges
+	// of networks that still exist, so the test removes the one it made.
 	t.Cleanup(func() {
 		if bridge != "" {
 			if err := netlinux.New(slog.Default()).DeleteBridge(context.Background(), bridge); err != nil {
 				t.Errorf("delete bridge %s: %v", bridge, err)
 			}
 		}
-		os.RemoveAll(dataDir)
 	})
-	c := startRoleIn(t, "all-in-one", dataDir)
-	c.waitForHostUp()
+	c := startCloud(t)
+	c.WaitHostUp()
 
 	// A subnet of its own, so it cannot clash with `make up`'s network.
 	octet, _ := rand.Int(rand.Reader, big.NewInt(200))
@@ -94,7 +84,7 @@ func TestE2EVMLifecycle(t *testing.T) {
 	r := c.mcIn("#cloud-config\nhostname: demo\n", "vm", "create", "demo", "--image", "tiny", "--flavor", "tiny",
 		"--user-data", "-", "--wait", "--timeout", "4m", "-o", "json")
 	if r.code != 0 {
-		t.Fatalf("vm create --wait: exit %d\nstderr: %s\nlog:\n%s", r.code, r.stderr, c.log.String())
+		t.Fatalf("vm create --wait: exit %d\nstderr: %s\nlog:\n%s", r.code, r.stderr, c.Log())
 	}
 	// --wait printed the phases as they happened, ending in RUNNING.
 	if !strings.Contains(r.stderr, "vm demo: PENDING") || !strings.HasSuffix(strings.TrimSpace(r.stderr), "vm demo: RUNNING") {
@@ -146,7 +136,7 @@ func TestE2EVMLifecycle(t *testing.T) {
 	if _, err := net.InterfaceByName(tap); err == nil {
 		t.Errorf("tap %s left behind", tap)
 	}
-	if _, err := os.Stat(filepath.Join(dataDir, "agent", "vms", id)); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(c.DataDir, "agent", "vms", id)); !os.IsNotExist(err) {
 		t.Errorf("VM directory left behind: %v", err)
 	}
 }
@@ -170,30 +160,4 @@ func jsonOf(r result, v any) error {
 		return fmt.Errorf("exit %d: %s", r.code, r.stderr)
 	}
 	return json.Unmarshal([]byte(r.stdout), v)
-}
-
-// waitForHostUp returns once the all-in-one's agent has registered its host
-// and it is UP (what `make up` waits for too). The API has no host watch,
-// so this polls, with a deadline.
-func (c *cloud) waitForHostUp() {
-	c.t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	tick := time.NewTicker(200 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		var hosts struct {
-			Hosts []struct{ State string }
-		}
-		if err := jsonOf(c.mc("host", "list", "-o", "json"), &hosts); err == nil {
-			for _, h := range hosts.Hosts {
-				if h.State == "HOST_STATE_UP" {
-					return
-				}
-			}
-		}
-		if time.Now().After(deadline) {
-			c.t.Fatalf("no host came up within a minute\nlog:\n%s", c.log.String())
-		}
-		<-tick.C
-	}
 }

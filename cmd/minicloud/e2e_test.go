@@ -1,12 +1,10 @@
 package main
 
-// End-to-end tests: they build the real minicloud and minicloudd binaries,
-// start `minicloudd all-in-one` (or `minicloudd api` alone, where VMs must
-// not really boot) on a free loopback port and run the CLI against it as a
-// script would, checking stdout, stderr and exit codes.
-// The all-in-one stores its state in an embedded etcd started by the test
-// (via --etcd-endpoints), so no fixed port is shared with a running
-// `make up` and the API can be restarted on the same state.
+// End-to-end tests: through pkg/cloudtest they build the real minicloud and
+// minicloudd binaries, start `minicloudd all-in-one` (or `minicloudd api`
+// alone, where VMs must not really boot) on a free loopback port against an
+// etcd the test owns, and run the CLI against it as a script would,
+// checking stdout, stderr and exit codes.
 
 import (
 	"bufio"
@@ -23,188 +21,45 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/client"
-	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/cloudtest"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
-var (
-	buildOnce sync.Once
-	binDir    string
-	buildErr  error
-	buildOut  []byte
-)
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
-	}
-	os.Exit(code)
+// cloud is one minicloudd under test (pkg/cloudtest) and the test using it.
+type cloud struct {
+	*cloudtest.Cloud
+	t    *testing.T
+	home string
 }
 
-// binaries builds minicloud and minicloudd once per test run. It skips the
-// test if minicloudd does not build (yet).
-func binaries(t *testing.T) (cli, daemon string) {
+func skipShort(t *testing.T) {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end CLI test (builds and runs the binaries); skipped with -short")
 	}
-	buildOnce.Do(func() {
-		binDir, buildErr = os.MkdirTemp("", "minicloud-e2e-bin-")
-		if buildErr != nil {
-			return
-		}
-		for _, pkg := range []string{"minicloud", "minicloudd"} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, pkg), "github.com/minicloud/minicloud/cmd/"+pkg)
-			if buildOut, buildErr = cmd.CombinedOutput(); buildErr != nil {
-				buildErr = fmt.Errorf("go build ./cmd/%s: %w", pkg, buildErr)
-				return
-			}
-		}
-	})
-	if buildErr != nil {
-		t.Skipf("cannot build the binaries, skipping the end-to-end CLI test: %v\n%s", buildErr, buildOut)
-	}
-	return filepath.Join(binDir, "minicloud"), filepath.Join(binDir, "minicloudd")
-}
-
-// cloud is one minicloudd under test.
-type cloud struct {
-	t        *testing.T
-	cli      string
-	daemon   string
-	role     string // all-in-one or api
-	etcd     *clientv3.Client
-	etcdURL  string
-	dataDir  string
-	endpoint string
-	home     string
-	proc     *exec.Cmd
-	exited   chan struct{}
-	log      *syncBuffer
-}
-
-// syncBuffer is the daemon's log: written by exec's copier, read by the
-// test when something fails.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // startCloud runs `minicloudd all-in-one`.
-func startCloud(t *testing.T) *cloud { return startRole(t, "all-in-one") }
-
-// startRole runs one minicloudd role against the test's etcd.
-func startRole(t *testing.T, role string) *cloud { return startRoleIn(t, role, t.TempDir()) }
-
-// startRoleIn runs one minicloudd role with its data in dataDir.
-func startRoleIn(t *testing.T, role, dataDir string) *cloud {
+func startCloud(t *testing.T) *cloud {
 	t.Helper()
-	cli, daemon := binaries(t)
-	etcd, etcdClient := etcdtest.Start(t)
-	c := &cloud{
-		t: t, cli: cli, daemon: daemon, role: role, etcd: etcdClient,
-		etcdURL:  "http://" + etcd.Endpoint,
-		dataDir:  dataDir,
-		endpoint: freeAddr(t),
-		home:     t.TempDir(),
-	}
-	c.start()
-	t.Cleanup(c.stop)
-	return c
+	skipShort(t)
+	return &cloud{Cloud: cloudtest.Start(t), t: t, home: t.TempDir()}
 }
 
-func freeAddr(t *testing.T) string {
+// startAPI runs `minicloudd api` alone: VMs are stored, never booted.
+func startAPI(t *testing.T) *cloud {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-// start runs the all-in-one and waits until its gRPC health service says
-// SERVING (or the process dies).
-func (c *cloud) start() {
-	t := c.t
-	t.Helper()
-	c.log = &syncBuffer{}
-	c.proc = exec.Command(c.daemon, c.role,
-		"--data-dir", c.dataDir, "--listen", c.endpoint,
-		"--etcd-endpoints", c.etcdURL, "--metrics-listen", "")
-	c.proc.Stdout, c.proc.Stderr = c.log, c.log
-	if err := c.proc.Start(); err != nil {
-		t.Fatalf("start minicloudd: %v", err)
-	}
-	c.exited = make(chan struct{})
-	go func() { c.proc.Wait(); close(c.exited) }()
-
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	go func() {
-		select {
-		case <-c.exited:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	conn, err := grpc.NewClient("passthrough:///"+c.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
-	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
-		c.stop()
-		t.Fatalf("minicloudd %s did not become healthy: %v %v\nlog:\n%s", c.role, resp, err, c.log.String())
-	}
-}
-
-// stop sends SIGTERM and waits for a clean exit.
-func (c *cloud) stop() {
-	if c.proc == nil || c.proc.Process == nil {
-		return
-	}
-	select {
-	case <-c.exited:
-		return
-	default:
-	}
-	c.proc.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-c.exited:
-	case <-time.After(30 * time.Second):
-		c.proc.Process.Kill()
-		<-c.exited
-		c.t.Errorf("minicloudd did not stop within 30s of SIGTERM\nlog:\n%s", c.log.String())
-	}
+	skipShort(t)
+	return &cloud{Cloud: cloudtest.StartAPI(t), t: t, home: t.TempDir()}
 }
 
 // result is what one CLI run produced.
@@ -214,8 +69,8 @@ type result struct {
 }
 
 func (c *cloud) command(stdin string, args ...string) *exec.Cmd {
-	cmd := exec.Command(c.cli, args...)
-	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.endpoint, "HOME=" + c.home, "PATH=" + os.Getenv("PATH")}
+	cmd := exec.Command(c.CLI, args...)
+	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.Endpoint, "HOME=" + c.home, "PATH=" + os.Getenv("PATH")}
 	cmd.Stdin = strings.NewReader(stdin)
 	return cmd
 }
@@ -273,7 +128,7 @@ func decodeJSON(t *testing.T, s string, v any) {
 }
 
 func TestE2EFlavorsNetworksServerGroups(t *testing.T) {
-	c := startRole(t, "api") // VMs here must not boot: the API alone
+	c := startAPI(t) // VMs here must not boot
 
 	out := c.ok("flavor", "create", "small", "--vcpus", "1", "--memory-mib", "1024", "--disk-gib", "4")
 	if !strings.Contains(out, "small") {
@@ -407,7 +262,7 @@ func TestE2EImages(t *testing.T) {
 }
 
 func TestE2EVMs(t *testing.T) {
-	c := startRole(t, "api") // VMs here must not boot: the API alone
+	c := startAPI(t) // VMs here must not boot
 	dir := c.seed()
 	ud := filepath.Join(dir, "init.yaml")
 	os.WriteFile(ud, []byte("#cloud-config\nhostname: web1\n"), 0o644)
@@ -466,9 +321,9 @@ func TestE2EVMs(t *testing.T) {
 // (which keeps retrying while the API is unavailable), brings the API back
 // on the same state and checks that exactly one VM was made.
 func TestE2ECreateRetriesWithSameRequestID(t *testing.T) {
-	c := startRole(t, "api") // VMs here must not boot: the API alone
+	c := startAPI(t) // VMs here must not boot
 	c.seed()
-	c.stop()
+	c.Stop()
 
 	cmd := c.command("", "vm", "create", "retry1", "--image", "tiny", "--flavor", "tiny", "--timeout", "2m")
 	stderr, err := cmd.StderrPipe()
@@ -494,7 +349,7 @@ func TestE2ECreateRetriesWithSameRequestID(t *testing.T) {
 		t.Fatalf("vm create did not retry: %q", errLines)
 	}
 	go io.Copy(io.Discard, stderr)
-	c.start()
+	c.Run()
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("vm create across an API restart: %v\nstdout: %s", err, stdout.String())
 	}
@@ -508,8 +363,15 @@ func TestE2ECreateRetriesWithSameRequestID(t *testing.T) {
 }
 
 func TestE2EUnreachableAPI(t *testing.T) {
-	cli, _ := binaries(t)
-	c := &cloud{t: t, cli: cli, endpoint: freeAddr(t), home: t.TempDir()}
+	skipShort(t)
+	cli, _ := cloudtest.Binaries(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nothing listens there now
+	c := &cloud{Cloud: &cloudtest.Cloud{CLI: cli, Endpoint: addr}, t: t, home: t.TempDir()}
 	c.fails(exitUnavailable, "cannot reach the minicloud API", "vm", "list")
 }
 
@@ -518,7 +380,7 @@ func TestE2EUnreachableAPI(t *testing.T) {
 // Unavailable). The retry with the same request id must return that VM,
 // not make a second one.
 func TestE2ECreateResponseLost(t *testing.T) {
-	c := startRole(t, "api") // VMs here must not boot: the API alone
+	c := startAPI(t) // VMs here must not boot
 	c.seed()
 	var calls int
 	loseFirstAnswer := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
@@ -531,7 +393,7 @@ func TestE2ECreateResponseLost(t *testing.T) {
 		}
 		return err
 	}
-	cl, err := client.Dial(context.Background(), c.endpoint, grpc.WithChainUnaryInterceptor(loseFirstAnswer))
+	cl, err := client.Dial(context.Background(), c.Endpoint, grpc.WithChainUnaryInterceptor(loseFirstAnswer))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -599,7 +461,7 @@ func (lr *lineReader) expect(t *testing.T, want string) {
 // one as it happens and return when GuestReady turns true, and fail when
 // a VM goes to ERROR.
 func TestE2EWaitFollowsPhases(t *testing.T) {
-	c := startRole(t, "api")
+	c := startAPI(t)
 	c.seed()
 	c.ok("vm", "create", "w1", "--image", "tiny", "--flavor", "tiny")
 	c.ok("vm", "create", "w2", "--image", "tiny", "--flavor", "tiny")
@@ -617,7 +479,7 @@ func TestE2EWaitFollowsPhases(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.etcd.Do(context.Background(), op); err != nil {
+		if _, err := c.Etcd.Do(context.Background(), op); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -693,7 +555,7 @@ func TestE2EUploadBuiltImages(t *testing.T) {
 			continue
 		}
 		if c == nil {
-			c = startRole(t, "api")
+			c = startAPI(t)
 		}
 		var total int64
 		for _, f := range []string{"disk.qcow2", "vmlinuz", "initrd.img"} {

@@ -95,6 +95,9 @@ type Cloud struct {
 	Etcd    *clientv3.Client
 	Client  *client.Client
 	Args    []string // extra minicloudd flags
+	// Role is the minicloudd subcommand Run starts: "all-in-one" (Start) or
+	// "api" (StartAPI).
+	Role string
 
 	log    *syncBuffer
 	proc   *exec.Cmd
@@ -105,6 +108,19 @@ type Cloud struct {
 // an all-in-one on it, and waits until the API is healthy. Everything is
 // stopped and removed when the test ends.
 func Start(t testing.TB, extraArgs ...string) *Cloud {
+	t.Helper()
+	return start(t, "all-in-one", extraArgs)
+}
+
+// StartAPI is Start with `minicloudd api` alone: VMs are stored but never
+// scheduled or booted, for tests of the API and CLI that must not touch
+// the host.
+func StartAPI(t testing.TB, extraArgs ...string) *Cloud {
+	t.Helper()
+	return start(t, "api", extraArgs)
+}
+
+func start(t testing.TB, role string, extraArgs []string) *Cloud {
 	t.Helper()
 	cli, daemon := Binaries(t)
 	etcd, etcdClient := etcdtest.Start(t)
@@ -122,6 +138,7 @@ func Start(t testing.TB, extraArgs ...string) *Cloud {
 		EtcdURL:  "http://" + etcd.Endpoint,
 		Etcd:     etcdClient,
 		Args:     extraArgs,
+		Role:     role,
 	}
 	t.Cleanup(func() {
 		c.Stop()
@@ -147,12 +164,16 @@ func freeAddr(t testing.TB) string {
 	return l.Addr().String()
 }
 
-// Run starts the all-in-one (again) on the same state and waits for health.
+// Run starts minicloudd (again) on the same state and waits for health.
 func (c *Cloud) Run() {
 	t := c.t
 	t.Helper()
 	c.log = &syncBuffer{}
-	args := append([]string{"all-in-one",
+	role := c.Role
+	if role == "" {
+		role = "all-in-one"
+	}
+	args := append([]string{role,
 		"--data-dir", c.DataDir, "--listen", c.Endpoint,
 		"--etcd-endpoints", c.EtcdURL, "--metrics-listen", ""}, c.Args...)
 	c.proc = exec.Command(c.Daemon, args...)
