@@ -298,3 +298,42 @@ func TestAgentCrashDuringCreateAndDelete(t *testing.T) {
 	waitVM(t, c, "crashy", "deleted", nil)
 	assertNothingLeft(t, c, id)
 }
+
+// TestCorruptImageGoesToError tampers with an image blob on the API side
+// after upload: the host's digest check refuses it, and the VM goes to
+// ERROR with a reason the user can read, leaving nothing behind.
+func TestCorruptImageGoesToError(t *testing.T) {
+	c := newTinyCloud(t)
+	img, err := c.Client.Images.GetImage(context.Background(), &minicloudv1.GetImageRequest{Name: "tiny"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := filepath.Join(c.DataDir, "images", img.GetDisk().GetSha256())
+	// Same size, other bytes: only the host's digest check can notice.
+	data, err := os.ReadFile(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range data[:min(len(data), 4096)] {
+		data[i] ^= 0xff
+	}
+	if err := os.WriteFile(blob, data, 0o644); err != nil {
+		t.Fatalf("tamper with %s: %v", blob, err)
+	}
+	c.MustMC("vm", "create", "bad", "--image", "tiny", "--flavor", "tiny")
+	vm := waitVM(t, c, "bad", "error", phaseIs(minicloudv1.VMPhase_VM_PHASE_ERROR))
+	if vm.GetStatus().GetReason() != "ImageUnusable" || !strings.Contains(vm.GetStatus().GetMessage(), "sha256") {
+		t.Errorf("ERROR reason %q message %q; want ImageUnusable naming the sha256", vm.GetStatus().GetReason(), vm.GetStatus().GetMessage())
+	}
+	show := c.MustMC("vm", "show", "bad")
+	if !strings.Contains(show, "ImageUnusable") {
+		t.Errorf("vm show does not tell why:\n%s", show)
+	}
+	id := vm.GetMeta().GetId()
+	if _, err := virsh("dominfo", "mc-"+id); err == nil {
+		t.Errorf("a domain was defined for a VM whose image is corrupt")
+	}
+	c.MustMC("vm", "delete", "bad")
+	waitVM(t, c, "bad", "deleted", nil)
+	assertNothingLeft(t, c, id)
+}

@@ -171,7 +171,7 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 	f, err := os.Open(s.blobs.path(blob.GetSha256()))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return errdefs.Internal("image %q %s: blob %s is missing from the image directory", name, partName(req.GetPart()), blob.GetSha256())
+			return errdefs.FailedPrecondition("image %q %s: blob %s is missing from the image directory", name, partName(req.GetPart()), blob.GetSha256())
 		}
 		return fmt.Errorf("open blob %s: %w", blob.GetSha256(), err)
 	}
@@ -194,7 +194,7 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 		}
 	}
 	if sent != blob.GetSizeBytes() {
-		return errdefs.Internal("image %q %s: blob %s has %d bytes, metadata says %d", name, partName(req.GetPart()), blob.GetSha256(), sent, blob.GetSizeBytes())
+		return errdefs.FailedPrecondition("image %q %s: blob %s has %d bytes, metadata says %d", name, partName(req.GetPart()), blob.GetSha256(), sent, blob.GetSizeBytes())
 	}
 	return nil
 }
