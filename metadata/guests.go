@@ -1,0 +1,61 @@
+package metadata
+
+import (
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// guestState is what the server keeps per VM: its rate limiter and when it
+// was last answered.
+type guestState struct {
+	lim      *rate.Limiter
+	lastSeen atomic.Int64 // unix nanoseconds
+}
+
+// allow applies the per-VM rate limit.
+func (s *Server) allow(id string) bool {
+	s.limMu.Lock()
+	g, ok := s.limiters[id]
+	if !ok {
+		if len(s.limiters) > 2*s.dir.Len()+64 {
+			for k := range s.limiters {
+				if _, live := s.dir.Get(k); !live {
+					delete(s.limiters, k)
+				}
+			}
+		}
+		g = &guestState{lim: rate.NewLimiter(s.opts.RateLimit, s.opts.RateBurst)}
+		s.limiters[id] = g
+	}
+	s.limMu.Unlock()
+	return g.lim.Allow()
+}
+
+// markSeen records that the VM was answered.
+func (s *Server) markSeen(id string) {
+	s.limMu.Lock()
+	g := s.limiters[id]
+	s.limMu.Unlock()
+	if g != nil {
+		g.lastSeen.Store(s.opts.Now().UnixNano())
+	}
+}
+
+// LastSeen reports when the VM last had a request identified and let
+// through the rate limit — the agent's evidence that the guest is up and
+// reading its metadata.
+func (s *Server) LastSeen(vmID string) (time.Time, bool) {
+	s.limMu.Lock()
+	g, ok := s.limiters[vmID]
+	s.limMu.Unlock()
+	if !ok {
+		return time.Time{}, false
+	}
+	ns := g.lastSeen.Load()
+	if ns == 0 {
+		return time.Time{}, false
+	}
+	return time.Unix(0, ns), true
+}
