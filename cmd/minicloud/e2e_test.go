@@ -234,6 +234,23 @@ func TestE2EImages(t *testing.T) {
 		t.Fatalf("image list:\n%s", out)
 	}
 	c.fails(exitAlreadyExists, "tiny", "image", "create", "tiny", "--file", filepath.Join(dir, "disk.img"))
+
+	// On a terminal the upload draws a bar in place instead.
+	if script, err := exec.LookPath("script"); err == nil {
+		cmd := c.command("", "image", "create", "onatty", "--file", filepath.Join(dir, "disk.img"))
+		// script(1) runs the CLI on a pseudo-terminal and copies what it wrote.
+		cmd.Args = []string{script, "-qec", shellQuote(cmd.Args), "/dev/null"}
+		cmd.Path = script
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("image create on a tty: %v\n%s", err, out)
+		}
+		if !strings.Contains(string(out), "\r") || !strings.Contains(string(out), "100%") || strings.Contains(string(out), "uploaded") {
+			t.Fatalf("no progress bar on a terminal:\n%q", out)
+		}
+	} else {
+		t.Log("script(1) not installed: progress bar on a terminal not checked")
+	}
 	c.fails(exitUsage, "nonexistent", "image", "create", "x", "--file", filepath.Join(dir, "nonexistent"))
 
 	if _, err := exec.LookPath("qemu-img"); err == nil {
@@ -585,4 +602,13 @@ func TestE2EUploadBuiltImages(t *testing.T) {
 	if c == nil {
 		t.Skip("no built guest images in images/out (run make images)")
 	}
+}
+
+// shellQuote joins args into one sh command line.
+func shellQuote(args []string) string {
+	q := make([]string, len(args))
+	for i, a := range args {
+		q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+	}
+	return strings.Join(q, " ")
 }
