@@ -337,3 +337,29 @@ func TestCorruptImageGoesToError(t *testing.T) {
 	waitVM(t, c, "bad", "deleted", nil)
 	assertNothingLeft(t, c, id)
 }
+
+// TestVanishedDomainIsReported removes a running VM's domain behind the
+// agent's back: the VM is reported in ERROR (DomainMissing), not silently
+// recreated, and can still be deleted cleanly.
+func TestVanishedDomainIsReported(t *testing.T) {
+	c := newTinyCloud(t)
+	c.MustMC("vm", "create", "gone", "--image", "tiny", "--flavor", "tiny")
+	vm := waitVM(t, c, "gone", "running", phaseIs(minicloudv1.VMPhase_VM_PHASE_RUNNING))
+	id := vm.GetMeta().GetId()
+	if out, err := virsh("destroy", "mc-"+id); err != nil {
+		t.Fatalf("virsh destroy: %v\n%s", err, out)
+	}
+	if out, err := virsh("undefine", "mc-"+id); err != nil {
+		t.Fatalf("virsh undefine: %v\n%s", err, out)
+	}
+	vm = waitVM(t, c, "gone", "error", phaseIs(minicloudv1.VMPhase_VM_PHASE_ERROR))
+	if vm.GetStatus().GetReason() != "DomainMissing" {
+		t.Errorf("reason %q, want DomainMissing", vm.GetStatus().GetReason())
+	}
+	if _, err := virsh("dominfo", "mc-"+id); err == nil {
+		t.Errorf("the agent recreated the vanished domain")
+	}
+	c.MustMC("vm", "delete", "gone")
+	waitVM(t, c, "gone", "deleted", nil)
+	assertNothingLeft(t, c, id)
+}
