@@ -28,8 +28,8 @@ const (
 
 // vmState is a VM's spec and status. The status and its revision come from
 // the status watch (a commit compares that revision, so a stale one only
-// costs a failed commit that returns the fresh status); the spec is read
-// when the VM is decided.
+// costs a failed commit that returns the fresh status); the spec from the
+// spec watch, or a read if the watch has not delivered it.
 type vmState struct {
 	id        string
 	vm        *minicloudv1.VM
@@ -46,6 +46,7 @@ const specNotVisible = 50 * time.Millisecond
 func (s *Scheduler) readVM(ctx context.Context, id string) (v *vmState, after time.Duration, err error) {
 	s.mu.Lock()
 	e, ok := s.vms[id]
+	spec := s.specs[id]
 	s.mu.Unlock()
 	if !ok {
 		return nil, 0, nil // deleted
@@ -53,7 +54,10 @@ func (s *Scheduler) readVM(ctx context.Context, id string) (v *vmState, after ti
 	if e.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
 		return nil, 0, nil
 	}
-	// Serializable: the spec was written with (or before) the status we
+	if spec != nil {
+		return &vmState{id: id, vm: spec, status: e.status, statusRev: e.rev}, 0, nil
+	}
+	// Not (yet) delivered by the spec watch. Serializable: the spec was written with (or before) the status we
 	// saw, so a local read suffices; a lagging member is retried below.
 	resp, err := s.cli.Get(ctx, store.VMSpecKey(id), clientv3.WithSerializable())
 	if err != nil {

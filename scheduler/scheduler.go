@@ -100,9 +100,10 @@ type Scheduler struct {
 	pending  *queue // VMs to place
 	hostDown *queue // VMs whose host_down may be wrong
 
-	mu  sync.Mutex
-	vms map[string]vmEntry         // VM status cache, from the status watch
-	on  map[string]map[string]bool // host -> VM ids placed there
+	mu    sync.Mutex
+	vms   map[string]vmEntry         // VM status cache, from the status watch
+	specs map[string]*minicloudv1.VM // specs of PENDING VMs, from the spec watch
+	on    map[string]map[string]bool // host -> VM ids placed there
 }
 
 // vmEntry is the newest status the watch delivered for a VM. The decoded
@@ -138,7 +139,7 @@ func New(cli *clientv3.Client, cfg Config) (*Scheduler, error) {
 		batch:   newBatcher(cli),
 		members: newMembers(cli, uuid.NewString()),
 		pending: newQueue(queueWindow), hostDown: newQueue(queueWindow),
-		vms: map[string]vmEntry{}, on: map[string]map[string]bool{},
+		vms: map[string]vmEntry{}, specs: map[string]*minicloudv1.VM{}, on: map[string]map[string]bool{},
 	}
 	s.snap = snapshot.New(cli, cfg.Log, s.hostAliveChanged)
 	s.snap.SetPreferred(s.members.prefersHost)
@@ -231,21 +232,59 @@ func (s *Scheduler) listAndWatchStatuses(ctx context.Context) error {
 	s.mu.Lock()
 	s.vms = map[string]vmEntry{}
 	s.on = map[string]map[string]bool{}
+	s.specs = map[string]*minicloudv1.VM{}
 	s.mu.Unlock()
 	for _, kv := range resp.Kvs {
 		s.statusChanged(mvccpb.PUT, kv)
 	}
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	for wr := range s.cli.Watch(wctx, store.VMStatusPrefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1)) {
-		if err := wr.Err(); err != nil {
-			return fmt.Errorf("watch vm statuses: %w", err)
-		}
-		for _, ev := range wr.Events {
-			s.statusChanged(ev.Type, ev.Kv)
+	from := clientv3.WithRev(resp.Header.Revision + 1)
+	statuses := s.cli.Watch(wctx, store.VMStatusPrefix, clientv3.WithPrefix(), from)
+	specs := s.cli.Watch(wctx, store.VMSpecPrefix, clientv3.WithPrefix(), from)
+	for {
+		select {
+		case wr, ok := <-statuses:
+			if !ok {
+				return errors.New("vm status watch closed")
+			}
+			if err := wr.Err(); err != nil {
+				return fmt.Errorf("watch vm statuses: %w", err)
+			}
+			for _, ev := range wr.Events {
+				s.statusChanged(ev.Type, ev.Kv)
+			}
+		case wr, ok := <-specs:
+			if !ok {
+				return errors.New("vm spec watch closed")
+			}
+			if err := wr.Err(); err != nil {
+				return fmt.Errorf("watch vm specs: %w", err)
+			}
+			for _, ev := range wr.Events {
+				s.specChanged(ev.Type, ev.Kv)
+			}
 		}
 	}
-	return errors.New("vm status watch closed")
+}
+
+// specChanged caches the spec of a VM that may need a decision, so that
+// deciding a new VM costs no read. Specs of VMs known to be past PENDING
+// are not kept (readVM reads them if one comes back to PENDING).
+func (s *Scheduler) specChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) {
+	id := store.LastSegment(string(kv.Key))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e, ok := s.vms[id]; typ == mvccpb.DELETE || (ok && e.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING) {
+		delete(s.specs, id)
+		return
+	}
+	vm := &minicloudv1.VM{}
+	if err := proto.Unmarshal(kv.Value, vm); err != nil {
+		s.log.Error("scheduler: undecodable vm spec", "key", string(kv.Key), "err", err)
+		return
+	}
+	s.specs[id] = vm
 }
 
 func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) {
@@ -261,6 +300,7 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 	}
 	if typ == mvccpb.DELETE {
 		delete(s.vms, id)
+		delete(s.specs, id)
 		return
 	}
 	st := &minicloudv1.VMStatus{}
@@ -269,6 +309,9 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 		return
 	}
 	s.vms[id] = vmEntry{status: st, rev: kv.ModRevision}
+	if st.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+		delete(s.specs, id)
+	}
 	if host := st.GetHost(); host != "" {
 		if s.on[host] == nil {
 			s.on[host] = map[string]bool{}
