@@ -46,3 +46,27 @@ func simulatedCluster(n int, rng *rand.Rand) *Cluster {
 	}
 	return clusterOf(hosts...)
 }
+
+// BenchmarkSchedulePreferred is BenchmarkSchedule for one of two replicas
+// that split the hosts (Cluster.Preferred), at the default sample size.
+func BenchmarkSchedulePreferred(b *testing.B) {
+	for _, n := range []int{1000, 5000, 10000} {
+		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) {
+			rng := rand.New(rand.NewPCG(1, 2))
+			c := simulatedCluster(n, rng)
+			share := map[string]bool{}
+			for i, h := range c.Hosts {
+				share[h.Name] = i%2 == 0
+			}
+			c.Preferred = func(h string) bool { return share[h] }
+			p, _ := NewPolicy(Spread)
+			req := &Request{Resources: Resources{VCPUs: 2, MemoryMiB: 2048, DiskGiB: 20}, Zone: "az1"}
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := Schedule(c, req, p, rng); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
