@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 )
@@ -22,7 +23,8 @@ import (
 // metadata) driven only by the CLI. It checks the phase stream of --wait,
 // GuestReady, the console log, stop/start, and that delete --wait leaves no
 // domain, tap or VM directory behind (looked up on the host, not in our
-// records).
+// records). Timeouts are generous: TCG guests on a loaded 2-core machine
+// take minutes; the logged laps are what it took.
 func TestE2EVMLifecycle(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (the agent creates bridges, taps and libvirt domains)")
@@ -75,14 +77,19 @@ func TestE2EVMLifecycle(t *testing.T) {
 			return
 		}
 		for _, vm := range list.Vms {
-			if r := c.mc("vm", "delete", vm.Meta.Name, "--wait", "--timeout", "3m"); r.code != 0 {
+			if r := c.mc("vm", "delete", vm.Meta.Name, "--wait", "--timeout", "5m"); r.code != 0 {
 				t.Errorf("cleanup: delete vm %s: %s", vm.Meta.Name, r.stderr)
 			}
 		}
 	})
 
+	step := time.Now()
+	lap := func(what string) {
+		t.Logf("%-28s %s", what, time.Since(step).Round(10*time.Millisecond))
+		step = time.Now()
+	}
 	r := c.mcIn("#cloud-config\nhostname: demo\n", "vm", "create", "demo", "--image", "tiny", "--flavor", "tiny",
-		"--user-data", "-", "--wait", "--timeout", "4m", "-o", "json")
+		"--user-data", "-", "--wait", "--timeout", "10m", "-o", "json")
 	if r.code != 0 {
 		t.Fatalf("vm create --wait: exit %d\nstderr: %s\nlog:\n%s", r.code, r.stderr, c.Log())
 	}
@@ -97,6 +104,7 @@ func TestE2EVMLifecycle(t *testing.T) {
 			Addresses   []struct{ Ip string }
 		}
 	}
+	lap("create --wait (RUNNING)")
 	decodeJSON(t, r.stdout, &vm)
 	if vm.Status.Phase != "VM_PHASE_RUNNING" || vm.Status.Host == "" || len(vm.Status.Addresses) == 0 {
 		t.Fatalf("vm after --wait: %+v", vm)
@@ -111,7 +119,8 @@ func TestE2EVMLifecycle(t *testing.T) {
 		t.Fatalf("RUNNING but no tap %s: %v", tap, err)
 	}
 
-	c.ok("vm", "wait", "demo", "--for", "ready", "--timeout", "3m")
+	c.ok("vm", "wait", "demo", "--for", "ready", "--timeout", "10m")
+	lap("then GuestReady")
 	if out := c.ok("vm", "console-log", "demo"); len(out) == 0 {
 		t.Fatal("empty console log of a ready guest")
 	}
@@ -123,13 +132,16 @@ func TestE2EVMLifecycle(t *testing.T) {
 	}
 
 	c.ok("vm", "stop", "demo")
-	c.ok("vm", "wait", "demo", "--for", "stopped", "--timeout", "3m")
+	c.ok("vm", "wait", "demo", "--for", "stopped", "--timeout", "5m")
+	lap("stop (STOPPED)")
 	c.ok("vm", "start", "demo")
-	c.ok("vm", "wait", "demo", "--for", "running", "--timeout", "3m")
+	c.ok("vm", "wait", "demo", "--for", "running", "--timeout", "5m")
+	lap("start (RUNNING)")
 
-	if out := c.ok("vm", "delete", "demo", "--wait", "--timeout", "3m"); !strings.Contains(out, "deleted") {
+	if out := c.ok("vm", "delete", "demo", "--wait", "--timeout", "5m"); !strings.Contains(out, "deleted") {
 		t.Fatalf("vm delete --wait printed %q", out)
 	}
+	lap("delete --wait (gone)")
 	if domainExists(t, domain) {
 		t.Errorf("domain %s left behind", domain)
 	}

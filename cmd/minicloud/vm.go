@@ -289,6 +289,9 @@ func (a *app) newVMConsoleLogCommand(complete cobra.CompletionFunc) *cobra.Comma
 		if err != nil {
 			return err
 		}
+		if resp.GetTruncated() {
+			fmt.Fprintf(a.errOut, "(console log truncated: the last %s follow; see --tail-bytes)\n", bytesIEC(int64(len(resp.GetData()))))
+		}
 		_, err = a.out.Write(resp.GetData())
 		return err
 	}
