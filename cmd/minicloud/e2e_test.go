@@ -475,8 +475,8 @@ func (lr *lineReader) expect(t *testing.T, want string) {
 // TestE2EWaitFollowsPhases runs the API alone and plays scheduler and
 // agent itself (a stand-in that writes VM status keys as they would), so
 // every phase change is under the test's control: vm wait must print each
-// one as it happens and return when GuestReady turns true, and fail when
-// a VM goes to ERROR.
+// one as it happens, survive an API restart without missing a change,
+// return when GuestReady turns true, and fail when a VM goes to ERROR.
 func TestE2EWaitFollowsPhases(t *testing.T) {
 	c := startAPI(t)
 	c.seed()
@@ -513,10 +513,17 @@ func TestE2EWaitFollowsPhases(t *testing.T) {
 	}
 	lines := readLines(stderr)
 	lines.expect(t, "vm w1: PENDING")
-	for _, phase := range []minicloudv1.VMPhase{minicloudv1.VMPhase_VM_PHASE_SCHEDULED, minicloudv1.VMPhase_VM_PHASE_CREATING, minicloudv1.VMPhase_VM_PHASE_RUNNING} {
+	for _, phase := range []minicloudv1.VMPhase{minicloudv1.VMPhase_VM_PHASE_SCHEDULED, minicloudv1.VMPhase_VM_PHASE_CREATING} {
 		setStatus("w1", &minicloudv1.VMStatus{Phase: phase, Host: "hv1"})
 		lines.expect(t, "vm w1: "+enumName(phase.String(), "VM_PHASE_"))
 	}
+	// The API goes away mid-wait and a change happens while it is down:
+	// the CLI resumes its watch from the last revision it saw and still
+	// reports it.
+	c.Stop()
+	setStatus("w1", &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_RUNNING, Host: "hv1"})
+	c.Run()
+	lines.expect(t, "vm w1: RUNNING")
 	setStatus("w1", &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_RUNNING, Host: "hv1",
 		Conditions: []*minicloudv1.Condition{{Type: "GuestReady", Status: true, Reason: "MetadataFetched"}}})
 	lines.expect(t, "vm w1: GuestReady")
