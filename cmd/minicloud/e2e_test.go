@@ -342,30 +342,9 @@ func TestE2ECreateRetriesWithSameRequestID(t *testing.T) {
 	c.seed()
 	c.Stop()
 
-	cmd := c.command("", "vm", "create", "retry1", "--image", "tiny", "--flavor", "tiny", "--timeout", "2m")
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stdout bytes.Buffer
-	cmd.Stdout = &stdout
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, lines, stdout := c.startCLI("vm", "create", "retry1", "--image", "tiny", "--flavor", "tiny", "--timeout", "2m")
 	// Wait for the CLI to report a failed attempt before the API returns.
-	sc := bufio.NewScanner(stderr)
-	var errLines []string
-	for sc.Scan() {
-		errLines = append(errLines, sc.Text())
-		if strings.Contains(sc.Text(), "retrying create") {
-			break
-		}
-	}
-	if len(errLines) == 0 || !strings.Contains(errLines[len(errLines)-1], "retrying create") {
-		cmd.Wait()
-		t.Fatalf("vm create did not retry: %q", errLines)
-	}
-	go io.Copy(io.Discard, stderr)
+	lines.expect(t, "retrying create")
 	c.Run()
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("vm create across an API restart: %v\nstdout: %s", err, stdout.String())
@@ -435,6 +414,23 @@ func TestE2ECreateResponseLost(t *testing.T) {
 	}
 }
 
+// startCLI starts the CLI in the background; its stderr comes line by line
+// as it is written, its stdout is collected.
+func (c *cloud) startCLI(args ...string) (*exec.Cmd, *lineReader, *bytes.Buffer) {
+	c.t.Helper()
+	cmd := c.command("", args...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	var stdout bytes.Buffer
+	cmd.Stdout = &stdout
+	if err := cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+	return cmd, readLines(stderr), &stdout
+}
+
 // lineReader hands out the lines a process writes, as they come.
 type lineReader struct {
 	lines chan string
@@ -501,17 +497,7 @@ func TestE2EWaitFollowsPhases(t *testing.T) {
 		}
 	}
 
-	cmd := c.command("", "vm", "wait", "w1", "--for", "ready", "--timeout", "2m")
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stdout bytes.Buffer
-	cmd.Stdout = &stdout
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	lines := readLines(stderr)
+	cmd, lines, stdout := c.startCLI("vm", "wait", "w1", "--for", "ready", "--timeout", "2m")
 	lines.expect(t, "vm w1: PENDING")
 	for _, phase := range []minicloudv1.VMPhase{minicloudv1.VMPhase_VM_PHASE_SCHEDULED, minicloudv1.VMPhase_VM_PHASE_CREATING} {
 		setStatus("w1", &minicloudv1.VMStatus{Phase: phase, Host: "hv1"})
@@ -541,19 +527,12 @@ func TestE2EWaitFollowsPhases(t *testing.T) {
 		t.Fatalf("vm wait timeout: exit %d, stderr %q", r.code, r.stderr)
 	}
 
-	cmd = c.command("", "vm", "wait", "w2", "--for", "running", "--timeout", "2m")
-	if stderr, err = cmd.StderrPipe(); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	lines = readLines(stderr)
+	cmd, lines, _ = c.startCLI("vm", "wait", "w2", "--for", "running", "--timeout", "2m")
 	lines.expect(t, "vm w2: PENDING")
 	setStatus("w2", &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_ERROR, Reason: "NoValidHost", Message: "no host has 1 vCPU free"})
 	lines.expect(t, "vm w2: ERROR")
 	lines.expect(t, "no host has 1 vCPU free")
-	err = cmd.Wait()
+	err := cmd.Wait()
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitGeneric {
 		t.Fatalf("vm wait on a VM that went to ERROR: %v, want exit %d", err, exitGeneric)
 	}

@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -27,6 +26,8 @@ import (
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 	"github.com/minicloud/minicloud/pkg/store"
+
+	"github.com/minicloud/minicloud/pkg/imageservice/imageformat/imageformattest"
 )
 
 // env is an image service on a real embedded etcd, served over a real gRPC
@@ -348,31 +349,12 @@ func TestDeleteRacingVMCreate(t *testing.T) {
 	}
 }
 
-// qemuImage creates an image with qemu-img in dir and returns its bytes.
-func qemuImage(t *testing.T, dir string, args ...string) []byte {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed (apt-get install qemu-utils)")
-	}
-	cmd := exec.Command("qemu-img", append([]string{"create", "-q"}, args...)...)
-	cmd.Dir = dir
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img create %v: %v\n%s", args, err, out)
-	}
-	name := args[len(args)-2]
-	b, err := os.ReadFile(filepath.Join(dir, name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 func TestQCOW2Images(t *testing.T) {
 	work := t.TempDir()
-	base := qemuImage(t, work, "-f", "raw", "base.raw", "2M")
-	plain := qemuImage(t, work, "-f", "qcow2", "plain.qcow2", "2G")
-	backed := qemuImage(t, work, "-f", "qcow2", "-b", "base.raw", "-F", "raw", "backed.qcow2", "2M")
-	external := qemuImage(t, work, "-f", "qcow2", "-o", "data_file=data.raw", "external.qcow2", "2M")
+	base := imageformattest.QemuImg(t, work, "-f", "raw", "base.raw", "2M")
+	plain := imageformattest.QemuImg(t, work, "-f", "qcow2", "plain.qcow2", "2G")
+	backed := imageformattest.QemuImg(t, work, "-f", "qcow2", "-b", "base.raw", "-F", "raw", "backed.qcow2", "2M")
+	external := imageformattest.QemuImg(t, work, "-f", "qcow2", "-o", "data_file=data.raw", "external.qcow2", "2M")
 	ctx := context.Background()
 
 	t.Run("raw accepted", func(t *testing.T) {

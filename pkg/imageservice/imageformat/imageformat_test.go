@@ -4,10 +4,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
+
+	"github.com/minicloud/minicloud/pkg/imageservice/imageformat/imageformattest"
 )
 
 // header builds a qcow2 v3 header with the given fields and extensions,
@@ -152,27 +151,9 @@ func TestProbeRaw(t *testing.T) {
 	}
 }
 
-// qemuImg runs qemu-img create in dir and returns the image's bytes.
-func qemuImg(t testing.TB, dir string, args ...string) []byte {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed (apt-get install qemu-utils)")
-	}
-	cmd := exec.Command("qemu-img", append([]string{"create", "-q"}, args...)...)
-	cmd.Dir = dir
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img %v: %v\n%s", args, err, out)
-	}
-	b, err := os.ReadFile(filepath.Join(dir, args[len(args)-2]))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 func TestProbeQemuImgImages(t *testing.T) {
 	dir := t.TempDir()
-	qemuImg(t, dir, "-f", "raw", "base.raw", "1M")
+	imageformattest.QemuImg(t, dir, "-f", "raw", "base.raw", "1M")
 	for _, tc := range []struct {
 		name    string
 		args    []string
@@ -199,7 +180,7 @@ func TestProbeQemuImgImages(t *testing.T) {
 				// qemu-img takes the size from the backing file.
 				args = append(args, "1M")
 			}
-			b := qemuImg(t, dir, args...)
+			b := imageformattest.QemuImg(t, dir, args...)
 			info, err := Probe(bytes.NewReader(b), int64(len(b)))
 			if tc.wantErr {
 				var inv *InvalidError

@@ -1,0 +1,29 @@
+// Package imageformattest makes real disk images with qemu-img for tests.
+package imageformattest
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+)
+
+// QemuImg runs `qemu-img create -q ARGS...` in dir and returns the bytes of
+// the image it made (the second-to-last argument; the last is its size).
+// It skips the test when qemu-img is not installed.
+func QemuImg(t testing.TB, dir string, args ...string) []byte {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("qemu-img not installed (apt-get install qemu-utils)")
+	}
+	cmd := exec.Command("qemu-img", append([]string{"create", "-q"}, args...)...)
+	cmd.Dir = dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create %v: %v\n%s", args, err, out)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, args[len(args)-2]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
