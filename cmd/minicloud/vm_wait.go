@@ -121,6 +121,9 @@ func (a *app) waitVM(ctx context.Context, c *client.Client, vm *minicloudv1.VM, 
 				nextRev = max(fresh.GetMeta().GetResourceVersion(), fresh.GetStatus().GetStatusVersion())
 			}
 		}
+		if nextRev > rev {
+			backoff = 200 * time.Millisecond // the stream made progress
+		}
 		rev = nextRev
 		t := time.NewTimer(backoff)
 		select {
