@@ -176,6 +176,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	return err
 }
 
+// GuestActive tells the agent that a guest has just been answered by the
+// metadata service for the first time; its reconcile then sets GuestReady.
+// It does not block, so the metadata service can call it on its hot path.
+func (a *Agent) GuestActive(vmID string) { a.queue.Add(vmID) }
+
 func preferredHypervisor(kinds []string) string {
 	for _, k := range kinds {
 		if k == "kvm" {

@@ -29,7 +29,7 @@ type HostGuestServices struct {
 	dns       *dnsserver.Server
 
 	mu      sync.Mutex
-	bridges map[string]bool // bridges with DHCP leases and a metadata listener
+	bridges map[string]bool // bridges with DHCP leases and a DNS zone
 }
 
 // NewHostGuestServices wires the services together; Run serves them.
@@ -89,6 +89,7 @@ func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
 
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	var serve []string
 	for bridge, ls := range leases {
 		if err := h.dhcp.SetLeases(bridge, ls); err != nil {
 			errs = append(errs, fmt.Errorf("DHCP leases on %s: %w", bridge, err))
@@ -96,10 +97,7 @@ func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
 		if err := h.dns.SetZone(bridge, *zones[bridge]); err != nil {
 			errs = append(errs, fmt.Errorf("DNS zone on %s: %w", bridge, err))
 		}
-		if h.bridges[bridge] {
-			continue
-		}
-		// The bridge appears in the reconcile of its first VM, which
+		// A bridge appears in the reconcile of its first VM, which
 		// publishes again right after creating it.
 		if _, err := netlink.LinkByName(bridge); err != nil {
 			var nf netlink.LinkNotFoundError
@@ -108,11 +106,7 @@ func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
 			}
 			continue
 		}
-		if err := h.metadata.AddInterface(bridge); err != nil {
-			errs = append(errs, fmt.Errorf("metadata listener on %s: %w", bridge, err))
-			continue
-		}
-		h.bridges[bridge] = true
+		serve = append(serve, bridge)
 	}
 	for bridge := range h.bridges {
 		if _, used := leases[bridge]; used {
@@ -122,10 +116,15 @@ func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
 			errs = append(errs, fmt.Errorf("clear DHCP leases on %s: %w", bridge, err))
 		}
 		h.dns.RemoveZone(bridge)
-		if err := h.metadata.RemoveInterface(bridge); err != nil {
-			errs = append(errs, fmt.Errorf("stop metadata on %s: %w", bridge, err))
-		}
-		delete(h.bridges, bridge)
+	}
+	// Level-triggered: also re-binds a bridge that was re-created under the
+	// same name.
+	if err := h.metadata.SyncInterfaces(serve); err != nil {
+		errs = append(errs, fmt.Errorf("metadata listeners: %w", err))
+	}
+	h.bridges = map[string]bool{}
+	for b := range leases {
+		h.bridges[b] = true
 	}
 	return errors.Join(errs...)
 }

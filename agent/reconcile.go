@@ -208,11 +208,9 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 			if setCondition(st, condGuestReady, true, "MetadataRead", "the guest read its metadata at "+at.UTC().Format(time.RFC3339)) {
 				events = append(events, normal("GuestReady", "the guest read its metadata"))
 			}
-		} else if res.RequeueAfter == 0 || res.RequeueAfter > 2*time.Second {
-			// The metadata service has no event stream of its own for
-			// this; look again shortly while the guest boots.
-			res.RequeueAfter = 2 * time.Second
 		}
+		// Otherwise GuestActive requeues the VM when the metadata
+		// service answers it for the first time.
 	} else {
 		setCondition(st, condGuestReady, false, "NotRunning", "")
 	}

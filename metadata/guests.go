@@ -38,8 +38,8 @@ func (s *Server) markSeen(id string) {
 	s.limMu.Lock()
 	g := s.limiters[id]
 	s.limMu.Unlock()
-	if g != nil {
-		g.lastSeen.Store(s.opts.Now().UnixNano())
+	if g != nil && g.lastSeen.Swap(s.opts.Now().UnixNano()) == 0 && s.opts.OnFirstRequest != nil {
+		s.opts.OnFirstRequest(id)
 	}
 }
 

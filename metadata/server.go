@@ -44,6 +44,10 @@ type Options struct {
 	ListenAddress string
 	// Now is the clock (tests).
 	Now func() time.Time
+	// OnFirstRequest, if set, is called (synchronously, so it must not
+	// block) the first time a VM is answered: the agent's signal that the
+	// guest is up, without polling LastSeen.
+	OnFirstRequest func(vmID string)
 }
 
 // Server answers metadata requests for the instances in a Directory. One

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -53,7 +54,15 @@ func TestRateLimit(t *testing.T) {
 }
 
 func TestLastSeen(t *testing.T) {
-	e := newTestEnv(t, nil)
+	var mu sync.Mutex
+	var first []string
+	e := newTestEnv(t, func(o *Options) {
+		o.OnFirstRequest = func(id string) {
+			mu.Lock()
+			first = append(first, id)
+			mu.Unlock()
+		}
+	})
 	if _, ok := e.srv.LastSeen(idA); ok {
 		t.Fatal("seen before any request")
 	}
@@ -68,6 +77,12 @@ func TestLastSeen(t *testing.T) {
 	e.expect(9, "/latest/meta-data/instance-id", 404, "")
 	if _, ok := e.srv.LastSeen(idB); ok {
 		t.Fatal("an unknown source counted as B")
+	}
+	e.expect(2, "/latest/meta-data/instance-id", 200, "")
+	mu.Lock()
+	defer mu.Unlock()
+	if len(first) != 1 || first[0] != idA {
+		t.Fatalf("OnFirstRequest calls = %v, want exactly one for A", first)
 	}
 }
 

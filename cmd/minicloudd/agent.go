@@ -135,7 +135,13 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	hv := libvirt.New(libvirt.Options{DisableKVM: f.disableKVM, Logger: log})
 	defer hv.Close()
 	dir := metadata.NewDirectory()
-	md, err := metadata.NewServer(dir, metadata.Options{Logger: log, IdentityKey: key, Registerer: reg})
+	// The metadata service tells the agent when a guest first reads its
+	// metadata (GuestReady); a is set before anything is served.
+	var a *agent.Agent
+	md, err := metadata.NewServer(dir, metadata.Options{
+		Logger: log, IdentityKey: key, Registerer: reg,
+		OnFirstRequest: func(vmID string) { a.GuestActive(vmID) },
+	})
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)
 	}
@@ -153,7 +159,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		// The resolved address, so "--agent-listen 127.0.0.1:0" works.
 		f.advertise = lis.Addr().String()
 	}
-	a, err := agent.New(agent.Config{
+	a, err = agent.New(agent.Config{
 		HostName:         f.hostName,
 		AdvertiseAddr:    f.advertise,
 		StateDir:         stateDir,
