@@ -46,7 +46,9 @@ func Dial(ctx context.Context, endpoint string, opts ...grpc.DialOption) (*Clien
 	return New(conn), nil
 }
 
-// New wraps an existing connection.
+// New wraps an existing connection. Dial it with
+// errdefs.UnaryClientInterceptor and StreamClientInterceptor to get error
+// kinds back, as Dial does.
 func New(conn *grpc.ClientConn) *Client {
 	return &Client{
 		Conn:         conn,
