@@ -21,7 +21,8 @@ import (
 // others; rendezvous hashing then splits both the VMs and the hosts:
 //   - a PENDING VM is decided at once by its owner, and by every other
 //     replica only if it is still PENDING takeoverDelay later (its owner
-//     died, is partitioned, or is far behind);
+//     died, is partitioned, or is far behind); all members of a server
+//     group share one owner, which decides them one after the other;
 //   - a replica searches its own share of the hosts first and all hosts
 //     only when none of its own fits (placement.Cluster.Preferred).
 //
@@ -46,6 +47,8 @@ type members struct {
 	// the membership for the first time.
 	joined     chan struct{}
 	joinedOnce sync.Once
+	// changed is closed (and replaced) whenever the view changes.
+	changed chan struct{}
 }
 
 // shareView is one membership as seen by this replica.
@@ -57,7 +60,7 @@ type shareView struct {
 }
 
 func newMembers(cli *clientv3.Client, self string) *members {
-	m := &members{cli: cli, self: self, ids: map[string]bool{}, joined: make(chan struct{})}
+	m := &members{cli: cli, self: self, ids: map[string]bool{}, joined: make(chan struct{}), changed: make(chan struct{})}
 	m.view.Store(&shareView{self: self})
 	return m
 }
@@ -72,10 +75,30 @@ func (m *members) publish(ready bool) {
 		}
 	}
 	m.view.Store(v)
+	close(m.changed)
+	m.changed = make(chan struct{})
 }
 
-// owns reports whether this replica should decide vmID at once.
-func (m *members) owns(vmID string) bool { return m.view.Load().ownerIsSelf("vm", vmID) }
+// waitMembers blocks until this replica sees n members (ctx bounds it).
+func (m *members) waitMembers(ctx context.Context, n int) error {
+	for {
+		m.mu.Lock()
+		got, changed := len(m.view.Load().ids), m.changed
+		m.mu.Unlock()
+		if got == n {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return fmt.Errorf("replica sees %d members, want %d: %w", got, n, ctx.Err())
+		}
+	}
+}
+
+// owns reports whether this replica should decide at once the VMs with
+// this share key (vmState.shareKey).
+func (m *members) owns(key string) bool { return m.view.Load().ownerIsSelf("vm", key) }
 
 // prefersHost reports whether host is in this replica's share of the
 // hosts, searched first (placement.Cluster.Preferred).

@@ -66,8 +66,10 @@ func TestDeadReplicaShareIsTakenOver(t *testing.T) {
 	case <-time.After(waitTimeout):
 		t.Fatal("replica never joined")
 	}
-	if n := len(s.members.view.Load().ids); n != 2 {
-		t.Fatalf("replica sees %d members, want itself and the dead one", n)
+	wctx, cancel := context.WithTimeout(ctx, waitTimeout)
+	defer cancel()
+	if err := s.members.waitMembers(wctx, 2); err != nil {
+		t.Fatal(err)
 	}
 	start := time.Now()
 	var vms []simVM
@@ -77,7 +79,7 @@ func TestDeadReplicaShareIsTakenOver(t *testing.T) {
 	}
 	createSimulatedVMs(t, cli, vms...)
 	for _, v := range vms {
-		if !s.members.owns(v.id) {
+		if !s.members.owns("vm/" + v.id) {
 			deadOwns++
 		}
 		if st := waitDecided(t, cli, v.id); !scheduled(st) {

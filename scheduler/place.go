@@ -35,6 +35,19 @@ type vmState struct {
 	vm        *minicloudv1.VM
 	status    *minicloudv1.VMStatus
 	statusRev int64
+	// pendingSince: see vmEntry.
+	pendingSince time.Time
+}
+
+// shareKey is what decides which replica owns a VM: its server group if it
+// has one, so that one replica decides all members of a group one after
+// the other (two first members of an affinity group decided at the same
+// instant by two replicas could otherwise land apart), else the VM id.
+func (v *vmState) shareKey() string {
+	if g := v.vm.GetSpec().GetServerGroup(); g != "" {
+		return "group/" + placement.GroupKey(v.vm.GetMeta().GetProject(), g)
+	}
+	return "vm/" + v.id
 }
 
 // specNotVisible is how long to wait before looking again at a VM whose
@@ -55,7 +68,7 @@ func (s *Scheduler) readVM(ctx context.Context, id string) (v *vmState, after ti
 		return nil, 0, nil
 	}
 	if spec != nil {
-		return &vmState{id: id, vm: spec, status: e.status, statusRev: e.rev}, 0, nil
+		return &vmState{id: id, vm: spec, status: e.status, statusRev: e.rev, pendingSince: e.pendingSince}, 0, nil
 	}
 	// Not (yet) delivered by the spec watch. Serializable: the spec was written with (or before) the status we
 	// saw, so a local read suffices; a lagging member is retried below.
@@ -70,7 +83,7 @@ func (s *Scheduler) readVM(ctx context.Context, id string) (v *vmState, after ti
 	if !found {
 		return nil, specNotVisible, nil
 	}
-	return &vmState{id: id, vm: vm, status: e.status, statusRev: e.rev}, 0, nil
+	return &vmState{id: id, vm: vm, status: e.status, statusRev: e.rev, pendingSince: e.pendingSince}, 0, nil
 }
 
 // scheduleOne places one VM if it is PENDING.
@@ -81,6 +94,13 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 	}
 	if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING || v.vm.GetSpec().GetDeletionRequested() {
 		return 0, nil
+	}
+	if !s.members.owns(v.shareKey()) {
+		// Another replica's share: take it over only if it is still
+		// PENDING after takeoverDelay (its owner died or is far behind).
+		if wait := takeoverDelay - time.Since(v.pendingSince); wait > 0 {
+			return wait, nil
+		}
 	}
 	if n := v.status.GetScheduleAttempts(); int(n) >= s.cfg.MaxAttempts {
 		return s.fail(ctx, v, ReasonMaxAttemptsExceeded, fmt.Sprintf(

@@ -111,6 +111,10 @@ type Scheduler struct {
 type vmEntry struct {
 	status *minicloudv1.VMStatus
 	rev    int64
+	// pendingSince is when this replica first saw the VM PENDING (since
+	// its last phase change): a replica that does not own the VM decides it
+	// only takeoverDelay after that.
+	pendingSince time.Time
 }
 
 // New returns a scheduler replica; Run starts it.
@@ -291,7 +295,8 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 	id := store.LastSegment(string(kv.Key))
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if old, ok := s.vms[id]; ok && old.status.GetHost() != "" {
+	old, hadOld := s.vms[id]
+	if hadOld && old.status.GetHost() != "" {
 		oldHost := old.status.GetHost()
 		delete(s.on[oldHost], id)
 		if len(s.on[oldHost]) == 0 {
@@ -308,7 +313,14 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 		s.log.Error("scheduler: undecodable vm status", "key", string(kv.Key), "err", err)
 		return
 	}
-	s.vms[id] = vmEntry{status: st, rev: kv.ModRevision}
+	e := vmEntry{status: st, rev: kv.ModRevision}
+	if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
+		e.pendingSince = time.Now()
+		if hadOld && old.status.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
+			e.pendingSince = old.pendingSince
+		}
+	}
+	s.vms[id] = e
 	if st.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
 		delete(s.specs, id)
 	}
@@ -322,11 +334,7 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 		}
 	}
 	if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
-		if s.members.owns(id) {
-			s.pending.Add(id)
-		} else {
-			s.pending.AddAfter(id, takeoverDelay)
-		}
+		s.pending.Add(id) // scheduleOne checks who owns it
 	}
 }
 

@@ -215,8 +215,17 @@ func TestAntiAffinityUnderConcurrency(t *testing.T) {
 	}
 	createServerGroup(t, cli, "default", "web", minicloudv1.ServerGroupPolicy_SERVER_GROUP_POLICY_ANTI_AFFINITY)
 	createServerGroup(t, cli, "default", "db", minicloudv1.ServerGroupPolicy_SERVER_GROUP_POLICY_AFFINITY)
-	startScheduler(t, cli, Config{Source: "scheduler-1"})
-	startScheduler(t, cli, Config{Source: "scheduler-2"})
+	r1 := startScheduler(t, cli, Config{Source: "scheduler-1"})
+	r2 := startScheduler(t, cli, Config{Source: "scheduler-2"})
+	// Both replicas know each other, so they split the work (and each
+	// group has one owner); anti-affinity does not depend on it.
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	for _, r := range []*Scheduler{r1, r2} {
+		if err := r.members.waitMembers(ctx, 2); err != nil {
+			t.Fatal(err)
+		}
+	}
 	var vms []simVM
 	for i := range hosts + 1 {
 		vms = append(vms, simVM{id: fmt.Sprintf("web-%d", i), vcpus: 1, memMiB: 256, group: "web"})
@@ -249,11 +258,10 @@ func TestAntiAffinityUnderConcurrency(t *testing.T) {
 	if len(webHosts) != hosts || failed != 1 {
 		t.Fatalf("web members on %d hosts, %d failed; want %d and 1", len(webHosts), failed, hosts)
 	}
-	// Within one replica affinity members are decided one at a time; with
-	// two replicas the first two members may race (docs/scheduler.md), so
-	// only the members placed after the group had one must follow it.
-	if len(dbHosts) > 2 {
-		t.Fatalf("affinity group spread over %d hosts", len(dbHosts))
+	// All members of a group have one owner replica, which decides them
+	// one after the other: hard affinity holds with two replicas too.
+	if len(dbHosts) != 1 {
+		t.Fatalf("affinity group spread over %d hosts: %v", len(dbHosts), dbHosts)
 	}
 	checkClaimInvariants(t, cli)
 }
