@@ -139,14 +139,14 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 		if v.statusRev != seenRev {
 			// Someone else changed the VM: another replica placed it, or
 			// the API deleted or rescheduled it.
+			// Look at it afresh (attempts, tried hosts) if still PENDING.
 			s.observe(Observation{VMID: id, Outcome: "vm-changed", DecideTime: r.DecideTime})
 			if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
 				return 0, nil
 			}
-		} else {
-			s.observe(Observation{VMID: id, Outcome: "conflict", DecideTime: r.DecideTime})
+			return busyRequeue, nil
 		}
-		req.TriedHosts = v.status.GetTriedHosts()
+		s.observe(Observation{VMID: id, Outcome: "conflict", DecideTime: r.DecideTime})
 	}
 	return conflictRequeue, nil
 }
