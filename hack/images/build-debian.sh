@@ -87,11 +87,20 @@ for fs in proc sys dev; do
 	mkdir -p "$rootfs/$fs"
 	mount --bind "/$fs" "$rootfs/$fs"
 done
-# Ignore the host's resolv.conf: the mirror is reached the way apt here does.
+# The chroot resolves the mirror with the host's resolver (removed again
+# before the file system is made).
 cp /etc/resolv.conf "$rootfs/etc/resolv.conf" 2>/dev/null || true
-echo "deb $mirror $suite main" >"$rootfs/etc/apt/sources.list"
+# The same suites as the host (updates and security too), so the image gets
+# the fixed kernel and packages, not the point-release ones.
+write_sources() {
+	echo "deb $mirror $suite main"
+	echo "deb $mirror $suite-updates main"
+	if [[ -n $security ]]; then echo "deb $security $suite-security main"; fi
+}
+write_sources >"$rootfs/etc/apt/sources.list"
 {
 	chroot "$rootfs" apt-get update -qq &&
+		DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get upgrade -y -qq &&
 		DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get install -y -qq --no-install-recommends "${packages[@]}"
 } >>"$work/build.log" 2>&1 || {
 	cp "$work/build.log" "${TMPDIR:-/tmp}/mc-debian-build.log"
@@ -101,12 +110,6 @@ echo "deb $mirror $suite main" >"$rootfs/etc/apt/sources.list"
 rm -f "$rootfs/usr/sbin/policy-rc.d"
 
 # ---- configuration inside the image ---------------------------------------
-# apt sources: the same mirror (with updates/security), so `apt-get` inside a guest behaves like here.
-{
-	echo "deb $mirror $suite main"
-	echo "deb $mirror $suite-updates main"
-	if [[ -n $security ]]; then echo "deb $security $suite-security main"; fi
-} >"$rootfs/etc/apt/sources.list"
 
 echo "/dev/vda / ext4 defaults,errors=remount-ro 0 1" >"$rootfs/etc/fstab"
 echo "localhost" >"$rootfs/etc/hostname"

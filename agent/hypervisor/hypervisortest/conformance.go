@@ -40,7 +40,8 @@ type Fixtures struct {
 	// cleanup. Nil skips the foreign-domain checks.
 	DefineForeign func(t *testing.T, name string)
 
-	// BootTimeout bounds waiting for markers (default 2 min: TCG is slow).
+	// BootTimeout bounds waiting for markers (default 6 min: TCG on a
+	// loaded 2-core host can take minutes to boot even the tiny guest).
 	BootTimeout time.Duration
 }
 
@@ -48,7 +49,7 @@ type Fixtures struct {
 // up after itself.
 func RunConformance(t *testing.T, newDriver func(t *testing.T) hypervisor.Driver, fx Fixtures) {
 	if fx.BootTimeout == 0 {
-		fx.BootTimeout = 2 * time.Minute
+		fx.BootTimeout = 6 * time.Minute
 	}
 	s := &suite{newDriver: newDriver, fx: fx}
 	t.Run("Capabilities", s.capabilities)
@@ -324,12 +325,12 @@ func (s *suite) shutdownGraceful(t *testing.T) {
 	}
 	d := s.newDriver(t)
 	spec := s.defined(t, d)
-	ctx := ctxFor(t, 3*time.Minute)
+	ctx := ctxFor(t, 2*s.fx.BootTimeout)
 	if err := d.Start(ctx, spec.VMID); err != nil {
 		t.Fatalf("Start: %v", err)
 	}
 	s.waitConsole(t, spec, s.fx.ReadyMarker, 1)
-	if err := d.Shutdown(ctx, spec.VMID, 2*time.Minute); err != nil {
+	if err := d.Shutdown(ctx, spec.VMID, s.fx.BootTimeout); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
 	st := s.mustStatus(t, d, spec.VMID)
@@ -377,7 +378,7 @@ func (s *suite) reboot(t *testing.T) {
 	}
 	d := s.newDriver(t)
 	spec := s.defined(t, d)
-	ctx := ctxFor(t, 3*time.Minute)
+	ctx := ctxFor(t, 3*s.fx.BootTimeout)
 	if err := d.Start(ctx, spec.VMID); err != nil {
 		t.Fatalf("Start: %v", err)
 	}

@@ -22,6 +22,9 @@ import (
 	"github.com/minicloud/minicloud/pkg/errdefs"
 )
 
+// acpiRepressInterval is how often Shutdown presses the power button again.
+const acpiRepressInterval = 10 * time.Second
+
 // DefaultSocket is libvirtd's read-write socket for qemu:///system.
 const DefaultSocket = "/var/run/libvirt/libvirt-sock"
 
@@ -255,9 +258,20 @@ func (d *Driver) Shutdown(ctx context.Context, vmID string, timeout time.Duratio
 	}
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
+	// A press that arrives while the guest is still booting (before its
+	// ACPI daemon listens) is lost; press again now and then, as Nova does.
+	repress := time.NewTicker(acpiRepressInterval)
+	defer repress.Stop()
 	for {
 		select {
 		case <-wake:
+		case <-repress.C:
+			if l, dom, _, err := d.lookup(ctx, vmID); err == nil {
+				if err := l.DomainShutdownFlags(dom, golibvirt.DomainShutdownAcpiPowerBtn); err != nil && !isOperationInvalid(err) {
+					d.log.Debug("repeat ACPI shutdown", "vm", vmID, "err", err)
+				}
+			}
+			continue
 		case <-deadline.C:
 			d.log.Info("guest ignored ACPI shutdown; destroying", "vm", vmID, "timeout", timeout)
 			return d.Destroy(ctx, vmID)

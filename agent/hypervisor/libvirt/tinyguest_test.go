@@ -24,7 +24,7 @@ func TestTinyGuestReadsConfigDrive(t *testing.T) {
 		t.Skip("-short: boots a guest under QEMU")
 	}
 	d := newDriver(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute) // TCG on a loaded host
 	defer cancel()
 	spec := newSpec(t, uuid.NewString())
 	spec.ConfigDrivePath = filepath.Join(filepath.Dir(spec.DiskPath), "config.iso")
