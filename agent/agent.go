@@ -62,7 +62,13 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("agent state directory is not set")
 	}
 	if c.Workers <= 0 {
-		c.Workers = 4
+		// A worker spends a create mostly waiting on libvirt and QEMU
+		// (seconds under TCG) and a stop up to ShutdownTimeout, so a
+		// small pool queues the rest of a burst behind them: with 4, the
+		// 5th to 10th of ten concurrent creates waited for a free worker
+		// (hack/agentbench, "agent pickup"). hack/setup-host.sh lets
+		// libvirtd serve 32 calls of one client at once.
+		c.Workers = 16
 	}
 	if c.ResyncPeriod <= 0 {
 		c.ResyncPeriod = time.Minute
