@@ -598,3 +598,9 @@ func shellQuote(args []string) string {
 	}
 	return strings.Join(q, " ")
 }
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	cloudtest.RemoveBinaries()
+	os.Exit(code)
+}

@@ -64,6 +64,14 @@ func Binaries(t testing.TB) (cli, daemon string) {
 	return filepath.Join(binDir, "minicloud"), filepath.Join(binDir, "minicloudd")
 }
 
+// RemoveBinaries deletes what Binaries built. Call it from TestMain after
+// m.Run, or every test binary leaves a copy of both binaries in $TMPDIR.
+func RemoveBinaries() {
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+}
+
 // syncBuffer is a bytes.Buffer safe for the child's writes and our reads.
 type syncBuffer struct {
 	mu  sync.Mutex
