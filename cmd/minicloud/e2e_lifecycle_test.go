@@ -16,6 +16,7 @@ import (
 	"time"
 
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
+	"github.com/minicloud/minicloud/pkg/cloudtest"
 )
 
 // TestE2EVMLifecycle boots the tiny guest image on this machine through the
@@ -26,6 +27,7 @@ import (
 // records). Timeouts are generous: TCG guests on a loaded 2-core machine
 // take minutes; the logged laps are what it took.
 func TestE2EVMLifecycle(t *testing.T) {
+	skipShort(t)
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (the agent creates bridges, taps and libvirt domains)")
 	}
@@ -35,17 +37,16 @@ func TestE2EVMLifecycle(t *testing.T) {
 	if _, err := exec.LookPath("virsh"); err != nil {
 		t.Skip("virsh not installed (libvirt-clients)")
 	}
-	images := filepath.Join("..", "..", "images", "out", "tiny")
+	images := cloudtest.TinyImage(t)
 	cmdline, err := os.ReadFile(filepath.Join(images, "cmdline"))
 	if err != nil {
-		t.Skipf("tiny guest image not built (make images): %v", err)
+		t.Fatal(err)
 	}
 
-	skipShort(t)
 	var bridge string
 	// Registered before the cloud starts, so it runs after the cloud has
-	// stopped and nothing recreates the bridge. The agent keeps the bridges
-	// of networks that still exist, so the test removes the one it made.
+	// stopped and nothing recreates the bridge. The agent removes bridges
+	// only while it runs, so the test removes the one it made.
 	t.Cleanup(func() {
 		if bridge != "" {
 			if err := netlinux.New(slog.Default()).DeleteBridge(context.Background(), bridge); err != nil {

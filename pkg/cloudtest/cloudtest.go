@@ -64,6 +64,20 @@ func Binaries(t testing.TB) (cli, daemon string) {
 	return filepath.Join(binDir, "minicloud"), filepath.Join(binDir, "minicloudd")
 }
 
+// TinyImage builds (or, from its cache, reuses) the tiny guest image with
+// hack/images/build-tiny.sh and returns its directory (disk.qcow2, vmlinuz,
+// initrd.img, cmdline).
+func TinyImage(t testing.TB) string {
+	t.Helper()
+	root := RepoRoot()
+	cmd := exec.Command(filepath.Join(root, "hack/images/build-tiny.sh"))
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build tiny image: %v\n%s", err, out)
+	}
+	return filepath.Join(root, "images/out/tiny")
+}
+
 // RemoveBinaries deletes what Binaries built. Call it from TestMain after
 // m.Run, or every test binary leaves a copy of both binaries in $TMPDIR.
 func RemoveBinaries() {
