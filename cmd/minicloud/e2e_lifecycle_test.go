@@ -52,6 +52,9 @@ func TestE2EVMLifecycle(t *testing.T) {
 			if err := netlinux.New(slog.Default()).DeleteBridge(context.Background(), bridge); err != nil {
 				t.Errorf("delete bridge %s: %v", bridge, err)
 			}
+			if _, err := net.InterfaceByName(bridge); err == nil {
+				t.Errorf("bridge %s still exists", bridge)
+			}
 		}
 	})
 	c := startCloud(t)
