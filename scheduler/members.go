@@ -24,7 +24,7 @@ import (
 //     died, is partitioned, or is far behind); all members of a server
 //     group share one owner, which decides them one after the other;
 //   - a replica searches its own share of the hosts first and all hosts
-//     only when none of its own fits (placement.Cluster.Preferred).
+//     only when none of its own fits (placement.Cluster.Partitioned).
 //
 // No leader, no election: a replica that disappears costs at most
 // takeoverDelay of latency for its share of the VMs.
@@ -49,14 +49,14 @@ type members struct {
 	joinedOnce sync.Once
 	// changed is closed (and replaced) whenever the view changes.
 	changed chan struct{}
+	// onChange, if set, is called (with mu held) after the view changed.
+	onChange func()
 }
 
 // shareView is one membership as seen by this replica.
 type shareView struct {
 	self string
 	ids  []string // empty: own everything
-	// hosts caches prefersHost per host name for this membership.
-	hosts sync.Map
 }
 
 func newMembers(cli *clientv3.Client, self string) *members {
@@ -75,6 +75,9 @@ func (m *members) publish(ready bool) {
 		}
 	}
 	m.view.Store(v)
+	if m.onChange != nil {
+		m.onChange()
+	}
 	close(m.changed)
 	m.changed = make(chan struct{})
 }
@@ -101,19 +104,8 @@ func (m *members) waitMembers(ctx context.Context, n int) error {
 func (m *members) owns(key string) bool { return m.view.Load().ownerIsSelf("vm", key) }
 
 // prefersHost reports whether host is in this replica's share of the
-// hosts, searched first (placement.Cluster.Preferred).
-func (m *members) prefersHost(host string) bool {
-	v := m.view.Load()
-	if len(v.ids) == 0 {
-		return true
-	}
-	if p, ok := v.hosts.Load(host); ok {
-		return p.(bool)
-	}
-	p := v.ownerIsSelf("host", host)
-	v.hosts.Store(host, p)
-	return p
-}
+// hosts, searched first (placement.Cluster.Partitioned).
+func (m *members) prefersHost(host string) bool { return m.view.Load().ownerIsSelf("host", host) }
 
 // ownerIsSelf: rendezvous (highest random weight) hashing of kind/key over
 // the replicas. Every replica computes the same owner from the same member

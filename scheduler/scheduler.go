@@ -147,6 +147,7 @@ func New(cli *clientv3.Client, cfg Config) (*Scheduler, error) {
 	}
 	s.snap = snapshot.New(cli, cfg.Log, s.hostAliveChanged)
 	s.snap.SetPreferred(s.members.prefersHost)
+	s.members.onChange = func() { s.snap.SetPreferred(s.members.prefersHost) }
 	return s, nil
 }
 

@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"runtime"
@@ -248,6 +249,26 @@ func pureDecisions(seed uint64) string {
 	return b.String()
 }
 
+// counter counts strings concurrently.
+type counter struct {
+	mu sync.Mutex
+	m  map[string]int
+}
+
+func newCounter() *counter { return &counter{m: map[string]int{}} }
+
+func (c *counter) Add(s string) {
+	c.mu.Lock()
+	c.m[s]++
+	c.mu.Unlock()
+}
+
+func (c *counter) snapshot() map[string]int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return maps.Clone(c.m)
+}
+
 var flavors = []*minicloudv1.Resources{
 	{Vcpus: 1, MemoryMib: 512, DiskGib: 1},
 	{Vcpus: 1, MemoryMib: 2048, DiskGib: 10},
@@ -285,7 +306,9 @@ func scenario(o options, nHosts, nReplicas int) (result, error) {
 	// Scheduler replicas, each on its own client.
 	var mu sync.Mutex
 	var conflicts, vmChanged atomic.Int64
+	outcomes := newCounter()
 	observe := func(ob scheduler.Observation) {
+		outcomes.Add(ob.Outcome)
 		switch ob.Outcome {
 		case "conflict":
 			conflicts.Add(1)
@@ -388,6 +411,7 @@ func scenario(o options, nHosts, nReplicas int) (result, error) {
 	}
 	res.wall = time.Since(begin)
 	res.conflicts, res.vmChanged = conflicts.Load(), vmChanged.Load()
+	fmt.Fprintf(os.Stderr, "%d hosts, %d replicas: decisions by outcome %v\n", nHosts, nReplicas, outcomes.snapshot())
 	violations, err := scheduler.VerifyClaims(ctx, cli)
 	if err != nil {
 		return res, err

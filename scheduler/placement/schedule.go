@@ -113,19 +113,19 @@ func (e *NoValidHostError) Retryable() bool {
 // tie-break; it is not safe for concurrent use, so give each goroutine its
 // own.
 func Schedule(c *Cluster, req *Request, p *Policy, rng *rand.Rand) (Decision, error) {
-	if c.Preferred != nil {
-		d, skipped, err := schedule(c, req, p, rng, c.Preferred)
+	if c.Partitioned {
+		d, skipped, err := schedule(c, req, p, rng, true)
 		if err == nil || skipped == 0 {
 			return d, err
 		}
 	}
-	d, _, err := schedule(c, req, p, rng, nil)
+	d, _, err := schedule(c, req, p, rng, false)
 	return d, err
 }
 
-// schedule is one pass over the hosts; with prefer set, hosts it refuses
-// are skipped (and counted in skipped) before any filter runs.
-func schedule(c *Cluster, req *Request, p *Policy, rng *rand.Rand, prefer func(string) bool) (Decision, int, error) {
+// schedule is one pass over the hosts; with preferredOnly, hosts not
+// marked Preferred are skipped (and counted in skipped) before any filter.
+func schedule(c *Cluster, req *Request, p *Policy, rng *rand.Rand, preferredOnly bool) (Decision, int, error) {
 	n := len(c.Hosts)
 	skipped := 0
 	limit := p.SampleSize
@@ -145,7 +145,7 @@ func schedule(c *Cluster, req *Request, p *Policy, rng *rand.Rand, prefer func(s
 	scanned := 0
 	for i := 0; i < n && len(candidates) < limit; i++ {
 		h := c.Hosts[(start+i*stride)%n]
-		if prefer != nil && !prefer(h.Name) {
+		if preferredOnly && !h.Preferred {
 			skipped++
 			continue
 		}

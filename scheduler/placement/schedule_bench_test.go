@@ -54,11 +54,10 @@ func BenchmarkSchedulePreferred(b *testing.B) {
 		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) {
 			rng := rand.New(rand.NewPCG(1, 2))
 			c := simulatedCluster(n, rng)
-			share := map[string]bool{}
 			for i, h := range c.Hosts {
-				share[h.Name] = i%2 == 0
+				h.Preferred = i%2 == 0
 			}
-			c.Preferred = func(h string) bool { return share[h] }
+			c.Partitioned = true
 			p, _ := NewPolicy(Spread)
 			req := &Request{Resources: Resources{VCPUs: 2, MemoryMiB: 2048, DiskGiB: 20}, Zone: "az1"}
 			b.ReportAllocs()

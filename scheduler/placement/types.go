@@ -74,6 +74,9 @@ type Host struct {
 	// Allocated is the sum of the claims on the host (hosts/alloc/<name>).
 	Allocated Resources
 	VMCount   int
+	// Preferred marks the hosts in this replica's share (see
+	// Cluster.Partitioned).
+	Preferred bool
 }
 
 // Limits is what may be allocated on h: capacity times ratio, rounded down.
@@ -114,12 +117,12 @@ type Cluster struct {
 	// claim right now. They are skipped (filter InFlight) so that one
 	// replica's concurrent decisions do not conflict with each other.
 	InFlight map[string]bool
-	// Preferred, if set, names the hosts this replica searches first: the
-	// replicas split the hosts between them (see scheduler/members.go) so
-	// that they rarely race for the same host. Hosts outside the share are
-	// searched only when none inside fits, so it never causes a
+	// Partitioned says that the replicas split the hosts between them
+	// (see scheduler/members.go): a decision searches the hosts marked
+	// Preferred first, so that replicas rarely race for the same host, and
+	// the others only when none of those fits — so it never causes a
 	// NoValidHost.
-	Preferred func(host string) bool
+	Partitioned bool
 }
 
 // NewCluster returns an empty cluster.

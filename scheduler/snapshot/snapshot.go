@@ -49,6 +49,7 @@ type Snapshot struct {
 	claims     map[string]map[string]claimState // host -> vm id -> claim
 	policies   map[string]minicloudv1.ServerGroupPolicy
 	busyGroups map[string]bool
+	prefer     func(host string) bool
 	synced     chan struct{}
 	onAlive    func(host string)
 }
@@ -78,7 +79,7 @@ func (s *Snapshot) reset() {
 	s.cluster = placement.NewCluster()
 	if in != nil {
 		s.cluster.InFlight = in.InFlight
-		s.cluster.Preferred = in.Preferred
+		s.cluster.Partitioned = in.Partitioned
 	}
 	s.index = map[string]int{}
 	s.alive = map[string]bool{}
@@ -302,6 +303,7 @@ func (s *Snapshot) putHost(name string, spec *minicloudv1.Host) {
 		s.cluster.Hosts = append(s.cluster.Hosts, h)
 		s.cluster.ByName[name] = h
 		h.Up = s.alive[name]
+		h.Preferred = s.prefer == nil || s.prefer(name)
 		a := s.alloc[name].value
 		h.Allocated = placement.ResourcesFromProto(a.GetAllocated())
 		h.VMCount = int(a.GetVmCount())
@@ -375,12 +377,17 @@ func (s *Snapshot) removeClaim(host, vmID string) {
 	}
 }
 
-// SetPreferred sets the hosts this replica searches first
-// (placement.Cluster.Preferred). prefer must be safe for concurrent use.
+// SetPreferred marks this replica's share of the hosts
+// (placement.Cluster.Partitioned); call it again whenever the share
+// changes. prefer must not call back into the snapshot.
 func (s *Snapshot) SetPreferred(prefer func(host string) bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.cluster.Preferred = prefer
+	s.prefer = prefer
+	s.cluster.Partitioned = prefer != nil
+	for _, h := range s.cluster.Hosts {
+		h.Preferred = prefer == nil || prefer(h.Name)
+	}
 }
 
 // Policy returns the policy of server group key (placement.GroupKey).
