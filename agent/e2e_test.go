@@ -38,16 +38,10 @@ func requireHypervisorHost(t *testing.T) {
 	}
 }
 
-// tinyImage builds (or reuses) the tiny guest image.
-func tinyImage(t *testing.T) string {
-	t.Helper()
-	root := cloudtest.RepoRoot()
-	cmd := exec.Command(filepath.Join(root, "hack/images/build-tiny.sh"))
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build tiny image: %v\n%s", err, out)
-	}
-	return filepath.Join(root, "images/out/tiny")
+func TestMain(m *testing.M) {
+	code := m.Run()
+	cloudtest.RemoveBinaries()
+	os.Exit(code)
 }
 
 // newTinyCloud starts a cloud with a network of its own, flavor tiny and
@@ -55,7 +49,7 @@ func tinyImage(t *testing.T) string {
 func newTinyCloud(t *testing.T) *cloudtest.Cloud {
 	t.Helper()
 	requireHypervisorHost(t)
-	img := tinyImage(t)
+	img := cloudtest.TinyImage(t)
 	c := cloudtest.Start(t)
 	c.WaitHostUp()
 	// A CIDR of its own, so that tests and a `make up` cloud on the same
