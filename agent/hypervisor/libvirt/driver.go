@@ -311,10 +311,19 @@ func (d *Driver) Destroy(ctx context.Context, vmID string) error {
 // destroyLive cuts the power of dom; one that is not running (or vanished
 // meanwhile) is fine.
 func destroyLive(l *golibvirt.Libvirt, dom golibvirt.Domain, vmID string) error {
-	if err := l.DomainDestroyFlags(dom, 0); err != nil && !isOperationInvalid(err) && !golibvirt.IsNotFound(err) {
-		return classify(err, "destroy %s", vmID)
+	err := l.DomainDestroyFlags(dom, 0)
+	switch {
+	case err == nil, golibvirt.IsNotFound(err):
+		return nil
+	case isOperationInvalid(err):
+		// "not running" is success only if it is true: right after a
+		// libvirtd restart, before it has reattached to a QEMU process,
+		// the answer can be wrong, and the caller must retry then.
+		if active, aerr := l.DomainIsActive(dom); aerr == nil && active == 0 {
+			return nil
+		}
 	}
-	return nil
+	return classify(err, "destroy %s", vmID)
 }
 
 // Reboot implements hypervisor.Driver.

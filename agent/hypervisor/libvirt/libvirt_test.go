@@ -286,7 +286,7 @@ func TestRecoversFromLibvirtdRestart(t *testing.T) {
 
 	restartLibvirtd(t)
 
-	waitFor(t, d, func(ev hypervisor.Event) bool { return ev.Kind == hypervisor.EventResync })
+	waitFor(t, d, "resync", func(ev hypervisor.Event) bool { return ev.Kind == hypervisor.EventResync })
 	st, err := d.Status(ctx, spec.VMID)
 	if err != nil || !st.Running {
 		t.Fatalf("after libvirtd restart: %+v, %v; want the domain still running", st, err)
@@ -294,22 +294,29 @@ func TestRecoversFromLibvirtdRestart(t *testing.T) {
 	if err := d.Destroy(ctx, spec.VMID); err != nil {
 		t.Fatalf("Destroy after restart: %v", err)
 	}
-	waitFor(t, d, func(ev hypervisor.Event) bool {
+	if st, err := d.Status(ctx, spec.VMID); err != nil || st.Running {
+		t.Fatalf("after Destroy: %+v, %v; want stopped", st, err)
+	}
+	waitFor(t, d, "stopped", func(ev hypervisor.Event) bool {
 		return ev.VMID == spec.VMID && ev.Kind == hypervisor.EventStopped
 	})
 }
 
-func waitFor(t *testing.T, d hypervisor.Driver, match func(hypervisor.Event) bool) {
+func waitFor(t *testing.T, d hypervisor.Driver, what string, match func(hypervisor.Event) bool) {
 	t.Helper()
-	deadline := time.After(time.Minute)
+	deadline := time.After(2 * time.Minute)
+	var seen []string
 	for {
 		select {
 		case ev := <-d.Events():
 			if match(ev) {
 				return
 			}
+			if len(seen) < 20 {
+				seen = append(seen, fmt.Sprintf("%s %s/%s", ev.VMID, ev.Kind, ev.Detail))
+			}
 		case <-deadline:
-			t.Fatal("expected event did not arrive within a minute")
+			t.Fatalf("no %s event within 2 minutes; saw %v", what, seen)
 		}
 	}
 }
