@@ -36,9 +36,9 @@ const (
 // Default multipliers. The group weighers outweigh the memory weigher so
 // that a soft policy wins over spread/pack whenever it can be honoured.
 const (
-	DefaultMemoryMultiplier        = 1.0
-	DefaultSoftAffinityMultiplier  = 2.0
-	DefaultSoftAntiAffinityMultipl = 2.0
+	DefaultMemoryMultiplier           = 1.0
+	DefaultSoftAffinityMultiplier     = 2.0
+	DefaultSoftAntiAffinityMultiplier = 2.0
 )
 
 // DefaultWeighers returns the weighers for a strategy.
@@ -54,7 +54,7 @@ func DefaultWeighers(s Strategy) ([]Weighted, error) {
 	return []Weighted{
 		{FreeMemory{}, mem},
 		{SoftAffinity{}, DefaultSoftAffinityMultiplier},
-		{SoftAntiAffinity{}, DefaultSoftAntiAffinityMultipl},
+		{SoftAntiAffinity{}, DefaultSoftAntiAffinityMultiplier},
 	}, nil
 }
 
