@@ -18,6 +18,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 
 	"github.com/minicloud/minicloud/pkg/errdefs"
 )
@@ -52,7 +54,7 @@ func CreateOverlay(ctx context.Context, path, backingPath, backingFormat string,
 	if sizeBytes < 0 {
 		return errdefs.Invalid("create overlay %s: negative size %d", path, sizeBytes)
 	}
-	backing, err := Inspect(ctx, backingPath)
+	backing, err := inspectBacking(ctx, backingPath)
 	if err != nil {
 		return fmt.Errorf("create overlay %s: %w", path, err)
 	}
@@ -98,6 +100,48 @@ func CreateOverlay(ctx context.Context, path, backingPath, backingFormat string,
 		return fmt.Errorf("create overlay %s: %w", path, err)
 	}
 	return syncDir(filepath.Dir(path))
+}
+
+// fileIdentity tells one version of a file from another: a file written
+// anew (or renamed into place) has another inode, and any change of content
+// or metadata moves its ctime (at the file system's timestamp granularity),
+// which no caller can set back.
+type fileIdentity struct {
+	path       string
+	dev, inode uint64
+	size       int64
+	mtime      int64
+	ctime      int64
+}
+
+// backingInfos remembers Inspect's answer per backing file version. Every
+// VM disk on a host is an overlay of one of a few cached images, and a
+// qemu-img process per create to re-read the same immutable header was
+// about half of the disk step of ten concurrent creates on a loaded host
+// (hack/agentbench). A file that changed in any way is inspected again, so
+// the checks in CreateOverlay always judge the current header.
+var backingInfos sync.Map // fileIdentity -> Info
+
+func inspectBacking(ctx context.Context, path string) (Info, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return Inspect(ctx, path) // maps "missing" to errdefs.NotFound
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return Inspect(ctx, path)
+	}
+	id := fileIdentity{path: path, dev: uint64(sys.Dev), inode: sys.Ino, size: st.Size(),
+		mtime: st.ModTime().UnixNano(), ctime: sys.Ctim.Nano()}
+	if info, ok := backingInfos.Load(id); ok {
+		return info.(Info), nil
+	}
+	info, err := Inspect(ctx, path)
+	if err != nil {
+		return info, err
+	}
+	backingInfos.Store(id, info)
+	return info, nil
 }
 
 // Remove deletes a disk (and a leftover temporary of it). Absent is fine.

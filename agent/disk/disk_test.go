@@ -181,3 +181,24 @@ func TestListAndRemove(t *testing.T) {
 		t.Errorf("List of a missing dir = %v, %v", l, err)
 	}
 }
+
+// TestCreateOverlayChecksAReplacedBackingFile: CreateOverlay remembers what
+// it read of a backing file, but a file replaced at the same path (as a
+// hostile image would be) is read and judged again.
+func TestCreateOverlayChecksAReplacedBackingFile(t *testing.T) {
+	requireQemuImg(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	backing := base(t, dir)
+	if err := disk.CreateOverlay(ctx, filepath.Join(dir, "a.qcow2"), backing, "qcow2", 0); err != nil {
+		t.Fatalf("CreateOverlay: %v", err)
+	}
+	chained := filepath.Join(dir, "chained.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", chained, "64M")
+	if err := os.Rename(chained, backing); err != nil {
+		t.Fatal(err)
+	}
+	if err := disk.CreateOverlay(ctx, filepath.Join(dir, "b.qcow2"), backing, "qcow2", 0); !errdefs.IsInvalid(err) {
+		t.Fatalf("overlay over a replaced backing file that refers to /etc/passwd: %v, want Invalid", err)
+	}
+}
