@@ -1,0 +1,356 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+)
+
+// Event reasons that mark the steps of a create, in order, and who writes
+// them.
+var steps = []string{
+	"Created",      // API: the VM is stored
+	"Scheduled",    // scheduler: host chosen, address allocated
+	"Creating",     // agent: picked the VM up
+	"DiskReady",    // agent: image cached, overlay made
+	"NetworkReady", // agent: bridge, tap, anti-spoofing rules, guest services
+	"Started",      // agent: domain defined and started
+}
+
+// roundTimeout bounds one round's wait for RUNNING or for deletion.
+const roundTimeout = 3 * time.Minute
+
+// sample is one VM's create, timed from the client's request.
+type sample struct {
+	name, id   string
+	sent       time.Time            // client: CreateVM sent
+	running    time.Time            // client: the watch delivered phase RUNNING
+	at         map[string]time.Time // first event of each reason in steps
+	hypervisor string
+}
+
+// round is one batch of creates through minicloud and, when measured, the
+// same number of raw virsh creates.
+type round struct {
+	samples []sample
+	raw     []time.Duration
+}
+
+type bench struct {
+	cloud *cloud
+	opts  options
+	watch *watcher
+
+	cold       round   // first create: the image is not cached yet
+	single     []round // one VM at a time
+	concurrent round
+
+	template   *rawTemplate
+	overlays   int   // VM disks checked to be overlays
+	overlayMax int64 // largest allocated size of a VM overlay
+	imageSize  int64 // allocated size of the cached image
+	backing    string
+	bridge     string
+	loadBefore string
+	loadAfter  string
+	started    time.Time
+	elapsed    time.Duration
+	cleanedUp  bool
+	repeated   int // disturbed rounds repeated
+}
+
+// setup creates the network, flavor and image every VM uses, and starts
+// the watch that times RUNNING.
+func (b *bench) setup(ctx context.Context, img string) error {
+	cmdline, err := os.ReadFile(filepath.Join(img, "cmdline"))
+	if err != nil {
+		return err
+	}
+	// A CIDR of its own, so that tests and a `make up` cloud on the same
+	// machine never share its bridge.
+	cidr := fmt.Sprintf("10.%d.%d.0/24", 200+rand.IntN(50), rand.IntN(250))
+	for _, args := range [][]string{
+		{"network", "create", "default", "--cidr", cidr},
+		{"flavor", "create", "tiny", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "1"},
+		{"image", "create", "tiny", "--file", filepath.Join(img, "disk.qcow2"),
+			"--kernel", filepath.Join(img, "vmlinuz"), "--initrd", filepath.Join(img, "initrd.img"),
+			"--cmdline", strings.TrimSpace(string(cmdline))},
+	} {
+		if err := b.cloud.mc(ctx, args...); err != nil {
+			return err
+		}
+	}
+	b.watch = newWatcher()
+	go b.watch.run(ctx, b.cloud.client.VMs)
+	return nil
+}
+
+// measure runs the rounds: a cold create, reps single creates, one
+// concurrent batch; each minicloud batch is deleted (and checked) before
+// its raw counterpart runs, so no guest boots on the CPUs meanwhile.
+func (b *bench) measure(ctx context.Context) error {
+	rawDir, err := os.MkdirTemp("/var/tmp", "agentbench-raw-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(rawDir)
+	if err := os.Chmod(rawDir, 0o711); err != nil {
+		return err
+	}
+	b.loadBefore, b.started = loadAverage(), time.Now()
+
+	logf("cold create (image not cached yet)")
+	// Not repeated when disturbed: a second try would find the image cached.
+	if b.cold, err = b.createRound(ctx, "cold", 1); err != nil {
+		return err
+	}
+	for i := 0; i < b.opts.reps; i++ {
+		logf("single create %d/%d: minicloud, then virsh create", i+1, b.opts.reps)
+		r, err := b.minicloudRound(ctx, fmt.Sprintf("one%d", i), 1)
+		if err != nil {
+			return err
+		}
+		if r.raw, err = runRawRepeated(ctx, b.template, rawDir, 1, &b.repeated); err != nil {
+			return err
+		}
+		b.single = append(b.single, r)
+	}
+	logf("%d concurrent creates: minicloud, then virsh create", b.opts.concurrency)
+	if b.concurrent, err = b.minicloudRound(ctx, "many", b.opts.concurrency); err != nil {
+		return err
+	}
+	if b.concurrent.raw, err = runRawRepeated(ctx, b.template, rawDir, b.opts.concurrency, &b.repeated); err != nil {
+		return err
+	}
+	b.loadAfter, b.elapsed = loadAverage(), time.Since(b.started)
+	return nil
+}
+
+// disturbedError marks a round whose timeline is incomplete because a step
+// failed and the agent's retry finished it (on this shared machine: another
+// engineer's test restarting libvirtd mid-create). The round is repeated.
+type disturbedError struct{ err error }
+
+func (e *disturbedError) Error() string { return e.err.Error() }
+func (e *disturbedError) Unwrap() error { return e.err }
+
+// maxRepeats bounds how often a disturbed round is repeated.
+const maxRepeats = 2
+
+// minicloudRound runs createRound, repeating a disturbed one.
+func (b *bench) minicloudRound(ctx context.Context, label string, n int) (round, error) {
+	for attempt := 0; ; attempt++ {
+		r, err := b.createRound(ctx, fmt.Sprintf("%s%c", label, 'a'+attempt), n)
+		var d *disturbedError
+		if !errors.As(err, &d) || attempt == maxRepeats {
+			return r, err
+		}
+		b.repeated++
+		logf("round disturbed, repeating it: %v", err)
+	}
+}
+
+// createRound creates n VMs at once through the API, waits until each
+// is RUNNING, reads their event logs, checks their disks, and deletes them.
+func (b *bench) createRound(ctx context.Context, label string, n int) (round, error) {
+	var r round
+	r.samples = make([]sample, n)
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("bench-%s-%d", label, i)
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range names {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s := &r.samples[i]
+			s.name, s.sent = names[i], time.Now()
+			vm, err := b.cloud.client.VMs.CreateVM(ctx, &minicloudv1.CreateVMRequest{
+				Name:      names[i],
+				Spec:      &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny"},
+				RequestId: uuid.NewString(),
+			})
+			if err != nil {
+				errs[i] = fmt.Errorf("create VM %s: %w", names[i], err)
+				return
+			}
+			s.id = vm.GetMeta().GetId()
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return r, err
+	}
+	waitErr := b.watch.wait(ctx, names, "RUNNING", func(st *vmState) bool { return !st.running.IsZero() })
+	if waitErr == nil {
+		waitErr = b.collect(ctx, r.samples)
+	}
+	// Delete even when the round failed, so nothing outlives the run.
+	if err := b.deleteVMs(ctx, names); err != nil {
+		return r, errors.Join(waitErr, err)
+	}
+	return r, waitErr
+}
+
+// collect fills in each sample's timestamps and checks its disk.
+func (b *bench) collect(ctx context.Context, samples []sample) error {
+	for i := range samples {
+		s := &samples[i]
+		st := b.watch.state(s.name)
+		s.running, s.hypervisor = st.running, st.vm.GetStatus().GetHypervisor()
+		if b.bridge == "" && len(st.vm.GetStatus().GetAddresses()) > 0 {
+			b.bridge = st.vm.GetStatus().GetAddresses()[0].GetBridge()
+		}
+		resp, err := b.cloud.client.VMs.ListVMEvents(ctx, &minicloudv1.ListVMEventsRequest{Name: s.name})
+		if err != nil {
+			return fmt.Errorf("events of %s: %w", s.name, err)
+		}
+		s.at = map[string]time.Time{}
+		for _, ev := range resp.GetEvents() {
+			if t, seen := s.at[ev.GetReason()]; !seen || ev.GetTime().AsTime().Before(t) {
+				s.at[ev.GetReason()] = ev.GetTime().AsTime()
+			}
+		}
+		for _, step := range steps {
+			if _, ok := s.at[step]; !ok {
+				return &disturbedError{fmt.Errorf("VM %s reached RUNNING without a %s event (a step failed and was retried; see the minicloudd log); events: %v", s.name, step, resp.GetEvents())}
+			}
+		}
+		if err := b.checkOverlay(ctx, s.id); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkOverlay verifies that the VM's disk is a qcow2 overlay backed by the
+// agent's cached image, not a copy of it; the first VM's domain becomes the
+// template of the raw baseline.
+func (b *bench) checkOverlay(ctx context.Context, id string) error {
+	path := filepath.Join(b.cloud.dataDir, "agent", "vms", id, "disk.qcow2")
+	di, err := qemuImgInfo(ctx, path)
+	if err != nil {
+		return err
+	}
+	backing := di.FullBackingFilename
+	if backing == "" {
+		backing = di.BackingFilename
+	}
+	cache := filepath.Join(b.cloud.dataDir, "agent", "images") + string(filepath.Separator)
+	if di.Format != "qcow2" || !strings.HasPrefix(backing, cache) {
+		return fmt.Errorf("disk of VM %s is not an overlay of the image cache: format %s, backing file %q", id, di.Format, backing)
+	}
+	if b.template == nil {
+		if b.template, err = captureTemplate(ctx, id, path); err != nil {
+			return err
+		}
+		bi, err := qemuImgInfo(ctx, backing)
+		if err != nil {
+			return err
+		}
+		b.imageSize, b.backing = bi.ActualSize, backing
+	}
+	b.overlays++
+	b.overlayMax = max(b.overlayMax, di.ActualSize)
+	return nil
+}
+
+// deleteVMs deletes VMs through the API, waits until they are gone, and
+// checks libvirt, the links and the agent's directory for anything left.
+func (b *bench) deleteVMs(ctx context.Context, names []string) error {
+	var errs []error
+	for _, name := range names {
+		_, err := b.cloud.client.VMs.DeleteVM(ctx, &minicloudv1.DeleteVMRequest{Name: name})
+		if err != nil && !errdefs.IsNotFound(err) {
+			errs = append(errs, fmt.Errorf("delete VM %s: %w", name, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if err := b.watch.wait(ctx, names, "deleted", func(st *vmState) bool { return st.deleted }); err != nil {
+		return err
+	}
+	for _, name := range names {
+		if id := b.watch.state(name).id; id != "" {
+			errs = append(errs, b.checkNothingLeft(ctx, id))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// checkNothingLeft asks libvirt, the kernel and the file system (not
+// minicloud) whether anything of VM id survived its deletion.
+func (b *bench) checkNothingLeft(ctx context.Context, id string) error {
+	var errs []error
+	if exists, err := domainExists(ctx, "mc-"+id); err != nil || exists {
+		errs = append(errs, fmt.Errorf("domain mc-%s still exists (%v)", id, err))
+	}
+	tap := "mct" + strings.ReplaceAll(id, "-", "")[:8]
+	out, err := exec.CommandContext(ctx, "ip", "-o", "link", "show").Output()
+	if err != nil {
+		return fmt.Errorf("ip link: %w", err)
+	}
+	if strings.Contains(string(out), tap) {
+		errs = append(errs, fmt.Errorf("tap %s* of VM %s still exists", tap, id))
+	}
+	if _, err := os.Stat(filepath.Join(b.cloud.dataDir, "agent", "vms", id)); !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("directory of VM %s still exists (%v)", id, err))
+	}
+	return errors.Join(errs...)
+}
+
+// cleanup deletes every VM the cloud still has (after a failed round) and
+// checks that the network's bridge went with the last one. It can run
+// twice.
+func (b *bench) cleanup(ctx context.Context) error {
+	if b.cleanedUp {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, roundTimeout)
+	defer cancel()
+	if b.watch == nil {
+		return nil
+	}
+	list, err := b.cloud.client.VMs.ListVMs(ctx, &minicloudv1.ListVMsRequest{})
+	if err != nil {
+		return fmt.Errorf("list VMs for clean-up: %w", err)
+	}
+	var names []string
+	for _, vm := range list.GetVms() {
+		names = append(names, vm.GetMeta().GetName())
+	}
+	if len(names) > 0 {
+		logf("deleting %d VMs left by a failed round", len(names))
+		if err := b.deleteVMs(ctx, names); err != nil {
+			return err
+		}
+	}
+	if b.bridge != "" {
+		// The agent removes a bridge after reporting its last VM deleted,
+		// so it may go a moment after the watch said DELETED.
+		deadline := time.Now().Add(10 * time.Second)
+		for exec.CommandContext(ctx, "ip", "link", "show", b.bridge).Run() == nil {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("bridge %s still exists after the last VM was deleted", b.bridge)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	b.cleanedUp = true
+	return nil
+}

@@ -1,0 +1,213 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/client"
+)
+
+// cloud is a real `minicloudd all-in-one` (embedded etcd, API, scheduler,
+// agent, metadata) run as a child process on free loopback ports with a
+// data directory of its own, so it never meets a `make up` cloud or a test
+// run on the same machine. It is what pkg/cloudtest does for tests, without
+// a testing.TB: a harness reports errors instead of failing a test.
+type cloud struct {
+	cli, daemon string
+	dataDir     string
+	endpoint    string
+	logPath     string
+	client      *client.Client
+
+	proc   *exec.Cmd
+	exited chan struct{}
+}
+
+// repoRoot is the repository's top directory (this file is hack/agentbench/cloud.go).
+func repoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// buildBinaries builds minicloud and minicloudd into dir.
+func buildBinaries(ctx context.Context, dir string) (cli, daemon string, err error) {
+	for _, name := range []string{"minicloud", "minicloudd"} {
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", filepath.Join(dir, name), "./cmd/"+name)
+		cmd.Dir = repoRoot()
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return "", "", fmt.Errorf("go build ./cmd/%s: %w\n%s", name, err, out)
+		}
+	}
+	return filepath.Join(dir, "minicloud"), filepath.Join(dir, "minicloudd"), nil
+}
+
+func freeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+// startCloud starts the all-in-one and waits until its API is healthy and
+// its agent's host is UP.
+func startCloud(ctx context.Context, cli, daemon string) (*cloud, error) {
+	// Under /var/tmp and 0711 (not a 0700 temp dir): QEMU's unprivileged
+	// user must traverse down to the VM disks.
+	dataDir, err := os.MkdirTemp("/var/tmp", "agentbench-")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(dataDir, 0o711); err != nil {
+		return nil, err
+	}
+	c := &cloud{cli: cli, daemon: daemon, dataDir: dataDir, logPath: dataDir + ".log"}
+	var addrs [3]string
+	for i := range addrs {
+		if addrs[i], err = freeAddr(); err != nil {
+			return nil, err
+		}
+	}
+	c.endpoint = addrs[0]
+	logFile, err := os.Create(c.logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logFile.Close() // the child holds its own descriptor
+	c.proc = exec.Command(daemon, "all-in-one",
+		"--data-dir", dataDir, "--listen", c.endpoint, "--metrics-listen", "",
+		"--embedded-etcd-listen", addrs[1], "--embedded-etcd-peer-listen", addrs[2],
+		// Ten 1-vCPU guests on a 2-core machine: above the default 4.0.
+		"--cpu-allocation-ratio", "16")
+	c.proc.Stdout, c.proc.Stderr = logFile, logFile
+	if err := c.proc.Start(); err != nil {
+		return nil, fmt.Errorf("start minicloudd: %w", err)
+	}
+	c.exited = make(chan struct{})
+	go func() { _ = c.proc.Wait(); close(c.exited) }()
+
+	if err := c.waitHealthy(ctx); err != nil {
+		c.stop()
+		return nil, err
+	}
+	if c.client, err = client.Dial(ctx, c.endpoint); err != nil {
+		c.stop()
+		return nil, err
+	}
+	if err := c.waitHostUp(ctx); err != nil {
+		c.stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *cloud) waitHealthy(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-c.exited:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	conn, err := grpc.NewClient("passthrough:///"+c.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		return fmt.Errorf("minicloudd did not become healthy (%v, %v); log: %s", resp.GetStatus(), err, c.logPath)
+	}
+	return nil
+}
+
+func (c *cloud) waitHostUp(ctx context.Context) error {
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := c.client.Hosts.ListHosts(ctx, &minicloudv1.ListHostsRequest{})
+		if err == nil {
+			for _, h := range resp.GetHosts() {
+				if h.GetState() == minicloudv1.HostState_HOST_STATE_UP {
+					return nil
+				}
+			}
+		}
+		// Host registration has no watch in the API: ask again shortly.
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-c.exited:
+			return fmt.Errorf("minicloudd exited; log: %s", c.logPath)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("no host came up within 60s; log: %s", c.logPath)
+}
+
+// mc runs the minicloud CLI against this cloud.
+func (c *cloud) mc(ctx context.Context, args ...string) error {
+	cmd := exec.CommandContext(ctx, c.cli, args...)
+	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.endpoint, "HOME=" + c.dataDir, "PATH=" + os.Getenv("PATH")}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("minicloud %s: %w\n%s", strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+// stop sends SIGTERM and waits for a clean exit (SIGKILL after 60 s).
+func (c *cloud) stop() error {
+	if c.client != nil {
+		c.client.Close()
+	}
+	if c.proc == nil || c.proc.Process == nil {
+		return nil
+	}
+	select {
+	case <-c.exited:
+		return nil
+	default:
+	}
+	_ = c.proc.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-c.exited:
+		return nil
+	case <-time.After(60 * time.Second):
+		_ = c.proc.Process.Kill()
+		<-c.exited
+		return errors.New("minicloudd did not stop within 60s of SIGTERM; killed")
+	}
+}
+
+// remove deletes the data directory and the log. After a failed run it
+// first purges whatever the stopped cloud may have left on the host
+// (domains, taps, bridges), as `make clean` does, and keeps the log.
+func (c *cloud) remove(failed bool) {
+	if failed {
+		cmd := exec.Command(filepath.Join(repoRoot(), "hack/down.sh"), "--purge")
+		cmd.Env = append(os.Environ(), "DATA_DIR="+c.dataDir)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			logf("purge %s: %v\n%s", c.dataDir, err, out)
+		}
+	}
+	os.RemoveAll(c.dataDir)
+	if !failed {
+		os.Remove(c.logPath)
+	}
+}

@@ -1,0 +1,146 @@
+// Command agentbench measures VM create → RUNNING through the whole control
+// plane — API, scheduler, agent (image cache, disk overlay, tap, define,
+// start) — on a real all-in-one with real libvirt/QEMU and the tiny image,
+// side by side in the same run with a raw `virsh create` of the same domain
+// XML, for 1 and for N concurrent creates. The breakdown comes from the
+// VM's event log and conditions. It checks that every VM disk is a qcow2
+// overlay of the cached image (never a copy), deletes everything it made,
+// checks that nothing is left, and rewrites the "agent" section of
+// docs/benchmarks.md.
+//
+//	go run ./hack/agentbench [-reps 3] [-concurrency 10] [-docs docs/benchmarks.md]
+//
+// Needs root (libvirt, bridges, taps, nftables) and a running libvirtd
+// (hack/setup-host.sh). Takes about two minutes.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/minicloud/minicloud/hack/benchdoc"
+)
+
+func main() {
+	var o options
+	flag.IntVar(&o.reps, "reps", 3, "single-create rounds (each: one VM through minicloud, then one raw virsh create)")
+	flag.IntVar(&o.concurrency, "concurrency", 10, "VMs created at once in the concurrent round")
+	flag.DurationVar(&o.timeout, "timeout", 10*time.Minute, "bound on the whole run, clean-up included")
+	flag.StringVar(&o.docs, "docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
+	flag.Parse()
+	if o.reps < 1 || o.concurrency < 1 {
+		log.Fatal("agentbench: -reps and -concurrency must be at least 1")
+	}
+	if err := checkHost(); err != nil {
+		log.Fatalf("agentbench: %v", err)
+	}
+	if err := run(o); err != nil {
+		log.Fatalf("agentbench: %v", err)
+	}
+}
+
+type options struct {
+	reps, concurrency int
+	timeout           time.Duration
+	docs              string
+}
+
+func checkHost() error {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (libvirt, bridges, taps, nftables): run it with sudo")
+	}
+	if _, err := os.Stat("/var/run/libvirt/libvirt-sock"); err != nil {
+		return errors.New("libvirtd is not running (hack/setup-host.sh installs and starts it)")
+	}
+	for _, tool := range []string{"virsh", "qemu-img", "ip", "go"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("%s not found in PATH", tool)
+		}
+	}
+	return nil
+}
+
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "agentbench: "+format+"\n", args...)
+}
+
+func run(o options) (err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
+	defer cancel()
+	root := repoRoot()
+
+	logf("building the tiny image (cached) and the binaries")
+	img := filepath.Join(root, "images/out/tiny")
+	build := exec.CommandContext(ctx, filepath.Join(root, "hack/images/build-tiny.sh"))
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("build tiny image: %w\n%s", err, out)
+	}
+	binDir, err := os.MkdirTemp("", "agentbench-bin-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(binDir)
+	cli, daemon, err := buildBinaries(ctx, binDir)
+	if err != nil {
+		return err
+	}
+
+	logf("starting minicloudd all-in-one")
+	c, err := startCloud(ctx, cli, daemon)
+	if err != nil {
+		return err
+	}
+	b := &bench{cloud: c, opts: o}
+	defer func() {
+		// Clean-up runs even when the run timed out or failed.
+		cerr := b.cleanup(context.Background())
+		if serr := c.stop(); serr != nil {
+			cerr = errors.Join(cerr, serr)
+		}
+		err = errors.Join(err, cerr)
+		c.remove(err != nil)
+		if err != nil {
+			logf("minicloudd log kept at %s", c.logPath)
+		}
+	}()
+	if err := b.setup(ctx, img); err != nil {
+		return err
+	}
+	if err := b.measure(ctx); err != nil {
+		return err
+	}
+	// Delete and check now, so the page only claims a clean run.
+	if err := b.cleanup(ctx); err != nil {
+		return err
+	}
+	table := b.render()
+	fmt.Println(table)
+	if o.docs != "" {
+		if err := benchdoc.RewriteSection(o.docs, "agent", table); err != nil {
+			return err
+		}
+		logf("rewrote the agent section of %s", o.docs)
+	}
+	return nil
+}

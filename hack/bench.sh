@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# make bench: runs every benchmark harness in turn, each in its quick or
+# bounded mode, and each rewrites its own section of docs/benchmarks.md:
+#
+#   api        go run ./hack/apibench            (10 s of creates)
+#   scheduler  go run ./hack/schedbench --quick  (1,000 hosts, 2,000 VMs)
+#   metadata   go run ./hack/metabench -duration 10s
+#   agent      go run ./hack/agentbench          (real VMs under libvirt, ~2-4 min)
+#   bootbench  go run ./hack/bootbench           (real Debian boots; when hack/bootbench exists)
+#
+# Needs root: agentbench and bootbench drive libvirt, bridges, taps and
+# nftables, and metabench runs nginx on loopback addresses; run
+# hack/setup-host.sh once first. The machine is shared, so the numbers are
+# noisy: every harness records the load average next to its table.
+#
+# BENCH_ONLY="api agent" runs a subset; BENCH_DOCS=FILE writes the tables
+# into FILE instead (a copy, say). Every harness runs even when an earlier
+# one failed; the script then exits non-zero naming the failures.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/local/go/bin"
+
+docs=${BENCH_DOCS:-docs/benchmarks.md}
+logs=$(mktemp -d "${TMPDIR:-/tmp}/minicloud-bench.XXXXXX")
+
+if [ ! -f "$docs" ]; then
+	echo "make bench: $docs does not exist" >&2
+	exit 1
+fi
+if [ "$(id -u)" != 0 ]; then
+	echo "make bench needs root: agentbench and bootbench drive libvirt, bridges, taps and nftables; metabench serves on loopback addresses. Run: sudo make bench" >&2
+	exit 1
+fi
+
+# name, then the command that rewrites the section "name".
+harnesses=(
+	"api|go run ./hack/apibench -docs $docs"
+	"scheduler|go run ./hack/schedbench --quick -docs $docs"
+	"metadata|go run ./hack/metabench -duration 10s -docs $docs"
+	"agent|go run ./hack/agentbench -docs $docs"
+)
+if [ -d hack/bootbench ]; then
+	harnesses+=("bootbench|go run ./hack/bootbench -docs $docs")
+fi
+
+failed=()
+ran=0
+for h in "${harnesses[@]}"; do
+	name=${h%%|*} cmd=${h#*|}
+	if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $name "* ]]; then
+		continue
+	fi
+	ran=$((ran + 1))
+	echo "== $name: $cmd (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+	start=$(date +%s)
+	# shellcheck disable=SC2086 # cmd is a word list
+	$cmd 2>&1 | tee "$logs/$name.log"
+	rc=${PIPESTATUS[0]}
+	if [ "$rc" != 0 ]; then
+		echo "== $name FAILED (exit $rc) after $(($(date +%s) - start)) s; log: $logs/$name.log" >&2
+		failed+=("$name")
+	else
+		echo "== $name done in $(($(date +%s) - start)) s"
+	fi
+done
+
+if [ "$ran" = 0 ]; then
+	echo "BENCH_ONLY=\"$BENCH_ONLY\" matches no harness (api scheduler metadata agent bootbench)" >&2
+	exit 1
+fi
+echo
+if [ -z "${BENCH_DOCS:-}" ]; then
+	echo "Results: the tables in $docs (git diff $docs shows what changed); logs in $logs"
+else
+	echo "Results: the tables in $docs; logs in $logs"
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+	echo "make bench: FAILED: ${failed[*]} (their sections were not rewritten; logs above)" >&2
+	exit 1
+fi
