@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
@@ -314,6 +316,41 @@ func (b *bench) checkNothingLeft(ctx context.Context, id string) error {
 	return errors.Join(errs...)
 }
 
+// waitLinkGone waits until the kernel has no link of that name: the agent
+// removes a network's bridge after reporting its last VM deleted, so it
+// may go a moment after the watch said DELETED.
+func waitLinkGone(ctx context.Context, name string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	updates := make(chan netlink.LinkUpdate, 64)
+	done := make(chan struct{})
+	defer close(done)
+	// Subscribed before the first look, so a removal in between is seen.
+	if err := netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{}); err != nil {
+		return fmt.Errorf("subscribe to links: %w", err)
+	}
+	if _, err := netlink.LinkByName(name); err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil
+		}
+		return fmt.Errorf("look up %s: %w", name, err)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s still exists: %w", name, ctx.Err())
+		case u, ok := <-updates:
+			if !ok {
+				return fmt.Errorf("link subscription ended while waiting for %s to go", name)
+			}
+			if u.Header.Type == unix.RTM_DELLINK && u.Link.Attrs().Name == name {
+				return nil
+			}
+		}
+	}
+}
+
 // cleanup deletes every VM the cloud still has (after a failed round) and
 // checks that the network's bridge went with the last one. It can run
 // twice.
@@ -341,14 +378,8 @@ func (b *bench) cleanup(ctx context.Context) error {
 		}
 	}
 	if b.bridge != "" {
-		// The agent removes a bridge after reporting its last VM deleted,
-		// so it may go a moment after the watch said DELETED.
-		deadline := time.Now().Add(10 * time.Second)
-		for exec.CommandContext(ctx, "ip", "link", "show", b.bridge).Run() == nil {
-			if time.Now().After(deadline) {
-				return fmt.Errorf("bridge %s still exists after the last VM was deleted", b.bridge)
-			}
-			time.Sleep(100 * time.Millisecond)
+		if err := waitLinkGone(ctx, b.bridge, 10*time.Second); err != nil {
+			return fmt.Errorf("the network's bridge after the last VM was deleted: %w", err)
 		}
 	}
 	b.cleanedUp = true

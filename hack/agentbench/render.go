@@ -139,19 +139,21 @@ func (b *bench) render() string {
 		overs = append(overs, o)
 	}
 	sb.WriteString("\n**Control plane overhead over raw libvirt**, per VM (create → RUNNING minus the VM's own define + start): ")
-	met := true
+	metP50, metMax := true, true
 	for i, o := range overs {
 		if i > 0 {
 			sb.WriteString("; ")
 		}
 		fmt.Fprintf(&sb, "p50 %s, max %s with %d create(s) at once", ms(o.p50), ms(o.max), o.creates)
-		met = met && o.max < time.Second
+		metP50, metMax = metP50 && o.p50 < time.Second, metMax && o.max < time.Second
 	}
-	if met {
-		sb.WriteString(" — target < 1 s: **met** (at max).\n")
-	} else {
-		sb.WriteString(" — target < 1 s: **NOT met** (at max).\n")
+	verdict := func(met bool) string {
+		if met {
+			return "**met**"
+		}
+		return "**NOT met**"
 	}
+	fmt.Fprintf(&sb, " — target < 1 s: %s at p50, %s at max.\n", verdict(metP50), verdict(metMax))
 	sb.WriteString("The libvirt part is the same work as raw libvirt: define + start vs `virsh create` of the same XML at p50: ")
 	for i, o := range overs {
 		if i > 0 {
