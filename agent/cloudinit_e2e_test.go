@@ -1,0 +1,275 @@
+package agent_test
+
+// Real cloud-init as the conformance client: the Debian 12 cloud image
+// (hack/images/build-debian.sh: cloud-init 22.4, openssh-server, the Debian
+// kernel) boots through `minicloud vm create` on the real all-in-one, and
+// what the guest did is checked on its serial console and by SSH from the
+// host into it — never against minicloud's own records.
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/cloudtest"
+)
+
+// debianBootDeadline bounds one Debian boot under TCG on a shared 2-core
+// machine: kernel, systemd and four cloud-init stages take minutes there,
+// and up to twenty at a load of 30 (measured here).
+const debianBootDeadline = 25 * time.Minute
+
+// debianImage builds (or reuses, from its cache) the Debian cloud image,
+// or takes a prebuilt one from $MINICLOUD_DEBIAN_IMAGE (a directory laid out
+// like images/out/debian, e.g. a CI artifact or a copy made while
+// build-debian.sh rewrites images/out).
+func debianImage(t *testing.T) string {
+	t.Helper()
+	if dir := os.Getenv("MINICLOUD_DEBIAN_IMAGE"); dir != "" {
+		return dir
+	}
+	root := cloudtest.RepoRoot()
+	cmd := exec.Command(filepath.Join(root, "hack/images/build-debian.sh"))
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Skipf("the Debian cloud image cannot be built here (needs root and the Debian mirror): %v\n%s", err, out)
+	}
+	return filepath.Join(root, "images/out/debian")
+}
+
+// newDebianCloud starts a cloud with a network of its own, the image
+// "debian" and a flavor whose disk holds the image's virtual size.
+func newDebianCloud(t *testing.T) *cloudtest.Cloud {
+	t.Helper()
+	requireHypervisorHost(t)
+	for _, tool := range []string{"ssh", "ssh-keygen"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s is not installed", tool)
+		}
+	}
+	img := debianImage(t)
+	c := cloudtest.Start(t)
+	c.WaitHostUp()
+	cidr := fmt.Sprintf("10.%d.%d.0/24", 200+rand.IntN(50), rand.IntN(250))
+	c.MustMC("network", "create", "default", "--cidr", cidr)
+	c.MustMC("flavor", "create", "ci", "--vcpus", "1", "--memory-mib", "1024", "--disk-gib", "4")
+	cmdline, err := os.ReadFile(filepath.Join(img, "cmdline"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.MustMC("image", "create", "debian", "--file", filepath.Join(img, "disk.qcow2"),
+		"--kernel", filepath.Join(img, "vmlinuz"), "--initrd", filepath.Join(img, "initrd.img"),
+		"--cmdline", strings.TrimSpace(string(cmdline)))
+	return c
+}
+
+// sshKeyPair makes an ed25519 key pair in dir and returns the private key's
+// path (the public key is path + ".pub").
+func sshKeyPair(t *testing.T, dir string) string {
+	t.Helper()
+	key := filepath.Join(dir, "id_ed25519")
+	if out, err := exec.Command("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cloudinit-e2e", "-f", key).CombinedOutput(); err != nil {
+		t.Fatalf("ssh-keygen: %v\n%s", err, out)
+	}
+	return key
+}
+
+// guestSSH runs a command in the guest over SSH as user, with key.
+func guestSSH(key, user, ip, command string) (string, error) {
+	cmd := exec.Command("ssh", "-i", key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+		"-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+		"-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", user+"@"+ip, command)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	return out.String(), err
+}
+
+// waitConsole waits until the VM's serial console matches re, and returns
+// the console. Console output has no event stream: it is read again every
+// second until the deadline.
+func waitConsole(t *testing.T, c *cloudtest.Cloud, name string, re *regexp.Regexp, deadline time.Duration) string {
+	t.Helper()
+	end := time.Now().Add(deadline)
+	var log string
+	for time.Now().Before(end) {
+		resp, err := c.Client.VMs.GetConsoleLog(context.Background(), &minicloudv1.GetConsoleLogRequest{Name: name, TailBytes: 1 << 20})
+		if err != nil {
+			t.Fatalf("console log of %s: %v", name, err)
+		}
+		log = string(resp.GetData())
+		if re.MatchString(log) {
+			return log
+		}
+		time.Sleep(time.Second)
+	}
+	t.Fatalf("console of %s never matched %q within %v; it shows:\n%s", name, re, deadline, log)
+	return ""
+}
+
+// blockMetadata drops every packet from ip to 169.254.169.254 in a
+// nftables table of the test's own, so a config-drive guest provably does
+// not depend on the metadata service. It returns how many packets it
+// dropped so far.
+func blockMetadata(t *testing.T, ip string) (dropped func() string) {
+	t.Helper()
+	table := fmt.Sprintf("mc_e2e_nomd_%d", rand.IntN(1<<30))
+	rules := fmt.Sprintf(`table inet %s {
+	chain input {
+		type filter hook input priority -10; policy accept;
+		ip saddr %s ip daddr 169.254.169.254 counter drop
+	}
+}
+`, table, ip)
+	cmd := exec.Command("nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("nft", "delete", "table", "inet", table).Run() })
+	return func() string {
+		out, _ := exec.Command("nft", "list", "table", "inet", table).CombinedOutput()
+		if m := regexp.MustCompile(`counter packets (\d+)`).FindSubmatch(out); m != nil {
+			return string(m[1])
+		}
+		return "?"
+	}
+}
+
+var (
+	// cloud-init's last line: "Cloud-init v. 22.4 finished at <date>.
+	// Datasource DataSourceOpenStackLocal [net,ver=2].  Up 95.12 seconds"
+	cloudInitFinished = regexp.MustCompile(`Cloud-init v\. \S+ finished at [^\n]*Datasource (\S+)[^\n]*Up ([0-9.]+) seconds`)
+	// Where cloud-init waited on a URL: each costs the guest seconds.
+	cloudInitURLTrouble = regexp.MustCompile(`(?i)(Giving up on|Calling '[^']*' failed|url_helper|Read timed out|timed out after|waiting for metadata service)[^\n]*`)
+)
+
+func TestCloudInitDebian(t *testing.T) {
+	c := newDebianCloud(t)
+	for _, tc := range []struct {
+		name        string
+		configDrive bool
+		datasource  string // what the final message must name
+	}{
+		{"metadata-service", false, "DataSourceOpenStack"},
+		{"config-drive", true, "DataSourceConfigDrive"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// The two guests boot at once: under TCG each takes minutes.
+			t.Parallel()
+			bootAndCheckDebian(t, c, tc.configDrive, tc.datasource)
+		})
+	}
+}
+
+func bootAndCheckDebian(t *testing.T, c *cloudtest.Cloud, configDrive bool, datasource string) {
+	dir := t.TempDir()
+	key := sshKeyPair(t, dir)
+	suffix := fmt.Sprintf("%06x", rand.IntN(1<<24))
+	name := "ci-" + suffix
+	hostname := "cihost-" + suffix
+	runcmdMarker := "MC-RUNCMD-" + suffix
+	fileMarker := "MC-WRITEFILE-" + suffix
+	userData := fmt.Sprintf(`#cloud-config
+hostname: %s
+write_files:
+  - path: /etc/minicloud-e2e
+    content: "%s\n"
+runcmd:
+  - [ sh, -c, "echo %s > /dev/console" ]
+`, hostname, fileMarker, runcmdMarker)
+	udPath := filepath.Join(dir, "user-data")
+	if err := os.WriteFile(udPath, []byte(userData), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"vm", "create", name, "--image", "debian", "--flavor", "ci",
+		"--user-data", "@" + udPath, "--ssh-key", key + ".pub"}
+	if configDrive {
+		args = append(args, "--config-drive")
+	}
+	c.MustMC(args...)
+	// A failed check must not leave a domain running after the cloud
+	// stops (the agent keeps domains across its own restarts by design).
+	t.Cleanup(func() {
+		if _, errOut, code := c.MC("vm", "delete", name, "--wait", "--timeout", "3m"); code != 0 && code != 3 /* not found: deleted by the test */ {
+			t.Errorf("delete %s: exit %d: %s", name, code, errOut)
+		}
+	})
+	vm, err := c.Client.VMs.GetVM(context.Background(), &minicloudv1.GetVMRequest{Name: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vm.GetStatus().GetAddresses()) == 0 {
+		t.Fatalf("VM %s has no address after create: %v", name, vm.GetStatus())
+	}
+	ip := vm.GetStatus().GetAddresses()[0].GetIp()
+	id := vm.GetMeta().GetId()
+	var dropped func() string
+	if configDrive {
+		// Addresses are allocated by the API, so the block is in place
+		// long before the agent has the image and starts the domain.
+		dropped = blockMetadata(t, ip)
+	}
+	start := time.Now()
+	vm = waitVM(t, c, name, "running", phaseIs(minicloudv1.VMPhase_VM_PHASE_RUNNING))
+	t.Logf("%s (%s, %s) RUNNING after %v", name, id, ip, time.Since(start).Round(time.Second))
+
+	log := waitConsole(t, c, name, cloudInitFinished, debianBootDeadline)
+	m := cloudInitFinished.FindStringSubmatch(log)
+	t.Logf("%s: cloud-init finished %v after RUNNING on %s, guest up %s s", name, time.Since(start).Round(time.Second), m[1], m[2])
+	if !strings.HasPrefix(m[1], datasource) {
+		t.Errorf("cloud-init finished on %s, want %s*", m[1], datasource)
+	}
+	for _, trouble := range cloudInitURLTrouble.FindAllString(log, -1) {
+		t.Errorf("cloud-init waited on a URL: %s", trouble)
+	}
+	if !strings.Contains(log, runcmdMarker) {
+		t.Errorf("the runcmd marker %s is not on the console", runcmdMarker)
+	}
+	// SSH with the key from the metadata: cloud-init's Debian default user
+	// is "debian"; root logins are refused by cloud-init's disable_root.
+	var out string
+	sshDeadline := time.Now().Add(2 * time.Minute)
+	for {
+		out, err = guestSSH(key, "debian", ip, "hostname; cat /etc/minicloud-e2e; cloud-init status --long; "+
+			"sudo -n cat /run/cloud-init/instance-data.json | grep -o '\"instance_id\": \"[^\"]*\"' | head -1; "+
+			"ip -4 route show default; cat /etc/resolv.conf")
+		if err == nil || time.Now().After(sshDeadline) {
+			break
+		}
+		time.Sleep(2 * time.Second) // sshd may still be starting after cloud-init's last stage
+	}
+	if err != nil {
+		t.Fatalf("ssh debian@%s: %v\n%s\nconsole:\n%s", ip, err, out, log)
+	}
+	t.Logf("ssh debian@%s:\n%s", ip, out)
+	// The network configuration cloud-init rendered from network_data.json
+	// works: a default route via the network's gateway (egress is NATed
+	// there) and the gateway as resolver (the agent's DNS server).
+	gw := vm.GetStatus().GetAddresses()[0].GetGateway()
+	for _, want := range []string{hostname + "\n", fileMarker, "status: done", `"instance_id": "` + id + `"`,
+		"default via " + gw + " ", "nameserver " + gw + "\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("guest says %q, want it to contain %q", out, want)
+		}
+	}
+	if configDrive {
+		if n := dropped(); n != "0" {
+			// Not an error: the guest configured itself, but it tried.
+			t.Logf("the config-drive guest sent %s packets to 169.254.169.254 (dropped)", n)
+		}
+	}
+
+	c.MustMC("vm", "delete", name)
+	waitVM(t, c, name, "deleted", nil)
+	assertNothingLeft(t, c, id)
+}
