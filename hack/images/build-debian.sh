@@ -24,6 +24,11 @@ packages=(
 	linux-image-amd64 initramfs-tools
 	cloud-init cloud-guest-utils openssh-server sudo ca-certificates
 	less procps
+	# cloud-init 22.4 renders network_data.json routes for ifupdown as
+	# "post-up route add default gw …" (net-tools) and the resolvers as
+	# "dns-nameservers" (a resolvconf hook): without these two a guest
+	# configured from metadata has no default route and no resolv.conf.
+	net-tools resolvconf
 )
 cmdline="root=/dev/vda rw console=ttyS0"
 
@@ -140,6 +145,13 @@ datasource:
     retries: 3
     apply_network_config: true
 EOF
+# cloud-init's locale module sets en_US.UTF-8 on Debian; Debian's
+# locale-gen ignores its arguments, so unless the locale exists already the
+# module fails (cloud-init status: error). Generated here, it is a no-op at
+# boot.
+sed -i 's/^# *en_US.UTF-8 UTF-8/en_US.UTF-8 UTF-8/' "$rootfs/etc/locale.gen"
+chroot "$rootfs" locale-gen >/dev/null
+echo "LANG=en_US.UTF-8" >"$rootfs/etc/default/locale"
 # Serial console login for debugging; the kernel already logs to ttyS0.
 mkdir -p "$rootfs/etc/systemd/system/getty.target.wants"
 ln -sf /lib/systemd/system/serial-getty@.service \
@@ -164,6 +176,8 @@ install -m 0644 "$rootfs/boot/vmlinuz-$kver" "$work/vmlinuz"
 install -m 0644 "$rootfs/boot/initrd.img-$kver" "$work/initrd.img"
 unmount_rootfs
 rm -f "$rootfs/etc/resolv.conf"
+# resolvconf owns it in the guest: ifupdown's dns-nameservers end up there.
+ln -s ../run/resolvconf/resolv.conf "$rootfs/etc/resolv.conf"
 truncate -s "$disk_size" "$work/disk.raw"
 mkfs.ext4 -q -L rootfs -d "$rootfs" "$work/disk.raw"
 # Compressed clusters: the image is uploaded to the API and downloaded by
