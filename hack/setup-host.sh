@@ -20,6 +20,11 @@ packages=(
 	libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
 	nftables iproute2 busybox-static linux-image-amd64 cpio e2fsprogs
 	debootstrap etcd-server etcd-client
+	# Tests: ISO inspection, nginx for the metadata benchmark, and the
+	# Python libraries Debian's cloud-init needs to run as a test client.
+	genisoimage nginx-light openssh-client python3-requests python3-yaml
+	python3-jinja2 python3-jsonschema python3-jsonpatch python3-oauthlib
+	python3-configobj python3-netifaces
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -43,6 +48,22 @@ if ((${#missing[@]})); then
 	fi
 	apt-get install -y -qq --no-install-recommends "${missing[@]}"
 	if ((created_policy)); then rm -f "$policy"; fi
+fi
+
+# ---- cloud-init as a test client ---------------------------------------------
+# The metadata tests run Debian's real cloud-init readers against our trees.
+# cloud-init is unpacked, not installed, so it never runs on this host.
+ci_lib=/opt/cloud-init-lib
+if [[ ! -d $ci_lib/usr/lib/python3/dist-packages/cloudinit ]]; then
+	log "unpacking cloud-init into $ci_lib (test client only)"
+	tmp=$(mktemp -d)
+	(cd "$tmp" && apt-get download -qq cloud-init >/dev/null 2>&1) || {
+		apt-get update -qq
+		(cd "$tmp" && apt-get download -qq cloud-init)
+	}
+	mkdir -p "$ci_lib"
+	dpkg -x "$tmp"/cloud-init_*.deb "$ci_lib"
+	rm -rf "$tmp"
 fi
 
 # ---- /dev/kvm ---------------------------------------------------------------
