@@ -103,6 +103,9 @@ type Agent struct {
 	synced    bool                             // the full assignment set has been received
 	publishMu sync.Mutex                       // serialises publishGuests
 	bridgeMu  sync.Mutex                       // serialises bridge creation and collection
+
+	registered     chan struct{} // closed once the host is first registered
+	registeredOnce sync.Once
 }
 
 // assignment is one VM assigned to this host, as last received.
@@ -138,18 +141,19 @@ func New(cfg Config, d Deps) (*Agent, error) {
 		return nil, fmt.Errorf("create agent state directory: %w", err)
 	}
 	return &Agent{
-		cfg:      cfg,
-		log:      log.With("component", "agent", "host", cfg.HostName),
-		hosts:    minicloudv1.NewHostServiceClient(d.API),
-		images:   minicloudv1.NewImageServiceClient(d.API),
-		hv:       d.Hypervisor,
-		net:      d.Network,
-		disks:    d.Disks,
-		cache:    d.Images,
-		guest:    d.Guest,
-		queue:    newWorkQueue(time.Second, 2*time.Minute),
-		assigned: map[string]*assignment{},
-		reported: map[string]*minicloudv1.VMStatus{},
+		cfg:        cfg,
+		log:        log.With("component", "agent", "host", cfg.HostName),
+		hosts:      minicloudv1.NewHostServiceClient(d.API),
+		images:     minicloudv1.NewImageServiceClient(d.API),
+		hv:         d.Hypervisor,
+		net:        d.Network,
+		disks:      d.Disks,
+		cache:      d.Images,
+		guest:      d.Guest,
+		queue:      newWorkQueue(time.Second, 2*time.Minute),
+		assigned:   map[string]*assignment{},
+		reported:   map[string]*minicloudv1.VMStatus{},
+		registered: make(chan struct{}),
 	}, nil
 }
 

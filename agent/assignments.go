@@ -14,6 +14,12 @@ import (
 // host. Each (re)connection starts with the full set, closed by a BOOKMARK:
 // VMs not delivered again by then are no longer ours and get cleaned up.
 func (a *Agent) watchAssignments(ctx context.Context) error {
+	// The API only streams assignments of a registered host.
+	select {
+	case <-a.registered:
+	case <-ctx.Done():
+		return nil
+	}
 	var generation uint64
 	backoff := time.Second
 	for ctx.Err() == nil {

@@ -27,6 +27,7 @@ func (a *Agent) runHostSession(ctx context.Context, caps hypervisor.HostCapabili
 		}
 		backoff = time.Second
 		a.log.Info("host registered", "heartbeat_interval", interval)
+		a.registeredOnce.Do(func() { close(a.registered) })
 		err = a.heartbeat(ctx, interval)
 		if ctx.Err() != nil {
 			return nil
