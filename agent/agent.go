@@ -191,6 +191,10 @@ func (a *Agent) Run(ctx context.Context) error {
 // It does not block, so the metadata service can call it on its hot path.
 func (a *Agent) GuestActive(vmID string) { a.queue.Add(vmID) }
 
+// reconcileTimeout bounds one reconcile pass: longer than an ACPI shutdown
+// deadline plus a start under TCG on a loaded host.
+const reconcileTimeout = 5 * time.Minute
+
 func preferredHypervisor(kinds []string) string {
 	for _, k := range kinds {
 		if k == "kvm" {
@@ -206,7 +210,11 @@ func (a *Agent) worker(ctx context.Context) {
 		if !ok {
 			return
 		}
-		res, err := a.reconcile(ctx, id)
+		// A bound on one pass, so a hung libvirt or API call cannot hold a
+		// worker forever; the key is retried with backoff.
+		rctx, cancel := context.WithTimeout(ctx, reconcileTimeout)
+		res, err := a.reconcile(rctx, id)
+		cancel()
 		if err != nil && ctx.Err() == nil {
 			a.log.Warn("reconcile failed; will retry", "vm", id, "err", err, "failures", a.queue.Failures(id)+1)
 		}

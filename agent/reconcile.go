@@ -191,10 +191,14 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 		}
 	}
 
-	// 4. Domain: defined (idempotent), then the power state converged.
+	// 4. Domain: defined once, then the power state converged. Only a
+	// domain observed absent is defined: redefining one that exists would
+	// silently bring back a domain someone removed since we looked.
 	spec := a.domainSpec(vm, boot, nics, configDrive)
-	if err := a.hv.Define(ctx, spec); err != nil {
-		return result{}, fmt.Errorf("define domain: %w", err)
+	if !dom.Exists {
+		if err := a.hv.Define(ctx, spec); err != nil {
+			return result{}, fmt.Errorf("define domain: %w", err)
+		}
 	}
 	res, powerEvents, err := a.convergePower(ctx, vm, st, dom)
 	if err != nil {
