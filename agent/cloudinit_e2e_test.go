@@ -110,6 +110,9 @@ func waitConsole(t *testing.T, c *cloudtest.Cloud, name string, re *regexp.Regex
 		if re.MatchString(log) {
 			return log
 		}
+		if strings.Contains(log, "Kernel panic - not syncing") {
+			t.Fatalf("the guest kernel of %s panicked; console:\n%s", name, log)
+		}
 		time.Sleep(time.Second)
 	}
 	t.Fatalf("console of %s never matched %q within %v; it shows:\n%s", name, re, deadline, log)
