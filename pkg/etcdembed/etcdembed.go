@@ -4,9 +4,13 @@ package etcdembed
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
+	"os"
+	"strings"
+	"syscall"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -32,8 +36,24 @@ type Config struct {
 	Quiet bool
 }
 
-// Start starts etcd and waits until it serves.
+// Start starts etcd and waits until it serves. A ":0" port is picked
+// before etcd binds it (etcd must advertise the real one), so another
+// process can take it in between: then Start tries again with new ports.
 func Start(ctx context.Context, c Config) (*Server, error) {
+	auto := strings.HasSuffix(c.ClientAddr, ":0") || strings.HasSuffix(c.PeerAddr, ":0")
+	for attempt := 1; ; attempt++ {
+		s, err := start(ctx, c)
+		if err == nil || !auto || attempt == 5 || !errors.Is(err, syscall.EADDRINUSE) {
+			return s, err
+		}
+		// A failed start may leave a half-written member directory.
+		if rmErr := os.RemoveAll(c.Dir); rmErr != nil {
+			return nil, fmt.Errorf("%w (and clearing %s: %v)", err, c.Dir, rmErr)
+		}
+	}
+}
+
+func start(ctx context.Context, c Config) (*Server, error) {
 	if c.ClientAddr == "" {
 		c.ClientAddr = "127.0.0.1:2379"
 	}
