@@ -56,20 +56,7 @@ func newDebianCloud(t *testing.T) *cloudtest.Cloud {
 			t.Skipf("%s is not installed", tool)
 		}
 	}
-	img := debianImage(t)
-	c := cloudtest.Start(t)
-	c.WaitHostUp()
-	cidr := fmt.Sprintf("10.%d.%d.0/24", 200+rand.IntN(50), rand.IntN(250))
-	c.MustMC("network", "create", "default", "--cidr", cidr)
-	c.MustMC("flavor", "create", "ci", "--vcpus", "1", "--memory-mib", "1024", "--disk-gib", "4")
-	cmdline, err := os.ReadFile(filepath.Join(img, "cmdline"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.MustMC("image", "create", "debian", "--file", filepath.Join(img, "disk.qcow2"),
-		"--kernel", filepath.Join(img, "vmlinuz"), "--initrd", filepath.Join(img, "initrd.img"),
-		"--cmdline", strings.TrimSpace(string(cmdline)))
-	return c
+	return newCloudWithImage(t, "debian", debianImage(t), "ci", "1024", "4")
 }
 
 // sshKeyPair makes an ed25519 key pair in dir and returns the private key's

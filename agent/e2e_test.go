@@ -49,20 +49,26 @@ func TestMain(m *testing.M) {
 func newTinyCloud(t *testing.T) *cloudtest.Cloud {
 	t.Helper()
 	requireHypervisorHost(t)
-	img := cloudtest.TinyImage(t)
+	return newCloudWithImage(t, "tiny", cloudtest.TinyImage(t), "tiny", "256", "1")
+}
+
+// newCloudWithImage starts a cloud with a network of its own, the built
+// image in dir imported as image, and a one-vCPU flavor.
+func newCloudWithImage(t *testing.T, image, dir, flavor, memoryMiB, diskGiB string) *cloudtest.Cloud {
+	t.Helper()
 	c := cloudtest.Start(t)
 	c.WaitHostUp()
 	// A CIDR of its own, so that tests and a `make up` cloud on the same
 	// machine never share a bridge.
 	cidr := fmt.Sprintf("10.%d.%d.0/24", 200+rand.IntN(50), rand.IntN(250))
 	c.MustMC("network", "create", "default", "--cidr", cidr)
-	c.MustMC("flavor", "create", "tiny", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "1")
-	cmdline, err := os.ReadFile(filepath.Join(img, "cmdline"))
+	c.MustMC("flavor", "create", flavor, "--vcpus", "1", "--memory-mib", memoryMiB, "--disk-gib", diskGiB)
+	cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.MustMC("image", "create", "tiny", "--file", filepath.Join(img, "disk.qcow2"),
-		"--kernel", filepath.Join(img, "vmlinuz"), "--initrd", filepath.Join(img, "initrd.img"),
+	c.MustMC("image", "create", image, "--file", filepath.Join(dir, "disk.qcow2"),
+		"--kernel", filepath.Join(dir, "vmlinuz"), "--initrd", filepath.Join(dir, "initrd.img"),
 		"--cmdline", strings.TrimSpace(string(cmdline)))
 	return c
 }
