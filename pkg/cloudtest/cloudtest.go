@@ -164,6 +164,13 @@ func start(t testing.TB, role string, extraArgs []string) *Cloud {
 	}
 	t.Cleanup(func() {
 		c.Stop()
+		// A test that failed half-way leaves VMs behind: remove this
+		// cloud's domains, taps and bridges as `make clean` does.
+		purge := exec.Command(filepath.Join(RepoRoot(), "hack/down.sh"), "--purge")
+		purge.Env = append(os.Environ(), "DATA_DIR="+dataDir)
+		if out, err := purge.CombinedOutput(); err != nil {
+			t.Logf("purge test cloud %s: %v\n%s", dataDir, err, out)
+		}
 		os.RemoveAll(dataDir)
 	})
 	c.Run()
