@@ -24,9 +24,15 @@ func (a *Agent) watchAssignments(ctx context.Context) error {
 	backoff := time.Second
 	for ctx.Err() == nil {
 		generation++
-		err := a.streamAssignments(ctx, generation)
+		synced, err := a.streamAssignments(ctx, generation)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if synced {
+			// The stream worked until its API replica went away: reconnect
+			// (to another replica, if there are several) without the
+			// backoff earned by earlier failures.
+			backoff = time.Second
 		}
 		if err != nil && !errors.Is(err, io.EOF) {
 			a.log.Warn("assignment stream broke; reconnecting", "err", errdefs.FromGRPC(err), "in", backoff)
@@ -39,15 +45,17 @@ func (a *Agent) watchAssignments(ctx context.Context) error {
 	return nil
 }
 
-func (a *Agent) streamAssignments(ctx context.Context, generation uint64) error {
+// streamAssignments runs one stream; synced says whether it delivered a
+// full set (its BOOKMARK) before it ended.
+func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synced bool, err error) {
 	stream, err := a.hosts.WatchAssignments(ctx, &minicloudv1.WatchAssignmentsRequest{Host: a.cfg.HostName})
 	if err != nil {
-		return err
+		return false, err
 	}
 	for {
 		ev, err := stream.Recv()
 		if err != nil {
-			return err
+			return synced, err
 		}
 		switch ev.GetType() {
 		case minicloudv1.WatchEventType_WATCH_EVENT_TYPE_ADDED, minicloudv1.WatchEventType_WATCH_EVENT_TYPE_MODIFIED:
@@ -70,6 +78,7 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) error 
 			a.queue.Add(id)
 			a.publishGuests(ctx)
 		case minicloudv1.WatchEventType_WATCH_EVENT_TYPE_BOOKMARK:
+			synced = true
 			a.mu.Lock()
 			for id, as := range a.assigned {
 				if as.seen != generation {

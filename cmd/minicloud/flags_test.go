@@ -102,11 +102,38 @@ func TestEndpointAndProjectResolution(t *testing.T) {
 			}
 		})
 	}
-	bad := filepath.Join(t.TempDir(), "bad.yaml")
-	os.WriteFile(bad, []byte("endpiont: typo\n"), 0o644)
-	a := &app{getenv: func(k string) string { return map[string]string{"MINICLOUD_CONFIG": bad}[k] }}
-	if _, _, err := a.settings(); exitCode(err) != exitUsage {
-		t.Fatalf("config with unknown key: %v", err)
+	for _, bad := range []string{
+		"endpiont: typo\n",
+		"endpoint: 10.0.0.1:1\nendpoints: [10.0.0.2:1]\n",
+		"endpoints: [\"10.0.0.1:1,10.0.0.2:1\"]\n",
+	} {
+		p := filepath.Join(t.TempDir(), "bad.yaml")
+		os.WriteFile(p, []byte(bad), 0o644)
+		a := &app{getenv: func(k string) string { return map[string]string{"MINICLOUD_CONFIG": p}[k] }}
+		if _, _, err := a.settings(); exitCode(err) != exitUsage {
+			t.Errorf("config %q: got %v, want a usage error", bad, err)
+		}
+	}
+}
+
+// TestEndpointsList: a list of API replicas in the config file becomes the
+// comma-separated endpoint the client dials; flag and env take lists too.
+func TestEndpointsList(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "config.yaml")
+	os.WriteFile(p, []byte("endpoints:\n  - 10.0.0.1:8640\n  - 10.0.0.2:8640\n"), 0o644)
+	a := &app{getenv: func(k string) string { return map[string]string{"MINICLOUD_CONFIG": p}[k] }}
+	ep, _, err := a.settings()
+	if err != nil || ep != "10.0.0.1:8640,10.0.0.2:8640" {
+		t.Fatalf("got %q, %v; want both replicas", ep, err)
+	}
+	// Two unreachable replicas: the error names both and exits 6.
+	code, _, stderr := runCLI(t, nil, "", "--endpoint", "127.0.0.1:1,127.0.0.1:2", "flavor", "list")
+	if code != exitUnavailable || !strings.Contains(stderr, "127.0.0.1:1,127.0.0.1:2") {
+		t.Fatalf("exit %d, stderr %q", code, stderr)
+	}
+	code, _, stderr = runCLI(t, nil, "", "--endpoint", "127.0.0.1:1,nonsense", "flavor", "list")
+	if code != exitUsage || !strings.Contains(stderr, "nonsense") {
+		t.Fatalf("bad endpoint in list: exit %d, stderr %q", code, stderr)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
@@ -72,7 +73,9 @@ func (a *app) newRootCommand() *cobra.Command {
 		Long: `minicloud is the command line client of a minicloud API server.
 
 The endpoint is taken from --endpoint, else $MINICLOUD_ENDPOINT, else
-"endpoint:" in ~/.config/minicloud/config.yaml, else ` + defaultEndpoint + `.
+"endpoints:" (a list) or "endpoint:" in ~/.config/minicloud/config.yaml,
+else ` + defaultEndpoint + `. Several API replicas may be given, separated
+by commas (--endpoint a:8640,b:8640): calls go to a live one.
 
 Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 4 already exists, 5 conflict or failed precondition, 6 unavailable or timeout.`,
@@ -84,7 +87,7 @@ Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usagef("%v (see '%s --help')", err, c.CommandPath())
 	})
-	root.PersistentFlags().StringVar(&a.endpointFlag, "endpoint", "", "API server address host:port (default $MINICLOUD_ENDPOINT, config file, or "+defaultEndpoint+")")
+	root.PersistentFlags().StringVar(&a.endpointFlag, "endpoint", "", "API server address host:port, or several API replicas separated by commas (default $MINICLOUD_ENDPOINT, config file, or "+defaultEndpoint+")")
 	root.PersistentFlags().StringVar(&a.projectFlag, "project", "", "project (default $MINICLOUD_PROJECT, config file, or \""+defaultProject+"\")")
 	root.AddCommand(
 		a.newVMCommand(),
@@ -131,7 +134,9 @@ func noArgs(cmd *cobra.Command, args []string) error {
 // config is ~/.config/minicloud/config.yaml.
 type config struct {
 	Endpoint string `json:"endpoint"`
-	Project  string `json:"project"`
+	// Endpoints lists the API replicas of one cluster (instead of Endpoint).
+	Endpoints []string `json:"endpoints"`
+	Project   string   `json:"project"`
 }
 
 func (a *app) configPath() string {
@@ -165,6 +170,14 @@ func (a *app) loadConfig() (config, error) {
 	if err := yaml.UnmarshalStrict(b, &c); err != nil {
 		return c, usagef("config file %s: %v", p, err)
 	}
+	if c.Endpoint != "" && len(c.Endpoints) > 0 {
+		return c, usagef("config file %s: give either endpoint or endpoints, not both", p)
+	}
+	for _, e := range c.Endpoints {
+		if e == "" || strings.Contains(e, ",") {
+			return c, usagef("config file %s: endpoints: %q must be one host:port per list item", p, e)
+		}
+	}
 	return c, nil
 }
 
@@ -183,7 +196,7 @@ func (a *app) settings() (endpoint, project string, err error) {
 		}
 		return ""
 	}
-	endpoint = first(a.endpointFlag, a.getenv("MINICLOUD_ENDPOINT"), cfg.Endpoint, defaultEndpoint)
+	endpoint = first(a.endpointFlag, a.getenv("MINICLOUD_ENDPOINT"), strings.Join(cfg.Endpoints, ","), cfg.Endpoint, defaultEndpoint)
 	project = first(a.projectFlag, a.getenv("MINICLOUD_PROJECT"), cfg.Project, defaultProject)
 	return endpoint, project, nil
 }

@@ -21,7 +21,6 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent"
 	"github.com/minicloud/minicloud/agent/dhcpserver"
@@ -32,6 +31,7 @@ import (
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/metadata"
+	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 )
 
@@ -54,7 +54,7 @@ type agentFlags struct {
 func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	fl := cmd.Flags()
 	if standalone {
-		fl.StringVar(&f.api, "api", "127.0.0.1:8640", "API server address")
+		fl.StringVar(&f.api, "api", "127.0.0.1:8640", "API server address host:port, or the addresses of several API replicas separated by commas")
 		fl.StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (the agent uses DIR/agent)")
 	}
 	// The all-in-one's agent is reached only by its own API, so it takes
@@ -121,9 +121,10 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		return err
 	}
 
-	conn, err := grpc.NewClient(f.api,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithChainUnaryInterceptor(errdefs.UnaryClientInterceptor))
+	// Several API replicas fail over (see package client): the
+	// assignment stream then re-opens on a live replica and starts again
+	// from the full set.
+	conn, err := client.NewConn(f.api)
 	if err != nil {
 		return fmt.Errorf("API client for %s: %w", f.api, err)
 	}

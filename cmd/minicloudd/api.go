@@ -23,6 +23,7 @@ type apiFlags struct {
 	listen        string
 	metricsListen string
 	dataDir       string
+	imageDir      string
 	etcd          etcdFlags
 }
 
@@ -30,6 +31,7 @@ func (f *apiFlags) addFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.listen, "listen", "127.0.0.1:8640", "gRPC API listen address")
 	cmd.Flags().StringVar(&f.metricsListen, "metrics-listen", "127.0.0.1:8641", "HTTP listen address for /metrics and /healthz (empty: off)")
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (images in DIR/images, embedded etcd in DIR/etcd)")
+	cmd.Flags().StringVar(&f.imageDir, "image-dir", "", "image blob store, shared by every API replica of the cluster (a network file system, or one directory on one machine) (default DIR/images)")
 	f.etcd.addFlags(cmd.Flags())
 }
 
@@ -55,9 +57,13 @@ func newAPICommand() *cobra.Command {
 // runAPI serves the API until ctx ends. ready, if set, is closed once the
 // listeners are open.
 func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- struct{}) error {
+	imageDir := f.imageDir
+	if imageDir == "" {
+		imageDir = filepath.Join(f.dataDir, "images")
+	}
 	srv, err := apiserver.New(apiserver.Config{
 		Client:   cli,
-		ImageDir: filepath.Join(f.dataDir, "images"),
+		ImageDir: imageDir,
 		Logger:   slog.Default(),
 	})
 	if err != nil {

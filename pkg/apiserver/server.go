@@ -44,8 +44,9 @@ const (
 type Config struct {
 	// Client is the etcd client; the server does not close it.
 	Client *clientv3.Client
-	// ImageDir is where the image service keeps image blobs. Empty: the
-	// image service is not served.
+	// ImageDir is where the image service keeps image blobs; every API
+	// replica of a cluster must see the same directory (see
+	// imageservice.Config.Dir). Empty: the image service is not served.
 	ImageDir string
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
@@ -65,6 +66,7 @@ type Server struct {
 	health   *health.Server
 	registry *prometheus.Registry
 	agentOpt []grpc.DialOption
+	images   *imageservice.Service // nil if not served
 
 	// networkIDs caches network key → id so a create reads a network's
 	// addresses in the same round trip as the network (see readCreateRefs).
@@ -116,11 +118,12 @@ func New(cfg Config) (*Server, error) {
 		minicloudv1.HostService_ServiceDesc.ServiceName,
 	}
 	if cfg.ImageDir != "" {
-		minicloudv1.RegisterImageServiceServer(s.grpc, imageservice.New(imageservice.Config{
+		s.images = imageservice.New(imageservice.Config{
 			Client: cfg.Client,
 			Dir:    cfg.ImageDir,
 			InUse:  s.ImageInUse,
-		}))
+		})
+		minicloudv1.RegisterImageServiceServer(s.grpc, s.images)
 		services = append(services, minicloudv1.ImageService_ServiceDesc.ServiceName)
 	}
 	healthpb.RegisterHealthServer(s.grpc, s.health)
@@ -157,6 +160,9 @@ func (s *Server) Stop(ctx context.Context) {
 	case <-ctx.Done():
 		s.grpc.Stop()
 		<-done
+	}
+	if s.images != nil {
+		s.images.Close()
 	}
 }
 

@@ -1,14 +1,30 @@
 // Package client dials the minicloud API and bundles its service clients.
 // Errors from every call (unary and streaming) come back as errdefs kinds,
 // so callers use errdefs.IsNotFound and friends instead of gRPC codes.
+//
+// A client may be given several API replicas ("a:8640,b:8640"). Failover is
+// gRPC's own: a static (manual) resolver hands all addresses to the
+// round_robin balancer, client-side health checking (grpc.health.v1) keeps
+// calls off a replica that is down or draining, and the service config
+// retries idempotent calls that failed with UNAVAILABLE on another replica.
+// Long-lived streams (WatchVMs, WatchAssignments) end with UNAVAILABLE when
+// their replica dies; their callers re-open them (on a live replica, since
+// the balancer no longer picks the dead one) and resume from their level
+// (the full set plus a BOOKMARK, or a resource version).
 package client
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"net"
+	"strings"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	_ "google.golang.org/grpc/health" // client-side health checking
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
@@ -25,26 +41,128 @@ type Client struct {
 	Hosts        minicloudv1.HostServiceClient
 }
 
-// Dial prepares a connection to the API server at endpoint (host:port).
-// Like grpc.NewClient it does not wait for the server: the first call fails
-// with an Unavailable error if nothing answers. ctx is reserved for dial
+// Dial prepares a connection to the API at endpoints: one host:port or
+// several separated by commas (replicas of one control plane). Like
+// grpc.NewClient it does not wait for the server: the first call fails
+// with an Unavailable error if no replica answers. ctx is reserved for dial
 // options that need it (TLS material); it is not retained.
-func Dial(ctx context.Context, endpoint string, opts ...grpc.DialOption) (*Client, error) {
+func Dial(ctx context.Context, endpoints string, opts ...grpc.DialOption) (*Client, error) {
 	_ = ctx
-	if endpoint == "" {
-		return nil, errdefs.Invalid("no API endpoint given")
+	conn, err := NewConn(endpoints, opts...)
+	if err != nil {
+		return nil, err
 	}
+	return New(conn), nil
+}
+
+// NewConn returns a connection to the API replicas in endpoints (see Dial)
+// with failover, retries of idempotent calls, and errdefs error kinds on
+// unary and streaming calls. Transport credentials default to plaintext;
+// a grpc.WithTransportCredentials in opts replaces that.
+func NewConn(endpoints string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	addrs, err := ParseEndpoints(endpoints)
+	if err != nil {
+		return nil, err
+	}
+	eps := make([]resolver.Endpoint, len(addrs))
+	for i, a := range addrs {
+		// ServerName: each replica is verified (TLS) and addressed
+		// (:authority) by its own name, not by the resolver's target.
+		eps[i] = resolver.Endpoint{Addresses: []resolver.Address{{Addr: a, ServerName: a}}}
+	}
+	r := manual.NewBuilderWithScheme("minicloud-api")
+	r.InitialState(resolver.State{Endpoints: eps})
 	base := []grpc.DialOption{
+		grpc.WithResolvers(r),
+		grpc.WithDefaultServiceConfig(serviceConfig),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithChainUnaryInterceptor(errdefs.UnaryClientInterceptor),
 		grpc.WithChainStreamInterceptor(StreamClientInterceptor),
 	}
-	conn, err := grpc.NewClient("passthrough:///"+endpoint, append(base, opts...)...)
+	conn, err := grpc.NewClient(r.Scheme()+":///"+addrs[0], append(base, opts...)...)
 	if err != nil {
-		return nil, errdefs.Invalid("API endpoint %q: %v", endpoint, err)
+		return nil, errdefs.Invalid("API endpoints %q: %v", endpoints, err)
 	}
-	return New(conn), nil
+	return conn, nil
 }
+
+// ParseEndpoints splits a comma-separated list of API addresses, checks
+// that each is host:port, and drops duplicates (order is kept).
+func ParseEndpoints(s string) ([]string, error) {
+	var out []string
+	seen := map[string]bool{}
+	for _, e := range strings.Split(s, ",") {
+		e = strings.TrimSpace(e)
+		if e == "" {
+			continue
+		}
+		host, port, err := net.SplitHostPort(e)
+		if err != nil || host == "" || port == "" {
+			return nil, errdefs.Invalid("API endpoint %q must be host:port", e)
+		}
+		if !seen[e] {
+			seen[e] = true
+			out = append(out, e)
+		}
+	}
+	if len(out) == 0 {
+		return nil, errdefs.Invalid("no API endpoint given")
+	}
+	return out, nil
+}
+
+// idempotentMethods are retried on another replica when they fail with
+// UNAVAILABLE: repeating them cannot do anything twice. Creates are left
+// out (CreateVM is made idempotent by its request_id, which its callers
+// retry with), as are deletes (a retry after a lost reply would report
+// NotFound for a delete that happened) and RebootVM (each call is one
+// more reboot). Streams are retried only until their first message.
+var idempotentMethods = map[string][]string{
+	"minicloud.v1.VMService":          {"GetVM", "ListVMs", "StartVM", "StopVM", "WatchVMs", "GetConsoleLog", "ListVMEvents"},
+	"minicloud.v1.ImageService":       {"GetImage", "ListImages", "DownloadImage"},
+	"minicloud.v1.FlavorService":      {"GetFlavor", "ListFlavors"},
+	"minicloud.v1.NetworkService":     {"GetNetwork", "ListNetworks"},
+	"minicloud.v1.ServerGroupService": {"GetServerGroup", "ListServerGroups"},
+	"minicloud.v1.HostService":        {"Heartbeat", "WatchAssignments", "ReportVMStatus", "ListHosts", "GetHost", "DisableHost", "EnableHost"},
+}
+
+// serviceConfig is the client's gRPC service config (see
+// https://github.com/grpc/grpc/blob/master/doc/service_config.md).
+var serviceConfig = func() string {
+	type name struct {
+		Service string `json:"service"`
+		Method  string `json:"method"`
+	}
+	var names []name
+	for svc, methods := range idempotentMethods {
+		for _, m := range methods {
+			names = append(names, name{svc, m})
+		}
+	}
+	cfg := map[string]any{
+		// round_robin keeps a connection to every replica, so a call
+		// after a replica dies goes to one that is already connected.
+		"loadBalancingConfig": []any{map[string]any{"round_robin": map[string]any{}}},
+		// The API serves grpc.health.v1 and reports NOT_SERVING while it
+		// drains; the balancer then stops picking it.
+		"healthCheckConfig": map[string]any{"serviceName": ""},
+		"methodConfig": []any{map[string]any{
+			"name": names,
+			"retryPolicy": map[string]any{
+				"maxAttempts":          5,
+				"initialBackoff":       "0.1s",
+				"maxBackoff":           "2s",
+				"backoffMultiplier":    2,
+				"retryableStatusCodes": []string{"UNAVAILABLE"},
+			},
+		}},
+	}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		panic(fmt.Sprintf("client service config: %v", err))
+	}
+	return string(b)
+}()
 
 // New wraps an existing connection. Dial it with
 // errdefs.UnaryClientInterceptor and StreamClientInterceptor to get error

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -142,10 +143,41 @@ func StartAPI(t testing.TB, extraArgs ...string) *Cloud {
 	return start(t, "api", extraArgs)
 }
 
+// StartAPIReplicas starts n `minicloudd api` processes on one etcd the test
+// owns, as replicas of one control plane: each has its own data directory
+// and port, and all share one image store directory (as they would share
+// an object store or a network file system on real machines). Kill one to
+// test failover; Endpoints joins their addresses for a client.
+func StartAPIReplicas(t testing.TB, n int, extraArgs ...string) []*Cloud {
+	t.Helper()
+	etcd, etcdClient := etcdtest.Start(t)
+	images := t.TempDir()
+	var cs []*Cloud
+	for range n {
+		args := append([]string{"--image-dir", images}, extraArgs...)
+		cs = append(cs, startOn(t, "api", "http://"+etcd.Endpoint, etcdClient, args))
+	}
+	return cs
+}
+
+// Endpoints is the comma-separated list of the replicas' API addresses.
+func Endpoints(cs []*Cloud) string {
+	var eps []string
+	for _, c := range cs {
+		eps = append(eps, c.Endpoint)
+	}
+	return strings.Join(eps, ",")
+}
+
 func start(t testing.TB, role string, extraArgs []string) *Cloud {
 	t.Helper()
-	cli, daemon := Binaries(t)
 	etcd, etcdClient := etcdtest.Start(t)
+	return startOn(t, role, "http://"+etcd.Endpoint, etcdClient, extraArgs)
+}
+
+func startOn(t testing.TB, role, etcdURL string, etcdClient *clientv3.Client, extraArgs []string) *Cloud {
+	t.Helper()
+	cli, daemon := Binaries(t)
 	dataDir, err := os.MkdirTemp("/var/tmp", "minicloud-e2e-")
 	if err != nil {
 		t.Fatal(err)
@@ -157,7 +189,7 @@ func start(t testing.TB, role string, extraArgs []string) *Cloud {
 		t: t, CLI: cli, Daemon: daemon,
 		Endpoint: freeAddr(t),
 		DataDir:  dataDir,
-		EtcdURL:  "http://" + etcd.Endpoint,
+		EtcdURL:  etcdURL,
 		Etcd:     etcdClient,
 		Args:     extraArgs,
 		Role:     role,

@@ -25,10 +25,11 @@ type blobDir struct {
 
 func (d blobDir) path(sha string) string { return filepath.Join(d.dir, sha) }
 
-// create starts a new blob as a temporary file in the directory (so the
-// final rename stays on one filesystem).
-func (d blobDir) create() (*blobWriter, error) {
-	f, err := os.CreateTemp(d.dir, tempPrefix+"*")
+// create starts a new blob as the temporary file name (which must start
+// with tempPrefix) in the directory, so the final rename stays on one
+// filesystem.
+func (d blobDir) create(name string) (*blobWriter, error) {
+	f, err := os.OpenFile(filepath.Join(d.dir, name), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create temp blob in %s: %w", d.dir, err)
 	}
@@ -59,6 +60,8 @@ type blobWriter struct {
 	h    hash.Hash
 	size int64
 	done bool
+	// released: the upload key of the temporary file was dropped.
+	released bool
 }
 
 func (w *blobWriter) Write(p []byte) (int, error) {

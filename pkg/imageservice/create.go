@@ -111,7 +111,7 @@ func (u *upload) receive(stream minicloudv1.ImageService_CreateImageServer) erro
 		if chunk == nil {
 			return errdefs.Invalid("only the first message of an upload may be a header")
 		}
-		w, err := u.writer(chunk.GetPart())
+		w, err := u.writer(stream.Context(), chunk.GetPart())
 		if err != nil {
 			return err
 		}
@@ -128,7 +128,7 @@ func (u *upload) receive(stream minicloudv1.ImageService_CreateImageServer) erro
 	}
 }
 
-func (u *upload) writer(part minicloudv1.ImagePart) (*blobWriter, error) {
+func (u *upload) writer(ctx context.Context, part minicloudv1.ImagePart) (*blobWriter, error) {
 	if w, ok := u.parts[part]; ok {
 		return w, nil
 	}
@@ -137,15 +137,17 @@ func (u *upload) writer(part minicloudv1.ImagePart) (*blobWriter, error) {
 	default:
 		return nil, errdefs.Invalid("chunk part must be disk, kernel or initrd")
 	}
-	// Create and register under activeMu so garbage collection never sees
-	// the file unregistered.
-	u.s.activeMu.Lock()
-	defer u.s.activeMu.Unlock()
-	w, err := u.s.blobs.create()
+	// Registered before the file exists, so garbage collection (which
+	// lists files before keys) never sees the file without its key.
+	name, err := u.s.registerUpload(ctx)
 	if err != nil {
+		return nil, err
+	}
+	w, err := u.s.blobs.create(name)
+	if err != nil {
+		u.s.unregisterUpload(name)
 		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "store upload")
 	}
-	u.s.active[w.tempName()] = struct{}{}
 	u.parts[part] = w
 	return w, nil
 }
@@ -219,8 +221,11 @@ func (u *upload) describe(h *minicloudv1.CreateImageHeader) (*minicloudv1.Image,
 // references are removed again.
 func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream minicloudv1.ImageService_CreateImageServer) (err error) {
 	s := u.s
-	s.commitMu.Lock()
-	defer s.commitMu.Unlock()
+	lock, err := s.lockStore(ctx)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
 	defer func() {
 		if err == nil || len(u.created) == 0 {
 			return
@@ -228,7 +233,7 @@ func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream mini
 		// Use a fresh context: the caller's may be what failed.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 		defer cancel()
-		if cerr := s.removeUnreferenced(cctx, u.created); cerr != nil {
+		if cerr := s.removeUnreferenced(cctx, lock, u.created); cerr != nil {
 			s.log.Warn("remove blobs of failed upload", "image", img.GetMeta().GetName(), "err", cerr)
 		}
 	}()
@@ -258,13 +263,16 @@ func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream mini
 	}
 	key := store.ImageKey(img.GetMeta().GetName())
 	resp, err := s.etcd.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0), lock.owned()).
 		Then(clientv3.OpPut(key, string(val))).
 		Commit()
 	if err != nil {
 		return storeErr(err, "store image %s", img.GetMeta().GetName())
 	}
 	if !resp.Succeeded {
+		if err := lock.held(); err != nil {
+			return err
+		}
 		return errdefs.AlreadyExists("image %q already exists", img.GetMeta().GetName())
 	}
 	img.Meta.ResourceVersion = resp.Header.Revision
@@ -279,8 +287,12 @@ func (u *upload) abort() {
 	}
 }
 
+// release drops the upload key of w's temporary file, which must be gone
+// (committed or removed) by now.
 func (u *upload) release(w *blobWriter) {
-	u.s.activeMu.Lock()
-	delete(u.s.active, w.tempName())
-	u.s.activeMu.Unlock()
+	if w.released {
+		return
+	}
+	w.released = true
+	u.s.unregisterUpload(w.tempName())
 }

@@ -1,10 +1,18 @@
 // Package imageservice is the server side of minicloudv1.ImageService.
 //
 // Image bytes (disk, kernel, initrd) are stored as content-addressed blobs in
-// a directory of the API server, named by their sha256; the metadata
-// (minicloudv1.Image) lives in etcd at store.ImageKey(name). Uploads are
-// untrusted: the disk format is detected from the bytes and images that
-// refer to other files are refused (see package imageformat).
+// a directory named by their sha256; the metadata (minicloudv1.Image) lives
+// in etcd at store.ImageKey(name). Uploads are untrusted: the disk format is
+// detected from the bytes and images that refer to other files are refused
+// (see package imageformat).
+//
+// The blob directory may be shared by every API replica of a cluster (a
+// network file system; on one machine, one directory), so that the images
+// survive the loss of the replica that took the upload. etcd coordinates
+// the replicas: a mutex (store.ImageStoreLockPrefix) orders commits,
+// deletes and garbage collection across them, and every upload in progress
+// holds a key under its replica's lease (store.ImageUploadPrefix) that
+// keeps any replica's garbage collection off its temporary file.
 //
 // Ordering keeps the two halves consistent across crashes: a blob is
 // committed (renamed and synced) before the metadata that names it is
@@ -15,6 +23,8 @@ package imageservice
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -47,9 +57,13 @@ const cleanupTimeout = 30 * time.Second
 // Config configures a Service.
 type Config struct {
 	Client *clientv3.Client
-	// Dir is the blob directory. It belongs to this service alone: at start
-	// the service deletes files in it that no image references.
+	// Dir is the blob directory. It may be shared by every API replica
+	// using the same etcd (and only by them): at start the service deletes
+	// files in it that no image references and no live upload owns.
 	Dir string
+	// ReplicaName identifies this replica in the keys of its uploads in
+	// progress (for people reading etcd). Default: host name and pid.
+	ReplicaName string
 	// InUse returns the name of a VM that uses image, or "" if none does.
 	// DeleteImage refuses to delete an image in use. Nil means never in use.
 	InUse func(ctx context.Context, image string) (string, error)
@@ -69,14 +83,13 @@ type Service struct {
 	log      *slog.Logger
 
 	// commitMu orders "commit blobs, then write metadata" against "delete
-	// metadata, then remove unreferenced blobs", so a blob is never removed
-	// between being committed and being referenced.
+	// metadata, then remove unreferenced blobs" inside this process, so a
+	// blob is never removed between being committed and being referenced;
+	// the etcd store lock (lockStore) does the same across replicas.
 	commitMu sync.Mutex
 
-	// active holds the temporary file names of uploads in progress, so
-	// garbage collection leaves them alone.
-	activeMu sync.Mutex
-	active   map[string]struct{}
+	replica     *replica
+	replicaName string
 }
 
 var _ minicloudv1.ImageServiceServer = (*Service)(nil)
@@ -91,7 +104,13 @@ func New(cfg Config) *Service {
 		inUse:    cfg.InUse,
 		maxBytes: cfg.MaxImageBytes,
 		log:      slog.Default().With("component", "imageservice"),
-		active:   map[string]struct{}{},
+		replica:  &replica{etcd: cfg.Client},
+
+		replicaName: cfg.ReplicaName,
+	}
+	if s.replicaName == "" {
+		host, _ := os.Hostname()
+		s.replicaName = fmt.Sprintf("%s/%d", host, os.Getpid())
 	}
 	if s.maxBytes <= 0 {
 		s.maxBytes = DefaultMaxImageBytes
@@ -110,6 +129,10 @@ func New(cfg Config) *Service {
 	}
 	return s
 }
+
+// Close releases this replica's etcd session: its store lock and the keys
+// of its uploads in progress go at once instead of when the lease expires.
+func (s *Service) Close() { s.replica.close() }
 
 // GetImage returns one image.
 func (s *Service) GetImage(ctx context.Context, req *minicloudv1.GetImageRequest) (*minicloudv1.Image, error) {
@@ -136,13 +159,16 @@ func (s *Service) DeleteImage(ctx context.Context, req *minicloudv1.DeleteImageR
 	if err := validateName(name); err != nil {
 		return nil, err
 	}
-	s.commitMu.Lock()
-	defer s.commitMu.Unlock()
-	img, err := s.deleteUnused(ctx, name)
+	lock, err := s.lockStore(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.removeUnreferenced(ctx, blobDigests(img)); err != nil {
+	defer lock.unlock()
+	img, err := s.deleteUnused(ctx, lock, name)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.removeUnreferenced(ctx, lock, blobDigests(img)); err != nil {
 		// The image is gone; a leaked blob is collected at the next start.
 		s.log.Warn("remove blobs of deleted image", "image", name, "err", err)
 	}
@@ -171,16 +197,25 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 	f, err := os.Open(s.blobs.path(blob.GetSha256()))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return errdefs.FailedPrecondition("image %q %s: blob %s is missing from the image directory", name, partName(req.GetPart()), blob.GetSha256())
+			// Not permanent: the image exists, so its blob is in the
+			// shared store; this replica cannot see it (store not
+			// mounted, or a replica given its own directory). Another
+			// replica, or this one once fixed, can serve it.
+			s.log.Error("blob of an image is missing from this replica's image store; is the store shared by every API replica?", "image", name, "sha256", blob.GetSha256(), "dir", s.blobs.dir)
+			return errdefs.Unavailable("image %q %s: blob %s is not in this API replica's image store; retry", name, partName(req.GetPart()), blob.GetSha256())
 		}
 		return fmt.Errorf("open blob %s: %w", blob.GetSha256(), err)
 	}
 	defer f.Close()
 	buf := make([]byte, downloadChunkSize)
+	// Every copy served is verified: the receiver checks the digest too,
+	// but this names the store, not the network, as the culprit.
+	h := sha256.New()
 	var sent int64
 	for {
 		n, rerr := f.Read(buf)
 		if n > 0 {
+			h.Write(buf[:n])
 			if err := stream.Send(&minicloudv1.DownloadImageResponse{Data: buf[:n]}); err != nil {
 				return err
 			}
@@ -196,6 +231,10 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 	if sent != blob.GetSizeBytes() {
 		return errdefs.FailedPrecondition("image %q %s: blob %s has %d bytes, metadata says %d", name, partName(req.GetPart()), blob.GetSha256(), sent, blob.GetSizeBytes())
 	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != blob.GetSha256() {
+		s.log.Error("image blob is corrupt in the store", "image", name, "sha256", blob.GetSha256(), "got", got)
+		return errdefs.FailedPrecondition("image %q %s: the stored blob is corrupt: its bytes have sha256 %s, not %s", name, partName(req.GetPart()), got, blob.GetSha256())
+	}
 	return nil
 }
 
@@ -206,8 +245,8 @@ const deleteAttempts = 5
 // deleteUnused deletes the image key if no VM uses the image. A VM created
 // between the in-use check and the delete makes the transaction fail (no VM
 // spec may change after the revision the check started from), and the
-// check runs again. The caller holds commitMu.
-func (s *Service) deleteUnused(ctx context.Context, name string) (*minicloudv1.Image, error) {
+// check runs again. The caller holds lock.
+func (s *Service) deleteUnused(ctx context.Context, lock *storeLock, name string) (*minicloudv1.Image, error) {
 	key := store.ImageKey(name)
 	for range deleteAttempts {
 		resp, err := s.etcd.Get(ctx, key)
@@ -232,7 +271,7 @@ func (s *Service) deleteUnused(ctx context.Context, name string) (*minicloudv1.I
 			return nil, errdefs.FailedPrecondition("image %q is in use by VM %q; delete the VM first", name, vm)
 		}
 		txn, err := s.etcd.Txn(ctx).
-			If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision), store.UnchangedSince(store.VMSpecPrefix, checkedAt)).
+			If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision), store.UnchangedSince(store.VMSpecPrefix, checkedAt), lock.owned()).
 			Then(clientv3.OpDelete(key)).
 			Commit()
 		if err != nil {
@@ -241,15 +280,25 @@ func (s *Service) deleteUnused(ctx context.Context, name string) (*minicloudv1.I
 		if txn.Succeeded {
 			return img, nil
 		}
+		if err := lock.held(); err != nil {
+			return nil, err
+		}
 	}
 	return nil, errdefs.Conflict("image %q: VMs kept changing while it was being deleted; retry", name)
 }
 
-// CollectGarbage removes temporary files no upload owns and blobs no image
-// references. New runs it; running it again at any time is safe.
+// CollectGarbage removes temporary files no live upload (of any replica)
+// owns and blobs no image references. New runs it; running it again at any
+// time, on any replica, is safe.
 func (s *Service) CollectGarbage(ctx context.Context) error {
-	s.commitMu.Lock()
-	defer s.commitMu.Unlock()
+	lock, err := s.lockStore(ctx)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	// The directory is read first: an upload registers its key before it
+	// creates its file, so every file listed here that belongs to a live
+	// upload has its key in the list read below.
 	entries, err := os.ReadDir(s.blobs.dir)
 	if err != nil {
 		return fmt.Errorf("read image directory: %w", err)
@@ -258,14 +307,16 @@ func (s *Service) CollectGarbage(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	s.activeMu.Lock()
-	defer s.activeMu.Unlock()
+	active, err := s.activeUploads(ctx)
+	if err != nil {
+		return err
+	}
 	var errs []error
 	for _, e := range entries {
 		name := e.Name()
 		switch {
 		case strings.HasPrefix(name, tempPrefix):
-			if _, ok := s.active[name]; ok {
+			if _, ok := active[name]; ok {
 				continue
 			}
 		case isBlobName(name):
@@ -274,6 +325,9 @@ func (s *Service) CollectGarbage(ctx context.Context) error {
 			}
 		default:
 			continue
+		}
+		if err := lock.held(); err != nil {
+			return err
 		}
 		s.log.Info("removing unreferenced image file", "file", name)
 		if err := os.Remove(s.blobs.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -332,8 +386,8 @@ func (s *Service) referenced(ctx context.Context) (map[string]struct{}, error) {
 }
 
 // removeUnreferenced removes those of digests that no image references.
-// The caller holds commitMu.
-func (s *Service) removeUnreferenced(ctx context.Context, digests []string) error {
+// The caller holds lock.
+func (s *Service) removeUnreferenced(ctx context.Context, lock *storeLock, digests []string) error {
 	if len(digests) == 0 {
 		return nil
 	}
@@ -345,6 +399,9 @@ func (s *Service) removeUnreferenced(ctx context.Context, digests []string) erro
 	for _, d := range digests {
 		if _, ok := refs[d]; ok {
 			continue
+		}
+		if err := lock.held(); err != nil {
+			return err
 		}
 		errs = append(errs, s.blobs.remove(d))
 	}

@@ -20,6 +20,8 @@
 //	claims/<host>/<vmid>             Claim (resources of one VM)            written in the same txn as hosts/alloc
 //	ipam/<network-id>/<ip>           VM id                                  written by API in the create txn
 //	schedulers/<replica-id>          replica id (attached to its lease)     written by each scheduler replica
+//	imagestore/lock/<lease>          etcd mutex over the shared blob store  API replicas (commit, delete, GC)
+//	imagestore/uploads/<temp-name>   replica holding an upload in progress  API replica, attached to its lease
 //
 // Spec and status are separate keys so that users and hosts never write the
 // same key; the user-data has its own key so lists never carry it.
@@ -50,6 +52,12 @@ const (
 	ClaimPrefix       = Prefix + "claims/"
 	IPAMPrefix        = Prefix + "ipam/"
 	SchedulerPrefix   = Prefix + "schedulers/"
+	// ImageStoreLockPrefix is the etcd mutex every API replica takes
+	// before committing, deleting or collecting blobs of the shared store.
+	ImageStoreLockPrefix = Prefix + "imagestore/lock/"
+	// ImageUploadPrefix holds one leased key per upload in progress, so no
+	// replica's garbage collection removes another's temporary file.
+	ImageUploadPrefix = Prefix + "imagestore/uploads/"
 )
 
 func VMSpecKey(id string) string            { return VMSpecPrefix + id }
@@ -66,6 +74,7 @@ func VMEventKey(id string, unixNano int64, seq int) string {
 	return fmt.Sprintf("%s%020d-%03d", VMEventsPrefix(id), unixNano, seq)
 }
 func ImageKey(name string) string                { return ImagePrefix + name }
+func ImageUploadKey(tempName string) string      { return ImageUploadPrefix + tempName }
 func FlavorKey(name string) string               { return FlavorPrefix + name }
 func NetworkKey(project, name string) string     { return NetworkPrefix + project + "/" + name }
 func ServerGroupKey(project, name string) string { return ServerGroupPrefix + project + "/" + name }
