@@ -43,12 +43,21 @@ type env struct {
 	// createDone receives the error of every CreateImage handler once it has
 	// returned, so tests can check what a failed upload left behind.
 	createDone chan error
+	// stop stops the gRPC server and closes the service (a replica gone).
+	stop func()
 }
 
 func newEnv(t *testing.T, maxBytes int64) *env {
 	t.Helper()
 	_, etcd := etcdtest.Start(t)
-	e := &env{etcd: etcd, dir: filepath.Join(t.TempDir(), "images"), inUse: map[string]string{}, createDone: make(chan error, 16)}
+	return newEnvOn(t, etcd, filepath.Join(t.TempDir(), "images"), maxBytes)
+}
+
+// newEnvOn is newEnv on a given etcd and blob directory: several envs on
+// one etcd and one directory are replicas of one control plane.
+func newEnvOn(t *testing.T, etcd *clientv3.Client, dir string, maxBytes int64) *env {
+	t.Helper()
+	e := &env{etcd: etcd, dir: dir, inUse: map[string]string{}, createDone: make(chan error, 16)}
 	e.svc = New(Config{
 		Client: etcd,
 		Dir:    e.dir,
@@ -74,7 +83,8 @@ func newEnv(t *testing.T, maxBytes int64) *env {
 	)
 	minicloudv1.RegisterImageServiceServer(srv, e.svc)
 	go srv.Serve(lis)
-	t.Cleanup(srv.Stop)
+	e.stop = func() { srv.Stop(); e.svc.Close() }
+	t.Cleanup(e.stop)
 	conn, err := grpc.NewClient("passthrough:///bufnet",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
