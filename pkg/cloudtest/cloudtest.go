@@ -151,13 +151,7 @@ func StartAPI(t testing.TB, extraArgs ...string) *Cloud {
 func StartAPIReplicas(t testing.TB, n int, extraArgs ...string) []*Cloud {
 	t.Helper()
 	etcd, etcdClient := etcdtest.Start(t)
-	images := t.TempDir()
-	var cs []*Cloud
-	for range n {
-		args := append([]string{"--image-dir", images}, extraArgs...)
-		cs = append(cs, startOn(t, "api", "http://"+etcd.Endpoint, etcdClient, args))
-	}
-	return cs
+	return StartAPIReplicasOn(t, "http://"+etcd.Endpoint, etcdClient, n, extraArgs...)
 }
 
 // Endpoints is the comma-separated list of the replicas' API addresses.
