@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 	"github.com/minicloud/minicloud/scheduler/placement"
 	"github.com/minicloud/minicloud/scheduler/snapshot"
@@ -64,7 +65,7 @@ func (s *Scheduler) readVM(ctx context.Context, id string) (v *vmState, after ti
 	if !ok {
 		return nil, 0, nil // deleted
 	}
-	if e.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+	if e.status.GetPhase() != lifecycle.Pending {
 		return nil, 0, nil
 	}
 	if spec != nil {
@@ -92,7 +93,7 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 	if err != nil || v == nil {
 		return after, err
 	}
-	if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING || v.vm.GetSpec().GetDeletionRequested() {
+	if v.status.GetPhase() != lifecycle.Pending || v.vm.GetSpec().GetDeletionRequested() {
 		return 0, nil
 	}
 	if !s.members.owns(v.shareKey()) {
@@ -103,14 +104,14 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 		}
 	}
 	if n := v.status.GetScheduleAttempts(); int(n) >= s.cfg.MaxAttempts {
-		return s.fail(ctx, v, ReasonMaxAttemptsExceeded, fmt.Sprintf(
+		return s.fail(ctx, v, lifecycle.ReasonMaxAttemptsExceeded, fmt.Sprintf(
 			"placed %d times (max attempts %d) and failed on hosts %s", n, s.cfg.MaxAttempts, strings.Join(v.status.GetTriedHosts(), ", ")))
 	}
 	req, err := s.request(ctx, v)
 	if err != nil {
 		var nf *groupNotFoundError
 		if errors.As(err, &nf) {
-			return s.fail(ctx, v, ReasonServerGroupNotFound, err.Error())
+			return s.fail(ctx, v, lifecycle.ReasonServerGroupNotFound, err.Error())
 		}
 		return 0, err
 	}
@@ -127,7 +128,7 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 				return busyRequeue, nil
 			}
 			s.observe(Observation{VMID: id, Outcome: "no-valid-host", DecideTime: r.DecideTime})
-			return s.fail(ctx, v, ReasonNoValidHost, nvh.Error())
+			return s.fail(ctx, v, lifecycle.ReasonNoValidHost, nvh.Error())
 		case err != nil:
 			return 0, err
 		}
@@ -141,7 +142,7 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 			// the API deleted or rescheduled it.
 			// Look at it afresh (attempts, tried hosts) if still PENDING.
 			s.observe(Observation{VMID: id, Outcome: "vm-changed", DecideTime: r.DecideTime})
-			if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+			if v.status.GetPhase() != lifecycle.Pending {
 				return 0, nil
 			}
 			return busyRequeue, nil
@@ -211,22 +212,20 @@ func (s *Scheduler) commit(ctx context.Context, v *vmState, req *placement.Reque
 		return false, err
 	}
 	st := proto.Clone(v.status).(*minicloudv1.VMStatus)
-	st.Phase = minicloudv1.VMPhase_VM_PHASE_SCHEDULED
+	st.Phase = lifecycle.Scheduled
 	st.Host = r.Host
 	st.HostDown = false
 	st.ScheduleAttempts++
 	st.Reason, st.Message = "", ""
 	st.UpdateTime = timestamppb.New(now)
 	msg := fmt.Sprintf("placed on host %s (attempt %d of %d, %d candidates ranked)", r.Host, st.ScheduleAttempts, s.cfg.MaxAttempts, r.Decision.Candidates)
-	setCondition(st, &minicloudv1.Condition{
-		Type: ConditionScheduled, Status: true, Reason: ReasonScheduled, Message: msg, LastTransitionTime: timestamppb.New(now),
-	})
+	lifecycle.SetCondition(st, lifecycle.ConditionScheduled, true, lifecycle.ReasonScheduled, msg, now)
 	stBytes, err := proto.Marshal(st)
 	if err != nil {
 		s.snap.Abort(r)
 		return false, fmt.Errorf("encode status of vm %s: %w", v.id, err)
 	}
-	ev, err := s.eventOp(v.id, now, "Normal", ReasonScheduled, msg)
+	ev, err := s.eventOp(v.id, now, lifecycle.EventNormal, lifecycle.ReasonScheduled, msg)
 	if err != nil {
 		s.snap.Abort(r)
 		return false, err
@@ -271,17 +270,15 @@ func (s *Scheduler) commit(ctx context.Context, v *vmState, req *placement.Reque
 func (s *Scheduler) fail(ctx context.Context, v *vmState, reason, msg string) (time.Duration, error) {
 	now := time.Now()
 	st := proto.Clone(v.status).(*minicloudv1.VMStatus)
-	st.Phase = minicloudv1.VMPhase_VM_PHASE_ERROR
+	st.Phase = lifecycle.Error
 	st.Reason, st.Message = reason, msg
 	st.UpdateTime = timestamppb.New(now)
-	setCondition(st, &minicloudv1.Condition{
-		Type: ConditionScheduled, Status: false, Reason: reason, Message: msg, LastTransitionTime: timestamppb.New(now),
-	})
+	lifecycle.SetCondition(st, lifecycle.ConditionScheduled, false, reason, msg, now)
 	b, err := proto.Marshal(st)
 	if err != nil {
 		return 0, fmt.Errorf("encode status of vm %s: %w", v.id, err)
 	}
-	ev, err := s.eventOp(v.id, now, "Warning", reason, msg)
+	ev, err := s.eventOp(v.id, now, lifecycle.EventWarning, reason, msg)
 	if err != nil {
 		return 0, err
 	}
@@ -316,9 +313,9 @@ func (s *Scheduler) reconcileHostDown(ctx context.Context, id string, _ *rand.Ra
 	now := time.Now()
 	st.HostDown = down
 	st.UpdateTime = timestamppb.New(now)
-	typ, reason, msg := "Normal", ReasonHostUp, fmt.Sprintf("host %s is up again", st.GetHost())
+	typ, reason, msg := lifecycle.EventNormal, lifecycle.ReasonHostUp, fmt.Sprintf("host %s is up again", st.GetHost())
 	if down {
-		typ, reason, msg = "Warning", ReasonHostDown, fmt.Sprintf("host %s lost its heartbeat lease", st.GetHost())
+		typ, reason, msg = lifecycle.EventWarning, lifecycle.ReasonHostDown, fmt.Sprintf("host %s lost its heartbeat lease", st.GetHost())
 	}
 	b, err := proto.Marshal(st)
 	if err != nil {

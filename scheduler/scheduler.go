@@ -26,6 +26,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 	"github.com/minicloud/minicloud/scheduler/placement"
 	"github.com/minicloud/minicloud/scheduler/snapshot"
@@ -40,18 +41,6 @@ const (
 	maxCommitAttempts = 8
 	// queueWindow: see queue.
 	queueWindow = 1024
-)
-
-// Reasons written to VM status and events.
-const (
-	ReasonScheduled           = "Scheduled"
-	ReasonNoValidHost         = "NoValidHost"
-	ReasonMaxAttemptsExceeded = "MaxAttemptsExceeded"
-	ReasonServerGroupNotFound = "ServerGroupNotFound"
-	ReasonHostDown            = "HostDown"
-	ReasonHostUp              = "HostUp"
-	// ConditionScheduled is the VM condition the scheduler owns.
-	ConditionScheduled = "Scheduled"
 )
 
 // Config configures a Scheduler. The zero value of each field means its
@@ -280,7 +269,7 @@ func (s *Scheduler) specChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue)
 	id := store.LastSegment(string(kv.Key))
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e, ok := s.vms[id]; typ == mvccpb.DELETE || (ok && e.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING) {
+	if e, ok := s.vms[id]; typ == mvccpb.DELETE || (ok && e.status.GetPhase() != lifecycle.Pending) {
 		delete(s.specs, id)
 		return
 	}
@@ -315,14 +304,14 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 		return
 	}
 	e := vmEntry{status: st, rev: kv.ModRevision}
-	if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
+	if st.GetPhase() == lifecycle.Pending {
 		e.pendingSince = time.Now()
-		if hadOld && old.status.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
+		if hadOld && old.status.GetPhase() == lifecycle.Pending {
 			e.pendingSince = old.pendingSince
 		}
 	}
 	s.vms[id] = e
-	if st.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+	if st.GetPhase() != lifecycle.Pending {
 		delete(s.specs, id)
 	}
 	if host := st.GetHost(); host != "" {
@@ -334,7 +323,7 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 			s.hostDown.Add(id)
 		}
 	}
-	if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
+	if st.GetPhase() == lifecycle.Pending {
 		s.pending.Add(id) // scheduleOne checks who owns it
 	}
 }
@@ -363,19 +352,6 @@ func decodeKV[T proto.Message](kvs []*mvccpb.KeyValue, m T) (T, int64, bool, err
 		return m, 0, false, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
 	}
 	return m, kvs[0].ModRevision, true, nil
-}
-
-func setCondition(st *minicloudv1.VMStatus, c *minicloudv1.Condition) {
-	for i, old := range st.Conditions {
-		if old.GetType() == c.GetType() {
-			if old.GetStatus() == c.GetStatus() {
-				c.LastTransitionTime = old.GetLastTransitionTime()
-			}
-			st.Conditions[i] = c
-			return
-		}
-	}
-	st.Conditions = append(st.Conditions, c)
 }
 
 func (s *Scheduler) eventOp(vmID string, now time.Time, typ, reason, msg string) (clientv3.Op, error) {

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 	"github.com/minicloud/minicloud/scheduler/placement"
 )
@@ -112,7 +113,7 @@ func VerifyClaims(ctx context.Context, kv clientv3.KV) ([]string, error) {
 		}
 	}
 	for id, st := range statuses {
-		if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_SCHEDULED && claimed[id] != st.GetHost() {
+		if st.GetPhase() == lifecycle.Scheduled && claimed[id] != st.GetHost() {
 			bad("vm %s: SCHEDULED on %q without a claim there", id, st.GetHost())
 		}
 	}

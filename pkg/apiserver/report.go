@@ -11,6 +11,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -33,7 +34,7 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 	if req.GetDeleted() && req.GetReschedule() {
 		return nil, errdefs.Invalid("deleted and reschedule are exclusive")
 	}
-	if ph := req.GetStatus().GetPhase(); ph != minicloudv1.VMPhase_VM_PHASE_UNSPECIFIED {
+	if ph := req.GetStatus().GetPhase(); ph != lifecycle.None {
 		if _, ok := minicloudv1.VMPhase_name[int32(ph)]; !ok {
 			return nil, errdefs.Invalid("status.phase %d is not a VM phase", ph)
 		}
@@ -82,9 +83,13 @@ func (s *Server) reportOps(ctx context.Context, vm *minicloudv1.VM, req *miniclo
 		}
 		events = append(events, ev)
 	}
+	cur := vm.GetStatus().GetPhase()
 	if req.GetDeleted() || (req.GetReschedule() && vm.GetSpec().GetDeletionRequested()) {
 		if !vm.GetSpec().GetDeletionRequested() {
 			return nil, nil, errdefs.FailedPrecondition("vm %s was not deleted (it is not DELETING): report deleted only after DeleteVM", vm.Meta.Name)
+		}
+		if err := lifecycle.Check(cur, lifecycle.None, lifecycle.Agent); err != nil {
+			return nil, nil, errdefs.FailedPrecondition("vm %s: %v", vm.Meta.Name, err)
 		}
 		cmps, ops, err := s.removeVMOps(ctx, vm)
 		if err == nil {
@@ -95,18 +100,18 @@ func (s *Server) reportOps(ctx context.Context, vm *minicloudv1.VM, req *miniclo
 
 	next := proto.CloneOf(vm.GetStatus())
 	if st := req.GetStatus(); st != nil {
-		if st.GetPhase() != minicloudv1.VMPhase_VM_PHASE_UNSPECIFIED {
-			next.Phase = st.GetPhase()
+		lifecycle.MergeHostStatus(next, st)
+		// A DELETING VM stays DELETING until its host reports deleted: the
+		// table allows a host no transition out of it but removal.
+		if err := lifecycle.Check(cur, next.GetPhase(), lifecycle.Agent); err != nil {
+			return nil, nil, errdefs.FailedPrecondition("vm %s: %v", vm.Meta.Name, err)
 		}
-		next.Conditions = st.GetConditions()
-		next.Message = st.GetMessage()
-		next.Reason = st.GetReason()
-		next.Hypervisor = st.GetHypervisor()
-		next.ObservedRebootGeneration = st.GetObservedRebootGeneration()
-		next.ObservedResourceVersion = st.GetObservedResourceVersion()
 	}
-	if vm.GetSpec().GetDeletionRequested() {
-		next.Phase = minicloudv1.VMPhase_VM_PHASE_DELETING // until the host reports deleted
+	if req.GetReschedule() {
+		// From what the host reported with it, if anything (e.g. ERROR).
+		if err := lifecycle.Check(next.GetPhase(), lifecycle.Pending, lifecycle.API); err != nil {
+			return nil, nil, errdefs.FailedPrecondition("vm %s cannot be given back to the scheduler: %v", vm.Meta.Name, err)
+		}
 	}
 	if !req.GetReschedule() && len(events) == 0 && proto.Equal(next, vm.GetStatus()) {
 		// Nothing new: writing would only wake every watcher (and the
@@ -117,12 +122,12 @@ func (s *Server) reportOps(ctx context.Context, vm *minicloudv1.VM, req *miniclo
 	cmps := vmUnchanged(vm)
 	var ops []clientv3.Op
 	if req.GetReschedule() {
-		next.Phase = minicloudv1.VMPhase_VM_PHASE_PENDING
+		next.Phase = lifecycle.Pending
 		next.Host = ""
 		next.TriedHosts = append(next.TriedHosts, host)
 		next.HostDown = false
 		events = append(events, &minicloudv1.Event{
-			Type: "Warning", Reason: "Rescheduling", Source: "api",
+			Type: lifecycle.EventWarning, Reason: lifecycle.ReasonRescheduling, Source: "api",
 			Message: fmt.Sprintf("host %s gave the VM back (%s); the scheduler will choose another host", host, next.GetMessage()),
 		})
 		claimCmps, claimOps, err := s.releaseClaimOps(ctx, host, id)

@@ -11,6 +11,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -73,10 +74,16 @@ func (v *vmService) DeleteVM(ctx context.Context, req *minicloudv1.DeleteVMReque
 		)
 		if vm.GetStatus().GetHost() == "" {
 			// Nothing on any hypervisor: remove it now.
+			if err := lifecycle.Check(vm.GetStatus().GetPhase(), lifecycle.None, lifecycle.API); err != nil {
+				return nil, errdefs.FailedPrecondition("vm %s: %v", vm.Meta.Name, err)
+			}
 			cmps, ops, err = v.s.removeVMOps(ctx, vm)
 		} else {
 			if vm.GetSpec().GetDeletionRequested() {
 				return vm, nil
+			}
+			if err := lifecycle.Check(vm.GetStatus().GetPhase(), lifecycle.Deleting, lifecycle.API); err != nil {
+				return nil, errdefs.FailedPrecondition("vm %s: %v", vm.Meta.Name, err)
 			}
 			cmps, ops, err = v.s.markDeletingOps(vm, now)
 		}
@@ -103,7 +110,7 @@ func markDeleting(vm *minicloudv1.VM, now time.Time) {
 	if vm.Spec.DeletionTime == nil {
 		vm.Spec.DeletionTime = timestamppb.New(now)
 	}
-	vm.Status.Phase = minicloudv1.VMPhase_VM_PHASE_DELETING
+	vm.Status.Phase = lifecycle.Deleting
 	vm.Status.UpdateTime = timestamppb.New(now)
 }
 
@@ -120,7 +127,7 @@ func (s *Server) markDeletingOps(vm *minicloudv1.VM, now time.Time) ([]clientv3.
 		return nil, nil, err
 	}
 	evOps, err := store.EventOps(vm.Meta.Id, now, &minicloudv1.Event{
-		Type: "Normal", Reason: "DeleteRequested", Source: "api",
+		Type: lifecycle.EventNormal, Reason: lifecycle.ReasonDeleteRequested, Source: "api",
 		Message: fmt.Sprintf("waiting for host %s to remove the domain, disk and network", vm.Status.Host),
 	})
 	if err != nil {
@@ -217,21 +224,21 @@ func (s *Server) releaseClaimOps(ctx context.Context, host, vmID string) ([]clie
 }
 
 func (v *vmService) StartVM(ctx context.Context, req *minicloudv1.VMActionRequest) (*minicloudv1.VM, error) {
-	return v.s.updateSpec(ctx, req, "StartRequested", func(vm *minicloudv1.VM) error {
+	return v.s.updateSpec(ctx, req, lifecycle.ReasonStartRequested, func(vm *minicloudv1.VM) error {
 		vm.Spec.PowerState = minicloudv1.PowerState_POWER_STATE_RUNNING
 		return nil
 	})
 }
 
 func (v *vmService) StopVM(ctx context.Context, req *minicloudv1.VMActionRequest) (*minicloudv1.VM, error) {
-	return v.s.updateSpec(ctx, req, "StopRequested", func(vm *minicloudv1.VM) error {
+	return v.s.updateSpec(ctx, req, lifecycle.ReasonStopRequested, func(vm *minicloudv1.VM) error {
 		vm.Spec.PowerState = minicloudv1.PowerState_POWER_STATE_STOPPED
 		return nil
 	})
 }
 
 func (v *vmService) RebootVM(ctx context.Context, req *minicloudv1.VMActionRequest) (*minicloudv1.VM, error) {
-	return v.s.updateSpec(ctx, req, "RebootRequested", func(vm *minicloudv1.VM) error {
+	return v.s.updateSpec(ctx, req, lifecycle.ReasonRebootRequested, func(vm *minicloudv1.VM) error {
 		if vm.Spec.PowerState != minicloudv1.PowerState_POWER_STATE_RUNNING {
 			return errdefs.FailedPrecondition("vm %s is stopped: start it instead of rebooting", vm.Meta.Name)
 		}
@@ -267,7 +274,7 @@ func (s *Server) updateSpec(ctx context.Context, req *minicloudv1.VMActionReques
 		if err != nil {
 			return nil, err
 		}
-		evOps, err := store.EventOps(vm.Meta.Id, time.Now(), &minicloudv1.Event{Type: "Normal", Reason: reason, Source: "api"})
+		evOps, err := store.EventOps(vm.Meta.Id, time.Now(), &minicloudv1.Event{Type: lifecycle.EventNormal, Reason: reason, Source: "api"})
 		if err != nil {
 			return nil, err
 		}

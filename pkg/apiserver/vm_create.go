@@ -16,6 +16,7 @@ import (
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/ipam"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -180,8 +181,8 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 		Meta: &minicloudv1.ObjectMeta{Id: newID(), Name: req.GetName(), Project: project, CreateTime: timestamppb.New(now)},
 		Spec: spec,
 		Status: &minicloudv1.VMStatus{
-			Phase:      minicloudv1.VMPhase_VM_PHASE_PENDING,
-			Reason:     "Created",
+			Phase:      lifecycle.Pending,
+			Reason:     lifecycle.ReasonCreated,
 			Message:    "waiting for the scheduler to choose a host",
 			UpdateTime: timestamppb.New(now),
 		},
@@ -237,7 +238,7 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 		ops = append(ops, clientv3.OpPut(store.VMRequestKey(project, rid), id, clientv3.WithLease(lease)))
 	}
 	evOps, err := store.EventOps(id, now, &minicloudv1.Event{
-		Type: "Normal", Reason: "Created", Source: "api",
+		Type: lifecycle.EventNormal, Reason: lifecycle.ReasonCreated, Source: "api",
 		Message: fmt.Sprintf("vm %s created with image %s, flavor %s, addresses %s", vm.Meta.Name, spec.Image, spec.Flavor, addressList(vm.Status.Addresses)),
 	})
 	if err != nil {
