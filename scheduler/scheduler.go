@@ -22,8 +22,6 @@ import (
 	"github.com/google/uuid"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/lifecycle"
@@ -274,7 +272,7 @@ func (s *Scheduler) specChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue)
 		return
 	}
 	vm := &minicloudv1.VM{}
-	if err := proto.Unmarshal(kv.Value, vm); err != nil {
+	if err := store.Decode(kv, vm); err != nil {
 		s.log.Error("scheduler: undecodable vm spec", "key", string(kv.Key), "err", err)
 		return
 	}
@@ -299,7 +297,7 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 		return
 	}
 	st := &minicloudv1.VMStatus{}
-	if err := proto.Unmarshal(kv.Value, st); err != nil {
+	if err := store.Decode(kv, st); err != nil {
 		s.log.Error("scheduler: undecodable vm status", "key", string(kv.Key), "err", err)
 		return
 	}
@@ -342,24 +340,4 @@ func (s *Scheduler) observe(o Observation) {
 	if s.cfg.Observe != nil {
 		s.cfg.Observe(o)
 	}
-}
-
-func decodeKV[T proto.Message](kvs []*mvccpb.KeyValue, m T) (T, int64, bool, error) {
-	if len(kvs) == 0 {
-		return m, 0, false, nil
-	}
-	if err := proto.Unmarshal(kvs[0].Value, m); err != nil {
-		return m, 0, false, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
-	}
-	return m, kvs[0].ModRevision, true, nil
-}
-
-func (s *Scheduler) eventOp(vmID string, now time.Time, typ, reason, msg string) (clientv3.Op, error) {
-	b, err := proto.Marshal(&minicloudv1.Event{
-		Time: timestamppb.New(now), Type: typ, Reason: reason, Message: msg, Source: s.cfg.Source,
-	})
-	if err != nil {
-		return clientv3.Op{}, fmt.Errorf("encode event: %w", err)
-	}
-	return clientv3.OpPut(store.VMEventKey(vmID, now.UnixNano(), 0), string(b)), nil
 }

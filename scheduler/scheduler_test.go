@@ -317,11 +317,16 @@ func TestReleaseRestoresCapacity(t *testing.T) {
 		t.Fatalf("vm2 on a full host: %v", st)
 	}
 	ctx := context.Background()
-	if err := store.ReleaseClaim(ctx, cli, "sim-a", "vm1"); err != nil {
+	vm1, err := store.GetVM(ctx, cli, "vm1")
+	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cli.Txn(ctx).Then(clientv3.OpDelete(store.VMSpecKey("vm1")), clientv3.OpDelete(store.VMStatusKey("vm1"))).Commit(); err != nil {
+	txn, err := store.RemoveVMTxn(ctx, cli, vm1)
+	if err != nil {
 		t.Fatal(err)
+	}
+	if _, ok, err := txn.Commit(ctx, cli); err != nil || !ok {
+		t.Fatalf("remove vm1: %v %v", ok, err)
 	}
 	createSimulatedVMs(t, cli, simVM{id: "vm3", vcpus: 1, memMiB: 2048, diskGiB: 10})
 	if st := waitDecided(t, cli, "vm3"); !scheduled(st) || st.GetHost() != "sim-a" {

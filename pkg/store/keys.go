@@ -44,6 +44,7 @@ const (
 	FlavorPrefix      = Prefix + "flavors/"
 	NetworkPrefix     = Prefix + "networks/"
 	ServerGroupPrefix = Prefix + "servergroups/"
+	HostPrefix        = Prefix + "hosts/" // every key of every host
 	HostSpecPrefix    = Prefix + "hosts/spec/"
 	HostAlivePrefix   = Prefix + "hosts/alive/"
 	HostAllocPrefix   = Prefix + "hosts/alloc/"
@@ -74,9 +75,18 @@ func HostAliveKey(name string) string            { return HostAlivePrefix + name
 func HostAllocKey(name string) string            { return HostAllocPrefix + name }
 func ClaimsPrefix(host string) string            { return ClaimPrefix + host + "/" }
 func ClaimKey(host, vmID string) string          { return ClaimsPrefix(host) + vmID }
-func IPAMNetworkPrefix(networkID string) string  { return IPAMPrefix + networkID + "/" }
-func IPAMKey(networkID, ip string) string        { return IPAMNetworkPrefix(networkID) + ip }
-func SchedulerKey(replicaID string) string       { return SchedulerPrefix + replicaID }
+
+// ParseClaimKey splits claims/<host>/<vm id>.
+func ParseClaimKey(key string) (host, vmID string, ok bool) {
+	rest, ok := strings.CutPrefix(key, ClaimPrefix)
+	if !ok {
+		return "", "", false
+	}
+	return strings.Cut(rest, "/")
+}
+func IPAMNetworkPrefix(networkID string) string { return IPAMPrefix + networkID + "/" }
+func IPAMKey(networkID, ip string) string       { return IPAMNetworkPrefix(networkID) + ip }
+func SchedulerKey(replicaID string) string      { return SchedulerPrefix + replicaID }
 
 // LastSegment returns what follows the last "/" of key (an id or a name).
 func LastSegment(key string) string {

@@ -47,8 +47,8 @@ func PutOp(key string, m proto.Message, opts ...clientv3.OpOption) (clientv3.Op,
 
 // Get reads key into m and returns its mod revision. A missing key is an
 // errdefs NotFound error naming the key; callers wrap it with the resource.
-func Get(ctx context.Context, kv clientv3.KV, key string, m proto.Message) (int64, error) {
-	resp, err := kv.Get(ctx, key)
+func Get(ctx context.Context, kv clientv3.KV, key string, m proto.Message, opts ...clientv3.OpOption) (int64, error) {
+	resp, err := kv.Get(ctx, key, opts...)
 	if err != nil {
 		return 0, errdefs.Wrap(errdefs.KindUnavailable, err, "etcd get %s", key)
 	}

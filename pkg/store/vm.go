@@ -97,15 +97,15 @@ func ListVMs(ctx context.Context, kv clientv3.KV, rev int64) ([]*minicloudv1.VM,
 		}
 		vms = append(vms, vm)
 	}
-	SortVMs(vms)
+	sortVMs(vms)
 	if rev == 0 {
 		rev = resp.Header.Revision
 	}
 	return vms, rev, nil
 }
 
-// SortVMs orders VMs by project, then name.
-func SortVMs(vms []*minicloudv1.VM) {
+// sortVMs orders VMs by project, then name.
+func sortVMs(vms []*minicloudv1.VM) {
 	sort.Slice(vms, func(i, j int) bool {
 		a, b := vms[i].GetMeta(), vms[j].GetMeta()
 		if a.GetProject() != b.GetProject() {
