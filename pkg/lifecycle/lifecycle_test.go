@@ -1,7 +1,6 @@
 package lifecycle_test
 
 import (
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -9,6 +8,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/docsync"
 	"github.com/minicloud/minicloud/pkg/lifecycle"
 )
 
@@ -116,19 +116,7 @@ func TestPhasesMatchProto(t *testing.T) {
 // TestDocTable: docs/architecture.md shows lifecycle.MarkdownTable between
 // its markers.
 func TestDocTable(t *testing.T) {
-	b, err := os.ReadFile("../../docs/architecture.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	const begin, end = "<!-- lifecycle table: begin (generated from pkg/lifecycle; TestDocTable checks it) -->\n", "<!-- lifecycle table: end -->"
-	doc := string(b)
-	i, j := strings.Index(doc, begin), strings.Index(doc, end)
-	if i < 0 || j < i {
-		t.Fatalf("docs/architecture.md has no lifecycle table markers %q ... %q", begin, end)
-	}
-	if got, exp := doc[i+len(begin):j], lifecycle.MarkdownTable(); got != exp {
-		t.Fatalf("docs/architecture.md lifecycle table differs from the code; replace it with:\n%s", exp)
-	}
+	docsync.Check(t, "../../docs/architecture.md", "lifecycle table", lifecycle.MarkdownTable())
 }
 
 func TestSetCondition(t *testing.T) {

@@ -4,12 +4,12 @@ import (
 	"go/ast"
 	"go/parser"
 	"go/token"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 
+	"github.com/minicloud/minicloud/pkg/docsync"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -91,17 +91,5 @@ func TestKeyLayoutIsComplete(t *testing.T) {
 // TestKeyTableInDocs: docs/architecture.md shows store.MarkdownKeyTable
 // between its markers.
 func TestKeyTableInDocs(t *testing.T) {
-	b, err := os.ReadFile("../../docs/architecture.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	const begin, end = "<!-- key table: begin (generated from pkg/store/keys.go; TestKeyTableInDocs checks it) -->\n", "<!-- key table: end -->"
-	doc := string(b)
-	i, j := strings.Index(doc, begin), strings.Index(doc, end)
-	if i < 0 || j < i {
-		t.Fatalf("docs/architecture.md has no key table markers %q ... %q", begin, end)
-	}
-	if got, want := doc[i+len(begin):j], store.MarkdownKeyTable(); got != want {
-		t.Fatalf("docs/architecture.md key table differs from pkg/store/keys.go; replace it with:\n%s", want)
-	}
+	docsync.Check(t, "../../docs/architecture.md", "key table", store.MarkdownKeyTable())
 }
