@@ -4,25 +4,42 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
 
-// The fields of VMStatus a host owns: what it observed of the VM. The API
-// and the scheduler own the rest (host, addresses, schedule attempts, tried
-// hosts, host_down, update time). hostOwned is the one list of them: a
-// report replaces exactly these, and a host compares exactly these to tell
-// whether it has anything new to say.
-func hostOwned(st *minicloudv1.VMStatus) *minicloudv1.VMStatus {
-	return &minicloudv1.VMStatus{
-		Phase:                    st.GetPhase(),
-		Conditions:               st.GetConditions(),
-		Message:                  st.GetMessage(),
-		Reason:                   st.GetReason(),
-		Hypervisor:               st.GetHypervisor(),
-		ObservedRebootGeneration: st.GetObservedRebootGeneration(),
-		ObservedResourceVersion:  st.GetObservedResourceVersion(),
+// hostOwnedFields are the fields of VMStatus a host owns: what it observed
+// of the VM. The API and the scheduler own the rest (host, addresses,
+// schedule attempts, tried hosts, host_down, update time). This is the one
+// list of them: a report replaces exactly these, and a host compares
+// exactly these to tell whether it has anything new to say.
+var hostOwnedFields = func() []protoreflect.FieldDescriptor {
+	fields := (&minicloudv1.VMStatus{}).ProtoReflect().Descriptor().Fields()
+	var out []protoreflect.FieldDescriptor
+	for _, name := range []protoreflect.Name{
+		"phase", "conditions", "reason", "message", "hypervisor",
+		"observed_reboot_generation", "observed_resource_version",
+	} {
+		fd := fields.ByName(name)
+		if fd == nil {
+			panic("lifecycle: VMStatus has no field " + string(name))
+		}
+		out = append(out, fd)
+	}
+	return out
+}()
+
+// copyHostOwned sets the host-owned fields of dst to deep copies of src's.
+func copyHostOwned(dst, src *minicloudv1.VMStatus) {
+	s, d := proto.CloneOf(src).ProtoReflect(), dst.ProtoReflect()
+	for _, fd := range hostOwnedFields {
+		if s.Has(fd) {
+			d.Set(fd, s.Get(fd))
+		} else {
+			d.Clear(fd)
+		}
 	}
 }
 
@@ -30,15 +47,11 @@ func hostOwned(st *minicloudv1.VMStatus) *minicloudv1.VMStatus {
 // deep copy: st shares nothing with observed afterwards). An unspecified
 // phase in observed keeps st's phase.
 func MergeHostStatus(st, observed *minicloudv1.VMStatus) {
-	h := proto.CloneOf(hostOwned(observed))
-	if h.Phase != None {
-		st.Phase = h.Phase
+	phase := st.GetPhase()
+	copyHostOwned(st, observed)
+	if observed.GetPhase() == None {
+		st.Phase = phase
 	}
-	st.Conditions = h.Conditions
-	st.Message, st.Reason = h.Message, h.Reason
-	st.Hypervisor = h.Hypervisor
-	st.ObservedRebootGeneration = h.ObservedRebootGeneration
-	st.ObservedResourceVersion = h.ObservedResourceVersion
 }
 
 // SameHostStatus reports whether a and b agree on every host-owned field,
@@ -48,7 +61,9 @@ func SameHostStatus(a, b *minicloudv1.VMStatus) bool {
 	if a == nil || b == nil {
 		return a == b
 	}
-	ha, hb := proto.CloneOf(hostOwned(a)), proto.CloneOf(hostOwned(b))
+	ha, hb := &minicloudv1.VMStatus{}, &minicloudv1.VMStatus{}
+	copyHostOwned(ha, a)
+	copyHostOwned(hb, b)
 	for _, c := range ha.Conditions {
 		c.LastTransitionTime = nil
 	}
