@@ -38,23 +38,24 @@ type ClaimState struct {
 // consistent read.
 func ReadClaimState(ctx context.Context, kv clientv3.KV, host, vmID string) (ClaimState, error) {
 	s := ClaimState{Host: host, VMID: vmID}
-	resp, err := kv.Txn(ctx).Then(clientv3.OpGet(ClaimKey(host, vmID)), clientv3.OpGet(HostAllocKey(host))).Commit()
-	if err != nil {
-		return s, errdefs.Wrap(errdefs.KindUnavailable, err, "read claim of vm %s on host %s", vmID, host)
+	var reads Reads
+	claim, alloc := reads.Get(ClaimKey(host, vmID)), reads.Get(HostAllocKey(host))
+	if err := reads.Do(ctx, kv); err != nil {
+		return s, fmt.Errorf("read claim of vm %s on host %s: %w", vmID, host, err)
 	}
-	if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+	if kv := claim.First(); kv != nil {
 		s.Claim = &minicloudv1.Claim{}
-		if err := proto.Unmarshal(kvs[0].Value, s.Claim); err != nil {
-			return s, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
+		if err := Decode(kv, s.Claim); err != nil {
+			return s, err
 		}
-		s.ClaimModRevision = kvs[0].ModRevision
+		s.ClaimModRevision = kv.ModRevision
 	}
-	if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 {
+	if kv := alloc.First(); kv != nil {
 		s.Alloc = &minicloudv1.HostAllocation{}
-		if err := proto.Unmarshal(kvs[0].Value, s.Alloc); err != nil {
-			return s, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
+		if err := Decode(kv, s.Alloc); err != nil {
+			return s, err
 		}
-		s.AllocModRevision = kvs[0].ModRevision
+		s.AllocModRevision = kv.ModRevision
 	}
 	return s, nil
 }
