@@ -84,9 +84,11 @@ func (a *Agent) report(ctx context.Context, vm *minicloudv1.VM, st *minicloudv1.
 	if _, err := a.hosts.ReportVMStatus(ctx, req); err != nil {
 		err = errdefs.FromGRPC(err)
 		if errdefs.IsNotFound(err) || errdefs.IsFailedPrecondition(err) {
-			// The VM is gone or no longer ours: the assignment stream will
-			// tell us, and the next reconcile cleans up.
-			a.log.Info("status report refused; VM no longer assigned here", "vm", req.VmId, "err", err)
+			// The VM is gone, no longer ours, or moved on (e.g. DELETING)
+			// past what we observed (the lifecycle table refuses the
+			// transition): the assignment stream will tell us, and the
+			// next reconcile acts on the fresh state.
+			a.log.Info("status report refused; the VM changed since this host looked", "vm", req.VmId, "err", err)
 			return nil
 		}
 		return fmt.Errorf("report status of VM %s: %w", req.VmId, err)
