@@ -20,6 +20,10 @@
 //	claims/<host>/<vmid>             Claim (resources of one VM)            written in the same txn as hosts/alloc
 //	ipam/<network-id>/<ip>           VM id                                  written by API in the create txn
 //	schedulers/<replica-id>          replica id (attached to its lease)     written by each scheduler replica
+//	pki/ca                           ClusterCA (certificate and key)        created once by the first API server
+//	pki/jointokens/<id>              JoinToken (secret hashed; leased)      written by API, deleted when used
+//	pki/hostcerts/<host>/<serial>    IssuedCert (the host's live certs)     written by API on join
+//	pki/revoked/<serial>             IssuedCert (deny-list; leased)         written by API on revoke or re-join
 //
 // Spec and status are separate keys so that users and hosts never write the
 // same key; the user-data has its own key so lists never carry it.
@@ -50,6 +54,10 @@ const (
 	ClaimPrefix       = Prefix + "claims/"
 	IPAMPrefix        = Prefix + "ipam/"
 	SchedulerPrefix   = Prefix + "schedulers/"
+	CAKey             = Prefix + "pki/ca"
+	JoinTokenPrefix   = Prefix + "pki/jointokens/"
+	HostCertPrefix    = Prefix + "pki/hostcerts/"
+	RevokedPrefix     = Prefix + "pki/revoked/"
 )
 
 func VMSpecKey(id string) string            { return VMSpecPrefix + id }
@@ -77,6 +85,10 @@ func ClaimKey(host, vmID string) string          { return ClaimsPrefix(host) + v
 func IPAMNetworkPrefix(networkID string) string  { return IPAMPrefix + networkID + "/" }
 func IPAMKey(networkID, ip string) string        { return IPAMNetworkPrefix(networkID) + ip }
 func SchedulerKey(replicaID string) string       { return SchedulerPrefix + replicaID }
+func JoinTokenKey(id string) string              { return JoinTokenPrefix + id }
+func HostCertsPrefix(host string) string         { return HostCertPrefix + host + "/" }
+func HostCertKey(host, serial string) string     { return HostCertsPrefix(host) + serial }
+func RevokedKey(serial string) string            { return RevokedPrefix + serial }
 
 // LastSegment returns what follows the last "/" of key (an id or a name).
 func LastSegment(key string) string {

@@ -27,6 +27,9 @@ const (
 	HostService_GetHost_FullMethodName          = "/minicloud.v1.HostService/GetHost"
 	HostService_DisableHost_FullMethodName      = "/minicloud.v1.HostService/DisableHost"
 	HostService_EnableHost_FullMethodName       = "/minicloud.v1.HostService/EnableHost"
+	HostService_CreateJoinToken_FullMethodName  = "/minicloud.v1.HostService/CreateJoinToken"
+	HostService_JoinHost_FullMethodName         = "/minicloud.v1.HostService/JoinHost"
+	HostService_RevokeHost_FullMethodName       = "/minicloud.v1.HostService/RevokeHost"
 )
 
 // HostServiceClient is the client API for HostService service.
@@ -50,6 +53,18 @@ type HostServiceClient interface {
 	GetHost(ctx context.Context, in *GetHostRequest, opts ...grpc.CallOption) (*Host, error)
 	DisableHost(ctx context.Context, in *DisableHostRequest, opts ...grpc.CallOption) (*Host, error)
 	EnableHost(ctx context.Context, in *EnableHostRequest, opts ...grpc.CallOption) (*Host, error)
+	// CreateJoinToken makes a one-time bootstrap token a new host joins
+	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
+	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error)
+	// JoinHost exchanges a join token and a certificate request for the
+	// host's client certificate (kubeadm's TLS bootstrap). It is the one
+	// HostService call an agent makes without a client certificate; the
+	// token is spent by the call, whatever its outcome after the token
+	// checks passed.
+	JoinHost(ctx context.Context, in *JoinHostRequest, opts ...grpc.CallOption) (*JoinHostResponse, error)
+	// RevokeHost revokes every certificate issued to a host: from then on
+	// each of its calls is refused, and it is marked DOWN.
+	RevokeHost(ctx context.Context, in *RevokeHostRequest, opts ...grpc.CallOption) (*RevokeHostResponse, error)
 }
 
 type hostServiceClient struct {
@@ -149,6 +164,36 @@ func (c *hostServiceClient) EnableHost(ctx context.Context, in *EnableHostReques
 	return out, nil
 }
 
+func (c *hostServiceClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateJoinTokenResponse)
+	err := c.cc.Invoke(ctx, HostService_CreateJoinToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostServiceClient) JoinHost(ctx context.Context, in *JoinHostRequest, opts ...grpc.CallOption) (*JoinHostResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(JoinHostResponse)
+	err := c.cc.Invoke(ctx, HostService_JoinHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostServiceClient) RevokeHost(ctx context.Context, in *RevokeHostRequest, opts ...grpc.CallOption) (*RevokeHostResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeHostResponse)
+	err := c.cc.Invoke(ctx, HostService_RevokeHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // HostServiceServer is the server API for HostService service.
 // All implementations must embed UnimplementedHostServiceServer
 // for forward compatibility.
@@ -170,6 +215,18 @@ type HostServiceServer interface {
 	GetHost(context.Context, *GetHostRequest) (*Host, error)
 	DisableHost(context.Context, *DisableHostRequest) (*Host, error)
 	EnableHost(context.Context, *EnableHostRequest) (*Host, error)
+	// CreateJoinToken makes a one-time bootstrap token a new host joins
+	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
+	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error)
+	// JoinHost exchanges a join token and a certificate request for the
+	// host's client certificate (kubeadm's TLS bootstrap). It is the one
+	// HostService call an agent makes without a client certificate; the
+	// token is spent by the call, whatever its outcome after the token
+	// checks passed.
+	JoinHost(context.Context, *JoinHostRequest) (*JoinHostResponse, error)
+	// RevokeHost revokes every certificate issued to a host: from then on
+	// each of its calls is refused, and it is marked DOWN.
+	RevokeHost(context.Context, *RevokeHostRequest) (*RevokeHostResponse, error)
 	mustEmbedUnimplementedHostServiceServer()
 }
 
@@ -203,6 +260,15 @@ func (UnimplementedHostServiceServer) DisableHost(context.Context, *DisableHostR
 }
 func (UnimplementedHostServiceServer) EnableHost(context.Context, *EnableHostRequest) (*Host, error) {
 	return nil, status.Error(codes.Unimplemented, "method EnableHost not implemented")
+}
+func (UnimplementedHostServiceServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
+}
+func (UnimplementedHostServiceServer) JoinHost(context.Context, *JoinHostRequest) (*JoinHostResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method JoinHost not implemented")
+}
+func (UnimplementedHostServiceServer) RevokeHost(context.Context, *RevokeHostRequest) (*RevokeHostResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeHost not implemented")
 }
 func (UnimplementedHostServiceServer) mustEmbedUnimplementedHostServiceServer() {}
 func (UnimplementedHostServiceServer) testEmbeddedByValue()                     {}
@@ -362,6 +428,60 @@ func _HostService_EnableHost_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _HostService_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateJoinTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).CreateJoinToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_CreateJoinToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).CreateJoinToken(ctx, req.(*CreateJoinTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostService_JoinHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(JoinHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).JoinHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_JoinHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).JoinHost(ctx, req.(*JoinHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostService_RevokeHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).RevokeHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_RevokeHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).RevokeHost(ctx, req.(*RevokeHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // HostService_ServiceDesc is the grpc.ServiceDesc for HostService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -396,6 +516,18 @@ var HostService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "EnableHost",
 			Handler:    _HostService_EnableHost_Handler,
+		},
+		{
+			MethodName: "CreateJoinToken",
+			Handler:    _HostService_CreateJoinToken_Handler,
+		},
+		{
+			MethodName: "JoinHost",
+			Handler:    _HostService_JoinHost_Handler,
+		},
+		{
+			MethodName: "RevokeHost",
+			Handler:    _HostService_RevokeHost_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
