@@ -21,6 +21,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent"
@@ -29,10 +30,12 @@ import (
 	"github.com/minicloud/minicloud/agent/dnsserver"
 	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
 	"github.com/minicloud/minicloud/agent/imagecache"
+	"github.com/minicloud/minicloud/agent/join"
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/metadata"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 // agentFlags configure the agent role (and the metadata service it runs).
@@ -49,6 +52,9 @@ type agentFlags struct {
 	diskRatio     float64
 	disableKVM    bool
 	identityKey   string
+	join          string
+	caHash        string
+	caCert        string
 }
 
 func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
@@ -56,6 +62,9 @@ func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	if standalone {
 		fl.StringVar(&f.api, "api", "127.0.0.1:8640", "API server address")
 		fl.StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (the agent uses DIR/agent)")
+		fl.StringVar(&f.join, "join", "", "one-time join token (`minicloud host join-token create`): used once to get this host's certificate, kept in DIR/agent/pki; later starts need no token")
+		fl.StringVar(&f.caHash, "ca-hash", "", "pin of the cluster CA for joining (sha256:..., printed with the join token)")
+		fl.StringVar(&f.caCert, "ca-cert", "", "cluster CA certificate file, instead of --ca-hash")
 	}
 	// The all-in-one's agent is reached only by its own API, so it takes
 	// any free loopback port and keeps its metrics off unless asked: two
@@ -121,8 +130,21 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		return err
 	}
 
+	if f.hostName == "" {
+		if f.hostName, err = os.Hostname(); err != nil {
+			return fmt.Errorf("host name: %w", err)
+		}
+	}
+	creds, err := hostCredentials(ctx, f, stateDir)
+	if err != nil {
+		return err
+	}
+	apiCreds := insecure.NewCredentials()
+	if creds != nil && !pki.IsLoopback(f.api) {
+		apiCreds = credentials.NewTLS(creds.ClientTLS())
+	}
 	conn, err := grpc.NewClient(f.api,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(apiCreds),
 		grpc.WithChainUnaryInterceptor(errdefs.UnaryClientInterceptor))
 	if err != nil {
 		return fmt.Errorf("API client for %s: %w", f.api, err)
@@ -180,7 +202,16 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		return err
 	}
 
-	gs := grpc.NewServer(grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor))
+	srvOpts := []grpc.ServerOption{grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor)}
+	if creds != nil {
+		tlsCfg, err := creds.ServerTLS()
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		srvOpts = append(srvOpts, grpc.Creds(credentials.NewTLS(tlsCfg)))
+	}
+	gs := grpc.NewServer(srvOpts...)
 	minicloudv1.RegisterAgentServiceServer(gs, a.Service())
 
 	g, gctx := errgroup.WithContext(ctx)
@@ -292,4 +323,27 @@ func loadOrCreateIdentityKey(path, def string) (ed25519.PrivateKey, error) {
 		return nil, fmt.Errorf("identity key %s: want an Ed25519 key, got %T", path, k)
 	}
 	return priv, nil
+}
+
+// hostCredentials returns this host's certificate, joining the cluster
+// with --join if the data directory holds none yet. An agent whose API
+// and listen address are both on loopback (the all-in-one) needs none: it
+// talks plaintext and is taken at its word, as its API is on this very
+// machine. Anywhere else it must prove its name, and serves mTLS.
+func hostCredentials(ctx context.Context, f agentFlags, stateDir string) (*join.Credentials, error) {
+	if pki.IsLoopback(f.api) && pki.IsLoopback(f.listen) {
+		if f.join != "" {
+			slog.Warn("--join ignored: API and agent are both on loopback, where the agent needs no certificate")
+		}
+		return nil, nil
+	}
+	creds, err := join.Ensure(ctx, join.Options{
+		Dir: filepath.Join(stateDir, "pki"), HostName: f.hostName, API: f.api,
+		Token: f.join, CAHash: f.caHash, CAFile: f.caCert, Plaintext: pki.IsLoopback(f.api),
+	})
+	if err != nil {
+		return nil, err
+	}
+	slog.Info("host certificate", "host", f.hostName, "serial", pki.SerialString(creds.Leaf), "expires", creds.Leaf.NotAfter)
+	return creds, nil
 }

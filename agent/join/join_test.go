@@ -1,0 +1,158 @@
+package join_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/minicloud/minicloud/agent/join"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/apiserver"
+	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/pki"
+)
+
+// api is a real API server on loopback TLS over an embedded etcd, as
+// `minicloudd api` runs beyond loopback.
+type api struct {
+	addr  string
+	ca    *pki.CA
+	hosts minicloudv1.HostServiceClient
+}
+
+func startAPI(t *testing.T) *api {
+	t.Helper()
+	ctx := context.Background()
+	_, cli := etcdtest.Start(t)
+	ca, err := apiserver.EnsureCA(ctx, cli)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM, keyPEM, err := ca.Issue(pki.Template{CommonName: "api", Organization: pki.OrgControlPlane, IPs: []net.IP{net.ParseIP("127.0.0.1")}, Server: true, Lifetime: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsCfg, err := pki.ServerTLS(certPEM, keyPEM, ca.Pool(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := apiserver.New(apiserver.Config{Client: cli, Logger: slog.New(slog.DiscardHandler), CA: ca, TLS: tlsCfg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(lis)
+	t.Cleanup(func() { srv.GRPCServer().Stop() })
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(ca.Pool(), nil, pki.OrgControlPlane))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &api{addr: lis.Addr().String(), ca: ca, hosts: minicloudv1.NewHostServiceClient(conn)}
+}
+
+func (a *api) token(t *testing.T) *minicloudv1.CreateJoinTokenResponse {
+	t.Helper()
+	resp, err := a.hosts.CreateJoinToken(context.Background(), &minicloudv1.CreateJoinTokenRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+func TestJoinKeepsCredentialsAndReusesThemOnRestart(t *testing.T) {
+	a := startAPI(t)
+	dir := filepath.Join(t.TempDir(), "pki")
+	tok := a.token(t)
+	opts := join.Options{Dir: dir, HostName: "h1", API: a.addr, Token: tok.Token, CAHash: tok.CaHash}
+
+	// Not joined, no token: a message that says what to do.
+	if _, err := join.Ensure(context.Background(), join.Options{Dir: dir, HostName: "h1", API: a.addr}); err == nil || !strings.Contains(err.Error(), "--join TOKEN --ca-hash HASH") {
+		t.Fatalf("no token: %v", err)
+	}
+	// A wrong pin: the token is never sent, nothing is written.
+	bad := opts
+	bad.CAHash = "sha256:" + strings.Repeat("0", 64)
+	if _, err := join.Ensure(context.Background(), bad); err == nil || !strings.Contains(err.Error(), "holds no CA with hash") {
+		t.Fatalf("wrong pin: %v", err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a failed join left %s behind: %v", dir, err)
+	}
+
+	creds, err := join.Ensure(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if creds.Leaf.Subject.CommonName != "h1" || !pki.HasOrg(creds.Leaf, pki.OrgHosts) {
+		t.Fatalf("certificate subject %v", creds.Leaf.Subject)
+	}
+	for _, f := range []string{join.CAFile, join.CertFile, join.KeyFile} {
+		fi, err := os.Stat(filepath.Join(dir, f))
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v %v", f, fi.Mode(), err)
+		}
+	}
+	if fi, _ := os.Stat(dir); fi.Mode().Perm() != 0o700 {
+		t.Fatalf("credentials directory mode %v", fi.Mode())
+	}
+
+	// A restart: the same certificate, with the token spent and none given.
+	again, err := join.Ensure(context.Background(), join.Options{Dir: dir, HostName: "h1", API: opts.API})
+	if err != nil || again.Leaf.SerialNumber.Cmp(creds.Leaf.SerialNumber) != 0 {
+		t.Fatalf("restart: %v", err)
+	}
+	// The kept credentials are those of h1 only.
+	if _, err := join.Load(dir, "h2"); err == nil || !strings.Contains(err.Error(), `certificate of host "h1", not of "h2"`) {
+		t.Fatalf("other name: %v", err)
+	}
+
+	// They work: h1 registers over mTLS.
+	conn, err := grpc.NewClient(opts.API, grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_, err = minicloudv1.NewHostServiceClient(conn).RegisterHost(context.Background(), &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
+		Meta: &minicloudv1.ObjectMeta{Name: "h1"}, Address: "127.0.0.1:1", Capacity: &minicloudv1.Resources{Vcpus: 1, MemoryMib: 512, DiskGib: 1}, Hypervisors: []string{"tcg"},
+	}})
+	if err != nil {
+		t.Fatalf("register with the joined certificate: %v", err)
+	}
+	// And its server side accepts the control plane only.
+	srvCfg, err := creds.ServerTLS()
+	if err != nil || srvCfg.ClientAuth != tls.RequireAndVerifyClientCert {
+		t.Fatalf("agent server TLS: %v %v", srvCfg, err)
+	}
+}
+
+func TestJoinWithReusedTokenFails(t *testing.T) {
+	a := startAPI(t)
+	tok := a.token(t)
+	api := a.addr
+	if _, err := join.Ensure(context.Background(), join.Options{Dir: filepath.Join(t.TempDir(), "a"), HostName: "h1", API: api, Token: tok.Token, CAHash: tok.CaHash}); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "b")
+	_, err := join.Ensure(context.Background(), join.Options{Dir: dir, HostName: "h2", API: api, Token: tok.Token, CAHash: tok.CaHash})
+	if err == nil || !strings.Contains(err.Error(), "already used") {
+		t.Fatalf("reused token: %v", err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a refused join left %s behind", dir)
+	}
+}
