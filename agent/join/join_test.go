@@ -5,69 +5,27 @@ import (
 	"crypto/tls"
 	"errors"
 	"io/fs"
-	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
 	"github.com/minicloud/minicloud/agent/join"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
-	"github.com/minicloud/minicloud/pkg/apiserver"
-	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/apiserver/apiservertest"
 	"github.com/minicloud/minicloud/pkg/pki"
 )
 
-// api is a real API server on loopback TLS over an embedded etcd, as
-// `minicloudd api` runs beyond loopback.
-type api struct {
-	addr  string
-	ca    *pki.CA
-	hosts minicloudv1.HostServiceClient
-}
+type api = apiservertest.TLSServer
 
-func startAPI(t *testing.T) *api {
-	t.Helper()
-	ctx := context.Background()
-	_, cli := etcdtest.Start(t)
-	ca, err := apiserver.EnsureCA(ctx, cli)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certPEM, keyPEM, err := ca.Issue(pki.Template{CommonName: "api", Organization: pki.OrgControlPlane, IPs: []net.IP{net.ParseIP("127.0.0.1")}, Server: true, Lifetime: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tlsCfg, err := pki.ServerTLS(certPEM, keyPEM, ca.Pool(), "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := apiserver.New(apiserver.Config{Client: cli, Logger: slog.New(slog.DiscardHandler), CA: ca, TLS: tlsCfg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(lis)
-	t.Cleanup(func() { srv.GRPCServer().Stop() })
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(ca.Pool(), nil, pki.OrgControlPlane))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return &api{addr: lis.Addr().String(), ca: ca, hosts: minicloudv1.NewHostServiceClient(conn)}
-}
+func startAPI(t *testing.T) *api { return apiservertest.StartTLS(t) }
 
-func (a *api) token(t *testing.T) *minicloudv1.CreateJoinTokenResponse {
+func token(t *testing.T, a *api) *minicloudv1.CreateJoinTokenResponse {
 	t.Helper()
-	resp, err := a.hosts.CreateJoinToken(context.Background(), &minicloudv1.CreateJoinTokenRequest{})
+	resp, err := a.Hosts.CreateJoinToken(context.Background(), &minicloudv1.CreateJoinTokenRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,11 +35,11 @@ func (a *api) token(t *testing.T) *minicloudv1.CreateJoinTokenResponse {
 func TestJoinKeepsCredentialsAndReusesThemOnRestart(t *testing.T) {
 	a := startAPI(t)
 	dir := filepath.Join(t.TempDir(), "pki")
-	tok := a.token(t)
-	opts := join.Options{Dir: dir, HostName: "h1", API: a.addr, Token: tok.Token, CAHash: tok.CaHash}
+	tok := token(t, a)
+	opts := join.Options{Dir: dir, HostName: "h1", API: a.Addr, Token: tok.Token, CAHash: tok.CaHash}
 
 	// Not joined, no token: a message that says what to do.
-	if _, err := join.Ensure(context.Background(), join.Options{Dir: dir, HostName: "h1", API: a.addr}); err == nil || !strings.Contains(err.Error(), "--join TOKEN --ca-hash HASH") {
+	if _, err := join.Ensure(context.Background(), join.Options{Dir: dir, HostName: "h1", API: a.Addr}); err == nil || !strings.Contains(err.Error(), "--join TOKEN --ca-hash HASH") {
 		t.Fatalf("no token: %v", err)
 	}
 	// A wrong pin: the token is never sent, nothing is written.
@@ -142,8 +100,8 @@ func TestJoinKeepsCredentialsAndReusesThemOnRestart(t *testing.T) {
 
 func TestJoinWithReusedTokenFails(t *testing.T) {
 	a := startAPI(t)
-	tok := a.token(t)
-	api := a.addr
+	tok := token(t, a)
+	api := a.Addr
 	if _, err := join.Ensure(context.Background(), join.Options{Dir: filepath.Join(t.TempDir(), "a"), HostName: "h1", API: api, Token: tok.Token, CAHash: tok.CaHash}); err != nil {
 		t.Fatal(err)
 	}
