@@ -24,7 +24,6 @@ import (
 	"fmt"
 	"math/big"
 	"net"
-	"strings"
 	"time"
 )
 
@@ -294,13 +293,6 @@ func HasOrg(cert *x509.Certificate, org string) bool {
 		}
 	}
 	return false
-}
-
-// ValidHostCN checks a certificate's common name as a host name would be;
-// the API checks names with its own validation, this only refuses the
-// obviously wrong.
-func ValidHostCN(cn string) bool {
-	return cn != "" && len(cn) <= 253 && !strings.ContainsAny(cn, " /\\:")
 }
 
 func newSerial() (*big.Int, error) {

@@ -57,10 +57,12 @@ type HostServiceClient interface {
 	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
 	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error)
 	// JoinHost exchanges a join token and a certificate request for the
-	// host's client certificate (kubeadm's TLS bootstrap). It is the one
-	// HostService call an agent makes without a client certificate; the
-	// token is spent by the call, whatever its outcome after the token
-	// checks passed.
+	// host's certificate (kubeadm's TLS bootstrap). It is the one HostService
+	// call an agent makes without a client certificate. The token is spent in
+	// the transaction that records the certificate; a refused join (bad,
+	// used or expired token, a host of that name registered and UP) writes
+	// nothing. Joining again under a name revokes the name's earlier
+	// certificates.
 	JoinHost(ctx context.Context, in *JoinHostRequest, opts ...grpc.CallOption) (*JoinHostResponse, error)
 	// RevokeHost revokes every certificate issued to a host: from then on
 	// each of its calls is refused, and it is marked DOWN.
@@ -219,10 +221,12 @@ type HostServiceServer interface {
 	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
 	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error)
 	// JoinHost exchanges a join token and a certificate request for the
-	// host's client certificate (kubeadm's TLS bootstrap). It is the one
-	// HostService call an agent makes without a client certificate; the
-	// token is spent by the call, whatever its outcome after the token
-	// checks passed.
+	// host's certificate (kubeadm's TLS bootstrap). It is the one HostService
+	// call an agent makes without a client certificate. The token is spent in
+	// the transaction that records the certificate; a refused join (bad,
+	// used or expired token, a host of that name registered and UP) writes
+	// nothing. Joining again under a name revokes the name's earlier
+	// certificates.
 	JoinHost(context.Context, *JoinHostRequest) (*JoinHostResponse, error)
 	// RevokeHost revokes every certificate issued to a host: from then on
 	// each of its calls is refused, and it is marked DOWN.
