@@ -51,6 +51,9 @@ type Options struct {
 	// Plaintext joins without TLS: only for an API on this very machine's
 	// loopback (the all-in-one), where there is nothing to pin.
 	Plaintext bool
+	// DialOptions are added to the join connection's (e.g. a resolver for
+	// several API endpoints); transport credentials are this package's.
+	DialOptions []grpc.DialOption
 }
 
 // Credentials are a joined host's certificate and the CA it trusts.
@@ -161,7 +164,7 @@ func join(ctx context.Context, o Options) (*Credentials, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn, err := grpc.NewClient(o.API, grpc.WithTransportCredentials(creds))
+	conn, err := grpc.NewClient(o.API, append(o.DialOptions, grpc.WithTransportCredentials(creds))...)
 	if err != nil {
 		return nil, fmt.Errorf("API client for %s: %w", o.API, err)
 	}

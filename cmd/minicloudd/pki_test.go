@@ -1,0 +1,77 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/minicloud/minicloud/pkg/apiserver"
+	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/pki"
+)
+
+// TestAPIPKIByListenAddress: on loopback the API stays plaintext; beyond
+// it, it serves TLS with the cluster CA's certificate for the addresses
+// clients dial. Both replicas of one etcd get the same CA, written to
+// DATA_DIR/ca.crt.
+func TestAPIPKIByListenAddress(t *testing.T) {
+	_, cli := etcdtest.Start(t)
+	ctx := context.Background()
+
+	loop := apiFlags{listen: "127.0.0.1:8640", dataDir: t.TempDir()}
+	var cfg apiserver.Config
+	if err := setupAPIPKI(ctx, loop, cli, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.TLS != nil || cfg.CA == nil || cfg.AgentTLS == nil || len(cfg.AgentTLS.Certificates) != 1 {
+		t.Fatalf("loopback API: TLS %v, CA %v, agent TLS %v", cfg.TLS != nil, cfg.CA != nil, cfg.AgentTLS != nil)
+	}
+	written, err := os.ReadFile(filepath.Join(loop.dataDir, caFileName))
+	if err != nil || string(written) != string(cfg.CA.CertPEM) {
+		t.Fatalf("ca.crt: %v", err)
+	}
+
+	wide := apiFlags{listen: "192.0.2.10:8640", dataDir: t.TempDir(), tlsSANs: []string{"api.example", "198.51.100.7"}}
+	var cfg2 apiserver.Config
+	if err := setupAPIPKI(ctx, wide, cli, &cfg2); err != nil {
+		t.Fatal(err)
+	}
+	if cfg2.TLS == nil || cfg2.CA.Hash() != cfg.CA.Hash() {
+		t.Fatalf("replica beyond loopback: TLS %v, same CA %v", cfg2.TLS != nil, cfg2.CA.Hash() == cfg.CA.Hash())
+	}
+	leaf, err := x509.ParseCertificate(cfg2.TLS.Certificates[0].Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pki.HasOrg(leaf, pki.OrgControlPlane) || !slices.Contains(leaf.DNSNames, "api.example") {
+		t.Fatalf("serving certificate %v %v", leaf.Subject, leaf.DNSNames)
+	}
+	for _, ip := range []string{"192.0.2.10", "198.51.100.7", "127.0.0.1"} {
+		if !slices.ContainsFunc(leaf.IPAddresses, func(a net.IP) bool { return a.Equal(net.ParseIP(ip)) }) {
+			t.Errorf("serving certificate lacks IP SAN %s: %v", ip, leaf.IPAddresses)
+		}
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: cfg.CA.Pool(), DNSName: "192.0.2.10", KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAgentNeedsNoCertificateOnLoopback: the all-in-one's agent joins
+// nothing; one listening beyond loopback without a certificate is told
+// how to join.
+func TestAgentNeedsNoCertificateOnLoopback(t *testing.T) {
+	dir := t.TempDir()
+	creds, err := hostCredentials(context.Background(), agentFlags{api: "127.0.0.1:8640", listen: "127.0.0.1:0", hostName: "h1"}, dir)
+	if err != nil || creds != nil {
+		t.Fatalf("loopback agent: %v %v", creds, err)
+	}
+	_, err = hostCredentials(context.Background(), agentFlags{api: "127.0.0.1:8640", listen: "0.0.0.0:8642", hostName: "h1"}, dir)
+	if err == nil || !strings.Contains(err.Error(), "--join TOKEN --ca-hash HASH") {
+		t.Fatalf("agent beyond loopback without a certificate: %v", err)
+	}
+}
