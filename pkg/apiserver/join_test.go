@@ -389,3 +389,42 @@ func TestConsoleLogOverMutualTLS(t *testing.T) {
 	_, err = minicloudv1.NewAgentServiceClient(conn).GetConsoleLog(c, &minicloudv1.AgentConsoleLogRequest{VmId: vm.Meta.Id})
 	wantCode(t, err, codes.Unavailable, "")
 }
+
+// TestConcurrentJoinsLeaveOneValidCertificate: joins of one name race; a
+// name ends with exactly one live certificate, every other one issued is
+// on the deny-list, and no token is spent without a certificate recorded.
+func TestConcurrentJoinsLeaveOneValidCertificate(t *testing.T) {
+	e := newTLSEnv(t)
+	const n = 6
+	tokens := make([]string, n)
+	for i := range tokens {
+		tokens[i] = e.joinToken()
+	}
+	type result struct {
+		creds *hostCreds
+		err   error
+	}
+	results := make(chan result, n)
+	for _, tok := range tokens {
+		go func() {
+			c, err := e.join("h1", tok)
+			results <- result{c, err}
+		}()
+	}
+	var serials []string
+	for range n {
+		r := <-results
+		if r.err != nil {
+			wantCode(t, r.err, codes.Aborted, "contention")
+			continue
+		}
+		serials = append(serials, r.creds.serial)
+	}
+	c := ctx(t)
+	live, _ := e.etcd.Get(c, store.HostCertsPrefix("h1"), clientv3.WithPrefix())
+	revoked, _ := e.etcd.Get(c, store.RevokedPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	left, _ := e.etcd.Get(c, store.JoinTokenPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if len(serials) == 0 || len(live.Kvs) != 1 || int(revoked.Count) != len(serials)-1 || int(left.Count) != n-len(serials) {
+		t.Fatalf("%d joins succeeded; live certificates %d, revoked %d, unspent tokens %d", len(serials), len(live.Kvs), revoked.Count, left.Count)
+	}
+}
