@@ -34,6 +34,7 @@ import (
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/metadata"
+	"github.com/minicloud/minicloud/pkg/apiserver"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/pki"
 )
@@ -55,6 +56,13 @@ type agentFlags struct {
 	join          string
 	caHash        string
 	caCert        string
+
+	// apiTLS says whether the API speaks TLS (it does beyond loopback);
+	// set by the caller from where the API listens.
+	apiTLS bool
+	// selfJoin, set by the all-in-one, makes a join token in-process when
+	// its agent needs a certificate (its API serves TLS) and has none.
+	selfJoin func(ctx context.Context) (token, caHash string, err error)
 }
 
 func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
@@ -91,7 +99,16 @@ func init() {
 	extraCommands = append(extraCommands, newAgentCommand)
 	allInOneRoles = append(allInOneRoles, namedRole{"agent", func(ctx context.Context, env roleEnv) error {
 		f := allInOneAgentFlags
-		f.api, f.dataDir = env.APIAddr, env.DataDir
+		f.api, f.dataDir = localAddr(env.APIAddr), env.DataDir
+		f.apiTLS = !pki.IsLoopback(env.APIAddr)
+		f.selfJoin = func(ctx context.Context) (string, string, error) {
+			ca, err := apiserver.EnsureCA(ctx, env.Etcd)
+			if err != nil {
+				return "", "", err
+			}
+			token, _, err := apiserver.CreateJoinToken(ctx, env.Etcd, 10*time.Minute, "all-in-one agent")
+			return token, ca.Hash(), err
+		}
 		return runAgent(ctx, f)
 	}})
 	allInOneFlagHooks = append(allInOneFlagHooks, func(cmd *cobra.Command) { allInOneAgentFlags.addFlags(cmd, false) })
@@ -103,7 +120,10 @@ func newAgentCommand() *cobra.Command {
 		Use:   "agent",
 		Short: "Run the hypervisor agent and metadata service on this host",
 		Args:  cobra.NoArgs,
-		RunE:  func(cmd *cobra.Command, _ []string) error { return runAgent(cmd.Context(), f) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f.apiTLS = !pki.IsLoopback(f.api)
+			return runAgent(cmd.Context(), f)
+		},
 	}
 	f.addFlags(cmd, true)
 	return cmd
@@ -140,7 +160,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		return err
 	}
 	apiCreds := insecure.NewCredentials()
-	if creds != nil && !pki.IsLoopback(f.api) {
+	if f.apiTLS {
 		apiCreds = credentials.NewTLS(creds.ClientTLS())
 	}
 	conn, err := grpc.NewClient(f.api,
@@ -331,19 +351,41 @@ func loadOrCreateIdentityKey(path, def string) (ed25519.PrivateKey, error) {
 // talks plaintext and is taken at its word, as its API is on this very
 // machine. Anywhere else it must prove its name, and serves mTLS.
 func hostCredentials(ctx context.Context, f agentFlags, stateDir string) (*join.Credentials, error) {
-	if pki.IsLoopback(f.api) && pki.IsLoopback(f.listen) {
+	if !f.apiTLS && pki.IsLoopback(f.listen) {
 		if f.join != "" {
 			slog.Warn("--join ignored: API and agent are both on loopback, where the agent needs no certificate")
 		}
 		return nil, nil
 	}
+	dir := filepath.Join(stateDir, "pki")
+	if f.selfJoin != nil && f.join == "" {
+		if _, err := join.Load(dir, f.hostName); errors.Is(err, os.ErrNotExist) {
+			if f.join, f.caHash, err = f.selfJoin(ctx); err != nil {
+				return nil, fmt.Errorf("join the all-in-one's own agent: %w", err)
+			}
+		}
+	}
 	creds, err := join.Ensure(ctx, join.Options{
-		Dir: filepath.Join(stateDir, "pki"), HostName: f.hostName, API: f.api,
-		Token: f.join, CAHash: f.caHash, CAFile: f.caCert, Plaintext: pki.IsLoopback(f.api),
+		Dir: dir, HostName: f.hostName, API: f.api,
+		Token: f.join, CAHash: f.caHash, CAFile: f.caCert, Plaintext: !f.apiTLS,
 	})
 	if err != nil {
 		return nil, err
 	}
 	slog.Info("host certificate", "host", f.hostName, "serial", pki.SerialString(creds.Leaf), "expires", creds.Leaf.NotAfter)
 	return creds, nil
+}
+
+// localAddr turns a listen address into one this machine can dial: an
+// unspecified host (0.0.0.0, ::, empty) becomes 127.0.0.1, which the API's
+// certificate always names.
+func localAddr(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return listen
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		return net.JoinHostPort("127.0.0.1", port)
+	}
+	return listen
 }

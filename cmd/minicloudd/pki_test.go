@@ -9,8 +9,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/minicloud/minicloud/pkg/apiserver"
+	"github.com/minicloud/minicloud/pkg/apiserver/apiservertest"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 	"github.com/minicloud/minicloud/pkg/pki"
 )
@@ -73,5 +75,34 @@ func TestAgentNeedsNoCertificateOnLoopback(t *testing.T) {
 	_, err = hostCredentials(context.Background(), agentFlags{api: "127.0.0.1:8640", listen: "0.0.0.0:8642", hostName: "h1"}, dir)
 	if err == nil || !strings.Contains(err.Error(), "--join TOKEN --ca-hash HASH") {
 		t.Fatalf("agent beyond loopback without a certificate: %v", err)
+	}
+}
+
+// TestAgentJoinsATLSAPIOnceAndReusesItsCertificate: the all-in-one's agent
+// beyond loopback (its API on TLS) makes its own token in-process and joins
+// with it; a restart reuses the certificate and makes no token.
+func TestAgentJoinsATLSAPIOnceAndReusesItsCertificate(t *testing.T) {
+	srv := apiservertest.StartTLS(t)
+	calls := 0
+	f := agentFlags{api: localAddr(srv.Addr), listen: "127.0.0.1:0", hostName: "h1", apiTLS: true,
+		selfJoin: func(ctx context.Context) (string, string, error) {
+			calls++
+			token, _, err := apiserver.CreateJoinToken(ctx, srv.Etcd, time.Minute, "test")
+			return token, srv.CA.Hash(), err
+		}}
+	dir := t.TempDir()
+	first, err := hostCredentials(context.Background(), f, dir)
+	if err != nil || first == nil || first.Leaf.Subject.CommonName != "h1" {
+		t.Fatalf("first start: %v", err)
+	}
+	again, err := hostCredentials(context.Background(), f, dir)
+	if err != nil || again.Leaf.SerialNumber.Cmp(first.Leaf.SerialNumber) != 0 || calls != 1 {
+		t.Fatalf("restart: %v, tokens made %d", err, calls)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "pki", "host.key")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("host key: %v", err)
+	}
+	if got := localAddr("0.0.0.0:8640"); got != "127.0.0.1:8640" {
+		t.Fatalf("localAddr = %s", got)
 	}
 }

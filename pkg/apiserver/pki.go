@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"regexp"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -89,38 +90,49 @@ func (h *hostService) CreateJoinToken(ctx context.Context, req *minicloudv1.Crea
 	if len(req.GetDescription()) > maxJoinDescLength {
 		return nil, errdefs.Invalid("description is %d characters; keep it under %d", len(req.GetDescription()), maxJoinDescLength+1)
 	}
+	token, tok, err := CreateJoinToken(ctx, h.s.etcd, ttl, req.GetDescription())
+	if err != nil {
+		return nil, err
+	}
+	h.s.log.Info("join token created", "token_id", strings.SplitN(token, ".", 2)[0], "expires", tok.ExpireTime.AsTime())
+	return &minicloudv1.CreateJoinTokenResponse{
+		Token:      token,
+		ExpireTime: tok.ExpireTime,
+		CaHash:     h.s.ca.Hash(),
+		CaPem:      h.s.ca.CertPEM,
+	}, nil
+}
+
+// CreateJoinToken makes and stores a one-time join token valid for ttl and
+// returns it ("<id>.<secret>": the only time the secret exists outside
+// the caller). The all-in-one uses it directly to join its own agent.
+func CreateJoinToken(ctx context.Context, cli store.Leaser, ttl time.Duration, description string) (string, *minicloudv1.JoinToken, error) {
 	now := time.Now()
 	for range maxTxnAttempts {
 		id, err := randomString(6)
 		if err != nil {
-			return nil, err
+			return "", nil, err
 		}
 		secret, err := randomString(16)
 		if err != nil {
-			return nil, err
+			return "", nil, err
 		}
 		tok := &minicloudv1.JoinToken{
 			SecretSha256: hashSecret(secret),
 			ExpireTime:   timestamppb.New(now.Add(ttl)),
 			CreateTime:   timestamppb.New(now),
-			Description:  req.GetDescription(),
+			Description:  description,
 		}
-		err = store.CreateJoinToken(ctx, h.s.etcd, id, tok)
+		err = store.CreateJoinToken(ctx, cli, id, tok)
 		if errdefs.IsAlreadyExists(err) {
 			continue
 		}
 		if err != nil {
-			return nil, err
+			return "", nil, err
 		}
-		h.s.log.Info("join token created", "token_id", id, "expires", tok.ExpireTime.AsTime())
-		return &minicloudv1.CreateJoinTokenResponse{
-			Token:      id + "." + secret,
-			ExpireTime: tok.ExpireTime,
-			CaHash:     h.s.ca.Hash(),
-			CaPem:      h.s.ca.CertPEM,
-		}, nil
+		return id + "." + secret, tok, nil
 	}
-	return nil, tooMuchContention("create join token")
+	return "", nil, tooMuchContention("create join token")
 }
 
 // JoinHost is kubeadm's TLS bootstrap: a valid, unspent, unexpired token
