@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"strings"
@@ -9,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/client"
 )
 
 // newJoinTokenCommand is `minicloud host join-token create`: the
@@ -33,7 +35,23 @@ func (a *app) newJoinTokenCommand() *cobra.Command {
 		}
 		return printMessage(a.out, *out, resp, func(w io.Writer) error { return joinTokenText(w, resp, a.endpoint) })
 	}
-	cmd.AddCommand(create)
+	list := listCommand(a, "List unspent join tokens (ids only: secrets are not kept)",
+		func(ctx context.Context, c *client.Client) (*minicloudv1.ListJoinTokensResponse, error) {
+			return c.Hosts.ListJoinTokens(ctx, &minicloudv1.ListJoinTokensRequest{})
+		},
+		func(w io.Writer, r *minicloudv1.ListJoinTokensResponse) error {
+			rows := make([][]string, 0, len(r.GetTokens()))
+			for _, t := range r.GetTokens() {
+				rows = append(rows, []string{t.GetId(), timestamp(t.GetExpireTime()), orDash(t.GetDescription())})
+			}
+			return writeTable(w, []string{"ID", "EXPIRES", "DESCRIPTION"}, rows)
+		})
+	del := nameCommand(a, "delete", "Withdraw an unspent join token", "join token", "deleted", nil,
+		func(ctx context.Context, c *client.Client, id string) error {
+			return ignoreResult(c.Hosts.DeleteJoinToken(ctx, &minicloudv1.DeleteJoinTokenRequest{Id: id}))
+		})
+	del.Use = "delete ID"
+	cmd.AddCommand(create, list, del)
 	return cmd
 }
 

@@ -50,6 +50,13 @@ func TestJoinTokenAndRevokeOverTLS(t *testing.T) {
 	if code, _, stderr = runCLI(t, map[string]string{"HOME": dir}, "", "--endpoint", srv.Addr, "--ca-cert", caFile, "host", "list"); code != 0 {
 		t.Fatalf("--ca-cert: exit %d %s", code, stderr)
 	}
+	code, out, _ = runCLI(t, env, "", "host", "join-token", "list")
+	if id := tok.Token[:6]; code != 0 || !strings.Contains(out, id) || strings.Contains(out, tok.Token[7:]) {
+		t.Fatalf("join-token list: exit %d\n%s", code, out)
+	}
+	if code, out, _ = runCLI(t, env, "", "host", "join-token", "delete", tok.Token[:6]); code != 0 || !strings.Contains(out, "join token "+tok.Token[:6]+" deleted") {
+		t.Fatalf("join-token delete: exit %d %s", code, out)
+	}
 	code, _, stderr = runCLI(t, env, "", "host", "revoke", "h9")
 	if code != exitNotFound || !strings.Contains(stderr, "host h9 holds no certificate") {
 		t.Fatalf("revoke unknown host: exit %d %s", code, stderr)

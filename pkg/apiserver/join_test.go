@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"net"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -426,5 +427,35 @@ func TestConcurrentJoinsLeaveOneValidCertificate(t *testing.T) {
 	left, _ := e.etcd.Get(c, store.JoinTokenPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
 	if len(serials) == 0 || len(live.Kvs) != 1 || int(revoked.Count) != len(serials)-1 || int(left.Count) != n-len(serials) {
 		t.Fatalf("%d joins succeeded; live certificates %d, revoked %d, unspent tokens %d", len(serials), len(live.Kvs), revoked.Count, left.Count)
+	}
+}
+
+func TestListAndDeleteJoinTokens(t *testing.T) {
+	e := newTLSEnv(t)
+	c := ctx(t)
+	keep, drop := e.joinToken(), e.joinToken()
+	list, err := e.hosts.ListJoinTokens(c, &minicloudv1.ListJoinTokensRequest{})
+	if err != nil || len(list.Tokens) != 2 {
+		t.Fatalf("list: %v %v", list, err)
+	}
+	for _, tok := range list.Tokens {
+		if strings.Contains(tok.String(), keep[7:]) || strings.Contains(tok.String(), drop[7:]) {
+			t.Fatal("a listed token carries its secret")
+		}
+	}
+	if _, err := e.hosts.DeleteJoinToken(c, &minicloudv1.DeleteJoinTokenRequest{Id: drop}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.join("h1", drop)
+	wantCode(t, err, codes.Unauthenticated, "unknown, already used or expired")
+	_, err = e.hosts.DeleteJoinToken(c, &minicloudv1.DeleteJoinTokenRequest{Id: drop[:6]})
+	wantCode(t, err, codes.NotFound, "does not exist")
+	_, err = e.hosts.DeleteJoinToken(c, &minicloudv1.DeleteJoinTokenRequest{Id: "../x"})
+	wantCode(t, err, codes.InvalidArgument, "6 characters")
+	if _, err := e.join("h1", keep); err != nil {
+		t.Fatal(err)
+	}
+	if list, _ := e.hosts.ListJoinTokens(c, &minicloudv1.ListJoinTokensRequest{}); len(list.Tokens) != 0 {
+		t.Fatalf("spent and deleted tokens still listed: %v", list)
 	}
 }

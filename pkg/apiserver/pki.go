@@ -56,7 +56,10 @@ const (
 	maxJoinDescLength = 255
 )
 
-var joinTokenRE = regexp.MustCompile(`^([a-z0-9]{6})\.([a-z0-9]{16})$`)
+var (
+	joinTokenRE   = regexp.MustCompile(`^([a-z0-9]{6})\.([a-z0-9]{16})$`)
+	joinTokenIDRE = regexp.MustCompile(`^[a-z0-9]{6}$`)
+)
 
 func randomString(n int) (string, error) {
 	b := make([]byte, n)
@@ -133,6 +136,37 @@ func CreateJoinToken(ctx context.Context, cli store.Leaser, ttl time.Duration, d
 		return id + "." + secret, tok, nil
 	}
 	return "", nil, tooMuchContention("create join token")
+}
+
+func (h *hostService) ListJoinTokens(ctx context.Context, _ *minicloudv1.ListJoinTokensRequest) (*minicloudv1.ListJoinTokensResponse, error) {
+	toks, err := store.ListJoinTokens(ctx, h.s.etcd)
+	if err != nil {
+		return nil, err
+	}
+	resp := &minicloudv1.ListJoinTokensResponse{}
+	now := time.Now()
+	for _, t := range toks {
+		if !now.Before(t.Value.GetExpireTime().AsTime()) {
+			continue // expired, its lease not yet run out
+		}
+		resp.Tokens = append(resp.Tokens, &minicloudv1.JoinTokenInfo{
+			Id: store.LastSegment(t.Key), ExpireTime: t.Value.GetExpireTime(),
+			CreateTime: t.Value.GetCreateTime(), Description: t.Value.GetDescription(),
+		})
+	}
+	return resp, nil
+}
+
+func (h *hostService) DeleteJoinToken(ctx context.Context, req *minicloudv1.DeleteJoinTokenRequest) (*minicloudv1.DeleteJoinTokenResponse, error) {
+	id, _, _ := strings.Cut(req.GetId(), ".")
+	if !joinTokenIDRE.MatchString(id) {
+		return nil, errdefs.Invalid("join token id %q: want the 6 characters before the dot", id)
+	}
+	if err := store.DeleteJoinToken(ctx, h.s.etcd, id); err != nil {
+		return nil, err
+	}
+	h.s.log.Info("join token deleted", "token_id", id)
+	return &minicloudv1.DeleteJoinTokenResponse{}, nil
 }
 
 // JoinHost is kubeadm's TLS bootstrap: a valid, unspent, unexpired token

@@ -1100,6 +1100,236 @@ func (x *CreateJoinTokenResponse) GetCaPem() []byte {
 	return nil
 }
 
+type ListJoinTokensRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListJoinTokensRequest) Reset() {
+	*x = ListJoinTokensRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListJoinTokensRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListJoinTokensRequest) ProtoMessage() {}
+
+func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListJoinTokensRequest.ProtoReflect.Descriptor instead.
+func (*ListJoinTokensRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{18}
+}
+
+type JoinTokenInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id is the public half of the token, before the dot.
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	Description   string                 `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinTokenInfo) Reset() {
+	*x = JoinTokenInfo{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinTokenInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinTokenInfo) ProtoMessage() {}
+
+func (x *JoinTokenInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinTokenInfo.ProtoReflect.Descriptor instead.
+func (*JoinTokenInfo) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *JoinTokenInfo) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *JoinTokenInfo) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *JoinTokenInfo) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *JoinTokenInfo) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+type ListJoinTokensResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tokens        []*JoinTokenInfo       `protobuf:"bytes,1,rep,name=tokens,proto3" json:"tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListJoinTokensResponse) Reset() {
+	*x = ListJoinTokensResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListJoinTokensResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListJoinTokensResponse) ProtoMessage() {}
+
+func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListJoinTokensResponse.ProtoReflect.Descriptor instead.
+func (*ListJoinTokensResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ListJoinTokensResponse) GetTokens() []*JoinTokenInfo {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+type DeleteJoinTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id of the token (a whole "<id>.<secret>" token is accepted too).
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteJoinTokenRequest) Reset() {
+	*x = DeleteJoinTokenRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteJoinTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteJoinTokenRequest) ProtoMessage() {}
+
+func (x *DeleteJoinTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteJoinTokenRequest.ProtoReflect.Descriptor instead.
+func (*DeleteJoinTokenRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *DeleteJoinTokenRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type DeleteJoinTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteJoinTokenResponse) Reset() {
+	*x = DeleteJoinTokenResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteJoinTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteJoinTokenResponse) ProtoMessage() {}
+
+func (x *DeleteJoinTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteJoinTokenResponse.ProtoReflect.Descriptor instead.
+func (*DeleteJoinTokenResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{22}
+}
+
 type JoinHostRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Token string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
@@ -1114,7 +1344,7 @@ type JoinHostRequest struct {
 
 func (x *JoinHostRequest) Reset() {
 	*x = JoinHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	mi := &file_minicloud_v1_host_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1126,7 +1356,7 @@ func (x *JoinHostRequest) String() string {
 func (*JoinHostRequest) ProtoMessage() {}
 
 func (x *JoinHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	mi := &file_minicloud_v1_host_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1139,7 +1369,7 @@ func (x *JoinHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinHostRequest.ProtoReflect.Descriptor instead.
 func (*JoinHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{18}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *JoinHostRequest) GetToken() string {
@@ -1176,7 +1406,7 @@ type JoinHostResponse struct {
 
 func (x *JoinHostResponse) Reset() {
 	*x = JoinHostResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	mi := &file_minicloud_v1_host_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1188,7 +1418,7 @@ func (x *JoinHostResponse) String() string {
 func (*JoinHostResponse) ProtoMessage() {}
 
 func (x *JoinHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	mi := &file_minicloud_v1_host_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1201,7 +1431,7 @@ func (x *JoinHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinHostResponse.ProtoReflect.Descriptor instead.
 func (*JoinHostResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{19}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *JoinHostResponse) GetCertPem() []byte {
@@ -1234,7 +1464,7 @@ type RevokeHostRequest struct {
 
 func (x *RevokeHostRequest) Reset() {
 	*x = RevokeHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	mi := &file_minicloud_v1_host_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1246,7 +1476,7 @@ func (x *RevokeHostRequest) String() string {
 func (*RevokeHostRequest) ProtoMessage() {}
 
 func (x *RevokeHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	mi := &file_minicloud_v1_host_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1259,7 +1489,7 @@ func (x *RevokeHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeHostRequest.ProtoReflect.Descriptor instead.
 func (*RevokeHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{20}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RevokeHostRequest) GetName() string {
@@ -1279,7 +1509,7 @@ type RevokeHostResponse struct {
 
 func (x *RevokeHostResponse) Reset() {
 	*x = RevokeHostResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[21]
+	mi := &file_minicloud_v1_host_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1291,7 +1521,7 @@ func (x *RevokeHostResponse) String() string {
 func (*RevokeHostResponse) ProtoMessage() {}
 
 func (x *RevokeHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[21]
+	mi := &file_minicloud_v1_host_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1304,7 +1534,7 @@ func (x *RevokeHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeHostResponse.ProtoReflect.Descriptor instead.
 func (*RevokeHostResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{21}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RevokeHostResponse) GetRevokedSerials() []string {
@@ -1387,7 +1617,20 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12\x17\n" +
 	"\aca_hash\x18\x03 \x01(\tR\x06caHash\x12\x15\n" +
-	"\x06ca_pem\x18\x04 \x01(\fR\x05caPem\"]\n" +
+	"\x06ca_pem\x18\x04 \x01(\fR\x05caPem\"\x17\n" +
+	"\x15ListJoinTokensRequest\"\xbb\x01\n" +
+	"\rJoinTokenInfo\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12;\n" +
+	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12 \n" +
+	"\vdescription\x18\x04 \x01(\tR\vdescription\"M\n" +
+	"\x16ListJoinTokensResponse\x123\n" +
+	"\x06tokens\x18\x01 \x03(\v2\x1b.minicloud.v1.JoinTokenInfoR\x06tokens\"(\n" +
+	"\x16DeleteJoinTokenRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x19\n" +
+	"\x17DeleteJoinTokenResponse\"]\n" +
 	"\x0fJoinHostRequest\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
 	"\thost_name\x18\x02 \x01(\tR\bhostName\x12\x17\n" +
@@ -1403,7 +1646,7 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\tHostState\x12\x1a\n" +
 	"\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rHOST_STATE_UP\x10\x01\x12\x13\n" +
-	"\x0fHOST_STATE_DOWN\x10\x022\xfa\x06\n" +
+	"\x0fHOST_STATE_DOWN\x10\x022\xb7\b\n" +
 	"\vHostService\x12U\n" +
 	"\fRegisterHost\x12!.minicloud.v1.RegisterHostRequest\x1a\".minicloud.v1.RegisterHostResponse\x12L\n" +
 	"\tHeartbeat\x12\x1e.minicloud.v1.HeartbeatRequest\x1a\x1f.minicloud.v1.HeartbeatResponse\x12Z\n" +
@@ -1414,7 +1657,9 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\vDisableHost\x12 .minicloud.v1.DisableHostRequest\x1a\x12.minicloud.v1.Host\x12A\n" +
 	"\n" +
 	"EnableHost\x12\x1f.minicloud.v1.EnableHostRequest\x1a\x12.minicloud.v1.Host\x12^\n" +
-	"\x0fCreateJoinToken\x12$.minicloud.v1.CreateJoinTokenRequest\x1a%.minicloud.v1.CreateJoinTokenResponse\x12I\n" +
+	"\x0fCreateJoinToken\x12$.minicloud.v1.CreateJoinTokenRequest\x1a%.minicloud.v1.CreateJoinTokenResponse\x12[\n" +
+	"\x0eListJoinTokens\x12#.minicloud.v1.ListJoinTokensRequest\x1a$.minicloud.v1.ListJoinTokensResponse\x12^\n" +
+	"\x0fDeleteJoinToken\x12$.minicloud.v1.DeleteJoinTokenRequest\x1a%.minicloud.v1.DeleteJoinTokenResponse\x12I\n" +
 	"\bJoinHost\x12\x1d.minicloud.v1.JoinHostRequest\x1a\x1e.minicloud.v1.JoinHostResponse\x12O\n" +
 	"\n" +
 	"RevokeHost\x12\x1f.minicloud.v1.RevokeHostRequest\x1a .minicloud.v1.RevokeHostResponse2j\n" +
@@ -1434,7 +1679,7 @@ func file_minicloud_v1_host_proto_rawDescGZIP() []byte {
 }
 
 var file_minicloud_v1_host_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_minicloud_v1_host_proto_goTypes = []any{
 	(HostState)(0),                  // 0: minicloud.v1.HostState
 	(*AllocationRatios)(nil),        // 1: minicloud.v1.AllocationRatios
@@ -1455,63 +1700,75 @@ var file_minicloud_v1_host_proto_goTypes = []any{
 	(*AgentConsoleLogRequest)(nil),  // 16: minicloud.v1.AgentConsoleLogRequest
 	(*CreateJoinTokenRequest)(nil),  // 17: minicloud.v1.CreateJoinTokenRequest
 	(*CreateJoinTokenResponse)(nil), // 18: minicloud.v1.CreateJoinTokenResponse
-	(*JoinHostRequest)(nil),         // 19: minicloud.v1.JoinHostRequest
-	(*JoinHostResponse)(nil),        // 20: minicloud.v1.JoinHostResponse
-	(*RevokeHostRequest)(nil),       // 21: minicloud.v1.RevokeHostRequest
-	(*RevokeHostResponse)(nil),      // 22: minicloud.v1.RevokeHostResponse
-	(*ObjectMeta)(nil),              // 23: minicloud.v1.ObjectMeta
-	(*Resources)(nil),               // 24: minicloud.v1.Resources
-	(*timestamppb.Timestamp)(nil),   // 25: google.protobuf.Timestamp
-	(WatchEventType)(0),             // 26: minicloud.v1.WatchEventType
-	(*VM)(nil),                      // 27: minicloud.v1.VM
-	(*VMStatus)(nil),                // 28: minicloud.v1.VMStatus
-	(*Event)(nil),                   // 29: minicloud.v1.Event
-	(*GetConsoleLogResponse)(nil),   // 30: minicloud.v1.GetConsoleLogResponse
+	(*ListJoinTokensRequest)(nil),   // 19: minicloud.v1.ListJoinTokensRequest
+	(*JoinTokenInfo)(nil),           // 20: minicloud.v1.JoinTokenInfo
+	(*ListJoinTokensResponse)(nil),  // 21: minicloud.v1.ListJoinTokensResponse
+	(*DeleteJoinTokenRequest)(nil),  // 22: minicloud.v1.DeleteJoinTokenRequest
+	(*DeleteJoinTokenResponse)(nil), // 23: minicloud.v1.DeleteJoinTokenResponse
+	(*JoinHostRequest)(nil),         // 24: minicloud.v1.JoinHostRequest
+	(*JoinHostResponse)(nil),        // 25: minicloud.v1.JoinHostResponse
+	(*RevokeHostRequest)(nil),       // 26: minicloud.v1.RevokeHostRequest
+	(*RevokeHostResponse)(nil),      // 27: minicloud.v1.RevokeHostResponse
+	(*ObjectMeta)(nil),              // 28: minicloud.v1.ObjectMeta
+	(*Resources)(nil),               // 29: minicloud.v1.Resources
+	(*timestamppb.Timestamp)(nil),   // 30: google.protobuf.Timestamp
+	(WatchEventType)(0),             // 31: minicloud.v1.WatchEventType
+	(*VM)(nil),                      // 32: minicloud.v1.VM
+	(*VMStatus)(nil),                // 33: minicloud.v1.VMStatus
+	(*Event)(nil),                   // 34: minicloud.v1.Event
+	(*GetConsoleLogResponse)(nil),   // 35: minicloud.v1.GetConsoleLogResponse
 }
 var file_minicloud_v1_host_proto_depIdxs = []int32{
-	23, // 0: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
-	24, // 1: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
+	28, // 0: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
+	29, // 1: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
 	1,  // 2: minicloud.v1.Host.allocation_ratios:type_name -> minicloud.v1.AllocationRatios
 	0,  // 3: minicloud.v1.Host.state:type_name -> minicloud.v1.HostState
-	25, // 4: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	24, // 5: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
+	30, // 4: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	29, // 5: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
 	2,  // 6: minicloud.v1.RegisterHostRequest.host:type_name -> minicloud.v1.Host
 	2,  // 7: minicloud.v1.RegisterHostResponse.host:type_name -> minicloud.v1.Host
-	26, // 8: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
-	27, // 9: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
-	28, // 10: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
-	29, // 11: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
+	31, // 8: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
+	32, // 9: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
+	33, // 10: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
+	34, // 11: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
 	2,  // 12: minicloud.v1.ListHostsResponse.hosts:type_name -> minicloud.v1.Host
-	25, // 13: minicloud.v1.CreateJoinTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 14: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
-	5,  // 15: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
-	7,  // 16: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
-	9,  // 17: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
-	11, // 18: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
-	13, // 19: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
-	14, // 20: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
-	15, // 21: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
-	17, // 22: minicloud.v1.HostService.CreateJoinToken:input_type -> minicloud.v1.CreateJoinTokenRequest
-	19, // 23: minicloud.v1.HostService.JoinHost:input_type -> minicloud.v1.JoinHostRequest
-	21, // 24: minicloud.v1.HostService.RevokeHost:input_type -> minicloud.v1.RevokeHostRequest
-	16, // 25: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
-	4,  // 26: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
-	6,  // 27: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
-	8,  // 28: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
-	10, // 29: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
-	12, // 30: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
-	2,  // 31: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
-	2,  // 32: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
-	2,  // 33: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
-	18, // 34: minicloud.v1.HostService.CreateJoinToken:output_type -> minicloud.v1.CreateJoinTokenResponse
-	20, // 35: minicloud.v1.HostService.JoinHost:output_type -> minicloud.v1.JoinHostResponse
-	22, // 36: minicloud.v1.HostService.RevokeHost:output_type -> minicloud.v1.RevokeHostResponse
-	30, // 37: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	26, // [26:38] is the sub-list for method output_type
-	14, // [14:26] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	30, // 13: minicloud.v1.CreateJoinTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	30, // 14: minicloud.v1.JoinTokenInfo.expire_time:type_name -> google.protobuf.Timestamp
+	30, // 15: minicloud.v1.JoinTokenInfo.create_time:type_name -> google.protobuf.Timestamp
+	20, // 16: minicloud.v1.ListJoinTokensResponse.tokens:type_name -> minicloud.v1.JoinTokenInfo
+	3,  // 17: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
+	5,  // 18: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
+	7,  // 19: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
+	9,  // 20: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
+	11, // 21: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
+	13, // 22: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
+	14, // 23: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
+	15, // 24: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
+	17, // 25: minicloud.v1.HostService.CreateJoinToken:input_type -> minicloud.v1.CreateJoinTokenRequest
+	19, // 26: minicloud.v1.HostService.ListJoinTokens:input_type -> minicloud.v1.ListJoinTokensRequest
+	22, // 27: minicloud.v1.HostService.DeleteJoinToken:input_type -> minicloud.v1.DeleteJoinTokenRequest
+	24, // 28: minicloud.v1.HostService.JoinHost:input_type -> minicloud.v1.JoinHostRequest
+	26, // 29: minicloud.v1.HostService.RevokeHost:input_type -> minicloud.v1.RevokeHostRequest
+	16, // 30: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
+	4,  // 31: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
+	6,  // 32: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
+	8,  // 33: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
+	10, // 34: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
+	12, // 35: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
+	2,  // 36: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
+	2,  // 37: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
+	2,  // 38: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
+	18, // 39: minicloud.v1.HostService.CreateJoinToken:output_type -> minicloud.v1.CreateJoinTokenResponse
+	21, // 40: minicloud.v1.HostService.ListJoinTokens:output_type -> minicloud.v1.ListJoinTokensResponse
+	23, // 41: minicloud.v1.HostService.DeleteJoinToken:output_type -> minicloud.v1.DeleteJoinTokenResponse
+	25, // 42: minicloud.v1.HostService.JoinHost:output_type -> minicloud.v1.JoinHostResponse
+	27, // 43: minicloud.v1.HostService.RevokeHost:output_type -> minicloud.v1.RevokeHostResponse
+	35, // 44: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	31, // [31:45] is the sub-list for method output_type
+	17, // [17:31] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_host_proto_init() }
@@ -1527,7 +1784,7 @@ func file_minicloud_v1_host_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_host_proto_rawDesc), len(file_minicloud_v1_host_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   22,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

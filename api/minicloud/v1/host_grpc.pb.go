@@ -28,6 +28,8 @@ const (
 	HostService_DisableHost_FullMethodName      = "/minicloud.v1.HostService/DisableHost"
 	HostService_EnableHost_FullMethodName       = "/minicloud.v1.HostService/EnableHost"
 	HostService_CreateJoinToken_FullMethodName  = "/minicloud.v1.HostService/CreateJoinToken"
+	HostService_ListJoinTokens_FullMethodName   = "/minicloud.v1.HostService/ListJoinTokens"
+	HostService_DeleteJoinToken_FullMethodName  = "/minicloud.v1.HostService/DeleteJoinToken"
 	HostService_JoinHost_FullMethodName         = "/minicloud.v1.HostService/JoinHost"
 	HostService_RevokeHost_FullMethodName       = "/minicloud.v1.HostService/RevokeHost"
 )
@@ -56,6 +58,11 @@ type HostServiceClient interface {
 	// CreateJoinToken makes a one-time bootstrap token a new host joins
 	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
 	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error)
+	// ListJoinTokens lists the unspent, unexpired join tokens (ids only: the
+	// secrets are not stored).
+	ListJoinTokens(ctx context.Context, in *ListJoinTokensRequest, opts ...grpc.CallOption) (*ListJoinTokensResponse, error)
+	// DeleteJoinToken withdraws an unspent token (e.g. one that leaked).
+	DeleteJoinToken(ctx context.Context, in *DeleteJoinTokenRequest, opts ...grpc.CallOption) (*DeleteJoinTokenResponse, error)
 	// JoinHost exchanges a join token and a certificate request for the
 	// host's certificate (kubeadm's TLS bootstrap). It is the one HostService
 	// call an agent makes without a client certificate. The token is spent in
@@ -176,6 +183,26 @@ func (c *hostServiceClient) CreateJoinToken(ctx context.Context, in *CreateJoinT
 	return out, nil
 }
 
+func (c *hostServiceClient) ListJoinTokens(ctx context.Context, in *ListJoinTokensRequest, opts ...grpc.CallOption) (*ListJoinTokensResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListJoinTokensResponse)
+	err := c.cc.Invoke(ctx, HostService_ListJoinTokens_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostServiceClient) DeleteJoinToken(ctx context.Context, in *DeleteJoinTokenRequest, opts ...grpc.CallOption) (*DeleteJoinTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteJoinTokenResponse)
+	err := c.cc.Invoke(ctx, HostService_DeleteJoinToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *hostServiceClient) JoinHost(ctx context.Context, in *JoinHostRequest, opts ...grpc.CallOption) (*JoinHostResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(JoinHostResponse)
@@ -220,6 +247,11 @@ type HostServiceServer interface {
 	// CreateJoinToken makes a one-time bootstrap token a new host joins
 	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
 	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error)
+	// ListJoinTokens lists the unspent, unexpired join tokens (ids only: the
+	// secrets are not stored).
+	ListJoinTokens(context.Context, *ListJoinTokensRequest) (*ListJoinTokensResponse, error)
+	// DeleteJoinToken withdraws an unspent token (e.g. one that leaked).
+	DeleteJoinToken(context.Context, *DeleteJoinTokenRequest) (*DeleteJoinTokenResponse, error)
 	// JoinHost exchanges a join token and a certificate request for the
 	// host's certificate (kubeadm's TLS bootstrap). It is the one HostService
 	// call an agent makes without a client certificate. The token is spent in
@@ -267,6 +299,12 @@ func (UnimplementedHostServiceServer) EnableHost(context.Context, *EnableHostReq
 }
 func (UnimplementedHostServiceServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
+}
+func (UnimplementedHostServiceServer) ListJoinTokens(context.Context, *ListJoinTokensRequest) (*ListJoinTokensResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListJoinTokens not implemented")
+}
+func (UnimplementedHostServiceServer) DeleteJoinToken(context.Context, *DeleteJoinTokenRequest) (*DeleteJoinTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteJoinToken not implemented")
 }
 func (UnimplementedHostServiceServer) JoinHost(context.Context, *JoinHostRequest) (*JoinHostResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method JoinHost not implemented")
@@ -450,6 +488,42 @@ func _HostService_CreateJoinToken_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _HostService_ListJoinTokens_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListJoinTokensRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).ListJoinTokens(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_ListJoinTokens_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).ListJoinTokens(ctx, req.(*ListJoinTokensRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostService_DeleteJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteJoinTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).DeleteJoinToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_DeleteJoinToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).DeleteJoinToken(ctx, req.(*DeleteJoinTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _HostService_JoinHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(JoinHostRequest)
 	if err := dec(in); err != nil {
@@ -524,6 +598,14 @@ var HostService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CreateJoinToken",
 			Handler:    _HostService_CreateJoinToken_Handler,
+		},
+		{
+			MethodName: "ListJoinTokens",
+			Handler:    _HostService_ListJoinTokens_Handler,
+		},
+		{
+			MethodName: "DeleteJoinToken",
+			Handler:    _HostService_DeleteJoinToken_Handler,
 		},
 		{
 			MethodName: "JoinHost",
