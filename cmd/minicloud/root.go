@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -246,15 +245,9 @@ func (a *app) connect(ctx context.Context) (*client.Client, error) {
 // control-plane certificate signed by it (a host's certificate, signed by
 // the same CA, cannot pass for the API).
 func caCredentials(file string) (credentials.TransportCredentials, error) {
-	data, err := os.ReadFile(file)
+	cfg, err := pki.ClientTLSFromFile(file)
 	if err != nil {
-		return nil, usagef("cluster CA: %v", err)
+		return nil, usagef("%v", err)
 	}
-	cert, err := pki.ParseCert(data)
-	if err != nil {
-		return nil, usagef("cluster CA %s: %v", file, err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return credentials.NewTLS(pki.ClientTLS(pool, nil, pki.OrgControlPlane)), nil
+	return credentials.NewTLS(cfg), nil
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -136,4 +137,21 @@ func IsLoopback(addr string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// ClientTLSFromFile is ClientTLS for a client of the API (the CLI, a
+// script, the lab) that trusts the cluster CA in caFile (the API writes it
+// to DATA_DIR/ca.crt) and presents no certificate.
+func ClientTLSFromFile(caFile string) (*tls.Config, error) {
+	data, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("cluster CA: %w", err)
+	}
+	ca, err := ParseCert(data)
+	if err != nil {
+		return nil, fmt.Errorf("cluster CA %s: %w", caFile, err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(ca)
+	return ClientTLS(roots, nil, OrgControlPlane), nil
 }
