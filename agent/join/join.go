@@ -15,6 +15,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -39,7 +40,9 @@ type Options struct {
 	Dir string
 	// HostName is the name the certificate must be for.
 	HostName string
-	// API is the address JoinHost is called on (host:port).
+	// API is the address JoinHost is called on (host:port), or several
+	// separated by commas (API replicas: tried in order until one
+	// answers).
 	API string
 	// Token is the join token; only used when Dir holds no certificate.
 	Token string
@@ -164,16 +167,15 @@ func join(ctx context.Context, o Options) (*Credentials, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn, err := grpc.NewClient(o.API, append(o.DialOptions, grpc.WithTransportCredentials(creds))...)
-	if err != nil {
-		return nil, fmt.Errorf("API client for %s: %w", o.API, err)
+	var resp *minicloudv1.JoinHostResponse
+	for _, api := range strings.Split(o.API, ",") {
+		resp, err = joinOne(ctx, strings.TrimSpace(api), creds, o, csr)
+		if err == nil || !errdefs.IsUnavailable(err) {
+			break
+		}
 	}
-	defer conn.Close()
-	cctx, cancel := context.WithTimeout(ctx, joinTimeout)
-	defer cancel()
-	resp, err := minicloudv1.NewHostServiceClient(conn).JoinHost(cctx, &minicloudv1.JoinHostRequest{Token: o.Token, HostName: o.HostName, CsrPem: csr})
 	if err != nil {
-		return nil, fmt.Errorf("join the cluster at %s as host %s: %w", o.API, o.HostName, errdefs.FromGRPC(err))
+		return nil, err
 	}
 	ca, err := pki.ParseCert(resp.GetCaPem())
 	if err != nil {
@@ -203,6 +205,22 @@ func join(ctx context.Context, o Options) (*Credentials, error) {
 		}
 	}
 	return c, nil
+}
+
+// joinOne calls JoinHost on one API replica.
+func joinOne(ctx context.Context, api string, creds credentials.TransportCredentials, o Options, csr []byte) (*minicloudv1.JoinHostResponse, error) {
+	conn, err := grpc.NewClient(api, append(o.DialOptions, grpc.WithTransportCredentials(creds))...)
+	if err != nil {
+		return nil, fmt.Errorf("API client for %s: %w", api, err)
+	}
+	defer conn.Close()
+	cctx, cancel := context.WithTimeout(ctx, joinTimeout)
+	defer cancel()
+	resp, err := minicloudv1.NewHostServiceClient(conn).JoinHost(cctx, &minicloudv1.JoinHostRequest{Token: o.Token, HostName: o.HostName, CsrPem: csr})
+	if err != nil {
+		return nil, fmt.Errorf("join the cluster at %s as host %s: %w", api, o.HostName, errdefs.FromGRPC(err))
+	}
+	return resp, nil
 }
 
 // writeFile writes data 0600 through a temporary file and a rename, so a

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -109,6 +110,14 @@ func TestJoinWithReusedTokenFails(t *testing.T) {
 	_, err := join.Ensure(context.Background(), join.Options{Dir: dir, HostName: "h2", API: api, Token: tok.Token, CAHash: tok.CaHash})
 	if err == nil || !strings.Contains(err.Error(), "already used") {
 		t.Fatalf("reused token: %v", err)
+	}
+	// Several API replicas: a dead one is skipped.
+	dead, _ := net.Listen("tcp", "127.0.0.1:0")
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	tok = token(t, a)
+	if _, err := join.Ensure(context.Background(), join.Options{Dir: filepath.Join(t.TempDir(), "c"), HostName: "h2", API: deadAddr + "," + a.Addr, Token: tok.Token, CAHash: tok.CaHash}); err != nil {
+		t.Fatalf("join past a dead replica: %v", err)
 	}
 	if _, err := os.Stat(dir); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("a refused join left %s behind", dir)
