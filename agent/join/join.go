@@ -134,8 +134,12 @@ func parse(dir, hostName string, certPEM, keyPEM, caPEM []byte) (*Credentials, e
 	return &Credentials{Cert: pair, CertPEM: certPEM, KeyPEM: keyPEM, CAs: pool, Leaf: leaf}, nil
 }
 
-// joinTimeout bounds the one JoinHost call.
+// joinTimeout bounds one JoinHost call.
 const joinTimeout = 30 * time.Second
+
+// nameWait is how long a join waits for a live host of its name to go
+// DOWN: longer than the API's host lease (15 s).
+var nameWait, nameRetry = 20 * time.Second, time.Second
 
 func join(ctx context.Context, o Options) (*Credentials, error) {
 	var creds credentials.TransportCredentials
@@ -168,10 +172,25 @@ func join(ctx context.Context, o Options) (*Credentials, error) {
 		return nil, err
 	}
 	var resp *minicloudv1.JoinHostResponse
-	for _, api := range strings.Split(o.API, ",") {
-		resp, err = joinOne(ctx, strings.TrimSpace(api), creds, o, csr)
-		if err == nil || !errdefs.IsUnavailable(err) {
+	deadline := time.Now().Add(nameWait)
+	for {
+		for _, api := range strings.Split(o.API, ",") {
+			resp, err = joinOne(ctx, strings.TrimSpace(api), creds, o, csr)
+			if err == nil || !errdefs.IsUnavailable(err) {
+				break
+			}
+		}
+		// ALREADY_EXISTS: a host of this name is UP. It may be this very
+		// host's previous agent, stopped a moment ago with its lease
+		// still running (a restart after its data directory was wiped):
+		// wait the lease out before giving up. The token is not spent.
+		if err == nil || !errdefs.IsAlreadyExists(err) || time.Now().After(deadline) {
 			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(nameRetry):
 		}
 	}
 	if err != nil {

@@ -10,7 +10,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
@@ -18,6 +20,7 @@ import (
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/apiserver/apiservertest"
 	"github.com/minicloud/minicloud/pkg/pki"
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 type api = apiservertest.TLSServer
@@ -121,5 +124,29 @@ func TestJoinWithReusedTokenFails(t *testing.T) {
 	}
 	if _, err := os.Stat(dir); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("a refused join left %s behind", dir)
+	}
+}
+
+// TestJoinWaitsOutTheOldAgentsLease: a host re-joining right after its
+// previous agent stopped (data directory wiped) finds its name still UP
+// for the rest of the lease; the join waits for it instead of failing.
+func TestJoinWaitsOutTheOldAgentsLease(t *testing.T) {
+	a := startAPI(t)
+	ctx := context.Background()
+	lease, err := a.Etcd.Grant(ctx, 60)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Etcd.Put(ctx, store.HostAliveKey("h1"), "previous agent", clientv3.WithLease(lease.ID)); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		time.Sleep(2 * time.Second)
+		a.Etcd.Revoke(ctx, lease.ID)
+	}()
+	tok := token(t, a)
+	creds, err := join.Ensure(ctx, join.Options{Dir: filepath.Join(t.TempDir(), "pki"), HostName: "h1", API: a.Addr, Token: tok.Token, CAHash: tok.CaHash})
+	if err != nil || creds.Leaf.Subject.CommonName != "h1" {
+		t.Fatalf("join after the old lease ended: %v", err)
 	}
 }
