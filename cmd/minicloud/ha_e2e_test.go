@@ -36,6 +36,13 @@ type simHost struct {
 	ran      map[string]bool // VM ids this host was told to run
 	reopened int             // assignment streams re-opened after an error
 	servedBy string          // API replica serving the current stream
+	lastErr  error           // of a stream or report, for the failure message
+}
+
+func (h *simHost) setErr(err error) {
+	h.mu.Lock()
+	h.lastErr = err
+	h.mu.Unlock()
 }
 
 func (h *simHost) register(ctx context.Context) {
@@ -73,7 +80,7 @@ func (h *simHost) run(ctx context.Context) {
 		h.mu.Lock()
 		h.reopened++
 		h.mu.Unlock()
-		_ = err
+		h.setErr(err)
 		time.Sleep(200 * time.Millisecond)
 	}
 }
@@ -108,17 +115,28 @@ func (h *simHost) watch(ctx context.Context) error {
 	}
 }
 
-// report says RUNNING until the API takes it (level-triggered: a later
-// event for the VM would report again anyway).
+// report moves the VM through CREATING to RUNNING as the agent does, each
+// step until the API takes it (level-triggered: a later event for the VM
+// would report again anyway).
 func (h *simHost) report(ctx context.Context, id string) {
-	for ctx.Err() == nil {
-		_, err := h.cl.Hosts.ReportVMStatus(ctx, &minicloudv1.ReportVMStatusRequest{
-			Host: h.name, VmId: id, Status: &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_RUNNING},
-		})
-		if err == nil || errdefs.IsFailedPrecondition(err) || errdefs.IsNotFound(err) {
-			return
+	for _, phase := range []minicloudv1.VMPhase{minicloudv1.VMPhase_VM_PHASE_CREATING, minicloudv1.VMPhase_VM_PHASE_RUNNING} {
+		for ctx.Err() == nil {
+			_, err := h.cl.Hosts.ReportVMStatus(ctx, &minicloudv1.ReportVMStatusRequest{
+				Host: h.name, VmId: id, Status: &minicloudv1.VMStatus{Phase: phase},
+			})
+			if err != nil {
+				h.setErr(fmt.Errorf("report %s %s: %w", id, phase, err))
+			}
+			// FailedPrecondition: past this phase already (a report
+			// repeated after a re-opened stream), or no longer ours.
+			if err == nil || errdefs.IsFailedPrecondition(err) {
+				break
+			}
+			if errdefs.IsNotFound(err) {
+				return
+			}
+			time.Sleep(300 * time.Millisecond)
 		}
-		time.Sleep(300 * time.Millisecond)
 	}
 }
 
@@ -230,7 +248,7 @@ func TestE2EControlPlaneSurvivesLosingMembers(t *testing.T) {
 
 	// Every VM ends RUNNING (the scheduler places it; its host reports).
 	var vms []*minicloudv1.VM
-	deadline := time.Now().Add(3 * time.Minute)
+	deadline := time.Now().Add(90 * time.Second)
 	for {
 		resp, err := cl.VMs.ListVMs(ctx, &minicloudv1.ListVMsRequest{AllProjects: true})
 		if err == nil {
@@ -252,6 +270,11 @@ func TestE2EControlPlaneSurvivesLosingMembers(t *testing.T) {
 					states = append(states, fmt.Sprintf("%s %s on %q: %s: %s\n%s", vm.GetMeta().GetName(), vm.GetStatus().GetPhase(),
 						vm.GetStatus().GetHost(), vm.GetStatus().GetReason(), vm.GetStatus().GetMessage(), c.mc("vm", "events", vm.GetMeta().GetName()).stdout))
 				}
+			}
+			for _, h := range hosts {
+				h.mu.Lock()
+				states = append(states, fmt.Sprintf("host %s: %d VMs, last error: %v", h.name, len(h.ran), h.lastErr))
+				h.mu.Unlock()
 			}
 			t.Fatalf("not every VM is RUNNING after the burst (%v):\n%s\nscheduler-a:\n%s\nscheduler-b:\n%s", err, strings.Join(states, "\n"), scheds[0].Log(), scheds[1].Log())
 		}

@@ -25,6 +25,7 @@ type apiFlags struct {
 	dataDir       string
 	imageDir      string
 	etcd          etcdFlags
+	tlsSANs       []string
 }
 
 func (f *apiFlags) addFlags(cmd *cobra.Command) {
@@ -32,6 +33,7 @@ func (f *apiFlags) addFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.metricsListen, "metrics-listen", "127.0.0.1:8641", "HTTP listen address for /metrics and /healthz (empty: off)")
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (images in DIR/images, embedded etcd in DIR/etcd)")
 	cmd.Flags().StringVar(&f.imageDir, "image-dir", "", "image blob store, shared by every API replica of the cluster (a network file system, or one directory on one machine) (default DIR/images)")
+	cmd.Flags().StringSliceVar(&f.tlsSANs, "tls-san", nil, "extra names and IPs for the API's TLS certificate (served when --listen is beyond loopback), e.g. the address clients and agents dial")
 	f.etcd.addFlags(cmd.Flags())
 }
 
@@ -61,11 +63,15 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 	if imageDir == "" {
 		imageDir = filepath.Join(f.dataDir, "images")
 	}
-	srv, err := apiserver.New(apiserver.Config{
+	cfg := apiserver.Config{
 		Client:   cli,
 		ImageDir: imageDir,
 		Logger:   slog.Default(),
-	})
+	}
+	if err := setupAPIPKI(ctx, f, cli, &cfg); err != nil {
+		return err
+	}
+	srv, err := apiserver.New(cfg)
 	if err != nil {
 		return err
 	}
