@@ -44,7 +44,13 @@ func (r *replica) session(ctx context.Context) (*concurrency.Session, error) {
 			return r.sess, nil
 		}
 	}
-	sess, err := concurrency.NewSession(r.etcd, concurrency.WithTTL(sessionTTL), concurrency.WithContext(context.WithoutCancel(ctx)))
+	// The lease is granted within the caller's deadline (etcd may be
+	// unreachable); its keep-alive then runs for the life of the process.
+	lease, err := r.etcd.Grant(ctx, sessionTTL)
+	if err != nil {
+		return nil, storeErr(err, "open image store session")
+	}
+	sess, err := concurrency.NewSession(r.etcd, concurrency.WithLease(lease.ID), concurrency.WithContext(context.WithoutCancel(ctx)))
 	if err != nil {
 		return nil, storeErr(err, "open image store session")
 	}
