@@ -22,6 +22,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/cloudtest"
+	"github.com/minicloud/minicloud/pkg/nic"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -171,7 +172,7 @@ func assertNothingLeft(t *testing.T, c *cloudtest.Cloud, id string) {
 	if out, err := virsh("dominfo", "mc-"+id); err == nil {
 		t.Errorf("domain mc-%s still exists:\n%s", id, out)
 	}
-	tap := "mct" + strings.ReplaceAll(id, "-", "")[:8]
+	tap := nic.TapNamePrefix(id)
 	out, err := exec.Command("ip", "-o", "link", "show").CombinedOutput()
 	if err != nil {
 		t.Fatalf("ip link: %v", err)

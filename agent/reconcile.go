@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +13,7 @@ import (
 	"github.com/minicloud/minicloud/agent/network"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // This file is the VM lifecycle on a host. reconcile(id) reads the desired
@@ -343,46 +342,34 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 	return b, nil
 }
 
-func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]hypervisor.NIC, error) {
-	var nics []hypervisor.NIC
-	for i, addr := range vm.GetStatus().GetAddresses() {
-		gw, err := netip.ParseAddr(addr.GetGateway())
-		if err != nil {
-			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: gateway %q: %w", addr.GetNetwork(), addr.GetGateway(), err))
-		}
-		ip, err := netip.ParseAddr(addr.GetIp())
-		if err != nil {
-			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: address %q: %w", addr.GetNetwork(), addr.GetIp(), err))
-		}
-		mac, err := net.ParseMAC(addr.GetMac())
-		if err != nil {
-			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: MAC %q: %w", addr.GetNetwork(), addr.GetMac(), err))
-		}
-		mtu := int(addr.GetMtu())
-		if mtu == 0 {
-			mtu = 1500
+func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]nic.NIC, error) {
+	nics, err := nic.FromVM(vm)
+	if err != nil {
+		return nil, permanent("AddressInvalid", err)
+	}
+	for _, n := range nics {
+		if !n.Gateway.IsValid() {
+			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: no gateway", n.Network))
 		}
 		if err := a.ensureBridge(ctx, network.BridgeSpec{
-			Name:        addr.GetBridge(),
-			GatewayCIDR: netip.PrefixFrom(gw, int(addr.GetPrefixLength())),
-			MTU:         mtu,
+			Name:        n.Bridge,
+			GatewayCIDR: n.GatewayPrefix(),
+			MTU:         n.MTU,
 			NAT:         true,
 		}); err != nil {
-			return nil, fmt.Errorf("bridge %s of network %s: %w", addr.GetBridge(), addr.GetNetwork(), err)
+			return nil, fmt.Errorf("bridge %s of network %s: %w", n.Bridge, n.Network, err)
 		}
-		tap := tapName(vm.GetMeta().GetId(), i)
 		if err := a.net.EnsurePort(ctx, network.PortSpec{
-			VMID: vm.GetMeta().GetId(), TapName: tap, Bridge: addr.GetBridge(),
-			MAC: mac, IP: ip, MTU: mtu,
+			VMID: vm.GetMeta().GetId(), TapName: n.TapName, Bridge: n.Bridge,
+			MAC: n.MAC, IP: n.IP(), MTU: n.MTU,
 		}); err != nil {
-			return nil, fmt.Errorf("port %s on %s: %w", tap, addr.GetBridge(), err)
+			return nil, fmt.Errorf("port %s on %s: %w", n.TapName, n.Bridge, err)
 		}
-		nics = append(nics, hypervisor.NIC{MAC: addr.GetMac(), TapName: tap, MTU: mtu})
 	}
 	return nics, nil
 }
 
-func (a *Agent) domainSpec(vm *minicloudv1.VM, b bootMedia, nics []hypervisor.NIC, configDrive string) hypervisor.DomainSpec {
+func (a *Agent) domainSpec(vm *minicloudv1.VM, b bootMedia, nics []nic.NIC, configDrive string) hypervisor.DomainSpec {
 	id := vm.GetMeta().GetId()
 	return hypervisor.DomainSpec{
 		VMID:            id,
@@ -437,7 +424,7 @@ func (a *Agent) teardown(ctx context.Context, id string) error {
 	if err != nil {
 		return fmt.Errorf("list ports: %w", err)
 	}
-	prefix := tapPrefix(id)
+	prefix := nic.TapNamePrefix(id)
 	for _, p := range ports {
 		if p.VMID == id || strings.HasPrefix(p.TapName, prefix) {
 			if err := a.net.DeletePort(ctx, p.TapName); err != nil {
@@ -476,15 +463,3 @@ func (a *Agent) vmDir(id string) string           { return filepath.Join(a.cfg.S
 func (a *Agent) diskPath(id string) string        { return filepath.Join(a.vmDir(id), "disk.qcow2") }
 func (a *Agent) configDrivePath(id string) string { return filepath.Join(a.vmDir(id), "config.iso") }
 func (a *Agent) consoleLogPath(id string) string  { return filepath.Join(a.vmDir(id), "console.log") }
-
-// tapName is "mct" + the first 8 hex digits of the VM id + the NIC index:
-// unique enough per host and within the kernel's 15-byte limit.
-func tapName(vmID string, nic int) string { return fmt.Sprintf("%s%d", tapPrefix(vmID), nic) }
-
-func tapPrefix(vmID string) string {
-	hex := strings.ReplaceAll(vmID, "-", "")
-	if len(hex) > 8 {
-		hex = hex[:8]
-	}
-	return "mct" + hex
-}

@@ -179,7 +179,7 @@ type osNetworkData struct {
 func openstackNetworkData(inst *Instance) osNetworkData {
 	nd := osNetworkData{Links: []osLink{}, Networks: []osNetwork{}, Services: []osService{}}
 	for i, nic := range inst.Interfaces {
-		link := TapName(inst.ID, i)
+		link := nic.TapName
 		nd.Links = append(nd.Links, osLink{ID: link, VIF: link, Type: "phy", MTU: nic.MTU, MAC: nic.MAC.String()})
 		n := osNetwork{
 			ID:        "network" + strconv.Itoa(i),
@@ -200,12 +200,6 @@ func openstackNetworkData(inst *Instance) osNetworkData {
 		nd.Networks = append(nd.Networks, n)
 	}
 	return nd
-}
-
-// TapName is the host tap of NIC index i of a VM: "mct" + the first 8 hex
-// digits of its id + the index (the team-wide convention).
-func TapName(vmID string, i int) string {
-	return "mct" + shortID(vmID) + strconv.Itoa(i)
 }
 
 func openstackTree(inst *Instance) (*node, error) {

@@ -17,6 +17,7 @@ import (
 
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 	"github.com/minicloud/minicloud/pkg/cloudtest"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // TestE2EVMLifecycle boots the tiny guest image on this machine through the
@@ -115,7 +116,7 @@ func TestE2EVMLifecycle(t *testing.T) {
 	}
 	id := vm.Meta.Id
 	domain := "mc-" + id
-	tap := "mct" + strings.ReplaceAll(id, "-", "")[:8] + "0"
+	tap := nic.TapName(id, 0)
 	if !domainExists(t, domain) {
 		t.Fatalf("RUNNING but libvirt has no domain %s", domain)
 	}
