@@ -137,7 +137,7 @@ func (h *HostGuestServices) BuildConfigDrive(_ context.Context, g Guest, path st
 	}
 	layout, err := configdrive.ParseLayout(g.VM.GetSpec().GetConfigDriveFormat())
 	if err != nil {
-		return permanent("ConfigDriveInvalid", err)
+		return Permanent("ConfigDriveInvalid", err)
 	}
 	return configdrive.WriteFile(path, inst, layout)
 }

@@ -47,7 +47,9 @@ type permanentError struct {
 func (e *permanentError) Error() string { return e.err.Error() }
 func (e *permanentError) Unwrap() error { return e.err }
 
-func permanent(reason string, err error) error { return &permanentError{reason: reason, err: err} }
+// Permanent marks err as a failure that retrying on this host will not fix;
+// reason is the VM's status reason (CamelCase, e.g. "ImageNotFound").
+func Permanent(reason string, err error) error { return &permanentError{reason: reason, err: err} }
 
 // createAttemptsBeforeReschedule is how many times a failing create is
 // retried on this host before the host gives the VM back to the scheduler.
@@ -288,7 +290,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 	img, err := a.images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: vm.GetSpec().GetImage()})
 	if err != nil {
 		if errdefs.IsNotFound(errdefs.FromGRPC(err)) {
-			return bootMedia{}, permanent("ImageNotFound", fmt.Errorf("image %q no longer exists", vm.GetSpec().GetImage()))
+			return bootMedia{}, Permanent("ImageNotFound", fmt.Errorf("image %q no longer exists", vm.GetSpec().GetImage()))
 		}
 		return bootMedia{}, fmt.Errorf("get image %s: %w", vm.GetSpec().GetImage(), err)
 	}
@@ -301,7 +303,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 			// A digest mismatch or a blob the API no longer has will not
 			// heal by retrying on this host.
 			if errdefs.IsFailedPrecondition(err) || errdefs.IsInvalid(err) || errdefs.IsNotFound(err) {
-				return "", permanent("ImageUnusable", fmt.Errorf("image %s: %w", img.GetMeta().GetName(), err))
+				return "", Permanent("ImageUnusable", fmt.Errorf("image %s: %w", img.GetMeta().GetName(), err))
 			}
 			return "", fmt.Errorf("fetch image %s: %w", img.GetMeta().GetName(), err)
 		}
@@ -313,7 +315,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 		return b, err
 	}
 	if backing == "" {
-		return b, permanent("ImageInvalid", fmt.Errorf("image %s has no disk", img.GetMeta().GetName()))
+		return b, Permanent("ImageInvalid", fmt.Errorf("image %s has no disk", img.GetMeta().GetName()))
 	}
 	if b.kernel, err = fetch(minicloudv1.ImagePart_IMAGE_PART_KERNEL, img.GetKernel()); err != nil {
 		return b, err
@@ -325,7 +327,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 
 	size := vm.GetSpec().GetResources().GetDiskGib() << 30
 	if virt := img.GetVirtualSizeBytes(); virt > size {
-		return b, permanent("FlavorTooSmall", fmt.Errorf("flavor %s has a %d GiB disk but image %s needs %d bytes",
+		return b, Permanent("FlavorTooSmall", fmt.Errorf("flavor %s has a %d GiB disk but image %s needs %d bytes",
 			vm.GetSpec().GetFlavor(), vm.GetSpec().GetResources().GetDiskGib(), img.GetMeta().GetName(), virt))
 	}
 	format := "raw"
@@ -345,11 +347,11 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]nic.NIC, error) {
 	nics, err := nic.FromVM(vm)
 	if err != nil {
-		return nil, permanent("AddressInvalid", err)
+		return nil, Permanent("AddressInvalid", err)
 	}
 	for _, n := range nics {
 		if !n.Gateway.IsValid() {
-			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: no gateway", n.Network))
+			return nil, Permanent("AddressInvalid", fmt.Errorf("network %s: no gateway", n.Network))
 		}
 		if err := a.ensureBridge(ctx, network.BridgeSpec{
 			Name:        n.Bridge,
