@@ -109,6 +109,9 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		st := a.observedStatus(vm)
 		st.Phase = minicloudv1.VMPhase_VM_PHASE_ERROR
 		st.Reason, st.Message = perm.reason, err.Error()
+		// Given up on this very spec: the check above keeps later passes
+		// (resyncs, events) from retrying it and warning again.
+		st.ObservedResourceVersion = vm.GetMeta().GetResourceVersion()
 		return result{}, a.report(ctx, vm, st, reportStatus, warning(perm.reason, err.Error()))
 	case err != nil && a.queue.Failures(id)+1 >= createAttemptsBeforeReschedule && !a.domainEverCreated(vm):
 		a.log.Warn("create keeps failing on this host; giving the VM back to the scheduler", "vm", id, "err", err)

@@ -147,6 +147,16 @@ func (h *FakeHost) lookup(vmID string) (*fakeDomain, error) {
 
 func (h *FakeHost) record(c Call) { h.calls = append(h.calls, c) }
 
+// act looks up vmID's domain for a call that needs it, and records the call.
+// Called with h.mu held.
+func (h *FakeHost) act(op, vmID string) (*fakeDomain, error) {
+	dom, err := h.lookup(vmID)
+	if err == nil {
+		h.record(Call{Op: op, VMID: vmID})
+	}
+	return dom, err
+}
+
 // Define implements hypervisor.Driver.
 func (d *FakeDriver) Define(_ context.Context, spec hypervisor.DomainSpec) error {
 	if err := spec.Validate(); err != nil {
@@ -178,11 +188,10 @@ func (d *FakeDriver) Start(_ context.Context, vmID string) error {
 	h := d.host
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	dom, err := h.lookup(vmID)
+	dom, err := h.act("Start", vmID)
 	if err != nil {
 		return err
 	}
-	h.record(Call{Op: "Start", VMID: vmID})
 	if dom.running {
 		return nil
 	}
@@ -246,18 +255,25 @@ func (d *FakeDriver) Destroy(_ context.Context, vmID string) error {
 	h := d.host
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	_, err := h.powerOff("Destroy", vmID)
+	return err
+}
+
+// powerOff cuts the power of vmID's domain for Destroy and Undefine, which
+// treat an absent domain as done (nil, nil). Called with h.mu held.
+func (h *FakeHost) powerOff(op, vmID string) (*fakeDomain, error) {
 	dom, err := h.lookup(vmID)
 	if errdefs.IsNotFound(err) {
-		return nil
+		return nil, nil
 	}
 	if err != nil {
-		return err
+		return nil, err
 	}
-	h.record(Call{Op: "Destroy", VMID: vmID})
+	h.record(Call{Op: op, VMID: vmID})
 	if dom.running {
 		h.stop(vmID, dom, hypervisor.StateShutoff, "destroyed")
 	}
-	return nil
+	return dom, nil
 }
 
 // Reboot implements hypervisor.Driver.
@@ -265,11 +281,10 @@ func (d *FakeDriver) Reboot(_ context.Context, vmID string) error {
 	h := d.host
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	dom, err := h.lookup(vmID)
+	dom, err := h.act("Reboot", vmID)
 	if err != nil {
 		return err
 	}
-	h.record(Call{Op: "Reboot", VMID: vmID})
 	if !dom.running {
 		return errdefs.FailedPrecondition("reset %s: domain is not running", vmID)
 	}
@@ -282,16 +297,9 @@ func (d *FakeDriver) Undefine(_ context.Context, vmID string) error {
 	h := d.host
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	dom, err := h.lookup(vmID)
-	if errdefs.IsNotFound(err) {
-		return nil
-	}
-	if err != nil {
+	dom, err := h.powerOff("Undefine", vmID)
+	if dom == nil || err != nil {
 		return err
-	}
-	h.record(Call{Op: "Undefine", VMID: vmID})
-	if dom.running {
-		h.stop(vmID, dom, hypervisor.StateShutoff, "destroyed")
 	}
 	delete(h.domains, hypervisor.DomainName(vmID))
 	h.emit(vmID, hypervisor.EventUndefined, "removed")
