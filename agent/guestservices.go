@@ -12,8 +12,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/minicloud/minicloud/agent/dhcpserver"
-	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dhcpserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	"github.com/minicloud/minicloud/metadata"
 	"github.com/minicloud/minicloud/metadata/configdrive"
 )

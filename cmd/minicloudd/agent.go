@@ -24,9 +24,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent"
-	"github.com/minicloud/minicloud/agent/dhcpserver"
 	"github.com/minicloud/minicloud/agent/disk"
-	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dhcpserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
 	"github.com/minicloud/minicloud/agent/imagecache"
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"

@@ -12,7 +12,7 @@ import (
 
 	"github.com/miekg/dns"
 
-	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	"github.com/minicloud/minicloud/agent/network/linux/linuxtest"
 )
 

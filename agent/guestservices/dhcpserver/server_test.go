@@ -12,7 +12,7 @@ import (
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"github.com/insomniacslk/dhcp/dhcpv4/nclient4"
 
-	"github.com/minicloud/minicloud/agent/dhcpserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dhcpserver"
 	"github.com/minicloud/minicloud/agent/network/linux/linuxtest"
 	"github.com/minicloud/minicloud/pkg/netnstest"
 )
