@@ -25,6 +25,7 @@ import (
 
 	"github.com/minicloud/minicloud/agent"
 	"github.com/minicloud/minicloud/agent/disk"
+	"github.com/minicloud/minicloud/agent/guestservices"
 	"github.com/minicloud/minicloud/agent/guestservices/dhcpserver"
 	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
@@ -145,7 +146,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)
 	}
-	guests := agent.NewHostGuestServices(log, dir, md, dhcpserver.New(log), dnsserver.New(log))
+	guests := guestservices.New(log, dir, md, dhcpserver.New(log), dnsserver.New(log))
 	cache, err := imagecache.New(filepath.Join(stateDir, "images"), minicloudv1.NewImageServiceClient(conn))
 	if err != nil {
 		return fmt.Errorf("image cache: %w", err)

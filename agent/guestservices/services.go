@@ -1,4 +1,8 @@
-package agent
+// Package guestservices is what answers guests on their networks, per host:
+// DHCP (dhcpserver), DNS (dnsserver) and the metadata service over its
+// in-memory directory, wired together behind the agent's one GuestServices
+// port and fed the whole set of the host's guests at once.
+package guestservices
 
 import (
 	"context"
@@ -12,16 +16,17 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/minicloud/minicloud/agent"
 	"github.com/minicloud/minicloud/agent/guestservices/dhcpserver"
 	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	"github.com/minicloud/minicloud/metadata"
 	"github.com/minicloud/minicloud/metadata/configdrive"
 )
 
-// HostGuestServices composes the per-host services that answer guests —
-// DHCP, DNS, and the metadata service over its in-memory directory — behind
-// the one GuestServices port the reconcile loop uses.
-type HostGuestServices struct {
+// Services composes the per-host services that answer guests — DHCP, DNS,
+// and the metadata service over its in-memory directory — behind the one
+// agent.GuestServices port the reconcile loop uses.
+type Services struct {
 	log       *slog.Logger
 	directory *metadata.Directory
 	metadata  *metadata.Server
@@ -32,13 +37,15 @@ type HostGuestServices struct {
 	bridges map[string]bool // bridges with DHCP leases and a DNS zone
 }
 
-// NewHostGuestServices wires the services together; Run serves them.
-func NewHostGuestServices(log *slog.Logger, dir *metadata.Directory, md *metadata.Server, dhcp *dhcpserver.Server, dns *dnsserver.Server) *HostGuestServices {
-	return &HostGuestServices{log: log, directory: dir, metadata: md, dhcp: dhcp, dns: dns, bridges: map[string]bool{}}
+var _ agent.GuestServices = (*Services)(nil)
+
+// New wires the services together; Run serves them.
+func New(log *slog.Logger, dir *metadata.Directory, md *metadata.Server, dhcp *dhcpserver.Server, dns *dnsserver.Server) *Services {
+	return &Services{log: log, directory: dir, metadata: md, dhcp: dhcp, dns: dns, bridges: map[string]bool{}}
 }
 
 // Run serves DHCP, DNS and metadata until ctx ends.
-func (h *HostGuestServices) Run(ctx context.Context) error {
+func (h *Services) Run(ctx context.Context) error {
 	errc := make(chan error, 3)
 	go func() { errc <- h.dhcp.Run(ctx) }()
 	go func() { errc <- h.dns.Run(ctx) }()
@@ -53,7 +60,7 @@ func (h *HostGuestServices) Run(ctx context.Context) error {
 // SetGuests replaces the whole set of guests: the metadata directory, the
 // DHCP leases of every bridge, and the bridges the metadata service
 // listens on.
-func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
+func (h *Services) SetGuests(_ context.Context, guests []agent.Guest) error {
 	var errs []error
 	insts := make([]*metadata.Instance, 0, len(guests))
 	leases := map[string][]dhcpserver.Lease{}
@@ -130,25 +137,25 @@ func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
 }
 
 // BuildConfigDrive writes g's config drive in the layout its spec asks for.
-func (h *HostGuestServices) BuildConfigDrive(_ context.Context, g Guest, path string) error {
+func (h *Services) BuildConfigDrive(_ context.Context, g agent.Guest, path string) error {
 	inst, err := metadata.InstanceFromVM(g.VM, g.UserData)
 	if err != nil {
 		return err
 	}
 	layout, err := configdrive.ParseLayout(g.VM.GetSpec().GetConfigDriveFormat())
 	if err != nil {
-		return Permanent("ConfigDriveInvalid", err)
+		return agent.Permanent("ConfigDriveInvalid", err)
 	}
 	return configdrive.WriteFile(path, inst, layout)
 }
 
 // GuestSeen reports when the guest last read its metadata.
-func (h *HostGuestServices) GuestSeen(vmID string) (time.Time, bool) {
+func (h *Services) GuestSeen(vmID string) (time.Time, bool) {
 	return h.metadata.LastSeen(vmID)
 }
 
 // Bridges lists the bridges being served, sorted (for tests and logs).
-func (h *HostGuestServices) Bridges() []string {
+func (h *Services) Bridges() []string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	out := make([]string, 0, len(h.bridges))
