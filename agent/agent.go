@@ -129,7 +129,20 @@ type Deps struct {
 	Disks      Disks
 	Images     ImageCache
 	Guest      GuestServices
-	Logger     *slog.Logger
+}
+
+// Option configures an Agent.
+type Option func(*options)
+
+type options struct{ log *slog.Logger }
+
+// WithLogger sets the logger (default slog.Default(); nil keeps it).
+func WithLogger(log *slog.Logger) Option {
+	return func(o *options) {
+		if log != nil {
+			o.log = log
+		}
+	}
 }
 
 // Disks makes VM disks as copy-on-write overlays over cached images
@@ -167,13 +180,13 @@ type Guest struct {
 }
 
 // New returns an agent; Run starts it.
-func New(cfg Config, d Deps) (*Agent, error) {
+func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	log := d.Logger
-	if log == nil {
-		log = slog.Default()
+	o := options{log: slog.Default()}
+	for _, opt := range opts {
+		opt(&o)
 	}
 	// 0711: QEMU runs as an unprivileged user and must traverse to the
 	// disks (libvirt hands it the files themselves).
@@ -182,7 +195,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	}
 	return &Agent{
 		cfg:        cfg,
-		log:        log.With("component", "agent", "host", cfg.HostName),
+		log:        o.log.With("component", "agent", "host", cfg.HostName),
 		hosts:      minicloudv1.NewHostServiceClient(d.API),
 		images:     minicloudv1.NewImageServiceClient(d.API),
 		hv:         d.Hypervisor,

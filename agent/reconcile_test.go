@@ -9,6 +9,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
@@ -63,7 +64,7 @@ func newHarness(t *testing.T) *harness {
 		Disks:      h.disks,
 		Images:     fakeImageCache{dir: t.TempDir()},
 		Guest:      h.guest,
-	})
+	}, WithLogger(slog.New(slog.DiscardHandler)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"sort"
 	"sync"
@@ -27,7 +26,6 @@ import (
 // and the metadata service over its in-memory directory — behind the one
 // agent.GuestServices port the reconcile loop uses.
 type Services struct {
-	log       *slog.Logger
 	directory *metadata.Directory
 	metadata  *metadata.Server
 	dhcp      *dhcpserver.Server
@@ -39,9 +37,10 @@ type Services struct {
 
 var _ agent.GuestServices = (*Services)(nil)
 
-// New wires the services together; Run serves them.
-func New(log *slog.Logger, dir *metadata.Directory, md *metadata.Server, dhcp *dhcpserver.Server, dns *dnsserver.Server) *Services {
-	return &Services{log: log, directory: dir, metadata: md, dhcp: dhcp, dns: dns, bridges: map[string]bool{}}
+// New wires the services together (each logs through its own logger); Run
+// serves them.
+func New(dir *metadata.Directory, md *metadata.Server, dhcp *dhcpserver.Server, dns *dnsserver.Server) *Services {
+	return &Services{directory: dir, metadata: md, dhcp: dhcp, dns: dns, bridges: map[string]bool{}}
 }
 
 // Run serves DHCP, DNS and metadata until ctx ends.

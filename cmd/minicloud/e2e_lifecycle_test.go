@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
-	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -50,7 +49,7 @@ func TestE2EVMLifecycle(t *testing.T) {
 	// only while it runs, so the test removes the one it made.
 	t.Cleanup(func() {
 		if bridge != "" {
-			if err := netlinux.New(slog.Default()).DeleteBridge(context.Background(), bridge); err != nil {
+			if err := netlinux.New().DeleteBridge(context.Background(), bridge); err != nil {
 				t.Errorf("delete bridge %s: %v", bridge, err)
 			}
 			if _, err := net.InterfaceByName(bridge); err == nil {

@@ -146,7 +146,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)
 	}
-	guests := guestservices.New(log, dir, md, dhcpserver.New(log), dnsserver.New(log))
+	guests := guestservices.New(dir, md, dhcpserver.New(dhcpserver.WithLogger(log)), dnsserver.New(dnsserver.WithLogger(log)))
 	cache, err := imagecache.New(filepath.Join(stateDir, "images"), minicloudv1.NewImageServiceClient(conn))
 	if err != nil {
 		return fmt.Errorf("image cache: %w", err)
@@ -170,12 +170,11 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	}, agent.Deps{
 		API:        conn,
 		Hypervisor: hv,
-		Network:    netlinux.New(log),
+		Network:    netlinux.New(netlinux.WithLogger(log)),
 		Disks:      qemuImgDisks{},
 		Images:     cache,
 		Guest:      guests,
-		Logger:     log,
-	})
+	}, agent.WithLogger(log))
 	if err != nil {
 		lis.Close()
 		return err

@@ -13,7 +13,7 @@ import (
 func TestAnswer(t *testing.T) {
 	mac := net.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}
 	gw := netip.MustParseAddr("10.88.0.1")
-	s := New(nil)
+	s := New()
 	if err := s.SetLeases("mc-test", []Lease{{MAC: mac, Address: netip.MustParsePrefix("10.88.0.5/24"), Gateway: gw}}); err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +70,7 @@ func TestAnswer(t *testing.T) {
 }
 
 func TestSetLeasesSkipsInvalid(t *testing.T) {
-	s := New(nil)
+	s := New()
 	mac := net.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}
 	err := s.SetLeases("mc-test", []Lease{
 		{MAC: mac, Address: netip.MustParsePrefix("10.88.0.5/24"), Gateway: netip.MustParseAddr("10.88.0.1")},

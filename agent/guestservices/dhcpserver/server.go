@@ -87,19 +87,32 @@ type listener struct {
 	done    chan struct{}
 }
 
-// New returns a Server with no leases.
-func New(log *slog.Logger) *Server {
-	if log == nil {
-		log = slog.Default()
+// Option configures a Server.
+type Option func(*Server)
+
+// WithLogger sets the logger (default slog.Default(); nil keeps it).
+func WithLogger(log *slog.Logger) Option {
+	return func(s *Server) {
+		if log != nil {
+			s.log = log
+		}
 	}
+}
+
+// New returns a Server with no leases.
+func New(opts ...Option) *Server {
 	s := &Server{
-		log:       log.With("component", "dhcpserver"),
+		log:       slog.Default(),
 		leases:    map[string]map[string]Lease{},
 		kick:      make(chan struct{}, 1),
 		listeners: map[string]*listener{},
 		serving:   map[string]bool{},
 		changed:   make(chan struct{}),
 	}
+	for _, o := range opts {
+		o(s)
+	}
+	s.log = s.log.With("component", "dhcpserver")
 	empty := map[string]map[string]Lease{}
 	s.snapshot.Store(&empty)
 	return s

@@ -75,7 +75,7 @@ func leaseFor(n *linuxtest.Network, g *linuxtest.Guest, host string) dhcpserver.
 }
 
 func startServer(t *testing.T, log *slog.Logger) *dhcpserver.Server {
-	s := dhcpserver.New(log)
+	s := dhcpserver.New(dhcpserver.WithLogger(log))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()

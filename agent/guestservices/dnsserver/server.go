@@ -91,13 +91,19 @@ type Server struct {
 	changed   chan struct{}
 }
 
-// New returns a Server with no zones.
-func New(log *slog.Logger, opts ...Option) *Server {
-	if log == nil {
-		log = slog.Default()
+// WithLogger sets the logger (default slog.Default(); nil keeps it).
+func WithLogger(log *slog.Logger) Option {
+	return func(s *Server) {
+		if log != nil {
+			s.log = log
+		}
 	}
+}
+
+// New returns a Server with no zones.
+func New(opts ...Option) *Server {
 	s := &Server{
-		log:        log.With("component", "dnsserver"),
+		log:        slog.Default(),
 		port:       53,
 		resolvConf: "/etc/resolv.conf",
 		zones:      map[string]*zone{},
@@ -108,6 +114,7 @@ func New(log *slog.Logger, opts ...Option) *Server {
 	for _, o := range opts {
 		o(s)
 	}
+	s.log = s.log.With("component", "dnsserver")
 	empty := map[netip.Addr]*zone{}
 	s.byListen.Store(&empty)
 	ups := s.upstreams

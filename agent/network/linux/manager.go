@@ -87,12 +87,18 @@ func WithProtectedNets(nets ...netip.Prefix) Option {
 	return func(m *Manager) { m.protected = append(m.protected, nets...) }
 }
 
-// New returns a Manager. It changes nothing on the host until called.
-func New(log *slog.Logger, opts ...Option) *Manager {
-	if log == nil {
-		log = slog.Default()
+// WithLogger sets the logger (default slog.Default(); nil keeps it).
+func WithLogger(log *slog.Logger) Option {
+	return func(m *Manager) {
+		if log != nil {
+			m.log = log
+		}
 	}
-	m := &Manager{log: log}
+}
+
+// New returns a Manager. It changes nothing on the host until called.
+func New(opts ...Option) *Manager {
+	m := &Manager{log: slog.Default()}
 	for _, o := range opts {
 		o(m)
 	}
