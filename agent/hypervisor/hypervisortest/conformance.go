@@ -1,7 +1,8 @@
 // Package hypervisortest is the conformance suite of hypervisor.Driver: the
 // behaviour the agent's reconcile loop relies on, run against every
-// implementation (the libvirt driver on real QEMU, and any fake used for
-// scale tests), in the style of containerd's snapshotter testsuite.
+// implementation (the libvirt driver on real QEMU, and FakeDriver, the
+// in-memory driver of the reconcile loop's unit tests), in the style of
+// containerd's snapshotter testsuite.
 package hypervisortest
 
 import (
