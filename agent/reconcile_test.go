@@ -25,6 +25,7 @@ import (
 	"github.com/minicloud/minicloud/agent/network/networktest"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/nic"
 )
 
@@ -75,6 +76,13 @@ func newHarness(t *testing.T) *harness {
 		Disk:   &minicloudv1.ImageBlob{Sha256: "d1", SizeBytes: 1 << 20}, VirtualSizeBytes: 1 << 30,
 	}
 	a.hosts, a.images = h.api, h.api
+	t.Cleanup(func() {
+		h.api.mu.Lock()
+		defer h.api.mu.Unlock()
+		for _, err := range h.api.refused {
+			t.Errorf("the agent reported a transition the API refuses: %v", err)
+		}
+	})
 	caps, err := drv.Capabilities(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -114,6 +122,14 @@ func (h *harness) updateSpec(id string, mutate func(*minicloudv1.VMSpec)) {
 	mutate(vm.Spec)
 	vm.Meta.ResourceVersion++
 	h.a.assigned[id].vm = vm
+}
+
+// delete is a user's DeleteVM: deletion requested, phase DELETING.
+func (h *harness) delete(id string) {
+	h.updateSpec(id, func(s *minicloudv1.VMSpec) { s.DeletionRequested = true })
+	h.a.mu.Lock()
+	defer h.a.mu.Unlock()
+	h.a.assigned[id].vm.Status.Phase = lifecycle.Deleting
 }
 
 func (h *harness) vm(id string) *minicloudv1.VM {
@@ -235,12 +251,12 @@ func TestReconcileCreatesAndIsIdempotent(t *testing.T) {
 		t.Errorf("guest services were given %d guests, want the VM", len(g))
 	}
 	vm := h.vm(id)
-	for _, typ := range []string{condDiskReady, condNetworkReady, condDomainRunning} {
+	for _, typ := range []string{lifecycle.ConditionDiskReady, lifecycle.ConditionNetworkReady, lifecycle.ConditionDomainRunning} {
 		if c := condition(vm, typ); c == nil || !c.Status {
 			t.Errorf("condition %s = %v, want true", typ, c)
 		}
 	}
-	if c := condition(vm, condGuestReady); c != nil && c.Status {
+	if c := condition(vm, lifecycle.ConditionGuestReady); c != nil && c.Status {
 		t.Errorf("GuestReady before the guest read its metadata: %v", c)
 	}
 	if vm.GetStatus().GetObservedResourceVersion() != vm.GetMeta().GetResourceVersion() {
@@ -250,7 +266,7 @@ func TestReconcileCreatesAndIsIdempotent(t *testing.T) {
 	// The guest reads its metadata: GuestReady, once.
 	h.guest.see(id)
 	h.mustPass(id)
-	if c := condition(h.vm(id), condGuestReady); c == nil || !c.Status || c.Reason != "MetadataRead" {
+	if c := condition(h.vm(id), lifecycle.ConditionGuestReady); c == nil || !c.Status || c.Reason != "MetadataRead" {
 		t.Errorf("GuestReady after the guest read its metadata: %v", c)
 	}
 
@@ -330,7 +346,7 @@ func TestReconcileStoppedByGuestOrCrashed(t *testing.T) {
 			tc.stop(h.hv, id)
 			h.mustPass(id)
 			h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_STOPPED, tc.reason)
-			if c := condition(h.vm(id), condDomainRunning); c == nil || c.Status || c.Reason != tc.reason {
+			if c := condition(h.vm(id), lifecycle.ConditionDomainRunning); c == nil || c.Status || c.Reason != tc.reason {
 				t.Errorf("DomainRunning = %v", c)
 			}
 			if e := h.api.last(id).GetEvents(); len(e) != 1 || e[0].GetType() != "Warning" || e[0].GetReason() != tc.reason {
@@ -358,7 +374,7 @@ func TestReconcileDomainMissing(t *testing.T) {
 	defines := len(h.hv.Calls(id))
 	h.mustPass(id)
 	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_ERROR, "DomainMissing")
-	if c := condition(h.vm(id), condDomainRunning); c == nil || c.Status || c.Reason != "DomainMissing" {
+	if c := condition(h.vm(id), lifecycle.ConditionDomainRunning); c == nil || c.Status || c.Reason != "DomainMissing" {
 		t.Errorf("DomainRunning = %v", c)
 	}
 	h.mustPass(id)
@@ -398,7 +414,7 @@ func TestReconcileStopWaitsForACPIThenDestroys(t *testing.T) {
 				t.Errorf("domain = %+v, want shutoff/%s", dom, tc.reason)
 			}
 			h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_STOPPED, "Stopped")
-			if c := condition(h.vm(id), condDomainRunning); c == nil || c.Status {
+			if c := condition(h.vm(id), lifecycle.ConditionDomainRunning); c == nil || c.Status {
 				t.Errorf("DomainRunning = %v", c)
 			}
 			n := len(h.hv.Calls(id))
@@ -415,7 +431,7 @@ func TestReconcileDeleteConverges(t *testing.T) {
 	id := h.running()
 	other := h.running() // shares the bridge until it is deleted too
 	for _, vm := range []string{id, other} {
-		h.updateSpec(vm, func(s *minicloudv1.VMSpec) { s.DeletionRequested = true })
+		h.delete(vm)
 		h.mustPass(vm)
 		if r := h.api.last(vm); !r.GetDeleted() {
 			t.Fatalf("last report of %s = %v, want deleted", vm, r)
@@ -507,6 +523,7 @@ type fakeAPI struct {
 
 	mu      sync.Mutex
 	reports []*minicloudv1.ReportVMStatusRequest
+	refused []error // transitions the real API would refuse
 	images  map[string]*minicloudv1.Image
 }
 
@@ -532,16 +549,34 @@ func (f *fakeAPI) ReportVMStatus(_ context.Context, req *minicloudv1.ReportVMSta
 	if !ok {
 		return nil, errdefs.ToGRPC(errdefs.NotFound("vm %s not found", req.GetVmId()))
 	}
+	// The transitions the API allows a host (pkg/lifecycle), so a report
+	// the real API would refuse fails the test (see newHarness).
+	cur := as.vm.GetStatus().GetPhase()
+	next := proto.Clone(as.vm).(*minicloudv1.VM)
+	var err error
+	switch {
+	case req.GetDeleted():
+		err = lifecycle.Check(cur, lifecycle.None, lifecycle.Agent)
+	default:
+		if req.GetStatus() != nil {
+			lifecycle.MergeHostStatus(next.Status, req.GetStatus())
+			err = lifecycle.Check(cur, next.Status.GetPhase(), lifecycle.Agent)
+		}
+		if err == nil && req.GetReschedule() {
+			err = lifecycle.Check(next.Status.GetPhase(), lifecycle.Pending, lifecycle.API)
+		}
+	}
+	if err != nil {
+		f.mu.Lock()
+		f.refused = append(f.refused, err)
+		f.mu.Unlock()
+		return nil, errdefs.ToGRPC(errdefs.FailedPrecondition("vm %s: %v", req.GetVmId(), err))
+	}
 	if req.GetDeleted() || req.GetReschedule() {
 		delete(a.assigned, req.GetVmId()) // the stream sends DELETED
 		return &minicloudv1.ReportVMStatusResponse{}, nil
 	}
-	vm := proto.Clone(as.vm).(*minicloudv1.VM)
-	st, in := vm.Status, req.GetStatus()
-	st.Phase, st.Reason, st.Message = in.GetPhase(), in.GetReason(), in.GetMessage()
-	st.Hypervisor, st.Conditions = in.GetHypervisor(), in.GetConditions()
-	st.ObservedRebootGeneration, st.ObservedResourceVersion = in.GetObservedRebootGeneration(), in.GetObservedResourceVersion()
-	as.vm = vm
+	as.vm = next
 	return &minicloudv1.ReportVMStatusResponse{}, nil
 }
 
