@@ -14,6 +14,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -136,14 +137,8 @@ type Option func(*options)
 
 type options struct{ log *slog.Logger }
 
-// WithLogger sets the logger (default slog.Default(); nil keeps it).
-func WithLogger(log *slog.Logger) Option {
-	return func(o *options) {
-		if log != nil {
-			o.log = log
-		}
-	}
-}
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(log *slog.Logger) Option { return func(o *options) { o.log = log } }
 
 // Disks makes VM disks as copy-on-write overlays over cached images
 // (agent/disk, with qemu-img).
@@ -184,10 +179,11 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	o := options{log: slog.Default()}
+	var o options
 	for _, opt := range opts {
 		opt(&o)
 	}
+	o.log = cmp.Or(o.log, slog.Default())
 	// 0711: QEMU runs as an unprivileged user and must traverse to the
 	// disks (libvirt hands it the files themselves).
 	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "vms"), 0o711); err != nil {

@@ -6,6 +6,7 @@
 package dhcpserver
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -90,19 +91,12 @@ type listener struct {
 // Option configures a Server.
 type Option func(*Server)
 
-// WithLogger sets the logger (default slog.Default(); nil keeps it).
-func WithLogger(log *slog.Logger) Option {
-	return func(s *Server) {
-		if log != nil {
-			s.log = log
-		}
-	}
-}
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(log *slog.Logger) Option { return func(s *Server) { s.log = log } }
 
 // New returns a Server with no leases.
 func New(opts ...Option) *Server {
 	s := &Server{
-		log:       slog.Default(),
 		leases:    map[string]map[string]Lease{},
 		kick:      make(chan struct{}, 1),
 		listeners: map[string]*listener{},
@@ -112,7 +106,7 @@ func New(opts ...Option) *Server {
 	for _, o := range opts {
 		o(s)
 	}
-	s.log = s.log.With("component", "dhcpserver")
+	s.log = cmp.Or(s.log, slog.Default()).With("component", "dhcpserver")
 	empty := map[string]map[string]Lease{}
 	s.snapshot.Store(&empty)
 	return s

@@ -6,6 +6,7 @@
 package dnsserver
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -91,19 +92,12 @@ type Server struct {
 	changed   chan struct{}
 }
 
-// WithLogger sets the logger (default slog.Default(); nil keeps it).
-func WithLogger(log *slog.Logger) Option {
-	return func(s *Server) {
-		if log != nil {
-			s.log = log
-		}
-	}
-}
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(log *slog.Logger) Option { return func(s *Server) { s.log = log } }
 
 // New returns a Server with no zones.
 func New(opts ...Option) *Server {
 	s := &Server{
-		log:        slog.Default(),
 		port:       53,
 		resolvConf: "/etc/resolv.conf",
 		zones:      map[string]*zone{},
@@ -114,7 +108,7 @@ func New(opts ...Option) *Server {
 	for _, o := range opts {
 		o(s)
 	}
-	s.log = s.log.With("component", "dnsserver")
+	s.log = cmp.Or(s.log, slog.Default()).With("component", "dnsserver")
 	empty := map[netip.Addr]*zone{}
 	s.byListen.Store(&empty)
 	ups := s.upstreams
