@@ -27,6 +27,7 @@ import (
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/imageservice"
 	"github.com/minicloud/minicloud/pkg/ipam"
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 // MaxRequestBytes is the largest request message the server accepts. It
@@ -52,6 +53,9 @@ type Config struct {
 	// AgentDialOptions are added when dialing an agent's AgentService (for
 	// GetConsoleLog). Default: plaintext.
 	AgentDialOptions []grpc.DialOption
+	// VNIRange bounds the VXLAN segment ids given to networks; zero means
+	// store.DefaultVNIRange.
+	VNIRange store.VNIRange
 }
 
 // Server is the API server: a gRPC server with every minicloud service,
@@ -65,6 +69,7 @@ type Server struct {
 	health   *health.Server
 	registry *prometheus.Registry
 	agentOpt []grpc.DialOption
+	vnis     store.VNIRange
 
 	// networkIDs caches network key → id so a create reads a network's
 	// addresses in the same round trip as the network (see readCreateRefs).
@@ -83,6 +88,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{
 		etcd:     cfg.Client,
+		vnis:     cfg.VNIRange,
 		log:      cfg.Logger,
 		ipam:     ipam.New(cfg.Client),
 		leases:   &requestLeases{lease: cfg.Client},

@@ -19,6 +19,7 @@
 //	hosts/alloc/<name>               HostAllocation (claims summed)         written by scheduler txn; compared by mod revision
 //	claims/<host>/<vmid>             Claim (resources of one VM)            written in the same txn as hosts/alloc
 //	ipam/<network-id>/<ip>           VM id                                  written by API in the create txn
+//	vnis/<vni, 8 digits>             network id                             written by API in the network create/delete txn
 //	schedulers/<replica-id>          replica id (attached to its lease)     written by each scheduler replica
 //
 // Spec and status are separate keys so that users and hosts never write the
@@ -49,6 +50,7 @@ const (
 	HostAllocPrefix   = Prefix + "hosts/alloc/"
 	ClaimPrefix       = Prefix + "claims/"
 	IPAMPrefix        = Prefix + "ipam/"
+	VNIPrefix         = Prefix + "vnis/"
 	SchedulerPrefix   = Prefix + "schedulers/"
 )
 

@@ -149,9 +149,12 @@ type Host struct {
 	DisabledReason string                 `protobuf:"bytes,9,opt,name=disabled_reason,json=disabledReason,proto3" json:"disabled_reason,omitempty"`
 	LastHeartbeat  *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=last_heartbeat,json=lastHeartbeat,proto3" json:"last_heartbeat,omitempty"`
 	// allocated is the sum of the capacity claims on this host.
-	Allocated     *Resources `protobuf:"bytes,11,opt,name=allocated,proto3" json:"allocated,omitempty"`
-	VmCount       int32      `protobuf:"varint,12,opt,name=vm_count,json=vmCount,proto3" json:"vm_count,omitempty"`
-	AgentVersion  string     `protobuf:"bytes,13,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	Allocated    *Resources `protobuf:"bytes,11,opt,name=allocated,proto3" json:"allocated,omitempty"`
+	VmCount      int32      `protobuf:"varint,12,opt,name=vm_count,json=vmCount,proto3" json:"vm_count,omitempty"`
+	AgentVersion string     `protobuf:"bytes,13,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	// tunnel_ip is the host's underlay (VXLAN endpoint) address; empty means
+	// the host keeps every network to itself (single-host behaviour).
+	TunnelIp      string `protobuf:"bytes,14,opt,name=tunnel_ip,json=tunnelIp,proto3" json:"tunnel_ip,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -273,6 +276,13 @@ func (x *Host) GetVmCount() int32 {
 func (x *Host) GetAgentVersion() string {
 	if x != nil {
 		return x.AgentVersion
+	}
+	return ""
+}
+
+func (x *Host) GetTunnelIp() string {
+	if x != nil {
+		return x.TunnelIp
 	}
 	return ""
 }
@@ -973,6 +983,224 @@ func (x *AgentConsoleLogRequest) GetTailBytes() int64 {
 	return 0
 }
 
+type WatchNetworkPortsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchNetworkPortsRequest) Reset() {
+	*x = WatchNetworkPortsRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchNetworkPortsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchNetworkPortsRequest) ProtoMessage() {}
+
+func (x *WatchNetworkPortsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchNetworkPortsRequest.ProtoReflect.Descriptor instead.
+func (*WatchNetworkPortsRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *WatchNetworkPortsRequest) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+// NetworkPort is one guest NIC.
+type NetworkPort struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	VmId    string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	VmName  string                 `protobuf:"bytes,2,opt,name=vm_name,json=vmName,proto3" json:"vm_name,omitempty"`
+	Project string                 `protobuf:"bytes,3,opt,name=project,proto3" json:"project,omitempty"`
+	Network string                 `protobuf:"bytes,4,opt,name=network,proto3" json:"network,omitempty"`
+	// bridge identifies the network on every host.
+	Bridge string `protobuf:"bytes,5,opt,name=bridge,proto3" json:"bridge,omitempty"`
+	Vni    uint32 `protobuf:"varint,6,opt,name=vni,proto3" json:"vni,omitempty"`
+	Mac    string `protobuf:"bytes,7,opt,name=mac,proto3" json:"mac,omitempty"`
+	Ip     string `protobuf:"bytes,8,opt,name=ip,proto3" json:"ip,omitempty"`
+	// host runs the VM; tunnel_ip is that host's underlay address (empty when
+	// the host has none: its ports are unreachable from other hosts).
+	Host          string `protobuf:"bytes,9,opt,name=host,proto3" json:"host,omitempty"`
+	TunnelIp      string `protobuf:"bytes,10,opt,name=tunnel_ip,json=tunnelIp,proto3" json:"tunnel_ip,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkPort) Reset() {
+	*x = NetworkPort{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkPort) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkPort) ProtoMessage() {}
+
+func (x *NetworkPort) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkPort.ProtoReflect.Descriptor instead.
+func (*NetworkPort) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *NetworkPort) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetVmName() string {
+	if x != nil {
+		return x.VmName
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetBridge() string {
+	if x != nil {
+		return x.Bridge
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetVni() uint32 {
+	if x != nil {
+		return x.Vni
+	}
+	return 0
+}
+
+func (x *NetworkPort) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetIp() string {
+	if x != nil {
+		return x.Ip
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetTunnelIp() string {
+	if x != nil {
+		return x.TunnelIp
+	}
+	return ""
+}
+
+type NetworkPortsSnapshot struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// ports is the complete set, ordered by bridge then IP.
+	Ports []*NetworkPort `protobuf:"bytes,1,rep,name=ports,proto3" json:"ports,omitempty"`
+	// revision is the etcd revision the set was read at.
+	Revision      int64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkPortsSnapshot) Reset() {
+	*x = NetworkPortsSnapshot{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkPortsSnapshot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkPortsSnapshot) ProtoMessage() {}
+
+func (x *NetworkPortsSnapshot) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkPortsSnapshot.ProtoReflect.Descriptor instead.
+func (*NetworkPortsSnapshot) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *NetworkPortsSnapshot) GetPorts() []*NetworkPort {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *NetworkPortsSnapshot) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 var File_minicloud_v1_host_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_host_proto_rawDesc = "" +
@@ -981,7 +1209,7 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x10AllocationRatios\x12\x10\n" +
 	"\x03cpu\x18\x01 \x01(\x01R\x03cpu\x12\x10\n" +
 	"\x03ram\x18\x02 \x01(\x01R\x03ram\x12\x12\n" +
-	"\x04disk\x18\x03 \x01(\x01R\x04disk\"\xcd\x04\n" +
+	"\x04disk\x18\x03 \x01(\x01R\x04disk\"\xea\x04\n" +
 	"\x04Host\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x123\n" +
@@ -996,7 +1224,8 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\rlastHeartbeat\x125\n" +
 	"\tallocated\x18\v \x01(\v2\x17.minicloud.v1.ResourcesR\tallocated\x12\x19\n" +
 	"\bvm_count\x18\f \x01(\x05R\avmCount\x12#\n" +
-	"\ragent_version\x18\r \x01(\tR\fagentVersion\"=\n" +
+	"\ragent_version\x18\r \x01(\tR\fagentVersion\x12\x1b\n" +
+	"\ttunnel_ip\x18\x0e \x01(\tR\btunnelIp\"=\n" +
 	"\x13RegisterHostRequest\x12&\n" +
 	"\x04host\x18\x01 \x01(\v2\x12.minicloud.v1.HostR\x04host\"\xa8\x01\n" +
 	"\x14RegisterHostResponse\x12&\n" +
@@ -1036,11 +1265,28 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x16AgentConsoleLogRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x1d\n" +
 	"\n" +
-	"tail_bytes\x18\x02 \x01(\x03R\ttailBytes*O\n" +
+	"tail_bytes\x18\x02 \x01(\x03R\ttailBytes\".\n" +
+	"\x18WatchNetworkPortsRequest\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\"\xec\x01\n" +
+	"\vNetworkPort\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x17\n" +
+	"\avm_name\x18\x02 \x01(\tR\x06vmName\x12\x18\n" +
+	"\aproject\x18\x03 \x01(\tR\aproject\x12\x18\n" +
+	"\anetwork\x18\x04 \x01(\tR\anetwork\x12\x16\n" +
+	"\x06bridge\x18\x05 \x01(\tR\x06bridge\x12\x10\n" +
+	"\x03vni\x18\x06 \x01(\rR\x03vni\x12\x10\n" +
+	"\x03mac\x18\a \x01(\tR\x03mac\x12\x0e\n" +
+	"\x02ip\x18\b \x01(\tR\x02ip\x12\x12\n" +
+	"\x04host\x18\t \x01(\tR\x04host\x12\x1b\n" +
+	"\ttunnel_ip\x18\n" +
+	" \x01(\tR\btunnelIp\"c\n" +
+	"\x14NetworkPortsSnapshot\x12/\n" +
+	"\x05ports\x18\x01 \x03(\v2\x19.minicloud.v1.NetworkPortR\x05ports\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision*O\n" +
 	"\tHostState\x12\x1a\n" +
 	"\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rHOST_STATE_UP\x10\x01\x12\x13\n" +
-	"\x0fHOST_STATE_DOWN\x10\x022\xfe\x04\n" +
+	"\x0fHOST_STATE_DOWN\x10\x022\xe1\x05\n" +
 	"\vHostService\x12U\n" +
 	"\fRegisterHost\x12!.minicloud.v1.RegisterHostRequest\x1a\".minicloud.v1.RegisterHostResponse\x12L\n" +
 	"\tHeartbeat\x12\x1e.minicloud.v1.HeartbeatRequest\x1a\x1f.minicloud.v1.HeartbeatResponse\x12Z\n" +
@@ -1050,7 +1296,8 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\aGetHost\x12\x1c.minicloud.v1.GetHostRequest\x1a\x12.minicloud.v1.Host\x12C\n" +
 	"\vDisableHost\x12 .minicloud.v1.DisableHostRequest\x1a\x12.minicloud.v1.Host\x12A\n" +
 	"\n" +
-	"EnableHost\x12\x1f.minicloud.v1.EnableHostRequest\x1a\x12.minicloud.v1.Host2j\n" +
+	"EnableHost\x12\x1f.minicloud.v1.EnableHostRequest\x1a\x12.minicloud.v1.Host\x12a\n" +
+	"\x11WatchNetworkPorts\x12&.minicloud.v1.WatchNetworkPortsRequest\x1a\".minicloud.v1.NetworkPortsSnapshot0\x012j\n" +
 	"\fAgentService\x12Z\n" +
 	"\rGetConsoleLog\x12$.minicloud.v1.AgentConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
@@ -1067,71 +1314,77 @@ func file_minicloud_v1_host_proto_rawDescGZIP() []byte {
 }
 
 var file_minicloud_v1_host_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_minicloud_v1_host_proto_goTypes = []any{
-	(HostState)(0),                  // 0: minicloud.v1.HostState
-	(*AllocationRatios)(nil),        // 1: minicloud.v1.AllocationRatios
-	(*Host)(nil),                    // 2: minicloud.v1.Host
-	(*RegisterHostRequest)(nil),     // 3: minicloud.v1.RegisterHostRequest
-	(*RegisterHostResponse)(nil),    // 4: minicloud.v1.RegisterHostResponse
-	(*HeartbeatRequest)(nil),        // 5: minicloud.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),       // 6: minicloud.v1.HeartbeatResponse
-	(*WatchAssignmentsRequest)(nil), // 7: minicloud.v1.WatchAssignmentsRequest
-	(*AssignmentEvent)(nil),         // 8: minicloud.v1.AssignmentEvent
-	(*ReportVMStatusRequest)(nil),   // 9: minicloud.v1.ReportVMStatusRequest
-	(*ReportVMStatusResponse)(nil),  // 10: minicloud.v1.ReportVMStatusResponse
-	(*ListHostsRequest)(nil),        // 11: minicloud.v1.ListHostsRequest
-	(*ListHostsResponse)(nil),       // 12: minicloud.v1.ListHostsResponse
-	(*GetHostRequest)(nil),          // 13: minicloud.v1.GetHostRequest
-	(*DisableHostRequest)(nil),      // 14: minicloud.v1.DisableHostRequest
-	(*EnableHostRequest)(nil),       // 15: minicloud.v1.EnableHostRequest
-	(*AgentConsoleLogRequest)(nil),  // 16: minicloud.v1.AgentConsoleLogRequest
-	(*ObjectMeta)(nil),              // 17: minicloud.v1.ObjectMeta
-	(*Resources)(nil),               // 18: minicloud.v1.Resources
-	(*timestamppb.Timestamp)(nil),   // 19: google.protobuf.Timestamp
-	(WatchEventType)(0),             // 20: minicloud.v1.WatchEventType
-	(*VM)(nil),                      // 21: minicloud.v1.VM
-	(*VMStatus)(nil),                // 22: minicloud.v1.VMStatus
-	(*Event)(nil),                   // 23: minicloud.v1.Event
-	(*GetConsoleLogResponse)(nil),   // 24: minicloud.v1.GetConsoleLogResponse
+	(HostState)(0),                   // 0: minicloud.v1.HostState
+	(*AllocationRatios)(nil),         // 1: minicloud.v1.AllocationRatios
+	(*Host)(nil),                     // 2: minicloud.v1.Host
+	(*RegisterHostRequest)(nil),      // 3: minicloud.v1.RegisterHostRequest
+	(*RegisterHostResponse)(nil),     // 4: minicloud.v1.RegisterHostResponse
+	(*HeartbeatRequest)(nil),         // 5: minicloud.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),        // 6: minicloud.v1.HeartbeatResponse
+	(*WatchAssignmentsRequest)(nil),  // 7: minicloud.v1.WatchAssignmentsRequest
+	(*AssignmentEvent)(nil),          // 8: minicloud.v1.AssignmentEvent
+	(*ReportVMStatusRequest)(nil),    // 9: minicloud.v1.ReportVMStatusRequest
+	(*ReportVMStatusResponse)(nil),   // 10: minicloud.v1.ReportVMStatusResponse
+	(*ListHostsRequest)(nil),         // 11: minicloud.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),        // 12: minicloud.v1.ListHostsResponse
+	(*GetHostRequest)(nil),           // 13: minicloud.v1.GetHostRequest
+	(*DisableHostRequest)(nil),       // 14: minicloud.v1.DisableHostRequest
+	(*EnableHostRequest)(nil),        // 15: minicloud.v1.EnableHostRequest
+	(*AgentConsoleLogRequest)(nil),   // 16: minicloud.v1.AgentConsoleLogRequest
+	(*WatchNetworkPortsRequest)(nil), // 17: minicloud.v1.WatchNetworkPortsRequest
+	(*NetworkPort)(nil),              // 18: minicloud.v1.NetworkPort
+	(*NetworkPortsSnapshot)(nil),     // 19: minicloud.v1.NetworkPortsSnapshot
+	(*ObjectMeta)(nil),               // 20: minicloud.v1.ObjectMeta
+	(*Resources)(nil),                // 21: minicloud.v1.Resources
+	(*timestamppb.Timestamp)(nil),    // 22: google.protobuf.Timestamp
+	(WatchEventType)(0),              // 23: minicloud.v1.WatchEventType
+	(*VM)(nil),                       // 24: minicloud.v1.VM
+	(*VMStatus)(nil),                 // 25: minicloud.v1.VMStatus
+	(*Event)(nil),                    // 26: minicloud.v1.Event
+	(*GetConsoleLogResponse)(nil),    // 27: minicloud.v1.GetConsoleLogResponse
 }
 var file_minicloud_v1_host_proto_depIdxs = []int32{
-	17, // 0: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
-	18, // 1: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
+	20, // 0: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
+	21, // 1: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
 	1,  // 2: minicloud.v1.Host.allocation_ratios:type_name -> minicloud.v1.AllocationRatios
 	0,  // 3: minicloud.v1.Host.state:type_name -> minicloud.v1.HostState
-	19, // 4: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	18, // 5: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
+	22, // 4: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	21, // 5: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
 	2,  // 6: minicloud.v1.RegisterHostRequest.host:type_name -> minicloud.v1.Host
 	2,  // 7: minicloud.v1.RegisterHostResponse.host:type_name -> minicloud.v1.Host
-	20, // 8: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
-	21, // 9: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
-	22, // 10: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
-	23, // 11: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
+	23, // 8: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
+	24, // 9: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
+	25, // 10: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
+	26, // 11: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
 	2,  // 12: minicloud.v1.ListHostsResponse.hosts:type_name -> minicloud.v1.Host
-	3,  // 13: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
-	5,  // 14: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
-	7,  // 15: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
-	9,  // 16: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
-	11, // 17: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
-	13, // 18: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
-	14, // 19: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
-	15, // 20: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
-	16, // 21: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
-	4,  // 22: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
-	6,  // 23: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
-	8,  // 24: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
-	10, // 25: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
-	12, // 26: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
-	2,  // 27: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
-	2,  // 28: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
-	2,  // 29: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
-	24, // 30: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	22, // [22:31] is the sub-list for method output_type
-	13, // [13:22] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	18, // 13: minicloud.v1.NetworkPortsSnapshot.ports:type_name -> minicloud.v1.NetworkPort
+	3,  // 14: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
+	5,  // 15: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
+	7,  // 16: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
+	9,  // 17: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
+	11, // 18: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
+	13, // 19: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
+	14, // 20: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
+	15, // 21: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
+	17, // 22: minicloud.v1.HostService.WatchNetworkPorts:input_type -> minicloud.v1.WatchNetworkPortsRequest
+	16, // 23: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
+	4,  // 24: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
+	6,  // 25: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
+	8,  // 26: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
+	10, // 27: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
+	12, // 28: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
+	2,  // 29: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
+	2,  // 30: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
+	2,  // 31: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
+	19, // 32: minicloud.v1.HostService.WatchNetworkPorts:output_type -> minicloud.v1.NetworkPortsSnapshot
+	27, // 33: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	24, // [24:34] is the sub-list for method output_type
+	14, // [14:24] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_host_proto_init() }
@@ -1147,7 +1400,7 @@ func file_minicloud_v1_host_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_host_proto_rawDesc), len(file_minicloud_v1_host_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
