@@ -154,6 +154,7 @@ func (s *Server) networkPorts(ctx context.Context, host string) (*minicloudv1.Ne
 		if on == "" {
 			continue
 		}
+		hostname := cmp.Or(vm.GetSpec().GetHostname(), vm.GetMeta().GetName())
 		for _, a := range vm.GetStatus().GetAddresses() {
 			if !mine[a.GetBridge()] || a.GetIp() == "" || a.GetMac() == "" {
 				continue
@@ -161,7 +162,7 @@ func (s *Server) networkPorts(ctx context.Context, host string) (*minicloudv1.Ne
 			snap.Ports = append(snap.Ports, &minicloudv1.NetworkPort{
 				VmId: vm.GetMeta().GetId(), VmName: vm.GetMeta().GetName(), Project: vm.GetMeta().GetProject(),
 				Network: a.GetNetwork(), Bridge: a.GetBridge(), Vni: a.GetVni(),
-				Mac: a.GetMac(), Ip: a.GetIp(), Host: on, TunnelIp: tunnel[on],
+				Mac: a.GetMac(), Ip: a.GetIp(), Host: on, TunnelIp: tunnel[on], Hostname: hostname,
 			})
 		}
 	}

@@ -310,3 +310,23 @@ func convergeNeighbours(link netlink.Link, ports []network.RemotePort) error {
 	}
 	return nil
 }
+
+// UnderlayMTU is the MTU of the interface that holds ip, this host's
+// tunnel address; an error when no interface has it.
+func UnderlayMTU(ip netip.Addr) (int, error) {
+	addrs, err := netlink.AddrList(nil, unix.AF_INET)
+	if err != nil {
+		return 0, fmt.Errorf("list addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if p, ok := toPrefix(a.IPNet); !ok || p.Addr() != ip {
+			continue
+		}
+		link, err := netlink.LinkByIndex(a.LinkIndex)
+		if err != nil {
+			return 0, fmt.Errorf("look up the interface of %s: %w", ip, err)
+		}
+		return link.Attrs().MTU, nil
+	}
+	return 0, errdefs.Invalid("tunnel address %s is not an address of this host: give an address of the underlay interface", ip)
+}

@@ -1041,8 +1041,10 @@ type NetworkPort struct {
 	Ip     string `protobuf:"bytes,8,opt,name=ip,proto3" json:"ip,omitempty"`
 	// host runs the VM; tunnel_ip is that host's underlay address (empty when
 	// the host has none: its ports are unreachable from other hosts).
-	Host          string `protobuf:"bytes,9,opt,name=host,proto3" json:"host,omitempty"`
-	TunnelIp      string `protobuf:"bytes,10,opt,name=tunnel_ip,json=tunnelIp,proto3" json:"tunnel_ip,omitempty"`
+	Host     string `protobuf:"bytes,9,opt,name=host,proto3" json:"host,omitempty"`
+	TunnelIp string `protobuf:"bytes,10,opt,name=tunnel_ip,json=tunnelIp,proto3" json:"tunnel_ip,omitempty"`
+	// hostname is the VM's DNS name (spec.hostname, or its name).
+	Hostname      string `protobuf:"bytes,11,opt,name=hostname,proto3" json:"hostname,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1143,6 +1145,13 @@ func (x *NetworkPort) GetHost() string {
 func (x *NetworkPort) GetTunnelIp() string {
 	if x != nil {
 		return x.TunnelIp
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetHostname() string {
+	if x != nil {
+		return x.Hostname
 	}
 	return ""
 }
@@ -1267,7 +1276,7 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\n" +
 	"tail_bytes\x18\x02 \x01(\x03R\ttailBytes\".\n" +
 	"\x18WatchNetworkPortsRequest\x12\x12\n" +
-	"\x04host\x18\x01 \x01(\tR\x04host\"\xec\x01\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\"\x88\x02\n" +
 	"\vNetworkPort\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x17\n" +
 	"\avm_name\x18\x02 \x01(\tR\x06vmName\x12\x18\n" +
@@ -1279,7 +1288,8 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x02ip\x18\b \x01(\tR\x02ip\x12\x12\n" +
 	"\x04host\x18\t \x01(\tR\x04host\x12\x1b\n" +
 	"\ttunnel_ip\x18\n" +
-	" \x01(\tR\btunnelIp\"c\n" +
+	" \x01(\tR\btunnelIp\x12\x1a\n" +
+	"\bhostname\x18\v \x01(\tR\bhostname\"c\n" +
 	"\x14NetworkPortsSnapshot\x12/\n" +
 	"\x05ports\x18\x01 \x03(\v2\x19.minicloud.v1.NetworkPortR\x05ports\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision*O\n" +
