@@ -284,6 +284,13 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set, protected []netip.Pre
 			{"within one guest network", cat(
 				metaLoad(expr.MetaKeyIIFNAME, regConcat), metaLoad(expr.MetaKeyOIFNAME, regConcat+4),
 				lookup(regConcat, iset(setSameNet), false), verdict(expr.VerdictAccept))},
+			// A guest that reached another host's VTEP could inject frames
+			// into any network's segment: no guest sends VXLAN anywhere,
+			// whatever --protected-nets says.
+			{"guests may not send VXLAN", cat(
+				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false), nfproto(unix.NFPROTO_IPV4),
+				l4proto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(VXLANPort)),
+				counter(), verdict(expr.VerdictDrop))},
 			{"no routing between guest networks", cat(
 				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false),
 				metaLoad(expr.MetaKeyOIFNAME, 1), lookup(1, iset(setBridges), false),

@@ -284,6 +284,29 @@ func TestTunnelSpansHosts(t *testing.T) {
 		t.Errorf("red guest opened TCP to a blue guest on another host")
 	}
 
+	// A guest that sends VXLAN to another host's VTEP (here into red's
+	// segment, claiming to be red's guest) is stopped on its own host.
+	var inj *net.UDPConn
+	if err := a.Do(func() (err error) {
+		inj, err = net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(h.vtep[1], VXLANPort)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer inj.Close()
+	frame := netnstest.UDP4(net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, redA.MAC,
+		netip.AddrPortFrom(redA.port.IP, 9999), netip.AddrPortFrom(netip.MustParseAddr("10.249.0.255"), 9999), []byte("injected"))
+	if _, err := inj.Write(vxlanPacket(200, frame)); err != nil {
+		t.Fatal(err)
+	}
+	for forwardDrops(t, h.ns[0], "guests may not send VXLAN") < 1 {
+		select {
+		case <-ctx.Done():
+			t.Fatal("a guest's VXLAN packet towards another host's VTEP was not dropped")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+
 	// The spec reads back, and forgetting the remote ports cuts the path.
 	got, err := h.m[0].ListBridges(ctx)
 	if err != nil {
@@ -407,14 +430,26 @@ func TestTunnelDropsForgedFrames(t *testing.T) {
 
 // tunnelDrops sums the counters of the tunnel ingress rules whose comment
 // contains what.
-func tunnelDrops(t *testing.T, host *netnstest.NS, what string) (packets uint64) {
+func tunnelDrops(t *testing.T, host *netnstest.NS, what string) uint64 {
+	t.Helper()
+	return ruleCounters(t, host, bridgeTable, chainTunnelIngress, what)
+}
+
+// forwardDrops sums the counters of the inet forward rules whose comment
+// contains what.
+func forwardDrops(t *testing.T, host *netnstest.NS, what string) (packets uint64) {
+	t.Helper()
+	return ruleCounters(t, host, inetTable, chainForward, what)
+}
+
+func ruleCounters(t *testing.T, host *netnstest.NS, table *nftables.Table, chain, what string) (packets uint64) {
 	t.Helper()
 	if err := host.Do(func() error {
 		c, err := nftables.New()
 		if err != nil {
 			return err
 		}
-		rules, err := c.GetRules(bridgeTable, &nftables.Chain{Table: bridgeTable, Name: chainTunnelIngress})
+		rules, err := c.GetRules(table, &nftables.Chain{Table: table, Name: chain})
 		if err != nil {
 			return err
 		}
