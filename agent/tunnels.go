@@ -104,8 +104,13 @@ func (a *Agent) setNetworkPorts(ctx context.Context, ports []*minicloudv1.Networ
 // applyRemotePorts programs the bridge's tunnel with the other hosts' ports
 // of the latest set, and records the bridge as tunnelled so the next set
 // reaches it too.
+//
+// The set is read and applied under one lock: a reconcile applying the set
+// it read could otherwise land after the stream applied a newer one, and
+// leave the tunnel stale until the next change.
 func (a *Agent) applyRemotePorts(ctx context.Context, bridge string) error {
 	a.tunnelMu.Lock()
+	defer a.tunnelMu.Unlock()
 	a.tunnels[bridge] = true
 	var remote []network.RemotePort
 	for _, p := range a.netPorts {
@@ -121,7 +126,6 @@ func (a *Agent) applyRemotePorts(ctx context.Context, bridge string) error {
 		}
 		remote = append(remote, network.RemotePort{MAC: mac, IP: ip, VTEP: vtep})
 	}
-	a.tunnelMu.Unlock()
 	err := a.net.SetRemotePorts(ctx, bridge, remote)
 	if errdefs.IsFailedPrecondition(err) {
 		return nil // the bridge is gone (collected) or not yet made: its next ensure applies the set
