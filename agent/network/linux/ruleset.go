@@ -48,6 +48,10 @@ const (
 	// setTunnelSrc is the tunnel ingress allowlist: the MAC and IP of every
 	// remote port reachable through a tunnel.
 	setTunnelSrc = "tunnel_src" // bridge: ifname . ether_addr . ipv4_addr
+	// setTunnelLocal and setVTEPPair admit VXLAN to this host's tunnel
+	// addresses only from the hosts (VTEPs) of known remote ports.
+	setTunnelLocal = "tunnel_local" // inet: ipv4_addr — every tunnel's local address
+	setVTEPPair    = "vtep_pair"    // inet: ipv4_addr . ipv4_addr — local . remote VTEP
 )
 
 // Chain names.
@@ -82,6 +86,8 @@ func newSets() map[*nftables.Table][]*nftables.Set {
 			{Table: inetTable, Name: setBridges, KeyType: ifname, KeyByteOrder: binaryutil.NativeEndian},
 			{Table: inetTable, Name: setBridgeGW, KeyType: nftables.MustConcatSetType(ifname, nftables.TypeIPAddr), Concatenation: true},
 			{Table: inetTable, Name: setSameNet, KeyType: nftables.MustConcatSetType(ifname, ifname), Concatenation: true},
+			{Table: inetTable, Name: setTunnelLocal, KeyType: nftables.TypeIPAddr, KeyByteOrder: binaryutil.BigEndian},
+			{Table: inetTable, Name: setVTEPPair, KeyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr), Concatenation: true},
 		},
 	}
 }
@@ -251,6 +257,14 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set, protected []netip.Pre
 			{"forged source IP", cat(counter(), verdict(expr.VerdictDrop))},
 		},
 		chainInput: {
+			// Defence in depth on the underlay: VXLAN to a tunnel address
+			// from anything but a known remote VTEP never reaches a tunnel
+			// (other VXLAN users on the host, on other addresses, are untouched).
+			{"VXLAN from an unknown VTEP", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_UDP),
+				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(VXLANPort)),
+				payload(expr.PayloadBaseNetworkHeader, 16, 4, 1), lookup(1, iset(setTunnelLocal), false),
+				payload(expr.PayloadBaseNetworkHeader, 16, 4, regConcat), payload(expr.PayloadBaseNetworkHeader, 12, 4, regConcat+1),
+				lookup(regConcat, iset(setVTEPPair), true), counter(), verdict(expr.VerdictDrop))},
 			{"traffic from guest networks to the host", cat(
 				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false), jump(chainGuestInput))},
 		},

@@ -117,7 +117,7 @@ func (m *Manager) ensureTunnel(spec network.BridgeSpec, br netlink.Link) error {
 			return fmt.Errorf("bring tunnel %s up: %w", name, err)
 		}
 	}
-	return nil
+	return m.convergeVTEPs()
 }
 
 // deleteTunnel removes a VXLAN device and its allowlist; absent is fine.
@@ -135,8 +135,56 @@ func (m *Manager) deleteTunnel(name string) error {
 		}
 		m.log.Info("deleted tunnel", "tunnel", name)
 	}
-	return m.apply("delete allowlist of tunnel "+name, false, func(b *batch) error {
+	if err := m.apply("delete allowlist of tunnel "+name, false, func(b *batch) error {
 		return b.replaceKeys(bridgeTable, setTunnelSrc, ifname(name), nil)
+	}); err != nil {
+		return err
+	}
+	return m.convergeVTEPs()
+}
+
+// convergeVTEPs makes tunnel_local and vtep_pair match every minicloud
+// tunnel on the host: its local address, and (local, remote VTEP) for each
+// host its forwarding entries point at. Called with m.mu held, after any
+// change of a tunnel or its entries.
+func (m *Manager) convergeVTEPs() error {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return fmt.Errorf("list links: %w", err)
+	}
+	var locals, pairs [][]byte
+	seen := map[string]bool{}
+	add := func(list *[][]byte, k []byte) {
+		if !seen[string(k)] {
+			seen[string(k)] = true
+			*list = append(*list, k)
+		}
+	}
+	for _, l := range links {
+		vx, ok := l.(*netlink.Vxlan)
+		if !ok || l.Attrs().Alias != tunnelAlias {
+			continue
+		}
+		local := vx.SrcAddr.To4()
+		if local == nil {
+			continue
+		}
+		add(&locals, slices.Clone([]byte(local)))
+		fdb, err := netlink.NeighList(l.Attrs().Index, unix.AF_BRIDGE)
+		if err != nil {
+			return fmt.Errorf("list forwarding entries of %s: %w", l.Attrs().Name, err)
+		}
+		for _, n := range fdb {
+			if n.LinkIndex == l.Attrs().Index && n.Flags&netlink.NTF_SELF != 0 && n.IP.To4() != nil {
+				add(&pairs, append(slices.Clone([]byte(local)), n.IP.To4()...))
+			}
+		}
+	}
+	return m.apply("tunnel endpoints", false, func(b *batch) error {
+		if err := b.replaceKeys(inetTable, setTunnelLocal, nil, locals); err != nil {
+			return err
+		}
+		return b.replaceKeys(inetTable, setVTEPPair, nil, pairs)
 	})
 }
 
@@ -188,7 +236,10 @@ func (m *Manager) SetRemotePorts(ctx context.Context, bridge string, ports []net
 	if err := convergeFDB(link, ports); err != nil {
 		return fmt.Errorf("tunnel %s of bridge %s: %w", name, bridge, err)
 	}
-	return convergeNeighbours(link, ports)
+	if err := convergeNeighbours(link, ports); err != nil {
+		return err
+	}
+	return m.convergeVTEPs()
 }
 
 // fdbKey names a forwarding entry: its MAC, and for the VXLAN device's own

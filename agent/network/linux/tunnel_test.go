@@ -31,6 +31,8 @@ type twoHosts struct {
 	ns   [2]*netnstest.NS
 	m    [2]*inNS
 	vtep [2]netip.Addr
+	// underlay is host 0's end of the veth; host 1's is underlay+"p".
+	underlay string
 }
 
 func newTwoHosts(t *testing.T) *twoHosts {
@@ -43,6 +45,7 @@ func newTwoHosts(t *testing.T) *twoHosts {
 		h.m[i] = &inNS{ns: h.ns[i], m: New(slog.Default())}
 	}
 	up := "mcu" + id
+	h.underlay = up
 	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: up, MTU: 1500}, PeerName: up + "p",
 		PeerNamespace: netlink.NsFd(int(h.ns[1].Handle()))}); err != nil {
 		t.Fatal(err)
@@ -407,6 +410,28 @@ func TestTunnelDropsForgedFrames(t *testing.T) {
 			t.Fatalf("inject %s: %v", f.name, err)
 		}
 	}
+	// A well-formed frame of the real remote port, but from an underlay
+	// address that is no host of the network.
+	stranger := netip.MustParseAddr("198.18.0.3")
+	var sconn *net.UDPConn
+	if err := h.ns[1].Do(func() error {
+		l, err := netlink.LinkByName(h.underlay + "p")
+		if err != nil {
+			return err
+		}
+		if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: stranger.AsSlice(), Mask: net.CIDRMask(24, 32)}}); err != nil {
+			return err
+		}
+		sconn, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(stranger, 0)),
+			net.UDPAddrFromAddrPort(netip.AddrPortFrom(h.vtep[0], VXLANPort)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer sconn.Close()
+	if _, err := sconn.Write(vxlanPacket(vni, netnstest.UDP4(bcast, b.MAC, ap(b.port.IP, 9999), dst, []byte("forged-stranger")))); err != nil {
+		t.Fatal(err)
+	}
 	marker := []byte("legit-remote")
 	if _, err := conn.Write(vxlanPacket(vni, netnstest.UDP4(bcast, b.MAC, ap(b.port.IP, 9999), dst, marker))); err != nil {
 		t.Fatal(err)
@@ -422,6 +447,9 @@ func TestTunnelDropsForgedFrames(t *testing.T) {
 	}
 	if n := tunnelDrops(t, h.ns[0], "to a gateway or the metadata address"); n < 1 {
 		t.Errorf("frame to the metadata address from the tunnel was not dropped by the ingress rule (counter %d)", n)
+	}
+	if n := ruleCounters(t, h.ns[0], inetTable, chainInput, "VXLAN from an unknown VTEP"); n < 1 {
+		t.Errorf("VXLAN from an unknown underlay address was not dropped (counter %d)", n)
 	}
 	if n := tunnelDrops(t, h.ns[0], "forged source from a tunnel"); n < 2 {
 		t.Errorf("forged-source drops %d, want at least 2", n)
