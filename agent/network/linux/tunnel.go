@@ -285,7 +285,10 @@ func convergeFDB(link netlink.Link, ports []network.RemotePort) error {
 			if err := netlink.NeighDel(del); err != nil && !errors.Is(err, unix.ENOENT) {
 				return fmt.Errorf("delete forwarding entry %s via %s: %w", n.HardwareAddr, n.IP, err)
 			}
-		case n.Flags&netlink.NTF_MASTER != 0 && n.State&netlink.NUD_PERMANENT == 0:
+		// The bridge's entries for the tunnel port come back without
+		// NTF_MASTER but with the bridge as master; its permanent entry
+		// is the port's own MAC.
+		case n.IP == nil && (n.Flags&netlink.NTF_MASTER != 0 || n.MasterIndex != 0) && n.State&netlink.NUD_PERMANENT == 0:
 			k := n.HardwareAddr.String()
 			if wantMaster[k] && n.State&netlink.NUD_NOARP != 0 {
 				haveMaster[k] = true

@@ -327,8 +327,40 @@ func TestTunnelSpansHosts(t *testing.T) {
 	if !found {
 		t.Fatalf("ListBridges lacks %s", blue.spec[0].Name)
 	}
+	entries := func() (fdb, neigh int) {
+		t.Helper()
+		if err := h.ns[0].Do(func() error {
+			l, err := netlink.LinkByName(TunnelName(blue.spec[0].Name))
+			if err != nil {
+				return err
+			}
+			fs, err := netlink.NeighList(l.Attrs().Index, unix.AF_BRIDGE)
+			if err != nil {
+				return err
+			}
+			for _, f := range fs {
+				if f.LinkIndex == l.Attrs().Index && (f.IP != nil || f.State&netlink.NUD_NOARP != 0 && f.State&netlink.NUD_PERMANENT == 0) {
+					fdb++
+				}
+			}
+			ns, err := netlink.NeighList(l.Attrs().Index, unix.AF_INET)
+			neigh = len(ns)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return fdb, neigh
+	}
+	// One remote port: its MAC towards the VTEP, the all-zero MAC towards
+	// the VTEP, its MAC on the bridge; one neighbour.
+	if fdb, neigh := entries(); fdb != 3 || neigh != 1 {
+		t.Errorf("host 0's tunnel has %d forwarding and %d neighbour entries, want 3 and 1", fdb, neigh)
+	}
 	if err := h.m[0].SetRemotePorts(ctx, blue.spec[0].Name, nil); err != nil {
 		t.Fatal(err)
+	}
+	if fdb, neigh := entries(); fdb != 0 || neigh != 0 {
+		t.Errorf("after clearing, host 0's tunnel has %d forwarding and %d neighbour entries, want none", fdb, neigh)
 	}
 	if err := ping(a.Guest, b.port.IP, 64, 2*time.Second); err == nil {
 		t.Errorf("ping still passes after host 0 forgot the remote ports")
