@@ -41,7 +41,7 @@ var Layout = []KeySpec{
 	{"hosts/alloc/<name>", HostAllocPrefix, "HostAllocation (sum of claims; its revision is compared by claims)", "scheduler, API on release"},
 	{"claims/<host>/<vm id>", ClaimPrefix, "Claim", "scheduler, API on release"},
 	{"ipam/<network id>/<ip>", IPAMPrefix, "VM id", "API"},
-	{"vnis/<vni, 8 digits>", VNIPrefix, "network id (VXLAN segment id; taken in the network's create transaction, freed in its delete's)", "API"},
+	{"vnis/<vni>", VNIPrefix, "network id (VNI zero-padded to 8 digits: the network's VXLAN segment id, taken in its create transaction, freed in its delete's)", "API"},
 	{"schedulers/<replica id>", SchedulerPrefix, "replica id, attached to the replica's lease (work sharing)", "each scheduler replica"},
 }
 
@@ -114,6 +114,10 @@ func ParseClaimKey(key string) (host, vmID string, ok bool) {
 func IPAMNetworkPrefix(networkID string) string { return IPAMPrefix + networkID + "/" }
 func IPAMKey(networkID, ip string) string       { return IPAMNetworkPrefix(networkID) + ip }
 func SchedulerKey(replicaID string) string      { return SchedulerPrefix + replicaID }
+
+// VNIKey holds the id of the network that owns vni; zero-padded so keys
+// sort numerically.
+func VNIKey(vni uint32) string { return fmt.Sprintf("%s%08d", VNIPrefix, vni) }
 
 // LastSegment returns what follows the last "/" of key (an id or a name).
 func LastSegment(key string) string {

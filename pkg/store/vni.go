@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"fmt"
 	"math/rand/v2"
 	"strconv"
 
@@ -32,10 +31,6 @@ func (r VNIRange) Validate() error {
 	}
 	return nil
 }
-
-// VNIKey holds the id of the network that owns vni; zero-padded so keys
-// sort numerically.
-func VNIKey(vni uint32) string { return fmt.Sprintf("%s%08d", VNIPrefix, vni) }
 
 // VNIAllocation picks a free VNI of r for network networkID and returns
 // what to commit in the same transaction as the network's creation: the
