@@ -33,6 +33,11 @@ const portsSettle = 100 * time.Millisecond
 func (h *hostService) WatchNetworkPorts(req *minicloudv1.WatchNetworkPortsRequest, stream minicloudv1.HostService_WatchNetworkPortsServer) error {
 	ctx := stream.Context()
 	name := req.GetHost()
+	// Only the host itself may follow its networks (its certificate, on a
+	// TLS server): the set names other tenants' VMs on those networks.
+	if err := h.s.authorizeHost(ctx, name); err != nil {
+		return err
+	}
 	if err := validateHostname("host name", name); err != nil {
 		return err
 	}

@@ -43,6 +43,10 @@ var Layout = []KeySpec{
 	{"ipam/<network id>/<ip>", IPAMPrefix, "VM id", "API"},
 	{"vnis/<vni>", VNIPrefix, "network id (VNI zero-padded to 8 digits: the network's VXLAN segment id, taken in its create transaction, freed in its delete's)", "API"},
 	{"schedulers/<replica id>", SchedulerPrefix, "replica id, attached to the replica's lease (work sharing)", "each scheduler replica"},
+	{"pki/ca", CAKey, "ClusterCA (certificate + key)", "first API server (create-if-absent)"},
+	{"pki/jointokens/<id>", JoinTokenPrefix, "JoinToken (hashed secret), leased until expiry", "API"},
+	{"pki/hostcerts/<host>/<serial>", HostCertPrefix, "IssuedCert", "API on join"},
+	{"pki/revoked/<serial>", RevokedPrefix, "IssuedCert (deny-list), leased until the cert expires", "API on revoke / re-join"},
 }
 
 // MarkdownKeyTable renders Layout as the table docs/architecture.md carries
@@ -78,6 +82,10 @@ const (
 	IPAMPrefix        = Prefix + "ipam/"
 	VNIPrefix         = Prefix + "vnis/"
 	SchedulerPrefix   = Prefix + "schedulers/"
+	CAKey             = Prefix + "pki/ca"
+	JoinTokenPrefix   = Prefix + "pki/jointokens/"
+	HostCertPrefix    = Prefix + "pki/hostcerts/"
+	RevokedPrefix     = Prefix + "pki/revoked/"
 )
 
 func VMSpecKey(id string) string            { return VMSpecPrefix + id }
@@ -114,6 +122,10 @@ func ParseClaimKey(key string) (host, vmID string, ok bool) {
 func IPAMNetworkPrefix(networkID string) string { return IPAMPrefix + networkID + "/" }
 func IPAMKey(networkID, ip string) string       { return IPAMNetworkPrefix(networkID) + ip }
 func SchedulerKey(replicaID string) string      { return SchedulerPrefix + replicaID }
+func JoinTokenKey(id string) string             { return JoinTokenPrefix + id }
+func HostCertsPrefix(host string) string        { return HostCertPrefix + host + "/" }
+func HostCertKey(host, serial string) string    { return HostCertsPrefix(host) + serial }
+func RevokedKey(serial string) string           { return RevokedPrefix + serial }
 
 // VNIKey holds the id of the network that owns vni; zero-padded so keys
 // sort numerically.
