@@ -348,13 +348,28 @@ func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]nic.NI
 		if !n.Gateway.IsValid() {
 			return nil, Permanent(lifecycle.ReasonAddressInvalid, fmt.Errorf("network %s: no gateway", n.Network))
 		}
+		// The network's host-side settings (NAT, tunnel) ride on the
+		// address; the NIC is what was parsed from it.
+		addr := vm.GetStatus().GetAddresses()[n.Index]
+		tunnel := a.tunnelSpec(addr)
+		if tunnel != nil {
+			if err := a.checkTunnelMTU(addr, n.MTU); err != nil {
+				return nil, err
+			}
+		}
 		if err := a.ensureBridge(ctx, network.BridgeSpec{
 			Name:        n.Bridge,
 			GatewayCIDR: n.GatewayPrefix(),
 			MTU:         n.MTU,
-			NAT:         true,
+			NAT:         !addr.GetDisableNat(),
+			Tunnel:      tunnel,
 		}); err != nil {
 			return nil, fmt.Errorf("bridge %s of network %s: %w", n.Bridge, n.Network, err)
+		}
+		if tunnel != nil {
+			if err := a.applyRemotePorts(ctx, n.Bridge); err != nil {
+				return nil, fmt.Errorf("tunnel of network %s: %w", n.Network, err)
+			}
 		}
 		if err := a.net.EnsurePort(ctx, network.PortSpec{
 			VMID: vm.GetMeta().GetId(), TapName: n.TapName, Bridge: n.Bridge,
