@@ -47,6 +47,7 @@ func (a *Agent) observedStatus(vm *minicloudv1.VM) *minicloudv1.VMStatus {
 		st.Hypervisor = last.Hypervisor
 		st.ObservedRebootGeneration = last.ObservedRebootGeneration
 		st.ObservedResourceVersion = last.ObservedResourceVersion
+		st.ObservedMetadataVersion = max(st.ObservedMetadataVersion, last.ObservedMetadataVersion)
 		st.Conditions = proto.Clone(last).(*minicloudv1.VMStatus).Conditions
 	}
 	return st
@@ -129,7 +130,8 @@ func sameObservedStatus(old, st *minicloudv1.VMStatus) bool {
 	}
 	if old.Phase != st.Phase || old.Reason != st.Reason || old.Message != st.Message ||
 		old.Hypervisor != st.Hypervisor || old.ObservedRebootGeneration != st.ObservedRebootGeneration ||
-		old.ObservedResourceVersion != st.ObservedResourceVersion || len(old.Conditions) != len(st.Conditions) {
+		old.ObservedResourceVersion != st.ObservedResourceVersion || old.ObservedMetadataVersion != st.ObservedMetadataVersion ||
+		len(old.Conditions) != len(st.Conditions) {
 		return false
 	}
 	for i := range old.Conditions {

@@ -104,6 +104,7 @@ func (s *Server) reportOps(ctx context.Context, vm *minicloudv1.VM, req *miniclo
 		next.Hypervisor = st.GetHypervisor()
 		next.ObservedRebootGeneration = st.GetObservedRebootGeneration()
 		next.ObservedResourceVersion = st.GetObservedResourceVersion()
+		next.ObservedMetadataVersion = st.GetObservedMetadataVersion()
 	}
 	if vm.GetSpec().GetDeletionRequested() {
 		next.Phase = minicloudv1.VMPhase_VM_PHASE_DELETING // until the host reports deleted
