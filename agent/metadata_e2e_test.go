@@ -11,6 +11,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/cloudtest"
+	"github.com/minicloud/minicloud/pkg/errdefs"
 )
 
 var watchLine = regexp.MustCompile(`MINICLOUD-WATCH key=greeting changed=(true|false) etag=(\S*) value="([^"]*)"`)
@@ -19,6 +20,11 @@ var watchLine = regexp.MustCompile(`MINICLOUD-WATCH key=greeting changed=(true|f
 func watchLines(t *testing.T, c *cloudtest.Cloud, name string) [][]string {
 	t.Helper()
 	resp, err := c.Client.VMs.GetConsoleLog(context.Background(), &minicloudv1.GetConsoleLogRequest{Name: name, TailBytes: 1 << 20})
+	if errdefs.IsUnavailable(err) {
+		// A restarted agent is reachable once it has registered its new
+		// address; until then there is nothing new to read.
+		return nil
+	}
 	if err != nil {
 		t.Fatalf("console log of %s: %v", name, err)
 	}
@@ -145,5 +151,34 @@ func TestMetadataUpdateReachesWaitingGuest(t *testing.T) {
 	}
 	if now, err := virsh("domid", "mc-"+id); err != nil || now != domID {
 		t.Errorf("domain id %q, was %q (%v): the domain was restarted", now, domID, err)
+	}
+
+	// Level-triggered delivery: the all-in-one (API, agent, metadata
+	// service) is killed and started again. The guest resumes its poll with
+	// the last ETag; the restarted agent serves the current value, so the
+	// poll holds until its timeout and answers unchanged — a stale or
+	// missing value would answer at once with another ETag or a 404.
+	have = len(watchLines(t, c, "watcher"))
+	c.Kill()
+	c.Run()
+	c.WaitHostUp()
+	resumed, _ := nextWatchLine(t, c, "watcher", have, 3*time.Minute)
+	have++
+	if resumed[1] != "false" || resumed[2] != got[2] || resumed[3] != "again" {
+		t.Fatalf("after the restart the guest's poll answered %q, want the unchanged value again with ETag %s", resumed, got[2])
+	}
+	c.MustMC("vm", "set", "watcher", "--metadata", "greeting=after-restart")
+	for {
+		got, _ = nextWatchLine(t, c, "watcher", have, time.Minute)
+		have++
+		if got[1] == "true" {
+			break
+		}
+	}
+	if got[3] != "after-restart" {
+		t.Fatalf("after the restart, an update answered %q", got)
+	}
+	if now, err := virsh("domid", "mc-"+id); err != nil || now != domID {
+		t.Errorf("domain id %q, was %q (%v) after the agent restart", now, domID, err)
 	}
 }

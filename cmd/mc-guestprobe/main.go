@@ -10,9 +10,11 @@
 //
 // When the GCE attribute mc-watch names another attribute, it then follows
 // that attribute with GCE's wait_for_change long-poll for good, printing one
-// line per answer (changed=false when the poll timed out unchanged):
+// line per answer (changed=false when the poll timed out unchanged), and
+// asking again with the same ETag when the service is unreachable:
 //
 //	MINICLOUD-WATCH key=<k> changed=<bool> etag=<etag> value=<quoted>
+//	MINICLOUD-WATCH-ERROR <error>
 //
 // It exists because Debian's busybox-static wget crashes, and it must be a
 // static binary (CGO_ENABLED=0): the initramfs has no libc.
@@ -256,7 +258,11 @@ func (c *client) watch(ctx context.Context, w io.Writer) error {
 	for {
 		v, e, code, err := c.gceGet(ctx, long, gceAttributes+key+"?wait_for_change=true&timeout_sec="+timeout+"&last_etag="+etag)
 		if err != nil {
-			return err
+			// The service restarts with its host's agent: keep the ETag
+			// and ask again, as GCE's guest agent does.
+			fmt.Fprintf(w, "MINICLOUD-WATCH-ERROR %v\n", err)
+			time.Sleep(c.interval)
+			continue
 		}
 		if code != http.StatusOK {
 			// The attribute went away: say so, and wait for it to return.
