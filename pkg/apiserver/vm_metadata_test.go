@@ -13,6 +13,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/apiserver"
+	"github.com/minicloud/minicloud/pkg/client"
 )
 
 var sshKey2 = newSSHKey("second@host")
@@ -264,5 +265,29 @@ func TestUpdateVMMetadataStaleVersions(t *testing.T) {
 	got, _ = e.vms.GetVM(ctx(t), &minicloudv1.GetVMRequest{Name: "web1"})
 	if len(got.Meta.Labels) != n {
 		t.Fatalf("%d labels after %d unversioned patches: %v", len(got.Meta.Labels), n, got.Meta.Labels)
+	}
+}
+
+// TestListVMsWithFullMetadata lists more VMs at the metadata bound than
+// fit in gRPC's default 4 MiB answer, through the client package.
+func TestListVMsWithFullMetadata(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	half := apiserver.MaxMetadataTotalBytes / 2
+	full := map[string]string{"a": strings.Repeat("x", half-1), "b": strings.Repeat("y", half-1)}
+	for i := range 9 {
+		e.createVM(fmt.Sprintf("big%d", i), func(r *minicloudv1.CreateVMRequest) { r.Spec.Metadata = full })
+	}
+	c, err := client.Dial(ctx(t), e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	list, err := c.VMs.ListVMs(ctx(t), &minicloudv1.ListVMsRequest{})
+	if err != nil {
+		t.Fatalf("list 9 VMs of 512 KiB metadata each: %v", err)
+	}
+	if len(list.Vms) != 9 || list.Vms[8].Spec.Metadata["b"] != full["b"] {
+		t.Fatalf("listed %d VMs", len(list.Vms))
 	}
 }
