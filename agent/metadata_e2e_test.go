@@ -11,7 +11,6 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/cloudtest"
-	"github.com/minicloud/minicloud/pkg/errdefs"
 )
 
 var watchLine = regexp.MustCompile(`MINICLOUD-WATCH key=greeting changed=(true|false) etag=(\S*) value="([^"]*)"`)
@@ -20,11 +19,6 @@ var watchLine = regexp.MustCompile(`MINICLOUD-WATCH key=greeting changed=(true|f
 func watchLines(t *testing.T, c *cloudtest.Cloud, name string) [][]string {
 	t.Helper()
 	resp, err := c.Client.VMs.GetConsoleLog(context.Background(), &minicloudv1.GetConsoleLogRequest{Name: name, TailBytes: 1 << 20})
-	if errdefs.IsUnavailable(err) {
-		// A restarted agent is reachable once it has registered its new
-		// address; until then there is nothing new to read.
-		return nil
-	}
 	if err != nil {
 		t.Fatalf("console log of %s: %v", name, err)
 	}
@@ -162,6 +156,17 @@ func TestMetadataUpdateReachesWaitingGuest(t *testing.T) {
 	c.Kill()
 	c.Run()
 	c.WaitHostUp()
+	// The console is read through the restarted agent, which answers once
+	// it has registered its new address and received its assignments.
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		_, err := c.Client.VMs.GetConsoleLog(context.Background(), &minicloudv1.GetConsoleLogRequest{Name: "watcher", TailBytes: 1})
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the console is unreadable 2 minutes after the restart: %v", err)
+		}
+	}
 	resumed, _ := nextWatchLine(t, c, "watcher", have, 3*time.Minute)
 	have++
 	if resumed[1] != "false" || resumed[2] != got[2] || resumed[3] != "again" {
