@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"time"
 	"unicode"
 	"unicode/utf8"
 
@@ -15,6 +16,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -322,9 +324,13 @@ func (v *vmService) UpdateVMMetadata(ctx context.Context, req *minicloudv1.Updat
 		if next.Spec.LifecycleVersion == 0 {
 			next.Spec.LifecycleVersion = from
 		}
-		rev, ok, err := store.UpdateVMSpec(ctx, v.s.etcd, next, from, &minicloudv1.Event{
-			Type: "Normal", Reason: "MetadataUpdated", Source: "api", Message: changed,
+		txn, err := store.UpdateVMSpecTxn(next, time.Now(), &minicloudv1.Event{
+			Type: lifecycle.EventNormal, Reason: lifecycle.ReasonMetadataUpdated, Source: "api", Message: changed,
 		})
+		if err != nil {
+			return nil, err
+		}
+		rev, ok, err := txn.Commit(ctx, v.s.etcd)
 		if err != nil {
 			return nil, err
 		}
