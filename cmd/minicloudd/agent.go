@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -53,6 +54,7 @@ type agentFlags struct {
 	diskRatio     float64
 	disableKVM    bool
 	identityKey   string
+	tunnelIP      string
 	join          string
 	caHash        string
 	caCert        string
@@ -90,6 +92,7 @@ func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	fl.Float64Var(&f.ramRatio, "ram-allocation-ratio", 0, "memory overcommit ratio (0: the scheduler default, 1.0)")
 	fl.Float64Var(&f.diskRatio, "disk-allocation-ratio", 0, "disk overcommit ratio (0: the scheduler default, 1.0)")
 	fl.BoolVar(&f.disableKVM, "disable-kvm", false, "never use KVM, only TCG")
+	fl.StringVar(&f.tunnelIP, "tunnel-ip", "", "this host's underlay address for VXLAN: networks span every host that has one (default: none, networks stay on this host)")
 	fl.StringVar(&f.identityKey, "identity-key", "", "PEM Ed25519 key that signs instance identity documents (default: DIR/agent/identity.pem, created if missing)")
 }
 
@@ -144,6 +147,18 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	}
 	if p := untraversableParent(stateDir); p != "" {
 		log.Warn("QEMU's unprivileged user cannot reach VM disks under this data directory; VMs will fail to start. Use a data directory whose parents are world-traversable (e.g. under /var/lib)", "dir", p)
+	}
+	var tunnelIP netip.Addr
+	var underlayMTU int
+	if f.tunnelIP != "" {
+		var err error
+		if tunnelIP, err = netip.ParseAddr(f.tunnelIP); err != nil || !tunnelIP.Is4() {
+			return fmt.Errorf("--tunnel-ip %q: want this host's IPv4 underlay address", f.tunnelIP)
+		}
+		if underlayMTU, err = netlinux.UnderlayMTU(tunnelIP); err != nil {
+			return fmt.Errorf("--tunnel-ip: %w", err)
+		}
+		log.Info("networks span hosts over VXLAN", "tunnel_ip", tunnelIP, "underlay_mtu", underlayMTU)
 	}
 	key, err := loadOrCreateIdentityKey(f.identityKey, filepath.Join(stateDir, "identity.pem"))
 	if err != nil {
@@ -208,6 +223,8 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		AvailabilityZone: f.zone,
 		AllocationRatios: &minicloudv1.AllocationRatios{Cpu: f.cpuRatio, Ram: f.ramRatio, Disk: f.diskRatio},
 		Version:          version,
+		TunnelIP:         tunnelIP,
+		UnderlayMTU:      underlayMTU,
 	}, agent.Deps{
 		API:        conn,
 		Hypervisor: hv,
