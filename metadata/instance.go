@@ -77,6 +77,15 @@ type Interface struct {
 	MTU     int
 }
 
+// DHCP reports whether the host's DHCP server answers this NIC: it does for
+// every IPv4 NIC whose network has a gateway (the bridge address the server
+// speaks from; agent/dhcpserver refuses a lease without one). Every
+// renderer of network config for cloud-init asks this one question, so the
+// OpenStack tree, the config drives and NoCloud's network-config agree.
+func (n Interface) DHCP() bool {
+	return n.Address.Addr().Is4() && n.Gateway.Is4()
+}
+
 // SSHKey is one authorized key with the name clouds list it under.
 type SSHKey struct {
 	Name string

@@ -60,10 +60,15 @@ func TestOpenStackTree(t *testing.T) {
 	if len(nd.Networks) != 1 {
 		t.Fatalf("networks = %+v", nd.Networks)
 	}
+	// A NIC the host's DHCP server answers is described as Nova describes
+	// one on a subnet with DHCP: "ipv4_dhcp", no address, no routes.
 	n := nd.Networks[0]
-	if n.Type != "ipv4" || n.IPAddress != "10.0.0.5" || n.Netmask != "255.255.255.0" || n.Link != nd.Links[0].ID ||
-		len(n.Routes) != 1 || n.Routes[0] != (osRoute{Network: "0.0.0.0", Netmask: "0.0.0.0", Gateway: "10.0.0.1"}) {
+	if n.Type != "ipv4_dhcp" || n.IPAddress != "" || n.Netmask != "" || n.Link != nd.Links[0].ID || len(n.Routes) != 0 ||
+		n.NetworkID != "default" {
 		t.Errorf("network = %+v", n)
+	}
+	if !strings.Contains(got.body, `"type":"ipv4_dhcp"`) || strings.Contains(got.body, `"routes"`) || strings.Contains(got.body, `"ip_address"`) {
+		t.Errorf("network_data.json = %s", got.body)
 	}
 	if len(nd.Services) != 1 || nd.Services[0] != (osService{Type: "dns", Address: "10.0.0.1"}) {
 		t.Errorf("services = %+v", nd.Services)
