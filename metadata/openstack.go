@@ -155,16 +155,17 @@ type osService struct {
 
 // osNetwork is one entry of network_data.json's "networks". An
 // "ipv4_dhcp" entry carries only id, type, link and network_id, as Nova
-// writes it.
+// writes it; a static "ipv4" one also address, netmask, routes and
+// services (pointers: present, if empty, only there).
 type osNetwork struct {
-	ID        string      `json:"id"`
-	Type      string      `json:"type"`
-	Link      string      `json:"link"`
-	IPAddress string      `json:"ip_address,omitempty"`
-	Netmask   string      `json:"netmask,omitempty"`
-	Routes    []osRoute   `json:"routes,omitempty"`
-	NetworkID string      `json:"network_id"`
-	Services  []osService `json:"services,omitempty"`
+	ID        string       `json:"id"`
+	Type      string       `json:"type"`
+	Link      string       `json:"link"`
+	IPAddress string       `json:"ip_address,omitempty"`
+	Netmask   string       `json:"netmask,omitempty"`
+	Routes    *[]osRoute   `json:"routes,omitempty"`
+	NetworkID string       `json:"network_id"`
+	Services  *[]osService `json:"services,omitempty"`
 }
 
 type osNetworkData struct {
@@ -196,6 +197,7 @@ func openstackNetworkData(inst *Instance) osNetworkData {
 			n.Type = "ipv4"
 			n.IPAddress = nic.Address.Addr().String()
 			n.Netmask = net.IP(net.CIDRMask(nic.Address.Bits(), 32)).String()
+			n.Routes, n.Services = &[]osRoute{}, &[]osService{}
 		}
 		nd.Networks = append(nd.Networks, n)
 		if i == 0 && nic.Gateway.IsValid() {

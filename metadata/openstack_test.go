@@ -2,6 +2,7 @@ package metadata
 
 import (
 	"encoding/json"
+	"net/netip"
 	"strings"
 	"testing"
 )
@@ -63,7 +64,7 @@ func TestOpenStackTree(t *testing.T) {
 	// A NIC the host's DHCP server answers is described as Nova describes
 	// one on a subnet with DHCP: "ipv4_dhcp", no address, no routes.
 	n := nd.Networks[0]
-	if n.Type != "ipv4_dhcp" || n.IPAddress != "" || n.Netmask != "" || n.Link != nd.Links[0].ID || len(n.Routes) != 0 ||
+	if n.Type != "ipv4_dhcp" || n.IPAddress != "" || n.Netmask != "" || n.Link != nd.Links[0].ID || n.Routes != nil ||
 		n.NetworkID != "default" {
 		t.Errorf("network = %+v", n)
 	}
@@ -93,4 +94,20 @@ func TestOpenStackVendorData(t *testing.T) {
 		return
 	}
 	t.Fatal("no vendor_data.json")
+}
+
+// TestOpenStackNetworkDataWithoutDHCP: a NIC the host's DHCP server does
+// not answer (no gateway) is described statically, in Nova's complete
+// form, without any route and without a resolver.
+func TestOpenStackNetworkDataWithoutDHCP(t *testing.T) {
+	inst := testInstance(idA, "web1", "10.0.0.5", "52:54:00:00:00:0a")
+	inst.Interfaces[0].Gateway = netip.Addr{}
+	b, err := json.Marshal(openstackNetworkData(inst))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `"networks":[{"id":"network0","type":"ipv4","link":"mct0a1b2c3d0","ip_address":"10.0.0.5","netmask":"255.255.255.0","routes":[],"network_id":"default","services":[]}],"services":[]}`
+	if !strings.HasSuffix(string(b), want) {
+		t.Errorf("network_data.json = %s\nwant it to end in %s", b, want)
+	}
 }

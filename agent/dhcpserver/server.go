@@ -22,6 +22,8 @@ import (
 	"github.com/insomniacslk/dhcp/dhcpv4/server4"
 	"github.com/insomniacslk/dhcp/rfc1035label"
 	"github.com/vishvananda/netlink"
+
+	"github.com/minicloud/minicloud/agent/network"
 )
 
 // DefaultLeaseTime is used when a Lease leaves LeaseTime zero. Addresses are
@@ -58,9 +60,6 @@ type Lease struct {
 	Domain    string
 	LeaseTime time.Duration
 }
-
-// MetadataAddress is where guests reach the metadata service.
-var MetadataAddress = netip.MustParseAddr("169.254.169.254")
 
 func (l Lease) validate() error {
 	if len(l.MAC) != 6 {
@@ -351,7 +350,7 @@ func (s *Server) answer(bridge string, req *dhcpv4.DHCPv4) *dhcpv4.DHCPv4 {
 	r.UpdateOption(dhcpv4.OptSubnetMask(net.CIDRMask(lease.Address.Bits(), 32)))
 	if lease.NoDefaultRoute {
 		r.UpdateOption(dhcpv4.OptClasslessStaticRoute(&dhcpv4.Route{
-			Dest:   &net.IPNet{IP: MetadataAddress.AsSlice(), Mask: net.CIDRMask(32, 32)},
+			Dest:   &net.IPNet{IP: network.MetadataAddr.AsSlice(), Mask: net.CIDRMask(32, 32)},
 			Router: gw,
 		}))
 	} else {
