@@ -52,7 +52,7 @@ func (a *app) newHostCommand() *cobra.Command {
 		func(ctx context.Context, c *client.Client, name string) error {
 			return ignoreResult(c.Hosts.EnableHost(ctx, &minicloudv1.EnableHostRequest{Name: name}))
 		})
-	cmd.AddCommand(list, show, disable, enable)
+	cmd.AddCommand(list, show, disable, enable, a.newJoinTokenCommand(), a.newRevokeCommand(complete))
 	return cmd
 }
 

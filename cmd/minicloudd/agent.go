@@ -21,6 +21,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent"
@@ -29,10 +30,13 @@ import (
 	"github.com/minicloud/minicloud/agent/dnsserver"
 	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
 	"github.com/minicloud/minicloud/agent/imagecache"
+	"github.com/minicloud/minicloud/agent/join"
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/metadata"
+	"github.com/minicloud/minicloud/pkg/apiserver"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 // agentFlags configure the agent role (and the metadata service it runs).
@@ -49,6 +53,16 @@ type agentFlags struct {
 	diskRatio     float64
 	disableKVM    bool
 	identityKey   string
+	join          string
+	caHash        string
+	caCert        string
+
+	// apiTLS says whether the API speaks TLS (it does beyond loopback);
+	// set by the caller from where the API listens.
+	apiTLS bool
+	// selfJoin, set by the all-in-one, makes a join token in-process when
+	// its agent needs a certificate (its API serves TLS) and has none.
+	selfJoin func(ctx context.Context) (token, caHash string, err error)
 }
 
 func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
@@ -56,6 +70,9 @@ func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	if standalone {
 		fl.StringVar(&f.api, "api", "127.0.0.1:8640", "API server address")
 		fl.StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (the agent uses DIR/agent)")
+		fl.StringVar(&f.join, "join", "", "one-time join token (`minicloud host join-token create`): used once to get this host's certificate, kept in DIR/agent/pki; later starts need no token")
+		fl.StringVar(&f.caHash, "ca-hash", "", "pin of the cluster CA for joining (sha256:..., printed with the join token)")
+		fl.StringVar(&f.caCert, "ca-cert", "", "cluster CA certificate file, instead of --ca-hash")
 	}
 	// The all-in-one's agent is reached only by its own API, so it takes
 	// any free loopback port and keeps its metrics off unless asked: two
@@ -82,7 +99,16 @@ func init() {
 	extraCommands = append(extraCommands, newAgentCommand)
 	allInOneRoles = append(allInOneRoles, namedRole{"agent", func(ctx context.Context, env roleEnv) error {
 		f := allInOneAgentFlags
-		f.api, f.dataDir = env.APIAddr, env.DataDir
+		f.api, f.dataDir = localAddr(env.APIAddr), env.DataDir
+		f.apiTLS = !pki.IsLoopback(env.APIAddr)
+		f.selfJoin = func(ctx context.Context) (string, string, error) {
+			ca, err := apiserver.EnsureCA(ctx, env.Etcd)
+			if err != nil {
+				return "", "", err
+			}
+			token, _, err := apiserver.CreateJoinToken(ctx, env.Etcd, 10*time.Minute, "all-in-one agent")
+			return token, ca.Hash(), err
+		}
 		return runAgent(ctx, f)
 	}})
 	allInOneFlagHooks = append(allInOneFlagHooks, func(cmd *cobra.Command) { allInOneAgentFlags.addFlags(cmd, false) })
@@ -94,7 +120,10 @@ func newAgentCommand() *cobra.Command {
 		Use:   "agent",
 		Short: "Run the hypervisor agent and metadata service on this host",
 		Args:  cobra.NoArgs,
-		RunE:  func(cmd *cobra.Command, _ []string) error { return runAgent(cmd.Context(), f) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f.apiTLS = !pki.IsLoopback(f.api)
+			return runAgent(cmd.Context(), f)
+		},
 	}
 	f.addFlags(cmd, true)
 	return cmd
@@ -121,8 +150,21 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		return err
 	}
 
+	if f.hostName == "" {
+		if f.hostName, err = os.Hostname(); err != nil {
+			return fmt.Errorf("host name: %w", err)
+		}
+	}
+	creds, err := hostCredentials(ctx, f, stateDir)
+	if err != nil {
+		return err
+	}
+	apiCreds := insecure.NewCredentials()
+	if f.apiTLS {
+		apiCreds = credentials.NewTLS(creds.ClientTLS())
+	}
 	conn, err := grpc.NewClient(f.api,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(apiCreds),
 		grpc.WithChainUnaryInterceptor(errdefs.UnaryClientInterceptor))
 	if err != nil {
 		return fmt.Errorf("API client for %s: %w", f.api, err)
@@ -180,7 +222,16 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		return err
 	}
 
-	gs := grpc.NewServer(grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor))
+	srvOpts := []grpc.ServerOption{grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor)}
+	if creds != nil {
+		tlsCfg, err := creds.ServerTLS()
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		srvOpts = append(srvOpts, grpc.Creds(credentials.NewTLS(tlsCfg)))
+	}
+	gs := grpc.NewServer(srvOpts...)
 	minicloudv1.RegisterAgentServiceServer(gs, a.Service())
 
 	g, gctx := errgroup.WithContext(ctx)
@@ -292,4 +343,49 @@ func loadOrCreateIdentityKey(path, def string) (ed25519.PrivateKey, error) {
 		return nil, fmt.Errorf("identity key %s: want an Ed25519 key, got %T", path, k)
 	}
 	return priv, nil
+}
+
+// hostCredentials returns this host's certificate, joining the cluster
+// with --join if the data directory holds none yet. An agent whose API
+// and listen address are both on loopback (the all-in-one) needs none: it
+// talks plaintext and is taken at its word, as its API is on this very
+// machine. Anywhere else it must prove its name, and serves mTLS.
+func hostCredentials(ctx context.Context, f agentFlags, stateDir string) (*join.Credentials, error) {
+	if !f.apiTLS && pki.IsLoopback(f.listen) {
+		if f.join != "" {
+			slog.Warn("--join ignored: API and agent are both on loopback, where the agent needs no certificate")
+		}
+		return nil, nil
+	}
+	dir := filepath.Join(stateDir, "pki")
+	if f.selfJoin != nil && f.join == "" {
+		if _, err := join.Load(dir, f.hostName); errors.Is(err, os.ErrNotExist) {
+			if f.join, f.caHash, err = f.selfJoin(ctx); err != nil {
+				return nil, fmt.Errorf("join the all-in-one's own agent: %w", err)
+			}
+		}
+	}
+	creds, err := join.Ensure(ctx, join.Options{
+		Dir: dir, HostName: f.hostName, API: f.api,
+		Token: f.join, CAHash: f.caHash, CAFile: f.caCert, Plaintext: !f.apiTLS,
+	})
+	if err != nil {
+		return nil, err
+	}
+	slog.Info("host certificate", "host", f.hostName, "serial", pki.SerialString(creds.Leaf), "expires", creds.Leaf.NotAfter)
+	return creds, nil
+}
+
+// localAddr turns a listen address into one this machine can dial: an
+// unspecified host (0.0.0.0, ::, empty) becomes 127.0.0.1, which the API's
+// certificate always names.
+func localAddr(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return listen
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		return net.JoinHostPort("127.0.0.1", port)
+	}
+	return listen
 }
