@@ -124,11 +124,12 @@ func TestBuildNoCloud(t *testing.T) {
 		Version   int `json:"version"`
 		Ethernets map[string]struct {
 			Match     map[string]string `json:"match"`
+			DHCP4     bool              `json:"dhcp4"`
 			Addresses []string          `json:"addresses"`
 		} `json:"ethernets"`
 	}
 	if err := yaml.Unmarshal(files["network-config"], &nc); err != nil || nc.Version != 2 ||
-		nc.Ethernets["eth0"].Match["macaddress"] != "52:54:00:12:34:56" || nc.Ethernets["eth0"].Addresses[0] != "10.0.0.5/24" {
+		nc.Ethernets["eth0"].Match["macaddress"] != "52:54:00:12:34:56" || !nc.Ethernets["eth0"].DHCP4 || len(nc.Ethernets["eth0"].Addresses) != 0 {
 		t.Errorf("network-config = %s (%v)", files["network-config"], err)
 	}
 }

@@ -50,6 +50,15 @@ func (n NIC) IP() netip.Addr { return n.Address.Addr() }
 // the host bridge carries, e.g. 10.88.0.1/24.
 func (n NIC) GatewayPrefix() netip.Prefix { return netip.PrefixFrom(n.Gateway, n.Address.Bits()) }
 
+// DHCP reports whether the host's DHCP server answers this NIC: it does for
+// every IPv4 NIC whose network has a gateway (the bridge address the server
+// speaks from; agent/guestservices/dhcpserver refuses a lease without one). Every
+// renderer of network config for cloud-init asks this one question, so the
+// OpenStack tree, the config drives and NoCloud's network-config agree.
+func (n NIC) DHCP() bool {
+	return n.Address.Addr().Is4() && n.Gateway.Is4()
+}
+
 // FromVM parses every address of vm, in guest order. A VM whose addresses
 // are not allocated yet has no NICs.
 func FromVM(vm *minicloudv1.VM) ([]NIC, error) {

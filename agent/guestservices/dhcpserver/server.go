@@ -21,7 +21,10 @@ import (
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"github.com/insomniacslk/dhcp/dhcpv4/server4"
+	"github.com/insomniacslk/dhcp/rfc1035label"
 	"github.com/vishvananda/netlink"
+
+	"github.com/minicloud/minicloud/agent/network"
 )
 
 // DefaultLeaseTime is used when a Lease leaves LeaseTime zero. Addresses are
@@ -41,10 +44,20 @@ type Lease struct {
 	// Gateway is the router and the DHCP server identifier (it is the
 	// bridge's address).
 	Gateway netip.Addr
+	// NoDefaultRoute is for a network that routes nowhere beyond its
+	// subnet: the answer names no router, and a classless static route
+	// (option 121) to the metadata address via Gateway keeps the metadata
+	// service reachable. (With a router the default route already leads
+	// there, and 121 is not sent: RFC 3442 makes a client that gets 121
+	// ignore option 3, and not every client implements 121.)
+	NoDefaultRoute bool
 	// DNS servers; minicloud hands out the gateway.
-	DNS       []netip.Addr
-	MTU       int
-	Hostname  string
+	DNS []netip.Addr
+	// MTU of the network (option 26); 0 leaves the guest's default.
+	MTU      int
+	Hostname string
+	// Domain is the DNS domain (option 15) and the search domain (option
+	// 119, which dhclient and systemd-networkd write to resolv.conf).
 	Domain    string
 	LeaseTime time.Duration
 }
@@ -342,7 +355,14 @@ func (s *Server) answer(bridge string, req *dhcpv4.DHCPv4) *dhcpv4.DHCPv4 {
 	}
 	r.YourIPAddr = lease.Address.Addr().AsSlice()
 	r.UpdateOption(dhcpv4.OptSubnetMask(net.CIDRMask(lease.Address.Bits(), 32)))
-	r.UpdateOption(dhcpv4.OptRouter(gw))
+	if lease.NoDefaultRoute {
+		r.UpdateOption(dhcpv4.OptClasslessStaticRoute(&dhcpv4.Route{
+			Dest:   &net.IPNet{IP: network.MetadataAddr.AsSlice(), Mask: net.CIDRMask(32, 32)},
+			Router: gw,
+		}))
+	} else {
+		r.UpdateOption(dhcpv4.OptRouter(gw))
+	}
 	r.UpdateOption(dhcpv4.OptIPAddressLeaseTime(lt))
 	r.UpdateOption(dhcpv4.OptRenewTimeValue(lt / 2))
 	r.UpdateOption(dhcpv4.OptRebindingTimeValue(lt * 7 / 8))
@@ -361,6 +381,7 @@ func (s *Server) answer(bridge string, req *dhcpv4.DHCPv4) *dhcpv4.DHCPv4 {
 	}
 	if lease.Domain != "" {
 		r.UpdateOption(dhcpv4.OptDomainName(lease.Domain))
+		r.UpdateOption(dhcpv4.OptDomainSearch(&rfc1035label.Labels{Labels: []string{lease.Domain}}))
 	}
 	s.log.Debug("reply", "bridge", bridge, "mac", mac, "type", typ.String(), "ip", lease.Address.Addr())
 	return r
