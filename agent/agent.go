@@ -4,15 +4,21 @@
 // level-triggered reconcile loop (reconcile.go). It reports what it observes
 // back through the API; it never talks to etcd.
 //
-// The adapters it drives (libvirt, netlink/nftables, qemu-img, DHCP, DNS,
-// metadata) are passed in as small interfaces (ports.go), so the loop can be
-// read without them and tested against the real ones.
+// The adapters it drives are passed in as Deps: the hypervisor and network
+// ports (hypervisor.Driver, network.Manager, each with its conformance
+// suite and an in-memory fake held to it), and the small interfaces below
+// for disks, the image cache and the guest services (DHCP, DNS, metadata:
+// agent/guestservices). The loop can be read without them, and is unit
+// tested against the fakes (reconcile_test.go) and end to end against the
+// real ones (e2e_test.go).
 package agent
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -21,6 +27,8 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 
+	"github.com/minicloud/minicloud/agent/hypervisor"
+	"github.com/minicloud/minicloud/agent/network"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
 
@@ -48,6 +56,12 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// Version is reported on the Host record.
 	Version string
+	// TunnelIP is this host's underlay (VXLAN endpoint) address; invalid
+	// (unset) keeps every network on this host only.
+	TunnelIP netip.Addr
+	// UnderlayMTU is the MTU of the interface holding TunnelIP; a network
+	// whose MTU exceeds it minus VXLAN's overhead is refused on this host.
+	UnderlayMTU int
 }
 
 func (c *Config) setDefaults() error {
@@ -87,8 +101,8 @@ type Agent struct {
 	hosts  minicloudv1.HostServiceClient
 	images minicloudv1.ImageServiceClient
 
-	hv    Hypervisor
-	net   Network
+	hv    hypervisor.Driver
+	net   network.Manager
 	disks Disks
 	cache ImageCache
 	guest GuestServices
@@ -106,6 +120,10 @@ type Agent struct {
 
 	registered     chan struct{} // closed once the host is first registered
 	registeredOnce sync.Once
+
+	tunnelMu sync.Mutex
+	tunnels  map[string]bool            // bridges with a tunnel, by name
+	netPorts []*minicloudv1.NetworkPort // latest WatchNetworkPorts set
 }
 
 // assignment is one VM assigned to this host, as last received.
@@ -118,23 +136,65 @@ type assignment struct {
 // Deps are the adapters the agent drives.
 type Deps struct {
 	API        grpc.ClientConnInterface
-	Hypervisor Hypervisor
-	Network    Network
+	Hypervisor hypervisor.Driver
+	Network    network.Manager
 	Disks      Disks
 	Images     ImageCache
 	Guest      GuestServices
-	Logger     *slog.Logger
+}
+
+// Option configures an Agent.
+type Option func(*options)
+
+type options struct{ log *slog.Logger }
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(log *slog.Logger) Option { return func(o *options) { o.log = log } }
+
+// Disks makes VM disks as copy-on-write overlays over cached images
+// (agent/disk, with qemu-img).
+type Disks interface {
+	CreateOverlay(ctx context.Context, path, backingPath, backingFormat string, sizeBytes int64) error
+}
+
+// ImageCache keeps image parts on this host, addressed by digest
+// (agent/imagecache).
+type ImageCache interface {
+	// Ensure returns the local path of the part with digest sha256,
+	// downloading and verifying it first if needed.
+	Ensure(ctx context.Context, image string, part minicloudv1.ImagePart, sha256 string) (string, error)
+}
+
+// GuestServices answer guests on their networks: DHCP, DNS and the metadata
+// service (agent/guestservices). They are fed the whole set of this host's
+// guests at once, so a restart of the agent rebuilds them from the
+// assignments alone.
+type GuestServices interface {
+	SetGuests(ctx context.Context, guests []Guest) error
+	// BuildConfigDrive writes the config drive ISO of g to path. An error
+	// made with Permanent fails the VM instead of being retried.
+	BuildConfigDrive(ctx context.Context, g Guest, path string) error
+	// GuestSeen reports when the guest last read its metadata (or user
+	// data), and whether it ever did: the GuestReady signal.
+	GuestSeen(vmID string) (time.Time, bool)
+}
+
+// Guest is one VM as the guest-facing services see it.
+type Guest struct {
+	VM       *minicloudv1.VM
+	UserData []byte
 }
 
 // New returns an agent; Run starts it.
-func New(cfg Config, d Deps) (*Agent, error) {
+func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	log := d.Logger
-	if log == nil {
-		log = slog.Default()
+	var o options
+	for _, opt := range opts {
+		opt(&o)
 	}
+	o.log = cmp.Or(o.log, slog.Default())
 	// 0711: QEMU runs as an unprivileged user and must traverse to the
 	// disks (libvirt hands it the files themselves).
 	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "vms"), 0o711); err != nil {
@@ -142,7 +202,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	}
 	return &Agent{
 		cfg:        cfg,
-		log:        log.With("component", "agent", "host", cfg.HostName),
+		log:        o.log.With("component", "agent", "host", cfg.HostName),
 		hosts:      minicloudv1.NewHostServiceClient(d.API),
 		images:     minicloudv1.NewImageServiceClient(d.API),
 		hv:         d.Hypervisor,
@@ -154,6 +214,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 		assigned:   map[string]*assignment{},
 		reported:   map[string]*minicloudv1.VMStatus{},
 		registered: make(chan struct{}),
+		tunnels:    map[string]bool{},
 	}, nil
 }
 
@@ -169,6 +230,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.runHostSession(ctx, caps) })
 	g.Go(func() error { return a.watchAssignments(ctx) })
+	g.Go(func() error { return a.watchNetworkPorts(ctx) })
 	g.Go(func() error { return a.watchDomainEvents(ctx) })
 	g.Go(func() error { return a.resyncLoop(ctx) })
 	for i := 0; i < a.cfg.Workers; i++ {

@@ -42,6 +42,10 @@ func (a *Agent) register(ctx context.Context, caps hypervisor.HostCapabilities) 
 	if err != nil {
 		return 0, err
 	}
+	var tunnelIP string
+	if a.cfg.TunnelIP.IsValid() {
+		tunnelIP = a.cfg.TunnelIP.String()
+	}
 	resp, err := a.hosts.RegisterHost(ctx, &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
 		Meta:    &minicloudv1.ObjectMeta{Name: a.cfg.HostName},
 		Address: a.cfg.AdvertiseAddr,
@@ -54,6 +58,7 @@ func (a *Agent) register(ctx context.Context, caps hypervisor.HostCapabilities) 
 		Hypervisors:      caps.Hypervisors,
 		AvailabilityZone: a.cfg.AvailabilityZone,
 		AgentVersion:     a.cfg.Version,
+		TunnelIp:         tunnelIP,
 	}})
 	if err != nil {
 		return 0, fmt.Errorf("register host %s: %w", a.cfg.HostName, errdefs.FromGRPC(err))

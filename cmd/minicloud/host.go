@@ -94,6 +94,7 @@ func hostDetails(w io.Writer, h *minicloudv1.Host) error {
 		{"Name", h.GetMeta().GetName()},
 		{"State", hostStatus(h)},
 		{"Address", orDash(h.GetAddress())},
+		{"Tunnel IP", orDash(h.GetTunnelIp())},
 		{"Hypervisors", orDash(strings.Join(h.GetHypervisors(), ","))},
 		{"Availability zone", orDash(h.GetAvailabilityZone())},
 		{"vCPUs (allocated/capacity)", usage(int64(alloc.GetVcpus()), int64(capy.GetVcpus()))},

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -25,9 +26,10 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent"
-	"github.com/minicloud/minicloud/agent/dhcpserver"
 	"github.com/minicloud/minicloud/agent/disk"
-	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/agent/guestservices"
+	"github.com/minicloud/minicloud/agent/guestservices/dhcpserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
 	"github.com/minicloud/minicloud/agent/imagecache"
 	"github.com/minicloud/minicloud/agent/join"
@@ -54,6 +56,7 @@ type agentFlags struct {
 	diskRatio     float64
 	disableKVM    bool
 	identityKey   string
+	tunnelIP      string
 	join          string
 	caHash        string
 	caCert        string
@@ -91,6 +94,7 @@ func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	fl.Float64Var(&f.ramRatio, "ram-allocation-ratio", 0, "memory overcommit ratio (0: the scheduler default, 1.0)")
 	fl.Float64Var(&f.diskRatio, "disk-allocation-ratio", 0, "disk overcommit ratio (0: the scheduler default, 1.0)")
 	fl.BoolVar(&f.disableKVM, "disable-kvm", false, "never use KVM, only TCG")
+	fl.StringVar(&f.tunnelIP, "tunnel-ip", "", "this host's underlay address for VXLAN: networks span every host that has one (default: none, networks stay on this host)")
 	fl.StringVar(&f.identityKey, "identity-key", "", "PEM Ed25519 key that signs instance identity documents (default: DIR/agent/identity.pem, created if missing)")
 }
 
@@ -146,6 +150,18 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	if p := untraversableParent(stateDir); p != "" {
 		log.Warn("QEMU's unprivileged user cannot reach VM disks under this data directory; VMs will fail to start. Use a data directory whose parents are world-traversable (e.g. under /var/lib)", "dir", p)
 	}
+	var tunnelIP netip.Addr
+	var underlayMTU int
+	if f.tunnelIP != "" {
+		var err error
+		if tunnelIP, err = netip.ParseAddr(f.tunnelIP); err != nil || !tunnelIP.Is4() {
+			return fmt.Errorf("--tunnel-ip %q: want this host's IPv4 underlay address", f.tunnelIP)
+		}
+		if underlayMTU, err = netlinux.UnderlayMTU(tunnelIP); err != nil {
+			return fmt.Errorf("--tunnel-ip: %w", err)
+		}
+		log.Info("networks span hosts over VXLAN", "tunnel_ip", tunnelIP, "underlay_mtu", underlayMTU)
+	}
 	key, err := loadOrCreateIdentityKey(f.identityKey, filepath.Join(stateDir, "identity.pem"))
 	if err != nil {
 		return err
@@ -189,7 +205,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)
 	}
-	guests := agent.NewHostGuestServices(log, dir, md, dhcpserver.New(log), dnsserver.New(log))
+	guests := guestservices.New(dir, md, dhcpserver.New(dhcpserver.WithLogger(log)), dnsserver.New(dnsserver.WithLogger(log)))
 	cache, err := imagecache.New(filepath.Join(stateDir, "images"), minicloudv1.NewImageServiceClient(conn))
 	if err != nil {
 		return fmt.Errorf("image cache: %w", err)
@@ -210,15 +226,16 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		AvailabilityZone: f.zone,
 		AllocationRatios: &minicloudv1.AllocationRatios{Cpu: f.cpuRatio, Ram: f.ramRatio, Disk: f.diskRatio},
 		Version:          version,
+		TunnelIP:         tunnelIP,
+		UnderlayMTU:      underlayMTU,
 	}, agent.Deps{
 		API:        conn,
 		Hypervisor: hv,
-		Network:    netlinux.New(log),
+		Network:    netlinux.New(netlinux.WithLogger(log)),
 		Disks:      qemuImgDisks{},
 		Images:     cache,
 		Guest:      guests,
-		Logger:     log,
-	})
+	}, agent.WithLogger(log))
 	if err != nil {
 		lis.Close()
 		return err

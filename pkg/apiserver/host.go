@@ -58,6 +58,7 @@ func (h *hostService) RegisterHost(ctx context.Context, req *minicloudv1.Registe
 			Hypervisors:      in.GetHypervisors(),
 			AvailabilityZone: in.GetAvailabilityZone(),
 			AgentVersion:     in.GetAgentVersion(),
+			TunnelIp:         in.GetTunnelIp(),
 			// The admin's word outlives re-registration.
 			Disabled:       old.GetDisabled(),
 			DisabledReason: old.GetDisabledReason(),

@@ -171,6 +171,11 @@ func TestJoinedHostActsOnlyForItself(t *testing.T) {
 		_, err = w.Recv()
 	}
 	wantCode(t, err, codes.PermissionDenied, "cannot act for host h2")
+	np, err := h1.WatchNetworkPorts(c, &minicloudv1.WatchNetworkPortsRequest{Host: "h2"})
+	if err == nil {
+		_, err = np.Recv()
+	}
+	wantCode(t, err, codes.PermissionDenied, "cannot act for host h2")
 	// No certificate at all: the operator's connection.
 	_, err = e.hosts.RegisterHost(c, hostReq("h1", "127.0.0.1:3"))
 	wantCode(t, err, codes.Unauthenticated, "need the host's client certificate")
@@ -201,6 +206,13 @@ func TestJoinedHostActsOnlyForItself(t *testing.T) {
 	}
 	if _, err := h1.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id, Status: &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_CREATING}}); err != nil {
 		t.Fatal(err)
+	}
+	np, err = h1.WatchNetworkPorts(c, &minicloudv1.WatchNetworkPortsRequest{Host: "h1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap, err := np.Recv(); err != nil || len(snap.Ports) != 1 || snap.Ports[0].VmId != vm.Meta.Id {
+		t.Fatalf("own network ports: %v %v", snap, err)
 	}
 }
 

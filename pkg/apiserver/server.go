@@ -30,6 +30,7 @@ import (
 	"github.com/minicloud/minicloud/pkg/imageservice"
 	"github.com/minicloud/minicloud/pkg/ipam"
 	"github.com/minicloud/minicloud/pkg/pki"
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 // MaxRequestBytes is the largest request message the server accepts. It
@@ -56,6 +57,9 @@ type Config struct {
 	// AgentDialOptions are added when dialing an agent's AgentService (for
 	// GetConsoleLog). Default: plaintext.
 	AgentDialOptions []grpc.DialOption
+	// VNIRange bounds the VXLAN segment ids given to networks; zero means
+	// store.DefaultVNIRange.
+	VNIRange store.VNIRange
 
 	// CA is the cluster CA (EnsureCA): it signs the certificates of
 	// joining hosts. Nil: JoinHost and CreateJoinToken are refused.
@@ -82,6 +86,7 @@ type Server struct {
 	registry *prometheus.Registry
 	agentOpt []grpc.DialOption
 	images   *imageservice.Service // nil if not served
+	vnis     store.VNIRange
 
 	ca               *pki.CA
 	requireHostCerts bool
@@ -104,6 +109,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{
 		etcd:     cfg.Client,
+		vnis:     cfg.VNIRange,
 		log:      cfg.Logger,
 		ipam:     ipam.New(cfg.Client),
 		leases:   &requestLeases{lease: cfg.Client},

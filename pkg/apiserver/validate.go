@@ -8,8 +8,6 @@ import (
 	"strconv"
 	"strings"
 
-	"golang.org/x/crypto/ssh"
-
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/ipam"
@@ -23,7 +21,10 @@ const (
 	maxHostnameLen   = 253
 	defaultProject   = "default"
 	defaultNetwork   = "default"
-	defaultMTU       = 1500
+	// defaultMTU fits a network into a 1500-byte underlay with VXLAN's 50
+	// bytes of encapsulation: every network may span hosts.
+	defaultMTU    = 1450
+	maxDNSServers = 3
 )
 
 var dnsLabel = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
@@ -100,6 +101,7 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 		"spec.resources":           in.GetResources() != nil,
 		"spec.reboot_generation":   in.GetRebootGeneration() != 0,
 		"spec.required_hypervisor": in.GetRequiredHypervisor() != "",
+		"spec.lifecycle_version":   in.GetLifecycleVersion() != 0,
 	} {
 		if set {
 			return nil, errdefs.Invalid("%s is set by the server; leave it empty (user-data goes in the request's user_data, resources come from the flavor, the hypervisor from the image)", field)
@@ -108,15 +110,12 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 	if n := len(req.GetUserData()); n > MaxUserDataBytes {
 		return nil, errdefs.Invalid("user-data is %d bytes; the limit is %d (64 KiB): compress it (cloud-init accepts gzip) or fetch the rest from the network", n, MaxUserDataBytes)
 	}
-	if len(in.GetSshPublicKeys()) > maxSSHKeys {
-		return nil, errdefs.Invalid("%d SSH keys given; at most %d are allowed", len(in.GetSshPublicKeys()), maxSSHKeys)
+	if err := validateSSHKeys("spec.ssh_public_keys", in.GetSshPublicKeys()); err != nil {
+		return nil, err
 	}
-	for i, k := range in.GetSshPublicKeys() {
-		if _, _, _, rest, err := ssh.ParseAuthorizedKey([]byte(k)); err != nil {
-			return nil, errdefs.Invalid("spec.ssh_public_keys[%d] is not an SSH public key in authorized_keys format (like the contents of ~/.ssh/id_ed25519.pub): %v", i, err)
-		} else if len(strings.TrimSpace(string(rest))) > 0 {
-			return nil, errdefs.Invalid("spec.ssh_public_keys[%d] holds more than one key; give each key as its own entry", i)
-		}
+	tags := normalizeTags(in.GetTags())
+	if err := validateGuestMetadata(req.GetLabels(), tags, in.GetMetadata()); err != nil {
+		return nil, err
 	}
 	spec := &minicloudv1.VMSpec{
 		Image:                  in.GetImage(),
@@ -131,6 +130,8 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 		PowerState:             in.GetPowerState(),
 		MetadataTokensRequired: in.GetMetadataTokensRequired(),
 		Hostname:               in.GetHostname(),
+		Tags:                   tags,
+		Metadata:               in.GetMetadata(),
 	}
 	if spec.PowerState == minicloudv1.PowerState_POWER_STATE_UNSPECIFIED {
 		spec.PowerState = minicloudv1.PowerState_POWER_STATE_RUNNING
@@ -217,6 +218,12 @@ func validateHost(h *minicloudv1.Host) error {
 	if c.GetVcpus() <= 0 || c.GetMemoryMib() <= 0 || c.GetDiskGib() < 0 {
 		return errdefs.Invalid("host capacity must have vcpus > 0 and memory_mib > 0 (got %d vCPUs, %d MiB, %d GiB)", c.GetVcpus(), c.GetMemoryMib(), c.GetDiskGib())
 	}
+	if t := h.GetTunnelIp(); t != "" {
+		a, err := netip.ParseAddr(t)
+		if err != nil || !a.Is4() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
+			return errdefs.Invalid("host tunnel_ip %q is not a usable IPv4 unicast address (the host's underlay address for VXLAN)", t)
+		}
+	}
 	if len(h.GetHypervisors()) == 0 {
 		return errdefs.Invalid("host hypervisors must list what the host runs: \"kvm\" and/or \"tcg\"")
 	}
@@ -242,6 +249,7 @@ type networkPlan struct {
 	prefix  netip.Prefix
 	gateway netip.Addr
 	mtu     int32
+	dns     []string
 }
 
 // validateNetwork checks a CreateNetworkRequest's addressing.
@@ -278,6 +286,16 @@ func validateNetwork(req *minicloudv1.CreateNetworkRequest) (networkPlan, error)
 	}
 	if p.mtu < 576 || p.mtu > 9000 {
 		return p, errdefs.Invalid("mtu %d is out of range: use 576-9000 (0 means %d)", p.mtu, defaultMTU)
+	}
+	if len(req.GetDnsServers()) > maxDNSServers {
+		return p, errdefs.Invalid("%d dns_servers: at most %d (DHCP clients use no more)", len(req.GetDnsServers()), maxDNSServers)
+	}
+	for _, d := range req.GetDnsServers() {
+		a, err := netip.ParseAddr(d)
+		if err != nil || !a.Is4() || a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() {
+			return p, errdefs.Invalid("dns server %q is not a usable IPv4 address", d)
+		}
+		p.dns = append(p.dns, a.String())
 	}
 	return p, nil
 }

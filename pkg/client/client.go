@@ -41,6 +41,11 @@ type Client struct {
 	Hosts        minicloudv1.HostServiceClient
 }
 
+// MaxResponseBytes bounds one answer the client accepts. gRPC's default
+// (4 MiB) is too small for lists: a VM may carry 512 KiB of custom metadata
+// (docs/api.md), so eight such VMs would already make ListVMs unreadable.
+const MaxResponseBytes = 256 << 20
+
 // Dial prepares a connection to the API at endpoints: one host:port or
 // several separated by commas (replicas of one control plane). Like
 // grpc.NewClient it does not wait for the server: the first call fails
@@ -78,6 +83,7 @@ func NewConn(endpoints string, opts ...grpc.DialOption) (*grpc.ClientConn, error
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithChainUnaryInterceptor(errdefs.UnaryClientInterceptor),
 		grpc.WithChainStreamInterceptor(StreamClientInterceptor),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxResponseBytes)),
 	}
 	conn, err := grpc.NewClient(r.Scheme()+":///"+addrs[0], append(base, opts...)...)
 	if err != nil {

@@ -67,6 +67,7 @@ func TestKeyLayoutIsComplete(t *testing.T) {
 		store.HostAllocPrefix:   store.HostAllocKey("h"),
 		store.ClaimPrefix:       store.ClaimKey("h", "id"),
 		store.IPAMPrefix:        store.IPAMKey("net", "10.0.0.2"),
+		store.VNIPrefix:         store.VNIKey(4711),
 		store.SchedulerPrefix:   store.SchedulerKey("r"),
 		store.CAKey:             store.CAKey,
 		store.JoinTokenPrefix:   store.JoinTokenKey("abcdef"),

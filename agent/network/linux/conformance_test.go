@@ -2,7 +2,6 @@ package linux
 
 import (
 	"context"
-	"log/slog"
 	"testing"
 
 	"github.com/minicloud/minicloud/agent/network"
@@ -19,7 +18,7 @@ func TestConformance(t *testing.T) {
 	networktest.RunConformance(t, func(t *testing.T) (network.Manager, func() network.Manager) {
 		_, tap := networktest.Names()
 		host := netnstest.NewNS(t, "mch-"+tap(0))
-		mk := func() network.Manager { return &inNS{ns: host, m: New(slog.Default())} }
+		mk := func() network.Manager { return &inNS{ns: host, m: New()} }
 		return mk(), mk
 	})
 }
@@ -41,6 +40,10 @@ func (n *inNS) DeleteBridge(ctx context.Context, name string) error {
 func (n *inNS) ListBridges(ctx context.Context) (out []network.BridgeSpec, err error) {
 	err = n.ns.Do(func() error { out, err = n.m.ListBridges(ctx); return err })
 	return out, err
+}
+
+func (n *inNS) SetRemotePorts(ctx context.Context, bridge string, ports []network.RemotePort) error {
+	return n.ns.Do(func() error { return n.m.SetRemotePorts(ctx, bridge, ports) })
 }
 
 func (n *inNS) EnsurePort(ctx context.Context, s network.PortSpec) error {

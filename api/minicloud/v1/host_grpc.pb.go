@@ -19,19 +19,20 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	HostService_RegisterHost_FullMethodName     = "/minicloud.v1.HostService/RegisterHost"
-	HostService_Heartbeat_FullMethodName        = "/minicloud.v1.HostService/Heartbeat"
-	HostService_WatchAssignments_FullMethodName = "/minicloud.v1.HostService/WatchAssignments"
-	HostService_ReportVMStatus_FullMethodName   = "/minicloud.v1.HostService/ReportVMStatus"
-	HostService_ListHosts_FullMethodName        = "/minicloud.v1.HostService/ListHosts"
-	HostService_GetHost_FullMethodName          = "/minicloud.v1.HostService/GetHost"
-	HostService_DisableHost_FullMethodName      = "/minicloud.v1.HostService/DisableHost"
-	HostService_EnableHost_FullMethodName       = "/minicloud.v1.HostService/EnableHost"
-	HostService_CreateJoinToken_FullMethodName  = "/minicloud.v1.HostService/CreateJoinToken"
-	HostService_ListJoinTokens_FullMethodName   = "/minicloud.v1.HostService/ListJoinTokens"
-	HostService_DeleteJoinToken_FullMethodName  = "/minicloud.v1.HostService/DeleteJoinToken"
-	HostService_JoinHost_FullMethodName         = "/minicloud.v1.HostService/JoinHost"
-	HostService_RevokeHost_FullMethodName       = "/minicloud.v1.HostService/RevokeHost"
+	HostService_RegisterHost_FullMethodName      = "/minicloud.v1.HostService/RegisterHost"
+	HostService_Heartbeat_FullMethodName         = "/minicloud.v1.HostService/Heartbeat"
+	HostService_WatchAssignments_FullMethodName  = "/minicloud.v1.HostService/WatchAssignments"
+	HostService_ReportVMStatus_FullMethodName    = "/minicloud.v1.HostService/ReportVMStatus"
+	HostService_ListHosts_FullMethodName         = "/minicloud.v1.HostService/ListHosts"
+	HostService_GetHost_FullMethodName           = "/minicloud.v1.HostService/GetHost"
+	HostService_DisableHost_FullMethodName       = "/minicloud.v1.HostService/DisableHost"
+	HostService_EnableHost_FullMethodName        = "/minicloud.v1.HostService/EnableHost"
+	HostService_WatchNetworkPorts_FullMethodName = "/minicloud.v1.HostService/WatchNetworkPorts"
+	HostService_CreateJoinToken_FullMethodName   = "/minicloud.v1.HostService/CreateJoinToken"
+	HostService_ListJoinTokens_FullMethodName    = "/minicloud.v1.HostService/ListJoinTokens"
+	HostService_DeleteJoinToken_FullMethodName   = "/minicloud.v1.HostService/DeleteJoinToken"
+	HostService_JoinHost_FullMethodName          = "/minicloud.v1.HostService/JoinHost"
+	HostService_RevokeHost_FullMethodName        = "/minicloud.v1.HostService/RevokeHost"
 )
 
 // HostServiceClient is the client API for HostService service.
@@ -55,6 +56,13 @@ type HostServiceClient interface {
 	GetHost(ctx context.Context, in *GetHostRequest, opts ...grpc.CallOption) (*Host, error)
 	DisableHost(ctx context.Context, in *DisableHostRequest, opts ...grpc.CallOption) (*Host, error)
 	EnableHost(ctx context.Context, in *EnableHostRequest, opts ...grpc.CallOption) (*Host, error)
+	// WatchNetworkPorts streams, for one host, every guest port (on any host)
+	// of the networks that host has VMs on, with each port's host tunnel
+	// address. It is level-triggered: every message is the complete set, sent
+	// at once and again after each change, so a reconnecting agent simply
+	// converges to the first message it gets. The agent programs its VXLAN
+	// forwarding entries and its DNS from it.
+	WatchNetworkPorts(ctx context.Context, in *WatchNetworkPortsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[NetworkPortsSnapshot], error)
 	// CreateJoinToken makes a one-time bootstrap token a new host joins
 	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
 	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error)
@@ -173,6 +181,25 @@ func (c *hostServiceClient) EnableHost(ctx context.Context, in *EnableHostReques
 	return out, nil
 }
 
+func (c *hostServiceClient) WatchNetworkPorts(ctx context.Context, in *WatchNetworkPortsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[NetworkPortsSnapshot], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &HostService_ServiceDesc.Streams[1], HostService_WatchNetworkPorts_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchNetworkPortsRequest, NetworkPortsSnapshot]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type HostService_WatchNetworkPortsClient = grpc.ServerStreamingClient[NetworkPortsSnapshot]
+
 func (c *hostServiceClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CreateJoinTokenResponse)
@@ -244,6 +271,13 @@ type HostServiceServer interface {
 	GetHost(context.Context, *GetHostRequest) (*Host, error)
 	DisableHost(context.Context, *DisableHostRequest) (*Host, error)
 	EnableHost(context.Context, *EnableHostRequest) (*Host, error)
+	// WatchNetworkPorts streams, for one host, every guest port (on any host)
+	// of the networks that host has VMs on, with each port's host tunnel
+	// address. It is level-triggered: every message is the complete set, sent
+	// at once and again after each change, so a reconnecting agent simply
+	// converges to the first message it gets. The agent programs its VXLAN
+	// forwarding entries and its DNS from it.
+	WatchNetworkPorts(*WatchNetworkPortsRequest, grpc.ServerStreamingServer[NetworkPortsSnapshot]) error
 	// CreateJoinToken makes a one-time bootstrap token a new host joins
 	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
 	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error)
@@ -296,6 +330,9 @@ func (UnimplementedHostServiceServer) DisableHost(context.Context, *DisableHostR
 }
 func (UnimplementedHostServiceServer) EnableHost(context.Context, *EnableHostRequest) (*Host, error) {
 	return nil, status.Error(codes.Unimplemented, "method EnableHost not implemented")
+}
+func (UnimplementedHostServiceServer) WatchNetworkPorts(*WatchNetworkPortsRequest, grpc.ServerStreamingServer[NetworkPortsSnapshot]) error {
+	return status.Error(codes.Unimplemented, "method WatchNetworkPorts not implemented")
 }
 func (UnimplementedHostServiceServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
@@ -470,6 +507,17 @@ func _HostService_EnableHost_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _HostService_WatchNetworkPorts_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchNetworkPortsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(HostServiceServer).WatchNetworkPorts(m, &grpc.GenericServerStream[WatchNetworkPortsRequest, NetworkPortsSnapshot]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type HostService_WatchNetworkPortsServer = grpc.ServerStreamingServer[NetworkPortsSnapshot]
+
 func _HostService_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CreateJoinTokenRequest)
 	if err := dec(in); err != nil {
@@ -620,6 +668,11 @@ var HostService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchAssignments",
 			Handler:       _HostService_WatchAssignments_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchNetworkPorts",
+			Handler:       _HostService_WatchNetworkPorts_Handler,
 			ServerStreams: true,
 		},
 	},
