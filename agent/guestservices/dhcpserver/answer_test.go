@@ -108,7 +108,7 @@ func TestAnswerOptions(t *testing.T) {
 		lease Lease
 	}{{"with router", base}, {"no default route", isolated}} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := New(nil)
+			s := New()
 			if err := s.SetLeases("mc-test", []Lease{tc.lease}); err != nil {
 				t.Fatal(err)
 			}
