@@ -18,7 +18,7 @@ import (
 	"github.com/minicloud/minicloud/agent/network"
 	"github.com/minicloud/minicloud/agent/network/networktest"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
-	"github.com/minicloud/minicloud/pkg/apiserver"
+	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 	"github.com/minicloud/minicloud/pkg/store"
 )

@@ -21,10 +21,10 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent/imagecache"
+	"github.com/minicloud/minicloud/api/imageservice"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
-	"github.com/minicloud/minicloud/pkg/imageservice"
 )
 
 // serve runs srv on a real gRPC server on loopback with minicloud's error

@@ -18,7 +18,7 @@ import (
 
 	"github.com/minicloud/minicloud/agent/join"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
-	"github.com/minicloud/minicloud/pkg/apiserver/apiservertest"
+	"github.com/minicloud/minicloud/api/server/apiservertest"
 	"github.com/minicloud/minicloud/pkg/pki"
 	"github.com/minicloud/minicloud/pkg/store"
 )

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/minicloud/minicloud/pkg/apiserver/apiservertest"
+	"github.com/minicloud/minicloud/api/server/apiservertest"
 )
 
 // TestJoinTokenAndRevokeOverTLS drives the CLI in-process against a real

@@ -13,7 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/minicloud/minicloud/pkg/apiserver"
+	apiserver "github.com/minicloud/minicloud/api/server"
 )
 
 const shutdownGrace = 10 * time.Second

@@ -11,7 +11,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/minicloud/minicloud/pkg/apiserver"
+	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/pkg/pki"
 )
 

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/minicloud/minicloud/pkg/apiserver"
-	"github.com/minicloud/minicloud/pkg/apiserver/apiservertest"
+	apiserver "github.com/minicloud/minicloud/api/server"
+	"github.com/minicloud/minicloud/api/server/apiservertest"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 	"github.com/minicloud/minicloud/pkg/pki"
 )

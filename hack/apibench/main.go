@@ -28,8 +28,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/hack/benchdoc"
-	"github.com/minicloud/minicloud/pkg/apiserver"
 	"github.com/minicloud/minicloud/pkg/etcdembed"
 	"github.com/minicloud/minicloud/pkg/store"
 )

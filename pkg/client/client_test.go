@@ -10,10 +10,10 @@ import (
 
 	"google.golang.org/grpc"
 
+	"github.com/minicloud/minicloud/api/imageservice"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
-	"github.com/minicloud/minicloud/pkg/imageservice"
 )
 
 // serve runs the real image service on a loopback port and returns a Client

@@ -12,10 +12,10 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/minicloud/minicloud/api/imageservice"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
-	"github.com/minicloud/minicloud/pkg/imageservice"
 )
 
 func TestParseEndpoints(t *testing.T) {

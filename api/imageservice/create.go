@@ -1,0 +1,298 @@
+package imageservice
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"syscall"
+
+	"github.com/google/uuid"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/minicloud/minicloud/api/imageservice/imageformat"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+const (
+	gib           = 1 << 30
+	maxCmdlineLen = 4096
+)
+
+// CreateImage receives a header and then chunks of the disk, kernel and
+// initrd, stores them as blobs and records the image. On any failure it
+// leaves neither a temporary file, nor a new blob, nor a key behind.
+func (s *Service) CreateImage(stream minicloudv1.ImageService_CreateImageServer) error {
+	ctx := stream.Context()
+	first, err := stream.Recv()
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			return errdefs.Invalid("empty upload: the first message must be a header")
+		}
+		return err
+	}
+	hdr := first.GetHeader()
+	if hdr == nil {
+		return errdefs.Invalid("the first message of an upload must be a header")
+	}
+	if err := s.validateHeader(hdr); err != nil {
+		return err
+	}
+	// Fail fast instead of after a long upload; the create-only txn below
+	// still decides races.
+	if _, _, err := s.get(ctx, hdr.GetName()); err == nil {
+		return errdefs.AlreadyExists("image %q already exists", hdr.GetName())
+	} else if !errdefs.IsNotFound(err) {
+		return err
+	}
+
+	up := &upload{s: s, parts: map[minicloudv1.ImagePart]*blobWriter{}}
+	defer up.abort()
+	if err := up.receive(stream); err != nil {
+		return err
+	}
+	img, err := up.describe(hdr)
+	if err != nil {
+		return err
+	}
+	return up.commit(ctx, img, stream)
+}
+
+func (s *Service) validateHeader(h *minicloudv1.CreateImageHeader) error {
+	if err := validateName(h.GetName()); err != nil {
+		return err
+	}
+	switch h.GetRequiredHypervisor() {
+	case "", "kvm", "tcg":
+	default:
+		return errdefs.Invalid("required_hypervisor %q must be empty, kvm or tcg", h.GetRequiredHypervisor())
+	}
+	if h.GetMinDiskGib() < 0 {
+		return errdefs.Invalid("min_disk_gib must not be negative")
+	}
+	if len(h.GetCmdline()) > maxCmdlineLen {
+		return errdefs.Invalid("cmdline is %d bytes, at most %d allowed", len(h.GetCmdline()), maxCmdlineLen)
+	}
+	for _, n := range []int64{h.GetDiskSizeBytes(), h.GetKernelSizeBytes(), h.GetInitrdSizeBytes()} {
+		if n < 0 {
+			return errdefs.Invalid("sizes in the header must not be negative")
+		}
+	}
+	total := h.GetDiskSizeBytes() + h.GetKernelSizeBytes() + h.GetInitrdSizeBytes()
+	if total > s.maxBytes || total < 0 {
+		return errdefs.ResourceExhausted("image %q is %d bytes, more than the limit of %d bytes", h.GetName(), total, s.maxBytes)
+	}
+	return nil
+}
+
+// upload is one CreateImage call in progress: one temporary blob per part.
+type upload struct {
+	s     *Service
+	parts map[minicloudv1.ImagePart]*blobWriter
+	total int64
+	// created are blobs this upload added to the directory (not dedup hits).
+	created []string
+}
+
+func (u *upload) receive(stream minicloudv1.ImageService_CreateImageServer) error {
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		chunk := msg.GetChunk()
+		if chunk == nil {
+			return errdefs.Invalid("only the first message of an upload may be a header")
+		}
+		w, err := u.writer(stream.Context(), chunk.GetPart())
+		if err != nil {
+			return err
+		}
+		u.total += int64(len(chunk.GetData()))
+		if u.total > u.s.maxBytes {
+			return errdefs.ResourceExhausted("upload exceeds the limit of %d bytes", u.s.maxBytes)
+		}
+		if _, err := w.Write(chunk.GetData()); err != nil {
+			if errors.Is(err, syscall.ENOSPC) {
+				return errdefs.ResourceExhausted("the image store is out of space")
+			}
+			return errdefs.Wrap(errdefs.KindUnavailable, err, "store upload")
+		}
+	}
+}
+
+func (u *upload) writer(ctx context.Context, part minicloudv1.ImagePart) (*blobWriter, error) {
+	if w, ok := u.parts[part]; ok {
+		return w, nil
+	}
+	switch part {
+	case minicloudv1.ImagePart_IMAGE_PART_DISK, minicloudv1.ImagePart_IMAGE_PART_KERNEL, minicloudv1.ImagePart_IMAGE_PART_INITRD:
+	default:
+		return nil, errdefs.Invalid("chunk part must be disk, kernel or initrd")
+	}
+	// Registered before the file exists, so garbage collection (which
+	// lists files before keys) never sees the file without its key.
+	name, err := u.s.registerUpload(ctx)
+	if err != nil {
+		return nil, err
+	}
+	w, err := u.s.blobs.create(name)
+	if err != nil {
+		u.s.unregisterUpload(name)
+		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "store upload")
+	}
+	u.parts[part] = w
+	return w, nil
+}
+
+// describe validates what arrived and builds the image record (without
+// blob digests, which commit fills in).
+func (u *upload) describe(h *minicloudv1.CreateImageHeader) (*minicloudv1.Image, error) {
+	disk := u.parts[minicloudv1.ImagePart_IMAGE_PART_DISK]
+	kernel := u.parts[minicloudv1.ImagePart_IMAGE_PART_KERNEL]
+	initrd := u.parts[minicloudv1.ImagePart_IMAGE_PART_INITRD]
+	if disk == nil || disk.size == 0 {
+		return nil, errdefs.Invalid("image %q has no disk data", h.GetName())
+	}
+	if kernel == nil && (initrd != nil || h.GetCmdline() != "") {
+		return nil, errdefs.Invalid("an initrd or cmdline needs a kernel")
+	}
+	for _, c := range []struct {
+		part     string
+		w        *blobWriter
+		declared int64
+	}{
+		{"disk", disk, h.GetDiskSizeBytes()},
+		{"kernel", kernel, h.GetKernelSizeBytes()},
+		{"initrd", initrd, h.GetInitrdSizeBytes()},
+	} {
+		var got int64
+		if c.w != nil {
+			got = c.w.size
+		}
+		if c.declared != 0 && got != c.declared {
+			return nil, errdefs.Invalid("%s: received %d bytes, header announced %d (upload interrupted?)", c.part, got, c.declared)
+		}
+	}
+
+	info, err := imageformat.Probe(disk.f, disk.size)
+	if err != nil {
+		var inv *imageformat.InvalidError
+		if errors.As(err, &inv) {
+			return nil, errdefs.Invalid("image %q: %s", h.GetName(), inv.Reason)
+		}
+		return nil, fmt.Errorf("probe image %s: %w", h.GetName(), err)
+	}
+	format := minicloudv1.ImageFormat_IMAGE_FORMAT_RAW
+	if info.Format == imageformat.QCOW2 {
+		format = minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2
+	}
+	// The guest disk can never be smaller than the image's virtual size.
+	needGiB := (info.VirtualSize + gib - 1) / gib
+	minDisk := h.GetMinDiskGib()
+	if minDisk == 0 {
+		minDisk = needGiB
+	} else if minDisk < needGiB {
+		return nil, errdefs.Invalid("min_disk_gib %d is smaller than the image's virtual size (%d bytes, %d GiB)", minDisk, info.VirtualSize, needGiB)
+	}
+	return &minicloudv1.Image{
+		Meta: &minicloudv1.ObjectMeta{
+			Id:         uuid.NewString(),
+			Name:       h.GetName(),
+			CreateTime: timestamppb.Now(),
+		},
+		Format:             format,
+		VirtualSizeBytes:   info.VirtualSize,
+		Cmdline:            h.GetCmdline(),
+		MinDiskGib:         minDisk,
+		RequiredHypervisor: h.GetRequiredHypervisor(),
+	}, nil
+}
+
+// commit renames the parts to their digests and writes the image key with a
+// create-only transaction. If the key cannot be written, blobs no image
+// references are removed again.
+func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream minicloudv1.ImageService_CreateImageServer) (err error) {
+	s := u.s
+	lock, err := s.lockStore(ctx)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	defer func() {
+		if err == nil || len(u.created) == 0 {
+			return
+		}
+		// Use a fresh context: the caller's may be what failed.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		defer cancel()
+		if cerr := s.removeUnreferenced(cctx, lock, u.created); cerr != nil {
+			s.log.Warn("remove blobs of failed upload", "image", img.GetMeta().GetName(), "err", cerr)
+		}
+	}()
+
+	for part, w := range u.parts {
+		sha, size, created, err := w.commit()
+		u.release(w)
+		if err != nil {
+			return errdefs.Wrap(errdefs.KindUnavailable, err, "store image %s", img.GetMeta().GetName())
+		}
+		if created {
+			u.created = append(u.created, sha)
+		}
+		blob := &minicloudv1.ImageBlob{Sha256: sha, SizeBytes: size}
+		switch part {
+		case minicloudv1.ImagePart_IMAGE_PART_DISK:
+			img.Disk = blob
+		case minicloudv1.ImagePart_IMAGE_PART_KERNEL:
+			img.Kernel = blob
+		case minicloudv1.ImagePart_IMAGE_PART_INITRD:
+			img.Initrd = blob
+		}
+	}
+	val, err := proto.Marshal(img)
+	if err != nil {
+		return fmt.Errorf("encode image: %w", err)
+	}
+	key := store.ImageKey(img.GetMeta().GetName())
+	resp, err := s.etcd.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0), lock.owned()).
+		Then(clientv3.OpPut(key, string(val))).
+		Commit()
+	if err != nil {
+		return storeErr(err, "store image %s", img.GetMeta().GetName())
+	}
+	if !resp.Succeeded {
+		if err := lock.held(); err != nil {
+			return err
+		}
+		return errdefs.AlreadyExists("image %q already exists", img.GetMeta().GetName())
+	}
+	img.Meta.ResourceVersion = resp.Header.Revision
+	return stream.SendAndClose(img)
+}
+
+// abort drops every temporary file that was not committed.
+func (u *upload) abort() {
+	for _, w := range u.parts {
+		w.abort()
+		u.release(w)
+	}
+}
+
+// release drops the upload key of w's temporary file, which must be gone
+// (committed or removed) by now.
+func (u *upload) release(w *blobWriter) {
+	if w.released {
+		return
+	}
+	w.released = true
+	u.s.unregisterUpload(w.tempName())
+}

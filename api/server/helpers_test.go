@@ -1,0 +1,296 @@
+package server_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	apiserver "github.com/minicloud/minicloud/api/server"
+	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/pki"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+// env is a real embedded etcd and a real API server on a loopback port,
+// with generated clients.
+type env struct {
+	t      *testing.T
+	etcd   *clientv3.Client
+	srv    *apiserver.Server
+	addr   string
+	conn   *grpc.ClientConn
+	vms    minicloudv1.VMServiceClient
+	flv    minicloudv1.FlavorServiceClient
+	nets   minicloudv1.NetworkServiceClient
+	sgs    minicloudv1.ServerGroupServiceClient
+	hosts  minicloudv1.HostServiceClient
+	images minicloudv1.ImageServiceClient
+
+	// ca, when set (newTLSEnv), makes the server serve TLS with a
+	// certificate from it, and the clients trust it (without a client
+	// certificate: they are operators).
+	ca *pki.CA
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	_, cli := etcdtest.Start(t)
+	e := &env{t: t, etcd: cli}
+	e.start()
+	return e
+}
+
+// start (re)starts the API server on a fresh port and reconnects clients.
+func (e *env) start() {
+	e.t.Helper()
+	cfg := apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir(), Logger: slog.New(slog.DiscardHandler)}
+	creds := insecure.NewCredentials()
+	if e.ca != nil {
+		cfg.CA, cfg.TLS, cfg.AgentTLS = e.ca, e.serverTLS(), e.controlPlaneTLS()
+		creds = credentials.NewTLS(pki.ClientTLS(e.ca.Pool(), nil, pki.OrgControlPlane))
+	}
+	srv, err := apiserver.New(cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	go srv.Serve(lis)
+	e.srv, e.addr = srv, lis.Addr().String()
+	conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.conn = conn
+	e.vms = minicloudv1.NewVMServiceClient(conn)
+	e.flv = minicloudv1.NewFlavorServiceClient(conn)
+	e.nets = minicloudv1.NewNetworkServiceClient(conn)
+	e.sgs = minicloudv1.NewServerGroupServiceClient(conn)
+	e.hosts = minicloudv1.NewHostServiceClient(conn)
+	e.images = minicloudv1.NewImageServiceClient(conn)
+	e.t.Cleanup(e.stop)
+}
+
+// stop kills the server without waiting for calls, like a crash would.
+func (e *env) stop() {
+	if e.conn != nil {
+		e.conn.Close()
+		e.conn = nil
+	}
+	if e.srv != nil {
+		e.srv.GRPCServer().Stop()
+		e.srv = nil
+	}
+}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+// seed creates image debian, flavors small/tiny and network default.
+func (e *env) seed() {
+	e.t.Helper()
+	c := ctx(e.t)
+	e.putImage("debian", 0)
+	for _, f := range []*minicloudv1.CreateFlavorRequest{
+		{Name: "small", Vcpus: 1, MemoryMib: 1024, DiskGib: 4},
+		{Name: "tiny", Vcpus: 1, MemoryMib: 256, DiskGib: 1},
+	} {
+		if _, err := e.flv.CreateFlavor(c, f); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	if _, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "default", Cidr: "10.99.0.0/24"}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// putImage stores image metadata directly: uploads are the image service's
+// business and tested there.
+func (e *env) putImage(name string, minDisk int64) {
+	e.t.Helper()
+	v, _ := store.Marshal(&minicloudv1.Image{Meta: &minicloudv1.ObjectMeta{Id: name + "-id", Name: name}, MinDiskGib: minDisk,
+		Format: minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2, Disk: &minicloudv1.ImageBlob{Sha256: strings.Repeat("0", 64), SizeBytes: 1}})
+	if _, err := e.etcd.Put(ctx(e.t), store.ImageKey(name), v); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *env) createVM(name string, mutate ...func(*minicloudv1.CreateVMRequest)) *minicloudv1.VM {
+	e.t.Helper()
+	req := &minicloudv1.CreateVMRequest{Name: name, Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small"}}
+	for _, m := range mutate {
+		m(req)
+	}
+	vm, err := e.vms.CreateVM(ctx(e.t), req)
+	if err != nil {
+		e.t.Fatalf("create vm %s: %v", name, err)
+	}
+	return vm
+}
+
+// dump returns every minicloud key and value.
+func (e *env) dump(t *testing.T) map[string]string {
+	t.Helper()
+	resp, err := e.etcd.Get(ctx(t), store.Prefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make(map[string]string, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		out[string(kv.Key)] = string(kv.Value)
+	}
+	return out
+}
+
+// wantUnchanged fails if the store differs from before.
+func (e *env) wantUnchanged(t *testing.T, before map[string]string) {
+	t.Helper()
+	after := e.dump(t)
+	if fmt.Sprint(before) != fmt.Sprint(after) {
+		t.Fatalf("store changed: keys before %v, after %v", keys(before), keys(after))
+	}
+}
+
+func (e *env) rev() int64 {
+	e.t.Helper()
+	resp, err := e.etcd.Get(ctx(e.t), "rev")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return resp.Header.Revision
+}
+
+func keys(m map[string]string) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// place does what the scheduler does: claims capacity on host and sets
+// status.host in one transaction.
+func (e *env) place(vmID, host string) {
+	e.t.Helper()
+	c := ctx(e.t)
+	vm, err := store.GetVM(c, e.etcd, vmID)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	st, err := store.ReadClaimState(c, e.etcd, host, vmID)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	cmps, ops, _, err := store.AddClaimOps(&minicloudv1.Claim{VmId: vmID, Host: host, Resources: vm.Spec.Resources}, st.Alloc, st.AllocModRevision)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	next := proto.CloneOf(vm.Status)
+	next.Host, next.Phase = host, minicloudv1.VMPhase_VM_PHASE_SCHEDULED
+	op, _ := store.VMStatusOp(vmID, next)
+	cmps = append(cmps, store.Unchanged(store.VMStatusKey(vmID), vm.Status.StatusVersion))
+	if _, ok, err := store.Commit(c, e.etcd, cmps, append(ops, op)); err != nil || !ok {
+		e.t.Fatalf("place %s on %s: %v %v", vmID, host, ok, err)
+	}
+}
+
+func (e *env) registerHost(name, addr string) {
+	e.t.Helper()
+	_, err := e.hosts.RegisterHost(ctx(e.t), &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
+		Meta: &minicloudv1.ObjectMeta{Name: name}, Address: addr,
+		Capacity: &minicloudv1.Resources{Vcpus: 8, MemoryMib: 16384, DiskGib: 100}, Hypervisors: []string{"tcg"},
+	}})
+	if err != nil {
+		e.t.Fatalf("register host %s: %v", name, err)
+	}
+}
+
+// wantCode fails unless err has code and a message containing fragment.
+func wantCode(t *testing.T, err error, code codes.Code, fragment string) {
+	t.Helper()
+	if status.Code(err) != code {
+		t.Fatalf("got %v, want code %v", err, code)
+	}
+	if !strings.Contains(status.Convert(err).Message(), fragment) {
+		t.Fatalf("message %q does not mention %q", status.Convert(err).Message(), fragment)
+	}
+}
+
+// checkConsistent verifies the store invariants a crash must never break:
+// every VM has spec, status and name index; every name index and address
+// points at a live VM that has that address.
+func (e *env) checkConsistent() map[string]*minicloudv1.VM {
+	e.t.Helper()
+	c := ctx(e.t)
+	vms, _, err := store.ListVMs(c, e.etcd, 0)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	byID := map[string]*minicloudv1.VM{}
+	ownedIPs := map[string]string{}
+	for _, vm := range vms {
+		byID[vm.Meta.Id] = vm
+		if vm.Status.StatusVersion == 0 {
+			e.t.Errorf("vm %s has no status key", vm.Meta.Name)
+		}
+		for _, a := range vm.Status.Addresses {
+			if prev, dup := ownedIPs[a.Ip]; dup {
+				e.t.Errorf("address %s held by %s and %s", a.Ip, prev, vm.Meta.Id)
+			}
+			ownedIPs[a.Ip] = vm.Meta.Id
+		}
+	}
+	d := e.dump(e.t)
+	for _, k := range keys(d) {
+		v := d[k]
+		switch {
+		case strings.HasPrefix(k, store.VMNamePrefix):
+			if vm := byID[v]; vm == nil || store.VMNameKey(vm.Meta.Project, vm.Meta.Name) != k {
+				e.t.Errorf("name index %s points at %s, which is not a VM of that name", k, v)
+			}
+		case strings.HasPrefix(k, store.IPAMPrefix):
+			if ownedIPs[store.LastSegment(k)] != v {
+				e.t.Errorf("ipam key %s says %s, but that VM does not hold the address", k, v)
+			}
+		case strings.HasPrefix(k, store.ClaimPrefix):
+			host := strings.Split(strings.TrimPrefix(k, store.ClaimPrefix), "/")[0]
+			if vm := byID[store.LastSegment(k)]; vm == nil || vm.Status.Host != host {
+				e.t.Errorf("claim %s belongs to no VM on host %s", k, host)
+			}
+		case strings.HasPrefix(k, store.VMStatusPrefix), strings.HasPrefix(k, store.VMUserDataPrefix):
+			if byID[store.LastSegment(k)] == nil {
+				e.t.Errorf("orphan key %s", k)
+			}
+		}
+	}
+	for _, vm := range vms {
+		if d[store.VMNameKey(vm.Meta.Project, vm.Meta.Name)] != vm.Meta.Id {
+			e.t.Errorf("vm %s has no name index", vm.Meta.Name)
+		}
+	}
+	return byID
+}
+
+func statusCode(err error) codes.Code { return status.Code(err) }
+
+func unmarshalString(v string, m proto.Message) error { return proto.Unmarshal([]byte(v), m) }

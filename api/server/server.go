@@ -1,0 +1,222 @@
+// Package server is the API server: it serves minicloud's gRPC API (VMs, flavors, networks,
+// server groups, hosts and images) over etcd. It keeps no state of its own:
+// every request reads etcd and every change is one etcd transaction, so any
+// number of API servers can run against one etcd and any of them can be
+// killed at any moment.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/minicloud/minicloud/api/imageservice"
+	"github.com/minicloud/minicloud/api/ipam"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/pki"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+// MaxRequestBytes is the largest request message the server accepts. It
+// leaves room for 64 KiB of user-data and for the image upload chunks
+// (1 MiB); anything larger is refused with RESOURCE_EXHAUSTED by gRPC.
+const MaxRequestBytes = 4 << 20
+
+// Host heartbeat timing, returned to agents in RegisterHostResponse.
+const (
+	HeartbeatInterval = 5 * time.Second
+	HostLeaseTTL      = 15 * time.Second
+)
+
+// Config configures a Server.
+type Config struct {
+	// Client is the etcd client; the server does not close it.
+	Client *clientv3.Client
+	// ImageDir is where the image service keeps image blobs; every API
+	// replica of a cluster must see the same directory (see
+	// imageservice.Config.Dir). Empty: the image service is not served.
+	ImageDir string
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// AgentDialOptions are added when dialing an agent's AgentService (for
+	// GetConsoleLog). Default: plaintext.
+	AgentDialOptions []grpc.DialOption
+	// VNIRange bounds the VXLAN segment ids given to networks; zero means
+	// store.DefaultVNIRange.
+	VNIRange store.VNIRange
+
+	// CA is the cluster CA (EnsureCA): it signs the certificates of
+	// joining hosts. Nil: JoinHost and CreateJoinToken are refused.
+	CA *pki.CA
+	// TLS, if set, makes the server speak TLS only (pki.ServerTLS, client
+	// certificates verified if given) and binds every agent call of
+	// HostService to the host its certificate names.
+	TLS *tls.Config
+	// AgentTLS, if set, is the client configuration (the control-plane
+	// certificate and the CA) for calling agents that listen beyond
+	// loopback: they serve mTLS only.
+	AgentTLS *tls.Config
+}
+
+// Server is the API server: a gRPC server with every minicloud service,
+// health and reflection, and an HTTP handler for /metrics and /healthz.
+type Server struct {
+	etcd     *clientv3.Client
+	log      *slog.Logger
+	ipam     *ipam.Allocator
+	leases   *requestLeases
+	grpc     *grpc.Server
+	health   *health.Server
+	registry *prometheus.Registry
+	agentOpt []grpc.DialOption
+	images   *imageservice.Service // nil if not served
+	vnis     store.VNIRange
+
+	ca               *pki.CA
+	requireHostCerts bool
+	agentTLS         *tls.Config
+
+	// networkIDs caches network key → id so a create reads a network's
+	// addresses in the same round trip as the network (see readCreateRefs).
+	networkIDs sync.Map
+
+	// streams ends every watch stream when the server stops, so that
+	// GracefulStop does not wait for streams that never end by themselves.
+	streams     context.Context
+	stopStreams context.CancelFunc
+}
+
+// New builds a Server; call Serve to accept connections.
+func New(cfg Config) (*Server, error) {
+	if cfg.Client == nil {
+		return nil, errors.New("apiserver: Config.Client is required")
+	}
+	s := &Server{
+		etcd:     cfg.Client,
+		vnis:     cfg.VNIRange,
+		log:      cfg.Logger,
+		ipam:     ipam.New(cfg.Client),
+		leases:   &requestLeases{lease: cfg.Client},
+		health:   health.NewServer(),
+		registry: prometheus.NewRegistry(),
+		agentOpt: cfg.AgentDialOptions,
+		ca:       cfg.CA,
+		agentTLS: cfg.AgentTLS,
+
+		requireHostCerts: cfg.TLS != nil,
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	s.streams, s.stopStreams = context.WithCancel(context.Background())
+	s.log = s.log.With("component", "apiserver")
+	m := newMetrics(s.registry)
+	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	opts := []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(MaxRequestBytes),
+		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, s.revokedUnary, refuseUnknownFieldsUnary),
+		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, s.revokedStream, refuseUnknownFieldsStream),
+	}
+	if cfg.TLS != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.TLS)))
+	}
+	s.grpc = grpc.NewServer(opts...)
+	minicloudv1.RegisterVMServiceServer(s.grpc, &vmService{s: s})
+	minicloudv1.RegisterFlavorServiceServer(s.grpc, &flavorService{s: s})
+	minicloudv1.RegisterNetworkServiceServer(s.grpc, &networkService{s: s})
+	minicloudv1.RegisterServerGroupServiceServer(s.grpc, &serverGroupService{s: s})
+	minicloudv1.RegisterHostServiceServer(s.grpc, &hostService{s: s})
+	services := []string{
+		minicloudv1.VMService_ServiceDesc.ServiceName,
+		minicloudv1.FlavorService_ServiceDesc.ServiceName,
+		minicloudv1.NetworkService_ServiceDesc.ServiceName,
+		minicloudv1.ServerGroupService_ServiceDesc.ServiceName,
+		minicloudv1.HostService_ServiceDesc.ServiceName,
+	}
+	if cfg.ImageDir != "" {
+		s.images = imageservice.New(imageservice.Config{
+			Client: cfg.Client,
+			Dir:    cfg.ImageDir,
+			InUse:  s.ImageInUse,
+		})
+		minicloudv1.RegisterImageServiceServer(s.grpc, s.images)
+		services = append(services, minicloudv1.ImageService_ServiceDesc.ServiceName)
+	}
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	for _, name := range append(services, "") {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+	reflection.Register(s.grpc)
+	return s, nil
+}
+
+// GRPCServer returns the underlying gRPC server (to register more services
+// before Serve).
+func (s *Server) GRPCServer() *grpc.Server { return s.grpc }
+
+// Serve accepts gRPC connections on lis until Stop.
+func (s *Server) Serve(lis net.Listener) error {
+	s.log.Info("serving gRPC API", "addr", lis.Addr().String(), "tls", s.requireHostCerts)
+	if !s.requireHostCerts {
+		return s.grpc.Serve(lis)
+	}
+	l := newTLSOnlyListener(lis)
+	defer l.stop()
+	return s.grpc.Serve(l.tls)
+}
+
+// Stop marks the server NOT_SERVING, ends watch streams (clients resume
+// elsewhere from their last resource version), lets unary calls finish
+// until ctx ends, then closes every connection.
+func (s *Server) Stop(ctx context.Context) {
+	s.health.Shutdown()
+	s.stopStreams()
+	done := make(chan struct{})
+	go func() {
+		s.grpc.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.grpc.Stop()
+		<-done
+	}
+	if s.images != nil {
+		s.images.Close()
+	}
+}
+
+// MetricsHandler serves /metrics (Prometheus) and /healthz (200 when etcd
+// answers, 503 otherwise).
+func (s *Server) MetricsHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if _, err := s.etcd.Get(ctx, "health", clientv3.WithCountOnly()); err != nil {
+			http.Error(w, "etcd: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	return mux
+}

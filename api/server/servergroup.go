@@ -1,0 +1,85 @@
+package server
+
+import (
+	"context"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+// serverGroupService implements minicloudv1.ServerGroupServiceServer. The
+// scheduler reads a VM's group to apply (anti-)affinity.
+type serverGroupService struct {
+	minicloudv1.UnimplementedServerGroupServiceServer
+	s *Server
+}
+
+func serverGroupNotFound(project, name string) error {
+	return errdefs.NotFound("server group %s not found in project %s", name, project)
+}
+
+func (g *serverGroupService) CreateServerGroup(ctx context.Context, req *minicloudv1.CreateServerGroupRequest) (*minicloudv1.ServerGroup, error) {
+	project, err := projectOf(req.GetProject())
+	if err != nil {
+		return nil, err
+	}
+	if err := validateServerGroup(req); err != nil {
+		return nil, err
+	}
+	sg := &minicloudv1.ServerGroup{Meta: metaFor(req.GetName(), project), Policy: req.GetPolicy()}
+	if _, err := g.s.createObject(ctx, store.ServerGroupKey(project, req.GetName()), sg, sg.Meta,
+		errdefs.AlreadyExists("server group %s already exists in project %s", req.GetName(), project)); err != nil {
+		return nil, err
+	}
+	return sg, nil
+}
+
+func (g *serverGroupService) GetServerGroup(ctx context.Context, req *minicloudv1.GetServerGroupRequest) (*minicloudv1.ServerGroup, error) {
+	project, err := projectOf(req.GetProject())
+	if err != nil {
+		return nil, err
+	}
+	if err := validateName("server group", req.GetName()); err != nil {
+		return nil, err
+	}
+	sg := &minicloudv1.ServerGroup{}
+	if _, err := g.s.getObject(ctx, store.ServerGroupKey(project, req.GetName()), sg, sg.GetMeta, serverGroupNotFound(project, req.GetName())); err != nil {
+		return nil, err
+	}
+	return sg, nil
+}
+
+func (g *serverGroupService) ListServerGroups(ctx context.Context, req *minicloudv1.ListServerGroupsRequest) (*minicloudv1.ListServerGroupsResponse, error) {
+	project, err := projectOf(req.GetProject())
+	if err != nil {
+		return nil, err
+	}
+	sgs, err := listObjects(ctx, g.s.etcd, store.ServerGroupKey(project, ""), func() *minicloudv1.ServerGroup { return &minicloudv1.ServerGroup{} })
+	if err != nil {
+		return nil, err
+	}
+	return &minicloudv1.ListServerGroupsResponse{ServerGroups: sgs}, nil
+}
+
+func (g *serverGroupService) DeleteServerGroup(ctx context.Context, req *minicloudv1.DeleteServerGroupRequest) (*minicloudv1.DeleteServerGroupResponse, error) {
+	project, err := projectOf(req.GetProject())
+	if err != nil {
+		return nil, err
+	}
+	name := req.GetName()
+	if err := validateName("server group", name); err != nil {
+		return nil, err
+	}
+	key := store.ServerGroupKey(project, name)
+	reread := func() (int64, error) {
+		return g.s.getObject(ctx, key, &minicloudv1.ServerGroup{}, func() *minicloudv1.ObjectMeta { return nil }, serverGroupNotFound(project, name))
+	}
+	used := func(vm *minicloudv1.VM) bool {
+		return vm.GetMeta().GetProject() == project && vm.GetSpec().GetServerGroup() == name
+	}
+	if err := g.s.deleteUnused(ctx, "server group", name, key, reread, used); err != nil {
+		return nil, err
+	}
+	return &minicloudv1.DeleteServerGroupResponse{}, nil
+}

@@ -1,0 +1,253 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/minicloud/minicloud/api/ipam"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+func newID() string { return uuid.NewString() }
+
+// createRefs is what a create read in one snapshot: the objects the VM
+// refers to, with the revisions its transaction compares.
+type createRefs struct {
+	existingID  string // the VM a previous try with the same request id made
+	requestRev  int64
+	nameTaken   bool
+	image       *minicloudv1.Image
+	flavor      *minicloudv1.Flavor
+	flavorRev   int64
+	networks    []*minicloudv1.Network
+	networkRevs []int64
+	used        [][]*mvccpb.KeyValue // per network: the addresses in use (ipam.UsedOp)
+}
+
+// readCreateRefs reads, in one snapshot, the request-id and name keys,
+// every object the VM refers to and the addresses in use on its networks,
+// and refuses references that do not exist. The addresses are read in the
+// same round trip when the network's id is known from an earlier create
+// (the create's compare on the network key catches a network recreated
+// since), else with a read of their own.
+func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, spec *minicloudv1.VMSpec) (*createRefs, error) {
+	var reads store.Reads
+	var (
+		name        = reads.Get(store.VMNameKey(project, req.GetName()), clientv3.WithCountOnly())
+		image       = reads.Get(store.ImageKey(spec.Image))
+		flavor      = reads.Get(store.FlavorKey(spec.Flavor))
+		serverGroup = reads.Get(store.ServerGroupKey(project, spec.ServerGroup), clientv3.WithCountOnly())
+		targetHost  = reads.Get(store.HostSpecKey(spec.TargetHost), clientv3.WithCountOnly())
+		request     = reads.Get(store.VMRequestKey(project, req.GetRequestId()))
+		networks    = make([]store.Read, len(spec.Networks))
+		used        = make([]*store.Read, len(spec.Networks)) // nil: network id not known yet
+		cachedID    = make([]string, len(spec.Networks))
+	)
+	for i, n := range spec.Networks {
+		networks[i] = reads.Get(store.NetworkKey(project, n))
+	}
+	for i, n := range spec.Networks {
+		if id, ok := s.networkIDs.Load(store.NetworkKey(project, n)); ok {
+			cachedID[i] = id.(string)
+			r := reads.Add(ipam.UsedOp(cachedID[i]))
+			used[i] = &r
+		}
+	}
+	if err := reads.Do(ctx, s.etcd); err != nil {
+		return nil, err
+	}
+	refs := &createRefs{}
+	if req.GetRequestId() != "" {
+		if kv := request.First(); kv != nil {
+			refs.existingID, refs.requestRev = string(kv.Value), kv.ModRevision
+		}
+	}
+	refs.nameTaken = name.Count() > 0
+	if kv := image.First(); kv == nil {
+		return refs, errdefs.NotFound("image %s not found (see `minicloud image list`)", spec.Image)
+	} else {
+		refs.image = &minicloudv1.Image{}
+		if err := store.Decode(kv, refs.image); err != nil {
+			return nil, err
+		}
+	}
+	if kv := flavor.First(); kv == nil {
+		return refs, flavorNotFound(spec.Flavor)
+	} else {
+		refs.flavor, refs.flavorRev = &minicloudv1.Flavor{}, kv.ModRevision
+		if err := store.Decode(kv, refs.flavor); err != nil {
+			return nil, err
+		}
+	}
+	if spec.ServerGroup != "" && serverGroup.Count() == 0 {
+		return refs, serverGroupNotFound(project, spec.ServerGroup)
+	}
+	if spec.TargetHost != "" && targetHost.Count() == 0 {
+		return refs, errdefs.NotFound("target host %s is not registered (see `minicloud host list`)", spec.TargetHost)
+	}
+	for i, n := range spec.Networks {
+		kv := networks[i].First()
+		if kv == nil {
+			return refs, networkNotFound(project, n)
+		}
+		nw := &minicloudv1.Network{}
+		if err := store.Decode(kv, nw); err != nil {
+			return nil, err
+		}
+		refs.networks = append(refs.networks, nw)
+		refs.networkRevs = append(refs.networkRevs, kv.ModRevision)
+		id := nw.GetMeta().GetId()
+		if used[i] != nil && cachedID[i] == id {
+			refs.used = append(refs.used, used[i].KVs())
+			continue
+		}
+		u, err := s.etcd.Do(ctx, ipam.UsedOp(id))
+		if err != nil {
+			return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", n)
+		}
+		s.networkIDs.Store(store.NetworkKey(project, n), id)
+		refs.used = append(refs.used, u.Get().Kvs)
+	}
+	return refs, nil
+}
+
+// errRetry says a create lost a race and must re-read and try again.
+var errRetry = errors.New("retry")
+
+// createVM makes a VM in one etcd transaction: spec, status with
+// addresses, user-data, name index, request id and a first event, under
+// compares that keep name and addresses unique and the referenced objects
+// in place.
+func (s *Server) createVM(ctx context.Context, req *minicloudv1.CreateVMRequest) (*minicloudv1.VM, error) {
+	project, err := projectOf(req.GetProject())
+	if err != nil {
+		return nil, err
+	}
+	spec, err := validateVMCreate(req)
+	if err != nil {
+		return nil, err
+	}
+	for range maxTxnAttempts {
+		vm, err := s.tryCreateVM(ctx, project, req, spec)
+		if !errors.Is(err, errRetry) {
+			return vm, err
+		}
+	}
+	return nil, tooMuchContention("create vm " + req.GetName())
+}
+
+func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, base *minicloudv1.VMSpec) (*minicloudv1.VM, error) {
+	addrRead := s.ipam.BeginRead()
+	defer addrRead.End()
+	refs, err := s.readCreateRefs(ctx, project, req, base)
+	if refs != nil && refs.existingID != "" {
+		// A retry of a create that went through: answer with that VM, even
+		// if a referenced object has been deleted since.
+		vm, err := store.GetVM(ctx, s.etcd, refs.existingID)
+		if err == nil || !errdefs.IsNotFound(err) {
+			return vm, err
+		}
+		// That VM is gone: this request id makes a new one.
+	}
+	if err != nil {
+		return nil, err
+	}
+	if refs.nameTaken {
+		return nil, errdefs.AlreadyExists("vm %s already exists in project %s", req.GetName(), project)
+	}
+	if minDisk := refs.image.GetMinDiskGib(); minDisk > refs.flavor.GetDiskGib() {
+		return nil, errdefs.Invalid("image %s needs a disk of at least %d GiB; flavor %s has %d GiB: choose a larger flavor", base.Image, minDisk, base.Flavor, refs.flavor.GetDiskGib())
+	}
+
+	now := time.Now()
+	spec := proto.CloneOf(base)
+	spec.Resources = &minicloudv1.Resources{Vcpus: refs.flavor.GetVcpus(), MemoryMib: refs.flavor.GetMemoryMib(), DiskGib: refs.flavor.GetDiskGib()}
+	spec.RequiredHypervisor = refs.image.GetRequiredHypervisor()
+	vm := &minicloudv1.VM{
+		Meta: &minicloudv1.ObjectMeta{Id: newID(), Name: req.GetName(), Project: project, CreateTime: timestamppb.New(now), Labels: req.GetLabels()},
+		Spec: spec,
+		Status: &minicloudv1.VMStatus{
+			Phase:      lifecycle.Pending,
+			Reason:     lifecycle.ReasonCreated,
+			Message:    "waiting for the scheduler to choose a host",
+			UpdateTime: timestamppb.New(now),
+		},
+	}
+	id := vm.Meta.Id
+
+	nv := store.NewVM{VM: vm, UserData: req.GetUserData(), FlavorRev: refs.flavorRev, Now: now}
+	var committed bool // read by the reservations' deferred Done
+	for i, nw := range refs.networks {
+		r, err := addrRead.Reserve(nw, refs.used[i])
+		if err != nil {
+			return nil, err
+		}
+		defer func() { r.Done(committed) }()
+		nv.Networks = append(nv.Networks, store.NetworkRef{ID: nw.GetMeta().GetId(), Rev: refs.networkRevs[i]})
+		vm.Status.Addresses = append(vm.Status.Addresses, &minicloudv1.VMAddress{
+			Network:      nw.GetMeta().GetName(),
+			Ip:           r.Addr.String(),
+			PrefixLength: int32(r.Prefix.Bits()),
+			Gateway:      r.Gateway.String(),
+			Mac:          ipam.MAC(id, nw.GetMeta().GetId()),
+			Bridge:       nw.GetBridge(),
+			Mtu:          nw.GetMtu(),
+			Vni:          nw.GetVni(),
+			DisableNat:   !nw.GetNat(),
+			DnsServers:   nw.GetDnsServers(),
+		})
+	}
+	var lease clientv3.LeaseID
+	if rid := req.GetRequestId(); rid != "" {
+		if lease, err = s.leases.get(ctx); err != nil {
+			return nil, err
+		}
+		nv.RequestID, nv.RequestRev, nv.Lease = rid, refs.requestRev, lease
+	}
+	nv.Event = &minicloudv1.Event{
+		Type: lifecycle.EventNormal, Reason: lifecycle.ReasonCreated, Source: "api",
+		Message: fmt.Sprintf("vm %s created with image %s, flavor %s, addresses %s", vm.Meta.Name, spec.Image, spec.Flavor, addressList(vm.Status.Addresses)),
+	}
+	txn, err := store.CreateVMTxn(nv)
+	if err != nil {
+		return nil, err
+	}
+	rev, ok, err := txn.Commit(ctx, s.etcd)
+	committed = ok
+	if err != nil {
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			s.leases.forget(lease)
+			return nil, errRetry
+		}
+		return nil, err
+	}
+	if !ok {
+		return nil, errRetry
+	}
+	vm.Meta.ResourceVersion, vm.Status.StatusVersion = rev, rev
+	s.log.Info("vm created", "vm", vm.Meta.Name, "project", project, "id", id, "rev", rev)
+	return vm, nil
+}
+
+func addressList(addrs []*minicloudv1.VMAddress) string {
+	out := ""
+	for i, a := range addrs {
+		if i > 0 {
+			out += ", "
+		}
+		out += a.GetIp() + " on " + a.GetNetwork()
+	}
+	return out
+}
