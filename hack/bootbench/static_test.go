@@ -43,7 +43,7 @@ func TestSnapshotHasWhatCloudInitAsks(t *testing.T) {
 	for path, want := range map[string]string{
 		"/openstack":                                  "latest",
 		"/openstack/latest/meta_data.json":            `"uuid":"7d0b3c53-5d2e-4c8e-9a57-0a4c1f3e9b11"`,
-		"/openstack/2018-08-27/network_data.json":     "10.0.0.5",
+		"/openstack/2018-08-27/network_data.json":     `"type":"ipv4_dhcp"`,
 		"/openstack/latest/user_data":                 "#cloud-config",
 		"/openstack/latest/vendor_data.json":          "",
 		"/openstack/latest/vendor_data2.json":         "",
