@@ -48,6 +48,19 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// Version is reported on the Host record.
 	Version string
+	// Capacity, where a field is positive, replaces what the host measures
+	// (vCPUs and memory from the hypervisor, disk from the file system of
+	// StateDir): to reserve part of a machine for something else, or to
+	// give each of several hosts sharing one machine (the lab) its own share.
+	Capacity CapacityOverride
+}
+
+// CapacityOverride is the capacity a host registers instead of the measured
+// one; zero fields keep the measured value.
+type CapacityOverride struct {
+	VCPUs     int
+	MemoryMiB int64
+	DiskGiB   int64
 }
 
 func (c *Config) setDefaults() error {
