@@ -553,7 +553,6 @@ func (l *Lab) Output(ctx context.Context, host string, argv ...string) (string, 
 	return string(out), nil
 }
 
-
 // VMIDs are the VMs whose state directory is on host.
 func (l *Lab) VMIDs(host string) []string {
 	entries, _ := os.ReadDir(filepath.Join(l.agentData(host), "agent", "vms"))

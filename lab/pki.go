@@ -24,13 +24,15 @@ import (
 // replicas and schedulers. Instance identity documents are signed with one
 // Ed25519 key shared by every host, as on a real cloud.
 
-func (l *Lab) caCert() string               { return filepath.Join(l.pkiDir(), "ca.pem") }
-func (l *Lab) caKey() string                { return filepath.Join(l.pkiDir(), "ca-key.pem") }
-func (l *Lab) etcdCert(i int) string        { return filepath.Join(l.pkiDir(), fmt.Sprintf("etcd%d.pem", i)) }
-func (l *Lab) etcdKey(i int) string         { return filepath.Join(l.pkiDir(), fmt.Sprintf("etcd%d-key.pem", i)) }
-func (l *Lab) etcdClientCert() string       { return filepath.Join(l.pkiDir(), "etcd-client.pem") }
-func (l *Lab) etcdClientKey() string        { return filepath.Join(l.pkiDir(), "etcd-client-key.pem") }
-func (l *Lab) identityKey() string          { return filepath.Join(l.pkiDir(), "identity.pem") }
+func (l *Lab) caCert() string        { return filepath.Join(l.pkiDir(), "ca.pem") }
+func (l *Lab) caKey() string         { return filepath.Join(l.pkiDir(), "ca-key.pem") }
+func (l *Lab) etcdCert(i int) string { return filepath.Join(l.pkiDir(), fmt.Sprintf("etcd%d.pem", i)) }
+func (l *Lab) etcdKey(i int) string {
+	return filepath.Join(l.pkiDir(), fmt.Sprintf("etcd%d-key.pem", i))
+}
+func (l *Lab) etcdClientCert() string { return filepath.Join(l.pkiDir(), "etcd-client.pem") }
+func (l *Lab) etcdClientKey() string  { return filepath.Join(l.pkiDir(), "etcd-client-key.pem") }
+func (l *Lab) identityKey() string    { return filepath.Join(l.pkiDir(), "identity.pem") }
 func writePEM(path, typ string, der []byte) error {
 	return os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600)
 }
