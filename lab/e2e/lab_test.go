@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/minicloud/minicloud/lab"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/lab"
 )
 
 // TestLabHostsAndVMs: every host registered with its own capacity (the
