@@ -69,9 +69,11 @@ type Config struct {
 	Subnet netip.Prefix `json:"subnet"`
 	// BinDir holds the minicloud and minicloudd binaries the lab runs.
 	BinDir string `json:"bin_dir"`
-	// TinyImage is the directory of the tiny guest image (disk.qcow2,
-	// vmlinuz, initrd.img, cmdline), imported as image "tiny".
-	TinyImage string `json:"tiny_image"`
+	// Images are imported by name from directories as built by
+	// hack/images (disk.qcow2, and vmlinuz, initrd.img, cmdline for
+	// direct boot), as `make up` and `make images` do. "tiny" is
+	// required: it boots the VM on every host.
+	Images map[string]string `json:"images"`
 	// NoVMs skips booting one VM per host (Up still imports images and
 	// creates flavors and the default network).
 	NoVMs bool `json:"no_vms"`

@@ -74,20 +74,13 @@ func (l *Lab) seed(ctx context.Context) error {
 			return err
 		}
 	}
-	if _, err := c.Images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: "tiny"}); errdefs.IsNotFound(err) {
-		dir := l.TinyImage
-		cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
-		if err != nil {
-			return fmt.Errorf("tiny image (hack/images/build-tiny.sh builds it): %w", err)
-		}
-		if _, err := l.CLI(ctx, "image", "create", "tiny", "--file", filepath.Join(dir, "disk.qcow2"),
-			"--kernel", filepath.Join(dir, "vmlinuz"), "--initrd", filepath.Join(dir, "initrd.img"),
-			"--cmdline", strings.TrimSpace(string(cmdline))); err != nil {
+	if l.Images["tiny"] == "" {
+		return fmt.Errorf("no tiny image configured (hack/images/build-tiny.sh builds images/out/tiny)")
+	}
+	for name, dir := range l.Images {
+		if err := l.importImage(ctx, c, name, dir); err != nil {
 			return err
 		}
-		l.logf("imported image tiny")
-	} else if err != nil {
-		return fmt.Errorf("image tiny: %w", err)
 	}
 	if l.NoVMs {
 		return nil
@@ -160,4 +153,29 @@ func (l *Lab) WaitVM(ctx context.Context, name string, phase minicloudv1.VMPhase
 		}
 	})
 	return vm, err
+}
+
+// importImage uploads an image built by hack/images unless it exists.
+func (l *Lab) importImage(ctx context.Context, c *client.Client, name, dir string) error {
+	_, err := c.Images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: name})
+	if err == nil {
+		return nil
+	}
+	if !errdefs.IsNotFound(err) {
+		return fmt.Errorf("image %s: %w", name, err)
+	}
+	args := []string{"image", "create", name, "--file", filepath.Join(dir, "disk.qcow2")}
+	if _, err := os.Stat(filepath.Join(dir, "vmlinuz")); err == nil {
+		cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
+		if err != nil {
+			return fmt.Errorf("image %s: %w", name, err)
+		}
+		args = append(args, "--kernel", filepath.Join(dir, "vmlinuz"), "--initrd", filepath.Join(dir, "initrd.img"),
+			"--cmdline", strings.TrimSpace(string(cmdline)))
+	}
+	if _, err := l.CLI(ctx, args...); err != nil {
+		return err
+	}
+	l.logf("imported image %s from %s", name, dir)
+	return nil
 }

@@ -87,7 +87,7 @@ func Shared(t *testing.T) *lab.Lab {
 		}
 		l, err := lab.New(lab.Config{
 			Name: testLabName, Dir: testLabDir, Hosts: testLabHosts,
-			Subnet: netip.MustParsePrefix(testLabSubnet), BinDir: filepath.Dir(cli), TinyImage: tiny,
+			Subnet: netip.MustParsePrefix(testLabSubnet), BinDir: filepath.Dir(cli), Images: map[string]string{"tiny": tiny},
 		}, testLog{})
 		if err != nil {
 			sharedErr = err

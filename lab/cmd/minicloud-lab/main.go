@@ -148,11 +148,18 @@ func up(ctx context.Context, dir string, args []string) error {
 		return err
 	}
 	repo := envOr("LAB_REPO", filepath.Join(filepath.Dir(self), ".."))
-	cfg := lab.Config{Dir: dir, BinDir: filepath.Dir(self), TinyImage: filepath.Join(repo, "images/out/tiny")}
+	// The images `make up` and `make images` import: tiny always, debian
+	// when it has been built.
+	images := map[string]string{"tiny": filepath.Join(repo, "images/out/tiny")}
+	if _, err := os.Stat(filepath.Join(repo, "images/out/debian/disk.qcow2")); err == nil {
+		images["debian"] = filepath.Join(repo, "images/out/debian")
+	}
+	cfg := lab.Config{Dir: dir, BinDir: filepath.Dir(self), Images: images}
 	// A lab that exists keeps its shape unless told otherwise.
 	if old, err := lab.Load(dir, nil); err == nil {
 		cfg = old.Config
 		cfg.BinDir = filepath.Dir(self)
+		cfg.Images = images
 	}
 	if *hosts != 0 {
 		if cfg.Hosts != 0 && *hosts < cfg.Hosts {
