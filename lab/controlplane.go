@@ -105,6 +105,9 @@ func (l *Lab) Restart(ctx context.Context, name string) error {
 			if err := l.start(p); err != nil {
 				return err
 			}
+			if err := l.waitEtcd(ctx); err != nil {
+				return err
+			}
 			return l.waitControl(ctx)
 		}
 	}

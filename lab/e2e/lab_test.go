@@ -10,6 +10,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/lab"
+	"github.com/minicloud/minicloud/pkg/client"
 )
 
 // TestLabHostsAndVMs: every host registered with its own capacity (the
@@ -187,5 +188,48 @@ func waitHostState(t *testing.T, l *lab.Lab, host string, want minicloudv1.HostS
 			t.Fatalf("host %s is not %s after 3m (%v, %v)", host, want, h.GetState(), err)
 		}
 		time.Sleep(time.Second)
+	}
+}
+
+// TestLabKillAndRestartControlPlane: each replicated piece can be killed
+// (SIGKILL) and restarted by name, and the cluster keeps answering on the
+// surviving members meanwhile: the handles the fail-over tests use.
+func TestLabKillAndRestartControlPlane(t *testing.T) {
+	l := Shared(t)
+	ctx := context.Background()
+	c, err := l.Client(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, name := range []string{"etcd2", "api2", "scheduler2"} {
+		if err := l.Kill(name); err != nil {
+			t.Fatal(err)
+		}
+		restarted := false
+		defer func() {
+			if !restarted {
+				_ = l.Restart(ctx, name)
+			}
+		}()
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		hosts, err := c.Hosts.ListHosts(cctx, &minicloudv1.ListHostsRequest{})
+		cancel()
+		if err != nil || len(hosts.Hosts) != l.Hosts {
+			t.Errorf("with %s killed, the API answers %v, %v", name, hosts, err)
+		}
+		if err := l.Restart(ctx, name); err != nil {
+			t.Fatal(err)
+		}
+		restarted = true
+	}
+	// api2 serves again, against the same cluster.
+	c2, err := client.Dial(ctx, l.APIEndpoints()[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if _, err := c2.VMs.GetVM(ctx, &minicloudv1.GetVMRequest{Name: lab.VMName(l.HostNames()[0])}); err != nil {
+		t.Errorf("restarted api2: %v", err)
 	}
 }
