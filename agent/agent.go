@@ -178,6 +178,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.hypervisorKind = preferredHypervisor(caps.Hypervisors)
 	a.log.Info("host capabilities", "vcpus", caps.VCPUs, "memory_mib", caps.MemoryMiB, "hypervisors", caps.Hypervisors)
+	if o := a.cfg.Capacity; o != (CapacityOverride{}) {
+		a.log.Info("capacity offered to the scheduler overridden (0: measured)", "vcpus", o.VCPUs, "memory_mib", o.MemoryMiB, "disk_gib", o.DiskGiB)
+	}
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.runHostSession(ctx, caps) })
