@@ -16,6 +16,9 @@ import (
 	"time"
 )
 
+// A host's daemons (hostProcs), its power (StartHost, StopHost), its
+// network faults (Partition, Heal) and commands run inside it (Command).
+
 func (l *Lab) netnsPath(host string) string { return "/run/netns/" + l.netnsName(host) }
 func (l *Lab) mountNSPath(host string) string {
 	return filepath.Join(l.nsRunDir(), host+".mnt")
@@ -87,10 +90,10 @@ func (l *Lab) StartHost(ctx context.Context, host string) error {
 	procs := l.hostProcs(host)
 	if pids, _ := nsPids(l.netnsPath(host)); len(pids) == 0 {
 		// A fresh boot: /run is a tmpfs on a real machine.
-		run := filepath.Join(l.hostDir(host), "run")
-		entries, _ := os.ReadDir(run)
+		runDir := filepath.Join(l.hostDir(host), "run")
+		entries, _ := os.ReadDir(runDir)
 		for _, e := range entries {
-			if err := os.RemoveAll(filepath.Join(run, e.Name())); err != nil {
+			if err := os.RemoveAll(filepath.Join(runDir, e.Name())); err != nil {
 				return err
 			}
 		}
