@@ -63,14 +63,16 @@ func (l *Lab) hostProcs(host string) []proc {
 			// carries etcd, the APIs, every agent and libvirt.
 			"--protected-nets", l.Subnet.String(),
 			"--identity-key", l.identityKey(),
-		}, l.agentAPIArgs()...)},
+		}, l.agentAPIArgs(host)...)},
 	}
 }
 
-// agentAPIArgs are the flags that tell an agent where the API is: the one
-// place to change when agents join with a token or take several API
-// addresses.
-func (l *Lab) agentAPIArgs() []string {
+// agentAPIArgs are the flags that tell host's agent where the API is and
+// how it proves who it is: the one place to change when agents join with a
+// token (issue 10, section 2) or take several API addresses (section 4).
+// Today agents register by name over plaintext.
+func (l *Lab) agentAPIArgs(host string) []string {
+	_ = host // a join token will be per host
 	return []string{"--api", l.ClientEndpoint()}
 }
 
