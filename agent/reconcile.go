@@ -15,6 +15,7 @@ import (
 	"github.com/minicloud/minicloud/agent/network"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 )
 
 // This file is the VM lifecycle on a host. reconcile(id) reads the desired
@@ -27,15 +28,6 @@ import (
 type result struct {
 	RequeueAfter time.Duration
 }
-
-// Condition types (VMStatus.conditions).
-const (
-	condScheduled     = "Scheduled"
-	condDiskReady     = "DiskReady"
-	condNetworkReady  = "NetworkReady"
-	condDomainRunning = "DomainRunning"
-	condGuestReady    = "GuestReady"
-)
 
 // permanentError marks a failure that retrying on this host will not fix
 // (a corrupt image, a flavor too small for the image): the VM goes to ERROR
@@ -92,7 +84,7 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		}
 		return result{}, a.collectBridges(ctx)
 	}
-	if vm.GetStatus().GetPhase() == minicloudv1.VMPhase_VM_PHASE_ERROR &&
+	if vm.GetStatus().GetPhase() == lifecycle.Error &&
 		vm.GetStatus().GetObservedResourceVersion() == vm.GetMeta().GetResourceVersion() {
 		// Already given up on this spec; a new spec write (start) retries.
 		return result{}, nil
@@ -106,7 +98,7 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 			return result{}, terr
 		}
 		st := a.observedStatus(vm)
-		st.Phase = minicloudv1.VMPhase_VM_PHASE_ERROR
+		st.Phase = lifecycle.Error
 		st.Reason, st.Message = perm.reason, err.Error()
 		return result{}, a.report(ctx, vm, st, reportStatus, warning(perm.reason, err.Error()))
 	case err != nil && a.queue.Failures(id)+1 >= createAttemptsBeforeReschedule && !a.domainEverCreated(vm):
@@ -114,7 +106,7 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		if terr := a.teardown(ctx, id); terr != nil {
 			return result{}, terr
 		}
-		return result{}, a.report(ctx, vm, nil, reportReschedule, warning("CreateFailed", err.Error()))
+		return result{}, a.report(ctx, vm, nil, reportReschedule, warning(lifecycle.ReasonCreateFailed, err.Error()))
 	}
 	return res, err
 }
@@ -122,7 +114,7 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 // domainEverCreated is true once the host reported the VM running or stopped.
 func (a *Agent) domainEverCreated(vm *minicloudv1.VM) bool {
 	switch vm.GetStatus().GetPhase() {
-	case minicloudv1.VMPhase_VM_PHASE_RUNNING, minicloudv1.VMPhase_VM_PHASE_STOPPED:
+	case lifecycle.Running, lifecycle.Stopped:
 		return true
 	}
 	return false
@@ -140,15 +132,15 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	if !dom.Exists && a.domainEverCreated(vm) {
 		// The domain vanished behind our back. Report it; do not silently
 		// recreate a VM whose disk state the user may care about.
-		st.Phase = minicloudv1.VMPhase_VM_PHASE_ERROR
-		st.Reason, st.Message = "DomainMissing", "the domain disappeared from the hypervisor; delete the VM or start it again"
-		setCondition(st, condDomainRunning, false, "DomainMissing", st.Message)
+		st.Phase = lifecycle.Error
+		st.Reason, st.Message = lifecycle.ReasonDomainMissing, "the domain disappeared from the hypervisor; delete the VM or start it again"
+		setCondition(st, lifecycle.ConditionDomainRunning, false, lifecycle.ReasonDomainMissing, st.Message)
 		st.ObservedResourceVersion = vm.GetMeta().GetResourceVersion()
-		return result{}, a.report(ctx, vm, st, reportStatus, warning("DomainMissing", st.Message))
+		return result{}, a.report(ctx, vm, st, reportStatus, warning(lifecycle.ReasonDomainMissing, st.Message))
 	}
-	if st.Phase == minicloudv1.VMPhase_VM_PHASE_SCHEDULED {
-		st.Phase = minicloudv1.VMPhase_VM_PHASE_CREATING
-		events = append(events, normal("Creating", "creating the VM on host "+a.cfg.HostName))
+	if st.Phase == lifecycle.Scheduled {
+		st.Phase = lifecycle.Creating
+		events = append(events, normal(lifecycle.ReasonCreating, "creating the VM on host "+a.cfg.HostName))
 		if err := a.report(ctx, vm, st, reportStatus, events...); err != nil {
 			return result{}, err
 		}
@@ -158,11 +150,11 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	// 1. Disk: the image cached by digest, the VM's overlay over it.
 	boot, err := a.ensureDisk(ctx, vm)
 	if err != nil {
-		setCondition(st, condDiskReady, false, "DiskFailed", err.Error())
+		setCondition(st, lifecycle.ConditionDiskReady, false, lifecycle.ReasonDiskFailed, err.Error())
 		return result{}, err
 	}
-	if setCondition(st, condDiskReady, true, "OverlayReady", "copy-on-write overlay over image "+vm.GetSpec().GetImage()) {
-		events = append(events, normal("DiskReady", "disk overlay ready"))
+	if setCondition(st, lifecycle.ConditionDiskReady, true, lifecycle.ReasonOverlayReady, "copy-on-write overlay over image "+vm.GetSpec().GetImage()) {
+		events = append(events, normal(lifecycle.ReasonDiskReady, "disk overlay ready"))
 	}
 
 	// 2. Network: bridges, taps with anti-spoofing, and the guest services
@@ -170,12 +162,12 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	// cloud-init's OpenStack datasource asks only once.
 	nics, err := a.ensureNetwork(ctx, vm)
 	if err != nil {
-		setCondition(st, condNetworkReady, false, "NetworkFailed", err.Error())
+		setCondition(st, lifecycle.ConditionNetworkReady, false, lifecycle.ReasonNetworkFailed, err.Error())
 		return result{}, err
 	}
 	a.publishGuests(ctx)
-	if setCondition(st, condNetworkReady, true, "PortsReady", fmt.Sprintf("%d port(s) plugged", len(nics))) {
-		events = append(events, normal("NetworkReady", "ports plugged into their bridges"))
+	if setCondition(st, lifecycle.ConditionNetworkReady, true, lifecycle.ReasonPortsReady, fmt.Sprintf("%d port(s) plugged", len(nics))) {
+		events = append(events, normal(lifecycle.ReasonNetworkReady, "ports plugged into their bridges"))
 	}
 
 	// 3. Config drive, when asked for.
@@ -207,16 +199,16 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	events = append(events, powerEvents...)
 
 	// 5. Guest readiness, as seen by the metadata service.
-	if st.Phase == minicloudv1.VMPhase_VM_PHASE_RUNNING {
+	if st.Phase == lifecycle.Running {
 		if at, ok := a.guest.GuestSeen(id); ok {
-			if setCondition(st, condGuestReady, true, "MetadataRead", "the guest read its metadata at "+at.UTC().Format(time.RFC3339)) {
-				events = append(events, normal("GuestReady", "the guest read its metadata"))
+			if setCondition(st, lifecycle.ConditionGuestReady, true, lifecycle.ReasonMetadataRead, "the guest read its metadata at "+at.UTC().Format(time.RFC3339)) {
+				events = append(events, normal(lifecycle.ReasonGuestReady, "the guest read its metadata"))
 			}
 		}
 		// Otherwise GuestActive requeues the VM when the metadata
 		// service answers it for the first time.
 	} else {
-		setCondition(st, condGuestReady, false, "NotRunning", "")
+		setCondition(st, lifecycle.ConditionGuestReady, false, lifecycle.ReasonNotRunning, "")
 	}
 	st.Hypervisor = spec.Hypervisor
 	st.ObservedResourceVersion = vm.GetMeta().GetResourceVersion()
@@ -240,21 +232,21 @@ func (a *Agent) convergePower(ctx context.Context, vm *minicloudv1.VM, st *minic
 			if err := a.hv.Shutdown(ctx, id, a.cfg.ShutdownTimeout); err != nil {
 				return result{}, nil, fmt.Errorf("shut down domain: %w", err)
 			}
-			events = append(events, normal("Stopped", "domain shut down"))
+			events = append(events, normal(lifecycle.ReasonStopped, "domain shut down"))
 		}
-		st.Phase = minicloudv1.VMPhase_VM_PHASE_STOPPED
-		st.Reason, st.Message = "Stopped", "stopped by request"
-		setCondition(st, condDomainRunning, false, "Stopped", "")
+		st.Phase = lifecycle.Stopped
+		st.Reason, st.Message = lifecycle.ReasonStopped, "stopped by request"
+		setCondition(st, lifecycle.ConditionDomainRunning, false, lifecycle.ReasonStopped, "")
 		return result{}, events, nil
 	default:
 		if !running && acted {
-			st.Phase = minicloudv1.VMPhase_VM_PHASE_STOPPED
-			reason := "StoppedByGuest"
+			st.Phase = lifecycle.Stopped
+			reason := lifecycle.ReasonStoppedByGuest
 			if dom.State == hypervisor.StateCrashed || dom.Reason == "crashed" {
-				reason = "Crashed"
+				reason = lifecycle.ReasonCrashed
 			}
 			st.Reason, st.Message = reason, "the domain stopped on its own ("+dom.State+"/"+dom.Reason+"); `minicloud vm start` starts it again"
-			if setCondition(st, condDomainRunning, false, reason, st.Message) {
+			if setCondition(st, lifecycle.ConditionDomainRunning, false, reason, st.Message) {
 				events = append(events, warning(reason, st.Message))
 			}
 			return result{}, events, nil
@@ -263,17 +255,17 @@ func (a *Agent) convergePower(ctx context.Context, vm *minicloudv1.VM, st *minic
 			if err := a.hv.Start(ctx, id); err != nil {
 				return result{}, nil, fmt.Errorf("start domain: %w", err)
 			}
-			events = append(events, normal("Started", "domain started under "+a.hypervisorKind))
+			events = append(events, normal(lifecycle.ReasonStarted, "domain started under "+a.hypervisorKind))
 		} else if spec.GetRebootGeneration() > vm.GetStatus().GetObservedRebootGeneration() {
 			if err := a.hv.Reboot(ctx, id); err != nil {
 				return result{}, nil, fmt.Errorf("reboot domain: %w", err)
 			}
-			events = append(events, normal("Rebooted", "domain rebooted"))
+			events = append(events, normal(lifecycle.ReasonRebooted, "domain rebooted"))
 		}
 		st.ObservedRebootGeneration = spec.GetRebootGeneration()
-		st.Phase = minicloudv1.VMPhase_VM_PHASE_RUNNING
-		st.Reason, st.Message = "Running", ""
-		setCondition(st, condDomainRunning, true, "Running", "")
+		st.Phase = lifecycle.Running
+		st.Reason, st.Message = lifecycle.ReasonRunning, ""
+		setCondition(st, lifecycle.ConditionDomainRunning, true, lifecycle.ReasonRunning, "")
 		return result{}, events, nil
 	}
 }
@@ -289,7 +281,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 	img, err := a.images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: vm.GetSpec().GetImage()})
 	if err != nil {
 		if errdefs.IsNotFound(errdefs.FromGRPC(err)) {
-			return bootMedia{}, permanent("ImageNotFound", fmt.Errorf("image %q no longer exists", vm.GetSpec().GetImage()))
+			return bootMedia{}, permanent(lifecycle.ReasonImageNotFound, fmt.Errorf("image %q no longer exists", vm.GetSpec().GetImage()))
 		}
 		return bootMedia{}, fmt.Errorf("get image %s: %w", vm.GetSpec().GetImage(), err)
 	}
@@ -302,7 +294,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 			// A digest mismatch or a blob the API no longer has will not
 			// heal by retrying on this host.
 			if errdefs.IsFailedPrecondition(err) || errdefs.IsInvalid(err) || errdefs.IsNotFound(err) {
-				return "", permanent("ImageUnusable", fmt.Errorf("image %s: %w", img.GetMeta().GetName(), err))
+				return "", permanent(lifecycle.ReasonImageUnusable, fmt.Errorf("image %s: %w", img.GetMeta().GetName(), err))
 			}
 			return "", fmt.Errorf("fetch image %s: %w", img.GetMeta().GetName(), err)
 		}
@@ -314,7 +306,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 		return b, err
 	}
 	if backing == "" {
-		return b, permanent("ImageInvalid", fmt.Errorf("image %s has no disk", img.GetMeta().GetName()))
+		return b, permanent(lifecycle.ReasonImageInvalid, fmt.Errorf("image %s has no disk", img.GetMeta().GetName()))
 	}
 	if b.kernel, err = fetch(minicloudv1.ImagePart_IMAGE_PART_KERNEL, img.GetKernel()); err != nil {
 		return b, err
@@ -326,7 +318,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 
 	size := vm.GetSpec().GetResources().GetDiskGib() << 30
 	if virt := img.GetVirtualSizeBytes(); virt > size {
-		return b, permanent("FlavorTooSmall", fmt.Errorf("flavor %s has a %d GiB disk but image %s needs %d bytes",
+		return b, permanent(lifecycle.ReasonFlavorTooSmall, fmt.Errorf("flavor %s has a %d GiB disk but image %s needs %d bytes",
 			vm.GetSpec().GetFlavor(), vm.GetSpec().GetResources().GetDiskGib(), img.GetMeta().GetName(), virt))
 	}
 	format := "raw"
@@ -348,15 +340,15 @@ func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]hyperv
 	for i, addr := range vm.GetStatus().GetAddresses() {
 		gw, err := netip.ParseAddr(addr.GetGateway())
 		if err != nil {
-			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: gateway %q: %w", addr.GetNetwork(), addr.GetGateway(), err))
+			return nil, permanent(lifecycle.ReasonAddressInvalid, fmt.Errorf("network %s: gateway %q: %w", addr.GetNetwork(), addr.GetGateway(), err))
 		}
 		ip, err := netip.ParseAddr(addr.GetIp())
 		if err != nil {
-			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: address %q: %w", addr.GetNetwork(), addr.GetIp(), err))
+			return nil, permanent(lifecycle.ReasonAddressInvalid, fmt.Errorf("network %s: address %q: %w", addr.GetNetwork(), addr.GetIp(), err))
 		}
 		mac, err := net.ParseMAC(addr.GetMac())
 		if err != nil {
-			return nil, permanent("AddressInvalid", fmt.Errorf("network %s: MAC %q: %w", addr.GetNetwork(), addr.GetMac(), err))
+			return nil, permanent(lifecycle.ReasonAddressInvalid, fmt.Errorf("network %s: MAC %q: %w", addr.GetNetwork(), addr.GetMac(), err))
 		}
 		mtu := int(addr.GetMtu())
 		if mtu == 0 {

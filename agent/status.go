@@ -3,12 +3,13 @@ package agent
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 )
 
 type reportKind int
@@ -39,48 +40,26 @@ func (a *Agent) observedStatus(vm *minicloudv1.VM) *minicloudv1.VMStatus {
 	a.mu.Unlock()
 	switch {
 	case last == nil:
-	case st.Phase == minicloudv1.VMPhase_VM_PHASE_SCHEDULED, st.Phase == minicloudv1.VMPhase_VM_PHASE_DELETING:
+	case st.Phase == lifecycle.Scheduled, st.Phase == lifecycle.Deleting:
 		// Written by the scheduler or the API after our report.
 	case last.ObservedResourceVersion < st.ObservedResourceVersion:
 	default:
-		st.Phase, st.Reason, st.Message = last.Phase, last.Reason, last.Message
-		st.Hypervisor = last.Hypervisor
-		st.ObservedRebootGeneration = last.ObservedRebootGeneration
-		st.ObservedResourceVersion = last.ObservedResourceVersion
-		st.Conditions = proto.Clone(last).(*minicloudv1.VMStatus).Conditions
+		lifecycle.MergeHostStatus(st, last)
 	}
 	return st
 }
 
-// setCondition sets a condition and says whether it changed. The transition
-// time moves only when the status flips, as in Kubernetes.
+// setCondition sets a condition of st now; see lifecycle.SetCondition.
 func setCondition(st *minicloudv1.VMStatus, typ string, status bool, reason, message string) bool {
-	for _, c := range st.Conditions {
-		if c.Type != typ {
-			continue
-		}
-		if c.Status == status && c.Reason == reason && c.Message == message {
-			return false
-		}
-		flipped := c.Status != status
-		c.Status, c.Reason, c.Message = status, reason, message
-		if flipped {
-			c.LastTransitionTime = timestamppb.Now()
-		}
-		return flipped
-	}
-	st.Conditions = append(st.Conditions, &minicloudv1.Condition{
-		Type: typ, Status: status, Reason: reason, Message: message, LastTransitionTime: timestamppb.Now(),
-	})
-	return status
+	return lifecycle.SetCondition(st, typ, status, reason, message, time.Now())
 }
 
 func normal(reason, message string) *minicloudv1.Event {
-	return &minicloudv1.Event{Time: timestamppb.Now(), Type: "Normal", Reason: reason, Message: message}
+	return lifecycle.NewEvent(lifecycle.EventNormal, reason, message, time.Now())
 }
 
 func warning(reason, message string) *minicloudv1.Event {
-	return &minicloudv1.Event{Time: timestamppb.Now(), Type: "Warning", Reason: reason, Message: message}
+	return lifecycle.NewEvent(lifecycle.EventWarning, reason, message, time.Now())
 }
 
 // report sends what the host observed to the API. A status equal to the
@@ -88,7 +67,7 @@ func warning(reason, message string) *minicloudv1.Event {
 // nothing — otherwise every report would trigger another reconcile.
 func (a *Agent) report(ctx context.Context, vm *minicloudv1.VM, st *minicloudv1.VMStatus, kind reportKind, events ...*minicloudv1.Event) error {
 	id := vm.GetMeta().GetId()
-	if kind == reportStatus && len(events) == 0 && sameObservedStatus(a.observedStatus(vm), st) {
+	if kind == reportStatus && len(events) == 0 && lifecycle.SameHostStatus(a.observedStatus(vm), st) {
 		return nil
 	}
 	for _, e := range events {
@@ -105,9 +84,11 @@ func (a *Agent) report(ctx context.Context, vm *minicloudv1.VM, st *minicloudv1.
 	if _, err := a.hosts.ReportVMStatus(ctx, req); err != nil {
 		err = errdefs.FromGRPC(err)
 		if errdefs.IsNotFound(err) || errdefs.IsFailedPrecondition(err) {
-			// The VM is gone or no longer ours: the assignment stream will
-			// tell us, and the next reconcile cleans up.
-			a.log.Info("status report refused; VM no longer assigned here", "vm", req.VmId, "err", err)
+			// The VM is gone, no longer ours, or moved on (e.g. DELETING)
+			// past what we observed (the lifecycle table refuses the
+			// transition): the assignment stream will tell us, and the
+			// next reconcile acts on the fresh state.
+			a.log.Info("status report refused; the VM changed since this host looked", "vm", req.VmId, "err", err)
 			return nil
 		}
 		return fmt.Errorf("report status of VM %s: %w", req.VmId, err)
@@ -120,23 +101,4 @@ func (a *Agent) report(ctx context.Context, vm *minicloudv1.VM, st *minicloudv1.
 	}
 	a.mu.Unlock()
 	return nil
-}
-
-// sameObservedStatus compares the fields the host owns.
-func sameObservedStatus(old, st *minicloudv1.VMStatus) bool {
-	if old == nil || st == nil {
-		return old == st
-	}
-	if old.Phase != st.Phase || old.Reason != st.Reason || old.Message != st.Message ||
-		old.Hypervisor != st.Hypervisor || old.ObservedRebootGeneration != st.ObservedRebootGeneration ||
-		old.ObservedResourceVersion != st.ObservedResourceVersion || len(old.Conditions) != len(st.Conditions) {
-		return false
-	}
-	for i := range old.Conditions {
-		o, n := old.Conditions[i], st.Conditions[i]
-		if o.Type != n.Type || o.Status != n.Status || o.Reason != n.Reason || o.Message != n.Message {
-			return false
-		}
-	}
-	return true
 }

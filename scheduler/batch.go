@@ -5,6 +5,8 @@ import (
 
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 // Group commit. Every placement is one guarded transaction; sent alone, each
@@ -25,9 +27,8 @@ const maxBatch = 64
 const committers = 4
 
 type commitRequest struct {
-	cmps         []clientv3.Cmp
-	then, orElse []clientv3.Op
-	done         chan commitResult
+	txn  store.Txn
+	done chan commitResult
 }
 
 type commitResult struct {
@@ -71,24 +72,24 @@ func (b *batcher) run(ctx context.Context) {
 }
 
 func (b *batcher) commit(ctx context.Context, batch []commitRequest) {
-	ops := make([]clientv3.Op, len(batch))
+	txns := make([]store.Txn, len(batch))
 	for i, r := range batch {
-		ops[i] = clientv3.OpTxn(r.cmps, r.then, r.orElse)
+		txns[i] = r.txn
 	}
-	resp, err := b.kv.Txn(ctx).Then(ops...).Commit()
+	resps, rev, err := store.CommitNested(ctx, b.kv, txns)
 	for i, r := range batch {
 		if err != nil {
 			r.done <- commitResult{err: err}
 			continue
 		}
-		r.done <- commitResult{resp: resp.Responses[i].GetResponseTxn(), rev: resp.Header.Revision}
+		r.done <- commitResult{resp: resps[i], rev: rev}
 	}
 }
 
 // submit hands a placement's transaction to a committer and waits for its
 // outcome.
-func (b *batcher) submit(ctx context.Context, cmps []clientv3.Cmp, then, orElse []clientv3.Op) commitResult {
-	r := commitRequest{cmps: cmps, then: then, orElse: orElse, done: make(chan commitResult, 1)}
+func (b *batcher) submit(ctx context.Context, txn store.Txn) commitResult {
+	r := commitRequest{txn: txn, done: make(chan commitResult, 1)}
 	select {
 	case b.in <- r:
 	case <-ctx.Done():

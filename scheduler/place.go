@@ -13,6 +13,8 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 	"github.com/minicloud/minicloud/scheduler/placement"
 	"github.com/minicloud/minicloud/scheduler/snapshot"
@@ -64,7 +66,7 @@ func (s *Scheduler) readVM(ctx context.Context, id string) (v *vmState, after ti
 	if !ok {
 		return nil, 0, nil // deleted
 	}
-	if e.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+	if e.status.GetPhase() != lifecycle.Pending {
 		return nil, 0, nil
 	}
 	if spec != nil {
@@ -72,16 +74,11 @@ func (s *Scheduler) readVM(ctx context.Context, id string) (v *vmState, after ti
 	}
 	// Not (yet) delivered by the spec watch. Serializable: the spec was written with (or before) the status we
 	// saw, so a local read suffices; a lagging member is retried below.
-	resp, err := s.cli.Get(ctx, store.VMSpecKey(id), clientv3.WithSerializable())
-	if err != nil {
-		return nil, 0, fmt.Errorf("read spec of vm %s: %w", id, err)
-	}
-	vm, _, found, err := decodeKV(resp.Kvs, &minicloudv1.VM{})
-	if err != nil {
-		return nil, 0, err
-	}
-	if !found {
+	vm := &minicloudv1.VM{}
+	if _, err := store.Get(ctx, s.cli, store.VMSpecKey(id), vm, clientv3.WithSerializable()); errdefs.IsNotFound(err) {
 		return nil, specNotVisible, nil
+	} else if err != nil {
+		return nil, 0, fmt.Errorf("read spec of vm %s: %w", id, err)
 	}
 	return &vmState{id: id, vm: vm, status: e.status, statusRev: e.rev, pendingSince: e.pendingSince}, 0, nil
 }
@@ -92,7 +89,7 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 	if err != nil || v == nil {
 		return after, err
 	}
-	if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING || v.vm.GetSpec().GetDeletionRequested() {
+	if v.status.GetPhase() != lifecycle.Pending || v.vm.GetSpec().GetDeletionRequested() {
 		return 0, nil
 	}
 	if !s.members.owns(v.shareKey()) {
@@ -103,14 +100,14 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 		}
 	}
 	if n := v.status.GetScheduleAttempts(); int(n) >= s.cfg.MaxAttempts {
-		return s.fail(ctx, v, ReasonMaxAttemptsExceeded, fmt.Sprintf(
+		return s.fail(ctx, v, lifecycle.ReasonMaxAttemptsExceeded, fmt.Sprintf(
 			"placed %d times (max attempts %d) and failed on hosts %s", n, s.cfg.MaxAttempts, strings.Join(v.status.GetTriedHosts(), ", ")))
 	}
 	req, err := s.request(ctx, v)
 	if err != nil {
 		var nf *groupNotFoundError
 		if errors.As(err, &nf) {
-			return s.fail(ctx, v, ReasonServerGroupNotFound, err.Error())
+			return s.fail(ctx, v, lifecycle.ReasonServerGroupNotFound, err.Error())
 		}
 		return 0, err
 	}
@@ -127,7 +124,7 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 				return busyRequeue, nil
 			}
 			s.observe(Observation{VMID: id, Outcome: "no-valid-host", DecideTime: r.DecideTime})
-			return s.fail(ctx, v, ReasonNoValidHost, nvh.Error())
+			return s.fail(ctx, v, lifecycle.ReasonNoValidHost, nvh.Error())
 		case err != nil:
 			return 0, err
 		}
@@ -141,7 +138,7 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 			// the API deleted or rescheduled it.
 			// Look at it afresh (attempts, tried hosts) if still PENDING.
 			s.observe(Observation{VMID: id, Outcome: "vm-changed", DecideTime: r.DecideTime})
-			if v.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+			if v.status.GetPhase() != lifecycle.Pending {
 				return 0, nil
 			}
 			return busyRequeue, nil
@@ -177,16 +174,11 @@ func (s *Scheduler) request(ctx context.Context, v *vmState) (*placement.Request
 	if !ok {
 		// The watch may not have delivered a group created just before
 		// the VM: ask etcd before calling it missing.
-		resp, err := s.cli.Get(ctx, store.ServerGroupKey(project, spec.GetServerGroup()))
-		if err != nil {
-			return nil, fmt.Errorf("read server group %s: %w", req.Group, err)
-		}
-		sg, _, found, err := decodeKV(resp.Kvs, &minicloudv1.ServerGroup{})
-		if err != nil {
-			return nil, err
-		}
-		if !found {
+		sg := &minicloudv1.ServerGroup{}
+		if _, err := store.Get(ctx, s.cli, store.ServerGroupKey(project, spec.GetServerGroup()), sg); errdefs.IsNotFound(err) {
 			return nil, &groupNotFoundError{group: req.Group}
+		} else if err != nil {
+			return nil, fmt.Errorf("read server group %s: %w", req.Group, err)
 		}
 		policy = sg.GetPolicy()
 	}
@@ -195,103 +187,93 @@ func (s *Scheduler) request(ctx context.Context, v *vmState) (*placement.Request
 }
 
 // commit writes the claim, the host allocation, the SCHEDULED status and
-// an event in one transaction guarded by the allocation's and the status's
-// mod revisions. It returns done=false when it lost a race; v and the
-// snapshot then hold the fresh values to decide again on.
+// an event in one transaction (store.PlaceVMTxn). It returns done=false
+// when it lost a race; v and the snapshot then hold the fresh values to
+// decide again on. The reservation ends on every path: confirmed if the
+// transaction committed, else aborted by the deferred revert (after the
+// view of the host is refreshed, so no other worker decides on the stale
+// view of it in between).
 func (s *Scheduler) commit(ctx context.Context, v *vmState, req *placement.Request, r snapshot.Reservation) (done bool, err error) {
+	confirmed := false
+	defer func() {
+		if !confirmed {
+			s.snap.Abort(r)
+		}
+	}()
 	now := time.Now()
 	claim := &minicloudv1.Claim{
 		VmId: v.id, Host: r.Host, Resources: v.vm.GetSpec().GetResources(),
 		Project: v.vm.GetMeta().GetProject(), ServerGroup: v.vm.GetSpec().GetServerGroup(),
 		Time: timestamppb.New(now),
 	}
-	cmps, ops, alloc, err := store.AddClaimOps(claim, r.Alloc, r.AllocModRevision)
-	if err != nil {
-		s.snap.Abort(r)
-		return false, err
+	if err := lifecycle.Check(v.status.GetPhase(), lifecycle.Scheduled, lifecycle.Scheduler); err != nil {
+		return false, fmt.Errorf("place vm %s: %w", v.id, err)
 	}
-	st := proto.Clone(v.status).(*minicloudv1.VMStatus)
-	st.Phase = minicloudv1.VMPhase_VM_PHASE_SCHEDULED
+	st := proto.CloneOf(v.status)
+	st.Phase = lifecycle.Scheduled
 	st.Host = r.Host
 	st.HostDown = false
 	st.ScheduleAttempts++
 	st.Reason, st.Message = "", ""
 	st.UpdateTime = timestamppb.New(now)
 	msg := fmt.Sprintf("placed on host %s (attempt %d of %d, %d candidates ranked)", r.Host, st.ScheduleAttempts, s.cfg.MaxAttempts, r.Decision.Candidates)
-	setCondition(st, &minicloudv1.Condition{
-		Type: ConditionScheduled, Status: true, Reason: ReasonScheduled, Message: msg, LastTransitionTime: timestamppb.New(now),
+	lifecycle.SetCondition(st, lifecycle.ConditionScheduled, true, lifecycle.ReasonScheduled, msg, now)
+	txn, alloc, err := store.PlaceVMTxn(store.Placement{
+		Claim: claim, Alloc: r.Alloc, AllocModRevision: r.AllocModRevision,
+		Status: st, StatusRev: v.statusRev,
+		Event: s.event(lifecycle.EventNormal, lifecycle.ReasonScheduled, msg), Now: now,
 	})
-	stBytes, err := proto.Marshal(st)
 	if err != nil {
-		s.snap.Abort(r)
-		return false, fmt.Errorf("encode status of vm %s: %w", v.id, err)
-	}
-	ev, err := s.eventOp(v.id, now, "Normal", ReasonScheduled, msg)
-	if err != nil {
-		s.snap.Abort(r)
 		return false, err
 	}
-	cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(store.VMStatusKey(v.id)), "=", v.statusRev))
-	ops = append(ops, clientv3.OpPut(store.VMStatusKey(v.id), string(stBytes)), ev)
-	res := s.batch.submit(ctx, cmps, ops, []clientv3.Op{
-		clientv3.OpGet(store.HostAllocKey(r.Host)),
-		clientv3.OpGet(store.ClaimsPrefix(r.Host), clientv3.WithPrefix()),
-		clientv3.OpGet(store.VMStatusKey(v.id)),
-	})
+	res := s.batch.submit(ctx, txn)
 	if res.err != nil {
-		s.snap.Abort(r)
 		return false, fmt.Errorf("commit claim of vm %s on host %s: %w", v.id, r.Host, res.err)
 	}
-	resp := res.resp
-	if resp.GetSucceeded() {
+	if res.resp.GetSucceeded() {
+		confirmed = true
 		s.snap.Confirm(r, alloc, claim, res.rev)
 		s.observe(Observation{VMID: v.id, Host: r.Host, Outcome: "scheduled", DecideTime: r.DecideTime})
 		return true, nil
 	}
-	s.snap.Abort(r)
-	var allocKV = resp.Responses[0].GetResponseRange().GetKvs()
-	if len(allocKV) > 0 {
-		s.snap.RefreshHost(r.Host, allocKV[0], resp.Responses[1].GetResponseRange().GetKvs(), res.rev)
-	} else {
-		s.snap.RefreshHost(r.Host, nil, resp.Responses[1].GetResponseRange().GetKvs(), res.rev)
-	}
-	fresh, rev, ok, err := decodeKV(resp.Responses[2].GetResponseRange().GetKvs(), &minicloudv1.VMStatus{})
+	fresh, err := store.PlaceConflictOf(res.resp)
 	if err != nil {
 		return false, err
 	}
-	if !ok {
+	s.snap.RefreshHost(r.Host, fresh.Alloc, fresh.Claims, res.rev)
+	if fresh.Status == nil {
 		return true, nil // the VM is gone
 	}
-	v.status, v.statusRev = fresh, rev
+	v.status, v.statusRev = fresh.Status, fresh.StatusRev
 	return false, nil
+}
+
+// event is an event of this replica.
+func (s *Scheduler) event(kind, reason, msg string) *minicloudv1.Event {
+	return &minicloudv1.Event{Type: kind, Reason: reason, Message: msg, Source: s.cfg.Source}
 }
 
 // fail moves a PENDING VM to ERROR with reason and msg, and records an
 // event. If the status changed meanwhile the VM is looked at again.
 func (s *Scheduler) fail(ctx context.Context, v *vmState, reason, msg string) (time.Duration, error) {
+	if err := lifecycle.Check(v.status.GetPhase(), lifecycle.Error, lifecycle.Scheduler); err != nil {
+		return 0, fmt.Errorf("record %s for vm %s: %w", reason, v.id, err)
+	}
 	now := time.Now()
-	st := proto.Clone(v.status).(*minicloudv1.VMStatus)
-	st.Phase = minicloudv1.VMPhase_VM_PHASE_ERROR
+	st := proto.CloneOf(v.status)
+	st.Phase = lifecycle.Error
 	st.Reason, st.Message = reason, msg
 	st.UpdateTime = timestamppb.New(now)
-	setCondition(st, &minicloudv1.Condition{
-		Type: ConditionScheduled, Status: false, Reason: reason, Message: msg, LastTransitionTime: timestamppb.New(now),
-	})
-	b, err := proto.Marshal(st)
-	if err != nil {
-		return 0, fmt.Errorf("encode status of vm %s: %w", v.id, err)
-	}
-	ev, err := s.eventOp(v.id, now, "Warning", reason, msg)
+	lifecycle.SetCondition(st, lifecycle.ConditionScheduled, false, reason, msg, now)
+	txn, err := store.VMStatusTxn(v.id, v.statusRev, st, now, s.event(lifecycle.EventWarning, reason, msg))
 	if err != nil {
 		return 0, err
 	}
-	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(store.VMStatusKey(v.id)), "=", v.statusRev)).
-		Then(clientv3.OpPut(store.VMStatusKey(v.id), string(b)), ev).Commit()
+	_, ok, err := txn.Commit(ctx, s.cli)
 	if err != nil {
 		return 0, fmt.Errorf("record %s for vm %s: %w", reason, v.id, err)
 	}
-	if !resp.Succeeded {
+	if !ok {
 		return conflictRequeue, nil
 	}
 	s.log.Info("scheduler: vm not placed", "vm", v.id, "reason", reason, "message", msg)
@@ -301,40 +283,40 @@ func (s *Scheduler) fail(ctx context.Context, v *vmState, reason, msg string) (t
 // reconcileHostDown makes a VM's status.host_down match its host's
 // liveness in the snapshot.
 func (s *Scheduler) reconcileHostDown(ctx context.Context, id string, _ *rand.Rand) (time.Duration, error) {
-	resp, err := s.cli.Get(ctx, store.VMStatusKey(id))
+	st := &minicloudv1.VMStatus{}
+	rev, err := store.Get(ctx, s.cli, store.VMStatusKey(id), st)
+	if errdefs.IsNotFound(err) {
+		return 0, nil
+	}
 	if err != nil {
 		return 0, fmt.Errorf("read status of vm %s: %w", id, err)
 	}
-	st, rev, ok, err := decodeKV(resp.Kvs, &minicloudv1.VMStatus{})
-	if err != nil || !ok || st.GetHost() == "" {
-		return 0, err
+	if st.GetHost() == "" {
+		return 0, nil
 	}
 	down := !s.snap.Alive(st.GetHost())
 	if st.GetHostDown() == down {
 		return 0, nil
 	}
+	if err := lifecycle.Check(st.GetPhase(), st.GetPhase(), lifecycle.Scheduler); err != nil {
+		return 0, fmt.Errorf("set host_down=%t on vm %s: %w", down, id, err)
+	}
 	now := time.Now()
 	st.HostDown = down
 	st.UpdateTime = timestamppb.New(now)
-	typ, reason, msg := "Normal", ReasonHostUp, fmt.Sprintf("host %s is up again", st.GetHost())
+	ev := s.event(lifecycle.EventNormal, lifecycle.ReasonHostUp, fmt.Sprintf("host %s is up again", st.GetHost()))
 	if down {
-		typ, reason, msg = "Warning", ReasonHostDown, fmt.Sprintf("host %s lost its heartbeat lease", st.GetHost())
+		ev = s.event(lifecycle.EventWarning, lifecycle.ReasonHostDown, fmt.Sprintf("host %s lost its heartbeat lease", st.GetHost()))
 	}
-	b, err := proto.Marshal(st)
-	if err != nil {
-		return 0, fmt.Errorf("encode status of vm %s: %w", id, err)
-	}
-	ev, err := s.eventOp(id, now, typ, reason, msg)
+	txn, err := store.VMStatusTxn(id, rev, st, now, ev)
 	if err != nil {
 		return 0, err
 	}
-	tr, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(store.VMStatusKey(id)), "=", rev)).
-		Then(clientv3.OpPut(store.VMStatusKey(id), string(b)), ev).Commit()
+	_, ok, err := txn.Commit(ctx, s.cli)
 	if err != nil {
 		return 0, fmt.Errorf("set host_down=%t on vm %s: %w", down, id, err)
 	}
-	if !tr.Succeeded {
+	if !ok {
 		return conflictRequeue, nil
 	}
 	return 0, nil

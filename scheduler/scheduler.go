@@ -22,10 +22,9 @@ import (
 	"github.com/google/uuid"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 	"github.com/minicloud/minicloud/scheduler/placement"
 	"github.com/minicloud/minicloud/scheduler/snapshot"
@@ -40,18 +39,6 @@ const (
 	maxCommitAttempts = 8
 	// queueWindow: see queue.
 	queueWindow = 1024
-)
-
-// Reasons written to VM status and events.
-const (
-	ReasonScheduled           = "Scheduled"
-	ReasonNoValidHost         = "NoValidHost"
-	ReasonMaxAttemptsExceeded = "MaxAttemptsExceeded"
-	ReasonServerGroupNotFound = "ServerGroupNotFound"
-	ReasonHostDown            = "HostDown"
-	ReasonHostUp              = "HostUp"
-	// ConditionScheduled is the VM condition the scheduler owns.
-	ConditionScheduled = "Scheduled"
 )
 
 // Config configures a Scheduler. The zero value of each field means its
@@ -280,12 +267,12 @@ func (s *Scheduler) specChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue)
 	id := store.LastSegment(string(kv.Key))
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e, ok := s.vms[id]; typ == mvccpb.DELETE || (ok && e.status.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING) {
+	if e, ok := s.vms[id]; typ == mvccpb.DELETE || (ok && e.status.GetPhase() != lifecycle.Pending) {
 		delete(s.specs, id)
 		return
 	}
 	vm := &minicloudv1.VM{}
-	if err := proto.Unmarshal(kv.Value, vm); err != nil {
+	if err := store.Decode(kv, vm); err != nil {
 		s.log.Error("scheduler: undecodable vm spec", "key", string(kv.Key), "err", err)
 		return
 	}
@@ -310,19 +297,19 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 		return
 	}
 	st := &minicloudv1.VMStatus{}
-	if err := proto.Unmarshal(kv.Value, st); err != nil {
+	if err := store.Decode(kv, st); err != nil {
 		s.log.Error("scheduler: undecodable vm status", "key", string(kv.Key), "err", err)
 		return
 	}
 	e := vmEntry{status: st, rev: kv.ModRevision}
-	if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
+	if st.GetPhase() == lifecycle.Pending {
 		e.pendingSince = time.Now()
-		if hadOld && old.status.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
+		if hadOld && old.status.GetPhase() == lifecycle.Pending {
 			e.pendingSince = old.pendingSince
 		}
 	}
 	s.vms[id] = e
-	if st.GetPhase() != minicloudv1.VMPhase_VM_PHASE_PENDING {
+	if st.GetPhase() != lifecycle.Pending {
 		delete(s.specs, id)
 	}
 	if host := st.GetHost(); host != "" {
@@ -334,7 +321,7 @@ func (s *Scheduler) statusChanged(typ mvccpb.Event_EventType, kv *mvccpb.KeyValu
 			s.hostDown.Add(id)
 		}
 	}
-	if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_PENDING {
+	if st.GetPhase() == lifecycle.Pending {
 		s.pending.Add(id) // scheduleOne checks who owns it
 	}
 }
@@ -353,37 +340,4 @@ func (s *Scheduler) observe(o Observation) {
 	if s.cfg.Observe != nil {
 		s.cfg.Observe(o)
 	}
-}
-
-func decodeKV[T proto.Message](kvs []*mvccpb.KeyValue, m T) (T, int64, bool, error) {
-	if len(kvs) == 0 {
-		return m, 0, false, nil
-	}
-	if err := proto.Unmarshal(kvs[0].Value, m); err != nil {
-		return m, 0, false, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
-	}
-	return m, kvs[0].ModRevision, true, nil
-}
-
-func setCondition(st *minicloudv1.VMStatus, c *minicloudv1.Condition) {
-	for i, old := range st.Conditions {
-		if old.GetType() == c.GetType() {
-			if old.GetStatus() == c.GetStatus() {
-				c.LastTransitionTime = old.GetLastTransitionTime()
-			}
-			st.Conditions[i] = c
-			return
-		}
-	}
-	st.Conditions = append(st.Conditions, c)
-}
-
-func (s *Scheduler) eventOp(vmID string, now time.Time, typ, reason, msg string) (clientv3.Op, error) {
-	b, err := proto.Marshal(&minicloudv1.Event{
-		Time: timestamppb.New(now), Type: typ, Reason: reason, Message: msg, Source: s.cfg.Source,
-	})
-	if err != nil {
-		return clientv3.Op{}, fmt.Errorf("encode event: %w", err)
-	}
-	return clientv3.OpPut(store.VMEventKey(vmID, now.UnixNano(), 0), string(b)), nil
 }

@@ -13,13 +13,14 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
 const longTTL = 600
 
 func scheduled(st *minicloudv1.VMStatus) bool {
-	return st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_SCHEDULED
+	return st.GetPhase() == lifecycle.Scheduled
 }
 
 func events(t *testing.T, cli *clientv3.Client, id string) []*minicloudv1.Event {
@@ -49,11 +50,11 @@ func TestSchedulesPendingVM(t *testing.T) {
 	if !scheduled(st) || st.GetHost() != "sim-a" || st.GetScheduleAttempts() != 1 {
 		t.Fatalf("status %v, want SCHEDULED on sim-a after 1 attempt", st)
 	}
-	if len(st.GetConditions()) != 1 || st.GetConditions()[0].GetType() != ConditionScheduled || !st.GetConditions()[0].GetStatus() {
+	if len(st.GetConditions()) != 1 || st.GetConditions()[0].GetType() != lifecycle.ConditionScheduled || !st.GetConditions()[0].GetStatus() {
 		t.Fatalf("conditions %v, want Scheduled=true", st.GetConditions())
 	}
 	ev := events(t, cli, "vm1")
-	if len(ev) != 1 || ev[0].GetReason() != ReasonScheduled || ev[0].GetSource() != "scheduler" {
+	if len(ev) != 1 || ev[0].GetReason() != lifecycle.ReasonScheduled || ev[0].GetSource() != "scheduler" {
 		t.Fatalf("events %v, want one Scheduled event from scheduler", ev)
 	}
 	checkClaimInvariants(t, cli)
@@ -72,11 +73,11 @@ func TestNoValidHostSaysWhichFilterRemovedWhat(t *testing.T) {
 
 	st := waitDecided(t, cli, "vm1")
 	want := "no valid host: 5 hosts; HostUp removed 2 (disabled 1, down 1), AvailabilityZone removed 1, Hypervisor removed 1, Capacity removed 1 (memory)"
-	if st.GetPhase() != minicloudv1.VMPhase_VM_PHASE_ERROR || st.GetReason() != ReasonNoValidHost || st.GetMessage() != want {
+	if st.GetPhase() != lifecycle.Error || st.GetReason() != lifecycle.ReasonNoValidHost || st.GetMessage() != want {
 		t.Fatalf("status %v\nwant ERROR NoValidHost %q", st, want)
 	}
 	ev := events(t, cli, "vm1")
-	if len(ev) != 1 || ev[0].GetType() != "Warning" || ev[0].GetReason() != ReasonNoValidHost || ev[0].GetMessage() != want {
+	if len(ev) != 1 || ev[0].GetType() != "Warning" || ev[0].GetReason() != lifecycle.ReasonNoValidHost || ev[0].GetMessage() != want {
 		t.Fatalf("events %v", ev)
 	}
 }
@@ -110,7 +111,7 @@ func TestRandomWorkloadNeverOvercommits(t *testing.T) {
 		st := waitDecided(t, cli, v.id)
 		if scheduled(st) {
 			placed++
-		} else if st.GetReason() != ReasonNoValidHost || !strings.HasPrefix(st.GetMessage(), "no valid host: 25 hosts; ") {
+		} else if st.GetReason() != lifecycle.ReasonNoValidHost || !strings.HasPrefix(st.GetMessage(), "no valid host: 25 hosts; ") {
 			t.Errorf("vm %s: ERROR without a NoValidHost reason: %v", v.id, st)
 		}
 	}
@@ -161,7 +162,7 @@ func TestRaceForLastSlot(t *testing.T) {
 				if !scheduled(st) || st.GetHost() != "sim-small" {
 					t.Fatalf("vm2: %v, want SCHEDULED on sim-small", st)
 				}
-			} else if st.GetReason() != ReasonNoValidHost || !strings.Contains(st.GetMessage(), "Capacity removed 1 (vcpus)") {
+			} else if st.GetReason() != lifecycle.ReasonNoValidHost || !strings.Contains(st.GetMessage(), "Capacity removed 1 (vcpus)") {
 				t.Fatalf("vm2: %v, want NoValidHost for vcpus", st)
 			}
 			checkClaimInvariants(t, cli)
@@ -190,7 +191,7 @@ func TestLeaseExpiryRemovesHost(t *testing.T) {
 	if st := waitDecided(t, cli, "vm2"); st.GetHost() != "sim-other" {
 		t.Fatalf("vm2 placed on %q after sim-mortal's lease expired", st.GetHost())
 	}
-	if st := waitDecided(t, cli, "vm3"); st.GetReason() != ReasonNoValidHost || !strings.Contains(st.GetMessage(), "HostUp removed 1 (down)") {
+	if st := waitDecided(t, cli, "vm3"); st.GetReason() != lifecycle.ReasonNoValidHost || !strings.Contains(st.GetMessage(), "HostUp removed 1 (down)") {
 		t.Fatalf("vm3 pinned to a dead host: %v", st)
 	}
 	heartbeat(t, cli, "sim-mortal", longTTL)
@@ -287,7 +288,7 @@ func TestRescheduleExcludesTriedHosts(t *testing.T) {
 		simulatedReschedule(t, cli, "vm1")
 	}
 	st := waitDecided(t, cli, "vm1")
-	if st.GetReason() != ReasonMaxAttemptsExceeded || len(st.GetTriedHosts()) != 3 {
+	if st.GetReason() != lifecycle.ReasonMaxAttemptsExceeded || len(st.GetTriedHosts()) != 3 {
 		t.Fatalf("after 3 attempts: %v", st)
 	}
 
@@ -296,7 +297,7 @@ func TestRescheduleExcludesTriedHosts(t *testing.T) {
 	simulatedReschedule(t, cli, "vm2")
 	st = waitDecided(t, cli, "vm2")
 	want := "no valid host: 3 hosts; TargetHost removed 2, ExcludeTriedHosts removed 1"
-	if st.GetReason() != ReasonNoValidHost || st.GetMessage() != want {
+	if st.GetReason() != lifecycle.ReasonNoValidHost || st.GetMessage() != want {
 		t.Fatalf("vm2: %v, want %q", st, want)
 	}
 	checkClaimInvariants(t, cli)
@@ -312,15 +313,20 @@ func TestReleaseRestoresCapacity(t *testing.T) {
 	createSimulatedVMs(t, cli, simVM{id: "vm1", vcpus: 1, memMiB: 2048, diskGiB: 10})
 	waitStatus(t, cli, "vm1", "scheduled", scheduled)
 	createSimulatedVMs(t, cli, simVM{id: "vm2", vcpus: 1, memMiB: 2048, diskGiB: 10})
-	if st := waitDecided(t, cli, "vm2"); st.GetReason() != ReasonNoValidHost {
+	if st := waitDecided(t, cli, "vm2"); st.GetReason() != lifecycle.ReasonNoValidHost {
 		t.Fatalf("vm2 on a full host: %v", st)
 	}
 	ctx := context.Background()
-	if err := store.ReleaseClaim(ctx, cli, "sim-a", "vm1"); err != nil {
+	vm1, err := store.GetVM(ctx, cli, "vm1")
+	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cli.Txn(ctx).Then(clientv3.OpDelete(store.VMSpecKey("vm1")), clientv3.OpDelete(store.VMStatusKey("vm1"))).Commit(); err != nil {
+	txn, err := store.RemoveVMTxn(ctx, cli, vm1)
+	if err != nil {
 		t.Fatal(err)
+	}
+	if _, ok, err := txn.Commit(ctx, cli); err != nil || !ok {
+		t.Fatalf("remove vm1: %v %v", ok, err)
 	}
 	createSimulatedVMs(t, cli, simVM{id: "vm3", vcpus: 1, memMiB: 2048, diskGiB: 10})
 	if st := waitDecided(t, cli, "vm3"); !scheduled(st) || st.GetHost() != "sim-a" {

@@ -6,9 +6,9 @@ import (
 	"sort"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 	"github.com/minicloud/minicloud/scheduler/placement"
 )
@@ -23,53 +23,53 @@ import (
 //
 // The tests and hack/schedbench use it; an operator can too (it only reads).
 func VerifyClaims(ctx context.Context, kv clientv3.KV) ([]string, error) {
-	resp, err := kv.Txn(ctx).Then(
-		clientv3.OpGet(store.HostSpecPrefix, clientv3.WithPrefix()),
-		clientv3.OpGet(store.HostAllocPrefix, clientv3.WithPrefix()),
-		clientv3.OpGet(store.ClaimPrefix, clientv3.WithPrefix()),
-		clientv3.OpGet(store.VMStatusPrefix, clientv3.WithPrefix()),
-	).Commit()
-	if err != nil {
+	var reads store.Reads
+	hostKVs := reads.Get(store.HostSpecPrefix, clientv3.WithPrefix())
+	allocKVs := reads.Get(store.HostAllocPrefix, clientv3.WithPrefix())
+	claimKVs := reads.Get(store.ClaimPrefix, clientv3.WithPrefix())
+	statusKVs := reads.Get(store.VMStatusPrefix, clientv3.WithPrefix())
+	if err := reads.Do(ctx, kv); err != nil {
 		return nil, fmt.Errorf("read claims: %w", err)
 	}
 	var out []string
 	bad := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
 
+	hostObjs, err := store.DecodeAll(hostKVs.KVs(), func() *minicloudv1.Host { return &minicloudv1.Host{} })
+	if err != nil {
+		return nil, err
+	}
 	hosts := map[string]*minicloudv1.Host{}
-	for _, kv := range resp.Responses[0].GetResponseRange().GetKvs() {
-		h := &minicloudv1.Host{}
-		if err := proto.Unmarshal(kv.Value, h); err != nil {
-			return nil, fmt.Errorf("decode %s: %w", kv.Key, err)
-		}
-		hosts[store.LastSegment(string(kv.Key))] = h
+	for _, h := range hostObjs {
+		hosts[store.LastSegment(h.Key)] = h.Value
+	}
+	allocObjs, err := store.DecodeAll(allocKVs.KVs(), func() *minicloudv1.HostAllocation { return &minicloudv1.HostAllocation{} })
+	if err != nil {
+		return nil, err
 	}
 	allocs := map[string]placement.Resources{}
 	counts := map[string]int{}
-	for _, kv := range resp.Responses[1].GetResponseRange().GetKvs() {
-		a := &minicloudv1.HostAllocation{}
-		if err := proto.Unmarshal(kv.Value, a); err != nil {
-			return nil, fmt.Errorf("decode %s: %w", kv.Key, err)
-		}
-		name := store.LastSegment(string(kv.Key))
-		allocs[name] = placement.ResourcesFromProto(a.GetAllocated())
-		counts[name] = int(a.GetVmCount())
+	for _, a := range allocObjs {
+		name := store.LastSegment(a.Key)
+		allocs[name] = placement.ResourcesFromProto(a.Value.GetAllocated())
+		counts[name] = int(a.Value.GetVmCount())
+	}
+	statusObjs, err := store.DecodeAll(statusKVs.KVs(), func() *minicloudv1.VMStatus { return &minicloudv1.VMStatus{} })
+	if err != nil {
+		return nil, err
 	}
 	statuses := map[string]*minicloudv1.VMStatus{}
-	for _, kv := range resp.Responses[3].GetResponseRange().GetKvs() {
-		st := &minicloudv1.VMStatus{}
-		if err := proto.Unmarshal(kv.Value, st); err != nil {
-			return nil, fmt.Errorf("decode %s: %w", kv.Key, err)
-		}
-		statuses[store.LastSegment(string(kv.Key))] = st
+	for _, st := range statusObjs {
+		statuses[store.LastSegment(st.Key)] = st.Value
+	}
+	claims, err := store.DecodeAll(claimKVs.KVs(), func() *minicloudv1.Claim { return &minicloudv1.Claim{} })
+	if err != nil {
+		return nil, err
 	}
 	sums := map[string]placement.Resources{}
 	sumCounts := map[string]int{}
 	claimed := map[string]string{} // vm -> host
-	for _, kv := range resp.Responses[2].GetResponseRange().GetKvs() {
-		c := &minicloudv1.Claim{}
-		if err := proto.Unmarshal(kv.Value, c); err != nil {
-			return nil, fmt.Errorf("decode %s: %w", kv.Key, err)
-		}
+	for _, obj := range claims {
+		c, key := obj.Value, obj.Key
 		host, vm := c.GetHost(), c.GetVmId()
 		sums[host] = sums[host].Add(placement.ResourcesFromProto(c.GetResources()))
 		sumCounts[host]++
@@ -80,9 +80,9 @@ func VerifyClaims(ctx context.Context, kv clientv3.KV) ([]string, error) {
 		st, ok := statuses[vm]
 		switch {
 		case !ok:
-			bad("claim %s: vm %s has no status", kv.Key, vm)
+			bad("claim %s: vm %s has no status", key, vm)
 		case st.GetHost() != host:
-			bad("claim %s: vm %s is on host %q", kv.Key, vm, st.GetHost())
+			bad("claim %s: vm %s is on host %q", key, vm, st.GetHost())
 		}
 	}
 	names := map[string]bool{}
@@ -112,7 +112,7 @@ func VerifyClaims(ctx context.Context, kv clientv3.KV) ([]string, error) {
 		}
 	}
 	for id, st := range statuses {
-		if st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_SCHEDULED && claimed[id] != st.GetHost() {
+		if st.GetPhase() == lifecycle.Scheduled && claimed[id] != st.GetHost() {
 			bad("vm %s: SCHEDULED on %q without a claim there", id, st.GetHost())
 		}
 	}

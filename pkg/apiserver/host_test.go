@@ -2,6 +2,7 @@ package apiserver_test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"strconv"
 	"testing"
@@ -12,6 +13,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -120,6 +122,16 @@ func TestReportVMStatus(t *testing.T) {
 	wantCode(t, err, codes.FailedPrecondition, "assigned to host h1, not to h2")
 	_, err = e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: "no-such-id"})
 	wantCode(t, err, codes.NotFound, "does not exist")
+
+	// A host reports only what it observes: never PENDING, and never
+	// RUNNING before CREATING.
+	for _, p := range []lifecycle.Phase{lifecycle.Pending, lifecycle.Running} {
+		_, err = e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id, Status: &minicloudv1.VMStatus{Phase: p}})
+		wantCode(t, err, codes.FailedPrecondition, "from SCHEDULED to "+lifecycle.PhaseName(p))
+	}
+	if _, err = e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id, Status: &minicloudv1.VMStatus{Phase: lifecycle.Creating}}); err != nil {
+		t.Fatal(err)
+	}
 
 	// The host's report replaces what it observes and keeps the rest.
 	_, err = e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id,
@@ -296,4 +308,48 @@ func TestGetConsoleLog(t *testing.T) {
 	e.place(other.Meta.Id, "h2")
 	_, err = e.vms.GetConsoleLog(ctx(t), &minicloudv1.GetConsoleLogRequest{Name: "web2"})
 	wantCode(t, err, codes.Unavailable, "host h2 (agent at "+deadAddr)
+}
+
+// TestReportVMStatusTransitions reports every phase on a VM in every phase
+// and checks that ReportVMStatus accepts exactly what the lifecycle table
+// allows a host, and names the transition when it refuses.
+func TestReportVMStatusTransitions(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	e.registerHost("h1", "127.0.0.1:1")
+	c := ctx(t)
+	vm := e.createVM("web1")
+	e.place(vm.Meta.Id, "h1")
+	// setPhase writes the stored phase directly, as if the VM had got there.
+	setPhase := func(p lifecycle.Phase) {
+		t.Helper()
+		cur, err := store.GetVM(c, e.etcd, vm.Meta.Id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cur.Status.Phase = p
+		op, _ := store.VMStatusOp(vm.Meta.Id, cur.Status)
+		if _, err := e.etcd.Do(c, op); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, from := range lifecycle.Phases[1:] {
+		for _, to := range lifecycle.Phases[1:] {
+			setPhase(from)
+			_, err := e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id,
+				Status: &minicloudv1.VMStatus{Phase: to, Message: fmt.Sprintf("%v->%v", from, to)}})
+			if lifecycle.Allowed(from, to, lifecycle.Agent) {
+				if err != nil {
+					t.Errorf("report %s on a %s VM: %v", to, from, err)
+					continue
+				}
+				got, _ := store.GetVM(c, e.etcd, vm.Meta.Id)
+				if got.Status.Phase != to {
+					t.Errorf("report %s on a %s VM: phase is %s", to, from, got.Status.Phase)
+				}
+				continue
+			}
+			wantCode(t, err, codes.FailedPrecondition, lifecycle.PhaseName(from)+" to "+lifecycle.PhaseName(to))
+		}
+	}
 }

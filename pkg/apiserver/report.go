@@ -5,12 +5,12 @@ import (
 	"fmt"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -33,7 +33,7 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 	if req.GetDeleted() && req.GetReschedule() {
 		return nil, errdefs.Invalid("deleted and reschedule are exclusive")
 	}
-	if ph := req.GetStatus().GetPhase(); ph != minicloudv1.VMPhase_VM_PHASE_UNSPECIFIED {
+	if ph := req.GetStatus().GetPhase(); ph != lifecycle.None {
 		if _, ok := minicloudv1.VMPhase_name[int32(ph)]; !ok {
 			return nil, errdefs.Invalid("status.phase %d is not a VM phase", ph)
 		}
@@ -52,14 +52,14 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 			}
 			return nil, errdefs.FailedPrecondition("vm %s is assigned to host %s, not to %s", vm.Meta.Name, cur, host)
 		}
-		cmps, ops, err := h.s.reportOps(ctx, vm, req)
+		txn, err := h.s.reportTxn(ctx, vm, req)
 		if err != nil {
 			return nil, err
 		}
-		if len(ops) == 0 {
+		if txn == nil {
 			return &minicloudv1.ReportVMStatusResponse{}, nil
 		}
-		_, ok, err := store.Commit(ctx, h.s.etcd, cmps, ops)
+		_, ok, err := txn.Commit(ctx, h.s.etcd)
 		if err != nil {
 			return nil, err
 		}
@@ -70,8 +70,8 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 	return nil, tooMuchContention("report status of vm " + req.GetVmId())
 }
 
-// reportOps turns one report into the compares and ops of its transaction.
-func (s *Server) reportOps(ctx context.Context, vm *minicloudv1.VM, req *minicloudv1.ReportVMStatusRequest) ([]clientv3.Cmp, []clientv3.Op, error) {
+// reportTxn turns one report into its transaction (nil: nothing to write).
+func (s *Server) reportTxn(ctx context.Context, vm *minicloudv1.VM, req *minicloudv1.ReportVMStatusRequest) (*store.Txn, error) {
 	host, id := req.GetHost(), vm.GetMeta().GetId()
 	now := time.Now()
 	events := make([]*minicloudv1.Event, 0, len(req.GetEvents())+1)
@@ -82,62 +82,55 @@ func (s *Server) reportOps(ctx context.Context, vm *minicloudv1.VM, req *miniclo
 		}
 		events = append(events, ev)
 	}
+	cur := vm.GetStatus().GetPhase()
 	if req.GetDeleted() || (req.GetReschedule() && vm.GetSpec().GetDeletionRequested()) {
 		if !vm.GetSpec().GetDeletionRequested() {
-			return nil, nil, errdefs.FailedPrecondition("vm %s was not deleted (it is not DELETING): report deleted only after DeleteVM", vm.Meta.Name)
+			return nil, errdefs.FailedPrecondition("vm %s was not deleted (it is not DELETING): report deleted only after DeleteVM", vm.Meta.Name)
 		}
-		cmps, ops, err := s.removeVMOps(ctx, vm)
-		if err == nil {
-			s.log.Info("vm removed", "vm", vm.Meta.Name, "project", vm.Meta.Project, "id", id, "host", host)
+		if err := lifecycle.Check(cur, lifecycle.None, lifecycle.Agent); err != nil {
+			return nil, errdefs.FailedPrecondition("vm %s: %v", vm.Meta.Name, err)
 		}
-		return cmps, ops, err
+		txn, err := store.RemoveVMTxn(ctx, s.etcd, vm)
+		if err != nil {
+			return nil, err
+		}
+		s.log.Info("vm removed", "vm", vm.Meta.Name, "project", vm.Meta.Project, "id", id, "host", host)
+		return &txn, nil
 	}
 
 	next := proto.CloneOf(vm.GetStatus())
 	if st := req.GetStatus(); st != nil {
-		if st.GetPhase() != minicloudv1.VMPhase_VM_PHASE_UNSPECIFIED {
-			next.Phase = st.GetPhase()
+		lifecycle.MergeHostStatus(next, st)
+		// A DELETING VM stays DELETING until its host reports deleted: the
+		// table allows a host no transition out of it but removal.
+		if err := lifecycle.Check(cur, next.GetPhase(), lifecycle.Agent); err != nil {
+			return nil, errdefs.FailedPrecondition("vm %s: %v", vm.Meta.Name, err)
 		}
-		next.Conditions = st.GetConditions()
-		next.Message = st.GetMessage()
-		next.Reason = st.GetReason()
-		next.Hypervisor = st.GetHypervisor()
-		next.ObservedRebootGeneration = st.GetObservedRebootGeneration()
-		next.ObservedResourceVersion = st.GetObservedResourceVersion()
 	}
-	if vm.GetSpec().GetDeletionRequested() {
-		next.Phase = minicloudv1.VMPhase_VM_PHASE_DELETING // until the host reports deleted
+	if req.GetReschedule() {
+		// From what the host reported with it, if anything (e.g. ERROR).
+		if err := lifecycle.Check(next.GetPhase(), lifecycle.Pending, lifecycle.API); err != nil {
+			return nil, errdefs.FailedPrecondition("vm %s cannot be given back to the scheduler: %v", vm.Meta.Name, err)
+		}
 	}
 	if !req.GetReschedule() && len(events) == 0 && proto.Equal(next, vm.GetStatus()) {
 		// Nothing new: writing would only wake every watcher (and the
 		// reporting agent itself) for no change.
-		return nil, nil, nil
+		return nil, nil
 	}
 	next.UpdateTime = timestamppb.New(now)
-	cmps := vmUnchanged(vm)
-	var ops []clientv3.Op
-	if req.GetReschedule() {
-		next.Phase = minicloudv1.VMPhase_VM_PHASE_PENDING
-		next.Host = ""
-		next.TriedHosts = append(next.TriedHosts, host)
-		next.HostDown = false
-		events = append(events, &minicloudv1.Event{
-			Type: "Warning", Reason: "Rescheduling", Source: "api",
-			Message: fmt.Sprintf("host %s gave the VM back (%s); the scheduler will choose another host", host, next.GetMessage()),
-		})
-		claimCmps, claimOps, err := s.releaseClaimOps(ctx, host, id)
-		if err != nil {
-			return nil, nil, err
-		}
-		cmps, ops = append(cmps, claimCmps...), claimOps
+	if !req.GetReschedule() {
+		txn, err := store.UpdateVMStatusTxn(vm, next, now, events...)
+		return &txn, err
 	}
-	statusOp, err := store.VMStatusOp(id, next)
-	if err != nil {
-		return nil, nil, err
-	}
-	evOps, err := store.EventOps(id, now, events...)
-	if err != nil {
-		return nil, nil, err
-	}
-	return cmps, append(append(ops, statusOp), evOps...), nil
+	next.Phase = lifecycle.Pending
+	next.Host = ""
+	next.TriedHosts = append(next.TriedHosts, host)
+	next.HostDown = false
+	events = append(events, &minicloudv1.Event{
+		Type: lifecycle.EventWarning, Reason: lifecycle.ReasonRescheduling, Source: "api",
+		Message: fmt.Sprintf("host %s gave the VM back (%s); the scheduler will choose another host", host, next.GetMessage()),
+	})
+	txn, err := store.RescheduleVMTxn(ctx, s.etcd, vm, next, now, events...)
+	return &txn, err
 }

@@ -5,12 +5,12 @@ import (
 	"fmt"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -67,23 +67,31 @@ func (v *vmService) DeleteVM(ctx context.Context, req *minicloudv1.DeleteVMReque
 			return nil, err
 		}
 		now := time.Now()
-		var (
-			cmps []clientv3.Cmp
-			ops  []clientv3.Op
-		)
+		var txn store.Txn
 		if vm.GetStatus().GetHost() == "" {
 			// Nothing on any hypervisor: remove it now.
-			cmps, ops, err = v.s.removeVMOps(ctx, vm)
+			if err := lifecycle.Check(vm.GetStatus().GetPhase(), lifecycle.None, lifecycle.API); err != nil {
+				return nil, errdefs.FailedPrecondition("vm %s: %v", vm.Meta.Name, err)
+			}
+			txn, err = store.RemoveVMTxn(ctx, v.s.etcd, vm)
 		} else {
 			if vm.GetSpec().GetDeletionRequested() {
 				return vm, nil
 			}
-			cmps, ops, err = v.s.markDeletingOps(vm, now)
+			if err := lifecycle.Check(vm.GetStatus().GetPhase(), lifecycle.Deleting, lifecycle.API); err != nil {
+				return nil, errdefs.FailedPrecondition("vm %s: %v", vm.Meta.Name, err)
+			}
+			next := proto.CloneOf(vm)
+			markDeleting(next, now)
+			txn, err = store.MarkVMDeletingTxn(vm, next, now, &minicloudv1.Event{
+				Type: lifecycle.EventNormal, Reason: lifecycle.ReasonDeleteRequested, Source: "api",
+				Message: fmt.Sprintf("waiting for host %s to remove the domain, disk and network", vm.Status.Host),
+			})
 		}
 		if err != nil {
 			return nil, err
 		}
-		_, ok, err := store.Commit(ctx, v.s.etcd, cmps, ops)
+		_, ok, err := txn.Commit(ctx, v.s.etcd)
 		if err != nil {
 			return nil, err
 		}
@@ -103,135 +111,26 @@ func markDeleting(vm *minicloudv1.VM, now time.Time) {
 	if vm.Spec.DeletionTime == nil {
 		vm.Spec.DeletionTime = timestamppb.New(now)
 	}
-	vm.Status.Phase = minicloudv1.VMPhase_VM_PHASE_DELETING
+	vm.Status.Phase = lifecycle.Deleting
 	vm.Status.UpdateTime = timestamppb.New(now)
 }
 
-// markDeletingOps returns the first phase of a two-phase delete.
-func (s *Server) markDeletingOps(vm *minicloudv1.VM, now time.Time) ([]clientv3.Cmp, []clientv3.Op, error) {
-	next := proto.CloneOf(vm)
-	markDeleting(next, now)
-	specOp, err := store.VMSpecOp(next)
-	if err != nil {
-		return nil, nil, err
-	}
-	statusOp, err := store.VMStatusOp(vm.Meta.Id, next.Status)
-	if err != nil {
-		return nil, nil, err
-	}
-	evOps, err := store.EventOps(vm.Meta.Id, now, &minicloudv1.Event{
-		Type: "Normal", Reason: "DeleteRequested", Source: "api",
-		Message: fmt.Sprintf("waiting for host %s to remove the domain, disk and network", vm.Status.Host),
-	})
-	if err != nil {
-		return nil, nil, err
-	}
-	return vmUnchanged(vm), append([]clientv3.Op{specOp, statusOp}, evOps...), nil
-}
-
-// vmUnchanged holds while neither spec nor status changed since vm was read.
-func vmUnchanged(vm *minicloudv1.VM) []clientv3.Cmp {
-	id := vm.GetMeta().GetId()
-	return []clientv3.Cmp{
-		store.Unchanged(store.VMSpecKey(id), vm.GetMeta().GetResourceVersion()),
-		store.Unchanged(store.VMStatusKey(id), vm.GetStatus().GetStatusVersion()),
-	}
-}
-
-// removeVMOps returns the compares and ops that remove a VM for good: its
-// keys, its addresses and the capacity claim on its host.
-func (s *Server) removeVMOps(ctx context.Context, vm *minicloudv1.VM) ([]clientv3.Cmp, []clientv3.Op, error) {
-	cmps := vmUnchanged(vm)
-	ops := store.VMKeysOps(vm)
-	addrCmps, addrOps, err := s.releaseAddressOps(ctx, vm)
-	if err != nil {
-		return nil, nil, err
-	}
-	cmps, ops = append(cmps, addrCmps...), append(ops, addrOps...)
-	if host := vm.GetStatus().GetHost(); host != "" {
-		claimCmps, claimOps, err := s.releaseClaimOps(ctx, host, vm.GetMeta().GetId())
-		if err != nil {
-			return nil, nil, err
-		}
-		cmps, ops = append(cmps, claimCmps...), append(ops, claimOps...)
-	}
-	return cmps, ops, nil
-}
-
-// releaseAddressOps frees the VM's addresses: every IPAM key that still
-// names this VM is deleted, under a compare that it did not change. A key
-// that is gone or names another VM is left alone, so a damaged IPAM range
-// never makes a VM undeletable.
-func (s *Server) releaseAddressOps(ctx context.Context, vm *minicloudv1.VM) ([]clientv3.Cmp, []clientv3.Op, error) {
-	addrs := vm.GetStatus().GetAddresses()
-	if len(addrs) == 0 {
-		return nil, nil, nil
-	}
-	reads := make([]clientv3.Op, 0, len(addrs))
-	for _, a := range addrs {
-		reads = append(reads, clientv3.OpGet(store.NetworkKey(vm.GetMeta().GetProject(), a.GetNetwork())))
-	}
-	resp, err := store.ReadTxn(ctx, s.etcd, reads...)
-	if err != nil {
-		return nil, nil, err
-	}
-	var keys []clientv3.Op
-	for i, a := range addrs {
-		kvs := resp.Responses[i].GetResponseRange().GetKvs()
-		if len(kvs) == 0 {
-			continue // the network is gone, and its addresses with it
-		}
-		nw := &minicloudv1.Network{}
-		if err := store.Decode(kvs[0], nw); err != nil {
-			return nil, nil, err
-		}
-		keys = append(keys, clientv3.OpGet(store.IPAMKey(nw.GetMeta().GetId(), a.GetIp())))
-	}
-	if len(keys) == 0 {
-		return nil, nil, nil
-	}
-	if resp, err = store.ReadTxn(ctx, s.etcd, keys...); err != nil {
-		return nil, nil, err
-	}
-	var (
-		cmps []clientv3.Cmp
-		ops  []clientv3.Op
-	)
-	for _, r := range resp.Responses {
-		for _, kv := range r.GetResponseRange().GetKvs() {
-			if string(kv.Value) == vm.GetMeta().GetId() {
-				cmps = append(cmps, store.Unchanged(string(kv.Key), kv.ModRevision))
-				ops = append(ops, clientv3.OpDelete(string(kv.Key)))
-			}
-		}
-	}
-	return cmps, ops, nil
-}
-
-func (s *Server) releaseClaimOps(ctx context.Context, host, vmID string) ([]clientv3.Cmp, []clientv3.Op, error) {
-	st, err := store.ReadClaimState(ctx, s.etcd, host, vmID)
-	if err != nil {
-		return nil, nil, err
-	}
-	return store.ReleaseClaimOps(st)
-}
-
 func (v *vmService) StartVM(ctx context.Context, req *minicloudv1.VMActionRequest) (*minicloudv1.VM, error) {
-	return v.s.updateSpec(ctx, req, "StartRequested", func(vm *minicloudv1.VM) error {
+	return v.s.updateSpec(ctx, req, lifecycle.ReasonStartRequested, func(vm *minicloudv1.VM) error {
 		vm.Spec.PowerState = minicloudv1.PowerState_POWER_STATE_RUNNING
 		return nil
 	})
 }
 
 func (v *vmService) StopVM(ctx context.Context, req *minicloudv1.VMActionRequest) (*minicloudv1.VM, error) {
-	return v.s.updateSpec(ctx, req, "StopRequested", func(vm *minicloudv1.VM) error {
+	return v.s.updateSpec(ctx, req, lifecycle.ReasonStopRequested, func(vm *minicloudv1.VM) error {
 		vm.Spec.PowerState = minicloudv1.PowerState_POWER_STATE_STOPPED
 		return nil
 	})
 }
 
 func (v *vmService) RebootVM(ctx context.Context, req *minicloudv1.VMActionRequest) (*minicloudv1.VM, error) {
-	return v.s.updateSpec(ctx, req, "RebootRequested", func(vm *minicloudv1.VM) error {
+	return v.s.updateSpec(ctx, req, lifecycle.ReasonRebootRequested, func(vm *minicloudv1.VM) error {
 		if vm.Spec.PowerState != minicloudv1.PowerState_POWER_STATE_RUNNING {
 			return errdefs.FailedPrecondition("vm %s is stopped: start it instead of rebooting", vm.Meta.Name)
 		}
@@ -263,17 +162,11 @@ func (s *Server) updateSpec(ctx context.Context, req *minicloudv1.VMActionReques
 		if err := change(vm); err != nil {
 			return nil, err
 		}
-		specOp, err := store.VMSpecOp(vm)
+		txn, err := store.UpdateVMSpecTxn(vm, time.Now(), &minicloudv1.Event{Type: lifecycle.EventNormal, Reason: reason, Source: "api"})
 		if err != nil {
 			return nil, err
 		}
-		evOps, err := store.EventOps(vm.Meta.Id, time.Now(), &minicloudv1.Event{Type: "Normal", Reason: reason, Source: "api"})
-		if err != nil {
-			return nil, err
-		}
-		rev, ok, err := store.Commit(ctx, s.etcd,
-			[]clientv3.Cmp{store.Unchanged(store.VMSpecKey(vm.Meta.Id), vm.Meta.ResourceVersion)},
-			append([]clientv3.Op{specOp}, evOps...))
+		rev, ok, err := txn.Commit(ctx, s.etcd)
 		if err != nil {
 			return nil, err
 		}

@@ -16,6 +16,7 @@ import (
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/ipam"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -42,84 +43,82 @@ type createRefs struct {
 // (the create's compare on the network key catches a network recreated
 // since), else with a read of their own.
 func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, spec *minicloudv1.VMSpec) (*createRefs, error) {
-	ops := []clientv3.Op{
-		clientv3.OpGet(store.VMNameKey(project, req.GetName()), clientv3.WithCountOnly()),
-		clientv3.OpGet(store.ImageKey(spec.Image)),
-		clientv3.OpGet(store.FlavorKey(spec.Flavor)),
-		clientv3.OpGet(store.ServerGroupKey(project, spec.ServerGroup), clientv3.WithCountOnly()),
-		clientv3.OpGet(store.HostSpecKey(spec.TargetHost), clientv3.WithCountOnly()),
-		clientv3.OpGet(store.VMRequestKey(project, req.GetRequestId())),
-	}
-	for _, n := range spec.Networks {
-		ops = append(ops, clientv3.OpGet(store.NetworkKey(project, n)))
-	}
-	usedAt := make([]int, len(spec.Networks)) // index of the UsedOp in ops, or -1
-	cachedID := make([]string, len(spec.Networks))
+	var reads store.Reads
+	var (
+		name        = reads.Get(store.VMNameKey(project, req.GetName()), clientv3.WithCountOnly())
+		image       = reads.Get(store.ImageKey(spec.Image))
+		flavor      = reads.Get(store.FlavorKey(spec.Flavor))
+		serverGroup = reads.Get(store.ServerGroupKey(project, spec.ServerGroup), clientv3.WithCountOnly())
+		targetHost  = reads.Get(store.HostSpecKey(spec.TargetHost), clientv3.WithCountOnly())
+		request     = reads.Get(store.VMRequestKey(project, req.GetRequestId()))
+		networks    = make([]store.Read, len(spec.Networks))
+		used        = make([]*store.Read, len(spec.Networks)) // nil: network id not known yet
+		cachedID    = make([]string, len(spec.Networks))
+	)
 	for i, n := range spec.Networks {
-		usedAt[i] = -1
+		networks[i] = reads.Get(store.NetworkKey(project, n))
+	}
+	for i, n := range spec.Networks {
 		if id, ok := s.networkIDs.Load(store.NetworkKey(project, n)); ok {
-			cachedID[i], usedAt[i] = id.(string), len(ops)
-			ops = append(ops, ipam.UsedOp(cachedID[i]))
+			cachedID[i] = id.(string)
+			r := reads.Add(ipam.UsedOp(cachedID[i]))
+			used[i] = &r
 		}
 	}
-	resp, err := store.ReadTxn(ctx, s.etcd, ops...)
-	if err != nil {
+	if err := reads.Do(ctx, s.etcd); err != nil {
 		return nil, err
-	}
-	rr := func(i int) *clientv3.GetResponse {
-		return (*clientv3.GetResponse)(resp.Responses[i].GetResponseRange())
 	}
 	refs := &createRefs{}
 	if req.GetRequestId() != "" {
-		if kvs := rr(5).Kvs; len(kvs) > 0 {
-			refs.existingID, refs.requestRev = string(kvs[0].Value), kvs[0].ModRevision
+		if kv := request.First(); kv != nil {
+			refs.existingID, refs.requestRev = string(kv.Value), kv.ModRevision
 		}
 	}
-	refs.nameTaken = rr(0).Count > 0
-	if kvs := rr(1).Kvs; len(kvs) == 0 {
+	refs.nameTaken = name.Count() > 0
+	if kv := image.First(); kv == nil {
 		return refs, errdefs.NotFound("image %s not found (see `minicloud image list`)", spec.Image)
 	} else {
 		refs.image = &minicloudv1.Image{}
-		if err := store.Decode(kvs[0], refs.image); err != nil {
+		if err := store.Decode(kv, refs.image); err != nil {
 			return nil, err
 		}
 	}
-	if kvs := rr(2).Kvs; len(kvs) == 0 {
+	if kv := flavor.First(); kv == nil {
 		return refs, flavorNotFound(spec.Flavor)
 	} else {
-		refs.flavor, refs.flavorRev = &minicloudv1.Flavor{}, kvs[0].ModRevision
-		if err := store.Decode(kvs[0], refs.flavor); err != nil {
+		refs.flavor, refs.flavorRev = &minicloudv1.Flavor{}, kv.ModRevision
+		if err := store.Decode(kv, refs.flavor); err != nil {
 			return nil, err
 		}
 	}
-	if spec.ServerGroup != "" && rr(3).Count == 0 {
+	if spec.ServerGroup != "" && serverGroup.Count() == 0 {
 		return refs, serverGroupNotFound(project, spec.ServerGroup)
 	}
-	if spec.TargetHost != "" && rr(4).Count == 0 {
+	if spec.TargetHost != "" && targetHost.Count() == 0 {
 		return refs, errdefs.NotFound("target host %s is not registered (see `minicloud host list`)", spec.TargetHost)
 	}
 	for i, n := range spec.Networks {
-		kvs := rr(6 + i).Kvs
-		if len(kvs) == 0 {
+		kv := networks[i].First()
+		if kv == nil {
 			return refs, networkNotFound(project, n)
 		}
 		nw := &minicloudv1.Network{}
-		if err := store.Decode(kvs[0], nw); err != nil {
+		if err := store.Decode(kv, nw); err != nil {
 			return nil, err
 		}
 		refs.networks = append(refs.networks, nw)
-		refs.networkRevs = append(refs.networkRevs, kvs[0].ModRevision)
+		refs.networkRevs = append(refs.networkRevs, kv.ModRevision)
 		id := nw.GetMeta().GetId()
-		if usedAt[i] >= 0 && cachedID[i] == id {
-			refs.used = append(refs.used, rr(usedAt[i]).Kvs)
+		if used[i] != nil && cachedID[i] == id {
+			refs.used = append(refs.used, used[i].KVs())
 			continue
 		}
-		used, err := s.etcd.Do(ctx, ipam.UsedOp(id))
+		u, err := s.etcd.Do(ctx, ipam.UsedOp(id))
 		if err != nil {
 			return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", n)
 		}
 		s.networkIDs.Store(store.NetworkKey(project, n), id)
-		refs.used = append(refs.used, used.Get().Kvs)
+		refs.used = append(refs.used, u.Get().Kvs)
 	}
 	return refs, nil
 }
@@ -180,23 +179,15 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 		Meta: &minicloudv1.ObjectMeta{Id: newID(), Name: req.GetName(), Project: project, CreateTime: timestamppb.New(now)},
 		Spec: spec,
 		Status: &minicloudv1.VMStatus{
-			Phase:      minicloudv1.VMPhase_VM_PHASE_PENDING,
-			Reason:     "Created",
+			Phase:      lifecycle.Pending,
+			Reason:     lifecycle.ReasonCreated,
 			Message:    "waiting for the scheduler to choose a host",
 			UpdateTime: timestamppb.New(now),
 		},
 	}
 	id := vm.Meta.Id
 
-	cmps := []clientv3.Cmp{
-		store.Absent(store.VMNameKey(project, req.GetName())),
-		store.Exists(store.ImageKey(spec.Image)),
-		store.Unchanged(store.FlavorKey(spec.Flavor), refs.flavorRev),
-	}
-	if spec.ServerGroup != "" {
-		cmps = append(cmps, store.Exists(store.ServerGroupKey(project, spec.ServerGroup)))
-	}
-	var ops []clientv3.Op
+	nv := store.NewVM{VM: vm, UserData: req.GetUserData(), FlavorRev: refs.flavorRev, Now: now}
 	var committed bool // read by the reservations' deferred Done
 	for i, nw := range refs.networks {
 		r, err := addrRead.Reserve(nw, refs.used[i])
@@ -204,8 +195,7 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 			return nil, err
 		}
 		defer func() { r.Done(committed) }()
-		cmps = append(cmps, store.Unchanged(store.NetworkKey(project, nw.GetMeta().GetName()), refs.networkRevs[i]), r.Cmp())
-		ops = append(ops, r.Op(id))
+		nv.Networks = append(nv.Networks, store.NetworkRef{ID: nw.GetMeta().GetId(), Rev: refs.networkRevs[i]})
 		vm.Status.Addresses = append(vm.Status.Addresses, &minicloudv1.VMAddress{
 			Network:      nw.GetMeta().GetName(),
 			Ip:           r.Addr.String(),
@@ -216,36 +206,22 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 			Mtu:          nw.GetMtu(),
 		})
 	}
-	specOp, err := store.VMSpecOp(vm)
-	if err != nil {
-		return nil, err
-	}
-	statusOp, err := store.VMStatusOp(id, vm.Status)
-	if err != nil {
-		return nil, err
-	}
-	ops = append(ops, specOp, statusOp, clientv3.OpPut(store.VMNameKey(project, req.GetName()), id))
-	if len(req.GetUserData()) > 0 {
-		ops = append(ops, clientv3.OpPut(store.VMUserDataKey(id), string(req.GetUserData())))
-	}
 	var lease clientv3.LeaseID
 	if rid := req.GetRequestId(); rid != "" {
 		if lease, err = s.leases.get(ctx); err != nil {
 			return nil, err
 		}
-		cmps = append(cmps, store.Unchanged(store.VMRequestKey(project, rid), refs.requestRev))
-		ops = append(ops, clientv3.OpPut(store.VMRequestKey(project, rid), id, clientv3.WithLease(lease)))
+		nv.RequestID, nv.RequestRev, nv.Lease = rid, refs.requestRev, lease
 	}
-	evOps, err := store.EventOps(id, now, &minicloudv1.Event{
-		Type: "Normal", Reason: "Created", Source: "api",
+	nv.Event = &minicloudv1.Event{
+		Type: lifecycle.EventNormal, Reason: lifecycle.ReasonCreated, Source: "api",
 		Message: fmt.Sprintf("vm %s created with image %s, flavor %s, addresses %s", vm.Meta.Name, spec.Image, spec.Flavor, addressList(vm.Status.Addresses)),
-	})
+	}
+	txn, err := store.CreateVMTxn(nv)
 	if err != nil {
 		return nil, err
 	}
-	ops = append(ops, evOps...)
-
-	rev, ok, err := store.Commit(ctx, s.etcd, cmps, ops)
+	rev, ok, err := txn.Commit(ctx, s.etcd)
 	committed = ok
 	if err != nil {
 		if errors.Is(err, rpctypes.ErrLeaseNotFound) {

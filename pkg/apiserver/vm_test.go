@@ -329,11 +329,11 @@ func TestTwoPhaseDelete(t *testing.T) {
 	}
 	_, err = e.vms.StartVM(ctx(t), &minicloudv1.VMActionRequest{Name: "web1"})
 	wantCode(t, err, codes.FailedPrecondition, "being deleted")
-	// The host still running it may report, but the phase stays DELETING.
-	if _, err := e.hosts.ReportVMStatus(ctx(t), &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id,
-		Status: &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_RUNNING}}); err != nil {
-		t.Fatal(err)
-	}
+	// A late report of the host still running it is refused (it learns of
+	// the delete from its assignments), and the phase stays DELETING.
+	_, err = e.hosts.ReportVMStatus(ctx(t), &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id,
+		Status: &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_RUNNING}})
+	wantCode(t, err, codes.FailedPrecondition, "from DELETING to RUNNING")
 	if got, _ := e.vms.GetVM(ctx(t), &minicloudv1.GetVMRequest{Name: "web1"}); got.Status.Phase != minicloudv1.VMPhase_VM_PHASE_DELETING {
 		t.Fatalf("phase %v after a late report, want DELETING", got.Status.Phase)
 	}

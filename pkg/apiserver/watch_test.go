@@ -64,9 +64,11 @@ func TestWatchDeliversEveryChangeInOrder(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.place(web1.Meta.Id, "h1")
-	if _, err := e.hosts.ReportVMStatus(ctx(t), &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: web1.Meta.Id,
-		Status: &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_STOPPED}}); err != nil {
-		t.Fatal(err)
+	for _, p := range []minicloudv1.VMPhase{minicloudv1.VMPhase_VM_PHASE_CREATING, minicloudv1.VMPhase_VM_PHASE_STOPPED} {
+		if _, err := e.hosts.ReportVMStatus(ctx(t), &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: web1.Meta.Id,
+			Status: &minicloudv1.VMStatus{Phase: p}}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if _, err := e.vms.DeleteVM(ctx(t), &minicloudv1.DeleteVMRequest{Name: "web2"}); err != nil {
 		t.Fatal(err)
@@ -81,6 +83,7 @@ func TestWatchDeliversEveryChangeInOrder(t *testing.T) {
 		"ADDED web2 PENDING RUNNING",
 		"MODIFIED web1 PENDING STOPPED",
 		"MODIFIED web1 SCHEDULED STOPPED",
+		"MODIFIED web1 CREATING STOPPED",
 		"MODIFIED web1 STOPPED STOPPED",
 		"DELETED web2 PENDING RUNNING",
 		"MODIFIED web1 DELETING STOPPED",

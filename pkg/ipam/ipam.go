@@ -1,8 +1,9 @@
-// Package ipam hands out the IPv4 addresses of minicloud networks. An
+// Package ipam picks the IPv4 addresses of minicloud networks. An
 // allocation is the key ipam/<network-id>/<ip> holding the VM id, written
-// in the caller's transaction under the compare "key absent", so two VMs
-// can never hold one address even with several API servers; a lost race is
-// a failed compare and the caller retries with a fresh pick.
+// by the VM's create transaction (store.CreateVMTxn) under the compare "key
+// absent", so two VMs can never hold one address even with several API
+// servers; a lost race is a failed compare and the caller retries with a
+// fresh pick. store.RemoveVMTxn releases a VM's addresses with the VM.
 package ipam
 
 import (
@@ -44,8 +45,9 @@ func New(kv clientv3.KV) *Allocator {
 	return &Allocator{kv: kv, reading: map[uint64]int{}, reserved: map[string]map[netip.Addr]uint64{}}
 }
 
-// Reservation is an address picked for a VM but not yet committed. Put its
-// Cmp and Op in the transaction that creates the VM, then call Done.
+// Reservation is an address picked for a VM but not yet committed. The
+// transaction that creates the VM (store.CreateVMTxn) writes it under the
+// compare "key absent"; then call Done.
 type Reservation struct {
 	NetworkID string
 	Addr      netip.Addr
@@ -53,15 +55,6 @@ type Reservation struct {
 	Gateway   netip.Addr
 	a         *Allocator
 }
-
-// Key is the IPAM key of the reserved address.
-func (r *Reservation) Key() string { return store.IPAMKey(r.NetworkID, r.Addr.String()) }
-
-// Cmp holds while nobody else has committed the address.
-func (r *Reservation) Cmp() clientv3.Cmp { return store.Absent(r.Key()) }
-
-// Op records the address as vmID's.
-func (r *Reservation) Op(vmID string) clientv3.Op { return clientv3.OpPut(r.Key(), vmID) }
 
 // Done ends the reservation once the transaction has finished, telling
 // whether it committed the address.
@@ -178,43 +171,6 @@ func (rd *Read) Reserve(network *minicloudv1.Network, used []*mvccpb.KeyValue) (
 	}
 	return nil, errdefs.ResourceExhausted("network %s (%s) has no free address: delete VMs on it or create a larger network",
 		network.GetMeta().GetName(), prefix)
-}
-
-// maxAttempts bounds retries of lost races for one address.
-const maxAttempts = 64
-
-// Allocate reserves and commits an address for vmID in a transaction of its
-// own, retrying when another writer takes the address first. Callers that
-// create a VM put Reservation.Cmp/Op in their own transaction instead.
-func (a *Allocator) Allocate(ctx context.Context, network *minicloudv1.Network, vmID string) (netip.Addr, error) {
-	for range maxAttempts {
-		r, err := a.Reserve(ctx, network)
-		if err != nil {
-			return netip.Addr{}, err
-		}
-		_, ok, err := store.Commit(ctx, a.kv, []clientv3.Cmp{r.Cmp()}, []clientv3.Op{r.Op(vmID)})
-		r.Done(ok)
-		if err != nil {
-			return netip.Addr{}, err
-		}
-		if ok {
-			return r.Addr, nil
-		}
-	}
-	return netip.Addr{}, errdefs.Conflict("allocate an address on network %s: lost %d races in a row, retry", network.GetMeta().GetName(), maxAttempts)
-}
-
-// ReleaseOp frees ip on a network.
-func ReleaseOp(networkID, ip string) clientv3.Op {
-	return clientv3.OpDelete(store.IPAMKey(networkID, ip))
-}
-
-// Release frees ip on a network in a transaction of its own.
-func Release(ctx context.Context, kv clientv3.KV, networkID, ip string) error {
-	if _, err := kv.Do(ctx, ReleaseOp(networkID, ip)); err != nil {
-		return errdefs.Wrap(errdefs.KindUnavailable, err, "release %s on network %s", ip, networkID)
-	}
-	return nil
 }
 
 // Parse returns a network's prefix and gateway.

@@ -20,6 +20,29 @@ func network(cidr, gw string) *minicloudv1.Network {
 	return &minicloudv1.Network{Meta: &minicloudv1.ObjectMeta{Id: "net-1", Name: "default"}, Cidr: cidr, Gateway: gw}
 }
 
+// allocate reserves an address for vmID and commits it as a VM's create
+// does (store.CreateVMTxn: the IPAM key, under "absent"), retrying lost
+// races.
+func allocate(t *testing.T, ctx context.Context, kv clientv3.KV, a *ipam.Allocator, n *minicloudv1.Network, vmID string) (netip.Addr, error) {
+	t.Helper()
+	for range 64 {
+		r, err := a.Reserve(ctx, n)
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		key := store.IPAMKey(r.NetworkID, r.Addr.String())
+		_, ok, err := store.Commit(ctx, kv, []clientv3.Cmp{store.Absent(key)}, []clientv3.Op{clientv3.OpPut(key, vmID)})
+		r.Done(ok)
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		if ok {
+			return r.Addr, nil
+		}
+	}
+	return netip.Addr{}, errdefs.Conflict("allocate on network %s: lost 64 races", n.GetMeta().GetName())
+}
+
 func TestLowestFreeSkipsNetworkGatewayBroadcast(t *testing.T) {
 	_, cli := etcdtest.Start(t)
 	ctx := context.Background()
@@ -27,7 +50,7 @@ func TestLowestFreeSkipsNetworkGatewayBroadcast(t *testing.T) {
 	n := network("10.0.0.0/29", "10.0.0.1") // usable .2-.6
 	var got []string
 	for i := range 5 {
-		ip, err := a.Allocate(ctx, n, fmt.Sprintf("vm-%d", i))
+		ip, err := allocate(t, ctx, cli, a, n, fmt.Sprintf("vm-%d", i))
 		if err != nil {
 			t.Fatalf("allocate %d: %v", i, err)
 		}
@@ -37,13 +60,13 @@ func TestLowestFreeSkipsNetworkGatewayBroadcast(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("allocated %v, want %v", got, want)
 	}
-	if _, err := a.Allocate(ctx, n, "vm-x"); !errdefs.IsResourceExhausted(err) {
+	if _, err := allocate(t, ctx, cli, a, n, "vm-x"); !errdefs.IsResourceExhausted(err) {
 		t.Fatalf("allocate on a full network: %v, want ResourceExhausted", err)
 	}
-	if err := ipam.Release(ctx, cli, "net-1", "10.0.0.4"); err != nil {
+	if _, err := cli.Delete(ctx, store.IPAMKey("net-1", "10.0.0.4")); err != nil {
 		t.Fatal(err)
 	}
-	ip, err := a.Allocate(ctx, n, "vm-y")
+	ip, err := allocate(t, ctx, cli, a, n, "vm-y")
 	if err != nil || ip.String() != "10.0.0.4" {
 		t.Fatalf("after release got %v, %v; want 10.0.0.4", ip, err)
 	}
@@ -53,7 +76,7 @@ func TestGatewayInTheMiddleIsSkipped(t *testing.T) {
 	_, cli := etcdtest.Start(t)
 	a := ipam.New(cli)
 	n := network("10.0.0.0/30", "10.0.0.1") // only .2 usable
-	ip, err := a.Allocate(context.Background(), n, "vm")
+	ip, err := allocate(t, context.Background(), cli, a, n, "vm")
 	if err != nil || ip.String() != "10.0.0.2" {
 		t.Fatalf("got %v, %v; want 10.0.0.2", ip, err)
 	}
@@ -78,7 +101,7 @@ func TestConcurrentAllocationsNeverShareAnAddress(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			id := fmt.Sprintf("vm-%02d", i)
-			ip, err := allocators[i%2].Allocate(ctx, n, id)
+			ip, err := allocate(t, ctx, cli, allocators[i%2], n, id)
 			mu.Lock()
 			defer mu.Unlock()
 			switch {
@@ -146,7 +169,7 @@ func TestReservationsInOneProcessDoNotCollide(t *testing.T) {
 		t.Fatalf("after an aborted reservation got %v, %v; want %s again", r3.Addr, err, r1.Addr)
 	}
 	// A committed reservation is found in etcd by the next read.
-	if _, ok, err := store.Commit(ctx, cli, []clientv3.Cmp{r2.Cmp()}, []clientv3.Op{r2.Op("vm-2")}); err != nil || !ok {
+	if _, ok, err := store.Commit(ctx, cli, []clientv3.Cmp{store.Absent(store.IPAMKey(r2.NetworkID, r2.Addr.String()))}, []clientv3.Op{clientv3.OpPut(store.IPAMKey(r2.NetworkID, r2.Addr.String()), "vm-2")}); err != nil || !ok {
 		t.Fatalf("commit: %v %v", ok, err)
 	}
 	r2.Done(true)

@@ -3,8 +3,6 @@ package store
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
-	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -22,9 +20,9 @@ import (
 // writers (two scheduler replicas, a scheduler and the API releasing a
 // claim) serialise on the allocation key and never lose an update.
 //
-// Use ReadClaimState + AddClaimOps / ReleaseClaimOps to fold a claim change
-// into a larger transaction (the scheduler's commit, the API's delete), or
-// ReleaseClaim to release on its own.
+// ReadClaimState + AddClaimOps / ReleaseClaimOps are the claim change that
+// the write protocols fold into their transactions: PlaceVMTxn adds a
+// claim, RescheduleVMTxn and RemoveVMTxn release one.
 
 // ClaimState is a VM's claim on a host and the host's allocation, read at
 // one etcd revision. A zero mod revision means the key does not exist.
@@ -40,34 +38,26 @@ type ClaimState struct {
 // consistent read.
 func ReadClaimState(ctx context.Context, kv clientv3.KV, host, vmID string) (ClaimState, error) {
 	s := ClaimState{Host: host, VMID: vmID}
-	resp, err := kv.Txn(ctx).Then(clientv3.OpGet(ClaimKey(host, vmID)), clientv3.OpGet(HostAllocKey(host))).Commit()
-	if err != nil {
-		return s, errdefs.Wrap(errdefs.KindUnavailable, err, "read claim of vm %s on host %s", vmID, host)
+	var reads Reads
+	claim, alloc := reads.Get(ClaimKey(host, vmID)), reads.Get(HostAllocKey(host))
+	if err := reads.Do(ctx, kv); err != nil {
+		return s, fmt.Errorf("read claim of vm %s on host %s: %w", vmID, host, err)
 	}
-	if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+	if kv := claim.First(); kv != nil {
 		s.Claim = &minicloudv1.Claim{}
-		if err := proto.Unmarshal(kvs[0].Value, s.Claim); err != nil {
-			return s, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
+		if err := Decode(kv, s.Claim); err != nil {
+			return s, err
 		}
-		s.ClaimModRevision = kvs[0].ModRevision
+		s.ClaimModRevision = kv.ModRevision
 	}
-	if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 {
+	if kv := alloc.First(); kv != nil {
 		s.Alloc = &minicloudv1.HostAllocation{}
-		if err := proto.Unmarshal(kvs[0].Value, s.Alloc); err != nil {
-			return s, fmt.Errorf("decode %s: %w", kvs[0].Key, err)
+		if err := Decode(kv, s.Alloc); err != nil {
+			return s, err
 		}
-		s.AllocModRevision = kvs[0].ModRevision
+		s.AllocModRevision = kv.ModRevision
 	}
 	return s, nil
-}
-
-// AllocCompare guards a transaction on hosts/alloc/<host> being unchanged
-// since it was read at modRev (0: it did not exist).
-func AllocCompare(host string, modRev int64) clientv3.Cmp {
-	if modRev == 0 {
-		return clientv3.Compare(clientv3.CreateRevision(HostAllocKey(host)), "=", 0)
-	}
-	return clientv3.Compare(clientv3.ModRevision(HostAllocKey(host)), "=", modRev)
 }
 
 // AddClaimOps returns the compares and ops that add claim to its host's
@@ -88,7 +78,7 @@ func AddClaimOps(claim *minicloudv1.Claim, alloc *minicloudv1.HostAllocation, al
 		return nil, nil, nil, fmt.Errorf("encode allocation of host %s: %w", claim.GetHost(), err)
 	}
 	cmps := []clientv3.Cmp{
-		AllocCompare(claim.GetHost(), allocModRev),
+		Unchanged(HostAllocKey(claim.GetHost()), allocModRev),
 		clientv3.Compare(clientv3.CreateRevision(ClaimKey(claim.GetHost(), claim.GetVmId())), "=", 0),
 	}
 	ops := []clientv3.Op{
@@ -110,7 +100,7 @@ func ReleaseClaimOps(s ClaimState) ([]clientv3.Cmp, []clientv3.Op, error) {
 	}
 	cmps := []clientv3.Cmp{
 		clientv3.Compare(clientv3.ModRevision(claimKey), "=", s.ClaimModRevision),
-		AllocCompare(s.Host, s.AllocModRevision),
+		Unchanged(HostAllocKey(s.Host), s.AllocModRevision),
 	}
 	ops := []clientv3.Op{clientv3.OpDelete(claimKey)}
 	if s.Alloc != nil {
@@ -122,47 +112,6 @@ func ReleaseClaimOps(s ClaimState) ([]clientv3.Cmp, []clientv3.Op, error) {
 		ops = append(ops, clientv3.OpPut(HostAllocKey(s.Host), string(b)))
 	}
 	return cmps, ops, nil
-}
-
-// maxReleaseAttempts bounds ReleaseClaim's retries on conflict; each
-// conflict means another writer changed the host's allocation meanwhile
-// (so someone made progress), and a short random pause between attempts
-// spreads out writers that collide repeatedly.
-const maxReleaseAttempts = 64
-
-// ReleaseClaim removes VM vmID's claim on host and subtracts it from the
-// host's allocation, atomically. It is idempotent: without a claim it does
-// nothing and returns nil. It retries on concurrent changes to the host's
-// allocation and returns a Conflict error if it keeps losing.
-func ReleaseClaim(ctx context.Context, kv clientv3.KV, host, vmID string) error {
-	for attempt := range maxReleaseAttempts {
-		if attempt > 0 {
-			select {
-			case <-ctx.Done():
-				return errdefs.Wrap(errdefs.KindUnavailable, ctx.Err(), "release claim of vm %s on host %s", vmID, host)
-			case <-time.After(time.Duration(rand.Int64N(int64(min(attempt, 10)) * int64(time.Millisecond)))):
-			}
-		}
-		s, err := ReadClaimState(ctx, kv, host, vmID)
-		if err != nil {
-			return err
-		}
-		if s.Claim == nil {
-			return nil
-		}
-		cmps, ops, err := ReleaseClaimOps(s)
-		if err != nil {
-			return err
-		}
-		resp, err := kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
-		if err != nil {
-			return errdefs.Wrap(errdefs.KindUnavailable, err, "release claim of vm %s on host %s", vmID, host)
-		}
-		if resp.Succeeded {
-			return nil
-		}
-	}
-	return errdefs.Conflict("release claim of vm %s on host %s: allocation kept changing, gave up after %d attempts", vmID, host, maxReleaseAttempts)
 }
 
 // addResources returns alloc + sign*r, never below zero (a negative

@@ -1,25 +1,9 @@
-// Package store is minicloud's etcd layout: the keys every component agrees
-// on and typed helpers over go.etcd.io/etcd/client/v3. Values are protobuf
-// (binary wire format). docs/architecture.md has the same table for people.
-//
-// Key layout (prefix /minicloud/ omitted):
-//
-//	vms/spec/<id>                    VM with meta+spec (status cleared)     written by API
-//	vms/status/<id>                  VMStatus                               written by scheduler, agent (via API)
-//	vms/userdata/<id>                raw user-data bytes                    written by API at create
-//	vms/names/<project>/<name>       VM id (uniqueness index)               written by API
-//	vms/requests/<project>/<reqid>   VM id (idempotent create)              written by API, leased (24h)
-//	vms/events/<id>/<seq>            Event                                  API, scheduler, agent (via API)
-//	images/<name>                    Image
-//	flavors/<name>                   Flavor
-//	networks/<project>/<name>        Network
-//	servergroups/<project>/<name>    ServerGroup
-//	hosts/spec/<name>                Host (registration, disabled flag)     written by API
-//	hosts/alive/<name>               lease id (attached to the lease)       written by API on heartbeat
-//	hosts/alloc/<name>               HostAllocation (claims summed)         written by scheduler txn; compared by mod revision
-//	claims/<host>/<vmid>             Claim (resources of one VM)            written in the same txn as hosts/alloc
-//	ipam/<network-id>/<ip>           VM id                                  written by API in the create txn
-//	schedulers/<replica-id>          replica id (attached to its lease)     written by each scheduler replica
+// Package store is minicloud's etcd layout and its write protocols: the
+// keys every component agrees on (Layout, below; docs/architecture.md shows
+// the same table and TestKeyTableInDocs keeps it so), the codec (values are
+// protobuf, binary wire format; Decode, Marshal), and one function per
+// write protocol, each building one etcd transaction (vm_write.go,
+// placement.go, claims.go).
 //
 // Spec and status are separate keys so that users and hosts never write the
 // same key; the user-data has its own key so lists never carry it.
@@ -29,6 +13,47 @@ import (
 	"fmt"
 	"strings"
 )
+
+// KeySpec is one row of the key layout.
+type KeySpec struct {
+	// Pattern is the key under Prefix, with <placeholders>.
+	Pattern string
+	// Prefix is the constant every key of the row starts with.
+	Prefix string
+	// Value is what the key holds; WrittenBy who writes it.
+	Value, WrittenBy string
+}
+
+// Layout is every key minicloud stores, under Prefix.
+var Layout = []KeySpec{
+	{"vms/spec/<id>", VMSpecPrefix, "VM (meta + spec)", "API"},
+	{"vms/status/<id>", VMStatusPrefix, "VMStatus", "API at create and delete, scheduler, agent via the API"},
+	{"vms/userdata/<id>", VMUserDataPrefix, "raw user-data", "API, at create"},
+	{"vms/names/<project>/<name>", VMNamePrefix, "VM id (uniqueness index)", "API"},
+	{"vms/requests/<project>/<request-id>", VMRequestPrefix, "VM id, leased 24 h (idempotent create)", "API"},
+	{"vms/events/<id>/<unix-nanos>-<seq>", VMEventPrefix, "Event", "API, scheduler, agent via the API"},
+	{"images/<name>", ImagePrefix, "Image (blobs in the API's data dir, by sha256)", "API"},
+	{"flavors/<name>", FlavorPrefix, "Flavor", "API"},
+	{"networks/<project>/<name>", NetworkPrefix, "Network", "API"},
+	{"servergroups/<project>/<name>", ServerGroupPrefix, "ServerGroup", "API"},
+	{"hosts/spec/<name>", HostSpecPrefix, "Host (registration, disabled flag)", "API"},
+	{"hosts/alive/<name>", HostAlivePrefix, "lease id, attached to the host's heartbeat lease", "API on heartbeat"},
+	{"hosts/alloc/<name>", HostAllocPrefix, "HostAllocation (sum of claims; its revision is compared by claims)", "scheduler, API on release"},
+	{"claims/<host>/<vm id>", ClaimPrefix, "Claim", "scheduler, API on release"},
+	{"ipam/<network id>/<ip>", IPAMPrefix, "VM id", "API"},
+	{"schedulers/<replica id>", SchedulerPrefix, "replica id, attached to the replica's lease (work sharing)", "each scheduler replica"},
+}
+
+// MarkdownKeyTable renders Layout as the table docs/architecture.md carries
+// between its "key table" markers.
+func MarkdownKeyTable() string {
+	var b strings.Builder
+	b.WriteString("| key | value | written by |\n|---|---|---|\n")
+	for _, k := range Layout {
+		fmt.Fprintf(&b, "| `%s` | %s | %s |\n", k.Pattern, k.Value, k.WrittenBy)
+	}
+	return b.String()
+}
 
 // Prefix is the root of every minicloud key.
 const Prefix = "/minicloud/"
@@ -44,6 +69,7 @@ const (
 	FlavorPrefix      = Prefix + "flavors/"
 	NetworkPrefix     = Prefix + "networks/"
 	ServerGroupPrefix = Prefix + "servergroups/"
+	HostPrefix        = Prefix + "hosts/" // every key of every host
 	HostSpecPrefix    = Prefix + "hosts/spec/"
 	HostAlivePrefix   = Prefix + "hosts/alive/"
 	HostAllocPrefix   = Prefix + "hosts/alloc/"
@@ -74,9 +100,18 @@ func HostAliveKey(name string) string            { return HostAlivePrefix + name
 func HostAllocKey(name string) string            { return HostAllocPrefix + name }
 func ClaimsPrefix(host string) string            { return ClaimPrefix + host + "/" }
 func ClaimKey(host, vmID string) string          { return ClaimsPrefix(host) + vmID }
-func IPAMNetworkPrefix(networkID string) string  { return IPAMPrefix + networkID + "/" }
-func IPAMKey(networkID, ip string) string        { return IPAMNetworkPrefix(networkID) + ip }
-func SchedulerKey(replicaID string) string       { return SchedulerPrefix + replicaID }
+
+// ParseClaimKey splits claims/<host>/<vm id>.
+func ParseClaimKey(key string) (host, vmID string, ok bool) {
+	rest, ok := strings.CutPrefix(key, ClaimPrefix)
+	if !ok {
+		return "", "", false
+	}
+	return strings.Cut(rest, "/")
+}
+func IPAMNetworkPrefix(networkID string) string { return IPAMPrefix + networkID + "/" }
+func IPAMKey(networkID, ip string) string       { return IPAMNetworkPrefix(networkID) + ip }
+func SchedulerKey(replicaID string) string      { return SchedulerPrefix + replicaID }
 
 // LastSegment returns what follows the last "/" of key (an id or a name).
 func LastSegment(key string) string {

@@ -47,8 +47,8 @@ func PutOp(key string, m proto.Message, opts ...clientv3.OpOption) (clientv3.Op,
 
 // Get reads key into m and returns its mod revision. A missing key is an
 // errdefs NotFound error naming the key; callers wrap it with the resource.
-func Get(ctx context.Context, kv clientv3.KV, key string, m proto.Message) (int64, error) {
-	resp, err := kv.Get(ctx, key)
+func Get(ctx context.Context, kv clientv3.KV, key string, m proto.Message, opts ...clientv3.OpOption) (int64, error) {
+	resp, err := kv.Get(ctx, key, opts...)
 	if err != nil {
 		return 0, errdefs.Wrap(errdefs.KindUnavailable, err, "etcd get %s", key)
 	}
@@ -111,11 +111,7 @@ func UnchangedSince(prefix string, rev int64) clientv3.Cmp {
 // Commit runs one transaction. ok is false when a compare failed; err is
 // only for etcd failures.
 func Commit(ctx context.Context, kv clientv3.KV, cmps []clientv3.Cmp, ops []clientv3.Op) (rev int64, ok bool, err error) {
-	resp, err := kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
-	if err != nil {
-		return 0, false, errdefs.Wrap(errdefs.KindUnavailable, err, "etcd txn")
-	}
-	return resp.Header.Revision, resp.Succeeded, nil
+	return Txn{If: cmps, Then: ops}.Commit(ctx, kv)
 }
 
 // ReadTxn runs ops (gets) in one read-only transaction: one round trip and

@@ -57,19 +57,15 @@ func DecodeVM(spec, status *mvccpb.KeyValue) (*minicloudv1.VM, error) {
 
 // GetVM reads one VM by id (spec and status in one snapshot).
 func GetVM(ctx context.Context, kv clientv3.KV, id string) (*minicloudv1.VM, error) {
-	resp, err := ReadTxn(ctx, kv, clientv3.OpGet(VMSpecKey(id)), clientv3.OpGet(VMStatusKey(id)))
-	if err != nil {
+	var reads Reads
+	spec, status := reads.Get(VMSpecKey(id)), reads.Get(VMStatusKey(id))
+	if err := reads.Do(ctx, kv); err != nil {
 		return nil, err
 	}
-	specs := resp.Responses[0].GetResponseRange().Kvs
-	if len(specs) == 0 {
+	if spec.First() == nil {
 		return nil, errdefs.NotFound("vm %s not found", id)
 	}
-	var status *mvccpb.KeyValue
-	if st := resp.Responses[1].GetResponseRange().Kvs; len(st) > 0 {
-		status = st[0]
-	}
-	return DecodeVM(specs[0], status)
+	return DecodeVM(spec.First(), status.First())
 }
 
 // ListVMs reads every VM (spec and status in one snapshot), sorted by
@@ -80,32 +76,32 @@ func ListVMs(ctx context.Context, kv clientv3.KV, rev int64) ([]*minicloudv1.VM,
 	if rev > 0 {
 		opts = append(opts, clientv3.WithRev(rev))
 	}
-	resp, err := ReadTxn(ctx, kv, clientv3.OpGet(VMSpecPrefix, opts...), clientv3.OpGet(VMStatusPrefix, opts...))
-	if err != nil {
+	var reads Reads
+	specs, statusKVs := reads.Get(VMSpecPrefix, opts...), reads.Get(VMStatusPrefix, opts...)
+	if err := reads.Do(ctx, kv); err != nil {
 		return nil, 0, err
 	}
 	statuses := make(map[string]*mvccpb.KeyValue)
-	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+	for _, kv := range statusKVs.KVs() {
 		statuses[LastSegment(string(kv.Key))] = kv
 	}
-	specs := resp.Responses[0].GetResponseRange().Kvs
-	vms := make([]*minicloudv1.VM, 0, len(specs))
-	for _, kv := range specs {
+	vms := make([]*minicloudv1.VM, 0, len(specs.KVs()))
+	for _, kv := range specs.KVs() {
 		vm, err := DecodeVM(kv, statuses[LastSegment(string(kv.Key))])
 		if err != nil {
 			return nil, 0, err
 		}
 		vms = append(vms, vm)
 	}
-	SortVMs(vms)
+	sortVMs(vms)
 	if rev == 0 {
-		rev = resp.Header.Revision
+		rev = reads.Revision()
 	}
 	return vms, rev, nil
 }
 
-// SortVMs orders VMs by project, then name.
-func SortVMs(vms []*minicloudv1.VM) {
+// sortVMs orders VMs by project, then name.
+func sortVMs(vms []*minicloudv1.VM) {
 	sort.Slice(vms, func(i, j int) bool {
 		a, b := vms[i].GetMeta(), vms[j].GetMeta()
 		if a.GetProject() != b.GetProject() {

@@ -117,23 +117,23 @@ func (s *Snapshot) Run(ctx context.Context) error {
 	return ctx.Err()
 }
 
-var watchedPrefixes = []string{store.Prefix + "hosts/", store.ClaimPrefix, store.ServerGroupPrefix}
+var watchedPrefixes = []string{store.HostPrefix, store.ClaimPrefix, store.ServerGroupPrefix}
 
 // load reads every watched prefix at one revision and replaces the view.
 func (s *Snapshot) load(ctx context.Context) (int64, error) {
-	ops := make([]clientv3.Op, len(watchedPrefixes))
+	var reads store.Reads
+	prefixes := make([]store.Read, len(watchedPrefixes))
 	for i, p := range watchedPrefixes {
-		ops[i] = clientv3.OpGet(p, clientv3.WithPrefix())
+		prefixes[i] = reads.Get(p, clientv3.WithPrefix())
 	}
-	resp, err := s.cli.Txn(ctx).Then(ops...).Commit()
-	if err != nil {
+	if err := reads.Do(ctx, s.cli); err != nil {
 		return 0, fmt.Errorf("load scheduler snapshot: %w", err)
 	}
 	s.mu.Lock()
 	before := s.alive
 	s.reset()
-	for _, r := range resp.Responses {
-		for _, kv := range r.GetResponseRange().GetKvs() {
+	for _, r := range prefixes {
+		for _, kv := range r.KVs() {
 			s.apply(mvccpb.PUT, kv)
 		}
 	}
@@ -155,7 +155,7 @@ func (s *Snapshot) load(ctx context.Context) (int64, error) {
 		close(s.synced)
 	}
 	s.notify(changed)
-	return resp.Header.Revision, nil
+	return reads.Revision(), nil
 }
 
 // follow applies watch events after rev until a watch fails or ctx ends.
@@ -216,7 +216,7 @@ func (s *Snapshot) apply(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) (strin
 			return "", false
 		}
 		h := &minicloudv1.Host{}
-		if err := proto.Unmarshal(kv.Value, h); err != nil {
+		if err := store.Decode(kv, h); err != nil {
 			s.log.Error("scheduler snapshot: undecodable host", "key", key, "err", err)
 			return "", false
 		}
@@ -243,13 +243,13 @@ func (s *Snapshot) apply(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) (strin
 			return "", false
 		}
 		a := &minicloudv1.HostAllocation{}
-		if err := proto.Unmarshal(kv.Value, a); err != nil {
+		if err := store.Decode(kv, a); err != nil {
 			s.log.Error("scheduler snapshot: undecodable allocation", "key", key, "err", err)
 			return "", false
 		}
 		s.setAlloc(name, allocState{value: a, modRev: kv.ModRevision, seen: kv.ModRevision})
 	case strings.HasPrefix(key, store.ClaimPrefix):
-		host, vmID, ok := strings.Cut(key[len(store.ClaimPrefix):], "/")
+		host, vmID, ok := store.ParseClaimKey(key)
 		if !ok {
 			return "", false
 		}
@@ -260,7 +260,7 @@ func (s *Snapshot) apply(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) (strin
 			return "", false
 		}
 		c := &minicloudv1.Claim{}
-		if err := proto.Unmarshal(kv.Value, c); err != nil {
+		if err := store.Decode(kv, c); err != nil {
 			s.log.Error("scheduler snapshot: undecodable claim", "key", key, "err", err)
 			return "", false
 		}
@@ -272,7 +272,7 @@ func (s *Snapshot) apply(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) (strin
 			return "", false
 		}
 		sg := &minicloudv1.ServerGroup{}
-		if err := proto.Unmarshal(kv.Value, sg); err != nil {
+		if err := store.Decode(kv, sg); err != nil {
 			s.log.Error("scheduler snapshot: undecodable server group", "key", key, "err", err)
 			return "", false
 		}

@@ -1,0 +1,95 @@
+package store_test
+
+import (
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/minicloud/minicloud/pkg/docsync"
+	"github.com/minicloud/minicloud/pkg/store"
+)
+
+// TestKeyLayoutIsComplete: every key prefix constant of keys.go has a row
+// in store.Layout, every row's pattern starts with its prefix, and the key
+// functions build keys of the shape the rows show.
+func TestKeyLayoutIsComplete(t *testing.T) {
+	f, err := parser.ParseFile(token.NewFileSet(), "keys.go", nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := map[string]store.KeySpec{}
+	for _, k := range store.Layout {
+		rows[k.Prefix] = k
+		if !strings.HasPrefix(store.Prefix+k.Pattern, k.Prefix) {
+			t.Errorf("row %s does not start with its prefix %s", k.Pattern, k.Prefix)
+		}
+	}
+	umbrella := map[string]bool{"Prefix": true, "HostPrefix": true} // prefixes of other rows' prefixes
+	for _, d := range f.Decls {
+		g, ok := d.(*ast.GenDecl)
+		if !ok || g.Tok != token.CONST {
+			continue
+		}
+		for _, spec := range g.Specs {
+			vs := spec.(*ast.ValueSpec)
+			for i, name := range vs.Names {
+				if !strings.HasSuffix(name.Name, "Prefix") || umbrella[name.Name] {
+					continue
+				}
+				bin, ok := vs.Values[i].(*ast.BinaryExpr)
+				if !ok {
+					t.Fatalf("%s is not Prefix + \"...\"", name.Name)
+				}
+				lit, _ := strconv.Unquote(bin.Y.(*ast.BasicLit).Value)
+				if _, ok := rows[store.Prefix+lit]; !ok {
+					t.Errorf("key prefix %s (%q) has no row in store.Layout", name.Name, lit)
+				}
+			}
+		}
+	}
+	samples := map[string]string{
+		store.VMSpecPrefix:      store.VMSpecKey("id"),
+		store.VMStatusPrefix:    store.VMStatusKey("id"),
+		store.VMUserDataPrefix:  store.VMUserDataKey("id"),
+		store.VMNamePrefix:      store.VMNameKey("p", "n"),
+		store.VMRequestPrefix:   store.VMRequestKey("p", "r"),
+		store.VMEventPrefix:     store.VMEventKey("id", 1700000000000000000, 2),
+		store.ImagePrefix:       store.ImageKey("n"),
+		store.FlavorPrefix:      store.FlavorKey("n"),
+		store.NetworkPrefix:     store.NetworkKey("p", "n"),
+		store.ServerGroupPrefix: store.ServerGroupKey("p", "n"),
+		store.HostSpecPrefix:    store.HostSpecKey("h"),
+		store.HostAlivePrefix:   store.HostAliveKey("h"),
+		store.HostAllocPrefix:   store.HostAllocKey("h"),
+		store.ClaimPrefix:       store.ClaimKey("h", "id"),
+		store.IPAMPrefix:        store.IPAMKey("net", "10.0.0.2"),
+		store.SchedulerPrefix:   store.SchedulerKey("r"),
+	}
+	placeholder := regexp.MustCompile(`<[^>]+>`)
+	for prefix, key := range samples {
+		row, ok := rows[prefix]
+		if !ok {
+			t.Errorf("no row for %s", prefix)
+			continue
+		}
+		// A placeholder stands for one dash-free word (the samples use
+		// such words), so "<seq>" does not pass for "<unix-nanos>-<seq>".
+		re := "^" + placeholder.ReplaceAllString(regexp.QuoteMeta(store.Prefix+row.Pattern), `[^/-]+`) + "$"
+		if !regexp.MustCompile(re).MatchString(key) {
+			t.Errorf("key %s does not have the shape of row %s", key, row.Pattern)
+		}
+	}
+	if len(samples) != len(store.Layout) {
+		t.Errorf("%d samples for %d rows: add one for the new row", len(samples), len(store.Layout))
+	}
+}
+
+// TestKeyTableInDocs: docs/architecture.md shows store.MarkdownKeyTable
+// between its markers.
+func TestKeyTableInDocs(t *testing.T) {
+	docsync.Check(t, "../../docs/architecture.md", "key table", store.MarkdownKeyTable())
+}

@@ -1,0 +1,245 @@
+package store
+
+import (
+	"context"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+)
+
+// The VM write protocols. Each builds the one etcd transaction of one step
+// of a VM's life (lifecycle has the table of steps): its compares say what
+// must not have changed since the caller read the VM, so a lost race is a
+// failed compare, never a lost update. Callers re-read and decide again when
+// Commit says !ok. A new protocol is one more function here.
+
+// VMUnchanged holds while neither the spec nor the status of vm changed
+// since vm was read.
+func VMUnchanged(vm *minicloudv1.VM) []clientv3.Cmp {
+	id := vm.GetMeta().GetId()
+	return []clientv3.Cmp{
+		Unchanged(VMSpecKey(id), vm.GetMeta().GetResourceVersion()),
+		Unchanged(VMStatusKey(id), vm.GetStatus().GetStatusVersion()),
+	}
+}
+
+// NewVM is a VM to create and what its create read.
+type NewVM struct {
+	// VM has meta, spec and the first status, with one address per network.
+	VM       *minicloudv1.VM
+	UserData []byte
+	Event    *minicloudv1.Event
+	// FlavorRev is the mod revision of the flavor the resources came from.
+	FlavorRev int64
+	// Networks has, for each of VM.Status.Addresses, the network's id (its
+	// IPAM range) and the mod revision of its key.
+	Networks []NetworkRef
+	// RequestID, if set, makes the create idempotent: vms/requests/ maps it
+	// to the VM (RequestRev is that key's mod revision as read, 0: absent),
+	// under Lease.
+	RequestID  string
+	RequestRev int64
+	Lease      clientv3.LeaseID
+	Now        time.Time
+}
+
+// NetworkRef is a network a create read.
+type NetworkRef struct {
+	ID  string
+	Rev int64
+}
+
+// CreateVMTxn writes spec, status, user-data, name index, request id,
+// addresses and the first event under compares that keep the name and the
+// addresses unique and the image, flavor, server group and networks in
+// place.
+func CreateVMTxn(n NewVM) (Txn, error) {
+	vm := n.VM
+	id, project, name := vm.GetMeta().GetId(), vm.GetMeta().GetProject(), vm.GetMeta().GetName()
+	spec := vm.GetSpec()
+	t := Txn{If: []clientv3.Cmp{
+		Absent(VMNameKey(project, name)),
+		Exists(ImageKey(spec.GetImage())),
+		Unchanged(FlavorKey(spec.GetFlavor()), n.FlavorRev),
+	}}
+	if g := spec.GetServerGroup(); g != "" {
+		t.If = append(t.If, Exists(ServerGroupKey(project, g)))
+	}
+	for i, a := range vm.GetStatus().GetAddresses() {
+		nw := n.Networks[i]
+		ipKey := IPAMKey(nw.ID, a.GetIp())
+		t.If = append(t.If, Unchanged(NetworkKey(project, a.GetNetwork()), nw.Rev), Absent(ipKey))
+		t.Then = append(t.Then, clientv3.OpPut(ipKey, id))
+	}
+	specOp, err := VMSpecOp(vm)
+	if err != nil {
+		return Txn{}, err
+	}
+	statusOp, err := VMStatusOp(id, vm.GetStatus())
+	if err != nil {
+		return Txn{}, err
+	}
+	t.Then = append(t.Then, specOp, statusOp, clientv3.OpPut(VMNameKey(project, name), id))
+	if len(n.UserData) > 0 {
+		t.Then = append(t.Then, clientv3.OpPut(VMUserDataKey(id), string(n.UserData)))
+	}
+	if n.RequestID != "" {
+		key := VMRequestKey(project, n.RequestID)
+		t.If = append(t.If, Unchanged(key, n.RequestRev))
+		t.Then = append(t.Then, clientv3.OpPut(key, id, clientv3.WithLease(n.Lease)))
+	}
+	evOps, err := EventOps(id, n.Now, n.Event)
+	if err != nil {
+		return Txn{}, err
+	}
+	t.Then = append(t.Then, evOps...)
+	return t, nil
+}
+
+// UpdateVMSpecTxn stores vm's (changed) spec, compared with the resource
+// version it was read at, and appends events.
+func UpdateVMSpecTxn(vm *minicloudv1.VM, now time.Time, events ...*minicloudv1.Event) (Txn, error) {
+	id := vm.GetMeta().GetId()
+	specOp, err := VMSpecOp(vm)
+	if err != nil {
+		return Txn{}, err
+	}
+	evOps, err := EventOps(id, now, events...)
+	if err != nil {
+		return Txn{}, err
+	}
+	return Txn{
+		If:   []clientv3.Cmp{Unchanged(VMSpecKey(id), vm.GetMeta().GetResourceVersion())},
+		Then: append([]clientv3.Op{specOp}, evOps...),
+	}, nil
+}
+
+// MarkVMDeletingTxn is the first step of a two-phase delete: next (vm with
+// deletion requested and phase DELETING) replaces vm, read as it is.
+func MarkVMDeletingTxn(vm, next *minicloudv1.VM, now time.Time, events ...*minicloudv1.Event) (Txn, error) {
+	specOp, err := VMSpecOp(next)
+	if err != nil {
+		return Txn{}, err
+	}
+	statusOp, err := VMStatusOp(vm.GetMeta().GetId(), next.GetStatus())
+	if err != nil {
+		return Txn{}, err
+	}
+	evOps, err := EventOps(vm.GetMeta().GetId(), now, events...)
+	if err != nil {
+		return Txn{}, err
+	}
+	return Txn{If: VMUnchanged(vm), Then: append([]clientv3.Op{specOp, statusOp}, evOps...)}, nil
+}
+
+// UpdateVMStatusTxn replaces vm's status with next (a host's report merged
+// into it) and appends events, if neither spec nor status changed since vm
+// was read.
+func UpdateVMStatusTxn(vm *minicloudv1.VM, next *minicloudv1.VMStatus, now time.Time, events ...*minicloudv1.Event) (Txn, error) {
+	statusOp, err := VMStatusOp(vm.GetMeta().GetId(), next)
+	if err != nil {
+		return Txn{}, err
+	}
+	evOps, err := EventOps(vm.GetMeta().GetId(), now, events...)
+	if err != nil {
+		return Txn{}, err
+	}
+	return Txn{If: VMUnchanged(vm), Then: append([]clientv3.Op{statusOp}, evOps...)}, nil
+}
+
+// RescheduleVMTxn gives a VM back to the scheduler: next (PENDING, no host)
+// replaces vm's status and the capacity claim on vm's host is released, in
+// one transaction.
+func RescheduleVMTxn(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM, next *minicloudv1.VMStatus, now time.Time, events ...*minicloudv1.Event) (Txn, error) {
+	t, err := UpdateVMStatusTxn(vm, next, now, events...)
+	if err != nil {
+		return Txn{}, err
+	}
+	claim, err := ReadClaimState(ctx, kv, vm.GetStatus().GetHost(), vm.GetMeta().GetId())
+	if err != nil {
+		return Txn{}, err
+	}
+	cmps, ops, err := ReleaseClaimOps(claim)
+	if err != nil {
+		return Txn{}, err
+	}
+	t.If, t.Then = append(t.If, cmps...), append(ops, t.Then...)
+	return t, nil
+}
+
+// RemoveVMTxn removes a VM for good: its keys (spec, status, user-data,
+// name index, events), its addresses and the capacity claim on its host.
+// It reads the addresses and the claim first; the transaction compares
+// what it read.
+func RemoveVMTxn(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM) (Txn, error) {
+	t := Txn{If: VMUnchanged(vm), Then: VMKeysOps(vm)}
+	addrCmps, addrOps, err := releaseAddressOps(ctx, kv, vm)
+	if err != nil {
+		return Txn{}, err
+	}
+	t.If, t.Then = append(t.If, addrCmps...), append(t.Then, addrOps...)
+	if host := vm.GetStatus().GetHost(); host != "" {
+		claim, err := ReadClaimState(ctx, kv, host, vm.GetMeta().GetId())
+		if err != nil {
+			return Txn{}, err
+		}
+		cmps, ops, err := ReleaseClaimOps(claim)
+		if err != nil {
+			return Txn{}, err
+		}
+		t.If, t.Then = append(t.If, cmps...), append(t.Then, ops...)
+	}
+	return t, nil
+}
+
+// releaseAddressOps frees the VM's addresses: every IPAM key that still
+// names this VM is deleted, under a compare that it did not change. A key
+// that is gone or names another VM is left alone, so a damaged IPAM range
+// never makes a VM undeletable.
+func releaseAddressOps(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM) ([]clientv3.Cmp, []clientv3.Op, error) {
+	addrs := vm.GetStatus().GetAddresses()
+	if len(addrs) == 0 {
+		return nil, nil, nil
+	}
+	var networks Reads
+	nets := make([]Read, len(addrs))
+	for i, a := range addrs {
+		nets[i] = networks.Get(NetworkKey(vm.GetMeta().GetProject(), a.GetNetwork()))
+	}
+	if err := networks.Do(ctx, kv); err != nil {
+		return nil, nil, err
+	}
+	var ipam Reads
+	for i, a := range addrs {
+		kv := nets[i].First()
+		if kv == nil {
+			continue // the network is gone, and its addresses with it
+		}
+		nw := &minicloudv1.Network{}
+		if err := Decode(kv, nw); err != nil {
+			return nil, nil, err
+		}
+		ipam.Get(IPAMKey(nw.GetMeta().GetId(), a.GetIp()))
+	}
+	if len(ipam.ops) == 0 {
+		return nil, nil, nil
+	}
+	if err := ipam.Do(ctx, kv); err != nil {
+		return nil, nil, err
+	}
+	var (
+		cmps []clientv3.Cmp
+		ops  []clientv3.Op
+	)
+	for _, r := range ipam.resp.Responses {
+		for _, kv := range r.GetResponseRange().GetKvs() {
+			if string(kv.Value) == vm.GetMeta().GetId() {
+				cmps = append(cmps, Unchanged(string(kv.Key), kv.ModRevision))
+				ops = append(ops, clientv3.OpDelete(string(kv.Key)))
+			}
+		}
+	}
+	return cmps, ops, nil
+}
