@@ -13,6 +13,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -48,6 +49,12 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// Version is reported on the Host record.
 	Version string
+	// TunnelIP is this host's underlay (VXLAN endpoint) address; invalid
+	// (unset) keeps every network on this host only.
+	TunnelIP netip.Addr
+	// UnderlayMTU is the MTU of the interface holding TunnelIP; a network
+	// whose MTU exceeds it minus VXLAN's overhead is refused on this host.
+	UnderlayMTU int
 	// Capacity, where a field is positive, replaces what the host measures
 	// (vCPUs and memory from the hypervisor, disk from the file system of
 	// StateDir): to reserve part of a machine for something else, or to
@@ -119,6 +126,10 @@ type Agent struct {
 
 	registered     chan struct{} // closed once the host is first registered
 	registeredOnce sync.Once
+
+	tunnelMu sync.Mutex
+	tunnels  map[string]bool            // bridges with a tunnel, by name
+	netPorts []*minicloudv1.NetworkPort // latest WatchNetworkPorts set
 }
 
 // assignment is one VM assigned to this host, as last received.
@@ -167,6 +178,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 		assigned:   map[string]*assignment{},
 		reported:   map[string]*minicloudv1.VMStatus{},
 		registered: make(chan struct{}),
+		tunnels:    map[string]bool{},
 	}, nil
 }
 
@@ -185,6 +197,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.runHostSession(ctx, caps) })
 	g.Go(func() error { return a.watchAssignments(ctx) })
+	g.Go(func() error { return a.watchNetworkPorts(ctx) })
 	g.Go(func() error { return a.watchDomainEvents(ctx) })
 	g.Go(func() error { return a.resyncLoop(ctx) })
 	for i := 0; i < a.cfg.Workers; i++ {

@@ -63,6 +63,7 @@ func (a *Agent) collectBridges(ctx context.Context) error {
 			continue
 		}
 		a.log.Info("deleting bridge no VM on this host uses", "bridge", name)
+		a.forgetTunnel(name)
 		if err := a.net.DeleteBridge(ctx, name); err != nil {
 			return fmt.Errorf("delete bridge %s: %w", name, err)
 		}

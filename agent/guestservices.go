@@ -14,6 +14,7 @@ import (
 
 	"github.com/minicloud/minicloud/agent/dhcpserver"
 	"github.com/minicloud/minicloud/agent/dnsserver"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/metadata"
 	"github.com/minicloud/minicloud/metadata/configdrive"
 )
@@ -30,6 +31,11 @@ type HostGuestServices struct {
 
 	mu      sync.Mutex
 	bridges map[string]bool // bridges with DHCP leases and a DNS zone
+	// zones are this host's guests' records by bridge; peers are the
+	// records of every VM of each network, other hosts' included
+	// (SetNetworkPorts). The served zone is both, local names winning.
+	zones map[string]*dnsserver.Zone
+	peers map[string]map[string]netip.Addr
 }
 
 // NewHostGuestServices wires the services together; Run serves them.
@@ -70,7 +76,7 @@ func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
 				MAC:      nic.MAC,
 				Address:  nic.Address,
 				Gateway:  nic.Gateway,
-				DNS:      []netip.Addr{nic.Gateway},
+				DNS:      resolversOf(g.VM, nic.Bridge, nic.Gateway),
 				MTU:      nic.MTU,
 				Hostname: inst.Hostname,
 				Domain:   inst.Domain,
@@ -94,7 +100,7 @@ func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
 		if err := h.dhcp.SetLeases(bridge, ls); err != nil {
 			errs = append(errs, fmt.Errorf("DHCP leases on %s: %w", bridge, err))
 		}
-		if err := h.dns.SetZone(bridge, *zones[bridge]); err != nil {
+		if err := h.dns.SetZone(bridge, h.zoneWithPeers(bridge, zones[bridge])); err != nil {
 			errs = append(errs, fmt.Errorf("DNS zone on %s: %w", bridge, err))
 		}
 		// A bridge appears in the reconcile of its first VM, which
@@ -126,7 +132,68 @@ func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
 	for b := range leases {
 		h.bridges[b] = true
 	}
+	h.zones = zones
 	return errors.Join(errs...)
+}
+
+// SetNetworkPorts implements the agent's PeerDirectory: DNS of each network
+// this host serves also answers for the network's VMs on other hosts.
+func (h *HostGuestServices) SetNetworkPorts(_ context.Context, ports []*minicloudv1.NetworkPort) error {
+	peers := map[string]map[string]netip.Addr{}
+	for _, p := range ports {
+		ip, err := netip.ParseAddr(p.GetIp())
+		if err != nil || p.GetHostname() == "" {
+			continue
+		}
+		if peers[p.GetBridge()] == nil {
+			peers[p.GetBridge()] = map[string]netip.Addr{}
+		}
+		peers[p.GetBridge()][p.GetHostname()] = ip
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.peers = peers
+	var errs []error
+	for bridge, z := range h.zones {
+		if err := h.dns.SetZone(bridge, h.zoneWithPeers(bridge, z)); err != nil {
+			errs = append(errs, fmt.Errorf("DNS zone on %s: %w", bridge, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// zoneWithPeers is the local zone plus the network's other VMs. Called
+// with h.mu held.
+func (h *HostGuestServices) zoneWithPeers(bridge string, local *dnsserver.Zone) dnsserver.Zone {
+	z := *local
+	z.Records = make(map[string]netip.Addr, len(local.Records)+len(h.peers[bridge]))
+	for name, ip := range h.peers[bridge] {
+		z.Records[name] = ip
+	}
+	for name, ip := range local.Records {
+		z.Records[name] = ip
+	}
+	return z
+}
+
+// resolversOf is what DHCP tells a guest to resolve with: the network's
+// dns_servers, or the gateway (this host's DNS service).
+func resolversOf(vm *minicloudv1.VM, bridge string, gateway netip.Addr) []netip.Addr {
+	for _, a := range vm.GetStatus().GetAddresses() {
+		if a.GetBridge() != bridge || len(a.GetDnsServers()) == 0 {
+			continue
+		}
+		var out []netip.Addr
+		for _, d := range a.GetDnsServers() {
+			if ip, err := netip.ParseAddr(d); err == nil && ip.Is4() {
+				out = append(out, ip)
+			}
+		}
+		if len(out) > 0 {
+			return out
+		}
+	}
+	return []netip.Addr{gateway}
 }
 
 // BuildConfigDrive writes g's config drive in the layout its spec asks for.

@@ -52,6 +52,10 @@ func (a *Agent) register(ctx context.Context, caps hypervisor.HostCapabilities) 
 	if o := a.cfg.Capacity; o.DiskGiB > 0 {
 		capacity.DiskGib = o.DiskGiB
 	}
+	var tunnelIP string
+	if a.cfg.TunnelIP.IsValid() {
+		tunnelIP = a.cfg.TunnelIP.String()
+	}
 	resp, err := a.hosts.RegisterHost(ctx, &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
 		Meta:             &minicloudv1.ObjectMeta{Name: a.cfg.HostName},
 		Address:          a.cfg.AdvertiseAddr,
@@ -60,6 +64,7 @@ func (a *Agent) register(ctx context.Context, caps hypervisor.HostCapabilities) 
 		Hypervisors:      caps.Hypervisors,
 		AvailabilityZone: a.cfg.AvailabilityZone,
 		AgentVersion:     a.cfg.Version,
+		TunnelIp:         tunnelIP,
 	}})
 	if err != nil {
 		return 0, fmt.Errorf("register host %s: %w", a.cfg.HostName, errdefs.FromGRPC(err))

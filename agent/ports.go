@@ -37,6 +37,9 @@ type Network interface {
 	EnsureBridge(ctx context.Context, spec network.BridgeSpec) error
 	// DeleteBridge removes a bridge and its rules; absent is not an error.
 	DeleteBridge(ctx context.Context, name string) error
+	// SetRemotePorts programs a tunnelled bridge with the other hosts'
+	// ports; FailedPrecondition when the bridge or its tunnel is absent.
+	SetRemotePorts(ctx context.Context, bridge string, ports []network.RemotePort) error
 	EnsurePort(ctx context.Context, spec network.PortSpec) error
 	DeletePort(ctx context.Context, tapName string) error
 	// ListPorts returns every port minicloud created, with the VM it

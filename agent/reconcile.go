@@ -354,13 +354,25 @@ func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]hyperv
 		if mtu == 0 {
 			mtu = 1500
 		}
+		tunnel := a.tunnelSpec(addr)
+		if tunnel != nil {
+			if err := a.checkTunnelMTU(addr, mtu); err != nil {
+				return nil, err
+			}
+		}
 		if err := a.ensureBridge(ctx, network.BridgeSpec{
 			Name:        addr.GetBridge(),
 			GatewayCIDR: netip.PrefixFrom(gw, int(addr.GetPrefixLength())),
 			MTU:         mtu,
-			NAT:         true,
+			NAT:         !addr.GetDisableNat(),
+			Tunnel:      tunnel,
 		}); err != nil {
 			return nil, fmt.Errorf("bridge %s of network %s: %w", addr.GetBridge(), addr.GetNetwork(), err)
+		}
+		if tunnel != nil {
+			if err := a.applyRemotePorts(ctx, addr.GetBridge()); err != nil {
+				return nil, fmt.Errorf("tunnel of network %s: %w", addr.GetNetwork(), err)
+			}
 		}
 		tap := tapName(vm.GetMeta().GetId(), i)
 		if err := a.net.EnsurePort(ctx, network.PortSpec{

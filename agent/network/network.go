@@ -33,6 +33,36 @@ type BridgeSpec struct {
 	// NAT masquerades traffic from the network leaving through any other
 	// interface.
 	NAT bool
+	// Tunnel, when set, spans the network over other hosts with a VXLAN
+	// device on the bridge; nil keeps the network on this host only.
+	Tunnel *TunnelSpec
+}
+
+// VXLANOverhead is what VXLAN over IPv4 adds to every frame: outer IPv4 (20),
+// UDP (8), VXLAN (8) and the inner Ethernet header (14). A tunnelled
+// network's MTU must be at most the underlay's MTU minus this.
+const VXLANOverhead = 50
+
+// MaxVNI is the largest 24-bit VXLAN network identifier.
+const MaxVNI = 1<<24 - 1
+
+// TunnelSpec is a network's VXLAN segment on this host. Remote ports are
+// reached by static forwarding entries (Manager.SetRemotePorts), never by
+// multicast or learning, as flannel's vxlan backend and Neutron's
+// l2population do.
+type TunnelSpec struct {
+	// VNI is the network's VXLAN segment id, 1-MaxVNI, the same on every host.
+	VNI uint32
+	// Local is this host's underlay (VTEP) address.
+	Local netip.Addr
+}
+
+// RemotePort is a guest port of the network on another host.
+type RemotePort struct {
+	MAC net.HardwareAddr
+	IP  netip.Addr
+	// VTEP is the underlay address of the port's host.
+	VTEP netip.Addr
 }
 
 // PortSpec is the desired state of one guest NIC's host-side port.
@@ -71,6 +101,14 @@ type Manager interface {
 	DeleteBridge(ctx context.Context, name string) error
 	// ListBridges reports the minicloud bridges present on the host.
 	ListBridges(ctx context.Context) ([]BridgeSpec, error)
+
+	// SetRemotePorts converges the tunnel of the bridge to reach exactly
+	// these ports of other hosts: a forwarding entry per port MAC towards its
+	// VTEP, one broadcast (head-end replication) entry per VTEP that has a
+	// port, a neighbour entry per port IP so ARP is answered locally, and the
+	// tunnel's ingress allowlist. Frames from the tunnel whose source is not
+	// one of these ports are dropped. The bridge must have a Tunnel.
+	SetRemotePorts(ctx context.Context, bridge string, ports []RemotePort) error
 
 	// EnsurePort creates the tap (persistent, owned by root) or adopts the
 	// existing interface, installs its anti-spoofing filter, then attaches it
@@ -136,6 +174,28 @@ func (s BridgeSpec) Validate() error {
 	}
 	if s.MTU != 0 && (s.MTU < 576 || s.MTU > 9000) {
 		return errdefs.Invalid("bridge %s: MTU %d out of range 576-9000", s.Name, s.MTU)
+	}
+	if t := s.Tunnel; t != nil {
+		if t.VNI == 0 || t.VNI > MaxVNI {
+			return errdefs.Invalid("bridge %s: VNI %d out of range 1-%d", s.Name, t.VNI, MaxVNI)
+		}
+		if !t.Local.Is4() || t.Local.IsUnspecified() || t.Local.IsLoopback() || t.Local.IsMulticast() {
+			return errdefs.Invalid("bridge %s: tunnel address %q is not a usable IPv4 unicast address", s.Name, t.Local)
+		}
+	}
+	return nil
+}
+
+// Validate checks a RemotePort.
+func (p RemotePort) Validate() error {
+	if len(p.MAC) != 6 || p.MAC[0]&1 == 1 || isZero(p.MAC) {
+		return errdefs.Invalid("remote port: MAC %q is not a unicast Ethernet address", p.MAC)
+	}
+	if !p.IP.Is4() || p.IP.IsUnspecified() || p.IP.IsMulticast() || p.IP.IsLoopback() || p.IP == MetadataAddr {
+		return errdefs.Invalid("remote port %s: IP %q is not a usable IPv4 unicast address", p.MAC, p.IP)
+	}
+	if !p.VTEP.Is4() || p.VTEP.IsUnspecified() || p.VTEP.IsLoopback() || p.VTEP.IsMulticast() {
+		return errdefs.Invalid("remote port %s: VTEP %q is not a usable IPv4 unicast address", p.MAC, p.VTEP)
 	}
 	return nil
 }

@@ -52,7 +52,7 @@ func (a *app) newHostCommand() *cobra.Command {
 		func(ctx context.Context, c *client.Client, name string) error {
 			return ignoreResult(c.Hosts.EnableHost(ctx, &minicloudv1.EnableHostRequest{Name: name}))
 		})
-	cmd.AddCommand(list, show, disable, enable)
+	cmd.AddCommand(list, show, disable, enable, a.newJoinTokenCommand(), a.newRevokeCommand(complete))
 	return cmd
 }
 
@@ -94,6 +94,7 @@ func hostDetails(w io.Writer, h *minicloudv1.Host) error {
 		{"Name", h.GetMeta().GetName()},
 		{"State", hostStatus(h)},
 		{"Address", orDash(h.GetAddress())},
+		{"Tunnel IP", orDash(h.GetTunnelIp())},
 		{"Hypervisors", orDash(strings.Join(h.GetHypervisors(), ","))},
 		{"Availability zone", orDash(h.GetAvailabilityZone())},
 		{"vCPUs (allocated/capacity)", usage(int64(alloc.GetVcpus()), int64(capy.GetVcpus()))},

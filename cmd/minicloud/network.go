@@ -27,8 +27,9 @@ func (a *app) newNetworkCommand() *cobra.Command {
 	var noNAT bool
 	create.Flags().StringVar(&req.Cidr, "cidr", "", "IPv4 prefix, e.g. 10.88.0.0/24")
 	create.Flags().StringVar(&req.Gateway, "gateway", "", "gateway address (default: first address of the CIDR)")
-	create.Flags().Int32Var(&req.Mtu, "mtu", 0, "MTU (default: the server's)")
+	create.Flags().Int32Var(&req.Mtu, "mtu", 0, "MTU (default 1450: a 1500-byte underlay minus VXLAN's 50)")
 	create.Flags().BoolVar(&noNAT, "no-nat", false, "do not masquerade egress traffic through the host")
+	create.Flags().StringSliceVar(&req.DnsServers, "dns-server", nil, "resolver given to guests instead of the gateway (repeatable, at most 3)")
 	createOut := addOutputFlag(create)
 	create.RunE = func(cmd *cobra.Command, args []string) error {
 		if err := requireFlags(cmd, "cidr"); err != nil {
@@ -75,9 +76,13 @@ func networkTable(w io.Writer, networks []*minicloudv1.Network) error {
 		if n.GetMtu() != 0 {
 			mtu = strconv.Itoa(int(n.GetMtu()))
 		}
+		vni := "-"
+		if n.GetVni() != 0 {
+			vni = strconv.FormatUint(uint64(n.GetVni()), 10)
+		}
 		rows = append(rows, []string{
-			n.GetMeta().GetName(), n.GetCidr(), orDash(n.GetGateway()), mtu, nat, orDash(n.GetBridge()), age(n.GetMeta().GetCreateTime()),
+			n.GetMeta().GetName(), n.GetCidr(), orDash(n.GetGateway()), mtu, nat, vni, orDash(n.GetBridge()), age(n.GetMeta().GetCreateTime()),
 		})
 	}
-	return writeTable(w, []string{"NAME", "CIDR", "GATEWAY", "MTU", "NAT", "BRIDGE", "AGE"}, rows)
+	return writeTable(w, []string{"NAME", "CIDR", "GATEWAY", "MTU", "NAT", "VNI", "BRIDGE", "AGE"}, rows)
 }

@@ -11,9 +11,12 @@ import (
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"sigs.k8s.io/yaml"
 
 	"github.com/minicloud/minicloud/pkg/client"
+	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 const (
@@ -41,6 +44,7 @@ type app struct {
 
 	endpointFlag string
 	projectFlag  string
+	caFlag       string
 	root         *cobra.Command
 
 	endpoint string // resolved by connect
@@ -73,6 +77,10 @@ func (a *app) newRootCommand() *cobra.Command {
 
 The endpoint is taken from --endpoint, else $MINICLOUD_ENDPOINT, else
 "endpoint:" in ~/.config/minicloud/config.yaml, else ` + defaultEndpoint + `.
+With a cluster CA (--ca-cert, $MINICLOUD_CA_CERT or "ca:" in the config
+file, a PEM file such as the API's DATA_DIR/ca.crt) the CLI speaks TLS and
+trusts only that CA; without one it speaks plaintext (the all-in-one on
+loopback).
 
 Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 4 already exists, 5 conflict or failed precondition, 6 unavailable or timeout.`,
@@ -85,6 +93,7 @@ Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 		return usagef("%v (see '%s --help')", err, c.CommandPath())
 	})
 	root.PersistentFlags().StringVar(&a.endpointFlag, "endpoint", "", "API server address host:port (default $MINICLOUD_ENDPOINT, config file, or "+defaultEndpoint+")")
+	root.PersistentFlags().StringVar(&a.caFlag, "ca-cert", "", "cluster CA certificate (PEM) to trust: speak TLS to the API (default $MINICLOUD_CA_CERT or \"ca:\" in the config file; none: plaintext)")
 	root.PersistentFlags().StringVar(&a.projectFlag, "project", "", "project (default $MINICLOUD_PROJECT, config file, or \""+defaultProject+"\")")
 	root.AddCommand(
 		a.newVMCommand(),
@@ -132,6 +141,9 @@ func noArgs(cmd *cobra.Command, args []string) error {
 type config struct {
 	Endpoint string `json:"endpoint"`
 	Project  string `json:"project"`
+	// CA is the path of the cluster CA certificate (PEM); set, the CLI
+	// speaks TLS.
+	CA string `json:"ca,omitempty"`
 }
 
 func (a *app) configPath() string {
@@ -171,9 +183,15 @@ func (a *app) loadConfig() (config, error) {
 // settings resolves endpoint and project: flag, environment, config file,
 // default, in that order.
 func (a *app) settings() (endpoint, project string, err error) {
+	endpoint, project, _, err = a.allSettings()
+	return endpoint, project, err
+}
+
+// allSettings is settings and the CA file.
+func (a *app) allSettings() (endpoint, project, ca string, err error) {
 	cfg, err := a.loadConfig()
 	if err != nil {
-		return "", "", err
+		return "", "", "", err
 	}
 	first := func(vals ...string) string {
 		for _, v := range vals {
@@ -185,7 +203,8 @@ func (a *app) settings() (endpoint, project string, err error) {
 	}
 	endpoint = first(a.endpointFlag, a.getenv("MINICLOUD_ENDPOINT"), cfg.Endpoint, defaultEndpoint)
 	project = first(a.projectFlag, a.getenv("MINICLOUD_PROJECT"), cfg.Project, defaultProject)
-	return endpoint, project, nil
+	ca = first(a.caFlag, a.getenv("MINICLOUD_CA_CERT"), cfg.CA)
+	return endpoint, project, ca, nil
 }
 
 func (a *app) project() string {
@@ -201,15 +220,34 @@ func (a *app) connect(ctx context.Context) (*client.Client, error) {
 	if a.client != nil {
 		return a.client, nil
 	}
-	endpoint, _, err := a.settings()
+	endpoint, _, ca, err := a.allSettings()
 	if err != nil {
 		return nil, err
 	}
 	a.endpoint = endpoint
-	c, err := client.Dial(ctx, endpoint)
+	var opts []grpc.DialOption
+	if ca != "" {
+		creds, err := caCredentials(ca)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, grpc.WithTransportCredentials(creds))
+	}
+	c, err := client.Dial(ctx, endpoint, opts...)
 	if err != nil {
 		return nil, err
 	}
 	a.client = c
 	return c, nil
+}
+
+// caCredentials trusts only the cluster CA in file, and only a
+// control-plane certificate signed by it (a host's certificate, signed by
+// the same CA, cannot pass for the API).
+func caCredentials(file string) (credentials.TransportCredentials, error) {
+	cfg, err := pki.ClientTLSFromFile(file)
+	if err != nil {
+		return nil, usagef("%v", err)
+	}
+	return credentials.NewTLS(cfg), nil
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent"
@@ -31,10 +32,13 @@ import (
 	"github.com/minicloud/minicloud/agent/dnsserver"
 	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
 	"github.com/minicloud/minicloud/agent/imagecache"
+	"github.com/minicloud/minicloud/agent/join"
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/metadata"
+	"github.com/minicloud/minicloud/pkg/apiserver"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 // agentFlags configure the agent role (and the metadata service it runs).
@@ -58,6 +62,17 @@ type agentFlags struct {
 	diskGiB   int64
 	// protectedNets are the management networks guests may not reach.
 	protectedNets []string
+	tunnelIP      string
+	join          string
+	caHash        string
+	caCert        string
+
+	// apiTLS says whether the API speaks TLS (it does beyond loopback);
+	// set by the caller from where the API listens.
+	apiTLS bool
+	// selfJoin, set by the all-in-one, makes a join token in-process when
+	// its agent needs a certificate (its API serves TLS) and has none.
+	selfJoin func(ctx context.Context) (token, caHash string, err error)
 }
 
 func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
@@ -65,6 +80,9 @@ func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	if standalone {
 		fl.StringVar(&f.api, "api", "127.0.0.1:8640", "API server address")
 		fl.StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (the agent uses DIR/agent)")
+		fl.StringVar(&f.join, "join", "", "one-time join token (`minicloud host join-token create`): used once to get this host's certificate, kept in DIR/agent/pki; later starts need no token")
+		fl.StringVar(&f.caHash, "ca-hash", "", "pin of the cluster CA for joining (sha256:..., printed with the join token)")
+		fl.StringVar(&f.caCert, "ca-cert", "", "cluster CA certificate file, instead of --ca-hash")
 	}
 	// The all-in-one's agent is reached only by its own API, so it takes
 	// any free loopback port and keeps its metrics off unless asked: two
@@ -82,6 +100,7 @@ func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	fl.Float64Var(&f.ramRatio, "ram-allocation-ratio", 0, "memory overcommit ratio (0: the scheduler default, 1.0)")
 	fl.Float64Var(&f.diskRatio, "disk-allocation-ratio", 0, "disk overcommit ratio (0: the scheduler default, 1.0)")
 	fl.BoolVar(&f.disableKVM, "disable-kvm", false, "never use KVM, only TCG")
+	fl.StringVar(&f.tunnelIP, "tunnel-ip", "", "this host's underlay address for VXLAN: networks span every host that has one (default: none, networks stay on this host)")
 	fl.StringVar(&f.identityKey, "identity-key", "", "PEM Ed25519 key that signs instance identity documents (default: DIR/agent/identity.pem, created if missing)")
 	fl.StringVar(&f.libvirtSocket, "libvirt-socket", libvirt.DefaultSocket, "libvirtd's read-write unix socket (qemu:///system)")
 	fl.IntVar(&f.vcpus, "vcpus", 0, "vCPUs this host offers to the scheduler (0: all the machine's)")
@@ -112,7 +131,16 @@ func init() {
 	extraCommands = append(extraCommands, newAgentCommand)
 	allInOneRoles = append(allInOneRoles, namedRole{"agent", func(ctx context.Context, env roleEnv) error {
 		f := allInOneAgentFlags
-		f.api, f.dataDir = env.APIAddr, env.DataDir
+		f.api, f.dataDir = localAddr(env.APIAddr), env.DataDir
+		f.apiTLS = !pki.IsLoopback(env.APIAddr)
+		f.selfJoin = func(ctx context.Context) (string, string, error) {
+			ca, err := apiserver.EnsureCA(ctx, env.Etcd)
+			if err != nil {
+				return "", "", err
+			}
+			token, _, err := apiserver.CreateJoinToken(ctx, env.Etcd, 10*time.Minute, "all-in-one agent")
+			return token, ca.Hash(), err
+		}
 		return runAgent(ctx, f)
 	}})
 	allInOneFlagHooks = append(allInOneFlagHooks, func(cmd *cobra.Command) { allInOneAgentFlags.addFlags(cmd, false) })
@@ -124,7 +152,10 @@ func newAgentCommand() *cobra.Command {
 		Use:   "agent",
 		Short: "Run the hypervisor agent and metadata service on this host",
 		Args:  cobra.NoArgs,
-		RunE:  func(cmd *cobra.Command, _ []string) error { return runAgent(cmd.Context(), f) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f.apiTLS = !pki.IsLoopback(f.api)
+			return runAgent(cmd.Context(), f)
+		},
 	}
 	f.addFlags(cmd, true)
 	return cmd
@@ -150,17 +181,41 @@ func runAgent(ctx context.Context, f agentFlags) error {
 			return fmt.Errorf("agent state directory: %w", err)
 		}
 	}
-	var key ed25519.PrivateKey
 	if p := untraversableParent(stateDir); p != "" {
 		log.Warn("QEMU's unprivileged user cannot reach VM disks under this data directory; VMs will fail to start. Use a data directory whose parents are world-traversable (e.g. under /var/lib)", "dir", p)
 	}
-	key, err = loadOrCreateIdentityKey(f.identityKey, filepath.Join(stateDir, "identity.pem"))
+	var tunnelIP netip.Addr
+	var underlayMTU int
+	if f.tunnelIP != "" {
+		var err error
+		if tunnelIP, err = netip.ParseAddr(f.tunnelIP); err != nil || !tunnelIP.Is4() {
+			return fmt.Errorf("--tunnel-ip %q: want this host's IPv4 underlay address", f.tunnelIP)
+		}
+		if underlayMTU, err = netlinux.UnderlayMTU(tunnelIP); err != nil {
+			return fmt.Errorf("--tunnel-ip: %w", err)
+		}
+		log.Info("networks span hosts over VXLAN", "tunnel_ip", tunnelIP, "underlay_mtu", underlayMTU)
+	}
+	key, err := loadOrCreateIdentityKey(f.identityKey, filepath.Join(stateDir, "identity.pem"))
 	if err != nil {
 		return err
 	}
 
+	if f.hostName == "" {
+		if f.hostName, err = os.Hostname(); err != nil {
+			return fmt.Errorf("host name: %w", err)
+		}
+	}
+	creds, err := hostCredentials(ctx, f, stateDir)
+	if err != nil {
+		return err
+	}
+	apiCreds := insecure.NewCredentials()
+	if f.apiTLS {
+		apiCreds = credentials.NewTLS(creds.ClientTLS())
+	}
 	conn, err := grpc.NewClient(f.api,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(apiCreds),
 		grpc.WithChainUnaryInterceptor(errdefs.UnaryClientInterceptor))
 	if err != nil {
 		return fmt.Errorf("API client for %s: %w", f.api, err)
@@ -205,6 +260,8 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		AllocationRatios: &minicloudv1.AllocationRatios{Cpu: f.cpuRatio, Ram: f.ramRatio, Disk: f.diskRatio},
 		Version:          version,
 		Capacity:         agent.CapacityOverride{VCPUs: f.vcpus, MemoryMiB: f.memoryMiB, DiskGiB: f.diskGiB},
+		TunnelIP:         tunnelIP,
+		UnderlayMTU:      underlayMTU,
 	}, agent.Deps{
 		API:        conn,
 		Hypervisor: hv,
@@ -219,7 +276,16 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		return err
 	}
 
-	gs := grpc.NewServer(grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor))
+	srvOpts := []grpc.ServerOption{grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor)}
+	if creds != nil {
+		tlsCfg, err := creds.ServerTLS()
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		srvOpts = append(srvOpts, grpc.Creds(credentials.NewTLS(tlsCfg)))
+	}
+	gs := grpc.NewServer(srvOpts...)
 	minicloudv1.RegisterAgentServiceServer(gs, a.Service())
 
 	g, gctx := errgroup.WithContext(ctx)
@@ -331,4 +397,49 @@ func loadOrCreateIdentityKey(path, def string) (ed25519.PrivateKey, error) {
 		return nil, fmt.Errorf("identity key %s: want an Ed25519 key, got %T", path, k)
 	}
 	return priv, nil
+}
+
+// hostCredentials returns this host's certificate, joining the cluster
+// with --join if the data directory holds none yet. An agent whose API
+// and listen address are both on loopback (the all-in-one) needs none: it
+// talks plaintext and is taken at its word, as its API is on this very
+// machine. Anywhere else it must prove its name, and serves mTLS.
+func hostCredentials(ctx context.Context, f agentFlags, stateDir string) (*join.Credentials, error) {
+	if !f.apiTLS && pki.IsLoopback(f.listen) {
+		if f.join != "" {
+			slog.Warn("--join ignored: API and agent are both on loopback, where the agent needs no certificate")
+		}
+		return nil, nil
+	}
+	dir := filepath.Join(stateDir, "pki")
+	if f.selfJoin != nil && f.join == "" {
+		if _, err := join.Load(dir, f.hostName); errors.Is(err, os.ErrNotExist) {
+			if f.join, f.caHash, err = f.selfJoin(ctx); err != nil {
+				return nil, fmt.Errorf("join the all-in-one's own agent: %w", err)
+			}
+		}
+	}
+	creds, err := join.Ensure(ctx, join.Options{
+		Dir: dir, HostName: f.hostName, API: f.api,
+		Token: f.join, CAHash: f.caHash, CAFile: f.caCert, Plaintext: !f.apiTLS,
+	})
+	if err != nil {
+		return nil, err
+	}
+	slog.Info("host certificate", "host", f.hostName, "serial", pki.SerialString(creds.Leaf), "expires", creds.Leaf.NotAfter)
+	return creds, nil
+}
+
+// localAddr turns a listen address into one this machine can dial: an
+// unspecified host (0.0.0.0, ::, empty) becomes 127.0.0.1, which the API's
+// certificate always names.
+func localAddr(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return listen
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		return net.JoinHostPort("127.0.0.1", port)
+	}
+	return listen
 }

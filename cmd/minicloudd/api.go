@@ -24,12 +24,14 @@ type apiFlags struct {
 	metricsListen string
 	dataDir       string
 	etcd          etcdFlags
+	tlsSANs       []string
 }
 
 func (f *apiFlags) addFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.listen, "listen", "127.0.0.1:8640", "gRPC API listen address")
 	cmd.Flags().StringVar(&f.metricsListen, "metrics-listen", "127.0.0.1:8641", "HTTP listen address for /metrics and /healthz (empty: off)")
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (images in DIR/images, embedded etcd in DIR/etcd)")
+	cmd.Flags().StringSliceVar(&f.tlsSANs, "tls-san", nil, "extra names and IPs for the API's TLS certificate (served when --listen is beyond loopback), e.g. the address clients and agents dial")
 	f.etcd.addFlags(cmd.Flags())
 }
 
@@ -55,11 +57,15 @@ func newAPICommand() *cobra.Command {
 // runAPI serves the API until ctx ends. ready, if set, is closed once the
 // listeners are open.
 func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- struct{}) error {
-	srv, err := apiserver.New(apiserver.Config{
+	cfg := apiserver.Config{
 		Client:   cli,
 		ImageDir: filepath.Join(f.dataDir, "images"),
 		Logger:   slog.Default(),
-	})
+	}
+	if err := setupAPIPKI(ctx, f, cli, &cfg); err != nil {
+		return err
+	}
+	srv, err := apiserver.New(cfg)
 	if err != nil {
 		return err
 	}

@@ -13,6 +13,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -20,6 +21,7 @@ import (
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/apiserver"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/pki"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -37,6 +39,11 @@ type env struct {
 	sgs    minicloudv1.ServerGroupServiceClient
 	hosts  minicloudv1.HostServiceClient
 	images minicloudv1.ImageServiceClient
+
+	// ca, when set (newTLSEnv), makes the server serve TLS with a
+	// certificate from it, and the clients trust it (without a client
+	// certificate: they are operators).
+	ca *pki.CA
 }
 
 func newEnv(t *testing.T) *env {
@@ -50,7 +57,13 @@ func newEnv(t *testing.T) *env {
 // start (re)starts the API server on a fresh port and reconnects clients.
 func (e *env) start() {
 	e.t.Helper()
-	srv, err := apiserver.New(apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir(), Logger: slog.New(slog.DiscardHandler)})
+	cfg := apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir(), Logger: slog.New(slog.DiscardHandler)}
+	creds := insecure.NewCredentials()
+	if e.ca != nil {
+		cfg.CA, cfg.TLS, cfg.AgentTLS = e.ca, e.serverTLS(), e.controlPlaneTLS()
+		creds = credentials.NewTLS(pki.ClientTLS(e.ca.Pool(), nil, pki.OrgControlPlane))
+	}
+	srv, err := apiserver.New(cfg)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -60,7 +73,7 @@ func (e *env) start() {
 	}
 	go srv.Serve(lis)
 	e.srv, e.addr = srv, lis.Addr().String()
-	conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -41,6 +41,9 @@ func hostNotFound(name string) error {
 }
 
 func (h *hostService) RegisterHost(ctx context.Context, req *minicloudv1.RegisterHostRequest) (*minicloudv1.RegisterHostResponse, error) {
+	if err := h.s.authorizeHost(ctx, req.GetHost().GetMeta().GetName()); err != nil {
+		return nil, err
+	}
 	if err := validateHost(req.GetHost()); err != nil {
 		return nil, err
 	}
@@ -55,6 +58,7 @@ func (h *hostService) RegisterHost(ctx context.Context, req *minicloudv1.Registe
 			Hypervisors:      in.GetHypervisors(),
 			AvailabilityZone: in.GetAvailabilityZone(),
 			AgentVersion:     in.GetAgentVersion(),
+			TunnelIp:         in.GetTunnelIp(),
 			// The admin's word outlives re-registration.
 			Disabled:       old.GetDisabled(),
 			DisabledReason: old.GetDisabledReason(),
@@ -131,6 +135,9 @@ func (s *Server) updateHost(ctx context.Context, name string, change func(old *m
 // re-attaches hosts/alive/<name>) when it expired.
 func (h *hostService) Heartbeat(ctx context.Context, req *minicloudv1.HeartbeatRequest) (*minicloudv1.HeartbeatResponse, error) {
 	name := req.GetName()
+	if err := h.s.authorizeHost(ctx, name); err != nil {
+		return nil, err
+	}
 	if err := validateHostname("host name", name); err != nil {
 		return nil, err
 	}
@@ -286,6 +293,9 @@ func (h *hostService) setDisabled(ctx context.Context, name string, disabled boo
 func (h *hostService) WatchAssignments(req *minicloudv1.WatchAssignmentsRequest, stream minicloudv1.HostService_WatchAssignmentsServer) error {
 	ctx := stream.Context()
 	name := req.GetHost()
+	if err := h.s.authorizeHost(ctx, name); err != nil {
+		return err
+	}
 	if err := validateHostname("host name", name); err != nil {
 		return err
 	}

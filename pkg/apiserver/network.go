@@ -47,12 +47,13 @@ func (n *networkService) CreateNetwork(ctx context.Context, req *minicloudv1.Cre
 	}
 	meta := metaFor(req.GetName(), project)
 	nw := &minicloudv1.Network{
-		Meta:    meta,
-		Cidr:    plan.prefix.String(),
-		Gateway: plan.gateway.String(),
-		Mtu:     plan.mtu,
-		Bridge:  bridgeName(meta.Id),
-		Nat:     !req.GetDisableNat(),
+		Meta:       meta,
+		Cidr:       plan.prefix.String(),
+		Gateway:    plan.gateway.String(),
+		Mtu:        plan.mtu,
+		Bridge:     bridgeName(meta.Id),
+		Nat:        !req.GetDisableNat(),
+		DnsServers: plan.dns,
 	}
 	key := store.NetworkKey(project, req.GetName())
 	exists := errdefs.AlreadyExists("network %s already exists in project %s", req.GetName(), project)
@@ -69,8 +70,15 @@ func (n *networkService) CreateNetwork(ctx context.Context, req *minicloudv1.Cre
 				return nil, errdefs.FailedPrecondition("cidr %s overlaps network %s: networks share every host's routing table, choose a disjoint range", plan.prefix, describeNetwork(o.Value))
 			}
 		}
+		// The VNI is taken in the same transaction as the network is written.
+		vni, free, take, err := store.VNIAllocation(ctx, n.s.etcd, n.s.vniRange(), meta.Id)
+		if err != nil {
+			return nil, err
+		}
+		nw.Vni = vni
 		// No network may appear between the overlap scan and the write.
-		ok, err := n.s.createObject(ctx, key, nw, meta, exists, store.UnchangedSince(store.NetworkPrefix, rev))
+		ok, err := n.s.createObjectWith(ctx, key, nw, meta, exists,
+			[]clientv3.Cmp{store.UnchangedSince(store.NetworkPrefix, rev), free}, []clientv3.Op{take})
 		if err != nil || ok {
 			return nw, err
 		}
@@ -116,10 +124,11 @@ func (n *networkService) DeleteNetwork(ctx context.Context, req *minicloudv1.Del
 	}
 	key := store.NetworkKey(project, name)
 	var id string
+	var vni uint32
 	reread := func() (int64, error) {
 		nw := &minicloudv1.Network{}
 		rev, err := n.s.getObject(ctx, key, nw, nw.GetMeta, networkNotFound(project, name))
-		id = nw.GetMeta().GetId()
+		id, vni = nw.GetMeta().GetId(), nw.GetVni()
 		return rev, err
 	}
 	used := func(vm *minicloudv1.VM) bool {
@@ -131,8 +140,18 @@ func (n *networkService) DeleteNetwork(ctx context.Context, req *minicloudv1.Del
 	if _, err := reread(); err != nil {
 		return nil, err
 	}
-	if err := n.s.deleteUnused(ctx, "network", name, key, reread, used, ipamRange()); err != nil {
+	// The VNI is released in the delete's transaction: the network read
+	// (and its VNI) is compared unchanged there.
+	if err := n.s.deleteUnused(ctx, "network", name, key, reread, used, append([]clientv3.Op{ipamRange()}, store.VNIRelease(vni)...)...); err != nil {
 		return nil, err
 	}
 	return &minicloudv1.DeleteNetworkResponse{}, nil
+}
+
+// vniRange is the configured VNI range, or the default.
+func (s *Server) vniRange() store.VNIRange {
+	if s.vnis == (store.VNIRange{}) {
+		return store.DefaultVNIRange
+	}
+	return s.vnis
 }

@@ -24,13 +24,19 @@ func metaFor(name, project string) *minicloudv1.ObjectMeta {
 // compare holds; it sets obj's resource version. exists is the error when
 // the key is taken.
 func (s *Server) createObject(ctx context.Context, key string, obj proto.Message, meta *minicloudv1.ObjectMeta, exists error, extra ...clientv3.Cmp) (bool, error) {
+	return s.createObjectWith(ctx, key, obj, meta, exists, extra, nil)
+}
+
+// createObjectWith is createObject with more writes in the same transaction
+// (e.g. the network's VNI).
+func (s *Server) createObjectWith(ctx context.Context, key string, obj proto.Message, meta *minicloudv1.ObjectMeta, exists error, extra []clientv3.Cmp, extraOps []clientv3.Op) (bool, error) {
 	op, err := store.PutOp(key, obj)
 	if err != nil {
 		return false, err
 	}
 	resp, err := s.etcd.Txn(ctx).
 		If(append([]clientv3.Cmp{store.Absent(key)}, extra...)...).
-		Then(op).
+		Then(append([]clientv3.Op{op}, extraOps...)...).
 		Else(clientv3.OpGet(key, clientv3.WithCountOnly())).
 		Commit()
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 func TestFlavors(t *testing.T) {
@@ -80,7 +81,7 @@ func TestNetworks(t *testing.T) {
 		e.wantUnchanged(t, before)
 	}
 	n, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "dmz", Project: "p2", Cidr: "10.5.0.0/24", Gateway: "10.5.0.254", DisableNat: true})
-	if err != nil || n.Gateway != "10.5.0.254" || n.Mtu != 1500 || n.Nat || len(n.Bridge) != 11 || n.Meta.Project != "p2" {
+	if err != nil || n.Gateway != "10.5.0.254" || n.Mtu != 1450 || n.Nat || len(n.Bridge) != 11 || n.Meta.Project != "p2" {
 		t.Fatalf("create: %v %v", n, err)
 	}
 	if list, _ := e.nets.ListNetworks(c, &minicloudv1.ListNetworksRequest{Project: "p2"}); len(list.Networks) != 1 {
@@ -97,6 +98,58 @@ func TestNetworks(t *testing.T) {
 	}
 	_, err = e.nets.GetNetwork(c, &minicloudv1.GetNetworkRequest{Name: "default"})
 	wantCode(t, err, codes.NotFound, "network default not found in project default")
+}
+
+// TestNetworkVNIs: each network gets its own VNI, recorded under vnis/ in
+// the create's transaction and released by the delete's.
+func TestNetworkVNIs(t *testing.T) {
+	e := newEnv(t)
+	c := ctx(t)
+	owner := func(vni uint32) string {
+		t.Helper()
+		resp, err := e.etcd.Get(c, store.VNIKey(vni))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Kvs) == 0 {
+			return ""
+		}
+		return string(resp.Kvs[0].Value)
+	}
+	vnis := map[uint32]bool{}
+	var nets []*minicloudv1.Network
+	for i, cidr := range []string{"10.10.0.0/24", "10.11.0.0/24", "10.12.0.0/24"} {
+		n, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: fmt.Sprintf("n%d", i), Cidr: cidr, DnsServers: []string{"192.0.2.53"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n.Vni < store.DefaultVNIRange.First || n.Vni > store.DefaultVNIRange.Last || vnis[n.Vni] {
+			t.Fatalf("network %s: VNI %d (taken: %v)", n.Meta.Name, n.Vni, vnis)
+		}
+		if owner(n.Vni) != n.Meta.Id {
+			t.Fatalf("vnis/%d is not owned by %s", n.Vni, n.Meta.Id)
+		}
+		if len(n.DnsServers) != 1 || n.DnsServers[0] != "192.0.2.53" {
+			t.Fatalf("dns_servers %v", n.DnsServers)
+		}
+		vnis[n.Vni] = true
+		nets = append(nets, n)
+	}
+	before := e.dump(t)
+	_, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "bad", Cidr: "10.13.0.0/24", DnsServers: []string{"::1"}})
+	wantCode(t, err, codes.InvalidArgument, `dns server "::1"`)
+	_, err = e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "n0", Cidr: "10.14.0.0/24"})
+	wantCode(t, err, codes.AlreadyExists, "already exists")
+	e.wantUnchanged(t, before)
+	if _, err := e.nets.DeleteNetwork(c, &minicloudv1.DeleteNetworkRequest{Name: "n1"}); err != nil {
+		t.Fatal(err)
+	}
+	if o := owner(nets[1].Vni); o != "" {
+		t.Fatalf("VNI %d still owned by %q after its network was deleted", nets[1].Vni, o)
+	}
+	if owner(nets[0].Vni) != nets[0].Meta.Id || owner(nets[2].Vni) != nets[2].Meta.Id {
+		t.Fatal("deleting n1 released another network's VNI")
+	}
 }
 
 func TestServerGroups(t *testing.T) {

@@ -21,6 +21,9 @@ const maxEventsPerReport = 64
 // deleted) gets FailedPrecondition and must clean up instead.
 func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.ReportVMStatusRequest) (*minicloudv1.ReportVMStatusResponse, error) {
 	host := req.GetHost()
+	if err := h.s.authorizeHost(ctx, host); err != nil {
+		return nil, err
+	}
 	if err := validateHostname("host name", host); err != nil {
 		return nil, err
 	}

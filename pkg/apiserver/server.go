@@ -7,6 +7,7 @@ package apiserver
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
@@ -19,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -27,6 +29,8 @@ import (
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/imageservice"
 	"github.com/minicloud/minicloud/pkg/ipam"
+	"github.com/minicloud/minicloud/pkg/pki"
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 // MaxRequestBytes is the largest request message the server accepts. It
@@ -52,6 +56,21 @@ type Config struct {
 	// AgentDialOptions are added when dialing an agent's AgentService (for
 	// GetConsoleLog). Default: plaintext.
 	AgentDialOptions []grpc.DialOption
+	// VNIRange bounds the VXLAN segment ids given to networks; zero means
+	// store.DefaultVNIRange.
+	VNIRange store.VNIRange
+
+	// CA is the cluster CA (EnsureCA): it signs the certificates of
+	// joining hosts. Nil: JoinHost and CreateJoinToken are refused.
+	CA *pki.CA
+	// TLS, if set, makes the server speak TLS only (pki.ServerTLS, client
+	// certificates verified if given) and binds every agent call of
+	// HostService to the host its certificate names.
+	TLS *tls.Config
+	// AgentTLS, if set, is the client configuration (the control-plane
+	// certificate and the CA) for calling agents that listen beyond
+	// loopback: they serve mTLS only.
+	AgentTLS *tls.Config
 }
 
 // Server is the API server: a gRPC server with every minicloud service,
@@ -65,6 +84,11 @@ type Server struct {
 	health   *health.Server
 	registry *prometheus.Registry
 	agentOpt []grpc.DialOption
+	vnis     store.VNIRange
+
+	ca               *pki.CA
+	requireHostCerts bool
+	agentTLS         *tls.Config
 
 	// networkIDs caches network key → id so a create reads a network's
 	// addresses in the same round trip as the network (see readCreateRefs).
@@ -83,12 +107,17 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{
 		etcd:     cfg.Client,
+		vnis:     cfg.VNIRange,
 		log:      cfg.Logger,
 		ipam:     ipam.New(cfg.Client),
 		leases:   &requestLeases{lease: cfg.Client},
 		health:   health.NewServer(),
 		registry: prometheus.NewRegistry(),
 		agentOpt: cfg.AgentDialOptions,
+		ca:       cfg.CA,
+		agentTLS: cfg.AgentTLS,
+
+		requireHostCerts: cfg.TLS != nil,
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -98,11 +127,15 @@ func New(cfg Config) (*Server, error) {
 	m := newMetrics(s.registry)
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	s.grpc = grpc.NewServer(
+	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxRequestBytes),
-		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, refuseUnknownFieldsUnary),
-		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, refuseUnknownFieldsStream),
-	)
+		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, s.revokedUnary, refuseUnknownFieldsUnary),
+		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, s.revokedStream, refuseUnknownFieldsStream),
+	}
+	if cfg.TLS != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.TLS)))
+	}
+	s.grpc = grpc.NewServer(opts...)
 	minicloudv1.RegisterVMServiceServer(s.grpc, &vmService{s: s})
 	minicloudv1.RegisterFlavorServiceServer(s.grpc, &flavorService{s: s})
 	minicloudv1.RegisterNetworkServiceServer(s.grpc, &networkService{s: s})
@@ -137,8 +170,13 @@ func (s *Server) GRPCServer() *grpc.Server { return s.grpc }
 
 // Serve accepts gRPC connections on lis until Stop.
 func (s *Server) Serve(lis net.Listener) error {
-	s.log.Info("serving gRPC API", "addr", lis.Addr().String())
-	return s.grpc.Serve(lis)
+	s.log.Info("serving gRPC API", "addr", lis.Addr().String(), "tls", s.requireHostCerts)
+	if !s.requireHostCerts {
+		return s.grpc.Serve(lis)
+	}
+	l := newTLSOnlyListener(lis)
+	defer l.stop()
+	return s.grpc.Serve(l.tls)
 }
 
 // Stop marks the server NOT_SERVING, ends watch streams (clients resume

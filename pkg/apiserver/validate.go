@@ -23,7 +23,10 @@ const (
 	maxHostnameLen   = 253
 	defaultProject   = "default"
 	defaultNetwork   = "default"
-	defaultMTU       = 1500
+	// defaultMTU fits a network into a 1500-byte underlay with VXLAN's 50
+	// bytes of encapsulation: every network may span hosts.
+	defaultMTU    = 1450
+	maxDNSServers = 3
 )
 
 var dnsLabel = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
@@ -217,6 +220,12 @@ func validateHost(h *minicloudv1.Host) error {
 	if c.GetVcpus() <= 0 || c.GetMemoryMib() <= 0 || c.GetDiskGib() < 0 {
 		return errdefs.Invalid("host capacity must have vcpus > 0 and memory_mib > 0 (got %d vCPUs, %d MiB, %d GiB)", c.GetVcpus(), c.GetMemoryMib(), c.GetDiskGib())
 	}
+	if t := h.GetTunnelIp(); t != "" {
+		a, err := netip.ParseAddr(t)
+		if err != nil || !a.Is4() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
+			return errdefs.Invalid("host tunnel_ip %q is not a usable IPv4 unicast address (the host's underlay address for VXLAN)", t)
+		}
+	}
 	if len(h.GetHypervisors()) == 0 {
 		return errdefs.Invalid("host hypervisors must list what the host runs: \"kvm\" and/or \"tcg\"")
 	}
@@ -242,6 +251,7 @@ type networkPlan struct {
 	prefix  netip.Prefix
 	gateway netip.Addr
 	mtu     int32
+	dns     []string
 }
 
 // validateNetwork checks a CreateNetworkRequest's addressing.
@@ -278,6 +288,16 @@ func validateNetwork(req *minicloudv1.CreateNetworkRequest) (networkPlan, error)
 	}
 	if p.mtu < 576 || p.mtu > 9000 {
 		return p, errdefs.Invalid("mtu %d is out of range: use 576-9000 (0 means %d)", p.mtu, defaultMTU)
+	}
+	if len(req.GetDnsServers()) > maxDNSServers {
+		return p, errdefs.Invalid("%d dns_servers: at most %d (DHCP clients use no more)", len(req.GetDnsServers()), maxDNSServers)
+	}
+	for _, d := range req.GetDnsServers() {
+		a, err := netip.ParseAddr(d)
+		if err != nil || !a.Is4() || a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() {
+			return p, errdefs.Invalid("dns server %q is not a usable IPv4 address", d)
+		}
+		p.dns = append(p.dns, a.String())
 	}
 	return p, nil
 }

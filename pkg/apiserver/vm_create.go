@@ -204,6 +204,9 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 			Mac:          ipam.MAC(id, nw.GetMeta().GetId()),
 			Bridge:       nw.GetBridge(),
 			Mtu:          nw.GetMtu(),
+			Vni:          nw.GetVni(),
+			DisableNat:   !nw.GetNat(),
+			DnsServers:   nw.GetDnsServers(),
 		})
 	}
 	var lease clientv3.LeaseID

@@ -38,7 +38,7 @@ func TestCreateVMWritesOneTransaction(t *testing.T) {
 	}
 	a := st.Addresses[0]
 	if a.Ip != "10.99.0.2" || a.PrefixLength != 24 || a.Gateway != "10.99.0.1" || !strings.HasPrefix(a.Mac, "fa:16:3e:") ||
-		!strings.HasPrefix(a.Bridge, "mc-") || a.Mtu != 1500 || a.Network != "default" {
+		!strings.HasPrefix(a.Bridge, "mc-") || a.Mtu != 1450 || a.Network != "default" {
 		t.Fatalf("address %v", a)
 	}
 	if vm.Meta.ResourceVersion != before+1 || st.StatusVersion != before+1 {

@@ -5,7 +5,9 @@
 //	...
 //	<!-- NAME: end -->
 //
-// and a test of the package that owns the table calls Check.
+// and a test of the package that owns the table calls Check. With
+// DOCSYNC_UPDATE=1 in the environment, Check rewrites the section instead of
+// failing (run the owning package's tests once after changing the code).
 package docsync
 
 import (
@@ -34,6 +36,14 @@ func Check(t testing.TB, path, name, want string) {
 		t.Fatalf("%s: section %s has no end marker %q", path, name, end)
 	}
 	if got := doc[i+nl+1 : j]; got != want {
+		if os.Getenv("DOCSYNC_UPDATE") == "1" {
+			updated := doc[:i+nl+1] + want + doc[j:]
+			if err := os.WriteFile(path, []byte(updated), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s: section %s rewritten from the code", path, name)
+			return
+		}
 		t.Fatalf("%s: section %s differs from the code; replace it with:\n%s", path, name, want)
 	}
 }

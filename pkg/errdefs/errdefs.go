@@ -24,6 +24,7 @@ const (
 	KindResourceExhausted  // quota, size or rate limit
 	KindPermissionDenied
 	KindInternal
+	KindUnauthenticated // the caller did not prove who it is (no, bad, expired or revoked credential)
 )
 
 var kindNames = map[Kind]string{
@@ -37,6 +38,7 @@ var kindNames = map[Kind]string{
 	KindResourceExhausted:  "resource exhausted",
 	KindPermissionDenied:   "permission denied",
 	KindInternal:           "internal",
+	KindUnauthenticated:    "unauthenticated",
 }
 
 func (k Kind) String() string { return kindNames[k] }
@@ -83,6 +85,9 @@ func PermissionDenied(format string, args ...any) error {
 	return newf(KindPermissionDenied, format, args...)
 }
 func Internal(format string, args ...any) error { return newf(KindInternal, format, args...) }
+func Unauthenticated(format string, args ...any) error {
+	return newf(KindUnauthenticated, format, args...)
+}
 
 // Wrap gives err a kind while keeping it in the chain.
 func Wrap(k Kind, err error, format string, args ...any) error {
@@ -108,3 +113,4 @@ func IsConflict(err error) bool           { return KindOf(err) == KindConflict }
 func IsFailedPrecondition(err error) bool { return KindOf(err) == KindFailedPrecondition }
 func IsUnavailable(err error) bool        { return KindOf(err) == KindUnavailable }
 func IsResourceExhausted(err error) bool  { return KindOf(err) == KindResourceExhausted }
+func IsUnauthenticated(err error) bool    { return KindOf(err) == KindUnauthenticated }

@@ -19,6 +19,7 @@ var kindToCode = map[Kind]codes.Code{
 	KindResourceExhausted:  codes.ResourceExhausted,
 	KindPermissionDenied:   codes.PermissionDenied,
 	KindInternal:           codes.Internal,
+	KindUnauthenticated:    codes.Unauthenticated,
 	KindUnknown:            codes.Unknown,
 }
 

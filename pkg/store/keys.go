@@ -41,7 +41,12 @@ var Layout = []KeySpec{
 	{"hosts/alloc/<name>", HostAllocPrefix, "HostAllocation (sum of claims; its revision is compared by claims)", "scheduler, API on release"},
 	{"claims/<host>/<vm id>", ClaimPrefix, "Claim", "scheduler, API on release"},
 	{"ipam/<network id>/<ip>", IPAMPrefix, "VM id", "API"},
+	{"vnis/<vni>", VNIPrefix, "network id (VNI zero-padded to 8 digits: the network's VXLAN segment id, taken in its create transaction, freed in its delete's)", "API"},
 	{"schedulers/<replica id>", SchedulerPrefix, "replica id, attached to the replica's lease (work sharing)", "each scheduler replica"},
+	{"pki/ca", CAKey, "ClusterCA (certificate + key)", "first API server (create-if-absent)"},
+	{"pki/jointokens/<id>", JoinTokenPrefix, "JoinToken (hashed secret), leased until expiry", "API"},
+	{"pki/hostcerts/<host>/<serial>", HostCertPrefix, "IssuedCert", "API on join"},
+	{"pki/revoked/<serial>", RevokedPrefix, "IssuedCert (deny-list), leased until the cert expires", "API on revoke / re-join"},
 }
 
 // MarkdownKeyTable renders Layout as the table docs/architecture.md carries
@@ -75,7 +80,12 @@ const (
 	HostAllocPrefix   = Prefix + "hosts/alloc/"
 	ClaimPrefix       = Prefix + "claims/"
 	IPAMPrefix        = Prefix + "ipam/"
+	VNIPrefix         = Prefix + "vnis/"
 	SchedulerPrefix   = Prefix + "schedulers/"
+	CAKey             = Prefix + "pki/ca"
+	JoinTokenPrefix   = Prefix + "pki/jointokens/"
+	HostCertPrefix    = Prefix + "pki/hostcerts/"
+	RevokedPrefix     = Prefix + "pki/revoked/"
 )
 
 func VMSpecKey(id string) string            { return VMSpecPrefix + id }
@@ -112,6 +122,14 @@ func ParseClaimKey(key string) (host, vmID string, ok bool) {
 func IPAMNetworkPrefix(networkID string) string { return IPAMPrefix + networkID + "/" }
 func IPAMKey(networkID, ip string) string       { return IPAMNetworkPrefix(networkID) + ip }
 func SchedulerKey(replicaID string) string      { return SchedulerPrefix + replicaID }
+func JoinTokenKey(id string) string             { return JoinTokenPrefix + id }
+func HostCertsPrefix(host string) string        { return HostCertPrefix + host + "/" }
+func HostCertKey(host, serial string) string    { return HostCertsPrefix(host) + serial }
+func RevokedKey(serial string) string           { return RevokedPrefix + serial }
+
+// VNIKey holds the id of the network that owns vni; zero-padded so keys
+// sort numerically.
+func VNIKey(vni uint32) string { return fmt.Sprintf("%s%08d", VNIPrefix, vni) }
 
 // LastSegment returns what follows the last "/" of key (an id or a name).
 func LastSegment(key string) string {

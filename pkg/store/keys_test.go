@@ -67,7 +67,12 @@ func TestKeyLayoutIsComplete(t *testing.T) {
 		store.HostAllocPrefix:   store.HostAllocKey("h"),
 		store.ClaimPrefix:       store.ClaimKey("h", "id"),
 		store.IPAMPrefix:        store.IPAMKey("net", "10.0.0.2"),
+		store.VNIPrefix:         store.VNIKey(4711),
 		store.SchedulerPrefix:   store.SchedulerKey("r"),
+		store.CAKey:             store.CAKey,
+		store.JoinTokenPrefix:   store.JoinTokenKey("abcdef"),
+		store.HostCertPrefix:    store.HostCertKey("h", "0a1b"),
+		store.RevokedPrefix:     store.RevokedKey("0a1b"),
 	}
 	placeholder := regexp.MustCompile(`<[^>]+>`)
 	for prefix, key := range samples {

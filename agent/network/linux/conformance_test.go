@@ -43,6 +43,10 @@ func (n *inNS) ListBridges(ctx context.Context) (out []network.BridgeSpec, err e
 	return out, err
 }
 
+func (n *inNS) SetRemotePorts(ctx context.Context, bridge string, ports []network.RemotePort) error {
+	return n.ns.Do(func() error { return n.m.SetRemotePorts(ctx, bridge, ports) })
+}
+
 func (n *inNS) EnsurePort(ctx context.Context, s network.PortSpec) error {
 	return n.ns.Do(func() error { return n.m.EnsurePort(ctx, s) })
 }

@@ -114,7 +114,11 @@ func (m *Manager) EnsureBridge(ctx context.Context, spec network.BridgeSpec) err
 	if err := ensureForwarding(); err != nil {
 		return err
 	}
-	return m.ensureBridgeLink(spec)
+	br, err := m.ensureBridgeLink(spec)
+	if err != nil {
+		return err
+	}
+	return m.ensureTunnel(spec, br)
 }
 
 func (m *Manager) ensureBridgeRules(spec network.BridgeSpec) error {
@@ -186,7 +190,7 @@ func newChainByName(name string) *nftables.Chain {
 	panic("unknown chain " + name)
 }
 
-func (m *Manager) ensureBridgeLink(spec network.BridgeSpec) error {
+func (m *Manager) ensureBridgeLink(spec network.BridgeSpec) (netlink.Link, error) {
 	name := spec.Name
 	mtu := spec.MTU
 	if mtu == 0 {
@@ -197,35 +201,35 @@ func (m *Manager) ensureBridgeLink(spec network.BridgeSpec) error {
 	case isLinkNotFound(err):
 		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, HardwareAddr: stableMAC(name)}}
 		if err := netlink.LinkAdd(br); err != nil {
-			return fmt.Errorf("create bridge %s: %w", name, err)
+			return nil, fmt.Errorf("create bridge %s: %w", name, err)
 		}
 		m.log.Info("created bridge", "bridge", name)
 		if link, err = netlink.LinkByName(name); err != nil {
-			return fmt.Errorf("look up bridge %s after creating it: %w", name, err)
+			return nil, fmt.Errorf("look up bridge %s after creating it: %w", name, err)
 		}
 	case err != nil:
-		return fmt.Errorf("look up bridge %s: %w", name, err)
+		return nil, fmt.Errorf("look up bridge %s: %w", name, err)
 	}
 	if _, ok := link.(*netlink.Bridge); !ok {
-		return errdefs.Conflict("interface %s exists and is a %s, not a bridge", name, link.Type())
+		return nil, errdefs.Conflict("interface %s exists and is a %s, not a bridge", name, link.Type())
 	}
 	if a := link.Attrs().Alias; a != bridgeAlias {
 		if a != "" {
-			return errdefs.Conflict("bridge %s exists and is not minicloud's (alias %q)", name, a)
+			return nil, errdefs.Conflict("bridge %s exists and is not minicloud's (alias %q)", name, a)
 		}
 		if err := netlink.LinkSetAlias(link, bridgeAlias); err != nil {
-			return fmt.Errorf("mark bridge %s as minicloud's: %w", name, err)
+			return nil, fmt.Errorf("mark bridge %s as minicloud's: %w", name, err)
 		}
 	}
 	if link.Attrs().MTU != mtu {
 		if err := netlink.LinkSetMTU(link, mtu); err != nil {
-			return fmt.Errorf("set MTU %d on bridge %s: %w", mtu, name, err)
+			return nil, fmt.Errorf("set MTU %d on bridge %s: %w", mtu, name, err)
 		}
 	}
 	// Guests get no IPv6 yet: keep the host off IPv6 on guest networks too
 	// (no link-local address, no router solicitations towards guests).
 	if err := writeSysctl("/proc/sys/net/ipv6/conf/"+name+"/disable_ipv6", "1"); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("disable IPv6 on bridge %s: %w", name, err)
+		return nil, fmt.Errorf("disable IPv6 on bridge %s: %w", name, err)
 	}
 	// The metadata address has host scope so the kernel never picks it as
 	// the source of the host's own packets on the bridge (DHCP replies leave
@@ -234,14 +238,14 @@ func (m *Manager) ensureBridgeLink(spec network.BridgeSpec) error {
 		{prefix: spec.GatewayCIDR, scope: unix.RT_SCOPE_UNIVERSE},
 		{prefix: netip.PrefixFrom(network.MetadataAddr, 32), scope: unix.RT_SCOPE_HOST},
 	}); err != nil {
-		return fmt.Errorf("addresses of bridge %s: %w", name, err)
+		return nil, fmt.Errorf("addresses of bridge %s: %w", name, err)
 	}
 	if link.Attrs().Flags&net.FlagUp == 0 {
 		if err := netlink.LinkSetUp(link); err != nil {
-			return fmt.Errorf("bring bridge %s up: %w", name, err)
+			return nil, fmt.Errorf("bring bridge %s up: %w", name, err)
 		}
 	}
-	return nil
+	return link, nil
 }
 
 type addrSpec struct {
@@ -285,6 +289,9 @@ func (m *Manager) DeleteBridge(ctx context.Context, name string) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.deleteTunnel(TunnelName(name)); err != nil {
+		return err
+	}
 	link, err := netlink.LinkByName(name)
 	switch {
 	case isLinkNotFound(err):
@@ -341,7 +348,7 @@ func (m *Manager) ListBridges(ctx context.Context) ([]network.BridgeSpec, error)
 		if !isMinicloudBridge(l) || l.Attrs().Alias != bridgeAlias {
 			continue
 		}
-		spec := network.BridgeSpec{Name: l.Attrs().Name, MTU: l.Attrs().MTU}
+		spec := network.BridgeSpec{Name: l.Attrs().Name, MTU: l.Attrs().MTU, Tunnel: tunnelOf(l.Attrs().Name)}
 		addrs, err := netlink.AddrList(l, unix.AF_INET)
 		if err != nil {
 			return nil, fmt.Errorf("list addresses of bridge %s: %w", spec.Name, err)

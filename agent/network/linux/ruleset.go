@@ -30,7 +30,7 @@ const tableName = "minicloud"
 // ruleGeneration tags every static rule's comment. Bump it when a static rule
 // changes: a Manager that finds rules of another generation replaces the
 // chain's rules in one transaction (never a gap without filtering).
-const ruleGeneration = "mc1"
+const ruleGeneration = "mc2"
 
 var (
 	bridgeTable = &nftables.Table{Family: nftables.TableFamilyBridge, Name: tableName}
@@ -45,6 +45,13 @@ const (
 	setReserved = "reserved_ip4" // bridge: gateways and 169.254.169.254, never a guest source
 	setBridgeGW = "bridge_gw"    // inet: ifname . ipv4_addr — a bridge and its gateway
 	setSameNet  = "same_net"     // inet: ifname . ifname — (bridge, bridge) for every bridge
+	// setTunnelSrc is the tunnel ingress allowlist: the MAC and IP of every
+	// remote port reachable through a tunnel.
+	setTunnelSrc = "tunnel_src" // bridge: ifname . ether_addr . ipv4_addr
+	// setTunnelLocal and setVTEPPair admit VXLAN to this host's tunnel
+	// addresses only from the hosts (VTEPs) of known remote ports.
+	setTunnelLocal = "tunnel_local" // inet: ipv4_addr — every tunnel's local address
+	setVTEPPair    = "vtep_pair"    // inet: ipv4_addr . ipv4_addr — local . remote VTEP
 )
 
 // Chain names.
@@ -57,6 +64,13 @@ const (
 	chainGuestInput  = "guest_input"
 	chainForward     = "forward"
 	chainPostrouting = "postrouting"
+	// Tunnel chains (bridge table). The base chains' names differ from the
+	// inet table's: staticRules is keyed by chain name.
+	chainTunnelIngress = "tunnel_ingress"
+	chainTunnelEgress  = "tunnel_egress"
+	chainTunnelInput   = "tunnel_input"
+	chainTunnelForward = "tunnel_forward"
+	chainTunnelOutput  = "tunnel_output"
 )
 
 func newSets() map[*nftables.Table][]*nftables.Set {
@@ -66,11 +80,14 @@ func newSets() map[*nftables.Table][]*nftables.Set {
 			{Table: bridgeTable, Name: setPortMAC, KeyType: nftables.MustConcatSetType(ifname, nftables.TypeEtherAddr), Concatenation: true},
 			{Table: bridgeTable, Name: setPortIP4, KeyType: nftables.MustConcatSetType(ifname, nftables.TypeIPAddr), Concatenation: true},
 			{Table: bridgeTable, Name: setReserved, KeyType: nftables.TypeIPAddr, KeyByteOrder: binaryutil.BigEndian},
+			{Table: bridgeTable, Name: setTunnelSrc, KeyType: nftables.MustConcatSetType(ifname, nftables.TypeEtherAddr, nftables.TypeIPAddr), Concatenation: true},
 		},
 		inetTable: {
 			{Table: inetTable, Name: setBridges, KeyType: ifname, KeyByteOrder: binaryutil.NativeEndian},
 			{Table: inetTable, Name: setBridgeGW, KeyType: nftables.MustConcatSetType(ifname, nftables.TypeIPAddr), Concatenation: true},
 			{Table: inetTable, Name: setSameNet, KeyType: nftables.MustConcatSetType(ifname, ifname), Concatenation: true},
+			{Table: inetTable, Name: setTunnelLocal, KeyType: nftables.TypeIPAddr, KeyByteOrder: binaryutil.BigEndian},
+			{Table: inetTable, Name: setVTEPPair, KeyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr), Concatenation: true},
 		},
 	}
 }
@@ -85,6 +102,14 @@ func newChains() []*nftables.Chain {
 		{Table: bridgeTable, Name: chainPortEgress},
 		{Table: bridgeTable, Name: chainPortARP},
 		{Table: bridgeTable, Name: chainPortIP4},
+		{Table: bridgeTable, Name: chainTunnelIngress},
+		{Table: bridgeTable, Name: chainTunnelEgress},
+		{Table: bridgeTable, Name: chainTunnelInput, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookInput,
+			Priority: nftables.ChainPriorityRef(-200), Policy: policy(accept)},
+		{Table: bridgeTable, Name: chainTunnelForward, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookForward,
+			Priority: nftables.ChainPriorityRef(-200), Policy: policy(accept)},
+		{Table: bridgeTable, Name: chainTunnelOutput, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookOutput,
+			Priority: nftables.ChainPriorityRef(-200), Policy: policy(accept)},
 		{Table: inetTable, Name: chainInput, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookInput,
 			Priority: nftables.ChainPriorityFilter, Policy: policy(accept)},
 		{Table: inetTable, Name: chainGuestInput},
@@ -115,6 +140,75 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set, protected []netip.Pre
 			{"frames from minicloud ports", cat(
 				metaLoad(expr.MetaKeyIIFNAME, 1), cmp(expr.CmpOpEq, 1, []byte(network.PortPrefix)),
 				jump(chainPortEgress))},
+			{"frames from minicloud tunnels", cat(
+				metaLoad(expr.MetaKeyIIFNAME, 1), cmp(expr.CmpOpEq, 1, []byte(TunnelPrefix)),
+				jump(chainTunnelIngress))},
+		},
+		// The underlay is as hostile as a guest: a frame from a tunnel must
+		// come from a remote port the API told this host about (MAC and IP),
+		// never carries DHCP, and never reaches the host itself (gateway, DNS,
+		// metadata), so nothing from the underlay can pass for a local port,
+		// the gateway or 169.254.169.254.
+		chainTunnelIngress: {
+			{"ARP reply from a remote port (the VXLAN device's own proxy answer)", cat(
+				etherType(unix.ETH_P_ARP),
+				payload(expr.PayloadBaseNetworkHeader, 0, 8, 1), cmp(expr.CmpOpEq, 1, []byte{0, 1, 8, 0, 6, 4, 0, 2}),
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseNetworkHeader, 8, 6, regConcat+4),
+				payload(expr.PayloadBaseNetworkHeader, 14, 4, regConcat+6),
+				lookup(regConcat, bset(setTunnelSrc), false), verdict(expr.VerdictAccept))},
+			{"anything but IPv4 from a tunnel", cat(
+				payload(expr.PayloadBaseLLHeader, 12, 2, 1), cmp(expr.CmpOpNeq, 1, binary.BigEndian.AppendUint16(nil, unix.ETH_P_IP)),
+				counter(), verdict(expr.VerdictDrop))},
+			{"IPv4 from a gateway or the metadata address over a tunnel", cat(
+				payload(expr.PayloadBaseNetworkHeader, 12, 4, 1), lookup(1, bset(setReserved), false),
+				counter(), verdict(expr.VerdictDrop))},
+			{"IPv4 to a gateway or the metadata address over a tunnel", cat(
+				payload(expr.PayloadBaseNetworkHeader, 16, 4, 1), lookup(1, bset(setReserved), false),
+				counter(), verdict(expr.VerdictDrop))},
+			{"DHCP server traffic over a tunnel", cat(
+				ipProto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 0, 2, 1), cmp(expr.CmpOpEq, 1, port(67)),
+				counter(), verdict(expr.VerdictDrop))},
+			{"DHCP client traffic over a tunnel", cat(
+				ipProto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(67)),
+				counter(), verdict(expr.VerdictDrop))},
+			{"IPv4 from a remote port", cat(
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseLLHeader, 6, 6, regConcat+4),
+				payload(expr.PayloadBaseNetworkHeader, 12, 4, regConcat+6),
+				lookup(regConcat, bset(setTunnelSrc), false), verdict(expr.VerdictAccept))},
+			{"forged source from a tunnel", cat(counter(), verdict(expr.VerdictDrop))},
+		},
+		chainTunnelInput: {
+			{"the host takes nothing from a tunnel (its gateway, DNS, DHCP and metadata are local)", cat(
+				metaLoad(expr.MetaKeyIIFNAME, 1), cmp(expr.CmpOpEq, 1, []byte(TunnelPrefix)),
+				counter(), verdict(expr.VerdictDrop))},
+		},
+		chainTunnelForward: {
+			{"frames into a tunnel", cat(
+				metaLoad(expr.MetaKeyOIFNAME, 1), cmp(expr.CmpOpEq, 1, []byte(TunnelPrefix)), jump(chainTunnelEgress))},
+		},
+		chainTunnelOutput: {
+			{"host frames into a tunnel", cat(
+				metaLoad(expr.MetaKeyOIFNAME, 1), cmp(expr.CmpOpEq, 1, []byte(TunnelPrefix)), jump(chainTunnelEgress))},
+		},
+		// What each host answers locally (gateway ARP, DHCP, DNS, metadata)
+		// never crosses a tunnel: every host has the same gateway address
+		// and bridge MAC (a distributed gateway).
+		chainTunnelEgress: {
+			// The VXLAN device (proxy on) answers ARP from its neighbour
+			// table and never transmits ARP, so ARP must reach it.
+			{"ARP (answered by the VXLAN device, never sent)", cat(etherType(unix.ETH_P_ARP), verdict(expr.VerdictAccept))},
+			{"anything but IPv4 into a tunnel", cat(
+				payload(expr.PayloadBaseLLHeader, 12, 2, 1), cmp(expr.CmpOpNeq, 1, binary.BigEndian.AppendUint16(nil, unix.ETH_P_IP)),
+				counter(), verdict(expr.VerdictDrop))},
+			{"IPv4 from a gateway or the metadata address into a tunnel", cat(
+				payload(expr.PayloadBaseNetworkHeader, 12, 4, 1), lookup(1, bset(setReserved), false),
+				counter(), verdict(expr.VerdictDrop))},
+			{"DHCP server traffic into a tunnel", cat(
+				ipProto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 0, 2, 1), cmp(expr.CmpOpEq, 1, port(67)),
+				counter(), verdict(expr.VerdictDrop))},
+			{"DHCP client traffic into a tunnel", cat(
+				ipProto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(67)),
+				counter(), verdict(expr.VerdictDrop))},
 		},
 		chainPortEgress: {
 			{"unknown port or forged source MAC", cat(
@@ -163,6 +257,14 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set, protected []netip.Pre
 			{"forged source IP", cat(counter(), verdict(expr.VerdictDrop))},
 		},
 		chainInput: {
+			// Defence in depth on the underlay: VXLAN to a tunnel address
+			// from anything but a known remote VTEP never reaches a tunnel
+			// (other VXLAN users on the host, on other addresses, are untouched).
+			{"VXLAN from an unknown VTEP", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_UDP),
+				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(VXLANPort)),
+				payload(expr.PayloadBaseNetworkHeader, 16, 4, 1), lookup(1, iset(setTunnelLocal), false),
+				payload(expr.PayloadBaseNetworkHeader, 16, 4, regConcat), payload(expr.PayloadBaseNetworkHeader, 12, 4, regConcat+1),
+				lookup(regConcat, iset(setVTEPPair), true), counter(), verdict(expr.VerdictDrop))},
 			{"traffic from guest networks to the host", cat(
 				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false), jump(chainGuestInput))},
 		},
@@ -196,6 +298,13 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set, protected []netip.Pre
 			{"within one guest network", cat(
 				metaLoad(expr.MetaKeyIIFNAME, regConcat), metaLoad(expr.MetaKeyOIFNAME, regConcat+4),
 				lookup(regConcat, iset(setSameNet), false), verdict(expr.VerdictAccept))},
+			// A guest that reached another host's VTEP could inject frames
+			// into any network's segment: no guest sends VXLAN anywhere,
+			// whatever --protected-nets says.
+			{"guests may not send VXLAN", cat(
+				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false), nfproto(unix.NFPROTO_IPV4),
+				l4proto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(VXLANPort)),
+				counter(), verdict(expr.VerdictDrop))},
 			{"no routing between guest networks", cat(
 				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false),
 				metaLoad(expr.MetaKeyOIFNAME, 1), lookup(1, iset(setBridges), false),
@@ -334,6 +443,10 @@ func keyPortMAC(tap string, mac net.HardwareAddr) []byte {
 }
 
 func keyIfIP(name string, ip netip.Addr) []byte { return append(ifname(name), ip.AsSlice()...) }
+
+func keyTunnelSrc(tunnel string, mac net.HardwareAddr, ip netip.Addr) []byte {
+	return append(keyPortMAC(tunnel, mac), ip.AsSlice()...)
+}
 
 func findSet(sets []*nftables.Set, name string) *nftables.Set {
 	for _, s := range sets {

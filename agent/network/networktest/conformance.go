@@ -38,6 +38,7 @@ func RunConformance(t *testing.T, newManager Factory) {
 		{"DeleteIsIdempotent", testDeleteIdempotent},
 		{"RestartKeepsState", testRestartKeepsState},
 		{"SyncConverges", testSyncConverges},
+		{"TunnelConverges", testTunnelConverges},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -299,4 +300,54 @@ func testSyncConverges(t *testing.T, m network.Manager, _ func() network.Manager
 	if len(bs) != 1 || bs[0].Name != br {
 		t.Fatalf("bridges after Sync = %+v, want only %s", bs, br)
 	}
+}
+
+// testTunnelConverges: a bridge's tunnel appears, changes VNI and goes
+// with its spec; remote ports need a tunnel and valid addresses.
+func testTunnelConverges(t *testing.T, m network.Manager, restart func() network.Manager) {
+	ctx := context.Background()
+	br, _ := Names()
+	spec := bridgeSpec(br, "10.31.0.1/24")
+	must(t, m.EnsureBridge(ctx, spec), "ensure bridge without tunnel")
+	remote := []network.RemotePort{{MAC: net.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}, IP: netip.MustParseAddr("10.31.0.20"), VTEP: netip.MustParseAddr("192.0.2.2")}}
+	if err := m.SetRemotePorts(ctx, br, remote); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("remote ports on a bridge without tunnel: %v, want FailedPrecondition", err)
+	}
+	spec.Tunnel = &network.TunnelSpec{VNI: 4242, Local: netip.MustParseAddr("192.0.2.1")}
+	must(t, m.EnsureBridge(ctx, spec), "add tunnel")
+	must(t, m.EnsureBridge(ctx, spec), "add tunnel again")
+	tunnelIs := func(m network.Manager, want *network.TunnelSpec) {
+		t.Helper()
+		got, ok := findBridge(t, m, br)
+		if !ok {
+			t.Fatalf("bridge %s missing", br)
+		}
+		if (got.Tunnel == nil) != (want == nil) || want != nil && *got.Tunnel != *want {
+			t.Fatalf("tunnel %+v, want %+v", got.Tunnel, want)
+		}
+	}
+	tunnelIs(m, spec.Tunnel)
+	must(t, m.SetRemotePorts(ctx, br, remote), "set remote ports")
+	must(t, m.SetRemotePorts(ctx, br, remote), "set remote ports again")
+	bad := []network.RemotePort{{MAC: net.HardwareAddr{0x01, 0, 0, 0, 0, 1}, IP: netip.MustParseAddr("10.31.0.21"), VTEP: netip.MustParseAddr("192.0.2.2")}}
+	if err := m.SetRemotePorts(ctx, br, bad); !errdefs.IsInvalid(err) {
+		t.Fatalf("multicast remote MAC: %v, want Invalid", err)
+	}
+	tunnelIs(restart(), spec.Tunnel)
+	spec.Tunnel = &network.TunnelSpec{VNI: 4243, Local: netip.MustParseAddr("192.0.2.1")}
+	must(t, m.EnsureBridge(ctx, spec), "change VNI")
+	tunnelIs(m, spec.Tunnel)
+	must(t, m.SetRemotePorts(ctx, br, nil), "clear remote ports")
+	badSpec := spec
+	badSpec.Tunnel = &network.TunnelSpec{VNI: network.MaxVNI + 1, Local: netip.MustParseAddr("192.0.2.1")}
+	if err := m.EnsureBridge(ctx, badSpec); !errdefs.IsInvalid(err) {
+		t.Fatalf("VNI out of range: %v, want Invalid", err)
+	}
+	spec.Tunnel = nil
+	must(t, m.EnsureBridge(ctx, spec), "remove tunnel")
+	tunnelIs(m, nil)
+	if err := m.SetRemotePorts(ctx, br, remote); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("remote ports after the tunnel went: %v, want FailedPrecondition", err)
+	}
+	must(t, m.DeleteBridge(ctx, br), "delete bridge")
 }

@@ -18,11 +18,13 @@ type FakeHost struct {
 	mu      sync.Mutex
 	bridges map[string]network.BridgeSpec
 	ports   map[string]network.PortSpec
+	// remote holds each tunnelled bridge's remote ports.
+	remote map[string][]network.RemotePort
 }
 
 // NewFakeHost returns an empty host.
 func NewFakeHost() *FakeHost {
-	return &FakeHost{bridges: map[string]network.BridgeSpec{}, ports: map[string]network.PortSpec{}}
+	return &FakeHost{bridges: map[string]network.BridgeSpec{}, ports: map[string]network.PortSpec{}, remote: map[string][]network.RemotePort{}}
 }
 
 // FakeManager is an in-memory network.Manager for scale tests (hundreds of
@@ -48,7 +50,36 @@ func (f *FakeManager) EnsureBridge(_ context.Context, spec network.BridgeSpec) e
 	f.host.mu.Lock()
 	defer f.host.mu.Unlock()
 	f.host.bridges[spec.Name] = spec
+	if spec.Tunnel == nil {
+		delete(f.host.remote, spec.Name)
+	}
 	return nil
+}
+
+// SetRemotePorts implements network.Manager.
+func (f *FakeManager) SetRemotePorts(_ context.Context, bridge string, ports []network.RemotePort) error {
+	if err := network.ValidateIfName("bridge", bridge); err != nil {
+		return err
+	}
+	for _, p := range ports {
+		if err := p.Validate(); err != nil {
+			return fmt.Errorf("bridge %s: %w", bridge, err)
+		}
+	}
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	if b, ok := f.host.bridges[bridge]; !ok || b.Tunnel == nil {
+		return errdefs.FailedPrecondition("bridge %s has no tunnel; ensure the network with a tunnel first", bridge)
+	}
+	f.host.remote[bridge] = slices.Clone(ports)
+	return nil
+}
+
+// RemotePorts reports what SetRemotePorts last set on bridge (for tests).
+func (f *FakeManager) RemotePorts(bridge string) []network.RemotePort {
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	return slices.Clone(f.host.remote[bridge])
 }
 
 // DeleteBridge implements network.Manager; ports stay, detached.
@@ -59,6 +90,7 @@ func (f *FakeManager) DeleteBridge(_ context.Context, name string) error {
 	f.host.mu.Lock()
 	defer f.host.mu.Unlock()
 	delete(f.host.bridges, name)
+	delete(f.host.remote, name)
 	for k, p := range f.host.ports {
 		if p.Bridge == name {
 			p.Bridge = ""

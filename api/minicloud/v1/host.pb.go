@@ -149,9 +149,12 @@ type Host struct {
 	DisabledReason string                 `protobuf:"bytes,9,opt,name=disabled_reason,json=disabledReason,proto3" json:"disabled_reason,omitempty"`
 	LastHeartbeat  *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=last_heartbeat,json=lastHeartbeat,proto3" json:"last_heartbeat,omitempty"`
 	// allocated is the sum of the capacity claims on this host.
-	Allocated     *Resources `protobuf:"bytes,11,opt,name=allocated,proto3" json:"allocated,omitempty"`
-	VmCount       int32      `protobuf:"varint,12,opt,name=vm_count,json=vmCount,proto3" json:"vm_count,omitempty"`
-	AgentVersion  string     `protobuf:"bytes,13,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	Allocated    *Resources `protobuf:"bytes,11,opt,name=allocated,proto3" json:"allocated,omitempty"`
+	VmCount      int32      `protobuf:"varint,12,opt,name=vm_count,json=vmCount,proto3" json:"vm_count,omitempty"`
+	AgentVersion string     `protobuf:"bytes,13,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	// tunnel_ip is the host's underlay (VXLAN endpoint) address; empty means
+	// the host keeps every network to itself (single-host behaviour).
+	TunnelIp      string `protobuf:"bytes,14,opt,name=tunnel_ip,json=tunnelIp,proto3" json:"tunnel_ip,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -273,6 +276,13 @@ func (x *Host) GetVmCount() int32 {
 func (x *Host) GetAgentVersion() string {
 	if x != nil {
 		return x.AgentVersion
+	}
+	return ""
+}
+
+func (x *Host) GetTunnelIp() string {
+	if x != nil {
+		return x.TunnelIp
 	}
 	return ""
 }
@@ -973,6 +983,804 @@ func (x *AgentConsoleLogRequest) GetTailBytes() int64 {
 	return 0
 }
 
+type WatchNetworkPortsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchNetworkPortsRequest) Reset() {
+	*x = WatchNetworkPortsRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchNetworkPortsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchNetworkPortsRequest) ProtoMessage() {}
+
+func (x *WatchNetworkPortsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchNetworkPortsRequest.ProtoReflect.Descriptor instead.
+func (*WatchNetworkPortsRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *WatchNetworkPortsRequest) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+// NetworkPort is one guest NIC.
+type NetworkPort struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	VmId    string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	VmName  string                 `protobuf:"bytes,2,opt,name=vm_name,json=vmName,proto3" json:"vm_name,omitempty"`
+	Project string                 `protobuf:"bytes,3,opt,name=project,proto3" json:"project,omitempty"`
+	Network string                 `protobuf:"bytes,4,opt,name=network,proto3" json:"network,omitempty"`
+	// bridge identifies the network on every host.
+	Bridge string `protobuf:"bytes,5,opt,name=bridge,proto3" json:"bridge,omitempty"`
+	Vni    uint32 `protobuf:"varint,6,opt,name=vni,proto3" json:"vni,omitempty"`
+	Mac    string `protobuf:"bytes,7,opt,name=mac,proto3" json:"mac,omitempty"`
+	Ip     string `protobuf:"bytes,8,opt,name=ip,proto3" json:"ip,omitempty"`
+	// host runs the VM; tunnel_ip is that host's underlay address (empty when
+	// the host has none: its ports are unreachable from other hosts).
+	Host     string `protobuf:"bytes,9,opt,name=host,proto3" json:"host,omitempty"`
+	TunnelIp string `protobuf:"bytes,10,opt,name=tunnel_ip,json=tunnelIp,proto3" json:"tunnel_ip,omitempty"`
+	// hostname is the VM's DNS name (spec.hostname, or its name).
+	Hostname      string `protobuf:"bytes,11,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkPort) Reset() {
+	*x = NetworkPort{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkPort) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkPort) ProtoMessage() {}
+
+func (x *NetworkPort) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkPort.ProtoReflect.Descriptor instead.
+func (*NetworkPort) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *NetworkPort) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetVmName() string {
+	if x != nil {
+		return x.VmName
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetBridge() string {
+	if x != nil {
+		return x.Bridge
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetVni() uint32 {
+	if x != nil {
+		return x.Vni
+	}
+	return 0
+}
+
+func (x *NetworkPort) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetIp() string {
+	if x != nil {
+		return x.Ip
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetTunnelIp() string {
+	if x != nil {
+		return x.TunnelIp
+	}
+	return ""
+}
+
+func (x *NetworkPort) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+type NetworkPortsSnapshot struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// ports is the complete set, ordered by bridge then IP.
+	Ports []*NetworkPort `protobuf:"bytes,1,rep,name=ports,proto3" json:"ports,omitempty"`
+	// revision is the etcd revision the set was read at.
+	Revision      int64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkPortsSnapshot) Reset() {
+	*x = NetworkPortsSnapshot{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkPortsSnapshot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkPortsSnapshot) ProtoMessage() {}
+
+func (x *NetworkPortsSnapshot) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkPortsSnapshot.ProtoReflect.Descriptor instead.
+func (*NetworkPortsSnapshot) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *NetworkPortsSnapshot) GetPorts() []*NetworkPort {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *NetworkPortsSnapshot) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type CreateJoinTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// ttl_seconds is how long the token may be used (default 1 hour, at
+	// most 7 days).
+	TtlSeconds int64 `protobuf:"varint,1,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	// description is kept with the token (who it is for).
+	Description   string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateJoinTokenRequest) Reset() {
+	*x = CreateJoinTokenRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateJoinTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateJoinTokenRequest) ProtoMessage() {}
+
+func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
+func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+func (x *CreateJoinTokenRequest) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+type CreateJoinTokenResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// token is "<id>.<secret>" ([a-z0-9]{6}.[a-z0-9]{16}); shown once.
+	Token      string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// ca_hash pins the cluster CA for the joining host: "sha256:<hex of the
+	// SHA-256 of the CA's SubjectPublicKeyInfo>".
+	CaHash string `protobuf:"bytes,3,opt,name=ca_hash,json=caHash,proto3" json:"ca_hash,omitempty"`
+	// ca_pem is the cluster CA certificate.
+	CaPem         []byte `protobuf:"bytes,4,opt,name=ca_pem,json=caPem,proto3" json:"ca_pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateJoinTokenResponse) Reset() {
+	*x = CreateJoinTokenResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateJoinTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateJoinTokenResponse) ProtoMessage() {}
+
+func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
+func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *CreateJoinTokenResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *CreateJoinTokenResponse) GetCaHash() string {
+	if x != nil {
+		return x.CaHash
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenResponse) GetCaPem() []byte {
+	if x != nil {
+		return x.CaPem
+	}
+	return nil
+}
+
+type ListJoinTokensRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListJoinTokensRequest) Reset() {
+	*x = ListJoinTokensRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListJoinTokensRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListJoinTokensRequest) ProtoMessage() {}
+
+func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListJoinTokensRequest.ProtoReflect.Descriptor instead.
+func (*ListJoinTokensRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{21}
+}
+
+type JoinTokenInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id is the public half of the token, before the dot.
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	Description   string                 `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinTokenInfo) Reset() {
+	*x = JoinTokenInfo{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinTokenInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinTokenInfo) ProtoMessage() {}
+
+func (x *JoinTokenInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinTokenInfo.ProtoReflect.Descriptor instead.
+func (*JoinTokenInfo) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *JoinTokenInfo) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *JoinTokenInfo) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *JoinTokenInfo) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *JoinTokenInfo) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+type ListJoinTokensResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tokens        []*JoinTokenInfo       `protobuf:"bytes,1,rep,name=tokens,proto3" json:"tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListJoinTokensResponse) Reset() {
+	*x = ListJoinTokensResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListJoinTokensResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListJoinTokensResponse) ProtoMessage() {}
+
+func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListJoinTokensResponse.ProtoReflect.Descriptor instead.
+func (*ListJoinTokensResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ListJoinTokensResponse) GetTokens() []*JoinTokenInfo {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+type DeleteJoinTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id of the token (a whole "<id>.<secret>" token is accepted too).
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteJoinTokenRequest) Reset() {
+	*x = DeleteJoinTokenRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteJoinTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteJoinTokenRequest) ProtoMessage() {}
+
+func (x *DeleteJoinTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteJoinTokenRequest.ProtoReflect.Descriptor instead.
+func (*DeleteJoinTokenRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *DeleteJoinTokenRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type DeleteJoinTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteJoinTokenResponse) Reset() {
+	*x = DeleteJoinTokenResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteJoinTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteJoinTokenResponse) ProtoMessage() {}
+
+func (x *DeleteJoinTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteJoinTokenResponse.ProtoReflect.Descriptor instead.
+func (*DeleteJoinTokenResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{25}
+}
+
+type JoinHostRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Token string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// host_name is the name the certificate is issued for.
+	HostName string `protobuf:"bytes,2,opt,name=host_name,json=hostName,proto3" json:"host_name,omitempty"`
+	// csr_pem is a PEM certificate request signed by the host's key (the key
+	// never leaves the host). Its subject is ignored: the API decides it.
+	CsrPem        []byte `protobuf:"bytes,3,opt,name=csr_pem,json=csrPem,proto3" json:"csr_pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinHostRequest) Reset() {
+	*x = JoinHostRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinHostRequest) ProtoMessage() {}
+
+func (x *JoinHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinHostRequest.ProtoReflect.Descriptor instead.
+func (*JoinHostRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *JoinHostRequest) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *JoinHostRequest) GetHostName() string {
+	if x != nil {
+		return x.HostName
+	}
+	return ""
+}
+
+func (x *JoinHostRequest) GetCsrPem() []byte {
+	if x != nil {
+		return x.CsrPem
+	}
+	return nil
+}
+
+type JoinHostResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// cert_pem is the host's certificate (client and, for its AgentService,
+	// server), followed by nothing else.
+	CertPem       []byte `protobuf:"bytes,1,opt,name=cert_pem,json=certPem,proto3" json:"cert_pem,omitempty"`
+	CaPem         []byte `protobuf:"bytes,2,opt,name=ca_pem,json=caPem,proto3" json:"ca_pem,omitempty"`
+	Serial        string `protobuf:"bytes,3,opt,name=serial,proto3" json:"serial,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinHostResponse) Reset() {
+	*x = JoinHostResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinHostResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinHostResponse) ProtoMessage() {}
+
+func (x *JoinHostResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinHostResponse.ProtoReflect.Descriptor instead.
+func (*JoinHostResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *JoinHostResponse) GetCertPem() []byte {
+	if x != nil {
+		return x.CertPem
+	}
+	return nil
+}
+
+func (x *JoinHostResponse) GetCaPem() []byte {
+	if x != nil {
+		return x.CaPem
+	}
+	return nil
+}
+
+func (x *JoinHostResponse) GetSerial() string {
+	if x != nil {
+		return x.Serial
+	}
+	return ""
+}
+
+type RevokeHostRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeHostRequest) Reset() {
+	*x = RevokeHostRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeHostRequest) ProtoMessage() {}
+
+func (x *RevokeHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeHostRequest.ProtoReflect.Descriptor instead.
+func (*RevokeHostRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *RevokeHostRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type RevokeHostResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// revoked_serials are the serials (hex) added to the deny-list.
+	RevokedSerials []string `protobuf:"bytes,1,rep,name=revoked_serials,json=revokedSerials,proto3" json:"revoked_serials,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *RevokeHostResponse) Reset() {
+	*x = RevokeHostResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeHostResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeHostResponse) ProtoMessage() {}
+
+func (x *RevokeHostResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeHostResponse.ProtoReflect.Descriptor instead.
+func (*RevokeHostResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *RevokeHostResponse) GetRevokedSerials() []string {
+	if x != nil {
+		return x.RevokedSerials
+	}
+	return nil
+}
+
 var File_minicloud_v1_host_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_host_proto_rawDesc = "" +
@@ -981,7 +1789,7 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x10AllocationRatios\x12\x10\n" +
 	"\x03cpu\x18\x01 \x01(\x01R\x03cpu\x12\x10\n" +
 	"\x03ram\x18\x02 \x01(\x01R\x03ram\x12\x12\n" +
-	"\x04disk\x18\x03 \x01(\x01R\x04disk\"\xcd\x04\n" +
+	"\x04disk\x18\x03 \x01(\x01R\x04disk\"\xea\x04\n" +
 	"\x04Host\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x123\n" +
@@ -996,7 +1804,8 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\rlastHeartbeat\x125\n" +
 	"\tallocated\x18\v \x01(\v2\x17.minicloud.v1.ResourcesR\tallocated\x12\x19\n" +
 	"\bvm_count\x18\f \x01(\x05R\avmCount\x12#\n" +
-	"\ragent_version\x18\r \x01(\tR\fagentVersion\"=\n" +
+	"\ragent_version\x18\r \x01(\tR\fagentVersion\x12\x1b\n" +
+	"\ttunnel_ip\x18\x0e \x01(\tR\btunnelIp\"=\n" +
 	"\x13RegisterHostRequest\x12&\n" +
 	"\x04host\x18\x01 \x01(\v2\x12.minicloud.v1.HostR\x04host\"\xa8\x01\n" +
 	"\x14RegisterHostResponse\x12&\n" +
@@ -1036,11 +1845,64 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x16AgentConsoleLogRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x1d\n" +
 	"\n" +
-	"tail_bytes\x18\x02 \x01(\x03R\ttailBytes*O\n" +
+	"tail_bytes\x18\x02 \x01(\x03R\ttailBytes\".\n" +
+	"\x18WatchNetworkPortsRequest\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\"\x88\x02\n" +
+	"\vNetworkPort\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x17\n" +
+	"\avm_name\x18\x02 \x01(\tR\x06vmName\x12\x18\n" +
+	"\aproject\x18\x03 \x01(\tR\aproject\x12\x18\n" +
+	"\anetwork\x18\x04 \x01(\tR\anetwork\x12\x16\n" +
+	"\x06bridge\x18\x05 \x01(\tR\x06bridge\x12\x10\n" +
+	"\x03vni\x18\x06 \x01(\rR\x03vni\x12\x10\n" +
+	"\x03mac\x18\a \x01(\tR\x03mac\x12\x0e\n" +
+	"\x02ip\x18\b \x01(\tR\x02ip\x12\x12\n" +
+	"\x04host\x18\t \x01(\tR\x04host\x12\x1b\n" +
+	"\ttunnel_ip\x18\n" +
+	" \x01(\tR\btunnelIp\x12\x1a\n" +
+	"\bhostname\x18\v \x01(\tR\bhostname\"c\n" +
+	"\x14NetworkPortsSnapshot\x12/\n" +
+	"\x05ports\x18\x01 \x03(\v2\x19.minicloud.v1.NetworkPortR\x05ports\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\"[\n" +
+	"\x16CreateJoinTokenRequest\x12\x1f\n" +
+	"\vttl_seconds\x18\x01 \x01(\x03R\n" +
+	"ttlSeconds\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\"\x9c\x01\n" +
+	"\x17CreateJoinTokenResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12\x17\n" +
+	"\aca_hash\x18\x03 \x01(\tR\x06caHash\x12\x15\n" +
+	"\x06ca_pem\x18\x04 \x01(\fR\x05caPem\"\x17\n" +
+	"\x15ListJoinTokensRequest\"\xbb\x01\n" +
+	"\rJoinTokenInfo\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12;\n" +
+	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12 \n" +
+	"\vdescription\x18\x04 \x01(\tR\vdescription\"M\n" +
+	"\x16ListJoinTokensResponse\x123\n" +
+	"\x06tokens\x18\x01 \x03(\v2\x1b.minicloud.v1.JoinTokenInfoR\x06tokens\"(\n" +
+	"\x16DeleteJoinTokenRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x19\n" +
+	"\x17DeleteJoinTokenResponse\"]\n" +
+	"\x0fJoinHostRequest\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
+	"\thost_name\x18\x02 \x01(\tR\bhostName\x12\x17\n" +
+	"\acsr_pem\x18\x03 \x01(\fR\x06csrPem\"\\\n" +
+	"\x10JoinHostResponse\x12\x19\n" +
+	"\bcert_pem\x18\x01 \x01(\fR\acertPem\x12\x15\n" +
+	"\x06ca_pem\x18\x02 \x01(\fR\x05caPem\x12\x16\n" +
+	"\x06serial\x18\x03 \x01(\tR\x06serial\"'\n" +
+	"\x11RevokeHostRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"=\n" +
+	"\x12RevokeHostResponse\x12'\n" +
+	"\x0frevoked_serials\x18\x01 \x03(\tR\x0erevokedSerials*O\n" +
 	"\tHostState\x12\x1a\n" +
 	"\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rHOST_STATE_UP\x10\x01\x12\x13\n" +
-	"\x0fHOST_STATE_DOWN\x10\x022\xfe\x04\n" +
+	"\x0fHOST_STATE_DOWN\x10\x022\x9a\t\n" +
 	"\vHostService\x12U\n" +
 	"\fRegisterHost\x12!.minicloud.v1.RegisterHostRequest\x1a\".minicloud.v1.RegisterHostResponse\x12L\n" +
 	"\tHeartbeat\x12\x1e.minicloud.v1.HeartbeatRequest\x1a\x1f.minicloud.v1.HeartbeatResponse\x12Z\n" +
@@ -1050,7 +1912,14 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\aGetHost\x12\x1c.minicloud.v1.GetHostRequest\x1a\x12.minicloud.v1.Host\x12C\n" +
 	"\vDisableHost\x12 .minicloud.v1.DisableHostRequest\x1a\x12.minicloud.v1.Host\x12A\n" +
 	"\n" +
-	"EnableHost\x12\x1f.minicloud.v1.EnableHostRequest\x1a\x12.minicloud.v1.Host2j\n" +
+	"EnableHost\x12\x1f.minicloud.v1.EnableHostRequest\x1a\x12.minicloud.v1.Host\x12a\n" +
+	"\x11WatchNetworkPorts\x12&.minicloud.v1.WatchNetworkPortsRequest\x1a\".minicloud.v1.NetworkPortsSnapshot0\x01\x12^\n" +
+	"\x0fCreateJoinToken\x12$.minicloud.v1.CreateJoinTokenRequest\x1a%.minicloud.v1.CreateJoinTokenResponse\x12[\n" +
+	"\x0eListJoinTokens\x12#.minicloud.v1.ListJoinTokensRequest\x1a$.minicloud.v1.ListJoinTokensResponse\x12^\n" +
+	"\x0fDeleteJoinToken\x12$.minicloud.v1.DeleteJoinTokenRequest\x1a%.minicloud.v1.DeleteJoinTokenResponse\x12I\n" +
+	"\bJoinHost\x12\x1d.minicloud.v1.JoinHostRequest\x1a\x1e.minicloud.v1.JoinHostResponse\x12O\n" +
+	"\n" +
+	"RevokeHost\x12\x1f.minicloud.v1.RevokeHostRequest\x1a .minicloud.v1.RevokeHostResponse2j\n" +
 	"\fAgentService\x12Z\n" +
 	"\rGetConsoleLog\x12$.minicloud.v1.AgentConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
@@ -1067,71 +1936,102 @@ func file_minicloud_v1_host_proto_rawDescGZIP() []byte {
 }
 
 var file_minicloud_v1_host_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_minicloud_v1_host_proto_goTypes = []any{
-	(HostState)(0),                  // 0: minicloud.v1.HostState
-	(*AllocationRatios)(nil),        // 1: minicloud.v1.AllocationRatios
-	(*Host)(nil),                    // 2: minicloud.v1.Host
-	(*RegisterHostRequest)(nil),     // 3: minicloud.v1.RegisterHostRequest
-	(*RegisterHostResponse)(nil),    // 4: minicloud.v1.RegisterHostResponse
-	(*HeartbeatRequest)(nil),        // 5: minicloud.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),       // 6: minicloud.v1.HeartbeatResponse
-	(*WatchAssignmentsRequest)(nil), // 7: minicloud.v1.WatchAssignmentsRequest
-	(*AssignmentEvent)(nil),         // 8: minicloud.v1.AssignmentEvent
-	(*ReportVMStatusRequest)(nil),   // 9: minicloud.v1.ReportVMStatusRequest
-	(*ReportVMStatusResponse)(nil),  // 10: minicloud.v1.ReportVMStatusResponse
-	(*ListHostsRequest)(nil),        // 11: minicloud.v1.ListHostsRequest
-	(*ListHostsResponse)(nil),       // 12: minicloud.v1.ListHostsResponse
-	(*GetHostRequest)(nil),          // 13: minicloud.v1.GetHostRequest
-	(*DisableHostRequest)(nil),      // 14: minicloud.v1.DisableHostRequest
-	(*EnableHostRequest)(nil),       // 15: minicloud.v1.EnableHostRequest
-	(*AgentConsoleLogRequest)(nil),  // 16: minicloud.v1.AgentConsoleLogRequest
-	(*ObjectMeta)(nil),              // 17: minicloud.v1.ObjectMeta
-	(*Resources)(nil),               // 18: minicloud.v1.Resources
-	(*timestamppb.Timestamp)(nil),   // 19: google.protobuf.Timestamp
-	(WatchEventType)(0),             // 20: minicloud.v1.WatchEventType
-	(*VM)(nil),                      // 21: minicloud.v1.VM
-	(*VMStatus)(nil),                // 22: minicloud.v1.VMStatus
-	(*Event)(nil),                   // 23: minicloud.v1.Event
-	(*GetConsoleLogResponse)(nil),   // 24: minicloud.v1.GetConsoleLogResponse
+	(HostState)(0),                   // 0: minicloud.v1.HostState
+	(*AllocationRatios)(nil),         // 1: minicloud.v1.AllocationRatios
+	(*Host)(nil),                     // 2: minicloud.v1.Host
+	(*RegisterHostRequest)(nil),      // 3: minicloud.v1.RegisterHostRequest
+	(*RegisterHostResponse)(nil),     // 4: minicloud.v1.RegisterHostResponse
+	(*HeartbeatRequest)(nil),         // 5: minicloud.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),        // 6: minicloud.v1.HeartbeatResponse
+	(*WatchAssignmentsRequest)(nil),  // 7: minicloud.v1.WatchAssignmentsRequest
+	(*AssignmentEvent)(nil),          // 8: minicloud.v1.AssignmentEvent
+	(*ReportVMStatusRequest)(nil),    // 9: minicloud.v1.ReportVMStatusRequest
+	(*ReportVMStatusResponse)(nil),   // 10: minicloud.v1.ReportVMStatusResponse
+	(*ListHostsRequest)(nil),         // 11: minicloud.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),        // 12: minicloud.v1.ListHostsResponse
+	(*GetHostRequest)(nil),           // 13: minicloud.v1.GetHostRequest
+	(*DisableHostRequest)(nil),       // 14: minicloud.v1.DisableHostRequest
+	(*EnableHostRequest)(nil),        // 15: minicloud.v1.EnableHostRequest
+	(*AgentConsoleLogRequest)(nil),   // 16: minicloud.v1.AgentConsoleLogRequest
+	(*WatchNetworkPortsRequest)(nil), // 17: minicloud.v1.WatchNetworkPortsRequest
+	(*NetworkPort)(nil),              // 18: minicloud.v1.NetworkPort
+	(*NetworkPortsSnapshot)(nil),     // 19: minicloud.v1.NetworkPortsSnapshot
+	(*CreateJoinTokenRequest)(nil),   // 20: minicloud.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),  // 21: minicloud.v1.CreateJoinTokenResponse
+	(*ListJoinTokensRequest)(nil),    // 22: minicloud.v1.ListJoinTokensRequest
+	(*JoinTokenInfo)(nil),            // 23: minicloud.v1.JoinTokenInfo
+	(*ListJoinTokensResponse)(nil),   // 24: minicloud.v1.ListJoinTokensResponse
+	(*DeleteJoinTokenRequest)(nil),   // 25: minicloud.v1.DeleteJoinTokenRequest
+	(*DeleteJoinTokenResponse)(nil),  // 26: minicloud.v1.DeleteJoinTokenResponse
+	(*JoinHostRequest)(nil),          // 27: minicloud.v1.JoinHostRequest
+	(*JoinHostResponse)(nil),         // 28: minicloud.v1.JoinHostResponse
+	(*RevokeHostRequest)(nil),        // 29: minicloud.v1.RevokeHostRequest
+	(*RevokeHostResponse)(nil),       // 30: minicloud.v1.RevokeHostResponse
+	(*ObjectMeta)(nil),               // 31: minicloud.v1.ObjectMeta
+	(*Resources)(nil),                // 32: minicloud.v1.Resources
+	(*timestamppb.Timestamp)(nil),    // 33: google.protobuf.Timestamp
+	(WatchEventType)(0),              // 34: minicloud.v1.WatchEventType
+	(*VM)(nil),                       // 35: minicloud.v1.VM
+	(*VMStatus)(nil),                 // 36: minicloud.v1.VMStatus
+	(*Event)(nil),                    // 37: minicloud.v1.Event
+	(*GetConsoleLogResponse)(nil),    // 38: minicloud.v1.GetConsoleLogResponse
 }
 var file_minicloud_v1_host_proto_depIdxs = []int32{
-	17, // 0: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
-	18, // 1: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
+	31, // 0: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
+	32, // 1: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
 	1,  // 2: minicloud.v1.Host.allocation_ratios:type_name -> minicloud.v1.AllocationRatios
 	0,  // 3: minicloud.v1.Host.state:type_name -> minicloud.v1.HostState
-	19, // 4: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	18, // 5: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
+	33, // 4: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	32, // 5: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
 	2,  // 6: minicloud.v1.RegisterHostRequest.host:type_name -> minicloud.v1.Host
 	2,  // 7: minicloud.v1.RegisterHostResponse.host:type_name -> minicloud.v1.Host
-	20, // 8: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
-	21, // 9: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
-	22, // 10: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
-	23, // 11: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
+	34, // 8: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
+	35, // 9: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
+	36, // 10: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
+	37, // 11: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
 	2,  // 12: minicloud.v1.ListHostsResponse.hosts:type_name -> minicloud.v1.Host
-	3,  // 13: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
-	5,  // 14: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
-	7,  // 15: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
-	9,  // 16: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
-	11, // 17: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
-	13, // 18: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
-	14, // 19: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
-	15, // 20: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
-	16, // 21: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
-	4,  // 22: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
-	6,  // 23: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
-	8,  // 24: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
-	10, // 25: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
-	12, // 26: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
-	2,  // 27: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
-	2,  // 28: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
-	2,  // 29: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
-	24, // 30: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	22, // [22:31] is the sub-list for method output_type
-	13, // [13:22] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	18, // 13: minicloud.v1.NetworkPortsSnapshot.ports:type_name -> minicloud.v1.NetworkPort
+	33, // 14: minicloud.v1.CreateJoinTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	33, // 15: minicloud.v1.JoinTokenInfo.expire_time:type_name -> google.protobuf.Timestamp
+	33, // 16: minicloud.v1.JoinTokenInfo.create_time:type_name -> google.protobuf.Timestamp
+	23, // 17: minicloud.v1.ListJoinTokensResponse.tokens:type_name -> minicloud.v1.JoinTokenInfo
+	3,  // 18: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
+	5,  // 19: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
+	7,  // 20: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
+	9,  // 21: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
+	11, // 22: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
+	13, // 23: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
+	14, // 24: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
+	15, // 25: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
+	17, // 26: minicloud.v1.HostService.WatchNetworkPorts:input_type -> minicloud.v1.WatchNetworkPortsRequest
+	20, // 27: minicloud.v1.HostService.CreateJoinToken:input_type -> minicloud.v1.CreateJoinTokenRequest
+	22, // 28: minicloud.v1.HostService.ListJoinTokens:input_type -> minicloud.v1.ListJoinTokensRequest
+	25, // 29: minicloud.v1.HostService.DeleteJoinToken:input_type -> minicloud.v1.DeleteJoinTokenRequest
+	27, // 30: minicloud.v1.HostService.JoinHost:input_type -> minicloud.v1.JoinHostRequest
+	29, // 31: minicloud.v1.HostService.RevokeHost:input_type -> minicloud.v1.RevokeHostRequest
+	16, // 32: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
+	4,  // 33: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
+	6,  // 34: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
+	8,  // 35: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
+	10, // 36: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
+	12, // 37: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
+	2,  // 38: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
+	2,  // 39: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
+	2,  // 40: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
+	19, // 41: minicloud.v1.HostService.WatchNetworkPorts:output_type -> minicloud.v1.NetworkPortsSnapshot
+	21, // 42: minicloud.v1.HostService.CreateJoinToken:output_type -> minicloud.v1.CreateJoinTokenResponse
+	24, // 43: minicloud.v1.HostService.ListJoinTokens:output_type -> minicloud.v1.ListJoinTokensResponse
+	26, // 44: minicloud.v1.HostService.DeleteJoinToken:output_type -> minicloud.v1.DeleteJoinTokenResponse
+	28, // 45: minicloud.v1.HostService.JoinHost:output_type -> minicloud.v1.JoinHostResponse
+	30, // 46: minicloud.v1.HostService.RevokeHost:output_type -> minicloud.v1.RevokeHostResponse
+	38, // 47: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	33, // [33:48] is the sub-list for method output_type
+	18, // [18:33] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_host_proto_init() }
@@ -1147,7 +2047,7 @@ func file_minicloud_v1_host_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_host_proto_rawDesc), len(file_minicloud_v1_host_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

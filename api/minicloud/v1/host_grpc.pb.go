@@ -19,14 +19,20 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	HostService_RegisterHost_FullMethodName     = "/minicloud.v1.HostService/RegisterHost"
-	HostService_Heartbeat_FullMethodName        = "/minicloud.v1.HostService/Heartbeat"
-	HostService_WatchAssignments_FullMethodName = "/minicloud.v1.HostService/WatchAssignments"
-	HostService_ReportVMStatus_FullMethodName   = "/minicloud.v1.HostService/ReportVMStatus"
-	HostService_ListHosts_FullMethodName        = "/minicloud.v1.HostService/ListHosts"
-	HostService_GetHost_FullMethodName          = "/minicloud.v1.HostService/GetHost"
-	HostService_DisableHost_FullMethodName      = "/minicloud.v1.HostService/DisableHost"
-	HostService_EnableHost_FullMethodName       = "/minicloud.v1.HostService/EnableHost"
+	HostService_RegisterHost_FullMethodName      = "/minicloud.v1.HostService/RegisterHost"
+	HostService_Heartbeat_FullMethodName         = "/minicloud.v1.HostService/Heartbeat"
+	HostService_WatchAssignments_FullMethodName  = "/minicloud.v1.HostService/WatchAssignments"
+	HostService_ReportVMStatus_FullMethodName    = "/minicloud.v1.HostService/ReportVMStatus"
+	HostService_ListHosts_FullMethodName         = "/minicloud.v1.HostService/ListHosts"
+	HostService_GetHost_FullMethodName           = "/minicloud.v1.HostService/GetHost"
+	HostService_DisableHost_FullMethodName       = "/minicloud.v1.HostService/DisableHost"
+	HostService_EnableHost_FullMethodName        = "/minicloud.v1.HostService/EnableHost"
+	HostService_WatchNetworkPorts_FullMethodName = "/minicloud.v1.HostService/WatchNetworkPorts"
+	HostService_CreateJoinToken_FullMethodName   = "/minicloud.v1.HostService/CreateJoinToken"
+	HostService_ListJoinTokens_FullMethodName    = "/minicloud.v1.HostService/ListJoinTokens"
+	HostService_DeleteJoinToken_FullMethodName   = "/minicloud.v1.HostService/DeleteJoinToken"
+	HostService_JoinHost_FullMethodName          = "/minicloud.v1.HostService/JoinHost"
+	HostService_RevokeHost_FullMethodName        = "/minicloud.v1.HostService/RevokeHost"
 )
 
 // HostServiceClient is the client API for HostService service.
@@ -50,6 +56,32 @@ type HostServiceClient interface {
 	GetHost(ctx context.Context, in *GetHostRequest, opts ...grpc.CallOption) (*Host, error)
 	DisableHost(ctx context.Context, in *DisableHostRequest, opts ...grpc.CallOption) (*Host, error)
 	EnableHost(ctx context.Context, in *EnableHostRequest, opts ...grpc.CallOption) (*Host, error)
+	// WatchNetworkPorts streams, for one host, every guest port (on any host)
+	// of the networks that host has VMs on, with each port's host tunnel
+	// address. It is level-triggered: every message is the complete set, sent
+	// at once and again after each change, so a reconnecting agent simply
+	// converges to the first message it gets. The agent programs its VXLAN
+	// forwarding entries and its DNS from it.
+	WatchNetworkPorts(ctx context.Context, in *WatchNetworkPortsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[NetworkPortsSnapshot], error)
+	// CreateJoinToken makes a one-time bootstrap token a new host joins
+	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
+	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error)
+	// ListJoinTokens lists the unspent, unexpired join tokens (ids only: the
+	// secrets are not stored).
+	ListJoinTokens(ctx context.Context, in *ListJoinTokensRequest, opts ...grpc.CallOption) (*ListJoinTokensResponse, error)
+	// DeleteJoinToken withdraws an unspent token (e.g. one that leaked).
+	DeleteJoinToken(ctx context.Context, in *DeleteJoinTokenRequest, opts ...grpc.CallOption) (*DeleteJoinTokenResponse, error)
+	// JoinHost exchanges a join token and a certificate request for the
+	// host's certificate (kubeadm's TLS bootstrap). It is the one HostService
+	// call an agent makes without a client certificate. The token is spent in
+	// the transaction that records the certificate; a refused join (bad,
+	// used or expired token, a host of that name registered and UP) writes
+	// nothing. Joining again under a name revokes the name's earlier
+	// certificates.
+	JoinHost(ctx context.Context, in *JoinHostRequest, opts ...grpc.CallOption) (*JoinHostResponse, error)
+	// RevokeHost revokes every certificate issued to a host: from then on
+	// each of its calls is refused, and it is marked DOWN.
+	RevokeHost(ctx context.Context, in *RevokeHostRequest, opts ...grpc.CallOption) (*RevokeHostResponse, error)
 }
 
 type hostServiceClient struct {
@@ -149,6 +181,75 @@ func (c *hostServiceClient) EnableHost(ctx context.Context, in *EnableHostReques
 	return out, nil
 }
 
+func (c *hostServiceClient) WatchNetworkPorts(ctx context.Context, in *WatchNetworkPortsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[NetworkPortsSnapshot], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &HostService_ServiceDesc.Streams[1], HostService_WatchNetworkPorts_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchNetworkPortsRequest, NetworkPortsSnapshot]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type HostService_WatchNetworkPortsClient = grpc.ServerStreamingClient[NetworkPortsSnapshot]
+
+func (c *hostServiceClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateJoinTokenResponse)
+	err := c.cc.Invoke(ctx, HostService_CreateJoinToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostServiceClient) ListJoinTokens(ctx context.Context, in *ListJoinTokensRequest, opts ...grpc.CallOption) (*ListJoinTokensResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListJoinTokensResponse)
+	err := c.cc.Invoke(ctx, HostService_ListJoinTokens_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostServiceClient) DeleteJoinToken(ctx context.Context, in *DeleteJoinTokenRequest, opts ...grpc.CallOption) (*DeleteJoinTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteJoinTokenResponse)
+	err := c.cc.Invoke(ctx, HostService_DeleteJoinToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostServiceClient) JoinHost(ctx context.Context, in *JoinHostRequest, opts ...grpc.CallOption) (*JoinHostResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(JoinHostResponse)
+	err := c.cc.Invoke(ctx, HostService_JoinHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostServiceClient) RevokeHost(ctx context.Context, in *RevokeHostRequest, opts ...grpc.CallOption) (*RevokeHostResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeHostResponse)
+	err := c.cc.Invoke(ctx, HostService_RevokeHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // HostServiceServer is the server API for HostService service.
 // All implementations must embed UnimplementedHostServiceServer
 // for forward compatibility.
@@ -170,6 +271,32 @@ type HostServiceServer interface {
 	GetHost(context.Context, *GetHostRequest) (*Host, error)
 	DisableHost(context.Context, *DisableHostRequest) (*Host, error)
 	EnableHost(context.Context, *EnableHostRequest) (*Host, error)
+	// WatchNetworkPorts streams, for one host, every guest port (on any host)
+	// of the networks that host has VMs on, with each port's host tunnel
+	// address. It is level-triggered: every message is the complete set, sent
+	// at once and again after each change, so a reconnecting agent simply
+	// converges to the first message it gets. The agent programs its VXLAN
+	// forwarding entries and its DNS from it.
+	WatchNetworkPorts(*WatchNetworkPortsRequest, grpc.ServerStreamingServer[NetworkPortsSnapshot]) error
+	// CreateJoinToken makes a one-time bootstrap token a new host joins
+	// with (kubeadm's bootstrap token): "<id>.<secret>", stored hashed.
+	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error)
+	// ListJoinTokens lists the unspent, unexpired join tokens (ids only: the
+	// secrets are not stored).
+	ListJoinTokens(context.Context, *ListJoinTokensRequest) (*ListJoinTokensResponse, error)
+	// DeleteJoinToken withdraws an unspent token (e.g. one that leaked).
+	DeleteJoinToken(context.Context, *DeleteJoinTokenRequest) (*DeleteJoinTokenResponse, error)
+	// JoinHost exchanges a join token and a certificate request for the
+	// host's certificate (kubeadm's TLS bootstrap). It is the one HostService
+	// call an agent makes without a client certificate. The token is spent in
+	// the transaction that records the certificate; a refused join (bad,
+	// used or expired token, a host of that name registered and UP) writes
+	// nothing. Joining again under a name revokes the name's earlier
+	// certificates.
+	JoinHost(context.Context, *JoinHostRequest) (*JoinHostResponse, error)
+	// RevokeHost revokes every certificate issued to a host: from then on
+	// each of its calls is refused, and it is marked DOWN.
+	RevokeHost(context.Context, *RevokeHostRequest) (*RevokeHostResponse, error)
 	mustEmbedUnimplementedHostServiceServer()
 }
 
@@ -203,6 +330,24 @@ func (UnimplementedHostServiceServer) DisableHost(context.Context, *DisableHostR
 }
 func (UnimplementedHostServiceServer) EnableHost(context.Context, *EnableHostRequest) (*Host, error) {
 	return nil, status.Error(codes.Unimplemented, "method EnableHost not implemented")
+}
+func (UnimplementedHostServiceServer) WatchNetworkPorts(*WatchNetworkPortsRequest, grpc.ServerStreamingServer[NetworkPortsSnapshot]) error {
+	return status.Error(codes.Unimplemented, "method WatchNetworkPorts not implemented")
+}
+func (UnimplementedHostServiceServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
+}
+func (UnimplementedHostServiceServer) ListJoinTokens(context.Context, *ListJoinTokensRequest) (*ListJoinTokensResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListJoinTokens not implemented")
+}
+func (UnimplementedHostServiceServer) DeleteJoinToken(context.Context, *DeleteJoinTokenRequest) (*DeleteJoinTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteJoinToken not implemented")
+}
+func (UnimplementedHostServiceServer) JoinHost(context.Context, *JoinHostRequest) (*JoinHostResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method JoinHost not implemented")
+}
+func (UnimplementedHostServiceServer) RevokeHost(context.Context, *RevokeHostRequest) (*RevokeHostResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeHost not implemented")
 }
 func (UnimplementedHostServiceServer) mustEmbedUnimplementedHostServiceServer() {}
 func (UnimplementedHostServiceServer) testEmbeddedByValue()                     {}
@@ -362,6 +507,107 @@ func _HostService_EnableHost_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _HostService_WatchNetworkPorts_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchNetworkPortsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(HostServiceServer).WatchNetworkPorts(m, &grpc.GenericServerStream[WatchNetworkPortsRequest, NetworkPortsSnapshot]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type HostService_WatchNetworkPortsServer = grpc.ServerStreamingServer[NetworkPortsSnapshot]
+
+func _HostService_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateJoinTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).CreateJoinToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_CreateJoinToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).CreateJoinToken(ctx, req.(*CreateJoinTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostService_ListJoinTokens_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListJoinTokensRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).ListJoinTokens(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_ListJoinTokens_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).ListJoinTokens(ctx, req.(*ListJoinTokensRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostService_DeleteJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteJoinTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).DeleteJoinToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_DeleteJoinToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).DeleteJoinToken(ctx, req.(*DeleteJoinTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostService_JoinHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(JoinHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).JoinHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_JoinHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).JoinHost(ctx, req.(*JoinHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostService_RevokeHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).RevokeHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_RevokeHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).RevokeHost(ctx, req.(*RevokeHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // HostService_ServiceDesc is the grpc.ServiceDesc for HostService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -397,11 +643,36 @@ var HostService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "EnableHost",
 			Handler:    _HostService_EnableHost_Handler,
 		},
+		{
+			MethodName: "CreateJoinToken",
+			Handler:    _HostService_CreateJoinToken_Handler,
+		},
+		{
+			MethodName: "ListJoinTokens",
+			Handler:    _HostService_ListJoinTokens_Handler,
+		},
+		{
+			MethodName: "DeleteJoinToken",
+			Handler:    _HostService_DeleteJoinToken_Handler,
+		},
+		{
+			MethodName: "JoinHost",
+			Handler:    _HostService_JoinHost_Handler,
+		},
+		{
+			MethodName: "RevokeHost",
+			Handler:    _HostService_RevokeHost_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "WatchAssignments",
 			Handler:       _HostService_WatchAssignments_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchNetworkPorts",
+			Handler:       _HostService_WatchNetworkPorts_Handler,
 			ServerStreams: true,
 		},
 	},

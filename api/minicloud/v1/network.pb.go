@@ -33,8 +33,12 @@ type Network struct {
 	// bridge is the Linux bridge name on every host ("mc-" + a short hash).
 	Bridge string `protobuf:"bytes,5,opt,name=bridge,proto3" json:"bridge,omitempty"`
 	// masquerade egress to the outside through the host.
-	Nat           bool     `protobuf:"varint,6,opt,name=nat,proto3" json:"nat,omitempty"`
-	DnsServers    []string `protobuf:"bytes,7,rep,name=dns_servers,json=dnsServers,proto3" json:"dns_servers,omitempty"`
+	Nat        bool     `protobuf:"varint,6,opt,name=nat,proto3" json:"nat,omitempty"`
+	DnsServers []string `protobuf:"bytes,7,rep,name=dns_servers,json=dnsServers,proto3" json:"dns_servers,omitempty"`
+	// vni is the network's VXLAN segment id (1-16777215), allocated by the
+	// API at create and released at delete: hosts with a tunnel address join
+	// the network's VMs across hosts on it.
+	Vni           uint32 `protobuf:"varint,8,opt,name=vni,proto3" json:"vni,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -118,14 +122,26 @@ func (x *Network) GetDnsServers() []string {
 	return nil
 }
 
+func (x *Network) GetVni() uint32 {
+	if x != nil {
+		return x.Vni
+	}
+	return 0
+}
+
 type CreateNetworkRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Project       string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
-	Cidr          string                 `protobuf:"bytes,3,opt,name=cidr,proto3" json:"cidr,omitempty"`
-	Gateway       string                 `protobuf:"bytes,4,opt,name=gateway,proto3" json:"gateway,omitempty"`
-	Mtu           int32                  `protobuf:"varint,5,opt,name=mtu,proto3" json:"mtu,omitempty"`
-	DisableNat    bool                   `protobuf:"varint,6,opt,name=disable_nat,json=disableNat,proto3" json:"disable_nat,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Project string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
+	Cidr    string                 `protobuf:"bytes,3,opt,name=cidr,proto3" json:"cidr,omitempty"`
+	Gateway string                 `protobuf:"bytes,4,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	// mtu defaults to 1450: a 1500-byte underlay minus the 50 bytes of VXLAN
+	// encapsulation, so the network can span hosts.
+	Mtu        int32 `protobuf:"varint,5,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	DisableNat bool  `protobuf:"varint,6,opt,name=disable_nat,json=disableNat,proto3" json:"disable_nat,omitempty"`
+	// dns_servers (IPv4, at most 3) replace the gateway as the guests'
+	// resolvers (DHCP option 6).
+	DnsServers    []string `protobuf:"bytes,7,rep,name=dns_servers,json=dnsServers,proto3" json:"dns_servers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -200,6 +216,13 @@ func (x *CreateNetworkRequest) GetDisableNat() bool {
 		return x.DisableNat
 	}
 	return false
+}
+
+func (x *CreateNetworkRequest) GetDnsServers() []string {
+	if x != nil {
+		return x.DnsServers
+	}
+	return nil
 }
 
 type GetNetworkRequest struct {
@@ -434,7 +457,7 @@ var File_minicloud_v1_network_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_network_proto_rawDesc = "" +
 	"\n" +
-	"\x1aminicloud/v1/network.proto\x12\fminicloud.v1\x1a\x19minicloud/v1/common.proto\"\xc2\x01\n" +
+	"\x1aminicloud/v1/network.proto\x12\fminicloud.v1\x1a\x19minicloud/v1/common.proto\"\xd4\x01\n" +
 	"\aNetwork\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x12\x12\n" +
 	"\x04cidr\x18\x02 \x01(\tR\x04cidr\x12\x18\n" +
@@ -443,7 +466,8 @@ const file_minicloud_v1_network_proto_rawDesc = "" +
 	"\x06bridge\x18\x05 \x01(\tR\x06bridge\x12\x10\n" +
 	"\x03nat\x18\x06 \x01(\bR\x03nat\x12\x1f\n" +
 	"\vdns_servers\x18\a \x03(\tR\n" +
-	"dnsServers\"\xa5\x01\n" +
+	"dnsServers\x12\x10\n" +
+	"\x03vni\x18\b \x01(\rR\x03vni\"\xc6\x01\n" +
 	"\x14CreateNetworkRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\x12\x12\n" +
@@ -451,7 +475,9 @@ const file_minicloud_v1_network_proto_rawDesc = "" +
 	"\agateway\x18\x04 \x01(\tR\agateway\x12\x10\n" +
 	"\x03mtu\x18\x05 \x01(\x05R\x03mtu\x12\x1f\n" +
 	"\vdisable_nat\x18\x06 \x01(\bR\n" +
-	"disableNat\"A\n" +
+	"disableNat\x12\x1f\n" +
+	"\vdns_servers\x18\a \x03(\tR\n" +
+	"dnsServers\"A\n" +
 	"\x11GetNetworkRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\"/\n" +

@@ -162,6 +162,218 @@ func (x *Claim) GetTime() *timestamppb.Timestamp {
 	return nil
 }
 
+// ClusterCA is the cluster's certificate authority (pki/ca), created once
+// by the first API server to start (see docs/security.md).
+type ClusterCA struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CertPem       []byte                 `protobuf:"bytes,1,opt,name=cert_pem,json=certPem,proto3" json:"cert_pem,omitempty"`
+	KeyPem        []byte                 `protobuf:"bytes,2,opt,name=key_pem,json=keyPem,proto3" json:"key_pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterCA) Reset() {
+	*x = ClusterCA{}
+	mi := &file_minicloud_v1_store_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterCA) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterCA) ProtoMessage() {}
+
+func (x *ClusterCA) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_store_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterCA.ProtoReflect.Descriptor instead.
+func (*ClusterCA) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_store_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ClusterCA) GetCertPem() []byte {
+	if x != nil {
+		return x.CertPem
+	}
+	return nil
+}
+
+func (x *ClusterCA) GetKeyPem() []byte {
+	if x != nil {
+		return x.KeyPem
+	}
+	return nil
+}
+
+// JoinToken is a one-time bootstrap token (pki/jointokens/<id>); only the
+// SHA-256 of its secret is stored. The key is attached to a lease that
+// ends at expire_time, and expire_time is also checked on use.
+type JoinToken struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SecretSha256  []byte                 `protobuf:"bytes,1,opt,name=secret_sha256,json=secretSha256,proto3" json:"secret_sha256,omitempty"`
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	Description   string                 `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinToken) Reset() {
+	*x = JoinToken{}
+	mi := &file_minicloud_v1_store_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinToken) ProtoMessage() {}
+
+func (x *JoinToken) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_store_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinToken.ProtoReflect.Descriptor instead.
+func (*JoinToken) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_store_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *JoinToken) GetSecretSha256() []byte {
+	if x != nil {
+		return x.SecretSha256
+	}
+	return nil
+}
+
+func (x *JoinToken) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *JoinToken) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *JoinToken) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+// IssuedCert records a certificate issued to a host
+// (pki/hostcerts/<host>/<serial>), and, once revoked, sits on the
+// deny-list (pki/revoked/<serial>).
+type IssuedCert struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	Serial        string                 `protobuf:"bytes,2,opt,name=serial,proto3" json:"serial,omitempty"`
+	IssueTime     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=issue_time,json=issueTime,proto3" json:"issue_time,omitempty"`
+	NotAfter      *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`
+	JoinTokenId   string                 `protobuf:"bytes,5,opt,name=join_token_id,json=joinTokenId,proto3" json:"join_token_id,omitempty"`
+	RevokeTime    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=revoke_time,json=revokeTime,proto3" json:"revoke_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssuedCert) Reset() {
+	*x = IssuedCert{}
+	mi := &file_minicloud_v1_store_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssuedCert) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssuedCert) ProtoMessage() {}
+
+func (x *IssuedCert) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_store_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssuedCert.ProtoReflect.Descriptor instead.
+func (*IssuedCert) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_store_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *IssuedCert) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *IssuedCert) GetSerial() string {
+	if x != nil {
+		return x.Serial
+	}
+	return ""
+}
+
+func (x *IssuedCert) GetIssueTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.IssueTime
+	}
+	return nil
+}
+
+func (x *IssuedCert) GetNotAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NotAfter
+	}
+	return nil
+}
+
+func (x *IssuedCert) GetJoinTokenId() string {
+	if x != nil {
+		return x.JoinTokenId
+	}
+	return ""
+}
+
+func (x *IssuedCert) GetRevokeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokeTime
+	}
+	return nil
+}
+
 var File_minicloud_v1_store_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_store_proto_rawDesc = "" +
@@ -176,7 +388,27 @@ const file_minicloud_v1_store_proto_rawDesc = "" +
 	"\tresources\x18\x03 \x01(\v2\x17.minicloud.v1.ResourcesR\tresources\x12\x18\n" +
 	"\aproject\x18\x04 \x01(\tR\aproject\x12!\n" +
 	"\fserver_group\x18\x05 \x01(\tR\vserverGroup\x12.\n" +
-	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04timeB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"?\n" +
+	"\tClusterCA\x12\x19\n" +
+	"\bcert_pem\x18\x01 \x01(\fR\acertPem\x12\x17\n" +
+	"\akey_pem\x18\x02 \x01(\fR\x06keyPem\"\xcc\x01\n" +
+	"\tJoinToken\x12#\n" +
+	"\rsecret_sha256\x18\x01 \x01(\fR\fsecretSha256\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12;\n" +
+	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12 \n" +
+	"\vdescription\x18\x04 \x01(\tR\vdescription\"\x8d\x02\n" +
+	"\n" +
+	"IssuedCert\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\x12\x16\n" +
+	"\x06serial\x18\x02 \x01(\tR\x06serial\x129\n" +
+	"\n" +
+	"issue_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tissueTime\x127\n" +
+	"\tnot_after\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\bnotAfter\x12\"\n" +
+	"\rjoin_token_id\x18\x05 \x01(\tR\vjoinTokenId\x12;\n" +
+	"\vrevoke_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"revokeTimeB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_store_proto_rawDescOnce sync.Once
@@ -190,22 +422,30 @@ func file_minicloud_v1_store_proto_rawDescGZIP() []byte {
 	return file_minicloud_v1_store_proto_rawDescData
 }
 
-var file_minicloud_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_minicloud_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_minicloud_v1_store_proto_goTypes = []any{
 	(*HostAllocation)(nil),        // 0: minicloud.v1.HostAllocation
 	(*Claim)(nil),                 // 1: minicloud.v1.Claim
-	(*Resources)(nil),             // 2: minicloud.v1.Resources
-	(*timestamppb.Timestamp)(nil), // 3: google.protobuf.Timestamp
+	(*ClusterCA)(nil),             // 2: minicloud.v1.ClusterCA
+	(*JoinToken)(nil),             // 3: minicloud.v1.JoinToken
+	(*IssuedCert)(nil),            // 4: minicloud.v1.IssuedCert
+	(*Resources)(nil),             // 5: minicloud.v1.Resources
+	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
 }
 var file_minicloud_v1_store_proto_depIdxs = []int32{
-	2, // 0: minicloud.v1.HostAllocation.allocated:type_name -> minicloud.v1.Resources
-	2, // 1: minicloud.v1.Claim.resources:type_name -> minicloud.v1.Resources
-	3, // 2: minicloud.v1.Claim.time:type_name -> google.protobuf.Timestamp
-	3, // [3:3] is the sub-list for method output_type
-	3, // [3:3] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	5, // 0: minicloud.v1.HostAllocation.allocated:type_name -> minicloud.v1.Resources
+	5, // 1: minicloud.v1.Claim.resources:type_name -> minicloud.v1.Resources
+	6, // 2: minicloud.v1.Claim.time:type_name -> google.protobuf.Timestamp
+	6, // 3: minicloud.v1.JoinToken.expire_time:type_name -> google.protobuf.Timestamp
+	6, // 4: minicloud.v1.JoinToken.create_time:type_name -> google.protobuf.Timestamp
+	6, // 5: minicloud.v1.IssuedCert.issue_time:type_name -> google.protobuf.Timestamp
+	6, // 6: minicloud.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	6, // 7: minicloud.v1.IssuedCert.revoke_time:type_name -> google.protobuf.Timestamp
+	8, // [8:8] is the sub-list for method output_type
+	8, // [8:8] is the sub-list for method input_type
+	8, // [8:8] is the sub-list for extension type_name
+	8, // [8:8] is the sub-list for extension extendee
+	0, // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_store_proto_init() }
@@ -220,7 +460,7 @@ func file_minicloud_v1_store_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_store_proto_rawDesc), len(file_minicloud_v1_store_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   2,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -408,8 +408,15 @@ type VMAddress struct {
 	Gateway      string                 `protobuf:"bytes,4,opt,name=gateway,proto3" json:"gateway,omitempty"`
 	Mac          string                 `protobuf:"bytes,5,opt,name=mac,proto3" json:"mac,omitempty"`
 	// bridge is the host bridge of the network.
-	Bridge        string `protobuf:"bytes,6,opt,name=bridge,proto3" json:"bridge,omitempty"`
-	Mtu           int32  `protobuf:"varint,7,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	Bridge string `protobuf:"bytes,6,opt,name=bridge,proto3" json:"bridge,omitempty"`
+	Mtu    int32  `protobuf:"varint,7,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	// vni is the network's VXLAN segment id (0 on networks made before VNIs).
+	Vni uint32 `protobuf:"varint,8,opt,name=vni,proto3" json:"vni,omitempty"`
+	// disable_nat mirrors Network.nat (false, the default, masquerades).
+	DisableNat bool `protobuf:"varint,9,opt,name=disable_nat,json=disableNat,proto3" json:"disable_nat,omitempty"`
+	// dns_servers the network's guests are told to use (DHCP option 6);
+	// empty means the gateway (the host's DNS service).
+	DnsServers    []string `protobuf:"bytes,10,rep,name=dns_servers,json=dnsServers,proto3" json:"dns_servers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -491,6 +498,27 @@ func (x *VMAddress) GetMtu() int32 {
 		return x.Mtu
 	}
 	return 0
+}
+
+func (x *VMAddress) GetVni() uint32 {
+	if x != nil {
+		return x.Vni
+	}
+	return 0
+}
+
+func (x *VMAddress) GetDisableNat() bool {
+	if x != nil {
+		return x.DisableNat
+	}
+	return false
+}
+
+func (x *VMAddress) GetDnsServers() []string {
+	if x != nil {
+		return x.DnsServers
+	}
+	return nil
 }
 
 // VMStatus is what the control plane and the host observed. It is written by
@@ -1448,7 +1476,7 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\x05vcpus\x18\x01 \x01(\x05R\x05vcpus\x12\x1d\n" +
 	"\n" +
 	"memory_mib\x18\x02 \x01(\x03R\tmemoryMib\x12\x19\n" +
-	"\bdisk_gib\x18\x03 \x01(\x03R\adiskGib\"\xb0\x01\n" +
+	"\bdisk_gib\x18\x03 \x01(\x03R\adiskGib\"\x84\x02\n" +
 	"\tVMAddress\x12\x18\n" +
 	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x0e\n" +
 	"\x02ip\x18\x02 \x01(\tR\x02ip\x12#\n" +
@@ -1456,7 +1484,13 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\agateway\x18\x04 \x01(\tR\agateway\x12\x10\n" +
 	"\x03mac\x18\x05 \x01(\tR\x03mac\x12\x16\n" +
 	"\x06bridge\x18\x06 \x01(\tR\x06bridge\x12\x10\n" +
-	"\x03mtu\x18\a \x01(\x05R\x03mtu\"\xd6\x04\n" +
+	"\x03mtu\x18\a \x01(\x05R\x03mtu\x12\x10\n" +
+	"\x03vni\x18\b \x01(\rR\x03vni\x12\x1f\n" +
+	"\vdisable_nat\x18\t \x01(\bR\n" +
+	"disableNat\x12\x1f\n" +
+	"\vdns_servers\x18\n" +
+	" \x03(\tR\n" +
+	"dnsServers\"\xd6\x04\n" +
 	"\bVMStatus\x12+\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x15.minicloud.v1.VMPhaseR\x05phase\x12\x12\n" +
 	"\x04host\x18\x02 \x01(\tR\x04host\x125\n" +

@@ -1,0 +1,108 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/minicloud/minicloud/pkg/apiserver"
+	"github.com/minicloud/minicloud/pkg/pki"
+)
+
+// caFileName is where the API writes the cluster CA certificate (public)
+// in its data directory, for operators to hand to the CLI.
+const caFileName = "ca.crt"
+
+// setupAPIPKI loads (or, on the cluster's first start, creates) the
+// cluster CA, writes its certificate to DATA_DIR/ca.crt, issues this
+// replica's control-plane client certificate for calling agents, and, when
+// the API listens beyond loopback, its TLS serving certificate. Both
+// certificates live in memory only and are issued again at every start.
+func setupAPIPKI(ctx context.Context, f apiFlags, cli *clientv3.Client, cfg *apiserver.Config) error {
+	ca, err := apiserver.EnsureCA(ctx, cli)
+	if err != nil {
+		return err
+	}
+	cfg.CA = ca
+	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	caPath := filepath.Join(f.dataDir, caFileName)
+	if err := os.WriteFile(caPath, ca.CertPEM, 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", caPath, err)
+	}
+	name, _ := os.Hostname()
+	certPEM, keyPEM, err := ca.Issue(pki.Template{CommonName: "api " + name, Organization: pki.OrgControlPlane, Client: true, Lifetime: pki.ControlPlaneCertLifetime})
+	if err != nil {
+		return err
+	}
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return fmt.Errorf("control-plane certificate: %w", err)
+	}
+	cfg.AgentTLS = pki.ClientTLS(ca.Pool(), &pair, pki.OrgHosts)
+	if pki.IsLoopback(f.listen) {
+		slog.Info("API on loopback: plaintext, agents identified by name", "listen", f.listen, "ca", caPath, "ca_hash", ca.Hash())
+		return nil
+	}
+	dns, ips, err := servingNames(f.listen, f.tlsSANs)
+	if err != nil {
+		return err
+	}
+	certPEM, keyPEM, err = ca.Issue(pki.Template{CommonName: "api " + name, Organization: pki.OrgControlPlane,
+		DNSNames: dns, IPs: ips, Server: true, Lifetime: pki.ControlPlaneCertLifetime})
+	if err != nil {
+		return err
+	}
+	if cfg.TLS, err = pki.ServerTLS(certPEM, keyPEM, ca.Pool(), ""); err != nil {
+		return err
+	}
+	slog.Info("API serves TLS", "listen", f.listen, "dns", dns, "ips", ips, "ca", caPath, "ca_hash", ca.Hash())
+	return nil
+}
+
+// servingNames are the subject alternative names of the API's serving
+// certificate: the listen address (every address of the machine when it
+// listens on all of them), the machine's host name, localhost, and the
+// --tls-san extras.
+func servingNames(listen string, extra []string) (dns []string, ips []net.IP, err error) {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--listen %q: %w", listen, err)
+	}
+	add := func(s string) {
+		if ip := net.ParseIP(s); ip != nil {
+			ips = append(ips, ip)
+		} else if s != "" {
+			dns = append(dns, s)
+		}
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		addrs, err := net.InterfaceAddrs()
+		if err != nil {
+			return nil, nil, fmt.Errorf("list this machine's addresses: %w", err)
+		}
+		for _, a := range addrs {
+			if n, ok := a.(*net.IPNet); ok {
+				ips = append(ips, n.IP)
+			}
+		}
+	} else {
+		add(host)
+	}
+	if name, err := os.Hostname(); err == nil {
+		add(name)
+	}
+	add("localhost")
+	add("127.0.0.1")
+	for _, s := range extra {
+		add(s)
+	}
+	return dns, ips, nil
+}
