@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -15,8 +16,10 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 // The control plane runs in the machine's own network namespace, on the
@@ -177,17 +180,50 @@ func (l *Lab) waitEtcd(ctx context.Context) error {
 	})
 }
 
-// waitControl waits until every running API replica is healthy.
+// ClusterCA is the cluster CA certificate (the API replicas keep the CA in
+// etcd and write its certificate to DATA_DIR/ca.crt), copied here for the
+// CLI and the lab's own client: beyond loopback the API speaks TLS only.
+func (l *Lab) ClusterCA() string { return filepath.Join(l.pkiDir(), "cluster-ca.pem") }
+
+// apiDialOptions are how the lab's clients dial an API replica: TLS,
+// trusting only the cluster CA. The one place to change how clients
+// authenticate.
+func (l *Lab) apiDialOptions() ([]grpc.DialOption, error) {
+	cfg, err := pki.ClientTLSFromFile(l.ClusterCA())
+	if err != nil {
+		return nil, fmt.Errorf("lab API client: %w", err)
+	}
+	return []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cfg))}, nil
+}
+
+// waitControl waits until every running API replica has written the
+// cluster CA and serves TLS health checks.
 func (l *Lab) waitControl(ctx context.Context) error {
 	for i, ep := range l.APIEndpoints() {
-		if _, ok := l.running(fmt.Sprintf("api%d", i+1)); !ok {
+		name := fmt.Sprintf("api%d", i+1)
+		if _, ok := l.running(name); !ok {
 			continue
 		}
-		conn, err := grpc.NewClient(ep, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			return err
-		}
-		err = poll(ctx, 2*time.Minute, "API "+ep, func() error {
+		err := poll(ctx, 2*time.Minute, "API "+ep, func() error {
+			if _, ok := l.running(name); !ok {
+				return permanentError{fmt.Errorf("%s exited:\n%s", name, l.tail(name))}
+			}
+			ca, err := os.ReadFile(filepath.Join(l.Dir, name, "ca.crt"))
+			if err != nil {
+				return fmt.Errorf("no cluster CA yet: %w", err)
+			}
+			if err := writeIfChanged(l.ClusterCA(), ca); err != nil {
+				return permanentError{err}
+			}
+			opts, err := l.apiDialOptions()
+			if err != nil {
+				return err
+			}
+			conn, err := grpc.NewClient(ep, opts...)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
 			hctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 			defer cancel()
 			r, err := healthpb.NewHealthClient(conn).Check(hctx, &healthpb.HealthCheckRequest{})
@@ -199,12 +235,19 @@ func (l *Lab) waitControl(ctx context.Context) error {
 			}
 			return nil
 		})
-		conn.Close()
 		if err != nil {
-			return fmt.Errorf("%w; see %s", err, l.LogFile(fmt.Sprintf("api%d", i+1)))
+			return fmt.Errorf("%w; see %s", err, l.LogFile(name))
 		}
 	}
 	return nil
+}
+
+// writeIfChanged writes data to path unless it already holds exactly that.
+func writeIfChanged(path string, data []byte) error {
+	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
+		return nil
+	}
+	return os.WriteFile(path, data, 0o644)
 }
 
 func (l *Lab) stopControlPlane() error {

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
 
 // A host's daemons (hostProcs), its power (StartHost, StopHost), its
@@ -63,17 +65,40 @@ func (l *Lab) hostProcs(host string) []proc {
 			// carries etcd, the APIs, every agent and libvirt.
 			"--protected-nets", l.Subnet.String(),
 			"--identity-key", l.identityKey(),
+			// The underlay carries the VXLAN tunnels between hosts.
+			"--tunnel-ip", a.String(),
 		}, l.agentAPIArgs(host)...)},
 	}
 }
 
-// agentAPIArgs are the flags that tell host's agent where the API is and
-// how it proves who it is: the one place to change when agents join with a
-// token (issue 10, section 2) or take several API addresses (section 4).
-// Today agents register by name over plaintext.
+// agentAPIArgs are the flags that tell host's agent where the API is: the
+// one place to change when agents take several API addresses (issue 10,
+// section 4).
 func (l *Lab) agentAPIArgs(host string) []string {
-	_ = host // a join token will be per host
+	_ = host
 	return []string{"--api", l.ClientEndpoint()}
+}
+
+// agentJoinArgs are the flags of an agent's first start: a one-time join
+// token and the CA pin (kubeadm's TLS bootstrap, docs/security.md). Once the
+// host holds its certificate (DATA_DIR/agent/pki/host.crt) it needs none,
+// and a restarted host is never given a new token.
+func (l *Lab) agentJoinArgs(ctx context.Context, host string) ([]string, error) {
+	if _, err := os.Stat(filepath.Join(l.agentData(host), "agent", "pki", "host.crt")); err == nil {
+		return nil, nil
+	}
+	c, err := l.Client(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	tok, err := c.Hosts.CreateJoinToken(ctx, &minicloudv1.CreateJoinTokenRequest{
+		TtlSeconds: int64((15 * time.Minute).Seconds()), Description: "lab " + l.Name + " " + host,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("join token for %s: %w", host, err)
+	}
+	return []string{"--join", tok.Token, "--ca-hash", tok.CaHash}, nil
 }
 
 // StartHost boots host: namespaces (if missing), then virtlogd, libvirtd
@@ -119,7 +144,16 @@ func (l *Lab) StartHost(ctx context.Context, host string) error {
 	}); err != nil {
 		return err
 	}
-	return l.start(procs[2])
+	if _, ok := l.running(procs[2].Name); ok {
+		return nil
+	}
+	join, err := l.agentJoinArgs(ctx, host)
+	if err != nil {
+		return err
+	}
+	agent := procs[2]
+	agent.Argv = append(agent.Argv, join...)
+	return l.start(agent)
 }
 
 // StopHost powers host off: every process in it (agent, libvirtd,

@@ -22,20 +22,30 @@ func VMName(host string) string { return "vm-" + host }
 
 // Client dials the lab's API (the caller closes it).
 func (l *Lab) Client(ctx context.Context) (*client.Client, error) {
-	return client.Dial(ctx, l.ClientEndpoint())
+	return l.ClientOf(ctx, l.ClientEndpoint())
+}
+
+// ClientOf dials one API endpoint of the lab (e.g. APIEndpoints()[1]).
+func (l *Lab) ClientOf(ctx context.Context, endpoint string) (*client.Client, error) {
+	opts, err := l.apiDialOptions()
+	if err != nil {
+		return nil, err
+	}
+	return client.Dial(ctx, endpoint, opts...)
 }
 
 // writeCLIConfig writes the config file that points the minicloud CLI at
 // the lab.
 func (l *Lab) writeCLIConfig() error {
-	body := fmt.Sprintf("# minicloud lab %s: export MINICLOUD_CONFIG=%s\nendpoint: %s\n", l.Name, l.CLIConfig(), l.ClientEndpoint())
+	body := fmt.Sprintf("# minicloud lab %s: export MINICLOUD_CONFIG=%s\nendpoint: %s\nca: %s\n",
+		l.Name, l.CLIConfig(), l.ClientEndpoint(), l.ClusterCA())
 	return os.WriteFile(l.CLIConfig(), []byte(body), 0o644)
 }
 
 // CLI runs the minicloud CLI against the lab and returns its output.
 func (l *Lab) CLI(ctx context.Context, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, l.bin("minicloud"), args...)
-	cmd.Env = append(os.Environ(), "MINICLOUD_CONFIG="+l.CLIConfig(), "MINICLOUD_ENDPOINT=")
+	cmd.Env = append(os.Environ(), "MINICLOUD_CONFIG="+l.CLIConfig(), "MINICLOUD_ENDPOINT=", "MINICLOUD_CA_CERT=")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("minicloud %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))

@@ -10,7 +10,6 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/lab"
-	"github.com/minicloud/minicloud/pkg/client"
 )
 
 // TestLabHostsAndVMs: every host registered with its own capacity (the
@@ -245,7 +244,7 @@ func TestLabKillAndRestartControlPlane(t *testing.T) {
 		restarted = true
 	}
 	// api2 serves again, against the same cluster.
-	c2, err := client.Dial(ctx, l.APIEndpoints()[1])
+	c2, err := l.ClientOf(ctx, l.APIEndpoints()[1])
 	if err != nil {
 		t.Fatal(err)
 	}
