@@ -53,9 +53,9 @@ func (l *Lab) etcdProc(i int) proc {
 		"--initial-cluster", strings.Join(cluster, ","),
 		"--initial-cluster-state", "new", "--initial-cluster-token", "minicloud-lab-" + l.Name,
 		"--cert-file", l.etcdCert(i), "--key-file", l.etcdKey(i),
-		"--trusted-ca-file", l.caCert(), "--client-cert-auth",
+		"--trusted-ca-file", l.etcdCA(), "--client-cert-auth",
 		"--peer-cert-file", l.etcdCert(i), "--peer-key-file", l.etcdKey(i),
-		"--peer-trusted-ca-file", l.caCert(), "--peer-client-cert-auth",
+		"--peer-trusted-ca-file", l.etcdCA(), "--peer-client-cert-auth",
 		// Three members, three APIs and schedulers, N libvirtds and
 		// their TCG guests share two cores: etcd's default 100 ms
 		// heartbeat and 1 s election timeout make leaders flap.
@@ -67,7 +67,7 @@ func (l *Lab) etcdProc(i int) proc {
 // etcdArgs are the flags that give a minicloudd role the etcd cluster.
 func (l *Lab) etcdArgs() []string {
 	return []string{"--etcd-endpoints", strings.Join(l.EtcdEndpoints(), ","),
-		"--etcd-cacert", l.caCert(), "--etcd-cert", l.etcdClientCert(), "--etcd-key", l.etcdClientKey()}
+		"--etcd-cacert", l.etcdCA(), "--etcd-cert", l.etcdClientCert(), "--etcd-key", l.etcdClientKey()}
 }
 
 func (l *Lab) apiProc(i int) proc {
@@ -147,7 +147,7 @@ func (l *Lab) startControlPlane(ctx context.Context) error {
 // EtcdClient returns a client of the lab's etcd cluster (TLS, the lab's
 // client certificate). The caller closes it.
 func (l *Lab) EtcdClient() (*clientv3.Client, error) {
-	tlsCfg, err := transport.TLSInfo{TrustedCAFile: l.caCert(), CertFile: l.etcdClientCert(), KeyFile: l.etcdClientKey()}.ClientConfig()
+	tlsCfg, err := transport.TLSInfo{TrustedCAFile: l.etcdCA(), CertFile: l.etcdClientCert(), KeyFile: l.etcdClientKey()}.ClientConfig()
 	if err != nil {
 		return nil, fmt.Errorf("lab etcd TLS: %w", err)
 	}

@@ -1,31 +1,32 @@
 package lab
 
 import (
-	"crypto/ecdsa"
 	"crypto/ed25519"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 // The lab's etcd runs with TLS on both its client and peer ports, with
-// certificates from a CA of the lab's own (the standard library's
-// crypto/x509; nothing hand-rolled): one certificate per member (server and
-// client use, for its peers) and one client certificate for the API
-// replicas and schedulers. Instance identity documents are signed with one
-// Ed25519 key shared by every host, as on a real cloud.
+// certificates from a CA of the etcd cluster's own (pkg/pki: the standard
+// library's crypto/x509, nothing hand-rolled): one certificate per member
+// (server and client use, for its peers) and one client certificate for the
+// API replicas and schedulers. This CA is not the cluster CA the API keeps
+// in etcd for hosts and clients (ClusterCA): as on real machines, etcd's
+// trust is set up before the control plane exists. Instance identity
+// documents are signed with one Ed25519 key shared by every host, as on a
+// real cloud.
 
-func (l *Lab) caCert() string        { return filepath.Join(l.pkiDir(), "ca.pem") }
-func (l *Lab) caKey() string         { return filepath.Join(l.pkiDir(), "ca-key.pem") }
+func (l *Lab) etcdCA() string        { return filepath.Join(l.pkiDir(), "etcd-ca.pem") }
+func (l *Lab) etcdCAKey() string     { return filepath.Join(l.pkiDir(), "etcd-ca-key.pem") }
 func (l *Lab) etcdCert(i int) string { return filepath.Join(l.pkiDir(), fmt.Sprintf("etcd%d.pem", i)) }
 func (l *Lab) etcdKey(i int) string {
 	return filepath.Join(l.pkiDir(), fmt.Sprintf("etcd%d-key.pem", i))
@@ -33,13 +34,13 @@ func (l *Lab) etcdKey(i int) string {
 func (l *Lab) etcdClientCert() string { return filepath.Join(l.pkiDir(), "etcd-client.pem") }
 func (l *Lab) etcdClientKey() string  { return filepath.Join(l.pkiDir(), "etcd-client-key.pem") }
 func (l *Lab) identityKey() string    { return filepath.Join(l.pkiDir(), "identity.pem") }
-func writePEM(path, typ string, der []byte) error {
-	return os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600)
-}
+
+// etcdCertLifetime: a lab lives hours or days.
+const etcdCertLifetime = 365 * 24 * time.Hour
 
 // ensurePKI creates whatever certificate or key is missing.
 func (l *Lab) ensurePKI() error {
-	ca, caKey, err := l.loadOrCreateCA()
+	ca, err := l.loadOrCreateEtcdCA()
 	if err != nil {
 		return err
 	}
@@ -49,13 +50,14 @@ func (l *Lab) ensurePKI() error {
 		// connection to another control node's address leaves from the
 		// router's (the bridge's primary address).
 		ips := []net.IP{l.ControlAddr(i).AsSlice(), l.RouterAddr().AsSlice(), net.IPv4(127, 0, 0, 1)}
-		if err := issue(ca, caKey, l.etcdCert(i), l.etcdKey(i), fmt.Sprintf("etcd%d", i), ips,
-			[]x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}); err != nil {
+		name := fmt.Sprintf("etcd%d", i)
+		if err := issue(ca, l.etcdCert(i), l.etcdKey(i), pki.Template{CommonName: name, Organization: "minicloud:etcd",
+			DNSNames: []string{name, "localhost"}, IPs: ips, Server: true, Client: true, Lifetime: etcdCertLifetime}); err != nil {
 			return err
 		}
 	}
-	if err := issue(ca, caKey, l.etcdClientCert(), l.etcdClientKey(), "minicloud", nil,
-		[]x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}); err != nil {
+	if err := issue(ca, l.etcdClientCert(), l.etcdClientKey(), pki.Template{CommonName: "minicloud",
+		Organization: "minicloud:etcd-clients", Client: true, Lifetime: etcdCertLifetime}); err != nil {
 		return err
 	}
 	if _, err := os.Stat(l.identityKey()); errors.Is(err, os.ErrNotExist) {
@@ -67,124 +69,54 @@ func (l *Lab) ensurePKI() error {
 		if err != nil {
 			return err
 		}
-		if err := writePEM(l.identityKey(), "PRIVATE KEY", der); err != nil {
+		if err := os.WriteFile(l.identityKey(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
 			return fmt.Errorf("identity key: %w", err)
 		}
 	}
 	return nil
 }
 
-func (l *Lab) loadOrCreateCA() (*x509.Certificate, *ecdsa.PrivateKey, error) {
-	if _, err := os.Stat(l.caKey()); errors.Is(err, os.ErrNotExist) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+func (l *Lab) loadOrCreateEtcdCA() (*pki.CA, error) {
+	if _, err := os.Stat(l.etcdCAKey()); errors.Is(err, os.ErrNotExist) {
+		ca, err := pki.NewCA("minicloud lab " + l.Name + " etcd CA")
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
-		tmpl := &x509.Certificate{
-			SerialNumber:          serial(),
-			Subject:               pkix.Name{CommonName: "minicloud lab " + l.Name + " CA"},
-			NotBefore:             time.Now().Add(-time.Hour),
-			NotAfter:              time.Now().AddDate(10, 0, 0),
-			IsCA:                  true,
-			BasicConstraintsValid: true,
-			KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		key, err := ca.KeyPEM()
 		if err != nil {
-			return nil, nil, fmt.Errorf("create lab CA: %w", err)
-		}
-		kder, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 		// Key last: its presence means the pair is complete.
-		if err := writePEM(l.caCert(), "CERTIFICATE", der); err != nil {
-			return nil, nil, err
+		if err := os.WriteFile(l.etcdCA(), ca.CertPEM, 0o644); err != nil {
+			return nil, err
 		}
-		if err := writePEM(l.caKey(), "PRIVATE KEY", kder); err != nil {
-			return nil, nil, err
+		if err := os.WriteFile(l.etcdCAKey(), key, 0o600); err != nil {
+			return nil, err
 		}
+		return ca, nil
 	}
-	cert, err := readCert(l.caCert())
+	certPEM, err := os.ReadFile(l.etcdCA())
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	key, err := readKey(l.caKey())
+	keyPEM, err := os.ReadFile(l.etcdCAKey())
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	return cert, key, nil
+	return pki.LoadCA(certPEM, keyPEM)
 }
 
-// issue writes a certificate signed by ca for cn, unless the key exists.
-func issue(ca *x509.Certificate, caKey *ecdsa.PrivateKey, certPath, keyPath, cn string, ips []net.IP, usage []x509.ExtKeyUsage) error {
+// issue writes a key and a certificate signed by ca, unless the key exists.
+func issue(ca *pki.CA, certPath, keyPath string, t pki.Template) error {
 	if _, err := os.Stat(keyPath); err == nil {
 		return nil
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	certPEM, keyPEM, err := ca.Issue(t)
 	if err != nil {
 		return err
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: cn},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().AddDate(1, 0, 0),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  usage,
-		IPAddresses:  ips,
-		DNSNames:     []string{cn, "localhost"},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		return fmt.Errorf("certificate for %s: %w", cn, err)
-	}
-	kder, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
+	if err := os.WriteFile(certPath, certPEM, 0o600); err != nil {
 		return err
 	}
-	if err := writePEM(certPath, "CERTIFICATE", der); err != nil {
-		return err
-	}
-	return writePEM(keyPath, "PRIVATE KEY", kder)
-}
-
-func serial() *big.Int {
-	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		panic(err) // crypto/rand does not fail on Linux
-	}
-	return n
-}
-
-func readCert(path string) (*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	blk, _ := pem.Decode(b)
-	if blk == nil {
-		return nil, fmt.Errorf("%s: no PEM block", path)
-	}
-	return x509.ParseCertificate(blk.Bytes)
-}
-
-func readKey(path string) (*ecdsa.PrivateKey, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	blk, _ := pem.Decode(b)
-	if blk == nil {
-		return nil, fmt.Errorf("%s: no PEM block", path)
-	}
-	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	ek, ok := k.(*ecdsa.PrivateKey)
-	if !ok {
-		return nil, fmt.Errorf("%s: not an ECDSA key", path)
-	}
-	return ek, nil
+	return os.WriteFile(keyPath, keyPEM, 0o600)
 }

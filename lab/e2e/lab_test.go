@@ -4,12 +4,15 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/lab"
+	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 // TestLabHostsAndVMs: every host registered with its own capacity (the
@@ -43,6 +46,18 @@ func TestLabHostsAndVMs(t *testing.T) {
 		}
 		if want := netip.AddrPortFrom(l.HostAddr(name), 8642).String(); h.Address != want {
 			t.Errorf("host %s advertises %s, want its underlay address %s", name, h.Address, want)
+		}
+		if h.TunnelIp != l.HostAddr(name).String() {
+			t.Errorf("host %s tunnel address %q, want its underlay address %s", name, h.TunnelIp, l.HostAddr(name))
+		}
+		// It joined with proof: a certificate of the cluster CA for its
+		// own name, kept in its own data directory.
+		cert, err := pki.ParseCert(mustRead(t, filepath.Join(l.Dir, "hosts", name, "data", "agent", "pki", "host.crt")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cert.Subject.CommonName != name || !pki.HasOrg(cert, pki.OrgHosts) {
+			t.Errorf("host %s holds a certificate for %q %v", name, cert.Subject.CommonName, cert.Subject.Organization)
 		}
 	}
 
@@ -252,4 +267,13 @@ func TestLabKillAndRestartControlPlane(t *testing.T) {
 	if _, err := c2.VMs.GetVM(ctx, &minicloudv1.GetVMRequest{Name: lab.VMName(l.HostNames()[0])}); err != nil {
 		t.Errorf("restarted api2: %v", err)
 	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
