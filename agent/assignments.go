@@ -54,12 +54,19 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) error 
 			id := ev.GetVm().GetMeta().GetId()
 			a.mu.Lock()
 			userData := ev.GetUserData()
-			if prev, ok := a.assigned[id]; ok && userData == nil {
+			prev, known := a.assigned[id]
+			if known && userData == nil {
 				// User-data never changes; the API sends it with ADDED only.
 				userData = prev.userData
 			}
 			a.assigned[id] = &assignment{vm: ev.GetVm(), userData: userData, seen: generation}
 			a.mu.Unlock()
+			if known && prev.vm.GetMeta().GetResourceVersion() != ev.GetVm().GetMeta().GetResourceVersion() {
+				// A spec write (e.g. new labels, tags, metadata or SSH
+				// keys): the guest sees it now, not after the reconcile
+				// below has looked at disk, network and domain.
+				a.publishGuests(ctx)
+			}
 			a.queue.Add(id)
 		case minicloudv1.WatchEventType_WATCH_EVENT_TYPE_DELETED:
 			id := ev.GetVm().GetMeta().GetId()

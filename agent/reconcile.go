@@ -85,7 +85,7 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		return result{}, a.collectBridges(ctx)
 	}
 	if vm.GetStatus().GetPhase() == lifecycle.Error &&
-		vm.GetStatus().GetObservedResourceVersion() == vm.GetMeta().GetResourceVersion() {
+		vm.GetStatus().GetObservedResourceVersion() == lifecycleVersion(vm) {
 		// Already given up on this spec; a new spec write (start) retries.
 		return result{}, nil
 	}
@@ -109,6 +109,33 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		return result{}, a.report(ctx, vm, nil, reportReschedule, warning(lifecycle.ReasonCreateFailed, err.Error()))
 	}
 	return res, err
+}
+
+// lifecycleVersion is the spec version the host acts on for power and
+// retries: a metadata update (labels, tags, metadata, SSH keys) writes the
+// spec too, but must neither start a guest that shut itself down nor retry
+// a VM in ERROR, so it carries the version of the last lifecycle write.
+func lifecycleVersion(vm *minicloudv1.VM) int64 {
+	if v := vm.GetSpec().GetLifecycleVersion(); v != 0 {
+		return v
+	}
+	return vm.GetMeta().GetResourceVersion()
+}
+
+// metadataServed records in st that the metadata service now serves this
+// spec version (publishGuests just ran) and returns the delivery event when
+// that version is a metadata update the host had not served yet.
+func (a *Agent) metadataServed(vm *minicloudv1.VM, st *minicloudv1.VMStatus) *minicloudv1.Event {
+	rv := vm.GetMeta().GetResourceVersion()
+	if st.ObservedMetadataVersion >= rv {
+		return nil
+	}
+	first := st.ObservedMetadataVersion == 0
+	st.ObservedMetadataVersion = rv
+	if first || vm.GetSpec().GetLifecycleVersion() == 0 {
+		return nil
+	}
+	return normal(lifecycle.ReasonMetadataDelivered, fmt.Sprintf("host %s serves the labels, tags, metadata and SSH keys of version %d", a.cfg.HostName, rv))
 }
 
 // domainEverCreated is true once the host reported the VM running or stopped.
@@ -135,7 +162,7 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 		st.Phase = lifecycle.Error
 		st.Reason, st.Message = lifecycle.ReasonDomainMissing, "the domain disappeared from the hypervisor; delete the VM or start it again"
 		setCondition(st, lifecycle.ConditionDomainRunning, false, lifecycle.ReasonDomainMissing, st.Message)
-		st.ObservedResourceVersion = vm.GetMeta().GetResourceVersion()
+		st.ObservedResourceVersion = lifecycleVersion(vm)
 		return result{}, a.report(ctx, vm, st, reportStatus, warning(lifecycle.ReasonDomainMissing, st.Message))
 	}
 	if st.Phase == lifecycle.Scheduled {
@@ -168,6 +195,9 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	a.publishGuests(ctx)
 	if setCondition(st, lifecycle.ConditionNetworkReady, true, lifecycle.ReasonPortsReady, fmt.Sprintf("%d port(s) plugged", len(nics))) {
 		events = append(events, normal(lifecycle.ReasonNetworkReady, "ports plugged into their bridges"))
+	}
+	if ev := a.metadataServed(vm, st); ev != nil {
+		events = append(events, ev)
 	}
 
 	// 3. Config drive, when asked for.
@@ -211,7 +241,7 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 		setCondition(st, lifecycle.ConditionGuestReady, false, lifecycle.ReasonNotRunning, "")
 	}
 	st.Hypervisor = spec.Hypervisor
-	st.ObservedResourceVersion = vm.GetMeta().GetResourceVersion()
+	st.ObservedResourceVersion = lifecycleVersion(vm)
 	return res, a.report(ctx, vm, st, reportStatus, events...)
 }
 
@@ -222,7 +252,7 @@ func (a *Agent) convergePower(ctx context.Context, vm *minicloudv1.VM, st *minic
 	// acted: the host already converged this very spec version once. A
 	// domain that is down now although the spec says running was then shut
 	// down from inside (or crashed): report it, don't fight the guest.
-	acted := vm.GetStatus().GetObservedResourceVersion() == vm.GetMeta().GetResourceVersion() && a.domainEverCreated(vm)
+	acted := vm.GetStatus().GetObservedResourceVersion() == lifecycleVersion(vm) && a.domainEverCreated(vm)
 	var events []*minicloudv1.Event
 	running := dom.Exists && dom.Running
 

@@ -23,7 +23,9 @@ fi
 # whose disks live under its data directory (a test cloud may share libvirt).
 if command -v virsh >/dev/null && virsh -c qemu:///system version >/dev/null 2>&1; then
   for d in $(virsh -c qemu:///system list --all --name | grep '^mc-' || true); do
-    virsh -c qemu:///system domblklist "$d" 2>/dev/null | grep -qF " $DATA_DIR/" || continue
+    # grep reads all of it (no -q): with pipefail, a virsh still writing
+    # when grep -q exits dies of SIGPIPE and the match reads as a miss.
+    virsh -c qemu:///system domblklist "$d" 2>/dev/null | grep -F " $DATA_DIR/" >/dev/null || continue
     virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
     if $purge; then
       virsh -c qemu:///system undefine "$d" --nvram >/dev/null 2>&1 || virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true

@@ -90,9 +90,9 @@ func camelCase(s string) string {
 func gceTree(inst *Instance) *gnode {
 	projectPath := "projects/" + inst.Project
 	attrs := gdir()
-	for _, k := range sortedKeys(inst.Labels) {
+	for _, k := range sortedKeys(inst.Attributes) {
 		if k != "" && !strings.ContainsAny(k, "/ ") && k != "user-data" && k != "ssh-keys" && k != "user-data-encoding" {
-			attrs.add(k, gleaf(inst.Labels[k]), true)
+			attrs.add(k, gleaf(inst.Attributes[k]), true)
 		}
 	}
 	if inst.UserData != nil {
@@ -127,10 +127,7 @@ func gceTree(inst *Instance) *gnode {
 		nics.add(strconv.Itoa(i), d.done(), false)
 	}
 
-	tags := []string{}
-	for _, k := range sortedKeys(inst.Labels) {
-		tags = append(tags, k)
-	}
+	tags := append([]string{}, inst.Tags...)
 	instance := gdir().
 		add("attributes", attrs.done(), false).
 		add("hostname", gleaf(inst.FQDN()), false).

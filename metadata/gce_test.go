@@ -51,7 +51,7 @@ func TestGCETree(t *testing.T) {
 		{2, "/computeMetadata/v1/instance/network-interfaces/0/gateway", 200, "10.0.0.1"},
 		{2, "/computeMetadata/v1/instance/network-interfaces/0/subnetmask", 200, "255.255.255.0"},
 		{2, "/computeMetadata/v1/instance/network-interfaces/0/network", 200, "projects/proj1/networks/default"},
-		{2, "/computeMetadata/v1/instance/tags", 200, `["role"]`},
+		{2, "/computeMetadata/v1/instance/tags", 200, `["http-server"]`},
 		{2, "/computeMetadata/v1/instance/attributes/", 200, "role\nssh-keys\nuser-data\n"},
 		{2, "/computeMetadata/v1/instance/attributes/user-data", 200, "#cloud-config\nhostname: web1\n"},
 		{3, "/computeMetadata/v1/instance/attributes/user-data", 404, ""},
@@ -149,13 +149,13 @@ func TestGCEWaitForChange(t *testing.T) {
 	// that answers: only a change of A's value ends the wait.
 	b, _ := e.dir.Get(idB)
 	b2 := *b
-	b2.Labels = map[string]string{"role": "db"}
+	b2.Attributes = map[string]string{"role": "db"}
 	if err := e.dir.Upsert(&b2); err != nil {
 		t.Fatal(err)
 	}
 	a, _ := e.dir.Get(idA)
 	a2 := *a
-	a2.Labels = map[string]string{"role": "api"}
+	a2.Attributes = map[string]string{"role": "api"}
 	if err := e.dir.Upsert(&a2); err != nil {
 		t.Fatal(err)
 	}

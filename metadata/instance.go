@@ -59,7 +59,14 @@ type Instance struct {
 	UserData []byte
 	// VendorData is cloud-config text from the operator, if any.
 	VendorData []byte
-	Labels     map[string]string
+	// Labels are key/value labels, served as EC2 instance tags
+	// (meta-data/tags/instance/).
+	Labels map[string]string
+	// Tags are GCE-style network tags (instance/tags).
+	Tags []string
+	// Attributes are the custom metadata: GCE instance/attributes/ and
+	// OpenStack meta.
+	Attributes map[string]string
 	// TokensRequired refuses IMDSv1 (token-less) EC2 requests with 401.
 	TokensRequired bool
 }
@@ -103,6 +110,8 @@ func InstanceFromVM(vm *minicloudv1.VM, userData []byte) (*Instance, error) {
 		Image:            spec.GetImage(),
 		TokensRequired:   spec.GetMetadataTokensRequired(),
 		Labels:           meta.GetLabels(),
+		Tags:             spec.GetTags(),
+		Attributes:       spec.GetMetadata(),
 	}
 	if inst.Hostname == "" {
 		inst.Hostname = inst.Name

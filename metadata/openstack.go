@@ -83,7 +83,7 @@ func openstackMetaData(inst *Instance, version string) ([]byte, error) {
 		"hostname":          inst.Hostname,
 		"launch_index":      inst.LaunchIndex,
 		"availability_zone": inst.AvailabilityZone,
-		"meta":              labelsOrEmpty(inst.Labels),
+		"meta":              labelsOrEmpty(inst.Attributes),
 		"files":             []any{},
 	}
 	if len(inst.SSHKeys) > 0 {

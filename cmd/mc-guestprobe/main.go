@@ -8,6 +8,14 @@
 //	MINICLOUD-METADATA-END
 //	MINICLOUD-GUEST-READY instance-id=<id> hostname=<h> local-ipv4=<ip> source=<src>
 //
+// When the GCE attribute mc-watch names another attribute, it then follows
+// that attribute with GCE's wait_for_change long-poll for good, printing one
+// line per answer (changed=false when the poll timed out unchanged), and
+// asking again with the same ETag when the service is unreachable:
+//
+//	MINICLOUD-WATCH key=<k> changed=<bool> etag=<etag> value=<quoted>
+//	MINICLOUD-WATCH-ERROR <error>
+//
 // It exists because Debian's busybox-static wget crashes, and it must be a
 // static binary (CGO_ENABLED=0): the initramfs has no libc.
 package main
@@ -49,6 +57,10 @@ func main() {
 		http: &http.Client{Timeout: 5 * time.Second}}
 	if err := c.run(context.Background(), os.Stdout); err != nil {
 		fmt.Printf("MINICLOUD-GUEST-ERROR %v\n", err)
+		os.Exit(1)
+	}
+	if err := c.watch(context.Background(), os.Stdout); err != nil {
+		fmt.Printf("MINICLOUD-WATCH-ERROR %v\n", err)
 		os.Exit(1)
 	}
 }
@@ -197,4 +209,69 @@ func compactJSON(b []byte) string {
 		return strings.TrimSpace(string(b))
 	}
 	return buf.String()
+}
+
+const gceAttributes = "/computeMetadata/v1/instance/attributes/"
+
+// gceGet is one GCE request: body, ETag and status code.
+func (c *client) gceGet(ctx context.Context, hc *http.Client, path string) ([]byte, string, int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+	if err != nil {
+		return nil, "", 0, err
+	}
+	req.Header.Set("Metadata-Flavor", "Google")
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, "", 0, fmt.Errorf("GET %s: %w", path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxBody))
+	if err != nil {
+		return nil, "", 0, fmt.Errorf("GET %s: %w", path, err)
+	}
+	return b, resp.Header.Get("ETag"), resp.StatusCode, nil
+}
+
+// watch follows the attribute named by the mc-watch attribute, if there is
+// one, until the process ends. Each answer is printed, so a test reads on
+// the console when the guest saw a change and that an unchanged poll held
+// until its timeout.
+func (c *client) watch(ctx context.Context, w io.Writer) error {
+	name, _, code, err := c.gceGet(ctx, c.http, gceAttributes+"mc-watch")
+	if err != nil || code != http.StatusOK {
+		return nil // no watch asked for (or no GCE tree)
+	}
+	key := strings.TrimSpace(string(name))
+	timeout := "30"
+	if t, _, code, err := c.gceGet(ctx, c.http, gceAttributes+"mc-watch-timeout"); err == nil && code == http.StatusOK {
+		timeout = strings.TrimSpace(string(t))
+	}
+	long := &http.Client{Timeout: 10 * time.Minute}
+	value, etag, code, err := c.gceGet(ctx, long, gceAttributes+key)
+	if err != nil {
+		return err
+	}
+	if code != http.StatusOK {
+		return fmt.Errorf("attribute %s: HTTP %d", key, code)
+	}
+	fmt.Fprintf(w, "MINICLOUD-WATCH key=%s changed=false etag=%s value=%q\n", key, etag, value)
+	for {
+		v, e, code, err := c.gceGet(ctx, long, gceAttributes+key+"?wait_for_change=true&timeout_sec="+timeout+"&last_etag="+etag)
+		if err != nil {
+			// The service restarts with its host's agent: keep the ETag
+			// and ask again, as GCE's guest agent does.
+			fmt.Fprintf(w, "MINICLOUD-WATCH-ERROR %v\n", err)
+			time.Sleep(c.interval)
+			continue
+		}
+		if code != http.StatusOK {
+			// The attribute went away: say so, and wait for it to return.
+			fmt.Fprintf(w, "MINICLOUD-WATCH key=%s changed=true etag= value=<HTTP %d>\n", key, code)
+			time.Sleep(c.interval)
+			etag = ""
+			continue
+		}
+		fmt.Fprintf(w, "MINICLOUD-WATCH key=%s changed=%t etag=%s value=%q\n", key, e != etag, e, v)
+		etag = e
+	}
 }

@@ -3,11 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -115,5 +118,106 @@ func TestConfigDriveLayouts(t *testing.T) {
 	}
 	if err := printConfigDrive(&bytes.Buffer{}, t.TempDir()); err == nil {
 		t.Error("an empty directory read as a config drive")
+	}
+}
+
+// syncBuffer is a bytes.Buffer the watch goroutine writes while the test
+// reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestWatchFollowsAttribute runs the watch against a GCE-style server
+// whose long-poll answers when the value's ETag differs from last_etag,
+// (the restart of the real service, and the probe asking again, are in
+// agent/metadata_e2e_test.go).
+func TestWatchFollowsAttribute(t *testing.T) {
+	var (
+		mu      sync.Mutex
+		value   = "hello"
+		changed = make(chan struct{})
+		polls   atomic.Int32
+	)
+	etagOf := func(v string) string { return fmt.Sprintf("%x", sha256.Sum256([]byte(v)))[:8] }
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /computeMetadata/v1/instance/attributes/{key}", func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Metadata-Flavor") != "Google" {
+			http.Error(w, "no flavor", http.StatusForbidden)
+			return
+		}
+		switch r.PathValue("key") {
+		case "mc-watch":
+			w.Write([]byte("greeting"))
+			return
+		case "mc-watch-timeout":
+			w.Write([]byte("30"))
+			return
+		case "greeting":
+		default:
+			http.NotFound(w, r)
+			return
+		}
+		if r.URL.Query().Get("wait_for_change") == "true" {
+			polls.Add(1)
+			mu.Lock()
+			v, ch := value, changed
+			mu.Unlock()
+			if r.URL.Query().Get("last_etag") == etagOf(v) {
+				select {
+				case <-ch:
+				case <-r.Context().Done():
+					return
+				}
+			}
+		}
+		mu.Lock()
+		v := value
+		mu.Unlock()
+		w.Header().Set("ETag", etagOf(v))
+		w.Write([]byte(v))
+	})
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	c := &client{base: srv.URL, attempts: 3, interval: 10 * time.Millisecond, http: srv.Client()}
+	var out syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go c.watch(ctx, &out)
+
+	waitFor := func(want string) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !strings.Contains(out.String(), want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("output lacks %q:\n%s", want, out.String())
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	waitFor(`MINICLOUD-WATCH key=greeting changed=false etag=` + etagOf("hello") + ` value="hello"`)
+	for polls.Load() < 1 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	mu.Lock()
+	value = "world"
+	close(changed)
+	changed = make(chan struct{})
+	mu.Unlock()
+	waitFor(`MINICLOUD-WATCH key=greeting changed=true etag=` + etagOf("world") + ` value="world"`)
+	if n := strings.Count(out.String(), "MINICLOUD-WATCH key="); n != 2 {
+		t.Errorf("%d answers, want 2 (start, change):\n%s", n, out.String())
 	}
 }

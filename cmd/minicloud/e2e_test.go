@@ -604,3 +604,53 @@ func TestMain(m *testing.M) {
 	cloudtest.RemoveBinaries()
 	os.Exit(code)
 }
+
+// TestE2EVMMetadataFlags sets labels, tags and metadata at create and with
+// vm set through the CLI, and checks vm show, the json output, a stale
+// --resource-version (exit 5, nothing written) and a bound (exit 2).
+func TestE2EVMMetadataFlags(t *testing.T) {
+	c := startAPI(t) // VMs here must not boot
+	dir := c.seed()
+	script := filepath.Join(dir, "startup.sh")
+	os.WriteFile(script, []byte("#!/bin/sh\necho started\n"), 0o644)
+	var vm struct {
+		Meta struct {
+			Labels          map[string]string
+			ResourceVersion string
+		}
+		Spec struct {
+			Tags     []string
+			Metadata map[string]string
+		}
+	}
+	decodeJSON(t, c.ok("vm", "create", "web1", "--image", "tiny", "--flavor", "tiny", "--label", "env=dev",
+		"--tag", "http", "--metadata", "role=web", "--metadata-from-file", "startup-script="+script, "-o", "json"), &vm)
+	if vm.Meta.Labels["env"] != "dev" || fmt.Sprint(vm.Spec.Tags) != "[http]" || vm.Spec.Metadata["startup-script"] != "#!/bin/sh\necho started\n" {
+		t.Fatalf("vm create -o json: %+v", vm)
+	}
+	stale := vm.Meta.ResourceVersion
+	if out := c.ok("vm", "set", "web1", "--label", "env=prod", "--tag", "https", "--remove-tag", "http", "--unset-metadata", "role"); !strings.Contains(out, "vm web1 updated") {
+		t.Fatalf("vm set printed %q", out)
+	}
+	show := c.ok("vm", "show", "web1")
+	for _, want := range []string{"Tags:", "https", "Labels:", "prod", "Metadata:", "startup-script", "#!/bin/sh…"} {
+		if !strings.Contains(show, want) {
+			t.Errorf("vm show lacks %q:\n%s", want, show)
+		}
+	}
+	if strings.Contains(show, "role") {
+		t.Errorf("vm show still lists the removed metadata role:\n%s", show)
+	}
+	c.fails(exitConflict, "changed", "vm", "set", "web1", "--label", "env=qa", "--resource-version", stale)
+	big := filepath.Join(dir, "big")
+	os.WriteFile(big, bytes.Repeat([]byte("x"), 256<<10+1), 0o644)
+	c.fails(exitUsage, "at most 262144", "vm", "set", "web1", "--metadata-from-file", "big="+big)
+	c.fails(exitUsage, "nothing to change", "vm", "set", "web1")
+	decodeJSON(t, c.ok("vm", "show", "web1", "-o", "json"), &vm)
+	if vm.Meta.Labels["env"] != "prod" || vm.Spec.Metadata["big"] != "" {
+		t.Fatalf("a refused vm set wrote: %+v", vm.Meta.Labels)
+	}
+	if events := c.ok("vm", "events", "web1"); !strings.Contains(events, "MetadataUpdated") {
+		t.Errorf("vm events lacks MetadataUpdated:\n%s", events)
+	}
+}

@@ -46,6 +46,12 @@ func TestUsageErrorsExitTwo(t *testing.T) {
 		{"image", "create", "img", "--file", "/nonexistent/disk"},
 		{"image", "create", "img", "--file", "x", "--initrd", "y"},
 		{"flavor", "list", "--no-such-flag"},
+		{"vm", "create", "web1", "--image", "x", "--flavor", "y", "--label", "novalue"},
+		{"vm", "create", "web1", "--image", "x", "--flavor", "y", "--metadata", "k=1", "--metadata", "k=2"},
+		{"vm", "create", "web1", "--image", "x", "--flavor", "y", "--metadata-from-file", "k=/nonexistent/file"},
+		{"vm", "set", "web1"},
+		{"vm", "set", "web1", "--metadata", "=v"},
+		{"vm", "set", "web1", "--add-ssh-key", "/nonexistent/key"},
 	} {
 		code, stdout, stderr := runCLI(t, nil, "", append([]string{"--endpoint", "127.0.0.1:1"}, args...)...)
 		if code != exitUsage {

@@ -42,6 +42,7 @@ func (a *app) newVMCommand() *cobra.Command {
 		a.newVMConsoleLogCommand(complete),
 		a.newVMEventsCommand(complete),
 		a.newVMWaitCommand(complete),
+		a.newVMSetCommand(complete),
 	)
 	return cmd
 }
@@ -56,6 +57,7 @@ type vmCreateOptions struct {
 	az, serverGroup string
 	wait            bool
 	timeout         time.Duration
+	guest           guestMetadataFlags
 }
 
 func (a *app) newVMCreateCommand() *cobra.Command {
@@ -105,6 +107,7 @@ func addVMCreateFlags(cmd *cobra.Command, o *vmCreateOptions) {
 	f.StringVar(&o.serverGroup, "server-group", "", "server group")
 	f.BoolVar(&o.wait, "wait", false, "wait until the VM is RUNNING, printing phase changes")
 	f.DurationVar(&o.timeout, "timeout", defaultWaitTimeout, "how long --wait (and retries) may take")
+	o.guest.add(cmd)
 }
 
 func (a *app) buildCreateRequest(cmd *cobra.Command, name string, o *vmCreateOptions) (*minicloudv1.CreateVMRequest, error) {
@@ -121,6 +124,10 @@ func (a *app) buildCreateRequest(cmd *cobra.Command, name string, o *vmCreateOpt
 			return nil, err
 		}
 		keys = append(keys, k...)
+	}
+	labels, metadata, err := o.guest.parse()
+	if err != nil {
+		return nil, err
 	}
 	var userData []byte
 	if cmd.Flags().Changed("user-data") {
@@ -140,7 +147,10 @@ func (a *app) buildCreateRequest(cmd *cobra.Command, name string, o *vmCreateOpt
 			ConfigDrive:      o.configDrive,
 			AvailabilityZone: o.az,
 			ServerGroup:      o.serverGroup,
+			Tags:             o.guest.tags,
+			Metadata:         metadata,
 		},
+		Labels:    labels,
 		UserData:  userData,
 		RequestId: uuid.NewString(),
 	}, nil

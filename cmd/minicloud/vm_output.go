@@ -61,6 +61,8 @@ func vmDetails(w io.Writer, vm *minicloudv1.VM) error {
 		{"Config drive", strconv.FormatBool(spec.GetConfigDrive())},
 		{"User data", userDataSummary(spec)},
 		{"SSH keys", strconv.Itoa(len(spec.GetSshPublicKeys()))},
+		{"Tags", orDash(strings.Join(spec.GetTags(), ","))},
+		{"Resource version", strconv.FormatInt(vm.GetMeta().GetResourceVersion(), 10)},
 		{"Availability zone", orDash(spec.GetAvailabilityZone())},
 		{"Server group", orDash(spec.GetServerGroup())},
 		{"Created", timestamp(vm.GetMeta().GetCreateTime())},
@@ -83,6 +85,9 @@ func vmDetails(w io.Writer, vm *minicloudv1.VM) error {
 		if err := writeTable(w, []string{"  NETWORK", "ADDRESS", "GATEWAY", "MAC"}, rows); err != nil {
 			return err
 		}
+	}
+	if err := guestMetadataDetails(w, vm); err != nil {
+		return err
 	}
 	if conds := st.GetConditions(); len(conds) > 0 {
 		fmt.Fprintln(w, "\nConditions:")

@@ -35,6 +35,7 @@ func main() {
 	flag.IntVar(&o.concurrency, "concurrency", 10, "VMs created at once in the concurrent round")
 	flag.DurationVar(&o.timeout, "timeout", 10*time.Minute, "bound on the whole run, clean-up included")
 	flag.StringVar(&o.docs, "docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
+	flag.IntVar(&o.metadataUpdates, "metadata-updates", 0, "instead of the create rounds: time N live metadata updates until a guest's wait_for_change sees each (section metadata-updates)")
 	flag.Parse()
 	if o.reps < 1 || o.concurrency < 1 {
 		log.Fatal("agentbench: -reps and -concurrency must be at least 1")
@@ -49,6 +50,7 @@ func main() {
 
 type options struct {
 	reps, concurrency int
+	metadataUpdates   int
 	timeout           time.Duration
 	docs              string
 }
@@ -127,6 +129,16 @@ func run(o options) (err error) {
 	if err := b.setup(ctx, img); err != nil {
 		return err
 	}
+	if o.metadataUpdates > 0 {
+		m, err := b.measureMetadataUpdates(ctx, o.metadataUpdates)
+		if err != nil {
+			return err
+		}
+		if err := b.cleanup(ctx); err != nil {
+			return err
+		}
+		return writeSection(o.docs, "metadata-updates", m.render())
+	}
 	if err := b.measure(ctx); err != nil {
 		return err
 	}
@@ -134,13 +146,18 @@ func run(o options) (err error) {
 	if err := b.cleanup(ctx); err != nil {
 		return err
 	}
-	table := b.render()
+	return writeSection(o.docs, "agent", b.render())
+}
+
+// writeSection prints a table and, with a docs page, rewrites its section.
+func writeSection(docs, name, table string) error {
 	fmt.Println(table)
-	if o.docs != "" {
-		if err := benchdoc.RewriteSection(o.docs, "agent", table); err != nil {
-			return err
-		}
-		logf("rewrote the agent section of %s", o.docs)
+	if docs == "" {
+		return nil
 	}
+	if err := benchdoc.RewriteSection(docs, name, table); err != nil {
+		return err
+	}
+	logf("rewrote the %s section of %s", name, docs)
 	return nil
 }

@@ -8,8 +8,6 @@ import (
 	"strconv"
 	"strings"
 
-	"golang.org/x/crypto/ssh"
-
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/ipam"
@@ -103,6 +101,7 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 		"spec.resources":           in.GetResources() != nil,
 		"spec.reboot_generation":   in.GetRebootGeneration() != 0,
 		"spec.required_hypervisor": in.GetRequiredHypervisor() != "",
+		"spec.lifecycle_version":   in.GetLifecycleVersion() != 0,
 	} {
 		if set {
 			return nil, errdefs.Invalid("%s is set by the server; leave it empty (user-data goes in the request's user_data, resources come from the flavor, the hypervisor from the image)", field)
@@ -111,15 +110,12 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 	if n := len(req.GetUserData()); n > MaxUserDataBytes {
 		return nil, errdefs.Invalid("user-data is %d bytes; the limit is %d (64 KiB): compress it (cloud-init accepts gzip) or fetch the rest from the network", n, MaxUserDataBytes)
 	}
-	if len(in.GetSshPublicKeys()) > maxSSHKeys {
-		return nil, errdefs.Invalid("%d SSH keys given; at most %d are allowed", len(in.GetSshPublicKeys()), maxSSHKeys)
+	if err := validateSSHKeys("spec.ssh_public_keys", in.GetSshPublicKeys()); err != nil {
+		return nil, err
 	}
-	for i, k := range in.GetSshPublicKeys() {
-		if _, _, _, rest, err := ssh.ParseAuthorizedKey([]byte(k)); err != nil {
-			return nil, errdefs.Invalid("spec.ssh_public_keys[%d] is not an SSH public key in authorized_keys format (like the contents of ~/.ssh/id_ed25519.pub): %v", i, err)
-		} else if len(strings.TrimSpace(string(rest))) > 0 {
-			return nil, errdefs.Invalid("spec.ssh_public_keys[%d] holds more than one key; give each key as its own entry", i)
-		}
+	tags := normalizeTags(in.GetTags())
+	if err := validateGuestMetadata(req.GetLabels(), tags, in.GetMetadata()); err != nil {
+		return nil, err
 	}
 	spec := &minicloudv1.VMSpec{
 		Image:                  in.GetImage(),
@@ -134,6 +130,8 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 		PowerState:             in.GetPowerState(),
 		MetadataTokensRequired: in.GetMetadataTokensRequired(),
 		Hostname:               in.GetHostname(),
+		Tags:                   tags,
+		Metadata:               in.GetMetadata(),
 	}
 	if spec.PowerState == minicloudv1.PowerState_POWER_STATE_UNSPECIFIED {
 		spec.PowerState = minicloudv1.PowerState_POWER_STATE_RUNNING

@@ -108,6 +108,7 @@ func (v *vmService) DeleteVM(ctx context.Context, req *minicloudv1.DeleteVMReque
 
 func markDeleting(vm *minicloudv1.VM, now time.Time) {
 	vm.Spec.DeletionRequested = true
+	vm.Spec.LifecycleVersion = 0
 	if vm.Spec.DeletionTime == nil {
 		vm.Spec.DeletionTime = timestamppb.New(now)
 	}
@@ -162,6 +163,8 @@ func (s *Server) updateSpec(ctx context.Context, req *minicloudv1.VMActionReques
 		if err := change(vm); err != nil {
 			return nil, err
 		}
+		// A lifecycle write: the host acts on this version again.
+		vm.Spec.LifecycleVersion = 0
 		txn, err := store.UpdateVMSpecTxn(vm, time.Now(), &minicloudv1.Event{Type: lifecycle.EventNormal, Reason: reason, Source: "api"})
 		if err != nil {
 			return nil, err

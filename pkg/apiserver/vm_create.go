@@ -176,7 +176,7 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	spec.Resources = &minicloudv1.Resources{Vcpus: refs.flavor.GetVcpus(), MemoryMib: refs.flavor.GetMemoryMib(), DiskGib: refs.flavor.GetDiskGib()}
 	spec.RequiredHypervisor = refs.image.GetRequiredHypervisor()
 	vm := &minicloudv1.VM{
-		Meta: &minicloudv1.ObjectMeta{Id: newID(), Name: req.GetName(), Project: project, CreateTime: timestamppb.New(now)},
+		Meta: &minicloudv1.ObjectMeta{Id: newID(), Name: req.GetName(), Project: project, CreateTime: timestamppb.New(now), Labels: req.GetLabels()},
 		Spec: spec,
 		Status: &minicloudv1.VMStatus{
 			Phase:      lifecycle.Pending,

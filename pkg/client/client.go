@@ -25,6 +25,11 @@ type Client struct {
 	Hosts        minicloudv1.HostServiceClient
 }
 
+// MaxResponseBytes bounds one answer the client accepts. gRPC's default
+// (4 MiB) is too small for lists: a VM may carry 512 KiB of custom metadata
+// (docs/api.md), so eight such VMs would already make ListVMs unreadable.
+const MaxResponseBytes = 256 << 20
+
 // Dial prepares a connection to the API server at endpoint (host:port).
 // Like grpc.NewClient it does not wait for the server: the first call fails
 // with an Unavailable error if nothing answers. ctx is reserved for dial
@@ -38,6 +43,7 @@ func Dial(ctx context.Context, endpoint string, opts ...grpc.DialOption) (*Clien
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithChainUnaryInterceptor(errdefs.UnaryClientInterceptor),
 		grpc.WithChainStreamInterceptor(StreamClientInterceptor),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxResponseBytes)),
 	}
 	conn, err := grpc.NewClient("passthrough:///"+endpoint, append(base, opts...)...)
 	if err != nil {

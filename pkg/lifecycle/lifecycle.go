@@ -191,6 +191,7 @@ const (
 	ReasonStopRequested   = "StopRequested"
 	ReasonRebootRequested = "RebootRequested"
 	ReasonRescheduling    = "Rescheduling"
+	ReasonMetadataUpdated = "MetadataUpdated"
 
 	// Scheduler.
 	ReasonScheduled           = "Scheduled"
@@ -224,6 +225,8 @@ const (
 	ReasonImageInvalid   = "ImageInvalid"
 	ReasonFlavorTooSmall = "FlavorTooSmall"
 	ReasonAddressInvalid = "AddressInvalid"
+	// The host serves a metadata update (labels, tags, metadata, SSH keys).
+	ReasonMetadataDelivered = "MetadataDelivered"
 )
 
 // MarkdownTable renders Transitions as the table docs/architecture.md

@@ -20,7 +20,7 @@ var hostOwnedFields = func() []protoreflect.FieldDescriptor {
 	var out []protoreflect.FieldDescriptor
 	for _, name := range []protoreflect.Name{
 		"phase", "conditions", "reason", "message", "hypervisor",
-		"observed_reboot_generation", "observed_resource_version",
+		"observed_reboot_generation", "observed_resource_version", "observed_metadata_version",
 	} {
 		fd := fields.ByName(name)
 		if fd == nil {

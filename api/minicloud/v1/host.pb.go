@@ -589,7 +589,7 @@ type ReportVMStatusRequest struct {
 	Host  string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
 	VmId  string                 `protobuf:"bytes,2,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
 	// status replaces phase, conditions, message, reason, hypervisor,
-	// observed_reboot_generation and observed_resource_version. Host, addresses and scheduling fields are
+	// observed_reboot_generation, observed_resource_version and observed_metadata_version (pkg/lifecycle lists them). Host, addresses and scheduling fields are
 	// kept from the stored status.
 	Status *VMStatus `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
 	Events []*Event  `protobuf:"bytes,4,rep,name=events,proto3" json:"events,omitempty"`

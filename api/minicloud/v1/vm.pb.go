@@ -173,8 +173,20 @@ type VMSpec struct {
 	Resources *Resources `protobuf:"bytes,18,opt,name=resources,proto3" json:"resources,omitempty"`
 	// hypervisor needed by the image, if any ("kvm" or "tcg"); empty: either.
 	RequiredHypervisor string `protobuf:"bytes,19,opt,name=required_hypervisor,json=requiredHypervisor,proto3" json:"required_hypervisor,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// tags are network-style tags (GCE instance/tags): DNS labels, at most 64.
+	Tags []string `protobuf:"bytes,20,rep,name=tags,proto3" json:"tags,omitempty"`
+	// metadata is custom key/value metadata (GCE instance/attributes/,
+	// OpenStack meta): at most 128 keys of [A-Za-z0-9_-]{1,128}, 256 KiB per
+	// value, 512 KiB for all keys and values together.
+	Metadata map[string]string `protobuf:"bytes,21,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// lifecycle_version is the resource_version of the last spec write that
+	// was not a metadata update (UpdateVMMetadata); 0 means the current
+	// resource_version is such a write. Hosts act on it instead of the
+	// resource_version, so a metadata update never starts a guest that shut
+	// itself down or retries a VM in ERROR. Set by the server.
+	LifecycleVersion int64 `protobuf:"varint,22,opt,name=lifecycle_version,json=lifecycleVersion,proto3" json:"lifecycle_version,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *VMSpec) Reset() {
@@ -338,6 +350,27 @@ func (x *VMSpec) GetRequiredHypervisor() string {
 		return x.RequiredHypervisor
 	}
 	return ""
+}
+
+func (x *VMSpec) GetTags() []string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
+func (x *VMSpec) GetMetadata() map[string]string {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
+func (x *VMSpec) GetLifecycleVersion() int64 {
+	if x != nil {
+		return x.LifecycleVersion
+	}
+	return 0
 }
 
 type Resources struct {
@@ -546,6 +579,9 @@ type VMStatus struct {
 	// acted on. A spec write (start, stop, reboot) after a guest shut itself
 	// down is how the host knows the user asked again.
 	ObservedResourceVersion int64 `protobuf:"varint,14,opt,name=observed_resource_version,json=observedResourceVersion,proto3" json:"observed_resource_version,omitempty"`
+	// observed_metadata_version is the resource_version whose labels, tags,
+	// metadata and SSH keys the host's metadata service serves.
+	ObservedMetadataVersion int64 `protobuf:"varint,15,opt,name=observed_metadata_version,json=observedMetadataVersion,proto3" json:"observed_metadata_version,omitempty"`
 	unknownFields           protoimpl.UnknownFields
 	sizeCache               protoimpl.SizeCache
 }
@@ -678,6 +714,13 @@ func (x *VMStatus) GetObservedResourceVersion() int64 {
 	return 0
 }
 
+func (x *VMStatus) GetObservedMetadataVersion() int64 {
+	if x != nil {
+		return x.ObservedMetadataVersion
+	}
+	return 0
+}
+
 type VM struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Meta          *ObjectMeta            `protobuf:"bytes,1,opt,name=meta,proto3" json:"meta,omitempty"`
@@ -747,7 +790,11 @@ type CreateVMRequest struct {
 	UserData []byte `protobuf:"bytes,4,opt,name=user_data,json=userData,proto3" json:"user_data,omitempty"`
 	// request_id makes a retried create idempotent: the same id returns the
 	// VM created the first time.
-	RequestId     string `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	RequestId string `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// labels are key/value labels (EC2 meta-data/tags/instance/): at most 64,
+	// keys [A-Za-z][A-Za-z0-9._-]{0,62}, values at most 255 bytes of UTF-8
+	// without control characters.
+	Labels        map[string]string `protobuf:"bytes,6,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -815,6 +862,13 @@ func (x *CreateVMRequest) GetRequestId() string {
 		return x.RequestId
 	}
 	return ""
+}
+
+func (x *CreateVMRequest) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
 }
 
 type GetVMRequest struct {
@@ -1444,11 +1498,144 @@ func (x *ListVMEventsResponse) GetEvents() []*Event {
 	return nil
 }
 
+// UpdateVMMetadataRequest is a patch: what it names changes, the rest stays.
+// Removing what is not there is not an error (so a retry is harmless); a
+// key both set and removed is refused.
+type UpdateVMMetadataRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Project string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
+	// resource_version, if set, must be the VM's current one (else
+	// FAILED_PRECONDITION). 0 applies the patch to the current version.
+	ResourceVersion int64             `protobuf:"varint,3,opt,name=resource_version,json=resourceVersion,proto3" json:"resource_version,omitempty"`
+	SetLabels       map[string]string `protobuf:"bytes,4,rep,name=set_labels,json=setLabels,proto3" json:"set_labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	RemoveLabels    []string          `protobuf:"bytes,5,rep,name=remove_labels,json=removeLabels,proto3" json:"remove_labels,omitempty"`
+	AddTags         []string          `protobuf:"bytes,6,rep,name=add_tags,json=addTags,proto3" json:"add_tags,omitempty"`
+	RemoveTags      []string          `protobuf:"bytes,7,rep,name=remove_tags,json=removeTags,proto3" json:"remove_tags,omitempty"`
+	SetMetadata     map[string]string `protobuf:"bytes,8,rep,name=set_metadata,json=setMetadata,proto3" json:"set_metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	RemoveMetadata  []string          `protobuf:"bytes,9,rep,name=remove_metadata,json=removeMetadata,proto3" json:"remove_metadata,omitempty"`
+	// add_ssh_keys in authorized_keys format, one key each; a key already
+	// present is not added twice.
+	AddSshKeys []string `protobuf:"bytes,10,rep,name=add_ssh_keys,json=addSshKeys,proto3" json:"add_ssh_keys,omitempty"`
+	// remove_ssh_keys by SHA256 fingerprint as ssh-keygen -lf prints it
+	// ("SHA256:..."), or the whole authorized_keys line.
+	RemoveSshKeys []string `protobuf:"bytes,11,rep,name=remove_ssh_keys,json=removeSshKeys,proto3" json:"remove_ssh_keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateVMMetadataRequest) Reset() {
+	*x = UpdateVMMetadataRequest{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateVMMetadataRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateVMMetadataRequest) ProtoMessage() {}
+
+func (x *UpdateVMMetadataRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateVMMetadataRequest.ProtoReflect.Descriptor instead.
+func (*UpdateVMMetadataRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *UpdateVMMetadataRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UpdateVMMetadataRequest) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+func (x *UpdateVMMetadataRequest) GetResourceVersion() int64 {
+	if x != nil {
+		return x.ResourceVersion
+	}
+	return 0
+}
+
+func (x *UpdateVMMetadataRequest) GetSetLabels() map[string]string {
+	if x != nil {
+		return x.SetLabels
+	}
+	return nil
+}
+
+func (x *UpdateVMMetadataRequest) GetRemoveLabels() []string {
+	if x != nil {
+		return x.RemoveLabels
+	}
+	return nil
+}
+
+func (x *UpdateVMMetadataRequest) GetAddTags() []string {
+	if x != nil {
+		return x.AddTags
+	}
+	return nil
+}
+
+func (x *UpdateVMMetadataRequest) GetRemoveTags() []string {
+	if x != nil {
+		return x.RemoveTags
+	}
+	return nil
+}
+
+func (x *UpdateVMMetadataRequest) GetSetMetadata() map[string]string {
+	if x != nil {
+		return x.SetMetadata
+	}
+	return nil
+}
+
+func (x *UpdateVMMetadataRequest) GetRemoveMetadata() []string {
+	if x != nil {
+		return x.RemoveMetadata
+	}
+	return nil
+}
+
+func (x *UpdateVMMetadataRequest) GetAddSshKeys() []string {
+	if x != nil {
+		return x.AddSshKeys
+	}
+	return nil
+}
+
+func (x *UpdateVMMetadataRequest) GetRemoveSshKeys() []string {
+	if x != nil {
+		return x.RemoveSshKeys
+	}
+	return nil
+}
+
 var File_minicloud_v1_vm_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\n" +
-	"\x15minicloud/v1/vm.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\"\x9e\x06\n" +
+	"\x15minicloud/v1/vm.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\"\xdc\a\n" +
 	"\x06VMSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x16\n" +
 	"\x06flavor\x18\x02 \x01(\tR\x06flavor\x12\x1a\n" +
@@ -1471,7 +1658,13 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\x12deletion_requested\x18\x10 \x01(\bR\x11deletionRequested\x12?\n" +
 	"\rdeletion_time\x18\x11 \x01(\v2\x1a.google.protobuf.TimestampR\fdeletionTime\x125\n" +
 	"\tresources\x18\x12 \x01(\v2\x17.minicloud.v1.ResourcesR\tresources\x12/\n" +
-	"\x13required_hypervisor\x18\x13 \x01(\tR\x12requiredHypervisor\"[\n" +
+	"\x13required_hypervisor\x18\x13 \x01(\tR\x12requiredHypervisor\x12\x12\n" +
+	"\x04tags\x18\x14 \x03(\tR\x04tags\x12>\n" +
+	"\bmetadata\x18\x15 \x03(\v2\".minicloud.v1.VMSpec.MetadataEntryR\bmetadata\x12+\n" +
+	"\x11lifecycle_version\x18\x16 \x01(\x03R\x10lifecycleVersion\x1a;\n" +
+	"\rMetadataEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"[\n" +
 	"\tResources\x12\x14\n" +
 	"\x05vcpus\x18\x01 \x01(\x05R\x05vcpus\x12\x1d\n" +
 	"\n" +
@@ -1490,7 +1683,7 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"disableNat\x12\x1f\n" +
 	"\vdns_servers\x18\n" +
 	" \x03(\tR\n" +
-	"dnsServers\"\xd6\x04\n" +
+	"dnsServers\"\x92\x05\n" +
 	"\bVMStatus\x12+\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x15.minicloud.v1.VMPhaseR\x05phase\x12\x12\n" +
 	"\x04host\x18\x02 \x01(\tR\x04host\x125\n" +
@@ -1512,18 +1705,23 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"updateTime\x12%\n" +
 	"\x0estatus_version\x18\f \x01(\x03R\rstatusVersion\x12\x1b\n" +
 	"\thost_down\x18\r \x01(\bR\bhostDown\x12:\n" +
-	"\x19observed_resource_version\x18\x0e \x01(\x03R\x17observedResourceVersion\"\x8c\x01\n" +
+	"\x19observed_resource_version\x18\x0e \x01(\x03R\x17observedResourceVersion\x12:\n" +
+	"\x19observed_metadata_version\x18\x0f \x01(\x03R\x17observedMetadataVersion\"\x8c\x01\n" +
 	"\x02VM\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.minicloud.v1.VMSpecR\x04spec\x12.\n" +
-	"\x06status\x18\x03 \x01(\v2\x16.minicloud.v1.VMStatusR\x06status\"\xa5\x01\n" +
+	"\x06status\x18\x03 \x01(\v2\x16.minicloud.v1.VMStatusR\x06status\"\xa3\x02\n" +
 	"\x0fCreateVMRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\x12(\n" +
 	"\x04spec\x18\x03 \x01(\v2\x14.minicloud.v1.VMSpecR\x04spec\x12\x1b\n" +
 	"\tuser_data\x18\x04 \x01(\fR\buserData\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x05 \x01(\tR\trequestId\"<\n" +
+	"request_id\x18\x05 \x01(\tR\trequestId\x12A\n" +
+	"\x06labels\x18\x06 \x03(\v2).minicloud.v1.CreateVMRequest.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"<\n" +
 	"\fGetVMRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\"a\n" +
@@ -1563,7 +1761,29 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\"C\n" +
 	"\x14ListVMEventsResponse\x12+\n" +
-	"\x06events\x18\x01 \x03(\v2\x13.minicloud.v1.EventR\x06events*\xbf\x01\n" +
+	"\x06events\x18\x01 \x03(\v2\x13.minicloud.v1.EventR\x06events\"\xf4\x04\n" +
+	"\x17UpdateVMMetadataRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\x12)\n" +
+	"\x10resource_version\x18\x03 \x01(\x03R\x0fresourceVersion\x12S\n" +
+	"\n" +
+	"set_labels\x18\x04 \x03(\v24.minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntryR\tsetLabels\x12#\n" +
+	"\rremove_labels\x18\x05 \x03(\tR\fremoveLabels\x12\x19\n" +
+	"\badd_tags\x18\x06 \x03(\tR\aaddTags\x12\x1f\n" +
+	"\vremove_tags\x18\a \x03(\tR\n" +
+	"removeTags\x12Y\n" +
+	"\fset_metadata\x18\b \x03(\v26.minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntryR\vsetMetadata\x12'\n" +
+	"\x0fremove_metadata\x18\t \x03(\tR\x0eremoveMetadata\x12 \n" +
+	"\fadd_ssh_keys\x18\n" +
+	" \x03(\tR\n" +
+	"addSshKeys\x12&\n" +
+	"\x0fremove_ssh_keys\x18\v \x03(\tR\rremoveSshKeys\x1a<\n" +
+	"\x0eSetLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a>\n" +
+	"\x10SetMetadataEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xbf\x01\n" +
 	"\aVMPhase\x12\x18\n" +
 	"\x14VM_PHASE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10VM_PHASE_PENDING\x10\x01\x12\x16\n" +
@@ -1577,7 +1797,7 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"PowerState\x12\x1b\n" +
 	"\x17POWER_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13POWER_STATE_RUNNING\x10\x01\x12\x17\n" +
-	"\x13POWER_STATE_STOPPED\x10\x022\xb6\x05\n" +
+	"\x13POWER_STATE_STOPPED\x10\x022\x83\x06\n" +
 	"\tVMService\x12;\n" +
 	"\bCreateVM\x12\x1d.minicloud.v1.CreateVMRequest\x1a\x10.minicloud.v1.VM\x125\n" +
 	"\x05GetVM\x12\x1a.minicloud.v1.GetVMRequest\x1a\x10.minicloud.v1.VM\x12F\n" +
@@ -1588,7 +1808,8 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\bRebootVM\x12\x1d.minicloud.v1.VMActionRequest\x1a\x10.minicloud.v1.VM\x12K\n" +
 	"\bWatchVMs\x12\x1d.minicloud.v1.WatchVMsRequest\x1a\x1e.minicloud.v1.WatchVMsResponse0\x01\x12X\n" +
 	"\rGetConsoleLog\x12\".minicloud.v1.GetConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponse\x12U\n" +
-	"\fListVMEvents\x12!.minicloud.v1.ListVMEventsRequest\x1a\".minicloud.v1.ListVMEventsResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\fListVMEvents\x12!.minicloud.v1.ListVMEventsRequest\x1a\".minicloud.v1.ListVMEventsResponse\x12K\n" +
+	"\x10UpdateVMMetadata\x12%.minicloud.v1.UpdateVMMetadataRequest\x1a\x10.minicloud.v1.VMB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_vm_proto_rawDescOnce sync.Once
@@ -1603,74 +1824,85 @@ func file_minicloud_v1_vm_proto_rawDescGZIP() []byte {
 }
 
 var file_minicloud_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_minicloud_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_minicloud_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_minicloud_v1_vm_proto_goTypes = []any{
-	(VMPhase)(0),                  // 0: minicloud.v1.VMPhase
-	(PowerState)(0),               // 1: minicloud.v1.PowerState
-	(*VMSpec)(nil),                // 2: minicloud.v1.VMSpec
-	(*Resources)(nil),             // 3: minicloud.v1.Resources
-	(*VMAddress)(nil),             // 4: minicloud.v1.VMAddress
-	(*VMStatus)(nil),              // 5: minicloud.v1.VMStatus
-	(*VM)(nil),                    // 6: minicloud.v1.VM
-	(*CreateVMRequest)(nil),       // 7: minicloud.v1.CreateVMRequest
-	(*GetVMRequest)(nil),          // 8: minicloud.v1.GetVMRequest
-	(*ListVMsRequest)(nil),        // 9: minicloud.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),       // 10: minicloud.v1.ListVMsResponse
-	(*DeleteVMRequest)(nil),       // 11: minicloud.v1.DeleteVMRequest
-	(*VMActionRequest)(nil),       // 12: minicloud.v1.VMActionRequest
-	(*WatchVMsRequest)(nil),       // 13: minicloud.v1.WatchVMsRequest
-	(*WatchVMsResponse)(nil),      // 14: minicloud.v1.WatchVMsResponse
-	(*GetConsoleLogRequest)(nil),  // 15: minicloud.v1.GetConsoleLogRequest
-	(*GetConsoleLogResponse)(nil), // 16: minicloud.v1.GetConsoleLogResponse
-	(*ListVMEventsRequest)(nil),   // 17: minicloud.v1.ListVMEventsRequest
-	(*ListVMEventsResponse)(nil),  // 18: minicloud.v1.ListVMEventsResponse
-	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
-	(*Condition)(nil),             // 20: minicloud.v1.Condition
-	(*ObjectMeta)(nil),            // 21: minicloud.v1.ObjectMeta
-	(WatchEventType)(0),           // 22: minicloud.v1.WatchEventType
-	(*Event)(nil),                 // 23: minicloud.v1.Event
+	(VMPhase)(0),                    // 0: minicloud.v1.VMPhase
+	(PowerState)(0),                 // 1: minicloud.v1.PowerState
+	(*VMSpec)(nil),                  // 2: minicloud.v1.VMSpec
+	(*Resources)(nil),               // 3: minicloud.v1.Resources
+	(*VMAddress)(nil),               // 4: minicloud.v1.VMAddress
+	(*VMStatus)(nil),                // 5: minicloud.v1.VMStatus
+	(*VM)(nil),                      // 6: minicloud.v1.VM
+	(*CreateVMRequest)(nil),         // 7: minicloud.v1.CreateVMRequest
+	(*GetVMRequest)(nil),            // 8: minicloud.v1.GetVMRequest
+	(*ListVMsRequest)(nil),          // 9: minicloud.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),         // 10: minicloud.v1.ListVMsResponse
+	(*DeleteVMRequest)(nil),         // 11: minicloud.v1.DeleteVMRequest
+	(*VMActionRequest)(nil),         // 12: minicloud.v1.VMActionRequest
+	(*WatchVMsRequest)(nil),         // 13: minicloud.v1.WatchVMsRequest
+	(*WatchVMsResponse)(nil),        // 14: minicloud.v1.WatchVMsResponse
+	(*GetConsoleLogRequest)(nil),    // 15: minicloud.v1.GetConsoleLogRequest
+	(*GetConsoleLogResponse)(nil),   // 16: minicloud.v1.GetConsoleLogResponse
+	(*ListVMEventsRequest)(nil),     // 17: minicloud.v1.ListVMEventsRequest
+	(*ListVMEventsResponse)(nil),    // 18: minicloud.v1.ListVMEventsResponse
+	(*UpdateVMMetadataRequest)(nil), // 19: minicloud.v1.UpdateVMMetadataRequest
+	nil,                             // 20: minicloud.v1.VMSpec.MetadataEntry
+	nil,                             // 21: minicloud.v1.CreateVMRequest.LabelsEntry
+	nil,                             // 22: minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
+	nil,                             // 23: minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
+	(*timestamppb.Timestamp)(nil),   // 24: google.protobuf.Timestamp
+	(*Condition)(nil),               // 25: minicloud.v1.Condition
+	(*ObjectMeta)(nil),              // 26: minicloud.v1.ObjectMeta
+	(WatchEventType)(0),             // 27: minicloud.v1.WatchEventType
+	(*Event)(nil),                   // 28: minicloud.v1.Event
 }
 var file_minicloud_v1_vm_proto_depIdxs = []int32{
 	1,  // 0: minicloud.v1.VMSpec.power_state:type_name -> minicloud.v1.PowerState
-	19, // 1: minicloud.v1.VMSpec.deletion_time:type_name -> google.protobuf.Timestamp
+	24, // 1: minicloud.v1.VMSpec.deletion_time:type_name -> google.protobuf.Timestamp
 	3,  // 2: minicloud.v1.VMSpec.resources:type_name -> minicloud.v1.Resources
-	0,  // 3: minicloud.v1.VMStatus.phase:type_name -> minicloud.v1.VMPhase
-	4,  // 4: minicloud.v1.VMStatus.addresses:type_name -> minicloud.v1.VMAddress
-	20, // 5: minicloud.v1.VMStatus.conditions:type_name -> minicloud.v1.Condition
-	19, // 6: minicloud.v1.VMStatus.update_time:type_name -> google.protobuf.Timestamp
-	21, // 7: minicloud.v1.VM.meta:type_name -> minicloud.v1.ObjectMeta
-	2,  // 8: minicloud.v1.VM.spec:type_name -> minicloud.v1.VMSpec
-	5,  // 9: minicloud.v1.VM.status:type_name -> minicloud.v1.VMStatus
-	2,  // 10: minicloud.v1.CreateVMRequest.spec:type_name -> minicloud.v1.VMSpec
-	6,  // 11: minicloud.v1.ListVMsResponse.vms:type_name -> minicloud.v1.VM
-	22, // 12: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
-	6,  // 13: minicloud.v1.WatchVMsResponse.vm:type_name -> minicloud.v1.VM
-	23, // 14: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
-	7,  // 15: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
-	8,  // 16: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
-	9,  // 17: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
-	11, // 18: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
-	12, // 19: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
-	12, // 20: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
-	12, // 21: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
-	13, // 22: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
-	15, // 23: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
-	17, // 24: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
-	6,  // 25: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
-	6,  // 26: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
-	10, // 27: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
-	6,  // 28: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
-	6,  // 29: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
-	6,  // 30: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
-	6,  // 31: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
-	14, // 32: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
-	16, // 33: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	18, // 34: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
-	25, // [25:35] is the sub-list for method output_type
-	15, // [15:25] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	20, // 3: minicloud.v1.VMSpec.metadata:type_name -> minicloud.v1.VMSpec.MetadataEntry
+	0,  // 4: minicloud.v1.VMStatus.phase:type_name -> minicloud.v1.VMPhase
+	4,  // 5: minicloud.v1.VMStatus.addresses:type_name -> minicloud.v1.VMAddress
+	25, // 6: minicloud.v1.VMStatus.conditions:type_name -> minicloud.v1.Condition
+	24, // 7: minicloud.v1.VMStatus.update_time:type_name -> google.protobuf.Timestamp
+	26, // 8: minicloud.v1.VM.meta:type_name -> minicloud.v1.ObjectMeta
+	2,  // 9: minicloud.v1.VM.spec:type_name -> minicloud.v1.VMSpec
+	5,  // 10: minicloud.v1.VM.status:type_name -> minicloud.v1.VMStatus
+	2,  // 11: minicloud.v1.CreateVMRequest.spec:type_name -> minicloud.v1.VMSpec
+	21, // 12: minicloud.v1.CreateVMRequest.labels:type_name -> minicloud.v1.CreateVMRequest.LabelsEntry
+	6,  // 13: minicloud.v1.ListVMsResponse.vms:type_name -> minicloud.v1.VM
+	27, // 14: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
+	6,  // 15: minicloud.v1.WatchVMsResponse.vm:type_name -> minicloud.v1.VM
+	28, // 16: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
+	22, // 17: minicloud.v1.UpdateVMMetadataRequest.set_labels:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
+	23, // 18: minicloud.v1.UpdateVMMetadataRequest.set_metadata:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
+	7,  // 19: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
+	8,  // 20: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
+	9,  // 21: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
+	11, // 22: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
+	12, // 23: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
+	12, // 24: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
+	12, // 25: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
+	13, // 26: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
+	15, // 27: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
+	17, // 28: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
+	19, // 29: minicloud.v1.VMService.UpdateVMMetadata:input_type -> minicloud.v1.UpdateVMMetadataRequest
+	6,  // 30: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
+	6,  // 31: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
+	10, // 32: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
+	6,  // 33: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
+	6,  // 34: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
+	6,  // 35: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
+	6,  // 36: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
+	14, // 37: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
+	16, // 38: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	18, // 39: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
+	6,  // 40: minicloud.v1.VMService.UpdateVMMetadata:output_type -> minicloud.v1.VM
+	30, // [30:41] is the sub-list for method output_type
+	19, // [19:30] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_vm_proto_init() }
@@ -1685,7 +1917,7 @@ func file_minicloud_v1_vm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_vm_proto_rawDesc), len(file_minicloud_v1_vm_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   17,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

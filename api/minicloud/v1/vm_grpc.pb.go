@@ -19,16 +19,17 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	VMService_CreateVM_FullMethodName      = "/minicloud.v1.VMService/CreateVM"
-	VMService_GetVM_FullMethodName         = "/minicloud.v1.VMService/GetVM"
-	VMService_ListVMs_FullMethodName       = "/minicloud.v1.VMService/ListVMs"
-	VMService_DeleteVM_FullMethodName      = "/minicloud.v1.VMService/DeleteVM"
-	VMService_StartVM_FullMethodName       = "/minicloud.v1.VMService/StartVM"
-	VMService_StopVM_FullMethodName        = "/minicloud.v1.VMService/StopVM"
-	VMService_RebootVM_FullMethodName      = "/minicloud.v1.VMService/RebootVM"
-	VMService_WatchVMs_FullMethodName      = "/minicloud.v1.VMService/WatchVMs"
-	VMService_GetConsoleLog_FullMethodName = "/minicloud.v1.VMService/GetConsoleLog"
-	VMService_ListVMEvents_FullMethodName  = "/minicloud.v1.VMService/ListVMEvents"
+	VMService_CreateVM_FullMethodName         = "/minicloud.v1.VMService/CreateVM"
+	VMService_GetVM_FullMethodName            = "/minicloud.v1.VMService/GetVM"
+	VMService_ListVMs_FullMethodName          = "/minicloud.v1.VMService/ListVMs"
+	VMService_DeleteVM_FullMethodName         = "/minicloud.v1.VMService/DeleteVM"
+	VMService_StartVM_FullMethodName          = "/minicloud.v1.VMService/StartVM"
+	VMService_StopVM_FullMethodName           = "/minicloud.v1.VMService/StopVM"
+	VMService_RebootVM_FullMethodName         = "/minicloud.v1.VMService/RebootVM"
+	VMService_WatchVMs_FullMethodName         = "/minicloud.v1.VMService/WatchVMs"
+	VMService_GetConsoleLog_FullMethodName    = "/minicloud.v1.VMService/GetConsoleLog"
+	VMService_ListVMEvents_FullMethodName     = "/minicloud.v1.VMService/ListVMEvents"
+	VMService_UpdateVMMetadata_FullMethodName = "/minicloud.v1.VMService/UpdateVMMetadata"
 )
 
 // VMServiceClient is the client API for VMService service.
@@ -51,6 +52,13 @@ type VMServiceClient interface {
 	WatchVMs(ctx context.Context, in *WatchVMsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchVMsResponse], error)
 	GetConsoleLog(ctx context.Context, in *GetConsoleLogRequest, opts ...grpc.CallOption) (*GetConsoleLogResponse, error)
 	ListVMEvents(ctx context.Context, in *ListVMEventsRequest, opts ...grpc.CallOption) (*ListVMEventsResponse, error)
+	// UpdateVMMetadata changes what a running VM may learn about itself:
+	// labels, tags, custom metadata and SSH keys. The host serves the change
+	// in every metadata tree without touching the domain; the config drive
+	// keeps what it was written with at create. A resource_version that is
+	// not the VM's current one is refused with FAILED_PRECONDITION and
+	// nothing is written.
+	UpdateVMMetadata(ctx context.Context, in *UpdateVMMetadataRequest, opts ...grpc.CallOption) (*VM, error)
 }
 
 type vMServiceClient struct {
@@ -170,6 +178,16 @@ func (c *vMServiceClient) ListVMEvents(ctx context.Context, in *ListVMEventsRequ
 	return out, nil
 }
 
+func (c *vMServiceClient) UpdateVMMetadata(ctx context.Context, in *UpdateVMMetadataRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_UpdateVMMetadata_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // VMServiceServer is the server API for VMService service.
 // All implementations must embed UnimplementedVMServiceServer
 // for forward compatibility.
@@ -190,6 +208,13 @@ type VMServiceServer interface {
 	WatchVMs(*WatchVMsRequest, grpc.ServerStreamingServer[WatchVMsResponse]) error
 	GetConsoleLog(context.Context, *GetConsoleLogRequest) (*GetConsoleLogResponse, error)
 	ListVMEvents(context.Context, *ListVMEventsRequest) (*ListVMEventsResponse, error)
+	// UpdateVMMetadata changes what a running VM may learn about itself:
+	// labels, tags, custom metadata and SSH keys. The host serves the change
+	// in every metadata tree without touching the domain; the config drive
+	// keeps what it was written with at create. A resource_version that is
+	// not the VM's current one is refused with FAILED_PRECONDITION and
+	// nothing is written.
+	UpdateVMMetadata(context.Context, *UpdateVMMetadataRequest) (*VM, error)
 	mustEmbedUnimplementedVMServiceServer()
 }
 
@@ -229,6 +254,9 @@ func (UnimplementedVMServiceServer) GetConsoleLog(context.Context, *GetConsoleLo
 }
 func (UnimplementedVMServiceServer) ListVMEvents(context.Context, *ListVMEventsRequest) (*ListVMEventsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListVMEvents not implemented")
+}
+func (UnimplementedVMServiceServer) UpdateVMMetadata(context.Context, *UpdateVMMetadataRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateVMMetadata not implemented")
 }
 func (UnimplementedVMServiceServer) mustEmbedUnimplementedVMServiceServer() {}
 func (UnimplementedVMServiceServer) testEmbeddedByValue()                   {}
@@ -424,6 +452,24 @@ func _VMService_ListVMEvents_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VMService_UpdateVMMetadata_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateVMMetadataRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).UpdateVMMetadata(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_UpdateVMMetadata_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).UpdateVMMetadata(ctx, req.(*UpdateVMMetadataRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // VMService_ServiceDesc is the grpc.ServiceDesc for VMService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -466,6 +512,10 @@ var VMService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListVMEvents",
 			Handler:    _VMService_ListVMEvents_Handler,
+		},
+		{
+			MethodName: "UpdateVMMetadata",
+			Handler:    _VMService_UpdateVMMetadata_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
