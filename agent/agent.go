@@ -4,12 +4,17 @@
 // level-triggered reconcile loop (reconcile.go). It reports what it observes
 // back through the API; it never talks to etcd.
 //
-// The adapters it drives (libvirt, netlink/nftables, qemu-img, DHCP, DNS,
-// metadata) are passed in as small interfaces (ports.go), so the loop can be
-// read without them and tested against the real ones.
+// The adapters it drives are passed in as Deps: the hypervisor and network
+// ports (hypervisor.Driver, network.Manager, each with its conformance
+// suite and an in-memory fake held to it), and the small interfaces below
+// for disks, the image cache and the guest services (DHCP, DNS, metadata:
+// agent/guestservices). The loop can be read without them, and is unit
+// tested against the fakes (reconcile_test.go) and end to end against the
+// real ones (e2e_test.go).
 package agent
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -22,6 +27,8 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 
+	"github.com/minicloud/minicloud/agent/hypervisor"
+	"github.com/minicloud/minicloud/agent/network"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
 
@@ -107,8 +114,8 @@ type Agent struct {
 	hosts  minicloudv1.HostServiceClient
 	images minicloudv1.ImageServiceClient
 
-	hv    Hypervisor
-	net   Network
+	hv    hypervisor.Driver
+	net   network.Manager
 	disks Disks
 	cache ImageCache
 	guest GuestServices
@@ -142,23 +149,65 @@ type assignment struct {
 // Deps are the adapters the agent drives.
 type Deps struct {
 	API        grpc.ClientConnInterface
-	Hypervisor Hypervisor
-	Network    Network
+	Hypervisor hypervisor.Driver
+	Network    network.Manager
 	Disks      Disks
 	Images     ImageCache
 	Guest      GuestServices
-	Logger     *slog.Logger
+}
+
+// Option configures an Agent.
+type Option func(*options)
+
+type options struct{ log *slog.Logger }
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(log *slog.Logger) Option { return func(o *options) { o.log = log } }
+
+// Disks makes VM disks as copy-on-write overlays over cached images
+// (agent/disk, with qemu-img).
+type Disks interface {
+	CreateOverlay(ctx context.Context, path, backingPath, backingFormat string, sizeBytes int64) error
+}
+
+// ImageCache keeps image parts on this host, addressed by digest
+// (agent/imagecache).
+type ImageCache interface {
+	// Ensure returns the local path of the part with digest sha256,
+	// downloading and verifying it first if needed.
+	Ensure(ctx context.Context, image string, part minicloudv1.ImagePart, sha256 string) (string, error)
+}
+
+// GuestServices answer guests on their networks: DHCP, DNS and the metadata
+// service (agent/guestservices). They are fed the whole set of this host's
+// guests at once, so a restart of the agent rebuilds them from the
+// assignments alone.
+type GuestServices interface {
+	SetGuests(ctx context.Context, guests []Guest) error
+	// BuildConfigDrive writes the config drive ISO of g to path. An error
+	// made with Permanent fails the VM instead of being retried.
+	BuildConfigDrive(ctx context.Context, g Guest, path string) error
+	// GuestSeen reports when the guest last read its metadata (or user
+	// data), and whether it ever did: the GuestReady signal.
+	GuestSeen(vmID string) (time.Time, bool)
+}
+
+// Guest is one VM as the guest-facing services see it.
+type Guest struct {
+	VM       *minicloudv1.VM
+	UserData []byte
 }
 
 // New returns an agent; Run starts it.
-func New(cfg Config, d Deps) (*Agent, error) {
+func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	log := d.Logger
-	if log == nil {
-		log = slog.Default()
+	var o options
+	for _, opt := range opts {
+		opt(&o)
 	}
+	o.log = cmp.Or(o.log, slog.Default())
 	// 0711: QEMU runs as an unprivileged user and must traverse to the
 	// disks (libvirt hands it the files themselves).
 	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "vms"), 0o711); err != nil {
@@ -166,7 +215,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	}
 	return &Agent{
 		cfg:        cfg,
-		log:        log.With("component", "agent", "host", cfg.HostName),
+		log:        o.log.With("component", "agent", "host", cfg.HostName),
 		hosts:      minicloudv1.NewHostServiceClient(d.API),
 		images:     minicloudv1.NewImageServiceClient(d.API),
 		hv:         d.Hypervisor,

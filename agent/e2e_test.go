@@ -22,6 +22,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/cloudtest"
+	"github.com/minicloud/minicloud/pkg/nic"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -52,17 +53,26 @@ func newTinyCloud(t *testing.T) *cloudtest.Cloud {
 	return newCloudWithImage(t, "tiny", cloudtest.TinyImage(t), "tiny", "256", "1")
 }
 
-// newCloudWithImage starts a cloud with a network of its own, the built
-// image in dir imported as image, and a one-vCPU flavor.
-func newCloudWithImage(t *testing.T, image, dir, flavor, memoryMiB, diskGiB string) *cloudtest.Cloud {
+// newCloudWithImage starts a cloud with a network of its own (created with
+// netArgs added), the built image in dir imported as image, and a one-vCPU
+// flavor.
+func newCloudWithImage(t *testing.T, image, dir, flavor, memoryMiB, diskGiB string, netArgs ...string) *cloudtest.Cloud {
 	t.Helper()
 	c := cloudtest.Start(t)
 	c.WaitHostUp()
 	// A CIDR of its own, so that tests and a `make up` cloud on the same
 	// machine never share a bridge.
 	cidr := fmt.Sprintf("10.%d.%d.0/24", 200+rand.IntN(50), rand.IntN(250))
-	c.MustMC("network", "create", "default", "--cidr", cidr)
+	c.MustMC(append([]string{"network", "create", "default", "--cidr", cidr}, netArgs...)...)
 	c.MustMC("flavor", "create", flavor, "--vcpus", "1", "--memory-mib", memoryMiB, "--disk-gib", diskGiB)
+	importImage(t, c, image, dir)
+	return c
+}
+
+// importImage imports the built image in dir (disk, kernel, initrd,
+// cmdline) as image.
+func importImage(t *testing.T, c *cloudtest.Cloud, image, dir string) {
+	t.Helper()
 	cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
 	if err != nil {
 		t.Fatal(err)
@@ -70,7 +80,6 @@ func newCloudWithImage(t *testing.T, image, dir, flavor, memoryMiB, diskGiB stri
 	c.MustMC("image", "create", image, "--file", filepath.Join(dir, "disk.qcow2"),
 		"--kernel", filepath.Join(dir, "vmlinuz"), "--initrd", filepath.Join(dir, "initrd.img"),
 		"--cmdline", strings.TrimSpace(string(cmdline)))
-	return c
 }
 
 // waitVM follows WatchVMs until cond holds for the VM, and returns it.
@@ -171,7 +180,7 @@ func assertNothingLeft(t *testing.T, c *cloudtest.Cloud, id string) {
 	if out, err := virsh("dominfo", "mc-"+id); err == nil {
 		t.Errorf("domain mc-%s still exists:\n%s", id, out)
 	}
-	tap := "mct" + strings.ReplaceAll(id, "-", "")[:8]
+	tap := nic.TapNamePrefix(id)
 	out, err := exec.Command("ip", "-o", "link", "show").CombinedOutput()
 	if err != nil {
 		t.Fatalf("ip link: %v", err)

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +14,7 @@ import (
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/lifecycle"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // This file is the VM lifecycle on a host. reconcile(id) reads the desired
@@ -40,7 +39,9 @@ type permanentError struct {
 func (e *permanentError) Error() string { return e.err.Error() }
 func (e *permanentError) Unwrap() error { return e.err }
 
-func permanent(reason string, err error) error { return &permanentError{reason: reason, err: err} }
+// Permanent marks err as a failure that retrying on this host will not fix;
+// reason is the VM's status reason (CamelCase, e.g. "ImageNotFound").
+func Permanent(reason string, err error) error { return &permanentError{reason: reason, err: err} }
 
 // createAttemptsBeforeReschedule is how many times a failing create is
 // retried on this host before the host gives the VM back to the scheduler.
@@ -100,6 +101,9 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		st := a.observedStatus(vm)
 		st.Phase = lifecycle.Error
 		st.Reason, st.Message = perm.reason, err.Error()
+		// Given up on this very spec: the check above keeps later passes
+		// (resyncs, events) from retrying it and warning again.
+		st.ObservedResourceVersion = vm.GetMeta().GetResourceVersion()
 		return result{}, a.report(ctx, vm, st, reportStatus, warning(perm.reason, err.Error()))
 	case err != nil && a.queue.Failures(id)+1 >= createAttemptsBeforeReschedule && !a.domainEverCreated(vm):
 		a.log.Warn("create keeps failing on this host; giving the VM back to the scheduler", "vm", id, "err", err)
@@ -311,7 +315,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 	img, err := a.images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: vm.GetSpec().GetImage()})
 	if err != nil {
 		if errdefs.IsNotFound(errdefs.FromGRPC(err)) {
-			return bootMedia{}, permanent(lifecycle.ReasonImageNotFound, fmt.Errorf("image %q no longer exists", vm.GetSpec().GetImage()))
+			return bootMedia{}, Permanent(lifecycle.ReasonImageNotFound, fmt.Errorf("image %q no longer exists", vm.GetSpec().GetImage()))
 		}
 		return bootMedia{}, fmt.Errorf("get image %s: %w", vm.GetSpec().GetImage(), err)
 	}
@@ -324,7 +328,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 			// A digest mismatch or a blob the API no longer has will not
 			// heal by retrying on this host.
 			if errdefs.IsFailedPrecondition(err) || errdefs.IsInvalid(err) || errdefs.IsNotFound(err) {
-				return "", permanent(lifecycle.ReasonImageUnusable, fmt.Errorf("image %s: %w", img.GetMeta().GetName(), err))
+				return "", Permanent(lifecycle.ReasonImageUnusable, fmt.Errorf("image %s: %w", img.GetMeta().GetName(), err))
 			}
 			return "", fmt.Errorf("fetch image %s: %w", img.GetMeta().GetName(), err)
 		}
@@ -336,7 +340,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 		return b, err
 	}
 	if backing == "" {
-		return b, permanent(lifecycle.ReasonImageInvalid, fmt.Errorf("image %s has no disk", img.GetMeta().GetName()))
+		return b, Permanent(lifecycle.ReasonImageInvalid, fmt.Errorf("image %s has no disk", img.GetMeta().GetName()))
 	}
 	if b.kernel, err = fetch(minicloudv1.ImagePart_IMAGE_PART_KERNEL, img.GetKernel()); err != nil {
 		return b, err
@@ -348,7 +352,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 
 	size := vm.GetSpec().GetResources().GetDiskGib() << 30
 	if virt := img.GetVirtualSizeBytes(); virt > size {
-		return b, permanent(lifecycle.ReasonFlavorTooSmall, fmt.Errorf("flavor %s has a %d GiB disk but image %s needs %d bytes",
+		return b, Permanent(lifecycle.ReasonFlavorTooSmall, fmt.Errorf("flavor %s has a %d GiB disk but image %s needs %d bytes",
 			vm.GetSpec().GetFlavor(), vm.GetSpec().GetResources().GetDiskGib(), img.GetMeta().GetName(), virt))
 	}
 	format := "raw"
@@ -365,58 +369,49 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 	return b, nil
 }
 
-func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]hypervisor.NIC, error) {
-	var nics []hypervisor.NIC
-	for i, addr := range vm.GetStatus().GetAddresses() {
-		gw, err := netip.ParseAddr(addr.GetGateway())
-		if err != nil {
-			return nil, permanent(lifecycle.ReasonAddressInvalid, fmt.Errorf("network %s: gateway %q: %w", addr.GetNetwork(), addr.GetGateway(), err))
+func (a *Agent) ensureNetwork(ctx context.Context, vm *minicloudv1.VM) ([]nic.NIC, error) {
+	nics, err := nic.FromVM(vm)
+	if err != nil {
+		return nil, Permanent(lifecycle.ReasonAddressInvalid, err)
+	}
+	for _, n := range nics {
+		if !n.Gateway.IsValid() {
+			return nil, Permanent(lifecycle.ReasonAddressInvalid, fmt.Errorf("network %s: no gateway", n.Network))
 		}
-		ip, err := netip.ParseAddr(addr.GetIp())
-		if err != nil {
-			return nil, permanent(lifecycle.ReasonAddressInvalid, fmt.Errorf("network %s: address %q: %w", addr.GetNetwork(), addr.GetIp(), err))
-		}
-		mac, err := net.ParseMAC(addr.GetMac())
-		if err != nil {
-			return nil, permanent(lifecycle.ReasonAddressInvalid, fmt.Errorf("network %s: MAC %q: %w", addr.GetNetwork(), addr.GetMac(), err))
-		}
-		mtu := int(addr.GetMtu())
-		if mtu == 0 {
-			mtu = 1500
-		}
+		// The network's host-side settings (NAT, tunnel) ride on the
+		// address; the NIC is what was parsed from it.
+		addr := vm.GetStatus().GetAddresses()[n.Index]
 		tunnel := a.tunnelSpec(addr)
 		if tunnel != nil {
-			if err := a.checkTunnelMTU(addr, mtu); err != nil {
+			if err := a.checkTunnelMTU(addr, n.MTU); err != nil {
 				return nil, err
 			}
 		}
 		if err := a.ensureBridge(ctx, network.BridgeSpec{
-			Name:        addr.GetBridge(),
-			GatewayCIDR: netip.PrefixFrom(gw, int(addr.GetPrefixLength())),
-			MTU:         mtu,
+			Name:        n.Bridge,
+			GatewayCIDR: n.GatewayPrefix(),
+			MTU:         n.MTU,
 			NAT:         !addr.GetDisableNat(),
 			Tunnel:      tunnel,
 		}); err != nil {
-			return nil, fmt.Errorf("bridge %s of network %s: %w", addr.GetBridge(), addr.GetNetwork(), err)
+			return nil, fmt.Errorf("bridge %s of network %s: %w", n.Bridge, n.Network, err)
 		}
 		if tunnel != nil {
-			if err := a.applyRemotePorts(ctx, addr.GetBridge()); err != nil {
-				return nil, fmt.Errorf("tunnel of network %s: %w", addr.GetNetwork(), err)
+			if err := a.applyRemotePorts(ctx, n.Bridge); err != nil {
+				return nil, fmt.Errorf("tunnel of network %s: %w", n.Network, err)
 			}
 		}
-		tap := tapName(vm.GetMeta().GetId(), i)
 		if err := a.net.EnsurePort(ctx, network.PortSpec{
-			VMID: vm.GetMeta().GetId(), TapName: tap, Bridge: addr.GetBridge(),
-			MAC: mac, IP: ip, MTU: mtu,
+			VMID: vm.GetMeta().GetId(), TapName: n.TapName, Bridge: n.Bridge,
+			MAC: n.MAC, IP: n.IP(), MTU: n.MTU,
 		}); err != nil {
-			return nil, fmt.Errorf("port %s on %s: %w", tap, addr.GetBridge(), err)
+			return nil, fmt.Errorf("port %s on %s: %w", n.TapName, n.Bridge, err)
 		}
-		nics = append(nics, hypervisor.NIC{MAC: addr.GetMac(), TapName: tap, MTU: mtu})
 	}
 	return nics, nil
 }
 
-func (a *Agent) domainSpec(vm *minicloudv1.VM, b bootMedia, nics []hypervisor.NIC, configDrive string) hypervisor.DomainSpec {
+func (a *Agent) domainSpec(vm *minicloudv1.VM, b bootMedia, nics []nic.NIC, configDrive string) hypervisor.DomainSpec {
 	id := vm.GetMeta().GetId()
 	return hypervisor.DomainSpec{
 		VMID:            id,
@@ -471,7 +466,7 @@ func (a *Agent) teardown(ctx context.Context, id string) error {
 	if err != nil {
 		return fmt.Errorf("list ports: %w", err)
 	}
-	prefix := tapPrefix(id)
+	prefix := nic.TapNamePrefix(id)
 	for _, p := range ports {
 		if p.VMID == id || strings.HasPrefix(p.TapName, prefix) {
 			if err := a.net.DeletePort(ctx, p.TapName); err != nil {
@@ -510,15 +505,3 @@ func (a *Agent) vmDir(id string) string           { return filepath.Join(a.cfg.S
 func (a *Agent) diskPath(id string) string        { return filepath.Join(a.vmDir(id), "disk.qcow2") }
 func (a *Agent) configDrivePath(id string) string { return filepath.Join(a.vmDir(id), "config.iso") }
 func (a *Agent) consoleLogPath(id string) string  { return filepath.Join(a.vmDir(id), "console.log") }
-
-// tapName is "mct" + the first 8 hex digits of the VM id + the NIC index:
-// unique enough per host and within the kernel's 15-byte limit.
-func tapName(vmID string, nic int) string { return fmt.Sprintf("%s%d", tapPrefix(vmID), nic) }
-
-func tapPrefix(vmID string) string {
-	hex := strings.ReplaceAll(vmID, "-", "")
-	if len(hex) > 8 {
-		hex = hex[:8]
-	}
-	return "mct" + hex
-}

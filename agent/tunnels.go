@@ -42,7 +42,7 @@ func (a *Agent) checkTunnelMTU(addr *minicloudv1.VMAddress, mtu int) error {
 	if a.cfg.UnderlayMTU == 0 || mtu <= a.cfg.UnderlayMTU-network.VXLANOverhead {
 		return nil
 	}
-	return permanent("NetworkMTUTooLarge", errdefs.FailedPrecondition(
+	return Permanent("NetworkMTUTooLarge", errdefs.FailedPrecondition(
 		"network %s has MTU %d but this host's underlay carries at most %d (MTU %d minus %d bytes of VXLAN): recreate the network with --mtu %d or raise the underlay MTU",
 		addr.GetNetwork(), mtu, a.cfg.UnderlayMTU-network.VXLANOverhead, a.cfg.UnderlayMTU, network.VXLANOverhead, a.cfg.UnderlayMTU-network.VXLANOverhead))
 }

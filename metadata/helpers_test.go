@@ -14,6 +14,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 const (
@@ -29,6 +31,7 @@ func testInstance(id, name, ip, mac string) *Instance {
 		Interfaces: []Interface{{
 			Bridge: "mc-test", Network: "default", MAC: mustMAC(mac),
 			Address: netip.MustParsePrefix(ip + "/24"), Gateway: netip.MustParseAddr("10.0.0.1"), MTU: 1450,
+			TapName: nic.TapName(id, 0),
 		}},
 		SSHKeys:    []SSHKey{{Name: "alice", Key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGl5Y2hEY9+0XnH8cS4Pn1Mo9h3KxG8nKJ9YVtq9GkR2 alice"}},
 		Labels:     map[string]string{"role": "web"},

@@ -14,8 +14,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"net"
-	"net/netip"
 	"sort"
 	"strings"
 	"time"
@@ -24,6 +22,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // DefaultDomain is the DNS domain guests are told they live in when nothing
@@ -71,18 +70,9 @@ type Instance struct {
 	TokensRequired bool
 }
 
-// Interface is one NIC of an instance as the host wired it.
-type Interface struct {
-	// Bridge is the host bridge the NIC's tap is attached to; together with
-	// the address it identifies the guest.
-	Bridge  string
-	Network string
-	MAC     net.HardwareAddr
-	// Address is the guest's address with the subnet's prefix length.
-	Address netip.Prefix
-	Gateway netip.Addr
-	MTU     int
-}
+// Interface is one NIC of an instance as the host wired it; its bridge and
+// address together identify the guest.
+type Interface = nic.NIC
 
 // SSHKey is one authorized key with the name clouds list it under.
 type SSHKey struct {
@@ -95,7 +85,7 @@ type SSHKey struct {
 // The VM must carry an id and at least well-formed addresses; a VM without
 // addresses yet yields an Instance no packet can be matched to.
 func InstanceFromVM(vm *minicloudv1.VM, userData []byte) (*Instance, error) {
-	meta, spec, status := vm.GetMeta(), vm.GetSpec(), vm.GetStatus()
+	meta, spec := vm.GetMeta(), vm.GetSpec()
 	if _, err := uuid.Parse(meta.GetId()); err != nil {
 		return nil, fmt.Errorf("vm %q: id %q is not a UUID: %w", meta.GetName(), meta.GetId(), err)
 	}
@@ -129,13 +119,11 @@ func InstanceFromVM(vm *minicloudv1.VM, userData []byte) (*Instance, error) {
 	if len(userData) > 0 {
 		inst.UserData = append([]byte(nil), userData...)
 	}
-	for i, a := range status.GetAddresses() {
-		nic, err := interfaceFromAddress(a)
-		if err != nil {
-			return nil, fmt.Errorf("vm %s: address %d: %w", inst.ID, i, err)
-		}
-		inst.Interfaces = append(inst.Interfaces, nic)
+	nics, err := nic.FromVM(vm)
+	if err != nil {
+		return nil, err
 	}
+	inst.Interfaces = nics
 	for i, k := range spec.GetSshPublicKeys() {
 		key, err := parseSSHKey(i, k)
 		if err != nil {
@@ -144,31 +132,6 @@ func InstanceFromVM(vm *minicloudv1.VM, userData []byte) (*Instance, error) {
 		inst.SSHKeys = append(inst.SSHKeys, key)
 	}
 	return inst, nil
-}
-
-func interfaceFromAddress(a *minicloudv1.VMAddress) (Interface, error) {
-	nic := Interface{Bridge: a.GetBridge(), Network: a.GetNetwork(), MTU: int(a.GetMtu())}
-	ip, err := netip.ParseAddr(a.GetIp())
-	if err != nil {
-		return nic, fmt.Errorf("ip %q: %w", a.GetIp(), err)
-	}
-	bits := int(a.GetPrefixLength())
-	if bits <= 0 || bits > ip.BitLen() {
-		return nic, fmt.Errorf("prefix length %d of %s out of range", bits, ip)
-	}
-	nic.Address = netip.PrefixFrom(ip, bits)
-	if g := a.GetGateway(); g != "" {
-		if nic.Gateway, err = netip.ParseAddr(g); err != nil {
-			return nic, fmt.Errorf("gateway %q: %w", g, err)
-		}
-	}
-	if nic.MAC, err = net.ParseMAC(a.GetMac()); err != nil {
-		return nic, fmt.Errorf("mac %q: %w", a.GetMac(), err)
-	}
-	if nic.MTU == 0 {
-		nic.MTU = 1500
-	}
-	return nic, nil
 }
 
 // parseSSHKey names a key after its comment when that is a plain word, as

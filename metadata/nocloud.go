@@ -9,8 +9,8 @@ import (
 
 // NoCloudFiles renders cloud-init's NoCloud seed: meta-data, user-data (empty
 // when there is none: NoCloud needs the file), network-config (network
-// config v2 with the fixed addresses, matched by MAC) and vendor-data when
-// the operator set some.
+// config v2, NICs matched by MAC: DHCP where the host serves it, as in
+// network_data.json) and vendor-data when the operator set some.
 func NoCloudFiles(inst *Instance) ([]File, error) {
 	md := map[string]any{
 		"instance-id":       inst.ID,
@@ -48,21 +48,21 @@ func NoCloudFiles(inst *Instance) ([]File, error) {
 	return files, nil
 }
 
+// networkConfigV2 is network_data.json's description in network config v2:
+// "dhcp4" for a NIC the host's DHCP server answers (route, resolver, search
+// domain and MTU come from the answer), a static address without routes for
+// one it does not (see openstackNetworkData).
 func networkConfigV2(inst *Instance) map[string]any {
 	eths := map[string]any{}
 	for i, nic := range inst.Interfaces {
 		e := map[string]any{
-			"match":     map[string]any{"macaddress": nic.MAC.String()},
-			"addresses": []string{nic.Address.String()},
-			"mtu":       nic.MTU,
+			"match": map[string]any{"macaddress": nic.MAC.String()},
+			"mtu":   nic.MTU,
 		}
-		if i == 0 && nic.Gateway.IsValid() {
-			e["routes"] = []any{map[string]any{"to": "0.0.0.0/0", "via": nic.Gateway.String()}}
-			ns := map[string]any{"addresses": []string{nic.Gateway.String()}}
-			if inst.Domain != "" {
-				ns["search"] = []string{inst.Domain}
-			}
-			e["nameservers"] = ns
+		if nic.DHCP() {
+			e["dhcp4"] = true
+		} else {
+			e["addresses"] = []string{nic.Address.String()}
 		}
 		eths["eth"+strconv.Itoa(i)] = e
 	}

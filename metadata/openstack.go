@@ -153,15 +153,19 @@ type osService struct {
 	Address string `json:"address"`
 }
 
+// osNetwork is one entry of network_data.json's "networks". An
+// "ipv4_dhcp" entry carries only id, type, link and network_id, as Nova
+// writes it; a static "ipv4" one also address, netmask, routes and
+// services (pointers: present, if empty, only there).
 type osNetwork struct {
-	ID        string      `json:"id"`
-	Type      string      `json:"type"`
-	Link      string      `json:"link"`
-	IPAddress string      `json:"ip_address"`
-	Netmask   string      `json:"netmask"`
-	Routes    []osRoute   `json:"routes"`
-	NetworkID string      `json:"network_id"`
-	Services  []osService `json:"services"`
+	ID        string       `json:"id"`
+	Type      string       `json:"type"`
+	Link      string       `json:"link"`
+	IPAddress string       `json:"ip_address,omitempty"`
+	Netmask   string       `json:"netmask,omitempty"`
+	Routes    *[]osRoute   `json:"routes,omitempty"`
+	NetworkID string       `json:"network_id"`
+	Services  *[]osService `json:"services,omitempty"`
 }
 
 type osNetworkData struct {
@@ -172,40 +176,35 @@ type osNetworkData struct {
 
 // openstackNetworkData describes every NIC (link type "phy": every
 // network_data.json consumer, cloud-init and glean alike, treats it as a
-// physical NIC) with its fixed IPv4 address
-// ("ipv4", static, as Nova writes for subnets it addresses itself); the
-// default route and the resolver (the gateway, where the agent answers DNS)
-// ride on the primary NIC only.
+// physical NIC, with the network's MTU) the way Nova does
+// (nova/virt/netutils.py): a NIC the host's DHCP server answers is
+// "ipv4_dhcp", so every cloud-init renderer (ENI, netplan, networkd,
+// sysconfig) runs a DHCP client, and the default route, the resolver, the
+// search domain and the MTU come from the DHCP answer. A static "ipv4"
+// entry would make cloud-init's ENI renderer write the default route as
+// "post-up route add … || true", which silently does nothing on an image
+// without net-tools (Debian's own cloud images). Only a NIC without DHCP
+// (no gateway) is static, and then without routes. The resolver (the
+// gateway, where the agent answers DNS) is also listed in the top-level
+// "services", as Nova lists its subnets' DNS servers.
 func openstackNetworkData(inst *Instance) osNetworkData {
 	nd := osNetworkData{Links: []osLink{}, Networks: []osNetwork{}, Services: []osService{}}
 	for i, nic := range inst.Interfaces {
-		link := TapName(inst.ID, i)
+		link := nic.TapName
 		nd.Links = append(nd.Links, osLink{ID: link, VIF: link, Type: "phy", MTU: nic.MTU, MAC: nic.MAC.String()})
-		n := osNetwork{
-			ID:        "network" + strconv.Itoa(i),
-			Type:      "ipv4",
-			Link:      link,
-			IPAddress: nic.Address.Addr().String(),
-			Netmask:   net.IP(net.CIDRMask(nic.Address.Bits(), 32)).String(),
-			Routes:    []osRoute{},
-			NetworkID: nic.Network,
-			Services:  []osService{},
-		}
-		if i == 0 && nic.Gateway.IsValid() {
-			n.Routes = append(n.Routes, osRoute{Network: "0.0.0.0", Netmask: "0.0.0.0", Gateway: nic.Gateway.String()})
-			dns := osService{Type: "dns", Address: nic.Gateway.String()}
-			n.Services = append(n.Services, dns)
-			nd.Services = append(nd.Services, dns)
+		n := osNetwork{ID: "network" + strconv.Itoa(i), Type: "ipv4_dhcp", Link: link, NetworkID: nic.Network}
+		if !nic.DHCP() {
+			n.Type = "ipv4"
+			n.IPAddress = nic.Address.Addr().String()
+			n.Netmask = net.IP(net.CIDRMask(nic.Address.Bits(), 32)).String()
+			n.Routes, n.Services = &[]osRoute{}, &[]osService{}
 		}
 		nd.Networks = append(nd.Networks, n)
+		if i == 0 && nic.Gateway.IsValid() {
+			nd.Services = append(nd.Services, osService{Type: "dns", Address: nic.Gateway.String()})
+		}
 	}
 	return nd
-}
-
-// TapName is the host tap of NIC index i of a VM: "mct" + the first 8 hex
-// digits of its id + the index (the team-wide convention).
-func TapName(vmID string, i int) string {
-	return "mct" + shortID(vmID) + strconv.Itoa(i)
 }
 
 func openstackTree(inst *Instance) (*node, error) {

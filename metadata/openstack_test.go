@@ -2,6 +2,7 @@ package metadata
 
 import (
 	"encoding/json"
+	"net/netip"
 	"strings"
 	"testing"
 )
@@ -60,10 +61,15 @@ func TestOpenStackTree(t *testing.T) {
 	if len(nd.Networks) != 1 {
 		t.Fatalf("networks = %+v", nd.Networks)
 	}
+	// A NIC the host's DHCP server answers is described as Nova describes
+	// one on a subnet with DHCP: "ipv4_dhcp", no address, no routes.
 	n := nd.Networks[0]
-	if n.Type != "ipv4" || n.IPAddress != "10.0.0.5" || n.Netmask != "255.255.255.0" || n.Link != nd.Links[0].ID ||
-		len(n.Routes) != 1 || n.Routes[0] != (osRoute{Network: "0.0.0.0", Netmask: "0.0.0.0", Gateway: "10.0.0.1"}) {
+	if n.Type != "ipv4_dhcp" || n.IPAddress != "" || n.Netmask != "" || n.Link != nd.Links[0].ID || n.Routes != nil ||
+		n.NetworkID != "default" {
 		t.Errorf("network = %+v", n)
+	}
+	if !strings.Contains(got.body, `"type":"ipv4_dhcp"`) || strings.Contains(got.body, `"routes"`) || strings.Contains(got.body, `"ip_address"`) {
+		t.Errorf("network_data.json = %s", got.body)
 	}
 	if len(nd.Services) != 1 || nd.Services[0] != (osService{Type: "dns", Address: "10.0.0.1"}) {
 		t.Errorf("services = %+v", nd.Services)
@@ -88,4 +94,20 @@ func TestOpenStackVendorData(t *testing.T) {
 		return
 	}
 	t.Fatal("no vendor_data.json")
+}
+
+// TestOpenStackNetworkDataWithoutDHCP: a NIC the host's DHCP server does
+// not answer (no gateway) is described statically, in Nova's complete
+// form, without any route and without a resolver.
+func TestOpenStackNetworkDataWithoutDHCP(t *testing.T) {
+	inst := testInstance(idA, "web1", "10.0.0.5", "52:54:00:00:00:0a")
+	inst.Interfaces[0].Gateway = netip.Addr{}
+	b, err := json.Marshal(openstackNetworkData(inst))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `"networks":[{"id":"network0","type":"ipv4","link":"mct0a1b2c3d0","ip_address":"10.0.0.5","netmask":"255.255.255.0","routes":[],"network_id":"default","services":[]}],"services":[]}`
+	if !strings.HasSuffix(string(b), want) {
+		t.Errorf("network_data.json = %s\nwant it to end in %s", b, want)
+	}
 }

@@ -11,13 +11,13 @@ package hypervisor
 
 import (
 	"context"
-	"net"
 	"strings"
 	"time"
 
 	"github.com/google/uuid"
 
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // Hypervisor kinds, as stored on Host.hypervisors and VMStatus.hypervisor.
@@ -31,14 +31,6 @@ const DomainNamePrefix = "mc-"
 
 // DomainName is the hypervisor-level name of a VM's domain.
 func DomainName(vmID string) string { return DomainNamePrefix + vmID }
-
-// NIC is one network interface, attached to a tap device that the network
-// adapter created beforehand (the Driver never creates or deletes taps).
-type NIC struct {
-	MAC     string // stable per VM, e.g. "52:54:00:12:34:56"
-	TapName string // at most 15 bytes, e.g. "mct1a2b3c4d0"
-	MTU     int    // 0: the tap's own MTU
-}
 
 // SMBIOS is what the guest reads from DMI. cloud-init's OpenStack datasource
 // identifies the cloud by Product "OpenStack Nova" (or Manufacturer
@@ -76,7 +68,10 @@ type DomainSpec struct {
 	// ConfigDrivePath is an ISO attached as a read-only CD-ROM, or "".
 	ConfigDrivePath string
 
-	NICs []NIC
+	// NICs are attached to tap devices that the network adapter created
+	// beforehand (the Driver never creates or deletes taps); an MTU of 0
+	// leaves the tap's own.
+	NICs []nic.NIC
 
 	// ConsoleLogPath receives the serial console (ttyS0). Its size is
 	// bounded: the hypervisor rotates it (see ReadConsoleTail).
@@ -120,8 +115,8 @@ func (s DomainSpec) Validate() error {
 		return errdefs.Invalid("domain spec %s: console log path %q must be absolute", s.VMID, s.ConsoleLogPath)
 	}
 	for i, n := range s.NICs {
-		if _, err := net.ParseMAC(n.MAC); err != nil || len(n.MAC) != 17 {
-			return errdefs.Invalid("domain spec %s: nic %d: mac %q is not a 48-bit MAC", s.VMID, i, n.MAC)
+		if len(n.MAC) != 6 {
+			return errdefs.Invalid("domain spec %s: nic %d: mac %q is not a 48-bit MAC", s.VMID, i, n.MAC.String())
 		}
 		if n.TapName == "" || len(n.TapName) > 15 || strings.ContainsAny(n.TapName, "/ \t\n:") {
 			return errdefs.Invalid("domain spec %s: nic %d: tap name %q is not a valid interface name", s.VMID, i, n.TapName)

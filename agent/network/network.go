@@ -7,13 +7,13 @@ package network
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"net/netip"
 	"regexp"
 	"strings"
 
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // MetadataAddr is the link-local address of the metadata service. Every
@@ -69,7 +69,7 @@ type RemotePort struct {
 type PortSpec struct {
 	// VMID owns the port; it is recorded on the link so ListPorts can report it.
 	VMID string
-	// TapName is the host interface name ("mct" + 8 hex + NIC index).
+	// TapName is the host interface name (nic.TapName).
 	TapName string
 	// Bridge is the BridgeSpec.Name the port joins.
 	Bridge string
@@ -128,21 +128,10 @@ type Manager interface {
 	Sync(ctx context.Context, bridges []BridgeSpec, ports []PortSpec) error
 }
 
-// PortPrefix starts every port name. The host recognises guest ports by
-// it, so a port with any other name would escape the anti-spoofing filter:
-// PortSpec.Validate refuses such names.
-const PortPrefix = "mct"
-
-// TapName is the host port name of a VM's NIC: PortPrefix, the first 8 hex
-// digits of the VM id (dashes removed) and the NIC index, e.g. "mct1a2b3c4d0".
-// It is stable across agent restarts, so the agent can find its taps again.
-func TapName(vmID string, nic int) string {
-	id := strings.ToLower(strings.ReplaceAll(vmID, "-", ""))
-	if len(id) > 8 {
-		id = id[:8]
-	}
-	return fmt.Sprintf("%s%s%d", PortPrefix, id, nic)
-}
+// PortPrefix starts every port name (nic.TapName makes them). The host
+// recognises guest ports by it, so a port with any other name would escape
+// the anti-spoofing filter: PortSpec.Validate refuses such names.
+const PortPrefix = nic.TapPrefix
 
 // maxIfName is IFNAMSIZ minus the terminating NUL.
 const maxIfName = 15

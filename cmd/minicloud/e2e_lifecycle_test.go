@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
-	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -17,6 +16,7 @@ import (
 
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 	"github.com/minicloud/minicloud/pkg/cloudtest"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // TestE2EVMLifecycle boots the tiny guest image on this machine through the
@@ -49,7 +49,7 @@ func TestE2EVMLifecycle(t *testing.T) {
 	// only while it runs, so the test removes the one it made.
 	t.Cleanup(func() {
 		if bridge != "" {
-			if err := netlinux.New(slog.Default()).DeleteBridge(context.Background(), bridge); err != nil {
+			if err := netlinux.New().DeleteBridge(context.Background(), bridge); err != nil {
 				t.Errorf("delete bridge %s: %v", bridge, err)
 			}
 			if _, err := net.InterfaceByName(bridge); err == nil {
@@ -115,7 +115,7 @@ func TestE2EVMLifecycle(t *testing.T) {
 	}
 	id := vm.Meta.Id
 	domain := "mc-" + id
-	tap := "mct" + strings.ReplaceAll(id, "-", "")[:8] + "0"
+	tap := nic.TapName(id, 0)
 	if !domainExists(t, domain) {
 		t.Fatalf("RUNNING but libvirt has no domain %s", domain)
 	}

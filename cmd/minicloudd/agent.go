@@ -27,9 +27,10 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent"
-	"github.com/minicloud/minicloud/agent/dhcpserver"
 	"github.com/minicloud/minicloud/agent/disk"
-	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/agent/guestservices"
+	"github.com/minicloud/minicloud/agent/guestservices/dhcpserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
 	"github.com/minicloud/minicloud/agent/imagecache"
 	"github.com/minicloud/minicloud/agent/join"
@@ -238,7 +239,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)
 	}
-	guests := agent.NewHostGuestServices(log, dir, md, dhcpserver.New(log), dnsserver.New(log))
+	guests := guestservices.New(dir, md, dhcpserver.New(dhcpserver.WithLogger(log)), dnsserver.New(dnsserver.WithLogger(log)))
 	cache, err := imagecache.New(filepath.Join(stateDir, "images"), minicloudv1.NewImageServiceClient(conn))
 	if err != nil {
 		return fmt.Errorf("image cache: %w", err)
@@ -265,12 +266,11 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	}, agent.Deps{
 		API:        conn,
 		Hypervisor: hv,
-		Network:    netlinux.New(log, netlinux.WithProtectedNets(protected...)),
+		Network:    netlinux.New(netlinux.WithLogger(log), netlinux.WithProtectedNets(protected...)),
 		Disks:      qemuImgDisks{},
 		Images:     cache,
 		Guest:      guests,
-		Logger:     log,
-	})
+	}, agent.WithLogger(log))
 	if err != nil {
 		lis.Close()
 		return err

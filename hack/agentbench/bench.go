@@ -18,6 +18,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // Event reasons that mark the steps of a create, in order, and who writes
@@ -302,7 +303,7 @@ func (b *bench) checkNothingLeft(ctx context.Context, id string) error {
 	if exists, err := domainExists(ctx, "mc-"+id); err != nil || exists {
 		errs = append(errs, fmt.Errorf("domain mc-%s still exists (%v)", id, err))
 	}
-	tap := "mct" + strings.ReplaceAll(id, "-", "")[:8]
+	tap := nic.TapNamePrefix(id)
 	out, err := exec.CommandContext(ctx, "ip", "-o", "link", "show").Output()
 	if err != nil {
 		return fmt.Errorf("ip link: %w", err)

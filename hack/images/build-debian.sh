@@ -20,15 +20,20 @@ out=${OUT:-$root_dir/images/out/debian}
 suite=bookworm
 disk_size=${DISK_SIZE:-2G}
 base_packages=(systemd-sysv udev kmod dbus iproute2 netbase ifupdown isc-dhcp-client)
+# The package set of Debian's official genericcloud image (debian-cloud-images,
+# config_space package_config DEBIAN, CLOUD and GENERIC): its cloud kernel,
+# cloud-init, ifupdown with isc-dhcp-client, and the tools those lists add.
+# Left out: grub (minicloud boots the kernel directly). Deliberately absent,
+# as in Debian's image: net-tools and resolvconf. The network comes from
+# minicloud's DHCP server, which cloud-init's network_data.json
+# ("ipv4_dhcp") hands to dhclient: dhclient sets the default route, the MTU
+# and /etc/resolv.conf itself.
 packages=(
-	linux-image-amd64 initramfs-tools
-	cloud-init cloud-guest-utils openssh-server sudo ca-certificates
-	less procps
-	# cloud-init 22.4 renders network_data.json routes for ifupdown as
-	# "post-up route add default gw …" (net-tools) and the resolvers as
-	# "dns-nameservers" (a resolvconf hook): without these two a guest
-	# configured from metadata has no default route and no resolv.conf.
-	net-tools resolvconf
+	linux-image-cloud-amd64 initramfs-tools
+	cloud-init cloud-guest-utils cloud-initramfs-growroot
+	openssh-server ssh-import-id sudo ca-certificates curl
+	chrony unattended-upgrades qemu-guest-agent
+	iputils-ping less logrotate nftables procps
 )
 # no_timer_check, as for the tiny image: under TCG on a loaded host the
 # kernel's IO-APIC timer check fails and it panics ("IO-APIC + timer doesn't
@@ -127,12 +132,16 @@ rm -f "$rootfs/var/lib/dbus/machine-id"
 # Host keys are per VM too: cloud-init (ssh module) generates them.
 rm -f "$rootfs"/etc/ssh/ssh_host_*
 
-# Network: DHCP on the first NIC even without metadata (cloud-init's fallback
-# does the same; this covers a VM whose metadata service is unreachable).
+# Network: cloud-init writes interfaces.d/50-cloud-init, loopback included
+# (with the resolvers it was given on it, as "dns-nameservers"). The image
+# declares nothing itself: a second "iface lo" here, read after the
+# source line, would replace cloud-init's stanza and its resolvers. Without
+# network config cloud-init falls back to DHCP on the first NIC; systemd
+# brings lo up on its own.
 cat >"$rootfs/etc/network/interfaces" <<'EOF'
+# interfaces(5): cloud-init renders the network configuration of this
+# instance into /etc/network/interfaces.d/50-cloud-init.
 source /etc/network/interfaces.d/*
-auto lo
-iface lo inet loopback
 EOF
 mkdir -p "$rootfs/etc/network/interfaces.d"
 
@@ -178,9 +187,9 @@ mkdir -p "$out"
 install -m 0644 "$rootfs/boot/vmlinuz-$kver" "$work/vmlinuz"
 install -m 0644 "$rootfs/boot/initrd.img-$kver" "$work/initrd.img"
 unmount_rootfs
+# The build host's resolver must not leak into the image: dhclient writes
+# resolv.conf from the DHCP answer (nameserver, search domain).
 rm -f "$rootfs/etc/resolv.conf"
-# resolvconf owns it in the guest: ifupdown's dns-nameservers end up there.
-ln -s ../run/resolvconf/resolv.conf "$rootfs/etc/resolv.conf"
 truncate -s "$disk_size" "$work/disk.raw"
 mkfs.ext4 -q -L rootfs -d "$rootfs" "$work/disk.raw"
 # Compressed clusters: the image is uploaded to the API and downloaded by

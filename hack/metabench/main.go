@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"github.com/minicloud/minicloud/metadata"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // paths is the request mix: what a cloud-init boot asks most, in both
@@ -86,7 +87,8 @@ func instances(n int) []*metadata.Instance {
 			Name: fmt.Sprintf("vm%d", i), Hostname: fmt.Sprintf("vm%d", i), Domain: metadata.DefaultDomain,
 			Project: "bench", AvailabilityZone: "zone-a", Region: "zone", InstanceType: "small", Image: "debian-12",
 			Interfaces: []metadata.Interface{{Bridge: "lo", Network: "default", MAC: mac,
-				Address: netip.PrefixFrom(guestAddr(i), 8), Gateway: netip.MustParseAddr("127.0.0.1"), MTU: 1500}},
+				Address: netip.PrefixFrom(guestAddr(i), 8), Gateway: netip.MustParseAddr("127.0.0.1"), MTU: 1500,
+				TapName: nic.TapName(fmt.Sprintf("00000000-0000-4000-8000-%012d", i), 0)}},
 			SSHKeys:  []metadata.SSHKey{{Name: "bench", Key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGl5Y2hEY9+0XnH8cS4Pn1Mo9h3KxG8nKJ9YVtq9GkR2 bench"}},
 			UserData: []byte("#cloud-config\nruncmd:\n  - echo hello\n"),
 		})

@@ -56,14 +56,18 @@ func TestCloudInitReadsDrives(t *testing.T) {
 			if md["uuid"] != inst.ID || osd["userdata"] != string(inst.UserData) || ec2["instance-id"] != inst.ID {
 				t.Errorf("config-2 as cloud-init reads it: %s", out)
 			}
-			if !strings.Contains(string(out), `"type": "static"`) && !strings.Contains(string(out), `"type":"static"`) {
-				t.Errorf("config-2 network config is not static: %s", out)
+			if !strings.Contains(string(out), `"type": "dhcp4"`) || strings.Contains(string(out), `"static"`) {
+				t.Errorf("config-2 network config is not DHCP: %s", out)
 			}
 		case NoCloud:
 			md, _ := got["meta-data"].(map[string]any)
 			nc, _ := got["network-config"].(map[string]any)
 			if md["instance-id"] != inst.ID || md["local-hostname"] != "web1" || got["user-data"] != string(inst.UserData) || nc["version"] != float64(2) {
 				t.Errorf("cidata as cloud-init reads it: %s", out)
+			}
+			eths, _ := nc["ethernets"].(map[string]any)
+			if eth0, _ := eths["eth0"].(map[string]any); eth0["dhcp4"] != true || eth0["addresses"] != nil || eth0["routes"] != nil {
+				t.Errorf("cidata network-config is not DHCP: %s", out)
 			}
 		}
 	}

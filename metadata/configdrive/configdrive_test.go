@@ -24,7 +24,8 @@ func testInstance() *metadata.Instance {
 		ID: "1a2b3c4d-0000-4000-8000-000000000001", Name: "web1", Hostname: "web1", Domain: metadata.DefaultDomain,
 		Project: "p1", AvailabilityZone: "zone-a", Region: "zone", InstanceType: "small", Image: "debian-12",
 		Interfaces: []metadata.Interface{{Bridge: "mc-test", Network: "default", MAC: mac,
-			Address: netip.MustParsePrefix("10.0.0.5/24"), Gateway: netip.MustParseAddr("10.0.0.1"), MTU: 1500}},
+			Address: netip.MustParsePrefix("10.0.0.5/24"), Gateway: netip.MustParseAddr("10.0.0.1"), MTU: 1500,
+			TapName: "mct1a2b3c4d0"}},
 		SSHKeys:  []metadata.SSHKey{{Name: "alice", Key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGl5Y2hEY9+0XnH8cS4Pn1Mo9h3KxG8nKJ9YVtq9GkR2 alice"}},
 		UserData: []byte("#cloud-config\nruncmd: [touch /tmp/ok]\n"),
 	}
@@ -123,11 +124,12 @@ func TestBuildNoCloud(t *testing.T) {
 		Version   int `json:"version"`
 		Ethernets map[string]struct {
 			Match     map[string]string `json:"match"`
+			DHCP4     bool              `json:"dhcp4"`
 			Addresses []string          `json:"addresses"`
 		} `json:"ethernets"`
 	}
 	if err := yaml.Unmarshal(files["network-config"], &nc); err != nil || nc.Version != 2 ||
-		nc.Ethernets["eth0"].Match["macaddress"] != "52:54:00:12:34:56" || nc.Ethernets["eth0"].Addresses[0] != "10.0.0.5/24" {
+		nc.Ethernets["eth0"].Match["macaddress"] != "52:54:00:12:34:56" || !nc.Ethernets["eth0"].DHCP4 || len(nc.Ethernets["eth0"].Addresses) != 0 {
 		t.Errorf("network-config = %s (%v)", files["network-config"], err)
 	}
 }

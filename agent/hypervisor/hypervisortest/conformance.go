@@ -1,12 +1,14 @@
 // Package hypervisortest is the conformance suite of hypervisor.Driver: the
 // behaviour the agent's reconcile loop relies on, run against every
-// implementation (the libvirt driver on real QEMU, and any fake used for
-// scale tests), in the style of containerd's snapshotter testsuite.
+// implementation (the libvirt driver on real QEMU, and FakeDriver, the
+// in-memory driver of the reconcile loop's unit tests), in the style of
+// containerd's snapshotter testsuite.
 package hypervisortest
 
 import (
 	"bytes"
 	"context"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/minicloud/minicloud/agent/hypervisor"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // Fixtures adapt the suite to one implementation.
@@ -157,9 +160,11 @@ func (s *suite) invalidSpec(t *testing.T) {
 		"relative disk":  func(s *hypervisor.DomainSpec) { s.DiskPath = "disk.qcow2" },
 		"bad format":     func(s *hypervisor.DomainSpec) { s.DiskFormat = "vmdk" },
 		"relative log":   func(s *hypervisor.DomainSpec) { s.ConsoleLogPath = "console.log" },
-		"bad mac":        func(s *hypervisor.DomainSpec) { s.NICs = []hypervisor.NIC{{MAC: "zz", TapName: "mct0"}} },
+		"bad mac": func(s *hypervisor.DomainSpec) {
+			s.NICs = []nic.NIC{{MAC: net.HardwareAddr{0x52, 0x54}, TapName: "mct0"}}
+		},
 		"long tap": func(s *hypervisor.DomainSpec) {
-			s.NICs = []hypervisor.NIC{{MAC: "52:54:00:00:00:01", TapName: "mct0123456789abcdef"}}
+			s.NICs = []nic.NIC{{MAC: net.HardwareAddr{0x52, 0x54, 0, 0, 0, 1}, TapName: "mct0123456789abcdef"}}
 		},
 		"smbios uuid": func(s *hypervisor.DomainSpec) { s.SMBIOS.UUID = uuid.NewString() },
 		"cmdline, no kern": func(s *hypervisor.DomainSpec) {
@@ -169,7 +174,7 @@ func (s *suite) invalidSpec(t *testing.T) {
 	t.Cleanup(func() { _ = d.Undefine(context.Background(), good.VMID) }) // in case a case wrongly succeeds
 	for name, mutate := range cases {
 		spec := good
-		spec.NICs = append([]hypervisor.NIC(nil), good.NICs...)
+		spec.NICs = append([]nic.NIC(nil), good.NICs...)
 		mutate(&spec)
 		err := d.Define(ctx, spec)
 		if !errdefs.IsInvalid(err) {

@@ -127,7 +127,7 @@ func DomainXML(spec hypervisor.DomainSpec) (string, error) {
 			// it and attached it to the bridge); libvirt must neither create
 			// nor delete it.
 			Target: &libvirtxml.DomainInterfaceTarget{Dev: n.TapName, Managed: "no"},
-			MAC:    &libvirtxml.DomainInterfaceMAC{Address: n.MAC},
+			MAC:    &libvirtxml.DomainInterfaceMAC{Address: n.MAC.String()},
 			Model:  &libvirtxml.DomainInterfaceModel{Type: "virtio"},
 		}
 		if n.MTU > 0 {

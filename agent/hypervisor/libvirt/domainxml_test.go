@@ -1,6 +1,7 @@
 package libvirt
 
 import (
+	"net"
 	"strings"
 	"testing"
 
@@ -8,6 +9,7 @@ import (
 
 	"github.com/minicloud/minicloud/agent/hypervisor"
 	"github.com/minicloud/minicloud/agent/hypervisor/hypervisortest"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 func testSpec() hypervisor.DomainSpec {
@@ -15,7 +17,7 @@ func testSpec() hypervisor.DomainSpec {
 		VMID: "0d5c1c3e-8a52-4d39-9a7e-3a1b2c3d4e5f", Name: "web", Project: "default",
 		VCPUs: 2, MemoryMiB: 512, Hypervisor: hypervisor.TCG,
 		DiskPath: "/var/lib/minicloud/vms/x/disk.qcow2", ConsoleLogPath: "/var/lib/minicloud/vms/x/console.log",
-		NICs: []hypervisor.NIC{{MAC: "52:54:00:aa:bb:cc", TapName: "mct0d5c1c3e0", MTU: 1450}},
+		NICs: []nic.NIC{{MAC: net.HardwareAddr{0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc}, TapName: "mct0d5c1c3e0", MTU: 1450}},
 	}
 }
 

@@ -3,6 +3,7 @@ package libvirt_test
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	"github.com/minicloud/minicloud/agent/hypervisor"
 	"github.com/minicloud/minicloud/agent/hypervisor/hypervisortest"
 	"github.com/minicloud/minicloud/agent/hypervisor/libvirt"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // These tests drive the real libvirtd on this host and boot the tiny image
@@ -119,10 +121,6 @@ func makeTap(t testing.TB, name string) {
 	})
 }
 
-func tapName(vmID string) string {
-	return "mct" + strings.ReplaceAll(vmID, "-", "")[:8] + "0"
-}
-
 func newSpec(t testing.TB, vmID string) hypervisor.DomainSpec {
 	t.Helper()
 	img := tinyImage(t)
@@ -135,7 +133,7 @@ func newSpec(t testing.TB, vmID string) hypervisor.DomainSpec {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tap := tapName(vmID)
+	tap := nic.TapName(vmID, 0)
 	makeTap(t, tap)
 	return hypervisor.DomainSpec{
 		VMID: vmID, Name: "test-" + vmID[:8], Project: "default",
@@ -143,7 +141,7 @@ func newSpec(t testing.TB, vmID string) hypervisor.DomainSpec {
 		DiskPath: diskPath, DiskFormat: "qcow2",
 		KernelPath: filepath.Join(img, "vmlinuz"), InitrdPath: filepath.Join(img, "initrd.img"),
 		Cmdline:        strings.TrimSpace(string(cmdline)),
-		NICs:           []hypervisor.NIC{{MAC: "52:54:00:" + vmID[0:2] + ":" + vmID[2:4] + ":" + vmID[4:6], TapName: tap, MTU: 1500}},
+		NICs:           []nic.NIC{{MAC: mustMAC(t, "52:54:00:"+vmID[0:2]+":"+vmID[2:4]+":"+vmID[4:6]), TapName: tap, MTU: 1500}},
 		ConsoleLogPath: filepath.Join(dir, "console.log"),
 		SMBIOS:         hypervisor.SMBIOS{Manufacturer: "minicloud", Product: "OpenStack Nova", Serial: vmID, UUID: vmID, Family: "Virtual Machine"},
 	}
@@ -241,7 +239,7 @@ func TestDomainXMLAsLibvirtSeesIt(t *testing.T) {
 	if len(disks) != 2 || disks[0].Source.File.File != spec.DiskPath || disks[1].Device != "cdrom" || disks[1].ReadOnly == nil {
 		t.Errorf("disks: %+v, want the overlay and a read-only cdrom", disks)
 	}
-	if n := dom.Devices.Interfaces; len(n) != 1 || n[0].Target.Dev != spec.NICs[0].TapName || n[0].Target.Managed != "no" || n[0].MAC.Address != spec.NICs[0].MAC {
+	if n := dom.Devices.Interfaces; len(n) != 1 || n[0].Target.Dev != spec.NICs[0].TapName || n[0].Target.Managed != "no" || n[0].MAC.Address != spec.NICs[0].MAC.String() {
 		t.Errorf("interfaces: %+v", n)
 	}
 	if dom.OS.SMBios == nil || dom.OS.SMBios.Mode != "sysinfo" || len(dom.SysInfo) != 1 {
@@ -365,4 +363,13 @@ func restartLibvirtd(t *testing.T) {
 	if out, err := exec.Command("libvirtd", "-d").CombinedOutput(); err != nil {
 		t.Fatalf("start libvirtd: %v: %s", err, out)
 	}
+}
+
+func mustMAC(t testing.TB, s string) net.HardwareAddr {
+	t.Helper()
+	mac, err := net.ParseMAC(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mac
 }

@@ -2,7 +2,6 @@ package linux
 
 import (
 	"context"
-	"log/slog"
 	"testing"
 
 	"github.com/minicloud/minicloud/agent/network"
@@ -19,7 +18,7 @@ func TestConformance(t *testing.T) {
 	networktest.RunConformance(t, func(t *testing.T) (network.Manager, func() network.Manager) {
 		_, tap := networktest.Names()
 		host := netnstest.NewNS(t, "mch-"+tap(0))
-		mk := func() network.Manager { return &inNS{ns: host, m: New(slog.Default())} }
+		mk := func() network.Manager { return &inNS{ns: host, m: New()} }
 		return mk(), mk
 	})
 }

@@ -371,7 +371,7 @@ func TestRestartKeepsFiltering(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	restarted := linux.New(nil)
+	restarted := linux.New()
 	if err := restarted.EnsureBridge(ctx, n.Bridge); err != nil {
 		t.Fatal(err)
 	}

@@ -87,14 +87,17 @@ func WithProtectedNets(nets ...netip.Prefix) Option {
 	return func(m *Manager) { m.protected = append(m.protected, nets...) }
 }
 
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(log *slog.Logger) Option { return func(m *Manager) { m.log = log } }
+
 // New returns a Manager. It changes nothing on the host until called.
-func New(log *slog.Logger, opts ...Option) *Manager {
-	if log == nil {
-		log = slog.Default()
-	}
-	m := &Manager{log: log}
+func New(opts ...Option) *Manager {
+	m := &Manager{}
 	for _, o := range opts {
 		o(m)
+	}
+	if m.log == nil {
+		m.log = slog.Default()
 	}
 	return m
 }

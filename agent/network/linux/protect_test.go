@@ -32,7 +32,7 @@ func TestGuestsCannotReachManagementNetworks(t *testing.T) {
 	other := netnstest.NewNS(t, "mco-"+br)
 	mgmt := netip.MustParsePrefix("10.253.0.0/30") // host .1, other hypervisor .2
 	public := netip.MustParseAddr("10.254.0.2")    // a non-management address of the other side
-	m := &inNS{ns: host, m: New(nil, WithProtectedNets(mgmt))}
+	m := &inNS{ns: host, m: New(WithProtectedNets(mgmt))}
 
 	// Uplink between the host and the other side.
 	up := "mcu" + br[3:]

@@ -52,7 +52,7 @@ func TestRulesetSizeIndependentOfPorts(t *testing.T) {
 	ctx := context.Background()
 	br, tap := networktest.Names()
 	host := netnstest.NewNS(t, "mch-"+br)
-	m := &inNS{ns: host, m: New(nil)}
+	m := &inNS{ns: host, m: New()}
 	if err := m.EnsureBridge(ctx, network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.230.0.1/16"), NAT: true}); err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +91,7 @@ func BenchmarkEnsurePort(b *testing.B) {
 	ctx := context.Background()
 	br, tap := networktest.Names()
 	host := netnstest.NewNS(b, "mch-"+br)
-	m := &inNS{ns: host, m: New(nil)}
+	m := &inNS{ns: host, m: New()}
 	if err := m.EnsureBridge(ctx, network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.230.0.1/16")}); err != nil {
 		b.Fatal(err)
 	}
@@ -128,7 +128,7 @@ func TestRecoversDeletedTables(t *testing.T) {
 	ctx := context.Background()
 	br, tap := networktest.Names()
 	host := netnstest.NewNS(t, "mch-"+br)
-	m := &inNS{ns: host, m: New(nil)}
+	m := &inNS{ns: host, m: New()}
 	spec := network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.230.0.1/16")}
 	if err := m.EnsureBridge(ctx, spec); err != nil {
 		t.Fatal(err)
@@ -164,7 +164,7 @@ func TestListPortsFindsInterruptedCreates(t *testing.T) {
 	ctx := context.Background()
 	br, tap := networktest.Names()
 	host := netnstest.NewNS(t, "mch-"+br)
-	m := &inNS{ns: host, m: New(nil)}
+	m := &inNS{ns: host, m: New()}
 	if out, err := host.Command(ctx, "ip", "tuntap", "add", "dev", tap(0), "mode", "tap").CombinedOutput(); err != nil {
 		t.Fatalf("ip tuntap: %v: %s", err, out)
 	}

@@ -23,7 +23,7 @@ func TestTapIsWhatQEMUNeeds(t *testing.T) {
 	ctx := context.Background()
 	br, tap := networktest.Names()
 	host := netnstest.NewNS(t, "mch-"+br)
-	m := &inNS{ns: host, m: New(nil)}
+	m := &inNS{ns: host, m: New()}
 	if err := m.EnsureBridge(ctx, network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.231.0.1/24"), MTU: 1400}); err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -42,7 +41,7 @@ func newTwoHosts(t *testing.T) *twoHosts {
 	h := &twoHosts{vtep: [2]netip.Addr{netip.MustParseAddr("198.18.0.1"), netip.MustParseAddr("198.18.0.2")}}
 	for i := range h.ns {
 		h.ns[i] = netnstest.NewNS(t, fmt.Sprintf("mch%d-%s", i, id))
-		h.m[i] = &inNS{ns: h.ns[i], m: New(slog.Default())}
+		h.m[i] = &inNS{ns: h.ns[i], m: New()}
 	}
 	up := "mcu" + id
 	h.underlay = up

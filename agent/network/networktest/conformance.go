@@ -14,6 +14,7 @@ import (
 
 	"github.com/minicloud/minicloud/agent/network"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/nic"
 )
 
 // Factory returns a Manager over a host state that no other test touches
@@ -54,7 +55,7 @@ func Names() (bridge string, tap func(nic int) string) {
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
 	h := hex.EncodeToString(b)
-	return "mc-" + h, func(nic int) string { return "mct" + h + string(rune('0'+nic)) }
+	return "mc-" + h, func(i int) string { return nic.TapName(h, i) }
 }
 
 func bridgeSpec(name string, gw string) network.BridgeSpec {

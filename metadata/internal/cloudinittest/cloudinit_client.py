@@ -4,12 +4,22 @@ Debian 12) and prints what cloud-init would see, as JSON.
     cloudinit_client.py service <base-url>
     cloudinit_client.py config-2 <directory holding the drive's files>
     cloudinit_client.py cidata <directory holding the drive's files>
+    cloudinit_client.py render <file with {"network_data": ...} or
+        {"network_config": ...} or {"ec2_network": ..., "macs": {mac: nic}}>
+
+"render" converts the way the datasource does (convert_net_json for
+network_data.json, convert_ec2_metadata_network_config for the EC2 tree's
+network/ section, NoCloud's network-config as it is) and renders the result
+with the ENI, netplan, networkd and sysconfig renderers into a scratch
+directory: the files a guest would boot with, per renderer.
 
 Used by metadata tests as the conformance client: our reading of cloud-init's
 code is not the test, cloud-init is.
 """
 import json
+import os
 import sys
+import tempfile
 
 from cloudinit import url_helper, util
 from cloudinit.sources.helpers import ec2, openstack
@@ -70,6 +80,58 @@ def config_drive(path):
     return {"openstack": res, "network_config": net_config(res["networkdata"])}
 
 
+def read_tree(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p) as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def render(path):
+    from cloudinit.net import eni, netplan, network_state, networkd, sysconfig
+    from cloudinit.sources.DataSourceEc2 import (
+        convert_ec2_metadata_network_config,
+    )
+
+    with open(path) as fh:
+        req = json.load(fh)
+    if "network_data" in req:
+        cfg = net_config(req["network_data"])
+    elif "ec2_network" in req:
+        cfg = convert_ec2_metadata_network_config(
+            req["ec2_network"], macs_to_nics=req["macs"]
+        )
+    else:
+        cfg = req["network_config"]
+    state = network_state.parse_net_config_data(cfg)
+    renderers = {
+        "eni": eni.Renderer({}),
+        # features: do not ask a netplan binary (there may be none).
+        "netplan": netplan.Renderer({"features": []}),
+        "networkd": networkd.Renderer({}),
+        # The paths cloud-init's RHEL distro gives it.
+        "sysconfig": sysconfig.Renderer(
+            {
+                "control": "etc/sysconfig/network",
+                "iface_templates": "%(base)s/network-scripts/ifcfg-%(name)s",
+                "route_templates": {
+                    "ipv4": "%(base)s/network-scripts/route-%(name)s",
+                    "ipv6": "%(base)s/network-scripts/route6-%(name)s",
+                },
+            }
+        ),
+    }
+    out = {"network_config": cfg, "rendered": {}}
+    for name, r in renderers.items():
+        with tempfile.TemporaryDirectory() as target:
+            r.render_network_state(state, target=target)
+            out["rendered"][name] = read_tree(target)
+    return out
+
+
 def nocloud(path):
     # What DataSourceNoCloud does with a mounted cidata volume.
     seed = util.pathprefix2dict(
@@ -85,5 +147,10 @@ def nocloud(path):
 
 if __name__ == "__main__":
     mode, arg = sys.argv[1], sys.argv[2]
-    fn = {"service": service, "config-2": config_drive, "cidata": nocloud}[mode]
+    fn = {
+        "service": service,
+        "config-2": config_drive,
+        "cidata": nocloud,
+        "render": render,
+    }[mode]
     print(json.dumps(jsonable(fn(arg)), default=str))

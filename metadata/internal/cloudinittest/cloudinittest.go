@@ -5,6 +5,7 @@
 package cloudinittest
 
 import (
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -51,4 +52,31 @@ func Stderr(err error) string {
 		return string(ee.Stderr)
 	}
 	return ""
+}
+
+// Render hands req ({"network_data": …}, {"network_config": …} or
+// {"ec2_network": …, "macs": {mac: nic}}) to cloud-init's converters and its
+// ENI, netplan, networkd and sysconfig renderers, and returns the files each
+// renderer wrote, by renderer and path. It skips t like Command.
+func Render(t testing.TB, req any) map[string]map[string]string {
+	t.Helper()
+	b, err := json.Marshal(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), "render.json")
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := Command(t, "render", p).Output()
+	if err != nil {
+		t.Fatalf("cloud-init render %s: %v: %s", b, err, Stderr(err))
+	}
+	var got struct {
+		Rendered map[string]map[string]string `json:"rendered"`
+	}
+	if err := json.Unmarshal(out, &got); err != nil {
+		t.Fatalf("cloud-init render: %v: %s", err, out)
+	}
+	return got.Rendered
 }

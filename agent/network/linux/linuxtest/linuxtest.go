@@ -44,7 +44,7 @@ func NewNetwork(t testing.TB) *Network {
 	id := hex.EncodeToString(b[:4])
 	gw := netip.AddrFrom4([4]byte{10, 240 + b[4]%16, b[5], 1})
 	n := &Network{
-		Manager: linux.New(nil),
+		Manager: linux.New(),
 		ID:      id,
 		Bridge:  network.BridgeSpec{Name: "mc-" + id, GatewayCIDR: netip.PrefixFrom(gw, 24), MTU: 1500, NAT: true},
 	}

@@ -1,10 +1,13 @@
-package agent
+// Package guestservices is what answers guests on their networks, per host:
+// DHCP (dhcpserver), DNS (dnsserver) and the metadata service over its
+// in-memory directory, wired together behind the agent's one GuestServices
+// port and fed the whole set of the host's guests at once.
+package guestservices
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"sort"
 	"sync"
@@ -12,18 +15,18 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/minicloud/minicloud/agent/dhcpserver"
-	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/agent"
+	"github.com/minicloud/minicloud/agent/guestservices/dhcpserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/metadata"
 	"github.com/minicloud/minicloud/metadata/configdrive"
 )
 
-// HostGuestServices composes the per-host services that answer guests —
-// DHCP, DNS, and the metadata service over its in-memory directory — behind
-// the one GuestServices port the reconcile loop uses.
-type HostGuestServices struct {
-	log       *slog.Logger
+// Services composes the per-host services that answer guests — DHCP, DNS,
+// and the metadata service over its in-memory directory — behind the one
+// agent.GuestServices port the reconcile loop uses.
+type Services struct {
 	directory *metadata.Directory
 	metadata  *metadata.Server
 	dhcp      *dhcpserver.Server
@@ -38,13 +41,16 @@ type HostGuestServices struct {
 	peers map[string]map[string]netip.Addr
 }
 
-// NewHostGuestServices wires the services together; Run serves them.
-func NewHostGuestServices(log *slog.Logger, dir *metadata.Directory, md *metadata.Server, dhcp *dhcpserver.Server, dns *dnsserver.Server) *HostGuestServices {
-	return &HostGuestServices{log: log, directory: dir, metadata: md, dhcp: dhcp, dns: dns, bridges: map[string]bool{}}
+var _ agent.GuestServices = (*Services)(nil)
+
+// New wires the services together (each logs through its own logger); Run
+// serves them.
+func New(dir *metadata.Directory, md *metadata.Server, dhcp *dhcpserver.Server, dns *dnsserver.Server) *Services {
+	return &Services{directory: dir, metadata: md, dhcp: dhcp, dns: dns, bridges: map[string]bool{}}
 }
 
 // Run serves DHCP, DNS and metadata until ctx ends.
-func (h *HostGuestServices) Run(ctx context.Context) error {
+func (h *Services) Run(ctx context.Context) error {
 	errc := make(chan error, 3)
 	go func() { errc <- h.dhcp.Run(ctx) }()
 	go func() { errc <- h.dns.Run(ctx) }()
@@ -59,7 +65,7 @@ func (h *HostGuestServices) Run(ctx context.Context) error {
 // SetGuests replaces the whole set of guests: the metadata directory, the
 // DHCP leases of every bridge, and the bridges the metadata service
 // listens on.
-func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
+func (h *Services) SetGuests(_ context.Context, guests []agent.Guest) error {
 	var errs []error
 	insts := make([]*metadata.Instance, 0, len(guests))
 	leases := map[string][]dhcpserver.Lease{}
@@ -138,7 +144,7 @@ func (h *HostGuestServices) SetGuests(_ context.Context, guests []Guest) error {
 
 // SetNetworkPorts implements the agent's PeerDirectory: DNS of each network
 // this host serves also answers for the network's VMs on other hosts.
-func (h *HostGuestServices) SetNetworkPorts(_ context.Context, ports []*minicloudv1.NetworkPort) error {
+func (h *Services) SetNetworkPorts(_ context.Context, ports []*minicloudv1.NetworkPort) error {
 	peers := map[string]map[string]netip.Addr{}
 	for _, p := range ports {
 		ip, err := netip.ParseAddr(p.GetIp())
@@ -164,7 +170,7 @@ func (h *HostGuestServices) SetNetworkPorts(_ context.Context, ports []*miniclou
 
 // zoneWithPeers is the local zone plus the network's other VMs. Called
 // with h.mu held.
-func (h *HostGuestServices) zoneWithPeers(bridge string, local *dnsserver.Zone) dnsserver.Zone {
+func (h *Services) zoneWithPeers(bridge string, local *dnsserver.Zone) dnsserver.Zone {
 	z := *local
 	z.Records = make(map[string]netip.Addr, len(local.Records)+len(h.peers[bridge]))
 	for name, ip := range h.peers[bridge] {
@@ -197,25 +203,25 @@ func resolversOf(vm *minicloudv1.VM, bridge string, gateway netip.Addr) []netip.
 }
 
 // BuildConfigDrive writes g's config drive in the layout its spec asks for.
-func (h *HostGuestServices) BuildConfigDrive(_ context.Context, g Guest, path string) error {
+func (h *Services) BuildConfigDrive(_ context.Context, g agent.Guest, path string) error {
 	inst, err := metadata.InstanceFromVM(g.VM, g.UserData)
 	if err != nil {
 		return err
 	}
 	layout, err := configdrive.ParseLayout(g.VM.GetSpec().GetConfigDriveFormat())
 	if err != nil {
-		return permanent("ConfigDriveInvalid", err)
+		return agent.Permanent("ConfigDriveInvalid", err)
 	}
 	return configdrive.WriteFile(path, inst, layout)
 }
 
 // GuestSeen reports when the guest last read its metadata.
-func (h *HostGuestServices) GuestSeen(vmID string) (time.Time, bool) {
+func (h *Services) GuestSeen(vmID string) (time.Time, bool) {
 	return h.metadata.LastSeen(vmID)
 }
 
 // Bridges lists the bridges being served, sorted (for tests and logs).
-func (h *HostGuestServices) Bridges() []string {
+func (h *Services) Bridges() []string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	out := make([]string, 0, len(h.bridges))

@@ -6,6 +6,7 @@
 package dhcpserver
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -20,7 +21,10 @@ import (
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"github.com/insomniacslk/dhcp/dhcpv4/server4"
+	"github.com/insomniacslk/dhcp/rfc1035label"
 	"github.com/vishvananda/netlink"
+
+	"github.com/minicloud/minicloud/agent/network"
 )
 
 // DefaultLeaseTime is used when a Lease leaves LeaseTime zero. Addresses are
@@ -40,10 +44,20 @@ type Lease struct {
 	// Gateway is the router and the DHCP server identifier (it is the
 	// bridge's address).
 	Gateway netip.Addr
+	// NoDefaultRoute is for a network that routes nowhere beyond its
+	// subnet: the answer names no router, and a classless static route
+	// (option 121) to the metadata address via Gateway keeps the metadata
+	// service reachable. (With a router the default route already leads
+	// there, and 121 is not sent: RFC 3442 makes a client that gets 121
+	// ignore option 3, and not every client implements 121.)
+	NoDefaultRoute bool
 	// DNS servers; minicloud hands out the gateway.
-	DNS       []netip.Addr
-	MTU       int
-	Hostname  string
+	DNS []netip.Addr
+	// MTU of the network (option 26); 0 leaves the guest's default.
+	MTU      int
+	Hostname string
+	// Domain is the DNS domain (option 15) and the search domain (option
+	// 119, which dhclient and systemd-networkd write to resolv.conf).
 	Domain    string
 	LeaseTime time.Duration
 }
@@ -87,19 +101,25 @@ type listener struct {
 	done    chan struct{}
 }
 
+// Option configures a Server.
+type Option func(*Server)
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(log *slog.Logger) Option { return func(s *Server) { s.log = log } }
+
 // New returns a Server with no leases.
-func New(log *slog.Logger) *Server {
-	if log == nil {
-		log = slog.Default()
-	}
+func New(opts ...Option) *Server {
 	s := &Server{
-		log:       log.With("component", "dhcpserver"),
 		leases:    map[string]map[string]Lease{},
 		kick:      make(chan struct{}, 1),
 		listeners: map[string]*listener{},
 		serving:   map[string]bool{},
 		changed:   make(chan struct{}),
 	}
+	for _, o := range opts {
+		o(s)
+	}
+	s.log = cmp.Or(s.log, slog.Default()).With("component", "dhcpserver")
 	empty := map[string]map[string]Lease{}
 	s.snapshot.Store(&empty)
 	return s
@@ -335,7 +355,14 @@ func (s *Server) answer(bridge string, req *dhcpv4.DHCPv4) *dhcpv4.DHCPv4 {
 	}
 	r.YourIPAddr = lease.Address.Addr().AsSlice()
 	r.UpdateOption(dhcpv4.OptSubnetMask(net.CIDRMask(lease.Address.Bits(), 32)))
-	r.UpdateOption(dhcpv4.OptRouter(gw))
+	if lease.NoDefaultRoute {
+		r.UpdateOption(dhcpv4.OptClasslessStaticRoute(&dhcpv4.Route{
+			Dest:   &net.IPNet{IP: network.MetadataAddr.AsSlice(), Mask: net.CIDRMask(32, 32)},
+			Router: gw,
+		}))
+	} else {
+		r.UpdateOption(dhcpv4.OptRouter(gw))
+	}
 	r.UpdateOption(dhcpv4.OptIPAddressLeaseTime(lt))
 	r.UpdateOption(dhcpv4.OptRenewTimeValue(lt / 2))
 	r.UpdateOption(dhcpv4.OptRebindingTimeValue(lt * 7 / 8))
@@ -354,6 +381,7 @@ func (s *Server) answer(bridge string, req *dhcpv4.DHCPv4) *dhcpv4.DHCPv4 {
 	}
 	if lease.Domain != "" {
 		r.UpdateOption(dhcpv4.OptDomainName(lease.Domain))
+		r.UpdateOption(dhcpv4.OptDomainSearch(&rfc1035label.Labels{Labels: []string{lease.Domain}}))
 	}
 	s.log.Debug("reply", "bridge", bridge, "mac", mac, "type", typ.String(), "ip", lease.Address.Addr())
 	return r

@@ -13,7 +13,7 @@ import (
 func TestAnswer(t *testing.T) {
 	mac := net.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}
 	gw := netip.MustParseAddr("10.88.0.1")
-	s := New(nil)
+	s := New()
 	if err := s.SetLeases("mc-test", []Lease{{MAC: mac, Address: netip.MustParsePrefix("10.88.0.5/24"), Gateway: gw}}); err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +70,7 @@ func TestAnswer(t *testing.T) {
 }
 
 func TestSetLeasesSkipsInvalid(t *testing.T) {
-	s := New(nil)
+	s := New()
 	mac := net.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}
 	err := s.SetLeases("mc-test", []Lease{
 		{MAC: mac, Address: netip.MustParsePrefix("10.88.0.5/24"), Gateway: netip.MustParseAddr("10.88.0.1")},
@@ -88,5 +88,77 @@ func TestSetLeasesSkipsInvalid(t *testing.T) {
 	}
 	if _, ok := (*s.snapshot.Load())["mc-test"]; ok {
 		t.Fatal("empty SetLeases left the bridge served")
+	}
+}
+
+// TestAnswerOptions: an ACK carries everything a guest configures its
+// network from (dhclient, systemd-networkd, udhcpc): mask, router, DNS,
+// domain and search domain, MTU, host name; and on a network without a
+// default route, no router but a classless static route to the metadata
+// address.
+func TestAnswerOptions(t *testing.T) {
+	mac := net.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}
+	gw := netip.MustParseAddr("10.88.0.1")
+	base := Lease{MAC: mac, Address: netip.MustParsePrefix("10.88.0.5/24"), Gateway: gw,
+		DNS: []netip.Addr{gw}, MTU: 1450, Hostname: "web1", Domain: "minicloud.internal"}
+	isolated := base
+	isolated.NoDefaultRoute = true
+	for _, tc := range []struct {
+		name  string
+		lease Lease
+	}{{"with router", base}, {"no default route", isolated}} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := New()
+			if err := s.SetLeases("mc-test", []Lease{tc.lease}); err != nil {
+				t.Fatal(err)
+			}
+			req, err := dhcpv4.New(dhcpv4.WithMessageType(dhcpv4.MessageTypeRequest), dhcpv4.WithHwAddr(mac),
+				dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.IPv4(10, 88, 0, 5))))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Decode the reply from the wire, as a client would.
+			r, err := dhcpv4.FromBytes(s.answer("mc-test", req).ToBytes())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.MessageType() != dhcpv4.MessageTypeAck {
+				t.Fatalf("answer %v, want ACK", r.MessageType())
+			}
+			if got := r.SubnetMask(); !net.IP(got).Equal(net.IPv4(255, 255, 255, 0)) {
+				t.Errorf("subnet mask %v", got)
+			}
+			if dns := r.DNS(); len(dns) != 1 || !dns[0].Equal(gw.AsSlice()) {
+				t.Errorf("DNS %v, want [%s]", dns, gw)
+			}
+			if got := r.DomainName(); got != "minicloud.internal" {
+				t.Errorf("domain name (15) %q", got)
+			}
+			if got := r.DomainSearch(); got == nil || len(got.Labels) != 1 || got.Labels[0] != "minicloud.internal" {
+				t.Errorf("domain search (119) %v", got)
+			}
+			if mtu, err := dhcpv4.GetUint16(dhcpv4.OptionInterfaceMTU, r.Options); err != nil || mtu != 1450 {
+				t.Errorf("interface MTU (26) %d (%v)", mtu, err)
+			}
+			if got := r.HostName(); got != "web1" {
+				t.Errorf("host name (12) %q", got)
+			}
+			routers, routes := r.Router(), r.ClasslessStaticRoute()
+			if !tc.lease.NoDefaultRoute {
+				if len(routers) != 1 || !routers[0].Equal(gw.AsSlice()) {
+					t.Errorf("router (3) %v, want [%s]", routers, gw)
+				}
+				if routes != nil {
+					t.Errorf("classless static routes (121) %v with a router: the client would ignore option 3", routes)
+				}
+				return
+			}
+			if routers != nil {
+				t.Errorf("router (3) %v on a network without a default route", routers)
+			}
+			if len(routes) != 1 || routes[0].Dest.String() != "169.254.169.254/32" || !routes[0].Router.Equal(gw.AsSlice()) {
+				t.Errorf("classless static routes (121) %v, want 169.254.169.254/32 via %s", routes, gw)
+			}
+		})
 	}
 }

@@ -12,7 +12,7 @@ import (
 
 	"github.com/miekg/dns"
 
-	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	"github.com/minicloud/minicloud/agent/network/linux/linuxtest"
 )
 
@@ -77,7 +77,7 @@ func setup(t *testing.T) *fixture {
 		t.Fatal(err)
 	}
 	// The gateway itself is listed first: the server must skip it, not loop.
-	s := dnsserver.New(nil, dnsserver.WithUpstreams(netip.AddrPortFrom(n.Gateway(), 53), up.addr))
+	s := dnsserver.New(dnsserver.WithUpstreams(netip.AddrPortFrom(n.Gateway(), 53), up.addr))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	runCtx, stop := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -6,6 +6,7 @@
 package dnsserver
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -91,13 +92,12 @@ type Server struct {
 	changed   chan struct{}
 }
 
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(log *slog.Logger) Option { return func(s *Server) { s.log = log } }
+
 // New returns a Server with no zones.
-func New(log *slog.Logger, opts ...Option) *Server {
-	if log == nil {
-		log = slog.Default()
-	}
+func New(opts ...Option) *Server {
 	s := &Server{
-		log:        log.With("component", "dnsserver"),
 		port:       53,
 		resolvConf: "/etc/resolv.conf",
 		zones:      map[string]*zone{},
@@ -108,6 +108,7 @@ func New(log *slog.Logger, opts ...Option) *Server {
 	for _, o := range opts {
 		o(s)
 	}
+	s.log = cmp.Or(s.log, slog.Default()).With("component", "dnsserver")
 	empty := map[netip.Addr]*zone{}
 	s.byListen.Store(&empty)
 	ups := s.upstreams

@@ -1,4 +1,4 @@
-package agent
+package guestservices
 
 import (
 	"context"
@@ -8,7 +8,7 @@ import (
 
 	"github.com/miekg/dns"
 
-	"github.com/minicloud/minicloud/agent/dnsserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dnsserver"
 	"github.com/minicloud/minicloud/agent/network/linux/linuxtest"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
@@ -25,13 +25,13 @@ func TestDNSAnswersTheNetworksOtherHosts(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	s := dnsserver.New(nil, dnsserver.WithUpstreams())
+	s := dnsserver.New(dnsserver.WithUpstreams())
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- s.Run(runCtx) }()
 	defer func() { stop(); <-done }()
 
-	h := &HostGuestServices{dns: s, bridges: map[string]bool{n.Bridge.Name: true}}
+	h := &Services{dns: s, bridges: map[string]bool{n.Bridge.Name: true}}
 	h.zones = map[string]*dnsserver.Zone{n.Bridge.Name: {Listen: n.Gateway(), Domain: "minicloud.internal",
 		Records: map[string]netip.Addr{"local1": n.AddrOf(0)}}}
 	ports := []*minicloudv1.NetworkPort{

@@ -12,7 +12,7 @@ import (
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"github.com/insomniacslk/dhcp/dhcpv4/nclient4"
 
-	"github.com/minicloud/minicloud/agent/dhcpserver"
+	"github.com/minicloud/minicloud/agent/guestservices/dhcpserver"
 	"github.com/minicloud/minicloud/agent/network/linux/linuxtest"
 	"github.com/minicloud/minicloud/pkg/netnstest"
 )
@@ -75,7 +75,7 @@ func leaseFor(n *linuxtest.Network, g *linuxtest.Guest, host string) dhcpserver.
 }
 
 func startServer(t *testing.T, log *slog.Logger) *dhcpserver.Server {
-	s := dhcpserver.New(log)
+	s := dhcpserver.New(dhcpserver.WithLogger(log))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()

@@ -1,0 +1,673 @@
+package agent
+
+// Unit tests of the reconcile loop. They need no root: the hypervisor and
+// the network are the in-memory fakes that pass their adapters' conformance
+// suites (hypervisortest.FakeDriver, networktest.FakeManager), and the API is
+// fakeAPI below. The same lifecycle runs against libvirt, the kernel and the
+// real API in e2e_test.go.
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/minicloud/minicloud/agent/hypervisor"
+	"github.com/minicloud/minicloud/agent/hypervisor/hypervisortest"
+	"github.com/minicloud/minicloud/agent/network/networktest"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
+	"github.com/minicloud/minicloud/pkg/nic"
+)
+
+const testBridge = "mc-0a1b2c3d"
+
+// harness is one agent over fakes, with the assignment stream played by
+// fakeAPI: every status the agent reports is merged into the VM the agent
+// holds, as the API would store it and stream it back.
+type harness struct {
+	t     *testing.T
+	a     *Agent
+	hv    *hypervisortest.FakeHost
+	net   *networktest.FakeHost
+	api   *fakeAPI
+	disks *fakeDisks
+	guest *fakeGuestServices
+}
+
+func newHarness(t *testing.T) *harness {
+	t.Helper()
+	h := &harness{
+		t:     t,
+		hv:    hypervisortest.NewFakeHost(),
+		net:   networktest.NewFakeHost(),
+		disks: &fakeDisks{},
+		guest: &fakeGuestServices{},
+	}
+	drv := hypervisortest.NewFakeDriver(h.hv)
+	t.Cleanup(func() { _ = drv.Close() })
+	a, err := New(Config{
+		HostName:        "host1",
+		StateDir:        t.TempDir(),
+		ShutdownTimeout: 50 * time.Millisecond,
+	}, Deps{
+		Hypervisor: drv,
+		Network:    networktest.NewFakeManager(h.net),
+		Disks:      h.disks,
+		Images:     fakeImageCache{dir: t.TempDir()},
+		Guest:      h.guest,
+	}, WithLogger(slog.New(slog.DiscardHandler)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.api = &fakeAPI{a: a, images: map[string]*minicloudv1.Image{}}
+	h.api.images["tiny"] = &minicloudv1.Image{
+		Meta:   &minicloudv1.ObjectMeta{Name: "tiny"},
+		Format: minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2,
+		Disk:   &minicloudv1.ImageBlob{Sha256: "d1", SizeBytes: 1 << 20}, VirtualSizeBytes: 1 << 30,
+	}
+	a.hosts, a.images = h.api, h.api
+	t.Cleanup(func() {
+		h.api.mu.Lock()
+		defer h.api.mu.Unlock()
+		for _, err := range h.api.refused {
+			t.Errorf("the agent reported a transition the API refuses: %v", err)
+		}
+	})
+	caps, err := drv.Capabilities(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.hypervisorKind = preferredHypervisor(caps.Hypervisors)
+	a.synced = true // as after the first BOOKMARK of the assignment stream
+	h.a = a
+	return h
+}
+
+// assign adds a VM scheduled to this host, as the assignment stream would.
+func (h *harness) assign(power minicloudv1.PowerState) string {
+	id := uuid.NewString()
+	vm := &minicloudv1.VM{
+		Meta: &minicloudv1.ObjectMeta{Id: id, Name: "web", Project: "p1", ResourceVersion: 10},
+		Spec: &minicloudv1.VMSpec{
+			Image: "tiny", Flavor: "small", PowerState: power,
+			Resources: &minicloudv1.Resources{Vcpus: 1, MemoryMib: 128, DiskGib: 1},
+		},
+		Status: &minicloudv1.VMStatus{
+			Phase: minicloudv1.VMPhase_VM_PHASE_SCHEDULED, Host: "host1",
+			Addresses: []*minicloudv1.VMAddress{{Network: "default", Bridge: testBridge, Ip: "10.88.0.5",
+				PrefixLength: 24, Gateway: "10.88.0.1", Mac: "52:54:00:12:34:56"}},
+		},
+	}
+	h.a.mu.Lock()
+	h.a.assigned[id] = &assignment{vm: vm}
+	h.a.mu.Unlock()
+	return id
+}
+
+// updateSpec is a user's write of the spec: a new resource version.
+func (h *harness) updateSpec(id string, mutate func(*minicloudv1.VMSpec)) {
+	h.a.mu.Lock()
+	defer h.a.mu.Unlock()
+	vm := proto.Clone(h.a.assigned[id].vm).(*minicloudv1.VM)
+	mutate(vm.Spec)
+	vm.Meta.ResourceVersion++
+	h.a.assigned[id].vm = vm
+}
+
+// delete is a user's DeleteVM: deletion requested, phase DELETING.
+func (h *harness) delete(id string) {
+	h.updateSpec(id, func(s *minicloudv1.VMSpec) { s.DeletionRequested = true })
+	h.a.mu.Lock()
+	defer h.a.mu.Unlock()
+	h.a.assigned[id].vm.Status.Phase = lifecycle.Deleting
+}
+
+func (h *harness) vm(id string) *minicloudv1.VM {
+	h.a.mu.Lock()
+	defer h.a.mu.Unlock()
+	as, ok := h.a.assigned[id]
+	if !ok {
+		return nil
+	}
+	return as.vm
+}
+
+// pass runs one reconcile of id as a worker does, failures counted by the
+// work queue.
+func (h *harness) pass(id string) (result, error) {
+	h.t.Helper()
+	h.a.queue.Add(id)
+	key, ok := h.a.queue.Get()
+	if !ok || key != id {
+		h.t.Fatalf("queue gave %q, %v; want %s", key, ok, id)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	res, err := h.a.reconcile(ctx, id)
+	h.a.queue.Done(id, err, res.RequeueAfter)
+	return res, err
+}
+
+func (h *harness) mustPass(id string) {
+	h.t.Helper()
+	if _, err := h.pass(id); err != nil {
+		h.t.Fatalf("reconcile %s: %v", id, err)
+	}
+}
+
+// running creates a VM and converges it to RUNNING.
+func (h *harness) running() string {
+	h.t.Helper()
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	h.mustPass(id)
+	if got := h.vm(id).GetStatus().GetPhase(); got != minicloudv1.VMPhase_VM_PHASE_RUNNING {
+		h.t.Fatalf("phase after create = %s, want RUNNING", got)
+	}
+	return id
+}
+
+func (h *harness) domain(id string) hypervisor.DomainStatus {
+	h.t.Helper()
+	st, err := hypervisortest.NewFakeDriver(h.hv).Status(context.Background(), id)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return st
+}
+
+func (h *harness) ports(id string) []string {
+	h.t.Helper()
+	ps, err := networktest.NewFakeManager(h.net).ListPorts(context.Background())
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	var out []string
+	for _, p := range ps {
+		if p.VMID == id {
+			out = append(out, p.TapName)
+		}
+	}
+	return out
+}
+
+func (h *harness) ops(id string) []string {
+	var out []string
+	for _, c := range h.hv.Calls(id) {
+		out = append(out, c.Op)
+	}
+	return out
+}
+
+func condition(vm *minicloudv1.VM, typ string) *minicloudv1.Condition {
+	for _, c := range vm.GetStatus().GetConditions() {
+		if c.GetType() == typ {
+			return c
+		}
+	}
+	return nil
+}
+
+func (h *harness) wantStatus(id string, phase minicloudv1.VMPhase, reason string) {
+	h.t.Helper()
+	st := h.vm(id).GetStatus()
+	if st.GetPhase() != phase || st.GetReason() != reason {
+		h.t.Fatalf("status = %s/%s (%s), want %s/%s", st.GetPhase(), st.GetReason(), st.GetMessage(), phase, reason)
+	}
+}
+
+func TestReconcileCreatesAndIsIdempotent(t *testing.T) {
+	h := newHarness(t)
+	id := h.running()
+
+	dom := h.domain(id)
+	if !dom.Running || dom.Hypervisor != hypervisor.TCG {
+		t.Errorf("domain = %+v, want running under tcg", dom)
+	}
+	spec, _ := h.hv.Spec(id)
+	if len(spec.NICs) != 1 || spec.NICs[0].TapName != nic.TapName(id, 0) || spec.NICs[0].MTU != nic.DefaultMTU ||
+		spec.NICs[0].MAC.String() != "52:54:00:12:34:56" {
+		t.Errorf("domain NICs = %+v", spec.NICs)
+	}
+	if spec.DiskPath != h.a.diskPath(id) || spec.SMBIOS.UUID != id || spec.SMBIOS.Product != "OpenStack Nova" {
+		t.Errorf("domain spec = %+v", spec)
+	}
+	if p := h.ports(id); len(p) != 1 || p[0] != nic.TapName(id, 0) {
+		t.Errorf("ports = %v", p)
+	}
+	if !h.disks.has(h.a.diskPath(id)) {
+		t.Errorf("no overlay at %s", h.a.diskPath(id))
+	}
+	if g := h.guest.last(); len(g) != 1 || g[0].VM.GetMeta().GetId() != id {
+		t.Errorf("guest services were given %d guests, want the VM", len(g))
+	}
+	vm := h.vm(id)
+	for _, typ := range []string{lifecycle.ConditionDiskReady, lifecycle.ConditionNetworkReady, lifecycle.ConditionDomainRunning} {
+		if c := condition(vm, typ); c == nil || !c.Status {
+			t.Errorf("condition %s = %v, want true", typ, c)
+		}
+	}
+	if c := condition(vm, lifecycle.ConditionGuestReady); c != nil && c.Status {
+		t.Errorf("GuestReady before the guest read its metadata: %v", c)
+	}
+	if vm.GetStatus().GetObservedResourceVersion() != vm.GetMeta().GetResourceVersion() {
+		t.Errorf("observed resource version %d, want %d", vm.GetStatus().GetObservedResourceVersion(), vm.GetMeta().GetResourceVersion())
+	}
+
+	// The guest reads its metadata: GuestReady, once.
+	h.guest.see(id)
+	h.mustPass(id)
+	if c := condition(h.vm(id), lifecycle.ConditionGuestReady); c == nil || !c.Status || c.Reason != "MetadataRead" {
+		t.Errorf("GuestReady after the guest read its metadata: %v", c)
+	}
+
+	reports, before := h.api.count(id), h.ops(id)
+	for i := 0; i < 3; i++ {
+		h.mustPass(id)
+	}
+	if n := h.api.count(id); n != reports {
+		t.Errorf("converged VM: %d more status reports, want none", n-reports)
+	}
+	if after := h.ops(id); len(after) != len(before) {
+		t.Errorf("converged VM: hypervisor calls %v after %v, want none", after[len(before):], before)
+	}
+}
+
+func TestReconcileReschedulesAfterRepeatedCreateFailures(t *testing.T) {
+	h := newHarness(t)
+	h.disks.fail(errors.New("qemu-img: disk full"))
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	for i := 1; i < createAttemptsBeforeReschedule; i++ {
+		if _, err := h.pass(id); err == nil {
+			t.Fatalf("attempt %d: reconcile succeeded with a failing disk", i)
+		}
+		if r := h.api.last(id); r.GetReschedule() {
+			t.Fatalf("attempt %d: rescheduled before %d failures", i, createAttemptsBeforeReschedule)
+		}
+	}
+	if _, err := h.pass(id); err != nil {
+		t.Fatalf("last attempt: %v, want the VM given back without error", err)
+	}
+	r := h.api.last(id)
+	if !r.GetReschedule() || len(r.GetEvents()) != 1 || r.GetEvents()[0].GetReason() != "CreateFailed" {
+		t.Fatalf("last report = %v, want a reschedule with a CreateFailed event", r)
+	}
+	if h.vm(id) != nil {
+		t.Fatalf("the VM is still assigned after the reschedule")
+	}
+	if _, err := os.Stat(h.a.vmDir(id)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("VM directory left after giving the VM back: %v", err)
+	}
+	if p := h.ports(id); len(p) != 0 {
+		t.Errorf("ports left after giving the VM back: %v", p)
+	}
+}
+
+func TestReconcileDoesNotRescheduleAVMThatRan(t *testing.T) {
+	h := newHarness(t)
+	id := h.running()
+	h.updateSpec(id, func(s *minicloudv1.VMSpec) { s.RebootGeneration++ })
+	h.disks.fail(errors.New("qemu-img: disk full"))
+	for i := 0; i < createAttemptsBeforeReschedule+1; i++ {
+		if _, err := h.pass(id); err == nil {
+			t.Fatalf("attempt %d: reconcile succeeded with a failing disk", i)
+		}
+	}
+	if r := h.api.last(id); r.GetReschedule() {
+		t.Fatalf("a VM that ran here was given back to the scheduler: %v", r)
+	}
+	if !h.domain(id).Running {
+		t.Errorf("the running domain was torn down")
+	}
+}
+
+// A domain that stops on its own (the guest powered off, or crashed) is
+// reported, and not started again until the user asks.
+func TestReconcileStoppedByGuestOrCrashed(t *testing.T) {
+	for _, tc := range []struct {
+		reason string
+		stop   func(h *hypervisortest.FakeHost, vmID string)
+	}{
+		{"StoppedByGuest", (*hypervisortest.FakeHost).GuestPowerOff},
+		{"Crashed", (*hypervisortest.FakeHost).GuestCrash},
+	} {
+		t.Run(tc.reason, func(t *testing.T) {
+			h := newHarness(t)
+			id := h.running()
+			tc.stop(h.hv, id)
+			h.mustPass(id)
+			h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_STOPPED, tc.reason)
+			if c := condition(h.vm(id), lifecycle.ConditionDomainRunning); c == nil || c.Status || c.Reason != tc.reason {
+				t.Errorf("DomainRunning = %v", c)
+			}
+			if e := h.api.last(id).GetEvents(); len(e) != 1 || e[0].GetType() != "Warning" || e[0].GetReason() != tc.reason {
+				t.Errorf("events = %v, want one %s warning", e, tc.reason)
+			}
+			// The host does not fight the guest: no start until the user asks.
+			h.mustPass(id)
+			if h.domain(id).Running {
+				t.Fatalf("the agent restarted a domain that stopped on its own")
+			}
+			h.updateSpec(id, func(*minicloudv1.VMSpec) {}) // `minicloud vm start` writes the spec
+			h.mustPass(id)
+			h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, "Running")
+			if !h.domain(id).Running {
+				t.Errorf("domain not started again after a new spec")
+			}
+		})
+	}
+}
+
+func TestReconcileDomainMissing(t *testing.T) {
+	h := newHarness(t)
+	id := h.running()
+	h.hv.RemoveDomain(hypervisor.DomainName(id))
+	defines := len(h.hv.Calls(id))
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_ERROR, "DomainMissing")
+	if c := condition(h.vm(id), lifecycle.ConditionDomainRunning); c == nil || c.Status || c.Reason != "DomainMissing" {
+		t.Errorf("DomainRunning = %v", c)
+	}
+	h.mustPass(id)
+	if calls := h.hv.Calls(id); len(calls) != defines {
+		t.Errorf("the agent acted on a vanished domain: %v", calls[defines:])
+	}
+	if h.domain(id).Exists {
+		t.Errorf("a vanished domain was silently recreated")
+	}
+}
+
+func TestReconcileStopWaitsForACPIThenDestroys(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		handlesACPI bool
+		reason      string // the hypervisor's reason for the stop
+	}{
+		{"guest ignores ACPI", false, "destroyed"},
+		{"guest powers off", true, "shutdown"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			id := h.running()
+			h.hv.SetHandlesACPI(id, tc.handlesACPI)
+			h.updateSpec(id, func(s *minicloudv1.VMSpec) { s.PowerState = minicloudv1.PowerState_POWER_STATE_STOPPED })
+			h.mustPass(id)
+			var shutdown *hypervisortest.Call
+			for _, c := range h.hv.Calls(id) {
+				if c.Op == "Shutdown" {
+					shutdown = &c
+				}
+			}
+			if shutdown == nil || shutdown.Timeout != h.a.cfg.ShutdownTimeout {
+				t.Fatalf("calls %v: want a Shutdown with the configured deadline %s", h.hv.Calls(id), h.a.cfg.ShutdownTimeout)
+			}
+			if dom := h.domain(id); dom.Running || dom.State != hypervisor.StateShutoff || dom.Reason != tc.reason {
+				t.Errorf("domain = %+v, want shutoff/%s", dom, tc.reason)
+			}
+			h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_STOPPED, "Stopped")
+			if c := condition(h.vm(id), lifecycle.ConditionDomainRunning); c == nil || c.Status {
+				t.Errorf("DomainRunning = %v", c)
+			}
+			n := len(h.hv.Calls(id))
+			h.mustPass(id)
+			if calls := h.hv.Calls(id); len(calls) != n {
+				t.Errorf("a stopped VM was acted on again: %v", calls[n:])
+			}
+		})
+	}
+}
+
+func TestReconcileDeleteConverges(t *testing.T) {
+	h := newHarness(t)
+	id := h.running()
+	other := h.running() // shares the bridge until it is deleted too
+	for _, vm := range []string{id, other} {
+		h.delete(vm)
+		h.mustPass(vm)
+		if r := h.api.last(vm); !r.GetDeleted() {
+			t.Fatalf("last report of %s = %v, want deleted", vm, r)
+		}
+		if h.domain(vm).Exists {
+			t.Errorf("domain of %s left after delete", vm)
+		}
+		if p := h.ports(vm); len(p) != 0 {
+			t.Errorf("ports of %s left after delete: %v", vm, p)
+		}
+		if _, err := os.Stat(h.a.vmDir(vm)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("VM directory of %s left after delete: %v", vm, err)
+		}
+		for _, g := range h.guest.last() {
+			if g.VM.GetMeta().GetId() == vm {
+				t.Errorf("guest services still serve deleted VM %s", vm)
+			}
+		}
+		bridges, _ := networktest.NewFakeManager(h.net).ListBridges(context.Background())
+		if vm == id && len(bridges) != 1 {
+			t.Errorf("bridges %v while a VM still uses it, want it kept", bridges)
+		}
+		if vm == other && len(bridges) != 0 {
+			t.Errorf("bridges %v left after the last VM on it was deleted", bridges)
+		}
+		// Again, now that the API forgot the VM: nothing left to do.
+		h.mustPass(vm)
+	}
+	if _, err := os.Stat(filepath.Join(h.a.cfg.StateDir, "bridges", testBridge)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("bridge marker left: %v", err)
+	}
+}
+
+func TestReconcileCleansUpOrphans(t *testing.T) {
+	h := newHarness(t)
+	id := h.running()
+	// The API forgot the VM while the agent was away.
+	h.a.mu.Lock()
+	delete(h.a.assigned, id)
+	h.a.mu.Unlock()
+	h.mustPass(id)
+	if h.domain(id).Exists || len(h.ports(id)) != 0 {
+		t.Errorf("orphan left: domain %+v, ports %v", h.domain(id), h.ports(id))
+	}
+	if _, err := os.Stat(h.a.vmDir(id)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("orphan's directory left: %v", err)
+	}
+}
+
+func TestReconcilePermanentError(t *testing.T) {
+	h := newHarness(t)
+	delete(h.api.images, "tiny")
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	if _, err := h.pass(id); err != nil {
+		t.Fatalf("reconcile: %v, want the failure reported, not retried", err)
+	}
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_ERROR, "ImageNotFound")
+	if e := h.api.last(id).GetEvents(); len(e) == 0 || e[len(e)-1].GetReason() != "ImageNotFound" {
+		t.Errorf("events = %v, want an ImageNotFound warning", e)
+	}
+	if _, err := os.Stat(h.a.vmDir(id)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("VM directory left after a permanent failure: %v", err)
+	}
+	// Given up on this spec: no retry until the spec changes.
+	reports := h.api.count(id)
+	h.mustPass(id)
+	if h.api.count(id) != reports || h.domain(id).Exists {
+		t.Errorf("a VM in ERROR for its current spec was retried")
+	}
+}
+
+func TestReconcileInvalidAddressIsPermanent(t *testing.T) {
+	h := newHarness(t)
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	h.a.mu.Lock()
+	h.a.assigned[id].vm.Status.Addresses[0].Mac = "not-a-mac"
+	h.a.mu.Unlock()
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_ERROR, "AddressInvalid")
+}
+
+// fakeAPI plays the API server for one agent: it keeps the reports and
+// merges the host-owned status fields into the assignment, as
+// ReportVMStatus followed by the assignment stream would.
+type fakeAPI struct {
+	minicloudv1.HostServiceClient  // other methods are not used by reconcile
+	minicloudv1.ImageServiceClient // likewise
+	a                              *Agent
+
+	mu      sync.Mutex
+	reports []*minicloudv1.ReportVMStatusRequest
+	refused []error // transitions the real API would refuse
+	images  map[string]*minicloudv1.Image
+}
+
+func (f *fakeAPI) GetImage(_ context.Context, req *minicloudv1.GetImageRequest, _ ...grpc.CallOption) (*minicloudv1.Image, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	img, ok := f.images[req.GetName()]
+	if !ok {
+		return nil, errdefs.ToGRPC(errdefs.NotFound("image %q not found", req.GetName()))
+	}
+	return proto.Clone(img).(*minicloudv1.Image), nil
+}
+
+func (f *fakeAPI) ReportVMStatus(_ context.Context, req *minicloudv1.ReportVMStatusRequest, _ ...grpc.CallOption) (*minicloudv1.ReportVMStatusResponse, error) {
+	f.mu.Lock()
+	f.reports = append(f.reports, proto.Clone(req).(*minicloudv1.ReportVMStatusRequest))
+	f.mu.Unlock()
+
+	a := f.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	as, ok := a.assigned[req.GetVmId()]
+	if !ok {
+		return nil, errdefs.ToGRPC(errdefs.NotFound("vm %s not found", req.GetVmId()))
+	}
+	// The transitions the API allows a host (pkg/lifecycle), so a report
+	// the real API would refuse fails the test (see newHarness).
+	cur := as.vm.GetStatus().GetPhase()
+	next := proto.Clone(as.vm).(*minicloudv1.VM)
+	var err error
+	switch {
+	case req.GetDeleted():
+		err = lifecycle.Check(cur, lifecycle.None, lifecycle.Agent)
+	default:
+		if req.GetStatus() != nil {
+			lifecycle.MergeHostStatus(next.Status, req.GetStatus())
+			err = lifecycle.Check(cur, next.Status.GetPhase(), lifecycle.Agent)
+		}
+		if err == nil && req.GetReschedule() {
+			err = lifecycle.Check(next.Status.GetPhase(), lifecycle.Pending, lifecycle.API)
+		}
+	}
+	if err != nil {
+		f.mu.Lock()
+		f.refused = append(f.refused, err)
+		f.mu.Unlock()
+		return nil, errdefs.ToGRPC(errdefs.FailedPrecondition("vm %s: %v", req.GetVmId(), err))
+	}
+	if req.GetDeleted() || req.GetReschedule() {
+		delete(a.assigned, req.GetVmId()) // the stream sends DELETED
+		return &minicloudv1.ReportVMStatusResponse{}, nil
+	}
+	as.vm = next
+	return &minicloudv1.ReportVMStatusResponse{}, nil
+}
+
+func (f *fakeAPI) count(id string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, r := range f.reports {
+		if r.GetVmId() == id {
+			n++
+		}
+	}
+	return n
+}
+
+func (f *fakeAPI) last(id string) *minicloudv1.ReportVMStatusRequest {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i := len(f.reports) - 1; i >= 0; i-- {
+		if f.reports[i].GetVmId() == id {
+			return f.reports[i]
+		}
+	}
+	return nil
+}
+
+// fakeDisks makes empty files for overlays, or fails when told to.
+type fakeDisks struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (d *fakeDisks) fail(err error) { d.mu.Lock(); d.err = err; d.mu.Unlock() }
+
+func (d *fakeDisks) CreateOverlay(_ context.Context, path, _, _ string, _ int64) error {
+	d.mu.Lock()
+	err := d.err
+	d.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, nil, 0o600)
+}
+
+func (d *fakeDisks) has(path string) bool { _, err := os.Stat(path); return err == nil }
+
+// fakeImageCache "downloads" a part as an empty file named by its digest.
+type fakeImageCache struct{ dir string }
+
+func (c fakeImageCache) Ensure(_ context.Context, _ string, _ minicloudv1.ImagePart, sha256 string) (string, error) {
+	p := filepath.Join(c.dir, sha256)
+	return p, os.WriteFile(p, nil, 0o600)
+}
+
+// fakeGuestServices records the guests it is given and plays the metadata
+// service's GuestSeen.
+type fakeGuestServices struct {
+	mu     sync.Mutex
+	guests []Guest
+	seen   map[string]time.Time
+}
+
+func (g *fakeGuestServices) SetGuests(_ context.Context, guests []Guest) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.guests = append([]Guest(nil), guests...)
+	return nil
+}
+
+func (g *fakeGuestServices) BuildConfigDrive(_ context.Context, _ Guest, path string) error {
+	return os.WriteFile(path, nil, 0o600)
+}
+
+func (g *fakeGuestServices) GuestSeen(vmID string) (time.Time, bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	t, ok := g.seen[vmID]
+	return t, ok
+}
+
+func (g *fakeGuestServices) see(vmID string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.seen == nil {
+		g.seen = map[string]time.Time{}
+	}
+	g.seen[vmID] = time.Now()
+}
+
+func (g *fakeGuestServices) last() []Guest {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.guests
+}
