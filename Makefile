@@ -7,7 +7,7 @@ PREFIX   ?= /usr/local
 DATA_DIR ?= /var/lib/minicloud
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build install up down clean test test-short images bench generate check-generate lint
+.PHONY: all build install up down clean test test-short images bench generate check-generate lint lab lab-down
 
 all: build
 
@@ -32,6 +32,20 @@ down:
 # the data directory.
 clean:
 	DATA_DIR=$(DATA_DIR) ./hack/down.sh --purge
+
+# A multi-host cluster on this machine (docs/lab.md): LAB_HOSTS hypervisor
+# hosts in namespaces, 3 etcd members, 2 API replicas, 2 schedulers, a VM on
+# every host. Safe to run twice, and beside make up.
+LAB_HOSTS ?= 3
+LAB_DIR   ?= /var/lib/minicloud-lab
+lab:
+	./hack/setup-host.sh
+	./hack/images/build-tiny.sh
+	LAB_DIR=$(LAB_DIR) ./hack/lab up --hosts $(LAB_HOSTS)
+
+# Removes every namespace, link, process and directory make lab made.
+lab-down:
+	LAB_DIR=$(LAB_DIR) ./hack/lab down
 
 # The whole suite: static checks, unit, integration and (as root) end-to-end.
 test:

@@ -62,6 +62,19 @@ type Config struct {
 	// UnderlayMTU is the MTU of the interface holding TunnelIP; a network
 	// whose MTU exceeds it minus VXLAN's overhead is refused on this host.
 	UnderlayMTU int
+	// Capacity, where a field is positive, replaces what the host measures
+	// (vCPUs and memory from the hypervisor, disk from the file system of
+	// StateDir): to reserve part of a machine for something else, or to
+	// give each of several hosts sharing one machine (the lab) its own share.
+	Capacity CapacityOverride
+}
+
+// CapacityOverride is the capacity a host registers instead of the measured
+// one; zero fields keep the measured value.
+type CapacityOverride struct {
+	VCPUs     int
+	MemoryMiB int64
+	DiskGiB   int64
 }
 
 func (c *Config) setDefaults() error {
@@ -226,6 +239,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.hypervisorKind = preferredHypervisor(caps.Hypervisors)
 	a.log.Info("host capabilities", "vcpus", caps.VCPUs, "memory_mib", caps.MemoryMiB, "hypervisors", caps.Hypervisors)
+	if o := a.cfg.Capacity; o != (CapacityOverride{}) {
+		a.log.Info("capacity offered to the scheduler overridden (0: measured)", "vcpus", o.VCPUs, "memory_mib", o.MemoryMiB, "disk_gib", o.DiskGiB)
+	}
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.runHostSession(ctx, caps) })

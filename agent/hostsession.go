@@ -42,18 +42,24 @@ func (a *Agent) register(ctx context.Context, caps hypervisor.HostCapabilities) 
 	if err != nil {
 		return 0, err
 	}
+	capacity := &minicloudv1.Resources{Vcpus: int32(caps.VCPUs), MemoryMib: caps.MemoryMiB, DiskGib: diskGiB}
+	if o := a.cfg.Capacity; o.VCPUs > 0 {
+		capacity.Vcpus = int32(o.VCPUs)
+	}
+	if o := a.cfg.Capacity; o.MemoryMiB > 0 {
+		capacity.MemoryMib = o.MemoryMiB
+	}
+	if o := a.cfg.Capacity; o.DiskGiB > 0 {
+		capacity.DiskGib = o.DiskGiB
+	}
 	var tunnelIP string
 	if a.cfg.TunnelIP.IsValid() {
 		tunnelIP = a.cfg.TunnelIP.String()
 	}
 	resp, err := a.hosts.RegisterHost(ctx, &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
-		Meta:    &minicloudv1.ObjectMeta{Name: a.cfg.HostName},
-		Address: a.cfg.AdvertiseAddr,
-		Capacity: &minicloudv1.Resources{
-			Vcpus:     int32(caps.VCPUs),
-			MemoryMib: caps.MemoryMiB,
-			DiskGib:   diskGiB,
-		},
+		Meta:             &minicloudv1.ObjectMeta{Name: a.cfg.HostName},
+		Address:          a.cfg.AdvertiseAddr,
+		Capacity:         capacity,
 		AllocationRatios: a.cfg.AllocationRatios,
 		Hypervisors:      caps.Hypervisors,
 		AvailabilityZone: a.cfg.AvailabilityZone,

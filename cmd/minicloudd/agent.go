@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -56,6 +57,13 @@ type agentFlags struct {
 	diskRatio     float64
 	disableKVM    bool
 	identityKey   string
+	libvirtSocket string
+	// Capacity overrides (0: measured).
+	vcpus     int
+	memoryMiB int64
+	diskGiB   int64
+	// protectedNets are the management networks guests may not reach.
+	protectedNets []string
 	tunnelIP      string
 	join          string
 	caHash        string
@@ -96,6 +104,27 @@ func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	fl.BoolVar(&f.disableKVM, "disable-kvm", false, "never use KVM, only TCG")
 	fl.StringVar(&f.tunnelIP, "tunnel-ip", "", "this host's underlay address for VXLAN: networks span every host that has one (default: none, networks stay on this host)")
 	fl.StringVar(&f.identityKey, "identity-key", "", "PEM Ed25519 key that signs instance identity documents (default: DIR/agent/identity.pem, created if missing)")
+	fl.StringVar(&f.libvirtSocket, "libvirt-socket", libvirt.DefaultSocket, "libvirtd's read-write unix socket (qemu:///system)")
+	fl.IntVar(&f.vcpus, "vcpus", 0, "vCPUs this host offers to the scheduler (0: all the machine's)")
+	fl.Int64Var(&f.memoryMiB, "memory", 0, "memory in MiB this host offers to the scheduler (0: all the machine's)")
+	fl.Int64Var(&f.diskGiB, "disk", 0, "disk in GiB this host offers to the scheduler (0: the size of the file system of the data directory)")
+	fl.StringSliceVar(&f.protectedNets, "protected-nets", nil, "management networks (CIDRs, comma separated) guests may not reach through this host: where the API, etcd and other hosts' agents and libvirt listen (the host's own ports are always closed to guests)")
+}
+
+// protectedPrefixes parses --protected-nets.
+func (f *agentFlags) protectedPrefixes() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range f.protectedNets {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			return nil, fmt.Errorf("--protected-nets %q: want a CIDR such as 10.0.0.0/24: %w", s, err)
+		}
+		if !p.Addr().Is4() {
+			return nil, fmt.Errorf("--protected-nets %q: only IPv4 networks (guests have no IPv6)", s)
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
 }
 
 var allInOneAgentFlags agentFlags
@@ -136,6 +165,13 @@ func newAgentCommand() *cobra.Command {
 
 func runAgent(ctx context.Context, f agentFlags) error {
 	log := slog.Default()
+	protected, err := f.protectedPrefixes()
+	if err != nil {
+		return err
+	}
+	if f.vcpus < 0 || f.memoryMiB < 0 || f.diskGiB < 0 {
+		return fmt.Errorf("--vcpus, --memory and --disk must not be negative (0: measured)")
+	}
 	stateDir := filepath.Join(f.dataDir, "agent")
 	// QEMU runs as an unprivileged user: it must be able to traverse down
 	// to the disks (the files themselves are handed over by libvirt).
@@ -192,7 +228,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	hv := libvirt.New(libvirt.Options{DisableKVM: f.disableKVM, Logger: log})
+	hv := libvirt.New(libvirt.Options{Socket: f.libvirtSocket, DisableKVM: f.disableKVM, Logger: log})
 	defer hv.Close()
 	dir := metadata.NewDirectory()
 	// The metadata service tells the agent when a guest first reads its
@@ -226,12 +262,13 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		AvailabilityZone: f.zone,
 		AllocationRatios: &minicloudv1.AllocationRatios{Cpu: f.cpuRatio, Ram: f.ramRatio, Disk: f.diskRatio},
 		Version:          version,
+		Capacity:         agent.CapacityOverride{VCPUs: f.vcpus, MemoryMiB: f.memoryMiB, DiskGiB: f.diskGiB},
 		TunnelIP:         tunnelIP,
 		UnderlayMTU:      underlayMTU,
 	}, agent.Deps{
 		API:        conn,
 		Hypervisor: hv,
-		Network:    netlinux.New(netlinux.WithLogger(log)),
+		Network:    netlinux.New(netlinux.WithLogger(log), netlinux.WithProtectedNets(protected...)),
 		Disks:      qemuImgDisks{},
 		Images:     cache,
 		Guest:      guests,

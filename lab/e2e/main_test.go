@@ -1,0 +1,164 @@
+// Package e2e holds the tests that run against the multi-host lab (package
+// lab): one lab per test run, brought up by the first test that asks for it
+// (Shared) and removed after the last, with a check that nothing is left.
+// Every lab test of the repository belongs in this package, so `make test`
+// boots the lab once.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/minicloud/minicloud/lab"
+	"github.com/minicloud/minicloud/pkg/cloudtest"
+)
+
+// The test lab is named, placed and addressed apart from `make lab`'s, so
+// a test run beside a lab someone uses disturbs neither.
+const (
+	testLabName   = "mclt"
+	testLabDir    = "/var/lib/minicloud-labtest"
+	testLabSubnet = "10.251.0.0/24"
+	testLabHosts  = 3
+)
+
+var (
+	sharedOnce sync.Once
+	shared     *lab.Lab
+	sharedErr  error
+	// vmIDs are the lab's VM ids as the test saw them, so the leak check
+	// can look for their domains and cgroups after the lab is gone.
+	vmIDs []string
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared != nil {
+		ids := vmIDsOf(shared)
+		if err := shared.Down(context.Background()); err != nil {
+			fmt.Fprintln(os.Stderr, "lab down:", err)
+			code = 1
+		}
+		if leaks := leftovers(shared, ids); len(leaks) > 0 {
+			fmt.Fprintf(os.Stderr, "the lab left behind:\n  %s\n", strings.Join(leaks, "\n  "))
+			code = 1
+		}
+	}
+	cloudtest.RemoveBinaries()
+	os.Exit(code)
+}
+
+// Shared returns the test run's lab, bringing it up on first use:
+// testLabHosts hosts, the control plane, images and flavors, and one tiny
+// VM RUNNING on every host (lab.VMName(host)). Tests may add VMs and
+// networks of their own (and should delete them); a test that stops,
+// partitions or kills part of the lab puts it back before it ends. It
+// skips without root or in -short mode.
+func Shared(t *testing.T) *lab.Lab {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("lab tests boot a cluster; skipped in -short mode")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("lab tests need root (namespaces, bridges, libvirtd)")
+	}
+	for _, p := range []string{"/usr/bin/etcd", "/usr/sbin/libvirtd", "/usr/sbin/virtlogd", "/usr/bin/qemu-system-x86_64"} {
+		if _, err := os.Stat(p); err != nil {
+			t.Skipf("%s missing (hack/setup-host.sh installs it)", p)
+		}
+	}
+	sharedOnce.Do(func() {
+		cli, _ := cloudtest.Binaries(t)
+		tiny := cloudtest.TinyImage(t)
+		// A lab left by a killed run: remove it first.
+		if old, err := lab.Load(testLabDir, os.Stderr); err == nil {
+			if err := old.Down(context.Background()); err != nil {
+				sharedErr = fmt.Errorf("remove the lab of an earlier run: %w", err)
+				return
+			}
+		}
+		l, err := lab.New(lab.Config{
+			Name: testLabName, Dir: testLabDir, Hosts: testLabHosts,
+			Subnet: netip.MustParsePrefix(testLabSubnet), BinDir: filepath.Dir(cli), Images: map[string]string{"tiny": tiny},
+		}, testLog{})
+		if err != nil {
+			sharedErr = err
+			return
+		}
+		shared = l // from here on TestMain removes it, whatever happens
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+		defer cancel()
+		start := time.Now()
+		if err := l.Up(ctx); err != nil {
+			sharedErr = fmt.Errorf("lab up: %w", err)
+			return
+		}
+		fmt.Fprintf(os.Stderr, "lab up in %s\n", time.Since(start).Round(time.Second))
+	})
+	if sharedErr != nil {
+		t.Fatal(sharedErr)
+	}
+	return shared
+}
+
+// testLog sends the lab's progress to stderr, where go test -v shows it.
+type testLog struct{}
+
+func (testLog) Write(p []byte) (int, error) { return os.Stderr.Write(p) }
+
+func vmIDsOf(l *lab.Lab) []string {
+	var ids []string
+	for _, h := range l.HostNames() {
+		ids = append(ids, l.VMIDs(h)...)
+	}
+	return append(ids, vmIDs...)
+}
+
+// leftovers lists what of the lab is still on the machine after Down.
+func leftovers(l *lab.Lab, ids []string) []string {
+	var out []string
+	if _, err := os.Stat(l.Dir); err == nil {
+		out = append(out, "directory "+l.Dir)
+	}
+	if b, _ := exec.Command("ip", "netns", "list").Output(); strings.Contains(string(b), l.Name+"-") {
+		out = append(out, "network namespaces: "+strings.TrimSpace(string(b)))
+	}
+	if b, _ := exec.Command("ip", "-o", "link", "show").Output(); strings.Contains(string(b), ": "+l.Name) {
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, ": "+l.Name) {
+				out = append(out, "link "+line)
+			}
+		}
+	}
+	if b, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(b), "minicloud-lab-"+l.Name) {
+		out = append(out, "mounts under /run/minicloud-lab-"+l.Name)
+	}
+	if _, err := os.Stat("/run/minicloud-lab-" + l.Name); err == nil {
+		out = append(out, "directory /run/minicloud-lab-"+l.Name)
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, _ := os.ReadFile(p)
+		if strings.Contains(string(b), l.Dir) {
+			out = append(out, "process "+p+": "+strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+	for _, id := range ids {
+		if m, _ := filepath.Glob("/sys/fs/cgroup/*/machine/qemu-*-mc-" + id + ".libvirt-qemu"); len(m) > 0 {
+			out = append(out, "cgroups "+strings.Join(m, " "))
+		}
+		// The machine's own libvirtd never saw the lab's domains.
+		if err := exec.Command("virsh", "-c", "qemu:///system", "dominfo", "mc-"+id).Run(); err == nil {
+			out = append(out, "domain mc-"+id+" in the machine's libvirt")
+		}
+	}
+	return out
+}
