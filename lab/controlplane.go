@@ -76,6 +76,9 @@ func (l *Lab) apiProc(i int) proc {
 		"--listen", netip.AddrPortFrom(a, apiPort).String(),
 		"--metrics-listen", netip.AddrPortFrom(a, apiMetricsPort).String(),
 		"--data-dir", filepath.Join(l.Dir, fmt.Sprintf("api%d", i)),
+		// One blob store for every replica, as a shared file system is on
+		// real machines (docs/architecture.md, "Several API replicas").
+		"--image-dir", l.ImageDir(),
 	}, l.etcdArgs()...)}
 }
 

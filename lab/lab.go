@@ -232,12 +232,13 @@ func (l *Lab) APIEndpoints() []string {
 	return out
 }
 
-// ClientEndpoint is what the CLI (config file), the lab's own client and
-// the agents are given. Until clients take several addresses (issue 10,
-// section 4) it is the first replica alone; image blobs also live only on
-// the replica that took the upload, so every client uses that one. This is
-// the one place to change to hand out all of APIEndpoints.
-func (l *Lab) ClientEndpoint() string { return l.APIEndpoints()[0] }
+// ClientEndpoint is what the CLI, the lab's own client and the agents are
+// given: every API replica, comma-separated; gRPC fails over between them
+// (pkg/client).
+func (l *Lab) ClientEndpoint() string { return strings.Join(l.APIEndpoints(), ",") }
+
+// ImageDir is the image blob store the API replicas share.
+func (l *Lab) ImageDir() string { return filepath.Join(l.Dir, "images") }
 
 // CLIConfig is the minicloud config file that points the CLI at the lab
 // (export MINICLOUD_CONFIG=...).

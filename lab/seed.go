@@ -37,8 +37,11 @@ func (l *Lab) ClientOf(ctx context.Context, endpoint string) (*client.Client, er
 // writeCLIConfig writes the config file that points the minicloud CLI at
 // the lab.
 func (l *Lab) writeCLIConfig() error {
-	body := fmt.Sprintf("# minicloud lab %s: export MINICLOUD_CONFIG=%s\nendpoint: %s\nca: %s\n",
-		l.Name, l.CLIConfig(), l.ClientEndpoint(), l.ClusterCA())
+	body := fmt.Sprintf("# minicloud lab %s: export MINICLOUD_CONFIG=%s\nendpoints:\n", l.Name, l.CLIConfig())
+	for _, ep := range l.APIEndpoints() {
+		body += "  - " + ep + "\n"
+	}
+	body += "ca: " + l.ClusterCA() + "\n"
 	return os.WriteFile(l.CLIConfig(), []byte(body), 0o644)
 }
 
