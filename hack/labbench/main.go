@@ -183,7 +183,15 @@ func run(o options) (err error) {
 		if derr := l.Down(context.Background()); derr != nil {
 			err = errors.Join(err, fmt.Errorf("lab down: %w", derr))
 		}
-		if leaks := leftovers(l); len(leaks) > 0 {
+		leaks := l.Leftovers(vmIDs.list())
+		if ents, err := os.ReadDir("/run/netns"); err == nil {
+			for _, e := range ents {
+				if strings.HasPrefix(e.Name(), benchLabName+"-g") {
+					leaks = append(leaks, "namespace "+e.Name())
+				}
+			}
+		}
+		if len(leaks) > 0 {
 			err = errors.Join(err, fmt.Errorf("the lab left behind: %s", strings.Join(leaks, "; ")))
 		}
 	}()
@@ -249,6 +257,33 @@ func run(o options) (err error) {
 	return nil
 }
 
+// idSet collects the id of every VM the run made, for the leak check.
+type idSet struct {
+	mu  sync.Mutex
+	ids map[string]bool
+}
+
+func (s *idSet) add(id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ids == nil {
+		s.ids = map[string]bool{}
+	}
+	s.ids[id] = true
+}
+
+func (s *idSet) list() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for id := range s.ids {
+		out = append(out, id)
+	}
+	return out
+}
+
+var vmIDs idSet
+
 // batch is one create batch's result.
 type batch struct {
 	round    int
@@ -280,10 +315,14 @@ func createBatch(ctx context.Context, l *lab.Lab, n int, tag, host string) (*bat
 			defer wg.Done()
 			name := fmt.Sprintf("%s%02d", prefix, i)
 			sent[i] = time.Now()
-			_, errs[i] = c.VMs.CreateVM(ctx, &minicloudv1.CreateVMRequest{
+			var vm *minicloudv1.VM
+			vm, errs[i] = c.VMs.CreateVM(ctx, &minicloudv1.CreateVMRequest{
 				Name: name, RequestId: "labbench-" + name,
 				Spec: &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny", TargetHost: host},
 			})
+			if vm != nil {
+				vmIDs.add(vm.GetMeta().GetId())
+			}
 		}()
 	}
 	wg.Wait()
@@ -432,13 +471,14 @@ func networkBench(ctx context.Context, l *lab.Lab, o options) ([]netResult, []*n
 	defer c.Close()
 	place := []struct{ name, host string }{{"net-a1", "host1"}, {"net-a2", "host1"}, {"net-b1", "host2"}}
 	for _, p := range place {
-		_, err := c.VMs.CreateVM(ctx, &minicloudv1.CreateVMRequest{
+		vm, err := c.VMs.CreateVM(ctx, &minicloudv1.CreateVMRequest{
 			Name: p.name, RequestId: "labbench-" + p.name,
 			Spec: &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny", TargetHost: p.host},
 		})
 		if err != nil {
 			return nil, nil, fmt.Errorf("create %s: %w", p.name, err)
 		}
+		vmIDs.add(vm.GetMeta().GetId())
 	}
 	var guests []*nsGuest
 	for i, p := range place {
@@ -726,32 +766,6 @@ func tcpSend(addr string, d time.Duration) error {
 	return nil
 }
 
-// leftovers lists what of the lab still exists after Down.
-func leftovers(l *lab.Lab) []string {
-	var out []string
-	if _, err := os.Stat(l.Dir); err == nil {
-		out = append(out, "directory "+l.Dir)
-	}
-	if ents, err := os.ReadDir("/run/netns"); err == nil {
-		for _, e := range ents {
-			if strings.HasPrefix(e.Name(), benchLabName+"-") {
-				out = append(out, "namespace "+e.Name())
-			}
-		}
-	}
-	if links, err := net.Interfaces(); err == nil {
-		for _, i := range links {
-			if strings.HasPrefix(i.Name, benchLabName) {
-				out = append(out, "link "+i.Name)
-			}
-		}
-	}
-	if b, err := exec.Command("pgrep", "-f", benchLabDir).Output(); err == nil && len(strings.TrimSpace(string(b))) > 0 {
-		out = append(out, "processes "+strings.Join(strings.Fields(string(b)), ","))
-	}
-	return out
-}
-
 func us(d time.Duration) string { return fmt.Sprintf("%d µs", d.Microseconds()) }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.1f s", d.Seconds()) }
@@ -774,7 +788,17 @@ func render(o options, up time.Duration, batches []*batch, nets []netResult, too
 		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | **%s** | %s |\n", x.round, what, strings.Join(hosts, ", "),
 			ms(pct(x.latency, 0.5)), ms(pct(x.latency, 0.9)), ms(pct(x.latency, 0.99)), ms(x.total), ms(x.deleteIn))
 	}
-	b.WriteString("\ncreate → RUNNING is per VM: CreateVM sent → the VM's phase RUNNING seen by one `ListVMs` every 250 ms (±250 ms) through the API replicas; RUNNING means the host's agent has the domain started (libvirt returned once QEMU runs the guest), not that the guest has booted. Before the batches, one VM per host (created, RUNNING, deleted) puts the image in every host's cache, so neither batch pays for a download; the batches then run one after the other, each deleted and waited for before the next, in rounds that alternate the order (spread first, then one host first) so a load drifting during the run weighs on both kinds alike; the rows of one kind differ by as much as the kinds do, which is the machine's noise. With 30 samples p99 is the slowest VM. GuestReady is not measured: 30 TCG boots at once take minutes on this machine and measure QEMU's emulation (agentbench and bootbench measure boots). All hosts share the machine's 2 cores, so spreading over hosts adds no CPU: what it changes is the per-host work (one agent and one libvirtd each handling a third of the VMs, against one handling all).\n\n")
+	for _, k := range []struct{ what, host string }{{"spread over the hosts", ""}, {"on one host", "host1"}} {
+		var totals, p50s []string
+		for _, x := range batches {
+			if x.host == k.host {
+				totals = append(totals, ms(x.total))
+				p50s = append(p50s, ms(pct(x.latency, 0.5)))
+			}
+		}
+		fmt.Fprintf(&b, "\n%d at once %s: whole batch %s, p50 %s.", o.n, k.what, strings.Join(totals, " and "), strings.Join(p50s, " and "))
+	}
+	b.WriteString("\n\ncreate → RUNNING is per VM: CreateVM sent → the VM's phase RUNNING seen by one `ListVMs` every 250 ms (±250 ms) through the API replicas; RUNNING means the host's agent has the domain started (libvirt returned once QEMU runs the guest), not that the guest has booted. Before the batches, one VM per host (created, RUNNING, deleted) puts the image in every host's cache, so neither batch pays for a download; the batches then run one after the other, each deleted and waited for before the next, in rounds that alternate the order (spread first, then one host first) so a load drifting during the run weighs on both kinds alike; two rows of one kind show how much the shared machine alone moves the numbers. With 30 samples p99 is the slowest VM. GuestReady is not measured: 30 TCG boots at once take minutes on this machine and measure QEMU's emulation (agentbench and bootbench measure boots). All hosts share the machine's 2 cores, so spreading over hosts adds no CPU: what it changes is the per-host work (one agent and one libvirtd each handling a third of the VMs, against one handling all).\n\n")
 	b.WriteString("| guests | MTU | ICMP echo RTT min | p50 | max | TCP throughput (one stream) | bytes out of host1's VXLAN device meanwhile |\n|---|---:|---:|---:|---:|---:|---:|\n")
 	for _, r := range nets {
 		fmt.Fprintf(&b, "| %s | %d | %s | %s | %s | %.0f Mbit/s | %.1f MB |\n", r.what, r.mtu, us(r.rtt[0]), us(pct(r.rtt, 0.5)), us(r.rtt[len(r.rtt)-1]), r.mbits, float64(r.vxlanBytes)/1e6)
