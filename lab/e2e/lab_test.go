@@ -136,7 +136,7 @@ func TestLabGuestsServedByTheirOwnHost(t *testing.T) {
 // reachesAPI says whether a TCP connection from inside host to the first
 // API replica succeeds.
 func reachesAPI(l *lab.Lab, host string) bool {
-	_, err := l.Output(context.Background(), host, "timeout", "3", "bash", "-c", "echo > /dev/tcp/"+strings.Replace(l.ClientEndpoint(), ":", "/", 1))
+	_, err := l.Output(context.Background(), host, "timeout", "3", "bash", "-c", "echo > /dev/tcp/"+strings.Replace(l.APIEndpoints()[0], ":", "/", 1))
 	return err == nil
 }
 
