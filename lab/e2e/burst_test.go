@@ -28,15 +28,18 @@ func TestLabCreateBurstSurvivesLosingMembers(t *testing.T) {
 	defer c.Close()
 
 	const burst = 30
-	// Each kill happens once this many creates have been accepted.
-	kills := map[int]string{5: "etcd1", 13: "api1", 21: "scheduler1"}
+	// A create starts every pace, each in its own goroutine (so up to all
+	// 30 are in flight at once); the kills happen just before creates 6,
+	// 14 and 22 start, seconds apart, while earlier ones are still being
+	// accepted, scheduled and started.
+	const pace = 500 * time.Millisecond
+	kills := map[int]string{6: "etcd1", 14: "api1", 22: "scheduler1"}
 	names := make([]string, burst)
 	for i := range names {
 		names[i] = fmt.Sprintf("burst-%02d", i)
 	}
 	// Deferred in this order so the lab is whole again before the deletes.
-	var created []string
-	defer func() { deleteVMs(t, l, c, created) }()
+	defer func() { deleteVMs(t, l, c, names) }()
 	var killed []string
 	defer func() {
 		for _, name := range killed {
@@ -46,53 +49,41 @@ func TestLabCreateBurstSurvivesLosingMembers(t *testing.T) {
 		}
 	}()
 
-	// Four clients at once, each create retried with its request id until
-	// it is accepted: a caller's view of a cluster losing members.
-	var mu sync.Mutex
-	accepted := 0
-	work := make(chan string)
-	errs := make(chan error, burst)
+	// Each create is retried under its request id until it is accepted: a
+	// caller's view of a cluster losing members.
+	errs := make(chan error, burst+len(kills))
 	var wg sync.WaitGroup
 	begin := time.Now()
-	for w := 0; w < 4; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for name := range work {
-				deadline := time.Now().Add(3 * time.Minute)
-				for {
-					cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-					_, err := c.VMs.CreateVM(cctx, &minicloudv1.CreateVMRequest{Name: name, RequestId: "burst-" + name,
-						Spec: &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny"}})
-					cancel()
-					if err == nil || errdefs.IsAlreadyExists(err) {
-						break
-					}
-					if time.Now().After(deadline) {
-						errs <- fmt.Errorf("create %s: %w", name, err)
-						break
-					}
-					time.Sleep(time.Second)
-				}
-				mu.Lock()
-				created = append(created, name)
-				accepted++
-				if p, ok := kills[accepted]; ok {
-					if err := l.Kill(p); err != nil {
-						errs <- fmt.Errorf("kill %s: %w", p, err)
-					} else {
-						killed = append(killed, p)
-						t.Logf("killed %s after %d creates (%s into the burst)", p, accepted, time.Since(begin).Round(time.Millisecond))
-					}
-				}
-				mu.Unlock()
+	for i, name := range names {
+		if p, ok := kills[i]; ok {
+			if err := l.Kill(p); err != nil {
+				errs <- fmt.Errorf("kill %s: %w", p, err)
+			} else {
+				killed = append(killed, p)
+				t.Logf("killed %s before create %d (%s into the burst)", p, i, time.Since(begin).Round(time.Millisecond))
 			}
-		}()
+		}
+		wg.Add(1)
+		go func(name string) {
+			defer wg.Done()
+			deadline := time.Now().Add(3 * time.Minute)
+			for {
+				cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+				_, err := c.VMs.CreateVM(cctx, &minicloudv1.CreateVMRequest{Name: name, RequestId: "burst-" + name,
+					Spec: &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny"}})
+				cancel()
+				if err == nil || errdefs.IsAlreadyExists(err) {
+					return
+				}
+				if time.Now().After(deadline) {
+					errs <- fmt.Errorf("create %s: %w", name, err)
+					return
+				}
+				time.Sleep(time.Second)
+			}
+		}(name)
+		time.Sleep(pace)
 	}
-	for _, n := range names {
-		work <- n
-	}
-	close(work)
 	wg.Wait()
 	close(errs)
 	for err := range errs {
@@ -110,6 +101,7 @@ func TestLabCreateBurstSurvivesLosingMembers(t *testing.T) {
 			continue
 		}
 		ids[vm.GetMeta().GetId()] = n
+		vmIDs = append(vmIDs, vm.GetMeta().GetId()) // for TestMain's leak check
 	}
 	t.Logf("30 creates RUNNING %s after the burst began", time.Since(begin).Round(time.Second))
 

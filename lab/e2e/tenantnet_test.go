@@ -233,9 +233,9 @@ func injectForgedVXLAN(t *testing.T, l *lab.Lab, c *client.Client, h1, h2 string
 	}
 	nft("add", "table", "bridge", table)
 	defer nft("delete", "table", "bridge", table)
-	nft("add", "chain", "bridge", table, "fwd", "{ type filter hook forward priority 100; policy accept; }")
+	nft("add", "chain", "bridge", table, "capture", "{ type filter hook forward priority 100; policy accept; }")
 	for _, p := range []string{"9991", "9992", "9993"} {
-		nft("add", "rule", "bridge", table, "fwd", "ether", "daddr", a2.GetMac(), "udp", "dport", p, "counter", "comment", `"`+p+`"`)
+		nft("add", "rule", "bridge", table, "capture", "ether", "daddr", a2.GetMac(), "udp", "dport", p, "counter", "comment", `"`+p+`"`)
 	}
 	frame := func(srcIP string, dport uint16) []byte {
 		return vxlanFrame(n.GetVni(), mustMAC(t, a2.GetMac()), mustMAC(t, a1.GetMac()),
