@@ -7,8 +7,9 @@
 #   metadata   go run ./hack/metabench -duration 10s
 #   agent      go run ./hack/agentbench          (real VMs under libvirt, ~2-4 min)
 #   bootbench  go run ./hack/bootbench           (real Debian boots; when hack/bootbench exists)
+#   lab        go run ./hack/labbench            (its own 3-host lab: 2x30 creates, VM network RTT/TCP, ~5 min)
 #
-# Needs root: agentbench and bootbench drive libvirt, bridges, taps and
+# Needs root: agentbench, bootbench and labbench drive libvirt, bridges, taps and
 # nftables, and metabench runs nginx on loopback addresses; run
 # hack/setup-host.sh once first. The machine is shared, so the numbers are
 # noisy: every harness records the load average next to its table.
@@ -42,6 +43,7 @@ harnesses=(
 if [ -d hack/bootbench ]; then
 	harnesses+=("bootbench|go run ./hack/bootbench -docs $docs")
 fi
+harnesses+=("lab|go run ./hack/labbench -docs $docs")
 
 failed=()
 ran=0
@@ -65,7 +67,7 @@ for h in "${harnesses[@]}"; do
 done
 
 if [ "$ran" = 0 ]; then
-	echo "BENCH_ONLY=\"$BENCH_ONLY\" matches no harness (api scheduler metadata agent bootbench)" >&2
+	echo "BENCH_ONLY=\"$BENCH_ONLY\" matches no harness (api scheduler metadata agent bootbench lab)" >&2
 	exit 1
 fi
 echo

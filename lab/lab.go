@@ -77,6 +77,10 @@ type Config struct {
 	// NoVMs skips booting one VM per host (Up still imports images and
 	// creates flavors and the default network).
 	NoVMs bool `json:"no_vms"`
+	// Capacity, if set, is what every host offers instead of the
+	// default HostCapacity table (a benchmark that packs 30 VMs onto one
+	// host needs more than the defaults).
+	Capacity *Capacity `json:"capacity,omitempty"`
 }
 
 // Lab is a lab on this machine, described by its Config.
@@ -212,13 +216,16 @@ func (l *Lab) HostAddr(host string) netip.Addr { return l.nthAddr(10 + l.hostInd
 // --memory and --disk). Hosts differ, so a test can tell that each
 // reports its own and not the machine's.
 type Capacity struct {
-	VCPUs     int
-	MemoryMiB int64
-	DiskGiB   int64
+	VCPUs     int   `json:"vcpus"`
+	MemoryMiB int64 `json:"memory_mib"`
+	DiskGiB   int64 `json:"disk_gib"`
 }
 
 // HostCapacity is the capacity host registers.
 func (l *Lab) HostCapacity(host string) Capacity {
+	if l.Capacity != nil {
+		return *l.Capacity
+	}
 	i := l.hostIndex(host)
 	return Capacity{VCPUs: 2 + i, MemoryMiB: 2048 + 1024*int64(i), DiskGiB: 10 + 5*int64(i)}
 }

@@ -121,3 +121,25 @@ func TestProcessBookkeeping(t *testing.T) {
 		t.Errorf("log has no start line: %q", b)
 	}
 }
+
+// TestCapacityOverride: Config.Capacity replaces the per-host table for
+// every host, and survives the round trip through lab.json.
+func TestCapacityOverride(t *testing.T) {
+	want := Capacity{VCPUs: 60, MemoryMiB: 15360, DiskGiB: 120}
+	l, err := New(Config{Dir: t.TempDir(), Hosts: 3, Capacity: &want}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.save(); err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := Load(l.Dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range loaded.HostNames() {
+		if got := loaded.HostCapacity(h); got != want {
+			t.Errorf("%s: capacity %+v, want %+v", h, got, want)
+		}
+	}
+}

@@ -287,12 +287,10 @@ func (h *hostService) setDisabled(ctx context.Context, name string, disabled boo
 	return h.s.getHost(ctx, name)
 }
 
-// WatchAssignments streams the VMs whose status.host is the host: first all
-// of them as ADDED (with user-data), then a BOOKMARK, then changes. A VM
-// that leaves the host (deleted, rescheduled) is sent as DELETED.
-func (h *hostService) WatchAssignments(req *minicloudv1.WatchAssignmentsRequest, stream minicloudv1.HostService_WatchAssignmentsServer) error {
-	ctx := stream.Context()
-	name := req.GetHost()
+// authorizeRegisteredHost is the preamble of a host's streams: the caller
+// is the host itself (its certificate, on a TLS server), the name is valid,
+// and the host is registered.
+func (h *hostService) authorizeRegisteredHost(ctx context.Context, name string) error {
 	if err := h.s.authorizeHost(ctx, name); err != nil {
 		return err
 	}
@@ -303,6 +301,18 @@ func (h *hostService) WatchAssignments(req *minicloudv1.WatchAssignmentsRequest,
 		return errdefs.Wrap(errdefs.KindUnavailable, err, "read host %s", name)
 	} else if resp.Count == 0 {
 		return errdefs.NotFound("host %s is not registered: call RegisterHost first", name)
+	}
+	return nil
+}
+
+// WatchAssignments streams the VMs whose status.host is the host: first all
+// of them as ADDED (with user-data), then a BOOKMARK, then changes. A VM
+// that leaves the host (deleted, rescheduled) is sent as DELETED.
+func (h *hostService) WatchAssignments(req *minicloudv1.WatchAssignmentsRequest, stream minicloudv1.HostService_WatchAssignmentsServer) error {
+	ctx := stream.Context()
+	name := req.GetHost()
+	if err := h.authorizeRegisteredHost(ctx, name); err != nil {
+		return err
 	}
 	match := func(vm *minicloudv1.VM) bool { return vm.GetStatus().GetHost() == name }
 	send := func(typ minicloudv1.WatchEventType, vm *minicloudv1.VM, rev int64) error {

@@ -35,16 +35,8 @@ func (h *hostService) WatchNetworkPorts(req *minicloudv1.WatchNetworkPortsReques
 	name := req.GetHost()
 	// Only the host itself may follow its networks (its certificate, on a
 	// TLS server): the set names other tenants' VMs on those networks.
-	if err := h.s.authorizeHost(ctx, name); err != nil {
+	if err := h.authorizeRegisteredHost(ctx, name); err != nil {
 		return err
-	}
-	if err := validateHostname("host name", name); err != nil {
-		return err
-	}
-	if resp, err := h.s.etcd.Get(ctx, store.HostSpecKey(name), clientv3.WithCountOnly()); err != nil {
-		return errdefs.Wrap(errdefs.KindUnavailable, err, "read host %s", name)
-	} else if resp.Count == 0 {
-		return errdefs.NotFound("host %s is not registered: call RegisterHost first", name)
 	}
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()

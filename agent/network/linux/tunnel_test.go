@@ -15,8 +15,6 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/net/icmp"
-	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 
 	"github.com/minicloud/minicloud/agent/network"
@@ -154,45 +152,8 @@ func (h *twoHosts) program(t *testing.T, ctx context.Context, tn *tunnelNet, gue
 // and waits for the reply.
 func ping(g *netnstest.Guest, dst netip.Addr, size int, timeout time.Duration) error {
 	return g.Do(func() error {
-		c, err := net.ListenPacket("ip4:icmp", "0.0.0.0")
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		rc, err := c.(*net.IPConn).SyscallConn()
-		if err != nil {
-			return err
-		}
-		var serr error
-		if err := rc.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
-		}); err != nil || serr != nil {
-			return fmt.Errorf("set DF: %v %v", err, serr)
-		}
-		body := bytes.Repeat([]byte{0xa5}, size)
-		msg := icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: 0x4d43, Seq: 1, Data: body}}
-		b, err := msg.Marshal(nil)
-		if err != nil {
-			return err
-		}
-		if _, err := c.WriteTo(b, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
-			return fmt.Errorf("send echo: %w", err)
-		}
-		_ = c.SetReadDeadline(time.Now().Add(timeout))
-		buf := make([]byte, 65536)
-		for {
-			n, from, err := c.ReadFrom(buf)
-			if err != nil {
-				return fmt.Errorf("no echo reply from %s: %w", dst, err)
-			}
-			m, err := icmp.ParseMessage(1, buf[:n])
-			if err != nil || m.Type != ipv4.ICMPTypeEchoReply || from.String() != dst.String() {
-				continue
-			}
-			if e, ok := m.Body.(*icmp.Echo); ok && bytes.Equal(e.Data, body) {
-				return nil
-			}
-		}
+		_, err := netnstest.Echo(dst, size, timeout)
+		return err
 	})
 }
 
