@@ -227,7 +227,7 @@ func (l *Lab) HostCapacity(host string) Capacity {
 		return *l.Capacity
 	}
 	i := l.hostIndex(host)
-	return Capacity{VCPUs: 2 + i, MemoryMiB: 1024 + 512*int64(i), DiskGiB: 10 + 5*int64(i)}
+	return Capacity{VCPUs: 2 + i, MemoryMiB: 2048 + 1024*int64(i), DiskGiB: 10 + 5*int64(i)}
 }
 
 // APIEndpoints are the API replicas' gRPC addresses.

@@ -16,6 +16,9 @@
 //	MINICLOUD-WATCH key=<k> changed=<bool> etag=<etag> value=<quoted>
 //	MINICLOUD-WATCH-ERROR <error>
 //
+// Attributes mc-listen, mc-ping and mc-tcp make it run network checks and
+// print their results (checks.go).
+//
 // It exists because Debian's busybox-static wget crashes, and it must be a
 // static binary (CGO_ENABLED=0): the initramfs has no libc.
 package main
@@ -59,9 +62,15 @@ func main() {
 		fmt.Printf("MINICLOUD-GUEST-ERROR %v\n", err)
 		os.Exit(1)
 	}
-	if err := c.watch(context.Background(), os.Stdout); err != nil {
-		fmt.Printf("MINICLOUD-WATCH-ERROR %v\n", err)
+	out := &lines{w: os.Stdout}
+	serving, checked := c.startChecks(context.Background(), out, c.hostname)
+	if err := c.watch(context.Background(), out); err != nil {
+		out.printf("MINICLOUD-WATCH-ERROR %v\n", err)
 		os.Exit(1)
+	}
+	<-checked
+	if serving {
+		select {} // the listener serves until power-off
 	}
 }
 
@@ -70,6 +79,8 @@ type client struct {
 	attempts int
 	interval time.Duration
 	http     *http.Client
+	// hostname is the metadata's, once run has read it.
+	hostname string
 	// token is an IMDSv2 session token, when the service hands one out; a
 	// VM with metadata_tokens_required gets 401 without it.
 	token string
@@ -99,6 +110,7 @@ func (c *client) run(ctx context.Context, w io.Writer) error {
 	} else {
 		fmt.Fprintf(&out, "meta_data.json: <%v>\n", err)
 	}
+	c.hostname = values["hostname"]
 	fmt.Fprintf(w, "MINICLOUD-METADATA-BEGIN source=%s\n%sMINICLOUD-METADATA-END\n", c.base, out.String())
 	fmt.Fprintf(w, "MINICLOUD-GUEST-READY instance-id=%s hostname=%s local-ipv4=%s source=metadata\n",
 		values["instance-id"], values["hostname"], values["local-ipv4"])

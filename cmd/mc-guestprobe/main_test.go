@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -219,5 +220,39 @@ func TestWatchFollowsAttribute(t *testing.T) {
 	waitFor(`MINICLOUD-WATCH key=greeting changed=true etag=` + etagOf("world") + ` value="world"`)
 	if n := strings.Count(out.String(), "MINICLOUD-WATCH key="); n != 2 {
 		t.Errorf("%d answers, want 2 (start, change):\n%s", n, out.String())
+	}
+}
+
+// TestChecksListenDialPing: the checks a lab test reads off the console, on
+// loopback: a listener answers with the hostname, a dial reads it, a ping
+// with Don't Fragment is answered, a bad size is refused,
+// and a closed port fails.
+func TestChecksListenDialPing(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("ICMP needs a raw socket (root)")
+	}
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := fmt.Sprint(ln.Addr().(*net.TCPAddr).Port)
+	ln.Close()
+	if err := listen(port, "probe-host"); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if got, err := dial(ctx, "127.0.0.1:"+port); err != nil || !strings.Contains(got, "MINICLOUD-HELLO probe-host") {
+		t.Errorf("dial: %q, %v", got, err)
+	}
+	if got, err := dial(ctx, "127.0.0.1:1"); err == nil {
+		t.Errorf("dial to a closed port: %q", got)
+	}
+	if got, err := ping(ctx, "127.0.0.1/1422"); err != nil || !strings.Contains(got, "bytes=1422") {
+		t.Errorf("ping: %q, %v", got, err)
+	}
+	// (Loopback's MTU fits any IPv4 packet; the lab test checks that a
+	// payload over the guest's MTU fails with "message too long".)
+	if got, err := ping(ctx, "127.0.0.1/x"); err == nil {
+		t.Errorf("ping with a bad size: %q", got)
 	}
 }

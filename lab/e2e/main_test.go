@@ -21,13 +21,22 @@ import (
 )
 
 // The test lab is named, placed and addressed apart from `make lab`'s, so
-// a test run beside a lab someone uses disturbs neither.
-const (
-	testLabName   = "mclt"
-	testLabDir    = "/var/lib/minicloud-labtest"
-	testLabSubnet = "10.251.0.0/24"
-	testLabHosts  = 3
+// a test run beside a lab someone uses disturbs neither. Two test runs at
+// once (two worktrees) set MINICLOUD_LABTEST_NAME, _DIR and _SUBNET apart.
+var (
+	testLabName   = envOr("MINICLOUD_LABTEST_NAME", "mclt")
+	testLabDir    = envOr("MINICLOUD_LABTEST_DIR", "/var/lib/minicloud-labtest")
+	testLabSubnet = envOr("MINICLOUD_LABTEST_SUBNET", "10.251.0.0/24")
 )
+
+const testLabHosts = 3
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
 
 var (
 	sharedOnce sync.Once
