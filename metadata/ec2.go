@@ -9,6 +9,8 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -130,7 +132,7 @@ func ec2Tags(inst *Instance) *node {
 		return nil
 	}
 	d := buildDir()
-	for _, k := range sortedKeys(inst.Labels) {
+	for _, k := range slices.Sorted(maps.Keys(inst.Labels)) {
 		if k == "" || strings.ContainsAny(k, "/ ") || k == "." || k == ".." {
 			continue
 		}

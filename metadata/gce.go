@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
+	"maps"
 	"net"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -90,7 +92,7 @@ func camelCase(s string) string {
 func gceTree(inst *Instance) *gnode {
 	projectPath := "projects/" + inst.Project
 	attrs := gdir()
-	for _, k := range sortedKeys(inst.Attributes) {
+	for _, k := range slices.Sorted(maps.Keys(inst.Attributes)) {
 		if k != "" && !strings.ContainsAny(k, "/ ") && k != "user-data" && k != "ssh-keys" && k != "user-data-encoding" {
 			attrs.add(k, gleaf(inst.Attributes[k]), true)
 		}

@@ -14,7 +14,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"sort"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -219,7 +220,7 @@ func (i *Instance) Fingerprint() string {
 	for _, n := range i.Interfaces {
 		v.Interfaces = append(v.Interfaces, nic{n.Bridge, n.Network, n.MAC.String(), n.Address.String(), n.Gateway.String(), n.MTU})
 	}
-	for _, k := range sortedKeys(i.Labels) {
+	for _, k := range slices.Sorted(maps.Keys(i.Labels)) {
 		v.Labels = append(v.Labels, [2]string{k, i.Labels[k]})
 	}
 	b, err := json.Marshal(v)
@@ -229,13 +230,4 @@ func (i *Instance) Fingerprint() string {
 	}
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:16])
-}
-
-func sortedKeys(m map[string]string) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"maps"
 	"regexp"
 	"slices"
 	"sort"
@@ -55,7 +56,7 @@ func validateGuestMetadata(labels map[string]string, tags []string, metadata map
 	if len(labels) > MaxLabels {
 		return errdefs.Invalid("%d labels given; a VM has at most %d", len(labels), MaxLabels)
 	}
-	for _, k := range sortedKeys(labels) {
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
 		if len(k) > maxLabelKeyLen || !labelKey.MatchString(k) {
 			return errdefs.Invalid("label key %q is invalid: use 1-%d letters, digits, '.', '_' and '-', starting with a letter", k, maxLabelKeyLen)
 		}
@@ -75,7 +76,7 @@ func validateGuestMetadata(labels map[string]string, tags []string, metadata map
 		return errdefs.Invalid("%d metadata keys given; a VM has at most %d", len(metadata), MaxMetadataKeys)
 	}
 	total := 0
-	for _, k := range sortedKeys(metadata) {
+	for _, k := range slices.Sorted(maps.Keys(metadata)) {
 		if len(k) > maxMetadataKeyLen || !metadataKey.MatchString(k) {
 			return errdefs.Invalid("metadata key %q is invalid: use 1-%d letters, digits, '_' and '-'", k, maxMetadataKeyLen)
 		}
@@ -145,15 +146,6 @@ func sshFingerprint(line string) string {
 	return ssh.FingerprintSHA256(pub)
 }
 
-func sortedKeys(m map[string]string) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
-}
-
 // checkPatch refuses a patch that contradicts itself.
 func checkPatch(req *minicloudv1.UpdateVMMetadataRequest) error {
 	for _, k := range req.GetRemoveLabels() {
@@ -192,7 +184,7 @@ func applyPatch(vm *minicloudv1.VM, req *minicloudv1.UpdateVMMetadataRequest) st
 	meta, spec := vm.Meta, vm.Spec
 
 	var set, removed []string
-	for _, k := range sortedKeys(req.GetSetLabels()) {
+	for _, k := range slices.Sorted(maps.Keys(req.GetSetLabels())) {
 		if v, ok := meta.Labels[k]; !ok || v != req.GetSetLabels()[k] {
 			if meta.Labels == nil {
 				meta.Labels = map[string]string{}
@@ -211,7 +203,7 @@ func applyPatch(vm *minicloudv1.VM, req *minicloudv1.UpdateVMMetadataRequest) st
 	note("labels removed:", removed)
 
 	set, removed = nil, nil
-	for _, k := range sortedKeys(req.GetSetMetadata()) {
+	for _, k := range slices.Sorted(maps.Keys(req.GetSetMetadata())) {
 		v := req.GetSetMetadata()[k]
 		if old, ok := spec.Metadata[k]; !ok || old != v {
 			if spec.Metadata == nil {

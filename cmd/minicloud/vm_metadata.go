@@ -3,8 +3,9 @@ package main
 import (
 	"fmt"
 	"io"
+	"maps"
 	"os"
-	"sort"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -142,7 +143,7 @@ func guestMetadataDetails(w io.Writer, vm *minicloudv1.VM) error {
 	if labels := vm.GetMeta().GetLabels(); len(labels) > 0 {
 		fmt.Fprintln(w, "\nLabels:")
 		var rows [][]string
-		for _, k := range sortedKeys(labels) {
+		for _, k := range slices.Sorted(maps.Keys(labels)) {
 			rows = append(rows, []string{"  " + k, labels[k]})
 		}
 		if err := writeTable(w, []string{"  KEY", "VALUE"}, rows); err != nil {
@@ -152,7 +153,7 @@ func guestMetadataDetails(w io.Writer, vm *minicloudv1.VM) error {
 	if md := vm.GetSpec().GetMetadata(); len(md) > 0 {
 		fmt.Fprintln(w, "\nMetadata:")
 		var rows [][]string
-		for _, k := range sortedKeys(md) {
+		for _, k := range slices.Sorted(maps.Keys(md)) {
 			rows = append(rows, []string{"  " + k, bytesIEC(int64(len(md[k]))), preview(md[k])})
 		}
 		if err := writeTable(w, []string{"  KEY", "SIZE", "VALUE"}, rows); err != nil {
@@ -187,13 +188,4 @@ func preview(v string) string {
 		line += "…"
 	}
 	return orDash(line)
-}
-
-func sortedKeys(m map[string]string) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }
