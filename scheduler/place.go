@@ -24,7 +24,10 @@ import (
 // replica's own commit within a few milliseconds; a lost race is retried on
 // the refreshed view straight away.
 const (
-	busyRequeue     = 5 * time.Millisecond
+	busyRequeue = 5 * time.Millisecond
+	// catchUpTimeout bounds the wait for the view to catch up with etcd
+	// before a NoValidHost decision.
+	catchUpTimeout  = 2 * time.Second
 	conflictRequeue = 20 * time.Millisecond
 )
 
@@ -112,6 +115,7 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 		return 0, err
 	}
 
+	caughtUp := false
 	for range maxCommitAttempts {
 		r, err := s.snap.Reserve(req, s.cfg.Policy, rng)
 		var nvh *placement.NoValidHostError
@@ -122,6 +126,24 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 			if nvh.Retryable() {
 				s.observe(Observation{VMID: id, Outcome: "retry", DecideTime: r.DecideTime})
 				return busyRequeue, nil
+			}
+			if !caughtUp {
+				// NoValidHost is final for the VM, so decide it only on a
+				// view that holds everything etcd had when the VM was
+				// last written: capacity released just before (a delete,
+				// a reschedule) may still be on its way through the watch.
+				caughtUp = true
+				wctx, cancel := context.WithTimeout(ctx, catchUpTimeout)
+				err := s.snap.WaitApplied(wctx, v.statusRev)
+				cancel()
+				if err != nil {
+					if ctx.Err() != nil {
+						return 0, ctx.Err()
+					}
+					s.log.Warn("scheduler: view behind etcd; deciding again later", "vm", id, "err", err)
+					return conflictRequeue, nil
+				}
+				continue
 			}
 			s.observe(Observation{VMID: id, Outcome: "no-valid-host", DecideTime: r.DecideTime})
 			return s.fail(ctx, v, lifecycle.ReasonNoValidHost, nvh.Error())

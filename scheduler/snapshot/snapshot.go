@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -52,6 +53,11 @@ type Snapshot struct {
 	prefer     func(host string) bool
 	synced     chan struct{}
 	onAlive    func(host string)
+	// applied is, per watched prefix, the etcd revision up to which its
+	// changes are in the view; advanced is closed (and replaced) whenever
+	// one of them moves. WaitApplied uses both.
+	applied  []int64
+	advanced chan struct{}
 }
 
 type allocState struct {
@@ -69,7 +75,8 @@ type claimState struct {
 // onAliveChange, if not nil, is called (without locks held) with the name of
 // every host whose liveness changed, including after a resync.
 func New(cli *clientv3.Client, log *slog.Logger, onAliveChange func(host string)) *Snapshot {
-	s := &Snapshot{cli: cli, log: log, onAlive: onAliveChange, synced: make(chan struct{})}
+	s := &Snapshot{cli: cli, log: log, onAlive: onAliveChange, synced: make(chan struct{}),
+		applied: make([]int64, len(watchedPrefixes)), advanced: make(chan struct{})}
 	s.reset()
 	return s
 }
@@ -148,6 +155,9 @@ func (s *Snapshot) load(ctx context.Context) (int64, error) {
 			changed = append(changed, h)
 		}
 	}
+	for i := range s.applied {
+		s.setApplied(i, reads.Revision())
+	}
 	s.mu.Unlock()
 	select {
 	case <-s.synced:
@@ -169,12 +179,15 @@ func (s *Snapshot) follow(ctx context.Context, rev int64) error {
 	for {
 		var resp clientv3.WatchResponse
 		var ok bool
+		var from int
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case resp, ok = <-chans[0]:
 		case resp, ok = <-chans[1]:
+			from = 1
 		case resp, ok = <-chans[2]:
+			from = 2
 		}
 		if !ok {
 			return errors.New("watch closed")
@@ -189,8 +202,49 @@ func (s *Snapshot) follow(ctx context.Context, rev int64) error {
 				changed = append(changed, h)
 			}
 		}
+		// Events and progress notifications alike: every change of this
+		// prefix up to the header's revision has now been delivered.
+		s.setApplied(from, resp.Header.Revision)
 		s.mu.Unlock()
 		s.notify(changed)
+	}
+}
+
+// setApplied records that prefix i is applied up to rev (mu held).
+func (s *Snapshot) setApplied(i int, rev int64) {
+	if rev <= s.applied[i] {
+		return
+	}
+	s.applied[i] = rev
+	close(s.advanced)
+	s.advanced = make(chan struct{})
+}
+
+// WaitApplied returns once the view holds every change of the watched
+// prefixes up to etcd revision rev, or with ctx's error. A prefix with no
+// traffic reports no revision of its own, so it asks etcd for a progress
+// notification on the watch stream while it waits.
+func (s *Snapshot) WaitApplied(ctx context.Context, rev int64) error {
+	// The watches run under WithRequireLeader; a progress request reaches
+	// their stream only from a context with the same metadata.
+	pctx := clientv3.WithRequireLeader(ctx)
+	for {
+		s.mu.Lock()
+		caughtUp := slices.Min(s.applied) >= rev
+		advanced := s.advanced
+		s.mu.Unlock()
+		if caughtUp {
+			return nil
+		}
+		if err := s.cli.RequestProgress(pctx); err != nil {
+			return fmt.Errorf("scheduler snapshot: request watch progress: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-advanced:
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 }
 
