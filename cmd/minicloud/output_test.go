@@ -141,3 +141,18 @@ func TestProgressWithoutTerminalWritesOneLine(t *testing.T) {
 		t.Fatalf("terminal bar %q", buf.String())
 	}
 }
+
+// TestReasonAndMessage: vm show's Message line leaves out an empty half
+// instead of printing "Running: ".
+func TestReasonAndMessage(t *testing.T) {
+	for _, tc := range []struct{ reason, message, want string }{
+		{"Running", "", "Running"},
+		{"", "placed on host h1", "placed on host h1"},
+		{"NoValidHost", "no valid host: 3 hosts", "NoValidHost: no valid host: 3 hosts"},
+		{"", "", ""},
+	} {
+		if got := reasonAndMessage(tc.reason, tc.message); got != tc.want {
+			t.Errorf("reasonAndMessage(%q, %q) = %q, want %q", tc.reason, tc.message, got, tc.want)
+		}
+	}
+}

@@ -67,8 +67,8 @@ func vmDetails(w io.Writer, vm *minicloudv1.VM) error {
 		{"Server group", orDash(spec.GetServerGroup())},
 		{"Created", timestamp(vm.GetMeta().GetCreateTime())},
 	}
-	if st.GetReason() != "" || st.GetMessage() != "" {
-		fields = append(fields, field{"Message", strings.TrimPrefix(st.GetReason()+": "+st.GetMessage(), ": ")})
+	if m := reasonAndMessage(st.GetReason(), st.GetMessage()); m != "" {
+		fields = append(fields, field{"Message", m})
 	}
 	if st.GetHostDown() {
 		fields = append(fields, field{"Warning", "the VM's host lost its heartbeat"})
@@ -115,4 +115,16 @@ func eventTable(w io.Writer, events []*minicloudv1.Event) error {
 		rows = append(rows, []string{timestamp(e.GetTime()), orDash(e.GetType()), orDash(e.GetReason()), orDash(e.GetSource()), e.GetMessage()})
 	}
 	return writeTable(w, []string{"TIME", "TYPE", "REASON", "SOURCE", "MESSAGE"}, rows)
+}
+
+// reasonAndMessage joins a status's reason and message as "Reason: message",
+// leaving out whichever is empty.
+func reasonAndMessage(reason, message string) string {
+	switch {
+	case reason == "":
+		return message
+	case message == "":
+		return reason
+	}
+	return reason + ": " + message
 }
