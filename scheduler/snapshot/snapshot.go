@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -221,29 +220,40 @@ func (s *Snapshot) setApplied(i int, rev int64) {
 }
 
 // WaitApplied returns once the view holds every change of the watched
-// prefixes up to etcd revision rev, or with ctx's error. A prefix with no
-// traffic reports no revision of its own, so it asks etcd for a progress
-// notification on the watch stream while it waits.
+// prefixes that etcd had made by revision rev, or with ctx's error. For each
+// prefix it reads the newest modification revision there (a keys-only,
+// limit-1 read) and waits for its watch to deliver that far. Watch progress
+// requests would also do, but etcd defers one that arrives while any of its
+// watchers catches up and sends it only with the stream's next event, which
+// a quiet cluster may never produce. A deletion is seen through the write
+// that comes with it: a released claim always rewrites hosts/alloc/<host>.
 func (s *Snapshot) WaitApplied(ctx context.Context, rev int64) error {
-	// The watches run under WithRequireLeader; a progress request reaches
-	// their stream only from a context with the same metadata.
-	pctx := clientv3.WithRequireLeader(ctx)
+	targets := make([]int64, len(watchedPrefixes))
+	for i, p := range watchedPrefixes {
+		resp, err := s.cli.Get(ctx, p, clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(1),
+			clientv3.WithSort(clientv3.SortByModRevision, clientv3.SortDescend), clientv3.WithMaxModRev(rev))
+		if err != nil {
+			return fmt.Errorf("scheduler snapshot: newest change under %s: %w", p, err)
+		}
+		if len(resp.Kvs) > 0 {
+			targets[i] = resp.Kvs[0].ModRevision
+		}
+	}
 	for {
 		s.mu.Lock()
-		caughtUp := slices.Min(s.applied) >= rev
+		caughtUp := true
+		for i, t := range targets {
+			caughtUp = caughtUp && s.applied[i] >= t
+		}
 		advanced := s.advanced
 		s.mu.Unlock()
 		if caughtUp {
 			return nil
 		}
-		if err := s.cli.RequestProgress(pctx); err != nil {
-			return fmt.Errorf("scheduler snapshot: request watch progress: %w", err)
-		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-advanced:
-		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }

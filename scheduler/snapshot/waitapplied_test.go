@@ -15,8 +15,8 @@ import (
 
 // TestWaitAppliedAgainstEtcd: on real etcd, WaitApplied returns only once
 // the view holds a change made at or before the revision asked for, also
-// when the revision was made by keys no watched prefix sees (an idle
-// prefix reports its progress only when asked).
+// when the revision was made by keys no watched prefix sees, and never
+// returns for a change the view did not receive.
 func TestWaitAppliedAgainstEtcd(t *testing.T) {
 	_, cli := etcdtest.Start(t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -47,8 +47,8 @@ func TestWaitAppliedAgainstEtcd(t *testing.T) {
 		t.Fatalf("after WaitApplied the view has h1's allocation at revision %d, want %d", got, put.Header.Revision)
 	}
 
-	// A write outside every watched prefix moves etcd's revision; the
-	// watches only learn of it through a progress notification.
+	// A write outside every watched prefix moves etcd's revision but
+	// leaves nothing for the view to wait for.
 	other, err := cli.Put(ctx, store.VMSpecKey("unwatched"), "x")
 	if err != nil {
 		t.Fatal(err)
@@ -57,11 +57,18 @@ func TestWaitAppliedAgainstEtcd(t *testing.T) {
 		t.Fatalf("WaitApplied(%d) for an unwatched write: %v", other.Header.Revision, err)
 	}
 
-	// A revision etcd has not reached cannot be waited for: the deadline
-	// ends the wait.
-	short, scancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	// A view that stops following etcd never catches up with a later
+	// change: the deadline ends the wait.
+	cancel()
+	<-done
+	done <- nil
+	later, err := cli.Put(context.Background(), store.HostAllocKey("h1"), string(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, scancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer scancel()
-	if err := s.WaitApplied(short, other.Header.Revision+100); err == nil {
-		t.Fatal("WaitApplied for a future revision returned nil")
+	if err := s.WaitApplied(short, later.Header.Revision); err == nil {
+		t.Fatal("WaitApplied returned nil for a change the stopped view never saw")
 	}
 }
