@@ -32,6 +32,26 @@ else
   echo $! >"$PID_FILE"
 fi
 
+step "admin credentials: $DATA_DIR/admin.yaml installed as your minicloud config"
+# The API keeps an admin token (0600) in its data directory, as kubeadm keeps
+# admin.conf; the CLI reads ~/.config/minicloud/config.yaml.
+for i in $(seq 1 120); do
+  [ -s "$DATA_DIR/admin.yaml" ] && break
+  if ! kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
+    echo "minicloudd exited; last log lines:" >&2; tail -n 30 "$LOG_DIR/minicloudd.log" >&2; exit 1
+  fi
+  [ "$i" = 120 ] && { echo "the API wrote no $DATA_DIR/admin.yaml in 60s; see $LOG_DIR/minicloudd.log" >&2; exit 1; }
+  sleep 0.5
+done
+CONFIG="${XDG_CONFIG_HOME:-$HOME/.config}/minicloud/config.yaml"
+mkdir -p "$(dirname "$CONFIG")"
+if [ -f "$CONFIG" ] && ! cmp -s "$CONFIG" "$DATA_DIR/admin.yaml"; then
+  cp -p "$CONFIG" "$CONFIG.bak"
+  echo "kept your previous config as $CONFIG.bak"
+fi
+install -m 0600 "$DATA_DIR/admin.yaml" "$CONFIG"
+export MINICLOUD_CONFIG="$CONFIG"
+
 step "wait for the API and for this host's agent"
 for i in $(seq 1 120); do
   if minicloud host list -o json 2>/dev/null | grep -q HOST_STATE_UP; then break; fi
@@ -82,7 +102,8 @@ minicloud vm console-log demo | sed -n '/MINICLOUD-METADATA-BEGIN/,/MINICLOUD-GU
 
 cat <<MSG
 
-minicloud is up. Try:
+minicloud is up. You are the admin (credentials in $CONFIG). Try:
+  minicloud whoami
   minicloud vm list
   minicloud vm create web1 --image tiny --flavor tiny --wait
   minicloud vm console-log web1

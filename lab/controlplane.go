@@ -16,10 +16,9 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
-	"github.com/minicloud/minicloud/pkg/pki"
+	"github.com/minicloud/minicloud/pkg/client"
 )
 
 // The control plane runs in the machine's own network namespace, on the
@@ -189,14 +188,28 @@ func (l *Lab) waitEtcd(ctx context.Context) error {
 func (l *Lab) ClusterCA() string { return filepath.Join(l.pkiDir(), "cluster-ca.pem") }
 
 // apiDialOptions are how the lab's clients dial an API replica: TLS,
-// trusting only the cluster CA. The one place to change how clients
-// authenticate.
+// trusting only the cluster CA, with the admin's token. The one place to
+// change how clients authenticate.
 func (l *Lab) apiDialOptions() ([]grpc.DialOption, error) {
-	cfg, err := pki.ClientTLSFromFile(l.ClusterCA())
+	token, err := l.AdminToken()
+	if err != nil {
+		return nil, err
+	}
+	opts, err := client.UserDialOptions(l.ClusterCA(), token)
 	if err != nil {
 		return nil, fmt.Errorf("lab API client: %w", err)
 	}
-	return []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cfg))}, nil
+	return opts, nil
+}
+
+// AdminToken is the bootstrap admin's token, from the admin config the
+// first API replica keeps in its data directory (as kubeadm's admin.conf).
+func (l *Lab) AdminToken() (string, error) {
+	cfg, err := client.LoadConfig(filepath.Join(l.Dir, "api1", "admin.yaml"))
+	if err != nil {
+		return "", fmt.Errorf("lab admin token: %w", err)
+	}
+	return cfg.Token, nil
 }
 
 // waitControl waits until every running API replica has written the
@@ -218,7 +231,7 @@ func (l *Lab) waitControl(ctx context.Context) error {
 			if err := writeIfChanged(l.ClusterCA(), ca); err != nil {
 				return permanentError{err}
 			}
-			opts, err := l.apiDialOptions()
+			opts, err := client.UserDialOptions(l.ClusterCA(), "")
 			if err != nil {
 				return err
 			}

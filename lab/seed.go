@@ -42,13 +42,18 @@ func (l *Lab) writeCLIConfig() error {
 		body += "  - " + ep + "\n"
 	}
 	body += "ca: " + l.ClusterCA() + "\n"
-	return os.WriteFile(l.CLIConfig(), []byte(body), 0o644)
+	token, err := l.AdminToken()
+	if err != nil {
+		return err
+	}
+	body += "token: " + token + "\n"
+	return os.WriteFile(l.CLIConfig(), []byte(body), 0o600)
 }
 
 // CLI runs the minicloud CLI against the lab and returns its output.
 func (l *Lab) CLI(ctx context.Context, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, l.bin("minicloud"), args...)
-	cmd.Env = append(os.Environ(), "MINICLOUD_CONFIG="+l.CLIConfig(), "MINICLOUD_ENDPOINT=", "MINICLOUD_CA_CERT=")
+	cmd.Env = append(os.Environ(), "MINICLOUD_CONFIG="+l.CLIConfig(), "MINICLOUD_ENDPOINT=", "MINICLOUD_CA_CERT=", "MINICLOUD_TOKEN=")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("minicloud %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))

@@ -7,12 +7,10 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
-	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 const (
@@ -49,13 +47,12 @@ func (v *vmService) GetConsoleLog(ctx context.Context, req *minicloudv1.GetConso
 	if err != nil {
 		return nil, err
 	}
-	creds := insecure.NewCredentials()
-	// Agents serve mTLS beyond loopback, and always in a cluster whose API
-	// serves TLS (they joined it); only the all-in-one's loopback agent
-	// speaks plaintext.
-	if v.s.agentTLS != nil && (v.s.requireHostCerts || !pki.IsLoopback(host.GetAddress())) {
-		creds = credentials.NewTLS(v.s.agentCredentials(hostName))
+	// Every agent joined the cluster and serves mTLS with its host
+	// certificate; the API presents its control-plane certificate.
+	if v.s.agentTLS == nil {
+		return nil, errdefs.FailedPrecondition("this API server has no control-plane certificate (Config.AgentTLS): it cannot call agents")
 	}
+	creds := credentials.NewTLS(v.s.agentCredentials(hostName))
 	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, v.s.agentOpt...)
 	conn, err := grpc.NewClient(host.GetAddress(), opts...)
 	if err != nil {

@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"net"
@@ -14,12 +15,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
+	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 	"github.com/minicloud/minicloud/pkg/pki"
 	"github.com/minicloud/minicloud/pkg/store"
@@ -40,16 +41,29 @@ type env struct {
 	hosts  minicloudv1.HostServiceClient
 	images minicloudv1.ImageServiceClient
 
-	// ca, when set (newTLSEnv), makes the server serve TLS with a
-	// certificate from it, and the clients trust it (without a client
-	// certificate: they are operators).
+	// ca is the cluster CA: the server serves TLS with a certificate from
+	// it, and the clients trust it.
 	ca *pki.CA
+	// admin is the bootstrap admin's token, which the clients send.
+	admin string
+	// hostConns are agents' connections, by host name (see hostRouter).
+	hostConns map[string]*grpc.ClientConn
 }
 
+// newEnv starts etcd, the cluster CA, the bootstrap admin and the server,
+// as `minicloudd api` does; the clients are the admin's.
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	_, cli := etcdtest.Start(t)
-	e := &env{t: t, etcd: cli}
+	ca, err := apiserver.EnsureCA(ctx(t), cli)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, err := apiserver.BootstrapAdmin(ctx(t), cli, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{t: t, etcd: cli, ca: ca, admin: admin, hostConns: map[string]*grpc.ClientConn{}}
 	e.start()
 	return e
 }
@@ -57,12 +71,8 @@ func newEnv(t *testing.T) *env {
 // start (re)starts the API server on a fresh port and reconnects clients.
 func (e *env) start() {
 	e.t.Helper()
-	cfg := apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir(), Logger: slog.New(slog.DiscardHandler)}
-	creds := insecure.NewCredentials()
-	if e.ca != nil {
-		cfg.CA, cfg.TLS, cfg.AgentTLS = e.ca, e.serverTLS(), e.controlPlaneTLS()
-		creds = credentials.NewTLS(pki.ClientTLS(e.ca.Pool(), nil, pki.OrgControlPlane))
-	}
+	cfg := apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir(), Logger: slog.New(slog.DiscardHandler),
+		CA: e.ca, TLS: e.serverTLS(), AgentTLS: e.controlPlaneTLS()}
 	srv, err := apiserver.New(cfg)
 	if err != nil {
 		e.t.Fatal(err)
@@ -73,24 +83,118 @@ func (e *env) start() {
 	}
 	go srv.Serve(lis)
 	e.srv, e.addr = srv, lis.Addr().String()
-	conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(creds))
-	if err != nil {
-		e.t.Fatal(err)
-	}
+	clear(e.hostConns)
+	conn := e.userConn(e.admin)
 	e.conn = conn
 	e.vms = minicloudv1.NewVMServiceClient(conn)
 	e.flv = minicloudv1.NewFlavorServiceClient(conn)
 	e.nets = minicloudv1.NewNetworkServiceClient(conn)
 	e.sgs = minicloudv1.NewServerGroupServiceClient(conn)
-	e.hosts = minicloudv1.NewHostServiceClient(conn)
+	e.hosts = &hostRouter{HostServiceClient: minicloudv1.NewHostServiceClient(conn), e: e}
 	e.images = minicloudv1.NewImageServiceClient(conn)
 	e.t.Cleanup(e.stop)
+}
+
+// userConn is a user's connection: TLS trusting the CA, and token.
+func (e *env) userConn(token string) *grpc.ClientConn {
+	e.t.Helper()
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(e.ca.Pool(), nil, pki.OrgControlPlane)))}
+	if token != "" {
+		opts = append(opts, client.WithToken(token))
+	}
+	conn, err := grpc.NewClient(e.addr, opts...)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// hostConn is host's agent connection: mTLS with a host certificate for
+// name straight from the CA (join is tested in join_test.go).
+func (e *env) hostConn(name string) *grpc.ClientConn {
+	e.t.Helper()
+	if c, ok := e.hostConns[name]; ok {
+		return c
+	}
+	certPEM, keyPEM, err := e.ca.Issue(pki.Template{CommonName: name, Organization: pki.OrgHosts, Client: true, Server: true, Lifetime: time.Hour})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(e.ca.Pool(), &pair, pki.OrgControlPlane))))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { conn.Close() })
+	e.hostConns[name] = conn
+	return conn
+}
+
+// hostServerTLS is the serving configuration of host name's agent: mTLS,
+// only the control plane may call.
+func (e *env) hostServerTLS(name string) *tls.Config {
+	e.t.Helper()
+	certPEM, keyPEM, err := e.ca.Issue(pki.Template{CommonName: name, Organization: pki.OrgHosts, IPs: []net.IP{net.ParseIP("127.0.0.1")},
+		DNSNames: []string{name}, Client: true, Server: true, Lifetime: time.Hour})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	cfg, err := pki.ServerTLS(certPEM, keyPEM, e.ca.Pool(), pki.OrgControlPlane)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return cfg
+}
+
+// hostRouter is the HostService client of the tests: the admin's calls go
+// over the admin's connection, each agent call over the connection of the
+// host it names, as that host's agent would make it.
+type hostRouter struct {
+	minicloudv1.HostServiceClient
+	e *env
+}
+
+func (h *hostRouter) as(host string) minicloudv1.HostServiceClient {
+	return minicloudv1.NewHostServiceClient(h.e.hostConn(host))
+}
+
+func (h *hostRouter) RegisterHost(ctx context.Context, req *minicloudv1.RegisterHostRequest, opts ...grpc.CallOption) (*minicloudv1.RegisterHostResponse, error) {
+	return h.as(req.GetHost().GetMeta().GetName()).RegisterHost(ctx, req, opts...)
+}
+
+func (h *hostRouter) Heartbeat(ctx context.Context, req *minicloudv1.HeartbeatRequest, opts ...grpc.CallOption) (*minicloudv1.HeartbeatResponse, error) {
+	return h.as(req.GetName()).Heartbeat(ctx, req, opts...)
+}
+
+func (h *hostRouter) WatchAssignments(ctx context.Context, req *minicloudv1.WatchAssignmentsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[minicloudv1.AssignmentEvent], error) {
+	return h.as(req.GetHost()).WatchAssignments(ctx, req, opts...)
+}
+
+func (h *hostRouter) ReportVMStatus(ctx context.Context, req *minicloudv1.ReportVMStatusRequest, opts ...grpc.CallOption) (*minicloudv1.ReportVMStatusResponse, error) {
+	return h.as(req.GetHost()).ReportVMStatus(ctx, req, opts...)
+}
+
+func (h *hostRouter) WatchNetworkPorts(ctx context.Context, req *minicloudv1.WatchNetworkPortsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[minicloudv1.NetworkPortsSnapshot], error) {
+	return h.as(req.GetHost()).WatchNetworkPorts(ctx, req, opts...)
+}
+
+// createProjects makes projects as the admin.
+func (e *env) createProjects(names ...string) {
+	e.t.Helper()
+	for _, n := range names {
+		if _, err := minicloudv1.NewAuthServiceClient(e.conn).CreateProject(ctx(e.t), &minicloudv1.CreateProjectRequest{Name: n}); err != nil {
+			e.t.Fatalf("create project %s: %v", n, err)
+		}
+	}
 }
 
 // stop kills the server without waiting for calls, like a crash would.
 func (e *env) stop() {
 	if e.conn != nil {
-		e.conn.Close()
 		e.conn = nil
 	}
 	if e.srv != nil {

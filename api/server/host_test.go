@@ -10,6 +10,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
@@ -89,6 +90,7 @@ func TestHostLifecycle(t *testing.T) {
 	if h, _ := e.hosts.GetHost(c, &minicloudv1.GetHostRequest{Name: "h1"}); h.VmCount != 1 || h.Allocated.GetMemoryMib() != 1024 {
 		t.Fatalf("allocation %v %d", h.Allocated, h.VmCount)
 	}
+	e.createProjects("p2")
 	if _, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "default", Project: "p2", Cidr: "10.98.0.0/24"}); err != nil {
 		t.Fatal(err)
 	}
@@ -286,7 +288,7 @@ func TestGetConsoleLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	agent := &agentDouble{}
-	gs := grpc.NewServer()
+	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(e.hostServerTLS("h1"))))
 	minicloudv1.RegisterAgentServiceServer(gs, agent)
 	go gs.Serve(lis)
 	defer gs.Stop()

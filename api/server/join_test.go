@@ -18,27 +18,19 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
-	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 	"github.com/minicloud/minicloud/pkg/pki"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
-// newTLSEnv is newEnv with the server on TLS, as `minicloudd api` runs
-// beyond loopback: a cluster CA in etcd, a serving certificate from it,
-// and every agent call bound to the caller's host certificate.
+// newTLSEnv is newEnv: the server always serves TLS, as `minicloudd api`
+// does; a second EnsureCA finds the CA the first made.
 func newTLSEnv(t *testing.T) *env {
 	t.Helper()
-	_, cli := etcdtest.Start(t)
-	ca, err := apiserver.EnsureCA(ctx(t), cli)
-	if err != nil {
-		t.Fatal(err)
-	}
-	again, err := apiserver.EnsureCA(ctx(t), cli)
-	if err != nil || again.Hash() != ca.Hash() {
+	e := newEnv(t)
+	again, err := apiserver.EnsureCA(ctx(t), e.etcd)
+	if err != nil || again.Hash() != e.ca.Hash() {
 		t.Fatalf("a second EnsureCA made another CA: %v", err)
 	}
-	e := &env{t: t, etcd: cli, ca: ca}
-	e.start()
 	return e
 }
 
@@ -176,10 +168,14 @@ func TestJoinedHostActsOnlyForItself(t *testing.T) {
 		_, err = np.Recv()
 	}
 	wantCode(t, err, codes.PermissionDenied, "cannot act for host h2")
-	// No certificate at all: the operator's connection.
-	_, err = e.hosts.RegisterHost(c, hostReq("h1", "127.0.0.1:3"))
-	wantCode(t, err, codes.Unauthenticated, "need the host's client certificate")
-	_, err = e.hosts.Heartbeat(c, &minicloudv1.HeartbeatRequest{Name: "h1"})
+	// No certificate: an admin's token is no host's proof, and nothing
+	// at all is no proof either.
+	admin := minicloudv1.NewHostServiceClient(e.conn)
+	_, err = admin.RegisterHost(c, hostReq("h1", "127.0.0.1:3"))
+	wantCode(t, err, codes.PermissionDenied, "RegisterHost is for host agents")
+	_, err = admin.Heartbeat(c, &minicloudv1.HeartbeatRequest{Name: "h1"})
+	wantCode(t, err, codes.PermissionDenied, "Heartbeat is for host agents")
+	_, err = minicloudv1.NewHostServiceClient(e.userConn("")).Heartbeat(c, &minicloudv1.HeartbeatRequest{Name: "h1"})
 	wantCode(t, err, codes.Unauthenticated, "need the host's client certificate")
 	e.wantUnchanged(t, before)
 

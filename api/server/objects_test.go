@@ -80,6 +80,7 @@ func TestNetworks(t *testing.T) {
 		wantCode(t, err, bad.code, bad.fragment)
 		e.wantUnchanged(t, before)
 	}
+	e.createProjects("p2")
 	n, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "dmz", Project: "p2", Cidr: "10.5.0.0/24", Gateway: "10.5.0.254", DisableNat: true})
 	if err != nil || n.Gateway != "10.5.0.254" || n.Mtu != 1450 || n.Nat || len(n.Bridge) != 11 || n.Meta.Project != "p2" {
 		t.Fatalf("create: %v %v", n, err)

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/minicloud/minicloud/api/auth"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/pki"
@@ -240,23 +241,16 @@ func (h *hostService) RevokeHost(ctx context.Context, req *minicloudv1.RevokeHos
 	return &minicloudv1.RevokeHostResponse{RevokedSerials: serials}, nil
 }
 
-// authorizeHost binds an agent's call to its certificate: on a TLS server
-// a host may act only for the host its certificate names. Over plaintext
-// (the all-in-one on loopback) there is no certificate and the name is
-// taken as given, as before the cluster PKI.
+// authorizeHost binds an agent's call to its certificate: a host may act
+// only for the host its certificate names (the policy table already
+// admitted only host certificates to these calls).
 func (s *Server) authorizeHost(ctx context.Context, name string) error {
-	cert := pki.PeerCert(ctx)
-	if cert == nil {
-		if !s.requireHostCerts {
-			return nil
-		}
+	p := auth.FromContext(ctx)
+	if p == nil || p.Kind != auth.KindHost {
 		return errdefs.Unauthenticated("calls for host %s need the host's client certificate: join the host first (`minicloudd agent --join TOKEN --ca-hash HASH`, see docs/operations.md)", name)
 	}
-	if !pki.HasOrg(cert, pki.OrgHosts) {
-		return errdefs.PermissionDenied("certificate %q is not a host certificate: it cannot act for host %s", cert.Subject.CommonName, name)
-	}
-	if cert.Subject.CommonName != name {
-		return errdefs.PermissionDenied("certificate is for host %s: it cannot act for host %s", cert.Subject.CommonName, name)
+	if p.Name != name {
+		return errdefs.PermissionDenied("certificate is for host %s: it cannot act for host %s", p.Name, name)
 	}
 	return nil
 }
@@ -280,20 +274,10 @@ func (s *Server) checkRevoked(ctx context.Context) error {
 	return nil
 }
 
-func (s *Server) revokedUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if err := s.checkRevoked(ctx); err != nil {
-		return nil, err
-	}
-	return handler(ctx, req)
-}
-
-// revokedStream also ends a stream (WatchAssignments) the moment its
-// certificate is revoked.
+// revokedStream ends a stream (WatchAssignments) the moment its
+// certificate is revoked (authenticate refused it if revoked at the start).
 func (s *Server) revokedStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	ctx := ss.Context()
-	if err := s.checkRevoked(ctx); err != nil {
-		return err
-	}
 	cert := pki.PeerCert(ctx)
 	if cert == nil {
 		return handler(srv, ss)

@@ -64,9 +64,10 @@ type Config struct {
 	// CA is the cluster CA (EnsureCA): it signs the certificates of
 	// joining hosts. Nil: JoinHost and CreateJoinToken are refused.
 	CA *pki.CA
-	// TLS, if set, makes the server speak TLS only (pki.ServerTLS, client
-	// certificates verified if given) and binds every agent call of
-	// HostService to the host its certificate names.
+	// TLS is required: the server speaks TLS only (pki.ServerTLS, client
+	// certificates verified if given), on loopback too, since hosts prove
+	// who they are with client certificates and users' tokens must not
+	// travel in the clear.
 	TLS *tls.Config
 	// AgentTLS, if set, is the client configuration (the control-plane
 	// certificate and the CA) for calling agents that listen beyond
@@ -88,9 +89,8 @@ type Server struct {
 	images   *imageservice.Service // nil if not served
 	vnis     store.VNIRange
 
-	ca               *pki.CA
-	requireHostCerts bool
-	agentTLS         *tls.Config
+	ca       *pki.CA
+	agentTLS *tls.Config
 
 	// networkIDs caches network key → id so a create reads a network's
 	// addresses in the same round trip as the network (see readCreateRefs).
@@ -107,6 +107,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Client == nil {
 		return nil, errors.New("apiserver: Config.Client is required")
 	}
+	if cfg.TLS == nil {
+		return nil, errors.New("apiserver: Config.TLS is required: the API serves TLS only")
+	}
 	s := &Server{
 		etcd:     cfg.Client,
 		vnis:     cfg.VNIRange,
@@ -118,8 +121,6 @@ func New(cfg Config) (*Server, error) {
 		agentOpt: cfg.AgentDialOptions,
 		ca:       cfg.CA,
 		agentTLS: cfg.AgentTLS,
-
-		requireHostCerts: cfg.TLS != nil,
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -131,19 +132,19 @@ func New(cfg Config) (*Server, error) {
 
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxRequestBytes),
-		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, s.revokedUnary, refuseUnknownFieldsUnary),
-		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, s.revokedStream, refuseUnknownFieldsStream),
+		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, s.authUnary, refuseUnknownFieldsUnary),
+		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, s.authStream, s.revokedStream, refuseUnknownFieldsStream),
 	}
-	if cfg.TLS != nil {
-		opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.TLS)))
-	}
+	opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.TLS)))
 	s.grpc = grpc.NewServer(opts...)
 	minicloudv1.RegisterVMServiceServer(s.grpc, &vmService{s: s})
 	minicloudv1.RegisterFlavorServiceServer(s.grpc, &flavorService{s: s})
 	minicloudv1.RegisterNetworkServiceServer(s.grpc, &networkService{s: s})
 	minicloudv1.RegisterServerGroupServiceServer(s.grpc, &serverGroupService{s: s})
 	minicloudv1.RegisterHostServiceServer(s.grpc, &hostService{s: s})
+	minicloudv1.RegisterAuthServiceServer(s.grpc, &authService{s: s})
 	services := []string{
+		minicloudv1.AuthService_ServiceDesc.ServiceName,
 		minicloudv1.VMService_ServiceDesc.ServiceName,
 		minicloudv1.FlavorService_ServiceDesc.ServiceName,
 		minicloudv1.NetworkService_ServiceDesc.ServiceName,
@@ -173,10 +174,7 @@ func (s *Server) GRPCServer() *grpc.Server { return s.grpc }
 
 // Serve accepts gRPC connections on lis until Stop.
 func (s *Server) Serve(lis net.Listener) error {
-	s.log.Info("serving gRPC API", "addr", lis.Addr().String(), "tls", s.requireHostCerts)
-	if !s.requireHostCerts {
-		return s.grpc.Serve(lis)
-	}
+	s.log.Info("serving gRPC API", "addr", lis.Addr().String())
 	l := newTLSOnlyListener(lis)
 	defer l.stop()
 	return s.grpc.Serve(l.tls)

@@ -9,11 +9,14 @@ import (
 	"testing"
 
 	"golang.org/x/crypto/ssh"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/pkg/client"
+	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 var sshKey2 = newSSHKey("second@host")
@@ -278,7 +281,7 @@ func TestListVMsWithFullMetadata(t *testing.T) {
 	for i := range 9 {
 		e.createVM(fmt.Sprintf("big%d", i), func(r *minicloudv1.CreateVMRequest) { r.Spec.Metadata = full })
 	}
-	c, err := client.Dial(ctx(t), e.addr)
+	c, err := client.Dial(ctx(t), e.addr, grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(e.ca.Pool(), nil, pki.OrgControlPlane))), client.WithToken(e.admin))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -55,6 +55,7 @@ func TestCreateVMWritesOneTransaction(t *testing.T) {
 	if got, err := e.vms.GetVM(ctx(t), &minicloudv1.GetVMRequest{Name: vm.Meta.Id}); err != nil || got.Meta.Name != "web1" {
 		t.Fatalf("get by id: %v %v", got, err)
 	}
+	e.createProjects("other")
 	_, err = e.vms.GetVM(ctx(t), &minicloudv1.GetVMRequest{Name: "web1", Project: "other"})
 	wantCode(t, err, codes.NotFound, "vm web1 not found in project other")
 	evs, err := e.vms.ListVMEvents(ctx(t), &minicloudv1.ListVMEventsRequest{Name: "web1"})

@@ -70,7 +70,7 @@ type result struct {
 
 func (c *cloud) command(stdin string, args ...string) *exec.Cmd {
 	cmd := exec.Command(c.CLI, args...)
-	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.Endpoint, "HOME=" + c.home, "PATH=" + os.Getenv("PATH")}
+	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.Endpoint, "MINICLOUD_CONFIG=" + c.AdminConfig(), "HOME=" + c.home, "PATH=" + os.Getenv("PATH")}
 	cmd.Stdin = strings.NewReader(stdin)
 	return cmd
 }
@@ -389,7 +389,7 @@ func TestE2ECreateResponseLost(t *testing.T) {
 		}
 		return err
 	}
-	cl, err := client.Dial(context.Background(), c.Endpoint, grpc.WithChainUnaryInterceptor(loseFirstAnswer))
+	cl, err := client.Dial(context.Background(), c.Endpoint, append(c.DialOptions(), grpc.WithChainUnaryInterceptor(loseFirstAnswer))...)
 	if err != nil {
 		t.Fatal(err)
 	}

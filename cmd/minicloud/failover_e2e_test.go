@@ -50,7 +50,7 @@ func TestE2EFailoverBetweenAPIReplicas(t *testing.T) {
 	c.ok("network", "create", "default", "--cidr", "10.99.0.0/24")
 	c.ok("vm", "create", "vm1", "--image", "img", "--flavor", "small")
 
-	cl, err := client.Dial(ctx, c.Endpoint)
+	cl, err := client.Dial(ctx, c.Endpoint, c.DialOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -172,7 +172,7 @@ func TestE2EControlPlaneSurvivesLosingMembers(t *testing.T) {
 	c.ok("image", "create", "img", "--file", file)
 	c.ok("network", "create", "default", "--cidr", "10.98.0.0/24")
 
-	cl, err := client.Dial(ctx, both.Endpoint)
+	cl, err := client.Dial(ctx, both.Endpoint, both.DialOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,7 +22,7 @@ func TestJoinTokenAndRevokeOverTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := filepath.Join(dir, "config.yaml")
-	if err := os.WriteFile(cfg, []byte("endpoint: "+srv.Addr+"\nca: "+caFile+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte("endpoint: "+srv.Addr+"\nca: "+caFile+"\ntoken: "+srv.AdminToken+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	env := map[string]string{"MINICLOUD_CONFIG": cfg}
@@ -46,9 +46,19 @@ func TestJoinTokenAndRevokeOverTLS(t *testing.T) {
 	if code == 0 || !strings.Contains(stderr, "serves TLS only") || !strings.Contains(stderr, "--ca-cert") {
 		t.Fatalf("plaintext CLI: exit %d %s", code, stderr)
 	}
-	// --ca-cert works as the config file does.
-	if code, _, stderr = runCLI(t, map[string]string{"HOME": dir}, "", "--endpoint", srv.Addr, "--ca-cert", caFile, "host", "list"); code != 0 {
-		t.Fatalf("--ca-cert: exit %d %s", code, stderr)
+	// TLS without a token is refused too, and the CLI says how to get one.
+	code, _, stderr = runCLI(t, map[string]string{"HOME": dir}, "", "--endpoint", srv.Addr, "--ca-cert", caFile, "host", "list")
+	if code == 0 || !strings.Contains(stderr, "no credentials") {
+		t.Fatalf("CLI without a token: exit %d %s", code, stderr)
+	}
+	// A token without the CA is never sent.
+	code, _, stderr = runCLI(t, map[string]string{"HOME": dir}, "", "--endpoint", srv.Addr, "--token", srv.AdminToken, "host", "list")
+	if code == 0 || !strings.Contains(stderr, "sent over TLS only") {
+		t.Fatalf("CLI with a token and no CA: exit %d %s", code, stderr)
+	}
+	// --ca-cert and --token work as the config file does.
+	if code, _, stderr = runCLI(t, map[string]string{"HOME": dir}, "", "--endpoint", srv.Addr, "--ca-cert", caFile, "--token", srv.AdminToken, "host", "list"); code != 0 {
+		t.Fatalf("--ca-cert --token: exit %d %s", code, stderr)
 	}
 	code, out, _ = runCLI(t, env, "", "host", "join-token", "list")
 	if id := tok.Token[:6]; code != 0 || !strings.Contains(out, id) || strings.Contains(out, tok.Token[7:]) {

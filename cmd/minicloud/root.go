@@ -8,13 +8,11 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"sigs.k8s.io/yaml"
 
 	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/pki"
@@ -22,7 +20,6 @@ import (
 
 const (
 	defaultEndpoint = "127.0.0.1:8640"
-	defaultProject  = "default"
 )
 
 // streams are the process's standard streams; tests replace them.
@@ -45,6 +42,7 @@ type app struct {
 
 	endpointFlag string
 	projectFlag  string
+	tokenFlag    string
 	caFlag       string
 	root         *cobra.Command
 
@@ -80,10 +78,13 @@ The endpoint is taken from --endpoint, else $MINICLOUD_ENDPOINT, else
 "endpoints:" (a list) or "endpoint:" in ~/.config/minicloud/config.yaml,
 else ` + defaultEndpoint + `. Several API replicas may be given, separated
 by commas (--endpoint a:8640,b:8640): calls go to a live one.
-With a cluster CA (--ca-cert, $MINICLOUD_CA_CERT or "ca:" in the config
-file, a PEM file such as the API's DATA_DIR/ca.crt) the CLI speaks TLS and
-trusts only that CA; without one it speaks plaintext (the all-in-one on
-loopback).
+The API speaks TLS only: the CLI trusts the cluster CA given by --ca-cert,
+$MINICLOUD_CA_CERT or "ca:" in the config file (a PEM file such as the
+API's DATA_DIR/ca.crt), and sends the bearer token given by --token,
+$MINICLOUD_TOKEN or "token:" in the config file. ` + "`make up`" + ` writes
+all three into the config file for the admin.
+The project is --project, $MINICLOUD_PROJECT or "project:" in the config
+file; none: the caller's default project (see ` + "`minicloud whoami`" + `).
 
 Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 4 already exists, 5 conflict or failed precondition, 6 unavailable or timeout.`,
@@ -97,7 +98,8 @@ Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 	})
 	root.PersistentFlags().StringVar(&a.endpointFlag, "endpoint", "", "API server address host:port, or several API replicas separated by commas (default $MINICLOUD_ENDPOINT, config file, or "+defaultEndpoint+")")
 	root.PersistentFlags().StringVar(&a.caFlag, "ca-cert", "", "cluster CA certificate (PEM) to trust: speak TLS to the API (default $MINICLOUD_CA_CERT or \"ca:\" in the config file; none: plaintext)")
-	root.PersistentFlags().StringVar(&a.projectFlag, "project", "", "project (default $MINICLOUD_PROJECT, config file, or \""+defaultProject+"\")")
+	root.PersistentFlags().StringVar(&a.projectFlag, "project", "", "project (default $MINICLOUD_PROJECT, config file, or your default project)")
+	root.PersistentFlags().StringVar(&a.tokenFlag, "token", "", "bearer token (default $MINICLOUD_TOKEN or \"token:\" in the config file)")
 	root.AddCommand(
 		a.newVMCommand(),
 		a.newImageCommand(),
@@ -105,6 +107,10 @@ Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 		a.newNetworkCommand(),
 		a.newServerGroupCommand(),
 		a.newHostCommand(),
+		a.newProjectCommand(),
+		a.newUserCommand(),
+		a.newTokenCommand(),
+		a.newWhoAmICommand(),
 	)
 	return root
 }
@@ -140,17 +146,6 @@ func noArgs(cmd *cobra.Command, args []string) error {
 	return nil
 }
 
-// config is ~/.config/minicloud/config.yaml.
-type config struct {
-	Endpoint string `json:"endpoint"`
-	// Endpoints lists the API replicas of one cluster (instead of Endpoint).
-	Endpoints []string `json:"endpoints"`
-	Project   string   `json:"project"`
-	// CA is the path of the cluster CA certificate (PEM); set, the CLI
-	// speaks TLS.
-	CA string `json:"ca,omitempty"`
-}
-
 func (a *app) configPath() string {
 	if p := a.getenv("MINICLOUD_CONFIG"); p != "" {
 		return p
@@ -166,29 +161,17 @@ func (a *app) configPath() string {
 	return filepath.Join(dir, "minicloud", "config.yaml")
 }
 
-func (a *app) loadConfig() (config, error) {
-	var c config
+func (a *app) loadConfig() (client.Config, error) {
 	p := a.configPath()
 	if p == "" {
-		return c, nil
+		return client.Config{}, nil
 	}
-	b, err := os.ReadFile(p)
-	if errors.Is(err, fs.ErrNotExist) {
-		return c, nil
+	if _, err := os.Stat(p); errors.Is(err, fs.ErrNotExist) {
+		return client.Config{}, nil
 	}
+	c, err := client.LoadConfig(p)
 	if err != nil {
-		return c, fmt.Errorf("read config: %w", err)
-	}
-	if err := yaml.UnmarshalStrict(b, &c); err != nil {
-		return c, usagef("config file %s: %v", p, err)
-	}
-	if c.Endpoint != "" && len(c.Endpoints) > 0 {
-		return c, usagef("config file %s: give either endpoint or endpoints, not both", p)
-	}
-	for _, e := range c.Endpoints {
-		if e == "" || strings.Contains(e, ",") {
-			return c, usagef("config file %s: endpoints: %q must be one host:port per list item", p, e)
-		}
+		return c, usagef("%v", err)
 	}
 	return c, nil
 }
@@ -196,15 +179,15 @@ func (a *app) loadConfig() (config, error) {
 // settings resolves endpoint and project: flag, environment, config file,
 // default, in that order.
 func (a *app) settings() (endpoint, project string, err error) {
-	endpoint, project, _, err = a.allSettings()
+	endpoint, project, _, _, err = a.allSettings()
 	return endpoint, project, err
 }
 
-// allSettings is settings and the CA file.
-func (a *app) allSettings() (endpoint, project, ca string, err error) {
+// allSettings is settings, the CA file and the token.
+func (a *app) allSettings() (endpoint, project, ca, token string, err error) {
 	cfg, err := a.loadConfig()
 	if err != nil {
-		return "", "", "", err
+		return "", "", "", "", err
 	}
 	first := func(vals ...string) string {
 		for _, v := range vals {
@@ -214,16 +197,19 @@ func (a *app) allSettings() (endpoint, project, ca string, err error) {
 		}
 		return ""
 	}
-	endpoint = first(a.endpointFlag, a.getenv("MINICLOUD_ENDPOINT"), strings.Join(cfg.Endpoints, ","), cfg.Endpoint, defaultEndpoint)
-	project = first(a.projectFlag, a.getenv("MINICLOUD_PROJECT"), cfg.Project, defaultProject)
+	endpoint = first(a.endpointFlag, a.getenv("MINICLOUD_ENDPOINT"), cfg.EndpointList(), defaultEndpoint)
+	project = first(a.projectFlag, a.getenv("MINICLOUD_PROJECT"), cfg.Project)
 	ca = first(a.caFlag, a.getenv("MINICLOUD_CA_CERT"), cfg.CA)
-	return endpoint, project, ca, nil
+	token = first(a.tokenFlag, a.getenv("MINICLOUD_TOKEN"), cfg.Token)
+	return endpoint, project, ca, token, nil
 }
 
+// project is the project the user chose, or "" for the caller's default
+// project (the API resolves it).
 func (a *app) project() string {
 	_, p, err := a.settings()
 	if err != nil {
-		return defaultProject
+		return ""
 	}
 	return p
 }
@@ -233,12 +219,18 @@ func (a *app) connect(ctx context.Context) (*client.Client, error) {
 	if a.client != nil {
 		return a.client, nil
 	}
-	endpoint, _, ca, err := a.allSettings()
+	endpoint, _, ca, token, err := a.allSettings()
 	if err != nil {
 		return nil, err
 	}
 	a.endpoint = endpoint
 	var opts []grpc.DialOption
+	if token != "" {
+		if ca == "" {
+			return nil, usagef("a token is sent over TLS only: give the cluster CA with --ca-cert, $MINICLOUD_CA_CERT or \"ca:\" in the config file (the API writes it to DATA_DIR/ca.crt)")
+		}
+		opts = append(opts, client.WithToken(token))
+	}
 	if ca != "" {
 		creds, err := caCredentials(ca)
 		if err != nil {

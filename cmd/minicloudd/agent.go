@@ -24,7 +24,6 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent"
 	"github.com/minicloud/minicloud/agent/disk"
@@ -69,11 +68,8 @@ type agentFlags struct {
 	caHash        string
 	caCert        string
 
-	// apiTLS says whether the API speaks TLS (it does beyond loopback);
-	// set by the caller from where the API listens.
-	apiTLS bool
 	// selfJoin, set by the all-in-one, makes a join token in-process when
-	// its agent needs a certificate (its API serves TLS) and has none.
+	// its agent has no certificate yet.
 	selfJoin func(ctx context.Context) (token, caHash string, err error)
 }
 
@@ -134,7 +130,6 @@ func init() {
 	allInOneRoles = append(allInOneRoles, namedRole{"agent", func(ctx context.Context, env roleEnv) error {
 		f := allInOneAgentFlags
 		f.api, f.dataDir = localAddr(env.APIAddr), env.DataDir
-		f.apiTLS = !pki.IsLoopback(env.APIAddr)
 		f.selfJoin = func(ctx context.Context) (string, string, error) {
 			ca, err := apiserver.EnsureCA(ctx, env.Etcd)
 			if err != nil {
@@ -155,7 +150,6 @@ func newAgentCommand() *cobra.Command {
 		Short: "Run the hypervisor agent and metadata service on this host",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			f.apiTLS = !allLoopback(f.api)
 			return runAgent(cmd.Context(), f)
 		},
 	}
@@ -212,10 +206,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	if err != nil {
 		return err
 	}
-	apiCreds := insecure.NewCredentials()
-	if f.apiTLS {
-		apiCreds = credentials.NewTLS(creds.ClientTLS())
-	}
+	apiCreds := credentials.NewTLS(creds.ClientTLS())
 	// Several API replicas fail over (see package client): the
 	// assignment stream then re-opens on a live replica and starts again
 	// from the full set.
@@ -311,22 +302,6 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	return g.Wait()
 }
 
-// allLoopback says whether every address of a comma-separated list of API
-// replicas is on loopback (where the API speaks plaintext); a list with
-// any other address means TLS.
-func allLoopback(endpoints string) bool {
-	addrs, err := client.ParseEndpoints(endpoints)
-	if err != nil {
-		return pki.IsLoopback(endpoints) // the dial reports the bad list
-	}
-	for _, a := range addrs {
-		if !pki.IsLoopback(a) {
-			return false
-		}
-	}
-	return true
-}
-
 // untraversableParent returns the first directory above dir that others
 // cannot traverse (mode without o+x), or "".
 func untraversableParent(dir string) string {
@@ -418,17 +393,10 @@ func loadOrCreateIdentityKey(path, def string) (ed25519.PrivateKey, error) {
 }
 
 // hostCredentials returns this host's certificate, joining the cluster
-// with --join if the data directory holds none yet. An agent whose API
-// and listen address are both on loopback (the all-in-one) needs none: it
-// talks plaintext and is taken at its word, as its API is on this very
-// machine. Anywhere else it must prove its name, and serves mTLS.
+// with --join if the data directory holds none yet. Every agent proves its
+// name with it, the all-in-one's too (it joins itself), since the API
+// serves no call without credentials (docs/security.md).
 func hostCredentials(ctx context.Context, f agentFlags, stateDir string) (*join.Credentials, error) {
-	if !f.apiTLS && pki.IsLoopback(f.listen) {
-		if f.join != "" {
-			slog.Warn("--join ignored: API and agent are both on loopback, where the agent needs no certificate")
-		}
-		return nil, nil
-	}
 	dir := filepath.Join(stateDir, "pki")
 	if f.selfJoin != nil && f.join == "" {
 		if _, err := join.Load(dir, f.hostName); errors.Is(err, os.ErrNotExist) {
@@ -439,7 +407,7 @@ func hostCredentials(ctx context.Context, f agentFlags, stateDir string) (*join.
 	}
 	creds, err := join.Ensure(ctx, join.Options{
 		Dir: dir, HostName: f.hostName, API: f.api,
-		Token: f.join, CAHash: f.caHash, CAFile: f.caCert, Plaintext: !f.apiTLS,
+		Token: f.join, CAHash: f.caHash, CAFile: f.caCert,
 	})
 	if err != nil {
 		return nil, err

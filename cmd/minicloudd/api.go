@@ -71,6 +71,9 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 	if err := setupAPIPKI(ctx, f, cli, &cfg); err != nil {
 		return err
 	}
+	if err := ensureAdminConfig(ctx, f, cli); err != nil {
+		return err
+	}
 	srv, err := apiserver.New(cfg)
 	if err != nil {
 		return err

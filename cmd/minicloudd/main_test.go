@@ -3,14 +3,18 @@ package main
 import (
 	"context"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/client"
 )
 
 func freeAddr(t *testing.T) string {
@@ -48,13 +52,42 @@ func TestAllInOneServesAndStops(t *testing.T) {
 			}
 		}
 	}
-	conn, err := grpc.NewClient(listen, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	stop := start()
+	// The API serves TLS only, and only to callers with credentials: the
+	// admin's, which it wrote to its data directory.
+	var opts []grpc.DialOption
+	for ctx.Err() == nil {
+		cfg, err := client.LoadConfig(filepath.Join(dir, adminConfigName))
+		if err == nil {
+			if opts, err = cfg.DialOptions(); err != nil {
+				t.Fatal(err)
+			}
+			if fi, _ := os.Stat(filepath.Join(dir, adminConfigName)); fi.Mode().Perm() != 0o600 {
+				t.Fatalf("admin config is %v, want 0600", fi.Mode().Perm())
+			}
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	conn, err := grpc.NewClient(listen, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
+	if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true)); err != nil {
+		t.Fatalf("health: %v", err)
+	}
+	// Without the token, nothing but health is served.
+	anon, err := grpc.NewClient(listen, opts[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer anon.Close()
+	if _, err := minicloudv1.NewFlavorServiceClient(anon).ListFlavors(ctx, &minicloudv1.ListFlavorsRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("list flavors without a token: %v, want Unauthenticated", err)
+	}
 	ready := func() {
 		t.Helper()
 		// WaitForReady blocks until the server accepts connections.
@@ -63,7 +96,6 @@ func TestAllInOneServesAndStops(t *testing.T) {
 		}
 	}
 
-	stop := start()
 	ready()
 	flavors := minicloudv1.NewFlavorServiceClient(conn)
 	if _, err := flavors.CreateFlavor(ctx, &minicloudv1.CreateFlavorRequest{Name: "tiny", Vcpus: 1, MemoryMib: 256, DiskGib: 1}, grpc.WaitForReady(true)); err != nil {

@@ -21,8 +21,10 @@ const caFileName = "ca.crt"
 
 // setupAPIPKI loads (or, on the cluster's first start, creates) the
 // cluster CA, writes its certificate to DATA_DIR/ca.crt, issues this
-// replica's control-plane client certificate for calling agents, and, when
-// the API listens beyond loopback, its TLS serving certificate. Both
+// replica's control-plane client certificate for calling agents and its
+// TLS serving certificate. The API serves TLS only, on loopback too: hosts
+// prove who they are with client certificates, which need TLS, and the
+// same rule everywhere leaves no plaintext mode to misconfigure. Both
 // certificates live in memory only and are issued again at every start.
 func setupAPIPKI(ctx context.Context, f apiFlags, cli *clientv3.Client, cfg *apiserver.Config) error {
 	ca, err := apiserver.EnsureCA(ctx, cli)
@@ -47,10 +49,6 @@ func setupAPIPKI(ctx context.Context, f apiFlags, cli *clientv3.Client, cfg *api
 		return fmt.Errorf("control-plane certificate: %w", err)
 	}
 	cfg.AgentTLS = pki.ClientTLS(ca.Pool(), &pair, pki.OrgHosts)
-	if pki.IsLoopback(f.listen) {
-		slog.Info("API on loopback: plaintext, agents identified by name", "listen", f.listen, "ca", caPath, "ca_hash", ca.Hash())
-		return nil
-	}
 	dns, ips, err := servingNames(f.listen, f.tlsSANs)
 	if err != nil {
 		return err

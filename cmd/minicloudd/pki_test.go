@@ -84,7 +84,7 @@ func TestAgentNeedsNoCertificateOnLoopback(t *testing.T) {
 func TestAgentJoinsATLSAPIOnceAndReusesItsCertificate(t *testing.T) {
 	srv := apiservertest.StartTLS(t)
 	calls := 0
-	f := agentFlags{api: localAddr(srv.Addr), listen: "127.0.0.1:0", hostName: "h1", apiTLS: true,
+	f := agentFlags{api: localAddr(srv.Addr), listen: "127.0.0.1:0", hostName: "h1",
 		selfJoin: func(ctx context.Context) (string, string, error) {
 			calls++
 			token, _, err := apiserver.CreateJoinToken(ctx, srv.Etcd, time.Minute, "test")

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
@@ -105,7 +104,12 @@ func startCloud(ctx context.Context, cli, daemon string) (*cloud, error) {
 		c.stop()
 		return nil, err
 	}
-	if c.client, err = client.Dial(ctx, c.endpoint); err != nil {
+	opts, err := adminDialOptions(dataDir)
+	if err != nil {
+		c.stop()
+		return nil, err
+	}
+	if c.client, err = client.Dial(ctx, c.endpoint, opts...); err != nil {
 		c.stop()
 		return nil, err
 	}
@@ -126,7 +130,20 @@ func (c *cloud) waitHealthy(ctx context.Context) error {
 		case <-ctx.Done():
 		}
 	}()
-	conn, err := grpc.NewClient("passthrough:///"+c.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// The API writes the CA and the admin's config before it listens.
+	var opts []grpc.DialOption
+	for {
+		var err error
+		if opts, err = adminDialOptions(c.dataDir); err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("minicloudd wrote no admin config: %w; log: %s", err, c.logPath)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	conn, err := grpc.NewClient("passthrough:///"+c.endpoint, opts...)
 	if err != nil {
 		return err
 	}
@@ -136,6 +153,16 @@ func (c *cloud) waitHealthy(ctx context.Context) error {
 		return fmt.Errorf("minicloudd did not become healthy (%v, %v); log: %s", resp.GetStatus(), err, c.logPath)
 	}
 	return nil
+}
+
+// adminDialOptions are the admin's, from the config the API keeps in its
+// data directory.
+func adminDialOptions(dataDir string) ([]grpc.DialOption, error) {
+	cfg, err := client.LoadConfig(filepath.Join(dataDir, "admin.yaml"))
+	if err != nil {
+		return nil, err
+	}
+	return cfg.DialOptions()
 }
 
 func (c *cloud) waitHostUp(ctx context.Context) error {
@@ -164,7 +191,7 @@ func (c *cloud) waitHostUp(ctx context.Context) error {
 // mc runs the minicloud CLI against this cloud.
 func (c *cloud) mc(ctx context.Context, args ...string) error {
 	cmd := exec.CommandContext(ctx, c.cli, args...)
-	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.endpoint, "HOME=" + c.dataDir, "PATH=" + os.Getenv("PATH")}
+	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.endpoint, "MINICLOUD_CONFIG=" + filepath.Join(c.dataDir, "admin.yaml"), "HOME=" + c.dataDir, "PATH=" + os.Getenv("PATH")}
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("minicloud %s: %w\n%s", strings.Join(args, " "), err, out)
 	}

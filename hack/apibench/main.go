@@ -12,8 +12,6 @@ import (
 	"flag"
 	"fmt"
 	"log"
-	"log/slog"
-	"net"
 	"os"
 	"runtime"
 	"runtime/pprof"
@@ -25,10 +23,10 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
+	"github.com/minicloud/minicloud/api/server/apiservertest"
 	"github.com/minicloud/minicloud/hack/benchdoc"
 	"github.com/minicloud/minicloud/pkg/etcdembed"
 	"github.com/minicloud/minicloud/pkg/store"
@@ -78,17 +76,14 @@ func run(clients int, duration time.Duration, docs string) error {
 	cli.KV = &countingKV{KV: cli.KV, c: counts}
 	cli.Lease = &countingLease{Lease: cli.Lease, c: counts}
 
-	srv, err := apiserver.New(apiserver.Config{Client: cli, Logger: slog.New(slog.DiscardHandler)})
+	// As `minicloudd api` serves: TLS, and every call authenticated (the
+	// bootstrap admin's token).
+	srv, err := apiservertest.Listen(ctx, cli, apiserver.Config{})
 	if err != nil {
 		return err
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err
-	}
-	go srv.Serve(lis)
-	defer srv.Stop(ctx)
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	defer srv.Server.Stop(ctx)
+	conn, err := grpc.NewClient(srv.Addr, srv.DialOptions(srv.AdminToken)...)
 	if err != nil {
 		return err
 	}

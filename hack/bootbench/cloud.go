@@ -81,12 +81,33 @@ func startCloud(ctx context.Context, repo string) (*cloud, error) {
 	c.exited = make(chan struct{})
 	go func() { _ = c.proc.Wait(); logf.Close(); close(c.exited) }()
 
-	if c.client, err = client.Dial(ctx, c.endpoint); err != nil {
+	hctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	// The API writes the CA and the admin's config (DATA_DIR/admin.yaml)
+	// before it listens.
+	var cfg client.Config
+	for {
+		if cfg, err = client.LoadConfig(filepath.Join(dataDir, "admin.yaml")); err == nil {
+			break
+		}
+		select {
+		case <-hctx.Done():
+			c.stop()
+			return nil, fmt.Errorf("minicloudd wrote no admin config: %w", err)
+		case <-c.exited:
+			return nil, fmt.Errorf("minicloudd exited; log: %s", filepath.Join(dataDir, "minicloudd.log"))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	opts, err := cfg.DialOptions()
+	if err != nil {
 		c.stop()
 		return nil, err
 	}
-	hctx, cancel := context.WithTimeout(ctx, 90*time.Second)
-	defer cancel()
+	if c.client, err = client.Dial(ctx, c.endpoint, opts...); err != nil {
+		c.stop()
+		return nil, err
+	}
 	resp, err := healthpb.NewHealthClient(c.client.Conn).Check(hctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
 	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 		c.stop()
@@ -113,7 +134,7 @@ func startCloud(ctx context.Context, repo string) (*cloud, error) {
 // mc runs the CLI against the cloud.
 func (c *cloud) mc(args ...string) (string, error) {
 	cmd := exec.Command(c.cli, args...)
-	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.endpoint, "HOME=" + c.dataDir, "PATH=" + os.Getenv("PATH")}
+	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.endpoint, "MINICLOUD_CONFIG=" + filepath.Join(c.dataDir, "admin.yaml"), "HOME=" + c.dataDir, "PATH=" + os.Getenv("PATH")}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("minicloud %s: %w\n%s", strings.Join(args, " "), err, out)

@@ -39,6 +39,7 @@ type Client struct {
 	Networks     minicloudv1.NetworkServiceClient
 	ServerGroups minicloudv1.ServerGroupServiceClient
 	Hosts        minicloudv1.HostServiceClient
+	Auth         minicloudv1.AuthServiceClient
 }
 
 // MaxResponseBytes bounds one answer the client accepts. gRPC's default
@@ -129,6 +130,7 @@ var idempotentMethods = map[string][]string{
 	"minicloud.v1.FlavorService":      {"GetFlavor", "ListFlavors"},
 	"minicloud.v1.NetworkService":     {"GetNetwork", "ListNetworks"},
 	"minicloud.v1.ServerGroupService": {"GetServerGroup", "ListServerGroups"},
+	"minicloud.v1.AuthService":        {"GetProject", "ListProjects", "GetUser", "ListUsers", "ListTokens", "WhoAmI"},
 	"minicloud.v1.HostService":        {"Heartbeat", "WatchAssignments", "ReportVMStatus", "ListHosts", "GetHost", "DisableHost", "EnableHost"},
 }
 
@@ -182,6 +184,7 @@ func New(conn *grpc.ClientConn) *Client {
 		Networks:     minicloudv1.NewNetworkServiceClient(conn),
 		ServerGroups: minicloudv1.NewServerGroupServiceClient(conn),
 		Hosts:        minicloudv1.NewHostServiceClient(conn),
+		Auth:         minicloudv1.NewAuthServiceClient(conn),
 	}
 }
 

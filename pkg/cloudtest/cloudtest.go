@@ -21,7 +21,6 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
@@ -200,7 +199,7 @@ func startOn(t testing.TB, role, etcdURL string, etcdClient *clientv3.Client, ex
 		os.RemoveAll(dataDir)
 	})
 	c.Run()
-	cl, err := client.Dial(context.Background(), c.Endpoint)
+	cl, err := client.Dial(context.Background(), c.Endpoint, c.DialOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,7 +248,18 @@ func (c *Cloud) Run() {
 		case <-ctx.Done():
 		}
 	}()
-	conn, err := grpc.NewClient("passthrough:///"+c.Endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// The API writes the CA and the admin's config before it listens.
+	for {
+		if _, err := os.Stat(c.AdminConfig()); err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			c.Stop()
+			t.Fatalf("minicloudd wrote no %s\nlog:\n%s", c.AdminConfig(), c.log.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	conn, err := grpc.NewClient("passthrough:///"+c.Endpoint, c.DialOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -290,13 +300,47 @@ func (c *Cloud) Stop() {
 	}
 }
 
+// AdminConfig is the CLI configuration with the admin's token that the
+// API keeps in its data directory (as make up installs it for root).
+func (c *Cloud) AdminConfig() string { return filepath.Join(c.DataDir, "admin.yaml") }
+
+// CAFile is the cluster CA certificate the API wrote.
+func (c *Cloud) CAFile() string { return filepath.Join(c.DataDir, "ca.crt") }
+
+// AdminToken is the admin's bearer token from AdminConfig.
+func (c *Cloud) AdminToken() string {
+	c.t.Helper()
+	cfg, err := client.LoadConfig(c.AdminConfig())
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return cfg.Token
+}
+
+// DialOptions are the admin's: TLS trusting the cluster CA, and the
+// admin's token.
+func (c *Cloud) DialOptions() []grpc.DialOption {
+	c.t.Helper()
+	return c.DialOptionsWithToken(c.AdminToken())
+}
+
+// DialOptionsWithToken are a user's dial options with token ("" for none).
+func (c *Cloud) DialOptionsWithToken(token string) []grpc.DialOption {
+	c.t.Helper()
+	opts, err := client.UserDialOptions(c.CAFile(), token)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return opts
+}
+
 // Log is what the all-in-one printed since it was last started.
 func (c *Cloud) Log() string { return c.log.String() }
 
 // MC runs the minicloud CLI against this cloud.
 func (c *Cloud) MC(args ...string) (stdout, stderr string, code int) {
 	cmd := exec.Command(c.CLI, args...)
-	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.Endpoint, "HOME=" + c.DataDir, "PATH=" + os.Getenv("PATH")}
+	cmd.Env = []string{"MINICLOUD_ENDPOINT=" + c.Endpoint, "MINICLOUD_CONFIG=" + c.AdminConfig(), "HOME=" + c.DataDir, "PATH=" + os.Getenv("PATH")}
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err := cmd.Run()

@@ -49,6 +49,9 @@ var Layout = []KeySpec{
 	{"pki/jointokens/<id>", JoinTokenPrefix, "JoinToken (hashed secret), leased until expiry", "API"},
 	{"pki/hostcerts/<host>/<serial>", HostCertPrefix, "IssuedCert", "API on join"},
 	{"pki/revoked/<serial>", RevokedPrefix, "IssuedCert (deny-list), leased until the cert expires", "API on revoke / re-join"},
+	{"auth/projects/<name>", ProjectPrefix, "Project", "API (admin)"},
+	{"auth/users/<name>", UserPrefix, "User (name and role bindings)", "API (admin)"},
+	{"auth/tokens/<user>/<id>", TokenPrefix, "Token (SHA-256 of the secret, never the secret), leased until expiry", "API"},
 }
 
 // MarkdownKeyTable renders Layout as the table docs/architecture.md carries
@@ -88,6 +91,9 @@ const (
 	JoinTokenPrefix   = Prefix + "pki/jointokens/"
 	HostCertPrefix    = Prefix + "pki/hostcerts/"
 	RevokedPrefix     = Prefix + "pki/revoked/"
+	ProjectPrefix     = Prefix + "auth/projects/"
+	UserPrefix        = Prefix + "auth/users/"
+	TokenPrefix       = Prefix + "auth/tokens/"
 	// ImageStoreLockPrefix is the etcd mutex every API replica takes
 	// before committing, deleting or collecting blobs of the shared store.
 	ImageStoreLockPrefix = Prefix + "imagestore/lock/"
@@ -135,6 +141,10 @@ func JoinTokenKey(id string) string             { return JoinTokenPrefix + id }
 func HostCertsPrefix(host string) string        { return HostCertPrefix + host + "/" }
 func HostCertKey(host, serial string) string    { return HostCertsPrefix(host) + serial }
 func RevokedKey(serial string) string           { return RevokedPrefix + serial }
+func ProjectKey(name string) string             { return ProjectPrefix + name }
+func UserKey(name string) string                { return UserPrefix + name }
+func UserTokensPrefix(user string) string       { return TokenPrefix + user + "/" }
+func TokenKey(user, id string) string           { return UserTokensPrefix(user) + id }
 
 // VNIKey holds the id of the network that owns vni; zero-padded so keys
 // sort numerically.

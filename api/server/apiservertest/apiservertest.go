@@ -1,10 +1,13 @@
-// Package apiservertest starts a real API server for tests of its clients:
-// an embedded etcd, the cluster CA, and the server on a loopback port
-// serving TLS as `minicloudd api` does beyond loopback.
+// Package apiservertest starts a real API server for tests and benchmarks
+// of its clients: the cluster CA, a TLS serving certificate for loopback,
+// the bootstrap admin, and the server on a loopback port, as `minicloudd
+// api` runs.
 package apiservertest
 
 import (
 	"context"
+	"crypto/tls"
+	"fmt"
 	"log/slog"
 	"net"
 	"testing"
@@ -16,16 +19,77 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
+	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 	"github.com/minicloud/minicloud/pkg/pki"
 )
 
-// TLSServer is a running API server on TLS.
+// Running is an API server on loopback.
+type Running struct {
+	Addr   string
+	CA     *pki.CA
+	Server *apiserver.Server
+	// AdminToken is the bootstrap admin's bearer token.
+	AdminToken string
+}
+
+// Listen starts an API server over cli on a loopback port with cfg (Client,
+// CA, TLS and AgentTLS are filled in). Stop it with Server.Stop.
+func Listen(ctx context.Context, cli *clientv3.Client, cfg apiserver.Config) (*Running, error) {
+	ca, err := apiserver.EnsureCA(ctx, cli)
+	if err != nil {
+		return nil, err
+	}
+	certPEM, keyPEM, err := ca.Issue(pki.Template{CommonName: "api", Organization: pki.OrgControlPlane,
+		IPs: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost"}, Server: true, Lifetime: 24 * time.Hour})
+	if err != nil {
+		return nil, err
+	}
+	if cfg.TLS, err = pki.ServerTLS(certPEM, keyPEM, ca.Pool(), ""); err != nil {
+		return nil, err
+	}
+	clientPEM, clientKey, err := ca.Issue(pki.Template{CommonName: "api", Organization: pki.OrgControlPlane, Client: true, Lifetime: 24 * time.Hour})
+	if err != nil {
+		return nil, err
+	}
+	pair, err := tls.X509KeyPair(clientPEM, clientKey)
+	if err != nil {
+		return nil, err
+	}
+	cfg.Client, cfg.CA, cfg.AgentTLS = cli, ca, pki.ClientTLS(ca.Pool(), &pair, pki.OrgHosts)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	admin, err := apiserver.BootstrapAdmin(ctx, cli, 24*time.Hour)
+	if err != nil {
+		return nil, fmt.Errorf("bootstrap admin: %w", err)
+	}
+	srv, err := apiserver.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	go srv.Serve(lis)
+	return &Running{Addr: lis.Addr().String(), CA: ca, Server: srv, AdminToken: admin}, nil
+}
+
+// DialOptions are a user's: TLS trusting the CA, and token ("" for none).
+func (r *Running) DialOptions(token string) []grpc.DialOption {
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(r.CA.Pool(), nil, pki.OrgControlPlane)))}
+	if token != "" {
+		opts = append(opts, client.WithToken(token))
+	}
+	return opts
+}
+
+// TLSServer is a running API server for a test.
 type TLSServer struct {
-	Addr string
-	CA   *pki.CA
+	*Running
 	Etcd *clientv3.Client
-	// Hosts is an operator's client (TLS, no client certificate).
+	// Hosts is the admin's HostService client.
 	Hosts minicloudv1.HostServiceClient
 }
 
@@ -33,33 +97,15 @@ type TLSServer struct {
 func StartTLS(t *testing.T) *TLSServer {
 	t.Helper()
 	_, cli := etcdtest.Start(t)
-	ca, err := apiserver.EnsureCA(context.Background(), cli)
+	r, err := Listen(context.Background(), cli, apiserver.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	certPEM, keyPEM, err := ca.Issue(pki.Template{CommonName: "api", Organization: pki.OrgControlPlane,
-		IPs: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost"}, Server: true, Lifetime: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tlsCfg, err := pki.ServerTLS(certPEM, keyPEM, ca.Pool(), "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := apiserver.New(apiserver.Config{Client: cli, Logger: slog.New(slog.DiscardHandler), CA: ca, TLS: tlsCfg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(lis)
-	t.Cleanup(func() { srv.GRPCServer().Stop() })
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(ca.Pool(), nil, pki.OrgControlPlane))))
+	t.Cleanup(func() { r.Server.GRPCServer().Stop() })
+	conn, err := grpc.NewClient(r.Addr, r.DialOptions(r.AdminToken)...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &TLSServer{Addr: lis.Addr().String(), CA: ca, Etcd: cli, Hosts: minicloudv1.NewHostServiceClient(conn)}
+	return &TLSServer{Running: r, Etcd: cli, Hosts: minicloudv1.NewHostServiceClient(conn)}
 }
