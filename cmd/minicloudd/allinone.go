@@ -47,7 +47,6 @@ func newAllInOneCommand() *cobra.Command {
 		},
 	}
 	f.addFlags(cmd)
-	f.etcd.addEmbeddedFlags(cmd.Flags())
 	for _, hook := range allInOneFlagHooks {
 		hook(cmd)
 	}
