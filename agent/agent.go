@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/minicloud/minicloud/agent/hypervisor"
+	"github.com/minicloud/minicloud/agent/qemuaccess"
 	"github.com/minicloud/minicloud/agent/network"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
@@ -62,6 +63,10 @@ type Config struct {
 	// UnderlayMTU is the MTU of the interface holding TunnelIP; a network
 	// whose MTU exceeds it minus VXLAN's overhead is refused on this host.
 	UnderlayMTU int
+	// QEMU is what QEMU may open under StateDir (qemuaccess): the
+	// directories down to each VM's files, and the image cache. The zero
+	// value gives nothing beyond root.
+	QEMU qemuaccess.Access
 	// Capacity, where a field is positive, replaces what the host measures
 	// (vCPUs and memory from the hypervisor, disk from the file system of
 	// StateDir): to reserve part of a machine for something else, or to
@@ -208,9 +213,9 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 		opt(&o)
 	}
 	o.log = cmp.Or(o.log, slog.Default())
-	// 0711: QEMU runs as an unprivileged user and must traverse to the
-	// disks (libvirt hands it the files themselves).
-	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "vms"), 0o711); err != nil {
+	// QEMU runs as an unprivileged user and must traverse to the disks
+	// (libvirt hands it the files themselves).
+	if err := cfg.QEMU.MkdirAll(filepath.Join(cfg.StateDir, "vms")); err != nil {
 		return nil, fmt.Errorf("create agent state directory: %w", err)
 	}
 	return &Agent{

@@ -360,7 +360,7 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 		format = "qcow2"
 	}
 	b.diskPath, b.diskFormat = a.diskPath(id), "qcow2"
-	if err := os.MkdirAll(a.vmDir(id), 0o711); err != nil {
+	if err := a.cfg.QEMU.MkdirAll(a.vmDir(id)); err != nil {
 		return b, fmt.Errorf("create VM directory: %w", err)
 	}
 	if err := a.disks.CreateOverlay(ctx, b.diskPath, backing, format, size); err != nil {

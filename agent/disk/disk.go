@@ -91,6 +91,12 @@ func CreateOverlay(ctx context.Context, path, backingPath, backingFormat string,
 		_ = os.Remove(tmp)
 		return fmt.Errorf("create overlay %s: qemu-img create: %w: %s", path, err, strings.TrimSpace(string(out)))
 	}
+	// qemu-img creates 0644: a VM's disk is its owner's data, and libvirt
+	// hands the file to QEMU's user while the domain runs.
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("create overlay %s: %w", path, err)
+	}
 	if err := syncFile(tmp); err != nil {
 		_ = os.Remove(tmp)
 		return fmt.Errorf("create overlay %s: %w", path, err)

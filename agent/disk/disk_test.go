@@ -61,6 +61,10 @@ func TestCreateOverlayIsAnOverlayNotACopy(t *testing.T) {
 	if err := disk.CreateOverlay(ctx, path, backing, "qcow2", 1<<30); err != nil {
 		t.Fatalf("CreateOverlay: %v", err)
 	}
+	// A VM's disk is its owner's data: qemu-img's 0644 is tightened.
+	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("overlay mode: %v %v, want 0600", st.Mode().Perm(), err)
+	}
 	// Ask qemu-img itself, not our own Inspect.
 	info := qemuImg(t, "info", "-U", path)
 	if !strings.Contains(info, "backing file: "+backing) || !strings.Contains(info, "virtual size: 1 GiB") {

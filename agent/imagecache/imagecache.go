@@ -21,6 +21,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/minicloud/minicloud/agent/qemuaccess"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 )
@@ -37,6 +38,7 @@ const tmpPrefix = ".download-"
 type Cache struct {
 	dir    string
 	client minicloudv1.ImageServiceClient
+	qemu   qemuaccess.Access
 	log    *slog.Logger
 
 	mu       sync.Mutex
@@ -48,17 +50,18 @@ type download struct {
 	err  error
 }
 
-// New returns a cache in dir, creating it. The directory is world-readable
-// (0755) because QEMU, running as an unprivileged user, reads cached images
-// as the backing files of VM disks.
-func New(dir string, client minicloudv1.ImageServiceClient) (*Cache, error) {
+// New returns a cache in dir, creating it. QEMU, running as an unprivileged
+// user, reads cached images as the backing files, kernels and initrds of
+// VMs, so the directory and the images are opened to qemu (its group), and
+// to no one else: an image may be a project's private one.
+func New(dir string, client minicloudv1.ImageServiceClient, qemu qemuaccess.Access) (*Cache, error) {
 	if !filepath.IsAbs(dir) {
 		return nil, errdefs.Invalid("image cache dir %q must be absolute", dir)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := qemu.MkdirAll(dir); err != nil {
 		return nil, fmt.Errorf("create image cache %s: %w", dir, err)
 	}
-	return &Cache{dir: dir, client: client, log: slog.Default().With("component", "imagecache"), inflight: map[string]*download{}}, nil
+	return &Cache{dir: dir, client: client, qemu: qemu, log: slog.Default().With("component", "imagecache"), inflight: map[string]*download{}}, nil
 }
 
 // Dir is the cache directory.
@@ -164,7 +167,7 @@ func (c *Cache) fetch(ctx context.Context, image string, part minicloudv1.ImageP
 	if got := hex.EncodeToString(h.Sum(nil)); got != digest {
 		return errdefs.Wrap(errdefs.KindFailedPrecondition, ErrDigestMismatch, "download %s: got %d bytes with sha256 %s", what, n, got)
 	}
-	if err := tmp.Chmod(0o644); err != nil {
+	if err := c.qemu.ShareFile(tmp.Name()); err != nil {
 		return fmt.Errorf("download %s: %w", what, err)
 	}
 	if err := tmp.Sync(); err != nil {

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/minicloud/minicloud/agent/imagecache"
+	"github.com/minicloud/minicloud/agent/qemuaccess"
 	"github.com/minicloud/minicloud/api/imageservice"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
@@ -89,7 +90,7 @@ func TestAgainstImageService(t *testing.T) {
 		t.Fatalf("service digest %s, want %s", img.GetDisk().GetSha256(), sha(diskBytes))
 	}
 
-	cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client)
+	cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client, qemuaccess.Access{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,8 +121,13 @@ func TestAgainstImageService(t *testing.T) {
 	if _, err := cache.Ensure(ctx, "tiny", minicloudv1.ImagePart_IMAGE_PART_DISK, digest); err != nil || downloads.Load() != 1 {
 		t.Errorf("cached Ensure: err %v, downloads %d; want no new download", err, downloads.Load())
 	}
-	if st, _ := os.Stat(cache.Path(digest)); st.Mode().Perm() != 0o644 {
-		t.Errorf("cached file mode %v, want 0644 (QEMU reads it as a backing file)", st.Mode())
+	// QEMU's group (here the zero Access: root's) reads it as a backing
+	// file; other users, not at all (an image may be a project's own).
+	if st, _ := os.Stat(cache.Path(digest)); st.Mode().Perm() != 0o640 {
+		t.Errorf("cached file mode %v, want 0640", st.Mode())
+	}
+	if st, _ := os.Stat(cache.Dir()); st.Mode().Perm() != 0o710 {
+		t.Errorf("cache directory mode %v, want 0710", st.Mode())
 	}
 
 	// An image that is not there is NotFound through the gRPC error mapping.
@@ -209,7 +215,7 @@ func TestCorruptDownloadIsRefused(t *testing.T) {
 	fs := &fileServer{blobs: map[string][]byte{digest: data}}
 	fs.corrupt.Store(true)
 	client, downloads := serve(t, func(s *grpc.Server) { minicloudv1.RegisterImageServiceServer(s, fs) })
-	cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client)
+	cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client, qemuaccess.Access{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,7 +247,7 @@ func TestCorruptDownloadIsRefused(t *testing.T) {
 func TestInvalidDigestIsRefusedBeforeAnyIO(t *testing.T) {
 	fs := &fileServer{blobs: map[string][]byte{}}
 	client, downloads := serve(t, func(s *grpc.Server) { minicloudv1.RegisterImageServiceServer(s, fs) })
-	cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client)
+	cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client, qemuaccess.Access{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +270,7 @@ func TestGCKeepsWhatIsInUse(t *testing.T) {
 		digests = append(digests, sha(b))
 	}
 	client, _ := serve(t, func(s *grpc.Server) { minicloudv1.RegisterImageServiceServer(s, &fileServer{blobs: blobs}) })
-	cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client)
+	cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client, qemuaccess.Access{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -393,3 +393,29 @@ func TestDeleteSurvivesDamagedAddressRecords(t *testing.T) {
 		t.Fatalf("deleting a VM freed an address another VM holds: %q", d[takenKey])
 	}
 }
+
+// TestVMCannotAttachToAnotherProjectsNetwork: networks belong to a project
+// (issue 11), and a VM names its networks within its own project only. A
+// VM of one project naming another project's network, by name or by id, is
+// told NotFound (never PermissionDenied: the network's existence is not
+// revealed) and nothing is written.
+func TestVMCannotAttachToAnotherProjectsNetwork(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	bnet, err := e.nets.CreateNetwork(ctx(t), &minicloudv1.CreateNetworkRequest{Name: "bnet", Project: "team-b", Cidr: "10.97.0.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ref := range []string{"bnet", bnet.Meta.Id} {
+		before := e.dump(t)
+		_, err := e.vms.CreateVM(ctx(t), &minicloudv1.CreateVMRequest{Name: "intruder", Project: "team-a",
+			Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small", Networks: []string{ref}}})
+		wantCode(t, err, codes.NotFound, fmt.Sprintf("network %s not found in project team-a", ref))
+		e.wantUnchanged(t, before)
+	}
+	// The control: the same request from the network's own project attaches.
+	vm := e.createVM("insider", func(r *minicloudv1.CreateVMRequest) { r.Project = "team-b"; r.Spec.Networks = []string{"bnet"} })
+	if a := vm.Status.GetAddresses(); len(a) != 1 || a[0].Network != "bnet" || a[0].Bridge != bnet.Bridge {
+		t.Fatalf("team-b's VM on its own network: addresses %v", a)
+	}
+}

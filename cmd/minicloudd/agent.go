@@ -34,6 +34,7 @@ import (
 	"github.com/minicloud/minicloud/agent/imagecache"
 	"github.com/minicloud/minicloud/agent/join"
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
+	"github.com/minicloud/minicloud/agent/qemuaccess"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/metadata"
@@ -168,16 +169,19 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	}
 	stateDir := filepath.Join(f.dataDir, "agent")
 	// QEMU runs as an unprivileged user: it must be able to traverse down
-	// to the disks (the files themselves are handed over by libvirt).
+	// to the disks (the files themselves are handed over by libvirt), and
+	// no other local user may.
+	qemu, err := qemuaccess.Detect(qemuaccess.ConfPath)
+	if err != nil {
+		log.Warn("cannot tell QEMU's group: the data directory stays traversable and cached images readable by every local user", "err", err)
+		qemu = qemuaccess.World()
+	}
 	for _, d := range []string{f.dataDir, stateDir} {
-		if err := os.MkdirAll(d, 0o711); err != nil {
-			return fmt.Errorf("agent state directory: %w", err)
-		}
-		if err := os.Chmod(d, 0o711); err != nil {
+		if err := qemu.MkdirAll(d); err != nil {
 			return fmt.Errorf("agent state directory: %w", err)
 		}
 	}
-	if p := untraversableParent(stateDir); p != "" {
+	if p := untraversableParent(f.dataDir); p != "" {
 		log.Warn("QEMU's unprivileged user cannot reach VM disks under this data directory; VMs will fail to start. Use a data directory whose parents are world-traversable (e.g. under /var/lib)", "dir", p)
 	}
 	var tunnelIP netip.Addr
@@ -233,7 +237,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		return fmt.Errorf("metadata service: %w", err)
 	}
 	guests := guestservices.New(dir, md, dhcpserver.New(dhcpserver.WithLogger(log)), dnsserver.New(dnsserver.WithLogger(log)))
-	cache, err := imagecache.New(filepath.Join(stateDir, "images"), minicloudv1.NewImageServiceClient(conn))
+	cache, err := imagecache.New(filepath.Join(stateDir, "images"), minicloudv1.NewImageServiceClient(conn), qemu)
 	if err != nil {
 		return fmt.Errorf("image cache: %w", err)
 	}
@@ -256,6 +260,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		Capacity:         agent.CapacityOverride{VCPUs: f.vcpus, MemoryMiB: f.memoryMiB, DiskGiB: f.diskGiB},
 		TunnelIP:         tunnelIP,
 		UnderlayMTU:      underlayMTU,
+		QEMU:             qemu,
 	}, agent.Deps{
 		API:        conn,
 		Hypervisor: hv,

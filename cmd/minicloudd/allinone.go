@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"os"
 
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -47,7 +46,6 @@ func newAllInOneCommand() *cobra.Command {
 		},
 	}
 	f.addFlags(cmd)
-	f.etcd.addEmbeddedFlags(cmd.Flags())
 	for _, hook := range allInOneFlagHooks {
 		hook(cmd)
 	}
@@ -58,8 +56,8 @@ func newAllInOneCommand() *cobra.Command {
 var allInOneFlagHooks []func(cmd *cobra.Command)
 
 func runAllInOne(ctx context.Context, f apiFlags) error {
-	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {
-		return fmt.Errorf("data dir: %w", err)
+	if err := privateDataDir(f.dataDir); err != nil {
+		return err
 	}
 	conn, err := f.etcd.open(ctx, f.dataDir, true)
 	if err != nil {

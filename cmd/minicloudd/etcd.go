@@ -17,11 +17,13 @@ import (
 	"github.com/minicloud/minicloud/pkg/etcdembed"
 )
 
-// Default embedded etcd addresses of the all-in-one.
-const (
-	defaultEmbeddedClientAddr = "127.0.0.1:2389"
-	defaultEmbeddedPeerAddr   = "127.0.0.1:2390"
-)
+// embeddedEtcdSocket is where the all-in-one's embedded etcd listens: a
+// unix socket in a 0700 directory, so only root (the daemon's user) can
+// connect. A TCP port on loopback would be open to every local user, and
+// etcd holds the cluster CA's key and every VM's user-data.
+func embeddedEtcdSocket(dataDir string) string {
+	return filepath.Join(dataDir, "run", "etcd.sock")
+}
 
 // etcdFlags choose the store: a remote etcd cluster (--etcd-endpoints, with
 // optional TLS) or, for roles that allow it, an etcd embedded in this
@@ -31,9 +33,6 @@ type etcdFlags struct {
 	caCert    string
 	cert      string
 	key       string
-	// Where an embedded etcd listens (all-in-one only).
-	embeddedClientAddr string
-	embeddedPeerAddr   string
 }
 
 func (f *etcdFlags) addFlags(fs *pflag.FlagSet) {
@@ -41,13 +40,6 @@ func (f *etcdFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.caCert, "etcd-cacert", "", "CA bundle to verify etcd's server certificate")
 	fs.StringVar(&f.cert, "etcd-cert", "", "client certificate for etcd")
 	fs.StringVar(&f.key, "etcd-key", "", "client key for etcd")
-	f.embeddedClientAddr, f.embeddedPeerAddr = defaultEmbeddedClientAddr, defaultEmbeddedPeerAddr
-}
-
-// addEmbeddedFlags adds the embedded etcd's listen addresses.
-func (f *etcdFlags) addEmbeddedFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&f.embeddedClientAddr, "embedded-etcd-listen", defaultEmbeddedClientAddr, "client address of the embedded etcd (loopback: other hosts use --etcd-endpoints of a real cluster)")
-	fs.StringVar(&f.embeddedPeerAddr, "embedded-etcd-peer-listen", defaultEmbeddedPeerAddr, "peer address of the embedded etcd")
 }
 
 // etcdConn is an open etcd client and whatever must be closed with it.
@@ -73,9 +65,10 @@ func (f *etcdFlags) open(ctx context.Context, dataDir string, allowEmbedded bool
 		if !allowEmbedded {
 			return nil, fmt.Errorf("--etcd-endpoints is required (only all-in-one embeds etcd)")
 		}
-		dir := filepath.Join(dataDir, "etcd")
-		slog.Info("starting embedded etcd", "dir", dir, "client", f.embeddedClientAddr)
-		srv, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientAddr: f.embeddedClientAddr, PeerAddr: f.embeddedPeerAddr, Quiet: true})
+		dir, sock := filepath.Join(dataDir, "etcd"), embeddedEtcdSocket(dataDir)
+		slog.Info("starting embedded etcd", "dir", dir, "socket", sock)
+		// No peer listener: the one member never talks to peers.
+		srv, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir, Socket: sock, Quiet: true})
 		if err != nil {
 			return nil, err
 		}

@@ -38,7 +38,7 @@ func TestAllInOneServesAndStops(t *testing.T) {
 		ctx, stop := context.WithCancel(context.Background())
 		cmd := newRootCommand()
 		cmd.SetArgs([]string{"all-in-one", "--data-dir", dir, "--listen", listen, "--metrics-listen", "",
-			"--embedded-etcd-listen", "127.0.0.1:0", "--embedded-etcd-peer-listen", "127.0.0.1:0", "--log-level", "error"})
+			"--log-level", "error"})
 		errc := make(chan error, 1)
 		go func() { errc <- cmd.ExecuteContext(ctx) }()
 		return func() error {

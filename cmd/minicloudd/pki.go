@@ -32,8 +32,8 @@ func setupAPIPKI(ctx context.Context, f apiFlags, cli *clientv3.Client, cfg *api
 		return err
 	}
 	cfg.CA = ca
-	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {
-		return fmt.Errorf("data dir: %w", err)
+	if err := privateDataDir(f.dataDir); err != nil {
+		return err
 	}
 	caPath := filepath.Join(f.dataDir, caFileName)
 	if err := os.WriteFile(caPath, ca.CertPEM, 0o644); err != nil {
@@ -103,4 +103,25 @@ func servingNames(listen string, extra []string) (dns []string, ips []net.IP, er
 		add(s)
 	}
 	return dns, ips, nil
+}
+
+// privateDataDir creates the data directory 0700, and takes read and write
+// from group and others where an older version or an operator left them:
+// it holds the embedded etcd, image blobs and VM disks. Traversal is left
+// as found: an agent on this data directory grants it to QEMU's group only
+// (agent/qemuaccess).
+func privateDataDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	if m := fi.Mode().Perm(); m&0o066 != 0 {
+		if err := os.Chmod(dir, m&^0o066); err != nil {
+			return fmt.Errorf("data dir: %w", err)
+		}
+	}
+	return nil
 }

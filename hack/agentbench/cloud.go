@@ -76,13 +76,9 @@ func startCloud(ctx context.Context, cli, daemon string) (*cloud, error) {
 		return nil, err
 	}
 	c := &cloud{cli: cli, daemon: daemon, dataDir: dataDir, logPath: dataDir + ".log"}
-	var addrs [3]string
-	for i := range addrs {
-		if addrs[i], err = freeAddr(); err != nil {
-			return nil, err
-		}
+	if c.endpoint, err = freeAddr(); err != nil {
+		return nil, err
 	}
-	c.endpoint = addrs[0]
 	logFile, err := os.Create(c.logPath)
 	if err != nil {
 		return nil, err
@@ -90,7 +86,6 @@ func startCloud(ctx context.Context, cli, daemon string) (*cloud, error) {
 	defer logFile.Close() // the child holds its own descriptor
 	c.proc = exec.Command(daemon, "all-in-one",
 		"--data-dir", dataDir, "--listen", c.endpoint, "--metrics-listen", "",
-		"--embedded-etcd-listen", addrs[1], "--embedded-etcd-peer-listen", addrs[2],
 		// Ten 1-vCPU guests on a 2-core machine: above the default 4.0.
 		"--cpu-allocation-ratio", "16")
 	c.proc.Stdout, c.proc.Stderr = logFile, logFile

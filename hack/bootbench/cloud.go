@@ -61,19 +61,15 @@ func startCloud(ctx context.Context, repo string) (*cloud, error) {
 		return nil, err
 	}
 	c := &cloud{cli: filepath.Join(bin, "minicloud"), daemon: filepath.Join(bin, "minicloudd"), dataDir: dataDir}
-	var addrs [3]string
-	for i := range addrs {
-		if addrs[i], err = freePort(); err != nil {
-			return nil, err
-		}
+	if c.endpoint, err = freePort(); err != nil {
+		return nil, err
 	}
-	c.endpoint = addrs[0]
 	logf, err := os.Create(filepath.Join(dataDir, "minicloudd.log"))
 	if err != nil {
 		return nil, err
 	}
 	c.proc = exec.Command(c.daemon, "all-in-one", "--data-dir", dataDir, "--listen", c.endpoint,
-		"--metrics-listen", "", "--embedded-etcd-listen", addrs[1], "--embedded-etcd-peer-listen", addrs[2])
+		"--metrics-listen", "")
 	c.proc.Stdout, c.proc.Stderr = logf, logf
 	if err := c.proc.Start(); err != nil {
 		return nil, fmt.Errorf("start minicloudd: %w", err)

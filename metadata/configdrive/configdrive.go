@@ -155,7 +155,9 @@ func WriteFile(path string, inst *metadata.Instance, layout Layout) (err error) 
 	if err = Build(tmp, inst, layout); err != nil {
 		return err
 	}
-	if err = tmp.Chmod(0o644); err != nil {
+	// The image carries user-data (secrets): its owner only. libvirt hands
+	// the file to QEMU's user while the domain runs.
+	if err = tmp.Chmod(0o600); err != nil {
 		return fmt.Errorf("config drive %s: %w", path, err)
 	}
 	if err = tmp.Sync(); err != nil {

@@ -212,6 +212,10 @@ func TestWriteFileAtomic(t *testing.T) {
 	if b, _ := os.ReadFile(img); len(b) < 32*1024 {
 		t.Fatalf("image of %d bytes", len(b))
 	}
+	// It carries user-data: its owner's only (libvirt hands it to QEMU).
+	if st, _ := os.Stat(img); st.Mode().Perm() != 0o600 {
+		t.Errorf("config drive mode %v, want 0600", st.Mode().Perm())
+	}
 }
 
 func TestParseLayoutAndNames(t *testing.T) {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -20,7 +21,9 @@ import (
 
 // Server is a running embedded etcd.
 type Server struct {
-	etcd     *embed.Etcd
+	etcd *embed.Etcd
+	// Endpoint is the client endpoint: host:port, or unix:///path for a
+	// Config.Socket.
 	Endpoint string
 }
 
@@ -28,9 +31,17 @@ type Server struct {
 type Config struct {
 	// Dir is the data directory (created if missing).
 	Dir string
+	// Socket, when set, is the path of a unix socket that is the server's
+	// only client listener; its directory is created (or tightened) to
+	// 0700, so only this process's user (root) can connect: no other local
+	// user reaches a TCP port on loopback. ClientAddr must then be empty.
+	Socket string
 	// ClientAddr is host:port for clients; "127.0.0.1:0" picks a free port.
+	// Any local user can connect to it: tests and benchmarks only.
 	ClientAddr string
 	// PeerAddr is host:port for peers; "127.0.0.1:0" picks a free port.
+	// Empty: no peer listener at all. A single-member cluster never talks
+	// to peers, and a peer port is one more door for local users.
 	PeerAddr string
 	// Quiet silences etcd's own logs.
 	Quiet bool
@@ -54,26 +65,45 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 }
 
 func start(ctx context.Context, c Config) (*Server, error) {
-	if c.ClientAddr == "" {
-		c.ClientAddr = "127.0.0.1:2379"
+	var clientURL *url.URL
+	switch {
+	case c.Socket != "" && c.ClientAddr != "":
+		return nil, fmt.Errorf("etcd: give a client socket or a client address, not both")
+	case c.Socket != "":
+		u, err := socketURL(c.Socket)
+		if err != nil {
+			return nil, err
+		}
+		clientURL = u
+	default:
+		if c.ClientAddr == "" {
+			c.ClientAddr = "127.0.0.1:2379"
+		}
+		u, err := listenURL(c.ClientAddr)
+		if err != nil {
+			return nil, fmt.Errorf("etcd client address: %w", err)
+		}
+		clientURL = u
 	}
-	if c.PeerAddr == "" {
-		c.PeerAddr = "127.0.0.1:0"
-	}
-	clientURL, err := listenURL(c.ClientAddr)
-	if err != nil {
-		return nil, fmt.Errorf("etcd client address: %w", err)
-	}
-	peerURL, err := listenURL(c.PeerAddr)
-	if err != nil {
-		return nil, fmt.Errorf("etcd peer address: %w", err)
+	// The member must advertise a peer URL even when nothing listens on it:
+	// the only member of a cluster is never dialled by a peer.
+	peerURL, _ := url.Parse("http://127.0.0.1:2380")
+	if c.PeerAddr != "" {
+		u, err := listenURL(c.PeerAddr)
+		if err != nil {
+			return nil, fmt.Errorf("etcd peer address: %w", err)
+		}
+		peerURL = u
 	}
 	cfg := embed.NewConfig()
 	cfg.Dir = c.Dir
 	cfg.Name = "minicloud"
 	cfg.ListenClientUrls = []url.URL{*clientURL}
 	cfg.AdvertiseClientUrls = []url.URL{*clientURL}
-	cfg.ListenPeerUrls = []url.URL{*peerURL}
+	cfg.ListenPeerUrls = nil
+	if c.PeerAddr != "" {
+		cfg.ListenPeerUrls = []url.URL{*peerURL}
+	}
 	cfg.AdvertisePeerUrls = []url.URL{*peerURL}
 	cfg.InitialCluster = cfg.Name + "=" + peerURL.String()
 	cfg.AutoCompactionMode = "revision"
@@ -97,7 +127,45 @@ func start(ctx context.Context, c Config) (*Server, error) {
 		e.Close()
 		return nil, ctx.Err()
 	}
-	return &Server{etcd: e, Endpoint: e.Clients[0].Addr().String()}, nil
+	endpoint := e.Clients[0].Addr().String()
+	if c.Socket != "" {
+		endpoint = clientURL.String()
+	}
+	return &Server{etcd: e, Endpoint: endpoint}, nil
+}
+
+// maxSocketPath is sun_path's size minus the terminating NUL.
+const maxSocketPath = 107
+
+// socketURL makes the socket's directory private to this user and returns
+// the socket's client URL. The directory, not the socket's own mode, is
+// what keeps other users out: a socket is created with the process umask,
+// and connect(2) needs search permission on every directory of the path.
+func socketURL(path string) (*url.URL, error) {
+	if !filepath.IsAbs(path) {
+		return nil, fmt.Errorf("etcd socket %q: must be an absolute path", path)
+	}
+	if len(path) > maxSocketPath {
+		return nil, fmt.Errorf("etcd socket %q: longer than %d bytes (a unix socket path's limit): use a shorter data directory", path, maxSocketPath)
+	}
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("etcd socket directory: %w", err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("etcd socket directory: %w", err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("etcd socket directory %s is not a directory", dir)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return nil, fmt.Errorf("etcd socket directory %s belongs to uid %d, not to this process (uid %d): remove it", dir, st.Uid, os.Geteuid())
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("etcd socket directory: %w", err)
+	}
+	return &url.URL{Scheme: "unix", Path: path}, nil
 }
 
 // Client returns a new client of this server.
@@ -128,4 +196,17 @@ func listenURL(addr string) (*url.URL, error) {
 		l.Close()
 	}
 	return url.Parse("http://" + addr)
+}
+
+// ListenAddrs reports every address the server listens on (clients, peers),
+// so tests can check that nothing is open beyond what was asked.
+func (s *Server) ListenAddrs() []net.Addr {
+	var out []net.Addr
+	for _, l := range s.etcd.Clients {
+		out = append(out, l.Addr())
+	}
+	for _, p := range s.etcd.Peers {
+		out = append(out, p.Addr())
+	}
+	return out
 }

@@ -275,8 +275,19 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set, protected []netip.Pre
 					Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
 					Xor:  binaryutil.NativeEndian.PutUint32(0)},
 				cmp(expr.CmpOpNeq, 1, binaryutil.NativeEndian.PutUint32(0)), verdict(expr.VerdictAccept))},
-			{"DHCP", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_UDP),
-				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(67)), verdict(expr.VerdictAccept))},
+			// DHCP only as a client sends it: broadcast (discover, request,
+			// rebind) or unicast to its own bridge's gateway, the server
+			// identifier (renew). Not to another bridge's gateway or any other
+			// host address, where a DHCP server other than minicloud's (bound
+			// to no device) could answer it.
+			{"DHCP broadcast", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_UDP),
+				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(67)),
+				payload(expr.PayloadBaseNetworkHeader, 16, 4, 1), cmp(expr.CmpOpEq, 1, []byte{255, 255, 255, 255}),
+				verdict(expr.VerdictAccept))},
+			{"DHCP to the bridge's gateway", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_UDP),
+				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(67)),
+				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseNetworkHeader, 16, 4, regConcat+4),
+				lookup(regConcat, iset(setBridgeGW), false), verdict(expr.VerdictAccept))},
 			{"DNS over UDP on the bridge's gateway", cat(nfproto(unix.NFPROTO_IPV4), l4proto(unix.IPPROTO_UDP),
 				payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(53)),
 				metaLoad(expr.MetaKeyIIFNAME, regConcat), payload(expr.PayloadBaseNetworkHeader, 16, 4, regConcat+4),
