@@ -20,6 +20,8 @@ import (
 
 	netlinux "github.com/minicloud/minicloud/agent/network/linux"
 	"github.com/minicloud/minicloud/agent/qemuaccess"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/cloudtest"
 )
 
@@ -69,6 +71,31 @@ func TestE2ESecretsStaySecret(t *testing.T) {
 		"--metrics-listen", metrics["api"], "--agent-metrics-listen", metrics["agent"],
 		"--scheduler-metrics-listen", metrics["scheduler"]), t: t, home: t.TempDir()}
 	c.WaitHostUp()
+
+	// Bearer tokens: the admin's (used by every CLI call below), a user's
+	// used once, and a forged one that is refused (its secret must not
+	// echo in the refusal).
+	canaries["admin token"] = c.AdminToken()
+	tess, err := c.Client.Auth.CreateUser(context.Background(), &minicloudv1.CreateUserRequest{Name: "tess", Project: "default", Role: "member"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	canaries["user token"] = tess.Token
+	secret := make([]byte, 16)
+	_, _ = rand.Read(secret)
+	forged := "mct_tess." + strings.Repeat("q", 8) + "." + hex.EncodeToString(secret)
+	canaries["forged token"] = forged
+	for token, wantErr := range map[string]bool{tess.Token: false, forged: true} {
+		cl, err := client.Dial(context.Background(), c.Endpoint, c.DialOptionsWithToken(token)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = cl.VMs.ListVMs(context.Background(), &minicloudv1.ListVMsRequest{})
+		cl.Close()
+		if (err != nil) != wantErr {
+			t.Fatalf("list VMs with a token (want error %v): %v", wantErr, err)
+		}
+	}
 
 	// Everything the CLI printed, error messages included.
 	var cliOut strings.Builder
