@@ -49,6 +49,7 @@ var Layout = []KeySpec{
 	{"pki/jointokens/<id>", JoinTokenPrefix, "JoinToken (hashed secret), leased until expiry", "API"},
 	{"pki/hostcerts/<host>/<serial>", HostCertPrefix, "IssuedCert", "API on join"},
 	{"pki/revoked/<serial>", RevokedPrefix, "IssuedCert (deny-list), leased until the cert expires", "API on revoke / re-join"},
+	{"identity/keys/<kid>", IdentityKeyPrefix, "IdentityKey (workload identity signing key), leased until the last token it signed expired", "API (create-if-unchanged on rotation)"},
 }
 
 // MarkdownKeyTable renders Layout as the table docs/architecture.md carries
@@ -88,6 +89,7 @@ const (
 	JoinTokenPrefix   = Prefix + "pki/jointokens/"
 	HostCertPrefix    = Prefix + "pki/hostcerts/"
 	RevokedPrefix     = Prefix + "pki/revoked/"
+	IdentityKeyPrefix = Prefix + "identity/keys/"
 	// ImageStoreLockPrefix is the etcd mutex every API replica takes
 	// before committing, deleting or collecting blobs of the shared store.
 	ImageStoreLockPrefix = Prefix + "imagestore/lock/"
@@ -135,6 +137,7 @@ func JoinTokenKey(id string) string             { return JoinTokenPrefix + id }
 func HostCertsPrefix(host string) string        { return HostCertPrefix + host + "/" }
 func HostCertKey(host, serial string) string    { return HostCertsPrefix(host) + serial }
 func RevokedKey(serial string) string           { return RevokedPrefix + serial }
+func IdentityKeyKey(kid string) string          { return IdentityKeyPrefix + kid }
 
 // VNIKey holds the id of the network that owns vni; zero-padded so keys
 // sort numerically.
