@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -119,7 +120,7 @@ func (s *Server) loadIdentityKeys(ctx context.Context, now time.Time, create boo
 // EnsureIdentityKeys makes sure a signing key exists (and the next one
 // once it is due); runAPI calls it at start so the JWKS is never empty.
 func (s *Server) EnsureIdentityKeys(ctx context.Context) error {
-	_, _, err := s.loadIdentityKeys(ctx, time.Now(), true)
+	_, _, err := s.loadIdentityKeys(ctx, s.now(), true)
 	return err
 }
 
@@ -168,7 +169,7 @@ func (h *hostService) IssueIdentityToken(ctx context.Context, req *minicloudv1.I
 	if cur := vm.GetStatus().GetHost(); cur != host {
 		return nil, errdefs.PermissionDenied("vm %s is not assigned to host %s: a host gets identity tokens only for its own VMs", id, host)
 	}
-	now := time.Now()
+	now := h.s.now()
 	_, plan, err := h.s.loadIdentityKeys(ctx, now, true)
 	if err != nil {
 		return nil, err
@@ -216,7 +217,9 @@ type identityService struct {
 }
 
 func (i *identityService) GetJWKS(ctx context.Context, _ *minicloudv1.GetJWKSRequest) (*minicloudv1.GetJWKSResponse, error) {
-	jwks, err := i.s.jwks(ctx)
+	// An authenticated caller may make the first key appear (an API
+	// that never ran EnsureIdentityKeys); the public HTTP path only reads.
+	jwks, err := i.s.jwks(ctx, true)
 	if err != nil {
 		return nil, err
 	}
@@ -224,9 +227,9 @@ func (i *identityService) GetJWKS(ctx context.Context, _ *minicloudv1.GetJWKSReq
 }
 
 // jwks renders the published keys now.
-func (s *Server) jwks(ctx context.Context) ([]byte, error) {
-	now := time.Now()
-	keys, _, err := s.loadIdentityKeys(ctx, now, false)
+func (s *Server) jwks(ctx context.Context, create bool) ([]byte, error) {
+	now := s.now()
+	keys, _, err := s.loadIdentityKeys(ctx, now, create)
 	if err != nil {
 		return nil, err
 	}
@@ -248,7 +251,7 @@ func (s *Server) serveJWKS(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
-	b, err := s.jwks(ctx)
+	b, err := s.jwks(ctx, false)
 	if err != nil {
 		s.log.Warn("serve JWKS", "err", err)
 		http.Error(w, "keys unavailable", http.StatusServiceUnavailable)
@@ -261,6 +264,10 @@ func (s *Server) serveDiscovery(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	if !strings.HasPrefix(s.idIssuer, "https://") && !strings.HasPrefix(s.idIssuer, "http://") {
+		http.Error(w, "no issuer URL is configured: start the API with --identity-issuer URL", http.StatusNotFound)
 		return
 	}
 	b, err := identity.Discovery(s.idIssuer)

@@ -84,6 +84,9 @@ type Config struct {
 	// IdentityKeyRotation is how long one identity key signs (default
 	// identity.DefaultRotation, at least identity.MinRotation).
 	IdentityKeyRotation time.Duration
+	// Now is the clock of the identity key schedule and of token times
+	// (tests move it across a rotation). Default time.Now.
+	Now func() time.Time
 }
 
 // Server is the API server: a gRPC server with every minicloud service,
@@ -103,6 +106,7 @@ type Server struct {
 	idIssuer   string
 	idRotation time.Duration
 	idKeys     identityKeys
+	now        func() time.Time
 
 	ca               *pki.CA
 	requireHostCerts bool
@@ -147,11 +151,15 @@ func New(cfg Config) (*Server, error) {
 		idIssuer:   strings.TrimSuffix(cfg.IdentityIssuer, "/"),
 		idRotation: cfg.IdentityKeyRotation,
 		idKeys:     identityKeys{parsed: map[string]identity.Key{}},
+		now:        cfg.Now,
 
 		requireHostCerts: cfg.TLS != nil,
 	}
 	if s.log == nil {
 		s.log = slog.Default()
+	}
+	if s.now == nil {
+		s.now = time.Now
 	}
 	s.streams, s.stopStreams = context.WithCancel(context.Background())
 	s.log = s.log.With("component", "apiserver")

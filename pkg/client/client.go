@@ -39,6 +39,7 @@ type Client struct {
 	Networks     minicloudv1.NetworkServiceClient
 	ServerGroups minicloudv1.ServerGroupServiceClient
 	Hosts        minicloudv1.HostServiceClient
+	Identity     minicloudv1.IdentityServiceClient
 }
 
 // MaxResponseBytes bounds one answer the client accepts. gRPC's default
@@ -129,7 +130,8 @@ var idempotentMethods = map[string][]string{
 	"minicloud.v1.FlavorService":      {"GetFlavor", "ListFlavors"},
 	"minicloud.v1.NetworkService":     {"GetNetwork", "ListNetworks"},
 	"minicloud.v1.ServerGroupService": {"GetServerGroup", "ListServerGroups"},
-	"minicloud.v1.HostService":        {"Heartbeat", "WatchAssignments", "ReportVMStatus", "ListHosts", "GetHost", "DisableHost", "EnableHost"},
+	"minicloud.v1.HostService":        {"Heartbeat", "WatchAssignments", "ReportVMStatus", "ListHosts", "GetHost", "DisableHost", "EnableHost", "IssueIdentityToken"},
+	"minicloud.v1.IdentityService":    {"GetJWKS"},
 }
 
 // serviceConfig is the client's gRPC service config (see
@@ -182,6 +184,7 @@ func New(conn *grpc.ClientConn) *Client {
 		Networks:     minicloudv1.NewNetworkServiceClient(conn),
 		ServerGroups: minicloudv1.NewServerGroupServiceClient(conn),
 		Hosts:        minicloudv1.NewHostServiceClient(conn),
+		Identity:     minicloudv1.NewIdentityServiceClient(conn),
 	}
 }
 

@@ -184,8 +184,9 @@ type Plan struct {
 	NewKeyAt time.Time
 }
 
-// Schedule decides, from the stored keys, which key signs at now and
-// whether the next must be made. It is a pure function so every replica
+// Schedule decides, from the stored keys, which key signs at now (the
+// newest whose time has come, give or take ClockSkew) and whether the next
+// must be made. It is a pure function so every replica
 // decides alike; the store's compare-and-create makes one key of two
 // replicas' simultaneous decisions.
 func Schedule(keys []Key, now time.Time) Plan {
@@ -193,7 +194,11 @@ func Schedule(keys []Key, now time.Time) Plan {
 	var last time.Time
 	for i := range keys {
 		k := &keys[i]
-		if !k.NotBefore.After(now) && now.Before(k.SignUntil) {
+		// A key made by a replica whose clock is ahead (or read with a
+		// "now" taken before it was made) counts as signing already:
+		// otherwise a replica that lost the race to create the first key
+		// would see none signing and make another.
+		if !k.NotBefore.After(now.Add(ClockSkew)) && now.Before(k.SignUntil) {
 			if p.Signing == nil || k.NotBefore.After(p.Signing.NotBefore) || (k.NotBefore.Equal(p.Signing.NotBefore) && k.ID > p.Signing.ID) {
 				p.Signing = k
 			}

@@ -73,6 +73,7 @@ func TestKeyLayoutIsComplete(t *testing.T) {
 		store.JoinTokenPrefix:   store.JoinTokenKey("abcdef"),
 		store.HostCertPrefix:    store.HostCertKey("h", "0a1b"),
 		store.RevokedPrefix:     store.RevokedKey("0a1b"),
+		store.IdentityKeyPrefix: store.IdentityKeyKey("kid0"),
 		// The mutex of go.etcd.io/etcd/client/v3/concurrency names its
 		// key after the session's lease, in hex.
 		store.ImageStoreLockPrefix: store.ImageStoreLockPrefix + "694d7f3a",
