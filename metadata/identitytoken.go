@@ -94,6 +94,15 @@ func (c *tokenCache) get(ctx context.Context, k tokenKey, now time.Time) (string
 	}
 	lim, ok := c.calls[k.vm]
 	if !ok {
+		if len(c.calls) >= maxTokens {
+			// Limiters of VMs holding no token (every call refused,
+			// or gone): dropping them forgets a spent burst at worst.
+			for vm := range c.calls {
+				if c.perVM[vm] == 0 {
+					delete(c.calls, vm)
+				}
+			}
+		}
 		lim = rate.NewLimiter(identityCallLimit, identityCallBurst)
 		c.calls[k.vm] = lim
 	}
