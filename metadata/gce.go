@@ -25,6 +25,9 @@ type gnode struct {
 	children map[string]*gnode
 	jsonKey  map[string]string
 	listing  []byte
+	// dynamic leaves are answered per request (identity tokens): listed,
+	// but left out of recursive renderings as GCE leaves them out.
+	dynamic bool
 }
 
 func gleaf(s string) *gnode { return &gnode{value: s, text: []byte(s)} }
@@ -129,6 +132,18 @@ func gceTree(inst *Instance) *gnode {
 		nics.add(strconv.Itoa(i), d.done(), false)
 	}
 
+	// GCE lists the default service account under its alias and its
+	// email. minicloud has no OAuth tokens (no "token", no "scopes"), only
+	// identity tokens signed by the API.
+	email := "default@" + inst.Project + "." + inst.Domain
+	account := func() *gnode {
+		return gdir().
+			add("aliases", gleaf("default"), false).
+			add("email", gleaf(email), false).
+			add("identity", &gnode{dynamic: true}, false).done()
+	}
+	accounts := gdir().add("default", account(), false).add(email, account(), true).done()
+
 	tags := append([]string{}, inst.Tags...)
 	instance := gdir().
 		add("attributes", attrs.done(), false).
@@ -138,6 +153,7 @@ func gceTree(inst *Instance) *gnode {
 		add("machine-type", gleaf(projectPath+"/machineTypes/"+inst.InstanceType), false).
 		add("name", gleaf(inst.Name), false).
 		add("network-interfaces", nics.doneArray(), false).
+		add("service-accounts", accounts, false).
 		add("tags", gjsonLeaf(tags), false).
 		add("zone", gleaf(projectPath+"/zones/"+inst.AvailabilityZone), false)
 	project := gdir().
@@ -166,7 +182,9 @@ func (n *gnode) jsonValue() any {
 	}
 	out := make(map[string]any, len(n.order))
 	for _, name := range n.order {
-		out[n.jsonKey[name]] = n.children[name].jsonValue()
+		if c := n.children[name]; !c.dynamic {
+			out[n.jsonKey[name]] = c.jsonValue()
+		}
 	}
 	return out
 }
@@ -181,6 +199,9 @@ func (n *gnode) flatText(prefix string, buf *bytes.Buffer) {
 		return
 	}
 	for _, name := range n.order {
+		if n.children[name].dynamic {
+			continue
+		}
 		p := name
 		if prefix != "" {
 			p = prefix + "/" + name

@@ -134,6 +134,10 @@ func (s *Server) serveGCE(req *request) {
 		notFound(req)
 		return
 	}
+	if n := req.trees.gce.walk(segs); n != nil && n.dynamic {
+		s.serveIdentity(req)
+		return
+	}
 	q := r.URL.Query()
 	recursive, _ := strconv.ParseBool(q.Get("recursive"))
 	alt := q.Get("alt")

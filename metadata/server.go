@@ -27,6 +27,9 @@ type Options struct {
 	// IdentityKey signs EC2 instance identity documents (Ed25519 or RSA);
 	// without it dynamic/instance-identity/signature is not served.
 	IdentityKey crypto.Signer
+	// Identity signs workload identity tokens (GCE's
+	// service-accounts/default/identity); without it that path is 404.
+	Identity IdentitySource
 	// Neighbours resolves source MACs for bridge listeners (default: the
 	// kernel's neighbour table over netlink).
 	Neighbours NeighbourTable
@@ -53,12 +56,15 @@ type Options struct {
 // Server answers metadata requests for the instances in a Directory. One
 // Server serves a Directory (rendered trees are cached on its entries).
 type Server struct {
-	dir     *Directory
-	opts    Options
-	log     *slog.Logger
-	tokens  *tokenMinter
-	metrics *metrics
-	http    *http.Server
+	dir    *Directory
+	opts   Options
+	log    *slog.Logger
+	tokens *tokenMinter
+	// idTokens caches workload identity tokens (nil without
+	// Options.Identity).
+	idTokens *tokenCache
+	metrics  *metrics
+	http     *http.Server
 
 	baseCtx    context.Context
 	cancelBase context.CancelFunc
@@ -120,6 +126,9 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 		limiters:   map[string]*guestState{},
 		unknownLog: rate.NewLimiter(1, 5),
 		listeners:  map[string]*bridgeListener{},
+	}
+	if opts.Identity != nil {
+		s.idTokens = newTokenCache(opts.Identity)
 	}
 	s.baseCtx, s.cancelBase = context.WithCancel(context.Background())
 	s.http = &http.Server{

@@ -55,6 +55,7 @@ const (
 	hosts  = "/minicloud.v1.HostService/"
 	image  = "/minicloud.v1.ImageService/"
 	authn  = "/minicloud.v1.AuthService/"
+	ident  = "/minicloud.v1.IdentityService/"
 )
 
 // Policy is the one table of what every RPC of the API needs, keyed by
@@ -94,14 +95,17 @@ var Policy = map[string]Rule{
 	hosts + "ReportVMStatus":    host,
 	hosts + "WatchNetworkPorts": host,
 	hosts + "JoinHost":          public,
-	hosts + "ListHosts":         cluster(RoleAdmin),
-	hosts + "GetHost":           cluster(RoleAdmin),
-	hosts + "DisableHost":       cluster(RoleAdmin),
-	hosts + "EnableHost":        cluster(RoleAdmin),
-	hosts + "CreateJoinToken":   cluster(RoleAdmin),
-	hosts + "ListJoinTokens":    cluster(RoleAdmin),
-	hosts + "DeleteJoinToken":   cluster(RoleAdmin),
-	hosts + "RevokeHost":        cluster(RoleAdmin),
+	// A host may ask for identity tokens only for its own VMs (the
+	// handler checks the VM's host against the certificate).
+	hosts + "IssueIdentityToken": host,
+	hosts + "ListHosts":          cluster(RoleAdmin),
+	hosts + "GetHost":            cluster(RoleAdmin),
+	hosts + "DisableHost":        cluster(RoleAdmin),
+	hosts + "EnableHost":         cluster(RoleAdmin),
+	hosts + "CreateJoinToken":    cluster(RoleAdmin),
+	hosts + "ListJoinTokens":     cluster(RoleAdmin),
+	hosts + "DeleteJoinToken":    cluster(RoleAdmin),
+	hosts + "RevokeHost":         cluster(RoleAdmin),
 
 	image + "CreateImage":   cluster(RoleAdmin),
 	image + "GetImage":      {Scope: ScopeCluster, Role: RoleReader, Hosts: true},
@@ -123,6 +127,10 @@ var Policy = map[string]Rule{
 	authn + "ListTokens":    {Scope: ScopeSelf, AdminFields: []string{"all_users"}},
 	authn + "RevokeToken":   self,
 	authn + "WhoAmI":        self,
+
+	// The verification keys are public (also on the API's HTTP listener
+	// without a token); any authenticated caller may read them.
+	ident + "GetJWKS": {Scope: ScopeCluster, Role: RoleReader, Hosts: true},
 }
 
 // Services outside minicloud's own: grpc.health.v1 tells only whether a

@@ -98,11 +98,17 @@ func (e *env) start() {
 // userConn is a user's connection: TLS trusting the CA, and token.
 func (e *env) userConn(token string) *grpc.ClientConn {
 	e.t.Helper()
+	return e.userConnTo(e.addr, token)
+}
+
+// userConnTo is userConn to the server at addr.
+func (e *env) userConnTo(addr, token string) *grpc.ClientConn {
+	e.t.Helper()
 	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(e.ca.Pool(), nil, pki.OrgControlPlane)))}
 	if token != "" {
 		opts = append(opts, client.WithToken(token))
 	}
-	conn, err := grpc.NewClient(e.addr, opts...)
+	conn, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -117,6 +123,14 @@ func (e *env) hostConn(name string) *grpc.ClientConn {
 	if c, ok := e.hostConns[name]; ok {
 		return c
 	}
+	conn := e.hostConnTo(e.addr, name)
+	e.hostConns[name] = conn
+	return conn
+}
+
+// hostConnTo is a connection as host name to the server at addr.
+func (e *env) hostConnTo(addr, name string) *grpc.ClientConn {
+	e.t.Helper()
 	certPEM, keyPEM, err := e.ca.Issue(pki.Template{CommonName: name, Organization: pki.OrgHosts, Client: true, Server: true, Lifetime: time.Hour})
 	if err != nil {
 		e.t.Fatal(err)
@@ -125,12 +139,11 @@ func (e *env) hostConn(name string) *grpc.ClientConn {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(e.ca.Pool(), &pair, pki.OrgControlPlane))))
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(e.ca.Pool(), &pair, pki.OrgControlPlane))))
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { conn.Close() })
-	e.hostConns[name] = conn
 	return conn
 }
 

@@ -9,9 +9,11 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -29,6 +31,7 @@ import (
 	"github.com/minicloud/minicloud/api/ipam"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/identity"
 	"github.com/minicloud/minicloud/pkg/pki"
 	"github.com/minicloud/minicloud/pkg/store"
 )
@@ -73,6 +76,18 @@ type Config struct {
 	// certificate and the CA) for calling agents that listen beyond
 	// loopback: they serve mTLS only.
 	AgentTLS *tls.Config
+
+	// IdentityIssuer is the "iss" of workload identity tokens: the URL
+	// third parties reach the HTTP listener (MetricsHandler) at, which
+	// serves the OpenID discovery document and the JWKS below it.
+	// Default DefaultIdentityIssuer (no discovery possible).
+	IdentityIssuer string
+	// IdentityKeyRotation is how long one identity key signs (default
+	// identity.DefaultRotation, at least identity.MinRotation).
+	IdentityKeyRotation time.Duration
+	// Now is the clock of the identity key schedule and of token times
+	// (tests move it across a rotation). Default time.Now.
+	Now func() time.Time
 }
 
 // Server is the API server: a gRPC server with every minicloud service,
@@ -88,6 +103,11 @@ type Server struct {
 	agentOpt []grpc.DialOption
 	images   *imageservice.Service // nil if not served
 	vnis     store.VNIRange
+
+	idIssuer   string
+	idRotation time.Duration
+	idKeys     identityKeys
+	now        func() time.Time
 
 	ca       *pki.CA
 	agentTLS *tls.Config
@@ -110,6 +130,15 @@ func New(cfg Config) (*Server, error) {
 	if cfg.TLS == nil {
 		return nil, errors.New("apiserver: Config.TLS is required: the API serves TLS only")
 	}
+	if cfg.IdentityIssuer == "" {
+		cfg.IdentityIssuer = DefaultIdentityIssuer
+	}
+	if cfg.IdentityKeyRotation == 0 {
+		cfg.IdentityKeyRotation = identity.DefaultRotation
+	}
+	if cfg.IdentityKeyRotation < identity.MinRotation {
+		return nil, fmt.Errorf("apiserver: identity key rotation %s is shorter than the minimum %s", cfg.IdentityKeyRotation, identity.MinRotation)
+	}
 	s := &Server{
 		etcd:     cfg.Client,
 		vnis:     cfg.VNIRange,
@@ -121,9 +150,17 @@ func New(cfg Config) (*Server, error) {
 		agentOpt: cfg.AgentDialOptions,
 		ca:       cfg.CA,
 		agentTLS: cfg.AgentTLS,
+
+		idIssuer:   strings.TrimSuffix(cfg.IdentityIssuer, "/"),
+		idRotation: cfg.IdentityKeyRotation,
+		idKeys:     identityKeys{parsed: map[string]identity.Key{}},
+		now:        cfg.Now,
 	}
 	if s.log == nil {
 		s.log = slog.Default()
+	}
+	if s.now == nil {
+		s.now = time.Now
 	}
 	s.streams, s.stopStreams = context.WithCancel(context.Background())
 	s.log = s.log.With("component", "apiserver")
@@ -143,6 +180,7 @@ func New(cfg Config) (*Server, error) {
 	minicloudv1.RegisterServerGroupServiceServer(s.grpc, &serverGroupService{s: s})
 	minicloudv1.RegisterHostServiceServer(s.grpc, &hostService{s: s})
 	minicloudv1.RegisterAuthServiceServer(s.grpc, &authService{s: s})
+	minicloudv1.RegisterIdentityServiceServer(s.grpc, &identityService{s: s})
 	services := []string{
 		minicloudv1.AuthService_ServiceDesc.ServiceName,
 		minicloudv1.VMService_ServiceDesc.ServiceName,
@@ -150,6 +188,7 @@ func New(cfg Config) (*Server, error) {
 		minicloudv1.NetworkService_ServiceDesc.ServiceName,
 		minicloudv1.ServerGroupService_ServiceDesc.ServiceName,
 		minicloudv1.HostService_ServiceDesc.ServiceName,
+		minicloudv1.IdentityService_ServiceDesc.ServiceName,
 	}
 	if cfg.ImageDir != "" {
 		s.images = imageservice.New(imageservice.Config{
@@ -202,10 +241,13 @@ func (s *Server) Stop(ctx context.Context) {
 	}
 }
 
-// MetricsHandler serves /metrics (Prometheus) and /healthz (200 when etcd
-// answers, 503 otherwise).
+// MetricsHandler serves /metrics (Prometheus), /healthz (200 when etcd
+// answers, 503 otherwise), and, to anyone, the workload identity keys
+// (/.well-known/jwks.json) and OpenID discovery document.
 func (s *Server) MetricsHandler() http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc(identity.JWKSPath, s.serveJWKS)
+	mux.HandleFunc(identity.DiscoveryPath, s.serveDiscovery)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)

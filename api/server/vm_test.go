@@ -402,6 +402,7 @@ func TestDeleteSurvivesDamagedAddressRecords(t *testing.T) {
 func TestVMCannotAttachToAnotherProjectsNetwork(t *testing.T) {
 	e := newEnv(t)
 	e.seed()
+	e.createProjects("team-a", "team-b")
 	bnet, err := e.nets.CreateNetwork(ctx(t), &minicloudv1.CreateNetworkRequest{Name: "bnet", Project: "team-b", Cidr: "10.97.0.0/24"})
 	if err != nil {
 		t.Fatal(err)

@@ -162,7 +162,9 @@ func TestE2EFlavorsNetworksServerGroups(t *testing.T) {
 	if out := c.ok("network", "list"); !strings.Contains(out, "10.99.0.0/24") {
 		t.Fatalf("network list:\n%s", out)
 	}
-	// Projects scope networks.
+	// Projects scope networks; a project must exist first.
+	c.fails(exitNotFound, "project other not found", "--project", "other", "network", "list")
+	c.ok("project", "create", "other")
 	if out := c.ok("--project", "other", "network", "list", "-o", "json"); strings.Contains(out, "10.99.0.0") {
 		t.Fatalf("network of project default listed in project other:\n%s", out)
 	}

@@ -57,7 +57,12 @@ func TestE2EFailoverBetweenAPIReplicas(t *testing.T) {
 	defer cl.Close()
 
 	// A host with vm1 assigned to it (as the scheduler would do).
-	if _, err := cl.Hosts.RegisterHost(ctx, &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
+	h1, err := client.Dial(ctx, c.Endpoint, c.HostDialOptions("h1")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h1.Close()
+	if _, err := h1.Hosts.RegisterHost(ctx, &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
 		Meta:        &minicloudv1.ObjectMeta{Name: "h1"},
 		Address:     "127.0.0.1:1",
 		Capacity:    &minicloudv1.Resources{Vcpus: 4, MemoryMib: 4096, DiskGib: 10},
@@ -78,7 +83,7 @@ func TestE2EFailoverBetweenAPIReplicas(t *testing.T) {
 	// returns it with the replica that serves it.
 	watch := func() (minicloudv1.HostService_WatchAssignmentsClient, string) {
 		t.Helper()
-		s, err := cl.Hosts.WatchAssignments(ctx, &minicloudv1.WatchAssignmentsRequest{Host: "h1"})
+		s, err := h1.Hosts.WatchAssignments(ctx, &minicloudv1.WatchAssignmentsRequest{Host: "h1"})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -88,7 +88,8 @@ func TestEndpointAndProjectResolution(t *testing.T) {
 		wantEndpoint string
 		wantProject  string
 	}{
-		{"defaults", nil, map[string]string{"HOME": t.TempDir()}, "127.0.0.1:8640", "default"},
+		// No project chosen: "" lets the API use the caller's default project.
+		{"defaults", nil, map[string]string{"HOME": t.TempDir()}, "127.0.0.1:8640", ""},
 		{"config file", nil, map[string]string{"XDG_CONFIG_HOME": cfgDir}, "10.0.0.1:8640", "fromfile"},
 		{"env over config", nil, map[string]string{"XDG_CONFIG_HOME": cfgDir, "MINICLOUD_ENDPOINT": "10.0.0.2:1", "MINICLOUD_PROJECT": "envp"}, "10.0.0.2:1", "envp"},
 		{"flag over env", []string{"--endpoint", "10.0.0.3:1", "--project", "flagp"}, map[string]string{"XDG_CONFIG_HOME": cfgDir, "MINICLOUD_ENDPOINT": "10.0.0.2:1"}, "10.0.0.3:1", "flagp"},

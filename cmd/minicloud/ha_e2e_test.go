@@ -179,7 +179,13 @@ func TestE2EControlPlaneSurvivesLosingMembers(t *testing.T) {
 	defer cl.Close()
 	var hosts []*simHost
 	for i := range 3 {
-		h := &simHost{name: fmt.Sprintf("sim-%d", i), cl: cl, ran: map[string]bool{}}
+		name := fmt.Sprintf("sim-%d", i)
+		hcl, err := client.Dial(ctx, both.Endpoint, both.HostDialOptions(name)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer hcl.Close()
+		h := &simHost{name: name, cl: hcl, ran: map[string]bool{}}
 		hosts = append(hosts, h)
 		go h.run(ctx)
 	}

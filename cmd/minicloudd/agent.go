@@ -231,6 +231,8 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	var a *agent.Agent
 	md, err := metadata.NewServer(dir, metadata.Options{
 		Logger: log, IdentityKey: key, Registerer: reg,
+		// Identity tokens are signed by the API, which keeps the keys.
+		Identity:       metadata.HostServiceIdentity{Client: minicloudv1.NewHostServiceClient(conn), Host: f.hostName},
 		OnFirstRequest: func(vmID string) { a.GuestActive(vmID) },
 	})
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	apiserver "github.com/minicloud/minicloud/api/server"
+	"github.com/minicloud/minicloud/pkg/identity"
 )
 
 const shutdownGrace = 10 * time.Second
@@ -26,6 +27,9 @@ type apiFlags struct {
 	imageDir      string
 	etcd          etcdFlags
 	tlsSANs       []string
+	// identityIssuer and identityRotation: workload identity tokens.
+	identityIssuer   string
+	identityRotation time.Duration
 }
 
 func (f *apiFlags) addFlags(cmd *cobra.Command) {
@@ -34,6 +38,8 @@ func (f *apiFlags) addFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (images in DIR/images, embedded etcd in DIR/etcd)")
 	cmd.Flags().StringVar(&f.imageDir, "image-dir", "", "image blob store, shared by every API replica of the cluster (a network file system, or one directory on one machine) (default DIR/images)")
 	cmd.Flags().StringSliceVar(&f.tlsSANs, "tls-san", nil, "extra names and IPs for the API's TLS certificate (served when --listen is beyond loopback), e.g. the address clients and agents dial")
+	cmd.Flags().StringVar(&f.identityIssuer, "identity-issuer", "", "URL at which third parties reach this API's --metrics-listen address: the \"iss\" of guests' identity tokens, with the JWKS and OpenID discovery below it (default http://<metrics-listen address>)")
+	cmd.Flags().DurationVar(&f.identityRotation, "identity-key-rotation", identity.DefaultRotation, "how long one identity token signing key signs before the next takes over (at least 3h)")
 	f.etcd.addFlags(cmd.Flags())
 }
 
@@ -64,9 +70,11 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 		imageDir = filepath.Join(f.dataDir, "images")
 	}
 	cfg := apiserver.Config{
-		Client:   cli,
-		ImageDir: imageDir,
-		Logger:   slog.Default(),
+		Client:              cli,
+		ImageDir:            imageDir,
+		Logger:              slog.Default(),
+		IdentityIssuer:      f.identityIssuer,
+		IdentityKeyRotation: f.identityRotation,
 	}
 	if err := setupAPIPKI(ctx, f, cli, &cfg); err != nil {
 		return err
@@ -74,21 +82,33 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 	if err := ensureAdminConfig(ctx, f, cli); err != nil {
 		return err
 	}
+	var mlis net.Listener
+	if f.metricsListen != "" {
+		var err error
+		if mlis, err = net.Listen("tcp", f.metricsListen); err != nil {
+			return fmt.Errorf("metrics listen on %s: %w", f.metricsListen, err)
+		}
+		defer mlis.Close()
+		if cfg.IdentityIssuer == "" {
+			cfg.IdentityIssuer = "http://" + mlis.Addr().String()
+		}
+	}
 	srv, err := apiserver.New(cfg)
 	if err != nil {
 		return err
 	}
+	// A signing key exists before the first token is asked for, so the
+	// JWKS a verifier fetches first already holds it.
+	if err := srv.EnsureIdentityKeys(ctx); err != nil {
+		return fmt.Errorf("identity keys: %w", err)
+	}
+	go srv.RotateIdentityKeys(ctx)
 	lis, err := net.Listen("tcp", f.listen)
 	if err != nil {
 		return fmt.Errorf("API listen on %s: %w", f.listen, err)
 	}
 	var metrics *http.Server
-	if f.metricsListen != "" {
-		mlis, err := net.Listen("tcp", f.metricsListen)
-		if err != nil {
-			lis.Close()
-			return fmt.Errorf("metrics listen on %s: %w", f.metricsListen, err)
-		}
+	if mlis != nil {
 		metrics = &http.Server{Handler: srv.MetricsHandler(), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			slog.Info("serving metrics", "addr", mlis.Addr().String())

@@ -40,6 +40,7 @@ type Client struct {
 	ServerGroups minicloudv1.ServerGroupServiceClient
 	Hosts        minicloudv1.HostServiceClient
 	Auth         minicloudv1.AuthServiceClient
+	Identity     minicloudv1.IdentityServiceClient
 }
 
 // MaxResponseBytes bounds one answer the client accepts. gRPC's default
@@ -131,7 +132,8 @@ var idempotentMethods = map[string][]string{
 	"minicloud.v1.NetworkService":     {"GetNetwork", "ListNetworks"},
 	"minicloud.v1.ServerGroupService": {"GetServerGroup", "ListServerGroups"},
 	"minicloud.v1.AuthService":        {"GetProject", "ListProjects", "GetUser", "ListUsers", "ListTokens", "WhoAmI"},
-	"minicloud.v1.HostService":        {"Heartbeat", "WatchAssignments", "ReportVMStatus", "ListHosts", "GetHost", "DisableHost", "EnableHost"},
+	"minicloud.v1.HostService":        {"Heartbeat", "WatchAssignments", "ReportVMStatus", "ListHosts", "GetHost", "DisableHost", "EnableHost", "IssueIdentityToken"},
+	"minicloud.v1.IdentityService":    {"GetJWKS"},
 }
 
 // serviceConfig is the client's gRPC service config (see
@@ -185,6 +187,7 @@ func New(conn *grpc.ClientConn) *Client {
 		ServerGroups: minicloudv1.NewServerGroupServiceClient(conn),
 		Hosts:        minicloudv1.NewHostServiceClient(conn),
 		Auth:         minicloudv1.NewAuthServiceClient(conn),
+		Identity:     minicloudv1.NewIdentityServiceClient(conn),
 	}
 }
 

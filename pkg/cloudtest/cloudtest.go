@@ -7,6 +7,7 @@ package cloudtest
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
@@ -21,11 +22,14 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/pki"
 )
 
 var (
@@ -332,6 +336,26 @@ func (c *Cloud) DialOptionsWithToken(token string) []grpc.DialOption {
 		c.t.Fatal(err)
 	}
 	return opts
+}
+
+// HostDialOptions are a SIMULATED host's (tests that speak the agent's
+// protocol themselves): mTLS with a certificate for name issued straight
+// from the cluster CA in etcd, as a join would give it.
+func (c *Cloud) HostDialOptions(name string) []grpc.DialOption {
+	c.t.Helper()
+	ca, err := apiserver.EnsureCA(context.Background(), c.Etcd)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	certPEM, keyPEM, err := ca.Issue(pki.Template{CommonName: name, Organization: pki.OrgHosts, Client: true, Lifetime: time.Hour})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(ca.Pool(), &pair, pki.OrgControlPlane)))}
 }
 
 // Log is what the all-in-one printed since it was last started.

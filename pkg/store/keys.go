@@ -52,6 +52,7 @@ var Layout = []KeySpec{
 	{"auth/projects/<name>", ProjectPrefix, "Project", "API (admin)"},
 	{"auth/users/<name>", UserPrefix, "User (name and role bindings)", "API (admin)"},
 	{"auth/tokens/<user>/<id>", TokenPrefix, "Token (SHA-256 of the secret, never the secret), leased until expiry", "API"},
+	{"identity/keys/<kid>", IdentityKeyPrefix, "IdentityKey (workload identity signing key), leased until the last token it signed expired", "API (create-if-unchanged on rotation)"},
 }
 
 // MarkdownKeyTable renders Layout as the table docs/architecture.md carries
@@ -94,6 +95,7 @@ const (
 	ProjectPrefix     = Prefix + "auth/projects/"
 	UserPrefix        = Prefix + "auth/users/"
 	TokenPrefix       = Prefix + "auth/tokens/"
+	IdentityKeyPrefix = Prefix + "identity/keys/"
 	// ImageStoreLockPrefix is the etcd mutex every API replica takes
 	// before committing, deleting or collecting blobs of the shared store.
 	ImageStoreLockPrefix = Prefix + "imagestore/lock/"
@@ -145,6 +147,7 @@ func ProjectKey(name string) string             { return ProjectPrefix + name }
 func UserKey(name string) string                { return UserPrefix + name }
 func UserTokensPrefix(user string) string       { return TokenPrefix + user + "/" }
 func TokenKey(user, id string) string           { return UserTokensPrefix(user) + id }
+func IdentityKeyKey(kid string) string          { return IdentityKeyPrefix + kid }
 
 // VNIKey holds the id of the network that owns vni; zero-padded so keys
 // sort numerically.

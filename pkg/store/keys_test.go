@@ -76,6 +76,7 @@ func TestKeyLayoutIsComplete(t *testing.T) {
 		store.ProjectPrefix:     store.ProjectKey("p"),
 		store.UserPrefix:        store.UserKey("u"),
 		store.TokenPrefix:       store.TokenKey("u", "id"),
+		store.IdentityKeyPrefix: store.IdentityKeyKey("kid0"),
 		// The mutex of go.etcd.io/etcd/client/v3/concurrency names its
 		// key after the session's lease, in hex.
 		store.ImageStoreLockPrefix: store.ImageStoreLockPrefix + "694d7f3a",

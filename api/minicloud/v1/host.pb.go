@@ -1781,6 +1781,131 @@ func (x *RevokeHostResponse) GetRevokedSerials() []string {
 	return nil
 }
 
+type IssueIdentityTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Host  string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	VmId  string                 `protobuf:"bytes,2,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// audience is the "aud" claim: who the guest means to show the token to
+	// (1 to 256 printable ASCII characters, no spaces).
+	Audience string `protobuf:"bytes,3,opt,name=audience,proto3" json:"audience,omitempty"`
+	// full adds the instance's details (name, project, zone, host) as GCE's
+	// format=full does; without it the token says only who (sub) and for
+	// whom (aud).
+	Full          bool `protobuf:"varint,4,opt,name=full,proto3" json:"full,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssueIdentityTokenRequest) Reset() {
+	*x = IssueIdentityTokenRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueIdentityTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueIdentityTokenRequest) ProtoMessage() {}
+
+func (x *IssueIdentityTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueIdentityTokenRequest.ProtoReflect.Descriptor instead.
+func (*IssueIdentityTokenRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *IssueIdentityTokenRequest) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *IssueIdentityTokenRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *IssueIdentityTokenRequest) GetAudience() string {
+	if x != nil {
+		return x.Audience
+	}
+	return ""
+}
+
+func (x *IssueIdentityTokenRequest) GetFull() bool {
+	if x != nil {
+		return x.Full
+	}
+	return false
+}
+
+type IssueIdentityTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssueIdentityTokenResponse) Reset() {
+	*x = IssueIdentityTokenResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueIdentityTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueIdentityTokenResponse) ProtoMessage() {}
+
+func (x *IssueIdentityTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueIdentityTokenResponse.ProtoReflect.Descriptor instead.
+func (*IssueIdentityTokenResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *IssueIdentityTokenResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *IssueIdentityTokenResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
 var File_minicloud_v1_host_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_host_proto_rawDesc = "" +
@@ -1898,11 +2023,21 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x11RevokeHostRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"=\n" +
 	"\x12RevokeHostResponse\x12'\n" +
-	"\x0frevoked_serials\x18\x01 \x03(\tR\x0erevokedSerials*O\n" +
+	"\x0frevoked_serials\x18\x01 \x03(\tR\x0erevokedSerials\"t\n" +
+	"\x19IssueIdentityTokenRequest\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\x12\x13\n" +
+	"\x05vm_id\x18\x02 \x01(\tR\x04vmId\x12\x1a\n" +
+	"\baudience\x18\x03 \x01(\tR\baudience\x12\x12\n" +
+	"\x04full\x18\x04 \x01(\bR\x04full\"o\n" +
+	"\x1aIssueIdentityTokenResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime*O\n" +
 	"\tHostState\x12\x1a\n" +
 	"\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rHOST_STATE_UP\x10\x01\x12\x13\n" +
-	"\x0fHOST_STATE_DOWN\x10\x022\x9a\t\n" +
+	"\x0fHOST_STATE_DOWN\x10\x022\x83\n" +
+	"\n" +
 	"\vHostService\x12U\n" +
 	"\fRegisterHost\x12!.minicloud.v1.RegisterHostRequest\x1a\".minicloud.v1.RegisterHostResponse\x12L\n" +
 	"\tHeartbeat\x12\x1e.minicloud.v1.HeartbeatRequest\x1a\x1f.minicloud.v1.HeartbeatResponse\x12Z\n" +
@@ -1919,7 +2054,8 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x0fDeleteJoinToken\x12$.minicloud.v1.DeleteJoinTokenRequest\x1a%.minicloud.v1.DeleteJoinTokenResponse\x12I\n" +
 	"\bJoinHost\x12\x1d.minicloud.v1.JoinHostRequest\x1a\x1e.minicloud.v1.JoinHostResponse\x12O\n" +
 	"\n" +
-	"RevokeHost\x12\x1f.minicloud.v1.RevokeHostRequest\x1a .minicloud.v1.RevokeHostResponse2j\n" +
+	"RevokeHost\x12\x1f.minicloud.v1.RevokeHostRequest\x1a .minicloud.v1.RevokeHostResponse\x12g\n" +
+	"\x12IssueIdentityToken\x12'.minicloud.v1.IssueIdentityTokenRequest\x1a(.minicloud.v1.IssueIdentityTokenResponse2j\n" +
 	"\fAgentService\x12Z\n" +
 	"\rGetConsoleLog\x12$.minicloud.v1.AgentConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
@@ -1936,102 +2072,107 @@ func file_minicloud_v1_host_proto_rawDescGZIP() []byte {
 }
 
 var file_minicloud_v1_host_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_minicloud_v1_host_proto_goTypes = []any{
-	(HostState)(0),                   // 0: minicloud.v1.HostState
-	(*AllocationRatios)(nil),         // 1: minicloud.v1.AllocationRatios
-	(*Host)(nil),                     // 2: minicloud.v1.Host
-	(*RegisterHostRequest)(nil),      // 3: minicloud.v1.RegisterHostRequest
-	(*RegisterHostResponse)(nil),     // 4: minicloud.v1.RegisterHostResponse
-	(*HeartbeatRequest)(nil),         // 5: minicloud.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),        // 6: minicloud.v1.HeartbeatResponse
-	(*WatchAssignmentsRequest)(nil),  // 7: minicloud.v1.WatchAssignmentsRequest
-	(*AssignmentEvent)(nil),          // 8: minicloud.v1.AssignmentEvent
-	(*ReportVMStatusRequest)(nil),    // 9: minicloud.v1.ReportVMStatusRequest
-	(*ReportVMStatusResponse)(nil),   // 10: minicloud.v1.ReportVMStatusResponse
-	(*ListHostsRequest)(nil),         // 11: minicloud.v1.ListHostsRequest
-	(*ListHostsResponse)(nil),        // 12: minicloud.v1.ListHostsResponse
-	(*GetHostRequest)(nil),           // 13: minicloud.v1.GetHostRequest
-	(*DisableHostRequest)(nil),       // 14: minicloud.v1.DisableHostRequest
-	(*EnableHostRequest)(nil),        // 15: minicloud.v1.EnableHostRequest
-	(*AgentConsoleLogRequest)(nil),   // 16: minicloud.v1.AgentConsoleLogRequest
-	(*WatchNetworkPortsRequest)(nil), // 17: minicloud.v1.WatchNetworkPortsRequest
-	(*NetworkPort)(nil),              // 18: minicloud.v1.NetworkPort
-	(*NetworkPortsSnapshot)(nil),     // 19: minicloud.v1.NetworkPortsSnapshot
-	(*CreateJoinTokenRequest)(nil),   // 20: minicloud.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil),  // 21: minicloud.v1.CreateJoinTokenResponse
-	(*ListJoinTokensRequest)(nil),    // 22: minicloud.v1.ListJoinTokensRequest
-	(*JoinTokenInfo)(nil),            // 23: minicloud.v1.JoinTokenInfo
-	(*ListJoinTokensResponse)(nil),   // 24: minicloud.v1.ListJoinTokensResponse
-	(*DeleteJoinTokenRequest)(nil),   // 25: minicloud.v1.DeleteJoinTokenRequest
-	(*DeleteJoinTokenResponse)(nil),  // 26: minicloud.v1.DeleteJoinTokenResponse
-	(*JoinHostRequest)(nil),          // 27: minicloud.v1.JoinHostRequest
-	(*JoinHostResponse)(nil),         // 28: minicloud.v1.JoinHostResponse
-	(*RevokeHostRequest)(nil),        // 29: minicloud.v1.RevokeHostRequest
-	(*RevokeHostResponse)(nil),       // 30: minicloud.v1.RevokeHostResponse
-	(*ObjectMeta)(nil),               // 31: minicloud.v1.ObjectMeta
-	(*Resources)(nil),                // 32: minicloud.v1.Resources
-	(*timestamppb.Timestamp)(nil),    // 33: google.protobuf.Timestamp
-	(WatchEventType)(0),              // 34: minicloud.v1.WatchEventType
-	(*VM)(nil),                       // 35: minicloud.v1.VM
-	(*VMStatus)(nil),                 // 36: minicloud.v1.VMStatus
-	(*Event)(nil),                    // 37: minicloud.v1.Event
-	(*GetConsoleLogResponse)(nil),    // 38: minicloud.v1.GetConsoleLogResponse
+	(HostState)(0),                     // 0: minicloud.v1.HostState
+	(*AllocationRatios)(nil),           // 1: minicloud.v1.AllocationRatios
+	(*Host)(nil),                       // 2: minicloud.v1.Host
+	(*RegisterHostRequest)(nil),        // 3: minicloud.v1.RegisterHostRequest
+	(*RegisterHostResponse)(nil),       // 4: minicloud.v1.RegisterHostResponse
+	(*HeartbeatRequest)(nil),           // 5: minicloud.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),          // 6: minicloud.v1.HeartbeatResponse
+	(*WatchAssignmentsRequest)(nil),    // 7: minicloud.v1.WatchAssignmentsRequest
+	(*AssignmentEvent)(nil),            // 8: minicloud.v1.AssignmentEvent
+	(*ReportVMStatusRequest)(nil),      // 9: minicloud.v1.ReportVMStatusRequest
+	(*ReportVMStatusResponse)(nil),     // 10: minicloud.v1.ReportVMStatusResponse
+	(*ListHostsRequest)(nil),           // 11: minicloud.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),          // 12: minicloud.v1.ListHostsResponse
+	(*GetHostRequest)(nil),             // 13: minicloud.v1.GetHostRequest
+	(*DisableHostRequest)(nil),         // 14: minicloud.v1.DisableHostRequest
+	(*EnableHostRequest)(nil),          // 15: minicloud.v1.EnableHostRequest
+	(*AgentConsoleLogRequest)(nil),     // 16: minicloud.v1.AgentConsoleLogRequest
+	(*WatchNetworkPortsRequest)(nil),   // 17: minicloud.v1.WatchNetworkPortsRequest
+	(*NetworkPort)(nil),                // 18: minicloud.v1.NetworkPort
+	(*NetworkPortsSnapshot)(nil),       // 19: minicloud.v1.NetworkPortsSnapshot
+	(*CreateJoinTokenRequest)(nil),     // 20: minicloud.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),    // 21: minicloud.v1.CreateJoinTokenResponse
+	(*ListJoinTokensRequest)(nil),      // 22: minicloud.v1.ListJoinTokensRequest
+	(*JoinTokenInfo)(nil),              // 23: minicloud.v1.JoinTokenInfo
+	(*ListJoinTokensResponse)(nil),     // 24: minicloud.v1.ListJoinTokensResponse
+	(*DeleteJoinTokenRequest)(nil),     // 25: minicloud.v1.DeleteJoinTokenRequest
+	(*DeleteJoinTokenResponse)(nil),    // 26: minicloud.v1.DeleteJoinTokenResponse
+	(*JoinHostRequest)(nil),            // 27: minicloud.v1.JoinHostRequest
+	(*JoinHostResponse)(nil),           // 28: minicloud.v1.JoinHostResponse
+	(*RevokeHostRequest)(nil),          // 29: minicloud.v1.RevokeHostRequest
+	(*RevokeHostResponse)(nil),         // 30: minicloud.v1.RevokeHostResponse
+	(*IssueIdentityTokenRequest)(nil),  // 31: minicloud.v1.IssueIdentityTokenRequest
+	(*IssueIdentityTokenResponse)(nil), // 32: minicloud.v1.IssueIdentityTokenResponse
+	(*ObjectMeta)(nil),                 // 33: minicloud.v1.ObjectMeta
+	(*Resources)(nil),                  // 34: minicloud.v1.Resources
+	(*timestamppb.Timestamp)(nil),      // 35: google.protobuf.Timestamp
+	(WatchEventType)(0),                // 36: minicloud.v1.WatchEventType
+	(*VM)(nil),                         // 37: minicloud.v1.VM
+	(*VMStatus)(nil),                   // 38: minicloud.v1.VMStatus
+	(*Event)(nil),                      // 39: minicloud.v1.Event
+	(*GetConsoleLogResponse)(nil),      // 40: minicloud.v1.GetConsoleLogResponse
 }
 var file_minicloud_v1_host_proto_depIdxs = []int32{
-	31, // 0: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
-	32, // 1: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
+	33, // 0: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
+	34, // 1: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
 	1,  // 2: minicloud.v1.Host.allocation_ratios:type_name -> minicloud.v1.AllocationRatios
 	0,  // 3: minicloud.v1.Host.state:type_name -> minicloud.v1.HostState
-	33, // 4: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	32, // 5: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
+	35, // 4: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	34, // 5: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
 	2,  // 6: minicloud.v1.RegisterHostRequest.host:type_name -> minicloud.v1.Host
 	2,  // 7: minicloud.v1.RegisterHostResponse.host:type_name -> minicloud.v1.Host
-	34, // 8: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
-	35, // 9: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
-	36, // 10: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
-	37, // 11: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
+	36, // 8: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
+	37, // 9: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
+	38, // 10: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
+	39, // 11: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
 	2,  // 12: minicloud.v1.ListHostsResponse.hosts:type_name -> minicloud.v1.Host
 	18, // 13: minicloud.v1.NetworkPortsSnapshot.ports:type_name -> minicloud.v1.NetworkPort
-	33, // 14: minicloud.v1.CreateJoinTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	33, // 15: minicloud.v1.JoinTokenInfo.expire_time:type_name -> google.protobuf.Timestamp
-	33, // 16: minicloud.v1.JoinTokenInfo.create_time:type_name -> google.protobuf.Timestamp
+	35, // 14: minicloud.v1.CreateJoinTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	35, // 15: minicloud.v1.JoinTokenInfo.expire_time:type_name -> google.protobuf.Timestamp
+	35, // 16: minicloud.v1.JoinTokenInfo.create_time:type_name -> google.protobuf.Timestamp
 	23, // 17: minicloud.v1.ListJoinTokensResponse.tokens:type_name -> minicloud.v1.JoinTokenInfo
-	3,  // 18: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
-	5,  // 19: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
-	7,  // 20: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
-	9,  // 21: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
-	11, // 22: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
-	13, // 23: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
-	14, // 24: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
-	15, // 25: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
-	17, // 26: minicloud.v1.HostService.WatchNetworkPorts:input_type -> minicloud.v1.WatchNetworkPortsRequest
-	20, // 27: minicloud.v1.HostService.CreateJoinToken:input_type -> minicloud.v1.CreateJoinTokenRequest
-	22, // 28: minicloud.v1.HostService.ListJoinTokens:input_type -> minicloud.v1.ListJoinTokensRequest
-	25, // 29: minicloud.v1.HostService.DeleteJoinToken:input_type -> minicloud.v1.DeleteJoinTokenRequest
-	27, // 30: minicloud.v1.HostService.JoinHost:input_type -> minicloud.v1.JoinHostRequest
-	29, // 31: minicloud.v1.HostService.RevokeHost:input_type -> minicloud.v1.RevokeHostRequest
-	16, // 32: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
-	4,  // 33: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
-	6,  // 34: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
-	8,  // 35: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
-	10, // 36: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
-	12, // 37: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
-	2,  // 38: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
-	2,  // 39: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
-	2,  // 40: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
-	19, // 41: minicloud.v1.HostService.WatchNetworkPorts:output_type -> minicloud.v1.NetworkPortsSnapshot
-	21, // 42: minicloud.v1.HostService.CreateJoinToken:output_type -> minicloud.v1.CreateJoinTokenResponse
-	24, // 43: minicloud.v1.HostService.ListJoinTokens:output_type -> minicloud.v1.ListJoinTokensResponse
-	26, // 44: minicloud.v1.HostService.DeleteJoinToken:output_type -> minicloud.v1.DeleteJoinTokenResponse
-	28, // 45: minicloud.v1.HostService.JoinHost:output_type -> minicloud.v1.JoinHostResponse
-	30, // 46: minicloud.v1.HostService.RevokeHost:output_type -> minicloud.v1.RevokeHostResponse
-	38, // 47: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	33, // [33:48] is the sub-list for method output_type
-	18, // [18:33] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	35, // 18: minicloud.v1.IssueIdentityTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 19: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
+	5,  // 20: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
+	7,  // 21: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
+	9,  // 22: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
+	11, // 23: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
+	13, // 24: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
+	14, // 25: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
+	15, // 26: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
+	17, // 27: minicloud.v1.HostService.WatchNetworkPorts:input_type -> minicloud.v1.WatchNetworkPortsRequest
+	20, // 28: minicloud.v1.HostService.CreateJoinToken:input_type -> minicloud.v1.CreateJoinTokenRequest
+	22, // 29: minicloud.v1.HostService.ListJoinTokens:input_type -> minicloud.v1.ListJoinTokensRequest
+	25, // 30: minicloud.v1.HostService.DeleteJoinToken:input_type -> minicloud.v1.DeleteJoinTokenRequest
+	27, // 31: minicloud.v1.HostService.JoinHost:input_type -> minicloud.v1.JoinHostRequest
+	29, // 32: minicloud.v1.HostService.RevokeHost:input_type -> minicloud.v1.RevokeHostRequest
+	31, // 33: minicloud.v1.HostService.IssueIdentityToken:input_type -> minicloud.v1.IssueIdentityTokenRequest
+	16, // 34: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
+	4,  // 35: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
+	6,  // 36: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
+	8,  // 37: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
+	10, // 38: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
+	12, // 39: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
+	2,  // 40: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
+	2,  // 41: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
+	2,  // 42: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
+	19, // 43: minicloud.v1.HostService.WatchNetworkPorts:output_type -> minicloud.v1.NetworkPortsSnapshot
+	21, // 44: minicloud.v1.HostService.CreateJoinToken:output_type -> minicloud.v1.CreateJoinTokenResponse
+	24, // 45: minicloud.v1.HostService.ListJoinTokens:output_type -> minicloud.v1.ListJoinTokensResponse
+	26, // 46: minicloud.v1.HostService.DeleteJoinToken:output_type -> minicloud.v1.DeleteJoinTokenResponse
+	28, // 47: minicloud.v1.HostService.JoinHost:output_type -> minicloud.v1.JoinHostResponse
+	30, // 48: minicloud.v1.HostService.RevokeHost:output_type -> minicloud.v1.RevokeHostResponse
+	32, // 49: minicloud.v1.HostService.IssueIdentityToken:output_type -> minicloud.v1.IssueIdentityTokenResponse
+	40, // 50: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	35, // [35:51] is the sub-list for method output_type
+	19, // [19:35] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_host_proto_init() }
@@ -2047,7 +2188,7 @@ func file_minicloud_v1_host_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_host_proto_rawDesc), len(file_minicloud_v1_host_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   30,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

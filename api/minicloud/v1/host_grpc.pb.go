@@ -19,20 +19,21 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	HostService_RegisterHost_FullMethodName      = "/minicloud.v1.HostService/RegisterHost"
-	HostService_Heartbeat_FullMethodName         = "/minicloud.v1.HostService/Heartbeat"
-	HostService_WatchAssignments_FullMethodName  = "/minicloud.v1.HostService/WatchAssignments"
-	HostService_ReportVMStatus_FullMethodName    = "/minicloud.v1.HostService/ReportVMStatus"
-	HostService_ListHosts_FullMethodName         = "/minicloud.v1.HostService/ListHosts"
-	HostService_GetHost_FullMethodName           = "/minicloud.v1.HostService/GetHost"
-	HostService_DisableHost_FullMethodName       = "/minicloud.v1.HostService/DisableHost"
-	HostService_EnableHost_FullMethodName        = "/minicloud.v1.HostService/EnableHost"
-	HostService_WatchNetworkPorts_FullMethodName = "/minicloud.v1.HostService/WatchNetworkPorts"
-	HostService_CreateJoinToken_FullMethodName   = "/minicloud.v1.HostService/CreateJoinToken"
-	HostService_ListJoinTokens_FullMethodName    = "/minicloud.v1.HostService/ListJoinTokens"
-	HostService_DeleteJoinToken_FullMethodName   = "/minicloud.v1.HostService/DeleteJoinToken"
-	HostService_JoinHost_FullMethodName          = "/minicloud.v1.HostService/JoinHost"
-	HostService_RevokeHost_FullMethodName        = "/minicloud.v1.HostService/RevokeHost"
+	HostService_RegisterHost_FullMethodName       = "/minicloud.v1.HostService/RegisterHost"
+	HostService_Heartbeat_FullMethodName          = "/minicloud.v1.HostService/Heartbeat"
+	HostService_WatchAssignments_FullMethodName   = "/minicloud.v1.HostService/WatchAssignments"
+	HostService_ReportVMStatus_FullMethodName     = "/minicloud.v1.HostService/ReportVMStatus"
+	HostService_ListHosts_FullMethodName          = "/minicloud.v1.HostService/ListHosts"
+	HostService_GetHost_FullMethodName            = "/minicloud.v1.HostService/GetHost"
+	HostService_DisableHost_FullMethodName        = "/minicloud.v1.HostService/DisableHost"
+	HostService_EnableHost_FullMethodName         = "/minicloud.v1.HostService/EnableHost"
+	HostService_WatchNetworkPorts_FullMethodName  = "/minicloud.v1.HostService/WatchNetworkPorts"
+	HostService_CreateJoinToken_FullMethodName    = "/minicloud.v1.HostService/CreateJoinToken"
+	HostService_ListJoinTokens_FullMethodName     = "/minicloud.v1.HostService/ListJoinTokens"
+	HostService_DeleteJoinToken_FullMethodName    = "/minicloud.v1.HostService/DeleteJoinToken"
+	HostService_JoinHost_FullMethodName           = "/minicloud.v1.HostService/JoinHost"
+	HostService_RevokeHost_FullMethodName         = "/minicloud.v1.HostService/RevokeHost"
+	HostService_IssueIdentityToken_FullMethodName = "/minicloud.v1.HostService/IssueIdentityToken"
 )
 
 // HostServiceClient is the client API for HostService service.
@@ -82,6 +83,12 @@ type HostServiceClient interface {
 	// RevokeHost revokes every certificate issued to a host: from then on
 	// each of its calls is refused, and it is marked DOWN.
 	RevokeHost(ctx context.Context, in *RevokeHostRequest, opts ...grpc.CallOption) (*RevokeHostResponse, error)
+	// IssueIdentityToken signs a workload identity token (a JWT, see
+	// docs/security.md) for a VM assigned to the calling host, for the
+	// metadata service to hand to that guest. The claims come from the VM as
+	// etcd holds it, never from the host; a VM not assigned to the host is
+	// refused. The signing keys never leave the API.
+	IssueIdentityToken(ctx context.Context, in *IssueIdentityTokenRequest, opts ...grpc.CallOption) (*IssueIdentityTokenResponse, error)
 }
 
 type hostServiceClient struct {
@@ -250,6 +257,16 @@ func (c *hostServiceClient) RevokeHost(ctx context.Context, in *RevokeHostReques
 	return out, nil
 }
 
+func (c *hostServiceClient) IssueIdentityToken(ctx context.Context, in *IssueIdentityTokenRequest, opts ...grpc.CallOption) (*IssueIdentityTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(IssueIdentityTokenResponse)
+	err := c.cc.Invoke(ctx, HostService_IssueIdentityToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // HostServiceServer is the server API for HostService service.
 // All implementations must embed UnimplementedHostServiceServer
 // for forward compatibility.
@@ -297,6 +314,12 @@ type HostServiceServer interface {
 	// RevokeHost revokes every certificate issued to a host: from then on
 	// each of its calls is refused, and it is marked DOWN.
 	RevokeHost(context.Context, *RevokeHostRequest) (*RevokeHostResponse, error)
+	// IssueIdentityToken signs a workload identity token (a JWT, see
+	// docs/security.md) for a VM assigned to the calling host, for the
+	// metadata service to hand to that guest. The claims come from the VM as
+	// etcd holds it, never from the host; a VM not assigned to the host is
+	// refused. The signing keys never leave the API.
+	IssueIdentityToken(context.Context, *IssueIdentityTokenRequest) (*IssueIdentityTokenResponse, error)
 	mustEmbedUnimplementedHostServiceServer()
 }
 
@@ -348,6 +371,9 @@ func (UnimplementedHostServiceServer) JoinHost(context.Context, *JoinHostRequest
 }
 func (UnimplementedHostServiceServer) RevokeHost(context.Context, *RevokeHostRequest) (*RevokeHostResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RevokeHost not implemented")
+}
+func (UnimplementedHostServiceServer) IssueIdentityToken(context.Context, *IssueIdentityTokenRequest) (*IssueIdentityTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method IssueIdentityToken not implemented")
 }
 func (UnimplementedHostServiceServer) mustEmbedUnimplementedHostServiceServer() {}
 func (UnimplementedHostServiceServer) testEmbeddedByValue()                     {}
@@ -608,6 +634,24 @@ func _HostService_RevokeHost_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _HostService_IssueIdentityToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(IssueIdentityTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).IssueIdentityToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_IssueIdentityToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).IssueIdentityToken(ctx, req.(*IssueIdentityTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // HostService_ServiceDesc is the grpc.ServiceDesc for HostService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -662,6 +706,10 @@ var HostService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RevokeHost",
 			Handler:    _HostService_RevokeHost_Handler,
+		},
+		{
+			MethodName: "IssueIdentityToken",
+			Handler:    _HostService_IssueIdentityToken_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -374,6 +374,86 @@ func (x *IssuedCert) GetRevokeTime() *timestamppb.Timestamp {
 	return nil
 }
 
+// IdentityKey is one key that signs workload identity tokens
+// (identity/keys/<kid>). It signs from not_before until sign_until, and
+// stays published (its key leased) until every token it signed expired.
+type IdentityKey struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Kid   string                 `protobuf:"bytes,1,opt,name=kid,proto3" json:"kid,omitempty"`
+	// key_pem is the PKCS#8 private key; it never leaves the API.
+	KeyPem        []byte                 `protobuf:"bytes,2,opt,name=key_pem,json=keyPem,proto3" json:"key_pem,omitempty"`
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	NotBefore     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=not_before,json=notBefore,proto3" json:"not_before,omitempty"`
+	SignUntil     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=sign_until,json=signUntil,proto3" json:"sign_until,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdentityKey) Reset() {
+	*x = IdentityKey{}
+	mi := &file_minicloud_v1_store_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdentityKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdentityKey) ProtoMessage() {}
+
+func (x *IdentityKey) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_store_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdentityKey.ProtoReflect.Descriptor instead.
+func (*IdentityKey) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_store_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *IdentityKey) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *IdentityKey) GetKeyPem() []byte {
+	if x != nil {
+		return x.KeyPem
+	}
+	return nil
+}
+
+func (x *IdentityKey) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *IdentityKey) GetNotBefore() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NotBefore
+	}
+	return nil
+}
+
+func (x *IdentityKey) GetSignUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SignUntil
+	}
+	return nil
+}
+
 var File_minicloud_v1_store_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_store_proto_rawDesc = "" +
@@ -408,7 +488,16 @@ const file_minicloud_v1_store_proto_rawDesc = "" +
 	"\tnot_after\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\bnotAfter\x12\"\n" +
 	"\rjoin_token_id\x18\x05 \x01(\tR\vjoinTokenId\x12;\n" +
 	"\vrevoke_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"revokeTimeB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"revokeTime\"\xeb\x01\n" +
+	"\vIdentityKey\x12\x10\n" +
+	"\x03kid\x18\x01 \x01(\tR\x03kid\x12\x17\n" +
+	"\akey_pem\x18\x02 \x01(\fR\x06keyPem\x12;\n" +
+	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x129\n" +
+	"\n" +
+	"not_before\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tnotBefore\x129\n" +
+	"\n" +
+	"sign_until\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tsignUntilB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_store_proto_rawDescOnce sync.Once
@@ -422,30 +511,34 @@ func file_minicloud_v1_store_proto_rawDescGZIP() []byte {
 	return file_minicloud_v1_store_proto_rawDescData
 }
 
-var file_minicloud_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_minicloud_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_minicloud_v1_store_proto_goTypes = []any{
 	(*HostAllocation)(nil),        // 0: minicloud.v1.HostAllocation
 	(*Claim)(nil),                 // 1: minicloud.v1.Claim
 	(*ClusterCA)(nil),             // 2: minicloud.v1.ClusterCA
 	(*JoinToken)(nil),             // 3: minicloud.v1.JoinToken
 	(*IssuedCert)(nil),            // 4: minicloud.v1.IssuedCert
-	(*Resources)(nil),             // 5: minicloud.v1.Resources
-	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
+	(*IdentityKey)(nil),           // 5: minicloud.v1.IdentityKey
+	(*Resources)(nil),             // 6: minicloud.v1.Resources
+	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
 }
 var file_minicloud_v1_store_proto_depIdxs = []int32{
-	5, // 0: minicloud.v1.HostAllocation.allocated:type_name -> minicloud.v1.Resources
-	5, // 1: minicloud.v1.Claim.resources:type_name -> minicloud.v1.Resources
-	6, // 2: minicloud.v1.Claim.time:type_name -> google.protobuf.Timestamp
-	6, // 3: minicloud.v1.JoinToken.expire_time:type_name -> google.protobuf.Timestamp
-	6, // 4: minicloud.v1.JoinToken.create_time:type_name -> google.protobuf.Timestamp
-	6, // 5: minicloud.v1.IssuedCert.issue_time:type_name -> google.protobuf.Timestamp
-	6, // 6: minicloud.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
-	6, // 7: minicloud.v1.IssuedCert.revoke_time:type_name -> google.protobuf.Timestamp
-	8, // [8:8] is the sub-list for method output_type
-	8, // [8:8] is the sub-list for method input_type
-	8, // [8:8] is the sub-list for extension type_name
-	8, // [8:8] is the sub-list for extension extendee
-	0, // [0:8] is the sub-list for field type_name
+	6,  // 0: minicloud.v1.HostAllocation.allocated:type_name -> minicloud.v1.Resources
+	6,  // 1: minicloud.v1.Claim.resources:type_name -> minicloud.v1.Resources
+	7,  // 2: minicloud.v1.Claim.time:type_name -> google.protobuf.Timestamp
+	7,  // 3: minicloud.v1.JoinToken.expire_time:type_name -> google.protobuf.Timestamp
+	7,  // 4: minicloud.v1.JoinToken.create_time:type_name -> google.protobuf.Timestamp
+	7,  // 5: minicloud.v1.IssuedCert.issue_time:type_name -> google.protobuf.Timestamp
+	7,  // 6: minicloud.v1.IssuedCert.not_after:type_name -> google.protobuf.Timestamp
+	7,  // 7: minicloud.v1.IssuedCert.revoke_time:type_name -> google.protobuf.Timestamp
+	7,  // 8: minicloud.v1.IdentityKey.create_time:type_name -> google.protobuf.Timestamp
+	7,  // 9: minicloud.v1.IdentityKey.not_before:type_name -> google.protobuf.Timestamp
+	7,  // 10: minicloud.v1.IdentityKey.sign_until:type_name -> google.protobuf.Timestamp
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_store_proto_init() }
@@ -460,7 +553,7 @@ func file_minicloud_v1_store_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_store_proto_rawDesc), len(file_minicloud_v1_store_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

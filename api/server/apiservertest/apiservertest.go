@@ -85,6 +85,20 @@ func (r *Running) DialOptions(token string) []grpc.DialOption {
 	return opts
 }
 
+// HostDialOptions are host name's agent's: mTLS with a host certificate
+// for name, straight from the CA.
+func (r *Running) HostDialOptions(name string) ([]grpc.DialOption, error) {
+	certPEM, keyPEM, err := r.CA.Issue(pki.Template{CommonName: name, Organization: pki.OrgHosts, Client: true, Lifetime: 24 * time.Hour})
+	if err != nil {
+		return nil, err
+	}
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, err
+	}
+	return []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(pki.ClientTLS(r.CA.Pool(), &pair, pki.OrgControlPlane)))}, nil
+}
+
 // TLSServer is a running API server for a test.
 type TLSServer struct {
 	*Running
