@@ -68,6 +68,11 @@ type Config struct {
 	// certificates verified if given) and binds every agent call of
 	// HostService to the host its certificate names.
 	TLS *tls.Config
+	// DefaultQuota is every project's quota where it has no override
+	// (SetQuota); an unset field, or nil, is unlimited. minicloudd sets it
+	// from its --default-quota-* flags.
+	DefaultQuota *minicloudv1.QuotaLimits
+
 	// AgentTLS, if set, is the client configuration (the control-plane
 	// certificate and the CA) for calling agents that listen beyond
 	// loopback: they serve mTLS only.
@@ -87,6 +92,11 @@ type Server struct {
 	agentOpt []grpc.DialOption
 	images   *imageservice.Service // nil if not served
 	vnis     store.VNIRange
+
+	// quotaDefaults are the limits of a project without overrides.
+	quotaDefaults *minicloudv1.QuotaLimits
+	// creates group-commits each project's VM creates (createbatch.go).
+	creates *createBatcher
 
 	ca               *pki.CA
 	requireHostCerts bool
@@ -120,7 +130,9 @@ func New(cfg Config) (*Server, error) {
 		agentTLS: cfg.AgentTLS,
 
 		requireHostCerts: cfg.TLS != nil,
+		quotaDefaults:    cfg.DefaultQuota,
 	}
+	s.creates = newCreateBatcher(s)
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -143,18 +155,23 @@ func New(cfg Config) (*Server, error) {
 	minicloudv1.RegisterNetworkServiceServer(s.grpc, &networkService{s: s})
 	minicloudv1.RegisterServerGroupServiceServer(s.grpc, &serverGroupService{s: s})
 	minicloudv1.RegisterHostServiceServer(s.grpc, &hostService{s: s})
+	minicloudv1.RegisterQuotaServiceServer(s.grpc, &quotaService{s: s})
 	services := []string{
 		minicloudv1.VMService_ServiceDesc.ServiceName,
 		minicloudv1.FlavorService_ServiceDesc.ServiceName,
 		minicloudv1.NetworkService_ServiceDesc.ServiceName,
 		minicloudv1.ServerGroupService_ServiceDesc.ServiceName,
 		minicloudv1.HostService_ServiceDesc.ServiceName,
+		minicloudv1.QuotaService_ServiceDesc.ServiceName,
 	}
 	if cfg.ImageDir != "" {
 		s.images = imageservice.New(imageservice.Config{
 			Client: cfg.Client,
 			Dir:    cfg.ImageDir,
 			InUse:  s.ImageInUse,
+
+			DefaultQuota: cfg.DefaultQuota,
+			ProjectOf:    projectOf,
 		})
 		minicloudv1.RegisterImageServiceServer(s.grpc, s.images)
 		services = append(services, minicloudv1.ImageService_ServiceDesc.ServiceName)
