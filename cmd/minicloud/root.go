@@ -105,6 +105,7 @@ Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 		a.newNetworkCommand(),
 		a.newServerGroupCommand(),
 		a.newHostCommand(),
+		a.newQuotaCommand(),
 	)
 	return root
 }

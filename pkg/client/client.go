@@ -39,6 +39,7 @@ type Client struct {
 	Networks     minicloudv1.NetworkServiceClient
 	ServerGroups minicloudv1.ServerGroupServiceClient
 	Hosts        minicloudv1.HostServiceClient
+	Quotas       minicloudv1.QuotaServiceClient
 }
 
 // MaxResponseBytes bounds one answer the client accepts. gRPC's default
@@ -182,6 +183,7 @@ func New(conn *grpc.ClientConn) *Client {
 		Networks:     minicloudv1.NewNetworkServiceClient(conn),
 		ServerGroups: minicloudv1.NewServerGroupServiceClient(conn),
 		Hosts:        minicloudv1.NewHostServiceClient(conn),
+		Quotas:       minicloudv1.NewQuotaServiceClient(conn),
 	}
 }
 
