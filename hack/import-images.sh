@@ -18,6 +18,6 @@ for name in tiny debian; do
     continue
   fi
   minicloud image create "$name" --file "$dir/disk.qcow2" \
-    --kernel "$dir/vmlinuz" --initrd "$dir/initrd.img" --cmdline "$(cat "$dir/cmdline")"
+    --kernel "$dir/vmlinuz" --initrd "$dir/initrd.img" --cmdline "$(cat "$dir/cmdline")" --public
 done
 minicloud image list

@@ -182,7 +182,8 @@ func (l *Lab) importImage(ctx context.Context, c *client.Client, name, dir strin
 	if !errdefs.IsNotFound(err) {
 		return fmt.Errorf("image %s: %w", name, err)
 	}
-	args := []string{"image", "create", name, "--file", filepath.Join(dir, "disk.qcow2")}
+	// Public, as `make up` imports them: every project of the lab boots them.
+	args := []string{"image", "create", name, "--public", "--file", filepath.Join(dir, "disk.qcow2")}
 	if _, err := os.Stat(filepath.Join(dir, "vmlinuz")); err == nil {
 		cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
 		if err != nil {

@@ -56,6 +56,7 @@ const (
 	image  = "/minicloud.v1.ImageService/"
 	authn  = "/minicloud.v1.AuthService/"
 	ident  = "/minicloud.v1.IdentityService/"
+	quota  = "/minicloud.v1.QuotaService/"
 )
 
 // Policy is the one table of what every RPC of the API needs, keyed by
@@ -107,11 +108,17 @@ var Policy = map[string]Rule{
 	hosts + "DeleteJoinToken":    cluster(RoleAdmin),
 	hosts + "RevokeHost":         cluster(RoleAdmin),
 
-	image + "CreateImage":   cluster(RoleAdmin),
-	image + "GetImage":      {Scope: ScopeCluster, Role: RoleReader, Hosts: true},
-	image + "ListImages":    cluster(RoleReader),
-	image + "DeleteImage":   cluster(RoleAdmin),
-	image + "DownloadImage": {Scope: ScopeCluster, Role: RoleReader, Hosts: true},
+	// Images belong to a project (private) or are public; agents fetch
+	// the images of the VMs they run, whatever their project.
+	image + "CreateImage":        project(RoleMember),
+	image + "GetImage":           {Scope: ScopeProject, Role: RoleReader, Hosts: true},
+	image + "ListImages":         project(RoleReader),
+	image + "DeleteImage":        project(RoleMember),
+	image + "DownloadImage":      {Scope: ScopeProject, Role: RoleReader, Hosts: true},
+	image + "SetImageVisibility": cluster(RoleAdmin),
+
+	quota + "GetQuota": project(RoleReader),
+	quota + "SetQuota": cluster(RoleAdmin),
 
 	authn + "CreateProject": cluster(RoleAdmin),
 	authn + "GetProject":    cluster(RoleReader),

@@ -42,6 +42,20 @@ func (s *Service) CreateImage(stream minicloudv1.ImageService_CreateImageServer)
 	if err := s.validateHeader(hdr); err != nil {
 		return err
 	}
+	project, err := s.projectOf(hdr.GetProject())
+	if err != nil {
+		return err
+	}
+	// The room the project has now: the upload stops as soon as it would
+	// need more; the commit's transaction decides against the usage then.
+	q, err := s.readQuota(ctx, project)
+	if err != nil {
+		return err
+	}
+	declared := hdr.GetDiskSizeBytes() + hdr.GetKernelSizeBytes() + hdr.GetInitrdSizeBytes()
+	if err := q.check(declared); err != nil {
+		return err
+	}
 	// Fail fast instead of after a long upload; the create-only txn below
 	// still decides races.
 	if _, _, err := s.get(ctx, hdr.GetName()); err == nil {
@@ -50,7 +64,7 @@ func (s *Service) CreateImage(stream minicloudv1.ImageService_CreateImageServer)
 		return err
 	}
 
-	up := &upload{s: s, parts: map[minicloudv1.ImagePart]*blobWriter{}}
+	up := &upload{s: s, parts: map[minicloudv1.ImagePart]*blobWriter{}, quota: q}
 	defer up.abort()
 	if err := up.receive(stream); err != nil {
 		return err
@@ -59,6 +73,8 @@ func (s *Service) CreateImage(stream minicloudv1.ImageService_CreateImageServer)
 	if err != nil {
 		return err
 	}
+	img.Meta.Project = project
+	img.Visibility = minicloudv1.ImageVisibility_IMAGE_VISIBILITY_PRIVATE
 	return up.commit(ctx, img, stream)
 }
 
@@ -96,6 +112,8 @@ type upload struct {
 	total int64
 	// created are blobs this upload added to the directory (not dedup hits).
 	created []string
+	// quota is the owner project's image room when the upload began.
+	quota uploadQuota
 }
 
 func (u *upload) receive(stream minicloudv1.ImageService_CreateImageServer) error {
@@ -118,6 +136,11 @@ func (u *upload) receive(stream minicloudv1.ImageService_CreateImageServer) erro
 		u.total += int64(len(chunk.GetData()))
 		if u.total > u.s.maxBytes {
 			return errdefs.ResourceExhausted("upload exceeds the limit of %d bytes", u.s.maxBytes)
+		}
+		// Before the chunk is written: nothing beyond the quota reaches
+		// the disk, and abort removes what did.
+		if err := u.quota.check(u.total); err != nil {
+			return err
 		}
 		if _, err := w.Write(chunk.GetData()); err != nil {
 			if errors.Is(err, syscall.ENOSPC) {
@@ -262,21 +285,73 @@ func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream mini
 		return fmt.Errorf("encode image: %w", err)
 	}
 	key := store.ImageKey(img.GetMeta().GetName())
-	resp, err := s.etcd.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0), lock.owned()).
-		Then(clientv3.OpPut(key, string(val))).
-		Commit()
-	if err != nil {
-		return storeErr(err, "store image %s", img.GetMeta().GetName())
-	}
-	if !resp.Succeeded {
+	for range commitAttempts {
+		// The image's bytes are charged to its project in the transaction
+		// that records it: of two uploads that each fit alone but not
+		// together, the second to commit fails its compare, re-reads the
+		// usage and is refused.
+		usage, err := store.ReadCountedUsage(ctx, s.etcd, img.GetMeta().GetProject())
+		if err != nil {
+			return err
+		}
+		next, err := store.Charge(usage.Project, usage.Usage, &minicloudv1.QuotaUsage{ImageBytes: store.ImageBytes(img)}, store.EffectiveLimits(s.quotaDefaults, usage.Overrides))
+		if err != nil {
+			return err
+		}
+		quotaCmps, quotaOps, err := store.ChargeOps(usage, next)
+		if err != nil {
+			return err
+		}
+		resp, err := s.etcd.Txn(ctx).
+			If(append([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0), lock.owned()}, quotaCmps...)...).
+			Then(append([]clientv3.Op{clientv3.OpPut(key, string(val))}, quotaOps...)...).
+			Else(clientv3.OpGet(key, clientv3.WithCountOnly())).
+			Commit()
+		if err != nil {
+			return storeErr(err, "store image %s", img.GetMeta().GetName())
+		}
+		if resp.Succeeded {
+			img.Meta.ResourceVersion = resp.Header.Revision
+			return stream.SendAndClose(img)
+		}
 		if err := lock.held(); err != nil {
 			return err
 		}
-		return errdefs.AlreadyExists("image %q already exists", img.GetMeta().GetName())
+		if resp.Responses[0].GetResponseRange().GetCount() > 0 {
+			return errdefs.AlreadyExists("image %q already exists", img.GetMeta().GetName())
+		}
+		// The project's usage or limits changed: decide again.
 	}
-	img.Meta.ResourceVersion = resp.Header.Revision
-	return stream.SendAndClose(img)
+	return errdefs.Conflict("image %q: the project's quota kept changing while the image was recorded; retry", img.GetMeta().GetName())
+}
+
+// commitAttempts bounds how often an upload's commit re-reads a quota
+// that changed under it.
+const commitAttempts = 8
+
+// uploadQuota is the room an owner project had for image bytes when its
+// upload began.
+type uploadQuota struct {
+	project string
+	used    *minicloudv1.QuotaUsage
+	limits  *minicloudv1.QuotaLimits
+}
+
+func (s *Service) readQuota(ctx context.Context, project string) (uploadQuota, error) {
+	u, err := store.ReadCountedUsage(ctx, s.etcd, project)
+	if err != nil {
+		return uploadQuota{}, err
+	}
+	return uploadQuota{project: project, used: u.Usage, limits: store.EffectiveLimits(s.quotaDefaults, u.Overrides)}, nil
+}
+
+// check refuses an upload of n bytes that the project has no room for.
+func (q uploadQuota) check(n int64) error {
+	if limit := q.limits.GetImageBytes(); limit == store.Unlimited || q.used.GetImageBytes()+n <= limit {
+		return nil
+	}
+	_, err := store.Charge(q.project, q.used, &minicloudv1.QuotaUsage{ImageBytes: n}, q.limits)
+	return err
 }
 
 // abort drops every temporary file that was not committed.

@@ -70,6 +70,13 @@ type Config struct {
 	// MaxImageBytes bounds the total size of one upload; 0 means
 	// DefaultMaxImageBytes.
 	MaxImageBytes int64
+	// DefaultQuota is the quota of a project without overrides (an unset
+	// limit, or nil: unlimited); an upload counts against its project's
+	// image_bytes.
+	DefaultQuota *minicloudv1.QuotaLimits
+	// ProjectOf validates a request's project and names the default for
+	// an empty one. Nil: an empty project is "default".
+	ProjectOf func(string) (string, error)
 }
 
 // Service implements minicloudv1.ImageServiceServer.
@@ -81,6 +88,9 @@ type Service struct {
 	inUse    func(ctx context.Context, image string) (string, error)
 	maxBytes int64
 	log      *slog.Logger
+
+	quotaDefaults *minicloudv1.QuotaLimits
+	projectOf     func(string) (string, error)
 
 	// commitMu orders "commit blobs, then write metadata" against "delete
 	// metadata, then remove unreferenced blobs" inside this process, so a
@@ -106,6 +116,9 @@ func New(cfg Config) *Service {
 		log:      slog.Default().With("component", "imageservice"),
 		replica:  &replica{etcd: cfg.Client},
 
+		quotaDefaults: cfg.DefaultQuota,
+		projectOf:     cfg.ProjectOf,
+
 		replicaName: cfg.ReplicaName,
 	}
 	if s.replicaName == "" {
@@ -114,6 +127,14 @@ func New(cfg Config) *Service {
 	}
 	if s.maxBytes <= 0 {
 		s.maxBytes = DefaultMaxImageBytes
+	}
+	if s.projectOf == nil {
+		s.projectOf = func(p string) (string, error) {
+			if p == "" {
+				return "default", nil
+			}
+			return p, nil
+		}
 	}
 	if s.inUse == nil {
 		s.inUse = func(context.Context, string) (string, error) { return "", nil }
@@ -134,22 +155,37 @@ func New(cfg Config) *Service {
 // of its uploads in progress go at once instead of when the lease expires.
 func (s *Service) Close() { s.replica.close() }
 
-// GetImage returns one image.
+// GetImage returns one image the caller's project may see.
 func (s *Service) GetImage(ctx context.Context, req *minicloudv1.GetImageRequest) (*minicloudv1.Image, error) {
 	if err := validateName(req.GetName()); err != nil {
 		return nil, err
 	}
-	img, _, err := s.get(ctx, req.GetName())
+	sc, err := s.scopeOf(ctx, req.GetProject())
+	if err != nil {
+		return nil, err
+	}
+	img, _, err := s.getVisible(ctx, sc, req.GetName())
 	return img, err
 }
 
-// ListImages returns every image, sorted by name.
-func (s *Service) ListImages(ctx context.Context, _ *minicloudv1.ListImagesRequest) (*minicloudv1.ListImagesResponse, error) {
+// ListImages returns every image the caller's project may see, sorted by
+// name.
+func (s *Service) ListImages(ctx context.Context, req *minicloudv1.ListImagesRequest) (*minicloudv1.ListImagesResponse, error) {
+	sc, err := s.scopeOf(ctx, req.GetProject())
+	if err != nil {
+		return nil, err
+	}
 	imgs, err := s.list(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return &minicloudv1.ListImagesResponse{Images: imgs}, nil
+	out := imgs[:0]
+	for _, img := range imgs {
+		if sc.sees(img) {
+			out = append(out, img)
+		}
+	}
+	return &minicloudv1.ListImagesResponse{Images: out}, nil
 }
 
 // DeleteImage deletes an image that no VM uses, and its blobs once no other
@@ -159,12 +195,16 @@ func (s *Service) DeleteImage(ctx context.Context, req *minicloudv1.DeleteImageR
 	if err := validateName(name); err != nil {
 		return nil, err
 	}
+	sc, err := s.scopeOf(ctx, req.GetProject())
+	if err != nil {
+		return nil, err
+	}
 	lock, err := s.lockStore(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer lock.unlock()
-	img, err := s.deleteUnused(ctx, lock, name)
+	img, err := s.deleteUnused(ctx, lock, sc, name)
 	if err != nil {
 		return nil, err
 	}
@@ -182,7 +222,11 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 	if err := validateName(name); err != nil {
 		return err
 	}
-	img, _, err := s.get(ctx, name)
+	sc, err := s.scopeOf(ctx, req.GetProject())
+	if err != nil {
+		return err
+	}
+	img, _, err := s.getVisible(ctx, sc, name)
 	if err != nil {
 		return err
 	}
@@ -246,7 +290,7 @@ const deleteAttempts = 5
 // between the in-use check and the delete makes the transaction fail (no VM
 // spec may change after the revision the check started from), and the
 // check runs again. The caller holds lock.
-func (s *Service) deleteUnused(ctx context.Context, lock *storeLock, name string) (*minicloudv1.Image, error) {
+func (s *Service) deleteUnused(ctx context.Context, lock *storeLock, sc scope, name string) (*minicloudv1.Image, error) {
 	key := store.ImageKey(name)
 	for range deleteAttempts {
 		resp, err := s.etcd.Get(ctx, key)
@@ -254,11 +298,14 @@ func (s *Service) deleteUnused(ctx context.Context, lock *storeLock, name string
 			return nil, storeErr(err, "get image %s", name)
 		}
 		if len(resp.Kvs) == 0 {
-			return nil, errdefs.NotFound("image %q not found", name)
+			return nil, imageNotFound(name)
 		}
 		kv := resp.Kvs[0]
 		img, err := decodeImage(kv.Value, kv.ModRevision)
 		if err != nil {
+			return nil, err
+		}
+		if err := sc.mayChange(img); err != nil {
 			return nil, err
 		}
 		// InUse reads at or after this revision.
@@ -270,10 +317,17 @@ func (s *Service) deleteUnused(ctx context.Context, lock *storeLock, name string
 		if vm != "" {
 			return nil, errdefs.FailedPrecondition("image %q is in use by VM %q; delete the VM first", name, vm)
 		}
-		txn, err := s.etcd.Txn(ctx).
-			If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision), store.UnchangedSince(store.VMSpecPrefix, checkedAt), lock.owned()).
-			Then(clientv3.OpDelete(key)).
-			Commit()
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision), store.UnchangedSince(store.VMSpecPrefix, checkedAt), lock.owned()}
+		ops := []clientv3.Op{clientv3.OpDelete(key)}
+		if owner := img.GetMeta().GetProject(); owner != "" {
+			// The owner's quota gets the bytes back with the delete.
+			qc, qo, err := store.ReadReleaseOps(ctx, s.etcd, owner, &minicloudv1.QuotaUsage{ImageBytes: store.ImageBytes(img)})
+			if err != nil {
+				return nil, err
+			}
+			cmps, ops = append(cmps, qc...), append(ops, qo...)
+		}
+		txn, err := s.etcd.Txn(ctx).If(cmps...).Then(ops...).Commit()
 		if err != nil {
 			return nil, storeErr(err, "delete image %s", name)
 		}

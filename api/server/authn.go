@@ -177,7 +177,7 @@ func (s *Server) authorize(ctx context.Context, method string, p *auth.Principal
 func resolveProject(req proto.Message, p *auth.Principal) (string, error) {
 	m, fd := projectField(req.ProtoReflect())
 	if fd == nil {
-		return "", errdefs.Internal("request %s has no project field", req.ProtoReflect().Descriptor().FullName())
+		return "", errdefs.Invalid("%s names no project: a stream's first message must be its header", req.ProtoReflect().Descriptor().FullName())
 	}
 	project := m.Get(fd).String()
 	if project == "" {

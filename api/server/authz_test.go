@@ -51,7 +51,7 @@ func TestPolicyCoversEveryRPC(t *testing.T) {
 			continue
 		}
 		in := md.Input()
-		if rule.Scope == auth.ScopeProject && in.Fields().ByName("project") == nil {
+		if rule.Scope == auth.ScopeProject && !hasProject(in) {
 			t.Errorf("%s is project-scoped but %s has no project field", name, in.FullName())
 		}
 		for _, f := range rule.AdminFields {
@@ -82,6 +82,23 @@ func TestPolicyCoversEveryRPC(t *testing.T) {
 	}
 }
 
+// hasProject says whether a request names a project: in a field, or in
+// the header message of a stream (a oneof's message field).
+func hasProject(m protoreflect.MessageDescriptor) bool {
+	if m.Fields().ByName("project") != nil {
+		return true
+	}
+	for i := range m.Oneofs().Len() {
+		fs := m.Oneofs().Get(i).Fields()
+		for j := range fs.Len() {
+			if fm := fs.Get(j).Message(); fm != nil && fm.Fields().ByName("project") != nil {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // call makes one RPC with an empty request (plus the project, if given)
 // over conn and returns its status.
 func call(conn *grpc.ClientConn, name string, md protoreflect.MethodDescriptor, project string) *status.Status {
@@ -92,6 +109,19 @@ func call(conn *grpc.ClientConn, name string, md protoreflect.MethodDescriptor, 
 	req := mt.New()
 	if fd := md.Input().Fields().ByName("project"); fd != nil && project != "" {
 		req.Set(fd, protoreflect.ValueOfString(project))
+	}
+	// A stream that names its project in a header message gets one.
+	for i := range md.Input().Oneofs().Len() {
+		fs := md.Input().Oneofs().Get(i).Fields()
+		for j := range fs.Len() {
+			if fm := fs.Get(j).Message(); fm != nil && fm.Fields().ByName("project") != nil {
+				header := req.NewField(fs.Get(j)).Message()
+				if project != "" {
+					header.Set(fm.Fields().ByName("project"), protoreflect.ValueOfString(project))
+				}
+				req.Set(fs.Get(j), protoreflect.ValueOfMessage(header))
+			}
+		}
 	}
 	out, _ := protoregistry.GlobalTypes.FindMessageByName(md.Output().FullName())
 	// A watch the policy admits sends what it has and then waits: the

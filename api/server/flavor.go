@@ -64,7 +64,7 @@ func (f *flavorService) DeleteFlavor(ctx context.Context, req *minicloudv1.Delet
 		return f.s.getObject(ctx, store.FlavorKey(name), &minicloudv1.Flavor{}, func() *minicloudv1.ObjectMeta { return nil }, flavorNotFound(name))
 	}
 	used := func(vm *minicloudv1.VM) bool { return vm.GetSpec().GetFlavor() == name }
-	if err := f.s.deleteUnused(ctx, "flavor", name, store.FlavorKey(name), reread, used); err != nil {
+	if err := f.s.deleteUnused(ctx, "flavor", name, store.FlavorKey(name), reread, used, nil); err != nil {
 		return nil, err
 	}
 	return &minicloudv1.DeleteFlavorResponse{}, nil

@@ -76,9 +76,13 @@ func (n *networkService) CreateNetwork(ctx context.Context, req *minicloudv1.Cre
 			return nil, err
 		}
 		nw.Vni = vni
+		quotaCmps, quotaOps, err := n.s.chargeOps(ctx, quotaShare{project, networkShare})
+		if err != nil {
+			return nil, err
+		}
 		// No network may appear between the overlap scan and the write.
 		ok, err := n.s.createObjectWith(ctx, key, nw, meta, exists,
-			[]clientv3.Cmp{store.UnchangedSince(store.NetworkPrefix, rev), free}, []clientv3.Op{take})
+			append([]clientv3.Cmp{store.UnchangedSince(store.NetworkPrefix, rev), free}, quotaCmps...), append([]clientv3.Op{take}, quotaOps...))
 		if err != nil || ok {
 			return nw, err
 		}
@@ -142,11 +146,14 @@ func (n *networkService) DeleteNetwork(ctx context.Context, req *minicloudv1.Del
 	}
 	// The VNI is released in the delete's transaction: the network read
 	// (and its VNI) is compared unchanged there.
-	if err := n.s.deleteUnused(ctx, "network", name, key, reread, used, append([]clientv3.Op{ipamRange()}, store.VNIRelease(vni)...)...); err != nil {
+	if err := n.s.deleteUnused(ctx, "network", name, key, reread, used, &quotaShare{project, networkShare}, append([]clientv3.Op{ipamRange()}, store.VNIRelease(vni)...)...); err != nil {
 		return nil, err
 	}
 	return &minicloudv1.DeleteNetworkResponse{}, nil
 }
+
+// networkShare is what a network counts in its project's quota.
+var networkShare = &minicloudv1.QuotaUsage{Networks: 1}
 
 // vniRange is the configured VNI range, or the default.
 func (s *Server) vniRange() store.VNIRange {

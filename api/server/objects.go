@@ -68,9 +68,32 @@ func (s *Server) getObject(ctx context.Context, key string, obj proto.Message, m
 	return rev, nil
 }
 
+// quotaShare is what an object counts in its project's quota.
+type quotaShare struct {
+	project string
+	delta   *minicloudv1.QuotaUsage
+}
+
+// chargeOps reads the project's usage and returns the compares and write
+// that charge delta to it, or ResourceExhausted if it does not fit. The
+// caller folds them into its create's transaction and, when that fails its
+// compares, calls again.
+func (s *Server) chargeOps(ctx context.Context, share quotaShare) ([]clientv3.Cmp, []clientv3.Op, error) {
+	u, err := store.ReadCountedUsage(ctx, s.etcd, share.project)
+	if err != nil {
+		return nil, nil, err
+	}
+	next, err := store.Charge(share.project, u.Usage, share.delta, store.EffectiveLimits(s.quotaDefaults, u.Overrides))
+	if err != nil {
+		return nil, nil, err
+	}
+	return store.ChargeOps(u, next)
+}
+
 // deleteUnused deletes key (read at modRev) unless a VM matching used
-// exists; it retries when VMs change between scan and delete.
-func (s *Server) deleteUnused(ctx context.Context, kind, name, key string, reread func() (int64, error), used func(*minicloudv1.VM) bool, extraOps ...clientv3.Op) error {
+// exists; it retries when VMs change between scan and delete. share, if
+// set, goes back to its project's quota in the delete's transaction.
+func (s *Server) deleteUnused(ctx context.Context, kind, name, key string, reread func() (int64, error), used func(*minicloudv1.VM) bool, share *quotaShare, extraOps ...clientv3.Op) error {
 	for range maxTxnAttempts {
 		modRev, err := reread()
 		if err != nil {
@@ -83,9 +106,16 @@ func (s *Server) deleteUnused(ctx context.Context, kind, name, key string, rerea
 		if vm != nil {
 			return inUseError(kind, name, vm)
 		}
-		_, ok, err := store.Commit(ctx, s.etcd,
-			[]clientv3.Cmp{store.Unchanged(key, modRev), store.UnchangedSince(store.VMSpecPrefix, scanRev)},
-			append([]clientv3.Op{clientv3.OpDelete(key)}, extraOps...))
+		cmps := []clientv3.Cmp{store.Unchanged(key, modRev), store.UnchangedSince(store.VMSpecPrefix, scanRev)}
+		ops := append([]clientv3.Op{clientv3.OpDelete(key)}, extraOps...)
+		if share != nil {
+			qc, qo, err := store.ReadReleaseOps(ctx, s.etcd, share.project, share.delta)
+			if err != nil {
+				return err
+			}
+			cmps, ops = append(cmps, qc...), append(ops, qo...)
+		}
+		_, ok, err := store.Commit(ctx, s.etcd, cmps, ops)
 		if err != nil || ok {
 			return err
 		}

@@ -72,6 +72,11 @@ type Config struct {
 	// who they are with client certificates and users' tokens must not
 	// travel in the clear.
 	TLS *tls.Config
+	// DefaultQuota is every project's quota where it has no override
+	// (SetQuota); an unset field, or nil, is unlimited. minicloudd sets it
+	// from its --default-quota-* flags.
+	DefaultQuota *minicloudv1.QuotaLimits
+
 	// AgentTLS, if set, is the client configuration (the control-plane
 	// certificate and the CA) for calling agents that listen beyond
 	// loopback: they serve mTLS only.
@@ -108,6 +113,11 @@ type Server struct {
 	idRotation time.Duration
 	idKeys     identityKeys
 	now        func() time.Time
+
+	// quotaDefaults are the limits of a project without overrides.
+	quotaDefaults *minicloudv1.QuotaLimits
+	// creates group-commits each project's VM creates (createbatch.go).
+	creates *createBatcher
 
 	ca       *pki.CA
 	agentTLS *tls.Config
@@ -151,11 +161,13 @@ func New(cfg Config) (*Server, error) {
 		ca:       cfg.CA,
 		agentTLS: cfg.AgentTLS,
 
-		idIssuer:   strings.TrimSuffix(cfg.IdentityIssuer, "/"),
-		idRotation: cfg.IdentityKeyRotation,
-		idKeys:     identityKeys{parsed: map[string]identity.Key{}},
-		now:        cfg.Now,
+		idIssuer:      strings.TrimSuffix(cfg.IdentityIssuer, "/"),
+		idRotation:    cfg.IdentityKeyRotation,
+		idKeys:        identityKeys{parsed: map[string]identity.Key{}},
+		now:           cfg.Now,
+		quotaDefaults: cfg.DefaultQuota,
 	}
+	s.creates = newCreateBatcher(s)
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -181,6 +193,7 @@ func New(cfg Config) (*Server, error) {
 	minicloudv1.RegisterHostServiceServer(s.grpc, &hostService{s: s})
 	minicloudv1.RegisterAuthServiceServer(s.grpc, &authService{s: s})
 	minicloudv1.RegisterIdentityServiceServer(s.grpc, &identityService{s: s})
+	minicloudv1.RegisterQuotaServiceServer(s.grpc, &quotaService{s: s})
 	services := []string{
 		minicloudv1.AuthService_ServiceDesc.ServiceName,
 		minicloudv1.VMService_ServiceDesc.ServiceName,
@@ -189,12 +202,16 @@ func New(cfg Config) (*Server, error) {
 		minicloudv1.ServerGroupService_ServiceDesc.ServiceName,
 		minicloudv1.HostService_ServiceDesc.ServiceName,
 		minicloudv1.IdentityService_ServiceDesc.ServiceName,
+		minicloudv1.QuotaService_ServiceDesc.ServiceName,
 	}
 	if cfg.ImageDir != "" {
 		s.images = imageservice.New(imageservice.Config{
 			Client: cfg.Client,
 			Dir:    cfg.ImageDir,
 			InUse:  s.ImageInUse,
+
+			DefaultQuota: cfg.DefaultQuota,
+			ProjectOf:    projectOf,
 		})
 		minicloudv1.RegisterImageServiceServer(s.grpc, s.images)
 		services = append(services, minicloudv1.ImageService_ServiceDesc.ServiceName)

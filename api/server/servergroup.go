@@ -28,12 +28,22 @@ func (g *serverGroupService) CreateServerGroup(ctx context.Context, req *miniclo
 		return nil, err
 	}
 	sg := &minicloudv1.ServerGroup{Meta: metaFor(req.GetName(), project), Policy: req.GetPolicy()}
-	if _, err := g.s.createObject(ctx, store.ServerGroupKey(project, req.GetName()), sg, sg.Meta,
-		errdefs.AlreadyExists("server group %s already exists in project %s", req.GetName(), project)); err != nil {
-		return nil, err
+	for range maxTxnAttempts {
+		quotaCmps, quotaOps, err := g.s.chargeOps(ctx, quotaShare{project, serverGroupShare})
+		if err != nil {
+			return nil, err
+		}
+		ok, err := g.s.createObjectWith(ctx, store.ServerGroupKey(project, req.GetName()), sg, sg.Meta,
+			errdefs.AlreadyExists("server group %s already exists in project %s", req.GetName(), project), quotaCmps, quotaOps)
+		if err != nil || ok {
+			return sg, err
+		}
 	}
-	return sg, nil
+	return nil, tooMuchContention("create server group " + req.GetName())
 }
+
+// serverGroupShare is what a server group counts in its project's quota.
+var serverGroupShare = &minicloudv1.QuotaUsage{ServerGroups: 1}
 
 func (g *serverGroupService) GetServerGroup(ctx context.Context, req *minicloudv1.GetServerGroupRequest) (*minicloudv1.ServerGroup, error) {
 	project, err := projectOf(req.GetProject())
@@ -78,7 +88,7 @@ func (g *serverGroupService) DeleteServerGroup(ctx context.Context, req *miniclo
 	used := func(vm *minicloudv1.VM) bool {
 		return vm.GetMeta().GetProject() == project && vm.GetSpec().GetServerGroup() == name
 	}
-	if err := g.s.deleteUnused(ctx, "server group", name, key, reread, used); err != nil {
+	if err := g.s.deleteUnused(ctx, "server group", name, key, reread, used, &quotaShare{project, serverGroupShare}); err != nil {
 		return nil, err
 	}
 	return &minicloudv1.DeleteServerGroupResponse{}, nil

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/minicloud/minicloud/api/imageservice"
 	"github.com/minicloud/minicloud/api/ipam"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
@@ -29,6 +30,7 @@ type createRefs struct {
 	requestRev  int64
 	nameTaken   bool
 	image       *minicloudv1.Image
+	imageRev    int64
 	flavor      *minicloudv1.Flavor
 	flavorRev   int64
 	networks    []*minicloudv1.Network
@@ -76,11 +78,15 @@ func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicl
 	}
 	refs.nameTaken = name.Count() > 0
 	if kv := image.First(); kv == nil {
-		return refs, errdefs.NotFound("image %s not found (see `minicloud image list`)", spec.Image)
+		return refs, imageNotFound(spec.Image)
 	} else {
-		refs.image = &minicloudv1.Image{}
+		refs.image, refs.imageRev = &minicloudv1.Image{}, kv.ModRevision
 		if err := store.Decode(kv, refs.image); err != nil {
 			return nil, err
+		}
+		// Another project's private image is as absent as a missing one.
+		if !imageservice.Visible(refs.image, project) {
+			return refs, imageNotFound(spec.Image)
 		}
 	}
 	if kv := flavor.First(); kv == nil {
@@ -121,6 +127,10 @@ func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicl
 		refs.used = append(refs.used, u.Get().Kvs)
 	}
 	return refs, nil
+}
+
+func imageNotFound(name string) error {
+	return errdefs.NotFound("image %s not found (see `minicloud image list`)", name)
 }
 
 // errRetry says a create lost a race and must re-read and try again.
@@ -187,7 +197,7 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	}
 	id := vm.Meta.Id
 
-	nv := store.NewVM{VM: vm, UserData: req.GetUserData(), FlavorRev: refs.flavorRev, Now: now}
+	nv := store.NewVM{VM: vm, UserData: req.GetUserData(), FlavorRev: refs.flavorRev, ImageRev: refs.imageRev, Now: now}
 	var committed bool // read by the reservations' deferred Done
 	for i, nw := range refs.networks {
 		r, err := addrRead.Reserve(nw, refs.used[i])
@@ -220,21 +230,16 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 		Type: lifecycle.EventNormal, Reason: lifecycle.ReasonCreated, Source: "api",
 		Message: fmt.Sprintf("vm %s created with image %s, flavor %s, addresses %s", vm.Meta.Name, spec.Image, spec.Flavor, addressList(vm.Status.Addresses)),
 	}
-	txn, err := store.CreateVMTxn(nv)
-	if err != nil {
-		return nil, err
-	}
-	rev, ok, err := txn.Commit(ctx, s.etcd)
-	committed = ok
+	// Charged to the project's quota in the same transaction, together
+	// with the project's other creates in flight (createbatch.go).
+	rev, err := s.creates.commit(ctx, nv)
+	committed = err == nil
 	if err != nil {
 		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 			s.leases.forget(lease)
 			return nil, errRetry
 		}
 		return nil, err
-	}
-	if !ok {
-		return nil, errRetry
 	}
 	vm.Meta.ResourceVersion, vm.Status.StatusVersion = rev, rev
 	s.log.Info("vm created", "vm", vm.Meta.Name, "project", project, "id", id, "rev", rev)

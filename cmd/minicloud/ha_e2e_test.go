@@ -171,6 +171,8 @@ func TestE2EControlPlaneSurvivesLosingMembers(t *testing.T) {
 	c.ok("flavor", "create", "small", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "1")
 	c.ok("image", "create", "img", "--file", file)
 	c.ok("network", "create", "default", "--cidr", "10.98.0.0/24")
+	// 30 VMs: more than the default quota of 20 instances.
+	c.ok("quota", "set", "default", "--instances", "40")
 
 	cl, err := client.Dial(ctx, both.Endpoint, both.DialOptions()...)
 	if err != nil {

@@ -21,7 +21,7 @@ func TestIdentityJWKS(t *testing.T) {
 		t.Fatal(err)
 	}
 	env := map[string]string{"HOME": dir}
-	code, out, stderr := runCLI(t, env, "", "--endpoint", srv.Addr, "--ca-cert", caFile, "identity", "jwks")
+	code, out, stderr := runCLI(t, env, "", "--endpoint", srv.Addr, "--ca-cert", caFile, "--token", srv.AdminToken, "identity", "jwks")
 	if code != 0 {
 		t.Fatalf("identity jwks: exit %d: %s", code, stderr)
 	}

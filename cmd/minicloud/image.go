@@ -24,7 +24,7 @@ const uploadChunkSize = 1 << 20
 func (a *app) newImageCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "image", Short: "Manage guest images"})
 	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
-		resp, err := c.Images.ListImages(ctx, &minicloudv1.ListImagesRequest{})
+		resp, err := c.Images.ListImages(ctx, &minicloudv1.ListImagesRequest{Project: a.project()})
 		var names []string
 		for _, i := range resp.GetImages() {
 			names = append(names, i.GetMeta().GetName())
@@ -45,6 +45,7 @@ func (a *app) newImageCommand() *cobra.Command {
 	create.Flags().StringVar(&hdr.Cmdline, "cmdline", "", "kernel command line for direct boot (needs --kernel)")
 	create.Flags().Int64Var(&hdr.MinDiskGib, "min-disk-gib", 0, "smallest root disk the image needs (default: its virtual size)")
 	create.Flags().StringVar(&hdr.RequiredHypervisor, "required-hypervisor", "", "kvm or tcg if the image only runs on one")
+	public := create.Flags().Bool("public", false, "make the image public once uploaded (every project may boot from it; admin)")
 	createOut := addOutputFlag(create)
 	create.RunE = func(cmd *cobra.Command, args []string) error {
 		if err := requireFlags(cmd, "file"); err != nil {
@@ -57,29 +58,70 @@ func (a *app) newImageCommand() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		hdr.Name = args[0]
+		hdr.Name, hdr.Project = args[0], a.project()
 		img, err := a.uploadImage(cmd.Context(), c, &hdr, file, kernel, initrd)
 		if err != nil {
 			return err
+		}
+		if *public {
+			if img, err = c.Images.SetImageVisibility(cmd.Context(), &minicloudv1.SetImageVisibilityRequest{
+				Name: hdr.Name, Project: hdr.Project, Visibility: minicloudv1.ImageVisibility_IMAGE_VISIBILITY_PUBLIC,
+			}); err != nil {
+				return fmt.Errorf("image %s uploaded (private), but not made public: %w", hdr.Name, err)
+			}
 		}
 		return printMessage(a.out, *createOut, img, func(w io.Writer) error { return imageTable(w, []*minicloudv1.Image{img}) })
 	}
 
 	list := listCommand(a, "List images",
 		func(ctx context.Context, c *client.Client) (*minicloudv1.ListImagesResponse, error) {
-			return c.Images.ListImages(ctx, &minicloudv1.ListImagesRequest{})
+			return c.Images.ListImages(ctx, &minicloudv1.ListImagesRequest{Project: a.project()})
 		},
 		func(w io.Writer, r *minicloudv1.ListImagesResponse) error { return imageTable(w, r.GetImages()) })
 	show := showCommand(a, "Show an image", complete,
 		func(ctx context.Context, c *client.Client, name string) (*minicloudv1.Image, error) {
-			return c.Images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: name})
+			return c.Images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: name, Project: a.project()})
 		}, imageDetails)
 	del := nameCommand(a, "delete", "Delete an image no VM uses", "image", "deleted", complete,
 		func(ctx context.Context, c *client.Client, name string) error {
-			return ignoreResult(c.Images.DeleteImage(ctx, &minicloudv1.DeleteImageRequest{Name: name}))
+			return ignoreResult(c.Images.DeleteImage(ctx, &minicloudv1.DeleteImageRequest{Name: name, Project: a.project()}))
 		})
-	cmd.AddCommand(create, list, show, del)
+	visibility := &cobra.Command{
+		Use:               "set-visibility NAME public|private",
+		Short:             "Make an image of your project public (admin) or private again",
+		Args:              exactArgs("NAME", "VISIBILITY"),
+		ValidArgsFunction: complete,
+	}
+	visibilityOut := addOutputFlag(visibility)
+	visibility.RunE = func(cmd *cobra.Command, args []string) error {
+		v, ok := map[string]minicloudv1.ImageVisibility{
+			"public":  minicloudv1.ImageVisibility_IMAGE_VISIBILITY_PUBLIC,
+			"private": minicloudv1.ImageVisibility_IMAGE_VISIBILITY_PRIVATE,
+		}[args[1]]
+		if !ok {
+			return usagef("visibility %q: must be public or private", args[1])
+		}
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		img, err := c.Images.SetImageVisibility(cmd.Context(), &minicloudv1.SetImageVisibilityRequest{Name: args[0], Project: a.project(), Visibility: v})
+		if err != nil {
+			return err
+		}
+		return printMessage(a.out, *visibilityOut, img, func(w io.Writer) error { return imageTable(w, []*minicloudv1.Image{img}) })
+	}
+	cmd.AddCommand(create, list, show, del, visibility)
 	return cmd
+}
+
+// imageVisibility names an image's visibility; an image of no project
+// (from before images had owners) is public.
+func imageVisibility(i *minicloudv1.Image) string {
+	if i.GetMeta().GetProject() == "" || i.GetVisibility() == minicloudv1.ImageVisibility_IMAGE_VISIBILITY_PUBLIC {
+		return "public"
+	}
+	return "private"
 }
 
 // imagePart is one file to upload.
@@ -230,10 +272,12 @@ func imageTable(w io.Writer, images []*minicloudv1.Image) error {
 			strconv.FormatInt(i.GetMinDiskGib(), 10),
 			boot,
 			shortSum(i.GetDisk().GetSha256()),
+			orDash(i.GetMeta().GetProject()),
+			imageVisibility(i),
 			age(i.GetMeta().GetCreateTime()),
 		})
 	}
-	return writeTable(w, []string{"NAME", "FORMAT", "SIZE", "VIRTUAL-SIZE", "MIN-DISK-GIB", "BOOT", "SHA256", "AGE"}, rows)
+	return writeTable(w, []string{"NAME", "FORMAT", "SIZE", "VIRTUAL-SIZE", "MIN-DISK-GIB", "BOOT", "SHA256", "PROJECT", "VISIBILITY", "AGE"}, rows)
 }
 
 func imageDetails(w io.Writer, i *minicloudv1.Image) error {
@@ -246,6 +290,8 @@ func imageDetails(w io.Writer, i *minicloudv1.Image) error {
 	return writeFields(w, []field{
 		{"Name", i.GetMeta().GetName()},
 		{"ID", i.GetMeta().GetId()},
+		{"Project", orDash(i.GetMeta().GetProject())},
+		{"Visibility", imageVisibility(i)},
 		{"Format", imageFormat(i.GetFormat())},
 		{"Disk", blob(i.GetDisk())},
 		{"Virtual size", bytesIEC(i.GetVirtualSizeBytes())},

@@ -112,6 +112,7 @@ Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 		a.newTokenCommand(),
 		a.newWhoAmICommand(),
 		a.newIdentityCommand(),
+		a.newQuotaCommand(),
 	)
 	return root
 }

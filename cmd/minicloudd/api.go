@@ -13,8 +13,10 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/pkg/identity"
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 const shutdownGrace = 10 * time.Second
@@ -30,6 +32,36 @@ type apiFlags struct {
 	// identityIssuer and identityRotation: workload identity tokens.
 	identityIssuer   string
 	identityRotation time.Duration
+	quota            quotaFlags
+}
+
+// quotaFlags are every project's default quota (docs/security.md,
+// "Quotas"); SetQuota overrides them per project.
+type quotaFlags struct {
+	instances, vcpus, memoryMiB, diskGiB, networks, serverGroups, imageBytes int64
+}
+
+func (q *quotaFlags) addFlags(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.Int64Var(&q.instances, "default-quota-instances", 20, "VMs a project may have, unless set for it with minicloud quota set (-1: unlimited)")
+	fl.Int64Var(&q.vcpus, "default-quota-vcpus", 40, "virtual CPUs of a project's VMs together (-1: unlimited)")
+	fl.Int64Var(&q.memoryMiB, "default-quota-memory-mib", 64<<10, "memory of a project's VMs together, MiB (-1: unlimited)")
+	fl.Int64Var(&q.diskGiB, "default-quota-disk-gib", 1024, "root disks of a project's VMs together, GiB (-1: unlimited)")
+	fl.Int64Var(&q.networks, "default-quota-networks", 10, "networks a project may have (-1: unlimited)")
+	fl.Int64Var(&q.serverGroups, "default-quota-server-groups", 10, "server groups a project may have (-1: unlimited)")
+	fl.Int64Var(&q.imageBytes, "default-quota-image-bytes", 50<<30, "bytes of a project's images together (-1: unlimited)")
+}
+
+// limits is the flags as the API server's default quota.
+func (q quotaFlags) limits() (*minicloudv1.QuotaLimits, error) {
+	l := &minicloudv1.QuotaLimits{
+		Instances: &q.instances, Vcpus: &q.vcpus, MemoryMib: &q.memoryMiB, DiskGib: &q.diskGiB,
+		Networks: &q.networks, ServerGroups: &q.serverGroups, ImageBytes: &q.imageBytes,
+	}
+	if err := store.ValidateLimits(l); err != nil {
+		return nil, fmt.Errorf("--default-quota-*: %w", err)
+	}
+	return l, nil
 }
 
 func (f *apiFlags) addFlags(cmd *cobra.Command) {
@@ -41,6 +73,7 @@ func (f *apiFlags) addFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.identityIssuer, "identity-issuer", "", "URL at which third parties reach this API's --metrics-listen address: the \"iss\" of guests' identity tokens, with the JWKS and OpenID discovery below it (default http://<metrics-listen address>)")
 	cmd.Flags().DurationVar(&f.identityRotation, "identity-key-rotation", identity.DefaultRotation, "how long one identity token signing key signs before the next takes over (at least 3h)")
 	f.etcd.addFlags(cmd.Flags())
+	f.quota.addFlags(cmd)
 }
 
 func newAPICommand() *cobra.Command {
@@ -69,12 +102,17 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 	if imageDir == "" {
 		imageDir = filepath.Join(f.dataDir, "images")
 	}
+	quota, err := f.quota.limits()
+	if err != nil {
+		return err
+	}
 	cfg := apiserver.Config{
 		Client:              cli,
 		ImageDir:            imageDir,
 		Logger:              slog.Default(),
 		IdentityIssuer:      f.identityIssuer,
 		IdentityKeyRotation: f.identityRotation,
+		DefaultQuota:        quota,
 	}
 	if err := setupAPIPKI(ctx, f, cli, &cfg); err != nil {
 		return err

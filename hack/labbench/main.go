@@ -304,6 +304,15 @@ func createBatch(ctx context.Context, l *lab.Lab, n int, tag, host string) (*bat
 		return nil, err
 	}
 	defer c.Close()
+	// A batch (30 by default) plus the lab's own VMs is more than the
+	// default quota of a project (20 VMs): the bench measures the cloud,
+	// not the quota.
+	unlimited := int64(-1)
+	if _, err := c.Quotas.SetQuota(ctx, &minicloudv1.SetQuotaRequest{Limits: &minicloudv1.QuotaLimits{
+		Instances: &unlimited, Vcpus: &unlimited, MemoryMib: &unlimited, DiskGib: &unlimited,
+	}}); err != nil {
+		return nil, fmt.Errorf("lift the quota of the bench's project: %w", err)
+	}
 	prefix := "bench-" + tag + "-"
 	sent := make([]time.Time, n)
 	errs := make([]error, n)

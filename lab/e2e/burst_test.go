@@ -26,6 +26,12 @@ func TestLabCreateBurstSurvivesLosingMembers(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	// 30 VMs and the lab's own are more than a project's default quota
+	// (20 VMs, 40 vCPUs).
+	unlimited := int64(-1)
+	if _, err := c.Quotas.SetQuota(ctx, &minicloudv1.SetQuotaRequest{Limits: &minicloudv1.QuotaLimits{Instances: &unlimited, Vcpus: &unlimited}}); err != nil {
+		t.Fatal(err)
+	}
 
 	const burst = 30
 	// A create starts every pace, each in its own goroutine (so up to all

@@ -41,6 +41,7 @@ type Client struct {
 	Hosts        minicloudv1.HostServiceClient
 	Auth         minicloudv1.AuthServiceClient
 	Identity     minicloudv1.IdentityServiceClient
+	Quotas       minicloudv1.QuotaServiceClient
 }
 
 // MaxResponseBytes bounds one answer the client accepts. gRPC's default
@@ -188,6 +189,7 @@ func New(conn *grpc.ClientConn) *Client {
 		Hosts:        minicloudv1.NewHostServiceClient(conn),
 		Auth:         minicloudv1.NewAuthServiceClient(conn),
 		Identity:     minicloudv1.NewIdentityServiceClient(conn),
+		Quotas:       minicloudv1.NewQuotaServiceClient(conn),
 	}
 }
 

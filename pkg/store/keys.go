@@ -45,6 +45,8 @@ var Layout = []KeySpec{
 	{"ipam/<network id>/<ip>", IPAMPrefix, "VM id", "API"},
 	{"vnis/<vni>", VNIPrefix, "network id (VNI zero-padded to 8 digits: the network's VXLAN segment id, taken in its create transaction, freed in its delete's)", "API"},
 	{"schedulers/<replica id>", SchedulerPrefix, "replica id, attached to the replica's lease (work sharing)", "each scheduler replica"},
+	{"quotas/usage/<project>", QuotaUsagePrefix, "QuotaUsage (what the project holds; every create and removal of a VM, network, server group or image changes it in its own transaction)", "API"},
+	{"quotas/limits/<project>", QuotaLimitsPrefix, "QuotaLimits (the project's overrides of the default limits)", "API (SetQuota)"},
 	{"pki/ca", CAKey, "ClusterCA (certificate + key)", "first API server (create-if-absent)"},
 	{"pki/jointokens/<id>", JoinTokenPrefix, "JoinToken (hashed secret), leased until expiry", "API"},
 	{"pki/hostcerts/<host>/<serial>", HostCertPrefix, "IssuedCert", "API on join"},
@@ -88,6 +90,8 @@ const (
 	IPAMPrefix        = Prefix + "ipam/"
 	VNIPrefix         = Prefix + "vnis/"
 	SchedulerPrefix   = Prefix + "schedulers/"
+	QuotaUsagePrefix  = Prefix + "quotas/usage/"
+	QuotaLimitsPrefix = Prefix + "quotas/limits/"
 	CAKey             = Prefix + "pki/ca"
 	JoinTokenPrefix   = Prefix + "pki/jointokens/"
 	HostCertPrefix    = Prefix + "pki/hostcerts/"
@@ -139,6 +143,8 @@ func ParseClaimKey(key string) (host, vmID string, ok bool) {
 func IPAMNetworkPrefix(networkID string) string { return IPAMPrefix + networkID + "/" }
 func IPAMKey(networkID, ip string) string       { return IPAMNetworkPrefix(networkID) + ip }
 func SchedulerKey(replicaID string) string      { return SchedulerPrefix + replicaID }
+func QuotaUsageKey(project string) string       { return QuotaUsagePrefix + project }
+func QuotaLimitsKey(project string) string      { return QuotaLimitsPrefix + project }
 func JoinTokenKey(id string) string             { return JoinTokenPrefix + id }
 func HostCertsPrefix(host string) string        { return HostCertPrefix + host + "/" }
 func HostCertKey(host, serial string) string    { return HostCertsPrefix(host) + serial }

@@ -69,6 +69,8 @@ func TestKeyLayoutIsComplete(t *testing.T) {
 		store.IPAMPrefix:        store.IPAMKey("net", "10.0.0.2"),
 		store.VNIPrefix:         store.VNIKey(4711),
 		store.SchedulerPrefix:   store.SchedulerKey("r"),
+		store.QuotaUsagePrefix:  store.QuotaUsageKey("p"),
+		store.QuotaLimitsPrefix: store.QuotaLimitsKey("p"),
 		store.CAKey:             store.CAKey,
 		store.JoinTokenPrefix:   store.JoinTokenKey("abcdef"),
 		store.HostCertPrefix:    store.HostCertKey("h", "0a1b"),

@@ -7,6 +7,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
 )
 
 // The VM write protocols. Each builds the one etcd transaction of one step
@@ -33,6 +34,10 @@ type NewVM struct {
 	Event    *minicloudv1.Event
 	// FlavorRev is the mod revision of the flavor the resources came from.
 	FlavorRev int64
+	// ImageRev, if set, is the mod revision of the image as read (its
+	// visibility allowed the VM's project to boot from it); 0 only
+	// requires that the image exists.
+	ImageRev int64
 	// Networks has, for each of VM.Status.Addresses, the network's id (its
 	// IPAM range) and the mod revision of its key.
 	Networks []NetworkRef
@@ -61,9 +66,13 @@ func CreateVMTxn(n NewVM) (Txn, error) {
 	spec := vm.GetSpec()
 	t := Txn{If: []clientv3.Cmp{
 		Absent(VMNameKey(project, name)),
-		Exists(ImageKey(spec.GetImage())),
 		Unchanged(FlavorKey(spec.GetFlavor()), n.FlavorRev),
 	}}
+	if n.ImageRev != 0 {
+		t.If = append(t.If, Unchanged(ImageKey(spec.GetImage()), n.ImageRev))
+	} else {
+		t.If = append(t.If, Exists(ImageKey(spec.GetImage())))
+	}
 	if g := spec.GetServerGroup(); g != "" {
 		t.If = append(t.If, Exists(ServerGroupKey(project, g)))
 	}
@@ -95,6 +104,32 @@ func CreateVMTxn(n NewVM) (Txn, error) {
 		return Txn{}, err
 	}
 	t.Then = append(t.Then, evOps...)
+	return t, nil
+}
+
+// CreateVMsTxn creates every VM of vms (each as CreateVMTxn does) and
+// charges them to their project's quota, in one transaction: usage is the
+// project's usage as read and next that usage plus every VM's VMUsage,
+// allowed by Charge. The VMs must be of usage's project and must not write
+// the same keys (names, request ids, addresses). If any compare fails,
+// nothing is written.
+func CreateVMsTxn(usage UsageState, next *minicloudv1.QuotaUsage, vms ...NewVM) (Txn, error) {
+	var t Txn
+	for _, n := range vms {
+		if p := n.VM.GetMeta().GetProject(); p != usage.Project {
+			return Txn{}, errdefs.Internal("vm %s of project %s charged to project %s", n.VM.GetMeta().GetName(), p, usage.Project)
+		}
+		one, err := CreateVMTxn(n)
+		if err != nil {
+			return Txn{}, err
+		}
+		t.If, t.Then = append(t.If, one.If...), append(t.Then, one.Then...)
+	}
+	cmps, ops, err := ChargeOps(usage, next)
+	if err != nil {
+		return Txn{}, err
+	}
+	t.If, t.Then = append(t.If, cmps...), append(t.Then, ops...)
 	return t, nil
 }
 
@@ -170,11 +205,17 @@ func RescheduleVMTxn(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM, ne
 }
 
 // RemoveVMTxn removes a VM for good: its keys (spec, status, user-data,
-// name index, events), its addresses and the capacity claim on its host.
-// It reads the addresses and the claim first; the transaction compares
-// what it read.
+// name index, events), its addresses and the capacity claim on its host,
+// and gives its share of the project's quota back. It reads the addresses,
+// the claim and the usage first; the transaction compares what it read, so
+// the share goes back exactly once: with the one removal that commits.
 func RemoveVMTxn(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM) (Txn, error) {
 	t := Txn{If: VMUnchanged(vm), Then: VMKeysOps(vm)}
+	quotaCmps, quotaOps, err := ReadReleaseOps(ctx, kv, vm.GetMeta().GetProject(), VMUsage(vm))
+	if err != nil {
+		return Txn{}, err
+	}
+	t.If, t.Then = append(t.If, quotaCmps...), append(t.Then, quotaOps...)
 	addrCmps, addrOps, err := releaseAddressOps(ctx, kv, vm)
 	if err != nil {
 		return Txn{}, err

@@ -21,6 +21,59 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// ImageVisibility says who sees an image. An image of no project (stored
+// before images had owners) is public.
+type ImageVisibility int32
+
+const (
+	ImageVisibility_IMAGE_VISIBILITY_UNSPECIFIED ImageVisibility = 0
+	// PRIVATE: only its project sees it and boots from it.
+	ImageVisibility_IMAGE_VISIBILITY_PRIVATE ImageVisibility = 1
+	// PUBLIC: every project sees it and boots from it.
+	ImageVisibility_IMAGE_VISIBILITY_PUBLIC ImageVisibility = 2
+)
+
+// Enum value maps for ImageVisibility.
+var (
+	ImageVisibility_name = map[int32]string{
+		0: "IMAGE_VISIBILITY_UNSPECIFIED",
+		1: "IMAGE_VISIBILITY_PRIVATE",
+		2: "IMAGE_VISIBILITY_PUBLIC",
+	}
+	ImageVisibility_value = map[string]int32{
+		"IMAGE_VISIBILITY_UNSPECIFIED": 0,
+		"IMAGE_VISIBILITY_PRIVATE":     1,
+		"IMAGE_VISIBILITY_PUBLIC":      2,
+	}
+)
+
+func (x ImageVisibility) Enum() *ImageVisibility {
+	p := new(ImageVisibility)
+	*p = x
+	return p
+}
+
+func (x ImageVisibility) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ImageVisibility) Descriptor() protoreflect.EnumDescriptor {
+	return file_minicloud_v1_image_proto_enumTypes[0].Descriptor()
+}
+
+func (ImageVisibility) Type() protoreflect.EnumType {
+	return &file_minicloud_v1_image_proto_enumTypes[0]
+}
+
+func (x ImageVisibility) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ImageVisibility.Descriptor instead.
+func (ImageVisibility) EnumDescriptor() ([]byte, []int) {
+	return file_minicloud_v1_image_proto_rawDescGZIP(), []int{0}
+}
+
 type ImageFormat int32
 
 const (
@@ -54,11 +107,11 @@ func (x ImageFormat) String() string {
 }
 
 func (ImageFormat) Descriptor() protoreflect.EnumDescriptor {
-	return file_minicloud_v1_image_proto_enumTypes[0].Descriptor()
+	return file_minicloud_v1_image_proto_enumTypes[1].Descriptor()
 }
 
 func (ImageFormat) Type() protoreflect.EnumType {
-	return &file_minicloud_v1_image_proto_enumTypes[0]
+	return &file_minicloud_v1_image_proto_enumTypes[1]
 }
 
 func (x ImageFormat) Number() protoreflect.EnumNumber {
@@ -67,7 +120,7 @@ func (x ImageFormat) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ImageFormat.Descriptor instead.
 func (ImageFormat) EnumDescriptor() ([]byte, []int) {
-	return file_minicloud_v1_image_proto_rawDescGZIP(), []int{0}
+	return file_minicloud_v1_image_proto_rawDescGZIP(), []int{1}
 }
 
 type ImagePart int32
@@ -106,11 +159,11 @@ func (x ImagePart) String() string {
 }
 
 func (ImagePart) Descriptor() protoreflect.EnumDescriptor {
-	return file_minicloud_v1_image_proto_enumTypes[1].Descriptor()
+	return file_minicloud_v1_image_proto_enumTypes[2].Descriptor()
 }
 
 func (ImagePart) Type() protoreflect.EnumType {
-	return &file_minicloud_v1_image_proto_enumTypes[1]
+	return &file_minicloud_v1_image_proto_enumTypes[2]
 }
 
 func (x ImagePart) Number() protoreflect.EnumNumber {
@@ -119,7 +172,7 @@ func (x ImagePart) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ImagePart.Descriptor instead.
 func (ImagePart) EnumDescriptor() ([]byte, []int) {
-	return file_minicloud_v1_image_proto_rawDescGZIP(), []int{1}
+	return file_minicloud_v1_image_proto_rawDescGZIP(), []int{2}
 }
 
 type ImageBlob struct {
@@ -189,8 +242,11 @@ type Image struct {
 	MinDiskGib int64      `protobuf:"varint,8,opt,name=min_disk_gib,json=minDiskGib,proto3" json:"min_disk_gib,omitempty"`
 	// required_hypervisor: "", "kvm" or "tcg".
 	RequiredHypervisor string `protobuf:"bytes,9,opt,name=required_hypervisor,json=requiredHypervisor,proto3" json:"required_hypervisor,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// meta.project owns the image: its bytes count against that project's
+	// image_bytes quota.
+	Visibility    ImageVisibility `protobuf:"varint,10,opt,name=visibility,proto3,enum=minicloud.v1.ImageVisibility" json:"visibility,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Image) Reset() {
@@ -286,6 +342,13 @@ func (x *Image) GetRequiredHypervisor() string {
 	return ""
 }
 
+func (x *Image) GetVisibility() ImageVisibility {
+	if x != nil {
+		return x.Visibility
+	}
+	return ImageVisibility_IMAGE_VISIBILITY_UNSPECIFIED
+}
+
 type CreateImageHeader struct {
 	state              protoimpl.MessageState `protogen:"open.v1"`
 	Name               string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -296,8 +359,10 @@ type CreateImageHeader struct {
 	DiskSizeBytes   int64 `protobuf:"varint,5,opt,name=disk_size_bytes,json=diskSizeBytes,proto3" json:"disk_size_bytes,omitempty"`
 	KernelSizeBytes int64 `protobuf:"varint,6,opt,name=kernel_size_bytes,json=kernelSizeBytes,proto3" json:"kernel_size_bytes,omitempty"`
 	InitrdSizeBytes int64 `protobuf:"varint,7,opt,name=initrd_size_bytes,json=initrdSizeBytes,proto3" json:"initrd_size_bytes,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// project owns the image (default: the caller's); uploads are private.
+	Project       string `protobuf:"bytes,8,opt,name=project,proto3" json:"project,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateImageHeader) Reset() {
@@ -377,6 +442,13 @@ func (x *CreateImageHeader) GetInitrdSizeBytes() int64 {
 		return x.InitrdSizeBytes
 	}
 	return 0
+}
+
+func (x *CreateImageHeader) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
 }
 
 type ImageChunk struct {
@@ -514,8 +586,11 @@ func (*CreateImageRequest_Header) isCreateImageRequest_Msg() {}
 func (*CreateImageRequest_Chunk) isCreateImageRequest_Msg() {}
 
 type GetImageRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// project sees its own images and the public ones; another project's
+	// private image is NOT_FOUND.
+	Project       string `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -557,8 +632,16 @@ func (x *GetImageRequest) GetName() string {
 	return ""
 }
 
+func (x *GetImageRequest) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
 type ListImagesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Project       string                 `protobuf:"bytes,1,opt,name=project,proto3" json:"project,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -591,6 +674,13 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
 	return file_minicloud_v1_image_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ListImagesRequest) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
 }
 
 type ListImagesResponse struct {
@@ -640,6 +730,7 @@ func (x *ListImagesResponse) GetImages() []*Image {
 type DeleteImageRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Project       string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -677,6 +768,13 @@ func (*DeleteImageRequest) Descriptor() ([]byte, []int) {
 func (x *DeleteImageRequest) GetName() string {
 	if x != nil {
 		return x.Name
+	}
+	return ""
+}
+
+func (x *DeleteImageRequest) GetProject() string {
+	if x != nil {
+		return x.Project
 	}
 	return ""
 }
@@ -723,6 +821,7 @@ type DownloadImageRequest struct {
 	Part  ImagePart              `protobuf:"varint,2,opt,name=part,proto3,enum=minicloud.v1.ImagePart" json:"part,omitempty"`
 	// sha256, if set, must match the stored blob (a host downloads by digest).
 	Sha256        string `protobuf:"bytes,3,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	Project       string `protobuf:"bytes,4,opt,name=project,proto3" json:"project,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -778,6 +877,74 @@ func (x *DownloadImageRequest) GetSha256() string {
 	return ""
 }
 
+func (x *DownloadImageRequest) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+type SetImageVisibilityRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Project string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
+	// visibility is PRIVATE or PUBLIC.
+	Visibility    ImageVisibility `protobuf:"varint,3,opt,name=visibility,proto3,enum=minicloud.v1.ImageVisibility" json:"visibility,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetImageVisibilityRequest) Reset() {
+	*x = SetImageVisibilityRequest{}
+	mi := &file_minicloud_v1_image_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetImageVisibilityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetImageVisibilityRequest) ProtoMessage() {}
+
+func (x *SetImageVisibilityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_image_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetImageVisibilityRequest.ProtoReflect.Descriptor instead.
+func (*SetImageVisibilityRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_image_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *SetImageVisibilityRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetImageVisibilityRequest) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+func (x *SetImageVisibilityRequest) GetVisibility() ImageVisibility {
+	if x != nil {
+		return x.Visibility
+	}
+	return ImageVisibility_IMAGE_VISIBILITY_UNSPECIFIED
+}
+
 type DownloadImageResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
@@ -787,7 +954,7 @@ type DownloadImageResponse struct {
 
 func (x *DownloadImageResponse) Reset() {
 	*x = DownloadImageResponse{}
-	mi := &file_minicloud_v1_image_proto_msgTypes[11]
+	mi := &file_minicloud_v1_image_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -799,7 +966,7 @@ func (x *DownloadImageResponse) String() string {
 func (*DownloadImageResponse) ProtoMessage() {}
 
 func (x *DownloadImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_image_proto_msgTypes[11]
+	mi := &file_minicloud_v1_image_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -812,7 +979,7 @@ func (x *DownloadImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadImageResponse.ProtoReflect.Descriptor instead.
 func (*DownloadImageResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_image_proto_rawDescGZIP(), []int{11}
+	return file_minicloud_v1_image_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DownloadImageResponse) GetData() []byte {
@@ -830,7 +997,7 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\tImageBlob\x12\x16\n" +
 	"\x06sha256\x18\x01 \x01(\tR\x06sha256\x12\x1d\n" +
 	"\n" +
-	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\"\x92\x03\n" +
+	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\"\xd1\x03\n" +
 	"\x05Image\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x121\n" +
 	"\x06format\x18\x02 \x01(\x0e2\x19.minicloud.v1.ImageFormatR\x06format\x12+\n" +
@@ -841,7 +1008,11 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\acmdline\x18\a \x01(\tR\acmdline\x12 \n" +
 	"\fmin_disk_gib\x18\b \x01(\x03R\n" +
 	"minDiskGib\x12/\n" +
-	"\x13required_hypervisor\x18\t \x01(\tR\x12requiredHypervisor\"\x94\x02\n" +
+	"\x13required_hypervisor\x18\t \x01(\tR\x12requiredHypervisor\x12=\n" +
+	"\n" +
+	"visibility\x18\n" +
+	" \x01(\x0e2\x1d.minicloud.v1.ImageVisibilityR\n" +
+	"visibility\"\xae\x02\n" +
 	"\x11CreateImageHeader\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\acmdline\x18\x02 \x01(\tR\acmdline\x12 \n" +
@@ -850,7 +1021,8 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\x13required_hypervisor\x18\x04 \x01(\tR\x12requiredHypervisor\x12&\n" +
 	"\x0fdisk_size_bytes\x18\x05 \x01(\x03R\rdiskSizeBytes\x12*\n" +
 	"\x11kernel_size_bytes\x18\x06 \x01(\x03R\x0fkernelSizeBytes\x12*\n" +
-	"\x11initrd_size_bytes\x18\a \x01(\x03R\x0finitrdSizeBytes\"M\n" +
+	"\x11initrd_size_bytes\x18\a \x01(\x03R\x0finitrdSizeBytes\x12\x18\n" +
+	"\aproject\x18\b \x01(\tR\aproject\"M\n" +
 	"\n" +
 	"ImageChunk\x12+\n" +
 	"\x04part\x18\x01 \x01(\x0e2\x17.minicloud.v1.ImagePartR\x04part\x12\x12\n" +
@@ -858,21 +1030,35 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\x12CreateImageRequest\x129\n" +
 	"\x06header\x18\x01 \x01(\v2\x1f.minicloud.v1.CreateImageHeaderH\x00R\x06header\x120\n" +
 	"\x05chunk\x18\x02 \x01(\v2\x18.minicloud.v1.ImageChunkH\x00R\x05chunkB\x05\n" +
-	"\x03msg\"%\n" +
+	"\x03msg\"?\n" +
 	"\x0fGetImageRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x13\n" +
-	"\x11ListImagesRequest\"A\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\"-\n" +
+	"\x11ListImagesRequest\x12\x18\n" +
+	"\aproject\x18\x01 \x01(\tR\aproject\"A\n" +
 	"\x12ListImagesResponse\x12+\n" +
-	"\x06images\x18\x01 \x03(\v2\x13.minicloud.v1.ImageR\x06images\"(\n" +
+	"\x06images\x18\x01 \x03(\v2\x13.minicloud.v1.ImageR\x06images\"B\n" +
 	"\x12DeleteImageRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x15\n" +
-	"\x13DeleteImageResponse\"o\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\"\x15\n" +
+	"\x13DeleteImageResponse\"\x89\x01\n" +
 	"\x14DownloadImageRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
 	"\x04part\x18\x02 \x01(\x0e2\x17.minicloud.v1.ImagePartR\x04part\x12\x16\n" +
-	"\x06sha256\x18\x03 \x01(\tR\x06sha256\"+\n" +
+	"\x06sha256\x18\x03 \x01(\tR\x06sha256\x12\x18\n" +
+	"\aproject\x18\x04 \x01(\tR\aproject\"\x88\x01\n" +
+	"\x19SetImageVisibilityRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\x12=\n" +
+	"\n" +
+	"visibility\x18\x03 \x01(\x0e2\x1d.minicloud.v1.ImageVisibilityR\n" +
+	"visibility\"+\n" +
 	"\x15DownloadImageResponse\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data*Y\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data*n\n" +
+	"\x0fImageVisibility\x12 \n" +
+	"\x1cIMAGE_VISIBILITY_UNSPECIFIED\x10\x00\x12\x1c\n" +
+	"\x18IMAGE_VISIBILITY_PRIVATE\x10\x01\x12\x1b\n" +
+	"\x17IMAGE_VISIBILITY_PUBLIC\x10\x02*Y\n" +
 	"\vImageFormat\x12\x1c\n" +
 	"\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12IMAGE_FORMAT_QCOW2\x10\x01\x12\x14\n" +
@@ -881,14 +1067,15 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\x16IMAGE_PART_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fIMAGE_PART_DISK\x10\x01\x12\x15\n" +
 	"\x11IMAGE_PART_KERNEL\x10\x02\x12\x15\n" +
-	"\x11IMAGE_PART_INITRD\x10\x032\x97\x03\n" +
+	"\x11IMAGE_PART_INITRD\x10\x032\xeb\x03\n" +
 	"\fImageService\x12F\n" +
 	"\vCreateImage\x12 .minicloud.v1.CreateImageRequest\x1a\x13.minicloud.v1.Image(\x01\x12>\n" +
 	"\bGetImage\x12\x1d.minicloud.v1.GetImageRequest\x1a\x13.minicloud.v1.Image\x12O\n" +
 	"\n" +
 	"ListImages\x12\x1f.minicloud.v1.ListImagesRequest\x1a .minicloud.v1.ListImagesResponse\x12R\n" +
 	"\vDeleteImage\x12 .minicloud.v1.DeleteImageRequest\x1a!.minicloud.v1.DeleteImageResponse\x12Z\n" +
-	"\rDownloadImage\x12\".minicloud.v1.DownloadImageRequest\x1a#.minicloud.v1.DownloadImageResponse0\x01B=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\rDownloadImage\x12\".minicloud.v1.DownloadImageRequest\x1a#.minicloud.v1.DownloadImageResponse0\x01\x12R\n" +
+	"\x12SetImageVisibility\x12'.minicloud.v1.SetImageVisibilityRequest\x1a\x13.minicloud.v1.ImageB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_image_proto_rawDescOnce sync.Once
@@ -902,51 +1089,57 @@ func file_minicloud_v1_image_proto_rawDescGZIP() []byte {
 	return file_minicloud_v1_image_proto_rawDescData
 }
 
-var file_minicloud_v1_image_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_minicloud_v1_image_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_minicloud_v1_image_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_minicloud_v1_image_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_minicloud_v1_image_proto_goTypes = []any{
-	(ImageFormat)(0),              // 0: minicloud.v1.ImageFormat
-	(ImagePart)(0),                // 1: minicloud.v1.ImagePart
-	(*ImageBlob)(nil),             // 2: minicloud.v1.ImageBlob
-	(*Image)(nil),                 // 3: minicloud.v1.Image
-	(*CreateImageHeader)(nil),     // 4: minicloud.v1.CreateImageHeader
-	(*ImageChunk)(nil),            // 5: minicloud.v1.ImageChunk
-	(*CreateImageRequest)(nil),    // 6: minicloud.v1.CreateImageRequest
-	(*GetImageRequest)(nil),       // 7: minicloud.v1.GetImageRequest
-	(*ListImagesRequest)(nil),     // 8: minicloud.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),    // 9: minicloud.v1.ListImagesResponse
-	(*DeleteImageRequest)(nil),    // 10: minicloud.v1.DeleteImageRequest
-	(*DeleteImageResponse)(nil),   // 11: minicloud.v1.DeleteImageResponse
-	(*DownloadImageRequest)(nil),  // 12: minicloud.v1.DownloadImageRequest
-	(*DownloadImageResponse)(nil), // 13: minicloud.v1.DownloadImageResponse
-	(*ObjectMeta)(nil),            // 14: minicloud.v1.ObjectMeta
+	(ImageVisibility)(0),              // 0: minicloud.v1.ImageVisibility
+	(ImageFormat)(0),                  // 1: minicloud.v1.ImageFormat
+	(ImagePart)(0),                    // 2: minicloud.v1.ImagePart
+	(*ImageBlob)(nil),                 // 3: minicloud.v1.ImageBlob
+	(*Image)(nil),                     // 4: minicloud.v1.Image
+	(*CreateImageHeader)(nil),         // 5: minicloud.v1.CreateImageHeader
+	(*ImageChunk)(nil),                // 6: minicloud.v1.ImageChunk
+	(*CreateImageRequest)(nil),        // 7: minicloud.v1.CreateImageRequest
+	(*GetImageRequest)(nil),           // 8: minicloud.v1.GetImageRequest
+	(*ListImagesRequest)(nil),         // 9: minicloud.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),        // 10: minicloud.v1.ListImagesResponse
+	(*DeleteImageRequest)(nil),        // 11: minicloud.v1.DeleteImageRequest
+	(*DeleteImageResponse)(nil),       // 12: minicloud.v1.DeleteImageResponse
+	(*DownloadImageRequest)(nil),      // 13: minicloud.v1.DownloadImageRequest
+	(*SetImageVisibilityRequest)(nil), // 14: minicloud.v1.SetImageVisibilityRequest
+	(*DownloadImageResponse)(nil),     // 15: minicloud.v1.DownloadImageResponse
+	(*ObjectMeta)(nil),                // 16: minicloud.v1.ObjectMeta
 }
 var file_minicloud_v1_image_proto_depIdxs = []int32{
-	14, // 0: minicloud.v1.Image.meta:type_name -> minicloud.v1.ObjectMeta
-	0,  // 1: minicloud.v1.Image.format:type_name -> minicloud.v1.ImageFormat
-	2,  // 2: minicloud.v1.Image.disk:type_name -> minicloud.v1.ImageBlob
-	2,  // 3: minicloud.v1.Image.kernel:type_name -> minicloud.v1.ImageBlob
-	2,  // 4: minicloud.v1.Image.initrd:type_name -> minicloud.v1.ImageBlob
-	1,  // 5: minicloud.v1.ImageChunk.part:type_name -> minicloud.v1.ImagePart
-	4,  // 6: minicloud.v1.CreateImageRequest.header:type_name -> minicloud.v1.CreateImageHeader
-	5,  // 7: minicloud.v1.CreateImageRequest.chunk:type_name -> minicloud.v1.ImageChunk
-	3,  // 8: minicloud.v1.ListImagesResponse.images:type_name -> minicloud.v1.Image
-	1,  // 9: minicloud.v1.DownloadImageRequest.part:type_name -> minicloud.v1.ImagePart
-	6,  // 10: minicloud.v1.ImageService.CreateImage:input_type -> minicloud.v1.CreateImageRequest
-	7,  // 11: minicloud.v1.ImageService.GetImage:input_type -> minicloud.v1.GetImageRequest
-	8,  // 12: minicloud.v1.ImageService.ListImages:input_type -> minicloud.v1.ListImagesRequest
-	10, // 13: minicloud.v1.ImageService.DeleteImage:input_type -> minicloud.v1.DeleteImageRequest
-	12, // 14: minicloud.v1.ImageService.DownloadImage:input_type -> minicloud.v1.DownloadImageRequest
-	3,  // 15: minicloud.v1.ImageService.CreateImage:output_type -> minicloud.v1.Image
-	3,  // 16: minicloud.v1.ImageService.GetImage:output_type -> minicloud.v1.Image
-	9,  // 17: minicloud.v1.ImageService.ListImages:output_type -> minicloud.v1.ListImagesResponse
-	11, // 18: minicloud.v1.ImageService.DeleteImage:output_type -> minicloud.v1.DeleteImageResponse
-	13, // 19: minicloud.v1.ImageService.DownloadImage:output_type -> minicloud.v1.DownloadImageResponse
-	15, // [15:20] is the sub-list for method output_type
-	10, // [10:15] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	16, // 0: minicloud.v1.Image.meta:type_name -> minicloud.v1.ObjectMeta
+	1,  // 1: minicloud.v1.Image.format:type_name -> minicloud.v1.ImageFormat
+	3,  // 2: minicloud.v1.Image.disk:type_name -> minicloud.v1.ImageBlob
+	3,  // 3: minicloud.v1.Image.kernel:type_name -> minicloud.v1.ImageBlob
+	3,  // 4: minicloud.v1.Image.initrd:type_name -> minicloud.v1.ImageBlob
+	0,  // 5: minicloud.v1.Image.visibility:type_name -> minicloud.v1.ImageVisibility
+	2,  // 6: minicloud.v1.ImageChunk.part:type_name -> minicloud.v1.ImagePart
+	5,  // 7: minicloud.v1.CreateImageRequest.header:type_name -> minicloud.v1.CreateImageHeader
+	6,  // 8: minicloud.v1.CreateImageRequest.chunk:type_name -> minicloud.v1.ImageChunk
+	4,  // 9: minicloud.v1.ListImagesResponse.images:type_name -> minicloud.v1.Image
+	2,  // 10: minicloud.v1.DownloadImageRequest.part:type_name -> minicloud.v1.ImagePart
+	0,  // 11: minicloud.v1.SetImageVisibilityRequest.visibility:type_name -> minicloud.v1.ImageVisibility
+	7,  // 12: minicloud.v1.ImageService.CreateImage:input_type -> minicloud.v1.CreateImageRequest
+	8,  // 13: minicloud.v1.ImageService.GetImage:input_type -> minicloud.v1.GetImageRequest
+	9,  // 14: minicloud.v1.ImageService.ListImages:input_type -> minicloud.v1.ListImagesRequest
+	11, // 15: minicloud.v1.ImageService.DeleteImage:input_type -> minicloud.v1.DeleteImageRequest
+	13, // 16: minicloud.v1.ImageService.DownloadImage:input_type -> minicloud.v1.DownloadImageRequest
+	14, // 17: minicloud.v1.ImageService.SetImageVisibility:input_type -> minicloud.v1.SetImageVisibilityRequest
+	4,  // 18: minicloud.v1.ImageService.CreateImage:output_type -> minicloud.v1.Image
+	4,  // 19: minicloud.v1.ImageService.GetImage:output_type -> minicloud.v1.Image
+	10, // 20: minicloud.v1.ImageService.ListImages:output_type -> minicloud.v1.ListImagesResponse
+	12, // 21: minicloud.v1.ImageService.DeleteImage:output_type -> minicloud.v1.DeleteImageResponse
+	15, // 22: minicloud.v1.ImageService.DownloadImage:output_type -> minicloud.v1.DownloadImageResponse
+	4,  // 23: minicloud.v1.ImageService.SetImageVisibility:output_type -> minicloud.v1.Image
+	18, // [18:24] is the sub-list for method output_type
+	12, // [12:18] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_image_proto_init() }
@@ -964,8 +1157,8 @@ func file_minicloud_v1_image_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_image_proto_rawDesc), len(file_minicloud_v1_image_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   12,
+			NumEnums:      3,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

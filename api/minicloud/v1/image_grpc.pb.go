@@ -19,11 +19,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	ImageService_CreateImage_FullMethodName   = "/minicloud.v1.ImageService/CreateImage"
-	ImageService_GetImage_FullMethodName      = "/minicloud.v1.ImageService/GetImage"
-	ImageService_ListImages_FullMethodName    = "/minicloud.v1.ImageService/ListImages"
-	ImageService_DeleteImage_FullMethodName   = "/minicloud.v1.ImageService/DeleteImage"
-	ImageService_DownloadImage_FullMethodName = "/minicloud.v1.ImageService/DownloadImage"
+	ImageService_CreateImage_FullMethodName        = "/minicloud.v1.ImageService/CreateImage"
+	ImageService_GetImage_FullMethodName           = "/minicloud.v1.ImageService/GetImage"
+	ImageService_ListImages_FullMethodName         = "/minicloud.v1.ImageService/ListImages"
+	ImageService_DeleteImage_FullMethodName        = "/minicloud.v1.ImageService/DeleteImage"
+	ImageService_DownloadImage_FullMethodName      = "/minicloud.v1.ImageService/DownloadImage"
+	ImageService_SetImageVisibility_FullMethodName = "/minicloud.v1.ImageService/SetImageVisibility"
 )
 
 // ImageServiceClient is the client API for ImageService service.
@@ -40,6 +41,9 @@ type ImageServiceClient interface {
 	DeleteImage(ctx context.Context, in *DeleteImageRequest, opts ...grpc.CallOption) (*DeleteImageResponse, error)
 	// DownloadImage streams one part of an image (disk, kernel or initrd).
 	DownloadImage(ctx context.Context, in *DownloadImageRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DownloadImageResponse], error)
+	// SetImageVisibility makes an image public (every project may see it and
+	// boot from it) or private to its owner project again.
+	SetImageVisibility(ctx context.Context, in *SetImageVisibilityRequest, opts ...grpc.CallOption) (*Image, error)
 }
 
 type imageServiceClient struct {
@@ -112,6 +116,16 @@ func (c *imageServiceClient) DownloadImage(ctx context.Context, in *DownloadImag
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ImageService_DownloadImageClient = grpc.ServerStreamingClient[DownloadImageResponse]
 
+func (c *imageServiceClient) SetImageVisibility(ctx context.Context, in *SetImageVisibilityRequest, opts ...grpc.CallOption) (*Image, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Image)
+	err := c.cc.Invoke(ctx, ImageService_SetImageVisibility_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ImageServiceServer is the server API for ImageService service.
 // All implementations must embed UnimplementedImageServiceServer
 // for forward compatibility.
@@ -126,6 +140,9 @@ type ImageServiceServer interface {
 	DeleteImage(context.Context, *DeleteImageRequest) (*DeleteImageResponse, error)
 	// DownloadImage streams one part of an image (disk, kernel or initrd).
 	DownloadImage(*DownloadImageRequest, grpc.ServerStreamingServer[DownloadImageResponse]) error
+	// SetImageVisibility makes an image public (every project may see it and
+	// boot from it) or private to its owner project again.
+	SetImageVisibility(context.Context, *SetImageVisibilityRequest) (*Image, error)
 	mustEmbedUnimplementedImageServiceServer()
 }
 
@@ -150,6 +167,9 @@ func (UnimplementedImageServiceServer) DeleteImage(context.Context, *DeleteImage
 }
 func (UnimplementedImageServiceServer) DownloadImage(*DownloadImageRequest, grpc.ServerStreamingServer[DownloadImageResponse]) error {
 	return status.Error(codes.Unimplemented, "method DownloadImage not implemented")
+}
+func (UnimplementedImageServiceServer) SetImageVisibility(context.Context, *SetImageVisibilityRequest) (*Image, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetImageVisibility not implemented")
 }
 func (UnimplementedImageServiceServer) mustEmbedUnimplementedImageServiceServer() {}
 func (UnimplementedImageServiceServer) testEmbeddedByValue()                      {}
@@ -244,6 +264,24 @@ func _ImageService_DownloadImage_Handler(srv interface{}, stream grpc.ServerStre
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ImageService_DownloadImageServer = grpc.ServerStreamingServer[DownloadImageResponse]
 
+func _ImageService_SetImageVisibility_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetImageVisibilityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ImageServiceServer).SetImageVisibility(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ImageService_SetImageVisibility_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ImageServiceServer).SetImageVisibility(ctx, req.(*SetImageVisibilityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ImageService_ServiceDesc is the grpc.ServiceDesc for ImageService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -262,6 +300,10 @@ var ImageService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteImage",
 			Handler:    _ImageService_DeleteImage_Handler,
+		},
+		{
+			MethodName: "SetImageVisibility",
+			Handler:    _ImageService_SetImageVisibility_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
