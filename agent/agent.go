@@ -28,8 +28,8 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/minicloud/minicloud/agent/hypervisor"
-	"github.com/minicloud/minicloud/agent/qemuaccess"
 	"github.com/minicloud/minicloud/agent/network"
+	"github.com/minicloud/minicloud/agent/qemuaccess"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
 
