@@ -1,6 +1,10 @@
 package auth
 
-import "strings"
+import (
+	"fmt"
+	"sort"
+	"strings"
+)
 
 // Scope says whose permission a call needs.
 type Scope int
@@ -158,4 +162,44 @@ func RuleFor(method string) (Rule, bool) {
 	service, _, _ := strings.Cut(strings.TrimPrefix(method, "/"), "/")
 	r, ok := otherServices[service]
 	return r, ok
+}
+
+// MarkdownPolicyTable renders Policy as the table docs/security.md carries
+// between its "policy table" markers.
+func MarkdownPolicyTable() string {
+	var b strings.Builder
+	b.WriteString("| RPC | who may call it |\n|---|---|\n")
+	names := make([]string, 0, len(Policy))
+	for n := range Policy {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		r := Policy[n]
+		var who string
+		switch r.Scope {
+		case ScopeProject:
+			who = string(r.Role) + " in the request's project"
+		case ScopeCluster:
+			if r.Role == RoleAdmin {
+				who = "admin"
+			} else {
+				who = "any user"
+			}
+		case ScopeSelf:
+			who = "any user, for itself (admin: for anyone)"
+		case ScopeHost:
+			who = "a host, for itself (host certificate)"
+		case ScopePublic:
+			who = "anyone (the request carries its own proof)"
+		}
+		if r.Hosts {
+			who += "; hosts"
+		}
+		if len(r.AdminFields) > 0 {
+			who += "; admin only with " + strings.Join(r.AdminFields, ", ")
+		}
+		fmt.Fprintf(&b, "| `%s` | %s |\n", strings.TrimPrefix(n, "/minicloud.v1."), who)
+	}
+	return b.String()
 }
