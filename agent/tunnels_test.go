@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"log/slog"
-	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -12,13 +11,13 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/minicloud/minicloud/agent/network"
 	"github.com/minicloud/minicloud/agent/network/networktest"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
+	"github.com/minicloud/minicloud/api/server/apiservertest"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 	"github.com/minicloud/minicloud/pkg/store"
 )
@@ -56,22 +55,30 @@ func TestTunnelFollowsNetworkPorts(t *testing.T) {
 	_, cli := etcdtest.Start(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	srv, err := apiserver.New(apiserver.Config{Client: cli, ImageDir: t.TempDir(), Logger: slog.New(slog.DiscardHandler)})
+	api, err := apiservertest.Listen(ctx, cli, apiserver.Config{ImageDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(lis)
-	t.Cleanup(srv.GRPCServer().Stop)
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	t.Cleanup(api.Server.GRPCServer().Stop)
+	conn, err := grpc.NewClient(api.Addr, api.DialOptions(api.AdminToken)...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	hosts := minicloudv1.NewHostServiceClient(conn)
+	// Each host speaks as itself (its certificate); the admin makes the rest.
+	hostClient := func(name string) minicloudv1.HostServiceClient {
+		opts, err := api.HostDialOptions(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := grpc.NewClient(api.Addr, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return minicloudv1.NewHostServiceClient(c)
+	}
+	hosts := hostClient("h1")
 	nets := minicloudv1.NewNetworkServiceClient(conn)
 	vms := minicloudv1.NewVMServiceClient(conn)
 	flavors := minicloudv1.NewFlavorServiceClient(conn)
@@ -89,7 +96,7 @@ func TestTunnelFollowsNetworkPorts(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, tip := range map[string]string{"h1": "192.0.2.1", "h2": "192.0.2.2", "h3": ""} {
-		if _, err := hosts.RegisterHost(ctx, &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
+		if _, err := hostClient(name).RegisterHost(ctx, &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
 			Meta: &minicloudv1.ObjectMeta{Name: name}, Address: "127.0.0.1:1", TunnelIp: tip,
 			Capacity: &minicloudv1.Resources{Vcpus: 8, MemoryMib: 8192, DiskGib: 100}, Hypervisors: []string{"tcg"},
 		}}); err != nil {
