@@ -17,9 +17,9 @@ import (
 	"github.com/minicloud/minicloud/pkg/pki"
 )
 
-// TestAPIPKIByListenAddress: on loopback the API stays plaintext; beyond
-// it, it serves TLS with the cluster CA's certificate for the addresses
-// clients dial. Both replicas of one etcd get the same CA, written to
+// TestAPIPKIByListenAddress: the API serves TLS wherever it listens, with
+// the cluster CA's certificate for the addresses clients dial (loopback
+// included). Both replicas of one etcd get the same CA, written to
 // DATA_DIR/ca.crt.
 func TestAPIPKIByListenAddress(t *testing.T) {
 	_, cli := etcdtest.Start(t)
@@ -30,7 +30,7 @@ func TestAPIPKIByListenAddress(t *testing.T) {
 	if err := setupAPIPKI(ctx, loop, cli, &cfg); err != nil {
 		t.Fatal(err)
 	}
-	if cfg.TLS != nil || cfg.CA == nil || cfg.AgentTLS == nil || len(cfg.AgentTLS.Certificates) != 1 {
+	if cfg.TLS == nil || cfg.CA == nil || cfg.AgentTLS == nil || len(cfg.AgentTLS.Certificates) != 1 {
 		t.Fatalf("loopback API: TLS %v, CA %v, agent TLS %v", cfg.TLS != nil, cfg.CA != nil, cfg.AgentTLS != nil)
 	}
 	written, err := os.ReadFile(filepath.Join(loop.dataDir, caFileName))
@@ -63,18 +63,15 @@ func TestAPIPKIByListenAddress(t *testing.T) {
 	}
 }
 
-// TestAgentNeedsNoCertificateOnLoopback: the all-in-one's agent joins
-// nothing; one listening beyond loopback without a certificate is told
-// how to join.
-func TestAgentNeedsNoCertificateOnLoopback(t *testing.T) {
+// TestAgentWithoutCertificateIsToldToJoin: every agent, on loopback too,
+// needs a host certificate; one without is told how to join.
+func TestAgentWithoutCertificateIsToldToJoin(t *testing.T) {
 	dir := t.TempDir()
-	creds, err := hostCredentials(context.Background(), agentFlags{api: "127.0.0.1:8640", listen: "127.0.0.1:0", hostName: "h1"}, dir)
-	if err != nil || creds != nil {
-		t.Fatalf("loopback agent: %v %v", creds, err)
-	}
-	_, err = hostCredentials(context.Background(), agentFlags{api: "127.0.0.1:8640", listen: "0.0.0.0:8642", hostName: "h1"}, dir)
-	if err == nil || !strings.Contains(err.Error(), "--join TOKEN --ca-hash HASH") {
-		t.Fatalf("agent beyond loopback without a certificate: %v", err)
+	for _, listen := range []string{"127.0.0.1:0", "0.0.0.0:8642"} {
+		_, err := hostCredentials(context.Background(), agentFlags{api: "127.0.0.1:8640", listen: listen, hostName: "h1"}, dir)
+		if err == nil || !strings.Contains(err.Error(), "--join TOKEN --ca-hash HASH") {
+			t.Fatalf("agent on %s without a certificate: %v", listen, err)
+		}
 	}
 }
 

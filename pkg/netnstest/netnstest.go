@@ -12,16 +12,20 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"testing"
+	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4/nclient4"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // GuestIf is the interface name inside every guest namespace.
@@ -59,14 +63,57 @@ func NewNS(t testing.TB, name string) *NS {
 	return n
 }
 
-// Close deletes the namespace; it is idempotent.
+// Close deletes the namespace; it is idempotent. It does what iproute2's
+// `ip netns delete` does: a detaching unmount, then the unlink, retried
+// while another mount namespace still holds a copy of the bind mount
+// (QEMU processes started by libvirt live in mount namespaces of their
+// own; /run/netns is a shared mount, see sharedRunNetns, so the unmount
+// reaches their copies, but not always at once).
 func (n *NS) Close() error {
 	if n.ns.IsOpen() {
 		n.ns.Close()
 		n.ns = netns.None()
 	}
-	if err := netns.DeleteNamed(n.Name); err != nil && !os.IsNotExist(err) {
-		return fmt.Errorf("delete netns %s: %w", n.Name, err)
+	path := filepath.Join(runNetns, n.Name)
+	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("delete netns %s: unmount: %w", n.Name, err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := os.Remove(path)
+		switch {
+		case err == nil || errors.Is(err, fs.ErrNotExist):
+			return nil
+		case errors.Is(err, unix.EBUSY) && time.Now().Before(deadline):
+			time.Sleep(100 * time.Millisecond)
+		default:
+			return fmt.Errorf("delete netns %s: %w", n.Name, err)
+		}
+	}
+}
+
+// runNetns is where named network namespaces are bind-mounted.
+const runNetns = "/run/netns"
+
+// sharedRunNetns makes /run/netns a shared mount, as `ip netns add` does,
+// so that a namespace's bind mount and its unmount propagate to mount
+// namespaces made later (QEMU's), which would otherwise pin a private
+// copy and make the unlink fail with EBUSY.
+func sharedRunNetns() error {
+	if err := os.MkdirAll(runNetns, 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount("", runNetns, "none", unix.MS_SHARED|unix.MS_REC, ""); err == nil {
+		return nil
+	} else if !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("make %s shared: %w", runNetns, err)
+	}
+	// Not a mount point yet: bind it onto itself first.
+	if err := unix.Mount(runNetns, runNetns, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind %s: %w", runNetns, err)
+	}
+	if err := unix.Mount("", runNetns, "none", unix.MS_SHARED|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("make %s shared: %w", runNetns, err)
 	}
 	return nil
 }
@@ -298,6 +345,9 @@ func RandomMAC() net.HardwareAddr {
 
 // newNamedNS creates a named namespace without leaving the caller's thread in it.
 func newNamedNS(name string) (netns.NsHandle, error) {
+	if err := sharedRunNetns(); err != nil {
+		return netns.None(), err
+	}
 	type result struct {
 		ns  netns.NsHandle
 		err error
