@@ -467,3 +467,28 @@ func TestListAndDeleteJoinTokens(t *testing.T) {
 		t.Fatalf("spent and deleted tokens still listed: %v", list)
 	}
 }
+
+// TestJoinTokensAreBounded: at most store.MaxJoinTokens live join tokens;
+// deleting one makes room again.
+func TestJoinTokensAreBounded(t *testing.T) {
+	e := newTLSEnv(t)
+	c := ctx(t)
+	var last string
+	for range store.MaxJoinTokens {
+		resp, err := e.hosts.CreateJoinToken(c, &minicloudv1.CreateJoinTokenRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = resp.Token
+	}
+	before := e.dump(t)
+	_, err := e.hosts.CreateJoinToken(c, &minicloudv1.CreateJoinTokenRequest{})
+	wantCode(t, err, codes.ResourceExhausted, "join tokens are live")
+	e.wantUnchanged(t, before)
+	if _, err := e.hosts.DeleteJoinToken(c, &minicloudv1.DeleteJoinTokenRequest{Id: last[:6]}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.hosts.CreateJoinToken(c, &minicloudv1.CreateJoinTokenRequest{}); err != nil {
+		t.Fatalf("after a delete: %v", err)
+	}
+}
