@@ -141,6 +141,8 @@ var Policy = map[string]Rule{
 
 	// The verification keys are public (also on the API's HTTP listener
 	// without a token); any authenticated caller may read them.
+	"/minicloud.v1.AuditService/ListAuditRecords": cluster(RoleAdmin),
+
 	ident + "GetJWKS": {Scope: ScopeCluster, Role: RoleReader, Hosts: true},
 }
 
@@ -202,4 +204,19 @@ func MarkdownPolicyTable() string {
 		fmt.Fprintf(&b, "| `%s` | %s |\n", strings.TrimPrefix(n, "/minicloud.v1."), who)
 	}
 	return b.String()
+}
+
+// Audited says whether calls of method go to the audit log: every call
+// that may change something, except the host agents' own (heartbeats and
+// status reports every few seconds are the hosts' reports, kept as VM
+// events, not actions of a person).
+func Audited(method string) bool {
+	verb := method[strings.LastIndex(method, "/")+1:]
+	for _, read := range []string{"Get", "List", "Watch", "Download", "WhoAmI"} {
+		if strings.HasPrefix(verb, read) {
+			return false
+		}
+	}
+	r, ok := RuleFor(method)
+	return !ok || r.Scope != ScopeHost
 }

@@ -226,7 +226,9 @@ func (s *Server) authUnary(ctx context.Context, req any, info *grpc.UnaryServerI
 	if msg == nil {
 		return nil, errdefs.Internal("request of %s is not a protobuf message", info.FullMethod)
 	}
-	if err := s.authorize(ctx, info.FullMethod, p, msg); err != nil {
+	err = s.authorize(ctx, info.FullMethod, p, msg)
+	noteAudit(ctx, p, msg)
+	if err != nil {
 		return nil, err
 	}
 	return handler(auth.NewContext(ctx, p), req)
@@ -238,6 +240,7 @@ func (s *Server) authStream(srv any, ss grpc.ServerStream, info *grpc.StreamServ
 	if err != nil {
 		return err
 	}
+	noteAudit(ctx, p, nil)
 	if err := s.authorize(ctx, info.FullMethod, p, nil); err != nil {
 		return err
 	}
@@ -269,7 +272,9 @@ func (a *authStream) RecvMsg(m any) error {
 	if !ok {
 		return errdefs.Internal("message of %s is not a protobuf message", a.method)
 	}
-	if err := a.s.authorize(a.ctx, a.method, a.p, msg); err != nil {
+	err := a.s.authorize(a.ctx, a.method, a.p, msg)
+	noteAudit(a.ctx, nil, msg)
+	if err != nil {
 		return err
 	}
 	a.authorized = true

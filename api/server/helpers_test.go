@@ -273,6 +273,11 @@ func (e *env) dump(t *testing.T) map[string]string {
 	}
 	out := make(map[string]string, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
+		// A refused call still leaves its audit record (TestAuditLog):
+		// "nothing written" means nothing else.
+		if strings.HasPrefix(string(kv.Key), store.AuditPrefix) {
+			continue
+		}
 		out[string(kv.Key)] = string(kv.Value)
 	}
 	return out
@@ -294,6 +299,34 @@ func (e *env) rev() int64 {
 		e.t.Fatal(err)
 	}
 	return resp.Header.Revision
+}
+
+// writesSince counts the etcd revisions after rev that wrote anything but
+// audit records (every call leaves one of those, refused calls too).
+func (e *env) writesSince(rev int64) int {
+	e.t.Helper()
+	cur := e.rev()
+	if cur == rev {
+		return 0
+	}
+	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	revs := map[int64]bool{}
+	for wr := range e.etcd.Watch(c, store.Prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1)) {
+		if err := wr.Err(); err != nil {
+			e.t.Fatal(err)
+		}
+		for _, ev := range wr.Events {
+			if !strings.HasPrefix(string(ev.Kv.Key), store.AuditPrefix) {
+				revs[ev.Kv.ModRevision] = true
+			}
+			if ev.Kv.ModRevision >= cur {
+				return len(revs)
+			}
+		}
+	}
+	e.t.Fatalf("history after revision %d did not reach %d", rev, cur)
+	return 0
 }
 
 func keys(m map[string]string) []string {

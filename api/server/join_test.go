@@ -239,8 +239,8 @@ func TestJoinTokenIsOneTimeAndExpires(t *testing.T) {
 	rev = e.rev()
 	_, err = e.join("h2", "old123."+secret)
 	wantCode(t, err, codes.Unauthenticated, "join token old123 expired at")
-	if got := e.rev(); got != rev {
-		t.Fatalf("refused joins wrote to etcd (revision %d -> %d)", rev, got)
+	if n := e.writesSince(rev); n != 0 {
+		t.Fatalf("refused joins wrote to etcd (%d revisions after %d)", n, rev)
 	}
 	if _, err := e.join("h2", t2); err != nil {
 		t.Fatalf("the token survived a wrong secret, yet: %v", err)
@@ -264,8 +264,8 @@ func TestSecondLiveRegistrationIsRefused(t *testing.T) {
 	rev := e.rev()
 	_, err := e.join("h1", token)
 	wantCode(t, err, codes.AlreadyExists, "host h1 is registered and up")
-	if got := e.rev(); got != rev {
-		t.Fatalf("a refused join wrote to etcd (revision %d -> %d)", rev, got)
+	if n := e.writesSince(rev); n != 0 {
+		t.Fatalf("a refused join wrote to etcd (%d revisions after %d)", n, rev)
 	}
 	// Once the first is gone (its lease ended), the name can join again,
 	// and the first certificate is revoked by that join.
@@ -339,8 +339,8 @@ func TestPlaintextClientIsToldToUseTLS(t *testing.T) {
 	wantCode(t, err, codes.Unauthenticated, "serves TLS only")
 	_, err = minicloudv1.NewFlavorServiceClient(conn).CreateFlavor(ctx(t), &minicloudv1.CreateFlavorRequest{Name: "x", Vcpus: 1, MemoryMib: 64, DiskGib: 1})
 	wantCode(t, err, codes.Unauthenticated, "serves TLS only")
-	if got := e.rev(); got != rev+1 { // +1: the join token this test made
-		t.Fatalf("plaintext calls wrote to etcd (revision %d -> %d)", rev, got)
+	if n := e.writesSince(rev); n != 1 { // 1: the join token this test made
+		t.Fatalf("plaintext calls wrote to etcd (%d revisions after %d)", n, rev)
 	}
 }
 
@@ -465,5 +465,30 @@ func TestListAndDeleteJoinTokens(t *testing.T) {
 	}
 	if list, _ := e.hosts.ListJoinTokens(c, &minicloudv1.ListJoinTokensRequest{}); len(list.Tokens) != 0 {
 		t.Fatalf("spent and deleted tokens still listed: %v", list)
+	}
+}
+
+// TestJoinTokensAreBounded: at most store.MaxJoinTokens live join tokens;
+// deleting one makes room again.
+func TestJoinTokensAreBounded(t *testing.T) {
+	e := newTLSEnv(t)
+	c := ctx(t)
+	var last string
+	for range store.MaxJoinTokens {
+		resp, err := e.hosts.CreateJoinToken(c, &minicloudv1.CreateJoinTokenRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = resp.Token
+	}
+	before := e.dump(t)
+	_, err := e.hosts.CreateJoinToken(c, &minicloudv1.CreateJoinTokenRequest{})
+	wantCode(t, err, codes.ResourceExhausted, "join tokens are live")
+	e.wantUnchanged(t, before)
+	if _, err := e.hosts.DeleteJoinToken(c, &minicloudv1.DeleteJoinTokenRequest{Id: last[:6]}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.hosts.CreateJoinToken(c, &minicloudv1.CreateJoinTokenRequest{}); err != nil {
+		t.Fatalf("after a delete: %v", err)
 	}
 }

@@ -114,6 +114,8 @@ type Server struct {
 	idKeys     identityKeys
 	now        func() time.Time
 
+	// audit appends the audit log (audit.go).
+	audit *store.AuditLog
 	// quotaDefaults are the limits of a project without overrides.
 	quotaDefaults *minicloudv1.QuotaLimits
 	// creates group-commits each project's VM creates (createbatch.go).
@@ -168,6 +170,7 @@ func New(cfg Config) (*Server, error) {
 		quotaDefaults: cfg.DefaultQuota,
 	}
 	s.creates = newCreateBatcher(s)
+	s.audit = store.NewAuditLog(cfg.Client)
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -181,8 +184,8 @@ func New(cfg Config) (*Server, error) {
 
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxRequestBytes),
-		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, s.authUnary, refuseUnknownFieldsUnary),
-		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, s.authStream, s.revokedStream, refuseUnknownFieldsStream),
+		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, s.auditUnary, s.authUnary, refuseUnknownFieldsUnary),
+		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, s.auditStream, s.authStream, s.revokedStream, refuseUnknownFieldsStream),
 	}
 	opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.TLS)))
 	s.grpc = grpc.NewServer(opts...)
@@ -192,10 +195,12 @@ func New(cfg Config) (*Server, error) {
 	minicloudv1.RegisterServerGroupServiceServer(s.grpc, &serverGroupService{s: s})
 	minicloudv1.RegisterHostServiceServer(s.grpc, &hostService{s: s})
 	minicloudv1.RegisterAuthServiceServer(s.grpc, &authService{s: s})
+	minicloudv1.RegisterAuditServiceServer(s.grpc, &auditService{s: s})
 	minicloudv1.RegisterIdentityServiceServer(s.grpc, &identityService{s: s})
 	minicloudv1.RegisterQuotaServiceServer(s.grpc, &quotaService{s: s})
 	services := []string{
 		minicloudv1.AuthService_ServiceDesc.ServiceName,
+		minicloudv1.AuditService_ServiceDesc.ServiceName,
 		minicloudv1.VMService_ServiceDesc.ServiceName,
 		minicloudv1.FlavorService_ServiceDesc.ServiceName,
 		minicloudv1.NetworkService_ServiceDesc.ServiceName,

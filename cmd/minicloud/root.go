@@ -111,6 +111,7 @@ Exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found,
 		a.newUserCommand(),
 		a.newTokenCommand(),
 		a.newWhoAmICommand(),
+		a.newAuditCommand(),
 		a.newIdentityCommand(),
 		a.newQuotaCommand(),
 	)

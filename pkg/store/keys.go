@@ -53,6 +53,7 @@ var Layout = []KeySpec{
 	{"pki/revoked/<serial>", RevokedPrefix, "IssuedCert (deny-list), leased until the cert expires", "API on revoke / re-join"},
 	{"auth/projects/<name>", ProjectPrefix, "Project", "API (admin)"},
 	{"auth/users/<name>", UserPrefix, "User (name and role bindings)", "API (admin)"},
+	{"audit/<unix-nanos>-<rand>", AuditPrefix, "AuditRecord, leased for the retention (30 days)", "API, on every mutating call"},
 	{"auth/tokens/<user>/<id>", TokenPrefix, "Token (SHA-256 of the secret, never the secret), leased until expiry", "API"},
 	{"identity/keys/<kid>", IdentityKeyPrefix, "IdentityKey (workload identity signing key), leased until the last token it signed expired", "API (create-if-unchanged on rotation)"},
 }
@@ -99,6 +100,7 @@ const (
 	ProjectPrefix     = Prefix + "auth/projects/"
 	UserPrefix        = Prefix + "auth/users/"
 	TokenPrefix       = Prefix + "auth/tokens/"
+	AuditPrefix       = Prefix + "audit/"
 	IdentityKeyPrefix = Prefix + "identity/keys/"
 	// ImageStoreLockPrefix is the etcd mutex every API replica takes
 	// before committing, deleting or collecting blobs of the shared store.

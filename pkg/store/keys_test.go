@@ -78,6 +78,7 @@ func TestKeyLayoutIsComplete(t *testing.T) {
 		store.ProjectPrefix:     store.ProjectKey("p"),
 		store.UserPrefix:        store.UserKey("u"),
 		store.TokenPrefix:       store.TokenKey("u", "id"),
+		store.AuditPrefix:       store.AuditPrefix + "00000000001700000000-0a1b2c3d",
 		store.IdentityKeyPrefix: store.IdentityKeyKey("kid0"),
 		// The mutex of go.etcd.io/etcd/client/v3/concurrency names its
 		// key after the session's lease, in hex.

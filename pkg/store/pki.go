@@ -72,9 +72,22 @@ func leaseUntil(ctx context.Context, cli Leaser, t time.Time) (clientv3.LeaseID,
 	return grant.ID, nil
 }
 
+// MaxJoinTokens bounds the live (unused, unexpired) join tokens.
+const MaxJoinTokens = 100
+
 // CreateJoinToken stores a join token under id, leased until it expires.
-// It fails with AlreadyExists if the id is taken (the caller draws again).
+// It fails with AlreadyExists if the id is taken or another token was
+// made meanwhile (the caller draws again), ResourceExhausted when
+// MaxJoinTokens are live.
 func CreateJoinToken(ctx context.Context, cli Leaser, id string, tok *minicloudv1.JoinToken) error {
+	var r Reads
+	live := r.Get(JoinTokenPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err := r.Do(ctx, cli); err != nil {
+		return err
+	}
+	if live.Count() >= MaxJoinTokens {
+		return errdefs.ResourceExhausted("%d join tokens are live, the most allowed: delete unused ones (minicloud host join-token list / delete) or let them expire", live.Count())
+	}
 	lease, err := leaseUntil(ctx, cli, tok.GetExpireTime().AsTime())
 	if err != nil {
 		return err
@@ -83,12 +96,12 @@ func CreateJoinToken(ctx context.Context, cli Leaser, id string, tok *minicloudv
 	if err != nil {
 		return err
 	}
-	_, ok, err := Commit(ctx, cli, []clientv3.Cmp{Absent(JoinTokenKey(id))}, []clientv3.Op{op})
+	_, ok, err := Commit(ctx, cli, []clientv3.Cmp{Absent(JoinTokenKey(id)), UnchangedSince(JoinTokenPrefix, r.Revision())}, []clientv3.Op{op})
 	if err != nil {
 		return err
 	}
 	if !ok {
-		return errdefs.AlreadyExists("join token id %s is taken", id)
+		return errdefs.AlreadyExists("join token id %s is taken, or another token was made meanwhile", id)
 	}
 	return nil
 }
