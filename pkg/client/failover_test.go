@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -95,9 +96,14 @@ func TestFailoverInProcess(t *testing.T) {
 			}
 		}
 	}
-	list("both up")
-	if a.calls.Load() == 0 || b.calls.Load() == 0 {
-		t.Fatalf("calls: A %d, B %d; round_robin should use both", a.calls.Load(), b.calls.Load())
+	// round_robin picks only READY connections, and a loaded machine may
+	// take a moment to ready the second: keep calling until both served
+	// (a balancer that sticks to one never gets there).
+	for deadline := time.Now().Add(10 * time.Second); a.calls.Load() == 0 || b.calls.Load() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("calls: A %d, B %d; round_robin should use both", a.calls.Load(), b.calls.Load())
+		}
+		list("both up")
 	}
 	// A drains (NOT_SERVING): health checking takes it out of rotation.
 	// The change reaches the client asynchronously: once 20 calls in a
