@@ -72,6 +72,13 @@ func TestNetworks(t *testing.T) {
 		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.1.0.0/30"}, codes.InvalidArgument, "between /8 and /29"},
 		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.1.0.0/24", Gateway: "10.2.0.1"}, codes.InvalidArgument, "must be a host address inside"},
 		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.1.0.0/24", Mtu: 100}, codes.InvalidArgument, "mtu 100"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "127.0.0.0/24"}, codes.InvalidArgument, "overlaps 127.0.0.0/8 (loopback)"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "169.254.169.0/24"}, codes.InvalidArgument, "link-local"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "160.0.0.0/4"}, codes.InvalidArgument, "between /8 and /29"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "169.0.0.0/8"}, codes.InvalidArgument, "link-local"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "224.0.0.0/8"}, codes.InvalidArgument, "multicast"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "0.0.0.0/8"}, codes.InvalidArgument, "this network"},
+		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "255.255.255.0/24"}, codes.InvalidArgument, "broadcast"},
 		{&minicloudv1.CreateNetworkRequest{Name: "n", Cidr: "10.99.0.128/25"}, codes.FailedPrecondition, "overlaps network default (project default, 10.99.0.0/24)"},
 		{&minicloudv1.CreateNetworkRequest{Name: "default", Cidr: "10.5.0.0/24"}, codes.AlreadyExists, "network default already exists"},
 	} {

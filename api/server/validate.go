@@ -2,6 +2,7 @@ package server
 
 import (
 	"fmt"
+	"google.golang.org/protobuf/proto"
 	"net"
 	"net/netip"
 	"regexp"
@@ -192,8 +193,17 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 	if id := req.GetRequestId(); len(id) > 128 || strings.ContainsAny(id, "/\x00") {
 		return nil, errdefs.Invalid("request_id must be at most 128 characters without '/' (a UUID is a good choice)")
 	}
+	// Every field is bounded above; this backstop bounds the record
+	// etcd stores, whatever field a later change forgets.
+	if n := proto.Size(spec); n > MaxVMSpecBytes {
+		return nil, errdefs.Invalid("the VM's spec is %d bytes; a VM holds at most %d (metadata, keys and labels together)", n, MaxVMSpecBytes)
+	}
 	return spec, nil
 }
+
+// MaxVMSpecBytes bounds a VM's stored spec: above the sum of the largest
+// legal fields (512 KiB of metadata, 32 keys of 8 KiB, 64 labels, tags).
+const MaxVMSpecBytes = 1 << 20
 
 // validateHost checks an agent's registration and fills in defaults.
 func validateHost(h *minicloudv1.Host) error {
@@ -253,6 +263,20 @@ type networkPlan struct {
 }
 
 // validateNetwork checks a CreateNetworkRequest's addressing.
+// reservedRanges can never be a guest network: every host routes them
+// itself (loopback, the metadata service's link-local 169.254.169.254),
+// or they are not unicast.
+var reservedRanges = []struct {
+	prefix netip.Prefix
+	what   string
+}{
+	{netip.MustParsePrefix("0.0.0.0/8"), "\"this network\""},
+	{netip.MustParsePrefix("127.0.0.0/8"), "loopback"},
+	{netip.MustParsePrefix("169.254.0.0/16"), "link-local, where the metadata service answers"},
+	{netip.MustParsePrefix("224.0.0.0/4"), "multicast"},
+	{netip.MustParsePrefix("240.0.0.0/4"), "reserved and broadcast"},
+}
+
 func validateNetwork(req *minicloudv1.CreateNetworkRequest) (networkPlan, error) {
 	var p networkPlan
 	if req.GetCidr() == "" {
@@ -267,6 +291,11 @@ func validateNetwork(req *minicloudv1.CreateNetworkRequest) (networkPlan, error)
 	}
 	if prefix.Bits() < 8 || prefix.Bits() > 29 {
 		return p, errdefs.Invalid("cidr %s: the prefix length must be between /8 and /29", prefix)
+	}
+	for _, r := range reservedRanges {
+		if r.prefix.Overlaps(prefix) {
+			return p, errdefs.Invalid("cidr %s overlaps %s (%s): choose a private range such as 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16", prefix, r.prefix, r.what)
+		}
 	}
 	p.prefix = prefix
 	p.gateway = prefix.Addr().Next()

@@ -2,8 +2,11 @@ package server
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -26,16 +29,19 @@ func newID() string { return uuid.NewString() }
 // createRefs is what a create read in one snapshot: the objects the VM
 // refers to, with the revisions its transaction compares.
 type createRefs struct {
-	existingID  string // the VM a previous try with the same request id made
-	requestRev  int64
-	nameTaken   bool
-	image       *minicloudv1.Image
-	imageRev    int64
-	flavor      *minicloudv1.Flavor
-	flavorRev   int64
-	networks    []*minicloudv1.Network
-	networkRevs []int64
-	used        [][]*mvccpb.KeyValue // per network: the addresses in use (ipam.UsedOp)
+	existingID string // the VM a previous try with the same request id made
+	// existingFingerprint identifies that try's parameters ("" before
+	// fingerprints were stored).
+	existingFingerprint string
+	requestRev          int64
+	nameTaken           bool
+	image               *minicloudv1.Image
+	imageRev            int64
+	flavor              *minicloudv1.Flavor
+	flavorRev           int64
+	networks            []*minicloudv1.Network
+	networkRevs         []int64
+	used                [][]*mvccpb.KeyValue // per network: the addresses in use (ipam.UsedOp)
 }
 
 // readCreateRefs reads, in one snapshot, the request-id and name keys,
@@ -73,7 +79,8 @@ func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicl
 	refs := &createRefs{}
 	if req.GetRequestId() != "" {
 		if kv := request.First(); kv != nil {
-			refs.existingID, refs.requestRev = string(kv.Value), kv.ModRevision
+			refs.existingID, refs.existingFingerprint = store.ParseRequestValue(string(kv.Value))
+			refs.requestRev = kv.ModRevision
 		}
 	}
 	refs.nameTaken = name.Count() > 0
@@ -162,10 +169,16 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	addrRead := s.ipam.BeginRead()
 	defer addrRead.End()
 	refs, err := s.readCreateRefs(ctx, project, req, base)
+	fingerprint := requestFingerprint(req)
 	if refs != nil && refs.existingID != "" {
 		// A retry of a create that went through: answer with that VM, even
-		// if a referenced object has been deleted since.
+		// if a referenced object has been deleted since; but the same id
+		// with other parameters is a mistake to report, not to paper over
+		// (AWS's IdempotentParameterMismatch).
 		vm, err := store.GetVM(ctx, s.etcd, refs.existingID)
+		if err == nil && refs.existingFingerprint != "" && refs.existingFingerprint != fingerprint {
+			return nil, requestMismatch(req, vm)
+		}
 		if err == nil || !errdefs.IsNotFound(err) {
 			return vm, err
 		}
@@ -224,7 +237,7 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 		if lease, err = s.leases.get(ctx); err != nil {
 			return nil, err
 		}
-		nv.RequestID, nv.RequestRev, nv.Lease = rid, refs.requestRev, lease
+		nv.RequestID, nv.RequestRev, nv.Lease, nv.RequestFingerprint = rid, refs.requestRev, lease, fingerprint
 	}
 	nv.Event = &minicloudv1.Event{
 		Type: lifecycle.EventNormal, Reason: lifecycle.ReasonCreated, Source: "api",
@@ -255,4 +268,36 @@ func addressList(addrs []*minicloudv1.VMAddress) string {
 		out += a.GetIp() + " on " + a.GetNetwork()
 	}
 	return out
+}
+
+// requestFingerprint identifies a create's parameters: the SHA-256 of the
+// request's deterministic encoding (its project already filled in), so a
+// retry of the same request matches and any other parameter does not.
+func requestFingerprint(req *minicloudv1.CreateVMRequest) string {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
+	if err != nil {
+		return ""
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:16])
+}
+
+// requestMismatch says how a create reusing a request id differs from the
+// one that made vm.
+func requestMismatch(req *minicloudv1.CreateVMRequest, vm *minicloudv1.VM) error {
+	var diffs []string
+	if req.GetName() != vm.GetMeta().GetName() {
+		diffs = append(diffs, fmt.Sprintf("name %s, not %s", req.GetName(), vm.GetMeta().GetName()))
+	}
+	if req.GetSpec().GetImage() != vm.GetSpec().GetImage() {
+		diffs = append(diffs, fmt.Sprintf("image %s, not %s", req.GetSpec().GetImage(), vm.GetSpec().GetImage()))
+	}
+	if req.GetSpec().GetFlavor() != vm.GetSpec().GetFlavor() {
+		diffs = append(diffs, fmt.Sprintf("flavor %s, not %s", req.GetSpec().GetFlavor(), vm.GetSpec().GetFlavor()))
+	}
+	if len(diffs) == 0 {
+		diffs = append(diffs, "other parameters (user-data, networks, labels, metadata or keys)")
+	}
+	return errdefs.FailedPrecondition("request_id %s was used for another create (vm %s) and this one differs: %s; use a new request_id for a different VM",
+		req.GetRequestId(), vm.GetMeta().GetName(), strings.Join(diffs, "; "))
 }

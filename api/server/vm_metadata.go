@@ -26,10 +26,12 @@ import (
 // value and 512 KiB per instance, keys and values together; the counts are
 // GCE's for labels and tags and Nova's default quota for metadata items.
 const (
-	MaxLabels             = 64
-	MaxLabelValueBytes    = 255
-	MaxTags               = 64
-	MaxMetadataKeys       = 128
+	MaxLabels          = 64
+	MaxLabelValueBytes = 255
+	MaxTags            = 64
+	MaxMetadataKeys    = 128
+	// MaxSSHKeyBytes bounds one authorized_keys line, comment included.
+	MaxSSHKeyBytes        = 8 << 10
 	MaxMetadataValueBytes = 256 << 10
 	MaxMetadataTotalBytes = 512 << 10
 	maxMetadataKeyLen     = 128
@@ -127,6 +129,9 @@ func validateSSHKeys(field string, keys []string) error {
 		return errdefs.Invalid("%d SSH keys given; at most %d are allowed", len(keys), maxSSHKeys)
 	}
 	for i, k := range keys {
+		if len(k) > MaxSSHKeyBytes {
+			return errdefs.Invalid("%s[%d] is %d bytes; an authorized_keys line holds at most %d (a 16384-bit RSA key with a long comment fits)", field, i, len(k), MaxSSHKeyBytes)
+		}
 		if _, _, _, rest, err := ssh.ParseAuthorizedKey([]byte(k)); err != nil {
 			return errdefs.Invalid("%s[%d] is not an SSH public key in authorized_keys format (like the contents of ~/.ssh/id_ed25519.pub): %v", field, i, err)
 		} else if len(strings.TrimSpace(string(rest))) > 0 {

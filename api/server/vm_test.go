@@ -3,14 +3,17 @@ package server_test
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -162,8 +165,23 @@ func TestRequestIDIdempotentUnderConcurrentRetries(t *testing.T) {
 	}
 	// The request-id key is leased so it expires by itself.
 	resp, err := e.etcd.Get(ctx(t), store.VMRequestKey("default", "req-1"))
-	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 || string(resp.Kvs[0].Value) != ids[0] {
+	if id, _ := store.ParseRequestValue(string(resp.Kvs[0].Value)); err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 || id != ids[0] {
 		t.Fatalf("request key %v %v", resp, err)
+	}
+	// The same request id with other parameters is refused, naming the
+	// difference, and writes nothing (AWS's IdempotentParameterMismatch).
+	for _, c := range []struct {
+		req  *minicloudv1.CreateVMRequest
+		want string
+	}{
+		{&minicloudv1.CreateVMRequest{Name: "web2", RequestId: "req-1", Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small"}}, "name web2, not web1"},
+		{&minicloudv1.CreateVMRequest{Name: "web1", RequestId: "req-1", Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "tiny"}}, "flavor tiny, not small"},
+		{&minicloudv1.CreateVMRequest{Name: "web1", RequestId: "req-1", Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small"}, UserData: []byte("#!/bin/sh\n")}, "other parameters"},
+	} {
+		before := e.dump(t)
+		_, err := e.vms.CreateVM(ctx(t), c.req)
+		wantCode(t, err, codes.FailedPrecondition, c.want)
+		e.wantUnchanged(t, before)
 	}
 	// A new request id with the same name is a plain duplicate.
 	_, err = e.vms.CreateVM(ctx(t), &minicloudv1.CreateVMRequest{Name: "web1", RequestId: "req-2", Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small"}})
@@ -418,5 +436,54 @@ func TestVMCannotAttachToAnotherProjectsNetwork(t *testing.T) {
 	vm := e.createVM("insider", func(r *minicloudv1.CreateVMRequest) { r.Project = "team-b"; r.Spec.Networks = []string{"bnet"} })
 	if a := vm.Status.GetAddresses(); len(a) != 1 || a[0].Network != "bnet" || a[0].Bridge != bnet.Bridge {
 		t.Fatalf("team-b's VM on its own network: addresses %v", a)
+	}
+}
+
+// TestLargestLegalSpecAndOneByteOver: every field at its bound makes a
+// VM; one byte over any bound is refused and writes nothing (an SSH key's
+// comment was once unbounded: a 1 MB spec went through).
+func TestLargestLegalSpecAndOneByteOver(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	key := func(n int) string { // an authorized_keys line of exactly n bytes
+		return sshKey[:strings.LastIndex(sshKey, " ")+1] + strings.Repeat("c", n-strings.LastIndex(sshKey, " ")-1)
+	}
+	keys := make([]string, 32)
+	for i := range keys {
+		keys[i] = key(apiserver.MaxSSHKeyBytes)
+	}
+	half := apiserver.MaxMetadataTotalBytes / 2
+	meta := map[string]string{"a": strings.Repeat("x", half-1), "b": strings.Repeat("y", half-1)}
+	labels := map[string]string{}
+	for i := range 64 {
+		labels[fmt.Sprintf("k%02d", i)] = strings.Repeat("v", 255)
+	}
+	largest := func() *minicloudv1.CreateVMRequest {
+		return &minicloudv1.CreateVMRequest{Name: "big", Labels: labels, UserData: make([]byte, apiserver.MaxUserDataBytes),
+			Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small", SshPublicKeys: slices.Clone(keys), Metadata: meta}}
+	}
+	for _, c := range []struct {
+		what   string
+		mutate func(*minicloudv1.CreateVMRequest)
+		want   string
+	}{
+		{"an SSH key one byte over", func(r *minicloudv1.CreateVMRequest) { r.Spec.SshPublicKeys[3] = key(apiserver.MaxSSHKeyBytes + 1) }, "ssh_public_keys[3] is 8193 bytes"},
+		{"user-data one byte over", func(r *minicloudv1.CreateVMRequest) { r.UserData = append(r.UserData, 0) }, "user-data is 65537 bytes"},
+		{"a 33rd key", func(r *minicloudv1.CreateVMRequest) { r.Spec.SshPublicKeys = append(r.Spec.SshPublicKeys, sshKey) }, "33 SSH keys"},
+		{"metadata one byte over", func(r *minicloudv1.CreateVMRequest) { r.Spec.Metadata = map[string]string{"a": meta["a"] + "x", "b": meta["b"]} }, "metadata is"},
+	} {
+		req := largest()
+		c.mutate(req)
+		before := e.dump(t)
+		_, err := e.vms.CreateVM(ctx(t), req)
+		wantCode(t, err, codes.InvalidArgument, c.want)
+		e.wantUnchanged(t, before)
+	}
+	vm, err := e.vms.CreateVM(ctx(t), largest())
+	if err != nil {
+		t.Fatalf("the largest legal spec: %v", err)
+	}
+	if len(vm.Spec.SshPublicKeys) != 32 || proto.Size(vm.Spec) > apiserver.MaxVMSpecBytes {
+		t.Fatalf("stored spec: %d keys, %d bytes", len(vm.Spec.SshPublicKeys), proto.Size(vm.Spec))
 	}
 }

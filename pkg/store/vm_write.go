@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -46,8 +47,12 @@ type NewVM struct {
 	// under Lease.
 	RequestID  string
 	RequestRev int64
-	Lease      clientv3.LeaseID
-	Now        time.Time
+	// RequestFingerprint identifies the request's parameters, stored with
+	// the VM id so a reuse of the id for another request is told apart
+	// (see RequestValue).
+	RequestFingerprint string
+	Lease              clientv3.LeaseID
+	Now                time.Time
 }
 
 // NetworkRef is a network a create read.
@@ -97,7 +102,7 @@ func CreateVMTxn(n NewVM) (Txn, error) {
 	if n.RequestID != "" {
 		key := VMRequestKey(project, n.RequestID)
 		t.If = append(t.If, Unchanged(key, n.RequestRev))
-		t.Then = append(t.Then, clientv3.OpPut(key, id, clientv3.WithLease(n.Lease)))
+		t.Then = append(t.Then, clientv3.OpPut(key, RequestValue(id, n.RequestFingerprint), clientv3.WithLease(n.Lease)))
 	}
 	evOps, err := EventOps(id, n.Now, n.Event)
 	if err != nil {
@@ -283,4 +288,20 @@ func releaseAddressOps(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM) 
 		}
 	}
 	return cmps, ops, nil
+}
+
+// RequestValue is what vms/requests/<project>/<request-id> holds: the VM
+// id and the fingerprint of the request that made it.
+func RequestValue(vmID, fingerprint string) string {
+	if fingerprint == "" {
+		return vmID
+	}
+	return vmID + " " + fingerprint
+}
+
+// ParseRequestValue splits a RequestValue (a value of before fingerprints
+// has none).
+func ParseRequestValue(v string) (vmID, fingerprint string) {
+	vmID, fingerprint, _ = strings.Cut(v, " ")
+	return vmID, fingerprint
 }
