@@ -470,7 +470,9 @@ func TestLargestLegalSpecAndOneByteOver(t *testing.T) {
 		{"an SSH key one byte over", func(r *minicloudv1.CreateVMRequest) { r.Spec.SshPublicKeys[3] = key(apiserver.MaxSSHKeyBytes + 1) }, "ssh_public_keys[3] is 8193 bytes"},
 		{"user-data one byte over", func(r *minicloudv1.CreateVMRequest) { r.UserData = append(r.UserData, 0) }, "user-data is 65537 bytes"},
 		{"a 33rd key", func(r *minicloudv1.CreateVMRequest) { r.Spec.SshPublicKeys = append(r.Spec.SshPublicKeys, sshKey) }, "33 SSH keys"},
-		{"metadata one byte over", func(r *minicloudv1.CreateVMRequest) { r.Spec.Metadata = map[string]string{"a": meta["a"] + "x", "b": meta["b"]} }, "metadata is"},
+		{"metadata one byte over", func(r *minicloudv1.CreateVMRequest) {
+			r.Spec.Metadata = map[string]string{"a": meta["a"] + "x", "b": meta["b"]}
+		}, "metadata is"},
 	} {
 		req := largest()
 		c.mutate(req)
