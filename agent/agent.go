@@ -72,6 +72,9 @@ type Config struct {
 	// StateDir): to reserve part of a machine for something else, or to
 	// give each of several hosts sharing one machine (the lab) its own share.
 	Capacity CapacityOverride
+	// TrashGrace is how long the files of a VM that vanished from the API
+	// (not deleted through it) are kept in StateDir/trash; default 24 h.
+	TrashGrace time.Duration
 }
 
 // CapacityOverride is the capacity a host registers instead of the measured
@@ -92,6 +95,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.StateDir == "" {
 		return fmt.Errorf("agent state directory is not set")
+	}
+	if c.TrashGrace == 0 {
+		c.TrashGrace = 24 * time.Hour
 	}
 	if c.Workers <= 0 {
 		// A worker spends a create mostly waiting on libvirt and QEMU

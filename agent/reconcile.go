@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -69,14 +70,19 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 			// other minicloud sharing this libvirt, or already cleaned up.
 			return result{}, nil
 		}
-		a.log.Info("cleaning up a VM that is not assigned to this host", "vm", id)
-		if err := a.teardown(ctx, id); err != nil {
+		// Not deleted by anyone: the API just no longer lists it. A wrong
+		// --api, a restored etcd backup or a bug would make every VM look
+		// so; the domain stops, but its files go to the trash, kept for
+		// Config.TrashGrace, and nothing is lost for good.
+		a.log.Warn("VM not assigned to this host: stopping it and keeping its files in the trash", "vm", id, "trash", a.trashDir(), "for", a.cfg.TrashGrace)
+		if err := a.teardown(ctx, id, keepFiles); err != nil {
 			return result{}, err
 		}
+		a.emptyTrash()
 		return result{}, a.collectBridges(ctx)
 	}
 	if vm.GetSpec().GetDeletionRequested() {
-		if err := a.teardown(ctx, id); err != nil {
+		if err := a.teardown(ctx, id, removeFiles); err != nil {
 			return result{}, err
 		}
 		a.publishGuests(ctx)
@@ -95,7 +101,7 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 	switch {
 	case errors.As(err, &perm):
 		a.log.Warn("VM failed permanently on this host", "vm", id, "reason", perm.reason, "err", err)
-		if terr := a.teardown(ctx, id); terr != nil {
+		if terr := a.teardown(ctx, id, removeFiles); terr != nil {
 			return result{}, terr
 		}
 		st := a.observedStatus(vm)
@@ -107,7 +113,7 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		return result{}, a.report(ctx, vm, st, reportStatus, warning(perm.reason, err.Error()))
 	case err != nil && a.queue.Failures(id)+1 >= createAttemptsBeforeReschedule && !a.domainEverCreated(vm):
 		a.log.Warn("create keeps failing on this host; giving the VM back to the scheduler", "vm", id, "err", err)
-		if terr := a.teardown(ctx, id); terr != nil {
+		if terr := a.teardown(ctx, id, removeFiles); terr != nil {
 			return result{}, terr
 		}
 		return result{}, a.report(ctx, vm, nil, reportReschedule, warning(lifecycle.ReasonCreateFailed, err.Error()))
@@ -452,10 +458,19 @@ func (a *Agent) ensureBridge(ctx context.Context, spec network.BridgeSpec) error
 	return a.net.EnsureBridge(ctx, spec)
 }
 
+// What teardown does with a VM's files.
+type filesFate bool
+
+const (
+	removeFiles filesFate = false // the VM was deleted (or failed for good)
+	keepFiles   filesFate = true  // the VM vanished from the API: trash them
+)
+
 // teardown removes everything the host holds for a VM: domain, disk,
-// config drive, console log and taps. Each step is a no-op when already
-// done, so an interrupted teardown is finished by the next call.
-func (a *Agent) teardown(ctx context.Context, id string) error {
+// config drive, console log and taps (the files to the trash with
+// keepFiles). Each step is a no-op when already done, so an interrupted
+// teardown is finished by the next call.
+func (a *Agent) teardown(ctx context.Context, id string, files filesFate) error {
 	if err := a.hv.Destroy(ctx, id); err != nil {
 		return fmt.Errorf("destroy domain: %w", err)
 	}
@@ -474,10 +489,47 @@ func (a *Agent) teardown(ctx context.Context, id string) error {
 			}
 		}
 	}
+	if files == keepFiles {
+		if _, err := os.Stat(a.vmDir(id)); err == nil {
+			if err := os.MkdirAll(a.trashDir(), 0o700); err != nil {
+				return fmt.Errorf("trash: %w", err)
+			}
+			// A rename within the state directory: atomic, and the disk is
+			// not copied.
+			dst := filepath.Join(a.trashDir(), fmt.Sprintf("%s.%d", id, time.Now().Unix()))
+			if err := os.Rename(a.vmDir(id), dst); err != nil {
+				return fmt.Errorf("move VM directory to the trash: %w", err)
+			}
+		}
+		return nil
+	}
 	if err := os.RemoveAll(a.vmDir(id)); err != nil {
 		return fmt.Errorf("remove VM directory: %w", err)
 	}
 	return nil
+}
+
+// trashDir keeps the files of VMs that vanished from the API.
+func (a *Agent) trashDir() string { return filepath.Join(a.cfg.StateDir, "trash") }
+
+// emptyTrash removes trashed VM directories older than Config.TrashGrace.
+func (a *Agent) emptyTrash() {
+	entries, err := os.ReadDir(a.trashDir())
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		_, stamp, ok := strings.Cut(e.Name(), ".")
+		secs, err := strconv.ParseInt(stamp, 10, 64)
+		if !ok || err != nil || time.Since(time.Unix(secs, 0)) < a.cfg.TrashGrace {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(a.trashDir(), e.Name())); err != nil {
+			a.log.Warn("empty trash", "entry", e.Name(), "err", err)
+		} else {
+			a.log.Info("trashed VM files removed after the grace period", "entry", e.Name())
+		}
+	}
 }
 
 // observedVMIDs lists the VMs this agent holds something for on the host:

@@ -465,9 +465,17 @@ func TestReconcileDeleteConverges(t *testing.T) {
 	}
 }
 
-func TestReconcileCleansUpOrphans(t *testing.T) {
+// TestReconcileCleansUpOrphansIntoTheTrash: a VM the API no longer lists
+// (not deleted through it: a wrong --api or a restored backup looks the
+// same) is stopped, but its disk is kept in the trash for the grace
+// period, then removed.
+func TestReconcileCleansUpOrphansIntoTheTrash(t *testing.T) {
 	h := newHarness(t)
 	id := h.running()
+	disk := filepath.Join(h.a.vmDir(id), "disk.qcow2")
+	if err := os.WriteFile(disk, []byte("the tenant's data"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	// The API forgot the VM while the agent was away.
 	h.a.mu.Lock()
 	delete(h.a.assigned, id)
@@ -478,6 +486,22 @@ func TestReconcileCleansUpOrphans(t *testing.T) {
 	}
 	if _, err := os.Stat(h.a.vmDir(id)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("orphan's directory left: %v", err)
+	}
+	kept, _ := filepath.Glob(filepath.Join(h.a.trashDir(), id+".*", "disk.qcow2"))
+	if len(kept) != 1 {
+		t.Fatalf("the orphan's disk is not in the trash: %v", kept)
+	}
+	if b, _ := os.ReadFile(kept[0]); string(b) != "the tenant's data" {
+		t.Fatalf("trashed disk holds %q", b)
+	}
+	h.mustPass(id) // nothing left to do, and the trash stays
+	if _, err := os.Stat(kept[0]); err != nil {
+		t.Fatalf("trash emptied before the grace period: %v", err)
+	}
+	h.a.cfg.TrashGrace = time.Nanosecond
+	h.a.emptyTrash()
+	if _, err := os.Stat(filepath.Dir(kept[0])); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("trash kept after the grace period: %v", err)
 	}
 }
 
