@@ -6,18 +6,77 @@ import (
 )
 
 // peerListener tags accepted connections with the resolver that identifies
-// them.
+// them, and holds each source (a guest) and the whole server to a number
+// of open connections.
 type peerListener struct {
 	net.Listener
 	resolver PeerResolver
+	// scope names the listener (its bridge): sources are counted per
+	// scope and address.
+	scope  string
+	limits *connLimits
 }
 
 func (l *peerListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		key := l.scope + "/" + remoteHost(c)
+		if !l.limits.acquire(key) {
+			// Over its share: closed at once, before it costs a goroutine
+			// or a buffer (another guest's connections are unaffected).
+			c.Close()
+			continue
+		}
+		return &peerConn{Conn: c, resolver: l.resolver, release: func() { l.limits.release(key) }}, nil
 	}
-	return &peerConn{Conn: c, resolver: l.resolver}, nil
+}
+
+func remoteHost(c net.Conn) string {
+	host, _, err := net.SplitHostPort(c.RemoteAddr().String())
+	if err != nil {
+		return c.RemoteAddr().String()
+	}
+	return host
+}
+
+// connLimits counts open connections per source and in all.
+type connLimits struct {
+	perSource, total int
+	refused          func()
+
+	mu    sync.Mutex
+	open  map[string]int
+	inAll int
+}
+
+func newConnLimits(perSource, total int, refused func()) *connLimits {
+	return &connLimits{perSource: perSource, total: total, refused: refused, open: map[string]int{}}
+}
+
+func (l *connLimits) acquire(key string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.open[key] >= l.perSource || l.inAll >= l.total {
+		if l.refused != nil {
+			l.refused()
+		}
+		return false
+	}
+	l.open[key]++
+	l.inAll++
+	return true
+}
+
+func (l *connLimits) release(key string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.open[key]--; l.open[key] <= 0 {
+		delete(l.open, key)
+	}
+	l.inAll--
 }
 
 // peerConn resolves its peer once per connection: the bridge and the
@@ -26,6 +85,8 @@ func (l *peerListener) Accept() (net.Conn, error) {
 type peerConn struct {
 	net.Conn
 	resolver PeerResolver
+	release  func()
+	closed   sync.Once
 	once     sync.Once
 	peer     Peer
 	err      error
@@ -33,6 +94,16 @@ type peerConn struct {
 	macOnce sync.Once
 	mac     net.HardwareAddr
 	macErr  error
+}
+
+// Close closes the connection and gives its place back (once).
+func (c *peerConn) Close() error {
+	c.closed.Do(func() {
+		if c.release != nil {
+			c.release()
+		}
+	})
+	return c.Conn.Close()
 }
 
 func (c *peerConn) resolve() (Peer, error) {

@@ -12,6 +12,28 @@ import (
 type guestState struct {
 	lim      *rate.Limiter
 	lastSeen atomic.Int64 // unix nanoseconds
+	waits    atomic.Int64 // hanging wait_for_change requests
+}
+
+// startWait admits one more hanging request of VM id, within the VM's and
+// the service's bounds; done gives the place back.
+func (s *Server) startWait(id string) (done func(), ok bool) {
+	s.limMu.Lock()
+	g := s.limiters[id]
+	s.limMu.Unlock()
+	if g == nil {
+		return nil, false
+	}
+	if g.waits.Add(1) > int64(s.opts.MaxWaitsPerGuest) {
+		g.waits.Add(-1)
+		return nil, false
+	}
+	if s.waits.Add(1) > int64(s.opts.MaxWaits) {
+		s.waits.Add(-1)
+		g.waits.Add(-1)
+		return nil, false
+	}
+	return func() { g.waits.Add(-1); s.waits.Add(-1) }, true
 }
 
 // allow applies the per-VM rate limit.

@@ -239,6 +239,12 @@ func (s *Server) writeGCE(req *request, segs []string, recursive bool, alt strin
 // goes away. The Directory closes an entry's channel when the instance
 // changes, so nothing polls.
 func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastETag string, timeout time.Duration) {
+	done, ok := s.startWait(req.entry.inst.ID)
+	if !ok {
+		writeText(req, http.StatusTooManyRequests, "too many wait_for_change requests waiting: close some")
+		return
+	}
+	defer done()
 	req.longPoll = true
 	s.metrics.longPollWaiters.Inc()
 	defer s.metrics.longPollWaiters.Dec()

@@ -14,6 +14,7 @@ type metrics struct {
 	unknownSources  prometheus.Counter
 	tokensIssued    prometheus.Counter
 	longPollWaiters prometheus.Gauge
+	connsRefused    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -39,9 +40,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "minicloud_metadata_gce_waiters",
 			Help: "GCE wait_for_change requests currently waiting.",
 		}),
+		connsRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "minicloud_metadata_connections_refused_total",
+			Help: "Connections closed at accept because their guest, or the service, had too many open.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.requests, m.latency, m.unknownSources, m.tokensIssued, m.longPollWaiters)
+		reg.MustRegister(m.requests, m.latency, m.unknownSources, m.tokensIssued, m.longPollWaiters, m.connsRefused)
 	}
 	return m
 }

@@ -43,6 +43,14 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// MaxLongPoll caps GCE wait_for_change (default 5 minutes).
 	MaxLongPoll time.Duration
+	// MaxConnsPerGuest and MaxConns bound open connections from one
+	// source address on one bridge (default 64) and in all (default
+	// 4096): beyond, a new connection is closed at once.
+	MaxConnsPerGuest, MaxConns int
+	// MaxWaitsPerGuest and MaxWaits bound hanging wait_for_change
+	// requests of one VM (default 16) and in all (default 1024): beyond,
+	// 429 Too Many Requests.
+	MaxWaitsPerGuest, MaxWaits int
 	// ListenAddress is what bridge listeners bind (default Address).
 	ListenAddress string
 	// Now is the clock (tests).
@@ -71,6 +79,9 @@ type Server struct {
 
 	limMu    sync.Mutex
 	limiters map[string]*guestState
+
+	conns *connLimits
+	waits atomic.Int64 // hanging wait_for_change requests in all
 
 	unknownLog        *rate.Limiter
 	unknownSuppressed atomic.Int64
@@ -110,6 +121,18 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 	if opts.ListenAddress == "" {
 		opts.ListenAddress = Address
 	}
+	if opts.MaxConnsPerGuest == 0 {
+		opts.MaxConnsPerGuest = 64
+	}
+	if opts.MaxConns == 0 {
+		opts.MaxConns = 4096
+	}
+	if opts.MaxWaitsPerGuest == 0 {
+		opts.MaxWaitsPerGuest = 16
+	}
+	if opts.MaxWaits == 0 {
+		opts.MaxWaits = 1024
+	}
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
@@ -127,6 +150,7 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 		unknownLog: rate.NewLimiter(1, 5),
 		listeners:  map[string]*bridgeListener{},
 	}
+	s.conns = newConnLimits(opts.MaxConnsPerGuest, opts.MaxConns, s.metrics.connsRefused.Inc)
 	if opts.Identity != nil {
 		s.idTokens = newTokenCache(opts.Identity)
 	}
@@ -177,7 +201,7 @@ func (s *Server) AddInterface(name string) error {
 	if err != nil {
 		return fmt.Errorf("metadata: add interface %s: %w", name, err)
 	}
-	wl := &peerListener{Listener: l, resolver: bridgeResolver{iface: name, neigh: s.opts.Neighbours}}
+	wl := &peerListener{Listener: l, resolver: bridgeResolver{iface: name, neigh: s.opts.Neighbours}, scope: name, limits: s.conns}
 	s.listeners[name] = &bridgeListener{Listener: wl, ifindex: ifi.Index}
 	s.wg.Add(1)
 	go func() {
@@ -247,7 +271,7 @@ func (s *Server) ServeListener(l net.Listener, r PeerResolver) error {
 	s.wg.Add(1)
 	s.mu.Unlock()
 	defer s.wg.Done()
-	err := s.http.Serve(&peerListener{Listener: l, resolver: r})
+	err := s.http.Serve(&peerListener{Listener: l, resolver: r, scope: l.Addr().String(), limits: s.conns})
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}
