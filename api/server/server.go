@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
 	"github.com/minicloud/minicloud/api/imageservice"
@@ -40,6 +41,10 @@ import (
 // leaves room for 64 KiB of user-data and for the image upload chunks
 // (1 MiB); anything larger is refused with RESOURCE_EXHAUSTED by gRPC.
 const MaxRequestBytes = 4 << 20
+
+// MaxConcurrentStreams bounds the calls and streams open at once on one
+// client connection (a watch holds one for its life).
+const MaxConcurrentStreams = 1000
 
 // Host heartbeat timing, returned to agents in RegisterHostResponse.
 const (
@@ -184,6 +189,16 @@ func New(cfg Config) (*Server, error) {
 
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxRequestBytes),
+		// Connection limits, set rather than left to gRPC's defaults
+		// (docs/operations.md "API limits"): streams per connection, how
+		// often a client may ping, and when a silent peer is dropped.
+		grpc.MaxConcurrentStreams(MaxConcurrentStreams),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			MaxConnectionIdle: 15 * time.Minute,
+			Time:              30 * time.Second,
+			Timeout:           10 * time.Second,
+		}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, s.auditUnary, s.authUnary, refuseUnknownFieldsUnary),
 		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, s.auditStream, s.authStream, s.revokedStream, refuseUnknownFieldsStream),
 	}
