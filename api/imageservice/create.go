@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"io"
 	"syscall"
 
@@ -54,6 +55,9 @@ func (s *Service) CreateImage(stream minicloudv1.ImageService_CreateImageServer)
 	}
 	declared := hdr.GetDiskSizeBytes() + hdr.GetKernelSizeBytes() + hdr.GetInitrdSizeBytes()
 	if err := q.check(declared); err != nil {
+		return err
+	}
+	if err := s.checkFree(declared); err != nil {
 		return err
 	}
 	// Fail fast instead of after a long upload; the create-only txn below
@@ -140,6 +144,9 @@ func (u *upload) receive(stream minicloudv1.ImageService_CreateImageServer) erro
 		// Before the chunk is written: nothing beyond the quota reaches
 		// the disk, and abort removes what did.
 		if err := u.quota.check(u.total); err != nil {
+			return err
+		}
+		if err := u.s.checkFree(int64(len(chunk.GetData()))); err != nil {
 			return err
 		}
 		if _, err := w.Write(chunk.GetData()); err != nil {
@@ -370,4 +377,18 @@ func (u *upload) release(w *blobWriter) {
 	}
 	w.released = true
 	u.s.unregisterUpload(w.tempName())
+}
+
+// checkFree refuses to write n more bytes when that would leave less than
+// the free-space floor on the image store's file system.
+func (s *Service) checkFree(n int64) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(s.blobs.dir, &st); err != nil {
+		return errdefs.Wrap(errdefs.KindUnavailable, err, "image store free space")
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	if free-n < s.minFree {
+		return errdefs.ResourceExhausted("the image store has %d bytes free; writing %d more would leave less than the floor of %d: free space or raise it (--image-store-min-free)", free, n, s.minFree)
+	}
+	return nil
 }

@@ -48,6 +48,10 @@ import (
 // Config.MaxImageBytes is zero.
 const DefaultMaxImageBytes int64 = 64 << 30
 
+// DefaultMinFreeBytes is the free-space floor of the image store when
+// Config.MinFreeBytes is zero.
+const DefaultMinFreeBytes int64 = 256 << 20
+
 // downloadChunkSize is the size of the data in each DownloadImage message.
 const downloadChunkSize = 1 << 20
 
@@ -70,6 +74,10 @@ type Config struct {
 	// MaxImageBytes bounds the total size of one upload; 0 means
 	// DefaultMaxImageBytes.
 	MaxImageBytes int64
+	// MinFreeBytes is the free space an upload must leave on the image
+	// store's file system: refused before the disk fills, not after; 0
+	// means DefaultMinFreeBytes.
+	MinFreeBytes int64
 	// DefaultQuota is the quota of a project without overrides (an unset
 	// limit, or nil: unlimited); an upload counts against its project's
 	// image_bytes.
@@ -87,6 +95,7 @@ type Service struct {
 	blobs    blobDir
 	inUse    func(ctx context.Context, image string) (string, error)
 	maxBytes int64
+	minFree  int64 // free-space floor of the blob directory (checkFree)
 	log      *slog.Logger
 
 	quotaDefaults *minicloudv1.QuotaLimits
@@ -113,6 +122,7 @@ func New(cfg Config) *Service {
 		blobs:    blobDir{dir: cfg.Dir},
 		inUse:    cfg.InUse,
 		maxBytes: cfg.MaxImageBytes,
+		minFree:  cfg.MinFreeBytes,
 		log:      slog.Default().With("component", "imageservice"),
 		replica:  &replica{etcd: cfg.Client},
 
@@ -127,6 +137,9 @@ func New(cfg Config) *Service {
 	}
 	if s.maxBytes <= 0 {
 		s.maxBytes = DefaultMaxImageBytes
+	}
+	if s.minFree <= 0 {
+		s.minFree = DefaultMinFreeBytes
 	}
 	if s.projectOf == nil {
 		s.projectOf = func(p string) (string, error) {

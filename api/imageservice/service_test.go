@@ -16,6 +16,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -512,4 +513,33 @@ func contains(xs []string, x string) bool {
 		}
 	}
 	return false
+}
+
+// TestUploadRefusedBelowTheFreeSpaceFloor: an upload that would leave the
+// image store's file system with less than the floor is refused — before
+// any data when its size is announced, at the chunk otherwise — and leaves
+// nothing behind.
+func TestUploadRefusedBelowTheFreeSpaceFloor(t *testing.T) {
+	e := newEnv(t, 0)
+	ctx := context.Background()
+	var st unix.Statfs_t
+	if err := unix.Statfs(e.dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	// A floor 32 MiB under what is free: a 1 MiB upload fits, 64 MiB do
+	// not (the slack either way absorbs what else writes to this disk
+	// meanwhile).
+	e.svc.minFree = free - 32<<20
+	if _, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: "fits"}, parts{disk: randomBytes(t, 1<<20)}); err != nil {
+		t.Fatalf("an upload above the floor: %v", err)
+	}
+	_, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: "big", DiskSizeBytes: 64 << 20}, parts{disk: randomBytes(t, 10)})
+	wantCode(t, err, codes.ResourceExhausted)
+	before := len(e.dirFiles(t))
+	_, err = uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: "big"}, parts{disk: randomBytes(t, 64<<20)})
+	wantCode(t, err, codes.ResourceExhausted)
+	if after := len(e.dirFiles(t)); after != before {
+		t.Fatalf("a refused upload left files: %d before, %d after", before, after)
+	}
 }

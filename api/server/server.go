@@ -60,6 +60,10 @@ type Config struct {
 	// replica of a cluster must see the same directory (see
 	// imageservice.Config.Dir). Empty: the image service is not served.
 	ImageDir string
+	// MaxImageBytes bounds one upload and ImageStoreMinFreeBytes is the
+	// free space an upload must leave in ImageDir (0: the image service's
+	// defaults, 64 GiB and 256 MiB).
+	MaxImageBytes, ImageStoreMinFreeBytes int64
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 	// AgentDialOptions are added when dialing an agent's AgentService (for
@@ -230,8 +234,10 @@ func New(cfg Config) (*Server, error) {
 			Dir:    cfg.ImageDir,
 			InUse:  s.ImageInUse,
 
-			DefaultQuota: cfg.DefaultQuota,
-			ProjectOf:    projectOf,
+			DefaultQuota:  cfg.DefaultQuota,
+			ProjectOf:     projectOf,
+			MaxImageBytes: cfg.MaxImageBytes,
+			MinFreeBytes:  cfg.ImageStoreMinFreeBytes,
 		})
 		minicloudv1.RegisterImageServiceServer(s.grpc, s.images)
 		services = append(services, minicloudv1.ImageService_ServiceDesc.ServiceName)

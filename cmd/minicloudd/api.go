@@ -29,6 +29,8 @@ type apiFlags struct {
 	imageDir      string
 	etcd          etcdFlags
 	tlsSANs       []string
+	imageMax      int64
+	imageMinFree  int64
 	// identityIssuer and identityRotation: workload identity tokens.
 	identityIssuer   string
 	identityRotation time.Duration
@@ -69,6 +71,8 @@ func (f *apiFlags) addFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.metricsListen, "metrics-listen", "127.0.0.1:8641", "HTTP listen address for /metrics and /healthz (empty: off)")
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (images in DIR/images, embedded etcd in DIR/etcd)")
 	cmd.Flags().StringVar(&f.imageDir, "image-dir", "", "image blob store, shared by every API replica of the cluster (a network file system, or one directory on one machine) (default DIR/images)")
+	cmd.Flags().Int64Var(&f.imageMax, "image-max-bytes", 0, "largest image upload, all parts together (0: 64 GiB)")
+	cmd.Flags().Int64Var(&f.imageMinFree, "image-store-min-free", 0, "free space an upload must leave on the image store's file system (0: 256 MiB)")
 	cmd.Flags().StringSliceVar(&f.tlsSANs, "tls-san", nil, "extra names and IPs for the API's TLS certificate (served when --listen is beyond loopback), e.g. the address clients and agents dial")
 	cmd.Flags().StringVar(&f.identityIssuer, "identity-issuer", "", "URL at which third parties reach this API's --metrics-listen address: the \"iss\" of guests' identity tokens, with the JWKS and OpenID discovery below it (default http://<metrics-listen address>)")
 	cmd.Flags().DurationVar(&f.identityRotation, "identity-key-rotation", identity.DefaultRotation, "how long one identity token signing key signs before the next takes over (at least 3h)")
@@ -113,6 +117,9 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 		IdentityIssuer:      f.identityIssuer,
 		IdentityKeyRotation: f.identityRotation,
 		DefaultQuota:        quota,
+		MaxImageBytes:       f.imageMax,
+
+		ImageStoreMinFreeBytes: f.imageMinFree,
 	}
 	if err := setupAPIPKI(ctx, f, cli, &cfg); err != nil {
 		return err
