@@ -118,27 +118,22 @@ func auditObject(req proto.Message) string {
 	m, _ := projectField(req.ProtoReflect())
 	for _, f := range []protoreflect.Name{"name", "user", "id", "vm_id", "host_name", "host"} {
 		fd := m.Descriptor().Fields().ByName(f)
-		if fd == nil {
+		if fd == nil || fd.Kind() != protoreflect.StringKind {
 			continue
 		}
+		v := m.Get(fd).String()
 		switch {
-		case fd.Kind() == protoreflect.StringKind:
-			if v := m.Get(fd).String(); v != "" {
-				if f == "id" {
-					// RevokeToken's id may be a whole token: keep the public part.
-					if user, id, ok := auth.ParsePublicID(v); ok {
-						return user + "." + id
-					}
-				}
-				return v
+		case v == "":
+			continue
+		case f == "id":
+			// RevokeToken's id may be a whole token: record only its
+			// public part, and nothing of what does not parse.
+			if user, id, ok := auth.ParsePublicID(v); ok {
+				return user + "." + id
 			}
-		case fd.Message() != nil && m.Has(fd):
-			// RegisterHost: host.meta.name.
-			if meta := m.Get(fd).Message(); meta.Descriptor().Fields().ByName("meta") != nil {
-				return meta.Get(meta.Descriptor().Fields().ByName("meta")).Message().Get(
-					meta.Descriptor().Fields().ByName("meta").Message().Fields().ByName("name")).String()
-			}
+			return "(not a token id)"
 		}
+		return v
 	}
 	return ""
 }

@@ -344,8 +344,23 @@ func TestTokenLifecycle(t *testing.T) {
 	if _, err := e.nets.DeleteNetwork(ctx(t), &minicloudv1.DeleteNetworkRequest{Name: "n1", Project: "alpha"}); err != nil {
 		t.Fatal(err)
 	}
+	// Images are keyed by name; their owner is in the record.
+	img, _ := store.Marshal(&minicloudv1.Image{Meta: &minicloudv1.ObjectMeta{Id: "i1", Name: "img1", Project: "alpha"}})
+	if _, err := e.etcd.Put(ctx(t), store.ImageKey("img1"), img); err != nil {
+		t.Fatal(err)
+	}
+	_, err = authc.DeleteProject(ctx(t), &minicloudv1.DeleteProjectRequest{Name: "alpha"})
+	wantCode(t, err, codes.FailedPrecondition, "still owns 1 images")
+	if _, err := e.etcd.Delete(ctx(t), store.ImageKey("img1")); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := authc.DeleteProject(ctx(t), &minicloudv1.DeleteProjectRequest{Name: "alpha"}); err != nil {
 		t.Fatal(err)
+	}
+	for _, k := range []string{store.QuotaUsageKey("alpha"), store.QuotaLimitsKey("alpha")} {
+		if n, _ := e.etcd.Get(ctx(t), k, clientv3.WithCountOnly()); n.Count != 0 {
+			t.Fatalf("%s outlives its project", k)
+		}
 	}
 	_, err = e.nets.ListNetworks(ctx(t), &minicloudv1.ListNetworksRequest{Project: "alpha"})
 	wantCode(t, err, codes.NotFound, "project alpha not found")

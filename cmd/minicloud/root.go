@@ -169,10 +169,10 @@ func (a *app) loadConfig() (client.Config, error) {
 	if p == "" {
 		return client.Config{}, nil
 	}
-	if _, err := os.Stat(p); errors.Is(err, fs.ErrNotExist) {
+	c, err := client.LoadConfig(p)
+	if errors.Is(err, fs.ErrNotExist) {
 		return client.Config{}, nil
 	}
-	c, err := client.LoadConfig(p)
 	if err != nil {
 		return c, usagef("%v", err)
 	}

@@ -75,14 +75,16 @@ func ProjectHolders(project string) map[string]string {
 	}
 }
 
-// DeleteProject removes project if it holds nothing and no user has a
-// role in it, in one transaction that fails if any of that changed since
-// it was checked.
+// DeleteProject removes project and its quota records if it holds nothing
+// (VMs, networks, server groups, images) and no user has a role in it, in
+// one transaction that fails if any of that changed since it was checked.
 func DeleteProject(ctx context.Context, kv clientv3.KV, project string) error {
 	for range authTxnAttempts {
 		var r Reads
 		proj := r.Get(ProjectKey(project), clientv3.WithCountOnly())
 		users := r.Get(UserPrefix, clientv3.WithPrefix())
+		// Images are keyed by name, not project: their owner is in the value.
+		images := r.Get(ImagePrefix, clientv3.WithPrefix())
 		holders := ProjectHolders(project)
 		counts := map[string]Read{}
 		for what, prefix := range holders {
@@ -99,6 +101,19 @@ func DeleteProject(ctx context.Context, kv clientv3.KV, project string) error {
 				return errdefs.FailedPrecondition("project %s still has %d %s: delete them first", project, n, what)
 			}
 		}
+		imgs, err := DecodeAll(images.KVs(), func() *minicloudv1.Image { return &minicloudv1.Image{} })
+		if err != nil {
+			return err
+		}
+		owned := 0
+		for _, img := range imgs {
+			if img.Value.GetMeta().GetProject() == project {
+				owned++
+			}
+		}
+		if owned > 0 {
+			return errdefs.FailedPrecondition("project %s still owns %d images: delete them first", project, owned)
+		}
 		us, err := DecodeAll(users.KVs(), func() *minicloudv1.User { return &minicloudv1.User{} })
 		if err != nil {
 			return err
@@ -108,11 +123,14 @@ func DeleteProject(ctx context.Context, kv clientv3.KV, project string) error {
 				return errdefs.FailedPrecondition("user %s has a role in project %s: revoke it first (minicloud user revoke-role %s --project %s)", u.Value.GetName(), project, u.Value.GetName(), project)
 			}
 		}
-		cmps := []clientv3.Cmp{UnchangedSince(UserPrefix, r.Revision())}
+		cmps := []clientv3.Cmp{UnchangedSince(UserPrefix, r.Revision()), UnchangedSince(ImagePrefix, r.Revision())}
 		for _, prefix := range holders {
 			cmps = append(cmps, UnchangedSince(prefix, r.Revision()))
 		}
-		_, ok, err := Commit(ctx, kv, append(cmps, Exists(ProjectKey(project))), []clientv3.Op{clientv3.OpDelete(ProjectKey(project))})
+		// The project's quota records go with it (a project made again
+		// under the name starts from the defaults and a fresh count).
+		ops := []clientv3.Op{clientv3.OpDelete(ProjectKey(project)), clientv3.OpDelete(QuotaUsageKey(project)), clientv3.OpDelete(QuotaLimitsKey(project))}
+		_, ok, err := Commit(ctx, kv, append(cmps, Exists(ProjectKey(project))), ops)
 		if err != nil || ok {
 			return err
 		}
