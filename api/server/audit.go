@@ -139,6 +139,12 @@ func auditObject(req proto.Message) string {
 }
 
 func (s *Server) writeAudit(ctx context.Context, method string, n *auditNote, req proto.Message, reqID string, callErr error) {
+	if n.p == nil {
+		// A caller without credentials is anyone on the network: storing
+		// its attempts would let it fill etcd. The API's log has them
+		// (logCall), and nothing happened.
+		return
+	}
 	rec := &minicloudv1.AuditRecord{
 		Time:      timestamppb.Now(),
 		Principal: n.p.String(),
