@@ -177,10 +177,8 @@ func (s *Server) updateSpec(ctx context.Context, req *minicloudv1.VMActionReques
 			vm.Meta.ResourceVersion = rev
 			return vm, nil
 		}
-		if req.GetResourceVersion() != 0 {
-			// The caller pinned a version that just went stale.
-			return nil, checkResourceVersion("vm", req.GetName(), req.GetResourceVersion(), -1)
-		}
+		// Lost a race: a pinned version that went stale fails the check
+		// at the top on the next pass (another event append does not).
 	}
 	return nil, tooMuchContention(reason + " vm " + req.GetName())
 }
@@ -194,15 +192,11 @@ func (v *vmService) ListVMEvents(ctx context.Context, req *minicloudv1.ListVMEve
 	if err != nil {
 		return nil, err
 	}
-	evs, _, err := store.List(ctx, v.s.etcd, store.VMEventsPrefix(vm.Meta.Id), func() *minicloudv1.Event { return &minicloudv1.Event{} })
+	evs, log, err := store.ReadEventLog(ctx, v.s.etcd, vm.Meta.Id)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]*minicloudv1.Event, 0, len(evs))
-	for _, e := range evs {
-		out = append(out, e.Value)
-	}
-	return &minicloudv1.ListVMEventsResponse{Events: out}, nil
+	return &minicloudv1.ListVMEventsResponse{Events: evs, EventsDropped: log.Dropped(len(evs))}, nil
 }
 
 func (v *vmService) WatchVMs(req *minicloudv1.WatchVMsRequest, stream minicloudv1.VMService_WatchVMsServer) error {

@@ -337,10 +337,8 @@ func (v *vmService) UpdateVMMetadata(ctx context.Context, req *minicloudv1.Updat
 			v.s.log.Info("vm metadata updated", "vm", vm.GetMeta().GetName(), "project", project, "id", vm.GetMeta().GetId(), "rev", rev, "changes", changed)
 			return next, nil
 		}
-		if req.GetResourceVersion() != 0 {
-			// The caller pinned a version that just went stale.
-			return nil, stale("another update came first")
-		}
+		// Lost a race: a pinned version that went stale fails the check
+		// at the top on the next pass (another event append does not).
 	}
 	return nil, tooMuchContention("update metadata of vm " + req.GetName())
 }

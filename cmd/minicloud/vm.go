@@ -320,7 +320,12 @@ func (a *app) newVMEventsCommand(complete cobra.CompletionFunc) *cobra.Command {
 		if err != nil {
 			return err
 		}
-		return printMessage(a.out, *out, resp, func(w io.Writer) error { return eventTable(w, resp.GetEvents()) })
+		return printMessage(a.out, *out, resp, func(w io.Writer) error {
+			if n := resp.GetEventsDropped(); n > 0 {
+				fmt.Fprintf(a.errOut, "(%d older events were dropped: a VM keeps its last %d)\n", n, len(resp.GetEvents()))
+			}
+			return eventTable(w, resp.GetEvents())
+		})
 	}
 	return cmd
 }

@@ -1,6 +1,9 @@
 package store
 
 import (
+	"context"
+	"fmt"
+	"strconv"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -9,20 +12,187 @@ import (
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
 
-// EventOps returns the ops that append events to a VM's event log, all
-// stamped now; seq keeps events of one write in order.
-func EventOps(vmID string, now time.Time, events ...*minicloudv1.Event) ([]clientv3.Op, error) {
-	ops := make([]clientv3.Op, 0, len(events))
+// MaxVMEvents is how many events a VM's log keeps: an append that goes
+// past it drops the oldest in the same transaction, so no reporter (an
+// agent in a loop, many replicas at once) can grow etcd without bound.
+// ListVMEvents says how many were dropped.
+const MaxVMEvents = 256
+
+// A VM's event log is vms/events/<id>/<seq>, seq 0, 1, 2... in the order of
+// the appends, and vms/eventseq/<id>, the number of events ever appended
+// (the next seq). Every append compares that counter unchanged since it
+// was read, so two appends never take the same seq (none overwrites
+// another's event) and the trim below is exact under concurrent writers:
+// one of two racing appends commits, the other fails its compare and its
+// caller retries on fresh reads, as for any other lost race.
+
+// EventAppend is events to append to one VM's log when the transaction
+// that carries it (Txn.Events) commits. The write protocols add it; Commit
+// reads the log's counter and turns it into its compare and writes.
+type EventAppend struct {
+	VMID   string
+	Now    time.Time
+	Events []*minicloudv1.Event
+	// New says the VM is created in this transaction: its log is known
+	// empty (its counter must be absent), so nothing is read.
+	New bool
+}
+
+// AppendEvents adds events to vmID's log when t commits, all stamped now.
+func (t *Txn) AppendEvents(vmID string, now time.Time, events ...*minicloudv1.Event) {
+	if len(events) == 0 {
+		return
+	}
+	t.Events = append(t.Events, EventAppend{VMID: vmID, Now: now, Events: events})
+}
+
+// EventLog is the state of a VM's event log: the counter and its mod
+// revision (0: absent, nothing ever appended).
+type EventLog struct {
+	Appended, ModRevision int64
+}
+
+// Dropped is how many events the log no longer holds, of Appended, when
+// it holds kept.
+func (l EventLog) Dropped(kept int) int64 {
+	return max(0, l.Appended-int64(kept))
+}
+
+// ParseEventLog decodes the counter key (nil: absent).
+func ParseEventLog(v []byte, modRev int64) (EventLog, error) {
+	if v == nil {
+		return EventLog{}, nil
+	}
+	n, err := strconv.ParseInt(string(v), 10, 64)
+	if err != nil || n < 0 {
+		return EventLog{}, fmt.Errorf("event counter %q is not a count", v)
+	}
+	return EventLog{Appended: n, ModRevision: modRev}, nil
+}
+
+// eventLogOps returns the compare and writes of appending events to a log
+// in state log: the events at the next seqs, the counter moved past them,
+// and the events that fall out of the last MaxVMEvents deleted.
+func eventLogOps(id string, log EventLog, events []*minicloudv1.Event) (clientv3.Cmp, []clientv3.Op, error) {
+	// A write that carries more than the log keeps (none does: a report
+	// has at most 64) stores only its newest; the rest count as dropped.
+	next := log.Appended + int64(len(events))
+	ops := make([]clientv3.Op, 0, min(len(events), MaxVMEvents)+2)
 	for i, ev := range events {
-		// The writer's clock stamps every event, whatever time a reporter
-		// (an agent) put in it: a report can neither backdate its events
-		// nor aim their keys at another event's to overwrite it.
-		ev.Time = timestamppb.New(now)
-		op, err := PutOp(VMEventKey(vmID, ev.GetTime().AsTime().UnixNano(), i), ev)
+		seq := log.Appended + int64(i)
+		if seq < next-MaxVMEvents {
+			continue
+		}
+		op, err := PutOp(VMEventKey(id, seq), ev)
 		if err != nil {
-			return nil, err
+			return clientv3.Cmp{}, nil, err
 		}
 		ops = append(ops, op)
 	}
-	return ops, nil
+	if floor := next - MaxVMEvents; floor > 0 {
+		// Every seq below floor: never one just put (etcd refuses a
+		// transaction whose delete covers one of its puts).
+		ops = append(ops, clientv3.OpDelete(VMEventsPrefix(id), clientv3.WithRange(VMEventKey(id, floor))))
+	}
+	ops = append(ops, clientv3.OpPut(VMEventSeqKey(id), strconv.FormatInt(next, 10)))
+	return Unchanged(VMEventSeqKey(id), log.ModRevision), ops, nil
+}
+
+// resolveEvents folds the event appends of txns into their compares and
+// writes, reading the counters of every log they append to in one round
+// trip. Appends to one VM within a transaction are merged in order; two
+// transactions (nested in one commit) must not append to the same VM, as
+// they must not write the same key.
+func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, error) {
+	type pending struct {
+		txn   int
+		isNew bool
+		evs   []*minicloudv1.Event
+		read  Read
+	}
+	logs := map[string]*pending{}
+	var order []string
+	var reads Reads
+	for i, t := range txns {
+		for _, a := range t.Events {
+			p := logs[a.VMID]
+			if p == nil {
+				p = &pending{txn: i, isNew: a.New}
+				logs[a.VMID] = p
+				order = append(order, a.VMID)
+				if !a.New {
+					p.read = reads.Get(VMEventSeqKey(a.VMID))
+				}
+			} else if p.txn != i {
+				return nil, fmt.Errorf("two transactions of one commit append events to vm %s", a.VMID)
+			}
+			for _, ev := range a.Events {
+				// The writer's clock stamps every event, whatever time a
+				// reporter (an agent) put in it: a report cannot backdate
+				// its events, and the counter's compare keeps it from
+				// aiming at another's key.
+				ev.Time = timestamppb.New(a.Now)
+				p.evs = append(p.evs, ev)
+			}
+		}
+	}
+	if len(order) == 0 {
+		return txns, nil
+	}
+	if len(reads.ops) > 0 {
+		if err := reads.Do(ctx, kv); err != nil {
+			return nil, err
+		}
+	}
+	out := make([]Txn, len(txns))
+	for i, t := range txns {
+		out[i] = Txn{If: t.If, Then: t.Then, Else: t.Else}
+	}
+	for _, id := range order {
+		p := logs[id]
+		var log EventLog
+		if !p.isNew {
+			var err error
+			if kv := p.read.First(); kv != nil {
+				log, err = ParseEventLog(kv.Value, kv.ModRevision)
+			}
+			if err != nil {
+				return nil, fmt.Errorf("vm %s: %w", id, err)
+			}
+		}
+		cmp, ops, err := eventLogOps(id, log, p.evs)
+		if err != nil {
+			return nil, err
+		}
+		t := &out[p.txn]
+		t.If = append(append([]clientv3.Cmp(nil), t.If...), cmp)
+		t.Then = append(append([]clientv3.Op(nil), t.Then...), ops...)
+	}
+	return out, nil
+}
+
+// ReadEventLog reads a VM's events, oldest first, and its log's counter,
+// in one snapshot.
+func ReadEventLog(ctx context.Context, kv clientv3.KV, vmID string) ([]*minicloudv1.Event, EventLog, error) {
+	var reads Reads
+	evs, seq := reads.Get(VMEventsPrefix(vmID), clientv3.WithPrefix()), reads.Get(VMEventSeqKey(vmID))
+	if err := reads.Do(ctx, kv); err != nil {
+		return nil, EventLog{}, err
+	}
+	var log EventLog
+	if kv := seq.First(); kv != nil {
+		var err error
+		if log, err = ParseEventLog(kv.Value, kv.ModRevision); err != nil {
+			return nil, EventLog{}, fmt.Errorf("vm %s: %w", vmID, err)
+		}
+	}
+	out := make([]*minicloudv1.Event, 0, len(evs.KVs()))
+	for _, kv := range evs.KVs() {
+		ev := &minicloudv1.Event{}
+		if err := Decode(kv, ev); err != nil {
+			return nil, EventLog{}, err
+		}
+		out = append(out, ev)
+	}
+	return out, log, nil
 }

@@ -31,7 +31,8 @@ var Layout = []KeySpec{
 	{"vms/userdata/<id>", VMUserDataPrefix, "raw user-data", "API, at create"},
 	{"vms/names/<project>/<name>", VMNamePrefix, "VM id (uniqueness index)", "API"},
 	{"vms/requests/<project>/<request-id>", VMRequestPrefix, "VM id, leased 24 h (idempotent create)", "API"},
-	{"vms/events/<id>/<unix-nanos>-<seq>", VMEventPrefix, "Event", "API, scheduler, agent via the API"},
+	{"vms/events/<id>/<seq>", VMEventPrefix, "Event (seq zero-padded to 20 digits; the last 256 are kept)", "API, scheduler, agent via the API"},
+	{"vms/eventseq/<id>", VMEventSeqPrefix, "events ever appended to the VM's log (the next seq); compared by every append", "with every event"},
 	{"images/<name>", ImagePrefix, "Image (blobs in the image store shared by the API replicas, by sha256)", "API"},
 	{"imagestore/lock/<lease-hex>", ImageStoreLockPrefix, "etcd mutex over the image store (commit, delete, garbage collection)", "API replicas"},
 	{"imagestore/uploads/.upload-<hex>", ImageUploadPrefix, "replica holding that upload (its temporary file's name) in progress, attached to the replica's lease", "API replica"},
@@ -79,6 +80,7 @@ const (
 	VMNamePrefix      = Prefix + "vms/names/"
 	VMRequestPrefix   = Prefix + "vms/requests/"
 	VMEventPrefix     = Prefix + "vms/events/"
+	VMEventSeqPrefix  = Prefix + "vms/eventseq/"
 	ImagePrefix       = Prefix + "images/"
 	FlavorPrefix      = Prefix + "flavors/"
 	NetworkPrefix     = Prefix + "networks/"
@@ -118,10 +120,12 @@ func VMRequestKey(project, requestID string) string {
 	return VMRequestPrefix + project + "/" + requestID
 }
 func VMEventsPrefix(id string) string { return VMEventPrefix + id + "/" }
+func VMEventSeqKey(id string) string  { return VMEventSeqPrefix + id }
 
-// VMEventKey orders events by time; seq breaks ties within one write.
-func VMEventKey(id string, unixNano int64, seq int) string {
-	return fmt.Sprintf("%s%020d-%03d", VMEventsPrefix(id), unixNano, seq)
+// VMEventKey is the seq-th event of a VM's log; zero-padded so keys sort
+// in append order.
+func VMEventKey(id string, seq int64) string {
+	return fmt.Sprintf("%s%020d", VMEventsPrefix(id), seq)
 }
 func ImageKey(name string) string                { return ImagePrefix + name }
 func ImageUploadKey(tempName string) string      { return ImageUploadPrefix + tempName }

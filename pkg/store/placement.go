@@ -41,19 +41,19 @@ func PlaceVMTxn(p Placement) (Txn, *minicloudv1.HostAllocation, error) {
 	if err != nil {
 		return Txn{}, nil, err
 	}
-	evOps, err := EventOps(id, p.Now, p.Event)
-	if err != nil {
-		return Txn{}, nil, err
-	}
-	return Txn{
+	t := Txn{
 		If:   append(cmps, Unchanged(VMStatusKey(id), p.StatusRev)),
-		Then: append(append(ops, statusOp), evOps...),
+		Then: append(ops, statusOp),
 		Else: []clientv3.Op{
 			clientv3.OpGet(HostAllocKey(host)),
 			clientv3.OpGet(ClaimsPrefix(host), clientv3.WithPrefix()),
 			clientv3.OpGet(VMStatusKey(id)),
 		},
-	}, alloc, nil
+	}
+	if p.Event != nil {
+		t.AppendEvents(id, p.Now, p.Event)
+	}
+	return t, alloc, nil
 }
 
 // PlaceConflict is what a failed PlaceVMTxn read: the host's allocation
@@ -94,9 +94,7 @@ func VMStatusTxn(id string, statusRev int64, st *minicloudv1.VMStatus, now time.
 	if err != nil {
 		return Txn{}, err
 	}
-	evOps, err := EventOps(id, now, events...)
-	if err != nil {
-		return Txn{}, err
-	}
-	return Txn{If: []clientv3.Cmp{Unchanged(VMStatusKey(id), statusRev)}, Then: append([]clientv3.Op{statusOp}, evOps...)}, nil
+	t := Txn{If: []clientv3.Cmp{Unchanged(VMStatusKey(id), statusRev)}, Then: []clientv3.Op{statusOp}}
+	t.AppendEvents(id, now, events...)
+	return t, nil
 }

@@ -2,6 +2,8 @@ package store_test
 
 import (
 	"context"
+	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -89,19 +91,98 @@ func TestUnchangedSinceSeesNewKeysUnderPrefix(t *testing.T) {
 	}
 }
 
-func TestEventOpsKeepOrder(t *testing.T) {
+func TestEventLogKeepsOrder(t *testing.T) {
 	_, cli := etcdtest.Start(t)
 	ctx := context.Background()
-	now := time.Unix(1700000000, 0)
-	ops, err := store.EventOps("vm", now, &minicloudv1.Event{Reason: "A"}, &minicloudv1.Event{Reason: "B"})
+	var txn store.Txn
+	txn.AppendEvents("vm", time.Unix(1700000000, 0), &minicloudv1.Event{Reason: "A"}, &minicloudv1.Event{Reason: "B"})
+	txn.AppendEvents("vm", time.Unix(1700000001, 0), &minicloudv1.Event{Reason: "C"})
+	if _, ok, err := txn.Commit(ctx, cli); err != nil || !ok {
+		t.Fatal(ok, err)
+	}
+	evs, log, err := store.ReadEventLog(ctx, cli, "vm")
+	if err != nil || len(evs) != 3 || evs[0].Reason != "A" || evs[1].Reason != "B" || evs[2].Reason != "C" || log.Appended != 3 {
+		t.Fatalf("events %v %+v %v", evs, log, err)
+	}
+	if evs[2].Time.AsTime() != time.Unix(1700000001, 0).UTC() {
+		t.Fatalf("stamp %v", evs[2].Time.AsTime())
+	}
+}
+
+// appendEvents commits n events numbered from first to vm's log, retrying
+// lost races as every caller does.
+func appendEvents(t *testing.T, cli *clientv3.Client, vm string, first, n int) {
+	t.Helper()
+	for range 1000 {
+		var txn store.Txn
+		for i := range n {
+			txn.AppendEvents(vm, time.Now(), &minicloudv1.Event{Message: fmt.Sprint(first + i)})
+		}
+		_, ok, err := txn.Commit(context.Background(), cli)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		if ok {
+			return
+		}
+	}
+	t.Error("append lost 1000 races")
+}
+
+func TestEventLogIsCapped(t *testing.T) {
+	_, cli := etcdtest.Start(t)
+	ctx := context.Background()
+	total := 3 * store.MaxVMEvents
+	for i := 0; i < total; i += 64 {
+		appendEvents(t, cli, "vm", i, min(64, total-i))
+	}
+	evs, log, err := store.ReadEventLog(ctx, cli, "vm")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := store.Commit(ctx, cli, nil, ops); err != nil {
+	if len(evs) != store.MaxVMEvents || log.Appended != int64(total) || log.Dropped(len(evs)) != int64(total-store.MaxVMEvents) {
+		t.Fatalf("%d events kept, %d appended, %d dropped; want %d, %d, %d", len(evs), log.Appended, log.Dropped(len(evs)),
+			store.MaxVMEvents, total, total-store.MaxVMEvents)
+	}
+	for i, ev := range evs {
+		if want := fmt.Sprint(total - store.MaxVMEvents + i); ev.Message != want {
+			t.Fatalf("event %d is %q, want %q: the newest are kept, in order", i, ev.Message, want)
+		}
+	}
+	if n := count(t, cli, store.VMEventsPrefix("vm")); n != int64(store.MaxVMEvents) {
+		t.Fatalf("%d event keys in etcd", n)
+	}
+}
+
+func TestEventLogCappedUnderConcurrentWriters(t *testing.T) {
+	_, cli := etcdtest.Start(t)
+	ctx := context.Background()
+	const writers, appends, per = 8, 40, 5
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for a := range appends {
+				appendEvents(t, cli, "vm", (w*appends+a)*per, per)
+			}
+		}()
+	}
+	wg.Wait()
+	evs, log, err := store.ReadEventLog(ctx, cli, "vm")
+	if err != nil {
 		t.Fatal(err)
 	}
-	evs, _, err := store.List(ctx, cli, store.VMEventsPrefix("vm"), func() *minicloudv1.Event { return &minicloudv1.Event{} })
-	if err != nil || len(evs) != 2 || evs[0].Value.Reason != "A" || evs[1].Value.Reason != "B" {
-		t.Fatalf("events %v %v", evs, err)
+	total := writers * appends * per
+	if len(evs) != store.MaxVMEvents || log.Appended != int64(total) {
+		t.Fatalf("%d events kept, %d counted; want %d of %d", len(evs), log.Appended, store.MaxVMEvents, total)
+	}
+	seen := map[string]bool{}
+	for _, ev := range evs {
+		if seen[ev.Message] {
+			t.Fatalf("event %s stored twice", ev.Message)
+		}
+		seen[ev.Message] = true
 	}
 }

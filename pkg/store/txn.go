@@ -12,17 +12,25 @@ import (
 
 // Txn is one write protocol's etcd transaction, built but not yet sent: If
 // are its compares, Then its writes, Else what it reads when a compare
-// fails (to decide again on fresh values). Each write protocol of this
-// package builds exactly one.
+// fails (to decide again on fresh values), Events the event-log appends
+// that Commit turns into more compares and writes (events.go). Each write
+// protocol of this package builds exactly one; one that builds on another's
+// keeps its Events.
 type Txn struct {
-	If   []clientv3.Cmp
-	Then []clientv3.Op
-	Else []clientv3.Op
+	If     []clientv3.Cmp
+	Then   []clientv3.Op
+	Else   []clientv3.Op
+	Events []EventAppend
 }
 
 // Commit sends t. ok is false when a compare failed (re-read and retry);
 // err is only for etcd failures.
 func (t Txn) Commit(ctx context.Context, kv clientv3.KV) (rev int64, ok bool, err error) {
+	resolved, err := resolveEvents(ctx, kv, []Txn{t})
+	if err != nil {
+		return 0, false, err
+	}
+	t = resolved[0]
 	resp, err := kv.Txn(ctx).If(t.If...).Then(t.Then...).Else(t.Else...).Commit()
 	if err != nil {
 		return 0, false, errdefs.Wrap(errdefs.KindUnavailable, err, "etcd txn")
@@ -30,10 +38,9 @@ func (t Txn) Commit(ctx context.Context, kv clientv3.KV) (rev int64, ok bool, er
 	return resp.Header.Revision, resp.Succeeded, nil
 }
 
-// Op is t as a nested transaction, for a caller that sends several
-// protocols' transactions in one (the scheduler's group commit). Each
-// nested transaction checks its own compares and runs its own Then or Else.
-func (t Txn) Op() clientv3.Op { return clientv3.OpTxn(t.If, t.Then, t.Else) }
+// op is t, its Events resolved, as a nested transaction: each checks its
+// own compares and runs its own Then or Else.
+func (t Txn) op() clientv3.Op { return clientv3.OpTxn(t.If, t.Then, t.Else) }
 
 // Reads is a set of gets sent as one read-only transaction (one round trip,
 // one consistent snapshot). Each Get returns a handle that names its result,
@@ -97,9 +104,13 @@ func (h Read) First() *mvccpb.KeyValue {
 // alone. Nested transactions must not write the same key. resps[i] is
 // txns[i]'s response; rev the revision of the whole commit.
 func CommitNested(ctx context.Context, kv clientv3.KV, txns []Txn) (resps []*etcdserverpb.TxnResponse, rev int64, err error) {
+	txns, err = resolveEvents(ctx, kv, txns)
+	if err != nil {
+		return nil, 0, err
+	}
 	ops := make([]clientv3.Op, len(txns))
 	for i, t := range txns {
-		ops[i] = t.Op()
+		ops[i] = t.op()
 	}
 	resp, err := kv.Txn(ctx).Then(ops...).Commit()
 	if err != nil {

@@ -113,7 +113,7 @@ func sortVMs(vms []*minicloudv1.VM) {
 
 // VMKeysOps returns the ops that remove every key of a VM except IPAM and
 // claims (which the caller releases with their own compares): spec,
-// status, user-data, name index and events.
+// status, user-data, name index, events and their counter.
 func VMKeysOps(vm *minicloudv1.VM) []clientv3.Op {
 	id := vm.GetMeta().GetId()
 	return []clientv3.Op{
@@ -122,5 +122,6 @@ func VMKeysOps(vm *minicloudv1.VM) []clientv3.Op {
 		clientv3.OpDelete(VMUserDataKey(id)),
 		clientv3.OpDelete(VMNameKey(vm.GetMeta().GetProject(), vm.GetMeta().GetName())),
 		clientv3.OpDelete(VMEventsPrefix(id), clientv3.WithPrefix()),
+		clientv3.OpDelete(VMEventSeqKey(id)),
 	}
 }

@@ -104,11 +104,9 @@ func CreateVMTxn(n NewVM) (Txn, error) {
 		t.If = append(t.If, Unchanged(key, n.RequestRev))
 		t.Then = append(t.Then, clientv3.OpPut(key, RequestValue(id, n.RequestFingerprint), clientv3.WithLease(n.Lease)))
 	}
-	evOps, err := EventOps(id, n.Now, n.Event)
-	if err != nil {
-		return Txn{}, err
+	if n.Event != nil {
+		t.Events = append(t.Events, EventAppend{VMID: id, Now: n.Now, Events: []*minicloudv1.Event{n.Event}, New: true})
 	}
-	t.Then = append(t.Then, evOps...)
 	return t, nil
 }
 
@@ -128,7 +126,7 @@ func CreateVMsTxn(usage UsageState, next *minicloudv1.QuotaUsage, vms ...NewVM) 
 		if err != nil {
 			return Txn{}, err
 		}
-		t.If, t.Then = append(t.If, one.If...), append(t.Then, one.Then...)
+		t.If, t.Then, t.Events = append(t.If, one.If...), append(t.Then, one.Then...), append(t.Events, one.Events...)
 	}
 	cmps, ops, err := ChargeOps(usage, next)
 	if err != nil {
@@ -146,14 +144,12 @@ func UpdateVMSpecTxn(vm *minicloudv1.VM, now time.Time, events ...*minicloudv1.E
 	if err != nil {
 		return Txn{}, err
 	}
-	evOps, err := EventOps(id, now, events...)
-	if err != nil {
-		return Txn{}, err
-	}
-	return Txn{
+	t := Txn{
 		If:   []clientv3.Cmp{Unchanged(VMSpecKey(id), vm.GetMeta().GetResourceVersion())},
-		Then: append([]clientv3.Op{specOp}, evOps...),
-	}, nil
+		Then: []clientv3.Op{specOp},
+	}
+	t.AppendEvents(id, now, events...)
+	return t, nil
 }
 
 // MarkVMDeletingTxn is the first step of a two-phase delete: next (vm with
@@ -167,11 +163,9 @@ func MarkVMDeletingTxn(vm, next *minicloudv1.VM, now time.Time, events ...*minic
 	if err != nil {
 		return Txn{}, err
 	}
-	evOps, err := EventOps(vm.GetMeta().GetId(), now, events...)
-	if err != nil {
-		return Txn{}, err
-	}
-	return Txn{If: VMUnchanged(vm), Then: append([]clientv3.Op{specOp, statusOp}, evOps...)}, nil
+	t := Txn{If: VMUnchanged(vm), Then: []clientv3.Op{specOp, statusOp}}
+	t.AppendEvents(vm.GetMeta().GetId(), now, events...)
+	return t, nil
 }
 
 // UpdateVMStatusTxn replaces vm's status with next (a host's report merged
@@ -182,11 +176,9 @@ func UpdateVMStatusTxn(vm *minicloudv1.VM, next *minicloudv1.VMStatus, now time.
 	if err != nil {
 		return Txn{}, err
 	}
-	evOps, err := EventOps(vm.GetMeta().GetId(), now, events...)
-	if err != nil {
-		return Txn{}, err
-	}
-	return Txn{If: VMUnchanged(vm), Then: append([]clientv3.Op{statusOp}, evOps...)}, nil
+	t := Txn{If: VMUnchanged(vm), Then: []clientv3.Op{statusOp}}
+	t.AppendEvents(vm.GetMeta().GetId(), now, events...)
+	return t, nil
 }
 
 // RescheduleVMTxn gives a VM back to the scheduler: next (PENDING, no host)

@@ -273,7 +273,7 @@ func TestRemoveVMTxnReleasesEverything(t *testing.T) {
 		t.Fatal("removal did not commit")
 	}
 	for _, p := range []string{store.VMSpecKey("vm-1"), store.VMStatusKey("vm-1"), store.VMUserDataKey("vm-1"), store.VMNameKey("p", "web1"),
-		store.VMEventsPrefix("vm-1"), store.IPAMKey("net-1", "10.0.0.2"), store.ClaimKey("h1", "vm-1")} {
+		store.VMEventsPrefix("vm-1"), store.VMEventSeqKey("vm-1"), store.IPAMKey("net-1", "10.0.0.2"), store.ClaimKey("h1", "vm-1")} {
 		if n := count(t, w.cli, p); n != 0 {
 			t.Errorf("%s: %d keys left", p, n)
 		}

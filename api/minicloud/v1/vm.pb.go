@@ -1455,8 +1455,11 @@ func (x *ListVMEventsRequest) GetProject() string {
 }
 
 type ListVMEventsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Events        []*Event               `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// events, oldest first: the last 256 appended at most.
+	Events []*Event `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// events_dropped is how many older events the log no longer holds.
+	EventsDropped int64 `protobuf:"varint,2,opt,name=events_dropped,json=eventsDropped,proto3" json:"events_dropped,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1496,6 +1499,13 @@ func (x *ListVMEventsResponse) GetEvents() []*Event {
 		return x.Events
 	}
 	return nil
+}
+
+func (x *ListVMEventsResponse) GetEventsDropped() int64 {
+	if x != nil {
+		return x.EventsDropped
+	}
+	return 0
 }
 
 // UpdateVMMetadataRequest is a patch: what it names changes, the rest stays.
@@ -1759,9 +1769,10 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\ttruncated\x18\x02 \x01(\bR\ttruncated\"C\n" +
 	"\x13ListVMEventsRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\aproject\x18\x02 \x01(\tR\aproject\"C\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\"j\n" +
 	"\x14ListVMEventsResponse\x12+\n" +
-	"\x06events\x18\x01 \x03(\v2\x13.minicloud.v1.EventR\x06events\"\xf4\x04\n" +
+	"\x06events\x18\x01 \x03(\v2\x13.minicloud.v1.EventR\x06events\x12%\n" +
+	"\x0eevents_dropped\x18\x02 \x01(\x03R\reventsDropped\"\xf4\x04\n" +
 	"\x17UpdateVMMetadataRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\x12)\n" +
