@@ -75,6 +75,9 @@ type Config struct {
 	// TrashGrace is how long the files of a VM that vanished from the API
 	// (not deleted through it) are kept in StateDir/trash; default 24 h.
 	TrashGrace time.Duration
+	// AssignmentCacheMaxBytes bounds the assignments saved in StateDir
+	// (assignmentcache.go); 0: DefaultAssignmentCacheMaxBytes.
+	AssignmentCacheMaxBytes int64
 }
 
 // CapacityOverride is the capacity a host registers instead of the measured
@@ -148,6 +151,11 @@ type Agent struct {
 	tunnelMu sync.Mutex
 	tunnels  map[string]bool            // bridges with a tunnel, by name
 	netPorts []*minicloudv1.NetworkPort // latest WatchNetworkPorts set
+
+	// The assignments saved on disk (assignmentcache.go): cachedGuests
+	// are served until the first BOOKMARK; saveAssignments asks for a save.
+	cachedGuests    []Guest
+	saveAssignments chan struct{}
 }
 
 // assignment is one VM assigned to this host, as last received.
@@ -239,6 +247,8 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 		reported:   map[string]*minicloudv1.VMStatus{},
 		registered: make(chan struct{}),
 		tunnels:    map[string]bool{},
+
+		saveAssignments: make(chan struct{}, 1),
 	}, nil
 }
 
@@ -254,7 +264,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Info("capacity offered to the scheduler overridden (0: measured)", "vcpus", o.VCPUs, "memory_mib", o.MemoryMiB, "disk_gib", o.DiskGiB)
 	}
 
+	// Before anything waits for the API: guests are answered from the
+	// saved assignments while it is down.
+	if a.loadAssignmentCache() {
+		a.publishGuests(ctx)
+	}
+
 	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.saveAssignmentsLoop(ctx) })
 	g.Go(func() error { return a.runHostSession(ctx, caps) })
 	g.Go(func() error { return a.watchAssignments(ctx) })
 	g.Go(func() error { return a.watchNetworkPorts(ctx) })

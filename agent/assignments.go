@@ -76,6 +76,9 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 				a.publishGuests(ctx)
 			}
 			a.queue.Add(id)
+			if synced {
+				a.assignmentsChanged()
+			}
 		case minicloudv1.WatchEventType_WATCH_EVENT_TYPE_DELETED:
 			id := ev.GetVm().GetMeta().GetId()
 			a.mu.Lock()
@@ -84,6 +87,9 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 			a.mu.Unlock()
 			a.queue.Add(id)
 			a.publishGuests(ctx)
+			if synced {
+				a.assignmentsChanged()
+			}
 		case minicloudv1.WatchEventType_WATCH_EVENT_TYPE_BOOKMARK:
 			synced = true
 			a.mu.Lock()
@@ -95,8 +101,10 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 			}
 			first := !a.synced
 			a.synced = true
+			a.cachedGuests = nil // the live set replaces the saved one
 			a.mu.Unlock()
 			a.publishGuests(ctx)
+			a.assignmentsChanged()
 			if first {
 				a.log.Info("assignments synced; cleaning up anything else found on the host")
 			}
@@ -119,6 +127,11 @@ func (a *Agent) publishGuests(ctx context.Context) {
 			continue
 		}
 		guests = append(guests, Guest{VM: as.vm, UserData: as.userData})
+	}
+	for _, g := range a.cachedGuests { // only until the first BOOKMARK
+		if _, live := a.assigned[g.VM.GetMeta().GetId()]; !live && !g.VM.GetSpec().GetDeletionRequested() {
+			guests = append(guests, g)
+		}
 	}
 	a.mu.Unlock()
 	if err := a.guest.SetGuests(ctx, guests); err != nil {

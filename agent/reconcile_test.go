@@ -46,6 +46,13 @@ type harness struct {
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
+	return restartHarness(t, nil)
+}
+
+// restartHarness is a new agent on the host of prev (its state directory,
+// domains and links): prev's agent restarted. With prev nil, a new host.
+func restartHarness(t *testing.T, prev *harness) *harness {
+	t.Helper()
 	h := &harness{
 		t:     t,
 		hv:    hypervisortest.NewFakeHost(),
@@ -53,11 +60,15 @@ func newHarness(t *testing.T) *harness {
 		disks: &fakeDisks{},
 		guest: &fakeGuestServices{},
 	}
+	stateDir := t.TempDir()
+	if prev != nil {
+		h.hv, h.net, stateDir = prev.hv, prev.net, prev.a.cfg.StateDir
+	}
 	drv := hypervisortest.NewFakeDriver(h.hv)
 	t.Cleanup(func() { _ = drv.Close() })
 	a, err := New(Config{
 		HostName:        "host1",
-		StateDir:        t.TempDir(),
+		StateDir:        stateDir,
 		ShutdownTimeout: 50 * time.Millisecond,
 	}, Deps{
 		Hypervisor: drv,
