@@ -36,10 +36,12 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/api/paging"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/store"
 )
@@ -85,6 +87,9 @@ type Config struct {
 	// ProjectOf validates a request's project and names the default for
 	// an empty one. Nil: an empty project is "default".
 	ProjectOf func(string) (string, error)
+	// PageTokens signs ListImages' page tokens (the API server's, so one
+	// key serves every list). Nil: a key of this process.
+	PageTokens *paging.Tokens
 }
 
 // Service implements minicloudv1.ImageServiceServer.
@@ -109,6 +114,8 @@ type Service struct {
 
 	replica     *replica
 	replicaName string
+	// pages signs ListImages' page tokens.
+	pages *paging.Tokens
 }
 
 var _ minicloudv1.ImageServiceServer = (*Service)(nil)
@@ -130,6 +137,10 @@ func New(cfg Config) *Service {
 		projectOf:     cfg.ProjectOf,
 
 		replicaName: cfg.ReplicaName,
+		pages:       cfg.PageTokens,
+	}
+	if s.pages == nil {
+		s.pages = paging.NewTokens(nil)
 	}
 	if s.replicaName == "" {
 		host, _ := os.Hostname()
@@ -188,17 +199,29 @@ func (s *Service) ListImages(ctx context.Context, req *minicloudv1.ListImagesReq
 	if err != nil {
 		return nil, err
 	}
-	imgs, err := s.list(ctx)
+	p, err := s.pages.Open("images", store.ImagePrefix, fmt.Sprintf("%t %q", sc.all, sc.project), req)
 	if err != nil {
 		return nil, err
 	}
-	out := imgs[:0]
-	for _, img := range imgs {
-		if sc.sees(img) {
-			out = append(out, img)
+	resp := &minicloudv1.ListImagesResponse{}
+	resp.NextPageToken, err = p.Scan(ctx, s.etcd, func(kvs []*mvccpb.KeyValue, _ int64) (int, error) {
+		n := 0
+		for _, kv := range kvs {
+			img, err := decodeImage(kv.Value, kv.ModRevision)
+			if err != nil {
+				return 0, err
+			}
+			if sc.sees(img) {
+				resp.Images = append(resp.Images, img)
+				n++
+			}
 		}
+		return n, nil
+	})
+	if err != nil {
+		return nil, err
 	}
-	return &minicloudv1.ListImagesResponse{Images: out}, nil
+	return resp, nil
 }
 
 // DeleteImage deletes an image that no VM uses, and its blobs once no other

@@ -62,17 +62,16 @@ func (a *authService) GetProject(ctx context.Context, req *minicloudv1.GetProjec
 
 // ListProjects lists every project for an admin, the caller's own for
 // anyone else.
-func (a *authService) ListProjects(ctx context.Context, _ *minicloudv1.ListProjectsRequest) (*minicloudv1.ListProjectsResponse, error) {
-	objs, _, err := store.List(ctx, a.s.etcd, store.ProjectPrefix, func() *minicloudv1.Project { return &minicloudv1.Project{} })
+func (a *authService) ListProjects(ctx context.Context, req *minicloudv1.ListProjectsRequest) (*minicloudv1.ListProjectsResponse, error) {
+	p := auth.FromContext(ctx)
+	var err error
+	resp := &minicloudv1.ListProjectsResponse{}
+	// The token is bound to the caller: what SeesProject keeps differs.
+	resp.Projects, resp.NextPageToken, err = listPage(ctx, a.s, "projects", store.ProjectPrefix, p.String(), req,
+		func() *minicloudv1.Project { return &minicloudv1.Project{} },
+		func(_ string, pr *minicloudv1.Project) bool { return p.SeesProject(pr.GetName()) })
 	if err != nil {
 		return nil, err
-	}
-	p := auth.FromContext(ctx)
-	resp := &minicloudv1.ListProjectsResponse{}
-	for _, o := range objs {
-		if p.SeesProject(o.Value.GetName()) {
-			resp.Projects = append(resp.Projects, o.Value)
-		}
 	}
 	return resp, nil
 }
@@ -184,16 +183,12 @@ func (a *authService) GetUser(ctx context.Context, req *minicloudv1.GetUserReque
 	return u, nil
 }
 
-func (a *authService) ListUsers(ctx context.Context, _ *minicloudv1.ListUsersRequest) (*minicloudv1.ListUsersResponse, error) {
-	objs, _, err := store.List(ctx, a.s.etcd, store.UserPrefix, func() *minicloudv1.User { return &minicloudv1.User{} })
+func (a *authService) ListUsers(ctx context.Context, req *minicloudv1.ListUsersRequest) (*minicloudv1.ListUsersResponse, error) {
+	users, next, err := listPage(ctx, a.s, "users", store.UserPrefix, "", req, func() *minicloudv1.User { return &minicloudv1.User{} }, nil)
 	if err != nil {
 		return nil, err
 	}
-	resp := &minicloudv1.ListUsersResponse{}
-	for _, o := range objs {
-		resp.Users = append(resp.Users, o.Value)
-	}
-	return resp, nil
+	return &minicloudv1.ListUsersResponse{Users: users, NextPageToken: next}, nil
 }
 
 func (a *authService) DeleteUser(ctx context.Context, req *minicloudv1.DeleteUserRequest) (*minicloudv1.DeleteUserResponse, error) {
@@ -307,16 +302,19 @@ func (a *authService) ListTokens(ctx context.Context, req *minicloudv1.ListToken
 			return nil, err
 		}
 	}
-	toks, err := store.ListTokens(ctx, a.s.etcd, user)
+	prefix := store.TokenPrefix
+	if user != "" {
+		prefix = store.UserTokensPrefix(user)
+	}
+	now := time.Now()
+	toks, next, err := listPage(ctx, a.s, "tokens", prefix, "", req, func() *minicloudv1.Token { return &minicloudv1.Token{} },
+		func(_ string, t *minicloudv1.Token) bool { return now.Before(t.GetExpireTime().AsTime()) })
 	if err != nil {
 		return nil, err
 	}
-	resp := &minicloudv1.ListTokensResponse{}
-	now := time.Now()
+	resp := &minicloudv1.ListTokensResponse{NextPageToken: next}
 	for _, t := range toks {
-		if now.Before(t.GetExpireTime().AsTime()) {
-			resp.Tokens = append(resp.Tokens, public(t))
-		}
+		resp.Tokens = append(resp.Tokens, public(t))
 	}
 	return resp, nil
 }

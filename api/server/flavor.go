@@ -47,12 +47,12 @@ func (f *flavorService) GetFlavor(ctx context.Context, req *minicloudv1.GetFlavo
 	return fl, nil
 }
 
-func (f *flavorService) ListFlavors(ctx context.Context, _ *minicloudv1.ListFlavorsRequest) (*minicloudv1.ListFlavorsResponse, error) {
-	fls, err := listObjects(ctx, f.s.etcd, store.FlavorPrefix, func() *minicloudv1.Flavor { return &minicloudv1.Flavor{} })
+func (f *flavorService) ListFlavors(ctx context.Context, req *minicloudv1.ListFlavorsRequest) (*minicloudv1.ListFlavorsResponse, error) {
+	fls, next, err := listPage(ctx, f.s, "flavors", store.FlavorPrefix, "", req, func() *minicloudv1.Flavor { return &minicloudv1.Flavor{} }, nil)
 	if err != nil {
 		return nil, err
 	}
-	return &minicloudv1.ListFlavorsResponse{Flavors: fls}, nil
+	return &minicloudv1.ListFlavorsResponse{Flavors: fls, NextPageToken: next}, nil
 }
 
 func (f *flavorService) DeleteFlavor(ctx context.Context, req *minicloudv1.DeleteFlavorRequest) (*minicloudv1.DeleteFlavorResponse, error) {

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -195,12 +196,18 @@ func (s *Server) readHosts(ctx context.Context, specKey, aliveKey, allocKey stri
 	if err != nil {
 		return nil, err
 	}
+	return s.mergeHosts(ctx, resp.Responses[0].GetResponseRange().GetKvs(), resp.Responses[1].GetResponseRange().GetKvs(), resp.Responses[2].GetResponseRange().GetKvs())
+}
+
+// mergeHosts merges host spec keys with the alive keys and allocations
+// read in the same snapshot.
+func (s *Server) mergeHosts(ctx context.Context, specs, aliveKVs, allocKVs []*mvccpb.KeyValue) ([]*minicloudv1.Host, error) {
 	alive := map[string]clientv3.LeaseID{}
-	for _, kv := range resp.Responses[1].GetResponseRange().GetKvs() {
+	for _, kv := range aliveKVs {
 		alive[store.LastSegment(string(kv.Key))] = clientv3.LeaseID(kv.Lease)
 	}
 	allocs := map[string]*minicloudv1.HostAllocation{}
-	for _, kv := range resp.Responses[2].GetResponseRange().GetKvs() {
+	for _, kv := range allocKVs {
 		a := &minicloudv1.HostAllocation{}
 		if err := store.Decode(kv, a); err != nil {
 			return nil, err
@@ -208,7 +215,7 @@ func (s *Server) readHosts(ctx context.Context, specKey, aliveKey, allocKey stri
 		allocs[store.LastSegment(string(kv.Key))] = a
 	}
 	var hosts []*minicloudv1.Host
-	for _, kv := range resp.Responses[0].GetResponseRange().GetKvs() {
+	for _, kv := range specs {
 		host := &minicloudv1.Host{}
 		if err := store.Decode(kv, host); err != nil {
 			return nil, err
@@ -241,12 +248,30 @@ func (s *Server) lastHeartbeat(ctx context.Context, lease clientv3.LeaseID) *tim
 	return timestamppb.New(time.Now().Add(-time.Duration(ttl.GrantedTTL-ttl.TTL) * time.Second).Truncate(time.Second))
 }
 
-func (h *hostService) ListHosts(ctx context.Context, _ *minicloudv1.ListHostsRequest) (*minicloudv1.ListHostsResponse, error) {
-	hosts, err := h.s.readHosts(ctx, store.HostSpecPrefix, store.HostAlivePrefix, store.HostAllocPrefix, true)
+func (h *hostService) ListHosts(ctx context.Context, req *minicloudv1.ListHostsRequest) (*minicloudv1.ListHostsResponse, error) {
+	p, err := h.s.pages.Open("hosts", store.HostSpecPrefix, "", req)
 	if err != nil {
 		return nil, err
 	}
-	return &minicloudv1.ListHostsResponse{Hosts: hosts}, nil
+	resp := &minicloudv1.ListHostsResponse{}
+	resp.NextPageToken, err = p.Scan(ctx, h.s.etcd, func(specs []*mvccpb.KeyValue, rev int64) (int, error) {
+		// The alive keys and allocations of the page's hosts: the same
+		// names under their prefixes, read at the page's snapshot.
+		first, last := store.LastSegment(string(specs[0].Key)), store.LastSegment(string(specs[len(specs)-1].Key))
+		var reads store.Reads
+		alive := reads.Get(store.HostAliveKey(first), clientv3.WithRange(store.HostAliveKey(last)+"\x00"), clientv3.WithRev(rev))
+		alloc := reads.Get(store.HostAllocKey(first), clientv3.WithRange(store.HostAllocKey(last)+"\x00"), clientv3.WithRev(rev))
+		if err := reads.Do(ctx, h.s.etcd); err != nil {
+			return 0, err
+		}
+		hosts, err := h.s.mergeHosts(ctx, specs, alive.KVs(), alloc.KVs())
+		resp.Hosts = append(resp.Hosts, hosts...)
+		return len(hosts), err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return resp, nil
 }
 
 func (h *hostService) GetHost(ctx context.Context, req *minicloudv1.GetHostRequest) (*minicloudv1.Host, error) {

@@ -110,11 +110,11 @@ func (n *networkService) ListNetworks(ctx context.Context, req *minicloudv1.List
 	if err != nil {
 		return nil, err
 	}
-	nws, err := listObjects(ctx, n.s.etcd, store.NetworkKey(project, ""), func() *minicloudv1.Network { return &minicloudv1.Network{} })
+	nws, next, err := listPage(ctx, n.s, "networks", store.NetworkKey(project, ""), "", req, func() *minicloudv1.Network { return &minicloudv1.Network{} }, nil)
 	if err != nil {
 		return nil, err
 	}
-	return &minicloudv1.ListNetworksResponse{Networks: nws}, nil
+	return &minicloudv1.ListNetworksResponse{Networks: nws, NextPageToken: next}, nil
 }
 
 func (n *networkService) DeleteNetwork(ctx context.Context, req *minicloudv1.DeleteNetworkRequest) (*minicloudv1.DeleteNetworkResponse, error) {

@@ -122,22 +122,3 @@ func (s *Server) deleteUnused(ctx context.Context, kind, name, key string, rerea
 	}
 	return tooMuchContention("delete " + kind + " " + name)
 }
-
-// listObjects decodes every object under prefix and sets resource versions.
-func listObjects[T interface {
-	proto.Message
-	GetMeta() *minicloudv1.ObjectMeta
-}](ctx context.Context, kv clientv3.KV, prefix string, newT func() T) ([]T, error) {
-	objs, _, err := store.List(ctx, kv, prefix, newT)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]T, 0, len(objs))
-	for _, o := range objs {
-		if m := o.Value.GetMeta(); m != nil {
-			m.ResourceVersion = o.ModRevision
-		}
-		out = append(out, o.Value)
-	}
-	return out, nil
-}

@@ -139,21 +139,23 @@ func CreateJoinToken(ctx context.Context, cli store.Leaser, ttl time.Duration, d
 	return "", nil, tooMuchContention("create join token")
 }
 
-func (h *hostService) ListJoinTokens(ctx context.Context, _ *minicloudv1.ListJoinTokensRequest) (*minicloudv1.ListJoinTokensResponse, error) {
-	toks, err := store.ListJoinTokens(ctx, h.s.etcd)
-	if err != nil {
-		return nil, err
-	}
+func (h *hostService) ListJoinTokens(ctx context.Context, req *minicloudv1.ListJoinTokensRequest) (*minicloudv1.ListJoinTokensResponse, error) {
 	resp := &minicloudv1.ListJoinTokensResponse{}
 	now := time.Now()
-	for _, t := range toks {
-		if !now.Before(t.Value.GetExpireTime().AsTime()) {
-			continue // expired, its lease not yet run out
-		}
-		resp.Tokens = append(resp.Tokens, &minicloudv1.JoinTokenInfo{
-			Id: store.LastSegment(t.Key), ExpireTime: t.Value.GetExpireTime(),
-			CreateTime: t.Value.GetCreateTime(), Description: t.Value.GetDescription(),
+	var err error
+	_, resp.NextPageToken, err = listPage(ctx, h.s, "jointokens", store.JoinTokenPrefix, "", req, func() *minicloudv1.JoinToken { return &minicloudv1.JoinToken{} },
+		func(key string, t *minicloudv1.JoinToken) bool {
+			if !now.Before(t.GetExpireTime().AsTime()) {
+				return false // expired, its lease not yet run out
+			}
+			resp.Tokens = append(resp.Tokens, &minicloudv1.JoinTokenInfo{
+				Id: store.LastSegment(key), ExpireTime: t.GetExpireTime(),
+				CreateTime: t.GetCreateTime(), Description: t.GetDescription(),
+			})
+			return true
 		})
+	if err != nil {
+		return nil, err
 	}
 	return resp, nil
 }

@@ -31,6 +31,7 @@ import (
 	"github.com/minicloud/minicloud/api/imageservice"
 	"github.com/minicloud/minicloud/api/ipam"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/api/paging"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/identity"
 	"github.com/minicloud/minicloud/pkg/pki"
@@ -132,6 +133,8 @@ type Server struct {
 
 	ca       *pki.CA
 	agentTLS *tls.Config
+	// pages signs and checks the page tokens of every List RPC.
+	pages *paging.Tokens
 
 	// networkIDs caches network key → id so a create reads a network's
 	// addresses in the same round trip as the network (see readCreateRefs).
@@ -179,6 +182,15 @@ func New(cfg Config) (*Server, error) {
 		quotaDefaults: cfg.DefaultQuota,
 	}
 	s.creates = newCreateBatcher(s)
+	// Page tokens are signed with a key every replica derives from the
+	// cluster CA's, so a page from one replica continues on another.
+	var pageSecret []byte
+	if cfg.CA != nil {
+		if key, err := cfg.CA.KeyPEM(); err == nil {
+			pageSecret = key
+		}
+	}
+	s.pages = paging.NewTokens(pageSecret)
 	s.audit = store.NewAuditLog(cfg.Client)
 	if s.log == nil {
 		s.log = slog.Default()
@@ -238,6 +250,7 @@ func New(cfg Config) (*Server, error) {
 			ProjectOf:     projectOf,
 			MaxImageBytes: cfg.MaxImageBytes,
 			MinFreeBytes:  cfg.ImageStoreMinFreeBytes,
+			PageTokens:    s.pages,
 		})
 		minicloudv1.RegisterImageServiceServer(s.grpc, s.images)
 		services = append(services, minicloudv1.ImageService_ServiceDesc.ServiceName)

@@ -65,11 +65,11 @@ func (g *serverGroupService) ListServerGroups(ctx context.Context, req *miniclou
 	if err != nil {
 		return nil, err
 	}
-	sgs, err := listObjects(ctx, g.s.etcd, store.ServerGroupKey(project, ""), func() *minicloudv1.ServerGroup { return &minicloudv1.ServerGroup{} })
+	sgs, next, err := listPage(ctx, g.s, "servergroups", store.ServerGroupKey(project, ""), "", req, func() *minicloudv1.ServerGroup { return &minicloudv1.ServerGroup{} }, nil)
 	if err != nil {
 		return nil, err
 	}
-	return &minicloudv1.ListServerGroupsResponse{ServerGroups: sgs}, nil
+	return &minicloudv1.ListServerGroupsResponse{ServerGroups: sgs, NextPageToken: next}, nil
 }
 
 func (g *serverGroupService) DeleteServerGroup(ctx context.Context, req *minicloudv1.DeleteServerGroupRequest) (*minicloudv1.DeleteServerGroupResponse, error) {

@@ -37,18 +37,7 @@ func (v *vmService) ListVMs(ctx context.Context, req *minicloudv1.ListVMsRequest
 	if err != nil {
 		return nil, err
 	}
-	vms, rev, err := store.ListVMs(ctx, v.s.etcd, 0)
-	if err != nil {
-		return nil, err
-	}
-	out := vms[:0]
-	for _, vm := range vms {
-		if (req.GetAllProjects() || vm.GetMeta().GetProject() == project) &&
-			(req.GetHost() == "" || vm.GetStatus().GetHost() == req.GetHost()) {
-			out = append(out, vm)
-		}
-	}
-	return &minicloudv1.ListVMsResponse{Vms: out, ResourceVersion: rev}, nil
+	return v.s.listVMsPage(ctx, req, project)
 }
 
 // DeleteVM removes a VM that no host holds at once; otherwise it marks it

@@ -16,7 +16,7 @@ import (
 func (a *app) newProjectCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "project", Short: "Manage projects (admin): the tenants VMs, networks and images belong to"})
 	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
-		resp, err := c.Auth.ListProjects(ctx, &minicloudv1.ListProjectsRequest{})
+		resp, err := client.ListAll(ctx, &minicloudv1.ListProjectsRequest{}, c.Auth.ListProjects, 0)
 		var names []string
 		for _, p := range resp.GetProjects() {
 			names = append(names, p.GetName())
@@ -39,7 +39,7 @@ func (a *app) newProjectCommand() *cobra.Command {
 	}
 	list := listCommand(a, "List projects (yours; an admin sees all)",
 		func(ctx context.Context, c *client.Client) (*minicloudv1.ListProjectsResponse, error) {
-			return c.Auth.ListProjects(ctx, &minicloudv1.ListProjectsRequest{})
+			return client.ListAll(ctx, &minicloudv1.ListProjectsRequest{}, c.Auth.ListProjects, 0)
 		},
 		func(w io.Writer, r *minicloudv1.ListProjectsResponse) error { return projectTable(w, r.GetProjects()) })
 	show := showCommand(a, "Show a project", complete,
@@ -66,7 +66,7 @@ func projectTable(w io.Writer, ps []*minicloudv1.Project) error {
 func (a *app) newUserCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "user", Short: "Manage users and their roles (admin)"})
 	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
-		resp, err := c.Auth.ListUsers(ctx, &minicloudv1.ListUsersRequest{})
+		resp, err := client.ListAll(ctx, &minicloudv1.ListUsersRequest{}, c.Auth.ListUsers, 0)
 		var names []string
 		for _, u := range resp.GetUsers() {
 			names = append(names, u.GetName())
@@ -103,7 +103,7 @@ func (a *app) newUserCommand() *cobra.Command {
 
 	list := listCommand(a, "List users",
 		func(ctx context.Context, c *client.Client) (*minicloudv1.ListUsersResponse, error) {
-			return c.Auth.ListUsers(ctx, &minicloudv1.ListUsersRequest{})
+			return client.ListAll(ctx, &minicloudv1.ListUsersRequest{}, c.Auth.ListUsers, 0)
 		},
 		func(w io.Writer, r *minicloudv1.ListUsersResponse) error { return userTable(w, r.GetUsers()) })
 	show := showCommand(a, "Show a user", complete,
@@ -214,7 +214,7 @@ func (a *app) newTokenCommand() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		resp, err := c.Auth.ListTokens(cmd.Context(), &minicloudv1.ListTokensRequest{User: *listUser, AllUsers: *all})
+		resp, err := client.ListAll(cmd.Context(), &minicloudv1.ListTokensRequest{User: *listUser, AllUsers: *all}, c.Auth.ListTokens, 0)
 		if err != nil {
 			return err
 		}

@@ -14,7 +14,7 @@ import (
 func (a *app) newFlavorCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "flavor", Short: "Manage flavors (VM sizes)"})
 	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
-		resp, err := c.Flavors.ListFlavors(ctx, &minicloudv1.ListFlavorsRequest{})
+		resp, err := client.ListAll(ctx, &minicloudv1.ListFlavorsRequest{}, c.Flavors.ListFlavors, 0)
 		var names []string
 		for _, f := range resp.GetFlavors() {
 			names = append(names, f.GetMeta().GetName())
@@ -46,7 +46,7 @@ func (a *app) newFlavorCommand() *cobra.Command {
 
 	list := listCommand(a, "List flavors",
 		func(ctx context.Context, c *client.Client) (*minicloudv1.ListFlavorsResponse, error) {
-			return c.Flavors.ListFlavors(ctx, &minicloudv1.ListFlavorsRequest{})
+			return client.ListAll(ctx, &minicloudv1.ListFlavorsRequest{}, c.Flavors.ListFlavors, 0)
 		},
 		func(w io.Writer, r *minicloudv1.ListFlavorsResponse) error { return flavorTable(w, r.GetFlavors()) })
 	show := showCommand(a, "Show a flavor", complete,

@@ -16,7 +16,7 @@ import (
 func (a *app) newHostCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "host", Short: "Inspect and manage hypervisor hosts"})
 	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
-		resp, err := c.Hosts.ListHosts(ctx, &minicloudv1.ListHostsRequest{})
+		resp, err := client.ListAll(ctx, &minicloudv1.ListHostsRequest{}, c.Hosts.ListHosts, 0)
 		var names []string
 		for _, h := range resp.GetHosts() {
 			names = append(names, h.GetMeta().GetName())
@@ -26,7 +26,7 @@ func (a *app) newHostCommand() *cobra.Command {
 
 	list := listCommand(a, "List hosts",
 		func(ctx context.Context, c *client.Client) (*minicloudv1.ListHostsResponse, error) {
-			return c.Hosts.ListHosts(ctx, &minicloudv1.ListHostsRequest{})
+			return client.ListAll(ctx, &minicloudv1.ListHostsRequest{}, c.Hosts.ListHosts, 0)
 		},
 		func(w io.Writer, r *minicloudv1.ListHostsResponse) error { return hostTable(w, r.GetHosts()) })
 	show := showCommand(a, "Show a host", complete,

@@ -37,7 +37,7 @@ func (a *app) newJoinTokenCommand() *cobra.Command {
 	}
 	list := listCommand(a, "List unspent join tokens (ids only: secrets are not kept)",
 		func(ctx context.Context, c *client.Client) (*minicloudv1.ListJoinTokensResponse, error) {
-			return c.Hosts.ListJoinTokens(ctx, &minicloudv1.ListJoinTokensRequest{})
+			return client.ListAll(ctx, &minicloudv1.ListJoinTokensRequest{}, c.Hosts.ListJoinTokens, 0)
 		},
 		func(w io.Writer, r *minicloudv1.ListJoinTokensResponse) error {
 			rows := make([][]string, 0, len(r.GetTokens()))

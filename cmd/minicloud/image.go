@@ -24,7 +24,7 @@ const uploadChunkSize = 1 << 20
 func (a *app) newImageCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "image", Short: "Manage guest images"})
 	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
-		resp, err := c.Images.ListImages(ctx, &minicloudv1.ListImagesRequest{Project: a.project()})
+		resp, err := client.ListAll(ctx, &minicloudv1.ListImagesRequest{Project: a.project()}, c.Images.ListImages, 0)
 		var names []string
 		for _, i := range resp.GetImages() {
 			names = append(names, i.GetMeta().GetName())
@@ -75,7 +75,7 @@ func (a *app) newImageCommand() *cobra.Command {
 
 	list := listCommand(a, "List images",
 		func(ctx context.Context, c *client.Client) (*minicloudv1.ListImagesResponse, error) {
-			return c.Images.ListImages(ctx, &minicloudv1.ListImagesRequest{Project: a.project()})
+			return client.ListAll(ctx, &minicloudv1.ListImagesRequest{Project: a.project()}, c.Images.ListImages, 0)
 		},
 		func(w io.Writer, r *minicloudv1.ListImagesResponse) error { return imageTable(w, r.GetImages()) })
 	show := showCommand(a, "Show an image", complete,

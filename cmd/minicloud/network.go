@@ -14,7 +14,7 @@ import (
 func (a *app) newNetworkCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "network", Short: "Manage networks"})
 	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
-		resp, err := c.Networks.ListNetworks(ctx, &minicloudv1.ListNetworksRequest{Project: a.project()})
+		resp, err := client.ListAll(ctx, &minicloudv1.ListNetworksRequest{Project: a.project()}, c.Networks.ListNetworks, 0)
 		var names []string
 		for _, n := range resp.GetNetworks() {
 			names = append(names, n.GetMeta().GetName())
@@ -49,7 +49,7 @@ func (a *app) newNetworkCommand() *cobra.Command {
 
 	list := listCommand(a, "List networks",
 		func(ctx context.Context, c *client.Client) (*minicloudv1.ListNetworksResponse, error) {
-			return c.Networks.ListNetworks(ctx, &minicloudv1.ListNetworksRequest{Project: a.project()})
+			return client.ListAll(ctx, &minicloudv1.ListNetworksRequest{Project: a.project()}, c.Networks.ListNetworks, 0)
 		},
 		func(w io.Writer, r *minicloudv1.ListNetworksResponse) error { return networkTable(w, r.GetNetworks()) })
 	show := showCommand(a, "Show a network", complete,

@@ -29,7 +29,7 @@ func policyName(p minicloudv1.ServerGroupPolicy) string {
 func (a *app) newServerGroupCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "server-group", Short: "Manage server groups (affinity and anti-affinity)"})
 	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
-		resp, err := c.ServerGroups.ListServerGroups(ctx, &minicloudv1.ListServerGroupsRequest{Project: a.project()})
+		resp, err := client.ListAll(ctx, &minicloudv1.ListServerGroupsRequest{Project: a.project()}, c.ServerGroups.ListServerGroups, 0)
 		var names []string
 		for _, g := range resp.GetServerGroups() {
 			names = append(names, g.GetMeta().GetName())
@@ -62,7 +62,7 @@ func (a *app) newServerGroupCommand() *cobra.Command {
 
 	list := listCommand(a, "List server groups",
 		func(ctx context.Context, c *client.Client) (*minicloudv1.ListServerGroupsResponse, error) {
-			return c.ServerGroups.ListServerGroups(ctx, &minicloudv1.ListServerGroupsRequest{Project: a.project()})
+			return client.ListAll(ctx, &minicloudv1.ListServerGroupsRequest{Project: a.project()}, c.ServerGroups.ListServerGroups, 0)
 		},
 		func(w io.Writer, r *minicloudv1.ListServerGroupsResponse) error {
 			return serverGroupTable(w, r.GetServerGroups())

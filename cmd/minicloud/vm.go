@@ -24,7 +24,7 @@ const defaultWaitTimeout = 5 * time.Minute
 func (a *app) newVMCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "vm", Short: "Manage virtual machines"})
 	complete := a.completeNames(func(ctx context.Context, c *client.Client) ([]string, error) {
-		resp, err := c.VMs.ListVMs(ctx, &minicloudv1.ListVMsRequest{Project: a.project()})
+		resp, err := client.ListAll(ctx, &minicloudv1.ListVMsRequest{Project: a.project()}, c.VMs.ListVMs, 0)
 		var names []string
 		for _, vm := range resp.GetVms() {
 			names = append(names, vm.GetMeta().GetName())
@@ -228,13 +228,30 @@ func (a *app) newVMListCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "list", Short: "List VMs", Args: noArgs}
 	all := cmd.Flags().Bool("all-projects", false, "list the VMs of every project")
 	host := cmd.Flags().String("host", "", "only VMs on this host")
+	phase := cmd.Flags().String("phase", "", "only VMs in this phase (e.g. running, error)")
+	selector := cmd.Flags().StringP("selector", "l", "", "only VMs whose labels match: key=value, key!=value, key, !key, comma-separated")
+	limit := cmd.Flags().Int("limit", 0, "list at most this many VMs (0: all; the list is fetched in pages of up to 1000)")
 	out := addOutputFlag(cmd)
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		req := &minicloudv1.ListVMsRequest{Project: a.project(), AllProjects: *all, Host: *host, LabelSelector: *selector}
+		if *phase != "" {
+			p, ok := minicloudv1.VMPhase_value["VM_PHASE_"+strings.ToUpper(*phase)]
+			if !ok {
+				return usagef("--phase %q is not a VM phase (pending, scheduled, creating, running, stopped, error, deleting)", *phase)
+			}
+			req.Phase = minicloudv1.VMPhase(p)
+		}
+		if *limit < 0 {
+			return usagef("--limit %d: give a positive number, or 0 for all", *limit)
+		}
+		if *limit > 0 {
+			req.PageSize = int32(min(*limit, 1000))
+		}
 		c, err := a.connect(cmd.Context())
 		if err != nil {
 			return err
 		}
-		resp, err := c.VMs.ListVMs(cmd.Context(), &minicloudv1.ListVMsRequest{Project: a.project(), AllProjects: *all, Host: *host})
+		resp, err := client.ListAll(cmd.Context(), req, c.VMs.ListVMs, *limit)
 		if err != nil {
 			return err
 		}

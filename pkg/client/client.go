@@ -44,9 +44,12 @@ type Client struct {
 	Quotas       minicloudv1.QuotaServiceClient
 }
 
-// MaxResponseBytes bounds one answer the client accepts. gRPC's default
-// (4 MiB) is too small for lists: a VM may carry 512 KiB of custom metadata
-// (docs/api.md), so eight such VMs would already make ListVMs unreadable.
+// MaxResponseBytes bounds one answer the client accepts, set deliberately
+// (docs/operations.md "API limits"). gRPC's default (4 MiB) is too small
+// for a page: a VM may carry up to 1 MiB of spec (512 KiB of custom
+// metadata, keys, labels), and the server ends a ListVMs page once it
+// holds 64 MiB, after a chunk of at most 64 VMs, so a page is at most
+// 128 MiB. Anything larger than that is not an answer this client wants.
 const MaxResponseBytes = 256 << 20
 
 // Dial prepares a connection to the API at endpoints: one host:port or

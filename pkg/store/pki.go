@@ -235,12 +235,6 @@ func IsRevoked(ctx context.Context, kv clientv3.KV, serial string) (bool, error)
 	return resp.Count > 0, nil
 }
 
-// ListJoinTokens returns the stored join tokens by id.
-func ListJoinTokens(ctx context.Context, kv clientv3.KV) ([]Object[*minicloudv1.JoinToken], error) {
-	toks, _, err := List(ctx, kv, JoinTokenPrefix, func() *minicloudv1.JoinToken { return &minicloudv1.JoinToken{} })
-	return toks, err
-}
-
 // DeleteJoinToken removes join token id; NotFound if there is none.
 func DeleteJoinToken(ctx context.Context, kv clientv3.KV, id string) error {
 	resp, err := kv.Delete(ctx, JoinTokenKey(id))

@@ -125,3 +125,39 @@ func VMKeysOps(vm *minicloudv1.VM) []clientv3.Op {
 		clientv3.OpDelete(VMEventSeqKey(id)),
 	}
 }
+
+// maxReadOps is how many gets one read transaction carries (etcd refuses
+// more than --max-txn-ops, 128 by default).
+const maxReadOps = 128
+
+// GetVMs reads the VMs with ids at revision rev (spec and status), in
+// order; a VM that does not exist there is nil. It sends one read
+// transaction per 64 VMs, all at rev, so the result is one snapshot.
+func GetVMs(ctx context.Context, kv clientv3.KV, ids []string, rev int64) ([]*minicloudv1.VM, error) {
+	out := make([]*minicloudv1.VM, 0, len(ids))
+	for len(ids) > 0 {
+		batch := ids[:min(len(ids), maxReadOps/2)]
+		ids = ids[len(batch):]
+		var reads Reads
+		specs, statuses := make([]Read, len(batch)), make([]Read, len(batch))
+		for i, id := range batch {
+			specs[i] = reads.Get(VMSpecKey(id), clientv3.WithRev(rev))
+			statuses[i] = reads.Get(VMStatusKey(id), clientv3.WithRev(rev))
+		}
+		if err := reads.Do(ctx, kv); err != nil {
+			return nil, err
+		}
+		for i := range batch {
+			if specs[i].First() == nil {
+				out = append(out, nil)
+				continue
+			}
+			vm, err := DecodeVM(specs[i].First(), statuses[i].First())
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, vm)
+		}
+	}
+	return out, nil
+}

@@ -202,7 +202,11 @@ func (x *GetFlavorRequest) GetName() string {
 }
 
 type ListFlavorsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// page_size is the most items returned (0: 500, at most 1000);
+	// page_token the previous response's next_page_token (docs/api.md).
+	PageSize      int32  `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -237,9 +241,25 @@ func (*ListFlavorsRequest) Descriptor() ([]byte, []int) {
 	return file_minicloud_v1_flavor_proto_rawDescGZIP(), []int{3}
 }
 
+func (x *ListFlavorsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListFlavorsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListFlavorsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Flavors       []*Flavor              `protobuf:"bytes,1,rep,name=flavors,proto3" json:"flavors,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Flavors []*Flavor              `protobuf:"bytes,1,rep,name=flavors,proto3" json:"flavors,omitempty"`
+	// next_page_token fetches the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -279,6 +299,13 @@ func (x *ListFlavorsResponse) GetFlavors() []*Flavor {
 		return x.Flavors
 	}
 	return nil
+}
+
+func (x *ListFlavorsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type DeleteFlavorRequest struct {
@@ -379,10 +406,14 @@ const file_minicloud_v1_flavor_proto_rawDesc = "" +
 	"memory_mib\x18\x03 \x01(\x03R\tmemoryMib\x12\x19\n" +
 	"\bdisk_gib\x18\x04 \x01(\x03R\adiskGib\"&\n" +
 	"\x10GetFlavorRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
-	"\x12ListFlavorsRequest\"E\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"P\n" +
+	"\x12ListFlavorsRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\"m\n" +
 	"\x13ListFlavorsResponse\x12.\n" +
-	"\aflavors\x18\x01 \x03(\v2\x14.minicloud.v1.FlavorR\aflavors\")\n" +
+	"\aflavors\x18\x01 \x03(\v2\x14.minicloud.v1.FlavorR\aflavors\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\")\n" +
 	"\x13DeleteFlavorRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x16\n" +
 	"\x14DeleteFlavorResponse2\xc6\x02\n" +

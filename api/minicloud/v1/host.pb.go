@@ -712,7 +712,11 @@ func (*ReportVMStatusResponse) Descriptor() ([]byte, []int) {
 }
 
 type ListHostsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// page_size is the most items returned (0: 500, at most 1000);
+	// page_token the previous response's next_page_token (docs/api.md).
+	PageSize      int32  `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -747,9 +751,25 @@ func (*ListHostsRequest) Descriptor() ([]byte, []int) {
 	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{10}
 }
 
+func (x *ListHostsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListHostsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListHostsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Hosts         []*Host                `protobuf:"bytes,1,rep,name=hosts,proto3" json:"hosts,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Hosts []*Host                `protobuf:"bytes,1,rep,name=hosts,proto3" json:"hosts,omitempty"`
+	// next_page_token fetches the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -789,6 +809,13 @@ func (x *ListHostsResponse) GetHosts() []*Host {
 		return x.Hosts
 	}
 	return nil
+}
+
+func (x *ListHostsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type GetHostRequest struct {
@@ -1338,7 +1365,11 @@ func (x *CreateJoinTokenResponse) GetCaPem() []byte {
 }
 
 type ListJoinTokensRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// page_size is the most items returned (0: 500, at most 1000);
+	// page_token the previous response's next_page_token (docs/api.md).
+	PageSize      int32  `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1371,6 +1402,20 @@ func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use ListJoinTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListJoinTokensRequest) Descriptor() ([]byte, []int) {
 	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ListJoinTokensRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListJoinTokensRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
 }
 
 type JoinTokenInfo struct {
@@ -1443,8 +1488,10 @@ func (x *JoinTokenInfo) GetDescription() string {
 }
 
 type ListJoinTokensResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Tokens        []*JoinTokenInfo       `protobuf:"bytes,1,rep,name=tokens,proto3" json:"tokens,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Tokens []*JoinTokenInfo       `protobuf:"bytes,1,rep,name=tokens,proto3" json:"tokens,omitempty"`
+	// next_page_token fetches the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1484,6 +1531,13 @@ func (x *ListJoinTokensResponse) GetTokens() []*JoinTokenInfo {
 		return x.Tokens
 	}
 	return nil
+}
+
+func (x *ListJoinTokensResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type DeleteJoinTokenRequest struct {
@@ -1956,10 +2010,14 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\n" +
 	"reschedule\x18\x06 \x01(\bR\n" +
 	"reschedule\"\x18\n" +
-	"\x16ReportVMStatusResponse\"\x12\n" +
-	"\x10ListHostsRequest\"=\n" +
+	"\x16ReportVMStatusResponse\"N\n" +
+	"\x10ListHostsRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\"e\n" +
 	"\x11ListHostsResponse\x12(\n" +
-	"\x05hosts\x18\x01 \x03(\v2\x12.minicloud.v1.HostR\x05hosts\"$\n" +
+	"\x05hosts\x18\x01 \x03(\v2\x12.minicloud.v1.HostR\x05hosts\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"$\n" +
 	"\x0eGetHostRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"@\n" +
 	"\x12DisableHostRequest\x12\x12\n" +
@@ -1998,17 +2056,21 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12\x17\n" +
 	"\aca_hash\x18\x03 \x01(\tR\x06caHash\x12\x15\n" +
-	"\x06ca_pem\x18\x04 \x01(\fR\x05caPem\"\x17\n" +
-	"\x15ListJoinTokensRequest\"\xbb\x01\n" +
+	"\x06ca_pem\x18\x04 \x01(\fR\x05caPem\"S\n" +
+	"\x15ListJoinTokensRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\"\xbb\x01\n" +
 	"\rJoinTokenInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12;\n" +
 	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12;\n" +
 	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12 \n" +
-	"\vdescription\x18\x04 \x01(\tR\vdescription\"M\n" +
+	"\vdescription\x18\x04 \x01(\tR\vdescription\"u\n" +
 	"\x16ListJoinTokensResponse\x123\n" +
-	"\x06tokens\x18\x01 \x03(\v2\x1b.minicloud.v1.JoinTokenInfoR\x06tokens\"(\n" +
+	"\x06tokens\x18\x01 \x03(\v2\x1b.minicloud.v1.JoinTokenInfoR\x06tokens\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"(\n" +
 	"\x16DeleteJoinTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x19\n" +
 	"\x17DeleteJoinTokenResponse\"]\n" +

@@ -278,8 +278,12 @@ func (x *GetNetworkRequest) GetProject() string {
 }
 
 type ListNetworksRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Project       string                 `protobuf:"bytes,1,opt,name=project,proto3" json:"project,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Project string                 `protobuf:"bytes,1,opt,name=project,proto3" json:"project,omitempty"`
+	// page_size is the most items returned (0: 500, at most 1000);
+	// page_token the previous response's next_page_token (docs/api.md).
+	PageSize      int32  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -321,9 +325,25 @@ func (x *ListNetworksRequest) GetProject() string {
 	return ""
 }
 
+func (x *ListNetworksRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListNetworksRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListNetworksResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Networks      []*Network             `protobuf:"bytes,1,rep,name=networks,proto3" json:"networks,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Networks []*Network             `protobuf:"bytes,1,rep,name=networks,proto3" json:"networks,omitempty"`
+	// next_page_token fetches the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -363,6 +383,13 @@ func (x *ListNetworksResponse) GetNetworks() []*Network {
 		return x.Networks
 	}
 	return nil
+}
+
+func (x *ListNetworksResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type DeleteNetworkRequest struct {
@@ -480,11 +507,15 @@ const file_minicloud_v1_network_proto_rawDesc = "" +
 	"dnsServers\"A\n" +
 	"\x11GetNetworkRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\aproject\x18\x02 \x01(\tR\aproject\"/\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\"k\n" +
 	"\x13ListNetworksRequest\x12\x18\n" +
-	"\aproject\x18\x01 \x01(\tR\aproject\"I\n" +
+	"\aproject\x18\x01 \x01(\tR\aproject\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"q\n" +
 	"\x14ListNetworksResponse\x121\n" +
-	"\bnetworks\x18\x01 \x03(\v2\x15.minicloud.v1.NetworkR\bnetworks\"D\n" +
+	"\bnetworks\x18\x01 \x03(\v2\x15.minicloud.v1.NetworkR\bnetworks\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"D\n" +
 	"\x14DeleteNetworkRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\"\x17\n" +

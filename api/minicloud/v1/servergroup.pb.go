@@ -241,8 +241,12 @@ func (x *GetServerGroupRequest) GetProject() string {
 }
 
 type ListServerGroupsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Project       string                 `protobuf:"bytes,1,opt,name=project,proto3" json:"project,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Project string                 `protobuf:"bytes,1,opt,name=project,proto3" json:"project,omitempty"`
+	// page_size is the most items returned (0: 500, at most 1000);
+	// page_token the previous response's next_page_token (docs/api.md).
+	PageSize      int32  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -284,9 +288,25 @@ func (x *ListServerGroupsRequest) GetProject() string {
 	return ""
 }
 
+func (x *ListServerGroupsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListServerGroupsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListServerGroupsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	ServerGroups  []*ServerGroup         `protobuf:"bytes,1,rep,name=server_groups,json=serverGroups,proto3" json:"server_groups,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	ServerGroups []*ServerGroup         `protobuf:"bytes,1,rep,name=server_groups,json=serverGroups,proto3" json:"server_groups,omitempty"`
+	// next_page_token fetches the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -326,6 +346,13 @@ func (x *ListServerGroupsResponse) GetServerGroups() []*ServerGroup {
 		return x.ServerGroups
 	}
 	return nil
+}
+
+func (x *ListServerGroupsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type DeleteServerGroupRequest struct {
@@ -430,11 +457,15 @@ const file_minicloud_v1_servergroup_proto_rawDesc = "" +
 	"\x06policy\x18\x03 \x01(\x0e2\x1f.minicloud.v1.ServerGroupPolicyR\x06policy\"E\n" +
 	"\x15GetServerGroupRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\aproject\x18\x02 \x01(\tR\aproject\"3\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\"o\n" +
 	"\x17ListServerGroupsRequest\x12\x18\n" +
-	"\aproject\x18\x01 \x01(\tR\aproject\"Z\n" +
+	"\aproject\x18\x01 \x01(\tR\aproject\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"\x82\x01\n" +
 	"\x18ListServerGroupsResponse\x12>\n" +
-	"\rserver_groups\x18\x01 \x03(\v2\x19.minicloud.v1.ServerGroupR\fserverGroups\"H\n" +
+	"\rserver_groups\x18\x01 \x03(\v2\x19.minicloud.v1.ServerGroupR\fserverGroups\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"H\n" +
 	"\x18DeleteServerGroupRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\"\x1b\n" +

@@ -930,7 +930,17 @@ type ListVMsRequest struct {
 	// all_projects lists every project (admin).
 	AllProjects bool `protobuf:"varint,2,opt,name=all_projects,json=allProjects,proto3" json:"all_projects,omitempty"`
 	// host filters by host (admin).
-	Host          string `protobuf:"bytes,3,opt,name=host,proto3" json:"host,omitempty"`
+	Host string `protobuf:"bytes,3,opt,name=host,proto3" json:"host,omitempty"`
+	// phase keeps only VMs in that phase (0: any).
+	Phase VMPhase `protobuf:"varint,4,opt,name=phase,proto3,enum=minicloud.v1.VMPhase" json:"phase,omitempty"`
+	// label_selector keeps only VMs whose labels match: comma-separated
+	// requirements key=value, key!=value, key (has it), !key (has it not),
+	// all of which must hold (Kubernetes' equality-based selectors).
+	LabelSelector string `protobuf:"bytes,5,opt,name=label_selector,json=labelSelector,proto3" json:"label_selector,omitempty"`
+	// page_size is the most items returned (0: 500, at most 1000);
+	// page_token the previous response's next_page_token (docs/api.md).
+	PageSize      int32  `protobuf:"varint,6,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,7,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -986,12 +996,44 @@ func (x *ListVMsRequest) GetHost() string {
 	return ""
 }
 
+func (x *ListVMsRequest) GetPhase() VMPhase {
+	if x != nil {
+		return x.Phase
+	}
+	return VMPhase_VM_PHASE_UNSPECIFIED
+}
+
+func (x *ListVMsRequest) GetLabelSelector() string {
+	if x != nil {
+		return x.LabelSelector
+	}
+	return ""
+}
+
+func (x *ListVMsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListVMsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListVMsResponse struct {
-	state           protoimpl.MessageState `protogen:"open.v1"`
-	Vms             []*VM                  `protobuf:"bytes,1,rep,name=vms,proto3" json:"vms,omitempty"`
-	ResourceVersion int64                  `protobuf:"varint,2,opt,name=resource_version,json=resourceVersion,proto3" json:"resource_version,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// vms in the order of their ids (the pages' order).
+	Vms []*VM `protobuf:"bytes,1,rep,name=vms,proto3" json:"vms,omitempty"`
+	// resource_version is the snapshot every page of the list reads.
+	ResourceVersion int64 `protobuf:"varint,2,opt,name=resource_version,json=resourceVersion,proto3" json:"resource_version,omitempty"`
+	// next_page_token fetches the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,3,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListVMsResponse) Reset() {
@@ -1036,6 +1078,13 @@ func (x *ListVMsResponse) GetResourceVersion() int64 {
 		return x.ResourceVersion
 	}
 	return 0
+}
+
+func (x *ListVMsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type DeleteVMRequest struct {
@@ -1734,14 +1783,20 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"<\n" +
 	"\fGetVMRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\aproject\x18\x02 \x01(\tR\aproject\"a\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\"\xf1\x01\n" +
 	"\x0eListVMsRequest\x12\x18\n" +
 	"\aproject\x18\x01 \x01(\tR\aproject\x12!\n" +
 	"\fall_projects\x18\x02 \x01(\bR\vallProjects\x12\x12\n" +
-	"\x04host\x18\x03 \x01(\tR\x04host\"`\n" +
+	"\x04host\x18\x03 \x01(\tR\x04host\x12+\n" +
+	"\x05phase\x18\x04 \x01(\x0e2\x15.minicloud.v1.VMPhaseR\x05phase\x12%\n" +
+	"\x0elabel_selector\x18\x05 \x01(\tR\rlabelSelector\x12\x1b\n" +
+	"\tpage_size\x18\x06 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\a \x01(\tR\tpageToken\"\x88\x01\n" +
 	"\x0fListVMsResponse\x12\"\n" +
 	"\x03vms\x18\x01 \x03(\v2\x10.minicloud.v1.VMR\x03vms\x12)\n" +
-	"\x10resource_version\x18\x02 \x01(\x03R\x0fresourceVersion\"j\n" +
+	"\x10resource_version\x18\x02 \x01(\x03R\x0fresourceVersion\x12&\n" +
+	"\x0fnext_page_token\x18\x03 \x01(\tR\rnextPageToken\"j\n" +
 	"\x0fDeleteVMRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\x12)\n" +
@@ -1881,39 +1936,40 @@ var file_minicloud_v1_vm_proto_depIdxs = []int32{
 	5,  // 10: minicloud.v1.VM.status:type_name -> minicloud.v1.VMStatus
 	2,  // 11: minicloud.v1.CreateVMRequest.spec:type_name -> minicloud.v1.VMSpec
 	21, // 12: minicloud.v1.CreateVMRequest.labels:type_name -> minicloud.v1.CreateVMRequest.LabelsEntry
-	6,  // 13: minicloud.v1.ListVMsResponse.vms:type_name -> minicloud.v1.VM
-	27, // 14: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
-	6,  // 15: minicloud.v1.WatchVMsResponse.vm:type_name -> minicloud.v1.VM
-	28, // 16: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
-	22, // 17: minicloud.v1.UpdateVMMetadataRequest.set_labels:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
-	23, // 18: minicloud.v1.UpdateVMMetadataRequest.set_metadata:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
-	7,  // 19: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
-	8,  // 20: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
-	9,  // 21: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
-	11, // 22: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
-	12, // 23: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
-	12, // 24: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
-	12, // 25: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
-	13, // 26: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
-	15, // 27: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
-	17, // 28: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
-	19, // 29: minicloud.v1.VMService.UpdateVMMetadata:input_type -> minicloud.v1.UpdateVMMetadataRequest
-	6,  // 30: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
-	6,  // 31: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
-	10, // 32: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
-	6,  // 33: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
-	6,  // 34: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
-	6,  // 35: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
-	6,  // 36: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
-	14, // 37: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
-	16, // 38: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	18, // 39: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
-	6,  // 40: minicloud.v1.VMService.UpdateVMMetadata:output_type -> minicloud.v1.VM
-	30, // [30:41] is the sub-list for method output_type
-	19, // [19:30] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	0,  // 13: minicloud.v1.ListVMsRequest.phase:type_name -> minicloud.v1.VMPhase
+	6,  // 14: minicloud.v1.ListVMsResponse.vms:type_name -> minicloud.v1.VM
+	27, // 15: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
+	6,  // 16: minicloud.v1.WatchVMsResponse.vm:type_name -> minicloud.v1.VM
+	28, // 17: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
+	22, // 18: minicloud.v1.UpdateVMMetadataRequest.set_labels:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
+	23, // 19: minicloud.v1.UpdateVMMetadataRequest.set_metadata:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
+	7,  // 20: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
+	8,  // 21: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
+	9,  // 22: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
+	11, // 23: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
+	12, // 24: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
+	12, // 25: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
+	12, // 26: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
+	13, // 27: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
+	15, // 28: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
+	17, // 29: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
+	19, // 30: minicloud.v1.VMService.UpdateVMMetadata:input_type -> minicloud.v1.UpdateVMMetadataRequest
+	6,  // 31: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
+	6,  // 32: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
+	10, // 33: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
+	6,  // 34: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
+	6,  // 35: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
+	6,  // 36: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
+	6,  // 37: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
+	14, // 38: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
+	16, // 39: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	18, // 40: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
+	6,  // 41: minicloud.v1.VMService.UpdateVMMetadata:output_type -> minicloud.v1.VM
+	31, // [31:42] is the sub-list for method output_type
+	20, // [20:31] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_vm_proto_init() }
