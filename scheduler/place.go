@@ -179,12 +179,17 @@ func (e *groupNotFoundError) Error() string {
 // request builds the placement request of v.
 func (s *Scheduler) request(ctx context.Context, v *vmState) (*placement.Request, error) {
 	spec := v.vm.GetSpec()
+	target := spec.GetTargetHost()
+	if v.status.GetReason() == lifecycle.ReasonEvacuated {
+		// Pinned to the host it was evacuated from: anywhere else will do.
+		target = ""
+	}
 	req := &placement.Request{
 		VMID:       v.id,
 		Resources:  placement.ResourcesFromProto(spec.GetResources()),
 		Zone:       spec.GetAvailabilityZone(),
 		Hypervisor: spec.GetRequiredHypervisor(),
-		TargetHost: spec.GetTargetHost(),
+		TargetHost: target,
 		TriedHosts: v.status.GetTriedHosts(),
 	}
 	if spec.GetServerGroup() == "" {
@@ -236,6 +241,9 @@ func (s *Scheduler) commit(ctx context.Context, v *vmState, req *placement.Reque
 	st.Host = r.Host
 	st.HostDown = false
 	st.ScheduleAttempts++
+	// A new epoch for every placement: a host that still holds an older
+	// copy (it was fenced and the VM evacuated) destroys it.
+	st.AssignmentEpoch++
 	st.Reason, st.Message = "", ""
 	st.UpdateTime = timestamppb.New(now)
 	msg := fmt.Sprintf("placed on host %s (attempt %d of %d, %d candidates ranked)", r.Host, st.ScheduleAttempts, s.cfg.MaxAttempts, r.Decision.Candidates)

@@ -169,6 +169,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 		wg.Go(func() { s.work(ctx, s.pending, s.scheduleOne) })
 	}
 	wg.Go(func() { s.work(ctx, s.hostDown, s.reconcileHostDown) })
+	wg.Go(func() { s.fenceLoop(ctx) })
 	s.log.Info("scheduler running", "workers", s.cfg.Workers, "max_attempts", s.cfg.MaxAttempts, "source", s.cfg.Source)
 	<-ctx.Done()
 	return ctx.Err()

@@ -36,6 +36,8 @@ type simHost struct {
 	// down registers the host without a heartbeat lease.
 	down     bool
 	disabled bool
+	// fenceAfter is the agent's self-fencing delay in seconds.
+	fenceAfter int64
 }
 
 // registerSimulatedHost writes a simulated host's registration and, unless
@@ -48,13 +50,14 @@ func registerSimulatedHost(t *testing.T, cli *clientv3.Client, h simHost, ttl in
 		h.hv = []string{"tcg"}
 	}
 	b, err := proto.Marshal(&minicloudv1.Host{
-		Meta:             &minicloudv1.ObjectMeta{Name: h.name},
-		Address:          "simulated",
-		Capacity:         &minicloudv1.Resources{Vcpus: h.vcpus, MemoryMib: h.memMiB, DiskGib: h.diskGiB},
-		AllocationRatios: h.ratios,
-		Hypervisors:      h.hv,
-		AvailabilityZone: h.zone,
-		Disabled:         h.disabled,
+		Meta:              &minicloudv1.ObjectMeta{Name: h.name},
+		Address:           "simulated",
+		Capacity:          &minicloudv1.Resources{Vcpus: h.vcpus, MemoryMib: h.memMiB, DiskGib: h.diskGiB},
+		AllocationRatios:  h.ratios,
+		Hypervisors:       h.hv,
+		AvailabilityZone:  h.zone,
+		Disabled:          h.disabled,
+		FenceAfterSeconds: h.fenceAfter,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -95,6 +98,14 @@ type simVM struct {
 	hv       string
 	tried    []string
 	attempts int32
+	evacuate bool
+}
+
+func onHostFailure(evacuate bool) minicloudv1.HostFailurePolicy {
+	if evacuate {
+		return minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_EVACUATE
+	}
+	return minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_UNSPECIFIED
 }
 
 // simulatedCreateOps are the writes of the simulated API's CreateVM.
@@ -111,6 +122,7 @@ func simulatedCreateOps(t testing.TB, v simVM) []clientv3.Op {
 			ServerGroup:        v.group,
 			TargetHost:         v.target,
 			RequiredHypervisor: v.hv,
+			OnHostFailure:      onHostFailure(v.evacuate),
 		},
 	})
 	if err != nil {

@@ -111,6 +111,9 @@ var Policy = map[string]Rule{
 	hosts + "ListJoinTokens":     cluster(RoleAdmin),
 	hosts + "DeleteJoinToken":    cluster(RoleAdmin),
 	hosts + "RevokeHost":         cluster(RoleAdmin),
+	hosts + "FenceHost":          cluster(RoleAdmin),
+	hosts + "EvacuateHost":       cluster(RoleAdmin),
+	hosts + "DeleteHost":         cluster(RoleAdmin),
 
 	// Images belong to a project (private) or are public; agents fetch
 	// the images of the VMs they run, whatever their project.

@@ -357,6 +357,7 @@ func (e *env) place(vmID, host string) {
 	}
 	next := proto.CloneOf(vm.Status)
 	next.Host, next.Phase = host, minicloudv1.VMPhase_VM_PHASE_SCHEDULED
+	next.AssignmentEpoch++
 	op, _ := store.VMStatusOp(vmID, next)
 	cmps = append(cmps, store.Unchanged(store.VMStatusKey(vmID), vm.Status.StatusVersion))
 	if _, ok, err := store.Commit(c, e.etcd, cmps, append(ops, op)); err != nil || !ok {

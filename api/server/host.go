@@ -52,14 +52,15 @@ func (h *hostService) RegisterHost(ctx context.Context, req *minicloudv1.Registe
 	name := in.GetMeta().GetName()
 	err := h.s.updateHost(ctx, name, func(old *minicloudv1.Host) (*minicloudv1.Host, error) {
 		host := &minicloudv1.Host{
-			Meta:             &minicloudv1.ObjectMeta{Id: old.GetMeta().GetId(), Name: name, CreateTime: old.GetMeta().GetCreateTime(), Labels: in.GetMeta().GetLabels()},
-			Address:          in.GetAddress(),
-			Capacity:         in.GetCapacity(),
-			AllocationRatios: withDefaultRatios(in.GetAllocationRatios()),
-			Hypervisors:      in.GetHypervisors(),
-			AvailabilityZone: in.GetAvailabilityZone(),
-			AgentVersion:     in.GetAgentVersion(),
-			TunnelIp:         in.GetTunnelIp(),
+			Meta:              &minicloudv1.ObjectMeta{Id: old.GetMeta().GetId(), Name: name, CreateTime: old.GetMeta().GetCreateTime(), Labels: in.GetMeta().GetLabels()},
+			Address:           in.GetAddress(),
+			Capacity:          in.GetCapacity(),
+			AllocationRatios:  withDefaultRatios(in.GetAllocationRatios()),
+			Hypervisors:       in.GetHypervisors(),
+			AvailabilityZone:  in.GetAvailabilityZone(),
+			AgentVersion:      in.GetAgentVersion(),
+			TunnelIp:          in.GetTunnelIp(),
+			FenceAfterSeconds: in.GetFenceAfterSeconds(),
 			// The admin's word outlives re-registration.
 			Disabled:       old.GetDisabled(),
 			DisabledReason: old.GetDisabledReason(),
@@ -166,7 +167,11 @@ func (h *hostService) Heartbeat(ctx context.Context, req *minicloudv1.HeartbeatR
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "grant lease for host %s", name)
 	}
-	if _, err := h.s.etcd.Put(ctx, store.HostAliveKey(name), strconv.FormatInt(int64(grant.ID), 10), clientv3.WithLease(grant.ID)); err != nil {
+	// The host is back: it is no longer unreachable nor fenced, in the
+	// transaction that makes it UP, so no evacuation can slip in between
+	// (they all compare that the lease key is absent).
+	ops := append([]clientv3.Op{clientv3.OpPut(store.HostAliveKey(name), strconv.FormatInt(int64(grant.ID), 10), clientv3.WithLease(grant.ID))}, store.HostBackOps(name)...)
+	if _, err := h.s.etcd.Txn(ctx).Then(ops...).Commit(); err != nil {
 		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "mark host %s alive", name)
 	}
 	h.s.log.Info("host up", "host", name, "lease", int64(grant.ID))
@@ -175,7 +180,7 @@ func (h *hostService) Heartbeat(ctx context.Context, req *minicloudv1.HeartbeatR
 
 // getHost merges a host's spec, liveness and allocation.
 func (s *Server) getHost(ctx context.Context, name string) (*minicloudv1.Host, error) {
-	hosts, err := s.readHosts(ctx, store.HostSpecKey(name), store.HostAliveKey(name), store.HostAllocKey(name), false)
+	hosts, err := s.readHosts(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -185,34 +190,41 @@ func (s *Server) getHost(ctx context.Context, name string) (*minicloudv1.Host, e
 	return hosts[0], nil
 }
 
-// readHosts reads host specs, alive keys and allocations (single keys, or
-// prefixes) in one snapshot and merges them.
-func (s *Server) readHosts(ctx context.Context, specKey, aliveKey, allocKey string, prefix bool) ([]*minicloudv1.Host, error) {
-	var opts []clientv3.OpOption
-	if prefix {
-		opts = append(opts, clientv3.WithPrefix())
+// readHosts reads one host's spec, alive, allocation, down and fenced
+// keys in one snapshot and merges them.
+func (s *Server) readHosts(ctx context.Context, name string) ([]*minicloudv1.Host, error) {
+	var reads store.Reads
+	spec, alive, alloc := reads.Get(store.HostSpecKey(name)), reads.Get(store.HostAliveKey(name)), reads.Get(store.HostAllocKey(name))
+	down, fenced := reads.Get(store.HostDownKey(name)), reads.Get(store.HostFencedKey(name))
+	if err := reads.Do(ctx, s.etcd); err != nil {
+		return nil, err
 	}
-	resp, err := store.ReadTxn(ctx, s.etcd, clientv3.OpGet(specKey, opts...), clientv3.OpGet(aliveKey, opts...), clientv3.OpGet(allocKey, opts...))
+	return s.mergeHosts(ctx, spec.KVs(), hostKeys{alive: alive.KVs(), alloc: alloc.KVs(), down: down.KVs(), fenced: fenced.KVs()})
+}
+
+// hostKeys are the keys of hosts besides their specs, read in the specs'
+// snapshot.
+type hostKeys struct {
+	alive, alloc, down, fenced []*mvccpb.KeyValue
+}
+
+// mergeHosts merges host spec keys with their other keys.
+func (s *Server) mergeHosts(ctx context.Context, specs []*mvccpb.KeyValue, keys hostKeys) ([]*minicloudv1.Host, error) {
+	alive := map[string]clientv3.LeaseID{}
+	for _, kv := range keys.alive {
+		alive[store.LastSegment(string(kv.Key))] = clientv3.LeaseID(kv.Lease)
+	}
+	allocs, err := store.DecodeByName(keys.alloc, func() *minicloudv1.HostAllocation { return &minicloudv1.HostAllocation{} })
 	if err != nil {
 		return nil, err
 	}
-	return s.mergeHosts(ctx, resp.Responses[0].GetResponseRange().GetKvs(), resp.Responses[1].GetResponseRange().GetKvs(), resp.Responses[2].GetResponseRange().GetKvs())
-}
-
-// mergeHosts merges host spec keys with the alive keys and allocations
-// read in the same snapshot.
-func (s *Server) mergeHosts(ctx context.Context, specs, aliveKVs, allocKVs []*mvccpb.KeyValue) ([]*minicloudv1.Host, error) {
-	alive := map[string]clientv3.LeaseID{}
-	for _, kv := range aliveKVs {
-		alive[store.LastSegment(string(kv.Key))] = clientv3.LeaseID(kv.Lease)
+	down, err := store.DecodeByName(keys.down, func() *timestamppb.Timestamp { return &timestamppb.Timestamp{} })
+	if err != nil {
+		return nil, err
 	}
-	allocs := map[string]*minicloudv1.HostAllocation{}
-	for _, kv := range allocKVs {
-		a := &minicloudv1.HostAllocation{}
-		if err := store.Decode(kv, a); err != nil {
-			return nil, err
-		}
-		allocs[store.LastSegment(string(kv.Key))] = a
+	fenced, err := store.DecodeByName(keys.fenced, func() *minicloudv1.HostFence { return &minicloudv1.HostFence{} })
+	if err != nil {
+		return nil, err
 	}
 	var hosts []*minicloudv1.Host
 	for _, kv := range specs {
@@ -225,10 +237,15 @@ func (s *Server) mergeHosts(ctx context.Context, specs, aliveKVs, allocKVs []*mv
 			host.Meta = &minicloudv1.ObjectMeta{Name: name}
 		}
 		host.Meta.ResourceVersion = kv.ModRevision
-		host.State = minicloudv1.HostState_HOST_STATE_DOWN
-		if lease, ok := alive[name]; ok {
+		switch lease, ok := alive[name]; {
+		case ok:
 			host.State = minicloudv1.HostState_HOST_STATE_UP
 			host.LastHeartbeat = s.lastHeartbeat(ctx, lease)
+		case fenced[name] != nil:
+			host.State, host.Fence = minicloudv1.HostState_HOST_STATE_FENCED, fenced[name]
+			host.UnreachableSince = down[name]
+		default:
+			host.State, host.UnreachableSince = minicloudv1.HostState_HOST_STATE_UNREACHABLE, down[name]
 		}
 		if a, ok := allocs[name]; ok {
 			host.Allocated, host.VmCount = a.GetAllocated(), a.GetVmCount()
@@ -259,12 +276,15 @@ func (h *hostService) ListHosts(ctx context.Context, req *minicloudv1.ListHostsR
 		// names under their prefixes, read at the page's snapshot.
 		first, last := store.LastSegment(string(specs[0].Key)), store.LastSegment(string(specs[len(specs)-1].Key))
 		var reads store.Reads
-		alive := reads.Get(store.HostAliveKey(first), clientv3.WithRange(store.HostAliveKey(last)+"\x00"), clientv3.WithRev(rev))
-		alloc := reads.Get(store.HostAllocKey(first), clientv3.WithRange(store.HostAllocKey(last)+"\x00"), clientv3.WithRev(rev))
+		between := func(key func(string) string) store.Read {
+			return reads.Get(key(first), clientv3.WithRange(key(last)+"\x00"), clientv3.WithRev(rev))
+		}
+		alive, alloc := between(store.HostAliveKey), between(store.HostAllocKey)
+		down, fenced := between(store.HostDownKey), between(store.HostFencedKey)
 		if err := reads.Do(ctx, h.s.etcd); err != nil {
 			return 0, err
 		}
-		hosts, err := h.s.mergeHosts(ctx, specs, alive.KVs(), alloc.KVs())
+		hosts, err := h.s.mergeHosts(ctx, specs, hostKeys{alive: alive.KVs(), alloc: alloc.KVs(), down: down.KVs(), fenced: fenced.KVs()})
 		resp.Hosts = append(resp.Hosts, hosts...)
 		return len(hosts), err
 	})
@@ -356,6 +376,22 @@ func (h *hostService) WatchAssignments(req *minicloudv1.WatchAssignmentsRequest,
 	return h.s.watchVMs(ctx, 0, match, func(vms []*minicloudv1.VM, rev int64) error {
 		for _, vm := range vms {
 			if err := send(minicloudv1.WatchEventType_WATCH_EVENT_TYPE_ADDED, vm, rev); err != nil {
+				return err
+			}
+		}
+		// VMs that left the host while it was fenced: it must destroy
+		// them before it starts anything (the agent does so before it
+		// acts on the BOOKMARK).
+		released, err := store.ListReleased(ctx, h.s.etcd, name, rev)
+		if err != nil {
+			return err
+		}
+		for _, id := range released {
+			ev := &minicloudv1.AssignmentEvent{
+				Type: minicloudv1.WatchEventType_WATCH_EVENT_TYPE_DELETED, Released: true, ResourceVersion: rev,
+				Vm: &minicloudv1.VM{Meta: &minicloudv1.ObjectMeta{Id: id}},
+			}
+			if err := stream.Send(ev); err != nil {
 				return err
 			}
 		}

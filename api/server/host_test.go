@@ -36,7 +36,7 @@ func TestHostLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if resp.HeartbeatIntervalSeconds != 5 || resp.LeaseTtlSeconds != 15 || resp.Host.State != minicloudv1.HostState_HOST_STATE_DOWN ||
+	if resp.HeartbeatIntervalSeconds != 5 || resp.LeaseTtlSeconds != 15 || resp.Host.State != minicloudv1.HostState_HOST_STATE_UNREACHABLE ||
 		resp.Host.AllocationRatios.GetCpu() != 4 || resp.Host.Meta.GetId() == "" {
 		t.Fatalf("register: %v", resp)
 	}
@@ -60,7 +60,7 @@ func TestHostLifecycle(t *testing.T) {
 	if _, err := e.etcd.Revoke(c, clientv3.LeaseID(lease)); err != nil {
 		t.Fatal(err)
 	}
-	if h, _ := e.hosts.GetHost(c, &minicloudv1.GetHostRequest{Name: "h1"}); h.State != minicloudv1.HostState_HOST_STATE_DOWN {
+	if h, _ := e.hosts.GetHost(c, &minicloudv1.GetHostRequest{Name: "h1"}); h.State != minicloudv1.HostState_HOST_STATE_UNREACHABLE {
 		t.Fatalf("state %v after the lease ended", h.State)
 	}
 	if _, err := e.hosts.Heartbeat(c, &minicloudv1.HeartbeatRequest{Name: "h1"}); err != nil {

@@ -317,7 +317,7 @@ func TestRevokedHostIsRefusedEverywhere(t *testing.T) {
 	if got := e.rev(); got != rev {
 		t.Fatalf("calls with a revoked certificate wrote to etcd (revision %d -> %d)", rev, got)
 	}
-	if h, err := e.hosts.GetHost(c, &minicloudv1.GetHostRequest{Name: "h1"}); err != nil || h.State != minicloudv1.HostState_HOST_STATE_DOWN {
+	if h, err := e.hosts.GetHost(c, &minicloudv1.GetHostRequest{Name: "h1"}); err != nil || h.State != minicloudv1.HostState_HOST_STATE_UNREACHABLE {
 		t.Fatalf("revoked host: %v %v", h, err)
 	}
 	_, err = e.hosts.RevokeHost(c, &minicloudv1.RevokeHostRequest{Name: "h1"})

@@ -41,6 +41,17 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 			return nil, errdefs.Invalid("status.phase %d is not a VM phase", ph)
 		}
 	}
+	if req.GetReleasedConfirmed() {
+		if req.GetDeleted() || req.GetReschedule() || req.GetStatus() != nil {
+			return nil, errdefs.Invalid("released_confirmed stands alone: no status, deleted or reschedule with it")
+		}
+		// The host destroyed what it held of a VM that left it while it
+		// was fenced; the record was only for it.
+		if _, err := h.s.etcd.Delete(ctx, store.HostReleasedKey(host, req.GetVmId())); err != nil {
+			return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "remove release record of vm %s on host %s", req.GetVmId(), host)
+		}
+		return &minicloudv1.ReportVMStatusResponse{}, nil
+	}
 	for range maxTxnAttempts {
 		vm, err := store.GetVM(ctx, h.s.etcd, req.GetVmId())
 		if errdefs.IsNotFound(err) {
@@ -54,6 +65,11 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 				return nil, errdefs.FailedPrecondition("vm %s is not assigned to any host, not to %s", vm.Meta.Name, host)
 			}
 			return nil, errdefs.FailedPrecondition("vm %s is assigned to host %s, not to %s", vm.Meta.Name, cur, host)
+		}
+		if e := req.GetAssignmentEpoch(); e != 0 && e != vm.GetStatus().GetAssignmentEpoch() {
+			// The VM left the host and came back (evacuated, placed
+			// again): what the host observed is of an older copy.
+			return nil, errdefs.FailedPrecondition("vm %s: the report is for assignment epoch %d, the current one is %d; the host must drop the old copy", vm.Meta.Name, e, vm.GetStatus().GetAssignmentEpoch())
 		}
 		txn, err := h.s.reportTxn(ctx, vm, req)
 		if err != nil {

@@ -2,12 +2,14 @@ package server
 
 import (
 	"fmt"
-	"google.golang.org/protobuf/proto"
 	"net"
 	"net/netip"
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
+
+	"google.golang.org/protobuf/proto"
 
 	"github.com/minicloud/minicloud/api/ipam"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
@@ -241,6 +243,9 @@ func validateHost(h *minicloudv1.Host) error {
 		if hv != "kvm" && hv != "tcg" {
 			return errdefs.Invalid("hypervisor %q is not supported: use \"kvm\" or \"tcg\"", hv)
 		}
+	}
+	if f := h.GetFenceAfterSeconds(); f < 0 || f >= int64(HostLeaseTTL/time.Second) {
+		return errdefs.Invalid("host fence_after_seconds %d must be 0 (never self-fence) or shorter than the %s lease, so the host has destroyed its VMs before the control plane counts it fenced", f, HostLeaseTTL)
 	}
 	r := h.GetAllocationRatios()
 	if r.GetCpu() < 0 || r.GetRam() < 0 || r.GetDisk() < 0 {

@@ -41,7 +41,8 @@ func (v *vmService) ListVMs(ctx context.Context, req *minicloudv1.ListVMsRequest
 }
 
 // DeleteVM removes a VM that no host holds at once; otherwise it marks it
-// DELETING and the host finishes with ReportVMStatus(deleted=true).
+// DELETING and the host finishes with ReportVMStatus(deleted=true). With
+// force, a VM whose host is FENCED (or removed) is removed at once.
 func (v *vmService) DeleteVM(ctx context.Context, req *minicloudv1.DeleteVMRequest) (*minicloudv1.VM, error) {
 	project, err := projectOf(req.GetProject())
 	if err != nil {
@@ -57,7 +58,12 @@ func (v *vmService) DeleteVM(ctx context.Context, req *minicloudv1.DeleteVMReque
 		}
 		now := time.Now()
 		var txn store.Txn
-		if vm.GetStatus().GetHost() == "" {
+		forced := req.GetForce() && vm.GetStatus().GetHost() != ""
+		if forced {
+			// The host is gone for good (fenced or removed): nobody will
+			// confirm a delete, so finish it here.
+			txn, err = v.s.forceDeleteTxn(ctx, vm)
+		} else if vm.GetStatus().GetHost() == "" {
 			// Nothing on any hypervisor: remove it now.
 			if err := lifecycle.Check(vm.GetStatus().GetPhase(), lifecycle.None, lifecycle.API); err != nil {
 				return nil, errdefs.FailedPrecondition("vm %s: %v", vm.Meta.Name, err)
@@ -88,6 +94,10 @@ func (v *vmService) DeleteVM(ctx context.Context, req *minicloudv1.DeleteVMReque
 			// The returned VM keeps the revisions read before the delete, so
 			// a Watch from them sees it go.
 			markDeleting(vm, now)
+			if forced {
+				v.s.log.Warn("vm force-deleted without its host", "vm", vm.Meta.Name, "project", project, "id", vm.Meta.Id, "host", vm.Status.Host)
+				return vm, nil
+			}
 			v.s.log.Info("vm delete requested", "vm", vm.Meta.Name, "project", project, "id", vm.Meta.Id, "host", vm.Status.Host)
 			return vm, nil
 		}

@@ -160,7 +160,7 @@ func TestLabPartitionAndHeal(t *testing.T) {
 	if reachesAPI(l, h) {
 		t.Errorf("%s still reaches the API while partitioned", h)
 	}
-	waitHostState(t, l, h, minicloudv1.HostState_HOST_STATE_DOWN)
+	waitHostState(t, l, h, minicloudv1.HostState_HOST_STATE_UNREACHABLE)
 	if err := l.Heal(h); err != nil {
 		t.Fatal(err)
 	}
@@ -184,7 +184,7 @@ func TestLabStopAndStartHost(t *testing.T) {
 	if _, err := l.Output(ctx, h, "virsh", "list"); err == nil {
 		t.Errorf("%s's libvirtd still answers after stop", h)
 	}
-	waitHostState(t, l, h, minicloudv1.HostState_HOST_STATE_DOWN)
+	waitHostState(t, l, h, minicloudv1.HostState_HOST_STATE_UNREACHABLE)
 	if err := l.StartHost(ctx, h); err != nil {
 		t.Fatal(err)
 	}

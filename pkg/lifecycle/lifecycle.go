@@ -129,6 +129,22 @@ var Transitions = []Transition{
 	{Deleting, Deleting, API, "DeleteVM again while the host cleans up"},
 	{Pending, None, API, "DeleteVM of a VM no host holds"},
 	{Error, None, API, "DeleteVM of a VM no host holds"},
+
+	// Host failure (docs/operations.md, "When a host dies"): only for a
+	// VM whose host is FENCED, proved to run none of its VMs.
+	{Running, Pending, API, "EvacuateHost: rebuilt elsewhere from its image"},
+	{Stopped, Pending, API, "EvacuateHost: rebuilt elsewhere from its image"},
+	{Scheduled, Pending, Scheduler, "automatic evacuation (on_host_failure=EVACUATE)"},
+	{Creating, Pending, Scheduler, "automatic evacuation (on_host_failure=EVACUATE)"},
+	{Running, Pending, Scheduler, "automatic evacuation (on_host_failure=EVACUATE)"},
+	{Stopped, Pending, Scheduler, "automatic evacuation (on_host_failure=EVACUATE)"},
+	{Error, Pending, Scheduler, "automatic evacuation (on_host_failure=EVACUATE)"},
+	{Scheduled, None, API, "DeleteVM force=true"},
+	{Creating, None, API, "DeleteVM force=true"},
+	{Running, None, API, "DeleteVM force=true"},
+	{Stopped, None, API, "DeleteVM force=true"},
+	{Deleting, None, API, "DeleteVM force=true"},
+	{Deleting, None, Scheduler, "a delete whose host was fenced finishes without it"},
 }
 
 type edge struct {
@@ -200,6 +216,12 @@ const (
 	ReasonServerGroupNotFound = "ServerGroupNotFound"
 	ReasonHostDown            = "HostDown"
 	ReasonHostUp              = "HostUp"
+	// The host is fenced (its VMs were destroyed or are known not to run).
+	ReasonHostFenced = "HostFenced"
+	// The VM was moved off a fenced host, to be rebuilt from its image.
+	ReasonEvacuated = "Evacuated"
+	// The VM was removed without its fenced host.
+	ReasonForceDeleted = "ForceDeleted"
 
 	// Agent.
 	ReasonCreating       = "Creating"
@@ -216,6 +238,14 @@ const (
 	ReasonStopped        = "Stopped"
 	ReasonStoppedByGuest = "StoppedByGuest"
 	ReasonCrashed        = "Crashed"
+	// The domain stopped without a request and without the guest shutting
+	// itself down: the host or its libvirtd rebooted, QEMU was killed.
+	ReasonStoppedUnexpectedly = "StoppedUnexpectedly"
+	// The host started a VM again after it stopped unexpectedly
+	// (restart_policy ON_FAILURE).
+	ReasonRestarted = "Restarted"
+	// The host destroyed what it held of a VM that moved to another host.
+	ReasonReleased       = "Released"
 	ReasonDomainMissing  = "DomainMissing"
 	ReasonMetadataRead   = "MetadataRead"
 	ReasonGuestReady     = "GuestReady"

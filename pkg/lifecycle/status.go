@@ -12,9 +12,10 @@ import (
 
 // hostOwnedFields are the fields of VMStatus a host owns: what it observed
 // of the VM. The API and the scheduler own the rest (host, addresses,
-// schedule attempts, tried hosts, host_down, update time). This is the one
-// list of them: a report replaces exactly these, and a host compares
-// exactly these to tell whether it has anything new to say.
+// schedule attempts, tried hosts, host_down, assignment epoch, update
+// time). This is the one list of them: a report replaces exactly these,
+// and a host compares exactly these to tell whether it has anything new
+// to say.
 var hostOwnedFields = func() []protoreflect.FieldDescriptor {
 	fields := (&minicloudv1.VMStatus{}).ProtoReflect().Descriptor().Fields()
 	var out []protoreflect.FieldDescriptor

@@ -13,7 +13,7 @@ import (
 func TestEveryStatusFieldHasAnOwner(t *testing.T) {
 	notHosts := map[protoreflect.Name]bool{
 		"host": true, "addresses": true, "schedule_attempts": true, "tried_hosts": true,
-		"update_time": true, "status_version": true, "host_down": true,
+		"update_time": true, "status_version": true, "host_down": true, "assignment_epoch": true,
 	}
 	hosts := map[protoreflect.Name]bool{}
 	for _, fd := range hostOwnedFields {

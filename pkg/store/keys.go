@@ -41,6 +41,9 @@ var Layout = []KeySpec{
 	{"servergroups/<project>/<name>", ServerGroupPrefix, "ServerGroup", "API"},
 	{"hosts/spec/<name>", HostSpecPrefix, "Host (registration, disabled flag)", "API"},
 	{"hosts/alive/<name>", HostAlivePrefix, "lease id, attached to the host's heartbeat lease", "API on heartbeat"},
+	{"hosts/down/<name>", HostDownPrefix, "Timestamp: when the host was first seen without its lease (UNREACHABLE); removed when it is back", "scheduler"},
+	{"hosts/fenced/<name>", HostFencedPrefix, "HostFence: the host runs none of its VMs (FENCED); removed when it is back", "API (FenceHost), scheduler (self-fencing deadline)"},
+	{"hosts/released/<host>/<vm id>", ReleasedPrefix, "assignment epoch of a VM that left the fenced host (evacuated, force-deleted): the host destroys it and confirms", "API, scheduler; removed on the host's confirmation"},
 	{"hosts/alloc/<name>", HostAllocPrefix, "HostAllocation (sum of claims; its revision is compared by claims)", "scheduler, API on release"},
 	{"claims/<host>/<vm id>", ClaimPrefix, "Claim", "scheduler, API on release"},
 	{"ipam/<network id>/<ip>", IPAMPrefix, "VM id", "API"},
@@ -89,6 +92,9 @@ const (
 	HostSpecPrefix    = Prefix + "hosts/spec/"
 	HostAlivePrefix   = Prefix + "hosts/alive/"
 	HostAllocPrefix   = Prefix + "hosts/alloc/"
+	HostDownPrefix    = Prefix + "hosts/down/"
+	HostFencedPrefix  = Prefix + "hosts/fenced/"
+	ReleasedPrefix    = Prefix + "hosts/released/"
 	ClaimPrefix       = Prefix + "claims/"
 	IPAMPrefix        = Prefix + "ipam/"
 	VNIPrefix         = Prefix + "vnis/"
@@ -135,6 +141,10 @@ func ServerGroupKey(project, name string) string { return ServerGroupPrefix + pr
 func HostSpecKey(name string) string             { return HostSpecPrefix + name }
 func HostAliveKey(name string) string            { return HostAlivePrefix + name }
 func HostAllocKey(name string) string            { return HostAllocPrefix + name }
+func HostDownKey(name string) string             { return HostDownPrefix + name }
+func HostFencedKey(name string) string           { return HostFencedPrefix + name }
+func HostReleasedPrefix(host string) string      { return ReleasedPrefix + host + "/" }
+func HostReleasedKey(host, vmID string) string   { return HostReleasedPrefix(host) + vmID }
 func ClaimsPrefix(host string) string            { return ClaimPrefix + host + "/" }
 func ClaimKey(host, vmID string) string          { return ClaimsPrefix(host) + vmID }
 

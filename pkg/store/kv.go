@@ -82,6 +82,20 @@ func DecodeAll[T proto.Message](kvs []*mvccpb.KeyValue, newT func() T) ([]Object
 	return out, nil
 }
 
+// DecodeByName decodes kvs into a map keyed by each key's last segment
+// (a host's or a project's name).
+func DecodeByName[T proto.Message](kvs []*mvccpb.KeyValue, newT func() T) (map[string]T, error) {
+	out := make(map[string]T, len(kvs))
+	for _, kv := range kvs {
+		v := newT()
+		if err := Decode(kv, v); err != nil {
+			return nil, err
+		}
+		out[LastSegment(string(kv.Key))] = v
+	}
+	return out, nil
+}
+
 // Absent holds when key does not exist.
 func Absent(key string) clientv3.Cmp {
 	return clientv3.Compare(clientv3.CreateRevision(key), "=", 0)

@@ -45,6 +45,7 @@ type Snapshot struct {
 	cluster    *placement.Cluster
 	index      map[string]int // host name -> position in cluster.Hosts
 	alive      map[string]bool
+	fenceAfter map[string]time.Duration // host -> its agent's self-fencing delay
 	alloc      map[string]allocState
 	claims     map[string]map[string]claimState // host -> vm id -> claim
 	policies   map[string]minicloudv1.ServerGroupPolicy
@@ -89,6 +90,7 @@ func (s *Snapshot) reset() {
 	}
 	s.index = map[string]int{}
 	s.alive = map[string]bool{}
+	s.fenceAfter = map[string]time.Duration{}
 	s.alloc = map[string]allocState{}
 	s.claims = map[string]map[string]claimState{}
 	s.policies = map[string]minicloudv1.ServerGroupPolicy{}
@@ -372,6 +374,7 @@ func (s *Snapshot) putHost(name string, spec *minicloudv1.Host) {
 		h.Allocated = placement.ResourcesFromProto(a.GetAllocated())
 		h.VMCount = int(a.GetVmCount())
 	}
+	s.fenceAfter[name] = time.Duration(spec.GetFenceAfterSeconds()) * time.Second
 	h.Zone = spec.GetAvailabilityZone()
 	h.Hypervisors = spec.GetHypervisors()
 	h.Disabled = spec.GetDisabled()
@@ -390,6 +393,7 @@ func (s *Snapshot) removeHost(name string) {
 	s.cluster.Hosts = s.cluster.Hosts[:last]
 	delete(s.index, name)
 	delete(s.cluster.ByName, name)
+	delete(s.fenceAfter, name)
 }
 
 func (s *Snapshot) setAlloc(name string, st allocState) {
@@ -467,6 +471,27 @@ func (s *Snapshot) Alive(host string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.alive[host]
+}
+
+// DownHost is a registered host without its heartbeat lease.
+type DownHost struct {
+	Name string
+	// FenceAfter is its agent's self-fencing delay (0: it never
+	// self-fences).
+	FenceAfter time.Duration
+}
+
+// Down lists the registered hosts whose lease is gone in the view.
+func (s *Snapshot) Down() []DownHost {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []DownHost
+	for _, h := range s.cluster.Hosts {
+		if !s.alive[h.Name] {
+			out = append(out, DownHost{Name: h.Name, FenceAfter: s.fenceAfter[h.Name]})
+		}
+	}
+	return out
 }
 
 // Host returns a copy of the named host as the view holds it.

@@ -27,7 +27,12 @@ type HostState int32
 const (
 	HostState_HOST_STATE_UNSPECIFIED HostState = 0
 	HostState_HOST_STATE_UP          HostState = 1
-	HostState_HOST_STATE_DOWN        HostState = 2
+	// UNREACHABLE: the heartbeat lease expired. Its VMs may still run.
+	HostState_HOST_STATE_UNREACHABLE HostState = 2
+	// FENCED: proved to run none of its VMs, by time (lease TTL +
+	// fence_after + a margin without contact, the agent having destroyed
+	// its domains after fence_after) or by an operator (FenceHost).
+	HostState_HOST_STATE_FENCED HostState = 3
 )
 
 // Enum value maps for HostState.
@@ -35,12 +40,14 @@ var (
 	HostState_name = map[int32]string{
 		0: "HOST_STATE_UNSPECIFIED",
 		1: "HOST_STATE_UP",
-		2: "HOST_STATE_DOWN",
+		2: "HOST_STATE_UNREACHABLE",
+		3: "HOST_STATE_FENCED",
 	}
 	HostState_value = map[string]int32{
 		"HOST_STATE_UNSPECIFIED": 0,
 		"HOST_STATE_UP":          1,
-		"HOST_STATE_DOWN":        2,
+		"HOST_STATE_UNREACHABLE": 2,
+		"HOST_STATE_FENCED":      3,
 	}
 )
 
@@ -71,6 +78,68 @@ func (HostState) EnumDescriptor() ([]byte, []int) {
 	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{0}
 }
 
+// HostFence records why a host counts as fenced.
+type HostFence struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Time  *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
+	// by is "operator:<user>" or "timeout" (self-fencing deadline passed).
+	By            string `protobuf:"bytes,2,opt,name=by,proto3" json:"by,omitempty"`
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HostFence) Reset() {
+	*x = HostFence{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostFence) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostFence) ProtoMessage() {}
+
+func (x *HostFence) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostFence.ProtoReflect.Descriptor instead.
+func (*HostFence) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *HostFence) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *HostFence) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+func (x *HostFence) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type AllocationRatios struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Cpu           float64                `protobuf:"fixed64,1,opt,name=cpu,proto3" json:"cpu,omitempty"`
@@ -82,7 +151,7 @@ type AllocationRatios struct {
 
 func (x *AllocationRatios) Reset() {
 	*x = AllocationRatios{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[0]
+	mi := &file_minicloud_v1_host_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -94,7 +163,7 @@ func (x *AllocationRatios) String() string {
 func (*AllocationRatios) ProtoMessage() {}
 
 func (x *AllocationRatios) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[0]
+	mi := &file_minicloud_v1_host_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -107,7 +176,7 @@ func (x *AllocationRatios) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllocationRatios.ProtoReflect.Descriptor instead.
 func (*AllocationRatios) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{0}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *AllocationRatios) GetCpu() float64 {
@@ -154,14 +223,24 @@ type Host struct {
 	AgentVersion string     `protobuf:"bytes,13,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
 	// tunnel_ip is the host's underlay (VXLAN endpoint) address; empty means
 	// the host keeps every network to itself (single-host behaviour).
-	TunnelIp      string `protobuf:"bytes,14,opt,name=tunnel_ip,json=tunnelIp,proto3" json:"tunnel_ip,omitempty"`
+	TunnelIp string `protobuf:"bytes,14,opt,name=tunnel_ip,json=tunnelIp,proto3" json:"tunnel_ip,omitempty"`
+	// fence_after_seconds is how long the agent goes on without renewing its
+	// lease before it destroys its domains (self-fencing, --fence-after);
+	// 0: it never self-fences, and only an operator can fence the host.
+	// Shorter than the lease TTL.
+	FenceAfterSeconds int64 `protobuf:"varint,15,opt,name=fence_after_seconds,json=fenceAfterSeconds,proto3" json:"fence_after_seconds,omitempty"`
+	// unreachable_since is when the control plane first saw the host's
+	// lease gone (set while UNREACHABLE or FENCED).
+	UnreachableSince *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=unreachable_since,json=unreachableSince,proto3" json:"unreachable_since,omitempty"`
+	// fence is set while the host is FENCED.
+	Fence         *HostFence `protobuf:"bytes,17,opt,name=fence,proto3" json:"fence,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Host) Reset() {
 	*x = Host{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[1]
+	mi := &file_minicloud_v1_host_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -173,7 +252,7 @@ func (x *Host) String() string {
 func (*Host) ProtoMessage() {}
 
 func (x *Host) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[1]
+	mi := &file_minicloud_v1_host_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -186,7 +265,7 @@ func (x *Host) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Host.ProtoReflect.Descriptor instead.
 func (*Host) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{1}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Host) GetMeta() *ObjectMeta {
@@ -287,6 +366,27 @@ func (x *Host) GetTunnelIp() string {
 	return ""
 }
 
+func (x *Host) GetFenceAfterSeconds() int64 {
+	if x != nil {
+		return x.FenceAfterSeconds
+	}
+	return 0
+}
+
+func (x *Host) GetUnreachableSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UnreachableSince
+	}
+	return nil
+}
+
+func (x *Host) GetFence() *HostFence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
+}
+
 type RegisterHostRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Host          *Host                  `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
@@ -296,7 +396,7 @@ type RegisterHostRequest struct {
 
 func (x *RegisterHostRequest) Reset() {
 	*x = RegisterHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[2]
+	mi := &file_minicloud_v1_host_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -308,7 +408,7 @@ func (x *RegisterHostRequest) String() string {
 func (*RegisterHostRequest) ProtoMessage() {}
 
 func (x *RegisterHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[2]
+	mi := &file_minicloud_v1_host_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -321,7 +421,7 @@ func (x *RegisterHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterHostRequest.ProtoReflect.Descriptor instead.
 func (*RegisterHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{2}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *RegisterHostRequest) GetHost() *Host {
@@ -342,7 +442,7 @@ type RegisterHostResponse struct {
 
 func (x *RegisterHostResponse) Reset() {
 	*x = RegisterHostResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[3]
+	mi := &file_minicloud_v1_host_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -354,7 +454,7 @@ func (x *RegisterHostResponse) String() string {
 func (*RegisterHostResponse) ProtoMessage() {}
 
 func (x *RegisterHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[3]
+	mi := &file_minicloud_v1_host_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -367,7 +467,7 @@ func (x *RegisterHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterHostResponse.ProtoReflect.Descriptor instead.
 func (*RegisterHostResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{3}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RegisterHostResponse) GetHost() *Host {
@@ -400,7 +500,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[4]
+	mi := &file_minicloud_v1_host_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -412,7 +512,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[4]
+	mi := &file_minicloud_v1_host_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -425,7 +525,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{4}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *HeartbeatRequest) GetName() string {
@@ -443,7 +543,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[5]
+	mi := &file_minicloud_v1_host_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -455,7 +555,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[5]
+	mi := &file_minicloud_v1_host_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -468,7 +568,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{5}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{6}
 }
 
 type WatchAssignmentsRequest struct {
@@ -480,7 +580,7 @@ type WatchAssignmentsRequest struct {
 
 func (x *WatchAssignmentsRequest) Reset() {
 	*x = WatchAssignmentsRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[6]
+	mi := &file_minicloud_v1_host_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -492,7 +592,7 @@ func (x *WatchAssignmentsRequest) String() string {
 func (*WatchAssignmentsRequest) ProtoMessage() {}
 
 func (x *WatchAssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[6]
+	mi := &file_minicloud_v1_host_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -505,7 +605,7 @@ func (x *WatchAssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchAssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*WatchAssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{6}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *WatchAssignmentsRequest) GetHost() string {
@@ -522,13 +622,19 @@ type AssignmentEvent struct {
 	// user_data of the VM (only sent to its host).
 	UserData        []byte `protobuf:"bytes,3,opt,name=user_data,json=userData,proto3" json:"user_data,omitempty"`
 	ResourceVersion int64  `protobuf:"varint,4,opt,name=resource_version,json=resourceVersion,proto3" json:"resource_version,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// released (with type DELETED) says the VM left this host by
+	// evacuation or a forced delete while the host was fenced: the host
+	// must destroy what it holds of it, never start it, and confirm with
+	// ReportVMStatus(released_confirmed). Released VMs are sent before the
+	// BOOKMARK.
+	Released      bool `protobuf:"varint,5,opt,name=released,proto3" json:"released,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AssignmentEvent) Reset() {
 	*x = AssignmentEvent{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[7]
+	mi := &file_minicloud_v1_host_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -540,7 +646,7 @@ func (x *AssignmentEvent) String() string {
 func (*AssignmentEvent) ProtoMessage() {}
 
 func (x *AssignmentEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[7]
+	mi := &file_minicloud_v1_host_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -553,7 +659,7 @@ func (x *AssignmentEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentEvent.ProtoReflect.Descriptor instead.
 func (*AssignmentEvent) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{7}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *AssignmentEvent) GetType() WatchEventType {
@@ -584,6 +690,13 @@ func (x *AssignmentEvent) GetResourceVersion() int64 {
 	return 0
 }
 
+func (x *AssignmentEvent) GetReleased() bool {
+	if x != nil {
+		return x.Released
+	}
+	return false
+}
+
 type ReportVMStatusRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Host  string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
@@ -598,14 +711,21 @@ type ReportVMStatusRequest struct {
 	Deleted bool `protobuf:"varint,5,opt,name=deleted,proto3" json:"deleted,omitempty"`
 	// reschedule asks the scheduler to place the VM elsewhere (create failed
 	// on this host and the host cleaned up).
-	Reschedule    bool `protobuf:"varint,6,opt,name=reschedule,proto3" json:"reschedule,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Reschedule bool `protobuf:"varint,6,opt,name=reschedule,proto3" json:"reschedule,omitempty"`
+	// assignment_epoch is the epoch of the assignment the host acts on
+	// (VMStatus.assignment_epoch as it received it); a report for an older
+	// epoch is refused (the VM moved).
+	AssignmentEpoch int64 `protobuf:"varint,7,opt,name=assignment_epoch,json=assignmentEpoch,proto3" json:"assignment_epoch,omitempty"`
+	// released_confirmed confirms that everything the host held of a VM it
+	// was told is released is gone; the release record is removed.
+	ReleasedConfirmed bool `protobuf:"varint,8,opt,name=released_confirmed,json=releasedConfirmed,proto3" json:"released_confirmed,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *ReportVMStatusRequest) Reset() {
 	*x = ReportVMStatusRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[8]
+	mi := &file_minicloud_v1_host_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -617,7 +737,7 @@ func (x *ReportVMStatusRequest) String() string {
 func (*ReportVMStatusRequest) ProtoMessage() {}
 
 func (x *ReportVMStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[8]
+	mi := &file_minicloud_v1_host_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -630,7 +750,7 @@ func (x *ReportVMStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportVMStatusRequest.ProtoReflect.Descriptor instead.
 func (*ReportVMStatusRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{8}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ReportVMStatusRequest) GetHost() string {
@@ -675,6 +795,20 @@ func (x *ReportVMStatusRequest) GetReschedule() bool {
 	return false
 }
 
+func (x *ReportVMStatusRequest) GetAssignmentEpoch() int64 {
+	if x != nil {
+		return x.AssignmentEpoch
+	}
+	return 0
+}
+
+func (x *ReportVMStatusRequest) GetReleasedConfirmed() bool {
+	if x != nil {
+		return x.ReleasedConfirmed
+	}
+	return false
+}
+
 type ReportVMStatusResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -683,7 +817,7 @@ type ReportVMStatusResponse struct {
 
 func (x *ReportVMStatusResponse) Reset() {
 	*x = ReportVMStatusResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[9]
+	mi := &file_minicloud_v1_host_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -695,7 +829,7 @@ func (x *ReportVMStatusResponse) String() string {
 func (*ReportVMStatusResponse) ProtoMessage() {}
 
 func (x *ReportVMStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[9]
+	mi := &file_minicloud_v1_host_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -708,7 +842,7 @@ func (x *ReportVMStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportVMStatusResponse.ProtoReflect.Descriptor instead.
 func (*ReportVMStatusResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{9}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{10}
 }
 
 type ListHostsRequest struct {
@@ -723,7 +857,7 @@ type ListHostsRequest struct {
 
 func (x *ListHostsRequest) Reset() {
 	*x = ListHostsRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[10]
+	mi := &file_minicloud_v1_host_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -735,7 +869,7 @@ func (x *ListHostsRequest) String() string {
 func (*ListHostsRequest) ProtoMessage() {}
 
 func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[10]
+	mi := &file_minicloud_v1_host_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -748,7 +882,7 @@ func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsRequest.ProtoReflect.Descriptor instead.
 func (*ListHostsRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{10}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListHostsRequest) GetPageSize() int32 {
@@ -776,7 +910,7 @@ type ListHostsResponse struct {
 
 func (x *ListHostsResponse) Reset() {
 	*x = ListHostsResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[11]
+	mi := &file_minicloud_v1_host_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -788,7 +922,7 @@ func (x *ListHostsResponse) String() string {
 func (*ListHostsResponse) ProtoMessage() {}
 
 func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[11]
+	mi := &file_minicloud_v1_host_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -801,7 +935,7 @@ func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsResponse.ProtoReflect.Descriptor instead.
 func (*ListHostsResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{11}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListHostsResponse) GetHosts() []*Host {
@@ -827,7 +961,7 @@ type GetHostRequest struct {
 
 func (x *GetHostRequest) Reset() {
 	*x = GetHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[12]
+	mi := &file_minicloud_v1_host_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -839,7 +973,7 @@ func (x *GetHostRequest) String() string {
 func (*GetHostRequest) ProtoMessage() {}
 
 func (x *GetHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[12]
+	mi := &file_minicloud_v1_host_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -852,7 +986,7 @@ func (x *GetHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHostRequest.ProtoReflect.Descriptor instead.
 func (*GetHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{12}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetHostRequest) GetName() string {
@@ -872,7 +1006,7 @@ type DisableHostRequest struct {
 
 func (x *DisableHostRequest) Reset() {
 	*x = DisableHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[13]
+	mi := &file_minicloud_v1_host_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -884,7 +1018,7 @@ func (x *DisableHostRequest) String() string {
 func (*DisableHostRequest) ProtoMessage() {}
 
 func (x *DisableHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[13]
+	mi := &file_minicloud_v1_host_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -897,7 +1031,7 @@ func (x *DisableHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisableHostRequest.ProtoReflect.Descriptor instead.
 func (*DisableHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{13}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DisableHostRequest) GetName() string {
@@ -923,7 +1057,7 @@ type EnableHostRequest struct {
 
 func (x *EnableHostRequest) Reset() {
 	*x = EnableHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[14]
+	mi := &file_minicloud_v1_host_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -935,7 +1069,7 @@ func (x *EnableHostRequest) String() string {
 func (*EnableHostRequest) ProtoMessage() {}
 
 func (x *EnableHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[14]
+	mi := &file_minicloud_v1_host_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -948,7 +1082,7 @@ func (x *EnableHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnableHostRequest.ProtoReflect.Descriptor instead.
 func (*EnableHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{14}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *EnableHostRequest) GetName() string {
@@ -956,6 +1090,246 @@ func (x *EnableHostRequest) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+type FenceHostRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// confirm must be true: the caller asserts the host runs none of its
+	// VMs (powered off, or isolated and self-fenced).
+	Confirm       bool   `protobuf:"varint,2,opt,name=confirm,proto3" json:"confirm,omitempty"`
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FenceHostRequest) Reset() {
+	*x = FenceHostRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FenceHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FenceHostRequest) ProtoMessage() {}
+
+func (x *FenceHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FenceHostRequest.ProtoReflect.Descriptor instead.
+func (*FenceHostRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *FenceHostRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *FenceHostRequest) GetConfirm() bool {
+	if x != nil {
+		return x.Confirm
+	}
+	return false
+}
+
+func (x *FenceHostRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type EvacuateHostRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// vm_ids limits the evacuation to these VMs (ids or names); empty: all.
+	VmIds         []string `protobuf:"bytes,2,rep,name=vm_ids,json=vmIds,proto3" json:"vm_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EvacuateHostRequest) Reset() {
+	*x = EvacuateHostRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EvacuateHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EvacuateHostRequest) ProtoMessage() {}
+
+func (x *EvacuateHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EvacuateHostRequest.ProtoReflect.Descriptor instead.
+func (*EvacuateHostRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *EvacuateHostRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *EvacuateHostRequest) GetVmIds() []string {
+	if x != nil {
+		return x.VmIds
+	}
+	return nil
+}
+
+type EvacuateHostResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// vms are the evacuated VMs, PENDING for the scheduler.
+	Vms           []*VM `protobuf:"bytes,1,rep,name=vms,proto3" json:"vms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EvacuateHostResponse) Reset() {
+	*x = EvacuateHostResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EvacuateHostResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EvacuateHostResponse) ProtoMessage() {}
+
+func (x *EvacuateHostResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EvacuateHostResponse.ProtoReflect.Descriptor instead.
+func (*EvacuateHostResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *EvacuateHostResponse) GetVms() []*VM {
+	if x != nil {
+		return x.Vms
+	}
+	return nil
+}
+
+type DeleteHostRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteHostRequest) Reset() {
+	*x = DeleteHostRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteHostRequest) ProtoMessage() {}
+
+func (x *DeleteHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteHostRequest.ProtoReflect.Descriptor instead.
+func (*DeleteHostRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *DeleteHostRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type DeleteHostResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteHostResponse) Reset() {
+	*x = DeleteHostResponse{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteHostResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteHostResponse) ProtoMessage() {}
+
+func (x *DeleteHostResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteHostResponse.ProtoReflect.Descriptor instead.
+func (*DeleteHostResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{20}
 }
 
 type AgentConsoleLogRequest struct {
@@ -968,7 +1342,7 @@ type AgentConsoleLogRequest struct {
 
 func (x *AgentConsoleLogRequest) Reset() {
 	*x = AgentConsoleLogRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[15]
+	mi := &file_minicloud_v1_host_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -980,7 +1354,7 @@ func (x *AgentConsoleLogRequest) String() string {
 func (*AgentConsoleLogRequest) ProtoMessage() {}
 
 func (x *AgentConsoleLogRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[15]
+	mi := &file_minicloud_v1_host_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -993,7 +1367,7 @@ func (x *AgentConsoleLogRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentConsoleLogRequest.ProtoReflect.Descriptor instead.
 func (*AgentConsoleLogRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{15}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AgentConsoleLogRequest) GetVmId() string {
@@ -1019,7 +1393,7 @@ type WatchNetworkPortsRequest struct {
 
 func (x *WatchNetworkPortsRequest) Reset() {
 	*x = WatchNetworkPortsRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[16]
+	mi := &file_minicloud_v1_host_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1031,7 +1405,7 @@ func (x *WatchNetworkPortsRequest) String() string {
 func (*WatchNetworkPortsRequest) ProtoMessage() {}
 
 func (x *WatchNetworkPortsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[16]
+	mi := &file_minicloud_v1_host_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1044,7 +1418,7 @@ func (x *WatchNetworkPortsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchNetworkPortsRequest.ProtoReflect.Descriptor instead.
 func (*WatchNetworkPortsRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{16}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WatchNetworkPortsRequest) GetHost() string {
@@ -1078,7 +1452,7 @@ type NetworkPort struct {
 
 func (x *NetworkPort) Reset() {
 	*x = NetworkPort{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[17]
+	mi := &file_minicloud_v1_host_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1090,7 +1464,7 @@ func (x *NetworkPort) String() string {
 func (*NetworkPort) ProtoMessage() {}
 
 func (x *NetworkPort) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[17]
+	mi := &file_minicloud_v1_host_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1103,7 +1477,7 @@ func (x *NetworkPort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkPort.ProtoReflect.Descriptor instead.
 func (*NetworkPort) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{17}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *NetworkPort) GetVmId() string {
@@ -1195,7 +1569,7 @@ type NetworkPortsSnapshot struct {
 
 func (x *NetworkPortsSnapshot) Reset() {
 	*x = NetworkPortsSnapshot{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	mi := &file_minicloud_v1_host_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1207,7 +1581,7 @@ func (x *NetworkPortsSnapshot) String() string {
 func (*NetworkPortsSnapshot) ProtoMessage() {}
 
 func (x *NetworkPortsSnapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[18]
+	mi := &file_minicloud_v1_host_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1220,7 +1594,7 @@ func (x *NetworkPortsSnapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkPortsSnapshot.ProtoReflect.Descriptor instead.
 func (*NetworkPortsSnapshot) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{18}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *NetworkPortsSnapshot) GetPorts() []*NetworkPort {
@@ -1250,7 +1624,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	mi := &file_minicloud_v1_host_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1262,7 +1636,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[19]
+	mi := &file_minicloud_v1_host_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1275,7 +1649,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{19}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
@@ -1308,7 +1682,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	mi := &file_minicloud_v1_host_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1320,7 +1694,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[20]
+	mi := &file_minicloud_v1_host_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1333,7 +1707,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{20}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -1376,7 +1750,7 @@ type ListJoinTokensRequest struct {
 
 func (x *ListJoinTokensRequest) Reset() {
 	*x = ListJoinTokensRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[21]
+	mi := &file_minicloud_v1_host_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1388,7 +1762,7 @@ func (x *ListJoinTokensRequest) String() string {
 func (*ListJoinTokensRequest) ProtoMessage() {}
 
 func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[21]
+	mi := &file_minicloud_v1_host_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1401,7 +1775,7 @@ func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJoinTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListJoinTokensRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{21}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListJoinTokensRequest) GetPageSize() int32 {
@@ -1431,7 +1805,7 @@ type JoinTokenInfo struct {
 
 func (x *JoinTokenInfo) Reset() {
 	*x = JoinTokenInfo{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	mi := &file_minicloud_v1_host_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1443,7 +1817,7 @@ func (x *JoinTokenInfo) String() string {
 func (*JoinTokenInfo) ProtoMessage() {}
 
 func (x *JoinTokenInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	mi := &file_minicloud_v1_host_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1456,7 +1830,7 @@ func (x *JoinTokenInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinTokenInfo.ProtoReflect.Descriptor instead.
 func (*JoinTokenInfo) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{22}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *JoinTokenInfo) GetId() string {
@@ -1498,7 +1872,7 @@ type ListJoinTokensResponse struct {
 
 func (x *ListJoinTokensResponse) Reset() {
 	*x = ListJoinTokensResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[23]
+	mi := &file_minicloud_v1_host_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1510,7 +1884,7 @@ func (x *ListJoinTokensResponse) String() string {
 func (*ListJoinTokensResponse) ProtoMessage() {}
 
 func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[23]
+	mi := &file_minicloud_v1_host_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1523,7 +1897,7 @@ func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJoinTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListJoinTokensResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{23}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListJoinTokensResponse) GetTokens() []*JoinTokenInfo {
@@ -1550,7 +1924,7 @@ type DeleteJoinTokenRequest struct {
 
 func (x *DeleteJoinTokenRequest) Reset() {
 	*x = DeleteJoinTokenRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[24]
+	mi := &file_minicloud_v1_host_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1562,7 +1936,7 @@ func (x *DeleteJoinTokenRequest) String() string {
 func (*DeleteJoinTokenRequest) ProtoMessage() {}
 
 func (x *DeleteJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[24]
+	mi := &file_minicloud_v1_host_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1575,7 +1949,7 @@ func (x *DeleteJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*DeleteJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{24}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *DeleteJoinTokenRequest) GetId() string {
@@ -1593,7 +1967,7 @@ type DeleteJoinTokenResponse struct {
 
 func (x *DeleteJoinTokenResponse) Reset() {
 	*x = DeleteJoinTokenResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[25]
+	mi := &file_minicloud_v1_host_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1605,7 +1979,7 @@ func (x *DeleteJoinTokenResponse) String() string {
 func (*DeleteJoinTokenResponse) ProtoMessage() {}
 
 func (x *DeleteJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[25]
+	mi := &file_minicloud_v1_host_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1618,7 +1992,7 @@ func (x *DeleteJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*DeleteJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{25}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{31}
 }
 
 type JoinHostRequest struct {
@@ -1635,7 +2009,7 @@ type JoinHostRequest struct {
 
 func (x *JoinHostRequest) Reset() {
 	*x = JoinHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[26]
+	mi := &file_minicloud_v1_host_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1647,7 +2021,7 @@ func (x *JoinHostRequest) String() string {
 func (*JoinHostRequest) ProtoMessage() {}
 
 func (x *JoinHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[26]
+	mi := &file_minicloud_v1_host_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1660,7 +2034,7 @@ func (x *JoinHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinHostRequest.ProtoReflect.Descriptor instead.
 func (*JoinHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{26}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *JoinHostRequest) GetToken() string {
@@ -1697,7 +2071,7 @@ type JoinHostResponse struct {
 
 func (x *JoinHostResponse) Reset() {
 	*x = JoinHostResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[27]
+	mi := &file_minicloud_v1_host_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1709,7 +2083,7 @@ func (x *JoinHostResponse) String() string {
 func (*JoinHostResponse) ProtoMessage() {}
 
 func (x *JoinHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[27]
+	mi := &file_minicloud_v1_host_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1722,7 +2096,7 @@ func (x *JoinHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinHostResponse.ProtoReflect.Descriptor instead.
 func (*JoinHostResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{27}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *JoinHostResponse) GetCertPem() []byte {
@@ -1755,7 +2129,7 @@ type RevokeHostRequest struct {
 
 func (x *RevokeHostRequest) Reset() {
 	*x = RevokeHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[28]
+	mi := &file_minicloud_v1_host_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1767,7 +2141,7 @@ func (x *RevokeHostRequest) String() string {
 func (*RevokeHostRequest) ProtoMessage() {}
 
 func (x *RevokeHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[28]
+	mi := &file_minicloud_v1_host_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1780,7 +2154,7 @@ func (x *RevokeHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeHostRequest.ProtoReflect.Descriptor instead.
 func (*RevokeHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{28}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RevokeHostRequest) GetName() string {
@@ -1800,7 +2174,7 @@ type RevokeHostResponse struct {
 
 func (x *RevokeHostResponse) Reset() {
 	*x = RevokeHostResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[29]
+	mi := &file_minicloud_v1_host_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1812,7 +2186,7 @@ func (x *RevokeHostResponse) String() string {
 func (*RevokeHostResponse) ProtoMessage() {}
 
 func (x *RevokeHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[29]
+	mi := &file_minicloud_v1_host_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1825,7 +2199,7 @@ func (x *RevokeHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeHostResponse.ProtoReflect.Descriptor instead.
 func (*RevokeHostResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{29}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RevokeHostResponse) GetRevokedSerials() []string {
@@ -1852,7 +2226,7 @@ type IssueIdentityTokenRequest struct {
 
 func (x *IssueIdentityTokenRequest) Reset() {
 	*x = IssueIdentityTokenRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[30]
+	mi := &file_minicloud_v1_host_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1864,7 +2238,7 @@ func (x *IssueIdentityTokenRequest) String() string {
 func (*IssueIdentityTokenRequest) ProtoMessage() {}
 
 func (x *IssueIdentityTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[30]
+	mi := &file_minicloud_v1_host_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1877,7 +2251,7 @@ func (x *IssueIdentityTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueIdentityTokenRequest.ProtoReflect.Descriptor instead.
 func (*IssueIdentityTokenRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{30}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *IssueIdentityTokenRequest) GetHost() string {
@@ -1918,7 +2292,7 @@ type IssueIdentityTokenResponse struct {
 
 func (x *IssueIdentityTokenResponse) Reset() {
 	*x = IssueIdentityTokenResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[31]
+	mi := &file_minicloud_v1_host_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1930,7 +2304,7 @@ func (x *IssueIdentityTokenResponse) String() string {
 func (*IssueIdentityTokenResponse) ProtoMessage() {}
 
 func (x *IssueIdentityTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[31]
+	mi := &file_minicloud_v1_host_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1943,7 +2317,7 @@ func (x *IssueIdentityTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueIdentityTokenResponse.ProtoReflect.Descriptor instead.
 func (*IssueIdentityTokenResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{31}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *IssueIdentityTokenResponse) GetToken() string {
@@ -1964,11 +2338,15 @@ var File_minicloud_v1_host_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\n" +
-	"\x17minicloud/v1/host.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\x1a\x15minicloud/v1/vm.proto\"J\n" +
+	"\x17minicloud/v1/host.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\x1a\x15minicloud/v1/vm.proto\"c\n" +
+	"\tHostFence\x12.\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x0e\n" +
+	"\x02by\x18\x02 \x01(\tR\x02by\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"J\n" +
 	"\x10AllocationRatios\x12\x10\n" +
 	"\x03cpu\x18\x01 \x01(\x01R\x03cpu\x12\x10\n" +
 	"\x03ram\x18\x02 \x01(\x01R\x03ram\x12\x12\n" +
-	"\x04disk\x18\x03 \x01(\x01R\x04disk\"\xea\x04\n" +
+	"\x04disk\x18\x03 \x01(\x01R\x04disk\"\x92\x06\n" +
 	"\x04Host\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x123\n" +
@@ -1984,7 +2362,10 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\tallocated\x18\v \x01(\v2\x17.minicloud.v1.ResourcesR\tallocated\x12\x19\n" +
 	"\bvm_count\x18\f \x01(\x05R\avmCount\x12#\n" +
 	"\ragent_version\x18\r \x01(\tR\fagentVersion\x12\x1b\n" +
-	"\ttunnel_ip\x18\x0e \x01(\tR\btunnelIp\"=\n" +
+	"\ttunnel_ip\x18\x0e \x01(\tR\btunnelIp\x12.\n" +
+	"\x13fence_after_seconds\x18\x0f \x01(\x03R\x11fenceAfterSeconds\x12G\n" +
+	"\x11unreachable_since\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\x10unreachableSince\x12-\n" +
+	"\x05fence\x18\x11 \x01(\v2\x17.minicloud.v1.HostFenceR\x05fence\"=\n" +
 	"\x13RegisterHostRequest\x12&\n" +
 	"\x04host\x18\x01 \x01(\v2\x12.minicloud.v1.HostR\x04host\"\xa8\x01\n" +
 	"\x14RegisterHostResponse\x12&\n" +
@@ -1995,12 +2376,13 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x13\n" +
 	"\x11HeartbeatResponse\"-\n" +
 	"\x17WatchAssignmentsRequest\x12\x12\n" +
-	"\x04host\x18\x01 \x01(\tR\x04host\"\xad\x01\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\"\xc9\x01\n" +
 	"\x0fAssignmentEvent\x120\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x1c.minicloud.v1.WatchEventTypeR\x04type\x12 \n" +
 	"\x02vm\x18\x02 \x01(\v2\x10.minicloud.v1.VMR\x02vm\x12\x1b\n" +
 	"\tuser_data\x18\x03 \x01(\fR\buserData\x12)\n" +
-	"\x10resource_version\x18\x04 \x01(\x03R\x0fresourceVersion\"\xd7\x01\n" +
+	"\x10resource_version\x18\x04 \x01(\x03R\x0fresourceVersion\x12\x1a\n" +
+	"\breleased\x18\x05 \x01(\bR\breleased\"\xb1\x02\n" +
 	"\x15ReportVMStatusRequest\x12\x12\n" +
 	"\x04host\x18\x01 \x01(\tR\x04host\x12\x13\n" +
 	"\x05vm_id\x18\x02 \x01(\tR\x04vmId\x12.\n" +
@@ -2009,7 +2391,9 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\adeleted\x18\x05 \x01(\bR\adeleted\x12\x1e\n" +
 	"\n" +
 	"reschedule\x18\x06 \x01(\bR\n" +
-	"reschedule\"\x18\n" +
+	"reschedule\x12)\n" +
+	"\x10assignment_epoch\x18\a \x01(\x03R\x0fassignmentEpoch\x12-\n" +
+	"\x12released_confirmed\x18\b \x01(\bR\x11releasedConfirmed\"\x18\n" +
 	"\x16ReportVMStatusResponse\"N\n" +
 	"\x10ListHostsRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
@@ -2024,7 +2408,19 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"'\n" +
 	"\x11EnableHostRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"L\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"X\n" +
+	"\x10FenceHostRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aconfirm\x18\x02 \x01(\bR\aconfirm\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"@\n" +
+	"\x13EvacuateHostRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x15\n" +
+	"\x06vm_ids\x18\x02 \x03(\tR\x05vmIds\":\n" +
+	"\x14EvacuateHostResponse\x12\"\n" +
+	"\x03vms\x18\x01 \x03(\v2\x10.minicloud.v1.VMR\x03vms\"'\n" +
+	"\x11DeleteHostRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
+	"\x12DeleteHostResponse\"L\n" +
 	"\x16AgentConsoleLogRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x1d\n" +
 	"\n" +
@@ -2094,12 +2490,12 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x1aIssueIdentityTokenResponse\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12;\n" +
 	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"expireTime*O\n" +
+	"expireTime*m\n" +
 	"\tHostState\x12\x1a\n" +
 	"\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n" +
-	"\rHOST_STATE_UP\x10\x01\x12\x13\n" +
-	"\x0fHOST_STATE_DOWN\x10\x022\x83\n" +
-	"\n" +
+	"\rHOST_STATE_UP\x10\x01\x12\x1a\n" +
+	"\x16HOST_STATE_UNREACHABLE\x10\x02\x12\x15\n" +
+	"\x11HOST_STATE_FENCED\x10\x032\xec\v\n" +
 	"\vHostService\x12U\n" +
 	"\fRegisterHost\x12!.minicloud.v1.RegisterHostRequest\x1a\".minicloud.v1.RegisterHostResponse\x12L\n" +
 	"\tHeartbeat\x12\x1e.minicloud.v1.HeartbeatRequest\x1a\x1f.minicloud.v1.HeartbeatResponse\x12Z\n" +
@@ -2109,7 +2505,11 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\aGetHost\x12\x1c.minicloud.v1.GetHostRequest\x1a\x12.minicloud.v1.Host\x12C\n" +
 	"\vDisableHost\x12 .minicloud.v1.DisableHostRequest\x1a\x12.minicloud.v1.Host\x12A\n" +
 	"\n" +
-	"EnableHost\x12\x1f.minicloud.v1.EnableHostRequest\x1a\x12.minicloud.v1.Host\x12a\n" +
+	"EnableHost\x12\x1f.minicloud.v1.EnableHostRequest\x1a\x12.minicloud.v1.Host\x12?\n" +
+	"\tFenceHost\x12\x1e.minicloud.v1.FenceHostRequest\x1a\x12.minicloud.v1.Host\x12U\n" +
+	"\fEvacuateHost\x12!.minicloud.v1.EvacuateHostRequest\x1a\".minicloud.v1.EvacuateHostResponse\x12O\n" +
+	"\n" +
+	"DeleteHost\x12\x1f.minicloud.v1.DeleteHostRequest\x1a .minicloud.v1.DeleteHostResponse\x12a\n" +
 	"\x11WatchNetworkPorts\x12&.minicloud.v1.WatchNetworkPortsRequest\x1a\".minicloud.v1.NetworkPortsSnapshot0\x01\x12^\n" +
 	"\x0fCreateJoinToken\x12$.minicloud.v1.CreateJoinTokenRequest\x1a%.minicloud.v1.CreateJoinTokenResponse\x12[\n" +
 	"\x0eListJoinTokens\x12#.minicloud.v1.ListJoinTokensRequest\x1a$.minicloud.v1.ListJoinTokensResponse\x12^\n" +
@@ -2134,107 +2534,123 @@ func file_minicloud_v1_host_proto_rawDescGZIP() []byte {
 }
 
 var file_minicloud_v1_host_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_minicloud_v1_host_proto_goTypes = []any{
 	(HostState)(0),                     // 0: minicloud.v1.HostState
-	(*AllocationRatios)(nil),           // 1: minicloud.v1.AllocationRatios
-	(*Host)(nil),                       // 2: minicloud.v1.Host
-	(*RegisterHostRequest)(nil),        // 3: minicloud.v1.RegisterHostRequest
-	(*RegisterHostResponse)(nil),       // 4: minicloud.v1.RegisterHostResponse
-	(*HeartbeatRequest)(nil),           // 5: minicloud.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),          // 6: minicloud.v1.HeartbeatResponse
-	(*WatchAssignmentsRequest)(nil),    // 7: minicloud.v1.WatchAssignmentsRequest
-	(*AssignmentEvent)(nil),            // 8: minicloud.v1.AssignmentEvent
-	(*ReportVMStatusRequest)(nil),      // 9: minicloud.v1.ReportVMStatusRequest
-	(*ReportVMStatusResponse)(nil),     // 10: minicloud.v1.ReportVMStatusResponse
-	(*ListHostsRequest)(nil),           // 11: minicloud.v1.ListHostsRequest
-	(*ListHostsResponse)(nil),          // 12: minicloud.v1.ListHostsResponse
-	(*GetHostRequest)(nil),             // 13: minicloud.v1.GetHostRequest
-	(*DisableHostRequest)(nil),         // 14: minicloud.v1.DisableHostRequest
-	(*EnableHostRequest)(nil),          // 15: minicloud.v1.EnableHostRequest
-	(*AgentConsoleLogRequest)(nil),     // 16: minicloud.v1.AgentConsoleLogRequest
-	(*WatchNetworkPortsRequest)(nil),   // 17: minicloud.v1.WatchNetworkPortsRequest
-	(*NetworkPort)(nil),                // 18: minicloud.v1.NetworkPort
-	(*NetworkPortsSnapshot)(nil),       // 19: minicloud.v1.NetworkPortsSnapshot
-	(*CreateJoinTokenRequest)(nil),     // 20: minicloud.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil),    // 21: minicloud.v1.CreateJoinTokenResponse
-	(*ListJoinTokensRequest)(nil),      // 22: minicloud.v1.ListJoinTokensRequest
-	(*JoinTokenInfo)(nil),              // 23: minicloud.v1.JoinTokenInfo
-	(*ListJoinTokensResponse)(nil),     // 24: minicloud.v1.ListJoinTokensResponse
-	(*DeleteJoinTokenRequest)(nil),     // 25: minicloud.v1.DeleteJoinTokenRequest
-	(*DeleteJoinTokenResponse)(nil),    // 26: minicloud.v1.DeleteJoinTokenResponse
-	(*JoinHostRequest)(nil),            // 27: minicloud.v1.JoinHostRequest
-	(*JoinHostResponse)(nil),           // 28: minicloud.v1.JoinHostResponse
-	(*RevokeHostRequest)(nil),          // 29: minicloud.v1.RevokeHostRequest
-	(*RevokeHostResponse)(nil),         // 30: minicloud.v1.RevokeHostResponse
-	(*IssueIdentityTokenRequest)(nil),  // 31: minicloud.v1.IssueIdentityTokenRequest
-	(*IssueIdentityTokenResponse)(nil), // 32: minicloud.v1.IssueIdentityTokenResponse
-	(*ObjectMeta)(nil),                 // 33: minicloud.v1.ObjectMeta
-	(*Resources)(nil),                  // 34: minicloud.v1.Resources
-	(*timestamppb.Timestamp)(nil),      // 35: google.protobuf.Timestamp
-	(WatchEventType)(0),                // 36: minicloud.v1.WatchEventType
-	(*VM)(nil),                         // 37: minicloud.v1.VM
-	(*VMStatus)(nil),                   // 38: minicloud.v1.VMStatus
-	(*Event)(nil),                      // 39: minicloud.v1.Event
-	(*GetConsoleLogResponse)(nil),      // 40: minicloud.v1.GetConsoleLogResponse
+	(*HostFence)(nil),                  // 1: minicloud.v1.HostFence
+	(*AllocationRatios)(nil),           // 2: minicloud.v1.AllocationRatios
+	(*Host)(nil),                       // 3: minicloud.v1.Host
+	(*RegisterHostRequest)(nil),        // 4: minicloud.v1.RegisterHostRequest
+	(*RegisterHostResponse)(nil),       // 5: minicloud.v1.RegisterHostResponse
+	(*HeartbeatRequest)(nil),           // 6: minicloud.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),          // 7: minicloud.v1.HeartbeatResponse
+	(*WatchAssignmentsRequest)(nil),    // 8: minicloud.v1.WatchAssignmentsRequest
+	(*AssignmentEvent)(nil),            // 9: minicloud.v1.AssignmentEvent
+	(*ReportVMStatusRequest)(nil),      // 10: minicloud.v1.ReportVMStatusRequest
+	(*ReportVMStatusResponse)(nil),     // 11: minicloud.v1.ReportVMStatusResponse
+	(*ListHostsRequest)(nil),           // 12: minicloud.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),          // 13: minicloud.v1.ListHostsResponse
+	(*GetHostRequest)(nil),             // 14: minicloud.v1.GetHostRequest
+	(*DisableHostRequest)(nil),         // 15: minicloud.v1.DisableHostRequest
+	(*EnableHostRequest)(nil),          // 16: minicloud.v1.EnableHostRequest
+	(*FenceHostRequest)(nil),           // 17: minicloud.v1.FenceHostRequest
+	(*EvacuateHostRequest)(nil),        // 18: minicloud.v1.EvacuateHostRequest
+	(*EvacuateHostResponse)(nil),       // 19: minicloud.v1.EvacuateHostResponse
+	(*DeleteHostRequest)(nil),          // 20: minicloud.v1.DeleteHostRequest
+	(*DeleteHostResponse)(nil),         // 21: minicloud.v1.DeleteHostResponse
+	(*AgentConsoleLogRequest)(nil),     // 22: minicloud.v1.AgentConsoleLogRequest
+	(*WatchNetworkPortsRequest)(nil),   // 23: minicloud.v1.WatchNetworkPortsRequest
+	(*NetworkPort)(nil),                // 24: minicloud.v1.NetworkPort
+	(*NetworkPortsSnapshot)(nil),       // 25: minicloud.v1.NetworkPortsSnapshot
+	(*CreateJoinTokenRequest)(nil),     // 26: minicloud.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),    // 27: minicloud.v1.CreateJoinTokenResponse
+	(*ListJoinTokensRequest)(nil),      // 28: minicloud.v1.ListJoinTokensRequest
+	(*JoinTokenInfo)(nil),              // 29: minicloud.v1.JoinTokenInfo
+	(*ListJoinTokensResponse)(nil),     // 30: minicloud.v1.ListJoinTokensResponse
+	(*DeleteJoinTokenRequest)(nil),     // 31: minicloud.v1.DeleteJoinTokenRequest
+	(*DeleteJoinTokenResponse)(nil),    // 32: minicloud.v1.DeleteJoinTokenResponse
+	(*JoinHostRequest)(nil),            // 33: minicloud.v1.JoinHostRequest
+	(*JoinHostResponse)(nil),           // 34: minicloud.v1.JoinHostResponse
+	(*RevokeHostRequest)(nil),          // 35: minicloud.v1.RevokeHostRequest
+	(*RevokeHostResponse)(nil),         // 36: minicloud.v1.RevokeHostResponse
+	(*IssueIdentityTokenRequest)(nil),  // 37: minicloud.v1.IssueIdentityTokenRequest
+	(*IssueIdentityTokenResponse)(nil), // 38: minicloud.v1.IssueIdentityTokenResponse
+	(*timestamppb.Timestamp)(nil),      // 39: google.protobuf.Timestamp
+	(*ObjectMeta)(nil),                 // 40: minicloud.v1.ObjectMeta
+	(*Resources)(nil),                  // 41: minicloud.v1.Resources
+	(WatchEventType)(0),                // 42: minicloud.v1.WatchEventType
+	(*VM)(nil),                         // 43: minicloud.v1.VM
+	(*VMStatus)(nil),                   // 44: minicloud.v1.VMStatus
+	(*Event)(nil),                      // 45: minicloud.v1.Event
+	(*GetConsoleLogResponse)(nil),      // 46: minicloud.v1.GetConsoleLogResponse
 }
 var file_minicloud_v1_host_proto_depIdxs = []int32{
-	33, // 0: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
-	34, // 1: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
-	1,  // 2: minicloud.v1.Host.allocation_ratios:type_name -> minicloud.v1.AllocationRatios
-	0,  // 3: minicloud.v1.Host.state:type_name -> minicloud.v1.HostState
-	35, // 4: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	34, // 5: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
-	2,  // 6: minicloud.v1.RegisterHostRequest.host:type_name -> minicloud.v1.Host
-	2,  // 7: minicloud.v1.RegisterHostResponse.host:type_name -> minicloud.v1.Host
-	36, // 8: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
-	37, // 9: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
-	38, // 10: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
-	39, // 11: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
-	2,  // 12: minicloud.v1.ListHostsResponse.hosts:type_name -> minicloud.v1.Host
-	18, // 13: minicloud.v1.NetworkPortsSnapshot.ports:type_name -> minicloud.v1.NetworkPort
-	35, // 14: minicloud.v1.CreateJoinTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	35, // 15: minicloud.v1.JoinTokenInfo.expire_time:type_name -> google.protobuf.Timestamp
-	35, // 16: minicloud.v1.JoinTokenInfo.create_time:type_name -> google.protobuf.Timestamp
-	23, // 17: minicloud.v1.ListJoinTokensResponse.tokens:type_name -> minicloud.v1.JoinTokenInfo
-	35, // 18: minicloud.v1.IssueIdentityTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 19: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
-	5,  // 20: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
-	7,  // 21: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
-	9,  // 22: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
-	11, // 23: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
-	13, // 24: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
-	14, // 25: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
-	15, // 26: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
-	17, // 27: minicloud.v1.HostService.WatchNetworkPorts:input_type -> minicloud.v1.WatchNetworkPortsRequest
-	20, // 28: minicloud.v1.HostService.CreateJoinToken:input_type -> minicloud.v1.CreateJoinTokenRequest
-	22, // 29: minicloud.v1.HostService.ListJoinTokens:input_type -> minicloud.v1.ListJoinTokensRequest
-	25, // 30: minicloud.v1.HostService.DeleteJoinToken:input_type -> minicloud.v1.DeleteJoinTokenRequest
-	27, // 31: minicloud.v1.HostService.JoinHost:input_type -> minicloud.v1.JoinHostRequest
-	29, // 32: minicloud.v1.HostService.RevokeHost:input_type -> minicloud.v1.RevokeHostRequest
-	31, // 33: minicloud.v1.HostService.IssueIdentityToken:input_type -> minicloud.v1.IssueIdentityTokenRequest
-	16, // 34: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
-	4,  // 35: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
-	6,  // 36: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
-	8,  // 37: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
-	10, // 38: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
-	12, // 39: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
-	2,  // 40: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
-	2,  // 41: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
-	2,  // 42: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
-	19, // 43: minicloud.v1.HostService.WatchNetworkPorts:output_type -> minicloud.v1.NetworkPortsSnapshot
-	21, // 44: minicloud.v1.HostService.CreateJoinToken:output_type -> minicloud.v1.CreateJoinTokenResponse
-	24, // 45: minicloud.v1.HostService.ListJoinTokens:output_type -> minicloud.v1.ListJoinTokensResponse
-	26, // 46: minicloud.v1.HostService.DeleteJoinToken:output_type -> minicloud.v1.DeleteJoinTokenResponse
-	28, // 47: minicloud.v1.HostService.JoinHost:output_type -> minicloud.v1.JoinHostResponse
-	30, // 48: minicloud.v1.HostService.RevokeHost:output_type -> minicloud.v1.RevokeHostResponse
-	32, // 49: minicloud.v1.HostService.IssueIdentityToken:output_type -> minicloud.v1.IssueIdentityTokenResponse
-	40, // 50: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	35, // [35:51] is the sub-list for method output_type
-	19, // [19:35] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	39, // 0: minicloud.v1.HostFence.time:type_name -> google.protobuf.Timestamp
+	40, // 1: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
+	41, // 2: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
+	2,  // 3: minicloud.v1.Host.allocation_ratios:type_name -> minicloud.v1.AllocationRatios
+	0,  // 4: minicloud.v1.Host.state:type_name -> minicloud.v1.HostState
+	39, // 5: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	41, // 6: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
+	39, // 7: minicloud.v1.Host.unreachable_since:type_name -> google.protobuf.Timestamp
+	1,  // 8: minicloud.v1.Host.fence:type_name -> minicloud.v1.HostFence
+	3,  // 9: minicloud.v1.RegisterHostRequest.host:type_name -> minicloud.v1.Host
+	3,  // 10: minicloud.v1.RegisterHostResponse.host:type_name -> minicloud.v1.Host
+	42, // 11: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
+	43, // 12: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
+	44, // 13: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
+	45, // 14: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
+	3,  // 15: minicloud.v1.ListHostsResponse.hosts:type_name -> minicloud.v1.Host
+	43, // 16: minicloud.v1.EvacuateHostResponse.vms:type_name -> minicloud.v1.VM
+	24, // 17: minicloud.v1.NetworkPortsSnapshot.ports:type_name -> minicloud.v1.NetworkPort
+	39, // 18: minicloud.v1.CreateJoinTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	39, // 19: minicloud.v1.JoinTokenInfo.expire_time:type_name -> google.protobuf.Timestamp
+	39, // 20: minicloud.v1.JoinTokenInfo.create_time:type_name -> google.protobuf.Timestamp
+	29, // 21: minicloud.v1.ListJoinTokensResponse.tokens:type_name -> minicloud.v1.JoinTokenInfo
+	39, // 22: minicloud.v1.IssueIdentityTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	4,  // 23: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
+	6,  // 24: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
+	8,  // 25: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
+	10, // 26: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
+	12, // 27: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
+	14, // 28: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
+	15, // 29: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
+	16, // 30: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
+	17, // 31: minicloud.v1.HostService.FenceHost:input_type -> minicloud.v1.FenceHostRequest
+	18, // 32: minicloud.v1.HostService.EvacuateHost:input_type -> minicloud.v1.EvacuateHostRequest
+	20, // 33: minicloud.v1.HostService.DeleteHost:input_type -> minicloud.v1.DeleteHostRequest
+	23, // 34: minicloud.v1.HostService.WatchNetworkPorts:input_type -> minicloud.v1.WatchNetworkPortsRequest
+	26, // 35: minicloud.v1.HostService.CreateJoinToken:input_type -> minicloud.v1.CreateJoinTokenRequest
+	28, // 36: minicloud.v1.HostService.ListJoinTokens:input_type -> minicloud.v1.ListJoinTokensRequest
+	31, // 37: minicloud.v1.HostService.DeleteJoinToken:input_type -> minicloud.v1.DeleteJoinTokenRequest
+	33, // 38: minicloud.v1.HostService.JoinHost:input_type -> minicloud.v1.JoinHostRequest
+	35, // 39: minicloud.v1.HostService.RevokeHost:input_type -> minicloud.v1.RevokeHostRequest
+	37, // 40: minicloud.v1.HostService.IssueIdentityToken:input_type -> minicloud.v1.IssueIdentityTokenRequest
+	22, // 41: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
+	5,  // 42: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
+	7,  // 43: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
+	9,  // 44: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
+	11, // 45: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
+	13, // 46: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
+	3,  // 47: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
+	3,  // 48: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
+	3,  // 49: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
+	3,  // 50: minicloud.v1.HostService.FenceHost:output_type -> minicloud.v1.Host
+	19, // 51: minicloud.v1.HostService.EvacuateHost:output_type -> minicloud.v1.EvacuateHostResponse
+	21, // 52: minicloud.v1.HostService.DeleteHost:output_type -> minicloud.v1.DeleteHostResponse
+	25, // 53: minicloud.v1.HostService.WatchNetworkPorts:output_type -> minicloud.v1.NetworkPortsSnapshot
+	27, // 54: minicloud.v1.HostService.CreateJoinToken:output_type -> minicloud.v1.CreateJoinTokenResponse
+	30, // 55: minicloud.v1.HostService.ListJoinTokens:output_type -> minicloud.v1.ListJoinTokensResponse
+	32, // 56: minicloud.v1.HostService.DeleteJoinToken:output_type -> minicloud.v1.DeleteJoinTokenResponse
+	34, // 57: minicloud.v1.HostService.JoinHost:output_type -> minicloud.v1.JoinHostResponse
+	36, // 58: minicloud.v1.HostService.RevokeHost:output_type -> minicloud.v1.RevokeHostResponse
+	38, // 59: minicloud.v1.HostService.IssueIdentityToken:output_type -> minicloud.v1.IssueIdentityTokenResponse
+	46, // 60: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	42, // [42:61] is the sub-list for method output_type
+	23, // [23:42] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_host_proto_init() }
@@ -2250,7 +2666,7 @@ func file_minicloud_v1_host_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_host_proto_rawDesc), len(file_minicloud_v1_host_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   32,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -27,6 +27,9 @@ const (
 	HostService_GetHost_FullMethodName            = "/minicloud.v1.HostService/GetHost"
 	HostService_DisableHost_FullMethodName        = "/minicloud.v1.HostService/DisableHost"
 	HostService_EnableHost_FullMethodName         = "/minicloud.v1.HostService/EnableHost"
+	HostService_FenceHost_FullMethodName          = "/minicloud.v1.HostService/FenceHost"
+	HostService_EvacuateHost_FullMethodName       = "/minicloud.v1.HostService/EvacuateHost"
+	HostService_DeleteHost_FullMethodName         = "/minicloud.v1.HostService/DeleteHost"
 	HostService_WatchNetworkPorts_FullMethodName  = "/minicloud.v1.HostService/WatchNetworkPorts"
 	HostService_CreateJoinToken_FullMethodName    = "/minicloud.v1.HostService/CreateJoinToken"
 	HostService_ListJoinTokens_FullMethodName     = "/minicloud.v1.HostService/ListJoinTokens"
@@ -44,8 +47,10 @@ const (
 // ReportVMStatus) and by operators (List, Get, Disable, Enable).
 type HostServiceClient interface {
 	RegisterHost(ctx context.Context, in *RegisterHostRequest, opts ...grpc.CallOption) (*RegisterHostResponse, error)
-	// Heartbeat refreshes the host's lease; the host is DOWN once the lease
-	// expires.
+	// Heartbeat refreshes the host's lease; the host is UNREACHABLE once the
+	// lease expires. A heartbeat also lifts a FENCED state (the host is back
+	// in contact; its agent learns which VMs are still its own from
+	// WatchAssignments).
 	Heartbeat(ctx context.Context, in *HeartbeatRequest, opts ...grpc.CallOption) (*HeartbeatResponse, error)
 	// WatchAssignments streams the VMs assigned to a host: first every
 	// assigned VM as ADDED, then one BOOKMARK (the agent has the full set and
@@ -57,6 +62,19 @@ type HostServiceClient interface {
 	GetHost(ctx context.Context, in *GetHostRequest, opts ...grpc.CallOption) (*Host, error)
 	DisableHost(ctx context.Context, in *DisableHostRequest, opts ...grpc.CallOption) (*Host, error)
 	EnableHost(ctx context.Context, in *EnableHostRequest, opts ...grpc.CallOption) (*Host, error)
+	// FenceHost records an operator's word that an UNREACHABLE host runs
+	// none of its VMs (it is powered off, or its agent self-fenced): the
+	// host becomes FENCED and its VMs may be evacuated. confirm must be set.
+	// Refused for a host that is UP.
+	FenceHost(ctx context.Context, in *FenceHostRequest, opts ...grpc.CallOption) (*Host, error)
+	// EvacuateHost rebuilds the VMs of a FENCED host (all, or those named)
+	// on other hosts, from their images, with the same id, name, addresses
+	// and user-data; their local disks are lost (Nova's evacuate without
+	// shared storage). Refused for a host that is not FENCED.
+	EvacuateHost(ctx context.Context, in *EvacuateHostRequest, opts ...grpc.CallOption) (*EvacuateHostResponse, error)
+	// DeleteHost removes a host that is empty (no VM placed on it) and not
+	// UP, or FENCED with no VM left; its certificates are revoked.
+	DeleteHost(ctx context.Context, in *DeleteHostRequest, opts ...grpc.CallOption) (*DeleteHostResponse, error)
 	// WatchNetworkPorts streams, for one host, every guest port (on any host)
 	// of the networks that host has VMs on, with each port's host tunnel
 	// address. It is level-triggered: every message is the complete set, sent
@@ -188,6 +206,36 @@ func (c *hostServiceClient) EnableHost(ctx context.Context, in *EnableHostReques
 	return out, nil
 }
 
+func (c *hostServiceClient) FenceHost(ctx context.Context, in *FenceHostRequest, opts ...grpc.CallOption) (*Host, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Host)
+	err := c.cc.Invoke(ctx, HostService_FenceHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostServiceClient) EvacuateHost(ctx context.Context, in *EvacuateHostRequest, opts ...grpc.CallOption) (*EvacuateHostResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EvacuateHostResponse)
+	err := c.cc.Invoke(ctx, HostService_EvacuateHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostServiceClient) DeleteHost(ctx context.Context, in *DeleteHostRequest, opts ...grpc.CallOption) (*DeleteHostResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteHostResponse)
+	err := c.cc.Invoke(ctx, HostService_DeleteHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *hostServiceClient) WatchNetworkPorts(ctx context.Context, in *WatchNetworkPortsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[NetworkPortsSnapshot], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	stream, err := c.cc.NewStream(ctx, &HostService_ServiceDesc.Streams[1], HostService_WatchNetworkPorts_FullMethodName, cOpts...)
@@ -275,8 +323,10 @@ func (c *hostServiceClient) IssueIdentityToken(ctx context.Context, in *IssueIde
 // ReportVMStatus) and by operators (List, Get, Disable, Enable).
 type HostServiceServer interface {
 	RegisterHost(context.Context, *RegisterHostRequest) (*RegisterHostResponse, error)
-	// Heartbeat refreshes the host's lease; the host is DOWN once the lease
-	// expires.
+	// Heartbeat refreshes the host's lease; the host is UNREACHABLE once the
+	// lease expires. A heartbeat also lifts a FENCED state (the host is back
+	// in contact; its agent learns which VMs are still its own from
+	// WatchAssignments).
 	Heartbeat(context.Context, *HeartbeatRequest) (*HeartbeatResponse, error)
 	// WatchAssignments streams the VMs assigned to a host: first every
 	// assigned VM as ADDED, then one BOOKMARK (the agent has the full set and
@@ -288,6 +338,19 @@ type HostServiceServer interface {
 	GetHost(context.Context, *GetHostRequest) (*Host, error)
 	DisableHost(context.Context, *DisableHostRequest) (*Host, error)
 	EnableHost(context.Context, *EnableHostRequest) (*Host, error)
+	// FenceHost records an operator's word that an UNREACHABLE host runs
+	// none of its VMs (it is powered off, or its agent self-fenced): the
+	// host becomes FENCED and its VMs may be evacuated. confirm must be set.
+	// Refused for a host that is UP.
+	FenceHost(context.Context, *FenceHostRequest) (*Host, error)
+	// EvacuateHost rebuilds the VMs of a FENCED host (all, or those named)
+	// on other hosts, from their images, with the same id, name, addresses
+	// and user-data; their local disks are lost (Nova's evacuate without
+	// shared storage). Refused for a host that is not FENCED.
+	EvacuateHost(context.Context, *EvacuateHostRequest) (*EvacuateHostResponse, error)
+	// DeleteHost removes a host that is empty (no VM placed on it) and not
+	// UP, or FENCED with no VM left; its certificates are revoked.
+	DeleteHost(context.Context, *DeleteHostRequest) (*DeleteHostResponse, error)
 	// WatchNetworkPorts streams, for one host, every guest port (on any host)
 	// of the networks that host has VMs on, with each port's host tunnel
 	// address. It is level-triggered: every message is the complete set, sent
@@ -353,6 +416,15 @@ func (UnimplementedHostServiceServer) DisableHost(context.Context, *DisableHostR
 }
 func (UnimplementedHostServiceServer) EnableHost(context.Context, *EnableHostRequest) (*Host, error) {
 	return nil, status.Error(codes.Unimplemented, "method EnableHost not implemented")
+}
+func (UnimplementedHostServiceServer) FenceHost(context.Context, *FenceHostRequest) (*Host, error) {
+	return nil, status.Error(codes.Unimplemented, "method FenceHost not implemented")
+}
+func (UnimplementedHostServiceServer) EvacuateHost(context.Context, *EvacuateHostRequest) (*EvacuateHostResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method EvacuateHost not implemented")
+}
+func (UnimplementedHostServiceServer) DeleteHost(context.Context, *DeleteHostRequest) (*DeleteHostResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteHost not implemented")
 }
 func (UnimplementedHostServiceServer) WatchNetworkPorts(*WatchNetworkPortsRequest, grpc.ServerStreamingServer[NetworkPortsSnapshot]) error {
 	return status.Error(codes.Unimplemented, "method WatchNetworkPorts not implemented")
@@ -533,6 +605,60 @@ func _HostService_EnableHost_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _HostService_FenceHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FenceHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).FenceHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_FenceHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).FenceHost(ctx, req.(*FenceHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostService_EvacuateHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EvacuateHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).EvacuateHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_EvacuateHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).EvacuateHost(ctx, req.(*EvacuateHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostService_DeleteHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostServiceServer).DeleteHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HostService_DeleteHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostServiceServer).DeleteHost(ctx, req.(*DeleteHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _HostService_WatchNetworkPorts_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchNetworkPortsRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -686,6 +812,18 @@ var HostService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "EnableHost",
 			Handler:    _HostService_EnableHost_Handler,
+		},
+		{
+			MethodName: "FenceHost",
+			Handler:    _HostService_FenceHost_Handler,
+		},
+		{
+			MethodName: "EvacuateHost",
+			Handler:    _HostService_EvacuateHost_Handler,
+		},
+		{
+			MethodName: "DeleteHost",
+			Handler:    _HostService_DeleteHost_Handler,
 		},
 		{
 			MethodName: "CreateJoinToken",

@@ -135,6 +135,109 @@ func (PowerState) EnumDescriptor() ([]byte, []int) {
 	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{1}
 }
 
+type HostFailurePolicy int32
+
+const (
+	HostFailurePolicy_HOST_FAILURE_POLICY_UNSPECIFIED HostFailurePolicy = 0
+	HostFailurePolicy_HOST_FAILURE_POLICY_STOP        HostFailurePolicy = 1
+	HostFailurePolicy_HOST_FAILURE_POLICY_EVACUATE    HostFailurePolicy = 2
+)
+
+// Enum value maps for HostFailurePolicy.
+var (
+	HostFailurePolicy_name = map[int32]string{
+		0: "HOST_FAILURE_POLICY_UNSPECIFIED",
+		1: "HOST_FAILURE_POLICY_STOP",
+		2: "HOST_FAILURE_POLICY_EVACUATE",
+	}
+	HostFailurePolicy_value = map[string]int32{
+		"HOST_FAILURE_POLICY_UNSPECIFIED": 0,
+		"HOST_FAILURE_POLICY_STOP":        1,
+		"HOST_FAILURE_POLICY_EVACUATE":    2,
+	}
+)
+
+func (x HostFailurePolicy) Enum() *HostFailurePolicy {
+	p := new(HostFailurePolicy)
+	*p = x
+	return p
+}
+
+func (x HostFailurePolicy) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (HostFailurePolicy) Descriptor() protoreflect.EnumDescriptor {
+	return file_minicloud_v1_vm_proto_enumTypes[2].Descriptor()
+}
+
+func (HostFailurePolicy) Type() protoreflect.EnumType {
+	return &file_minicloud_v1_vm_proto_enumTypes[2]
+}
+
+func (x HostFailurePolicy) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use HostFailurePolicy.Descriptor instead.
+func (HostFailurePolicy) EnumDescriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{2}
+}
+
+type RestartPolicy int32
+
+const (
+	// UNSPECIFIED means ON_FAILURE.
+	RestartPolicy_RESTART_POLICY_UNSPECIFIED RestartPolicy = 0
+	// ON_FAILURE restarts a VM that stopped because its host or its QEMU
+	// went away (host reboot, libvirtd restart, crash, fencing); a guest
+	// that shut itself down stays stopped.
+	RestartPolicy_RESTART_POLICY_ON_FAILURE RestartPolicy = 1
+	// NEVER leaves the VM stopped, with the reason it stopped.
+	RestartPolicy_RESTART_POLICY_NEVER RestartPolicy = 2
+)
+
+// Enum value maps for RestartPolicy.
+var (
+	RestartPolicy_name = map[int32]string{
+		0: "RESTART_POLICY_UNSPECIFIED",
+		1: "RESTART_POLICY_ON_FAILURE",
+		2: "RESTART_POLICY_NEVER",
+	}
+	RestartPolicy_value = map[string]int32{
+		"RESTART_POLICY_UNSPECIFIED": 0,
+		"RESTART_POLICY_ON_FAILURE":  1,
+		"RESTART_POLICY_NEVER":       2,
+	}
+)
+
+func (x RestartPolicy) Enum() *RestartPolicy {
+	p := new(RestartPolicy)
+	*p = x
+	return p
+}
+
+func (x RestartPolicy) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (RestartPolicy) Descriptor() protoreflect.EnumDescriptor {
+	return file_minicloud_v1_vm_proto_enumTypes[3].Descriptor()
+}
+
+func (RestartPolicy) Type() protoreflect.EnumType {
+	return &file_minicloud_v1_vm_proto_enumTypes[3]
+}
+
+func (x RestartPolicy) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use RestartPolicy.Descriptor instead.
+func (RestartPolicy) EnumDescriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{3}
+}
+
 // VMSpec is the desired state, written only through the VM API.
 type VMSpec struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -185,8 +288,15 @@ type VMSpec struct {
 	// resource_version, so a metadata update never starts a guest that shut
 	// itself down or retries a VM in ERROR. Set by the server.
 	LifecycleVersion int64 `protobuf:"varint,22,opt,name=lifecycle_version,json=lifecycleVersion,proto3" json:"lifecycle_version,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// on_host_failure says what happens when the VM's host is fenced:
+	// STOP (default) leaves it for an operator (`host evacuate`), EVACUATE
+	// rebuilds it on another host at once.
+	OnHostFailure HostFailurePolicy `protobuf:"varint,23,opt,name=on_host_failure,json=onHostFailure,proto3,enum=minicloud.v1.HostFailurePolicy" json:"on_host_failure,omitempty"`
+	// restart_policy says whether the host starts the VM again after it
+	// stopped without being asked to (host reboot, crash, fencing).
+	RestartPolicy RestartPolicy `protobuf:"varint,24,opt,name=restart_policy,json=restartPolicy,proto3,enum=minicloud.v1.RestartPolicy" json:"restart_policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VMSpec) Reset() {
@@ -371,6 +481,20 @@ func (x *VMSpec) GetLifecycleVersion() int64 {
 		return x.LifecycleVersion
 	}
 	return 0
+}
+
+func (x *VMSpec) GetOnHostFailure() HostFailurePolicy {
+	if x != nil {
+		return x.OnHostFailure
+	}
+	return HostFailurePolicy_HOST_FAILURE_POLICY_UNSPECIFIED
+}
+
+func (x *VMSpec) GetRestartPolicy() RestartPolicy {
+	if x != nil {
+		return x.RestartPolicy
+	}
+	return RestartPolicy_RESTART_POLICY_UNSPECIFIED
 }
 
 type Resources struct {
@@ -582,8 +706,12 @@ type VMStatus struct {
 	// observed_metadata_version is the resource_version whose labels, tags,
 	// metadata and SSH keys the host's metadata service serves.
 	ObservedMetadataVersion int64 `protobuf:"varint,15,opt,name=observed_metadata_version,json=observedMetadataVersion,proto3" json:"observed_metadata_version,omitempty"`
-	unknownFields           protoimpl.UnknownFields
-	sizeCache               protoimpl.SizeCache
+	// assignment_epoch increases every time the VM is placed on a host
+	// (first placement, reschedule, evacuation). A host acts only on the
+	// current epoch and destroys a domain of an older one.
+	AssignmentEpoch int64 `protobuf:"varint,16,opt,name=assignment_epoch,json=assignmentEpoch,proto3" json:"assignment_epoch,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *VMStatus) Reset() {
@@ -717,6 +845,13 @@ func (x *VMStatus) GetObservedResourceVersion() int64 {
 func (x *VMStatus) GetObservedMetadataVersion() int64 {
 	if x != nil {
 		return x.ObservedMetadataVersion
+	}
+	return 0
+}
+
+func (x *VMStatus) GetAssignmentEpoch() int64 {
+	if x != nil {
+		return x.AssignmentEpoch
 	}
 	return 0
 }
@@ -1093,8 +1228,12 @@ type DeleteVMRequest struct {
 	Project string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
 	// resource_version, if set, must match the VM's current one.
 	ResourceVersion int64 `protobuf:"varint,3,opt,name=resource_version,json=resourceVersion,proto3" json:"resource_version,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// force removes a VM whose host is FENCED (or deleted) without waiting
+	// for the host, releasing its addresses and capacity at once; the host,
+	// if it comes back, destroys what it still holds. Admin only.
+	Force         bool `protobuf:"varint,4,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeleteVMRequest) Reset() {
@@ -1146,6 +1285,13 @@ func (x *DeleteVMRequest) GetResourceVersion() int64 {
 		return x.ResourceVersion
 	}
 	return 0
+}
+
+func (x *DeleteVMRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 type VMActionRequest struct {
@@ -1694,7 +1840,7 @@ var File_minicloud_v1_vm_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\n" +
-	"\x15minicloud/v1/vm.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\"\xdc\a\n" +
+	"\x15minicloud/v1/vm.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\"\xe9\b\n" +
 	"\x06VMSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x16\n" +
 	"\x06flavor\x18\x02 \x01(\tR\x06flavor\x12\x1a\n" +
@@ -1720,7 +1866,9 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\x13required_hypervisor\x18\x13 \x01(\tR\x12requiredHypervisor\x12\x12\n" +
 	"\x04tags\x18\x14 \x03(\tR\x04tags\x12>\n" +
 	"\bmetadata\x18\x15 \x03(\v2\".minicloud.v1.VMSpec.MetadataEntryR\bmetadata\x12+\n" +
-	"\x11lifecycle_version\x18\x16 \x01(\x03R\x10lifecycleVersion\x1a;\n" +
+	"\x11lifecycle_version\x18\x16 \x01(\x03R\x10lifecycleVersion\x12G\n" +
+	"\x0fon_host_failure\x18\x17 \x01(\x0e2\x1f.minicloud.v1.HostFailurePolicyR\ronHostFailure\x12B\n" +
+	"\x0erestart_policy\x18\x18 \x01(\x0e2\x1b.minicloud.v1.RestartPolicyR\rrestartPolicy\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"[\n" +
@@ -1742,7 +1890,7 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"disableNat\x12\x1f\n" +
 	"\vdns_servers\x18\n" +
 	" \x03(\tR\n" +
-	"dnsServers\"\x92\x05\n" +
+	"dnsServers\"\xbd\x05\n" +
 	"\bVMStatus\x12+\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x15.minicloud.v1.VMPhaseR\x05phase\x12\x12\n" +
 	"\x04host\x18\x02 \x01(\tR\x04host\x125\n" +
@@ -1765,7 +1913,8 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\x0estatus_version\x18\f \x01(\x03R\rstatusVersion\x12\x1b\n" +
 	"\thost_down\x18\r \x01(\bR\bhostDown\x12:\n" +
 	"\x19observed_resource_version\x18\x0e \x01(\x03R\x17observedResourceVersion\x12:\n" +
-	"\x19observed_metadata_version\x18\x0f \x01(\x03R\x17observedMetadataVersion\"\x8c\x01\n" +
+	"\x19observed_metadata_version\x18\x0f \x01(\x03R\x17observedMetadataVersion\x12)\n" +
+	"\x10assignment_epoch\x18\x10 \x01(\x03R\x0fassignmentEpoch\"\x8c\x01\n" +
 	"\x02VM\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.minicloud.v1.VMSpecR\x04spec\x12.\n" +
@@ -1796,11 +1945,12 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\x0fListVMsResponse\x12\"\n" +
 	"\x03vms\x18\x01 \x03(\v2\x10.minicloud.v1.VMR\x03vms\x12)\n" +
 	"\x10resource_version\x18\x02 \x01(\x03R\x0fresourceVersion\x12&\n" +
-	"\x0fnext_page_token\x18\x03 \x01(\tR\rnextPageToken\"j\n" +
+	"\x0fnext_page_token\x18\x03 \x01(\tR\rnextPageToken\"\x80\x01\n" +
 	"\x0fDeleteVMRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\x12)\n" +
-	"\x10resource_version\x18\x03 \x01(\x03R\x0fresourceVersion\"j\n" +
+	"\x10resource_version\x18\x03 \x01(\x03R\x0fresourceVersion\x12\x14\n" +
+	"\x05force\x18\x04 \x01(\bR\x05force\"j\n" +
 	"\x0fVMActionRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\x12)\n" +
@@ -1863,7 +2013,15 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"PowerState\x12\x1b\n" +
 	"\x17POWER_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13POWER_STATE_RUNNING\x10\x01\x12\x17\n" +
-	"\x13POWER_STATE_STOPPED\x10\x022\x83\x06\n" +
+	"\x13POWER_STATE_STOPPED\x10\x02*x\n" +
+	"\x11HostFailurePolicy\x12#\n" +
+	"\x1fHOST_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n" +
+	"\x18HOST_FAILURE_POLICY_STOP\x10\x01\x12 \n" +
+	"\x1cHOST_FAILURE_POLICY_EVACUATE\x10\x02*h\n" +
+	"\rRestartPolicy\x12\x1e\n" +
+	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n" +
+	"\x19RESTART_POLICY_ON_FAILURE\x10\x01\x12\x18\n" +
+	"\x14RESTART_POLICY_NEVER\x10\x022\x83\x06\n" +
 	"\tVMService\x12;\n" +
 	"\bCreateVM\x12\x1d.minicloud.v1.CreateVMRequest\x1a\x10.minicloud.v1.VM\x125\n" +
 	"\x05GetVM\x12\x1a.minicloud.v1.GetVMRequest\x1a\x10.minicloud.v1.VM\x12F\n" +
@@ -1889,87 +2047,91 @@ func file_minicloud_v1_vm_proto_rawDescGZIP() []byte {
 	return file_minicloud_v1_vm_proto_rawDescData
 }
 
-var file_minicloud_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_minicloud_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
 var file_minicloud_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_minicloud_v1_vm_proto_goTypes = []any{
 	(VMPhase)(0),                    // 0: minicloud.v1.VMPhase
 	(PowerState)(0),                 // 1: minicloud.v1.PowerState
-	(*VMSpec)(nil),                  // 2: minicloud.v1.VMSpec
-	(*Resources)(nil),               // 3: minicloud.v1.Resources
-	(*VMAddress)(nil),               // 4: minicloud.v1.VMAddress
-	(*VMStatus)(nil),                // 5: minicloud.v1.VMStatus
-	(*VM)(nil),                      // 6: minicloud.v1.VM
-	(*CreateVMRequest)(nil),         // 7: minicloud.v1.CreateVMRequest
-	(*GetVMRequest)(nil),            // 8: minicloud.v1.GetVMRequest
-	(*ListVMsRequest)(nil),          // 9: minicloud.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),         // 10: minicloud.v1.ListVMsResponse
-	(*DeleteVMRequest)(nil),         // 11: minicloud.v1.DeleteVMRequest
-	(*VMActionRequest)(nil),         // 12: minicloud.v1.VMActionRequest
-	(*WatchVMsRequest)(nil),         // 13: minicloud.v1.WatchVMsRequest
-	(*WatchVMsResponse)(nil),        // 14: minicloud.v1.WatchVMsResponse
-	(*GetConsoleLogRequest)(nil),    // 15: minicloud.v1.GetConsoleLogRequest
-	(*GetConsoleLogResponse)(nil),   // 16: minicloud.v1.GetConsoleLogResponse
-	(*ListVMEventsRequest)(nil),     // 17: minicloud.v1.ListVMEventsRequest
-	(*ListVMEventsResponse)(nil),    // 18: minicloud.v1.ListVMEventsResponse
-	(*UpdateVMMetadataRequest)(nil), // 19: minicloud.v1.UpdateVMMetadataRequest
-	nil,                             // 20: minicloud.v1.VMSpec.MetadataEntry
-	nil,                             // 21: minicloud.v1.CreateVMRequest.LabelsEntry
-	nil,                             // 22: minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
-	nil,                             // 23: minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
-	(*timestamppb.Timestamp)(nil),   // 24: google.protobuf.Timestamp
-	(*Condition)(nil),               // 25: minicloud.v1.Condition
-	(*ObjectMeta)(nil),              // 26: minicloud.v1.ObjectMeta
-	(WatchEventType)(0),             // 27: minicloud.v1.WatchEventType
-	(*Event)(nil),                   // 28: minicloud.v1.Event
+	(HostFailurePolicy)(0),          // 2: minicloud.v1.HostFailurePolicy
+	(RestartPolicy)(0),              // 3: minicloud.v1.RestartPolicy
+	(*VMSpec)(nil),                  // 4: minicloud.v1.VMSpec
+	(*Resources)(nil),               // 5: minicloud.v1.Resources
+	(*VMAddress)(nil),               // 6: minicloud.v1.VMAddress
+	(*VMStatus)(nil),                // 7: minicloud.v1.VMStatus
+	(*VM)(nil),                      // 8: minicloud.v1.VM
+	(*CreateVMRequest)(nil),         // 9: minicloud.v1.CreateVMRequest
+	(*GetVMRequest)(nil),            // 10: minicloud.v1.GetVMRequest
+	(*ListVMsRequest)(nil),          // 11: minicloud.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),         // 12: minicloud.v1.ListVMsResponse
+	(*DeleteVMRequest)(nil),         // 13: minicloud.v1.DeleteVMRequest
+	(*VMActionRequest)(nil),         // 14: minicloud.v1.VMActionRequest
+	(*WatchVMsRequest)(nil),         // 15: minicloud.v1.WatchVMsRequest
+	(*WatchVMsResponse)(nil),        // 16: minicloud.v1.WatchVMsResponse
+	(*GetConsoleLogRequest)(nil),    // 17: minicloud.v1.GetConsoleLogRequest
+	(*GetConsoleLogResponse)(nil),   // 18: minicloud.v1.GetConsoleLogResponse
+	(*ListVMEventsRequest)(nil),     // 19: minicloud.v1.ListVMEventsRequest
+	(*ListVMEventsResponse)(nil),    // 20: minicloud.v1.ListVMEventsResponse
+	(*UpdateVMMetadataRequest)(nil), // 21: minicloud.v1.UpdateVMMetadataRequest
+	nil,                             // 22: minicloud.v1.VMSpec.MetadataEntry
+	nil,                             // 23: minicloud.v1.CreateVMRequest.LabelsEntry
+	nil,                             // 24: minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
+	nil,                             // 25: minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
+	(*timestamppb.Timestamp)(nil),   // 26: google.protobuf.Timestamp
+	(*Condition)(nil),               // 27: minicloud.v1.Condition
+	(*ObjectMeta)(nil),              // 28: minicloud.v1.ObjectMeta
+	(WatchEventType)(0),             // 29: minicloud.v1.WatchEventType
+	(*Event)(nil),                   // 30: minicloud.v1.Event
 }
 var file_minicloud_v1_vm_proto_depIdxs = []int32{
 	1,  // 0: minicloud.v1.VMSpec.power_state:type_name -> minicloud.v1.PowerState
-	24, // 1: minicloud.v1.VMSpec.deletion_time:type_name -> google.protobuf.Timestamp
-	3,  // 2: minicloud.v1.VMSpec.resources:type_name -> minicloud.v1.Resources
-	20, // 3: minicloud.v1.VMSpec.metadata:type_name -> minicloud.v1.VMSpec.MetadataEntry
-	0,  // 4: minicloud.v1.VMStatus.phase:type_name -> minicloud.v1.VMPhase
-	4,  // 5: minicloud.v1.VMStatus.addresses:type_name -> minicloud.v1.VMAddress
-	25, // 6: minicloud.v1.VMStatus.conditions:type_name -> minicloud.v1.Condition
-	24, // 7: minicloud.v1.VMStatus.update_time:type_name -> google.protobuf.Timestamp
-	26, // 8: minicloud.v1.VM.meta:type_name -> minicloud.v1.ObjectMeta
-	2,  // 9: minicloud.v1.VM.spec:type_name -> minicloud.v1.VMSpec
-	5,  // 10: minicloud.v1.VM.status:type_name -> minicloud.v1.VMStatus
-	2,  // 11: minicloud.v1.CreateVMRequest.spec:type_name -> minicloud.v1.VMSpec
-	21, // 12: minicloud.v1.CreateVMRequest.labels:type_name -> minicloud.v1.CreateVMRequest.LabelsEntry
-	0,  // 13: minicloud.v1.ListVMsRequest.phase:type_name -> minicloud.v1.VMPhase
-	6,  // 14: minicloud.v1.ListVMsResponse.vms:type_name -> minicloud.v1.VM
-	27, // 15: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
-	6,  // 16: minicloud.v1.WatchVMsResponse.vm:type_name -> minicloud.v1.VM
-	28, // 17: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
-	22, // 18: minicloud.v1.UpdateVMMetadataRequest.set_labels:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
-	23, // 19: minicloud.v1.UpdateVMMetadataRequest.set_metadata:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
-	7,  // 20: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
-	8,  // 21: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
-	9,  // 22: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
-	11, // 23: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
-	12, // 24: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
-	12, // 25: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
-	12, // 26: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
-	13, // 27: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
-	15, // 28: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
-	17, // 29: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
-	19, // 30: minicloud.v1.VMService.UpdateVMMetadata:input_type -> minicloud.v1.UpdateVMMetadataRequest
-	6,  // 31: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
-	6,  // 32: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
-	10, // 33: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
-	6,  // 34: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
-	6,  // 35: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
-	6,  // 36: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
-	6,  // 37: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
-	14, // 38: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
-	16, // 39: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	18, // 40: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
-	6,  // 41: minicloud.v1.VMService.UpdateVMMetadata:output_type -> minicloud.v1.VM
-	31, // [31:42] is the sub-list for method output_type
-	20, // [20:31] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	26, // 1: minicloud.v1.VMSpec.deletion_time:type_name -> google.protobuf.Timestamp
+	5,  // 2: minicloud.v1.VMSpec.resources:type_name -> minicloud.v1.Resources
+	22, // 3: minicloud.v1.VMSpec.metadata:type_name -> minicloud.v1.VMSpec.MetadataEntry
+	2,  // 4: minicloud.v1.VMSpec.on_host_failure:type_name -> minicloud.v1.HostFailurePolicy
+	3,  // 5: minicloud.v1.VMSpec.restart_policy:type_name -> minicloud.v1.RestartPolicy
+	0,  // 6: minicloud.v1.VMStatus.phase:type_name -> minicloud.v1.VMPhase
+	6,  // 7: minicloud.v1.VMStatus.addresses:type_name -> minicloud.v1.VMAddress
+	27, // 8: minicloud.v1.VMStatus.conditions:type_name -> minicloud.v1.Condition
+	26, // 9: minicloud.v1.VMStatus.update_time:type_name -> google.protobuf.Timestamp
+	28, // 10: minicloud.v1.VM.meta:type_name -> minicloud.v1.ObjectMeta
+	4,  // 11: minicloud.v1.VM.spec:type_name -> minicloud.v1.VMSpec
+	7,  // 12: minicloud.v1.VM.status:type_name -> minicloud.v1.VMStatus
+	4,  // 13: minicloud.v1.CreateVMRequest.spec:type_name -> minicloud.v1.VMSpec
+	23, // 14: minicloud.v1.CreateVMRequest.labels:type_name -> minicloud.v1.CreateVMRequest.LabelsEntry
+	0,  // 15: minicloud.v1.ListVMsRequest.phase:type_name -> minicloud.v1.VMPhase
+	8,  // 16: minicloud.v1.ListVMsResponse.vms:type_name -> minicloud.v1.VM
+	29, // 17: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
+	8,  // 18: minicloud.v1.WatchVMsResponse.vm:type_name -> minicloud.v1.VM
+	30, // 19: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
+	24, // 20: minicloud.v1.UpdateVMMetadataRequest.set_labels:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
+	25, // 21: minicloud.v1.UpdateVMMetadataRequest.set_metadata:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
+	9,  // 22: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
+	10, // 23: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
+	11, // 24: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
+	13, // 25: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
+	14, // 26: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
+	14, // 27: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
+	14, // 28: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
+	15, // 29: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
+	17, // 30: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
+	19, // 31: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
+	21, // 32: minicloud.v1.VMService.UpdateVMMetadata:input_type -> minicloud.v1.UpdateVMMetadataRequest
+	8,  // 33: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
+	8,  // 34: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
+	12, // 35: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
+	8,  // 36: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
+	8,  // 37: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
+	8,  // 38: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
+	8,  // 39: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
+	16, // 40: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
+	18, // 41: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	20, // 42: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
+	8,  // 43: minicloud.v1.VMService.UpdateVMMetadata:output_type -> minicloud.v1.VM
+	33, // [33:44] is the sub-list for method output_type
+	22, // [22:33] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_vm_proto_init() }
@@ -1983,7 +2145,7 @@ func file_minicloud_v1_vm_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_vm_proto_rawDesc), len(file_minicloud_v1_vm_proto_rawDesc)),
-			NumEnums:      2,
+			NumEnums:      4,
 			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
