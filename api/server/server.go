@@ -135,6 +135,8 @@ type Server struct {
 	agentTLS *tls.Config
 	// pages signs and checks the page tokens of every List RPC.
 	pages *paging.Tokens
+	// vmCache is the VMs every watch stream shares (watch.go).
+	vmCache *vmCache
 
 	// networkIDs caches network key → id so a create reads a network's
 	// addresses in the same round trip as the network (see readCreateRefs).
@@ -182,6 +184,7 @@ func New(cfg Config) (*Server, error) {
 		quotaDefaults: cfg.DefaultQuota,
 	}
 	s.creates = newCreateBatcher(s)
+	s.vmCache = &vmCache{s: s}
 	// Page tokens are signed with a key every replica derives from the
 	// cluster CA's, so a page from one replica continues on another.
 	var pageSecret []byte

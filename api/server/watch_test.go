@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	apiserver "github.com/minicloud/minicloud/api/server"
 )
 
 type seen struct {
@@ -161,5 +162,77 @@ func TestWatchFromCompactedVersion(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = stream.Recv()
-	wantCode(t, err, codes.Aborted, "too old (compacted): watch again from 0")
+	wantCode(t, err, codes.Aborted, "is too old")
+	wantCode(t, err, codes.Aborted, "watch again from 0")
+}
+
+// The API server keeps one copy of the VMs and the last changes for every
+// stream: a watch resumes from any revision those changes cover, and one
+// older than them is told to watch again from 0.
+func TestWatchHistoryIsBounded(t *testing.T) {
+	defer apiserver.SetVMHistory(6)()
+	e := newEnv(t)
+	e.seed()
+	wctx, cancel := context.WithCancel(ctx(t))
+	defer cancel()
+	// The first stream starts the cache (its history begins here).
+	first, err := e.vms.WatchVMs(wctx, &minicloudv1.WatchVMsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var revs []int64
+	for i := range 10 {
+		revs = append(revs, e.createVM(fmt.Sprintf("web%d", i)).Meta.ResourceVersion)
+		// A reader that keeps up never falls behind, however short the
+		// history.
+		if got := recvWatch(t, first, 1); got[0].name != fmt.Sprintf("web%d", i) || got[0].rev != revs[i] {
+			t.Fatalf("first stream: %v", got)
+		}
+	}
+	// The last 6 changes are kept: resuming after the 4th create replays 6.
+	resumed, err := e.vms.WatchVMs(wctx, &minicloudv1.WatchVMsRequest{ResourceVersion: revs[3]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := recvWatch(t, resumed, 6); got[0].name != "web4" || got[5].name != "web9" {
+		t.Fatalf("resumed: %v", got)
+	}
+	old, err := e.vms.WatchVMs(wctx, &minicloudv1.WatchVMsRequest{ResourceVersion: revs[2]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = old.Recv()
+	wantCode(t, err, codes.Aborted, "is too old")
+
+	// A revision the cache has not seen (no VM changed since) is not in
+	// the future: the stream waits for what follows.
+	e.createProjects("later")
+	now := e.rev()
+	fresh, err := e.vms.WatchVMs(wctx, &minicloudv1.WatchVMsRequest{ResourceVersion: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.createVM("web10")
+	if got := recvWatch(t, fresh, 1); got[0].String() != "ADDED web10 PENDING RUNNING" {
+		t.Fatalf("after a revision the cache had not seen: %v", got)
+	}
+
+	// Many streams see the same changes.
+	var streams []minicloudv1.VMService_WatchVMsClient
+	for range 20 {
+		s, err := e.vms.WatchVMs(wctx, &minicloudv1.WatchVMsRequest{Name: "web10"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		recvWatch(t, s, 1) // ADDED web10
+		streams = append(streams, s)
+	}
+	if _, err := e.vms.StopVM(ctx(t), &minicloudv1.VMActionRequest{Name: "web10"}); err != nil {
+		t.Fatal(err)
+	}
+	for i, s := range streams {
+		if got := recvWatch(t, s, 1); got[0].String() != "MODIFIED web10 PENDING STOPPED" {
+			t.Fatalf("stream %d: %v", i, got)
+		}
+	}
 }

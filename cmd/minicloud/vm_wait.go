@@ -108,7 +108,10 @@ func (a *app) waitVM(ctx context.Context, c *client.Client, vm *minicloudv1.VM, 
 			return got, err
 		}
 		if errdefs.IsConflict(err) {
-			// The revision was compacted away: start over from a fresh read.
+			// The revision is older than the server can replay (compacted,
+			// or before the API server's watch history): start over from a
+			// fresh read, and watch from 0 (the VM's state, then changes),
+			// as the fresh read's revision may be just as old.
 			fresh, gerr := c.VMs.GetVM(ctx, &minicloudv1.GetVMRequest{Name: id, Project: project})
 			if errdefs.IsNotFound(gerr) && target == waitDeleted {
 				return nil, nil
@@ -118,8 +121,8 @@ func (a *app) waitVM(ctx context.Context, c *client.Client, vm *minicloudv1.VM, 
 				if ok, rerr := reached(fresh, target); ok || rerr != nil {
 					return fresh, rerr
 				}
-				nextRev = max(fresh.GetMeta().GetResourceVersion(), fresh.GetStatus().GetStatusVersion())
 			}
+			nextRev = 0
 		}
 		if nextRev > rev {
 			backoff = 200 * time.Millisecond // the stream made progress
