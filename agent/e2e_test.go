@@ -230,7 +230,7 @@ func TestVMLifecycleOnRealLibvirt(t *testing.T) {
 		t.Fatalf("libvirt says domain mc-%s is %q (%v)", id, out, err)
 	}
 	// The disk is an overlay over the cached image, never a copy.
-	out, err := exec.Command("qemu-img", "info", "-U", filepath.Join(c.DataDir, "agent", "vms", id, "disk.qcow2")).CombinedOutput()
+	out, err := exec.Command("qemu-img", "info", "-f", "qcow2", "-U", filepath.Join(c.DataDir, "agent", "vms", id, "disk.qcow2")).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "backing file:") {
 		t.Errorf("VM disk is not an overlay: %v\n%s", err, out)
 	}

@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -22,6 +23,7 @@ import (
 	"syscall"
 
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/imageformat"
 )
 
 // tmpSuffix marks an overlay being created.
@@ -54,7 +56,7 @@ func CreateOverlay(ctx context.Context, path, backingPath, backingFormat string,
 	if sizeBytes < 0 {
 		return errdefs.Invalid("create overlay %s: negative size %d", path, sizeBytes)
 	}
-	backing, err := inspectBacking(ctx, backingPath)
+	backing, err := inspectBacking(ctx, backingPath, backingFormat)
 	if err != nil {
 		return fmt.Errorf("create overlay %s: %w", path, err)
 	}
@@ -63,7 +65,8 @@ func CreateOverlay(ctx context.Context, path, backingPath, backingFormat string,
 	}
 	// An image is untrusted input: one that refers to another file would
 	// make QEMU open a file of the host's through every VM disk built on it.
-	// The image service refuses such uploads; check again at the edge.
+	// The image service refuses such uploads; inspectBacking checked the
+	// bytes again and qemu-img, told the format, confirms.
 	if backing.BackingFile != "" || backing.DataFile != "" {
 		return errdefs.Invalid("create overlay %s: image %s refers to another file (backing %q, data file %q): refused",
 			path, backingPath, backing.BackingFile, backing.DataFile)
@@ -72,7 +75,7 @@ func CreateOverlay(ctx context.Context, path, backingPath, backingFormat string,
 		return errdefs.Invalid("create overlay %s: size %d is smaller than the image (%d bytes)", path, sizeBytes, backing.VirtualSize)
 	}
 
-	if existing, err := Inspect(ctx, path); err == nil {
+	if existing, err := inspectOverlay(ctx, path); err == nil {
 		if existing.Format == "qcow2" && existing.BackingFile == backingPath {
 			return nil
 		}
@@ -120,34 +123,85 @@ type fileIdentity struct {
 	ctime      int64
 }
 
-// backingInfos remembers Inspect's answer per backing file version. Every
-// VM disk on a host is an overlay of one of a few cached images, and a
+// backingInfos remembers what was learned of a backing file per version.
+// Every VM disk on a host is an overlay of one of a few cached images, and a
 // qemu-img process per create to re-read the same immutable header was
 // about half of the disk step of ten concurrent creates on a loaded host
 // (hack/agentbench). A file that changed in any way is inspected again, so
 // the checks in CreateOverlay always judge the current header.
-var backingInfos sync.Map // fileIdentity -> Info
+var backingInfos sync.Map // backingKey -> Info
 
-func inspectBacking(ctx context.Context, path string) (Info, error) {
+type backingKey struct {
+	fileIdentity
+	format string
+}
+
+// inspectBacking judges a cached image, untrusted input, before any
+// qemu-img process reads it: its bytes must be of the format the image
+// service recorded, and something no QEMU driver would take for another
+// format (imageformat.CheckFile, in Go). Only then does qemu-img read it,
+// told the format: left to guess, it would follow a VMDK descriptor's
+// extents to any file of the host, as root.
+func inspectBacking(ctx context.Context, path, format string) (Info, error) {
 	st, err := os.Stat(path)
 	if err != nil {
-		return Inspect(ctx, path) // maps "missing" to errdefs.NotFound
+		if errors.Is(err, fs.ErrNotExist) {
+			return Info{}, errdefs.NotFound("disk %s does not exist", path)
+		}
+		return Info{}, fmt.Errorf("inspect disk %s: %w", path, err)
 	}
-	sys, ok := st.Sys().(*syscall.Stat_t)
-	if !ok {
-		return Inspect(ctx, path)
+	var key backingKey
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		key = backingKey{fileIdentity{path: path, dev: uint64(sys.Dev), inode: sys.Ino, size: st.Size(),
+			mtime: st.ModTime().UnixNano(), ctime: sys.Ctim.Nano()}, format}
+		if info, ok := backingInfos.Load(key); ok {
+			return info.(Info), nil
+		}
 	}
-	id := fileIdentity{path: path, dev: uint64(sys.Dev), inode: sys.Ino, size: st.Size(),
-		mtime: st.ModTime().UnixNano(), ctime: sys.Ctim.Nano()}
-	if info, ok := backingInfos.Load(id); ok {
-		return info.(Info), nil
+	if _, err := imageformat.CheckFile(path, imageformat.Format(format)); err != nil {
+		var inv *imageformat.InvalidError
+		if errors.As(err, &inv) {
+			return Info{}, errdefs.Invalid("image %s: %s", path, inv.Reason)
+		}
+		return Info{}, fmt.Errorf("inspect disk %s: %w", path, err)
 	}
-	info, err := Inspect(ctx, path)
+	info, err := Inspect(ctx, path, format)
 	if err != nil {
 		return info, err
 	}
-	backingInfos.Store(id, info)
+	if key.path != "" {
+		backingInfos.Store(key, info)
+	}
 	return info, nil
+}
+
+// inspectOverlay reads what is at a VM disk's path. Only a file that starts
+// as a qcow2 and that no other QEMU driver would claim is handed to
+// qemu-img (as qcow2); anything else there is reported as the format QEMU
+// would take it for, for CreateOverlay to refuse as a conflict.
+func inspectOverlay(ctx context.Context, path string) (Info, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return Info{}, errdefs.NotFound("disk %s does not exist", path)
+		}
+		return Info{}, fmt.Errorf("inspect disk %s: %w", path, err)
+	}
+	head := make([]byte, imageformat.ProbeBufSize)
+	n, err := io.ReadFull(f, head)
+	f.Close()
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+		return Info{}, fmt.Errorf("inspect disk %s: %w", path, err)
+	}
+	claims := imageformat.QEMUProbe(head[:n])
+	if len(claims) != 1 || claims[0] != imageformat.QCOW2 {
+		what := "raw"
+		if len(claims) > 0 {
+			what = fmt.Sprint(claims)
+		}
+		return Info{Format: what}, nil
+	}
+	return Inspect(ctx, path, "qcow2")
 }
 
 // Remove deletes a disk (and a leftover temporary of it). Absent is fine.
@@ -182,16 +236,21 @@ func List(dir, suffix string) ([]string, error) {
 	return out, nil
 }
 
-// Inspect reads a disk file's header with qemu-img (no backing chain is
-// opened). A missing file is errdefs.NotFound.
-func Inspect(ctx context.Context, path string) (Info, error) {
+// Inspect reads the header of a disk file of the given format ("qcow2",
+// "raw") with qemu-img, no backing chain opened. The format is passed to
+// qemu-img, never guessed: the caller knows it (or has probed it with
+// package imageformat). A missing file is errdefs.NotFound.
+func Inspect(ctx context.Context, path, format string) (Info, error) {
+	if format != "qcow2" && format != "raw" {
+		return Info{}, errdefs.Invalid("inspect disk %s: format must be qcow2 or raw, got %q", path, format)
+	}
 	if _, err := os.Stat(path); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return Info{}, errdefs.NotFound("disk %s does not exist", path)
 		}
 		return Info{}, fmt.Errorf("inspect disk %s: %w", path, err)
 	}
-	out, err := exec.CommandContext(ctx, "qemu-img", "info", "--output=json", "-U", path).Output()
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "-f", format, "--output=json", "-U", path).Output()
 	if err != nil {
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {

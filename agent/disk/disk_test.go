@@ -2,10 +2,12 @@ package disk_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/minicloud/minicloud/agent/disk"
@@ -45,7 +47,7 @@ func base(t *testing.T, dir string) string {
 	}
 	f.Close()
 	p := filepath.Join(dir, "base.qcow2")
-	qemuImg(t, "convert", "-O", "qcow2", raw, p)
+	qemuImg(t, "convert", "-f", "raw", "-O", "qcow2", raw, p)
 	return p
 }
 
@@ -66,7 +68,7 @@ func TestCreateOverlayIsAnOverlayNotACopy(t *testing.T) {
 		t.Fatalf("overlay mode: %v %v, want 0600", st.Mode().Perm(), err)
 	}
 	// Ask qemu-img itself, not our own Inspect.
-	info := qemuImg(t, "info", "-U", path)
+	info := qemuImg(t, "info", "-f", "qcow2", "-U", path)
 	if !strings.Contains(info, "backing file: "+backing) || !strings.Contains(info, "virtual size: 1 GiB") {
 		t.Fatalf("qemu-img info of the overlay:\n%s", info)
 	}
@@ -77,7 +79,7 @@ func TestCreateOverlayIsAnOverlayNotACopy(t *testing.T) {
 	}
 	// The guest sees the backing file's data through the overlay.
 	out := filepath.Join(dir, "check.raw")
-	qemuImg(t, "convert", "-O", "raw", path, out)
+	qemuImg(t, "convert", "-f", "qcow2", "-O", "raw", path, out)
 	b, _ := os.ReadFile(out)
 	if !strings.Contains(string(b[1<<20:1<<20+90]), "minicloudminicloud") {
 		t.Error("data of the backing image is not visible through the overlay")
@@ -96,7 +98,7 @@ func TestCreateOverlayIsAnOverlayNotACopy(t *testing.T) {
 	if _, err := os.Stat(path + ".tmp"); !os.IsNotExist(err) {
 		t.Error("temporary file left behind")
 	}
-	info2, err := disk.Inspect(ctx, path)
+	info2, err := disk.Inspect(ctx, path, "qcow2")
 	if err != nil || info2.BackingFile != backing || info2.Format != "qcow2" || info2.BackingFormat != "qcow2" {
 		t.Errorf("Inspect = %+v, %v", info2, err)
 	}
@@ -204,5 +206,104 @@ func TestCreateOverlayChecksAReplacedBackingFile(t *testing.T) {
 	}
 	if err := disk.CreateOverlay(ctx, filepath.Join(dir, "b.qcow2"), backing, "qcow2", 0); !errdefs.IsInvalid(err) {
 		t.Fatalf("overlay over a replaced backing file that refers to /etc/passwd: %v, want Invalid", err)
+	}
+}
+
+// watchOpens reports whether anything opened path after the call.
+func watchOpens(t *testing.T, path string) func() bool {
+	t.Helper()
+	fd, err := syscall.InotifyInit1(syscall.IN_CLOEXEC | syscall.IN_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if _, err := syscall.InotifyAddWatch(fd, path, syscall.IN_OPEN); err != nil {
+		t.Fatal(err)
+	}
+	return func() bool {
+		buf := make([]byte, 4096)
+		n, err := syscall.Read(fd, buf)
+		return err == nil && n > 0
+	}
+}
+
+// TestCreateOverlayNeverLetsQEMUGuess: a cached image recorded as raw (or
+// qcow2) whose bytes are a VMDK descriptor naming a host file (issue 12).
+// qemu-img left to guess reads it as VMDK and opens the named file, as the
+// agent's user (root); CreateOverlay must refuse the image without any
+// process opening that file.
+func TestCreateOverlayNeverLetsQEMUGuess(t *testing.T) {
+	requireQemuImg(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	secret := filepath.Join(dir, "host-secret")
+	if err := os.WriteFile(secret, []byte(strings.Repeat("s", 4096)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	descriptors := map[string]string{
+		"bare version line (issue 12)": "version=1\nRW 8 FLAT \"" + secret + "\" 0\n",
+		"full descriptor":              "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\nRW 8 FLAT \"" + secret + "\" 0\n",
+	}
+	i := 0
+	for name, desc := range descriptors {
+		for _, format := range []string{"raw", "qcow2"} {
+			i++
+			image := filepath.Join(dir, fmt.Sprintf("image-%d", i))
+			if err := os.WriteFile(image, []byte(desc), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			opened := watchOpens(t, secret)
+			err := disk.CreateOverlay(ctx, filepath.Join(dir, fmt.Sprintf("vm-%d.qcow2", i)), image, format, 1<<30)
+			if opened() {
+				t.Errorf("%s as %s: a process opened the host file the descriptor names (CreateOverlay: %v)", name, format, err)
+			}
+			if !errdefs.IsInvalid(err) {
+				t.Errorf("%s as %s: CreateOverlay = %v, want Invalid", name, format, err)
+			}
+			t.Logf("%s as %s: %v", name, format, err)
+		}
+	}
+	if list, _ := disk.List(dir, ".qcow2"); len(list) != 0 {
+		t.Errorf("disks left by the refusals: %v", list)
+	}
+
+	// The same descriptor where the VM's disk should be: something else is
+	// in the way, and it is not read as a VMDK to find out what.
+	planted := filepath.Join(dir, "planted.qcow2")
+	if err := os.WriteFile(planted, []byte(descriptors["full descriptor"]), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	opened := watchOpens(t, secret)
+	err := disk.CreateOverlay(ctx, planted, base(t, dir), "qcow2", 0)
+	if opened() {
+		t.Errorf("a process opened the host file named by a descriptor at the disk's path (CreateOverlay: %v)", err)
+	}
+	if !errdefs.IsConflict(err) {
+		t.Errorf("descriptor at the disk's path: CreateOverlay = %v, want Conflict", err)
+	}
+}
+
+// TestCreateOverlayOverARawImage: a plain raw image gets an overlay that
+// records the backing format, so QEMU never probes the image (or whatever
+// the guest writes into its first sector).
+func TestCreateOverlayOverARawImage(t *testing.T) {
+	requireQemuImg(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	image := filepath.Join(dir, "image")
+	if err := os.WriteFile(image, make([]byte, 4<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "vm.qcow2")
+	if err := disk.CreateOverlay(ctx, path, image, "raw", 1<<30); err != nil {
+		t.Fatal(err)
+	}
+	info, err := disk.Inspect(ctx, path, "qcow2")
+	if err != nil || info.BackingFile != image || info.BackingFormat != "raw" {
+		t.Fatalf("Inspect = %+v, %v; want an overlay of %s recording format raw", info, err, image)
+	}
+	// Declared qcow2, the same bytes are refused.
+	if err := disk.CreateOverlay(ctx, filepath.Join(dir, "other.qcow2"), image, "qcow2", 1<<30); !errdefs.IsInvalid(err) {
+		t.Fatalf("raw image declared qcow2: %v, want Invalid", err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"io"
@@ -26,9 +27,8 @@ import (
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
+	"github.com/minicloud/minicloud/pkg/imageformat/imageformattest"
 	"github.com/minicloud/minicloud/pkg/store"
-
-	"github.com/minicloud/minicloud/api/imageservice/imageformat/imageformattest"
 )
 
 // env is an image service on a real embedded etcd, served over a real gRPC
@@ -541,5 +541,36 @@ func TestUploadRefusedBelowTheFreeSpaceFloor(t *testing.T) {
 	wantCode(t, err, codes.ResourceExhausted)
 	if after := len(e.dirFiles(t)); after != before {
 		t.Fatalf("a refused upload left files: %d before, %d after", before, after)
+	}
+}
+
+// TestDisguisedImagesRefused: uploads that minicloud would store as raw (or
+// qcow2) but that QEMU, left to guess, would open as another format. The
+// first is issue 12's: a VMDK descriptor whose extent is a host file.
+func TestDisguisedImagesRefused(t *testing.T) {
+	work := t.TempDir()
+	qcow2 := imageformattest.QemuImg(t, work, "-f", "qcow2", "-o", "cluster_size=512", "plain.qcow2", "1M")
+	vdiInside := bytes.Clone(qcow2)
+	binary.LittleEndian.PutUint32(vdiInside[64:], 0xbeda107f) // VDI's signature, in the qcow2 header
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name, want string
+		disk       []byte
+	}{
+		{"vmdk descriptor, version line first", "VMDK", []byte("version=1\nRW 1 FLAT \"/etc/hostname\" 0\n")},
+		{"vmdk descriptor after comments", "VMDK", []byte("# exported\n  \nversion=2\r\ncreateType=\"monolithicFlat\"\r\nRW 1 FLAT \"/etc/shadow\" 0\r\n")},
+		{"vdi signature in a qcow2", "several formats (qcow2, vdi)", vdiInside},
+		{"vmdk", "VMDK", imageformattest.QemuImg(t, work, "-f", "vmdk", "x.vmdk", "1M")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, 0)
+			_, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: "disguised"}, parts{disk: tc.disk})
+			wantCode(t, err, codes.InvalidArgument)
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v does not say %q", err, tc.want)
+			}
+			t.Logf("refused: %v", err)
+			e.expectNothingLeft(t)
+		})
 	}
 }

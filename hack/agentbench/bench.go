@@ -245,7 +245,7 @@ func (b *bench) collect(ctx context.Context, samples []sample) error {
 // template of the raw baseline.
 func (b *bench) checkOverlay(ctx context.Context, id string) error {
 	path := filepath.Join(b.cloud.dataDir, "agent", "vms", id, "disk.qcow2")
-	di, err := qemuImgInfo(ctx, path)
+	di, err := qemuImgInfo(ctx, path, "qcow2")
 	if err != nil {
 		return err
 	}
@@ -261,7 +261,7 @@ func (b *bench) checkOverlay(ctx context.Context, id string) error {
 		if b.template, err = captureTemplate(ctx, id, path); err != nil {
 			return err
 		}
-		bi, err := qemuImgInfo(ctx, backing)
+		bi, err := qemuImgInfo(ctx, backing, di.BackingFormat)
 		if err != nil {
 			return err
 		}

@@ -42,9 +42,10 @@ type diskInfo struct {
 	BackingFormat       string `json:"backing-filename-format"`
 }
 
-func qemuImgInfo(ctx context.Context, path string) (diskInfo, error) {
-	// -U: the disk is open by a running QEMU.
-	out, err := exec.CommandContext(ctx, "qemu-img", "info", "-U", "--output=json", path).Output()
+func qemuImgInfo(ctx context.Context, path, format string) (diskInfo, error) {
+	// -U: the disk is open by a running QEMU. -f: qemu-img is never left
+	// to guess a format (docs/security.md, "Untrusted images").
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "-f", format, "-U", "--output=json", path).Output()
 	if err != nil {
 		return diskInfo{}, fmt.Errorf("qemu-img info %s: %w", path, err)
 	}
@@ -71,7 +72,7 @@ func captureTemplate(ctx context.Context, vmID, diskPath string) (*rawTemplate, 
 	if err := t.dom.Unmarshal(x); err != nil {
 		return nil, fmt.Errorf("parse domain XML of mc-%s: %w", vmID, err)
 	}
-	if t.disk, err = qemuImgInfo(ctx, diskPath); err != nil {
+	if t.disk, err = qemuImgInfo(ctx, diskPath, "qcow2"); err != nil {
 		return nil, err
 	}
 	if t.disk.BackingFilename == "" {

@@ -195,7 +195,7 @@ mkfs.ext4 -q -L rootfs -d "$rootfs" "$work/disk.raw"
 # Compressed clusters: the image is uploaded to the API and downloaded by
 # every host; reads through a VM's overlay decompress transparently, and the
 # guest's own writes land uncompressed in the overlay.
-qemu-img convert -c -O qcow2 "$work/disk.raw" "$work/disk.qcow2"
+qemu-img convert -f raw -c -O qcow2 "$work/disk.raw" "$work/disk.qcow2"
 
 mv -f "$work/disk.qcow2" "$out/disk.qcow2"
 mv -f "$work/vmlinuz" "$out/vmlinuz"

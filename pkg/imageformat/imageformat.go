@@ -2,11 +2,14 @@
 // bytes and refuses images that would make QEMU open any other file.
 //
 // A qcow2 image can name a backing file, an external data file or an
-// encryption key source in its header; handing such an image to QEMU on a
-// hypervisor host would let a tenant read host files. Everything that is not
-// qcow2 is treated as raw, which QEMU opens without interpreting the
-// content, as long as the consumer passes format=raw explicitly (and never
-// lets QEMU probe).
+// encryption key source in its header, and a VMDK descriptor (plain text)
+// names its extents, which can be any file of the host; handing such an
+// image to QEMU on a hypervisor host would let a tenant read host files.
+// minicloud accepts raw and qcow2 images only, and an image is raw only if
+// no QEMU block driver would claim it (see QEMUProbe): the consumers pass
+// the probed format explicitly (qemu-img -f/-F, libvirt's driver type) and
+// never let QEMU guess, and even a tool that guesses sees the same image.
+// docs/security.md ("Untrusted images") has the rules and the reasons.
 package imageformat
 
 import (
@@ -15,6 +18,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"os"
+	"strings"
 )
 
 // Format is a disk image format.
@@ -84,29 +89,78 @@ const HeaderReadSize = 1 << maxClusterBits
 // Probe detects the format of the image in r (size bytes long) from its
 // content and validates it. It returns an *InvalidError for images that must
 // not be used and a plain error when reading fails.
+//
+// The image is judged by what QEMU would make of it, not only by what it
+// claims: an image is raw only if no QEMU block driver would claim it when
+// probing (QEMUProbe), so that a consumer that lets QEMU guess, or a tool
+// that guesses, sees the same raw image minicloud stored; it is qcow2 only
+// if the qcow2 driver alone claims it and its header names no other file.
+// Everything else is refused, as OpenStack's format_inspector refuses
+// images that match several formats (CVE-2024-32498).
 func Probe(r io.ReaderAt, size int64) (Info, error) {
 	n := min(size, HeaderReadSize)
 	buf := make([]byte, n)
 	if _, err := r.ReadAt(buf, 0); err != nil && err != io.EOF {
 		return Info{}, fmt.Errorf("read image header: %w", err)
 	}
-	if bytes.HasPrefix(buf, []byte(qcow2Magic)) {
+	claims := QEMUProbe(buf)
+	switch {
+	case len(claims) > 1:
+		names := make([]string, len(claims))
+		for i, f := range claims {
+			names[i] = string(f)
+		}
+		return Info{}, invalid("the image matches several formats (%s), so tools could read it differently; refused", strings.Join(names, ", "))
+	case len(claims) == 1 && claims[0] != QCOW2:
+		return Info{}, foreign(claims[0])
+	case len(claims) == 1 || bytes.HasPrefix(buf, []byte(qcow2Magic)):
+		// A qcow2 magic QEMU would not claim (a short file, version 0)
+		// is no raw disk either: ParseQCOW2Header refuses it.
 		return ParseQCOW2Header(buf)
 	}
-	// Raw is safe only if nothing downstream takes it for another format.
-	// Tools that probe (qemu-img info without -f) would read these as
-	// formats that can name other files, so they are refused rather than
-	// stored as "raw".
+	// Raw. Stricter than QEMU 7.2's probes, for other QEMU versions and
+	// other tools: leading bytes of other formats, and VMDK descriptors
+	// that QEMU's probe happens to miss.
 	for _, m := range foreignMagics {
 		if bytes.HasPrefix(buf, []byte(m.magic)) {
-			return Info{}, invalid("the image looks like %s, which is not supported; convert it with qemu-img convert -O qcow2", m.format)
+			return Info{}, foreign(m.format)
 		}
 	}
-	// VDI's signature follows a free-text banner.
-	if len(buf) >= vdiSignatureOffset+4 && binary.LittleEndian.Uint32(buf[vdiSignatureOffset:]) == vdiSignature {
-		return Info{}, invalid("the image looks like a VDI image, which is not supported; convert it with qemu-img convert -O qcow2")
+	if looksLikeVMDKDescriptor(buf) {
+		return Info{}, foreign(VMDK)
 	}
 	return Info{Format: Raw, VirtualSize: size}, nil
+}
+
+// Check probes the image in r and refuses it unless it is of the declared
+// format: a file stored as raw that now looks like qcow2 (or anything else)
+// is not the image that was checked on upload.
+func Check(r io.ReaderAt, size int64, declared Format) (Info, error) {
+	info, err := Probe(r, size)
+	if err != nil {
+		return info, err
+	}
+	if info.Format != declared {
+		return Info{}, invalid("the image is %s, not %s as declared", info.Format, declared)
+	}
+	return info, nil
+}
+
+// CheckFile is Check on the file at path.
+func CheckFile(path string, declared Format) (Info, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Info{}, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return Info{}, err
+	}
+	if !st.Mode().IsRegular() {
+		return Info{}, invalid("%s is not a regular file", path)
+	}
+	return Check(f, st.Size(), declared)
 }
 
 const (
@@ -114,20 +168,42 @@ const (
 	vdiSignature       = 0xbeda107f
 )
 
-// foreignMagics are the leading bytes of image formats other than qcow2
-// that QEMU would recognise by probing.
-var foreignMagics = []struct{ magic, format string }{
-	{"KDMV", "a VMDK sparse image"},
-	{"COWD", "a VMDK (ESX) sparse image"},
-	{"# Disk DescriptorFile", "a VMDK descriptor"},
-	{"QED\x00", "a QED image"},
-	{"vhdxfile", "a VHDX image"},
-	{"conectix", "a VHD image"},
-	{"LUKS\xba\xbe", "a LUKS volume"},
-	{"WithoutFreeSpace", "a Parallels image"},
-	{"WithouFreSpacExt", "a Parallels image"},
-	{"Bochs Virtual HD Image", "a Bochs image"},
-	{"#!/bin/sh\n#V2.0 Format", "a cloop image"},
+var formatNames = map[Format]string{
+	QCOW:      "a qcow (version 1) image",
+	VMDK:      "a VMDK image or descriptor",
+	VDI:       "a VDI image",
+	VPC:       "a VHD image",
+	VHDX:      "a VHDX image",
+	Parallels: "a Parallels image",
+	Bochs:     "a Bochs image",
+	Cloop:     "a cloop image",
+	LUKS:      "a LUKS volume",
+	QED:       "a QED image",
+}
+
+// foreign refuses an image QEMU (or another tool) would open as format f.
+func foreign(f Format) error {
+	return invalid("the image looks like %s (qemu-img format %q), and only raw and qcow2 images are accepted; "+
+		"convert it on your machine: qemu-img convert -f %s -O qcow2 IMAGE IMAGE.qcow2", formatNames[f], f, f)
+}
+
+// foreignMagics are leading bytes of formats that QEMU 7.2's probes need
+// more than (a version field, a whole header) but that another version or
+// tool may take as enough.
+var foreignMagics = []struct {
+	magic  string
+	format Format
+}{
+	{"KDMV", VMDK},
+	{"COWD", VMDK},
+	{"QED\x00", QED},
+	{"vhdxfile", VHDX},
+	{"conectix", VPC},
+	{"LUKS\xba\xbe", LUKS},
+	{"WithoutFreeSpace", Parallels},
+	{"WithouFreSpacExt", Parallels},
+	{"Bochs Virtual HD Image", Bochs},
+	{"#!/bin/sh\n#V2.0 Format", Cloop},
 }
 
 // ParseQCOW2Header validates a qcow2 header given the image's leading bytes

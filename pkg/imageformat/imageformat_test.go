@@ -6,7 +6,7 @@ import (
 	"errors"
 	"testing"
 
-	"github.com/minicloud/minicloud/api/imageservice/imageformat/imageformattest"
+	"github.com/minicloud/minicloud/pkg/imageformat/imageformattest"
 )
 
 // header builds a qcow2 v3 header with the given fields and extensions,
