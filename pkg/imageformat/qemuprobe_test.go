@@ -58,7 +58,7 @@ func qemuImgInfo(t testing.TB, dir string, data []byte, extra ...string) qemuVer
 		t.Fatal(err)
 	}
 	defer os.Remove(img)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	args := append([]string{"info", "--output=json", "-U"}, extra...)
 	cmd := exec.CommandContext(ctx, "qemu-img", append(args, "img")...)
@@ -70,7 +70,9 @@ func qemuImgInfo(t testing.TB, dir string, data []byte, extra ...string) qemuVer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		if ctx.Err() != nil {
-			t.Fatalf("qemu-img info %v timed out", extra)
+			// It opened something that blocks (a FIFO a fuzzed extent
+			// names): not raw, and the same driver, told, blocks too.
+			return qemuVerdict{errText: "timed out"}
 		}
 		var ee *exec.ExitError
 		if !errors.As(err, &ee) {
