@@ -370,6 +370,12 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 		return b, fmt.Errorf("create VM directory: %w", err)
 	}
 	if err := a.disks.CreateOverlay(ctx, b.diskPath, backing, format, size); err != nil {
+		// Invalid: the cached image's bytes are not what its record says,
+		// or refer to other files (docs/security.md, "Untrusted images").
+		// No retry or other host will do better.
+		if errdefs.IsInvalid(err) {
+			return b, Permanent(lifecycle.ReasonImageUnusable, fmt.Errorf("image %s: %w", img.GetMeta().GetName(), err))
+		}
 		return b, fmt.Errorf("create disk overlay: %w", err)
 	}
 	return b, nil

@@ -516,6 +516,25 @@ func TestReconcileCleansUpOrphansIntoTheTrash(t *testing.T) {
 	}
 }
 
+// TestReconcileRefusedImageIsPermanent: an image agent/disk refuses (its
+// bytes are not what the record says, e.g. a VMDK descriptor recorded as
+// raw) fails the VM here, neither retried nor handed to another host.
+func TestReconcileRefusedImageIsPermanent(t *testing.T) {
+	h := newHarness(t)
+	h.disks.fail(errdefs.Invalid("image /x: the image looks like a VMDK image or descriptor"))
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	if _, err := h.pass(id); err != nil {
+		t.Fatalf("reconcile: %v, want the failure reported, not retried", err)
+	}
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_ERROR, "ImageUnusable")
+	if r := h.api.last(id); r.GetReschedule() {
+		t.Fatalf("a refused image was handed to another host: %v", r)
+	}
+	if _, err := os.Stat(h.a.vmDir(id)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("VM directory left after a refused image: %v", err)
+	}
+}
+
 func TestReconcilePermanentError(t *testing.T) {
 	h := newHarness(t)
 	delete(h.api.images, "tiny")
