@@ -76,10 +76,13 @@ func CreateOverlay(ctx context.Context, path, backingPath, backingFormat string,
 	}
 
 	if existing, err := inspectOverlay(ctx, path); err == nil {
-		if existing.Format == "qcow2" && existing.BackingFile == backingPath {
+		// The recorded backing format too: without it QEMU would guess the
+		// image's format each time it opens the VM's disk.
+		if existing.Format == "qcow2" && existing.BackingFile == backingPath && existing.BackingFormat == backingFormat {
 			return nil
 		}
-		return errdefs.Conflict("create overlay %s: a different disk exists there (format %s, backing %q)", path, existing.Format, existing.BackingFile)
+		return errdefs.Conflict("create overlay %s: a different disk exists there (format %s, backing %q of format %q)",
+			path, existing.Format, existing.BackingFile, existing.BackingFormat)
 	} else if !errdefs.IsNotFound(err) {
 		return fmt.Errorf("create overlay %s: %w", path, err)
 	}

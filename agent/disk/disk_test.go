@@ -302,6 +302,13 @@ func TestCreateOverlayOverARawImage(t *testing.T) {
 	if err != nil || info.BackingFile != image || info.BackingFormat != "raw" {
 		t.Fatalf("Inspect = %+v, %v; want an overlay of %s recording format raw", info, err, image)
 	}
+	// An overlay at the path that records another backing format is not
+	// the VM's disk: QEMU would read the image as that format.
+	mislabelled := filepath.Join(dir, "mislabelled.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-u", "-b", image, mislabelled, "1G")
+	if err := disk.CreateOverlay(ctx, mislabelled, image, "raw", 1<<30); !errdefs.IsConflict(err) {
+		t.Fatalf("overlay recording backing format qcow2 over a raw image: %v, want Conflict", err)
+	}
 	// Declared qcow2, the same bytes are refused.
 	if err := disk.CreateOverlay(ctx, filepath.Join(dir, "other.qcow2"), image, "qcow2", 1<<30); !errdefs.IsInvalid(err) {
 		t.Fatalf("raw image declared qcow2: %v, want Invalid", err)
