@@ -4,12 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"golang.org/x/sys/unix"
 	"io"
+	"strings"
 	"syscall"
 
 	"github.com/google/uuid"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -224,6 +225,11 @@ func (u *upload) describe(h *minicloudv1.CreateImageHeader) (*minicloudv1.Image,
 	if info.Format == imageformat.QCOW2 {
 		format = minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2
 	}
+	// A raw disk can hold a qcow2 image at its start (a guest's own image
+	// file): the uploader's word decides which one is meant.
+	if declared := h.GetFormat(); declared != minicloudv1.ImageFormat_IMAGE_FORMAT_UNSPECIFIED && declared != format {
+		return nil, errdefs.Invalid("image %q: declared %s, but the disk is %s", h.GetName(), formatName(declared), info.Format)
+	}
 	// The guest disk can never be smaller than the image's virtual size.
 	needGiB := (info.VirtualSize + gib - 1) / gib
 	minDisk := h.GetMinDiskGib()
@@ -391,4 +397,9 @@ func (s *Service) checkFree(n int64) error {
 		return errdefs.ResourceExhausted("the image store has %d bytes free; writing %d more would leave less than the floor of %d: free space or raise it (--image-store-min-free)", free, n, s.minFree)
 	}
 	return nil
+}
+
+// formatName is "raw" or "qcow2" (or the enum's name) for messages.
+func formatName(f minicloudv1.ImageFormat) string {
+	return strings.ToLower(strings.TrimPrefix(f.String(), "IMAGE_FORMAT_"))
 }

@@ -574,3 +574,41 @@ func TestDisguisedImagesRefused(t *testing.T) {
 		})
 	}
 }
+
+// TestDeclaredFormat: an uploader that says what the disk is gets that or
+// a refusal, never the other format. A raw disk whose first bytes are a
+// qcow2 header (a guest's own image file at the start of its disk) is the
+// case the declaration decides.
+func TestDeclaredFormat(t *testing.T) {
+	work := t.TempDir()
+	qcow2 := imageformattest.QemuImg(t, work, "-f", "qcow2", "-o", "cluster_size=512", "plain.qcow2", "1M")
+	raw := randomBytes(t, 4096)
+	raw[0] = 0 // not by chance another format's magic
+	ctx := context.Background()
+	e := newEnv(t, 0)
+	for _, tc := range []struct {
+		name     string
+		declared minicloudv1.ImageFormat
+		disk     []byte
+		want     codes.Code
+	}{
+		{"qcow2 declared qcow2", minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2, qcow2, codes.OK},
+		{"raw declared raw", minicloudv1.ImageFormat_IMAGE_FORMAT_RAW, raw, codes.OK},
+		{"qcow2 declared raw", minicloudv1.ImageFormat_IMAGE_FORMAT_RAW, qcow2, codes.InvalidArgument},
+		{"raw declared qcow2", minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2, raw, codes.InvalidArgument},
+		{"vmdk descriptor declared raw", minicloudv1.ImageFormat_IMAGE_FORMAT_RAW, []byte("version=1\nRW 1 FLAT \"/etc/hostname\" 0\n"), codes.InvalidArgument},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			name := strings.ReplaceAll(tc.name, " ", "-")
+			img, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: name, Format: tc.declared}, parts{disk: tc.disk})
+			wantCode(t, err, tc.want)
+			if err != nil {
+				t.Logf("refused: %v", err)
+				return
+			}
+			if img.GetFormat() != tc.declared {
+				t.Fatalf("stored as %v, declared %v", img.GetFormat(), tc.declared)
+			}
+		})
+	}
+}

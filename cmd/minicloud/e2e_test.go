@@ -272,9 +272,17 @@ func TestE2EImages(t *testing.T) {
 		}
 		c.fails(exitUsage, "backing file", "image", "create", "evil", "--file", filepath.Join(dir, "backed.qcow2"))
 		c.fails(exitNotFound, "evil", "image", "show", "evil")
+		c.fails(exitUsage, "declared raw, but the disk is qcow2", "image", "create", "mislabelled", "--file", filepath.Join(dir, "plain.qcow2"), "--format", "raw")
 	} else {
 		t.Log("qemu-img not installed: qcow2 cases skipped")
 	}
+	// Issue 12: a VMDK descriptor naming a host file, which QEMU left to
+	// guess would open; minicloud stored it as raw.
+	descriptor := filepath.Join(dir, "descriptor.img")
+	if err := os.WriteFile(descriptor, []byte("version=1\nRW 1 FLAT \"/etc/hostname\" 0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.fails(exitUsage, "VMDK", "image", "create", "disguised", "--file", descriptor)
 
 	c.ok("image", "delete", "tiny")
 	c.fails(exitNotFound, "tiny", "image", "show", "tiny")

@@ -45,6 +45,7 @@ func TestUsageErrorsExitTwo(t *testing.T) {
 		{"image", "create", "img"},
 		{"image", "create", "img", "--file", "/nonexistent/disk"},
 		{"image", "create", "img", "--file", "x", "--initrd", "y"},
+		{"image", "create", "img", "--file", "x", "--format", "vmdk"},
 		{"flavor", "list", "--no-such-flag"},
 		{"vm", "create", "web1", "--image", "x", "--flavor", "y", "--label", "novalue"},
 		{"vm", "create", "web1", "--image", "x", "--flavor", "y", "--metadata", "k=1", "--metadata", "k=2"},

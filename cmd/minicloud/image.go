@@ -45,6 +45,7 @@ func (a *app) newImageCommand() *cobra.Command {
 	create.Flags().StringVar(&hdr.Cmdline, "cmdline", "", "kernel command line for direct boot (needs --kernel)")
 	create.Flags().Int64Var(&hdr.MinDiskGib, "min-disk-gib", 0, "smallest root disk the image needs (default: its virtual size)")
 	create.Flags().StringVar(&hdr.RequiredHypervisor, "required-hypervisor", "", "kvm or tcg if the image only runs on one")
+	format := create.Flags().String("format", "", "raw or qcow2: refuse the upload unless the server finds the disk is that format (default: detected)")
 	public := create.Flags().Bool("public", false, "make the image public once uploaded (every project may boot from it; admin)")
 	createOut := addOutputFlag(create)
 	create.RunE = func(cmd *cobra.Command, args []string) error {
@@ -53,6 +54,15 @@ func (a *app) newImageCommand() *cobra.Command {
 		}
 		if kernel == "" && (initrd != "" || hdr.Cmdline != "") {
 			return usagef("--initrd and --cmdline need --kernel")
+		}
+		switch *format {
+		case "":
+		case "raw":
+			hdr.Format = minicloudv1.ImageFormat_IMAGE_FORMAT_RAW
+		case "qcow2":
+			hdr.Format = minicloudv1.ImageFormat_IMAGE_FORMAT_QCOW2
+		default:
+			return usagef("--format must be raw or qcow2, got %q", *format)
 		}
 		c, err := a.connect(cmd.Context())
 		if err != nil {

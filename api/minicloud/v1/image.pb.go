@@ -360,7 +360,11 @@ type CreateImageHeader struct {
 	KernelSizeBytes int64 `protobuf:"varint,6,opt,name=kernel_size_bytes,json=kernelSizeBytes,proto3" json:"kernel_size_bytes,omitempty"`
 	InitrdSizeBytes int64 `protobuf:"varint,7,opt,name=initrd_size_bytes,json=initrdSizeBytes,proto3" json:"initrd_size_bytes,omitempty"`
 	// project owns the image (default: the caller's); uploads are private.
-	Project       string `protobuf:"bytes,8,opt,name=project,proto3" json:"project,omitempty"`
+	Project string `protobuf:"bytes,8,opt,name=project,proto3" json:"project,omitempty"`
+	// format, when set, is what the uploader says the disk is: the upload is
+	// refused unless the server's probe finds that format (docs/security.md,
+	// "Untrusted images"). Unset: the probe decides.
+	Format        ImageFormat `protobuf:"varint,9,opt,name=format,proto3,enum=minicloud.v1.ImageFormat" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -449,6 +453,13 @@ func (x *CreateImageHeader) GetProject() string {
 		return x.Project
 	}
 	return ""
+}
+
+func (x *CreateImageHeader) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
 }
 
 type ImageChunk struct {
@@ -1039,7 +1050,7 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\n" +
 	"visibility\x18\n" +
 	" \x01(\x0e2\x1d.minicloud.v1.ImageVisibilityR\n" +
-	"visibility\"\xae\x02\n" +
+	"visibility\"\xe1\x02\n" +
 	"\x11CreateImageHeader\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\acmdline\x18\x02 \x01(\tR\acmdline\x12 \n" +
@@ -1049,7 +1060,8 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\x0fdisk_size_bytes\x18\x05 \x01(\x03R\rdiskSizeBytes\x12*\n" +
 	"\x11kernel_size_bytes\x18\x06 \x01(\x03R\x0fkernelSizeBytes\x12*\n" +
 	"\x11initrd_size_bytes\x18\a \x01(\x03R\x0finitrdSizeBytes\x12\x18\n" +
-	"\aproject\x18\b \x01(\tR\aproject\"M\n" +
+	"\aproject\x18\b \x01(\tR\aproject\x121\n" +
+	"\x06format\x18\t \x01(\x0e2\x19.minicloud.v1.ImageFormatR\x06format\"M\n" +
 	"\n" +
 	"ImageChunk\x12+\n" +
 	"\x04part\x18\x01 \x01(\x0e2\x17.minicloud.v1.ImagePartR\x04part\x12\x12\n" +
@@ -1148,29 +1160,30 @@ var file_minicloud_v1_image_proto_depIdxs = []int32{
 	3,  // 3: minicloud.v1.Image.kernel:type_name -> minicloud.v1.ImageBlob
 	3,  // 4: minicloud.v1.Image.initrd:type_name -> minicloud.v1.ImageBlob
 	0,  // 5: minicloud.v1.Image.visibility:type_name -> minicloud.v1.ImageVisibility
-	2,  // 6: minicloud.v1.ImageChunk.part:type_name -> minicloud.v1.ImagePart
-	5,  // 7: minicloud.v1.CreateImageRequest.header:type_name -> minicloud.v1.CreateImageHeader
-	6,  // 8: minicloud.v1.CreateImageRequest.chunk:type_name -> minicloud.v1.ImageChunk
-	4,  // 9: minicloud.v1.ListImagesResponse.images:type_name -> minicloud.v1.Image
-	2,  // 10: minicloud.v1.DownloadImageRequest.part:type_name -> minicloud.v1.ImagePart
-	0,  // 11: minicloud.v1.SetImageVisibilityRequest.visibility:type_name -> minicloud.v1.ImageVisibility
-	7,  // 12: minicloud.v1.ImageService.CreateImage:input_type -> minicloud.v1.CreateImageRequest
-	8,  // 13: minicloud.v1.ImageService.GetImage:input_type -> minicloud.v1.GetImageRequest
-	9,  // 14: minicloud.v1.ImageService.ListImages:input_type -> minicloud.v1.ListImagesRequest
-	11, // 15: minicloud.v1.ImageService.DeleteImage:input_type -> minicloud.v1.DeleteImageRequest
-	13, // 16: minicloud.v1.ImageService.DownloadImage:input_type -> minicloud.v1.DownloadImageRequest
-	14, // 17: minicloud.v1.ImageService.SetImageVisibility:input_type -> minicloud.v1.SetImageVisibilityRequest
-	4,  // 18: minicloud.v1.ImageService.CreateImage:output_type -> minicloud.v1.Image
-	4,  // 19: minicloud.v1.ImageService.GetImage:output_type -> minicloud.v1.Image
-	10, // 20: minicloud.v1.ImageService.ListImages:output_type -> minicloud.v1.ListImagesResponse
-	12, // 21: minicloud.v1.ImageService.DeleteImage:output_type -> minicloud.v1.DeleteImageResponse
-	15, // 22: minicloud.v1.ImageService.DownloadImage:output_type -> minicloud.v1.DownloadImageResponse
-	4,  // 23: minicloud.v1.ImageService.SetImageVisibility:output_type -> minicloud.v1.Image
-	18, // [18:24] is the sub-list for method output_type
-	12, // [12:18] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	1,  // 6: minicloud.v1.CreateImageHeader.format:type_name -> minicloud.v1.ImageFormat
+	2,  // 7: minicloud.v1.ImageChunk.part:type_name -> minicloud.v1.ImagePart
+	5,  // 8: minicloud.v1.CreateImageRequest.header:type_name -> minicloud.v1.CreateImageHeader
+	6,  // 9: minicloud.v1.CreateImageRequest.chunk:type_name -> minicloud.v1.ImageChunk
+	4,  // 10: minicloud.v1.ListImagesResponse.images:type_name -> minicloud.v1.Image
+	2,  // 11: minicloud.v1.DownloadImageRequest.part:type_name -> minicloud.v1.ImagePart
+	0,  // 12: minicloud.v1.SetImageVisibilityRequest.visibility:type_name -> minicloud.v1.ImageVisibility
+	7,  // 13: minicloud.v1.ImageService.CreateImage:input_type -> minicloud.v1.CreateImageRequest
+	8,  // 14: minicloud.v1.ImageService.GetImage:input_type -> minicloud.v1.GetImageRequest
+	9,  // 15: minicloud.v1.ImageService.ListImages:input_type -> minicloud.v1.ListImagesRequest
+	11, // 16: minicloud.v1.ImageService.DeleteImage:input_type -> minicloud.v1.DeleteImageRequest
+	13, // 17: minicloud.v1.ImageService.DownloadImage:input_type -> minicloud.v1.DownloadImageRequest
+	14, // 18: minicloud.v1.ImageService.SetImageVisibility:input_type -> minicloud.v1.SetImageVisibilityRequest
+	4,  // 19: minicloud.v1.ImageService.CreateImage:output_type -> minicloud.v1.Image
+	4,  // 20: minicloud.v1.ImageService.GetImage:output_type -> minicloud.v1.Image
+	10, // 21: minicloud.v1.ImageService.ListImages:output_type -> minicloud.v1.ListImagesResponse
+	12, // 22: minicloud.v1.ImageService.DeleteImage:output_type -> minicloud.v1.DeleteImageResponse
+	15, // 23: minicloud.v1.ImageService.DownloadImage:output_type -> minicloud.v1.DownloadImageResponse
+	4,  // 24: minicloud.v1.ImageService.SetImageVisibility:output_type -> minicloud.v1.Image
+	19, // [19:25] is the sub-list for method output_type
+	13, // [13:19] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_image_proto_init() }
