@@ -135,6 +135,20 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 		Hostname:               in.GetHostname(),
 		Tags:                   tags,
 		Metadata:               in.GetMetadata(),
+		OnHostFailure:          in.GetOnHostFailure(),
+		RestartPolicy:          in.GetRestartPolicy(),
+	}
+	// The defaults are written out, so `vm show` and the agent read what
+	// applies rather than UNSPECIFIED.
+	if spec.OnHostFailure == minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_UNSPECIFIED {
+		spec.OnHostFailure = minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_STOP
+	} else if _, ok := minicloudv1.HostFailurePolicy_name[int32(spec.OnHostFailure)]; !ok {
+		return nil, errdefs.Invalid("spec.on_host_failure %d is not a host failure policy: use STOP or EVACUATE", spec.OnHostFailure)
+	}
+	if spec.RestartPolicy == minicloudv1.RestartPolicy_RESTART_POLICY_UNSPECIFIED {
+		spec.RestartPolicy = minicloudv1.RestartPolicy_RESTART_POLICY_ON_FAILURE
+	} else if _, ok := minicloudv1.RestartPolicy_name[int32(spec.RestartPolicy)]; !ok {
+		return nil, errdefs.Invalid("spec.restart_policy %d is not a restart policy: use ON_FAILURE or NEVER", spec.RestartPolicy)
 	}
 	if spec.PowerState == minicloudv1.PowerState_POWER_STATE_UNSPECIFIED {
 		spec.PowerState = minicloudv1.PowerState_POWER_STATE_RUNNING

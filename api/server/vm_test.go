@@ -33,7 +33,8 @@ func TestCreateVMWritesOneTransaction(t *testing.T) {
 	s, st := vm.Spec, vm.Status
 	if vm.Meta.Project != "default" || s.Hostname != "web1" || s.PowerState != minicloudv1.PowerState_POWER_STATE_RUNNING ||
 		fmt.Sprint(s.Networks) != "[default]" || s.Resources.GetMemoryMib() != 1024 || !s.HasUserData || s.UserDataSize != 14 ||
-		s.ConfigDriveFormat != "config-2" {
+		s.ConfigDriveFormat != "config-2" || s.OnHostFailure != minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_STOP ||
+		s.RestartPolicy != minicloudv1.RestartPolicy_RESTART_POLICY_ON_FAILURE {
 		t.Fatalf("defaults not filled in: %v", vm)
 	}
 	if st.Phase != minicloudv1.VMPhase_VM_PHASE_PENDING || len(st.Addresses) != 1 {
@@ -115,6 +116,8 @@ func TestCreateVMValidation(t *testing.T) {
 		{"bad ssh key", with(func(r *minicloudv1.CreateVMRequest) { r.Spec.SshPublicKeys = []string{"ssh-rsa nonsense"} }), codes.InvalidArgument, "ssh_public_keys[0] is not an SSH public key"},
 		{"server-owned field", with(func(r *minicloudv1.CreateVMRequest) { r.Spec.Resources = &minicloudv1.Resources{Vcpus: 64} }), codes.InvalidArgument, "spec.resources is set by the server"},
 		{"bad config drive format", with(func(r *minicloudv1.CreateVMRequest) { r.Spec.ConfigDriveFormat = "iso" }), codes.InvalidArgument, "config_drive_format"},
+		{"bad host failure policy", with(func(r *minicloudv1.CreateVMRequest) { r.Spec.OnHostFailure = 7 }), codes.InvalidArgument, "use STOP or EVACUATE"},
+		{"bad restart policy", with(func(r *minicloudv1.CreateVMRequest) { r.Spec.RestartPolicy = 7 }), codes.InvalidArgument, "use ON_FAILURE or NEVER"},
 		{"bad hostname", with(func(r *minicloudv1.CreateVMRequest) { r.Spec.Hostname = "a..b" }), codes.InvalidArgument, "spec.hostname"},
 		{"bad project", with(func(r *minicloudv1.CreateVMRequest) { r.Project = "Team_A" }), codes.InvalidArgument, "project"},
 		{"image needs bigger disk", with(func(r *minicloudv1.CreateVMRequest) { r.Spec.Image = "big" }), codes.InvalidArgument, "at least 10 GiB"},
@@ -487,5 +490,26 @@ func TestLargestLegalSpecAndOneByteOver(t *testing.T) {
 	}
 	if len(vm.Spec.SshPublicKeys) != 32 || proto.Size(vm.Spec) > apiserver.MaxVMSpecBytes {
 		t.Fatalf("stored spec: %d keys, %d bytes", len(vm.Spec.SshPublicKeys), proto.Size(vm.Spec))
+	}
+}
+
+// TestCreateVMKeepsHostFailurePolicies: the policies a create asks for are
+// stored (an earlier server dropped them, so every VM was STOP and
+// ON_FAILURE whatever the CLI said).
+func TestCreateVMKeepsHostFailurePolicies(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	vm := e.createVM("web1", func(r *minicloudv1.CreateVMRequest) {
+		r.Spec.OnHostFailure = minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_EVACUATE
+		r.Spec.RestartPolicy = minicloudv1.RestartPolicy_RESTART_POLICY_NEVER
+	})
+	got, err := e.vms.GetVM(ctx(t), &minicloudv1.GetVMRequest{Name: "web1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []*minicloudv1.VMSpec{vm.Spec, got.Spec} {
+		if s.OnHostFailure != minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_EVACUATE || s.RestartPolicy != minicloudv1.RestartPolicy_RESTART_POLICY_NEVER {
+			t.Fatalf("policies not kept: %v", s)
+		}
 	}
 }

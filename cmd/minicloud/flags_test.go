@@ -53,6 +53,12 @@ func TestUsageErrorsExitTwo(t *testing.T) {
 		{"vm", "set", "web1"},
 		{"vm", "set", "web1", "--metadata", "=v"},
 		{"vm", "set", "web1", "--add-ssh-key", "/nonexistent/key"},
+		{"vm", "create", "web1", "--image", "x", "--flavor", "y", "--on-host-failure", "migrate"},
+		{"vm", "create", "web1", "--image", "x", "--flavor", "y", "--restart-policy", "always"},
+		{"host", "fence", "h1"},
+		{"host", "fence", "h1", "--reason", "powered off"},
+		{"host", "evacuate"},
+		{"host", "delete"},
 	} {
 		code, stdout, stderr := runCLI(t, nil, "", append([]string{"--endpoint", "127.0.0.1:1"}, args...)...)
 		if code != exitUsage {
@@ -180,6 +186,40 @@ func TestCreateRequestFromFlags(t *testing.T) {
 	}
 	if r := build("", "web1", "--image", "i", "--flavor", "f"); r.GetUserData() != nil {
 		t.Fatal("user-data without --user-data")
+	}
+}
+
+// TestHostFailureFlags: the policy words map to their enums, a missing
+// flag leaves the server's default, a wrong word lists the choices, and
+// host fence without --confirm explains what it would assert.
+func TestHostFailureFlags(t *testing.T) {
+	a := &app{getenv: func(string) string { return "" }}
+	s := createRequest(t, a, "web1", "--image", "i", "--flavor", "f", "--on-host-failure", "evacuate", "--restart-policy", "never").GetSpec()
+	if s.GetOnHostFailure() != minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_EVACUATE || s.GetRestartPolicy() != minicloudv1.RestartPolicy_RESTART_POLICY_NEVER {
+		t.Fatalf("spec %v", s)
+	}
+	s = createRequest(t, a, "web1", "--image", "i", "--flavor", "f", "--on-host-failure", "STOP", "--restart-policy", "on-failure").GetSpec()
+	if s.GetOnHostFailure() != minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_STOP || s.GetRestartPolicy() != minicloudv1.RestartPolicy_RESTART_POLICY_ON_FAILURE {
+		t.Fatalf("spec %v", s)
+	}
+	s = createRequest(t, a, "web1", "--image", "i", "--flavor", "f").GetSpec()
+	if s.GetOnHostFailure() != 0 || s.GetRestartPolicy() != 0 {
+		t.Fatalf("defaults are the server's: %v", s)
+	}
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"vm", "create", "w", "--image", "x", "--flavor", "y", "--on-host-failure", "migrate"}, []string{`--on-host-failure "migrate": choose one of stop, evacuate`}},
+		{[]string{"vm", "create", "w", "--image", "x", "--flavor", "y", "--restart-policy", "always"}, []string{`--restart-policy "always": choose one of on-failure, never`}},
+		{[]string{"host", "fence", "h1"}, []string{"runs none of its VMs", "power the host off", "--confirm"}},
+	} {
+		code, _, stderr := runCLI(t, nil, "", append([]string{"--endpoint", "127.0.0.1:1"}, tc.args...)...)
+		for _, w := range tc.want {
+			if code != exitUsage || !strings.Contains(stderr, w) {
+				t.Errorf("%v: exit %d, stderr %q lacks %q", tc.args, code, stderr, w)
+			}
+		}
 	}
 }
 

@@ -52,11 +52,16 @@ func (a *app) newHostCommand() *cobra.Command {
 		func(ctx context.Context, c *client.Client, name string) error {
 			return ignoreResult(c.Hosts.EnableHost(ctx, &minicloudv1.EnableHostRequest{Name: name}))
 		})
-	cmd.AddCommand(list, show, disable, enable, a.newJoinTokenCommand(), a.newRevokeCommand(complete))
+	del := nameCommand(a, "delete", "Remove a host that is not UP and holds no VM (its certificates are revoked)", "host", "deleted", complete,
+		func(ctx context.Context, c *client.Client, name string) error {
+			return ignoreResult(c.Hosts.DeleteHost(ctx, &minicloudv1.DeleteHostRequest{Name: name}))
+		})
+	cmd.AddCommand(list, show, disable, enable, a.newHostFenceCommand(complete), a.newHostEvacuateCommand(complete), del,
+		a.newJoinTokenCommand(), a.newRevokeCommand(complete))
 	return cmd
 }
 
-// hostStatus is up, down, or disabled (with the reason).
+// hostStatus is up, unreachable or fenced, and disabled.
 func hostStatus(h *minicloudv1.Host) string {
 	s := strings.ToLower(enumName(h.GetState().String(), "HOST_STATE_"))
 	if h.GetDisabled() {
@@ -83,9 +88,10 @@ func hostTable(w io.Writer, hosts []*minicloudv1.Host) error {
 			strconv.Itoa(int(h.GetVmCount())),
 			orDash(h.GetAvailabilityZone()),
 			age(h.GetLastHeartbeat()),
+			age(h.GetUnreachableSince()),
 		})
 	}
-	return writeTable(w, []string{"NAME", "STATE", "HYPERVISORS", "VCPUS", "MEMORY-MIB", "DISK-GIB", "VMS", "AZ", "HEARTBEAT"}, rows)
+	return writeTable(w, []string{"NAME", "STATE", "HYPERVISORS", "VCPUS", "MEMORY-MIB", "DISK-GIB", "VMS", "AZ", "HEARTBEAT", "UNREACHABLE"}, rows)
 }
 
 func hostDetails(w io.Writer, h *minicloudv1.Host) error {
@@ -104,9 +110,10 @@ func hostDetails(w io.Writer, h *minicloudv1.Host) error {
 		{"VMs", strconv.Itoa(int(h.GetVmCount()))},
 		{"Last heartbeat", timestamp(h.GetLastHeartbeat())},
 		{"Agent version", orDash(h.GetAgentVersion())},
+		{"Self-fencing", selfFencing(h)},
 	}
 	if h.GetDisabled() {
 		fields = append(fields, field{"Disabled reason", orDash(h.GetDisabledReason())})
 	}
-	return writeFields(w, fields)
+	return writeFields(w, append(fields, hostFailureFields(h)...))
 }

@@ -11,6 +11,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 func fixedNow(t *testing.T, at time.Time) {
@@ -153,6 +154,91 @@ func TestReasonAndMessage(t *testing.T) {
 	} {
 		if got := reasonAndMessage(tc.reason, tc.message); got != tc.want {
 			t.Errorf("reasonAndMessage(%q, %q) = %q, want %q", tc.reason, tc.message, got, tc.want)
+		}
+	}
+}
+
+// TestHostFailureOutput: host list and host show say where a dead host
+// stands (unreachable since when, when time fences it, who fenced it and
+// why), and vm show the VM's policies and assignment epoch.
+func TestHostFailureOutput(t *testing.T) {
+	if fenceMargin != store.FenceMargin {
+		t.Fatalf("the CLI's fence margin %s is not the control plane's %s", fenceMargin, store.FenceMargin)
+	}
+	at := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	fixedNow(t, at.Add(2*time.Minute))
+	up := &minicloudv1.Host{Meta: &minicloudv1.ObjectMeta{Name: "hv1"}, State: minicloudv1.HostState_HOST_STATE_UP,
+		LastHeartbeat: timestamppb.New(at.Add(2*time.Minute - 3*time.Second)), FenceAfterSeconds: 10}
+	unreachable := &minicloudv1.Host{Meta: &minicloudv1.ObjectMeta{Name: "hv2"}, State: minicloudv1.HostState_HOST_STATE_UNREACHABLE,
+		UnreachableSince: timestamppb.New(at), FenceAfterSeconds: 10}
+	fenced := &minicloudv1.Host{Meta: &minicloudv1.ObjectMeta{Name: "hv3"}, State: minicloudv1.HostState_HOST_STATE_FENCED, Disabled: true,
+		UnreachableSince: timestamppb.New(at.Add(-time.Hour)),
+		Fence:            &minicloudv1.HostFence{Time: timestamppb.New(at), By: "operator:admin", Reason: "powered off at the PDU"}}
+
+	var buf bytes.Buffer
+	if err := hostTable(&buf, []*minicloudv1.Host{up, unreachable, fenced}); err != nil {
+		t.Fatal(err)
+	}
+	want := [][]string{
+		{"NAME", "STATE", "HYPERVISORS", "VCPUS", "MEMORY-MIB", "DISK-GIB", "VMS", "AZ", "HEARTBEAT", "UNREACHABLE"},
+		{"hv1", "up", "-", "0/0", "0/0", "0/0", "0", "-", "3s", "-"},
+		{"hv2", "unreachable", "-", "0/0", "0/0", "0/0", "0", "-", "-", "2m"},
+		{"hv3", "fenced,disabled", "-", "0/0", "0/0", "0/0", "0", "-", "-", "1h"},
+	}
+	for i, line := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
+		if got := strings.Fields(line); strings.Join(got, " ") != strings.Join(want[i], " ") {
+			t.Fatalf("host list line %d: %q, want %q\n%s", i, got, want[i], buf.String())
+		}
+	}
+
+	show := func(h *minicloudv1.Host) string {
+		buf.Reset()
+		if err := hostDetails(&buf, h); err != nil {
+			t.Fatal(err)
+		}
+		return strings.Join(strings.Fields(buf.String()), " ")
+	}
+	for h, wants := range map[*minicloudv1.Host][]string{
+		up: {"State: up", "Self-fencing: after 10s without contact (agent --fence-after)"},
+		unreachable: {"State: unreachable", "Unreachable since: 2026-11-25T12:00:00Z (2m ago)",
+			"Fenced by time at: 2026-11-25T12:00:15Z (unreachable since + fence-after + 5s)"},
+		fenced: {"State: fenced,disabled", "Self-fencing: off (only an operator can fence this host: minicloud host fence hv3 --confirm)",
+			"Fenced: 2026-11-25T12:00:00Z by operator:admin", "Fence reason: powered off at the PDU"},
+	} {
+		got := show(h)
+		for _, w := range wants {
+			if !strings.Contains(got, w) {
+				t.Errorf("host show %s lacks %q:\n%s", h.Meta.Name, w, got)
+			}
+		}
+		if h != unreachable && strings.Contains(got, "Fenced by time") {
+			t.Errorf("host show %s gives a time fence deadline:\n%s", h.Meta.Name, got)
+		}
+	}
+
+	buf.Reset()
+	vm := testVMs(at)[0]
+	vm.Spec.OnHostFailure = minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_EVACUATE
+	vm.Spec.RestartPolicy = minicloudv1.RestartPolicy_RESTART_POLICY_NEVER
+	vm.Status.AssignmentEpoch = 3
+	if err := vmDetails(&buf, vm); err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(strings.Fields(buf.String()), " ")
+	for _, w := range []string{"On host failure: evacuate", "Restart policy: never", "Assignment epoch: 3"} {
+		if !strings.Contains(got, w) {
+			t.Errorf("vm show lacks %q:\n%s", w, buf.String())
+		}
+	}
+	// A VM stored before the policies existed shows the defaults.
+	buf.Reset()
+	if err := vmDetails(&buf, testVMs(at)[1]); err != nil {
+		t.Fatal(err)
+	}
+	got = strings.Join(strings.Fields(buf.String()), " ")
+	for _, w := range []string{"On host failure: stop", "Restart policy: on-failure", "Assignment epoch: 0"} {
+		if !strings.Contains(got, w) {
+			t.Errorf("vm show of an older VM lacks %q:\n%s", w, buf.String())
 		}
 	}
 }

@@ -70,3 +70,21 @@ func nameCommand(a *app, verb, short, kind, done string, complete cobra.Completi
 
 // ignoreResult adapts an RPC that returns a message to nameCommand.
 func ignoreResult[T any](_ T, err error) error { return err }
+
+// callCommand gives cmd an -o flag and a RunE that connects, makes one
+// call with the arguments, and prints its answer with text (or as JSON or
+// YAML).
+func callCommand[T proto.Message](a *app, cmd *cobra.Command, call func(context.Context, *client.Client, []string) (T, error), text func(io.Writer, T, []string) error) {
+	out := addOutputFlag(cmd)
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		c, err := a.connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		resp, err := call(cmd.Context(), c, args)
+		if err != nil {
+			return err
+		}
+		return printMessage(a.out, *out, resp, func(w io.Writer) error { return text(w, resp, args) })
+	}
+}

@@ -58,6 +58,8 @@ type vmCreateOptions struct {
 	wait            bool
 	timeout         time.Duration
 	guest           guestMetadataFlags
+	onHostFailure   string
+	restartPolicy   string
 }
 
 func (a *app) newVMCreateCommand() *cobra.Command {
@@ -107,6 +109,10 @@ func addVMCreateFlags(cmd *cobra.Command, o *vmCreateOptions) {
 	f.StringVar(&o.serverGroup, "server-group", "", "server group")
 	f.BoolVar(&o.wait, "wait", false, "wait until the VM is RUNNING, printing phase changes")
 	f.DurationVar(&o.timeout, "timeout", defaultWaitTimeout, "how long --wait (and retries) may take")
+	f.StringVar(&o.onHostFailure, "on-host-failure", "", "when the VM's host is fenced: stop (wait for an operator; default) or evacuate (rebuild it elsewhere from its image at once)")
+	f.StringVar(&o.restartPolicy, "restart-policy", "", "after the VM stopped without being asked (host reboot, crash): on-failure (start it again; default) or never")
+	cmd.RegisterFlagCompletionFunc("on-host-failure", cobra.FixedCompletions(hostFailurePolicies.names(), cobra.ShellCompDirectiveNoFileComp))
+	cmd.RegisterFlagCompletionFunc("restart-policy", cobra.FixedCompletions(restartPolicies.names(), cobra.ShellCompDirectiveNoFileComp))
 	o.guest.add(cmd)
 }
 
@@ -126,6 +132,14 @@ func (a *app) buildCreateRequest(cmd *cobra.Command, name string, o *vmCreateOpt
 		keys = append(keys, k...)
 	}
 	labels, metadata, err := o.guest.parse()
+	if err != nil {
+		return nil, err
+	}
+	onHostFailure, err := hostFailurePolicies.parse("--on-host-failure", o.onHostFailure)
+	if err != nil {
+		return nil, err
+	}
+	restartPolicy, err := restartPolicies.parse("--restart-policy", o.restartPolicy)
 	if err != nil {
 		return nil, err
 	}
@@ -149,6 +163,8 @@ func (a *app) buildCreateRequest(cmd *cobra.Command, name string, o *vmCreateOpt
 			ServerGroup:      o.serverGroup,
 			Tags:             o.guest.tags,
 			Metadata:         metadata,
+			OnHostFailure:    minicloudv1.HostFailurePolicy(onHostFailure),
+			RestartPolicy:    minicloudv1.RestartPolicy(restartPolicy),
 		},
 		Labels:    labels,
 		UserData:  userData,
@@ -268,17 +284,22 @@ func (a *app) newVMShowCommand(complete cobra.CompletionFunc) *cobra.Command {
 }
 
 func (a *app) newVMDeleteCommand(complete cobra.CompletionFunc) *cobra.Command {
-	cmd := &cobra.Command{Use: "delete NAME", Short: "Delete a VM", Args: exactArgs("NAME"), ValidArgsFunction: complete}
+	cmd := &cobra.Command{Use: "delete NAME [--force]", Short: "Delete a VM", Args: exactArgs("NAME"), ValidArgsFunction: complete}
 	wait := cmd.Flags().Bool("wait", false, "wait until the host has cleaned up and the VM is gone")
 	timeout := cmd.Flags().Duration("timeout", defaultWaitTimeout, "how long --wait may take")
+	force := cmd.Flags().Bool("force", false, "remove a VM whose host is fenced (or deleted) now, without the host: its addresses and capacity are released at once, and the host destroys what is left if it comes back (admin)")
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		c, err := a.connect(cmd.Context())
 		if err != nil {
 			return err
 		}
-		vm, err := c.VMs.DeleteVM(cmd.Context(), &minicloudv1.DeleteVMRequest{Name: args[0], Project: a.project()})
+		vm, err := c.VMs.DeleteVM(cmd.Context(), &minicloudv1.DeleteVMRequest{Name: args[0], Project: a.project(), Force: *force})
 		if err != nil {
 			return err
+		}
+		if host := vm.GetStatus().GetHost(); *force && host != "" {
+			fmt.Fprintf(a.out, "vm %s deleted without its host %s (its addresses and capacity are free; %s destroys what is left of it if it comes back)\n", args[0], host, host)
+			return nil
 		}
 		if !*wait {
 			fmt.Fprintf(a.out, "vm %s deleting\n", args[0])

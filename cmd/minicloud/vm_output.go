@@ -65,6 +65,9 @@ func vmDetails(w io.Writer, vm *minicloudv1.VM) error {
 		{"Resource version", strconv.FormatInt(vm.GetMeta().GetResourceVersion(), 10)},
 		{"Availability zone", orDash(spec.GetAvailabilityZone())},
 		{"Server group", orDash(spec.GetServerGroup())},
+		{"On host failure", hostFailurePolicies.name(int32(spec.GetOnHostFailure()))},
+		{"Restart policy", restartPolicies.name(int32(spec.GetRestartPolicy()))},
+		{"Assignment epoch", strconv.FormatInt(st.GetAssignmentEpoch(), 10)},
 		{"Created", timestamp(vm.GetMeta().GetCreateTime())},
 	}
 	if m := reasonAndMessage(st.GetReason(), st.GetMessage()); m != "" {
