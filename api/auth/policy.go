@@ -70,7 +70,7 @@ var Policy = map[string]Rule{
 	vm + "CreateVM":         project(RoleMember),
 	vm + "GetVM":            project(RoleReader),
 	vm + "ListVMs":          {Scope: ScopeProject, Role: RoleReader, AdminFields: []string{"all_projects", "host"}},
-	vm + "DeleteVM":         project(RoleMember),
+	vm + "DeleteVM":         {Scope: ScopeProject, Role: RoleMember, AdminFields: []string{"force"}},
 	vm + "StartVM":          project(RoleMember),
 	vm + "StopVM":           project(RoleMember),
 	vm + "RebootVM":         project(RoleMember),

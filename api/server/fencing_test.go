@@ -200,3 +200,25 @@ func TestFenceAfterBounded(t *testing.T) {
 	}})
 	wantCode(t, err, codes.InvalidArgument, "shorter than the 15s lease")
 }
+
+// TestForceDeleteIsForAdmins: a project member deletes its VMs, but only
+// an admin says a VM's host is gone for good (force).
+func TestForceDeleteIsForAdmins(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	resp, err := minicloudv1.NewAuthServiceClient(e.conn).CreateUser(ctx(t), &minicloudv1.CreateUserRequest{Name: "mia", Project: "default", Role: "member"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mia := minicloudv1.NewVMServiceClient(e.userConn(resp.Token))
+	if _, err := e.vms.CreateVM(ctx(t), &minicloudv1.CreateVMRequest{Name: "web1", Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small"}}); err != nil {
+		t.Fatal(err)
+	}
+	before := e.dump(t)
+	_, err = mia.DeleteVM(ctx(t), &minicloudv1.DeleteVMRequest{Name: "web1", Force: true})
+	wantCode(t, err, codes.PermissionDenied, "with force needs the admin role")
+	e.wantUnchanged(t, before)
+	if _, err := mia.DeleteVM(ctx(t), &minicloudv1.DeleteVMRequest{Name: "web1"}); err != nil {
+		t.Fatalf("a member's delete: %v", err)
+	}
+}
