@@ -27,6 +27,10 @@ func (l *Lab) mountNSPath(host string) string {
 }
 func (l *Lab) agentData(host string) string { return filepath.Join(l.hostDir(host), "data") }
 
+// AgentStateDir is host's agent state directory (<data-dir>/agent): a
+// directory per VM under vms/, trashed VMs under trash/.
+func (l *Lab) AgentStateDir(host string) string { return filepath.Join(l.agentData(host), "agent") }
+
 // LibvirtSocket is host's libvirtd socket, as seen from the machine.
 func (l *Lab) LibvirtSocket(host string) string {
 	return filepath.Join(l.hostDir(host), "run", "libvirt", "libvirt-sock")

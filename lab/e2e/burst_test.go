@@ -17,7 +17,8 @@ import (
 // replica are killed with SIGKILL, each at a different moment. Every
 // create ends RUNNING, no VM is defined in two hosts' libvirts (or twice
 // anywhere), and no address or MAC is handed out twice. The killed
-// processes are restarted and the VMs deleted at the end.
+// processes are restarted and the VMs deleted at the end, and the
+// invariant auditor finds nothing (lab/invariants).
 func TestLabCreateBurstSurvivesLosingMembers(t *testing.T) {
 	l := Shared(t)
 	ctx := context.Background()
@@ -44,7 +45,16 @@ func TestLabCreateBurstSurvivesLosingMembers(t *testing.T) {
 	for i := range names {
 		names[i] = fmt.Sprintf("burst-%02d", i)
 	}
-	// Deferred in this order so the lab is whole again before the deletes.
+	// Deferred in this order so the lab is whole again before the deletes,
+	// and the auditor runs last: the deleted VMs must be gone everywhere.
+	ids := map[string]string{} // VM id -> name
+	defer func() {
+		deleted := make([]string, 0, len(ids))
+		for id := range ids {
+			deleted = append(deleted, id)
+		}
+		auditLab(t, l, deleted...)
+	}()
 	defer func() { deleteVMs(t, l, c, names) }()
 	var killed []string
 	defer func() {
@@ -99,7 +109,6 @@ func TestLabCreateBurstSurvivesLosingMembers(t *testing.T) {
 		t.Errorf("killed %v, want one of each of %v", killed, kills)
 	}
 
-	ids := map[string]string{} // VM id -> name
 	for _, n := range names {
 		vm, err := l.WaitVM(ctx, n, minicloudv1.VMPhase_VM_PHASE_RUNNING, 10*time.Minute)
 		if err != nil {

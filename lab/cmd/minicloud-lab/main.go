@@ -31,6 +31,13 @@ const usage = `usage: hack/lab [--dir DIR] COMMAND [ARGS]
   exec HOST [-- CMD]   run CMD (default a shell) inside HOST, e.g.
                        hack/lab exec host1 -- virsh list
   env                  print the export line that points minicloud at the lab
+  chaos audit [--settle D] [--deleted ID,...]
+                       check the lab's invariants (hack/chaos audit): etcd
+                       against every host's domains, taps, VM directories
+                       and nftables port sets; retry for up to D (default
+                       0: one snapshot) while the cloud converges; print
+                       the last snapshot's violations, exit 1 if any.
+                       --deleted: VM ids that must exist nowhere
 `
 
 func main() {
@@ -65,6 +72,8 @@ func run(ctx context.Context, args []string) (int, error) {
 	switch cmd {
 	case "up":
 		return 0, up(ctx, *dir, args)
+	case "chaos":
+		return chaos(ctx, *dir, args)
 	case "down":
 		l, err := lab.Load(*dir, os.Stderr)
 		if err != nil {
