@@ -3,6 +3,7 @@
 # bounded mode, and each rewrites its own section of docs/benchmarks.md:
 #
 #   api        go run ./hack/apibench            (10 s of creates)
+#   list       go run ./hack/listbench           (10,000 VMs in etcd: ListVMs pages, watch memory; ~1 min)
 #   scheduler  go run ./hack/schedbench --quick  (1,000 hosts, 2,000 VMs)
 #   metadata   go run ./hack/metabench -duration 10s
 #   agent      go run ./hack/agentbench          (real VMs under libvirt, ~2-4 min)
@@ -36,6 +37,7 @@ fi
 # name, then the command that rewrites the section "name".
 harnesses=(
 	"api|go run ./hack/apibench -docs $docs"
+	"list|go run ./hack/listbench -docs $docs"
 	"scheduler|go run ./hack/schedbench --quick -docs $docs"
 	"metadata|go run ./hack/metabench -duration 10s -docs $docs"
 	"agent|go run ./hack/agentbench -docs $docs"
@@ -67,7 +69,7 @@ for h in "${harnesses[@]}"; do
 done
 
 if [ "$ran" = 0 ]; then
-	echo "BENCH_ONLY=\"$BENCH_ONLY\" matches no harness (api scheduler metadata agent bootbench lab)" >&2
+	echo "BENCH_ONLY=\"$BENCH_ONLY\" matches no harness (api list scheduler metadata agent bootbench lab)" >&2
 	exit 1
 fi
 echo

@@ -28,7 +28,6 @@ import (
 	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/api/server/apiservertest"
 	"github.com/minicloud/minicloud/hack/benchdoc"
-	"github.com/minicloud/minicloud/pkg/etcdembed"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -56,22 +55,12 @@ func main() {
 
 func run(clients int, duration time.Duration, docs string) error {
 	ctx := context.Background()
-	load := loadAverage()
-	dir, err := os.MkdirTemp("", "apibench-")
+	load := benchdoc.LoadAverage()
+	cli, stop, err := benchdoc.EmbeddedEtcd(ctx, "apibench")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	etcd, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir + "/etcd", ClientAddr: "127.0.0.1:0", PeerAddr: "127.0.0.1:0", Quiet: true})
-	if err != nil {
-		return err
-	}
-	defer etcd.Close()
-	cli, err := etcd.Client()
-	if err != nil {
-		return err
-	}
-	defer cli.Close()
+	defer stop()
 	counts := &etcdCounts{}
 	cli.KV = &countingKV{KV: cli.KV, c: counts}
 	cli.Lease = &countingLease{Lease: cli.Lease, c: counts}
@@ -200,14 +189,4 @@ func seed(ctx context.Context, cli *clientv3.Client, conn *grpc.ClientConn) erro
 	}
 	_, err = cli.Put(ctx, store.ImageKey("bench"), img)
 	return err
-}
-
-// loadAverage is the 1-minute load average: the machine is shared, and the
-// numbers mean little without it.
-func loadAverage() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "unknown"
-	}
-	return strings.Fields(string(b))[0]
 }

@@ -1,0 +1,42 @@
+package benchdoc
+
+import (
+	"context"
+	"os"
+	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/minicloud/minicloud/pkg/etcdembed"
+)
+
+// LoadAverage is the 1-minute load average: the machine is shared, and the
+// numbers mean little without it.
+func LoadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.Fields(string(b))[0]
+}
+
+// EmbeddedEtcd starts an etcd in a temporary directory named after the
+// harness and returns a client; stop closes both and removes the data.
+func EmbeddedEtcd(ctx context.Context, harness string) (cli *clientv3.Client, stop func(), err error) {
+	dir, err := os.MkdirTemp("", harness+"-")
+	if err != nil {
+		return nil, nil, err
+	}
+	etcd, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir + "/etcd", ClientAddr: "127.0.0.1:0", PeerAddr: "127.0.0.1:0", Quiet: true})
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, nil, err
+	}
+	cli, err = etcd.Client()
+	if err != nil {
+		etcd.Close()
+		os.RemoveAll(dir)
+		return nil, nil, err
+	}
+	return cli, func() { cli.Close(); etcd.Close(); os.RemoveAll(dir) }, nil
+}
