@@ -28,10 +28,18 @@ type qemuVerdict struct {
 	errText     string // qemu-img's message when it could not open the file
 }
 
-// oracleDir makes a directory the unprivileged oracle can read.
+// oracleDir makes a directory the unprivileged oracle can read: in
+// $TMPDIR if nobody can reach it, else in /tmp.
 func oracleDir(t testing.TB) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "imageformat-oracle-")
+	base := os.TempDir()
+	for d := base; d != filepath.Dir(d); d = filepath.Dir(d) {
+		if st, err := os.Stat(d); err != nil || st.Mode().Perm()&0o001 == 0 {
+			base = "/tmp"
+			break
+		}
+	}
+	dir, err := os.MkdirTemp(base, "imageformat-oracle-")
 	if err != nil {
 		t.Fatal(err)
 	}
