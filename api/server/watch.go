@@ -50,7 +50,11 @@ type vmCache struct {
 	failed  error
 	// gen counts the starts: a stream of an earlier one ends.
 	gen uint64
-	vms map[string]*minicloudv1.VM
+	// breaks counts the etcd watch's interruptions: a stream that saw
+	// fewer ends with breakErr.
+	breaks   uint64
+	breakErr error
+	vms      map[string]*minicloudv1.VM
 	// orphans are statuses without a spec (never seen in practice: both
 	// are written and removed in one transaction).
 	orphans map[string]*minicloudv1.VMStatus
@@ -94,8 +98,11 @@ func (c *vmCache) start(ctx context.Context) error {
 }
 
 // follow applies etcd's changes after rev until the server stops. A watch
-// that breaks (leader change, network) is opened again from the last
-// revision applied; only compaction past it makes the cache start over.
+// that breaks (no leader, network) is opened again from the last revision
+// applied, and the streams end with UNAVAILABLE meanwhile (interrupt), so
+// that their clients resume, here or at another replica, rather than wait
+// on a replica cut off from etcd; only compaction past it makes the cache
+// start over.
 func (c *vmCache) follow(rev int64) {
 	ctx := c.s.streams
 	for ctx.Err() == nil {
@@ -108,6 +115,7 @@ func (c *vmCache) follow(rev int64) {
 					c.fail(errdefs.Conflict("the API server's VM cache fell behind etcd compaction at revision %d: watch again from 0", resp.CompactRevision))
 					return
 				}
+				c.interrupt(err)
 				break
 			}
 			if err := c.apply(resp.Events); err != nil {
@@ -126,6 +134,16 @@ func (c *vmCache) follow(rev int64) {
 		}
 	}
 	c.fail(errdefs.Unavailable("API server is shutting down: watch again"))
+}
+
+// interrupt ends every stream (the cache keeps its VMs and history).
+func (c *vmCache) interrupt(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.breaks++
+	c.breakErr = errdefs.Wrap(errdefs.KindUnavailable, err, "the API server's etcd watch of VMs broke: watch again")
+	close(c.wake)
+	c.wake = make(chan struct{})
 }
 
 // fail ends every stream with err; the next stream starts the cache again.
@@ -248,7 +266,7 @@ func (s *Server) watchVMs(ctx context.Context, fromRev int64, match func(*minicl
 		return err
 	}
 	c.mu.Lock()
-	cursor, lastRev, gen := c.head, fromRev, c.gen
+	cursor, lastRev, gen, breaks := c.head, fromRev, c.gen, c.breaks
 	var initial []*minicloudv1.VM
 	switch {
 	case fromRev == 0:
@@ -283,7 +301,7 @@ func (s *Server) watchVMs(ctx context.Context, fromRev int64, match func(*minicl
 	var batch []vmChange
 	for {
 		c.mu.Lock()
-		for cursor == c.head && c.running && c.gen == gen {
+		for cursor == c.head && c.running && c.gen == gen && c.breaks == breaks {
 			wake := c.wake
 			c.mu.Unlock()
 			select {
@@ -302,6 +320,11 @@ func (s *Server) watchVMs(ctx context.Context, fromRev int64, match func(*minicl
 			if err == nil || c.gen != gen {
 				err = errdefs.Conflict("the API server's VM cache started over: watch again from 0")
 			}
+			return err
+		}
+		if c.breaks != breaks {
+			err := c.breakErr
+			c.mu.Unlock()
 			return err
 		}
 		if c.head-cursor > c.size {
