@@ -75,6 +75,12 @@ type Config struct {
 	// TrashGrace is how long the files of a VM that vanished from the API
 	// (not deleted through it) are kept in StateDir/trash; default 24 h.
 	TrashGrace time.Duration
+	// FenceAfter is how long the agent goes on without renewing its
+	// host's lease before it destroys its domains (self-fencing,
+	// fencing.go); 0 never self-fences. It must be shorter than the lease
+	// (15 s), and is registered so the control plane knows when the host
+	// is proved to run nothing.
+	FenceAfter time.Duration
 	// AssignmentCacheMaxBytes bounds the assignments saved in StateDir
 	// (assignmentcache.go); 0: DefaultAssignmentCacheMaxBytes.
 	AssignmentCacheMaxBytes int64
@@ -113,6 +119,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ResyncPeriod <= 0 {
 		c.ResyncPeriod = time.Minute
+	}
+	if c.FenceAfter < 0 {
+		return fmt.Errorf("fence-after %s is negative (0: never self-fence)", c.FenceAfter)
 	}
 	if c.ShutdownTimeout <= 0 {
 		c.ShutdownTimeout = 60 * time.Second
@@ -156,6 +165,10 @@ type Agent struct {
 	// are served until the first BOOKMARK; saveAssignments asks for a save.
 	cachedGuests    []Guest
 	saveAssignments chan struct{}
+
+	fence    fenceState
+	released map[string]bool      // VMs the API released from this host, under mu
+	restarts map[string]time.Time // last restart after an unexpected stop, under mu
 }
 
 // assignment is one VM assigned to this host, as last received.
@@ -249,6 +262,12 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 		tunnels:    map[string]bool{},
 
 		saveAssignments: make(chan struct{}, 1),
+
+		// Until the first contact, the fence counts from the start: an
+		// agent started while cut off fences its host all the same.
+		fence:    fenceState{lastContact: time.Now(), stopped: map[string]bool{}},
+		released: map[string]bool{},
+		restarts: map[string]time.Time{},
 	}, nil
 }
 
@@ -277,6 +296,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return a.watchNetworkPorts(ctx) })
 	g.Go(func() error { return a.watchDomainEvents(ctx) })
 	g.Go(func() error { return a.resyncLoop(ctx) })
+	g.Go(func() error { return a.fenceLoop(ctx) })
 	for i := 0; i < a.cfg.Workers; i++ {
 		g.Go(func() error { a.worker(ctx); return nil })
 	}

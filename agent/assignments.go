@@ -48,6 +48,9 @@ func (a *Agent) watchAssignments(ctx context.Context) error {
 // streamAssignments runs one stream; synced says whether it delivered a
 // full set (its BOOKMARK) before it ended.
 func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synced bool, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	started := a.assignmentStream(cancel)
 	stream, err := a.hosts.WatchAssignments(ctx, &minicloudv1.WatchAssignmentsRequest{Host: a.cfg.HostName})
 	if err != nil {
 		return false, err
@@ -84,6 +87,11 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 			a.mu.Lock()
 			delete(a.assigned, id)
 			delete(a.reported, id)
+			if ev.GetReleased() {
+				// It left this host while it was fenced: destroy it
+				// before anything starts (reconcile does, first thing).
+				a.released[id] = true
+			}
 			a.mu.Unlock()
 			a.queue.Add(id)
 			a.publishGuests(ctx)
@@ -105,6 +113,7 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 			a.mu.Unlock()
 			a.publishGuests(ctx)
 			a.assignmentsChanged()
+			a.liftFence(started)
 			if first {
 				a.log.Info("assignments synced; cleaning up anything else found on the host")
 			}

@@ -65,6 +65,9 @@ func (a *Agent) register(ctx context.Context, caps hypervisor.HostCapabilities) 
 		AvailabilityZone: a.cfg.AvailabilityZone,
 		AgentVersion:     a.cfg.Version,
 		TunnelIp:         tunnelIP,
+		// Whole seconds, rounded up: the control plane's deadline must
+		// not come before the agent's own.
+		FenceAfterSeconds: int64((a.cfg.FenceAfter + time.Second - 1) / time.Second),
 	}})
 	if err != nil {
 		return 0, fmt.Errorf("register host %s: %w", a.cfg.HostName, errdefs.FromGRPC(err))
@@ -77,6 +80,7 @@ func (a *Agent) register(ctx context.Context, caps hypervisor.HostCapabilities) 
 	if _, err := a.hosts.Heartbeat(ctx, &minicloudv1.HeartbeatRequest{Name: a.cfg.HostName}); err != nil {
 		return 0, fmt.Errorf("first heartbeat: %w", errdefs.FromGRPC(err))
 	}
+	a.contact()
 	return interval, nil
 }
 
@@ -100,7 +104,9 @@ func (a *Agent) heartbeat(ctx context.Context, interval time.Duration) error {
 				return err
 			}
 			a.log.Warn("heartbeat failed", "err", err)
+			continue
 		}
+		a.contact()
 	}
 }
 

@@ -50,6 +50,19 @@ const createAttemptsBeforeReschedule = 3
 
 func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 	a.mu.Lock()
+	released := a.released[id]
+	a.mu.Unlock()
+	if released {
+		// Before the fence test: a released VM is destroyed whatever else
+		// holds (its copy elsewhere may already be running).
+		return result{}, a.releaseVM(ctx, id)
+	}
+	if a.fenced() {
+		// Nothing starts, stops or is reported until the fence lifts
+		// (fenceLoop keeps every domain down meanwhile).
+		return result{}, nil
+	}
+	a.mu.Lock()
 	as, known := a.assigned[id]
 	synced := a.synced
 	var vm *minicloudv1.VM
@@ -166,6 +179,18 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	if err != nil {
 		return result{}, fmt.Errorf("observe domain: %w", err)
 	}
+	if epoch := vm.GetStatus().GetAssignmentEpoch(); dom.Exists && dom.Epoch < epoch {
+		// A copy of an earlier assignment: the VM moved away since (this
+		// host was fenced) and came back. Destroy it before anything
+		// starts; the new copy is built from the image, as on any host.
+		a.log.Warn("domain of an earlier assignment epoch: removing it (files to the trash) before building the current one", "vm", id, "domain_epoch", dom.Epoch, "epoch", epoch)
+		if err := a.teardown(ctx, id, keepFiles); err != nil {
+			return result{}, fmt.Errorf("remove copy of epoch %d: %w", dom.Epoch, err)
+		}
+		if dom, err = a.hv.Status(ctx, id); err != nil {
+			return result{}, fmt.Errorf("observe domain: %w", err)
+		}
+	}
 	if !dom.Exists && a.domainEverCreated(vm) {
 		// The domain vanished behind our back. Report it; do not silently
 		// recreate a VM whose disk state the user may care about.
@@ -279,24 +304,44 @@ func (a *Agent) convergePower(ctx context.Context, vm *minicloudv1.VM, st *minic
 		setCondition(st, lifecycle.ConditionDomainRunning, false, lifecycle.ReasonStopped, "")
 		return result{}, events, nil
 	default:
+		restarted := false
 		if !running && acted {
-			st.Phase = lifecycle.Stopped
-			reason := lifecycle.ReasonStoppedByGuest
-			if dom.State == hypervisor.StateCrashed || dom.Reason == "crashed" {
-				reason = lifecycle.ReasonCrashed
+			reason, restart := a.unexpectedStop(vm, dom)
+			how := "the domain stopped without a request (" + dom.State + "/" + dom.Reason + ")"
+			if reason == lifecycle.ReasonHostFenced {
+				how = "the host fenced itself (no contact with the API) and destroyed the domain"
 			}
-			st.Reason, st.Message = reason, "the domain stopped on its own ("+dom.State+"/"+dom.Reason+"); `minicloud vm start` starts it again"
-			if setCondition(st, lifecycle.ConditionDomainRunning, false, reason, st.Message) {
-				events = append(events, warning(reason, st.Message))
+			var wait time.Duration
+			if restart {
+				if wait, restart = a.restartAllowed(id); restart {
+					if err := a.hv.Start(ctx, id); err != nil {
+						return result{}, nil, fmt.Errorf("restart domain: %w", err)
+					}
+					a.forgetFenceStop(id)
+					restarted = true
+					events = append(events, warning(lifecycle.ReasonRestarted, how+"; started again (restart policy on-failure)"))
+				}
 			}
-			return result{}, events, nil
+			if !restarted {
+				st.Phase = lifecycle.Stopped
+				st.Reason, st.Message = reason, how+"; `minicloud vm start` starts it again"
+				if wait > 0 {
+					st.Message = fmt.Sprintf("%s; restarted less than %s ago, next attempt in %s", how, restartInterval, wait.Round(time.Second))
+				}
+				if setCondition(st, lifecycle.ConditionDomainRunning, false, reason, st.Message) {
+					events = append(events, warning(reason, st.Message))
+				}
+				return result{RequeueAfter: wait}, events, nil
+			}
 		}
-		if !running {
+		switch {
+		case restarted: // a fresh boot is the reboot too
+		case !running:
 			if err := a.hv.Start(ctx, id); err != nil {
 				return result{}, nil, fmt.Errorf("start domain: %w", err)
 			}
 			events = append(events, normal(lifecycle.ReasonStarted, "domain started under "+a.hypervisorKind))
-		} else if spec.GetRebootGeneration() > vm.GetStatus().GetObservedRebootGeneration() {
+		case spec.GetRebootGeneration() > vm.GetStatus().GetObservedRebootGeneration():
 			if err := a.hv.Reboot(ctx, id); err != nil {
 				return result{}, nil, fmt.Errorf("reboot domain: %w", err)
 			}
@@ -427,6 +472,7 @@ func (a *Agent) domainSpec(vm *minicloudv1.VM, b bootMedia, nics []nic.NIC, conf
 	id := vm.GetMeta().GetId()
 	return hypervisor.DomainSpec{
 		VMID:            id,
+		Epoch:           vm.GetStatus().GetAssignmentEpoch(),
 		Name:            vm.GetMeta().GetName(),
 		Project:         vm.GetMeta().GetProject(),
 		VCPUs:           int(vm.GetSpec().GetResources().GetVcpus()),

@@ -353,7 +353,12 @@ func TestReconcileStoppedByGuestOrCrashed(t *testing.T) {
 	} {
 		t.Run(tc.reason, func(t *testing.T) {
 			h := newHarness(t)
-			id := h.running()
+			// A guest that shut itself down stays down under any policy;
+			// a crash is restarted unless the policy says never
+			// (TestRestartPolicy).
+			id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+			h.updateSpec(id, func(s *minicloudv1.VMSpec) { s.RestartPolicy = minicloudv1.RestartPolicy_RESTART_POLICY_NEVER })
+			h.mustPass(id)
 			tc.stop(h.hv, id)
 			h.mustPass(id)
 			h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_STOPPED, tc.reason)
@@ -595,6 +600,9 @@ func (f *fakeAPI) ReportVMStatus(_ context.Context, req *minicloudv1.ReportVMSta
 	f.mu.Lock()
 	f.reports = append(f.reports, proto.Clone(req).(*minicloudv1.ReportVMStatusRequest))
 	f.mu.Unlock()
+	if req.GetReleasedConfirmed() {
+		return &minicloudv1.ReportVMStatusResponse{}, nil
+	}
 
 	a := f.a
 	a.mu.Lock()

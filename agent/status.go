@@ -80,6 +80,8 @@ func (a *Agent) report(ctx context.Context, vm *minicloudv1.VM, st *minicloudv1.
 		Events:     events,
 		Deleted:    kind == reportDeleted,
 		Reschedule: kind == reportReschedule,
+		// The API refuses a report for an older epoch: the VM moved.
+		AssignmentEpoch: vm.GetStatus().GetAssignmentEpoch(),
 	}
 	if _, err := a.hosts.ReportVMStatus(ctx, req); err != nil {
 		err = errdefs.FromGRPC(err)

@@ -51,6 +51,10 @@ func linkExists(name string) bool {
 }
 
 // hostProcs are a host's daemons in start order.
+// HostFenceAfter is every lab agent's --fence-after: shorter than the
+// 15 s lease, with room for a heartbeat (every 5 s) to be late once.
+const HostFenceAfter = 12 * time.Second
+
 func (l *Lab) hostProcs(host string) []proc {
 	c := l.HostCapacity(host)
 	a := l.HostAddr(host)
@@ -71,6 +75,9 @@ func (l *Lab) hostProcs(host string) []proc {
 			"--identity-key", l.identityKey(),
 			// The underlay carries the VXLAN tunnels between hosts.
 			"--tunnel-ip", a.String(),
+			// A host cut off from the control plane destroys its
+			// domains, so its VMs can be evacuated (docs/lab.md).
+			"--fence-after", HostFenceAfter.String(),
 		}, l.agentAPIArgs(host)...)},
 	}
 }

@@ -50,6 +50,10 @@ type DomainSpec struct {
 	VMID    string // a UUID; also the domain UUID and SMBIOS UUID
 	Name    string // the VM's user-facing name (free text, kept in metadata)
 	Project string
+	// Epoch is the VM's assignment epoch this domain was made for (kept in
+	// metadata): a host that finds a domain of an older epoch holds a copy
+	// of a VM that moved since, and must destroy it before starting it.
+	Epoch int64
 
 	VCPUs     int
 	MemoryMiB int64
@@ -150,6 +154,7 @@ type DomainStatus struct {
 	VMID    string
 	Project string // from the domain's metadata
 	Name    string // the VM name from the domain's metadata
+	Epoch   int64  // the assignment epoch from the domain's metadata
 	Exists  bool
 	// Running is true while the guest has a live process (running, paused,
 	// shutting down).

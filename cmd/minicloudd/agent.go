@@ -65,6 +65,7 @@ type agentFlags struct {
 	// protectedNets are the management networks guests may not reach.
 	protectedNets []string
 	tunnelIP      string
+	fenceAfter    time.Duration
 	join          string
 	caHash        string
 	caCert        string
@@ -105,6 +106,7 @@ func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	fl.IntVar(&f.vcpus, "vcpus", 0, "vCPUs this host offers to the scheduler (0: all the machine's)")
 	fl.Int64Var(&f.memoryMiB, "memory", 0, "memory in MiB this host offers to the scheduler (0: all the machine's)")
 	fl.Int64Var(&f.diskGiB, "disk", 0, "disk in GiB this host offers to the scheduler (0: the size of the file system of the data directory)")
+	fl.DurationVar(&f.fenceAfter, "fence-after", 0, "self-fencing: after this long without renewing the host's lease (shorter than the 15s lease), destroy every domain and start none until the API confirms which VMs are still this host's; the control plane then counts the host FENCED and may evacuate its VMs (0: never; only an operator can fence the host)")
 	fl.StringSliceVar(&f.protectedNets, "protected-nets", nil, "management networks (CIDRs, comma separated) guests may not reach through this host: where the API, etcd and other hosts' agents and libvirt listen (the host's own ports are always closed to guests)")
 }
 
@@ -263,6 +265,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		TunnelIP:         tunnelIP,
 		UnderlayMTU:      underlayMTU,
 		QEMU:             qemu,
+		FenceAfter:       f.fenceAfter,
 	}, agent.Deps{
 		API:        conn,
 		Hypervisor: hv,

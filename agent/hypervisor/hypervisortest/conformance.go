@@ -194,6 +194,7 @@ func (s *suite) defineIdempotent(t *testing.T) {
 		t.Fatalf("second Define: %v", err)
 	}
 	spec.MemoryMiB += 64
+	spec.Epoch = 7 // a redefinition for a new assignment epoch keeps it in metadata
 	if err := d.Define(ctx, spec); err != nil {
 		t.Fatalf("Define with more memory: %v", err)
 	}
@@ -208,8 +209,8 @@ func (s *suite) defineIdempotent(t *testing.T) {
 			if !st.Exists || st.Running || st.State != hypervisor.StateShutoff {
 				t.Errorf("defined, not started: %+v", st)
 			}
-			if st.Project != spec.Project || st.Name != spec.Name {
-				t.Errorf("metadata: got project %q name %q, want %q %q", st.Project, st.Name, spec.Project, spec.Name)
+			if st.Project != spec.Project || st.Name != spec.Name || st.Epoch != spec.Epoch {
+				t.Errorf("metadata: got project %q name %q epoch %d, want %q %q %d", st.Project, st.Name, st.Epoch, spec.Project, spec.Name, spec.Epoch)
 			}
 		}
 	}

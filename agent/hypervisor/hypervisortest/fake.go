@@ -323,7 +323,7 @@ func (d *FakeDriver) Status(_ context.Context, vmID string) (hypervisor.DomainSt
 
 func (dom *fakeDomain) status() hypervisor.DomainStatus {
 	return hypervisor.DomainStatus{
-		VMID: dom.spec.VMID, Project: dom.spec.Project, Name: dom.spec.Name,
+		VMID: dom.spec.VMID, Project: dom.spec.Project, Name: dom.spec.Name, Epoch: dom.spec.Epoch,
 		Exists: true, Running: dom.running, State: dom.state, Reason: dom.reason,
 		Hypervisor: dom.spec.Hypervisor,
 	}
@@ -393,6 +393,12 @@ func (h *FakeHost) GuestPowerOff(vmID string) {
 // domain stays defined, shut off with reason "crashed").
 func (h *FakeHost) GuestCrash(vmID string) {
 	h.guestStop(vmID, hypervisor.StateShutoff, "crashed")
+}
+
+// QEMUGone plays the domain's QEMU going away with its libvirtd (the host
+// rebooted, or every process of it was killed): shut off, reason unknown.
+func (h *FakeHost) QEMUGone(vmID string) {
+	h.guestStop(vmID, hypervisor.StateShutoff, "unknown")
 }
 
 func (h *FakeHost) guestStop(vmID, state, reason string) {

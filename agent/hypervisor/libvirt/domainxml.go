@@ -24,6 +24,7 @@ type instanceMetadata struct {
 	Project    string   `xml:"project"`
 	Name       string   `xml:"name"`
 	Hypervisor string   `xml:"hypervisor"`
+	Epoch      int64    `xml:"assignment-epoch,omitempty"`
 }
 
 // parseMetadata reads the element as DomainGetMetadata returns it: libvirt
@@ -35,11 +36,12 @@ func parseMetadata(s string) (instanceMetadata, error) {
 		Project    string   `xml:"project"`
 		Name       string   `xml:"name"`
 		Hypervisor string   `xml:"hypervisor"`
+		Epoch      int64    `xml:"assignment-epoch"`
 	}
 	if err := xml.Unmarshal([]byte(s), &md); err != nil {
 		return instanceMetadata{}, fmt.Errorf("parse minicloud metadata: %w", err)
 	}
-	return instanceMetadata{VMID: md.VMID, Project: md.Project, Name: md.Name, Hypervisor: md.Hypervisor}, nil
+	return instanceMetadata{VMID: md.VMID, Project: md.Project, Name: md.Name, Hypervisor: md.Hypervisor, Epoch: md.Epoch}, nil
 }
 
 // DomainXML renders spec as the libvirt domain XML that Define uses (exported
@@ -47,7 +49,7 @@ func parseMetadata(s string) (instanceMetadata, error) {
 // libvirtxml's structs and encoding/xml; nothing is concatenated.
 func DomainXML(spec hypervisor.DomainSpec) (string, error) {
 	md, err := xml.Marshal(instanceMetadata{
-		VMID: spec.VMID, Project: spec.Project, Name: spec.Name, Hypervisor: spec.Hypervisor,
+		VMID: spec.VMID, Project: spec.Project, Name: spec.Name, Hypervisor: spec.Hypervisor, Epoch: spec.Epoch,
 	})
 	if err != nil {
 		return "", fmt.Errorf("marshal metadata: %w", err)

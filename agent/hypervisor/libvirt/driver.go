@@ -370,7 +370,7 @@ func (d *Driver) Status(ctx context.Context, vmID string) (hypervisor.DomainStat
 }
 
 func (d *Driver) status(l *golibvirt.Libvirt, dom golibvirt.Domain, md instanceMetadata) (hypervisor.DomainStatus, error) {
-	st := hypervisor.DomainStatus{VMID: md.VMID, Project: md.Project, Name: md.Name, Hypervisor: md.Hypervisor, Exists: true}
+	st := hypervisor.DomainStatus{VMID: md.VMID, Project: md.Project, Name: md.Name, Epoch: md.Epoch, Hypervisor: md.Hypervisor, Exists: true}
 	state, reason, err := l.DomainGetState(dom, 0)
 	if golibvirt.IsNotFound(err) {
 		return hypervisor.DomainStatus{VMID: md.VMID, State: hypervisor.StateAbsent}, nil

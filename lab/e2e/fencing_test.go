@@ -1,0 +1,111 @@
+package e2e
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+)
+
+// TestLabPartitionedHostIsFencedAndEvacuated (issue 13): a host cut off
+// from the control plane destroys its domains after --fence-after; the
+// control plane counts it FENCED once the lease, fence-after and the
+// margin have passed, and rebuilds the VM that asked for it
+// (--on-host-failure evacuate) on another host with the same id and
+// address. When the partition heals, the host removes its old copy: the
+// VM is defined in exactly one libvirt.
+func TestLabPartitionedHostIsFencedAndEvacuated(t *testing.T) {
+	l := Shared(t)
+	ctx := context.Background()
+	c, err := l.Client(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	hosts := l.HostNames()
+	h := hosts[len(hosts)/2]
+	vm, err := c.VMs.CreateVM(ctx, &minicloudv1.CreateVMRequest{Name: "evac-1", Spec: &minicloudv1.VMSpec{
+		Image: "tiny", Flavor: "tiny", TargetHost: h,
+		OnHostFailure: minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_EVACUATE,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_, _ = c.VMs.DeleteVM(context.Background(), &minicloudv1.DeleteVMRequest{Name: "evac-1"})
+	}()
+	if vm, err = l.WaitVM(ctx, "evac-1", minicloudv1.VMPhase_VM_PHASE_RUNNING, 5*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	domain := "mc-" + vm.GetMeta().GetId()
+	ip := vm.GetStatus().GetAddresses()[0].GetIp()
+
+	if err := l.Partition(h); err != nil {
+		t.Fatal(err)
+	}
+	healed := false
+	defer func() {
+		if !healed {
+			_ = l.Heal(h)
+		}
+	}()
+	cut := time.Now()
+	waitHostState(t, l, h, minicloudv1.HostState_HOST_STATE_FENCED)
+	t.Logf("%s fenced %s after the partition", h, time.Since(cut).Round(time.Second))
+	// The agent destroyed its domain by itself, before the control plane
+	// counted the host fenced.
+	if state, err := l.Output(ctx, h, "virsh", "domstate", domain); err != nil || strings.TrimSpace(state) == "running" {
+		t.Fatalf("on fenced %s, domain %s is %q (%v)", h, domain, strings.TrimSpace(state), err)
+	}
+
+	var moved *minicloudv1.VM
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		moved, err = c.VMs.GetVM(ctx, &minicloudv1.GetVMRequest{Name: "evac-1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st := moved.GetStatus(); st.GetHost() != "" && st.GetHost() != h && st.GetPhase() == minicloudv1.VMPhase_VM_PHASE_RUNNING {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("evac-1 not running elsewhere 5m after %s was fenced: %v", h, moved.GetStatus())
+		}
+		time.Sleep(time.Second)
+	}
+	t.Logf("evac-1 running on %s %s after the partition", moved.GetStatus().GetHost(), time.Since(cut).Round(time.Second))
+	if moved.GetMeta().GetId() != vm.GetMeta().GetId() || moved.GetStatus().GetAddresses()[0].GetIp() != ip ||
+		moved.GetStatus().GetAssignmentEpoch() <= vm.GetStatus().GetAssignmentEpoch() {
+		t.Fatalf("evacuated VM changed identity or address, or kept its epoch: before %v, after %v", vm.GetStatus(), moved.GetStatus())
+	}
+
+	if err := l.Heal(h); err != nil {
+		t.Fatal(err)
+	}
+	healed = true
+	waitHostState(t, l, h, minicloudv1.HostState_HOST_STATE_UP)
+	// The returning host removes its copy (released before its BOOKMARK).
+	deadline = time.Now().Add(3 * time.Minute)
+	for {
+		out, err := l.Output(ctx, h, "virsh", "list", "--all", "--name")
+		if err == nil && !strings.Contains(out, domain) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still defines %s 3m after it came back:\n%s", h, domain, out)
+		}
+		time.Sleep(time.Second)
+	}
+	// Exactly one host runs it.
+	for _, other := range hosts {
+		out, err := l.Output(ctx, other, "virsh", "list", "--name")
+		if err != nil {
+			t.Fatalf("virsh list on %s: %v", other, err)
+		}
+		if running := strings.Contains(out, domain); running != (other == moved.GetStatus().GetHost()) {
+			t.Errorf("%s running %s: %v (the VM is on %s)", other, domain, running, moved.GetStatus().GetHost())
+		}
+	}
+}
