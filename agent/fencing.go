@@ -179,8 +179,10 @@ const restartInterval = time.Minute
 
 // unexpectedStop returns why a domain the spec wants running is down, and
 // whether the restart policy restarts it: a guest that shut itself down
-// stays down; one destroyed by the fence, crashed, or gone with its QEMU
-// or libvirtd (a host reboot) is restarted under ON_FAILURE.
+// stays down, and so does a domain someone destroyed outside minicloud;
+// one destroyed by the fence, crashed, or gone with its QEMU or libvirtd
+// (a host reboot: libvirt says failed or unknown) is restarted under
+// ON_FAILURE.
 func (a *Agent) unexpectedStop(vm *minicloudv1.VM, dom hypervisor.DomainStatus) (reason string, restart bool) {
 	id := vm.GetMeta().GetId()
 	switch {
@@ -188,6 +190,10 @@ func (a *Agent) unexpectedStop(vm *minicloudv1.VM, dom hypervisor.DomainStatus) 
 		reason = lifecycle.ReasonHostFenced
 	case dom.Reason == "shutdown":
 		return lifecycle.ReasonStoppedByGuest, false
+	case dom.Reason == "destroyed":
+		// Someone powered it off on purpose (virsh destroy): not ours to
+		// undo. The host's own destroys are the fence's, handled above.
+		return lifecycle.ReasonStoppedUnexpectedly, false
 	case dom.State == hypervisor.StateCrashed || dom.Reason == "crashed":
 		reason = lifecycle.ReasonCrashed
 	default:

@@ -207,3 +207,18 @@ func TestOlderEpochDomainIsReplaced(t *testing.T) {
 		t.Fatalf("report epoch %d, want 2", r.GetAssignmentEpoch())
 	}
 }
+
+// TestDestroyedOutsideMinicloudStaysDown: a domain an operator destroyed
+// with virsh is reported, not restarted (the policy is for failures).
+func TestDestroyedOutsideMinicloudStaysDown(t *testing.T) {
+	h := newHarness(t)
+	id := h.running()
+	if err := hypervisortest.NewFakeDriver(h.hv).Destroy(context.Background(), id); err != nil {
+		t.Fatal(err)
+	}
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_STOPPED, lifecycle.ReasonStoppedUnexpectedly)
+	if h.domain(id).Running {
+		t.Fatal("restarted a domain destroyed on purpose")
+	}
+}
