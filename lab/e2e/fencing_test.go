@@ -7,6 +7,7 @@ import (
 	"time"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/errdefs"
 )
 
 // TestLabPartitionedHostIsFencedAndEvacuated (issue 13): a host cut off
@@ -108,4 +109,19 @@ func TestLabPartitionedHostIsFencedAndEvacuated(t *testing.T) {
 			t.Errorf("%s running %s: %v (the VM is on %s)", other, domain, running, moved.GetStatus().GetHost())
 		}
 	}
+	if _, err := c.VMs.DeleteVM(ctx, &minicloudv1.DeleteVMRequest{Name: "evac-1"}); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(3 * time.Minute)
+	for {
+		_, err := c.VMs.GetVM(ctx, &minicloudv1.GetVMRequest{Name: "evac-1"})
+		if errdefs.IsNotFound(errdefs.FromGRPC(err)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("evac-1 not deleted 3m after DeleteVM: %v", err)
+		}
+		time.Sleep(time.Second)
+	}
+	auditLab(t, l, vm.GetMeta().GetId())
 }
