@@ -225,7 +225,7 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	nics, err := a.ensureNetwork(ctx, vm)
 	if err != nil {
 		setCondition(st, lifecycle.ConditionNetworkReady, false, lifecycle.ReasonNetworkFailed, err.Error())
-		return result{}, err
+		return result{}, a.networkRefused(ctx, vm, st, err)
 	}
 	a.publishGuests(ctx)
 	if setCondition(st, lifecycle.ConditionNetworkReady, true, lifecycle.ReasonPortsReady, fmt.Sprintf("%d port(s) plugged", len(nics))) {

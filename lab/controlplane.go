@@ -78,6 +78,8 @@ func (l *Lab) apiProc(i int) proc {
 		// One blob store for every replica, as a shared file system is on
 		// real machines (docs/architecture.md, "Several API replicas").
 		"--image-dir", l.ImageDir(),
+		// No guest network may take the underlay's range.
+		"--reserved-cidr", l.Subnet.String(),
 	}, l.etcdArgs()...)}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sort"
 	"strings"
 	"testing"
@@ -48,6 +49,8 @@ type env struct {
 	admin string
 	// hostConns are agents' connections, by host name (see hostRouter).
 	hostConns map[string]*grpc.ClientConn
+	// reserved is the server's Config.ReservedCIDRs (set before start).
+	reserved []netip.Prefix
 }
 
 // newEnv starts etcd, the cluster CA, the bootstrap admin and the server,
@@ -72,7 +75,7 @@ func newEnv(t *testing.T) *env {
 func (e *env) start() {
 	e.t.Helper()
 	cfg := apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir(), Logger: slog.New(slog.DiscardHandler),
-		CA: e.ca, TLS: e.serverTLS(), AgentTLS: e.controlPlaneTLS()}
+		CA: e.ca, TLS: e.serverTLS(), AgentTLS: e.controlPlaneTLS(), ReservedCIDRs: e.reserved}
 	srv, err := apiserver.New(cfg)
 	if err != nil {
 		e.t.Fatal(err)

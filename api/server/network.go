@@ -45,6 +45,9 @@ func (n *networkService) CreateNetwork(ctx context.Context, req *minicloudv1.Cre
 	if err != nil {
 		return nil, err
 	}
+	if err := n.s.refuseReserved(plan.prefix); err != nil {
+		return nil, err
+	}
 	meta := metaFor(req.GetName(), project)
 	nw := &minicloudv1.Network{
 		Meta:       meta,
@@ -70,6 +73,10 @@ func (n *networkService) CreateNetwork(ctx context.Context, req *minicloudv1.Cre
 				return nil, errdefs.FailedPrecondition("cidr %s overlaps network %s: networks share every host's routing table, choose a disjoint range", plan.prefix, describeNetwork(o.Value))
 			}
 		}
+		hostsRev, err := n.s.refuseHostAddresses(ctx, plan.prefix)
+		if err != nil {
+			return nil, err
+		}
 		// The VNI is taken in the same transaction as the network is written.
 		vni, free, take, err := store.VNIAllocation(ctx, n.s.etcd, n.s.vniRange(), meta.Id)
 		if err != nil {
@@ -82,7 +89,7 @@ func (n *networkService) CreateNetwork(ctx context.Context, req *minicloudv1.Cre
 		}
 		// No network may appear between the overlap scan and the write.
 		ok, err := n.s.createObjectWith(ctx, key, nw, meta, exists,
-			append([]clientv3.Cmp{store.UnchangedSince(store.NetworkPrefix, rev), free}, quotaCmps...), append([]clientv3.Op{take}, quotaOps...))
+			append([]clientv3.Cmp{store.UnchangedSince(store.NetworkPrefix, rev), store.UnchangedSince(store.HostSpecPrefix, hostsRev), free}, quotaCmps...), append([]clientv3.Op{take}, quotaOps...))
 		if err != nil || ok {
 			return nw, err
 		}

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -73,6 +74,9 @@ type Config struct {
 	// VNIRange bounds the VXLAN segment ids given to networks; zero means
 	// store.DefaultVNIRange.
 	VNIRange store.VNIRange
+	// ReservedCIDRs are ranges no network may overlap: the operator's
+	// management and underlay networks (minicloudd api --reserved-cidr).
+	ReservedCIDRs []netip.Prefix
 
 	// CA is the cluster CA (EnsureCA): it signs the certificates of
 	// joining hosts. Nil: JoinHost and CreateJoinToken are refused.
@@ -118,6 +122,7 @@ type Server struct {
 	agentOpt []grpc.DialOption
 	images   *imageservice.Service // nil if not served
 	vnis     store.VNIRange
+	reserved []netip.Prefix // Config.ReservedCIDRs
 
 	idIssuer   string
 	idRotation time.Duration
@@ -168,6 +173,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		etcd:     cfg.Client,
 		vnis:     cfg.VNIRange,
+		reserved: cfg.ReservedCIDRs,
 		log:      cfg.Logger,
 		ipam:     ipam.New(cfg.Client),
 		leases:   &requestLeases{lease: cfg.Client},

@@ -7,7 +7,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -31,6 +33,7 @@ type apiFlags struct {
 	tlsSANs       []string
 	imageMax      int64
 	imageMinFree  int64
+	reservedCIDRs []string
 	// identityIssuer and identityRotation: workload identity tokens.
 	identityIssuer   string
 	identityRotation time.Duration
@@ -73,6 +76,7 @@ func (f *apiFlags) addFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.imageDir, "image-dir", "", "image blob store, shared by every API replica of the cluster (a network file system, or one directory on one machine) (default DIR/images)")
 	cmd.Flags().Int64Var(&f.imageMax, "image-max-bytes", 0, "largest image upload, all parts together (0: 64 GiB)")
 	cmd.Flags().Int64Var(&f.imageMinFree, "image-store-min-free", 0, "free space an upload must leave on the image store's file system (0: 256 MiB)")
+	cmd.Flags().StringSliceVar(&f.reservedCIDRs, "reserved-cidr", nil, "a range no network may overlap, e.g. the machines' management network and the hosts' underlay (repeatable, or comma separated); hosts' registered addresses are always refused")
 	cmd.Flags().StringSliceVar(&f.tlsSANs, "tls-san", nil, "extra names and IPs for the API's TLS certificate (served when --listen is beyond loopback), e.g. the address clients and agents dial")
 	cmd.Flags().StringVar(&f.identityIssuer, "identity-issuer", "", "URL at which third parties reach this API's --metrics-listen address: the \"iss\" of guests' identity tokens, with the JWKS and OpenID discovery below it (default http://<metrics-listen address>)")
 	cmd.Flags().DurationVar(&f.identityRotation, "identity-key-rotation", identity.DefaultRotation, "how long one identity token signing key signs before the next takes over (at least 3h)")
@@ -99,6 +103,19 @@ func newAPICommand() *cobra.Command {
 	return cmd
 }
 
+// parseReservedCIDRs parses --reserved-cidr.
+func parseReservedCIDRs(in []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range in {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			return nil, fmt.Errorf("--reserved-cidr %q: want a CIDR such as 192.168.1.0/24: %w", s, err)
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
+}
+
 // runAPI serves the API until ctx ends. ready, if set, is closed once the
 // listeners are open.
 func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- struct{}) error {
@@ -110,7 +127,12 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 	if err != nil {
 		return err
 	}
+	reserved, err := parseReservedCIDRs(f.reservedCIDRs)
+	if err != nil {
+		return err
+	}
 	cfg := apiserver.Config{
+		ReservedCIDRs:       reserved,
 		Client:              cli,
 		ImageDir:            imageDir,
 		Logger:              slog.Default(),

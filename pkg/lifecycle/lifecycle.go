@@ -257,6 +257,9 @@ const (
 	ReasonAddressInvalid = "AddressInvalid"
 	// The host serves a metadata update (labels, tags, metadata, SSH keys).
 	ReasonMetadataDelivered = "MetadataDelivered"
+
+	// The network's CIDR overlaps a route of the host: its bridge is not built.
+	ReasonNetworkOverlapsHost = "NetworkOverlapsHost"
 )
 
 // MarkdownTable renders Transitions as the table docs/architecture.md

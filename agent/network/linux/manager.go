@@ -109,6 +109,13 @@ func (m *Manager) EnsureBridge(ctx context.Context, spec network.BridgeSpec) err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	// A new bridge only: one that exists already routes its network, and
+	// tearing it down would cut its guests off.
+	if _, err := netlink.LinkByName(spec.Name); isLinkNotFound(err) {
+		if err := m.hostConflict(spec.GatewayCIDR.Masked()); err != nil {
+			return err
+		}
+	}
 	// Rules first, keyed by name: the bridge is protected from its first
 	// instant of existence.
 	if err := m.ensureBridgeRules(spec); err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -20,6 +21,17 @@ type FakeHost struct {
 	ports   map[string]network.PortSpec
 	// remote holds each tunnelled bridge's remote ports.
 	remote map[string][]network.RemotePort
+	// routes are the host's own routes (SetRoutes), by destination.
+	routes map[netip.Prefix]string
+}
+
+// SetRoutes sets the host's own routes (destination → device) that a new
+// bridge may not overlap, as the kernel's routing table does for the real
+// manager.
+func (h *FakeHost) SetRoutes(routes map[netip.Prefix]string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.routes = routes
 }
 
 // NewFakeHost returns an empty host.
@@ -49,6 +61,13 @@ func (f *FakeManager) EnsureBridge(_ context.Context, spec network.BridgeSpec) e
 	}
 	f.host.mu.Lock()
 	defer f.host.mu.Unlock()
+	if _, exists := f.host.bridges[spec.Name]; !exists {
+		for dst, dev := range f.host.routes {
+			if dst.Overlaps(spec.GatewayCIDR.Masked()) {
+				return &network.HostConflictError{CIDR: spec.GatewayCIDR.Masked(), Route: dst, Via: "dev " + dev}
+			}
+		}
+	}
 	f.host.bridges[spec.Name] = spec
 	if spec.Tunnel == nil {
 		delete(f.host.remote, spec.Name)
