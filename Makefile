@@ -7,7 +7,7 @@ PREFIX   ?= /usr/local
 DATA_DIR ?= /var/lib/minicloud
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build install up down clean test test-short images bench generate check-generate lint lab lab-down
+.PHONY: all build install up down clean test test-short images bench generate check-generate lint lab lab-down chaos
 
 all: build
 
@@ -61,6 +61,13 @@ images:
 
 bench:
 	./hack/bench.sh
+
+# Seeded random fault scenarios on a lab of their own, each followed by the
+# invariant auditor; rewrites docs/benchmarks.md's chaos section (docs/lab.md).
+# Not part of make test. CHAOS_SEED=N repeats a run.
+CHAOS_SEED ?= $(shell date +%s)
+chaos:
+	./hack/chaos run --seed $(CHAOS_SEED)
 
 generate:
 	./hack/generate.sh

@@ -25,6 +25,8 @@ func chaos(ctx context.Context, dir string, args []string) (int, error) {
 			return 1, err
 		}
 		return audit(ctx, l, args)
+	case "run":
+		return runChaos(ctx, args)
 	default:
 		fmt.Fprint(os.Stderr, usage)
 		return 2, fmt.Errorf("unknown chaos command %q", cmd)

@@ -38,6 +38,13 @@ const usage = `usage: hack/lab [--dir DIR] COMMAND [ARGS]
                        0: one snapshot) while the cloud converges; print
                        the last snapshot's violations, exit 1 if any.
                        --deleted: VM ids that must exist nowhere
+  chaos run [--seed N] [--rounds N] [--settle D] [--docs FILE] [--keep]
+                       make chaos: bring up a lab of its own (mclc,
+                       /var/lib/minicloud-labchaos, 10.253.0.0/24), run
+                       the chaos scenarios in a seeded random order, each
+                       followed by the auditor; write the table into
+                       FILE's chaos section; exit 1 on a lost VM, a
+                       duplicate or a scenario that never recovered
 `
 
 func main() {
