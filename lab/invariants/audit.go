@@ -27,6 +27,9 @@ type Options struct {
 	Settle time.Duration
 	// Interval is the pause between two snapshots (default 2 s).
 	Interval time.Duration
+	// Each, if set, is given every snapshot's violations (the chaos run
+	// counts duplicates that appear while the cloud converges).
+	Each func([]Violation)
 }
 
 // Report is the outcome of an Audit.
@@ -57,6 +60,9 @@ func Audit(ctx context.Context, kv clientv3.KV, hosts Hosts, opts Options) (Repo
 		r.Elapsed = time.Since(start)
 		if err == nil {
 			r.Violations = Check(s, opts.Deleted)
+			if opts.Each != nil {
+				opts.Each(r.Violations)
+			}
 			if len(r.Violations) == 0 {
 				return r, nil
 			}

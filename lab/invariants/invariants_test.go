@@ -2,6 +2,7 @@ package invariants
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -254,9 +255,14 @@ func TestAuditReadsEtcdAndWaitsForConvergence(t *testing.T) {
 		"host1": {Domains: []Domain{{Name: "mc-" + idA, Running: true}}, VMDirs: []string{idA}},
 	}}
 
-	r, err := Audit(ctx, cli, hosts, Options{Settle: 10 * time.Second, Interval: 10 * time.Millisecond})
+	var seen []int
+	r, err := Audit(ctx, cli, hosts, Options{Settle: 10 * time.Second, Interval: 10 * time.Millisecond,
+		Each: func(v []Violation) { seen = append(seen, len(v)) }})
 	if err != nil || len(r.Violations) != 0 || r.Snapshots != 4 {
 		t.Fatalf("Audit = %s, %v; want it clean at the 4th snapshot", r, err)
+	}
+	if fmt.Sprint(seen) != "[1 1 1 0]" {
+		t.Errorf("Each saw %v violations per snapshot, want [1 1 1 0]", seen)
 	}
 
 	// A host that never converges: the last snapshot's violations, after

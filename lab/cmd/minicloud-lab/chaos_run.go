@@ -34,7 +34,7 @@ type result struct {
 	recovered  time.Duration
 	lost       int // VMs that existed or were accepted, gone without a delete
 	notRunning int // of those, not RUNNING at the end
-	duplicates int // one-host and unique violations left
+	duplicates int // most one-host and unique violations in one snapshot
 	violations []string
 	err        error
 }
@@ -116,22 +116,25 @@ func (e *env) play(ctx context.Context, sc scenario, host string, settle time.Du
 		res.err = err
 		return res
 	}
+	stopWatch := e.watchDuplicates(ctx, &res)
 	o, err := sc.run(ctx, e, host)
+	stopWatch()
 	res.target, res.err = o.host, err
 	if o.faultAt.IsZero() {
 		o.faultAt = time.Now()
 	}
 	auditStart := time.Now()
-	r, aerr := auditOnce(ctx, e.l, invariants.Options{Deleted: o.deleted, Settle: settle})
+	// Duplicates count while the cloud converges too: a VM running twice
+	// for a moment is a duplicate even if one copy is gone by the end.
+	r, aerr := auditOnce(ctx, e.l, invariants.Options{Deleted: o.deleted, Settle: settle, Each: func(vs []invariants.Violation) {
+		res.duplicates = max(res.duplicates, duplicates(vs))
+	}})
 	if aerr == nil && len(r.Violations) == 0 {
 		res.recovered = auditStart.Sub(o.faultAt) + r.Elapsed
 	}
 	res.err = errors.Join(res.err, aerr)
 	for _, v := range r.Violations {
 		res.violations = append(res.violations, v.String())
-		if v.Invariant == invariants.OneHost || v.Invariant == invariants.Unique {
-			res.duplicates++
-		}
 	}
 	after, err := e.vmNames(ctx)
 	res.err = errors.Join(res.err, err)
@@ -169,6 +172,47 @@ func (e *env) play(ctx context.Context, sc scenario, host string, settle time.Du
 	return res
 }
 
+// duplicates counts the one-host and unique violations in vs.
+func duplicates(vs []invariants.Violation) int {
+	n := 0
+	for _, v := range vs {
+		if v.Invariant == invariants.OneHost || v.Invariant == invariants.Unique {
+			n++
+		}
+	}
+	return n
+}
+
+// watchDuplicates takes a snapshot every few seconds while a fault lasts
+// (a partitioned or stopped host is still read from this machine, as far
+// as it can be) and keeps the most duplicates seen in res; the returned
+// func stops it and waits.
+func (e *env) watchDuplicates(ctx context.Context, res *result) func() {
+	etcd, err := e.l.EtcdClient()
+	if err != nil {
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer etcd.Close()
+		for {
+			if s, err := invariants.Take(ctx, etcd, invariants.LabHosts{Lab: e.l}); err == nil {
+				n := duplicates(invariants.Check(s, nil))
+				res.duplicates = max(res.duplicates, n) // read only after stop
+
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(3 * time.Second):
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
 // vmNames maps every VM's name to its phase.
 func (e *env) vmNames(ctx context.Context) (map[string]minicloudv1.VMPhase, error) {
 	list, err := e.c.VMs.ListVMs(ctx, &minicloudv1.ListVMsRequest{AllProjects: true})
@@ -202,7 +246,7 @@ func render(results []result, seed int64, rounds int, took time.Duration) string
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %d | %d | %d | %s |\n", r.scenario, r.target, rec, r.lost, r.notRunning, r.duplicates, left)
 	}
-	b.WriteString("\nTime to recover is from the fault's injection to the first snapshot in which every invariant holds (docs/lab.md, \"Checking invariants\"), so it includes the fault's own length (a partition lasts 25-30 s, longer than the 15 s host lease). VMs lost: VMs that existed before the scenario or whose create it saw accepted, missing at the end without a delete. Not RUNNING after: of those, the ones that exist but do not run once the cloud has converged (a stopped host brings its VMs back shut off; the run then starts them, as an operator would). Duplicates: `one-host` and `unique` violations in the last snapshot. After each scenario its VMs are deleted and audited as deleted, and every VM is started again.\n")
+	b.WriteString("\nTime to recover is from the fault's injection to the first snapshot in which every invariant holds (docs/lab.md, \"Checking invariants\"), so it includes the fault's own length (a partition lasts 25-30 s, longer than the 15 s host lease). VMs lost: VMs that existed before the scenario or whose create it saw accepted, missing at the end without a delete. Not RUNNING after: of those, the ones that exist but do not run once the cloud has converged (a host that was stopped brings its VMs back shut off, STOPPED with a reason, unless their restart policy starts them; the clean-up then starts them, as an operator would). Duplicates: the most `one-host` (a VM defined or running on two hosts) and `unique` (an address or MAC held twice) violations in any one snapshot, taken every 3 s while the fault lasts (a partitioned host is still read from the machine) and every 2 s while the cloud converges. After each scenario its VMs are deleted and audited as deleted, and every VM is started again.\n")
 	return b.String()
 }
 
