@@ -265,7 +265,7 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 
 		// Until the first contact, the fence counts from the start: an
 		// agent started while cut off fences its host all the same.
-		fence:    fenceState{lastContact: time.Now(), stopped: map[string]bool{}},
+		fence:    fenceState{lastContact: time.Now()},
 		released: map[string]bool{},
 		restarts: map[string]time.Time{},
 	}, nil

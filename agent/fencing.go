@@ -2,7 +2,10 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -35,8 +38,6 @@ type fenceState struct {
 	fenced      bool
 	// contactBack is the first successful heartbeat since fenced.
 	contactBack time.Time
-	// stopped are the VMs whose domains the fence destroyed.
-	stopped map[string]bool
 	// cancelStream ends the current assignment stream, so that the next
 	// one starts after contact is back.
 	cancelStream context.CancelFunc
@@ -44,6 +45,7 @@ type fenceState struct {
 
 // contact records a successful registration or heartbeat.
 func (a *Agent) contact() {
+	a.touchLastContact()
 	f := &a.fence
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -84,21 +86,31 @@ func (a *Agent) liftFence(streamStart time.Time) {
 		return
 	}
 	f.fenced, f.contactBack = false, time.Time{}
-	a.log.Warn("fence lifted: the assignment set is fresh; VMs still assigned here start again", "stopped_by_fence", len(f.stopped))
+	a.log.Warn("fence lifted: the assignment set is fresh; VMs still assigned here start again")
 }
 
-// stoppedByFence says whether the fence destroyed id's domain (and has not
-// been started since).
+// fenceStoppedFile marks, in a VM's directory, that a fence (the agent's
+// or the fence guard's) destroyed its domain: a file, so an agent that
+// restarts still tells the fence's stop from one made on purpose.
+const fenceStoppedFile = "fence-stopped"
+
+// markFenceStop records that a fence destroyed the domain of the VM whose
+// directory is vmDir.
+func markFenceStop(vmDir string) error {
+	return os.WriteFile(filepath.Join(vmDir, fenceStoppedFile), nil, 0o600)
+}
+
+// stoppedByFence says whether a fence destroyed id's domain (and it has
+// not been started since).
 func (a *Agent) stoppedByFence(id string) bool {
-	a.fence.mu.Lock()
-	defer a.fence.mu.Unlock()
-	return a.fence.stopped[id]
+	_, err := os.Stat(filepath.Join(a.vmDir(id), fenceStoppedFile))
+	return err == nil
 }
 
 func (a *Agent) forgetFenceStop(id string) {
-	a.fence.mu.Lock()
-	defer a.fence.mu.Unlock()
-	delete(a.fence.stopped, id)
+	if err := os.Remove(filepath.Join(a.vmDir(id), fenceStoppedFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		a.log.Warn("forget fence stop", "vm", id, "err", err)
+	}
 }
 
 // fenceLoop fences the host when contact has been lost for FenceAfter, and
@@ -144,13 +156,15 @@ func (a *Agent) destroyAllDomains(ctx context.Context) {
 			}
 			continue
 		}
+		// Marked first: a destroyed domain without the mark would look
+		// destroyed on purpose, and stay down.
+		if err := markFenceStop(a.vmDir(id)); err != nil {
+			a.log.Error("fenced: mark VM; destroying its domain anyway", "vm", id, "err", err)
+		}
 		if err := a.hv.Destroy(ctx, id); err != nil {
 			a.log.Error("fenced: destroy domain failed; retrying", "vm", id, "err", err)
 			continue
 		}
-		a.fence.mu.Lock()
-		a.fence.stopped[id] = true
-		a.fence.mu.Unlock()
 		a.log.Warn("fenced: domain destroyed", "vm", id)
 	}
 }

@@ -2,7 +2,9 @@ package agent
 
 import (
 	"context"
+	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -220,5 +222,44 @@ func TestDestroyedOutsideMinicloudStaysDown(t *testing.T) {
 	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_STOPPED, lifecycle.ReasonStoppedUnexpectedly)
 	if h.domain(id).Running {
 		t.Fatal("restarted a domain destroyed on purpose")
+	}
+}
+
+// TestFenceGuardWithoutTheAgent: with the agent gone (killed) and QEMU
+// still running, the fence guard destroys the domain once the agent's last
+// contact is older than fence-after, and marks it so; the agent, back,
+// tells that stop from one made on purpose and restarts the VM.
+func TestFenceGuardWithoutTheAgent(t *testing.T) {
+	h := newHarness(t)
+	id := h.running()
+	contact := filepath.Join(h.a.cfg.StateDir, LastContactFile)
+	h.a.touchLastContact()
+	old := time.Now().Add(-time.Minute)
+	if err := os.Chtimes(contact, old, old); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- FenceGuard(ctx, h.a.cfg.StateDir, 300*time.Millisecond, hypervisortest.NewFakeDriver(h.hv), slog.New(slog.DiscardHandler))
+	}()
+	waitFor(t, "the guard to destroy the domain", func() bool { return !h.domain(id).Running })
+	// Contact again: the guard leaves domains alone.
+	h.a.touchLastContact()
+	time.Sleep(2 * fenceCheckPeriod)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if !h.a.stoppedByFence(id) {
+		t.Fatal("the guard did not mark the VM stopped by a fence")
+	}
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, "Running")
+	if ev := h.lastEvent(id); ev.GetReason() != lifecycle.ReasonRestarted {
+		t.Fatalf("event %v, want Restarted", ev)
+	}
+	if h.a.stoppedByFence(id) {
+		t.Fatal("fence mark kept after the restart")
 	}
 }

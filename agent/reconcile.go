@@ -340,6 +340,7 @@ func (a *Agent) convergePower(ctx context.Context, vm *minicloudv1.VM, st *minic
 			if err := a.hv.Start(ctx, id); err != nil {
 				return result{}, nil, fmt.Errorf("start domain: %w", err)
 			}
+			a.forgetFenceStop(id)
 			events = append(events, normal(lifecycle.ReasonStarted, "domain started under "+a.hypervisorKind))
 		case spec.GetRebootGeneration() > vm.GetStatus().GetObservedRebootGeneration():
 			if err := a.hv.Reboot(ctx, id); err != nil {

@@ -79,6 +79,10 @@ func (l *Lab) hostProcs(host string) []proc {
 			// domains, so its VMs can be evacuated (docs/lab.md).
 			"--fence-after", HostFenceAfter.String(),
 		}, l.agentAPIArgs(host)...)},
+		// Self-fencing that does not need the agent alive: a killed
+		// agent's domains are destroyed all the same.
+		{Name: host + "-fenceguard", Host: host, Argv: []string{l.bin("minicloudd"), "fence-guard",
+			"--data-dir", l.agentData(host), "--fence-after", HostFenceAfter.String()}},
 	}
 }
 
