@@ -7,6 +7,7 @@ import (
 	"time"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/lab"
 	"github.com/minicloud/minicloud/pkg/errdefs"
 )
 
@@ -124,4 +125,81 @@ func TestLabPartitionedHostIsFencedAndEvacuated(t *testing.T) {
 		time.Sleep(time.Second)
 	}
 	auditLab(t, l, vm.GetMeta().GetId())
+}
+
+// TestLabKilledAgentIsFencedByTheGuard (issue 13, "kill -9 an agent"): a
+// host's agent killed with SIGKILL while its QEMU runs cannot fence the
+// host; its fence guard does, after --fence-after, so the host runs
+// nothing by the time the control plane counts it fenced. The agent,
+// restarted, starts the VM again (restart policy on-failure, HostFenced).
+func TestLabKilledAgentIsFencedByTheGuard(t *testing.T) {
+	l := Shared(t)
+	ctx := context.Background()
+	c, err := l.Client(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	h := l.HostNames()[0]
+	name := lab.VMName(h)
+	vm, err := l.WaitVM(ctx, name, minicloudv1.VMPhase_VM_PHASE_RUNNING, 5*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	domain := "mc-" + vm.GetMeta().GetId()
+	if err := l.Kill(h + "-agent"); err != nil {
+		t.Fatal(err)
+	}
+	restarted := false
+	defer func() {
+		if !restarted {
+			_ = l.Restart(context.Background(), h+"-agent")
+		}
+	}()
+	killed := time.Now()
+	deadline := killed.Add(2 * time.Minute)
+	for {
+		state, err := l.Output(ctx, h, "virsh", "domstate", domain)
+		if err == nil && strings.TrimSpace(state) != "running" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still %q 2m after %s's agent was killed: the fence guard did not act", domain, strings.TrimSpace(state), h)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Logf("fence guard destroyed %s %s after the agent was killed", domain, time.Since(killed).Round(time.Second))
+	waitHostState(t, l, h, minicloudv1.HostState_HOST_STATE_FENCED)
+
+	if err := l.Restart(ctx, h+"-agent"); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	waitHostState(t, l, h, minicloudv1.HostState_HOST_STATE_UP)
+	deadline = time.Now().Add(5 * time.Minute)
+	for {
+		state, _ := l.Output(ctx, h, "virsh", "domstate", domain)
+		if strings.TrimSpace(state) == "running" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is %q 5m after the agent came back: not restarted", domain, strings.TrimSpace(state))
+		}
+		time.Sleep(time.Second)
+	}
+	evs, err := c.VMs.ListVMEvents(ctx, &minicloudv1.ListVMEventsRequest{Name: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, e := range evs.GetEvents() {
+		found = found || (e.GetReason() == "Restarted" && strings.Contains(e.GetMessage(), "fenced"))
+	}
+	if !found {
+		t.Errorf("no Restarted event naming the fence for %s: %v", name, evs.GetEvents())
+	}
+	if _, err := l.WaitVM(ctx, name, minicloudv1.VMPhase_VM_PHASE_RUNNING, 5*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	auditLab(t, l)
 }
