@@ -116,8 +116,8 @@ func (l *Lab) agentJoinArgs(ctx context.Context, host string) ([]string, error) 
 	return []string{"--join", tok.Token, "--ca-hash", tok.CaHash}, nil
 }
 
-// StartHost boots host: namespaces (if missing), then virtlogd, libvirtd
-// and the agent. A host that runs is left alone; one that was stopped
+// StartHost boots host: namespaces (if missing), then virtlogd, libvirtd,
+// the fence guard and the agent. A host that runs is left alone; one that was stopped
 // boots again with its domains defined, which its agent restarts.
 func (l *Lab) StartHost(ctx context.Context, host string) error {
 	if err := l.checkHost(host); err != nil {
@@ -158,6 +158,11 @@ func (l *Lab) StartHost(ctx context.Context, host string) error {
 		return c.Close()
 	}); err != nil {
 		return err
+	}
+	if _, ok := l.running(procs[3].Name); !ok {
+		if err := l.start(procs[3]); err != nil {
+			return err
+		}
 	}
 	if _, ok := l.running(procs[2].Name); ok {
 		return nil
@@ -238,6 +243,7 @@ func (l *Lab) killNS(host string) error {
 func (l *Lab) removeHost(ctx context.Context, host string) error {
 	procs := l.hostProcs(host)
 	var errs []error
+	errs = append(errs, l.stop(procs[3].Name, syscall.SIGTERM, 5*time.Second))
 	errs = append(errs, l.stop(procs[2].Name, syscall.SIGTERM, 15*time.Second))
 	if _, ok := l.running(procs[1].Name); ok {
 		out, _ := l.Output(ctx, host, "virsh", "list", "--name")
