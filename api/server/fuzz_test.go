@@ -25,6 +25,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -61,14 +62,12 @@ func TestFuzzEveryRPC(t *testing.T) {
 	e := newEnv(t)
 	e.seed()
 	e.registerHost("fuzzhost", "127.0.0.1:1")
-	vm := e.createVM("vm1")
-	e.place(vm.GetMeta().GetId(), "fuzzhost")
 	f := &fuzzer{
-		r:    rand.New(rand.NewPCG(uint64(seed), 0x6d696e69)),
-		vmID: vm.GetMeta().GetId(),
-		names: []string{"default", "small", "tiny", "debian", "fuzzhost", "vm1", vm.GetMeta().GetId(), "admin",
-			"10.99.0.0/24", "10.98.0.0/24", "web", "db", "p1"},
+		r: rand.New(rand.NewPCG(uint64(seed), 0x6d696e69)),
+		names: []string{"default", "small", "tiny", "debian", "fuzzhost", "admin",
+			"10.99.0.0/24", "10.98.0.0/24", "web", "db", "p1", "u1", "fz-sg"},
 	}
+	f.baseNames = len(f.names)
 	conns := []struct {
 		who  string
 		conn grpc.ClientConnInterface
@@ -96,6 +95,9 @@ func TestFuzzEveryRPC(t *testing.T) {
 	succeeded := map[string]bool{}
 	refused := 0
 	for i := range calls {
+		if i%reseedEvery == 0 {
+			f.reseed(t, e, i/reseedEvery)
+		}
 		m := methods[f.r.IntN(len(methods))]
 		pick := f.r.IntN(10)
 		c := conns[0]
@@ -133,6 +135,13 @@ func TestFuzzEveryRPC(t *testing.T) {
 			continue
 		}
 		msg := status.Convert(err).Message()
+		if code == codes.Unavailable || code == codes.Aborted {
+			// Proper codes, but worth a look: logged once each.
+			if k := m.name + code.String() + firstWords(msg); !seen[k] {
+				seen[k] = true
+				t.Logf("%s → %s: %s", m.name, code, truncate(msg, 300))
+			}
+		}
 		switch code {
 		case codes.InvalidArgument, codes.NotFound, codes.AlreadyExists, codes.FailedPrecondition,
 			codes.PermissionDenied, codes.Unauthenticated, codes.ResourceExhausted, codes.OutOfRange,
@@ -204,6 +213,45 @@ func firstWords(s string) string {
 	return strings.Join(w[:min(len(w), 4)], " ")
 }
 
+// reseedEvery is how many calls run between two reseeds: successful calls
+// delete what the templates name (the VM, the network, the flavor), and
+// without them every later call would stop at NotFound.
+const reseedEvery = 150
+
+// reseed puts back what the templates need — flavors, the default network,
+// the image, the host (with room for every round's VM), and a new VM
+// placed on it, which the templates name from now on. Failures are fine
+// (the object may still exist, or the fuzzer may have made it impossible:
+// a network over the range); they only make the next calls less useful.
+func (f *fuzzer) reseed(t *testing.T, e *env, round int) {
+	c := ctx(t)
+	for _, fl := range []*minicloudv1.CreateFlavorRequest{
+		{Name: "small", Vcpus: 1, MemoryMib: 1024, DiskGib: 4},
+		{Name: "tiny", Vcpus: 1, MemoryMib: 256, DiskGib: 1},
+	} {
+		_, _ = e.flv.CreateFlavor(c, fl)
+	}
+	_, _ = e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "default", Cidr: "10.99.0.0/24"})
+	e.putImage("debian", 0)
+	_, _ = e.hosts.RegisterHost(c, &minicloudv1.RegisterHostRequest{Host: &minicloudv1.Host{
+		Meta: &minicloudv1.ObjectMeta{Name: "fuzzhost"}, Address: "127.0.0.1:1",
+		Capacity: &minicloudv1.Resources{Vcpus: 1 << 20, MemoryMib: 1 << 40, DiskGib: 1 << 30}, Hypervisors: []string{"tcg"},
+	}})
+	_, _ = e.hosts.EnableHost(c, &minicloudv1.EnableHostRequest{Name: "fuzzhost"})
+	_, _ = minicloudv1.NewQuotaServiceClient(e.conn).SetQuota(c, &minicloudv1.SetQuotaRequest{Project: "default", ResetToDefaults: true})
+	name := fmt.Sprintf("vm%d", round)
+	vm, err := e.vms.CreateVM(c, &minicloudv1.CreateVMRequest{Name: name, Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "tiny"}})
+	if err != nil {
+		t.Logf("reseed %d: create %s: %v", round, name, err)
+		return
+	}
+	if err := e.tryPlace(vm.GetMeta().GetId(), "fuzzhost"); err != nil {
+		t.Logf("reseed %d: %v", round, err)
+	}
+	f.vmName, f.vmID = name, vm.GetMeta().GetId()
+	f.names = append(f.names[:f.baseNames:f.baseNames], name, f.vmID)
+}
+
 // templates are valid requests (prototext) of the methods whose random
 // requests rarely get past validation; the fuzzer sends them with a few
 // fields changed, so the code behind the validation is reached too.
@@ -252,7 +300,7 @@ var hostTemplates = map[string]string{
 	"Heartbeat":          `name:"fuzzhost"`,
 	"WatchAssignments":   `host:"fuzzhost"`,
 	"WatchNetworkPorts":  `host:"fuzzhost"`,
-	"ReportVMStatus":     `host:"fuzzhost" vm_id:"VMID" status:{phase:VM_PHASE_RUNNING host:"fuzzhost" reason:"Running"} events:{reason:"Started" message:"m"}`,
+	"ReportVMStatus":     `host:"fuzzhost" vm_id:"VMID" status:{phase:VM_PHASE_CREATING host:"fuzzhost" reason:"Creating"} events:{reason:"Started" message:"m"}`,
 	"IssueIdentityToken": `host:"fuzzhost" vm_id:"VMID" audience:"https://example.com"`,
 }
 
@@ -268,7 +316,7 @@ func (f *fuzzer) request(t *testing.T, m fuzzMethod) protoreflect.Message {
 		f.fill(msg, 0)
 		return msg
 	}
-	if err := prototext.Unmarshal([]byte(strings.ReplaceAll(tmpl, "VMID", f.vmID)), msg.Interface()); err != nil {
+	if err := prototext.Unmarshal([]byte(strings.NewReplacer("VMID", f.vmID, `"vm1"`, `"`+f.vmName+`"`).Replace(tmpl)), msg.Interface()); err != nil {
 		t.Fatalf("template of %s: %v", m.name, err)
 	}
 	for range f.r.IntN(4) {
@@ -438,9 +486,10 @@ func (rawCodec) Name() string { return "proto" }
 
 // fuzzer fills messages from their descriptors.
 type fuzzer struct {
-	r     *rand.Rand
-	vmID  string
-	names []string // names and ids that exist, to reach past "not found"
+	r            *rand.Rand
+	vmName, vmID string   // the VM the templates name (reseed)
+	baseNames    int      // names before the VM's
+	names        []string // names and ids that exist, to reach past "not found"
 }
 
 // fill sets a random subset of m's fields.
@@ -692,4 +741,19 @@ func storeDiff(t *testing.T, e *env, before dumped) string {
 func leaseGone(t *testing.T, e *env, id int64) bool {
 	resp, err := e.etcd.TimeToLive(ctx(t), clientv3.LeaseID(id))
 	return err == nil && resp.TTL <= 0
+}
+
+// TestNegativeResourceVersionIsInvalid: found by TestFuzzEveryRPC — a
+// negative resource_version on a VM action was answered ABORTED ("changed,
+// read it again and retry"), which no retry can fix.
+func TestNegativeResourceVersionIsInvalid(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	e.createVM("vm1")
+	before := e.dump(t)
+	_, err := e.vms.StopVM(ctx(t), &minicloudv1.VMActionRequest{Name: "vm1", ResourceVersion: -5})
+	wantCode(t, err, codes.InvalidArgument, "resource_version -5 is negative")
+	_, err = e.vms.DeleteVM(ctx(t), &minicloudv1.DeleteVMRequest{Name: "vm1", ResourceVersion: math.MinInt64})
+	wantCode(t, err, codes.InvalidArgument, "is negative")
+	e.wantUnchanged(t, before)
 }

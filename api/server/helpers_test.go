@@ -345,18 +345,25 @@ func keys(m map[string]string) []string {
 // status.host in one transaction.
 func (e *env) place(vmID, host string) {
 	e.t.Helper()
+	if err := e.tryPlace(vmID, host); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// tryPlace is place returning its failure.
+func (e *env) tryPlace(vmID, host string) error {
 	c := ctx(e.t)
 	vm, err := store.GetVM(c, e.etcd, vmID)
 	if err != nil {
-		e.t.Fatal(err)
+		return err
 	}
 	st, err := store.ReadClaimState(c, e.etcd, host, vmID)
 	if err != nil {
-		e.t.Fatal(err)
+		return err
 	}
 	cmps, ops, _, err := store.AddClaimOps(&minicloudv1.Claim{VmId: vmID, Host: host, Resources: vm.Spec.Resources}, st.Alloc, st.AllocModRevision)
 	if err != nil {
-		e.t.Fatal(err)
+		return err
 	}
 	next := proto.CloneOf(vm.Status)
 	next.Host, next.Phase = host, minicloudv1.VMPhase_VM_PHASE_SCHEDULED
@@ -364,8 +371,9 @@ func (e *env) place(vmID, host string) {
 	op, _ := store.VMStatusOp(vmID, next)
 	cmps = append(cmps, store.Unchanged(store.VMStatusKey(vmID), vm.Status.StatusVersion))
 	if _, ok, err := store.Commit(c, e.etcd, cmps, append(ops, op)); err != nil || !ok {
-		e.t.Fatalf("place %s on %s: %v %v", vmID, host, ok, err)
+		return fmt.Errorf("place %s on %s: %v %v", vmID, host, ok, err)
 	}
+	return nil
 }
 
 func (e *env) registerHost(name, addr string) {
