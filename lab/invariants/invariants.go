@@ -23,8 +23,13 @@ import (
 
 // Invariant names, as they head each violation.
 const (
-	// OneHost: a VM is defined (and running) in one host's libvirt at most.
+	// OneHost: a VM runs on one host at most (two would share its
+	// addresses and write its data from two places).
 	OneHost = "one-host"
+	// OneDefinition: a VM is defined in one host's libvirt at most (a
+	// definition left on a host it moved away from could be started
+	// again there).
+	OneDefinition = "one-definition"
 	// Orphan: no domain, tap, VM directory, nftables port element or IPAM
 	// address exists without its VM, the one etcd assigns to that host.
 	Orphan = "orphan"
@@ -209,7 +214,7 @@ func (c *checker) hosts() {
 				continue // not minicloud's
 			}
 			if seen[id] {
-				c.bad(OneHost, h, "domain %s defined twice", d.Name)
+				c.bad(OneDefinition, h, "domain %s defined twice", d.Name)
 			}
 			seen[id] = true
 			definedOn[id] = append(definedOn[id], h)
@@ -240,7 +245,7 @@ func (c *checker) hosts() {
 	}
 	for _, id := range sortedKeys(definedOn) {
 		if on := definedOn[id]; len(on) > 1 {
-			c.bad(OneHost, id, "defined on %s", strings.Join(on, ", "))
+			c.bad(OneDefinition, id, "defined on %s", strings.Join(on, ", "))
 		}
 		if on := runningOn[id]; len(on) > 1 {
 			c.bad(OneHost, id, "running on %s", strings.Join(on, ", "))

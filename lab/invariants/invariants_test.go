@@ -68,13 +68,13 @@ func TestCheckFindsEachViolation(t *testing.T) {
 			o := s.Hosts["host3"]
 			o.Domains = append(o.Domains, Domain{Name: "mc-" + idA, Running: true})
 			s.Hosts["host3"] = o
-		}, []want{{OneHost, idA, "defined on host1, host3"}, {OneHost, idA, "running on host1, host3"},
+		}, []want{{OneDefinition, idA, "defined on host1, host3"}, {OneHost, idA, "running on host1, host3"},
 			{Orphan, "host3", "etcd assigns to \"host1\""}}},
 		{"domain defined on two hosts", func(s *Snapshot) {
 			o := s.Hosts["host3"]
 			o.Domains = append(o.Domains, Domain{Name: "mc-" + idB})
 			s.Hosts["host3"] = o
-		}, []want{{OneHost, idB, "defined on host2, host3"}, {Orphan, "host3", "domain mc-" + idB}}},
+		}, []want{{OneDefinition, idB, "defined on host2, host3"}, {Orphan, "host3", "domain mc-" + idB}}},
 		{"domain of no VM", func(s *Snapshot) {
 			o := s.Hosts["host2"]
 			o.Domains = append(o.Domains, Domain{Name: "mc-" + idX})

@@ -120,6 +120,9 @@ func (e *env) play(ctx context.Context, sc scenario, host string, settle time.Du
 	o, err := sc.run(ctx, e, host)
 	stopWatch()
 	res.target, res.err = o.host, err
+	if o.note != "" {
+		res.target += " (" + o.note + ")"
+	}
 	if o.faultAt.IsZero() {
 		o.faultAt = time.Now()
 	}
@@ -177,6 +180,9 @@ func duplicates(vs []invariants.Violation) int {
 	n := 0
 	for _, v := range vs {
 		if v.Invariant == invariants.OneHost || v.Invariant == invariants.Unique {
+			// Running twice, or an address twice; a definition left on a
+			// fenced host that will not start it is an orphan, not a
+			// duplicate.
 			n++
 		}
 	}
@@ -246,7 +252,7 @@ func render(results []result, seed int64, rounds int, took time.Duration) string
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %d | %d | %d | %s |\n", r.scenario, r.target, rec, r.lost, r.notRunning, r.duplicates, left)
 	}
-	b.WriteString("\nTime to recover is from the fault's injection to the first snapshot in which every invariant holds (docs/lab.md, \"Checking invariants\"), so it includes the fault's own length (a partition lasts 25-30 s, longer than the 15 s host lease). VMs lost: VMs that existed before the scenario or whose create it saw accepted, missing at the end without a delete. Not RUNNING after: of those, the ones that exist but do not run once the cloud has converged (a host that was stopped brings its VMs back shut off, STOPPED with a reason, unless their restart policy starts them; the clean-up then starts them, as an operator would). Duplicates: the most `one-host` (a VM defined or running on two hosts) and `unique` (an address or MAC held twice) violations in any one snapshot, taken every 3 s while the fault lasts (a partitioned host is still read from the machine) and every 2 s while the cloud converges. After each scenario its VMs are deleted and audited as deleted, and every VM is started again.\n")
+	b.WriteString("\nTime to recover is from the fault's injection to the first snapshot in which every invariant holds (docs/lab.md, \"Checking invariants\"), so it includes the fault's own length (a partition lasts 25-30 s, longer than the 15 s host lease). VMs lost: VMs that existed before the scenario or whose create it saw accepted, missing at the end without a delete. Not RUNNING after: of those, the ones that exist but do not run once the cloud has converged (a host that was stopped brings its VMs back shut off, STOPPED with a reason, unless their restart policy starts them; the clean-up then starts them, as an operator would). Duplicates: the most `one-host` (a VM running on two hosts) and `unique` (an address or MAC held twice) violations in any one snapshot, taken every 3 s while the fault lasts (a partitioned host is still read from the machine) and every 2 s while the cloud converges. After each scenario its VMs are deleted and audited as deleted, and every VM is started again.\n")
 	return b.String()
 }
 

@@ -12,6 +12,7 @@ import (
 	"github.com/minicloud/minicloud/lab"
 	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"google.golang.org/protobuf/proto"
 )
 
 // partitionFor is how long a partition lasts: longer than the hosts'
@@ -35,6 +36,8 @@ type outcome struct {
 	faultAt time.Time
 	created []string
 	deleted []string
+	// note is shown beside the target (e.g. how long an evacuation took).
+	note string
 }
 
 // scenario injects one fault while the cloud works, then undoes it (a
@@ -49,6 +52,7 @@ var scenarios = []scenario{
 	{"kill -9 an agent mid-delete", agentKillMidDelete},
 	{"stop a host's libvirtd", libvirtdStop},
 	{"partition a host longer than the lease, heal", partitionHeal},
+	{"partition a host until its VMs are evacuated, heal", partitionEvacuateHeal},
 	{"stop and start a host", stopStartHost},
 	{"kill an etcd member and an API replica during a burst", burstKills},
 }
@@ -59,10 +63,15 @@ func (e *env) name() string {
 	return fmt.Sprintf("chaos-%03d", e.seq)
 }
 
-// create creates n VMs (on host, if not ""), each retried under its request
+// create creates n tiny VMs (on host, if not ""), each retried under its request
 // id until accepted or 3 minutes pass, all at once; it returns the names
 // accepted.
 func (e *env) create(ctx context.Context, n int, host string) ([]string, error) {
+	return e.createSpec(ctx, n, &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny", TargetHost: host})
+}
+
+// createSpec is create with each VM's spec a copy of spec.
+func (e *env) createSpec(ctx context.Context, n int, spec *minicloudv1.VMSpec) ([]string, error) {
 	names := make([]string, n)
 	for i := range names {
 		names[i] = e.name()
@@ -79,7 +88,7 @@ func (e *env) create(ctx context.Context, n int, host string) ([]string, error) 
 			for {
 				cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 				_, err := e.c.VMs.CreateVM(cctx, &minicloudv1.CreateVMRequest{Name: name, RequestId: "chaos-" + name,
-					Spec: &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny", TargetHost: host}})
+					Spec: proto.Clone(spec).(*minicloudv1.VMSpec)})
 				cancel()
 				mu.Lock()
 				switch {
@@ -225,6 +234,45 @@ func partitionHeal(ctx context.Context, e *env, host string) (outcome, error) {
 	}
 	e.sleep(ctx, partitionFor, partitionFor+5*time.Second)
 	return o, e.l.Heal(host)
+}
+
+// partitionEvacuateHeal: two VMs on host ask to be evacuated
+// (on_host_failure evacuate); host is cut off until both run on other
+// hosts (it fences itself, the control plane counts it FENCED and rebuilds
+// them), then healed: it must remove its old copies.
+func partitionEvacuateHeal(ctx context.Context, e *env, host string) (outcome, error) {
+	o := outcome{host: host}
+	names, err := e.createSpec(ctx, 2, &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny", TargetHost: host,
+		OnHostFailure: minicloudv1.HostFailurePolicy_HOST_FAILURE_POLICY_EVACUATE})
+	o.created = names
+	if err != nil {
+		return o, err
+	}
+	if _, err := e.waitRunning(ctx, names); err != nil {
+		return o, err
+	}
+	o.faultAt = time.Now()
+	if err := e.l.Partition(host); err != nil {
+		return o, err
+	}
+	moved := poll(ctx, 5*time.Minute, func() error {
+		for _, n := range names {
+			vm, err := e.c.VMs.GetVM(ctx, &minicloudv1.GetVMRequest{Name: n})
+			if err != nil {
+				return err
+			}
+			if st := vm.GetStatus(); st.GetHost() == host || st.GetPhase() != minicloudv1.VMPhase_VM_PHASE_RUNNING {
+				return fmt.Errorf("%s is %s on %s", n, st.GetPhase(), st.GetHost())
+			}
+		}
+		return nil
+	})
+	if moved == nil {
+		o.note = fmt.Sprintf("2 VMs running elsewhere %s after the cut", time.Since(o.faultAt).Round(time.Second))
+	} else {
+		moved = fmt.Errorf("not evacuated 5m after the cut: %w", moved)
+	}
+	return o, errors.Join(moved, e.l.Heal(host))
 }
 
 func stopStartHost(ctx context.Context, e *env, host string) (outcome, error) {
