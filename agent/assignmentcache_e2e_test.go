@@ -83,9 +83,17 @@ func TestGuestServicesOutliveTheAPI(t *testing.T) {
 			t.Fatalf("the domain of a VM the API no longer lists still runs\nlog:\n%s", c.Log())
 		}
 	}
-	kept, _ := filepath.Glob(filepath.Join(c.DataDir, "agent", "trash", id+".*", "disk.qcow2"))
-	if len(kept) != 1 {
-		t.Fatalf("the disk of a VM the API no longer lists is not in the trash: %v\nlog:\n%s", kept, c.Log())
+	// The domain goes first; its files move to the trash once its ports
+	// are gone too.
+	var kept []string
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		kept, _ = filepath.Glob(filepath.Join(c.DataDir, "agent", "trash", id+".*", "disk.qcow2"))
+		if len(kept) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the disk of a VM the API no longer lists is not in the trash: %v\nlog:\n%s", kept, c.Log())
+		}
 	}
 	if fi, err := os.Stat(kept[0]); err != nil || fi.Size() == 0 {
 		t.Fatalf("trashed disk: %v %v", fi, err)
