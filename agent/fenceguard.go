@@ -74,22 +74,12 @@ func FenceGuard(ctx context.Context, stateDir string, fenceAfter time.Duration, 
 			log.Warn("fence guard: list VM directories", "err", err)
 			continue
 		}
+		var ids []string
 		for _, e := range entries {
-			if !e.IsDir() {
-				continue
+			if e.IsDir() {
+				ids = append(ids, e.Name())
 			}
-			dom, err := hv.Status(ctx, e.Name())
-			if err != nil || !dom.Running {
-				continue
-			}
-			if err := markFenceStop(filepath.Join(stateDir, "vms", e.Name())); err != nil {
-				log.Error("fence guard: mark VM; destroying its domain anyway", "vm", e.Name(), "err", err)
-			}
-			if err := hv.Destroy(ctx, e.Name()); err != nil {
-				log.Error("fence guard: destroy domain failed; retrying", "vm", e.Name(), "err", err)
-				continue
-			}
-			log.Warn("fence guard: domain destroyed", "vm", e.Name())
 		}
+		fenceStopDomains(ctx, hv, ids, func(id string) string { return filepath.Join(stateDir, "vms", id) }, log.With("by", "fence guard"))
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
@@ -148,24 +149,32 @@ func (a *Agent) fenceLoop(ctx context.Context) error {
 // destroyAllDomains destroys (not undefines) every running domain of this
 // agent's VMs. A failure is retried on the next tick.
 func (a *Agent) destroyAllDomains(ctx context.Context) {
-	for _, id := range a.observedVMIDs() {
-		dom, err := a.hv.Status(ctx, id)
+	fenceStopDomains(ctx, a.hv, a.observedVMIDs(), a.vmDir, a.log.With("by", "agent"))
+}
+
+// fenceStopDomains destroys (not undefines) the running domains among ids,
+// each marked fence-stopped first so the restart policy later tells it from
+// a domain stopped on purpose. The agent and the fence guard both fence
+// through it, so the two cannot disagree on what fencing leaves behind.
+func fenceStopDomains(ctx context.Context, hv hypervisor.Driver, ids []string, vmDir func(id string) string, log *slog.Logger) {
+	for _, id := range ids {
+		dom, err := hv.Status(ctx, id)
 		if err != nil || !dom.Running {
 			if err != nil {
-				a.log.Warn("fenced: observe domain", "vm", id, "err", err)
+				log.Warn("fenced: observe domain", "vm", id, "err", err)
 			}
 			continue
 		}
 		// Marked first: a destroyed domain without the mark would look
 		// destroyed on purpose, and stay down.
-		if err := markFenceStop(a.vmDir(id)); err != nil {
-			a.log.Error("fenced: mark VM; destroying its domain anyway", "vm", id, "err", err)
+		if err := markFenceStop(vmDir(id)); err != nil {
+			log.Error("fenced: mark VM; destroying its domain anyway", "vm", id, "err", err)
 		}
-		if err := a.hv.Destroy(ctx, id); err != nil {
-			a.log.Error("fenced: destroy domain failed; retrying", "vm", id, "err", err)
+		if err := hv.Destroy(ctx, id); err != nil {
+			log.Error("fenced: destroy domain failed; retrying", "vm", id, "err", err)
 			continue
 		}
-		a.log.Warn("fenced: domain destroyed", "vm", id)
+		log.Warn("fenced: domain destroyed", "vm", id)
 	}
 }
 

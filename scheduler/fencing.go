@@ -8,7 +8,6 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
-	"github.com/minicloud/minicloud/pkg/errdefs"
 	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
 	"github.com/minicloud/minicloud/scheduler/snapshot"
@@ -95,14 +94,17 @@ func (s *Scheduler) recoverFencedHost(ctx context.Context, host string, now time
 		ids = append(ids, id)
 	}
 	s.mu.Unlock()
-	for _, id := range ids {
-		vm, err := store.GetVM(ctx, s.cli, id)
-		if errdefs.IsNotFound(err) {
-			continue
+	// One read per 64 VMs, not one per VM: this runs every second on
+	// every replica for as long as the host stays fenced.
+	vms, err := store.GetVMs(ctx, s.cli, ids, 0)
+	if err != nil {
+		return err
+	}
+	for _, vm := range vms {
+		if vm == nil {
+			continue // deleted since
 		}
-		if err != nil {
-			return err
-		}
+		id := vm.GetMeta().GetId()
 		if vm.GetStatus().GetHost() != host {
 			continue
 		}

@@ -10,6 +10,8 @@ import (
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/store"
+	"github.com/minicloud/minicloud/scheduler/snapshot"
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // TestSelfFencedHostIsEvacuated: a host whose agent self-fences loses its
@@ -62,17 +64,46 @@ func TestHostWithoutSelfFencingIsNotFencedByTime(t *testing.T) {
 	_, cli := etcdtest.Start(t)
 	registerSimulatedHost(t, cli, simHost{name: "sim-mortal", vcpus: 8, memMiB: 8192, diskGiB: 50}, 1)
 	registerSimulatedHost(t, cli, simHost{name: "sim-other", vcpus: 8, memMiB: 8192, diskGiB: 50}, longTTL)
-	startScheduler(t, cli, Config{})
+	s := startScheduler(t, cli, Config{})
 	createSimulatedVMs(t, cli, simVM{id: "vm1", vcpus: 1, memMiB: 512, target: "sim-mortal", evacuate: true})
 	waitDecided(t, cli, "vm1")
 	waitStatus(t, cli, "vm1", "host_down", func(st *minicloudv1.VMStatus) bool { return st.GetHostDown() })
-	// Well past any deadline the scheduler could compute with a zero delay.
-	time.Sleep(store.FenceMargin + 2*fencePeriod)
+	waitDownSince(t, cli, "sim-mortal")
+	// A pass a day later than any deadline the scheduler could compute
+	// with a zero delay, instead of a sleep: the clock is the argument.
+	var down *snapshot.DownHost
+	for _, h := range s.Snapshot().Down() {
+		if h.Name == "sim-mortal" {
+			down = &h
+		}
+	}
+	if down == nil || down.FenceAfter != 0 {
+		t.Fatalf("the view's down hosts %+v: want sim-mortal without a fence delay", s.Snapshot().Down())
+	}
+	if err := s.handleDownHost(context.Background(), *down, time.Now().Add(24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
 	fs, err := store.ReadHostFailureState(context.Background(), cli, "sim-mortal")
 	if err != nil || fs.Fence != nil || fs.DownSince == nil {
 		t.Fatalf("sim-mortal failure state %+v %v", fs, err)
 	}
 	if st, _ := getStatus(t, cli, "vm1"); st.GetHost() != "sim-mortal" {
 		t.Fatalf("vm1 left a host that was never fenced: %v", st)
+	}
+}
+
+// waitDownSince waits until the scheduler recorded host as unreachable.
+func waitDownSince(t *testing.T, cli *clientv3.Client, host string) {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		fs, err := store.ReadHostFailureState(context.Background(), cli, host)
+		if err == nil && fs.DownSince != nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never recorded unreachable: %+v %v", host, fs, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

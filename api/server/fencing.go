@@ -92,20 +92,19 @@ func (h *hostService) EvacuateHost(ctx context.Context, req *minicloudv1.Evacuat
 	if st.Fence == nil || st.Alive {
 		return nil, notFencedError(st, "evacuate host "+name)
 	}
-	ids, _, err := store.VMIDsOnHost(ctx, h.s.etcd, name)
+	ids, rev, err := store.VMIDsOnHost(ctx, h.s.etcd, name)
+	if err != nil {
+		return nil, err
+	}
+	all, err := store.GetVMs(ctx, h.s.etcd, ids, rev)
 	if err != nil {
 		return nil, err
 	}
 	var vms []*minicloudv1.VM
-	for _, id := range ids {
-		vm, err := store.GetVM(ctx, h.s.etcd, id)
-		if errdefs.IsNotFound(err) {
-			continue
+	for _, vm := range all {
+		if vm != nil {
+			vms = append(vms, vm)
 		}
-		if err != nil {
-			return nil, err
-		}
-		vms = append(vms, vm)
 	}
 	if want := req.GetVmIds(); len(want) > 0 {
 		var chosen []*minicloudv1.VM
