@@ -41,7 +41,7 @@ const (
 	apiMetricsPort   = 8641
 	agentPort        = 8642
 	agentMetricsPort = 8643
-	schedMetricsPort = 8644
+	schedMetricsPort = 8645
 )
 
 // Sizes of the control plane.

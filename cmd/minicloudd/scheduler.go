@@ -45,8 +45,8 @@ type schedulerOptions struct {
 var allInOneScheduler schedulerOptions
 
 // defaultSchedulerMetricsListen follows the port convention (API 8640/8641,
-// agent 8642/8643).
-const defaultSchedulerMetricsListen = "127.0.0.1:8644"
+// agent 8642/8643, web console 8644).
+const defaultSchedulerMetricsListen = "127.0.0.1:8645"
 
 func (o *schedulerOptions) addFlags(fs *pflag.FlagSet, prefix, metricsDefault string) {
 	fs.IntVar(&o.maxAttempts, prefix+"max-attempts", scheduler.DefaultMaxAttempts, "hosts a VM is placed on (first placement plus reschedules after a failed create) before it goes to ERROR")
