@@ -10,6 +10,9 @@ if ! command -v minicloud >/dev/null || ! minicloud image list >/dev/null 2>&1; 
   echo "the cloud is not up (make up): images built in images/out/, not imported"
   exit 0
 fi
+# default users as `minicloud vm ssh` logs in: the tiny image has only root,
+# Debian cloud images make "debian" (cloud-init's default_user).
+declare -A user=([tiny]=root [debian]=debian)
 for name in tiny debian; do
   dir=images/out/$name
   [ -f "$dir/disk.qcow2" ] || continue
@@ -18,6 +21,6 @@ for name in tiny debian; do
     continue
   fi
   minicloud image create "$name" --file "$dir/disk.qcow2" \
-    --kernel "$dir/vmlinuz" --initrd "$dir/initrd.img" --cmdline "$(cat "$dir/cmdline")" --public
+    --kernel "$dir/vmlinuz" --initrd "$dir/initrd.img" --cmdline "$(cat "$dir/cmdline")" --default-user "${user[$name]}" --public
 done
 minicloud image list

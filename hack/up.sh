@@ -80,7 +80,7 @@ step "image tiny (built from Debian packages by hack/images/build-tiny.sh)"
 if ! minicloud image show tiny >/dev/null 2>&1; then
   minicloud image create tiny --file images/out/tiny/disk.qcow2 \
     --kernel images/out/tiny/vmlinuz --initrd images/out/tiny/initrd.img \
-    --cmdline "$(cat images/out/tiny/cmdline)" --public
+    --cmdline "$(cat images/out/tiny/cmdline)" --default-user root --public
 fi
 minicloud image list
 

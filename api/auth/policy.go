@@ -78,6 +78,8 @@ var Policy = map[string]Rule{
 	vm + "GetConsoleLog":    project(RoleReader),
 	vm + "ListVMEvents":     project(RoleReader),
 	vm + "UpdateVMMetadata": project(RoleMember),
+	vm + "ExposeVMPort":     project(RoleMember),
+	vm + "UnexposeVMPort":   project(RoleMember),
 
 	flavor + "CreateFlavor": cluster(RoleAdmin),
 	flavor + "GetFlavor":    cluster(RoleReader),

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"regexp"
 	"strings"
 	"syscall"
 
@@ -24,6 +25,10 @@ const (
 	gib           = 1 << 30
 	maxCmdlineLen = 4096
 )
+
+// defaultUserRE is a portable user name (useradd's default NAME_REGEX,
+// at most 32 characters): it goes on an ssh command line.
+var defaultUserRE = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
 
 // CreateImage receives a header and then chunks of the disk, kernel and
 // initrd, stores them as blobs and records the image. On any failure it
@@ -91,6 +96,9 @@ func (s *Service) validateHeader(h *minicloudv1.CreateImageHeader) error {
 	case "", "kvm", "tcg":
 	default:
 		return errdefs.Invalid("required_hypervisor %q must be empty, kvm or tcg", h.GetRequiredHypervisor())
+	}
+	if u := h.GetDefaultUser(); u != "" && !defaultUserRE.MatchString(u) {
+		return errdefs.Invalid("default_user %q is not a POSIX user name: use 1-32 lowercase letters, digits, '_' and '-', starting with a letter or '_'", u)
 	}
 	if h.GetMinDiskGib() < 0 {
 		return errdefs.Invalid("min_disk_gib must not be negative")
@@ -249,6 +257,7 @@ func (u *upload) describe(h *minicloudv1.CreateImageHeader) (*minicloudv1.Image,
 		Cmdline:            h.GetCmdline(),
 		MinDiskGib:         minDisk,
 		RequiredHypervisor: h.GetRequiredHypervisor(),
+		DefaultUser:        h.GetDefaultUser(),
 	}, nil
 }
 

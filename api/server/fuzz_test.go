@@ -265,6 +265,8 @@ var templates = map[string]string{
 	"ListVMEvents":       `name:"vm1"`,
 	"GetConsoleLog":      `name:"vm1" tail_bytes:100`,
 	"UpdateVMMetadata":   `name:"vm1" set_labels:{key:"a" value:"b"} add_tags:"x" set_metadata:{key:"k" value:"v"} remove_labels:"c"`,
+	"ExposeVMPort":       `name:"vm1" forward:{host_port:20080 guest_port:80}`,
+	"UnexposeVMPort":     `name:"vm1" host_port:20080`,
 	"CreateNetwork":      `name:"fz-net" cidr:"10.98.0.0/24" gateway:"10.98.0.1" mtu:1400 dns_servers:"1.1.1.1"`,
 	"GetNetwork":         `name:"default"`,
 	"DeleteNetwork":      `name:"default"`,

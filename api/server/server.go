@@ -74,6 +74,9 @@ type Config struct {
 	// VNIRange bounds the VXLAN segment ids given to networks; zero means
 	// store.DefaultVNIRange.
 	VNIRange store.VNIRange
+	// PortForwardRange bounds the host ports of port forwards; zero means
+	// store.DefaultPortForwardRange.
+	PortForwardRange store.PortRange
 	// ReservedCIDRs are ranges no network may overlap: the operator's
 	// management and underlay networks (minicloudd api --reserved-cidr).
 	ReservedCIDRs []netip.Prefix
@@ -122,6 +125,7 @@ type Server struct {
 	agentOpt []grpc.DialOption
 	images   *imageservice.Service // nil if not served
 	vnis     store.VNIRange
+	fwdPorts store.PortRange
 	reserved []netip.Prefix // Config.ReservedCIDRs
 
 	idIssuer   string
@@ -173,6 +177,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		etcd:     cfg.Client,
 		vnis:     cfg.VNIRange,
+		fwdPorts: cfg.PortForwardRange,
 		reserved: cfg.ReservedCIDRs,
 		log:      cfg.Logger,
 		ipam:     ipam.New(cfg.Client),

@@ -105,9 +105,10 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 		"spec.reboot_generation":   in.GetRebootGeneration() != 0,
 		"spec.required_hypervisor": in.GetRequiredHypervisor() != "",
 		"spec.lifecycle_version":   in.GetLifecycleVersion() != 0,
+		"spec.port_forwards":       len(in.GetPortForwards()) != 0,
 	} {
 		if set {
-			return nil, errdefs.Invalid("%s is set by the server; leave it empty (user-data goes in the request's user_data, resources come from the flavor, the hypervisor from the image)", field)
+			return nil, errdefs.Invalid("%s is set by the server; leave it empty (user-data goes in the request's user_data, resources come from the flavor, the hypervisor from the image, port forwards with ExposeVMPort after create)", field)
 		}
 	}
 	if n := len(req.GetUserData()); n > MaxUserDataBytes {

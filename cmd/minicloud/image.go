@@ -45,6 +45,7 @@ func (a *app) newImageCommand() *cobra.Command {
 	create.Flags().StringVar(&hdr.Cmdline, "cmdline", "", "kernel command line for direct boot (needs --kernel)")
 	create.Flags().Int64Var(&hdr.MinDiskGib, "min-disk-gib", 0, "smallest root disk the image needs (default: its virtual size)")
 	create.Flags().StringVar(&hdr.RequiredHypervisor, "required-hypervisor", "", "kvm or tcg if the image only runs on one")
+	create.Flags().StringVar(&hdr.DefaultUser, "default-user", "", "account `minicloud vm ssh` logs in as (\"debian\" for Debian cloud images; default root)")
 	format := create.Flags().String("format", "", "raw or qcow2: refuse the upload unless the server finds the disk is that format (default: detected)")
 	public := create.Flags().Bool("public", false, "make the image public once uploaded (every project may boot from it; admin)")
 	createOut := addOutputFlag(create)
@@ -310,6 +311,7 @@ func imageDetails(w io.Writer, i *minicloudv1.Image) error {
 		{"Initrd", blob(i.GetInitrd())},
 		{"Cmdline", orDash(i.GetCmdline())},
 		{"Required hypervisor", orDash(i.GetRequiredHypervisor())},
+		{"Default user", orDash(i.GetDefaultUser())},
 		{"Created", timestamp(i.GetMeta().GetCreateTime())},
 	})
 }

@@ -43,6 +43,9 @@ func (a *app) newVMCommand() *cobra.Command {
 		a.newVMEventsCommand(complete),
 		a.newVMWaitCommand(complete),
 		a.newVMSetCommand(complete),
+		a.newVMExposeCommand(complete),
+		a.newVMUnexposeCommand(complete),
+		a.newVMSSHCommand(complete),
 	)
 	return cmd
 }

@@ -89,6 +89,12 @@ func vmDetails(w io.Writer, vm *minicloudv1.VM) error {
 			return err
 		}
 	}
+	if fwds := spec.GetPortForwards(); len(fwds) > 0 {
+		fmt.Fprintf(w, "\nPort forwards (on host %s):\n", orDash(st.GetHost()))
+		for _, f := range fwds {
+			fmt.Fprintf(w, "  %s\n", forwardLine(vm, f))
+		}
+	}
 	if err := guestMetadataDetails(w, vm); err != nil {
 		return err
 	}

@@ -34,6 +34,8 @@ type apiFlags struct {
 	imageMax      int64
 	imageMinFree  int64
 	reservedCIDRs []string
+	// forwardRange is --port-forward-range (store.ParsePortRange).
+	forwardRange string
 	// identityIssuer and identityRotation: workload identity tokens.
 	identityIssuer   string
 	identityRotation time.Duration
@@ -77,6 +79,7 @@ func (f *apiFlags) addFlags(cmd *cobra.Command) {
 	cmd.Flags().Int64Var(&f.imageMax, "image-max-bytes", 0, "largest image upload, all parts together (0: 64 GiB)")
 	cmd.Flags().Int64Var(&f.imageMinFree, "image-store-min-free", 0, "free space an upload must leave on the image store's file system (0: 256 MiB)")
 	cmd.Flags().StringSliceVar(&f.reservedCIDRs, "reserved-cidr", nil, "a range no network may overlap, e.g. the machines' management network and the hosts' underlay (repeatable, or comma separated); hosts' registered addresses are always refused")
+	cmd.Flags().StringVar(&f.forwardRange, "port-forward-range", store.DefaultPortForwardRange.String(), "host ports `minicloud vm expose` may forward, FIRST-LAST: keep it clear of ports services on the hosts listen on (minicloud's own ports are refused in any range)")
 	cmd.Flags().StringSliceVar(&f.tlsSANs, "tls-san", nil, "extra names and IPs for the API's TLS certificate (served when --listen is beyond loopback), e.g. the address clients and agents dial")
 	cmd.Flags().StringVar(&f.identityIssuer, "identity-issuer", "", "URL at which third parties reach this API's --metrics-listen address: the \"iss\" of guests' identity tokens, with the JWKS and OpenID discovery below it (default http://<metrics-listen address>)")
 	cmd.Flags().DurationVar(&f.identityRotation, "identity-key-rotation", identity.DefaultRotation, "how long one identity token signing key signs before the next takes over (at least 3h)")
@@ -131,8 +134,13 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 	if err != nil {
 		return err
 	}
+	fwdRange, err := store.ParsePortRange(f.forwardRange)
+	if err != nil {
+		return fmt.Errorf("--port-forward-range: %w", err)
+	}
 	cfg := apiserver.Config{
 		ReservedCIDRs:       reserved,
+		PortForwardRange:    fwdRange,
 		Client:              cli,
 		ImageDir:            imageDir,
 		Logger:              slog.Default(),

@@ -130,7 +130,7 @@ func ParseEndpoints(s string) ([]string, error) {
 // NotFound for a delete that happened) and RebootVM (each call is one
 // more reboot). Streams are retried only until their first message.
 var idempotentMethods = map[string][]string{
-	"minicloud.v1.VMService":          {"GetVM", "ListVMs", "StartVM", "StopVM", "WatchVMs", "GetConsoleLog", "ListVMEvents"},
+	"minicloud.v1.VMService":          {"GetVM", "ListVMs", "StartVM", "StopVM", "WatchVMs", "GetConsoleLog", "ListVMEvents", "ExposeVMPort", "UnexposeVMPort"},
 	"minicloud.v1.ImageService":       {"GetImage", "ListImages", "DownloadImage"},
 	"minicloud.v1.FlavorService":      {"GetFlavor", "ListFlavors"},
 	"minicloud.v1.NetworkService":     {"GetNetwork", "ListNetworks"},

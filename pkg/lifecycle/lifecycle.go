@@ -208,6 +208,8 @@ const (
 	ReasonRebootRequested = "RebootRequested"
 	ReasonRescheduling    = "Rescheduling"
 	ReasonMetadataUpdated = "MetadataUpdated"
+	ReasonPortExposed     = "PortExposed"
+	ReasonPortUnexposed   = "PortUnexposed"
 
 	// Scheduler.
 	ReasonScheduled           = "Scheduled"

@@ -47,6 +47,7 @@ var Layout = []KeySpec{
 	{"hosts/alloc/<name>", HostAllocPrefix, "HostAllocation (sum of claims; its revision is compared by claims)", "scheduler, API on release"},
 	{"claims/<host>/<vm id>", ClaimPrefix, "Claim", "scheduler, API on release"},
 	{"ipam/<network id>/<ip>", IPAMPrefix, "VM id", "API"},
+	{"portforwards/<protocol>/<host-port>", PortForwardPrefix, "VM id: the VM that forwards this host port (its claim, cluster-wide; the forward itself is in the VM's spec)", "API (ExposeVMPort, UnexposeVMPort, VM removal)"},
 	{"vnis/<vni>", VNIPrefix, "network id (VNI zero-padded to 8 digits: the network's VXLAN segment id, taken in its create transaction, freed in its delete's)", "API"},
 	{"schedulers/<replica id>", SchedulerPrefix, "replica id, attached to the replica's lease (work sharing)", "each scheduler replica"},
 	{"quotas/usage/<project>", QuotaUsagePrefix, "QuotaUsage (what the project holds; every create and removal of a VM, network, server group or image changes it in its own transaction)", "API"},
@@ -98,6 +99,7 @@ const (
 	ClaimPrefix       = Prefix + "claims/"
 	IPAMPrefix        = Prefix + "ipam/"
 	VNIPrefix         = Prefix + "vnis/"
+	PortForwardPrefix = Prefix + "portforwards/"
 	SchedulerPrefix   = Prefix + "schedulers/"
 	QuotaUsagePrefix  = Prefix + "quotas/usage/"
 	QuotaLimitsPrefix = Prefix + "quotas/limits/"

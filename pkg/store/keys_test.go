@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/docsync"
 	"github.com/minicloud/minicloud/pkg/store"
 )
@@ -72,6 +73,7 @@ func TestKeyLayoutIsComplete(t *testing.T) {
 		store.ClaimPrefix:       store.ClaimKey("h", "id"),
 		store.IPAMPrefix:        store.IPAMKey("net", "10.0.0.2"),
 		store.VNIPrefix:         store.VNIKey(4711),
+		store.PortForwardPrefix: store.PortForwardKey(minicloudv1.PortProtocol_PORT_PROTOCOL_UDP, 20053),
 		store.SchedulerPrefix:   store.SchedulerKey("r"),
 		store.QuotaUsagePrefix:  store.QuotaUsageKey("p"),
 		store.QuotaLimitsPrefix: store.QuotaLimitsKey("p"),

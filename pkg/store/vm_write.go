@@ -202,7 +202,8 @@ func RescheduleVMTxn(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM, ne
 }
 
 // RemoveVMTxn removes a VM for good: its keys (spec, status, user-data,
-// name index, events), its addresses and the capacity claim on its host,
+// name index, events), its addresses, its host port claims and the
+// capacity claim on its host,
 // and gives its share of the project's quota back. It reads the addresses,
 // the claim and the usage first; the transaction compares what it read, so
 // the share goes back exactly once: with the one removal that commits.
@@ -218,6 +219,11 @@ func RemoveVMTxn(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM) (Txn, 
 		return Txn{}, err
 	}
 	t.If, t.Then = append(t.If, addrCmps...), append(t.Then, addrOps...)
+	fwdCmps, fwdOps, err := releasePortForwardOps(ctx, kv, vm)
+	if err != nil {
+		return Txn{}, err
+	}
+	t.If, t.Then = append(t.If, fwdCmps...), append(t.Then, fwdOps...)
 	if host := vm.GetStatus().GetHost(); host != "" {
 		claim, err := ReadClaimState(ctx, kv, host, vm.GetMeta().GetId())
 		if err != nil {

@@ -244,7 +244,10 @@ type Image struct {
 	RequiredHypervisor string `protobuf:"bytes,9,opt,name=required_hypervisor,json=requiredHypervisor,proto3" json:"required_hypervisor,omitempty"`
 	// meta.project owns the image: its bytes count against that project's
 	// image_bytes quota.
-	Visibility    ImageVisibility `protobuf:"varint,10,opt,name=visibility,proto3,enum=minicloud.v1.ImageVisibility" json:"visibility,omitempty"`
+	Visibility ImageVisibility `protobuf:"varint,10,opt,name=visibility,proto3,enum=minicloud.v1.ImageVisibility" json:"visibility,omitempty"`
+	// default_user is the account `minicloud vm ssh` logs in as ("debian"
+	// for Debian cloud images, "root" for the tiny image); empty: root.
+	DefaultUser   string `protobuf:"bytes,11,opt,name=default_user,json=defaultUser,proto3" json:"default_user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -349,6 +352,13 @@ func (x *Image) GetVisibility() ImageVisibility {
 	return ImageVisibility_IMAGE_VISIBILITY_UNSPECIFIED
 }
 
+func (x *Image) GetDefaultUser() string {
+	if x != nil {
+		return x.DefaultUser
+	}
+	return ""
+}
+
 type CreateImageHeader struct {
 	state              protoimpl.MessageState `protogen:"open.v1"`
 	Name               string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -364,7 +374,9 @@ type CreateImageHeader struct {
 	// format, when set, is what the uploader says the disk is: the upload is
 	// refused unless the server's probe finds that format (docs/security.md,
 	// "Untrusted images"). Unset: the probe decides.
-	Format        ImageFormat `protobuf:"varint,9,opt,name=format,proto3,enum=minicloud.v1.ImageFormat" json:"format,omitempty"`
+	Format ImageFormat `protobuf:"varint,9,opt,name=format,proto3,enum=minicloud.v1.ImageFormat" json:"format,omitempty"`
+	// default_user of the image (Image.default_user): a POSIX user name.
+	DefaultUser   string `protobuf:"bytes,10,opt,name=default_user,json=defaultUser,proto3" json:"default_user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -460,6 +472,13 @@ func (x *CreateImageHeader) GetFormat() ImageFormat {
 		return x.Format
 	}
 	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *CreateImageHeader) GetDefaultUser() string {
+	if x != nil {
+		return x.DefaultUser
+	}
+	return ""
 }
 
 type ImageChunk struct {
@@ -1035,7 +1054,7 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\tImageBlob\x12\x16\n" +
 	"\x06sha256\x18\x01 \x01(\tR\x06sha256\x12\x1d\n" +
 	"\n" +
-	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\"\xd1\x03\n" +
+	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\"\xf4\x03\n" +
 	"\x05Image\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x121\n" +
 	"\x06format\x18\x02 \x01(\x0e2\x19.minicloud.v1.ImageFormatR\x06format\x12+\n" +
@@ -1050,7 +1069,8 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\n" +
 	"visibility\x18\n" +
 	" \x01(\x0e2\x1d.minicloud.v1.ImageVisibilityR\n" +
-	"visibility\"\xe1\x02\n" +
+	"visibility\x12!\n" +
+	"\fdefault_user\x18\v \x01(\tR\vdefaultUser\"\x84\x03\n" +
 	"\x11CreateImageHeader\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\acmdline\x18\x02 \x01(\tR\acmdline\x12 \n" +
@@ -1061,7 +1081,9 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\x11kernel_size_bytes\x18\x06 \x01(\x03R\x0fkernelSizeBytes\x12*\n" +
 	"\x11initrd_size_bytes\x18\a \x01(\x03R\x0finitrdSizeBytes\x12\x18\n" +
 	"\aproject\x18\b \x01(\tR\aproject\x121\n" +
-	"\x06format\x18\t \x01(\x0e2\x19.minicloud.v1.ImageFormatR\x06format\"M\n" +
+	"\x06format\x18\t \x01(\x0e2\x19.minicloud.v1.ImageFormatR\x06format\x12!\n" +
+	"\fdefault_user\x18\n" +
+	" \x01(\tR\vdefaultUser\"M\n" +
 	"\n" +
 	"ImageChunk\x12+\n" +
 	"\x04part\x18\x01 \x01(\x0e2\x17.minicloud.v1.ImagePartR\x04part\x12\x12\n" +

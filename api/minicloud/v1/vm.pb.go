@@ -135,6 +135,55 @@ func (PowerState) EnumDescriptor() ([]byte, []int) {
 	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{1}
 }
 
+type PortProtocol int32
+
+const (
+	PortProtocol_PORT_PROTOCOL_UNSPECIFIED PortProtocol = 0
+	PortProtocol_PORT_PROTOCOL_TCP         PortProtocol = 1
+	PortProtocol_PORT_PROTOCOL_UDP         PortProtocol = 2
+)
+
+// Enum value maps for PortProtocol.
+var (
+	PortProtocol_name = map[int32]string{
+		0: "PORT_PROTOCOL_UNSPECIFIED",
+		1: "PORT_PROTOCOL_TCP",
+		2: "PORT_PROTOCOL_UDP",
+	}
+	PortProtocol_value = map[string]int32{
+		"PORT_PROTOCOL_UNSPECIFIED": 0,
+		"PORT_PROTOCOL_TCP":         1,
+		"PORT_PROTOCOL_UDP":         2,
+	}
+)
+
+func (x PortProtocol) Enum() *PortProtocol {
+	p := new(PortProtocol)
+	*p = x
+	return p
+}
+
+func (x PortProtocol) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (PortProtocol) Descriptor() protoreflect.EnumDescriptor {
+	return file_minicloud_v1_vm_proto_enumTypes[2].Descriptor()
+}
+
+func (PortProtocol) Type() protoreflect.EnumType {
+	return &file_minicloud_v1_vm_proto_enumTypes[2]
+}
+
+func (x PortProtocol) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use PortProtocol.Descriptor instead.
+func (PortProtocol) EnumDescriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{2}
+}
+
 type HostFailurePolicy int32
 
 const (
@@ -168,11 +217,11 @@ func (x HostFailurePolicy) String() string {
 }
 
 func (HostFailurePolicy) Descriptor() protoreflect.EnumDescriptor {
-	return file_minicloud_v1_vm_proto_enumTypes[2].Descriptor()
+	return file_minicloud_v1_vm_proto_enumTypes[3].Descriptor()
 }
 
 func (HostFailurePolicy) Type() protoreflect.EnumType {
-	return &file_minicloud_v1_vm_proto_enumTypes[2]
+	return &file_minicloud_v1_vm_proto_enumTypes[3]
 }
 
 func (x HostFailurePolicy) Number() protoreflect.EnumNumber {
@@ -181,7 +230,7 @@ func (x HostFailurePolicy) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use HostFailurePolicy.Descriptor instead.
 func (HostFailurePolicy) EnumDescriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{2}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{3}
 }
 
 type RestartPolicy int32
@@ -222,11 +271,11 @@ func (x RestartPolicy) String() string {
 }
 
 func (RestartPolicy) Descriptor() protoreflect.EnumDescriptor {
-	return file_minicloud_v1_vm_proto_enumTypes[3].Descriptor()
+	return file_minicloud_v1_vm_proto_enumTypes[4].Descriptor()
 }
 
 func (RestartPolicy) Type() protoreflect.EnumType {
-	return &file_minicloud_v1_vm_proto_enumTypes[3]
+	return &file_minicloud_v1_vm_proto_enumTypes[4]
 }
 
 func (x RestartPolicy) Number() protoreflect.EnumNumber {
@@ -235,7 +284,7 @@ func (x RestartPolicy) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use RestartPolicy.Descriptor instead.
 func (RestartPolicy) EnumDescriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{3}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{4}
 }
 
 // VMSpec is the desired state, written only through the VM API.
@@ -295,6 +344,9 @@ type VMSpec struct {
 	// restart_policy says whether the host starts the VM again after it
 	// stopped without being asked to (host reboot, crash, fencing).
 	RestartPolicy RestartPolicy `protobuf:"varint,24,opt,name=restart_policy,json=restartPolicy,proto3,enum=minicloud.v1.RestartPolicy" json:"restart_policy,omitempty"`
+	// port_forwards are the VM's host ports forwarded to it (ExposeVMPort,
+	// UnexposeVMPort; at most 16). Set by the server, never at create.
+	PortForwards  []*PortForward `protobuf:"bytes,25,rep,name=port_forwards,json=portForwards,proto3" json:"port_forwards,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -497,6 +549,75 @@ func (x *VMSpec) GetRestartPolicy() RestartPolicy {
 	return RestartPolicy_RESTART_POLICY_UNSPECIFIED
 }
 
+func (x *VMSpec) GetPortForwards() []*PortForward {
+	if x != nil {
+		return x.PortForwards
+	}
+	return nil
+}
+
+// PortForward sends traffic that reaches the VM's host on host_port to
+// guest_port of the VM's primary address.
+type PortForward struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Protocol      PortProtocol           `protobuf:"varint,1,opt,name=protocol,proto3,enum=minicloud.v1.PortProtocol" json:"protocol,omitempty"`
+	HostPort      int32                  `protobuf:"varint,2,opt,name=host_port,json=hostPort,proto3" json:"host_port,omitempty"`
+	GuestPort     int32                  `protobuf:"varint,3,opt,name=guest_port,json=guestPort,proto3" json:"guest_port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortForward) Reset() {
+	*x = PortForward{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortForward) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortForward) ProtoMessage() {}
+
+func (x *PortForward) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortForward.ProtoReflect.Descriptor instead.
+func (*PortForward) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *PortForward) GetProtocol() PortProtocol {
+	if x != nil {
+		return x.Protocol
+	}
+	return PortProtocol_PORT_PROTOCOL_UNSPECIFIED
+}
+
+func (x *PortForward) GetHostPort() int32 {
+	if x != nil {
+		return x.HostPort
+	}
+	return 0
+}
+
+func (x *PortForward) GetGuestPort() int32 {
+	if x != nil {
+		return x.GuestPort
+	}
+	return 0
+}
+
 type Resources struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Vcpus         int32                  `protobuf:"varint,1,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
@@ -508,7 +629,7 @@ type Resources struct {
 
 func (x *Resources) Reset() {
 	*x = Resources{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[1]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -520,7 +641,7 @@ func (x *Resources) String() string {
 func (*Resources) ProtoMessage() {}
 
 func (x *Resources) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[1]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -533,7 +654,7 @@ func (x *Resources) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resources.ProtoReflect.Descriptor instead.
 func (*Resources) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{1}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Resources) GetVcpus() int32 {
@@ -580,7 +701,7 @@ type VMAddress struct {
 
 func (x *VMAddress) Reset() {
 	*x = VMAddress{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[2]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -592,7 +713,7 @@ func (x *VMAddress) String() string {
 func (*VMAddress) ProtoMessage() {}
 
 func (x *VMAddress) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[2]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -605,7 +726,7 @@ func (x *VMAddress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMAddress.ProtoReflect.Descriptor instead.
 func (*VMAddress) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{2}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *VMAddress) GetNetwork() string {
@@ -716,7 +837,7 @@ type VMStatus struct {
 
 func (x *VMStatus) Reset() {
 	*x = VMStatus{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[3]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -728,7 +849,7 @@ func (x *VMStatus) String() string {
 func (*VMStatus) ProtoMessage() {}
 
 func (x *VMStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[3]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -741,7 +862,7 @@ func (x *VMStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMStatus.ProtoReflect.Descriptor instead.
 func (*VMStatus) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{3}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *VMStatus) GetPhase() VMPhase {
@@ -867,7 +988,7 @@ type VM struct {
 
 func (x *VM) Reset() {
 	*x = VM{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[4]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -879,7 +1000,7 @@ func (x *VM) String() string {
 func (*VM) ProtoMessage() {}
 
 func (x *VM) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[4]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -892,7 +1013,7 @@ func (x *VM) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VM.ProtoReflect.Descriptor instead.
 func (*VM) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{4}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *VM) GetMeta() *ObjectMeta {
@@ -936,7 +1057,7 @@ type CreateVMRequest struct {
 
 func (x *CreateVMRequest) Reset() {
 	*x = CreateVMRequest{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[5]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -948,7 +1069,7 @@ func (x *CreateVMRequest) String() string {
 func (*CreateVMRequest) ProtoMessage() {}
 
 func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[5]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -961,7 +1082,7 @@ func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVMRequest.ProtoReflect.Descriptor instead.
 func (*CreateVMRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{5}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateVMRequest) GetName() string {
@@ -1017,7 +1138,7 @@ type GetVMRequest struct {
 
 func (x *GetVMRequest) Reset() {
 	*x = GetVMRequest{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[6]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1029,7 +1150,7 @@ func (x *GetVMRequest) String() string {
 func (*GetVMRequest) ProtoMessage() {}
 
 func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[6]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1042,7 +1163,7 @@ func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVMRequest.ProtoReflect.Descriptor instead.
 func (*GetVMRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{6}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetVMRequest) GetName() string {
@@ -1082,7 +1203,7 @@ type ListVMsRequest struct {
 
 func (x *ListVMsRequest) Reset() {
 	*x = ListVMsRequest{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[7]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1094,7 +1215,7 @@ func (x *ListVMsRequest) String() string {
 func (*ListVMsRequest) ProtoMessage() {}
 
 func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[7]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1107,7 +1228,7 @@ func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsRequest.ProtoReflect.Descriptor instead.
 func (*ListVMsRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{7}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListVMsRequest) GetProject() string {
@@ -1173,7 +1294,7 @@ type ListVMsResponse struct {
 
 func (x *ListVMsResponse) Reset() {
 	*x = ListVMsResponse{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[8]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1185,7 +1306,7 @@ func (x *ListVMsResponse) String() string {
 func (*ListVMsResponse) ProtoMessage() {}
 
 func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[8]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1198,7 +1319,7 @@ func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsResponse.ProtoReflect.Descriptor instead.
 func (*ListVMsResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{8}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListVMsResponse) GetVms() []*VM {
@@ -1238,7 +1359,7 @@ type DeleteVMRequest struct {
 
 func (x *DeleteVMRequest) Reset() {
 	*x = DeleteVMRequest{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[9]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1250,7 +1371,7 @@ func (x *DeleteVMRequest) String() string {
 func (*DeleteVMRequest) ProtoMessage() {}
 
 func (x *DeleteVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[9]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1263,7 +1384,7 @@ func (x *DeleteVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVMRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVMRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{9}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DeleteVMRequest) GetName() string {
@@ -1305,7 +1426,7 @@ type VMActionRequest struct {
 
 func (x *VMActionRequest) Reset() {
 	*x = VMActionRequest{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[10]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1317,7 +1438,7 @@ func (x *VMActionRequest) String() string {
 func (*VMActionRequest) ProtoMessage() {}
 
 func (x *VMActionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[10]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1330,7 +1451,7 @@ func (x *VMActionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMActionRequest.ProtoReflect.Descriptor instead.
 func (*VMActionRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{10}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *VMActionRequest) GetName() string {
@@ -1368,7 +1489,7 @@ type WatchVMsRequest struct {
 
 func (x *WatchVMsRequest) Reset() {
 	*x = WatchVMsRequest{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[11]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1380,7 +1501,7 @@ func (x *WatchVMsRequest) String() string {
 func (*WatchVMsRequest) ProtoMessage() {}
 
 func (x *WatchVMsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[11]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1393,7 +1514,7 @@ func (x *WatchVMsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchVMsRequest.ProtoReflect.Descriptor instead.
 func (*WatchVMsRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{11}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *WatchVMsRequest) GetProject() string {
@@ -1435,7 +1556,7 @@ type WatchVMsResponse struct {
 
 func (x *WatchVMsResponse) Reset() {
 	*x = WatchVMsResponse{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[12]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1447,7 +1568,7 @@ func (x *WatchVMsResponse) String() string {
 func (*WatchVMsResponse) ProtoMessage() {}
 
 func (x *WatchVMsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[12]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1460,7 +1581,7 @@ func (x *WatchVMsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchVMsResponse.ProtoReflect.Descriptor instead.
 func (*WatchVMsResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{12}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *WatchVMsResponse) GetType() WatchEventType {
@@ -1496,7 +1617,7 @@ type GetConsoleLogRequest struct {
 
 func (x *GetConsoleLogRequest) Reset() {
 	*x = GetConsoleLogRequest{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[13]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1508,7 +1629,7 @@ func (x *GetConsoleLogRequest) String() string {
 func (*GetConsoleLogRequest) ProtoMessage() {}
 
 func (x *GetConsoleLogRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[13]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1521,7 +1642,7 @@ func (x *GetConsoleLogRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConsoleLogRequest.ProtoReflect.Descriptor instead.
 func (*GetConsoleLogRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{13}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetConsoleLogRequest) GetName() string {
@@ -1555,7 +1676,7 @@ type GetConsoleLogResponse struct {
 
 func (x *GetConsoleLogResponse) Reset() {
 	*x = GetConsoleLogResponse{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[14]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1567,7 +1688,7 @@ func (x *GetConsoleLogResponse) String() string {
 func (*GetConsoleLogResponse) ProtoMessage() {}
 
 func (x *GetConsoleLogResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[14]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1580,7 +1701,7 @@ func (x *GetConsoleLogResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConsoleLogResponse.ProtoReflect.Descriptor instead.
 func (*GetConsoleLogResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{14}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetConsoleLogResponse) GetData() []byte {
@@ -1607,7 +1728,7 @@ type ListVMEventsRequest struct {
 
 func (x *ListVMEventsRequest) Reset() {
 	*x = ListVMEventsRequest{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[15]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1619,7 +1740,7 @@ func (x *ListVMEventsRequest) String() string {
 func (*ListVMEventsRequest) ProtoMessage() {}
 
 func (x *ListVMEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[15]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1632,7 +1753,7 @@ func (x *ListVMEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListVMEventsRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{15}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListVMEventsRequest) GetName() string {
@@ -1661,7 +1782,7 @@ type ListVMEventsResponse struct {
 
 func (x *ListVMEventsResponse) Reset() {
 	*x = ListVMEventsResponse{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[16]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1673,7 +1794,7 @@ func (x *ListVMEventsResponse) String() string {
 func (*ListVMEventsResponse) ProtoMessage() {}
 
 func (x *ListVMEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[16]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1686,7 +1807,7 @@ func (x *ListVMEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListVMEventsResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{16}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListVMEventsResponse) GetEvents() []*Event {
@@ -1731,7 +1852,7 @@ type UpdateVMMetadataRequest struct {
 
 func (x *UpdateVMMetadataRequest) Reset() {
 	*x = UpdateVMMetadataRequest{}
-	mi := &file_minicloud_v1_vm_proto_msgTypes[17]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1743,7 +1864,7 @@ func (x *UpdateVMMetadataRequest) String() string {
 func (*UpdateVMMetadataRequest) ProtoMessage() {}
 
 func (x *UpdateVMMetadataRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_vm_proto_msgTypes[17]
+	mi := &file_minicloud_v1_vm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1756,7 +1877,7 @@ func (x *UpdateVMMetadataRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateVMMetadataRequest.ProtoReflect.Descriptor instead.
 func (*UpdateVMMetadataRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{17}
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UpdateVMMetadataRequest) GetName() string {
@@ -1836,11 +1957,160 @@ func (x *UpdateVMMetadataRequest) GetRemoveSshKeys() []string {
 	return nil
 }
 
+type ExposeVMPortRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Project string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
+	// forward: protocol (UNSPECIFIED means TCP), host_port in the cluster's
+	// forwardable range (docs/networking.md, default 20000-40000), guest_port
+	// 1-65535.
+	Forward *PortForward `protobuf:"bytes,3,opt,name=forward,proto3" json:"forward,omitempty"`
+	// resource_version, if set, must be the VM's current one.
+	ResourceVersion int64 `protobuf:"varint,4,opt,name=resource_version,json=resourceVersion,proto3" json:"resource_version,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ExposeVMPortRequest) Reset() {
+	*x = ExposeVMPortRequest{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExposeVMPortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExposeVMPortRequest) ProtoMessage() {}
+
+func (x *ExposeVMPortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExposeVMPortRequest.ProtoReflect.Descriptor instead.
+func (*ExposeVMPortRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ExposeVMPortRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ExposeVMPortRequest) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+func (x *ExposeVMPortRequest) GetForward() *PortForward {
+	if x != nil {
+		return x.Forward
+	}
+	return nil
+}
+
+func (x *ExposeVMPortRequest) GetResourceVersion() int64 {
+	if x != nil {
+		return x.ResourceVersion
+	}
+	return 0
+}
+
+type UnexposeVMPortRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Project string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
+	// protocol (UNSPECIFIED means TCP) and host_port name the forward.
+	Protocol        PortProtocol `protobuf:"varint,3,opt,name=protocol,proto3,enum=minicloud.v1.PortProtocol" json:"protocol,omitempty"`
+	HostPort        int32        `protobuf:"varint,4,opt,name=host_port,json=hostPort,proto3" json:"host_port,omitempty"`
+	ResourceVersion int64        `protobuf:"varint,5,opt,name=resource_version,json=resourceVersion,proto3" json:"resource_version,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *UnexposeVMPortRequest) Reset() {
+	*x = UnexposeVMPortRequest{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnexposeVMPortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnexposeVMPortRequest) ProtoMessage() {}
+
+func (x *UnexposeVMPortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnexposeVMPortRequest.ProtoReflect.Descriptor instead.
+func (*UnexposeVMPortRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *UnexposeVMPortRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UnexposeVMPortRequest) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+func (x *UnexposeVMPortRequest) GetProtocol() PortProtocol {
+	if x != nil {
+		return x.Protocol
+	}
+	return PortProtocol_PORT_PROTOCOL_UNSPECIFIED
+}
+
+func (x *UnexposeVMPortRequest) GetHostPort() int32 {
+	if x != nil {
+		return x.HostPort
+	}
+	return 0
+}
+
+func (x *UnexposeVMPortRequest) GetResourceVersion() int64 {
+	if x != nil {
+		return x.ResourceVersion
+	}
+	return 0
+}
+
 var File_minicloud_v1_vm_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\n" +
-	"\x15minicloud/v1/vm.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\"\xe9\b\n" +
+	"\x15minicloud/v1/vm.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\"\xa9\t\n" +
 	"\x06VMSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x16\n" +
 	"\x06flavor\x18\x02 \x01(\tR\x06flavor\x12\x1a\n" +
@@ -1868,10 +2138,16 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\bmetadata\x18\x15 \x03(\v2\".minicloud.v1.VMSpec.MetadataEntryR\bmetadata\x12+\n" +
 	"\x11lifecycle_version\x18\x16 \x01(\x03R\x10lifecycleVersion\x12G\n" +
 	"\x0fon_host_failure\x18\x17 \x01(\x0e2\x1f.minicloud.v1.HostFailurePolicyR\ronHostFailure\x12B\n" +
-	"\x0erestart_policy\x18\x18 \x01(\x0e2\x1b.minicloud.v1.RestartPolicyR\rrestartPolicy\x1a;\n" +
+	"\x0erestart_policy\x18\x18 \x01(\x0e2\x1b.minicloud.v1.RestartPolicyR\rrestartPolicy\x12>\n" +
+	"\rport_forwards\x18\x19 \x03(\v2\x19.minicloud.v1.PortForwardR\fportForwards\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"[\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x81\x01\n" +
+	"\vPortForward\x126\n" +
+	"\bprotocol\x18\x01 \x01(\x0e2\x1a.minicloud.v1.PortProtocolR\bprotocol\x12\x1b\n" +
+	"\thost_port\x18\x02 \x01(\x05R\bhostPort\x12\x1d\n" +
+	"\n" +
+	"guest_port\x18\x03 \x01(\x05R\tguestPort\"[\n" +
 	"\tResources\x12\x14\n" +
 	"\x05vcpus\x18\x01 \x01(\x05R\x05vcpus\x12\x1d\n" +
 	"\n" +
@@ -1999,7 +2275,18 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a>\n" +
 	"\x10SetMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xbf\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa3\x01\n" +
+	"\x13ExposeVMPortRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\x123\n" +
+	"\aforward\x18\x03 \x01(\v2\x19.minicloud.v1.PortForwardR\aforward\x12)\n" +
+	"\x10resource_version\x18\x04 \x01(\x03R\x0fresourceVersion\"\xc5\x01\n" +
+	"\x15UnexposeVMPortRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\x126\n" +
+	"\bprotocol\x18\x03 \x01(\x0e2\x1a.minicloud.v1.PortProtocolR\bprotocol\x12\x1b\n" +
+	"\thost_port\x18\x04 \x01(\x05R\bhostPort\x12)\n" +
+	"\x10resource_version\x18\x05 \x01(\x03R\x0fresourceVersion*\xbf\x01\n" +
 	"\aVMPhase\x12\x18\n" +
 	"\x14VM_PHASE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10VM_PHASE_PENDING\x10\x01\x12\x16\n" +
@@ -2013,7 +2300,11 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"PowerState\x12\x1b\n" +
 	"\x17POWER_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13POWER_STATE_RUNNING\x10\x01\x12\x17\n" +
-	"\x13POWER_STATE_STOPPED\x10\x02*x\n" +
+	"\x13POWER_STATE_STOPPED\x10\x02*[\n" +
+	"\fPortProtocol\x12\x1d\n" +
+	"\x19PORT_PROTOCOL_UNSPECIFIED\x10\x00\x12\x15\n" +
+	"\x11PORT_PROTOCOL_TCP\x10\x01\x12\x15\n" +
+	"\x11PORT_PROTOCOL_UDP\x10\x02*x\n" +
 	"\x11HostFailurePolicy\x12#\n" +
 	"\x1fHOST_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18HOST_FAILURE_POLICY_STOP\x10\x01\x12 \n" +
@@ -2021,7 +2312,7 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\rRestartPolicy\x12\x1e\n" +
 	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19RESTART_POLICY_ON_FAILURE\x10\x01\x12\x18\n" +
-	"\x14RESTART_POLICY_NEVER\x10\x022\x83\x06\n" +
+	"\x14RESTART_POLICY_NEVER\x10\x022\x91\a\n" +
 	"\tVMService\x12;\n" +
 	"\bCreateVM\x12\x1d.minicloud.v1.CreateVMRequest\x1a\x10.minicloud.v1.VM\x125\n" +
 	"\x05GetVM\x12\x1a.minicloud.v1.GetVMRequest\x1a\x10.minicloud.v1.VM\x12F\n" +
@@ -2033,7 +2324,9 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\bWatchVMs\x12\x1d.minicloud.v1.WatchVMsRequest\x1a\x1e.minicloud.v1.WatchVMsResponse0\x01\x12X\n" +
 	"\rGetConsoleLog\x12\".minicloud.v1.GetConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponse\x12U\n" +
 	"\fListVMEvents\x12!.minicloud.v1.ListVMEventsRequest\x1a\".minicloud.v1.ListVMEventsResponse\x12K\n" +
-	"\x10UpdateVMMetadata\x12%.minicloud.v1.UpdateVMMetadataRequest\x1a\x10.minicloud.v1.VMB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\x10UpdateVMMetadata\x12%.minicloud.v1.UpdateVMMetadataRequest\x1a\x10.minicloud.v1.VM\x12C\n" +
+	"\fExposeVMPort\x12!.minicloud.v1.ExposeVMPortRequest\x1a\x10.minicloud.v1.VM\x12G\n" +
+	"\x0eUnexposeVMPort\x12#.minicloud.v1.UnexposeVMPortRequest\x1a\x10.minicloud.v1.VMB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_vm_proto_rawDescOnce sync.Once
@@ -2047,91 +2340,103 @@ func file_minicloud_v1_vm_proto_rawDescGZIP() []byte {
 	return file_minicloud_v1_vm_proto_rawDescData
 }
 
-var file_minicloud_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_minicloud_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_minicloud_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_minicloud_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_minicloud_v1_vm_proto_goTypes = []any{
 	(VMPhase)(0),                    // 0: minicloud.v1.VMPhase
 	(PowerState)(0),                 // 1: minicloud.v1.PowerState
-	(HostFailurePolicy)(0),          // 2: minicloud.v1.HostFailurePolicy
-	(RestartPolicy)(0),              // 3: minicloud.v1.RestartPolicy
-	(*VMSpec)(nil),                  // 4: minicloud.v1.VMSpec
-	(*Resources)(nil),               // 5: minicloud.v1.Resources
-	(*VMAddress)(nil),               // 6: minicloud.v1.VMAddress
-	(*VMStatus)(nil),                // 7: minicloud.v1.VMStatus
-	(*VM)(nil),                      // 8: minicloud.v1.VM
-	(*CreateVMRequest)(nil),         // 9: minicloud.v1.CreateVMRequest
-	(*GetVMRequest)(nil),            // 10: minicloud.v1.GetVMRequest
-	(*ListVMsRequest)(nil),          // 11: minicloud.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),         // 12: minicloud.v1.ListVMsResponse
-	(*DeleteVMRequest)(nil),         // 13: minicloud.v1.DeleteVMRequest
-	(*VMActionRequest)(nil),         // 14: minicloud.v1.VMActionRequest
-	(*WatchVMsRequest)(nil),         // 15: minicloud.v1.WatchVMsRequest
-	(*WatchVMsResponse)(nil),        // 16: minicloud.v1.WatchVMsResponse
-	(*GetConsoleLogRequest)(nil),    // 17: minicloud.v1.GetConsoleLogRequest
-	(*GetConsoleLogResponse)(nil),   // 18: minicloud.v1.GetConsoleLogResponse
-	(*ListVMEventsRequest)(nil),     // 19: minicloud.v1.ListVMEventsRequest
-	(*ListVMEventsResponse)(nil),    // 20: minicloud.v1.ListVMEventsResponse
-	(*UpdateVMMetadataRequest)(nil), // 21: minicloud.v1.UpdateVMMetadataRequest
-	nil,                             // 22: minicloud.v1.VMSpec.MetadataEntry
-	nil,                             // 23: minicloud.v1.CreateVMRequest.LabelsEntry
-	nil,                             // 24: minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
-	nil,                             // 25: minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
-	(*timestamppb.Timestamp)(nil),   // 26: google.protobuf.Timestamp
-	(*Condition)(nil),               // 27: minicloud.v1.Condition
-	(*ObjectMeta)(nil),              // 28: minicloud.v1.ObjectMeta
-	(WatchEventType)(0),             // 29: minicloud.v1.WatchEventType
-	(*Event)(nil),                   // 30: minicloud.v1.Event
+	(PortProtocol)(0),               // 2: minicloud.v1.PortProtocol
+	(HostFailurePolicy)(0),          // 3: minicloud.v1.HostFailurePolicy
+	(RestartPolicy)(0),              // 4: minicloud.v1.RestartPolicy
+	(*VMSpec)(nil),                  // 5: minicloud.v1.VMSpec
+	(*PortForward)(nil),             // 6: minicloud.v1.PortForward
+	(*Resources)(nil),               // 7: minicloud.v1.Resources
+	(*VMAddress)(nil),               // 8: minicloud.v1.VMAddress
+	(*VMStatus)(nil),                // 9: minicloud.v1.VMStatus
+	(*VM)(nil),                      // 10: minicloud.v1.VM
+	(*CreateVMRequest)(nil),         // 11: minicloud.v1.CreateVMRequest
+	(*GetVMRequest)(nil),            // 12: minicloud.v1.GetVMRequest
+	(*ListVMsRequest)(nil),          // 13: minicloud.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),         // 14: minicloud.v1.ListVMsResponse
+	(*DeleteVMRequest)(nil),         // 15: minicloud.v1.DeleteVMRequest
+	(*VMActionRequest)(nil),         // 16: minicloud.v1.VMActionRequest
+	(*WatchVMsRequest)(nil),         // 17: minicloud.v1.WatchVMsRequest
+	(*WatchVMsResponse)(nil),        // 18: minicloud.v1.WatchVMsResponse
+	(*GetConsoleLogRequest)(nil),    // 19: minicloud.v1.GetConsoleLogRequest
+	(*GetConsoleLogResponse)(nil),   // 20: minicloud.v1.GetConsoleLogResponse
+	(*ListVMEventsRequest)(nil),     // 21: minicloud.v1.ListVMEventsRequest
+	(*ListVMEventsResponse)(nil),    // 22: minicloud.v1.ListVMEventsResponse
+	(*UpdateVMMetadataRequest)(nil), // 23: minicloud.v1.UpdateVMMetadataRequest
+	(*ExposeVMPortRequest)(nil),     // 24: minicloud.v1.ExposeVMPortRequest
+	(*UnexposeVMPortRequest)(nil),   // 25: minicloud.v1.UnexposeVMPortRequest
+	nil,                             // 26: minicloud.v1.VMSpec.MetadataEntry
+	nil,                             // 27: minicloud.v1.CreateVMRequest.LabelsEntry
+	nil,                             // 28: minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
+	nil,                             // 29: minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
+	(*timestamppb.Timestamp)(nil),   // 30: google.protobuf.Timestamp
+	(*Condition)(nil),               // 31: minicloud.v1.Condition
+	(*ObjectMeta)(nil),              // 32: minicloud.v1.ObjectMeta
+	(WatchEventType)(0),             // 33: minicloud.v1.WatchEventType
+	(*Event)(nil),                   // 34: minicloud.v1.Event
 }
 var file_minicloud_v1_vm_proto_depIdxs = []int32{
 	1,  // 0: minicloud.v1.VMSpec.power_state:type_name -> minicloud.v1.PowerState
-	26, // 1: minicloud.v1.VMSpec.deletion_time:type_name -> google.protobuf.Timestamp
-	5,  // 2: minicloud.v1.VMSpec.resources:type_name -> minicloud.v1.Resources
-	22, // 3: minicloud.v1.VMSpec.metadata:type_name -> minicloud.v1.VMSpec.MetadataEntry
-	2,  // 4: minicloud.v1.VMSpec.on_host_failure:type_name -> minicloud.v1.HostFailurePolicy
-	3,  // 5: minicloud.v1.VMSpec.restart_policy:type_name -> minicloud.v1.RestartPolicy
-	0,  // 6: minicloud.v1.VMStatus.phase:type_name -> minicloud.v1.VMPhase
-	6,  // 7: minicloud.v1.VMStatus.addresses:type_name -> minicloud.v1.VMAddress
-	27, // 8: minicloud.v1.VMStatus.conditions:type_name -> minicloud.v1.Condition
-	26, // 9: minicloud.v1.VMStatus.update_time:type_name -> google.protobuf.Timestamp
-	28, // 10: minicloud.v1.VM.meta:type_name -> minicloud.v1.ObjectMeta
-	4,  // 11: minicloud.v1.VM.spec:type_name -> minicloud.v1.VMSpec
-	7,  // 12: minicloud.v1.VM.status:type_name -> minicloud.v1.VMStatus
-	4,  // 13: minicloud.v1.CreateVMRequest.spec:type_name -> minicloud.v1.VMSpec
-	23, // 14: minicloud.v1.CreateVMRequest.labels:type_name -> minicloud.v1.CreateVMRequest.LabelsEntry
-	0,  // 15: minicloud.v1.ListVMsRequest.phase:type_name -> minicloud.v1.VMPhase
-	8,  // 16: minicloud.v1.ListVMsResponse.vms:type_name -> minicloud.v1.VM
-	29, // 17: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
-	8,  // 18: minicloud.v1.WatchVMsResponse.vm:type_name -> minicloud.v1.VM
-	30, // 19: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
-	24, // 20: minicloud.v1.UpdateVMMetadataRequest.set_labels:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
-	25, // 21: minicloud.v1.UpdateVMMetadataRequest.set_metadata:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
-	9,  // 22: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
-	10, // 23: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
-	11, // 24: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
-	13, // 25: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
-	14, // 26: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
-	14, // 27: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
-	14, // 28: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
-	15, // 29: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
-	17, // 30: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
-	19, // 31: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
-	21, // 32: minicloud.v1.VMService.UpdateVMMetadata:input_type -> minicloud.v1.UpdateVMMetadataRequest
-	8,  // 33: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
-	8,  // 34: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
-	12, // 35: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
-	8,  // 36: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
-	8,  // 37: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
-	8,  // 38: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
-	8,  // 39: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
-	16, // 40: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
-	18, // 41: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	20, // 42: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
-	8,  // 43: minicloud.v1.VMService.UpdateVMMetadata:output_type -> minicloud.v1.VM
-	33, // [33:44] is the sub-list for method output_type
-	22, // [22:33] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	30, // 1: minicloud.v1.VMSpec.deletion_time:type_name -> google.protobuf.Timestamp
+	7,  // 2: minicloud.v1.VMSpec.resources:type_name -> minicloud.v1.Resources
+	26, // 3: minicloud.v1.VMSpec.metadata:type_name -> minicloud.v1.VMSpec.MetadataEntry
+	3,  // 4: minicloud.v1.VMSpec.on_host_failure:type_name -> minicloud.v1.HostFailurePolicy
+	4,  // 5: minicloud.v1.VMSpec.restart_policy:type_name -> minicloud.v1.RestartPolicy
+	6,  // 6: minicloud.v1.VMSpec.port_forwards:type_name -> minicloud.v1.PortForward
+	2,  // 7: minicloud.v1.PortForward.protocol:type_name -> minicloud.v1.PortProtocol
+	0,  // 8: minicloud.v1.VMStatus.phase:type_name -> minicloud.v1.VMPhase
+	8,  // 9: minicloud.v1.VMStatus.addresses:type_name -> minicloud.v1.VMAddress
+	31, // 10: minicloud.v1.VMStatus.conditions:type_name -> minicloud.v1.Condition
+	30, // 11: minicloud.v1.VMStatus.update_time:type_name -> google.protobuf.Timestamp
+	32, // 12: minicloud.v1.VM.meta:type_name -> minicloud.v1.ObjectMeta
+	5,  // 13: minicloud.v1.VM.spec:type_name -> minicloud.v1.VMSpec
+	9,  // 14: minicloud.v1.VM.status:type_name -> minicloud.v1.VMStatus
+	5,  // 15: minicloud.v1.CreateVMRequest.spec:type_name -> minicloud.v1.VMSpec
+	27, // 16: minicloud.v1.CreateVMRequest.labels:type_name -> minicloud.v1.CreateVMRequest.LabelsEntry
+	0,  // 17: minicloud.v1.ListVMsRequest.phase:type_name -> minicloud.v1.VMPhase
+	10, // 18: minicloud.v1.ListVMsResponse.vms:type_name -> minicloud.v1.VM
+	33, // 19: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
+	10, // 20: minicloud.v1.WatchVMsResponse.vm:type_name -> minicloud.v1.VM
+	34, // 21: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
+	28, // 22: minicloud.v1.UpdateVMMetadataRequest.set_labels:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
+	29, // 23: minicloud.v1.UpdateVMMetadataRequest.set_metadata:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
+	6,  // 24: minicloud.v1.ExposeVMPortRequest.forward:type_name -> minicloud.v1.PortForward
+	2,  // 25: minicloud.v1.UnexposeVMPortRequest.protocol:type_name -> minicloud.v1.PortProtocol
+	11, // 26: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
+	12, // 27: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
+	13, // 28: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
+	15, // 29: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
+	16, // 30: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
+	16, // 31: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
+	16, // 32: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
+	17, // 33: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
+	19, // 34: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
+	21, // 35: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
+	23, // 36: minicloud.v1.VMService.UpdateVMMetadata:input_type -> minicloud.v1.UpdateVMMetadataRequest
+	24, // 37: minicloud.v1.VMService.ExposeVMPort:input_type -> minicloud.v1.ExposeVMPortRequest
+	25, // 38: minicloud.v1.VMService.UnexposeVMPort:input_type -> minicloud.v1.UnexposeVMPortRequest
+	10, // 39: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
+	10, // 40: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
+	14, // 41: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
+	10, // 42: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
+	10, // 43: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
+	10, // 44: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
+	10, // 45: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
+	18, // 46: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
+	20, // 47: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	22, // 48: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
+	10, // 49: minicloud.v1.VMService.UpdateVMMetadata:output_type -> minicloud.v1.VM
+	10, // 50: minicloud.v1.VMService.ExposeVMPort:output_type -> minicloud.v1.VM
+	10, // 51: minicloud.v1.VMService.UnexposeVMPort:output_type -> minicloud.v1.VM
+	39, // [39:52] is the sub-list for method output_type
+	26, // [26:39] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_vm_proto_init() }
@@ -2145,8 +2450,8 @@ func file_minicloud_v1_vm_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_vm_proto_rawDesc), len(file_minicloud_v1_vm_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   22,
+			NumEnums:      5,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

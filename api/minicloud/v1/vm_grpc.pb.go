@@ -30,6 +30,8 @@ const (
 	VMService_GetConsoleLog_FullMethodName    = "/minicloud.v1.VMService/GetConsoleLog"
 	VMService_ListVMEvents_FullMethodName     = "/minicloud.v1.VMService/ListVMEvents"
 	VMService_UpdateVMMetadata_FullMethodName = "/minicloud.v1.VMService/UpdateVMMetadata"
+	VMService_ExposeVMPort_FullMethodName     = "/minicloud.v1.VMService/ExposeVMPort"
+	VMService_UnexposeVMPort_FullMethodName   = "/minicloud.v1.VMService/UnexposeVMPort"
 )
 
 // VMServiceClient is the client API for VMService service.
@@ -59,6 +61,15 @@ type VMServiceClient interface {
 	// not the VM's current one is refused with FAILED_PRECONDITION and
 	// nothing is written.
 	UpdateVMMetadata(ctx context.Context, in *UpdateVMMetadataRequest, opts ...grpc.CallOption) (*VM, error)
+	// ExposeVMPort forwards a port of the VM's host to a port of the VM's
+	// primary address (DNAT on the host, docs/networking.md). The host port
+	// is claimed cluster-wide: one already forwarded to any VM is refused
+	// with ALREADY_EXISTS naming the holder. The forward follows the VM when
+	// it moves to another host (evacuation).
+	ExposeVMPort(ctx context.Context, in *ExposeVMPortRequest, opts ...grpc.CallOption) (*VM, error)
+	// UnexposeVMPort removes a forward; removing one that is not there is
+	// not an error.
+	UnexposeVMPort(ctx context.Context, in *UnexposeVMPortRequest, opts ...grpc.CallOption) (*VM, error)
 }
 
 type vMServiceClient struct {
@@ -188,6 +199,26 @@ func (c *vMServiceClient) UpdateVMMetadata(ctx context.Context, in *UpdateVMMeta
 	return out, nil
 }
 
+func (c *vMServiceClient) ExposeVMPort(ctx context.Context, in *ExposeVMPortRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_ExposeVMPort_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) UnexposeVMPort(ctx context.Context, in *UnexposeVMPortRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_UnexposeVMPort_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // VMServiceServer is the server API for VMService service.
 // All implementations must embed UnimplementedVMServiceServer
 // for forward compatibility.
@@ -215,6 +246,15 @@ type VMServiceServer interface {
 	// not the VM's current one is refused with FAILED_PRECONDITION and
 	// nothing is written.
 	UpdateVMMetadata(context.Context, *UpdateVMMetadataRequest) (*VM, error)
+	// ExposeVMPort forwards a port of the VM's host to a port of the VM's
+	// primary address (DNAT on the host, docs/networking.md). The host port
+	// is claimed cluster-wide: one already forwarded to any VM is refused
+	// with ALREADY_EXISTS naming the holder. The forward follows the VM when
+	// it moves to another host (evacuation).
+	ExposeVMPort(context.Context, *ExposeVMPortRequest) (*VM, error)
+	// UnexposeVMPort removes a forward; removing one that is not there is
+	// not an error.
+	UnexposeVMPort(context.Context, *UnexposeVMPortRequest) (*VM, error)
 	mustEmbedUnimplementedVMServiceServer()
 }
 
@@ -257,6 +297,12 @@ func (UnimplementedVMServiceServer) ListVMEvents(context.Context, *ListVMEventsR
 }
 func (UnimplementedVMServiceServer) UpdateVMMetadata(context.Context, *UpdateVMMetadataRequest) (*VM, error) {
 	return nil, status.Error(codes.Unimplemented, "method UpdateVMMetadata not implemented")
+}
+func (UnimplementedVMServiceServer) ExposeVMPort(context.Context, *ExposeVMPortRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method ExposeVMPort not implemented")
+}
+func (UnimplementedVMServiceServer) UnexposeVMPort(context.Context, *UnexposeVMPortRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method UnexposeVMPort not implemented")
 }
 func (UnimplementedVMServiceServer) mustEmbedUnimplementedVMServiceServer() {}
 func (UnimplementedVMServiceServer) testEmbeddedByValue()                   {}
@@ -470,6 +516,42 @@ func _VMService_UpdateVMMetadata_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VMService_ExposeVMPort_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExposeVMPortRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).ExposeVMPort(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_ExposeVMPort_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).ExposeVMPort(ctx, req.(*ExposeVMPortRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_UnexposeVMPort_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnexposeVMPortRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).UnexposeVMPort(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_UnexposeVMPort_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).UnexposeVMPort(ctx, req.(*UnexposeVMPortRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // VMService_ServiceDesc is the grpc.ServiceDesc for VMService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -516,6 +598,14 @@ var VMService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UpdateVMMetadata",
 			Handler:    _VMService_UpdateVMMetadata_Handler,
+		},
+		{
+			MethodName: "ExposeVMPort",
+			Handler:    _VMService_ExposeVMPort_Handler,
+		},
+		{
+			MethodName: "UnexposeVMPort",
+			Handler:    _VMService_UnexposeVMPort_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
