@@ -92,32 +92,48 @@ func (v *vmService) ExposeVMPort(ctx context.Context, req *minicloudv1.ExposeVMP
 		if err := v.s.portHolder(ctx, project, vm, fwd); err != nil {
 			return nil, err
 		}
-		next := &minicloudv1.VM{Meta: proto.CloneOf(vm.GetMeta()), Spec: proto.CloneOf(vm.GetSpec())}
-		next.Spec.PortForwards = append(next.Spec.PortForwards, fwd)
-		// Not a lifecycle write: the host must not take it for a start.
-		if next.Spec.LifecycleVersion == 0 {
-			next.Spec.LifecycleVersion = vm.GetMeta().GetResourceVersion()
-		}
+		next := forwardsChanged(vm, append(slices.Clone(fwds), fwd))
 		txn, err := store.ExposePortTxn(next, fwd, time.Now(), &minicloudv1.Event{
 			Type: lifecycle.EventNormal, Reason: lifecycle.ReasonPortExposed, Source: "api", Message: describeForward(fwd),
 		})
-		if err != nil {
-			return nil, err
-		}
-		rev, ok, err := txn.Commit(ctx, v.s.etcd)
+		ok, err := v.s.commitForwards(ctx, vm, next, txn, err, "vm port exposed", fwd)
 		if err != nil {
 			return nil, err
 		}
 		if ok {
-			next.Meta.ResourceVersion = rev
-			next.Status = vm.GetStatus()
-			v.s.log.Info("vm port exposed", "vm", vm.GetMeta().GetName(), "project", project, "id", vm.GetMeta().GetId(), "forward", describeForward(fwd))
 			return next, nil
 		}
 		// Lost a race: the spec changed or someone took the port; the
 		// next pass reads both again.
 	}
 	return nil, tooMuchContention("expose a port of vm " + req.GetName())
+}
+
+// forwardsChanged is vm with fwds as its forwards, to be written.
+func forwardsChanged(vm *minicloudv1.VM, fwds []*minicloudv1.PortForward) *minicloudv1.VM {
+	next := &minicloudv1.VM{Meta: proto.CloneOf(vm.GetMeta()), Spec: proto.CloneOf(vm.GetSpec())}
+	next.Spec.PortForwards = fwds
+	// Not a lifecycle write: the host must not take it for a start.
+	if next.Spec.LifecycleVersion == 0 {
+		next.Spec.LifecycleVersion = vm.GetMeta().GetResourceVersion()
+	}
+	return next
+}
+
+// commitForwards commits txn (built with buildErr) writing next over vm;
+// ok false and no error: a race was lost, read again.
+func (s *Server) commitForwards(ctx context.Context, vm, next *minicloudv1.VM, txn store.Txn, buildErr error, what string, f *minicloudv1.PortForward) (bool, error) {
+	if buildErr != nil {
+		return false, buildErr
+	}
+	rev, ok, err := txn.Commit(ctx, s.etcd)
+	if err != nil || !ok {
+		return false, err
+	}
+	next.Meta.ResourceVersion = rev
+	next.Status = vm.GetStatus()
+	s.log.Info(what, "vm", vm.GetMeta().GetName(), "project", vm.GetMeta().GetProject(), "id", vm.GetMeta().GetId(), "forward", describeForward(f))
+	return true, nil
 }
 
 // portHolder refuses a host port another VM holds, naming it (only by id
@@ -175,25 +191,15 @@ func (v *vmService) UnexposeVMPort(ctx context.Context, req *minicloudv1.Unexpos
 		if holder != vm.GetMeta().GetId() {
 			holderRev = 0
 		}
-		next := &minicloudv1.VM{Meta: proto.CloneOf(vm.GetMeta()), Spec: proto.CloneOf(vm.GetSpec())}
-		next.Spec.PortForwards = slices.Delete(next.Spec.PortForwards, i, i+1)
-		if next.Spec.LifecycleVersion == 0 {
-			next.Spec.LifecycleVersion = vm.GetMeta().GetResourceVersion()
-		}
+		next := forwardsChanged(vm, slices.Delete(slices.Clone(vm.GetSpec().GetPortForwards()), i, i+1))
 		txn, err := store.UnexposePortTxn(next, req.GetProtocol(), req.GetHostPort(), holderRev, time.Now(), &minicloudv1.Event{
 			Type: lifecycle.EventNormal, Reason: lifecycle.ReasonPortUnexposed, Source: "api", Message: describeForward(gone),
 		})
-		if err != nil {
-			return nil, err
-		}
-		rev, ok, err := txn.Commit(ctx, v.s.etcd)
+		ok, err := v.s.commitForwards(ctx, vm, next, txn, err, "vm port unexposed", gone)
 		if err != nil {
 			return nil, err
 		}
 		if ok {
-			next.Meta.ResourceVersion = rev
-			next.Status = vm.GetStatus()
-			v.s.log.Info("vm port unexposed", "vm", vm.GetMeta().GetName(), "project", project, "id", vm.GetMeta().GetId(), "forward", describeForward(gone))
 			return next, nil
 		}
 	}
