@@ -134,8 +134,9 @@ type Agent struct {
 	cfg Config
 	log *slog.Logger
 
-	hosts  minicloudv1.HostServiceClient
-	images minicloudv1.ImageServiceClient
+	hosts        minicloudv1.HostServiceClient
+	images       minicloudv1.ImageServiceClient
+	imageRecords *imageRecords // images' GetImage, pinned per VM
 
 	hv    hypervisor.Driver
 	net   network.Manager
@@ -245,7 +246,7 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 	if err := cfg.QEMU.MkdirAll(filepath.Join(cfg.StateDir, "vms")); err != nil {
 		return nil, fmt.Errorf("create agent state directory: %w", err)
 	}
-	return &Agent{
+	a := &Agent{
 		cfg:        cfg,
 		log:        o.log.With("component", "agent", "host", cfg.HostName),
 		hosts:      minicloudv1.NewHostServiceClient(d.API),
@@ -268,7 +269,11 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 		fence:    fenceState{lastContact: time.Now()},
 		released: map[string]bool{},
 		restarts: map[string]time.Time{},
-	}, nil
+	}
+	a.imageRecords = newImageRecords(func(ctx context.Context, name string) (*minicloudv1.Image, error) {
+		return a.images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: name})
+	})
+	return a, nil
 }
 
 // Run registers the host and runs the loops until ctx ends.

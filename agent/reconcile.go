@@ -364,7 +364,7 @@ type bootMedia struct {
 
 func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, error) {
 	id := vm.GetMeta().GetId()
-	img, err := a.images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: vm.GetSpec().GetImage()})
+	img, err := a.imageRecords.lookup(ctx, id, vm.GetSpec().GetImage())
 	if err != nil {
 		if errdefs.IsNotFound(errdefs.FromGRPC(err)) {
 			return bootMedia{}, Permanent(lifecycle.ReasonImageNotFound, fmt.Errorf("image %q no longer exists", vm.GetSpec().GetImage()))
@@ -524,6 +524,7 @@ const (
 // keepFiles). Each step is a no-op when already done, so an interrupted
 // teardown is finished by the next call.
 func (a *Agent) teardown(ctx context.Context, id string, files filesFate) error {
+	a.imageRecords.forget(id)
 	if err := a.hv.Destroy(ctx, id); err != nil {
 		return fmt.Errorf("destroy domain: %w", err)
 	}

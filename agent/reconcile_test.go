@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -290,6 +291,41 @@ func TestReconcileCreatesAndIsIdempotent(t *testing.T) {
 	}
 	if after := h.ops(id); len(after) != len(before) {
 		t.Errorf("converged VM: hypervisor calls %v after %v, want none", after[len(before):], before)
+	}
+}
+
+// TestReconcileAsksForTheImageOnce: passes over a VM whose disk is built
+// use the image record it was built from; after the VM is gone, a new VM of
+// that name asks again, and gets the image as it is now.
+func TestReconcileAsksForTheImageOnce(t *testing.T) {
+	h := newHarness(t)
+	id := h.running()
+	for i := 0; i < 3; i++ {
+		h.mustPass(id)
+	}
+	h.api.mu.Lock()
+	gets := h.api.gets
+	h.api.mu.Unlock()
+	if gets != 1 {
+		t.Errorf("%d GetImage calls for one VM over 4 passes, want 1", gets)
+	}
+
+	h.delete(id)
+	h.mustPass(id)
+	h.a.imageRecords.mu.Lock()
+	pins := len(h.a.imageRecords.pins)
+	h.a.imageRecords.mu.Unlock()
+	if pins != 0 {
+		t.Errorf("%d image pins left after the VM's delete, want 0", pins)
+	}
+	// The image is deleted and uploaded again under its name (no VM uses
+	// it, so the API allows it): the next VM must be built from the new one.
+	h.api.mu.Lock()
+	h.api.images["tiny"].Disk.Sha256 = "d2"
+	h.api.mu.Unlock()
+	id2 := h.running()
+	if got := h.disks.backing(h.a.diskPath(id2)); !strings.HasSuffix(got, "/d2") {
+		t.Errorf("new VM's disk backed by %q, want the new image d2", got)
 	}
 }
 
@@ -584,11 +620,13 @@ type fakeAPI struct {
 	reports []*minicloudv1.ReportVMStatusRequest
 	refused []error // transitions the real API would refuse
 	images  map[string]*minicloudv1.Image
+	gets    int // GetImage calls
 }
 
 func (f *fakeAPI) GetImage(_ context.Context, req *minicloudv1.GetImageRequest, _ ...grpc.CallOption) (*minicloudv1.Image, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.gets++
 	img, ok := f.images[req.GetName()]
 	if !ok {
 		return nil, errdefs.ToGRPC(errdefs.NotFound("image %q not found", req.GetName()))
@@ -667,20 +705,30 @@ func (f *fakeAPI) last(id string) *minicloudv1.ReportVMStatusRequest {
 
 // fakeDisks makes empty files for overlays, or fails when told to.
 type fakeDisks struct {
-	mu  sync.Mutex
-	err error
+	mu       sync.Mutex
+	err      error
+	backings map[string]string // overlay path -> backing path
 }
 
 func (d *fakeDisks) fail(err error) { d.mu.Lock(); d.err = err; d.mu.Unlock() }
 
-func (d *fakeDisks) CreateOverlay(_ context.Context, path, _, _ string, _ int64) error {
+func (d *fakeDisks) CreateOverlay(_ context.Context, path, backing, _ string, _ int64) error {
 	d.mu.Lock()
-	err := d.err
-	d.mu.Unlock()
-	if err != nil {
-		return err
+	defer d.mu.Unlock()
+	if d.err != nil {
+		return d.err
 	}
+	if d.backings == nil {
+		d.backings = map[string]string{}
+	}
+	d.backings[path] = backing
 	return os.WriteFile(path, nil, 0o600)
+}
+
+func (d *fakeDisks) backing(path string) string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.backings[path]
 }
 
 func (d *fakeDisks) has(path string) bool { _, err := os.Stat(path); return err == nil }

@@ -1,0 +1,65 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+)
+
+// TestImageRecordsShareOneCall: ten VMs of one image created at once ask
+// the API once, and a caller whose context ends leaves the others waiting
+// for the call.
+func TestImageRecordsShareOneCall(t *testing.T) {
+	var calls atomic.Int32
+	release := make(chan struct{})
+	r := newImageRecords(func(ctx context.Context, name string) (*minicloudv1.Image, error) {
+		calls.Add(1)
+		<-release
+		return &minicloudv1.Image{Meta: &minicloudv1.ObjectMeta{Name: name}}, nil
+	})
+	var wg sync.WaitGroup
+	errs := make(chan error, 10)
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			img, err := r.lookup(context.Background(), fmt.Sprint("vm", i), "tiny")
+			if err == nil && img.GetMeta().GetName() != "tiny" {
+				err = fmt.Errorf("got image %q", img.GetMeta().GetName())
+			}
+			errs <- err
+		}()
+	}
+	for calls.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	gone, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := r.lookup(gone, "vm-gone", "tiny"); err == nil {
+		t.Error("a caller whose context ended got an answer")
+	}
+	time.Sleep(20 * time.Millisecond) // let the rest join the call
+	close(release)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	if n := calls.Load(); n != 1 {
+		t.Errorf("%d GetImage calls for ten concurrent lookups, want 1", n)
+	}
+	if _, err := r.lookup(context.Background(), "vm3", "tiny"); err != nil || calls.Load() != 1 {
+		t.Errorf("a pinned VM asked again (%d calls, %v)", calls.Load(), err)
+	}
+	r.forget("vm3")
+	if _, err := r.lookup(context.Background(), "vm3", "tiny"); err != nil || calls.Load() != 2 {
+		t.Errorf("a forgotten VM did not ask again (%d calls, %v)", calls.Load(), err)
+	}
+}
