@@ -3,9 +3,17 @@ package agent
 import (
 	"context"
 	"sync"
+	"time"
+
+	"golang.org/x/sync/singleflight"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
+
+// imageCallTimeout bounds one shared GetImage call: it runs detached from
+// the context of the caller that started it, so that caller giving up does
+// not fail the others waiting for the same answer.
+const imageCallTimeout = 30 * time.Second
 
 // imageRecords keeps the image records (ImageService.GetImage) the agent's
 // VMs are built from, so that a reconcile pass of a VM whose disk exists
@@ -21,66 +29,44 @@ import (
 // one name share one call, so ten creates of one image cost one GetImage.
 // Pins are bounded by the VMs on the host; records by the images they use.
 type imageRecords struct {
-	get func(ctx context.Context, name string) (*minicloudv1.Image, error)
+	get    func(ctx context.Context, name string) (*minicloudv1.Image, error)
+	flight singleflight.Group // by image name
 
-	mu       sync.Mutex
-	pins     map[string]*minicloudv1.Image // by VM id
-	inflight map[string]*imageCall         // by image name
-}
-
-type imageCall struct {
-	done chan struct{}
-	img  *minicloudv1.Image
-	err  error
-	// abandoned: the caller that made the call saw its context end.
-	abandoned bool
+	mu   sync.Mutex
+	pins map[string]*minicloudv1.Image // by VM id
 }
 
 func newImageRecords(get func(ctx context.Context, name string) (*minicloudv1.Image, error)) *imageRecords {
-	return &imageRecords{get: get, pins: map[string]*minicloudv1.Image{}, inflight: map[string]*imageCall{}}
+	return &imageRecords{get: get, pins: map[string]*minicloudv1.Image{}}
 }
 
 // lookup returns the record of image name for VM vmID: its pin when it has
 // one for that name, else the API's answer, which it pins.
 func (r *imageRecords) lookup(ctx context.Context, vmID, name string) (*minicloudv1.Image, error) {
 	r.mu.Lock()
-	if img := r.pins[vmID]; img != nil && img.GetMeta().GetName() == name {
-		r.mu.Unlock()
+	img := r.pins[vmID]
+	r.mu.Unlock()
+	if img != nil && img.GetMeta().GetName() == name {
 		return img, nil
 	}
-	call, joined := r.inflight[name]
-	if !joined {
-		call = &imageCall{done: make(chan struct{})}
-		r.inflight[name] = call
-	}
-	r.mu.Unlock()
-
-	if !joined {
-		// The call runs under the first caller's context; one whose
-		// context ends does not cancel the others (they retry below).
-		call.img, call.err = r.get(ctx, name)
-		call.abandoned = ctx.Err() != nil
-		r.mu.Lock()
-		delete(r.inflight, name)
-		r.mu.Unlock()
-		close(call.done)
-	} else {
-		select {
-		case <-call.done:
-		case <-ctx.Done():
-			return nil, ctx.Err()
+	ch := r.flight.DoChan(name, func() (any, error) {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), imageCallTimeout)
+		defer cancel()
+		return r.get(cctx, name)
+	})
+	select {
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, res.Err
 		}
-		if call.err != nil && call.abandoned {
-			return r.lookup(ctx, vmID, name)
-		}
-	}
-	if call.err != nil {
-		return nil, call.err
+		img = res.Val.(*minicloudv1.Image)
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
 	r.mu.Lock()
-	r.pins[vmID] = call.img
+	r.pins[vmID] = img
 	r.mu.Unlock()
-	return call.img, nil
+	return img, nil
 }
 
 // forget drops the pin of a VM leaving the host.
