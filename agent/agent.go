@@ -154,6 +154,7 @@ type Agent struct {
 	synced    bool                             // the full assignment set has been received
 	publishMu sync.Mutex                       // serialises publishGuests
 	bridgeMu  sync.Mutex                       // serialises bridge creation and collection
+	fwdMu     sync.Mutex                       // serialises port forward changes (portforwards.go)
 
 	registered     chan struct{} // closed once the host is first registered
 	registeredOnce sync.Once
@@ -364,6 +365,7 @@ func (a *Agent) resyncLoop(ctx context.Context) error {
 			return nil
 		case <-t.C:
 			a.enqueueAll()
+			a.syncForwardsLogged(ctx)
 		}
 	}
 }

@@ -78,6 +78,10 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 				// below has looked at disk, network and domain.
 				a.publishGuests(ctx)
 			}
+			if synced && (!known || prev.vm.GetMeta().GetResourceVersion() != ev.GetVm().GetMeta().GetResourceVersion()) {
+				// A new VM or a spec write (expose, unexpose, delete).
+				a.syncForwardsLogged(ctx)
+			}
 			a.queue.Add(id)
 			if synced {
 				a.assignmentsChanged()
@@ -96,6 +100,7 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 			a.queue.Add(id)
 			a.publishGuests(ctx)
 			if synced {
+				a.syncForwardsLogged(ctx)
 				a.assignmentsChanged()
 			}
 		case minicloudv1.WatchEventType_WATCH_EVENT_TYPE_BOOKMARK:
@@ -112,6 +117,7 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 			a.cachedGuests = nil // the live set replaces the saved one
 			a.mu.Unlock()
 			a.publishGuests(ctx)
+			a.syncForwardsLogged(ctx)
 			a.assignmentsChanged()
 			a.liftFence(started)
 			if first {

@@ -519,8 +519,8 @@ const (
 	keepFiles   filesFate = true  // the VM vanished from the API: trash them
 )
 
-// teardown removes everything the host holds for a VM: domain, disk,
-// config drive, console log and taps (the files to the trash with
+// teardown removes everything the host holds for a VM: domain, port
+// forwards, disk, config drive, console log and taps (the files to the trash with
 // keepFiles). Each step is a no-op when already done, so an interrupted
 // teardown is finished by the next call.
 func (a *Agent) teardown(ctx context.Context, id string, files filesFate) error {
@@ -530,6 +530,9 @@ func (a *Agent) teardown(ctx context.Context, id string, files filesFate) error 
 	}
 	if err := a.hv.Undefine(ctx, id); err != nil {
 		return fmt.Errorf("undefine domain: %w", err)
+	}
+	if err := a.deleteForwardsOf(ctx, id); err != nil {
+		return err
 	}
 	ports, err := a.net.ListPorts(ctx)
 	if err != nil {

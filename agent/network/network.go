@@ -85,6 +85,43 @@ type PortSpec struct {
 	Existing bool
 }
 
+// PortForward is a DNAT of a host port to a guest (minicloud vm expose).
+type PortForward struct {
+	// VMID owns the forward; it is recorded with it so ListPortForwards
+	// can report it, and an agent removes only forwards of its own VMs.
+	VMID string
+	// Protocol is "tcp" or "udp".
+	Protocol  string
+	HostPort  uint16
+	GuestIP   netip.Addr
+	GuestPort uint16
+}
+
+// Validate checks a PortForward before anything is programmed.
+func (f PortForward) Validate() error {
+	if f.VMID == "" || len(f.VMID) > 128 {
+		return errdefs.Invalid("port forward %d/%s: VM id %q must be 1-128 bytes", f.HostPort, f.Protocol, f.VMID)
+	}
+	if err := ValidateProtocol(f.Protocol); err != nil {
+		return err
+	}
+	if f.HostPort == 0 || f.GuestPort == 0 {
+		return errdefs.Invalid("port forward of VM %s: ports must be 1-65535 (host %d, guest %d)", f.VMID, f.HostPort, f.GuestPort)
+	}
+	if !f.GuestIP.Is4() || f.GuestIP.IsUnspecified() || f.GuestIP.IsMulticast() || f.GuestIP.IsLoopback() || f.GuestIP == MetadataAddr {
+		return errdefs.Invalid("port forward %d/%s of VM %s: guest IP %q is not a usable IPv4 unicast address", f.HostPort, f.Protocol, f.VMID, f.GuestIP)
+	}
+	return nil
+}
+
+// ValidateProtocol accepts "tcp" and "udp".
+func ValidateProtocol(p string) error {
+	if p != "tcp" && p != "udp" {
+		return errdefs.Invalid("protocol %q: want tcp or udp", p)
+	}
+	return nil
+}
+
 // Manager creates and removes bridges and filtered ports on one host.
 //
 // Every method is idempotent and measures before it acts: calling it twice
@@ -121,6 +158,20 @@ type Manager interface {
 	// (including half-created ones whose filter is missing, with a zero IP),
 	// for garbage collection.
 	ListPorts(ctx context.Context) ([]PortSpec, error)
+
+	// EnsurePortForward makes TCP or UDP traffic that reaches the host on
+	// HostPort (to any of its own addresses, from any interface but a
+	// guest bridge, and from the host itself to a non-loopback address)
+	// go to GuestIP:GuestPort, and lets the guest's replies out (they pass
+	// the guest-isolation rules as replies of that connection only). A
+	// host port forwarded to another VM on this host is ALREADY_EXISTS;
+	// the same VM's forward with another target is replaced atomically.
+	EnsurePortForward(ctx context.Context, f PortForward) error
+	// DeletePortForward removes the forward of a host port; a no-op when
+	// absent.
+	DeletePortForward(ctx context.Context, protocol string, hostPort uint16) error
+	// ListPortForwards reports every forward on the host, of any VM.
+	ListPortForwards(ctx context.Context) ([]PortForward, error)
 
 	// Sync converges the host to exactly the given bridges and ports: it
 	// ensures each one and deletes every other minicloud port and bridge. It

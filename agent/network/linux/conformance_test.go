@@ -62,3 +62,16 @@ func (n *inNS) ListPorts(ctx context.Context) (out []network.PortSpec, err error
 func (n *inNS) Sync(ctx context.Context, b []network.BridgeSpec, p []network.PortSpec) error {
 	return n.ns.Do(func() error { return n.m.Sync(ctx, b, p) })
 }
+
+func (n *inNS) EnsurePortForward(ctx context.Context, f network.PortForward) error {
+	return n.ns.Do(func() error { return n.m.EnsurePortForward(ctx, f) })
+}
+
+func (n *inNS) DeletePortForward(ctx context.Context, protocol string, hostPort uint16) error {
+	return n.ns.Do(func() error { return n.m.DeletePortForward(ctx, protocol, hostPort) })
+}
+
+func (n *inNS) ListPortForwards(ctx context.Context) (out []network.PortForward, err error) {
+	err = n.ns.Do(func() error { out, err = n.m.ListPortForwards(ctx); return err })
+	return out, err
+}

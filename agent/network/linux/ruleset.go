@@ -52,6 +52,9 @@ const (
 	// addresses only from the hosts (VTEPs) of known remote ports.
 	setTunnelLocal = "tunnel_local" // inet: ipv4_addr — every tunnel's local address
 	setVTEPPair    = "vtep_pair"    // inet: ipv4_addr . ipv4_addr — local . remote VTEP
+	// setPortFwd maps a forwarded host port to its guest (port_forward.go);
+	// each element's comment is the VM id.
+	setPortFwd = "port_fwd" // inet map: inet_proto . inet_service : ipv4_addr . inet_service
 )
 
 // Chain names.
@@ -64,6 +67,10 @@ const (
 	chainGuestInput  = "guest_input"
 	chainForward     = "forward"
 	chainPostrouting = "postrouting"
+	// Port forwards: DNAT of traffic to the host (fwd_prerouting) and of
+	// the host's own connections to its addresses (fwd_output).
+	chainFwdPrerouting = "fwd_prerouting"
+	chainFwdOutput     = "fwd_output"
 	// Tunnel chains (bridge table). The base chains' names differ from the
 	// inet table's: staticRules is keyed by chain name.
 	chainTunnelIngress = "tunnel_ingress"
@@ -88,6 +95,9 @@ func newSets() map[*nftables.Table][]*nftables.Set {
 			{Table: inetTable, Name: setSameNet, KeyType: nftables.MustConcatSetType(ifname, ifname), Concatenation: true},
 			{Table: inetTable, Name: setTunnelLocal, KeyType: nftables.TypeIPAddr, KeyByteOrder: binaryutil.BigEndian},
 			{Table: inetTable, Name: setVTEPPair, KeyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr), Concatenation: true},
+			{Table: inetTable, Name: setPortFwd, IsMap: true, Concatenation: true,
+				KeyType:  nftables.MustConcatSetType(nftables.TypeInetProto, nftables.TypeInetService),
+				DataType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService)},
 		},
 	}
 }
@@ -117,6 +127,10 @@ func newChains() []*nftables.Chain {
 			Priority: nftables.ChainPriorityFilter, Policy: policy(accept)},
 		{Table: inetTable, Name: chainPostrouting, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting,
 			Priority: nftables.ChainPriorityNATSource, Policy: policy(accept)},
+		{Table: inetTable, Name: chainFwdPrerouting, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPrerouting,
+			Priority: nftables.ChainPriorityNATDest, Policy: policy(accept)},
+		{Table: inetTable, Name: chainFwdOutput, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookOutput,
+			Priority: nftables.ChainPriorityNATDest, Policy: policy(accept)},
 	}
 }
 
@@ -316,11 +330,67 @@ func staticRules(sets map[*nftables.Table][]*nftables.Set, protected []netip.Pre
 				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false), nfproto(unix.NFPROTO_IPV4),
 				l4proto(unix.IPPROTO_UDP), payload(expr.PayloadBaseTransportHeader, 2, 2, 1), cmp(expr.CmpOpEq, 1, port(VXLANPort)),
 				counter(), verdict(expr.VerdictDrop))},
+			// A guest's answers on a forwarded connection (conntrack knows
+			// it as the reply direction of a DNATed flow): they may go to
+			// any client, a management network's too. Only replies: a
+			// guest opens nothing new through this rule.
+			{"replies of port forwards", cat(
+				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false),
+				&expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION}, cmp(expr.CmpOpEq, 1, []byte{ctDirReply}),
+				&expr.Ct{Register: 1, Key: expr.CtKeySTATUS},
+				&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+					Mask: binaryutil.NativeEndian.PutUint32(ctStatusDstNAT), Xor: binaryutil.NativeEndian.PutUint32(0)},
+				cmp(expr.CmpOpNeq, 1, binaryutil.NativeEndian.PutUint32(0)), verdict(expr.VerdictAccept))},
 			{"no routing between guest networks", cat(
 				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), false),
 				metaLoad(expr.MetaKeyOIFNAME, 1), lookup(1, iset(setBridges), false),
 				counter(), verdict(expr.VerdictDrop))},
 		}, protectedRules(iset(setBridges), protected)...),
+		// Traffic for one of the host's own addresses on a forwarded port,
+		// from anywhere but a guest network (guests reach each other
+		// directly; the host's ports are closed to them).
+		chainFwdPrerouting: {
+			{"port forwards", cat(nfproto(unix.NFPROTO_IPV4),
+				metaLoad(expr.MetaKeyIIFNAME, 1), lookup(1, iset(setBridges), true),
+				localDaddr(), forwardDNAT(iset(setPortFwd)))},
+		},
+		// The host's own connections to its own (non-loopback) addresses:
+		// a packet from 127.0.0.1 could not be routed to a guest.
+		chainFwdOutput: {
+			{"port forwards from the host itself", cat(nfproto(unix.NFPROTO_IPV4),
+				payload(expr.PayloadBaseNetworkHeader, 16, 1, 1), cmp(expr.CmpOpNeq, 1, []byte{127}),
+				localDaddr(), forwardDNAT(iset(setPortFwd)))},
+		},
+	}
+}
+
+// ctDirReply is IP_CT_DIR_REPLY: a packet answering the connection's
+// first one.
+const ctDirReply = 1
+
+// ctStatusDstNAT is IPS_DST_NAT: the connection's destination was NATed.
+const ctStatusDstNAT = 1 << 5
+
+// localDaddr matches packets to one of the host's own addresses (fib
+// daddr type local).
+func localDaddr() []expr.Any {
+	return []expr.Any{
+		&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+		cmp(expr.CmpOpEq, 1, binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)),
+	}
+}
+
+// forwardDNAT looks the packet's protocol and destination port up in the
+// port_fwd map and rewrites its destination to the guest's address and
+// port found there: meta l4proto . th dport → ip . port, as nft's
+// "dnat ip to meta l4proto . th dport map @port_fwd" does.
+func forwardDNAT(fwd *nftables.Set) []expr.Any {
+	return []expr.Any{
+		metaLoad(expr.MetaKeyL4PROTO, regConcat),
+		payload(expr.PayloadBaseTransportHeader, 2, 2, regConcat+1),
+		&expr.Lookup{SourceRegister: regConcat, DestRegister: regConcat, IsDestRegSet: true, SetName: fwd.Name, SetID: fwd.ID},
+		counter(),
+		&expr.NAT{Type: expr.NATTypeDestNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: regConcat, RegProtoMin: regConcat + 1, Specified: true},
 	}
 }
 

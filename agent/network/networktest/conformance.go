@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/minicloud/minicloud/agent/network"
@@ -40,6 +41,7 @@ func RunConformance(t *testing.T, newManager Factory) {
 		{"RestartKeepsState", testRestartKeepsState},
 		{"SyncConverges", testSyncConverges},
 		{"TunnelConverges", testTunnelConverges},
+		{"PortForwardConverges", testPortForwardConverges},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -351,4 +353,62 @@ func testTunnelConverges(t *testing.T, m network.Manager, restart func() network
 		t.Fatalf("remote ports after the tunnel went: %v, want FailedPrecondition", err)
 	}
 	must(t, m.DeleteBridge(ctx, br), "delete bridge")
+}
+
+func testPortForwardConverges(t *testing.T, m network.Manager, restart func() network.Manager) {
+	ctx := context.Background()
+	web := network.PortForward{VMID: "vm-a", Protocol: "tcp", HostPort: 20080, GuestIP: netip.MustParseAddr("10.201.5.10"), GuestPort: 80}
+	dns := network.PortForward{VMID: "vm-a", Protocol: "udp", HostPort: 20080, GuestIP: netip.MustParseAddr("10.201.5.10"), GuestPort: 53}
+	list := func(m network.Manager) []network.PortForward {
+		t.Helper()
+		fs, err := m.ListPortForwards(ctx)
+		must(t, err, "ListPortForwards")
+		return fs
+	}
+	if fs := list(m); len(fs) != 0 {
+		t.Fatalf("forwards on a fresh host: %v", fs)
+	}
+	for range 2 {
+		must(t, m.EnsurePortForward(ctx, web), "EnsurePortForward tcp")
+	}
+	must(t, m.EnsurePortForward(ctx, dns), "EnsurePortForward udp (same port number, other protocol)")
+	if fs := list(m); !slices.Equal(fs, []network.PortForward{web, dns}) {
+		t.Fatalf("forwards = %v, want %v", fs, []network.PortForward{web, dns})
+	}
+	// The same VM's forward to another port replaces the first.
+	moved := web
+	moved.GuestPort, moved.GuestIP = 8080, netip.MustParseAddr("10.201.5.11")
+	must(t, m.EnsurePortForward(ctx, moved), "EnsurePortForward new target")
+	// Another VM may not take the host port.
+	other := web
+	other.VMID = "vm-b"
+	if err := m.EnsurePortForward(ctx, other); !errdefs.IsAlreadyExists(err) || !strings.Contains(err.Error(), "vm-a") {
+		t.Fatalf("another VM's forward of a taken port: %v, want ALREADY_EXISTS naming vm-a", err)
+	}
+	// Restart: the kernel state stays.
+	m2 := restart()
+	if fs := list(m2); !slices.Equal(fs, []network.PortForward{moved, dns}) {
+		t.Fatalf("after restart forwards = %v, want %v", fs, []network.PortForward{moved, dns})
+	}
+	for range 2 {
+		must(t, m2.DeletePortForward(ctx, "tcp", 20080), "DeletePortForward")
+	}
+	if fs := list(m2); !slices.Equal(fs, []network.PortForward{dns}) {
+		t.Fatalf("after delete forwards = %v, want %v", fs, []network.PortForward{dns})
+	}
+	must(t, m2.DeletePortForward(ctx, "udp", 20080), "DeletePortForward udp")
+	for _, bad := range []network.PortForward{
+		{Protocol: "tcp", HostPort: 1, GuestIP: web.GuestIP, GuestPort: 1},
+		{VMID: "v", Protocol: "sctp", HostPort: 1, GuestIP: web.GuestIP, GuestPort: 1},
+		{VMID: "v", Protocol: "tcp", HostPort: 0, GuestIP: web.GuestIP, GuestPort: 1},
+		{VMID: "v", Protocol: "tcp", HostPort: 1, GuestIP: netip.MustParseAddr("127.0.0.1"), GuestPort: 1},
+		{VMID: "v", Protocol: "tcp", HostPort: 1, GuestIP: network.MetadataAddr, GuestPort: 1},
+	} {
+		if err := m2.EnsurePortForward(ctx, bad); !errdefs.IsInvalid(err) {
+			t.Errorf("EnsurePortForward(%+v) = %v, want INVALID_ARGUMENT", bad, err)
+		}
+	}
+	if fs := list(m2); len(fs) != 0 {
+		t.Fatalf("forwards left: %v", fs)
+	}
 }

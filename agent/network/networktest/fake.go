@@ -23,6 +23,13 @@ type FakeHost struct {
 	remote map[string][]network.RemotePort
 	// routes are the host's own routes (SetRoutes), by destination.
 	routes map[netip.Prefix]string
+	// forwards by protocol and host port.
+	forwards map[fwdKey]network.PortForward
+}
+
+type fwdKey struct {
+	protocol string
+	port     uint16
 }
 
 // SetRoutes sets the host's own routes (destination → device) that a new
@@ -36,7 +43,7 @@ func (h *FakeHost) SetRoutes(routes map[netip.Prefix]string) {
 
 // NewFakeHost returns an empty host.
 func NewFakeHost() *FakeHost {
-	return &FakeHost{bridges: map[string]network.BridgeSpec{}, ports: map[string]network.PortSpec{}, remote: map[string][]network.RemotePort{}}
+	return &FakeHost{bridges: map[string]network.BridgeSpec{}, ports: map[string]network.PortSpec{}, remote: map[string][]network.RemotePort{}, forwards: map[fwdKey]network.PortForward{}}
 }
 
 // FakeManager is an in-memory network.Manager for scale tests (hundreds of
@@ -176,6 +183,49 @@ func (f *FakeManager) ListPorts(context.Context) ([]network.PortSpec, error) {
 		out = append(out, p)
 	}
 	slices.SortFunc(out, func(a, b network.PortSpec) int { return strings.Compare(a.TapName, b.TapName) })
+	return out, nil
+}
+
+// EnsurePortForward implements network.Manager.
+func (f *FakeManager) EnsurePortForward(_ context.Context, fwd network.PortForward) error {
+	if err := fwd.Validate(); err != nil {
+		return err
+	}
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	k := fwdKey{fwd.Protocol, fwd.HostPort}
+	if old, ok := f.host.forwards[k]; ok && old.VMID != fwd.VMID {
+		return errdefs.AlreadyExists("host port %d/%s is forwarded to VM %s on this host", fwd.HostPort, fwd.Protocol, old.VMID)
+	}
+	f.host.forwards[k] = fwd
+	return nil
+}
+
+// DeletePortForward implements network.Manager.
+func (f *FakeManager) DeletePortForward(_ context.Context, protocol string, hostPort uint16) error {
+	if err := network.ValidateProtocol(protocol); err != nil {
+		return err
+	}
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	delete(f.host.forwards, fwdKey{protocol, hostPort})
+	return nil
+}
+
+// ListPortForwards implements network.Manager.
+func (f *FakeManager) ListPortForwards(context.Context) ([]network.PortForward, error) {
+	f.host.mu.Lock()
+	defer f.host.mu.Unlock()
+	out := make([]network.PortForward, 0, len(f.host.forwards))
+	for _, fwd := range f.host.forwards {
+		out = append(out, fwd)
+	}
+	slices.SortFunc(out, func(a, b network.PortForward) int {
+		if c := strings.Compare(a.Protocol, b.Protocol); c != 0 {
+			return c
+		}
+		return int(a.HostPort) - int(b.HostPort)
+	})
 	return out, nil
 }
 
