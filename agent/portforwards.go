@@ -137,4 +137,3 @@ func (a *Agent) deleteForwardsOf(ctx context.Context, id string) error {
 	}
 	return nil
 }
-
