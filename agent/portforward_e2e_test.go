@@ -86,7 +86,9 @@ func TestPortForwardOnRealLibvirt(t *testing.T) {
 		}
 		t.Fatalf("%s: last answer from %s: %q, %v\nlog:\n%s", what, target, line, err, c.Log())
 	}
-	served := func(line string, err error) bool { return err == nil && strings.HasPrefix(line, "MINICLOUD-HELLO web1") }
+	served := func(line string, err error) bool {
+		return err == nil && strings.HasPrefix(line, "MINICLOUD-HELLO web1")
+	}
 	refused := func(_ string, err error) bool { return err != nil && strings.Contains(err.Error(), "refused") }
 
 	start := time.Now()
