@@ -105,7 +105,7 @@ func runScheduler(ctx context.Context, cli *clientv3.Client, log *slog.Logger, o
 		return err
 	}
 	if o.metricsListen != "" {
-		reg.MustRegister(s.PendingCollector())
+		reg.MustRegister(s.PendingCollector(), s.ClusterCollector())
 		lis, err := net.Listen("tcp", o.metricsListen)
 		if err != nil {
 			return fmt.Errorf("scheduler metrics listen on %s: %w", o.metricsListen, err)

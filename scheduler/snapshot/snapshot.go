@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -45,6 +46,7 @@ type Snapshot struct {
 	cluster    *placement.Cluster
 	index      map[string]int // host name -> position in cluster.Hosts
 	alive      map[string]bool
+	fenced     map[string]bool          // hosts/fenced/<name> exists
 	fenceAfter map[string]time.Duration // host -> its agent's self-fencing delay
 	alloc      map[string]allocState
 	claims     map[string]map[string]claimState // host -> vm id -> claim
@@ -90,6 +92,7 @@ func (s *Snapshot) reset() {
 	}
 	s.index = map[string]int{}
 	s.alive = map[string]bool{}
+	s.fenced = map[string]bool{}
 	s.fenceAfter = map[string]time.Duration{}
 	s.alloc = map[string]allocState{}
 	s.claims = map[string]map[string]claimState{}
@@ -299,6 +302,13 @@ func (s *Snapshot) apply(typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) (strin
 			host.Up = !del
 		}
 		return name, was == del
+	case strings.HasPrefix(key, store.HostFencedPrefix):
+		// Decisions ignore it (a fenced host is down); metrics show it.
+		if name := key[len(store.HostFencedPrefix):]; del {
+			delete(s.fenced, name)
+		} else {
+			s.fenced[name] = true
+		}
 	case strings.HasPrefix(key, store.HostAllocPrefix):
 		name := key[len(store.HostAllocPrefix):]
 		if kv.ModRevision <= s.alloc[name].seen {
@@ -490,6 +500,25 @@ func (s *Snapshot) Down() []DownHost {
 		if !s.alive[h.Name] {
 			out = append(out, DownHost{Name: h.Name, FenceAfter: s.fenceAfter[h.Name]})
 		}
+	}
+	return out
+}
+
+// HostView is a host as the view holds it, with its failure state.
+type HostView struct {
+	placement.Host
+	// Fenced: hosts/fenced/<name> exists (the host runs none of its VMs).
+	Fenced bool
+}
+
+// Hosts returns a copy of every host in the view.
+func (s *Snapshot) Hosts() []HostView {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]HostView, len(s.cluster.Hosts))
+	for i, h := range s.cluster.Hosts {
+		out[i] = HostView{Host: *h, Fenced: s.fenced[h.Name]}
+		out[i].Hypervisors = slices.Clone(h.Hypervisors)
 	}
 	return out
 }
