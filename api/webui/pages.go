@@ -1,8 +1,12 @@
 package webui
 
 import (
+	"context"
 	"net/http"
 	"sort"
+
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/client"
@@ -70,29 +74,15 @@ func (h *Handler) hostList(w http.ResponseWriter, r *http.Request, s *session) {
 	h.render(w, r, http.StatusOK, "hosts", s, hosts)
 }
 
-func (h *Handler) imageList(w http.ResponseWriter, r *http.Request, s *session) {
-	resp, err := client.ListAll(s.ctx, &minicloudv1.ListImagesRequest{}, h.api.Images.ListImages, maxListed)
-	if err != nil {
-		h.fail(w, r, err)
-		return
+// listPage serves a page listing what one paginated List RPC returns.
+func listPage[Req, Resp proto.Message, Item any](h *Handler, page string, newReq func() Req,
+	call func(context.Context, Req, ...grpc.CallOption) (Resp, error), items func(Resp) []Item) func(http.ResponseWriter, *http.Request, *session) {
+	return func(w http.ResponseWriter, r *http.Request, s *session) {
+		resp, err := client.ListAll(s.ctx, newReq(), call, maxListed)
+		if err != nil {
+			h.fail(w, r, err)
+			return
+		}
+		h.render(w, r, http.StatusOK, page, s, items(resp))
 	}
-	h.render(w, r, http.StatusOK, "images", s, resp.GetImages())
-}
-
-func (h *Handler) flavorList(w http.ResponseWriter, r *http.Request, s *session) {
-	resp, err := client.ListAll(s.ctx, &minicloudv1.ListFlavorsRequest{}, h.api.Flavors.ListFlavors, maxListed)
-	if err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	h.render(w, r, http.StatusOK, "flavors", s, resp.GetFlavors())
-}
-
-func (h *Handler) networkList(w http.ResponseWriter, r *http.Request, s *session) {
-	resp, err := client.ListAll(s.ctx, &minicloudv1.ListNetworksRequest{}, h.api.Networks.ListNetworks, maxListed)
-	if err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	h.render(w, r, http.StatusOK, "networks", s, resp.GetNetworks())
 }

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net/http"
 
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/client"
 )
 
@@ -78,9 +79,12 @@ func New(cfg Config) (*Handler, error) {
 	h.mux.Handle("GET /vms/{name}", h.signedIn(h.vmPage))
 	h.mux.Handle("GET /vms/{name}/console-log", h.signedIn(h.vmConsoleLog))
 	h.mux.Handle("POST /vms/{name}/{action}", h.signedIn(h.vmAction))
-	h.mux.Handle("GET /images", h.signedIn(h.imageList))
-	h.mux.Handle("GET /flavors", h.signedIn(h.flavorList))
-	h.mux.Handle("GET /networks", h.signedIn(h.networkList))
+	h.mux.Handle("GET /images", h.signedIn(listPage(h, "images", func() *minicloudv1.ListImagesRequest { return &minicloudv1.ListImagesRequest{} },
+		h.api.Images.ListImages, (*minicloudv1.ListImagesResponse).GetImages)))
+	h.mux.Handle("GET /flavors", h.signedIn(listPage(h, "flavors", func() *minicloudv1.ListFlavorsRequest { return &minicloudv1.ListFlavorsRequest{} },
+		h.api.Flavors.ListFlavors, (*minicloudv1.ListFlavorsResponse).GetFlavors)))
+	h.mux.Handle("GET /networks", h.signedIn(listPage(h, "networks", func() *minicloudv1.ListNetworksRequest { return &minicloudv1.ListNetworksRequest{} },
+		h.api.Networks.ListNetworks, (*minicloudv1.ListNetworksResponse).GetNetworks)))
 	h.mux.Handle("GET /hosts", h.signedIn(h.hostList))
 	return h, nil
 }
