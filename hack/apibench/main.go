@@ -1,10 +1,18 @@
 // Command apibench measures the API's VM create path: an embedded etcd and
 // the API server in this process, N concurrent gRPC clients creating VMs
-// for a fixed time. It reports create latency (p50/p99), creates/s and the
-// etcd work per create, and rewrites the "api" section of
-// docs/benchmarks.md.
+// for a fixed time. Next to each API row it measures raw etcd
+// transactions of a create's shape on the same etcd with as many clients,
+// so the ratio of the two is in every run. It reports latency (p50/p99),
+// operations/s and the etcd work per create, and rewrites the "api"
+// section of docs/benchmarks.md.
 //
-//	go run ./hack/apibench [-clients 16] [-duration 10s] [-docs docs/benchmarks.md]
+// With -fill it measures instead how creates/s changes as the network
+// fills: it creates VMs through the API until the network holds each
+// given count, measures creates/s there, and rewrites the "api-fill"
+// section.
+//
+//	go run ./hack/apibench [-clients 16,64] [-duration 10s] [-docs docs/benchmarks.md]
+//	go run ./hack/apibench -fill 1000,50000 [-clients 64] [-duration 5s]
 package main
 
 import (
@@ -16,6 +24,7 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -32,11 +41,20 @@ import (
 )
 
 func main() {
-	clients := flag.Int("clients", 16, "concurrent clients")
-	duration := flag.Duration("duration", 10*time.Second, "how long to create VMs")
+	clientsFlag := flag.String("clients", "16,64", "concurrent clients: a comma-separated list, each measured in turn (with -fill: one count)")
+	duration := flag.Duration("duration", 10*time.Second, "how long each row creates (with -fill: the window measured at each fill level)")
+	fillFlag := flag.String("fill", "", "comma-separated VM counts (e.g. 1000,50000): fill the network through the API to each and measure creates/s there")
 	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
 	flag.Parse()
+	clients, err := counts(*clientsFlag)
+	if err != nil {
+		log.Fatalf("-clients: %v", err)
+	}
+	fill, err := counts(*fillFlag)
+	if err != nil {
+		log.Fatalf("-fill: %v", err)
+	}
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
 		if err != nil {
@@ -47,23 +65,51 @@ func main() {
 		}
 		defer pprof.StopCPUProfile()
 	}
-	if err := run(*clients, *duration, *docs); err != nil {
+	if len(fill) > 0 {
+		err = runFill(clients[len(clients)-1], fill, *duration, *docs)
+	} else {
+		err = run(clients, *duration, *docs)
+	}
+	if err != nil {
 		pprof.StopCPUProfile()
 		log.Fatal(err)
 	}
 }
 
-func run(clients int, duration time.Duration, docs string) error {
-	ctx := context.Background()
-	load := benchdoc.LoadAverage()
-	cli, stop, err := benchdoc.EmbeddedEtcd(ctx, "apibench")
-	if err != nil {
-		return err
+// counts parses a comma-separated list of positive integers.
+func counts(s string) ([]int, error) {
+	var out []int
+	for f := range strings.SplitSeq(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("%q is not a positive count", f)
+		}
+		out = append(out, n)
 	}
-	defer stop()
-	counts := &etcdCounts{}
-	cli.KV = &countingKV{KV: cli.KV, c: counts}
-	cli.Lease = &countingLease{Lease: cli.Lease, c: counts}
+	return out, nil
+}
+
+// bench is an embedded etcd and the API server over it.
+type bench struct {
+	cli    *clientv3.Client
+	rawKV  clientv3.KV // etcd without the counting wrapper
+	counts *etcdCounts
+	vms    minicloudv1.VMServiceClient
+	seq    atomic.Int64 // names and request ids of creates
+	stop   func()
+}
+
+func start(ctx context.Context) (*bench, error) {
+	cli, stopEtcd, err := benchdoc.EmbeddedEtcd(ctx, "apibench")
+	if err != nil {
+		return nil, err
+	}
+	b := &bench{cli: cli, rawKV: cli.KV, counts: &etcdCounts{}}
+	cli.KV = &countingKV{KV: cli.KV, c: b.counts}
+	cli.Lease = &countingLease{Lease: cli.Lease, c: b.counts}
 
 	// As `minicloudd api` serves: TLS, and every call authenticated (the
 	// bootstrap admin's token).
@@ -74,48 +120,92 @@ func run(clients int, duration time.Duration, docs string) error {
 		Instances: &big, Vcpus: &big, MemoryMib: &big, DiskGib: &big, Networks: &big, ServerGroups: &big, ImageBytes: &big,
 	}})
 	if err != nil {
-		return err
+		stopEtcd()
+		return nil, err
 	}
-	defer srv.Server.Stop(ctx)
 	conn, err := grpc.NewClient(srv.Addr, srv.DialOptions(srv.AdminToken)...)
 	if err != nil {
-		return err
+		srv.Server.Stop(ctx)
+		stopEtcd()
+		return nil, err
 	}
-	defer conn.Close()
+	b.stop = func() { conn.Close(); srv.Server.Stop(ctx); stopEtcd() }
 	if err := seed(ctx, cli, conn); err != nil {
-		return err
+		b.stop()
+		return nil, err
 	}
+	b.vms = minicloudv1.NewVMServiceClient(conn)
+	return b, nil
+}
 
-	vms := minicloudv1.NewVMServiceClient(conn)
-	startRev, err := revision(ctx, cli)
-	if err != nil {
-		return err
+// create makes one VM through the API.
+func (b *bench) create(ctx context.Context) error {
+	n := b.seq.Add(1)
+	_, err := b.vms.CreateVM(ctx, &minicloudv1.CreateVMRequest{
+		Name:      fmt.Sprintf("bench-%d", n),
+		RequestId: fmt.Sprintf("bench-%d", n),
+		UserData:  []byte("#cloud-config\nhostname: bench\n"),
+		Spec:      &minicloudv1.VMSpec{Image: "bench", Flavor: "bench"},
+	})
+	return err
+}
+
+// rawValue is the value of each of a raw transaction's puts: 7 × 292
+// bytes ≈ 2 KB, about what a create writes (spec, status, user-data,
+// name, request id, address, event; the usage key of the group commit
+// is shared by a batch).
+var rawValue = strings.Repeat("x", 292)
+
+// rawCreate is one etcd transaction of a create's shape, without the API:
+// one compare (the name key absent) and 7 puts of ~2 KB in all, on the
+// same etcd and client connection as the API server's.
+func (b *bench) rawCreate(ctx context.Context) error {
+	n := b.seq.Add(1)
+	prefix := fmt.Sprintf("/apibench-raw/%d/", n)
+	ops := make([]clientv3.Op, 0, 7)
+	for _, k := range []string{"name", "spec", "status", "userdata", "request", "address", "event"} {
+		ops = append(ops, clientv3.OpPut(prefix+k, rawValue))
 	}
-	counts.reset()
+	resp, err := b.rawKV.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(prefix+"name"), "=", 0)).Then(ops...).Commit()
+	if err == nil && !resp.Succeeded {
+		err = fmt.Errorf("raw txn %d: compare failed", n)
+	}
+	return err
+}
+
+// sample is what one timed phase measured.
+type sample struct {
+	latencies []time.Duration // sorted
+	failed    int64
+	elapsed   time.Duration
+}
+
+func (s sample) rate() float64 { return float64(len(s.latencies)) / s.elapsed.Seconds() }
+
+func (s sample) pct(p float64) time.Duration {
+	return s.latencies[min(len(s.latencies)-1, int(float64(len(s.latencies))*p))]
+}
+
+// measure runs op from clients goroutines until duration has passed or
+// limit operations have been started (0: no limit).
+func measure(ctx context.Context, clients int, duration time.Duration, limit int64, op func(context.Context) error) (sample, error) {
 	var (
-		wg        sync.WaitGroup
-		mu        sync.Mutex
-		latencies []time.Duration
-		failed    atomic.Int64
-		seq       atomic.Int64
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		s       sample
+		failed  atomic.Int64
+		started atomic.Int64
 	)
 	deadline := time.Now().Add(duration)
 	began := time.Now()
-	for c := range clients {
+	for range clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			var mine []time.Duration
-			for time.Now().Before(deadline) {
-				n := seq.Add(1)
+			for time.Now().Before(deadline) && (limit == 0 || started.Add(1) <= limit) {
 				t0 := time.Now()
-				_, err := vms.CreateVM(ctx, &minicloudv1.CreateVMRequest{
-					Name:      fmt.Sprintf("bench-%d-%d", c, n),
-					RequestId: fmt.Sprintf("bench-%d", n),
-					UserData:  []byte("#cloud-config\nhostname: bench\n"),
-					Spec:      &minicloudv1.VMSpec{Image: "bench", Flavor: "bench"},
-				})
-				if err != nil {
+				if err := op(ctx); err != nil {
 					failed.Add(1)
 					log.Printf("create: %v", err)
 					continue
@@ -123,39 +213,136 @@ func run(clients int, duration time.Duration, docs string) error {
 				mine = append(mine, time.Since(t0))
 			}
 			mu.Lock()
-			latencies = append(latencies, mine...)
+			s.latencies = append(s.latencies, mine...)
 			mu.Unlock()
 		}()
 	}
 	wg.Wait()
-	elapsed := time.Since(began)
-	snap := counts.snapshot()
-	endRev, err := revision(ctx, cli)
+	s.elapsed, s.failed = time.Since(began), failed.Load()
+	if len(s.latencies) == 0 {
+		return s, fmt.Errorf("no operation succeeded (%d failed)", s.failed)
+	}
+	slices.Sort(s.latencies)
+	return s, nil
+}
+
+func run(clients []int, duration time.Duration, docs string) error {
+	ctx := context.Background()
+	loadBefore := benchdoc.LoadAverage()
+	b, err := start(ctx)
 	if err != nil {
 		return err
 	}
-	n := len(latencies)
-	if n == 0 {
-		return fmt.Errorf("no create succeeded (%d failed)", failed.Load())
+	defer b.stop()
+
+	var rows strings.Builder
+	var vms int64
+	for _, c := range clients {
+		raw, err := measure(ctx, c, duration, 0, b.rawCreate)
+		if err != nil {
+			return fmt.Errorf("raw etcd, %d clients: %w", c, err)
+		}
+		startRev, err := revision(ctx, b.cli)
+		if err != nil {
+			return err
+		}
+		b.counts.reset()
+		api, err := measure(ctx, c, duration, 0, b.create)
+		if err != nil {
+			return fmt.Errorf("api, %d clients: %w", c, err)
+		}
+		snap := b.counts.snapshot()
+		endRev, err := revision(ctx, b.cli)
+		if err != nil {
+			return err
+		}
+		n := len(api.latencies)
+		per := func(v int64) string { return fmt.Sprintf("%.2f", float64(v)/float64(n)) }
+		fmt.Fprintf(&rows, "| %d | raw etcd txn | — | %d | %d | %.0f | %s | %s | | | | |\n",
+			c, len(raw.latencies), raw.failed, raw.rate(), round(raw.pct(0.50)), round(raw.pct(0.99)))
+		fmt.Fprintf(&rows, "| %d | API CreateVM | %d | %d | %d | %.0f | %s | %s | **%.2f×** | %s | %s | %s |\n",
+			c, vms, n, api.failed, api.rate(), round(api.pct(0.50)), round(api.pct(0.99)), api.rate()/raw.rate(),
+			per(endRev-startRev), per(snap.writeTxns), per(snap.requests))
+		vms += int64(n)
+		log.Printf("%d clients: raw %.0f/s, api %.0f/s (%d lost races, %d lease grants)", c, raw.rate(), api.rate(), snap.failedTxns, snap.leaseGrants)
 	}
-	slices.Sort(latencies)
-	pct := func(p float64) time.Duration { return latencies[min(n-1, int(float64(n)*p))] }
-	per := func(v int64) string { return fmt.Sprintf("%.2f", float64(v)/float64(n)) }
-	var b strings.Builder
-	fmt.Fprintf(&b, "`go run ./hack/apibench -clients %d -duration %s` — embedded etcd (data in %s) and the API server in one process, %d concurrent gRPC clients over loopback, GOMAXPROCS=%d, load average before the run %s, measured %s.\n\n",
-		clients, duration, os.TempDir(), clients, runtime.GOMAXPROCS(0), load, time.Now().UTC().Format("2006-01-02"))
-	fmt.Fprintf(&b, "| clients | creates | failed | creates/s | create p50 | create p99 | etcd revisions / create | etcd write txns / create | etcd requests / create |\n")
-	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|\n")
-	fmt.Fprintf(&b, "| %d | %d | %d | %.0f | %s | %s | %s | %s | %s |\n\n",
-		clients, n, failed.Load(), float64(n)/elapsed.Seconds(), round(pct(0.50)), round(pct(0.99)),
-		per(endRev-startRev), per(snap.writeTxns), per(snap.requests))
-	fmt.Fprintf(&b, "As `minicloudd api` serves: TLS, and every call authenticated with the bootstrap admin's bearer token (one etcd read per call for the token and its user) and authorized by the policy table; every create also writes its audit record (one put, outside the create's transaction). Quotas on (a default quota no run reaches): every create is charged to its project's usage key in its transaction. Revisions count committed etcd writes, audit records included; a create is one transaction (spec, status, user-data, name index, request id, addresses, first event, the project's usage), and the creates of one project in flight at once are group-committed into one transaction (they all compare and write the usage key), so fewer than 1.00 means several creates shared a commit. Write txns include transactions whose compares failed and were retried (%d lost races in total, %d lease grants for request ids). Requests count every etcd call of the API, reads included.\n",
-		snap.failedTxns, snap.leaseGrants)
-	fmt.Print(b.String())
+	loadAfter := benchdoc.LoadAverage()
+
+	var out strings.Builder
+	fmt.Fprintf(&out, "`go run ./hack/apibench -clients %s -duration %s` — embedded etcd (data in %s) and the API server in one process, concurrent gRPC clients over loopback, GOMAXPROCS=%d, load average %s before the run and %s after, measured %s.\n\n",
+		joinInts(clients), duration, os.TempDir(), runtime.GOMAXPROCS(0), loadBefore, loadAfter, time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(&out, "| clients | what | VMs in the network before | ops | failed | ops/s | p50 | p99 | API / raw etcd | etcd revisions / create | etcd write txns / create | etcd requests / create |\n")
+	fmt.Fprintf(&out, "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	out.WriteString(rows.String())
+	fmt.Fprintf(&out, "\nEach client count runs two phases of %s, one after the other on the same embedded etcd: first raw etcd transactions of a create's shape (one compare that a key is absent, 7 puts of 292 bytes ≈ 2 KB; the client connection is the API server's, no API, no TLS to the API, no auth), then creates through the API. The API: as `minicloudd api` serves, TLS, and every call authenticated with the bootstrap admin's bearer token (one etcd read per call for the token and its user) and authorized by the policy table; every create also writes its audit record (one put, outside the create's transaction). Quotas on (a default quota no run reaches): every create is charged to its project's usage key in its transaction. All API creates go to one /16 network, so a later row starts with the VMs of the earlier ones. Revisions count committed etcd writes, audit records included; a create is one transaction (spec, status, user-data, name index, request id, addresses, first event, the project's usage), and the creates of one project in flight at once are group-committed into one transaction (they all compare and write the usage key), so fewer than 1.00 means several creates shared a commit. Write txns include transactions whose compares failed and were retried. Requests count every etcd call of the API, reads included.\n", duration)
+	fmt.Print(out.String())
 	if docs == "" {
 		return nil
 	}
-	return benchdoc.RewriteSection(docs, "api", b.String())
+	return benchdoc.RewriteSection(docs, "api", out.String())
+}
+
+// windowCap bounds the creates of one fill window, so that the window at
+// the largest fill still fits in the /16.
+const windowCap = 5000
+
+// runFill fills the network through the API to each count of fill and
+// measures creates/s there.
+func runFill(clients int, fill []int, window time.Duration, docs string) error {
+	ctx := context.Background()
+	slices.Sort(fill)
+	loadBefore := benchdoc.LoadAverage()
+	b, err := start(ctx)
+	if err != nil {
+		return err
+	}
+	defer b.stop()
+	var rows strings.Builder
+	var vms int64
+	for _, target := range fill {
+		t0 := time.Now()
+		if missing := int64(target) - vms; missing > 0 {
+			s, err := measure(ctx, clients, 24*time.Hour, missing, b.create)
+			if err != nil {
+				return fmt.Errorf("fill to %d: %w", target, err)
+			}
+			if s.failed > 0 {
+				return fmt.Errorf("fill to %d: %d creates failed", target, s.failed)
+			}
+			vms += int64(len(s.latencies))
+		}
+		fillTime := time.Since(t0)
+		load := benchdoc.LoadAverage()
+		s, err := measure(ctx, clients, window, windowCap, b.create)
+		if err != nil {
+			return fmt.Errorf("window at %d: %w", target, err)
+		}
+		fmt.Fprintf(&rows, "| %d | %s | %d | %d | %.0f | %s | %s | %s |\n",
+			vms, fillTime.Round(100*time.Millisecond), len(s.latencies), s.failed, s.rate(), round(s.pct(0.50)), round(s.pct(0.99)), load)
+		vms += int64(len(s.latencies))
+		log.Printf("at %d VMs: %.0f creates/s", target, s.rate())
+	}
+	loadAfter := benchdoc.LoadAverage()
+	var out strings.Builder
+	fmt.Fprintf(&out, "`go run ./hack/apibench -fill %s -clients %d -duration %s` — as the api table, with all creates in one /16 network (65,533 addresses for VMs), GOMAXPROCS=%d, load average %s before the run and %s after, measured %s.\n\n",
+		joinInts(fill), clients, window, runtime.GOMAXPROCS(0), loadBefore, loadAfter, time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(&out, "| VMs in the network | time to fill to there | creates in the window | failed | creates/s | p50 | p99 | load average at the window |\n")
+	fmt.Fprintf(&out, "|---|---|---|---|---|---|---|---|\n")
+	out.WriteString(rows.String())
+	fmt.Fprintf(&out, "\nThe harness creates VMs through the API with %d clients until the network holds the row's count, then measures creates for %s (at most %d creates, so the largest fill still fits the /16).\n", clients, window, windowCap)
+	fmt.Print(out.String())
+	if docs == "" {
+		return nil
+	}
+	return benchdoc.RewriteSection(docs, "api-fill", out.String())
+}
+
+func joinInts(xs []int) string {
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = strconv.Itoa(x)
+	}
+	return strings.Join(s, ",")
 }
 
 func round(d time.Duration) string {
