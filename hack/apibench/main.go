@@ -65,11 +65,19 @@ func main() {
 		}
 		defer pprof.StopCPUProfile()
 	}
-	if len(fill) > 0 {
-		err = runFill(clients[len(clients)-1], fill, *duration, *docs)
-	} else {
-		err = run(clients, *duration, *docs)
+	ctx := context.Background()
+	loadBefore := benchdoc.LoadAverage()
+	b, err := start(ctx)
+	if err != nil {
+		pprof.StopCPUProfile()
+		log.Fatal(err)
 	}
+	if len(fill) > 0 {
+		err = runFill(ctx, b, loadBefore, clients[len(clients)-1], fill, *duration, *docs)
+	} else {
+		err = run(ctx, b, loadBefore, clients, *duration, *docs)
+	}
+	b.stop()
 	if err != nil {
 		pprof.StopCPUProfile()
 		log.Fatal(err)
@@ -226,15 +234,7 @@ func measure(ctx context.Context, clients int, duration time.Duration, limit int
 	return s, nil
 }
 
-func run(clients []int, duration time.Duration, docs string) error {
-	ctx := context.Background()
-	loadBefore := benchdoc.LoadAverage()
-	b, err := start(ctx)
-	if err != nil {
-		return err
-	}
-	defer b.stop()
-
+func run(ctx context.Context, b *bench, loadBefore string, clients []int, duration time.Duration, docs string) error {
 	var rows strings.Builder
 	var vms int64
 	for _, c := range clients {
@@ -288,15 +288,8 @@ const windowCap = 5000
 
 // runFill fills the network through the API to each count of fill and
 // measures creates/s there.
-func runFill(clients int, fill []int, window time.Duration, docs string) error {
-	ctx := context.Background()
+func runFill(ctx context.Context, b *bench, loadBefore string, clients int, fill []int, window time.Duration, docs string) error {
 	slices.Sort(fill)
-	loadBefore := benchdoc.LoadAverage()
-	b, err := start(ctx)
-	if err != nil {
-		return err
-	}
-	defer b.stop()
 	var rows strings.Builder
 	var vms int64
 	for _, target := range fill {
