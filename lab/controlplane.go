@@ -74,6 +74,7 @@ func (l *Lab) apiProc(i int) proc {
 	return proc{Name: fmt.Sprintf("api%d", i), Argv: append([]string{l.bin("minicloudd"), "api",
 		"--listen", netip.AddrPortFrom(a, apiPort).String(),
 		"--metrics-listen", netip.AddrPortFrom(a, apiMetricsPort).String(),
+		"--web-listen", netip.AddrPortFrom(a, apiWebPort).String(),
 		"--data-dir", filepath.Join(l.Dir, fmt.Sprintf("api%d", i)),
 		// One blob store for every replica, as a shared file system is on
 		// real machines (docs/architecture.md, "Several API replicas").

@@ -41,6 +41,7 @@ const (
 	apiMetricsPort   = 8641
 	agentPort        = 8642
 	agentMetricsPort = 8643
+	apiWebPort       = 8644
 	schedMetricsPort = 8645
 )
 

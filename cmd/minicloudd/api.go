@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/minicloud/minicloud/api/httpapi"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/pkg/identity"
@@ -27,6 +28,9 @@ const shutdownGrace = 10 * time.Second
 type apiFlags struct {
 	listen        string
 	metricsListen string
+	// webListen is the HTTPS listener of the HTTP/JSON API, its OpenAPI
+	// document and the web UI (api/httpapi); empty: off.
+	webListen     string
 	dataDir       string
 	imageDir      string
 	etcd          etcdFlags
@@ -73,6 +77,7 @@ func (q quotaFlags) limits() (*minicloudv1.QuotaLimits, error) {
 
 func (f *apiFlags) addFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.listen, "listen", "127.0.0.1:8640", "gRPC API listen address")
+	cmd.Flags().StringVar(&f.webListen, "web-listen", "127.0.0.1:8644", "HTTPS listen address of the HTTP/JSON API (/v1/), its OpenAPI document (/openapi.json) and the web UI, with the API's certificate and users' tokens (empty: off)")
 	cmd.Flags().StringVar(&f.metricsListen, "metrics-listen", "127.0.0.1:8641", "HTTP listen address for /metrics and /healthz (empty: off)")
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/minicloud", "data directory (images in DIR/images, embedded etcd in DIR/etcd)")
 	cmd.Flags().StringVar(&f.imageDir, "image-dir", "", "image blob store, shared by every API replica of the cluster (a network file system, or one directory on one machine) (default DIR/images)")
@@ -192,10 +197,17 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 			}
 		}()
 	}
+	errc := make(chan error, 2)
+	stopWeb := func() {}
+	if f.webListen != "" {
+		if stopWeb, err = startWeb(ctx, f.webListen, lis.Addr().String(), cfg, errc); err != nil {
+			lis.Close()
+			return err
+		}
+	}
 	if ready != nil {
 		close(ready)
 	}
-	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(lis) }()
 	select {
 	case err := <-errc:
@@ -208,6 +220,40 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 	if metrics != nil {
 		_ = metrics.Shutdown(sctx)
 	}
+	stopWeb()
 	srv.Stop(sctx)
 	return nil
+}
+
+// startWeb opens the web listener: the HTTP/JSON gateway to the API at
+// apiAddr, served with the API's certificate. Serve errors go to errc.
+// stop closes it, streams (watches, downloads) included: they do not end
+// by themselves, and the API's own end with it.
+func startWeb(ctx context.Context, listen, apiAddr string, cfg apiserver.Config, errc chan<- error) (stop func(), err error) {
+	wlis, err := net.Listen("tcp", listen)
+	if err != nil {
+		return nil, fmt.Errorf("web listen on %s: %w", listen, err)
+	}
+	conn, err := httpapi.DialAPI(apiAddr, cfg.CA.Pool())
+	if err != nil {
+		wlis.Close()
+		return nil, err
+	}
+	h, err := httpapi.NewHandler(ctx, httpapi.Config{API: conn})
+	if err != nil {
+		wlis.Close()
+		conn.Close()
+		return nil, err
+	}
+	web := httpapi.NewServer(h, cfg.TLS)
+	go func() {
+		slog.Info("serving HTTP/JSON API", "url", "https://"+wlis.Addr().String()+"/")
+		if err := web.ServeTLS(wlis, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("web listener: %w", err)
+		}
+	}()
+	return func() {
+		_ = web.Close()
+		_ = conn.Close()
+	}, nil
 }

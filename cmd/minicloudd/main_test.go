@@ -2,7 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"testing"
@@ -33,12 +38,12 @@ func freeAddr(t *testing.T) string {
 // the same data directory still has the flavor.
 func TestAllInOneServesAndStops(t *testing.T) {
 	dir := t.TempDir()
-	listen := freeAddr(t)
+	listen, web := freeAddr(t), freeAddr(t)
 	start := func() (cancel func() error) {
 		ctx, stop := context.WithCancel(context.Background())
 		cmd := newRootCommand()
 		cmd.SetArgs([]string{"all-in-one", "--data-dir", dir, "--listen", listen, "--metrics-listen", "",
-			"--log-level", "error"})
+			"--web-listen", web, "--log-level", "error"})
 		errc := make(chan error, 1)
 		go func() { errc <- cmd.ExecuteContext(ctx) }()
 		return func() error {
@@ -58,9 +63,11 @@ func TestAllInOneServesAndStops(t *testing.T) {
 	// The API serves TLS only, and only to callers with credentials: the
 	// admin's, which it wrote to its data directory.
 	var opts []grpc.DialOption
+	var admin client.Config
 	for ctx.Err() == nil {
 		cfg, err := client.LoadConfig(filepath.Join(dir, adminConfigName))
 		if err == nil {
+			admin = cfg
 			if opts, err = cfg.DialOptions(); err != nil {
 				t.Fatal(err)
 			}
@@ -100,6 +107,30 @@ func TestAllInOneServesAndStops(t *testing.T) {
 	flavors := minicloudv1.NewFlavorServiceClient(conn)
 	if _, err := flavors.CreateFlavor(ctx, &minicloudv1.CreateFlavorRequest{Name: "tiny", Vcpus: 1, MemoryMib: 256, DiskGib: 1}, grpc.WaitForReady(true)); err != nil {
 		t.Fatal(err)
+	}
+	// The web listener serves the same API as HTTP/JSON, with the API's
+	// certificate and the same token.
+	caPEM, err := os.ReadFile(admin.CA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
+	defer hc.CloseIdleConnections()
+	req, _ := http.NewRequestWithContext(ctx, "GET", "https://"+web+"/v1/flavors/tiny", nil)
+	req.Header.Set("Authorization", "Bearer "+admin.Token)
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatalf("GET /v1/flavors/tiny on --web-listen: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var flavor struct {
+		Meta struct{ Name string } `json:"meta"`
+	}
+	if err := json.Unmarshal(body, &flavor); resp.StatusCode != http.StatusOK || err != nil || flavor.Meta.Name != "tiny" {
+		t.Fatalf("GET /v1/flavors/tiny on --web-listen: %d %s", resp.StatusCode, body)
 	}
 	if err := stop(); err != nil {
 		t.Fatalf("all-in-one exited with %v", err)

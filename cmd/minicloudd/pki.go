@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -49,7 +50,11 @@ func setupAPIPKI(ctx context.Context, f apiFlags, cli *clientv3.Client, cfg *api
 		return fmt.Errorf("control-plane certificate: %w", err)
 	}
 	cfg.AgentTLS = pki.ClientTLS(ca.Pool(), &pair, pki.OrgHosts)
-	dns, ips, err := servingNames(f.listen, f.tlsSANs)
+	listens := []string{f.listen}
+	if f.webListen != "" {
+		listens = append(listens, f.webListen)
+	}
+	dns, ips, err := servingNames(listens, f.tlsSANs)
 	if err != nil {
 		return err
 	}
@@ -66,33 +71,38 @@ func setupAPIPKI(ctx context.Context, f apiFlags, cli *clientv3.Client, cfg *api
 }
 
 // servingNames are the subject alternative names of the API's serving
-// certificate: the listen address (every address of the machine when it
-// listens on all of them), the machine's host name, localhost, and the
-// --tls-san extras.
-func servingNames(listen string, extra []string) (dns []string, ips []net.IP, err error) {
-	host, _, err := net.SplitHostPort(listen)
-	if err != nil {
-		return nil, nil, fmt.Errorf("--listen %q: %w", listen, err)
-	}
+// certificate, which the gRPC and the web listener (--web-listen) share:
+// the listen addresses (every address of the machine when one listens on
+// all of them), the machine's host name, localhost, and the --tls-san
+// extras.
+func servingNames(listens []string, extra []string) (dns []string, ips []net.IP, err error) {
 	add := func(s string) {
 		if ip := net.ParseIP(s); ip != nil {
-			ips = append(ips, ip)
-		} else if s != "" {
+			if !slices.ContainsFunc(ips, ip.Equal) {
+				ips = append(ips, ip)
+			}
+		} else if s != "" && !slices.Contains(dns, s) {
 			dns = append(dns, s)
 		}
 	}
-	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
-		addrs, err := net.InterfaceAddrs()
+	for _, listen := range listens {
+		host, _, err := net.SplitHostPort(listen)
 		if err != nil {
-			return nil, nil, fmt.Errorf("list this machine's addresses: %w", err)
+			return nil, nil, fmt.Errorf("listen address %q: %w", listen, err)
 		}
-		for _, a := range addrs {
-			if n, ok := a.(*net.IPNet); ok {
-				ips = append(ips, n.IP)
+		if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+			addrs, err := net.InterfaceAddrs()
+			if err != nil {
+				return nil, nil, fmt.Errorf("list this machine's addresses: %w", err)
 			}
+			for _, a := range addrs {
+				if n, ok := a.(*net.IPNet); ok {
+					add(n.IP.String())
+				}
+			}
+		} else {
+			add(host)
 		}
-	} else {
-		add(host)
 	}
 	if name, err := os.Hostname(); err == nil {
 		add(name)

@@ -85,7 +85,7 @@ func startCloud(ctx context.Context, cli, daemon string) (*cloud, error) {
 	}
 	defer logFile.Close() // the child holds its own descriptor
 	c.proc = exec.Command(daemon, "all-in-one",
-		"--data-dir", dataDir, "--listen", c.endpoint, "--metrics-listen", "",
+		"--data-dir", dataDir, "--listen", c.endpoint, "--metrics-listen", "", "--web-listen", "",
 		// Ten 1-vCPU guests on a 2-core machine: above the default 4.0.
 		"--cpu-allocation-ratio", "16")
 	c.proc.Stdout, c.proc.Stderr = logFile, logFile

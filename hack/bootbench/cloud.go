@@ -69,7 +69,7 @@ func startCloud(ctx context.Context, repo string) (*cloud, error) {
 		return nil, err
 	}
 	c.proc = exec.Command(c.daemon, "all-in-one", "--data-dir", dataDir, "--listen", c.endpoint,
-		"--metrics-listen", "")
+		"--metrics-listen", "", "--web-listen", "")
 	c.proc.Stdout, c.proc.Stderr = logf, logf
 	if err := c.proc.Start(); err != nil {
 		return nil, fmt.Errorf("start minicloudd: %w", err)

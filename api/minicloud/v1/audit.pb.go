@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
@@ -232,7 +233,7 @@ var File_minicloud_v1_audit_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_audit_proto_rawDesc = "" +
 	"\n" +
-	"\x18minicloud/v1/audit.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x01\n" +
+	"\x18minicloud/v1/audit.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x01\n" +
 	"\vAuditRecord\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x1c\n" +
 	"\tprincipal\x18\x02 \x01(\tR\tprincipal\x12\x19\n" +
@@ -247,9 +248,9 @@ const file_minicloud_v1_audit_proto_rawDesc = "" +
 	"\aproject\x18\x01 \x01(\tR\aproject\x12\x14\n" +
 	"\x05limit\x18\x02 \x01(\x05R\x05limit\"O\n" +
 	"\x18ListAuditRecordsResponse\x123\n" +
-	"\arecords\x18\x01 \x03(\v2\x19.minicloud.v1.AuditRecordR\arecords2q\n" +
-	"\fAuditService\x12a\n" +
-	"\x10ListAuditRecords\x12%.minicloud.v1.ListAuditRecordsRequest\x1a&.minicloud.v1.ListAuditRecordsResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\arecords\x18\x01 \x03(\v2\x19.minicloud.v1.AuditRecordR\arecords2\x8c\x01\n" +
+	"\fAuditService\x12|\n" +
+	"\x10ListAuditRecords\x12%.minicloud.v1.ListAuditRecordsRequest\x1a&.minicloud.v1.ListAuditRecordsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/audit-recordsB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_audit_proto_rawDescOnce sync.Once

@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
@@ -1512,7 +1513,7 @@ var File_minicloud_v1_auth_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_auth_proto_rawDesc = "" +
 	"\n" +
-	"\x17minicloud/v1/auth.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"|\n" +
+	"\x17minicloud/v1/auth.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"|\n" +
 	"\aProject\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12;\n" +
@@ -1608,27 +1609,30 @@ const file_minicloud_v1_auth_proto_rawDesc = "" +
 	"\x05roles\x18\x04 \x03(\v2\x19.minicloud.v1.RoleBindingR\x05roles\x12'\n" +
 	"\x0fdefault_project\x18\x05 \x01(\tR\x0edefaultProject\x12\x19\n" +
 	"\btoken_id\x18\x06 \x01(\tR\atokenId\x12F\n" +
-	"\x11token_expire_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x0ftokenExpireTime2\xbf\b\n" +
-	"\vAuthService\x12J\n" +
-	"\rCreateProject\x12\".minicloud.v1.CreateProjectRequest\x1a\x15.minicloud.v1.Project\x12D\n" +
+	"\x11token_expire_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x0ftokenExpireTime2\xac\v\n" +
+	"\vAuthService\x12c\n" +
+	"\rCreateProject\x12\".minicloud.v1.CreateProjectRequest\x1a\x15.minicloud.v1.Project\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/projects\x12a\n" +
 	"\n" +
-	"GetProject\x12\x1f.minicloud.v1.GetProjectRequest\x1a\x15.minicloud.v1.Project\x12U\n" +
-	"\fListProjects\x12!.minicloud.v1.ListProjectsRequest\x1a\".minicloud.v1.ListProjectsResponse\x12X\n" +
-	"\rDeleteProject\x12\".minicloud.v1.DeleteProjectRequest\x1a#.minicloud.v1.DeleteProjectResponse\x12O\n" +
+	"GetProject\x12\x1f.minicloud.v1.GetProjectRequest\x1a\x15.minicloud.v1.Project\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/projects/{name}\x12k\n" +
+	"\fListProjects\x12!.minicloud.v1.ListProjectsRequest\x1a\".minicloud.v1.ListProjectsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/projects\x12u\n" +
+	"\rDeleteProject\x12\".minicloud.v1.DeleteProjectRequest\x1a#.minicloud.v1.DeleteProjectResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/v1/projects/{name}\x12e\n" +
 	"\n" +
-	"CreateUser\x12\x1f.minicloud.v1.CreateUserRequest\x1a .minicloud.v1.CreateUserResponse\x12;\n" +
-	"\aGetUser\x12\x1c.minicloud.v1.GetUserRequest\x1a\x12.minicloud.v1.User\x12L\n" +
-	"\tListUsers\x12\x1e.minicloud.v1.ListUsersRequest\x1a\x1f.minicloud.v1.ListUsersResponse\x12O\n" +
+	"CreateUser\x12\x1f.minicloud.v1.CreateUserRequest\x1a .minicloud.v1.CreateUserResponse\"\x14\x82\xd3\xe4\x93\x02\x0e:\x01*\"\t/v1/users\x12U\n" +
+	"\aGetUser\x12\x1c.minicloud.v1.GetUserRequest\x1a\x12.minicloud.v1.User\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/users/{name}\x12_\n" +
+	"\tListUsers\x12\x1e.minicloud.v1.ListUsersRequest\x1a\x1f.minicloud.v1.ListUsersResponse\"\x11\x82\xd3\xe4\x93\x02\v\x12\t/v1/users\x12i\n" +
 	"\n" +
-	"DeleteUser\x12\x1f.minicloud.v1.DeleteUserRequest\x1a .minicloud.v1.DeleteUserResponse\x12?\n" +
-	"\tGrantRole\x12\x1e.minicloud.v1.GrantRoleRequest\x1a\x12.minicloud.v1.User\x12A\n" +
+	"DeleteUser\x12\x1f.minicloud.v1.DeleteUserRequest\x1a .minicloud.v1.DeleteUserResponse\"\x18\x82\xd3\xe4\x93\x02\x12*\x10/v1/users/{name}\x12f\n" +
+	"\tGrantRole\x12\x1e.minicloud.v1.GrantRoleRequest\x1a\x12.minicloud.v1.User\"%\x82\xd3\xe4\x93\x02\x1f:\x01*\"\x1a/v1/users/{user}:grantRole\x12i\n" +
 	"\n" +
-	"RevokeRole\x12\x1f.minicloud.v1.RevokeRoleRequest\x1a\x12.minicloud.v1.User\x12R\n" +
-	"\vCreateToken\x12 .minicloud.v1.CreateTokenRequest\x1a!.minicloud.v1.CreateTokenResponse\x12O\n" +
+	"RevokeRole\x12\x1f.minicloud.v1.RevokeRoleRequest\x1a\x12.minicloud.v1.User\"&\x82\xd3\xe4\x93\x02 :\x01*\"\x1b/v1/users/{user}:revokeRole\x12i\n" +
+	"\vCreateToken\x12 .minicloud.v1.CreateTokenRequest\x1a!.minicloud.v1.CreateTokenResponse\"\x15\x82\xd3\xe4\x93\x02\x0f:\x01*\"\n" +
+	"/v1/tokens\x12c\n" +
 	"\n" +
-	"ListTokens\x12\x1f.minicloud.v1.ListTokensRequest\x1a .minicloud.v1.ListTokensResponse\x12R\n" +
-	"\vRevokeToken\x12 .minicloud.v1.RevokeTokenRequest\x1a!.minicloud.v1.RevokeTokenResponse\x12C\n" +
-	"\x06WhoAmI\x12\x1b.minicloud.v1.WhoAmIRequest\x1a\x1c.minicloud.v1.WhoAmIResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"ListTokens\x12\x1f.minicloud.v1.ListTokensRequest\x1a .minicloud.v1.ListTokensResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
+	"/v1/tokens\x12k\n" +
+	"\vRevokeToken\x12 .minicloud.v1.RevokeTokenRequest\x1a!.minicloud.v1.RevokeTokenResponse\"\x17\x82\xd3\xe4\x93\x02\x11*\x0f/v1/tokens/{id}\x12W\n" +
+	"\x06WhoAmI\x12\x1b.minicloud.v1.WhoAmIRequest\x1a\x1c.minicloud.v1.WhoAmIResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
+	"/v1/whoamiB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_auth_proto_rawDescOnce sync.Once

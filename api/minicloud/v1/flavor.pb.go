@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -392,7 +393,7 @@ var File_minicloud_v1_flavor_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_flavor_proto_rawDesc = "" +
 	"\n" +
-	"\x19minicloud/v1/flavor.proto\x12\fminicloud.v1\x1a\x19minicloud/v1/common.proto\"\x86\x01\n" +
+	"\x19minicloud/v1/flavor.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19minicloud/v1/common.proto\"\x86\x01\n" +
 	"\x06Flavor\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x12\x14\n" +
 	"\x05vcpus\x18\x02 \x01(\x05R\x05vcpus\x12\x1d\n" +
@@ -416,12 +417,12 @@ const file_minicloud_v1_flavor_proto_rawDesc = "" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\")\n" +
 	"\x13DeleteFlavorRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x16\n" +
-	"\x14DeleteFlavorResponse2\xc6\x02\n" +
-	"\rFlavorService\x12G\n" +
-	"\fCreateFlavor\x12!.minicloud.v1.CreateFlavorRequest\x1a\x14.minicloud.v1.Flavor\x12A\n" +
-	"\tGetFlavor\x12\x1e.minicloud.v1.GetFlavorRequest\x1a\x14.minicloud.v1.Flavor\x12R\n" +
-	"\vListFlavors\x12 .minicloud.v1.ListFlavorsRequest\x1a!.minicloud.v1.ListFlavorsResponse\x12U\n" +
-	"\fDeleteFlavor\x12!.minicloud.v1.DeleteFlavorRequest\x1a\".minicloud.v1.DeleteFlavorResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\x14DeleteFlavorResponse2\xab\x03\n" +
+	"\rFlavorService\x12_\n" +
+	"\fCreateFlavor\x12!.minicloud.v1.CreateFlavorRequest\x1a\x14.minicloud.v1.Flavor\"\x16\x82\xd3\xe4\x93\x02\x10:\x01*\"\v/v1/flavors\x12]\n" +
+	"\tGetFlavor\x12\x1e.minicloud.v1.GetFlavorRequest\x1a\x14.minicloud.v1.Flavor\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/flavors/{name}\x12g\n" +
+	"\vListFlavors\x12 .minicloud.v1.ListFlavorsRequest\x1a!.minicloud.v1.ListFlavorsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\v/v1/flavors\x12q\n" +
+	"\fDeleteFlavor\x12!.minicloud.v1.DeleteFlavorRequest\x1a\".minicloud.v1.DeleteFlavorResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/flavors/{name}B=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_flavor_proto_rawDescOnce sync.Once

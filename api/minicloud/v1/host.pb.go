@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
@@ -2338,7 +2339,7 @@ var File_minicloud_v1_host_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\n" +
-	"\x17minicloud/v1/host.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\x1a\x15minicloud/v1/vm.proto\"c\n" +
+	"\x17minicloud/v1/host.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\x1a\x15minicloud/v1/vm.proto\"c\n" +
 	"\tHostFence\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x0e\n" +
 	"\x02by\x18\x02 \x01(\tR\x02by\x12\x16\n" +
@@ -2495,28 +2496,28 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rHOST_STATE_UP\x10\x01\x12\x1a\n" +
 	"\x16HOST_STATE_UNREACHABLE\x10\x02\x12\x15\n" +
-	"\x11HOST_STATE_FENCED\x10\x032\xec\v\n" +
+	"\x11HOST_STATE_FENCED\x10\x032\xbc\x0e\n" +
 	"\vHostService\x12U\n" +
 	"\fRegisterHost\x12!.minicloud.v1.RegisterHostRequest\x1a\".minicloud.v1.RegisterHostResponse\x12L\n" +
 	"\tHeartbeat\x12\x1e.minicloud.v1.HeartbeatRequest\x1a\x1f.minicloud.v1.HeartbeatResponse\x12Z\n" +
 	"\x10WatchAssignments\x12%.minicloud.v1.WatchAssignmentsRequest\x1a\x1d.minicloud.v1.AssignmentEvent0\x01\x12[\n" +
-	"\x0eReportVMStatus\x12#.minicloud.v1.ReportVMStatusRequest\x1a$.minicloud.v1.ReportVMStatusResponse\x12L\n" +
-	"\tListHosts\x12\x1e.minicloud.v1.ListHostsRequest\x1a\x1f.minicloud.v1.ListHostsResponse\x12;\n" +
-	"\aGetHost\x12\x1c.minicloud.v1.GetHostRequest\x1a\x12.minicloud.v1.Host\x12C\n" +
-	"\vDisableHost\x12 .minicloud.v1.DisableHostRequest\x1a\x12.minicloud.v1.Host\x12A\n" +
+	"\x0eReportVMStatus\x12#.minicloud.v1.ReportVMStatusRequest\x1a$.minicloud.v1.ReportVMStatusResponse\x12_\n" +
+	"\tListHosts\x12\x1e.minicloud.v1.ListHostsRequest\x1a\x1f.minicloud.v1.ListHostsResponse\"\x11\x82\xd3\xe4\x93\x02\v\x12\t/v1/hosts\x12U\n" +
+	"\aGetHost\x12\x1c.minicloud.v1.GetHostRequest\x1a\x12.minicloud.v1.Host\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/hosts/{name}\x12h\n" +
+	"\vDisableHost\x12 .minicloud.v1.DisableHostRequest\x1a\x12.minicloud.v1.Host\"#\x82\xd3\xe4\x93\x02\x1d:\x01*\"\x18/v1/hosts/{name}:disable\x12e\n" +
 	"\n" +
-	"EnableHost\x12\x1f.minicloud.v1.EnableHostRequest\x1a\x12.minicloud.v1.Host\x12?\n" +
-	"\tFenceHost\x12\x1e.minicloud.v1.FenceHostRequest\x1a\x12.minicloud.v1.Host\x12U\n" +
-	"\fEvacuateHost\x12!.minicloud.v1.EvacuateHostRequest\x1a\".minicloud.v1.EvacuateHostResponse\x12O\n" +
+	"EnableHost\x12\x1f.minicloud.v1.EnableHostRequest\x1a\x12.minicloud.v1.Host\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*\"\x17/v1/hosts/{name}:enable\x12b\n" +
+	"\tFenceHost\x12\x1e.minicloud.v1.FenceHostRequest\x1a\x12.minicloud.v1.Host\"!\x82\xd3\xe4\x93\x02\x1b:\x01*\"\x16/v1/hosts/{name}:fence\x12{\n" +
+	"\fEvacuateHost\x12!.minicloud.v1.EvacuateHostRequest\x1a\".minicloud.v1.EvacuateHostResponse\"$\x82\xd3\xe4\x93\x02\x1e:\x01*\"\x19/v1/hosts/{name}:evacuate\x12i\n" +
 	"\n" +
-	"DeleteHost\x12\x1f.minicloud.v1.DeleteHostRequest\x1a .minicloud.v1.DeleteHostResponse\x12a\n" +
-	"\x11WatchNetworkPorts\x12&.minicloud.v1.WatchNetworkPortsRequest\x1a\".minicloud.v1.NetworkPortsSnapshot0\x01\x12^\n" +
-	"\x0fCreateJoinToken\x12$.minicloud.v1.CreateJoinTokenRequest\x1a%.minicloud.v1.CreateJoinTokenResponse\x12[\n" +
-	"\x0eListJoinTokens\x12#.minicloud.v1.ListJoinTokensRequest\x1a$.minicloud.v1.ListJoinTokensResponse\x12^\n" +
-	"\x0fDeleteJoinToken\x12$.minicloud.v1.DeleteJoinTokenRequest\x1a%.minicloud.v1.DeleteJoinTokenResponse\x12I\n" +
-	"\bJoinHost\x12\x1d.minicloud.v1.JoinHostRequest\x1a\x1e.minicloud.v1.JoinHostResponse\x12O\n" +
+	"DeleteHost\x12\x1f.minicloud.v1.DeleteHostRequest\x1a .minicloud.v1.DeleteHostResponse\"\x18\x82\xd3\xe4\x93\x02\x12*\x10/v1/hosts/{name}\x12a\n" +
+	"\x11WatchNetworkPorts\x12&.minicloud.v1.WatchNetworkPortsRequest\x1a\".minicloud.v1.NetworkPortsSnapshot0\x01\x12z\n" +
+	"\x0fCreateJoinToken\x12$.minicloud.v1.CreateJoinTokenRequest\x1a%.minicloud.v1.CreateJoinTokenResponse\"\x1a\x82\xd3\xe4\x93\x02\x14:\x01*\"\x0f/v1/join-tokens\x12t\n" +
+	"\x0eListJoinTokens\x12#.minicloud.v1.ListJoinTokensRequest\x1a$.minicloud.v1.ListJoinTokensResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/join-tokens\x12|\n" +
+	"\x0fDeleteJoinToken\x12$.minicloud.v1.DeleteJoinTokenRequest\x1a%.minicloud.v1.DeleteJoinTokenResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/join-tokens/{id}\x12I\n" +
+	"\bJoinHost\x12\x1d.minicloud.v1.JoinHostRequest\x1a\x1e.minicloud.v1.JoinHostResponse\x12s\n" +
 	"\n" +
-	"RevokeHost\x12\x1f.minicloud.v1.RevokeHostRequest\x1a .minicloud.v1.RevokeHostResponse\x12g\n" +
+	"RevokeHost\x12\x1f.minicloud.v1.RevokeHostRequest\x1a .minicloud.v1.RevokeHostResponse\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*\"\x17/v1/hosts/{name}:revoke\x12g\n" +
 	"\x12IssueIdentityToken\x12'.minicloud.v1.IssueIdentityTokenRequest\x1a(.minicloud.v1.IssueIdentityTokenResponse2j\n" +
 	"\fAgentService\x12Z\n" +
 	"\rGetConsoleLog\x12$.minicloud.v1.AgentConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"

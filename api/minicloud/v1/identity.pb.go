@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -117,13 +118,14 @@ var File_minicloud_v1_identity_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_identity_proto_rawDesc = "" +
 	"\n" +
-	"\x1bminicloud/v1/identity.proto\x12\fminicloud.v1\"\x10\n" +
+	"\x1bminicloud/v1/identity.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\"\x10\n" +
 	"\x0eGetJWKSRequest\"=\n" +
 	"\x0fGetJWKSResponse\x12\x12\n" +
 	"\x04jwks\x18\x01 \x01(\fR\x04jwks\x12\x16\n" +
-	"\x06issuer\x18\x02 \x01(\tR\x06issuer2Y\n" +
-	"\x0fIdentityService\x12F\n" +
-	"\aGetJWKS\x12\x1c.minicloud.v1.GetJWKSRequest\x1a\x1d.minicloud.v1.GetJWKSResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\x06issuer\x18\x02 \x01(\tR\x06issuer2k\n" +
+	"\x0fIdentityService\x12X\n" +
+	"\aGetJWKS\x12\x1c.minicloud.v1.GetJWKSRequest\x1a\x1d.minicloud.v1.GetJWKSResponse\"\x10\x82\xd3\xe4\x93\x02\n" +
+	"\x12\b/v1/jwksB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_identity_proto_rawDescOnce sync.Once

@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -1050,7 +1051,7 @@ var File_minicloud_v1_image_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\n" +
-	"\x18minicloud/v1/image.proto\x12\fminicloud.v1\x1a\x19minicloud/v1/common.proto\"B\n" +
+	"\x18minicloud/v1/image.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19minicloud/v1/common.proto\"B\n" +
 	"\tImageBlob\x12\x16\n" +
 	"\x06sha256\x18\x01 \x01(\tR\x06sha256\x12\x1d\n" +
 	"\n" +
@@ -1132,15 +1133,17 @@ const file_minicloud_v1_image_proto_rawDesc = "" +
 	"\x16IMAGE_PART_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fIMAGE_PART_DISK\x10\x01\x12\x15\n" +
 	"\x11IMAGE_PART_KERNEL\x10\x02\x12\x15\n" +
-	"\x11IMAGE_PART_INITRD\x10\x032\xeb\x03\n" +
-	"\fImageService\x12F\n" +
-	"\vCreateImage\x12 .minicloud.v1.CreateImageRequest\x1a\x13.minicloud.v1.Image(\x01\x12>\n" +
-	"\bGetImage\x12\x1d.minicloud.v1.GetImageRequest\x1a\x13.minicloud.v1.Image\x12O\n" +
+	"\x11IMAGE_PART_INITRD\x10\x032\x9c\x05\n" +
+	"\fImageService\x12]\n" +
+	"\vCreateImage\x12 .minicloud.v1.CreateImageRequest\x1a\x13.minicloud.v1.Image\"\x15\x82\xd3\xe4\x93\x02\x0f:\x01*\"\n" +
+	"/v1/images(\x01\x12Y\n" +
+	"\bGetImage\x12\x1d.minicloud.v1.GetImageRequest\x1a\x13.minicloud.v1.Image\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/images/{name}\x12c\n" +
 	"\n" +
-	"ListImages\x12\x1f.minicloud.v1.ListImagesRequest\x1a .minicloud.v1.ListImagesResponse\x12R\n" +
-	"\vDeleteImage\x12 .minicloud.v1.DeleteImageRequest\x1a!.minicloud.v1.DeleteImageResponse\x12Z\n" +
-	"\rDownloadImage\x12\".minicloud.v1.DownloadImageRequest\x1a#.minicloud.v1.DownloadImageResponse0\x01\x12R\n" +
-	"\x12SetImageVisibility\x12'.minicloud.v1.SetImageVisibilityRequest\x1a\x13.minicloud.v1.ImageB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"ListImages\x12\x1f.minicloud.v1.ListImagesRequest\x1a .minicloud.v1.ListImagesResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
+	"/v1/images\x12m\n" +
+	"\vDeleteImage\x12 .minicloud.v1.DeleteImageRequest\x1a!.minicloud.v1.DeleteImageResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/images/{name}\x12~\n" +
+	"\rDownloadImage\x12\".minicloud.v1.DownloadImageRequest\x1a#.minicloud.v1.DownloadImageResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/images/{name}:download0\x01\x12~\n" +
+	"\x12SetImageVisibility\x12'.minicloud.v1.SetImageVisibilityRequest\x1a\x13.minicloud.v1.Image\"*\x82\xd3\xe4\x93\x02$:\x01*\"\x1f/v1/images/{name}:setVisibilityB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_image_proto_rawDescOnce sync.Once

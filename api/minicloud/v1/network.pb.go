@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -484,7 +485,7 @@ var File_minicloud_v1_network_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_network_proto_rawDesc = "" +
 	"\n" +
-	"\x1aminicloud/v1/network.proto\x12\fminicloud.v1\x1a\x19minicloud/v1/common.proto\"\xd4\x01\n" +
+	"\x1aminicloud/v1/network.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19minicloud/v1/common.proto\"\xd4\x01\n" +
 	"\aNetwork\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x12\x12\n" +
 	"\x04cidr\x18\x02 \x01(\tR\x04cidr\x12\x18\n" +
@@ -519,13 +520,13 @@ const file_minicloud_v1_network_proto_rawDesc = "" +
 	"\x14DeleteNetworkRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\"\x17\n" +
-	"\x15DeleteNetworkResponse2\xd3\x02\n" +
-	"\x0eNetworkService\x12J\n" +
-	"\rCreateNetwork\x12\".minicloud.v1.CreateNetworkRequest\x1a\x15.minicloud.v1.Network\x12D\n" +
+	"\x15DeleteNetworkResponse2\xbc\x03\n" +
+	"\x0eNetworkService\x12c\n" +
+	"\rCreateNetwork\x12\".minicloud.v1.CreateNetworkRequest\x1a\x15.minicloud.v1.Network\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/networks\x12a\n" +
 	"\n" +
-	"GetNetwork\x12\x1f.minicloud.v1.GetNetworkRequest\x1a\x15.minicloud.v1.Network\x12U\n" +
-	"\fListNetworks\x12!.minicloud.v1.ListNetworksRequest\x1a\".minicloud.v1.ListNetworksResponse\x12X\n" +
-	"\rDeleteNetwork\x12\".minicloud.v1.DeleteNetworkRequest\x1a#.minicloud.v1.DeleteNetworkResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"GetNetwork\x12\x1f.minicloud.v1.GetNetworkRequest\x1a\x15.minicloud.v1.Network\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/networks/{name}\x12k\n" +
+	"\fListNetworks\x12!.minicloud.v1.ListNetworksRequest\x1a\".minicloud.v1.ListNetworksResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/networks\x12u\n" +
+	"\rDeleteNetwork\x12\".minicloud.v1.DeleteNetworkRequest\x1a#.minicloud.v1.DeleteNetworkResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/v1/networks/{name}B=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_network_proto_rawDescOnce sync.Once

@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -405,7 +406,7 @@ var File_minicloud_v1_quota_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_quota_proto_rawDesc = "" +
 	"\n" +
-	"\x18minicloud/v1/quota.proto\x12\fminicloud.v1\"\xe3\x02\n" +
+	"\x18minicloud/v1/quota.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\"\xe3\x02\n" +
 	"\vQuotaLimits\x12!\n" +
 	"\tinstances\x18\x01 \x01(\x03H\x00R\tinstances\x88\x01\x01\x12\x19\n" +
 	"\x05vcpus\x18\x02 \x01(\x03H\x01R\x05vcpus\x88\x01\x01\x12\"\n" +
@@ -446,10 +447,10 @@ const file_minicloud_v1_quota_proto_rawDesc = "" +
 	"\x0fSetQuotaRequest\x12\x18\n" +
 	"\aproject\x18\x01 \x01(\tR\aproject\x121\n" +
 	"\x06limits\x18\x02 \x01(\v2\x19.minicloud.v1.QuotaLimitsR\x06limits\x12*\n" +
-	"\x11reset_to_defaults\x18\x03 \x01(\bR\x0fresetToDefaults2\x8e\x01\n" +
-	"\fQuotaService\x12>\n" +
-	"\bGetQuota\x12\x1d.minicloud.v1.GetQuotaRequest\x1a\x13.minicloud.v1.Quota\x12>\n" +
-	"\bSetQuota\x12\x1d.minicloud.v1.SetQuotaRequest\x1a\x13.minicloud.v1.QuotaB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\x11reset_to_defaults\x18\x03 \x01(\bR\x0fresetToDefaults2\xcd\x01\n" +
+	"\fQuotaService\x12\\\n" +
+	"\bGetQuota\x12\x1d.minicloud.v1.GetQuotaRequest\x1a\x13.minicloud.v1.Quota\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/quotas/{project}\x12_\n" +
+	"\bSetQuota\x12\x1d.minicloud.v1.SetQuotaRequest\x1a\x13.minicloud.v1.Quota\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\x1a\x14/v1/quotas/{project}B=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_quota_proto_rawDescOnce sync.Once

@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -447,7 +448,7 @@ var File_minicloud_v1_servergroup_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_servergroup_proto_rawDesc = "" +
 	"\n" +
-	"\x1eminicloud/v1/servergroup.proto\x12\fminicloud.v1\x1a\x19minicloud/v1/common.proto\"t\n" +
+	"\x1eminicloud/v1/servergroup.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19minicloud/v1/common.proto\"t\n" +
 	"\vServerGroup\x12,\n" +
 	"\x04meta\x18\x01 \x01(\v2\x18.minicloud.v1.ObjectMetaR\x04meta\x127\n" +
 	"\x06policy\x18\x02 \x01(\x0e2\x1f.minicloud.v1.ServerGroupPolicyR\x06policy\"\x81\x01\n" +
@@ -475,12 +476,12 @@ const file_minicloud_v1_servergroup_proto_rawDesc = "" +
 	"\x1cSERVER_GROUP_POLICY_AFFINITY\x10\x01\x12%\n" +
 	"!SERVER_GROUP_POLICY_ANTI_AFFINITY\x10\x02\x12%\n" +
 	"!SERVER_GROUP_POLICY_SOFT_AFFINITY\x10\x03\x12*\n" +
-	"&SERVER_GROUP_POLICY_SOFT_ANTI_AFFINITY\x10\x042\x87\x03\n" +
-	"\x12ServerGroupService\x12V\n" +
-	"\x11CreateServerGroup\x12&.minicloud.v1.CreateServerGroupRequest\x1a\x19.minicloud.v1.ServerGroup\x12P\n" +
-	"\x0eGetServerGroup\x12#.minicloud.v1.GetServerGroupRequest\x1a\x19.minicloud.v1.ServerGroup\x12a\n" +
-	"\x10ListServerGroups\x12%.minicloud.v1.ListServerGroupsRequest\x1a&.minicloud.v1.ListServerGroupsResponse\x12d\n" +
-	"\x11DeleteServerGroup\x12&.minicloud.v1.DeleteServerGroupRequest\x1a'.minicloud.v1.DeleteServerGroupResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"&SERVER_GROUP_POLICY_SOFT_ANTI_AFFINITY\x10\x042\x85\x04\n" +
+	"\x12ServerGroupService\x12t\n" +
+	"\x11CreateServerGroup\x12&.minicloud.v1.CreateServerGroupRequest\x1a\x19.minicloud.v1.ServerGroup\"\x1c\x82\xd3\xe4\x93\x02\x16:\x01*\"\x11/v1/server-groups\x12r\n" +
+	"\x0eGetServerGroup\x12#.minicloud.v1.GetServerGroupRequest\x1a\x19.minicloud.v1.ServerGroup\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/server-groups/{name}\x12|\n" +
+	"\x10ListServerGroups\x12%.minicloud.v1.ListServerGroupsRequest\x1a&.minicloud.v1.ListServerGroupsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/server-groups\x12\x86\x01\n" +
+	"\x11DeleteServerGroup\x12&.minicloud.v1.DeleteServerGroupRequest\x1a'.minicloud.v1.DeleteServerGroupResponse\" \x82\xd3\xe4\x93\x02\x1a*\x18/v1/server-groups/{name}B=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_servergroup_proto_rawDescOnce sync.Once

@@ -7,6 +7,7 @@
 package minicloudv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
@@ -2110,7 +2111,7 @@ var File_minicloud_v1_vm_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\n" +
-	"\x15minicloud/v1/vm.proto\x12\fminicloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\"\xa9\t\n" +
+	"\x15minicloud/v1/vm.proto\x12\fminicloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19minicloud/v1/common.proto\"\xa9\t\n" +
 	"\x06VMSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x16\n" +
 	"\x06flavor\x18\x02 \x01(\tR\x06flavor\x12\x1a\n" +
@@ -2312,21 +2313,22 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\rRestartPolicy\x12\x1e\n" +
 	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19RESTART_POLICY_ON_FAILURE\x10\x01\x12\x18\n" +
-	"\x14RESTART_POLICY_NEVER\x10\x022\x91\a\n" +
-	"\tVMService\x12;\n" +
-	"\bCreateVM\x12\x1d.minicloud.v1.CreateVMRequest\x1a\x10.minicloud.v1.VM\x125\n" +
-	"\x05GetVM\x12\x1a.minicloud.v1.GetVMRequest\x1a\x10.minicloud.v1.VM\x12F\n" +
-	"\aListVMs\x12\x1c.minicloud.v1.ListVMsRequest\x1a\x1d.minicloud.v1.ListVMsResponse\x12;\n" +
-	"\bDeleteVM\x12\x1d.minicloud.v1.DeleteVMRequest\x1a\x10.minicloud.v1.VM\x12:\n" +
-	"\aStartVM\x12\x1d.minicloud.v1.VMActionRequest\x1a\x10.minicloud.v1.VM\x129\n" +
-	"\x06StopVM\x12\x1d.minicloud.v1.VMActionRequest\x1a\x10.minicloud.v1.VM\x12;\n" +
-	"\bRebootVM\x12\x1d.minicloud.v1.VMActionRequest\x1a\x10.minicloud.v1.VM\x12K\n" +
-	"\bWatchVMs\x12\x1d.minicloud.v1.WatchVMsRequest\x1a\x1e.minicloud.v1.WatchVMsResponse0\x01\x12X\n" +
-	"\rGetConsoleLog\x12\".minicloud.v1.GetConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponse\x12U\n" +
-	"\fListVMEvents\x12!.minicloud.v1.ListVMEventsRequest\x1a\".minicloud.v1.ListVMEventsResponse\x12K\n" +
-	"\x10UpdateVMMetadata\x12%.minicloud.v1.UpdateVMMetadataRequest\x1a\x10.minicloud.v1.VM\x12C\n" +
-	"\fExposeVMPort\x12!.minicloud.v1.ExposeVMPortRequest\x1a\x10.minicloud.v1.VM\x12G\n" +
-	"\x0eUnexposeVMPort\x12#.minicloud.v1.UnexposeVMPortRequest\x1a\x10.minicloud.v1.VMB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\x14RESTART_POLICY_NEVER\x10\x022\x8e\n" +
+	"\n" +
+	"\tVMService\x12O\n" +
+	"\bCreateVM\x12\x1d.minicloud.v1.CreateVMRequest\x1a\x10.minicloud.v1.VM\"\x12\x82\xd3\xe4\x93\x02\f:\x01*\"\a/v1/vms\x12M\n" +
+	"\x05GetVM\x12\x1a.minicloud.v1.GetVMRequest\x1a\x10.minicloud.v1.VM\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/vms/{name}\x12W\n" +
+	"\aListVMs\x12\x1c.minicloud.v1.ListVMsRequest\x1a\x1d.minicloud.v1.ListVMsResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\a/v1/vms\x12S\n" +
+	"\bDeleteVM\x12\x1d.minicloud.v1.DeleteVMRequest\x1a\x10.minicloud.v1.VM\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/v1/vms/{name}\x12[\n" +
+	"\aStartVM\x12\x1d.minicloud.v1.VMActionRequest\x1a\x10.minicloud.v1.VM\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/vms/{name}:start\x12Y\n" +
+	"\x06StopVM\x12\x1d.minicloud.v1.VMActionRequest\x1a\x10.minicloud.v1.VM\"\x1e\x82\xd3\xe4\x93\x02\x18:\x01*\"\x13/v1/vms/{name}:stop\x12]\n" +
+	"\bRebootVM\x12\x1d.minicloud.v1.VMActionRequest\x1a\x10.minicloud.v1.VM\" \x82\xd3\xe4\x93\x02\x1a:\x01*\"\x15/v1/vms/{name}:reboot\x12b\n" +
+	"\bWatchVMs\x12\x1d.minicloud.v1.WatchVMsRequest\x1a\x1e.minicloud.v1.WatchVMsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/vms:watch0\x01\x12x\n" +
+	"\rGetConsoleLog\x12\".minicloud.v1.GetConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/vms/{name}/console\x12t\n" +
+	"\fListVMEvents\x12!.minicloud.v1.ListVMEventsRequest\x1a\".minicloud.v1.ListVMEventsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/vms/{name}/events\x12o\n" +
+	"\x10UpdateVMMetadata\x12%.minicloud.v1.UpdateVMMetadataRequest\x1a\x10.minicloud.v1.VM\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*2\x17/v1/vms/{name}/metadata\x12d\n" +
+	"\fExposeVMPort\x12!.minicloud.v1.ExposeVMPortRequest\x1a\x10.minicloud.v1.VM\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/vms/{name}/ports\x12q\n" +
+	"\x0eUnexposeVMPort\x12#.minicloud.v1.UnexposeVMPortRequest\x1a\x10.minicloud.v1.VM\"(\x82\xd3\xe4\x93\x02\"* /v1/vms/{name}/ports/{host_port}B=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_vm_proto_rawDescOnce sync.Once

@@ -26,8 +26,11 @@ import (
 
 // Running is an API server on loopback.
 type Running struct {
-	Addr   string
-	CA     *pki.CA
+	Addr string
+	CA   *pki.CA
+	// TLS is the server's serving configuration (for a listener beside
+	// it, such as the HTTP/JSON API's).
+	TLS    *tls.Config
 	Server *apiserver.Server
 	// AdminToken is the bootstrap admin's bearer token.
 	AdminToken string
@@ -73,7 +76,7 @@ func Listen(ctx context.Context, cli *clientv3.Client, cfg apiserver.Config) (*R
 		return nil, err
 	}
 	go srv.Serve(lis)
-	return &Running{Addr: lis.Addr().String(), CA: ca, Server: srv, AdminToken: admin}, nil
+	return &Running{Addr: lis.Addr().String(), CA: ca, TLS: cfg.TLS, Server: srv, AdminToken: admin}, nil
 }
 
 // DialOptions are a user's: TLS trusting the CA, and token ("" for none).

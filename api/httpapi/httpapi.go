@@ -1,0 +1,222 @@
+// Package httpapi is the API's HTTP listener: every user and operator RPC
+// as HTTP/JSON under /v1/ (grpc-gateway, from the google.api.http options
+// in proto/), the OpenAPI document generated from the same protos at
+// /openapi.json, and whatever else is mounted beside them (the web UI at /).
+//
+// The gateway holds no authority of its own: it is a gRPC client of the API
+// (over loopback, with TLS and the cluster CA) that forwards the caller's
+// Authorization header, so authentication, authorization, validation and
+// the audit log are exactly those of a gRPC call.
+package httpapi
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/textproto"
+	"strings"
+	"time"
+
+	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+)
+
+// openAPI is generated from proto/ by hack/generate.sh (protoc-gen-openapiv2).
+//
+//go:embed openapi.json
+var openAPI []byte
+
+// OpenAPI returns the OpenAPI (Swagger 2.0) document of the HTTP API.
+func OpenAPI() []byte { return bytes.Clone(openAPI) }
+
+// DefaultMaxBodyBytes bounds a request body: the gRPC API's own bound on
+// one request message (api/server.MaxRequestBytes), which JSON cannot
+// undercut by much, so a body the API would refuse anyway is refused
+// before it is read.
+const DefaultMaxBodyBytes = 4 << 20
+
+// DefaultMaxUploadBytes bounds the body of an image upload (POST
+// /v1/images, a stream of JSON messages with base64 chunks): the API's own
+// --image-max-bytes bounds the image itself.
+const DefaultMaxUploadBytes = 96 << 30
+
+// bodyReadTimeout bounds how long reading one (bounded) request body may
+// take.
+const bodyReadTimeout = time.Minute
+
+// Config configures the handler.
+type Config struct {
+	// API is the connection every call is made on: the API server's own
+	// gRPC listener, dialled with TLS (DialAPI).
+	API *grpc.ClientConn
+	// MaxBodyBytes bounds a request body (0: DefaultMaxBodyBytes); a larger
+	// one is refused with 413 before the API is called.
+	MaxBodyBytes int64
+	// MaxUploadBytes bounds an image upload's body (0: DefaultMaxUploadBytes).
+	MaxUploadBytes int64
+	// Mounts are more handlers on the same listener, by http.ServeMux
+	// pattern (e.g. "/" for the web UI). /v1/ and /openapi.json are the
+	// API's and may not be mounted.
+	Mounts map[string]http.Handler
+}
+
+// registrations are the HTTP bindings of every service with one. A service
+// added to proto/ with google.api.http options is added here; the test
+// that walks the proto registry fails until it is.
+var registrations = []func(context.Context, *runtime.ServeMux, *grpc.ClientConn) error{
+	minicloudv1.RegisterVMServiceHandler,
+	minicloudv1.RegisterFlavorServiceHandler,
+	minicloudv1.RegisterNetworkServiceHandler,
+	minicloudv1.RegisterServerGroupServiceHandler,
+	minicloudv1.RegisterImageServiceHandler,
+	minicloudv1.RegisterHostServiceHandler,
+	minicloudv1.RegisterAuthServiceHandler,
+	minicloudv1.RegisterAuditServiceHandler,
+	minicloudv1.RegisterIdentityServiceHandler,
+	minicloudv1.RegisterQuotaServiceHandler,
+}
+
+// NewHandler builds the listener's handler: the gateway under /v1/, the
+// OpenAPI document at /openapi.json, and cfg.Mounts.
+func NewHandler(ctx context.Context, cfg Config) (http.Handler, error) {
+	if cfg.API == nil {
+		return nil, errors.New("httpapi: Config.API is required")
+	}
+	if cfg.MaxBodyBytes == 0 {
+		cfg.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if cfg.MaxUploadBytes == 0 {
+		cfg.MaxUploadBytes = DefaultMaxUploadBytes
+	}
+	gw := runtime.NewServeMux(
+		// Unknown JSON fields are refused (400), as the gRPC API refuses
+		// unknown proto fields: a misspelt field is an error, not a no-op.
+		runtime.WithMarshalerOption(runtime.MIMEWildcard, &runtime.JSONPb{
+			MarshalOptions:   protojson.MarshalOptions{EmitUnpopulated: true},
+			UnmarshalOptions: protojson.UnmarshalOptions{DiscardUnknown: false},
+		}),
+		runtime.WithIncomingHeaderMatcher(incomingHeader),
+		runtime.WithOutgoingHeaderMatcher(outgoingHeader),
+	)
+	for _, register := range registrations {
+		if err := register(ctx, gw, cfg.API); err != nil {
+			return nil, fmt.Errorf("httpapi: register gateway: %w", err)
+		}
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/v1/", limitBody(gw, cfg.MaxBodyBytes, cfg.MaxUploadBytes))
+	mux.HandleFunc("GET /openapi.json", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(openAPI)
+	})
+	for pattern, h := range cfg.Mounts {
+		if p := strings.TrimPrefix(strings.TrimPrefix(pattern, "GET "), "POST "); strings.HasPrefix(p, "/v1/") || p == "/openapi.json" {
+			return nil, fmt.Errorf("httpapi: mount %q: the API serves that path", pattern)
+		}
+		mux.Handle(pattern, h)
+	}
+	return mux, nil
+}
+
+// incomingHeader forwards X-Request-Id to the API, which records it in the
+// audit log and sends it back; Authorization is forwarded by the gateway
+// itself, unprefixed.
+func incomingHeader(key string) (string, bool) {
+	if textproto.CanonicalMIMEHeaderKey(key) == "X-Request-Id" {
+		return "x-request-id", true
+	}
+	return runtime.DefaultHeaderMatcher(key)
+}
+
+// outgoingHeader returns the API's x-request-id as X-Request-Id, and other
+// response metadata with the gateway's Grpc-Metadata- prefix.
+func outgoingHeader(key string) (string, bool) {
+	if key == "x-request-id" {
+		return "X-Request-Id", true
+	}
+	return runtime.MetadataHeaderPrefix + key, true
+}
+
+// limitBody refuses a body over max with 413 before the gateway reads it.
+// Bodies of unary calls are small and read whole anyway, so it reads them
+// (up to max+1 bytes) here, which also catches a chunked body with no
+// Content-Length. An image upload streams: its body is bounded by
+// maxUpload as it is read instead.
+func limitBody(next http.Handler, max, maxUpload int64) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost && r.URL.Path == "/v1/images" {
+			if r.ContentLength > maxUpload {
+				tooLarge(w, r, maxUpload)
+				return
+			}
+			r.Body = http.MaxBytesReader(w, r.Body, maxUpload)
+			next.ServeHTTP(w, r)
+			return
+		}
+		if r.ContentLength > max {
+			tooLarge(w, r, max)
+			return
+		}
+		if r.Body != nil && r.Body != http.NoBody {
+			// A body trickled in slowly would hold this handler; headers
+			// are bounded by the server's ReadHeaderTimeout.
+			_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyReadTimeout))
+			body, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+			if err != nil {
+				writeError(w, r, http.StatusBadRequest, status.Errorf(codes.InvalidArgument, "read request body: %v", err))
+				return
+			}
+			if int64(len(body)) > max {
+				tooLarge(w, r, max)
+				return
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func tooLarge(w http.ResponseWriter, r *http.Request, max int64) {
+	writeError(w, r, http.StatusRequestEntityTooLarge, status.Errorf(codes.ResourceExhausted,
+		"request body larger than %d bytes: this API takes at most %d bytes in one request (upload images with POST /v1/images or minicloud image create)", max, max))
+}
+
+// writeError writes err in the gateway's own error shape ({"code",
+// "message", "details"}) with the given HTTP status.
+func writeError(w http.ResponseWriter, r *http.Request, httpStatus int, err error) {
+	mux := runtime.NewServeMux()
+	_, out := runtime.MarshalerForRequest(mux, r)
+	runtime.HTTPError(r.Context(), mux, out, w, r, &runtime.HTTPStatusError{HTTPStatus: httpStatus, Err: err})
+}
+
+// NewServer is the listener's http.Server: TLS with the API's serving
+// certificate, and bounds on how long a client may take to send its
+// headers and how large they may be. There is no write timeout: a watch
+// (GET /v1/vms:watch) or an image download streams for as long as it lasts.
+func NewServer(h http.Handler, serving *tls.Config) *http.Server {
+	cfg := serving.Clone()
+	// Callers prove who they are with tokens only: the gateway could not
+	// pass a client certificate on, so none is asked for.
+	cfg.ClientAuth = tls.NoClientCert
+	cfg.ClientCAs, cfg.VerifyConnection = nil, nil
+	// The gRPC listener's configuration may offer h2 only; browsers and
+	// curl also speak HTTP/1.1.
+	cfg.NextProtos = []string{"h2", "http/1.1"}
+	return &http.Server{
+		Handler:           h,
+		TLSConfig:         cfg,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+	}
+}

@@ -1,0 +1,248 @@
+package httpapi_test
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/minicloud/minicloud/api/httpapi"
+	"github.com/minicloud/minicloud/api/server/apiservertest"
+)
+
+// web is a real API server (embedded etcd, TLS, the bootstrap admin) with
+// the HTTP listener in front of it, as minicloudd api --web-listen runs it.
+type web struct {
+	api    *apiservertest.TLSServer
+	url    string // https://127.0.0.1:PORT
+	client *http.Client
+}
+
+func startWeb(t *testing.T, mounts map[string]http.Handler) *web {
+	t.Helper()
+	api := apiservertest.StartTLS(t)
+	conn, err := httpapi.DialAPI(api.Addr, api.CA.Pool())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	h, err := httpapi.NewHandler(context.Background(), httpapi.Config{API: conn, Mounts: mounts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httpapi.NewServer(h, api.TLS)
+	go func() {
+		if err := srv.ServeTLS(lis, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			t.Errorf("serve: %v", err)
+		}
+	}()
+	t.Cleanup(func() { srv.Close() })
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: api.CA.Pool()}}}
+	t.Cleanup(client.CloseIdleConnections)
+	return &web{api: api, url: "https://" + lis.Addr().String(), client: client}
+}
+
+// reply is one HTTP response: its status and its JSON body.
+type reply struct {
+	code int
+	body map[string]any
+	raw  string
+}
+
+// do sends method path with body (JSON, or "") and token ("" for none).
+func (w *web) do(t *testing.T, token, method, path, body string) reply {
+	t.Helper()
+	req, err := http.NewRequest(method, w.url+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body == "" {
+		req.Body = http.NoBody
+	} else {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := w.client.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := reply{code: resp.StatusCode, raw: string(raw)}
+	if err := json.Unmarshal(raw, &r.body); err != nil {
+		t.Fatalf("%s %s: %d, body is not a JSON object: %v: %q", method, path, resp.StatusCode, err, raw)
+	}
+	return r
+}
+
+// want fails the test unless r has status code and its message (an
+// error's) contains msg.
+func (r reply) want(t *testing.T, code int, msg string) {
+	t.Helper()
+	if r.code != code {
+		t.Fatalf("status %d, want %d: %s", r.code, code, r.raw)
+	}
+	if got, _ := r.body["message"].(string); !strings.Contains(got, msg) {
+		t.Fatalf("message %q, want it to contain %q", got, msg)
+	}
+}
+
+func TestAuthenticationIsTheAPIs(t *testing.T) {
+	w := startWeb(t, nil)
+	w.do(t, "", "GET", "/v1/vms", "").want(t, http.StatusUnauthorized, "token")
+	w.do(t, "mct_notatoken", "GET", "/v1/vms", "").want(t, http.StatusUnauthorized, "")
+
+	admin := w.api.AdminToken
+	w.do(t, admin, "POST", "/v1/projects", `{"name":"team"}`).want(t, http.StatusOK, "")
+	bob := w.do(t, admin, "POST", "/v1/users", `{"name":"bob","project":"team","role":"member"}`)
+	bob.want(t, http.StatusOK, "")
+	token, _ := bob.body["token"].(string)
+	if !strings.HasPrefix(token, "mct_") {
+		t.Fatalf("CreateUser gave token %q", token)
+	}
+	// A member may not create flavors (admin only): PERMISSION_DENIED.
+	w.do(t, token, "POST", "/v1/flavors", `{"name":"small","vcpus":1,"memoryMib":512,"diskGib":1}`).
+		want(t, http.StatusForbidden, "admin")
+	// A project bob has no role in does not exist for him.
+	w.do(t, token, "GET", "/v1/vms?project=default", "").want(t, http.StatusNotFound, "project default not found")
+	// His own project's VMs he may list.
+	if r := w.do(t, token, "GET", "/v1/vms?project=team", ""); r.code != http.StatusOK {
+		t.Fatalf("bob lists team's VMs: %d %s", r.code, r.raw)
+	}
+	who := w.do(t, token, "GET", "/v1/whoami", "")
+	if who.code != http.StatusOK || who.body["name"] != "bob" {
+		t.Fatalf("whoami: %d %s", who.code, who.raw)
+	}
+}
+
+func TestFlavorOverHTTP(t *testing.T) {
+	w := startWeb(t, nil)
+	admin := w.api.AdminToken
+	created := w.do(t, admin, "POST", "/v1/flavors", `{"name":"small","vcpus":2,"memoryMib":1024,"diskGib":5}`)
+	created.want(t, http.StatusOK, "")
+	got := w.do(t, admin, "GET", "/v1/flavors/small", "")
+	got.want(t, http.StatusOK, "")
+	if meta, _ := got.body["meta"].(map[string]any); meta["name"] != "small" || got.body["vcpus"] != float64(2) || got.body["memoryMib"] != "1024" {
+		t.Fatalf("GET /v1/flavors/small: %s", got.raw)
+	}
+	list := w.do(t, admin, "GET", "/v1/flavors", "")
+	if fl, _ := list.body["flavors"].([]any); len(fl) != 1 {
+		t.Fatalf("GET /v1/flavors: %s", list.raw)
+	}
+	w.do(t, admin, "POST", "/v1/flavors", `{"name":"small","vcpus":2,"memoryMib":1024,"diskGib":5}`).
+		want(t, http.StatusConflict, "small")
+	w.do(t, admin, "POST", "/v1/flavors", `{"name":"Bad_Name","vcpus":1,"memoryMib":512,"diskGib":1}`).
+		want(t, http.StatusBadRequest, "not a DNS label")
+	// A misspelt field is refused, as the gRPC API refuses unknown fields.
+	w.do(t, admin, "POST", "/v1/flavors", `{"name":"other","vcpu":1,"memoryMib":512,"diskGib":1}`).
+		want(t, http.StatusBadRequest, "vcpu")
+	w.do(t, admin, "GET", "/v1/flavors/nope", "").want(t, http.StatusNotFound, "nope")
+	w.do(t, admin, "DELETE", "/v1/flavors/small", "").want(t, http.StatusOK, "")
+	w.do(t, admin, "GET", "/v1/flavors/small", "").want(t, http.StatusNotFound, "small")
+}
+
+func TestOversizedBody(t *testing.T) {
+	w := startWeb(t, nil)
+	big := `{"name":"x","description":"` + strings.Repeat("a", httpapi.DefaultMaxBodyBytes) + `"}`
+	w.do(t, w.api.AdminToken, "POST", "/v1/projects", big).want(t, http.StatusRequestEntityTooLarge, "larger than")
+
+	// Without a Content-Length (chunked), the body is cut off as it is read.
+	req, err := http.NewRequest("POST", w.url+"/v1/projects", io.MultiReader(strings.NewReader(big)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+w.api.AdminToken)
+	resp, err := w.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if req.ContentLength != 0 && req.ContentLength != -1 {
+		t.Fatalf("request has a Content-Length %d: the test needs a chunked body", req.ContentLength)
+	}
+	if resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Fatalf("chunked oversized body: %d, want 413", resp.StatusCode)
+	}
+	// Nothing was created.
+	w.do(t, w.api.AdminToken, "GET", "/v1/projects/x", "").want(t, http.StatusNotFound, "")
+}
+
+func TestOpenAPIDocument(t *testing.T) {
+	w := startWeb(t, nil)
+	resp, err := w.client.Get(w.url + "/openapi.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "application/json" {
+		t.Fatalf("GET /openapi.json: %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	var doc struct {
+		Swagger string                               `json:"swagger"`
+		Paths   map[string]map[string]map[string]any `json:"paths"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		t.Fatalf("/openapi.json does not parse: %v", err)
+	}
+	if doc.Swagger != "2.0" {
+		t.Fatalf("swagger %q", doc.Swagger)
+	}
+	for path, methods := range map[string][]string{
+		"/v1/vms":              {"get", "post"},
+		"/v1/vms/{name}":       {"get", "delete"},
+		"/v1/vms/{name}:start": {"post"},
+		"/v1/flavors":          {"get", "post"},
+		"/v1/networks/{name}":  {"get", "delete"},
+		"/v1/images":           {"get", "post"},
+		"/v1/hosts":            {"get"},
+	} {
+		for _, m := range methods {
+			if _, ok := doc.Paths[path][m]; !ok {
+				t.Errorf("/openapi.json has no %s %s", m, path)
+			}
+		}
+	}
+	// Agents' calls are not on HTTP.
+	for path := range doc.Paths {
+		if strings.Contains(path, "heartbeat") || strings.Contains(path, "register") {
+			t.Errorf("/openapi.json lists an agent call: %s", path)
+		}
+	}
+}
+
+func TestMounts(t *testing.T) {
+	ui := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, `{"ui":true}`) })
+	w := startWeb(t, map[string]http.Handler{"/": ui})
+	if r := w.do(t, "", "GET", "/", ""); r.code != http.StatusOK || r.body["ui"] != true {
+		t.Fatalf("GET / on the mounted UI: %d %s", r.code, r.raw)
+	}
+	// The API's paths stay the API's.
+	w.do(t, "", "GET", "/v1/vms", "").want(t, http.StatusUnauthorized, "")
+	if _, err := httpapi.NewHandler(context.Background(), httpapi.Config{API: nil}); err == nil {
+		t.Fatal("NewHandler without an API connection succeeded")
+	}
+	conn, err := httpapi.DialAPI(w.api.Addr, w.api.CA.Pool())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	for _, pattern := range []string{"/v1/", "/v1/ui", "GET /openapi.json"} {
+		if _, err := httpapi.NewHandler(context.Background(), httpapi.Config{API: conn, Mounts: map[string]http.Handler{pattern: ui}}); err == nil {
+			t.Errorf("mounting %q over the API succeeded", pattern)
+		}
+	}
+}
