@@ -10,6 +10,9 @@ DATA_DIR=${DATA_DIR:-/var/lib/minicloud}
 LOG_DIR=${LOG_DIR:-/var/log/minicloud}
 PID_FILE="$DATA_DIR/minicloudd.pid"
 ENDPOINT=127.0.0.1:8640
+# The HTTP/JSON API, its OpenAPI document and the web UI (minicloudd's
+# --web-listen default).
+WEB_URL=https://127.0.0.1:8644/
 export MINICLOUD_ENDPOINT=$ENDPOINT
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -107,5 +110,7 @@ minicloud is up. You are the admin (credentials in $CONFIG). Try:
   minicloud vm list
   minicloud vm create web1 --image tiny --flavor tiny --wait
   minicloud vm console-log web1
+The same API over HTTP/JSON (docs/api.md), and the web UI: $WEB_URL
+  curl --cacert $DATA_DIR/ca.crt -H "Authorization: Bearer \$(sed -n 's/^token: //p' $CONFIG)" ${WEB_URL}v1/vms
 Logs: $LOG_DIR/minicloudd.log   Stop: make down   Remove everything: make clean
 MSG

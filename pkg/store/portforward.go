@@ -48,7 +48,8 @@ var ReservedHostPorts = map[int32]string{
 	8641: "the API's metrics",
 	8642: "the agent",
 	8643: "the agent's metrics",
-	8644: "the scheduler's metrics",
+	8644: "the API's web listener (HTTP/JSON API, web UI)",
+	8645: "the scheduler's metrics",
 }
 
 // MaxPortForwardsPerVM bounds the forwards of one VM.
