@@ -144,7 +144,8 @@ type Agent struct {
 	cache ImageCache
 	guest GuestServices
 
-	queue *workQueue
+	queue   *workQueue
+	metrics *agentMetrics
 
 	hypervisorKind string // "kvm" or "tcg", measured at start
 
@@ -271,6 +272,7 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 		released: map[string]bool{},
 		restarts: map[string]time.Time{},
 	}
+	a.metrics = newAgentMetrics(a)
 	a.imageRecords = newImageRecords(func(ctx context.Context, name string) (*minicloudv1.Image, error) {
 		return a.images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: name})
 	})
@@ -283,7 +285,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("measure host capabilities: %w", err)
 	}
+	a.mu.Lock() // the metrics read it from another goroutine
 	a.hypervisorKind = preferredHypervisor(caps.Hypervisors)
+	a.mu.Unlock()
 	a.log.Info("host capabilities", "vcpus", caps.VCPUs, "memory_mib", caps.MemoryMiB, "hypervisors", caps.Hypervisors)
 	if o := a.cfg.Capacity; o != (CapacityOverride{}) {
 		a.log.Info("capacity offered to the scheduler overridden (0: measured)", "vcpus", o.VCPUs, "memory_mib", o.MemoryMiB, "disk_gib", o.DiskGiB)
@@ -342,16 +346,24 @@ func (a *Agent) worker(ctx context.Context) {
 		if !ok {
 			return
 		}
-		// A bound on one pass, so a hung libvirt or API call cannot hold a
-		// worker forever; the key is retried with backoff.
-		rctx, cancel := context.WithTimeout(ctx, reconcileTimeout)
-		res, err := a.reconcile(rctx, id)
-		cancel()
+		res, err := a.reconcilePass(ctx, id)
 		if err != nil && ctx.Err() == nil {
 			a.log.Warn("reconcile failed; will retry", "vm", id, "err", err, "failures", a.queue.Failures(id)+1)
 		}
 		a.queue.Done(id, err, res.RequeueAfter)
 	}
+}
+
+// reconcilePass is one timed pass over id, as a worker runs it.
+func (a *Agent) reconcilePass(ctx context.Context, id string) (result, error) {
+	// A bound on one pass, so a hung libvirt or API call cannot hold a
+	// worker forever; the key is retried with backoff.
+	ctx, cancel := context.WithTimeout(ctx, reconcileTimeout)
+	defer cancel()
+	start := time.Now()
+	res, err := a.reconcile(ctx, id)
+	a.metrics.observeReconcile(time.Since(start), err)
+	return res, err
 }
 
 // resyncLoop reconciles everything periodically: the level-triggered

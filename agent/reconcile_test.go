@@ -154,8 +154,8 @@ func (h *harness) vm(id string) *minicloudv1.VM {
 	return as.vm
 }
 
-// pass runs one reconcile of id as a worker does, failures counted by the
-// work queue.
+// pass runs one reconcile of id as a worker does (timed, bounded), failures
+// counted by the work queue.
 func (h *harness) pass(id string) (result, error) {
 	h.t.Helper()
 	h.a.queue.Add(id)
@@ -163,9 +163,7 @@ func (h *harness) pass(id string) (result, error) {
 	if !ok || key != id {
 		h.t.Fatalf("queue gave %q, %v; want %s", key, ok, id)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	res, err := h.a.reconcile(ctx, id)
+	res, err := h.a.reconcilePass(context.Background(), id)
 	h.a.queue.Done(id, err, res.RequeueAfter)
 	return res, err
 }

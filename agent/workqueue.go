@@ -157,3 +157,11 @@ func (q *workQueue) ShutDown() {
 	}
 	q.cond.Broadcast()
 }
+
+// Stats are the queue's depth (keys due, not yet handed to a worker) and
+// the keys whose last processing failed (waiting out a backoff or retried).
+func (q *workQueue) Stats() (due, failing int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.queue), len(q.failures)
+}

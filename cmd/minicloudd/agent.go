@@ -279,6 +279,8 @@ func runAgent(ctx context.Context, f agentFlags) error {
 		return err
 	}
 
+	reg.MustRegister(a.Collector())
+
 	srvOpts := []grpc.ServerOption{grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor)}
 	if creds != nil {
 		tlsCfg, err := creds.ServerTLS()
