@@ -25,6 +25,8 @@ packages=(
 	genisoimage nginx-light openssh-client python3-requests python3-yaml
 	python3-jinja2 python3-jsonschema python3-jsonpatch python3-oauthlib
 	python3-configobj python3-netifaces
+	# The HTTP/JSON API's documented examples run with the real curl.
+	curl
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -12,20 +12,27 @@ import (
 	"testing"
 
 	"github.com/minicloud/minicloud/api/httpapi"
+	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/api/server/apiservertest"
+	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
 )
 
 // web is a real API server (embedded etcd, TLS, the bootstrap admin) with
 // the HTTP listener in front of it, as minicloudd api --web-listen runs it.
 type web struct {
-	api    *apiservertest.TLSServer
+	api    *apiservertest.Running
 	url    string // https://127.0.0.1:PORT
 	client *http.Client
 }
 
 func startWeb(t *testing.T, mounts map[string]http.Handler) *web {
 	t.Helper()
-	api := apiservertest.StartTLS(t)
+	_, cli := etcdtest.Start(t)
+	api, err := apiservertest.Listen(context.Background(), cli, apiserver.Config{ImageDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { api.Server.GRPCServer().Stop() })
 	conn, err := httpapi.DialAPI(api.Addr, api.CA.Pool())
 	if err != nil {
 		t.Fatal(err)
