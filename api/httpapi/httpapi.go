@@ -129,13 +129,14 @@ func NewHandler(ctx context.Context, cfg Config) (http.Handler, error) {
 }
 
 // incomingHeader forwards X-Request-Id to the API, which records it in the
-// audit log and sends it back; Authorization is forwarded by the gateway
-// itself, unprefixed.
+// audit log, and no other header: a call through the gateway carries no
+// more of the caller than a gRPC client could send. (The gateway itself
+// adds Authorization, unprefixed, and X-Forwarded-For/-Host.)
 func incomingHeader(key string) (string, bool) {
 	if textproto.CanonicalMIMEHeaderKey(key) == "X-Request-Id" {
 		return "x-request-id", true
 	}
-	return runtime.DefaultHeaderMatcher(key)
+	return "", false
 }
 
 // outgoingHeader returns the API's x-request-id as X-Request-Id, and other

@@ -1,0 +1,176 @@
+package httpapi_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+// upload creates image name from disk with POST /v1/images: the header
+// and the chunks as a stream of JSON objects, as docs/api.md shows.
+func (w *web) upload(t *testing.T, name string, disk []byte) reply {
+	t.Helper()
+	var body bytes.Buffer
+	fmt.Fprintf(&body, `{"header": {"name": %q, "diskSizeBytes": "%d"}}`+"\n", name, len(disk))
+	for off := 0; off < len(disk); off += 1 << 20 {
+		chunk := disk[off:min(off+1<<20, len(disk))]
+		fmt.Fprintf(&body, `{"chunk": {"part": "IMAGE_PART_DISK", "data": %q}}`+"\n", base64.StdEncoding.EncodeToString(chunk))
+	}
+	return w.do(t, w.api.AdminToken, "POST", "/v1/images", body.String())
+}
+
+// stream opens a server-streaming call and returns its lines, one JSON
+// message each.
+func (w *web) stream(ctx context.Context, t *testing.T, path string) *bufio.Scanner {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, "GET", w.url+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+w.api.AdminToken)
+	resp, err := w.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("GET %s: %d %s", path, resp.StatusCode, b)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 8<<20)
+	return sc
+}
+
+// next decodes the stream's next line into v.
+func next(t *testing.T, sc *bufio.Scanner, v any) {
+	t.Helper()
+	if !sc.Scan() {
+		t.Fatalf("stream ended: %v", sc.Err())
+	}
+	if err := json.Unmarshal(sc.Bytes(), v); err != nil {
+		t.Fatalf("stream line %q: %v", sc.Text(), err)
+	}
+}
+
+type watchLine struct {
+	Result struct {
+		Type string
+		VM   struct {
+			Meta struct{ Name string }
+			Spec struct{ PowerState string }
+		}
+	}
+	Error map[string]any
+}
+
+// TestStreamsAndUploads: an image uploaded as a client stream comes back
+// byte for byte from the download stream, and a watch streams the VMs and
+// then their changes, one JSON object per line.
+func TestStreamsAndUploads(t *testing.T) {
+	w := startWeb(t, nil)
+	admin := w.api.AdminToken
+	// 2.5 MiB: three chunks, the last one short.
+	disk := bytes.Repeat([]byte("minicloud"), (5<<19)/9)
+	if r := w.upload(t, "pattern", disk); r.code != http.StatusOK || r.body["format"] != "IMAGE_FORMAT_RAW" {
+		t.Fatalf("upload: %d %s", r.code, r.raw)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dl := w.stream(ctx, t, "/v1/images/pattern:download?part=IMAGE_PART_DISK")
+	var got []byte
+	for dl.Scan() {
+		var line struct {
+			Result struct{ Data []byte }
+			Error  map[string]any
+		}
+		if err := json.Unmarshal(dl.Bytes(), &line); err != nil || line.Error != nil {
+			t.Fatalf("download line: %v %v", err, line.Error)
+		}
+		got = append(got, line.Result.Data...)
+	}
+	if !bytes.Equal(got, disk) {
+		t.Fatalf("downloaded %d bytes, uploaded %d: not the same", len(got), len(disk))
+	}
+
+	// An error before the first message is the HTTP status, with the
+	// error as the one line.
+	missing := w.do(t, admin, "GET", "/v1/images/nope:download?part=IMAGE_PART_DISK", "")
+	if e, _ := missing.body["error"].(map[string]any); missing.code != http.StatusNotFound || !strings.Contains(fmt.Sprint(e["message"]), "nope") {
+		t.Fatalf("download of a missing image: %d %s", missing.code, missing.raw)
+	}
+
+	w.do(t, admin, "POST", "/v1/flavors", `{"name":"micro","vcpus":1,"memoryMib":256,"diskGib":1}`).want(t, http.StatusOK, "")
+	w.do(t, admin, "POST", "/v1/networks", `{"name":"web","cidr":"10.20.0.0/24"}`).want(t, http.StatusOK, "")
+	w.do(t, admin, "POST", "/v1/vms", `{"name":"a","spec":{"image":"pattern","flavor":"micro","networks":["web"]}}`).want(t, http.StatusOK, "")
+
+	watch := w.stream(ctx, t, "/v1/vms:watch")
+	var ev watchLine
+	next(t, watch, &ev)
+	if ev.Result.Type != "WATCH_EVENT_TYPE_ADDED" || ev.Result.VM.Meta.Name != "a" {
+		t.Fatalf("first watch event: %+v", ev)
+	}
+	w.do(t, admin, "POST", "/v1/vms/a:stop", `{}`).want(t, http.StatusOK, "")
+	for ev.Result.Type != "WATCH_EVENT_TYPE_MODIFIED" {
+		next(t, watch, &ev)
+		if ev.Error != nil {
+			t.Fatalf("watch: %v", ev.Error)
+		}
+	}
+	if ev.Result.VM.Meta.Name != "a" || ev.Result.VM.Spec.PowerState != "POWER_STATE_STOPPED" {
+		t.Fatalf("watch event after stop: %+v", ev)
+	}
+}
+
+// TestRequestID: the caller's X-Request-Id is the audit record's; without
+// one, the id the API made comes back as X-Request-Id.
+func TestRequestID(t *testing.T) {
+	w := startWeb(t, nil)
+	create := func(name, id string) string {
+		req, err := http.NewRequest("POST", w.url+"/v1/projects", strings.NewReader(`{"name":"`+name+`"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+w.api.AdminToken)
+		if id != "" {
+			req.Header.Set("X-Request-Id", id)
+		}
+		resp, err := w.client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("POST /v1/projects: %d", resp.StatusCode)
+		}
+		return resp.Header.Get("X-Request-Id")
+	}
+	create("given", "http-req-1")
+	made := create("made", "")
+	if made == "" {
+		t.Fatal("no X-Request-Id on the response of a request without one")
+	}
+	var audit struct {
+		Records []struct{ RPC, Object, RequestID, Code string }
+	}
+	r := w.do(t, w.api.AdminToken, "GET", "/v1/audit-records?limit=10", "")
+	if err := json.Unmarshal([]byte(r.raw), &audit); err != nil {
+		t.Fatal(err)
+	}
+	found := map[string]string{}
+	for _, rec := range audit.Records {
+		if rec.RPC == "AuthService/CreateProject" && rec.Code == "OK" {
+			found[rec.Object] = rec.RequestID
+		}
+	}
+	if found["given"] != "http-req-1" || found["made"] != made {
+		t.Fatalf("audit request ids %v, want given=http-req-1 made=%s: %s", found, made, r.raw)
+	}
+}
