@@ -65,25 +65,35 @@ type reply struct {
 	raw  string
 }
 
-// do sends method path with body (JSON, or "") and token ("" for none).
-func (w *web) do(t *testing.T, token, method, path, body string) reply {
+// send sends method path with body (nil: none), token ("" for none) and
+// the header pairs in kv; the caller closes the response.
+func (w *web) send(ctx context.Context, t *testing.T, token, method, path string, body io.Reader, kv ...string) *http.Response {
 	t.Helper()
-	req, err := http.NewRequest(method, w.url+path, strings.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, method, w.url+path, body)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if body == "" {
-		req.Body = http.NoBody
-	} else {
-		req.Header.Set("Content-Type", "application/json")
-	}
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	for i := 0; i+1 < len(kv); i += 2 {
+		req.Header.Set(kv[i], kv[i+1])
 	}
 	resp, err := w.client.Do(req)
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, path, err)
 	}
+	return resp
+}
+
+// do sends method path with body (JSON, or "") and token ("" for none).
+func (w *web) do(t *testing.T, token, method, path, body string) reply {
+	t.Helper()
+	var in io.Reader
+	if body != "" {
+		in = strings.NewReader(body)
+	}
+	resp := w.send(context.Background(), t, token, method, path, in, "Content-Type", "application/json")
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(resp.Body)
 	if err != nil {
@@ -167,19 +177,12 @@ func TestOversizedBody(t *testing.T) {
 	big := `{"name":"x","description":"` + strings.Repeat("a", httpapi.DefaultMaxBodyBytes) + `"}`
 	w.do(t, w.api.AdminToken, "POST", "/v1/projects", big).want(t, http.StatusRequestEntityTooLarge, "larger than")
 
-	// Without a Content-Length (chunked), the body is cut off as it is read.
-	req, err := http.NewRequest("POST", w.url+"/v1/projects", io.MultiReader(strings.NewReader(big)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+w.api.AdminToken)
-	resp, err := w.client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Without a Content-Length (chunked: the length of a MultiReader is
+	// unknown), the body is cut off as it is read.
+	resp := w.send(context.Background(), t, w.api.AdminToken, "POST", "/v1/projects", io.MultiReader(strings.NewReader(big)))
 	resp.Body.Close()
-	if req.ContentLength != 0 && req.ContentLength != -1 {
-		t.Fatalf("request has a Content-Length %d: the test needs a chunked body", req.ContentLength)
+	if resp.Request.ContentLength > 0 {
+		t.Fatalf("request has a Content-Length %d: the test needs a chunked body", resp.Request.ContentLength)
 	}
 	if resp.StatusCode != http.StatusRequestEntityTooLarge {
 		t.Fatalf("chunked oversized body: %d, want 413", resp.StatusCode)

@@ -30,15 +30,7 @@ func (w *web) upload(t *testing.T, name string, disk []byte) reply {
 // message each.
 func (w *web) stream(ctx context.Context, t *testing.T, path string) *bufio.Scanner {
 	t.Helper()
-	req, err := http.NewRequestWithContext(ctx, "GET", w.url+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+w.api.AdminToken)
-	resp, err := w.client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := w.send(ctx, t, w.api.AdminToken, "GET", path, nil)
 	t.Cleanup(func() { resp.Body.Close() })
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(resp.Body)
@@ -133,27 +125,16 @@ func TestStreamsAndUploads(t *testing.T) {
 // one, the id the API made comes back as X-Request-Id.
 func TestRequestID(t *testing.T) {
 	w := startWeb(t, nil)
-	create := func(name, id string) string {
-		req, err := http.NewRequest("POST", w.url+"/v1/projects", strings.NewReader(`{"name":"`+name+`"}`))
-		if err != nil {
-			t.Fatal(err)
-		}
-		req.Header.Set("Authorization", "Bearer "+w.api.AdminToken)
-		if id != "" {
-			req.Header.Set("X-Request-Id", id)
-		}
-		resp, err := w.client.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
+	create := func(name string, header ...string) string {
+		resp := w.send(context.Background(), t, w.api.AdminToken, "POST", "/v1/projects", strings.NewReader(`{"name":"`+name+`"}`), header...)
 		resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("POST /v1/projects: %d", resp.StatusCode)
 		}
 		return resp.Header.Get("X-Request-Id")
 	}
-	create("given", "http-req-1")
-	made := create("made", "")
+	create("given", "X-Request-Id", "http-req-1")
+	made := create("made")
 	if made == "" {
 		t.Fatal("no X-Request-Id on the response of a request without one")
 	}
