@@ -49,7 +49,7 @@ protoc -I proto -I /usr/include -I "$googleapis" \
   --go-grpc_out=api --go-grpc_opt=module=github.com/minicloud/minicloud/api,$gapi \
   --grpc-gateway_out=api --grpc-gateway_opt=module=github.com/minicloud/minicloud/api,$gapi \
   --openapiv2_out=api/httpapi \
-  --openapiv2_opt=allow_merge=true,merge_file_name=openapi,$gapi \
+  --openapiv2_opt=allow_merge=true,merge_file_name=openapi,openapi_configuration=proto/openapi/openapi.yaml,$gapi \
   proto/minicloud/v1/*.proto
 # The HTTP listener serves it as /openapi.json (api/httpapi embeds it).
 mv api/httpapi/openapi.swagger.json api/httpapi/openapi.json

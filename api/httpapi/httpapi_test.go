@@ -191,46 +191,48 @@ func TestOversizedBody(t *testing.T) {
 	w.do(t, w.api.AdminToken, "GET", "/v1/projects/x", "").want(t, http.StatusNotFound, "")
 }
 
+// TestOpenAPIDocument: /openapi.json parses, and lists every HTTP binding
+// of the protos, each under its operation id, with the bearer token as
+// its security scheme; nothing else.
 func TestOpenAPIDocument(t *testing.T) {
 	w := startWeb(t, nil)
-	resp, err := w.client.Get(w.url + "/openapi.json")
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := w.send(context.Background(), t, "", "GET", "/openapi.json", nil)
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "application/json" {
 		t.Fatalf("GET /openapi.json: %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
 	var doc struct {
-		Swagger string                               `json:"swagger"`
-		Paths   map[string]map[string]map[string]any `json:"paths"`
+		Swagger             string
+		Info                struct{ Title, Version string }
+		SecurityDefinitions map[string]struct{ Type, In, Name string }
+		Paths               map[string]map[string]struct{ OperationID string }
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
 		t.Fatalf("/openapi.json does not parse: %v", err)
 	}
-	if doc.Swagger != "2.0" {
-		t.Fatalf("swagger %q", doc.Swagger)
+	if doc.Swagger != "2.0" || doc.Info.Title != "minicloud API" || doc.Info.Version != "v1" {
+		t.Fatalf("/openapi.json: swagger %q, info %+v", doc.Swagger, doc.Info)
 	}
-	for path, methods := range map[string][]string{
-		"/v1/vms":              {"get", "post"},
-		"/v1/vms/{name}":       {"get", "delete"},
-		"/v1/vms/{name}:start": {"post"},
-		"/v1/flavors":          {"get", "post"},
-		"/v1/networks/{name}":  {"get", "delete"},
-		"/v1/images":           {"get", "post"},
-		"/v1/hosts":            {"get"},
-	} {
-		for _, m := range methods {
-			if _, ok := doc.Paths[path][m]; !ok {
-				t.Errorf("/openapi.json has no %s %s", m, path)
-			}
+	if b := doc.SecurityDefinitions["bearer"]; b.Type != "apiKey" || b.In != "header" || b.Name != "Authorization" {
+		t.Fatalf("/openapi.json: security definitions %+v", doc.SecurityDefinitions)
+	}
+	ops := 0
+	for _, m := range doc.Paths {
+		ops += len(m)
+	}
+	bound := 0
+	for _, r := range rpcs(t) {
+		if r.path == "" {
+			continue
+		}
+		bound++
+		op, ok := doc.Paths[openAPIPath(r.path)][r.verb]
+		if !ok || op.OperationID != r.service+"_"+r.method {
+			t.Errorf("/openapi.json: %s %s is %+v (found: %v), want operation %s_%s", r.verb, openAPIPath(r.path), op, ok, r.service, r.method)
 		}
 	}
-	// Agents' calls are not on HTTP.
-	for path := range doc.Paths {
-		if strings.Contains(path, "heartbeat") || strings.Contains(path, "register") {
-			t.Errorf("/openapi.json lists an agent call: %s", path)
-		}
+	if ops != bound {
+		t.Errorf("/openapi.json has %d operations, the protos %d bindings", ops, bound)
 	}
 }
 
