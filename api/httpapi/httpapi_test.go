@@ -11,7 +11,11 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/minicloud/minicloud/api/httpapi"
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/api/server/apiservertest"
 	"github.com/minicloud/minicloud/pkg/etcdembed/etcdtest"
@@ -247,11 +251,16 @@ func TestMounts(t *testing.T) {
 	if _, err := httpapi.NewHandler(context.Background(), httpapi.Config{API: nil}); err == nil {
 		t.Fatal("NewHandler without an API connection succeeded")
 	}
-	conn, err := httpapi.DialAPI(w.api.Addr, w.api.CA.Pool())
+	// An API listening on every address (0.0.0.0) is dialled on loopback.
+	_, port, _ := net.SplitHostPort(w.api.Addr)
+	conn, err := httpapi.DialAPI(net.JoinHostPort("0.0.0.0", port), w.api.CA.Pool())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
+	if _, err := minicloudv1.NewFlavorServiceClient(conn).ListFlavors(context.Background(), &minicloudv1.ListFlavorsRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("a call through DialAPI(0.0.0.0:port) without a token: %v, want Unauthenticated from the API", err)
+	}
 	for _, pattern := range []string{"/v1/", "/v1/ui", "GET /openapi.json"} {
 		if _, err := httpapi.NewHandler(context.Background(), httpapi.Config{API: conn, Mounts: map[string]http.Handler{pattern: ui}}); err == nil {
 			t.Errorf("mounting %q over the API succeeded", pattern)

@@ -38,7 +38,9 @@ func TestAPIPKIByListenAddress(t *testing.T) {
 		t.Fatalf("ca.crt: %v", err)
 	}
 
-	wide := apiFlags{listen: "192.0.2.10:8640", dataDir: t.TempDir(), tlsSANs: []string{"api.example", "198.51.100.7"}}
+	// The web listener (--web-listen) serves the same certificate: its
+	// address is a name of it too.
+	wide := apiFlags{listen: "192.0.2.10:8640", webListen: "203.0.113.4:8644", dataDir: t.TempDir(), tlsSANs: []string{"api.example", "198.51.100.7"}}
 	var cfg2 apiserver.Config
 	if err := setupAPIPKI(ctx, wide, cli, &cfg2); err != nil {
 		t.Fatal(err)
@@ -53,7 +55,7 @@ func TestAPIPKIByListenAddress(t *testing.T) {
 	if !pki.HasOrg(leaf, pki.OrgControlPlane) || !slices.Contains(leaf.DNSNames, "api.example") {
 		t.Fatalf("serving certificate %v %v", leaf.Subject, leaf.DNSNames)
 	}
-	for _, ip := range []string{"192.0.2.10", "198.51.100.7", "127.0.0.1"} {
+	for _, ip := range []string{"192.0.2.10", "203.0.113.4", "198.51.100.7", "127.0.0.1"} {
 		if !slices.ContainsFunc(leaf.IPAddresses, func(a net.IP) bool { return a.Equal(net.ParseIP(ip)) }) {
 			t.Errorf("serving certificate lacks IP SAN %s: %v", ip, leaf.IPAddresses)
 		}
