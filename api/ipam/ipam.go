@@ -9,12 +9,15 @@ package ipam
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
+	"iter"
 	"math"
+	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"sync"
 
-	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
@@ -22,7 +25,7 @@ import (
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
-// Allocator picks the lowest free address of a network. Addresses picked
+// Allocator picks a free address of a network at random. Addresses picked
 // in this process stay reserved in memory while their transaction runs, and
 // after it commits until no read of the addresses that began before the
 // commit is still running (such a read cannot see them in etcd), so that
@@ -74,29 +77,25 @@ func (r *Reservation) Done(committed bool) {
 	}
 }
 
-// Reserve picks the lowest address of network that is neither the network
-// address, the gateway nor the broadcast address, not stored in etcd and
-// not reserved in this process.
+// Reserve picks a free address of network with reads of its own (see
+// Read.Reserve).
 func (a *Allocator) Reserve(ctx context.Context, network *minicloudv1.Network) (*Reservation, error) {
 	rd := a.BeginRead()
 	defer rd.End()
-	resp, err := a.kv.Do(ctx, UsedOp(network.GetMeta().GetId()))
-	if err != nil {
-		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", network.GetMeta().GetName())
-	}
-	return rd.Reserve(network, resp.Get().Kvs)
+	return rd.Reserve(ctx, network, nil, nil)
 }
 
-// Read is a read of networks' addresses that a caller folds into its own
-// etcd read (to save a round trip): BeginRead, then the caller's read with
-// UsedOp for each network, then Reserve from what it returned, then End.
+// Read is one create's view of networks' addresses: BeginRead, then
+// Probe a network, fold the probe's gets into the caller's own etcd read
+// (to save a round trip), Reserve from what it returned, then End. The
+// read's start orders it against this process's commits (see Allocator).
 type Read struct {
 	a        *Allocator
 	startGen uint64
 	ended    bool
 }
 
-// BeginRead starts a read; call it before the etcd read it stands for.
+// BeginRead starts a read; call it before the etcd reads it stands for.
 func (a *Allocator) BeginRead() *Read {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -118,25 +117,226 @@ func (rd *Read) End() {
 	}
 }
 
-// UsedOp reads the addresses in use on a network (keys only).
+// UsedOp reads the addresses in use on a network (keys only): the whole
+// range, for the last resort of Reserve and for tools.
 func UsedOp(networkID string) clientv3.Op {
 	return clientv3.OpGet(store.IPAMNetworkPrefix(networkID), clientv3.WithPrefix(), clientv3.WithKeysOnly())
 }
 
-// Reserve picks the lowest free address of network given used, the result
-// of UsedOp in the read this Read stands for.
-func (rd *Read) Reserve(network *minicloudv1.Network, used []*mvccpb.KeyValue) (*Reservation, error) {
+// Address allocation reads a bounded number of keys however full the
+// network is, so a create costs the same at the first VM and at the
+// 50,000th of a /16 (the whole range was read before, O(VMs) per create):
+//
+//  1. Probe: probeSize random candidate addresses, read as single keys in
+//     the create's own read; the first absent one is taken. Below ~70 %
+//     full nearly every create ends here.
+//  2. Blocks: in a network larger than a /24, up to maxBlocks random /24
+//     blocks are read (at most 256 keys each) and a free address of the
+//     first block with one is taken.
+//  3. Range: the whole range is read, so that a nearly full network still
+//     fills to its last address and a full one is refused with
+//     ResourceExhausted.
+//
+// Whatever was read, the create's transaction writes the address under
+// the compare "key absent" (store.CreateVMTxn), so a pick that another API
+// server took meanwhile is a failed compare and a retry, never a shared
+// address. Random picks (as Neutron's reference IPAM driver makes among
+// free addresses) also keep concurrent creates of several API servers from
+// all racing for the lowest free address. A bitmap or free list kept in
+// etcd would read less still, but every create would write the same few
+// keys under a compare: the creates of several API servers would serialise
+// on them, and they could drift from the IPAM keys that the delete and the
+// consistency checks use.
+const (
+	probeSize = 8
+	maxBlocks = 4
+)
+
+// space is the addresses of a network that VMs can have: all of the
+// prefix but the network address, the gateway and the broadcast address.
+type space struct {
+	id             string
+	prefix         netip.Prefix
+	gateway        netip.Addr
+	first, last    uint32 // the network and broadcast addresses
+	gatewayN       uint32
+	name           string
+	cidr, gatewayS string
+}
+
+func newSpace(network *minicloudv1.Network) (space, error) {
 	prefix, gateway, err := Parse(network)
+	if err != nil {
+		return space{}, err
+	}
+	if !prefix.Addr().Is4() || !gateway.Is4() {
+		return space{}, errdefs.Invalid("network %s: only IPv4 networks have addresses allocated", network.GetMeta().GetName())
+	}
+	return space{
+		id: network.GetMeta().GetId(), prefix: prefix, gateway: gateway,
+		first: toN(prefix.Addr()), last: toN(Broadcast(prefix)), gatewayN: toN(gateway),
+		name: network.GetMeta().GetName(), cidr: network.GetCidr(), gatewayS: network.GetGateway(),
+	}, nil
+}
+
+func toN(a netip.Addr) uint32 { b := a.As4(); return binary.BigEndian.Uint32(b[:]) }
+
+func fromN(n uint32) netip.Addr {
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], n)
+	return netip.AddrFrom4(b)
+}
+
+// usable says whether a VM may have address n.
+func (s space) usable(n uint32) bool { return n > s.first && n < s.last && n != s.gatewayN }
+
+// random is a uniformly random address strictly inside the prefix.
+func (s space) random() uint32 { return s.first + 1 + rand.Uint32N(s.last-s.first-1) }
+
+func (s space) key(n uint32) string { return store.IPAMKey(s.id, fromN(n).String()) }
+
+// Probe is a few random addresses of one network whose keys the caller
+// reads, count only, in its own read.
+type Probe struct {
+	s     space
+	addrs []uint32
+}
+
+// Probe picks random candidate addresses of network, skipping those this
+// process has reserved.
+func (rd *Read) Probe(network *minicloudv1.Network) (*Probe, error) {
+	s, err := newSpace(network)
 	if err != nil {
 		return nil, err
 	}
-	id := network.GetMeta().GetId()
-	taken := make(map[netip.Addr]struct{}, len(used))
-	for _, kv := range used {
-		if ip, err := netip.ParseAddr(store.LastSegment(string(kv.Key))); err == nil {
-			taken[ip] = struct{}{}
+	return rd.probe(s), nil
+}
+
+func (rd *Read) probe(s space) *Probe {
+	p := &Probe{s: s}
+	a := rd.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	reserved := a.reserved[s.id]
+	// Bounded tries: a small network has fewer free candidates than
+	// probeSize.
+	for range 4 * probeSize {
+		if len(p.addrs) == probeSize {
+			break
+		}
+		n := s.random()
+		if !s.usable(n) || slices.Contains(p.addrs, n) {
+			continue
+		}
+		if _, ok := reserved[fromN(n)]; ok {
+			continue
+		}
+		p.addrs = append(p.addrs, n)
+	}
+	return p
+}
+
+// Ops are the probe's gets: one count-only get per candidate.
+func (p *Probe) Ops() []clientv3.Op {
+	ops := make([]clientv3.Op, len(p.addrs))
+	for i, n := range p.addrs {
+		ops[i] = clientv3.OpGet(p.s.key(n), clientv3.WithCountOnly())
+	}
+	return ops
+}
+
+// For says whether the probe was made for network as it is now (same id,
+// cidr and gateway), so its result may be used for it.
+func (p *Probe) For(network *minicloudv1.Network) bool {
+	return p != nil && p.s.id == network.GetMeta().GetId() && p.s.cidr == network.GetCidr() && p.s.gatewayS == network.GetGateway()
+}
+
+// Reserve picks a free address of network that this process has not
+// reserved: the first absent candidate of probe, whose i-th get of Ops
+// found present[i] keys, else one found by the reads of steps 2 and 3
+// above. probe may be nil or made for another version of the network;
+// then Reserve probes with a read of its own.
+func (rd *Read) Reserve(ctx context.Context, network *minicloudv1.Network, probe *Probe, present []int64) (*Reservation, error) {
+	s, err := newSpace(network)
+	if err != nil {
+		return nil, err
+	}
+	if !probe.For(network) || len(present) != len(probe.addrs) {
+		probe = rd.probe(s)
+		resp, err := rd.a.kv.Txn(ctx).Then(probe.Ops()...).Commit()
+		if err != nil {
+			return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", s.name)
+		}
+		present = make([]int64, len(resp.Responses))
+		for i, r := range resp.Responses {
+			present[i] = r.GetResponseRange().GetCount()
 		}
 	}
+	for i, n := range probe.addrs {
+		if present[i] == 0 {
+			if r := rd.take(s, slices.Values([]uint32{n})); r != nil {
+				return r, nil
+			}
+		}
+	}
+	if s.prefix.Bits() < 24 {
+		for range maxBlocks {
+			block := s.random() &^ 0xff
+			a := fromN(block).As4()
+			used, err := rd.used(ctx, s, fmt.Sprintf("%s%d.%d.%d.", store.IPAMNetworkPrefix(s.id), a[0], a[1], a[2]))
+			if err != nil {
+				return nil, err
+			}
+			if r := rd.take(s, free(s, block, block|0xff, used)); r != nil {
+				return r, nil
+			}
+		}
+	}
+	used, err := rd.used(ctx, s, store.IPAMNetworkPrefix(s.id))
+	if err != nil {
+		return nil, err
+	}
+	if r := rd.take(s, free(s, s.first, s.last, used)); r != nil {
+		return r, nil
+	}
+	return nil, errdefs.ResourceExhausted("network %s (%s) has no free address: delete VMs on it or create a larger network",
+		s.name, s.prefix)
+}
+
+// used reads the allocated addresses under an IPAM key prefix.
+func (rd *Read) used(ctx context.Context, s space, keyPrefix string) (map[uint32]bool, error) {
+	resp, err := rd.a.kv.Get(ctx, keyPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", s.name)
+	}
+	used := make(map[uint32]bool, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		if ip, err := netip.ParseAddr(store.LastSegment(string(kv.Key))); err == nil && ip.Is4() {
+			used[toN(ip)] = true
+		}
+	}
+	return used, nil
+}
+
+// free yields the usable addresses of [lo, hi] not in used, from a random
+// one on (wrapping), so that concurrent picks spread.
+func free(s space, lo, hi uint32, used map[uint32]bool) iter.Seq[uint32] {
+	return func(yield func(uint32) bool) {
+		lo, hi = max(lo, s.first), min(hi, s.last)
+		size := hi - lo + 1
+		start := rand.Uint32N(size)
+		for i := range size {
+			n := lo + (start+i)%size
+			if s.usable(n) && !used[n] && !yield(n) {
+				return
+			}
+		}
+	}
+}
+
+// take reserves the first of candidates that this process has not
+// reserved, or returns nil.
+func (rd *Read) take(s space, candidates iter.Seq[uint32]) *Reservation {
 	a := rd.a
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -145,32 +345,25 @@ func (rd *Read) Reserve(network *minicloudv1.Network, used []*mvccpb.KeyValue) (
 	for g := range a.reading {
 		oldest = min(oldest, g)
 	}
-	reserved := a.reserved[id]
+	reserved := a.reserved[s.id]
 	for ip, g := range reserved {
 		if g < oldest {
 			delete(reserved, ip)
 		}
 	}
-	broadcast := Broadcast(prefix)
-	for ip := prefix.Addr().Next(); ip.IsValid() && ip.Less(broadcast); ip = ip.Next() {
-		if ip == gateway {
-			continue
-		}
-		if _, ok := taken[ip]; ok {
-			continue
-		}
+	for n := range candidates {
+		ip := fromN(n)
 		if _, ok := reserved[ip]; ok {
 			continue
 		}
 		if reserved == nil {
 			reserved = make(map[netip.Addr]uint64)
-			a.reserved[id] = reserved
+			a.reserved[s.id] = reserved
 		}
 		reserved[ip] = inFlight
-		return &Reservation{NetworkID: id, Addr: ip, Prefix: prefix, Gateway: gateway, a: a}, nil
+		return &Reservation{NetworkID: s.id, Addr: ip, Prefix: s.prefix, Gateway: s.gateway, a: a}
 	}
-	return nil, errdefs.ResourceExhausted("network %s (%s) has no free address: delete VMs on it or create a larger network",
-		network.GetMeta().GetName(), prefix)
+	return nil
 }
 
 // Parse returns a network's prefix and gateway.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -43,32 +45,141 @@ func allocate(t *testing.T, ctx context.Context, kv clientv3.KV, a *ipam.Allocat
 	return netip.Addr{}, errdefs.Conflict("allocate on network %s: lost 64 races", n.GetMeta().GetName())
 }
 
-func TestLowestFreeSkipsNetworkGatewayBroadcast(t *testing.T) {
+// TestFillsToTheLastAddress allocates every address of a /24 one after
+// the other: the random probes find most, the read of the range the last
+// ones; none is the network, gateway or broadcast address, none is given
+// twice, and the full network is refused with ResourceExhausted. A
+// released address is the one found next.
+func TestFillsToTheLastAddress(t *testing.T) {
 	_, cli := etcdtest.Start(t)
 	ctx := context.Background()
 	a := ipam.New(cli)
-	n := network("10.0.0.0/29", "10.0.0.1") // usable .2-.6
-	var got []string
-	for i := range 5 {
+	n := network("10.0.0.0/24", "10.0.0.1") // usable .2-.254: 253
+	prefix := netip.MustParsePrefix("10.0.0.0/24")
+	seen := map[netip.Addr]bool{}
+	for i := range 253 {
 		ip, err := allocate(t, ctx, cli, a, n, fmt.Sprintf("vm-%d", i))
 		if err != nil {
 			t.Fatalf("allocate %d: %v", i, err)
 		}
-		got = append(got, ip.String())
+		if !prefix.Contains(ip) || ip.String() == "10.0.0.0" || ip.String() == "10.0.0.1" || ip.String() == "10.0.0.255" || seen[ip] {
+			t.Fatalf("allocation %d got %s (given before: %v)", i, ip, seen[ip])
+		}
+		seen[ip] = true
 	}
-	want := []string{"10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"}
-	if fmt.Sprint(got) != fmt.Sprint(want) {
-		t.Fatalf("allocated %v, want %v", got, want)
+	_, err := allocate(t, ctx, cli, a, n, "vm-x")
+	if !errdefs.IsResourceExhausted(err) || !strings.Contains(err.Error(), "network default (10.0.0.0/24) has no free address") {
+		t.Fatalf("allocate on a full network: %v, want ResourceExhausted naming the network", err)
 	}
-	if _, err := allocate(t, ctx, cli, a, n, "vm-x"); !errdefs.IsResourceExhausted(err) {
-		t.Fatalf("allocate on a full network: %v, want ResourceExhausted", err)
-	}
-	if _, err := cli.Delete(ctx, store.IPAMKey("net-1", "10.0.0.4")); err != nil {
+	if _, err := cli.Delete(ctx, store.IPAMKey("net-1", "10.0.0.77")); err != nil {
 		t.Fatal(err)
 	}
 	ip, err := allocate(t, ctx, cli, a, n, "vm-y")
-	if err != nil || ip.String() != "10.0.0.4" {
-		t.Fatalf("after release got %v, %v; want 10.0.0.4", ip, err)
+	if err != nil || ip.String() != "10.0.0.77" {
+		t.Fatalf("after release got %v, %v; want 10.0.0.77", ip, err)
+	}
+}
+
+// fillExcept writes the IPAM key of every usable address of n except
+// those of keep, as if VMs held them.
+func fillExcept(t *testing.T, cli *clientv3.Client, n *minicloudv1.Network, keep ...string) {
+	t.Helper()
+	prefix := netip.MustParsePrefix(n.Cidr)
+	var ops []clientv3.Op
+	flush := func() {
+		if _, err := cli.Txn(context.Background()).Then(ops...).Commit(); err != nil {
+			t.Fatal(err)
+		}
+		ops = ops[:0]
+	}
+	for ip := prefix.Addr().Next(); prefix.Contains(ip) && ip != ipam.Broadcast(prefix); ip = ip.Next() {
+		if ip.String() == n.Gateway || slices.Contains(keep, ip.String()) {
+			continue
+		}
+		ops = append(ops, clientv3.OpPut(store.IPAMKey(n.Meta.Id, ip.String()), "filler"))
+		if len(ops) == 128 {
+			flush()
+		}
+	}
+	if len(ops) > 0 {
+		flush()
+	}
+}
+
+// TestNearlyFullLargeNetworkFillsToTheLastAddress: in a /20 (16 blocks of
+// 256) with 4 free addresses left in different blocks, random probes and
+// random blocks mostly miss; the allocator still finds each of them, then
+// refuses.
+func TestNearlyFullLargeNetworkFillsToTheLastAddress(t *testing.T) {
+	_, cli := etcdtest.Start(t)
+	ctx := context.Background()
+	a := ipam.New(cli)
+	n := network("10.4.0.0/20", "10.4.0.1")
+	left := []string{"10.4.0.2", "10.4.3.200", "10.4.9.0", "10.4.15.254"}
+	fillExcept(t, cli, n, left...)
+	var got []string
+	for i := range left {
+		ip, err := allocate(t, ctx, cli, a, n, fmt.Sprintf("vm-%d", i))
+		if err != nil {
+			t.Fatalf("allocate %d of the %d left: %v", i, len(left), err)
+		}
+		got = append(got, ip.String())
+	}
+	slices.Sort(got)
+	want := slices.Clone(left)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("allocated %v, want the free %v", got, want)
+	}
+	if _, err := allocate(t, ctx, cli, a, n, "vm-x"); !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("allocate on the full /20: %v, want ResourceExhausted", err)
+	}
+}
+
+// TestProbeInTheCallersRead folds a probe into a read of the caller's, as
+// a create does, and checks that Reserve takes an absent candidate; a
+// probe made for another version of the network (another cidr) is not
+// used for it.
+func TestProbeInTheCallersRead(t *testing.T) {
+	_, cli := etcdtest.Start(t)
+	ctx := context.Background()
+	a := ipam.New(cli)
+	old := network("10.5.0.0/24", "10.5.0.1")
+	fillExcept(t, cli, old, "10.5.0.9")
+	for range 20 {
+		rd := a.BeginRead()
+		p, err := rd.Probe(old)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := cli.Txn(ctx).Then(p.Ops()...).Commit()
+		if err != nil {
+			t.Fatal(err)
+		}
+		present := make([]int64, len(resp.Responses))
+		for i, r := range resp.Responses {
+			present[i] = r.GetResponseRange().GetCount()
+		}
+		r, err := rd.Reserve(ctx, old, p, present)
+		rd.End()
+		if err != nil || r.Addr.String() != "10.5.0.9" {
+			t.Fatalf("reserve with a folded probe: %v, %v; want the one free address 10.5.0.9", r, err)
+		}
+		r.Done(false)
+	}
+	rd := a.BeginRead()
+	defer rd.End()
+	p, err := rd.Probe(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	renumbered := network("10.6.0.0/24", "10.6.0.1")
+	if p.For(renumbered) {
+		t.Fatal("a probe of 10.5.0.0/24 is taken for 10.6.0.0/24")
+	}
+	r, err := rd.Reserve(ctx, renumbered, p, make([]int64, len(p.Ops())))
+	if err != nil || !netip.MustParsePrefix("10.6.0.0/24").Contains(r.Addr) {
+		t.Fatalf("reserve on the renumbered network: %v, %v", r, err)
 	}
 }
 
@@ -85,51 +196,68 @@ func TestGatewayInTheMiddleIsSkipped(t *testing.T) {
 // TestConcurrentAllocationsNeverShareAnAddress races more VMs than there are
 // addresses through two allocators (two API servers) on one etcd.
 func TestConcurrentAllocationsNeverShareAnAddress(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	ctx := context.Background()
-	n := network("10.1.0.0/27", "10.1.0.1") // 29 usable
-	allocators := []*ipam.Allocator{ipam.New(cli), ipam.New(cli)}
-	const vms = 40
-	var (
-		wg        sync.WaitGroup
-		mu        sync.Mutex
-		owner     = map[netip.Addr]string{}
-		exhausted int
-	)
-	for i := range vms {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			id := fmt.Sprintf("vm-%02d", i)
-			ip, err := allocate(t, ctx, cli, allocators[i%2], n, id)
-			mu.Lock()
-			defer mu.Unlock()
-			switch {
-			case errdefs.IsResourceExhausted(err):
-				exhausted++
-			case err != nil:
-				t.Errorf("allocate %s: %v", id, err)
-			default:
-				if prev, dup := owner[ip]; dup {
-					t.Errorf("%s given to both %s and %s", ip, prev, id)
-				}
-				owner[ip] = id
+	for _, tc := range []struct {
+		cidr, gw string
+		usable   int
+	}{{"10.1.0.0/27", "10.1.0.1", 29}, {"10.1.0.0/24", "10.1.0.1", 253}} {
+		t.Run(tc.cidr, func(t *testing.T) {
+			_, cli := etcdtest.Start(t)
+			ctx := context.Background()
+			n := network(tc.cidr, tc.gw)
+			allocators := []*ipam.Allocator{ipam.New(cli), ipam.New(cli)}
+			vms := tc.usable + 11
+			var (
+				wg        sync.WaitGroup
+				mu        sync.Mutex
+				owner     = map[netip.Addr]string{}
+				exhausted int
+				next      = make(chan int, vms)
+			)
+			for i := range vms {
+				next <- i
 			}
-		}()
-	}
-	wg.Wait()
-	if len(owner) != 29 || exhausted != vms-29 {
-		t.Fatalf("%d allocated, %d exhausted; want 29 and %d", len(owner), exhausted, vms-29)
-	}
-	resp, err := cli.Get(ctx, store.IPAMNetworkPrefix("net-1"), clientv3.WithPrefix())
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, kv := range resp.Kvs {
-		ip := netip.MustParseAddr(store.LastSegment(string(kv.Key)))
-		if owner[ip] != string(kv.Value) {
-			t.Errorf("etcd says %s is %s's, allocator returned it to %s", ip, kv.Value, owner[ip])
-		}
+			close(next)
+			for w := range 32 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := range next {
+						id := fmt.Sprintf("vm-%03d", i)
+						ip, err := allocate(t, ctx, cli, allocators[w%2], n, id)
+						mu.Lock()
+						switch {
+						case errdefs.IsResourceExhausted(err):
+							exhausted++
+						case err != nil:
+							t.Errorf("allocate %s: %v", id, err)
+						default:
+							if prev, dup := owner[ip]; dup {
+								t.Errorf("%s given to both %s and %s", ip, prev, id)
+							}
+							owner[ip] = id
+						}
+						mu.Unlock()
+					}
+				}()
+			}
+			wg.Wait()
+			if len(owner) != tc.usable || exhausted != vms-tc.usable {
+				t.Fatalf("%d allocated, %d exhausted; want %d and %d", len(owner), exhausted, tc.usable, vms-tc.usable)
+			}
+			resp, err := cli.Get(ctx, store.IPAMNetworkPrefix("net-1"), clientv3.WithPrefix())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(resp.Kvs) != tc.usable {
+				t.Errorf("%d IPAM keys, want %d", len(resp.Kvs), tc.usable)
+			}
+			for _, kv := range resp.Kvs {
+				ip := netip.MustParseAddr(store.LastSegment(string(kv.Key)))
+				if owner[ip] != string(kv.Value) {
+					t.Errorf("etcd says %s is %s's, allocator returned it to %s", ip, kv.Value, owner[ip])
+				}
+			}
+		})
 	}
 }
 
@@ -146,40 +274,51 @@ func TestBroadcastAndMAC(t *testing.T) {
 }
 
 // TestReservationsInOneProcessDoNotCollide: picks not yet committed are
-// skipped by later picks of the same allocator and freed by Done(false).
+// skipped by later picks of the same allocator and freed by Done(false);
+// a committed pick is never given again.
 func TestReservationsInOneProcessDoNotCollide(t *testing.T) {
 	_, cli := etcdtest.Start(t)
 	ctx := context.Background()
 	a := ipam.New(cli)
-	n := network("10.2.0.0/29", "10.2.0.1")
-	r1, err := a.Reserve(ctx, n)
-	if err != nil {
-		t.Fatal(err)
+	n := network("10.2.0.0/29", "10.2.0.1") // usable .2-.6
+	var rs []*ipam.Reservation
+	seen := map[netip.Addr]bool{}
+	for range 5 {
+		r, err := a.Reserve(ctx, n)
+		if err != nil || seen[r.Addr] {
+			t.Fatalf("reserve: %v, %v (reserved before: %v)", r, err, r != nil && seen[r.Addr])
+		}
+		seen[r.Addr] = true
+		rs = append(rs, r)
 	}
-	r2, err := a.Reserve(ctx, n)
-	if err != nil {
-		t.Fatal(err)
+	if _, err := a.Reserve(ctx, n); !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("a sixth reservation: %v, want ResourceExhausted", err)
 	}
-	if r1.Addr == r2.Addr {
-		t.Fatalf("two reservations of %s", r1.Addr)
-	}
-	r1.Done(false)
-	r3, err := a.Reserve(ctx, n)
-	if err != nil || r3.Addr != r1.Addr {
-		t.Fatalf("after an aborted reservation got %v, %v; want %s again", r3.Addr, err, r1.Addr)
+	rs[3].Done(false)
+	r, err := a.Reserve(ctx, n)
+	if err != nil || r.Addr != rs[3].Addr {
+		t.Fatalf("after an aborted reservation got %v, %v; want %s again", r, err, rs[3].Addr)
 	}
 	// A committed reservation is found in etcd by the next read.
-	if _, ok, err := store.Commit(ctx, cli, []clientv3.Cmp{store.Absent(store.IPAMKey(r2.NetworkID, r2.Addr.String()))}, []clientv3.Op{clientv3.OpPut(store.IPAMKey(r2.NetworkID, r2.Addr.String()), "vm-2")}); err != nil || !ok {
+	committed := rs[1]
+	key := store.IPAMKey(committed.NetworkID, committed.Addr.String())
+	if _, ok, err := store.Commit(ctx, cli, []clientv3.Cmp{store.Absent(key)}, []clientv3.Op{clientv3.OpPut(key, "vm-2")}); err != nil || !ok {
 		t.Fatalf("commit: %v %v", ok, err)
 	}
-	r2.Done(true)
-	r3.Done(false)
-	r4, err := a.Reserve(ctx, n)
-	if err != nil || r4.Addr != r1.Addr {
-		t.Fatalf("got %v, %v; want %s", r4.Addr, err, r1.Addr)
+	committed.Done(true)
+	r.Done(false)
+	for i, r := range rs {
+		if i != 1 && i != 3 { // 3 was done above
+			r.Done(false)
+		}
 	}
-	r5, err := a.Reserve(ctx, n)
-	if err != nil || r5.Addr == r2.Addr || r5.Addr == r4.Addr {
-		t.Fatalf("got %v, %v; want neither %s nor %s", r5.Addr, err, r2.Addr, r4.Addr)
+	for range 4 {
+		r, err := a.Reserve(ctx, n)
+		if err != nil || r.Addr == committed.Addr {
+			t.Fatalf("got %v, %v; want an address other than the committed %s", r, err, committed.Addr)
+		}
+	}
+	if _, err := a.Reserve(ctx, n); !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("with 4 reserved and 1 committed: %v, want ResourceExhausted", err)
 	}
 }

@@ -147,9 +147,10 @@ type Server struct {
 	// vmCache is the VMs every watch stream shares (watch.go).
 	vmCache *vmCache
 
-	// networkIDs caches network key → id so a create reads a network's
-	// addresses in the same round trip as the network (see readCreateRefs).
-	networkIDs sync.Map
+	// knownNetworks caches network key → the *Network a create last read,
+	// so the next create can pick candidate addresses before its read and
+	// probe them in the same round trip as the network (readCreateRefs).
+	knownNetworks sync.Map
 
 	// streams ends every watch stream when the server stops, so that
 	// GracefulStop does not wait for streams that never end by themselves.

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -41,16 +40,20 @@ type createRefs struct {
 	flavorRev           int64
 	networks            []*minicloudv1.Network
 	networkRevs         []int64
-	used                [][]*mvccpb.KeyValue // per network: the addresses in use (ipam.UsedOp)
+	// Per network: the probe of random addresses read with the rest (nil
+	// if the network was not known yet) and what each of its gets found.
+	probes  []*ipam.Probe
+	present [][]int64
 }
 
 // readCreateRefs reads, in one snapshot, the request-id and name keys,
-// every object the VM refers to and the addresses in use on its networks,
-// and refuses references that do not exist. The addresses are read in the
-// same round trip when the network's id is known from an earlier create
-// (the create's compare on the network key catches a network recreated
-// since), else with a read of their own.
-func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, spec *minicloudv1.VMSpec) (*createRefs, error) {
+// every object the VM refers to and a probe of random addresses of each of
+// its networks (ipam.Probe), and refuses references that do not exist. The
+// probe is read in the same round trip when the network is known from an
+// earlier create (its cidr and gateway are needed to pick the addresses);
+// a probe made for another version of the network is not used (the
+// allocator then reads its own).
+func (s *Server) readCreateRefs(ctx context.Context, addrs *ipam.Read, project string, req *minicloudv1.CreateVMRequest, spec *minicloudv1.VMSpec) (*createRefs, error) {
 	var reads store.Reads
 	var (
 		name        = reads.Get(store.VMNameKey(project, req.GetName()), clientv3.WithCountOnly())
@@ -60,17 +63,24 @@ func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicl
 		targetHost  = reads.Get(store.HostSpecKey(spec.TargetHost), clientv3.WithCountOnly())
 		request     = reads.Get(store.VMRequestKey(project, req.GetRequestId()))
 		networks    = make([]store.Read, len(spec.Networks))
-		used        = make([]*store.Read, len(spec.Networks)) // nil: network id not known yet
-		cachedID    = make([]string, len(spec.Networks))
+		probes      = make([]*ipam.Probe, len(spec.Networks)) // nil: network not known yet
+		probeReads  = make([][]store.Read, len(spec.Networks))
 	)
 	for i, n := range spec.Networks {
 		networks[i] = reads.Get(store.NetworkKey(project, n))
 	}
 	for i, n := range spec.Networks {
-		if id, ok := s.networkIDs.Load(store.NetworkKey(project, n)); ok {
-			cachedID[i] = id.(string)
-			r := reads.Add(ipam.UsedOp(cachedID[i]))
-			used[i] = &r
+		known, ok := s.knownNetworks.Load(store.NetworkKey(project, n))
+		if !ok {
+			continue
+		}
+		p, err := addrs.Probe(known.(*minicloudv1.Network))
+		if err != nil {
+			continue
+		}
+		probes[i] = p
+		for _, op := range p.Ops() {
+			probeReads[i] = append(probeReads[i], reads.Add(op))
 		}
 	}
 	if err := reads.Do(ctx, s.etcd); err != nil {
@@ -121,17 +131,14 @@ func (s *Server) readCreateRefs(ctx context.Context, project string, req *minicl
 		}
 		refs.networks = append(refs.networks, nw)
 		refs.networkRevs = append(refs.networkRevs, kv.ModRevision)
-		id := nw.GetMeta().GetId()
-		if used[i] != nil && cachedID[i] == id {
-			refs.used = append(refs.used, used[i].KVs())
-			continue
+		present := make([]int64, len(probeReads[i]))
+		for j, r := range probeReads[i] {
+			present[j] = r.Count()
 		}
-		u, err := s.etcd.Do(ctx, ipam.UsedOp(id))
-		if err != nil {
-			return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "read addresses of network %s", n)
+		refs.probes, refs.present = append(refs.probes, probes[i]), append(refs.present, present)
+		if !probes[i].For(nw) {
+			s.knownNetworks.Store(store.NetworkKey(project, n), nw)
 		}
-		s.networkIDs.Store(store.NetworkKey(project, n), id)
-		refs.used = append(refs.used, u.Get().Kvs)
 	}
 	return refs, nil
 }
@@ -168,7 +175,7 @@ func (s *Server) createVM(ctx context.Context, req *minicloudv1.CreateVMRequest)
 func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, base *minicloudv1.VMSpec) (*minicloudv1.VM, error) {
 	addrRead := s.ipam.BeginRead()
 	defer addrRead.End()
-	refs, err := s.readCreateRefs(ctx, project, req, base)
+	refs, err := s.readCreateRefs(ctx, addrRead, project, req, base)
 	fingerprint := requestFingerprint(req)
 	if refs != nil && refs.existingID != "" {
 		// A retry of a create that went through: answer with that VM, even
@@ -213,7 +220,7 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	nv := store.NewVM{VM: vm, UserData: req.GetUserData(), FlavorRev: refs.flavorRev, ImageRev: refs.imageRev, Now: now}
 	var committed bool // read by the reservations' deferred Done
 	for i, nw := range refs.networks {
-		r, err := addrRead.Reserve(nw, refs.used[i])
+		r, err := addrRead.Reserve(ctx, nw, refs.probes[i], refs.present[i])
 		if err != nil {
 			return nil, err
 		}

@@ -41,7 +41,8 @@ func TestCreateVMWritesOneTransaction(t *testing.T) {
 		t.Fatalf("status %v", st)
 	}
 	a := st.Addresses[0]
-	if a.Ip != "10.99.0.2" || a.PrefixLength != 24 || a.Gateway != "10.99.0.1" || !strings.HasPrefix(a.Mac, "fa:16:3e:") ||
+	if ip, err := netip.ParseAddr(a.Ip); err != nil || !netip.MustParsePrefix("10.99.0.0/24").Contains(ip) || a.Ip == "10.99.0.0" || a.Ip == "10.99.0.1" || a.Ip == "10.99.0.255" ||
+		a.PrefixLength != 24 || a.Gateway != "10.99.0.1" || !strings.HasPrefix(a.Mac, "fa:16:3e:") ||
 		!strings.HasPrefix(a.Bridge, "mc-") || a.Mtu != 1450 || a.Network != "default" {
 		t.Fatalf("address %v", a)
 	}
@@ -66,9 +67,9 @@ func TestCreateVMWritesOneTransaction(t *testing.T) {
 	if err != nil || len(evs.Events) != 1 || evs.Events[0].Reason != "Created" {
 		t.Fatalf("events %v %v", evs, err)
 	}
-	e.createVM("web2")
+	web2 := e.createVM("web2")
 	list, err := e.vms.ListVMs(ctx(t), &minicloudv1.ListVMsRequest{})
-	if err != nil || len(list.Vms) != 2 || list.Vms[0].Meta.Name != "web1" || list.Vms[1].Status.Addresses[0].Ip != "10.99.0.3" {
+	if err != nil || len(list.Vms) != 2 || list.Vms[0].Meta.Name != "web1" || list.Vms[1].Status.Addresses[0].Ip != web2.Status.Addresses[0].Ip || web2.Status.Addresses[0].Ip == a.Ip {
 		t.Fatalf("list %v %v", list, err)
 	}
 	if list, _ := e.vms.ListVMs(ctx(t), &minicloudv1.ListVMsRequest{Project: "other"}); len(list.Vms) != 0 {
@@ -512,4 +513,51 @@ func TestCreateVMKeepsHostFailurePolicies(t *testing.T) {
 			t.Fatalf("policies not kept: %v", s)
 		}
 	}
+}
+
+// TestCreateOnARenumberedNetwork: a create picks candidate addresses from
+// the network as an earlier create read it; after the network is deleted
+// and created again under the same name with another range, the next
+// create must not use those candidates, and gets an address of the new
+// range. The delete of a VM releases its address in the same transaction.
+func TestCreateOnARenumberedNetwork(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	c := ctx(t)
+	if _, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "blue", Cidr: "10.70.0.0/24"}); err != nil {
+		t.Fatal(err)
+	}
+	onBlue := func(r *minicloudv1.CreateVMRequest) { r.Spec.Networks = []string{"blue"} }
+	for _, name := range []string{"a", "b"} { // the second create folds its probe into its read
+		vm := e.createVM(name, onBlue)
+		if ip := netip.MustParseAddr(vm.Status.Addresses[0].Ip); !netip.MustParsePrefix("10.70.0.0/24").Contains(ip) {
+			t.Fatalf("vm %s got %s, not in 10.70.0.0/24", name, ip)
+		}
+		if _, err := e.vms.DeleteVM(c, &minicloudv1.DeleteVMRequest{Name: name}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for k := range e.dump(t) {
+		if strings.HasPrefix(k, store.IPAMPrefix) {
+			t.Fatalf("%s left after the VMs were deleted", k)
+		}
+	}
+	if _, err := e.nets.DeleteNetwork(c, &minicloudv1.DeleteNetworkRequest{Name: "blue"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.nets.CreateNetwork(c, &minicloudv1.CreateNetworkRequest{Name: "blue", Cidr: "10.71.0.0/29"}); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for i := range 5 { // .2-.6: all of the /29 but network, gateway and broadcast
+		vm := e.createVM(fmt.Sprintf("c%d", i), onBlue)
+		ip := vm.Status.Addresses[0].Ip
+		if !netip.MustParsePrefix("10.71.0.0/29").Contains(netip.MustParseAddr(ip)) || ip == "10.71.0.1" || seen[ip] {
+			t.Fatalf("vm c%d got %s on the renumbered 10.71.0.0/29 (given before: %v)", i, ip, seen[ip])
+		}
+		seen[ip] = true
+	}
+	_, err := e.vms.CreateVM(c, &minicloudv1.CreateVMRequest{Name: "c5", Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small", Networks: []string{"blue"}}})
+	wantCode(t, err, codes.ResourceExhausted, "network blue (10.71.0.0/29) has no free address")
+	e.checkConsistent()
 }
