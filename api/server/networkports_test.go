@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -22,12 +23,14 @@ func (e *env) registerTunnelHost(name, addr, tunnel string) {
 	}
 }
 
-// portsOf summarises a snapshot as "vmname@host(tunnel)" per port.
+// portsOf summarises a snapshot as "vmname@host(tunnel)" per port, sorted
+// (the snapshot is in address order, and addresses are picked at random).
 func portsOf(s *minicloudv1.NetworkPortsSnapshot) string {
 	var out []string
 	for _, p := range s.GetPorts() {
 		out = append(out, p.GetVmName()+"@"+p.GetHost()+"("+p.GetTunnelIp()+")")
 	}
+	slices.Sort(out)
 	return strings.Join(out, " ")
 }
 
