@@ -28,15 +28,7 @@ import (
 
 func requireHypervisorHost(t *testing.T) {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("end-to-end VM test: skipped with -short")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("end-to-end VM test needs root (libvirt, bridges, nftables)")
-	}
-	if _, err := os.Stat("/var/run/libvirt/libvirt-sock"); err != nil {
-		t.Skip("libvirtd is not running (hack/setup-host.sh starts it)")
-	}
+	cloudtest.RequireHypervisorHost(t)
 }
 
 func TestMain(m *testing.M) {
@@ -73,13 +65,7 @@ func newCloudWithImage(t *testing.T, image, dir, flavor, memoryMiB, diskGiB stri
 // cmdline) as image.
 func importImage(t *testing.T, c *cloudtest.Cloud, image, dir string) {
 	t.Helper()
-	cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.MustMC("image", "create", image, "--file", filepath.Join(dir, "disk.qcow2"),
-		"--kernel", filepath.Join(dir, "vmlinuz"), "--initrd", filepath.Join(dir, "initrd.img"),
-		"--cmdline", strings.TrimSpace(string(cmdline)))
+	c.ImportImage(image, dir)
 }
 
 // waitVM follows WatchVMs until cond holds for the VM, and returns it.

@@ -184,7 +184,7 @@ func startOn(t testing.TB, role, etcdURL string, etcdClient *clientv3.Client, ex
 	}
 	c := &Cloud{
 		t: t, CLI: cli, Daemon: daemon,
-		Endpoint: freeAddr(t),
+		Endpoint: FreeAddr(t),
 		DataDir:  dataDir,
 		EtcdURL:  etcdURL,
 		Etcd:     etcdClient,
@@ -212,7 +212,8 @@ func startOn(t testing.TB, role, etcdURL string, etcdClient *clientv3.Client, ex
 	return c
 }
 
-func freeAddr(t testing.TB) string {
+// FreeAddr is a free loopback address (host:port) for a daemon to listen on.
+func FreeAddr(t testing.TB) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -405,4 +406,33 @@ func (c *Cloud) WaitHostUp() {
 		time.Sleep(200 * time.Millisecond)
 	}
 	c.t.Fatalf("no host came up within 60s\nlog:\n%s", c.Log())
+}
+
+// ImportImage imports the built image in dir (disk.qcow2, vmlinuz,
+// initrd.img, cmdline: what TinyImage returns) as image name.
+func (c *Cloud) ImportImage(name, dir string) {
+	c.t.Helper()
+	cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.MustMC("image", "create", name, "--file", filepath.Join(dir, "disk.qcow2"),
+		"--kernel", filepath.Join(dir, "vmlinuz"), "--initrd", filepath.Join(dir, "initrd.img"),
+		"--cmdline", strings.TrimSpace(string(cmdline)))
+}
+
+// RequireHypervisorHost skips t unless this machine can run the VMs of an
+// end-to-end test: not -short, root (libvirt, bridges, nftables), and a
+// running libvirtd.
+func RequireHypervisorHost(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("end-to-end VM test: skipped with -short")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("end-to-end VM test needs root (libvirt, bridges, nftables)")
+	}
+	if _, err := os.Stat("/var/run/libvirt/libvirt-sock"); err != nil {
+		t.Skip("libvirtd is not running (hack/setup-host.sh starts it)")
+	}
 }

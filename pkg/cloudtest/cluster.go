@@ -86,8 +86,8 @@ func StartEtcdCluster(t testing.TB, n int) *EtcdCluster {
 	c := &EtcdCluster{ClientURLs: make([]string, n)}
 	var initial []string
 	for i := range n {
-		peers[i] = "http://" + freeAddr(t)
-		c.ClientURLs[i] = "http://" + freeAddr(t)
+		peers[i] = "http://" + FreeAddr(t)
+		c.ClientURLs[i] = "http://" + FreeAddr(t)
 		initial = append(initial, fmt.Sprintf("m%d=%s", i, peers[i]))
 	}
 	for i := range n {
