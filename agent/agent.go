@@ -27,6 +27,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 
+	"github.com/minicloud/minicloud/agent/consolehub"
 	"github.com/minicloud/minicloud/agent/hypervisor"
 	"github.com/minicloud/minicloud/agent/network"
 	"github.com/minicloud/minicloud/agent/qemuaccess"
@@ -146,6 +147,9 @@ type Agent struct {
 
 	queue   *workQueue
 	metrics *agentMetrics
+	// consoles shares each VM's serial console among its sessions
+	// (console.go).
+	consoles *consolehub.Hub
 
 	hypervisorKind string // "kvm" or "tcg", measured at start
 
@@ -273,6 +277,7 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 		restarts: map[string]time.Time{},
 	}
 	a.metrics = newAgentMetrics(a)
+	a.consoles = consolehub.New(d.Hypervisor, consolehub.Limits{})
 	a.imageRecords = newImageRecords(func(ctx context.Context, name string) (*minicloudv1.Image, error) {
 		return a.images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: name})
 	})

@@ -8,7 +8,6 @@ import (
 	"os"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
-	"github.com/minicloud/minicloud/pkg/errdefs"
 )
 
 // defaultConsoleTail bounds a console-log answer unless asked otherwise.
@@ -29,11 +28,8 @@ func (a *Agent) Service() *AgentService { return &AgentService{agent: a} }
 // GetConsoleLog returns the tail of a VM's serial console log.
 func (s *AgentService) GetConsoleLog(_ context.Context, req *minicloudv1.AgentConsoleLogRequest) (*minicloudv1.GetConsoleLogResponse, error) {
 	id := req.GetVmId()
-	s.agent.mu.Lock()
-	_, known := s.agent.assigned[id]
-	s.agent.mu.Unlock()
-	if !known {
-		return nil, errdefs.NotFound("VM %s is not on host %s", id, s.agent.cfg.HostName)
+	if err := s.knownVM(id); err != nil {
+		return nil, err
 	}
 	n := req.GetTailBytes()
 	if n <= 0 {

@@ -11,6 +11,7 @@ package hypervisor
 
 import (
 	"context"
+	"io"
 	"strings"
 	"time"
 
@@ -245,6 +246,21 @@ type Driver interface {
 	// List returns every domain that carries minicloud's metadata, and no
 	// other.
 	List(ctx context.Context) ([]DomainStatus, error)
+
+	// OpenConsole connects to the serial console (ttyS0) of a running
+	// domain: reads return what the guest writes, writes are the guest's
+	// input. Reads end with io.EOF once the domain stops or Close is
+	// called. The hypervisor hands out one console connection per domain:
+	// while one is open another OpenConsole fails with errdefs.Conflict
+	// (sharing it among users is the caller's job). errdefs.NotFound for an
+	// absent domain, errdefs.FailedPrecondition for one that is not running.
+	// The reader must be drained promptly: an adapter may stall other
+	// calls while output waits.
+	OpenConsole(ctx context.Context, vmID string) (io.ReadWriteCloser, error)
+
+	// Stats samples a running domain's cumulative counters;
+	// errdefs.FailedPrecondition when it is not running.
+	Stats(ctx context.Context, vmID string) (DomainStats, error)
 
 	// Events delivers lifecycle events of minicloud's domains, and
 	// EventResync whenever events may have been lost. The channel is closed

@@ -40,6 +40,10 @@ type Rule struct {
 	// AdminFields are request fields only an admin may set (all_projects,
 	// a host filter): set by anyone else, the call is PermissionDenied.
 	AdminFields []string
+	// MemberFields are request fields (of the request, or of a stream's
+	// header) that need the member role when set: a reader may watch a
+	// console, a member may type into it.
+	MemberFields []string
 }
 
 func project(r Role) Rule { return Rule{Scope: ScopeProject, Role: r} }
@@ -80,6 +84,9 @@ var Policy = map[string]Rule{
 	vm + "UpdateVMMetadata": project(RoleMember),
 	vm + "ExposeVMPort":     project(RoleMember),
 	vm + "UnexposeVMPort":   project(RoleMember),
+	// Watching a console is reading; typing into it acts on the VM.
+	vm + "AttachConsole": {Scope: ScopeProject, Role: RoleReader, MemberFields: []string{"write", "take_over"}},
+	vm + "GetVMStats":    project(RoleReader),
 
 	flavor + "CreateFlavor": cluster(RoleAdmin),
 	flavor + "GetFlavor":    cluster(RoleReader),
@@ -205,6 +212,9 @@ func MarkdownPolicyTable() string {
 		}
 		if len(r.AdminFields) > 0 {
 			who += "; admin only with " + strings.Join(r.AdminFields, ", ")
+		}
+		if len(r.MemberFields) > 0 {
+			who += "; member with " + strings.Join(r.MemberFields, ", ")
 		}
 		fmt.Fprintf(&b, "| `%s` | %s |\n", strings.TrimPrefix(n, "/minicloud.v1."), who)
 	}

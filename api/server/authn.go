@@ -166,6 +166,12 @@ func (s *Server) authorize(ctx context.Context, method string, p *auth.Principal
 			r, _ := p.RoleIn(project)
 			return errdefs.PermissionDenied("%s needs the %s role in project %s; %s is %s there", name, rule.Role, project, p, r)
 		}
+		for _, f := range rule.MemberFields {
+			if headerFieldSet(req, f) && !p.Can(project, auth.RoleMember) {
+				r, _ := p.RoleIn(project)
+				return errdefs.PermissionDenied("%s with %s needs the member role in project %s; %s is %s there", name, f, project, p, r)
+			}
+		}
 		return nil
 	}
 	return errdefs.Internal("policy rule for %s has no scope", method)
@@ -208,6 +214,14 @@ func projectField(m protoreflect.Message) (protoreflect.Message, protoreflect.Fi
 		}
 	}
 	return m, nil
+}
+
+// headerFieldSet is fieldSet on req or, for a stream's first message, on
+// the header set in its oneof (the message projectField found).
+func headerFieldSet(req proto.Message, name string) bool {
+	m, _ := projectField(req.ProtoReflect())
+	fd := m.Descriptor().Fields().ByName(protoreflect.Name(name))
+	return fd != nil && m.Has(fd)
 }
 
 // fieldSet says whether req has field name set to a non-zero value.

@@ -281,7 +281,7 @@ func runAgent(ctx context.Context, f agentFlags) error {
 
 	reg.MustRegister(a.Collector())
 
-	srvOpts := []grpc.ServerOption{grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor)}
+	srvOpts := []grpc.ServerOption{grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor), grpc.ChainStreamInterceptor(errdefs.StreamServerInterceptor)}
 	if creds != nil {
 		tlsCfg, err := creds.ServerTLS()
 		if err != nil {

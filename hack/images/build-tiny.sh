@@ -7,7 +7,8 @@
 #
 # The guest boots from kernel+initrd (direct boot), brings up eth0 with DHCP,
 # prints its config drive and metadata on ttyS0 between MINICLOUD-* marker
-# lines, powers off on the ACPI power button, and otherwise idles.
+# lines, powers off on the ACPI power button, and then runs a root shell on
+# ttyS0 (no login: it is a test image).
 #
 # No root, no loop mount, no chroot: the initramfs is a cpio archive of a
 # directory. Cached by a hash of this script, the probe's source and the
@@ -166,8 +167,15 @@ else
 	echo "MINICLOUD-GUEST-ERROR no eth0"
 fi
 
-# PID 1 must never exit; idle until powered off.
-while :; do sleep 3600; done
+# A shell on the serial console (minicloud vm console), respawned when it
+# exits. cttyhack opens the active console (ttyS0) as the controlling
+# terminal, so ^C and job control work. PID 1 must never exit: it loops here
+# until the guest is powered off.
+echo "MINICLOUD-TINY-SHELL on the serial console"
+while :; do
+	setsid cttyhack sh
+	sleep 1
+done
 EOF
 chmod 0755 "$rd/init"
 

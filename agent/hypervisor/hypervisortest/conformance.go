@@ -33,6 +33,11 @@ type Fixtures struct {
 	// empty means the guest never does (graceful shutdown is not tested).
 	ReadyMarker string
 
+	// ShellMarker appears in the console log once the guest runs a shell
+	// on its serial console (one that answers `echo`); empty means the
+	// shell is there as soon as the domain runs.
+	ShellMarker string
+
 	// Observe asks the hypervisor itself, not the driver, whether any
 	// domain for vmID exists (e.g. virsh dominfo), to check that Undefine
 	// leaves nothing behind.
@@ -67,6 +72,8 @@ func RunConformance(t *testing.T, newDriver func(t *testing.T) hypervisor.Driver
 	t.Run("UndefineLeavesNothing", s.undefine)
 	t.Run("HostileNamesStayData", s.hostileNames)
 	t.Run("ListOnlyTagged", s.listOnlyTagged)
+	t.Run("Console", s.console)
+	t.Run("Stats", s.stats)
 }
 
 type suite struct {

@@ -33,6 +33,12 @@ type fakeDomain struct {
 	reason  string
 	// handlesACPI: the guest powers off when the ACPI button is pressed.
 	handlesACPI bool
+	// console is the open console stream, if any (one at a time).
+	console *fakeConsole
+	// started is when the guest last started; cpuWork what the console
+	// made it do (Stats).
+	started time.Time
+	cpuWork time.Duration
 }
 
 // Call is one driver call that changes a domain, as recorded for tests.
@@ -54,7 +60,8 @@ func NewFakeHost() *FakeHost {
 
 // FakeDriver is an in-memory hypervisor.Driver for unit tests of the
 // reconcile loop, which cannot make real domains without root. It passes
-// RunConformance; it runs no guest and writes no console log.
+// RunConformance; it runs no guest and writes no console log, but its
+// console plays a shell that answers echo (fakeconsole.go).
 type FakeDriver struct {
 	host *FakeHost
 
@@ -196,6 +203,7 @@ func (d *FakeDriver) Start(_ context.Context, vmID string) error {
 		return nil
 	}
 	dom.running, dom.state, dom.reason = true, hypervisor.StateRunning, "booted"
+	dom.started, dom.cpuWork = time.Now(), 0
 	h.emit(vmID, hypervisor.EventStarted, "booted")
 	return nil
 }
@@ -247,6 +255,9 @@ func (d *FakeDriver) Shutdown(ctx context.Context, vmID string, timeout time.Dur
 // stop ends the guest process. Called with h.mu held.
 func (h *FakeHost) stop(vmID string, dom *fakeDomain, state, reason string) {
 	dom.running, dom.state, dom.reason = false, state, reason
+	if dom.console != nil {
+		dom.console.release()
+	}
 	h.emit(vmID, hypervisor.EventStopped, reason)
 }
 

@@ -98,12 +98,17 @@ func DomainXML(spec hypervisor.DomainSpec) (string, error) {
 			Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
 		}},
 		Serials: []libvirtxml.DomainSerial{{
-			// A file chardev: with libvirt's default stdio_handler=logd the
-			// file is written by virtlogd, which bounds and rotates it
-			// (max_size/max_backups in virtlogd.conf). append keeps the
-			// history across restarts of the domain.
-			Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: spec.ConsoleLogPath, Append: "on"}},
+			// A pty chardev, so that virDomainOpenConsole can attach to it
+			// (it refuses a file chardev), with a log: QEMU copies all
+			// output to the log file, which with libvirt's default
+			// stdio_handler=logd is written by virtlogd, which bounds and
+			// rotates it (max_size/max_backups in virtlogd.conf). append
+			// keeps the history across restarts of the domain. The log
+			// records output only; what a console user types reaches it
+			// only as the guest's echo.
+			Source: &libvirtxml.DomainChardevSource{Pty: &libvirtxml.DomainChardevSourcePty{}},
 			Target: &libvirtxml.DomainSerialTarget{Port: new(uint)},
+			Log:    &libvirtxml.DomainChardevLog{File: spec.ConsoleLogPath, Append: "on"},
 		}},
 		// A virtio RNG: a TCG guest otherwise starves for entropy (cloud-init
 		// generating SSH host keys waits for it).

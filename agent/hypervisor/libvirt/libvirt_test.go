@@ -29,6 +29,7 @@ import (
 const (
 	bootMarker  = "MINICLOUD-TINY-INIT"
 	readyMarker = "MINICLOUD-TINY-ACPI"
+	shellMarker = "MINICLOUD-TINY-SHELL"
 )
 
 func requireLibvirt(t testing.TB) {
@@ -197,6 +198,7 @@ func TestConformance(t *testing.T) {
 		NewSpec:       func(t *testing.T, id string) hypervisor.DomainSpec { return newSpec(t, id) },
 		BootMarker:    bootMarker,
 		ReadyMarker:   readyMarker,
+		ShellMarker:   shellMarker,
 		Observe:       observe,
 		DefineForeign: defineForeign,
 	})

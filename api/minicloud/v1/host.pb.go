@@ -1385,6 +1385,202 @@ func (x *AgentConsoleLogRequest) GetTailBytes() int64 {
 	return 0
 }
 
+type AgentConsoleAttach struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	VmId     string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	Write    bool                   `protobuf:"varint,2,opt,name=write,proto3" json:"write,omitempty"`
+	TakeOver bool                   `protobuf:"varint,3,opt,name=take_over,json=takeOver,proto3" json:"take_over,omitempty"`
+	// who is the user the API authorized, shown to other sessions (who
+	// writes) and in the agent's log.
+	Who           string `protobuf:"bytes,4,opt,name=who,proto3" json:"who,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentConsoleAttach) Reset() {
+	*x = AgentConsoleAttach{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentConsoleAttach) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentConsoleAttach) ProtoMessage() {}
+
+func (x *AgentConsoleAttach) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentConsoleAttach.ProtoReflect.Descriptor instead.
+func (*AgentConsoleAttach) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *AgentConsoleAttach) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *AgentConsoleAttach) GetWrite() bool {
+	if x != nil {
+		return x.Write
+	}
+	return false
+}
+
+func (x *AgentConsoleAttach) GetTakeOver() bool {
+	if x != nil {
+		return x.TakeOver
+	}
+	return false
+}
+
+func (x *AgentConsoleAttach) GetWho() string {
+	if x != nil {
+		return x.Who
+	}
+	return ""
+}
+
+type AgentConsoleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Msg:
+	//
+	//	*AgentConsoleRequest_Attach
+	//	*AgentConsoleRequest_Data
+	Msg           isAgentConsoleRequest_Msg `protobuf_oneof:"msg"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentConsoleRequest) Reset() {
+	*x = AgentConsoleRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentConsoleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentConsoleRequest) ProtoMessage() {}
+
+func (x *AgentConsoleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentConsoleRequest.ProtoReflect.Descriptor instead.
+func (*AgentConsoleRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *AgentConsoleRequest) GetMsg() isAgentConsoleRequest_Msg {
+	if x != nil {
+		return x.Msg
+	}
+	return nil
+}
+
+func (x *AgentConsoleRequest) GetAttach() *AgentConsoleAttach {
+	if x != nil {
+		if x, ok := x.Msg.(*AgentConsoleRequest_Attach); ok {
+			return x.Attach
+		}
+	}
+	return nil
+}
+
+func (x *AgentConsoleRequest) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Msg.(*AgentConsoleRequest_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+type isAgentConsoleRequest_Msg interface {
+	isAgentConsoleRequest_Msg()
+}
+
+type AgentConsoleRequest_Attach struct {
+	Attach *AgentConsoleAttach `protobuf:"bytes,1,opt,name=attach,proto3,oneof"`
+}
+
+type AgentConsoleRequest_Data struct {
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+func (*AgentConsoleRequest_Attach) isAgentConsoleRequest_Msg() {}
+
+func (*AgentConsoleRequest_Data) isAgentConsoleRequest_Msg() {}
+
+type AgentVMStatsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	VmId          string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentVMStatsRequest) Reset() {
+	*x = AgentVMStatsRequest{}
+	mi := &file_minicloud_v1_host_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentVMStatsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentVMStatsRequest) ProtoMessage() {}
+
+func (x *AgentVMStatsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_host_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentVMStatsRequest.ProtoReflect.Descriptor instead.
+func (*AgentVMStatsRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *AgentVMStatsRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
 type WatchNetworkPortsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Host          string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
@@ -1394,7 +1590,7 @@ type WatchNetworkPortsRequest struct {
 
 func (x *WatchNetworkPortsRequest) Reset() {
 	*x = WatchNetworkPortsRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	mi := &file_minicloud_v1_host_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1406,7 +1602,7 @@ func (x *WatchNetworkPortsRequest) String() string {
 func (*WatchNetworkPortsRequest) ProtoMessage() {}
 
 func (x *WatchNetworkPortsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[22]
+	mi := &file_minicloud_v1_host_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1419,7 +1615,7 @@ func (x *WatchNetworkPortsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchNetworkPortsRequest.ProtoReflect.Descriptor instead.
 func (*WatchNetworkPortsRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{22}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *WatchNetworkPortsRequest) GetHost() string {
@@ -1453,7 +1649,7 @@ type NetworkPort struct {
 
 func (x *NetworkPort) Reset() {
 	*x = NetworkPort{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[23]
+	mi := &file_minicloud_v1_host_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +1661,7 @@ func (x *NetworkPort) String() string {
 func (*NetworkPort) ProtoMessage() {}
 
 func (x *NetworkPort) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[23]
+	mi := &file_minicloud_v1_host_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +1674,7 @@ func (x *NetworkPort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkPort.ProtoReflect.Descriptor instead.
 func (*NetworkPort) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{23}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *NetworkPort) GetVmId() string {
@@ -1570,7 +1766,7 @@ type NetworkPortsSnapshot struct {
 
 func (x *NetworkPortsSnapshot) Reset() {
 	*x = NetworkPortsSnapshot{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[24]
+	mi := &file_minicloud_v1_host_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1582,7 +1778,7 @@ func (x *NetworkPortsSnapshot) String() string {
 func (*NetworkPortsSnapshot) ProtoMessage() {}
 
 func (x *NetworkPortsSnapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[24]
+	mi := &file_minicloud_v1_host_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1595,7 +1791,7 @@ func (x *NetworkPortsSnapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkPortsSnapshot.ProtoReflect.Descriptor instead.
 func (*NetworkPortsSnapshot) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{24}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *NetworkPortsSnapshot) GetPorts() []*NetworkPort {
@@ -1625,7 +1821,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[25]
+	mi := &file_minicloud_v1_host_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1637,7 +1833,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[25]
+	mi := &file_minicloud_v1_host_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1650,7 +1846,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{25}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
@@ -1683,7 +1879,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[26]
+	mi := &file_minicloud_v1_host_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1695,7 +1891,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[26]
+	mi := &file_minicloud_v1_host_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1708,7 +1904,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{26}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -1751,7 +1947,7 @@ type ListJoinTokensRequest struct {
 
 func (x *ListJoinTokensRequest) Reset() {
 	*x = ListJoinTokensRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[27]
+	mi := &file_minicloud_v1_host_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1763,7 +1959,7 @@ func (x *ListJoinTokensRequest) String() string {
 func (*ListJoinTokensRequest) ProtoMessage() {}
 
 func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[27]
+	mi := &file_minicloud_v1_host_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1776,7 +1972,7 @@ func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJoinTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListJoinTokensRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{27}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListJoinTokensRequest) GetPageSize() int32 {
@@ -1806,7 +2002,7 @@ type JoinTokenInfo struct {
 
 func (x *JoinTokenInfo) Reset() {
 	*x = JoinTokenInfo{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[28]
+	mi := &file_minicloud_v1_host_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1818,7 +2014,7 @@ func (x *JoinTokenInfo) String() string {
 func (*JoinTokenInfo) ProtoMessage() {}
 
 func (x *JoinTokenInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[28]
+	mi := &file_minicloud_v1_host_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1831,7 +2027,7 @@ func (x *JoinTokenInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinTokenInfo.ProtoReflect.Descriptor instead.
 func (*JoinTokenInfo) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{28}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *JoinTokenInfo) GetId() string {
@@ -1873,7 +2069,7 @@ type ListJoinTokensResponse struct {
 
 func (x *ListJoinTokensResponse) Reset() {
 	*x = ListJoinTokensResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[29]
+	mi := &file_minicloud_v1_host_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1885,7 +2081,7 @@ func (x *ListJoinTokensResponse) String() string {
 func (*ListJoinTokensResponse) ProtoMessage() {}
 
 func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[29]
+	mi := &file_minicloud_v1_host_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1898,7 +2094,7 @@ func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJoinTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListJoinTokensResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{29}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListJoinTokensResponse) GetTokens() []*JoinTokenInfo {
@@ -1925,7 +2121,7 @@ type DeleteJoinTokenRequest struct {
 
 func (x *DeleteJoinTokenRequest) Reset() {
 	*x = DeleteJoinTokenRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[30]
+	mi := &file_minicloud_v1_host_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1937,7 +2133,7 @@ func (x *DeleteJoinTokenRequest) String() string {
 func (*DeleteJoinTokenRequest) ProtoMessage() {}
 
 func (x *DeleteJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[30]
+	mi := &file_minicloud_v1_host_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1950,7 +2146,7 @@ func (x *DeleteJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*DeleteJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{30}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DeleteJoinTokenRequest) GetId() string {
@@ -1968,7 +2164,7 @@ type DeleteJoinTokenResponse struct {
 
 func (x *DeleteJoinTokenResponse) Reset() {
 	*x = DeleteJoinTokenResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[31]
+	mi := &file_minicloud_v1_host_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1980,7 +2176,7 @@ func (x *DeleteJoinTokenResponse) String() string {
 func (*DeleteJoinTokenResponse) ProtoMessage() {}
 
 func (x *DeleteJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[31]
+	mi := &file_minicloud_v1_host_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1993,7 +2189,7 @@ func (x *DeleteJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*DeleteJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{31}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{34}
 }
 
 type JoinHostRequest struct {
@@ -2010,7 +2206,7 @@ type JoinHostRequest struct {
 
 func (x *JoinHostRequest) Reset() {
 	*x = JoinHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[32]
+	mi := &file_minicloud_v1_host_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2022,7 +2218,7 @@ func (x *JoinHostRequest) String() string {
 func (*JoinHostRequest) ProtoMessage() {}
 
 func (x *JoinHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[32]
+	mi := &file_minicloud_v1_host_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2035,7 +2231,7 @@ func (x *JoinHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinHostRequest.ProtoReflect.Descriptor instead.
 func (*JoinHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{32}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *JoinHostRequest) GetToken() string {
@@ -2072,7 +2268,7 @@ type JoinHostResponse struct {
 
 func (x *JoinHostResponse) Reset() {
 	*x = JoinHostResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[33]
+	mi := &file_minicloud_v1_host_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2084,7 +2280,7 @@ func (x *JoinHostResponse) String() string {
 func (*JoinHostResponse) ProtoMessage() {}
 
 func (x *JoinHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[33]
+	mi := &file_minicloud_v1_host_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2097,7 +2293,7 @@ func (x *JoinHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinHostResponse.ProtoReflect.Descriptor instead.
 func (*JoinHostResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{33}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *JoinHostResponse) GetCertPem() []byte {
@@ -2130,7 +2326,7 @@ type RevokeHostRequest struct {
 
 func (x *RevokeHostRequest) Reset() {
 	*x = RevokeHostRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[34]
+	mi := &file_minicloud_v1_host_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2142,7 +2338,7 @@ func (x *RevokeHostRequest) String() string {
 func (*RevokeHostRequest) ProtoMessage() {}
 
 func (x *RevokeHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[34]
+	mi := &file_minicloud_v1_host_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2155,7 +2351,7 @@ func (x *RevokeHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeHostRequest.ProtoReflect.Descriptor instead.
 func (*RevokeHostRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{34}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *RevokeHostRequest) GetName() string {
@@ -2175,7 +2371,7 @@ type RevokeHostResponse struct {
 
 func (x *RevokeHostResponse) Reset() {
 	*x = RevokeHostResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[35]
+	mi := &file_minicloud_v1_host_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2187,7 +2383,7 @@ func (x *RevokeHostResponse) String() string {
 func (*RevokeHostResponse) ProtoMessage() {}
 
 func (x *RevokeHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[35]
+	mi := &file_minicloud_v1_host_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2200,7 +2396,7 @@ func (x *RevokeHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeHostResponse.ProtoReflect.Descriptor instead.
 func (*RevokeHostResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{35}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RevokeHostResponse) GetRevokedSerials() []string {
@@ -2227,7 +2423,7 @@ type IssueIdentityTokenRequest struct {
 
 func (x *IssueIdentityTokenRequest) Reset() {
 	*x = IssueIdentityTokenRequest{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[36]
+	mi := &file_minicloud_v1_host_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2239,7 +2435,7 @@ func (x *IssueIdentityTokenRequest) String() string {
 func (*IssueIdentityTokenRequest) ProtoMessage() {}
 
 func (x *IssueIdentityTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[36]
+	mi := &file_minicloud_v1_host_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2252,7 +2448,7 @@ func (x *IssueIdentityTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueIdentityTokenRequest.ProtoReflect.Descriptor instead.
 func (*IssueIdentityTokenRequest) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{36}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *IssueIdentityTokenRequest) GetHost() string {
@@ -2293,7 +2489,7 @@ type IssueIdentityTokenResponse struct {
 
 func (x *IssueIdentityTokenResponse) Reset() {
 	*x = IssueIdentityTokenResponse{}
-	mi := &file_minicloud_v1_host_proto_msgTypes[37]
+	mi := &file_minicloud_v1_host_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2305,7 +2501,7 @@ func (x *IssueIdentityTokenResponse) String() string {
 func (*IssueIdentityTokenResponse) ProtoMessage() {}
 
 func (x *IssueIdentityTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_minicloud_v1_host_proto_msgTypes[37]
+	mi := &file_minicloud_v1_host_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2318,7 +2514,7 @@ func (x *IssueIdentityTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueIdentityTokenResponse.ProtoReflect.Descriptor instead.
 func (*IssueIdentityTokenResponse) Descriptor() ([]byte, []int) {
-	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{37}
+	return file_minicloud_v1_host_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *IssueIdentityTokenResponse) GetToken() string {
@@ -2425,7 +2621,18 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\x16AgentConsoleLogRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x1d\n" +
 	"\n" +
-	"tail_bytes\x18\x02 \x01(\x03R\ttailBytes\".\n" +
+	"tail_bytes\x18\x02 \x01(\x03R\ttailBytes\"n\n" +
+	"\x12AgentConsoleAttach\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n" +
+	"\x05write\x18\x02 \x01(\bR\x05write\x12\x1b\n" +
+	"\ttake_over\x18\x03 \x01(\bR\btakeOver\x12\x10\n" +
+	"\x03who\x18\x04 \x01(\tR\x03who\"n\n" +
+	"\x13AgentConsoleRequest\x12:\n" +
+	"\x06attach\x18\x01 \x01(\v2 .minicloud.v1.AgentConsoleAttachH\x00R\x06attach\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\x05\n" +
+	"\x03msg\"*\n" +
+	"\x13AgentVMStatsRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\".\n" +
 	"\x18WatchNetworkPortsRequest\x12\x12\n" +
 	"\x04host\x18\x01 \x01(\tR\x04host\"\x88\x02\n" +
 	"\vNetworkPort\x12\x13\n" +
@@ -2518,9 +2725,12 @@ const file_minicloud_v1_host_proto_rawDesc = "" +
 	"\bJoinHost\x12\x1d.minicloud.v1.JoinHostRequest\x1a\x1e.minicloud.v1.JoinHostResponse\x12s\n" +
 	"\n" +
 	"RevokeHost\x12\x1f.minicloud.v1.RevokeHostRequest\x1a .minicloud.v1.RevokeHostResponse\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*\"\x17/v1/hosts/{name}:revoke\x12g\n" +
-	"\x12IssueIdentityToken\x12'.minicloud.v1.IssueIdentityTokenRequest\x1a(.minicloud.v1.IssueIdentityTokenResponse2j\n" +
+	"\x12IssueIdentityToken\x12'.minicloud.v1.IssueIdentityTokenRequest\x1a(.minicloud.v1.IssueIdentityTokenResponse2\x89\x02\n" +
 	"\fAgentService\x12Z\n" +
-	"\rGetConsoleLog\x12$.minicloud.v1.AgentConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponseB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\rGetConsoleLog\x12$.minicloud.v1.AgentConsoleLogRequest\x1a#.minicloud.v1.GetConsoleLogResponse\x12U\n" +
+	"\rAttachConsole\x12!.minicloud.v1.AgentConsoleRequest\x1a\x1d.minicloud.v1.ConsoleResponse(\x010\x01\x12F\n" +
+	"\n" +
+	"GetVMStats\x12!.minicloud.v1.AgentVMStatsRequest\x1a\x15.minicloud.v1.VMStatsB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_host_proto_rawDescOnce sync.Once
@@ -2535,7 +2745,7 @@ func file_minicloud_v1_host_proto_rawDescGZIP() []byte {
 }
 
 var file_minicloud_v1_host_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_minicloud_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_minicloud_v1_host_proto_goTypes = []any{
 	(HostState)(0),                     // 0: minicloud.v1.HostState
 	(*HostFence)(nil),                  // 1: minicloud.v1.HostFence
@@ -2560,98 +2770,108 @@ var file_minicloud_v1_host_proto_goTypes = []any{
 	(*DeleteHostRequest)(nil),          // 20: minicloud.v1.DeleteHostRequest
 	(*DeleteHostResponse)(nil),         // 21: minicloud.v1.DeleteHostResponse
 	(*AgentConsoleLogRequest)(nil),     // 22: minicloud.v1.AgentConsoleLogRequest
-	(*WatchNetworkPortsRequest)(nil),   // 23: minicloud.v1.WatchNetworkPortsRequest
-	(*NetworkPort)(nil),                // 24: minicloud.v1.NetworkPort
-	(*NetworkPortsSnapshot)(nil),       // 25: minicloud.v1.NetworkPortsSnapshot
-	(*CreateJoinTokenRequest)(nil),     // 26: minicloud.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil),    // 27: minicloud.v1.CreateJoinTokenResponse
-	(*ListJoinTokensRequest)(nil),      // 28: minicloud.v1.ListJoinTokensRequest
-	(*JoinTokenInfo)(nil),              // 29: minicloud.v1.JoinTokenInfo
-	(*ListJoinTokensResponse)(nil),     // 30: minicloud.v1.ListJoinTokensResponse
-	(*DeleteJoinTokenRequest)(nil),     // 31: minicloud.v1.DeleteJoinTokenRequest
-	(*DeleteJoinTokenResponse)(nil),    // 32: minicloud.v1.DeleteJoinTokenResponse
-	(*JoinHostRequest)(nil),            // 33: minicloud.v1.JoinHostRequest
-	(*JoinHostResponse)(nil),           // 34: minicloud.v1.JoinHostResponse
-	(*RevokeHostRequest)(nil),          // 35: minicloud.v1.RevokeHostRequest
-	(*RevokeHostResponse)(nil),         // 36: minicloud.v1.RevokeHostResponse
-	(*IssueIdentityTokenRequest)(nil),  // 37: minicloud.v1.IssueIdentityTokenRequest
-	(*IssueIdentityTokenResponse)(nil), // 38: minicloud.v1.IssueIdentityTokenResponse
-	(*timestamppb.Timestamp)(nil),      // 39: google.protobuf.Timestamp
-	(*ObjectMeta)(nil),                 // 40: minicloud.v1.ObjectMeta
-	(*Resources)(nil),                  // 41: minicloud.v1.Resources
-	(WatchEventType)(0),                // 42: minicloud.v1.WatchEventType
-	(*VM)(nil),                         // 43: minicloud.v1.VM
-	(*VMStatus)(nil),                   // 44: minicloud.v1.VMStatus
-	(*Event)(nil),                      // 45: minicloud.v1.Event
-	(*GetConsoleLogResponse)(nil),      // 46: minicloud.v1.GetConsoleLogResponse
+	(*AgentConsoleAttach)(nil),         // 23: minicloud.v1.AgentConsoleAttach
+	(*AgentConsoleRequest)(nil),        // 24: minicloud.v1.AgentConsoleRequest
+	(*AgentVMStatsRequest)(nil),        // 25: minicloud.v1.AgentVMStatsRequest
+	(*WatchNetworkPortsRequest)(nil),   // 26: minicloud.v1.WatchNetworkPortsRequest
+	(*NetworkPort)(nil),                // 27: minicloud.v1.NetworkPort
+	(*NetworkPortsSnapshot)(nil),       // 28: minicloud.v1.NetworkPortsSnapshot
+	(*CreateJoinTokenRequest)(nil),     // 29: minicloud.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),    // 30: minicloud.v1.CreateJoinTokenResponse
+	(*ListJoinTokensRequest)(nil),      // 31: minicloud.v1.ListJoinTokensRequest
+	(*JoinTokenInfo)(nil),              // 32: minicloud.v1.JoinTokenInfo
+	(*ListJoinTokensResponse)(nil),     // 33: minicloud.v1.ListJoinTokensResponse
+	(*DeleteJoinTokenRequest)(nil),     // 34: minicloud.v1.DeleteJoinTokenRequest
+	(*DeleteJoinTokenResponse)(nil),    // 35: minicloud.v1.DeleteJoinTokenResponse
+	(*JoinHostRequest)(nil),            // 36: minicloud.v1.JoinHostRequest
+	(*JoinHostResponse)(nil),           // 37: minicloud.v1.JoinHostResponse
+	(*RevokeHostRequest)(nil),          // 38: minicloud.v1.RevokeHostRequest
+	(*RevokeHostResponse)(nil),         // 39: minicloud.v1.RevokeHostResponse
+	(*IssueIdentityTokenRequest)(nil),  // 40: minicloud.v1.IssueIdentityTokenRequest
+	(*IssueIdentityTokenResponse)(nil), // 41: minicloud.v1.IssueIdentityTokenResponse
+	(*timestamppb.Timestamp)(nil),      // 42: google.protobuf.Timestamp
+	(*ObjectMeta)(nil),                 // 43: minicloud.v1.ObjectMeta
+	(*Resources)(nil),                  // 44: minicloud.v1.Resources
+	(WatchEventType)(0),                // 45: minicloud.v1.WatchEventType
+	(*VM)(nil),                         // 46: minicloud.v1.VM
+	(*VMStatus)(nil),                   // 47: minicloud.v1.VMStatus
+	(*Event)(nil),                      // 48: minicloud.v1.Event
+	(*GetConsoleLogResponse)(nil),      // 49: minicloud.v1.GetConsoleLogResponse
+	(*ConsoleResponse)(nil),            // 50: minicloud.v1.ConsoleResponse
+	(*VMStats)(nil),                    // 51: minicloud.v1.VMStats
 }
 var file_minicloud_v1_host_proto_depIdxs = []int32{
-	39, // 0: minicloud.v1.HostFence.time:type_name -> google.protobuf.Timestamp
-	40, // 1: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
-	41, // 2: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
+	42, // 0: minicloud.v1.HostFence.time:type_name -> google.protobuf.Timestamp
+	43, // 1: minicloud.v1.Host.meta:type_name -> minicloud.v1.ObjectMeta
+	44, // 2: minicloud.v1.Host.capacity:type_name -> minicloud.v1.Resources
 	2,  // 3: minicloud.v1.Host.allocation_ratios:type_name -> minicloud.v1.AllocationRatios
 	0,  // 4: minicloud.v1.Host.state:type_name -> minicloud.v1.HostState
-	39, // 5: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	41, // 6: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
-	39, // 7: minicloud.v1.Host.unreachable_since:type_name -> google.protobuf.Timestamp
+	42, // 5: minicloud.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	44, // 6: minicloud.v1.Host.allocated:type_name -> minicloud.v1.Resources
+	42, // 7: minicloud.v1.Host.unreachable_since:type_name -> google.protobuf.Timestamp
 	1,  // 8: minicloud.v1.Host.fence:type_name -> minicloud.v1.HostFence
 	3,  // 9: minicloud.v1.RegisterHostRequest.host:type_name -> minicloud.v1.Host
 	3,  // 10: minicloud.v1.RegisterHostResponse.host:type_name -> minicloud.v1.Host
-	42, // 11: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
-	43, // 12: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
-	44, // 13: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
-	45, // 14: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
+	45, // 11: minicloud.v1.AssignmentEvent.type:type_name -> minicloud.v1.WatchEventType
+	46, // 12: minicloud.v1.AssignmentEvent.vm:type_name -> minicloud.v1.VM
+	47, // 13: minicloud.v1.ReportVMStatusRequest.status:type_name -> minicloud.v1.VMStatus
+	48, // 14: minicloud.v1.ReportVMStatusRequest.events:type_name -> minicloud.v1.Event
 	3,  // 15: minicloud.v1.ListHostsResponse.hosts:type_name -> minicloud.v1.Host
-	43, // 16: minicloud.v1.EvacuateHostResponse.vms:type_name -> minicloud.v1.VM
-	24, // 17: minicloud.v1.NetworkPortsSnapshot.ports:type_name -> minicloud.v1.NetworkPort
-	39, // 18: minicloud.v1.CreateJoinTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	39, // 19: minicloud.v1.JoinTokenInfo.expire_time:type_name -> google.protobuf.Timestamp
-	39, // 20: minicloud.v1.JoinTokenInfo.create_time:type_name -> google.protobuf.Timestamp
-	29, // 21: minicloud.v1.ListJoinTokensResponse.tokens:type_name -> minicloud.v1.JoinTokenInfo
-	39, // 22: minicloud.v1.IssueIdentityTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	4,  // 23: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
-	6,  // 24: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
-	8,  // 25: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
-	10, // 26: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
-	12, // 27: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
-	14, // 28: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
-	15, // 29: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
-	16, // 30: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
-	17, // 31: minicloud.v1.HostService.FenceHost:input_type -> minicloud.v1.FenceHostRequest
-	18, // 32: minicloud.v1.HostService.EvacuateHost:input_type -> minicloud.v1.EvacuateHostRequest
-	20, // 33: minicloud.v1.HostService.DeleteHost:input_type -> minicloud.v1.DeleteHostRequest
-	23, // 34: minicloud.v1.HostService.WatchNetworkPorts:input_type -> minicloud.v1.WatchNetworkPortsRequest
-	26, // 35: minicloud.v1.HostService.CreateJoinToken:input_type -> minicloud.v1.CreateJoinTokenRequest
-	28, // 36: minicloud.v1.HostService.ListJoinTokens:input_type -> minicloud.v1.ListJoinTokensRequest
-	31, // 37: minicloud.v1.HostService.DeleteJoinToken:input_type -> minicloud.v1.DeleteJoinTokenRequest
-	33, // 38: minicloud.v1.HostService.JoinHost:input_type -> minicloud.v1.JoinHostRequest
-	35, // 39: minicloud.v1.HostService.RevokeHost:input_type -> minicloud.v1.RevokeHostRequest
-	37, // 40: minicloud.v1.HostService.IssueIdentityToken:input_type -> minicloud.v1.IssueIdentityTokenRequest
-	22, // 41: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
-	5,  // 42: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
-	7,  // 43: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
-	9,  // 44: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
-	11, // 45: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
-	13, // 46: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
-	3,  // 47: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
-	3,  // 48: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
-	3,  // 49: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
-	3,  // 50: minicloud.v1.HostService.FenceHost:output_type -> minicloud.v1.Host
-	19, // 51: minicloud.v1.HostService.EvacuateHost:output_type -> minicloud.v1.EvacuateHostResponse
-	21, // 52: minicloud.v1.HostService.DeleteHost:output_type -> minicloud.v1.DeleteHostResponse
-	25, // 53: minicloud.v1.HostService.WatchNetworkPorts:output_type -> minicloud.v1.NetworkPortsSnapshot
-	27, // 54: minicloud.v1.HostService.CreateJoinToken:output_type -> minicloud.v1.CreateJoinTokenResponse
-	30, // 55: minicloud.v1.HostService.ListJoinTokens:output_type -> minicloud.v1.ListJoinTokensResponse
-	32, // 56: minicloud.v1.HostService.DeleteJoinToken:output_type -> minicloud.v1.DeleteJoinTokenResponse
-	34, // 57: minicloud.v1.HostService.JoinHost:output_type -> minicloud.v1.JoinHostResponse
-	36, // 58: minicloud.v1.HostService.RevokeHost:output_type -> minicloud.v1.RevokeHostResponse
-	38, // 59: minicloud.v1.HostService.IssueIdentityToken:output_type -> minicloud.v1.IssueIdentityTokenResponse
-	46, // 60: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	42, // [42:61] is the sub-list for method output_type
-	23, // [23:42] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	46, // 16: minicloud.v1.EvacuateHostResponse.vms:type_name -> minicloud.v1.VM
+	23, // 17: minicloud.v1.AgentConsoleRequest.attach:type_name -> minicloud.v1.AgentConsoleAttach
+	27, // 18: minicloud.v1.NetworkPortsSnapshot.ports:type_name -> minicloud.v1.NetworkPort
+	42, // 19: minicloud.v1.CreateJoinTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	42, // 20: minicloud.v1.JoinTokenInfo.expire_time:type_name -> google.protobuf.Timestamp
+	42, // 21: minicloud.v1.JoinTokenInfo.create_time:type_name -> google.protobuf.Timestamp
+	32, // 22: minicloud.v1.ListJoinTokensResponse.tokens:type_name -> minicloud.v1.JoinTokenInfo
+	42, // 23: minicloud.v1.IssueIdentityTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	4,  // 24: minicloud.v1.HostService.RegisterHost:input_type -> minicloud.v1.RegisterHostRequest
+	6,  // 25: minicloud.v1.HostService.Heartbeat:input_type -> minicloud.v1.HeartbeatRequest
+	8,  // 26: minicloud.v1.HostService.WatchAssignments:input_type -> minicloud.v1.WatchAssignmentsRequest
+	10, // 27: minicloud.v1.HostService.ReportVMStatus:input_type -> minicloud.v1.ReportVMStatusRequest
+	12, // 28: minicloud.v1.HostService.ListHosts:input_type -> minicloud.v1.ListHostsRequest
+	14, // 29: minicloud.v1.HostService.GetHost:input_type -> minicloud.v1.GetHostRequest
+	15, // 30: minicloud.v1.HostService.DisableHost:input_type -> minicloud.v1.DisableHostRequest
+	16, // 31: minicloud.v1.HostService.EnableHost:input_type -> minicloud.v1.EnableHostRequest
+	17, // 32: minicloud.v1.HostService.FenceHost:input_type -> minicloud.v1.FenceHostRequest
+	18, // 33: minicloud.v1.HostService.EvacuateHost:input_type -> minicloud.v1.EvacuateHostRequest
+	20, // 34: minicloud.v1.HostService.DeleteHost:input_type -> minicloud.v1.DeleteHostRequest
+	26, // 35: minicloud.v1.HostService.WatchNetworkPorts:input_type -> minicloud.v1.WatchNetworkPortsRequest
+	29, // 36: minicloud.v1.HostService.CreateJoinToken:input_type -> minicloud.v1.CreateJoinTokenRequest
+	31, // 37: minicloud.v1.HostService.ListJoinTokens:input_type -> minicloud.v1.ListJoinTokensRequest
+	34, // 38: minicloud.v1.HostService.DeleteJoinToken:input_type -> minicloud.v1.DeleteJoinTokenRequest
+	36, // 39: minicloud.v1.HostService.JoinHost:input_type -> minicloud.v1.JoinHostRequest
+	38, // 40: minicloud.v1.HostService.RevokeHost:input_type -> minicloud.v1.RevokeHostRequest
+	40, // 41: minicloud.v1.HostService.IssueIdentityToken:input_type -> minicloud.v1.IssueIdentityTokenRequest
+	22, // 42: minicloud.v1.AgentService.GetConsoleLog:input_type -> minicloud.v1.AgentConsoleLogRequest
+	24, // 43: minicloud.v1.AgentService.AttachConsole:input_type -> minicloud.v1.AgentConsoleRequest
+	25, // 44: minicloud.v1.AgentService.GetVMStats:input_type -> minicloud.v1.AgentVMStatsRequest
+	5,  // 45: minicloud.v1.HostService.RegisterHost:output_type -> minicloud.v1.RegisterHostResponse
+	7,  // 46: minicloud.v1.HostService.Heartbeat:output_type -> minicloud.v1.HeartbeatResponse
+	9,  // 47: minicloud.v1.HostService.WatchAssignments:output_type -> minicloud.v1.AssignmentEvent
+	11, // 48: minicloud.v1.HostService.ReportVMStatus:output_type -> minicloud.v1.ReportVMStatusResponse
+	13, // 49: minicloud.v1.HostService.ListHosts:output_type -> minicloud.v1.ListHostsResponse
+	3,  // 50: minicloud.v1.HostService.GetHost:output_type -> minicloud.v1.Host
+	3,  // 51: minicloud.v1.HostService.DisableHost:output_type -> minicloud.v1.Host
+	3,  // 52: minicloud.v1.HostService.EnableHost:output_type -> minicloud.v1.Host
+	3,  // 53: minicloud.v1.HostService.FenceHost:output_type -> minicloud.v1.Host
+	19, // 54: minicloud.v1.HostService.EvacuateHost:output_type -> minicloud.v1.EvacuateHostResponse
+	21, // 55: minicloud.v1.HostService.DeleteHost:output_type -> minicloud.v1.DeleteHostResponse
+	28, // 56: minicloud.v1.HostService.WatchNetworkPorts:output_type -> minicloud.v1.NetworkPortsSnapshot
+	30, // 57: minicloud.v1.HostService.CreateJoinToken:output_type -> minicloud.v1.CreateJoinTokenResponse
+	33, // 58: minicloud.v1.HostService.ListJoinTokens:output_type -> minicloud.v1.ListJoinTokensResponse
+	35, // 59: minicloud.v1.HostService.DeleteJoinToken:output_type -> minicloud.v1.DeleteJoinTokenResponse
+	37, // 60: minicloud.v1.HostService.JoinHost:output_type -> minicloud.v1.JoinHostResponse
+	39, // 61: minicloud.v1.HostService.RevokeHost:output_type -> minicloud.v1.RevokeHostResponse
+	41, // 62: minicloud.v1.HostService.IssueIdentityToken:output_type -> minicloud.v1.IssueIdentityTokenResponse
+	49, // 63: minicloud.v1.AgentService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	50, // 64: minicloud.v1.AgentService.AttachConsole:output_type -> minicloud.v1.ConsoleResponse
+	51, // 65: minicloud.v1.AgentService.GetVMStats:output_type -> minicloud.v1.VMStats
+	45, // [45:66] is the sub-list for method output_type
+	24, // [24:45] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_host_proto_init() }
@@ -2661,13 +2881,17 @@ func file_minicloud_v1_host_proto_init() {
 	}
 	file_minicloud_v1_common_proto_init()
 	file_minicloud_v1_vm_proto_init()
+	file_minicloud_v1_host_proto_msgTypes[23].OneofWrappers = []any{
+		(*AgentConsoleRequest_Attach)(nil),
+		(*AgentConsoleRequest_Data)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_host_proto_rawDesc), len(file_minicloud_v1_host_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   38,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

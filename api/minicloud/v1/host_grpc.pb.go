@@ -867,6 +867,8 @@ var HostService_ServiceDesc = grpc.ServiceDesc{
 
 const (
 	AgentService_GetConsoleLog_FullMethodName = "/minicloud.v1.AgentService/GetConsoleLog"
+	AgentService_AttachConsole_FullMethodName = "/minicloud.v1.AgentService/AttachConsole"
+	AgentService_GetVMStats_FullMethodName    = "/minicloud.v1.AgentService/GetVMStats"
 )
 
 // AgentServiceClient is the client API for AgentService service.
@@ -877,6 +879,12 @@ const (
 // calls it for data that only the host has.
 type AgentServiceClient interface {
 	GetConsoleLog(ctx context.Context, in *AgentConsoleLogRequest, opts ...grpc.CallOption) (*GetConsoleLogResponse, error)
+	// AttachConsole is VMService.AttachConsole on the VM's host: the first
+	// request is an AgentConsoleAttach, the rest as there. The agent holds
+	// one hypervisor console stream per VM and shares it among sessions.
+	AttachConsole(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[AgentConsoleRequest, ConsoleResponse], error)
+	// GetVMStats samples one VM's counters (VMService.GetVMStats).
+	GetVMStats(ctx context.Context, in *AgentVMStatsRequest, opts ...grpc.CallOption) (*VMStats, error)
 }
 
 type agentServiceClient struct {
@@ -897,6 +905,29 @@ func (c *agentServiceClient) GetConsoleLog(ctx context.Context, in *AgentConsole
 	return out, nil
 }
 
+func (c *agentServiceClient) AttachConsole(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[AgentConsoleRequest, ConsoleResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &AgentService_ServiceDesc.Streams[0], AgentService_AttachConsole_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[AgentConsoleRequest, ConsoleResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AgentService_AttachConsoleClient = grpc.BidiStreamingClient[AgentConsoleRequest, ConsoleResponse]
+
+func (c *agentServiceClient) GetVMStats(ctx context.Context, in *AgentVMStatsRequest, opts ...grpc.CallOption) (*VMStats, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VMStats)
+	err := c.cc.Invoke(ctx, AgentService_GetVMStats_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServiceServer is the server API for AgentService service.
 // All implementations must embed UnimplementedAgentServiceServer
 // for forward compatibility.
@@ -905,6 +936,12 @@ func (c *agentServiceClient) GetConsoleLog(ctx context.Context, in *AgentConsole
 // calls it for data that only the host has.
 type AgentServiceServer interface {
 	GetConsoleLog(context.Context, *AgentConsoleLogRequest) (*GetConsoleLogResponse, error)
+	// AttachConsole is VMService.AttachConsole on the VM's host: the first
+	// request is an AgentConsoleAttach, the rest as there. The agent holds
+	// one hypervisor console stream per VM and shares it among sessions.
+	AttachConsole(grpc.BidiStreamingServer[AgentConsoleRequest, ConsoleResponse]) error
+	// GetVMStats samples one VM's counters (VMService.GetVMStats).
+	GetVMStats(context.Context, *AgentVMStatsRequest) (*VMStats, error)
 	mustEmbedUnimplementedAgentServiceServer()
 }
 
@@ -917,6 +954,12 @@ type UnimplementedAgentServiceServer struct{}
 
 func (UnimplementedAgentServiceServer) GetConsoleLog(context.Context, *AgentConsoleLogRequest) (*GetConsoleLogResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetConsoleLog not implemented")
+}
+func (UnimplementedAgentServiceServer) AttachConsole(grpc.BidiStreamingServer[AgentConsoleRequest, ConsoleResponse]) error {
+	return status.Error(codes.Unimplemented, "method AttachConsole not implemented")
+}
+func (UnimplementedAgentServiceServer) GetVMStats(context.Context, *AgentVMStatsRequest) (*VMStats, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetVMStats not implemented")
 }
 func (UnimplementedAgentServiceServer) mustEmbedUnimplementedAgentServiceServer() {}
 func (UnimplementedAgentServiceServer) testEmbeddedByValue()                      {}
@@ -957,6 +1000,31 @@ func _AgentService_GetConsoleLog_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AgentService_AttachConsole_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(AgentServiceServer).AttachConsole(&grpc.GenericServerStream[AgentConsoleRequest, ConsoleResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AgentService_AttachConsoleServer = grpc.BidiStreamingServer[AgentConsoleRequest, ConsoleResponse]
+
+func _AgentService_GetVMStats_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AgentVMStatsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).GetVMStats(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentService_GetVMStats_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).GetVMStats(ctx, req.(*AgentVMStatsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AgentService_ServiceDesc is the grpc.ServiceDesc for AgentService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -968,7 +1036,18 @@ var AgentService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "GetConsoleLog",
 			Handler:    _AgentService_GetConsoleLog_Handler,
 		},
+		{
+			MethodName: "GetVMStats",
+			Handler:    _AgentService_GetVMStats_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "AttachConsole",
+			Handler:       _AgentService_AttachConsole_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "minicloud/v1/host.proto",
 }

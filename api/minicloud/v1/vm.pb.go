@@ -2107,6 +2107,836 @@ func (x *UnexposeVMPortRequest) GetResourceVersion() int64 {
 	return 0
 }
 
+// ConsoleAttach is the first message of an AttachConsole stream.
+type ConsoleAttach struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Project string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
+	// write asks to type into the console. One session per VM writes at a
+	// time: a second one is refused with FAILED_PRECONDITION naming the
+	// writer, unless take_over is set.
+	Write bool `protobuf:"varint,3,opt,name=write,proto3" json:"write,omitempty"`
+	// take_over makes this session the writer, demoting the current writer
+	// to a reader (it is told with a ConsoleNotice).
+	TakeOver      bool `protobuf:"varint,4,opt,name=take_over,json=takeOver,proto3" json:"take_over,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleAttach) Reset() {
+	*x = ConsoleAttach{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleAttach) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleAttach) ProtoMessage() {}
+
+func (x *ConsoleAttach) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleAttach.ProtoReflect.Descriptor instead.
+func (*ConsoleAttach) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ConsoleAttach) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ConsoleAttach) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+func (x *ConsoleAttach) GetWrite() bool {
+	if x != nil {
+		return x.Write
+	}
+	return false
+}
+
+func (x *ConsoleAttach) GetTakeOver() bool {
+	if x != nil {
+		return x.TakeOver
+	}
+	return false
+}
+
+type ConsoleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Msg:
+	//
+	//	*ConsoleRequest_Attach
+	//	*ConsoleRequest_Data
+	Msg           isConsoleRequest_Msg `protobuf_oneof:"msg"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleRequest) Reset() {
+	*x = ConsoleRequest{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleRequest) ProtoMessage() {}
+
+func (x *ConsoleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleRequest.ProtoReflect.Descriptor instead.
+func (*ConsoleRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ConsoleRequest) GetMsg() isConsoleRequest_Msg {
+	if x != nil {
+		return x.Msg
+	}
+	return nil
+}
+
+func (x *ConsoleRequest) GetAttach() *ConsoleAttach {
+	if x != nil {
+		if x, ok := x.Msg.(*ConsoleRequest_Attach); ok {
+			return x.Attach
+		}
+	}
+	return nil
+}
+
+func (x *ConsoleRequest) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Msg.(*ConsoleRequest_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+type isConsoleRequest_Msg interface {
+	isConsoleRequest_Msg()
+}
+
+type ConsoleRequest_Attach struct {
+	Attach *ConsoleAttach `protobuf:"bytes,1,opt,name=attach,proto3,oneof"`
+}
+
+type ConsoleRequest_Data struct {
+	// data is input for the guest, at most 4096 bytes a message; only the
+	// writer may send it (FAILED_PRECONDITION otherwise).
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+func (*ConsoleRequest_Attach) isConsoleRequest_Msg() {}
+
+func (*ConsoleRequest_Data) isConsoleRequest_Msg() {}
+
+type ConsoleAttached struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	VmId  string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	Host  string                 `protobuf:"bytes,2,opt,name=host,proto3" json:"host,omitempty"`
+	// writer is true when this session holds the write side.
+	Writer bool `protobuf:"varint,3,opt,name=writer,proto3" json:"writer,omitempty"`
+	// replayed_bytes is how much recent output (at most 64 KiB) the first
+	// data messages repeat from before this session attached.
+	ReplayedBytes int64 `protobuf:"varint,4,opt,name=replayed_bytes,json=replayedBytes,proto3" json:"replayed_bytes,omitempty"`
+	// readers is how many sessions are attached, this one included.
+	Readers       int32 `protobuf:"varint,5,opt,name=readers,proto3" json:"readers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleAttached) Reset() {
+	*x = ConsoleAttached{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleAttached) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleAttached) ProtoMessage() {}
+
+func (x *ConsoleAttached) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleAttached.ProtoReflect.Descriptor instead.
+func (*ConsoleAttached) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ConsoleAttached) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *ConsoleAttached) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *ConsoleAttached) GetWriter() bool {
+	if x != nil {
+		return x.Writer
+	}
+	return false
+}
+
+func (x *ConsoleAttached) GetReplayedBytes() int64 {
+	if x != nil {
+		return x.ReplayedBytes
+	}
+	return 0
+}
+
+func (x *ConsoleAttached) GetReaders() int32 {
+	if x != nil {
+		return x.Readers
+	}
+	return 0
+}
+
+// ConsoleNotice tells an attached session that something changed.
+type ConsoleNotice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// writer_lost: another session took over the write side; this one only
+	// reads from now on.
+	WriterLost    bool   `protobuf:"varint,1,opt,name=writer_lost,json=writerLost,proto3" json:"writer_lost,omitempty"`
+	Message       string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleNotice) Reset() {
+	*x = ConsoleNotice{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleNotice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleNotice) ProtoMessage() {}
+
+func (x *ConsoleNotice) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleNotice.ProtoReflect.Descriptor instead.
+func (*ConsoleNotice) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ConsoleNotice) GetWriterLost() bool {
+	if x != nil {
+		return x.WriterLost
+	}
+	return false
+}
+
+func (x *ConsoleNotice) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+// ConsoleClosed is the last message when the console ends on the host's
+// side (the VM stopped), before the stream ends with OK.
+type ConsoleClosed struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleClosed) Reset() {
+	*x = ConsoleClosed{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleClosed) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleClosed) ProtoMessage() {}
+
+func (x *ConsoleClosed) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleClosed.ProtoReflect.Descriptor instead.
+func (*ConsoleClosed) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ConsoleClosed) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type ConsoleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Msg:
+	//
+	//	*ConsoleResponse_Attached
+	//	*ConsoleResponse_Data
+	//	*ConsoleResponse_Notice
+	//	*ConsoleResponse_Closed
+	Msg           isConsoleResponse_Msg `protobuf_oneof:"msg"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleResponse) Reset() {
+	*x = ConsoleResponse{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleResponse) ProtoMessage() {}
+
+func (x *ConsoleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleResponse.ProtoReflect.Descriptor instead.
+func (*ConsoleResponse) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ConsoleResponse) GetMsg() isConsoleResponse_Msg {
+	if x != nil {
+		return x.Msg
+	}
+	return nil
+}
+
+func (x *ConsoleResponse) GetAttached() *ConsoleAttached {
+	if x != nil {
+		if x, ok := x.Msg.(*ConsoleResponse_Attached); ok {
+			return x.Attached
+		}
+	}
+	return nil
+}
+
+func (x *ConsoleResponse) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Msg.(*ConsoleResponse_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+func (x *ConsoleResponse) GetNotice() *ConsoleNotice {
+	if x != nil {
+		if x, ok := x.Msg.(*ConsoleResponse_Notice); ok {
+			return x.Notice
+		}
+	}
+	return nil
+}
+
+func (x *ConsoleResponse) GetClosed() *ConsoleClosed {
+	if x != nil {
+		if x, ok := x.Msg.(*ConsoleResponse_Closed); ok {
+			return x.Closed
+		}
+	}
+	return nil
+}
+
+type isConsoleResponse_Msg interface {
+	isConsoleResponse_Msg()
+}
+
+type ConsoleResponse_Attached struct {
+	Attached *ConsoleAttached `protobuf:"bytes,1,opt,name=attached,proto3,oneof"`
+}
+
+type ConsoleResponse_Data struct {
+	// data is console output, at most 32 KiB a message.
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+type ConsoleResponse_Notice struct {
+	Notice *ConsoleNotice `protobuf:"bytes,3,opt,name=notice,proto3,oneof"`
+}
+
+type ConsoleResponse_Closed struct {
+	Closed *ConsoleClosed `protobuf:"bytes,4,opt,name=closed,proto3,oneof"`
+}
+
+func (*ConsoleResponse_Attached) isConsoleResponse_Msg() {}
+
+func (*ConsoleResponse_Data) isConsoleResponse_Msg() {}
+
+func (*ConsoleResponse_Notice) isConsoleResponse_Msg() {}
+
+func (*ConsoleResponse_Closed) isConsoleResponse_Msg() {}
+
+type GetVMStatsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Project       string                 `protobuf:"bytes,2,opt,name=project,proto3" json:"project,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetVMStatsRequest) Reset() {
+	*x = GetVMStatsRequest{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetVMStatsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetVMStatsRequest) ProtoMessage() {}
+
+func (x *GetVMStatsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetVMStatsRequest.ProtoReflect.Descriptor instead.
+func (*GetVMStatsRequest) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *GetVMStatsRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GetVMStatsRequest) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+// VMStats are cumulative counters since the VM's domain last started.
+type VMStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	VmId  string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	Host  string                 `protobuf:"bytes,2,opt,name=host,proto3" json:"host,omitempty"`
+	// time the hypervisor was sampled.
+	Time *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
+	// cpu_time_ns is the guest's CPU time, all vCPUs together.
+	CpuTimeNs uint64 `protobuf:"varint,4,opt,name=cpu_time_ns,json=cpuTimeNs,proto3" json:"cpu_time_ns,omitempty"`
+	Vcpus     int32  `protobuf:"varint,5,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	// memory, in KiB: the memory the guest was given (actual) and the
+	// resident set of its QEMU process (rss); available and unused are only
+	// known with a memory balloon (0 without).
+	MemoryActualKib    uint64              `protobuf:"varint,6,opt,name=memory_actual_kib,json=memoryActualKib,proto3" json:"memory_actual_kib,omitempty"`
+	MemoryRssKib       uint64              `protobuf:"varint,7,opt,name=memory_rss_kib,json=memoryRssKib,proto3" json:"memory_rss_kib,omitempty"`
+	MemoryAvailableKib uint64              `protobuf:"varint,8,opt,name=memory_available_kib,json=memoryAvailableKib,proto3" json:"memory_available_kib,omitempty"`
+	MemoryUnusedKib    uint64              `protobuf:"varint,9,opt,name=memory_unused_kib,json=memoryUnusedKib,proto3" json:"memory_unused_kib,omitempty"`
+	Disks              []*VMDiskStats      `protobuf:"bytes,10,rep,name=disks,proto3" json:"disks,omitempty"`
+	Interfaces         []*VMInterfaceStats `protobuf:"bytes,11,rep,name=interfaces,proto3" json:"interfaces,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *VMStats) Reset() {
+	*x = VMStats{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMStats) ProtoMessage() {}
+
+func (x *VMStats) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMStats.ProtoReflect.Descriptor instead.
+func (*VMStats) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *VMStats) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *VMStats) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *VMStats) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *VMStats) GetCpuTimeNs() uint64 {
+	if x != nil {
+		return x.CpuTimeNs
+	}
+	return 0
+}
+
+func (x *VMStats) GetVcpus() int32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *VMStats) GetMemoryActualKib() uint64 {
+	if x != nil {
+		return x.MemoryActualKib
+	}
+	return 0
+}
+
+func (x *VMStats) GetMemoryRssKib() uint64 {
+	if x != nil {
+		return x.MemoryRssKib
+	}
+	return 0
+}
+
+func (x *VMStats) GetMemoryAvailableKib() uint64 {
+	if x != nil {
+		return x.MemoryAvailableKib
+	}
+	return 0
+}
+
+func (x *VMStats) GetMemoryUnusedKib() uint64 {
+	if x != nil {
+		return x.MemoryUnusedKib
+	}
+	return 0
+}
+
+func (x *VMStats) GetDisks() []*VMDiskStats {
+	if x != nil {
+		return x.Disks
+	}
+	return nil
+}
+
+func (x *VMStats) GetInterfaces() []*VMInterfaceStats {
+	if x != nil {
+		return x.Interfaces
+	}
+	return nil
+}
+
+type VMDiskStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// device is the guest-visible target ("vda", "hdc").
+	Device        string `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	ReadBytes     uint64 `protobuf:"varint,2,opt,name=read_bytes,json=readBytes,proto3" json:"read_bytes,omitempty"`
+	ReadOps       uint64 `protobuf:"varint,3,opt,name=read_ops,json=readOps,proto3" json:"read_ops,omitempty"`
+	WriteBytes    uint64 `protobuf:"varint,4,opt,name=write_bytes,json=writeBytes,proto3" json:"write_bytes,omitempty"`
+	WriteOps      uint64 `protobuf:"varint,5,opt,name=write_ops,json=writeOps,proto3" json:"write_ops,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VMDiskStats) Reset() {
+	*x = VMDiskStats{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMDiskStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMDiskStats) ProtoMessage() {}
+
+func (x *VMDiskStats) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMDiskStats.ProtoReflect.Descriptor instead.
+func (*VMDiskStats) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *VMDiskStats) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *VMDiskStats) GetReadBytes() uint64 {
+	if x != nil {
+		return x.ReadBytes
+	}
+	return 0
+}
+
+func (x *VMDiskStats) GetReadOps() uint64 {
+	if x != nil {
+		return x.ReadOps
+	}
+	return 0
+}
+
+func (x *VMDiskStats) GetWriteBytes() uint64 {
+	if x != nil {
+		return x.WriteBytes
+	}
+	return 0
+}
+
+func (x *VMDiskStats) GetWriteOps() uint64 {
+	if x != nil {
+		return x.WriteOps
+	}
+	return 0
+}
+
+type VMInterfaceStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// device is the host-side tap; mac the guest NIC's address.
+	Device        string `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	Mac           string `protobuf:"bytes,2,opt,name=mac,proto3" json:"mac,omitempty"`
+	RxBytes       uint64 `protobuf:"varint,3,opt,name=rx_bytes,json=rxBytes,proto3" json:"rx_bytes,omitempty"`
+	RxPackets     uint64 `protobuf:"varint,4,opt,name=rx_packets,json=rxPackets,proto3" json:"rx_packets,omitempty"`
+	RxDrops       uint64 `protobuf:"varint,5,opt,name=rx_drops,json=rxDrops,proto3" json:"rx_drops,omitempty"`
+	RxErrors      uint64 `protobuf:"varint,6,opt,name=rx_errors,json=rxErrors,proto3" json:"rx_errors,omitempty"`
+	TxBytes       uint64 `protobuf:"varint,7,opt,name=tx_bytes,json=txBytes,proto3" json:"tx_bytes,omitempty"`
+	TxPackets     uint64 `protobuf:"varint,8,opt,name=tx_packets,json=txPackets,proto3" json:"tx_packets,omitempty"`
+	TxDrops       uint64 `protobuf:"varint,9,opt,name=tx_drops,json=txDrops,proto3" json:"tx_drops,omitempty"`
+	TxErrors      uint64 `protobuf:"varint,10,opt,name=tx_errors,json=txErrors,proto3" json:"tx_errors,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VMInterfaceStats) Reset() {
+	*x = VMInterfaceStats{}
+	mi := &file_minicloud_v1_vm_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMInterfaceStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMInterfaceStats) ProtoMessage() {}
+
+func (x *VMInterfaceStats) ProtoReflect() protoreflect.Message {
+	mi := &file_minicloud_v1_vm_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMInterfaceStats.ProtoReflect.Descriptor instead.
+func (*VMInterfaceStats) Descriptor() ([]byte, []int) {
+	return file_minicloud_v1_vm_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *VMInterfaceStats) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *VMInterfaceStats) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *VMInterfaceStats) GetRxBytes() uint64 {
+	if x != nil {
+		return x.RxBytes
+	}
+	return 0
+}
+
+func (x *VMInterfaceStats) GetRxPackets() uint64 {
+	if x != nil {
+		return x.RxPackets
+	}
+	return 0
+}
+
+func (x *VMInterfaceStats) GetRxDrops() uint64 {
+	if x != nil {
+		return x.RxDrops
+	}
+	return 0
+}
+
+func (x *VMInterfaceStats) GetRxErrors() uint64 {
+	if x != nil {
+		return x.RxErrors
+	}
+	return 0
+}
+
+func (x *VMInterfaceStats) GetTxBytes() uint64 {
+	if x != nil {
+		return x.TxBytes
+	}
+	return 0
+}
+
+func (x *VMInterfaceStats) GetTxPackets() uint64 {
+	if x != nil {
+		return x.TxPackets
+	}
+	return 0
+}
+
+func (x *VMInterfaceStats) GetTxDrops() uint64 {
+	if x != nil {
+		return x.TxDrops
+	}
+	return 0
+}
+
+func (x *VMInterfaceStats) GetTxErrors() uint64 {
+	if x != nil {
+		return x.TxErrors
+	}
+	return 0
+}
+
 var File_minicloud_v1_vm_proto protoreflect.FileDescriptor
 
 const file_minicloud_v1_vm_proto_rawDesc = "" +
@@ -2287,7 +3117,74 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\aproject\x18\x02 \x01(\tR\aproject\x126\n" +
 	"\bprotocol\x18\x03 \x01(\x0e2\x1a.minicloud.v1.PortProtocolR\bprotocol\x12\x1b\n" +
 	"\thost_port\x18\x04 \x01(\x05R\bhostPort\x12)\n" +
-	"\x10resource_version\x18\x05 \x01(\x03R\x0fresourceVersion*\xbf\x01\n" +
+	"\x10resource_version\x18\x05 \x01(\x03R\x0fresourceVersion\"p\n" +
+	"\rConsoleAttach\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\x12\x14\n" +
+	"\x05write\x18\x03 \x01(\bR\x05write\x12\x1b\n" +
+	"\ttake_over\x18\x04 \x01(\bR\btakeOver\"d\n" +
+	"\x0eConsoleRequest\x125\n" +
+	"\x06attach\x18\x01 \x01(\v2\x1b.minicloud.v1.ConsoleAttachH\x00R\x06attach\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\x05\n" +
+	"\x03msg\"\x93\x01\n" +
+	"\x0fConsoleAttached\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x12\n" +
+	"\x04host\x18\x02 \x01(\tR\x04host\x12\x16\n" +
+	"\x06writer\x18\x03 \x01(\bR\x06writer\x12%\n" +
+	"\x0ereplayed_bytes\x18\x04 \x01(\x03R\rreplayedBytes\x12\x18\n" +
+	"\areaders\x18\x05 \x01(\x05R\areaders\"J\n" +
+	"\rConsoleNotice\x12\x1f\n" +
+	"\vwriter_lost\x18\x01 \x01(\bR\n" +
+	"writerLost\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"'\n" +
+	"\rConsoleClosed\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"\xd9\x01\n" +
+	"\x0fConsoleResponse\x12;\n" +
+	"\battached\x18\x01 \x01(\v2\x1d.minicloud.v1.ConsoleAttachedH\x00R\battached\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04data\x125\n" +
+	"\x06notice\x18\x03 \x01(\v2\x1b.minicloud.v1.ConsoleNoticeH\x00R\x06notice\x125\n" +
+	"\x06closed\x18\x04 \x01(\v2\x1b.minicloud.v1.ConsoleClosedH\x00R\x06closedB\x05\n" +
+	"\x03msg\"A\n" +
+	"\x11GetVMStatsRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aproject\x18\x02 \x01(\tR\aproject\"\xb9\x03\n" +
+	"\aVMStats\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x12\n" +
+	"\x04host\x18\x02 \x01(\tR\x04host\x12.\n" +
+	"\x04time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x1e\n" +
+	"\vcpu_time_ns\x18\x04 \x01(\x04R\tcpuTimeNs\x12\x14\n" +
+	"\x05vcpus\x18\x05 \x01(\x05R\x05vcpus\x12*\n" +
+	"\x11memory_actual_kib\x18\x06 \x01(\x04R\x0fmemoryActualKib\x12$\n" +
+	"\x0ememory_rss_kib\x18\a \x01(\x04R\fmemoryRssKib\x120\n" +
+	"\x14memory_available_kib\x18\b \x01(\x04R\x12memoryAvailableKib\x12*\n" +
+	"\x11memory_unused_kib\x18\t \x01(\x04R\x0fmemoryUnusedKib\x12/\n" +
+	"\x05disks\x18\n" +
+	" \x03(\v2\x19.minicloud.v1.VMDiskStatsR\x05disks\x12>\n" +
+	"\n" +
+	"interfaces\x18\v \x03(\v2\x1e.minicloud.v1.VMInterfaceStatsR\n" +
+	"interfaces\"\x9d\x01\n" +
+	"\vVMDiskStats\x12\x16\n" +
+	"\x06device\x18\x01 \x01(\tR\x06device\x12\x1d\n" +
+	"\n" +
+	"read_bytes\x18\x02 \x01(\x04R\treadBytes\x12\x19\n" +
+	"\bread_ops\x18\x03 \x01(\x04R\areadOps\x12\x1f\n" +
+	"\vwrite_bytes\x18\x04 \x01(\x04R\n" +
+	"writeBytes\x12\x1b\n" +
+	"\twrite_ops\x18\x05 \x01(\x04R\bwriteOps\"\xa0\x02\n" +
+	"\x10VMInterfaceStats\x12\x16\n" +
+	"\x06device\x18\x01 \x01(\tR\x06device\x12\x10\n" +
+	"\x03mac\x18\x02 \x01(\tR\x03mac\x12\x19\n" +
+	"\brx_bytes\x18\x03 \x01(\x04R\arxBytes\x12\x1d\n" +
+	"\n" +
+	"rx_packets\x18\x04 \x01(\x04R\trxPackets\x12\x19\n" +
+	"\brx_drops\x18\x05 \x01(\x04R\arxDrops\x12\x1b\n" +
+	"\trx_errors\x18\x06 \x01(\x04R\brxErrors\x12\x19\n" +
+	"\btx_bytes\x18\a \x01(\x04R\atxBytes\x12\x1d\n" +
+	"\n" +
+	"tx_packets\x18\b \x01(\x04R\ttxPackets\x12\x19\n" +
+	"\btx_drops\x18\t \x01(\x04R\atxDrops\x12\x1b\n" +
+	"\ttx_errors\x18\n" +
+	" \x01(\x04R\btxErrors*\xbf\x01\n" +
 	"\aVMPhase\x12\x18\n" +
 	"\x14VM_PHASE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10VM_PHASE_PENDING\x10\x01\x12\x16\n" +
@@ -2313,8 +3210,7 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\rRestartPolicy\x12\x1e\n" +
 	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19RESTART_POLICY_ON_FAILURE\x10\x01\x12\x18\n" +
-	"\x14RESTART_POLICY_NEVER\x10\x022\x8e\n" +
-	"\n" +
+	"\x14RESTART_POLICY_NEVER\x10\x022\xe6\v\n" +
 	"\tVMService\x12O\n" +
 	"\bCreateVM\x12\x1d.minicloud.v1.CreateVMRequest\x1a\x10.minicloud.v1.VM\"\x12\x82\xd3\xe4\x93\x02\f:\x01*\"\a/v1/vms\x12M\n" +
 	"\x05GetVM\x12\x1a.minicloud.v1.GetVMRequest\x1a\x10.minicloud.v1.VM\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/vms/{name}\x12W\n" +
@@ -2328,7 +3224,10 @@ const file_minicloud_v1_vm_proto_rawDesc = "" +
 	"\fListVMEvents\x12!.minicloud.v1.ListVMEventsRequest\x1a\".minicloud.v1.ListVMEventsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/vms/{name}/events\x12o\n" +
 	"\x10UpdateVMMetadata\x12%.minicloud.v1.UpdateVMMetadataRequest\x1a\x10.minicloud.v1.VM\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*2\x17/v1/vms/{name}/metadata\x12d\n" +
 	"\fExposeVMPort\x12!.minicloud.v1.ExposeVMPortRequest\x1a\x10.minicloud.v1.VM\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/vms/{name}/ports\x12q\n" +
-	"\x0eUnexposeVMPort\x12#.minicloud.v1.UnexposeVMPortRequest\x1a\x10.minicloud.v1.VM\"(\x82\xd3\xe4\x93\x02\"* /v1/vms/{name}/ports/{host_port}B=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
+	"\x0eUnexposeVMPort\x12#.minicloud.v1.UnexposeVMPortRequest\x1a\x10.minicloud.v1.VM\"(\x82\xd3\xe4\x93\x02\"* /v1/vms/{name}/ports/{host_port}\x12r\n" +
+	"\rAttachConsole\x12\x1c.minicloud.v1.ConsoleRequest\x1a\x1d.minicloud.v1.ConsoleResponse\" \x82\xd3\xe4\x93\x02\x1a:\x01*\"\x15/v1/vms:attachConsole(\x010\x01\x12b\n" +
+	"\n" +
+	"GetVMStats\x12\x1f.minicloud.v1.GetVMStatsRequest\x1a\x15.minicloud.v1.VMStats\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/vms/{name}/statsB=Z;github.com/minicloud/minicloud/api/minicloud/v1;minicloudv1b\x06proto3"
 
 var (
 	file_minicloud_v1_vm_proto_rawDescOnce sync.Once
@@ -2343,7 +3242,7 @@ func file_minicloud_v1_vm_proto_rawDescGZIP() []byte {
 }
 
 var file_minicloud_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_minicloud_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_minicloud_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_minicloud_v1_vm_proto_goTypes = []any{
 	(VMPhase)(0),                    // 0: minicloud.v1.VMPhase
 	(PowerState)(0),                 // 1: minicloud.v1.PowerState
@@ -2371,74 +3270,95 @@ var file_minicloud_v1_vm_proto_goTypes = []any{
 	(*UpdateVMMetadataRequest)(nil), // 23: minicloud.v1.UpdateVMMetadataRequest
 	(*ExposeVMPortRequest)(nil),     // 24: minicloud.v1.ExposeVMPortRequest
 	(*UnexposeVMPortRequest)(nil),   // 25: minicloud.v1.UnexposeVMPortRequest
-	nil,                             // 26: minicloud.v1.VMSpec.MetadataEntry
-	nil,                             // 27: minicloud.v1.CreateVMRequest.LabelsEntry
-	nil,                             // 28: minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
-	nil,                             // 29: minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
-	(*timestamppb.Timestamp)(nil),   // 30: google.protobuf.Timestamp
-	(*Condition)(nil),               // 31: minicloud.v1.Condition
-	(*ObjectMeta)(nil),              // 32: minicloud.v1.ObjectMeta
-	(WatchEventType)(0),             // 33: minicloud.v1.WatchEventType
-	(*Event)(nil),                   // 34: minicloud.v1.Event
+	(*ConsoleAttach)(nil),           // 26: minicloud.v1.ConsoleAttach
+	(*ConsoleRequest)(nil),          // 27: minicloud.v1.ConsoleRequest
+	(*ConsoleAttached)(nil),         // 28: minicloud.v1.ConsoleAttached
+	(*ConsoleNotice)(nil),           // 29: minicloud.v1.ConsoleNotice
+	(*ConsoleClosed)(nil),           // 30: minicloud.v1.ConsoleClosed
+	(*ConsoleResponse)(nil),         // 31: minicloud.v1.ConsoleResponse
+	(*GetVMStatsRequest)(nil),       // 32: minicloud.v1.GetVMStatsRequest
+	(*VMStats)(nil),                 // 33: minicloud.v1.VMStats
+	(*VMDiskStats)(nil),             // 34: minicloud.v1.VMDiskStats
+	(*VMInterfaceStats)(nil),        // 35: minicloud.v1.VMInterfaceStats
+	nil,                             // 36: minicloud.v1.VMSpec.MetadataEntry
+	nil,                             // 37: minicloud.v1.CreateVMRequest.LabelsEntry
+	nil,                             // 38: minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
+	nil,                             // 39: minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
+	(*timestamppb.Timestamp)(nil),   // 40: google.protobuf.Timestamp
+	(*Condition)(nil),               // 41: minicloud.v1.Condition
+	(*ObjectMeta)(nil),              // 42: minicloud.v1.ObjectMeta
+	(WatchEventType)(0),             // 43: minicloud.v1.WatchEventType
+	(*Event)(nil),                   // 44: minicloud.v1.Event
 }
 var file_minicloud_v1_vm_proto_depIdxs = []int32{
 	1,  // 0: minicloud.v1.VMSpec.power_state:type_name -> minicloud.v1.PowerState
-	30, // 1: minicloud.v1.VMSpec.deletion_time:type_name -> google.protobuf.Timestamp
+	40, // 1: minicloud.v1.VMSpec.deletion_time:type_name -> google.protobuf.Timestamp
 	7,  // 2: minicloud.v1.VMSpec.resources:type_name -> minicloud.v1.Resources
-	26, // 3: minicloud.v1.VMSpec.metadata:type_name -> minicloud.v1.VMSpec.MetadataEntry
+	36, // 3: minicloud.v1.VMSpec.metadata:type_name -> minicloud.v1.VMSpec.MetadataEntry
 	3,  // 4: minicloud.v1.VMSpec.on_host_failure:type_name -> minicloud.v1.HostFailurePolicy
 	4,  // 5: minicloud.v1.VMSpec.restart_policy:type_name -> minicloud.v1.RestartPolicy
 	6,  // 6: minicloud.v1.VMSpec.port_forwards:type_name -> minicloud.v1.PortForward
 	2,  // 7: minicloud.v1.PortForward.protocol:type_name -> minicloud.v1.PortProtocol
 	0,  // 8: minicloud.v1.VMStatus.phase:type_name -> minicloud.v1.VMPhase
 	8,  // 9: minicloud.v1.VMStatus.addresses:type_name -> minicloud.v1.VMAddress
-	31, // 10: minicloud.v1.VMStatus.conditions:type_name -> minicloud.v1.Condition
-	30, // 11: minicloud.v1.VMStatus.update_time:type_name -> google.protobuf.Timestamp
-	32, // 12: minicloud.v1.VM.meta:type_name -> minicloud.v1.ObjectMeta
+	41, // 10: minicloud.v1.VMStatus.conditions:type_name -> minicloud.v1.Condition
+	40, // 11: minicloud.v1.VMStatus.update_time:type_name -> google.protobuf.Timestamp
+	42, // 12: minicloud.v1.VM.meta:type_name -> minicloud.v1.ObjectMeta
 	5,  // 13: minicloud.v1.VM.spec:type_name -> minicloud.v1.VMSpec
 	9,  // 14: minicloud.v1.VM.status:type_name -> minicloud.v1.VMStatus
 	5,  // 15: minicloud.v1.CreateVMRequest.spec:type_name -> minicloud.v1.VMSpec
-	27, // 16: minicloud.v1.CreateVMRequest.labels:type_name -> minicloud.v1.CreateVMRequest.LabelsEntry
+	37, // 16: minicloud.v1.CreateVMRequest.labels:type_name -> minicloud.v1.CreateVMRequest.LabelsEntry
 	0,  // 17: minicloud.v1.ListVMsRequest.phase:type_name -> minicloud.v1.VMPhase
 	10, // 18: minicloud.v1.ListVMsResponse.vms:type_name -> minicloud.v1.VM
-	33, // 19: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
+	43, // 19: minicloud.v1.WatchVMsResponse.type:type_name -> minicloud.v1.WatchEventType
 	10, // 20: minicloud.v1.WatchVMsResponse.vm:type_name -> minicloud.v1.VM
-	34, // 21: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
-	28, // 22: minicloud.v1.UpdateVMMetadataRequest.set_labels:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
-	29, // 23: minicloud.v1.UpdateVMMetadataRequest.set_metadata:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
+	44, // 21: minicloud.v1.ListVMEventsResponse.events:type_name -> minicloud.v1.Event
+	38, // 22: minicloud.v1.UpdateVMMetadataRequest.set_labels:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetLabelsEntry
+	39, // 23: minicloud.v1.UpdateVMMetadataRequest.set_metadata:type_name -> minicloud.v1.UpdateVMMetadataRequest.SetMetadataEntry
 	6,  // 24: minicloud.v1.ExposeVMPortRequest.forward:type_name -> minicloud.v1.PortForward
 	2,  // 25: minicloud.v1.UnexposeVMPortRequest.protocol:type_name -> minicloud.v1.PortProtocol
-	11, // 26: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
-	12, // 27: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
-	13, // 28: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
-	15, // 29: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
-	16, // 30: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
-	16, // 31: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
-	16, // 32: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
-	17, // 33: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
-	19, // 34: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
-	21, // 35: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
-	23, // 36: minicloud.v1.VMService.UpdateVMMetadata:input_type -> minicloud.v1.UpdateVMMetadataRequest
-	24, // 37: minicloud.v1.VMService.ExposeVMPort:input_type -> minicloud.v1.ExposeVMPortRequest
-	25, // 38: minicloud.v1.VMService.UnexposeVMPort:input_type -> minicloud.v1.UnexposeVMPortRequest
-	10, // 39: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
-	10, // 40: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
-	14, // 41: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
-	10, // 42: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
-	10, // 43: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
-	10, // 44: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
-	10, // 45: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
-	18, // 46: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
-	20, // 47: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
-	22, // 48: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
-	10, // 49: minicloud.v1.VMService.UpdateVMMetadata:output_type -> minicloud.v1.VM
-	10, // 50: minicloud.v1.VMService.ExposeVMPort:output_type -> minicloud.v1.VM
-	10, // 51: minicloud.v1.VMService.UnexposeVMPort:output_type -> minicloud.v1.VM
-	39, // [39:52] is the sub-list for method output_type
-	26, // [26:39] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	26, // 26: minicloud.v1.ConsoleRequest.attach:type_name -> minicloud.v1.ConsoleAttach
+	28, // 27: minicloud.v1.ConsoleResponse.attached:type_name -> minicloud.v1.ConsoleAttached
+	29, // 28: minicloud.v1.ConsoleResponse.notice:type_name -> minicloud.v1.ConsoleNotice
+	30, // 29: minicloud.v1.ConsoleResponse.closed:type_name -> minicloud.v1.ConsoleClosed
+	40, // 30: minicloud.v1.VMStats.time:type_name -> google.protobuf.Timestamp
+	34, // 31: minicloud.v1.VMStats.disks:type_name -> minicloud.v1.VMDiskStats
+	35, // 32: minicloud.v1.VMStats.interfaces:type_name -> minicloud.v1.VMInterfaceStats
+	11, // 33: minicloud.v1.VMService.CreateVM:input_type -> minicloud.v1.CreateVMRequest
+	12, // 34: minicloud.v1.VMService.GetVM:input_type -> minicloud.v1.GetVMRequest
+	13, // 35: minicloud.v1.VMService.ListVMs:input_type -> minicloud.v1.ListVMsRequest
+	15, // 36: minicloud.v1.VMService.DeleteVM:input_type -> minicloud.v1.DeleteVMRequest
+	16, // 37: minicloud.v1.VMService.StartVM:input_type -> minicloud.v1.VMActionRequest
+	16, // 38: minicloud.v1.VMService.StopVM:input_type -> minicloud.v1.VMActionRequest
+	16, // 39: minicloud.v1.VMService.RebootVM:input_type -> minicloud.v1.VMActionRequest
+	17, // 40: minicloud.v1.VMService.WatchVMs:input_type -> minicloud.v1.WatchVMsRequest
+	19, // 41: minicloud.v1.VMService.GetConsoleLog:input_type -> minicloud.v1.GetConsoleLogRequest
+	21, // 42: minicloud.v1.VMService.ListVMEvents:input_type -> minicloud.v1.ListVMEventsRequest
+	23, // 43: minicloud.v1.VMService.UpdateVMMetadata:input_type -> minicloud.v1.UpdateVMMetadataRequest
+	24, // 44: minicloud.v1.VMService.ExposeVMPort:input_type -> minicloud.v1.ExposeVMPortRequest
+	25, // 45: minicloud.v1.VMService.UnexposeVMPort:input_type -> minicloud.v1.UnexposeVMPortRequest
+	27, // 46: minicloud.v1.VMService.AttachConsole:input_type -> minicloud.v1.ConsoleRequest
+	32, // 47: minicloud.v1.VMService.GetVMStats:input_type -> minicloud.v1.GetVMStatsRequest
+	10, // 48: minicloud.v1.VMService.CreateVM:output_type -> minicloud.v1.VM
+	10, // 49: minicloud.v1.VMService.GetVM:output_type -> minicloud.v1.VM
+	14, // 50: minicloud.v1.VMService.ListVMs:output_type -> minicloud.v1.ListVMsResponse
+	10, // 51: minicloud.v1.VMService.DeleteVM:output_type -> minicloud.v1.VM
+	10, // 52: minicloud.v1.VMService.StartVM:output_type -> minicloud.v1.VM
+	10, // 53: minicloud.v1.VMService.StopVM:output_type -> minicloud.v1.VM
+	10, // 54: minicloud.v1.VMService.RebootVM:output_type -> minicloud.v1.VM
+	18, // 55: minicloud.v1.VMService.WatchVMs:output_type -> minicloud.v1.WatchVMsResponse
+	20, // 56: minicloud.v1.VMService.GetConsoleLog:output_type -> minicloud.v1.GetConsoleLogResponse
+	22, // 57: minicloud.v1.VMService.ListVMEvents:output_type -> minicloud.v1.ListVMEventsResponse
+	10, // 58: minicloud.v1.VMService.UpdateVMMetadata:output_type -> minicloud.v1.VM
+	10, // 59: minicloud.v1.VMService.ExposeVMPort:output_type -> minicloud.v1.VM
+	10, // 60: minicloud.v1.VMService.UnexposeVMPort:output_type -> minicloud.v1.VM
+	31, // 61: minicloud.v1.VMService.AttachConsole:output_type -> minicloud.v1.ConsoleResponse
+	33, // 62: minicloud.v1.VMService.GetVMStats:output_type -> minicloud.v1.VMStats
+	48, // [48:63] is the sub-list for method output_type
+	33, // [33:48] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_minicloud_v1_vm_proto_init() }
@@ -2447,13 +3367,23 @@ func file_minicloud_v1_vm_proto_init() {
 		return
 	}
 	file_minicloud_v1_common_proto_init()
+	file_minicloud_v1_vm_proto_msgTypes[22].OneofWrappers = []any{
+		(*ConsoleRequest_Attach)(nil),
+		(*ConsoleRequest_Data)(nil),
+	}
+	file_minicloud_v1_vm_proto_msgTypes[26].OneofWrappers = []any{
+		(*ConsoleResponse_Attached)(nil),
+		(*ConsoleResponse_Data)(nil),
+		(*ConsoleResponse_Notice)(nil),
+		(*ConsoleResponse_Closed)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_minicloud_v1_vm_proto_rawDesc), len(file_minicloud_v1_vm_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   25,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,6 +32,8 @@ const (
 	VMService_UpdateVMMetadata_FullMethodName = "/minicloud.v1.VMService/UpdateVMMetadata"
 	VMService_ExposeVMPort_FullMethodName     = "/minicloud.v1.VMService/ExposeVMPort"
 	VMService_UnexposeVMPort_FullMethodName   = "/minicloud.v1.VMService/UnexposeVMPort"
+	VMService_AttachConsole_FullMethodName    = "/minicloud.v1.VMService/AttachConsole"
+	VMService_GetVMStats_FullMethodName       = "/minicloud.v1.VMService/GetVMStats"
 )
 
 // VMServiceClient is the client API for VMService service.
@@ -70,6 +72,22 @@ type VMServiceClient interface {
 	// UnexposeVMPort removes a forward; removing one that is not there is
 	// not an error.
 	UnexposeVMPort(ctx context.Context, in *UnexposeVMPortRequest, opts ...grpc.CallOption) (*VM, error)
+	// AttachConsole attaches to a running VM's serial console (ttyS0). The
+	// first request must be a ConsoleAttach; the first response is a
+	// ConsoleAttached, then console output (recent output first, see
+	// ConsoleAttached.replayed_bytes). Any number of sessions read; one
+	// writes at a time (ConsoleAttach.write). Later requests carry input
+	// (writer only). The stream ends when the client closes its side, when
+	// the VM stops (ConsoleClosed), or on error: NOT_FOUND (no such VM),
+	// FAILED_PRECONDITION (the VM is not running; another session writes),
+	// RESOURCE_EXHAUSTED (too many sessions), UNAVAILABLE (its host cannot
+	// be reached). Reading needs the reader role, writing the member role.
+	AttachConsole(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse], error)
+	// GetVMStats returns a running VM's cumulative resource counters as the
+	// hypervisor measured them, with the time of the sample: a client
+	// computes rates from two samples. FAILED_PRECONDITION for a VM that is
+	// not running.
+	GetVMStats(ctx context.Context, in *GetVMStatsRequest, opts ...grpc.CallOption) (*VMStats, error)
 }
 
 type vMServiceClient struct {
@@ -219,6 +237,29 @@ func (c *vMServiceClient) UnexposeVMPort(ctx context.Context, in *UnexposeVMPort
 	return out, nil
 }
 
+func (c *vMServiceClient) AttachConsole(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &VMService_ServiceDesc.Streams[1], VMService_AttachConsole_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ConsoleRequest, ConsoleResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type VMService_AttachConsoleClient = grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse]
+
+func (c *vMServiceClient) GetVMStats(ctx context.Context, in *GetVMStatsRequest, opts ...grpc.CallOption) (*VMStats, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VMStats)
+	err := c.cc.Invoke(ctx, VMService_GetVMStats_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // VMServiceServer is the server API for VMService service.
 // All implementations must embed UnimplementedVMServiceServer
 // for forward compatibility.
@@ -255,6 +296,22 @@ type VMServiceServer interface {
 	// UnexposeVMPort removes a forward; removing one that is not there is
 	// not an error.
 	UnexposeVMPort(context.Context, *UnexposeVMPortRequest) (*VM, error)
+	// AttachConsole attaches to a running VM's serial console (ttyS0). The
+	// first request must be a ConsoleAttach; the first response is a
+	// ConsoleAttached, then console output (recent output first, see
+	// ConsoleAttached.replayed_bytes). Any number of sessions read; one
+	// writes at a time (ConsoleAttach.write). Later requests carry input
+	// (writer only). The stream ends when the client closes its side, when
+	// the VM stops (ConsoleClosed), or on error: NOT_FOUND (no such VM),
+	// FAILED_PRECONDITION (the VM is not running; another session writes),
+	// RESOURCE_EXHAUSTED (too many sessions), UNAVAILABLE (its host cannot
+	// be reached). Reading needs the reader role, writing the member role.
+	AttachConsole(grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]) error
+	// GetVMStats returns a running VM's cumulative resource counters as the
+	// hypervisor measured them, with the time of the sample: a client
+	// computes rates from two samples. FAILED_PRECONDITION for a VM that is
+	// not running.
+	GetVMStats(context.Context, *GetVMStatsRequest) (*VMStats, error)
 	mustEmbedUnimplementedVMServiceServer()
 }
 
@@ -303,6 +360,12 @@ func (UnimplementedVMServiceServer) ExposeVMPort(context.Context, *ExposeVMPortR
 }
 func (UnimplementedVMServiceServer) UnexposeVMPort(context.Context, *UnexposeVMPortRequest) (*VM, error) {
 	return nil, status.Error(codes.Unimplemented, "method UnexposeVMPort not implemented")
+}
+func (UnimplementedVMServiceServer) AttachConsole(grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]) error {
+	return status.Error(codes.Unimplemented, "method AttachConsole not implemented")
+}
+func (UnimplementedVMServiceServer) GetVMStats(context.Context, *GetVMStatsRequest) (*VMStats, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetVMStats not implemented")
 }
 func (UnimplementedVMServiceServer) mustEmbedUnimplementedVMServiceServer() {}
 func (UnimplementedVMServiceServer) testEmbeddedByValue()                   {}
@@ -552,6 +615,31 @@ func _VMService_UnexposeVMPort_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VMService_AttachConsole_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(VMServiceServer).AttachConsole(&grpc.GenericServerStream[ConsoleRequest, ConsoleResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type VMService_AttachConsoleServer = grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]
+
+func _VMService_GetVMStats_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetVMStatsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).GetVMStats(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_GetVMStats_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).GetVMStats(ctx, req.(*GetVMStatsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // VMService_ServiceDesc is the grpc.ServiceDesc for VMService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -607,12 +695,22 @@ var VMService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "UnexposeVMPort",
 			Handler:    _VMService_UnexposeVMPort_Handler,
 		},
+		{
+			MethodName: "GetVMStats",
+			Handler:    _VMService_GetVMStats_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "WatchVMs",
 			Handler:       _VMService_WatchVMs_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "AttachConsole",
+			Handler:       _VMService_AttachConsole_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "minicloud/v1/vm.proto",
