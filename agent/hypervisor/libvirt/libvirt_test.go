@@ -260,8 +260,10 @@ func TestDomainXMLAsLibvirtSeesIt(t *testing.T) {
 	if strings.Contains(out, "/etc/shadow'/>") || strings.Count(out, "<disk ") != 2 {
 		t.Errorf("hostile name injected XML:\n%s", out)
 	}
-	if len(dom.Devices.Serials) != 1 || dom.Devices.Serials[0].Source.File.Path != spec.ConsoleLogPath {
-		t.Errorf("serials: %+v", dom.Devices.Serials)
+	// A pty (what virDomainOpenConsole attaches to) logging to the
+	// console log.
+	if ser := dom.Devices.Serials; len(ser) != 1 || ser[0].Source == nil || ser[0].Source.Pty == nil || ser[0].Log == nil || ser[0].Log.File != spec.ConsoleLogPath {
+		t.Errorf("serials: %+v", ser)
 	}
 }
 
