@@ -96,16 +96,15 @@ func ShellRoundTrip(t testing.TB, w io.Writer, has func(string) bool, kick <-cha
 	}
 }
 
-func (s *suite) startedWithShell(t *testing.T, d hypervisor.Driver) hypervisor.DomainSpec {
+// startShell starts spec's domain and waits for the guest's console shell.
+func (s *suite) startShell(t *testing.T, d hypervisor.Driver, spec hypervisor.DomainSpec) {
 	t.Helper()
-	spec := s.defined(t, d)
 	if err := d.Start(ctxFor(t, time.Minute), spec.VMID); err != nil {
 		t.Fatalf("Start: %v", err)
 	}
 	if s.fx.ShellMarker != "" {
 		s.waitConsole(t, spec, s.fx.ShellMarker, 1)
 	}
-	return spec
 }
 
 // console: a running guest's shell answers through the console; the
@@ -121,12 +120,7 @@ func (s *suite) console(t *testing.T) {
 	if _, err := d.OpenConsole(ctx, spec.VMID); !errdefs.IsFailedPrecondition(err) {
 		t.Errorf("OpenConsole of a defined, stopped domain: %v, want FailedPrecondition", err)
 	}
-	if err := d.Start(ctx, spec.VMID); err != nil {
-		t.Fatalf("Start: %v", err)
-	}
-	if s.fx.ShellMarker != "" {
-		s.waitConsole(t, spec, s.fx.ShellMarker, 1)
-	}
+	s.startShell(t, d, spec)
 
 	c, err := d.OpenConsole(ctx, spec.VMID)
 	if err != nil {
@@ -183,12 +177,7 @@ func (s *suite) stats(t *testing.T) {
 	if _, err := d.Stats(ctx, spec.VMID); !errdefs.IsFailedPrecondition(err) {
 		t.Errorf("Stats of a stopped domain: %v, want FailedPrecondition", err)
 	}
-	if err := d.Start(ctx, spec.VMID); err != nil {
-		t.Fatalf("Start: %v", err)
-	}
-	if s.fx.ShellMarker != "" {
-		s.waitConsole(t, spec, s.fx.ShellMarker, 1)
-	}
+	s.startShell(t, d, spec)
 	first, err := d.Stats(ctx, spec.VMID)
 	if err != nil {
 		t.Fatalf("Stats: %v", err)
