@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/minicloud/minicloud/api/httpapi"
 )
 
 // example is one command of docs/api.md's HTTP/JSON section and the
@@ -140,7 +142,7 @@ func TestDocsCurlExamples(t *testing.T) {
 	if len(examples) < 8 {
 		t.Fatalf("%s has %d curl examples in its HTTP/JSON section", path, len(examples))
 	}
-	w := startWeb(t, nil)
+	w := startWeb(t, httpapi.Config{})
 	dir := t.TempDir()
 	ca := filepath.Join(dir, "ca.crt")
 	if err := os.WriteFile(ca, w.api.CA.CertPEM, 0o644); err != nil {

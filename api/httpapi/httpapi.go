@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
@@ -106,6 +107,7 @@ func NewHandler(ctx context.Context, cfg Config) (http.Handler, error) {
 			UnmarshalOptions: protojson.UnmarshalOptions{DiscardUnknown: false},
 		}),
 		runtime.WithIncomingHeaderMatcher(incomingHeader),
+		runtime.WithErrorHandler(uploadTooLarge),
 		runtime.WithOutgoingHeaderMatcher(outgoingHeader),
 	)
 	for _, register := range registrations {
@@ -153,51 +155,84 @@ func outgoingHeader(key string) (string, bool) {
 // (up to max+1 bytes) here, which also catches a chunked body with no
 // Content-Length. An image upload streams: its body is bounded by
 // maxUpload as it is read instead.
-func limitBody(next http.Handler, max, maxUpload int64) http.Handler {
+func limitBody(gw *runtime.ServeMux, max, maxUpload int64) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodPost && r.URL.Path == "/v1/images" {
 			if r.ContentLength > maxUpload {
-				tooLarge(w, r, maxUpload)
+				tooLarge(gw, w, r, maxUpload)
 				return
 			}
-			r.Body = http.MaxBytesReader(w, r.Body, maxUpload)
-			next.ServeHTTP(w, r)
+			capped := &cappedBody{ReadCloser: http.MaxBytesReader(w, r.Body, maxUpload), max: maxUpload}
+			r.Body = capped
+			gw.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), cappedBodyKey{}, capped)))
 			return
 		}
 		if r.ContentLength > max {
-			tooLarge(w, r, max)
+			tooLarge(gw, w, r, max)
 			return
 		}
 		if r.Body != nil && r.Body != http.NoBody {
 			// A body trickled in slowly would hold this handler; headers
-			// are bounded by the server's ReadHeaderTimeout.
-			_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyReadTimeout))
+			// are bounded by the server's ReadHeaderTimeout. The deadline
+			// is lifted once the body is in: a read error on the connection
+			// later would cancel the call still running.
+			rc := http.NewResponseController(w)
+			_ = rc.SetReadDeadline(time.Now().Add(bodyReadTimeout))
 			body, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+			_ = rc.SetReadDeadline(time.Time{})
 			if err != nil {
-				writeError(w, r, http.StatusBadRequest, status.Errorf(codes.InvalidArgument, "read request body: %v", err))
+				writeError(gw, w, r, http.StatusBadRequest, status.Errorf(codes.InvalidArgument, "read request body: %v", err))
 				return
 			}
 			if int64(len(body)) > max {
-				tooLarge(w, r, max)
+				tooLarge(gw, w, r, max)
 				return
 			}
 			r.Body = io.NopCloser(bytes.NewReader(body))
 		}
-		next.ServeHTTP(w, r)
+		gw.ServeHTTP(w, r)
 	})
 }
 
-func tooLarge(w http.ResponseWriter, r *http.Request, max int64) {
-	writeError(w, r, http.StatusRequestEntityTooLarge, status.Errorf(codes.ResourceExhausted,
+// cappedBody is an upload's body, which notes when it hit its bound: the
+// gateway reports any error reading the body as INVALID_ARGUMENT, and
+// uploadTooLarge turns that one into 413.
+type cappedBody struct {
+	io.ReadCloser
+	max      int64
+	exceeded atomic.Bool
+}
+
+type cappedBodyKey struct{}
+
+func (c *cappedBody) Read(p []byte) (int, error) {
+	n, err := c.ReadCloser.Read(p)
+	if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+		c.exceeded.Store(true)
+	}
+	return n, err
+}
+
+// uploadTooLarge is the gateway's error handler: its default, but 413 for
+// an upload cut off at its bound.
+func uploadTooLarge(ctx context.Context, gw *runtime.ServeMux, m runtime.Marshaler, w http.ResponseWriter, r *http.Request, err error) {
+	if c, ok := r.Context().Value(cappedBodyKey{}).(*cappedBody); ok && c.exceeded.Load() {
+		tooLarge(gw, w, r, c.max)
+		return
+	}
+	runtime.DefaultHTTPErrorHandler(ctx, gw, m, w, r, err)
+}
+
+func tooLarge(gw *runtime.ServeMux, w http.ResponseWriter, r *http.Request, max int64) {
+	writeError(gw, w, r, http.StatusRequestEntityTooLarge, status.Errorf(codes.ResourceExhausted,
 		"request body larger than %d bytes: this API takes at most %d bytes in one request (upload images with POST /v1/images or minicloud image create)", max, max))
 }
 
-// writeError writes err in the gateway's own error shape ({"code",
-// "message", "details"}) with the given HTTP status.
-func writeError(w http.ResponseWriter, r *http.Request, httpStatus int, err error) {
-	mux := runtime.NewServeMux()
-	_, out := runtime.MarshalerForRequest(mux, r)
-	runtime.HTTPError(r.Context(), mux, out, w, r, &runtime.HTTPStatusError{HTTPStatus: httpStatus, Err: err})
+// writeError writes err as the gateway writes its own errors ({"code",
+// "message", "details"}), with the given HTTP status.
+func writeError(gw *runtime.ServeMux, w http.ResponseWriter, r *http.Request, httpStatus int, err error) {
+	_, out := runtime.MarshalerForRequest(gw, r)
+	runtime.DefaultHTTPErrorHandler(r.Context(), gw, out, w, r, &runtime.HTTPStatusError{HTTPStatus: httpStatus, Err: err})
 }
 
 // NewServer is the listener's http.Server: TLS with the API's serving

@@ -29,7 +29,8 @@ type web struct {
 	client *http.Client
 }
 
-func startWeb(t *testing.T, mounts map[string]http.Handler) *web {
+// startWeb starts both; cfg.API is filled in.
+func startWeb(t *testing.T, cfg httpapi.Config) *web {
 	t.Helper()
 	_, cli := etcdtest.Start(t)
 	api, err := apiservertest.Listen(context.Background(), cli, apiserver.Config{ImageDir: t.TempDir()})
@@ -42,7 +43,8 @@ func startWeb(t *testing.T, mounts map[string]http.Handler) *web {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	h, err := httpapi.NewHandler(context.Background(), httpapi.Config{API: conn, Mounts: mounts})
+	cfg.API = conn
+	h, err := httpapi.NewHandler(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +125,7 @@ func (r reply) want(t *testing.T, code int, msg string) {
 }
 
 func TestAuthenticationIsTheAPIs(t *testing.T) {
-	w := startWeb(t, nil)
+	w := startWeb(t, httpapi.Config{})
 	w.do(t, "", "GET", "/v1/vms", "").want(t, http.StatusUnauthorized, "token")
 	w.do(t, "mct_notatoken", "GET", "/v1/vms", "").want(t, http.StatusUnauthorized, "")
 
@@ -151,7 +153,7 @@ func TestAuthenticationIsTheAPIs(t *testing.T) {
 }
 
 func TestFlavorOverHTTP(t *testing.T) {
-	w := startWeb(t, nil)
+	w := startWeb(t, httpapi.Config{})
 	admin := w.api.AdminToken
 	created := w.do(t, admin, "POST", "/v1/flavors", `{"name":"small","vcpus":2,"memoryMib":1024,"diskGib":5}`)
 	created.want(t, http.StatusOK, "")
@@ -177,7 +179,7 @@ func TestFlavorOverHTTP(t *testing.T) {
 }
 
 func TestOversizedBody(t *testing.T) {
-	w := startWeb(t, nil)
+	w := startWeb(t, httpapi.Config{})
 	big := `{"name":"x","description":"` + strings.Repeat("a", httpapi.DefaultMaxBodyBytes) + `"}`
 	w.do(t, w.api.AdminToken, "POST", "/v1/projects", big).want(t, http.StatusRequestEntityTooLarge, "larger than")
 
@@ -199,7 +201,7 @@ func TestOversizedBody(t *testing.T) {
 // of the protos, each under its operation id, with the bearer token as
 // its security scheme; nothing else.
 func TestOpenAPIDocument(t *testing.T) {
-	w := startWeb(t, nil)
+	w := startWeb(t, httpapi.Config{})
 	resp := w.send(context.Background(), t, "", "GET", "/openapi.json", nil)
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "application/json" {
@@ -242,7 +244,7 @@ func TestOpenAPIDocument(t *testing.T) {
 
 func TestMounts(t *testing.T) {
 	ui := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, `{"ui":true}`) })
-	w := startWeb(t, map[string]http.Handler{"/": ui})
+	w := startWeb(t, httpapi.Config{Mounts: map[string]http.Handler{"/": ui}})
 	if r := w.do(t, "", "GET", "/", ""); r.code != http.StatusOK || r.body["ui"] != true {
 		t.Fatalf("GET / on the mounted UI: %d %s", r.code, r.raw)
 	}

@@ -11,19 +11,50 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/minicloud/minicloud/api/httpapi"
 )
 
 // upload creates image name from disk with POST /v1/images: the header
 // and the chunks as a stream of JSON objects, as docs/api.md shows.
 func (w *web) upload(t *testing.T, name string, disk []byte) reply {
 	t.Helper()
+	return w.do(t, w.api.AdminToken, "POST", "/v1/images", uploadBody(name, disk))
+}
+
+// uploadBody is CreateImage's stream as JSON objects, one a line.
+func uploadBody(name string, disk []byte) string {
 	var body bytes.Buffer
 	fmt.Fprintf(&body, `{"header": {"name": %q, "diskSizeBytes": "%d"}}`+"\n", name, len(disk))
 	for off := 0; off < len(disk); off += 1 << 20 {
 		chunk := disk[off:min(off+1<<20, len(disk))]
 		fmt.Fprintf(&body, `{"chunk": {"part": "IMAGE_PART_DISK", "data": %q}}`+"\n", base64.StdEncoding.EncodeToString(chunk))
 	}
-	return w.do(t, w.api.AdminToken, "POST", "/v1/images", body.String())
+	return body.String()
+}
+
+// TestUploadBound: an upload's body is bounded by MaxUploadBytes, refused
+// with 413 up front when its length says so, and cut off at the bound as
+// it streams when it has none; no image is left.
+func TestUploadBound(t *testing.T) {
+	w := startWeb(t, httpapi.Config{MaxUploadBytes: 256 << 10})
+	body := uploadBody("big", bytes.Repeat([]byte("minicloud"), (1<<20)/9))
+	w.do(t, w.api.AdminToken, "POST", "/v1/images", body).want(t, http.StatusRequestEntityTooLarge, "larger than 262144 bytes")
+
+	resp := w.send(context.Background(), t, w.api.AdminToken, "POST", "/v1/images", io.MultiReader(strings.NewReader(body)))
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.Request.ContentLength > 0 {
+		t.Fatalf("request has a Content-Length %d: the test needs a chunked body", resp.Request.ContentLength)
+	}
+	if resp.StatusCode != http.StatusRequestEntityTooLarge || !strings.Contains(string(raw), "larger than 262144 bytes") {
+		t.Fatalf("streamed upload over the bound: %d %s", resp.StatusCode, raw)
+	}
+	w.do(t, w.api.AdminToken, "GET", "/v1/images/big", "").want(t, http.StatusNotFound, "big")
+	// Under the bound, the same listener takes an upload.
+	if r := w.upload(t, "small", bytes.Repeat([]byte("minicloud"), (128<<10)/9)); r.code != http.StatusOK {
+		t.Fatalf("upload under the bound: %d %s", r.code, r.raw)
+	}
 }
 
 // stream opens a server-streaming call and returns its lines, one JSON
@@ -67,7 +98,7 @@ type watchLine struct {
 // byte for byte from the download stream, and a watch streams the VMs and
 // then their changes, one JSON object per line.
 func TestStreamsAndUploads(t *testing.T) {
-	w := startWeb(t, nil)
+	w := startWeb(t, httpapi.Config{})
 	admin := w.api.AdminToken
 	// 2.5 MiB: three chunks, the last one short.
 	disk := bytes.Repeat([]byte("minicloud"), (5<<19)/9)
@@ -124,7 +155,7 @@ func TestStreamsAndUploads(t *testing.T) {
 // TestRequestID: the caller's X-Request-Id is the audit record's; without
 // one, the id the API made comes back as X-Request-Id.
 func TestRequestID(t *testing.T) {
-	w := startWeb(t, nil)
+	w := startWeb(t, httpapi.Config{})
 	create := func(name string, header ...string) string {
 		resp := w.send(context.Background(), t, w.api.AdminToken, "POST", "/v1/projects", strings.NewReader(`{"name":"`+name+`"}`), header...)
 		resp.Body.Close()
