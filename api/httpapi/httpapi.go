@@ -55,6 +55,14 @@ const DefaultMaxUploadBytes = 96 << 30
 // take.
 const bodyReadTimeout = time.Minute
 
+// DefaultMaxStreams bounds the streaming calls open at once through one
+// web listener. Every HTTP request is a call on the gateway's one
+// connection to the API, which takes at most
+// api/server.MaxConcurrentStreams (1,000) calls at once; streams last, so
+// without this bound watches left open could hold every slot and make
+// every other request wait.
+const DefaultMaxStreams = 512
+
 // Config configures the handler.
 type Config struct {
 	// API is the connection every call is made on: the API server's own
@@ -65,26 +73,64 @@ type Config struct {
 	MaxBodyBytes int64
 	// MaxUploadBytes bounds an image upload's body (0: DefaultMaxUploadBytes).
 	MaxUploadBytes int64
+	// MaxStreams bounds the streaming calls (watches, downloads, uploads)
+	// open at once through this handler (0: DefaultMaxStreams); one more
+	// is refused with 429.
+	MaxStreams int
 	// Mounts are more handlers on the same listener, by http.ServeMux
 	// pattern (e.g. "/" for the web UI). /v1/ and /openapi.json are the
 	// API's and may not be mounted.
 	Mounts map[string]http.Handler
 }
 
+// registration binds one service's HTTP routes to its client on cc.
+type registration func(ctx context.Context, gw *runtime.ServeMux, cc grpc.ClientConnInterface) error
+
+func bind[C any](register func(context.Context, *runtime.ServeMux, C) error, client func(grpc.ClientConnInterface) C) registration {
+	return func(ctx context.Context, gw *runtime.ServeMux, cc grpc.ClientConnInterface) error {
+		return register(ctx, gw, client(cc))
+	}
+}
+
 // registrations are the HTTP bindings of every service with one. A service
 // added to proto/ with google.api.http options is added here; the test
 // that walks the proto registry fails until it is.
-var registrations = []func(context.Context, *runtime.ServeMux, *grpc.ClientConn) error{
-	minicloudv1.RegisterVMServiceHandler,
-	minicloudv1.RegisterFlavorServiceHandler,
-	minicloudv1.RegisterNetworkServiceHandler,
-	minicloudv1.RegisterServerGroupServiceHandler,
-	minicloudv1.RegisterImageServiceHandler,
-	minicloudv1.RegisterHostServiceHandler,
-	minicloudv1.RegisterAuthServiceHandler,
-	minicloudv1.RegisterAuditServiceHandler,
-	minicloudv1.RegisterIdentityServiceHandler,
-	minicloudv1.RegisterQuotaServiceHandler,
+var registrations = []registration{
+	bind(minicloudv1.RegisterVMServiceHandlerClient, minicloudv1.NewVMServiceClient),
+	bind(minicloudv1.RegisterFlavorServiceHandlerClient, minicloudv1.NewFlavorServiceClient),
+	bind(minicloudv1.RegisterNetworkServiceHandlerClient, minicloudv1.NewNetworkServiceClient),
+	bind(minicloudv1.RegisterServerGroupServiceHandlerClient, minicloudv1.NewServerGroupServiceClient),
+	bind(minicloudv1.RegisterImageServiceHandlerClient, minicloudv1.NewImageServiceClient),
+	bind(minicloudv1.RegisterHostServiceHandlerClient, minicloudv1.NewHostServiceClient),
+	bind(minicloudv1.RegisterAuthServiceHandlerClient, minicloudv1.NewAuthServiceClient),
+	bind(minicloudv1.RegisterAuditServiceHandlerClient, minicloudv1.NewAuditServiceClient),
+	bind(minicloudv1.RegisterIdentityServiceHandlerClient, minicloudv1.NewIdentityServiceClient),
+	bind(minicloudv1.RegisterQuotaServiceHandlerClient, minicloudv1.NewQuotaServiceClient),
+}
+
+// streamLimit is the API connection with a bound on the streams open
+// through it (Config.MaxStreams).
+type streamLimit struct {
+	grpc.ClientConnInterface
+	slots chan struct{}
+}
+
+func (c *streamLimit) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	select {
+	case c.slots <- struct{}{}:
+	default:
+		return nil, status.Errorf(codes.ResourceExhausted,
+			"this web listener has %d streams (watches, downloads, uploads) open, its limit: close one, or use the gRPC API", cap(c.slots))
+	}
+	s, err := c.ClientConnInterface.NewStream(ctx, desc, method, opts...)
+	if err != nil {
+		<-c.slots
+		return nil, err
+	}
+	// The gateway calls with the HTTP request's context, which ends when
+	// the request does, however the stream ended.
+	context.AfterFunc(ctx, func() { <-c.slots })
+	return s, nil
 }
 
 // NewHandler builds the listener's handler: the gateway under /v1/, the
@@ -99,6 +145,10 @@ func NewHandler(ctx context.Context, cfg Config) (http.Handler, error) {
 	if cfg.MaxUploadBytes == 0 {
 		cfg.MaxUploadBytes = DefaultMaxUploadBytes
 	}
+	if cfg.MaxStreams == 0 {
+		cfg.MaxStreams = DefaultMaxStreams
+	}
+	api := &streamLimit{ClientConnInterface: cfg.API, slots: make(chan struct{}, cfg.MaxStreams)}
 	gw := runtime.NewServeMux(
 		// Unknown JSON fields are refused (400), as the gRPC API refuses
 		// unknown proto fields: a misspelt field is an error, not a no-op.
@@ -111,7 +161,7 @@ func NewHandler(ctx context.Context, cfg Config) (http.Handler, error) {
 		runtime.WithOutgoingHeaderMatcher(outgoingHeader),
 	)
 	for _, register := range registrations {
-		if err := register(ctx, gw, cfg.API); err != nil {
+		if err := register(ctx, gw, api); err != nil {
 			return nil, fmt.Errorf("httpapi: register gateway: %w", err)
 		}
 	}

@@ -130,9 +130,7 @@ func TestStreamsAndUploads(t *testing.T) {
 		t.Fatalf("download of a missing image: %d %s", missing.code, missing.raw)
 	}
 
-	w.do(t, admin, "POST", "/v1/flavors", `{"name":"micro","vcpus":1,"memoryMib":256,"diskGib":1}`).want(t, http.StatusOK, "")
-	w.do(t, admin, "POST", "/v1/networks", `{"name":"web","cidr":"10.20.0.0/24"}`).want(t, http.StatusOK, "")
-	w.do(t, admin, "POST", "/v1/vms", `{"name":"a","spec":{"image":"pattern","flavor":"micro","networks":["web"]}}`).want(t, http.StatusOK, "")
+	w.createVM(t, "a", "pattern")
 
 	watch := w.stream(ctx, t, "/v1/vms:watch")
 	var ev watchLine
@@ -150,6 +148,41 @@ func TestStreamsAndUploads(t *testing.T) {
 	if ev.Result.VM.Meta.Name != "a" || ev.Result.VM.Spec.PowerState != "POWER_STATE_STOPPED" {
 		t.Fatalf("watch event after stop: %+v", ev)
 	}
+}
+
+// createVM creates VM name from image with a flavor and a network of its
+// own (made on the first call), over HTTP.
+func (w *web) createVM(t *testing.T, name, image string) {
+	t.Helper()
+	admin := w.api.AdminToken
+	if r := w.do(t, admin, "GET", "/v1/flavors/micro", ""); r.code == http.StatusNotFound {
+		w.do(t, admin, "POST", "/v1/flavors", `{"name":"micro","vcpus":1,"memoryMib":256,"diskGib":1}`).want(t, http.StatusOK, "")
+		w.do(t, admin, "POST", "/v1/networks", `{"name":"web","cidr":"10.20.0.0/24"}`).want(t, http.StatusOK, "")
+	}
+	w.do(t, admin, "POST", "/v1/vms", `{"name":"`+name+`","spec":{"image":"`+image+`","flavor":"micro","networks":["web"]}}`).want(t, http.StatusOK, "")
+}
+
+// TestStreamBound: the streams open through one listener are bounded
+// (MaxStreams); one more is refused with 429, and the other calls still
+// go through.
+func TestStreamBound(t *testing.T) {
+	w := startWeb(t, httpapi.Config{MaxStreams: 2})
+	if r := w.upload(t, "img", bytes.Repeat([]byte{7}, 64<<10)); r.code != http.StatusOK {
+		t.Fatalf("upload: %d %s", r.code, r.raw)
+	}
+	w.createVM(t, "a", "img")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for range 2 {
+		var ev watchLine
+		next(t, w.stream(ctx, t, "/v1/vms:watch"), &ev)
+		if ev.Result.VM.Meta.Name != "a" {
+			t.Fatalf("watch: %+v", ev)
+		}
+	}
+	w.do(t, w.api.AdminToken, "GET", "/v1/vms:watch", "").want(t, http.StatusTooManyRequests, "2 streams")
+	w.do(t, w.api.AdminToken, "GET", "/v1/images/img:download?part=IMAGE_PART_DISK", "").want(t, http.StatusTooManyRequests, "2 streams")
+	w.do(t, w.api.AdminToken, "GET", "/v1/vms/a", "").want(t, http.StatusOK, "")
 }
 
 // TestRequestID: the caller's X-Request-Id is the audit record's; without
