@@ -27,7 +27,15 @@ packages=(
 	python3-configobj python3-netifaces
 	# The HTTP/JSON API's documented examples run with the real curl.
 	curl
+	# The web console's browser tests: Debian's Chromium, driven headless
+	# by Playwright (api/webui/e2e).
+	chromium fonts-dejavu-core
 )
+# Node.js and npm run the Playwright script; a machine that has them from
+# elsewhere (a newer Node) keeps its own.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+	packages+=(nodejs npm)
+fi
 missing=()
 for p in "${packages[@]}"; do
 	# "install ok installed" only: a package in "config-files" state is gone.

@@ -110,7 +110,8 @@ minicloud is up. You are the admin (credentials in $CONFIG). Try:
   minicloud vm list
   minicloud vm create web1 --image tiny --flavor tiny --wait
   minicloud vm console-log web1
-The same API over HTTP/JSON (docs/api.md), and the web UI: $WEB_URL
+The web console (docs/web.md; sign in with the token in $CONFIG) and the
+same API over HTTP/JSON (docs/api.md): $WEB_URL
   curl --cacert $DATA_DIR/ca.crt -H "Authorization: Bearer \$(sed -n 's/^token: //p' $CONFIG)" ${WEB_URL}v1/vms
 Logs: $LOG_DIR/minicloudd.log   Stop: make down   Remove everything: make clean
 MSG

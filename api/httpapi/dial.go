@@ -17,17 +17,28 @@ import (
 // control-plane certificate. No client certificate is presented: every
 // call carries the HTTP caller's own token and nothing else.
 func DialAPI(addr string, roots *x509.CertPool) (*grpc.ClientConn, error) {
-	host, port, err := net.SplitHostPort(addr)
+	target, err := LoopbackAddr(addr)
 	if err != nil {
-		return nil, fmt.Errorf("httpapi: API address %q: %w", addr, err)
-	}
-	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
-		host = "127.0.0.1"
+		return nil, err
 	}
 	creds := credentials.NewTLS(pki.ClientTLS(roots, nil, pki.OrgControlPlane))
-	conn, err := grpc.NewClient(net.JoinHostPort(host, port), grpc.WithTransportCredentials(creds))
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return nil, fmt.Errorf("httpapi: dial API at %s: %w", addr, err)
 	}
 	return conn, nil
+}
+
+// LoopbackAddr is the address to dial the API listening on addr from the
+// same machine: an unspecified host (0.0.0.0, [::], none) becomes
+// 127.0.0.1, which the API's certificate always names.
+func LoopbackAddr(addr string) (string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", fmt.Errorf("httpapi: API address %q: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port), nil
 }

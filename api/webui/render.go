@@ -162,6 +162,9 @@ func errorStatus(err error) int {
 // fail shows an error page with the API's message (it is the user's own
 // request's answer, as the CLI would print it).
 func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error) {
+	if r.Context().Err() != nil {
+		return // the browser went away (a navigation, a closed tab)
+	}
 	status := errorStatus(err)
 	if status == http.StatusInternalServerError {
 		h.log.Error("webui", "path", r.URL.Path, "err", err)

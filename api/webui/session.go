@@ -65,7 +65,9 @@ func (h *Handler) toLogin(w http.ResponseWriter, r *http.Request, why string) {
 		w.WriteHeader(http.StatusUnauthorized)
 		return
 	}
-	if r.Method != http.MethodGet || strings.HasSuffix(r.URL.Path, "/events") {
+	// Streams (EventSource, WebSocket) and forms cannot follow a redirect
+	// to a page: they are told to sign in.
+	if r.Method != http.MethodGet || r.Header.Get("Accept") == "text/event-stream" || r.Header.Get("Upgrade") != "" {
 		http.Error(w, "sign in first: "+why, http.StatusUnauthorized)
 		return
 	}

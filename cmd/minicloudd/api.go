@@ -225,8 +225,9 @@ func runAPI(ctx context.Context, f apiFlags, cli *clientv3.Client, ready chan<- 
 	return nil
 }
 
-// startWeb opens the web listener: the HTTP/JSON gateway to the API at
-// apiAddr, served with the API's certificate. Serve errors go to errc.
+// startWeb opens the web listener: the web console (api/webui) at / and
+// the HTTP/JSON gateway to the API at apiAddr, served with the API's
+// certificate. Serve errors go to errc.
 // stop closes it, streams (watches, downloads) included: they do not end
 // by themselves, and the API's own end with it.
 func startWeb(ctx context.Context, listen, apiAddr string, cfg apiserver.Config, errc chan<- error) (stop func(), err error) {
@@ -239,15 +240,22 @@ func startWeb(ctx context.Context, listen, apiAddr string, cfg apiserver.Config,
 		wlis.Close()
 		return nil, err
 	}
-	h, err := httpapi.NewHandler(ctx, httpapi.Config{API: conn})
+	ui, uiAPI, err := newWebUI(apiAddr, cfg)
 	if err != nil {
 		wlis.Close()
 		conn.Close()
 		return nil, err
 	}
+	h, err := httpapi.NewHandler(ctx, httpapi.Config{API: conn, Mounts: map[string]http.Handler{"/": ui}})
+	if err != nil {
+		wlis.Close()
+		conn.Close()
+		uiAPI.Close()
+		return nil, err
+	}
 	web := httpapi.NewServer(h, cfg.TLS)
 	go func() {
-		slog.Info("serving HTTP/JSON API", "url", "https://"+wlis.Addr().String()+"/")
+		slog.Info("serving the web console and the HTTP/JSON API", "url", "https://"+wlis.Addr().String()+"/")
 		if err := web.ServeTLS(wlis, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("web listener: %w", err)
 		}
@@ -255,5 +263,6 @@ func startWeb(ctx context.Context, listen, apiAddr string, cfg apiserver.Config,
 	return func() {
 		_ = web.Close()
 		_ = conn.Close()
+		_ = uiAPI.Close()
 	}, nil
 }

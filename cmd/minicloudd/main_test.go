@@ -8,8 +8,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/cookiejar"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -131,6 +134,26 @@ func TestAllInOneServesAndStops(t *testing.T) {
 	}
 	if err := json.Unmarshal(body, &flavor); resp.StatusCode != http.StatusOK || err != nil || flavor.Meta.Name != "tiny" {
 		t.Fatalf("GET /v1/flavors/tiny on --web-listen: %d %s", resp.StatusCode, body)
+	}
+	// And the web console at /: a browser signs in with the token and
+	// sees what the API holds.
+	jar, _ := cookiejar.New(nil)
+	hc.Jar = jar
+	resp, err = hc.PostForm("https://"+web+"/login", url.Values{"token": {admin.Token}})
+	if err != nil {
+		t.Fatalf("sign in to the web console: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Request.URL.Path != "/" {
+		t.Fatalf("sign in to the web console: %s at %s", resp.Status, resp.Request.URL)
+	}
+	if resp, err = hc.Get("https://" + web + "/flavors"); err != nil {
+		t.Fatalf("GET /flavors: %v", err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "<td>tiny</td>") {
+		t.Fatalf("GET /flavors on the web console: %s\n%s", resp.Status, body)
 	}
 	if err := stop(); err != nil {
 		t.Fatalf("all-in-one exited with %v", err)

@@ -114,6 +114,10 @@ type Cloud struct {
 	CLI      string
 	Daemon   string
 	Endpoint string
+	// Web is the address of the web listener (--web-listen: the web
+	// console and the HTTP/JSON API, HTTPS with the API's certificate), a
+	// free port like Endpoint's, so a test never takes 8644 from `make up`.
+	Web string
 	// DataDir is world-traversable (unlike t.TempDir) so QEMU's
 	// unprivileged user can open the VM disks below it.
 	DataDir string
@@ -185,6 +189,7 @@ func startOn(t testing.TB, role, etcdURL string, etcdClient *clientv3.Client, ex
 	c := &Cloud{
 		t: t, CLI: cli, Daemon: daemon,
 		Endpoint: FreeAddr(t),
+		Web:      FreeAddr(t),
 		DataDir:  dataDir,
 		EtcdURL:  etcdURL,
 		Etcd:     etcdClient,
@@ -234,7 +239,7 @@ func (c *Cloud) Run() {
 	}
 	args := append([]string{role,
 		"--data-dir", c.DataDir, "--listen", c.Endpoint,
-		"--etcd-endpoints", c.EtcdURL, "--metrics-listen", ""}, c.Args...)
+		"--etcd-endpoints", c.EtcdURL, "--metrics-listen", "", "--web-listen", c.Web}, c.Args...)
 	c.proc = exec.Command(c.Daemon, args...)
 	c.proc.Stdout, c.proc.Stderr = c.log, c.log
 	if err := c.proc.Start(); err != nil {
