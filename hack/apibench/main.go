@@ -28,6 +28,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -45,7 +46,7 @@ func main() {
 	duration := flag.Duration("duration", 10*time.Second, "how long each row creates (with -fill: the window measured at each fill level)")
 	fillFlag := flag.String("fill", "", "comma-separated VM counts (e.g. 1000,50000): fill the network through the API to each and measure creates/s there")
 	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
-	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the run to this file (with -fill: of each window, to FILE.<count>)")
 	flag.Parse()
 	clients, err := counts(*clientsFlag)
 	if err != nil {
@@ -55,7 +56,7 @@ func main() {
 	if err != nil {
 		log.Fatalf("-fill: %v", err)
 	}
-	if *cpuProfile != "" {
+	if *cpuProfile != "" && len(fill) == 0 {
 		f, err := os.Create(*cpuProfile)
 		if err != nil {
 			log.Fatal(err)
@@ -73,7 +74,7 @@ func main() {
 		log.Fatal(err)
 	}
 	if len(fill) > 0 {
-		err = runFill(ctx, b, loadBefore, clients[len(clients)-1], fill, *duration, *docs)
+		err = runFill(ctx, b, loadBefore, clients[len(clients)-1], fill, *duration, *docs, *cpuProfile)
 	} else {
 		err = run(ctx, b, loadBefore, clients, *duration, *docs)
 	}
@@ -186,6 +187,22 @@ type sample struct {
 	latencies []time.Duration // sorted
 	failed    int64
 	elapsed   time.Duration
+	cpu       time.Duration // CPU time of this process (API server, etcd and clients) during the phase
+}
+
+// cpuPerOp is the process's CPU time per successful operation: on a
+// shared machine it moves less with the other tenants' load than ops/s.
+func (s sample) cpuPerOp() string {
+	return round(s.cpu / time.Duration(len(s.latencies)))
+}
+
+// processCPU is the user and system CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func (s sample) rate() float64 { return float64(len(s.latencies)) / s.elapsed.Seconds() }
@@ -205,7 +222,7 @@ func measure(ctx context.Context, clients int, duration time.Duration, limit int
 		started atomic.Int64
 	)
 	deadline := time.Now().Add(duration)
-	began := time.Now()
+	began, cpu := time.Now(), processCPU()
 	for range clients {
 		wg.Add(1)
 		go func() {
@@ -226,7 +243,7 @@ func measure(ctx context.Context, clients int, duration time.Duration, limit int
 		}()
 	}
 	wg.Wait()
-	s.elapsed, s.failed = time.Since(began), failed.Load()
+	s.elapsed, s.failed, s.cpu = time.Since(began), failed.Load(), processCPU()-cpu
 	if len(s.latencies) == 0 {
 		return s, fmt.Errorf("no operation succeeded (%d failed)", s.failed)
 	}
@@ -258,10 +275,10 @@ func run(ctx context.Context, b *bench, loadBefore string, clients []int, durati
 		}
 		n := len(api.latencies)
 		per := func(v int64) string { return fmt.Sprintf("%.2f", float64(v)/float64(n)) }
-		fmt.Fprintf(&rows, "| %d | raw etcd txn | — | %d | %d | %.0f | %s | %s | | | | |\n",
-			c, len(raw.latencies), raw.failed, raw.rate(), round(raw.pct(0.50)), round(raw.pct(0.99)))
-		fmt.Fprintf(&rows, "| %d | API CreateVM | %d | %d | %d | %.0f | %s | %s | **%.2f×** | %s | %s | %s |\n",
-			c, vms, n, api.failed, api.rate(), round(api.pct(0.50)), round(api.pct(0.99)), api.rate()/raw.rate(),
+		fmt.Fprintf(&rows, "| %d | raw etcd txn | — | %d | %d | %.0f | %s | %s | %s | | | | |\n",
+			c, len(raw.latencies), raw.failed, raw.rate(), round(raw.pct(0.50)), round(raw.pct(0.99)), raw.cpuPerOp())
+		fmt.Fprintf(&rows, "| %d | API CreateVM | %d | %d | %d | %.0f | %s | %s | %s | **%.2f×** | %s | %s | %s |\n",
+			c, vms, n, api.failed, api.rate(), round(api.pct(0.50)), round(api.pct(0.99)), api.cpuPerOp(), api.rate()/raw.rate(),
 			per(endRev-startRev), per(snap.writeTxns), per(snap.requests))
 		vms += int64(n)
 		log.Printf("%d clients: raw %.0f/s, api %.0f/s (%d lost races, %d lease grants)", c, raw.rate(), api.rate(), snap.failedTxns, snap.leaseGrants)
@@ -271,10 +288,10 @@ func run(ctx context.Context, b *bench, loadBefore string, clients []int, durati
 	var out strings.Builder
 	fmt.Fprintf(&out, "`go run ./hack/apibench -clients %s -duration %s` — embedded etcd (data in %s) and the API server in one process, concurrent gRPC clients over loopback, GOMAXPROCS=%d, load average %s before the run and %s after, measured %s.\n\n",
 		joinInts(clients), duration, os.TempDir(), runtime.GOMAXPROCS(0), loadBefore, loadAfter, time.Now().UTC().Format("2006-01-02"))
-	fmt.Fprintf(&out, "| clients | what | VMs in the network before | ops | failed | ops/s | p50 | p99 | API / raw etcd | etcd revisions / create | etcd write txns / create | etcd requests / create |\n")
-	fmt.Fprintf(&out, "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&out, "| clients | what | VMs in the network before | ops | failed | ops/s | p50 | p99 | CPU / op | API / raw etcd (ops/s) | etcd revisions / create | etcd write txns / create | etcd requests / create |\n")
+	fmt.Fprintf(&out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	out.WriteString(rows.String())
-	fmt.Fprintf(&out, "\nEach client count runs two phases of %s, one after the other on the same embedded etcd: first raw etcd transactions of a create's shape (one compare that a key is absent, 7 puts of 292 bytes ≈ 2 KB; the client connection is the API server's, no API, no TLS to the API, no auth), then creates through the API. The API: as `minicloudd api` serves, TLS, and every call authenticated with the bootstrap admin's bearer token (one etcd read per call for the token and its user) and authorized by the policy table; every create also writes its audit record (one put, outside the create's transaction). Quotas on (a default quota no run reaches): every create is charged to its project's usage key in its transaction. All API creates go to one /16 network, so a later row starts with the VMs of the earlier ones. Revisions count committed etcd writes, audit records included; a create is one transaction (spec, status, user-data, name index, request id, addresses, first event, the project's usage), and the creates of one project in flight at once are group-committed into one transaction (they all compare and write the usage key), so fewer than 1.00 means several creates shared a commit. Write txns include transactions whose compares failed and were retried. Requests count every etcd call of the API, reads included.\n", duration)
+	fmt.Fprintf(&out, "\nEach client count runs two phases of %s, one after the other on the same embedded etcd: first raw etcd transactions of a create's shape (one compare that a key is absent, 7 puts of 292 bytes ≈ 2 KB; the client connection is the API server's, no API, no TLS to the API, no auth), then creates through the API. The API: as `minicloudd api` serves, TLS, and every call authenticated with the bootstrap admin's bearer token (one etcd read per call for the token and its user) and authorized by the policy table; every create also writes its audit record (one put, outside the create's transaction). Quotas on (a default quota no run reaches): every create is charged to its project's usage key in its transaction. All API creates go to one /16 network, so a later row starts with the VMs of the earlier ones. CPU / op is this process's CPU time (API server, etcd and the clients together) during the phase divided by its operations: on this shared machine it moves less with the other tenants' load than ops/s does. Revisions count committed etcd writes, audit records included (group-committed, like the creates); a create is one transaction (spec, status, user-data, name index, request id, addresses, first event, the project's usage), and the creates of one project in flight at once are group-committed into one transaction (they all compare and write the usage key), so fewer than 1.00 means several creates shared a commit. Write txns include transactions whose compares failed and were retried. Requests count every etcd call of the API, reads included.\n", duration)
 	fmt.Print(out.String())
 	if docs == "" {
 		return nil
@@ -288,7 +305,7 @@ const windowCap = 5000
 
 // runFill fills the network through the API to each count of fill and
 // measures creates/s there.
-func runFill(ctx context.Context, b *bench, loadBefore string, clients int, fill []int, window time.Duration, docs string) error {
+func runFill(ctx context.Context, b *bench, loadBefore string, clients int, fill []int, window time.Duration, docs, cpuProfile string) error {
 	slices.Sort(fill)
 	var rows strings.Builder
 	var vms int64
@@ -306,12 +323,17 @@ func runFill(ctx context.Context, b *bench, loadBefore string, clients int, fill
 		}
 		fillTime := time.Since(t0)
 		load := benchdoc.LoadAverage()
+		stopProfile, err := profile(cpuProfile, target)
+		if err != nil {
+			return err
+		}
 		s, err := measure(ctx, clients, window, windowCap, b.create)
+		stopProfile()
 		if err != nil {
 			return fmt.Errorf("window at %d: %w", target, err)
 		}
-		fmt.Fprintf(&rows, "| %d | %s | %d | %d | %.0f | %s | %s | %s |\n",
-			vms, fillTime.Round(100*time.Millisecond), len(s.latencies), s.failed, s.rate(), round(s.pct(0.50)), round(s.pct(0.99)), load)
+		fmt.Fprintf(&rows, "| %d | %s | %d | %d | %.0f | %s | %s | %s | %s |\n",
+			vms, fillTime.Round(100*time.Millisecond), len(s.latencies), s.failed, s.rate(), round(s.pct(0.50)), round(s.pct(0.99)), s.cpuPerOp(), load)
 		vms += int64(len(s.latencies))
 		log.Printf("at %d VMs: %.0f creates/s", target, s.rate())
 	}
@@ -319,8 +341,8 @@ func runFill(ctx context.Context, b *bench, loadBefore string, clients int, fill
 	var out strings.Builder
 	fmt.Fprintf(&out, "`go run ./hack/apibench -fill %s -clients %d -duration %s` — as the api table, with all creates in one /16 network (65,533 addresses for VMs), GOMAXPROCS=%d, load average %s before the run and %s after, measured %s.\n\n",
 		joinInts(fill), clients, window, runtime.GOMAXPROCS(0), loadBefore, loadAfter, time.Now().UTC().Format("2006-01-02"))
-	fmt.Fprintf(&out, "| VMs in the network | time to fill to there | creates in the window | failed | creates/s | p50 | p99 | load average at the window |\n")
-	fmt.Fprintf(&out, "|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&out, "| VMs in the network | time to fill to there | creates in the window | failed | creates/s | p50 | p99 | CPU / create | load average at the window |\n")
+	fmt.Fprintf(&out, "|---|---|---|---|---|---|---|---|---|\n")
 	out.WriteString(rows.String())
 	fmt.Fprintf(&out, "\nThe harness creates VMs through the API with %d clients until the network holds the row's count, then measures creates for %s (at most %d creates, so the largest fill still fits the /16).\n", clients, window, windowCap)
 	fmt.Print(out.String())
@@ -328,6 +350,23 @@ func runFill(ctx context.Context, b *bench, loadBefore string, clients int, fill
 		return nil
 	}
 	return benchdoc.RewriteSection(docs, "api-fill", out.String())
+}
+
+// profile starts a CPU profile to path.<count>, if path is set; the
+// returned function stops it.
+func profile(path string, count int) (func(), error) {
+	if path == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(fmt.Sprintf("%s.%d", path, count))
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }
 
 func joinInts(xs []int) string {

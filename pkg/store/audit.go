@@ -21,13 +21,38 @@ const AuditRetention = 30 * 24 * time.Hour
 
 // AuditLog appends audit records. Records written within one hour share a
 // lease (one lease per hour of records, not one per record).
+//
+// Every mutating API call appends one record, so at a few hundred calls a
+// second the records were as many etcd writes as the calls' own
+// transactions. Appends are group-committed: while one transaction of
+// records is in flight, the next records queue and go together in the
+// following one (at most maxAuditBatch), and each Append still returns
+// only once its record is stored or has failed.
 type AuditLog struct {
 	cli Leaser
 
 	mu        sync.Mutex
 	lease     clientv3.LeaseID
 	leaseFrom time.Time
+
+	qmu     sync.Mutex
+	queue   []auditPut
+	running bool
 }
+
+// auditPut is one queued record and where its result goes.
+type auditPut struct {
+	op   clientv3.Op
+	done chan error
+}
+
+// maxAuditBatch bounds the puts of one transaction (etcd refuses more
+// than 128 operations in one by default).
+const maxAuditBatch = 100
+
+// auditCommitTimeout bounds one batch's write; a batch writes for several
+// callers, so it uses none of their contexts.
+const auditCommitTimeout = 30 * time.Second
 
 // NewAuditLog writes through cli.
 func NewAuditLog(cli Leaser) *AuditLog { return &AuditLog{cli: cli} }
@@ -45,10 +70,49 @@ func (l *AuditLog) Append(ctx context.Context, rec *minicloudv1.AuditRecord) err
 	if err != nil {
 		return err
 	}
-	if _, err := l.cli.Do(ctx, op); err != nil {
-		return errdefs.Wrap(errdefs.KindUnavailable, err, "write audit record")
+	p := auditPut{op: op, done: make(chan error, 1)}
+	l.qmu.Lock()
+	l.queue = append(l.queue, p)
+	if !l.running {
+		l.running = true
+		go l.commitQueue()
 	}
-	return nil
+	l.qmu.Unlock()
+	select {
+	case err := <-p.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// commitQueue writes the queued records, a batch per transaction, until
+// the queue is empty.
+func (l *AuditLog) commitQueue() {
+	for {
+		l.qmu.Lock()
+		batch := l.queue[:min(len(l.queue), maxAuditBatch)]
+		l.queue = l.queue[len(batch):]
+		if len(batch) == 0 {
+			l.queue, l.running = nil, false
+			l.qmu.Unlock()
+			return
+		}
+		l.qmu.Unlock()
+		ops := make([]clientv3.Op, len(batch))
+		for i, p := range batch {
+			ops[i] = p.op
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), auditCommitTimeout)
+		_, err := l.cli.Txn(ctx).Then(ops...).Commit()
+		cancel()
+		if err != nil {
+			err = errdefs.Wrap(errdefs.KindUnavailable, err, "write audit record (one of %d written together)", len(batch))
+		}
+		for _, p := range batch {
+			p.done <- err
+		}
+	}
 }
 
 func (l *AuditLog) leaseFor(ctx context.Context, t time.Time) (clientv3.LeaseID, error) {
