@@ -15,13 +15,19 @@ import (
 // knownVM refuses VMs this host does not run: the API only relays to a
 // VM's own host, and nothing else may be reached through the agent.
 func (s *AgentService) knownVM(id string) error {
+	_, err := s.vmName(id)
+	return err
+}
+
+// vmName is the name of one of this host's VMs, for messages.
+func (s *AgentService) vmName(id string) (string, error) {
 	s.agent.mu.Lock()
-	_, known := s.agent.assigned[id]
+	as, known := s.agent.assigned[id]
 	s.agent.mu.Unlock()
 	if !known {
-		return errdefs.NotFound("VM %s is not on host %s", id, s.agent.cfg.HostName)
+		return "", errdefs.NotFound("VM %s is not on host %s", id, s.agent.cfg.HostName)
 	}
-	return nil
+	return as.vm.GetMeta().GetName(), nil
 }
 
 // AttachConsole serves one console session (VMService.AttachConsole,
@@ -36,10 +42,13 @@ func (s *AgentService) AttachConsole(stream minicloudv1.AgentService_AttachConso
 	if att == nil {
 		return errdefs.Invalid("the first message of AttachConsole must be an attach")
 	}
-	if err := s.knownVM(att.GetVmId()); err != nil {
+	name, err := s.vmName(att.GetVmId())
+	if err != nil {
 		return err
 	}
-	sess, err := s.agent.consoles.Attach(ctx, att.GetVmId(), consolehub.AttachOptions{Write: att.GetWrite(), TakeOver: att.GetTakeOver(), Who: att.GetWho()})
+	sess, err := s.agent.consoles.Attach(ctx, att.GetVmId(), consolehub.AttachOptions{
+		Write: att.GetWrite(), TakeOver: att.GetTakeOver(), Who: att.GetWho(), VMName: name,
+	})
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@
 package consolehub
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -86,6 +87,8 @@ type AttachOptions struct {
 	TakeOver bool
 	// Who names the user, for the other sessions' messages.
 	Who string
+	// VMName names the VM in messages (its id when empty).
+	VMName string
 }
 
 // Event is one thing that happens to a session, in order.
@@ -102,6 +105,7 @@ type Event struct {
 // vmConsole is one VM's open stream and its sessions.
 type vmConsole struct {
 	id      string
+	name    string // for messages
 	stream  io.ReadWriteCloser
 	ready   chan struct{} // closed once stream is open or openErr set
 	openErr error
@@ -148,7 +152,7 @@ func (h *Hub) Attach(ctx context.Context, vmID string, opts AttachOptions) (*Ses
 	opener := vc == nil
 	var released chan struct{}
 	if opener {
-		vc = &vmConsole{id: vmID, ready: make(chan struct{}), sessions: map[*Session]struct{}{}}
+		vc = &vmConsole{id: vmID, name: cmp.Or(opts.VMName, vmID), ready: make(chan struct{}), sessions: map[*Session]struct{}{}}
 		h.vms[vmID] = vc
 		released = h.closing[vmID]
 	}
@@ -190,13 +194,13 @@ func (h *Hub) Attach(ctx context.Context, vmID string, opts AttachOptions) (*Ses
 	defer vc.mu.Unlock()
 	switch {
 	case vc.ended:
-		return fail(errdefs.FailedPrecondition("the console of VM %s closed as this session attached (the VM stopped?)", vmID))
+		return fail(errdefs.FailedPrecondition("the console of VM %s closed as this session attached (the VM stopped?)", vc.name))
 	case len(vc.sessions) >= h.lim.SessionsPerVM:
-		return fail(errdefs.ResourceExhausted("VM %s has %d console sessions, its limit: detach one first", vmID, len(vc.sessions)))
+		return fail(errdefs.ResourceExhausted("VM %s has %d console sessions, its limit: detach one first", vc.name, len(vc.sessions)))
 	case opts.Write && vc.writer != nil && !opts.TakeOver:
 		w := vc.writer
-		return fail(errdefs.FailedPrecondition("the console of VM %s is being written by %s (since %s): attach read-only, or take the write side over",
-			vmID, w.who, w.since.UTC().Format(time.TimeOnly)))
+		return fail(errdefs.FailedPrecondition("the console of VM %s is being written by %s (since %s UTC): attach read-only, or take the write side over",
+			vc.name, w.who, w.since.UTC().Format(time.TimeOnly)))
 	}
 	if opts.Write {
 		if old := vc.writer; old != nil {
@@ -345,7 +349,7 @@ func (s *Session) Write(p []byte) error {
 	s.vm.wmu.Lock()
 	defer s.vm.wmu.Unlock()
 	if _, err := s.vm.stream.Write(p); err != nil {
-		return errdefs.Wrap(errdefs.KindUnavailable, err, "write to the console of VM %s", s.vm.id)
+		return errdefs.Wrap(errdefs.KindUnavailable, err, "write to the console of VM %s", s.vm.name)
 	}
 	return nil
 }

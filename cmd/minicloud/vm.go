@@ -40,6 +40,8 @@ func (a *app) newVMCommand() *cobra.Command {
 		a.newVMActionCommand("stop", "Shut a VM down (ACPI, then power off)", complete, func(c *client.Client) vmAction { return c.VMs.StopVM }),
 		a.newVMActionCommand("reboot", "Reboot a VM", complete, func(c *client.Client) vmAction { return c.VMs.RebootVM }),
 		a.newVMConsoleLogCommand(complete),
+		a.newVMConsoleCommand(complete),
+		a.newVMTopCommand(complete),
 		a.newVMEventsCommand(complete),
 		a.newVMWaitCommand(complete),
 		a.newVMSetCommand(complete),
