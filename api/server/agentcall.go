@@ -33,8 +33,12 @@ func (s *Server) dialVMAgent(ctx context.Context, project, ref string, running b
 		return nil, err
 	}
 	phase := vm.GetStatus().GetPhase()
-	if running && phase != minicloudv1.VMPhase_VM_PHASE_RUNNING {
-		return nil, errdefs.FailedPrecondition("VM %s is %s; start it first (minicloud vm start %s)", vm.Meta.Name, lifecycle.PhaseName(phase), vm.Meta.Name)
+	switch {
+	case !running || phase == minicloudv1.VMPhase_VM_PHASE_RUNNING:
+	case phase == minicloudv1.VMPhase_VM_PHASE_STOPPED:
+		return nil, errdefs.FailedPrecondition("VM %s is STOPPED; start it first (minicloud vm start %s)", vm.Meta.Name, vm.Meta.Name)
+	default:
+		return nil, errdefs.FailedPrecondition("VM %s is %s: only a RUNNING VM has a console and counters", vm.Meta.Name, lifecycle.PhaseName(phase))
 	}
 	hostName := vm.GetStatus().GetHost()
 	if hostName == "" {

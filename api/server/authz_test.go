@@ -391,3 +391,32 @@ func TestTokenLifecycle(t *testing.T) {
 	_, err = authc.DeleteUser(ctx(t), &minicloudv1.DeleteUserRequest{Name: "admin"})
 	wantCode(t, err, codes.FailedPrecondition, "cannot delete yourself")
 }
+
+// TestConsoleWriteNeedsMember: a reader may watch a console but not type
+// into it; the header's write and take_over fields decide.
+func TestConsoleWriteNeedsMember(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	e.createProjects("alpha")
+	authc := minicloudv1.NewAuthServiceClient(e.conn)
+	resp, err := authc.CreateUser(ctx(t), &minicloudv1.CreateUserRequest{Name: "rita", Project: "alpha", Role: "reader", TokenTtlSeconds: 3600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vms := minicloudv1.NewVMServiceClient(e.userConn(resp.Token))
+	attach := func(a *minicloudv1.ConsoleAttach) error {
+		stream, err := vms.AttachConsole(ctx(t))
+		if err != nil {
+			return err
+		}
+		if err := stream.Send(&minicloudv1.ConsoleRequest{Msg: &minicloudv1.ConsoleRequest_Attach{Attach: a}}); err != nil {
+			return err
+		}
+		_, err = stream.Recv()
+		return err
+	}
+	wantCode(t, attach(&minicloudv1.ConsoleAttach{Name: "web1", Write: true}), codes.PermissionDenied, "AttachConsole with write needs the member role in project alpha")
+	wantCode(t, attach(&minicloudv1.ConsoleAttach{Name: "web1", TakeOver: true}), codes.PermissionDenied, "with take_over needs the member role")
+	// Watching passes authorization: the VM is what is missing.
+	wantCode(t, attach(&minicloudv1.ConsoleAttach{Name: "web1"}), codes.NotFound, "web1")
+}

@@ -358,3 +358,50 @@ func TestReportVMStatusTransitions(t *testing.T) {
 		}
 	}
 }
+
+// TestConsoleAndStatsNeedARunningVMOnAReachableHost: the API refuses a VM
+// that is not RUNNING before asking any host, and names the host it cannot
+// reach (the whole path to a real agent is in cmd/minicloud's
+// TestE2EConsoleAndStats).
+func TestConsoleAndStatsNeedARunningVMOnAReachableHost(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	dead, _ := net.Listen("tcp", "127.0.0.1:0")
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	e.registerHost("h2", deadAddr)
+	vm := e.createVM("web1")
+
+	attach := func() error {
+		stream, err := e.vms.AttachConsole(ctx(t))
+		if err != nil {
+			return err
+		}
+		if err := stream.Send(&minicloudv1.ConsoleRequest{Msg: &minicloudv1.ConsoleRequest_Attach{Attach: &minicloudv1.ConsoleAttach{Name: "web1", Write: true}}}); err != nil {
+			return err
+		}
+		_, err = stream.Recv()
+		return err
+	}
+	stats := func() error {
+		_, err := e.vms.GetVMStats(ctx(t), &minicloudv1.GetVMStatsRequest{Name: "web1"})
+		return err
+	}
+	wantCode(t, attach(), codes.FailedPrecondition, "VM web1 is PENDING: only a RUNNING VM has a console")
+	wantCode(t, stats(), codes.FailedPrecondition, "VM web1 is PENDING")
+
+	e.place(vm.Meta.Id, "h2")
+	c := ctx(t)
+	for _, p := range []minicloudv1.VMPhase{minicloudv1.VMPhase_VM_PHASE_CREATING, minicloudv1.VMPhase_VM_PHASE_RUNNING} {
+		if _, err := e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h2", VmId: vm.Meta.Id, Status: &minicloudv1.VMStatus{Phase: p}}); err != nil {
+			t.Fatalf("report %s: %v", p, err)
+		}
+	}
+	wantCode(t, attach(), codes.Unavailable, "host h2 (agent at "+deadAddr)
+	wantCode(t, stats(), codes.Unavailable, "host h2 (agent at "+deadAddr)
+
+	if _, err := e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h2", VmId: vm.Meta.Id, Status: &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_STOPPED}}); err != nil {
+		t.Fatalf("report STOPPED: %v", err)
+	}
+	wantCode(t, attach(), codes.FailedPrecondition, "VM web1 is STOPPED; start it first")
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"time"
 
@@ -66,6 +67,11 @@ func (d *Driver) OpenConsole(ctx context.Context, vmID string) (io.ReadWriteClos
 		var lerr golibvirt.Error
 		if errors.As(err, &lerr) && golibvirt.ErrorNumber(lerr.Code) == golibvirt.ErrOperationFailed {
 			return nil, errdefs.Wrap(errdefs.KindConflict, err, "open console of %s: another client holds it", vmID)
+		}
+		if errors.As(err, &lerr) && strings.Contains(lerr.Message, "not using a PTY") {
+			// Defined by an older minicloud, whose serial port wrote to
+			// the log file only.
+			return nil, errdefs.FailedPrecondition("the domain of %s has no console to attach to (defined by an older minicloud: its serial port only writes the console log)", vmID)
 		}
 		return nil, classify(err, "open console of %s", vmID)
 	case <-ctx.Done():
