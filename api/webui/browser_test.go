@@ -99,7 +99,7 @@ func TestBrowser(t *testing.T) {
 		"MC_VM=webe2e",
 		"MC_BAD_NAME=Bad_Name",
 		"MC_BAD_NAME_ERROR="+apiErr.Error(),
-		"MC_CONSOLE_EXPECT=MINICLOUD-TINY-INIT",
+		"MC_CONSOLE_EXPECT=MINICLOUD-TINY-SHELL",
 		"MC_SHOTS="+shots,
 		"CHROMIUM="+chromium,
 	)

@@ -76,6 +76,14 @@ func (h *Handler) vmEvents(w http.ResponseWriter, r *http.Request, s *session) {
 	}()
 	tick := time.NewTicker(keepAlive)
 	defer tick.Stop()
+	// A VM's page also gets its stats, sampled while the page is open.
+	var statsTick <-chan time.Time
+	var series statsSeries
+	if name != "" {
+		t := time.NewTicker(statsEvery)
+		defer t.Stop()
+		statsTick = t.C
+	}
 	for {
 		var msg []byte
 		select {
@@ -83,6 +91,11 @@ func (h *Handler) vmEvents(w http.ResponseWriter, r *http.Request, s *session) {
 			return
 		case <-tick.C:
 			msg = []byte(": keep-alive\n\n")
+		case <-statsTick:
+			if msg, err = h.statsMessage(s, name, &series); err != nil {
+				h.log.Error("webui live stream", "err", err)
+				return
+			}
 		case got := <-events:
 			if got.err != nil {
 				// The watch ended (the API restarted, or the resume point
@@ -108,6 +121,45 @@ func (h *Handler) vmEvents(w http.ResponseWriter, r *http.Request, s *session) {
 			return
 		}
 	}
+}
+
+// statsMessage samples the VM's stats and renders its charts.
+func (h *Handler) statsMessage(s *session, id string, series *statsSeries) ([]byte, error) {
+	v := statsView{ID: id}
+	st, err := h.api.VMs.GetVMStats(s.ctx, &minicloudv1.GetVMStatsRequest{Name: id})
+	if err != nil {
+		// Not running, or its host cannot be asked now: say so in the
+		// panel; the next sample may succeed.
+		v.Message = err.Error()
+	} else {
+		series.add(st)
+		v.Charts = series.charts()
+	}
+	html, err := h.fragment("vmstats", v)
+	if err != nil {
+		return nil, err
+	}
+	return sseEvent("update", html), nil
+}
+
+// statsView is the VM page's stats panel.
+type statsView struct {
+	ID      string
+	Charts  []chart
+	Message string
+}
+
+// sseEvent is one server-sent event carrying an HTML fragment.
+func sseEvent(name string, html []byte) []byte {
+	var b bytes.Buffer
+	b.WriteString("event: " + name + "\n")
+	for _, line := range bytes.Split(bytes.TrimSpace(html), []byte("\n")) {
+		b.WriteString("data: ")
+		b.Write(bytes.TrimRight(line, "\r"))
+		b.WriteString("\n")
+	}
+	b.WriteString("\n")
+	return b.Bytes()
 }
 
 // eventMessage is one server-sent event for a watch event, nil for none.
@@ -138,13 +190,7 @@ func (h *Handler) eventMessage(s *session, ev *minicloudv1.WatchVMsResponse, det
 	if err != nil {
 		return nil, err
 	}
-	b.WriteString("event: update\n")
-	for _, line := range bytes.Split(bytes.TrimSpace(html), []byte("\n")) {
-		b.WriteString("data: ")
-		b.Write(bytes.TrimRight(line, "\r"))
-		b.WriteString("\n")
-	}
-	b.WriteString("\n")
+	b.Write(sseEvent("update", html))
 	return b.Bytes(), nil
 }
 

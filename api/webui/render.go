@@ -47,6 +47,7 @@ var funcs = template.FuncMap{
 	},
 	"join":     strings.Join,
 	"int64":    func(i int32) int64 { return int64(i) },
+	"stats":    func(id string) statsView { return statsView{ID: id} },
 	"rowID":    func(vm *minicloudv1.VM) string { return domID(vm, false) },
 	"statusID": func(vm *minicloudv1.VM) string { return domID(vm, true) },
 }
@@ -113,6 +114,9 @@ func (h *Handler) render(w http.ResponseWriter, r *http.Request, status int, pag
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
+	if page == "vm" {
+		w.Header().Set("Content-Security-Policy", terminalSecurityPolicy)
+	}
 	w.WriteHeader(status)
 	_, _ = w.Write(buf.Bytes())
 }

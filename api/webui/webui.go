@@ -79,6 +79,7 @@ func New(cfg Config) (*Handler, error) {
 	h.mux.Handle("GET /vms/{name}", h.signedIn(h.vmPage))
 	h.mux.Handle("GET /vms/{name}/console-log", h.signedIn(h.vmConsoleLog))
 	h.mux.Handle("POST /vms/{name}/{action}", h.signedIn(h.vmAction))
+	h.mux.Handle("GET /vms/{name}/console/ws", h.signedIn(h.vmConsole))
 	h.mux.Handle("GET /images", h.signedIn(listPage(h, "images", func() *minicloudv1.ListImagesRequest { return &minicloudv1.ListImagesRequest{} },
 		h.api.Images.ListImages, (*minicloudv1.ListImagesResponse).GetImages)))
 	h.mux.Handle("GET /flavors", h.signedIn(listPage(h, "flavors", func() *minicloudv1.ListFlavorsRequest { return &minicloudv1.ListFlavorsRequest{} },
@@ -94,6 +95,15 @@ func New(cfg Config) (*Handler, error) {
 // posting to the console only. VM names, metadata and console output are
 // hostile input; html/template escapes them, and this is the second wall.
 const contentSecurityPolicy = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; " +
+	"connect-src 'self'; font-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+
+// terminalSecurityPolicy is the VM page's: the same, except that styles
+// may be inline, because xterm.js's renderer writes the terminal's
+// colours and cell sizes into <style> elements it makes at run time (no
+// nonce, contents that depend on the font measured). Scripts stay as
+// strict; an inline style cannot run code, and html/template keeps
+// markup out of what the page shows.
+const terminalSecurityPolicy = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; " +
 	"connect-src 'self'; font-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
 // ServeHTTP sets the security headers every answer carries and refuses

@@ -345,6 +345,10 @@ func TestVMListLiveCreateAndDelete(t *testing.T) {
 
 	// The VM page: spec, status, the event timeline, the console log panel.
 	resp, body = c.do("GET", "/vms/web1", nil, false)
+	// Its terminal (xterm.js) needs inline styles; scripts stay strict.
+	if csp := resp.Header.Get("Content-Security-Policy"); !strings.Contains(csp, "script-src 'self';") || !strings.Contains(csp, "style-src 'self' 'unsafe-inline';") {
+		t.Errorf("VM page CSP %q", csp)
+	}
 	for _, want := range []string{"<h1>web1</h1>", vm.Meta.Id, `id="vm-status-` + vm.Meta.Id + `"`, ">PENDING<", `class="timeline"`, `id="console-log"`} {
 		if !strings.Contains(body, want) {
 			t.Errorf("VM page lacks %s", want)

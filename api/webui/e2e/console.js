@@ -152,6 +152,31 @@ async function main() {
       await page.waitForLoadState('networkidle');
     }
     log('console log shows', JSON.stringify(expect));
+
+    // The interactive console (xterm.js over a WebSocket to
+    // AttachConsole): what is typed reaches the guest's shell, and its
+    // answer comes back. Only the shell's output holds WEBUI-42; the
+    // echoed keystrokes hold $((6*7)).
+    await page.waitForSelector('#terminal[data-state=attached][data-writer=true]', { timeout: 60000 });
+    await page.click('#terminal');
+    const answered = () => page.waitForFunction(
+      () => (document.querySelector('#terminal .xterm-rows') || { textContent: '' }).textContent.includes('WEBUI-42'),
+      null, { timeout: 15000 }).then(() => true, () => false);
+    let typed = false;
+    for (let i = 0; i < 8 && !typed; i++) {
+      await page.keyboard.type('echo WEBUI-$((6*7))');
+      await page.keyboard.press('Enter');
+      typed = await answered();
+    }
+    if (!typed) {
+      throw new Error('the shell never answered in the terminal: ' + await page.locator('#terminal .xterm-rows').textContent());
+    }
+    log('typed into the console; the guest answered WEBUI-42');
+
+    // Stats, sampled while the page is open: charts appear once two
+    // samples give rates.
+    await page.waitForSelector('.vmstats svg polyline', { timeout: 120000 });
+    log('stats:', (await page.locator('.vmstats').textContent()).replace(/\s+/g, ' ').trim());
     await shot(page, 'vm');
 
     // The overview with the VM on its host, and the other pages.

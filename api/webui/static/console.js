@@ -1,0 +1,67 @@
+// minicloud web console: the VM page's interactive serial console. An
+// element with data-console-src becomes an xterm.js terminal joined to the
+// VM's console over a WebSocket (GET /vms/NAME/console/ws, bridged to
+// AttachConsole with the user's token): binary messages carry output and
+// keystrokes, text messages say how the session stands.
+(function () {
+  'use strict';
+
+  function describe(c) {
+    switch (c.type) {
+      case 'attached':
+        return c.writer ? 'Connected: typing reaches the guest.' :
+          'Connected read-only: another session types into this console.';
+      case 'notice':
+        return c.message || (c.writer ? 'You type into the console.' : 'Read-only now.');
+      case 'closed':
+        return 'The console closed: ' + (c.message || 'the VM stopped') + '.';
+      case 'error':
+        return c.message;
+    }
+    return '';
+  }
+
+  function start(el) {
+    var status = document.getElementById('terminal-status');
+    var term = new window.Terminal({
+      cursorBlink: true, fontSize: 13, rows: 24, scrollback: 2000,
+      theme: { background: '#111111', foreground: '#dddddd' },
+    });
+    var fit = new window.FitAddon.FitAddon();
+    term.loadAddon(fit);
+    term.open(el);
+    fit.fit();
+    window.addEventListener('resize', function () { fit.fit(); });
+
+    var scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+    var ws = new WebSocket(scheme + '//' + window.location.host + el.getAttribute('data-console-src'));
+    ws.binaryType = 'arraybuffer';
+    var enc = new TextEncoder();
+    ws.onmessage = function (e) {
+      if (typeof e.data === 'string') {
+        var c = JSON.parse(e.data);
+        el.setAttribute('data-state', c.type);
+        if (c.type === 'attached' || c.type === 'notice') el.setAttribute('data-writer', c.writer ? 'true' : 'false');
+        status.textContent = describe(c);
+        return;
+      }
+      term.write(new Uint8Array(e.data));
+    };
+    ws.onclose = function () {
+      if (el.getAttribute('data-state') === 'attached') status.textContent = 'Disconnected.';
+      el.setAttribute('data-state', 'closed');
+    };
+    term.onData(function (d) {
+      if (ws.readyState === WebSocket.OPEN) ws.send(enc.encode(d));
+    });
+  }
+
+  function init() {
+    document.querySelectorAll('[data-console-src]').forEach(start);
+  }
+  if (document.readyState === 'loading') {
+    document.addEventListener('DOMContentLoaded', init);
+  } else {
+    init();
+  }
+})();
