@@ -46,13 +46,11 @@ type consoleControl struct {
 // (?take_over=1 takes the write side instead). The API decides who may
 // read or write, as for `minicloud vm console`.
 func (h *Handler) vmConsole(w http.ResponseWriter, r *http.Request, s *session) {
-	select {
-	case h.live <- struct{}{}:
-		defer func() { <-h.live }()
-	default:
-		http.Error(w, "too many live views open; try again later", http.StatusServiceUnavailable)
+	release, ok := h.liveSlot(w)
+	if !ok {
 		return
 	}
+	defer release()
 	ws, err := upgrader.Upgrade(w, r, nil)
 	if err != nil {
 		return // the upgrader answered

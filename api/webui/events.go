@@ -29,13 +29,11 @@ const keepAlive = 25 * time.Second
 // Query: rv, the resource version the page was rendered at; name, one VM
 // (its page) rather than the list.
 func (h *Handler) vmEvents(w http.ResponseWriter, r *http.Request, s *session) {
-	select {
-	case h.live <- struct{}{}:
-		defer func() { <-h.live }()
-	default:
-		http.Error(w, "too many live views open; reload later", http.StatusServiceUnavailable)
+	release, ok := h.liveSlot(w)
+	if !ok {
 		return
 	}
+	defer release()
 	name := r.URL.Query().Get("name")
 	rv, _ := strconv.ParseInt(r.URL.Query().Get("rv"), 10, 64)
 	if last, err := strconv.ParseInt(r.Header.Get("Last-Event-ID"), 10, 64); err == nil && last > 0 {
@@ -120,6 +118,18 @@ func (h *Handler) vmEvents(w http.ResponseWriter, r *http.Request, s *session) {
 		if bytes.HasPrefix(msg, []byte("event: reset")) {
 			return
 		}
+	}
+}
+
+// liveSlot takes one of the maxLiveStreams slots for a live stream or a
+// console session, or answers 503 when none is free.
+func (h *Handler) liveSlot(w http.ResponseWriter) (release func(), ok bool) {
+	select {
+	case h.live <- struct{}{}:
+		return func() { <-h.live }, true
+	default:
+		http.Error(w, "too many live views open; try again later", http.StatusServiceUnavailable)
+		return nil, false
 	}
 }
 
