@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/minicloud/minicloud/api/httpapi"
+	"github.com/minicloud/minicloud/pkg/client"
 )
 
 // example is one command of docs/api.md's HTTP/JSON section and the
@@ -28,7 +29,10 @@ type example struct {
 // run curl, each with the ``` block after it that starts "HTTP/1.1 CODE"
 // and may go on with JSON. A curl block without one is an error: every
 // example on the page is checked.
-func docExamples(t *testing.T, path string) []example {
+//
+// The section's one sh block without curl is the setup the examples need
+// ($WEB, $CA, $TOKEN), returned as setup.
+func docExamples(t *testing.T, path string) (setup string, examples []example) {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
@@ -63,6 +67,12 @@ func docExamples(t *testing.T, path string) []example {
 	}
 	var out []example
 	for i, b := range blocks {
+		if b.lang == "sh" && !strings.Contains(b.txt, "curl ") {
+			if setup != "" {
+				t.Fatalf("%s:%d: a second sh block without curl: one setup block, then examples", path, b.line)
+			}
+			setup = b.txt
+		}
 		if b.lang != "sh" || !strings.Contains(b.txt, "curl ") {
 			continue
 		}
@@ -82,7 +92,7 @@ func docExamples(t *testing.T, path string) []example {
 		}
 		out = append(out, ex)
 	}
-	return out
+	return setup, out
 }
 
 // contains reports where got lacks something of want: every key of an
@@ -138,12 +148,28 @@ func TestDocsCurlExamples(t *testing.T) {
 		t.Fatalf("curl: %v (hack/setup-host.sh installs it)", err)
 	}
 	path := filepath.Join("..", "..", "docs", "api.md")
-	examples := docExamples(t, path)
+	setup, examples := docExamples(t, path)
 	if len(examples) < 8 {
 		t.Fatalf("%s has %d curl examples in its HTTP/JSON section", path, len(examples))
 	}
 	w := startWeb(t, httpapi.Config{})
 	dir := t.TempDir()
+
+	// The setup block finds the token in the CLI's configuration (as make
+	// up installs it) where the page says.
+	home := filepath.Join(dir, "home")
+	if err := os.MkdirAll(filepath.Join(home, ".config", "minicloud"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := (client.Config{Endpoint: "127.0.0.1:8640", CA: "/var/lib/minicloud/ca.crt", Token: w.api.AdminToken}).Write(filepath.Join(home, ".config", "minicloud", "config.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("bash", "-c", "set -euo pipefail\n"+setup+`printf %s "$TOKEN"`)
+	cmd.Env = append(os.Environ(), "HOME="+home)
+	if out, err := cmd.Output(); err != nil || string(out) != w.api.AdminToken {
+		t.Fatalf("%s: the setup block gives TOKEN %q (%v), want the config's token", path, out, err)
+	}
+
 	ca := filepath.Join(dir, "ca.crt")
 	if err := os.WriteFile(ca, w.api.CA.CertPEM, 0o644); err != nil {
 		t.Fatal(err)
