@@ -36,7 +36,7 @@ const testBridge = "mc-0a1b2c3d"
 // fakeAPI: every status the agent reports is merged into the VM the agent
 // holds, as the API would store it and stream it back.
 type harness struct {
-	t     *testing.T
+	t     testing.TB
 	a     *Agent
 	hv    *hypervisortest.FakeHost
 	net   *networktest.FakeHost
@@ -50,9 +50,21 @@ func newHarness(t *testing.T) *harness {
 	return restartHarness(t, nil)
 }
 
+// newHarnessWith is newHarness whose guest services are guest (real ones,
+// say) instead of the recording fake.
+func newHarnessWith(tb testing.TB, guest GuestServices) *harness {
+	tb.Helper()
+	return startHarness(tb, nil, guest)
+}
+
 // restartHarness is a new agent on the host of prev (its state directory,
 // domains and links): prev's agent restarted. With prev nil, a new host.
 func restartHarness(t *testing.T, prev *harness) *harness {
+	t.Helper()
+	return startHarness(t, prev, nil)
+}
+
+func startHarness(t testing.TB, prev *harness, guest GuestServices) *harness {
 	t.Helper()
 	h := &harness{
 		t:     t,
@@ -65,6 +77,9 @@ func restartHarness(t *testing.T, prev *harness) *harness {
 	if prev != nil {
 		h.hv, h.net, stateDir = prev.hv, prev.net, prev.a.cfg.StateDir
 	}
+	if guest == nil {
+		guest = h.guest
+	}
 	drv := hypervisortest.NewFakeDriver(h.hv)
 	t.Cleanup(func() { _ = drv.Close() })
 	a, err := New(Config{
@@ -76,7 +91,7 @@ func restartHarness(t *testing.T, prev *harness) *harness {
 		Network:    networktest.NewFakeManager(h.net),
 		Disks:      h.disks,
 		Images:     fakeImageCache{dir: t.TempDir()},
-		Guest:      h.guest,
+		Guest:      guest,
 	}, WithLogger(slog.New(slog.DiscardHandler)))
 	if err != nil {
 		t.Fatal(err)

@@ -7,6 +7,7 @@
 #   scheduler  go run ./hack/schedbench --quick  (1,000 hosts, 2,000 VMs)
 #   metadata   go run ./hack/metabench -duration 10s
 #   agent      go run ./hack/agentbench          (real VMs under libvirt, ~2-4 min)
+#   density    go run ./hack/densitybench        (agent per-pass cost at 10/50/1,000 VMs, fake hypervisor, ~1 min)
 #   bootbench  go run ./hack/bootbench           (real Debian boots; when hack/bootbench exists)
 #   lab        go run ./hack/labbench            (its own 3-host lab: 2x30 creates, VM network RTT/TCP, ~5 min)
 #
@@ -41,6 +42,7 @@ harnesses=(
 	"scheduler|go run ./hack/schedbench --quick -docs $docs"
 	"metadata|go run ./hack/metabench -duration 10s -docs $docs"
 	"agent|go run ./hack/agentbench -docs $docs"
+	"density|go run ./hack/densitybench -docs $docs"
 )
 if [ -d hack/bootbench ]; then
 	harnesses+=("bootbench|go run ./hack/bootbench -docs $docs")
@@ -69,7 +71,7 @@ for h in "${harnesses[@]}"; do
 done
 
 if [ "$ran" = 0 ]; then
-	echo "BENCH_ONLY=\"$BENCH_ONLY\" matches no harness (api list scheduler metadata agent bootbench lab)" >&2
+	echo "BENCH_ONLY=\"$BENCH_ONLY\" matches no harness (api list scheduler metadata agent density bootbench lab)" >&2
 	exit 1
 fi
 echo

@@ -23,7 +23,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/minicloud/minicloud/hack/benchdoc"
@@ -70,17 +69,7 @@ func checkHost() error {
 	return nil
 }
 
-func loadAverage() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "unknown"
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "unknown"
-	}
-	return strings.Join(f[:3], " ")
-}
+func loadAverage() string { return benchdoc.LoadAverages() }
 
 func logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "agentbench: "+format+"\n", args...)

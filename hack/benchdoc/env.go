@@ -20,6 +20,19 @@ func LoadAverage() string {
 	return strings.Fields(string(b))[0]
 }
 
+// LoadAverages is the 1-, 5- and 15-minute load averages, space separated.
+func LoadAverages() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}
+
 // EmbeddedEtcd starts an etcd in a temporary directory named after the
 // harness and returns a client; stop closes both and removes the data.
 func EmbeddedEtcd(ctx context.Context, harness string) (cli *clientv3.Client, stop func(), err error) {
