@@ -172,12 +172,23 @@ func NewHandler(ctx context.Context, cfg Config) (http.Handler, error) {
 		_, _ = w.Write(openAPI)
 	})
 	for pattern, h := range cfg.Mounts {
-		if p := strings.TrimPrefix(strings.TrimPrefix(pattern, "GET "), "POST "); strings.HasPrefix(p, "/v1/") || p == "/openapi.json" {
+		if p := patternPath(pattern); p == "/v1" || strings.HasPrefix(p, "/v1/") || p == "/openapi.json" {
 			return nil, fmt.Errorf("httpapi: mount %q: the API serves that path", pattern)
 		}
 		mux.Handle(pattern, h)
 	}
 	return mux, nil
+}
+
+// patternPath is the path of an http.ServeMux pattern "[METHOD ][HOST]/PATH".
+func patternPath(pattern string) string {
+	if _, rest, ok := strings.Cut(pattern, " "); ok {
+		pattern = strings.TrimLeft(rest, " \t")
+	}
+	if i := strings.IndexByte(pattern, '/'); i > 0 {
+		pattern = pattern[i:]
+	}
+	return pattern
 }
 
 // incomingHeader forwards X-Request-Id to the API, which records it in the

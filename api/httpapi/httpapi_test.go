@@ -30,7 +30,7 @@ type web struct {
 }
 
 // startWeb starts both; cfg.API is filled in.
-func startWeb(t *testing.T, cfg httpapi.Config) *web {
+func startWeb(t testing.TB, cfg httpapi.Config) *web {
 	t.Helper()
 	_, cli := etcdtest.Start(t)
 	api, err := apiservertest.Listen(context.Background(), cli, apiserver.Config{ImageDir: t.TempDir()})
@@ -73,7 +73,7 @@ type reply struct {
 
 // send sends method path with body (nil: none), token ("" for none) and
 // the header pairs in kv; the caller closes the response.
-func (w *web) send(ctx context.Context, t *testing.T, token, method, path string, body io.Reader, kv ...string) *http.Response {
+func (w *web) send(ctx context.Context, t testing.TB, token, method, path string, body io.Reader, kv ...string) *http.Response {
 	t.Helper()
 	req, err := http.NewRequestWithContext(ctx, method, w.url+path, body)
 	if err != nil {
@@ -93,7 +93,7 @@ func (w *web) send(ctx context.Context, t *testing.T, token, method, path string
 }
 
 // do sends method path with body (JSON, or "") and token ("" for none).
-func (w *web) do(t *testing.T, token, method, path, body string) reply {
+func (w *web) do(t testing.TB, token, method, path, body string) reply {
 	t.Helper()
 	var in io.Reader
 	if body != "" {
@@ -114,7 +114,7 @@ func (w *web) do(t *testing.T, token, method, path, body string) reply {
 
 // want fails the test unless r has status code and its message (an
 // error's) contains msg.
-func (r reply) want(t *testing.T, code int, msg string) {
+func (r reply) want(t testing.TB, code int, msg string) {
 	t.Helper()
 	if r.code != code {
 		t.Fatalf("status %d, want %d: %s", r.code, code, r.raw)
@@ -263,7 +263,7 @@ func TestMounts(t *testing.T) {
 	if _, err := minicloudv1.NewFlavorServiceClient(conn).ListFlavors(context.Background(), &minicloudv1.ListFlavorsRequest{}); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("a call through DialAPI(0.0.0.0:port) without a token: %v, want Unauthenticated from the API", err)
 	}
-	for _, pattern := range []string{"/v1/", "/v1/ui", "GET /openapi.json"} {
+	for _, pattern := range []string{"/v1/", "/v1/ui", "GET /openapi.json", "PUT /v1/vms", "localhost/v1/", "DELETE  example.com/v1/x"} {
 		if _, err := httpapi.NewHandler(context.Background(), httpapi.Config{API: conn, Mounts: map[string]http.Handler{pattern: ui}}); err == nil {
 			t.Errorf("mounting %q over the API succeeded", pattern)
 		}
