@@ -63,9 +63,12 @@ func (s *AgentService) AttachConsole(stream minicloudv1.AgentService_AttachConso
 		return err
 	}
 
-	// Input: until the client closes its side (detach) or breaks.
+	// Input: until the client closes its side (detach) or breaks. Input
+	// from a session that only reads (it never wrote, or was taken over)
+	// is dropped and it is told once: it goes on watching.
 	inErr := make(chan error, 1)
 	go func() {
+		told := false
 		for {
 			m, err := stream.Recv()
 			if errors.Is(err, io.EOF) {
@@ -76,7 +79,16 @@ func (s *AgentService) AttachConsole(stream minicloudv1.AgentService_AttachConso
 				inErr <- err
 				return
 			}
-			if err := sess.Write(m.GetData()); err != nil {
+			err = sess.Write(m.GetData())
+			switch {
+			case err == nil:
+				told = false
+			case errdefs.IsFailedPrecondition(err):
+				if !told {
+					sess.Notify("this session only watches: what you type is not sent (attach again with take-over to type)")
+					told = true
+				}
+			default:
 				inErr <- err
 				return
 			}
@@ -102,8 +114,8 @@ func relayConsole(ctx context.Context, sess *consolehub.Session, inErr <-chan er
 			switch {
 			case ev.Closed != "":
 				m = &minicloudv1.ConsoleResponse{Msg: &minicloudv1.ConsoleResponse_Closed{Closed: &minicloudv1.ConsoleClosed{Reason: ev.Closed}}}
-			case ev.WriterLost:
-				m = &minicloudv1.ConsoleResponse{Msg: &minicloudv1.ConsoleResponse_Notice{Notice: &minicloudv1.ConsoleNotice{WriterLost: true, Message: ev.Message}}}
+			case ev.WriterLost || (ev.Message != "" && ev.Data == nil):
+				m = &minicloudv1.ConsoleResponse{Msg: &minicloudv1.ConsoleResponse_Notice{Notice: &minicloudv1.ConsoleNotice{WriterLost: ev.WriterLost, Message: ev.Message}}}
 			default:
 				m = &minicloudv1.ConsoleResponse{Msg: &minicloudv1.ConsoleResponse_Data{Data: ev.Data}}
 			}

@@ -94,7 +94,8 @@ type AttachOptions struct {
 // Event is one thing that happens to a session, in order.
 type Event struct {
 	Data []byte // console output
-	// WriterLost: another session took the write side over.
+	// WriterLost: another session took the write side over. A Message
+	// alone is a notice for this session.
 	WriterLost bool
 	// Closed is set on the last event when the console ended on the
 	// host's side (the VM stopped, or the session was too slow).
@@ -330,6 +331,15 @@ func (s *Session) finish(ev Event) {
 
 // Events delivers output and notices; it is closed when the session ends.
 func (s *Session) Events() <-chan Event { return s.events }
+
+// Notify queues a notice for s alone (dropped if its queue is full).
+func (s *Session) Notify(msg string) {
+	s.vm.mu.Lock()
+	defer s.vm.mu.Unlock()
+	if _, attached := s.vm.sessions[s]; attached {
+		s.send(Event{Message: msg})
+	}
+}
 
 // Writer reports whether s holds the write side now.
 func (s *Session) Writer() bool {

@@ -58,7 +58,7 @@ func collect(s *consolehub.Session) *collector {
 		for ev := range s.Events() {
 			c.mu.Lock()
 			c.out.Write(ev.Data)
-			if ev.WriterLost {
+			if ev.WriterLost || ev.Message != "" {
 				c.notices = append(c.notices, ev)
 			}
 			if ev.Closed != "" {
@@ -140,12 +140,29 @@ func TestReadersWriterTakeOverReplay(t *testing.T) {
 		t.Errorf("a fourth session with a limit of 3: %v, want ResourceExhausted", err)
 	}
 	hypervisortest.ShellRoundTrip(t, sessionWriter{c}, rc.has, rc.kick, 30*time.Second)
-	wc.mu.Lock()
-	lost := len(wc.notices)
-	wc.mu.Unlock()
-	if lost != 1 {
-		t.Errorf("alice got %d writer-lost notices, want 1", lost)
+	if err := w.Write([]byte("x")); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("the demoted writer's write: %v, want FailedPrecondition", err)
 	}
+	w.Notify("input dropped")
+	deadline := time.After(30 * time.Second)
+	for {
+		wc.mu.Lock()
+		n := len(wc.notices)
+		wc.mu.Unlock()
+		if n == 2 {
+			break
+		}
+		select {
+		case <-wc.kick:
+		case <-deadline:
+			t.Fatalf("alice got %d notices, want the take-over and the dropped input", n)
+		}
+	}
+	wc.mu.Lock()
+	if !wc.notices[0].WriterLost || wc.notices[1].WriterLost || wc.notices[1].Message != "input dropped" {
+		t.Errorf("alice's notices: %+v", wc.notices)
+	}
+	wc.mu.Unlock()
 
 	// Everyone detaches: the stream is released (the driver would refuse a
 	// second open otherwise), and a new session works.

@@ -233,6 +233,12 @@ func TestE2EConsoleAndStats(t *testing.T) {
 		t.Fatalf("take over: %v", err)
 	}
 	w.waitFor("took over", true)
+	// The demoted session goes on watching; what it types is dropped, and
+	// it is told.
+	if _, err := w.Write([]byte("x")); err != nil {
+		t.Fatalf("type into a watching session: %v", err)
+	}
+	w.waitFor("only watches", true)
 	answer = hypervisortest.ShellRoundTrip(t, w2, w2.has, w2.kick, 2*time.Minute)
 	r.waitFor(answer, false)
 	w.waitFor(answer, false) // still watching

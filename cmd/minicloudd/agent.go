@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/minicloud/minicloud/agent"
 	"github.com/minicloud/minicloud/agent/disk"
@@ -281,7 +282,13 @@ func runAgent(ctx context.Context, f agentFlags) error {
 
 	reg.MustRegister(a.Collector())
 
-	srvOpts := []grpc.ServerOption{grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor), grpc.ChainStreamInterceptor(errdefs.StreamServerInterceptor)}
+	srvOpts := []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor), grpc.ChainStreamInterceptor(errdefs.StreamServerInterceptor),
+		// A console session relayed by an API server that vanished (its
+		// host died) is dropped within 40 s, freeing its slot and the
+		// write side, as the API does for its own clients.
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+	}
 	if creds != nil {
 		tlsCfg, err := creds.ServerTLS()
 		if err != nil {

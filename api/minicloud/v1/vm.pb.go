@@ -2256,8 +2256,9 @@ type ConsoleRequest_Attach struct {
 }
 
 type ConsoleRequest_Data struct {
-	// data is input for the guest, at most 4096 bytes a message; only the
-	// writer may send it (FAILED_PRECONDITION otherwise).
+	// data is input for the guest, at most 4096 bytes a message; input of
+	// a session that does not write is dropped (it is told once with a
+	// ConsoleNotice).
 	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
 }
 
@@ -2345,7 +2346,8 @@ func (x *ConsoleAttached) GetReaders() int32 {
 	return 0
 }
 
-// ConsoleNotice tells an attached session that something changed.
+// ConsoleNotice tells an attached session that something changed, or
+// that its input was dropped.
 type ConsoleNotice struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// writer_lost: another session took over the write side; this one only
