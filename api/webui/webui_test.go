@@ -358,6 +358,23 @@ func TestVMListLiveCreateAndDelete(t *testing.T) {
 		t.Fatalf("VM page: %s\n%s", resp.Status, body)
 	}
 
+	// Stop and start from the page change the VM's spec, as the CLI's do;
+	// an action on a VM that is not there gets the API's message.
+	resp, body = c.do("POST", "/vms/web1/stop", url.Values{}, true)
+	if got, err := c.admin.VMs.GetVM(ctx(t), &minicloudv1.GetVMRequest{Name: "web1"}); err != nil ||
+		resp.StatusCode != http.StatusOK || !strings.Contains(body, "stop requested for web1") ||
+		got.GetSpec().GetPowerState() != minicloudv1.PowerState_POWER_STATE_STOPPED {
+		t.Fatalf("stop: %s %s, power state %v (%v)", resp.Status, body, got.GetSpec().GetPowerState(), err)
+	}
+	c.do("POST", "/vms/web1/start", url.Values{}, true)
+	if got, err := c.admin.VMs.GetVM(ctx(t), &minicloudv1.GetVMRequest{Name: "web1"}); err != nil || got.GetSpec().GetPowerState() != minicloudv1.PowerState_POWER_STATE_RUNNING {
+		t.Fatalf("start: power state %v (%v)", got.GetSpec().GetPowerState(), err)
+	}
+	_, apiErr = c.admin.VMs.StopVM(ctx(t), &minicloudv1.VMActionRequest{Name: "nope"})
+	if _, body = c.do("POST", "/vms/nope/stop", url.Values{}, true); apiErr == nil || !strings.Contains(body, html.EscapeString(apiErr.Error())) {
+		t.Fatalf("stop of a VM that is not there: %s, want the API's %q", body, apiErr)
+	}
+
 	// Delete: the row goes from the list.
 	resp, body = c.do("POST", "/vms/web1/delete", url.Values{}, true)
 	if resp.StatusCode != http.StatusOK || !strings.Contains(body, "delete requested for web1") {

@@ -173,6 +173,17 @@ async function main() {
     }
     log('typed into the console; the guest answered WEBUI-42');
 
+    // A second page on the same VM reads along, and may take the write
+    // side over; the first is told it lost it.
+    const second = await context.newPage();
+    await open(second, page.url());
+    await second.waitForSelector('#terminal[data-state=attached][data-writer=false]', { timeout: 60000 });
+    await second.click('#terminal-take-over');
+    await second.waitForSelector('#terminal[data-writer=true]', { timeout: 60000 });
+    await page.waitForSelector('#terminal[data-writer=false]', { timeout: 60000 });
+    log('a second page took the console over; the first reads along:', await page.locator('#terminal-status').textContent());
+    await second.close();
+
     // Stats, sampled while the page is open: charts appear once two
     // samples give rates.
     await page.waitForSelector('.vmstats svg polyline', { timeout: 120000 });

@@ -33,27 +33,49 @@
     fit.fit();
     window.addEventListener('resize', function () { fit.fit(); });
 
-    var scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
-    var ws = new WebSocket(scheme + '//' + window.location.host + el.getAttribute('data-console-src'));
-    ws.binaryType = 'arraybuffer';
+    var takeOver = document.getElementById('terminal-take-over');
     var enc = new TextEncoder();
-    ws.onmessage = function (e) {
-      if (typeof e.data === 'string') {
-        var c = JSON.parse(e.data);
-        el.setAttribute('data-state', c.type);
-        if (c.type === 'attached' || c.type === 'notice') el.setAttribute('data-writer', c.writer ? 'true' : 'false');
-        status.textContent = describe(c);
-        return;
-      }
-      term.write(new Uint8Array(e.data));
-    };
-    ws.onclose = function () {
-      if (el.getAttribute('data-state') === 'attached') status.textContent = 'Disconnected.';
-      el.setAttribute('data-state', 'closed');
-    };
+    var ws = null;
+
+    // connect opens the session; take asks for the write side even when
+    // another session holds it (that one is told it lost it).
+    function connect(take) {
+      var scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+      var src = el.getAttribute('data-console-src') + (take ? '?take_over=1' : '');
+      var sock = new WebSocket(scheme + '//' + window.location.host + src);
+      sock.binaryType = 'arraybuffer';
+      sock.onmessage = function (e) {
+        if (typeof e.data === 'string') {
+          var c = JSON.parse(e.data);
+          el.setAttribute('data-state', c.type);
+          if (c.type === 'attached' || c.type === 'notice') {
+            el.setAttribute('data-writer', c.writer ? 'true' : 'false');
+            if (takeOver) takeOver.hidden = c.writer;
+          }
+          status.textContent = describe(c);
+          return;
+        }
+        term.write(new Uint8Array(e.data));
+      };
+      sock.onclose = function () {
+        if (sock !== ws) return;
+        if (el.getAttribute('data-state') === 'attached') status.textContent = 'Disconnected.';
+        el.setAttribute('data-state', 'closed');
+      };
+      ws = sock;
+    }
     term.onData(function (d) {
-      if (ws.readyState === WebSocket.OPEN) ws.send(enc.encode(d));
+      if (ws && ws.readyState === WebSocket.OPEN) ws.send(enc.encode(d));
     });
+    if (takeOver) {
+      takeOver.addEventListener('click', function () {
+        var old = ws;
+        term.reset(); // the new session replays the recent output
+        connect(true);
+        old.close();
+      });
+    }
+    connect(false);
   }
 
   function init() {
