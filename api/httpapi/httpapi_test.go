@@ -179,6 +179,11 @@ func TestFlavorOverHTTP(t *testing.T) {
 }
 
 func TestOversizedBody(t *testing.T) {
+	// The HTTP bound is the gRPC one (kept apart so that the gateway does
+	// not link the server).
+	if httpapi.DefaultMaxBodyBytes != apiserver.MaxRequestBytes {
+		t.Fatalf("DefaultMaxBodyBytes %d, the API's MaxRequestBytes %d", httpapi.DefaultMaxBodyBytes, apiserver.MaxRequestBytes)
+	}
 	w := startWeb(t, httpapi.Config{})
 	big := `{"name":"x","description":"` + strings.Repeat("a", httpapi.DefaultMaxBodyBytes) + `"}`
 	w.do(t, w.api.AdminToken, "POST", "/v1/projects", big).want(t, http.StatusRequestEntityTooLarge, "larger than")
