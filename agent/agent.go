@@ -169,9 +169,14 @@ type Agent struct {
 	netPorts []*minicloudv1.NetworkPort // latest WatchNetworkPorts set
 
 	// The assignments saved on disk (assignmentcache.go): cachedGuests
-	// are served until the first BOOKMARK; saveAssignments asks for a save.
-	cachedGuests    []Guest
+	// (by VM id) are served until the first BOOKMARK; saveAssignments asks
+	// for a save.
+	cachedGuests    map[string]Guest
 	saveAssignments chan struct{}
+	// guestsDirty are the VM ids whose guest services entry may differ
+	// from assigned (or cachedGuests): the next publishGuests sends them,
+	// and only them.
+	guestsDirty map[string]bool
 
 	fence    fenceState
 	released map[string]bool      // VMs the API released from this host, under mu
@@ -218,11 +223,16 @@ type ImageCache interface {
 }
 
 // GuestServices answer guests on their networks: DHCP, DNS and the metadata
-// service (agent/guestservices). They are fed the whole set of this host's
-// guests at once, so a restart of the agent rebuilds them from the
+// service (agent/guestservices). They are fed the changes of this host's
+// guests, one VM at a time, so that the cost of a pass does not grow with
+// the number of VMs; a restart of the agent rebuilds them from the
 // assignments alone.
 type GuestServices interface {
-	SetGuests(ctx context.Context, guests []Guest) error
+	// UpdateGuests serves each guest of upsert (replacing what its VM
+	// had, unless that was a newer resource version) and stops serving
+	// each VM id of remove at once. Guests named in neither keep what
+	// they have.
+	UpdateGuests(ctx context.Context, upsert []Guest, remove []string) error
 	// BuildConfigDrive writes the config drive ISO of g to path. An error
 	// made with Permanent fails the VM instead of being retried.
 	BuildConfigDrive(ctx context.Context, g Guest, path string) error
@@ -253,20 +263,21 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 		return nil, fmt.Errorf("create agent state directory: %w", err)
 	}
 	a := &Agent{
-		cfg:        cfg,
-		log:        o.log.With("component", "agent", "host", cfg.HostName),
-		hosts:      minicloudv1.NewHostServiceClient(d.API),
-		images:     minicloudv1.NewImageServiceClient(d.API),
-		hv:         d.Hypervisor,
-		net:        d.Network,
-		disks:      d.Disks,
-		cache:      d.Images,
-		guest:      d.Guest,
-		queue:      newWorkQueue(time.Second, 2*time.Minute),
-		assigned:   map[string]*assignment{},
-		reported:   map[string]*minicloudv1.VMStatus{},
-		registered: make(chan struct{}),
-		tunnels:    map[string]bool{},
+		cfg:         cfg,
+		log:         o.log.With("component", "agent", "host", cfg.HostName),
+		hosts:       minicloudv1.NewHostServiceClient(d.API),
+		images:      minicloudv1.NewImageServiceClient(d.API),
+		hv:          d.Hypervisor,
+		net:         d.Network,
+		disks:       d.Disks,
+		cache:       d.Images,
+		guest:       d.Guest,
+		queue:       newWorkQueue(time.Second, 2*time.Minute),
+		assigned:    map[string]*assignment{},
+		guestsDirty: map[string]bool{},
+		reported:    map[string]*minicloudv1.VMStatus{},
+		registered:  make(chan struct{}),
+		tunnels:     map[string]bool{},
 
 		saveAssignments: make(chan struct{}, 1),
 

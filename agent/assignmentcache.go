@@ -199,7 +199,12 @@ func (a *Agent) loadAssignmentCache() bool {
 		return false
 	}
 	a.mu.Lock()
-	a.cachedGuests = guests
+	a.cachedGuests = make(map[string]Guest, len(guests))
+	for _, g := range guests {
+		id := g.VM.GetMeta().GetId()
+		a.cachedGuests[id] = g
+		a.guestsDirty[id] = true
+	}
 	a.mu.Unlock()
 	a.log.Info("serving guests from the saved assignments until the API answers", "vms", len(guests), "saved_at", savedAt)
 	return len(guests) > 0

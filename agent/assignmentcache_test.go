@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -268,7 +269,7 @@ func TestSavedAssignmentsRefused(t *testing.T) {
 				t.Fatal(err)
 			}
 			if r.a.loadAssignmentCache() || r.a.cachedGuests != nil {
-				t.Fatalf("file loaded: %v", guestIDs(r.a.cachedGuests))
+				t.Fatalf("file loaded: %v", slices.Collect(maps.Keys(r.a.cachedGuests)))
 			}
 			if !strings.Contains(logs.String(), "saved assignments refused") || !strings.Contains(logs.String(), tc.want) {
 				t.Fatalf("log %q, want the refusal naming %q", logs.String(), tc.want)

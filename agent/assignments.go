@@ -71,6 +71,7 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 				userData = prev.userData
 			}
 			a.assigned[id] = &assignment{vm: ev.GetVm(), userData: userData, seen: generation}
+			a.guestsDirty[id] = true
 			a.mu.Unlock()
 			if known && prev.vm.GetMeta().GetResourceVersion() != ev.GetVm().GetMeta().GetResourceVersion() {
 				// A spec write (e.g. new labels, tags, metadata or SSH
@@ -91,6 +92,7 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 			a.mu.Lock()
 			delete(a.assigned, id)
 			delete(a.reported, id)
+			a.guestsDirty[id] = true
 			if ev.GetReleased() {
 				// It left this host while it was fenced: destroy it
 				// before anything starts (reconcile does, first thing).
@@ -109,11 +111,15 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 			for id, as := range a.assigned {
 				if as.seen != generation {
 					delete(a.assigned, id)
+					a.guestsDirty[id] = true
 					a.queue.Add(id)
 				}
 			}
 			first := !a.synced
 			a.synced = true
+			for id := range a.cachedGuests {
+				a.guestsDirty[id] = true
+			}
 			a.cachedGuests = nil // the live set replaces the saved one
 			a.mu.Unlock()
 			a.publishGuests(ctx)
@@ -128,28 +134,49 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 	}
 }
 
-// publishGuests hands the guest services (DHCP, DNS, metadata) the current
-// set of this host's VMs.
-func (a *Agent) publishGuests(ctx context.Context) {
-	// One publisher at a time, snapshot taken under the same lock, so an
-	// older set can never overwrite a newer one.
+// publishGuests hands the guest services (DHCP, DNS, metadata) what changed
+// since the last publish: the VMs marked in a.guestsDirty, and ids (the VM
+// a reconcile pass is about, so that each pass re-asserts its own VM). A
+// VM assigned and not being deleted is served as assigned, else as saved
+// on disk until the first BOOKMARK (assignmentcache.go), else removed. The
+// other VMs are not looked at: the cost does not grow with their number.
+func (a *Agent) publishGuests(ctx context.Context, ids ...string) {
+	// One publisher at a time, changes taken under the same lock, so an
+	// older state can never overwrite a newer one.
 	a.publishMu.Lock()
 	defer a.publishMu.Unlock()
 	a.mu.Lock()
-	guests := make([]Guest, 0, len(a.assigned))
-	for _, as := range a.assigned {
-		if as.vm.GetSpec().GetDeletionRequested() {
-			continue
-		}
-		guests = append(guests, Guest{VM: as.vm, UserData: as.userData})
+	for _, id := range ids {
+		a.guestsDirty[id] = true
 	}
-	for _, g := range a.cachedGuests { // only until the first BOOKMARK
-		if _, live := a.assigned[g.VM.GetMeta().GetId()]; !live && !g.VM.GetSpec().GetDeletionRequested() {
-			guests = append(guests, g)
+	var upsert []Guest
+	var remove []string
+	for id := range a.guestsDirty {
+		if g, ok := a.guestLocked(id); ok {
+			upsert = append(upsert, g)
+		} else {
+			remove = append(remove, id)
 		}
 	}
+	clear(a.guestsDirty)
 	a.mu.Unlock()
-	if err := a.guest.SetGuests(ctx, guests); err != nil {
+	if err := a.guest.UpdateGuests(ctx, upsert, remove); err != nil {
 		a.log.Warn("update guest services", "err", err)
 	}
+}
+
+// guestLocked is what the guest services should serve for VM id, if
+// anything. a.mu must be held.
+func (a *Agent) guestLocked(id string) (Guest, bool) {
+	if as, live := a.assigned[id]; live {
+		if as.vm.GetSpec().GetDeletionRequested() {
+			return Guest{}, false
+		}
+		return Guest{VM: as.vm, UserData: as.userData}, true
+	}
+	g, cached := a.cachedGuests[id] // only until the first BOOKMARK
+	if !cached || g.VM.GetSpec().GetDeletionRequested() {
+		return Guest{}, false
+	}
+	return g, true
 }

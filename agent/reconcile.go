@@ -98,7 +98,7 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		if err := a.teardown(ctx, id, removeFiles); err != nil {
 			return result{}, err
 		}
-		a.publishGuests(ctx)
+		a.publishGuests(ctx, id)
 		if err := a.report(ctx, vm, nil, reportDeleted); err != nil {
 			return result{}, err
 		}
@@ -227,7 +227,7 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 		setCondition(st, lifecycle.ConditionNetworkReady, false, lifecycle.ReasonNetworkFailed, err.Error())
 		return result{}, a.networkRefused(ctx, vm, st, err)
 	}
-	a.publishGuests(ctx)
+	a.publishGuests(ctx, id)
 	if setCondition(st, lifecycle.ConditionNetworkReady, true, lifecycle.ReasonPortsReady, fmt.Sprintf("%d port(s) plugged", len(nics))) {
 		events = append(events, normal(lifecycle.ReasonNetworkReady, "ports plugged into their bridges"))
 	}

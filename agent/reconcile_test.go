@@ -10,8 +10,10 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -754,18 +756,26 @@ func (c fakeImageCache) Ensure(_ context.Context, _ string, _ minicloudv1.ImageP
 	return p, os.WriteFile(p, nil, 0o600)
 }
 
-// fakeGuestServices records the guests it is given and plays the metadata
+// fakeGuestServices keeps the guests it is given and plays the metadata
 // service's GuestSeen.
 type fakeGuestServices struct {
 	mu     sync.Mutex
-	guests []Guest
+	guests map[string]Guest
 	seen   map[string]time.Time
 }
 
-func (g *fakeGuestServices) SetGuests(_ context.Context, guests []Guest) error {
+func (g *fakeGuestServices) UpdateGuests(_ context.Context, upsert []Guest, remove []string) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.guests = append([]Guest(nil), guests...)
+	if g.guests == nil {
+		g.guests = map[string]Guest{}
+	}
+	for _, id := range remove {
+		delete(g.guests, id)
+	}
+	for _, gu := range upsert {
+		g.guests[gu.VM.GetMeta().GetId()] = gu
+	}
 	return nil
 }
 
@@ -789,8 +799,11 @@ func (g *fakeGuestServices) see(vmID string) {
 	g.seen[vmID] = time.Now()
 }
 
+// last is the guests served, by VM id.
 func (g *fakeGuestServices) last() []Guest {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.guests
+	out := slices.Collect(maps.Values(g.guests))
+	slices.SortFunc(out, func(a, b Guest) int { return strings.Compare(a.VM.GetMeta().GetId(), b.VM.GetMeta().GetId()) })
+	return out
 }

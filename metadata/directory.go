@@ -3,6 +3,7 @@ package metadata
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 )
 
@@ -15,6 +16,9 @@ type Directory struct {
 	mu     sync.RWMutex
 	byID   map[string]*entry
 	byAddr map[addrKey]*entry // nil value: two instances claim the address
+	// claims counts the instances that claim each address, so Upsert and
+	// Remove update the index for the instance's own addresses only.
+	claims map[addrKey]int
 }
 
 type addrKey struct {
@@ -43,7 +47,7 @@ type rendered struct {
 
 // NewDirectory returns an empty Directory.
 func NewDirectory() *Directory {
-	return &Directory{byID: map[string]*entry{}, byAddr: map[addrKey]*entry{}}
+	return &Directory{byID: map[string]*entry{}, byAddr: map[addrKey]*entry{}, claims: map[addrKey]int{}}
 }
 
 // Set replaces the whole content with insts (the agent's full assignment
@@ -84,9 +88,10 @@ func (d *Directory) Upsert(inst *Instance) error {
 			return nil
 		}
 		close(old.changed)
+		d.unindex(old)
 	}
 	d.byID[inst.ID] = e
-	d.reindex()
+	d.index(e)
 	return nil
 }
 
@@ -100,7 +105,7 @@ func (d *Directory) Remove(id string) {
 	}
 	close(old.changed)
 	delete(d.byID, id)
-	d.reindex()
+	d.unindex(old)
 }
 
 // entryFor returns the current entry when inst says the same thing, and a
@@ -117,18 +122,64 @@ func (d *Directory) entryFor(inst *Instance) *entry {
 // (which IPAM never allows) maps to nobody: refusing both is safer than
 // answering one with the other's data. d.mu must be held.
 func (d *Directory) reindex() {
-	idx := make(map[addrKey]*entry, len(d.byID))
+	d.byAddr = make(map[addrKey]*entry, len(d.byID))
+	d.claims = make(map[addrKey]int, len(d.byID))
 	for _, e := range d.byID {
-		for _, nic := range e.inst.Interfaces {
-			k := addrKey{nic.Bridge, nic.Address.Addr()}
-			if prev, dup := idx[k]; dup && prev != e {
-				idx[k] = nil
-				continue
-			}
-			idx[k] = e
+		d.index(e)
+	}
+}
+
+// index adds e's addresses to the index; unindex takes them out. Only
+// those addresses are touched, so one change costs the same however many
+// instances the host has. d.mu must be held.
+func (d *Directory) index(e *entry) {
+	for _, k := range e.addrs() {
+		d.claims[k]++
+		if d.claims[k] == 1 {
+			d.byAddr[k] = e
+		} else {
+			d.byAddr[k] = nil
 		}
 	}
-	d.byAddr = idx
+}
+
+func (d *Directory) unindex(e *entry) {
+	for _, k := range e.addrs() {
+		d.claims[k]--
+		switch d.claims[k] {
+		case 0:
+			delete(d.claims, k)
+			delete(d.byAddr, k)
+		case 1:
+			// The one claimant left: found by its address, as reindex
+			// would (a rare case: two instances claimed the address).
+			d.byAddr[k] = d.claimant(k)
+		}
+	}
+}
+
+// claimant is the one instance that claims k. d.mu must be held.
+func (d *Directory) claimant(k addrKey) *entry {
+	for _, e := range d.byID {
+		for _, a := range e.addrs() {
+			if a == k {
+				return e
+			}
+		}
+	}
+	return nil
+}
+
+// addrs are the (bridge, address) keys of e's interfaces, each once.
+func (e *entry) addrs() []addrKey {
+	out := make([]addrKey, 0, len(e.inst.Interfaces))
+	for _, nic := range e.inst.Interfaces {
+		k := addrKey{nic.Bridge, nic.Address.Addr()}
+		if !slices.Contains(out, k) {
+			out = append(out, k)
+		}
+	}
+	return out
 }
 
 // Lookup returns the instance whose interface on bridge iface has address

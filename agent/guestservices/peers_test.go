@@ -31,7 +31,7 @@ func TestDNSAnswersTheNetworksOtherHosts(t *testing.T) {
 	go func() { done <- s.Run(runCtx) }()
 	defer func() { stop(); <-done }()
 
-	h := &Services{dns: s, bridges: map[string]bool{n.Bridge.Name: true}}
+	h := &Services{dns: s, leases: map[string]int{n.Bridge.Name: 1}}
 	h.zones = map[string]*dnsserver.Zone{n.Bridge.Name: {Listen: n.Gateway(), Domain: "minicloud.internal",
 		Records: map[string]netip.Addr{"local1": n.AddrOf(0)}}}
 	ports := []*minicloudv1.NetworkPort{

@@ -6,6 +6,7 @@
 package dhcpserver
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/binary"
@@ -16,7 +17,6 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
@@ -80,12 +80,12 @@ func (l Lease) validate() error {
 type Server struct {
 	log *slog.Logger
 
-	mu     sync.Mutex
-	leases map[string]map[string]Lease // bridge -> MAC -> lease; guarded by mu
-	// snapshot is an immutable copy of leases read by the packet handlers
-	// without locking.
-	snapshot atomic.Pointer[map[string]map[string]Lease]
-	kick     chan struct{}
+	// mu guards leases. The packet handlers only read (a DHCP exchange
+	// is rare next to the updates a filling host makes), and an update
+	// touches one lease, never the whole table.
+	mu     sync.RWMutex
+	leases map[string]map[string]Lease // bridge -> MAC -> lease
+	kick   chan struct{}
 
 	listeners map[string]*listener // only touched by Run's goroutine
 
@@ -120,8 +120,6 @@ func New(opts ...Option) *Server {
 		o(s)
 	}
 	s.log = cmp.Or(s.log, slog.Default()).With("component", "dhcpserver")
-	empty := map[string]map[string]Lease{}
-	s.snapshot.Store(&empty)
 	return s
 }
 
@@ -139,22 +137,74 @@ func (s *Server) SetLeases(bridge string, leases []Lease) error {
 		byMAC[l.MAC.String()] = l
 	}
 	s.mu.Lock()
+	_, had := s.leases[bridge]
 	if len(byMAC) == 0 {
 		delete(s.leases, bridge)
 	} else {
 		s.leases[bridge] = byMAC
 	}
-	snap := make(map[string]map[string]Lease, len(s.leases))
-	for b, m := range s.leases {
-		snap[b] = m // inner maps are never mutated after SetLeases built them
-	}
-	s.snapshot.Store(&snap)
 	s.mu.Unlock()
+	if had != (len(byMAC) > 0) {
+		s.kickRun()
+	}
+	return errors.Join(errs...)
+}
+
+// UpsertLease adds or replaces the lease of one MAC on one bridge; the
+// bridge's other leases are not touched.
+func (s *Server) UpsertLease(bridge string, l Lease) error {
+	if err := l.validate(); err != nil {
+		return err
+	}
+	l.MAC = slices.Clone(l.MAC)
+	s.mu.Lock()
+	m, had := s.leases[bridge]
+	if !had {
+		m = map[string]Lease{}
+		s.leases[bridge] = m
+	}
+	m[l.MAC.String()] = l
+	s.mu.Unlock()
+	if !had {
+		s.kickRun()
+	}
+	return nil
+}
+
+// RemoveLease forgets the lease of one MAC on one bridge; the bridge's last
+// lease gone, it is no longer served. Unknown ones are ignored.
+func (s *Server) RemoveLease(bridge string, mac net.HardwareAddr) {
+	s.mu.Lock()
+	m, had := s.leases[bridge]
+	delete(m, mac.String())
+	last := had && len(m) == 0
+	if last {
+		delete(s.leases, bridge)
+	}
+	s.mu.Unlock()
+	if last {
+		s.kickRun()
+	}
+}
+
+// Leases returns the leases of one bridge, sorted by MAC.
+func (s *Server) Leases(bridge string) []Lease {
+	s.mu.RLock()
+	out := make([]Lease, 0, len(s.leases[bridge]))
+	for _, l := range s.leases[bridge] {
+		out = append(out, l)
+	}
+	s.mu.RUnlock()
+	slices.SortFunc(out, func(a, b Lease) int { return bytes.Compare(a.MAC, b.MAC) })
+	return out
+}
+
+// kickRun tells Run that the set of bridges to serve changed.
+func (s *Server) kickRun() {
 	select {
 	case s.kick <- struct{}{}:
 	default:
 	}
-	return errors.Join(errs...)
 }
 
 // Run serves until ctx ends. Listeners follow SetLeases and the bridges:
@@ -222,7 +272,12 @@ func (s *Server) setServing(bridge string, on bool) {
 }
 
 func (s *Server) reconcile() {
-	snap := *s.snapshot.Load()
+	s.mu.RLock()
+	snap := make(map[string]bool, len(s.leases))
+	for b := range s.leases {
+		snap[b] = true
+	}
+	s.mu.RUnlock()
 	for bridge, l := range s.listeners {
 		select {
 		case <-l.done:
@@ -319,7 +374,9 @@ func (s *Server) answer(bridge string, req *dhcpv4.DHCPv4) *dhcpv4.DHCPv4 {
 		return nil // minicloud bridges have no relay agents: a giaddr is forged
 	}
 	mac := req.ClientHWAddr.String()
-	lease, ok := (*s.snapshot.Load())[bridge][mac]
+	s.mu.RLock()
+	lease, ok := s.leases[bridge][mac]
+	s.mu.RUnlock()
 	if !ok {
 		s.log.Warn("no lease for MAC: not answering", "bridge", bridge, "mac", mac, "type", req.MessageType().String())
 		return nil

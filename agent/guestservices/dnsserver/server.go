@@ -11,8 +11,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -49,12 +51,73 @@ type Zone struct {
 	Records map[string]netip.Addr
 }
 
-// zone is the compiled, immutable form of a Zone.
+// zone is the compiled form of a Zone. Its listen address and domain never
+// change; its records change one at a time (SetRecord, RemoveRecord), so a
+// filling network costs one update per VM, not a rebuild.
 type zone struct {
 	listen netip.Addr
-	domain string                // lower case, fully qualified ("" when none)
-	names  map[string]netip.Addr // fully qualified lower-case names
-	ptrs   map[string]string     // reverse name -> fully qualified name
+	domain string // lower case, fully qualified ("" when none)
+
+	mu      sync.RWMutex
+	records map[string]netip.Addr          // bare lower-case name -> address
+	names   map[string]netip.Addr          // fully qualified lower-case names
+	owners  map[netip.Addr]map[string]bool // address -> bare names (for PTR)
+}
+
+// set adds or replaces one record; z.mu must be held.
+func (z *zone) set(network, name string, addr netip.Addr) error {
+	n := strings.ToLower(strings.TrimSuffix(name, "."))
+	if _, ok := dns.IsDomainName(n); !ok || n == "" || !addr.Is4() {
+		return fmt.Errorf("zone %s: bad record %q -> %s", network, name, addr)
+	}
+	z.remove(n)
+	z.records[n] = addr
+	z.names[n+"."] = addr
+	if z.domain != "" {
+		z.names[n+"."+z.domain] = addr
+	}
+	if z.owners[addr] == nil {
+		z.owners[addr] = map[string]bool{}
+	}
+	z.owners[addr][n] = true
+	return nil
+}
+
+// remove forgets one record (a bare name, any case); z.mu must be held.
+func (z *zone) remove(name string) {
+	n := strings.ToLower(strings.TrimSuffix(name, "."))
+	addr, ok := z.records[n]
+	if !ok {
+		return
+	}
+	delete(z.records, n)
+	delete(z.names, n+".")
+	if z.domain != "" {
+		delete(z.names, n+"."+z.domain)
+	}
+	delete(z.owners[addr], n)
+	if len(z.owners[addr]) == 0 {
+		delete(z.owners, addr)
+	}
+}
+
+// ptr is the fully qualified name a reverse lookup of addr answers: the
+// first in order when several names share it, so the answer does not
+// depend on the order the records came in. z.mu must be held.
+func (z *zone) ptr(addr netip.Addr) (string, bool) {
+	first := ""
+	for n := range z.owners[addr] {
+		if first == "" || n < first {
+			first = n
+		}
+	}
+	if first == "" {
+		return "", false
+	}
+	if z.domain != "" {
+		return first + "." + z.domain, true
+	}
+	return first + ".", true
 }
 
 // Option configures a Server.
@@ -122,25 +185,14 @@ func (s *Server) SetZone(network string, z Zone) error {
 	if !z.Listen.Is4() {
 		return fmt.Errorf("zone %s: listen address %q is not IPv4", network, z.Listen)
 	}
-	c := &zone{listen: z.Listen, names: map[string]netip.Addr{}, ptrs: map[string]string{}}
+	c := &zone{listen: z.Listen, records: map[string]netip.Addr{}, names: map[string]netip.Addr{}, owners: map[netip.Addr]map[string]bool{}}
 	if z.Domain != "" {
 		c.domain = dns.Fqdn(strings.ToLower(z.Domain))
 	}
 	var errs []error
 	for name, addr := range z.Records {
-		n := strings.ToLower(strings.TrimSuffix(name, "."))
-		if _, ok := dns.IsDomainName(n); !ok || n == "" || !addr.Is4() {
-			errs = append(errs, fmt.Errorf("zone %s: bad record %q -> %s", network, name, addr))
-			continue
-		}
-		c.names[n+"."] = addr
-		fq := n + "."
-		if c.domain != "" {
-			fq = n + "." + c.domain
-			c.names[fq] = addr
-		}
-		if rev, err := dns.ReverseAddr(addr.String()); err == nil {
-			c.ptrs[rev] = fq
+		if err := c.set(network, name, addr); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	s.mu.Lock()
@@ -154,6 +206,48 @@ func (s *Server) SetZone(network string, z Zone) error {
 	s.publishLocked()
 	s.mu.Unlock()
 	return errors.Join(errs...)
+}
+
+// SetRecord adds or replaces one name of a network's zone (set with
+// SetZone); the zone's other records are not touched.
+func (s *Server) SetRecord(network, name string, addr netip.Addr) error {
+	s.mu.Lock()
+	z := s.zones[network]
+	s.mu.Unlock()
+	if z == nil {
+		return fmt.Errorf("zone %s: no such zone", network)
+	}
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.set(network, name, addr)
+}
+
+// RemoveRecord forgets one name of a network's zone; unknown networks and
+// names are ignored.
+func (s *Server) RemoveRecord(network, name string) {
+	s.mu.Lock()
+	z := s.zones[network]
+	s.mu.Unlock()
+	if z == nil {
+		return
+	}
+	z.mu.Lock()
+	z.remove(name)
+	z.mu.Unlock()
+}
+
+// Zone returns what the server answers for a network: its listen address,
+// domain (fully qualified, lower case) and records (bare lower-case names).
+func (s *Server) Zone(network string) (Zone, bool) {
+	s.mu.Lock()
+	z := s.zones[network]
+	s.mu.Unlock()
+	if z == nil {
+		return Zone{}, false
+	}
+	z.mu.RLock()
+	defer z.mu.RUnlock()
+	return Zone{Listen: z.listen, Domain: z.domain, Records: maps.Clone(z.records)}, true
 }
 
 // RemoveZone stops serving a network; it is a no-op for an unknown one.
@@ -339,11 +433,21 @@ func (s *Server) answer(z *zone, req *dns.Msg, network string) *dns.Msg {
 		return local(MetadataAddr)
 	}
 	if z != nil {
-		if a, ok := z.names[name]; ok {
+		z.mu.RLock()
+		a, ok := z.names[name]
+		var target string
+		var isPTR bool
+		if q.Qtype == dns.TypePTR {
+			if addr, err := reverseAddr(name); err == nil {
+				target, isPTR = z.ptr(addr)
+			}
+		}
+		z.mu.RUnlock()
+		if ok {
 			return local(a)
 		}
 		if q.Qtype == dns.TypePTR {
-			if target, ok := z.ptrs[name]; ok {
+			if isPTR {
 				m := new(dns.Msg)
 				m.SetReply(req)
 				m.Authoritative = true
@@ -360,6 +464,18 @@ func (s *Server) answer(z *zone, req *dns.Msg, network string) *dns.Msg {
 		}
 	}
 	return s.forward(req, network)
+}
+
+// reverseAddr is the IPv4 address of a reverse name
+// ("5.0.88.10.in-addr.arpa." is 10.88.0.5).
+func reverseAddr(name string) (netip.Addr, error) {
+	rest, ok := strings.CutSuffix(name, ".in-addr.arpa.")
+	labels := strings.Split(rest, ".")
+	if !ok || len(labels) != 4 {
+		return netip.Addr{}, fmt.Errorf("%q is not an IPv4 reverse name", name)
+	}
+	slices.Reverse(labels)
+	return netip.ParseAddr(strings.Join(labels, "."))
 }
 
 // forward asks the upstream resolvers, skipping any address this server
