@@ -34,10 +34,13 @@ var upgrader = websocket.Upgrader{ReadBufferSize: consoleInputBytes, WriteBuffer
 // output goes as binary messages.
 type consoleControl struct {
 	Type string `json:"type"` // attached, notice, closed, error
-	// Writer says whether keystrokes reach the guest (attached, notice).
-	Writer  bool   `json:"writer,omitempty"`
-	Readers int32  `json:"readers,omitempty"`
-	Message string `json:"message,omitempty"`
+	// Writer says whether keystrokes reach the guest (attached).
+	Writer bool `json:"writer,omitempty"`
+	// WriterLost: another session took the write side (notice). Other
+	// notices (input of a reading session dropped) change nothing.
+	WriterLost bool   `json:"writerLost,omitempty"`
+	Readers    int32  `json:"readers,omitempty"`
+	Message    string `json:"message,omitempty"`
 }
 
 // vmConsole bridges the page's terminal (xterm.js) to AttachConsole with
@@ -124,7 +127,7 @@ func (h *Handler) vmConsole(w http.ResponseWriter, r *http.Request, s *session) 
 		case *minicloudv1.ConsoleResponse_Data:
 			err = send(websocket.BinaryMessage, m.Data)
 		case *minicloudv1.ConsoleResponse_Notice:
-			err = control(consoleControl{Type: "notice", Writer: !m.Notice.GetWriterLost(), Message: m.Notice.GetMessage()})
+			err = control(consoleControl{Type: "notice", WriterLost: m.Notice.GetWriterLost(), Message: m.Notice.GetMessage()})
 		case *minicloudv1.ConsoleResponse_Closed:
 			_ = control(consoleControl{Type: "closed", Message: m.Closed.GetReason()})
 			return

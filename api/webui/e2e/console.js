@@ -181,7 +181,15 @@ async function main() {
     await second.click('#terminal-take-over');
     await second.waitForSelector('#terminal[data-writer=true]', { timeout: 60000 });
     await page.waitForSelector('#terminal[data-writer=false]', { timeout: 60000 });
-    log('a second page took the console over; the first reads along:', await page.locator('#terminal-status').textContent());
+    const lost = await page.locator('#terminal-status').textContent();
+    log('a second page took the console over; the first reads along:', lost);
+    // What the first page types now is dropped, and it is told so; it
+    // stays a reader.
+    await page.click('#terminal');
+    await page.keyboard.type('x');
+    await page.waitForFunction((before) => document.getElementById('terminal-status').textContent !== before, lost, { timeout: 30000 });
+    if ((await page.getAttribute('#terminal', 'data-writer')) !== 'false') throw new Error('a reader became the writer by typing');
+    log('the reader typed and was told:', await page.locator('#terminal-status').textContent());
     await second.close();
 
     // Stats, sampled while the page is open: charts appear once two

@@ -12,7 +12,7 @@
         return c.writer ? 'Connected: typing reaches the guest.' :
           'Connected read-only: another session types into this console.';
       case 'notice':
-        return c.message || (c.writer ? 'You type into the console.' : 'Read-only now.');
+        return c.message || (c.writerLost ? 'Read-only now: another session types.' : '');
       case 'closed':
         return 'The console closed: ' + (c.message || 'the VM stopped') + '.';
       case 'error':
@@ -48,9 +48,10 @@
         if (typeof e.data === 'string') {
           var c = JSON.parse(e.data);
           el.setAttribute('data-state', c.type);
-          if (c.type === 'attached' || c.type === 'notice') {
-            el.setAttribute('data-writer', c.writer ? 'true' : 'false');
-            if (takeOver) takeOver.hidden = c.writer;
+          var writer = c.type === 'attached' ? !!c.writer : (c.type === 'notice' && c.writerLost ? false : null);
+          if (writer !== null) {
+            el.setAttribute('data-writer', writer ? 'true' : 'false');
+            if (takeOver) takeOver.hidden = writer;
           }
           status.textContent = describe(c);
           return;
