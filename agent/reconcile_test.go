@@ -759,10 +759,13 @@ func (c fakeImageCache) Ensure(_ context.Context, _ string, _ minicloudv1.ImageP
 // fakeGuestServices keeps the guests it is given and plays the metadata
 // service's GuestSeen.
 type fakeGuestServices struct {
-	mu     sync.Mutex
-	guests map[string]Guest
-	seen   map[string]time.Time
+	mu      sync.Mutex
+	guests  map[string]Guest
+	seen    map[string]time.Time
+	updates []guestUpdate // every UpdateGuests call, by VM ids
 }
+
+type guestUpdate struct{ upsert, remove []string }
 
 func (g *fakeGuestServices) UpdateGuests(_ context.Context, upsert []Guest, remove []string) error {
 	g.mu.Lock()
@@ -770,6 +773,12 @@ func (g *fakeGuestServices) UpdateGuests(_ context.Context, upsert []Guest, remo
 	if g.guests == nil {
 		g.guests = map[string]Guest{}
 	}
+	u := guestUpdate{remove: slices.Sorted(slices.Values(remove))}
+	for _, gu := range upsert {
+		u.upsert = append(u.upsert, gu.VM.GetMeta().GetId())
+	}
+	slices.Sort(u.upsert)
+	g.updates = append(g.updates, u)
 	for _, id := range remove {
 		delete(g.guests, id)
 	}
@@ -799,6 +808,16 @@ func (g *fakeGuestServices) see(vmID string) {
 	g.seen[vmID] = time.Now()
 }
 
+// lastUpdate is the last UpdateGuests call.
+func (g *fakeGuestServices) lastUpdate() guestUpdate {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.updates) == 0 {
+		return guestUpdate{}
+	}
+	return g.updates[len(g.updates)-1]
+}
+
 // last is the guests served, by VM id.
 func (g *fakeGuestServices) last() []Guest {
 	g.mu.Lock()
@@ -806,4 +825,42 @@ func (g *fakeGuestServices) last() []Guest {
 	out := slices.Collect(maps.Values(g.guests))
 	slices.SortFunc(out, func(a, b Guest) int { return strings.Compare(a.VM.GetMeta().GetId(), b.VM.GetMeta().GetId()) })
 	return out
+}
+
+// TestPublishSendsOnlyWhatChanged: a reconcile pass hands the guest services
+// its own VM, not the host's whole set; a deletion removes the VM at once;
+// an assignment change (here: a VM pruned at a BOOKMARK) is sent by the
+// next publish, whoever makes it.
+func TestPublishSendsOnlyWhatChanged(t *testing.T) {
+	h := newHarness(t)
+	a, b, c := h.running(), h.running(), h.running()
+	if got := h.guest.last(); len(got) != 3 {
+		t.Fatalf("guest services serve %d VMs, want 3", len(got))
+	}
+	h.mustPass(b)
+	if u := h.guest.lastUpdate(); !slices.Equal(u.upsert, []string{b}) || len(u.remove) != 0 {
+		t.Errorf("a pass of one VM of three sent %+v, want that VM only", u)
+	}
+	h.delete(c)
+	h.mustPass(c)
+	if u := h.guest.lastUpdate(); !slices.Contains(u.remove, c) || len(u.upsert) != 0 {
+		t.Errorf("the pass that deleted a VM sent %+v, want its removal", u)
+	}
+	for _, g := range h.guest.last() {
+		if g.VM.GetMeta().GetId() == c {
+			t.Errorf("deleted VM %s still served", c)
+		}
+	}
+	// The stream no longer lists a (pruned at its BOOKMARK).
+	h.a.mu.Lock()
+	delete(h.a.assigned, a)
+	h.a.guestsDirty[a] = true
+	h.a.mu.Unlock()
+	h.mustPass(b)
+	if u := h.guest.lastUpdate(); !slices.Equal(u.remove, []string{a}) || !slices.Equal(u.upsert, []string{b}) {
+		t.Errorf("the next pass sent %+v, want %s upserted and %s removed", u, b, a)
+	}
+	if got := h.guest.last(); len(got) != 1 || got[0].VM.GetMeta().GetId() != b {
+		t.Errorf("guest services serve %v, want only %s", guestIDs(got), b)
+	}
 }
