@@ -32,7 +32,7 @@ var (
 	hostVMsDesc = prometheus.NewDesc("minicloud_host_vms",
 		"VMs holding a claim on the host.", []string{"host"}, nil)
 	vmsDesc = prometheus.NewDesc("minicloud_vms",
-		"VMs by lifecycle phase (every phase is reported, 0 included).", []string{"phase"}, nil)
+		"VMs by lifecycle phase (every phase is reported, 0 included; absent while the replica lists the VMs).", []string{"phase"}, nil)
 )
 
 // clusterCollector reads the replica's view at scrape time.
@@ -67,7 +67,10 @@ func (c clusterCollector) Collect(ch chan<- prometheus.Metric) {
 			gauge(q.d, float64(q.r.DiskGiB)*(1<<30), "disk", "byte")
 		}
 	}
-	counts := c.s.phaseCounts()
+	counts, ok := c.s.phaseCounts()
+	if !ok {
+		return // no series rather than wrong ones: Prometheus shows a gap
+	}
 	for _, p := range lifecycle.Phases {
 		if p == lifecycle.None {
 			continue
@@ -76,15 +79,20 @@ func (c clusterCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// phaseCounts counts the VMs of the status cache by phase.
-func (s *Scheduler) phaseCounts() map[lifecycle.Phase]int {
+// phaseCounts counts the VMs of the status cache by phase; ok is false
+// while the cache is not a complete list (before the first list, and
+// while it refills after a failed watch), when counts would be too low.
+func (s *Scheduler) phaseCounts() (counts map[lifecycle.Phase]int, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := map[lifecycle.Phase]int{}
-	for _, e := range s.vms {
-		out[e.status.GetPhase()]++
+	if !s.listed {
+		return nil, false
 	}
-	return out
+	counts = map[lifecycle.Phase]int{}
+	for _, e := range s.vms {
+		counts[e.status.GetPhase()]++
+	}
+	return counts, true
 }
 
 func bool01(b bool) float64 {

@@ -31,6 +31,11 @@ func TestClusterCollectorReportsTheView(t *testing.T) {
 	if _, ok, err := fence.Commit(ctx, cli); err != nil || !ok {
 		t.Fatalf("fence sim-gone: ok=%v %v", ok, err)
 	}
+	// Before its first list of the VM statuses a replica knows no VM
+	// counts: it reports none rather than zeros.
+	if n := testutil.CollectAndCount(newQuietScheduler(t, cli, Config{}).ClusterCollector(), "minicloud_vms"); n != 0 {
+		t.Fatalf("%d minicloud_vms series before the VMs were listed, want none", n)
+	}
 	s := startScheduler(t, cli, Config{})
 	createSimulatedVMs(t, cli,
 		simVM{id: "vm1", vcpus: 1, memMiB: 1024, diskGiB: 10},
@@ -94,7 +99,7 @@ minicloud_host_up{host="sim-off"} 1
 minicloud_host_vms{host="sim-a"} 2
 minicloud_host_vms{host="sim-gone"} 0
 minicloud_host_vms{host="sim-off"} 0
-# HELP minicloud_vms VMs by lifecycle phase (every phase is reported, 0 included).
+# HELP minicloud_vms VMs by lifecycle phase (every phase is reported, 0 included; absent while the replica lists the VMs).
 # TYPE minicloud_vms gauge
 minicloud_vms{phase="CREATING"} 0
 minicloud_vms{phase="DELETING"} 0

@@ -91,6 +91,9 @@ type Scheduler struct {
 	vms   map[string]vmEntry         // VM status cache, from the status watch
 	specs map[string]*minicloudv1.VM // specs of PENDING VMs, from the spec watch
 	on    map[string]map[string]bool // host -> VM ids placed there
+	// listed: vms holds a complete list (false from the start and
+	// during a re-list, while it refills).
+	listed bool
 }
 
 // vmEntry is the newest status the watch delivered for a VM. The decoded
@@ -226,10 +229,14 @@ func (s *Scheduler) listAndWatchStatuses(ctx context.Context) error {
 	s.vms = map[string]vmEntry{}
 	s.on = map[string]map[string]bool{}
 	s.specs = map[string]*minicloudv1.VM{}
+	s.listed = false
 	s.mu.Unlock()
 	for _, kv := range resp.Kvs {
 		s.statusChanged(mvccpb.PUT, kv)
 	}
+	s.mu.Lock()
+	s.listed = true
+	s.mu.Unlock()
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	from := clientv3.WithRev(resp.Header.Revision + 1)
