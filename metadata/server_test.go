@@ -131,6 +131,14 @@ func TestDirectory(t *testing.T) {
 	if _, ok := d.Lookup("mc-test", netip.MustParseAddr("10.0.0.6")); ok {
 		t.Fatal("ambiguous address must map to nobody")
 	}
+	// One of them gone, the other is found again.
+	d.Remove(dup.ID)
+	if got, ok := d.Lookup("mc-test", netip.MustParseAddr("10.0.0.6")); !ok || got.ID != idB {
+		t.Fatalf("address claimed by one instance again: lookup %v %v, want %s", got, ok, idB)
+	}
+	if err := d.Upsert(dup); err != nil {
+		t.Fatal(err)
+	}
 
 	// Set drops what is not listed.
 	if err := d.Set([]*Instance{b}); err != nil {

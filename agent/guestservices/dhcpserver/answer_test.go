@@ -162,3 +162,44 @@ func TestAnswerOptions(t *testing.T) {
 		})
 	}
 }
+
+// TestUpsertAndRemoveLease: one lease changes, the bridge's others stay
+// answered; the last one gone, the bridge is not served.
+func TestUpsertAndRemoveLease(t *testing.T) {
+	s := New()
+	gw := netip.MustParseAddr("10.88.0.1")
+	a, b := net.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}, net.HardwareAddr{0x52, 0x54, 0, 1, 2, 4}
+	discover := func(hw net.HardwareAddr) *dhcpv4.DHCPv4 {
+		m, err := dhcpv4.NewDiscovery(hw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.answer("mc-test", m)
+	}
+	for i, mac := range []net.HardwareAddr{a, b} {
+		if err := s.UpsertLease("mc-test", Lease{MAC: mac, Address: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 88, 0, byte(5 + i)}), 24), Gateway: gw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.UpsertLease("mc-test", Lease{MAC: a, Address: netip.MustParsePrefix("10.88.0.9/24"), Gateway: gw}); err != nil {
+		t.Fatal(err)
+	}
+	if r := discover(a); r == nil || !r.YourIPAddr.Equal(net.IPv4(10, 88, 0, 9)) {
+		t.Fatalf("offer after an update = %v, want 10.88.0.9", r)
+	}
+	if err := s.UpsertLease("mc-test", Lease{MAC: net.HardwareAddr{1}, Gateway: gw}); err == nil {
+		t.Error("invalid lease accepted")
+	}
+	s.RemoveLease("mc-test", a)
+	if r := discover(a); r != nil {
+		t.Errorf("removed lease still answered: %v", r)
+	}
+	if r := discover(b); r == nil || !r.YourIPAddr.Equal(net.IPv4(10, 88, 0, 6)) {
+		t.Errorf("the other lease after a removal = %v, want 10.88.0.6", r)
+	}
+	s.RemoveLease("mc-test", b)
+	if ls := s.Leases("mc-test"); len(ls) != 0 {
+		t.Errorf("leases after removing both: %v", ls)
+	}
+	s.RemoveLease("mc-gone", a) // unknown: ignored
+}

@@ -180,6 +180,36 @@ func TestZoneUpdatesApply(t *testing.T) {
 	}
 }
 
+// TestRecordUpdatesApply: one name added, moved and removed, the zone's
+// other names untouched, the reverse lookup following.
+func TestRecordUpdatesApply(t *testing.T) {
+	f := setup(t)
+	if err := f.s.SetRecord(f.n.Bridge.Name, "Web3", f.n.AddrOf(3)); err != nil {
+		t.Fatal(err)
+	}
+	wantA(t, f.ask(t, "udp", "web3.default.mc.internal", dns.TypeA), f.n.AddrOf(3))
+	wantA(t, f.ask(t, "udp", "web1", dns.TypeA), f.n.AddrOf(0))
+	if err := f.s.SetRecord(f.n.Bridge.Name, "web3", f.n.AddrOf(4)); err != nil {
+		t.Fatal(err)
+	}
+	wantA(t, f.ask(t, "udp", "web3", dns.TypeA), f.n.AddrOf(4))
+	rev, _ := dns.ReverseAddr(f.n.AddrOf(4).String())
+	if m := f.ask(t, "udp", rev, dns.TypePTR); len(m.Answer) != 1 || m.Answer[0].(*dns.PTR).Ptr != "web3.default.mc.internal." {
+		t.Errorf("PTR %s = %v", rev, m)
+	}
+	f.s.RemoveRecord(f.n.Bridge.Name, "WEB3")
+	if m := f.ask(t, "udp", "web3.default.mc.internal", dns.TypeA); m.Rcode != dns.RcodeNameError {
+		t.Errorf("removed web3 still answered: %v", m)
+	}
+	if m := f.ask(t, "udp", rev, dns.TypePTR); len(m.Answer) != 0 {
+		t.Errorf("PTR of a removed name still answered: %v", m)
+	}
+	wantA(t, f.ask(t, "udp", "db", dns.TypeA), f.n.AddrOf(1))
+	if err := f.s.SetRecord("mc-nozone", "x", f.n.AddrOf(5)); err == nil {
+		t.Error("SetRecord on a network without a zone: want an error")
+	}
+}
+
 func TestBadRecordsAreSkipped(t *testing.T) {
 	f := setup(t)
 	err := f.s.SetZone(f.n.Bridge.Name, dnsserver.Zone{
