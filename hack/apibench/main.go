@@ -28,7 +28,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -196,15 +195,6 @@ func (s sample) cpuPerOp() string {
 	return round(s.cpu / time.Duration(len(s.latencies)))
 }
 
-// processCPU is the user and system CPU time this process has used.
-func processCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
 func (s sample) rate() float64 { return float64(len(s.latencies)) / s.elapsed.Seconds() }
 
 func (s sample) pct(p float64) time.Duration {
@@ -222,7 +212,7 @@ func measure(ctx context.Context, clients int, duration time.Duration, limit int
 		started atomic.Int64
 	)
 	deadline := time.Now().Add(duration)
-	began, cpu := time.Now(), processCPU()
+	began, cpu := time.Now(), benchdoc.ProcessCPU()
 	for range clients {
 		wg.Add(1)
 		go func() {
@@ -243,7 +233,7 @@ func measure(ctx context.Context, clients int, duration time.Duration, limit int
 		}()
 	}
 	wg.Wait()
-	s.elapsed, s.failed, s.cpu = time.Since(began), failed.Load(), processCPU()-cpu
+	s.elapsed, s.failed, s.cpu = time.Since(began), failed.Load(), benchdoc.ProcessCPU()-cpu
 	if len(s.latencies) == 0 {
 		return s, fmt.Errorf("no operation succeeded (%d failed)", s.failed)
 	}

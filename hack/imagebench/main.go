@@ -35,7 +35,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -159,12 +158,12 @@ func run(ctx context.Context, size int64, n int, docs, cpuProfile string) error 
 	if err != nil {
 		return err
 	}
-	t0, cpu0 := time.Now(), processCPU()
+	t0, cpu0 := time.Now(), benchdoc.ProcessCPU()
 	if _, err := cache.Ensure(ctx, imageName, minicloudv1.ImagePart_IMAGE_PART_DISK, digest); err != nil {
 		stopProfile()
 		return fmt.Errorf("cold fetch: %w", err)
 	}
-	r.cold, r.coldCPU = time.Since(t0), processCPU()-cpu0
+	r.cold, r.coldCPU = time.Since(t0), benchdoc.ProcessCPU()-cpu0
 	stopProfile()
 	after, err := downloads(srv.Server)
 	if err != nil {
@@ -322,13 +321,4 @@ func render(r result, loadBefore, loadAfter string, took time.Duration) string {
 		ratio, r.cpSync.Seconds()/r.cold.Seconds(), verdict(ratio >= 0.5), r.concurrent, r.downloadsN, verdict(r.downloadsN == 1))
 	fmt.Fprintf(&b, "\nHow it runs: the image is uploaded through CreateImage first, so the API's blob was just written and its pages are warm in the page cache for both `cp` and the download (caches cannot be dropped on this shared machine); the copy and each cache's file are written cold. `cp` is coreutils `cp` of the blob to a new file beside it; the cache also fsyncs its file and directory before the rename, so the `cp` + `sync` row is the like-for-like write. The cold fetch is one `Ensure` into an empty cache: DownloadImage streams 1 MiB messages over TLS on loopback; the cache hashes while it writes a temporary file, then fsyncs and renames it into place. The concurrent row is %d `Ensure` calls at once into another empty cache on one host; DownloadImage calls are counted from the API's own `minicloud_api_requests_total` metric. CPU is this process's (API server, etcd and the cache together) during the cold fetch.\n", r.concurrent)
 	return b.String()
-}
-
-// processCPU is the user and system CPU time this process has used.
-func processCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
