@@ -346,17 +346,9 @@ func runFill(ctx context.Context, b *bench, loadBefore string, clients int, fill
 // returned function stops it.
 func profile(path string, count int) (func(), error) {
 	if path == "" {
-		return func() {}, nil
+		return benchdoc.CPUProfile("")
 	}
-	f, err := os.Create(fmt.Sprintf("%s.%d", path, count))
-	if err != nil {
-		return nil, err
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+	return benchdoc.CPUProfile(fmt.Sprintf("%s.%d", path, count))
 }
 
 func joinInts(xs []int) string {

@@ -31,7 +31,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -154,7 +153,7 @@ func run(ctx context.Context, size int64, n int, docs, cpuProfile string) error 
 	if err != nil {
 		return err
 	}
-	stopProfile, err := profile(cpuProfile)
+	stopProfile, err := benchdoc.CPUProfile(cpuProfile)
 	if err != nil {
 		return err
 	}
@@ -284,20 +283,6 @@ func downloads(s *apiserver.Server) (int64, error) {
 	return total, sc.Err()
 }
 
-func profile(path string) (stop func(), err error) {
-	if path == "" {
-		return func() {}, nil
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return nil, err
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return func() { pprof.StopCPUProfile(); f.Close() }, nil
-}
 
 func mbps(size int64, d time.Duration) float64 { return float64(size) / 1e6 / d.Seconds() }
 
