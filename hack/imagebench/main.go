@@ -283,7 +283,6 @@ func downloads(s *apiserver.Server) (int64, error) {
 	return total, sc.Err()
 }
 
-
 func mbps(size int64, d time.Duration) float64 { return float64(size) / 1e6 / d.Seconds() }
 
 func render(r result, loadBefore, loadAfter string, took time.Duration) string {
