@@ -146,8 +146,22 @@ func (c *Cache) fetch(ctx context.Context, image string, part minicloudv1.ImageP
 	if err != nil {
 		return fmt.Errorf("download %s: %w", what, errdefs.FromGRPC(err))
 	}
-	h := sha256.New()
-	w := io.MultiWriter(tmp, h)
+	// The digest is computed beside the receive and the write: a chunk is
+	// hashed while the next one is received and written, so on a host with
+	// a spare core the three no longer add up (hack/imagebench's profile:
+	// receive, hash and write were a third of the time each). Each Recv
+	// returns a fresh message, so a chunk can be handed over without a copy.
+	hashed := make(chan []byte, 16)
+	sum := make(chan []byte, 1)
+	go func() {
+		h := sha256.New()
+		for b := range hashed {
+			h.Write(b)
+		}
+		sum <- h.Sum(nil)
+	}()
+	stopHashing := sync.OnceFunc(func() { close(hashed) })
+	defer stopHashing()
 	var n int64
 	for {
 		msg, err := stream.Recv()
@@ -159,12 +173,14 @@ func (c *Cache) fetch(ctx context.Context, image string, part minicloudv1.ImageP
 			// errdefs kinds so NotFound stays NotFound.
 			return fmt.Errorf("download %s after %d bytes: %w", what, n, errdefs.FromGRPC(err))
 		}
-		if _, err := w.Write(msg.GetData()); err != nil {
+		if _, err := tmp.Write(msg.GetData()); err != nil {
 			return fmt.Errorf("download %s: write %s: %w", what, tmp.Name(), err)
 		}
+		hashed <- msg.GetData()
 		n += int64(len(msg.GetData()))
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != digest {
+	stopHashing()
+	if got := hex.EncodeToString(<-sum); got != digest {
 		return errdefs.Wrap(errdefs.KindFailedPrecondition, ErrDigestMismatch, "download %s: got %d bytes with sha256 %s", what, n, got)
 	}
 	if err := c.qemu.ShareFile(tmp.Name()); err != nil {
