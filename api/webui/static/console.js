@@ -47,7 +47,11 @@
       sock.onmessage = function (e) {
         if (typeof e.data === 'string') {
           var c = JSON.parse(e.data);
-          el.setAttribute('data-state', c.type);
+          // A notice (input dropped, the write side lost) says something
+          // about the session but does not end it: the state stays
+          // attached. (Setting it to "notice" made a read-only page that
+          // was told at once look as if it never attached.)
+          if (c.type !== 'notice') el.setAttribute('data-state', c.type);
           var writer = c.type === 'attached' ? !!c.writer : (c.type === 'notice' && c.writerLost ? false : null);
           if (writer !== null) {
             el.setAttribute('data-writer', writer ? 'true' : 'false');
