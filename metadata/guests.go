@@ -36,8 +36,8 @@ func (s *Server) startWait(id string) (done func(), ok bool) {
 	return func() { g.waits.Add(-1); s.waits.Add(-1) }, true
 }
 
-// allow applies the per-VM rate limit.
-func (s *Server) allow(id string) bool {
+// allow applies the per-VM rate limit and returns the VM's state.
+func (s *Server) allow(id string) (*guestState, bool) {
 	s.limMu.Lock()
 	g, ok := s.limiters[id]
 	if !ok {
@@ -52,15 +52,12 @@ func (s *Server) allow(id string) bool {
 		s.limiters[id] = g
 	}
 	s.limMu.Unlock()
-	return g.lim.Allow()
+	return g, g.lim.Allow()
 }
 
-// markSeen records that the VM was answered.
-func (s *Server) markSeen(id string) {
-	s.limMu.Lock()
-	g := s.limiters[id]
-	s.limMu.Unlock()
-	if g != nil && g.lastSeen.Swap(s.opts.Now().UnixNano()) == 0 && s.opts.OnFirstRequest != nil {
+// markSeen records that VM id, whose state allow returned, was answered.
+func (s *Server) markSeen(g *guestState, id string) {
+	if g.lastSeen.Swap(s.opts.Now().UnixNano()) == 0 && s.opts.OnFirstRequest != nil {
 		s.opts.OnFirstRequest(id)
 	}
 }

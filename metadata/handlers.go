@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -14,7 +15,8 @@ import (
 // serveEC2 answers "/" and "/<version>/...", enforcing IMDSv2.
 func (s *Server) serveEC2(req *request) {
 	r := req.r
-	segs, ok := splitPath(r.URL.Path)
+	var buf [maxInlineSegs]string
+	segs, ok := splitPathInto(r.URL.Path, buf[:0])
 	if !ok {
 		notFound(req)
 		return
@@ -87,7 +89,8 @@ func (s *Server) serveOpenStack(req *request) {
 		methodNotAllowed(req, "GET, HEAD")
 		return
 	}
-	segs, ok := splitPath(strings.TrimPrefix(req.r.URL.Path, "/openstack"))
+	var buf [maxInlineSegs]string
+	segs, ok := splitPathInto(strings.TrimPrefix(req.r.URL.Path, "/openstack"), buf[:0])
 	if !ok {
 		notFound(req)
 		return
@@ -129,7 +132,8 @@ func (s *Server) serveGCE(req *request) {
 		notFound(req)
 		return
 	}
-	segs, ok := splitPath(strings.TrimPrefix(r.URL.Path, gcePrefixV1))
+	var buf [maxInlineSegs]string
+	segs, ok := splitPathInto(strings.TrimPrefix(r.URL.Path, gcePrefixV1), buf[:0])
 	if !ok {
 		notFound(req)
 		return
@@ -138,7 +142,10 @@ func (s *Server) serveGCE(req *request) {
 		s.serveIdentity(req)
 		return
 	}
-	q := r.URL.Query()
+	var q url.Values // most requests have no query: nothing to parse
+	if r.URL.RawQuery != "" {
+		q = r.URL.Query()
+	}
 	recursive, _ := strconv.ParseBool(q.Get("recursive"))
 	alt := q.Get("alt")
 	if alt != "" && alt != "json" && alt != "text" {

@@ -2,6 +2,7 @@ package metadata
 
 import (
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -15,7 +16,18 @@ type metrics struct {
 	tokensIssued    prometheus.Counter
 	longPollWaiters prometheus.Gauge
 	connsRefused    prometheus.Counter
+
+	// Children resolved once rather than per request (WithLabelValues
+	// hashes the labels and takes a lock). Latency series exist per tree
+	// from the start; a request counter is resolved on the first request
+	// with its tree and code, so only codes that happened are exported.
+	latencyOf  [numTrees]prometheus.Observer
+	requestsOf [numTrees][maxStatus]atomic.Pointer[prometheus.Counter]
 }
+
+// maxStatus bounds the status codes whose counters are kept resolved;
+// net/http refuses to write codes outside 100-999.
+const maxStatus = 1000
 
 func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
@@ -48,12 +60,30 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	if reg != nil {
 		reg.MustRegister(m.requests, m.latency, m.unknownSources, m.tokensIssued, m.longPollWaiters, m.connsRefused)
 	}
+	for t := range numTrees {
+		m.latencyOf[t] = m.latency.WithLabelValues(treeNames[t])
+	}
 	return m
 }
 
-func (m *metrics) observe(tree string, code int, d time.Duration, longPoll bool) {
-	m.requests.WithLabelValues(tree, strconv.Itoa(code)).Inc()
+func (m *metrics) observe(t tree, code int, d time.Duration, longPoll bool) {
+	m.requestCounter(t, code).Inc()
 	if !longPoll {
-		m.latency.WithLabelValues(tree).Observe(d.Seconds())
+		m.latencyOf[t].Observe(d.Seconds())
 	}
+}
+
+// requestCounter is the requests counter of tree t and code, resolved
+// once. Two requests racing to resolve it get the same child.
+func (m *metrics) requestCounter(t tree, code int) prometheus.Counter {
+	if code < 0 || code >= maxStatus {
+		return m.requests.WithLabelValues(treeNames[t], strconv.Itoa(code))
+	}
+	slot := &m.requestsOf[t][code]
+	if c := slot.Load(); c != nil {
+		return *c
+	}
+	c := m.requests.WithLabelValues(treeNames[t], strconv.Itoa(code))
+	slot.Store(&c)
+	return c
 }

@@ -9,36 +9,26 @@ import (
 	"time"
 )
 
-// statusRecorder remembers the status code for metrics.
-type statusRecorder struct {
-	http.ResponseWriter
-	code int
-}
+// Trees are what the metrics tell apart.
+type tree uint8
 
-func (r *statusRecorder) WriteHeader(code int) {
-	if r.code == 0 {
-		r.code = code
-	}
-	r.ResponseWriter.WriteHeader(code)
-}
+const (
+	treeEC2 tree = iota
+	treeOpenStack
+	treeGCE
+	numTrees
+)
 
-func (r *statusRecorder) Write(b []byte) (int, error) {
-	if r.code == 0 {
-		r.code = http.StatusOK
-	}
-	return r.ResponseWriter.Write(b)
-}
+var treeNames = [numTrees]string{treeEC2: "ec2", treeOpenStack: "openstack", treeGCE: "gce"}
 
-func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
-
-func treeOf(path string) string {
+func treeOf(path string) tree {
 	switch {
 	case path == "/openstack" || strings.HasPrefix(path, "/openstack/"):
-		return "openstack"
+		return treeOpenStack
 	case path == "/computeMetadata" || strings.HasPrefix(path, "/computeMetadata/"):
-		return "gce"
+		return treeGCE
 	default:
-		return "ec2"
+		return treeEC2
 	}
 }
 
@@ -51,6 +41,11 @@ type request struct {
 	mac   net.HardwareAddr
 	entry *entry
 	trees *rendered
+	// guest is the VM's limiter and last-seen time, once identified.
+	guest *guestState
+	// code is the status written (by writeBody, the one place that
+	// writes), for the metrics.
+	code int
 	// longPoll marks GCE waits so their duration stays out of the latency
 	// histogram.
 	longPoll bool
@@ -60,18 +55,23 @@ type request struct {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	// No metadata request needs a body; never buffer more than a token.
-	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
-	rec := &statusRecorder{ResponseWriter: w}
-	tree := treeOf(r.URL.Path)
-	req := &request{w: rec, r: r}
-	s.serve(req, tree)
-	if rec.code == 0 {
-		rec.code = http.StatusOK
+	// net/http gives requests without one http.NoBody, which reads
+	// nothing: only real bodies are worth a limiting reader.
+	if r.Body != http.NoBody {
+		r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
 	}
-	s.metrics.observe(tree, rec.code, time.Since(start), req.longPoll)
+	t := treeOf(r.URL.Path)
+	req := &request{w: w, r: r}
+	s.serve(req, t)
+	if req.code == 0 {
+		// Nothing written (the client left a long-poll): net/http
+		// answers 200 for a handler that returns silently.
+		req.code = http.StatusOK
+	}
+	s.metrics.observe(t, req.code, time.Since(start), req.longPoll)
 }
 
-func (s *Server) serve(req *request, tree string) {
+func (s *Server) serve(req *request, t tree) {
 	r := req.r
 	if r.URL.RawPath != "" || len(r.URL.Path) > maxPathLen {
 		notFound(req)
@@ -100,10 +100,12 @@ func (s *Server) serve(req *request, tree string) {
 		notFound(req)
 		return
 	}
-	if !s.allow(e.inst.ID) {
+	g, ok := s.allow(e.inst.ID)
+	if !ok {
 		writeText(req, http.StatusTooManyRequests, "Too Many Requests")
 		return
 	}
+	req.guest = g
 	mac, err := pc.sourceMAC()
 	if err == nil {
 		e, err = s.dir.identify(peer, mac)
@@ -114,16 +116,16 @@ func (s *Server) serve(req *request, tree string) {
 		return
 	}
 	req.mac = mac
-	s.markSeen(e.inst.ID)
+	s.markSeen(g, e.inst.ID)
 	if err := s.use(req, e); err != nil {
 		s.log.Error("render metadata", "instance", e.inst.ID, "err", err)
 		writeText(req, http.StatusInternalServerError, "Internal Server Error")
 		return
 	}
-	switch tree {
-	case "openstack":
+	switch t {
+	case treeOpenStack:
 		s.serveOpenStack(req)
-	case "gce":
+	case treeGCE:
 		s.serveGCE(req)
 	default:
 		s.serveEC2(req)
@@ -167,17 +169,49 @@ func (s *Server) logUnknown(msg string, args ...any) {
 }
 
 func writeBody(req *request, code int, contentType string, body []byte) {
+	writeBodyHeaders(req, code, headerValue(contentType), headerValue(strconv.Itoa(len(body))), body)
+}
+
+// writeBodyHeaders writes with header values made ahead (a rendered
+// node's): assigned to the map as they are, with no canonicalising and no
+// allocation. Canonical keys and one-element slices with no spare capacity
+// keep them safe to share: net/http copies the header map before sending,
+// and an Add elsewhere would append to a new slice, never into these.
+func writeBodyHeaders(req *request, code int, contentType, contentLength []string, body []byte) {
 	h := req.w.Header()
-	h.Set("Content-Type", contentType)
-	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h["Content-Type"] = contentType
+	h["Content-Length"] = contentLength
+	req.code = code
 	req.w.WriteHeader(code)
 	if req.r.Method != http.MethodHead {
 		_, _ = req.w.Write(body)
 	}
 }
 
+// headerValue is v as a header map value that may be shared.
+func headerValue(v string) []string { return []string{v}[:1:1] }
+
+// Content types the trees serve, as shareable header values.
+var (
+	ctTextPlain   = headerValue("text/plain")
+	ctTextUTF8    = headerValue("text/plain; charset=utf-8")
+	ctOctetStream = headerValue("application/octet-stream")
+	ctJSON        = headerValue("application/json")
+	ctAppText     = headerValue("application/text")
+)
+
+// contentTypeValue shares the header value of the common content types.
+func contentTypeValue(ct string) []string {
+	for _, v := range [][]string{ctTextPlain, ctTextUTF8, ctOctetStream, ctJSON, ctAppText} {
+		if v[0] == ct {
+			return v
+		}
+	}
+	return headerValue(ct)
+}
+
 func writeText(req *request, code int, msg string) {
-	writeBody(req, code, "text/plain; charset=utf-8", []byte(msg))
+	writeBodyHeaders(req, code, ctTextUTF8, headerValue(strconv.Itoa(len(msg))), []byte(msg))
 }
 
 func notFound(req *request) { writeText(req, http.StatusNotFound, "Not Found") }
@@ -195,9 +229,6 @@ func writeNode(req *request, n *node) {
 		notFound(req)
 		return
 	}
-	ct := n.contentType
-	if ct == "" {
-		ct = "text/plain"
-	}
-	writeBody(req, http.StatusOK, ct, n.body)
+	n.headersOnce.Do(n.makeHeaders)
+	writeBodyHeaders(req, http.StatusOK, n.hdrType, n.hdrLength, n.body)
 }

@@ -1,7 +1,9 @@
 package metadata
 
 import (
+	"strconv"
 	"strings"
+	"sync"
 )
 
 // node is one path of a rendered metadata tree: a leaf with a body, or a
@@ -12,6 +14,21 @@ type node struct {
 	contentType string
 	dir         bool
 	children    map[string]*node
+
+	// The response headers, made on first use (trees are built in many
+	// places; this is the one that writes them).
+	headersOnce sync.Once
+	hdrType     []string
+	hdrLength   []string
+}
+
+func (n *node) makeHeaders() {
+	ct := n.contentType
+	if ct == "" {
+		ct = "text/plain"
+	}
+	n.hdrType = contentTypeValue(ct)
+	n.hdrLength = headerValue(strconv.Itoa(len(n.body)))
 }
 
 func leaf(body []byte, contentType string) *node {
@@ -95,7 +112,11 @@ func walkTree[N interface {
 // splitPath splits a request path below a tree root into segments and
 // rejects anything a well-behaved client never sends: empty inner segments,
 // dot segments, control bytes and overlong paths.
-func splitPath(p string) ([]string, bool) {
+func splitPath(p string) ([]string, bool) { return splitPathInto(p, nil) }
+
+// splitPathInto is splitPath appending to segs: handlers pass an array on
+// their stack, so the common path costs no allocation.
+func splitPathInto(p string, segs []string) ([]string, bool) {
 	if len(p) > maxPathLen {
 		return nil, false
 	}
@@ -103,9 +124,9 @@ func splitPath(p string) ([]string, bool) {
 	if p == "" {
 		return nil, true
 	}
-	segs := strings.Split(p, "/")
-	for i, s := range segs {
-		if s == "" && i != len(segs)-1 {
+	for {
+		s, rest, more := strings.Cut(p, "/")
+		if s == "" && more {
 			return nil, false
 		}
 		if s == "." || s == ".." {
@@ -116,8 +137,16 @@ func splitPath(p string) ([]string, bool) {
 				return nil, false
 			}
 		}
+		segs = append(segs, s)
+		if !more {
+			return segs, true
+		}
+		p = rest
 	}
-	return segs, true
 }
+
+// maxInlineSegs is how many segments a handler's stack array holds; deeper
+// paths (none of the trees has one) spill to the heap.
+const maxInlineSegs = 8
 
 const maxPathLen = 1024

@@ -4,6 +4,10 @@
 // rate limit. It rewrites the "metadata" section of docs/benchmarks.md.
 //
 //	go run ./hack/metabench [-duration 30s] [-clients 64] [-docs docs/benchmarks.md]
+//	    [-cpuprofile md.cpu] [-memprofile md.mem]
+//
+// The profiles are of the metadata service's process during the
+// saturation and open-loop runs (not of the load generator).
 //
 // Guests are told apart by their loopback source address (127.0.1.N): the
 // benchmark serves a plain TCP listener with a resolver that maps source
@@ -13,7 +17,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"flag"
 	"fmt"
@@ -27,6 +30,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"sync"
@@ -34,6 +38,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/minicloud/minicloud/hack/benchdoc"
 	"github.com/minicloud/minicloud/metadata"
 	"github.com/minicloud/minicloud/pkg/nic"
 )
@@ -60,14 +65,17 @@ func main() {
 	nginxBin := flag.String("nginx", "nginx", "nginx binary")
 	serve := flag.Int("serve", 0, "internal: serve this many guests in this process and print the address")
 	unlimited := flag.Bool("unlimited", false, "internal: with -serve, set the per-VM limit above any load")
+	cpuProfile := flag.String("cpuprofile", "", "write the metadata service's CPU profile here")
+	memProfile := flag.String("memprofile", "", "write the metadata service's allocation profile here")
 	flag.Parse()
 	if *serve > 0 {
-		if err := serveChild(*serve, *unlimited); err != nil {
+		if err := serveChild(*serve, *unlimited, *cpuProfile, *memProfile); err != nil {
 			log.Fatal(err)
 		}
 		return
 	}
-	if err := run(*duration, *warmup, *clients, *storm, *docs, *nginxBin); err != nil {
+	prof := profiles{cpu: absPath(*cpuProfile), mem: absPath(*memProfile)}
+	if err := run(*duration, *warmup, *clients, *storm, *docs, *nginxBin, prof); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -75,6 +83,13 @@ func main() {
 // openRate is the offered load of the latency runs: 20 times what a
 // 50-guest boot storm asks per second.
 const openRate = 1000.0
+
+// The targets of issue 15: at least nginx's requests/s at saturation, and
+// p99 under 2 ms at openRate.
+const (
+	targetRatio = 1.0
+	targetP99   = 2 * time.Millisecond
+)
 
 func guestAddr(i int) netip.Addr { return netip.AddrFrom4([4]byte{127, 0, 1, byte(i + 1)}) }
 
@@ -106,11 +121,31 @@ func loopbackResolver(c net.Conn) (metadata.Peer, error) {
 	return metadata.Peer{Interface: "lo", Addr: ap.Addr()}, nil
 }
 
+// profiles are where the metadata service's process writes its profiles
+// (none when empty).
+type profiles struct{ cpu, mem string }
+
+func absPath(p string) string {
+	if p == "" {
+		return ""
+	}
+	a, err := filepath.Abs(p)
+	if err != nil {
+		return p
+	}
+	return a
+}
+
 // serveChild runs the metadata service for n guests until stdin closes,
 // after printing its address. The service runs in its own process, as
 // nginx does, so it shares no Go runtime (scheduler, GC) with the load
-// generator.
-func serveChild(n int, unlimited bool) error {
+// generator; that is also why it writes its own profiles.
+func serveChild(n int, unlimited bool, cpuProfile, memProfile string) error {
+	stopCPU, err := benchdoc.CPUProfile(cpuProfile)
+	if err != nil {
+		return fmt.Errorf("cpu profile: %w", err)
+	}
+
 	dir := metadata.NewDirectory()
 	if err := dir.Set(instances(n)); err != nil {
 		return err
@@ -131,16 +166,36 @@ func serveChild(n int, unlimited bool) error {
 	}
 	go func() { _, _ = io.Copy(io.Discard, os.Stdin); _ = srv.Close() }()
 	fmt.Println(l.Addr().String())
-	return srv.ServeListener(l, metadata.PeerResolverFunc(loopbackResolver))
+	err = srv.ServeListener(l, metadata.PeerResolverFunc(loopbackResolver))
+	stopCPU()
+	if memProfile != "" {
+		if perr := writeHeapProfile(memProfile); perr != nil {
+			return errors.Join(err, perr)
+		}
+	}
+	return err
+}
+
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("memory profile: %w", err)
+	}
+	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+		f.Close()
+		return fmt.Errorf("memory profile: %w", err)
+	}
+	return f.Close()
 }
 
 // startMetadata starts a child process serving n guests; stop ends it.
-func startMetadata(n int, unlimited bool) (base string, stop func(), err error) {
+func startMetadata(n int, unlimited bool, prof profiles) (base string, stop func(), err error) {
 	self, err := os.Executable()
 	if err != nil {
 		return "", nil, err
 	}
-	cmd := exec.Command(self, "-serve", fmt.Sprint(n), fmt.Sprintf("-unlimited=%v", unlimited))
+	cmd := exec.Command(self, "-serve", fmt.Sprint(n), fmt.Sprintf("-unlimited=%v", unlimited),
+		"-cpuprofile", prof.cpu, "-memprofile", prof.mem)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -408,7 +463,7 @@ func crawl(c *http.Client, base string) (n, tooMany, failed int) {
 }
 
 func bootStorm(guests int) (stormResult, error) {
-	base, stop, err := startMetadata(guests, false)
+	base, stop, err := startMetadata(guests, false, profiles{})
 	if err != nil {
 		return stormResult{}, err
 	}
@@ -440,7 +495,7 @@ func bootStorm(guests int) (stormResult, error) {
 	return res, nil
 }
 
-func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin string) error {
+func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin string, prof profiles) error {
 	// The machine is shared: raise the priority of the generator and of both
 	// servers (children inherit it) alike, so other work disturbs the
 	// comparison less. Not fatal when not permitted.
@@ -457,7 +512,7 @@ func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin stri
 		return err
 	}
 
-	base, stopMD, err := startMetadata(clients, true)
+	base, stopMD, err := startMetadata(clients, true, prof)
 	if err != nil {
 		return err
 	}
@@ -493,7 +548,7 @@ func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin stri
 	if docs == "" {
 		return nil
 	}
-	return rewriteSection(docs, "metadata", table)
+	return benchdoc.RewriteSection(docs, "metadata", table)
 }
 
 func statusOf(r *http.Response) string {
@@ -524,33 +579,10 @@ func render(md, ng, mdOpen, ngOpen result, st stormResult, clients int, duration
 		}
 		return "NOT met"
 	}
-	fmt.Fprintf(&b, "\nmetadata/nginx throughput at saturation: %.2f (target ≥ 0.50: %s). Metadata p99 at %.0f req/s: %s (target < 5 ms: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
-		ratio, verdict(ratio >= 0.5), openRate, ms(mdOpen.p99), verdict(mdOpen.p99 < 5*time.Millisecond),
+	fmt.Fprintf(&b, "\nmetadata/nginx throughput at saturation: %.2f (target ≥ %.2f, issue 15: %s). Metadata p99 at %.0f req/s: %s (target < %s: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
+		ratio, targetRatio, verdict(ratio >= targetRatio), openRate, ms(mdOpen.p99), ms(targetP99), verdict(mdOpen.p99 < targetP99),
 		clients, clients, md.rps(), ms(time.Duration(float64(clients)/md.rps()*float64(time.Second))))
 	fmt.Fprintf(&b, "Boot storm with the default per-VM limit (50 req/s, burst 200): %d guests crawl at once like cloud-init 22.4 (IMDSv2 token, version probe, recursive meta-data walk, user-data, identity document, OpenStack documents): %d requests in %s, crawl p50 %s, slowest %s, %d answered 429, %d failed. cloud-init waits up to 50 s per request.\n",
 		st.guests, st.requests, st.elapsed.Round(time.Millisecond), ms(st.p50Crawl), ms(st.maxCrawl), st.tooMany, st.failed)
 	return b.String()
-}
-
-// rewriteSection replaces the text between <!-- BEGIN name --> and
-// <!-- END name --> in path, leaving the rest of the page alone.
-func rewriteSection(path, name, body string) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	begin, end := []byte("<!-- BEGIN "+name+" -->"), []byte("<!-- END "+name+" -->")
-	i, j := bytes.Index(b, begin), bytes.Index(b, end)
-	if i < 0 || j < i {
-		return errors.New(path + ": no " + name + " markers")
-	}
-	var out bytes.Buffer
-	out.Write(b[:i+len(begin)])
-	out.WriteString("\n" + body)
-	out.Write(b[j:])
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, out.Bytes(), 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
