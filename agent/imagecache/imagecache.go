@@ -9,7 +9,6 @@ package imagecache
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -131,7 +130,7 @@ func (c *Cache) Ensure(ctx context.Context, image string, part minicloudv1.Image
 
 func (c *Cache) fetch(ctx context.Context, image string, part minicloudv1.ImagePart, digest string) (err error) {
 	what := fmt.Sprintf("image %q %s %s", image, partName(part), digest)
-	tmp, err := os.CreateTemp(c.dir, tmpPrefix+digest+"-")
+	tmp, direct, err := createTemp(c.dir, tmpPrefix+digest+"-")
 	if err != nil {
 		return fmt.Errorf("download %s: %w", what, err)
 	}
@@ -146,23 +145,15 @@ func (c *Cache) fetch(ctx context.Context, image string, part minicloudv1.ImageP
 	if err != nil {
 		return fmt.Errorf("download %s: %w", what, errdefs.FromGRPC(err))
 	}
-	// The digest is computed beside the receive and the write: a chunk is
-	// hashed while the next one is received and written, so on a host with
-	// a spare core the three no longer add up (hack/imagebench's profile:
-	// receive, hash and write were a third of the time each). Each Recv
-	// returns a fresh message, so a chunk can be handed over without a copy.
-	hashed := make(chan []byte, 16)
-	sum := make(chan []byte, 1)
-	go func() {
-		h := sha256.New()
-		for b := range hashed {
-			h.Write(b)
+	// The receive, the hash and the write each run on a goroutine of their
+	// own (see sink), so on a host with a spare core they overlap instead
+	// of adding up.
+	out := newSink(tmp, direct)
+	defer func() {
+		if _, _, cerr := out.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("download %s: %w", what, cerr)
 		}
-		sum <- h.Sum(nil)
 	}()
-	stopHashing := sync.OnceFunc(func() { close(hashed) })
-	defer stopHashing()
-	var n int64
 	for {
 		msg, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
@@ -171,16 +162,17 @@ func (c *Cache) fetch(ctx context.Context, image string, part minicloudv1.ImageP
 		if err != nil {
 			// Stream errors arrive as gRPC statuses; map them back to
 			// errdefs kinds so NotFound stays NotFound.
-			return fmt.Errorf("download %s after %d bytes: %w", what, n, errdefs.FromGRPC(err))
+			return fmt.Errorf("download %s after %d bytes: %w", what, out.n, errdefs.FromGRPC(err))
 		}
-		if _, err := tmp.Write(msg.GetData()); err != nil {
-			return fmt.Errorf("download %s: write %s: %w", what, tmp.Name(), err)
+		if err := out.Write(msg.GetData()); err != nil {
+			return fmt.Errorf("download %s: %w", what, err)
 		}
-		hashed <- msg.GetData()
-		n += int64(len(msg.GetData()))
 	}
-	stopHashing()
-	if got := hex.EncodeToString(<-sum); got != digest {
+	sum, n, err := out.Close()
+	if err != nil {
+		return fmt.Errorf("download %s: %w", what, err)
+	}
+	if got := hex.EncodeToString(sum); got != digest {
 		return errdefs.Wrap(errdefs.KindFailedPrecondition, ErrDigestMismatch, "download %s: got %d bytes with sha256 %s", what, n, got)
 	}
 	if err := c.qemu.ShareFile(tmp.Name()); err != nil {

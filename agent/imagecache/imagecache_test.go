@@ -185,6 +185,10 @@ type fileServer struct {
 	minicloudv1.UnimplementedImageServiceServer
 	blobs   map[string][]byte // sha256 -> bytes
 	corrupt atomic.Bool
+	// cut, if not zero, ends the stream after that many bytes: with an
+	// error if cutFails, else as if the blob ended there.
+	cut      atomic.Int64
+	cutFails atomic.Bool
 }
 
 func (s *fileServer) DownloadImage(req *minicloudv1.DownloadImageRequest, stream minicloudv1.ImageService_DownloadImageServer) error {
@@ -196,12 +200,18 @@ func (s *fileServer) DownloadImage(req *minicloudv1.DownloadImageRequest, stream
 	if s.corrupt.Load() {
 		b[len(b)/2] ^= 0xff
 	}
+	if cut := s.cut.Load(); cut > 0 {
+		b = b[:cut]
+	}
 	for len(b) > 0 {
 		n := min(len(b), 64<<10)
 		if err := stream.Send(&minicloudv1.DownloadImageResponse{Data: b[:n]}); err != nil {
 			return err
 		}
 		b = b[n:]
+	}
+	if s.cut.Load() > 0 && s.cutFails.Load() {
+		return errdefs.Unavailable("connection to the image store lost")
 	}
 	return nil
 }
@@ -240,6 +250,48 @@ func TestCorruptDownloadIsRefused(t *testing.T) {
 	}
 	if downloads.Load() != 2 {
 		t.Errorf("%d downloads, want 2", downloads.Load())
+	}
+	assertClean(t, cache, digest)
+}
+
+// TestTruncatedDownloadIsRefused: a stream that ends early, cleanly or
+// with an error, leaves nothing in the cache, and the error says which.
+// The image is several write buffers long and cut off the alignment of
+// direct writes, so the partial file had direct and buffered writes.
+func TestTruncatedDownloadIsRefused(t *testing.T) {
+	data := make([]byte, 9<<20+4321)
+	if _, err := io.ReadFull(rand.Reader, data); err != nil {
+		t.Fatal(err)
+	}
+	digest := sha(data)
+	fs := &fileServer{blobs: map[string][]byte{digest: data}}
+	client, _ := serve(t, func(s *grpc.Server) { minicloudv1.RegisterImageServiceServer(s, fs) })
+	cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client, qemuaccess.Access{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	fs.cut.Store(int64(len(data) - 1000))
+	_, err = cache.Ensure(ctx, "img", minicloudv1.ImagePart_IMAGE_PART_DISK, digest)
+	if !errors.Is(err, imagecache.ErrDigestMismatch) {
+		t.Fatalf("download cut short: %v, want ErrDigestMismatch", err)
+	}
+	assertClean(t, cache)
+
+	fs.cutFails.Store(true)
+	_, err = cache.Ensure(ctx, "img", minicloudv1.ImagePart_IMAGE_PART_DISK, digest)
+	if !errdefs.IsUnavailable(err) || errors.Is(err, imagecache.ErrDigestMismatch) {
+		t.Fatalf("download broken off: %v, want the stream's Unavailable", err)
+	}
+	assertClean(t, cache)
+
+	fs.cut.Store(0)
+	p, err := cache.Ensure(ctx, "img", minicloudv1.ImagePart_IMAGE_PART_DISK, digest)
+	if err != nil {
+		t.Fatalf("whole download: %v", err)
+	}
+	if got, _ := os.ReadFile(p); !bytes.Equal(got, data) {
+		t.Fatal("cached bytes differ")
 	}
 	assertClean(t, cache, digest)
 }
