@@ -158,8 +158,11 @@ type Agent struct {
 	reported  map[string]*minicloudv1.VMStatus // last status this agent reported, by VM id
 	synced    bool                             // the full assignment set has been received
 	publishMu sync.Mutex                       // serialises publishGuests
-	bridgeMu  sync.Mutex                       // serialises bridge creation and collection
-	fwdMu     sync.Mutex                       // serialises port forward changes (portforwards.go)
+	// bridgeMu keeps bridge collection apart from bridge creation;
+	// creations (RLock) run at once, so that the concurrent creates of one
+	// network share one bridge check (see linux.Manager.EnsureBridge).
+	bridgeMu sync.RWMutex
+	fwdMu    sync.Mutex // serialises port forward changes (portforwards.go)
 
 	registered     chan struct{} // closed once the host is first registered
 	registeredOnce sync.Once

@@ -19,9 +19,13 @@ func (a *Agent) bridgeMarker(name string) string {
 }
 
 // claimBridge records that this agent owns bridge name. Called with
-// bridgeMu held, before the bridge is created.
+// bridgeMu held (read-locked: concurrent claims of one name write the same
+// empty file), before the bridge is created.
 func (a *Agent) claimBridge(name string) error {
 	p := a.bridgeMarker(name)
+	if _, err := os.Stat(p); err == nil {
+		return nil
+	}
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 		return fmt.Errorf("record bridge %s: %w", name, err)
 	}

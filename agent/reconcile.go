@@ -503,8 +503,8 @@ func (a *Agent) domainSpec(vm *minicloudv1.VM, b bootMedia, nics []nic.NIC, conf
 // ensureBridge creates a network's bridge, recorded as this agent's, under
 // bridgeMu so that collectBridges never removes a bridge being plugged into.
 func (a *Agent) ensureBridge(ctx context.Context, spec network.BridgeSpec) error {
-	a.bridgeMu.Lock()
-	defer a.bridgeMu.Unlock()
+	a.bridgeMu.RLock()
+	defer a.bridgeMu.RUnlock()
 	if err := a.claimBridge(spec.Name); err != nil {
 		return err
 	}

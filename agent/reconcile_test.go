@@ -9,6 +9,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"maps"
 	"os"
@@ -862,5 +863,48 @@ func TestPublishSendsOnlyWhatChanged(t *testing.T) {
 	}
 	if got := h.guest.last(); len(got) != 1 || got[0].VM.GetMeta().GetId() != b {
 		t.Errorf("guest services serve %v, want only %s", guestIDs(got), b)
+	}
+}
+
+// TestConcurrentCreatesShareTheBridge: creates of one network run their
+// bridge step at once (bridgeMu is a read lock for them) while the bridge
+// collection, which runs after every delete, waits for them: every VM ends
+// RUNNING on the one bridge, which collection keeps while VMs use it.
+func TestConcurrentCreatesShareTheBridge(t *testing.T) {
+	h := newHarness(t)
+	const vms = 10
+	ids := make([]string, vms)
+	for i := range ids {
+		ids[i] = h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+		h.a.mu.Lock()
+		addr := h.a.assigned[ids[i]].vm.Status.Addresses[0]
+		addr.Ip = fmt.Sprintf("10.88.0.%d", 10+i)
+		addr.Mac = fmt.Sprintf("52:54:00:12:34:%02x", 0x10+i)
+		h.a.mu.Unlock()
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, vms+1)
+	for i, id := range ids {
+		wg.Go(func() { _, errs[i] = h.a.reconcilePass(context.Background(), id) })
+	}
+	wg.Go(func() { errs[vms] = h.a.collectBridges(context.Background()) })
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+	for _, id := range ids {
+		h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
+		if p := h.ports(id); len(p) != 1 {
+			t.Errorf("ports of %s: %v, want one", id, p)
+		}
+	}
+	bridges, _ := networktest.NewFakeManager(h.net).ListBridges(context.Background())
+	if len(bridges) != 1 || bridges[0].Name != testBridge {
+		t.Errorf("bridges %v, want %s alone", bridges, testBridge)
+	}
+	if _, err := os.Stat(filepath.Join(h.a.cfg.StateDir, "bridges", testBridge)); err != nil {
+		t.Errorf("bridge marker: %v", err)
 	}
 }

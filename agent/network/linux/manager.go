@@ -42,6 +42,27 @@ type Manager struct {
 	// baseOK records that this Manager verified the tables, chains, sets and
 	// static rules; port changes then skip that check (guarded by mu).
 	baseOK bool
+	// bridges shares one EnsureBridge run among concurrent callers with
+	// the same spec (every VM of a network ensures its bridge).
+	bridges coalescer[bridgeKey]
+}
+
+// bridgeKey is a BridgeSpec as a map key (its tunnel by value).
+type bridgeKey struct {
+	name    string
+	gateway netip.Prefix
+	mtu     int
+	nat     bool
+	tunnel  network.TunnelSpec
+	tunnels bool
+}
+
+func keyOf(spec network.BridgeSpec) bridgeKey {
+	k := bridgeKey{name: spec.Name, gateway: spec.GatewayCIDR, mtu: spec.MTU, nat: spec.NAT}
+	if spec.Tunnel != nil {
+		k.tunnel, k.tunnels = *spec.Tunnel, true
+	}
+	return k
 }
 
 // apply runs one nftables transaction built by fill. The static ruleset is
@@ -107,6 +128,10 @@ func (m *Manager) EnsureBridge(ctx context.Context, spec network.BridgeSpec) err
 	if err := spec.Validate(); err != nil {
 		return err
 	}
+	return m.bridges.do(keyOf(spec), func() error { return m.ensureBridge(spec) })
+}
+
+func (m *Manager) ensureBridge(spec network.BridgeSpec) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	// A new bridge only: one that exists already routes its network, and
