@@ -4,12 +4,12 @@ import (
 	"context"
 	"net/netip"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/minicloud/minicloud/agent/network"
 	"github.com/minicloud/minicloud/agent/network/networktest"
+	"github.com/minicloud/minicloud/hack/benchdoc"
 	"github.com/minicloud/minicloud/pkg/netnstest"
 )
 
@@ -83,16 +83,8 @@ func BenchmarkNetworkStepOfTen(b *testing.B) {
 // wall clock. It includes the untimed clean-up.
 type cpuMeter struct{ start time.Duration }
 
-func processCPU(b *testing.B) *cpuMeter { return &cpuMeter{start: rusageCPU(b)} }
+func processCPU(*testing.B) *cpuMeter { return &cpuMeter{start: benchdoc.ProcessCPU()} }
 
 func (m *cpuMeter) report(b *testing.B) {
-	b.ReportMetric(float64((rusageCPU(b)-m.start).Microseconds())/float64(b.N)/1000, "cpu-ms/op")
-}
-
-func rusageCPU(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	b.ReportMetric(float64((benchdoc.ProcessCPU()-m.start).Microseconds())/float64(b.N)/1000, "cpu-ms/op")
 }
