@@ -45,7 +45,8 @@ func main() {
 	duration := flag.Duration("duration", 10*time.Second, "how long each row creates (with -fill: the window measured at each fill level)")
 	fillFlag := flag.String("fill", "", "comma-separated VM counts (e.g. 1000,50000): fill the network through the API to each and measure creates/s there")
 	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
-	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the run to this file (with -fill: of each window, to FILE.<count>)")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of each API phase to FILE.<clients> (with -fill: of each window, to FILE.<count>); the raw etcd phases are not in it")
+	memProfile := flag.String("memprofile", "", "write an allocation profile of the run to this file (go tool pprof -sample_index=alloc_space)")
 	flag.Parse()
 	clients, err := counts(*clientsFlag)
 	if err != nil {
@@ -55,31 +56,23 @@ func main() {
 	if err != nil {
 		log.Fatalf("-fill: %v", err)
 	}
-	if *cpuProfile != "" && len(fill) == 0 {
-		f, err := os.Create(*cpuProfile)
-		if err != nil {
-			log.Fatal(err)
-		}
-		if err := pprof.StartCPUProfile(f); err != nil {
-			log.Fatal(err)
-		}
-		defer pprof.StopCPUProfile()
-	}
 	ctx := context.Background()
 	loadBefore := benchdoc.LoadAverage()
 	b, err := start(ctx)
 	if err != nil {
-		pprof.StopCPUProfile()
 		log.Fatal(err)
 	}
+	b.memProfile = *memProfile
 	if len(fill) > 0 {
 		err = runFill(ctx, b, loadBefore, clients[len(clients)-1], fill, *duration, *docs, *cpuProfile)
 	} else {
-		err = run(ctx, b, loadBefore, clients, *duration, *docs)
+		err = run(ctx, b, loadBefore, clients, *duration, *docs, *cpuProfile)
 	}
 	b.stop()
+	if err == nil {
+		err = b.writeMemProfile()
+	}
 	if err != nil {
-		pprof.StopCPUProfile()
 		log.Fatal(err)
 	}
 }
@@ -108,6 +101,24 @@ type bench struct {
 	vms    minicloudv1.VMServiceClient
 	seq    atomic.Int64 // names and request ids of creates
 	stop   func()
+
+	// memProfile is where the run's allocation profile goes ("": none).
+	memProfile string
+}
+
+// writeMemProfile writes the allocation profile of the whole run; the raw
+// etcd phases are in it too, apart by function (main.(*bench).rawCreate
+// and the etcd server under it).
+func (b *bench) writeMemProfile() error {
+	if b.memProfile == "" {
+		return nil
+	}
+	f, err := os.Create(b.memProfile)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return pprof.Lookup("allocs").WriteTo(f, 0)
 }
 
 func start(ctx context.Context) (*bench, error) {
@@ -241,7 +252,7 @@ func measure(ctx context.Context, clients int, duration time.Duration, limit int
 	return s, nil
 }
 
-func run(ctx context.Context, b *bench, loadBefore string, clients []int, duration time.Duration, docs string) error {
+func run(ctx context.Context, b *bench, loadBefore string, clients []int, duration time.Duration, docs, cpuProfile string) error {
 	var rows strings.Builder
 	var vms int64
 	for _, c := range clients {
@@ -254,7 +265,12 @@ func run(ctx context.Context, b *bench, loadBefore string, clients []int, durati
 			return err
 		}
 		b.counts.reset()
+		stopProfile, err := profile(cpuProfile, c)
+		if err != nil {
+			return err
+		}
 		api, err := measure(ctx, c, duration, 0, b.create)
+		stopProfile()
 		if err != nil {
 			return fmt.Errorf("api, %d clients: %w", c, err)
 		}
@@ -342,7 +358,8 @@ func runFill(ctx context.Context, b *bench, loadBefore string, clients int, fill
 	return benchdoc.RewriteSection(docs, "api-fill", out.String())
 }
 
-// profile starts a CPU profile to path.<count>, if path is set; the
+// profile starts a CPU profile to path.<count> (clients, or VMs with
+// -fill), if path is set; the
 // returned function stops it.
 func profile(path string, count int) (func(), error) {
 	if path == "" {

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -145,6 +146,11 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 		}
 	}
 	out := make([]Txn, len(txns))
+	// copied[i]: out[i]'s compares and writes are this call's own copies,
+	// appended to in place. Copying them once per transaction, not once
+	// per log, matters for a group commit of 32 creates (createbatch.go):
+	// copying a growing slice per VM allocated ~27 KB per create.
+	copied := make([]bool, len(txns))
 	for i, t := range txns {
 		out[i] = Txn{If: t.If, Then: t.Then, Else: t.Else}
 	}
@@ -165,8 +171,15 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 			return nil, err
 		}
 		t := &out[p.txn]
-		t.If = append(append([]clientv3.Cmp(nil), t.If...), cmp)
-		t.Then = append(append([]clientv3.Op(nil), t.Then...), ops...)
+		if !copied[p.txn] {
+			// The caller's slices are never appended to: they may be
+			// shared with its retry.
+			t.If = slices.Clone(t.If)
+			t.Then = slices.Clone(t.Then)
+			copied[p.txn] = true
+		}
+		t.If = append(t.If, cmp)
+		t.Then = append(t.Then, ops...)
 	}
 	return out, nil
 }
