@@ -3,7 +3,7 @@
 // loopback, and a 50-guest cloud-init boot storm under the default per-VM
 // rate limit. It rewrites the "metadata" section of docs/benchmarks.md.
 //
-//	go run ./hack/metabench [-duration 30s] [-clients 64] [-docs docs/benchmarks.md]
+//	go run ./hack/metabench [-duration 30s] [-rounds 3] [-clients 64] [-docs docs/benchmarks.md]
 //	    [-cpuprofile md.cpu] [-memprofile md.mem]
 //
 // The profiles are of the metadata service's process during the
@@ -17,6 +17,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"flag"
 	"fmt"
@@ -32,6 +33,7 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -58,7 +60,8 @@ var paths = []string{
 
 func main() {
 	duration := flag.Duration("duration", 30*time.Second, "measuring time per server")
-	warmup := flag.Duration("warmup", 2*time.Second, "warm-up time per server")
+	warmup := flag.Duration("warmup", time.Second, "warm-up time before each measured slice")
+	rounds := flag.Int("rounds", 3, "slices each server's measuring time is cut into, alternating which server goes first")
 	clients := flag.Int("clients", 64, "concurrent clients (one guest each)")
 	storm := flag.Int("storm", 50, "guests in the boot-storm run")
 	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
@@ -75,7 +78,10 @@ func main() {
 		return
 	}
 	prof := profiles{cpu: absPath(*cpuProfile), mem: absPath(*memProfile)}
-	if err := run(*duration, *warmup, *clients, *storm, *docs, *nginxBin, prof); err != nil {
+	if *rounds < 1 {
+		log.Fatal("-rounds must be at least 1")
+	}
+	if err := run(*duration, *warmup, *rounds, *clients, *storm, *docs, *nginxBin, prof); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -189,33 +195,33 @@ func writeHeapProfile(path string) error {
 }
 
 // startMetadata starts a child process serving n guests; stop ends it.
-func startMetadata(n int, unlimited bool, prof profiles) (base string, stop func(), err error) {
+func startMetadata(n int, unlimited bool, prof profiles) (base string, pid int, stop func(), err error) {
 	self, err := os.Executable()
 	if err != nil {
-		return "", nil, err
+		return "", 0, nil, err
 	}
 	cmd := exec.Command(self, "-serve", fmt.Sprint(n), fmt.Sprintf("-unlimited=%v", unlimited),
 		"-cpuprofile", prof.cpu, "-memprofile", prof.mem)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		return "", nil, err
+		return "", 0, nil, err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return "", nil, err
+		return "", 0, nil, err
 	}
 	if err := cmd.Start(); err != nil {
-		return "", nil, fmt.Errorf("start metadata service: %w", err)
+		return "", 0, nil, fmt.Errorf("start metadata service: %w", err)
 	}
 	var once sync.Once
 	stop = func() { once.Do(func() { stdin.Close(); _ = cmd.Wait() }) }
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if err != nil {
 		stop()
-		return "", nil, fmt.Errorf("metadata service did not start: %w", err)
+		return "", 0, nil, fmt.Errorf("metadata service did not start: %w", err)
 	}
-	return "http://" + strings.TrimSpace(line), stop, nil
+	return "http://" + strings.TrimSpace(line), cmd.Process.Pid, stop, nil
 }
 
 type result struct {
@@ -224,6 +230,41 @@ type result struct {
 	errors   int64
 	elapsed  time.Duration
 	p50, p99 time.Duration
+	// cpu is what the server's processes used meanwhile (user + system):
+	// the server's own cost, which the other tenants of a shared machine
+	// move far less than they move requests/s.
+	cpu time.Duration
+	lat []time.Duration // sorted
+}
+
+// cpuPerRequest is the server's CPU time per answered request.
+func (r result) cpuPerRequest() time.Duration {
+	if r.requests == 0 {
+		return 0
+	}
+	return r.cpu / time.Duration(r.requests)
+}
+
+// merge adds the slices of one server's interleaved runs together.
+func merge(parts []result) result {
+	r := result{name: parts[0].name}
+	for _, p := range parts {
+		r.requests += p.requests
+		r.errors += p.errors
+		r.elapsed += p.elapsed
+		r.cpu += p.cpu
+		r.lat = append(r.lat, p.lat...)
+	}
+	sort.Slice(r.lat, func(a, b int) bool { return r.lat[a] < r.lat[b] })
+	r.p50, r.p99 = percentiles(r.lat)
+	return r
+}
+
+func percentiles(sorted []time.Duration) (p50, p99 time.Duration) {
+	if len(sorted) == 0 {
+		return 0, 0
+	}
+	return sorted[len(sorted)/2], sorted[len(sorted)*99/100]
 }
 
 func (r result) rps() float64 { return float64(r.requests) / r.elapsed.Seconds() }
@@ -241,7 +282,7 @@ func clientFor(i int) *http.Client {
 // requests per second on a fixed schedule, and latency counts from the
 // scheduled send time, so a stall is not hidden by requests that were
 // never sent (open loop: latency at a given load).
-func load(name, base string, clients int, warmup, duration time.Duration, rate float64) result {
+func load(name, base string, pid, clients int, warmup, duration time.Duration, rate float64) result {
 	var measuring atomic.Bool
 	var requests, errs atomic.Int64
 	lat := make([][]time.Duration, clients)
@@ -291,20 +332,19 @@ func load(name, base string, clients int, warmup, duration time.Duration, rate f
 		}(i)
 	}
 	time.Sleep(warmup)
+	cpu0 := processTreeCPU(pid)
 	measuring.Store(true)
 	t0 := time.Now()
 	wg.Wait()
 	elapsed := time.Since(t0)
+	cpu := processTreeCPU(pid) - cpu0
 	var all []time.Duration
 	for _, l := range lat {
 		all = append(all, l...)
 	}
 	sort.Slice(all, func(a, b int) bool { return all[a] < all[b] })
-	r := result{name: name, requests: requests.Load(), errors: errs.Load(), elapsed: elapsed}
-	if len(all) > 0 {
-		r.p50 = all[len(all)/2]
-		r.p99 = all[len(all)*99/100]
-	}
+	r := result{name: name, requests: requests.Load(), errors: errs.Load(), elapsed: elapsed, cpu: cpu, lat: all}
+	r.p50, r.p99 = percentiles(all)
 	return r
 }
 
@@ -334,10 +374,10 @@ func staticTree(base, root string) (map[string]string, error) {
 
 // startNginx serves files (exact path → file) on a loopback port with a
 // throw-away config; stop it with the returned function.
-func startNginx(bin, root string, files map[string]string) (string, func(), error) {
+func startNginx(bin, root string, files map[string]string) (string, int, func(), error) {
 	l, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
-		return "", nil, err
+		return "", 0, nil, err
 	}
 	addr := l.Addr().String()
 	l.Close()
@@ -368,13 +408,13 @@ http {
 `, root, addr, locs.String())
 	cf := filepath.Join(root, "nginx.conf")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
-		return "", nil, err
+		return "", 0, nil, err
 	}
 	cmd := exec.Command(bin, "-c", cf, "-p", root)
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		return "", nil, fmt.Errorf("start nginx: %w", err)
+		return "", 0, nil, fmt.Errorf("start nginx: %w", err)
 	}
 	stop := func() {
 		_ = cmd.Process.Signal(syscall.SIGQUIT)
@@ -392,11 +432,11 @@ http {
 		c, err := net.Dial("tcp4", addr)
 		if err == nil {
 			c.Close()
-			return "http://" + addr, stop, nil
+			return "http://" + addr, cmd.Process.Pid, stop, nil
 		}
 		if time.Now().After(deadline) {
 			stop()
-			return "", nil, fmt.Errorf("nginx did not listen on %s: %w", addr, err)
+			return "", 0, nil, fmt.Errorf("nginx did not listen on %s: %w", addr, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -463,7 +503,7 @@ func crawl(c *http.Client, base string) (n, tooMany, failed int) {
 }
 
 func bootStorm(guests int) (stormResult, error) {
-	base, stop, err := startMetadata(guests, false, profiles{})
+	base, _, stop, err := startMetadata(guests, false, profiles{})
 	if err != nil {
 		return stormResult{}, err
 	}
@@ -495,13 +535,14 @@ func bootStorm(guests int) (stormResult, error) {
 	return res, nil
 }
 
-func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin string, prof profiles) error {
+func run(duration, warmup time.Duration, rounds, clients, storm int, docs, nginxBin string, prof profiles) error {
 	// The machine is shared: raise the priority of the generator and of both
 	// servers (children inherit it) alike, so other work disturbs the
 	// comparison less. Not fatal when not permitted.
 	if err := syscall.Setpriority(syscall.PRIO_PROCESS, 0, -10); err != nil {
 		log.Printf("cannot raise priority (%v); running at normal priority", err)
 	}
+	loadBefore := benchdoc.LoadAverages()
 	root, err := os.MkdirTemp("", "metabench-")
 	if err != nil {
 		return err
@@ -512,7 +553,7 @@ func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin stri
 		return err
 	}
 
-	base, stopMD, err := startMetadata(clients, true, prof)
+	base, mdPid, stopMD, err := startMetadata(clients, true, prof)
 	if err != nil {
 		return err
 	}
@@ -521,21 +562,43 @@ func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin stri
 	if err != nil {
 		return err
 	}
-	log.Printf("metadata service: %d clients, %s", clients, duration)
-	md := load("minicloud metadata", base, clients, warmup, duration, 0)
-	log.Printf("metadata service: %d clients at %.0f req/s, %s", clients, openRate, duration/2)
-	mdOpen := load("minicloud metadata", base, clients, warmup, duration/2, openRate)
-	stopMD()
-
-	nbase, stop, err := startNginx(nginxBin, root, files)
+	nbase, ngPid, stopNginx, err := startNginx(nginxBin, root, files)
 	if err != nil {
 		return err
 	}
-	log.Printf("nginx: %d clients, %s", clients, duration)
-	ng := load("nginx (static files)", nbase, clients, warmup, duration, 0)
-	log.Printf("nginx: %d clients at %.0f req/s, %s", clients, openRate, duration/2)
-	ngOpen := load("nginx (static files)", nbase, clients, warmup, duration/2, openRate)
-	stop()
+	defer stopNginx()
+
+	// Both servers are up; the measured time of each is cut into rounds
+	// that alternate which goes first, so a load that drifts during the
+	// run (the machine is shared) weighs on both alike.
+	servers := []struct {
+		name, base string
+		pid        int
+	}{{"minicloud metadata", base, mdPid}, {"nginx (static files)", nbase, ngPid}}
+	var sat, open [2][]result
+	for round := 0; round < rounds; round++ {
+		order := []int{0, 1}
+		if round%2 == 1 {
+			order = []int{1, 0}
+		}
+		for _, i := range order {
+			sv := servers[i]
+			log.Printf("round %d/%d: %s, %d clients, %s", round+1, rounds, sv.name, clients, duration/time.Duration(rounds))
+			sat[i] = append(sat[i], load(sv.name, sv.base, sv.pid, clients, warmup, duration/time.Duration(rounds), 0))
+		}
+		for _, i := range order {
+			sv := servers[i]
+			log.Printf("round %d/%d: %s, %d clients at %.0f req/s, %s", round+1, rounds, sv.name, clients, openRate, duration/time.Duration(2*rounds))
+			open[i] = append(open[i], load(sv.name, sv.base, sv.pid, clients, warmup, duration/time.Duration(2*rounds), openRate))
+		}
+	}
+	stopMD()
+	stopNginx()
+	md, ng, mdOpen, ngOpen := merge(sat[0]), merge(sat[1]), merge(open[0]), merge(open[1])
+	var perRound []float64
+	for k := range sat[0] {
+		perRound = append(perRound, sat[0][k].rps()/sat[1][k].rps())
+	}
 
 	log.Printf("boot storm: %d guests crawling like cloud-init", storm)
 	st, err := bootStorm(storm)
@@ -543,12 +606,62 @@ func run(duration, warmup time.Duration, clients, storm int, docs, nginxBin stri
 		return err
 	}
 
-	table := render(md, ng, mdOpen, ngOpen, st, clients, duration)
+	table := render(md, ng, mdOpen, ngOpen, perRound, st, clients, duration, loadBefore)
 	fmt.Print(table)
 	if docs == "" {
 		return nil
 	}
 	return benchdoc.RewriteSection(docs, "metadata", table)
+}
+
+// clockTick is the unit of the CPU times in /proc/<pid>/stat (USER_HZ,
+// 100 on every Linux architecture Go runs on).
+const clockTick = 10 * time.Millisecond
+
+// processTreeCPU is the user + system CPU time of pid and its children
+// (nginx's workers), read from /proc.
+func processTreeCPU(pid int) time.Duration {
+	total := procCPU(pid)
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		child, err := strconv.Atoi(e.Name())
+		if err != nil || child == pid {
+			continue
+		}
+		if ppid, ok := procField(child, 1); ok && ppid == pid {
+			total += procCPU(child)
+		}
+	}
+	return total
+}
+
+func procCPU(pid int) time.Duration {
+	utime, ok1 := procField(pid, 11)
+	stime, ok2 := procField(pid, 12)
+	if !ok1 || !ok2 {
+		return 0
+	}
+	return time.Duration(utime+stime) * clockTick
+}
+
+// procField is the i-th numeric field after the command name in
+// /proc/<pid>/stat (0 is the state, 1 the parent, 11 utime, 12 stime).
+func procField(pid, i int) (int, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, false
+	}
+	// The command name is in parentheses and may hold spaces.
+	k := bytes.LastIndexByte(b, ')')
+	if k < 0 {
+		return 0, false
+	}
+	f := strings.Fields(string(b[k+1:]))
+	if i >= len(f) {
+		return 0, false
+	}
+	n, err := strconv.Atoi(f[i])
+	return n, err == nil
 }
 
 func statusOf(r *http.Response) string {
@@ -558,19 +671,24 @@ func statusOf(r *http.Response) string {
 	return r.Status
 }
 
+func us(d time.Duration) string { return fmt.Sprintf("%.1f µs", float64(d)/float64(time.Microsecond)) }
+
 func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
 
-func render(md, ng, mdOpen, ngOpen result, st stormResult, clients int, duration time.Duration) string {
+func render(md, ng, mdOpen, ngOpen result, perRound []float64, st stormResult, clients int, duration time.Duration, loadBefore string) string {
 	var b strings.Builder
-	load, _ := os.ReadFile("/proc/loadavg")
-	fmt.Fprintf(&b, "`go run ./hack/metabench` — %d concurrent keep-alive clients on loopback, each its own guest (source address), %s per server after a warm-up, same Go load generator, mix of %d EC2/OpenStack paths (listings, leaves, user-data, JSON). %d cores, GOMAXPROCS %d, generator and servers at nice -10 on a shared machine, load average before the run: %s. nginx is Debian's, `worker_processes auto`, serving the same bytes as static files.\n\n",
-		clients, duration, len(paths), runtime.NumCPU(), runtime.GOMAXPROCS(0), strings.TrimSpace(string(load)))
-	b.WriteString("| server | load | requests | req/s | p50 | p99 | errors |\n|---|---|---:|---:|---:|---:|---:|\n")
+	rounds := make([]string, len(perRound))
+	for i, r := range perRound {
+		rounds[i] = fmt.Sprintf("%.2f", r)
+	}
+	fmt.Fprintf(&b, "`go run ./hack/metabench -duration %s` — %d concurrent keep-alive clients on loopback, each its own guest (source address), same Go load generator, mix of %d EC2/OpenStack paths (listings, leaves, user-data, JSON). Both servers run at once and take turns: each one's %s at saturation (and %s at %.0f req/s) is cut into %d rounds that alternate which server goes first, each after a warm-up, so a load drifting during the run weighs on both. %d cores, GOMAXPROCS %d, generator and servers at nice -10 on a shared machine; load average %s before the run, %s after; measured %s. nginx is Debian's, `worker_processes auto`, serving the same bytes as static files.\n\n",
+		duration, clients, len(paths), duration, duration/2, openRate, len(perRound), runtime.NumCPU(), runtime.GOMAXPROCS(0), loadBefore, benchdoc.LoadAverages(), time.Now().UTC().Format("2006-01-02 15:04 UTC"))
+	b.WriteString("| server | load | requests | req/s | p50 | p99 | errors | server CPU per request |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
 	for _, r := range []result{md, ng} {
-		fmt.Fprintf(&b, "| %s | saturation (closed loop) | %d | %.0f | %s | %s | %d |\n", r.name, r.requests, r.rps(), ms(r.p50), ms(r.p99), r.errors)
+		fmt.Fprintf(&b, "| %s | saturation (closed loop) | %d | %.0f | %s | %s | %d | %s |\n", r.name, r.requests, r.rps(), ms(r.p50), ms(r.p99), r.errors, us(r.cpuPerRequest()))
 	}
 	for _, r := range []result{mdOpen, ngOpen} {
-		fmt.Fprintf(&b, "| %s | %.0f req/s offered (open loop) | %d | %.0f | %s | %s | %d |\n", r.name, openRate, r.requests, r.rps(), ms(r.p50), ms(r.p99), r.errors)
+		fmt.Fprintf(&b, "| %s | %.0f req/s offered (open loop) | %d | %.0f | %s | %s | %d | %s |\n", r.name, openRate, r.requests, r.rps(), ms(r.p50), ms(r.p99), r.errors, us(r.cpuPerRequest()))
 	}
 	ratio := md.rps() / ng.rps()
 	verdict := func(ok bool) string {
@@ -579,9 +697,10 @@ func render(md, ng, mdOpen, ngOpen result, st stormResult, clients int, duration
 		}
 		return "NOT met"
 	}
-	fmt.Fprintf(&b, "\nmetadata/nginx throughput at saturation: %.2f (target ≥ %.2f, issue 15: %s). Metadata p99 at %.0f req/s: %s (target < %s: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
-		ratio, targetRatio, verdict(ratio >= targetRatio), openRate, ms(mdOpen.p99), ms(targetP99), verdict(mdOpen.p99 < targetP99),
-		clients, clients, md.rps(), ms(time.Duration(float64(clients)/md.rps()*float64(time.Second))))
+	fmt.Fprintf(&b, "\nmetadata/nginx throughput at saturation: %.2f (round by round: %s; target ≥ %.2f, issue 15: %s). Metadata p99 at %.0f req/s: %s (target < %s: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. Server CPU per request at saturation: metadata %s, nginx %s (%.2f× nginx's; user + system time of the server's processes, nginx's workers included, over the requests they answered: the server's own cost, which the machine's other load moves far less than requests/s). The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
+		ratio, strings.Join(rounds, ", "), targetRatio, verdict(ratio >= targetRatio), openRate, ms(mdOpen.p99), ms(targetP99), verdict(mdOpen.p99 < targetP99),
+		clients, clients, md.rps(), ms(time.Duration(float64(clients)/md.rps()*float64(time.Second))),
+		us(md.cpuPerRequest()), us(ng.cpuPerRequest()), float64(md.cpuPerRequest())/float64(ng.cpuPerRequest()))
 	fmt.Fprintf(&b, "Boot storm with the default per-VM limit (50 req/s, burst 200): %d guests crawl at once like cloud-init 22.4 (IMDSv2 token, version probe, recursive meta-data walk, user-data, identity document, OpenStack documents): %d requests in %s, crawl p50 %s, slowest %s, %d answered 429, %d failed. cloud-init waits up to 50 s per request.\n",
 		st.guests, st.requests, st.elapsed.Round(time.Millisecond), ms(st.p50Crawl), ms(st.maxCrawl), st.tooMany, st.failed)
 	return b.String()
