@@ -9,6 +9,7 @@
 #   metadata   go run ./hack/metabench -duration 10s
 #   agent      go run ./hack/agentbench          (real VMs under libvirt, ~2-4 min)
 #   density    go run ./hack/densitybench        (agent per-pass cost at 10/50/1,000 VMs, fake hypervisor, ~1 min)
+#   density-vms go run ./hack/agentbench -density 10,50 (10 then 50 real tiny VMs booted, at rest, agent restarted; ~10-20 min)
 #   image      go run ./hack/imagebench          (cold 1 GiB image fetch vs cp, 8 concurrent fetches; ~1 min, ~3 GiB in /var/tmp)
 #   bootbench  go run ./hack/bootbench           (real Debian boots; when hack/bootbench exists)
 #   lab        go run ./hack/labbench            (its own 3-host lab: 2x30 creates, VM network RTT/TCP, ~5 min)
@@ -46,6 +47,7 @@ harnesses=(
 	"metadata|go run ./hack/metabench -duration 10s -docs $docs"
 	"agent|go run ./hack/agentbench -docs $docs"
 	"density|go run ./hack/densitybench -docs $docs"
+	"density-vms|go run ./hack/agentbench -density 10,50 -docs $docs"
 	"image|nice -n 10 go run ./hack/imagebench -docs $docs"
 )
 if [ -d hack/bootbench ]; then
@@ -75,7 +77,7 @@ for h in "${harnesses[@]}"; do
 done
 
 if [ "$ran" = 0 ]; then
-	echo "BENCH_ONLY=\"$BENCH_ONLY\" matches no harness (api api-fill list scheduler metadata agent density image bootbench lab)" >&2
+	echo "BENCH_ONLY=\"$BENCH_ONLY\" matches no harness (api api-fill list scheduler metadata agent density density-vms image bootbench lab)" >&2
 	exit 1
 fi
 echo

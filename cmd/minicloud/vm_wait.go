@@ -10,6 +10,7 @@ import (
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/client"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 )
 
 // waitTarget is the value of vm wait --for.
@@ -34,15 +35,10 @@ func (t *waitTarget) Set(s string) error {
 }
 
 // conditionGuestReady is the condition "ready" waits for.
-const conditionGuestReady = "GuestReady"
+const conditionGuestReady = lifecycle.ConditionGuestReady
 
 func guestReady(vm *minicloudv1.VM) bool {
-	for _, c := range vm.GetStatus().GetConditions() {
-		if c.GetType() == conditionGuestReady {
-			return c.GetStatus()
-		}
-	}
-	return false
+	return lifecycle.ConditionTrue(vm.GetStatus(), conditionGuestReady)
 }
 
 func phaseOf(vm *minicloudv1.VM) string {

@@ -52,9 +52,10 @@ type round struct {
 }
 
 type bench struct {
-	cloud *cloud
-	opts  options
-	watch *watcher
+	cloud     *cloud
+	opts      options
+	watch     *watcher
+	stopWatch context.CancelFunc // ends watch (before a restart breaks it)
 
 	cold       round   // first create: the image is not cached yet
 	single     []round // one VM at a time
@@ -95,9 +96,15 @@ func (b *bench) setup(ctx context.Context, img string) error {
 			return err
 		}
 	}
+	b.startWatch(ctx)
+	return nil
+}
+
+// startWatch starts a watcher on the cloud's current client.
+func (b *bench) startWatch(ctx context.Context) {
+	ctx, b.stopWatch = context.WithCancel(ctx)
 	b.watch = newWatcher()
 	go b.watch.run(ctx, b.cloud.client.VMs)
-	return nil
 }
 
 // measure runs the rounds: a cold create, reps single creates, one
@@ -169,33 +176,12 @@ func (b *bench) minicloudRound(ctx context.Context, label string, n int) (round,
 // is RUNNING, reads their event logs, checks their disks, and deletes them.
 func (b *bench) createRound(ctx context.Context, label string, n int) (round, error) {
 	var r round
-	r.samples = make([]sample, n)
 	names := make([]string, n)
 	for i := range names {
 		names[i] = fmt.Sprintf("bench-%s-%d", label, i)
 	}
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range names {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			s := &r.samples[i]
-			s.name, s.sent = names[i], time.Now()
-			vm, err := b.cloud.client.VMs.CreateVM(ctx, &minicloudv1.CreateVMRequest{
-				Name:      names[i],
-				Spec:      &minicloudv1.VMSpec{Image: "tiny", Flavor: "tiny"},
-				RequestId: uuid.NewString(),
-			})
-			if err != nil {
-				errs[i] = fmt.Errorf("create VM %s: %w", names[i], err)
-				return
-			}
-			s.id = vm.GetMeta().GetId()
-		}()
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	var err error
+	if r.samples, err = b.createVMs(ctx, names, "tiny"); err != nil {
 		return r, err
 	}
 	waitErr := b.watch.wait(ctx, names, "RUNNING", func(st *vmState) bool { return !st.running.IsZero() })
@@ -207,6 +193,34 @@ func (b *bench) createRound(ctx context.Context, label string, n int) (round, er
 		return r, errors.Join(waitErr, err)
 	}
 	return r, waitErr
+}
+
+// createVMs sends one CreateVM per name at once (image tiny, the flavor
+// given) and returns the samples with their send times and VM ids.
+func (b *bench) createVMs(ctx context.Context, names []string, flavor string) ([]sample, error) {
+	samples := make([]sample, len(names))
+	errs := make([]error, len(names))
+	var wg sync.WaitGroup
+	for i := range names {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s := &samples[i]
+			s.name, s.sent = names[i], time.Now()
+			vm, err := b.cloud.client.VMs.CreateVM(ctx, &minicloudv1.CreateVMRequest{
+				Name:      names[i],
+				Spec:      &minicloudv1.VMSpec{Image: "tiny", Flavor: flavor},
+				RequestId: uuid.NewString(),
+			})
+			if err != nil {
+				errs[i] = fmt.Errorf("create VM %s: %w", names[i], err)
+				return
+			}
+			s.id = vm.GetMeta().GetId()
+		}()
+	}
+	wg.Wait()
+	return samples, errors.Join(errs...)
 }
 
 // collect fills in each sample's timestamps and checks its disk.
@@ -363,6 +377,9 @@ func (b *bench) cleanup(ctx context.Context) error {
 	defer cancel()
 	if b.watch == nil {
 		return nil
+	}
+	if b.cloud.client == nil {
+		return errors.New("clean-up: the all-in-one is not running (a restart failed); its VMs are purged with its data directory")
 	}
 	list, err := b.cloud.client.VMs.ListVMs(ctx, &minicloudv1.ListVMsRequest{})
 	if err != nil {

@@ -29,8 +29,10 @@ type cloud struct {
 	cli, daemon string
 	dataDir     string
 	endpoint    string
-	logPath     string
-	client      *client.Client
+	// agentMetrics is the agent's /metrics address (loopback).
+	agentMetrics string
+	logPath      string
+	client       *client.Client
 
 	proc   *exec.Cmd
 	exited chan struct{}
@@ -79,40 +81,66 @@ func startCloud(ctx context.Context, cli, daemon string) (*cloud, error) {
 	if c.endpoint, err = freeAddr(); err != nil {
 		return nil, err
 	}
-	logFile, err := os.Create(c.logPath)
-	if err != nil {
+	if c.agentMetrics, err = freeAddr(); err != nil {
 		return nil, err
 	}
-	defer logFile.Close() // the child holds its own descriptor
-	c.proc = exec.Command(daemon, "all-in-one",
-		"--data-dir", dataDir, "--listen", c.endpoint, "--metrics-listen", "", "--web-listen", "",
-		// Ten 1-vCPU guests on a 2-core machine: above the default 4.0.
-		"--cpu-allocation-ratio", "16")
-	c.proc.Stdout, c.proc.Stderr = logFile, logFile
-	if err := c.proc.Start(); err != nil {
-		return nil, fmt.Errorf("start minicloudd: %w", err)
-	}
-	c.exited = make(chan struct{})
-	go func() { _ = c.proc.Wait(); close(c.exited) }()
-
-	if err := c.waitHealthy(ctx); err != nil {
-		c.stop()
-		return nil, err
-	}
-	opts, err := adminDialOptions(dataDir)
-	if err != nil {
-		c.stop()
-		return nil, err
-	}
-	if c.client, err = client.Dial(ctx, c.endpoint, opts...); err != nil {
-		c.stop()
-		return nil, err
-	}
-	if err := c.waitHostUp(ctx); err != nil {
-		c.stop()
+	if err := c.start(ctx); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// start runs the all-in-one on the cloud's data directory and addresses
+// (again, after restart killed it) and waits until it serves.
+func (c *cloud) start(ctx context.Context) error {
+	// Appended to: a restart's log follows the first run's.
+	logFile, err := os.OpenFile(c.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logFile.Close() // the child holds its own descriptor
+	c.proc = exec.Command(c.daemon, "all-in-one",
+		"--data-dir", c.dataDir, "--listen", c.endpoint, "--metrics-listen", "", "--web-listen", "",
+		"--agent-metrics-listen", c.agentMetrics,
+		// Up to 50 1-vCPU guests on a 2-core machine (the density mode):
+		// above the default 4.0.
+		"--cpu-allocation-ratio", "32")
+	c.proc.Stdout, c.proc.Stderr = logFile, logFile
+	if err := c.proc.Start(); err != nil {
+		return fmt.Errorf("start minicloudd: %w", err)
+	}
+	c.exited = make(chan struct{})
+	go func(proc *exec.Cmd, exited chan struct{}) { _ = proc.Wait(); close(exited) }(c.proc, c.exited)
+
+	if err := c.waitHealthy(ctx); err != nil {
+		c.stop()
+		return err
+	}
+	opts, err := adminDialOptions(c.dataDir)
+	if err != nil {
+		c.stop()
+		return err
+	}
+	if c.client, err = client.Dial(ctx, c.endpoint, opts...); err != nil {
+		c.stop()
+		return err
+	}
+	if err := c.waitHostUp(ctx); err != nil {
+		c.stop()
+		return err
+	}
+	return nil
+}
+
+// kill ends the all-in-one with SIGKILL, as a crash would, and waits
+// until it is gone; its VMs, data directory and addresses stay for start.
+func (c *cloud) kill() {
+	if c.client != nil {
+		c.client.Close()
+		c.client = nil
+	}
+	_ = c.proc.Process.Kill()
+	<-c.exited
 }
 
 func (c *cloud) waitHealthy(ctx context.Context) error {

@@ -10,6 +10,11 @@
 //
 //	go run ./hack/agentbench [-reps 3] [-concurrency 10] [-docs docs/benchmarks.md]
 //
+// With -density 10,50 it measures density instead (issue 15, section 4;
+// density.go): per VM count, that many tiny VMs booted at once until
+// GuestReady, the agent at rest with them, and a kill and restart of the
+// all-in-one until every VM is reconciled again, nothing recreated.
+//
 // Needs root (libvirt, bridges, taps, nftables) and a running libvirtd
 // (hack/setup-host.sh). Takes about two minutes.
 package main
@@ -35,7 +40,22 @@ func main() {
 	flag.DurationVar(&o.timeout, "timeout", 10*time.Minute, "bound on the whole run, clean-up included")
 	flag.StringVar(&o.docs, "docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
 	flag.IntVar(&o.metadataUpdates, "metadata-updates", 0, "instead of the create rounds: time N live metadata updates until a guest's wait_for_change sees each (section metadata-updates)")
+	density := flag.String("density", "", "instead of the create rounds: for each VM count (e.g. 10,50), boot that many 128 MiB VMs at once until GuestReady, measure the agent at rest, kill and restart the all-in-one and time its resync (section density-vms)")
+	flag.DurationVar(&o.readyTimeout, "ready-timeout", 15*time.Minute, "density mode: bound on the wait for every VM of one count to be GuestReady")
 	flag.Parse()
+	if *density != "" {
+		var err error
+		if o.density, err = parseCounts(*density); err != nil {
+			log.Fatalf("agentbench: %v", err)
+		}
+		timeoutSet := false
+		flag.Visit(func(f *flag.Flag) { timeoutSet = timeoutSet || f.Name == "timeout" })
+		if !timeoutSet {
+			// Each count: the boots, a minute at rest, the restart, the
+			// deletes.
+			o.timeout = time.Duration(len(o.density)) * (o.readyTimeout + 10*time.Minute)
+		}
+	}
 	if o.reps < 1 || o.concurrency < 1 {
 		log.Fatal("agentbench: -reps and -concurrency must be at least 1")
 	}
@@ -50,6 +70,8 @@ func main() {
 type options struct {
 	reps, concurrency int
 	metadataUpdates   int
+	density           []int         // VM counts of the density mode
+	readyTimeout      time.Duration // density mode: bound on one count's boots
 	timeout           time.Duration
 	docs              string
 }
@@ -117,6 +139,16 @@ func run(o options) (err error) {
 	}()
 	if err := b.setup(ctx, img); err != nil {
 		return err
+	}
+	if len(o.density) > 0 {
+		rows, err := b.measureDensity(ctx, o.density, o.readyTimeout)
+		if err != nil {
+			return err
+		}
+		if err := b.cleanup(ctx); err != nil {
+			return err
+		}
+		return writeSection(o.docs, "density-vms", renderDensity(b, rows, o.readyTimeout))
 	}
 	if o.metadataUpdates > 0 {
 		m, err := b.measureMetadataUpdates(ctx, o.metadataUpdates)

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 )
 
 // vmState is what one watch has seen of a VM.
@@ -14,6 +15,7 @@ type vmState struct {
 	id      string
 	vm      *minicloudv1.VM // last version seen
 	running time.Time       // when the watch first delivered phase RUNNING
+	ready   time.Time       // when it first delivered RUNNING with GuestReady true
 	failed  string          // reason and message of an ERROR phase
 	deleted bool
 }
@@ -58,6 +60,9 @@ func (w *watcher) run(ctx context.Context, vms minicloudv1.VMServiceClient) {
 			if st.running.IsZero() {
 				st.running = now
 			}
+			if st.ready.IsZero() && guestReady(vm) {
+				st.ready = now
+			}
 		case vm.GetStatus().GetPhase() == minicloudv1.VMPhase_VM_PHASE_ERROR:
 			st.vm = vm
 			st.failed = vm.GetStatus().GetReason() + ": " + vm.GetStatus().GetMessage()
@@ -92,10 +97,21 @@ func (w *watcher) state(name string) vmState {
 	return vmState{}
 }
 
+// guestReady says whether the VM's GuestReady condition is true: its
+// guest fetched its metadata.
+func guestReady(vm *minicloudv1.VM) bool {
+	return lifecycle.ConditionTrue(vm.GetStatus(), lifecycle.ConditionGuestReady)
+}
+
 // wait blocks until done holds for every VM in names, a VM fails, the
 // watch breaks, or roundTimeout passes.
 func (w *watcher) wait(ctx context.Context, names []string, what string, done func(*vmState) bool) error {
-	deadline := time.NewTimer(roundTimeout)
+	return w.waitFor(ctx, names, what, roundTimeout, done)
+}
+
+// waitFor is wait with a bound of its own.
+func (w *watcher) waitFor(ctx context.Context, names []string, what string, timeout time.Duration, done func(*vmState) bool) error {
+	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	for {
 		w.mu.Lock()
@@ -120,7 +136,7 @@ func (w *watcher) wait(ctx context.Context, names []string, what string, done fu
 		select {
 		case <-w.changed:
 		case <-deadline.C:
-			return fmt.Errorf("%d of %d VMs not %s within %v", pending, len(names), what, roundTimeout)
+			return fmt.Errorf("%d of %d VMs not %s within %v", pending, len(names), what, timeout)
 		case <-ctx.Done():
 			return fmt.Errorf("waiting for %s: %w", what, ctx.Err())
 		}

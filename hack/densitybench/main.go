@@ -7,7 +7,10 @@
 //
 //	go run ./hack/densitybench [-ops 200] [-docs docs/benchmarks.md]
 //
-// Needs no root and no libvirt: nothing boots. The benchmark runs under
+// Needs no root and no libvirt: nothing boots. The same measure with real
+// guests (10 and 50 tiny VMs under libvirt, and an agent restart) is
+// `go run ./hack/agentbench -density 10,50`, which owns the real
+// all-in-one harness. The benchmark runs under
 // nice -n 10 (the machine is shared); takes about a minute.
 package main
 

@@ -141,6 +141,11 @@ func TestSetCondition(t *testing.T) {
 	if len(st.Conditions) != 2 {
 		t.Fatalf("%d conditions, want 2", len(st.Conditions))
 	}
+	lifecycle.SetCondition(st, lifecycle.ConditionNetworkReady, true, "D", "", t1)
+	if lifecycle.ConditionTrue(st, lifecycle.ConditionDiskReady) || !lifecycle.ConditionTrue(st, lifecycle.ConditionNetworkReady) ||
+		lifecycle.ConditionTrue(st, lifecycle.ConditionGuestReady) || lifecycle.ConditionTrue(nil, lifecycle.ConditionGuestReady) {
+		t.Fatalf("ConditionTrue disagrees with %v (an absent condition, or a nil status, is false)", st.Conditions)
+	}
 }
 
 func TestMergeHostStatus(t *testing.T) {

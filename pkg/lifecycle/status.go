@@ -96,6 +96,17 @@ func SetCondition(st *minicloudv1.VMStatus, typ string, status bool, reason, mes
 	return status
 }
 
+// ConditionTrue reports whether condition typ of st is present and true
+// (an absent condition counts as false, as in SetCondition).
+func ConditionTrue(st *minicloudv1.VMStatus, typ string) bool {
+	for _, c := range st.GetConditions() {
+		if c.GetType() == typ {
+			return c.GetStatus()
+		}
+	}
+	return false
+}
+
 // NewEvent returns an event of kind (EventNormal or EventWarning) at now.
 func NewEvent(kind, reason, message string, now time.Time) *minicloudv1.Event {
 	return &minicloudv1.Event{Time: timestamppb.New(now), Type: kind, Reason: reason, Message: message}
