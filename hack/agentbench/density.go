@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -460,17 +459,4 @@ func renderDensity(b *bench, rows []density, readyTimeout time.Duration) string 
 	fmt.Fprintf(&sb, "\nHow to read it. *all GuestReady after* is the first CreateVM sent → the last VM's GuestReady delivered; create → GuestReady is per VM, so under TCG on 2 cores it is mostly the guests' boots competing for the CPUs. The all-in-one is one process (agent, API, etcd, scheduler, metadata), so its RSS and CPU (from /proc: utime + stime, with its waited-for children such as `qemu-img`) are the whole control plane's; *RSS per VM* is its growth from the empty host to N VMs at rest, divided by N. *At rest* is the span from every VM GuestReady until the agent's periodic resync (one a minute) has passed over every VM again with nothing queued or failing; the reconcile pass p50/p99 are that span's passes, from the agent's own histogram `minicloud_agent_reconcile_duration_seconds{result=\"ok\"}` (buckets doubling from 0.25 ms, interpolated within a bucket as `histogram_quantile` does, so within a factor of 2). *QEMU RSS per VM* is the mean resident memory of the guests' QEMU processes (guest RAM they touched included). Restart: SIGKILL of the all-in-one (a crash), then the same binary on the same data directory and addresses; *serving* is kill → its API healthy and its host UP, *every VM reconciled* is kill → the agent's metrics first say: N VMs RUNNING, at least N good passes since it started, nothing queued, nothing failing (and still so %s later). A running VM whose status did not change is confirmed by its pass, not rewritten (the agent writes only changes). *domains kept*: VMs whose libvirt domain UUID and QEMU PID were the same after the restart (libvirt's view, not minicloud's); every VM was then checked RUNNING and GuestReady through the API. Passes counted: %s (at rest, after restart). Clean-up: every VM deleted through the API and checked gone from libvirt, the links and the agent's directory before the next count; the all-in-one's data directory removed at the end.\n",
 		stableFor, strings.Join(passes, "; "))
 	return sb.String()
-}
-
-// parseCounts reads -density: VM counts separated by commas.
-func parseCounts(s string) ([]int, error) {
-	var out []int
-	for _, f := range strings.Split(s, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 {
-			return nil, fmt.Errorf("-density %q: want VM counts such as 10,50", s)
-		}
-		out = append(out, n)
-	}
-	return slices.Clip(out), nil
 }

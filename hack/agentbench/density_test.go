@@ -59,15 +59,3 @@ func TestReadProc(t *testing.T) {
 		t.Fatalf("own process: %+v", p)
 	}
 }
-
-func TestParseCounts(t *testing.T) {
-	got, err := parseCounts("10, 50")
-	if err != nil || len(got) != 2 || got[0] != 10 || got[1] != 50 {
-		t.Fatalf("parseCounts: %v %v", got, err)
-	}
-	for _, bad := range []string{"", "0", "10,x"} {
-		if _, err := parseCounts(bad); err == nil {
-			t.Fatalf("parseCounts(%q) accepted", bad)
-		}
-	}
-}

@@ -45,8 +45,8 @@ func main() {
 	flag.Parse()
 	if *density != "" {
 		var err error
-		if o.density, err = parseCounts(*density); err != nil {
-			log.Fatalf("agentbench: %v", err)
+		if o.density, err = benchdoc.Counts(*density); err != nil || len(o.density) == 0 {
+			log.Fatalf("agentbench: -density %q: want VM counts such as 10,50 (%v)", *density, err)
 		}
 		timeoutSet := false
 		flag.Visit(func(f *flag.Flag) { timeoutSet = timeoutSet || f.Name == "timeout" })

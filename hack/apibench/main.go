@@ -48,11 +48,11 @@ func main() {
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of each API phase to FILE.<clients> (with -fill: of each window, to FILE.<count>); the raw etcd phases are not in it")
 	memProfile := flag.String("memprofile", "", "write an allocation profile of the run to this file (go tool pprof -sample_index=alloc_space)")
 	flag.Parse()
-	clients, err := counts(*clientsFlag)
+	clients, err := benchdoc.Counts(*clientsFlag)
 	if err != nil {
 		log.Fatalf("-clients: %v", err)
 	}
-	fill, err := counts(*fillFlag)
+	fill, err := benchdoc.Counts(*fillFlag)
 	if err != nil {
 		log.Fatalf("-fill: %v", err)
 	}
@@ -75,22 +75,6 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-}
-
-// counts parses a comma-separated list of positive integers.
-func counts(s string) ([]int, error) {
-	var out []int
-	for f := range strings.SplitSeq(s, ",") {
-		if f = strings.TrimSpace(f); f == "" {
-			continue
-		}
-		n, err := strconv.Atoi(f)
-		if err != nil || n <= 0 {
-			return nil, fmt.Errorf("%q is not a positive count", f)
-		}
-		out = append(out, n)
-	}
-	return out, nil
 }
 
 // bench is an embedded etcd and the API server over it.

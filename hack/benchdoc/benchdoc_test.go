@@ -24,3 +24,18 @@ func TestRewriteSectionTouchesOnlyItsOwn(t *testing.T) {
 		t.Fatal("a missing section was not reported")
 	}
 }
+
+func TestCounts(t *testing.T) {
+	got, err := Counts(" 10, 50,")
+	if err != nil || len(got) != 2 || got[0] != 10 || got[1] != 50 {
+		t.Fatalf("Counts: %v %v", got, err)
+	}
+	if none, err := Counts(""); err != nil || len(none) != 0 {
+		t.Fatalf("Counts(\"\"): %v %v", none, err)
+	}
+	for _, bad := range []string{"0", "10,x", "-1"} {
+		if _, err := Counts(bad); err == nil {
+			t.Fatalf("Counts(%q) accepted", bad)
+		}
+	}
+}

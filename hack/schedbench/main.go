@@ -86,8 +86,8 @@ func main() {
 		defer pprof.StopCPUProfile()
 	}
 	var err error
-	if o.hosts, err = ints(*hosts); err == nil {
-		o.replicas, err = ints(*replicas)
+	if o.hosts, err = benchdoc.Counts(*hosts); err == nil {
+		o.replicas, err = benchdoc.Counts(*replicas)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "schedbench:", err)
@@ -105,18 +105,6 @@ func main() {
 		fmt.Fprintln(os.Stderr, "schedbench:", err)
 		os.Exit(1)
 	}
-}
-
-func ints(s string) ([]int, error) {
-	var out []int
-	for _, f := range strings.Split(s, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 {
-			return nil, fmt.Errorf("bad count %q", f)
-		}
-		out = append(out, n)
-	}
-	return out, nil
 }
 
 func run(o options, quick bool) error {
