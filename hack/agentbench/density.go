@@ -144,7 +144,7 @@ func (b *bench) densityRound(ctx context.Context, n int, readyTimeout time.Durat
 		return d, err
 	}
 	t0 := time.Now()
-	rest, _, err := b.waitReconciled(ctx, n, before.ok, 3*time.Minute)
+	rest, _, err := b.waitReconciled(ctx, n, before.ok, resyncPeriod+time.Second, 3*time.Minute)
 	if err != nil {
 		return d, fmt.Errorf("at rest: %w", err)
 	}
@@ -178,7 +178,7 @@ func (b *bench) densityRound(ctx context.Context, n int, readyTimeout time.Durat
 	}
 	d.restartServing = time.Since(killed)
 	b.startWatch(ctx)
-	synced, at, err := b.waitReconciled(ctx, n, nil, 5*time.Minute)
+	synced, at, err := b.waitReconciled(ctx, n, nil, 0, 5*time.Minute)
 	if err != nil {
 		return d, fmt.Errorf("after the restart: %w", err)
 	}
@@ -272,12 +272,19 @@ func (b *bench) scrapeAgent(ctx context.Context) (agentScrape, error) {
 	return s, nil
 }
 
+// resyncPeriod is the agent's default Config.ResyncPeriod: a span at rest
+// at least this long (plus the passes it queues) holds one periodic pass
+// over every VM.
+const resyncPeriod = time.Minute
+
 // waitReconciled polls the agent's metrics until it holds n RUNNING VMs,
 // has made at least n good passes since since (nil: since it started),
-// and has nothing queued or failing — and still says so stableFor later.
-// It returns the scrape at the end and when the condition first held.
-func (b *bench) waitReconciled(ctx context.Context, n int, since *dto.Histogram, timeout time.Duration) (agentScrape, time.Time, error) {
-	deadline := time.Now().Add(timeout)
+// and has nothing queued or failing — and still says so stableFor later —
+// but not before atLeast has passed. It returns the scrape at the end and
+// when the condition first held.
+func (b *bench) waitReconciled(ctx context.Context, n int, since *dto.Histogram, atLeast, timeout time.Duration) (agentScrape, time.Time, error) {
+	start := time.Now()
+	deadline := start.Add(timeout)
 	var first time.Time
 	var s agentScrape
 	for {
@@ -288,7 +295,7 @@ func (b *bench) waitReconciled(ctx context.Context, n int, since *dto.Histogram,
 		case err != nil:
 			// The restarted agent may not serve its metrics yet.
 			first = time.Time{}
-		case int(s.running) == n && s.ok.GetSampleCount()-since.GetSampleCount() >= uint64(n) && s.due == 0 && s.failing == 0:
+		case now.Sub(start) >= atLeast && int(s.running) == n && s.ok.GetSampleCount()-since.GetSampleCount() >= uint64(n) && s.due == 0 && s.failing == 0:
 			if first.IsZero() {
 				first = now
 			}
@@ -421,6 +428,14 @@ func readProc(pid int) (procStats, error) {
 	return p, nil
 }
 
+// secs prints long spans in seconds, short ones as ms does.
+func secs(d time.Duration) string {
+	if d >= 10*time.Second {
+		return fmt.Sprintf("%.1f s", d.Seconds())
+	}
+	return ms(d)
+}
+
 func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 
 func renderDensity(b *bench, rows []density, readyTimeout time.Duration) string {
@@ -439,10 +454,10 @@ func renderDensity(b *bench, rows []density, readyTimeout time.Duration) string 
 			rest = time.Duration(float64(d.restCPU) / d.restWindow.Seconds() / float64(d.n))
 		}
 		fmt.Fprintf(&sb, "| %d | %s | %s | %s | %s | %s → %s | %s | %s | %s/s | %s | %s | %s | %s | %s / %s | %d of %d |\n",
-			d.n, ms(d.total), ms(percentile(d.toReady, 0.5)), ms(percentile(d.toReady, 0.99)),
-			ms(d.bootCPU/time.Duration(d.n)), mib(d.rssEmpty), mib(d.rssFull), mib((d.rssFull-d.rssEmpty)/int64(d.n)), mib(d.qemuRSS),
+			d.n, secs(d.total), secs(percentile(d.toReady, 0.5)), secs(percentile(d.toReady, 0.99)),
+			secs(d.bootCPU/time.Duration(d.n)), mib(d.rssEmpty), mib(d.rssFull), mib((d.rssFull-d.rssEmpty)/int64(d.n)), mib(d.qemuRSS),
 			ms(rest), ms(d.steady.p50), ms(d.steady.p99),
-			ms(d.restartServing), ms(d.restartSynced), ms(d.afterRestart.p50), ms(d.afterRestart.p99), d.sameDomains, d.n)
+			secs(d.restartServing), secs(d.restartSynced), ms(d.afterRestart.p50), ms(d.afterRestart.p99), d.sameDomains, d.n)
 	}
 	if len(rows) > 1 {
 		lo, hi := rows[0], rows[len(rows)-1]
@@ -454,9 +469,9 @@ func renderDensity(b *bench, rows []density, readyTimeout time.Duration) string 
 	}
 	var passes []string
 	for _, d := range rows {
-		passes = append(passes, fmt.Sprintf("%d and %d passes with %d VMs", d.steady.count, d.afterRestart.count, d.n))
+		passes = append(passes, fmt.Sprintf("%d passes in %s at rest and %d after the restart with %d VMs", d.steady.count, secs(d.restWindow), d.afterRestart.count, d.n))
 	}
-	fmt.Fprintf(&sb, "\nHow to read it. *all GuestReady after* is the first CreateVM sent → the last VM's GuestReady delivered; create → GuestReady is per VM, so under TCG on 2 cores it is mostly the guests' boots competing for the CPUs. The all-in-one is one process (agent, API, etcd, scheduler, metadata), so its RSS and CPU (from /proc: utime + stime, with its waited-for children such as `qemu-img`) are the whole control plane's; *RSS per VM* is its growth from the empty host to N VMs at rest, divided by N. *At rest* is the span from every VM GuestReady until the agent's periodic resync (one a minute) has passed over every VM again with nothing queued or failing; the reconcile pass p50/p99 are that span's passes, from the agent's own histogram `minicloud_agent_reconcile_duration_seconds{result=\"ok\"}` (buckets doubling from 0.25 ms, interpolated within a bucket as `histogram_quantile` does, so within a factor of 2). *QEMU RSS per VM* is the mean resident memory of the guests' QEMU processes (guest RAM they touched included). Restart: SIGKILL of the all-in-one (a crash), then the same binary on the same data directory and addresses; *serving* is kill → its API healthy and its host UP, *every VM reconciled* is kill → the agent's metrics first say: N VMs RUNNING, at least N good passes since it started, nothing queued, nothing failing (and still so %s later). A running VM whose status did not change is confirmed by its pass, not rewritten (the agent writes only changes). *domains kept*: VMs whose libvirt domain UUID and QEMU PID were the same after the restart (libvirt's view, not minicloud's); every VM was then checked RUNNING and GuestReady through the API. Passes counted: %s (at rest, after restart). Clean-up: every VM deleted through the API and checked gone from libvirt, the links and the agent's directory before the next count; the all-in-one's data directory removed at the end.\n",
+	fmt.Fprintf(&sb, "\nHow to read it. *all GuestReady after* is the first CreateVM sent → the last VM's GuestReady delivered; create → GuestReady is per VM, so under TCG on 2 cores it is mostly the guests' boots competing for the CPUs. The all-in-one is one process (agent, API, etcd, scheduler, metadata), so its RSS and CPU (from /proc: utime + stime, with its waited-for children such as `qemu-img`) are the whole control plane's; *RSS per VM* is its growth from the empty host to N VMs at rest, divided by N. *At rest* is the span from every VM GuestReady until at least a minute later (the agent's periodic resync: one pass over every VM a minute), once the agent has made at least N passes in it with nothing queued or failing; the reconcile pass p50/p99 are that span's passes, from the agent's own histogram `minicloud_agent_reconcile_duration_seconds{result=\"ok\"}` (buckets doubling from 0.25 ms, interpolated within a bucket as `histogram_quantile` does, so within a factor of 2). *QEMU RSS per VM* is the mean resident memory of the guests' QEMU processes (guest RAM they touched included). Restart: SIGKILL of the all-in-one (a crash), then the same binary on the same data directory and addresses; *serving* is kill → its API healthy and its host UP, *every VM reconciled* is kill → the agent's metrics first say: N VMs RUNNING, at least N good passes since it started, nothing queued, nothing failing (and still so %s later). A running VM whose status did not change is confirmed by its pass, not rewritten (the agent writes only changes). *domains kept*: VMs whose libvirt domain UUID and QEMU PID were the same after the restart (libvirt's view, not minicloud's); every VM was then checked RUNNING and GuestReady through the API. Passes counted: %s. Clean-up: every VM deleted through the API and checked gone from libvirt, the links and the agent's directory before the next count; the all-in-one's data directory removed at the end.\n",
 		stableFor, strings.Join(passes, "; "))
 	return sb.String()
 }
