@@ -20,6 +20,8 @@ import (
 	"strings"
 	"sync"
 
+	"google.golang.org/grpc"
+
 	"github.com/minicloud/minicloud/agent/qemuaccess"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
@@ -141,31 +143,33 @@ func (c *Cache) fetch(ctx context.Context, image string, part minicloudv1.ImageP
 		}
 	}()
 
-	stream, err := c.client.DownloadImage(ctx, &minicloudv1.DownloadImageRequest{Name: image, Part: part, Sha256: digest})
-	if err != nil {
-		return fmt.Errorf("download %s: %w", what, errdefs.FromGRPC(err))
-	}
 	// The receive, the hash and the write each run on a goroutine of their
 	// own (see sink), so on a host with a spare core they overlap instead
-	// of adding up.
+	// of adding up; the codec puts each message's data into the sink.
 	out := newSink(tmp, direct)
 	defer func() {
 		if _, _, cerr := out.Close(); err == nil && cerr != nil {
 			err = fmt.Errorf("download %s: %w", what, cerr)
 		}
 	}()
+	stream, err := c.client.DownloadImage(ctx, &minicloudv1.DownloadImageRequest{Name: image, Part: part, Sha256: digest}, grpc.ForceCodecV2(newSinkCodec(out)))
+	if err != nil {
+		return fmt.Errorf("download %s: %w", what, errdefs.FromGRPC(err))
+	}
 	for {
-		msg, err := stream.Recv()
+		_, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
 			break
+		}
+		if werr := out.failed(); werr != nil {
+			// The codec's write failed (a full disk, say): that, not the
+			// Internal status gRPC made of it, is the reason.
+			return fmt.Errorf("download %s: %w", what, werr)
 		}
 		if err != nil {
 			// Stream errors arrive as gRPC statuses; map them back to
 			// errdefs kinds so NotFound stays NotFound.
 			return fmt.Errorf("download %s after %d bytes: %w", what, out.n, errdefs.FromGRPC(err))
-		}
-		if err := out.Write(msg.GetData()); err != nil {
-			return fmt.Errorf("download %s: %w", what, err)
 		}
 	}
 	sum, n, err := out.Close()
