@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"unicode/utf8"
 )
 
@@ -28,6 +29,8 @@ type gnode struct {
 	// dynamic leaves are answered per request (identity tokens): listed,
 	// but left out of recursive renderings as GCE leaves them out.
 	dynamic bool
+	// answers are n's rendered answers by kind, made on first use.
+	answers [numGCEKinds]atomic.Pointer[gceAnswer]
 }
 
 func gleaf(s string) *gnode { return &gnode{value: s, text: []byte(s)} }

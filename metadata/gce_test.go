@@ -3,6 +3,7 @@ package metadata
 import (
 	"encoding/json"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -178,5 +179,42 @@ func waitForWaiters(t *testing.T, e *testEnv, n float64) {
 			t.Fatalf("no long-poll parked after 10s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestGCEAnswersFollowChanges: answers are rendered once per tree and then
+// reused, so a repeated request gets the same bytes and ETag, and a changed
+// instance (a new tree) gets new ones, a recursive wait_for_change included.
+func TestGCEAnswersFollowChanges(t *testing.T) {
+	e := newTestEnv(t, nil)
+	const path = "/computeMetadata/v1/instance/attributes/?recursive=true"
+	first := e.do(2, "GET", path, google)
+	again := e.do(2, "GET", path, google)
+	if first.code != 200 || !strings.Contains(first.body, `"role":"web"`) || strings.Contains(first.body, "tier") || again.body != first.body || again.header.Get("ETag") != first.header.Get("ETag") {
+		t.Fatalf("repeated recursive answer: %+v then %+v", first, again)
+	}
+	if cl := first.header.Get("Content-Length"); cl != strconv.Itoa(len(first.body)) || first.header.Get("Content-Type") != "application/json" {
+		t.Errorf("headers: %v", first.header)
+	}
+
+	done := make(chan result, 1)
+	go func() { done <- e.do(2, "GET", path+"&wait_for_change=true&timeout_sec=60", google) }()
+	waitForWaiters(t, e, 1)
+	a, _ := e.dir.Get(idA)
+	a2 := *a
+	a2.Attributes = map[string]string{"role": "web", "tier": "front"}
+	if err := e.dir.Upsert(&a2); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case got := <-done:
+		if !strings.Contains(got.body, `"tier":"front"`) || got.header.Get("ETag") == first.header.Get("ETag") || got.header.Get("Content-Length") != strconv.Itoa(len(got.body)) {
+			t.Fatalf("after change: %+v", got)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("recursive wait_for_change did not return after the instance changed")
+	}
+	if got := e.do(2, "GET", path, google); !strings.Contains(got.body, `"tier":"front"`) {
+		t.Errorf("plain GET after change: %q", got.body)
 	}
 }

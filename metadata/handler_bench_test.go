@@ -27,7 +27,7 @@ func BenchmarkServeHTTP(b *testing.B) {
 	peer := Peer{Interface: "mc-test", Addr: netip.MustParseAddr("10.0.0.5"), MAC: mustMAC("52:54:00:00:00:0a")}
 	pc := &peerConn{Conn: nopConn{}, resolver: PeerResolverFunc(func(net.Conn) (Peer, error) { return peer, nil })}
 	ctx := context.WithValue(context.Background(), peerConnKey{}, pc)
-	for _, p := range []string{"/latest/meta-data/instance-id", "/latest/meta-data/", "/openstack/latest/meta_data.json", "/computeMetadata/v1/instance/id"} {
+	for _, p := range []string{"/latest/meta-data/instance-id", "/latest/meta-data/", "/openstack/latest/meta_data.json", "/computeMetadata/v1/instance/id", "/computeMetadata/v1/instance/?recursive=true"} {
 		b.Run(p, func(b *testing.B) {
 			req := httptest.NewRequest("GET", p, nil).WithContext(ctx)
 			req.Header.Set("Metadata-Flavor", "Google")

@@ -98,6 +98,9 @@ func (s *Server) serveOpenStack(req *request) {
 	writeNode(req, req.trees.openstack.walk(segs))
 }
 
+// flavorGoogle is GCE's Metadata-Flavor response header value, shared.
+var flavorGoogle = headerValue("Google")
+
 const (
 	gceRoot     = "/computeMetadata"
 	gcePrefixV1 = "/computeMetadata/v1"
@@ -107,7 +110,7 @@ const (
 // recursive/alt rendering, ETags and wait_for_change long-polls.
 func (s *Server) serveGCE(req *request) {
 	r, w := req.r, req.w
-	w.Header().Set("Metadata-Flavor", "Google")
+	w.Header()["Metadata-Flavor"] = flavorGoogle
 	if r.Header.Get("Metadata-Flavor") != "Google" && r.Header.Get("X-Google-Metadata-Request") != "True" {
 		writeText(req, http.StatusForbidden, "Missing Metadata-Flavor:Google header.")
 		return
@@ -146,13 +149,13 @@ func (s *Server) serveGCE(req *request) {
 	if r.URL.RawQuery != "" {
 		q = r.URL.Query()
 	}
-	recursive, _ := strconv.ParseBool(q.Get("recursive"))
+	recursive := boolParam(q, "recursive")
 	alt := q.Get("alt")
 	if alt != "" && alt != "json" && alt != "text" {
 		writeText(req, http.StatusBadRequest, "alt must be json or text")
 		return
 	}
-	wait, _ := strconv.ParseBool(q.Get("wait_for_change"))
+	wait := boolParam(q, "wait_for_change")
 	if !wait {
 		s.writeGCE(req, segs, recursive, alt)
 		return
@@ -171,6 +174,17 @@ func (s *Server) serveGCE(req *request) {
 	s.waitGCE(req, segs, recursive, alt, q.Get("last_etag"), timeout)
 }
 
+// boolParam is a true/false query parameter, false when absent or not a
+// boolean (parsing an absent one would allocate its error).
+func boolParam(q url.Values, name string) bool {
+	v := q.Get(name)
+	if v == "" {
+		return false
+	}
+	b, _ := strconv.ParseBool(v)
+	return b
+}
+
 func redirectSlash(req *request) {
 	u := *req.r.URL
 	u.Path += "/"
@@ -178,27 +192,85 @@ func redirectSlash(req *request) {
 	writeText(req, http.StatusMovedPermanently, "Moved Permanently")
 }
 
-// renderGCE renders one GCE answer; code is 0 on success.
-func renderGCE(root *gnode, segs []string, recursive bool, alt string) (body []byte, contentType string, code int) {
+// renderGCE finds one GCE answer; code is 0 on success.
+func renderGCE(root *gnode, segs []string, recursive bool, alt string) (*gceAnswer, int) {
 	n := root.walk(segs)
 	if n == nil {
-		return nil, "", http.StatusNotFound
+		return nil, http.StatusNotFound
 	}
 	trailing := len(segs) > 0 && segs[len(segs)-1] == ""
+	var k gceKind
 	switch {
 	case n.dir && recursive && alt != "text":
-		b, err := json.Marshal(n.jsonValue())
-		if err != nil {
-			return nil, "", http.StatusInternalServerError
-		}
-		return b, "application/json", 0
+		k = gceRecursiveJSON
 	case n.dir && recursive:
+		k = gceRecursiveText
+	case n.dir && !trailing && len(segs) > 0:
+		return nil, http.StatusMovedPermanently
+	case n.dir && alt == "json":
+		k = gceListingJSON
+	case n.dir:
+		k = gceListing
+	case alt == "json" || recursive:
+		k = gceLeafJSON
+	default:
+		k = gceLeaf
+	}
+	ans, err := n.answer(k)
+	if err != nil {
+		return nil, http.StatusInternalServerError
+	}
+	return ans, 0
+}
+
+// gceKind is which form of a node an answer is.
+type gceKind uint8
+
+const (
+	gceRecursiveJSON gceKind = iota
+	gceRecursiveText
+	gceListingJSON
+	gceListing
+	gceLeafJSON
+	gceLeaf
+	numGCEKinds
+)
+
+// gceAnswer is one rendered GCE answer with its header values. A node
+// keeps its answers: a tree belongs to one version of an instance (the
+// Directory gives a changed instance a new entry, hence new trees), so
+// nothing cached here outlives the data it was rendered from.
+type gceAnswer struct {
+	body                []byte
+	contentType, length []string
+	etag                []string
+}
+
+// answer is n's answer of kind k, rendered on first use. Two requests
+// racing render the same bytes; either may be kept.
+func (n *gnode) answer(k gceKind) (*gceAnswer, error) {
+	if a := n.answers[k].Load(); a != nil {
+		return a, nil
+	}
+	body, ct, err := n.render(k)
+	if err != nil {
+		return nil, err
+	}
+	a := &gceAnswer{body: body, contentType: contentTypeValue(ct), length: headerValue(strconv.Itoa(len(body))), etag: headerValue(gceETag(body))}
+	n.answers[k].Store(a)
+	return a, nil
+}
+
+func (n *gnode) render(k gceKind) (body []byte, contentType string, err error) {
+	switch k {
+	case gceRecursiveJSON:
+		b, err := json.Marshal(n.jsonValue())
+		return b, "application/json", err
+	case gceRecursiveText:
 		var buf bytes.Buffer
 		n.flatText("", &buf)
-		return buf.Bytes(), "application/text", 0
-	case n.dir && !trailing && len(segs) > 0:
-		return nil, "", http.StatusMovedPermanently
-	case n.dir && alt == "json":
+		return buf.Bytes(), "application/text", nil
+	case gceListingJSON:
 		names := make([]string, 0, len(n.order))
 		for _, name := range n.order {
 			if n.children[name].dir {
@@ -206,15 +278,15 @@ func renderGCE(root *gnode, segs []string, recursive bool, alt string) (body []b
 			}
 			names = append(names, name)
 		}
-		b, _ := json.Marshal(names)
-		return b, "application/json", 0
-	case n.dir:
-		return n.listing, "application/text", 0
-	case alt == "json" || recursive:
-		b, _ := json.Marshal(n.value)
-		return b, "application/json", 0
+		b, err := json.Marshal(names)
+		return b, "application/json", err
+	case gceListing:
+		return n.listing, "application/text", nil
+	case gceLeafJSON:
+		b, err := json.Marshal(n.value)
+		return b, "application/json", err
 	default:
-		return n.text, "application/text", 0
+		return n.text, "application/text", nil
 	}
 }
 
@@ -224,7 +296,7 @@ func gceETag(body []byte) string {
 }
 
 func (s *Server) writeGCE(req *request, segs []string, recursive bool, alt string) {
-	body, ct, code := renderGCE(req.trees.gce, segs, recursive, alt)
+	ans, code := renderGCE(req.trees.gce, segs, recursive, alt)
 	switch code {
 	case 0:
 	case http.StatusMovedPermanently:
@@ -237,8 +309,8 @@ func (s *Server) writeGCE(req *request, segs []string, recursive bool, alt strin
 		writeText(req, code, http.StatusText(code))
 		return
 	}
-	req.w.Header().Set("ETag", gceETag(body))
-	writeBody(req, http.StatusOK, ct, body)
+	req.w.Header()["Etag"] = ans.etag
+	writeBodyHeaders(req, http.StatusOK, ans.contentType, ans.length, ans.body)
 }
 
 // waitGCE holds the request until the answer's ETag differs from lastETag
@@ -259,12 +331,12 @@ func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastE
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	for {
-		body, _, code := renderGCE(req.trees.gce, segs, recursive, alt)
-		etag := gceETag(body)
+		ans, code := renderGCE(req.trees.gce, segs, recursive, alt)
 		if code != 0 {
 			s.writeGCE(req, segs, recursive, alt)
 			return
 		}
+		etag := ans.etag[0]
 		if lastETag == "" {
 			lastETag = etag
 		}
