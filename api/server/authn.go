@@ -55,22 +55,39 @@ func (s *Server) authenticate(ctx context.Context) (*auth.Principal, error) {
 	if !ok {
 		return nil, errdefs.Unauthenticated("bearer token is malformed: a minicloud token looks like mct_<user>.<id>.<secret>")
 	}
-	creds, err := store.ReadCredentials(ctx, s.etcd, tok.User, tok.ID)
-	if err != nil {
-		return nil, err
+	// The cache answers while it is current; otherwise (and on a miss)
+	// etcd does (credcache.go).
+	token, cached, ok := s.creds.lookup(tok.User, tok.ID)
+	var user *minicloudv1.User
+	if ok {
+		user = cached.user
+	} else {
+		creds, err := store.ReadCredentials(ctx, s.etcd, tok.User, tok.ID)
+		if err != nil {
+			return nil, err
+		}
+		token, user = creds.Token, creds.User
 	}
-	// One message for unknown, revoked, wrong secret and deleted user: a
-	// guesser learns nothing about which part was wrong.
-	invalid := errdefs.Unauthenticated("token %s is not valid (unknown, revoked or expired): get a new one with `minicloud token create`", tok.PublicID())
-	if creds.Token == nil || creds.User == nil || !auth.SecretMatches(tok.Secret, creds.Token.GetSecretSha256()) {
-		return nil, invalid
+	if token == nil || user == nil || !auth.SecretMatches(tok.Secret, token.GetSecretSha256()) {
+		// One message for unknown, revoked, wrong secret and deleted
+		// user: a guesser learns nothing about which part was wrong.
+		return nil, invalidToken(tok)
 	}
-	if exp := creds.Token.GetExpireTime().AsTime(); !time.Now().Before(exp) {
+	if exp := token.GetExpireTime().AsTime(); !time.Now().Before(exp) {
 		// The token's lease removes it from etcd soon after expiry; until
-		// then the time decides.
-		return nil, invalid
+		// then the time decides, on every call, cached or not.
+		return nil, invalidToken(tok)
 	}
-	return userPrincipal(creds.User, tok.PublicID()), nil
+	if ok {
+		p := *cached.principal // shared Projects: principals are read-only
+		p.TokenID = tok.PublicID()
+		return &p, nil
+	}
+	return userPrincipal(user, tok.PublicID()), nil
+}
+
+func invalidToken(tok auth.TokenParts) error {
+	return errdefs.Unauthenticated("token %s is not valid (unknown, revoked or expired): get a new one with `minicloud token create`", tok.PublicID())
 }
 
 // userPrincipal builds the principal of user u.

@@ -202,6 +202,7 @@ func (a *authService) DeleteUser(ctx context.Context, req *minicloudv1.DeleteUse
 	if err != nil {
 		return nil, err
 	}
+	a.s.creds.wrote(ctx)
 	a.s.log.Info("user deleted", "user", req.GetName(), "revoked_tokens", ids)
 	return &minicloudv1.DeleteUserResponse{RevokedTokens: ids}, nil
 }
@@ -214,7 +215,7 @@ func (a *authService) GrantRole(ctx context.Context, req *minicloudv1.GrantRoleR
 	if err != nil {
 		return nil, err
 	}
-	return store.UpdateUser(ctx, a.s.etcd, req.GetUser(), func(u *minicloudv1.User) error {
+	return a.updateUser(ctx, req.GetUser(), func(u *minicloudv1.User) error {
 		u.Roles = slices.DeleteFunc(u.Roles, func(x *minicloudv1.RoleBinding) bool {
 			return x.GetProject() == b.GetProject() || (b.GetRole() == string(auth.RoleAdmin) && x.GetRole() == b.GetRole())
 		})
@@ -241,7 +242,7 @@ func (a *authService) RevokeRole(ctx context.Context, req *minicloudv1.RevokeRol
 	if p := auth.FromContext(ctx); p.Name == req.GetUser() && req.GetProject() == "" {
 		return nil, errdefs.FailedPrecondition("you cannot take your own admin role away: ask another admin")
 	}
-	return store.UpdateUser(ctx, a.s.etcd, req.GetUser(), func(u *minicloudv1.User) error {
+	return a.updateUser(ctx, req.GetUser(), func(u *minicloudv1.User) error {
 		n := len(u.Roles)
 		u.Roles = slices.DeleteFunc(u.Roles, func(x *minicloudv1.RoleBinding) bool { return x.GetProject() == req.GetProject() })
 		if len(u.Roles) == n {
@@ -253,6 +254,17 @@ func (a *authService) RevokeRole(ctx context.Context, req *minicloudv1.RevokeRol
 		}
 		return nil
 	})
+}
+
+// updateUser changes user's record; this server's next calls see the
+// change (credCache.wrote).
+func (a *authService) updateUser(ctx context.Context, user string, change func(*minicloudv1.User) error) (*minicloudv1.User, error) {
+	u, err := store.UpdateUser(ctx, a.s.etcd, user, change)
+	if err != nil {
+		return nil, err
+	}
+	a.s.creds.wrote(ctx)
+	return u, nil
 }
 
 // targetUser is the user a self-scoped call acts on: the caller, or (for
@@ -331,6 +343,7 @@ func (a *authService) RevokeToken(ctx context.Context, req *minicloudv1.RevokeTo
 	if err := store.RevokeToken(ctx, a.s.etcd, user, id); err != nil {
 		return nil, err
 	}
+	a.s.creds.wrote(ctx)
 	a.s.log.Info("token revoked", "token_id", user+"."+id, "by", auth.FromContext(ctx).String())
 	return &minicloudv1.RevokeTokenResponse{}, nil
 }

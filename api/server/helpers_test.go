@@ -74,18 +74,8 @@ func newEnv(t *testing.T) *env {
 // start (re)starts the API server on a fresh port and reconnects clients.
 func (e *env) start() {
 	e.t.Helper()
-	cfg := apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir(), Logger: slog.New(slog.DiscardHandler),
-		CA: e.ca, TLS: e.serverTLS(), AgentTLS: e.controlPlaneTLS(), ReservedCIDRs: e.reserved}
-	srv, err := apiserver.New(cfg)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	go srv.Serve(lis)
-	e.srv, e.addr = srv, lis.Addr().String()
+	e.srv, e.addr = e.serve(apiserver.Config{Client: e.etcd, ImageDir: e.t.TempDir(), Logger: slog.New(slog.DiscardHandler),
+		CA: e.ca, TLS: e.serverTLS(), AgentTLS: e.controlPlaneTLS(), ReservedCIDRs: e.reserved})
 	clear(e.hostConns)
 	conn := e.userConn(e.admin)
 	e.conn = conn
@@ -96,6 +86,30 @@ func (e *env) start() {
 	e.hosts = &hostRouter{HostServiceClient: minicloudv1.NewHostServiceClient(conn), e: e}
 	e.images = minicloudv1.NewImageServiceClient(conn)
 	e.t.Cleanup(e.stop)
+}
+
+// serve starts an API server with cfg on a loopback port.
+func (e *env) serve(cfg apiserver.Config) (*apiserver.Server, string) {
+	e.t.Helper()
+	srv, err := apiserver.New(cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	go srv.Serve(lis)
+	return srv, lis.Addr().String()
+}
+
+// replicaServer starts another API server on e's etcd (as a second
+// replica of the cluster would be) and returns it and its address.
+func (e *env) replicaServer() (*apiserver.Server, string) {
+	e.t.Helper()
+	srv, addr := e.serve(apiserver.Config{Client: e.etcd, Logger: slog.New(slog.DiscardHandler), CA: e.ca, TLS: e.serverTLS(), AgentTLS: e.controlPlaneTLS()})
+	e.t.Cleanup(srv.GRPCServer().Stop)
+	return srv, addr
 }
 
 // userConn is a user's connection: TLS trusting the CA, and token.

@@ -223,6 +223,9 @@ func (h *hostService) JoinHost(ctx context.Context, req *minicloudv1.JoinHostReq
 			return nil, err
 		}
 		if ok {
+			if len(st.Certs) > 0 {
+				h.s.creds.wrote(ctx) // the host's earlier certificates went to the deny-list
+			}
 			h.s.log.Info("host joined", "host", name, "serial", serial, "token_id", id, "previous_certs_revoked", len(st.Certs))
 			return &minicloudv1.JoinHostResponse{CertPem: pki.EncodeCert(cert.Raw), CaPem: h.s.ca.CertPEM, Serial: serial}, nil
 		}
@@ -239,6 +242,7 @@ func (h *hostService) RevokeHost(ctx context.Context, req *minicloudv1.RevokeHos
 	if err != nil {
 		return nil, err
 	}
+	h.s.creds.wrote(ctx)
 	h.s.log.Info("host certificates revoked", "host", name, "serials", serials)
 	return &minicloudv1.RevokeHostResponse{RevokedSerials: serials}, nil
 }
@@ -258,17 +262,21 @@ func (s *Server) authorizeHost(ctx context.Context, name string) error {
 }
 
 // checkRevoked refuses a call whose client certificate is on the
-// deny-list. Every call with a certificate pays one etcd read, so a
-// revocation takes effect on the next call at every replica.
+// deny-list: the credentials cache's copy while it is current, else etcd's
+// (credcache.go), so a revocation takes effect at every replica within
+// the watch's latency.
 func (s *Server) checkRevoked(ctx context.Context) error {
 	cert := pki.PeerCert(ctx)
 	if cert == nil {
 		return nil
 	}
 	serial := pki.SerialString(cert)
-	revoked, err := store.IsRevoked(ctx, s.etcd, serial)
-	if err != nil {
-		return err
+	revoked, ok := s.creds.isRevoked(serial)
+	if !ok {
+		var err error
+		if revoked, err = store.IsRevoked(ctx, s.etcd, serial); err != nil {
+			return err
+		}
 	}
 	if revoked {
 		return errdefs.Unauthenticated("certificate %s of %s was revoked: the host must join again with a new token (`minicloud host join-token create`)", serial, cert.Subject.CommonName)

@@ -2,8 +2,6 @@ package server_test
 
 import (
 	"fmt"
-	"log/slog"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -12,7 +10,6 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
-	apiserver "github.com/minicloud/minicloud/api/server"
 	"github.com/minicloud/minicloud/pkg/store"
 )
 
@@ -22,17 +19,8 @@ func i64(v int64) *int64 { return &v }
 // replica of the cluster would be) and returns its clients.
 func (e *env) replica() (minicloudv1.VMServiceClient, minicloudv1.QuotaServiceClient) {
 	e.t.Helper()
-	srv, err := apiserver.New(apiserver.Config{Client: e.etcd, Logger: slog.New(slog.DiscardHandler), CA: e.ca, TLS: e.serverTLS(), AgentTLS: e.controlPlaneTLS()})
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	go srv.Serve(lis)
-	e.t.Cleanup(srv.GRPCServer().Stop)
-	conn := e.userConnTo(lis.Addr().String(), e.admin)
+	_, addr := e.replicaServer()
+	conn := e.userConnTo(addr, e.admin)
 	return minicloudv1.NewVMServiceClient(conn), minicloudv1.NewQuotaServiceClient(conn)
 }
 

@@ -146,6 +146,9 @@ type Server struct {
 	pages *paging.Tokens
 	// vmCache is the VMs every watch stream shares (watch.go).
 	vmCache *vmCache
+	// creds is the tokens, users and revoked certificates every call is
+	// authenticated against (credcache.go).
+	creds *credCache
 
 	// knownNetworks caches network key → the *Network a create last read,
 	// so the next create can pick candidate addresses before its read and
@@ -197,6 +200,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.creates = newCreateBatcher(s)
 	s.vmCache = &vmCache{s: s}
+	s.creds = newCredCache(s)
 	// Page tokens are signed with a key every replica derives from the
 	// cluster CA's, so a page from one replica continues on another.
 	var pageSecret []byte
