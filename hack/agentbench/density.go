@@ -72,6 +72,11 @@ func (b *bench) measureDensity(ctx context.Context, counts []int, readyTimeout t
 	if err := b.cloud.mc(ctx, "flavor", "create", densityFlavor, "--vcpus", "1", "--memory-mib", "128", "--disk-gib", "1"); err != nil {
 		return nil, err
 	}
+	// The default project's quota (20 instances) is below the counts.
+	most := strconv.Itoa(slices.Max(counts))
+	if err := b.cloud.mc(ctx, "quota", "set", "default", "--instances", most, "--vcpus", most, "--memory-mib", strconv.Itoa(128*slices.Max(counts)), "--disk-gib", most); err != nil {
+		return nil, err
+	}
 	b.loadBefore, b.started = loadAverage(), time.Now()
 	var out []density
 	for _, n := range counts {
@@ -92,6 +97,7 @@ func (b *bench) densityRound(ctx context.Context, n int, readyTimeout time.Durat
 	for i := range names {
 		names[i] = fmt.Sprintf("dense%d-%d", n, i)
 	}
+	var samples []sample
 	defer func() {
 		// Delete even when the round failed, so nothing outlives the run
 		// (unless a failed restart left no cloud to ask: then the purge
@@ -99,7 +105,13 @@ func (b *bench) densityRound(ctx context.Context, n int, readyTimeout time.Durat
 		if b.cloud.client == nil {
 			return
 		}
-		if derr := b.deleteVMs(ctx, names); derr != nil {
+		var created []string
+		for _, s := range samples {
+			if s.id != "" {
+				created = append(created, s.name)
+			}
+		}
+		if derr := b.deleteVMs(ctx, created); derr != nil {
 			err = errors.Join(err, derr)
 		}
 	}()
@@ -109,7 +121,7 @@ func (b *bench) densityRound(ctx context.Context, n int, readyTimeout time.Durat
 		return d, err
 	}
 	d.rssEmpty = empty.rss
-	samples, err := b.createVMs(ctx, names, densityFlavor)
+	samples, err = b.createVMs(ctx, names, densityFlavor)
 	if err != nil {
 		return d, err
 	}
