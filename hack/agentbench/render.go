@@ -139,13 +139,11 @@ func (b *bench) render() string {
 		overs = append(overs, o)
 	}
 	sb.WriteString("\n**Control plane overhead over raw libvirt**, per VM (create → RUNNING minus the VM's own define + start): ")
-	metP50, metMax := true, true
 	for i, o := range overs {
 		if i > 0 {
 			sb.WriteString("; ")
 		}
 		fmt.Fprintf(&sb, "p50 %s, max %s with %d create(s) at once", ms(o.p50), ms(o.max), o.creates)
-		metP50, metMax = metP50 && o.p50 < time.Second, metMax && o.max < time.Second
 	}
 	verdict := func(met bool) string {
 		if met {
@@ -153,7 +151,16 @@ func (b *bench) render() string {
 		}
 		return "**NOT met**"
 	}
-	fmt.Fprintf(&sb, " — target < 1 s: %s at p50, %s at max.\n", verdict(metP50), verdict(metMax))
+	// Issue 15's targets: the overhead of the concurrent batch under
+	// 100 ms at p50, and a single create within 2 % of raw libvirt (its
+	// create → RUNNING against `virsh create` at p50, and its overhead
+	// against its own define + start, which the shared machine disturbs
+	// less).
+	one, many := overs[0], overs[len(overs)-1]
+	pct := func(d, of time.Duration) float64 { return 100 * float64(d) / float64(max(of, 1)) }
+	fmt.Fprintf(&sb, ". Targets (issue 15): < 100 ms at p50 with %d at once: %s; one create within 2 %% of raw libvirt: create → RUNNING %+.1f %% of raw `virsh create` at p50 (%s), the overhead %.1f %% of its own define + start: %s.\n",
+		many.creates, verdict(many.p50 < 100*time.Millisecond), pct(one.vsRawP50, one.rawP50), verdict(pct(one.vsRawP50, one.rawP50) <= 2),
+		pct(one.p50, one.defineP50), verdict(pct(one.p50, one.defineP50) <= 2))
 	sb.WriteString("The libvirt part is the same work as raw libvirt: define + start vs `virsh create` of the same XML at p50: ")
 	for i, o := range overs {
 		if i > 0 {
