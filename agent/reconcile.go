@@ -8,7 +8,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
+
+	"google.golang.org/protobuf/proto"
 
 	"github.com/minicloud/minicloud/agent/hypervisor"
 	"github.com/minicloud/minicloud/agent/network"
@@ -200,36 +203,62 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 		st.ObservedResourceVersion = lifecycleVersion(vm)
 		return result{}, a.report(ctx, vm, st, reportStatus, warning(lifecycle.ReasonDomainMissing, st.Message))
 	}
+	// The directory first: every tap and domain of this agent is found
+	// through it (observedVMIDs), and the network step below may make a
+	// tap before the disk step is done.
+	if err := a.cfg.QEMU.MkdirAll(a.vmDir(id)); err != nil {
+		return result{}, fmt.Errorf("create VM directory: %w", err)
+	}
+
+	// The CREATING report, the disk and the network need nothing from one
+	// another, so they run at once: each waits on something of its own
+	// (the API and etcd, fsyncs of the overlay, the nftables ruleset), and
+	// in a row they were most of a create's control-plane time with ten
+	// at once on a loaded host (hack/agentbench). Each outcome is handled
+	// below in the order they used to run, after all have ended, so no
+	// report overtakes the CREATING one.
+	var (
+		wg                sync.WaitGroup
+		creatingErr       error
+		boot              bootMedia
+		diskErr           error
+		diskAt, networkAt time.Time
+	)
 	if st.Phase == lifecycle.Scheduled {
 		st.Phase = lifecycle.Creating
-		events = append(events, normal(lifecycle.ReasonCreating, "creating the VM on host "+a.cfg.HostName))
-		if err := a.report(ctx, vm, st, reportStatus, events...); err != nil {
-			return result{}, err
-		}
-		events = nil
+		creating := normal(lifecycle.ReasonCreating, "creating the VM on host "+a.cfg.HostName)
+		reported := proto.CloneOf(st)
+		wg.Go(func() { creatingErr = a.report(ctx, vm, reported, reportStatus, creating) })
 	}
-
 	// 1. Disk: the image cached by digest, the VM's overlay over it.
-	boot, err := a.ensureDisk(ctx, vm)
-	if err != nil {
-		setCondition(st, lifecycle.ConditionDiskReady, false, lifecycle.ReasonDiskFailed, err.Error())
-		return result{}, err
+	wg.Go(func() {
+		boot, diskErr = a.ensureDisk(ctx, vm)
+		diskAt = time.Now()
+	})
+	// 2. Network: bridges, taps with anti-spoofing. The guest services
+	// (DHCP, DNS, metadata) are told below, once the disk is there too,
+	// and before the domain starts: cloud-init's OpenStack datasource asks
+	// only once.
+	nics, netErr := a.ensureNetwork(ctx, vm)
+	networkAt = time.Now()
+	wg.Wait()
+	if creatingErr != nil {
+		return result{}, creatingErr
 	}
-	if setCondition(st, lifecycle.ConditionDiskReady, true, lifecycle.ReasonOverlayReady, "copy-on-write overlay over image "+vm.GetSpec().GetImage()) {
-		events = append(events, normal(lifecycle.ReasonDiskReady, "disk overlay ready"))
+	if diskErr != nil {
+		setCondition(st, lifecycle.ConditionDiskReady, false, lifecycle.ReasonDiskFailed, diskErr.Error())
+		return result{}, diskErr
 	}
-
-	// 2. Network: bridges, taps with anti-spoofing, and the guest services
-	// (DHCP, DNS, metadata) told about the VM before its domain starts —
-	// cloud-init's OpenStack datasource asks only once.
-	nics, err := a.ensureNetwork(ctx, vm)
-	if err != nil {
-		setCondition(st, lifecycle.ConditionNetworkReady, false, lifecycle.ReasonNetworkFailed, err.Error())
-		return result{}, a.networkRefused(ctx, vm, st, err)
+	if lifecycle.SetCondition(st, lifecycle.ConditionDiskReady, true, lifecycle.ReasonOverlayReady, "copy-on-write overlay over image "+vm.GetSpec().GetImage(), diskAt) {
+		events = append(events, lifecycle.NewEvent(lifecycle.EventNormal, lifecycle.ReasonDiskReady, "disk overlay ready", diskAt))
+	}
+	if netErr != nil {
+		setCondition(st, lifecycle.ConditionNetworkReady, false, lifecycle.ReasonNetworkFailed, netErr.Error())
+		return result{}, a.networkRefused(ctx, vm, st, netErr)
 	}
 	a.publishGuests(ctx, id)
-	if setCondition(st, lifecycle.ConditionNetworkReady, true, lifecycle.ReasonPortsReady, fmt.Sprintf("%d port(s) plugged", len(nics))) {
-		events = append(events, normal(lifecycle.ReasonNetworkReady, "ports plugged into their bridges"))
+	if lifecycle.SetCondition(st, lifecycle.ConditionNetworkReady, true, lifecycle.ReasonPortsReady, fmt.Sprintf("%d port(s) plugged", len(nics)), networkAt) {
+		events = append(events, lifecycle.NewEvent(lifecycle.EventNormal, lifecycle.ReasonNetworkReady, "ports plugged into their bridges", networkAt))
 	}
 	if ev := a.metadataServed(vm, st); ev != nil {
 		events = append(events, ev)
@@ -412,9 +441,6 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM) (bootMedia, 
 		format = "qcow2"
 	}
 	b.diskPath, b.diskFormat = a.diskPath(id), "qcow2"
-	if err := a.cfg.QEMU.MkdirAll(a.vmDir(id)); err != nil {
-		return b, fmt.Errorf("create VM directory: %w", err)
-	}
 	if err := a.disks.CreateOverlay(ctx, b.diskPath, backing, format, size); err != nil {
 		// Invalid: the cached image's bytes are not what its record says,
 		// or refer to other files (docs/security.md, "Untrusted images").

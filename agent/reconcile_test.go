@@ -724,11 +724,21 @@ type fakeDisks struct {
 	mu       sync.Mutex
 	err      error
 	backings map[string]string // overlay path -> backing path
+	// gate, if set, runs before an overlay is made (without mu held).
+	gate func() error
 }
 
 func (d *fakeDisks) fail(err error) { d.mu.Lock(); d.err = err; d.mu.Unlock() }
 
 func (d *fakeDisks) CreateOverlay(_ context.Context, path, backing, _ string, _ int64) error {
+	d.mu.Lock()
+	gate := d.gate
+	d.mu.Unlock()
+	if gate != nil {
+		if err := gate(); err != nil {
+			return err
+		}
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.err != nil {
@@ -906,5 +916,45 @@ func TestConcurrentCreatesShareTheBridge(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(h.a.cfg.StateDir, "bridges", testBridge)); err != nil {
 		t.Errorf("bridge marker: %v", err)
+	}
+}
+
+// TestCreateBuildsDiskAndNetworkAtOnce: the CREATING report, the disk and
+// the network of a create run at the same time (the disk here waits until
+// the port exists and the API has the CREATING report), and the outcome is
+// what the steps in a row gave: CREATING reported first, then RUNNING with
+// DiskReady and NetworkReady.
+func TestCreateBuildsDiskAndNetworkAtOnce(t *testing.T) {
+	h := newHarness(t)
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	h.disks.gate = func() error {
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			h.api.mu.Lock()
+			reported := len(h.api.reports) > 0
+			h.api.mu.Unlock()
+			if reported && len(h.ports(id)) == 1 {
+				return nil
+			}
+			time.Sleep(time.Millisecond)
+		}
+		return errors.New("the port and the CREATING report did not come while the disk was being made")
+	}
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
+	h.api.mu.Lock()
+	reports := slices.Clone(h.api.reports)
+	h.api.mu.Unlock()
+	if len(reports) != 2 || reports[0].GetStatus().GetPhase() != lifecycle.Creating || reports[1].GetStatus().GetPhase() != lifecycle.Running {
+		t.Fatalf("reports %v, want CREATING then RUNNING", reports)
+	}
+	var reasons []string
+	for _, e := range reports[1].GetEvents() {
+		reasons = append(reasons, e.GetReason())
+	}
+	for _, want := range []string{lifecycle.ReasonDiskReady, lifecycle.ReasonNetworkReady, lifecycle.ReasonStarted} {
+		if !slices.Contains(reasons, want) {
+			t.Errorf("events of the RUNNING report %v lack %s", reasons, want)
+		}
 	}
 }

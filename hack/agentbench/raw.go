@@ -167,6 +167,11 @@ func (t *rawTemplate) prepare(ctx context.Context, dir string, i int) (rawDomain
 			f.Path = consoleLog
 			s.Source = &libvirtxml.DomainChardevSource{File: &f}
 		}
+		// A pty serial's log (the agent's console since b893800) is a
+		// file in the VM's directory too.
+		if s.Log != nil && s.Log.File != "" {
+			s.Log = &libvirtxml.DomainChardevLog{File: consoleLog, Append: s.Log.Append}
+		}
 		devs.Serials = append(devs.Serials, s)
 	}
 	devs.Consoles = nil
@@ -175,6 +180,9 @@ func (t *rawTemplate) prepare(ctx context.Context, dir string, i int) (rawDomain
 			f := *c.Source.File
 			f.Path = consoleLog
 			c.Source = &libvirtxml.DomainChardevSource{File: &f}
+		}
+		if c.Log != nil && c.Log.File != "" {
+			c.Log = &libvirtxml.DomainChardevLog{File: consoleLog, Append: c.Log.Append}
 		}
 		devs.Consoles = append(devs.Consoles, c)
 	}
