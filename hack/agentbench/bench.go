@@ -18,6 +18,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/lifecycle"
 	"github.com/minicloud/minicloud/pkg/nic"
 )
 
@@ -240,6 +241,22 @@ func (b *bench) collect(ctx context.Context, samples []sample) error {
 		for _, ev := range resp.GetEvents() {
 			if t, seen := s.at[ev.GetReason()]; !seen || ev.GetTime().AsTime().Before(t) {
 				s.at[ev.GetReason()] = ev.GetTime().AsTime()
+			}
+		}
+		// The agent reports DiskReady, NetworkReady and Started in one
+		// report, and the API stamps every event of a report with its own
+		// clock (pkg/store events.go: a reporter cannot backdate), so those
+		// steps are timed by the conditions the agent stamped as each step
+		// ended (the same host clock).
+		for cond, step := range map[string]string{
+			lifecycle.ConditionDiskReady:     "DiskReady",
+			lifecycle.ConditionNetworkReady:  "NetworkReady",
+			lifecycle.ConditionDomainRunning: "Started",
+		} {
+			for _, c := range st.vm.GetStatus().GetConditions() {
+				if c.GetType() == cond && c.GetStatus() && c.GetLastTransitionTime() != nil {
+					s.at[step] = c.GetLastTransitionTime().AsTime()
+				}
 			}
 		}
 		for _, step := range steps {
