@@ -127,7 +127,7 @@ func UsedOp(networkID string) clientv3.Op {
 // network is, so a create costs the same at the first VM and at the
 // 50,000th of a /16 (the whole range was read before, O(VMs) per create):
 //
-//  1. Probe: probeSize random candidate addresses, read as single keys in
+//  1. Probe: ProbeSize random candidate addresses, read as single keys in
 //     the create's own read; the first absent one is taken. Below ~70 %
 //     full nearly every create ends here.
 //  2. Blocks: in a network larger than a /24, up to maxBlocks random /24
@@ -148,7 +148,7 @@ func UsedOp(networkID string) clientv3.Op {
 // on them, and they could drift from the IPAM keys that the delete and the
 // consistency checks use.
 const (
-	probeSize = 8
+	ProbeSize = 8
 	maxBlocks = 4
 )
 
@@ -219,9 +219,9 @@ func (rd *Read) probe(s space) *Probe {
 	defer a.mu.Unlock()
 	reserved := a.reserved[s.id]
 	// Bounded tries: a small network has fewer free candidates than
-	// probeSize.
-	for range 4 * probeSize {
-		if len(p.addrs) == probeSize {
+	// ProbeSize.
+	for range 4 * ProbeSize {
+		if len(p.addrs) == ProbeSize {
 			break
 		}
 		n := s.random()

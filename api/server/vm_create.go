@@ -55,6 +55,8 @@ type createRefs struct {
 // allocator then reads its own).
 func (s *Server) readCreateRefs(ctx context.Context, addrs *ipam.Read, project string, req *minicloudv1.CreateVMRequest, spec *minicloudv1.VMSpec) (*createRefs, error) {
 	var reads store.Reads
+	// The gets below, and up to ipam.ProbeSize per known network.
+	reads.Grow(6 + len(spec.Networks)*(1+ipam.ProbeSize))
 	var (
 		name        = reads.Get(store.VMNameKey(project, req.GetName()), clientv3.WithCountOnly())
 		image       = reads.Get(store.ImageKey(spec.Image))

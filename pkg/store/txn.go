@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"slices"
 
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -60,6 +61,10 @@ type Read struct {
 func (r *Reads) Get(key string, opts ...clientv3.OpOption) Read {
 	return r.Add(clientv3.OpGet(key, opts...))
 }
+
+// Grow makes room for n more gets without reallocating (a create's read
+// knows how many it sends).
+func (r *Reads) Grow(n int) { r.ops = slices.Grow(r.ops, n) }
 
 // Add adds a get built elsewhere (e.g. ipam.UsedOp).
 func (r *Reads) Add(get clientv3.Op) Read {
