@@ -123,10 +123,20 @@ func TestLabTenantNetworkAcrossHosts(t *testing.T) {
 	if rs.passed(big) || !strings.Contains(rs.detail(big), "message too long") {
 		t.Errorf("a 1423-byte DF ping does not fail on the guest's MTU: %q (passed %t)", rs.detail(big), rs.passed(big))
 	}
+	// b1 was created last and may still be booting when a1 and a2 pass:
+	// its lease line is waited for (a lease without MTU 1450 stays one).
+	leaseMTU := regexp.MustCompile(`MINICLOUD-DHCP bound ip=\S+ router=\S+ mtu=1450\b`)
 	for _, vm := range []string{"a1", "a2", "b1"} {
-		out := consoleChecks(t, c, vm).raw
-		if !regexp.MustCompile(`MINICLOUD-DHCP bound ip=\S+ router=\S+ mtu=1450\b`).MatchString(out) {
-			t.Errorf("%s's DHCP lease has no MTU 1450:\n%s", vm, grepLines(out, "MINICLOUD-DHCP"))
+		for {
+			out := consoleChecks(t, c, vm).raw
+			if leaseMTU.MatchString(out) {
+				break
+			}
+			if strings.Contains(out, "MINICLOUD-DHCP bound") || time.Now().After(deadline) {
+				t.Errorf("%s's DHCP lease has no MTU 1450:\n%s", vm, grepLines(out, "MINICLOUD-DHCP"))
+				break
+			}
+			time.Sleep(3 * time.Second)
 		}
 	}
 
