@@ -81,9 +81,9 @@ type credCache struct {
 	revoked map[string]bool               // certificate serials
 	// hits counts the calls the cache answered (tests read it).
 	hits atomic.Int64
-	// gate, held, stalls the follower: tests make a watch that stops
-	// answering with it.
-	gate sync.Mutex
+	// watcher is where the watches come from: the server's etcd client
+	// (tests put one in front that can go silent, export_test.go).
+	watcher clientv3.Watcher
 
 	// poke asks the follower for a progress answer now (after a write);
 	// relist makes it list again (a write whose revision is unknown).
@@ -91,8 +91,16 @@ type credCache struct {
 }
 
 func newCredCache(s *Server) *credCache {
-	return &credCache{s: s, poke: make(chan struct{}, 1), relist: make(chan struct{}, 1)}
+	c := &credCache{s: s, watcher: s.etcd, poke: make(chan struct{}, 1), relist: make(chan struct{}, 1)}
+	if wrapCredWatcher != nil {
+		c.watcher = wrapCredWatcher(c.watcher)
+	}
+	return c
 }
+
+// wrapCredWatcher, if set, wraps the watcher of credentials caches made
+// from then on (tests set it to make a watch that stops answering).
+var wrapCredWatcher func(clientv3.Watcher) clientv3.Watcher
 
 // start begins following etcd (once per server; the follower lists again
 // by itself after a break).
@@ -156,8 +164,8 @@ func (c *credCache) followOnce(ctx context.Context) error {
 	// changes nothing.
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	credCh := c.s.etcd.Watch(wctx, credsRange[0], clientv3.WithRange(credsRange[1]), clientv3.WithRev(rev))
-	revCh := c.s.etcd.Watch(wctx, store.RevokedPrefix, clientv3.WithPrefix(), clientv3.WithRev(rev))
+	credCh := c.watcher.Watch(wctx, credsRange[0], clientv3.WithRange(credsRange[1]), clientv3.WithRev(rev))
+	revCh := c.watcher.Watch(wctx, store.RevokedPrefix, clientv3.WithPrefix(), clientv3.WithRev(rev))
 
 	c.mu.Lock()
 	if c.epoch != epoch {
@@ -177,8 +185,6 @@ func (c *credCache) followOnce(ctx context.Context) error {
 	tick := time.NewTicker(credHeartbeat)
 	defer tick.Stop()
 	for {
-		c.gate.Lock()
-		c.gate.Unlock() //nolint:staticcheck // an empty critical section: waits while a test holds the gate
 		var (
 			w    *followedWatch
 			resp clientv3.WatchResponse
@@ -245,7 +251,7 @@ func minTime(a, b time.Time) time.Time {
 func (c *credCache) requestProgress(wctx context.Context) {
 	ctx, cancel := context.WithTimeout(wctx, credHeartbeat)
 	defer cancel()
-	_ = c.s.etcd.RequestProgress(ctx)
+	_ = c.watcher.RequestProgress(ctx)
 }
 
 // apply folds watch events into the cache and moves its revision and

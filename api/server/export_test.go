@@ -1,6 +1,12 @@
 package server
 
-import "time"
+import (
+	"context"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
 
 // SetVMHistory sets how many changes the VM watch cache of servers
 // started from now on keeps, and returns a function that restores it.
@@ -29,9 +35,45 @@ func (s *Server) CredCacheCurrent() bool {
 	return s.creds.current()
 }
 
-// StallCredWatch makes s's credentials cache stop taking watch answers,
-// as a watch that went silent; resume undoes it.
+// SetStallableCredWatch makes the credentials caches of servers started
+// from now on watch through a watcher that StallCredWatch can silence,
+// and returns a function that restores the plain one.
+func SetStallableCredWatch() (restore func()) {
+	old := wrapCredWatcher
+	wrapCredWatcher = func(w clientv3.Watcher) clientv3.Watcher { return &stallWatcher{Watcher: w} }
+	return func() { wrapCredWatcher = old }
+}
+
+// StallCredWatch makes s's credentials cache hear nothing from its
+// watches (no events, no progress answers), as a watch that went silent
+// without breaking; resume undoes it. s must have been started after
+// SetStallableCredWatch.
 func (s *Server) StallCredWatch() (resume func()) {
-	s.creds.gate.Lock()
-	return s.creds.gate.Unlock
+	w := s.creds.watcher.(*stallWatcher)
+	w.gate.Lock()
+	return w.gate.Unlock
+}
+
+// stallWatcher passes a watcher's answers on, except while gate is held.
+type stallWatcher struct {
+	clientv3.Watcher
+	gate sync.Mutex
+}
+
+func (w *stallWatcher) Watch(ctx context.Context, key string, opts ...clientv3.OpOption) clientv3.WatchChan {
+	in := w.Watcher.Watch(ctx, key, opts...)
+	out := make(chan clientv3.WatchResponse)
+	go func() {
+		defer close(out)
+		for resp := range in {
+			w.gate.Lock()
+			w.gate.Unlock() //nolint:staticcheck // an empty critical section: waits while the test holds the gate
+			select {
+			case out <- resp:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return out
 }
