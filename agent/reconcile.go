@@ -83,8 +83,12 @@ func (a *Agent) reconcile(ctx context.Context, id string) (result, error) {
 		}
 		if _, err := os.Stat(a.vmDir(id)); errors.Is(err, os.ErrNotExist) {
 			// Nothing of ours (see observedVMIDs): a domain event of some
-			// other minicloud sharing this libvirt, or already cleaned up.
-			return result{}, nil
+			// other minicloud sharing this libvirt, or already cleaned up
+			// — e.g. a VM given back to the scheduler, whose bridge its
+			// assignment kept in use until now: the disk and network
+			// steps run at once, so even a VM whose disk never worked
+			// made one (TestDiskFailureLeavesNothingOnTheHost).
+			return result{}, a.collectBridges(ctx)
 		}
 		// Not deleted by anyone: the API just no longer lists it. A wrong
 		// --api, a restored etcd backup or a bug would make every VM look

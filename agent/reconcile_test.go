@@ -67,7 +67,9 @@ func restartHarness(t *testing.T, prev *harness) *harness {
 	return startHarness(t, prev, nil)
 }
 
-func startHarness(t testing.TB, prev *harness, guest GuestServices) *harness {
+// startHarness starts the agent; each of deps may replace one of its
+// fakes (the real network manager, say) before New.
+func startHarness(t testing.TB, prev *harness, guest GuestServices, deps ...func(*Deps)) *harness {
 	t.Helper()
 	h := &harness{
 		t:     t,
@@ -85,17 +87,21 @@ func startHarness(t testing.TB, prev *harness, guest GuestServices) *harness {
 	}
 	drv := hypervisortest.NewFakeDriver(h.hv)
 	t.Cleanup(func() { _ = drv.Close() })
-	a, err := New(Config{
-		HostName:        "host1",
-		StateDir:        stateDir,
-		ShutdownTimeout: 50 * time.Millisecond,
-	}, Deps{
+	d := Deps{
 		Hypervisor: drv,
 		Network:    networktest.NewFakeManager(h.net),
 		Disks:      h.disks,
 		Images:     fakeImageCache{dir: t.TempDir()},
 		Guest:      guest,
-	}, WithLogger(slog.New(slog.DiscardHandler)))
+	}
+	for _, f := range deps {
+		f(&d)
+	}
+	a, err := New(Config{
+		HostName:        "host1",
+		StateDir:        stateDir,
+		ShutdownTimeout: 50 * time.Millisecond,
+	}, d, WithLogger(slog.New(slog.DiscardHandler)))
 	if err != nil {
 		t.Fatal(err)
 	}
