@@ -45,9 +45,19 @@ func RepoRoot() string {
 }
 
 // Binaries builds minicloud and minicloudd once per test binary and returns
-// their paths.
+// their paths. With MINICLOUD_TEST_BIN_DIR set (hack/test.sh builds them
+// once for every package of a run), the binaries there are used instead.
 func Binaries(t testing.TB) (cli, daemon string) {
 	t.Helper()
+	if dir := os.Getenv("MINICLOUD_TEST_BIN_DIR"); dir != "" {
+		cli, daemon = filepath.Join(dir, "minicloud"), filepath.Join(dir, "minicloudd")
+		for _, p := range []string{cli, daemon} {
+			if _, err := os.Stat(p); err != nil {
+				t.Fatalf("MINICLOUD_TEST_BIN_DIR: %v", err)
+			}
+		}
+		return cli, daemon
+	}
 	buildOnce.Do(func() {
 		binDir, buildErr = os.MkdirTemp("", "minicloud-bin-")
 		if buildErr != nil {
