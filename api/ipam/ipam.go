@@ -16,6 +16,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -35,9 +36,21 @@ import (
 type Allocator struct {
 	kv       clientv3.KV
 	mu       sync.Mutex
-	gen      uint64                           // bumped by every commit
-	reading  map[uint64]int                   // generation at start of each running read → count
-	reserved map[string]map[netip.Addr]uint64 // network id → address → generation of its commit
+	gen      uint64                         // bumped by every commit
+	reading  map[uint64]int                 // generation at start of each running read → count
+	reserved map[string]map[netip.Addr]held // network id → address → its commit
+
+	// The view: every allocated address, as an etcd watch of the IPAM
+	// keys shows it at viewRev (0: no view), for ReserveFromView.
+	view    map[string]map[uint32]bool // network id → addresses
+	viewRev int64
+}
+
+// held is a reservation: the generation and revision of its commit
+// (inFlight before it commits; rev 0 if unknown).
+type held struct {
+	gen uint64
+	rev int64
 }
 
 // inFlight marks a reservation whose transaction has not finished.
@@ -45,7 +58,7 @@ const inFlight = math.MaxUint64
 
 // New returns an allocator over kv.
 func New(kv clientv3.KV) *Allocator {
-	return &Allocator{kv: kv, reading: map[uint64]int{}, reserved: map[string]map[netip.Addr]uint64{}}
+	return &Allocator{kv: kv, reading: map[uint64]int{}, reserved: map[string]map[netip.Addr]held{}}
 }
 
 // Reservation is an address picked for a VM but not yet committed. The
@@ -62,12 +75,25 @@ type Reservation struct {
 // Done ends the reservation once the transaction has finished, telling
 // whether it committed the address.
 func (r *Reservation) Done(committed bool) {
+	if committed {
+		r.DoneAt(0)
+		return
+	}
+	r.DoneAt(-1)
+}
+
+// DoneAt ends the reservation once the transaction has finished: rev is
+// the revision it committed at, 0 committed at an unknown revision, -1
+// not committed. A commit's address stays reserved until the view has
+// reached its revision, so that a pick from the view (ReserveFromView)
+// does not take it in between.
+func (r *Reservation) DoneAt(rev int64) {
 	a := r.a
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	m := a.reserved[r.NetworkID]
-	if committed && m != nil {
-		m[r.Addr] = a.gen
+	if rev >= 0 && m != nil {
+		m[r.Addr] = held{gen: a.gen, rev: rev}
 		a.gen++
 		return
 	}
@@ -345,25 +371,165 @@ func (rd *Read) take(s space, candidates iter.Seq[uint32]) *Reservation {
 	for g := range a.reading {
 		oldest = min(oldest, g)
 	}
-	reserved := a.reserved[s.id]
-	for ip, g := range reserved {
-		if g < oldest {
+	a.release(s.id, oldest)
+	for n := range candidates {
+		if r := a.hold(s, n); r != nil {
+			return r
+		}
+	}
+	return nil
+}
+
+// release drops the reservations of network id that every reader can
+// see in etcd: committed before the oldest running read began (oldest),
+// and, while there is a view, at or before the view's revision. Called
+// with a.mu held.
+func (a *Allocator) release(id string, oldest uint64) {
+	reserved := a.reserved[id]
+	for ip, h := range reserved {
+		if h.gen < oldest && (a.viewRev == 0 || h.rev <= a.viewRev) {
 			delete(reserved, ip)
 		}
 	}
-	for n := range candidates {
-		ip := fromN(n)
-		if _, ok := reserved[ip]; ok {
+}
+
+// hold reserves address n of s unless this process holds it already.
+// Called with a.mu held.
+func (a *Allocator) hold(s space, n uint32) *Reservation {
+	ip := fromN(n)
+	reserved := a.reserved[s.id]
+	if _, ok := reserved[ip]; ok {
+		return nil
+	}
+	if reserved == nil {
+		reserved = make(map[netip.Addr]held)
+		a.reserved[s.id] = reserved
+	}
+	reserved[ip] = held{gen: inFlight}
+	return &Reservation{NetworkID: s.id, Addr: ip, Prefix: s.prefix, Gateway: s.gateway, a: a}
+}
+
+// The view of allocated addresses lets a create pick its address with no
+// etcd read: the API server's create cache (api/server/createcache.go)
+// follows the IPAM keys with a watch and feeds them here. A pick from a
+// view that is behind etcd is safe: the create's transaction still writes
+// the address under "key absent", so an address taken meanwhile (at
+// another API server) is a failed compare and a retry; this process's own
+// commits stay reserved until the view shows them (DoneAt).
+
+// SetView replaces the view with the IPAM keys of a list at rev.
+func (a *Allocator) SetView(rev int64, keys [][]byte) {
+	view := map[string]map[uint32]bool{}
+	for _, k := range keys {
+		if id, n, ok := parseKey(string(k)); ok {
+			if view[id] == nil {
+				view[id] = map[uint32]bool{}
+			}
+			view[id][n] = true
+		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.view, a.viewRev = view, rev
+}
+
+// ViewEvent is one change of an IPAM key the view follows.
+type ViewEvent struct {
+	Key     []byte
+	Deleted bool
+}
+
+// UpdateView applies watched changes of IPAM keys and moves the view to
+// rev.
+func (a *Allocator) UpdateView(rev int64, events []ViewEvent) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.viewRev == 0 {
+		return // dropped: the next SetView starts it again
+	}
+	for _, ev := range events {
+		id, n, ok := parseKey(string(ev.Key))
+		if !ok {
 			continue
 		}
-		if reserved == nil {
-			reserved = make(map[netip.Addr]uint64)
-			a.reserved[s.id] = reserved
+		if ev.Deleted {
+			delete(a.view[id], n)
+			continue
 		}
-		reserved[ip] = inFlight
-		return &Reservation{NetworkID: s.id, Addr: ip, Prefix: s.prefix, Gateway: s.gateway, a: a}
+		if a.view[id] == nil {
+			a.view[id] = map[uint32]bool{}
+		}
+		a.view[id][n] = true
 	}
-	return nil
+	a.viewRev = max(a.viewRev, rev)
+}
+
+// DropView forgets the view (its watch broke): ReserveFromView answers
+// false until the next SetView.
+func (a *Allocator) DropView() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.view, a.viewRev = nil, 0
+}
+
+// ReserveFromView picks a random address of network that the view shows
+// free and this process has not reserved, with no etcd read. ok is false
+// when there is no view or no free address turned up in a few random
+// tries (a nearly full network): then reserve with a read (BeginRead).
+func (a *Allocator) ReserveFromView(network *minicloudv1.Network) (r *Reservation, ok bool, err error) {
+	s, err := newSpace(network)
+	if err != nil {
+		return nil, false, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.viewRev == 0 {
+		return nil, false, nil
+	}
+	oldest := a.gen
+	for g := range a.reading {
+		oldest = min(oldest, g)
+	}
+	a.release(s.id, oldest)
+	used := a.view[s.id]
+	for range 4 * ProbeSize {
+		if n := s.random(); s.usable(n) && !used[n] {
+			if r := a.hold(s, n); r != nil {
+				return r, true, nil
+			}
+		}
+	}
+	// Few free addresses: a small network is scanned whole; a large one
+	// is left to the reads of Reserve (blocks, then the range).
+	if s.last-s.first <= maxViewScan {
+		for n := range free(s, s.first, s.last, used) {
+			if r := a.hold(s, n); r != nil {
+				return r, true, nil
+			}
+		}
+	}
+	return nil, false, nil
+}
+
+// maxViewScan is the largest network ReserveFromView scans address by
+// address when its random picks found nothing.
+const maxViewScan = 1024
+
+// parseKey splits an IPAM key into its network id and IPv4 address.
+func parseKey(key string) (id string, n uint32, ok bool) {
+	rest, found := strings.CutPrefix(key, store.IPAMPrefix)
+	if !found {
+		return "", 0, false
+	}
+	id, addr, found := strings.Cut(rest, "/")
+	if !found {
+		return "", 0, false
+	}
+	ip, err := netip.ParseAddr(addr)
+	if err != nil || !ip.Is4() {
+		return "", 0, false
+	}
+	return id, toN(ip), true
 }
 
 // Parse returns a network's prefix and gateway.

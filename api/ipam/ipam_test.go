@@ -322,3 +322,64 @@ func TestReservationsInOneProcessDoNotCollide(t *testing.T) {
 		t.Fatalf("with 4 reserved and 1 committed: %v, want ResourceExhausted", err)
 	}
 }
+
+// TestReserveFromView: picks from the watched view of allocated addresses
+// never take an address the view shows in use or one this process holds;
+// a commit's address stays held until the view has reached the commit's
+// revision; without a view there is no pick (the caller reads etcd).
+func TestReserveFromView(t *testing.T) {
+	a := ipam.New(nil) // picks from the view read no etcd
+	n := network("10.0.0.0/29", "10.0.0.1")
+	if _, ok, err := a.ReserveFromView(n); ok || err != nil {
+		t.Fatalf("a pick with no view: ok %v, err %v", ok, err)
+	}
+	// .2-.6 usable; the view has .2, .3 and .5 in use.
+	var keys [][]byte
+	for _, ip := range []string{"10.0.0.2", "10.0.0.3", "10.0.0.5"} {
+		keys = append(keys, []byte(store.IPAMKey("net-1", ip)))
+	}
+	a.SetView(10, keys)
+	free := map[string]bool{"10.0.0.4": true, "10.0.0.6": true}
+	r1 := mustPick(t, a, n, free)
+	// r1 commits at revision 12: held until the view shows 12.
+	r1.DoneAt(12)
+	for range 20 {
+		r := mustPick(t, a, n, free)
+		if r.Addr == r1.Addr {
+			t.Fatalf("picked %s, committed at 12, with the view at 10", r.Addr)
+		}
+		r.DoneAt(-1)
+	}
+	a.UpdateView(12, []ipam.ViewEvent{{Key: []byte(store.IPAMKey("net-1", r1.Addr.String()))}})
+	delete(free, r1.Addr.String())
+	for range 20 {
+		mustPick(t, a, n, free).DoneAt(-1)
+	}
+	// The last free address taken (in flight): nothing left to pick.
+	last := mustPick(t, a, n, free)
+	if r, ok, _ := a.ReserveFromView(n); ok {
+		t.Fatalf("picked %s with every address in use or held", r.Addr)
+	}
+	last.DoneAt(-1)
+	// A delete in the view frees .3.
+	a.UpdateView(13, []ipam.ViewEvent{{Key: []byte(store.IPAMKey("net-1", "10.0.0.3")), Deleted: true}})
+	free["10.0.0.3"] = true
+	mustPick(t, a, n, free).DoneAt(-1)
+	a.DropView()
+	if _, ok, _ := a.ReserveFromView(n); ok {
+		t.Fatal("a pick after the view was dropped")
+	}
+}
+
+// mustPick picks from a's view and fails unless the address is in free.
+func mustPick(t *testing.T, a *ipam.Allocator, n *minicloudv1.Network, free map[string]bool) *ipam.Reservation {
+	t.Helper()
+	r, ok, err := a.ReserveFromView(n)
+	if err != nil || !ok {
+		t.Fatalf("pick from view: ok %v, err %v", ok, err)
+	}
+	if !free[r.Addr.String()] {
+		t.Fatalf("picked %s, not one of the free %v", r.Addr, free)
+	}
+	return r
+}

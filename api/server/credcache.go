@@ -91,16 +91,23 @@ type credCache struct {
 }
 
 func newCredCache(s *Server) *credCache {
-	c := &credCache{s: s, watcher: s.etcd, poke: make(chan struct{}, 1), relist: make(chan struct{}, 1)}
-	if wrapCredWatcher != nil {
-		c.watcher = wrapCredWatcher(c.watcher)
-	}
+	c := &credCache{s: s, poke: make(chan struct{}, 1), relist: make(chan struct{}, 1)}
+	c.watcher = cacheWatcher(s)
 	return c
 }
 
-// wrapCredWatcher, if set, wraps the watcher of credentials caches made
-// from then on (tests set it to make a watch that stops answering).
-var wrapCredWatcher func(clientv3.Watcher) clientv3.Watcher
+// wrapCacheWatcher, if set, wraps the watcher of the credentials and
+// create caches made from then on (tests set it to make a watch that
+// stops answering, export_test.go).
+var wrapCacheWatcher func(clientv3.Watcher) clientv3.Watcher
+
+// cacheWatcher is where a cache of s gets its watches.
+func cacheWatcher(s *Server) clientv3.Watcher {
+	if wrapCacheWatcher != nil {
+		return wrapCacheWatcher(s.etcd)
+	}
+	return s.etcd
+}
 
 // start begins following etcd (once per server; the follower lists again
 // by itself after a break).

@@ -139,7 +139,7 @@ func TestCredCacheFollowsOtherReplicas(t *testing.T) {
 // server's cache, not synced yet, reads etcd too.
 func TestCredCacheNotCurrentReadsEtcd(t *testing.T) {
 	defer apiserver.SetCredTiming(50*time.Millisecond, 300*time.Millisecond)()
-	defer apiserver.SetStallableCredWatch()()
+	defer apiserver.SetStallableWatches()()
 	e := newEnv(t)
 	e.createProjects("alpha")
 	resp, err := minicloudv1.NewAuthServiceClient(e.conn).CreateUser(ctx(t), &minicloudv1.CreateUserRequest{Name: "rosa", Project: "alpha", Role: "member", TokenTtlSeconds: 3600})

@@ -35,24 +35,42 @@ func (s *Server) CredCacheCurrent() bool {
 	return s.creds.current()
 }
 
-// SetStallableCredWatch makes the credentials caches of servers started
-// from now on watch through a watcher that StallCredWatch can silence,
-// and returns a function that restores the plain one.
-func SetStallableCredWatch() (restore func()) {
-	old := wrapCredWatcher
-	wrapCredWatcher = func(w clientv3.Watcher) clientv3.Watcher { return &stallWatcher{Watcher: w} }
-	return func() { wrapCredWatcher = old }
+// SetStallableWatches makes the credentials and create caches of servers
+// started from now on watch through a watcher that StallCredWatch and
+// StallCreateCacheWatch can silence, and returns a function that restores
+// the plain one.
+func SetStallableWatches() (restore func()) {
+	old := wrapCacheWatcher
+	wrapCacheWatcher = func(w clientv3.Watcher) clientv3.Watcher { return &stallWatcher{Watcher: w} }
+	return func() { wrapCacheWatcher = old }
 }
 
 // StallCredWatch makes s's credentials cache hear nothing from its
 // watches (no events, no progress answers), as a watch that went silent
 // without breaking; resume undoes it. s must have been started after
-// SetStallableCredWatch.
+// SetStallableWatches.
 func (s *Server) StallCredWatch() (resume func()) {
 	w := s.creds.watcher.(*stallWatcher)
 	w.gate.Lock()
 	return w.gate.Unlock
 }
+
+// StallCreateCacheWatch is StallCredWatch for s's create cache.
+func (s *Server) StallCreateCacheWatch() (resume func()) {
+	w := s.createCache.watcher.(*stallWatcher)
+	w.gate.Lock()
+	return w.gate.Unlock
+}
+
+// CreateCacheSynced says whether s's create cache answers creates.
+func (s *Server) CreateCacheSynced() bool {
+	s.createCache.mu.RLock()
+	defer s.createCache.mu.RUnlock()
+	return s.createCache.synced
+}
+
+// CreateCacheHits is how many creates s's create cache answered.
+func (s *Server) CreateCacheHits() int64 { return s.createCache.hits.Load() }
 
 // stallWatcher passes a watcher's answers on, except while gate is held.
 type stallWatcher struct {

@@ -150,6 +150,9 @@ type Server struct {
 	// creds is the tokens, users and revoked certificates every call is
 	// authenticated against (credcache.go).
 	creds *credCache
+	// createCache is the images, flavors and networks a create refers to,
+	// and the allocated addresses (createcache.go).
+	createCache *createCache
 
 	// knownNetworks caches network key → the *Network a create last read,
 	// so the next create can pick candidate addresses before its read and
@@ -202,6 +205,7 @@ func New(cfg Config) (*Server, error) {
 	s.creates = newCreateBatcher(s)
 	s.vmCache = &vmCache{s: s}
 	s.creds = newCredCache(s)
+	s.createCache = newCreateCache(s)
 	// Page tokens are signed with a key every replica derives from the
 	// cluster CA's, so a page from one replica continues on another.
 	var pageSecret []byte

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -165,8 +166,10 @@ func (s *Server) createVM(ctx context.Context, req *minicloudv1.CreateVMRequest)
 	if err != nil {
 		return nil, err
 	}
-	for range maxTxnAttempts {
-		vm, err := s.tryCreateVM(ctx, project, req, spec)
+	for attempt := range maxTxnAttempts {
+		// The first try takes what the create refers to from the create
+		// cache (createcache.go); a try after a lost race reads etcd.
+		vm, err := s.tryCreateVM(ctx, project, req, spec, attempt == 0)
 		if !errors.Is(err, errRetry) {
 			return vm, err
 		}
@@ -174,10 +177,19 @@ func (s *Server) createVM(ctx context.Context, req *minicloudv1.CreateVMRequest)
 	return nil, tooMuchContention("create vm " + req.GetName())
 }
 
-func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, base *minicloudv1.VMSpec) (*minicloudv1.VM, error) {
+func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloudv1.CreateVMRequest, base *minicloudv1.VMSpec, fromCache bool) (*minicloudv1.VM, error) {
 	addrRead := s.ipam.BeginRead()
 	defer addrRead.End()
-	refs, err := s.readCreateRefs(ctx, addrRead, project, req, base)
+	var (
+		refs *createRefs
+		err  error
+	)
+	if fromCache {
+		refs, fromCache = s.createCache.createRefs(project, base)
+	}
+	if !fromCache {
+		refs, err = s.readCreateRefs(ctx, addrRead, project, req, base)
+	}
 	fingerprint := requestFingerprint(req)
 	if refs != nil && refs.existingID != "" {
 		// A retry of a create that went through: answer with that VM, even
@@ -220,13 +232,20 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	id := vm.Meta.Id
 
 	nv := store.NewVM{VM: vm, UserData: req.GetUserData(), FlavorRev: refs.flavorRev, ImageRev: refs.imageRev, Now: now}
-	var committed bool // read by the reservations' deferred Done
+	doneRev := int64(-1) // the commit's revision, read by the reservations' deferred DoneAt
 	for i, nw := range refs.networks {
-		r, err := addrRead.Reserve(ctx, nw, refs.probes[i], refs.present[i])
-		if err != nil {
-			return nil, err
+		r, ok := (*ipam.Reservation)(nil), false
+		if fromCache {
+			if r, ok, err = s.ipam.ReserveFromView(nw); err != nil {
+				return nil, err
+			}
 		}
-		defer func() { r.Done(committed) }()
+		if !ok {
+			if r, err = addrRead.Reserve(ctx, nw, refs.probes[i], refs.present[i]); err != nil {
+				return nil, err
+			}
+		}
+		defer func() { r.DoneAt(doneRev) }()
 		nv.Networks = append(nv.Networks, store.NetworkRef{ID: nw.GetMeta().GetId(), Rev: refs.networkRevs[i]})
 		vm.Status.Addresses = append(vm.Status.Addresses, &minicloudv1.VMAddress{
 			Network:      nw.GetMeta().GetName(),
@@ -238,7 +257,7 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 			Mtu:          nw.GetMtu(),
 			Vni:          nw.GetVni(),
 			DisableNat:   !nw.GetNat(),
-			DnsServers:   nw.GetDnsServers(),
+			DnsServers:   slices.Clone(nw.GetDnsServers()), // nw may be the create cache's
 		})
 	}
 	var lease clientv3.LeaseID
@@ -255,7 +274,9 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	// Charged to the project's quota in the same transaction, together
 	// with the project's other creates in flight (createbatch.go).
 	rev, err := s.creates.commit(ctx, nv)
-	committed = err == nil
+	if err == nil {
+		doneRev = rev
+	}
 	if err != nil {
 		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 			s.leases.forget(lease)
