@@ -5,7 +5,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -88,22 +87,12 @@ func (c *createCache) start() {
 // follow lists and watches until the server stops; a broken watch makes
 // the cache unsynced until it has listed again.
 func (c *createCache) follow() {
-	ctx := c.s.streams
-	for ctx.Err() == nil {
-		err := c.followOnce(ctx)
+	c.s.followEtcd("create cache", "creates read etcd", c.followOnce, func() {
 		c.mu.Lock()
 		c.synced, c.refs = false, nil
 		c.mu.Unlock()
 		c.s.ipam.DropView()
-		if ctx.Err() != nil || c.s.etcd.Ctx().Err() != nil {
-			return // the server stopped, or its etcd client was closed
-		}
-		c.s.log.Warn("create cache stopped following etcd: creates read etcd until it lists again", "err", err)
-		select {
-		case <-ctx.Done():
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+	})
 }
 
 // followOnce lists the ranges in one snapshot, then applies the watches'

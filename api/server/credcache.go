@@ -123,16 +123,26 @@ var credsRange = [2]string{store.TokenPrefix, store.PrefixEnd(store.UserPrefix)}
 // watches' changes, until the server stops; a break of either watch makes
 // the cache unsynced and it lists again.
 func (c *credCache) follow() {
-	ctx := c.s.streams
-	for ctx.Err() == nil {
-		err := c.followOnce(ctx)
+	c.s.followEtcd("credentials cache", "calls read etcd", c.followOnce, func() {
 		c.mu.Lock()
 		c.synced = false
 		c.mu.Unlock()
-		if ctx.Err() != nil || c.s.etcd.Ctx().Err() != nil {
+	})
+}
+
+// followEtcd runs once (a cache's list and watch) again and again until
+// the server stops, calling unsynced after each break: the cache answers
+// nothing until once has listed again. meanwhile says what callers do
+// then (for the log).
+func (s *Server) followEtcd(what, meanwhile string, once func(context.Context) error, unsynced func()) {
+	ctx := s.streams
+	for ctx.Err() == nil {
+		err := once(ctx)
+		unsynced()
+		if ctx.Err() != nil || s.etcd.Ctx().Err() != nil {
 			return // the server stopped, or its etcd client was closed
 		}
-		c.s.log.Warn("credentials cache stopped following etcd: calls read etcd until it lists again", "err", err)
+		s.log.Warn(what+" stopped following etcd: "+meanwhile+" until it lists again", "err", err)
 		select {
 		case <-ctx.Done():
 		case <-time.After(200 * time.Millisecond):
