@@ -43,7 +43,7 @@ type simHost struct {
 // registerSimulatedHost writes a simulated host's registration and, unless
 // down, its alive key on a fresh lease of ttl seconds that nobody keeps
 // alive (use a long ttl for hosts that must stay up). It returns the lease.
-func registerSimulatedHost(t *testing.T, cli *clientv3.Client, h simHost, ttl int64) clientv3.LeaseID {
+func registerSimulatedHost(t testing.TB, cli *clientv3.Client, h simHost, ttl int64) clientv3.LeaseID {
 	t.Helper()
 	ctx := context.Background()
 	if h.hv == nil {
@@ -73,7 +73,7 @@ func registerSimulatedHost(t *testing.T, cli *clientv3.Client, h simHost, ttl in
 
 // heartbeat puts the host's alive key on a new lease, as the API does when
 // a host registers or comes back.
-func heartbeat(t *testing.T, cli *clientv3.Client, host string, ttl int64) clientv3.LeaseID {
+func heartbeat(t testing.TB, cli *clientv3.Client, host string, ttl int64) clientv3.LeaseID {
 	t.Helper()
 	ctx := context.Background()
 	l, err := cli.Grant(ctx, ttl)
@@ -245,7 +245,7 @@ func waitDecided(t *testing.T, cli *clientv3.Client, id string) *minicloudv1.VMS
 }
 
 // newQuietScheduler returns a replica that logs nowhere unless cfg says.
-func newQuietScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
+func newQuietScheduler(t testing.TB, cli *clientv3.Client, cfg Config) *Scheduler {
 	t.Helper()
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -258,7 +258,7 @@ func newQuietScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Schedule
 }
 
 // startScheduler runs a replica until the test ends.
-func startScheduler(t *testing.T, cli *clientv3.Client, cfg Config) *Scheduler {
+func startScheduler(t testing.TB, cli *clientv3.Client, cfg Config) *Scheduler {
 	t.Helper()
 	s := newQuietScheduler(t, cli, cfg)
 	ctx, cancel := context.WithCancel(context.Background())
