@@ -19,7 +19,11 @@
 //
 // It rewrites the "image" section of docs/benchmarks.md.
 //
-//	go run ./hack/imagebench [-size 1GiB-in-bytes] [-concurrent 8] [-docs docs/benchmarks.md] [-cpuprofile FILE]
+// The copy and the two fetches are repeated in rounds, one after another,
+// and each ratio is the median of the rounds' own ratios, so a load that
+// drifts during the run weighs on the baseline as much as on the fetch.
+//
+//	go run ./hack/imagebench [-size 1GiB-in-bytes] [-rounds 3] [-concurrent 8] [-docs docs/benchmarks.md] [-cpuprofile FILE]
 package main
 
 import (
@@ -35,6 +39,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -57,13 +62,14 @@ const imageName = "imagebench"
 func main() {
 	size := flag.Int64("size", 1<<30, "image size in bytes")
 	concurrent := flag.Int("concurrent", 8, "concurrent fetches of the same uncached image")
+	rounds := flag.Int("rounds", 3, "rounds of copy, first serve and later serve")
 	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the cold fetch of a blob verified before to this file")
 	flag.Parse()
-	if *size <= 0 || *size%512 != 0 || *concurrent < 1 {
-		log.Fatal("-size must be a positive multiple of 512 and -concurrent at least 1")
+	if *size <= 0 || *size%512 != 0 || *concurrent < 1 || *rounds < 1 {
+		log.Fatal("-size must be a positive multiple of 512, -concurrent and -rounds at least 1")
 	}
-	if err := run(context.Background(), *size, *concurrent, *docs, *cpuProfile); err != nil {
+	if err := run(context.Background(), *size, *rounds, *concurrent, *docs, *cpuProfile); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -71,15 +77,20 @@ func main() {
 // result is what one run measured.
 type result struct {
 	size                      int64
-	cp, cpSync                time.Duration
-	first, firstCPU           time.Duration // the API verifies the blob
-	cold, coldCPU             time.Duration // the API verified it before
+	rounds                    []round
 	concurrent                int
 	all                       time.Duration // N concurrent fetches, until the last returned
-	downloadsCold, downloadsN int64
+	downloadsCold, downloadsN int64         // DownloadImage calls for all rounds' fetches, for the concurrent ones
 }
 
-func run(ctx context.Context, size int64, n int, docs, cpuProfile string) error {
+// round is one copy and two cold fetches of the same blob.
+type round struct {
+	cp, cpSync      time.Duration
+	first, firstCPU time.Duration // the API verifies the blob
+	cold, coldCPU   time.Duration // the API verified it before
+}
+
+func run(ctx context.Context, size int64, rounds, n int, docs, cpuProfile string) error {
 	loadBefore, began := benchdoc.LoadAverages(), time.Now()
 	// Everything on one filesystem: the API's image store, the copy, and
 	// the caches.
@@ -133,52 +144,35 @@ func run(ctx context.Context, size int64, n int, docs, cpuProfile string) error 
 		return err
 	}
 	r := result{size: size, concurrent: n}
-
-	// (a) cp of the same blob on the same filesystem. The upload just
-	// wrote it, so its pages are as warm for cp as for the download.
-	dst := filepath.Join(dir, "copy")
-	t0 := time.Now()
-	if out, err := exec.Command("cp", blob, dst).CombinedOutput(); err != nil {
-		return fmt.Errorf("cp: %v: %s", err, out)
-	}
-	r.cp = time.Since(t0)
-	if out, err := exec.Command("sync", dst).CombinedOutput(); err != nil {
-		return fmt.Errorf("sync: %v: %s", err, out)
-	}
-	r.cpSync = time.Since(t0)
-	if err := os.Remove(dst); err != nil {
-		return err
-	}
-	log.Printf("cp %s, cp+sync %s", r.cp, r.cpSync)
-
-	// (b) cold fetches into empty caches. The API remembers a blob it
-	// verified only if the blob was older than imageservice.VerifiedGuard
-	// when the serve began (as any image is whose first host fetches it
-	// more than 2 s after its upload), so wait for that.
-	var st syscall.Stat_t
-	if err := syscall.Stat(blob, &st); err != nil {
-		return fmt.Errorf("stat %s: %w", blob, err)
-	}
-	time.Sleep(time.Until(time.Unix(st.Ctim.Unix()).Add(imageservice.VerifiedGuard + 100*time.Millisecond)))
 	before, err := downloads(srv.Server)
 	if err != nil {
 		return err
 	}
-	// The first serve: the API reads and verifies the blob.
-	if r.first, r.firstCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-first"), images, digest, ""); err != nil {
-		return err
-	}
-	log.Printf("cold fetch, first serve %s", r.first)
-	// A later serve of the unchanged blob: the API does not hash it again.
-	if r.cold, r.coldCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-cold"), images, digest, cpuProfile); err != nil {
-		return err
+	for i := range rounds {
+		if i > 0 {
+			// A new change time: the API's memo of the last round's
+			// verification no longer matches, so the first serve of this
+			// round hashes the blob again, as after an upload.
+			now := time.Now()
+			if err := os.Chtimes(blob, now, now); err != nil {
+				return err
+			}
+		}
+		profile := ""
+		if i == rounds-1 {
+			profile = cpuProfile
+		}
+		rd, err := measureRound(ctx, dir, blob, images, digest, profile)
+		if err != nil {
+			return fmt.Errorf("round %d: %w", i+1, err)
+		}
+		r.rounds = append(r.rounds, rd)
 	}
 	after, err := downloads(srv.Server)
 	if err != nil {
 		return err
 	}
 	r.downloadsCold = after - before
-	log.Printf("cold fetch, blob verified before %s (%d download(s) for both)", r.cold, r.downloadsCold)
 
 	// (c) n concurrent fetches of the same uncached image on one host.
 	before = after
@@ -188,7 +182,7 @@ func run(ctx context.Context, size int64, n int, docs, cpuProfile string) error 
 		return err
 	}
 	errs := make([]error, n)
-	t0 = time.Now()
+	t0 := time.Now()
 	for i := range n {
 		wg.Add(1)
 		go func() {
@@ -213,6 +207,49 @@ func run(ctx context.Context, size int64, n int, docs, cpuProfile string) error 
 		return nil
 	}
 	return benchdoc.RewriteSection(docs, "image", out)
+}
+
+// measureRound times, on the API's blob, (a) `cp` to a new file beside it
+// and `cp` + `sync` of the copy, then (b) two cold fetches into empty
+// caches: the first serve since the blob last changed (the API hashes it)
+// and a later one (it does not).
+func measureRound(ctx context.Context, dir, blob string, images minicloudv1.ImageServiceClient, digest, profile string) (round, error) {
+	var rd round
+	// (a) The upload (or the last round) just read or wrote the blob, so
+	// its pages are as warm for cp as for the download.
+	dst := filepath.Join(dir, "copy")
+	t0 := time.Now()
+	if out, err := exec.Command("cp", blob, dst).CombinedOutput(); err != nil {
+		return rd, fmt.Errorf("cp: %v: %s", err, out)
+	}
+	rd.cp = time.Since(t0)
+	if out, err := exec.Command("sync", dst).CombinedOutput(); err != nil {
+		return rd, fmt.Errorf("sync: %v: %s", err, out)
+	}
+	rd.cpSync = time.Since(t0)
+	if err := os.Remove(dst); err != nil {
+		return rd, err
+	}
+	log.Printf("cp %s, cp+sync %s", rd.cp, rd.cpSync)
+
+	// (b) The API remembers a blob it verified only if the blob's last
+	// change was older than imageservice.VerifiedGuard when the serve
+	// began (as it is for any image whose first host fetches it more than
+	// 2 s after its upload), so wait for that.
+	var st syscall.Stat_t
+	if err := syscall.Stat(blob, &st); err != nil {
+		return rd, fmt.Errorf("stat %s: %w", blob, err)
+	}
+	time.Sleep(time.Until(time.Unix(st.Ctim.Unix()).Add(imageservice.VerifiedGuard + 100*time.Millisecond)))
+	var err error
+	if rd.first, rd.firstCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-first"), images, digest, ""); err != nil {
+		return rd, err
+	}
+	if rd.cold, rd.coldCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-cold"), images, digest, profile); err != nil {
+		return rd, err
+	}
+	log.Printf("cold fetch: first serve %s, blob verified before %s", rd.first, rd.cold)
+	return rd, nil
 }
 
 // coldFetch is one Ensure of the image into a new, empty cache in dir,
@@ -311,23 +348,56 @@ func downloads(s *apiserver.Server) (int64, error) {
 	return total, sc.Err()
 }
 
+// medianOf is the median of f over the rounds (the mean of the middle two
+// for an even count).
+func medianOf(rounds []round, f func(round) float64) float64 {
+	v := make([]float64, len(rounds))
+	for i, rd := range rounds {
+		v[i] = f(rd)
+	}
+	slices.Sort(v)
+	if len(v)%2 == 1 {
+		return v[len(v)/2]
+	}
+	return (v[len(v)/2-1] + v[len(v)/2]) / 2
+}
+
 func mbps(size int64, d time.Duration) float64 { return float64(size) / 1e6 / d.Seconds() }
 
 func render(r result, loadBefore, loadAfter string, took time.Duration) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "`nice -n 10 go run ./hack/imagebench -size %d -concurrent %d` (as root) — embedded etcd and the real API server in one process (TLS; its image store in /var/tmp), the agent's image cache (agent/imagecache) fetching over gRPC with a host mTLS certificate, a %d MiB random (incompressible) raw image; the store, the copy and the caches on one filesystem. GOMAXPROCS=%d, 2 cores shared with other work; load average %s before the run, %s after; the run took %s; measured %s.\n\n",
-		r.size, r.concurrent, r.size>>20, runtime.GOMAXPROCS(0), loadBefore, loadAfter, took.Round(time.Second), time.Now().UTC().Format("2006-01-02 15:04 UTC"))
+	fmt.Fprintf(&b, "`go run ./hack/imagebench -size %d -rounds %d -concurrent %d` (as root) — embedded etcd and the real API server in one process (TLS; its image store in /var/tmp), the agent's image cache (agent/imagecache) fetching over gRPC with a host mTLS certificate, a %d MiB random (incompressible) raw image; the store, the copy and the caches on one filesystem. GOMAXPROCS=%d, 2 cores shared with other work; load average %s before the run, %s after; the run took %s; measured %s.\n\n",
+		r.size, len(r.rounds), r.concurrent, r.size>>20, runtime.GOMAXPROCS(0), loadBefore, loadAfter, took.Round(time.Second), time.Now().UTC().Format("2006-01-02 15:04 UTC"))
 	// The baseline is the durable copy: the cache fsyncs its file before
 	// it hands it to QEMU, so a copy that has not reached the disk is not
-	// the same work. The page-cache cp is shown beside it.
-	durable := func(d time.Duration) float64 { return r.cpSync.Seconds() / d.Seconds() }
-	pageCache := func(d time.Duration) float64 { return r.cp.Seconds() / d.Seconds() }
-	fmt.Fprintf(&b, "| what | time | MB/s | vs `cp` + `sync` (durable: the baseline) | vs `cp` (page cache only) | DownloadImage calls served |\n|---|---:|---:|---:|---:|---:|\n")
-	fmt.Fprintf(&b, "| `cp` + `sync` of the API's blob | %s | %.0f | 1.00× | %.2f× | |\n", r.cpSync.Round(time.Millisecond), mbps(r.size, r.cpSync), pageCache(r.cpSync))
-	fmt.Fprintf(&b, "| `cp` of the API's blob (page cache warm; not on the disk when it returns) | %s | %.0f | %.2f× | 1.00× | |\n", r.cp.Round(time.Millisecond), mbps(r.size, r.cp), durable(r.cp))
-	fmt.Fprintf(&b, "| cold fetch, first serve of the blob (the API verifies it; CPU %s) | %s | %.0f | **%.2f×** | %.2f× | |\n", r.firstCPU.Round(time.Millisecond), r.first.Round(time.Millisecond), mbps(r.size, r.first), durable(r.first), pageCache(r.first))
-	fmt.Fprintf(&b, "| cold fetch, blob verified before (every further host; CPU %s) | %s | %.0f | **%.2f×** | %.2f× | %d for both |\n", r.coldCPU.Round(time.Millisecond), r.cold.Round(time.Millisecond), mbps(r.size, r.cold), durable(r.cold), pageCache(r.cold), r.downloadsCold)
-	fmt.Fprintf(&b, "| %d concurrent fetches of the uncached image, until the last returns | %s | %.0f | %.2f× | %.2f× | **%d** |\n", r.concurrent, r.all.Round(time.Millisecond), mbps(r.size, r.all), durable(r.all), pageCache(r.all), r.downloadsN)
+	// the same work. The page-cache cp is shown beside it. Times are the
+	// medians of the rounds, ratios the medians of each round's own ratio.
+	durable := func(of func(round) time.Duration) float64 {
+		return medianOf(r.rounds, func(rd round) float64 { return rd.cpSync.Seconds() / of(rd).Seconds() })
+	}
+	pageCache := func(of func(round) time.Duration) float64 {
+		return medianOf(r.rounds, func(rd round) float64 { return rd.cp.Seconds() / of(rd).Seconds() })
+	}
+	med := func(of func(round) time.Duration) time.Duration {
+		return time.Duration(medianOf(r.rounds, func(rd round) float64 { return float64(of(rd)) }))
+	}
+	cp := func(rd round) time.Duration { return rd.cp }
+	cpSync := func(rd round) time.Duration { return rd.cpSync }
+	first := func(rd round) time.Duration { return rd.first }
+	cold := func(rd round) time.Duration { return rd.cold }
+	fmt.Fprintf(&b, "| what (median of %d rounds) | time | MB/s | vs `cp` + `sync` (durable: the baseline) | vs `cp` (page cache only) | DownloadImage calls served |\n|---|---:|---:|---:|---:|---:|\n", len(r.rounds))
+	fmt.Fprintf(&b, "| `cp` + `sync` of the API's blob | %s | %.0f | 1.00× | %.2f× | |\n", med(cpSync).Round(time.Millisecond), mbps(r.size, med(cpSync)), pageCache(cpSync))
+	fmt.Fprintf(&b, "| `cp` of the API's blob (page cache warm; not on the disk when it returns) | %s | %.0f | %.2f× | 1.00× | |\n", med(cp).Round(time.Millisecond), mbps(r.size, med(cp)), durable(cp))
+	fmt.Fprintf(&b, "| cold fetch, first serve of the blob (the API verifies it; CPU %s) | %s | %.0f | **%.2f×** | %.2f× | |\n", med(func(rd round) time.Duration { return rd.firstCPU }).Round(time.Millisecond), med(first).Round(time.Millisecond), mbps(r.size, med(first)), durable(first), pageCache(first))
+	fmt.Fprintf(&b, "| cold fetch, blob verified before (every further host; CPU %s) | %s | %.0f | **%.2f×** | %.2f× | %d for all %d |\n", med(func(rd round) time.Duration { return rd.coldCPU }).Round(time.Millisecond), med(cold).Round(time.Millisecond), mbps(r.size, med(cold)), durable(cold), pageCache(cold), r.downloadsCold, 2*len(r.rounds))
+	// The concurrent fetches run once, after the rounds: against the
+	// median baseline.
+	fmt.Fprintf(&b, "| %d concurrent fetches of the uncached image, until the last returns | %s | %.0f | %.2f× | %.2f× | **%d** |\n", r.concurrent, r.all.Round(time.Millisecond), mbps(r.size, r.all), med(cpSync).Seconds()/r.all.Seconds(), med(cp).Seconds()/r.all.Seconds(), r.downloadsN)
+	var perRound []string
+	for _, rd := range r.rounds {
+		perRound = append(perRound, fmt.Sprintf("`cp` + `sync` %s, first serve %.2f×, later serve %.2f×", rd.cpSync.Round(time.Millisecond), rd.cpSync.Seconds()/rd.first.Seconds(), rd.cpSync.Seconds()/rd.cold.Seconds()))
+	}
+	fmt.Fprintf(&b, "\nRounds, against their own durable copy: %s.\n", strings.Join(perRound, "; "))
 	verdict := func(ok bool) string {
 		if ok {
 			return "met"
@@ -335,7 +405,7 @@ func render(r result, loadBefore, loadAfter string, took time.Duration) string {
 		return "**NOT met**"
 	}
 	fmt.Fprintf(&b, "\nTargets: cold fetch ≥ 0.5× the durable copy (`cp` + `sync`) — first serve %.2f×, %s; blob verified before %.2f×, %s (against the page-cache `cp`: %.2f× and %.2f×); %d concurrent fetches of one uncached image download it once — %d download(s), %s.\n",
-		durable(r.first), verdict(durable(r.first) >= 0.5), durable(r.cold), verdict(durable(r.cold) >= 0.5), pageCache(r.first), pageCache(r.cold), r.concurrent, r.downloadsN, verdict(r.downloadsN == 1))
-	fmt.Fprintf(&b, "\nHow it runs: the image is uploaded through CreateImage first, so the API's blob was just written and its pages are warm in the page cache for both `cp` and the download (caches cannot be dropped on this shared machine); the copy and each cache's file are written cold. `cp` is coreutils `cp` of the blob to a new file beside it, timed alone and until `sync` of the copy returned: the cache fsyncs its file and directory before the rename, so `cp` + `sync` is the like-for-like write and the baseline. The cold fetches are one `Ensure` each into an empty cache, begun at least %s after the upload: the first makes the API read and hash the blob (it remembers a verified blob by inode, size and timestamps), the second is served without the API's hash, as every host after the first is; the agent's cache verifies both. DownloadImage streams 1 MiB messages over TLS on loopback; the cache's own codec copies each message's data from gRPC's receive buffers into 4 MiB aligned buffers that one goroutine hashes while another writes them to a temporary file with O_DIRECT (past the page cache), then fsyncs and renames it into place. The concurrent row is %d `Ensure` calls at once into another empty cache on one host; DownloadImage calls are counted from the API's own `minicloud_api_requests_total` metric. CPU is this process's (API server, etcd and the cache together) during the fetch.\n", imageservice.VerifiedGuard, r.concurrent)
+		durable(first), verdict(durable(first) >= 0.5), durable(cold), verdict(durable(cold) >= 0.5), pageCache(first), pageCache(cold), r.concurrent, r.downloadsN, verdict(r.downloadsN == 1))
+	fmt.Fprintf(&b, "\nHow it runs: the image is uploaded through CreateImage first, so the API's blob was just written and its pages are warm in the page cache for both `cp` and the download (caches cannot be dropped on this shared machine); the copy and each cache's file are written cold. `cp` is coreutils `cp` of the blob to a new file beside it, timed alone and until `sync` of the copy returned: the cache fsyncs its file and directory before the rename, so `cp` + `sync` is the like-for-like write and the baseline. Each round times the copy and then two cold fetches, one `Ensure` each into an empty cache, begun at least %s after the blob last changed (the upload; from the second round on, a new timestamp set on the blob): the first makes the API read and hash the blob (it remembers a verified blob by inode, size and timestamps), the second is served without the API's hash, as every host after the first is; the agent's cache verifies both. DownloadImage streams 1 MiB messages over TLS on loopback; the cache's own codec copies each message's data from gRPC's receive buffers into 4 MiB aligned buffers that one goroutine hashes while another writes them to a temporary file with O_DIRECT (past the page cache), then fsyncs and renames it into place. The concurrent row is %d `Ensure` calls at once into another empty cache on one host; DownloadImage calls are counted from the API's own `minicloud_api_requests_total` metric. CPU is this process's (API server, etcd and the cache together) during the fetch.\n", imageservice.VerifiedGuard, r.concurrent)
 	return b.String()
 }
