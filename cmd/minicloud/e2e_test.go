@@ -128,6 +128,7 @@ func decodeJSON(t *testing.T, s string, v any) {
 }
 
 func TestE2EFlavorsNetworksServerGroups(t *testing.T) {
+	t.Parallel()     // an API of its own (own etcd, ports, dirs), nothing on the host
 	c := startAPI(t) // VMs here must not boot
 
 	out := c.ok("flavor", "create", "small", "--vcpus", "1", "--memory-mib", "1024", "--disk-gib", "4")
@@ -289,6 +290,7 @@ func TestE2EImages(t *testing.T) {
 }
 
 func TestE2EVMs(t *testing.T) {
+	t.Parallel()     // an API of its own (own etcd, ports, dirs), nothing on the host
 	c := startAPI(t) // VMs here must not boot
 	dir := c.seed()
 	ud := filepath.Join(dir, "init.yaml")
@@ -348,6 +350,7 @@ func TestE2EVMs(t *testing.T) {
 // (which keeps retrying while the API is unavailable), brings the API back
 // on the same state and checks that exactly one VM was made.
 func TestE2ECreateRetriesWithSameRequestID(t *testing.T) {
+	t.Parallel()     // an API of its own (own etcd, ports, dirs), nothing on the host
 	c := startAPI(t) // VMs here must not boot
 	c.seed()
 	c.Stop()
@@ -369,6 +372,7 @@ func TestE2ECreateRetriesWithSameRequestID(t *testing.T) {
 }
 
 func TestE2EUnreachableAPI(t *testing.T) {
+	t.Parallel() // an API of its own (own etcd, ports, dirs), nothing on the host
 	skipShort(t)
 	cli, _ := cloudtest.Binaries(t)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -386,6 +390,7 @@ func TestE2EUnreachableAPI(t *testing.T) {
 // Unavailable). The retry with the same request id must return that VM,
 // not make a second one.
 func TestE2ECreateResponseLost(t *testing.T) {
+	t.Parallel()     // an API of its own (own etcd, ports, dirs), nothing on the host
 	c := startAPI(t) // VMs here must not boot
 	c.seed()
 	var calls int
@@ -484,6 +489,7 @@ func (lr *lineReader) expect(t *testing.T, want string) {
 // one as it happens, survive an API restart without missing a change,
 // return when GuestReady turns true, and fail when a VM goes to ERROR.
 func TestE2EWaitFollowsPhases(t *testing.T) {
+	t.Parallel() // an API of its own (own etcd, ports, dirs), nothing on the host
 	c := startAPI(t)
 	c.seed()
 	c.ok("vm", "create", "w1", "--image", "tiny", "--flavor", "tiny")
@@ -554,6 +560,7 @@ func TestE2EWaitFollowsPhases(t *testing.T) {
 // initrd and cmdline kept. The Debian image (~800 MB) only with
 // MINICLOUD_E2E_LARGE=1.
 func TestE2EUploadBuiltImages(t *testing.T) {
+	t.Parallel() // an API of its own (own etcd, ports, dirs), nothing on the host
 	names := []string{"tiny"}
 	if os.Getenv("MINICLOUD_E2E_LARGE") == "1" {
 		names = append(names, "debian")
@@ -619,6 +626,7 @@ func TestMain(m *testing.M) {
 // vm set through the CLI, and checks vm show, the json output, a stale
 // --resource-version (exit 5, nothing written) and a bound (exit 2).
 func TestE2EVMMetadataFlags(t *testing.T) {
+	t.Parallel()     // an API of its own (own etcd, ports, dirs), nothing on the host
 	c := startAPI(t) // VMs here must not boot
 	dir := c.seed()
 	script := filepath.Join(dir, "startup.sh")

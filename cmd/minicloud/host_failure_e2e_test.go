@@ -24,6 +24,7 @@ import (
 // the other, `vm delete --force` removes a third, and `host delete`
 // removes the emptied host.
 func TestE2EHostFailureCommands(t *testing.T) {
+	t.Parallel() // an API of its own (own etcd, ports, dirs), nothing on the host
 	c := startAPI(t)
 	c.seed()
 	cloudtest.StartScheduler(t, "scheduler", c.EtcdURL)

@@ -15,6 +15,7 @@ import (
 // API server on TLS: the CA comes from the config file, a plaintext CLI is
 // told what to do, and join-token create prints the agent's command line.
 func TestJoinTokenAndRevokeOverTLS(t *testing.T) {
+	t.Parallel() // an API of its own (own etcd, ports, dirs), nothing on the host
 	srv := apiservertest.StartTLS(t)
 	dir := t.TempDir()
 	caFile := filepath.Join(dir, "ca.crt")

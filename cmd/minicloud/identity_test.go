@@ -14,6 +14,7 @@ import (
 // TestIdentityJWKS: the CLI prints the key set a verifier needs, as
 // standard JSON (go-jose reads it back as one public RS256 key).
 func TestIdentityJWKS(t *testing.T) {
+	t.Parallel() // an API of its own (own etcd, ports, dirs), nothing on the host
 	srv := apiservertest.StartTLS(t)
 	dir := t.TempDir()
 	caFile := filepath.Join(dir, "ca.crt")

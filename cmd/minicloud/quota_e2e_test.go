@@ -10,6 +10,7 @@ import (
 // `quota set` overrides, `quota show` with usage, refusals with what was
 // asked, used and allowed, and image visibility across projects.
 func TestE2EQuotas(t *testing.T) {
+	t.Parallel()     // an API of its own (own etcd, ports, dirs), nothing on the host
 	c := startAPI(t) // VMs here must not boot
 	dir := c.seed()  // network default, flavor tiny, image tiny (private to default)
 
