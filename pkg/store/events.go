@@ -3,7 +3,6 @@ package store
 import (
 	"context"
 	"fmt"
-	"slices"
 	"strconv"
 	"time"
 
@@ -114,6 +113,10 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 	logs := map[string]*pending{}
 	var order []string
 	var reads Reads
+	// grow[i]: how many compares and writes the logs add to txns[i] (at
+	// most), so its copy below is allocated once at its full size.
+	type growth struct{ cmps, ops int }
+	grow := make([]growth, len(txns))
 	for i, t := range txns {
 		for _, a := range t.Events {
 			p := logs[a.VMID]
@@ -124,9 +127,12 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 				if !a.New {
 					p.read = reads.Get(VMEventSeqKey(a.VMID))
 				}
+				grow[i].cmps++
+				grow[i].ops += 2 // the counter, and a delete of the oldest
 			} else if p.txn != i {
 				return nil, fmt.Errorf("two transactions of one commit append events to vm %s", a.VMID)
 			}
+			grow[i].ops += len(a.Events)
 			for _, ev := range a.Events {
 				// The writer's clock stamps every event, whatever time a
 				// reporter (an agent) put in it: a report cannot backdate
@@ -174,8 +180,8 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 		if !copied[p.txn] {
 			// The caller's slices are never appended to: they may be
 			// shared with its retry.
-			t.If = slices.Clone(t.If)
-			t.Then = slices.Clone(t.Then)
+			t.If = append(make([]clientv3.Cmp, 0, len(t.If)+grow[p.txn].cmps), t.If...)
+			t.Then = append(make([]clientv3.Op, 0, len(t.Then)+grow[p.txn].ops), t.Then...)
 			copied[p.txn] = true
 		}
 		t.If = append(t.If, cmp)

@@ -2,6 +2,7 @@ package store_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -371,5 +372,36 @@ func TestReadsAreNamed(t *testing.T) {
 	f := &minicloudv1.Flavor{}
 	if missing.First() != nil || all.Count() != 2 || b.First() == nil || store.Decode(b.First(), f) != nil || f.Vcpus != 2 || r.Revision() == 0 {
 		t.Fatalf("reads: missing %v, count %d, b %v", missing.KVs(), all.Count(), f)
+	}
+}
+
+// BenchmarkCreateVMsTxn builds the transaction of a group commit of 32
+// creates (createbatch.go), as the API server does for every batch: its
+// allocations are per batch; divide by 32 for one create's.
+func BenchmarkCreateVMsTxn(b *testing.B) {
+	usage := store.UsageState{Project: "p", Usage: &minicloudv1.QuotaUsage{}, Overrides: &minicloudv1.QuotaLimits{}}
+	vms := make([]store.NewVM, 32)
+	for i := range vms {
+		id := fmt.Sprintf("vm-%02d", i)
+		vms[i] = store.NewVM{
+			VM: &minicloudv1.VM{
+				Meta: &minicloudv1.ObjectMeta{Id: id, Name: id, Project: "p"},
+				Spec: &minicloudv1.VMSpec{Image: "tiny", Flavor: "small", Networks: []string{"default"}},
+				Status: &minicloudv1.VMStatus{Phase: lifecycle.Pending, Addresses: []*minicloudv1.VMAddress{
+					{Network: "default", Ip: fmt.Sprintf("10.0.0.%d", i+2), PrefixLength: 24, Gateway: "10.0.0.1"},
+				}},
+			},
+			UserData: []byte("#cloud-config\n"), FlavorRev: 2, ImageRev: 3,
+			Networks:  []store.NetworkRef{{ID: "net-1", Rev: 4}},
+			RequestID: "req-" + id, RequestFingerprint: "f",
+			Event:     &minicloudv1.Event{Reason: lifecycle.ReasonCreated, Message: "created"},
+			Now:       time.Now(),
+		}
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := store.CreateVMsTxn(usage, &minicloudv1.QuotaUsage{Instances: 32}, vms...); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
