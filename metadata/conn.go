@@ -1,8 +1,11 @@
 package metadata
 
 import (
+	"errors"
 	"net"
 	"sync"
+	"syscall"
+	"time"
 )
 
 // peerListener tags accepted connections with the resolver that identifies
@@ -15,14 +18,38 @@ type peerListener struct {
 	// scope and address.
 	scope  string
 	limits *connLimits
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
+// Close closes the listener once; later calls return nil. The HTTP server
+// closes every listener it served again at shutdown, after RemoveInterface
+// or a re-created bridge closed some (it keeps them until then: one small
+// struct per bridge ever served, no socket).
+func (l *peerListener) Close() error {
+	l.closeOnce.Do(func() { l.closeErr = l.Listener.Close() })
+	return l.closeErr
+}
+
+// Accept returns the next connection within the limits. Errors that pass
+// (out of file descriptors, a connection aborted before it was accepted)
+// are waited out as net/http does, with a growing pause up to a second:
+// fasthttp would stop serving the listener for good on them, and a guest
+// opening connections must not be able to end the service.
 func (l *peerListener) Accept() (net.Conn, error) {
+	var pause time.Duration
 	for {
 		c, err := l.Listener.Accept()
 		if err != nil {
-			return nil, err
+			if !temporaryAcceptError(err) {
+				return nil, err
+			}
+			pause = min(max(2*pause, 5*time.Millisecond), time.Second)
+			time.Sleep(pause)
+			continue
 		}
+		pause = 0
 		key := l.scope + "/" + remoteHost(c)
 		if !l.limits.acquire(key) {
 			// Over its share: closed at once, before it costs a goroutine
@@ -32,6 +59,17 @@ func (l *peerListener) Accept() (net.Conn, error) {
 		}
 		return &peerConn{Conn: c, resolver: l.resolver, release: func() { l.limits.release(key) }}, nil
 	}
+}
+
+// temporaryAcceptError says whether accept(2) may succeed if tried again.
+func temporaryAcceptError(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 func remoteHost(c net.Conn) string {

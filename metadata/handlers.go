@@ -5,7 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"net/http"
+	"github.com/valyala/fasthttp"
 	"net/url"
 	"strconv"
 	"strings"
@@ -14,38 +14,37 @@ import (
 
 // serveEC2 answers "/" and "/<version>/...", enforcing IMDSv2.
 func (s *Server) serveEC2(req *request) {
-	r := req.r
 	var buf [maxInlineSegs]string
-	segs, ok := splitPathInto(r.URL.Path, buf[:0])
+	segs, ok := splitPathInto(req.path, buf[:0])
 	if !ok {
 		notFound(req)
 		return
 	}
 	if len(segs) == 3 && segs[1] == "api" && segs[2] == "token" && ec2VersionSet[segs[0]] {
-		if r.Method != http.MethodPut {
-			methodNotAllowed(req, http.MethodPut)
+		if !req.ctx.IsPut() {
+			methodNotAllowed(req, fasthttp.MethodPut)
 			return
 		}
 		s.issueToken(req)
 		return
 	}
-	if !isRead(r) {
+	if !req.isRead() {
 		methodNotAllowed(req, "GET, HEAD")
 		return
 	}
 	// A token, when sent, must be valid for this very VM, whatever the
 	// VM's setting; without one, only VMs that allow IMDSv1 are answered.
-	if tok := r.Header.Get(tokenHeader); tok != "" {
-		if !s.tokens.valid(tok, req.entry.inst.ID, s.opts.Now()) {
-			writeText(req, http.StatusUnauthorized, "Unauthorized")
+	if tok := req.header(tokenHeader); len(tok) > 0 {
+		if !s.tokens.valid(string(tok), req.entry.inst.ID, s.opts.Now()) {
+			writeText(req, fasthttp.StatusUnauthorized, "Unauthorized")
 			return
 		}
 	} else if req.entry.inst.TokensRequired {
-		writeText(req, http.StatusUnauthorized, "Unauthorized")
+		writeText(req, fasthttp.StatusUnauthorized, "Unauthorized")
 		return
 	}
 	if len(segs) == 0 || (len(segs) == 1 && segs[0] == "") {
-		writeBody(req, http.StatusOK, "text/plain", ec2VersionListing)
+		writeBody(req, fasthttp.StatusOK, "text/plain", ec2VersionListing)
 		return
 	}
 	if !ec2VersionSet[segs[0]] {
@@ -59,47 +58,43 @@ func (s *Server) serveEC2(req *request) {
 // forwarded requests, a bounded TTL, and a response that cannot be routed
 // beyond the guest (IP TTL 1, connection closed after it).
 func (s *Server) issueToken(req *request) {
-	r := req.r
-	if len(r.Header.Values("X-Forwarded-For")) > 0 {
-		writeText(req, http.StatusForbidden, "Forbidden")
+	if req.hasHeader("X-Forwarded-For") {
+		writeText(req, fasthttp.StatusForbidden, "Forbidden")
 		return
 	}
-	ttl, err := parseTTL(r.Header.Get(tokenTTLHeader))
+	ttl, err := parseTTL(string(req.header(tokenTTLHeader)))
 	if err != nil {
-		writeText(req, http.StatusBadRequest, "Bad Request: "+err.Error())
+		writeText(req, fasthttp.StatusBadRequest, "Bad Request: "+err.Error())
 		return
 	}
 	if err := setIPTTL(req.pc.Conn, 1); err != nil {
 		// Never hand out a token that might travel further than the guest.
 		s.log.Error("refusing IMDSv2 token", "instance", req.entry.inst.ID, "err", err)
-		writeText(req, http.StatusInternalServerError, "Internal Server Error")
+		writeText(req, fasthttp.StatusInternalServerError, "Internal Server Error")
 		return
 	}
 	tok := s.tokens.mint(req.entry.inst.ID, s.opts.Now(), ttl)
 	s.metrics.tokensIssued.Inc()
-	req.w.Header().Set(tokenTTLHeader, strconv.Itoa(int(ttl/time.Second)))
+	req.ctx.Response.Header.Set(tokenTTLHeader, strconv.Itoa(int(ttl/time.Second)))
 	// The socket keeps TTL 1 until it closes: no later response on it.
-	req.w.Header().Set("Connection", "close")
-	writeBody(req, http.StatusOK, "text/plain", []byte(tok))
+	req.ctx.SetConnectionClose()
+	writeBody(req, fasthttp.StatusOK, "text/plain", []byte(tok))
 }
 
 // serveOpenStack answers /openstack and /openstack/<version>/<file>.
 func (s *Server) serveOpenStack(req *request) {
-	if !isRead(req.r) {
+	if !req.isRead() {
 		methodNotAllowed(req, "GET, HEAD")
 		return
 	}
 	var buf [maxInlineSegs]string
-	segs, ok := splitPathInto(strings.TrimPrefix(req.r.URL.Path, "/openstack"), buf[:0])
+	segs, ok := splitPathInto(strings.TrimPrefix(req.path, "/openstack"), buf[:0])
 	if !ok {
 		notFound(req)
 		return
 	}
 	writeNode(req, req.trees.openstack.walk(segs))
 }
-
-// flavorGoogle is GCE's Metadata-Flavor response header value, shared.
-var flavorGoogle = headerValue("Google")
 
 const (
 	gceRoot     = "/computeMetadata"
@@ -109,34 +104,33 @@ const (
 // serveGCE answers /computeMetadata/v1/... with GCE's header rules,
 // recursive/alt rendering, ETags and wait_for_change long-polls.
 func (s *Server) serveGCE(req *request) {
-	r, w := req.r, req.w
-	w.Header()["Metadata-Flavor"] = flavorGoogle
-	if r.Header.Get("Metadata-Flavor") != "Google" && r.Header.Get("X-Google-Metadata-Request") != "True" {
-		writeText(req, http.StatusForbidden, "Missing Metadata-Flavor:Google header.")
+	req.ctx.Response.Header.Set("Metadata-Flavor", "Google")
+	if string(req.header("Metadata-Flavor")) != "Google" && string(req.header("X-Google-Metadata-Request")) != "True" {
+		writeText(req, fasthttp.StatusForbidden, "Missing Metadata-Flavor:Google header.")
 		return
 	}
-	if len(r.Header.Values("X-Forwarded-For")) > 0 {
-		writeText(req, http.StatusForbidden, "Forbidden")
+	if req.hasHeader("X-Forwarded-For") {
+		writeText(req, fasthttp.StatusForbidden, "Forbidden")
 		return
 	}
-	if !isRead(r) {
+	if !req.isRead() {
 		methodNotAllowed(req, "GET, HEAD")
 		return
 	}
-	switch r.URL.Path {
+	switch req.path {
 	case gceRoot, gceRoot + "/":
-		writeBody(req, http.StatusOK, "application/text", []byte("v1/\n"))
+		writeBody(req, fasthttp.StatusOK, "application/text", []byte("v1/\n"))
 		return
 	case gcePrefixV1:
 		redirectSlash(req)
 		return
 	}
-	if !strings.HasPrefix(r.URL.Path, gcePrefixV1+"/") {
+	if !strings.HasPrefix(req.path, gcePrefixV1+"/") {
 		notFound(req)
 		return
 	}
 	var buf [maxInlineSegs]string
-	segs, ok := splitPathInto(strings.TrimPrefix(r.URL.Path, gcePrefixV1), buf[:0])
+	segs, ok := splitPathInto(strings.TrimPrefix(req.path, gcePrefixV1), buf[:0])
 	if !ok {
 		notFound(req)
 		return
@@ -146,13 +140,13 @@ func (s *Server) serveGCE(req *request) {
 		return
 	}
 	var q url.Values // most requests have no query: nothing to parse
-	if r.URL.RawQuery != "" {
-		q = r.URL.Query()
+	if req.query != "" {
+		q = req.queryValues()
 	}
 	recursive := boolParam(q, "recursive")
 	alt := q.Get("alt")
 	if alt != "" && alt != "json" && alt != "text" {
-		writeText(req, http.StatusBadRequest, "alt must be json or text")
+		writeText(req, fasthttp.StatusBadRequest, "alt must be json or text")
 		return
 	}
 	wait := boolParam(q, "wait_for_change")
@@ -164,7 +158,7 @@ func (s *Server) serveGCE(req *request) {
 	if t := q.Get("timeout_sec"); t != "" {
 		n, err := strconv.Atoi(t)
 		if err != nil || n < 1 {
-			writeText(req, http.StatusBadRequest, "timeout_sec must be a positive integer")
+			writeText(req, fasthttp.StatusBadRequest, "timeout_sec must be a positive integer")
 			return
 		}
 		if d := time.Duration(n) * time.Second; d < timeout {
@@ -186,17 +180,16 @@ func boolParam(q url.Values, name string) bool {
 }
 
 func redirectSlash(req *request) {
-	u := *req.r.URL
-	u.Path += "/"
-	req.w.Header().Set("Location", u.RequestURI())
-	writeText(req, http.StatusMovedPermanently, "Moved Permanently")
+	u := url.URL{Path: req.path + "/", RawQuery: req.query}
+	req.ctx.Response.Header.Set("Location", u.RequestURI())
+	writeText(req, fasthttp.StatusMovedPermanently, "Moved Permanently")
 }
 
 // renderGCE finds one GCE answer; code is 0 on success.
 func renderGCE(root *gnode, segs []string, recursive bool, alt string) (*gceAnswer, int) {
 	n := root.walk(segs)
 	if n == nil {
-		return nil, http.StatusNotFound
+		return nil, fasthttp.StatusNotFound
 	}
 	trailing := len(segs) > 0 && segs[len(segs)-1] == ""
 	var k gceKind
@@ -206,7 +199,7 @@ func renderGCE(root *gnode, segs []string, recursive bool, alt string) (*gceAnsw
 	case n.dir && recursive:
 		k = gceRecursiveText
 	case n.dir && !trailing && len(segs) > 0:
-		return nil, http.StatusMovedPermanently
+		return nil, fasthttp.StatusMovedPermanently
 	case n.dir && alt == "json":
 		k = gceListingJSON
 	case n.dir:
@@ -218,7 +211,7 @@ func renderGCE(root *gnode, segs []string, recursive bool, alt string) (*gceAnsw
 	}
 	ans, err := n.answer(k)
 	if err != nil {
-		return nil, http.StatusInternalServerError
+		return nil, fasthttp.StatusInternalServerError
 	}
 	return ans, 0
 }
@@ -241,9 +234,8 @@ const (
 // Directory gives a changed instance a new entry, hence new trees), so
 // nothing cached here outlives the data it was rendered from.
 type gceAnswer struct {
-	body                []byte
-	contentType, length []string
-	etag                []string
+	body              []byte
+	contentType, etag string
 }
 
 // answer is n's answer of kind k, rendered on first use. Two requests
@@ -256,7 +248,7 @@ func (n *gnode) answer(k gceKind) (*gceAnswer, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &gceAnswer{body: body, contentType: contentTypeValue(ct), length: headerValue(strconv.Itoa(len(body))), etag: headerValue(gceETag(body))}
+	a := &gceAnswer{body: body, contentType: ct, etag: gceETag(body)}
 	n.answers[k].Store(a)
 	return a, nil
 }
@@ -299,18 +291,18 @@ func (s *Server) writeGCE(req *request, segs []string, recursive bool, alt strin
 	ans, code := renderGCE(req.trees.gce, segs, recursive, alt)
 	switch code {
 	case 0:
-	case http.StatusMovedPermanently:
+	case fasthttp.StatusMovedPermanently:
 		redirectSlash(req)
 		return
-	case http.StatusNotFound:
+	case fasthttp.StatusNotFound:
 		notFound(req)
 		return
 	default:
-		writeText(req, code, http.StatusText(code))
+		writeText(req, code, fasthttp.StatusMessage(code))
 		return
 	}
-	req.w.Header()["Etag"] = ans.etag
-	writeBodyHeaders(req, http.StatusOK, ans.contentType, ans.length, ans.body)
+	req.ctx.Response.Header.Set("ETag", ans.etag)
+	writeBody(req, fasthttp.StatusOK, ans.contentType, ans.body)
 }
 
 // waitGCE holds the request until the answer's ETag differs from lastETag
@@ -320,14 +312,15 @@ func (s *Server) writeGCE(req *request, segs []string, recursive bool, alt strin
 func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastETag string, timeout time.Duration) {
 	done, ok := s.startWait(req.entry.inst.ID)
 	if !ok {
-		writeText(req, http.StatusTooManyRequests, "too many wait_for_change requests waiting: close some")
+		writeText(req, fasthttp.StatusTooManyRequests, "too many wait_for_change requests waiting: close some")
 		return
 	}
 	defer done()
 	req.longPoll = true
 	s.metrics.longPollWaiters.Inc()
 	defer s.metrics.longPollWaiters.Dec()
-	_ = http.NewResponseController(req.w).SetWriteDeadline(time.Now().Add(timeout + 10*time.Second))
+	gone := watchHangup(req.pc)
+	defer gone.stop()
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	for {
@@ -336,7 +329,7 @@ func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastE
 			s.writeGCE(req, segs, recursive, alt)
 			return
 		}
-		etag := ans.etag[0]
+		etag := ans.etag
 		if lastETag == "" {
 			lastETag = etag
 		}
@@ -353,13 +346,15 @@ func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastE
 				return
 			}
 			if err := s.use(req, e); err != nil {
-				writeText(req, http.StatusInternalServerError, "Internal Server Error")
+				writeText(req, fasthttp.StatusInternalServerError, "Internal Server Error")
 				return
 			}
 		case <-timer.C:
 			s.writeGCE(req, segs, recursive, alt)
 			return
-		case <-req.r.Context().Done():
+		case <-gone.c:
+			return
+		case <-s.baseCtx.Done():
 			return
 		}
 	}

@@ -3,7 +3,7 @@ package metadata
 import (
 	"context"
 	"fmt"
-	"net/http"
+	"github.com/valyala/fasthttp"
 	"sync"
 	"time"
 
@@ -191,14 +191,14 @@ func (s *Server) serveIdentity(req *request) {
 		notFound(req)
 		return
 	}
-	q := req.r.URL.Query()
+	q := req.queryValues()
 	aud := q.Get("audience")
 	if aud == "" {
-		writeText(req, http.StatusBadRequest, "non-empty audience parameter required")
+		writeText(req, fasthttp.StatusBadRequest, "non-empty audience parameter required")
 		return
 	}
 	if err := identity.ValidateAudience(aud); err != nil {
-		writeText(req, http.StatusBadRequest, err.Error())
+		writeText(req, fasthttp.StatusBadRequest, err.Error())
 		return
 	}
 	var full bool
@@ -207,16 +207,16 @@ func (s *Server) serveIdentity(req *request) {
 	case identity.FormatFull:
 		full = true
 	default:
-		writeText(req, http.StatusBadRequest, "format must be standard or full")
+		writeText(req, fasthttp.StatusBadRequest, "format must be standard or full")
 		return
 	}
 	id := req.entry.inst.ID
-	tok, err := s.idTokens.get(req.r.Context(), tokenKey{vm: id, audience: aud, full: full}, s.opts.Now())
+	tok, err := s.idTokens.get(s.baseCtx, tokenKey{vm: id, audience: aud, full: full}, s.opts.Now())
 	switch {
 	case err == nil:
-		writeBody(req, http.StatusOK, "application/text", []byte(tok))
+		writeBody(req, fasthttp.StatusOK, "application/text", []byte(tok))
 	case err == errTooManyTokenCalls:
-		writeText(req, http.StatusTooManyRequests, "Too Many Requests")
+		writeText(req, fasthttp.StatusTooManyRequests, "Too Many Requests")
 	case errdefs.IsNotFound(err) || errdefs.KindOf(err) == errdefs.KindPermissionDenied:
 		// The API no longer counts the VM as this host's (deleted,
 		// moved): this guest gets no token here.
@@ -224,6 +224,6 @@ func (s *Server) serveIdentity(req *request) {
 		notFound(req)
 	default:
 		s.log.Warn("identity token unavailable", "instance", id, "err", err)
-		writeText(req, http.StatusServiceUnavailable, "identity token unavailable, try again")
+		writeText(req, fasthttp.StatusServiceUnavailable, "identity token unavailable, try again")
 	}
 }

@@ -1,12 +1,16 @@
 package metadata
 
 import (
+	"bytes"
 	"crypto"
+	"errors"
 	"net"
-	"net/http"
-	"strconv"
+	"net/url"
+	"runtime/debug"
 	"strings"
 	"time"
+
+	"github.com/valyala/fasthttp"
 )
 
 // Trees are what the metrics tell apart.
@@ -34,16 +38,18 @@ func treeOf(path string) tree {
 
 // request is one identified request.
 type request struct {
-	w     http.ResponseWriter
-	r     *http.Request
-	pc    *peerConn
-	peer  Peer
-	mac   net.HardwareAddr
-	entry *entry
-	trees *rendered
+	ctx *fasthttp.RequestCtx
+	// path and query are the request target's, as net/http would give
+	// them (URL.Path decoded, URL.RawQuery as sent); see parseTarget.
+	path, query string
+	pc          *peerConn
+	peer        Peer
+	mac         net.HardwareAddr
+	entry       *entry
+	trees       *rendered
 	// guest is the VM's limiter and last-seen time, once identified.
 	guest *guestState
-	// code is the status written (by writeBody, the one place that
+	// code is the status written (by writeBodyHeaders, the one place that
 	// writes), for the metrics.
 	code int
 	// longPoll marks GCE waits so their duration stays out of the latency
@@ -51,42 +57,140 @@ type request struct {
 	longPoll bool
 }
 
-// ServeHTTP identifies the guest, rate-limits it and dispatches to the tree.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+// isRead says whether the request is a GET or HEAD.
+func (req *request) isRead() bool { return req.ctx.IsGet() || req.ctx.IsHead() }
+
+// header is the value of the request header key (canonical form), empty
+// when absent; it is valid until the handler returns.
+func (req *request) header(key string) []byte {
+	return req.ctx.Request.Header.Peek(key)
+}
+
+// hasHeader says whether the request carries key at all, even empty.
+func (req *request) hasHeader(key string) bool {
+	return len(req.ctx.Request.Header.PeekAll(key)) > 0
+}
+
+// queryValues parses the query as net/http's URL.Query does.
+func (req *request) queryValues() url.Values {
+	q, _ := url.ParseQuery(req.query)
+	return q
+}
+
+// handle identifies the guest, rate-limits it and dispatches to the tree;
+// every request is counted and timed.
+func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 	start := time.Now()
-	// No metadata request needs a body; never buffer more than a token.
-	// net/http gives requests without one http.NoBody, which reads
-	// nothing: only real bodies are worth a limiting reader.
-	if r.Body != http.NoBody {
-		r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
+	req := &request{ctx: ctx}
+	path, query, canonical, ok := parseTarget(ctx.Request.Header.RequestURI())
+	t := treeOf(path)
+	switch {
+	case !ok:
+		writeText(req, fasthttp.StatusBadRequest, "Bad Request")
+	case !canonical:
+		// Encoded otherwise than net/http would encode its decoded
+		// form (URL.RawPath set): never a well-behaved client's.
+		notFound(req)
+	default:
+		req.path, req.query = path, query
+		s.serveRecovered(req, t)
 	}
-	t := treeOf(r.URL.Path)
-	req := &request{w: w, r: r}
-	s.serve(req, t)
 	if req.code == 0 {
-		// Nothing written (the client left a long-poll): net/http
-		// answers 200 for a handler that returns silently.
-		req.code = http.StatusOK
+		// Nothing written (the client left a long-poll, or the service
+		// is stopping): the answer is an empty 200.
+		req.code = fasthttp.StatusOK
 	}
 	s.metrics.observe(t, req.code, time.Since(start), req.longPoll)
 }
 
+// serveRecovered is serve with a panic answered 500 and logged: fasthttp,
+// unlike net/http, does not recover handlers, and the service shares its
+// process with the agent.
+func (s *Server) serveRecovered(req *request, t tree) {
+	defer func() {
+		if v := recover(); v != nil {
+			s.log.Error("metadata handler panicked", "path", req.path, "panic", v, "stack", string(debug.Stack()))
+			req.ctx.Response.Reset()
+			req.ctx.SetConnectionClose()
+			writeText(req, fasthttp.StatusInternalServerError, "Internal Server Error")
+		}
+	}()
+	s.serve(req, t)
+}
+
+// handleError answers a request fasthttp could not read (headers over the
+// limit, a body over the limit, a timeout mid-request, a malformed
+// request) and counts it; a connection that sent nothing is not a request.
+func (s *Server) handleError(ctx *fasthttp.RequestCtx, err error) {
+	code, msg := fasthttp.StatusBadRequest, "Bad Request"
+	var small *fasthttp.ErrSmallBuffer
+	var ne net.Error
+	switch {
+	case errors.As(err, &small):
+		code, msg = fasthttp.StatusRequestHeaderFieldsTooLarge, "Request Header Fields Too Large"
+	case errors.Is(err, fasthttp.ErrBodyTooLarge):
+		code, msg = fasthttp.StatusRequestEntityTooLarge, "Request Entity Too Large"
+	case errors.As(err, &ne) && ne.Timeout():
+		code, msg = fasthttp.StatusRequestTimeout, "Request Timeout"
+	}
+	req := &request{ctx: ctx}
+	writeText(req, code, msg)
+	uri := ctx.Request.Header.RequestURI()
+	if len(uri) == 0 {
+		return
+	}
+	path, _, _ := bytes.Cut(uri, []byte("?"))
+	s.metrics.observe(treeOf(string(path)), code, 0, true)
+}
+
+// parseTarget splits a request target into path and query as net/http
+// does (url.ParseRequestURI): path is URL.Path, query URL.RawQuery. A path
+// made only of bytes that need no escaping is its own decoded form, so
+// that common case is a plain split; anything else goes through net/url.
+// canonical is false when URL.RawPath would be set (an encoding other than
+// the canonical one of the decoded path, which the trees never need); ok
+// is false when net/http would refuse the target with 400.
+func parseTarget(target []byte) (path, query string, canonical, ok bool) {
+	rawPath, rawQuery, _ := bytes.Cut(target, []byte("?"))
+	if len(rawPath) > 0 && rawPath[0] == '/' && plainPath(rawPath) {
+		return string(rawPath), string(rawQuery), true, true
+	}
+	u, err := url.ParseRequestURI(string(target))
+	if err != nil {
+		return "", "", false, false
+	}
+	return u.Path, u.RawQuery, u.RawPath == "", true
+}
+
+// plainPath says whether p holds only bytes that net/url leaves as they
+// are in a path (unreserved and the sub-delimiters it does not escape).
+func plainPath(p []byte) bool {
+	for _, c := range p {
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case c == '-' || c == '_' || c == '.' || c == '~' || c == '/' || c == '$' || c == '&' || c == '+' || c == ',' || c == ':' || c == ';' || c == '=' || c == '@':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
 func (s *Server) serve(req *request, t tree) {
-	r := req.r
-	if r.URL.RawPath != "" || len(r.URL.Path) > maxPathLen {
+	if len(req.path) > maxPathLen {
 		notFound(req)
 		return
 	}
-	pc, _ := r.Context().Value(peerConnKey{}).(*peerConn)
+	pc, _ := req.ctx.Conn().(*peerConn)
 	if pc == nil {
-		s.logUnknown("connection without peer identity", "remote", r.RemoteAddr)
+		s.logUnknown("connection without peer identity", "remote", req.ctx.RemoteAddr().String())
 		notFound(req)
 		return
 	}
 	req.pc = pc
 	peer, err := pc.resolve()
 	if err != nil {
-		s.logUnknown("unidentified metadata request", "remote", r.RemoteAddr, "err", err)
+		s.logUnknown("unidentified metadata request", "remote", req.ctx.RemoteAddr().String(), "err", err)
 		notFound(req)
 		return
 	}
@@ -102,7 +206,7 @@ func (s *Server) serve(req *request, t tree) {
 	}
 	g, ok := s.allow(e.inst.ID)
 	if !ok {
-		writeText(req, http.StatusTooManyRequests, "Too Many Requests")
+		writeText(req, fasthttp.StatusTooManyRequests, "Too Many Requests")
 		return
 	}
 	req.guest = g
@@ -119,7 +223,7 @@ func (s *Server) serve(req *request, t tree) {
 	s.markSeen(g, e.inst.ID)
 	if err := s.use(req, e); err != nil {
 		s.log.Error("render metadata", "instance", e.inst.ID, "err", err)
-		writeText(req, http.StatusInternalServerError, "Internal Server Error")
+		writeText(req, fasthttp.StatusInternalServerError, "Internal Server Error")
 		return
 	}
 	switch t {
@@ -168,60 +272,27 @@ func (s *Server) logUnknown(msg string, args ...any) {
 	s.log.Warn(msg, args...)
 }
 
+// writeBody is the one place that answers: the status, the content type
+// and the body, which fasthttp sends with its length (and leaves out, the
+// length kept, for HEAD). Bodies are rendered once per tree and never
+// changed after, so they are handed over without a copy.
 func writeBody(req *request, code int, contentType string, body []byte) {
-	writeBodyHeaders(req, code, headerValue(contentType), headerValue(strconv.Itoa(len(body))), body)
-}
-
-// writeBodyHeaders writes with header values made ahead (a rendered
-// node's): assigned to the map as they are, with no canonicalising and no
-// allocation. Canonical keys and one-element slices with no spare capacity
-// keep them safe to share: net/http copies the header map before sending,
-// and an Add elsewhere would append to a new slice, never into these.
-func writeBodyHeaders(req *request, code int, contentType, contentLength []string, body []byte) {
-	h := req.w.Header()
-	h["Content-Type"] = contentType
-	h["Content-Length"] = contentLength
 	req.code = code
-	req.w.WriteHeader(code)
-	if req.r.Method != http.MethodHead {
-		_, _ = req.w.Write(body)
-	}
-}
-
-// headerValue is v as a header map value that may be shared.
-func headerValue(v string) []string { return []string{v}[:1:1] }
-
-// Content types the trees serve, as shareable header values.
-var (
-	ctTextPlain   = headerValue("text/plain")
-	ctTextUTF8    = headerValue("text/plain; charset=utf-8")
-	ctOctetStream = headerValue("application/octet-stream")
-	ctJSON        = headerValue("application/json")
-	ctAppText     = headerValue("application/text")
-)
-
-// contentTypeValue shares the header value of the common content types.
-func contentTypeValue(ct string) []string {
-	for _, v := range [][]string{ctTextPlain, ctTextUTF8, ctOctetStream, ctJSON, ctAppText} {
-		if v[0] == ct {
-			return v
-		}
-	}
-	return headerValue(ct)
+	req.ctx.SetStatusCode(code)
+	req.ctx.SetContentType(contentType)
+	req.ctx.Response.SetBodyRaw(body)
 }
 
 func writeText(req *request, code int, msg string) {
-	writeBodyHeaders(req, code, ctTextUTF8, headerValue(strconv.Itoa(len(msg))), []byte(msg))
+	writeBody(req, code, "text/plain; charset=utf-8", []byte(msg))
 }
 
-func notFound(req *request) { writeText(req, http.StatusNotFound, "Not Found") }
+func notFound(req *request) { writeText(req, fasthttp.StatusNotFound, "Not Found") }
 
 func methodNotAllowed(req *request, allow string) {
-	req.w.Header().Set("Allow", allow)
-	writeText(req, http.StatusMethodNotAllowed, "Method Not Allowed")
+	req.ctx.Response.Header.Set("Allow", allow)
+	writeText(req, fasthttp.StatusMethodNotAllowed, "Method Not Allowed")
 }
-
-func isRead(r *http.Request) bool { return r.Method == http.MethodGet || r.Method == http.MethodHead }
 
 // writeNode answers with a leaf's body or a directory's listing.
 func writeNode(req *request, n *node) {
@@ -229,6 +300,9 @@ func writeNode(req *request, n *node) {
 		notFound(req)
 		return
 	}
-	n.headersOnce.Do(n.makeHeaders)
-	writeBodyHeaders(req, http.StatusOK, n.hdrType, n.hdrLength, n.body)
+	ct := n.contentType
+	if ct == "" {
+		ct = "text/plain"
+	}
+	writeBody(req, fasthttp.StatusOK, ct, n.body)
 }

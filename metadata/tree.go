@@ -1,9 +1,7 @@
 package metadata
 
 import (
-	"strconv"
 	"strings"
-	"sync"
 )
 
 // node is one path of a rendered metadata tree: a leaf with a body, or a
@@ -14,21 +12,6 @@ type node struct {
 	contentType string
 	dir         bool
 	children    map[string]*node
-
-	// The response headers, made on first use (trees are built in many
-	// places; this is the one that writes them).
-	headersOnce sync.Once
-	hdrType     []string
-	hdrLength   []string
-}
-
-func (n *node) makeHeaders() {
-	ct := n.contentType
-	if ct == "" {
-		ct = "text/plain"
-	}
-	n.hdrType = contentTypeValue(ct)
-	n.hdrLength = headerValue(strconv.Itoa(len(n.body)))
 }
 
 func leaf(body []byte, contentType string) *node {
