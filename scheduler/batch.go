@@ -16,8 +16,9 @@ import (
 // checks its own compares and runs its own Then or Else, so a placement that
 // lost a race fails alone (and its Else reads the fresh values) while the
 // others commit. Nested puts must not touch the same key; they never do,
-// because one replica never has two placements in flight on one host
-// (placement.InFlight) or for one VM (the queue).
+// because one replica has at most one commit per host in flight (its lane,
+// lane.go, which groups that host's placements) and one placement per VM
+// (the queue).
 
 // maxBatch bounds the nested transactions per commit (etcd's default
 // --max-txn-ops, 128, applies to each level).

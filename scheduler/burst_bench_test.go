@@ -27,7 +27,7 @@ import (
 // placements ("retry").
 func BenchmarkTenCreatesOnOneHost(b *testing.B) {
 	_, cli := etcdtest.Start(b)
-	registerSimulatedHost(b, cli, simHost{name: "sim-a", vcpus: 64, memMiB: 1 << 20, diskGiB: 1 << 14}, longTTL)
+	registerSimulatedHost(b, cli, simHost{name: "sim-a", vcpus: 1 << 12, memMiB: 1 << 22, diskGiB: 1 << 16}, longTTL)
 	var busy atomic.Int64
 	startScheduler(b, cli, Config{Observe: func(o Observation) {
 		if o.Outcome == "retry" {

@@ -16,7 +16,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
 		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "minicloud_scheduler_decisions_total",
-			Help: "Scheduling decisions by outcome: scheduled, no-valid-host, conflict (host allocation changed first), vm-changed (VM changed first), retry (only in-flight hosts fit).",
+			Help: "Scheduling decisions by outcome: scheduled, no-valid-host, conflict (host allocation changed first), vm-changed (VM changed first), retry (only hosts full with this replica's uncommitted placements fit).",
 		}, []string{"outcome"}),
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "minicloud_scheduler_decision_seconds",

@@ -20,9 +20,10 @@ import (
 	"github.com/minicloud/minicloud/scheduler/snapshot"
 )
 
-// Requeue delays. A busy group or in-flight host is freed by this
-// replica's own commit within a few milliseconds; a lost race is retried on
-// the refreshed view straight away.
+// Requeue delays. A busy group, or a host full only with this replica's
+// uncommitted placements, is freed by this replica's own commit within a
+// few milliseconds; a lost race is retried on the refreshed view straight
+// away.
 const (
 	busyRequeue = 5 * time.Millisecond
 	// catchUpTimeout bounds the wait for the view to catch up with etcd
@@ -115,7 +116,7 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 		return 0, err
 	}
 
-	caughtUp := false
+	caughtUp, solo := false, false
 	for range maxCommitAttempts {
 		r, err := s.snap.Reserve(req, s.cfg.Policy, rng)
 		var nvh *placement.NoValidHostError
@@ -151,10 +152,12 @@ func (s *Scheduler) scheduleOne(ctx context.Context, id string, rng *rand.Rand) 
 			return 0, err
 		}
 		seenRev := v.statusRev
-		done, err := s.commit(ctx, v, req, r)
+		done, grouped, err := s.commit(ctx, v, r, solo)
 		if err != nil || done {
 			return 0, err
 		}
+		// A group is all or nothing: after losing in one, commit alone.
+		solo = solo || grouped
 		if v.statusRev != seenRev {
 			// Someone else changed the VM: another replica placed it, or
 			// the API deleted or rescheduled it.
@@ -214,27 +217,21 @@ func (s *Scheduler) request(ctx context.Context, v *vmState) (*placement.Request
 }
 
 // commit writes the claim, the host allocation, the SCHEDULED status and
-// an event in one transaction (store.PlaceVMTxn). It returns done=false
-// when it lost a race; v and the snapshot then hold the fresh values to
-// decide again on. The reservation ends on every path: confirmed if the
-// transaction committed, else aborted by the deferred revert (after the
-// view of the host is refreshed, so no other worker decides on the stale
-// view of it in between).
-func (s *Scheduler) commit(ctx context.Context, v *vmState, req *placement.Request, r snapshot.Reservation) (done bool, err error) {
-	confirmed := false
-	defer func() {
-		if !confirmed {
-			s.snap.Abort(r)
-		}
-	}()
+// an event, in the host's group commit (lane.go; alone if solo). It
+// returns done=false when it lost a race or the host had no room left at
+// commit time; v and the snapshot then hold the fresh values to decide
+// again on. grouped says the commit held other placements too. The
+// reservation ends on every path.
+func (s *Scheduler) commit(ctx context.Context, v *vmState, r snapshot.Reservation, solo bool) (done, grouped bool, err error) {
+	if err := lifecycle.Check(v.status.GetPhase(), lifecycle.Scheduled, lifecycle.Scheduler); err != nil {
+		s.snap.Abort(r)
+		return false, false, fmt.Errorf("place vm %s: %w", v.id, err)
+	}
 	now := time.Now()
 	claim := &minicloudv1.Claim{
 		VmId: v.id, Host: r.Host, Resources: v.vm.GetSpec().GetResources(),
 		Project: v.vm.GetMeta().GetProject(), ServerGroup: v.vm.GetSpec().GetServerGroup(),
 		Time: timestamppb.New(now),
-	}
-	if err := lifecycle.Check(v.status.GetPhase(), lifecycle.Scheduled, lifecycle.Scheduler); err != nil {
-		return false, fmt.Errorf("place vm %s: %w", v.id, err)
 	}
 	st := proto.CloneOf(v.status)
 	st.Phase = lifecycle.Scheduled
@@ -248,34 +245,25 @@ func (s *Scheduler) commit(ctx context.Context, v *vmState, req *placement.Reque
 	st.UpdateTime = timestamppb.New(now)
 	msg := fmt.Sprintf("placed on host %s (attempt %d of %d, %d candidates ranked)", r.Host, st.ScheduleAttempts, s.cfg.MaxAttempts, r.Decision.Candidates)
 	lifecycle.SetCondition(st, lifecycle.ConditionScheduled, true, lifecycle.ReasonScheduled, msg, now)
-	txn, alloc, err := store.PlaceVMTxn(store.Placement{
-		Claim: claim, Alloc: r.Alloc, AllocModRevision: r.AllocModRevision,
-		Status: st, StatusRev: v.statusRev,
+	res := s.lanes.place(ctx, r, store.Placement{
+		Claim: claim, Status: st, StatusRev: v.statusRev,
 		Event: s.event(lifecycle.EventNormal, lifecycle.ReasonScheduled, msg), Now: now,
-	})
-	if err != nil {
-		return false, err
-	}
-	res := s.batch.submit(ctx, txn)
+	}, solo)
 	if res.err != nil {
-		return false, fmt.Errorf("commit claim of vm %s on host %s: %w", v.id, r.Host, res.err)
+		return false, res.grouped, fmt.Errorf("commit claim of vm %s on host %s: %w", v.id, r.Host, res.err)
 	}
-	if res.resp.GetSucceeded() {
-		confirmed = true
-		s.snap.Confirm(r, alloc, claim, res.rev)
+	switch res.outcome {
+	case placed:
 		s.observe(Observation{VMID: v.id, Host: r.Host, Outcome: "scheduled", DecideTime: r.DecideTime})
-		return true, nil
+		return true, res.grouped, nil
+	case overflowed:
+		return false, false, nil
 	}
-	fresh, err := store.PlaceConflictOf(res.resp)
-	if err != nil {
-		return false, err
+	if res.fresh.Status == nil {
+		return true, res.grouped, nil // the VM is gone
 	}
-	s.snap.RefreshHost(r.Host, fresh.Alloc, fresh.Claims, res.rev)
-	if fresh.Status == nil {
-		return true, nil // the VM is gone
-	}
-	v.status, v.statusRev = fresh.Status, fresh.StatusRev
-	return false, nil
+	v.status, v.statusRev = res.fresh.Status, res.fresh.Rev
+	return false, res.grouped, nil
 }
 
 // event is an event of this replica.

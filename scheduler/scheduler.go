@@ -69,7 +69,9 @@ type Observation struct {
 	// Outcome is "scheduled", "no-valid-host", "conflict" (the host's
 	// allocation changed since the view was taken: decide again),
 	// "vm-changed" (another replica or the API changed the VM first) or
-	// "retry" (only hosts with this replica's commits in flight would fit).
+	// "retry" (only hosts full with this replica's uncommitted placements
+	// would fit). A placement that no longer fitted its host when its
+	// group was committed (the view moved) counts as a conflict.
 	Outcome string
 	// DecideTime is the duration of the pure placement.Schedule call.
 	DecideTime time.Duration
@@ -82,6 +84,7 @@ type Scheduler struct {
 	log  *slog.Logger
 	snap *snapshot.Snapshot
 
+	lanes    *lanes
 	batch    *batcher
 	members  *members
 	pending  *queue // VMs to place
@@ -136,6 +139,7 @@ func New(cli *clientv3.Client, cfg Config) (*Scheduler, error) {
 		vms: map[string]vmEntry{}, specs: map[string]*minicloudv1.VM{}, on: map[string]map[string]bool{},
 	}
 	s.snap = snapshot.New(cli, cfg.Log, s.hostAliveChanged)
+	s.lanes = newLanes(s.snap, s.batch)
 	s.snap.SetPreferred(s.members.prefersHost)
 	s.members.onChange = func() { s.snap.SetPreferred(s.members.prefersHost) }
 	return s, nil

@@ -21,8 +21,8 @@ import (
 // claim) serialise on the allocation key and never lose an update.
 //
 // ReadClaimState + AddClaimOps / ReleaseClaimOps are the claim change that
-// the write protocols fold into their transactions: PlaceVMTxn adds a
-// claim, RescheduleVMTxn and RemoveVMTxn release one.
+// the write protocols fold into their transactions: PlaceVMsTxn adds
+// claims, RescheduleVMTxn and RemoveVMTxn release one.
 
 // ClaimState is a VM's claim on a host and the host's allocation, read at
 // one etcd revision. A zero mod revision means the key does not exist.
@@ -65,26 +65,39 @@ func ReadClaimState(ctx context.Context, kv clientv3.KV, host, vmID string) (Cla
 // allocation. The compares also require that the VM has no claim on that
 // host yet, so a claim is never counted twice.
 func AddClaimOps(claim *minicloudv1.Claim, alloc *minicloudv1.HostAllocation, allocModRev int64) ([]clientv3.Cmp, []clientv3.Op, *minicloudv1.HostAllocation, error) {
-	if claim.GetHost() == "" || claim.GetVmId() == "" {
-		return nil, nil, nil, errdefs.Invalid("claim needs a host and a vm id")
+	return AddClaimsOps([]*minicloudv1.Claim{claim}, alloc, allocModRev)
+}
+
+// AddClaimsOps is AddClaimOps for several claims on one host: one compare
+// and one put of the allocation, which grows by all of them.
+func AddClaimsOps(claims []*minicloudv1.Claim, alloc *minicloudv1.HostAllocation, allocModRev int64) ([]clientv3.Cmp, []clientv3.Op, *minicloudv1.HostAllocation, error) {
+	if len(claims) == 0 {
+		return nil, nil, nil, errdefs.Invalid("no claims to add")
 	}
-	next := addResources(alloc, claim.GetResources(), 1)
-	claimBytes, err := proto.Marshal(claim)
-	if err != nil {
-		return nil, nil, nil, fmt.Errorf("encode claim of vm %s: %w", claim.GetVmId(), err)
+	host := claims[0].GetHost()
+	cmps := []clientv3.Cmp{Unchanged(HostAllocKey(host), allocModRev)}
+	ops := make([]clientv3.Op, 1, len(claims)+1) // ops[0]: the allocation's put, once it is summed
+	next := alloc
+	for _, claim := range claims {
+		if claim.GetHost() == "" || claim.GetVmId() == "" {
+			return nil, nil, nil, errdefs.Invalid("claim needs a host and a vm id")
+		}
+		if claim.GetHost() != host {
+			return nil, nil, nil, errdefs.Invalid("claims on hosts %s and %s in one allocation change", host, claim.GetHost())
+		}
+		next = addResources(next, claim.GetResources(), 1)
+		claimBytes, err := proto.Marshal(claim)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("encode claim of vm %s: %w", claim.GetVmId(), err)
+		}
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(ClaimKey(host, claim.GetVmId())), "=", 0))
+		ops = append(ops, clientv3.OpPut(ClaimKey(host, claim.GetVmId()), string(claimBytes)))
 	}
 	allocBytes, err := proto.Marshal(next)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("encode allocation of host %s: %w", claim.GetHost(), err)
+		return nil, nil, nil, fmt.Errorf("encode allocation of host %s: %w", host, err)
 	}
-	cmps := []clientv3.Cmp{
-		Unchanged(HostAllocKey(claim.GetHost()), allocModRev),
-		clientv3.Compare(clientv3.CreateRevision(ClaimKey(claim.GetHost(), claim.GetVmId())), "=", 0),
-	}
-	ops := []clientv3.Op{
-		clientv3.OpPut(HostAllocKey(claim.GetHost()), string(allocBytes)),
-		clientv3.OpPut(ClaimKey(claim.GetHost(), claim.GetVmId()), string(claimBytes)),
-	}
+	ops[0] = clientv3.OpPut(HostAllocKey(host), string(allocBytes))
 	return cmps, ops, next, nil
 }
 

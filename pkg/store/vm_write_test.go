@@ -190,11 +190,13 @@ func (w *world) place(t *testing.T, id, host string) *minicloudv1.VM {
 	}
 	st := proto.CloneOf(vm.Status)
 	st.Phase, st.Host = lifecycle.Scheduled, host
-	txn, _, err := store.PlaceVMTxn(store.Placement{
-		Claim: &minicloudv1.Claim{VmId: id, Host: host, Resources: vm.Spec.Resources},
+	txn, _, err := store.PlaceVMsTxn(store.HostPlacements{
 		Alloc: cs.Alloc, AllocModRevision: cs.AllocModRevision,
-		Status: st, StatusRev: vm.Status.StatusVersion,
-		Event: &minicloudv1.Event{Reason: lifecycle.ReasonScheduled}, Now: time.Now(),
+		VMs: []store.Placement{{
+			Claim:  &minicloudv1.Claim{VmId: id, Host: host, Resources: vm.Spec.Resources},
+			Status: st, StatusRev: vm.Status.StatusVersion,
+			Event: &minicloudv1.Event{Reason: lifecycle.ReasonScheduled}, Now: time.Now(),
+		}},
 	})
 	if !commit(t, w.cli, txn, err) {
 		t.Fatalf("place %s on %s did not commit", id, host)
@@ -202,7 +204,7 @@ func (w *world) place(t *testing.T, id, host string) *minicloudv1.VM {
 	return w.get(t, id)
 }
 
-func TestPlaceVMTxnAndConflict(t *testing.T) {
+func TestPlaceVMsTxnAndConflict(t *testing.T) {
 	w := newWorld(t)
 	ctx := context.Background()
 	w.create(t, w.newVM("vm-1", "web1", "10.0.0.2"))
@@ -216,10 +218,10 @@ func TestPlaceVMTxnAndConflict(t *testing.T) {
 	// fails alone and its Else reads the fresh host and status.
 	st := proto.CloneOf(vm2.Status)
 	st.Phase, st.Host = lifecycle.Scheduled, "h1"
-	stale, _, err := store.PlaceVMTxn(store.Placement{
+	stale, _, err := store.PlaceVMsTxn(store.HostPlacements{VMs: []store.Placement{{
 		Claim:  &minicloudv1.Claim{VmId: "vm-2", Host: "h1", Resources: vm2.Spec.Resources},
 		Status: st, StatusRev: vm2.Status.StatusVersion, Event: &minicloudv1.Event{}, Now: time.Now(),
-	})
+	}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,7 +233,7 @@ func TestPlaceVMTxnAndConflict(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Alloc == nil || len(c.Claims) != 1 || c.Status == nil || c.Status.Phase != lifecycle.Pending || c.StatusRev != vm2.Status.StatusVersion {
+	if c.Alloc == nil || len(c.Claims) != 1 || len(c.Statuses) != 1 || c.Statuses[0].Status.GetPhase() != lifecycle.Pending || c.Statuses[0].Rev != vm2.Status.StatusVersion {
 		t.Fatalf("conflict read %+v", c)
 	}
 	// The status compare: vm-1's status moved on since it was read.

@@ -19,7 +19,7 @@ type Filter interface {
 // selective first, capacity last (its arithmetic is the costliest).
 func DefaultFilters() []Filter {
 	return []Filter{
-		TargetHost{}, ExcludeTriedHosts{}, HostUp{}, InFlight{},
+		TargetHost{}, ExcludeTriedHosts{}, HostUp{},
 		AvailabilityZone{}, Hypervisor{}, ServerGroup{}, Capacity{},
 	}
 }
@@ -39,12 +39,25 @@ func (HostUp) Feasible(_ *Cluster, _ *Request, h *Host) (bool, string) {
 }
 
 // Capacity keeps hosts with room for the request's vCPUs, memory and disk
-// under the host's allocation ratios.
+// under the host's allocation ratios. A host that would have room but for
+// this replica's uncommitted placements (Host.Pending) is refused with
+// WhyPending: that is not a property of the host, and a request refused
+// only so is retried once they commit (NoValidHostError.Retryable).
 type Capacity struct{}
+
+// WhyPending is Capacity's reason for a host that is full only with this
+// replica's placements still being committed.
+const WhyPending = "pending placements"
 
 func (Capacity) Name() string { return "Capacity" }
 func (Capacity) Feasible(_ *Cluster, req *Request, h *Host) (bool, string) {
 	f := h.Free()
+	if req.Resources.Fits(f) {
+		return true, ""
+	}
+	if h.Pending != (Resources{}) && req.Resources.Fits(f.Add(h.Pending)) {
+		return false, WhyPending
+	}
 	switch {
 	case req.Resources.MemoryMiB > f.MemoryMiB:
 		return false, "memory"
@@ -88,16 +101,6 @@ type ExcludeTriedHosts struct{}
 func (ExcludeTriedHosts) Name() string { return "ExcludeTriedHosts" }
 func (ExcludeTriedHosts) Feasible(_ *Cluster, req *Request, h *Host) (bool, string) {
 	return !slices.Contains(req.TriedHosts, h.Name), ""
-}
-
-// InFlight removes hosts on which this replica is committing another claim
-// right now. It is not a property of the host: a request refused only by
-// InFlight must be retried, not failed (see NoValidHostError.Retryable).
-type InFlight struct{}
-
-func (InFlight) Name() string { return "InFlight" }
-func (InFlight) Feasible(c *Cluster, _ *Request, h *Host) (bool, string) {
-	return !c.InFlight[h.Name], ""
 }
 
 // ServerGroup enforces hard affinity (every member on the host that already

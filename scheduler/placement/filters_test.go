@@ -62,8 +62,10 @@ func TestFilters(t *testing.T) {
 		{name: "not tried", filter: ExcludeTriedHosts{}, req: Request{TriedHosts: []string{"h2"}}, ok: true},
 		{name: "tried", filter: ExcludeTriedHosts{}, req: Request{TriedHosts: []string{"h2", "h1"}}},
 
-		{name: "not in flight", filter: InFlight{}, ok: true},
-		{name: "in flight", filter: InFlight{}, cluster: func(c *Cluster) { c.InFlight["h1"] = true }},
+		{name: "full only with pending placements", filter: Capacity{}, req: Request{Resources: small},
+			host: func(h *Host) { h.Pending = Resources{MemoryMiB: 2048}; h.Allocated = Resources{MemoryMiB: 8192} }, why: WhyPending},
+		{name: "full with or without pending placements", filter: Capacity{}, req: Request{Resources: small},
+			host: func(h *Host) { h.Pending = Resources{MemoryMiB: 512}; h.Allocated = Resources{MemoryMiB: 8192} }, why: "memory"},
 
 		{name: "no group", filter: ServerGroup{}, ok: true},
 		{name: "affinity, empty group", filter: ServerGroup{}, req: affinity(), ok: true},

@@ -101,11 +101,16 @@ func (e *NoValidHostError) RemovedBy(filter string) int {
 	return 0
 }
 
-// Retryable reports whether hosts were only unavailable because this
-// replica was committing other claims on them: the request must be retried
-// once those commits finish rather than failed.
+// Retryable reports whether some host was only unavailable because this
+// replica's placements on it are not committed yet (they may still fail):
+// the request must be retried once they are rather than failed.
 func (e *NoValidHostError) Retryable() bool {
-	return e.RemovedBy(InFlight{}.Name()) > 0
+	for _, r := range e.Removed {
+		if r.Filter == (Capacity{}).Name() && r.Why[WhyPending] > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // Schedule chooses a host for req in c, or returns a *NoValidHostError. It

@@ -33,12 +33,13 @@ func TestNoValidHostMessage(t *testing.T) {
 	}
 }
 
-func TestNoValidHostOnlyInFlightIsRetryable(t *testing.T) {
+func TestNoValidHostOnlyPendingIsRetryable(t *testing.T) {
 	h := testHost("h1")
+	h.Pending = Resources{VCPUs: 1, MemoryMiB: 8192}
+	h.Allocated = h.Pending
 	c := clusterOf(h)
-	c.InFlight["h1"] = true
 	p, _ := NewPolicy(Spread)
-	_, err := Schedule(c, &Request{}, p, rand.New(rand.NewPCG(1, 1)))
+	_, err := Schedule(c, &Request{Resources: Resources{MemoryMiB: 1024}}, p, rand.New(rand.NewPCG(1, 1)))
 	nvh, ok := err.(*NoValidHostError)
 	if !ok || !nvh.Retryable() {
 		t.Fatalf("err = %v, want a retryable NoValidHostError", err)

@@ -33,6 +33,16 @@ func (r Resources) Add(o Resources) Resources {
 	return Resources{r.VCPUs + o.VCPUs, r.MemoryMiB + o.MemoryMiB, r.DiskGiB + o.DiskGiB}
 }
 
+// Sub returns r - o.
+func (r Resources) Sub(o Resources) Resources {
+	return Resources{r.VCPUs - o.VCPUs, r.MemoryMiB - o.MemoryMiB, r.DiskGiB - o.DiskGiB}
+}
+
+// Fits reports whether r fits in free.
+func (r Resources) Fits(free Resources) bool {
+	return r.VCPUs <= free.VCPUs && r.MemoryMiB <= free.MemoryMiB && r.DiskGiB <= free.DiskGiB
+}
+
 // ResourcesFromProto converts the API's Resources (nil is zero).
 func ResourcesFromProto(p *minicloudv1.Resources) Resources {
 	if p == nil {
@@ -71,9 +81,15 @@ type Host struct {
 	Up       bool
 	Capacity Resources
 	Ratios   Ratios
-	// Allocated is the sum of the claims on the host (hosts/alloc/<name>).
+	// Allocated is the sum of the claims on the host (hosts/alloc/<name>)
+	// plus Pending.
 	Allocated Resources
 	VMCount   int
+	// Pending is what this replica has decided to place on the host but
+	// not yet committed (its group commit, scheduler/lane.go): counted in
+	// Allocated so that the next decision stacks on it, and told apart so
+	// that a request refused only because of it is retried, not failed.
+	Pending Resources
 	// Preferred marks the hosts in this replica's share (see
 	// Cluster.Partitioned).
 	Preferred bool
@@ -113,10 +129,6 @@ type Cluster struct {
 	// Groups maps a server group (GroupKey) to the hosts holding its members
 	// and how many members each holds, from the claims.
 	Groups map[string]map[string]int
-	// InFlight holds hosts on which this scheduler replica is committing a
-	// claim right now. They are skipped (filter InFlight) so that one
-	// replica's concurrent decisions do not conflict with each other.
-	InFlight map[string]bool
 	// Partitioned says that the replicas split the hosts between them
 	// (see scheduler/members.go): a decision searches the hosts marked
 	// Preferred first, so that replicas rarely race for the same host, and
@@ -127,7 +139,7 @@ type Cluster struct {
 
 // NewCluster returns an empty cluster.
 func NewCluster() *Cluster {
-	return &Cluster{ByName: map[string]*Host{}, Groups: map[string]map[string]int{}, InFlight: map[string]bool{}}
+	return &Cluster{ByName: map[string]*Host{}, Groups: map[string]map[string]int{}}
 }
 
 // GroupKey names a server group across projects.

@@ -52,9 +52,13 @@ type Snapshot struct {
 	claims     map[string]map[string]claimState // host -> vm id -> claim
 	policies   map[string]minicloudv1.ServerGroupPolicy
 	busyGroups map[string]bool
-	prefer     func(host string) bool
-	synced     chan struct{}
-	onAlive    func(host string)
+	// pending is, per host, what this replica has reserved and not yet
+	// committed or aborted (placement.Host.Pending). Like busyGroups it
+	// outlives a reload: the reservations are still out.
+	pending map[string]pendingUse
+	prefer  func(host string) bool
+	synced  chan struct{}
+	onAlive func(host string)
 	// applied is, per watched prefix, the etcd revision up to which its
 	// changes are in the view; advanced is closed (and replaced) whenever
 	// one of them moves. WaitApplied uses both.
@@ -66,6 +70,11 @@ type allocState struct {
 	value  *minicloudv1.HostAllocation // nil: absent
 	modRev int64                       // 0: absent
 	seen   int64                       // newest revision applied
+}
+
+type pendingUse struct {
+	res placement.Resources
+	vms int
 }
 
 type claimState struct {
@@ -87,7 +96,6 @@ func (s *Snapshot) reset() {
 	in := s.cluster
 	s.cluster = placement.NewCluster()
 	if in != nil {
-		s.cluster.InFlight = in.InFlight
 		s.cluster.Partitioned = in.Partitioned
 	}
 	s.index = map[string]int{}
@@ -99,6 +107,7 @@ func (s *Snapshot) reset() {
 	s.policies = map[string]minicloudv1.ServerGroupPolicy{}
 	if s.busyGroups == nil {
 		s.busyGroups = map[string]bool{}
+		s.pending = map[string]pendingUse{}
 	}
 }
 
@@ -380,9 +389,7 @@ func (s *Snapshot) putHost(name string, spec *minicloudv1.Host) {
 		s.cluster.ByName[name] = h
 		h.Up = s.alive[name]
 		h.Preferred = s.prefer == nil || s.prefer(name)
-		a := s.alloc[name].value
-		h.Allocated = placement.ResourcesFromProto(a.GetAllocated())
-		h.VMCount = int(a.GetVmCount())
+		s.syncHost(name)
 	}
 	s.fenceAfter[name] = time.Duration(spec.GetFenceAfterSeconds()) * time.Second
 	h.Zone = spec.GetAvailabilityZone()
@@ -408,10 +415,20 @@ func (s *Snapshot) removeHost(name string) {
 
 func (s *Snapshot) setAlloc(name string, st allocState) {
 	s.alloc[name] = st
-	if h := s.host(name); h != nil {
-		h.Allocated = placement.ResourcesFromProto(st.value.GetAllocated())
-		h.VMCount = int(st.value.GetVmCount())
+	s.syncHost(name)
+}
+
+// syncHost sets the host's allocation in the cluster from its committed
+// allocation and this replica's pending reservations.
+func (s *Snapshot) syncHost(name string) {
+	h := s.host(name)
+	if h == nil {
+		return
 	}
+	a, p := s.alloc[name].value, s.pending[name]
+	h.Pending = p.res
+	h.Allocated = placement.ResourcesFromProto(a.GetAllocated()).Add(p.res)
+	h.VMCount = int(a.GetVmCount()) + p.vms
 }
 
 func (s *Snapshot) addClaim(host, vmID, group string, modRev int64) {
@@ -534,24 +551,23 @@ func (s *Snapshot) Host(name string) (placement.Host, bool) {
 	return *h, true
 }
 
-// Reservation is a decision this replica is committing. Its host (and
-// server group) stay reserved until Confirm or Abort.
+// Reservation is a decision this replica is committing. Its resources
+// stay counted on its host (placement.Host.Pending), and its server group
+// stays busy, until Confirm or Abort.
 type Reservation struct {
-	Decision placement.Decision
-	Host     string
-	Group    string
-	// Alloc is the host's allocation the decision was made on (nil: none
-	// yet) and AllocModRevision its mod revision, for the commit's compare.
-	Alloc            *minicloudv1.HostAllocation
-	AllocModRevision int64
+	Decision  placement.Decision
+	Host      string
+	Group     string
+	Resources placement.Resources
 	// DecideTime is the duration of the placement.Schedule call.
 	DecideTime time.Duration
 }
 
-// Reserve runs placement.Schedule on the view and reserves the chosen host
-// for this replica's commit. It returns the *placement.NoValidHostError
-// from Schedule, or ErrGroupBusy. DecideTime is set in every case where
-// Schedule ran.
+// Reserve runs placement.Schedule on the view and reserves the request's
+// resources on the chosen host, so that the next decision stacks on them
+// (several reservations on one host go out in one group commit). It returns
+// the *placement.NoValidHostError from Schedule, or ErrGroupBusy.
+// DecideTime is set in every case where Schedule ran.
 func (s *Snapshot) Reserve(req *placement.Request, p *placement.Policy, rng *rand.Rand) (Reservation, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -564,14 +580,11 @@ func (s *Snapshot) Reserve(req *placement.Request, p *placement.Policy, rng *ran
 	if err != nil {
 		return r, err
 	}
-	r.Decision, r.Host, r.Group = d, d.Host.Name, req.Group
+	r.Decision, r.Host, r.Group, r.Resources = d, d.Host.Name, req.Group, req.Resources
 	r.Decision.Host = nil // the pointer is the view's, guarded by mu
-	st := s.alloc[r.Host]
-	if st.value != nil {
-		r.Alloc = proto.Clone(st.value).(*minicloudv1.HostAllocation)
-	}
-	r.AllocModRevision = st.modRev
-	s.cluster.InFlight[r.Host] = true
+	u := s.pending[r.Host]
+	s.pending[r.Host] = pendingUse{res: u.res.Add(r.Resources), vms: u.vms + 1}
+	s.syncHost(r.Host)
 	if r.Group != "" {
 		s.busyGroups[r.Group] = true
 	}
@@ -591,6 +604,25 @@ func (s *Snapshot) Confirm(r Reservation, alloc *minicloudv1.HostAllocation, cla
 	s.release(r)
 }
 
+// CommitBase is what a host's next group commit builds on: the committed
+// allocation as the view holds it (nil: none yet) and its mod revision,
+// for the commit's compare, and the host's limits, to take only the
+// reservations that fit on it (the view may have moved since they were
+// decided). ok is false if the host is gone from the view.
+func (s *Snapshot) CommitBase(host string) (alloc *minicloudv1.HostAllocation, modRev int64, limits placement.Resources, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h := s.host(host)
+	if h == nil {
+		return nil, 0, placement.Resources{}, false
+	}
+	st := s.alloc[host]
+	if st.value != nil {
+		alloc = proto.CloneOf(st.value)
+	}
+	return alloc, st.modRev, h.Limits(), true
+}
+
 // Abort ends a reservation whose commit did not happen.
 func (s *Snapshot) Abort(r Reservation) {
 	s.mu.Lock()
@@ -599,7 +631,13 @@ func (s *Snapshot) Abort(r Reservation) {
 }
 
 func (s *Snapshot) release(r Reservation) {
-	delete(s.cluster.InFlight, r.Host)
+	p := s.pending[r.Host]
+	if p.vms <= 1 {
+		delete(s.pending, r.Host)
+	} else {
+		s.pending[r.Host] = pendingUse{res: p.res.Sub(r.Resources), vms: p.vms - 1}
+	}
+	s.syncHost(r.Host)
 	if r.Group != "" {
 		delete(s.busyGroups, r.Group)
 	}

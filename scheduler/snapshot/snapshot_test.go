@@ -47,15 +47,11 @@ func TestViewOnlyMovesForward(t *testing.T) {
 	// older revision 7 (another writer) and the echo of 10: neither may
 	// roll the view back.
 	r := Reservation{Host: "h1"}
-	s.cluster.InFlight["h1"] = true
 	s.Confirm(r, alloc(3072, 3), &minicloudv1.Claim{VmId: "vm3", Host: "h1", Project: "p", ServerGroup: "g"}, 10)
 	s.apply(mvccpb.PUT, kv(store.HostAllocKey("h1"), alloc(2048, 2), 7))
 	s.apply(mvccpb.PUT, kv(store.HostAllocKey("h1"), alloc(3072, 3), 10))
 	if h, _ := s.Host("h1"); h.Allocated.MemoryMiB != 3072 || h.VMCount != 3 {
 		t.Fatalf("stale event rolled the view back: %+v", h)
-	}
-	if s.cluster.InFlight["h1"] {
-		t.Fatal("Confirm left the host in flight")
 	}
 	if s.alloc["h1"].modRev != 10 {
 		t.Fatalf("alloc mod revision %d, want 10", s.alloc["h1"].modRev)
@@ -109,7 +105,11 @@ func TestRefreshHostReplacesClaimsAndAllocation(t *testing.T) {
 	}
 }
 
-func TestReserveExcludesInFlightAndBusyGroups(t *testing.T) {
+// TestReserveStacksPendingAndExcludesBusyGroups: a reservation counts on
+// its host until Confirm or Abort, so the next decision stacks on it; a
+// request that only this replica's pending reservations keep out is
+// retryable, and a server group has one member in flight at a time.
+func TestReserveStacksPendingAndExcludesBusyGroups(t *testing.T) {
 	var changed []string
 	s := newTestSnapshot(&changed)
 	for _, h := range []string{"h1", "h2"} {
@@ -118,24 +118,50 @@ func TestReserveExcludesInFlightAndBusyGroups(t *testing.T) {
 	}
 	p, _ := placement.NewPolicy(placement.Spread)
 	rng := rand.New(rand.NewPCG(1, 1))
-	req := &placement.Request{Resources: placement.Resources{VCPUs: 1, MemoryMiB: 512}, Group: "p/g"}
+	half := placement.Resources{VCPUs: 1, MemoryMiB: 2048}
+	req := &placement.Request{Resources: half, Group: "p/g"}
 	r1, err := s.Reserve(req, p, rng)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if h, _ := s.Host(r1.Host); h.Allocated != half || h.Pending != half || h.VMCount != 1 {
+		t.Fatalf("reserved host %+v, want the reservation counted as pending", h)
+	}
 	if _, err := s.Reserve(req, p, rng); err != ErrGroupBusy {
 		t.Fatalf("second member of a group in flight: %v, want ErrGroupBusy", err)
 	}
-	r2, err := s.Reserve(&placement.Request{Resources: req.Resources}, p, rng)
-	if err != nil || r2.Host == r1.Host {
-		t.Fatalf("second reservation on %q (first %q), err %v", r2.Host, r1.Host, err)
+	var rs []Reservation
+	for range 3 {
+		r, err := s.Reserve(&placement.Request{Resources: half}, p, rng)
+		if err != nil {
+			t.Fatalf("stacking on pending reservations: %v", err)
+		}
+		rs = append(rs, r)
 	}
-	_, err = s.Reserve(&placement.Request{Resources: req.Resources}, p, rng)
+	if rs[0].Host == r1.Host {
+		t.Fatalf("spread put the second reservation on %s beside the first: pending not counted", rs[0].Host)
+	}
+	_, err = s.Reserve(&placement.Request{Resources: half}, p, rng)
 	if nvh, ok := err.(*placement.NoValidHostError); !ok || !nvh.Retryable() {
-		t.Fatalf("both hosts in flight: %v, want a retryable NoValidHost", err)
+		t.Fatalf("both hosts full with pending reservations: %v, want a retryable NoValidHost", err)
+	}
+	// An allocation event for the host keeps the pending reservations.
+	s.apply(mvccpb.PUT, kv(store.HostAllocKey(r1.Host), alloc(0, 0), 5))
+	if h, _ := s.Host(r1.Host); h.Allocated.MemoryMiB != 4096 {
+		t.Fatalf("allocation event dropped the pending reservations: %+v", h)
 	}
 	s.Abort(r1)
-	s.Abort(r2)
+	if h, _ := s.Host(r1.Host); h.Allocated.MemoryMiB != 2048 || h.VMCount != 1 {
+		t.Fatalf("after Abort: %+v, want one reservation left", h)
+	}
+	for _, r := range rs {
+		s.Abort(r)
+	}
+	for _, h := range []string{"h1", "h2"} {
+		if v, _ := s.Host(h); v.Allocated != (placement.Resources{}) || v.Pending != (placement.Resources{}) || v.VMCount != 0 {
+			t.Fatalf("after every Abort: %+v", v)
+		}
+	}
 	if _, err := s.Reserve(req, p, rng); err != nil {
 		t.Fatalf("after Abort: %v", err)
 	}
