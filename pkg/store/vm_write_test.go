@@ -396,8 +396,8 @@ func BenchmarkCreateVMsTxn(b *testing.B) {
 			UserData: []byte("#cloud-config\n"), FlavorRev: 2, ImageRev: 3,
 			Networks:  []store.NetworkRef{{ID: "net-1", Rev: 4}},
 			RequestID: "req-" + id, RequestFingerprint: "f",
-			Event:     &minicloudv1.Event{Reason: lifecycle.ReasonCreated, Message: "created"},
-			Now:       time.Now(),
+			Event: &minicloudv1.Event{Reason: lifecycle.ReasonCreated, Message: "created"},
+			Now:   time.Now(),
 		}
 	}
 	b.ReportAllocs()
