@@ -304,18 +304,26 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 	if !s.verified.verified(blob.GetSha256(), id) {
 		h = sha256.New()
 	}
-	buf := make([]byte, downloadChunkSize)
 	var sent int64
 	for {
-		n, rerr := f.Read(buf)
+		// A buffer of its own for every chunk: gRPC may still be writing
+		// the last one (see ServerCodec).
+		buf := chunkBuffers.Get(downloadChunkSize)
+		n, rerr := f.Read(*buf)
+		*buf = (*buf)[:n]
 		if n > 0 {
 			if h != nil {
-				h.Write(buf[:n])
+				h.Write(*buf)
 			}
-			if err := stream.Send(&minicloudv1.DownloadImageResponse{Data: buf[:n]}); err != nil {
+			ch := newBlobChunk(buf)
+			err := stream.SendMsg(ch)
+			ch.release()
+			if err != nil {
 				return err
 			}
 			sent += int64(n)
+		} else {
+			chunkBuffers.Put(buf)
 		}
 		if rerr != nil {
 			if errors.Is(rerr, io.EOF) {

@@ -58,6 +58,13 @@ func newEnv(t *testing.T, maxBytes int64) *env {
 // one etcd and one directory are replicas of one control plane.
 func newEnvOn(t *testing.T, etcd *clientv3.Client, dir string, maxBytes int64) *env {
 	t.Helper()
+	return newEnvWith(t, etcd, dir, maxBytes, grpc.ForceServerCodecV2(ServerCodec()))
+}
+
+// newEnvWith is newEnvOn with these server options instead of the API
+// server's codec.
+func newEnvWith(t *testing.T, etcd *clientv3.Client, dir string, maxBytes int64, opts ...grpc.ServerOption) *env {
+	t.Helper()
 	e := &env{etcd: etcd, dir: dir, inUse: map[string]string{}, createDone: make(chan error, 16)}
 	e.svc = New(Config{
 		Client: etcd,
@@ -72,7 +79,7 @@ func newEnvOn(t *testing.T, etcd *clientv3.Client, dir string, maxBytes int64) *
 		MaxImageBytes: maxBytes,
 	})
 	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer(
+	srv := grpc.NewServer(append([]grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor),
 		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 			err := h(srv, ss)
@@ -81,7 +88,7 @@ func newEnvOn(t *testing.T, etcd *clientv3.Client, dir string, maxBytes int64) *
 			}
 			return err
 		}, errdefs.StreamServerInterceptor),
-	)
+	}, opts...)...)
 	minicloudv1.RegisterImageServiceServer(srv, e.svc)
 	go srv.Serve(lis)
 	e.stop = func() { srv.Stop(); e.svc.Close() }
@@ -216,7 +223,16 @@ func (e *env) expectNothingLeft(t *testing.T) {
 }
 
 func TestUploadDownloadRoundTrip(t *testing.T) {
-	e := newEnv(t, 0)
+	t.Run("API server codec", func(t *testing.T) { testUploadDownloadRoundTrip(t, newEnv(t, 0)) })
+	// A server without ServerCodec marshals each chunk as the plain
+	// message it also is.
+	t.Run("proto codec", func(t *testing.T) {
+		_, etcd := etcdtest.Start(t)
+		testUploadDownloadRoundTrip(t, newEnvWith(t, etcd, filepath.Join(t.TempDir(), "images"), 0))
+	})
+}
+
+func testUploadDownloadRoundTrip(t *testing.T, e *env) {
 	ctx := context.Background()
 	p := parts{disk: randomBytes(t, 3<<20+17), kernel: randomBytes(t, 100<<10), initrd: randomBytes(t, 1<<20)}
 	img, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{

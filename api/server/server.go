@@ -247,6 +247,8 @@ func New(cfg Config) (*Server, error) {
 		grpc.NumStreamWorkers(uint32(2 * runtime.GOMAXPROCS(0))),
 		grpc.ChainUnaryInterceptor(m.unary, s.logUnary, errdefs.UnaryServerInterceptor, s.auditUnary, s.authUnary, refuseUnknownFieldsUnary),
 		grpc.ChainStreamInterceptor(m.stream, s.logStream, errdefs.StreamServerInterceptor, s.auditStream, s.authStream, s.revokedStream, refuseUnknownFieldsStream),
+		// proto, except that image downloads go out without a copy.
+		grpc.ForceServerCodecV2(imageservice.ServerCodec()),
 	}
 	opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.TLS)))
 	s.grpc = grpc.NewServer(opts...)
