@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"time"
 
@@ -176,21 +177,27 @@ func (b *createBatcher) commitBatch(ctx context.Context, project string, q *proj
 			return a.later
 		}
 		// Either the usage moved (another replica, a delete, SetQuota) or
-		// a compare of one of the VMs failed. Re-read the usage: if it
-		// moved, decide the batch again on it; if not, a VM's own compare
-		// failed, and each create re-reads what it refers to.
-		before := q.usage
-		u, err := store.ReadCountedUsage(ctx, b.s.etcd, project)
+		// a compare of some of the VMs failed (a name, an address or a
+		// referenced object changed since this replica's create cache saw
+		// it). One read says which: the VMs whose compares fail re-read
+		// what they refer to (errRetry); the rest are decided again on the
+		// usage as it is now and go in the next pass, without a read of
+		// their own.
+		check, err := store.CheckCreateVMs(ctx, b.s.etcd, project, nvs...)
 		if err != nil {
 			q.known = false
 			answer(batch, createResult{err: err})
 			return nil
 		}
-		q.usage, q.known, fresh = u, true, true
-		if u.UsageRev == before.UsageRev && u.LimitsRev == before.LimitsRev {
-			answer(a.admitted, createResult{err: errRetry})
-			answer(a.refused, createResult{err: errRetry})
-			return a.later
+		q.usage, q.known, fresh = check.Usage, check.Usage.Counted(), true
+		lost := make(map[*pendingCreate]bool, len(check.Failed))
+		for _, i := range check.Failed {
+			lost[a.admitted[i]] = true
+			a.admitted[i].done <- createResult{err: errRetry}
+		}
+		batch = slices.DeleteFunc(batch, func(p *pendingCreate) bool { return lost[p] })
+		if len(batch) == 0 {
+			return nil
 		}
 	}
 	answer(batch, createResult{err: tooMuchContention("create vms in project " + project)})

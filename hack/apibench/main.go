@@ -46,7 +46,7 @@ func main() {
 	fillFlag := flag.String("fill", "", "comma-separated VM counts (e.g. 1000,50000): fill the network through the API to each and measure creates/s there")
 	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of each API phase to FILE.<clients> (with -fill: of each window, to FILE.<count>); the raw etcd phases are not in it")
-	memProfile := flag.String("memprofile", "", "write an allocation profile of the run to this file (go tool pprof -sample_index=alloc_space)")
+	memProfile := flag.String("memprofile", "", "write an allocation profile of the run to FILE, and of each API phase to FILE.<clients>.start and FILE.<clients> (go tool pprof -sample_index=alloc_space -diff_base FILE.<clients>.start FILE.<clients>: that phase alone)")
 	flag.Parse()
 	clients, err := benchdoc.Counts(*clientsFlag)
 	if err != nil {
@@ -97,7 +97,23 @@ func (b *bench) writeMemProfile() error {
 	if b.memProfile == "" {
 		return nil
 	}
-	f, err := os.Create(b.memProfile)
+	return writeAllocs(b.memProfile)
+}
+
+// phaseMemProfile writes the allocation profile so far to
+// memProfile.<count><suffix>, if memProfile is set: one at the start and
+// one at the end of a phase, whose difference is the phase's.
+func (b *bench) phaseMemProfile(count int, suffix string) error {
+	if b.memProfile == "" {
+		return nil
+	}
+	return writeAllocs(fmt.Sprintf("%s.%d%s", b.memProfile, count, suffix))
+}
+
+func writeAllocs(path string) error {
+	// The profile is as of the last collection: make that now.
+	runtime.GC()
+	f, err := os.Create(path)
 	if err != nil {
 		return err
 	}
@@ -182,6 +198,23 @@ type sample struct {
 	failed    int64
 	elapsed   time.Duration
 	cpu       time.Duration // CPU time of this process (API server, etcd and clients) during the phase
+	mallocs   uint64        // heap allocations of this process during the phase
+	bytes     uint64        // heap bytes allocated by this process during the phase
+}
+
+// allocsPerOp is the process's heap allocations (count and KB) per
+// successful operation: what the garbage collector is fed, which on this
+// shared machine moves even less with the other tenants' load than CPU.
+func (s sample) allocsPerOp() string {
+	n := uint64(len(s.latencies))
+	return fmt.Sprintf("%d / %.1f KB", s.mallocs/n, float64(s.bytes)/float64(n)/1024)
+}
+
+// heapAllocs is the process's heap allocations so far (count, bytes).
+func heapAllocs() (mallocs, bytes uint64) {
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.Mallocs, m.TotalAlloc
 }
 
 // cpuPerOp is the process's CPU time per successful operation: on a
@@ -207,6 +240,7 @@ func measure(ctx context.Context, clients int, duration time.Duration, limit int
 		started atomic.Int64
 	)
 	deadline := time.Now().Add(duration)
+	mallocs, bytes := heapAllocs()
 	began, cpu := time.Now(), benchdoc.ProcessCPU()
 	for range clients {
 		wg.Add(1)
@@ -229,6 +263,8 @@ func measure(ctx context.Context, clients int, duration time.Duration, limit int
 	}
 	wg.Wait()
 	s.elapsed, s.failed, s.cpu = time.Since(began), failed.Load(), benchdoc.ProcessCPU()-cpu
+	endMallocs, endBytes := heapAllocs()
+	s.mallocs, s.bytes = endMallocs-mallocs, endBytes-bytes
 	if len(s.latencies) == 0 {
 		return s, fmt.Errorf("no operation succeeded (%d failed)", s.failed)
 	}
@@ -248,6 +284,9 @@ func run(ctx context.Context, b *bench, loadBefore string, clients []int, durati
 		if err != nil {
 			return err
 		}
+		if err := b.phaseMemProfile(c, ".start"); err != nil {
+			return err
+		}
 		b.counts.reset()
 		stopProfile, err := profile(cpuProfile, c)
 		if err != nil {
@@ -258,6 +297,9 @@ func run(ctx context.Context, b *bench, loadBefore string, clients []int, durati
 		if err != nil {
 			return fmt.Errorf("api, %d clients: %w", c, err)
 		}
+		if err := b.phaseMemProfile(c, ""); err != nil {
+			return err
+		}
 		snap := b.counts.snapshot()
 		endRev, err := revision(ctx, b.cli)
 		if err != nil {
@@ -265,10 +307,10 @@ func run(ctx context.Context, b *bench, loadBefore string, clients []int, durati
 		}
 		n := len(api.latencies)
 		per := func(v int64) string { return fmt.Sprintf("%.2f", float64(v)/float64(n)) }
-		fmt.Fprintf(&rows, "| %d | raw etcd txn | — | %d | %d | %.0f | %s | %s | %s | | | | |\n",
-			c, len(raw.latencies), raw.failed, raw.rate(), round(raw.pct(0.50)), round(raw.pct(0.99)), raw.cpuPerOp())
-		fmt.Fprintf(&rows, "| %d | API CreateVM | %d | %d | %d | %.0f | %s | %s | %s | **%.2f×** | %s | %s | %s |\n",
-			c, vms, n, api.failed, api.rate(), round(api.pct(0.50)), round(api.pct(0.99)), api.cpuPerOp(), api.rate()/raw.rate(),
+		fmt.Fprintf(&rows, "| %d | raw etcd txn | — | %d | %d | %.0f | %s | %s | %s | %s | | | | |\n",
+			c, len(raw.latencies), raw.failed, raw.rate(), round(raw.pct(0.50)), round(raw.pct(0.99)), raw.cpuPerOp(), raw.allocsPerOp())
+		fmt.Fprintf(&rows, "| %d | API CreateVM | %d | %d | %d | %.0f | %s | %s | %s | %s | **%.2f×** | %s | %s | %s |\n",
+			c, vms, n, api.failed, api.rate(), round(api.pct(0.50)), round(api.pct(0.99)), api.cpuPerOp(), api.allocsPerOp(), api.rate()/raw.rate(),
 			per(endRev-startRev), per(snap.writeTxns), per(snap.requests))
 		vms += int64(n)
 		log.Printf("%d clients: raw %.0f/s, api %.0f/s (%d lost races, %d lease grants)", c, raw.rate(), api.rate(), snap.failedTxns, snap.leaseGrants)
@@ -278,10 +320,10 @@ func run(ctx context.Context, b *bench, loadBefore string, clients []int, durati
 	var out strings.Builder
 	fmt.Fprintf(&out, "`go run ./hack/apibench -clients %s -duration %s` — embedded etcd (data in %s) and the API server in one process, concurrent gRPC clients over loopback, GOMAXPROCS=%d, load average %s before the run and %s after, measured %s.\n\n",
 		joinInts(clients), duration, os.TempDir(), runtime.GOMAXPROCS(0), loadBefore, loadAfter, time.Now().UTC().Format("2006-01-02"))
-	fmt.Fprintf(&out, "| clients | what | VMs in the network before | ops | failed | ops/s | p50 | p99 | CPU / op | API / raw etcd (ops/s) | etcd revisions / create | etcd write txns / create | etcd requests / create |\n")
-	fmt.Fprintf(&out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&out, "| clients | what | VMs in the network before | ops | failed | ops/s | p50 | p99 | CPU / op | allocations / op | API / raw etcd (ops/s) | etcd revisions / create | etcd write txns / create | etcd requests / create |\n")
+	fmt.Fprintf(&out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	out.WriteString(rows.String())
-	fmt.Fprintf(&out, "\nEach client count runs two phases of %s, one after the other on the same embedded etcd: first raw etcd transactions of a create's shape (one compare that a key is absent, 7 puts of 292 bytes ≈ 2 KB; the client connection is the API server's, no API, no TLS to the API, no auth), then creates through the API. The API: as `minicloudd api` serves, TLS, and every call authenticated with the bootstrap admin's bearer token (checked against the API server's credentials cache, which an etcd watch keeps current: no etcd read per call) and authorized by the policy table; every create also writes its audit record (outside the create's transaction; the records of calls ending together share one transaction). Quotas on (a default quota no run reaches): every create is charged to its project's usage key in its transaction. All API creates go to one /16 network, so a later row starts with the VMs of the earlier ones. CPU / op is this process's CPU time (API server, etcd and the clients together) during the phase divided by its operations: on this shared machine it moves less with the other tenants' load than ops/s does. Revisions count committed etcd writes, audit records included (group-committed, like the creates); a create is one transaction (spec, status, user-data, name index, request id, addresses, first event, the project's usage), and the creates of one project in flight at once are group-committed into one transaction (they all compare and write the usage key), so fewer than 1.00 means several creates shared a commit. Write txns include transactions whose compares failed and were retried. Requests count every etcd call of the API, reads included.\n", duration)
+	fmt.Fprintf(&out, "\nEach client count runs two phases of %s, one after the other on the same embedded etcd: first raw etcd transactions of a create's shape (one compare that a key is absent, 7 puts of 292 bytes ≈ 2 KB; the client connection is the API server's, no API, no TLS to the API, no auth), then creates through the API. The API: as `minicloudd api` serves, TLS, and every call authenticated with the bootstrap admin's bearer token (checked against the API server's credentials cache, which an etcd watch keeps current: no etcd read per call) and authorized by the policy table; every create also writes its audit record (outside the create's transaction; the records of calls ending together share one transaction). Quotas on (a default quota no run reaches): every create is charged to its project's usage key in its transaction. All API creates go to one /16 network, so a later row starts with the VMs of the earlier ones. CPU / op is this process's CPU time (API server, etcd and the clients together) during the phase divided by its operations: on this shared machine it moves less with the other tenants' load than ops/s does; allocations / op likewise counts the whole process's heap allocations (runtime.MemStats: objects, and KB) per operation. Revisions count committed etcd writes, audit records included (group-committed, like the creates); a create is one transaction (spec, status, user-data, name index, request id, addresses, first event, the project's usage), and the creates of one project in flight at once are group-committed into one transaction (they all compare and write the usage key), so fewer than 1.00 means several creates shared a commit. Write txns include transactions whose compares failed and were retried. Requests count every etcd call of the API, reads included.\n", duration)
 	fmt.Print(out.String())
 	if docs == "" {
 		return nil

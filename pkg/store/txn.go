@@ -95,6 +95,12 @@ func (h Read) KVs() []*mvccpb.KeyValue { return h.rangeResp().GetKvs() }
 // Count is how many keys the get matched (with clientv3.WithCountOnly too).
 func (h Read) Count() int64 { return h.rangeResp().GetCount() }
 
+// Succeeded says whether the compares of a nested transaction (a read
+// added as clientv3.OpTxn) held.
+func (h Read) Succeeded() bool {
+	return h.r.resp.Responses[h.i].GetResponseTxn().GetSucceeded()
+}
+
 // First is the first key found, or nil.
 func (h Read) First() *mvccpb.KeyValue {
 	if kvs := h.KVs(); len(kvs) > 0 {

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"time"
 
@@ -89,24 +90,9 @@ func createVMCost(n NewVM) (cmps, ops int) {
 func appendCreateVM(t *Txn, n NewVM) error {
 	vm := n.VM
 	id, project, name := vm.GetMeta().GetId(), vm.GetMeta().GetProject(), vm.GetMeta().GetName()
-	spec := vm.GetSpec()
-	t.If = append(t.If,
-		Absent(VMNameKey(project, name)),
-		Unchanged(FlavorKey(spec.GetFlavor()), n.FlavorRev),
-	)
-	if n.ImageRev != 0 {
-		t.If = append(t.If, Unchanged(ImageKey(spec.GetImage()), n.ImageRev))
-	} else {
-		t.If = append(t.If, Exists(ImageKey(spec.GetImage())))
-	}
-	if g := spec.GetServerGroup(); g != "" {
-		t.If = append(t.If, Exists(ServerGroupKey(project, g)))
-	}
+	t.If = appendCreateVMCompares(t.If, n)
 	for i, a := range vm.GetStatus().GetAddresses() {
-		nw := n.Networks[i]
-		ipKey := IPAMKey(nw.ID, a.GetIp())
-		t.If = append(t.If, Unchanged(NetworkKey(project, a.GetNetwork()), nw.Rev), Absent(ipKey))
-		t.Then = append(t.Then, clientv3.OpPut(ipKey, id))
+		t.Then = append(t.Then, clientv3.OpPut(IPAMKey(n.Networks[i].ID, a.GetIp()), id))
 	}
 	specOp, err := VMSpecOp(vm)
 	if err != nil {
@@ -121,14 +107,42 @@ func appendCreateVM(t *Txn, n NewVM) error {
 		t.Then = append(t.Then, clientv3.OpPut(VMUserDataKey(id), string(n.UserData)))
 	}
 	if n.RequestID != "" {
-		key := VMRequestKey(project, n.RequestID)
-		t.If = append(t.If, Unchanged(key, n.RequestRev))
-		t.Then = append(t.Then, clientv3.OpPut(key, RequestValue(id, n.RequestFingerprint), clientv3.WithLease(n.Lease)))
+		t.Then = append(t.Then, clientv3.OpPut(VMRequestKey(project, n.RequestID), RequestValue(id, n.RequestFingerprint), clientv3.WithLease(n.Lease)))
 	}
 	if n.Event != nil {
 		t.Events = append(t.Events, EventAppend{VMID: id, Now: n.Now, Events: []*minicloudv1.Event{n.Event}, New: true})
 	}
 	return nil
+}
+
+// appendCreateVMCompares adds the compares of creating n to cmps: the name,
+// each address and the request id as read, the flavor, image, server
+// group and networks in place. (The event log's compare is added at
+// commit, by resolveEvents.)
+func appendCreateVMCompares(cmps []clientv3.Cmp, n NewVM) []clientv3.Cmp {
+	vm := n.VM
+	project := vm.GetMeta().GetProject()
+	spec := vm.GetSpec()
+	cmps = append(cmps,
+		Absent(VMNameKey(project, vm.GetMeta().GetName())),
+		Unchanged(FlavorKey(spec.GetFlavor()), n.FlavorRev),
+	)
+	if n.ImageRev != 0 {
+		cmps = append(cmps, Unchanged(ImageKey(spec.GetImage()), n.ImageRev))
+	} else {
+		cmps = append(cmps, Exists(ImageKey(spec.GetImage())))
+	}
+	if g := spec.GetServerGroup(); g != "" {
+		cmps = append(cmps, Exists(ServerGroupKey(project, g)))
+	}
+	for i, a := range vm.GetStatus().GetAddresses() {
+		nw := n.Networks[i]
+		cmps = append(cmps, Unchanged(NetworkKey(project, a.GetNetwork()), nw.Rev), Absent(IPAMKey(nw.ID, a.GetIp())))
+	}
+	if n.RequestID != "" {
+		cmps = append(cmps, Unchanged(VMRequestKey(project, n.RequestID), n.RequestRev))
+	}
+	return cmps
 }
 
 // CreateVMsTxn creates every VM of vms (each as CreateVMTxn does) and
@@ -158,6 +172,51 @@ func CreateVMsTxn(usage UsageState, next *minicloudv1.QuotaUsage, vms ...NewVM) 
 	}
 	t.If, t.Then = append(t.If, cmps...), append(t.Then, ops...)
 	return t, nil
+}
+
+// CreateVMsCheck is what CheckCreateVMs found.
+type CreateVMsCheck struct {
+	// Failed are the indexes, into the VMs checked, of the creates whose
+	// own compares fail now.
+	Failed []int
+	// Usage is the project's usage and limits now (possibly uncounted:
+	// see ReadCountedUsage).
+	Usage UsageState
+}
+
+// CheckCreateVMs finds out, after a CreateVMsTxn of vms failed its
+// compares, which of the VMs' own compares fail now and what the
+// project's usage is, in one read-only round trip: each VM's compares go
+// as a nested transaction that writes nothing, so etcd says of each
+// whether they hold. A group commit then retries only the creates that
+// lost a race and commits the rest, instead of sending the whole batch
+// back to re-read.
+func CheckCreateVMs(ctx context.Context, kv clientv3.KV, project string, vms ...NewVM) (CreateVMsCheck, error) {
+	var reads Reads
+	reads.Grow(len(vms) + 2)
+	checks := make([]Read, len(vms))
+	for i, n := range vms {
+		cmps := appendCreateVMCompares(nil, n)
+		if n.Event != nil {
+			// The event log's compare, as resolveEvents adds it for a new
+			// VM: a failure there is this VM's too.
+			cmps = append(cmps, Absent(VMEventSeqKey(n.VM.GetMeta().GetId())))
+		}
+		checks[i] = reads.Add(clientv3.OpTxn(cmps, nil, nil))
+	}
+	u, l := UsageReads(&reads, project)
+	if err := reads.Do(ctx, kv); err != nil {
+		return CreateVMsCheck{}, fmt.Errorf("check the creates of project %s: %w", project, err)
+	}
+	var c CreateVMsCheck
+	for i, r := range checks {
+		if !r.Succeeded() {
+			c.Failed = append(c.Failed, i)
+		}
+	}
+	var err error
+	c.Usage, err = DecodeUsage(project, u, l)
+	return c, err
 }
 
 // UpdateVMSpecTxn stores vm's (changed) spec, compared with the resource

@@ -377,6 +377,52 @@ func TestReadsAreNamed(t *testing.T) {
 	}
 }
 
+// TestCheckCreateVMs: a group commit of three creates fails because the
+// second's address and the third's name were taken after they were
+// decided; CheckCreateVMs names exactly those two, reads the usage as it
+// is, and a commit of the first alone then goes through.
+func TestCheckCreateVMs(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	put(t, w.cli, store.QuotaUsageKey("p"), &minicloudv1.QuotaUsage{Networks: 1})
+	usage, err := store.ReadCountedUsage(ctx, w.cli, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vms := []store.NewVM{w.newVM("a", "a", "10.0.0.2"), w.newVM("b", "b", "10.0.0.3"), w.newVM("c", "c", "10.0.0.4")}
+	if _, err := w.cli.Put(ctx, store.IPAMKey("net-1", "10.0.0.3"), "other"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.cli.Put(ctx, store.VMNameKey("p", "c"), "other"); err != nil {
+		t.Fatal(err)
+	}
+	if commits(t, w.cli)(store.CreateVMsTxn(usage, &minicloudv1.QuotaUsage{Instances: 3}, vms...)) {
+		t.Fatal("batch committed over a taken address and name")
+	}
+	check, err := store.CheckCreateVMs(ctx, w.cli, "p", vms...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(check.Failed) != "[1 2]" || check.Usage.UsageRev != usage.UsageRev || !check.Usage.Counted() {
+		t.Fatalf("check: failed %v, usage %+v (was %+v)", check.Failed, check.Usage, usage)
+	}
+	if !commits(t, w.cli)(store.CreateVMsTxn(check.Usage, &minicloudv1.QuotaUsage{Networks: 1, Instances: 1}, vms[0])) {
+		t.Fatal("the create whose compares held did not commit alone")
+	}
+	if got := count(t, w.cli, store.VMSpecPrefix); got != 1 {
+		t.Fatalf("%d VMs stored, want 1", got)
+	}
+	// Now the usage moved (the commit above): the check says so, and that
+	// the first's own compares fail too (its name is taken, by itself).
+	check, err = store.CheckCreateVMs(ctx, w.cli, "p", vms...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(check.Failed) != "[0 1 2]" || check.Usage.UsageRev == usage.UsageRev || check.Usage.Usage.GetInstances() != 1 {
+		t.Fatalf("second check: failed %v, usage %+v", check.Failed, check.Usage)
+	}
+}
+
 // BenchmarkCreateVMsTxn builds the transaction of a group commit of 32
 // creates (createbatch.go), as the API server does for every batch: its
 // allocations are per batch; divide by 32 for one create's.
