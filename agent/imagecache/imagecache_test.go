@@ -51,10 +51,10 @@ func serve(t *testing.T, register func(*grpc.Server)) (minicloudv1.ImageServiceC
 	}
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
-	conn, err := grpc.NewClient(lis.Addr().String(),
+	conn, err := grpc.NewClient(lis.Addr().String(), append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithUnaryInterceptor(errdefs.UnaryClientInterceptor),
-	)
+	}, imagecache.DialOptions()...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -216,8 +216,9 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	apiCreds := credentials.NewTLS(creds.ClientTLS())
 	// Several API replicas fail over (see package client): the
 	// assignment stream then re-opens on a live replica and starts again
-	// from the full set.
-	conn, err := client.NewConn(f.api, grpc.WithTransportCredentials(apiCreds))
+	// from the full set. The image cache downloads over it too (its
+	// options spare a copy and a clear of every byte received).
+	conn, err := client.NewConn(f.api, append([]grpc.DialOption{grpc.WithTransportCredentials(apiCreds)}, imagecache.DialOptions()...)...)
 	if err != nil {
 		return fmt.Errorf("API client for %s: %w", f.api, err)
 	}

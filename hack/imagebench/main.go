@@ -126,7 +126,7 @@ func run(ctx context.Context, size int64, rounds, n int, docs, cpuProfile string
 	if err != nil {
 		return err
 	}
-	host, err := grpc.NewClient(srv.Addr, hostOpts...)
+	host, err := grpc.NewClient(srv.Addr, append(hostOpts, imagecache.DialOptions()...)...)
 	if err != nil {
 		return err
 	}
