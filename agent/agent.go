@@ -153,6 +153,10 @@ type Agent struct {
 
 	hypervisorKind string // "kvm" or "tcg", measured at start
 
+	// creatingReportDelay: how long a create runs before it reports
+	// CREATING on its own (creatingreport.go).
+	creatingReportDelay time.Duration
+
 	mu        sync.Mutex
 	assigned  map[string]*assignment           // by VM id
 	reported  map[string]*minicloudv1.VMStatus // last status this agent reported, by VM id
@@ -289,6 +293,8 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 		fence:    fenceState{lastContact: time.Now()},
 		released: map[string]bool{},
 		restarts: map[string]time.Time{},
+
+		creatingReportDelay: defaultCreatingReportDelay,
 	}
 	a.metrics = newAgentMetrics(a)
 	a.consoles = consolehub.New(d.Hypervisor, consolehub.Limits{})

@@ -271,10 +271,20 @@ func TestVMLifecycleOnRealLibvirt(t *testing.T) {
 func TestAgentCrashDuringCreateAndDelete(t *testing.T) {
 	c := newTinyCloud(t)
 	c.MustMC("vm", "create", "crashy", "--image", "tiny", "--flavor", "tiny")
-	vm := waitVM(t, c, "crashy", "creating", func(vm *minicloudv1.VM) bool {
-		return vm.GetStatus().GetPhase() == minicloudv1.VMPhase_VM_PHASE_CREATING
-	})
+	vm := waitVM(t, c, "crashy", "scheduled", func(vm *minicloudv1.VM) bool { return vm.GetStatus().GetHost() != "" })
 	id := vm.GetMeta().GetId()
+	// Mid-create: the agent has begun (the VM's directory is the first
+	// thing it makes). The phase cannot tell: a create that ends within
+	// the agent's CREATING report delay stays SCHEDULED until RUNNING.
+	dir := filepath.Join(c.DataDir, "agent", "vms", id)
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Millisecond) {
+		if _, err := os.Stat(dir); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent did not begin the create of %s within a minute", id)
+		}
+	}
 	c.Kill()
 	c.Run()
 	vm = waitVM(t, c, "crashy", "running after restart", phaseIs(minicloudv1.VMPhase_VM_PHASE_RUNNING))

@@ -11,8 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/protobuf/proto"
-
 	"github.com/minicloud/minicloud/agent/hypervisor"
 	"github.com/minicloud/minicloud/agent/network"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
@@ -177,7 +175,7 @@ func (a *Agent) domainEverCreated(vm *minicloudv1.VM) bool {
 	return false
 }
 
-func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byte) (result, error) {
+func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byte) (_ result, err error) {
 	id := vm.GetMeta().GetId()
 	st := a.observedStatus(vm)
 	var events []*minicloudv1.Event
@@ -214,26 +212,32 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 		return result{}, fmt.Errorf("create VM directory: %w", err)
 	}
 
-	// The CREATING report, the disk and the network need nothing from one
-	// another, so they run at once: each waits on something of its own
-	// (the API and etcd, fsyncs of the overlay, the nftables ruleset), and
-	// in a row they were most of a create's control-plane time with ten
-	// at once on a loaded host (hack/agentbench). Each outcome is handled
-	// below in the order they used to run, after all have ended, so no
-	// report overtakes the CREATING one.
+	// The CREATING report is held back (creatingreport.go): a create that
+	// ends soon sends it with its final report, one commit instead of two;
+	// a slow one sends it on its own after a delay, beside the steps below;
+	// a failing one sends it on the way out, before any other report.
+	var creating *creatingReport
+	if st.Phase == lifecycle.Scheduled {
+		st.Phase = lifecycle.Creating
+		creating = a.holdCreating(ctx, vm, st, normal(lifecycle.ReasonCreating, "creating the VM on host "+a.cfg.HostName))
+		defer func() {
+			if ferr := creating.flush(ctx); ferr != nil {
+				err = errors.Join(err, ferr)
+			}
+		}()
+	}
+	// The disk and the network need nothing from one another, so they run
+	// at once: each waits on something of its own (fsyncs of the overlay,
+	// the nftables ruleset), and in a row they were most of a create's
+	// control-plane time with ten at once on a loaded host
+	// (hack/agentbench). Their outcomes are handled below in the order
+	// they used to run, after both have ended.
 	var (
 		wg                sync.WaitGroup
-		creatingErr       error
 		boot              bootMedia
 		diskErr           error
 		diskAt, networkAt time.Time
 	)
-	if st.Phase == lifecycle.Scheduled {
-		st.Phase = lifecycle.Creating
-		creating := normal(lifecycle.ReasonCreating, "creating the VM on host "+a.cfg.HostName)
-		reported := proto.CloneOf(st)
-		wg.Go(func() { creatingErr = a.report(ctx, vm, reported, reportStatus, creating) })
-	}
 	// 1. Disk: the image cached by digest, the VM's overlay over it.
 	wg.Go(func() {
 		boot, diskErr = a.ensureDisk(ctx, vm)
@@ -246,9 +250,6 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	nics, netErr := a.ensureNetwork(ctx, vm)
 	networkAt = time.Now()
 	wg.Wait()
-	if creatingErr != nil {
-		return result{}, creatingErr
-	}
 	if diskErr != nil {
 		setCondition(st, lifecycle.ConditionDiskReady, false, lifecycle.ReasonDiskFailed, diskErr.Error())
 		return result{}, diskErr
@@ -258,6 +259,12 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	}
 	if netErr != nil {
 		setCondition(st, lifecycle.ConditionNetworkReady, false, lifecycle.ReasonNetworkFailed, netErr.Error())
+		if creating != nil {
+			// networkRefused may report: CREATING goes first.
+			if err := creating.flush(ctx); err != nil {
+				return result{}, err
+			}
+		}
 		return result{}, a.networkRefused(ctx, vm, st, netErr)
 	}
 	a.publishGuests(ctx, id)
@@ -310,6 +317,15 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	}
 	st.Hypervisor = spec.Hypervisor
 	st.ObservedResourceVersion = lifecycleVersion(vm)
+	if creating != nil {
+		ev, err := creating.fold()
+		if err != nil {
+			return result{}, err
+		}
+		if ev != nil {
+			events = append([]*minicloudv1.Event{ev}, events...)
+		}
+	}
 	return res, a.report(ctx, vm, st, reportStatus, events...)
 }
 

@@ -641,8 +641,11 @@ type fakeAPI struct {
 	mu      sync.Mutex
 	reports []*minicloudv1.ReportVMStatusRequest
 	refused []error // transitions the real API would refuse
-	images  map[string]*minicloudv1.Image
-	gets    int // GetImage calls
+	// lag: the assignment stream has not delivered the reports yet (they
+	// are taken, and checked against the VM as it is, but not merged).
+	lag    bool
+	images map[string]*minicloudv1.Image
+	gets   int // GetImage calls
 }
 
 func (f *fakeAPI) GetImage(_ context.Context, req *minicloudv1.GetImageRequest, _ ...grpc.CallOption) (*minicloudv1.Image, error) {
@@ -698,7 +701,12 @@ func (f *fakeAPI) ReportVMStatus(_ context.Context, req *minicloudv1.ReportVMSta
 		delete(a.assigned, req.GetVmId()) // the stream sends DELETED
 		return &minicloudv1.ReportVMStatusResponse{}, nil
 	}
-	as.vm = next
+	f.mu.Lock()
+	lag := f.lag
+	f.mu.Unlock()
+	if !lag {
+		as.vm = next
+	}
 	return &minicloudv1.ReportVMStatusResponse{}, nil
 }
 
@@ -925,13 +933,15 @@ func TestConcurrentCreatesShareTheBridge(t *testing.T) {
 	}
 }
 
-// TestCreateBuildsDiskAndNetworkAtOnce: the CREATING report, the disk and
-// the network of a create run at the same time (the disk here waits until
-// the port exists and the API has the CREATING report), and the outcome is
-// what the steps in a row gave: CREATING reported first, then RUNNING with
+// TestCreateBuildsDiskAndNetworkAtOnce: the CREATING report of a slow
+// create (one that outlasts creatingReportDelay, zero here), the disk and
+// the network run at the same time (the disk here waits until the port
+// exists and the API has the CREATING report), and the outcome is what the
+// steps in a row gave: CREATING reported first, then RUNNING with
 // DiskReady and NetworkReady.
 func TestCreateBuildsDiskAndNetworkAtOnce(t *testing.T) {
 	h := newHarness(t)
+	h.a.creatingReportDelay = 0
 	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
 	h.disks.gate = func() error {
 		deadline := time.Now().Add(10 * time.Second)
@@ -962,5 +972,95 @@ func TestCreateBuildsDiskAndNetworkAtOnce(t *testing.T) {
 		if !slices.Contains(reasons, want) {
 			t.Errorf("events of the RUNNING report %v lack %s", reasons, want)
 		}
+	}
+}
+
+// reasons are the reasons of events, in order.
+func reasons(events []*minicloudv1.Event) []string {
+	var out []string
+	for _, e := range events {
+		out = append(out, e.GetReason())
+	}
+	return out
+}
+
+// TestFastCreateReportsCreatingWithRunning: a create that ends within
+// creatingReportDelay sends one report, SCHEDULED → RUNNING, whose events
+// are the whole create in order, CREATING first.
+func TestFastCreateReportsCreatingWithRunning(t *testing.T) {
+	h := newHarness(t)
+	h.a.creatingReportDelay = time.Hour
+	id := h.running()
+	if n := h.api.count(id); n != 1 {
+		t.Fatalf("%d reports for a fast create, want 1", n)
+	}
+	r := h.api.last(id)
+	want := []string{lifecycle.ReasonCreating, lifecycle.ReasonDiskReady, lifecycle.ReasonNetworkReady, lifecycle.ReasonStarted}
+	if got := reasons(r.GetEvents()); !slices.Equal(got, want) {
+		t.Errorf("events of the report %v, want %v", got, want)
+	}
+	for _, typ := range []string{lifecycle.ConditionDiskReady, lifecycle.ConditionNetworkReady, lifecycle.ConditionDomainRunning} {
+		if c := condition(h.vm(id), typ); c == nil || !c.Status {
+			t.Errorf("condition %s = %v, want true", typ, c)
+		}
+	}
+}
+
+// TestFailingCreateStillReportsCreating: a create whose pass fails before
+// the delay reports CREATING on its way out, once: the VM shows that its
+// host works on it while the host retries.
+func TestFailingCreateStillReportsCreating(t *testing.T) {
+	h := newHarness(t)
+	h.a.creatingReportDelay = time.Hour
+	h.disks.fail(errors.New("qemu-img: disk full"))
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	for i := 0; i < 2; i++ {
+		if _, err := h.pass(id); err == nil {
+			t.Fatalf("pass %d succeeded with a failing disk", i)
+		}
+	}
+	if n := h.api.count(id); n != 1 {
+		t.Fatalf("%d reports after two failed passes, want the CREATING one", n)
+	}
+	if r := h.api.last(id); r.GetStatus().GetPhase() != lifecycle.Creating || !slices.Equal(reasons(r.GetEvents()), []string{lifecycle.ReasonCreating}) {
+		t.Errorf("report %v, want CREATING with its event", r)
+	}
+	h.disks.fail(nil)
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
+	if got := reasons(h.api.last(id).GetEvents()); slices.Contains(got, lifecycle.ReasonCreating) {
+		t.Errorf("the RUNNING report repeats CREATING: %v", got)
+	}
+}
+
+// TestPassBeforeTheStreamCatchesUp: after a fast create's one report, a
+// pass that still sees the VM SCHEDULED (a domain event came before the
+// stream delivered the report) creates nothing and reports nothing again;
+// a VM placed anew (a new assignment epoch) is created again.
+func TestPassBeforeTheStreamCatchesUp(t *testing.T) {
+	h := newHarness(t)
+	h.a.creatingReportDelay = time.Hour
+	h.api.mu.Lock()
+	h.api.lag = true
+	h.api.mu.Unlock()
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	h.mustPass(id)
+	reports, ops := h.api.count(id), len(h.ops(id))
+	h.mustPass(id)
+	if n := h.api.count(id); n != reports {
+		t.Errorf("%d more reports from a pass over a VM the stream still shows SCHEDULED: %v", n-reports, h.api.last(id))
+	}
+	if after := h.ops(id); len(after) != ops {
+		t.Errorf("hypervisor calls %v on the second pass, want none", after[ops:])
+	}
+
+	// Placed again on this host, as after an evacuation: that SCHEDULED
+	// is newer than the report, whose copy is destroyed and built anew.
+	h.a.mu.Lock()
+	h.a.assigned[id].vm.Status.AssignmentEpoch++
+	h.a.mu.Unlock()
+	h.mustPass(id)
+	if got := reasons(h.api.last(id).GetEvents()); len(got) == 0 || got[0] != lifecycle.ReasonCreating {
+		t.Errorf("events of the create of the new placement %v, want CREATING first", got)
 	}
 }

@@ -40,8 +40,14 @@ func (a *Agent) observedStatus(vm *minicloudv1.VM) *minicloudv1.VMStatus {
 	a.mu.Unlock()
 	switch {
 	case last == nil:
-	case st.Phase == lifecycle.Scheduled, st.Phase == lifecycle.Deleting:
-		// Written by the scheduler or the API after our report.
+	case st.Phase == lifecycle.Deleting:
+		// Written by the API after our report.
+	case st.Phase == lifecycle.Scheduled && last.GetAssignmentEpoch() != st.GetAssignmentEpoch():
+		// A placement after our report (the VM left and came back).
+		// SCHEDULED of the placement we reported on is only the stream
+		// not having delivered our report yet: a create reports CREATING
+		// with RUNNING (creatingreport.go), and a pass in between (a
+		// domain event) must not create it, and its events, again.
 	case last.ObservedResourceVersion < st.ObservedResourceVersion:
 	default:
 		lifecycle.MergeHostStatus(st, last)

@@ -27,7 +27,7 @@ import (
 var steps = []string{
 	"Created",      // API: the VM is stored
 	"Scheduled",    // scheduler: host chosen, address allocated
-	"Creating",     // agent: picked the VM up
+	"Creating",     // agent: picked the VM up (with RUNNING when the create was fast)
 	"DiskReady",    // agent: image cached, overlay made
 	"NetworkReady", // agent: bridge, tap, anti-spoofing rules, guest services
 	"Started",      // agent: domain defined and started

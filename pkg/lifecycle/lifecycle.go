@@ -103,6 +103,8 @@ var Transitions = []Transition{
 
 	{Scheduled, Creating, Agent, "the host starts creating the VM"},
 	{Scheduled, Error, Agent, "the host cannot create the VM (permanent error)"},
+	{Scheduled, Running, Agent, "domain started soon enough that CREATING came with it"},
+	{Scheduled, Stopped, Agent, "created with power state stopped, CREATING with it"},
 	{Creating, Creating, Agent, "conditions while creating"},
 	{Creating, Running, Agent, "domain started"},
 	{Creating, Stopped, Agent, "created with power state stopped"},

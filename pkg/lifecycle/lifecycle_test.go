@@ -41,7 +41,7 @@ var want = map[lifecycle.Actor][]string{
 	lifecycle.Agent: {
 		/* none      */ ". . . . . . . .",
 		/* PENDING   */ ". . . . . . . .",
-		/* SCHEDULED */ ". . . x . . x .",
+		/* SCHEDULED */ ". . . x x x x .",
 		/* CREATING  */ ". . . x x x x .",
 		/* RUNNING   */ ". . . . x x x .",
 		/* STOPPED   */ ". . . . x x x .",
