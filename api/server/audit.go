@@ -97,10 +97,8 @@ func requestID(ctx context.Context, req proto.Message) string {
 			}
 		}
 	}
-	if md, ok := metadata.FromIncomingContext(ctx); ok {
-		if v := md.Get("x-request-id"); len(v) == 1 && len(v[0]) <= 128 {
-			return v[0]
-		}
+	if v := metadata.ValueFromIncomingContext(ctx, "x-request-id"); len(v) == 1 && len(v[0]) <= 128 {
+		return v[0]
 	}
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)

@@ -39,8 +39,8 @@ func (s *Server) authenticate(ctx context.Context) (*auth.Principal, error) {
 		}
 		return nil, errdefs.Unauthenticated("certificate %q is neither a host's nor the control plane's", cert.Subject.CommonName)
 	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	vals := md.Get("authorization")
+	// One header, not a copy of them all (FromIncomingContext).
+	vals := metadata.ValueFromIncomingContext(ctx, "authorization")
 	if len(vals) == 0 {
 		return nil, nil
 	}

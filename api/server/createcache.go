@@ -217,14 +217,15 @@ func (c *createCache) createRefs(project string, spec *minicloudv1.VMSpec) (*cre
 	if !c.synced {
 		return nil, false
 	}
-	img, imgOK := c.refs[store.ImageKey(spec.GetImage())].msg.(*minicloudv1.Image)
-	flv, flvOK := c.refs[store.FlavorKey(spec.GetFlavor())].msg.(*minicloudv1.Flavor)
+	imgRef, flvRef := c.refs[store.ImageKey(spec.GetImage())], c.refs[store.FlavorKey(spec.GetFlavor())]
+	img, imgOK := imgRef.msg.(*minicloudv1.Image)
+	flv, flvOK := flvRef.msg.(*minicloudv1.Flavor)
 	if !imgOK || !flvOK || !imageservice.Visible(img, project) {
 		return nil, false
 	}
 	refs := &createRefs{
-		image: img, imageRev: c.refs[store.ImageKey(spec.GetImage())].rev,
-		flavor: flv, flavorRev: c.refs[store.FlavorKey(spec.GetFlavor())].rev,
+		image: img, imageRev: imgRef.rev,
+		flavor: flv, flavorRev: flvRef.rev,
 		networks:    make([]*minicloudv1.Network, 0, len(spec.GetNetworks())),
 		networkRevs: make([]int64, 0, len(spec.GetNetworks())),
 		probes:      make([]*ipam.Probe, len(spec.GetNetworks())),

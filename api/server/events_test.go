@@ -53,3 +53,19 @@ func TestVMEventLogIsCapped(t *testing.T) {
 		}
 	}
 }
+
+// A create's first event names what the VM was made of (the message is
+// built without fmt on the create path).
+func TestVMCreatedEventMessage(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	vm := e.createVM("web1")
+	resp, err := e.vms.ListVMEvents(ctx(t), &minicloudv1.ListVMEventsRequest{Name: "web1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("vm web1 created with image debian, flavor small, addresses %s on default", vm.Status.Addresses[0].Ip)
+	if len(resp.Events) != 1 || resp.Events[0].Message != want || resp.Events[0].Source != "api" {
+		t.Fatalf("events %v, want one from api: %q", resp.Events, want)
+	}
+}

@@ -93,7 +93,9 @@ func (s *Server) logStream(srv any, ss grpc.ServerStream, info *grpc.StreamServe
 func (s *Server) logCall(ctx context.Context, method string, start time.Time, err error) {
 	code := status.Code(errdefs.ToGRPC(err))
 	level := slog.LevelDebug
-	switch errdefs.KindOf(err) {
+	// err is a gRPC status already (errdefs' interceptor runs inside this
+	// one): classify it by its code, or every NotFound was an error.
+	switch errdefs.KindOf(errdefs.FromGRPC(err)) {
 	case errdefs.KindInternal, errdefs.KindUnknown:
 		if err != nil && ctx.Err() == nil {
 			level = slog.LevelError
@@ -105,6 +107,10 @@ func (s *Server) logCall(ctx context.Context, method string, start time.Time, er
 	}
 	if err == nil {
 		level = slog.LevelDebug
+	}
+	if !s.log.Enabled(ctx, level) {
+		// Every call comes here, most at debug: build nothing to drop.
+		return
 	}
 	attrs := []any{"method", method, "code", code.String(), "duration", time.Since(start)}
 	if err != nil {

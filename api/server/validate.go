@@ -96,19 +96,24 @@ func validateVMCreate(req *minicloudv1.CreateVMRequest) (*minicloudv1.VMSpec, er
 	if in.GetFlavor() == "" {
 		return nil, errdefs.Invalid("spec.flavor is required: choose one from `minicloud flavor list`")
 	}
-	for field, set := range map[string]bool{
-		"spec.has_user_data":       in.GetHasUserData(),
-		"spec.user_data_size":      in.GetUserDataSize() != 0,
-		"spec.deletion_requested":  in.GetDeletionRequested(),
-		"spec.deletion_time":       in.GetDeletionTime() != nil,
-		"spec.resources":           in.GetResources() != nil,
-		"spec.reboot_generation":   in.GetRebootGeneration() != 0,
-		"spec.required_hypervisor": in.GetRequiredHypervisor() != "",
-		"spec.lifecycle_version":   in.GetLifecycleVersion() != 0,
-		"spec.port_forwards":       len(in.GetPortForwards()) != 0,
+	// An array, not a map literal: a map was built (and its buckets
+	// allocated) on every create.
+	for _, f := range [...]struct {
+		field string
+		set   bool
+	}{
+		{"spec.has_user_data", in.GetHasUserData()},
+		{"spec.user_data_size", in.GetUserDataSize() != 0},
+		{"spec.deletion_requested", in.GetDeletionRequested()},
+		{"spec.deletion_time", in.GetDeletionTime() != nil},
+		{"spec.resources", in.GetResources() != nil},
+		{"spec.reboot_generation", in.GetRebootGeneration() != 0},
+		{"spec.required_hypervisor", in.GetRequiredHypervisor() != ""},
+		{"spec.lifecycle_version", in.GetLifecycleVersion() != 0},
+		{"spec.port_forwards", len(in.GetPortForwards()) != 0},
 	} {
-		if set {
-			return nil, errdefs.Invalid("%s is set by the server; leave it empty (user-data goes in the request's user_data, resources come from the flavor, the hypervisor from the image, port forwards with ExposeVMPort after create)", field)
+		if f.set {
+			return nil, errdefs.Invalid("%s is set by the server; leave it empty (user-data goes in the request's user_data, resources come from the flavor, the hypervisor from the image, port forwards with ExposeVMPort after create)", f.field)
 		}
 	}
 	if n := len(req.GetUserData()); n > MaxUserDataBytes {

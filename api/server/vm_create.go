@@ -269,7 +269,9 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	}
 	nv.Event = &minicloudv1.Event{
 		Type: lifecycle.EventNormal, Reason: lifecycle.ReasonCreated, Source: "api",
-		Message: fmt.Sprintf("vm %s created with image %s, flavor %s, addresses %s", vm.Meta.Name, spec.Image, spec.Flavor, addressList(vm.Status.Addresses)),
+		// Concatenated, not fmt.Sprintf: one allocation instead of one per
+		// argument boxed, on every create.
+		Message: "vm " + vm.Meta.Name + " created with image " + spec.Image + ", flavor " + spec.Flavor + ", addresses " + addressList(vm.Status.Addresses),
 	}
 	// Charged to the project's quota in the same transaction, together
 	// with the project's other creates in flight (createbatch.go).

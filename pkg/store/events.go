@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -110,8 +111,18 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 		evs   []*minicloudv1.Event
 		read  Read
 	}
-	logs := map[string]*pending{}
-	var order []string
+	appends := 0
+	for _, t := range txns {
+		appends += len(t.Events)
+	}
+	if appends == 0 {
+		return txns, nil
+	}
+	// Sized once: a group commit's transaction appends to 32 new logs.
+	// pendings never grows past appends, so pointers into it stay valid.
+	logs := make(map[string]*pending, appends)
+	pendings := make([]pending, 0, appends)
+	order := make([]string, 0, appends)
 	var reads Reads
 	// grow[i]: how many compares and writes the logs add to txns[i] (at
 	// most), so its copy below is allocated once at its full size.
@@ -121,7 +132,8 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 		for _, a := range t.Events {
 			p := logs[a.VMID]
 			if p == nil {
-				p = &pending{txn: i, isNew: a.New}
+				pendings = append(pendings, pending{txn: i, isNew: a.New})
+				p = &pendings[len(pendings)-1]
 				logs[a.VMID] = p
 				order = append(order, a.VMID)
 				if !a.New {
@@ -139,12 +151,15 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 				// its events, and the counter's compare keeps it from
 				// aiming at another's key.
 				ev.Time = timestamppb.New(a.Now)
-				p.evs = append(p.evs, ev)
+			}
+			if p.evs == nil {
+				// The caller's list itself, clipped so that a later append
+				// to this log copies it rather than write past its end.
+				p.evs = slices.Clip(a.Events)
+			} else {
+				p.evs = append(p.evs, a.Events...)
 			}
 		}
-	}
-	if len(order) == 0 {
-		return txns, nil
 	}
 	if len(reads.ops) > 0 {
 		if err := reads.Do(ctx, kv); err != nil {

@@ -11,6 +11,7 @@ package store
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 )
 
@@ -133,7 +134,20 @@ func VMEventSeqKey(id string) string  { return VMEventSeqPrefix + id }
 // VMEventKey is the seq-th event of a VM's log; zero-padded so keys sort
 // in append order.
 func VMEventKey(id string, seq int64) string {
-	return fmt.Sprintf("%s%020d", VMEventsPrefix(id), seq)
+	// One allocation: fmt.Sprintf boxed seq and built the prefix apart,
+	// for every event written.
+	var digits [20]byte
+	d := strconv.AppendInt(digits[:0], seq, 10)
+	var b strings.Builder
+	b.Grow(len(VMEventPrefix) + len(id) + 1 + max(20, len(d)))
+	b.WriteString(VMEventPrefix)
+	b.WriteString(id)
+	b.WriteByte('/')
+	for range 20 - len(d) {
+		b.WriteByte('0')
+	}
+	b.Write(d)
+	return b.String()
 }
 func ImageKey(name string) string                { return ImagePrefix + name }
 func ImageUploadKey(tempName string) string      { return ImageUploadPrefix + tempName }

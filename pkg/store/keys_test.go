@@ -1,9 +1,11 @@
 package store_test
 
 import (
+	"fmt"
 	"go/ast"
 	"go/parser"
 	"go/token"
+	"math"
 	"regexp"
 	"strconv"
 	"strings"
@@ -114,4 +116,18 @@ func TestKeyLayoutIsComplete(t *testing.T) {
 // between its markers.
 func TestKeyTableInDocs(t *testing.T) {
 	docsync.Check(t, "../../docs/architecture.md", "key table", store.MarkdownKeyTable())
+}
+
+// TestVMEventKeyIsZeroPadded: event keys carry seq in 20 digits, so they
+// sort in append order (VMEventKey builds them without fmt).
+func TestVMEventKeyIsZeroPadded(t *testing.T) {
+	for _, seq := range []int64{0, 2, 255, 256, 123456789, math.MaxInt64} {
+		want := fmt.Sprintf("%s%020d", store.VMEventsPrefix("vm-1"), seq)
+		if got := store.VMEventKey("vm-1", seq); got != want {
+			t.Errorf("VMEventKey(vm-1, %d) = %q, want %q", seq, got, want)
+		}
+	}
+	if a, b := store.VMEventKey("vm-1", 9), store.VMEventKey("vm-1", 10); a >= b {
+		t.Errorf("%q sorts after %q", a, b)
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
@@ -45,11 +46,18 @@ func TestVMSpecAndStatusMerge(t *testing.T) {
 	if got.Meta.ResourceVersion != rev || got.Status.StatusVersion != rev || got.Status.Phase != minicloudv1.VMPhase_VM_PHASE_PENDING || got.Spec.Image != "debian" {
 		t.Fatalf("merged VM %v, want both versions %d and PENDING", got, rev)
 	}
-	// A status write moves only the status version.
-	statusOp, _ = store.VMStatusOp("id-1", &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_SCHEDULED, Host: "h1"})
+	// A status write moves only the status version. The status written
+	// carries the version it was read at: stored without it, and left
+	// as it is.
+	next := &minicloudv1.VMStatus{Phase: minicloudv1.VMPhase_VM_PHASE_SCHEDULED, Host: "h1", StatusVersion: rev}
+	statusOp, _ = store.VMStatusOp("id-1", next)
 	rev2, ok, err := store.Commit(ctx, cli, []clientv3.Cmp{store.Unchanged(store.VMStatusKey("id-1"), rev)}, []clientv3.Op{statusOp})
 	if err != nil || !ok {
 		t.Fatalf("status update: %v %v", ok, err)
+	}
+	stored := &minicloudv1.VMStatus{}
+	if _, err := store.Get(ctx, cli, store.VMStatusKey("id-1"), stored); err != nil || stored.StatusVersion != 0 || next.StatusVersion != rev {
+		t.Fatalf("status stored with version %d (%v), argument left with %d; want 0 and %d", stored.StatusVersion, err, next.StatusVersion, rev)
 	}
 	vms, listRev, err := store.ListVMs(ctx, cli, 0)
 	if err != nil || len(vms) != 1 {
@@ -69,6 +77,46 @@ func TestVMSpecAndStatusMerge(t *testing.T) {
 	}
 	if _, err := store.GetVM(ctx, cli, "nope"); !errdefs.IsNotFound(err) {
 		t.Fatalf("get missing VM: %v", err)
+	}
+}
+
+// TestComparesAsClientv3BuildsThem: Absent, Exists and Unchanged build
+// their compares without clientv3.Compare (which clones first); they are
+// the compares it builds, and hold or fail on a real etcd as they say.
+func TestComparesAsClientv3BuildsThem(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		got, want clientv3.Cmp
+	}{
+		{"Absent", store.Absent("k"), clientv3.Compare(clientv3.CreateRevision("k"), "=", 0)},
+		{"Exists", store.Exists("k"), clientv3.Compare(clientv3.CreateRevision("k"), ">", 0)},
+		{"Unchanged", store.Unchanged("k", 7), clientv3.Compare(clientv3.ModRevision("k"), "=", 7)},
+		{"Unchanged 0", store.Unchanged("k", 0), clientv3.Compare(clientv3.CreateRevision("k"), "=", 0)},
+	} {
+		if !proto.Equal(c.got.GetCompare(), c.want.GetCompare()) {
+			t.Errorf("%s: %v, want %v", c.name, c.got.GetCompare(), c.want.GetCompare())
+		}
+	}
+	_, cli := etcdtest.Start(t)
+	ctx := context.Background()
+	holds := func(cmp clientv3.Cmp) bool {
+		t.Helper()
+		_, ok, err := store.Commit(ctx, cli, []clientv3.Cmp{cmp}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	if !holds(store.Absent("k")) || holds(store.Exists("k")) || !holds(store.Unchanged("k", 0)) {
+		t.Fatal("compares on an absent key")
+	}
+	resp, err := cli.Put(ctx, "k", "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := resp.Header.Revision
+	if holds(store.Absent("k")) || !holds(store.Exists("k")) || !holds(store.Unchanged("k", rev)) || holds(store.Unchanged("k", rev-1)) {
+		t.Fatal("compares on a present key")
 	}
 }
 
@@ -95,10 +143,17 @@ func TestEventLogKeepsOrder(t *testing.T) {
 	_, cli := etcdtest.Start(t)
 	ctx := context.Background()
 	var txn store.Txn
-	txn.AppendEvents("vm", time.Unix(1700000000, 0), &minicloudv1.Event{Reason: "A"}, &minicloudv1.Event{Reason: "B"})
+	// The first list has room to spare: merging the second into it must
+	// not write there (it is the caller's array).
+	first := make([]*minicloudv1.Event, 2, 8)
+	first[0], first[1] = &minicloudv1.Event{Reason: "A"}, &minicloudv1.Event{Reason: "B"}
+	txn.AppendEvents("vm", time.Unix(1700000000, 0), first...)
 	txn.AppendEvents("vm", time.Unix(1700000001, 0), &minicloudv1.Event{Reason: "C"})
 	if _, ok, err := txn.Commit(ctx, cli); err != nil || !ok {
 		t.Fatal(ok, err)
+	}
+	if first[:3][2] != nil {
+		t.Fatal("merging the appends wrote into the caller's list")
 	}
 	evs, log, err := store.ReadEventLog(ctx, cli, "vm")
 	if err != nil || len(evs) != 3 || evs[0].Reason != "A" || evs[1].Reason != "B" || evs[2].Reason != "C" || log.Appended != 3 {

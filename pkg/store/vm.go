@@ -20,8 +20,11 @@ import (
 // VMSpecOp returns the op that stores vm's meta and spec (never its status
 // or the revision fields, which etcd owns).
 func VMSpecOp(vm *minicloudv1.VM) (clientv3.Op, error) {
-	stored := &minicloudv1.VM{Meta: proto.CloneOf(vm.GetMeta()), Spec: vm.GetSpec()}
-	if stored.Meta != nil {
+	stored := &minicloudv1.VM{Meta: vm.GetMeta(), Spec: vm.GetSpec()}
+	if stored.Meta.GetResourceVersion() != 0 {
+		// Copied, not zeroed in place: vm may be shared (a cache's). A
+		// new VM's is 0 already, and is not copied.
+		stored.Meta = proto.CloneOf(stored.Meta)
 		stored.Meta.ResourceVersion = 0
 	}
 	return PutOp(VMSpecKey(vm.GetMeta().GetId()), stored)
@@ -29,8 +32,11 @@ func VMSpecOp(vm *minicloudv1.VM) (clientv3.Op, error) {
 
 // VMStatusOp returns the op that stores a VM's status.
 func VMStatusOp(id string, st *minicloudv1.VMStatus) (clientv3.Op, error) {
-	stored := proto.CloneOf(st)
-	stored.StatusVersion = 0
+	stored := st
+	if st.GetStatusVersion() != 0 {
+		stored = proto.CloneOf(st) // as VMSpecOp's meta
+		stored.StatusVersion = 0
+	}
 	return PutOp(VMStatusKey(id), stored)
 }
 
