@@ -22,7 +22,6 @@ import (
 	"log"
 	"os"
 	"runtime"
-	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -97,7 +96,7 @@ func (b *bench) writeMemProfile() error {
 	if b.memProfile == "" {
 		return nil
 	}
-	return writeAllocs(b.memProfile)
+	return benchdoc.WriteAllocs(b.memProfile)
 }
 
 // phaseMemProfile writes the allocation profile so far to
@@ -107,19 +106,9 @@ func (b *bench) phaseMemProfile(count int, suffix string) error {
 	if b.memProfile == "" {
 		return nil
 	}
-	return writeAllocs(fmt.Sprintf("%s.%d%s", b.memProfile, count, suffix))
+	return benchdoc.WriteAllocs(fmt.Sprintf("%s.%d%s", b.memProfile, count, suffix))
 }
 
-func writeAllocs(path string) error {
-	// The profile is as of the last collection: make that now.
-	runtime.GC()
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return pprof.Lookup("allocs").WriteTo(f, 0)
-}
 
 func start(ctx context.Context) (*bench, error) {
 	cli, stopEtcd, err := benchdoc.EmbeddedEtcd(ctx, "apibench")

@@ -3,6 +3,7 @@ package benchdoc
 import (
 	"context"
 	"os"
+	"runtime"
 	"runtime/pprof"
 	"strings"
 	"syscall"
@@ -83,4 +84,18 @@ func CPUProfile(path string) (stop func(), err error) {
 		return nil, err
 	}
 	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
+
+// WriteAllocs writes the process's allocation profile so far to path. Two
+// of them, before and after a phase, give the phase's own allocations:
+// go tool pprof -sample_index=alloc_space -diff_base BEFORE AFTER.
+func WriteAllocs(path string) error {
+	// The profile is as of the last collection: make that now.
+	runtime.GC()
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return pprof.Lookup("allocs").WriteTo(f, 0)
 }

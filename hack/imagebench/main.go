@@ -23,7 +23,7 @@
 // and each ratio is the median of the rounds' own ratios, so a load that
 // drifts during the run weighs on the baseline as much as on the fetch.
 //
-//	go run ./hack/imagebench [-size 1GiB-in-bytes] [-rounds 3] [-concurrent 8] [-docs docs/benchmarks.md] [-cpuprofile FILE]
+//	go run ./hack/imagebench [-size 1GiB-in-bytes] [-rounds 3] [-concurrent 8] [-docs docs/benchmarks.md] [-cpuprofile FILE] [-memprofile FILE]
 package main
 
 import (
@@ -65,11 +65,12 @@ func main() {
 	rounds := flag.Int("rounds", 3, "rounds of copy, first serve and later serve")
 	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the cold fetch of a blob verified before to this file")
+	memProfile := flag.String("memprofile", "", "write allocation profiles from before and after the cold fetch of a blob verified before to FILE.start and FILE (go tool pprof -sample_index=alloc_space -diff_base FILE.start FILE: that fetch alone)")
 	flag.Parse()
 	if *size <= 0 || *size%512 != 0 || *concurrent < 1 || *rounds < 1 {
 		log.Fatal("-size must be a positive multiple of 512, -concurrent and -rounds at least 1")
 	}
-	if err := run(context.Background(), *size, *rounds, *concurrent, *docs, *cpuProfile); err != nil {
+	if err := run(context.Background(), *size, *rounds, *concurrent, *docs, profiles{cpu: *cpuProfile, mem: *memProfile}); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -90,7 +91,11 @@ type round struct {
 	cold, coldCPU   time.Duration // the API verified it before
 }
 
-func run(ctx context.Context, size int64, rounds, n int, docs, cpuProfile string) error {
+// profiles are where the profiles of the last round's later serve go (""
+// for none).
+type profiles struct{ cpu, mem string }
+
+func run(ctx context.Context, size int64, rounds, n int, docs string, prof profiles) error {
 	loadBefore, began := benchdoc.LoadAverages(), time.Now()
 	// Everything on one filesystem: the API's image store, the copy, and
 	// the caches.
@@ -158,9 +163,9 @@ func run(ctx context.Context, size int64, rounds, n int, docs, cpuProfile string
 				return err
 			}
 		}
-		profile := ""
+		var profile profiles
 		if i == rounds-1 {
-			profile = cpuProfile
+			profile = prof
 		}
 		rd, err := measureRound(ctx, dir, blob, images, digest, profile)
 		if err != nil {
@@ -213,7 +218,7 @@ func run(ctx context.Context, size int64, rounds, n int, docs, cpuProfile string
 // and `cp` + `sync` of the copy, then (b) two cold fetches into empty
 // caches: the first serve since the blob last changed (the API hashes it)
 // and a later one (it does not).
-func measureRound(ctx context.Context, dir, blob string, images minicloudv1.ImageServiceClient, digest, profile string) (round, error) {
+func measureRound(ctx context.Context, dir, blob string, images minicloudv1.ImageServiceClient, digest string, profile profiles) (round, error) {
 	var rd round
 	// (a) The upload (or the last round) just read or wrote the blob, so
 	// its pages are as warm for cp as for the download.
@@ -242,7 +247,7 @@ func measureRound(ctx context.Context, dir, blob string, images minicloudv1.Imag
 	}
 	time.Sleep(time.Until(time.Unix(st.Ctim.Unix()).Add(imageservice.VerifiedGuard + 100*time.Millisecond)))
 	var err error
-	if rd.first, rd.firstCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-first"), images, digest, ""); err != nil {
+	if rd.first, rd.firstCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-first"), images, digest, profiles{}); err != nil {
 		return rd, err
 	}
 	if rd.cold, rd.coldCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-cold"), images, digest, profile); err != nil {
@@ -253,14 +258,19 @@ func measureRound(ctx context.Context, dir, blob string, images minicloudv1.Imag
 }
 
 // coldFetch is one Ensure of the image into a new, empty cache in dir,
-// timed, with the process's CPU (API server, etcd and cache together) and,
-// if profile is set, a CPU profile written there. The cache is removed.
-func coldFetch(ctx context.Context, dir string, images minicloudv1.ImageServiceClient, digest, profile string) (took, cpu time.Duration, err error) {
+// timed, with the process's CPU (API server, etcd and cache together) and
+// the profiles asked for. The cache is removed.
+func coldFetch(ctx context.Context, dir string, images minicloudv1.ImageServiceClient, digest string, profile profiles) (took, cpu time.Duration, err error) {
 	cache, err := imagecache.New(dir, images, qemuaccess.Access{})
 	if err != nil {
 		return 0, 0, err
 	}
-	stopProfile, err := benchdoc.CPUProfile(profile)
+	if profile.mem != "" {
+		if err := benchdoc.WriteAllocs(profile.mem + ".start"); err != nil {
+			return 0, 0, err
+		}
+	}
+	stopProfile, err := benchdoc.CPUProfile(profile.cpu)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -270,6 +280,11 @@ func coldFetch(ctx context.Context, dir string, images minicloudv1.ImageServiceC
 	stopProfile()
 	if err != nil {
 		return 0, 0, fmt.Errorf("cold fetch: %w", err)
+	}
+	if profile.mem != "" {
+		if err := benchdoc.WriteAllocs(profile.mem); err != nil {
+			return 0, 0, err
+		}
 	}
 	return took, cpu, os.RemoveAll(cache.Dir())
 }
@@ -406,6 +421,6 @@ func render(r result, loadBefore, loadAfter string, took time.Duration) string {
 	}
 	fmt.Fprintf(&b, "\nTargets: cold fetch ≥ 0.5× the durable copy (`cp` + `sync`) — first serve %.2f×, %s; blob verified before %.2f×, %s (against the page-cache `cp`: %.2f× and %.2f×); %d concurrent fetches of one uncached image download it once — %d download(s), %s.\n",
 		durable(first), verdict(durable(first) >= 0.5), durable(cold), verdict(durable(cold) >= 0.5), pageCache(first), pageCache(cold), r.concurrent, r.downloadsN, verdict(r.downloadsN == 1))
-	fmt.Fprintf(&b, "\nHow it runs: the image is uploaded through CreateImage first, so the API's blob was just written and its pages are warm in the page cache for both `cp` and the download (caches cannot be dropped on this shared machine); the copy and each cache's file are written cold. `cp` is coreutils `cp` of the blob to a new file beside it, timed alone and until `sync` of the copy returned: the cache fsyncs its file and directory before the rename, so `cp` + `sync` is the like-for-like write and the baseline. Each round times the copy and then two cold fetches, one `Ensure` each into an empty cache, begun at least %s after the blob last changed (the upload; from the second round on, a new timestamp set on the blob): the first makes the API read and hash the blob (it remembers a verified blob by inode, size and timestamps), the second is served without the API's hash, as every host after the first is; the agent's cache verifies both. DownloadImage streams 1 MiB messages over TLS on loopback; the cache's own codec copies each message's data from gRPC's receive buffers into 4 MiB aligned buffers that one goroutine hashes while another writes them to a temporary file with O_DIRECT (past the page cache), then fsyncs and renames it into place. The concurrent row is %d `Ensure` calls at once into another empty cache on one host; DownloadImage calls are counted from the API's own `minicloud_api_requests_total` metric. CPU is this process's (API server, etcd and the cache together) during the fetch.\n", imageservice.VerifiedGuard, r.concurrent)
+	fmt.Fprintf(&b, "\nHow it runs: the image is uploaded through CreateImage first, so the API's blob was just written and its pages are warm in the page cache for both `cp` and the download (caches cannot be dropped on this shared machine); the copy and each cache's file are written cold. `cp` is coreutils `cp` of the blob to a new file beside it, timed alone and until `sync` of the copy returned: the cache fsyncs its file and directory before the rename, so `cp` + `sync` is the like-for-like write and the baseline. Each round times the copy and then two cold fetches, one `Ensure` each into an empty cache, begun at least %s after the blob last changed (the upload; from the second round on, a new timestamp set on the blob): the first makes the API read and hash the blob (it remembers a verified blob by inode, size and timestamps), the second is served without the API's hash, as every host after the first is; the agent's cache verifies both. DownloadImage streams 1 MiB messages over TLS on loopback, each read from the blob into a pooled buffer that the API's codec hands to gRPC without a copy; the agent's connection has imagecache.DialOptions (no bufio read buffer, frame buffers not zeroed), and the cache's own codec copies each message's data from gRPC's receive buffers into 4 MiB aligned buffers that one goroutine hashes while another writes them to a temporary file with O_DIRECT (past the page cache), then fsyncs and renames it into place. The concurrent row is %d `Ensure` calls at once into another empty cache on one host; DownloadImage calls are counted from the API's own `minicloud_api_requests_total` metric. CPU is this process's (API server, etcd and the cache together) during the fetch.\n", imageservice.VerifiedGuard, r.concurrent)
 	return b.String()
 }
