@@ -109,7 +109,6 @@ func (b *bench) phaseMemProfile(count int, suffix string) error {
 	return benchdoc.WriteAllocs(fmt.Sprintf("%s.%d%s", b.memProfile, count, suffix))
 }
 
-
 func start(ctx context.Context) (*bench, error) {
 	cli, stopEtcd, err := benchdoc.EmbeddedEtcd(ctx, "apibench")
 	if err != nil {
