@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -138,6 +139,55 @@ func TestAgainstImageService(t *testing.T) {
 		t.Errorf("Ensure of a missing image: %v, want NotFound", err)
 	}
 	assertClean(t, cache, digest)
+}
+
+// Hosts fetching at once (a cache each, so a DownloadImage stream each)
+// share the API's pool of chunk buffers, which gRPC frees back as it
+// writes them: every host must still get exactly its image's bytes, with
+// two images of different content in flight together.
+func TestConcurrentHostsGetTheirOwnBytes(t *testing.T) {
+	_, etcd := etcdtest.Start(t)
+	svc := imageservice.New(imageservice.Config{Client: etcd, Dir: filepath.Join(t.TempDir(), "blobs")})
+	client, downloads := serve(t, func(s *grpc.Server) { minicloudv1.RegisterImageServiceServer(s, svc) })
+	images := map[string][]byte{"a": make([]byte, 5<<20+123), "b": make([]byte, 3<<20+4096)}
+	digests := map[string]string{}
+	for name, data := range images {
+		if _, err := rand.Read(data); err != nil {
+			t.Fatal(err)
+		}
+		digests[name] = upload(t, client, name, data).GetDisk().GetSha256()
+	}
+	const hosts = 4
+	var wg sync.WaitGroup
+	errs := make(chan error, hosts*len(images))
+	for h := range hosts {
+		cache, err := imagecache.New(filepath.Join(t.TempDir(), "cache"), client, qemuaccess.Access{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for name, data := range images {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				path, err := cache.Ensure(context.Background(), name, minicloudv1.ImagePart_IMAGE_PART_DISK, digests[name])
+				if err != nil {
+					errs <- fmt.Errorf("host %d, image %s: %w", h, name, err)
+					return
+				}
+				if got, err := os.ReadFile(path); err != nil || !bytes.Equal(got, data) {
+					errs <- fmt.Errorf("host %d, image %s: cached file differs from the upload (err %v)", h, name, err)
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := downloads.Load(); n != hosts*int64(len(images)) {
+		t.Errorf("%d downloads, want one per host and image (%d)", n, hosts*len(images))
+	}
 }
 
 func upload(t *testing.T, c minicloudv1.ImageServiceClient, name string, disk []byte) *minicloudv1.Image {
