@@ -128,8 +128,9 @@ func TestReportVMStatus(t *testing.T) {
 	wantCode(t, err, codes.NotFound, "does not exist")
 
 	// A host reports only what it observes: never PENDING, and never
-	// RUNNING before CREATING.
-	for _, p := range []lifecycle.Phase{lifecycle.Pending, lifecycle.Running} {
+	// DELETING (the API's). (RUNNING straight from SCHEDULED is a create
+	// that reported CREATING with it: pkg/lifecycle.)
+	for _, p := range []lifecycle.Phase{lifecycle.Pending, lifecycle.Deleting} {
 		_, err = e.hosts.ReportVMStatus(c, &minicloudv1.ReportVMStatusRequest{Host: "h1", VmId: vm.Meta.Id, Status: &minicloudv1.VMStatus{Phase: p}})
 		wantCode(t, err, codes.FailedPrecondition, "from SCHEDULED to "+lifecycle.PhaseName(p))
 	}
