@@ -53,25 +53,34 @@ func unknownFieldsIn(m protoreflect.Message) string {
 	if len(m.GetUnknown()) > 0 {
 		return string(m.Descriptor().FullName())
 	}
-	var found string
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+	// The fields by descriptor, not m.Range: its callback would capture
+	// the result and be allocated per message, on every call.
+	fds := m.Descriptor().Fields()
+	for i := range fds.Len() {
+		fd := fds.Get(i)
+		if !m.Has(fd) {
+			continue
+		}
+		found := ""
 		switch {
 		case fd.IsList() && fd.Message() != nil:
-			l := v.List()
-			for i := 0; i < l.Len() && found == ""; i++ {
-				found = unknownFieldsIn(l.Get(i).Message())
+			l := m.Get(fd).List()
+			for j := 0; j < l.Len() && found == ""; j++ {
+				found = unknownFieldsIn(l.Get(j).Message())
 			}
 		case fd.IsMap() && fd.MapValue().Message() != nil:
-			v.Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool {
+			m.Get(fd).Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool {
 				found = unknownFieldsIn(mv.Message())
 				return found == ""
 			})
 		case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
-			found = unknownFieldsIn(v.Message())
+			found = unknownFieldsIn(m.Get(fd).Message())
 		}
-		return found == ""
-	})
-	return found
+		if found != "" {
+			return found
+		}
+	}
+	return ""
 }
 
 // logUnary logs every call: failures of the client's making at info,

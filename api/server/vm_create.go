@@ -216,7 +216,10 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	}
 
 	now := time.Now()
-	spec := proto.CloneOf(base)
+	// base is this request's own (validateVMCreate built it) and every
+	// try sets these same fields, so it is not copied (a reflective deep
+	// clone per create); the VM of a try that lost is dropped.
+	spec := base
 	spec.Resources = &minicloudv1.Resources{Vcpus: refs.flavor.GetVcpus(), MemoryMib: refs.flavor.GetMemoryMib(), DiskGib: refs.flavor.GetDiskGib()}
 	spec.RequiredHypervisor = refs.image.GetRequiredHypervisor()
 	vm := &minicloudv1.VM{
