@@ -166,9 +166,13 @@ func (a *Agent) metadataServed(vm *minicloudv1.VM, st *minicloudv1.VMStatus) *mi
 	return normal(lifecycle.ReasonMetadataDelivered, fmt.Sprintf("host %s serves the labels, tags, metadata and SSH keys of version %d", a.cfg.HostName, rv))
 }
 
-// domainEverCreated is true once the host reported the VM running or stopped.
+// domainEverCreated is true once the host reported the VM running or
+// stopped: as the API stored it, or as this agent last reported it when the
+// assignment stream has not delivered that report yet (a create's one
+// report, SCHEDULED → RUNNING): a domain that vanishes in between is
+// reported missing, not silently made again.
 func (a *Agent) domainEverCreated(vm *minicloudv1.VM) bool {
-	switch vm.GetStatus().GetPhase() {
+	switch a.observedStatus(vm).GetPhase() {
 	case lifecycle.Running, lifecycle.Stopped:
 		return true
 	}
@@ -336,7 +340,7 @@ func (a *Agent) convergePower(ctx context.Context, vm *minicloudv1.VM, st *minic
 	// acted: the host already converged this very spec version once. A
 	// domain that is down now although the spec says running was then shut
 	// down from inside (or crashed): report it, don't fight the guest.
-	acted := vm.GetStatus().GetObservedResourceVersion() == lifecycleVersion(vm) && a.domainEverCreated(vm)
+	acted := a.observedStatus(vm).GetObservedResourceVersion() == lifecycleVersion(vm) && a.domainEverCreated(vm)
 	var events []*minicloudv1.Event
 	running := dom.Exists && dom.Running
 

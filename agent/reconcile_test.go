@@ -1035,8 +1035,9 @@ func TestFailingCreateStillReportsCreating(t *testing.T) {
 
 // TestPassBeforeTheStreamCatchesUp: after a fast create's one report, a
 // pass that still sees the VM SCHEDULED (a domain event came before the
-// stream delivered the report) creates nothing and reports nothing again;
-// a VM placed anew (a new assignment epoch) is created again.
+// stream delivered the report) creates nothing and reports nothing again,
+// and reports the domain missing if it vanished; a VM placed anew (a new
+// assignment epoch) is created again.
 func TestPassBeforeTheStreamCatchesUp(t *testing.T) {
 	h := newHarness(t)
 	h.a.creatingReportDelay = time.Hour
@@ -1052,6 +1053,18 @@ func TestPassBeforeTheStreamCatchesUp(t *testing.T) {
 	}
 	if after := h.ops(id); len(after) != ops {
 		t.Errorf("hypervisor calls %v on the second pass, want none", after[ops:])
+	}
+
+	// The domain vanishes before the stream delivers the report: it is
+	// reported missing, as for a VM the stream shows RUNNING, not made
+	// again.
+	h.hv.RemoveDomain(hypervisor.DomainName(id))
+	h.mustPass(id)
+	if r := h.api.last(id); r.GetStatus().GetPhase() != lifecycle.Error || r.GetStatus().GetReason() != lifecycle.ReasonDomainMissing {
+		t.Errorf("report after the domain vanished: %v, want ERROR/DomainMissing", r.GetStatus())
+	}
+	if h.domain(id).Exists {
+		t.Errorf("a vanished domain was made again")
 	}
 
 	// Placed again on this host, as after an evacuation: that SCHEDULED
