@@ -357,7 +357,17 @@ func cliConsoleThroughPTY(t *testing.T, c *cloud) {
 	if got := termios(); got.Lflag != orig.Lflag || got.Iflag != orig.Iflag || got.Oflag != orig.Oflag || got.Cflag != orig.Cflag {
 		t.Errorf("terminal not restored: %+v, was %+v", got, orig)
 	}
-	if !has("Detached from the console of VM demo") {
-		t.Errorf("no detach message: %q", out.String())
+	// The process has exited, but what it wrote last may still sit in the
+	// pty's buffer, not yet read by the reader above: wait for it.
+	detachDeadline := time.After(10 * time.Second)
+	for !has("Detached from the console of VM demo") {
+		select {
+		case <-kick:
+		case <-detachDeadline:
+			mu.Lock()
+			t.Errorf("no detach message: %q", out.String())
+			mu.Unlock()
+			return
+		}
 	}
 }
