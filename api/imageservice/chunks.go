@@ -11,18 +11,18 @@ import (
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 )
 
-// DownloadImage reads a blob into pooled buffers and hands each to gRPC as
-// it is: the proto codec would take a zeroed 1 MiB buffer from gRPC's pool
-// and copy the data into it (hack/imagebench's profile: ~0.3 s of CPU per
-// GiB served, the API's largest cost after TLS and the socket). Only the
-// field's tag and length are written; the transport frees the buffer back
-// to chunkBuffers once it has written it.
-
 // ServerCodec is the API server's gRPC codec: proto on the wire and for
 // every message, except that a DownloadImage chunk read from a blob is sent
 // without being copied. The API server installs it for all its services
 // (grpc.ForceServerCodecV2). A server without it still serves downloads
 // correctly (a chunk is also the plain message), with one more copy.
+//
+// Why: DownloadImage reads a blob into pooled buffers and this codec hands
+// each to gRPC as it is, writing only the field's tag and length; the
+// transport frees the buffer back to chunkBuffers once it has written it.
+// The proto codec would take a zeroed 1 MiB buffer from gRPC's pool and
+// copy the data into it (hack/imagebench's profile: ~0.3 s of CPU per GiB
+// served, the API's largest cost after TLS and the socket).
 func ServerCodec() encoding.CodecV2 { return chunkCodec{proto: encoding.GetCodecV2(proto.Name)} }
 
 type chunkCodec struct {
