@@ -124,8 +124,8 @@ minicloud_vms{phase="STOPPED"} 0
 	}
 
 	// A host that comes back is no longer fenced, and the view says so.
-	heartbeat(t, cli, "sim-gone", longTTL)
-	rev, _, err := store.Commit(ctx, cli, nil, store.HostBackOps("sim-gone"))
+	lease := heartbeat(t, cli, "sim-gone", longTTL)
+	rev, _, err := store.Commit(ctx, cli, nil, store.HostUpOps("sim-gone", lease))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -167,11 +167,7 @@ func (h *hostService) Heartbeat(ctx context.Context, req *minicloudv1.HeartbeatR
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "grant lease for host %s", name)
 	}
-	// The host is back: it is no longer unreachable nor fenced, in the
-	// transaction that makes it UP, so no evacuation can slip in between
-	// (they all compare that the lease key is absent).
-	ops := append([]clientv3.Op{clientv3.OpPut(store.HostAliveKey(name), strconv.FormatInt(int64(grant.ID), 10), clientv3.WithLease(grant.ID))}, store.HostBackOps(name)...)
-	if _, err := h.s.etcd.Txn(ctx).Then(ops...).Commit(); err != nil {
+	if _, err := h.s.etcd.Txn(ctx).Then(store.HostUpOps(name, grant.ID)...).Commit(); err != nil {
 		return nil, errdefs.Wrap(errdefs.KindUnavailable, err, "mark host %s alive", name)
 	}
 	h.s.log.Info("host up", "host", name, "lease", int64(grant.ID))

@@ -110,11 +110,19 @@ func FenceHostTxn(host string, fence *minicloudv1.HostFence) (Txn, error) {
 	}, nil
 }
 
-// HostBackOps are the ops of a host's return (a heartbeat that attaches a
-// new lease): it is no longer unreachable nor fenced. Released records
-// stay until the host confirms it destroyed those VMs.
-func HostBackOps(host string) []clientv3.Op {
-	return []clientv3.Op{clientv3.OpDelete(HostDownKey(host)), clientv3.OpDelete(HostFencedKey(host))}
+// HostUpOps are the ops of a host's return (a heartbeat that attaches a
+// new lease): its liveness key under lease, and it is no longer
+// unreachable nor fenced, in one transaction so that no evacuation can slip
+// in between (they all compare that the liveness key is absent). The put
+// also lets watchers that wait for a revision see the deletions: they look
+// for the newest write under hosts/, and a delete leaves none.
+// Released records stay until the host confirms it destroyed those VMs.
+func HostUpOps(host string, lease clientv3.LeaseID) []clientv3.Op {
+	return []clientv3.Op{
+		clientv3.OpPut(HostAliveKey(host), strconv.FormatInt(int64(lease), 10), clientv3.WithLease(lease)),
+		clientv3.OpDelete(HostDownKey(host)),
+		clientv3.OpDelete(HostFencedKey(host)),
+	}
 }
 
 // fencedCmps hold while host is fenced and out of contact.

@@ -144,6 +144,18 @@ func (s *suite) console(t *testing.T) {
 		t.Fatal("reading a closed console did not end")
 	}
 
+	// Released: opened and closed again at once, over and over, each open
+	// gets the console (a person detaching and re-attaching quickly).
+	for i := range 20 {
+		c, err := d.OpenConsole(ctx, spec.VMID)
+		if err != nil {
+			t.Fatalf("OpenConsole %d right after a Close: %v", i+1, err)
+		}
+		if err := c.Close(); err != nil {
+			t.Fatalf("Close %d: %v", i+1, err)
+		}
+	}
+
 	// Released: a new console works, and ends when the guest stops.
 	c, err = d.OpenConsole(ctx, spec.VMID)
 	if err != nil {

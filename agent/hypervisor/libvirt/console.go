@@ -19,20 +19,60 @@ import (
 // allows one console stream per domain; without the FORCE flag a second
 // open fails ("Active console session exists"), which is reported as
 // Conflict rather than stealing the stream from its holder.
+//
+// A stream that libvirtd ends as it opens, while the domain still runs, is
+// opened again (a few times, briefly apart): it has been seen right after
+// the previous stream's release on a loaded host, and the guest's console
+// is there all the same.
 func (d *Driver) OpenConsole(ctx context.Context, vmID string) (io.ReadWriteCloser, error) {
 	l, dom, _, err := d.lookup(ctx, vmID)
 	if err != nil {
 		return nil, err
 	}
+	for attempt := 1; ; attempt++ {
+		if err := consoleReady(l, dom, vmID); err != nil {
+			return nil, err
+		}
+		c, err := openConsoleStream(ctx, l, dom, vmID)
+		if !errors.Is(err, errEndedAsOpened) {
+			return c, err
+		}
+		if attempt == consoleOpenAttempts {
+			return nil, errdefs.FailedPrecondition("console of %s ended as it opened, %d times (the guest stopped?)", vmID, attempt)
+		}
+		select {
+		case <-time.After(consoleReopenDelay):
+		case <-ctx.Done():
+			return nil, errdefs.Wrap(errdefs.KindUnavailable, ctx.Err(), "open console of %s", vmID)
+		}
+	}
+}
+
+// How often, and how far apart, a console stream that ends as it opens is
+// opened again.
+const (
+	consoleOpenAttempts = 5
+	consoleReopenDelay  = 200 * time.Millisecond
+)
+
+var errEndedAsOpened = errors.New("console stream ended as it opened")
+
+// consoleReady fails with FailedPrecondition unless the domain runs.
+func consoleReady(l *golibvirt.Libvirt, dom golibvirt.Domain, vmID string) error {
 	state, _, err := l.DomainGetState(dom, 0)
 	if err != nil {
-		return nil, classify(err, "state of %s", vmID)
+		return classify(err, "state of %s", vmID)
 	}
 	if s := golibvirt.DomainState(state); s != golibvirt.DomainRunning && s != golibvirt.DomainBlocked && s != golibvirt.DomainPaused {
 		st, _ := translateState(s, 0)
-		return nil, errdefs.FailedPrecondition("domain of %s is %s: a console needs a running guest", vmID, st)
+		return errdefs.FailedPrecondition("domain of %s is %s: a console needs a running guest", vmID, st)
 	}
+	return nil
+}
 
+// openConsoleStream opens one console stream; errEndedAsOpened when
+// libvirtd ended it before it started.
+func openConsoleStream(ctx context.Context, l *golibvirt.Libvirt, dom golibvirt.Domain, vmID string) (io.ReadWriteCloser, error) {
 	inR, inW := io.Pipe()   // our writes -> libvirt -> guest
 	outR, outW := io.Pipe() // guest -> libvirt -> our reads
 	// go-libvirt starts sending our input only after libvirtd accepted the
@@ -62,7 +102,7 @@ func (d *Driver) OpenConsole(ctx context.Context, vmID string) (io.ReadWriteClos
 	case <-started:
 	case err := <-done:
 		if err == io.EOF {
-			return nil, errdefs.FailedPrecondition("console of %s ended as it opened (the guest stopped?)", vmID)
+			return nil, errEndedAsOpened
 		}
 		var lerr golibvirt.Error
 		if errors.As(err, &lerr) && golibvirt.ErrorNumber(lerr.Code) == golibvirt.ErrOperationFailed {
