@@ -46,7 +46,7 @@ type sample struct {
 }
 
 // round is one batch of creates through minicloud and, when measured, the
-// same number of raw virsh creates.
+// same number of raw libvirt creates.
 type round struct {
 	samples []sample
 	raw     []time.Duration
@@ -128,7 +128,7 @@ func (b *bench) measure(ctx context.Context) error {
 		return err
 	}
 	for i := 0; i < b.opts.reps; i++ {
-		logf("single create %d/%d: minicloud, then virsh create", i+1, b.opts.reps)
+		logf("single create %d/%d: minicloud, then raw libvirt createXML", i+1, b.opts.reps)
 		r, err := b.minicloudRound(ctx, fmt.Sprintf("one%d", i), 1)
 		if err != nil {
 			return err
@@ -138,7 +138,7 @@ func (b *bench) measure(ctx context.Context) error {
 		}
 		b.single = append(b.single, r)
 	}
-	logf("%d concurrent creates: minicloud, then virsh create", b.opts.concurrency)
+	logf("%d concurrent creates: minicloud, then raw libvirt createXML", b.opts.concurrency)
 	if b.concurrent, err = b.minicloudRound(ctx, "many", b.opts.concurrency); err != nil {
 		return err
 	}
