@@ -379,15 +379,22 @@ func (a *Agent) worker(ctx context.Context) {
 	}
 }
 
-// reconcilePass is one timed pass over id, as a worker runs it.
+// reconcilePass is one timed pass over id, as a worker runs it: its wall
+// time and its CPU time (passcpu.go) go to the metrics.
 func (a *Agent) reconcilePass(ctx context.Context, id string) (result, error) {
 	// A bound on one pass, so a hung libvirt or API call cannot hold a
 	// worker forever; the key is retried with backoff.
 	ctx, cancel := context.WithTimeout(ctx, reconcileTimeout)
 	defer cancel()
+	meter := &cpuMeter{}
+	ctx = context.WithValue(ctx, cpuMeterKey{}, meter)
+	var (
+		res result
+		err error
+	)
 	start := time.Now()
-	res, err := a.reconcile(ctx, id)
-	a.metrics.observeReconcile(time.Since(start), err)
+	measureCPU(ctx, func() { res, err = a.reconcile(ctx, id) })
+	a.metrics.observeReconcile(time.Since(start), time.Duration(meter.ns.Load()), err)
 	return res, err
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -61,6 +62,11 @@ func (r *DensityRig) WriteSpec(id string) {
 
 // Publish runs the agent's publishGuests, as an assignment event does.
 func (r *DensityRig) Publish() { r.h.a.publishGuests(context.Background()) }
+
+// OnThisThread runs fn locked to the calling goroutine's thread and
+// returns the thread's CPU time over it (passcpu.go): the CPU column of
+// the density benchmark.
+func OnThisThread(fn func()) time.Duration { return onThisThread(fn) }
 
 // VM returns the agent's copy of id.
 func (r *DensityRig) VM(id string) *minicloudv1.VM { return proto.Clone(r.h.vm(id)).(*minicloudv1.VM) }

@@ -15,7 +15,7 @@ import (
 // TestAgentMetrics: the agent's collector reports what its state holds
 // when scraped: its assignments by phase (the failing VM got as far as
 // CREATING), a VM whose pass failed, the
-// passes it timed by result, the age of its last contact, and the fence.
+// passes it timed by result (wall and CPU time), the age of its last contact, and the fence.
 func TestAgentMetrics(t *testing.T) {
 	h := newHarness(t)
 	h.a.cfg.Version = "v-test"
@@ -65,13 +65,16 @@ minicloud_agent_vms{phase="STOPPED"} 0
 	if err != nil {
 		t.Fatal(err)
 	}
-	passes := map[string]uint64{}
-	var age float64
+	passes, cpuPasses := map[string]uint64{}, map[string]uint64{}
+	var age, cpu float64
 	for _, f := range families {
 		for _, m := range f.GetMetric() {
 			switch f.GetName() {
 			case "minicloud_agent_reconcile_duration_seconds":
 				passes[m.GetLabel()[0].GetValue()] = m.GetHistogram().GetSampleCount()
+			case "minicloud_agent_reconcile_cpu_seconds":
+				cpuPasses[m.GetLabel()[0].GetValue()] = m.GetHistogram().GetSampleCount()
+				cpu += m.GetHistogram().GetSampleSum()
 			case "minicloud_agent_api_contact_age_seconds":
 				age = m.GetGauge().GetValue()
 			}
@@ -80,6 +83,10 @@ minicloud_agent_vms{phase="STOPPED"} 0
 	// The running VM took at least one good pass; the failing one, one bad.
 	if passes["ok"] < 1 || passes["error"] != 1 {
 		t.Fatalf("reconcile passes by result %v, want ok >= 1 and error 1", passes)
+	}
+	// Every timed pass has its CPU time too, and a pass is never free.
+	if cpuPasses["ok"] != passes["ok"] || cpuPasses["error"] != passes["error"] || cpu <= 0 {
+		t.Fatalf("CPU-timed passes by result %v (%v s in all), want those of the wall-time histogram %v and more than 0 s", cpuPasses, cpu, passes)
 	}
 	if age < time.Hour.Seconds() {
 		t.Fatalf("api contact age %v, want at least an hour", age)

@@ -244,7 +244,7 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	)
 	// 1. Disk: the image cached by digest, the VM's overlay over it.
 	wg.Go(func() {
-		boot, diskErr = a.ensureDisk(ctx, vm)
+		measureCPU(ctx, func() { boot, diskErr = a.ensureDisk(ctx, vm) })
 		diskAt = time.Now()
 	})
 	// 2. Network: bridges, taps with anti-spoofing. The guest services

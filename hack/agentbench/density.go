@@ -54,6 +54,7 @@ type density struct {
 	restCPU           time.Duration // the all-in-one's CPU over restWindow at rest
 	restWindow        time.Duration // one full resync of every VM, at rest
 	steady            passes        // reconcile passes in restWindow
+	steadyCPU         passes        // their CPU time (the agent's own clock of each pass)
 
 	restartServing time.Duration // kill → the new process's API healthy, its host UP
 	restartSynced  time.Duration // kill → every VM reconciled again (agent metrics)
@@ -177,6 +178,7 @@ func (b *bench) densityRound(ctx context.Context, n int, readyTimeout time.Durat
 	}
 	d.restWindow, d.restCPU, d.rssFull = time.Since(t0), restEnd.cpu-restStart.cpu, restEnd.rss
 	d.steady = histogramDelta(before.ok, rest.ok)
+	d.steadyCPU = histogramDelta(before.okCPU, rest.okCPU)
 
 	ids := make([]string, n)
 	for i, s := range samples {
@@ -256,6 +258,7 @@ func (b *bench) checkStillReady(ctx context.Context, names, ready []string) erro
 // agentScrape is what the density mode reads of the agent's /metrics.
 type agentScrape struct {
 	ok                    *dto.Histogram // minicloud_agent_reconcile_duration_seconds{result="ok"}
+	okCPU                 *dto.Histogram // minicloud_agent_reconcile_cpu_seconds{result="ok"}
 	running, due, failing float64
 }
 
@@ -289,6 +292,11 @@ func (b *bench) scrapeAgent(ctx context.Context) (agentScrape, error) {
 	for _, m := range mfs["minicloud_agent_reconcile_duration_seconds"].GetMetric() {
 		if label(m, "result") == "ok" {
 			s.ok = m.GetHistogram()
+		}
+	}
+	for _, m := range mfs["minicloud_agent_reconcile_cpu_seconds"].GetMetric() {
+		if label(m, "result") == "ok" {
+			s.okCPU = m.GetHistogram()
 		}
 	}
 	for _, m := range mfs["minicloud_agent_vms"].GetMetric() {
@@ -477,6 +485,14 @@ func secs(d time.Duration) string {
 	return ms(d)
 }
 
+// cpuTime prints a pass's CPU time: µs below a millisecond.
+func cpuTime(d time.Duration) string {
+	if d < time.Millisecond {
+		return fmt.Sprintf("%d µs", d.Microseconds())
+	}
+	return ms(d)
+}
+
 func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 
 func renderDensity(b *bench, rows []density, readyTimeout time.Duration) string {
@@ -487,8 +503,8 @@ func renderDensity(b *bench, rows []density, readyTimeout time.Duration) string 
 	}
 	fmt.Fprintf(&sb, "`go run ./hack/agentbench -density %s` (as root) — a real `minicloudd all-in-one` (embedded etcd, API, scheduler, agent, metadata) as a child process, %s, guests under TCG, the tiny image (direct kernel + initrd boot) with a flavor of 1 vCPU / 128 MiB / 1 GiB. Each VM count starts on an empty host: N CreateVM calls at once, then every VM waited for until `WatchVMs` delivers it RUNNING with GuestReady (the guest fetched its metadata; bound %s). 2 cores shared with other work; load average %s before the run, %s after; the run took %s; measured %s.\n\n",
 		strings.Join(counts, ","), libvirtVersion(), readyTimeout, b.loadBefore, b.loadAfter, b.elapsed.Round(time.Second), b.started.UTC().Format("2006-01-02 15:04 UTC"))
-	sb.WriteString("| VMs | GuestReady | all GuestReady after | create → GuestReady p50 | p99 | all-in-one CPU per VM, boot | all-in-one RSS, 0 → N VMs | RSS per VM | QEMU RSS per VM | all-in-one CPU per VM at rest | reconcile pass p50 | p99 | restart: serving | restart: every VM reconciled | pass p50 / p99 after restart | domains kept |\n")
-	sb.WriteString("|---:|" + strings.Repeat("---:|", 15) + "\n")
+	sb.WriteString("| VMs | GuestReady | all GuestReady after | create → GuestReady p50 | p99 | all-in-one CPU per VM, boot | all-in-one RSS, 0 → N VMs | RSS per VM | QEMU RSS per VM | all-in-one CPU per VM at rest | reconcile pass p50 | p99 | pass CPU p50 | CPU p99 | restart: serving | restart: every VM reconciled | pass p50 / p99 after restart | domains kept |\n")
+	sb.WriteString("|---:|" + strings.Repeat("---:|", 17) + "\n")
 	for _, d := range rows {
 		rest := time.Duration(0)
 		if d.restWindow > 0 {
@@ -498,25 +514,28 @@ func renderDensity(b *bench, rows []density, readyTimeout time.Duration) string 
 		if len(d.readyNames) < d.n {
 			all = "> " + secs(readyTimeout)
 		}
-		fmt.Fprintf(&sb, "| %d | %d of %d | %s | %s | %s | %s | %s → %s | %s | %s | %s/s | %s | %s | %s | %s | %s / %s | %d of %d |\n",
+		fmt.Fprintf(&sb, "| %d | %d of %d | %s | %s | %s | %s | %s → %s | %s | %s | %s/s | %s | %s | %s | %s | %s | %s | %s / %s | %d of %d |\n",
 			d.n, len(d.readyNames), d.n, all, quantile(d.toReady, 0.5), quantile(d.toReady, 0.99),
 			secs(d.bootCPU/time.Duration(d.n)), mib(d.rssEmpty), mib(d.rssFull), mib((d.rssFull-d.rssEmpty)/int64(d.n)), mib(d.qemuRSS),
-			ms(rest), ms(d.steady.p50), ms(d.steady.p99),
+			ms(rest), ms(d.steady.p50), ms(d.steady.p99), cpuTime(d.steadyCPU.p50), cpuTime(d.steadyCPU.p99),
 			secs(d.restartServing), secs(d.restartSynced), ms(d.afterRestart.p50), ms(d.afterRestart.p99), d.sameDomains, d.n)
 	}
 	if len(rows) > 1 {
 		lo, hi := rows[0], rows[len(rows)-1]
-		ratio := math.NaN()
-		if lo.steady.p50 > 0 {
-			ratio = float64(hi.steady.p50) / float64(lo.steady.p50)
+		ratio := func(hi, lo time.Duration) float64 {
+			if lo <= 0 {
+				return math.NaN()
+			}
+			return float64(hi) / float64(lo)
 		}
-		fmt.Fprintf(&sb, "\nPer-pass cost with %d VMs against %d: reconcile pass p50 %.2f× (target: no growth with the count).\n", hi.n, lo.n, ratio)
+		fmt.Fprintf(&sb, "\nPer-pass cost with %d VMs against %d: reconcile pass p50 %.2f× in wall time, %.2f× in CPU time (target: no growth with the count).\n",
+			hi.n, lo.n, ratio(hi.steady.p50, lo.steady.p50), ratio(hi.steadyCPU.p50, lo.steadyCPU.p50))
 	}
 	var passes []string
 	for _, d := range rows {
 		passes = append(passes, fmt.Sprintf("%d passes in %s at rest and %d after the restart with %d VMs", d.steady.count, secs(d.restWindow), d.afterRestart.count, d.n))
 	}
-	fmt.Fprintf(&sb, "\nHow to read it. *GuestReady* is how many of the N were GuestReady within the bound (past it, the round goes on with every VM RUNNING, and p50/p99 are over those that made it); *all GuestReady after* is the first CreateVM sent → the last VM's GuestReady delivered; create → GuestReady is per VM, so under TCG on 2 cores it is mostly the guests' boots competing for the CPUs. The all-in-one is one process (agent, API, etcd, scheduler, metadata), so its RSS and CPU (from /proc: utime + stime, with its waited-for children such as `qemu-img`) are the whole control plane's; *CPU per VM, boot* is its CPU from the first CreateVM until every VM is GuestReady (or the bound), divided by N; *RSS per VM* is its growth from the empty host to N VMs at rest, divided by N. *At rest* is the span from every VM GuestReady until at least a minute later (the agent's periodic resync: one pass over every VM a minute), once the agent has made at least N passes in it with nothing queued or failing; the reconcile pass p50/p99 are that span's passes, from the agent's own histogram `minicloud_agent_reconcile_duration_seconds{result=\"ok\"}` (buckets doubling from 0.25 ms, interpolated within a bucket as `histogram_quantile` does, so within a factor of 2). *QEMU RSS per VM* is the mean resident memory of the guests' QEMU processes (guest RAM they touched included). Restart: SIGKILL of the all-in-one (a crash), then the same binary on the same data directory and addresses; *serving* is kill → its API healthy and its host UP, *every VM reconciled* is kill → the agent's metrics first say: N VMs RUNNING, at least N good passes since it started, nothing queued, nothing failing (and still so %s later). A running VM whose status did not change is confirmed by its pass, not rewritten (the agent writes only changes). *domains kept*: VMs whose libvirt domain UUID and QEMU PID were the same after the restart (libvirt's view, not minicloud's); every VM was then checked RUNNING and GuestReady through the API. Passes counted: %s. Clean-up: every VM deleted through the API and checked gone from libvirt, the links and the agent's directory before the next count; the all-in-one's data directory removed at the end.\n",
+	fmt.Fprintf(&sb, "\nHow to read it. *GuestReady* is how many of the N were GuestReady within the bound (past it, the round goes on with every VM RUNNING, and p50/p99 are over those that made it); *all GuestReady after* is the first CreateVM sent → the last VM's GuestReady delivered; create → GuestReady is per VM, so under TCG on 2 cores it is mostly the guests' boots competing for the CPUs. The all-in-one is one process (agent, API, etcd, scheduler, metadata), so its RSS and CPU (from /proc: utime + stime, with its waited-for children such as `qemu-img`) are the whole control plane's; *CPU per VM, boot* is its CPU from the first CreateVM until every VM is GuestReady (or the bound), divided by N; *RSS per VM* is its growth from the empty host to N VMs at rest, divided by N. *At rest* is the span from every VM GuestReady until at least a minute later (the agent's periodic resync: one pass over every VM a minute), once the agent has made at least N passes in it with nothing queued or failing; the reconcile pass p50/p99 are that span's passes, from the agent's own histogram `minicloud_agent_reconcile_duration_seconds{result=\"ok\"}` (buckets doubling from 0.25 ms, interpolated within a bucket as `histogram_quantile` does, so within a factor of 2); *pass CPU* is the same passes' CPU time from `minicloud_agent_reconcile_cpu_seconds{result=\"ok\"}` (buckets doubling from 10 µs): the agent locks each pass's goroutine to its thread and reads the thread's CPU clock around it (agent/passcpu.go), so it is the pass's own user and system time, not the time it waited for a CPU among the guests' threads, and leaves out what other goroutines and processes did for it (go-libvirt's reply decoding, libvirtd). *QEMU RSS per VM* is the mean resident memory of the guests' QEMU processes (guest RAM they touched included). Restart: SIGKILL of the all-in-one (a crash), then the same binary on the same data directory and addresses; *serving* is kill → its API healthy and its host UP, *every VM reconciled* is kill → the agent's metrics first say: N VMs RUNNING, at least N good passes since it started, nothing queued, nothing failing (and still so %s later). A running VM whose status did not change is confirmed by its pass, not rewritten (the agent writes only changes). *domains kept*: VMs whose libvirt domain UUID and QEMU PID were the same after the restart (libvirt's view, not minicloud's); every VM was then checked RUNNING and GuestReady through the API. Passes counted: %s. Clean-up: every VM deleted through the API and checked gone from libvirt, the links and the agent's directory before the next count; the all-in-one's data directory removed at the end.\n",
 		stableFor, strings.Join(passes, "; "))
 	return sb.String()
 }
