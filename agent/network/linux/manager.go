@@ -33,7 +33,9 @@ const (
 
 // Manager is the Linux network.Manager. It is safe for concurrent use; its
 // only state is the kernel's, so any number of Managers (an agent and its
-// restarted successor) can look at the same host.
+// restarted successor) can look at the same host. (It remembers what it
+// found converged, but only as of a ruleset generation the kernel keeps:
+// generation.go.)
 type Manager struct {
 	log *slog.Logger
 	// mu serialises read-measure-write cycles on the ruleset.
@@ -42,6 +44,12 @@ type Manager struct {
 	// baseOK records that this Manager verified the tables, chains, sets and
 	// static rules; port changes then skip that check (guarded by mu).
 	baseOK bool
+	// memo: the bridges and ports whose rules were found converged, and
+	// at which ruleset generation (generation.go; guarded by mu).
+	memo converged
+	// readings counts the ruleset reads of applyChanges (a test sees
+	// the memo skip them; guarded by mu).
+	readings int
 	// bridges shares one EnsureBridge run among concurrent callers with
 	// the same spec (every VM of a network ensures its bridge).
 	bridges coalescer[bridgeKey]
@@ -70,30 +78,60 @@ func keyOf(spec network.BridgeSpec) bridgeKey {
 // fails on an unverified base (someone deleted our table?) is retried once
 // after verifying it.
 func (m *Manager) apply(what string, verify bool, fill func(*batch) error) error {
+	_, err := m.applyChanges(what, verify, fill)
+	return err
+}
+
+// applyChanges is apply, and reports whether it sent a transaction (the
+// ruleset was not converged).
+func (m *Manager) applyChanges(what string, verify bool, fill func(*batch) error) (changed bool, _ error) {
 	for attempt := 0; ; attempt++ {
+		m.readings++
 		b, err := newBatch(m.protected)
 		if err != nil {
-			return err
+			return false, err
 		}
 		checked := verify || !m.baseOK || attempt > 0
 		if checked {
 			if err := b.ensureBase(); err != nil {
-				return err
+				return false, err
 			}
 		}
 		if err := fill(b); err != nil {
-			return err
+			return false, err
 		}
 		err = b.flush(what)
 		if err == nil {
 			m.baseOK = m.baseOK || checked
-			return nil
+			return b.changes > 0, nil
 		}
 		m.baseOK = false
 		if checked {
-			return err
+			return false, err
 		}
 	}
+}
+
+// unlessConverged runs converge, which reads and converges the rules of
+// one bridge, port or tunnel (name; spec: what they must say) and reports
+// whether it changed any, unless the ruleset's generation has not moved
+// since they were last found converged (generation.go).
+func (m *Manager) unlessConverged(name, spec string, converge func() (changed bool, err error)) error {
+	gen, err := rulesetGeneration()
+	known := err == nil
+	if err != nil {
+		m.log.Debug("reading the whole ruleset: its generation is unknown", "err", err)
+	}
+	if m.memo.current(name, spec, gen, known) {
+		return nil
+	}
+	changed, err := converge()
+	if err != nil {
+		delete(m.memo, name)
+		return err
+	}
+	m.memo.record(name, spec, gen, known, changed)
+	return nil
 }
 
 var _ network.Manager = (*Manager)(nil)
@@ -113,7 +151,7 @@ func WithLogger(log *slog.Logger) Option { return func(m *Manager) { m.log = log
 
 // New returns a Manager. It changes nothing on the host until called.
 func New(opts ...Option) *Manager {
-	m := &Manager{}
+	m := &Manager{memo: converged{}}
 	for _, o := range opts {
 		o(m)
 	}
@@ -157,7 +195,9 @@ func (m *Manager) ensureBridge(spec network.BridgeSpec) error {
 }
 
 func (m *Manager) ensureBridgeRules(spec network.BridgeSpec) error {
-	return m.apply("ensure rules of bridge "+spec.Name, true, func(b *batch) error { return bridgeElements(b, spec) })
+	return m.unlessConverged("bridge "+spec.Name, fmt.Sprintf("%+v", keyOf(spec)), func() (bool, error) {
+		return m.applyChanges("ensure rules of bridge "+spec.Name, true, func(b *batch) error { return bridgeElements(b, spec) })
+	})
 }
 
 func bridgeElements(b *batch, spec network.BridgeSpec) error {
@@ -341,6 +381,8 @@ func (m *Manager) DeleteBridge(ctx context.Context, name string) error {
 		}
 		m.log.Info("deleted bridge", "bridge", name)
 	}
+	delete(m.memo, "bridge "+name)
+	delete(m.memo, "tunnel "+TunnelName(name))
 	return m.apply("delete rules of bridge "+name, true, func(b *batch) error { return deleteBridgeElements(b, name) })
 }
 
@@ -532,8 +574,10 @@ func (m *Manager) ensurePortLink(spec network.PortSpec) (netlink.Link, error) {
 }
 
 func (m *Manager) ensurePortRules(spec network.PortSpec) error {
-	return m.apply("ensure filter of port "+spec.TapName, false, func(b *batch) error {
-		return b.portElements(spec.TapName, spec.MAC, spec.IP)
+	return m.unlessConverged("port "+spec.TapName, spec.MAC.String()+" "+spec.IP.String(), func() (bool, error) {
+		return m.applyChanges("ensure filter of port "+spec.TapName, false, func(b *batch) error {
+			return b.portElements(spec.TapName, spec.MAC, spec.IP)
+		})
 	})
 }
 
@@ -575,6 +619,7 @@ func (m *Manager) DeletePort(ctx context.Context, tapName string) error {
 		}
 		m.log.Info("deleted port", "port", tapName)
 	}
+	delete(m.memo, "port "+tapName)
 	return m.apply("delete filter of port "+tapName, false, func(b *batch) error {
 		return b.portElements(tapName, nil, netip.Addr{})
 	})

@@ -182,3 +182,58 @@ func TestListPortsFindsInterruptedCreates(t *testing.T) {
 		t.Fatalf("after Sync: %+v", ps)
 	}
 }
+
+// BenchmarkConvergedPass is the network half of an agent's reconcile pass
+// at rest (agent/reconcile.go, ensureNetwork): EnsureBridge and EnsurePort
+// of a port that is already converged, with N ports on the bridge, each
+// ensured once since the last change (as at rest). Its cost must not grow
+// with N (issue 15, section 4).
+func BenchmarkConvergedPass(b *testing.B) {
+	netnstest.Require(b)
+	for _, n := range []int{10, 50, 200} {
+		b.Run(fmt.Sprintf("ports=%d", n), func(b *testing.B) {
+			ctx := context.Background()
+			br, tap := networktest.Names()
+			host := netnstest.NewNS(b, "mch-"+br)
+			m := New()
+			spec := network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.230.0.1/16"), NAT: true}
+			ports := make([]network.PortSpec, n)
+			err := host.Do(func() error {
+				if err := m.EnsureBridge(ctx, spec); err != nil {
+					return err
+				}
+				for i := range ports {
+					ports[i] = scalePort(br, tap, i)
+					if err := m.EnsurePort(ctx, ports[i]); err != nil {
+						return err
+					}
+				}
+				// At rest every port has had a pass since the last
+				// change on the host (the agent's resync): one here.
+				for _, p := range ports {
+					if err := m.EnsurePort(ctx, p); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			err = host.Do(func() error {
+				for i := 0; b.Loop(); i++ {
+					if err := m.EnsureBridge(ctx, spec); err != nil {
+						return err
+					}
+					if err := m.EnsurePort(ctx, ports[i%n]); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}

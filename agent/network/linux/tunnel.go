@@ -117,7 +117,8 @@ func (m *Manager) ensureTunnel(spec network.BridgeSpec, br netlink.Link) error {
 			return fmt.Errorf("bring tunnel %s up: %w", name, err)
 		}
 	}
-	return m.convergeVTEPs()
+	_, err = m.convergeVTEPs()
+	return err
 }
 
 // deleteTunnel removes a VXLAN device and its allowlist; absent is fine.
@@ -125,6 +126,14 @@ func (m *Manager) deleteTunnel(name string) error {
 	link, err := netlink.LinkByName(name)
 	switch {
 	case isLinkNotFound(err):
+		// Every bridge without a tunnel comes here on every EnsureBridge,
+		// so on every reconcile pass of every VM, and converging the VTEP
+		// sets lists every link of the host, each VM's tap included. The
+		// allowlist and the VTEP sets were converged when the tunnel went
+		// (or never had one): while the ruleset's generation stays, they
+		// still are (generation.go). A tunnel device someone else deletes
+		// moves no generation; its VTEP entry goes within memoMaxAge.
+		return m.unlessConverged("tunnel "+name, "absent", func() (bool, error) { return m.removeTunnelRules(name) })
 	case err != nil:
 		return fmt.Errorf("look up tunnel %s: %w", name, err)
 	case link.Attrs().Alias != tunnelAlias:
@@ -135,22 +144,32 @@ func (m *Manager) deleteTunnel(name string) error {
 		}
 		m.log.Info("deleted tunnel", "tunnel", name)
 	}
-	if err := m.apply("delete allowlist of tunnel "+name, false, func(b *batch) error {
+	delete(m.memo, "tunnel "+name)
+	_, err = m.removeTunnelRules(name)
+	return err
+}
+
+// removeTunnelRules empties a removed tunnel's allowlist and converges the
+// VTEP sets to the tunnels left; changed: either took a transaction.
+func (m *Manager) removeTunnelRules(name string) (changed bool, _ error) {
+	changed, err := m.applyChanges("delete allowlist of tunnel "+name, false, func(b *batch) error {
 		return b.replaceKeys(bridgeTable, setTunnelSrc, ifname(name), nil)
-	}); err != nil {
-		return err
+	})
+	if err != nil {
+		return false, err
 	}
-	return m.convergeVTEPs()
+	vteps, err := m.convergeVTEPs()
+	return changed || vteps, err
 }
 
 // convergeVTEPs makes tunnel_local and vtep_pair match every minicloud
 // tunnel on the host: its local address, and (local, remote VTEP) for each
 // host its forwarding entries point at. Called with m.mu held, after any
-// change of a tunnel or its entries.
-func (m *Manager) convergeVTEPs() error {
+// change of a tunnel or its entries; changed: it took a transaction.
+func (m *Manager) convergeVTEPs() (changed bool, _ error) {
 	links, err := netlink.LinkList()
 	if err != nil {
-		return fmt.Errorf("list links: %w", err)
+		return false, fmt.Errorf("list links: %w", err)
 	}
 	var locals, pairs [][]byte
 	seen := map[string]bool{}
@@ -172,7 +191,7 @@ func (m *Manager) convergeVTEPs() error {
 		add(&locals, slices.Clone([]byte(local)))
 		fdb, err := netlink.NeighList(l.Attrs().Index, unix.AF_BRIDGE)
 		if err != nil {
-			return fmt.Errorf("list forwarding entries of %s: %w", l.Attrs().Name, err)
+			return false, fmt.Errorf("list forwarding entries of %s: %w", l.Attrs().Name, err)
 		}
 		for _, n := range fdb {
 			if n.LinkIndex == l.Attrs().Index && n.Flags&netlink.NTF_SELF != 0 && n.IP.To4() != nil {
@@ -180,7 +199,7 @@ func (m *Manager) convergeVTEPs() error {
 			}
 		}
 	}
-	return m.apply("tunnel endpoints", false, func(b *batch) error {
+	return m.applyChanges("tunnel endpoints", false, func(b *batch) error {
 		if err := b.replaceKeys(inetTable, setTunnelLocal, nil, locals); err != nil {
 			return err
 		}
@@ -239,7 +258,8 @@ func (m *Manager) SetRemotePorts(ctx context.Context, bridge string, ports []net
 	if err := convergeNeighbours(link, ports); err != nil {
 		return err
 	}
-	return m.convergeVTEPs()
+	_, err = m.convergeVTEPs()
+	return err
 }
 
 // fdbKey names a forwarding entry: its MAC, and for the VXLAN device's own

@@ -1,0 +1,108 @@
+package linux
+
+import (
+	"context"
+	"net/netip"
+	"testing"
+
+	"github.com/minicloud/minicloud/agent/network"
+	"github.com/minicloud/minicloud/agent/network/networktest"
+	"github.com/minicloud/minicloud/pkg/netnstest"
+)
+
+// TestConvergedRulesAreReadAgainOnlyAfterACommit: once a bridge's and a
+// port's rules were found converged, ensuring them again reads nothing of
+// the ruleset while its generation stays; a commit by someone else (here
+// the port's filter removed behind the Manager's back) moves the
+// generation, and the next EnsurePort reads the sets again and puts the
+// filter back.
+func TestConvergedRulesAreReadAgainOnlyAfterACommit(t *testing.T) {
+	netnstest.Require(t)
+	ctx := context.Background()
+	br, tap := networktest.Names()
+	host := netnstest.NewNS(t, "mch-"+br)
+	mgr := New()
+	m := &inNS{ns: host, m: mgr}
+	bridge := network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.230.0.1/16"), NAT: true}
+	port := scalePort(br, tap, 1)
+	ensure := func() {
+		t.Helper()
+		if err := m.EnsureBridge(ctx, bridge); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.EnsurePort(ctx, port); err != nil {
+			t.Fatal(err)
+		}
+	}
+	readings := func() int {
+		mgr.mu.Lock()
+		defer mgr.mu.Unlock()
+		return mgr.readings
+	}
+	filter := func() portFilter {
+		t.Helper()
+		var f portFilter
+		err := host.Do(func() error {
+			b, err := newBatch(nil)
+			if err != nil {
+				return err
+			}
+			filters, err := b.portFilters()
+			f = filters[port.TapName]
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+
+	ensure() // creates: a commit, so not remembered as converged
+	ensure() // finds both converged: remembered
+	before := readings()
+	ensure()
+	ensure()
+	if got := readings(); got != before {
+		t.Fatalf("converged bridge and port at an unchanged generation: %d ruleset reads, want none", got-before)
+	}
+
+	// Someone else's transaction: the port's filter elements removed.
+	err := host.Do(func() error {
+		b, err := newBatch(nil)
+		if err != nil {
+			return err
+		}
+		if err := b.portElements(port.TapName, nil, netip.Addr{}); err != nil {
+			return err
+		}
+		return b.flush("remove the filter behind the Manager's back")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := filter(); f.ip.IsValid() || f.mac != nil {
+		t.Fatalf("filter still there after its removal: %+v", f)
+	}
+	ensure()
+	if readings() == before {
+		t.Fatal("the ruleset changed but EnsurePort did not read it again")
+	}
+	if f := filter(); f.ip != port.IP || f.mac.String() != port.MAC.String() {
+		t.Fatalf("filter after EnsurePort: %+v, want %s %s", f, port.MAC, port.IP)
+	}
+}
+
+// TestGenIDSkipsOtherAttributes: NFTA_GEN_ID is found among the answer's
+// attributes whatever their order, and a truncated answer is refused.
+func TestGenIDSkipsOtherAttributes(t *testing.T) {
+	msg := []byte{0, 0, 0, 0, // nfgenmsg
+		8, 0, 2, 0, 0, 0, 0, 42, // NFTA_GEN_PROC_PID
+		8, 0, 1, 0, 0, 0, 1, 2, // NFTA_GEN_ID 258
+	}
+	if gen, ok := genID(msg); !ok || gen != 258 {
+		t.Fatalf("genID = %d, %v; want 258, true", gen, ok)
+	}
+	if _, ok := genID(msg[:14]); ok {
+		t.Fatal("genID accepted a truncated answer")
+	}
+}
