@@ -33,6 +33,10 @@ type conn struct {
 	events     chan hypervisor.Event
 	overflowed bool // an event was dropped; a resync is owed
 
+	// statuses are the domain states read on this connection, kept until
+	// an event says otherwise (statuscache.go).
+	statuses statusCache
+
 	stop chan struct{}
 	done chan struct{}
 }
@@ -46,6 +50,8 @@ func newConn(socket string, log *slog.Logger) *conn {
 		events:  make(chan hypervisor.Event, 1024),
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
+
+		statuses: statusCache{grace: reattachGrace},
 	}
 	go c.run()
 	return c
@@ -94,6 +100,7 @@ func (c *conn) run() {
 			continue
 		}
 		backoff = 50 * time.Millisecond
+		c.statuses.reset(time.Now())
 		c.mu.Lock()
 		c.cur, c.lastErr = l, nil
 		close(c.ready)
@@ -106,6 +113,7 @@ func (c *conn) run() {
 		c.wakeAll()
 
 		stopped := c.pump(l, evs)
+		c.statuses.reset(time.Time{})
 		cancel()
 		c.mu.Lock()
 		c.cur = nil
@@ -162,6 +170,7 @@ func (c *conn) pump(l *golibvirt.Libvirt, evs <-chan golibvirt.DomainEventLifecy
 				continue // not one of ours
 			}
 			kind, detail := translateLifecycle(m.Event, m.Detail)
+			c.statuses.invalidate(vmID)
 			c.wake(vmID)
 			c.emit(hypervisor.Event{VMID: vmID, Kind: kind, Detail: detail, Time: time.Now()})
 		}

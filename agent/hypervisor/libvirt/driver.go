@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
@@ -48,6 +49,9 @@ type Driver struct {
 	kvmErr    error // nil: KVM runs guests here
 	kvmProbeT time.Duration
 	noKVM     bool
+
+	// statusReads counts the Status calls that asked libvirtd (tests).
+	statusReads atomic.Int64
 }
 
 var _ hypervisor.Driver = (*Driver)(nil)
@@ -170,6 +174,7 @@ func (d *Driver) Define(ctx context.Context, spec hypervisor.DomainSpec) error {
 	// structs. The schema check runs on every shape DomainXML renders in
 	// TestDomainXMLPassesLibvirtSchema instead; libvirt's own parse still
 	// rejects a domain it cannot run.
+	defer d.c.statuses.invalidate(spec.VMID)
 	if _, err := l.DomainDefineXMLFlags(x, 0); err != nil {
 		return classify(err, "define domain of %s", spec.VMID)
 	}
@@ -214,6 +219,7 @@ func (d *Driver) ownership(l *golibvirt.Libvirt, dom golibvirt.Domain, vmID stri
 
 // Start implements hypervisor.Driver.
 func (d *Driver) Start(ctx context.Context, vmID string) error {
+	defer d.c.statuses.invalidate(vmID)
 	l, dom, _, err := d.lookup(ctx, vmID)
 	if err != nil {
 		return err
@@ -248,6 +254,7 @@ func (d *Driver) Start(ctx context.Context, vmID string) error {
 // Shutdown implements hypervisor.Driver. It waits on lifecycle events (with
 // a state re-check after each one and after reconnects), never on sleeps.
 func (d *Driver) Shutdown(ctx context.Context, vmID string, timeout time.Duration) error {
+	defer d.c.statuses.invalidate(vmID)
 	wake, unwatch := d.c.watch(vmID)
 	defer unwatch()
 	l, dom, _, err := d.lookup(ctx, vmID)
@@ -304,6 +311,7 @@ func (d *Driver) Shutdown(ctx context.Context, vmID string, timeout time.Duratio
 
 // Destroy implements hypervisor.Driver.
 func (d *Driver) Destroy(ctx context.Context, vmID string) error {
+	defer d.c.statuses.invalidate(vmID)
 	l, dom, _, err := d.lookup(ctx, vmID)
 	if errdefs.IsNotFound(err) {
 		return nil
@@ -334,6 +342,7 @@ func destroyLive(l *golibvirt.Libvirt, dom golibvirt.Domain, vmID string) error 
 
 // Reboot implements hypervisor.Driver.
 func (d *Driver) Reboot(ctx context.Context, vmID string) error {
+	defer d.c.statuses.invalidate(vmID)
 	l, dom, _, err := d.lookup(ctx, vmID)
 	if err != nil {
 		return err
@@ -346,6 +355,7 @@ func (d *Driver) Reboot(ctx context.Context, vmID string) error {
 
 // Undefine implements hypervisor.Driver.
 func (d *Driver) Undefine(ctx context.Context, vmID string) error {
+	defer d.c.statuses.invalidate(vmID)
 	l, dom, _, err := d.lookup(ctx, vmID)
 	if errdefs.IsNotFound(err) {
 		return nil
@@ -363,8 +373,14 @@ func (d *Driver) Undefine(ctx context.Context, vmID string) error {
 	return nil
 }
 
-// Status implements hypervisor.Driver.
+// Status implements hypervisor.Driver. A status read before is returned
+// until libvirt reports a change of the domain (statuscache.go).
 func (d *Driver) Status(ctx context.Context, vmID string) (hypervisor.DomainStatus, error) {
+	if st, ok := d.c.statuses.get(vmID); ok {
+		return st, nil
+	}
+	ticket := d.c.statuses.ticket()
+	d.statusReads.Add(1)
 	l, dom, md, err := d.lookup(ctx, vmID)
 	if errdefs.IsNotFound(err) {
 		return hypervisor.DomainStatus{VMID: vmID, State: hypervisor.StateAbsent}, nil
@@ -372,7 +388,11 @@ func (d *Driver) Status(ctx context.Context, vmID string) (hypervisor.DomainStat
 	if err != nil {
 		return hypervisor.DomainStatus{VMID: vmID}, err
 	}
-	return d.status(l, dom, md)
+	st, err := d.status(l, dom, md)
+	if err == nil {
+		d.c.statuses.put(vmID, ticket, st)
+	}
+	return st, err
 }
 
 func (d *Driver) status(l *golibvirt.Libvirt, dom golibvirt.Domain, md instanceMetadata) (hypervisor.DomainStatus, error) {
