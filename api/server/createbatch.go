@@ -11,22 +11,45 @@ import (
 )
 
 // Every VM create of a project changes the project's usage key under a
-// compare of its mod revision (store.CreateVMsTxn), so two creates of one
-// project can never commit concurrently: of N creates sent at once, one
-// would win and N-1 re-read and retry, N times over. Instead this replica
-// queues the creates of a project while one commit is in flight and sends
-// the queue as one transaction when it returns (group commit): one etcd
-// round trip charges and creates them all. Replicas still race each other
-// on the usage key; that race is decided by etcd's compare, and the loser
-// refreshes its view of the usage and tries again.
+// compare (store.CreateVMsTxn), so two creates of one project can never
+// commit concurrently from two independent reads: of N creates sent at
+// once, one would win and N-1 re-read and retry, N times over. Instead
+// this replica queues the creates of a project and sends them in batches,
+// one transaction each (group commit): one etcd round trip charges and
+// creates them all. Replicas still race each other on the usage key; that
+// race is decided by etcd's compare, and the loser refreshes its view of
+// the usage and tries again.
+//
+// A batch holds at most 15 creates (etcd refuses more than 128 compares
+// or writes in one transaction; admit fills it to that), so one batch at
+// a time capped a project at a batch per round trip: with 12, ~2,600
+// creates/s at a 4.5 ms commit however many callers waited, and a third
+// of the machine idle (docs/benchmarks.md, "API"). So up to maxInFlight
+// batches are in flight
+// at once: each is charged on the usage as the batches before it will
+// leave it (store.UsageState.Charged, a compare of the usage key's value
+// they write), so it commits only after them, and if one fails the ones
+// after it fail too. A failure stops the sending until every batch in
+// flight has returned; then one read per failed batch says which of its
+// creates lost a race (those re-read what they refer to) and what the
+// usage is now, and the rest go back to the front of the queue (settle
+// has the one exception: a batch that only overtook the one before it).
 
 // batchCommitTimeout bounds one batch's etcd round trips; the batch does
 // not use any caller's context, since it commits for several callers.
 const batchCommitTimeout = 30 * time.Second
 
-// maxBatch bounds how many queued creates one pass looks at (admit
+// maxBatch bounds how many queued creates one batch looks at (admit
 // bounds what one transaction carries).
 const maxBatch = 32
+
+// maxInFlight bounds the batch transactions of one project in flight at
+// once. Two, not more: transactions sent back to back reach etcd in
+// either order, and one that overtakes the batch before it fails its
+// usage compare (settle), as does every batch built on it; with three or
+// four in flight those failures cascaded and apibench at 64 clients fell
+// to half the creates/s of one at a time.
+const maxInFlight = 2
 
 // createBatcher group-commits VM creates per project.
 type createBatcher struct {
@@ -35,13 +58,17 @@ type createBatcher struct {
 	projects map[string]*projectCreates
 }
 
-// projectCreates is one project's queue and what this replica last knew
-// of the project's usage.
+// projectCreates is one project's queue (under createBatcher.mu) and
+// what this replica knows of the project's usage (only run's).
 type projectCreates struct {
 	pending []*pendingCreate
 	running bool
-	usage   store.UsageState
-	known   bool // usage was read (or written) by this replica
+	// usage is the project's usage as the batches sent so far leave it.
+	usage store.UsageState
+	known bool // usage was read (or written) by this replica
+	// fresh says usage was read with nothing in flight and no batch was
+	// decided on it yet: a create over quota is refused only then.
+	fresh bool
 }
 
 // pendingCreate is one create waiting for its batch.
@@ -49,11 +76,33 @@ type pendingCreate struct {
 	ctx  context.Context
 	nv   store.NewVM
 	done chan createResult
+	// failures is how many batch transactions with this create failed
+	// their compares while its own held (the usage moved).
+	failures int
 }
 
 type createResult struct {
 	rev int64
 	err error
+}
+
+// sentBatch is one batch transaction sent, and then its outcome.
+type sentBatch struct {
+	admitted []*pendingCreate
+	nvs      []store.NewVM // admitted's
+	refused  []*pendingCreate
+	errs     []error          // refused's: over quota once admitted commit
+	after    store.UsageState // the usage as this batch leaves it
+	// prev is the batch sent before this one, if it was still in flight.
+	prev *sentBatch
+
+	// Set by the commit:
+	rev int64
+	ok  bool
+	err error
+	// Set by run once the commit returned:
+	returned bool
+	overtook bool // failed while prev was in flight
 }
 
 func newCreateBatcher(s *Server) *createBatcher {
@@ -85,123 +134,233 @@ func (b *createBatcher) commit(ctx context.Context, nv store.NewVM) (int64, erro
 	return r.rev, r.err
 }
 
-// run commits the project's queue, batch after batch, until it is empty.
+// run commits the project's queue, batch after batch and up to
+// maxInFlight batches at once, until it is empty.
 func (b *createBatcher) run(project string, q *projectCreates) {
+	done := make(chan *sentBatch, maxInFlight)
+	inFlight := 0
+	var failed []*sentBatch
+	var last, lastOK *sentBatch
 	for {
-		b.mu.Lock()
-		batch := q.pending[:min(len(q.pending), maxBatch)]
-		q.pending = q.pending[len(batch):]
-		if len(batch) == 0 {
-			q.running = false
-			b.mu.Unlock()
-			return
+		for len(failed) == 0 && inFlight < maxInFlight {
+			prev := last
+			if prev != nil && prev.returned {
+				prev = nil
+			}
+			sb := b.send(project, q, inFlight, prev, done)
+			if sb == nil {
+				break
+			}
+			last = sb
+			inFlight++
 		}
-		b.mu.Unlock()
-		ctx, cancel := context.WithTimeout(context.Background(), batchCommitTimeout)
-		later := b.commitBatch(ctx, project, q, batch)
-		cancel()
-		if len(later) > 0 {
+		if inFlight == 0 {
+			if len(failed) > 0 {
+				b.settle(project, q, failed, lastOK)
+				failed = nil
+				continue
+			}
 			b.mu.Lock()
-			q.pending = append(later, q.pending...)
+			if len(q.pending) == 0 {
+				q.running = false
+				b.mu.Unlock()
+				return
+			}
 			b.mu.Unlock()
+			continue
+		}
+		sb := <-done
+		inFlight--
+		sb.returned = true
+		switch {
+		case sb.err != nil:
+			// It may or may not have committed: read the usage again
+			// before the next batch.
+			q.known = false
+			answer(sb.admitted, createResult{err: sb.err})
+			answer(sb.refused, createResult{err: errRetry})
+		case sb.ok:
+			lastOK = sb
+			answer(sb.admitted, createResult{rev: sb.rev})
+			// Refused only now: the room went to creates that committed.
+			for i, p := range sb.refused {
+				p.done <- createResult{err: sb.errs[i]}
+			}
+		default:
+			sb.overtook = sb.prev != nil && !sb.prev.returned
+			failed = append(failed, sb)
 		}
 	}
 }
 
-// commitBatch admits what fits in the quota and commits it in one
-// transaction. It answers every create of batch except those it returns:
-// they collide with another create of the batch (same name or request id)
-// or would make the transaction too large, and go in the next one.
-func (b *createBatcher) commitBatch(ctx context.Context, project string, q *projectCreates, batch []*pendingCreate) []*pendingCreate {
-	answer := func(ps []*pendingCreate, r createResult) {
-		for _, p := range ps {
-			p.done <- r
+// send takes the next batch off q's queue, decides it on q.usage and
+// sends its transaction (prev: the batch sent before it, if in flight),
+// whose outcome goes to done. It returns the batch sent, or nil when the
+// queue is empty or when the usage must be read first and batches are in
+// flight (a read must see them committed or failed).
+func (b *createBatcher) send(project string, q *projectCreates, inFlight int, prev *sentBatch, done chan<- *sentBatch) *sentBatch {
+	for {
+		if !q.known && inFlight > 0 {
+			return nil
 		}
-	}
-	live := batch[:0]
-	for _, p := range batch {
-		if err := p.ctx.Err(); err != nil {
-			p.done <- createResult{err: err}
+		b.mu.Lock()
+		batch := q.pending[:min(len(q.pending), maxBatch)]
+		q.pending = q.pending[len(batch):]
+		b.mu.Unlock()
+		if len(batch) == 0 {
+			return nil
+		}
+		live := batch[:0]
+		for _, p := range batch {
+			if err := p.ctx.Err(); err != nil {
+				p.done <- createResult{err: err}
+				continue
+			}
+			live = append(live, p)
+		}
+		batch = live
+		if len(batch) == 0 {
 			continue
 		}
-		live = append(live, p)
-	}
-	batch = live
-	fresh := false // q.usage was read in this call
-	for range maxTxnAttempts {
 		if !q.known {
+			ctx, cancel := context.WithTimeout(context.Background(), batchCommitTimeout)
 			u, err := store.ReadCountedUsage(ctx, b.s.etcd, project)
+			cancel()
 			if err != nil {
 				answer(batch, createResult{err: err})
-				return nil
+				continue
 			}
-			q.usage, q.known, fresh = u, true, true
+			q.usage, q.known, q.fresh = u, true, true
 		}
-		a := b.admit(project, q.usage, batch)
+		a, fresh := b.admit(project, q.usage, batch), q.fresh
+		q.fresh = false
 		if len(a.refused) > 0 && !fresh {
 			// Refuse only on a usage read now: what this replica last
 			// wrote may be stale (a delete elsewhere gave room back).
 			q.known = false
+			b.requeue(q, batch)
 			continue
 		}
+		b.requeue(q, a.later)
 		if len(a.admitted) == 0 {
 			for i, p := range a.refused {
 				p.done <- createResult{err: a.errs[i]}
 			}
-			return a.later
+			continue
 		}
-		nvs := make([]store.NewVM, len(a.admitted))
+		sb := &sentBatch{admitted: a.admitted, nvs: make([]store.NewVM, len(a.admitted)), refused: a.refused, errs: a.errs, prev: prev}
 		for i, p := range a.admitted {
-			nvs[i] = p.nv
+			sb.nvs[i] = p.nv
 		}
-		txn, err := store.CreateVMsTxn(q.usage, a.used, nvs...)
+		txn, err := store.CreateVMsTxn(q.usage, a.used, sb.nvs...)
+		if err == nil {
+			q.usage, err = q.usage.Charged(a.used)
+		}
 		if err != nil {
 			answer(a.admitted, createResult{err: err})
 			answer(a.refused, createResult{err: errRetry})
-			return a.later
+			continue
 		}
-		rev, ok, err := txn.Commit(ctx, b.s.etcd)
-		if err != nil {
-			q.known = false
-			answer(a.admitted, createResult{err: err})
-			answer(a.refused, createResult{err: errRetry})
-			return a.later
-		}
-		if ok {
-			q.usage.Usage, q.usage.UsageRev = a.used, rev
-			answer(a.admitted, createResult{rev: rev})
-			// Refused only now: the room went to creates that committed.
-			for i, p := range a.refused {
-				p.done <- createResult{err: a.errs[i]}
-			}
-			return a.later
-		}
-		// Either the usage moved (another replica, a delete, SetQuota) or
-		// a compare of some of the VMs failed (a name, an address or a
-		// referenced object changed since this replica's create cache saw
-		// it). One read says which: the VMs whose compares fail re-read
-		// what they refer to (errRetry); the rest are decided again on the
-		// usage as it is now and go in the next pass, without a read of
-		// their own.
-		check, err := store.CheckCreateVMs(ctx, b.s.etcd, project, nvs...)
-		if err != nil {
-			q.known = false
-			answer(batch, createResult{err: err})
-			return nil
-		}
-		q.usage, q.known, fresh = check.Usage, check.Usage.Counted(), true
-		lost := make(map[*pendingCreate]bool, len(check.Failed))
-		for _, i := range check.Failed {
-			lost[a.admitted[i]] = true
-			a.admitted[i].done <- createResult{err: errRetry}
-		}
-		batch = slices.DeleteFunc(batch, func(p *pendingCreate) bool { return lost[p] })
-		if len(batch) == 0 {
-			return nil
-		}
+		sb.after = q.usage
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), batchCommitTimeout)
+			defer cancel()
+			sb.rev, sb.ok, sb.err = txn.Commit(ctx, b.s.etcd)
+			done <- sb
+		}()
+		return sb
 	}
-	answer(batch, createResult{err: tooMuchContention("create vms in project " + project)})
-	return nil
+}
+
+// settle decides again on the creates of batches whose transactions
+// failed their compares, once nothing is in flight. Transactions sent
+// back to back can reach etcd in either order (etcd serves each request
+// on its own goroutine), and one that overtakes the batch before it fails
+// its usage compare for that alone: if every failed batch overtook one
+// that then committed, its creates go straight back to the front of the
+// queue, on the usage as the last batch that committed left it, with no
+// read. (If one of them had lost a race of its own, its next transaction
+// fails again, with nothing before it to overtake, and goes to recheck.)
+// Otherwise recheck reads what happened.
+func (b *createBatcher) settle(project string, q *projectCreates, failed []*sentBatch, lastOK *sentBatch) {
+	overtaken := lastOK != nil
+	for _, sb := range failed {
+		overtaken = overtaken && sb.overtook && sb.prev.ok
+	}
+	if !overtaken {
+		b.recheck(project, q, failed)
+		return
+	}
+	var again []*pendingCreate
+	for _, sb := range failed {
+		for _, p := range sb.admitted {
+			if p.failures++; p.failures >= maxTxnAttempts {
+				p.done <- createResult{err: tooMuchContention("create vms in project " + project)}
+				continue
+			}
+			again = append(again, p)
+		}
+		again = append(again, sb.refused...)
+	}
+	q.usage, q.known = lastOK.after, true
+	b.requeue(q, again)
+}
+
+// recheck decides again on the creates of batches whose transactions
+// failed their compares, once nothing is in flight. Either the usage moved
+// (another replica, a delete, SetQuota, or a batch before it that failed)
+// or a compare of some of the VMs failed (a name, an address or a
+// referenced object changed since this replica's create cache saw it).
+// One read per batch says which: the VMs whose compares fail re-read what
+// they refer to (errRetry); the rest go back to the front of the queue,
+// to be decided again on the usage as it is now, without a read of their
+// own.
+func (b *createBatcher) recheck(project string, q *projectCreates, failed []*sentBatch) {
+	var again []*pendingCreate
+	for _, sb := range failed {
+		ctx, cancel := context.WithTimeout(context.Background(), batchCommitTimeout)
+		check, err := store.CheckCreateVMs(ctx, b.s.etcd, project, sb.nvs...)
+		cancel()
+		if err != nil {
+			q.known = false
+			answer(sb.admitted, createResult{err: err})
+			answer(sb.refused, createResult{err: err})
+			continue
+		}
+		q.usage, q.known, q.fresh = check.Usage, check.Usage.Counted(), true
+		lost := make([]bool, len(sb.admitted))
+		for _, i := range check.Failed {
+			lost[i] = true
+		}
+		for i, p := range sb.admitted {
+			switch p.failures++; {
+			case lost[i]:
+				p.done <- createResult{err: errRetry}
+			case p.failures >= maxTxnAttempts:
+				p.done <- createResult{err: tooMuchContention("create vms in project " + project)}
+			default:
+				again = append(again, p)
+			}
+		}
+		again = append(again, sb.refused...)
+	}
+	b.requeue(q, again)
+}
+
+// requeue puts ps back at the front of q's queue.
+func (b *createBatcher) requeue(q *projectCreates, ps []*pendingCreate) {
+	if len(ps) == 0 {
+		return
+	}
+	b.mu.Lock()
+	q.pending = append(slices.Clone(ps), q.pending...)
+	b.mu.Unlock()
+}
+
+func answer(ps []*pendingCreate, r createResult) {
+	for _, p := range ps {
+		p.done <- r
+	}
 }
 
 // admission is what one pass over a batch decided.
@@ -213,26 +372,24 @@ type admission struct {
 	later    []*pendingCreate // for the next batch
 }
 
-// maxBatchCost bounds a batch transaction's compares and writes (etcd
-// refuses more than 128 of either by default).
-const maxBatchCost = 100
-
 // admit charges the creates of batch, in order, to usage.
 func (b *createBatcher) admit(project string, usage store.UsageState, batch []*pendingCreate) admission {
 	limits := store.EffectiveLimits(b.s.quotaDefaults, usage.Overrides)
 	a := admission{used: usage.Usage}
 	keys := map[string]bool{}
-	cost := 2 // the usage key's compares and write
+	cmps, ops := 2, 1 // the usage key's (ChargeOps)
 	for _, p := range batch {
 		meta := p.nv.VM.GetMeta()
 		nameKey, reqKey := store.VMNameKey(project, meta.GetName()), ""
 		if p.nv.RequestID != "" {
 			reqKey = store.VMRequestKey(project, p.nv.RequestID)
 		}
-		// A create's compares: name, image, flavor, group, request id and
-		// two per network; about as many writes.
-		c := 6 + 2*len(p.nv.Networks)
-		if keys[nameKey] || (reqKey != "" && keys[reqKey]) || (len(a.admitted) > 0 && cost+c > maxBatchCost) {
+		// Filled to etcd's limit, counted exactly: a create with one
+		// network is 8 compares and 8 writes, so 15 fit where an estimate
+		// with a margin let 12 in, and the batch is what a round trip
+		// carries (see the top of this file).
+		c, o := store.CreateVMSize(p.nv)
+		if keys[nameKey] || (reqKey != "" && keys[reqKey]) || (len(a.admitted) > 0 && (cmps+c > store.MaxTxnOps || ops+o > store.MaxTxnOps)) {
 			a.later = append(a.later, p)
 			continue
 		}
@@ -242,7 +399,7 @@ func (b *createBatcher) admit(project string, usage store.UsageState, batch []*p
 			continue
 		}
 		keys[nameKey], keys[reqKey] = true, true
-		cost += c
+		cmps, ops = cmps+c, ops+o
 		a.used = next
 		a.admitted = append(a.admitted, p)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -78,19 +79,18 @@ func (w *batchWorld) pending(i int) *pendingCreate {
 	return &pendingCreate{ctx: context.Background(), nv: nv, done: make(chan createResult, 1)}
 }
 
-// commit runs one commitBatch of n creates with q and returns each
-// create's answer.
+// commit queues n creates with q and runs the batcher until its queue
+// is empty, as commit does when the first create finds it idle, and
+// returns each create's answer.
 func (w *batchWorld) commit(t *testing.T, q *projectCreates, n int) []createResult {
 	t.Helper()
 	batch := make([]*pendingCreate, n)
 	for i := range batch {
 		batch[i] = w.pending(i)
 	}
-	// commitBatch filters its batch in place, as run hands it a slice
-	// of the queue nobody else reads.
-	if later := w.b.commitBatch(context.Background(), "p", q, slices.Clone(batch)); len(later) > 0 {
-		t.Fatalf("%d creates left for a later batch", len(later))
-	}
+	q.pending, q.running = slices.Clone(batch), true
+	w.b.projects["p"] = q
+	w.b.run("p", q)
 	out := make([]createResult, n)
 	for i, p := range batch {
 		select {
@@ -163,5 +163,166 @@ func TestGroupCommitDecidesAgainOnMovedUsage(t *testing.T) {
 	}
 	if u := w.usage(t); u.GetInstances() != 5 || u.GetVcpus() != 5 {
 		t.Fatalf("usage %v, want the other replica's 2 and these 3", u)
+	}
+}
+
+// orderedKV lets the first two transactions with compares (the first two
+// batches of a group commit) reach etcd in a chosen order: the first is
+// held until the second has been sent, so both are in flight at once;
+// then, with secondFirst, the second goes first.
+type orderedKV struct {
+	clientv3.KV
+	t           *testing.T
+	secondFirst bool
+
+	mu                    sync.Mutex
+	seen                  int
+	secondSent, firstDone chan struct{}
+	secondDone            chan struct{}
+}
+
+func newOrderedKV(t *testing.T, kv clientv3.KV, secondFirst bool) *orderedKV {
+	return &orderedKV{KV: kv, t: t, secondFirst: secondFirst,
+		secondSent: make(chan struct{}), firstDone: make(chan struct{}), secondDone: make(chan struct{})}
+}
+
+func (k *orderedKV) Txn(ctx context.Context) clientv3.Txn {
+	return &orderedTxn{Txn: k.KV.Txn(ctx), k: k}
+}
+
+type orderedTxn struct {
+	clientv3.Txn
+	k       *orderedKV
+	compare bool
+}
+
+func (t *orderedTxn) If(cs ...clientv3.Cmp) clientv3.Txn {
+	t.compare = len(cs) > 0
+	t.Txn = t.Txn.If(cs...)
+	return t
+}
+
+func (t *orderedTxn) Then(ops ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Then(ops...); return t }
+func (t *orderedTxn) Else(ops ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Else(ops...); return t }
+
+func (t *orderedTxn) Commit() (*clientv3.TxnResponse, error) {
+	k := t.k
+	if !t.compare {
+		return t.Txn.Commit()
+	}
+	k.mu.Lock()
+	k.seen++
+	n := k.seen
+	k.mu.Unlock()
+	wait := func(c chan struct{}, what string) {
+		select {
+		case <-c:
+		case <-time.After(30 * time.Second): // a guard against a hang, not a timing
+			k.t.Errorf("%s never happened: the batcher did not have two batches in flight", what)
+		}
+	}
+	switch n {
+	case 1:
+		wait(k.secondSent, "the second batch's send")
+		if k.secondFirst {
+			wait(k.secondDone, "the second batch's commit")
+		}
+		defer close(k.firstDone)
+	case 2:
+		close(k.secondSent)
+		if !k.secondFirst {
+			wait(k.firstDone, "the first batch's commit")
+		}
+		defer close(k.secondDone)
+	}
+	return t.Txn.Commit()
+}
+
+// TestGroupCommitOvertakenBatchCommits: two batches are in flight and the
+// second, charged on the usage as the first leaves it, reaches etcd first
+// and fails its usage compare. Once the first has committed, the second's
+// creates are sent again and commit: every create succeeds and the usage
+// counts each once.
+func TestGroupCommitOvertakenBatchCommits(t *testing.T) {
+	w := newBatchWorld(t)
+	w.cli.KV = newOrderedKV(t, w.cli.KV, true)
+	const n = 2*maxBatch + 2
+	res := w.commit(t, &projectCreates{}, n)
+	revs := map[int64]bool{}
+	for i, r := range res {
+		if r.err != nil {
+			t.Fatalf("create %d: %v", i, r.err)
+		}
+		revs[r.rev] = true
+	}
+	if len(revs) < 2 {
+		t.Fatalf("%d creates in %d transactions", n, len(revs))
+	}
+	if u := w.usage(t); u.GetInstances() != n {
+		t.Fatalf("usage %v, want %d instances", u, n)
+	}
+}
+
+// TestGroupCommitFailedBatchFailsTheNext: two batches are in flight, the
+// first has a create whose name another replica took, so it fails, and
+// the second, charged on the usage as the first would have left it,
+// fails too. Only the create that lost is sent back to re-read; every
+// other create of both batches commits, and the usage counts them.
+func TestGroupCommitFailedBatchFailsTheNext(t *testing.T) {
+	w := newBatchWorld(t)
+	w.write(t, clientv3.OpPut(store.VMNameKey("p", "vm-1"), "other"))
+	w.cli.KV = newOrderedKV(t, w.cli.KV, false)
+	const n = 2*maxBatch + 2
+	res := w.commit(t, &projectCreates{}, n)
+	for i, r := range res {
+		if i == 1 {
+			if !errors.Is(r.err, errRetry) {
+				t.Fatalf("create 1: %+v, want errRetry", r)
+			}
+			continue
+		}
+		if r.err != nil {
+			t.Fatalf("create %d: %v", i, r.err)
+		}
+	}
+	if u := w.usage(t); u.GetInstances() != n-1 {
+		t.Fatalf("usage %v, want %d instances", u, n-1)
+	}
+}
+
+// TestGroupCommitFillsATransaction: creates of the largest shape (a server
+// group, a request id, user data, a network, an event) fill a batch to
+// etcd's default limit of compares and writes (store.CreateVMSize) and no
+// further: etcd takes every batch, and the first carries as many creates
+// as the limit allows.
+func TestGroupCommitFillsATransaction(t *testing.T) {
+	w := newBatchWorld(t)
+	w.write(t, putOf(t, store.ServerGroupKey("p", "g"), &minicloudv1.ServerGroup{Meta: &minicloudv1.ObjectMeta{Name: "g", Project: "p"}}))
+	const n = 2 * maxBatch
+	batch := make([]*pendingCreate, n)
+	for i := range batch {
+		p := w.pending(i)
+		p.nv.VM.Spec.ServerGroup = "g"
+		p.nv.RequestID, p.nv.UserData = fmt.Sprintf("req-%d", i), []byte("#cloud-config\n")
+		batch[i] = p
+	}
+	q := &projectCreates{pending: slices.Clone(batch), running: true}
+	w.b.projects["p"] = q
+	w.b.run("p", q)
+	perRev := map[int64]int{}
+	first := int64(0)
+	for i, p := range batch {
+		r := <-p.done
+		if r.err != nil {
+			t.Fatalf("create %d: %v", i, r.err)
+		}
+		perRev[r.rev]++
+		if i == 0 {
+			first = r.rev
+		}
+	}
+	c, o := store.CreateVMSize(batch[0].nv)
+	if want := min((store.MaxTxnOps-2)/c, (store.MaxTxnOps-1)/o); perRev[first] != want {
+		t.Fatalf("creates per transaction %v, want the first to carry %d", perRev, want)
 	}
 }

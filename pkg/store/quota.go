@@ -43,6 +43,31 @@ type UsageState struct {
 	// Overrides is never nil (empty: every limit is the default).
 	Overrides *minicloudv1.QuotaLimits
 	LimitsRev int64 // mod revision of quotas/limits/<project>; 0: absent
+	// written, if set, is the usage key's value as a charge not yet
+	// committed writes it (see Charged): a charge built on s compares the
+	// key's value with it instead of its mod revision.
+	written string
+}
+
+// Charged is s after a commit of ChargeOps(s, next) that has not returned
+// yet, so that a group commit can build its next charge while the
+// previous one is in flight (api/server/createbatch.go): the revision that
+// commit will get is not known yet, but the value it writes is, so a
+// charge built on the result compares the usage key's value. It commits
+// only if the usage key holds exactly that value: if the previous charge
+// failed, or anything else wrote the key since, it fails too. Comparing a
+// counted usage's value rather than its revision is as safe: the record
+// is a sum, so a charge that finds the sum it computed from adds to the
+// true sum, whatever writes came and went before (an "ABA" is harmless).
+// An uncounted marker is never compared by value (removals rewrite the
+// same marker), and a charge always writes a counted usage.
+func (s UsageState) Charged(next *minicloudv1.QuotaUsage) (UsageState, error) {
+	v, err := Marshal(next)
+	if err != nil {
+		return UsageState{}, err
+	}
+	s.Usage, s.UsageRev, s.written = next, 0, v
+	return s, nil
 }
 
 // Counted says whether s.Usage is known.
@@ -230,8 +255,11 @@ func ChargeOps(s UsageState, next *minicloudv1.QuotaUsage) ([]clientv3.Cmp, []cl
 	if err != nil {
 		return nil, nil, err
 	}
-	return []clientv3.Cmp{Unchanged(QuotaUsageKey(s.Project), s.UsageRev), Unchanged(QuotaLimitsKey(s.Project), s.LimitsRev)},
-		[]clientv3.Op{op}, nil
+	usage := Unchanged(QuotaUsageKey(s.Project), s.UsageRev)
+	if s.written != "" {
+		usage = clientv3.Compare(clientv3.Value(QuotaUsageKey(s.Project)), "=", s.written)
+	}
+	return []clientv3.Cmp{usage, Unchanged(QuotaLimitsKey(s.Project), s.LimitsRev)}, []clientv3.Op{op}, nil
 }
 
 // ReleaseOps returns the compares and the write that give delta back to

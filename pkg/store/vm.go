@@ -132,9 +132,8 @@ func VMKeysOps(vm *minicloudv1.VM) []clientv3.Op {
 	}
 }
 
-// maxReadOps is how many gets one read transaction carries (etcd refuses
-// more than --max-txn-ops, 128 by default).
-const maxReadOps = 128
+// maxReadOps is how many gets one read transaction carries.
+const maxReadOps = MaxTxnOps
 
 // GetVMs reads the VMs with ids at revision rev (spec and status), in
 // order; a VM that does not exist there is nil. It sends one read

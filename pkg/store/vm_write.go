@@ -85,6 +85,24 @@ func createVMCost(n NewVM) (cmps, ops int) {
 	return 5 + 2*addrs, 5 + addrs
 }
 
+// MaxTxnOps is etcd's default --max-txn-ops: it refuses a transaction
+// with more compares, or more writes, than this.
+const MaxTxnOps = 128
+
+// CreateVMSize is how many compares and writes creating n adds to a
+// CreateVMsTxn (at most), its first event's included, so a group commit
+// fills a transaction up to MaxTxnOps; CreateVMsTxn adds the usage key's
+// (ChargeOps: 2 compares, 1 write) once.
+func CreateVMSize(n NewVM) (cmps, ops int) {
+	cmps, ops = createVMCost(n)
+	if n.Event != nil {
+		// The new event log's counter: compared absent, then written;
+		// and the event.
+		cmps, ops = cmps+1, ops+2
+	}
+	return cmps, ops
+}
+
 // appendCreateVM adds the compares, writes and first event of creating n
 // (CreateVMTxn) to t.
 func appendCreateVM(t *Txn, n NewVM) error {
