@@ -10,6 +10,8 @@ package disk
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +22,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/minicloud/minicloud/pkg/errdefs"
@@ -184,13 +187,14 @@ func inspectOverlay(ctx context.Context, path string) (Info, error) {
 		}
 		return Info{}, fmt.Errorf("inspect disk %s: %w", path, err)
 	}
-	head := make([]byte, imageformat.ProbeBufSize)
-	n, err := io.ReadFull(f, head)
+	buf := make([]byte, overlayHeaderBytes)
+	n, err := io.ReadFull(f, buf)
 	f.Close()
 	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
 		return Info{}, fmt.Errorf("inspect disk %s: %w", path, err)
 	}
-	claims := imageformat.QEMUProbe(head[:n])
+	buf = buf[:n]
+	claims := imageformat.QEMUProbe(buf[:min(n, imageformat.ProbeBufSize)])
 	if len(claims) != 1 || claims[0] != imageformat.QCOW2 {
 		what := "raw"
 		if len(claims) > 0 {
@@ -198,11 +202,68 @@ func inspectOverlay(ctx context.Context, path string) (Info, error) {
 		}
 		return Info{Format: what}, nil
 	}
-	return Inspect(ctx, path, "qcow2")
+	sum, cacheable := overlayHeaderSum(buf)
+	if cacheable {
+		if e, ok := overlayInfos.Load(path); ok && e.(overlayInfo).sum == sum {
+			return e.(overlayInfo).info, nil
+		}
+	}
+	info, err := Inspect(ctx, path, "qcow2")
+	if err == nil && cacheable {
+		overlayInfos.Store(path, overlayInfo{sum: sum, info: info})
+	}
+	return info, err
+}
+
+// overlayInfos remembers what qemu-img said of each VM disk, by the bytes
+// of its header. The agent checks a VM's overlay on every reconcile pass
+// (each VM once a minute at rest), and a qemu-img process per check was
+// most of a real pass's time on a host full of guests. What qemu-img
+// reports of a qcow2 without opening its backing chain (format, backing
+// file and its format, virtual size) is read from the header, its
+// extensions and the backing file name, all in the first
+// overlayHeaderBytes of the file here: while those bytes are the same, so
+// is its answer. A guest's writes land in other clusters; a header QEMU
+// rewrites (a grown refcount table, a dirty bit) or a file replaced is
+// inspected again.
+//
+// Its ActualSize is then that of an earlier check: CreateOverlay, the one
+// caller, judges format and backing only. Entries of VMs whose directory
+// the agent removed whole stay, a few hundred bytes each, until it
+// restarts; a path reused for another file is judged by its own header.
+var overlayInfos sync.Map // path -> overlayInfo
+
+// inspections counts qemu-img processes (tests see the cache at work).
+var inspections atomic.Int64
+
+type overlayInfo struct {
+	sum  [sha256.Size]byte
+	info Info
+}
+
+// overlayHeaderBytes is how much of an overlay the header sum covers: the
+// qcow2 header, its extensions and the backing file name (at most 1023
+// bytes in QEMU) as QEMU and imageformat.WriteQCOW2Overlay lay them out.
+const overlayHeaderBytes = 4096
+
+// overlayHeaderSum is the sum of a qcow2 header read as b, and whether b
+// holds all that qemu-img reads of it: a backing file name that ends past
+// b (laid out elsewhere by some other tool) is not covered, so such a file
+// is inspected every time.
+func overlayHeaderSum(b []byte) ([sha256.Size]byte, bool) {
+	if len(b) < 20 {
+		return [sha256.Size]byte{}, false
+	}
+	end := binary.BigEndian.Uint64(b[8:]) + uint64(binary.BigEndian.Uint32(b[16:]))
+	if end > uint64(len(b)) {
+		return [sha256.Size]byte{}, false
+	}
+	return sha256.Sum256(b), true
 }
 
 // Remove deletes a disk (and a leftover temporary of it). Absent is fine.
 func Remove(path string) error {
+	overlayInfos.Delete(path)
 	for _, p := range []string{path + tmpSuffix, path} {
 		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("remove disk %s: %w", p, err)
@@ -247,6 +308,7 @@ func Inspect(ctx context.Context, path, format string) (Info, error) {
 		}
 		return Info{}, fmt.Errorf("inspect disk %s: %w", path, err)
 	}
+	inspections.Add(1)
 	out, err := exec.CommandContext(ctx, "qemu-img", "info", "-f", format, "--output=json", "-U", path).Output()
 	if err != nil {
 		var ee *exec.ExitError

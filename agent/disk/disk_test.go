@@ -314,3 +314,35 @@ func TestCreateOverlayOverARawImage(t *testing.T) {
 		t.Fatalf("raw image declared qcow2: %v, want Invalid", err)
 	}
 }
+
+// TestExistingOverlayIsInspectedOncePerHeader: ensuring an existing
+// overlay again (every reconcile pass) runs no qemu-img while its header
+// is unchanged; a header rewritten in place (an unsafe rebase onto another
+// backing file: same inode, same size) is read again and refused.
+func TestExistingOverlayIsInspectedOncePerHeader(t *testing.T) {
+	requireQemuImg(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	backing := base(t, dir)
+	overlay := filepath.Join(dir, "vm.qcow2")
+	for range 2 {
+		if err := disk.CreateOverlay(ctx, overlay, backing, "qcow2", 0); err != nil {
+			t.Fatalf("CreateOverlay: %v", err)
+		}
+	}
+	before := disk.Inspections()
+	for range 3 {
+		if err := disk.CreateOverlay(ctx, overlay, backing, "qcow2", 0); err != nil {
+			t.Fatalf("CreateOverlay of the existing overlay: %v", err)
+		}
+	}
+	if n := disk.Inspections() - before; n != 0 {
+		t.Fatalf("an unchanged overlay: %d qemu-img runs, want 0", n)
+	}
+
+	other := base(t, t.TempDir())
+	qemuImg(t, "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", other, overlay)
+	if err := disk.CreateOverlay(ctx, overlay, backing, "qcow2", 0); !errdefs.IsConflict(err) {
+		t.Fatalf("an overlay rebased onto %s behind the agent's back: %v, want Conflict", other, err)
+	}
+}
