@@ -47,15 +47,39 @@ func (c converged) current(name, spec string, gen uint32, ok bool) bool {
 	return ok && found && e.spec == spec && e.gen == gen && time.Since(e.at) < memoMaxAge
 }
 
-// record notes spec converged for name as read at generation gen; a spec
-// that took a transaction is forgotten instead, since the generation after
-// the commit may include others' commits never read.
-func (c converged) record(name, spec string, gen uint32, ok, changed bool) {
-	if !ok || changed {
-		delete(c, name)
+// record notes spec converged for name as read at generation gen.
+func (c converged) record(name, spec string, gen uint32) {
+	c[name] = convergedAt{spec: spec, gen: gen, at: time.Now()}
+}
+
+// Why the Manager's own commits keep its memos: a create writes its port's
+// filter, which moves the generation, so without this the next VM's bridge
+// check (the nine others of ten creates at once, waiting on the bridge
+// before their ports) read the whole ruleset again although nothing but
+// this Manager had written it. A commit of this Manager whose generation
+// is exactly one past the one read before its transaction's reads was the
+// only commit in between: what was converged before it still is (each
+// transaction changes only its own bridge's, port's or tunnel's elements,
+// under m.mu, from what it has just read), and so is what it converged.
+
+// followOwnCommit moves the memos from generation before, read before a
+// transaction of this Manager (ok: it could be read), to the generation
+// after its commit, when that commit was the only one in between;
+// otherwise they stay behind and no longer match. Called with m.mu held.
+func (m *Manager) followOwnCommit(before uint32, ok bool) {
+	if !ok {
 		return
 	}
-	c[name] = convergedAt{spec: spec, gen: gen, at: time.Now()}
+	after, err := rulesetGeneration()
+	if err != nil || after != before+1 {
+		return
+	}
+	for name, e := range m.memo {
+		if e.gen == before {
+			e.gen = after // at stays: memoMaxAge counts from the read
+			m.memo[name] = e
+		}
+	}
 }
 
 // rulesetGeneration asks the kernel for the nftables ruleset's generation

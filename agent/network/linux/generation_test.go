@@ -2,7 +2,9 @@ package linux
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/minicloud/minicloud/agent/network"
@@ -105,4 +107,96 @@ func TestGenIDSkipsOtherAttributes(t *testing.T) {
 	if _, ok := genID(msg[:14]); ok {
 		t.Fatal("genID accepted a truncated answer")
 	}
+}
+
+// TestOwnCommitsKeepTheBridgeConverged: the ports this Manager writes move
+// the ruleset's generation, but the bridge it converged is not read again
+// for them (the next VM of a network does not wait for a second bridge
+// check); a commit by anyone else in between still makes the next check
+// read everything and repair what was changed (here the network's NAT
+// rule, deleted behind the Manager's back).
+func TestOwnCommitsKeepTheBridgeConverged(t *testing.T) {
+	netnstest.Require(t)
+	ctx := context.Background()
+	br, tap := networktest.Names()
+	host := netnstest.NewNS(t, "mch-"+br)
+	mgr := New()
+	m := &inNS{ns: host, m: mgr}
+	bridge := network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.230.0.1/16"), NAT: true}
+	readings := func() int {
+		mgr.mu.Lock()
+		defer mgr.mu.Unlock()
+		return mgr.readings
+	}
+	ensureBridge := func(wantReads bool, why string) {
+		t.Helper()
+		before := readings()
+		if err := m.EnsureBridge(ctx, bridge); err != nil {
+			t.Fatal(err)
+		}
+		if read := readings() != before; read != wantReads {
+			t.Errorf("%s: bridge check read the ruleset: %v, want %v", why, read, wantReads)
+		}
+	}
+	nft := func(args ...string) string {
+		t.Helper()
+		out, err := host.Command(ctx, "nft", args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("nft %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+
+	ensureBridge(true, "a new bridge")
+	ensureBridge(false, "right after it was made")
+	for i := range 3 {
+		if err := m.EnsurePort(ctx, scalePort(br, tap, i)); err != nil {
+			t.Fatal(err)
+		}
+		ensureBridge(false, fmt.Sprintf("after the Manager's own port %d", i))
+	}
+	if err := m.DeletePort(ctx, scalePort(br, tap, 1).TapName); err != nil {
+		t.Fatal(err)
+	}
+	ensureBridge(false, "after the Manager's own port delete")
+
+	nat := `ip saddr 10.230.0.0/16 oifname != "` + br + `"`
+	nft("flush", "chain", "inet", tableName, chainPostrouting)
+	ensureBridge(true, "after someone else's commit")
+	if rules := nft("list", "chain", "inet", tableName, chainPostrouting); !strings.Contains(rules, nat) {
+		t.Errorf("NAT rule not restored:\n%s", rules)
+	}
+	// Someone else's commit while the Manager's own transaction is being
+	// built: the generation then moves by two, and nothing is carried.
+	err := host.Do(func() error {
+		mgr.mu.Lock()
+		defer mgr.mu.Unlock()
+		_, err := mgr.applyChanges("a filter, someone else's commit in between", false, func(b *batch) error {
+			outside, err := newBatch(nil)
+			if err != nil {
+				return err
+			}
+			p := scalePort(br, tap, 7)
+			if err := outside.portElements(p.TapName, p.MAC, p.IP); err != nil {
+				return err
+			}
+			if err := outside.flush("someone else's filter"); err != nil {
+				return err
+			}
+			p = scalePort(br, tap, 8)
+			return b.portElements(p.TapName, p.MAC, p.IP)
+		})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ensureBridge(true, "after an own commit with someone else's in between")
+	// Another Manager (a restarted agent's) on the same host is someone
+	// else too.
+	other := &inNS{ns: host, m: New()}
+	if err := other.EnsurePort(ctx, scalePort(br, tap, 5)); err != nil {
+		t.Fatal(err)
+	}
+	ensureBridge(true, "after another Manager's commit")
 }

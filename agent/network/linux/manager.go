@@ -87,6 +87,7 @@ func (m *Manager) apply(what string, verify bool, fill func(*batch) error) error
 func (m *Manager) applyChanges(what string, verify bool, fill func(*batch) error) (changed bool, _ error) {
 	for attempt := 0; ; attempt++ {
 		m.readings++
+		before, genErr := rulesetGeneration()
 		b, err := newBatch(m.protected)
 		if err != nil {
 			return false, err
@@ -103,6 +104,9 @@ func (m *Manager) applyChanges(what string, verify bool, fill func(*batch) error
 		err = b.flush(what)
 		if err == nil {
 			m.baseOK = m.baseOK || checked
+			if b.changes > 0 {
+				m.followOwnCommit(before, genErr == nil)
+			}
 			return b.changes > 0, nil
 		}
 		m.baseOK = false
@@ -125,12 +129,16 @@ func (m *Manager) unlessConverged(name, spec string, converge func() (changed bo
 	if m.memo.current(name, spec, gen, known) {
 		return nil
 	}
-	changed, err := converge()
-	if err != nil {
+	if known {
+		// Recorded now, as read at gen: converge's own commits carry it
+		// to their generation (followOwnCommit), anyone else's commit in
+		// between leaves it behind, no longer matching.
+		m.memo.record(name, spec, gen)
+	}
+	if _, err := converge(); err != nil || !known {
 		delete(m.memo, name)
 		return err
 	}
-	m.memo.record(name, spec, gen, known, changed)
 	return nil
 }
 
