@@ -12,6 +12,24 @@ import (
 	"github.com/minicloud/minicloud/pkg/netnstest"
 )
 
+// newMemoHost is a Manager in a network namespace of its own (also as
+// network.Manager, m) and the spec of a NAT'd network's bridge there.
+func newMemoHost(t *testing.T) (host *netnstest.NS, mgr *Manager, m *inNS, bridge network.BridgeSpec, tap func(int) string) {
+	netnstest.Require(t)
+	br, tap := networktest.Names()
+	host = netnstest.NewNS(t, "mch-"+br)
+	mgr = New()
+	bridge = network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.230.0.1/16"), NAT: true}
+	return host, mgr, &inNS{ns: host, m: mgr}, bridge, tap
+}
+
+// readingsNow is how many times the Manager has read the ruleset.
+func (m *Manager) readingsNow() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.readings
+}
+
 // TestConvergedRulesAreReadAgainOnlyAfterACommit: once a bridge's and a
 // port's rules were found converged, ensuring them again reads nothing of
 // the ruleset while its generation stays; a commit by someone else (here
@@ -19,13 +37,9 @@ import (
 // generation, and the next EnsurePort reads the sets again and puts the
 // filter back.
 func TestConvergedRulesAreReadAgainOnlyAfterACommit(t *testing.T) {
-	netnstest.Require(t)
 	ctx := context.Background()
-	br, tap := networktest.Names()
-	host := netnstest.NewNS(t, "mch-"+br)
-	mgr := New()
-	m := &inNS{ns: host, m: mgr}
-	bridge := network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.230.0.1/16"), NAT: true}
+	host, mgr, m, bridge, tap := newMemoHost(t)
+	br := bridge.Name
 	port := scalePort(br, tap, 1)
 	ensure := func() {
 		t.Helper()
@@ -36,11 +50,7 @@ func TestConvergedRulesAreReadAgainOnlyAfterACommit(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	readings := func() int {
-		mgr.mu.Lock()
-		defer mgr.mu.Unlock()
-		return mgr.readings
-	}
+	readings := mgr.readingsNow
 	filter := func() portFilter {
 		t.Helper()
 		var f portFilter
@@ -116,18 +126,10 @@ func TestGenIDSkipsOtherAttributes(t *testing.T) {
 // read everything and repair what was changed (here the network's NAT
 // rule, deleted behind the Manager's back).
 func TestOwnCommitsKeepTheBridgeConverged(t *testing.T) {
-	netnstest.Require(t)
 	ctx := context.Background()
-	br, tap := networktest.Names()
-	host := netnstest.NewNS(t, "mch-"+br)
-	mgr := New()
-	m := &inNS{ns: host, m: mgr}
-	bridge := network.BridgeSpec{Name: br, GatewayCIDR: netip.MustParsePrefix("10.230.0.1/16"), NAT: true}
-	readings := func() int {
-		mgr.mu.Lock()
-		defer mgr.mu.Unlock()
-		return mgr.readings
-	}
+	host, mgr, m, bridge, tap := newMemoHost(t)
+	br := bridge.Name
+	readings := mgr.readingsNow
 	ensureBridge := func(wantReads bool, why string) {
 		t.Helper()
 		before := readings()
