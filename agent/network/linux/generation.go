@@ -47,6 +47,9 @@ func (c converged) current(name, spec string, gen uint32, ok bool) bool {
 	return ok && found && e.spec == spec && e.gen == gen && time.Since(e.at) < memoMaxAge
 }
 
+// memoBase is the memo of the tables, chains, sets and static rules.
+const memoBase = "base"
+
 // record notes spec converged for name as read at generation gen.
 func (c converged) record(name, spec string, gen uint32) {
 	c[name] = convergedAt{spec: spec, gen: gen, at: time.Now()}

@@ -30,6 +30,13 @@ func (m *Manager) readingsNow() int {
 	return m.readings
 }
 
+// baseReadsNow is how many times the Manager has read the static ruleset.
+func (m *Manager) baseReadsNow() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.baseReads
+}
+
 // TestConvergedRulesAreReadAgainOnlyAfterACommit: once a bridge's and a
 // port's rules were found converged, ensuring them again reads nothing of
 // the ruleset while its generation stays; a commit by someone else (here
@@ -201,4 +208,42 @@ func TestOwnCommitsKeepTheBridgeConverged(t *testing.T) {
 		t.Fatal(err)
 	}
 	ensureBridge(true, "after another Manager's commit")
+}
+
+// TestANewBridgeTrustsABaseReadAtThisGeneration: a network's first VM makes
+// its bridge, and the tables, chains, sets and static rules all bridges
+// share are not read again for it while only this Manager has written
+// the ruleset; after someone else's commit (a static chain flushed) they
+// are read, and repaired, before the next bridge.
+func TestANewBridgeTrustsABaseReadAtThisGeneration(t *testing.T) {
+	ctx := context.Background()
+	host, mgr, m, bridge, _ := newMemoHost(t)
+	if err := m.EnsureBridge(ctx, bridge); err != nil {
+		t.Fatal(err)
+	}
+	second := network.BridgeSpec{Name: bridge.Name + "x", GatewayCIDR: netip.MustParsePrefix("10.231.0.1/24"), NAT: true}
+	newBridge := func(wantBaseRead bool, why string) {
+		t.Helper()
+		before := mgr.baseReadsNow()
+		if err := m.EnsureBridge(ctx, second); err != nil {
+			t.Fatal(err)
+		}
+		if read := mgr.baseReadsNow() != before; read != wantBaseRead {
+			t.Errorf("%s: static ruleset read: %v, want %v", why, read, wantBaseRead)
+		}
+		if err := m.DeleteBridge(ctx, second.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	newBridge(false, "a second bridge")
+	newBridge(false, "a third, after the Manager's own delete")
+
+	rules := countRules(t, host)
+	if out, err := host.Command(ctx, "nft", "flush", "chain", "bridge", tableName, chainPrerouting).CombinedOutput(); err != nil {
+		t.Fatalf("nft flush chain: %v: %s", err, out)
+	}
+	newBridge(true, "after someone else's commit")
+	if got := countRules(t, host); got != rules {
+		t.Errorf("static rules after the repair: %d, want %d", got, rules)
+	}
 }
