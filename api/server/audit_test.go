@@ -4,11 +4,13 @@ import (
 	"strings"
 	"testing"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/store"
 )
 
 // TestAuditLog: allowed and refused mutating calls of authenticated
@@ -84,4 +86,42 @@ func TestAuditLog(t *testing.T) {
 	}
 	_, err = minicloudv1.NewAuditServiceClient(e.conn).ListAuditRecords(ctx(t), &minicloudv1.ListAuditRecordsRequest{Limit: 5000})
 	wantCode(t, err, codes.InvalidArgument, "limit")
+}
+
+// TestAuditRecordOfACreateCommitsWithTheVM: a create's record is written
+// in the create's own transaction (one etcd round trip for both), once,
+// with the outcome OK; a create that fails still gets its record, with
+// the error.
+func TestAuditRecordOfACreateCommitsWithTheVM(t *testing.T) {
+	e := newEnv(t)
+	e.seed()
+	vm := e.createVM("web")
+	_, err := e.vms.CreateVM(ctx(t), &minicloudv1.CreateVMRequest{Name: "web", Spec: &minicloudv1.VMSpec{Image: "debian", Flavor: "small"}})
+	wantCode(t, err, codes.AlreadyExists, "web")
+
+	resp, err := e.etcd.Get(ctx(t), store.AuditPrefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, kv := range resp.Kvs {
+		r := &minicloudv1.AuditRecord{}
+		if err := store.Decode(kv, r); err != nil {
+			t.Fatal(err)
+		}
+		if r.Rpc != "VMService/CreateVM" {
+			continue
+		}
+		got = append(got, r.Object+" "+r.Code)
+		if r.Code == "OK" && kv.ModRevision != vm.Meta.ResourceVersion {
+			t.Errorf("record of the create at revision %d, the VM at %d: not one transaction", kv.ModRevision, vm.Meta.ResourceVersion)
+		}
+		if r.Principal == "" || r.RequestId == "" || r.Time == nil {
+			t.Errorf("record %v incomplete", r)
+		}
+	}
+	want := []string{"web OK", "web AlreadyExists"}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("CreateVM records, oldest first:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
 }

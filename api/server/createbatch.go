@@ -20,7 +20,7 @@ import (
 // race is decided by etcd's compare, and the loser refreshes its view of
 // the usage and tries again.
 //
-// A batch holds at most 15 creates (etcd refuses more than 128 compares
+// A batch holds at most 14 creates (etcd refuses more than 128 compares
 // or writes in one transaction; admit fills it to that), so one batch at
 // a time capped a project at a batch per round trip: with 12, ~2,600
 // creates/s at a 4.5 ms commit however many callers waited, and a third
@@ -385,9 +385,10 @@ func (b *createBatcher) admit(project string, usage store.UsageState, batch []*p
 			reqKey = store.VMRequestKey(project, p.nv.RequestID)
 		}
 		// Filled to etcd's limit, counted exactly: a create with one
-		// network is 8 compares and 8 writes, so 15 fit where an estimate
-		// with a margin let 12 in, and the batch is what a round trip
-		// carries (see the top of this file).
+		// network is 8 compares and 9 writes (its audit record one of
+		// them), so 14 fit where an estimate with a margin let 12 in, and
+		// the batch is what a round trip carries (see the top of this
+		// file).
 		c, o := store.CreateVMSize(p.nv)
 		if keys[nameKey] || (reqKey != "" && keys[reqKey]) || (len(a.admitted) > 0 && (cmps+c > store.MaxTxnOps || ops+o > store.MaxTxnOps)) {
 			a.later = append(a.later, p)

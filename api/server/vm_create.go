@@ -276,6 +276,15 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 		// argument boxed, on every create.
 		Message: "vm " + vm.Meta.Name + " created with image " + spec.Image + ", flavor " + spec.Flavor + ", addresses " + addressList(vm.Status.Addresses),
 	}
+	// The call's audit record goes in the same transaction: written if and
+	// only if the VM is.
+	record, recorded, audited, err := s.committedAudit(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if audited {
+		nv.Records = []clientv3.Op{record}
+	}
 	// Charged to the project's quota in the same transaction, together
 	// with the project's other creates in flight (createbatch.go).
 	rev, err := s.creates.commit(ctx, nv)
@@ -284,10 +293,15 @@ func (s *Server) tryCreateVM(ctx context.Context, project string, req *minicloud
 	}
 	if err != nil {
 		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			// The request id's lease or the audit record's.
 			s.leases.forget(lease)
+			s.audit.Forget()
 			return nil, errRetry
 		}
 		return nil, err
+	}
+	if audited {
+		recorded()
 	}
 	vm.Meta.ResourceVersion, vm.Status.StatusVersion = rev, rev
 	s.log.Info("vm created", "vm", vm.Meta.Name, "project", project, "id", id, "rev", rev)

@@ -59,14 +59,7 @@ func NewAuditLog(cli Leaser) *AuditLog { return &AuditLog{cli: cli} }
 
 // Append stores rec under a key that sorts by time.
 func (l *AuditLog) Append(ctx context.Context, rec *minicloudv1.AuditRecord) error {
-	lease, err := l.leaseFor(ctx, rec.GetTime().AsTime())
-	if err != nil {
-		return err
-	}
-	b := make([]byte, 4)
-	_, _ = rand.Read(b)
-	key := fmt.Sprintf("%s%020d-%s", AuditPrefix, rec.GetTime().AsTime().UnixNano(), hex.EncodeToString(b))
-	op, err := PutOp(key, rec, clientv3.WithLease(lease))
+	op, err := l.Op(ctx, rec)
 	if err != nil {
 		return err
 	}
@@ -84,6 +77,28 @@ func (l *AuditLog) Append(ctx context.Context, rec *minicloudv1.AuditRecord) err
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// Op is the put that stores rec, for a transaction of the caller's own
+// (a VM create writes its record with the VM: NewVM.Records). If that
+// transaction fails because the lease is gone, Forget it.
+func (l *AuditLog) Op(ctx context.Context, rec *minicloudv1.AuditRecord) (clientv3.Op, error) {
+	lease, err := l.leaseFor(ctx, rec.GetTime().AsTime())
+	if err != nil {
+		return clientv3.Op{}, err
+	}
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	key := fmt.Sprintf("%s%020d-%s", AuditPrefix, rec.GetTime().AsTime().UnixNano(), hex.EncodeToString(b))
+	return PutOp(key, rec, clientv3.WithLease(lease))
+}
+
+// Forget drops the lease the records are written under (revoked, or
+// expired while etcd was down), so the next record gets a new one.
+func (l *AuditLog) Forget() {
+	l.mu.Lock()
+	l.lease = 0
+	l.mu.Unlock()
 }
 
 // commitQueue writes the queued records, a batch per transaction, until

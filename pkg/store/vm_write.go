@@ -54,6 +54,9 @@ type NewVM struct {
 	RequestFingerprint string
 	Lease              clientv3.LeaseID
 	Now                time.Time
+	// Records are puts that go with the create, its audit record
+	// (AuditLog.Op): written only if the VM is.
+	Records []clientv3.Op
 }
 
 // NetworkRef is a network a create read.
@@ -82,7 +85,7 @@ func CreateVMTxn(n NewVM) (Txn, error) {
 // 10 s benchmark (docs/benchmarks.md, "API").
 func createVMCost(n NewVM) (cmps, ops int) {
 	addrs := len(n.VM.GetStatus().GetAddresses())
-	return 5 + 2*addrs, 5 + addrs
+	return 5 + 2*addrs, 5 + addrs + len(n.Records)
 }
 
 // MaxTxnOps is etcd's default --max-txn-ops: it refuses a transaction
@@ -127,6 +130,7 @@ func appendCreateVM(t *Txn, n NewVM) error {
 	if n.RequestID != "" {
 		t.Then = append(t.Then, clientv3.OpPut(VMRequestKey(project, n.RequestID), RequestValue(id, n.RequestFingerprint), clientv3.WithLease(n.Lease)))
 	}
+	t.Then = append(t.Then, n.Records...)
 	if n.Event != nil {
 		t.Events = append(t.Events, EventAppend{VMID: id, Now: n.Now, Events: []*minicloudv1.Event{n.Event}, New: true})
 	}
