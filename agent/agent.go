@@ -219,6 +219,9 @@ func WithLogger(log *slog.Logger) Option { return func(o *options) { o.log = log
 // (agent/disk, with qemu-img).
 type Disks interface {
 	CreateOverlay(ctx context.Context, path, backingPath, backingFormat string, sizeBytes int64) error
+	// ForgetUnder drops what the adapter remembers of the disks inside dir,
+	// a VM directory the agent is about to move or remove whole.
+	ForgetUnder(dir string)
 }
 
 // ImageCache keeps image parts on this host, addressed by digest

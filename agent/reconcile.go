@@ -596,6 +596,9 @@ func (a *Agent) teardown(ctx context.Context, id string, files filesFate) error 
 			}
 		}
 	}
+	// The disks go with the directory, moved or removed: what package disk
+	// remembers of them goes too.
+	a.disks.ForgetUnder(a.vmDir(id))
 	if files == keepFiles {
 		if _, err := os.Stat(a.vmDir(id)); err == nil {
 			if err := os.MkdirAll(a.trashDir(), 0o700); err != nil {

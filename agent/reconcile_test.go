@@ -519,6 +519,9 @@ func TestReconcileDeleteConverges(t *testing.T) {
 		if _, err := os.Stat(h.a.vmDir(vm)); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("VM directory of %s left after delete: %v", vm, err)
 		}
+		if h.disks.backing(filepath.Join(h.a.vmDir(vm), "disk.qcow2")) != "" {
+			t.Errorf("the disks adapter still remembers %s's disk after its directory went", vm)
+		}
 		for _, g := range h.guest.last() {
 			if g.VM.GetMeta().GetId() == vm {
 				t.Errorf("guest services still serve deleted VM %s", vm)
@@ -763,6 +766,18 @@ func (d *fakeDisks) CreateOverlay(_ context.Context, path, backing, _ string, _ 
 	}
 	d.backings[path] = backing
 	return os.WriteFile(path, nil, 0o600)
+}
+
+// ForgetUnder drops the overlays inside dir from what the fake remembers,
+// as the real adapter drops its header memo.
+func (d *fakeDisks) ForgetUnder(dir string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for p := range d.backings {
+		if strings.HasPrefix(p, dir+string(filepath.Separator)) {
+			delete(d.backings, p)
+		}
+	}
 }
 
 func (d *fakeDisks) backing(path string) string {

@@ -204,13 +204,13 @@ func inspectOverlay(ctx context.Context, path string) (Info, error) {
 	}
 	sum, cacheable := overlayHeaderSum(buf)
 	if cacheable {
-		if e, ok := overlayInfos.Load(path); ok && e.(overlayInfo).sum == sum {
-			return e.(overlayInfo).info, nil
+		if info, ok := overlayInfos.load(path, sum); ok {
+			return info, nil
 		}
 	}
 	info, err := Inspect(ctx, path, "qcow2")
 	if err == nil && cacheable {
-		overlayInfos.Store(path, overlayInfo{sum: sum, info: info})
+		overlayInfos.store(path, overlayInfo{sum: sum, info: info})
 	}
 	return info, err
 }
@@ -228,10 +228,70 @@ func inspectOverlay(ctx context.Context, path string) (Info, error) {
 // inspected again.
 //
 // Its ActualSize is then that of an earlier check: CreateOverlay, the one
-// caller, judges format and backing only. Entries of VMs whose directory
-// the agent removed whole stay, a few hundred bytes each, until it
-// restarts; a path reused for another file is judged by its own header.
-var overlayInfos sync.Map // path -> overlayInfo
+// caller, judges format and backing only. A path reused for another file
+// is judged by its own header. Entries leave with their disk (Remove) or
+// their VM's directory (ForgetUnder), and there are never more than
+// maxOverlayInfos of them: a host whose VMs' directories vanish behind the
+// agent's back only costs qemu-img runs again, never memory.
+var overlayInfos = overlayMemo{byPath: map[string]overlayInfo{}}
+
+// maxOverlayInfos bounds the memo: far more disks than a host runs (the
+// density target is 50 VMs), a few hundred bytes each.
+const maxOverlayInfos = 4096
+
+// overlayMemo is the memo's map under its lock.
+type overlayMemo struct {
+	mu     sync.Mutex
+	byPath map[string]overlayInfo
+}
+
+func (m *overlayMemo) load(path string, sum [sha256.Size]byte) (Info, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e, ok := m.byPath[path]
+	return e.info, ok && e.sum == sum
+}
+
+func (m *overlayMemo) store(path string, e overlayInfo) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.byPath[path]; !ok && len(m.byPath) >= maxOverlayInfos {
+		// Full: drop any one entry (map order is random). Its disk, if it
+		// still exists, is inspected again on its next check.
+		for p := range m.byPath {
+			delete(m.byPath, p)
+			break
+		}
+	}
+	m.byPath[path] = e
+}
+
+// forget drops the entries of path and, with under, of every path inside
+// the directory path.
+func (m *overlayMemo) forget(path string, under bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.byPath, path)
+	if !under {
+		return
+	}
+	prefix := filepath.Clean(path) + string(filepath.Separator)
+	for p := range m.byPath {
+		if strings.HasPrefix(p, prefix) {
+			delete(m.byPath, p)
+		}
+	}
+}
+
+func (m *overlayMemo) len() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.byPath)
+}
+
+// ForgetUnder drops what this package remembers of the disks inside dir:
+// the agent calls it when it removes or trashes a VM's directory whole.
+func ForgetUnder(dir string) { overlayInfos.forget(dir, true) }
 
 // inspections counts qemu-img processes (tests see the cache at work).
 var inspections atomic.Int64
@@ -263,7 +323,7 @@ func overlayHeaderSum(b []byte) ([sha256.Size]byte, bool) {
 
 // Remove deletes a disk (and a leftover temporary of it). Absent is fine.
 func Remove(path string) error {
-	overlayInfos.Delete(path)
+	overlayInfos.forget(path, false)
 	for _, p := range []string{path + tmpSuffix, path} {
 		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("remove disk %s: %w", p, err)

@@ -346,3 +346,44 @@ func TestExistingOverlayIsInspectedOncePerHeader(t *testing.T) {
 		t.Fatalf("an overlay rebased onto %s behind the agent's back: %v, want Conflict", other, err)
 	}
 }
+
+// TestOverlayMemoIsBounded: what the package remembers of overlays leaves
+// with their VM directory and never exceeds its bound, however many disks
+// come and go behind its back.
+func TestOverlayMemoIsBounded(t *testing.T) {
+	requireQemuImg(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	backing := base(t, dir)
+	vmDir := filepath.Join(dir, "vms", "a")
+	if err := os.MkdirAll(vmDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	overlay := filepath.Join(vmDir, "disk.qcow2")
+	before := disk.Remembered()
+	if err := disk.CreateOverlay(ctx, overlay, backing, "qcow2", 0); err != nil {
+		t.Fatalf("CreateOverlay: %v", err)
+	}
+	if err := disk.CreateOverlay(ctx, overlay, backing, "qcow2", 0); err != nil {
+		t.Fatalf("CreateOverlay again: %v", err)
+	}
+	if n := disk.Remembered(); n != before+1 {
+		t.Fatalf("remembered %d overlays after checking one, want %d", n, before+1)
+	}
+	disk.ForgetUnder(filepath.Join(dir, "vms", "a"))
+	if n := disk.Remembered(); n != before {
+		t.Fatalf("remembered %d overlays after their directory was forgotten, want %d", n, before)
+	}
+
+	// More distinct disks than the bound: the memo stops at it.
+	for i := range disk.MaxRemembered + 10 {
+		disk.Remember(filepath.Join(vmDir, fmt.Sprintf("d%d.qcow2", i)))
+	}
+	if n := disk.Remembered(); n > disk.MaxRemembered {
+		t.Fatalf("remembered %d overlays, bound %d", n, disk.MaxRemembered)
+	}
+	disk.ForgetUnder(vmDir)
+	if n := disk.Remembered(); n != before {
+		t.Fatalf("remembered %d overlays after their directory was forgotten, want %d", n, before)
+	}
+}

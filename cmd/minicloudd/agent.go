@@ -346,6 +346,8 @@ func (qemuImgDisks) CreateOverlay(ctx context.Context, path, backing, format str
 	return disk.CreateOverlay(ctx, path, backing, format, size)
 }
 
+func (qemuImgDisks) ForgetUnder(dir string) { disk.ForgetUnder(dir) }
+
 // serveMetrics serves /metrics and /healthz until ctx ends.
 func serveMetrics(ctx context.Context, addr string, reg *prometheus.Registry) error {
 	mux := http.NewServeMux()
