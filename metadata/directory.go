@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 )
 
 // Directory is the in-memory source of truth for lookups: the instances
@@ -36,13 +37,22 @@ type entry struct {
 	renderOnce sync.Once
 	rendered   *rendered
 	renderErr  error
+
+	// guest is the instance's limiter state, found in the server's map on
+	// the first request to this version and kept here so later requests
+	// skip the map and its lock. The map stays the state's home: a new
+	// version (a new entry) finds the same state there.
+	guest atomic.Pointer[guestState]
 }
 
-// rendered holds an instance's trees, built on first use.
+// rendered holds an instance's trees, built on first use, with the paths
+// of the EC2 and OpenStack trees indexed.
 type rendered struct {
 	ec2       *node
 	openstack *node
 	gce       *gnode
+
+	ec2Paths, openstackPaths pathIndex
 }
 
 // NewDirectory returns an empty Directory.

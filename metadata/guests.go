@@ -36,8 +36,12 @@ func (s *Server) startWait(id string) (done func(), ok bool) {
 	return func() { g.waits.Add(-1); s.waits.Add(-1) }, true
 }
 
-// allow applies the per-VM rate limit and returns the VM's state.
-func (s *Server) allow(id string) (*guestState, bool) {
+// allow applies the per-VM rate limit at now and returns the VM's state.
+func (s *Server) allow(e *entry, now time.Time) (*guestState, bool) {
+	if g := e.guest.Load(); g != nil {
+		return g, g.lim.AllowN(now, 1)
+	}
+	id := e.inst.ID
 	s.limMu.Lock()
 	g, ok := s.limiters[id]
 	if !ok {
@@ -52,12 +56,14 @@ func (s *Server) allow(id string) (*guestState, bool) {
 		s.limiters[id] = g
 	}
 	s.limMu.Unlock()
-	return g, g.lim.Allow()
+	e.guest.Store(g)
+	return g, g.lim.AllowN(now, 1)
 }
 
-// markSeen records that VM id, whose state allow returned, was answered.
-func (s *Server) markSeen(g *guestState, id string) {
-	if g.lastSeen.Swap(s.opts.Now().UnixNano()) == 0 && s.opts.OnFirstRequest != nil {
+// markSeen records that VM id, whose state allow returned, was answered at
+// now.
+func (s *Server) markSeen(g *guestState, id string, now time.Time) {
+	if g.lastSeen.Swap(now.UnixNano()) == 0 && s.opts.OnFirstRequest != nil {
 		s.opts.OnFirstRequest(id)
 	}
 }

@@ -14,13 +14,23 @@ import (
 
 // serveEC2 answers "/" and "/<version>/...", enforcing IMDSv2.
 func (s *Server) serveEC2(req *request) {
-	var buf [maxInlineSegs]string
-	segs, ok := splitPathInto(req.path, buf[:0])
-	if !ok {
-		notFound(req)
-		return
+	p := strings.TrimPrefix(req.path, "/")
+	version, rest, _ := strings.Cut(p, "/")
+	knownVersion := ec2VersionSet[version]
+	// The indexed paths are valid ones; any other path is checked as
+	// before, so a malformed one is a 404 whatever the method or token.
+	var n *node
+	if knownVersion {
+		n = req.trees.ec2Paths[rest]
 	}
-	if len(segs) == 3 && segs[1] == "api" && segs[2] == "token" && ec2VersionSet[segs[0]] {
+	if n == nil {
+		var buf [maxInlineSegs]string
+		if _, ok := splitPathInto(req.path, buf[:0]); !ok {
+			notFound(req)
+			return
+		}
+	}
+	if knownVersion && rest == "api/token" {
 		if !req.ctx.IsPut() {
 			methodNotAllowed(req, fasthttp.MethodPut)
 			return
@@ -43,15 +53,15 @@ func (s *Server) serveEC2(req *request) {
 		writeText(req, fasthttp.StatusUnauthorized, "Unauthorized")
 		return
 	}
-	if len(segs) == 0 || (len(segs) == 1 && segs[0] == "") {
+	if p == "" {
 		writeBody(req, fasthttp.StatusOK, "text/plain", ec2VersionListing)
 		return
 	}
-	if !ec2VersionSet[segs[0]] {
+	if !knownVersion {
 		notFound(req)
 		return
 	}
-	writeNode(req, req.trees.ec2.walk(segs[1:]))
+	writeNode(req, n)
 }
 
 // issueToken answers PUT /latest/api/token with AWS's SSRF defences: no
@@ -87,13 +97,8 @@ func (s *Server) serveOpenStack(req *request) {
 		methodNotAllowed(req, "GET, HEAD")
 		return
 	}
-	var buf [maxInlineSegs]string
-	segs, ok := splitPathInto(strings.TrimPrefix(req.path, "/openstack"), buf[:0])
-	if !ok {
-		notFound(req)
-		return
-	}
-	writeNode(req, req.trees.openstack.walk(segs))
+	p := strings.TrimPrefix(strings.TrimPrefix(req.path, "/openstack"), "/")
+	writeNode(req, req.trees.openstackPaths[p])
 }
 
 const (

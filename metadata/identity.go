@@ -116,16 +116,25 @@ func (d *Directory) identify(p Peer, mac net.HardwareAddr) (*entry, error) {
 	if e == nil {
 		return nil, fmt.Errorf("no instance has %s on %s", p.Addr, p.Interface)
 	}
+	if err := e.checkMAC(p, mac); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// checkMAC says whether mac (when known) is that of e's interface with p's
+// address on p's bridge.
+func (e *entry) checkMAC(p Peer, mac net.HardwareAddr) error {
 	if mac == nil {
-		return e, nil
+		return nil
 	}
 	for _, nic := range e.inst.Interfaces {
 		if nic.Bridge == p.Interface && nic.Address.Addr() == p.Addr {
 			if bytes.Equal(nic.MAC, mac) {
-				return e, nil
+				return nil
 			}
-			return nil, fmt.Errorf("%s on %s comes from MAC %s, instance %s has %s", p.Addr, p.Interface, mac, e.inst.ID, nic.MAC)
+			return fmt.Errorf("%s on %s comes from MAC %s, instance %s has %s", p.Addr, p.Interface, mac, e.inst.ID, nic.MAC)
 		}
 	}
-	return nil, fmt.Errorf("no interface for %s on %s", p.Addr, p.Interface)
+	return fmt.Errorf("no interface for %s on %s", p.Addr, p.Interface)
 }

@@ -9,6 +9,7 @@ import (
 	"runtime/debug"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/valyala/fasthttp"
 )
@@ -80,7 +81,9 @@ func (req *request) queryValues() url.Values {
 // handle identifies the guest, rate-limits it and dispatches to the tree;
 // every request is counted and timed.
 func (s *Server) handle(ctx *fasthttp.RequestCtx) {
-	start := time.Now()
+	// fasthttp reads the clock for every request just before the handler:
+	// its time is the start, and the limiter's and last-seen clock.
+	start := ctx.Time()
 	req := &request{ctx: ctx}
 	path, query, canonical, ok := parseTarget(ctx.Request.Header.RequestURI())
 	t := treeOf(path)
@@ -153,13 +156,23 @@ func (s *Server) handleError(ctx *fasthttp.RequestCtx, err error) {
 func parseTarget(target []byte) (path, query string, canonical, ok bool) {
 	rawPath, rawQuery, _ := bytes.Cut(target, []byte("?"))
 	if len(rawPath) > 0 && rawPath[0] == '/' && plainPath(rawPath) {
-		return string(rawPath), string(rawQuery), true, true
+		// Views of fasthttp's request buffer, not copies: they are read
+		// only while the handler runs (which a long-poll's wait is part
+		// of), and nothing keeps them after it.
+		return unsafe.String(&rawPath[0], len(rawPath)), bytesView(rawQuery), true, true
 	}
 	u, err := url.ParseRequestURI(string(target))
 	if err != nil {
 		return "", "", false, false
 	}
 	return u.Path, u.RawQuery, u.RawPath == "", true
+}
+
+func bytesView(b []byte) string {
+	if len(b) == 0 {
+		return ""
+	}
+	return unsafe.String(&b[0], len(b))
 }
 
 // plainPath says whether p holds only bytes that net/url leaves as they
@@ -204,7 +217,7 @@ func (s *Server) serve(req *request, t tree) {
 		notFound(req)
 		return
 	}
-	g, ok := s.allow(e.inst.ID)
+	g, ok := s.allow(e, s.requestTime(req))
 	if !ok {
 		writeText(req, fasthttp.StatusTooManyRequests, "Too Many Requests")
 		return
@@ -212,7 +225,7 @@ func (s *Server) serve(req *request, t tree) {
 	req.guest = g
 	mac, err := pc.sourceMAC()
 	if err == nil {
-		e, err = s.dir.identify(peer, mac)
+		err = e.checkMAC(peer, mac)
 	}
 	if err != nil {
 		s.logUnknown("metadata request from unknown source", "interface", peer.Interface, "source", peer.Addr, "mac", mac.String(), "err", err)
@@ -220,7 +233,7 @@ func (s *Server) serve(req *request, t tree) {
 		return
 	}
 	req.mac = mac
-	s.markSeen(g, e.inst.ID)
+	s.markSeen(g, e.inst.ID, s.requestTime(req))
 	if err := s.use(req, e); err != nil {
 		s.log.Error("render metadata", "instance", e.inst.ID, "err", err)
 		writeText(req, fasthttp.StatusInternalServerError, "Internal Server Error")
@@ -234,6 +247,15 @@ func (s *Server) serve(req *request, t tree) {
 	default:
 		s.serveEC2(req)
 	}
+}
+
+// requestTime is when the request arrived: fasthttp's reading of the
+// clock, unless a test set its own clock.
+func (s *Server) requestTime(req *request) time.Time {
+	if s.fakeClock {
+		return s.opts.Now()
+	}
+	return req.ctx.Time()
 }
 
 // use makes e the request's entry, rendering its trees on first use.
@@ -255,7 +277,7 @@ func render(inst *Instance, signer crypto.Signer) (*rendered, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &rendered{ec2: ec2, openstack: os, gce: gceTree(inst)}, nil
+	return &rendered{ec2: ec2, openstack: os, gce: gceTree(inst), ec2Paths: indexTree(ec2), openstackPaths: indexTree(os)}, nil
 }
 
 // logUnknown logs refused sources at most about once a second, counting

@@ -70,10 +70,13 @@ type Options struct {
 // Server answers metadata requests for the instances in a Directory. One
 // Server serves a Directory (rendered trees are cached on its entries).
 type Server struct {
-	dir    *Directory
-	opts   Options
-	log    *slog.Logger
-	tokens *tokenMinter
+	dir  *Directory
+	opts Options
+	// fakeClock is set when Options.Now is a test's clock: requests then
+	// read it rather than fasthttp's time of the request.
+	fakeClock bool
+	log       *slog.Logger
+	tokens    *tokenMinter
 	// idTokens caches workload identity tokens (nil without
 	// Options.Identity).
 	idTokens *tokenCache
@@ -144,7 +147,8 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 	if opts.MaxWaits == 0 {
 		opts.MaxWaits = 1024
 	}
-	if opts.Now == nil {
+	fakeClock := opts.Now != nil
+	if !fakeClock {
 		opts.Now = time.Now
 	}
 	tokens, err := newTokenMinter(opts.TokenSecret)
@@ -160,6 +164,7 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 		limiters:   map[string]*guestState{},
 		unknownLog: rate.NewLimiter(1, 5),
 		listeners:  map[string]*bridgeListener{},
+		fakeClock:  fakeClock,
 	}
 	s.conns = newConnLimits(opts.MaxConnsPerGuest, opts.MaxConns, s.metrics.connsRefused.Inc)
 	if opts.Identity != nil {
