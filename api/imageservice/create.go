@@ -283,6 +283,9 @@ func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream mini
 		}
 	}()
 
+	// The files of the blobs this upload added, as committed: checked in
+	// the background once the image is recorded (verifyUploaded).
+	committed := make(map[string]fileID)
 	for part, w := range u.parts {
 		sha, size, created, err := w.commit()
 		u.release(w)
@@ -291,6 +294,9 @@ func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream mini
 		}
 		if created {
 			u.created = append(u.created, sha)
+			if id, err := identifyPath(s.blobs.path(sha)); err == nil {
+				committed[sha] = id
+			}
 		}
 		blob := &minicloudv1.ImageBlob{Sha256: sha, SizeBytes: size}
 		switch part {
@@ -334,6 +340,7 @@ func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream mini
 		}
 		if resp.Succeeded {
 			img.Meta.ResourceVersion = resp.Header.Revision
+			s.verifyUploaded(committed)
 			return stream.SendAndClose(img)
 		}
 		if err := lock.held(); err != nil {

@@ -99,12 +99,23 @@ type Service struct {
 
 	etcd  *clientv3.Client
 	blobs blobDir
-	// verified remembers the blob files DownloadImage found intact.
+	// verified remembers the blob files DownloadImage or a check after an
+	// upload (verifyUploaded) found intact.
 	verified *verifiedBlobs
 	inUse    func(ctx context.Context, image string) (string, error)
 	maxBytes int64
 	minFree  int64 // free-space floor of the blob directory (checkFree)
 	log      *slog.Logger
+
+	// verifyAfterUpload: check committed blobs in the background (tests
+	// that hold the memo's clock turn it off).
+	verifyAfterUpload bool
+	// verifyMu lets one background check run at a time.
+	verifyMu sync.Mutex
+	// background holds the background checks; stopBackground ends them.
+	background       sync.WaitGroup
+	stopBackground   context.Context
+	cancelBackground context.CancelFunc
 
 	quotaDefaults *minicloudv1.QuotaLimits
 	projectOf     func(string) (string, error)
@@ -131,11 +142,13 @@ func New(cfg Config) *Service {
 		etcd:     cfg.Client,
 		blobs:    blobDir{dir: cfg.Dir},
 		verified: newVerifiedBlobs(),
-		inUse:    cfg.InUse,
-		maxBytes: cfg.MaxImageBytes,
-		minFree:  cfg.MinFreeBytes,
-		log:      slog.Default().With("component", "imageservice"),
-		replica:  &replica{etcd: cfg.Client},
+
+		verifyAfterUpload: true,
+		inUse:             cfg.InUse,
+		maxBytes:          cfg.MaxImageBytes,
+		minFree:           cfg.MinFreeBytes,
+		log:               slog.Default().With("component", "imageservice"),
+		replica:           &replica{etcd: cfg.Client},
 
 		quotaDefaults: cfg.DefaultQuota,
 		projectOf:     cfg.ProjectOf,
@@ -143,6 +156,7 @@ func New(cfg Config) *Service {
 		replicaName: cfg.ReplicaName,
 		pages:       cfg.PageTokens,
 	}
+	s.stopBackground, s.cancelBackground = context.WithCancel(context.Background())
 	if s.pages == nil {
 		s.pages = paging.NewTokens(nil)
 	}
@@ -181,7 +195,12 @@ func New(cfg Config) *Service {
 
 // Close releases this replica's etcd session: its store lock and the keys
 // of its uploads in progress go at once instead of when the lease expires.
-func (s *Service) Close() { s.replica.close() }
+// It stops the background checks of uploaded blobs and waits for them.
+func (s *Service) Close() {
+	s.cancelBackground()
+	s.background.Wait()
+	s.replica.close()
+}
 
 // GetImage returns one image the caller's project may see.
 func (s *Service) GetImage(ctx context.Context, req *minicloudv1.GetImageRequest) (*minicloudv1.Image, error) {

@@ -90,6 +90,9 @@ func TestVerifiedBlobsTrustOnlyTheSameOldFile(t *testing.T) {
 // again and refused as corrupt.
 func TestDownloadVerifiesAFileOnlyOnce(t *testing.T) {
 	e := newEnv(t, 0)
+	// This test holds the memo's clock; the check after the upload
+	// would remember the blob on its own.
+	e.svc.verifyAfterUpload = false
 	ctx := context.Background()
 	disk := randomBytes(t, 3<<20+512)
 	if _, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
@@ -145,4 +148,53 @@ func TestDownloadVerifiesAFileOnlyOnce(t *testing.T) {
 	if e.svc.verified.verified(digest(disk), stat(t, blob)) {
 		t.Fatal("a blob of the wrong size stayed remembered")
 	}
+}
+
+// TestUploadedBlobIsCheckedInTheBackground: a blob an upload committed is
+// read and hashed once it is VerifiedGuard old and remembered, so the first
+// download is served without the API's hash; a blob changed after its
+// commit, or corrupt, is not remembered.
+func TestUploadedBlobIsCheckedInTheBackground(t *testing.T) {
+	e := newEnv(t, 0)
+	ctx := context.Background()
+	disk := randomBytes(t, 3<<20+512)
+	if _, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
+		t.Fatal(err)
+	}
+	blob := filepath.Join(e.dir, digest(disk))
+	committed := stat(t, blob)
+	if e.svc.verified.verified(digest(disk), committed) {
+		t.Fatal("a blob was remembered within the guard of its commit")
+	}
+	// The upload's response came after the check was started.
+	e.svc.background.Wait()
+	if !e.svc.verified.verified(digest(disk), committed) {
+		t.Fatal("an uploaded blob was not remembered after its check")
+	}
+	mustDownload(t, e.client, "img", minicloudv1.ImagePart_IMAGE_PART_DISK, disk)
+
+	// Changed after the commit: left to the next serve.
+	e.svc.verified.forget(digest(disk))
+	bad := bytes.Clone(disk)
+	bad[len(bad)/2] ^= 0xff
+	time.Sleep(10 * time.Millisecond) // past one tick of the file system's clock
+	if err := os.WriteFile(blob, bad, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.svc.verifyCommitted(digest(disk), committed); err != nil {
+		t.Fatal(err)
+	}
+	if e.svc.verified.verified(digest(disk), stat(t, blob)) {
+		t.Fatal("a blob changed since its commit was remembered")
+	}
+	// Corrupt as committed (the id is the corrupt file's): hashed and
+	// not remembered.
+	if err := e.svc.verifyCommitted(digest(disk), stat(t, blob)); err != nil {
+		t.Fatal(err)
+	}
+	if e.svc.verified.verified(digest(disk), stat(t, blob)) {
+		t.Fatal("a corrupt blob was remembered")
+	}
+	_, err := download(t, e.client, &minicloudv1.DownloadImageRequest{Name: "img", Part: minicloudv1.ImagePart_IMAGE_PART_DISK})
+	wantCode(t, err, codes.FailedPrecondition)
 }
