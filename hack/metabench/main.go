@@ -625,8 +625,8 @@ func run(duration, warmup time.Duration, rounds, clients, storm int, docs, nginx
 	// One unmeasured turn of each first: the generator's own start (its
 	// heap and GC pacing) and each server's first connections would
 	// otherwise weigh on whichever server the first round runs first,
-	// always the metadata service (the first round of runs before this
-	// was their lowest ratio in five of six).
+	// always the metadata service (before this, its first round was below
+	// its third, run in the same order, in five of six recorded runs).
 	for _, sv := range servers {
 		log.Printf("warm-up: %s, %d clients, %s", sv.name, clients, warmup)
 		load(sv.name, sv.base, sv.pid, clients, warmup, 0, 0)
