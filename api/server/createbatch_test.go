@@ -166,86 +166,97 @@ func TestGroupCommitDecidesAgainOnMovedUsage(t *testing.T) {
 	}
 }
 
-// orderedKV lets the first two transactions with compares (the first two
-// batches of a group commit) reach etcd in a chosen order: the first is
-// held until the second has been sent, so both are in flight at once;
-// then, with secondFirst, the second goes first.
-type orderedKV struct {
+// scriptedKV runs a hook before and after each transaction with compares
+// (the batches' commits), so a test can make them reach etcd, and come
+// back, in a chosen order. A commit is named by its batch (1: the one
+// that creates vm-0, 2: any other) and its attempt (1, 2, ...). It counts
+// the transactions without compares (reads) sent after the first commit.
+type scriptedKV struct {
 	clientv3.KV
-	t           *testing.T
-	secondFirst bool
+	steps map[commitAttempt]scriptStep
 
-	mu                    sync.Mutex
-	seen                  int
-	secondSent, firstDone chan struct{}
-	secondDone            chan struct{}
+	mu       sync.Mutex
+	attempts map[int]int
+	reads    int
 }
 
-func newOrderedKV(t *testing.T, kv clientv3.KV, secondFirst bool) *orderedKV {
-	return &orderedKV{KV: kv, t: t, secondFirst: secondFirst,
-		secondSent: make(chan struct{}), firstDone: make(chan struct{}), secondDone: make(chan struct{})}
+type commitAttempt struct{ batch, attempt int }
+
+type scriptStep struct{ before, after func() }
+
+func (k *scriptedKV) Txn(ctx context.Context) clientv3.Txn {
+	return &scriptedTxn{Txn: k.KV.Txn(ctx), k: k}
 }
 
-func (k *orderedKV) Txn(ctx context.Context) clientv3.Txn {
-	return &orderedTxn{Txn: k.KV.Txn(ctx), k: k}
-}
-
-type orderedTxn struct {
+type scriptedTxn struct {
 	clientv3.Txn
-	k       *orderedKV
+	k       *scriptedKV
 	compare bool
+	batch   int
 }
 
-func (t *orderedTxn) If(cs ...clientv3.Cmp) clientv3.Txn {
-	t.compare = len(cs) > 0
+func (t *scriptedTxn) If(cs ...clientv3.Cmp) clientv3.Txn {
+	t.compare, t.batch = len(cs) > 0, 2
+	for _, c := range cs {
+		if string(c.KeyBytes()) == store.VMNameKey("p", "vm-0") {
+			t.batch = 1
+		}
+	}
 	t.Txn = t.Txn.If(cs...)
 	return t
 }
 
-func (t *orderedTxn) Then(ops ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Then(ops...); return t }
-func (t *orderedTxn) Else(ops ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Else(ops...); return t }
+func (t *scriptedTxn) Then(ops ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Then(ops...); return t }
+func (t *scriptedTxn) Else(ops ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Else(ops...); return t }
 
-func (t *orderedTxn) Commit() (*clientv3.TxnResponse, error) {
+func (t *scriptedTxn) Commit() (*clientv3.TxnResponse, error) {
 	k := t.k
+	k.mu.Lock()
 	if !t.compare {
+		if len(k.attempts) > 0 {
+			k.reads++
+		}
+		k.mu.Unlock()
 		return t.Txn.Commit()
 	}
-	k.mu.Lock()
-	k.seen++
-	n := k.seen
+	if k.attempts == nil {
+		k.attempts = map[int]int{}
+	}
+	k.attempts[t.batch]++
+	step := k.steps[commitAttempt{t.batch, k.attempts[t.batch]}]
 	k.mu.Unlock()
-	wait := func(c chan struct{}, what string) {
-		select {
-		case <-c:
-		case <-time.After(30 * time.Second): // a guard against a hang, not a timing
-			k.t.Errorf("%s never happened: the batcher did not have two batches in flight", what)
-		}
+	if step.before != nil {
+		step.before()
 	}
-	switch n {
-	case 1:
-		wait(k.secondSent, "the second batch's send")
-		if k.secondFirst {
-			wait(k.secondDone, "the second batch's commit")
-		}
-		defer close(k.firstDone)
-	case 2:
-		close(k.secondSent)
-		if !k.secondFirst {
-			wait(k.firstDone, "the first batch's commit")
-		}
-		defer close(k.secondDone)
+	resp, err := t.Txn.Commit()
+	if step.after != nil {
+		step.after()
 	}
-	return t.Txn.Commit()
+	return resp, err
+}
+
+// awaitClosed waits for c; the deadline guards against a hang, it times
+// nothing.
+func awaitClosed(t *testing.T, c <-chan struct{}, what string) {
+	select {
+	case <-c:
+	case <-time.After(30 * time.Second):
+		t.Errorf("%s never happened", what)
+	}
 }
 
 // TestGroupCommitOvertakenBatchCommits: two batches are in flight and the
 // second, charged on the usage as the first leaves it, reaches etcd first
-// and fails its usage compare. Once the first has committed, the second's
-// creates are sent again and commit: every create succeeds and the usage
-// counts each once.
+// and fails its usage compare. Its creates are sent again (the same
+// transaction at once, racing the first, or after it) and commit: every
+// create succeeds and the usage counts each once.
 func TestGroupCommitOvertakenBatchCommits(t *testing.T) {
 	w := newBatchWorld(t)
-	w.cli.KV = newOrderedKV(t, w.cli.KV, true)
+	secondDone := make(chan struct{})
+	w.cli.KV = &scriptedKV{KV: w.cli.KV, steps: map[commitAttempt]scriptStep{
+		{1, 1}: {before: func() { awaitClosed(t, secondDone, "the second batch's commit") }},
+		{2, 1}: {after: func() { close(secondDone) }},
+	}}
 	const n = 2*maxBatch + 2
 	res := w.commit(t, &projectCreates{}, n)
 	revs := map[int64]bool{}
@@ -271,7 +282,14 @@ func TestGroupCommitOvertakenBatchCommits(t *testing.T) {
 func TestGroupCommitFailedBatchFailsTheNext(t *testing.T) {
 	w := newBatchWorld(t)
 	w.write(t, clientv3.OpPut(store.VMNameKey("p", "vm-1"), "other"))
-	w.cli.KV = newOrderedKV(t, w.cli.KV, false)
+	secondSent, firstDone := make(chan struct{}), make(chan struct{})
+	w.cli.KV = &scriptedKV{KV: w.cli.KV, steps: map[commitAttempt]scriptStep{
+		{1, 1}: {before: func() { awaitClosed(t, secondSent, "the second batch's send") }, after: func() { close(firstDone) }},
+		{2, 1}: {before: func() {
+			close(secondSent)
+			awaitClosed(t, firstDone, "the first batch's commit")
+		}},
+	}}
 	const n = 2*maxBatch + 2
 	res := w.commit(t, &projectCreates{}, n)
 	for i, r := range res {
@@ -325,4 +343,88 @@ func TestGroupCommitFillsATransaction(t *testing.T) {
 	if want := min((store.MaxTxnOps-2)/c, (store.MaxTxnOps-1)/o); perRev[first] != want {
 		t.Fatalf("creates per transaction %v, want the first to carry %d", perRev, want)
 	}
+}
+
+// commitTwoBatches queues two full batches of creates with kv scripting
+// their commits, runs the batcher until its queue is empty, and checks
+// that every create committed, the usage counts each once, and no read
+// was needed after the first commit was sent.
+func (w *batchWorld) commitTwoBatches(t *testing.T, kv *scriptedKV, first *pendingCreate) {
+	t.Helper()
+	w.cli.KV = kv
+	c, o := store.CreateVMSize(first.nv)
+	n := 2 * min((store.MaxTxnOps-2)/c, (store.MaxTxnOps-1)/o)
+	batch := []*pendingCreate{first}
+	for i := 1; i < n; i++ {
+		batch = append(batch, w.pending(i))
+	}
+	q := &projectCreates{pending: slices.Clone(batch), running: true}
+	w.b.projects["p"] = q
+	w.b.run("p", q)
+	revs := map[int64]int{}
+	for i, p := range batch {
+		r := <-p.done
+		if r.err != nil {
+			t.Fatalf("create %d: %v", i, r.err)
+		}
+		revs[r.rev]++
+	}
+	if len(revs) != 2 {
+		t.Fatalf("creates per revision %v, want two transactions", revs)
+	}
+	if kv.reads != 0 {
+		t.Fatalf("%d reads after the first commit, want none: an overtaken batch is sent again as it was", kv.reads)
+	}
+	if u := w.usage(t); u.GetInstances() != int64(n) {
+		t.Fatalf("usage %v, want %d instances", u, n)
+	}
+}
+
+// TestGroupCommitOvertakenBatchResentAtOnce: the second of two batches in
+// flight reaches etcd first and fails its usage compare. Its transaction
+// is sent again while the first is still in flight (the first is held
+// until the resend has been sent, so a batcher that waited for the first
+// would hang here) and commits after it, with no read.
+func TestGroupCommitOvertakenBatchResentAtOnce(t *testing.T) {
+	w := newBatchWorld(t)
+	secondDone, resendSent, firstDone := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	kv := &scriptedKV{KV: w.cli.KV, steps: map[commitAttempt]scriptStep{
+		{1, 1}: {before: func() {
+			awaitClosed(t, secondDone, "the second batch's commit")
+			awaitClosed(t, resendSent, "the second batch's resend while the first is in flight")
+		}, after: func() { close(firstDone) }},
+		{2, 1}: {after: func() { close(secondDone) }},
+		{2, 2}: {before: func() {
+			close(resendSent)
+			awaitClosed(t, firstDone, "the first batch's commit")
+		}},
+	}}
+	w.commitTwoBatches(t, kv, w.pending(0))
+}
+
+// TestGroupCommitOvertakenBatchAnsweredLate: the second batch reaches etcd
+// first and fails, but its answer comes back after the first batch has
+// committed and been answered. The failure's revision, older than the
+// first's commit, says it only overtook: it is sent again as it was, with
+// no read, and commits.
+func TestGroupCommitOvertakenBatchAnsweredLate(t *testing.T) {
+	w := newBatchWorld(t)
+	first := w.pending(0)
+	secondApplied := make(chan struct{})
+	kv := &scriptedKV{KV: w.cli.KV, steps: map[commitAttempt]scriptStep{
+		{1, 1}: {before: func() { awaitClosed(t, secondApplied, "the second batch's commit") }},
+		{2, 1}: {after: func() {
+			close(secondApplied)
+			// Hold the answer until run has answered the first batch's
+			// creates. The wait polls (run's answer is a channel this
+			// test must not drain); it does not time anything.
+			for deadline := time.Now().Add(30 * time.Second); len(first.done) == 0; time.Sleep(time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Errorf("the first batch was never answered")
+					return
+				}
+			}
+		}},
+	}}
+	w.commitTwoBatches(t, kv, first)
 }
