@@ -45,14 +45,15 @@ type entry struct {
 	guest atomic.Pointer[guestState]
 }
 
-// rendered holds an instance's trees, built on first use, with the paths
-// of the EC2 and OpenStack trees indexed.
+// rendered holds an instance's trees, built on first use, with their
+// paths indexed.
 type rendered struct {
 	ec2       *node
 	openstack *node
 	gce       *gnode
 
-	ec2Paths, openstackPaths pathIndex
+	ec2Paths, openstackPaths pathIndex[*node]
+	gcePaths                 pathIndex[*gnode]
 }
 
 // NewDirectory returns an empty Directory.

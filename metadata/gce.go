@@ -165,11 +165,15 @@ func gceTree(inst *Instance) *gnode {
 	return gdir().add("instance", instance.done(), false).add("project", project.done(), false).done()
 }
 
-func (n *gnode) walk(segs []string) *gnode { return walkTree(n, segs) }
-
 func (n *gnode) isDir() bool { return n.dir }
 
 func (n *gnode) child(name string) *gnode { return n.children[name] }
+
+func (n *gnode) eachChild(f func(string, *gnode)) {
+	for name, c := range n.children {
+		f(name, c)
+	}
+}
 
 // jsonValue is the recursive JSON form of n.
 func (n *gnode) jsonValue() any {

@@ -134,13 +134,19 @@ func (s *Server) serveGCE(req *request) {
 		notFound(req)
 		return
 	}
-	var buf [maxInlineSegs]string
-	segs, ok := splitPathInto(strings.TrimPrefix(req.path, gcePrefixV1), buf[:0])
-	if !ok {
-		notFound(req)
-		return
+	// rel is the path below /computeMetadata/v1/: the tree's index key.
+	rel := strings.TrimPrefix(req.path, gcePrefixV1+"/")
+	n := req.trees.gcePaths[rel]
+	if n == nil {
+		// Not a path of the tree: a malformed one is a 404 before the
+		// query is looked at, as before the index.
+		var buf [maxInlineSegs]string
+		if _, ok := splitPathInto(strings.TrimPrefix(req.path, gcePrefixV1), buf[:0]); !ok {
+			notFound(req)
+			return
+		}
 	}
-	if n := req.trees.gce.walk(segs); n != nil && n.dynamic {
+	if n != nil && n.dynamic {
 		s.serveIdentity(req)
 		return
 	}
@@ -156,7 +162,7 @@ func (s *Server) serveGCE(req *request) {
 	}
 	wait := boolParam(q, "wait_for_change")
 	if !wait {
-		s.writeGCE(req, segs, recursive, alt)
+		s.writeGCE(req, rel, recursive, alt)
 		return
 	}
 	timeout := s.opts.MaxLongPoll
@@ -170,7 +176,7 @@ func (s *Server) serveGCE(req *request) {
 			timeout = d
 		}
 	}
-	s.waitGCE(req, segs, recursive, alt, q.Get("last_etag"), timeout)
+	s.waitGCE(req, rel, recursive, alt, q.Get("last_etag"), timeout)
 }
 
 // boolParam is a true/false query parameter, false when absent or not a
@@ -190,20 +196,21 @@ func redirectSlash(req *request) {
 	writeText(req, fasthttp.StatusMovedPermanently, "Moved Permanently")
 }
 
-// renderGCE finds one GCE answer; code is 0 on success.
-func renderGCE(root *gnode, segs []string, recursive bool, alt string) (*gceAnswer, int) {
-	n := root.walk(segs)
+// renderGCE finds one GCE answer for rel, a path below the v1 root (see
+// serveGCE); code is 0 on success.
+func renderGCE(r *rendered, rel string, recursive bool, alt string) (*gceAnswer, int) {
+	n := r.gcePaths[rel]
 	if n == nil {
 		return nil, fasthttp.StatusNotFound
 	}
-	trailing := len(segs) > 0 && segs[len(segs)-1] == ""
+	trailing := strings.HasSuffix(rel, "/")
 	var k gceKind
 	switch {
 	case n.dir && recursive && alt != "text":
 		k = gceRecursiveJSON
 	case n.dir && recursive:
 		k = gceRecursiveText
-	case n.dir && !trailing && len(segs) > 0:
+	case n.dir && !trailing && rel != "":
 		return nil, fasthttp.StatusMovedPermanently
 	case n.dir && alt == "json":
 		k = gceListingJSON
@@ -292,8 +299,8 @@ func gceETag(body []byte) string {
 	return hex.EncodeToString(sum[:8])
 }
 
-func (s *Server) writeGCE(req *request, segs []string, recursive bool, alt string) {
-	ans, code := renderGCE(req.trees.gce, segs, recursive, alt)
+func (s *Server) writeGCE(req *request, rel string, recursive bool, alt string) {
+	ans, code := renderGCE(req.trees, rel, recursive, alt)
 	switch code {
 	case 0:
 	case fasthttp.StatusMovedPermanently:
@@ -314,7 +321,7 @@ func (s *Server) writeGCE(req *request, segs []string, recursive bool, alt strin
 // (or, without one, from the answer now), the timeout passes or the client
 // goes away. The Directory closes an entry's channel when the instance
 // changes, so nothing polls.
-func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastETag string, timeout time.Duration) {
+func (s *Server) waitGCE(req *request, rel string, recursive bool, alt, lastETag string, timeout time.Duration) {
 	done, ok := s.startWait(req.entry.inst.ID)
 	if !ok {
 		writeText(req, fasthttp.StatusTooManyRequests, "too many wait_for_change requests waiting: close some")
@@ -329,9 +336,9 @@ func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastE
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	for {
-		ans, code := renderGCE(req.trees.gce, segs, recursive, alt)
+		ans, code := renderGCE(req.trees, rel, recursive, alt)
 		if code != 0 {
-			s.writeGCE(req, segs, recursive, alt)
+			s.writeGCE(req, rel, recursive, alt)
 			return
 		}
 		etag := ans.etag
@@ -339,7 +346,7 @@ func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastE
 			lastETag = etag
 		}
 		if etag != lastETag {
-			s.writeGCE(req, segs, recursive, alt)
+			s.writeGCE(req, rel, recursive, alt)
 			return
 		}
 		select {
@@ -355,7 +362,7 @@ func (s *Server) waitGCE(req *request, segs []string, recursive bool, alt, lastE
 				return
 			}
 		case <-timer.C:
-			s.writeGCE(req, segs, recursive, alt)
+			s.writeGCE(req, rel, recursive, alt)
 			return
 		case <-gone.c:
 			return

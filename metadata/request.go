@@ -277,7 +277,8 @@ func render(inst *Instance, signer crypto.Signer) (*rendered, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &rendered{ec2: ec2, openstack: os, gce: gceTree(inst), ec2Paths: indexTree(ec2), openstackPaths: indexTree(os)}, nil
+	gce := gceTree(inst)
+	return &rendered{ec2: ec2, openstack: os, gce: gce, ec2Paths: indexTree(ec2), openstackPaths: indexTree(os), gcePaths: indexTree(gce)}, nil
 }
 
 // logUnknown logs refused sources at most about once a second, counting

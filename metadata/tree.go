@@ -69,46 +69,54 @@ func (b *dirBuilder) doneWith(suffix string) *node {
 // of a split and a look-up per segment. Only paths that splitPath accepts
 // and walk resolves to the same node are keys, so a miss is a 404 exactly
 // when the walk's would be.
-type pathIndex map[string]*node
+type pathIndex[N comparable] map[string]N
 
-func indexTree(root *node) pathIndex {
-	idx := pathIndex{"": root}
-	var add func(prefix string, n *node)
-	add = func(prefix string, n *node) {
-		for name, c := range n.children {
+// treeNode is what the trees (EC2 and OpenStack's node, GCE's gnode) have
+// in common for walking and indexing.
+type treeNode[N any] interface {
+	comparable
+	isDir() bool
+	child(string) N
+	eachChild(func(name string, c N))
+}
+
+func indexTree[N treeNode[N]](root N) pathIndex[N] {
+	idx := pathIndex[N]{"": root}
+	var add func(prefix string, n N)
+	add = func(prefix string, n N) {
+		n.eachChild(func(name string, c N) {
 			p := prefix + name
 			keys := []string{p}
-			if c.dir {
+			if c.isDir() {
 				keys = append(keys, p+"/")
 			}
 			for _, k := range keys {
-				if segs, ok := splitPath("/" + k); ok && root.walk(segs) == c {
+				if segs, ok := splitPath("/" + k); ok && walkTree(root, segs) == c {
 					idx[k] = c
 				}
 			}
-			if c.dir {
+			if c.isDir() {
 				add(p+"/", c)
 			}
-		}
+		})
 	}
 	add("", root)
 	return idx
 }
 
-// walk resolves segments under n.
-func (n *node) walk(segs []string) *node { return walkTree(n, segs) }
-
 func (n *node) isDir() bool { return n.dir }
 
 func (n *node) child(name string) *node { return n.children[name] }
 
+func (n *node) eachChild(f func(string, *node)) {
+	for name, c := range n.children {
+		f(name, c)
+	}
+}
+
 // walkTree resolves segs below root in any of the trees. A trailing empty
 // segment (a path ending in "/") is only allowed on directories.
-func walkTree[N interface {
-	comparable
-	isDir() bool
-	child(string) N
-}](root N, segs []string) N {
+func walkTree[N treeNode[N]](root N, segs []string) N {
 	var none N
 	cur := root
 	for i, s := range segs {
