@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strings"
 	"sync"
 	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket"
 	"github.com/digitalocean/go-libvirt/socket/dialers"
 	"github.com/google/uuid"
 
@@ -90,7 +92,12 @@ func (c *conn) run() {
 			c.mu.Lock()
 			c.lastErr = err
 			c.mu.Unlock()
-			c.log.Debug("libvirt connect failed", "socket", c.socket, "err", err, "retry_in", backoff)
+			// Quiet while libvirtd restarts; loud once it stays away.
+			level := slog.LevelDebug
+			if backoff >= 2*time.Second {
+				level = slog.LevelWarn
+			}
+			c.log.Log(context.Background(), level, "libvirt connect failed", "socket", c.socket, "err", err, "retry_in", backoff)
 			select {
 			case <-c.stop:
 				return
@@ -130,18 +137,66 @@ func (c *conn) run() {
 }
 
 func (c *conn) dial() (*golibvirt.Libvirt, <-chan golibvirt.DomainEventLifecycleMsg, context.CancelFunc, error) {
-	l := golibvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(c.socket), dialers.WithLocalTimeout(2*time.Second)))
+	sock := &recordedSocket{Dialer: dialers.NewLocal(dialers.WithSocket(c.socket), dialers.WithLocalTimeout(2*time.Second))}
+	l := golibvirt.NewWithDialer(sock)
+	// go-libvirt's calls have no deadline: close the socket under them when
+	// the handshake takes too long, so that they fail and run() dials again.
+	expired := time.AfterFunc(handshakeTimeout, sock.close)
 	if err := l.ConnectToURI(golibvirt.QEMUSystem); err != nil {
+		expired.Stop()
 		return nil, nil, nil, fmt.Errorf("connect to %s: %w", c.socket, err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	evs, err := l.LifecycleEvents(ctx)
+	if !expired.Stop() && err == nil {
+		err = fmt.Errorf("no answer within %s", handshakeTimeout)
+	}
 	if err != nil {
 		cancel()
-		_ = l.Disconnect()
-		return nil, nil, nil, fmt.Errorf("subscribe to lifecycle events: %w", err)
+		sock.close()
+		return nil, nil, nil, fmt.Errorf("subscribe to lifecycle events on %s: %w", c.socket, err)
 	}
 	return l, evs, cancel, nil
+}
+
+// handshakeTimeout bounds a connection's set-up (connect call and event
+// subscription). A libvirtd that accepts a connection but never answers it
+// (one shutting down, or wedged) would otherwise hold the agent's start,
+// which waits for the host's capabilities, forever.
+var handshakeTimeout = 20 * time.Second
+
+// recordedSocket is a dialer that keeps the connection it made, so that
+// dial can close it under go-libvirt.
+type recordedSocket struct {
+	socket.Dialer
+
+	mu     sync.Mutex
+	conn   net.Conn
+	closed bool
+}
+
+func (r *recordedSocket) Dial() (net.Conn, error) {
+	c, err := r.Dialer.Dial()
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		c.Close()
+		return nil, errors.New("libvirtd connection set-up timed out")
+	}
+	r.conn = c
+	return c, nil
+}
+
+func (r *recordedSocket) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = true
+	if r.conn != nil {
+		r.conn.Close()
+	}
 }
 
 // pump forwards events until the connection drops (false) or Close (true).
