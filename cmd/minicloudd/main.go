@@ -11,9 +11,18 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/minicloud/minicloud/pkg/sysmon"
 )
 
 func main() {
+	// Before anything starts: the runtime's monitor thread must not park
+	// whenever the process idles, which cost the metadata service more
+	// CPU than its requests did (pkg/sysmon). Returns only if it did not
+	// re-execute.
+	if err := sysmon.Reexec(); err != nil {
+		fmt.Fprintln(os.Stderr, "minicloudd:", err)
+	}
 	// SIGTERM and SIGINT cancel the context: every role drains and exits.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

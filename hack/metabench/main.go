@@ -45,6 +45,7 @@ import (
 	"github.com/minicloud/minicloud/hack/benchdoc"
 	"github.com/minicloud/minicloud/metadata"
 	"github.com/minicloud/minicloud/pkg/nic"
+	"github.com/minicloud/minicloud/pkg/sysmon"
 )
 
 // paths is the request mix: what a cloud-init boot asks most, in both
@@ -204,6 +205,9 @@ func startMetadata(n int, unlimited bool, prof profiles) (base string, pid int, 
 	}
 	cmd := exec.Command(self, "-serve", fmt.Sprint(n), fmt.Sprintf("-unlimited=%v", unlimited),
 		"-cpuprofile", prof.cpu, "-memprofile", prof.mem)
+	// The runtime setting minicloudd runs the service with (it re-executes
+	// itself with it): the service is measured as it runs.
+	cmd.Env, _ = sysmon.Env(os.Environ())
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -746,7 +750,7 @@ func render(md, ng, mdOpen, ngOpen result, perRound []float64, st stormResult, c
 	for i, r := range perRound {
 		rounds[i] = fmt.Sprintf("%.2f", r)
 	}
-	fmt.Fprintf(&b, "`go run ./hack/metabench -duration %s` — %d concurrent keep-alive clients on loopback, each its own guest (source address), same Go load generator, mix of %d EC2/OpenStack paths (listings, leaves, user-data, JSON). Both servers run at once and take turns: each one's %s at saturation (and %s at %.0f req/s) is cut into %d rounds that alternate which server goes first, each after a warm-up, the first after one unmeasured turn of each, so a load drifting during the run weighs on both and, with even rounds, each goes first as often. %d cores, GOMAXPROCS %d, generator and servers at nice -10 on a shared machine; load average %s before the run, %s after; measured %s. nginx is Debian's, `worker_processes auto`, serving the same bytes as static files without ETag, Accept-Ranges or its version in Server (headers the metadata service does not send, which cost the generator time to read). The generator collects garbage rarely (GOGC 1000 in its process only) so its own pauses weigh less on both servers' latency.\n\n",
+	fmt.Fprintf(&b, "`go run ./hack/metabench -duration %s` — %d concurrent keep-alive clients on loopback, each its own guest (source address), same Go load generator, mix of %d EC2/OpenStack paths (listings, leaves, user-data, JSON). Both servers run at once and take turns: each one's %s at saturation (and %s at %.0f req/s) is cut into %d rounds that alternate which server goes first, each after a warm-up, the first after one unmeasured turn of each, so a load drifting during the run weighs on both and, with even rounds, each goes first as often. %d cores, GOMAXPROCS %d, generator and servers at nice -10 on a shared machine; load average %s before the run, %s after; measured %s. nginx is Debian's, `worker_processes auto`, serving the same bytes as static files without ETag, Accept-Ranges or its version in Server (headers the metadata service does not send, which cost the generator time to read). The service runs with the GODEBUG setting minicloudd re-executes itself with (pkg/sysmon: the runtime's monitor thread does not park when the process idles). The generator collects garbage rarely (GOGC 1000 in its process only) so its own pauses weigh less on both servers' latency.\n\n",
 		duration, clients, len(paths), duration, duration/2, openRate, len(perRound), runtime.NumCPU(), runtime.GOMAXPROCS(0), loadBefore, benchdoc.LoadAverages(), time.Now().UTC().Format("2006-01-02 15:04 UTC"))
 	b.WriteString("| server | load | requests | req/s | p50 | p99 | errors | server CPU per request |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
 	for _, r := range []result{md, ng} {
