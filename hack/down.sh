@@ -26,6 +26,12 @@ if command -v virsh >/dev/null && virsh -c qemu:///system version >/dev/null 2>&
     # grep reads all of it (no -q): with pipefail, a virsh still writing
     # when grep -q exits dies of SIGPIPE and the match reads as a miss.
     virsh -c qemu:///system domblklist "$d" 2>/dev/null | grep -F " $DATA_DIR/" >/dev/null || continue
+    # A domain that was running is written down for the next make up to
+    # start through the API: the agent, down meanwhile, will find it shut
+    # off by "destroyed" (someone's virsh destroy), which it leaves down.
+    if [ "$(virsh -c qemu:///system domstate "$d" 2>/dev/null)" = running ] && ! $purge; then
+      echo "${d#mc-}" >>"$DATA_DIR/stopped-by-down"
+    fi
     virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
     if $purge; then
       virsh -c qemu:///system undefine "$d" --nvram >/dev/null 2>&1 || virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true

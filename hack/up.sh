@@ -66,6 +66,27 @@ for i in $(seq 1 120); do
 done
 minicloud host list
 
+# VMs that make down stopped with the host: start them again, once the agent
+# has reported them stopped (until then the API still holds their state from
+# before make down, and a start would be a no-op on a VM it thinks runs).
+if [ -f "$DATA_DIR/stopped-by-down" ]; then
+  step "starting the VMs make down stopped"
+  for id in $(sort -u "$DATA_DIR/stopped-by-down"); do
+    for _ in $(seq 1 120); do
+      phase=$(minicloud vm show "$id" -o json 2>/dev/null | grep -o '"phase": *"[A-Z_]*"' | head -1 | grep -o 'VM_PHASE_[A-Z_]*' || true)
+      case "$phase" in
+        "") break ;; # deleted meanwhile
+        VM_PHASE_STOPPED) minicloud vm start "$id"; break ;;
+      esac
+      # Restarted already (a libvirtd restart in between makes the stop
+      # look like a host reboot, which the agent's restart policy undoes).
+      [ "$(virsh -c qemu:///system domstate "mc-$id" 2>/dev/null)" = running ] && break
+      sleep 0.5
+    done
+  done
+  rm -f "$DATA_DIR/stopped-by-down"
+fi
+
 # create_once runs a create command and treats "already exists" (exit 4) as done.
 create_once() {
   local rc=0
