@@ -2,8 +2,10 @@
 // plane — API, scheduler, agent (image cache, disk overlay, tap, define,
 // start) — on a real all-in-one with real libvirt/QEMU and the tiny image,
 // side by side in the same run with a raw libvirt createXML of the same
-// domain XML, for 1 and for N concurrent creates. The breakdown comes from the
-// VM's event log and conditions. It checks that every VM disk is a qcow2
+// domain XML, for 1 and for N concurrent creates (single creates both as the
+// network's first VM on the host and beside a VM kept on the network, whose
+// bridge then exists). The breakdown comes from the VM's event log and
+// conditions. It checks that every VM disk is a qcow2
 // overlay of the cached image (never a copy), deletes everything it made,
 // checks that nothing is left, and rewrites the "agent" section of
 // docs/benchmarks.md.
@@ -35,7 +37,7 @@ import (
 
 func main() {
 	var o options
-	flag.IntVar(&o.reps, "reps", 3, "single-create rounds (each: one VM through minicloud, then one raw libvirt createXML)")
+	flag.IntVar(&o.reps, "reps", 3, "single-create rounds, once as the network's first VM on the host and once beside a VM kept on it (each: one VM through minicloud, then one raw libvirt createXML)")
 	flag.IntVar(&o.concurrency, "concurrency", 10, "VMs created at once in the concurrent round")
 	flag.DurationVar(&o.timeout, "timeout", 10*time.Minute, "bound on the whole run, clean-up included")
 	flag.StringVar(&o.docs, "docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")

@@ -83,6 +83,7 @@ func controlPlane(s sample) time.Duration { return total(s) - defineStart(s) }
 // overhead is the control plane's overhead for one batch size.
 type overhead struct {
 	creates            int
+	where              string        // "" or what sets the row apart, after its count
 	p50, max           time.Duration // create → RUNNING minus the VM's own define + start
 	vsRawP50, vsRawMax time.Duration // create → RUNNING minus raw createXML
 	defineP50, rawP50  time.Duration // define + start, raw createXML
@@ -90,11 +91,7 @@ type overhead struct {
 }
 
 func (b *bench) render() string {
-	var single round
-	for _, r := range b.single {
-		single.samples = append(single.samples, r.samples...)
-		single.raw = append(single.raw, r.raw...)
-	}
+	single, warm := merge(b.single), merge(b.warm)
 	var sb strings.Builder
 	hyp := "?"
 	if len(single.samples) > 0 {
@@ -126,13 +123,19 @@ func (b *bench) render() string {
 		}
 		row("1, image not cached yet", "", vals, ms(total(s)), ms(controlPlane(s)), "", "")
 	}
+	type group struct {
+		label, where string
+		n            int
+		r            round
+	}
+	groups := []group{{label: fmt.Sprintf("1 (%d rounds)", len(b.single)), n: 1, r: single}}
+	if len(warm.samples) > 0 {
+		groups = append(groups, group{fmt.Sprintf("1, network already on the host (%d rounds)", len(b.warm)), ", network already on the host", 1, warm})
+	}
+	groups = append(groups, group{label: fmt.Sprint(b.opts.concurrency), n: b.opts.concurrency, r: b.concurrent})
 	var overs []overhead
-	for _, g := range []struct {
-		label string
-		n     int
-		r     round
-	}{{fmt.Sprintf("1 (%d rounds)", len(b.single)), 1, single}, {fmt.Sprint(b.opts.concurrency), b.opts.concurrency, b.concurrent}} {
-		o := overhead{creates: g.n, samples: g.r.samples}
+	for _, g := range groups {
+		o := overhead{creates: g.n, where: g.where, samples: g.r.samples}
 		for _, st := range stats {
 			var vals []time.Duration
 			for _, c := range columns {
@@ -154,7 +157,7 @@ func (b *bench) render() string {
 		if i > 0 {
 			sb.WriteString("; ")
 		}
-		fmt.Fprintf(&sb, "p50 %s, max %s with %d create(s) at once", ms(o.p50), ms(o.max), o.creates)
+		fmt.Fprintf(&sb, "p50 %s, max %s with %d create(s) at once%s", ms(o.p50), ms(o.max), o.creates, o.where)
 	}
 	verdict := func(met bool) string {
 		if met {
@@ -172,12 +175,19 @@ func (b *bench) render() string {
 	fmt.Fprintf(&sb, ". Targets (issue 15): < 100 ms at p50 with %d at once: %s; one create within 2 %% of raw libvirt: create → RUNNING %+.1f %% of raw `createXML` at p50 (%s), the overhead %.1f %% of its own define + start: %s.\n",
 		many.creates, verdict(many.p50 < 100*time.Millisecond), pct(one.vsRawP50, one.rawP50), verdict(pct(one.vsRawP50, one.rawP50) <= 2),
 		pct(one.p50, one.defineP50), verdict(pct(one.p50, one.defineP50) <= 2))
+	if len(overs) > 2 {
+		// The same 2 % judged on the usual case: a network that already
+		// has a VM on the host, so the create makes no bridge.
+		w := overs[1]
+		fmt.Fprintf(&sb, "The same target with the network already on the host (one other VM kept on it, so no bridge to make): create → RUNNING %+.1f %% of raw `createXML` at p50 (%s), the overhead %s at p50, %.1f %% of its own define + start: %s.\n",
+			pct(w.vsRawP50, w.rawP50), verdict(pct(w.vsRawP50, w.rawP50) <= 2), ms(w.p50), pct(w.p50, w.defineP50), verdict(pct(w.p50, w.defineP50) <= 2))
+	}
 	sb.WriteString("The libvirt part against raw libvirt: define + start (the guest services told, the domain defined — libvirt writes its persistent config — looked up and started) vs one `createXML` of the same XML at p50: ")
 	for i, o := range overs {
 		if i > 0 {
 			sb.WriteString("; ")
 		}
-		fmt.Fprintf(&sb, "%s vs %s with %d at once", ms(o.defineP50), ms(o.rawP50), o.creates)
+		fmt.Fprintf(&sb, "%s vs %s with %d at once%s", ms(o.defineP50), ms(o.rawP50), o.creates, o.where)
 	}
 	sb.WriteString(". ")
 	for i, o := range overs {
@@ -187,15 +197,25 @@ func (b *bench) render() string {
 		} else {
 			sb.WriteString("Largest control-plane step at p50: ")
 		}
-		fmt.Fprintf(&sb, "%s (%s) with %d at once", step, ms(d), o.creates)
+		fmt.Fprintf(&sb, "%s (%s) with %d at once%s", step, ms(d), o.creates, o.where)
 	}
 	sb.WriteString(". The last column subtracts the raw batch of the same run instead; on a shared, loaded machine libvirt's own time varies by seconds between batches, which that difference inherits, so the per-VM figure is the one the target is judged on.\n\n")
 
 	fmt.Fprintf(&sb, "How to read it. Each row's columns are the steps of a create, taken from the VM's event log (`minicloud vm events`): API = client sends CreateVM → `Created` (API); schedule → `Scheduled` (scheduler: host chosen, address allocated; its commit is in the next columns); pickup + image + disk = `Scheduled` → `DiskReady` (the scheduler's commit, the assignment stream, the agent's work queue and first look at libvirt, then the image in the host's cache by digest and the qcow2 overlay made); pickup + network = `Scheduled` → `NetworkReady` (the same pickup, then bridge, tap, anti-spoofing rules), made at the same time as the disk; a create that ends within the agent's CREATING report delay (2 s) sends its `Creating` event with its RUNNING report, one commit, so `Creating` no longer marks the pickup; define + start = the later of `DiskReady` and `NetworkReady` → `Started` (DHCP/DNS/metadata told, domain defined and started; libvirt returns once QEMU runs the guest); status → watch = the agent's RUNNING report through the API and etcd until the client's `WatchVMs` delivers it. create → RUNNING is client send → RUNNING delivered. Every timestamp comes from the same host clock. p50 and max are per column, so a row's columns need not add up to its total.\n\n")
-	fmt.Fprintf(&sb, "The raw baseline, in the same run: `virsh dumpxml --inactive` of the first VM's domain, given its own name, UUID (SMBIOS too), MAC, console file, a qcow2 overlay over the same cached image and a tap made like the agent's (so `managed='no'` still holds), then one `createXML` call each (what `virsh create` does) for 1 and for %d at once, on a libvirt connection opened before the clock starts, as the agent's is; disks and taps are made before the clock starts too, so it is libvirt and QEMU alone (until 2026-12-03 the harness timed `virsh create` itself, whose process start and connection, 20–30 ms here, counted against raw libvirt and flattered the control plane). Each minicloud batch is deleted before its raw batch runs, so neither competes with the other's booting guests. The agent reconciles up to 16 VMs at once (its default; with the earlier 4, the 5th to 10th of ten creates waited in the pickup for a worker while four sat in define + start). The first row is the first VM of the run, whose image the agent still has to download from the image service and verify. Rounds disturbed by the shared machine (a minicloud VM whose event log lacks a step because the agent's retry finished it, or a failed raw batch — e.g. libvirtd restarted by another test) were repeated: %d this run.\n\n", b.opts.concurrency, b.repeated)
-	fmt.Fprintf(&sb, "Disks: all %d VM disks were checked with `qemu-img info` while running: each is a qcow2 overlay whose backing file is the agent's cached image (`%s`), at most %s allocated against the image's %s — an overlay, never a copy. Clean-up: every VM was deleted through the API and waited for; libvirt (`virsh list --all`), the kernel's links (`ip link`) and the agent's directory show no domain, tap or VM directory left, the network's bridge went with the last VM, and the raw domains (transient) were destroyed and their taps removed.\n",
+	fmt.Fprintf(&sb, "The raw baseline, in the same run: `virsh dumpxml --inactive` of the first VM's domain, given its own name, UUID (SMBIOS too), MAC, console file, a qcow2 overlay over the same cached image and a tap made like the agent's (so `managed='no'` still holds), then one `createXML` call each (what `virsh create` does) for 1 and for %d at once, on a libvirt connection opened before the clock starts, as the agent's is; disks and taps are made before the clock starts too, so it is libvirt and QEMU alone (until 2026-12-03 the harness timed `virsh create` itself, whose process start and connection, 20–30 ms here, counted against raw libvirt and flattered the control plane). Each minicloud batch is deleted before its raw batch runs, so neither competes with the other's booting guests. The agent reconciles up to 16 VMs at once (its default; with the earlier 4, the 5th to 10th of ten creates waited in the pickup for a worker while four sat in define + start). The first row is the first VM of the run, whose image the agent still has to download from the image service and verify. Each round of the row *1 (N rounds)* deletes its VM, the network's last on the host, and the agent removes the bridge with it, so every one of those creates is a network's first VM on the host and makes its bridge; in the row *1, network already on the host* one other VM (`%s`) stays RUNNING on the network through all its rounds, raw ones included, so each create finds the bridge there (checked before each round), the usual case in a cloud; the kept VM is deleted afterwards and the bridge must go with it. Rounds disturbed by the shared machine (a minicloud VM whose event log lacks a step because the agent's retry finished it, or a failed raw batch — e.g. libvirtd restarted by another test) were repeated: %d this run.\n\n", b.opts.concurrency, keptVM, b.repeated)
+	fmt.Fprintf(&sb, "Disks: all %d VM disks were checked with `qemu-img info` while running: each is a qcow2 overlay whose backing file is the agent's cached image (`%s`), at most %s allocated against the image's %s — an overlay, never a copy. Clean-up: every VM, the kept one included, was deleted through the API and waited for; libvirt (`virsh list --all`), the kernel's links (`ip link`) and the agent's directory show no domain, tap or VM directory left, the network's bridge went with the last VM, and the raw domains (transient) were destroyed and their taps removed.\n",
 		b.overlays, strings.TrimPrefix(b.backing, b.cloud.dataDir+"/"), kib(b.overlayMax), kib(b.imageSize))
 	return sb.String()
+}
+
+// merge is the samples and raw latencies of rounds as one.
+func merge(rounds []round) round {
+	var m round
+	for _, r := range rounds {
+		m.samples = append(m.samples, r.samples...)
+		m.raw = append(m.raw, r.raw...)
+	}
+	return m
 }
 
 // largestStep is the control-plane column with the largest p50.
