@@ -292,6 +292,11 @@ func percentiles(sorted []time.Duration) (p50, p99 time.Duration) {
 	return sorted[len(sorted)/2], sorted[len(sorted)*99/100]
 }
 
+func p50(sorted []time.Duration) time.Duration {
+	p, _ := percentiles(sorted)
+	return p
+}
+
 func p99(sorted []time.Duration) time.Duration {
 	_, p := percentiles(sorted)
 	return p
@@ -335,7 +340,7 @@ func load(name, base string, pid, clients int, warmup, duration time.Duration, r
 				start := time.Now()
 				var lateBy time.Duration
 				if rate > 0 {
-					time.Sleep(time.Until(next))
+					sleepUntil(next)
 					start = next
 					lateBy = time.Since(next)
 					next = next.Add(interval)
@@ -766,12 +771,12 @@ func render(md, ng, mdOpen, ngOpen result, perRound []float64, st stormResult, c
 		}
 		return "NOT met"
 	}
-	fmt.Fprintf(&b, "\nmetadata/nginx throughput at saturation: %.2f (round by round: %s; target ≥ %.2f, issue 15: %s). Metadata p99 at %.0f req/s: %s (target < %s: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. Server CPU per request at saturation: metadata %s, nginx %s (%.2f× nginx's; user + system time of the server's processes, nginx's workers included, over the requests they answered: the server's own cost, which the machine's other load moves far less than requests/s). The load generator's CPU per request at saturation: %s in metadata's turns, %s in nginx's (the same client code; the difference is what reading each server's answers costs it). At %.0f req/s the generator itself sent late by %s at p99 in metadata's turns and %s in nginx's (its own stalls, counted in both p99s). The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
+	fmt.Fprintf(&b, "\nmetadata/nginx throughput at saturation: %.2f (round by round: %s; target ≥ %.2f, issue 15: %s). Metadata p99 at %.0f req/s: %s (target < %s: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. Server CPU per request at saturation: metadata %s, nginx %s (%.2f× nginx's; user + system time of the server's processes, nginx's workers included, over the requests they answered: the server's own cost, which the machine's other load moves far less than requests/s). The load generator's CPU per request at saturation: %s in metadata's turns, %s in nginx's (the same client code; the difference is what reading each server's answers costs it). At %.0f req/s the generator itself sent late by %s at p50 and %s at p99 in metadata's turns, %s and %s in nginx's (its own stalls, counted in both servers' latency; it paces its sends with a nanosleep for the last 2 ms of each wait, as the runtime's timers wake an idle process up to 1 ms late). The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
 		ratio, strings.Join(rounds, ", "), targetRatio, verdict(ratio >= targetRatio), openRate, ms(mdOpen.p99), ms(targetP99), verdict(mdOpen.p99 < targetP99),
 		clients, clients, md.rps(), ms(time.Duration(float64(clients)/md.rps()*float64(time.Second))),
 		us(md.cpuPerRequest()), us(ng.cpuPerRequest()), float64(md.cpuPerRequest())/float64(ng.cpuPerRequest()),
 		us(md.genCPUPerRequest()), us(ng.genCPUPerRequest()),
-		openRate, ms(p99(mdOpen.late)), ms(p99(ngOpen.late)))
+		openRate, ms(p50(mdOpen.late)), ms(p99(mdOpen.late)), ms(p50(ngOpen.late)), ms(p99(ngOpen.late)))
 	fmt.Fprintf(&b, "Boot storm with the default per-VM limit (50 req/s, burst 200): %d guests crawl at once like cloud-init 22.4 (IMDSv2 token, version probe, recursive meta-data walk, user-data, identity document, OpenStack documents): %d requests in %s, crawl p50 %s, slowest %s, %d answered 429, %d failed. cloud-init waits up to 50 s per request.\n",
 		st.guests, st.requests, st.elapsed.Round(time.Millisecond), ms(st.p50Crawl), ms(st.maxCrawl), st.tooMany, st.failed)
 	return b.String()
