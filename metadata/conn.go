@@ -132,6 +132,47 @@ type peerConn struct {
 	macOnce sync.Once
 	mac     net.HardwareAddr
 	macErr  error
+
+	// rd and wd keep the read and write deadlines fasthttp asks for
+	// until a read or write needs them (lazyDeadline).
+	rd, wd lazyDeadline
+}
+
+func (c *peerConn) Read(b []byte) (int, error) {
+	if err := c.rd.begin(c.Conn.SetReadDeadline); err != nil {
+		return 0, err
+	}
+	defer c.rd.end()
+	return c.Conn.Read(b)
+}
+
+func (c *peerConn) Write(b []byte) (int, error) {
+	if err := c.wd.begin(c.Conn.SetWriteDeadline); err != nil {
+		return 0, err
+	}
+	defer c.wd.end()
+	return c.Conn.Write(b)
+}
+
+// SetReadDeadline asks for a read deadline, armed when a read needs it
+// (lazyDeadline: it acts at most deadlineSlack later than t).
+func (c *peerConn) SetReadDeadline(t time.Time) error {
+	return c.rd.set(t, c.Conn.SetReadDeadline)
+}
+
+// SetWriteDeadline asks for a write deadline, as SetReadDeadline.
+func (c *peerConn) SetWriteDeadline(t time.Time) error {
+	return c.wd.set(t, c.Conn.SetWriteDeadline)
+}
+
+func (c *peerConn) SetDeadline(t time.Time) error {
+	return errors.Join(c.SetReadDeadline(t), c.SetWriteDeadline(t))
+}
+
+// setReadDeadlineNow arms exactly t on the socket at once, for a reader
+// that reads the socket itself rather than through Read (watchHangup).
+func (c *peerConn) setReadDeadlineNow(t time.Time) error {
+	return c.rd.setNow(t, c.Conn.SetReadDeadline)
 }
 
 // Close closes the connection and gives its place back (once).

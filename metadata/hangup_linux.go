@@ -2,7 +2,6 @@ package metadata
 
 import (
 	"errors"
-	"net"
 	"syscall"
 	"time"
 
@@ -15,7 +14,7 @@ import (
 // only while it waits (the common request pays nothing).
 type hangup struct {
 	c    chan struct{} // closed when the client closed or reset the connection
-	conn net.Conn
+	conn *peerConn
 	done chan struct{} // closed when the watch has ended
 }
 
@@ -37,7 +36,7 @@ func watchHangup(pc *peerConn) *hangup {
 	// The request's read deadline would end the watch early: a long-poll
 	// outlives it. fasthttp sets a new one before it reads the next
 	// request.
-	if err := pc.SetReadDeadline(time.Time{}); err != nil {
+	if err := pc.setReadDeadlineNow(time.Time{}); err != nil {
 		return h
 	}
 	h.conn, h.done = pc, make(chan struct{})
@@ -71,6 +70,6 @@ func (h *hangup) stop() {
 	if h.done == nil {
 		return
 	}
-	_ = h.conn.SetReadDeadline(time.Now())
+	_ = h.conn.setReadDeadlineNow(time.Now())
 	<-h.done
 }
