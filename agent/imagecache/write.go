@@ -64,6 +64,12 @@ type sink struct {
 	f      *os.File
 	direct bool // written with O_DIRECT; cleared for the unaligned tail
 
+	// Used by the writer goroutine only: direct writes go through async
+	// (nil where AIO is unavailable or refused), at offset off; the file
+	// is preallocated up to alloc, and trimmed to off at the end.
+	async      *asyncWriter
+	off, alloc int64
+
 	bufs []slot
 	cur  int // the slot being filled
 	n    int64
@@ -98,6 +104,10 @@ func newSink(f *os.File, direct bool) *sink {
 	}
 	for i := range s.bufs {
 		s.bufs[i].buf = alignedBuffer(sinkBufferSize)
+	}
+	if direct {
+		// Without AIO the writes are synchronous, as they always were.
+		s.async, _ = newAsyncWriter()
 	}
 	go s.hash(sha256.New())
 	go s.write()
@@ -172,25 +182,40 @@ func (s *sink) write() {
 	for sl := range s.writes {
 		if s.failed() == nil {
 			if err := s.writeOut(sl.buf[:sl.n]); err != nil {
-				s.mu.Lock()
-				s.err = fmt.Errorf("write %s: %w", s.f.Name(), err)
-				s.mu.Unlock()
+				s.fail(fmt.Errorf("write %s: %w", s.f.Name(), err))
 			}
 		}
 		sl.busy.Done()
 	}
+	if s.async != nil {
+		_ = s.async.Close()
+	}
+	if s.alloc > s.off && s.failed() == nil {
+		// Cut what preallocate reserved past the data.
+		if err := s.f.Truncate(s.off); err != nil {
+			s.fail(fmt.Errorf("trim %s: %w", s.f.Name(), err))
+		}
+	}
 }
 
-// writeOut writes b at the end of the file. Only the last buffer can be
-// shorter than sinkBufferSize: its unaligned tail is written through the
-// page cache.
+func (s *sink) fail(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err == nil {
+		s.err = err
+	}
+}
+
+// writeOut writes b after what was written before. Only the last buffer
+// can be shorter than sinkBufferSize: its unaligned tail is written through
+// the page cache.
 func (s *sink) writeOut(b []byte) error {
 	if s.direct {
 		head := len(b) &^ (directAlign - 1)
 		var n int
 		if head > 0 {
 			var err error
-			if n, err = s.f.Write(b[:head]); err != nil && !errors.Is(err, unix.EINVAL) {
+			if n, err = s.writeDirect(b[:head]); err != nil && !errors.Is(err, unix.EINVAL) {
 				return err
 			}
 		}
@@ -204,8 +229,64 @@ func (s *sink) writeOut(b []byte) error {
 			return err
 		}
 	}
-	_, err := s.f.Write(b)
+	n, err := s.f.WriteAt(b, s.off)
+	s.off += int64(n)
 	return err
+}
+
+// preallocStep is how far ahead of the direct writes the file is
+// allocated (see preallocate).
+const preallocStep = 64 << 20
+
+// writeDirect writes b, aligned, at off: through AIO if the sink has it,
+// else with pwrite(2).
+func (s *sink) writeDirect(b []byte) (int, error) {
+	if s.async == nil {
+		n, err := s.f.WriteAt(b, s.off)
+		s.off += int64(n)
+		return n, err
+	}
+	s.preallocate(s.off + int64(len(b)))
+	n, err := s.async.WriteAt(s.f, b, s.off)
+	s.off += int64(n)
+	if err == nil && n < len(b) {
+		err = fmt.Errorf("short direct write: %d of %d bytes at %d", n, len(b), s.off-int64(n))
+	}
+	if err != nil && n == 0 && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSPC) && !errors.Is(err, unix.EIO) {
+		// AIO itself refused (io_submit on a file system or kernel that
+		// does not take it): this and later writes go synchronously.
+		_ = s.async.Close()
+		s.async = nil
+		return s.writeDirect(b)
+	}
+	return n, err
+}
+
+// preallocate makes the file at least end bytes long, in preallocStep
+// steps, as unwritten extents: ext4 completes a direct write that extends
+// the file inside io_submit, synchronously (the time the asyncWriter is
+// there to take off the scheduler), and one within the file's size
+// asynchronously. The writer trims the file to its data at the end. A
+// file system without fallocate leaves the writes extending: still
+// correct, only synchronous.
+func (s *sink) preallocate(end int64) {
+	if end <= s.alloc {
+		return
+	}
+	next := s.alloc + preallocStep
+	for next < end {
+		next += preallocStep
+	}
+	rc, err := s.f.SyscallConn()
+	if err == nil {
+		cerr := rc.Control(func(fd uintptr) { err = unix.Fallocate(int(fd), 0, s.alloc, next-s.alloc) })
+		err = errors.Join(err, cerr)
+	}
+	if err != nil {
+		s.alloc = 1<<63 - 1 // do not try again
+		return
+	}
+	s.alloc = next
 }
 
 func (s *sink) setDirect(on bool) error {

@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestSinkWritesEveryByteOnce writes through the sink with and without
@@ -47,6 +50,9 @@ func TestSinkWritesEveryByteOnce(t *testing.T) {
 				sum, n, err := s.Close()
 				if err != nil {
 					t.Fatal(err)
+				}
+				if wantDirect && s.async == nil && aioAvailable(t) {
+					t.Error("the direct writes fell back from AIO to pwrite")
 				}
 				want := sha256.Sum256(data[:size])
 				if n != int64(size) || !bytes.Equal(sum, want[:]) {
@@ -90,5 +96,72 @@ func TestSinkReportsWriteErrors(t *testing.T) {
 	}
 	if werr == nil {
 		t.Error("Write kept accepting data after the writer failed")
+	}
+}
+
+func aioAvailable(t *testing.T) bool {
+	a, err := newAsyncWriter()
+	if err != nil {
+		t.Logf("no AIO here: %v", err)
+		return false
+	}
+	a.Close()
+	return true
+}
+
+// TestAsyncWriterWritesAtOffsets: a direct write through AIO lands at its
+// offset and is complete when WriteAt returns, in any order, and what the
+// kernel refuses (an unaligned buffer with O_DIRECT, a file not open for
+// writing) comes back as the error.
+func TestAsyncWriterWritesAtOffsets(t *testing.T) {
+	f, direct, err := createTemp(t.TempDir(), "aio-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if !direct {
+		t.Skip("this file system refuses O_DIRECT")
+	}
+	if !aioAvailable(t) {
+		t.Skip("no AIO")
+	}
+	a, err := newAsyncWriter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	first, second := alignedBuffer(2*directAlign), alignedBuffer(directAlign)
+	for i := range first {
+		first[i] = 'a'
+	}
+	for i := range second {
+		second[i] = 'b'
+	}
+	// The second block first: the file grows past a hole, then the hole
+	// is filled.
+	if n, err := a.WriteAt(f, second, 2*directAlign); err != nil || n != len(second) {
+		t.Fatalf("write at %d: %d, %v", 2*directAlign, n, err)
+	}
+	if n, err := a.WriteAt(f, first, 0); err != nil || n != len(first) {
+		t.Fatalf("write at 0: %d, %v", n, err)
+	}
+	got, err := os.ReadFile(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := append(append([]byte{}, first...), second...); !bytes.Equal(got, want) {
+		t.Errorf("file holds %d bytes, not the %d written in place", len(got), len(want))
+	}
+
+	if _, err := a.WriteAt(f, first[1:directAlign+1], 0); !errors.Is(err, unix.EINVAL) {
+		t.Errorf("unaligned direct write: %v, want EINVAL", err)
+	}
+	ro, err := os.Open(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if _, err := a.WriteAt(ro, second, 0); !errors.Is(err, unix.EBADF) {
+		t.Errorf("write to a file open for reading: %v, want EBADF", err)
 	}
 }
