@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/minicloud/minicloud/agent/hypervisor"
 	"github.com/minicloud/minicloud/agent/hypervisor/hypervisortest"
+	"github.com/minicloud/minicloud/agent/network"
 	"github.com/minicloud/minicloud/agent/network/networktest"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
@@ -988,6 +990,86 @@ func TestCreateBuildsDiskAndNetworkAtOnce(t *testing.T) {
 			t.Errorf("events of the RUNNING report %v lack %s", reasons, want)
 		}
 	}
+}
+
+// defineGate makes the disk step wait until the VM's domain is defined:
+// the define must not wait for the overlay.
+func (h *harness) defineGate(id string) {
+	h.disks.gate = func() error {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if h.domain(id).Exists {
+				return nil
+			}
+		}
+		return errors.New("the domain was not defined while the disk was being made")
+	}
+}
+
+// TestCreateDefinesTheDomainBesideTheDisk: the domain is defined once the
+// boot media are known, while the overlay is still being made, and starts
+// once disk and network are there.
+func TestCreateDefinesTheDomainBesideTheDisk(t *testing.T) {
+	h := newHarness(t)
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	h.defineGate(id)
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
+	if ops := h.ops(id); slices.Index(ops, "Define") < 0 || slices.Index(ops, "Define") > slices.Index(ops, "Start") {
+		t.Fatalf("hypervisor calls %v, want Define before Start", ops)
+	}
+	// A later pass defines nothing again.
+	defines := func() int {
+		n := 0
+		for _, op := range h.ops(id) {
+			if op == "Define" {
+				n++
+			}
+		}
+		return n
+	}
+	h.disks.gate = nil
+	h.mustPass(id)
+	if n := defines(); n != 1 {
+		t.Fatalf("%d defines after two passes, want 1", n)
+	}
+}
+
+// TestAFailedCreateUndoesItsDefine: a create whose network is refused or
+// whose disk fails after the domain was defined beside them leaves no
+// domain behind, as when the define came last; the next pass defines it
+// again.
+func TestAFailedCreateUndoesItsDefine(t *testing.T) {
+	h := newHarness(t)
+	h.net.SetRoutes(map[netip.Prefix]string{netip.MustParsePrefix("10.88.0.0/16"): "eth1"})
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	h.defineGate(id)
+	var hc *network.HostConflictError
+	if _, err := h.pass(id); !errors.As(err, &hc) {
+		t.Fatalf("reconcile: %v, want the host-route conflict", err)
+	}
+	if ops := h.ops(id); !slices.Contains(ops, "Define") || h.domain(id).Exists {
+		t.Fatalf("after a refused network: calls %v, domain %+v; want it defined, then undefined", ops, h.domain(id))
+	}
+
+	h2 := newHarness(t)
+	id2 := h2.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	h2.defineGate(id2)
+	defined := h2.disks.gate
+	h2.disks.gate = func() error {
+		if err := defined(); err != nil {
+			return err
+		}
+		return errors.New("disk full")
+	}
+	if _, err := h2.pass(id2); err == nil || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("reconcile: %v, want the disk's failure", err)
+	}
+	if h2.domain(id2).Exists {
+		t.Fatalf("after a failed disk: domain %+v, want none", h2.domain(id2))
+	}
+	h2.disks.gate = nil
+	h2.mustPass(id2)
+	h2.wantStatus(id2, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
 }
 
 // reasons are the reasons of events, in order.
