@@ -331,8 +331,15 @@ func load(name, base string, pid, clients int, warmup, duration time.Duration, r
 			c := clientFor(i)
 			buf := make([]byte, 16<<10)
 			var interval time.Duration
+			var pace *pacer
 			next := time.Now()
 			if rate > 0 {
+				p, err := newPacer()
+				if err != nil {
+					log.Fatal(err)
+				}
+				defer p.Close()
+				pace = p
 				interval = time.Duration(float64(clients) / rate * float64(time.Second))
 				next = next.Add(time.Duration(i) * interval / time.Duration(clients))
 			}
@@ -340,7 +347,9 @@ func load(name, base string, pid, clients int, warmup, duration time.Duration, r
 				start := time.Now()
 				var lateBy time.Duration
 				if rate > 0 {
-					sleepUntil(next)
+					if err := pace.sleepUntil(next); err != nil {
+						log.Fatal(err)
+					}
 					start = next
 					lateBy = time.Since(next)
 					next = next.Add(interval)
@@ -771,7 +780,7 @@ func render(md, ng, mdOpen, ngOpen result, perRound []float64, st stormResult, c
 		}
 		return "NOT met"
 	}
-	fmt.Fprintf(&b, "\nmetadata/nginx throughput at saturation: %.2f (round by round: %s; target ≥ %.2f, issue 15: %s). Metadata p99 at %.0f req/s: %s (target < %s: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. Server CPU per request at saturation: metadata %s, nginx %s (%.2f× nginx's; user + system time of the server's processes, nginx's workers included, over the requests they answered: the server's own cost, which the machine's other load moves far less than requests/s). The load generator's CPU per request at saturation: %s in metadata's turns, %s in nginx's (the same client code; the difference is what reading each server's answers costs it). At %.0f req/s the generator itself sent late by %s at p50 and %s at p99 in metadata's turns, %s and %s in nginx's (its own stalls, counted in both servers' latency; it paces its sends with a nanosleep for the last 2 ms of each wait, as the runtime's timers wake an idle process up to 1 ms late). The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
+	fmt.Fprintf(&b, "\nmetadata/nginx throughput at saturation: %.2f (round by round: %s; target ≥ %.2f, issue 15: %s). Metadata p99 at %.0f req/s: %s (target < %s: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. Server CPU per request at saturation: metadata %s, nginx %s (%.2f× nginx's; user + system time of the server's processes, nginx's workers included, over the requests they answered: the server's own cost, which the machine's other load moves far less than requests/s). The load generator's CPU per request at saturation: %s in metadata's turns, %s in nginx's (the same client code; the difference is what reading each server's answers costs it). At %.0f req/s the generator itself sent late by %s at p50 and %s at p99 in metadata's turns, %s and %s in nginx's (its own stalls, counted in both servers' latency; it paces its sends on a timerfd, as the runtime's timers wake an idle process up to 1 ms late). The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
 		ratio, strings.Join(rounds, ", "), targetRatio, verdict(ratio >= targetRatio), openRate, ms(mdOpen.p99), ms(targetP99), verdict(mdOpen.p99 < targetP99),
 		clients, clients, md.rps(), ms(time.Duration(float64(clients)/md.rps()*float64(time.Second))),
 		us(md.cpuPerRequest()), us(ng.cpuPerRequest()), float64(md.cpuPerRequest())/float64(ng.cpuPerRequest()),
