@@ -53,7 +53,11 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 		return &minicloudv1.ReportVMStatusResponse{}, nil
 	}
 	for range maxTxnAttempts {
-		vm, err := store.GetVM(ctx, h.s.etcd, req.GetVmId())
+		// The VM and its event log's counter in one read: the report
+		// appends events, and Commit would read the counter on its own,
+		// a second round trip before every report's write (most of them
+		// a create's RUNNING, hack/agentbench's "status → watch").
+		vm, log, err := store.GetVMAndEventLog(ctx, h.s.etcd, req.GetVmId())
 		if errdefs.IsNotFound(err) {
 			return nil, errdefs.NotFound("vm %s does not exist (any more): the host should remove what it holds for it", req.GetVmId())
 		}
@@ -78,6 +82,7 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 		if txn == nil {
 			return &minicloudv1.ReportVMStatusResponse{}, nil
 		}
+		txn.KnownEventLog(vm.GetMeta().GetId(), log)
 		_, ok, err := txn.Commit(ctx, h.s.etcd)
 		if err != nil {
 			return nil, err

@@ -37,6 +37,20 @@ type EventAppend struct {
 	// New says the VM is created in this transaction: its log is known
 	// empty (its counter must be absent), so nothing is read.
 	New bool
+	// Log, if set, is the log's state as the writer read it together with
+	// the VM (GetVMAndEventLog): Commit does not read it again. A stale
+	// one fails the compare on the counter, as any stale read does.
+	Log *EventLog
+}
+
+// KnownEventLog records that log is the state of vmID's event log as read
+// with what t compares (see EventAppend.Log).
+func (t *Txn) KnownEventLog(vmID string, log EventLog) {
+	for i := range t.Events {
+		if t.Events[i].VMID == vmID && !t.Events[i].New {
+			t.Events[i].Log = &log
+		}
+	}
 }
 
 // AppendEvents adds events to vmID's log when t commits, all stamped now.
@@ -110,6 +124,7 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 		isNew bool
 		evs   []*minicloudv1.Event
 		read  Read
+		known *EventLog // the state the writer read (EventAppend.Log)
 	}
 	appends := 0
 	for _, t := range txns {
@@ -132,11 +147,11 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 		for _, a := range t.Events {
 			p := logs[a.VMID]
 			if p == nil {
-				pendings = append(pendings, pending{txn: i, isNew: a.New})
+				pendings = append(pendings, pending{txn: i, isNew: a.New, known: a.Log})
 				p = &pendings[len(pendings)-1]
 				logs[a.VMID] = p
 				order = append(order, a.VMID)
-				if !a.New {
+				if !a.New && a.Log == nil {
 					p.read = reads.Get(VMEventSeqKey(a.VMID))
 				}
 				grow[i].cmps++
@@ -178,7 +193,11 @@ func resolveEvents(ctx context.Context, kv clientv3.KV, txns []Txn) ([]Txn, erro
 	for _, id := range order {
 		p := logs[id]
 		var log EventLog
-		if !p.isNew {
+		switch {
+		case p.isNew:
+		case p.known != nil:
+			log = *p.known
+		default:
 			var err error
 			if kv := p.read.First(); kv != nil {
 				log, err = ParseEventLog(kv.Value, kv.ModRevision)

@@ -241,3 +241,55 @@ func TestEventLogCappedUnderConcurrentWriters(t *testing.T) {
 		seen[ev.Message] = true
 	}
 }
+
+// countingKV counts the transactions (reads included) sent through it.
+type countingKV struct {
+	clientv3.KV
+	mu  sync.Mutex
+	txn int
+}
+
+func (c *countingKV) Txn(ctx context.Context) clientv3.Txn {
+	c.mu.Lock()
+	c.txn++
+	c.mu.Unlock()
+	return c.KV.Txn(ctx)
+}
+
+// TestAKnownEventLogIsNotReadAgain: an append whose writer read the log
+// with the VM (GetVMAndEventLog, KnownEventLog) commits in one round trip;
+// a stale one fails its compare and writes nothing.
+func TestAKnownEventLogIsNotReadAgain(t *testing.T) {
+	_, cli := etcdtest.Start(t)
+	ctx := context.Background()
+	vm := &minicloudv1.VM{Meta: &minicloudv1.ObjectMeta{Id: "vm", Name: "web1", Project: "default"}, Spec: &minicloudv1.VMSpec{Image: "debian"}}
+	specOp, err := store.VMSpecOp(vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := store.Commit(ctx, cli, nil, []clientv3.Op{specOp}); err != nil || !ok {
+		t.Fatal(ok, err)
+	}
+	appendEvents(t, cli, "vm", 0, 2)
+	got, log, err := store.GetVMAndEventLog(ctx, cli, "vm")
+	if err != nil || got.GetSpec().GetImage() != "debian" || log.Appended != 2 || log.ModRevision == 0 {
+		t.Fatalf("GetVMAndEventLog: %v, %+v, %v; want the VM and 2 appended", got, log, err)
+	}
+	kv := &countingKV{KV: cli}
+	var txn store.Txn
+	txn.AppendEvents("vm", time.Now(), &minicloudv1.Event{Message: "2"})
+	txn.KnownEventLog("vm", log)
+	if _, ok, err := txn.Commit(ctx, kv); err != nil || !ok || kv.txn != 1 {
+		t.Fatalf("commit with the log known: ok %v, err %v, %d round trips; want ok in 1", ok, err, kv.txn)
+	}
+	var stale store.Txn
+	stale.AppendEvents("vm", time.Now(), &minicloudv1.Event{Message: "again"})
+	stale.KnownEventLog("vm", log)
+	if _, ok, err := stale.Commit(ctx, cli); err != nil || ok {
+		t.Fatalf("commit with a stale log: ok %v, err %v; want the compare to fail", ok, err)
+	}
+	evs, now, err := store.ReadEventLog(ctx, cli, "vm")
+	if err != nil || len(evs) != 3 || evs[2].Message != "2" || now.Appended != 3 {
+		t.Fatalf("events %v, log %+v, %v; want 0, 1, 2", evs, now, err)
+	}
+}
