@@ -16,8 +16,8 @@ const deadlineSlack = 500 * time.Millisecond
 // fasthttp asks for three deadlines per request: the idle wait's before it
 // reads, the read timeout's once the first byte is there, the write
 // timeout's before it writes. Each is a runtime timer change under the
-// socket's poll-descriptor lock, about 3 % of the service's CPU at
-// saturation (docs/benchmarks.md). A deadline acts only on a read or write,
+// socket's poll-descriptor lock, 2–3 % of the service's CPU at saturation
+// (docs/benchmarks.md). A deadline acts only on a read or write,
 // so it is kept here and armed when the next one starts, and only if the
 // one armed does not already fall within deadlineSlack after it; when armed,
 // it is armed deadlineSlack late. So a deadline never acts earlier than
@@ -59,12 +59,17 @@ func (d *lazyDeadline) setNow(t time.Time, arm func(time.Time) error) error {
 }
 
 // begin arms what was asked for, if the armed deadline does not cover it,
-// before an I/O call; end must follow.
+// before an I/O call; end must follow unless it fails (then the call must
+// not be made).
 func (d *lazyDeadline) begin(arm func(time.Time) error) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.active.Add(1)
-	return d.armLocked(arm, deadlineSlack)
+	if err := d.armLocked(arm, deadlineSlack); err != nil {
+		d.active.Add(-1)
+		return err
+	}
+	return nil
 }
 
 func (d *lazyDeadline) end() { d.active.Add(-1) }

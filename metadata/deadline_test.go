@@ -113,3 +113,20 @@ func TestDeadlineReachesReadInFlight(t *testing.T) {
 		t.Fatalf("read in flight: %v, want deadline exceeded", err)
 	}
 }
+
+// TestDeadlineArmFailureLeavesNoCallInFlight: a read refused because its
+// deadline could not be armed (a closed socket) is not counted as in
+// flight, so later deadlines wait for the next read again.
+func TestDeadlineArmFailureLeavesNoCallInFlight(t *testing.T) {
+	pc, _, _ := pipePeer(t)
+	if err := pc.SetReadDeadline(time.Now().Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	pc.Conn.Close()
+	if _, err := pc.Read(make([]byte, 1)); err == nil {
+		t.Fatal("read on a closed connection succeeded")
+	}
+	if n := pc.rd.active.Load(); n != 0 {
+		t.Errorf("%d reads in flight after a refused one, want 0", n)
+	}
+}
