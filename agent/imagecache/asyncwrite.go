@@ -1,7 +1,6 @@
 package imagecache
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"unsafe"
@@ -30,7 +29,8 @@ type asyncWriter struct {
 	done *os.File // eventfd the kernel signals on each completion
 	// efd is done's descriptor, kept here: done.Fd() would switch the
 	// eventfd to blocking mode and take it out of the netpoller.
-	efd int
+	efd   int
+	depth int
 }
 
 // iocb and ioEvent are the kernel's struct iocb and struct io_event
@@ -60,12 +60,12 @@ const (
 	iocbFlagResfd = 1 << 0
 )
 
-// newAsyncWriter sets up an AIO context for one write in flight. It fails
-// where AIO is not available (a kernel without it, fs.aio-max-nr used up);
-// the caller then writes synchronously.
-func newAsyncWriter() (*asyncWriter, error) {
+// newAsyncWriter sets up an AIO context for up to depth writes in flight.
+// It fails where AIO is not available (a kernel without it, fs.aio-max-nr
+// used up); the caller then writes synchronously.
+func newAsyncWriter(depth int) (*asyncWriter, error) {
 	var ctx uintptr
-	if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, 1, uintptr(unsafe.Pointer(&ctx)), 0); e != 0 {
+	if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, uintptr(depth), uintptr(unsafe.Pointer(&ctx)), 0); e != 0 {
 		return nil, fmt.Errorf("io_setup: %w", e)
 	}
 	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
@@ -74,24 +74,30 @@ func newAsyncWriter() (*asyncWriter, error) {
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
 	// Non-blocking, so os.NewFile registers it with the netpoller.
-	return &asyncWriter{ctx: ctx, done: os.NewFile(uintptr(efd), "aio-eventfd"), efd: efd}, nil
+	return &asyncWriter{ctx: ctx, done: os.NewFile(uintptr(efd), "aio-eventfd"), efd: efd, depth: depth}, nil
 }
 
-// WriteAt writes b to fd at off and returns when the write completed. b
-// must stay untouched until then (it does: WriteAt waits).
-func (a *asyncWriter) WriteAt(f *os.File, b []byte, off int64) (int, error) {
-	if len(b) == 0 {
-		return 0, nil
-	}
+// asyncDone is one completed write: the tag it was submitted with, and
+// the bytes written or the error.
+type asyncDone struct {
+	tag uint64
+	n   int
+	err error
+}
+
+// Submit queues a write of b to f at off and returns; Wait reports its
+// completion under tag. b must stay untouched until then. At most depth
+// writes may be in flight.
+func (a *asyncWriter) Submit(f *os.File, b []byte, off int64, tag uint64) error {
 	rc, err := f.SyscallConn()
 	if err != nil {
-		return 0, err
+		return err
 	}
 	var serr error
 	if err := rc.Control(func(fd uintptr) {
 		cb := &iocb{
-			opcode: iocbCmdPwrite, fildes: uint32(fd),
-			buf: uint64(uintptr(unsafe.Pointer(&b[0]))), nbytes: uint64(len(b)), offset: off,
+			data: tag, opcode: iocbCmdPwrite, fildes: uint32(fd),
+			buf: uint64(uintptr(unsafe.Pointer(unsafe.SliceData(b)))), nbytes: uint64(len(b)), offset: off,
 			flags: iocbFlagResfd, resfd: uint32(a.efd),
 		}
 		cbs := [1]*iocb{cb}
@@ -106,54 +112,72 @@ func (a *asyncWriter) WriteAt(f *os.File, b []byte, off int64) (int, error) {
 			break
 		}
 	}); err != nil {
-		return 0, err
+		return err
 	}
 	if serr != nil {
-		return 0, fmt.Errorf("io_submit: %w", serr)
+		return fmt.Errorf("io_submit: %w", serr)
 	}
-	// The write is in flight and b is the kernel's until it completes:
-	// every return below waits for the completion first.
-	var count [8]byte
-	if _, err := a.done.Read(count[:]); err != nil {
-		// The eventfd cannot fail but for a closed writer; wait without
-		// the netpoller rather than return while the kernel writes b.
-		if _, werr := a.reap(nil); werr != nil {
-			return 0, errors.Join(err, werr)
-		}
-		return 0, err
-	}
-	zero := unix.Timespec{}
-	return a.reap(&zero)
+	return nil
 }
 
-// reap collects the one completion, waiting at most timeout (nil: until
-// it arrives).
-func (a *asyncWriter) reap(timeout *unix.Timespec) (int, error) {
-	var ev ioEvent
+// Wait returns at least one completed write, parked in the netpoller until
+// one completes. Call it only with a write in flight.
+func (a *asyncWriter) Wait() ([]asyncDone, error) {
+	events := make([]ioEvent, a.depth)
+	zero := unix.Timespec{}
 	for {
-		n, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, a.ctx, 1, 1, uintptr(unsafe.Pointer(&ev)), uintptr(unsafe.Pointer(timeout)), 0)
+		var count [8]byte
+		if _, err := a.done.Read(count[:]); err != nil {
+			return nil, fmt.Errorf("wait for a write: %w", err)
+		}
+		// The kernel adds an event to the ring before it signals the
+		// eventfd; an event collected by an earlier Wait leaves a count
+		// behind with no event, hence the zero timeout and the loop.
+		n, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, a.ctx, 0, uintptr(len(events)), uintptr(unsafe.Pointer(&events[0])), uintptr(unsafe.Pointer(&zero)), 0)
 		if e == unix.EINTR {
 			continue
 		}
 		if e != 0 {
-			return 0, fmt.Errorf("io_getevents: %w", e)
+			return nil, fmt.Errorf("io_getevents: %w", e)
 		}
-		if n != 1 {
-			timeout = nil // signalled but not yet visible: wait for it
+		if n == 0 {
 			continue
 		}
-		break
+		out := make([]asyncDone, n)
+		for i, ev := range events[:n] {
+			out[i] = asyncDone{tag: ev.data, n: max(int(ev.res), 0)}
+			if ev.res < 0 {
+				out[i].err = unix.Errno(-ev.res)
+			}
+		}
+		return out, nil
 	}
-	if ev.res < 0 {
-		return 0, unix.Errno(-ev.res)
-	}
-	return int(ev.res), nil
 }
 
-// Close releases the AIO context and the eventfd. No write is in flight
-// then: WriteAt waits for its own.
+// WriteAt writes b to f at off and returns when the write completed; no
+// other write may be in flight.
+func (a *asyncWriter) WriteAt(f *os.File, b []byte, off int64) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	if err := a.Submit(f, b, off, 0); err != nil {
+		return 0, err
+	}
+	done, err := a.Wait()
+	if err != nil {
+		return 0, err
+	}
+	return done[0].n, done[0].err
+}
+
+// Close releases the AIO context, waiting for any write still in flight
+// (io_destroy does), and the eventfd. Calls after the first do nothing.
 func (a *asyncWriter) Close() error {
+	if a.ctx == 0 {
+		return nil
+	}
 	_, _, e := unix.Syscall(unix.SYS_IO_DESTROY, a.ctx, 0, 0)
+	a.ctx = 0
 	cerr := a.done.Close()
 	if e != 0 {
 		return fmt.Errorf("io_destroy: %w", e)

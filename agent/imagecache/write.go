@@ -69,6 +69,8 @@ type sink struct {
 	// is preallocated up to alloc, and trimmed to off at the end.
 	async      *asyncWriter
 	off, alloc int64
+	// asyncWrites counts the buffers written through AIO.
+	asyncWrites int
 
 	bufs []slot
 	cur  int // the slot being filled
@@ -93,7 +95,11 @@ type slot struct {
 	busy sync.WaitGroup
 }
 
-func newSink(f *os.File, direct bool) *sink {
+func newSink(f *os.File, direct bool) *sink { return newSinkAIO(f, direct, true) }
+
+// newSinkAIO is newSink with AIO for the direct writes only if useAIO
+// (tests and benchmarks compare the two).
+func newSinkAIO(f *os.File, direct, useAIO bool) *sink {
 	s := &sink{
 		f: f, direct: direct,
 		bufs:    make([]slot, sinkBuffers),
@@ -105,9 +111,9 @@ func newSink(f *os.File, direct bool) *sink {
 	for i := range s.bufs {
 		s.bufs[i].buf = alignedBuffer(sinkBufferSize)
 	}
-	if direct {
+	if direct && useAIO {
 		// Without AIO the writes are synchronous, as they always were.
-		s.async, _ = newAsyncWriter()
+		s.async, _ = newAsyncWriter(sinkBuffers)
 	}
 	go s.hash(sha256.New())
 	go s.write()
@@ -179,22 +185,138 @@ func (s *sink) hash(h hash.Hash) {
 
 func (s *sink) write() {
 	defer close(s.written)
-	for sl := range s.writes {
-		if s.failed() == nil {
-			if err := s.writeOut(sl.buf[:sl.n]); err != nil {
-				s.fail(fmt.Errorf("write %s: %w", s.f.Name(), err))
-			}
-		}
-		sl.busy.Done()
-	}
 	if s.async != nil {
-		_ = s.async.Close()
+		s.writeAsync()
+	}
+	for sl := range s.writes {
+		s.writeSlot(sl)
 	}
 	if s.alloc > s.off && s.failed() == nil {
 		// Cut what preallocate reserved past the data.
 		if err := s.f.Truncate(s.off); err != nil {
 			s.fail(fmt.Errorf("trim %s: %w", s.f.Name(), err))
 		}
+	}
+}
+
+// writeSlot writes one buffer synchronously and frees it.
+func (s *sink) writeSlot(sl *slot) {
+	if s.failed() == nil {
+		if err := s.writeOut(sl.buf[:sl.n]); err != nil {
+			s.fail(fmt.Errorf("write %s: %w", s.f.Name(), err))
+		}
+	}
+	sl.busy.Done()
+}
+
+// writeAsync submits each full buffer through AIO as it arrives, with up
+// to len(s.bufs) in flight, and frees each buffer when its write is done:
+// with several queued the disk never waits for the writer to notice a
+// completion, which on a busy host (all Ps taken) may take a while. It
+// returns at the end of the download, with nothing in flight, or early,
+// for write to carry on synchronously: for the last, partial buffer
+// (unaligned: see writeOut), or once AIO failed for a reason of its own.
+func (s *sink) writeAsync() {
+	defer func() {
+		_ = s.async.Close()
+		s.async = nil
+	}()
+	type write struct {
+		sl  *slot
+		off int64
+	}
+	inflight := map[uint64]write{}
+	var next uint64
+	// collect waits for at least one write and frees its buffer; false:
+	// AIO failed, nothing is in flight any more, and writeAsync must stop.
+	collect := func() bool {
+		done, err := s.async.Wait()
+		if err != nil {
+			// Closing the context waits for the writes in flight
+			// (io_destroy), after which their buffers can be reused.
+			s.fail(fmt.Errorf("write %s: %w", s.f.Name(), err))
+			_ = s.async.Close()
+			for tag, w := range inflight {
+				delete(inflight, tag)
+				w.sl.busy.Done()
+			}
+			return false
+		}
+		for _, d := range done {
+			w := inflight[d.tag]
+			sl := w.sl
+			delete(inflight, d.tag)
+			switch {
+			case errors.Is(d.err, unix.EINVAL):
+				// The file system took the O_DIRECT open but refuses the
+				// write (see writeOut): this buffer and the rest go
+				// through the page cache.
+				err := s.setDirect(false)
+				if err == nil {
+					_, err = s.f.WriteAt(sl.buf[:sl.n], w.off)
+				}
+				if err != nil {
+					s.fail(fmt.Errorf("write %s: %w", s.f.Name(), err))
+				}
+			case d.err != nil:
+				s.fail(fmt.Errorf("write %s: %w", s.f.Name(), d.err))
+			case d.n < sl.n:
+				s.fail(fmt.Errorf("write %s: short direct write, %d of %d bytes", s.f.Name(), d.n, sl.n))
+			}
+			s.asyncWrites++
+			sl.busy.Done()
+		}
+		return true
+	}
+	drain := func() {
+		for len(inflight) > 0 && collect() {
+		}
+	}
+	defer drain()
+	for {
+		var sl *slot
+		var ok bool
+		switch {
+		case len(inflight) == 0:
+			sl, ok = <-s.writes
+		case len(inflight) < s.async.depth:
+			select {
+			case sl, ok = <-s.writes:
+			default:
+				if !collect() {
+					return
+				}
+				continue
+			}
+		default:
+			if !collect() {
+				return
+			}
+			continue
+		}
+		if !ok {
+			return
+		}
+		if s.failed() != nil {
+			sl.busy.Done()
+			continue
+		}
+		if !s.direct || sl.n != len(sl.buf) {
+			drain()
+			s.writeSlot(sl)
+			return
+		}
+		s.preallocate(s.off + int64(sl.n))
+		if err := s.async.Submit(s.f, sl.buf[:sl.n], s.off, next); err != nil {
+			// AIO itself refused (a file system or kernel without it):
+			// this and later buffers go through pwrite.
+			drain()
+			s.writeSlot(sl)
+			return
+		}
+		inflight[next] = write{sl, s.off}
+		next++
+		s.off += int64(sl.n)
 	}
 }
 
@@ -238,27 +360,11 @@ func (s *sink) writeOut(b []byte) error {
 // allocated (see preallocate).
 const preallocStep = 64 << 20
 
-// writeDirect writes b, aligned, at off: through AIO if the sink has it,
-// else with pwrite(2).
+// writeDirect writes b, aligned, at off with pwrite(2): the last, partial
+// buffer, and every buffer where AIO is not to be had.
 func (s *sink) writeDirect(b []byte) (int, error) {
-	if s.async == nil {
-		n, err := s.f.WriteAt(b, s.off)
-		s.off += int64(n)
-		return n, err
-	}
-	s.preallocate(s.off + int64(len(b)))
-	n, err := s.async.WriteAt(s.f, b, s.off)
+	n, err := s.f.WriteAt(b, s.off)
 	s.off += int64(n)
-	if err == nil && n < len(b) {
-		err = fmt.Errorf("short direct write: %d of %d bytes at %d", n, len(b), s.off-int64(n))
-	}
-	if err != nil && n == 0 && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSPC) && !errors.Is(err, unix.EIO) {
-		// AIO itself refused (io_submit on a file system or kernel that
-		// does not take it): this and later writes go synchronously.
-		_ = s.async.Close()
-		s.async = nil
-		return s.writeDirect(b)
-	}
 	return n, err
 }
 
