@@ -109,27 +109,33 @@ func aioAvailable(t testing.TB) bool {
 	return true
 }
 
+// directFileWithAIO is a new file open with O_DIRECT and an asyncWriter of
+// the given depth, both closed when the test ends; it skips the test where
+// either is not to be had.
+func directFileWithAIO(t *testing.T, depth int) (*os.File, *asyncWriter) {
+	t.Helper()
+	f, direct, err := createTemp(t.TempDir(), "aio-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if !direct {
+		t.Skip("this file system refuses O_DIRECT")
+	}
+	a, err := newAsyncWriter(depth)
+	if err != nil {
+		t.Skipf("no AIO here: %v", err)
+	}
+	t.Cleanup(func() { a.Close() })
+	return f, a
+}
+
 // TestAsyncWriterWritesAtOffsets: a direct write through AIO lands at its
 // offset and is complete when WriteAt returns, in any order, and what the
 // kernel refuses (an unaligned buffer with O_DIRECT, a file not open for
 // writing) comes back as the error.
 func TestAsyncWriterWritesAtOffsets(t *testing.T) {
-	f, direct, err := createTemp(t.TempDir(), "aio-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if !direct {
-		t.Skip("this file system refuses O_DIRECT")
-	}
-	if !aioAvailable(t) {
-		t.Skip("no AIO")
-	}
-	a, err := newAsyncWriter(1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	f, a := directFileWithAIO(t, 1)
 	first, second := alignedBuffer(2*directAlign), alignedBuffer(directAlign)
 	for i := range first {
 		first[i] = 'a'
@@ -213,23 +219,8 @@ func BenchmarkSinkDirect(b *testing.B) {
 // TestAsyncWriterWithWritesInFlight: several writes submitted at once each
 // complete once, under their own tag, and land at their own offsets.
 func TestAsyncWriterWithWritesInFlight(t *testing.T) {
-	f, direct, err := createTemp(t.TempDir(), "aio-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if !direct {
-		t.Skip("this file system refuses O_DIRECT")
-	}
-	if !aioAvailable(t) {
-		t.Skip("no AIO")
-	}
 	const depth = 4
-	a, err := newAsyncWriter(depth)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	f, a := directFileWithAIO(t, depth)
 	want := make([]byte, depth*sinkBufferSize)
 	if _, err := io.ReadFull(rand.Reader, want); err != nil {
 		t.Fatal(err)
