@@ -184,6 +184,12 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	st := a.observedStatus(vm)
 	var events []*minicloudv1.Event
 
+	// The image record is asked for while libvirt is asked about the
+	// domain: both are round trips, and the define (below) waits for the
+	// record. A pin (imagerecords.go) answers at once; a new VM's first
+	// pass asks the API.
+	image := a.lookupImage(ctx, vm)
+
 	dom, err := a.hv.Status(ctx, id)
 	if err != nil {
 		return result{}, fmt.Errorf("observe domain: %w", err)
@@ -279,7 +285,7 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	}
 	// 1. Disk: the image cached by digest, the VM's overlay over it.
 	wg.Go(func() {
-		measureCPU(ctx, func() { boot, diskErr = a.ensureDisk(ctx, vm, defineEarly) })
+		measureCPU(ctx, func() { boot, diskErr = a.ensureDisk(ctx, vm, image, defineEarly) })
 		diskAt = time.Now()
 	})
 	// 2. Network: bridges, taps with anti-spoofing. The guest services
@@ -448,12 +454,30 @@ type bootMedia struct {
 	kernel, initrd, cmdline string
 }
 
-// ensureDisk makes the VM's disk. It calls resolved with the boot media
-// once they are known, before the overlay is made (the domain can be
-// defined meanwhile).
-func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM, resolved func(bootMedia)) (bootMedia, error) {
+// lookupImage starts the lookup of vm's image record and returns its
+// answer's future.
+func (a *Agent) lookupImage(ctx context.Context, vm *minicloudv1.VM) func() (*minicloudv1.Image, error) {
+	type answer struct {
+		img *minicloudv1.Image
+		err error
+	}
+	ch := make(chan answer, 1) // the lookup ends on its own if nobody waits
+	go measureCPU(ctx, func() {
+		img, err := a.imageRecords.lookup(ctx, vm.GetMeta().GetId(), vm.GetSpec().GetImage())
+		ch <- answer{img, err}
+	})
+	return sync.OnceValues(func() (*minicloudv1.Image, error) {
+		r := <-ch
+		return r.img, r.err
+	})
+}
+
+// ensureDisk makes the VM's disk from the image record image answers. It
+// calls resolved with the boot media once they are known, before the
+// overlay is made (the domain can be defined meanwhile).
+func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM, image func() (*minicloudv1.Image, error), resolved func(bootMedia)) (bootMedia, error) {
 	id := vm.GetMeta().GetId()
-	img, err := a.imageRecords.lookup(ctx, id, vm.GetSpec().GetImage())
+	img, err := image()
 	if err != nil {
 		if errdefs.IsNotFound(errdefs.FromGRPC(err)) {
 			return bootMedia{}, Permanent(lifecycle.ReasonImageNotFound, fmt.Errorf("image %q no longer exists", vm.GetSpec().GetImage()))

@@ -1072,6 +1072,45 @@ func TestAFailedCreateUndoesItsDefine(t *testing.T) {
 	h2.wantStatus(id2, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
 }
 
+// gatedStatus is a hypervisor whose Status calls wait for gate.
+type gatedStatus struct {
+	hypervisor.Driver
+	gate func() error
+}
+
+func (g *gatedStatus) Status(ctx context.Context, id string) (hypervisor.DomainStatus, error) {
+	if g.gate != nil {
+		if err := g.gate(); err != nil {
+			return hypervisor.DomainStatus{}, err
+		}
+	}
+	return g.Driver.Status(ctx, id)
+}
+
+// TestCreateAsksForTheImageBesideTheDomainStatus: a new VM's image record
+// is asked for while libvirt is asked about the domain, not after.
+func TestCreateAsksForTheImageBesideTheDomainStatus(t *testing.T) {
+	var gs *gatedStatus
+	h := startHarness(t, nil, nil, func(d *Deps) {
+		gs = &gatedStatus{Driver: d.Hypervisor}
+		d.Hypervisor = gs
+	})
+	gs.gate = func() error {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			h.api.mu.Lock()
+			asked := h.api.gets > 0
+			h.api.mu.Unlock()
+			if asked {
+				return nil
+			}
+		}
+		return errors.New("the image was not asked for while the domain was looked at")
+	}
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
+}
+
 // reasons are the reasons of events, in order.
 func reasons(events []*minicloudv1.Event) []string {
 	var out []string
