@@ -304,6 +304,7 @@ func New(cfg Config, d Deps, opts ...Option) (*Agent, error) {
 	a.imageRecords = newImageRecords(func(ctx context.Context, name string) (*minicloudv1.Image, error) {
 		return a.images.GetImage(ctx, &minicloudv1.GetImageRequest{Name: name})
 	})
+	a.imageRecords.alive = a.assignedOnOneStream
 	return a, nil
 }
 

@@ -136,6 +136,17 @@ func (a *Agent) streamAssignments(ctx context.Context, generation uint64) (synce
 	}
 }
 
+// assignedOnOneStream says VMs id and other are both assigned to this host
+// as delivered by one assignment stream (imagerecords.go relies on its
+// order: a VM's removal comes before any VM created after it).
+func (a *Agent) assignedOnOneStream(id, other string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	as, ok := a.assigned[id]
+	o, ook := a.assigned[other]
+	return ok && ook && as.seen == o.seen
+}
+
 // forwardsMayChange says whether an assignment event can change the host's
 // port forwards: a spec write (expose, unexpose, delete) or a new VM with
 // forwards. A new VM without any changes nothing: no forward is wanted for

@@ -25,11 +25,27 @@ const imageCallTimeout = 30 * time.Second
 // records are immutable, and the API refuses to delete an image while a
 // VM uses it (imageservice.Config.InUse), so the name cannot point at other
 // bytes while the pin exists. A VM not pinned yet (a create, or the first
-// pass after the agent started) always asks the API; concurrent asks for
-// one name share one call, so ten creates of one image cost one GetImage.
+// pass after the agent started) asks the API unless it can share a pin
+// (below); concurrent asks for one name share one call, so ten creates of
+// one image cost one GetImage.
 // Pins are bounded by the VMs on the host; records by the images they use.
+//
+// A new VM whose image another VM of the host is pinned to takes that pin
+// instead of asking (a round trip the define waits for, 2-4 ms of a
+// create on a loaded host in hack/agentbench), if that VM is still
+// assigned here on the same assignment stream (alive). That is the record
+// the API would answer: the new VM uses the name from its create on, the
+// other VM from before its pin to now (the stream would have delivered its
+// removal before the new VM), so at every moment since the earlier of the
+// two one of them used it: the name could not be deleted and made again,
+// and records are immutable. Only a pin of a VM alive now is taken: one
+// removed behind the host's back (while it was fenced) leaves its pin
+// until its teardown, and the name may have been made again since.
 type imageRecords struct {
-	get    func(ctx context.Context, name string) (*minicloudv1.Image, error)
+	get func(ctx context.Context, name string) (*minicloudv1.Image, error)
+	// alive says VM other is still assigned on the stream that delivered
+	// vmID (nil: no pin is shared).
+	alive  func(vmID, other string) bool
 	flight singleflight.Group // by image name
 
 	mu   sync.Mutex
@@ -47,6 +63,9 @@ func (r *imageRecords) lookup(ctx context.Context, vmID, name string) (*miniclou
 	img := r.pins[vmID]
 	r.mu.Unlock()
 	if img != nil && img.GetMeta().GetName() == name {
+		return img, nil
+	}
+	if img := r.shared(vmID, name); img != nil {
 		return img, nil
 	}
 	ch := r.flight.DoChan(name, func() (any, error) {
@@ -67,6 +86,37 @@ func (r *imageRecords) lookup(ctx context.Context, vmID, name string) (*miniclou
 	r.pins[vmID] = img
 	r.mu.Unlock()
 	return img, nil
+}
+
+// shared pins vmID to the record another alive VM is pinned to for name,
+// and returns it (nil if there is none).
+func (r *imageRecords) shared(vmID, name string) *minicloudv1.Image {
+	if r.alive == nil {
+		return nil
+	}
+	type pin struct {
+		vm  string
+		img *minicloudv1.Image
+	}
+	var pins []pin
+	r.mu.Lock()
+	for id, img := range r.pins {
+		if id != vmID && img.GetMeta().GetName() == name {
+			pins = append(pins, pin{id, img})
+		}
+	}
+	r.mu.Unlock()
+	// alive takes the agent's lock: not under r.mu. A pin dropped
+	// meanwhile still names the right record if its VM is alive now.
+	for _, p := range pins {
+		if r.alive(vmID, p.vm) {
+			r.mu.Lock()
+			r.pins[vmID] = p.img
+			r.mu.Unlock()
+			return p.img
+		}
+	}
+	return nil
 }
 
 // forget drops the pin of a VM leaving the host.

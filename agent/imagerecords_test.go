@@ -63,3 +63,33 @@ func TestImageRecordsShareOneCall(t *testing.T) {
 		t.Errorf("a forgotten VM did not ask again (%d calls, %v)", calls.Load(), err)
 	}
 }
+
+// TestANewVMTakesThePinOfAnAliveVM: a VM whose image another VM of the
+// host is pinned to asks the API nothing while that VM is alive (still
+// assigned on the same stream), and asks once it is not.
+func TestANewVMTakesThePinOfAnAliveVM(t *testing.T) {
+	var calls atomic.Int32
+	r := newImageRecords(func(ctx context.Context, name string) (*minicloudv1.Image, error) {
+		calls.Add(1)
+		return &minicloudv1.Image{Meta: &minicloudv1.ObjectMeta{Name: name, Id: fmt.Sprint(calls.Load())}}, nil
+	})
+	alive := map[string]bool{"vm1": true}
+	r.alive = func(vmID, other string) bool { return alive[other] }
+	ctx := context.Background()
+	first, err := r.lookup(ctx, "vm1", "tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img, err := r.lookup(ctx, "vm2", "tiny"); err != nil || img != first || calls.Load() != 1 {
+		t.Fatalf("vm2 got %v (%v) after %d calls; want vm1's record, no call", img, err, calls.Load())
+	}
+	if _, err := r.lookup(ctx, "vm3", "other"); err != nil || calls.Load() != 2 {
+		t.Fatalf("another image: %d calls (%v), want 2", calls.Load(), err)
+	}
+	// vm1 and vm2 gone from the stream (their pins not dropped yet): a
+	// new VM asks.
+	alive = map[string]bool{}
+	if img, err := r.lookup(ctx, "vm4", "tiny"); err != nil || img == first || calls.Load() != 3 {
+		t.Fatalf("vm4 got %v (%v) after %d calls; want a fresh record from a third call", img, err, calls.Load())
+	}
+}

@@ -1111,6 +1111,31 @@ func TestCreateAsksForTheImageBesideTheDomainStatus(t *testing.T) {
 	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
 }
 
+// TestCreatesShareTheImageRecordOfAnAssignedVM: further VMs of an image on
+// a host ask the API for no record while a VM pinned to it is assigned.
+func TestCreatesShareTheImageRecordOfAnAssignedVM(t *testing.T) {
+	h := newHarness(t)
+	gets := func() int {
+		h.api.mu.Lock()
+		defer h.api.mu.Unlock()
+		return h.api.gets
+	}
+	first := h.running()
+	h.running()
+	if n := gets(); n != 1 {
+		t.Fatalf("%d GetImage calls for two VMs of one image, want 1", n)
+	}
+	h.delete(first)
+	h.mustPass(first)
+	h.a.mu.Lock()
+	delete(h.a.assigned, first) // the stream's DELETED after the report
+	h.a.mu.Unlock()
+	h.running()
+	if n := gets(); n != 1 {
+		t.Fatalf("%d GetImage calls for a third VM beside the second, want still 1", n)
+	}
+}
+
 // reasons are the reasons of events, in order.
 func reasons(events []*minicloudv1.Event) []string {
 	var out []string
