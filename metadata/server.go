@@ -181,9 +181,10 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 		// and body) must arrive within ReadTimeout of its first byte (of
 		// the connection's opening, for the first one), a response be
 		// written within WriteTimeout, an idle keep-alive connection is
-		// closed after IdleTimeout. Long-polls wait in the handler, which
-		// no deadline covers (fasthttp starts the write deadline after
-		// the handler returns).
+		// closed after IdleTimeout, each at most deadlineSlack later
+		// (peerConn arms them lazily). Long-polls wait in the handler,
+		// which no deadline covers (fasthttp starts the write deadline
+		// after the handler returns).
 		ReadTimeout:  readTimeout,
 		WriteTimeout: 10 * time.Second,
 		IdleTimeout:  60 * time.Second,
