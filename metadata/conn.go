@@ -133,6 +133,10 @@ type peerConn struct {
 	mac     net.HardwareAddr
 	macErr  error
 
+	// gone, with the event-loop front end, is closed when the connection
+	// closes (the loop reads the socket, so no hang-up watch may).
+	gone chan struct{}
+
 	// rd and wd keep the read and write deadlines fasthttp asks for
 	// until a read or write needs them (lazyDeadline).
 	rd, wd lazyDeadline

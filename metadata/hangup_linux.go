@@ -25,6 +25,10 @@ func watchHangup(pc *peerConn) *hangup {
 	if pc == nil {
 		return h
 	}
+	if pc.gone != nil {
+		h.c = pc.gone
+		return h
+	}
 	sc, ok := pc.Conn.(syscall.Conn)
 	if !ok {
 		return h

@@ -61,6 +61,8 @@ type Options struct {
 	ListenAddress string
 	// Now is the clock (tests).
 	Now func() time.Time
+	// FrontEnd is how connections are served (default defaultFrontEnd).
+	FrontEnd FrontEnd
 	// OnFirstRequest, if set, is called (synchronously, so it must not
 	// block) the first time a VM is answered: the agent's signal that the
 	// guest is up, without polling LastSeen.
@@ -87,6 +89,10 @@ type Server struct {
 	// per-request goroutine, context, header map or header clone, which
 	// were a quarter of the service's CPU per request (docs/benchmarks.md).
 	http *fasthttp.Server
+	// loop serves the listeners instead of http's goroutines with
+	// FrontEndEventLoop (nil otherwise); http still holds the timeouts
+	// and limits both front ends use.
+	loop *eventLoop
 
 	baseCtx    context.Context
 	cancelBase context.CancelFunc
@@ -147,6 +153,9 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 	if opts.MaxWaits == 0 {
 		opts.MaxWaits = 1024
 	}
+	if opts.FrontEnd == FrontEndDefault {
+		opts.FrontEnd = defaultFrontEnd
+	}
 	fakeClock := opts.Now != nil
 	if !fakeClock {
 		opts.Now = time.Now
@@ -198,6 +207,11 @@ func NewServer(dir *Directory, opts Options) (*Server, error) {
 		// fasthttp's own per-IP cap would not know the bridge.
 		Logger: fasthttpLogger{opts.Logger},
 	}
+	if opts.FrontEnd == FrontEndEventLoop {
+		if s.loop, err = newEventLoop(s); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -233,7 +247,7 @@ func (s *Server) AddInterface(name string) error {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		if err := s.http.Serve(wl); err != nil && !errors.Is(err, net.ErrClosed) {
+		if err := s.serveOn(wl); err != nil && !errors.Is(err, net.ErrClosed) {
 			s.log.Error("metadata listener stopped", "interface", name, "err", err)
 		}
 	}()
@@ -298,11 +312,19 @@ func (s *Server) ServeListener(l net.Listener, r PeerResolver) error {
 	s.wg.Add(1)
 	s.mu.Unlock()
 	defer s.wg.Done()
-	err := s.http.Serve(&peerListener{Listener: l, resolver: r, scope: l.Addr().String(), limits: s.conns})
+	err := s.serveOn(&peerListener{Listener: l, resolver: r, scope: l.Addr().String(), limits: s.conns})
 	if errors.Is(err, net.ErrClosed) {
 		return nil
 	}
 	return err
+}
+
+// serveOn serves l with the front end of the options until l closes.
+func (s *Server) serveOn(l *peerListener) error {
+	if s.loop != nil {
+		return s.loop.serve(l)
+	}
+	return s.http.Serve(l)
 }
 
 // Serve blocks until ctx ends, then closes every listener and waits for
@@ -327,7 +349,12 @@ func (s *Server) Close() error {
 	s.cancelBase()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	err := s.http.ShutdownWithContext(ctx)
+	var err error
+	if s.loop != nil {
+		err = s.loop.close()
+	} else {
+		err = s.http.ShutdownWithContext(ctx)
+	}
 	s.wg.Wait()
 	if err != nil {
 		return fmt.Errorf("metadata: shutdown: %w", err)

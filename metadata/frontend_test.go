@@ -1,0 +1,145 @@
+package metadata
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// TestMain runs the whole package once per front end: every test of
+// limits, timeouts, IMDSv2, long-polls and live namespaces holds for both.
+func TestMain(m *testing.M) {
+	for _, f := range []FrontEnd{FrontEndGoroutines, FrontEndEventLoop} {
+		defaultFrontEnd = f
+		fmt.Fprintf(os.Stderr, "=== front end %s\n", f)
+		if code := m.Run(); code != 0 {
+			fmt.Fprintf(os.Stderr, "--- FAIL: front end %s\n", f)
+			os.Exit(code)
+		}
+	}
+	os.Exit(0)
+}
+
+// exchange sends request on a new connection from 127.0.0.<from> and
+// returns the answer's bytes as they came (but Date and random_seed).
+func (e *testEnv) exchange(from int, method, request string) string {
+	e.t.Helper()
+	c, _ := e.rawConn(from)
+	if _, err := io.WriteString(c, request); err != nil {
+		e.t.Fatal(err)
+	}
+	var got bytes.Buffer
+	br := bufio.NewReader(io.TeeReader(c, &got))
+	resp, err := http.ReadResponse(br, &http.Request{Method: method})
+	if err != nil {
+		e.t.Fatalf("%q: read response: %v", request, err)
+	}
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		e.t.Fatal(err)
+	}
+	resp.Body.Close()
+	b := dateLine.ReplaceAll(got.Bytes(), []byte("Date: -\r\n"))
+	return string(randomSeed.ReplaceAll(b, []byte(`"random_seed":"-"`)))
+}
+
+// Date and OpenStack's random seed (drawn per rendering, its length kept)
+// are all that may differ.
+var (
+	dateLine   = regexp.MustCompile(`Date: [^\r]*\r\n`)
+	randomSeed = regexp.MustCompile(`"random_seed":"[^"]*"`)
+)
+
+// TestFrontEndsAnswerAlike: the same requests get the same bytes from
+// both front ends (apart from Date): one handler, the front end only moves
+// bytes.
+func TestFrontEndsAnswerAlike(t *testing.T) {
+	key := make(map[FrontEnd]*testEnv)
+	for _, f := range []FrontEnd{FrontEndGoroutines, FrontEndEventLoop} {
+		key[f] = newTestEnv(t, func(o *Options) { o.FrontEnd = f })
+	}
+	gce := "Metadata-Flavor: Google\r\n"
+	requests := []struct {
+		from           int
+		method, target string
+		more           string // headers, and a body
+		proto          string
+	}{
+		{2, "GET", "/latest/meta-data/instance-id", "", ""},
+		{2, "HEAD", "/latest/meta-data/instance-id", "", ""},
+		{2, "GET", "/latest/meta-data/", "", ""},
+		{2, "GET", "/", "", ""},
+		{3, "GET", "/latest/meta-data/public-keys/", "", ""},
+		{2, "GET", "/latest/user-data", "", "HTTP/1.0"},
+		{2, "GET", "/latest/meta-data/instance-id", "Connection: close\r\n", ""},
+		{2, "GET", "/latest//meta-data", "", ""},
+		{2, "GET", "/latest/meta-data/%69nstance-id", "", ""},
+		{2, "GET", "/latest/meta-%zz", "", ""},
+		{2, "GET", "http://169.254.169.254/latest/meta-data/hostname", "", ""},
+		{2, "POST", "/latest/meta-data/instance-id", "", ""},
+		{2, "PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 0\r\n", ""},
+		{2, "PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 60\r\nX-Forwarded-For: 1.2.3.4\r\n", ""},
+		{2, "GET", "/latest/meta-data/instance-id", "X-aws-ec2-metadata-token: garbage\r\n", ""},
+		{2, "PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 5000\r\n\r\n" + strings.Repeat("b", 5000), ""},
+		{2, "GET", "/latest/meta-data/instance-id", "X-Pad: " + strings.Repeat("a", 9<<10) + "\r\n", ""},
+		{2, "GET", "/openstack/latest/meta_data.json", "", ""},
+		{2, "GET", "/openstack", "", ""},
+		{2, "GET", "/computeMetadata/v1/instance/hostname", gce, ""},
+		{2, "GET", "/computeMetadata/v1/instance/hostname", "", ""},
+		{2, "GET", "/computeMetadata/v1/instance", gce, ""},
+		{2, "GET", "/computeMetadata/v1/instance/?recursive=true", gce, ""},
+		{2, "GET", "/computeMetadata/v1/instance/?recursive=true&alt=text", gce, ""},
+		{2, "GET", "/computeMetadata/v1/instance/hostname?alt=xml", gce, ""},
+		{2, "GET", "/computeMetadata/v1/instance/hostname?wait_for_change=true&last_etag=0", gce, ""},
+		{2, "GET", "/computeMetadata/v1/instance/service-accounts/", gce, ""},
+		{9, "GET", "/latest/meta-data/instance-id", "", ""},
+		{4, "GET", "/latest/meta-data/instance-id", "", ""},
+	}
+	for _, r := range requests {
+		proto := r.proto
+		if proto == "" {
+			proto = "HTTP/1.1"
+		}
+		raw := r.method + " " + r.target + " " + proto + "\r\nHost: 169.254.169.254\r\n" + r.more
+		if !strings.Contains(r.more, "\r\n\r\n") {
+			raw += "\r\n"
+		}
+		want := key[FrontEndGoroutines].exchange(r.from, r.method, raw)
+		if got := key[FrontEndEventLoop].exchange(r.from, r.method, raw); got != want {
+			t.Errorf("%s %s from 127.0.0.%d:\ngoroutines:\n%s\nevent loop:\n%s", r.method, r.target, r.from, want, got)
+		}
+	}
+}
+
+// TestPipelinedBehindLongPollKeepsOrder: a request pipelined behind a
+// wait_for_change is answered after it, on the same connection, and the
+// long-poll still sees the change it waits for.
+func TestPipelinedBehindLongPollKeepsOrder(t *testing.T) {
+	e := newTestEnv(t, nil)
+	c, br := e.rawConn(2)
+	wait := "GET /computeMetadata/v1/instance/hostname?wait_for_change=true&timeout_sec=300 HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n\r\n"
+	next := "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n"
+	if _, err := io.WriteString(c, wait+next+next); err != nil {
+		t.Fatal(err)
+	}
+	waitForWaiters(t, e, 1)
+	a, _ := e.dir.Get(idA)
+	a2 := *a
+	a2.Hostname = "web1c"
+	if err := e.dir.Upsert(&a2); err != nil {
+		t.Fatal(err)
+	}
+	if got := readResult(t, br); got.code != 200 || got.body != "web1c.minicloud.internal" {
+		t.Fatalf("long-poll: %d %q", got.code, got.body)
+	}
+	for i := 0; i < 2; i++ {
+		if got := readResult(t, br); got.code != 200 || got.body != idA {
+			t.Fatalf("pipelined request %d after the long-poll: %d %q", i, got.code, got.body)
+		}
+	}
+}
