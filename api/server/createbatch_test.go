@@ -428,3 +428,77 @@ func TestGroupCommitOvertakenBatchAnsweredLate(t *testing.T) {
 	}}
 	w.commitTwoBatches(t, kv, first)
 }
+
+// TestGroupCommitChargesOnTheUsageARemovalLeft: a VM's removal on this
+// replica gives its share back (the usage key changes outside the
+// batcher) and hands the usage it wrote to the batcher, so the project's
+// next create commits in one transaction, with no failed charge and no
+// read; before, every create after a delete failed its usage compare and
+// paid a check read and a second commit.
+func TestGroupCommitChargesOnTheUsageARemovalLeft(t *testing.T) {
+	w := newBatchWorld(t)
+	ctx := context.Background()
+	q := &projectCreates{}
+	if res := w.commit(t, q, 1); res[0].err != nil {
+		t.Fatalf("first create: %v", res[0].err)
+	}
+	vm, err := store.GetVM(ctx, w.cli, "vm-0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	txn, err := store.RemoveVMTxn(ctx, w.cli, vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if txn.Usage == nil {
+		t.Fatal("the removal does not say what usage it writes")
+	}
+	rev, ok, err := txn.Commit(ctx, w.cli)
+	if err != nil || !ok {
+		t.Fatalf("remove vm-0: ok %v, %v", ok, err)
+	}
+	w.b.usageWritten(*txn.Usage, rev)
+
+	kv := &scriptedKV{KV: w.cli.KV}
+	w.cli.KV = kv
+	if res := w.commit(t, q, 1); res[0].err != nil {
+		t.Fatalf("create after the removal: %v", res[0].err)
+	}
+	if kv.attempts[1] != 1 || kv.reads != 0 {
+		t.Fatalf("create after the removal: %d transactions and %d reads, want 1 and 0", kv.attempts[1], kv.reads)
+	}
+	if u := w.usage(t); u.GetInstances() != 1 || u.GetVcpus() != 1 {
+		t.Fatalf("usage %v, want the one VM there is", u)
+	}
+}
+
+// TestGroupCommitIgnoresAnOlderRemovalUsage: a removal's usage that a
+// batch of the batcher's committed after is not taken over the batch's.
+func TestGroupCommitIgnoresAnOlderRemovalUsage(t *testing.T) {
+	w := newBatchWorld(t)
+	ctx := context.Background()
+	q := &projectCreates{}
+	if res := w.commit(t, q, 1); res[0].err != nil {
+		t.Fatalf("first create: %v", res[0].err)
+	}
+	stale, err := store.ReadCountedUsage(ctx, w.cli, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Older than the create above, which q.usageRev holds.
+	w.b.usageWritten(stale.Released(&minicloudv1.QuotaUsage{Instances: 1, Vcpus: 1, MemoryMib: 512, DiskGib: 1}), q.usageRev-1)
+	kv := &scriptedKV{KV: w.cli.KV}
+	w.cli.KV = kv
+	p := w.pending(1)
+	q.pending, q.running = []*pendingCreate{p}, true
+	w.b.run("p", q)
+	if r := <-p.done; r.err != nil {
+		t.Fatalf("second create: %v", r.err)
+	}
+	if kv.attempts[2] != 1 || kv.reads != 0 {
+		t.Fatalf("%d transactions and %d reads, want 1 and 0", kv.attempts[2], kv.reads)
+	}
+	if u := w.usage(t); u.GetInstances() != 2 {
+		t.Fatalf("usage %v, want 2 instances", u)
+	}
+}

@@ -83,9 +83,14 @@ func (h *hostService) ReportVMStatus(ctx context.Context, req *minicloudv1.Repor
 			return &minicloudv1.ReportVMStatusResponse{}, nil
 		}
 		txn.KnownEventLog(vm.GetMeta().GetId(), log)
-		_, ok, err := txn.Commit(ctx, h.s.etcd)
+		rev, ok, err := txn.Commit(ctx, h.s.etcd)
 		if err != nil {
 			return nil, err
+		}
+		if ok && txn.Usage != nil {
+			// A removal: the project's next create is charged on the
+			// usage it left, not on the one it made stale.
+			h.s.creates.usageWritten(*txn.Usage, rev)
 		}
 		if ok {
 			return &minicloudv1.ReportVMStatusResponse{}, nil

@@ -270,13 +270,20 @@ func ChargeOps(s UsageState, next *minicloudv1.QuotaUsage) ([]clientv3.Cmp, []cl
 func ReleaseOps(s UsageState, delta *minicloudv1.QuotaUsage) ([]clientv3.Cmp, []clientv3.Op, error) {
 	next := &minicloudv1.QuotaUsage{Uncounted: true}
 	if s.Counted() {
-		next = AddUsage(s.Usage, delta, -1)
+		next = s.Released(delta).Usage
 	}
 	op, err := PutOp(QuotaUsageKey(s.Project), next)
 	if err != nil {
 		return nil, nil, err
 	}
 	return []clientv3.Cmp{Unchanged(QuotaUsageKey(s.Project), s.UsageRev)}, []clientv3.Op{op}, nil
+}
+
+// Released is a counted s as ReleaseOps(s, delta) writes it, its UsageRev
+// 0 (the commit's revision, not known before it).
+func (s UsageState) Released(delta *minicloudv1.QuotaUsage) UsageState {
+	s.Usage, s.UsageRev, s.written = AddUsage(s.Usage, delta, -1), 0, ""
+	return s
 }
 
 // ReadReleaseOps reads project's usage and returns ReleaseOps of delta.

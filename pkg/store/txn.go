@@ -22,6 +22,11 @@ type Txn struct {
 	Then   []clientv3.Op
 	Else   []clientv3.Op
 	Events []EventAppend
+	// Usage, if set, is a project's usage as the transaction writes it
+	// (its UsageRev is 0: the commit's revision is not known before):
+	// whoever keeps that project's usage (api/server/createbatch.go)
+	// takes it once the transaction committed, instead of reading it.
+	Usage *UsageState
 }
 
 // Commit sends t. ok is false when a compare failed (re-read and retry);

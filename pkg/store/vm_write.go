@@ -314,11 +314,19 @@ func RescheduleVMTxn(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM, ne
 // the share goes back exactly once: with the one removal that commits.
 func RemoveVMTxn(ctx context.Context, kv clientv3.KV, vm *minicloudv1.VM) (Txn, error) {
 	t := Txn{If: VMUnchanged(vm), Then: VMKeysOps(vm)}
-	quotaCmps, quotaOps, err := ReadReleaseOps(ctx, kv, vm.GetMeta().GetProject(), VMUsage(vm))
+	usage, err := ReadUsage(ctx, kv, vm.GetMeta().GetProject())
+	if err != nil {
+		return Txn{}, err
+	}
+	quotaCmps, quotaOps, err := ReleaseOps(usage, VMUsage(vm))
 	if err != nil {
 		return Txn{}, err
 	}
 	t.If, t.Then = append(t.If, quotaCmps...), append(t.Then, quotaOps...)
+	if usage.Counted() {
+		after := usage.Released(VMUsage(vm))
+		t.Usage = &after
+	}
 	addrCmps, addrOps, err := releaseAddressOps(ctx, kv, vm)
 	if err != nil {
 		return Txn{}, err
