@@ -108,6 +108,13 @@ func (l *connLimits) acquire(key string) bool {
 	return true
 }
 
+// count is the number of open connections in all.
+func (l *connLimits) count() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.inAll
+}
+
 func (l *connLimits) release(key string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()

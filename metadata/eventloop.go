@@ -36,7 +36,7 @@ const (
 	// FrontEndEventLoop serves every connection from a few event loops
 	// (gnet, one per GOMAXPROCS): a request that arrives whole is parsed
 	// and answered in the loop that read it, with no goroutine to wake.
-	// Requests that may block are handed to a goroutine.
+	// Requests that may block (mayBlock) are handed to a goroutine.
 	FrontEndEventLoop
 )
 
@@ -394,18 +394,20 @@ func needMore(err error) bool {
 }
 
 // mayBlock says whether a request may wait on something other than the
-// CPU, so it is answered off the loop: long-polls and queries with
-// recursive rendering (GCE), identity tokens (an RPC), and targets that
-// go through net/url.
+// CPU, so it is answered off the loop: GCE's wait_for_change (a
+// long-poll) and service-accounts (identity tokens, an RPC). The test is
+// on the raw target, so it errs towards handing off: a GCE target with
+// any escape (a query's may spell wait_for_change) is handed off too. A
+// path's escapes cannot spell computeMetadata: letters are never escaped
+// in the canonical encoding, and any other is refused with 404 before the
+// trees (parseTarget). Everything else, GCE's recursive renderings
+// included, is CPU only and answered in the loop, where a client that
+// half-closes after its request still gets its answer (gnet closes a
+// connection at its end of stream, answers in flight included).
 func mayBlock(req *fasthttp.Request) bool {
 	uri := req.Header.RequestURI()
-	if bytes.IndexByte(uri, '%') >= 0 {
-		return true
-	}
-	if !bytes.HasPrefix(uri, []byte(gceRoot)) {
-		return false
-	}
-	return bytes.IndexByte(uri, '?') >= 0 || bytes.Contains(uri, []byte("/service-accounts"))
+	return bytes.Contains(uri, []byte("computeMetadata")) &&
+		(bytes.IndexByte(uri, '%') >= 0 || bytes.Contains(uri, []byte("wait_for_change")) || bytes.Contains(uri, []byte("service-accounts")))
 }
 
 // finish completes the response as the fasthttp server does after its

@@ -3,13 +3,20 @@ package metadata
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"regexp"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestMain runs the whole package once per front end: every test of
@@ -140,6 +147,128 @@ func TestPipelinedBehindLongPollKeepsOrder(t *testing.T) {
 	for i := 0; i < 2; i++ {
 		if got := readResult(t, br); got.code != 200 || got.body != idA {
 			t.Fatalf("pipelined request %d after the long-poll: %d %q", i, got.code, got.body)
+		}
+	}
+}
+
+// heldIdentity is an identity source that holds every call until release
+// is closed: a stand-in for the API, so that a token RPC can be kept in
+// flight for as long as the test needs.
+type heldIdentity struct {
+	release chan struct{}
+	calls   atomic.Int64
+}
+
+func (h *heldIdentity) IdentityToken(ctx context.Context, vmID, aud string, _ bool) (string, time.Time, error) {
+	h.calls.Add(1)
+	select {
+	case <-h.release:
+		return "token-for-" + aud, time.Now().Add(time.Hour), nil
+	case <-ctx.Done():
+		return "", time.Time{}, ctx.Err()
+	}
+}
+
+// TestBlockedRequestsNeverStallOthers: long-polls and identity calls in
+// flight, however their target is spelt, leave every other request
+// answered, the waiting guest's own included.
+func TestBlockedRequestsNeverStallOthers(t *testing.T) {
+	src := &heldIdentity{release: make(chan struct{})}
+	e := newTestEnv(t, func(o *Options) { o.Identity = src })
+	gce := "Host: x\r\nMetadata-Flavor: Google\r\n\r\n"
+	polls := []string{
+		"/computeMetadata/v1/instance/hostname?wait_for_change=true",
+		"http://169.254.169.254/computeMetadata/v1/instance/hostname?wait_for_change=true",
+		"/computeMetadata/v1/instance/hostname?wait%5Ffor%5Fchange=true",
+		"/computeMetadata/v1/instance/%68ostname?wait_for_change=true",
+	}
+	var waiting []*bufio.Reader
+	for _, p := range polls {
+		c, br := e.rawConn(2)
+		if _, err := io.WriteString(c, "GET "+p+" HTTP/1.1\r\n"+gce); err != nil {
+			t.Fatal(err)
+		}
+		waiting = append(waiting, br)
+	}
+	auds := []string{"a1", "a2", "a3", "a4"}
+	for _, aud := range auds {
+		c, br := e.rawConn(2)
+		if _, err := io.WriteString(c, "GET /computeMetadata/v1/instance/service-accounts/default/identity?audience="+aud+" HTTP/1.1\r\n"+gce); err != nil {
+			t.Fatal(err)
+		}
+		waiting = append(waiting, br)
+	}
+	// The escaped path is refused by the handler (404) before it waits.
+	waitForWaiters(t, e, float64(len(polls)-1))
+	for deadline := time.Now().Add(10 * time.Second); src.calls.Load() < int64(len(auds)); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d identity calls in flight after 10s, want %d", src.calls.Load(), len(auds))
+		}
+	}
+	// Enough connections for both loops, from both guests.
+	for i := 0; i < 8; i++ {
+		e.expect(2, "/latest/meta-data/instance-id", 200, idA)
+		e.expect(3, "/computeMetadata/v1/instance/hostname?recursive=true", 403, "")
+		e.expect(3, "/openstack", 200, "")
+	}
+	close(src.release)
+	for i, aud := range auds {
+		if got := readResult(t, waiting[len(polls)+i]); got.code != 200 || got.body != "token-for-"+aud {
+			t.Errorf("identity %s: %d %q", aud, got.code, got.body)
+		}
+	}
+}
+
+// TestClientThatDoesNotReadIsCut: a guest that pipelines requests for a
+// large answer and never reads them has its connection closed (and its
+// place given back) within the write timeout; meanwhile others are served.
+func TestClientThatDoesNotReadIsCut(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits for the write timeout")
+	}
+	e := newTestEnv(t, nil)
+	a, _ := e.dir.Get(idA)
+	big := *a
+	big.UserData = bytes.Repeat([]byte("#"), 60<<10)
+	if err := e.dir.Upsert(&big); err != nil {
+		t.Fatal(err)
+	}
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Control: func(_, _ string, rc syscall.RawConn) error {
+		// A small receive window, so the answers stay with the server.
+		return rc.Control(func(fd uintptr) { _ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096) })
+	}}
+	c, err := d.Dial("tcp4", strings.TrimPrefix(e.base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	req := strings.Repeat("GET /latest/user-data HTTP/1.1\r\nHost: x\r\n\r\n", 64)
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatal(err)
+	}
+	e.expect(3, "/latest/meta-data/instance-id", 200, idB)
+	for deadline := time.Now().Add(30 * time.Second); e.srv.conns.count() > 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a client that does not read still holds its connection after 30s")
+		}
+	}
+	e.expect(2, "/latest/meta-data/instance-id", 200, idA)
+}
+
+// TestHalfClosedClientIsAnswered: a client that ends its side after its
+// request (shutdown(SHUT_WR), as `nc -N` does) still gets the answer.
+func TestHalfClosedClientIsAnswered(t *testing.T) {
+	e := newTestEnv(t, nil)
+	for _, p := range []string{"/latest/meta-data/instance-id", "/computeMetadata/v1/instance/?recursive=true", "/latest/meta-data/%69nstance-id"} {
+		c, br := e.rawConn(2)
+		if _, err := io.WriteString(c, "GET "+p+" HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		if got := readResult(t, br); got.code == 0 {
+			t.Errorf("%s: no answer", p)
 		}
 	}
 }
