@@ -283,9 +283,10 @@ func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream mini
 		}
 	}()
 
-	// The files of the blobs this upload added, as committed: checked in
-	// the background once the image is recorded (verifyUploaded).
-	committed := make(map[string]fileID)
+	// The blobs this upload added: checked in the background once the
+	// image is recorded (checks.go; the watch of the image records queues
+	// them too, on every replica).
+	var committed []string
 	for part, w := range u.parts {
 		sha, size, created, err := w.commit()
 		u.release(w)
@@ -294,9 +295,7 @@ func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream mini
 		}
 		if created {
 			u.created = append(u.created, sha)
-			if id, err := identifyPath(s.blobs.path(sha)); err == nil {
-				committed[sha] = id
-			}
+			committed = append(committed, sha)
 		}
 		blob := &minicloudv1.ImageBlob{Sha256: sha, SizeBytes: size}
 		switch part {
@@ -340,7 +339,9 @@ func (u *upload) commit(ctx context.Context, img *minicloudv1.Image, stream mini
 		}
 		if resp.Succeeded {
 			img.Meta.ResourceVersion = resp.Header.Revision
-			s.verifyUploaded(committed)
+			for _, d := range committed {
+				s.queueCheck(d)
+			}
 			return stream.SendAndClose(img)
 		}
 		if err := lock.held(); err != nil {

@@ -35,6 +35,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -99,20 +100,24 @@ type Service struct {
 
 	etcd  *clientv3.Client
 	blobs blobDir
-	// verified remembers the blob files DownloadImage or a check after an
-	// upload (verifyUploaded) found intact.
+	// verified remembers the blob files DownloadImage or a background
+	// check (checks.go) found intact.
 	verified *verifiedBlobs
+	// checks are the background checks of new blobs.
+	checks   *checks
 	inUse    func(ctx context.Context, image string) (string, error)
 	maxBytes int64
 	minFree  int64 // free-space floor of the blob directory (checkFree)
 	log      *slog.Logger
 
-	// verifyAfterUpload: check committed blobs in the background (tests
-	// that hold the memo's clock turn it off).
-	verifyAfterUpload bool
-	// verifyMu lets one background check run at a time.
-	verifyMu sync.Mutex
-	// background holds the background checks; stopBackground ends them.
+	// checkNewBlobs: check new blobs in the background (tests that hold
+	// the memo's clock turn it off).
+	checkNewBlobs atomic.Bool
+	// checkRead, if set, is what a background check reads instead of the
+	// blob file (tests).
+	checkRead atomic.Pointer[func(io.Reader) io.Reader]
+	// background holds the background checks and the watch that queues
+	// them; stopBackground ends them.
 	background       sync.WaitGroup
 	stopBackground   context.Context
 	cancelBackground context.CancelFunc
@@ -142,13 +147,13 @@ func New(cfg Config) *Service {
 		etcd:     cfg.Client,
 		blobs:    blobDir{dir: cfg.Dir},
 		verified: newVerifiedBlobs(),
+		checks:   newChecks(),
 
-		verifyAfterUpload: true,
-		inUse:             cfg.InUse,
-		maxBytes:          cfg.MaxImageBytes,
-		minFree:           cfg.MinFreeBytes,
-		log:               slog.Default().With("component", "imageservice"),
-		replica:           &replica{etcd: cfg.Client},
+		inUse:    cfg.InUse,
+		maxBytes: cfg.MaxImageBytes,
+		minFree:  cfg.MinFreeBytes,
+		log:      slog.Default().With("component", "imageservice"),
+		replica:  &replica{etcd: cfg.Client},
 
 		quotaDefaults: cfg.DefaultQuota,
 		projectOf:     cfg.ProjectOf,
@@ -157,6 +162,7 @@ func New(cfg Config) *Service {
 		pages:       cfg.PageTokens,
 	}
 	s.stopBackground, s.cancelBackground = context.WithCancel(context.Background())
+	s.checkNewBlobs.Store(true)
 	if s.pages == nil {
 		s.pages = paging.NewTokens(nil)
 	}
@@ -190,12 +196,21 @@ func New(cfg Config) *Service {
 	if err := s.CollectGarbage(ctx); err != nil {
 		s.log.Warn("image garbage collection", "err", err)
 	}
+	// The images there now are not checked in the background (checks.go
+	// says why); those created from here on are.
+	var rev int64
+	if resp, err := s.etcd.Get(ctx, store.ImagePrefix, clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil {
+		s.log.Warn("images at start", "err", err)
+	} else {
+		rev = resp.Header.Revision
+	}
+	s.startChecks(rev)
 	return s
 }
 
 // Close releases this replica's etcd session: its store lock and the keys
 // of its uploads in progress go at once instead of when the lease expires.
-// It stops the background checks of uploaded blobs and waits for them.
+// It stops the background checks of new blobs and waits for them.
 func (s *Service) Close() {
 	s.cancelBackground()
 	s.background.Wait()
@@ -313,15 +328,22 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 	// Every copy served is verified, unless this very file (same inode,
 	// size and timestamps) was found intact before: the receiver checks
 	// the digest too, so the API's check only names the store, not the
-	// network, as the culprit, and need not cost a sha256 per serve.
+	// network, as the culprit, and need not cost a sha256 per serve. A
+	// background check of this file that is running (checks.go) is joined
+	// rather than done twice at once.
 	id, err := identify(f)
 	if err != nil {
 		return err
 	}
 	began := s.verified.now()
 	var h hash.Hash
+	var joined *check
 	if !s.verified.verified(blob.GetSha256(), id) {
-		h = sha256.New()
+		var end func()
+		if joined, end = s.checks.serve(blob.GetSha256(), id); joined == nil {
+			defer end()
+			h = sha256.New()
+		}
 	}
 	var sent int64
 	for {
@@ -355,10 +377,31 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 		s.verified.forget(blob.GetSha256())
 		return errdefs.FailedPrecondition("image %q %s: blob %s has %d bytes, metadata says %d", name, partName(req.GetPart()), blob.GetSha256(), sent, blob.GetSizeBytes())
 	}
-	if h == nil {
-		return nil
+	var got string
+	switch {
+	case h != nil:
+		got = hex.EncodeToString(h.Sum(nil))
+	case joined != nil:
+		// The last byte is declared good only on the check's verdict.
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-joined.done:
+		}
+		if got = joined.got; got == "" {
+			// The check ended without one (stopped, or a read error):
+			// the serve checks the file itself, as without the check.
+			if _, err := f.Seek(0, io.SeekStart); err != nil {
+				return fmt.Errorf("read blob %s: %w", blob.GetSha256(), err)
+			}
+			if got, err = hashFile(ctx, f); err != nil {
+				return fmt.Errorf("blob %s: %w", blob.GetSha256(), err)
+			}
+		}
+	default:
+		return nil // remembered
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != blob.GetSha256() {
+	if got != blob.GetSha256() {
 		s.verified.forget(blob.GetSha256())
 		s.log.Error("image blob is corrupt in the store", "image", name, "sha256", blob.GetSha256(), "got", got)
 		return errdefs.FailedPrecondition("image %q %s: the stored blob is corrupt: its bytes have sha256 %s, not %s", name, partName(req.GetPart()), got, blob.GetSha256())

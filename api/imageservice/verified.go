@@ -1,13 +1,7 @@
 package imageservice
 
 import (
-	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"errors"
 	"fmt"
-	"io"
-	"io/fs"
 	"os"
 	"sync"
 	"syscall"
@@ -54,15 +48,6 @@ func identify(f *os.File) (fileID, error) {
 		mtime: st.Mtim.Nano(),
 		ctime: st.Ctim.Nano(),
 	}, nil
-}
-
-func identifyPath(path string) (fileID, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return fileID{}, err
-	}
-	defer f.Close()
-	return identify(f)
 }
 
 // verifiedBlobs remembers which blob files DownloadImage has read in full
@@ -122,93 +107,4 @@ func (v *verifiedBlobs) forget(digest string) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	delete(v.m, digest)
-}
-
-// verifyUploaded checks, in the background, the blobs an upload has just
-// committed, each once its last change is VerifiedGuard old, and remembers
-// the intact ones: the first host to download a new image (usually seconds
-// after its upload, for the image's first VM) is then served without the
-// API's sha256 in its path, ~0.75 s of CPU per GiB that competed with TLS,
-// the socket and the agent's own hash (docs/benchmarks.md, "Cold image
-// delivery"). The upload's own digest is not enough: it was taken of the
-// bytes as they were written, within the guard of the file's last change.
-// This reads the stored file, as a serve's check does. ids are the files as
-// committed; one changed since is left to the next serve to check.
-func (s *Service) verifyUploaded(ids map[string]fileID) {
-	if len(ids) == 0 || !s.verifyAfterUpload {
-		return
-	}
-	s.background.Add(1)
-	go func() {
-		defer s.background.Done()
-		for digest, id := range ids {
-			if err := s.verifyCommitted(digest, id); err != nil {
-				// Not an error of the upload: the first serve checks it.
-				s.log.Warn("check of an uploaded blob", "sha256", digest, "err", err)
-			}
-		}
-	}()
-}
-
-// verifyCommitted waits until the blob digest, committed as id, is
-// VerifiedGuard old, then hashes it and remembers it if intact and
-// unchanged. One runs at a time: they share the cores with downloads.
-func (s *Service) verifyCommitted(digest string, id fileID) error {
-	ready := time.Unix(0, max(id.ctime, id.mtime)).Add(VerifiedGuard + verifiedSlack)
-	t := time.NewTimer(time.Until(ready))
-	defer t.Stop()
-	select {
-	case <-s.stopBackground.Done():
-		return nil
-	case <-t.C:
-	}
-	s.verifyMu.Lock()
-	defer s.verifyMu.Unlock()
-	f, err := os.Open(s.blobs.path(digest))
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil // removed since (the image was deleted)
-		}
-		return err
-	}
-	defer f.Close()
-	now, err := identify(f)
-	if err != nil || now != id || s.verified.verified(digest, id) {
-		return err
-	}
-	began := s.verified.now()
-	h := sha256.New()
-	buf := chunkBuffers.Get(downloadChunkSize)
-	defer chunkBuffers.Put(buf)
-	if _, err := io.CopyBuffer(h, ctxReader{s.stopBackground, f}, *buf); err != nil {
-		if s.stopBackground.Err() != nil {
-			return nil
-		}
-		return fmt.Errorf("read %s: %w", f.Name(), err)
-	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != digest {
-		s.verified.forget(digest)
-		s.log.Error("image blob is corrupt in the store", "sha256", digest, "got", got)
-		return nil
-	}
-	s.verified.remember(digest, id, began)
-	return nil
-}
-
-// verifiedSlack is added to VerifiedGuard when waiting on the clock, so that
-// the check that follows is past the guard by the memo's own measure.
-const verifiedSlack = 100 * time.Millisecond
-
-// ctxReader stops a long read (a GiB takes about a second) once ctx is
-// done, so Close does not wait for it.
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }

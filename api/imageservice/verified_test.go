@@ -92,7 +92,7 @@ func TestDownloadVerifiesAFileOnlyOnce(t *testing.T) {
 	e := newEnv(t, 0)
 	// This test holds the memo's clock; the check after the upload
 	// would remember the blob on its own.
-	e.svc.verifyAfterUpload = false
+	e.svc.checkNewBlobs.Store(false)
 	ctx := context.Background()
 	disk := randomBytes(t, 3<<20+512)
 	if _, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
@@ -152,8 +152,8 @@ func TestDownloadVerifiesAFileOnlyOnce(t *testing.T) {
 
 // TestUploadedBlobIsCheckedInTheBackground: a blob an upload committed is
 // read and hashed once it is VerifiedGuard old and remembered, so the first
-// download is served without the API's hash; a blob changed after its
-// commit, or corrupt, is not remembered.
+// download is served without the API's hash; a blob found corrupt by a
+// check is not remembered, and its serve names the corruption.
 func TestUploadedBlobIsCheckedInTheBackground(t *testing.T) {
 	e := newEnv(t, 0)
 	ctx := context.Background()
@@ -166,14 +166,11 @@ func TestUploadedBlobIsCheckedInTheBackground(t *testing.T) {
 	if e.svc.verified.verified(digest(disk), committed) {
 		t.Fatal("a blob was remembered within the guard of its commit")
 	}
-	// The upload's response came after the check was started.
-	e.svc.background.Wait()
-	if !e.svc.verified.verified(digest(disk), committed) {
-		t.Fatal("an uploaded blob was not remembered after its check")
-	}
+	waitRemembered(t, e, digest(disk), blob)
 	mustDownload(t, e.client, "img", minicloudv1.ImagePart_IMAGE_PART_DISK, disk)
 
-	// Changed after the commit: left to the next serve.
+	// Corrupt after its commit: the check finds it and does not
+	// remember it.
 	e.svc.verified.forget(digest(disk))
 	bad := bytes.Clone(disk)
 	bad[len(bad)/2] ^= 0xff
@@ -186,15 +183,7 @@ func TestUploadedBlobIsCheckedInTheBackground(t *testing.T) {
 	if err := os.Chtimes(blob, later, later); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.svc.verifyCommitted(digest(disk), committed); err != nil {
-		t.Fatal(err)
-	}
-	if e.svc.verified.verified(digest(disk), stat(t, blob)) {
-		t.Fatal("a blob changed since its commit was remembered")
-	}
-	// Corrupt as committed (the id is the corrupt file's): hashed and
-	// not remembered.
-	if err := e.svc.verifyCommitted(digest(disk), stat(t, blob)); err != nil {
+	if err := e.svc.checkBlob(digest(disk)); err != nil {
 		t.Fatal(err)
 	}
 	if e.svc.verified.verified(digest(disk), stat(t, blob)) {
@@ -202,4 +191,17 @@ func TestUploadedBlobIsCheckedInTheBackground(t *testing.T) {
 	}
 	_, err := download(t, e.client, &minicloudv1.DownloadImageRequest{Name: "img", Part: minicloudv1.ImagePart_IMAGE_PART_DISK})
 	wantCode(t, err, codes.FailedPrecondition)
+}
+
+// waitRemembered waits until e's memo holds the blob file path as digest.
+func waitRemembered(t *testing.T, e *env, digest, path string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if e.svc.verified.verified(digest, stat(t, path)) {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("the blob was not remembered after a background check")
 }

@@ -1,0 +1,114 @@
+package imageservice
+
+import (
+	"context"
+	"io"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+
+	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+)
+
+// TestAnotherReplicaChecksANewImagesBlobs: B, which did not take the
+// upload, sees the image appear and checks its blobs in the background, so
+// a host's first fetch from B finds them remembered. A replica started
+// later does not check the blobs of the images already there (an
+// operator's restart is not a scrub of the store), but does check those of
+// images created after its start.
+func TestAnotherReplicaChecksANewImagesBlobs(t *testing.T) {
+	a, b := replicas(t)
+	ctx := context.Background()
+	p := parts{disk: randomBytes(t, 2<<20+512), kernel: randomBytes(t, 70<<10)}
+	if _, err := uploadImage(ctx, a.client, &minicloudv1.CreateImageHeader{Name: "new"}, p); err != nil {
+		t.Fatal(err)
+	}
+	waitRemembered(t, b, digest(p.disk), filepath.Join(b.dir, digest(p.disk)))
+	waitRemembered(t, b, digest(p.kernel), filepath.Join(b.dir, digest(p.kernel)))
+	mustDownload(t, b.client, "new", minicloudv1.ImagePart_IMAGE_PART_DISK, p.disk)
+
+	c := newEnvOn(t, a.etcd, a.dir, 0)
+	later := randomBytes(t, 1<<20)
+	if _, err := uploadImage(ctx, a.client, &minicloudv1.CreateImageHeader{Name: "later"}, parts{disk: later}); err != nil {
+		t.Fatal(err)
+	}
+	// C checks in the order images appear: once the later one is
+	// remembered, an earlier one it had queued would be too.
+	waitRemembered(t, c, digest(later), filepath.Join(c.dir, digest(later)))
+	if c.svc.verified.verified(digest(p.disk), stat(t, filepath.Join(c.dir, digest(p.disk)))) {
+		t.Fatal("a replica checked the blob of an image that existed before its start")
+	}
+}
+
+// TestAServeJoinsTheRunningCheck: a fetch from B while B's background
+// check of that blob runs does not hash the blob a second time: it joins
+// the check, and its status waits for the check's verdict. Shown with a
+// check that reads a flipped byte: the joined serve, whose own bytes are
+// intact, is refused as corrupt, which a serve that hashed for itself
+// would not be; the next serve, with no check running, hashes the file
+// and succeeds.
+func TestAServeJoinsTheRunningCheck(t *testing.T) {
+	a, b := replicas(t)
+	ctx := context.Background()
+	reading, release := make(chan struct{}), make(chan struct{})
+	var once, released sync.Once
+	// Registered after the replicas' own cleanups, so it runs before
+	// them: a failed test must not leave B's check blocked in Close.
+	t.Cleanup(func() { released.Do(func() { close(release) }) })
+	read := func(r io.Reader) io.Reader {
+		return &flippingReader{r: r, first: func() {
+			once.Do(func() { close(reading) })
+			<-release
+		}}
+	}
+	b.svc.checkRead.Store(&read)
+
+	disk := randomBytes(t, 3<<20+512)
+	if _, err := uploadImage(ctx, a.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-reading:
+	case <-time.After(30 * time.Second):
+		t.Fatal("B did not check the new blob")
+	}
+	req := &minicloudv1.DownloadImageRequest{Name: "img", Part: minicloudv1.ImagePart_IMAGE_PART_DISK}
+	served := make(chan error, 1)
+	go func() {
+		_, err := download(t, b.client, req)
+		served <- err
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for b.svc.checks.joiners(digest(disk)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the serve did not join the running check")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	released.Do(func() { close(release) })
+	wantCode(t, <-served, codes.FailedPrecondition)
+	mustDownload(t, b.client, "img", minicloudv1.ImagePart_IMAGE_PART_DISK, disk)
+}
+
+// flippingReader calls first before its first read, and flips a bit of
+// what it reads.
+type flippingReader struct {
+	r       io.Reader
+	first   func()
+	started bool
+}
+
+func (f *flippingReader) Read(p []byte) (int, error) {
+	if !f.started {
+		f.started = true
+		f.first()
+	}
+	n, err := f.r.Read(p)
+	if n > 0 {
+		p[0] ^= 1
+	}
+	return n, err
+}
