@@ -4,10 +4,14 @@
 // rate limit. It rewrites the "metadata" section of docs/benchmarks.md.
 //
 //	go run ./hack/metabench [-duration 30s] [-rounds 3] [-clients 64] [-docs docs/benchmarks.md]
-//	    [-cpuprofile md.cpu] [-memprofile md.mem]
+//	    [-frontend goroutines,eventloop] [-cpuprofile md.cpu] [-memprofile md.mem]
 //
 // The profiles are of the metadata service's process during the
-// saturation and open-loop runs (not of the load generator).
+// saturation and open-loop runs (not of the load generator); with more
+// than one front end, each process writes its own, the front end's name
+// appended to the file name. -frontend measures the service with each
+// front end named (metadata.FrontEnd), all against the same nginx in the
+// same rounds.
 //
 // Guests are told apart by their loopback source address (127.0.1.N): the
 // benchmark serves a plain TCP listener with a resolver that maps source
@@ -71,11 +75,17 @@ func main() {
 	nginxBin := flag.String("nginx", "nginx", "nginx binary")
 	serve := flag.Int("serve", 0, "internal: serve this many guests in this process and print the address")
 	unlimited := flag.Bool("unlimited", false, "internal: with -serve, set the per-VM limit above any load")
+	frontEnds := flag.String("frontend", "default", "metadata front ends to measure, comma-separated: goroutines, eventloop, default (the service's default)")
+	serveFront := flag.String("serve-frontend", "default", "internal: with -serve, the front end")
 	cpuProfile := flag.String("cpuprofile", "", "write the metadata service's CPU profile here")
 	memProfile := flag.String("memprofile", "", "write the metadata service's allocation profile here")
 	flag.Parse()
 	if *serve > 0 {
-		if err := serveChild(*serve, *unlimited, *cpuProfile, *memProfile); err != nil {
+		front, err := metadata.ParseFrontEnd(*serveFront)
+		if err != nil {
+			log.Fatal(err)
+		}
+		if err := serveChild(*serve, *unlimited, front, *cpuProfile, *memProfile); err != nil {
 			log.Fatal(err)
 		}
 		return
@@ -84,7 +94,15 @@ func main() {
 	if *rounds < 1 {
 		log.Fatal("-rounds must be at least 1")
 	}
-	if err := run(*duration, *warmup, *rounds, *clients, *storm, *docs, *nginxBin, prof); err != nil {
+	var fronts []metadata.FrontEnd
+	for _, name := range strings.Split(*frontEnds, ",") {
+		f, err := metadata.ParseFrontEnd(strings.TrimSpace(name))
+		if err != nil {
+			log.Fatal(err)
+		}
+		fronts = append(fronts, f)
+	}
+	if err := run(*duration, *warmup, *rounds, *clients, *storm, *docs, *nginxBin, fronts, prof); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -134,6 +152,26 @@ func loopbackResolver(c net.Conn) (metadata.Peer, error) {
 // (none when empty).
 type profiles struct{ cpu, mem string }
 
+// suffixed names the profiles of one of several processes.
+func (p profiles) suffixed(s string) profiles {
+	add := func(path string) string {
+		if path == "" {
+			return ""
+		}
+		return path + "." + s
+	}
+	return profiles{cpu: add(p.cpu), mem: add(p.mem)}
+}
+
+// measured is what one metadata front end's runs gave.
+type measured struct {
+	front     metadata.FrontEnd
+	sat, open result
+	// perRound is its throughput over nginx's, round by round.
+	perRound []float64
+	storm    stormResult
+}
+
 func absPath(p string) string {
 	if p == "" {
 		return ""
@@ -149,7 +187,7 @@ func absPath(p string) string {
 // after printing its address. The service runs in its own process, as
 // nginx does, so it shares no Go runtime (scheduler, GC) with the load
 // generator; that is also why it writes its own profiles.
-func serveChild(n int, unlimited bool, cpuProfile, memProfile string) error {
+func serveChild(n int, unlimited bool, front metadata.FrontEnd, cpuProfile, memProfile string) error {
 	stopCPU, err := benchdoc.CPUProfile(cpuProfile)
 	if err != nil {
 		return fmt.Errorf("cpu profile: %w", err)
@@ -159,7 +197,7 @@ func serveChild(n int, unlimited bool, cpuProfile, memProfile string) error {
 	if err := dir.Set(instances(n)); err != nil {
 		return err
 	}
-	opts := metadata.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	opts := metadata.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), FrontEnd: front}
 	if unlimited {
 		// The per-VM limiter stays in the path with a limit above the
 		// offered load: its cost is measured, it does not cap the run.
@@ -197,14 +235,15 @@ func writeHeapProfile(path string) error {
 	return f.Close()
 }
 
-// startMetadata starts a child process serving n guests; stop ends it.
-func startMetadata(n int, unlimited bool, prof profiles) (base string, pid int, stop func(), err error) {
+// startMetadata starts a child process serving n guests with front end
+// front; stop ends it.
+func startMetadata(n int, unlimited bool, front metadata.FrontEnd, prof profiles) (base string, pid int, stop func(), err error) {
 	self, err := os.Executable()
 	if err != nil {
 		return "", 0, nil, err
 	}
 	cmd := exec.Command(self, "-serve", fmt.Sprint(n), fmt.Sprintf("-unlimited=%v", unlimited),
-		"-cpuprofile", prof.cpu, "-memprofile", prof.mem)
+		"-serve-frontend", front.String(), "-cpuprofile", prof.cpu, "-memprofile", prof.mem)
 	// The runtime setting minicloudd runs the service with (it re-executes
 	// itself with it): the service is measured as it runs.
 	cmd.Env, _ = sysmon.Env(os.Environ())
@@ -561,8 +600,8 @@ func crawl(c *http.Client, base string) (n, tooMany, failed int) {
 	return n, tooMany, failed
 }
 
-func bootStorm(guests int) (stormResult, error) {
-	base, _, stop, err := startMetadata(guests, false, profiles{})
+func bootStorm(guests int, front metadata.FrontEnd) (stormResult, error) {
+	base, _, stop, err := startMetadata(guests, false, front, profiles{})
 	if err != nil {
 		return stormResult{}, err
 	}
@@ -594,7 +633,7 @@ func bootStorm(guests int) (stormResult, error) {
 	return res, nil
 }
 
-func run(duration, warmup time.Duration, rounds, clients, storm int, docs, nginxBin string, prof profiles) error {
+func run(duration, warmup time.Duration, rounds, clients, storm int, docs, nginxBin string, fronts []metadata.FrontEnd, prof profiles) error {
 	// The machine is shared: raise the priority of the generator and of both
 	// servers (children inherit it) alike, so other work disturbs the
 	// comparison less. Not fatal when not permitted.
@@ -618,12 +657,26 @@ func run(duration, warmup time.Duration, rounds, clients, storm int, docs, nginx
 		return err
 	}
 
-	base, mdPid, stopMD, err := startMetadata(clients, true, prof)
-	if err != nil {
-		return err
+	type server struct {
+		name, base string
+		pid        int
+		stop       func()
 	}
-	defer stopMD()
-	files, err := staticTree(base, root)
+	var servers []server
+	for _, f := range fronts {
+		name, fprof := "minicloud metadata", prof
+		if len(fronts) > 1 {
+			name += " (" + f.String() + ")"
+			fprof = prof.suffixed(f.String())
+		}
+		base, pid, stop, err := startMetadata(clients, true, f, fprof)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		servers = append(servers, server{name, base, pid, stop})
+	}
+	files, err := staticTree(servers[0].base, root)
 	if err != nil {
 		return err
 	}
@@ -633,13 +686,11 @@ func run(duration, warmup time.Duration, rounds, clients, storm int, docs, nginx
 	}
 	defer stopNginx()
 
-	// Both servers are up; the measured time of each is cut into rounds
-	// that alternate which goes first, so a load that drifts during the
-	// run (the machine is shared) weighs on both alike.
-	servers := []struct {
-		name, base string
-		pid        int
-	}{{"minicloud metadata", base, mdPid}, {"nginx (static files)", nbase, ngPid}}
+	// Every server is up; the measured time of each is cut into rounds
+	// that alternate the order (forwards, then backwards), so a load that
+	// drifts during the run (the machine is shared) weighs on all alike.
+	servers = append(servers, server{"nginx (static files)", nbase, ngPid, stopNginx})
+	ng := len(servers) - 1
 	// One unmeasured turn of each first: the generator's own start (its
 	// heap and GC pacing) and each server's first connections would
 	// otherwise weigh on whichever server the first round runs first,
@@ -649,11 +700,14 @@ func run(duration, warmup time.Duration, rounds, clients, storm int, docs, nginx
 		log.Printf("warm-up: %s, %d clients, %s", sv.name, clients, warmup)
 		load(sv.name, sv.base, sv.pid, clients, warmup, 0, 0)
 	}
-	var sat, open [2][]result
+	sat, open := make([][]result, len(servers)), make([][]result, len(servers))
 	for round := 0; round < rounds; round++ {
-		order := []int{0, 1}
+		var order []int
+		for i := range servers {
+			order = append(order, i)
+		}
 		if round%2 == 1 {
-			order = []int{1, 0}
+			slices.Reverse(order)
 		}
 		for _, i := range order {
 			sv := servers[i]
@@ -666,21 +720,23 @@ func run(duration, warmup time.Duration, rounds, clients, storm int, docs, nginx
 			open[i] = append(open[i], load(sv.name, sv.base, sv.pid, clients, warmup, duration/time.Duration(2*rounds), openRate))
 		}
 	}
-	stopMD()
-	stopNginx()
-	md, ng, mdOpen, ngOpen := merge(sat[0]), merge(sat[1]), merge(open[0]), merge(open[1])
-	var perRound []float64
-	for k := range sat[0] {
-		perRound = append(perRound, sat[0][k].rps()/sat[1][k].rps())
+	for _, sv := range servers {
+		sv.stop()
+	}
+	var mds []measured
+	for i, f := range fronts {
+		m := measured{front: f, sat: merge(sat[i]), open: merge(open[i])}
+		for k := range sat[i] {
+			m.perRound = append(m.perRound, sat[i][k].rps()/sat[ng][k].rps())
+		}
+		log.Printf("boot storm: %d guests crawling like cloud-init, %s", storm, servers[i].name)
+		if m.storm, err = bootStorm(storm, f); err != nil {
+			return err
+		}
+		mds = append(mds, m)
 	}
 
-	log.Printf("boot storm: %d guests crawling like cloud-init", storm)
-	st, err := bootStorm(storm)
-	if err != nil {
-		return err
-	}
-
-	table := render(md, ng, mdOpen, ngOpen, perRound, st, clients, duration, loadBefore)
+	table := render(mds, merge(sat[ng]), merge(open[ng]), clients, duration, loadBefore)
 	fmt.Print(table)
 	if docs == "" {
 		return nil
@@ -758,35 +814,59 @@ func us(d time.Duration) string { return fmt.Sprintf("%.1f µs", float64(d)/floa
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
 
-func render(md, ng, mdOpen, ngOpen result, perRound []float64, st stormResult, clients int, duration time.Duration, loadBefore string) string {
+func render(mds []measured, ng, ngOpen result, clients int, duration time.Duration, loadBefore string) string {
 	var b strings.Builder
-	rounds := make([]string, len(perRound))
-	for i, r := range perRound {
-		rounds[i] = fmt.Sprintf("%.2f", r)
+	command := fmt.Sprintf("go run ./hack/metabench -duration %s", duration)
+	if len(mds) > 1 {
+		var names []string
+		for _, m := range mds {
+			names = append(names, m.front.String())
+		}
+		command += " -frontend " + strings.Join(names, ",")
 	}
-	fmt.Fprintf(&b, "`go run ./hack/metabench -duration %s` — %d concurrent keep-alive clients on loopback, each its own guest (source address), same Go load generator, mix of %d EC2/OpenStack paths (listings, leaves, user-data, JSON). Both servers run at once and take turns: each one's %s at saturation (and %s at %.0f req/s) is cut into %d rounds that alternate which server goes first, each after a warm-up, the first after one unmeasured turn of each, so a load drifting during the run weighs on both and, with even rounds, each goes first as often. %d cores, GOMAXPROCS %d, generator and servers at nice -10 on a shared machine; load average %s before the run, %s after; measured %s. nginx is Debian's, `worker_processes auto`, serving the same bytes as static files without ETag, Accept-Ranges or its version in Server (headers the metadata service does not send, which cost the generator time to read). The service runs with the GODEBUG setting minicloudd re-executes itself with (pkg/sysmon: the runtime's monitor thread does not park when the process idles). The generator collects garbage rarely (GOGC 1000 in its process only) so its own pauses weigh less on both servers' latency.\n\n",
-		duration, clients, len(paths), duration, duration/2, openRate, len(perRound), runtime.NumCPU(), runtime.GOMAXPROCS(0), loadBefore, benchdoc.LoadAverages(), time.Now().UTC().Format("2006-01-02 15:04 UTC"))
+	fmt.Fprintf(&b, "`%s` — %d concurrent keep-alive clients on loopback, each its own guest (source address), same Go load generator, mix of %d EC2/OpenStack paths (listings, leaves, user-data, JSON). The servers run at once and take turns: each one's %s at saturation (and %s at %.0f req/s) is cut into %d rounds that alternate their order (forwards, then backwards), each after a warm-up, the first after one unmeasured turn of each, so a load drifting during the run weighs on all alike. %d cores, GOMAXPROCS %d, generator and servers at nice -10 on a shared machine; load average %s before the run, %s after; measured %s. nginx is Debian's, `worker_processes auto`, serving the same bytes as static files without ETag, Accept-Ranges or its version in Server (headers the metadata service does not send, which cost the generator time to read). The service runs with the GODEBUG setting minicloudd re-executes itself with (pkg/sysmon: the runtime's monitor thread does not park when the process idles). The generator collects garbage rarely (GOGC 1000 in its process only) so its own pauses weigh less on both servers' latency.\n\n",
+		command, clients, len(paths), duration, duration/2, openRate, len(mds[0].perRound), runtime.NumCPU(), runtime.GOMAXPROCS(0), loadBefore, benchdoc.LoadAverages(), time.Now().UTC().Format("2006-01-02 15:04 UTC"))
 	b.WriteString("| server | load | requests | req/s | p50 | p99 | errors | server CPU per request |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
-	for _, r := range []result{md, ng} {
+	var sat, open []result
+	for _, m := range mds {
+		sat, open = append(sat, m.sat), append(open, m.open)
+	}
+	for _, r := range append(sat, ng) {
 		fmt.Fprintf(&b, "| %s | saturation (closed loop) | %d | %.0f | %s | %s | %d | %s |\n", r.name, r.requests, r.rps(), ms(r.p50), ms(r.p99), r.errors, us(r.cpuPerRequest()))
 	}
-	for _, r := range []result{mdOpen, ngOpen} {
+	for _, r := range append(open, ngOpen) {
 		fmt.Fprintf(&b, "| %s | %.0f req/s offered (open loop) | %d | %.0f | %s | %s | %d | %s |\n", r.name, openRate, r.requests, r.rps(), ms(r.p50), ms(r.p99), r.errors, us(r.cpuPerRequest()))
 	}
-	ratio := md.rps() / ng.rps()
 	verdict := func(ok bool) string {
 		if ok {
 			return "met"
 		}
 		return "NOT met"
 	}
-	fmt.Fprintf(&b, "\nmetadata/nginx throughput at saturation: %.2f (round by round: %s; target ≥ %.2f, issue 15: %s). Metadata p99 at %.0f req/s: %s (target < %s: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. Server CPU per request at saturation: metadata %s, nginx %s (%.2f× nginx's; user + system time of the server's processes, nginx's workers included, over the requests they answered: the server's own cost, which the machine's other load moves far less than requests/s). The load generator's CPU per request at saturation: %s in metadata's turns, %s in nginx's (the same client code; the difference is what reading each server's answers costs it). At %.0f req/s the generator itself sent late by %s at p50 and %s at p99 in metadata's turns, %s and %s in nginx's (its own stalls, counted in both servers' latency; it paces its sends on a timerfd, as the runtime's timers wake an idle process up to 1 ms late). The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
+	for _, m := range mds {
+		renderMeasured(&b, m, len(mds) > 1, ng, ngOpen, clients, verdict)
+	}
+	return b.String()
+}
+
+// renderMeasured writes one front end's verdicts and costs (named when
+// the run measured several).
+func renderMeasured(b *strings.Builder, m measured, named bool, ng, ngOpen result, clients int, verdict func(bool) string) {
+	md, mdOpen, st := m.sat, m.open, m.storm
+	rounds := make([]string, len(m.perRound))
+	for i, r := range m.perRound {
+		rounds[i] = fmt.Sprintf("%.2f", r)
+	}
+	ratio := md.rps() / ng.rps()
+	if named {
+		fmt.Fprintf(b, "\n**Front end %s.**", m.front)
+	}
+	fmt.Fprintf(b, "\nmetadata/nginx throughput at saturation: %.2f (round by round: %s; target ≥ %.2f, issue 15: %s). Metadata p99 at %.0f req/s: %s (target < %s: %s); at saturation every server's p99 is queueing behind %d clients on 2 shared cores (Little's law: %d in flight / %.0f req/s = %s mean), nginx's included. Server CPU per request at saturation: metadata %s, nginx %s (%.2f× nginx's; user + system time of the server's processes, nginx's workers included, over the requests they answered: the server's own cost, which the machine's other load moves far less than requests/s). The load generator's CPU per request at saturation: %s in metadata's turns, %s in nginx's (the same client code; the difference is what reading each server's answers costs it). At %.0f req/s the generator itself sent late by %s at p50 and %s at p99 in metadata's turns, %s and %s in nginx's (its own stalls, counted in both servers' latency; it paces its sends on a timerfd, as the runtime's timers wake an idle process up to 1 ms late). The metadata numbers include identity lookup (resolver + Directory + per-VM rate limiter) and Prometheus accounting on every request.\n\n",
 		ratio, strings.Join(rounds, ", "), targetRatio, verdict(ratio >= targetRatio), openRate, ms(mdOpen.p99), ms(targetP99), verdict(mdOpen.p99 < targetP99),
 		clients, clients, md.rps(), ms(time.Duration(float64(clients)/md.rps()*float64(time.Second))),
 		us(md.cpuPerRequest()), us(ng.cpuPerRequest()), float64(md.cpuPerRequest())/float64(ng.cpuPerRequest()),
 		us(md.genCPUPerRequest()), us(ng.genCPUPerRequest()),
 		openRate, ms(p50(mdOpen.late)), ms(p99(mdOpen.late)), ms(p50(ngOpen.late)), ms(p99(ngOpen.late)))
-	fmt.Fprintf(&b, "Boot storm with the default per-VM limit (50 req/s, burst 200): %d guests crawl at once like cloud-init 22.4 (IMDSv2 token, version probe, recursive meta-data walk, user-data, identity document, OpenStack documents): %d requests in %s, crawl p50 %s, slowest %s, %d answered 429, %d failed. cloud-init waits up to 50 s per request.\n",
+	fmt.Fprintf(b, "Boot storm with the default per-VM limit (50 req/s, burst 200): %d guests crawl at once like cloud-init 22.4 (IMDSv2 token, version probe, recursive meta-data walk, user-data, identity document, OpenStack documents): %d requests in %s, crawl p50 %s, slowest %s, %d answered 429, %d failed. cloud-init waits up to 50 s per request.\n",
 		st.guests, st.requests, st.elapsed.Round(time.Millisecond), ms(st.p50Crawl), ms(st.maxCrawl), st.tooMany, st.failed)
-	return b.String()
 }
