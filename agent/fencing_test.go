@@ -202,6 +202,11 @@ func TestOlderEpochDomainIsReplaced(t *testing.T) {
 	if spec, _ := h.hv.Spec(id); spec.Epoch != 2 {
 		t.Fatalf("domain epoch %d after the move, want 2", spec.Epoch)
 	}
+	// The new copy's network step ran beside the look at the domain; the
+	// old copy's removal took its port, and the step plugged it again.
+	if ports := h.ports(id); len(ports) != 1 {
+		t.Fatalf("ports %v after the move, want one", ports)
+	}
 	if entries, _ := os.ReadDir(h.a.trashDir()); len(entries) != 1 {
 		t.Fatalf("the old copy's files: %d trash entries, want 1", len(entries))
 	}

@@ -1111,6 +1111,27 @@ func TestCreateAsksForTheImageBesideTheDomainStatus(t *testing.T) {
 	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
 }
 
+// TestCreatePlugsThePortBesideTheDomainStatus: a new VM's network step
+// runs while libvirt is asked about the domain, not after.
+func TestCreatePlugsThePortBesideTheDomainStatus(t *testing.T) {
+	var gs *gatedStatus
+	h := startHarness(t, nil, nil, func(d *Deps) {
+		gs = &gatedStatus{Driver: d.Hypervisor}
+		d.Hypervisor = gs
+	})
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	gs.gate = func() error {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if len(h.ports(id)) == 1 {
+				return nil
+			}
+		}
+		return errors.New("the port was not plugged while the domain was looked at")
+	}
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
+}
+
 // TestCreatesShareTheImageRecordOfAnAssignedVM: further VMs of an image on
 // a host ask the API for no record while a VM pinned to it is assigned.
 func TestCreatesShareTheImageRecordOfAnAssignedVM(t *testing.T) {
