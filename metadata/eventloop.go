@@ -125,6 +125,8 @@ type loopConn struct {
 	pendingSince time.Time
 	// stuckSince is when the outbound buffer was first seen non-empty.
 	stuckSince time.Time
+	// continued says 100 Continue was sent for the request pending.
+	continued bool
 	// due is the next time (unix nanoseconds) the sweeper must wake the
 	// connection to check its deadlines; 0 for none.
 	due atomic.Int64
@@ -308,8 +310,16 @@ func (el *eventLoop) traffic(c gnet.Conn, lc *loopConn) gnet.Action {
 			lc.pendingSince = now
 		}
 		p := el.parsers.Get().(*loopParser)
-		used, err := p.read(&lc.ctx.Request, buf)
+		used, expect, err := p.read(&lc.ctx.Request, buf)
 		el.parsers.Put(p)
+		if expect && !lc.continued {
+			// The fasthttp server says 100 Continue once the header is
+			// read, before the body and whatever the answer.
+			lc.continued = true
+			if _, err := c.Write(continueLine); err != nil {
+				return gnet.Close
+			}
+		}
 		if err != nil {
 			if !needMore(err) {
 				return el.fail(c, lc, err)
@@ -330,7 +340,7 @@ func (el *eventLoop) traffic(c gnet.Conn, lc *loopConn) gnet.Action {
 			return gnet.None
 		}
 		_, _ = c.Discard(used)
-		lc.pendingSince = time.Time{}
+		lc.pendingSince, lc.continued = time.Time{}, false
 		lc.ctx.Init2(lc.pc, fasthttpLogger{el.s.log}, false)
 		if mayBlock(&lc.ctx.Request) {
 			el.handOff(c, lc)
@@ -355,6 +365,8 @@ func (el *eventLoop) traffic(c gnet.Conn, lc *loopConn) gnet.Action {
 	}
 }
 
+var continueLine = []byte("HTTP/1.1 100 Continue\r\n\r\n")
+
 // peekAll is what the connection holds unread.
 func peekAll(c gnet.Conn) []byte {
 	b, _ := c.Peek(-1)
@@ -362,12 +374,24 @@ func peekAll(c gnet.Conn) []byte {
 }
 
 // read parses one request from the front of buf: used is how many bytes it
-// took.
-func (p *loopParser) read(req *fasthttp.Request, buf []byte) (used int, err error) {
+// took; expect says its header was read and asks for 100 Continue.
+func (p *loopParser) read(req *fasthttp.Request, buf []byte) (used int, expect bool, err error) {
 	p.src.Reset(buf)
 	p.br.Reset(&p.src)
 	req.Reset()
-	err = req.ReadLimitBody(p.br, maxBodyBytes)
+	// Request.ReadLimitBody, with the body read after 100 Continue too,
+	// as the fasthttp server reads it.
+	if err = req.Header.Read(p.br); err == nil {
+		expect = req.MayContinue()
+		if n := req.Header.ContentLength(); n > 0 && n <= maxBodyBytes && p.br.Buffered()+p.src.Len() < n {
+			// A body of known length not all here yet: wait for it
+			// rather than parse a part (a multipart form's parser would
+			// call that malformed).
+			err = io.ErrUnexpectedEOF
+		} else {
+			err = req.ContinueReadBody(p.br, maxBodyBytes)
+		}
+	}
 	used = len(buf) - p.src.Len() - p.br.Buffered()
 	p.br.Reset(nil)
 	if err == nil {
@@ -375,7 +399,7 @@ func (p *loopParser) read(req *fasthttp.Request, buf []byte) (used int, err erro
 		// its handler.
 		err = p.uri.Parse(req.Header.Host(), req.Header.RequestURI())
 	}
-	return used, err
+	return used, expect, err
 }
 
 // write serializes resp; the bytes are valid until p is used again.

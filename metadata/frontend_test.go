@@ -35,15 +35,28 @@ func TestMain(m *testing.M) {
 
 // exchange sends request on a new connection from 127.0.0.<from> and
 // returns the answer's bytes as they came (but Date and random_seed).
-func (e *testEnv) exchange(from int, method, request string) string {
+// With drip, the request goes out a few bytes at a time, each its own
+// segment.
+func (e *testEnv) exchange(from int, method, request string, drip bool) string {
 	e.t.Helper()
 	c, _ := e.rawConn(from)
-	if _, err := io.WriteString(c, request); err != nil {
-		e.t.Fatal(err)
+	for rest := request; rest != ""; {
+		n := len(rest)
+		if drip {
+			n = min(n, 7)
+			time.Sleep(time.Millisecond)
+		}
+		if _, err := io.WriteString(c, rest[:n]); err != nil {
+			e.t.Fatal(err)
+		}
+		rest = rest[n:]
 	}
 	var got bytes.Buffer
 	br := bufio.NewReader(io.TeeReader(c, &got))
 	resp, err := http.ReadResponse(br, &http.Request{Method: method})
+	for err == nil && resp.StatusCode == http.StatusContinue {
+		resp, err = http.ReadResponse(br, &http.Request{Method: method})
+	}
 	if err != nil {
 		e.t.Fatalf("%q: read response: %v", request, err)
 	}
@@ -63,8 +76,8 @@ var (
 )
 
 // TestFrontEndsAnswerAlike: the same requests get the same bytes from
-// both front ends (apart from Date): one handler, the front end only moves
-// bytes.
+// both front ends (apart from Date), sent whole or a few bytes at a time:
+// one handler, the front end only moves bytes.
 func TestFrontEndsAnswerAlike(t *testing.T) {
 	key := make(map[FrontEnd]*testEnv)
 	for _, f := range []FrontEnd{FrontEndGoroutines, FrontEndEventLoop} {
@@ -94,6 +107,10 @@ func TestFrontEndsAnswerAlike(t *testing.T) {
 		{2, "GET", "/latest/meta-data/instance-id", "X-aws-ec2-metadata-token: garbage\r\n", ""},
 		{2, "PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 5000\r\n\r\n" + strings.Repeat("b", 5000), ""},
 		{2, "GET", "/latest/meta-data/instance-id", "X-Pad: " + strings.Repeat("a", 9<<10) + "\r\n", ""},
+		{2, "PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 0\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n", ""},
+		{2, "PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc", ""},
+		{2, "PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 0\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n", ""},
+		{2, "PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", ""},
 		{2, "GET", "/openstack/latest/meta_data.json", "", ""},
 		{2, "GET", "/openstack", "", ""},
 		{2, "GET", "/computeMetadata/v1/instance/hostname", gce, ""},
@@ -116,9 +133,14 @@ func TestFrontEndsAnswerAlike(t *testing.T) {
 		if !strings.Contains(r.more, "\r\n\r\n") {
 			raw += "\r\n"
 		}
-		want := key[FrontEndGoroutines].exchange(r.from, r.method, raw)
-		if got := key[FrontEndEventLoop].exchange(r.from, r.method, raw); got != want {
-			t.Errorf("%s %s from 127.0.0.%d:\ngoroutines:\n%s\nevent loop:\n%s", r.method, r.target, r.from, want, got)
+		for _, drip := range []bool{false, true} {
+			if drip && len(raw) > 1<<10 {
+				continue
+			}
+			want := key[FrontEndGoroutines].exchange(r.from, r.method, raw, drip)
+			if got := key[FrontEndEventLoop].exchange(r.from, r.method, raw, drip); got != want {
+				t.Errorf("%s %s from 127.0.0.%d (dripped: %v):\ngoroutines:\n%s\nevent loop:\n%s", r.method, r.target, r.from, drip, want, got)
+			}
 		}
 	}
 }
