@@ -49,6 +49,9 @@ type checks struct {
 	queue   []string // digests, oldest first
 	queued  map[string]bool
 	running *check
+	// busy: the checker has taken a digest from the queue and not
+	// finished with it (waiting for the guard, for serves, or hashing).
+	busy    bool
 	hashing map[string]*hashingServes // by digest
 	wake    chan struct{}             // capacity 1: something was queued
 }
@@ -101,6 +104,7 @@ func (c *checks) next(ctx context.Context) (string, bool) {
 			d := c.queue[0]
 			c.queue = c.queue[1:]
 			delete(c.queued, d)
+			c.busy = true
 			c.mu.Unlock()
 			return d, true
 		}
@@ -112,6 +116,29 @@ func (c *checks) next(ctx context.Context) (string, bool) {
 		}
 	}
 }
+
+// taken says the checker is done with the digest next returned.
+func (c *checks) taken() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.busy = false
+}
+
+// pending is the number of blobs queued or being checked.
+func (c *checks) pending() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := len(c.queue)
+	if c.busy {
+		n++
+	}
+	return n
+}
+
+// PendingChecks is the number of blobs of new images waiting for this
+// replica's background check or being checked (the API server's
+// minicloud_image_checks_pending).
+func (s *Service) PendingChecks() int { return s.checks.pending() }
 
 // serve is how DownloadImage, serving the file id of digest that the memo
 // does not hold, learns who hashes it: the running check of that very
@@ -189,6 +216,7 @@ func (s *Service) startChecks(rev int64) {
 				// Not fatal: the blob's first serve here checks it.
 				s.log.Warn("background check of an image blob", "sha256", digest, "err", err)
 			}
+			s.checks.taken()
 		}
 	}()
 	go func() {

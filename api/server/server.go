@@ -285,6 +285,11 @@ func New(cfg Config) (*Server, error) {
 			PageTokens:    s.pages,
 		})
 		minicloudv1.RegisterImageServiceServer(s.grpc, s.images)
+		images := s.images
+		s.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "minicloud_image_checks_pending",
+			Help: "Blobs of new images waiting for this replica's background check (sha256 of the stored file, so that a host's first fetch is served without it) or being checked.",
+		}, func() float64 { return float64(images.PendingChecks()) }))
 		services = append(services, minicloudv1.ImageService_ServiceDesc.ServiceName)
 	}
 	healthpb.RegisterHealthServer(s.grpc, s.health)

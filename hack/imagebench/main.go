@@ -1,8 +1,10 @@
 // Command imagebench measures cold image delivery (issue 15, section 5):
 // the first VM on a host whose cache lacks a 1 GiB image. In one process it
-// starts an embedded etcd and the real API server (TLS, as `minicloudd api`
-// serves, with its image store), uploads a random (incompressible) raw
-// image, and then, on the same filesystem and in the same run, measures:
+// starts an embedded etcd and two real API servers sharing one image store
+// (TLS, as `minicloudd api` serves): every round uploads a new random
+// (incompressible) raw image through one (A, stopped once the upload
+// returned, as if on another machine) and the host fetches from the other
+// (B). On the same filesystem and in the same run it measures:
 //
 //   - `cp` of the API's stored blob followed by `sync` of the copy: the
 //     physical limit of a durable copy on this disk, the baseline the
@@ -11,17 +13,19 @@
 //   - a cold fetch by the agent's image cache (agent/imagecache) over
 //     gRPC with the host's mTLS certificate: download, sha256 verify,
 //     fsync and rename into place, twice: the first serve of the blob,
-//     which the API verifies (a replica that did not take the upload: the
-//     one that did checks a new blob in the background), and a later one
-//     of the same unchanged blob, which it does not verify again (every
-//     host after the first);
+//     begun as soon as the upload returned (the image's first VM), which
+//     B verifies while serving (every replica checks a new blob in the
+//     background, but only once it is 2 s old: imageservice.VerifiedGuard),
+//     and a later one, after B's background check, which B does not
+//     verify again (every host after the first, and a first fetch more
+//     than ~3 s after the upload);
 //   - N concurrent fetches of the same image into another empty cache,
 //     counting the DownloadImage calls the API served (its
 //     minicloud_api_requests_total metric): single-flight means one.
 //
 // It rewrites the "image" section of docs/benchmarks.md.
 //
-// The copy and the two fetches are repeated in rounds, one after another,
+// The upload, the copy and the two fetches are repeated in rounds,
 // and each ratio is the median of the rounds' own ratios, so a load that
 // drifts during the run weighs on the baseline as much as on the fetch.
 //
@@ -45,7 +49,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -75,12 +78,13 @@ func main() {
 	rounds := flag.Int("rounds", 3, "rounds of copy, first serve and later serve")
 	docs := flag.String("docs", "docs/benchmarks.md", "benchmark page to update (empty: print only)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the cold fetch of a blob verified before to this file")
+	firstProfile := flag.String("firstcpuprofile", "", "write a CPU profile of the last round's first serve to this file")
 	memProfile := flag.String("memprofile", "", "write allocation profiles from before and after the cold fetch of a blob verified before to FILE.start and FILE (go tool pprof -sample_index=alloc_space -diff_base FILE.start FILE: that fetch alone)")
 	flag.Parse()
 	if *size <= 0 || *size%512 != 0 || *concurrent < 1 || *rounds < 1 {
 		log.Fatal("-size must be a positive multiple of 512, -concurrent and -rounds at least 1")
 	}
-	if err := run(context.Background(), *size, *rounds, *concurrent, *docs, profiles{cpu: *cpuProfile, mem: *memProfile}); err != nil {
+	if err := run(context.Background(), *size, *rounds, *concurrent, *docs, profiles{cpu: *cpuProfile, mem: *memProfile, first: *firstProfile}); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -101,9 +105,9 @@ type round struct {
 	cold, coldCPU   time.Duration // the API verified it before
 }
 
-// profiles are where the profiles of the last round's later serve go (""
-// for none).
-type profiles struct{ cpu, mem string }
+// profiles are where the profiles of the last round's later serve (cpu,
+// mem) and first serve (first) go ("" for none).
+type profiles struct{ cpu, mem, first string }
 
 func run(ctx context.Context, size int64, rounds, n int, docs string, prof profiles) error {
 	loadBefore, began := benchdoc.LoadAverages(), time.Now()
@@ -121,11 +125,16 @@ func run(ctx context.Context, size int64, rounds, n int, docs string, prof profi
 	}
 	defer stopEtcd()
 	big := int64(1) << 50
-	srv, err := apiservertest.Listen(ctx, cli, apiserver.Config{
-		ImageDir:      filepath.Join(dir, "store"),
-		MaxImageBytes: 2 * size,
-		DefaultQuota:  &minicloudv1.QuotaLimits{ImageBytes: &big},
-	})
+	// Every replica of the run: one etcd, one image store.
+	replica := func() (*apiservertest.Running, error) {
+		return apiservertest.Listen(ctx, cli, apiserver.Config{
+			ImageDir:      filepath.Join(dir, "store"),
+			MaxImageBytes: 2 * size,
+			DefaultQuota:  &minicloudv1.QuotaLimits{ImageBytes: &big},
+		})
+	}
+	// B serves the host.
+	srv, err := replica()
 	if err != nil {
 		return err
 	}
@@ -148,35 +157,32 @@ func run(ctx context.Context, size int64, rounds, n int, docs string, prof profi
 	defer host.Close()
 	images := minicloudv1.NewImageServiceClient(host)
 
-	log.Printf("uploading a %d MiB random image", size>>20)
-	img, err := upload(ctx, minicloudv1.NewImageServiceClient(admin), size)
-	if err != nil {
-		return err
-	}
-	digest := img.GetDisk().GetSha256()
-	blob, err := findBlob(filepath.Join(dir, "store"), size)
-	if err != nil {
-		return err
-	}
 	r := result{size: size, concurrent: n}
 	before, err := downloads(srv.Server)
 	if err != nil {
 		return err
 	}
+	var name, digest string
 	for i := range rounds {
-		// A new change time: neither the API's check after the upload
-		// nor its memo of the last round's serve matches, so the first
-		// serve of this round hashes the blob, as a replica that did not
-		// take the upload (or restarted since) does.
-		now := time.Now()
-		if err := os.Chtimes(blob, now, now); err != nil {
+		if name != "" {
+			// One GiB at a time in the store.
+			if _, err := minicloudv1.NewImageServiceClient(admin).DeleteImage(ctx, &minicloudv1.DeleteImageRequest{Name: name}); err != nil {
+				return err
+			}
+		}
+		name = fmt.Sprintf("%s-%d", imageName, i+1)
+		log.Printf("uploading a %d MiB random image through another replica", size>>20)
+		img, stopped, err := uploadThroughAnother(ctx, replica, name, size)
+		if err != nil {
 			return err
 		}
+		digest = img.GetDisk().GetSha256()
 		var profile profiles
 		if i == rounds-1 {
 			profile = prof
 		}
-		rd, err := measureRound(ctx, dir, blob, images, digest, profile)
+		rd, err := measureRound(ctx, dir, srv.Server, images, name, digest, size, profile)
+		<-stopped
 		if err != nil {
 			return fmt.Errorf("round %d: %w", i+1, err)
 		}
@@ -201,7 +207,7 @@ func run(ctx context.Context, size int64, rounds, n int, docs string, prof profi
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, errs[i] = cache.Ensure(ctx, imageName, minicloudv1.ImagePart_IMAGE_PART_DISK, digest)
+			_, errs[i] = cache.Ensure(ctx, name, minicloudv1.ImagePart_IMAGE_PART_DISK, digest)
 		}()
 	}
 	wg.Wait()
@@ -223,13 +229,58 @@ func run(ctx context.Context, size int64, rounds, n int, docs string, prof profi
 	return benchdoc.RewriteSection(docs, "image", out)
 }
 
-// measureRound times, on the API's blob, (a) `cp` to a new file beside it
-// and `cp` + `sync` of the copy, then (b) two cold fetches into empty
-// caches: the first serve since the blob last changed (the API hashes it)
-// and a later one (it does not).
-func measureRound(ctx context.Context, dir, blob string, images minicloudv1.ImageServiceClient, digest string, profile profiles) (round, error) {
+// uploadThroughAnother uploads the image name through a replica of its
+// own, which it stops once the upload has returned: the background check
+// of the new blob by the replica that took the upload runs on that
+// replica's machine in a cluster, not on the cores of the fetch. The stop
+// goes on beside the caller's fetch (it takes ~0.5 s and would delay it);
+// stopped is closed when it is done, well before the check would begin.
+func uploadThroughAnother(ctx context.Context, replica func() (*apiservertest.Running, error), name string, size int64) (img *minicloudv1.Image, stopped <-chan struct{}, err error) {
+	a, err := replica()
+	if err != nil {
+		return nil, nil, err
+	}
+	done := make(chan struct{})
+	defer func() {
+		go func(t0 time.Time) {
+			defer close(done)
+			// Nothing of A's is needed once the upload returned: not
+			// its graceful stop.
+			sctx, cancel := context.WithTimeout(ctx, 10*time.Millisecond)
+			defer cancel()
+			a.Server.Stop(sctx)
+			log.Printf("the replica that took the upload stopped in %s", time.Since(t0).Round(time.Millisecond))
+		}(time.Now())
+	}()
+	conn, err := grpc.NewClient(a.Addr, a.DialOptions(a.AdminToken)...)
+	if err != nil {
+		return nil, done, err
+	}
+	defer conn.Close()
+	img, err = upload(ctx, minicloudv1.NewImageServiceClient(conn), name, size)
+	return img, done, err
+}
+
+// measureRound times (a) a cold fetch of the image just uploaded, begun
+// at once (the API hashes the blob while serving it), (b) once srv's
+// background check of the blob is done, `cp` of the blob to a new file
+// beside it and `cp` + `sync` of the copy, and (c) a later cold fetch (the
+// API does not hash the blob).
+func measureRound(ctx context.Context, dir string, srv *apiserver.Server, images minicloudv1.ImageServiceClient, name, digest string, size int64, profile profiles) (round, error) {
 	var rd round
-	// (a) The upload (or the last round) just read or wrote the blob, so
+	var err error
+	if rd.first, rd.firstCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-first"), images, name, digest, profiles{cpu: profile.first}); err != nil {
+		return rd, err
+	}
+	// The check shares the cores with whatever runs: not with the copy.
+	if err := waitChecks(ctx, srv); err != nil {
+		return rd, err
+	}
+	blob, err := findBlob(filepath.Join(dir, "store"), size)
+	if err != nil {
+		return rd, err
+	}
+	// The upload (and the first serve) just read or wrote the blob, so
 	// its pages are as warm for cp as for the download.
 	dst := filepath.Join(dir, "copy")
 	t0 := time.Now()
@@ -245,31 +296,33 @@ func measureRound(ctx context.Context, dir, blob string, images minicloudv1.Imag
 		return rd, err
 	}
 	log.Printf("cp %s, cp+sync %s", rd.cp, rd.cpSync)
-
-	// (b) The API remembers a blob it verified only if the blob's last
-	// change was older than imageservice.VerifiedGuard when the serve
-	// began (as it is for any image whose first host fetches it more than
-	// 2 s after its upload), so wait for that.
-	var st syscall.Stat_t
-	if err := syscall.Stat(blob, &st); err != nil {
-		return rd, fmt.Errorf("stat %s: %w", blob, err)
-	}
-	time.Sleep(time.Until(time.Unix(st.Ctim.Unix()).Add(imageservice.VerifiedGuard + 100*time.Millisecond)))
-	var err error
-	if rd.first, rd.firstCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-first"), images, digest, profiles{}); err != nil {
-		return rd, err
-	}
-	if rd.cold, rd.coldCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-cold"), images, digest, profile); err != nil {
+	if rd.cold, rd.coldCPU, err = coldFetch(ctx, filepath.Join(dir, "cache-cold"), images, name, digest, profiles{cpu: profile.cpu, mem: profile.mem}); err != nil {
 		return rd, err
 	}
 	log.Printf("cold fetch: first serve %s, blob verified before %s", rd.first, rd.cold)
 	return rd, nil
 }
 
+// waitChecks waits until srv has no background check of a blob queued or
+// running (its minicloud_image_checks_pending metric).
+func waitChecks(ctx context.Context, srv *apiserver.Server) error {
+	for {
+		n, err := metric(srv, "minicloud_image_checks_pending", "")
+		if err != nil || n == 0 {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 // coldFetch is one Ensure of the image into a new, empty cache in dir,
 // timed, with the process's CPU (API server, etcd and cache together) and
 // the profiles asked for. The cache is removed.
-func coldFetch(ctx context.Context, dir string, images minicloudv1.ImageServiceClient, digest string, profile profiles) (took, cpu time.Duration, err error) {
+func coldFetch(ctx context.Context, dir string, images minicloudv1.ImageServiceClient, name, digest string, profile profiles) (took, cpu time.Duration, err error) {
 	cache, err := imagecache.New(dir, images, qemuaccess.Access{})
 	if err != nil {
 		return 0, 0, err
@@ -284,7 +337,7 @@ func coldFetch(ctx context.Context, dir string, images minicloudv1.ImageServiceC
 		return 0, 0, err
 	}
 	t0, cpu0 := time.Now(), benchdoc.ProcessCPU()
-	_, err = cache.Ensure(ctx, imageName, minicloudv1.ImagePart_IMAGE_PART_DISK, digest)
+	_, err = cache.Ensure(ctx, name, minicloudv1.ImagePart_IMAGE_PART_DISK, digest)
 	took, cpu = time.Since(t0), benchdoc.ProcessCPU()-cpu0
 	stopProfile()
 	if err != nil {
@@ -298,15 +351,15 @@ func coldFetch(ctx context.Context, dir string, images minicloudv1.ImageServiceC
 	return took, cpu, os.RemoveAll(cache.Dir())
 }
 
-// upload creates the image from size random bytes, streamed as `minicloud
-// image create` sends a file.
-func upload(ctx context.Context, c minicloudv1.ImageServiceClient, size int64) (*minicloudv1.Image, error) {
+// upload creates the image name from size random bytes, streamed as
+// `minicloud image create` sends a file.
+func upload(ctx context.Context, c minicloudv1.ImageServiceClient, name string, size int64) (*minicloudv1.Image, error) {
 	stream, err := c.CreateImage(ctx)
 	if err != nil {
 		return nil, err
 	}
 	if err := stream.Send(&minicloudv1.CreateImageRequest{Msg: &minicloudv1.CreateImageRequest_Header{Header: &minicloudv1.CreateImageHeader{
-		Name: imageName, DiskSizeBytes: size, Format: minicloudv1.ImageFormat_IMAGE_FORMAT_RAW,
+		Name: name, DiskSizeBytes: size, Format: minicloudv1.ImageFormat_IMAGE_FORMAT_RAW,
 	}}}); err != nil {
 		return nil, err
 	}
@@ -353,21 +406,28 @@ func findBlob(store string, size int64) (string, error) {
 // downloads is the number of DownloadImage calls the API has served, from
 // its own /metrics.
 func downloads(s *apiserver.Server) (int64, error) {
+	v, err := metric(s, "minicloud_api_requests_total", `method="/minicloud.v1.ImageService/DownloadImage"`)
+	return int64(v), err
+}
+
+// metric is the sum of the series of the metric family that s serves on
+// /metrics and whose labels contain label ("" for all).
+func metric(s *apiserver.Server, family, label string) (float64, error) {
 	rec := httptest.NewRecorder()
 	s.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	var total int64
+	var total float64
 	sc := bufio.NewScanner(rec.Body)
 	for sc.Scan() {
 		line := sc.Text()
-		if !strings.HasPrefix(line, "minicloud_api_requests_total{") || !strings.Contains(line, `method="/minicloud.v1.ImageService/DownloadImage"`) {
+		f := strings.Fields(line)
+		if len(f) < 2 || strings.HasPrefix(line, "#") || (f[0] != family && !strings.HasPrefix(f[0], family+"{")) || !strings.Contains(line, label) {
 			continue
 		}
-		f := strings.Fields(line)
 		v, err := strconv.ParseFloat(f[len(f)-1], 64)
 		if err != nil {
 			return 0, fmt.Errorf("metrics line %q: %w", line, err)
 		}
-		total += int64(v)
+		total += v
 	}
 	return total, sc.Err()
 }
@@ -390,7 +450,7 @@ func mbps(size int64, d time.Duration) float64 { return float64(size) / 1e6 / d.
 
 func render(r result, loadBefore, loadAfter string, took time.Duration) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "`go run ./hack/imagebench -size %d -rounds %d -concurrent %d` (as root) — embedded etcd and the real API server in one process (TLS; its image store in /var/tmp), the agent's image cache (agent/imagecache) fetching over gRPC with a host mTLS certificate, a %d MiB random (incompressible) raw image; the store, the copy and the caches on one filesystem; the process runs with the GODEBUG setting minicloudd re-executes itself with (pkg/sysmon: the runtime's monitor thread does not park when the process idles). GOMAXPROCS=%d, 2 cores shared with other work; load average %s before the run, %s after; the run took %s; measured %s.\n\n",
+	fmt.Fprintf(&b, "`go run ./hack/imagebench -size %d -rounds %d -concurrent %d` (as root) — embedded etcd and real API servers in one process (TLS; one image store in /var/tmp shared by the replicas), the agent's image cache (agent/imagecache) fetching over gRPC with a host mTLS certificate, a %d MiB random (incompressible) raw image; the store, the copy and the caches on one filesystem; the process runs with the GODEBUG setting minicloudd re-executes itself with (pkg/sysmon: the runtime's monitor thread does not park when the process idles). GOMAXPROCS=%d, 2 cores shared with other work; load average %s before the run, %s after; the run took %s; measured %s.\n\n",
 		r.size, len(r.rounds), r.concurrent, r.size>>20, runtime.GOMAXPROCS(0), loadBefore, loadAfter, took.Round(time.Second), time.Now().UTC().Format("2006-01-02 15:04 UTC"))
 	// The baseline is the durable copy: the cache fsyncs its file before
 	// it hands it to QEMU, so a copy that has not reached the disk is not
@@ -412,8 +472,8 @@ func render(r result, loadBefore, loadAfter string, took time.Duration) string {
 	fmt.Fprintf(&b, "| what (median of %d rounds) | time | MB/s | vs `cp` + `sync` (durable: the baseline) | vs `cp` (page cache only) | DownloadImage calls served |\n|---|---:|---:|---:|---:|---:|\n", len(r.rounds))
 	fmt.Fprintf(&b, "| `cp` + `sync` of the API's blob | %s | %.0f | 1.00× | %.2f× | |\n", med(cpSync).Round(time.Millisecond), mbps(r.size, med(cpSync)), pageCache(cpSync))
 	fmt.Fprintf(&b, "| `cp` of the API's blob (page cache warm; not on the disk when it returns) | %s | %.0f | %.2f× | 1.00× | |\n", med(cp).Round(time.Millisecond), mbps(r.size, med(cp)), durable(cp))
-	fmt.Fprintf(&b, "| cold fetch, first serve of the blob (the API verifies it: a replica that did not take the upload; CPU %s) | %s | %.0f | **%.2f×** | %.2f× | |\n", med(func(rd round) time.Duration { return rd.firstCPU }).Round(time.Millisecond), med(first).Round(time.Millisecond), mbps(r.size, med(first)), durable(first), pageCache(first))
-	fmt.Fprintf(&b, "| cold fetch, blob verified before (every further host, and the first after an upload through the same replica; CPU %s) | %s | %.0f | **%.2f×** | %.2f× | %d for all %d |\n", med(func(rd round) time.Duration { return rd.coldCPU }).Round(time.Millisecond), med(cold).Round(time.Millisecond), mbps(r.size, med(cold)), durable(cold), pageCache(cold), r.downloadsCold, 2*len(r.rounds))
+	fmt.Fprintf(&b, "| cold fetch, first serve: begun as soon as the upload through another replica returned (the image's first VM; the API hashes the blob while serving it; CPU %s) | %s | %.0f | **%.2f×** | %.2f× | |\n", med(func(rd round) time.Duration { return rd.firstCPU }).Round(time.Millisecond), med(first).Round(time.Millisecond), mbps(r.size, med(first)), durable(first), pageCache(first))
+	fmt.Fprintf(&b, "| cold fetch after the replica's background check of the new blob (every further host, and a first fetch begun ~3 s or more after the upload; CPU %s) | %s | %.0f | **%.2f×** | %.2f× | %d for all %d |\n", med(func(rd round) time.Duration { return rd.coldCPU }).Round(time.Millisecond), med(cold).Round(time.Millisecond), mbps(r.size, med(cold)), durable(cold), pageCache(cold), r.downloadsCold, 2*len(r.rounds))
 	// The concurrent fetches run once, after the rounds: against the
 	// median baseline.
 	fmt.Fprintf(&b, "| %d concurrent fetches of the uncached image, until the last returns | %s | %.0f | %.2f× | %.2f× | **%d** |\n", r.concurrent, r.all.Round(time.Millisecond), mbps(r.size, r.all), med(cpSync).Seconds()/r.all.Seconds(), med(cp).Seconds()/r.all.Seconds(), r.downloadsN)
@@ -430,6 +490,6 @@ func render(r result, loadBefore, loadAfter string, took time.Duration) string {
 	}
 	fmt.Fprintf(&b, "\nTargets: cold fetch ≥ 0.5× the durable copy (`cp` + `sync`) — first serve %.2f×, %s; blob verified before %.2f×, %s (against the page-cache `cp`: %.2f× and %.2f×); %d concurrent fetches of one uncached image download it once — %d download(s), %s.\n",
 		durable(first), verdict(durable(first) >= 0.5), durable(cold), verdict(durable(cold) >= 0.5), pageCache(first), pageCache(cold), r.concurrent, r.downloadsN, verdict(r.downloadsN == 1))
-	fmt.Fprintf(&b, "\nHow it runs: the image is uploaded through CreateImage first, so the API's blob was just written and its pages are warm in the page cache for both `cp` and the download (caches cannot be dropped on this shared machine); the copy and each cache's file are written cold. `cp` is coreutils `cp` of the blob to a new file beside it, timed alone and until `sync` of the copy returned: the cache fsyncs its file and directory before the rename, so `cp` + `sync` is the like-for-like write and the baseline. Each round times the copy and then two cold fetches, one `Ensure` each into an empty cache, begun at least %s after the blob last changed (a new timestamp set on it at the start of every round): the first makes the API read and hash the blob (it remembers a verified blob by inode, size and timestamps), as a replica that did not take the upload does (the replica that did checks the blob in the background 2 s after the upload, and the new timestamp voids that check here); the second is served without the API's hash, as every host after the first is; the agent's cache verifies both. DownloadImage streams 1 MiB messages over TLS on loopback, each read from the blob into a pooled buffer that the API's codec hands to gRPC without a copy; the agent's connection has imagecache.DialOptions (no bufio read buffer, frame buffers not zeroed), and the cache's own codec copies each message's data from gRPC's receive buffers into 4 MiB aligned buffers that one goroutine hashes while another writes them to a temporary file with O_DIRECT (past the page cache) through Linux AIO (the write waits in the netpoller, not in a system call holding one of the two Ps), then fsyncs and renames it into place. The concurrent row is %d `Ensure` calls at once into another empty cache on one host; DownloadImage calls are counted from the API's own `minicloud_api_requests_total` metric. CPU is this process's (API server, etcd and the cache together) during the fetch.\n", imageservice.VerifiedGuard, r.concurrent)
+	fmt.Fprintf(&b, "\nHow it runs: every round uploads a new image through CreateImage on a replica of its own (A), stopped as soon as the upload returned (in a cluster A checks the new blob on its own machine, not on the fetch's cores), and the host fetches from replica B, which did not take the upload: the blob was just written and its pages are warm in the page cache for both `cp` and the downloads (caches cannot be dropped on this shared machine); the copy and each cache's file are written cold. Each round times a cold fetch begun at once, one `Ensure` into an empty cache: B has not verified the blob (every replica checks the blobs of a new image in the background, one at a time, but only once they are %s old, and remembers them by inode, size and timestamps), so it hashes the blob while serving it, as for the first VM of a new image; then, once B's background check is done (its minicloud_image_checks_pending metric at 0), `cp` of the blob to a new file beside it, timed alone and until `sync` of the copy returned (the cache fsyncs its file and directory before the rename, so `cp` + `sync` is the like-for-like write and the baseline); then a second cold fetch, served without the API's hash, as every host after the first is, and a first host that asks ~3 s or more after the upload; the agent's cache verifies both. DownloadImage streams 1 MiB messages over TLS on loopback, each read from the blob into a pooled buffer that the API's codec hands to gRPC without a copy; the agent's connection has imagecache.DialOptions (no bufio read buffer, frame buffers not zeroed), and the cache's own codec copies each message's data from gRPC's receive buffers into 4 MiB aligned buffers that one goroutine hashes while another writes them to a temporary file with O_DIRECT (past the page cache) through Linux AIO (the write waits in the netpoller, not in a system call holding one of the two Ps), then fsyncs and renames it into place. The concurrent row is %d `Ensure` calls at once of the last round's image into another empty cache on one host; DownloadImage calls are counted from B's own `minicloud_api_requests_total` metric. CPU is this process's (API server, etcd and the cache together) during the fetch.\n", imageservice.VerifiedGuard, r.concurrent)
 	return b.String()
 }
