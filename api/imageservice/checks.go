@@ -54,6 +54,9 @@ type checks struct {
 	busy    bool
 	hashing map[string]*hashingServes // by digest
 	wake    chan struct{}             // capacity 1: something was queued
+	// deferred counts the checks that waited for serves hashing their
+	// blob (for tests).
+	deferred int
 }
 
 // check is one background check of a blob file.
@@ -175,6 +178,7 @@ func (c *checks) start(digest string, id fileID) (*check, <-chan struct{}) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if h := c.hashing[digest]; h != nil {
+		c.deferred++
 		return nil, h.idle
 	}
 	c.running = &check{digest: digest, id: id, done: make(chan struct{})}
@@ -188,6 +192,14 @@ func (c *checks) finish(r *check, got string) {
 	r.got = got
 	c.running = nil
 	close(r.done)
+}
+
+// deferrals is how many checks waited for serves hashing their blob
+// (tests).
+func (c *checks) deferrals() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.deferred
 }
 
 // joiners is how many serves joined the running check of digest (tests).

@@ -2,6 +2,7 @@ package imageservice
 
 import (
 	"context"
+	"errors"
 	"io"
 	"path/filepath"
 	"sync"
@@ -111,4 +112,104 @@ func (f *flippingReader) Read(p []byte) (int, error) {
 		p[0] ^= 1
 	}
 	return n, err
+}
+
+// TestACheckEndingWithoutAVerdictLeavesTheServeToHashItself: a serve that
+// joined a check which then stops (the replica closing) before reading the
+// whole blob does not take that as a verdict: it hashes the file itself.
+// The check reads flipped bytes, the file is intact: the serve succeeds
+// only if it hashed the file.
+func TestACheckEndingWithoutAVerdictLeavesTheServeToHashItself(t *testing.T) {
+	a, b := replicas(t)
+	ctx := context.Background()
+	reading, release := make(chan struct{}), make(chan struct{})
+	var once, released sync.Once
+	t.Cleanup(func() { released.Do(func() { close(release) }) })
+	read := func(r io.Reader) io.Reader {
+		return &flippingReader{r: r, first: func() {
+			once.Do(func() { close(reading) })
+			<-release
+		}}
+	}
+	b.svc.checkRead.Store(&read)
+	disk := randomBytes(t, 3<<20+512)
+	if _, err := uploadImage(ctx, a.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-reading:
+	case <-time.After(30 * time.Second):
+		t.Fatal("B did not check the new blob")
+	}
+	served := make(chan error, 1)
+	go func() {
+		served <- func() error {
+			got, err := download(t, b.client, &minicloudv1.DownloadImageRequest{Name: "img", Part: minicloudv1.ImagePart_IMAGE_PART_DISK})
+			if err == nil && digest(got) != digest(disk) {
+				t.Error("the served bytes are not the blob's")
+			}
+			return err
+		}()
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for b.svc.checks.joiners(digest(disk)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the serve did not join the running check")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The replica's background work stops: the check ends at its next
+	// read, without a verdict.
+	b.svc.cancelBackground()
+	released.Do(func() { close(release) })
+	if err := <-served; err != nil {
+		t.Fatalf("a serve whose check ended without a verdict: %v", err)
+	}
+}
+
+// TestACheckWaitsForAServeHashingTheBlob: a background check that comes
+// due while a serve is hashing the same blob itself (a fetch begun within
+// the guard, as a new image's first VM's is) waits for that serve instead
+// of reading the blob a second time beside it, then checks it.
+func TestACheckWaitsForAServeHashingTheBlob(t *testing.T) {
+	a, b := replicas(t)
+	ctx := context.Background()
+	disk := randomBytes(t, 8<<20)
+	if _, err := uploadImage(ctx, a.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
+		t.Fatal(err)
+	}
+	// A serve begun at once, held after its first message: flow control
+	// keeps it in DownloadImage.
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := b.client.DownloadImage(sctx, &minicloudv1.DownloadImageRequest{Name: "img", Part: minicloudv1.ImagePart_IMAGE_PART_DISK})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for b.svc.checks.deferrals() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the check did not wait for the serve hashing the blob")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	got := append([]byte(nil), first.GetData()...)
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, msg.GetData()...)
+	}
+	if digest(got) != digest(disk) {
+		t.Fatal("the served bytes are not the blob's")
+	}
+	waitRemembered(t, b, digest(disk), filepath.Join(b.dir, digest(disk)))
 }
