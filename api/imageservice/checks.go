@@ -23,7 +23,7 @@ import (
 // it watches the image records) once the blob is VerifiedGuard old, and
 // remembers it (verifiedBlobs): a host's fetch of a new image, served by
 // any replica, then finds the memo filled and is served without the API's
-// sha256 in its path (~0.6 s of CPU per GiB, which on a busy machine is
+// sha256 in its path (~0.75 s of CPU per GiB, which on a busy machine is
 // taken from the TLS, the socket and the agent's own hash). A fetch that
 // arrives while the check of its blob runs joins it instead of hashing the
 // blob a second time, and its status waits for the check's verdict: the
