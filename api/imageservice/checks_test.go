@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -212,4 +213,53 @@ func TestACheckWaitsForAServeHashingTheBlob(t *testing.T) {
 		t.Fatal("the served bytes are not the blob's")
 	}
 	waitRemembered(t, b, digest(disk), filepath.Join(b.dir, digest(disk)))
+}
+
+// TestABlobChangedWhileServedOnTheMemoIsRefused: a serve that does not
+// hash (the memo holds the file) still refuses to end with OK when the
+// file changed while it was being served: the memo's verdict covered the
+// file as it was.
+func TestABlobChangedWhileServedOnTheMemoIsRefused(t *testing.T) {
+	e := newEnv(t, 0)
+	ctx := context.Background()
+	disk := randomBytes(t, 8<<20)
+	if _, err := uploadImage(ctx, e.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
+		t.Fatal(err)
+	}
+	blob := filepath.Join(e.dir, digest(disk))
+	waitRemembered(t, e, digest(disk), blob)
+	// Held after its first message: flow control keeps it in
+	// DownloadImage while the file changes.
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := e.client.DownloadImage(sctx, &minicloudv1.DownloadImageRequest{Name: "img", Part: minicloudv1.ImagePart_IMAGE_PART_DISK})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(blob, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{disk[len(disk)-1] ^ 0xff}, int64(len(disk)-1)); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	// The change time moved for certain, whatever the clock's tick.
+	later := time.Now().Add(time.Second)
+	if err := os.Chtimes(blob, later, later); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		_, err = stream.Recv()
+		if err != nil {
+			break
+		}
+	}
+	wantCode(t, err, codes.FailedPrecondition)
+	if e.svc.verified.verified(digest(disk), stat(t, blob)) {
+		t.Fatal("a blob changed while served stayed remembered")
+	}
 }

@@ -377,6 +377,16 @@ func (s *Service) DownloadImage(req *minicloudv1.DownloadImageRequest, stream mi
 		s.verified.forget(blob.GetSha256())
 		return errdefs.FailedPrecondition("image %q %s: blob %s has %d bytes, metadata says %d", name, partName(req.GetPart()), blob.GetSha256(), sent, blob.GetSizeBytes())
 	}
+	if h == nil {
+		// Served on another's verdict (the memo's, or a joined check's),
+		// which covers the file as it was when the serve began: a change
+		// while it was served is not covered.
+		if now, err := identify(f); err != nil || now != id {
+			s.verified.forget(blob.GetSha256())
+			s.log.Error("image blob changed in the store while it was served", "image", name, "sha256", blob.GetSha256())
+			return errdefs.FailedPrecondition("image %q %s: blob %s changed in the store while it was served", name, partName(req.GetPart()), blob.GetSha256())
+		}
+	}
 	var got string
 	switch {
 	case h != nil:
