@@ -53,23 +53,36 @@ func TestAnotherReplicaChecksANewImagesBlobs(t *testing.T) {
 // would not be; the next serve, with no check running, hashes the file
 // and succeeds.
 func TestAServeJoinsTheRunningCheck(t *testing.T) {
+	b, disk, release, served := serveJoiningAHeldCheck(t)
+	release()
+	wantCode(t, <-served, codes.FailedPrecondition)
+	mustDownload(t, b.client, "img", minicloudv1.ImagePart_IMAGE_PART_DISK, disk)
+}
+
+// serveJoiningAHeldCheck uploads an image "img" through replica A and
+// returns once a download of its disk from B has joined B's background
+// check of the blob, which reads flipped bytes and is held at its first
+// read until release (called at the latest when the test ends). served
+// gets the download's result; a success with other bytes than the blob's
+// fails the test.
+func serveJoiningAHeldCheck(t *testing.T) (b *env, disk []byte, release func(), served <-chan error) {
+	t.Helper()
 	a, b := replicas(t)
-	ctx := context.Background()
-	reading, release := make(chan struct{}), make(chan struct{})
+	reading, held := make(chan struct{}), make(chan struct{})
 	var once, released sync.Once
+	release = func() { released.Do(func() { close(held) }) }
 	// Registered after the replicas' own cleanups, so it runs before
 	// them: a failed test must not leave B's check blocked in Close.
-	t.Cleanup(func() { released.Do(func() { close(release) }) })
+	t.Cleanup(release)
 	read := func(r io.Reader) io.Reader {
 		return &flippingReader{r: r, first: func() {
 			once.Do(func() { close(reading) })
-			<-release
+			<-held
 		}}
 	}
 	b.svc.checkRead.Store(&read)
-
-	disk := randomBytes(t, 3<<20+512)
-	if _, err := uploadImage(ctx, a.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
+	disk = randomBytes(t, 3<<20+512)
+	if _, err := uploadImage(context.Background(), a.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -77,11 +90,13 @@ func TestAServeJoinsTheRunningCheck(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("B did not check the new blob")
 	}
-	req := &minicloudv1.DownloadImageRequest{Name: "img", Part: minicloudv1.ImagePart_IMAGE_PART_DISK}
-	served := make(chan error, 1)
+	result := make(chan error, 1)
 	go func() {
-		_, err := download(t, b.client, req)
-		served <- err
+		got, err := download(t, b.client, &minicloudv1.DownloadImageRequest{Name: "img", Part: minicloudv1.ImagePart_IMAGE_PART_DISK})
+		if err == nil && digest(got) != digest(disk) {
+			t.Error("the served bytes are not the blob's")
+		}
+		result <- err
 	}()
 	deadline := time.Now().Add(30 * time.Second)
 	for b.svc.checks.joiners(digest(disk)) == 0 {
@@ -90,9 +105,7 @@ func TestAServeJoinsTheRunningCheck(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	released.Do(func() { close(release) })
-	wantCode(t, <-served, codes.FailedPrecondition)
-	mustDownload(t, b.client, "img", minicloudv1.ImagePart_IMAGE_PART_DISK, disk)
+	return b, disk, release, result
 }
 
 // flippingReader calls first before its first read, and flips a bit of
@@ -121,48 +134,11 @@ func (f *flippingReader) Read(p []byte) (int, error) {
 // The check reads flipped bytes, the file is intact: the serve succeeds
 // only if it hashed the file.
 func TestACheckEndingWithoutAVerdictLeavesTheServeToHashItself(t *testing.T) {
-	a, b := replicas(t)
-	ctx := context.Background()
-	reading, release := make(chan struct{}), make(chan struct{})
-	var once, released sync.Once
-	t.Cleanup(func() { released.Do(func() { close(release) }) })
-	read := func(r io.Reader) io.Reader {
-		return &flippingReader{r: r, first: func() {
-			once.Do(func() { close(reading) })
-			<-release
-		}}
-	}
-	b.svc.checkRead.Store(&read)
-	disk := randomBytes(t, 3<<20+512)
-	if _, err := uploadImage(ctx, a.client, &minicloudv1.CreateImageHeader{Name: "img"}, parts{disk: disk}); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-reading:
-	case <-time.After(30 * time.Second):
-		t.Fatal("B did not check the new blob")
-	}
-	served := make(chan error, 1)
-	go func() {
-		served <- func() error {
-			got, err := download(t, b.client, &minicloudv1.DownloadImageRequest{Name: "img", Part: minicloudv1.ImagePart_IMAGE_PART_DISK})
-			if err == nil && digest(got) != digest(disk) {
-				t.Error("the served bytes are not the blob's")
-			}
-			return err
-		}()
-	}()
-	deadline := time.Now().Add(30 * time.Second)
-	for b.svc.checks.joiners(digest(disk)) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the serve did not join the running check")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	b, _, release, served := serveJoiningAHeldCheck(t)
 	// The replica's background work stops: the check ends at its next
 	// read, without a verdict.
 	b.svc.cancelBackground()
-	released.Do(func() { close(release) })
+	release()
 	if err := <-served; err != nil {
 		t.Fatalf("a serve whose check ended without a verdict: %v", err)
 	}
