@@ -41,8 +41,10 @@ const (
 )
 
 // defaultFrontEnd is the front end of Options that name none (the tests
-// run the whole package once with each).
-var defaultFrontEnd = FrontEndGoroutines
+// run the whole package once with each). The event loop: a request
+// answered where it was read costs no goroutine's park and wake, about a
+// third of the goroutine front end's CPU (docs/benchmarks.md).
+var defaultFrontEnd = FrontEndEventLoop
 
 func (f FrontEnd) String() string {
 	switch f {
@@ -69,14 +71,19 @@ func ParseFrontEnd(s string) (FrontEnd, error) {
 // request at a time, so a client that sends faster than it is answered is
 // held back by TCP. A loop reads whatever arrives, so it bounds what may
 // wait instead and closes a connection beyond.
+//
+// What the kernel does not take of an answer waits in the connection's
+// outbound buffer, a copy (fasthttp writes from the rendered body). No
+// request is parsed while any waits, so a connection holds at most one
+// answer's rest, and only for the write timeout, as fasthttp's. There is
+// no smaller bound on it: GCE's custom metadata makes answers of up to
+// 512 KiB, and a guest whose vCPU is descheduled for a moment must still
+// get them whole.
 const (
 	// maxLoopInbound bounds the bytes received but not yet answered
 	// (pipelined requests behind a long-poll, or behind a reader too slow
 	// to take the answers).
 	maxLoopInbound = 64 << 10
-	// maxLoopOutbound bounds answers the kernel would not take (a client
-	// that does not read).
-	maxLoopOutbound = 16 << 10
 	// sweepEvery is how often the deadline sweeper looks: deadlines act
 	// at most this late, as the fasthttp path's deadlineSlack.
 	sweepEvery = deadlineSlack
@@ -272,13 +279,13 @@ func (el *eventLoop) traffic(c gnet.Conn, lc *loopConn) gnet.Action {
 		}
 		return gnet.None
 	}
-	if n := c.OutboundBuffered(); n > 0 {
+	if c.OutboundBuffered() > 0 {
 		// The client does not take its answers: parse nothing more
 		// until it does, and not forever.
 		if lc.stuckSince.IsZero() {
 			lc.stuckSince = now
 		}
-		if n > maxLoopOutbound || now.Sub(lc.stuckSince) >= el.writeTimeout || len(peekAll(c)) > maxLoopInbound {
+		if now.Sub(lc.stuckSince) >= el.writeTimeout || len(peekAll(c)) > maxLoopInbound {
 			return gnet.Close
 		}
 		// gnet says nothing when the outbound drains: look again at the

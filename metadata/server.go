@@ -84,10 +84,11 @@ type Server struct {
 	idTokens *tokenCache
 	metrics  *metrics
 	// http serves every listener (bridges and handed-over ones) with
-	// fasthttp rather than net/http: it parses into buffers reused per
-	// connection and answers from the connection's own goroutine, with no
-	// per-request goroutine, context, header map or header clone, which
-	// were a quarter of the service's CPU per request (docs/benchmarks.md).
+	// FrontEndGoroutines: fasthttp rather than net/http, which parses into
+	// buffers reused per connection and answers from the connection's own
+	// goroutine, with no per-request goroutine, context, header map or
+	// header clone, which were a quarter of the service's CPU per request
+	// (docs/benchmarks.md).
 	http *fasthttp.Server
 	// loop serves the listeners instead of http's goroutines with
 	// FrontEndEventLoop (nil otherwise); http still holds the timeouts

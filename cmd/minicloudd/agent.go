@@ -70,6 +70,9 @@ type agentFlags struct {
 	join          string
 	caHash        string
 	caCert        string
+	// metadataFrontEnd names the metadata service's front end
+	// (metadata.ParseFrontEnd; empty: its default).
+	metadataFrontEnd string
 
 	// selfJoin, set by the all-in-one, makes a join token in-process when
 	// its agent has no certificate yet.
@@ -108,6 +111,7 @@ func (f *agentFlags) addFlags(cmd *cobra.Command, standalone bool) {
 	fl.Int64Var(&f.memoryMiB, "memory", 0, "memory in MiB this host offers to the scheduler (0: all the machine's)")
 	fl.Int64Var(&f.diskGiB, "disk", 0, "disk in GiB this host offers to the scheduler (0: the size of the file system of the data directory)")
 	fl.DurationVar(&f.fenceAfter, "fence-after", 0, "self-fencing: after this long without renewing the host's lease (shorter than the 15s lease), destroy every domain and start none until the API confirms which VMs are still this host's; the control plane then counts the host FENCED and may evacuate its VMs (0: never; only an operator can fence the host)")
+	fl.StringVar(&f.metadataFrontEnd, "metadata-front-end", "default", "how the metadata service serves guests' connections: eventloop (the default: a few event loops read, parse and answer) or goroutines (fasthttp, a goroutine per connection)")
 	fl.StringSliceVar(&f.protectedNets, "protected-nets", nil, "management networks (CIDRs, comma separated) guests may not reach through this host: where the API, etcd and other hosts' agents and libvirt listen (the host's own ports are always closed to guests)")
 }
 
@@ -230,11 +234,15 @@ func runAgent(ctx context.Context, f agentFlags) error {
 	hv := libvirt.New(libvirt.Options{Socket: f.libvirtSocket, DisableKVM: f.disableKVM, Logger: log})
 	defer hv.Close()
 	dir := metadata.NewDirectory()
+	front, err := metadata.ParseFrontEnd(f.metadataFrontEnd)
+	if err != nil {
+		return fmt.Errorf("--metadata-front-end: %w", err)
+	}
 	// The metadata service tells the agent when a guest first reads its
 	// metadata (GuestReady); a is set before anything is served.
 	var a *agent.Agent
 	md, err := metadata.NewServer(dir, metadata.Options{
-		Logger: log, IdentityKey: key, Registerer: reg,
+		Logger: log, IdentityKey: key, Registerer: reg, FrontEnd: front,
 		// Identity tokens are signed by the API, which keeps the keys.
 		Identity:       metadata.HostServiceIdentity{Client: minicloudv1.NewHostServiceClient(conn), Host: f.hostName},
 		OnFirstRequest: func(vmID string) { a.GuestActive(vmID) },
