@@ -103,6 +103,7 @@ type eventLoop struct {
 
 	mu        sync.Mutex
 	closed    bool
+	started   bool
 	conns     map[*loopConn]gnet.Conn
 	listeners map[net.Listener]struct{}
 	// handoffs counts requests answered off the loop, for Close.
@@ -175,13 +176,24 @@ func newEventLoop(s *Server) (*eventLoop, error) {
 	if err != nil {
 		return nil, fmt.Errorf("metadata: event loop: %w", err)
 	}
-	if err := cli.Start(); err != nil {
-		return nil, fmt.Errorf("metadata: start event loop: %w", err)
-	}
 	el.cli = cli
+	return el, nil
+}
+
+// startLocked starts the loops and the sweeper on the first listener
+// served, so a Server used only for its handler (tests, benchmarks of the
+// handler) runs no threads; el.mu is held.
+func (el *eventLoop) startLocked() error {
+	if el.started {
+		return nil
+	}
+	if err := el.cli.Start(); err != nil {
+		return fmt.Errorf("metadata: start event loop: %w", err)
+	}
+	el.started = true
 	el.swept.Add(1)
 	go el.sweep()
-	return el, nil
+	return nil
 }
 
 // serve accepts from l (a peerListener: limits and identity are its) and
@@ -192,6 +204,11 @@ func (el *eventLoop) serve(l net.Listener) error {
 		el.mu.Unlock()
 		l.Close()
 		return net.ErrClosed
+	}
+	if err := el.startLocked(); err != nil {
+		el.mu.Unlock()
+		l.Close()
+		return err
 	}
 	el.listeners[l] = struct{}{}
 	el.mu.Unlock()
@@ -533,6 +550,7 @@ func (el *eventLoop) sweep() {
 func (el *eventLoop) close() error {
 	el.mu.Lock()
 	el.closed = true
+	started := el.started
 	var errs []error
 	for l := range el.listeners {
 		if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
@@ -540,6 +558,9 @@ func (el *eventLoop) close() error {
 		}
 	}
 	el.mu.Unlock()
+	if !started {
+		return errors.Join(errs...)
+	}
 	el.handoffs.Wait()
 	close(el.stopSweep)
 	el.swept.Wait()
