@@ -190,25 +190,33 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	// pass asks the API.
 	image := a.lookupImage(ctx, vm)
 
-	// A create's network step starts beside libvirt's Status too: with
-	// the network's bridge already on the host, the port is the longest
-	// step before the define (1.5-8 ms in hack/agentbench), and Status
-	// (0.4-1.4 ms) decides nothing it needs for a VM this host never
-	// created (observed SCHEDULED): for such a VM Status can only turn up
-	// a copy of an earlier assignment epoch, whose teardown below waits
-	// for the step and removes its taps with the copy's, and the step
-	// then runs again. Every return waits for it: nothing of a pass may
-	// outlive it.
-	var netStep func() networkOutcome
+	// A create's network and disk steps start beside libvirt's Status
+	// too: with the network's bridge already on the host, the port and
+	// the overlay are the longest steps before the define (1.5-8 ms in
+	// hack/agentbench), and Status (0.4-1.4 ms) decides nothing they need
+	// for a VM this host never created (observed SCHEDULED): for such a VM
+	// Status can only turn up a copy of an earlier assignment epoch, whose
+	// teardown below waits for the steps and takes their taps and files
+	// with the copy's, and the steps then run again. Only the define waits
+	// for Status (below). Every return waits for the steps: nothing of a
+	// pass may outlive it.
+	var (
+		netStep  func() networkOutcome
+		diskStep *diskStep
+	)
 	if st.Phase == lifecycle.Scheduled {
 		// The directory first, as below.
 		if err := a.cfg.QEMU.MkdirAll(a.vmDir(id)); err != nil {
 			return result{}, fmt.Errorf("create VM directory: %w", err)
 		}
 		netStep = a.startNetwork(ctx, vm)
+		diskStep = a.startDisk(ctx, vm, image)
 		defer func() {
 			if netStep != nil {
 				netStep()
+			}
+			if diskStep != nil {
+				diskStep.wait()
 			}
 		}()
 	}
@@ -225,6 +233,10 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 		if netStep != nil {
 			netStep() // its taps go with the copy's
 			netStep = nil
+		}
+		if diskStep != nil {
+			diskStep.wait() // its files go with the copy's
+			diskStep = nil
 		}
 		if err := a.teardown(ctx, id, keepFiles); err != nil {
 			return result{}, fmt.Errorf("remove copy of epoch %d: %w", dom.Epoch, err)
@@ -270,10 +282,7 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	// (hack/agentbench). Their outcomes are handled below in the order
 	// they used to run, after both have ended.
 	var (
-		wg      sync.WaitGroup
-		boot    bootMedia
-		diskErr error
-		diskAt  time.Time
+		wg sync.WaitGroup
 		// defined: this pass defined the domain (undefine undoes it).
 		defined   bool
 		defineErr error
@@ -311,10 +320,9 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 		return err
 	}
 	// 1. Disk: the image cached by digest, the VM's overlay over it.
-	wg.Go(func() {
-		measureCPU(ctx, func() { boot, diskErr = a.ensureDisk(ctx, vm, image, defineEarly) })
-		diskAt = time.Now()
-	})
+	if diskStep == nil {
+		diskStep = a.startDisk(ctx, vm, image)
+	}
 	// 2. Network: bridges, taps with anti-spoofing. The guest services
 	// (DHCP, DNS, metadata) are told below, once the disk is there too,
 	// and before the domain starts: cloud-init's OpenStack datasource asks
@@ -322,8 +330,13 @@ func (a *Agent) converge(ctx context.Context, vm *minicloudv1.VM, userData []byt
 	if netStep == nil {
 		netStep = a.startNetwork(ctx, vm)
 	}
+	if b, ok := diskStep.resolved(); ok {
+		defineEarly(b)
+	}
 	nw := netStep()
 	nics, netErr, networkAt := nw.nics, nw.err, nw.at
+	diskStep.wait()
+	boot, diskErr, diskAt := diskStep.boot, diskStep.err, diskStep.at
 	wg.Wait()
 	if diskErr != nil {
 		setCondition(st, lifecycle.ConditionDiskReady, false, lifecycle.ReasonDiskFailed, diskErr.Error())
@@ -567,6 +580,46 @@ func (a *Agent) ensureDisk(ctx context.Context, vm *minicloudv1.VM, image func()
 	}
 	return b, nil
 }
+
+// diskStep is ensureDisk run on a goroutine of its own.
+type diskStep struct {
+	media chan bootMedia // the boot media, once known (buffered)
+	done  chan struct{}  // closed when ensureDisk returned
+	// Set before done is closed:
+	boot bootMedia
+	err  error
+	at   time.Time
+}
+
+// startDisk starts ensureDisk.
+func (a *Agent) startDisk(ctx context.Context, vm *minicloudv1.VM, image func() (*minicloudv1.Image, error)) *diskStep {
+	d := &diskStep{media: make(chan bootMedia, 1), done: make(chan struct{})}
+	go measureCPU(ctx, func() {
+		d.boot, d.err = a.ensureDisk(ctx, vm, image, func(b bootMedia) { d.media <- b })
+		d.at = time.Now()
+		close(d.done)
+	})
+	return d
+}
+
+// resolved waits until the step knows the boot media (before the overlay
+// is made) and returns them; ok is false when it ended without them.
+func (d *diskStep) resolved() (b bootMedia, ok bool) {
+	select {
+	case b = <-d.media:
+		return b, true
+	case <-d.done:
+		select {
+		case b = <-d.media:
+			return b, true
+		default:
+			return bootMedia{}, false
+		}
+	}
+}
+
+// wait waits until ensureDisk returned.
+func (d *diskStep) wait() { <-d.done }
 
 // networkOutcome is how ensureNetwork ended, and when.
 type networkOutcome struct {

@@ -1132,6 +1132,34 @@ func TestCreatePlugsThePortBesideTheDomainStatus(t *testing.T) {
 	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
 }
 
+// TestCreateMakesTheDiskBesideTheDomainStatus: a new VM's overlay is made
+// while libvirt is asked about the domain, not after; the define still
+// waits for the answer.
+func TestCreateMakesTheDiskBesideTheDomainStatus(t *testing.T) {
+	var gs *gatedStatus
+	h := startHarness(t, nil, nil, func(d *Deps) {
+		gs = &gatedStatus{Driver: d.Hypervisor}
+		d.Hypervisor = gs
+	})
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
+	gs.gate = func() error {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			h.disks.mu.Lock()
+			_, made := h.disks.backings[h.a.diskPath(id)]
+			h.disks.mu.Unlock()
+			if made {
+				if slices.Contains(h.ops(id), "Define") {
+					return errors.New("the domain was defined before libvirt was asked about it")
+				}
+				return nil
+			}
+		}
+		return errors.New("the overlay was not made while the domain was looked at")
+	}
+	h.mustPass(id)
+	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
+}
+
 // TestCreatesShareTheImageRecordOfAnAssignedVM: further VMs of an image on
 // a host ask the API for no record while a VM pinned to it is assigned.
 func TestCreatesShareTheImageRecordOfAnAssignedVM(t *testing.T) {
