@@ -1087,77 +1087,61 @@ func (g *gatedStatus) Status(ctx context.Context, id string) (hypervisor.DomainS
 	return g.Driver.Status(ctx, id)
 }
 
-// TestCreateAsksForTheImageBesideTheDomainStatus: a new VM's image record
-// is asked for while libvirt is asked about the domain, not after.
-func TestCreateAsksForTheImageBesideTheDomainStatus(t *testing.T) {
+// createWhileStatusWaits runs a new VM's first pass with its Status call
+// held until until says what it waits for happened (or fails): that must
+// happen beside the look at the domain, not after it. The 10 s bound is a
+// guard against a hang; it times nothing.
+func createWhileStatusWaits(t *testing.T, what string, until func(h *harness, id string) (bool, error)) {
+	t.Helper()
 	var gs *gatedStatus
 	h := startHarness(t, nil, nil, func(d *Deps) {
 		gs = &gatedStatus{Driver: d.Hypervisor}
 		d.Hypervisor = gs
 	})
+	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
 	gs.gate = func() error {
 		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			h.api.mu.Lock()
-			asked := h.api.gets > 0
-			h.api.mu.Unlock()
-			if asked {
-				return nil
+			if done, err := until(h, id); err != nil || done {
+				return err
 			}
 		}
-		return errors.New("the image was not asked for while the domain was looked at")
+		return fmt.Errorf("%s did not happen while the domain was looked at", what)
 	}
-	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
 	h.mustPass(id)
 	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
+}
+
+// TestCreateAsksForTheImageBesideTheDomainStatus: a new VM's image record
+// is asked for while libvirt is asked about the domain, not after.
+func TestCreateAsksForTheImageBesideTheDomainStatus(t *testing.T) {
+	createWhileStatusWaits(t, "the image lookup", func(h *harness, _ string) (bool, error) {
+		h.api.mu.Lock()
+		defer h.api.mu.Unlock()
+		return h.api.gets > 0, nil
+	})
 }
 
 // TestCreatePlugsThePortBesideTheDomainStatus: a new VM's network step
 // runs while libvirt is asked about the domain, not after.
 func TestCreatePlugsThePortBesideTheDomainStatus(t *testing.T) {
-	var gs *gatedStatus
-	h := startHarness(t, nil, nil, func(d *Deps) {
-		gs = &gatedStatus{Driver: d.Hypervisor}
-		d.Hypervisor = gs
+	createWhileStatusWaits(t, "the port", func(h *harness, id string) (bool, error) {
+		return len(h.ports(id)) == 1, nil
 	})
-	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
-	gs.gate = func() error {
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			if len(h.ports(id)) == 1 {
-				return nil
-			}
-		}
-		return errors.New("the port was not plugged while the domain was looked at")
-	}
-	h.mustPass(id)
-	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
 }
 
 // TestCreateMakesTheDiskBesideTheDomainStatus: a new VM's overlay is made
 // while libvirt is asked about the domain, not after; the define still
 // waits for the answer.
 func TestCreateMakesTheDiskBesideTheDomainStatus(t *testing.T) {
-	var gs *gatedStatus
-	h := startHarness(t, nil, nil, func(d *Deps) {
-		gs = &gatedStatus{Driver: d.Hypervisor}
-		d.Hypervisor = gs
-	})
-	id := h.assign(minicloudv1.PowerState_POWER_STATE_RUNNING)
-	gs.gate = func() error {
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			h.disks.mu.Lock()
-			_, made := h.disks.backings[h.a.diskPath(id)]
-			h.disks.mu.Unlock()
-			if made {
-				if slices.Contains(h.ops(id), "Define") {
-					return errors.New("the domain was defined before libvirt was asked about it")
-				}
-				return nil
-			}
+	createWhileStatusWaits(t, "the overlay", func(h *harness, id string) (bool, error) {
+		h.disks.mu.Lock()
+		_, made := h.disks.backings[h.a.diskPath(id)]
+		h.disks.mu.Unlock()
+		if made && slices.Contains(h.ops(id), "Define") {
+			return false, errors.New("the domain was defined before libvirt was asked about it")
 		}
-		return errors.New("the overlay was not made while the domain was looked at")
-	}
-	h.mustPass(id)
-	h.wantStatus(id, minicloudv1.VMPhase_VM_PHASE_RUNNING, lifecycle.ReasonRunning)
+		return made, nil
+	})
 }
 
 // TestCreatesShareTheImageRecordOfAnAssignedVM: further VMs of an image on
