@@ -19,6 +19,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -44,7 +45,10 @@ func Require(t testing.TB) {
 type NS struct {
 	// Name is the netns name (under /var/run/netns).
 	Name string
-	ns   netns.NsHandle
+	// ns is never written after NewNS: a Do still running on another
+	// goroutine (a dial a test gave up on) reads it while Close runs.
+	ns        netns.NsHandle
+	closeOnce sync.Once
 }
 
 // NewNS creates netns name, deleted by t.Cleanup.
@@ -70,10 +74,10 @@ func NewNS(t testing.TB, name string) *NS {
 // own; /run/netns is a shared mount, see sharedRunNetns, so the unmount
 // reaches their copies, but not always at once).
 func (n *NS) Close() error {
-	if n.ns.IsOpen() {
-		n.ns.Close()
-		n.ns = netns.None()
-	}
+	n.closeOnce.Do(func() {
+		h := n.ns // NsHandle.Close writes the handle it is called on
+		h.Close()
+	})
 	path := filepath.Join(runNetns, n.Name)
 	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("delete netns %s: unmount: %w", n.Name, err)
