@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
+	"github.com/minicloud/minicloud/pkg/wait"
 )
 
 // The agent keeps its last full assignment set on disk, so that when it
@@ -98,7 +99,7 @@ func (a *Agent) saveAssignmentsLoop(ctx context.Context) error {
 		case <-a.saveAssignments:
 			a.writeAssignments()
 		}
-		if !sleepCtx(ctx, assignmentSaveInterval) {
+		if !wait.Sleep(ctx, assignmentSaveInterval) {
 			// Loop once more: the ctx case flushes a pending change.
 			continue
 		}

@@ -8,6 +8,7 @@ import (
 
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/wait"
 )
 
 // watchAssignments keeps a.assigned equal to the API's set of VMs for this
@@ -37,7 +38,7 @@ func (a *Agent) watchAssignments(ctx context.Context) error {
 		if err != nil && !errors.Is(err, io.EOF) {
 			a.log.Warn("assignment stream broke; reconnecting", "err", errdefs.FromGRPC(err), "in", backoff)
 		}
-		if !sleepCtx(ctx, backoff) {
+		if !wait.Sleep(ctx, backoff) {
 			return nil
 		}
 		backoff = min(backoff*2, 10*time.Second)

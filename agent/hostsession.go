@@ -9,6 +9,7 @@ import (
 	"github.com/minicloud/minicloud/agent/hypervisor"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/wait"
 )
 
 // runHostSession registers the host and keeps its heartbeat lease alive. If
@@ -19,7 +20,7 @@ func (a *Agent) runHostSession(ctx context.Context, caps hypervisor.HostCapabili
 		interval, err := a.register(ctx, caps)
 		if err != nil {
 			a.log.Warn("register host; retrying", "err", err, "in", backoff)
-			if !sleepCtx(ctx, backoff) {
+			if !wait.Sleep(ctx, backoff) {
 				return nil
 			}
 			backoff = min(backoff*2, 30*time.Second)
@@ -117,15 +118,4 @@ func freeDiskGiB(dir string) (int64, error) {
 		return 0, fmt.Errorf("statfs %s: %w", dir, err)
 	}
 	return int64(fs.Blocks) * fs.Bsize >> 30, nil
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }

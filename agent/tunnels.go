@@ -10,6 +10,7 @@ import (
 	"github.com/minicloud/minicloud/agent/network"
 	minicloudv1 "github.com/minicloud/minicloud/api/minicloud/v1"
 	"github.com/minicloud/minicloud/pkg/errdefs"
+	"github.com/minicloud/minicloud/pkg/wait"
 )
 
 // Networks span hosts over VXLAN when the host has a tunnel address
@@ -71,7 +72,7 @@ func (a *Agent) watchNetworkPorts(ctx context.Context) error {
 		if err != io.EOF {
 			a.log.Warn("network ports stream ended; watching again", "err", errdefs.FromGRPC(err), "in", backoff)
 		}
-		if !sleepCtx(ctx, backoff) {
+		if !wait.Sleep(ctx, backoff) {
 			return nil
 		}
 		backoff = min(backoff*2, 30*time.Second)

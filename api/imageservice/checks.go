@@ -15,6 +15,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/minicloud/minicloud/pkg/store"
+	"github.com/minicloud/minicloud/pkg/wait"
 )
 
 // Background checks of new blobs.
@@ -282,7 +283,7 @@ func (s *Service) watchNewImages(rev int64) {
 				}
 			}
 		}
-		sleep(ctx, time.Second) // before watching again
+		wait.Sleep(ctx, time.Second) // before watching again
 	}
 }
 
@@ -308,8 +309,8 @@ func (s *Service) checkBlob(digest string) error {
 		}
 		// A check that began sooner could not be remembered; wait, and
 		// look again (the file may have changed meanwhile).
-		if wait := time.Unix(0, max(id.ctime, id.mtime)).Add(VerifiedGuard + verifiedSlack).Sub(s.verified.now()); wait > 0 {
-			if !sleep(s.stopBackground, wait) {
+		if d := time.Unix(0, max(id.ctime, id.mtime)).Add(VerifiedGuard + verifiedSlack).Sub(s.verified.now()); d > 0 {
+			if !wait.Sleep(s.stopBackground, d) {
 				return nil
 			}
 			continue
@@ -367,18 +368,6 @@ func hashFile(ctx context.Context, r io.Reader) (string, error) {
 // verifiedSlack is added to VerifiedGuard when waiting on the clock, so that
 // the check that follows is past the guard by the memo's own measure.
 const verifiedSlack = 100 * time.Millisecond
-
-// sleep waits d or until ctx is done; false if ctx is.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
 
 // ctxReader stops a long read (a GiB takes about a second) once ctx is
 // done, so Close does not wait for it.
